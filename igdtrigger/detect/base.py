@@ -1,0 +1,29 @@
+"""The interface every detector implements: it reports new outbound flows to the engine.
+
+Data flows one way: a detector calls ``sink(flow)`` for each new flow it sees; it never talks to
+the engine, the mapper or the router. ``sink`` is cheap and never raises; detectors call it from
+the event loop thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from ..model import Flow
+
+FlowSink = Callable[[Flow], None]
+
+
+class Detector(Protocol):
+    """A source of new-flow events."""
+
+    name: str
+
+    def check(self) -> None:
+        """Raise ``DetectionUnavailable`` with a reason a person can act on if this cannot run."""
+        ...
+
+    async def run(self, sink: FlowSink) -> None:
+        """Report flows to ``sink`` until cancelled. Raise ``DetectionUnavailable`` on failure."""
+        ...

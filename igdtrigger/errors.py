@@ -1,0 +1,137 @@
+"""One error hierarchy for the whole project.
+
+Every error carries a message a person can act on. The CLI prints ``str(err)`` on one line and
+exits with ``err.exit_code``; the HTTP API turns ``err.http_status`` into a JSON error.
+"""
+
+from __future__ import annotations
+
+
+class IgdTriggerError(Exception):
+    """Root of every error igdtrigger raises on purpose."""
+
+    exit_code: int = 1
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- configuration and usage -------------------------------------------------------------------
+
+
+class ConfigError(IgdTriggerError):
+    """The configuration (file, environment or arguments) is invalid. Exit code 2."""
+
+    exit_code = 2
+    http_status = 400
+
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+        where = ": ".join(p for p in (source, field) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.source = source
+        self.field = field
+
+
+class UsageError(IgdTriggerError):
+    """A command line or API request is malformed. Exit code 2, HTTP 400."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class RuleNotFound(UsageError):
+    http_status = 404
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        hint = f"known rules: {', '.join(sorted(known))}" if known else "no rules are configured"
+        super().__init__(f"unknown rule {name!r} ({hint})")
+        self.name = name
+
+
+class ActivationNotFound(UsageError):
+    http_status = 404
+
+
+class RuleHeld(IgdTriggerError):
+    """The rule's ports are held by another host (``share = "first"``)."""
+
+    http_status = 409
+
+
+# --- gateway -----------------------------------------------------------------------------------
+
+
+class GatewayError(IgdTriggerError):
+    """Talking to the router failed."""
+
+    http_status = 502
+
+
+class GatewayNotFound(GatewayError):
+    """No Internet Gateway Device answered."""
+
+
+class GatewayUnreachable(GatewayError):
+    """The cached IGD stopped answering (router restarted, moved port, or is down)."""
+
+
+class ActionFailed(GatewayError):
+    """The router answered a request with an error code (UPnP errorCode, NAT-PMP/PCP result)."""
+
+    def __init__(self, action: str, code: int | None, description: str, hint: str = "") -> None:
+        shown = f"{code} {description}" if code is not None else description
+        text = f"router refused {action}: {shown}"
+        super().__init__(f"{text}; {hint}" if hint else text)
+        self.action = action
+        self.code = code
+        self.description = description
+
+
+class MappingConflict(ActionFailed):
+    """The port is already mapped to another host (718 / 729 / 501 on some routers)."""
+
+    http_status = 409
+
+
+class NotAuthorized(ActionFailed):
+    """Secure mode or a permission rule refused the mapping (606 on IGDv2, 718 on IGDv1)."""
+
+    http_status = 403
+
+
+class LeaseRefused(ActionFailed):
+    """The router refuses timed leases (725 OnlyPermanentLeasesSupported, 402 on some)."""
+
+
+class NoSuchMapping(ActionFailed):
+    """The router has no such mapping (714)."""
+
+
+# --- detection ---------------------------------------------------------------------------------
+
+
+class DetectionUnavailable(IgdTriggerError):
+    """A detector cannot run here (missing privilege, kernel support or platform)."""
+
+
+# --- client side -------------------------------------------------------------------------------
+
+
+class ServiceUnavailable(IgdTriggerError):
+    """No igdtrigger service answered at the given address."""
+
+    exit_code = 3
+
+
+class ApiError(IgdTriggerError):
+    """The service answered a request with an error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.exit_code = 2 if 400 <= status < 500 else 1

@@ -1,0 +1,170 @@
+"""Value types shared by every layer: protocols, port ranges, flows, mappings.
+
+Pure data, no I/O. Parsing of the user-facing spellings (``"udp/27015"``, ``"tcp/10-20"``,
+``"both/3074"``, ``"10m"``) lives here too so the config, the CLI and the API agree.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Proto(enum.StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+
+    @property
+    def number(self) -> int:
+        return 6 if self is Proto.TCP else 17
+
+    @classmethod
+    def from_number(cls, number: int) -> Proto | None:
+        return {6: cls.TCP, 17: cls.UDP}.get(number)
+
+
+_SPEC_RE = re.compile(r"^\s*(tcp|udp|both)\s*/\s*(\d{1,6})(?:\s*-\s*(\d{1,6}))?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PortRange:
+    """An inclusive range of ports of one protocol."""
+
+    proto: Proto
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first <= 65535 or not 1 <= self.last <= 65535:
+            raise ValueError(f"port out of range 1-65535 in {self}")
+        if self.first > self.last:
+            raise ValueError(f"range {self.first}-{self.last} runs backwards")
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.last + 1))
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+        return f"{self.proto.value.lower()}/{ports}"
+
+
+def parse_port_spec(text: str) -> tuple[PortRange, ...]:
+    """Parse ``udp/27015``, ``tcp/27015-27030`` or ``both/3074``.
+
+    Raises ``ValueError`` with a message that names what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string like 'udp/27015', got {text!r}")
+    m = _SPEC_RE.match(text)
+    if m is None:
+        raise ValueError(
+            f"{text!r} is not a port spec; write PROTO/PORT or PROTO/FIRST-LAST "
+            "with PROTO one of tcp, udp, both (e.g. 'udp/27015', 'tcp/27015-27030')"
+        )
+    kind, a, b = m.group(1).lower(), int(m.group(2)), int(m.group(3) or m.group(2))
+    for port in (a, b):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{text!r}: port {port} is outside 1-65535")
+    if a > b:
+        raise ValueError(f"{text!r}: range {a}-{b} runs backwards (write {b}-{a})")
+    protos = (Proto.TCP, Proto.UDP) if kind == "both" else (Proto(kind.upper()),)
+    return tuple(PortRange(p, a, b) for p in protos)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from an integer, or a string like ``90s``, ``10m``, ``2h``, ``1d``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 90, '90s', '10m' or '2h', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m is None:
+            raise ValueError(
+                f"{value!r} is not a duration; use seconds or a number with s, m, h or d "
+                "(e.g. '90s', '10m', '2h')"
+            )
+        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 90, '90s', '10m' or '2h', got {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be greater than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A new outbound flow seen by a detector: ``src`` (a LAN host) to ``dst``:``dport``."""
+
+    proto: Proto
+    src: IPAddress
+    dst: IPAddress
+    sport: int
+    dport: int
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class MappingKey:
+    """What identifies a port mapping on the router: protocol and external port."""
+
+    proto: Proto
+    external_port: int
+
+    def __str__(self) -> str:
+        return f"{self.proto.value.lower()}/{self.external_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class MappingSpec:
+    """A mapping igdtrigger wants the router to hold."""
+
+    proto: Proto
+    external_port: int
+    internal_client: str
+    internal_port: int
+    description: str
+
+    @property
+    def key(self) -> MappingKey:
+        return MappingKey(self.proto, self.external_port)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterMapping:
+    """A mapping as the router reports it."""
+
+    proto: Proto
+    external_port: int
+    internal_client: str
+    internal_port: int
+    description: str
+    enabled: bool = True
+    lease_remaining: int | None = None  # seconds; 0 = permanent; None = not reported
+
+    @property
+    def key(self) -> MappingKey:
+        return MappingKey(self.proto, self.external_port)
