@@ -1,0 +1,239 @@
+"""Command line: ``igdtrigger serve | run | activate | deactivate | status``.
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 no service reachable;
+``run`` returns the child's own status (128+N when signal N killed it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError, IgdTriggerError, UsageError
+from .model import format_duration, parse_duration
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="igdtrigger", description="Port triggering over UPnP IGD, done right.")
+    p.add_argument("--version", action="version", version=f"igdtrigger {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    def common(sp: argparse.ArgumentParser, *, server: bool = True) -> None:
+        sp.add_argument("--config", metavar="PATH", help="config file (TOML)")
+        if server:
+            sp.add_argument("--server", metavar="URL", help="service URL (default: from config, "
+                            "$IGDTRIGGER_SERVER, or http://127.0.0.1:8731)")
+            sp.add_argument("--token", help="admin token (default: $IGDTRIGGER_TOKEN or the "
+                            "service's token file when readable)")
+
+    s = sub.add_parser("serve", help="run the service")
+    common(s, server=False)
+    s.add_argument("--simulate", action="store_true",
+                   help="use a built-in simulated router on loopback (try it without a router)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="API address (overrides [api] listen)")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="text", choices=["text", "json"])
+    s.add_argument("--ready-file", help=argparse.SUPPRESS)
+
+    r = sub.add_parser("run", help="run a command with a rule's ports open while it runs")
+    common(r)
+    r.add_argument("--rule", required=True, help="rule to activate")
+    r.add_argument("--ttl", type=_duration, default=30.0,
+                   help="heartbeat ttl: ports lapse this long after a killed wrapper (30s)")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    a = sub.add_parser("activate", help="open a rule's ports now")
+    common(a)
+    a.add_argument("rule")
+    a.add_argument("--for", dest="ttl", type=_duration, metavar="DURATION",
+                   help="how long (e.g. 30m, 2h; default: the rule's idle_timeout)")
+    a.add_argument("--host", help="LAN host to open the ports for (admin token; default: this "
+                   "host)")
+    a.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("deactivate", help="close a rule's ports now")
+    common(d)
+    d.add_argument("rule")
+    d.add_argument("--host", help="only this host's activations")
+    d.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="show gateway, activations and mappings")
+    common(st)
+    st.add_argument("--json", action="store_true")
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
+    from .client import Client, read_token
+
+    server = args.server
+    if server is None and config is not None and config.source != "<defaults>":
+        server = config.api.url
+    token = args.token or read_token(config.state_dir if config else None)
+    return Client(server, token=token)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    from dataclasses import replace
+
+    from .config import SIMULATE, ApiConfig, parse_listen
+    from .daemon import serve, setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    config = _config(args)
+    if args.simulate:
+        config = replace(config, gateway=replace(config.gateway, url=SIMULATE))
+    if args.listen:
+        try:
+            host, port = parse_listen(args.listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc), field="--listen") from None
+        config = replace(config, api=ApiConfig(host=host, port=port))
+    return asyncio.run(serve(config, ready_file=args.ready_file))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .wrapper import run
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        if args.server:
+            raise
+        print(f"igdtrigger: {exc}", file=sys.stderr)
+        config = Config()
+    client_server = args.server
+    if client_server is None and config.source != "<defaults>":
+        client_server = config.api.url
+    from .client import read_token
+
+    return run(command, rule=args.rule, config=config, server=client_server,
+               token=args.token or read_token(config.state_dir), ttl=args.ttl)
+
+
+def _print_activation(data: dict[str, Any]) -> None:
+    ports = data.get("ports", [])
+    opened = [p["port"] for p in ports if p.get("state") == "active"]
+    line = (f"{data.get('rule')} for {data.get('host')}: {data.get('state')}, "
+            f"{len(opened)}/{len(ports)} port(s) open, lapses in "
+            f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
+    print(line)
+    for p in ports:
+        if p.get("state") != "active":
+            extra = p.get("error") or (f"held by {p['held_by']}" if p.get("held_by") else "")
+            print(f"  {p['port']}: {p['state']}{' - ' + extra if extra else ''}")
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    config = _config(args) if args.config else None
+    c = _client(args, config)
+    body: dict[str, Any] = {"rule": args.rule}
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
+    if args.host:
+        body["host"] = args.host
+    data = c.request("POST", "/api/v1/activations", body)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_activation(data)
+    return 0 if data.get("state") in ("open", "pending") else 1
+
+
+def cmd_deactivate(args: argparse.Namespace) -> int:
+    config = _config(args) if args.config else None
+    c = _client(args, config)
+    acts = c.request("GET", "/api/v1/activations")["activations"]
+    rules = {r["name"] for r in c.request("GET", "/api/v1/rules")["rules"]}
+    if args.rule not in rules:
+        raise UsageError(f"unknown rule {args.rule!r} (known rules: {', '.join(sorted(rules))})")
+    ended = []
+    for a in acts:
+        if a["rule"] == args.rule and (args.host is None or a["host"] == args.host):
+            ended.append(c.request("DELETE", f"/api/v1/activations/{a['id']}"))
+    if args.json:
+        print(json.dumps({"ended": ended}, indent=2))
+    elif ended:
+        for a in ended:
+            print(f"{a['rule']} for {a['host']}: ended (id {a['id']})")
+    else:
+        print(f"{args.rule}: no live activation")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args) if args.config else None
+    data = _client(args, config).request("GET", "/api/v1/status")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    gw = data["gateway"]
+    state = "up" if gw["up"] else f"DOWN ({gw.get('error')})"
+    print(f"igdtrigger {data['version']}  instance {data['instance']}  "
+          f"up {format_duration(data['uptime'])}")
+    print(f"gateway {state}: {gw.get('protocol') or '-'} at {gw.get('location') or '-'}; "
+          f"external {gw.get('external_address') or 'unknown'}; we are "
+          f"{gw.get('local_address') or 'unknown'}")
+    for d in data["detectors"]:
+        print(f"detector {d['name']}: {'active' if d['active'] else 'inactive - ' + d['reason']}")
+    for w in data["warnings"]:
+        print(f"warning: {w}")
+    print(f"rules: {len(data['rules'])}   activations: {len(data['activations'])}   "
+          f"mappings: {data['counts']['mappings_active']}")
+    for a in data["activations"]:
+        print("  ", end="")
+        _print_activation(a)
+    for m in data["mappings"]:
+        print(f"   {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
+              f"{m['internal_port']}  {m['state']}" + (f"  {m['error']}" if "error" in m else ""))
+    return 0
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "run": cmd_run,
+    "activate": cmd_activate,
+    "deactivate": cmd_deactivate,
+    "status": cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.cmd](args)
+    except IgdTriggerError as exc:
+        print(f"igdtrigger: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Mapper: makes the router hold exactly the mappings the engine wants.
+
+``reconcile(desired)`` compares what the engine wants with what this process has applied and
+issues adds, deletes, renewals and verifications through a ``Gateway``. It only ever deletes
+mappings it applied itself (or adopted: ours by description and internal client), and it never
+takes over a port the router already maps to someone else.
+
+Leases are renewed at half their life; a router that refuses timed leases (725, or 402 on some)
+gets permanent mappings that we delete ourselves when the trigger lapses. Every mapping is
+verified periodically; one the router lost is re-applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Clock, owned_by
+from .errors import (
+    GatewayError,
+    GatewayUnreachable,
+    LeaseRefused,
+    MappingConflict,
+    NoSuchMapping,
+    NotAuthorized,
+)
+from .gateway.base import Gateway
+from .model import MappingKey, MappingSpec
+
+log = logging.getLogger("igdtrigger.mapper")
+
+RETRY_FIRST = 1.0
+RETRY_MAX = 60.0
+CONFLICT_RECHECK = 30.0
+
+
+class MapState(enum.StrEnum):
+    PENDING = "pending"  # wanted, not yet on the router
+    ACTIVE = "active"  # on the router, ours
+    CONFLICT = "conflict"  # the router maps this port to someone else; left alone
+    FAILED = "failed"  # the router refused; retried with back-off
+
+
+@dataclass(slots=True)
+class Applied:
+    spec: MappingSpec
+    state: MapState = MapState.PENDING
+    lease: int = 0  # granted lease in seconds, 0 = permanent
+    since: float = 0.0
+    renew_at: float = math.inf
+    retry_at: float = 0.0
+    attempts: int = 0
+    error: str = ""
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        s = self.spec
+        out: dict[str, Any] = {
+            "protocol": s.proto.value,
+            "external_port": s.external_port,
+            "internal_client": s.internal_client,
+            "internal_port": s.internal_port,
+            "description": s.description,
+            "state": self.state.value,
+            "lease": self.lease,
+        }
+        if self.state is MapState.ACTIVE:
+            out["age"] = round(now - self.since, 3)
+            out["renew_in"] = None if self.renew_at == math.inf else round(self.renew_at - now, 3)
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class Mapper:
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        clock: Clock,
+        tag: str,
+        lease: float,
+        verify_interval: float = 60.0,
+        check_before_add: bool = True,
+        on_change: Callable[[Applied, str], None] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.tag = tag
+        self.lease = int(lease)
+        self.verify_interval = verify_interval
+        self.check_before_add = check_before_add
+        self.on_change = on_change
+        self.applied: dict[MappingKey, Applied] = {}
+        self.permanent_only = False  # learned: the router refuses timed leases
+        self.gateway_up = False
+        self.gateway_error = ""
+        self._gateway_retry_at = 0.0
+        self._gateway_backoff = RETRY_FIRST
+        self._next_verify = math.inf
+        self._swept = False
+        self.stale_removed = 0
+        self._lock = asyncio.Lock()
+        self.ops = {"add": 0, "renew": 0, "delete": 0, "verify": 0, "errors": 0}
+
+    # --- public --------------------------------------------------------------------------------
+
+    async def reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
+        """Bring the router in line with ``desired``; never raises for router trouble."""
+        async with self._lock:
+            await self._reconcile(desired)
+
+    async def remove_all(self) -> int:
+        """Delete every mapping we hold (shutdown). Returns how many were deleted."""
+        async with self._lock:
+            count = 0
+            for key, app in list(self.applied.items()):
+                if app.state is MapState.ACTIVE and await self._delete(app):
+                    count += 1
+                self.applied.pop(key, None)
+            return count
+
+    def next_deadline(self) -> float | None:
+        if not self.gateway_up:
+            # Nothing can happen before the router is back: one timer, not one per mapping.
+            return self._gateway_retry_at
+        times = [self._next_verify]
+        for app in self.applied.values():
+            if app.state is MapState.ACTIVE:
+                times.append(app.renew_at)
+            else:
+                times.append(app.retry_at)
+        when = min(times, default=math.inf)
+        return None if when == math.inf else when
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [a.to_json(now) for _, a in sorted(self.applied.items())]
+
+    def count(self, state: MapState) -> int:
+        return sum(1 for a in self.applied.values() if a.state is state)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    async def _reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
+        now = self.clock()
+        if not self.gateway_up:
+            if now < self._gateway_retry_at:
+                self._mark_pending(desired)
+                return
+            if not await self._connect():
+                self._mark_pending(desired)
+                return
+
+        # 1. Deletes: what we hold that is no longer wanted (or wanted for another host).
+        for key, app in list(self.applied.items()):
+            want = desired.get(key)
+            if want == app.spec:
+                continue
+            if app.state is MapState.ACTIVE:
+                await self._delete(app)
+            del self.applied[key]
+
+        # 2. Adds of new mappings first (latency), then retries, renewals and verification.
+        for key, spec in desired.items():
+            if key not in self.applied:
+                self.applied[key] = Applied(spec)
+        for app in list(self.applied.values()):
+            if not self.gateway_up:
+                break
+            now = self.clock()
+            if app.state is MapState.PENDING and app.attempts == 0:
+                await self._add(app, check=self.check_before_add)
+        for app in list(self.applied.values()):
+            if not self.gateway_up:
+                break
+            now = self.clock()
+            if app.state is MapState.ACTIVE and now >= app.renew_at:
+                await self._add(app, check=False, renewal=True)
+            elif app.state is not MapState.ACTIVE and app.attempts > 0 and now >= app.retry_at:
+                await self._add(app, check=True)
+
+        if self.gateway_up and self.clock() >= self._next_verify:
+            await self._verify_all()
+        if self._next_verify == math.inf and self.applied:
+            self._next_verify = self.clock() + self.verify_interval
+        if not self.applied:
+            self._next_verify = math.inf
+
+    def _mark_pending(self, desired: dict[MappingKey, MappingSpec]) -> None:
+        for key, spec in desired.items():
+            app = self.applied.get(key)
+            if app is None or app.spec != spec:
+                self.applied[key] = Applied(
+                    spec, retry_at=self._gateway_retry_at, attempts=1, error=self.gateway_error
+                )
+        for key in [k for k in self.applied if k not in desired]:
+            if self.applied[key].state is not MapState.ACTIVE:
+                del self.applied[key]
+
+    async def _connect(self) -> bool:
+        try:
+            await self.gateway.connect()
+        except GatewayError as exc:
+            self._gateway_down(str(exc))
+            return False
+        if not self.gateway_up:
+            log.info("gateway up")
+        self.gateway_up = True
+        self.gateway_error = ""
+        self._gateway_backoff = RETRY_FIRST
+        # Whatever we held may be gone (router restarted): re-apply everything now.
+        for app in self.applied.values():
+            if app.state is MapState.ACTIVE:
+                app.renew_at = self.clock()
+        if not self._swept:
+            await self._sweep_stale()
+        return True
+
+    async def _sweep_stale(self) -> None:
+        """Delete mappings a previous run of this instance left behind (crash, kill -9)."""
+        try:
+            found = await self.gateway.list()
+        except GatewayError as exc:
+            log.warning("could not list the router's mappings to remove stale ones: %s", exc)
+            return
+        self._swept = True
+        for m in found:
+            if owned_by(m.description, self.tag) is None or m.key in self.applied:
+                continue
+            try:
+                await self.gateway.delete(m.proto, m.external_port)
+            except NoSuchMapping:
+                continue
+            except GatewayError as exc:
+                log.warning("could not delete stale mapping %s: %s", m.key, exc)
+                continue
+            self.stale_removed += 1
+            log.info("removed stale mapping %s -> %s left by an earlier run", m.key,
+                     m.internal_client)
+
+    def _gateway_down(self, message: str) -> None:
+        if self.gateway_up or message != self.gateway_error:
+            log.warning("gateway down: %s (retrying in %.0fs)", message, self._gateway_backoff)
+        self.gateway_up = False
+        self.gateway_error = message
+        self._gateway_retry_at = self.clock() + self._gateway_backoff
+        self._gateway_backoff = min(RETRY_MAX, self._gateway_backoff * 2)
+
+    async def _add(self, app: Applied, *, check: bool, renewal: bool = False) -> None:
+        spec = app.spec
+        app.attempts += 1
+        try:
+            if check:
+                existing = await self.gateway.get(spec.proto, spec.external_port)
+                self.ops["verify"] += 1
+                if existing is not None and not self._is_ours(existing.internal_client,
+                                                              existing.description, spec):
+                    self._conflict(
+                        app,
+                        f"{spec.key} is already mapped on the router to "
+                        f"{existing.internal_client}:{existing.internal_port} "
+                        f"({existing.description!r}); igdtrigger leaves it alone",
+                    )
+                    return
+            lease = 0 if self.permanent_only else self.lease
+            try:
+                granted = await self.gateway.add(spec, lease)
+            except LeaseRefused as exc:
+                if lease == 0:
+                    raise
+                log.warning(
+                    "router refuses timed leases (%s): using permanent mappings that igdtrigger "
+                    "deletes itself when the trigger lapses", exc.description
+                )
+                self.permanent_only = True
+                granted = await self.gateway.add(spec, 0)
+        except GatewayUnreachable as exc:
+            app.error = str(exc)
+            app.retry_at = self.clock()
+            if app.state is not MapState.ACTIVE:
+                app.state = MapState.PENDING
+            self.ops["errors"] += 1
+            self._gateway_down(str(exc))
+            return
+        except MappingConflict as exc:
+            self._conflict(app, f"{spec.key}: {exc} (another host holds this port)")
+            return
+        except NotAuthorized as exc:
+            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")
+            return
+        except GatewayError as exc:
+            self._failed(app, f"{spec.key}: {exc}")
+            return
+        now = self.clock()
+        was_active = app.state is MapState.ACTIVE
+        app.state = MapState.ACTIVE
+        app.lease = granted.lease
+        app.error = ""
+        app.attempts = 0
+        if not was_active:
+            app.since = now
+        app.renew_at = now + granted.lease / 2 if granted.lease > 0 else math.inf
+        self.ops["renew" if renewal else "add"] += 1
+        if not renewal:
+            self._changed(app, "mapped")
+
+    def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
+        return client == spec.internal_client and owned_by(description, self.tag) is not None
+
+    def _conflict(self, app: Applied, message: str) -> None:
+        if app.state is not MapState.CONFLICT or app.error != message:
+            log.warning("%s", message)
+        app.state = MapState.CONFLICT
+        app.error = message
+        app.retry_at = self.clock() + CONFLICT_RECHECK
+        self.ops["errors"] += 1
+        self._changed(app, "conflict")
+
+    def _failed(self, app: Applied, message: str) -> None:
+        if app.error != message:
+            log.warning("mapping failed: %s", message)
+        app.state = MapState.FAILED
+        app.error = message
+        app.retry_at = self.clock() + min(RETRY_MAX, RETRY_FIRST * 2 ** min(app.attempts, 6))
+        self.ops["errors"] += 1
+        self._changed(app, "failed")
+
+    async def _delete(self, app: Applied) -> bool:
+        spec = app.spec
+        try:
+            await self.gateway.delete(spec.proto, spec.external_port)
+        except NoSuchMapping:
+            pass  # already gone (lease ran out, router restarted): nothing to do
+        except GatewayError as exc:
+            self.ops["errors"] += 1
+            log.warning("could not delete %s: %s", spec.key, exc)
+            if isinstance(exc, GatewayUnreachable):
+                self._gateway_down(str(exc))
+            return False
+        self.ops["delete"] += 1
+        app.state = MapState.PENDING
+        self._changed(app, "unmapped")
+        return True
+
+    async def _verify_all(self) -> None:
+        self._next_verify = self.clock() + self.verify_interval
+        for app in list(self.applied.values()):
+            if app.state is not MapState.ACTIVE or not self.gateway_up:
+                continue
+            spec = app.spec
+            try:
+                found = await self.gateway.get(spec.proto, spec.external_port)
+            except GatewayUnreachable as exc:
+                self._gateway_down(str(exc))
+                return
+            except GatewayError as exc:
+                log.debug("verify %s: %s", spec.key, exc)
+                continue
+            self.ops["verify"] += 1
+            if found is None:
+                log.warning("router lost the mapping %s: re-applying it", spec.key)
+                app.renew_at = self.clock()
+                await self._add(app, check=False, renewal=True)
+            elif not self._is_ours(found.internal_client, found.description, spec):
+                app.state = MapState.PENDING  # not ours any more: never delete it
+                self._conflict(
+                    app,
+                    f"{spec.key} was taken over on the router by {found.internal_client} "
+                    f"({found.description!r}); igdtrigger leaves it alone",
+                )
+
+    def _changed(self, app: Applied, what: str) -> None:
+        if self.on_change is not None:
+            self.on_change(app, what)

@@ -1,0 +1,355 @@
+"""The running service: wires detector → engine → mapper → gateway and schedules timers.
+
+The scheduler is one task: it expires lapsed activations, reconciles the router with what the
+engine wants, then sleeps until the next deadline (an expiry, a lease renewal, a retry, a
+verification) or until something new happens (a flow, an API call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, Rule, default_state_dir
+from .detect.base import Detector
+from .engine import Activation, Engine, Event, EventKind, Source
+from .errors import DetectionUnavailable, UsageError
+from .gateway.base import Gateway
+from .mapper import Applied, Mapper, MapState
+from .model import Flow, MappingKey, format_duration
+
+log = logging.getLogger("igdtrigger")
+
+APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
+
+
+@dataclass(slots=True)
+class DetectorStatus:
+    name: str
+    active: bool
+    reason: str = ""
+
+
+def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None) -> str | None:
+    """Read a secret file, creating it (mode 0600) on first use. ``None`` if not possible."""
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    value = secrets.token_hex(nbytes)[: hexlen or None]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    return value
+
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        gateway: Gateway,
+        *,
+        detectors: list[Detector] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.clock = clock
+        self.state_dir = state_dir or config.state_dir or default_state_dir()
+        tag = load_or_create_secret(self.state_dir / "instance", 3, hexlen=6)
+        if tag is None:
+            tag = "x" + secrets.token_hex(3)[:5]
+            log.warning(
+                "state directory %s is not writable: mappings left by a crash of this run "
+                "cannot be recognised after a restart (set service.state_dir)", self.state_dir
+            )
+        self.tag = tag
+        self.api_token = load_or_create_secret(self.state_dir / "api-token", 24)
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+        self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
+        self.mapper = Mapper(
+            gateway,
+            clock=clock,
+            tag=tag,
+            lease=config.gateway.lease,
+            verify_interval=config.gateway.verify_interval,
+            check_before_add=config.gateway.check_before_add,
+            on_change=self._on_mapping_change,
+        )
+        self.detectors = detectors or []
+        self.detector_status: list[DetectorStatus] = []
+        self.started = clock()
+        self._wake = asyncio.Event()
+        self._applied_generation = -1
+        self._applied_cond = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
+        self._cleaned_up = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
+        for det in self.detectors:
+            try:
+                det.check()
+            except DetectionUnavailable as exc:
+                self.detector_status.append(DetectorStatus(det.name, False, str(exc)))
+                log.warning(
+                    "detector %s unavailable: %s; explicit activations (run, activate, API) "
+                    "still work", det.name, exc
+                )
+                continue
+            self.detector_status.append(DetectorStatus(det.name, True))
+            self._tasks.append(asyncio.create_task(self._run_detector(det), name=det.name))
+        self.wake()
+
+    async def _run_detector(self, det: Detector) -> None:
+        try:
+            await det.run(self.on_flow)
+        except asyncio.CancelledError:
+            raise
+        except DetectionUnavailable as exc:
+            log.warning("detector %s stopped: %s", det.name, exc)
+        except Exception:
+            log.exception("detector %s crashed; explicit activations still work", det.name)
+        for st in self.detector_status:
+            if st.name == det.name:
+                st.active = False
+                st.reason = st.reason or "stopped (see log)"
+
+    async def stop(self, timeout: float = 8.0) -> int:
+        """Stop detectors and timers, then delete every mapping we hold. Returns the count."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        removed = 0
+        try:
+            removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
+        except TimeoutError:
+            log.error(
+                "router did not answer in %.0fs while removing mappings; their leases (%s) will "
+                "expire on the router", timeout, format_duration(self.mapper.lease)
+            )
+        await self.gateway.close()
+        log.info("stopped; removed %d mapping(s)", removed)
+        return removed
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def on_flow(self, flow: Flow) -> None:
+        if self.engine.on_flow(flow):
+            self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def activate(
+        self,
+        rule: str,
+        host: str,
+        *,
+        ttl: float | None,
+        source: Source,
+        meta: dict[str, str] | None = None,
+        wait: float = APPLY_WAIT,
+    ) -> dict[str, Any]:
+        if self._stopping:
+            raise UsageError("service is shutting down")
+        act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
+        await self._wait_applied(self.engine.generation, wait)
+        return self.activation_json(act)
+
+    async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> dict[str, Any]:
+        act = self.engine.deactivate(act_id)
+        await self._wait_applied(self.engine.generation, wait)
+        return self.activation_json(act, include_ports=False)
+
+    def heartbeat(self, act_id: str, ttl: float | None) -> dict[str, Any]:
+        act = self.engine.heartbeat(act_id, ttl)
+        self.wake()
+        return self.activation_json(act)
+
+    async def _wait_applied(self, generation: int, timeout: float) -> None:
+        self.wake()
+        if timeout <= 0:
+            return
+        async with self._applied_cond:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._applied_cond.wait_for(lambda: self._applied_generation >= generation),
+                    timeout,
+                )
+
+    # --- scheduler -----------------------------------------------------------------------------
+
+    def desired(self) -> dict[MappingKey, Any]:
+        gen = self.engine.generation
+        if self._desired_cache[0] != gen:
+            self._desired_cache = (gen, self.engine.desired())
+        return self._desired_cache[1]
+
+    async def _scheduler(self) -> None:
+        while True:
+            self._wake.clear()
+            self.engine.expire()
+            gen = self.engine.generation
+            await self.mapper.reconcile(self.desired())
+            async with self._applied_cond:
+                self._applied_generation = gen
+                self._applied_cond.notify_all()
+            if self.engine.generation != gen:
+                continue
+            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline()) if d]
+            delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), None if delay == math.inf else delay)
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def _on_engine_event(self, ev: Event) -> None:
+        act = ev.activation
+        if ev.kind is EventKind.ACTIVATED:
+            log.info(
+                "rule %s activated for %s by %s (lapses after %s idle)",
+                act.rule.name, act.host, act.source.value, format_duration(act.ttl),
+            )
+        else:
+            log.info("rule %s for %s %s", act.rule.name, act.host, ev.kind.value)
+        self.events.append(
+            {"at": time.time(), "event": ev.kind.value, "rule": act.rule.name,
+             "host": act.host, "activation": act.id, "source": act.source.value}
+        )
+
+    def _on_mapping_change(self, app: Applied, what: str) -> None:
+        s = app.spec
+        log.info("%s %s -> %s:%d%s", what, s.key, s.internal_client, s.internal_port,
+                 f" ({app.error})" if app.error and what != "mapped" else "")
+        self.events.append(
+            {"at": time.time(), "event": what, "mapping": str(s.key),
+             "host": s.internal_client, **({"error": app.error} if app.error else {})}
+        )
+
+    def activation_json(self, act: Activation, *, include_ports: bool = True) -> dict[str, Any]:
+        now = self.clock()
+        out = act.to_json(now)
+        if not include_ports:
+            out["state"] = "ended"
+            return out
+        desired = self.desired()
+        waiting = self.engine.waiting_for(act, desired)
+        ports: list[dict[str, Any]] = []
+        states: set[str] = set()
+        for rng in act.rule.open:
+            for port in rng:
+                key = MappingKey(rng.proto, port)
+                spec = desired.get(key)
+                app = self.mapper.applied.get(key)
+                if spec is None or spec.internal_client != act.host:
+                    st = "held"
+                    entry: dict[str, Any] = {"port": str(key), "state": st,
+                                             "held_by": spec.internal_client if spec else None}
+                elif app is None:
+                    st = "pending"
+                    entry = {"port": str(key), "state": st}
+                else:
+                    st = app.state.value
+                    entry = {"port": str(key), "state": st, "external_port": port}
+                    if app.error:
+                        entry["error"] = app.error
+                states.add(st)
+                ports.append(entry)
+        if waiting:
+            out["state"] = "waiting"
+            out["held_by"] = sorted(waiting)
+        elif states == {"active"}:
+            out["state"] = "open"
+        elif "active" in states:
+            out["state"] = "partial"
+        elif states & {"failed", "conflict"}:
+            out["state"] = "failed"
+        else:
+            out["state"] = "pending"
+        out["ports"] = ports
+        return out
+
+    def status(self) -> dict[str, Any]:
+        info = self.gateway.info
+        now = self.clock()
+        warnings: list[str] = []
+        if info is not None and not info.external_reachable:
+            warnings.append(
+                f"external address {info.external_address or 'unknown'} is not public: ports "
+                "opened here are not reachable from the internet (double NAT or CGNAT)"
+            )
+        for st in self.detector_status:
+            if not st.active:
+                warnings.append(f"detector {st.name} inactive: {st.reason}")
+        return {
+            "version": __version__,
+            "uptime": round(now - self.started, 3),
+            "instance": self.tag,
+            "gateway": {
+                "up": self.mapper.gateway_up,
+                "error": self.mapper.gateway_error or None,
+                "protocol": info.protocol if info else None,
+                "location": info.location if info else self.config.gateway.url,
+                "local_address": info.local_address if info else None,
+                "external_address": info.external_address if info else None,
+                "external_reachable": info.external_reachable if info else None,
+                "lease": self.mapper.lease,
+                "permanent_leases": self.mapper.permanent_only,
+            },
+            "detectors": [
+                {"name": d.name, "active": d.active, **({"reason": d.reason} if d.reason else {})}
+                for d in self.detector_status
+            ],
+            "rules": [r.to_json() for r in self.config.rules],
+            "activations": [
+                self.activation_json(a)
+                for a in sorted(self.engine.activations.values(), key=lambda a: a.created)
+            ],
+            "mappings": self.mapper.snapshot(),
+            "counts": {
+                "activations": len(self.engine.activations),
+                "mappings_active": self.mapper.count(MapState.ACTIVE),
+                "flows_seen": self.engine.flows_seen,
+                "flows_matched": self.engine.flows_matched,
+                **{f"router_{k}": v for k, v in self.mapper.ops.items()},
+            },
+            "warnings": warnings,
+            "events": list(self.events)[-50:],
+        }
+
+    def rules(self) -> list[Rule]:
+        return list(self.config.rules)

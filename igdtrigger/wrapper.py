@@ -1,0 +1,271 @@
+"""``igdtrigger run --rule NAME -- CMD...``: ports open exactly while CMD runs.
+
+- With a service running: one API activation held by heartbeat (so a killed wrapper's ports lapse
+  on their own after the ttl), ended when the child exits.
+- Without one: the wrapper maps the rule's ports itself for the child's lifetime, on short leases
+  so a crash leaves nothing open for long.
+- Fail open: if the router or service is down the game still starts; only a usage mistake (an
+  unknown rule) stops before launching.
+- The child gets argv unchanged, the environment, cwd and stdio. Signals sent to the wrapper are
+  forwarded; the child's exit status comes back unchanged (128+N when signal N killed it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .client import Client
+from .config import Config, Rule
+from .errors import ApiError, IgdTriggerError, RuleNotFound, ServiceUnavailable, UsageError
+
+log = logging.getLogger("igdtrigger.run")
+
+HEARTBEAT_TTL = 30.0
+STANDALONE_LEASE = 300.0
+_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+
+
+def _warn(message: str) -> None:
+    print(f"igdtrigger: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Holder:
+    """Keeps the ports open in the background; ``stop()`` closes them."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+class ServiceHolder(Holder):
+    def __init__(self, client: Client, rule: str, ttl: float) -> None:
+        super().__init__()
+        self.client = client
+        self.rule = rule
+        self.ttl = ttl
+        self.act_id: str | None = None
+        self.response: dict[str, Any] | None = None
+
+    def activate(self) -> dict[str, Any]:
+        data = self.client.request(
+            "POST", "/api/v1/activations",
+            {"rule": self.rule, "ttl": self.ttl, "source": "run",
+             "meta": {"pid": str(os.getpid())}},
+        )
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise ServiceUnavailable("service answered without an activation id")
+        self.act_id = data["id"]
+        self.response = data
+        return data
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        warned = False
+        while not self.done.wait(self.ttl / 3):
+            try:
+                if self.act_id is None:
+                    self.activate()
+                else:
+                    self.client.request("POST", f"/api/v1/activations/{self.act_id}/refresh",
+                                        {"ttl": self.ttl}, timeout=3)
+                warned = False
+            except ApiError as exc:
+                if exc.status == 404:  # lapsed (service restarted?): activate again
+                    self.act_id = None
+                    continue
+                if not warned:
+                    _warn(f"heartbeat failed: {exc}")
+                    warned = True
+            except IgdTriggerError as exc:
+                if not warned:
+                    _warn(f"heartbeat failed: {exc}; ports lapse unless the service returns")
+                    warned = True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        super().stop(timeout)
+        if self.act_id is not None:
+            try:
+                self.client.request("DELETE", f"/api/v1/activations/{self.act_id}", timeout=3)
+            except IgdTriggerError as exc:
+                _warn(f"could not end the activation ({exc}); it lapses after {self.ttl:g}s")
+
+
+class StandaloneHolder(Holder):
+    """No service: map the rule's ports from this process, on short leases."""
+
+    def __init__(self, config: Config, rule: Rule) -> None:
+        super().__init__()
+        self.config = config
+        self.rule = rule
+        self.ready = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop_async: asyncio.Event | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name="standalone", daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._amain())
+        except Exception as exc:  # fail open: the game keeps running
+            _warn(f"could not open ports: {exc}")
+
+    async def _amain(self) -> None:
+        from .engine import Engine
+        from .gateway.upnp import MiniupnpcGateway
+        from .mapper import Mapper, MapState
+
+        self.loop = asyncio.get_running_loop()
+        self._stop_async = asyncio.Event()
+        gw_cfg = self.config.gateway
+        if gw_cfg.simulate:
+            _warn("gateway.url = \"simulate\" needs a running service; not opening ports")
+            return
+        gateway = MiniupnpcGateway(gw_cfg.url, discover_timeout=gw_cfg.discover_timeout)
+        clock = self.loop.time
+        tag = f"run{os.getpid()}"
+        engine = Engine([self.rule], clock=clock, tag=tag)
+        lease = min(STANDALONE_LEASE, gw_cfg.lease)
+        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
+                        verify_interval=gw_cfg.verify_interval,
+                        check_before_add=gw_cfg.check_before_add)
+        try:
+            info = await gateway.connect()
+        except IgdTriggerError as exc:
+            _warn(f"router unavailable, running without open ports: {exc}")
+            return
+        engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
+        desired = engine.desired()
+        await mapper.reconcile(desired)
+        n_ok = mapper.count(MapState.ACTIVE)
+        if n_ok < len(desired):
+            _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
+                  + "; ".join(sorted({a.error for a in mapper.applied.values() if a.error})))
+        self.ready.set()
+        while not self._stop_async.is_set():
+            deadline = mapper.next_deadline()
+            delay = 30.0 if deadline is None else max(0.05, deadline - clock())
+            try:
+                await asyncio.wait_for(self._stop_async.wait(), delay)
+            except TimeoutError:
+                await mapper.reconcile(desired)
+        try:
+            await asyncio.wait_for(mapper.remove_all(), 4.0)
+        except TimeoutError:
+            _warn(f"router did not answer; mappings lapse within {lease:g}s")
+        await gateway.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.done.set()
+        if self.loop is not None and self._stop_async is not None:
+            self.loop.call_soon_threadsafe(self._stop_async.set)
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _wait_forwarding(child: subprocess.Popen[bytes], sigs: set[signal.Signals]) -> int:
+    """Wait for the child, forwarding signals sent to us (not the tty's: it got those itself)."""
+    if not hasattr(signal, "sigtimedwait"):  # Windows
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                continue
+    waited = sigs | {signal.SIGCHLD}
+    while True:
+        rc = child.poll()
+        if rc is not None:
+            return rc
+        info = signal.sigtimedwait(waited, 1.0)
+        if info is None or info.si_signo == signal.SIGCHLD:
+            continue
+        # si_code <= 0: sent by kill()/sigqueue()/tkill() to us alone, so pass it on. A positive
+        # code (SI_KERNEL) came from the terminal to the whole foreground group, child included.
+        if info.si_code <= 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, info.si_signo)
+
+
+def run(
+    command: Sequence[str],
+    *,
+    rule: str,
+    config: Config,
+    server: str | None,
+    token: str | None,
+    ttl: float = HEARTBEAT_TTL,
+) -> int:
+    if not command:
+        raise UsageError("no command to run: write igdtrigger run --rule NAME -- COMMAND [ARGS...]")
+    holder: Holder | None = None
+    env = dict(os.environ)
+    client = Client(server, token=token, timeout=2.0)
+    try:
+        sh = ServiceHolder(client, rule, ttl)
+        data = sh.activate()
+        holder = sh
+        ports = [p.get("port", "") for p in data.get("ports", []) if p.get("state") == "active"]
+        env["IGDTRIGGER_PORTS"] = ",".join(str(p) for p in ports)
+        env["IGDTRIGGER_ACTIVATION"] = str(data.get("id", ""))
+        if data.get("state") not in ("open", None):
+            _warn(f"rule {rule}: {data.get('state')}"
+                  + (f" (held by {', '.join(data['held_by'])})" if data.get("held_by") else ""))
+    except ApiError as exc:
+        if exc.status == 404:  # unknown rule: a mistake to fix, not a router outage
+            raise UsageError(str(exc)) from None
+        _warn(f"service refused the activation: {exc}; running without open ports")
+    except ServiceUnavailable:
+        rule_cfg = config.rule(rule)
+        if rule_cfg is None:
+            raise RuleNotFound(rule, [r.name for r in config.rules]) from None
+        holder = StandaloneHolder(config, rule_cfg)
+
+    sigs = {getattr(signal, n) for n in _FORWARDED if hasattr(signal, n)}
+    blocking = hasattr(signal, "pthread_sigmask")
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_BLOCK, sigs | {signal.SIGCHLD})
+
+    def unblock() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+    try:
+        try:
+            child = subprocess.Popen(list(command), env=env,
+                                     preexec_fn=unblock if blocking else None)
+        except OSError as exc:
+            if holder is not None:
+                holder.stop()
+            _warn(f"cannot run {command[0]!r}: {exc.strerror}")
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        if isinstance(holder, ServiceHolder | StandaloneHolder):
+            holder.start()
+        rc = _wait_forwarding(child, sigs)
+    finally:
+        if holder is not None:
+            holder.stop()
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs | {signal.SIGCHLD})
+    return _exit_status(rc)

@@ -1,0 +1,113 @@
+"""Test doubles: an in-memory router behind the Gateway interface, and a settable clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from igdtrigger.errors import (
+    GatewayUnreachable,
+    LeaseRefused,
+    MappingConflict,
+    NoSuchMapping,
+    NotAuthorized,
+)
+from igdtrigger.gateway.base import GatewayInfo, Granted
+from igdtrigger.model import MappingKey, MappingSpec, Proto, RouterMapping
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakeGateway:
+    """A router in memory: mappings with leases, conflicts, and knobs for failures."""
+
+    clock: FakeClock
+    local_address: str = "192.168.1.10"
+    external_address: str = "11.22.33.44"
+    permanent_only: bool = False
+    secure_mode: bool = False
+    down: bool = False
+    table: dict[MappingKey, tuple[RouterMapping, float]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    _info: GatewayInfo | None = None
+
+    @property
+    def info(self) -> GatewayInfo | None:
+        return self._info
+
+    def _check_up(self) -> None:
+        if self.down:
+            self._info = None
+            raise GatewayUnreachable("router did not answer (connection refused)")
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for key, (_, until) in list(self.table.items()):
+            if until <= now:
+                del self.table[key]
+
+    async def connect(self) -> GatewayInfo:
+        self.calls.append("connect")
+        self._check_up()
+        self._info = GatewayInfo("fake", "fake://router", self.local_address,
+                                 self.external_address)
+        return self._info
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        self.calls.append(f"add {spec.key}")
+        self._check_up()
+        self._expire()
+        if lease and self.permanent_only:
+            raise LeaseRefused("AddPortMapping", 725, "OnlyPermanentLeasesSupported")
+        if self.secure_mode and spec.internal_client != self.local_address:
+            raise NotAuthorized("AddPortMapping", 606, "Action not authorized")
+        have = self.table.get(spec.key)
+        if have is not None and have[0].internal_client != spec.internal_client:
+            raise MappingConflict("AddPortMapping", 718, "ConflictInMappingEntry")
+        until = self.clock() + lease if lease else float("inf")
+        self.table[spec.key] = (
+            RouterMapping(spec.proto, spec.external_port, spec.internal_client,
+                          spec.internal_port, spec.description, True, lease),
+            until,
+        )
+        return Granted(spec.external_port, lease)
+
+    async def delete(self, proto: Proto, external_port: int) -> None:
+        self.calls.append(f"delete {MappingKey(proto, external_port)}")
+        self._check_up()
+        self._expire()
+        if self.table.pop(MappingKey(proto, external_port), None) is None:
+            raise NoSuchMapping("DeletePortMapping", 714, "NoSuchEntryInArray")
+
+    async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        self.calls.append(f"get {MappingKey(proto, external_port)}")
+        self._check_up()
+        self._expire()
+        have = self.table.get(MappingKey(proto, external_port))
+        return have[0] if have else None
+
+    async def list(self) -> list[RouterMapping]:
+        self.calls.append("list")
+        self._check_up()
+        self._expire()
+        return [m for m, _ in self.table.values()]
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+    def foreign(self, proto: Proto, port: int, client: str, desc: str = "someone else") -> None:
+        self.table[MappingKey(proto, port)] = (
+            RouterMapping(proto, port, client, port, desc, True, 0), float("inf"))
+
+    def ports(self) -> dict[str, str]:
+        self._expire()
+        return {str(k): m.internal_client for k, (m, _) in sorted(self.table.items())}
