@@ -19,6 +19,7 @@ from aiohttp import web
 from .engine import Source
 from .errors import IgdTriggerError, RuleNotFound, UsageError
 from .model import parse_duration
+from .netutil import guess_lan_address
 from .service import Service
 
 log = logging.getLogger("igdtrigger.api")
@@ -75,12 +76,15 @@ def _client_host(request: web.Request) -> str:
         addr = addr.ipv4_mapped
     if addr.is_loopback:
         info = svc.gateway.info
-        if info is None:
+        if info is not None:
+            return info.local_address
+        guess = guess_lan_address(svc.config.gateway.url)
+        if guess is None:
             raise NotReady(
                 "the router has not been reached yet, so this host's LAN address is unknown; "
                 "retry in a moment"
             )
-        return info.local_address
+        return guess
     return str(addr)
 
 
