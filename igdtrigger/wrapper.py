@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextlib
 import logging
 import os
 import signal
@@ -176,8 +177,10 @@ class StandaloneHolder(Holder):
 
     def stop(self, timeout: float = 5.0) -> None:
         self.done.set()
-        if self.loop is not None and self._stop_async is not None:
-            self.loop.call_soon_threadsafe(self._stop_async.set)
+        loop, ev = self.loop, self._stop_async
+        if loop is not None and ev is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing to stop
+                loop.call_soon_threadsafe(ev.set)
         if self.thread is not None:
             self.thread.join(timeout)
 
