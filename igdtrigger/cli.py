@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, Rule, load_config
 from .errors import ConfigError, IgdTriggerError, UsageError
-from .model import format_duration, parse_duration
+from .model import format_duration, parse_duration, parse_port_spec
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEMO_RULE = Rule("demo", parse_port_spec("udp/27015"), parse_port_spec("udp/40000-40010")
+                 + parse_port_spec("both/3074"), 600.0)
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
@@ -106,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.simulate:
         config = replace(config, gateway=replace(config.gateway, url=SIMULATE))
+        if not config.rules:  # try-it-now: something to activate out of the box
+            config = replace(config, rules=(DEMO_RULE,))
     if args.listen:
         try:
             host, port = parse_listen(args.listen)
