@@ -75,7 +75,11 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         log.info("simulated router (no real router is touched) at %s", url)
         config = replace(config, gateway=replace(config.gateway, url=url))
     gateway = MiniupnpcGateway(url, discover_timeout=config.gateway.discover_timeout)
-    service = Service(config, gateway, detectors=build_detectors(config))
+    detectors = build_detectors(config)
+    service = Service(config, gateway, detectors=detectors)
+    for det in detectors:  # drop flows no rule cares about before they cost anything
+        if hasattr(det, "wanted"):
+            det.wanted = lambda proto, port: bool(service.engine.index.match(proto, port))
     app = make_app(service)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

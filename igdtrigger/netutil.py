@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import urllib.parse
+from typing import Any
 
 
 def default_gateway() -> str | None:
@@ -14,7 +15,7 @@ def default_gateway() -> str | None:
     except ImportError:
         return None
     try:
-        gws = netifaces.gateways()
+        gws: Any = netifaces.gateways()
         entry = gws.get("default", {}).get(netifaces.AF_INET)
     except Exception:  # a broken interface table must not break the service
         return None

@@ -9,6 +9,10 @@ family, multicast group ``NFNLGRP_CONNTRACK_NEW`` (group 1, i.e. bind bitmask
 We bind a raw ``AF_NETLINK`` socket to that group, register it with ``loop.add_reader`` and read
 datagrams as they come: event-driven, no thread, no polling, no third-party netlink library.
 
+A NEW event carries ``NLM_F_CREATE|NLM_F_EXCL``; UPDATE events are ``IPCTNL_MSG_CT_NEW`` messages
+too but only go to group 2, which we do not join, and each event is its own datagram. A flow the
+firewall drops before it is confirmed (at POSTROUTING / INPUT) is never announced.
+
 Each message is ``nlmsghdr`` + ``nfgenmsg`` + attributes; we only read ``CTA_TUPLE_ORIG``
 (``CTA_TUPLE_IP`` + ``CTA_TUPLE_PROTO``), which gives the originator's address and ports: on a
 Linux router the LAN host for forwarded flows. Only TCP and UDP become a :class:`Flow`.
@@ -388,13 +392,16 @@ class ConntrackParser:
             malformed += 1  # trailing bytes too short to hold a header
         self.datagrams += 1
         self.events_seen += events
-        self.flows_reported += len(flows)
-        self.flows_filtered += filtered
-        self.ignored += ignored
-        self.other += other
-        self.malformed += malformed
-        self.errors += errors
-        self.overruns += overruns
+        if flows:
+            self.flows_reported += len(flows)
+        if filtered:
+            self.flows_filtered += filtered
+        if ignored or other or malformed or errors or overruns:
+            self.ignored += ignored
+            self.other += other
+            self.malformed += malformed
+            self.errors += errors
+            self.overruns += overruns
         return flows
 
 

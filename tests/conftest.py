@@ -1,0 +1,25 @@
+"""Shared pytest configuration for the whole test suite (keep each section small)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.lab.netlab import REQUIRE_ENV, lab_available, lab_required
+
+# ---------------------------------------------------------------------------------------------
+# `lab` marker: tests that need root, network namespaces and Debian's miniupnpd (tests/lab).
+# On a laptop they skip with the reason; with IGDTRIGGER_REQUIRE_LAB=1 (CI) they FAIL instead,
+# so a broken CI image cannot silently skip the ground-truth tests.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("lab") is None:
+        return
+    reason = lab_available()
+    if reason is None:
+        return
+    if lab_required():
+        pytest.fail(f"lab unavailable but {REQUIRE_ENV}=1: {reason}", pytrace=False)
+    pytest.skip(f"lab unavailable: {reason}")
