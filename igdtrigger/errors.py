@@ -63,6 +63,13 @@ class RuleHeld(IgdTriggerError):
     http_status = 409
 
 
+SECURE_MODE_HINT = (
+    "the router only lets a host map ports to itself (miniupnpd secure_mode or a permission "
+    "rule): run igdtrigger on the host that needs the ports, or allow this in the router's UPnP "
+    "settings (secure_mode=no / an allow rule for that host and port)"
+)
+
+
 # --- gateway -----------------------------------------------------------------------------------
 
 

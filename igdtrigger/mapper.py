@@ -22,6 +22,7 @@ from typing import Any
 
 from .engine import Clock, owned_by
 from .errors import (
+    SECURE_MODE_HINT,
     GatewayError,
     GatewayUnreachable,
     LeaseRefused,
@@ -288,7 +289,18 @@ class Mapper:
             self._gateway_down(str(exc))
             return
         except MappingConflict as exc:
-            self._conflict(app, f"{spec.key}: {exc} (another host holds this port)")
+            info = self.gateway.info
+            for_other = info is not None and spec.internal_client != info.local_address
+            if check and for_other:
+                # The router lists nothing on this port yet says "conflict": it is refusing a
+                # mapping for another host (IGDv1, and miniupnpd < 2.3.4 on IGDv2, use 718).
+                self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}; "
+                                  f"{SECURE_MODE_HINT}")
+            elif for_other:
+                self._conflict(app, f"{spec.key}: {exc} (another host holds this port, or "
+                                    f"{SECURE_MODE_HINT})")
+            else:
+                self._conflict(app, f"{spec.key}: {exc} (another host holds this port)")
             return
         except NotAuthorized as exc:
             self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")

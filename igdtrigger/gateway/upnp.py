@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import (
+    SECURE_MODE_HINT,
     ActionFailed,
     GatewayError,
     GatewayNotFound,
@@ -65,11 +66,6 @@ _UPNP_TEXTS: dict[str, int] = {
     "inconsistentparameters": 733,
 }
 
-SECURE_MODE_HINT = (
-    "the router only lets a host map ports to itself (miniupnpd secure_mode or a permission "
-    "rule): run igdtrigger on the host that needs the ports, or allow this in the router's UPnP "
-    "settings (secure_mode=no / an allow rule for that host and port)"
-)
 
 
 def _classify(action: str, exc: BaseException, *, v1: bool) -> GatewayError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import functools
 import importlib.util
 import ipaddress
@@ -41,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -155,6 +156,8 @@ def lab_available() -> str | None:
         return "miniupnpd is not the nftables build (apt-get install miniupnpd-nftables)"
     if shutil.which("upnpc") is None:
         return "upnpc missing (apt-get install miniupnpc)"
+    if shutil.which("conntrack") is None:
+        return "conntrack missing (apt-get install conntrack)"
     if importlib.util.find_spec("miniupnpc") is None:
         return f"python module miniupnpc missing in {sys.executable}"
     # smoke test: a namespace with a veth pair and an nft table in it
@@ -205,8 +208,21 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _reap(pid: int) -> None:
+    """Collect `pid` if it is a dead child of ours (an adopted daemon)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
 def _kill_pid(pid: int, grace: float = 2.0) -> None:
-    """SIGTERM, wait up to `grace` s, then SIGKILL. Zombies count as gone."""
+    """SIGTERM, wait up to `grace` s, then SIGKILL; reap it if it is our child."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
         try:
             os.kill(pid, sig)
@@ -215,8 +231,39 @@ def _kill_pid(pid: int, grace: float = 2.0) -> None:
         end = time.monotonic() + wait
         while time.monotonic() < end:
             if not _pid_alive(pid):
+                _reap(pid)
                 return
             time.sleep(0.005)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+_subreaper_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _adopt_orphans() -> Iterator[None]:
+    """Be a child subreaper while a daemon forks away, so the daemon becomes OUR child.
+
+    Otherwise it is re-parented to init, and after we kill it, it lingers as a zombie until
+    init gets round to reaping it (about 1 s in the CI VM): `pgrep miniupnpd` would still see
+    it. Only the daemon that forks inside this window is adopted; the flag is then restored.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        yield
+        return
+    with _subreaper_lock:
+        old = ctypes.c_int(0)
+        if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(old), 0, 0, 0) != 0:
+            old.value = 1  # unknown: leave the flag alone
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        try:
+            yield
+        finally:
+            if not old.value:
+                libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def _netns_pids(ns: str) -> list[int]:
@@ -229,6 +276,7 @@ def _netns_pids(ns: str) -> list[int]:
 def _destroy_netns(names: Sequence[str]) -> None:
     """Kill whatever still runs in the namespaces, then delete them."""
     pids = [pid for ns in names for pid in _netns_pids(ns) if pid != os.getpid()]
+    killed = list(pids)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -240,6 +288,9 @@ def _destroy_netns(names: Sequence[str]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    for pid in killed:
+        if _comm(pid) == "miniupnpd":  # an adopted daemon (never a Popen someone waits on)
+            _reap(pid)
     existing = set(_list_netns())
     _ip_batch([f"netns del {ns}" for ns in names if ns in existing])
 
@@ -348,6 +399,8 @@ class Lab:
     lan_conntrack    add an nft ``ct state new`` rule in the LAN hosts' output hook so conntrack
                      (and its new-flow events) is active there
     min_lifetime / max_lifetime   PCP/NAT-PMP lifetime clamps
+    pcp_allow_thirdparty  PCP THIRD_PARTY option (mapping for another address) allowed
+    notify_interval  SSDP NOTIFY interval (s)
     lease_file       keep miniupnpd's lease file (so a restart without flush keeps leases)
     router_debug     run miniupnpd in the foreground with ``-d`` and keep its log (router_log());
                      much slower, for debugging only
@@ -741,7 +794,8 @@ table inet {LAN_CT_TABLE} {{
                     stderr=subprocess.STDOUT,
                 )
             else:
-                p = self.run(self.router, argv, timeout=10)
+                with _adopt_orphans():
+                    p = self.run(self.router, argv, timeout=10)
                 if p.returncode != 0:
                     out = (p.stderr + p.stdout).strip()
                     raise LabError(
@@ -833,10 +887,7 @@ table inet {LAN_CT_TABLE} {{
 
     @staticmethod
     def _is_miniupnpd(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/comm").read_text().strip() == "miniupnpd"
-        except OSError:
-            return False
+        return _comm(pid) == "miniupnpd"
 
     def flush_router_rules(self) -> None:
         """Empty miniupnpd's three nft chains (what a reboot does to a real router)."""

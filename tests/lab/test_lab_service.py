@@ -1,0 +1,335 @@
+"""igdtrigger against a real router (miniupnpd in a namespace): what users care about.
+
+Each test runs `igdtrigger serve` (or `run`) inside the LAN host's namespace and checks with real
+packets that a WAN host reaches the LAN host through the router's external address while the
+trigger holds, and no longer after it lapses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab.netlab import Lab
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+API = "http://127.0.0.1:8731"
+RULE_PORTS = [("udp", 40000), ("udp", 40001), ("udp", 40002), ("tcp", 40005)]
+
+
+def config_text(lab: Lab, state: Path, *, idle: str = "3s", verify: str = "60s") -> str:
+    return f"""
+[gateway]
+url = "{lab.igd_url}"
+lease = "1h"
+verify_interval = "{verify}"
+
+[api]
+listen = "127.0.0.1:8731"
+
+[service]
+state_dir = "{state}"
+
+[[rules]]
+name = "game"
+trigger = ["udp/27015", "tcp/27015-27030"]
+open = ["udp/40000-40002", "tcp/40005"]
+idle_timeout = "{idle}"
+"""
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "IGDTRIGGER_TOKEN": ""}
+
+
+def igdt_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "igdtrigger", *args]
+
+
+def ours(lab: Lab) -> list[tuple[str, int, str, int, str]]:
+    return [m for m in lab.router_mappings() if m[4].startswith("igdtrigger ")]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
+        time.sleep(step)
+
+
+class Serve:
+    """`igdtrigger serve` running inside the LAN host's namespace."""
+
+    def __init__(self, lab: Lab, tmp: Path, **cfg: Any) -> None:
+        self.lab = lab
+        self.state = tmp / "state"
+        self.config = tmp / "config.toml"
+        self.config.write_text(config_text(lab, self.state, **cfg))
+        self.ready = tmp / "ready"
+        self.log = tmp / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Serve:
+        self.ready.unlink(missing_ok=True)
+        logf = self.log.open("ab")
+        self.proc = self.lab.popen(
+            self.lab.lan,
+            igdt_argv("serve", "--config", str(self.config), "--ready-file", str(self.ready)),
+            env=env(), stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        logf.close()
+        wait_for(lambda: self.ready.exists() or self.proc is None or self.proc.poll() is not None,
+                 20, "igdtrigger serve to start")
+        assert self.proc.poll() is None, self.log.read_text()
+        wait_for(lambda: self.status()["gateway"]["up"], 10, "service to reach the router")
+        return self
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        p = self.lab.run(self.lab.lan, igdt_argv(*args, "--server", API), env=env(), cwd=ROOT,
+                         timeout=60)
+        if check:
+            assert p.returncode == 0, p.stdout + p.stderr
+        return p
+
+    def status(self) -> dict[str, Any]:
+        p = self.cli("status", "--json", check=False)
+        if p.returncode != 0:
+            return {"gateway": {"up": False}}
+        data: dict[str, Any] = json.loads(p.stdout)
+        return data
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def serve(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    started: list[Serve] = []
+
+    def factory(**cfg: Any) -> Serve:
+        s = Serve(lab, tmp_path, **cfg).start()
+        started.append(s)
+        return s
+
+    yield factory
+    for s in started:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
+
+
+def send_trigger(lab: Lab, port: int = 27015, proto: str = "udp") -> None:
+    """One outbound packet from the LAN host to the WAN host's trigger port."""
+    if proto == "udp":
+        send = f"s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ({lab.wan_ip!r}, {port}))"
+    else:
+        send = f"s = socket.socket()\ns.settimeout(1)\ns.connect_ex(({lab.wan_ip!r}, {port}))"
+    code = "import socket\n" + send + "\n"
+    lab.python(lab.lan, code)
+
+
+def reachable(lab: Lab, timeout: float = 0.5) -> dict[str, bool]:
+    """Which of the rule's ports a WAN packet reaches the LAN host through."""
+    return {f"{proto}/{port}": lab.probe(proto, port, timeout=timeout)  # type: ignore[arg-type]
+            for proto, port in RULE_PORTS}
+
+
+def all_open(lab: Lab) -> bool:
+    got = reachable(lab)
+    assert all(got.values()), f"not reachable from the WAN: {got}; router has {ours(lab)}"
+    return True
+
+
+def none_open(lab: Lab) -> bool:
+    got = reachable(lab, 0.3)
+    assert not any(got.values()), f"still reachable from the WAN: {got}; router has {ours(lab)}"
+    return True
+
+
+def test_outbound_trigger_opens_ports_and_idle_timeout_closes_them(
+        lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve(idle="3s")
+    assert none_open(lab), "ports reachable before any trigger: the probe cannot tell"
+    send_trigger(lab)
+    wait_for(lambda: lab.probe("udp", 40000, timeout=0.3), 5, "udp/40000 to open after trigger")
+    wait_for(lambda: len(ours(lab)) == 4, 2, "all four mappings")  # added one after another
+    assert all_open(lab)
+    entries = {(m[0], m[1]): m for m in ours(lab)}
+    assert set(entries) == {("UDP", 40000), ("UDP", 40001), ("UDP", 40002), ("TCP", 40005)}
+    assert {m[2] for m in entries.values()} == {lab.lan_ip}
+    assert all(" game " in m[4] for m in entries.values())
+    st = s.status()
+    assert st["activations"][0]["source"] == "traffic"
+    assert st["activations"][0]["host"] == lab.lan_ip
+    # after the idle timeout (3s since the last trigger flow) the router holds nothing of ours
+    wait_for(lambda: not ours(lab), 10, "mappings removed after the idle timeout")
+    assert none_open(lab)
+    assert s.proc is not None and s.proc.poll() is None
+
+
+def test_each_trigger_flow_refreshes_the_idle_timer(lab: Lab, serve: Callable[..., Serve]) -> None:
+    serve(idle="3s")
+    send_trigger(lab)
+    wait_for(lambda: bool(ours(lab)), 5, "mappings after trigger")
+    for _ in range(3):  # 4.5s of activity, longer than the idle timeout
+        time.sleep(1.5)
+        send_trigger(lab, port=27020, proto="tcp")
+    assert len(ours(lab)) == 4
+    wait_for(lambda: not ours(lab), 10, "mappings removed once the flows stop")
+
+
+def test_non_trigger_traffic_opens_nothing(lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve()
+    send_trigger(lab, port=27014)
+    send_trigger(lab, port=27015, proto="tcp")  # tcp/27015 IS a trigger: positive control below
+    wait_for(lambda: bool(ours(lab)), 5, "tcp/27015 trigger")
+    st = s.status()
+    assert st["counts"]["activations"] == 1
+
+
+def test_run_holds_ports_while_child_runs_and_passes_exit_code(
+        lab: Lab, serve: Callable[..., Serve], tmp_path: Path) -> None:
+    s = serve()
+    marker = tmp_path / "child-started"
+    p = lab.popen(lab.lan, igdt_argv("run", "--config", str(s.config), "--rule", "game", "--",
+                                     "sh", "-c", f"touch {marker}; sleep 2; exit 3"),
+                  env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(marker.exists, 10, "wrapped child to start")
+    assert all_open(lab)
+    assert p.wait(20) == 3
+    wait_for(lambda: not ours(lab), 5, "mappings removed after the child exited")
+    assert none_open(lab)
+
+
+def test_run_zero_exit_code(lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve()
+    p = lab.run(lab.lan, igdt_argv("run", "--config", str(s.config), "--rule", "game", "--",
+                                   "true"), env=env(), cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert not ours(lab)
+
+
+def test_run_without_a_service_maps_ports_itself(lab: Lab, tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(config_text(lab, tmp_path / "state"))
+    marker = tmp_path / "child-started"
+    p = lab.popen(lab.lan, igdt_argv("run", "--config", str(cfg), "--rule", "game", "--",
+                                     "sh", "-c", f"touch {marker}; sleep 2; exit 7"),
+                  env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(marker.exists, 10, "wrapped child to start")
+    wait_for(lambda: len(ours(lab)) == 4, 5, "standalone mappings")
+    assert all_open(lab)
+    assert p.wait(20) == 7
+    assert not ours(lab)
+    assert none_open(lab)
+
+
+def test_api_activation_with_ttl(lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve(idle="10m")
+    out = s.cli("activate", "game", "--for", "3s", "--json")
+    act = json.loads(out.stdout)
+    assert act["state"] == "open"
+    assert act["host"] == lab.lan_ip
+    assert all_open(lab)
+    wait_for(lambda: not ours(lab), 8, "mappings removed when the ttl ran out")
+    assert none_open(lab)
+
+
+def test_deactivate_closes_at_once(lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve(idle="10m")
+    s.cli("activate", "game", "--for", "1h")
+    assert lab.probe("udp", 40001)
+    s.cli("deactivate", "game")
+    assert not ours(lab)
+    assert none_open(lab)
+
+
+def test_sigterm_removes_every_mapping(lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve(idle="10m")
+    s.cli("activate", "game", "--for", "1h")
+    assert len(ours(lab)) == 4
+    t0 = time.monotonic()
+    assert s.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 5
+    assert ours(lab) == []
+    assert none_open(lab)
+    assert "removed 4 mapping" in s.logtext()
+
+
+def test_foreign_mapping_is_left_alone_and_reported(make_lab: Callable[..., Lab],
+                                                    tmp_path: Path) -> None:
+    lab = make_lab(secure_mode=False)
+    lab.add_foreign_mapping("udp", 40001, "192.168.77.99", desc="console")
+    s = Serve(lab, tmp_path, idle="10m").start()
+    try:
+        p = s.cli("activate", "game", "--for", "1h", "--json", check=False)
+        act = json.loads(p.stdout)
+        states = {x["port"]: x["state"] for x in act["ports"]}
+        assert states["udp/40001"] == "conflict"
+        assert states["udp/40000"] == "active"
+        conflict = next(x for x in act["ports"] if x["port"] == "udp/40001")
+        assert "192.168.77.99" in conflict["error"]
+        assert s.stop() == 0
+        table = {(m[0], m[1]): m for m in lab.router_mappings()}
+        assert table[("UDP", 40001)][2] == "192.168.77.99"
+        assert table[("UDP", 40001)][4] == "console"
+        assert ("UDP", 40000) not in table
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+
+
+def test_secure_mode_refusal_for_another_host_is_explained(lab: Lab,
+                                                           serve: Callable[..., Serve]) -> None:
+    s = serve(idle="10m")
+    token = (s.state / "api-token").read_text().strip()
+    p = lab.run(lab.lan, igdt_argv("activate", "game", "--host", "192.168.77.50", "--json",
+                                   "--server", API, "--token", token), env=env(), cwd=ROOT)
+    act = json.loads(p.stdout)
+    assert act["state"] == "failed"
+    errors = " ".join(x.get("error", "") for x in act["ports"])
+    assert "run igdtrigger on the host that needs the ports" in errors
+    assert not ours(lab)
+
+
+def test_restart_after_kill_9_removes_stale_mappings(lab: Lab, serve: Callable[..., Serve],
+                                                     tmp_path: Path) -> None:
+    s = serve(idle="10m")
+    s.cli("activate", "game", "--for", "1h")
+    assert len(ours(lab)) == 4
+    assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert len(ours(lab)) == 4  # a crash leaves them; the restart must clean up
+    s.start()
+    wait_for(lambda: not ours(lab), 10, "stale mappings removed by the restarted service")
+    assert none_open(lab)
+
+
+def test_router_restart_mappings_come_back(lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve(idle="10m", verify="2s")
+    s.cli("activate", "game", "--for", "1h")
+    assert len(ours(lab)) == 4
+    lab.restart_router(flush=True)  # a new miniupnpd process, its rules flushed
+    assert not ours(lab)
+    took = wait_for(lambda: len(ours(lab)) == 4, 10, "mappings re-applied after router restart")
+    assert all_open(lab)
+    assert took < 5, f"took {took:.1f}s"
+    assert "re-applying" in s.logtext() or "gateway up" in s.logtext()
