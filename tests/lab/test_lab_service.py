@@ -333,3 +333,28 @@ def test_router_restart_mappings_come_back(lab: Lab, serve: Callable[..., Serve]
     assert all_open(lab)
     assert took < 5, f"took {took:.1f}s"
     assert "re-applying" in s.logtext() or "gateway up" in s.logtext()
+
+
+def test_on_the_router_forwarded_flows_trigger_for_the_lan_host(make_lab: Callable[..., Lab],
+                                                                 tmp_path: Path) -> None:
+    """igdtrigger on a Linux box that routes for the LAN sees the LAN hosts' forwarded flows."""
+    lab = make_lab(secure_mode=False)  # the router maps ports for a LAN host, not for itself
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(config_text(lab, tmp_path / "state", idle="3s"))
+    ready = tmp_path / "ready"
+    log = (tmp_path / "serve.log").open("wb")
+    proc = lab.popen(lab.router, igdt_argv("serve", "--config", str(cfg), "--ready-file",
+                                           str(ready)), env=env(), cwd=ROOT, stdout=log,
+                     stderr=subprocess.STDOUT)
+    try:
+        wait_for(ready.exists, 20, "serve on the router")
+        send_trigger(lab)
+        wait_for(lambda: len(ours(lab)) == 4, 5, "mappings for the LAN host")
+        assert {m[2] for m in ours(lab)} == {lab.lan_ip}
+        assert all_open(lab)
+        wait_for(lambda: not ours(lab), 10, "mappings removed after the idle timeout")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    assert not ours(lab)
