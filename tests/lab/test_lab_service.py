@@ -139,10 +139,11 @@ def serve(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., Serve]]:
 
 def send_trigger(lab: Lab, port: int = 27015, proto: str = "udp") -> None:
     """One outbound packet from the LAN host to the WAN host's trigger port."""
+    dst = f"({lab.wan_ip!r}, {port})"
     if proto == "udp":
-        send = f"s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ({lab.wan_ip!r}, {port}))"
+        send = f"s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', {dst})"
     else:
-        send = f"s = socket.socket()\ns.settimeout(1)\ns.connect_ex(({lab.wan_ip!r}, {port}))"
+        send = f"s = socket.socket()\ns.settimeout(1)\ns.connect_ex({dst})"
     code = "import socket\n" + send + "\n"
     lab.python(lab.lan, code)
 

@@ -1,0 +1,368 @@
+"""UPnP IGD protocol, sans I/O: device descriptions, SOAP requests and responses, SSDP.
+
+Tolerant of what real routers send (router-facts.md §2-§5): namespace-agnostic parsing by local
+name, whitespace inside text nodes, URLBase anywhere (or absent, or with a trailing slash),
+relative/absolute/query-string control URLs, WANIPConnection:1/:2, WANPPPConnection:1/:2 and the
+legacy ``urn:dslforum-org`` types, SOAP faults with any prefix or capitalisation, attributes on
+value elements, garbage around the error code. Strict where it matters: XML is parsed with
+defusedxml (no DTDs, no entities), sizes are bounded, and every failure is a ``GatewayError``
+subclass with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from xml.etree.ElementTree import Element
+
+import defusedxml.ElementTree as DET
+from defusedxml import DefusedXmlException
+
+from ..errors import (
+    SECURE_MODE_HINT,
+    ActionFailed,
+    GatewayError,
+    LeaseRefused,
+    MappingConflict,
+    NoSuchMapping,
+    NotAuthorized,
+)
+
+MAX_DESCRIPTION = 256 * 1024
+MAX_SOAP = 256 * 1024
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+SOAP_ENC = "http://schemas.xmlsoap.org/soap/encoding/"
+
+# Connection services we can map ports through, best first (tailscale/miniupnpc order).
+_SERVICE_RANK = {
+    "urn:schemas-upnp-org:service:WANIPConnection:2": 0,
+    "urn:schemas-upnp-org:service:WANIPConnection:1": 1,
+    "urn:schemas-upnp-org:service:WANPPPConnection:2": 2,  # non-standard (Orange Livebox)
+    "urn:schemas-upnp-org:service:WANPPPConnection:1": 3,
+    "urn:dslforum-org:service:WANIPConnection:1": 4,
+    "urn:dslforum-org:service:WANPPPConnection:1": 5,
+}
+
+
+class MalformedReply(GatewayError):
+    """The router answered with something we cannot understand."""
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1].rsplit(":", 1)[-1]
+
+
+def _text(el: Element | None) -> str:
+    return "".join(el.itertext()).strip() if el is not None else ""
+
+
+def _child(el: Element, name: str) -> Element | None:
+    for c in el:
+        if _local(c.tag) == name:
+            return c
+    return None
+
+
+def _parse_xml(data: bytes, what: str, limit: int) -> Element:
+    if len(data) > limit:
+        raise MalformedReply(f"{what} is larger than {limit // 1024} KiB; refusing to parse it")
+    # Some routers put whitespace or a BOM before the declaration; some send bytes after the
+    # root element. Trim both so the parser sees one document.
+    text = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    end = text.rfind(b">")
+    if end >= 0:
+        text = text[: end + 1]
+    try:
+        root: Element = DET.fromstring(text, forbid_dtd=True, forbid_entities=True,
+                                       forbid_external=True)
+    except DefusedXmlException as exc:
+        raise MalformedReply(f"{what} uses forbidden XML features ({type(exc).__name__})") from None
+    except Exception as exc:  # ParseError and the odd ValueError from broken encodings
+        raise MalformedReply(f"{what} is not well-formed XML: {exc}") from None
+    return root
+
+
+@dataclass(frozen=True, slots=True)
+class IgdService:
+    """A WAN connection service found in a device description."""
+
+    service_type: str
+    control_url: str
+    service_id: str = ""
+    device_path: tuple[str, ...] = ()  # friendly names / UDNs down to the owning device
+
+    @property
+    def rank(self) -> int:
+        return _SERVICE_RANK.get(self.service_type, 99)
+
+    @property
+    def version(self) -> int:
+        return 2 if self.service_type.endswith(":2") else 1
+
+    @property
+    def is_ppp(self) -> bool:
+        return "PPP" in self.service_type
+
+
+@dataclass(frozen=True, slots=True)
+class IgdDescription:
+    location: str
+    device_type: str
+    friendly_name: str
+    services: tuple[IgdService, ...]
+    url_base: str = ""
+
+
+def _resolve(base: str, url: str) -> str:
+    url = url.strip()
+    if not url:
+        return ""
+    if re.match(r"^https?://", url, re.IGNORECASE):
+        return url
+    if not url.startswith("/"):
+        url = "/" + url  # goupnp: relative without a leading slash means from the root
+    parts = urllib.parse.urlsplit(base)
+    path, _, query = url.partition("?")
+    path = re.sub(r"/{2,}", "/", path)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
+def parse_description(data: bytes, location: str) -> IgdDescription:
+    """Find every WAN connection service in a root device description."""
+    root = _parse_xml(data, f"device description at {location}", MAX_DESCRIPTION)
+    url_base = ""
+    for el in root.iter():
+        if _local(el.tag) == "URLBase":
+            url_base = _text(el)
+            break
+    base = url_base if re.match(r"^https?://", url_base, re.IGNORECASE) else location
+    services: list[IgdService] = []
+
+    def walk(device: Element, path: tuple[str, ...]) -> None:
+        name = _text(_child(device, "friendlyName")) or _text(_child(device, "UDN"))
+        here = (*path, name)
+        slist = _child(device, "serviceList")
+        if slist is not None:
+            for svc in slist:
+                if _local(svc.tag) != "service":
+                    continue
+                stype = re.sub(r"\s+", "", _text(_child(svc, "serviceType")))
+                if stype not in _SERVICE_RANK:
+                    continue
+                ctl = _resolve(base, _text(_child(svc, "controlURL")))
+                if ctl:
+                    services.append(IgdService(stype, ctl, _text(_child(svc, "serviceId")), here))
+        dlist = _child(device, "deviceList")
+        if dlist is not None:
+            for sub in dlist:
+                if _local(sub.tag) == "device":
+                    walk(sub, here)
+
+    top = _child(root, "device")
+    if top is None:
+        raise MalformedReply(f"device description at {location} has no <device> element")
+    walk(top, ())
+    services.sort(key=lambda s: s.rank)
+    return IgdDescription(
+        location=location,
+        device_type=re.sub(r"\s+", "", _text(_child(top, "deviceType"))),
+        friendly_name=_text(_child(top, "friendlyName")),
+        services=tuple(services),
+        url_base=url_base,
+    )
+
+
+# --- SOAP --------------------------------------------------------------------------------------
+
+
+def _esc(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+def build_soap(service_type: str, action: str, args: Sequence[tuple[str, str]]) -> bytes:
+    """A SOAP 1.1 request body as routers expect it: no leading whitespace, all args in order."""
+    inner = "".join(f"<{k}>{_esc(v)}</{k}>" for k, v in args)
+    return (
+        '<?xml version="1.0"?>\r\n'
+        f'<s:Envelope xmlns:s="{SOAP_ENV}" s:encodingStyle="{SOAP_ENC}">'
+        f'<s:Body><u:{action} xmlns:u="{_esc(service_type)}">{inner}</u:{action}></s:Body>'
+        "</s:Envelope>\r\n"
+    ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class UpnpFault:
+    code: int | None
+    description: str
+
+
+_ERRCODE_RE = re.compile(rb"<(?:\w+:)?errorCode[^>]*>\s*(-?\d+)\s*<", re.IGNORECASE)
+_ERRDESC_RE = re.compile(rb"<(?:\w+:)?errorDescription[^>]*>([^<]{0,200})", re.IGNORECASE)
+
+
+def parse_soap_response(status: int, body: bytes, action: str) -> dict[str, str] | UpnpFault:
+    """Out-arguments of a successful action, or the fault. Raises ``MalformedReply``."""
+    if len(body) > MAX_SOAP:
+        raise MalformedReply(f"{action} reply larger than {MAX_SOAP // 1024} KiB")
+    try:
+        root: Element | None = _parse_xml(body, f"{action} reply", MAX_SOAP)
+    except MalformedReply:
+        root = None
+    if root is not None:
+        for el in root.iter():
+            name = _local(el.tag)
+            if name == "Fault" or name == "UPnPError":
+                code_el = next((e for e in el.iter() if _local(e.tag) == "errorCode"), None)
+                desc_el = next((e for e in el.iter() if _local(e.tag) == "errorDescription"),
+                               None)
+                code_s = _text(code_el)
+                code = int(code_s) if code_s.lstrip("-").isdigit() else None
+                return UpnpFault(code, _text(desc_el) or "UPnPError")
+            if name == f"{action}Response":
+                return {_local(c.tag): _text(c) for c in el}
+    # Not parseable (garbage bytes, truncated, unbalanced tags): dig the error code out.
+    m = _ERRCODE_RE.search(body)
+    if m is not None:
+        d = _ERRDESC_RE.search(body)
+        desc = d.group(1).decode("utf-8", "replace").strip() if d else "UPnPError"
+        return UpnpFault(int(m.group(1)), desc or "UPnPError")
+    if status >= 400:
+        return UpnpFault(None, f"HTTP {status} without a UPnP error")
+    raise MalformedReply(f"router's {action} reply has no {action}Response element")
+
+
+_NAMES = {
+    401: "Invalid Action", 402: "Invalid Args", 501: "Action Failed",
+    606: "Action not authorized", 713: "SpecifiedArrayIndexInvalid",
+    714: "NoSuchEntryInArray", 716: "WildCardNotPermittedInExtPort",
+    718: "ConflictInMappingEntry", 724: "SamePortValuesRequired",
+    725: "OnlyPermanentLeasesSupported", 728: "NoPortMapsAvailable",
+    729: "ConflictWithOtherMechanisms", 730: "PortMappingNotFound",
+}
+
+
+def fault_error(action: str, fault: UpnpFault, *, lease: int | None = None) -> GatewayError:
+    """Turn a fault into our error type. The same condition has different codes by vendor."""
+    code, desc = fault.code, fault.description or _NAMES.get(fault.code or 0, "UPnPError")
+    if code == 606:
+        return NotAuthorized(action, code, desc, SECURE_MODE_HINT)
+    if code in (718, 729):
+        return MappingConflict(action, code, desc)
+    if code == 725:
+        return LeaseRefused(action, code, desc)
+    if code == 402 and action == "AddPortMapping" and lease:
+        # ARRIS NVG578LX answers 402 for any non-zero lease (tailscale#15223).
+        return LeaseRefused(action, code, f"{desc} (taken as: timed leases refused)")
+    if code in (714, 730):
+        return NoSuchMapping(action, code, desc)
+    return ActionFailed(action, code, desc)
+
+
+# --- SSDP --------------------------------------------------------------------------------------
+
+SSDP_ADDR = ("239.255.255.250", 1900)
+SEARCH_TARGETS = (
+    "urn:schemas-upnp-org:device:InternetGatewayDevice:1",
+    "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
+    "urn:schemas-upnp-org:service:WANIPConnection:1",
+    "urn:schemas-upnp-org:service:WANPPPConnection:1",
+    "upnp:rootdevice",
+)
+
+
+def build_msearch(st: str, mx: int = 2) -> bytes:
+    return (
+        "M-SEARCH * HTTP/1.1\r\n"
+        "HOST: 239.255.255.250:1900\r\n"
+        'MAN: "ssdp:discover"\r\n'
+        f"MX: {mx}\r\n"
+        f"ST: {st}\r\n"
+        "\r\n"
+    ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class SsdpReply:
+    location: str
+    st: str
+    usn: str
+    server: str
+    boot_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def looks_like_igd(self) -> bool:
+        text = f"{self.st} {self.usn}"
+        return any(k in text for k in ("InternetGatewayDevice", "WANIPConnection",
+                                       "WANPPPConnection"))
+
+
+def parse_ssdp(data: bytes) -> SsdpReply | None:
+    """A search response or NOTIFY; ``None`` for anything else (never raises)."""
+    if len(data) > 8192:
+        return None
+    try:
+        text = data.decode("utf-8", "replace")
+    except Exception:
+        return None
+    lines = text.replace("\r\n", "\n").split("\n")
+    first = lines[0].strip().upper()
+    if not (first.startswith("HTTP/1.") and " 200" in first) and not first.startswith("NOTIFY"):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip() or " " in name.strip():
+            continue  # garbage header lines (async-upnp-client "DEFUNCT")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("nts", "ssdp:alive").lower() != "ssdp:alive":
+        return None
+    location = headers.get("location", "")
+    if not re.match(r"^https?://", location, re.IGNORECASE):
+        return None
+    return SsdpReply(
+        location=location,
+        st=headers.get("st") or headers.get("nt", ""),
+        usn=headers.get("usn", ""),
+        server=headers.get("server", ""),
+        boot_id=headers.get("bootid.upnp.org", ""),
+        headers=headers,
+    )
+
+
+def mapping_args(proto: str, external_port: int, internal_port: int, client: str,
+                 description: str, lease: int) -> list[tuple[str, str]]:
+    """AddPortMapping's eight IN arguments, in spec order, NewRemoteHost empty (not 0.0.0.0)."""
+    return [
+        ("NewRemoteHost", ""),
+        ("NewExternalPort", str(external_port)),
+        ("NewProtocol", proto.upper()),
+        ("NewInternalPort", str(internal_port)),
+        ("NewInternalClient", client),
+        ("NewEnabled", "1"),
+        ("NewPortMappingDescription", description),
+        ("NewLeaseDuration", str(lease)),
+    ]
+
+
+def pick(values: dict[str, str], *names: str) -> str:
+    """The first present of several spellings (``NewUptime`` / ``NewUpTime``)."""
+    lowered = {k.lower(): v for k, v in values.items()}
+    for n in names:
+        if n.lower() in lowered:
+            return lowered[n.lower()]
+    return ""
+
+
+def ints(values: Iterable[Any]) -> list[int]:
+    out = []
+    for v in values:
+        try:
+            out.append(int(str(v).strip()))
+        except ValueError:
+            continue
+    return out
