@@ -53,6 +53,7 @@ class GatewayConfig:
     discover_timeout: float = 2.0
     verify_interval: float = 60.0
     check_before_add: bool = True
+    backend: str = "auto"  # "auto" (miniupnpc, else our SOAP client), "miniupnpc", "soap"
 
     @property
     def simulate(self) -> bool:
@@ -243,7 +244,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 _TOP = ("gateway", "api", "detect", "service", "rules")
-_GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_before_add")
+_GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_before_add", "backend")
+BACKENDS = ("auto", "miniupnpc", "soap")
 _API = ("listen",)
 _DETECT = ("methods",)
 _SERVICE = ("state_dir",)
@@ -268,7 +270,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         discover_timeout=gw_sec.duration("discover_timeout", 2.0),
         verify_interval=gw_sec.duration("verify_interval", 60.0),
         check_before_add=gw_sec.boolean("check_before_add", True),
+        backend=gw_sec.string("backend", "auto") or "auto",
     )
+    if gateway.backend not in BACKENDS:
+        raise gw_sec.error("backend", f"{gateway.backend!r} is not one of {', '.join(BACKENDS)}")
     gw_sec.done(_GATEWAY)
 
     api_sec = _Section(top.get("api") or {}, "api", source)

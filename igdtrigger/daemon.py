@@ -19,7 +19,7 @@ from .api import make_app
 from .config import Config
 from .detect.base import Detector
 from .errors import IgdTriggerError
-from .gateway.upnp import MiniupnpcGateway
+from .gateway.select import build_gateway
 from .service import Service
 
 log = logging.getLogger("igdtrigger")
@@ -74,7 +74,8 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         url = sim.url
         log.info("simulated router (no real router is touched) at %s", url)
         config = replace(config, gateway=replace(config.gateway, url=url))
-    gateway = MiniupnpcGateway(url, discover_timeout=config.gateway.discover_timeout)
+    gateway = build_gateway(url, backend=config.gateway.backend,
+                            discover_timeout=config.gateway.discover_timeout)
     detectors = build_detectors(config)
     service = Service(config, gateway, detectors=detectors)
     for det in detectors:  # drop flows no rule cares about before they cost anything

@@ -131,7 +131,7 @@ class StandaloneHolder(Holder):
 
     async def _amain(self) -> None:
         from .engine import Engine
-        from .gateway.upnp import MiniupnpcGateway
+        from .gateway.select import build_gateway
         from .mapper import Mapper, MapState
 
         self.loop = asyncio.get_running_loop()
@@ -140,7 +140,8 @@ class StandaloneHolder(Holder):
         if gw_cfg.simulate:
             _warn("gateway.url = \"simulate\" needs a running service; not opening ports")
             return
-        gateway = MiniupnpcGateway(gw_cfg.url, discover_timeout=gw_cfg.discover_timeout)
+        gateway = build_gateway(gw_cfg.url, backend=gw_cfg.backend,
+                                discover_timeout=gw_cfg.discover_timeout)
         clock = self.loop.time
         tag = f"run{os.getpid()}"
         engine = Engine([self.rule], clock=clock, tag=tag)

@@ -536,6 +536,7 @@ class SimulatedRouter:
         self.max_mappings = max_mappings
         self.lease_mode: LeaseMode = lease_mode
         self.fault_style: FaultStyle = fault_style
+        self.description_override: bytes | None = None
         self.latency = latency
         self.connection_status = connection_status
         self.server_header = server_header
@@ -981,7 +982,13 @@ class SimulatedRouter:
     # -- HTTP (still sans-I/O) ---------------------------------------------------------------------
 
     def description_xml(self) -> bytes:
-        """The root description: IGD -> WANDevice -> WANConnectionDevice -> WANIPConnection."""
+        """The root description: IGD -> WANDevice -> WANConnectionDevice -> WANIPConnection.
+
+        ``description_override`` replaces it with any document (router-facts.md layouts); its
+        control URLs must start with ``/ctl/`` to reach the simulated service.
+        """
+        if self.description_override is not None:
+            return self.description_override
         v = self.igd_version
         name = _escape(self.friendly_name)
         udn = self.udn

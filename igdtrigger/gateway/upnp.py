@@ -191,6 +191,16 @@ class MiniupnpcGateway:
                 u.selectigd()
             except Exception as exc:
                 raise GatewayNotFound(f"no usable Internet Gateway Device found: {exc}") from None
+        # miniupnpc can "select" a description it did not understand (e.g. only legacy
+        # urn:dslforum-org services): it then posts to the bare host URL and reports success
+        # for actions that did nothing. A status query that fails unmasks that.
+        try:
+            u.statusinfo()
+        except Exception as exc:
+            raise GatewayNotFound(
+                f"miniupnpc found no usable WAN connection service at {self.url or 'the IGD'} "
+                f"({exc})"
+            ) from None
         try:
             external = str(u.externalipaddress() or "")
         except Exception:

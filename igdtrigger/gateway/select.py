@@ -1,0 +1,149 @@
+"""Choosing a gateway backend: by configuration, and by what the router actually speaks.
+
+``FallbackGateway`` tries its candidates in order on ``connect`` and delegates to the first that
+works; when that one stops answering it forgets the choice, so the next ``connect`` probes again
+(a router restart can change what works). ``ProbingGateway`` does the same but probes all
+candidates in parallel, bounded in time, and prefers by rank among those that answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from ..errors import GatewayError, GatewayNotFound, GatewayUnreachable
+from ..model import MappingSpec, Proto, RouterMapping
+from .base import Gateway, GatewayInfo, Granted
+
+log = logging.getLogger("igdtrigger.gateway")
+
+OnCall = Callable[[str, float, bool], None]
+
+
+class FallbackGateway:
+    """The first of several gateways that connects; re-chosen after it fails."""
+
+    def __init__(self, candidates: Sequence[tuple[str, Gateway]], *, parallel: bool = False,
+                 probe_timeout: float = 2.0) -> None:
+        if not candidates:
+            raise ValueError("no gateway candidates")
+        self.candidates = list(candidates)
+        self.parallel = parallel
+        self.probe_timeout = probe_timeout
+        self.current: Gateway | None = None
+        self.current_name = ""
+        self.probe_results: dict[str, str] = {}  # name -> "ok" or the error
+
+    @property
+    def info(self) -> GatewayInfo | None:
+        return self.current.info if self.current is not None else None
+
+    async def connect(self) -> GatewayInfo:
+        if self.current is not None:
+            try:
+                return await self.current.connect()
+            except GatewayError:
+                self.current = None
+        if self.parallel:
+            return await self._probe_parallel()
+        errors: list[str] = []
+        for name, gw in self.candidates:
+            try:
+                info = await gw.connect()
+            except GatewayError as exc:
+                self.probe_results[name] = str(exc)
+                errors.append(f"{name}: {exc}")
+                continue
+            self.probe_results[name] = "ok"
+            self._choose(name, gw)
+            return info
+        raise GatewayNotFound("; ".join(errors))
+
+    async def _probe_parallel(self) -> GatewayInfo:
+        async def attempt(gw: Gateway) -> GatewayInfo:
+            async with asyncio.timeout(self.probe_timeout):
+                return await gw.connect()
+
+        tasks = [asyncio.create_task(attempt(gw)) for _, gw in self.candidates]
+        await asyncio.wait(tasks)
+        best: tuple[str, Gateway, GatewayInfo] | None = None
+        for (name, gw), task in zip(self.candidates, tasks, strict=True):
+            exc = task.exception()
+            if exc is None:
+                self.probe_results[name] = "ok"
+                if best is None:
+                    best = (name, gw, task.result())
+            else:
+                self.probe_results[name] = (
+                    f"no answer within {self.probe_timeout:g}s" if isinstance(exc, TimeoutError)
+                    else str(exc))
+        if best is None:
+            raise GatewayNotFound("; ".join(f"{n}: {e}" for n, e in self.probe_results.items()))
+        self._choose(best[0], best[1])
+        return best[2]
+
+    def _choose(self, name: str, gw: Gateway) -> None:
+        if name != self.current_name:
+            log.info("gateway protocol: %s", name)
+        self.current, self.current_name = gw, name
+
+    async def _gw(self) -> Gateway:
+        if self.current is None:
+            await self.connect()
+        assert self.current is not None
+        return self.current
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        gw = await self._gw()
+        try:
+            return await gw.add(spec, lease)
+        except GatewayUnreachable:
+            self.current = None
+            raise
+
+    async def delete(self, proto: Proto, external_port: int) -> None:
+        gw = await self._gw()
+        try:
+            await gw.delete(proto, external_port)
+        except GatewayUnreachable:
+            self.current = None
+            raise
+
+    async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        gw = await self._gw()
+        try:
+            return await gw.get(proto, external_port)
+        except GatewayUnreachable:
+            self.current = None
+            raise
+
+    async def list(self) -> list[RouterMapping]:
+        gw = await self._gw()
+        try:
+            return await gw.list()
+        except GatewayUnreachable:
+            self.current = None
+            raise
+
+    async def close(self) -> None:
+        for _, gw in self.candidates:
+            with contextlib.suppress(Exception):
+                await gw.close()
+
+
+def build_gateway(url: str | None, *, backend: str = "auto", discover_timeout: float = 2.0,
+                  on_call: OnCall | None = None) -> Gateway:
+    """The gateway for ``[gateway] backend``: miniupnpc, our SOAP client, or miniupnpc falling
+    back to our tolerant client where miniupnpc cannot use the router's description."""
+    from .soap import SoapGateway
+    from .upnp import MiniupnpcGateway
+
+    mini = MiniupnpcGateway(url, discover_timeout=discover_timeout, on_call=on_call)
+    soap = SoapGateway(url, discover_timeout=discover_timeout, on_call=on_call)
+    if backend == "miniupnpc":
+        return mini
+    if backend == "soap":
+        return soap
+    return FallbackGateway([("upnp-igd/miniupnpc", mini), ("upnp-igd/soap", soap)])
