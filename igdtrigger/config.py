@@ -52,6 +52,7 @@ class GatewayConfig:
     lease: float = DEFAULT_LEASE
     discover_timeout: float = 2.0
     verify_interval: float = 60.0
+    check_interval: float = 2.0  # one mapping checked this often: a router restart is seen fast
     check_before_add: bool = True
     backend: str = "auto"  # "auto" (miniupnpc, else our SOAP client), "miniupnpc", "soap"
 
@@ -244,7 +245,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 _TOP = ("gateway", "api", "detect", "service", "rules")
-_GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_before_add", "backend")
+_GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interval",
+            "check_before_add", "backend")
 BACKENDS = ("auto", "miniupnpc", "soap")
 _API = ("listen",)
 _DETECT = ("methods",)
@@ -269,6 +271,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         lease=lease,
         discover_timeout=gw_sec.duration("discover_timeout", 2.0),
         verify_interval=gw_sec.duration("verify_interval", 60.0),
+        check_interval=gw_sec.duration("check_interval", 2.0),
         check_before_add=gw_sec.boolean("check_before_add", True),
         backend=gw_sec.string("backend", "auto") or "auto",
     )

@@ -86,6 +86,7 @@ class Mapper:
         tag: str,
         lease: float,
         verify_interval: float = 60.0,
+        canary_interval: float = 2.0,
         check_before_add: bool = True,
         on_change: Callable[[Applied, str], None] | None = None,
     ) -> None:
@@ -94,6 +95,7 @@ class Mapper:
         self.tag = tag
         self.lease = int(lease)
         self.verify_interval = verify_interval
+        self.canary_interval = canary_interval
         self.check_before_add = check_before_add
         self.on_change = on_change
         self.applied: dict[MappingKey, Applied] = {}
@@ -103,6 +105,8 @@ class Mapper:
         self._gateway_retry_at = 0.0
         self._gateway_backoff = RETRY_FIRST
         self._next_verify = math.inf
+        self._next_canary = math.inf
+        self._canary_index = 0
         self._swept = False
         self.stale_removed = 0
         self._lock = asyncio.Lock()
@@ -129,7 +133,7 @@ class Mapper:
         if not self.gateway_up:
             # Nothing can happen before the router is back: one timer, not one per mapping.
             return self._gateway_retry_at
-        times = [self._next_verify]
+        times = [self._next_verify, self._next_canary]
         for app in self.applied.values():
             if app.state is MapState.ACTIVE:
                 times.append(app.renew_at)
@@ -185,12 +189,16 @@ class Mapper:
             elif app.state is not MapState.ACTIVE and app.attempts > 0 and now >= app.retry_at:
                 await self._add(app, check=True)
 
+        if self.gateway_up and self.clock() >= self._next_canary:
+            await self._canary()
         if self.gateway_up and self.clock() >= self._next_verify:
             await self._verify_all()
         if self._next_verify == math.inf and self.applied:
             self._next_verify = self.clock() + self.verify_interval
+        if self._next_canary == math.inf and self.applied:
+            self._next_canary = self.clock() + self.canary_interval
         if not self.applied:
-            self._next_verify = math.inf
+            self._next_verify = self._next_canary = math.inf
 
     def _mark_pending(self, desired: dict[MappingKey, MappingSpec]) -> None:
         for key, spec in desired.items():
@@ -358,6 +366,32 @@ class Mapper:
         app.state = MapState.PENDING
         self._changed(app, "unmapped")
         return True
+
+    async def _canary(self) -> None:
+        """One cheap check every few seconds: is one of our mappings still on the router?
+
+        A router that restarted (new process, rules flushed) or lost its table is noticed
+        within ``canary_interval``, and then everything is verified and re-applied.
+        """
+        self._next_canary = self.clock() + self.canary_interval
+        active = [a for a in self.applied.values() if a.state is MapState.ACTIVE]
+        if not active:
+            return
+        app = active[self._canary_index % len(active)]
+        self._canary_index += 1
+        spec = app.spec
+        try:
+            found = await self.gateway.get(spec.proto, spec.external_port)
+        except GatewayUnreachable as exc:
+            self._gateway_down(str(exc))
+            return
+        except GatewayError:
+            return
+        self.ops["verify"] += 1
+        if found is None or found.internal_client != spec.internal_client:
+            log.warning("router no longer holds %s (restarted?): verifying every mapping",
+                        spec.key)
+            await self._verify_all()
 
     async def _verify_all(self) -> None:
         self._next_verify = self.clock() + self.verify_interval

@@ -97,6 +97,7 @@ class Service:
             tag=tag,
             lease=config.gateway.lease,
             verify_interval=config.gateway.verify_interval,
+            canary_interval=config.gateway.check_interval,
             check_before_add=config.gateway.check_before_add,
             on_change=self._on_mapping_change,
         )

@@ -53,7 +53,7 @@ async def test_lease_renewed_at_half_life_so_mapping_never_lapses(gw: FakeGatewa
     m = mapper(gw, clock, lease=600)
     d = want(spec(40000))
     await m.reconcile(d)
-    assert m.next_deadline() == clock.now + 60  # first verification comes before renewal
+    assert m.next_deadline() == clock.now + 2  # the canary check comes first
     for _ in range(30):  # 30 minutes, far past one lease
         clock.advance(60)
         await m.reconcile(d)
@@ -177,3 +177,14 @@ async def test_host_change_moves_the_mapping(gw: FakeGateway, clock: FakeClock) 
     await m.reconcile(want(spec(40000, host="192.168.1.20")))
     await m.reconcile(want(spec(40000, host="192.168.1.21")))
     assert gw.ports() == {"udp/40000": "192.168.1.21"}
+
+
+async def test_router_that_lost_everything_is_noticed_within_the_canary_interval(
+        gw: FakeGateway, clock: FakeClock) -> None:
+    m = mapper(gw, clock, lease=3600)
+    d = want(spec(40000), spec(40001), spec(40002))
+    await m.reconcile(d)
+    gw.table.clear()  # router restarted: its table is empty, nothing told us
+    clock.advance(2)
+    await m.reconcile(d)
+    assert len(gw.ports()) == 3
