@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,17 @@ DEFAULT_LISTEN = "127.0.0.1:8731"
 DEFAULT_PORT = 8731
 DEFAULT_IDLE = 600.0
 DEFAULT_LEASE = 3600.0
+DEFAULT_RATE = 20.0
+DEFAULT_BURST = 60
+ZEROCONF_MODES = ("auto", "on", "off")
+ENV_PREFIX = "IGDTRIGGER_"
 SIMULATE = "simulate"
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 DETECTORS = ("conntrack",)
+
+
+SHARE_MODES = ("first", "latest")
+EXTERNAL_MODES = ("same", "any")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +41,19 @@ class Rule:
     trigger: tuple[PortRange, ...]
     open: tuple[PortRange, ...]
     idle_timeout: float = DEFAULT_IDLE
+    process: tuple[str, ...] = ()  # executables whose presence holds the rule on this host
+    hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any host
+    share: str = "first"  # two hosts, one rule: the first keeps the ports, or the latest takes
+    external: str = "same"  # "any": the router may pick another external port on conflict
+
+    def allows(self, host: str) -> bool:
+        if not self.hosts:
+            return True
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.hosts)
 
     def port_count(self) -> int:
         return sum(len(r) for r in self.open)
@@ -43,6 +64,10 @@ class Rule:
             "trigger": [str(r) for r in self.trigger],
             "open": [str(r) for r in self.open],
             "idle_timeout": self.idle_timeout,
+            "process": list(self.process),
+            "hosts": [str(n) for n in self.hosts],
+            "share": self.share,
+            "external": self.external,
         }
 
 
@@ -65,6 +90,20 @@ class GatewayConfig:
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    public_read: bool = False  # read-only endpoints open to the LAN without the token
+    rate_limit: float = DEFAULT_RATE  # requests per second per client (token bucket refill)
+    rate_burst: int = DEFAULT_BURST  # bucket size
+    allowed_hosts: tuple[str, ...] = ()  # extra Host header names (DNS-rebinding protection)
+    zeroconf: str = "auto"  # "auto" (advertise when listening beyond loopback), "on", "off"
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def url(self) -> str:
@@ -89,6 +128,7 @@ class Config:
     rules: tuple[Rule, ...] = ()
     state_dir: Path | None = None
     source: str = "<defaults>"
+    launchers: tuple[tuple[str, str], ...] = ()  # ("steam:730", "cs2"): `run --infer` names
 
     def rule(self, name: str) -> Rule | None:
         for r in self.rules:
@@ -119,10 +159,13 @@ def find_config() -> Path | None:
 
 def load_config(path: str | Path | None = None) -> Config:
     """Load ``path`` (or the first file found in the usual places, or the defaults)."""
+    overrides = env_overrides()
     if path is None:
         found = find_config()
         if found is None:
-            return Config()
+            if not overrides:
+                return Config()
+            return _parse_with_env({}, overrides, source="<environment>")
         path = found
     p = Path(path)
     try:
@@ -137,7 +180,74 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError("not UTF-8 text", source=str(p)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=str(p)) from None
-    return parse_config(data, source=str(p))
+    return _parse_with_env(data, overrides, source=str(p))
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[tuple[str, str], str]:
+    """``IGDTRIGGER_<SECTION>__<KEY>=value`` variables, e.g. ``IGDTRIGGER_API__LISTEN``.
+
+    Only names with ``__`` are overrides (``IGDTRIGGER_CONFIG`` etc. are not). Precedence:
+    command line > environment > file > defaults.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[tuple[str, str], str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].partition("__")
+        out[(section.lower(), key.lower())] = value
+    return out
+
+
+def _env_value(text: str) -> Any:
+    """A TOML value if the text is one (``true``, ``10``, ``["a"]``, ``"x"``), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def _parse_with_env(
+    data: Mapping[str, Any], overrides: Mapping[tuple[str, str], str], *, source: str
+) -> Config:
+    if not overrides:
+        return parse_config(data, source=source)
+    merged: dict[str, Any] = dict(data)
+    env_fields: dict[str, str] = {}
+    for (section, key), text in sorted(overrides.items()):
+        name = _env_name(section, key)
+        if section not in _ENV_SECTIONS:
+            raise ConfigError(
+                f"unknown section {section!r} (environment overrides exist for: "
+                f"{', '.join(_ENV_SECTIONS)})", source="environment", field=name)
+        if key not in _ENV_SECTIONS[section]:
+            raise ConfigError(
+                f"unknown key {key!r} (allowed: {', '.join(_ENV_SECTIONS[section])})",
+                source="environment", field=name)
+        table = merged.get(section)
+        table = dict(table) if isinstance(table, Mapping) else {}
+        table[key] = _env_value(text)
+        merged[section] = table
+        env_fields[f"{section}.{key}"] = name
+    try:
+        config = parse_config(merged, source=source)
+    except ConfigError as exc:
+        field_ = exc.field or ""
+        name = env_fields.get(field_) or next(
+            (n for f, n in env_fields.items() if field_.startswith(f + "[")), None)
+        if name is None:
+            raise
+        prefix = ": ".join(p for p in (exc.source, exc.field) if p) + ": "
+        text = str(exc)
+        raise ConfigError(text[len(prefix):] if text.startswith(prefix) else text,
+                          source="environment", field=name) from None
+    env_note = ", ".join(sorted(env_fields.values()))
+    return replace(config, source=f"{source} + {env_note}" if source != "<environment>"
+                   else f"<environment: {env_note}>")
 
 
 class _Section:
@@ -195,6 +305,46 @@ class _Section:
             raise self.error(key, f"expected true or false, got {_show(value)}")
         return value
 
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key)
+        if value is None:
+            return choices[0]
+        if value not in choices:
+            raise self.error(key, f"{_show(value)} is not one of {', '.join(choices)}")
+        return str(value)
+
+    def names(self, key: str) -> tuple[str, ...]:
+        value = self.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and 0 < len(v.strip()) <= 255 and "/" not in v for v in value
+        ):
+            raise self.error(key, f"expected executable names like [\"cs2\", \"game.exe\"], got "
+                                  f"{_show(value)}")
+        return tuple(v.strip() for v in value)
+
+    def networks(
+        self, key: str
+    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        value = self.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.error(key, f"expected addresses or networks, got {_show(value)}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(ipaddress.ip_network(str(item), strict=False))
+            except ValueError:
+                raise self.error(f"{key}[{i}]", f"{_show(item)} is not an IP address or "
+                                 "network like 192.168.1.20 or 192.168.1.0/28") from None
+        return tuple(out)
+
     def ports(self, key: str, *, required: bool) -> tuple[PortRange, ...]:
         value = self.get(key)
         if value is None:
@@ -244,14 +394,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
-_TOP = ("gateway", "api", "detect", "service", "rules")
+_TOP = ("gateway", "api", "detect", "service", "rules", "launchers")
 _GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interval",
             "check_before_add", "backend")
 BACKENDS = ("auto", "miniupnpc", "soap")
-_API = ("listen",)
+_API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf")
 _DETECT = ("methods",)
 _SERVICE = ("state_dir",)
-_RULE = ("name", "trigger", "open", "idle_timeout")
+_RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share", "external")
+# sections whose keys IGDTRIGGER_<SECTION>__<KEY> may override
+_ENV_SECTIONS: dict[str, tuple[str, ...]] = {
+    "gateway": _GATEWAY, "api": _API, "detect": _DETECT, "service": _SERVICE,
+}
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config:
@@ -285,7 +439,42 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         host, port = parse_listen(listen)
     except ValueError as exc:
         raise api_sec.error("listen", str(exc)) from None
-    api = ApiConfig(host=host, port=port)
+    rate = api_sec.get("rate_limit")
+    if rate is None:
+        rate = DEFAULT_RATE
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10000:
+        raise api_sec.error("rate_limit", f"expected requests per second in (0, 10000], got "
+                            f"{_show(rate)}")
+    burst = api_sec.get("rate_burst")
+    if burst is None:
+        burst = DEFAULT_BURST
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= 100000:
+        raise api_sec.error("rate_burst", f"expected an integer 1-100000, got {_show(burst)}")
+    hosts_raw = api_sec.get("allowed_hosts")
+    if hosts_raw is None:
+        hosts_raw = []
+    if not isinstance(hosts_raw, list) or not all(
+            isinstance(h, str) and h.strip() for h in hosts_raw):
+        raise api_sec.error("allowed_hosts",
+                            f"expected a list of host names, got {_show(hosts_raw)}")
+    zc = api_sec.get("zeroconf")
+    if zc is None:
+        zc = "auto"
+    elif zc is True:
+        zc = "on"
+    elif zc is False:
+        zc = "off"
+    if zc not in ZEROCONF_MODES:
+        raise api_sec.error("zeroconf", f"expected true, false or \"auto\", got {_show(zc)}")
+    api = ApiConfig(
+        host=host,
+        port=port,
+        public_read=api_sec.boolean("public_read", False),
+        rate_limit=float(rate),
+        rate_burst=burst,
+        allowed_hosts=tuple(h.strip().lower() for h in hosts_raw),
+        zeroconf=zc,
+    )
     api_sec.done(_API)
 
     det_sec = _Section(top.get("detect") or {}, "detect", source)
@@ -332,9 +521,14 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
                     trigger=sec.ports("trigger", required=False),
                     open=sec.ports("open", required=True),
                     idle_timeout=sec.duration("idle_timeout", DEFAULT_IDLE),
+                    process=sec.names("process"),
+                    hosts=sec.networks("hosts"),
+                    share=sec.choice("share", SHARE_MODES),
+                    external=sec.choice("external", EXTERNAL_MODES),
                 )
             )
             sec.done(_RULE)
+    launchers = _launchers(top.get("launchers"), source, {r.name for r in rules})
     top.done(_TOP)
     return Config(
         gateway=gateway,
@@ -343,7 +537,30 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         rules=tuple(rules),
         state_dir=Path(state) if state else None,
         source=source,
+        launchers=launchers,
     )
+
+
+LAUNCHERS = ("steam", "lutris", "heroic")
+
+
+def _launchers(raw: object, source: str, rule_names: set[str]) -> tuple[tuple[str, str], ...]:
+    """``[launchers]``: ``"steam:730" = "cs2"`` maps what ``run --infer`` finds to a rule."""
+    if raw is None:
+        return ()
+    sec = _Section(raw, "launchers", source)
+    out: list[tuple[str, str]] = []
+    for key in list(sec.data):
+        kind, sep, ident = key.partition(":")
+        if not sep or kind not in LAUNCHERS or not ident:
+            raise sec.error(key, f"key {key!r} must be LAUNCHER:ID with LAUNCHER one of "
+                            f"{', '.join(LAUNCHERS)} (e.g. \"steam:730\")")
+        rule = sec.get(key)
+        if not isinstance(rule, str) or rule not in rule_names:
+            known = ", ".join(sorted(rule_names)) or "none"
+            raise sec.error(key, f"{_show(rule)} is not a configured rule (known rules: {known})")
+        out.append((f"{kind}:{ident}", rule))
+    return tuple(out)
 
 
 def default_state_dir() -> Path:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Rule
-from .errors import ActivationNotFound, RuleNotFound, UsageError
+from .errors import ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
 from .model import Flow, IPAddress, MappingKey, MappingSpec, Proto
 
 Clock = Callable[[], float]
@@ -34,6 +34,7 @@ _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port 
 
 class Source(enum.StrEnum):
     TRAFFIC = "traffic"
+    PROCESS = "process"
     API = "api"
     RUN = "run"
 
@@ -151,13 +152,18 @@ class Engine:
     ) -> None:
         self.rules: dict[str, Rule] = {r.name: r for r in rules}
         self.index = RuleIndex(self.rules.values())
+        self.process_index: dict[str, tuple[Rule, ...]] = {}
+        for rule in self.rules.values():
+            for name in rule.process:
+                key = name.lower()
+                self.process_index[key] = (*self.process_index.get(key, ()), rule)
         self.clock = clock
         self.tag = tag
         self.on_event = on_event
         self._new_id = id_factory or (lambda: secrets.token_hex(6))
         self.local_hosts = {ipaddress.ip_address(h) for h in local_hosts}
         self.activations: dict[str, Activation] = {}
-        self._traffic: dict[tuple[str, str], str] = {}  # (rule, host) -> activation id
+        self._traffic: dict[tuple[str, str, Source], str] = {}  # (rule, host, src) -> act id
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self.generation = 0  # bumped whenever the desired mapping set may have changed
@@ -177,18 +183,36 @@ class Engine:
         if not is_remote_destination(flow.dst):
             return []
         self.flows_matched += 1
+        return self._observed(rules, str(flow.src), Source.TRAFFIC)
+
+    def on_process(self, names: Iterable[str], host: str) -> list[Activation]:
+        """A detector saw processes with these names running on ``host`` (this machine).
+
+        Rules naming one of them hold while they run, and lapse ``idle_timeout`` after the
+        process was last seen. Returns the activations it created.
+        """
+        rules: list[Rule] = []
+        for name in names:
+            for rule in self.process_index.get(name.lower(), ()):
+                if rule not in rules:
+                    rules.append(rule)
+        return self._observed(tuple(rules), host, Source.PROCESS) if rules else []
+
+    def _observed(self, rules: tuple[Rule, ...], host: str, source: Source) -> list[Activation]:
         now = self.clock()
-        host = str(flow.src)
         created: list[Activation] = []
         for rule in rules:
-            act_id = self._traffic.get((rule.name, host))
+            if not rule.allows(host):
+                continue
+            key = (rule.name, host, source)
+            act_id = self._traffic.get(key)
             act = self.activations.get(act_id) if act_id else None
             if act is not None:
                 act.hits += 1
                 self._set_expiry(act, now + rule.idle_timeout)
                 continue
-            act = self._add(rule, host, Source.TRAFFIC, now, rule.idle_timeout, {})
-            self._traffic[(rule.name, host)] = act.id
+            act = self._add(rule, host, source, now, rule.idle_timeout, {})
+            self._traffic[key] = act.id
             created.append(act)
         return created
 
@@ -208,6 +232,11 @@ class Engine:
             ipaddress.ip_address(host)
         except ValueError:
             raise UsageError(f"host {host!r} is not an IP address") from None
+        if not rule.allows(host):
+            raise HostNotAllowed(
+                f"rule {rule.name!r} does not allow host {host} (hosts = "
+                f"{', '.join(str(n) for n in rule.hosts)})"
+            )
         ttl = rule.idle_timeout if ttl is None else ttl
         if not 0 < ttl <= MAX_TTL:
             raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
@@ -258,9 +287,13 @@ class Engine:
     # --- outputs -------------------------------------------------------------------------------
 
     def desired(self) -> dict[MappingKey, MappingSpec]:
-        """The mappings that should exist now; the oldest activation wins a contested port."""
+        """The mappings that should exist now.
+
+        A port two hosts want goes to the oldest activation (``share = "first"``, as routers
+        do it) or to the newest (``share = "latest"``).
+        """
         out: dict[MappingKey, MappingSpec] = {}
-        for act in sorted(self.activations.values(), key=lambda a: (a.created, a.seq)):
+        for act in sorted(self.activations.values(), key=self._precedence):
             for rng in act.rule.open:
                 for port in rng:
                     key = MappingKey(rng.proto, port)
@@ -273,6 +306,12 @@ class Engine:
                             description=description_for(act.rule.name, self.tag),
                         )
         return out
+
+    @staticmethod
+    def _precedence(act: Activation) -> tuple[int, float, int]:
+        if act.rule.share == "latest":
+            return (0, -act.created, -act.seq)
+        return (1, act.created, act.seq)
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
@@ -317,8 +356,8 @@ class Engine:
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
-        if act.source is Source.TRAFFIC:
-            self._traffic.pop((act.rule.name, act.host), None)
+        if act.source in (Source.TRAFFIC, Source.PROCESS):
+            self._traffic.pop((act.rule.name, act.host, act.source), None)
         self.generation += 1
         self._emit(kind, act, self.clock())
 

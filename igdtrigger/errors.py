@@ -57,6 +57,12 @@ class ActivationNotFound(UsageError):
     http_status = 404
 
 
+class HostNotAllowed(UsageError):
+    """The rule's ``hosts`` list does not include this host."""
+
+    http_status = 403
+
+
 class RuleHeld(IgdTriggerError):
     """The rule's ports are held by another host (``share = "first"``)."""
 

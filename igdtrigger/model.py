@@ -127,6 +127,13 @@ class Flow:
     dport: int
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessSeen:
+    """A process detector's poll: names of the watched executables running on this host now."""
+
+    names: frozenset[str]
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class MappingKey:
     """What identifies a port mapping on the router: protocol and external port."""

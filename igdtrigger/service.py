@@ -25,9 +25,10 @@ from .config import Config, Rule, default_state_dir
 from .detect.base import Detector
 from .engine import Activation, Engine, Event, EventKind, Source
 from .errors import DetectionUnavailable, UsageError
+from .events import EventHub
 from .gateway.base import Gateway
 from .mapper import Applied, Mapper, MapState
-from .model import Flow, MappingKey, format_duration
+from .model import Flow, MappingKey, ProcessSeen, format_duration
 
 log = logging.getLogger("igdtrigger")
 
@@ -89,7 +90,9 @@ class Service:
             )
         self.tag = tag
         self.api_token = load_or_create_secret(self.state_dir / "api-token", 24)
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+        self.hub = EventHub(history=200)  # SSE subscribers (api.py) and Last-Event-ID replay
+        self.events: collections.deque[dict[str, Any]] = self.hub.history
+        self.error_counts: collections.Counter[str] = collections.Counter()  # for /metrics
         self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway,
@@ -132,7 +135,7 @@ class Service:
 
     async def _run_detector(self, det: Detector) -> None:
         try:
-            await det.run(self.on_flow)
+            await det.run(self.observe)
         except asyncio.CancelledError:
             raise
         except DetectionUnavailable as exc:
@@ -170,6 +173,24 @@ class Service:
     def on_flow(self, flow: Flow) -> None:
         if self.engine.on_flow(flow):
             self.wake()
+
+    def observe(self, obs: Flow | ProcessSeen) -> None:
+        """The sink every detector reports to."""
+        if isinstance(obs, ProcessSeen):
+            host = self.local_address()
+            if host is not None and obs.names and self.engine.on_process(obs.names, host):
+                self.wake()
+        elif self.engine.on_flow(obs):
+            self.wake()
+
+    def local_address(self) -> str | None:
+        """This host's LAN address as the router sees it (for process-held rules)."""
+        info = self.gateway.info
+        if info is not None:
+            return info.local_address
+        from .netutil import guess_lan_address
+
+        return guess_lan_address(self.config.gateway.url)
 
     def wake(self) -> None:
         self._wake.set()
@@ -247,16 +268,18 @@ class Service:
             )
         else:
             log.info("rule %s for %s %s", act.rule.name, act.host, ev.kind.value)
-        self.events.append(
+        self.hub.publish(
             {"at": time.time(), "event": ev.kind.value, "rule": act.rule.name,
              "host": act.host, "activation": act.id, "source": act.source.value}
         )
 
     def _on_mapping_change(self, app: Applied, what: str) -> None:
         s = app.spec
+        if what in ("conflict", "failed"):
+            self.error_counts[f"mapping_{what}"] += 1
         log.info("%s %s -> %s:%d%s", what, s.key, s.internal_client, s.internal_port,
                  f" ({app.error})" if app.error and what != "mapped" else "")
-        self.events.append(
+        self.hub.publish(
             {"at": time.time(), "event": what, "mapping": str(s.key),
              "host": s.internal_client, **({"error": app.error} if app.error else {})}
         )

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from igdtrigger.config import Rule
 from igdtrigger.engine import Engine, EventKind, Source, owned_by
-from igdtrigger.errors import RuleNotFound, UsageError
+from igdtrigger.errors import HostNotAllowed, RuleNotFound, UsageError
 from igdtrigger.model import Flow, MappingKey, Proto, parse_port_spec
 
 from .fakes import FakeClock
@@ -186,3 +186,46 @@ def test_activations_match_a_simple_model(seq: list[tuple[object, ...]]) -> None
                                      for rg in a.rule.open)),
                              key=lambda a: (a.created, a.seq))
             assert holders and spec.internal_client == holders[0].host
+
+
+def test_rule_hosts_restrict_who_can_trigger() -> None:
+    import dataclasses
+
+    r = dataclasses.replace(rule(), hosts=(ipaddress.ip_network("192.168.1.16/28"),))
+    eng, _, _ = make(r)
+    assert eng.on_flow(flow(src="192.168.1.40")) == []  # outside the list: nothing opens
+    assert eng.on_flow(flow(src="192.168.1.20"))
+    with pytest.raises(HostNotAllowed, match=r"does not allow host 192\.168\.1\.40"):
+        eng.activate("demo", "192.168.1.40")
+
+
+def test_share_latest_gives_the_ports_to_the_newest_host() -> None:
+    import dataclasses
+
+    eng, clock, _ = make(dataclasses.replace(rule(idle=100), share="latest"))
+    eng.on_flow(flow(src="192.168.1.20"))
+    clock.advance(10)
+    eng.on_flow(flow(src="192.168.1.21"))
+    assert {s.internal_client for s in eng.desired().values()} == {"192.168.1.21"}
+    first = next(a for a in eng.activations.values() if a.host == "192.168.1.20")
+    assert eng.waiting_for(first, eng.desired()) == {"192.168.1.21"}
+
+
+def test_process_holds_rule_while_running_and_lapses_after_idle() -> None:
+    import dataclasses
+
+    r = dataclasses.replace(rule(idle=60), process=("eldenring.exe", "cs2"))
+    eng, clock, _ = make(r)
+    assert eng.on_process(["bash", "CS2"], "192.168.1.10")  # names compare case-insensitively
+    for _ in range(10):  # the detector keeps seeing it
+        clock.advance(30)
+        assert eng.on_process(["cs2"], "192.168.1.10") == []
+        eng.expire()
+        assert eng.desired()
+    clock.advance(59)  # gone from the polls now
+    eng.expire()
+    assert eng.desired()
+    clock.advance(2)
+    eng.expire()
+    assert eng.desired() == {}
+    assert eng.on_process(["firefox"], "192.168.1.10") == []

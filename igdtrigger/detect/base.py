@@ -1,4 +1,7 @@
-"""The interface every detector implements: it reports new outbound flows to the engine.
+"""The interface every detector implements: it reports what it sees to the engine.
+
+Flow detectors (conntrack, socket table) report each new outbound ``Flow``; the process detector
+reports a ``ProcessSeen`` snapshot on each poll.
 
 Data flows one way: a detector calls ``sink(flow)`` for each new flow it sees; it never talks to
 the engine, the mapper or the router. ``sink`` is cheap and never raises; detectors call it from
@@ -10,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from ..model import Flow
+from ..model import Flow, ProcessSeen
 
-FlowSink = Callable[[Flow], None]
+Observation = Flow | ProcessSeen
+FlowSink = Callable[[Observation], None]
 
 
 class Detector(Protocol):

@@ -1,0 +1,101 @@
+"""Fan-out of service events (activations, mappings) to live subscribers (the SSE stream).
+
+Each subscriber has a bounded queue. Publishing never blocks or fails: when a slow client's queue
+is full its oldest events are dropped and counted, and the stream tells the client to re-read the
+status (``event: lost``). The service keeps its own short history for ``Last-Event-ID`` replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+Event = dict[str, Any]
+
+SUBSCRIBER_QUEUE = 256  # events buffered per client before the oldest are dropped
+MAX_SUBSCRIBERS = 64  # streams open at once, all clients together
+MAX_SUBSCRIBERS_PER_CLIENT = 4
+
+
+class TooManySubscribers(Exception):
+    """No more event streams may be opened now (per client or in total)."""
+
+
+class Subscriber:
+    __slots__ = ("_wake", "client", "closed", "dropped", "queue")
+
+    def __init__(self, client: str, maxlen: int = SUBSCRIBER_QUEUE) -> None:
+        self.client = client
+        self.queue: collections.deque[Event] = collections.deque(maxlen=maxlen)
+        self.dropped = 0
+        self.closed = False
+        self._wake = asyncio.Event()
+
+    def push(self, event: Event) -> None:
+        if len(self.queue) == self.queue.maxlen:
+            self.dropped += 1
+        self.queue.append(event)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until there is something to send (or closed). False on timeout."""
+        if self.queue or self.closed:
+            return True
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def take(self) -> tuple[list[Event], int]:
+        """Everything queued, and how many events were dropped since the last take."""
+        events = list(self.queue)
+        self.queue.clear()
+        dropped, self.dropped = self.dropped, 0
+        return events, dropped
+
+
+class EventHub:
+    """Sequence numbers, a short history for replay, and the live subscribers."""
+
+    def __init__(self, history: int = 200) -> None:
+        self.history: collections.deque[Event] = collections.deque(maxlen=history)
+        self.seq = 0
+        self.subscribers: set[Subscriber] = set()
+        self.published = 0
+
+    def publish(self, event: Event) -> Event:
+        self.seq += 1
+        event = {"seq": self.seq, **event}
+        self.history.append(event)
+        self.published += 1
+        for sub in self.subscribers:
+            sub.push(event)
+        return event
+
+    def since(self, seq: int) -> list[Event]:
+        return [e for e in self.history if e["seq"] > seq]
+
+    def subscribe(self, client: str, maxlen: int = SUBSCRIBER_QUEUE) -> Subscriber:
+        if len(self.subscribers) >= MAX_SUBSCRIBERS:
+            raise TooManySubscribers(f"{MAX_SUBSCRIBERS} event streams are open already")
+        if sum(1 for s in self.subscribers if s.client == client) >= MAX_SUBSCRIBERS_PER_CLIENT:
+            raise TooManySubscribers(
+                f"{client} has {MAX_SUBSCRIBERS_PER_CLIENT} event streams open already")
+        sub = Subscriber(client, maxlen)
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    def close_all(self) -> None:
+        for sub in list(self.subscribers):
+            sub.close()
+        self.subscribers.clear()
