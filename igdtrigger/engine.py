@@ -304,6 +304,7 @@ class Engine:
                             internal_client=act.host,
                             internal_port=port,
                             description=description_for(act.rule.name, self.tag),
+                            external_any=act.rule.external == "any",
                         )
         return out
 

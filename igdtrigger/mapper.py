@@ -13,9 +13,11 @@ verified periodically; one the router lost is re-applied.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,7 @@ from .errors import (
     NoSuchMapping,
     NotAuthorized,
 )
-from .gateway.base import Gateway
+from .gateway.base import Gateway, Granted
 from .model import MappingKey, MappingSpec
 
 log = logging.getLogger("igdtrigger.mapper")
@@ -38,6 +40,7 @@ log = logging.getLogger("igdtrigger.mapper")
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 CONFLICT_RECHECK = 30.0
+ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
 
 
 class MapState(enum.StrEnum):
@@ -51,6 +54,7 @@ class MapState(enum.StrEnum):
 class Applied:
     spec: MappingSpec
     state: MapState = MapState.PENDING
+    external_port: int = 0  # granted external port: the spec's, or another (external = "any")
     lease: int = 0  # granted lease in seconds, 0 = permanent
     since: float = 0.0
     renew_at: float = math.inf
@@ -58,11 +62,22 @@ class Applied:
     attempts: int = 0
     error: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.external_port:
+            self.external_port = self.spec.external_port
+
+    @property
+    def wire(self) -> MappingSpec:
+        """The spec as sent to the router (with the granted external port)."""
+        if self.external_port == self.spec.external_port:
+            return self.spec
+        return dataclasses.replace(self.spec, external_port=self.external_port)
+
     def to_json(self, now: float) -> dict[str, Any]:
         s = self.spec
         out: dict[str, Any] = {
             "protocol": s.proto.value,
-            "external_port": s.external_port,
+            "external_port": self.external_port,
             "internal_client": s.internal_client,
             "internal_port": s.internal_port,
             "description": s.description,
@@ -239,7 +254,8 @@ class Mapper:
             return
         self._swept = True
         for m in found:
-            if owned_by(m.description, self.tag) is None or m.key in self.applied:
+            held = {a.wire.key for a in self.applied.values()}
+            if owned_by(m.description, self.tag) is None or m.key in held:
                 continue
             try:
                 await self.gateway.delete(m.proto, m.external_port)
@@ -260,34 +276,74 @@ class Mapper:
         self._gateway_retry_at = self.clock() + self._gateway_backoff
         self._gateway_backoff = min(RETRY_MAX, self._gateway_backoff * 2)
 
+    async def _foreign(self, wire: MappingSpec) -> str | None:
+        """Why the router's entry for this port is someone else's, or None if free/ours."""
+        existing = await self.gateway.get(wire.proto, wire.external_port)
+        self.ops["verify"] += 1
+        if existing is None or self._is_ours(existing.internal_client, existing.description,
+                                             wire):
+            return None
+        return (f"{wire.key} is already mapped on the router to "
+                f"{existing.internal_client}:{existing.internal_port} "
+                f"({existing.description!r}); igdtrigger leaves it alone")
+
+    async def _add_leased(self, wire: MappingSpec) -> Granted:
+        lease = 0 if self.permanent_only else self.lease
+        try:
+            return await self.gateway.add(wire, lease)
+        except LeaseRefused as exc:
+            if lease == 0:
+                raise
+            log.warning(
+                "router refuses timed leases (%s): using permanent mappings that igdtrigger "
+                "deletes itself when the trigger lapses", exc.description
+            )
+            self.permanent_only = True
+            return await self.gateway.add(wire, 0)
+
+    async def _add_elsewhere(self, app: Applied) -> Granted | None:
+        """``external = "any"``: our port is taken, so take another one (never someone's)."""
+        spec = app.spec
+        add_any = getattr(self.gateway, "add_any", None)
+        info = self.gateway.info
+        if add_any is not None and info is not None and info.service_type.endswith(":2"):
+            lease = 0 if self.permanent_only else self.lease
+            granted: Granted = await add_any(spec, lease)  # IGDv2 AddAnyPortMapping
+            app.external_port = granted.external_port
+            return granted
+        for _ in range(ANY_PORT_TRIES):
+            app.external_port = random.randint(1024, 65535)  # noqa: S311 - not security
+            if await self._foreign(app.wire) is not None:
+                continue
+            try:
+                return await self._add_leased(app.wire)
+            except MappingConflict:
+                continue
+        app.external_port = spec.external_port
+        return None
+
     async def _add(self, app: Applied, *, check: bool, renewal: bool = False) -> None:
         spec = app.spec
         app.attempts += 1
         try:
+            granted: Granted | None = None
             if check:
-                existing = await self.gateway.get(spec.proto, spec.external_port)
-                self.ops["verify"] += 1
-                if existing is not None and not self._is_ours(existing.internal_client,
-                                                              existing.description, spec):
-                    self._conflict(
-                        app,
-                        f"{spec.key} is already mapped on the router to "
-                        f"{existing.internal_client}:{existing.internal_port} "
-                        f"({existing.description!r}); igdtrigger leaves it alone",
-                    )
-                    return
-            lease = 0 if self.permanent_only else self.lease
-            try:
-                granted = await self.gateway.add(spec, lease)
-            except LeaseRefused as exc:
-                if lease == 0:
-                    raise
-                log.warning(
-                    "router refuses timed leases (%s): using permanent mappings that igdtrigger "
-                    "deletes itself when the trigger lapses", exc.description
-                )
-                self.permanent_only = True
-                granted = await self.gateway.add(spec, 0)
+                why = await self._foreign(app.wire)
+                if why is not None:
+                    if spec.external_any and not renewal:
+                        granted = await self._add_elsewhere(app)
+                    if granted is None:
+                        self._conflict(app, why)
+                        return
+            if granted is None:
+                try:
+                    granted = await self._add_leased(app.wire)
+                except MappingConflict:
+                    if not (spec.external_any and not renewal):
+                        raise
+                    granted = await self._add_elsewhere(app)
+                    if granted is None:
+                        raise
         except GatewayUnreachable as exc:
             app.error = str(exc)
             app.retry_at = self.clock()
@@ -353,7 +409,7 @@ class Mapper:
     async def _delete(self, app: Applied) -> bool:
         spec = app.spec
         try:
-            await self.gateway.delete(spec.proto, spec.external_port)
+            await self.gateway.delete(spec.proto, app.external_port)
         except NoSuchMapping:
             pass  # already gone (lease ran out, router restarted): nothing to do
         except GatewayError as exc:
@@ -379,7 +435,7 @@ class Mapper:
             return
         app = active[self._canary_index % len(active)]
         self._canary_index += 1
-        spec = app.spec
+        spec = app.wire
         try:
             found = await self.gateway.get(spec.proto, spec.external_port)
         except GatewayUnreachable as exc:
@@ -398,7 +454,7 @@ class Mapper:
         for app in list(self.applied.values()):
             if app.state is not MapState.ACTIVE or not self.gateway_up:
                 continue
-            spec = app.spec
+            spec = app.wire
             try:
                 found = await self.gateway.get(spec.proto, spec.external_port)
             except GatewayUnreachable as exc:

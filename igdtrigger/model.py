@@ -154,6 +154,7 @@ class MappingSpec:
     internal_client: str
     internal_port: int
     description: str
+    external_any: bool = False  # the router may give another external port on a conflict
 
     @property
     def key(self) -> MappingKey:

@@ -308,7 +308,7 @@ class Service:
                     entry = {"port": str(key), "state": st}
                 else:
                     st = app.state.value
-                    entry = {"port": str(key), "state": st, "external_port": port}
+                    entry = {"port": str(key), "state": st, "external_port": app.external_port}
                     if app.error:
                         entry["error"] = app.error
                 states.add(st)

@@ -188,3 +188,26 @@ async def test_router_that_lost_everything_is_noticed_within_the_canary_interval
     clock.advance(2)
     await m.reconcile(d)
     assert len(gw.ports()) == 3
+
+
+async def test_external_any_takes_another_port_never_the_taken_one(gw: FakeGateway,
+                                                                   clock: FakeClock) -> None:
+    gw.foreign(Proto.UDP, 40000, "192.168.1.99", "console")
+    m = mapper(gw, clock)
+    s = MappingSpec(Proto.UDP, 40000, "192.168.1.10", 40000, description_for("demo", TAG),
+                    external_any=True)
+    await m.reconcile(want(s))
+    app = m.applied[MappingKey(Proto.UDP, 40000)]
+    assert app.state is MapState.ACTIVE
+    assert app.external_port != 40000
+    assert 1024 <= app.external_port <= 65535
+    ports = gw.ports()
+    assert ports["udp/40000"] == "192.168.1.99"
+    assert ports[f"udp/{app.external_port}"] == "192.168.1.10"
+    assert m.snapshot()[0]["external_port"] == app.external_port
+    for _ in range(3):  # renewals and checks keep using the granted port
+        clock.advance(400)
+        await m.reconcile(want(s))
+    assert gw.ports()[f"udp/{app.external_port}"] == "192.168.1.10"
+    await m.reconcile({})
+    assert gw.ports() == {"udp/40000": "192.168.1.99"}

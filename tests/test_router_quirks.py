@@ -204,3 +204,21 @@ async def test_hostile_description_is_refused(sim: SimulatedIgdServer) -> None:
     gw = build_gateway(sim.url)
     with pytest.raises(GatewayError):
         await gw.connect()
+
+
+async def test_external_any_uses_addanyportmapping_on_igdv2(sim: SimulatedIgdServer) -> None:
+    sim.router.call("AddPortMapping", {
+        "NewRemoteHost": "", "NewExternalPort": "40000", "NewProtocol": "UDP",
+        "NewInternalPort": "40000", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
+        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
+        requester="192.168.1.99")
+    m = Mapper(SoapGateway(sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
+    s = MappingSpec(Proto.UDP, 40000, "127.0.0.1", 40000, description_for("quirk", TAG),
+                    external_any=True)
+    await m.reconcile({s.key: s})
+    app = m.applied[s.key]
+    assert app.state is MapState.ACTIVE
+    assert app.external_port != 40000
+    assert sim.router.calls["AddAnyPortMapping"] == 1
+    got = {(x.external_port, x.internal_client) for x in sim.router.mappings()}
+    assert got == {(40000, "192.168.1.99"), (app.external_port, "127.0.0.1")}
