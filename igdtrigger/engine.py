@@ -167,6 +167,7 @@ class Engine:
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
         self.generation = 0  # bumped whenever the desired mapping set may have changed
+        self.dirty: set[str] = set()  # activations whose expiry moved (for the journal)
         self.flows_seen = 0
         self.flows_matched = 0
 
@@ -255,6 +256,26 @@ class Engine:
     def deactivate(self, act_id: str) -> Activation:
         act = self.get(act_id)
         self._remove(act, EventKind.DEACTIVATED)
+        return act
+
+    def restore(self, act_id: str, rule_name: str, host: str, source: str, *, age: float,
+                remaining: float, ttl: float, meta: dict[str, str]) -> Activation | None:
+        """Bring back an activation from the journal after a restart (None if it can't be)."""
+        rule = self.rules.get(rule_name)
+        try:
+            src = Source(source)
+        except ValueError:
+            return None
+        if rule is None or remaining <= 0 or act_id in self.activations or not rule.allows(host):
+            return None
+        now = self.clock()
+        act = Activation(id=act_id, rule=rule, host=host, source=src, created=now - max(0, age),
+                         expires=now + remaining, ttl=ttl, seq=next(self._seq), meta=meta)
+        self.activations[act.id] = act
+        if src in (Source.TRAFFIC, Source.PROCESS):
+            self._traffic[(rule.name, host, src)] = act.id
+        heapq.heappush(self._heap, (act.expires, act.seq, act.id))
+        self.generation += 1
         return act
 
     def get(self, act_id: str) -> Activation:
@@ -350,6 +371,7 @@ class Engine:
         if when == act.expires:
             return
         act.expires = when
+        self.dirty.add(act.id)
         heapq.heappush(self._heap, (when, act.seq, act.id))
         if len(self._heap) > 64 and len(self._heap) > 4 * len(self.activations):
             self._heap = [(a.expires, a.seq, a.id) for a in self.activations.values()]

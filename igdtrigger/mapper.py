@@ -33,6 +33,7 @@ from .errors import (
     NotAuthorized,
 )
 from .gateway.base import Gateway, Granted
+from .journal import Journal
 from .model import MappingKey, MappingSpec
 
 log = logging.getLogger("igdtrigger.mapper")
@@ -104,6 +105,7 @@ class Mapper:
         canary_interval: float = 2.0,
         check_before_add: bool = True,
         on_change: Callable[[Applied, str], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.gateway = gateway
         self.clock = clock
@@ -114,6 +116,10 @@ class Mapper:
         self.check_before_add = check_before_add
         self.on_change = on_change
         self.applied: dict[MappingKey, Applied] = {}
+        # Mappings that may still be on the router but are no longer wanted: a delete that
+        # failed, or what the journal says an earlier run left. Deleted when the router answers.
+        self.orphans: dict[MappingKey, MappingSpec] = {}
+        self.journal = journal
         self.permanent_only = False  # learned: the router refuses timed leases
         self.gateway_up = False
         self.gateway_error = ""
@@ -139,10 +145,54 @@ class Mapper:
         async with self._lock:
             count = 0
             for key, app in list(self.applied.items()):
-                if app.state is MapState.ACTIVE and await self._delete(app):
-                    count += 1
                 self.applied.pop(key, None)
+                if app.state is MapState.ACTIVE or app.error.startswith("router did not"):
+                    self.orphans[app.wire.key] = app.wire
+            if self.gateway_up or await self._connect():
+                count = await self._delete_orphans(set())
             return count
+
+    def adopt_orphans(self, specs: list[MappingSpec]) -> None:
+        """Mappings an earlier run may have left (from the journal): removed unless wanted."""
+        for spec in specs:
+            self.orphans.setdefault(spec.key, spec)
+
+    async def _delete_orphans(self, wanted: set[tuple[MappingKey, str]]) -> int:
+        done: list[MappingSpec] = []
+        count = 0
+        for key, spec in list(self.orphans.items()):
+            if not self.gateway_up:
+                break
+            if (key, spec.internal_client) in wanted:
+                done.append(spec)  # wanted again: the add path adopts or re-creates it
+                continue
+            try:
+                await self.gateway.delete(spec.proto, spec.external_port)
+                count += 1
+                self.ops["delete"] += 1
+                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
+            except NoSuchMapping:
+                pass
+            except GatewayUnreachable as exc:
+                self._gateway_down(str(exc))
+                break
+            except GatewayError as exc:
+                # NotAuthorized / 714-on-v1: not ours to delete (another host's now); let go.
+                log.warning("could not delete %s: %s", key, exc)
+            done.append(spec)
+        for spec in done:
+            self.orphans.pop(spec.key, None)
+        self._journal_gone(done)
+        return count
+
+    def _journal_gone(self, specs: list[MappingSpec]) -> None:
+        if self.journal is not None:
+            for spec in specs:
+                self.journal.mapping_gone(spec.proto, spec.external_port)
+
+    def _journal_requested(self, specs: list[MappingSpec]) -> None:
+        if self.journal is not None and specs:
+            self.journal.mappings_requested(specs)
 
     def next_deadline(self) -> float | None:
         if not self.gateway_up:
@@ -177,18 +227,32 @@ class Mapper:
                 return
 
         # 1. Deletes: what we hold that is no longer wanted (or wanted for another host).
+        gone: list[MappingSpec] = []
         for key, app in list(self.applied.items()):
             want = desired.get(key)
             if want == app.spec:
                 continue
-            if app.state is MapState.ACTIVE:
-                await self._delete(app)
             del self.applied[key]
+            if app.state is MapState.ACTIVE:
+                if await self._delete(app):
+                    gone.append(app.wire)
+                else:
+                    self.orphans[app.wire.key] = app.wire  # retried when the router answers
+            elif app.error.startswith("router did not"):
+                self.orphans[app.wire.key] = app.wire  # the request may have arrived
+            else:
+                gone.append(app.wire)  # never made it onto the router
+        self._journal_gone(gone)
+        if self.orphans and self.gateway_up:
+            await self._delete_orphans({(k, s.internal_client) for k, s in desired.items()})
 
         # 2. Adds of new mappings first (latency), then retries, renewals and verification.
+        new: list[MappingSpec] = []
         for key, spec in desired.items():
             if key not in self.applied:
                 self.applied[key] = Applied(spec)
+                new.append(spec)
+        self._journal_requested(new)  # recorded before it is requested: a crash can't orphan it
         for app in list(self.applied.values()):
             if not self.gateway_up:
                 break
@@ -310,11 +374,13 @@ class Mapper:
             lease = 0 if self.permanent_only else self.lease
             granted: Granted = await add_any(spec, lease)  # IGDv2 AddAnyPortMapping
             app.external_port = granted.external_port
+            self._journal_requested([app.wire])  # after the fact: the port was the router's pick
             return granted
         for _ in range(ANY_PORT_TRIES):
             app.external_port = random.randint(1024, 65535)  # noqa: S311 - not security
             if await self._foreign(app.wire) is not None:
                 continue
+            self._journal_requested([app.wire])
             try:
                 return await self._add_leased(app.wire)
             except MappingConflict:

@@ -27,8 +27,9 @@ from .engine import Activation, Engine, Event, EventKind, Source
 from .errors import DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
+from .journal import Journal, JournalActivation
 from .mapper import Applied, Mapper, MapState
-from .model import Flow, MappingKey, ProcessSeen, format_duration
+from .model import Flow, MappingKey, MappingSpec, ProcessSeen, format_duration
 
 log = logging.getLogger("igdtrigger")
 
@@ -75,11 +76,13 @@ class Service:
         *,
         detectors: list[Detector] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         state_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.gateway = gateway
         self.clock = clock
+        self.wall = wall  # wall-clock time: journal expiries survive a reboot
         self.state_dir = state_dir or config.state_dir or default_state_dir()
         tag = load_or_create_secret(self.state_dir / "instance", 3, hexlen=6)
         if tag is None:
@@ -93,6 +96,7 @@ class Service:
         self.hub = EventHub(history=200)  # SSE subscribers (api.py) and Last-Event-ID replay
         self.events: collections.deque[dict[str, Any]] = self.hub.history
         self.error_counts: collections.Counter[str] = collections.Counter()  # for /metrics
+        self.journal = Journal.open(self.state_dir)
         self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway,
@@ -103,7 +107,10 @@ class Service:
             canary_interval=config.gateway.check_interval,
             check_before_add=config.gateway.check_before_add,
             on_change=self._on_mapping_change,
+            journal=self.journal,
         )
+        self._journal_flushed = 0.0
+        self.restored = self._restore()
         self.detectors = detectors or []
         self.detector_status: list[DetectorStatus] = []
         self.started = clock()
@@ -116,6 +123,45 @@ class Service:
         self._cleaned_up = False
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def _restore(self) -> int:
+        """Activations still within their time come back; leftovers get cleaned up."""
+        now_wall = self.wall()
+        count = 0
+        for ja in self.journal.activations():
+            act = self.engine.restore(ja.id, ja.rule, ja.host, ja.source,
+                                      age=now_wall - ja.created_wall,
+                                      remaining=ja.expires_wall - now_wall, ttl=ja.ttl,
+                                      meta=ja.meta)
+            if act is None:
+                self.journal.activation_gone(ja.id)
+            else:
+                count += 1
+                log.info("restored activation of rule %s for %s (%s left)", ja.rule, ja.host,
+                         format_duration(ja.expires_wall - now_wall))
+        self.engine.dirty.clear()
+        leftovers = self.journal.mappings()
+        if leftovers:
+            self.mapper.adopt_orphans([
+                MappingSpec(m.proto, m.external_port, m.internal_client, m.internal_port,
+                            m.description) for m in leftovers])
+        return count
+
+    def _journal_activations(self) -> None:
+        """Write refreshed expiries to the journal, at most once a second."""
+        if not self.engine.dirty or self.clock() - self._journal_flushed < 1.0:
+            return
+        self._journal_flushed = self.clock()
+        acts = [self.engine.activations[i] for i in self.engine.dirty
+                if i in self.engine.activations]
+        self.engine.dirty.clear()
+        self.journal.activations_put([self._journal_record(a) for a in acts])
+
+    def _journal_record(self, act: Activation) -> JournalActivation:
+        now_wall, now = self.wall(), self.clock()
+        return JournalActivation(act.id, act.rule.name, act.host, act.source.value,
+                                 now_wall - (now - act.created), now_wall + (act.expires - now),
+                                 act.ttl, dict(act.meta))
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
@@ -165,6 +211,9 @@ class Service:
                 "expire on the router", timeout, format_duration(self.mapper.lease)
             )
         await self.gateway.close()
+        self._journal_flushed = -math.inf
+        self._journal_activations()
+        self.journal.close()
         log.info("stopped; removed %d mapping(s)", removed)
         return removed
 
@@ -246,6 +295,7 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
+            self._journal_activations()
             async with self._applied_cond:
                 self._applied_generation = gen
                 self._applied_cond.notify_all()
@@ -261,6 +311,10 @@ class Service:
 
     def _on_engine_event(self, ev: Event) -> None:
         act = ev.activation
+        if ev.kind is EventKind.ACTIVATED:
+            self.journal.activations_put([self._journal_record(act)])
+        else:
+            self.journal.activation_gone(act.id)
         if ev.kind is EventKind.ACTIVATED:
             log.info(
                 "rule %s activated for %s by %s (lapses after %s idle)",
@@ -339,10 +393,16 @@ class Service:
         for st in self.detector_status:
             if not st.active:
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
+        if self.journal.degraded:
+            warnings.append(f"state journal {self.journal.path} not writable "
+                            f"({self.journal.degraded}): working from memory")
         return {
             "version": __version__,
             "uptime": round(now - self.started, 3),
             "instance": self.tag,
+            "journal": {"path": str(self.journal.path), "degraded": self.journal.degraded or None,
+                        "restored_activations": self.restored,
+                        "orphans_pending": len(self.mapper.orphans)},
             "gateway": {
                 "up": self.mapper.gateway_up,
                 "error": self.mapper.gateway_error or None,

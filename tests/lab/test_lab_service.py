@@ -312,16 +312,34 @@ def test_secure_mode_refusal_for_another_host_is_explained(lab: Lab,
     assert not ours(lab)
 
 
-def test_restart_after_kill_9_removes_stale_mappings(lab: Lab, serve: Callable[..., Serve],
-                                                     tmp_path: Path) -> None:
+def test_kill_9_then_restart_restores_live_activation(lab: Lab,
+                                                     serve: Callable[..., Serve]) -> None:
     s = serve(idle="10m")
     s.cli("activate", "game", "--for", "1h")
     assert len(ours(lab)) == 4
     assert s.stop(signal.SIGKILL) == -signal.SIGKILL
-    assert len(ours(lab)) == 4  # a crash leaves them; the restart must clean up
+    s.start()
+    st = s.status()
+    assert st["journal"]["restored_activations"] == 1
+    assert [a["rule"] for a in st["activations"]] == ["game"]
+    assert len(ours(lab)) == 4
+    assert all_open(lab)
+    assert s.stop() == 0
+    assert not ours(lab)
+
+
+def test_kill_9_then_restart_removes_what_lapsed_meanwhile(lab: Lab,
+                                                           serve: Callable[..., Serve]) -> None:
+    s = serve(idle="10m")
+    s.cli("activate", "game", "--for", "2s")
+    assert len(ours(lab)) == 4
+    assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+    time.sleep(2.5)  # the activation's time runs out while the service is dead
+    assert len(ours(lab)) == 4  # a crash leaves them (their lease is an hour)
     s.start()
     wait_for(lambda: not ours(lab), 10, "stale mappings removed by the restarted service")
     assert none_open(lab)
+    assert s.status()["activations"] == []
 
 
 def test_router_restart_mappings_come_back(lab: Lab, serve: Callable[..., Serve]) -> None:

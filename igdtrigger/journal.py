@@ -1,0 +1,226 @@
+"""Crash-safe state: a SQLite journal of mappings and activations (stdlib sqlite3, WAL, fsync).
+
+Every mapping is recorded *before* it is requested from the router, and forgotten only after the
+router confirmed its deletion; so after a crash, ``kill -9`` or power loss the next start knows
+exactly what may still be open. Activations are recorded with their wall-clock expiry so the
+ones still within their time are restored after a restart.
+
+Failures to write (disk full, read-only) never stop the service: the journal turns *degraded*,
+says so once in the log and in status, and the service keeps working from memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .model import MappingSpec, Proto
+
+log = logging.getLogger("igdtrigger.journal")
+
+FORMAT = 1
+FILENAME = "journal.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mappings (
+    proto TEXT NOT NULL,
+    external_port INTEGER NOT NULL,
+    internal_client TEXT NOT NULL,
+    internal_port INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    state TEXT NOT NULL,          -- 'requested' (maybe on the router) or 'active'
+    updated REAL NOT NULL,
+    PRIMARY KEY (proto, external_port)
+);
+CREATE TABLE IF NOT EXISTS activations (
+    id TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    host TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_wall REAL NOT NULL,
+    expires_wall REAL NOT NULL,
+    ttl REAL NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class JournalError(ConfigError):
+    """The journal cannot be used as it is (corrupt, or written by a newer igdtrigger)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalMapping:
+    proto: Proto
+    external_port: int
+    internal_client: str
+    internal_port: int
+    description: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class JournalActivation:
+    id: str
+    rule: str
+    host: str
+    source: str
+    created_wall: float
+    expires_wall: float
+    ttl: float
+    meta: dict[str, str]
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.degraded = ""  # why writes are failing; "" when healthy
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Journal:
+        """Open (or create) the journal. Raises ``JournalError`` for a newer format; a corrupt
+        file is moved aside and a fresh journal started (mappings of ours are still found on
+        the router by their description)."""
+        j = cls(state_dir / FILENAME)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            j._connect()
+        except JournalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            j._set_aside(f"corrupt ({exc})")
+            j._connect()
+        except OSError as exc:
+            j.degraded = f"cannot open {j.path}: {exc.strerror}"
+            log.error("journal unavailable (%s): state lives in memory only", j.degraded)
+        return j
+
+    def _connect(self) -> None:
+        db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > FORMAT:
+                raise JournalError(
+                    f"{self.path} was written by a newer igdtrigger (format {version}, this one "
+                    f"reads {FORMAT}); upgrade igdtrigger, or move the file away to start fresh "
+                    "(mappings of ours are still recognised on the router and cleaned up)",
+                    source=str(self.path))
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={FORMAT}")
+            db.execute("SELECT count(*) FROM mappings").fetchone()  # touch: corruption shows here
+        except BaseException:
+            db.close()
+            raise
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)
+        self._db = db
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.{why.split()[0]}-{int(time.time())}")
+        log.error("journal %s is %s: moved to %s and starting fresh", self.path, why, aside)
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                with contextlib.suppress(OSError):
+                    src.replace(Path(str(aside) + suffix))
+
+    def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        """One fsync'd transaction; a failure degrades the journal instead of raising."""
+        db = self._db
+        if db is None or not rows:
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(sql, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if self.degraded:
+                log.info("journal writable again")
+                self.degraded = ""
+        except (sqlite3.Error, OSError) as exc:
+            if not self.degraded:
+                log.error("journal write failed (%s): the service goes on from memory; what "
+                          "opens after this may not be cleaned up after a crash", exc)
+            self.degraded = str(exc)
+
+    # --- mappings -----------------------------------------------------------------------------
+
+    def mappings_requested(self, specs: list[MappingSpec]) -> None:
+        """Record mappings about to be requested, in one fsync'd transaction."""
+        now = time.time()
+        self._write(
+            "INSERT INTO mappings VALUES (?,?,?,?,?,'requested',?) ON CONFLICT"
+            "(proto, external_port) DO UPDATE SET internal_client=excluded.internal_client, "
+            "internal_port=excluded.internal_port, description=excluded.description, "
+            "updated=excluded.updated",
+            [(s.proto.value, s.external_port, s.internal_client, s.internal_port,
+              s.description, now) for s in specs])
+
+    def mapping_gone(self, proto: Proto, external_port: int) -> None:
+        self._write("DELETE FROM mappings WHERE proto=? AND external_port=?",
+                    [(proto.value, external_port)])
+
+    def mappings(self) -> list[JournalMapping]:
+        if self._db is None:
+            return []
+        try:
+            rows = self._db.execute(
+                "SELECT proto, external_port, internal_client, internal_port, description, "
+                "state FROM mappings").fetchall()
+        except sqlite3.Error as exc:
+            log.error("cannot read the journal's mappings: %s", exc)
+            return []
+        out = []
+        for proto, port, client, iport, desc, state in rows:
+            if proto in ("TCP", "UDP"):
+                out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
+                                          str(desc), str(state)))
+        return out
+
+    # --- activations --------------------------------------------------------------------------
+
+    def activations_put(self, acts: list[JournalActivation]) -> None:
+        self._write("INSERT OR REPLACE INTO activations VALUES (?,?,?,?,?,?,?,?)",
+                    [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
+                      json.dumps(a.meta)) for a in acts])
+
+    def activation_gone(self, act_id: str) -> None:
+        self._write("DELETE FROM activations WHERE id=?", [(act_id,)])
+
+    def activations(self) -> list[JournalActivation]:
+        if self._db is None:
+            return []
+        try:
+            rows = self._db.execute("SELECT * FROM activations").fetchall()
+        except sqlite3.Error as exc:
+            log.error("cannot read the journal's activations: %s", exc)
+            return []
+        out = []
+        for act_id, rule, host, source, created, expires, ttl, meta in rows:
+            try:
+                meta_d = json.loads(meta)
+            except ValueError:
+                meta_d = {}
+            out.append(JournalActivation(str(act_id), str(rule), str(host), str(source),
+                                         float(created), float(expires), float(ttl),
+                                         {str(k): str(v) for k, v in dict(meta_d).items()}))
+        return out
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None

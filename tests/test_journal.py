@@ -1,0 +1,127 @@
+"""The journal: what a crash leaves is known at the next start; bad files are handled safely."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from igdtrigger.config import parse_config
+from igdtrigger.engine import Source, description_for
+from igdtrigger.journal import FILENAME, Journal, JournalError
+from igdtrigger.model import Proto
+from igdtrigger.service import Service
+
+from .fakes import FakeClock, FakeGateway
+
+CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40002"], "idle_timeout": "10m"}]}
+
+
+def service(tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> Service:
+    return Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
+                   state_dir=tmp_path)
+
+
+async def test_crash_then_restart_restores_activation_and_its_mappings(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s1 = service(tmp_path, gw, clock)
+    await s1.start()
+    await s1.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
+    assert len(gw.ports()) == 3
+    # crash: no stop(), tasks just vanish; the router keeps the mappings
+    for t in s1._tasks:
+        t.cancel()
+    s1.journal.close()
+    gw.table.clear()  # and say the router rebooted meanwhile
+    s2 = service(tmp_path, gw, clock)
+    assert s2.restored == 1
+    await s2.start()
+    await s2._wait_applied(s2.engine.generation, 2)
+    assert len(gw.ports()) == 3  # re-applied for the restored activation
+    assert await s2.stop() == 3
+    assert gw.ports() == {}
+
+
+async def test_crash_leftovers_no_longer_wanted_are_deleted(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s1 = service(tmp_path, gw, clock)
+    await s1.start()
+    await s1.activate("demo", "192.168.1.10", ttl=60, source=Source.API)
+    for t in s1._tasks:
+        t.cancel()
+    s1.journal.close()
+    gw.foreign(Proto.UDP, 50000, "192.168.1.99", "console")
+    clock.advance(7200)  # the activation's time ran out while we were down
+    s2 = service(tmp_path, gw, clock)
+    assert s2.restored == 0
+    await s2.start()
+    await s2._wait_applied(s2.engine.generation, 2)
+    assert gw.ports() == {"udp/50000": "192.168.1.99"}  # ours gone, the foreign one untouched
+    assert s2.journal.mappings() == []
+    await s2.stop()
+
+
+async def test_failed_delete_is_retried_when_the_router_returns(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    s = service(tmp_path, gw, clock)
+    await s.start()
+    act = await s.activate("demo", gw.local_address, ttl=60, source=Source.API)
+    gw.down = True
+    await s.deactivate(act["id"])
+    assert len(s.mapper.orphans) == 3  # not forgotten
+    assert len(gw.table) == 3
+    gw.down = False
+    clock.advance(120)
+    s.wake()
+    await s._wait_applied(s.engine.generation + 1, 0.3)
+    assert gw.ports() == {}
+    assert s.mapper.orphans == {}
+    await s.stop()
+
+
+def test_newer_format_is_a_clear_error(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / FILENAME)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(JournalError, match=r"newer igdtrigger .* move the file away"):
+        Journal.open(tmp_path)
+
+
+def test_corrupt_file_is_set_aside_and_a_fresh_journal_started(tmp_path: Path) -> None:
+    (tmp_path / FILENAME).write_bytes(b"this is not a database" * 100)
+    j = Journal.open(tmp_path)
+    assert j.mappings() == []
+    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+
+
+async def test_disk_write_failure_degrades_but_service_keeps_working(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    s = service(tmp_path, gw, clock)
+    await s.start()
+    assert s.journal._db is not None
+    s.journal._db.close()  # every write now fails, as on a full or read-only disk
+    act = await s.activate("demo", gw.local_address, ttl=60, source=Source.API)
+    assert act["state"] == "open"
+    assert s.journal.degraded
+    assert any("not writable" in w for w in s.status()["warnings"])
+    await s.stop()
+    assert gw.ports() == {}
+
+
+def test_mappings_recorded_before_request(tmp_path: Path) -> None:
+    from igdtrigger.model import MappingSpec
+
+    j = Journal.open(tmp_path)
+    spec = MappingSpec(Proto.UDP, 40000, "192.168.1.10", 40000, description_for("demo", "t"))
+    j.mappings_requested([spec])
+    j.close()
+    again = Journal.open(tmp_path)
+    assert [(m.proto, m.external_port, m.internal_client) for m in again.mappings()] == [
+        (Proto.UDP, 40000, "192.168.1.10")]
+    again.mapping_gone(Proto.UDP, 40000)
+    assert again.mappings() == []
