@@ -77,6 +77,7 @@ def test_defaults_when_sections_missing() -> None:
         ('[gateway]\nlease="5s"', "gateway.lease", "outside 30s-7d"),
         ('[api]\nlisten="localhost"', "api.listen", "HOST:PORT"),
         ("rules = [", "config.toml", "invalid TOML"),
+        ('[[rules]]\nname="a"\nopen=["tcp/1-2000"]', "rules[0].open", "privileged ports"),
     ],
 )
 def test_bad_config_names_file_field_and_value(
@@ -123,3 +124,8 @@ def test_port_spec_both_and_case() -> None:
     assert parse_port_spec("BOTH/3074") == (PortRange(Proto.TCP, 3074, 3074),
                                             PortRange(Proto.UDP, 3074, 3074))
     assert len(parse_port_spec("udp/40000-40010")[0]) == 11
+
+
+def test_a_privileged_port_named_explicitly_is_allowed() -> None:
+    cfg = parse_config({"rules": [{"name": "web", "open": ["tcp/80", "tcp/443", "udp/1024-2000"]}]})
+    assert [str(r) for r in cfg.rules[0].open] == ["tcp/80", "tcp/443", "udp/1024-2000"]
