@@ -237,14 +237,14 @@ def _parse_with_env(
         config = parse_config(merged, source=source)
     except ConfigError as exc:
         field_ = exc.field or ""
-        name = env_fields.get(field_) or next(
+        env_name = env_fields.get(field_) or next(
             (n for f, n in env_fields.items() if field_.startswith(f + "[")), None)
-        if name is None:
+        if env_name is None:
             raise
         prefix = ": ".join(p for p in (exc.source, exc.field) if p) + ": "
         text = str(exc)
         raise ConfigError(text[len(prefix):] if text.startswith(prefix) else text,
-                          source="environment", field=name) from None
+                          source="environment", field=env_name) from None
     env_note = ", ".join(sorted(env_fields.values()))
     return replace(config, source=f"{source} + {env_note}" if source != "<environment>"
                    else f"<environment: {env_note}>")
@@ -515,11 +515,19 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
             if name in seen:
                 raise sec.error("name", f"duplicate rule name {name!r} (also rules[{seen[name]}])")
             seen[name] = i
+            open_ports = sec.ports("open", required=True)
+            for rng in open_ports:
+                if rng.first < 1024 and rng.first != rng.last:
+                    raise sec.error(
+                        "open",
+                        f"{rng} includes privileged ports below 1024; open those only by naming "
+                        "each one (e.g. \"tcp/80\"), never inside a range",
+                    )
             rules.append(
                 Rule(
                     name=name,
                     trigger=sec.ports("trigger", required=False),
-                    open=sec.ports("open", required=True),
+                    open=open_ports,
                     idle_timeout=sec.duration("idle_timeout", DEFAULT_IDLE),
                     process=sec.names("process"),
                     hosts=sec.networks("hosts"),
