@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show gateway, activations and mappings")
     common(st)
     st.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("gateway", help="probe the router: protocols, external address, quirks")
+    common(g, server=False)
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
+    g.add_argument("--test", action="store_true",
+                   help="map one random high port to this host for a moment to test leases")
     return p
 
 
@@ -221,12 +228,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from .gatewaycmd import main as gateway_main
+
+    return gateway_main(_config(args), as_json=args.json, timeout=args.timeout, test=args.test)
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "run": cmd_run,
     "activate": cmd_activate,
     "deactivate": cmd_deactivate,
     "status": cmd_status,
+    "gateway": cmd_gateway,
 }
 
 

@@ -218,7 +218,8 @@ class MiniupnpcGateway:
             location=location,
             local_address=str(u.lanaddr),
             external_address=external,
-            service_type=service_type or conn,
+            service_type=service_type,
+            server=f"miniupnpc ({conn})" if conn else "miniupnpc",
             notes=() if is_public_address(external) else ("external address not public",),
         )
 

@@ -1,0 +1,151 @@
+"""``igdtrigger gateway``: what the router speaks and how it behaves, probed in parallel.
+
+Read-only by default: nothing is mapped. ``--test`` maps one random high port to this host for
+a minute (with a lease, then deleted) to learn how the router treats leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .errors import GatewayError, LeaseRefused
+from .gateway.base import Gateway, GatewayInfo, is_public_address
+from .model import MappingSpec, Proto
+from .netutil import default_gateway
+
+
+@dataclass
+class ProbeResult:
+    protocol: str
+    ok: bool
+    seconds: float
+    info: GatewayInfo | None = None
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"protocol": self.protocol, "ok": self.ok,
+                               "ms": round(self.seconds * 1e3, 1)}
+        if self.info is not None:
+            i = self.info
+            out.update(location=i.location, local_address=i.local_address,
+                       external_address=i.external_address or None,
+                       external_reachable=i.external_reachable,
+                       service_type=i.service_type or None, server=i.server or None)
+        if self.error:
+            out["error"] = self.error
+        out.update(self.extra)
+        return out
+
+
+def candidates(config: Config) -> list[tuple[str, Gateway]]:
+    from .gateway.select import build_gateway
+
+    gw_cfg = config.gateway
+    url = None if gw_cfg.simulate else gw_cfg.url
+    out: list[tuple[str, Gateway]] = [
+        ("upnp-igd", build_gateway(url, backend=gw_cfg.backend,
+                                   discover_timeout=gw_cfg.discover_timeout))]
+    router_ip = (urllib.parse.urlsplit(url).hostname if url else None) or default_gateway()
+    if router_ip:
+        try:
+            from .gateway.pmp import NatPmpGateway, PcpGateway
+        except ImportError:  # pragma: no cover - shipped together
+            return out
+        out.append(("pcp", PcpGateway(router_ip)))
+        out.append(("nat-pmp", NatPmpGateway(router_ip)))
+    return out
+
+
+async def _probe(name: str, gw: Gateway, timeout: float, test: bool) -> ProbeResult:
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            info = await gw.connect()
+    except TimeoutError:
+        return ProbeResult(name, False, time.perf_counter() - t0,
+                           error=f"no answer within {timeout:g}s")
+    except GatewayError as exc:
+        return ProbeResult(name, False, time.perf_counter() - t0, error=str(exc))
+    res = ProbeResult(name, True, time.perf_counter() - t0, info)
+    if test:
+        res.extra["lease_test"] = await _lease_test(gw, info)
+    return res
+
+
+async def _lease_test(gw: Gateway, info: GatewayInfo) -> str:
+    port = random.randint(49152, 65000)  # noqa: S311 - not security
+    spec = MappingSpec(Proto.UDP, port, info.local_address, port, "igdtrigger gateway-test")
+    try:
+        try:
+            granted = await gw.add(spec, 60)
+            verdict = f"timed leases accepted (asked 60s, granted {granted.lease}s)"
+        except LeaseRefused as exc:
+            granted = await gw.add(spec, 0)
+            verdict = f"only permanent leases ({exc.description}): igdtrigger deletes them itself"
+        found = await gw.get(Proto.UDP, port)
+        if found is None:
+            verdict += "; but the mapping was not found right after: the router drops it"
+        elif found.lease_remaining is not None:
+            verdict += f"; router reports {found.lease_remaining}s left"
+        await gw.delete(Proto.UDP, port)
+        return verdict
+    except GatewayError as exc:
+        return f"test mapping refused: {exc}"
+
+
+async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
+    cands = candidates(config)
+    try:
+        return list(await asyncio.gather(*(_probe(n, g, timeout, test) for n, g in cands)))
+    finally:
+        for _, g in cands:
+            await g.close()
+
+
+def report(results: list[ProbeResult]) -> str:
+    lines = []
+    for r in results:
+        if not r.ok:
+            lines.append(f"{r.protocol:9} no     ({r.error})")
+            continue
+        assert r.info is not None
+        i = r.info
+        lines.append(f"{r.protocol:9} yes    {r.seconds * 1e3:6.1f} ms  at {i.location}  "
+                     f"we are {i.local_address}  external {i.external_address or 'unknown'}"
+                     + (f"  [{i.service_type}]" if i.service_type else "")
+                     + (f"  server {i.server!r}" if i.server else ""))
+        if "lease_test" in r.extra:
+            lines.append(f"{'':9} lease  {r.extra['lease_test']}")
+    ok = [r for r in results if r.ok and r.info is not None]
+    if not ok:
+        lines.append("no port-mapping protocol answered: enable UPnP (or NAT-PMP/PCP) on the "
+                     "router, or set [gateway] url")
+        return "\n".join(lines)
+    externals = {r.info.external_address for r in ok if r.info is not None}
+    if not any(is_public_address(x) for x in externals):
+        lines.append("double NAT / CGNAT: the router's external address "
+                     f"({', '.join(sorted(x or 'unknown' for x in externals))}) is not public: "
+                     "ports opened here are not reachable from the internet")
+    servers = " ".join(r.info.server.lower() for r in ok if r.info is not None)
+    if "miniupnpd" in servers:
+        lines.append("secure mode likely (miniupnpd's default): mappings can only point at the "
+                     "host that asks; run igdtrigger on each PC that needs ports")
+    lines.append(f"igdtrigger would use: {ok[0].protocol}")
+    return "\n".join(lines)
+
+
+def main(config: Config, *, as_json: bool, timeout: float, test: bool) -> int:
+    results = asyncio.run(probe_all(config, timeout=timeout, test=test))
+    if as_json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        print(report(results))
+    return 0 if any(r.ok for r in results) else 1
