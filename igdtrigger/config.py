@@ -80,6 +80,7 @@ class GatewayConfig:
     check_interval: float = 2.0  # one mapping checked this often: a router restart is seen fast
     check_before_add: bool = True
     backend: str = "auto"  # "auto" (miniupnpc, else our SOAP client), "miniupnpc", "soap"
+    protocol: str = "auto"  # "auto" (probe all, prefer UPnP > PCP > NAT-PMP), or one of them
 
     @property
     def simulate(self) -> bool:
@@ -396,8 +397,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 _TOP = ("gateway", "api", "detect", "service", "rules", "launchers")
 _GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interval",
-            "check_before_add", "backend")
+            "check_before_add", "backend", "protocol")
 BACKENDS = ("auto", "miniupnpc", "soap")
+PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf")
 _DETECT = ("methods",)
 _SERVICE = ("state_dir",)
@@ -428,9 +430,13 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         check_interval=gw_sec.duration("check_interval", 2.0),
         check_before_add=gw_sec.boolean("check_before_add", True),
         backend=gw_sec.string("backend", "auto") or "auto",
+        protocol=gw_sec.string("protocol", "auto") or "auto",
     )
     if gateway.backend not in BACKENDS:
         raise gw_sec.error("backend", f"{gateway.backend!r} is not one of {', '.join(BACKENDS)}")
+    if gateway.protocol not in PROTOCOLS:
+        raise gw_sec.error("protocol",
+                           f"{gateway.protocol!r} is not one of {', '.join(PROTOCOLS)}")
     gw_sec.done(_GATEWAY)
 
     api_sec = _Section(top.get("api") or {}, "api", source)

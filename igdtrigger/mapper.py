@@ -152,6 +152,15 @@ class Mapper:
                 count = await self._delete_orphans(set())
             return count
 
+    def reapply_all(self, reason: str) -> None:
+        """The router lost its state (NAT-PMP/PCP epoch, announcement): re-add everything."""
+        log.warning("router lost its mappings (%s): re-applying %d", reason,
+                    self.count(MapState.ACTIVE))
+        now = self.clock()
+        for app in self.applied.values():
+            if app.state is MapState.ACTIVE:
+                app.renew_at = now
+
     def adopt_orphans(self, specs: list[MappingSpec]) -> None:
         """Mappings an earlier run may have left (from the journal): removed unless wanted."""
         for spec in specs:

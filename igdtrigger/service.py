@@ -27,6 +27,7 @@ from .engine import Activation, Engine, Event, EventKind, Source
 from .errors import DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
+from .gateway.select import set_lost_state_handler
 from .journal import Journal, JournalActivation
 from .mapper import Applied, Mapper, MapState
 from .model import Flow, MappingKey, MappingSpec, ProcessSeen, format_duration
@@ -111,6 +112,7 @@ class Service:
         )
         self._journal_flushed = 0.0
         self.restored = self._restore()
+        set_lost_state_handler(gateway, self._router_lost_state)
         self.detectors = detectors or []
         self.detector_status: list[DetectorStatus] = []
         self.started = clock()
@@ -123,6 +125,10 @@ class Service:
         self._cleaned_up = False
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def _router_lost_state(self, reason: str) -> None:
+        self.mapper.reapply_all(reason)
+        self.wake()
 
     def _restore(self) -> int:
         """Activations still within their time come back; leftovers get cleaned up."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Callable, Sequence
 
-from ..errors import GatewayError, GatewayNotFound, GatewayUnreachable
+from ..errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
 from ..model import MappingSpec, Proto, RouterMapping
 from .base import Gateway, GatewayInfo, Granted
 
@@ -133,17 +134,51 @@ class FallbackGateway:
                 await gw.close()
 
 
-def build_gateway(url: str | None, *, backend: str = "auto", discover_timeout: float = 2.0,
-                  on_call: OnCall | None = None) -> Gateway:
-    """The gateway for ``[gateway] backend``: miniupnpc, our SOAP client, or miniupnpc falling
-    back to our tolerant client where miniupnpc cannot use the router's description."""
+def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "upnp",
+                  discover_timeout: float = 2.0, on_call: OnCall | None = None) -> Gateway:
+    """The gateway for ``[gateway] protocol`` and ``backend``.
+
+    UPnP IGD: miniupnpc, our SOAP client, or (``auto``) miniupnpc falling back to our tolerant
+    client where miniupnpc cannot use the router's description. ``protocol = "auto"`` probes
+    UPnP, PCP and NAT-PMP in parallel and prefers them in that order among those that answer.
+    """
     from .soap import SoapGateway
     from .upnp import MiniupnpcGateway
 
-    mini = MiniupnpcGateway(url, discover_timeout=discover_timeout, on_call=on_call)
-    soap = SoapGateway(url, discover_timeout=discover_timeout, on_call=on_call)
-    if backend == "miniupnpc":
-        return mini
-    if backend == "soap":
-        return soap
-    return FallbackGateway([("upnp-igd/miniupnpc", mini), ("upnp-igd/soap", soap)])
+    def upnp() -> Gateway:
+        mini = MiniupnpcGateway(url, discover_timeout=discover_timeout, on_call=on_call)
+        soap = SoapGateway(url, discover_timeout=discover_timeout, on_call=on_call)
+        if backend == "miniupnpc":
+            return mini
+        if backend == "soap":
+            return soap
+        return FallbackGateway([("upnp-igd/miniupnpc", mini), ("upnp-igd/soap", soap)])
+
+    if protocol == "upnp":
+        return upnp()
+    from ..netutil import default_gateway
+    from .pmp import NatPmpGateway, PcpGateway
+
+    router = (urllib.parse.urlsplit(url).hostname if url else None) or default_gateway()
+    if router is None:
+        if protocol != "auto":
+            raise ConfigError("cannot tell the router's address for NAT-PMP/PCP: no default "
+                              "route; set [gateway] url (its host is used)", field="gateway.url")
+        return upnp()
+    pcp = PcpGateway(router, on_call=on_call, listen_announcements=True)
+    pmp = NatPmpGateway(router, on_call=on_call, listen_announcements=True)
+    if protocol == "pcp":
+        return pcp
+    if protocol == "natpmp":
+        return pmp
+    return FallbackGateway([("upnp-igd", upnp()), ("pcp", pcp), ("nat-pmp", pmp)],
+                           parallel=True, probe_timeout=discover_timeout + 1.0)
+
+
+def set_lost_state_handler(gateway: Gateway, handler: Callable[[str], None]) -> None:
+    """Tell NAT-PMP/PCP backends (however wrapped) whom to call when the router lost state."""
+    if isinstance(gateway, FallbackGateway):
+        for _, gw in gateway.candidates:
+            set_lost_state_handler(gw, handler)
+    elif hasattr(gateway, "on_lost_state"):
+        gateway.on_lost_state = handler

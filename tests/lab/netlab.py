@@ -811,7 +811,8 @@ table inet {LAN_CT_TABLE} {{
         last: Msg = {}
         while time.monotonic() < deadline:
             if self._router_pid is None and self.pidfile.exists():
-                with contextlib.suppress(ValueError):
+                # the daemon may not have written its pid yet: an empty file is "not yet"
+                with contextlib.suppress(ValueError, IndexError, OSError):
                     self._router_pid = int(self.pidfile.read_text().split()[0])
             if self._router_proc is not None and self._router_proc.poll() is not None:
                 break
@@ -879,7 +880,7 @@ table inet {LAN_CT_TABLE} {{
                 self._router_log = None
             pid = self._router_pid
             if pid is None and self.pidfile != Path() and self.pidfile.exists():
-                with contextlib.suppress(ValueError, OSError):
+                with contextlib.suppress(ValueError, IndexError, OSError):
                     pid = int(self.pidfile.read_text().split()[0])
             if pid is not None and self._is_miniupnpd(pid):
                 _kill_pid(pid, grace=3.0)
