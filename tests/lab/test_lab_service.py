@@ -28,12 +28,14 @@ API = "http://127.0.0.1:8731"
 RULE_PORTS = [("udp", 40000), ("udp", 40001), ("udp", 40002), ("tcp", 40005)]
 
 
-def config_text(lab: Lab, state: Path, *, idle: str = "3s", verify: str = "60s") -> str:
+def config_text(lab: Lab, state: Path, *, idle: str = "3s", verify: str = "60s",
+                protocol: str = "auto") -> str:
     return f"""
 [gateway]
 url = "{lab.igd_url}"
 lease = "1h"
 verify_interval = "{verify}"
+protocol = "{protocol}"
 
 [api]
 listen = "127.0.0.1:8731"
@@ -377,3 +379,43 @@ def test_on_the_router_forwarded_flows_trigger_for_the_lan_host(make_lab: Callab
         proc.wait(10)
         log.close()
     assert not ours(lab)
+
+
+def pmp_held(lab: Lab) -> set[tuple[str, int]]:
+    """What the router's DNAT chain forwards to the LAN host (NAT-PMP/PCP cannot be listed)."""
+    return {(p, e) for p, e, client, _ in lab.nft_mappings() if client == lab.lan_ip}
+
+
+@pytest.mark.parametrize("protocol", ["auto", "pcp", "natpmp"])
+def test_router_without_upnp_works_over_pcp_and_natpmp(make_lab: Callable[..., Lab],
+                                                       tmp_path: Path, protocol: str) -> None:
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="3s", protocol=protocol).start()
+    try:
+        st = s.status()
+        assert st["gateway"]["protocol"] == ("pcp" if protocol == "auto" else
+                                             {"pcp": "pcp", "natpmp": "nat-pmp"}[protocol])
+        send_trigger(lab)
+        wait_for(lambda: len(pmp_held(lab)) == 4, 5, "mappings over PCP/NAT-PMP")
+        assert all_open(lab)
+        wait_for(lambda: not pmp_held(lab), 10, "mappings removed after the idle timeout")
+        assert none_open(lab)
+    finally:
+        s.stop()
+
+
+def test_pcp_router_restart_is_caught_and_mappings_come_back(make_lab: Callable[..., Lab],
+                                                             tmp_path: Path) -> None:
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="10m", protocol="pcp").start()
+    try:
+        s.cli("activate", "game", "--for", "1h")
+        assert len(pmp_held(lab)) == 4
+        lab.restart_router(flush=True)  # rules flushed; the new daemon announces itself (PCP)
+        took = wait_for(lambda: len(pmp_held(lab)) == 4, 10, "mappings back after restart")
+        assert took < 5, f"took {took:.1f}s"
+        assert all_open(lab)
+        assert "router lost its mappings" in s.logtext()
+    finally:
+        assert s.stop() == 0
+    assert not pmp_held(lab)
