@@ -419,3 +419,25 @@ def test_pcp_router_restart_is_caught_and_mappings_come_back(make_lab: Callable[
     finally:
         assert s.stop() == 0
     assert not pmp_held(lab)
+
+
+@pytest.mark.parametrize("igd_v1", [False, True], ids=["igdv2", "igdv1"])
+def test_activation_for_another_host_with_secure_mode_off(make_lab: Callable[..., Lab],
+                                                          tmp_path: Path, igd_v1: bool) -> None:
+    """A home server acting for another LAN host: works where the router allows it."""
+    lab = make_lab(secure_mode=False, igd_v1=igd_v1, lan_hosts=2)
+    s = Serve(lab, tmp_path, idle="10m").start()
+    try:
+        token = (s.state / "api-token").read_text().strip()
+        other = lab.lan_ips[1]
+        p = lab.run(lab.lan, igdt_argv("activate", "game", "--host", other, "--for", "1h",
+                                       "--json", "--server", API, "--token", token),
+                    env=env(), cwd=ROOT)
+        act = json.loads(p.stdout)
+        assert act["state"] == "open", act
+        assert {m[2] for m in ours(lab)} == {other}
+        assert lab.probe("udp", 40000, host=1)
+        assert lab.probe("tcp", 40005, host=1)
+    finally:
+        assert s.stop() == 0
+    assert not ours(lab)
