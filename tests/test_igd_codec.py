@@ -316,3 +316,19 @@ def test_ssdp_notify_alive_and_byebye() -> None:
 @given(st.binary(max_size=3000))
 def test_ssdp_parser_never_raises(data: bytes) -> None:
     parse_ssdp(data)
+
+
+@pytest.mark.parametrize(("location", "source", "gateway", "ok"), [
+    ("http://192.168.1.1:5000/rootDesc.xml", "192.168.1.1", "192.168.1.1", True),
+    ("http://192.168.1.1:5000/rootDesc.xml", "192.168.1.66", "192.168.1.1", True),  # CARP VIP
+    ("http://192.168.1.66:5000/x.xml", "192.168.1.66", "192.168.1.1", True),  # replies for self
+    ("http://127.0.0.1:8731/api/v1/status", "192.168.1.66", "192.168.1.1", False),  # SSRF
+    ("http://10.0.0.5/x.xml", "192.168.1.66", "192.168.1.1", False),  # points elsewhere
+    ("http://router.lan:5000/x.xml", "192.168.1.1", "192.168.1.1", False),  # DNS name
+    ("http://224.0.0.1/x", "224.0.0.1", None, False),
+])
+def test_ssdp_location_guard(location: str, source: str, gateway: str | None,
+                             ok: bool) -> None:
+    from igdtrigger.gateway.soap import location_allowed
+
+    assert location_allowed(location, source, gateway) is ok

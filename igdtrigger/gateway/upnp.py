@@ -149,7 +149,20 @@ class MiniupnpcGateway:
     async def connect(self) -> GatewayInfo:
         if self._info is not None:
             return self._info
-        info = await self._call("connect", self._connect_sync)
+        location = self.url
+        if location is None:
+            # Our own SSDP search, not miniupnpc's: it only trusts a description URL on the
+            # replying host or the default gateway (a hostile LAN device could otherwise point
+            # us at any URL), unicasts to the gateway first and asks several search targets.
+            from .soap import discover
+
+            found = await discover(self.discover_timeout)
+            if not found:
+                raise GatewayNotFound(
+                    f"no UPnP router answered SSDP discovery within {self.discover_timeout:g}s; "
+                    "enable UPnP on the router, or set gateway.url to its description URL")
+            location = found[0][0].location
+        info = await self._call("connect", lambda: self._connect_sync(location))
         self._info = info
         if not info.external_reachable and not self._warned_double_nat:
             self._warned_double_nat = True
@@ -164,33 +177,16 @@ class MiniupnpcGateway:
         )
         return info
 
-    def _connect_sync(self) -> GatewayInfo:
+    def _connect_sync(self, location: str) -> GatewayInfo:
         import miniupnpc  # imported lazily: a C extension the CLI client paths never need
 
         u = miniupnpc.UPnP()
-        if self.url:
-            try:
-                u.selectigd(self.url)
-            except Exception as exc:
-                raise GatewayUnreachable(
-                    f"no IGD answers at gateway.url {self.url} ({exc}); check the address, or "
-                    "remove gateway.url to discover the router by SSDP"
-                ) from None
-        else:
-            u.discoverdelay = max(100, int(self.discover_timeout * 1000))
-            try:
-                found = u.discover()
-            except Exception as exc:
-                raise GatewayNotFound(f"SSDP discovery failed: {exc}") from None
-            if not found:
-                raise GatewayNotFound(
-                    f"no UPnP router answered SSDP discovery within {self.discover_timeout:g}s; "
-                    "enable UPnP on the router, or set gateway.url to its description URL"
-                )
-            try:
-                u.selectigd()
-            except Exception as exc:
-                raise GatewayNotFound(f"no usable Internet Gateway Device found: {exc}") from None
+        try:
+            u.selectigd(location)
+        except Exception as exc:
+            hint = ("check the address, or remove gateway.url to discover the router by SSDP"
+                    if self.url else "the router's description could not be used")
+            raise GatewayUnreachable(f"no IGD answers at {location} ({exc}); {hint}") from None
         # miniupnpc can "select" a description it did not understand (e.g. only legacy
         # urn:dslforum-org services): it then posts to the bare host URL and reports success
         # for actions that did nothing. A status query that fails unmasks that.
@@ -210,7 +206,6 @@ class MiniupnpcGateway:
         except Exception:
             conn = ""
         self._upnp = u
-        location = self.url or "discovered"
         service_type = ""
         self._v1 = False
         return GatewayInfo(

@@ -441,3 +441,18 @@ def test_activation_for_another_host_with_secure_mode_off(make_lab: Callable[...
     finally:
         assert s.stop() == 0
     assert not ours(lab)
+
+
+def test_without_gateway_url_the_router_is_found_by_ssdp(lab: Lab, tmp_path: Path) -> None:
+    s = Serve(lab, tmp_path, idle="10m")
+    s.config.write_text(s.config.read_text().replace(f'url = "{lab.igd_url}"\n', ""))
+    assert "url =" not in s.config.read_text()
+    s.start()
+    try:
+        st = s.status()
+        assert st["gateway"]["location"] == lab.igd_url
+        s.cli("activate", "game", "--for", "1h")
+        assert all_open(lab)
+    finally:
+        assert s.stop() == 0
+    assert not ours(lab)
