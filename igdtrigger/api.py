@@ -1,80 +1,239 @@
 """HTTP API (aiohttp). JSON in, JSON out; every error is ``{"error": {"status", "message"}}``.
 
-Authorisation: a request carrying the admin bearer token (``<state_dir>/api-token``) may do
-anything. Any other client may only activate rules for its own address (loopback clients act for
-this host) and only end its own activations. Rules decide which ports can ever be opened.
+Who may do what (README "Who may do what"; the OpenAPI document repeats it per operation):
+
+- ``public``: anyone who can connect (``/healthz``, ``/readyz``, the OpenAPI document and the
+  dashboard's static files).
+- ``read`` (status, mappings, events, metrics): clients on loopback, requests with the admin
+  bearer token, and anyone else only when ``[api] public_read = true``; else 401.
+- ``act`` (rules, activations): anyone, under the own-address rule: a client without the admin
+  token may only activate rules for its own address (loopback clients act for this host's LAN
+  address) and only see, refresh and end its own activations. Rules decide which ports can ever
+  be opened; the admin token (``<state_dir>/api-token``) may act for any host.
+
+Every client address but loopback has a token bucket (``[api] rate_limit``/``rate_burst``): past
+it, 429 with ``Retry-After``. (Local processes are not limited: they could talk to the router
+directly anyway, and benchmarks poll the API.) Requests without the token must name this service
+in ``Host`` (an IP address, ``localhost``, this host's name or ``[api] allowed_hosts``:
+DNS-rebinding protection), and a browser's state-changing request must come from the same origin
+(CSRF protection).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import enum
 import hmac
+import importlib.resources
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 
+from . import __version__
 from .engine import Source
 from .errors import IgdTriggerError, RuleNotFound, UsageError
+from .events import Event, Subscriber, TooManySubscribers
+from .metrics import Metrics
 from .model import parse_duration
 from .netutil import guess_lan_address
+from .openapi import API_PREFIX, build_openapi
+from .ratelimit import RateLimiter
 from .service import Service
 
 log = logging.getLogger("igdtrigger.api")
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings")
+ACCESS: web.AppKey[dict[AbstractRoute, Access]] = web.AppKey("access")
+LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
+STATUS_COUNTS: web.AppKey[collections.Counter[int]] = web.AppKey("status_counts")
+CALLER: web.RequestKey[Caller] = web.RequestKey("caller")
 MAX_BODY = 16 * 1024
+SSE_HEARTBEAT = 15.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class Access(enum.StrEnum):
+    PUBLIC = "public"
+    READ = "read"
+    ACT = "act"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    public_read: bool = False
+    allowed_hosts: frozenset[str] = frozenset()
+    sse_heartbeat: float = SSE_HEARTBEAT
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    address: str  # the client's IP address ("" if unknown)
+    loopback: bool
+    admin: bool  # carries the admin token
+    reader: bool  # may use ``read`` endpoints
+
+    def key(self) -> str:
+        return self.address or "unknown"
 
 
 class Forbidden(IgdTriggerError):
     http_status = 403
 
 
+class Unauthorized(IgdTriggerError):
+    http_status = 401
+
+
 class NotReady(IgdTriggerError):
     http_status = 503
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"status": status, "message": message}}, status=status)
+class TooMany(IgdTriggerError):
+    http_status = 429
+
+
+class UnsupportedMedia(IgdTriggerError):
+    http_status = 415
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"status": status, "message": message}}, status=status,
+                             headers=headers)
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    counts = request.app[STATUS_COUNTS]
     try:
-        return await handler(request)
+        resp = await handler(request)
+    except Unauthorized as exc:
+        resp = _error(401, str(exc), {"WWW-Authenticate": 'Bearer realm="igdtrigger"'})
     except IgdTriggerError as exc:
-        return _error(exc.http_status, str(exc))
+        resp = _error(exc.http_status, str(exc))
     except web.HTTPException as exc:
-        if exc.status >= 400:
-            return _error(exc.status, exc.reason or "error")
+        if exc.status < 400:
+            raise
+        resp = _error(exc.status, exc.reason or "error")
+    except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         log.exception("API handler failed: %s %s", request.method, request.path)
-        return _error(500, "internal error (see the service log)")
+        resp = _error(500, "internal error (see the service log)")
+    counts[resp.status] += 1
+    return resp
 
 
-def _is_admin(request: web.Request) -> bool:
-    svc = request.app[SERVICE]
-    token = svc.api_token
+def _remote_address(request: web.Request) -> tuple[str, bool]:
+    remote = request.remote or ""
+    try:
+        addr = ipaddress.ip_address(remote.split("%")[0])
+    except ValueError:
+        return "", False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr), addr.is_loopback
+
+
+def _has_admin_token(request: web.Request) -> bool:
+    token = request.app[SERVICE].api_token
     auth = request.headers.get("Authorization", "")
-    if not token or not auth.startswith("Bearer "):
+    if not token or auth[:7].lower() != "bearer ":
         return False
     return hmac.compare_digest(auth[7:].strip().encode(), token.encode())
+
+
+def _caller(request: web.Request) -> Caller:
+    caller = request.get(CALLER)
+    if caller is None:  # route without the guard (tests calling handlers directly)
+        caller = _make_caller(request)
+    return caller
+
+
+def _make_caller(request: web.Request) -> Caller:
+    address, loopback = _remote_address(request)
+    admin = _has_admin_token(request)
+    reader = admin or loopback or request.app[SETTINGS].public_read
+    return Caller(address, loopback, admin, reader)
+
+
+def _host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
+    """Is ``Host`` an IP address, ``localhost`` or a name this service answers to?"""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".")
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return host == "localhost" or host.endswith(".localhost") or host in allowed
+
+
+def _origin_matches(origin: str, host_header: str) -> bool:
+    parsed = urllib.parse.urlsplit(origin)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return False
+    return parsed.netloc.lower() == host_header.strip().lower()
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rate limit, then who-may-do-what (see the module docstring)."""
+    app = request.app
+    caller = _make_caller(request)
+    request[CALLER] = caller
+    wait = 0.0 if caller.loopback else app[LIMITER].take(caller.key())
+    if wait > 0:
+        return _error(
+            429, f"too many requests from {caller.key()}: at most "
+            f"{app[LIMITER].rate:g}/s (bursts of {app[LIMITER].burst:g}); retry in "
+            f"{wait:.1f}s", {"Retry-After": RateLimiter.retry_after(wait)})
+    access = app[ACCESS].get(request.match_info.route, Access.PUBLIC)
+    if access is Access.PUBLIC:
+        return await handler(request)
+    host_header = request.headers.get("Host", "")
+    if not caller.admin and not _host_allowed(host_header, app[SETTINGS].allowed_hosts):
+        raise Forbidden(
+            f"Host {host_header!r} is not an address of this service (DNS-rebinding "
+            "protection); use its IP address, or add the name to [api] allowed_hosts")
+    origin = request.headers.get("Origin")
+    if (request.method in UNSAFE_METHODS and origin is not None and origin != "null"
+            and not _origin_matches(origin, host_header)):
+        raise Forbidden(f"cross-site request from {origin} refused")
+    if origin == "null" and request.method in UNSAFE_METHODS:
+        raise Forbidden("cross-site request from an opaque origin refused")
+    if access is Access.READ and not caller.reader:
+        raise Unauthorized(
+            f"{request.path} needs the admin token (Authorization: Bearer <token from the "
+            "service's state directory>) from another host, unless the service's config says "
+            "[api] public_read = true")
+    return await handler(request)
 
 
 def _client_host(request: web.Request) -> str:
     """The address a non-admin client may act for: its own; loopback means this host."""
     svc = request.app[SERVICE]
-    remote = request.remote or ""
-    try:
-        addr = ipaddress.ip_address(remote.split("%")[0])
-    except ValueError:
-        raise Forbidden(f"cannot tell the client's address ({remote!r})") from None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    if addr.is_loopback:
+    caller = _caller(request)
+    if not caller.address:
+        raise Forbidden(f"cannot tell the client's address ({request.remote!r})")
+    if caller.loopback:
         info = svc.gateway.info
         if info is not None:
             return info.local_address
@@ -85,7 +244,7 @@ def _client_host(request: web.Request) -> str:
                 "retry in a moment"
             )
         return guess
-    return str(addr)
+    return caller.address
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -96,6 +255,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise UsageError(f"request body larger than {MAX_BODY} bytes")
     if not raw.strip():
         return {}
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMedia(
+            f"request body must be JSON with Content-Type: application/json (got {ctype!r})")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -119,7 +282,17 @@ def _ttl(value: object, field: str = "ttl") -> float | None:
 
 async def healthz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
-    return web.json_response({"ok": True, "gateway_up": svc.mapper.gateway_up})
+    return web.json_response({"ok": True, "gateway_up": svc.mapper.gateway_up,
+                              "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    up = svc.mapper.gateway_up
+    body: dict[str, Any] = {"ready": up, "gateway_up": up}
+    if not up:
+        body["error"] = svc.mapper.gateway_error or "the router has not answered yet"
+    return web.json_response(body, status=200 if up else 503)
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -137,6 +310,9 @@ async def get_mappings(request: web.Request) -> web.Response:
 async def get_activations(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     acts = sorted(svc.engine.activations.values(), key=lambda a: a.created)
+    if not _caller(request).reader:  # own-address rule: only this client's activations
+        own = _client_host(request)
+        acts = [a for a in acts if a.host == own]
     return web.json_response({"activations": [svc.activation_json(a) for a in acts]})
 
 
@@ -150,7 +326,7 @@ async def post_activation(request: web.Request) -> web.Response:
     if unknown:
         raise UsageError(
             f"unknown field(s) {', '.join(sorted(unknown))} (allowed: "
-            f"{', '.join(sorted(_POST_FIELDS))})"
+            f"{', '.join(sorted(_POST_FIELDS))}); ports come only from configured rules"
         )
     rule = body.get("rule")
     if not isinstance(rule, str) or not rule:
@@ -161,7 +337,7 @@ async def post_activation(request: web.Request) -> web.Response:
         source = Source(source_raw)
     except ValueError:
         raise UsageError(f'field "source" must be "api" or "run", got {source_raw!r}') from None
-    if source is Source.TRAFFIC:
+    if source is Source.TRAFFIC or source_raw not in ("api", "run"):
         raise UsageError('field "source" must be "api" or "run"')
     meta_raw = body.get("meta") or {}
     if not isinstance(meta_raw, dict) or not all(
@@ -173,7 +349,11 @@ async def post_activation(request: web.Request) -> web.Response:
     if host is not None:
         if not isinstance(host, str):
             raise UsageError('field "host" must be an IP address string')
-        if not _is_admin(request):
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise UsageError(f'field "host": {host!r} is not an IP address') from None
+        if not _caller(request).admin:
             own = _client_host(request)
             if host != own:
                 raise Forbidden(
@@ -191,7 +371,7 @@ async def post_activation(request: web.Request) -> web.Response:
 def _check_owner(request: web.Request, act_id: str) -> None:
     svc = request.app[SERVICE]
     act = svc.engine.get(act_id)
-    if not _is_admin(request) and act.host != _client_host(request):
+    if not _caller(request).admin and act.host != _client_host(request):
         raise Forbidden(f"activation {act_id} belongs to {act.host}; only the admin token may "
                         "change another host's activation")
 
@@ -216,24 +396,183 @@ async def refresh_activation(request: web.Request) -> web.Response:
 async def get_activation(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     act = svc.engine.get(request.match_info["id"])
+    if not _caller(request).reader and act.host != _client_host(request):
+        raise Forbidden(f"activation {act.id} belongs to another host")
     return web.json_response(svc.activation_json(act))
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi(__version__))
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    text = request.app[METRICS].render(request.app[SERVICE], request.app[STATUS_COUNTS])
+    return web.Response(text=text, content_type="text/plain",
+                        headers={"Cache-Control": "no-store"}, charset="utf-8")
+
+
+def _sse(event: Event) -> bytes:
+    name = str(event.get("event", "message")).replace("\n", " ")
+    return f"id: {event['seq']}\nevent: {name}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: every activation and mapping change, as it happens."""
+    svc = request.app[SERVICE]
+    caller = _caller(request)
+    since_raw = request.headers.get("Last-Event-ID") or request.query.get("since")
+    since: int | None = None
+    if since_raw is not None:
+        try:
+            since = int(since_raw)
+        except ValueError:
+            raise UsageError(f"Last-Event-ID/since must be an event number, got {since_raw!r}"
+                             ) from None
+    try:
+        sub = svc.hub.subscribe(caller.key())
+    except TooManySubscribers as exc:
+        raise TooMany(f"{exc}; close one first") from None
+    try:
+        return await _stream_events(request, sub, since)
+    finally:
+        svc.hub.unsubscribe(sub)
+
+
+async def _stream_events(request: web.Request, sub: Subscriber,
+                         since: int | None) -> web.StreamResponse:
+    svc = request.app[SERVICE]
+    heartbeat = request.app[SETTINGS].sse_heartbeat
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-store",
+        "X-Accel-Buffering": "no",
+    })
+    await resp.prepare(request)
+    hello = {"seq": svc.hub.seq, "event": "hello", "version": __version__,
+             "instance": svc.tag, "heartbeat": heartbeat}
+    chunks = [b"retry: 3000\n\n",
+              f"event: hello\ndata: {json.dumps(hello)}\n\n".encode()]
+    if since is not None:
+        chunks.extend(_sse(e) for e in svc.hub.since(since))
+    try:
+        await resp.write(b"".join(chunks))
+        while not sub.closed:
+            if not await sub.wait(heartbeat):
+                await resp.write(b": keep-alive\n\n")
+                continue
+            events, dropped = sub.take()
+            out = bytearray()
+            if dropped:
+                lost = {"dropped": dropped, "hint": "re-read /api/v1/status"}
+                out += f"event: lost\ndata: {json.dumps(lost)}\n\n".encode()
+            for ev in events:
+                out += _sse(ev)
+            if out:
+                await resp.write(bytes(out))
+    except ConnectionError:
+        pass  # the client went away
+    return resp
+
+
+# --- dashboard ---------------------------------------------------------------------------------
+
+_STATIC = {
+    "/": ("index.html", "text/html"),
+    "/dashboard.js": ("dashboard.js", "text/javascript"),
+    "/dashboard.css": ("dashboard.css", "text/css"),
+}
+_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+def _static_handler(filename: str, ctype: str) -> Handler:
+    body = (importlib.resources.files("igdtrigger") / "dashboard" / filename).read_bytes()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=ctype, charset="utf-8", headers={
+            "Content-Security-Policy": _CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        })
+
+    return handler
 
 
 async def not_found(request: web.Request) -> web.Response:
     return _error(404, f"no such endpoint: {request.method} {request.path}")
 
 
-def make_app(service: Service) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+async def _close_streams(app: web.Application) -> None:
+    app[SERVICE].hub.close_all()
+
+
+def _local_names() -> frozenset[str]:
+    names = {"localhost"}
+    try:
+        host = socket.gethostname().lower().rstrip(".")
+    except OSError:
+        return frozenset(names)
+    if host:
+        short = host.split(".")[0]
+        names |= {host, short, f"{short}.local"}
+    return frozenset(names)
+
+
+# (method, path, handler, access): the one table of routes; the OpenAPI test walks it too.
+ROUTES: tuple[tuple[str, str, Handler, Access], ...] = (
+    ("GET", "/healthz", healthz, Access.PUBLIC),
+    ("GET", "/readyz", readyz, Access.PUBLIC),
+    ("GET", f"{API_PREFIX}/openapi.json", get_openapi, Access.PUBLIC),
+    ("GET", f"{API_PREFIX}/status", get_status, Access.READ),
+    ("GET", f"{API_PREFIX}/mappings", get_mappings, Access.READ),
+    ("GET", f"{API_PREFIX}/events", get_events, Access.READ),
+    ("GET", "/metrics", get_metrics, Access.READ),
+    ("GET", f"{API_PREFIX}/rules", get_rules, Access.ACT),
+    ("GET", f"{API_PREFIX}/activations", get_activations, Access.ACT),
+    ("POST", f"{API_PREFIX}/activations", post_activation, Access.ACT),
+    ("GET", f"{API_PREFIX}/activations/{{id}}", get_activation, Access.ACT),
+    ("DELETE", f"{API_PREFIX}/activations/{{id}}", delete_activation, Access.ACT),
+    ("POST", f"{API_PREFIX}/activations/{{id}}/refresh", refresh_activation, Access.ACT),
+)
+
+
+def make_app(
+    service: Service,
+    *,
+    metrics: Metrics | None = None,
+    public_read: bool | None = None,
+    rate_limit: float | None = None,
+    rate_burst: int | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    sse_heartbeat: float = SSE_HEARTBEAT,
+    clock: Callable[[], float] = time.monotonic,
+    middlewares: Iterable[Any] = (),
+) -> web.Application:
+    """The API application. Settings default to ``service.config.api``; ``middlewares`` run
+    first (tests use one to present a LAN client address)."""
+    cfg = service.config.api
+    app = web.Application(
+        middlewares=[*middlewares, errors_middleware, guard_middleware],
+        client_max_size=MAX_BODY,
+    )
     app[SERVICE] = service
-    r = app.router
-    r.add_get("/healthz", healthz)
-    r.add_get("/api/v1/status", get_status)
-    r.add_get("/api/v1/rules", get_rules)
-    r.add_get("/api/v1/mappings", get_mappings)
-    r.add_get("/api/v1/activations", get_activations)
-    r.add_post("/api/v1/activations", post_activation)
-    r.add_get("/api/v1/activations/{id}", get_activation)
-    r.add_delete("/api/v1/activations/{id}", delete_activation)
-    r.add_post("/api/v1/activations/{id}/refresh", refresh_activation)
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[SETTINGS] = ApiSettings(
+        public_read=cfg.public_read if public_read is None else public_read,
+        allowed_hosts=_local_names() | frozenset(
+            h.lower() for h in (cfg.allowed_hosts if allowed_hosts is None else allowed_hosts)),
+        sse_heartbeat=sse_heartbeat,
+    )
+    app[LIMITER] = RateLimiter(cfg.rate_limit if rate_limit is None else rate_limit,
+                               cfg.rate_burst if rate_burst is None else rate_burst, clock=clock)
+    app[STATUS_COUNTS] = collections.Counter()
+    access: dict[AbstractRoute, Access] = {}
+    for method, path, handler, acc in ROUTES:
+        route = app.router.add_route(method, path, handler)
+        access[route] = acc
+    for path, (filename, ctype) in _STATIC.items():
+        access[app.router.add_get(path, _static_handler(filename, ctype))] = Access.PUBLIC
+    app[ACCESS] = access
+    app.on_shutdown.append(_close_streams)
     return app

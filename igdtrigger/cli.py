@@ -38,10 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, *, server: bool = True) -> None:
         sp.add_argument("--config", metavar="PATH", help="config file (TOML)")
         if server:
-            sp.add_argument("--server", metavar="URL", help="service URL (default: from config, "
-                            "$IGDTRIGGER_SERVER, or http://127.0.0.1:8731)")
+            sp.add_argument("--server", metavar="URL", help="service URL, or 'auto' to find it "
+                            "by zeroconf (default: $IGDTRIGGER_SERVER, the config's [api] "
+                            "listen, a service on this host, zeroconf, http://127.0.0.1:8731)")
             sp.add_argument("--token", help="admin token (default: $IGDTRIGGER_TOKEN or the "
                             "service's token file when readable)")
+            sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                            help="give up on the service after this long (default 10)")
 
     s = sub.add_parser("serve", help="run the service")
     common(s, server=False)
@@ -55,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a command with a rule's ports open while it runs")
     common(r)
-    r.add_argument("--rule", required=True, help="rule to activate")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--rule", help="rule to activate")
+    which.add_argument("--infer", choices=["steam", "lutris", "heroic"],
+                       help="name the rule from the launcher's environment (SteamAppId, "
+                       "GAME_NAME, HEROIC_APP_NAME) via [launchers] or a rule of that name")
     r.add_argument("--ttl", type=_duration, default=30.0,
                    help="heartbeat ttl: ports lapse this long after a killed wrapper (30s)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
@@ -85,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
     g.add_argument("--test", action="store_true",
                    help="map one random high port to this host for a moment to test leases")
+    hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
+                        "else 1 (Docker HEALTHCHECK)")
+    hc.add_argument("--config", metavar="PATH", help="config file (TOML)")
+    hc.add_argument("--server", metavar="URL", help="service URL (default: the config's "
+                    "[api] listen on this host)")
+    hc.add_argument("--ready", action="store_true",
+                    help="also require the router to answer (/readyz)")
+    hc.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+
+    dr = sub.add_parser("doctor", help="check privileges, detectors, the router, the external "
+                        "address and the API; say what to fix")
+    common(dr)
     return p
 
 
@@ -97,13 +116,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, read_token
+    from .client import Client, read_token, resolve_server
 
-    server = args.server
-    if server is None and config is not None and config.source != "<defaults>":
-        server = config.api.url
-    token = args.token or read_token(config.state_dir if config else None)
-    return Client(server, token=token)
+    where = resolve_server(args.server, config)
+    token = args.token or (read_token(config.state_dir if config else None)
+                           if where.trusted else None)
+    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -128,6 +146,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config, ready_file=args.ready_file))
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from .doctor import healthcheck
+
+    return healthcheck(args.config, args.server, ready=args.ready, timeout=args.timeout)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor
+
+    return doctor(args.config, args.server, args.token)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .wrapper import run
 
@@ -141,13 +171,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    client_server = args.server
-    if client_server is None and config.source != "<defaults>":
-        client_server = config.api.url
-    from .client import read_token
+    from .client import read_token, resolve_server
 
-    return run(command, rule=args.rule, config=config, server=client_server,
-               token=args.token or read_token(config.state_dir), ttl=args.ttl)
+    rule = args.rule
+    if args.infer:
+        from .wrapper import infer_rule
+
+        rule = infer_rule(args.infer, config)
+        if rule is None:  # said why; the game runs with nothing opened
+            return run(command, rule=None, config=config, server=None, token=None)
+    where = resolve_server(args.server, config if config.source != "<defaults>" else None,
+                           discover_timeout=1.0)
+    token = args.token or (read_token(config.state_dir) if where.trusted else None)
+    return run(command, rule=rule, config=config, server=where.url, token=token,
+               ttl=args.ttl, strict_rule=not args.infer)
 
 
 def _print_activation(data: dict[str, Any]) -> None:
@@ -241,6 +278,8 @@ COMMANDS = {
     "deactivate": cmd_deactivate,
     "status": cmd_status,
     "gateway": cmd_gateway,
+    "healthcheck": cmd_healthcheck,
+    "doctor": cmd_doctor,
 }
 
 

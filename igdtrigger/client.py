@@ -6,16 +6,95 @@ Used by the CLI and the launcher wrapper, where start-up time matters more than 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
+import socket
+import sys
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_PORT, default_state_dir
+from .config import DEFAULT_PORT, ApiConfig, default_state_dir
 from .errors import ApiError, ServiceUnavailable, UsageError
 
+if TYPE_CHECKING:
+    from .config import Config
+
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
+AUTO = "auto"
+LOCAL_PROBE_TIMEOUT = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    url: str
+    how: str  # "argument", "environment", "config", "local", "zeroconf", "default"
+
+    @property
+    def trusted(self) -> bool:
+        """May the admin token read from a local file be sent there? Not to a service that
+        merely advertised itself on the LAN (anyone can), unless it is on loopback."""
+        return self.how != "zeroconf" or is_loopback_url(self.url)
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urllib.parse.urlsplit(url if "://" in url else "http://" + url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _answers(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_server(server: str | None, config: Config | None = None, *,
+                   discover_timeout: float = 1.5) -> Resolved:
+    """Which service to talk to.
+
+    ``--server URL`` > ``$IGDTRIGGER_SERVER`` > a config file whose ``[api] listen`` is not the
+    default > a service answering on this host's default address > zeroconf
+    (``_igdtrigger._tcp``, ``discover_timeout`` seconds) > ``http://127.0.0.1:8731``.
+    ``--server auto`` (or ``IGDTRIGGER_SERVER=auto``) skips straight to zeroconf.
+    """
+    auto = False
+    if server and server != AUTO:
+        return Resolved(server, "argument")
+    if server == AUTO:
+        auto = True
+    else:
+        env = os.environ.get("IGDTRIGGER_SERVER", "").strip()
+        if env == AUTO:
+            auto = True
+        elif env:
+            return Resolved(env, "environment")
+    if not auto and config is not None and config.source != "<defaults>":
+        api = config.api
+        default = ApiConfig()
+        if (api.host, api.port) != (default.host, default.port):
+            return Resolved(api.url, "config")
+    if not auto and _answers("127.0.0.1", DEFAULT_PORT, LOCAL_PROBE_TIMEOUT):
+        return Resolved(DEFAULT_SERVER, "local")
+    try:
+        from .discovery import browse
+
+        found = browse(discover_timeout)
+    except Exception as exc:  # no multicast here, zeroconf missing...: fall back
+        print(f"igdtrigger: zeroconf discovery failed ({exc}); trying {DEFAULT_SERVER}",
+              file=sys.stderr)
+        found = []
+    if found:
+        return Resolved(found[0].url, "zeroconf")
+    return Resolved(DEFAULT_SERVER, "default")
 
 
 def read_token(state_dir: Path | None = None) -> str | None:

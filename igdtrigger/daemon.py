@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -20,29 +21,51 @@ from .config import Config
 from .detect.base import Detector
 from .errors import IgdTriggerError
 from .gateway.select import build_gateway
+from .metrics import Metrics
+from .sdnotify import Notifier
 from .service import Service
 
 log = logging.getLogger("igdtrigger")
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (unless journald stamps it), level, logger, msg[, exc]."""
+
+    def __init__(self, *, timestamps: bool = True) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
+        out: dict[str, Any] = {}
+        if self.timestamps:
+            out["ts"] = round(record.created, 3)
+        out.update(level=record.levelname.lower(), logger=record.name, msg=record.getMessage())
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
 
 
+def stderr_is_journal(environ: Mapping[str, str] | None = None, fd: int = 2) -> bool:
+    """True when stderr is the journal stream systemd handed us (``$JOURNAL_STREAM`` names its
+    device and inode; a child whose stderr was redirected inherits the variable but not the
+    stream, so both are compared, as sd_journal_stream_fd(3) advises)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    journal = stderr_is_journal()  # journald adds its own timestamps
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    elif os.environ.get("JOURNAL_STREAM"):  # journald adds its own timestamps
+        handler.setFormatter(JsonFormatter(timestamps=not journal))
+    elif journal:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(
@@ -73,15 +96,22 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         await sim.start()
         url = sim.url
         log.info("simulated router (no real router is touched) at %s", url)
-        config = replace(config, gateway=replace(config.gateway, url=url))
+        # the simulated router speaks UPnP only
+        config = replace(config, gateway=replace(config.gateway, url=url, protocol="upnp"))
+    metrics = Metrics()
     gateway = build_gateway(url, backend=config.gateway.backend,
-                            discover_timeout=config.gateway.discover_timeout)
+                            protocol=config.gateway.protocol,
+                            discover_timeout=config.gateway.discover_timeout,
+                            on_call=metrics.on_router_call)
     detectors = build_detectors(config)
     service = Service(config, gateway, detectors=detectors)
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
             det.wanted = lambda proto, port: bool(service.engine.index.match(proto, port))
-    app = make_app(service)
+    advertise = config.api.zeroconf == "on" or (
+        config.api.zeroconf == "auto" and not config.api.loopback_only)
+    app = make_app(service, metrics=metrics,
+                   allowed_hosts=[*config.api.allowed_hosts, f"igdtrigger-{service.tag}.local"])
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.api.host, config.api.port, reuse_address=True)
@@ -105,16 +135,65 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
         len(config.rules), config.api.host, config.api.port, config.source,
     )
+    advertiser = None
+    if advertise:
+        advertiser = await _advertise(config, service)
+    notifier = Notifier()
+    notifier.ready(_status_line(service, config))
+    side_tasks = [asyncio.create_task(notifier.watchdog(), name="sd-watchdog")]
+    if notifier.enabled:
+        side_tasks.append(asyncio.create_task(_status_updates(notifier, service, config)))
     if ready_file:
         with open(ready_file, "w") as fh:  # noqa: ASYNC230 (tiny, once)
             fh.write(str(os.getpid()))
     await stop.wait()
     t0 = time.monotonic()
     log.info("stopping: removing mappings")
+    notifier.stopping("removing mappings")
+    for task in side_tasks:
+        task.cancel()
+    if advertiser is not None:
+        await advertiser.close()
     await site.stop()  # no new activations while we clean up
+    service.hub.close_all()  # end event streams so the runner need not wait for them
     removed = await service.stop()
     await runner.cleanup()
     if sim is not None:
         await sim.close()
     log.info("stopped in %.2fs (%d mapping(s) removed)", time.monotonic() - t0, removed)
     return 0
+
+
+async def _advertise(config: Config, service: Service) -> Any:
+    """Start zeroconf advertisement; a failure is a warning, never fatal."""
+    from . import __version__
+    from .discovery import Advertiser
+
+    adv = Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
+                     instance=service.tag, token_needed=not config.api.public_read)
+    try:
+        if await adv.start():
+            return adv
+    except Exception as exc:
+        log.warning("zeroconf advertisement failed (%s); clients need --server", exc)
+        await adv.close()
+    return None
+
+
+def _status_line(service: Service, config: Config) -> str:
+    gw = "router up" if service.mapper.gateway_up else (
+        f"router down: {service.mapper.gateway_error}" if service.mapper.gateway_error
+        else "looking for the router")
+    return (f"{len(service.engine.activations)} activation(s), "
+            f"{len(service.mapper.applied)} mapping(s); {gw}; API {config.api.url}")[:200]
+
+
+async def _status_updates(notifier: Notifier, service: Service, config: Config) -> None:
+    """Keep ``systemctl status`` current (STATUS=), only sending when it changed."""
+    last = ""
+    while True:
+        line = _status_line(service, config)
+        if line != last:
+            notifier.status(line)
+            last = line
+        await asyncio.sleep(2.0)

@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,7 +141,7 @@ class StandaloneHolder(Holder):
         if gw_cfg.simulate:
             _warn("gateway.url = \"simulate\" needs a running service; not opening ports")
             return
-        gateway = build_gateway(gw_cfg.url, backend=gw_cfg.backend,
+        gateway = build_gateway(gw_cfg.url, backend=gw_cfg.backend, protocol=gw_cfg.protocol,
                                 discover_timeout=gw_cfg.discover_timeout)
         clock = self.loop.time
         tag = f"run{os.getpid()}"
@@ -212,17 +213,71 @@ def _wait_forwarding(child: subprocess.Popen[bytes], sigs: set[signal.Signals]) 
                 os.kill(child.pid, info.si_signo)
 
 
+# launcher -> the environment variables that name the game, in order of preference
+INFER_ENV: dict[str, tuple[str, ...]] = {
+    "steam": ("SteamAppId", "SteamGameId"),
+    "lutris": ("GAME_NAME", "LUTRIS_GAME_UUID"),
+    "heroic": ("HEROIC_APP_NAME", "HEROIC_GAME_APP_NAME"),
+}
+
+
+def slug(text: str) -> str:
+    """A rule name from a game name: ``Quake Champions`` -> ``quake-champions``."""
+    out = re.sub(r"[^a-z0-9_.]+", "-", text.strip().lower()).strip("-.")
+    return out[:40].rstrip("-.")
+
+
+def infer_rule(launcher: str, config: Config,
+               environ: Mapping[str, str] | None = None) -> str | None:
+    """The rule for the game a launcher is starting, or None (with a warning) if unknown.
+
+    The launcher's variables (``INFER_ENV``) give an id; ``[launchers] "steam:730" = "cs2"`` in
+    the config maps it to a rule. Without an entry, a rule named like the id (as is, or as a
+    slug: ``GAME_NAME=Quake Champions`` -> ``quake-champions``) is used; without a local config
+    that name is sent to the service as it is.
+    """
+    env = os.environ if environ is None else environ
+    names = INFER_ENV[launcher]
+    ident = next((env[n].strip() for n in names if env.get(n, "").strip()), "")
+    if not ident:
+        _warn(f"--infer {launcher}: none of {', '.join(names)} is set (not started by "
+              f"{launcher}?); running without opening ports")
+        return None
+    table = dict(config.launchers)
+    for key in (f"{launcher}:{ident}", f"{launcher}:{slug(ident)}"):
+        if key in table:
+            return table[key]
+    for candidate in (ident, slug(ident)):
+        if config.rule(candidate) is not None:
+            return candidate
+    if config.rules:
+        _warn(f"--infer {launcher}: no rule for {launcher}:{ident}; add "
+              f"[launchers] \"{launcher}:{ident}\" = \"RULE\" to {config.source}; running "
+              "without opening ports")
+        return None
+    return slug(ident) or None
+
+
+def _passthrough(command: Sequence[str]) -> int:
+    """Run the command with nothing open (fail open), status and signals as usual."""
+    return _launch(command, dict(os.environ), None)
+
+
 def run(
     command: Sequence[str],
     *,
-    rule: str,
+    rule: str | None,
     config: Config,
     server: str | None,
     token: str | None,
     ttl: float = HEARTBEAT_TTL,
+    strict_rule: bool = True,
 ) -> int:
+    """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error."""
     if not command:
         raise UsageError("no command to run: write igdtrigger run --rule NAME -- COMMAND [ARGS...]")
+    if rule is None:
+        return _passthrough(command)
     holder: Holder | None = None
     env = dict(os.environ)
     client = Client(server, token=token, timeout=2.0)
@@ -237,15 +292,22 @@ def run(
             _warn(f"rule {rule}: {data.get('state')}"
                   + (f" (held by {', '.join(data['held_by'])})" if data.get("held_by") else ""))
     except ApiError as exc:
-        if exc.status == 404:  # unknown rule: a mistake to fix, not a router outage
+        if exc.status == 404 and strict_rule:  # unknown rule: a mistake to fix, not an outage
             raise UsageError(str(exc)) from None
         _warn(f"service refused the activation: {exc}; running without open ports")
     except ServiceUnavailable:
         rule_cfg = config.rule(rule)
         if rule_cfg is None:
-            raise RuleNotFound(rule, [r.name for r in config.rules]) from None
-        holder = StandaloneHolder(config, rule_cfg)
+            if strict_rule:
+                raise RuleNotFound(rule, [r.name for r in config.rules]) from None
+            _warn(f"no service and no rule {rule!r} here; running without open ports")
+        else:
+            holder = StandaloneHolder(config, rule_cfg)
+    return _launch(command, env, holder)
 
+
+def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None) -> int:
+    """Run the child with signals forwarded; ``holder`` keeps the ports open meanwhile."""
     sigs = {getattr(signal, n) for n in _FORWARDED if hasattr(signal, n)}
     blocking = hasattr(signal, "pthread_sigmask")
     if blocking:

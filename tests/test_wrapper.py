@@ -3,14 +3,23 @@ no service and no router answer (fail open); an unknown rule stops before launch
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from igdtrigger.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -34,8 +43,9 @@ def config(tmp_path: Path) -> Path:
     return p
 
 
-def igdt(*args: str, **kw: object) -> subprocess.Popen[str]:
-    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(kw.pop("state", "/nonexistent"))}
+def igdt(*args: str, **kw: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(kw.pop("state", "/nonexistent")),
+           **kw.pop("env_extra", {})}
     return subprocess.Popen([sys.executable, "-m", "igdtrigger", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
 
@@ -118,3 +128,173 @@ def test_client_commands_without_service_say_so(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=30)
     assert p.returncode == 3
     assert "no igdtrigger service at http://127.0.0.1:9" in err
+
+
+# --- --infer and the launcher hooks, against a running service (simulated router) -------------
+
+SERVICE_CONFIG = """
+[gateway]
+url = "simulate"
+
+[api]
+listen = "127.0.0.1:{port}"
+
+[detect]
+methods = []
+
+[[rules]]
+name = "demo"
+open = ["udp/40000-40001"]
+
+[[rules]]
+name = "quake-champions"
+open = ["udp/40005"]
+
+[launchers]
+"steam:730" = "demo"
+"""
+
+SHOW_ACTIVATION = ("import os, sys; print(os.environ.get('IGDTRIGGER_ACTIVATION', '-'), "
+                   "os.environ.get('IGDTRIGGER_PORTS', '-')); sys.exit(7)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`igdtrigger serve` with a simulated router; yields (URL, config path)."""
+    port = _free_port()
+    cfg = tmp_path / "service.toml"
+    cfg.write_text(SERVICE_CONFIG.format(port=port))
+    ready = tmp_path / "ready"
+    p = igdt("serve", "--config", str(cfg), "--ready-file", str(ready), state=tmp_path / "state")
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", cfg
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=20)
+
+
+def api_get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_infer_steam_maps_the_app_id_to_a_rule(service: tuple[str, Path]) -> None:
+    url, cfg = service
+    p = igdt("run", "--config", str(cfg), "--infer", "steam", "--", sys.executable, "-c",
+             SHOW_ACTIVATION, env_extra={"SteamAppId": "730"})
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 7, err
+    act_id, ports = out.split()
+    assert ports == "udp/40000,udp/40001"
+    events = api_get(f"{url}/api/v1/status")["events"]
+    mine = [e for e in events if e.get("activation") == act_id]
+    assert [e["event"] for e in mine] == ["activated", "deactivated"]
+    assert mine[0]["rule"] == "demo" and mine[0]["source"] == "run"
+    assert api_get(f"{url}/api/v1/activations")["activations"] == []
+
+
+def test_infer_lutris_uses_a_rule_named_like_the_game(service: tuple[str, Path]) -> None:
+    _, cfg = service
+    p = igdt("run", "--config", str(cfg), "--infer", "lutris", "--", sys.executable, "-c",
+             SHOW_ACTIVATION, env_extra={"GAME_NAME": "Quake Champions"})
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 7, err
+    assert out.split()[1] == "udp/40005"
+
+
+@pytest.mark.parametrize(("launcher", "env_extra", "warning"), [
+    ("steam", {}, "none of SteamAppId, SteamGameId is set"),
+    ("heroic", {"HEROIC_APP_NAME": "Fortnite"}, 'add [launchers] "heroic:Fortnite"'),
+])
+def test_infer_fails_open(service: tuple[str, Path], launcher: str, env_extra: dict[str, str],
+                          warning: str) -> None:
+    url, cfg = service
+    p = igdt("run", "--config", str(cfg), "--infer", launcher, "--", sys.executable, "-c",
+             SHOW_ACTIVATION, env_extra=env_extra)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 7  # the game ran, with nothing opened
+    assert out.split() == ["-", "-"]
+    assert warning in err
+    assert api_get(f"{url}/api/v1/activations")["activations"] == []
+
+
+def test_infer_rule_resolution() -> None:
+    from igdtrigger.config import parse_config
+    from igdtrigger.wrapper import infer_rule, slug
+
+    cfg = parse_config({"rules": [{"name": "demo", "open": ["udp/40000"]},
+                                  {"name": "730", "open": ["udp/40001"]}],
+                        "launchers": {"steam:440": "demo", "heroic:Some Game": "demo"}})
+    assert infer_rule("steam", cfg, {"SteamAppId": "440"}) == "demo"
+    assert infer_rule("steam", cfg, {"SteamGameId": "730"}) == "730"  # a rule of that name
+    assert infer_rule("heroic", cfg, {"HEROIC_APP_NAME": "Some Game"}) == "demo"
+    assert infer_rule("steam", cfg, {"SteamAppId": "999"}) is None  # unknown here: warn
+    # no local rules (the service has them): the name as it is, slugged
+    assert infer_rule("lutris", parse_config({}), {"GAME_NAME": "Quake: Champions!"}) == \
+        "quake-champions"
+    assert slug("  Call of Duty®: MW III  ") == "call-of-duty-mw-iii"
+    assert len(slug("x" * 100)) == 40
+
+
+def test_launchers_config_is_validated() -> None:
+    from igdtrigger.config import parse_config
+
+    rules = [{"name": "demo", "open": ["udp/40000"]}]
+    with pytest.raises(ConfigError, match=r"launchers.origin:1: key 'origin:1' must be"):
+        parse_config({"rules": rules, "launchers": {"origin:1": "demo"}}, source="c.toml")
+    with pytest.raises(ConfigError, match=r"launchers.steam:1: 'nope' is not a configured rule"):
+        parse_config({"rules": rules, "launchers": {"steam:1": "nope"}}, source="c.toml")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_shell_wrapper_holds_ports_while_the_command_runs(service: tuple[str, Path],
+                                                          tmp_path: Path) -> None:
+    url, _ = service
+    script = ROOT / "examples" / "hooks" / "igdtrigger-wrap.sh"
+    child = (
+        "import json, os, sys, urllib.request\n"
+        f"acts = json.load(urllib.request.urlopen({url!r} + '/api/v1/activations'))\n"
+        "print([a['rule'] for a in acts['activations']], os.environ['IGDTRIGGER_ACTIVATION'])\n"
+        "sys.exit(5)\n"
+    )
+    env = {**os.environ, "IGDTRIGGER_SERVER": url, "IGDTRIGGER_TTL": "6"}
+    r = subprocess.run(["sh", str(script), "demo", "--", sys.executable, "-c", child], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 5, r.stderr
+    rules, act_id = r.stdout.rsplit(" ", 1)
+    assert rules == "['demo']" and act_id.strip()
+    assert api_get(f"{url}/api/v1/activations")["activations"] == []  # ended on exit
+    # a signal to the wrapper reaches the command; its status comes back
+    marker = tmp_path / "started"
+    sleeper = ("import pathlib, signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+               f"pathlib.Path({str(marker)!r}).touch()\n"
+               "time.sleep(30)\n")
+    p = subprocess.Popen(["sh", str(script), "demo", sys.executable, "-c", sleeper], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    assert len(api_get(f"{url}/api/v1/activations")["activations"]) == 1
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=20)
+    assert p.returncode == 42
+    assert api_get(f"{url}/api/v1/activations")["activations"] == []
+    # fail open: no service
+    r = subprocess.run(["sh", str(script), "demo", "--", "true"], capture_output=True, text=True,
+                       env={**env, "IGDTRIGGER_SERVER": "http://127.0.0.1:9"}, timeout=30)
+    assert r.returncode == 0 and "running without open ports" in r.stderr

@@ -1,0 +1,328 @@
+// igdtrigger dashboard: plain JS, no build step. Reads /api/v1/status, follows
+// /api/v1/events (server-sent events, read with fetch so the optional admin token can be sent
+// as a header) and acts through /api/v1/activations. All text goes in via textContent.
+"use strict";
+
+const TOKEN_KEY = "igdtrigger-token";
+const state = {
+  token: sessionStorage.getItem(TOKEN_KEY) || localStorage.getItem(TOKEN_KEY) || "",
+  status: null,      // last /api/v1/status (or the reduced view without read access)
+  fetchedAt: 0,      // performance.now() when it arrived: countdowns tick from there
+  readable: true,    // false after a 401 on /status: own activations only
+  events: [],
+  refreshTimer: null,
+};
+
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else if (k === "onclick") node.addEventListener("click", v);
+    else node[k] = v;
+  }
+  for (const c of children) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+function headers(extra) {
+  const h = Object.assign({ "Accept": "application/json" }, extra || {});
+  if (state.token) h["Authorization"] = "Bearer " + state.token;
+  return h;
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}),
+                 cache: "no-store" };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const resp = await fetch(path, init);
+  let data = null;
+  try { data = await resp.json(); } catch (e) { data = null; }
+  if (!resp.ok) {
+    const err = new Error(data && data.error ? data.error.message : "HTTP " + resp.status);
+    err.status = resp.status;
+    throw err;
+  }
+  return data;
+}
+
+function say(text, isError) {
+  const m = $("#message");
+  m.textContent = text;
+  m.className = isError ? "error" : "";
+  m.hidden = !text;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  seconds = Math.max(0, Math.round(seconds));
+  if (seconds < 120) return seconds + "s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + "m " + (seconds % 60) + "s";
+  return Math.floor(seconds / 3600) + "h " + Math.floor((seconds % 3600) / 60) + "m";
+}
+
+function elapsed() { return (performance.now() - state.fetchedAt) / 1000; }
+
+// --- loading ------------------------------------------------------------------------------
+
+async function refresh() {
+  try {
+    let status;
+    try {
+      status = await api("GET", "/api/v1/status");
+      state.readable = true;
+      $("#auth").hidden = true;
+    } catch (err) {
+      if (err.status !== 401) throw err;
+      // No read access from this host: show what the own-address rule allows.
+      state.readable = false;
+      showAuth(err.message);
+      const [rules, acts] = await Promise.all([api("GET", "/api/v1/rules"),
+                                               api("GET", "/api/v1/activations")]);
+      status = { rules: rules.rules, activations: acts.activations, mappings: [],
+                 warnings: [], gateway: null, events: [] };
+    }
+    state.status = status;
+    state.fetchedAt = performance.now();
+    if (status.events && !state.events.length) state.events = status.events.slice(-50);
+    render();
+  } catch (err) {
+    say("cannot read the service: " + err.message, true);
+  }
+}
+
+function scheduleRefresh() {
+  if (state.refreshTimer !== null) return;
+  state.refreshTimer = setTimeout(() => { state.refreshTimer = null; refresh(); }, 150);
+}
+
+// --- rendering ----------------------------------------------------------------------------
+
+function render() {
+  const s = state.status;
+  if (!s) return;
+  if (s.version) $("#version").textContent = "v" + s.version + " · instance " + s.instance;
+  renderGateway(s.gateway, s.warnings || []);
+  renderActivations(s.activations || []);
+  renderMappings(s.mappings || []);
+  renderRules(s.rules || []);
+  renderEvents();
+}
+
+function renderGateway(gw, warnings) {
+  const set = (id, text, cls) => { const n = $(id); n.textContent = text; n.className = cls || ""; };
+  if (!gw) {
+    for (const id of ["#gateway-state", "#gateway-protocol", "#gateway-external",
+                      "#gateway-local", "#gateway-location", "#gateway-lease"]) set(id, "(needs read access)", "muted");
+  } else {
+    set("#gateway-state", gw.up ? "up" : "down" + (gw.error ? ": " + gw.error : ""), gw.up ? "ok" : "bad");
+    set("#gateway-protocol", gw.protocol || "–");
+    const ext = gw.external_address || "unknown";
+    set("#gateway-external", gw.external_reachable === false ? ext + " (not public: double NAT or CGNAT)" : ext,
+        gw.external_reachable === false ? "warnish" : "");
+    set("#gateway-local", gw.local_address || "–");
+    set("#gateway-location", gw.location || "–", "wrap");
+    set("#gateway-lease", gw.permanent_leases ? "permanent (router refuses timed leases)" : duration(gw.lease));
+  }
+  const ul = $("#warnings");
+  ul.replaceChildren(...warnings.map((w) => el("li", {}, w)));
+}
+
+function portSummary(act) {
+  const ports = act.ports || [];
+  const open = ports.filter((p) => p.state === "active").length;
+  const other = ports.filter((p) => p.state !== "active")
+    .map((p) => p.port + " " + p.state + (p.held_by ? " by " + p.held_by : ""));
+  return open + "/" + ports.length + " open" + (other.length ? " · " + other.join(", ") : "");
+}
+
+function renderActivations(acts) {
+  const body = $("#activations tbody");
+  body.replaceChildren(...acts.map((a) => el("tr", { "data-activation": a.id, "data-rule": a.rule },
+    el("td", {}, a.rule),
+    el("td", {}, a.host),
+    el("td", {}, a.source || ""),
+    el("td", { class: a.state === "open" ? "ok" : (a.state === "failed" ? "bad" : "warnish") },
+       a.state + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
+    el("td", { class: "countdown", "data-expires": String(a.expires_in) }, duration(a.expires_in)),
+    el("td", {}, portSummary(a)),
+    el("td", {}, el("button", { type: "button", "data-deactivate": a.id,
+                               onclick: () => deactivate(a) }, "Deactivate")),
+  )));
+  $("#activations-empty").hidden = acts.length > 0;
+}
+
+function renderMappings(maps) {
+  const body = $("#mappings tbody");
+  body.replaceChildren(...maps.map((m) => {
+    const key = m.protocol.toLowerCase() + "/" + m.external_port;
+    return el("tr", { "data-mapping": key, "data-state": m.state },
+      el("td", {}, key),
+      el("td", {}, m.internal_client + ":" + m.internal_port),
+      el("td", { class: m.state === "active" ? "ok" : "bad", title: m.error || "" },
+         m.state + (m.error ? " – " + m.error : "")),
+      el("td", {}, m.lease ? duration(m.lease) : "permanent"),
+      el("td", { class: "countdown", "data-expires": m.renew_in === undefined || m.renew_in === null ? "" : String(m.renew_in) },
+         m.renew_in === undefined || m.renew_in === null ? "–" : duration(m.renew_in)));
+  }));
+  $("#mappings-empty").hidden = maps.length > 0;
+  if (!state.readable) $("#mappings-empty").textContent = "Needs read access.";
+}
+
+function renderRules(rules) {
+  const body = $("#rules tbody");
+  body.replaceChildren(...rules.map((r) => {
+    const input = el("input", { class: "for", placeholder: duration(r.idle_timeout),
+                                title: "how long, e.g. 30m or 2h (default: idle timeout)" });
+    return el("tr", { "data-rule": r.name },
+      el("td", {}, r.name),
+      el("td", {}, (r.trigger || []).join(", ") || "–"),
+      el("td", {}, (r.open || []).join(", ")),
+      el("td", {}, duration(r.idle_timeout)),
+      el("td", {}, input),
+      el("td", {}, el("button", { type: "button", "data-activate": r.name,
+                                 onclick: () => activate(r.name, input.value.trim()) }, "Activate")));
+  }));
+}
+
+function renderEvents() {
+  const ol = $("#events");
+  const items = state.events.slice(-50).reverse().map((e) => {
+    const when = e.at ? new Date(e.at * 1000).toLocaleTimeString() : "";
+    const what = [e.event, e.rule, e.mapping, e.host ? "→ " + e.host : "", e.error || ""]
+      .filter(Boolean).join(" ");
+    return el("li", { "data-event": e.event }, when + "  " + what);
+  });
+  ol.replaceChildren(...items);
+}
+
+function tick() {
+  if (!state.status) return;
+  const gone = elapsed();
+  for (const cell of document.querySelectorAll("td.countdown")) {
+    const base = cell.getAttribute("data-expires");
+    if (base === "" || base === null || base === "undefined") continue;
+    cell.textContent = duration(parseFloat(base) - gone);
+  }
+}
+
+// --- actions ------------------------------------------------------------------------------
+
+async function activate(rule, ttl) {
+  const body = { rule };
+  if (ttl) body.ttl = /^\d+(\.\d+)?$/.test(ttl) ? parseFloat(ttl) : ttl;
+  try {
+    const a = await api("POST", "/api/v1/activations", body);
+    say(a.rule + " for " + a.host + ": " + a.state + ", " + portSummary(a));
+  } catch (err) {
+    say("activate " + rule + ": " + err.message, true);
+  }
+  refresh();
+}
+
+async function deactivate(act) {
+  try {
+    await api("DELETE", "/api/v1/activations/" + encodeURIComponent(act.id));
+    say(act.rule + " for " + act.host + ": ended");
+  } catch (err) {
+    say("deactivate " + act.rule + ": " + err.message, true);
+  }
+  refresh();
+}
+
+// --- live events (server-sent events over fetch) -------------------------------------------
+
+function setLive(on) {
+  const p = $("#live");
+  p.textContent = on ? "live" : "offline";
+  p.className = "pill " + (on ? "on" : "off");
+}
+
+function handleBlock(block, cursor) {
+  let name = "message", data = "", id = null;
+  for (const line of block.split("\n")) {
+    if (line.startsWith(":")) continue;
+    const i = line.indexOf(":");
+    const field = i < 0 ? line : line.slice(0, i);
+    const value = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+    if (field === "event") name = value;
+    else if (field === "data") data += (data ? "\n" : "") + value;
+    else if (field === "id") id = value;
+  }
+  if (id !== null) cursor.last = id;
+  if (!data || name === "hello") return;
+  if (name === "lost") { scheduleRefresh(); return; }
+  try { state.events.push(JSON.parse(data)); } catch (e) { return; }
+  if (state.events.length > 200) state.events.splice(0, state.events.length - 200);
+  renderEvents();
+  scheduleRefresh();
+}
+
+async function follow() {
+  const cursor = { last: null };
+  for (;;) {
+    try {
+      const h = headers({ "Accept": "text/event-stream" });
+      if (cursor.last !== null) h["Last-Event-ID"] = cursor.last;
+      const resp = await fetch("/api/v1/events", { headers: h, cache: "no-store" });
+      if (!resp.ok || !resp.body) throw new Error("HTTP " + resp.status);
+      setLive(true);
+      if (cursor.last !== null) scheduleRefresh();   // caught up after a reconnect
+      const reader = resp.body.getReader();
+      const dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          handleBlock(buf.slice(0, i), cursor);
+          buf = buf.slice(i + 2);
+        }
+      }
+    } catch (err) {
+      // fall through: retry below
+    }
+    setLive(false);
+    await new Promise((r) => setTimeout(r, 3000));
+  }
+}
+
+// --- token ----------------------------------------------------------------------------------
+
+function showAuth(message) {
+  $("#auth").hidden = false;
+  $("#auth-message").textContent = message;
+}
+
+function setup() {
+  $("#token-button").addEventListener("click", () => {
+    $("#auth").hidden = !$("#auth").hidden;
+    $("#auth-message").textContent = "The admin token may do anything, including acting for other hosts. It is kept in this browser's storage.";
+  });
+  $("#token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    state.token = $("#token-input").value.trim();
+    if (state.token) localStorage.setItem(TOKEN_KEY, state.token);
+    $("#token-input").value = "";
+    refresh();
+  });
+  $("#token-clear").addEventListener("click", () => {
+    state.token = "";
+    localStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem(TOKEN_KEY);
+    refresh();
+  });
+  refresh();
+  follow();
+  setInterval(tick, 1000);
+  setInterval(refresh, 15000);   // leases, renewals and countdown drift
+}
+
+document.addEventListener("DOMContentLoaded", setup);

@@ -1,0 +1,244 @@
+"""``igdtrigger doctor`` and ``igdtrigger healthcheck``.
+
+doctor prints one line per check, ``ok``/``warn``/``FAIL``, each problem followed by what to do
+about it, and exits 1 when a check failed. healthcheck asks the local service's ``/healthz``
+(or ``/readyz`` with ``--ready``) and exits 0 or 1: Docker's HEALTHCHECK runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import Config, default_state_dir, load_config
+from .errors import ApiError, ConfigError, IgdTriggerError
+
+CAP_NET_ADMIN = 12
+CAP_NET_RAW = 13
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    level: str  # "ok", "warn", "FAIL"
+    name: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.level:<4}  {self.name}: {self.detail}"
+        return f"{text} -> {self.fix}" if self.fix else text
+
+
+def effective_capabilities(status_path: str = "/proc/self/status") -> int | None:
+    """CapEff of this process (Linux), or None when unknown."""
+    try:
+        with open(status_path) as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def check_privileges(config: Config, caps: int | None) -> Check:
+    needs = "conntrack" in config.detect.methods
+    if caps is None:
+        return Check("ok" if not needs else "warn", "privileges",
+                     "cannot read capabilities on this platform",
+                     "" if not needs else "conntrack detection needs Linux with CAP_NET_ADMIN")
+    has_admin = bool(caps >> CAP_NET_ADMIN & 1)
+    if has_admin:
+        return Check("ok", "privileges", "CAP_NET_ADMIN present (conntrack events available)")
+    if not needs:
+        return Check("ok", "privileges", "no capability needed (no conntrack detection)")
+    return Check("warn", "privileges", "no CAP_NET_ADMIN: traffic triggers will not be seen",
+                 "run the service as root or with AmbientCapabilities=CAP_NET_ADMIN "
+                 "(examples/igdtrigger.service); explicit activations work without it")
+
+
+def check_detectors(config: Config) -> list[Check]:
+    from .daemon import build_detectors
+
+    out: list[Check] = []
+    try:
+        detectors = build_detectors(config)
+    except IgdTriggerError as exc:
+        return [Check("warn", "detectors", str(exc))]
+    if not detectors:
+        return [Check("ok", "detectors", "none configured ([detect] methods = []); "
+                      "activations come from run/activate/the API only")]
+    for det in detectors:
+        try:
+            det.check()
+        except IgdTriggerError as exc:
+            out.append(Check("warn", f"detector {det.name}", str(exc),
+                             "explicit activations still work"))
+        else:
+            out.append(Check("ok", f"detector {det.name}", "can run"))
+    return out
+
+
+async def _probe_gateway(config: Config, timeout: float) -> tuple[Any, Any, str]:
+    from .gateway.select import build_gateway
+
+    gw = build_gateway(config.gateway.url, backend=config.gateway.backend,
+                       discover_timeout=config.gateway.discover_timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            info = await gw.connect()
+        return gw, info, ""
+    except TimeoutError:
+        return gw, None, f"no answer within {timeout:g}s"
+    except IgdTriggerError as exc:
+        return gw, None, str(exc)
+    finally:
+        await gw.close()
+
+
+def check_gateway(config: Config) -> list[Check]:
+    if config.gateway.simulate:
+        return [Check("ok", "gateway", "simulated router (gateway.url = \"simulate\"); no real "
+                      "router is touched")]
+    timeout = config.gateway.discover_timeout + 5.0
+    gw, info, error = asyncio.run(_probe_gateway(config, timeout))
+    out: list[Check] = []
+    probes = getattr(gw, "probe_results", None)
+    if isinstance(probes, dict) and probes:
+        shown = "; ".join(f"{name}: {res}" for name, res in probes.items())
+        out.append(Check("ok" if info is not None else "warn", "protocols", shown))
+    if info is None:
+        where = config.gateway.url or "SSDP discovery"
+        out.append(Check("FAIL", "gateway", f"no router answered ({where}): {error}",
+                         "enable UPnP IGD on the router, or set [gateway] url to its "
+                         "description URL (e.g. http://192.168.1.1:5000/rootDesc.xml)"))
+        return out
+    out.append(Check("ok", "gateway", f"{info.protocol} at {info.location}; this host is "
+                     f"{info.local_address}"))
+    if not info.external_address:
+        out.append(Check("warn", "external address", "the router does not say",
+                         "check the router's WAN connection"))
+    elif info.external_reachable:
+        out.append(Check("ok", "external address", f"{info.external_address} is public"))
+    else:
+        out.append(Check("warn", "external address",
+                         f"{info.external_address} is not public (double NAT or CGNAT): ports "
+                         "opened here are not reachable from the internet",
+                         "put the upstream router in bridge mode, forward the ports there too, "
+                         "or ask the ISP for a public address"))
+    return out
+
+
+def check_state_dir(config: Config) -> Check:
+    state = config.state_dir or default_state_dir()
+    if state.is_dir() and os.access(state, os.W_OK):
+        return Check("ok", "state directory", f"{state} is writable")
+    if not state.exists() and os.access(_existing_parent(state), os.W_OK):
+        return Check("ok", "state directory", f"{state} will be created on first start")
+    return Check("warn", "state directory", f"{state} is not writable by this user",
+                 "run as the service's user, or set [service] state_dir; a crash's leftover "
+                 "mappings are only recognised with a writable state directory")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_api(config: Config, server: str | None, token: str | None) -> list[Check]:
+    from .client import Client, resolve_server
+
+    where = resolve_server(server, config, discover_timeout=1.0)
+    client = Client(where.url, token=token if where.trusted else None, timeout=3.0)
+    try:
+        health = client.request("GET", "/healthz")
+    except IgdTriggerError as exc:
+        return [Check("warn", "api", f"no service at {where.url} ({where.how}): {exc}",
+                      "start it: `igdtrigger serve`, `systemctl start igdtrigger` or "
+                      "`docker compose up -d`; or pass --server")]
+    out = [Check("ok", "api", f"service {health.get('version', '?')} answers at {where.url} "
+                 f"({where.how})")]
+    try:
+        status = client.request("GET", "/api/v1/status")
+    except ApiError as exc:
+        if exc.status == 401:
+            out.append(Check("ok", "api access", "status needs the admin token from here",
+                             "pass --token or set IGDTRIGGER_TOKEN to read it; or set "
+                             "[api] public_read = true on the service"))
+            return out
+        out.append(Check("warn", "api access", str(exc)))
+        return out
+    except IgdTriggerError as exc:
+        out.append(Check("warn", "api access", str(exc)))
+        return out
+    gw = status.get("gateway", {})
+    if gw.get("up"):
+        out.append(Check("ok", "service's router", f"up ({gw.get('protocol')}, external "
+                         f"{gw.get('external_address')})"))
+    else:
+        out.append(Check("FAIL", "service's router", f"down: {gw.get('error')}",
+                         "see `igdtrigger status` and the service's log"))
+    for warning in status.get("warnings", []):
+        out.append(Check("warn", "service", str(warning)))
+    return out
+
+
+def doctor(config_path: str | None, server: str | None, token: str | None,
+           out: TextIO | None = None) -> int:
+    """Run every check, printing each line as it is known; 1 if any failed."""
+    out = out or sys.stdout
+    failed = False
+
+    def emit(*checks: Check) -> None:
+        nonlocal failed
+        for check in checks:
+            failed = failed or check.level == "FAIL"
+            print(check.line(), file=out, flush=True)
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        emit(Check("FAIL", "config", str(exc), "fix it (see examples/config.toml)"))
+        return 1
+    if config.rules:
+        emit(Check("ok", "config", f"{config.source}: {len(config.rules)} rule(s)"))
+    else:
+        emit(Check("warn", "config", f"{config.source}: no rules, nothing can be opened",
+                   "add [[rules]] (see examples/rules/)"))
+    emit(check_privileges(config, effective_capabilities()))
+    emit(*check_detectors(config))
+    emit(*check_gateway(config))
+    emit(check_state_dir(config))
+    from .client import read_token
+
+    emit(*check_api(config, server, token or read_token(config.state_dir)))
+    return 1 if failed else 0
+
+
+def healthcheck(config_path: str | None, server: str | None, *, ready: bool,
+                timeout: float, out: TextIO | None = None) -> int:
+    """0 when the service answers (and, with ``ready``, its router does); else 1."""
+    out = out or sys.stdout
+    from .client import Client
+
+    url = server
+    if url is None:
+        try:
+            url = load_config(config_path).api.url
+        except ConfigError as exc:
+            print(f"unhealthy: {exc}", file=out)
+            return 1
+    client = Client(url, timeout=timeout)
+    path = "/readyz" if ready else "/healthz"
+    try:
+        data = client.request("GET", path)
+    except IgdTriggerError as exc:
+        print(f"unhealthy: {exc}", file=out)
+        return 1
+    print(f"healthy: {url}{path} {data}", file=out)
+    return 0

@@ -1,0 +1,176 @@
+"""Prometheus metrics in the text exposition format (version 0.0.4), written by hand.
+
+Counters that happen between scrapes (router requests and their latency) are recorded here
+through ``on_router_call``, the hook every gateway backend calls as ``(action, seconds, ok)``;
+possibly from a worker thread, hence the lock. Everything else is read from the service at
+scrape time, so a scrape always agrees with ``/api/v1/status``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from typing import TYPE_CHECKING
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .service import Service
+
+# router round trips: LAN routers answer in ms, slow ones in seconds
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels: str) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}"
+
+
+def _num(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(LATENCY_BUCKETS)
+        self.sum = 0.0
+        self.total = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.total += 1
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        self.lines.append(f"{name}{_labels(**labels)} {_num(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latency: dict[str, _Histogram] = {}
+        self._requests: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def on_router_call(self, action: str, seconds: float, ok: bool) -> None:
+        """The gateway's ``on_call`` hook."""
+        with self._lock:
+            hist = self._latency.get(action)
+            if hist is None:
+                hist = self._latency[action] = _Histogram()
+            hist.observe(seconds)
+            self._requests[(action, "ok" if ok else "error")] += 1
+
+    def render(self, svc: Service, http_status: collections.Counter[int] | None = None) -> str:
+        w = _Writer()
+        w.family("igdtrigger_info", "gauge", "Version and instance tag of this service.")
+        w.sample("igdtrigger_info", 1, version=__version__, instance=svc.tag)
+        w.family("igdtrigger_uptime_seconds", "gauge", "Seconds since the service started.")
+        w.sample("igdtrigger_uptime_seconds", round(svc.clock() - svc.started, 3))
+
+        info = svc.gateway.info
+        w.family("igdtrigger_gateway_up", "gauge",
+                 "1 when the router answers, 0 while it is down or not found yet.")
+        w.sample("igdtrigger_gateway_up", 1 if svc.mapper.gateway_up else 0,
+                 protocol=info.protocol if info else "")
+        w.family("igdtrigger_external_address_public", "gauge",
+                 "1 when the router's external address is public (no double NAT/CGNAT).")
+        w.sample("igdtrigger_external_address_public",
+                 1 if info is not None and info.external_reachable else 0)
+
+        by_source: collections.Counter[str] = collections.Counter(
+            a.source.value for a in svc.engine.activations.values())
+        w.family("igdtrigger_activations", "gauge", "Live activations by what started them.")
+        for source in sorted({"traffic", "api", "run", *by_source}):
+            w.sample("igdtrigger_activations", by_source[source], source=source)
+
+        by_map: collections.Counter[tuple[str, str]] = collections.Counter(
+            (app.spec.proto.value.lower(), app.state.value)
+            for app in svc.mapper.applied.values())
+        w.family("igdtrigger_mappings", "gauge",
+                 "Mappings this service holds or wants, by protocol and state.")
+        for proto in ("tcp", "udp"):
+            for state in ("active", "pending", "conflict", "failed"):
+                w.sample("igdtrigger_mappings", by_map[(proto, state)], protocol=proto,
+                         state=state)
+        for (proto, state), n in sorted(by_map.items()):
+            if state not in ("active", "pending", "conflict", "failed"):
+                w.sample("igdtrigger_mappings", n, protocol=proto, state=state)
+
+        w.family("igdtrigger_mapping_operations_total", "counter",
+                 "Router operations done by the mapper, by kind.")
+        for op, n in sorted(svc.mapper.ops.items()):
+            if op != "errors":
+                w.sample("igdtrigger_mapping_operations_total", n, op=op)
+
+        with self._lock:
+            latency = {k: (list(h.counts), h.sum, h.total) for k, h in self._latency.items()}
+            requests = dict(self._requests)
+        w.family("igdtrigger_router_requests_total", "counter",
+                 "Requests sent to the router, by action and result.")
+        for (action, result), n in sorted(requests.items()):
+            w.sample("igdtrigger_router_requests_total", n, action=action, result=result)
+        w.family("igdtrigger_router_request_seconds", "histogram",
+                 "Router request latency (one SOAP/miniupnpc call), by action.")
+        for action, (counts, total_sum, total) in sorted(latency.items()):
+            cumulative = 0
+            for bound, n in zip(LATENCY_BUCKETS, counts, strict=True):
+                cumulative += n
+                w.sample("igdtrigger_router_request_seconds_bucket", cumulative, action=action,
+                         le=repr(float(bound)))
+            w.sample("igdtrigger_router_request_seconds_bucket", total, action=action, le="+Inf")
+            w.sample("igdtrigger_router_request_seconds_sum", round(total_sum, 6), action=action)
+            w.sample("igdtrigger_router_request_seconds_count", total, action=action)
+
+        errors: collections.Counter[str] = collections.Counter(svc.error_counts)
+        errors["router_request"] = sum(n for (_, r), n in requests.items() if r == "error")
+        errors["mapper"] = svc.mapper.ops.get("errors", 0)
+        w.family("igdtrigger_errors_total", "counter",
+                 "Errors by kind: failed router requests, mapping conflicts and failures, "
+                 "mapper errors.")
+        for kind in sorted({"mapping_conflict", "mapping_failed", *errors}):
+            w.sample("igdtrigger_errors_total", errors[kind], kind=kind)
+
+        w.family("igdtrigger_detector_active", "gauge", "1 for each detector that is running.")
+        for det in svc.detector_status:
+            w.sample("igdtrigger_detector_active", 1 if det.active else 0, detector=det.name)
+        w.family("igdtrigger_flows_total", "counter",
+                 "New outbound flows seen by the detectors, and those matching a trigger.")
+        w.sample("igdtrigger_flows_total", svc.engine.flows_seen, result="seen")
+        w.sample("igdtrigger_flows_total", svc.engine.flows_matched, result="matched")
+        w.family("igdtrigger_events_total", "counter", "Activation and mapping events published.")
+        w.sample("igdtrigger_events_total", svc.hub.published)
+        w.family("igdtrigger_event_streams", "gauge", "Open server-sent event streams.")
+        w.sample("igdtrigger_event_streams", len(svc.hub.subscribers))
+        if http_status is not None:
+            w.family("igdtrigger_http_responses_total", "counter",
+                     "API responses by HTTP status code.")
+            for code, n in sorted(http_status.items()):
+                w.sample("igdtrigger_http_responses_total", n, code=str(code))
+        return w.text()

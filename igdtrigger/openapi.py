@@ -1,0 +1,258 @@
+"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json``, written by hand.
+
+``tests/test_api_openapi.py`` walks the application's routes and checks that every route and
+method is documented here, with the same access class (``x-access``), and that every documented
+operation exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+API_PREFIX = "/api/v1"
+
+_ACCESS_TEXT = {
+    "public": "Anyone who can connect.",
+    "read": "Loopback clients, the admin token, or anyone when `[api] public_read = true`; "
+            "else 401.",
+    "act": "Anyone, under the own-address rule: without the admin token a client acts only for "
+           "its own address (loopback: this host) and only on its own activations (403).",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_ERRORS_COMMON = {"429": _err("Rate limit exceeded; see Retry-After")}
+_ERRORS_READ = {**_ERRORS_COMMON, "401": _err("Needs the admin token or public_read"),
+                "403": _err("Host header not this service (DNS-rebinding protection)")}
+_ERRORS_ACT = {**_ERRORS_COMMON, "403": _err("Another host's activation, or cross-site"),
+               "400": _err("Malformed request")}
+
+
+def _op(summary: str, access: str, responses: dict[str, Any], *, op_id: str,
+        body: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None,
+        errors: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": op_id,
+        "summary": summary,
+        "description": _ACCESS_TEXT[access],
+        "x-access": access,
+        "responses": {**responses, **(errors or {})},
+    }
+    if access != "public":
+        op["security"] = [{}, {"bearer": []}]
+    if body is not None:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": body}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+       "description": "Activation id"}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["status", "message"],
+                                 "properties": {"status": {"type": "integer"},
+                                                "message": {"type": "string"}}}},
+    },
+    "Rule": {
+        "type": "object", "required": ["name", "trigger", "open", "idle_timeout"],
+        "properties": {
+            "name": {"type": "string"},
+            "trigger": {"type": "array", "items": {"type": "string"},
+                        "description": "outbound PROTO/PORT[-PORT] that activate the rule"},
+            "open": {"type": "array", "items": {"type": "string"},
+                     "description": "inbound PROTO/PORT[-PORT] forwarded while it holds"},
+            "idle_timeout": {"type": "number", "description": "seconds"},
+        },
+    },
+    "Port": {
+        "type": "object", "required": ["port", "state"],
+        "properties": {
+            "port": {"type": "string", "example": "udp/40000"},
+            "state": {"enum": ["active", "pending", "held", "conflict", "failed"]},
+            "held_by": {"type": ["string", "null"]},
+            "external_port": {"type": "integer"},
+            "error": {"type": "string"},
+        },
+    },
+    "Activation": {
+        "type": "object", "required": ["id", "rule", "host", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "rule": {"type": "string"},
+            "host": {"type": "string", "description": "LAN address the ports go to"},
+            "source": {"enum": ["traffic", "api", "run"]},
+            "state": {"enum": ["open", "partial", "pending", "waiting", "failed", "ended"]},
+            "ttl": {"type": "number"},
+            "expires_in": {"type": "number", "description": "seconds until it lapses"},
+            "held_by": {"type": "array", "items": {"type": "string"}},
+            "ports": {"type": "array", "items": _ref("Port")},
+        },
+    },
+    "ActivationRequest": {
+        "type": "object", "required": ["rule"], "additionalProperties": False,
+        "properties": {
+            "rule": {"type": "string", "description": "a configured rule's name"},
+            "ttl": {"type": ["number", "string"],
+                    "description": "seconds or 90s/10m/2h; default: the rule's idle_timeout"},
+            "host": {"type": "string", "description": "another LAN host (admin token only)"},
+            "source": {"enum": ["api", "run"]},
+            "meta": {"type": "object", "additionalProperties": {"type": "string"},
+                     "maxProperties": 16},
+        },
+    },
+    "Mapping": {
+        "type": "object",
+        "properties": {
+            "protocol": {"enum": ["TCP", "UDP"]},
+            "external_port": {"type": "integer"},
+            "internal_client": {"type": "string"},
+            "internal_port": {"type": "integer"},
+            "description": {"type": "string"},
+            "state": {"enum": ["active", "pending", "conflict", "failed"]},
+            "lease": {"type": "integer"},
+            "error": {"type": "string"},
+        },
+    },
+    "Status": {
+        "type": "object",
+        "required": ["version", "gateway", "rules", "activations", "mappings", "warnings"],
+        "properties": {
+            "version": {"type": "string"},
+            "uptime": {"type": "number"},
+            "instance": {"type": "string"},
+            "gateway": {"type": "object"},
+            "detectors": {"type": "array", "items": {"type": "object"}},
+            "rules": {"type": "array", "items": _ref("Rule")},
+            "activations": {"type": "array", "items": _ref("Activation")},
+            "mappings": {"type": "array", "items": _ref("Mapping")},
+            "counts": {"type": "object"},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+            "events": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+}
+
+
+def build_openapi(version: str) -> dict[str, Any]:
+    p = API_PREFIX
+    paths: dict[str, Any] = {
+        "/healthz": {"get": _op(
+            "Liveness: the service answers (and whether the router does)", "public",
+            {"200": _json({"type": "object", "properties": {
+                "ok": {"const": True}, "gateway_up": {"type": "boolean"},
+                "version": {"type": "string"}}})}, op_id="healthz", errors=_ERRORS_COMMON)},
+        "/readyz": {"get": _op(
+            "Readiness: 200 when the router answers, 503 while it does not", "public",
+            {"200": _json({"type": "object"}), "503": _json({"type": "object"}, "Router down")},
+            op_id="readyz", errors=_ERRORS_COMMON)},
+        f"{p}/openapi.json": {"get": _op(
+            "This document", "public", {"200": _json({"type": "object"})},
+            op_id="openapi", errors=_ERRORS_COMMON)},
+        f"{p}/status": {"get": _op(
+            "Gateway, detectors, rules, activations, mappings, counters, warnings, recent "
+            "events", "read", {"200": _json(_ref("Status"))}, op_id="getStatus",
+            errors=_ERRORS_READ)},
+        f"{p}/mappings": {"get": _op(
+            "Mappings this service holds, with state and lease", "read",
+            {"200": _json({"type": "object", "properties": {
+                "mappings": {"type": "array", "items": _ref("Mapping")}}})},
+            op_id="getMappings", errors=_ERRORS_READ)},
+        f"{p}/events": {"get": _op(
+            "Server-sent events: `hello`, then one event per activation or mapping change "
+            "(`activated`, `expired`, `deactivated`, `mapped`, `unmapped`, `conflict`, "
+            "`failed`, ...), each with `id:` = its `seq`; `lost` when a slow client missed "
+            "some; `: keep-alive` comments. Replays from `Last-Event-ID` (or `?since=`) while "
+            "the events are still in the service's short history.", "read",
+            {"200": {"description": "An event stream",
+                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+            op_id="getEvents",
+            params=[{"name": "since", "in": "query", "required": False,
+                     "schema": {"type": "integer"},
+                     "description": "replay events after this seq"}],
+            errors=_ERRORS_READ)},
+        "/metrics": {"get": _op(
+            "Prometheus metrics (text exposition format 0.0.4)", "read",
+            {"200": {"description": "Metrics",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            op_id="getMetrics", errors=_ERRORS_READ)},
+        f"{p}/rules": {"get": _op(
+            "Configured rules (what can ever be opened)", "act",
+            {"200": _json({"type": "object", "properties": {
+                "rules": {"type": "array", "items": _ref("Rule")}}})},
+            op_id="getRules", errors=_ERRORS_COMMON)},
+        f"{p}/activations": {
+            "get": _op(
+                "Live activations (without read access: only the client's own)", "act",
+                {"200": _json({"type": "object", "properties": {
+                    "activations": {"type": "array", "items": _ref("Activation")}}})},
+                op_id="listActivations", errors=_ERRORS_COMMON),
+            "post": _op(
+                "Activate a rule; waits up to 5 s for the router, then says which ports are "
+                "active, held, in conflict or failed", "act",
+                {"201": _json(_ref("Activation"), "Created"),
+                 "404": _err("Unknown rule"),
+                 "415": _err("Body is not application/json")},
+                op_id="createActivation", body=_ref("ActivationRequest"), errors=_ERRORS_ACT),
+        },
+        f"{p}/activations/{{id}}": {
+            "get": _op("One activation", "act",
+                       {"200": _json(_ref("Activation")), "404": _err("No such activation")},
+                       op_id="getActivation", params=[_ID], errors=_ERRORS_ACT),
+            "delete": _op("End an activation now; its ports close", "act",
+                          {"200": _json(_ref("Activation")),
+                           "404": _err("No such activation")},
+                          op_id="deleteActivation", params=[_ID], errors=_ERRORS_ACT),
+        },
+        f"{p}/activations/{{id}}/refresh": {"post": _op(
+            "Heartbeat: extend the activation by ttl (launcher wrappers call this)", "act",
+            {"200": _json(_ref("Activation")), "404": _err("No such activation")},
+            op_id="refreshActivation", params=[_ID],
+            body={"type": "object", "additionalProperties": False,
+                  "properties": {"ttl": {"type": ["number", "string"]}}},
+            errors=_ERRORS_ACT)},
+        "/": {"get": _op("The dashboard (HTML)", "public",
+                         {"200": {"description": "HTML",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}},
+                         op_id="dashboard")},
+        "/dashboard.js": {"get": _op("Dashboard script", "public",
+                                     {"200": {"description": "JavaScript"}},
+                                     op_id="dashboardScript")},
+        "/dashboard.css": {"get": _op("Dashboard style sheet", "public",
+                                      {"200": {"description": "CSS"}},
+                                      op_id="dashboardStyle")},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "igdtrigger",
+            "version": version,
+            "description": (
+                "Router-grade port triggering: rules, activations and the UPnP IGD mappings "
+                "they hold. Errors are `{\"error\": {\"status\", \"message\"}}`. Every client "
+                "address but loopback is rate limited (429 with Retry-After)."),
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "The admin token from `<state_dir>/api-token` (mode 0600)."}},
+        },
+    }

@@ -1,0 +1,84 @@
+"""Everything in examples/ is valid: rules parse and cite a source, hook command lines parse."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from igdtrigger.cli import build_parser
+from igdtrigger.config import load_config, parse_config
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+RULE_FILES = sorted((EXAMPLES / "rules").glob("*.toml"))
+
+
+def test_there_are_ready_rules() -> None:
+    assert len(RULE_FILES) >= 5
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
+def test_rule_file_is_valid_and_cites_its_source(path: Path) -> None:
+    text = path.read_text()
+    cfg = parse_config(tomllib.loads(text), source=str(path))
+    assert len(cfg.rules) == 1
+    assert re.search(r"^# source: .*\S", text, re.M), f"{path.name}: no '# source:' line"
+    assert re.search(r"https?://\S+|shipped with", text), f"{path.name}: no URL or origin"
+    assert all(r.port_count() <= 64 for r in cfg.rules)
+
+
+def test_rule_names_are_unique_so_files_can_be_combined() -> None:
+    combined = "\n".join(p.read_text() for p in RULE_FILES)
+    cfg = parse_config(tomllib.loads(combined))
+    assert len({r.name for r in cfg.rules}) == len(RULE_FILES)
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(EXAMPLES / "config.toml")
+    assert cfg.rule("demo") is not None
+
+
+def hook_command_lines() -> list[tuple[str, list[str]]]:
+    out: list[tuple[str, list[str]]] = []
+    for path in sorted((EXAMPLES / "hooks").iterdir()):
+        text = path.read_text()
+        if path.suffix == ".ps1":
+            for m in re.finditer(r"-ArgumentList @\(([^)]*)\)", text):
+                args = [a.strip().strip('"') for a in m.group(1).split(",")]
+                args = [{"$Rule": "demo", "$Server": "http://127.0.0.1:8731"}.get(a, a)
+                        for a in args]
+                out.append((path.name, args))
+            continue
+        for line in text.splitlines():
+            line = line.strip().strip("`.")
+            m = re.match(r'^(?:"[^"]*igdtrigger\.exe"|igdtrigger)\s+(.*)$', line)
+            if m is None:
+                m = re.match(r"^\w+_command: igdtrigger\s+(.*)$", line)  # Lutris system.yml
+            if m is None:
+                continue
+            args = shlex.split(m.group(1).replace("%command%", "game"))
+            if args[-1] == "--":
+                args.append("game")
+            out.append((path.name, args))
+    return out
+
+
+def test_hooks_exist() -> None:
+    names = {p.name for p in (EXAMPLES / "hooks").iterdir()}
+    assert {"steam-launch-options.txt", "lutris.md", "heroic.md", "playnite-before.ps1",
+            "playnite-after.ps1", "igdtrigger-wrap.sh"} <= names
+    found = {name for name, _ in hook_command_lines()}
+    assert {"steam-launch-options.txt", "lutris.md", "playnite-before.ps1",
+            "playnite-after.ps1"} <= found
+
+
+@pytest.mark.parametrize(("where", "args"), hook_command_lines(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_hook_command_lines_parse(where: str, args: list[str]) -> None:
+    ns = build_parser().parse_args(args)
+    assert ns.cmd in {"run", "activate", "deactivate"}, where
+    if where.startswith("playnite"):
+        assert ns.timeout == 1.0, "Playnite hooks must give up fast"
