@@ -186,6 +186,21 @@ class StandaloneHolder(Holder):
             self.thread.join(timeout)
 
 
+def ports_env(activation: dict[str, Any]) -> str:
+    """``IGDTRIGGER_PORTS`` for the child: the open ports, ``udp/40000`` when the router kept
+    the port number, ``udp/40001=51234`` when it gave another external port
+    (``external = "any"``), so a game or server can advertise the right one."""
+    out = []
+    for p in activation.get("ports", []):
+        if not isinstance(p, dict) or p.get("state") != "active":
+            continue
+        name = str(p.get("port", ""))
+        ext = p.get("external_port")
+        internal = name.rpartition("/")[2]
+        out.append(name if ext is None or str(ext) == internal else f"{name}={ext}")
+    return ",".join(out)
+
+
 def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -285,8 +300,7 @@ def run(
         sh = ServiceHolder(client, rule, ttl)
         data = sh.activate()
         holder = sh
-        ports = [p.get("port", "") for p in data.get("ports", []) if p.get("state") == "active"]
-        env["IGDTRIGGER_PORTS"] = ",".join(str(p) for p in ports)
+        env["IGDTRIGGER_PORTS"] = ports_env(data)
         env["IGDTRIGGER_ACTIVATION"] = str(data.get("id", ""))
         if data.get("state") not in ("open", None):
             _warn(f"rule {rule}: {data.get('state')}"

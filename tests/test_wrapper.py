@@ -298,3 +298,15 @@ def test_shell_wrapper_holds_ports_while_the_command_runs(service: tuple[str, Pa
     r = subprocess.run(["sh", str(script), "demo", "--", "true"], capture_output=True, text=True,
                        env={**env, "IGDTRIGGER_SERVER": "http://127.0.0.1:9"}, timeout=30)
     assert r.returncode == 0 and "running without open ports" in r.stderr
+
+
+def test_ports_env_names_granted_external_ports() -> None:
+    from igdtrigger.wrapper import ports_env
+
+    act = {"ports": [
+        {"port": "udp/40000", "state": "active", "external_port": 40000},
+        {"port": "udp/40001", "state": "active", "external_port": 51234},
+        {"port": "tcp/3074", "state": "held", "held_by": "192.168.1.5"},
+        {"port": "tcp/3075", "state": "conflict"},
+    ]}
+    assert ports_env(act) == "udp/40000,udp/40001=51234"
