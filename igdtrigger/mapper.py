@@ -34,7 +34,7 @@ from .errors import (
 )
 from .gateway.base import Gateway, Granted
 from .journal import Journal
-from .model import MappingKey, MappingSpec
+from .model import MappingKey, MappingSpec, RouterMapping
 
 log = logging.getLogger("igdtrigger.mapper")
 
@@ -511,18 +511,25 @@ class Mapper:
         app = active[self._canary_index % len(active)]
         self._canary_index += 1
         spec = app.wire
+        answered, found = await self._lookup(spec)
+        if answered and (found is None or found.internal_client != spec.internal_client):
+            log.warning("router no longer holds %s (restarted?): verifying every mapping",
+                        spec.key)
+            await self._verify_all()
+
+    async def _lookup(self, spec: MappingSpec) -> tuple[bool, RouterMapping | None]:
+        """(answered, the router's entry) for one of our mappings; a router that does not
+        answer is marked down."""
         try:
             found = await self.gateway.get(spec.proto, spec.external_port)
         except GatewayUnreachable as exc:
             self._gateway_down(str(exc))
-            return
-        except GatewayError:
-            return
+            return False, None
+        except GatewayError as exc:
+            log.debug("checking %s: %s", spec.key, exc)
+            return False, None
         self.ops["verify"] += 1
-        if found is None or found.internal_client != spec.internal_client:
-            log.warning("router no longer holds %s (restarted?): verifying every mapping",
-                        spec.key)
-            await self._verify_all()
+        return True, found
 
     async def _verify_all(self) -> None:
         self._next_verify = self.clock() + self.verify_interval
@@ -530,15 +537,9 @@ class Mapper:
             if app.state is not MapState.ACTIVE or not self.gateway_up:
                 continue
             spec = app.wire
-            try:
-                found = await self.gateway.get(spec.proto, spec.external_port)
-            except GatewayUnreachable as exc:
-                self._gateway_down(str(exc))
-                return
-            except GatewayError as exc:
-                log.debug("verify %s: %s", spec.key, exc)
+            answered, found = await self._lookup(spec)
+            if not answered:
                 continue
-            self.ops["verify"] += 1
             if found is None:
                 log.warning("router lost the mapping %s: re-applying it", spec.key)
                 app.renew_at = self.clock()
