@@ -30,6 +30,8 @@ from .model import Flow, IPAddress, MappingKey, MappingSpec, Proto
 Clock = Callable[[], float]
 MAX_TTL = 7 * 86400.0
 _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
+_SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 class Source(enum.StrEnum):
@@ -57,6 +59,9 @@ class Activation:
     hits: int = 1
     seq: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
+    specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
+        default=None, repr=False, compare=False)
 
     def to_json(self, now: float) -> dict[str, Any]:
         return {
@@ -102,9 +107,7 @@ def is_remote_destination(addr: IPAddress) -> bool:
     """A destination beyond the LAN: not private, loopback, link-local, multicast or broadcast."""
     if addr.is_loopback or addr.is_multicast or addr.is_unspecified or addr.is_link_local:
         return False
-    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address(
-        "255.255.255.255"
-    ):
+    if isinstance(addr, ipaddress.IPv4Address) and addr == _BROADCAST:
         return False
     return not addr.is_private
 
@@ -315,19 +318,27 @@ class Engine:
         """
         out: dict[MappingKey, MappingSpec] = {}
         for act in sorted(self.activations.values(), key=self._precedence):
-            for rng in act.rule.open:
-                for port in rng:
-                    key = MappingKey(rng.proto, port)
-                    if key not in out:
-                        out[key] = MappingSpec(
-                            proto=rng.proto,
-                            external_port=port,
-                            internal_client=act.host,
-                            internal_port=port,
-                            description=description_for(act.rule.name, self.tag),
-                            external_any=act.rule.external == "any",
-                        )
+            specs = act.specs
+            if specs is None:
+                specs = self._specs(act)
+                if act.rule.port_count() <= _SPEC_CACHE_MAX:
+                    act.specs = specs
+            for key, spec in specs:
+                if key not in out:
+                    out[key] = spec
         return out
+
+    def _specs(self, act: Activation) -> tuple[tuple[MappingKey, MappingSpec], ...]:
+        rule = act.rule
+        description = description_for(rule.name, self.tag)
+        external_any = rule.external == "any"
+        return tuple(
+            (MappingKey(rng.proto, port),
+             MappingSpec(proto=rng.proto, external_port=port, internal_client=act.host,
+                         internal_port=port, description=description, external_any=external_any))
+            for rng in rule.open
+            for port in rng
+        )
 
     @staticmethod
     def _precedence(act: Activation) -> tuple[int, float, int]:

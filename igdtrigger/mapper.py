@@ -20,7 +20,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import Clock, owned_by
 from .errors import (
@@ -33,8 +33,10 @@ from .errors import (
     NotAuthorized,
 )
 from .gateway.base import Gateway, Granted
-from .journal import Journal
 from .model import MappingKey, MappingSpec, RouterMapping
+
+if TYPE_CHECKING:  # sqlite3 stays out of `igdtrigger run` (standalone) start-up
+    from .journal import Journal
 
 log = logging.getLogger("igdtrigger.mapper")
 
@@ -42,6 +44,10 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 CONFLICT_RECHECK = 30.0
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
+# Checking many ports at once (a range opening, re-applying after a router restart): one listing
+# of the router's table (one GetGenericPortMappingEntry per entry) instead of one
+# GetSpecificPortMappingEntry per port, when the table is known to be smaller than the batch.
+LIST_MIN_BATCH = 8
 
 
 class MapState(enum.StrEnum):
@@ -129,6 +135,7 @@ class Mapper:
         self._next_canary = math.inf
         self._canary_index = 0
         self._swept = False
+        self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
         self._lock = asyncio.Lock()
         self.ops = {"add": 0, "renew": 0, "delete": 0, "verify": 0, "errors": 0}
@@ -262,12 +269,13 @@ class Mapper:
                 self.applied[key] = Applied(spec)
                 new.append(spec)
         self._journal_requested(new)  # recorded before it is requested: a crash can't orphan it
-        for app in list(self.applied.values()):
+        first = [a for a in self.applied.values()
+                 if a.state is MapState.PENDING and a.attempts == 0]
+        known = await self._snapshot(len(first)) if self.check_before_add and first else None
+        for app in first:
             if not self.gateway_up:
                 break
-            now = self.clock()
-            if app.state is MapState.PENDING and app.attempts == 0:
-                await self._add(app, check=self.check_before_add)
+            await self._add(app, check=self.check_before_add, known=known)
         for app in list(self.applied.values()):
             if not self.gateway_up:
                 break
@@ -326,6 +334,7 @@ class Mapper:
             log.warning("could not list the router's mappings to remove stale ones: %s", exc)
             return
         self._swept = True
+        self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
             if owned_by(m.description, self.tag) is None or m.key in held:
@@ -349,10 +358,42 @@ class Mapper:
         self._gateway_retry_at = self.clock() + self._gateway_backoff
         self._gateway_backoff = min(RETRY_MAX, self._gateway_backoff * 2)
 
-    async def _foreign(self, wire: MappingSpec) -> str | None:
-        """Why the router's entry for this port is someone else's, or None if free/ours."""
-        existing = await self.gateway.get(wire.proto, wire.external_port)
+    async def _snapshot(self, checks: int, *,
+                        ours_listed: bool = True) -> dict[MappingKey, RouterMapping] | None:
+        """The router's table from one listing, when that takes fewer requests than ``checks``
+        one-port lookups (it takes one per entry: others' known from the last listing, plus
+        ours unless ``ours_listed`` is False: the router lost them); else None.
+
+        Used for the checks of a batch (a range being opened, everything re-applied after a
+        router restart). The snapshot is as old as the batch is long, where a per-port check is
+        fresh; the router's own conflict answer (718) still guards every add.
+        """
+        if checks < LIST_MIN_BATCH or self._foreign_hint is None:
+            return None
+        ours = self.count(MapState.ACTIVE) if ours_listed else 0
+        if self._foreign_hint + ours + 1 >= checks:
+            return None
+        try:
+            found = await self.gateway.list()
+        except GatewayUnreachable as exc:
+            self._gateway_down(str(exc))
+            return None
+        except GatewayError as exc:
+            log.debug("listing the router's mappings failed (%s): checking port by port", exc)
+            return None
         self.ops["verify"] += 1
+        self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
+        return {m.key: m for m in found}
+
+    async def _foreign(self, wire: MappingSpec,
+                       known: dict[MappingKey, RouterMapping] | None = None) -> str | None:
+        """Why the router's entry for this port is someone else's, or None if free/ours.
+        ``known``: a snapshot of the router's table to look in instead of asking."""
+        if known is not None:
+            existing = known.get(wire.key)
+        else:
+            existing = await self.gateway.get(wire.proto, wire.external_port)
+            self.ops["verify"] += 1
         if existing is None or self._is_ours(existing.internal_client, existing.description,
                                              wire):
             return None
@@ -397,13 +438,14 @@ class Mapper:
         app.external_port = spec.external_port
         return None
 
-    async def _add(self, app: Applied, *, check: bool, renewal: bool = False) -> None:
+    async def _add(self, app: Applied, *, check: bool, renewal: bool = False,
+                   known: dict[MappingKey, RouterMapping] | None = None) -> None:
         spec = app.spec
         app.attempts += 1
         try:
             granted: Granted | None = None
             if check:
-                why = await self._foreign(app.wire)
+                why = await self._foreign(app.wire, known)
                 if why is not None:
                     if spec.external_any and not renewal:
                         granted = await self._add_elsewhere(app)
@@ -515,7 +557,7 @@ class Mapper:
         if answered and (found is None or found.internal_client != spec.internal_client):
             log.warning("router no longer holds %s (restarted?): verifying every mapping",
                         spec.key)
-            await self._verify_all()
+            await self._verify_all(after_loss=True)
 
     async def _lookup(self, spec: MappingSpec) -> tuple[bool, RouterMapping | None]:
         """(answered, the router's entry) for one of our mappings; a router that does not
@@ -531,19 +573,26 @@ class Mapper:
         self.ops["verify"] += 1
         return True, found
 
-    async def _verify_all(self) -> None:
+    async def _verify_all(self, *, after_loss: bool = False) -> None:
+        """Check every active mapping on the router; re-apply the lost, let go the taken.
+        ``after_loss``: the canary found one gone, so the router probably lost them all."""
         self._next_verify = self.clock() + self.verify_interval
-        for app in list(self.applied.values()):
+        active = [a for a in self.applied.values() if a.state is MapState.ACTIVE]
+        known = (await self._snapshot(len(active), ours_listed=not after_loss)
+                 if self.gateway_up else None)
+        lost: list[Applied] = []
+        for app in active:
             if app.state is not MapState.ACTIVE or not self.gateway_up:
                 continue
             spec = app.wire
-            answered, found = await self._lookup(spec)
-            if not answered:
-                continue
+            if known is not None:
+                found = known.get(spec.key)
+            else:
+                answered, found = await self._lookup(spec)
+                if not answered:
+                    continue
             if found is None:
-                log.warning("router lost the mapping %s: re-applying it", spec.key)
-                app.renew_at = self.clock()
-                await self._add(app, check=False, renewal=True)
+                lost.append(app)
             elif not self._is_ours(found.internal_client, found.description, spec):
                 app.state = MapState.PENDING  # not ours any more: never delete it
                 self._conflict(
@@ -551,6 +600,16 @@ class Mapper:
                     f"{spec.key} was taken over on the router by {found.internal_client} "
                     f"({found.description!r}); igdtrigger leaves it alone",
                 )
+        if lost:
+            keys = ", ".join(str(a.wire.key) for a in lost[:5])
+            more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+            log.warning("router lost %d mapping(s) (%s%s): re-applying them", len(lost), keys,
+                        more)
+        for app in lost:
+            if not self.gateway_up:
+                return
+            app.renew_at = self.clock()
+            await self._add(app, check=False, renewal=True)
 
     def _changed(self, app: Applied, what: str) -> None:
         if self.on_change is not None:

@@ -111,6 +111,10 @@ class Service:
             journal=self.journal,
         )
         self._journal_flushed = 0.0
+        # New activations are journaled right after the round that requested their mappings
+        # (the mappings themselves are journaled before they are requested): no fsync of its
+        # own on the way from a trigger to an open port.
+        self._unjournaled: dict[str, Activation] = {}
         self.restored = self._restore()
         set_lost_state_handler(gateway, self._router_lost_state)
         self.detectors = detectors or []
@@ -162,6 +166,12 @@ class Service:
                 if i in self.engine.activations]
         self.engine.dirty.clear()
         self.journal.activations_put([self._journal_record(a) for a in acts])
+
+    def _journal_new(self) -> None:
+        if self._unjournaled:
+            acts = list(self._unjournaled.values())
+            self._unjournaled.clear()
+            self.journal.activations_put([self._journal_record(a) for a in acts])
 
     def _journal_record(self, act: Activation) -> JournalActivation:
         now_wall, now = self.wall(), self.clock()
@@ -218,6 +228,7 @@ class Service:
             )
         await self.gateway.close()
         self._journal_flushed = -math.inf
+        self._journal_new()
         self._journal_activations()
         self.journal.close()
         log.info("stopped; removed %d mapping(s)", removed)
@@ -301,6 +312,7 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
+            self._journal_new()
             self._journal_activations()
             async with self._applied_cond:
                 self._applied_generation = gen
@@ -318,8 +330,8 @@ class Service:
     def _on_engine_event(self, ev: Event) -> None:
         act = ev.activation
         if ev.kind is EventKind.ACTIVATED:
-            self.journal.activations_put([self._journal_record(act)])
-        else:
+            self._unjournaled[act.id] = act
+        elif self._unjournaled.pop(act.id, None) is None:  # else it never reached the journal
             self.journal.activation_gone(act.id)
         if ev.kind is EventKind.ACTIVATED:
             log.info(
