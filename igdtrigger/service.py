@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import Config, Rule, default_state_dir
@@ -27,10 +27,14 @@ from .engine import Activation, Engine, Event, EventKind, Source
 from .errors import DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
-from .gateway.select import set_lost_state_handler
+from .gateway.igd import RouterChange, RouterChangeKind
+from .gateway.select import forget_connection, set_lost_state_handler
 from .journal import Journal, JournalActivation
 from .mapper import Applied, Mapper, MapState
 from .model import Flow, MappingKey, MappingSpec, ProcessSeen, format_duration
+
+if TYPE_CHECKING:
+    from .gateway.ssdpwatch import NotifyWatcher
 
 log = logging.getLogger("igdtrigger")
 
@@ -127,12 +131,46 @@ class Service:
         self._stopping = False
         self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
         self._cleaned_up = False
+        self._notify_watcher: NotifyWatcher | None = None
+        self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def _router_lost_state(self, reason: str) -> None:
         self.mapper.reapply_all(reason)
         self.wake()
+
+    def _watch_router(self) -> None:
+        """Listen to the UPnP gateway's SSDP NOTIFYs (started once it is known; again if it
+        moved): a reboot is acted on when the router announces itself, not at the next check."""
+        info = self.gateway.info
+        if self._stopping or info is None or info.protocol != "upnp-igd":
+            return
+        w = self._notify_watcher
+        if w is not None and (w.location, w.local_address) == (info.location,
+                                                              info.local_address):
+            return
+        if w is not None:
+            w.close()
+        from .gateway.ssdpwatch import NotifyWatcher
+
+        self._notify_watcher = NotifyWatcher(info.location, info.local_address,
+                                             self._router_changed)
+        self._tasks.append(asyncio.create_task(self._start_watcher(self._notify_watcher),
+                                               name="ssdp-notify"))
+
+    @staticmethod
+    async def _start_watcher(watcher: NotifyWatcher) -> None:
+        await watcher.start()
+
+    def _router_changed(self, change: RouterChange) -> None:
+        if change.kind is RouterChangeKind.LEAVING:
+            log.warning("%s: mappings are re-applied when it is back", change.reason)
+            return
+        self.router_announcements += 1
+        log.warning("%s: reconnecting and re-applying every mapping", change.reason)
+        forget_connection(self.gateway, change.location)
+        self._router_lost_state(change.reason)
 
     def _restore(self) -> int:
         """Activations still within their time come back; leftovers get cleaned up."""
@@ -218,6 +256,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self._notify_watcher is not None:
+            self._notify_watcher.close()
         removed = 0
         try:
             removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
@@ -312,6 +352,7 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
+            self._watch_router()
             self._journal_new()
             self._journal_activations()
             async with self._applied_cond:
@@ -431,6 +472,11 @@ class Service:
                 "external_reachable": info.external_reachable if info else None,
                 "lease": self.mapper.lease,
                 "permanent_leases": self.mapper.permanent_only,
+                "announcements": {
+                    "listening": (self._notify_watcher is not None
+                                  and self._notify_watcher.listening),
+                    "restarts_seen": self.router_announcements,
+                },
             },
             "detectors": [
                 {"name": d.name, "active": d.active, **({"reason": d.reason} if d.reason else {})}

@@ -11,6 +11,7 @@ subclass with a message that names the problem.
 
 from __future__ import annotations
 
+import enum
 import re
 import urllib.parse
 from collections.abc import Iterable, Sequence
@@ -332,6 +333,111 @@ def parse_ssdp(data: bytes) -> SsdpReply | None:
         boot_id=headers.get("bootid.upnp.org", ""),
         headers=headers,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SsdpNotify:
+    """An SSDP NOTIFY (``ssdp:alive`` or ``ssdp:byebye``) as a router multicasts it."""
+
+    alive: bool
+    nt: str
+    usn: str
+    location: str  # empty for byebye
+    boot_id: str
+
+    @property
+    def uuid(self) -> str:
+        return self.usn.split("::", 1)[0].strip().lower()
+
+    @property
+    def about_igd(self) -> bool:
+        text = f"{self.nt} {self.usn}"
+        return any(k in text for k in _IGD_PARTS)
+
+
+_IGD_PARTS = ("InternetGatewayDevice", "WANDevice", "WANConnectionDevice", "WANIPConnection",
+              "WANPPPConnection", "WANCommonInterfaceConfig", "Layer3Forwarding")
+
+
+def parse_ssdp_notify(data: bytes) -> SsdpNotify | None:
+    """A NOTIFY datagram; ``None`` for anything else or anything malformed (never raises)."""
+    if len(data) > 8192 or not data[:7].upper().startswith(b"NOTIFY "):
+        return None
+    text = data.decode("utf-8", "replace")
+    headers: dict[str, str] = {}
+    for line in text.replace("\r\n", "\n").split("\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip() and " " not in name.strip():
+            headers[name.strip().lower()] = value.strip()
+    nts = headers.get("nts", "").lower()
+    if nts not in ("ssdp:alive", "ssdp:byebye") or not headers.get("usn"):
+        return None
+    location = headers.get("location", "")
+    if nts == "ssdp:alive" and not re.match(r"^https?://", location, re.IGNORECASE):
+        return None
+    return SsdpNotify(alive=nts == "ssdp:alive", nt=headers.get("nt", ""), usn=headers["usn"],
+                      location=location if nts == "ssdp:alive" else "",
+                      boot_id=headers.get("bootid.upnp.org", ""))
+
+
+class RouterChangeKind(enum.StrEnum):
+    RESTARTED = "restarted"  # new BOOTID, or back after a byebye: its mappings are probably gone
+    MOVED = "moved"  # the IGD's description is at a new URL (new port after a reboot)
+    LEAVING = "leaving"  # ssdp:byebye: going down
+
+
+@dataclass(frozen=True, slots=True)
+class RouterChange:
+    kind: RouterChangeKind
+    reason: str
+    location: str
+
+
+class NotifyTracker:
+    """Sans-I/O: turns the gateway's NOTIFY stream into restart/move events.
+
+    Only datagrams from ``gateway_ip`` about IGD devices and services count (a media server on
+    the same box, or any other host, cannot trigger anything). The first alive sets the baseline;
+    a burst of NOTIFYs (one per device and service) yields one event.
+    """
+
+    def __init__(self, gateway_ip: str, location: str | None = None) -> None:
+        self.gateway_ip = gateway_ip
+        self.location = location or ""
+        self.boot_id = ""
+        self.left = False  # a byebye was seen and no alive since
+
+    def feed(self, data: bytes, source_ip: str) -> RouterChange | None:
+        if source_ip != self.gateway_ip:
+            return None
+        msg = parse_ssdp_notify(data)
+        if msg is None or not msg.about_igd:
+            return None
+        if not msg.alive:
+            if self.left:
+                return None
+            self.left = True
+            return RouterChange(RouterChangeKind.LEAVING, "the router announced ssdp:byebye",
+                                self.location)
+        if urllib.parse.urlsplit(msg.location).hostname != self.gateway_ip:
+            return None  # a description on another host: not the gateway's own IGD
+        change: RouterChange | None = None
+        if self.location and msg.location != self.location:
+            change = RouterChange(RouterChangeKind.MOVED,
+                                  f"the router now announces its IGD at {msg.location} "
+                                  f"(was {self.location})", msg.location)
+        elif self.boot_id and msg.boot_id and msg.boot_id != self.boot_id:
+            change = RouterChange(RouterChangeKind.RESTARTED,
+                                  f"the router rebooted (BOOTID.UPNP.ORG {self.boot_id} -> "
+                                  f"{msg.boot_id})", msg.location)
+        elif self.left:
+            change = RouterChange(RouterChangeKind.RESTARTED,
+                                  "the router said ssdp:byebye and is back", msg.location)
+        self.left = False
+        self.location = msg.location
+        if msg.boot_id:
+            self.boot_id = msg.boot_id
+        return change
 
 
 def mapping_args(proto: str, external_port: int, internal_port: int, client: str,

@@ -182,3 +182,12 @@ def set_lost_state_handler(gateway: Gateway, handler: Callable[[str], None]) -> 
             set_lost_state_handler(gw, handler)
     elif hasattr(gateway, "on_lost_state"):
         gateway.on_lost_state = handler
+
+
+def forget_connection(gateway: Gateway, location: str | None = None) -> None:
+    """Make a UPnP backend (however wrapped) reconnect, at ``location`` if given."""
+    if isinstance(gateway, FallbackGateway):
+        if gateway.current is not None:
+            forget_connection(gateway.current, location)
+    elif hasattr(gateway, "forget"):
+        gateway.forget(location)

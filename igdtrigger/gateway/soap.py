@@ -223,6 +223,7 @@ class SoapGateway:
         self.on_call = on_call
         self._lock = asyncio.Lock()
         self._info: GatewayInfo | None = None
+        self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
         self._service: IgdService | None = None
         self.description: IgdDescription | None = None
 
@@ -234,9 +235,22 @@ class SoapGateway:
     def service(self) -> IgdService | None:
         return self._service
 
+    def forget(self, location: str | None = None) -> None:
+        """Reconnect on the next call (the router rebooted or moved); ``location``: where it
+        now announces its description (used unless ``gateway.url`` pins one)."""
+        self._info = None
+        if location and self.url is None:
+            self._hint = location
+
     async def connect(self) -> GatewayInfo:
         if self._info is not None:
             return self._info
+        if self.url is None and self._hint is not None:
+            hint, self._hint = self._hint, None
+            try:
+                return await self._connect_to(hint)
+            except GatewayError as exc:
+                log.info("router's announced IGD %s is not usable (%s): discovering", hint, exc)
         locations = [self.url] if self.url else [r.location for r, _ in
                                                  await discover(self.discover_timeout)]
         if not locations:

@@ -117,6 +117,7 @@ class MiniupnpcGateway:
         self._info: GatewayInfo | None = None
         self._v1 = False
         self._warned_double_nat = False
+        self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
 
     @property
     def info(self) -> GatewayInfo | None:
@@ -146,10 +147,23 @@ class MiniupnpcGateway:
                 self._info = None  # force a new connect (and discovery) next time
             raise err from None
 
+    def forget(self, location: str | None = None) -> None:
+        """Reconnect on the next call (the router rebooted or moved); ``location``: where it
+        now announces its description (used unless ``gateway.url`` pins one)."""
+        self._info = None
+        if location and self.url is None:
+            self._hint = location
+
     async def connect(self) -> GatewayInfo:
         if self._info is not None:
             return self._info
         location = self.url
+        if location is None and self._hint is not None:
+            hint, self._hint = self._hint, None
+            try:
+                return await self._connect_at(hint)
+            except GatewayError as exc:
+                log.info("router's announced IGD %s is not usable (%s): discovering", hint, exc)
         if location is None:
             # Our own SSDP search, not miniupnpc's: it only trusts a description URL on the
             # replying host or the default gateway (a hostile LAN device could otherwise point
@@ -162,6 +176,9 @@ class MiniupnpcGateway:
                     f"no UPnP router answered SSDP discovery within {self.discover_timeout:g}s; "
                     "enable UPnP on the router, or set gateway.url to its description URL")
             location = found[0][0].location
+        return await self._connect_at(location)
+
+    async def _connect_at(self, location: str) -> GatewayInfo:
         info = await self._call("connect", lambda: self._connect_sync(location))
         self._info = info
         if not info.external_reachable and not self._warned_double_nat:

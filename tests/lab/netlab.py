@@ -704,7 +704,7 @@ table inet {LAN_CT_TABLE} {{
         lines = [
             f"ext_ifname={RTR_WAN_IF}",
             f"listening_ip={RTR_LAN_IF}",
-            f"http_port={HTTP_PORT}",
+            f"http_port={self.http_port}",
             f"enable_upnp={yn[self.enable_upnp]}",
             f"enable_natpmp={yn[self.enable_natpmp]}",
             f"secure_mode={yn[self.secure_mode]}",
@@ -824,7 +824,7 @@ table inet {LAN_CT_TABLE} {{
                     "http",
                     2.0,
                     host=ROUTER_LAN_IP,
-                    port=HTTP_PORT,
+                    port=self.http_port,
                     path="/rootDesc.xml",
                     timeout=0.25,
                 )
@@ -912,6 +912,17 @@ table inet {LAN_CT_TABLE} {{
             if flush:
                 self.flush_router_rules()
                 self.lease_path.unlink(missing_ok=True)
+            self.start_router()
+
+    def move_router(self, http_port: int) -> None:
+        """Reboot the router onto another HTTP port (as miniupnpd does when none is configured):
+        its mappings are gone and its description is at a new URL (``igd_url`` follows)."""
+        with self._lock:
+            self.stop_router()
+            self.flush_router_rules()
+            self.lease_path.unlink(missing_ok=True)
+            self.http_port = http_port
+            self.igd_url = f"http://{ROUTER_LAN_IP}:{http_port}/rootDesc.xml"
             self.start_router()
 
     def router_pid(self) -> int | None:

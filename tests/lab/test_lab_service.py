@@ -29,12 +29,14 @@ RULE_PORTS = [("udp", 40000), ("udp", 40001), ("udp", 40002), ("tcp", 40005)]
 
 
 def config_text(lab: Lab, state: Path, *, idle: str = "3s", verify: str = "60s",
-                protocol: str = "auto") -> str:
+                protocol: str = "auto", check: str = "2s", url: str | None = None) -> str:
+    gateway_url = f'url = "{url or lab.igd_url}"' if url != "" else ""
     return f"""
 [gateway]
-url = "{lab.igd_url}"
+{gateway_url}
 lease = "1h"
 verify_interval = "{verify}"
+check_interval = "{check}"
 protocol = "{protocol}"
 
 [api]
@@ -354,6 +356,58 @@ def test_router_restart_mappings_come_back(lab: Lab, serve: Callable[..., Serve]
     assert all_open(lab)
     assert took < 5, f"took {took:.1f}s"
     assert "re-applying" in s.logtext() or "gateway up" in s.logtext()
+
+
+def test_router_reboot_announced_over_ssdp_is_acted_on_at_once(lab: Lab,
+                                                              serve: Callable[..., Serve]) -> None:
+    # the periodic checks are an hour apart: only the router's own NOTIFYs can tell the service
+    s = serve(idle="10m", check="1h", verify="1h")
+    s.cli("activate", "game", "--for", "1h")
+    assert len(ours(lab)) == 4
+    wait_for(lambda: s.status()["gateway"]["announcements"]["listening"], 5,
+             "service to listen to the router's SSDP announcements")
+    lab.restart_router(flush=True)
+    took = wait_for(lambda: len(ours(lab)) == 4, 5, "mappings re-applied after the reboot NOTIFY")
+    assert all_open(lab)
+    assert s.status()["gateway"]["announcements"]["restarts_seen"] >= 1
+    log = s.logtext()
+    assert "BOOTID.UPNP.ORG" in log or "byebye and is back" in log, log[-2000:]
+    assert took < 2, f"took {took:.1f}s"
+
+
+def test_router_rebooted_onto_a_new_port_is_followed(make_lab: Callable[..., Lab],
+                                                     tmp_path: Path) -> None:
+    lab = make_lab()
+    s = Serve(lab, tmp_path, idle="10m", url="", check="1h", verify="1h").start()  # SSDP
+    try:
+        s.cli("activate", "game", "--for", "1h")
+        assert len(ours(lab)) == 4
+        wait_for(lambda: s.status()["gateway"]["announcements"]["listening"], 5,
+                 "service to listen to the router's SSDP announcements")
+        lab.move_router(5002)
+        wait_for(lambda: len(ours(lab)) == 4, 5, "mappings re-applied at the router's new URL")
+        assert all_open(lab)
+        assert s.status()["gateway"]["location"] == lab.igd_url
+        assert "now announces its IGD" in s.logtext()
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            s.stop()
+
+
+def test_router_restart_without_announcements_is_caught_by_the_check(
+        lab: Lab, serve: Callable[..., Serve]) -> None:
+    s = serve(idle="10m")
+    s.cli("activate", "game", "--for", "1h")
+    # the router's NOTIFYs cannot reach the LAN host: only the 2 s check can notice
+    lab.run(lab.lan, ["nft", "add table inet igdt_drop_ssdp"], check=True)
+    lab.run(lab.lan, ["nft", "add chain inet igdt_drop_ssdp in "
+                             "{ type filter hook input priority -10; }"], check=True)
+    lab.run(lab.lan, ["nft", "add rule inet igdt_drop_ssdp in udp dport 1900 drop"], check=True)
+    lab.restart_router(flush=True)
+    took = wait_for(lambda: len(ours(lab)) == 4, 10, "mappings re-applied after router restart")
+    assert all_open(lab)
+    assert s.status()["gateway"]["announcements"]["restarts_seen"] == 0
+    assert took < 5, f"took {took:.1f}s"
 
 
 def test_on_the_router_forwarded_flows_trigger_for_the_lan_host(make_lab: Callable[..., Lab],

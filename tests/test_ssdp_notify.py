@@ -1,0 +1,103 @@
+"""The router's SSDP NOTIFYs turned into restart/move events (sans-I/O: igd.NotifyTracker)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind, parse_ssdp_notify
+
+GW = "192.168.1.1"
+LOC = f"http://{GW}:5000/rootDesc.xml"
+UUID = "uuid:4c7ae4a8-79f2-4e8d-9156-f35f59b5d6b2"
+# miniupnpd 2.3.1 announces these (one NOTIFY each) after every start
+NTS = ["upnp:rootdevice", "urn:schemas-upnp-org:device:InternetGatewayDevice:2", UUID,
+       "urn:schemas-upnp-org:device:WANConnectionDevice:2",
+       "urn:schemas-upnp-org:service:WANIPConnection:2"]
+
+
+def notify(nt: str = NTS[1], *, alive: bool = True, boot: str | None = "100",
+           location: str = LOC) -> bytes:
+    lines = ["NOTIFY * HTTP/1.1", "HOST: 239.255.255.250:1900", f"NT: {nt}",
+             f"USN: {UUID}::{nt}", f"NTS: ssdp:{'alive' if alive else 'byebye'}"]
+    if alive:
+        lines += ["CACHE-CONTROL: max-age=120", f"LOCATION: {location}",
+                  "SERVER: Debian/12 UPnP/1.1 MiniUPnPd/2.3.1"]
+    if boot is not None:
+        lines.append(f"BOOTID.UPNP.ORG: {boot}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def burst(tracker: NotifyTracker, **kw: object) -> list[RouterChangeKind]:
+    out = []
+    for nt in NTS:
+        change = tracker.feed(notify(nt, **kw), GW)  # type: ignore[arg-type]
+        if change is not None:
+            out.append(change.kind)
+    return out
+
+
+def test_periodic_announcements_change_nothing() -> None:
+    t = NotifyTracker(GW, LOC)
+    assert burst(t) == []
+    assert burst(t) == []
+
+
+def test_new_bootid_is_one_restart_per_burst() -> None:
+    t = NotifyTracker(GW, LOC)
+    burst(t, boot="100")
+    assert burst(t, boot="101") == [RouterChangeKind.RESTARTED]
+    assert burst(t, boot="101") == []
+
+
+def test_byebye_then_alive_is_a_restart_even_without_bootid() -> None:
+    """IGDv1 routers (UPnP 1.0) send no BOOTID: a byebye followed by alive is the sign."""
+    t = NotifyTracker(GW, LOC)
+    burst(t, boot=None)
+    assert burst(t, alive=False, boot=None) == [RouterChangeKind.LEAVING]
+    assert burst(t, boot=None) == [RouterChangeKind.RESTARTED]
+
+
+def test_new_location_is_a_move_to_follow() -> None:
+    t = NotifyTracker(GW, LOC)
+    new = f"http://{GW}:40123/rootDesc.xml"
+    changes = [t.feed(notify(nt, location=new), GW) for nt in NTS]
+    moved = [c for c in changes if c is not None]
+    assert [c.kind for c in moved] == [RouterChangeKind.MOVED]
+    assert moved[0].location == new
+
+
+def test_other_hosts_cannot_fake_a_restart() -> None:
+    t = NotifyTracker(GW, LOC)
+    burst(t, boot="100")
+    assert t.feed(notify(boot="999"), "192.168.1.66") is None
+    assert t.feed(notify(alive=False), "192.168.1.66") is None
+    # the gateway's address, but a description on another host: not the gateway's own IGD
+    assert t.feed(notify(boot="999", location="http://192.168.1.66/x.xml"), GW) is None
+    assert burst(t, boot="100") == []
+
+
+def test_non_igd_devices_on_the_router_are_ignored() -> None:
+    t = NotifyTracker(GW, LOC)
+    burst(t, boot="100")
+    media = notify("urn:schemas-upnp-org:device:MediaServer:1", boot="7",
+                   location=f"http://{GW}:8200/desc.xml")
+    assert t.feed(media, GW) is None
+
+
+def test_search_responses_and_garbage_are_not_notifies() -> None:
+    assert parse_ssdp_notify(b"HTTP/1.1 200 OK\r\nST: upnp:rootdevice\r\n\r\n") is None
+    assert parse_ssdp_notify(b"NOTIFY * HTTP/1.1\r\nNTS: ssdp:alive\r\n\r\n") is None  # no USN
+    assert parse_ssdp_notify(notify() + b"x" * 9000) is None  # oversized
+    assert parse_ssdp_notify(notify(location="file:///etc/passwd")) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=600) | st.sampled_from(
+    [notify(), notify(alive=False), notify(boot="5"), notify(location="http://x/")]),
+    st.sampled_from([GW, "10.0.0.9"])), max_size=20))
+def test_any_datagram_sequence_is_handled(seq: list[tuple[bytes, str]]) -> None:
+    t = NotifyTracker(GW, LOC)
+    for data, src in seq:
+        change = t.feed(data, src)
+        assert change is None or src == GW
