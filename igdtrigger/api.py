@@ -316,7 +316,7 @@ async def get_activations(request: web.Request) -> web.Response:
     return web.json_response({"activations": [svc.activation_json(a) for a in acts]})
 
 
-_POST_FIELDS = {"rule", "ttl", "host", "source", "meta"}
+_POST_FIELDS = {"rule", "open", "ttl", "host", "source", "meta"}
 
 
 async def post_activation(request: web.Request) -> web.Response:
@@ -326,11 +326,20 @@ async def post_activation(request: web.Request) -> web.Response:
     if unknown:
         raise UsageError(
             f"unknown field(s) {', '.join(sorted(unknown))} (allowed: "
-            f"{', '.join(sorted(_POST_FIELDS))}); ports come only from configured rules"
+            f"{', '.join(sorted(_POST_FIELDS))})"
         )
     rule = body.get("rule")
-    if not isinstance(rule, str) or not rule:
-        raise UsageError('field "rule" is required: the name of a configured rule')
+    open_raw = body.get("open")
+    if open_raw is not None:
+        if rule is not None:
+            raise UsageError('give either "rule" (a configured rule) or "open" (ad-hoc ports), '
+                             'not both')
+        if not isinstance(open_raw, list) or not all(isinstance(p, str) for p in open_raw) \
+                or len(open_raw) > 64:
+            raise UsageError('field "open" must be a list of port specs like ["udp/34197"]')
+    elif not isinstance(rule, str) or not rule:
+        raise UsageError('field "rule" is required: the name of a configured rule (or "open" '
+                         'with ad-hoc ports, when [api] allow_adhoc is on)')
     ttl = _ttl(body.get("ttl"))
     source_raw = body.get("source", "api")
     try:
@@ -362,6 +371,13 @@ async def post_activation(request: web.Request) -> web.Response:
                 )
     else:
         host = _client_host(request)
+    if open_raw is not None:
+        if svc.config.api.adhoc.admin_only and not _caller(request).admin:
+            raise Forbidden("ad-hoc ports need the admin token here ([api] adhoc_admin_only)")
+        result = await svc.activate_adhoc(list(open_raw), host, ttl=ttl, source=source,
+                                          meta=dict(meta_raw))
+        return web.json_response(result, status=201)
+    assert isinstance(rule, str)
     if svc.engine.rules.get(rule) is None:
         raise RuleNotFound(rule, list(svc.engine.rules))
     result = await svc.activate(rule, host, ttl=ttl, source=source, meta=dict(meta_raw))

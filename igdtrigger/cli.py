@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("activate", help="open a rule's ports now")
     common(a)
-    a.add_argument("rule")
+    a.add_argument("rule", nargs="?")
+    a.add_argument("--open", action="append", metavar="PROTO/PORT[-PORT]",
+                   help="ad-hoc ports instead of a rule (the service must set [api] "
+                   "allow_adhoc); repeatable")
     a.add_argument("--for", dest="ttl", type=_duration, metavar="DURATION",
                    help="how long (e.g. 30m, 2h; default: the rule's idle_timeout)")
     a.add_argument("--host", help="LAN host to open the ports for (admin token; default: this "
@@ -203,7 +206,9 @@ def _print_activation(data: dict[str, Any]) -> None:
 def cmd_activate(args: argparse.Namespace) -> int:
     config = _config(args) if args.config else None
     c = _client(args, config)
-    body: dict[str, Any] = {"rule": args.rule}
+    if (args.rule is None) == (not args.open):
+        raise UsageError("name a RULE, or ad-hoc ports with --open udp/34197 (not both)")
+    body: dict[str, Any] = {"open": args.open} if args.open else {"rule": args.rule}
     if args.ttl is not None:
         body["ttl"] = args.ttl
     if args.host:

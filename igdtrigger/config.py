@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .model import PortRange, parse_duration, parse_port_spec
+from .model import PortRange, Proto, parse_duration, parse_port_spec
 
 DEFAULT_LISTEN = "127.0.0.1:8731"
 DEFAULT_PORT = 8731
@@ -87,6 +87,31 @@ class GatewayConfig:
         return self.url == SIMULATE
 
 
+ADHOC_PREFIX = "adhoc:"  # ad-hoc activations' rule names; ':' is never in a configured name
+
+
+@dataclass(frozen=True, slots=True)
+class AdhocConfig:
+    """Ports an API client may open without a rule (``[api] allow_adhoc``), and the limits."""
+
+    enabled: bool = False
+    ports: tuple[PortRange, ...] = (PortRange(Proto.TCP, 1024, 65535),
+                                    PortRange(Proto.UDP, 1024, 65535))
+    max_ports: int = 16  # per activation
+    max_ttl: float = 4 * 3600.0
+    per_host: int = 4  # live ad-hoc activations per host
+    admin_only: bool = False
+
+    def permits(self, rng: PortRange) -> bool:
+        return any(r.proto is rng.proto and r.first <= rng.first and rng.last <= r.last
+                   for r in self.ports)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "ports": [str(r) for r in self.ports],
+                "max_ports": self.max_ports, "max_ttl": self.max_ttl,
+                "per_host": self.per_host, "admin_only": self.admin_only}
+
+
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     host: str = "127.0.0.1"
@@ -96,6 +121,7 @@ class ApiConfig:
     rate_burst: int = DEFAULT_BURST  # bucket size
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names (DNS-rebinding protection)
     zeroconf: str = "auto"  # "auto" (advertise when listening beyond loopback), "on", "off"
+    adhoc: AdhocConfig = field(default_factory=AdhocConfig)
 
     @property
     def loopback_only(self) -> bool:
@@ -367,6 +393,32 @@ class _Section:
         return tuple(out)
 
 
+def _adhoc(sec: _Section) -> AdhocConfig:
+    base = AdhocConfig()
+    ports = (sec.ports("adhoc_ports", required=True) if sec.get("adhoc_ports") is not None
+             else base.ports)
+    for rng in ports:
+        if rng.first < 1024 and rng.first != rng.last:
+            raise sec.error("adhoc_ports", f"{rng} includes privileged ports below 1024; allow "
+                            "those only by naming each one (e.g. \"tcp/80\")")
+    limits: dict[str, int] = {}
+    for key, default, top in (("adhoc_max_ports", base.max_ports, 4096),
+                              ("adhoc_per_host", base.per_host, 1000)):
+        value = sec.get(key)
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise sec.error(key, f"expected an integer 1-{top}, got {_show(value)}")
+        limits[key] = value
+    max_ttl = sec.duration("adhoc_max_ttl", base.max_ttl)
+    if not 0 < max_ttl <= 7 * 86400:
+        raise sec.error("adhoc_max_ttl", f"expected a duration up to 7d, got {max_ttl:g}s")
+    return AdhocConfig(enabled=sec.boolean("allow_adhoc", False), ports=ports,
+                       max_ports=limits["adhoc_max_ports"], max_ttl=max_ttl,
+                       per_host=limits["adhoc_per_host"],
+                       admin_only=sec.boolean("adhoc_admin_only", False))
+
+
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -400,7 +452,9 @@ _GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interv
             "check_before_add", "backend", "protocol")
 BACKENDS = ("auto", "miniupnpc", "soap")
 PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
-_API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf")
+_API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
+        "allow_adhoc", "adhoc_ports", "adhoc_max_ports", "adhoc_max_ttl", "adhoc_per_host",
+        "adhoc_admin_only")
 _DETECT = ("methods",)
 _SERVICE = ("state_dir",)
 _RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share", "external")
@@ -480,6 +534,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         rate_burst=burst,
         allowed_hosts=tuple(h.strip().lower() for h in hosts_raw),
         zeroconf=zc,
+        adhoc=_adhoc(api_sec),
     )
     api_sec.done(_API)
 

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Rule
+from .config import ADHOC_PREFIX, Rule
 from .errors import ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
-from .model import Flow, IPAddress, MappingKey, MappingSpec, Proto
+from .model import Flow, IPAddress, MappingKey, MappingSpec, PortRange, Proto, parse_port_spec
 
 Clock = Callable[[], float]
 MAX_TTL = 7 * 86400.0
@@ -82,6 +82,13 @@ class Event:
     kind: EventKind
     activation: Activation
     at: float
+
+
+ADHOC_META = "adhoc_open"  # an ad-hoc activation's ports, kept in its meta (and the journal)
+
+
+def adhoc_rule(ident: str, open_ports: tuple[PortRange, ...], ttl: float) -> Rule:
+    return Rule(name=f"{ADHOC_PREFIX}{ident}", trigger=(), open=open_ports, idle_timeout=ttl)
 
 
 def description_for(rule: str, tag: str) -> str:
@@ -246,6 +253,29 @@ class Engine:
             raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
         return self._add(rule, host, source, self.clock(), ttl, meta or {})
 
+    def activate_adhoc(
+        self,
+        open_ports: tuple[PortRange, ...],
+        host: str,
+        *,
+        ttl: float,
+        source: Source = Source.API,
+        meta: dict[str, str] | None = None,
+    ) -> Activation:
+        """Ports named by the request itself (``[api] allow_adhoc``; the caller checked the
+        limits): a one-off rule ``adhoc:<id>`` that lives as long as this activation."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise UsageError(f"host {host!r} is not an IP address") from None
+        if not open_ports:
+            raise UsageError("an ad-hoc activation needs at least one port")
+        if not 0 < ttl <= MAX_TTL:
+            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        rule = adhoc_rule(self._new_id(), open_ports, ttl)
+        meta = {**(meta or {}), ADHOC_META: " ".join(str(r) for r in open_ports)}
+        return self._add(rule, host, source, self.clock(), ttl, meta)
+
     def heartbeat(self, act_id: str, ttl: float | None = None) -> Activation:
         act = self.get(act_id)
         if ttl is not None:
@@ -262,9 +292,20 @@ class Engine:
         return act
 
     def restore(self, act_id: str, rule_name: str, host: str, source: str, *, age: float,
-                remaining: float, ttl: float, meta: dict[str, str]) -> Activation | None:
-        """Bring back an activation from the journal after a restart (None if it can't be)."""
+                remaining: float, ttl: float, meta: dict[str, str],
+                adhoc: Callable[[tuple[PortRange, ...]], bool] | None = None,
+                ) -> Activation | None:
+        """Bring back an activation from the journal after a restart (None if it can't be).
+        Ad-hoc ones come back only when ``adhoc`` still permits their ports."""
         rule = self.rules.get(rule_name)
+        if rule is None and rule_name.startswith(ADHOC_PREFIX) and adhoc is not None:
+            try:
+                ports = tuple(r for spec in meta.get(ADHOC_META, "").split()
+                              for r in parse_port_spec(spec))
+            except ValueError:
+                ports = ()
+            if ports and adhoc(ports):
+                rule = adhoc_rule(rule_name[len(ADHOC_PREFIX):], ports, ttl)
         try:
             src = Source(source)
         except ValueError:

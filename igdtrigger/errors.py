@@ -57,6 +57,12 @@ class ActivationNotFound(UsageError):
     http_status = 404
 
 
+class AdhocRefused(UsageError):
+    """Ports named by a request without a rule, refused by ``[api] allow_adhoc`` limits."""
+
+    http_status = 403
+
+
 class HostNotAllowed(UsageError):
     """The rule's ``hosts`` list does not include this host."""
 

@@ -105,9 +105,13 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     "ActivationRequest": {
-        "type": "object", "required": ["rule"], "additionalProperties": False,
+        "type": "object", "additionalProperties": False,
+        "oneOf": [{"required": ["rule"]}, {"required": ["open"]}],
         "properties": {
             "rule": {"type": "string", "description": "a configured rule's name"},
+            "open": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
+                     "description": "ad-hoc ports like udp/34197 instead of a rule (only with "
+                                    "[api] allow_adhoc, within adhoc_ports and its limits)"},
             "ttl": {"type": ["number", "string"],
                     "description": "seconds or 90s/10m/2h; default: the rule's idle_timeout"},
             "host": {"type": "string", "description": "another LAN host (admin token only)"},
@@ -203,8 +207,8 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "activations": {"type": "array", "items": _ref("Activation")}}})},
                 op_id="listActivations", errors=_ERRORS_COMMON),
             "post": _op(
-                "Activate a rule; waits up to 5 s for the router, then says which ports are "
-                "active, held, in conflict or failed", "act",
+                "Activate a rule (or ad-hoc ports); waits up to 5 s for the router, then says "
+                "which ports are active, held, in conflict or failed", "act",
                 {"201": _json(_ref("Activation"), "Created"),
                  "404": _err("Unknown rule"),
                  "415": _err("Body is not application/json")},

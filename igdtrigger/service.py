@@ -21,17 +21,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import Config, Rule, default_state_dir
+from .config import ADHOC_PREFIX, Config, Rule, default_state_dir
 from .detect.base import Detector
 from .engine import Activation, Engine, Event, EventKind, Source
-from .errors import DetectionUnavailable, UsageError
+from .errors import AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
 from .gateway.select import forget_connection, set_lost_state_handler
 from .journal import Journal, JournalActivation
 from .mapper import Applied, Mapper, MapState
-from .model import Flow, MappingKey, MappingSpec, ProcessSeen, format_duration
+from .model import (
+    Flow,
+    MappingKey,
+    MappingSpec,
+    PortRange,
+    ProcessSeen,
+    format_duration,
+    parse_port_spec,
+)
 
 if TYPE_CHECKING:
     from .gateway.ssdpwatch import NotifyWatcher
@@ -180,7 +188,7 @@ class Service:
             act = self.engine.restore(ja.id, ja.rule, ja.host, ja.source,
                                       age=now_wall - ja.created_wall,
                                       remaining=ja.expires_wall - now_wall, ttl=ja.ttl,
-                                      meta=ja.meta)
+                                      meta=ja.meta, adhoc=self._adhoc_allowed)
             if act is None:
                 self.journal.activation_gone(ja.id)
             else:
@@ -316,6 +324,68 @@ class Service:
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act)
+
+    async def activate_adhoc(
+        self,
+        specs: list[str],
+        host: str,
+        *,
+        ttl: float | None,
+        source: Source,
+        meta: dict[str, str] | None = None,
+        wait: float = APPLY_WAIT,
+    ) -> dict[str, Any]:
+        """Open ports the request names (no rule): only with ``[api] allow_adhoc``, only
+        ports inside ``adhoc_ports``, at most ``adhoc_max_ports`` for ``adhoc_max_ttl``."""
+        if self._stopping:
+            raise UsageError("service is shutting down")
+        adhoc = self.config.api.adhoc
+        if not adhoc.enabled:
+            raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
+                               "[api] allow_adhoc = true (with adhoc_ports limits)")
+        ports = self._adhoc_ports(specs)
+        ttl = adhoc.max_ttl if ttl is None else ttl
+        if ttl > adhoc.max_ttl:
+            raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
+                               f"({format_duration(adhoc.max_ttl)})")
+        live = sum(1 for a in self.engine.activations.values()
+                   if a.host == host and a.rule.name.startswith(ADHOC_PREFIX))
+        if live >= adhoc.per_host:
+            raise AdhocRefused(f"{host} already holds {live} ad-hoc activation(s), the "
+                               f"[api] adhoc_per_host limit; deactivate one first")
+        act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
+        await self._wait_applied(self.engine.generation, wait)
+        return self.activation_json(act)
+
+    def _adhoc_ports(self, specs: list[str]) -> tuple[PortRange, ...]:
+        adhoc = self.config.api.adhoc
+        ports: list[PortRange] = []
+        for spec in specs:
+            try:
+                ranges = parse_port_spec(spec)
+            except ValueError as exc:
+                raise UsageError(f'field "open": {exc}') from None
+            for rng in ranges:
+                if rng.first < 1024 and rng.first != rng.last:
+                    raise AdhocRefused(f"{rng} includes privileged ports below 1024; name "
+                                       "each one")
+                if not adhoc.permits(rng):
+                    raise AdhocRefused(
+                        f"{rng} is outside [api] adhoc_ports "
+                        f"({', '.join(str(r) for r in adhoc.ports)})")
+                ports.append(rng)
+        if not ports:
+            raise UsageError('field "open" must name at least one port, like "udp/34197"')
+        count = sum(len(r) for r in ports)
+        if count > adhoc.max_ports:
+            raise AdhocRefused(f"{count} ports asked; [api] adhoc_max_ports allows "
+                               f"{adhoc.max_ports} per activation")
+        return tuple(ports)
+
+    def _adhoc_allowed(self, ports: tuple[PortRange, ...]) -> bool:
+        adhoc = self.config.api.adhoc
+        return (adhoc.enabled and sum(len(r) for r in ports) <= adhoc.max_ports
+                and all(adhoc.permits(r) for r in ports))
 
     async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> dict[str, Any]:
         act = self.engine.deactivate(act_id)
