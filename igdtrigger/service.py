@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import ADHOC_PREFIX, Config, Rule, default_state_dir
 from .detect.base import Detector
+from .detect.hostmap import HostMap
 from .engine import Activation, Engine, Event, EventKind, Source
 from .errors import AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
@@ -140,6 +142,7 @@ class Service:
         self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
         self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
+        self.hostmap = HostMap(self.local_address, clock=clock)
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -293,6 +296,14 @@ class Service:
         if isinstance(obs, ProcessSeen):
             host = self.local_address()
             if host is not None and obs.names and self.engine.on_process(obs.names, host):
+                self.wake()
+        elif isinstance(obs.src, ipaddress.IPv6Address):
+            # a dual-stack application's IPv6 flow: the IPv4 mappings go to the same machine
+            if not self.engine.index.match(obs.proto, obs.dport):
+                return
+            v4 = self.hostmap.ipv4_for(obs.src)
+            if v4 is not None and self.engine.on_flow(
+                    Flow(obs.proto, ipaddress.IPv4Address(v4), obs.dst, obs.sport, obs.dport)):
                 self.wake()
         elif self.engine.on_flow(obs):
             self.wake()

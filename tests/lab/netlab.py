@@ -914,6 +914,36 @@ table inet {LAN_CT_TABLE} {{
                 self.lease_path.unlink(missing_ok=True)
             self.start_router()
 
+    #: IPv6 inside the lab (public-looking prefixes that exist only in its namespaces)
+    LAN6_PREFIX = "2a0c:5bc0::"
+    WAN6_PREFIX = "2a0c:5bc1::"
+
+    def enable_ipv6(self) -> dict[str, str]:
+        """Give every namespace IPv6 (off by default): the router routes LAN6 <-> WAN6. Returns
+        the addresses: {"router": ..., "wan": ..., <lan ns>: ...}."""
+        on = "net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0"
+        addrs = {"router": f"{self.LAN6_PREFIX}1", "wan": f"{self.WAN6_PREFIX}2"}
+        self._ns_script(self.router, f"""
+            sysctl -q -w {on} net.ipv6.conf.{RTR_LAN_IF}.disable_ipv6=0 \
+                net.ipv6.conf.{RTR_WAN_IF}.disable_ipv6=0 net.ipv6.conf.all.forwarding=1
+            ip -6 addr add {self.LAN6_PREFIX}1/64 dev {RTR_LAN_IF} nodad
+            ip -6 addr add {self.WAN6_PREFIX}1/64 dev {RTR_WAN_IF} nodad
+            """)
+        self._ns_script(self.wan, f"""
+            sysctl -q -w {on} net.ipv6.conf.{HOST_IF}.disable_ipv6=0
+            ip -6 addr add {self.WAN6_PREFIX}2/64 dev {HOST_IF} nodad
+            ip -6 route add default via {self.WAN6_PREFIX}1
+            """)
+        for i, ns in enumerate(self.lan_hosts):
+            addr = f"{self.LAN6_PREFIX}{FIRST_LAN_HOST + i:x}"
+            self._ns_script(ns, f"""
+                sysctl -q -w {on} net.ipv6.conf.{HOST_IF}.disable_ipv6=0
+                ip -6 addr add {addr}/64 dev {HOST_IF} nodad
+                ip -6 route add default via {self.LAN6_PREFIX}1
+                """)
+            addrs[ns] = addr
+        return addrs
+
     def move_router(self, http_port: int) -> None:
         """Reboot the router onto another HTTP port (as miniupnpd does when none is configured):
         its mappings are gone and its description is at a new URL (``igd_url`` follows)."""

@@ -435,6 +435,48 @@ def test_on_the_router_forwarded_flows_trigger_for_the_lan_host(make_lab: Callab
     assert not ours(lab)
 
 
+def send_trigger6(lab: Lab, dst: str, port: int = 27015) -> None:
+    lab.python(lab.lan, "import socket\n"
+                        "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                        f"s.sendto(b'x', ({dst!r}, {port}))\n")
+
+
+def test_ipv6_trigger_opens_the_same_hosts_ipv4_ports(lab: Lab,
+                                                      serve: Callable[..., Serve]) -> None:
+    """A dual-stack game reaching its server over IPv6: the IPv4 mappings go to this host."""
+    v6 = lab.enable_ipv6()
+    serve(idle="3s")
+    send_trigger6(lab, v6["wan"])
+    wait_for(lambda: len(ours(lab)) == 4, 5, "mappings after an IPv6 trigger")
+    assert {m[2] for m in ours(lab)} == {lab.lan_ip}
+    assert all_open(lab)
+
+
+def test_on_the_router_ipv6_flows_trigger_for_the_lan_hosts_ipv4(make_lab: Callable[..., Lab],
+                                                                 tmp_path: Path) -> None:
+    """On the router, the LAN host behind an IPv6 flow is found by its MAC address."""
+    lab = make_lab(secure_mode=False)
+    v6 = lab.enable_ipv6()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(config_text(lab, tmp_path / "state", idle="3s"))
+    ready = tmp_path / "ready"
+    log = (tmp_path / "serve.log").open("wb")
+    proc = lab.popen(lab.router, igdt_argv("serve", "--config", str(cfg), "--ready-file",
+                                           str(ready)), env=env(), cwd=ROOT, stdout=log,
+                     stderr=subprocess.STDOUT)
+    try:
+        wait_for(ready.exists, 20, "serve on the router")
+        send_trigger6(lab, v6["wan"])
+        wait_for(lambda: len(ours(lab)) == 4, 5, "mappings for the LAN host's IPv4 address")
+        assert {m[2] for m in ours(lab)} == {lab.lan_ip}
+        assert all_open(lab)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    assert not ours(lab)
+
+
 def pmp_held(lab: Lab) -> set[tuple[str, int]]:
     """What the router's DNAT chain forwards to the LAN host (NAT-PMP/PCP cannot be listed)."""
     return {(p, e) for p, e, client, _ in lab.nft_mappings() if client == lab.lan_ip}
