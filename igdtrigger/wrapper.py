@@ -205,14 +205,18 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+# Linux tells a signal sent to us alone (kill) from one the terminal sent to the whole
+# foreground group (the child got that one itself) by its si_code, read with sigtimedwait.
+_SIGTIMEDWAIT = hasattr(signal, "sigtimedwait") and hasattr(signal, "pthread_sigmask")
+# Without it (macOS): these come from the terminal to the whole group, so we do not repeat them;
+# the others are forwarded by a plain handler.
+_TTY_SIGNALS = ("SIGINT", "SIGQUIT", "SIGWINCH")
+
+
 def _wait_forwarding(child: subprocess.Popen[bytes], sigs: set[signal.Signals]) -> int:
     """Wait for the child, forwarding signals sent to us (not the tty's: it got those itself)."""
-    if not hasattr(signal, "sigtimedwait"):  # Windows
-        while True:
-            try:
-                return child.wait()
-            except KeyboardInterrupt:
-                continue
+    if not _SIGTIMEDWAIT:
+        return _wait_with_handlers(child, sigs)
     waited = sigs | {signal.SIGCHLD}
     while True:
         rc = child.poll()
@@ -226,6 +230,31 @@ def _wait_forwarding(child: subprocess.Popen[bytes], sigs: set[signal.Signals]) 
         if info.si_code <= 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, info.si_signo)
+
+
+def _wait_with_handlers(child: subprocess.Popen[bytes], sigs: set[signal.Signals]) -> int:
+    """macOS (no sigtimedwait) and Windows: handlers pass signals on while we wait."""
+    previous: dict[signal.Signals, Any] = {}
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            os.kill(child.pid, signum)
+
+    if os.name == "posix":
+        tty = {getattr(signal, n) for n in _TTY_SIGNALS if hasattr(signal, n)}
+        for sig in sigs:
+            with contextlib.suppress(OSError, ValueError):
+                previous[sig] = signal.signal(sig, signal.SIG_IGN if sig in tty else forward)
+    try:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # Windows: Ctrl-C reached the child too
+                continue
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, handler)
 
 
 # launcher -> the environment variables that name the game, in order of preference
@@ -323,7 +352,7 @@ def run(
 def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None) -> int:
     """Run the child with signals forwarded; ``holder`` keeps the ports open meanwhile."""
     sigs = {getattr(signal, n) for n in _FORWARDED if hasattr(signal, n)}
-    blocking = hasattr(signal, "pthread_sigmask")
+    blocking = _SIGTIMEDWAIT
     if blocking:
         signal.pthread_sigmask(signal.SIG_BLOCK, sigs | {signal.SIGCHLD})
 

@@ -90,6 +90,35 @@ def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
     assert p.returncode == 42
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
+def test_signals_reach_the_child_without_sigtimedwait(config: Path, tmp_path: Path,
+                                                      sig: signal.Signals) -> None:
+    """macOS has no sigtimedwait: plain handlers forward what was sent to the wrapper."""
+    marker = tmp_path / "ready"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal({int(sig)}, lambda n, f: (print('got', n, flush=True), sys.exit(42)))\n"
+        f"pathlib.Path({str(marker)!r}).write_text('x')\n"
+        "time.sleep(30)\n"
+        "sys.exit(7)\n"
+    )
+    as_on_macos = ("import sys, igdtrigger.wrapper as w; w._SIGTIMEDWAIT = False; "
+                   "from igdtrigger.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": "/nonexistent"}
+    p = subprocess.Popen([sys.executable, "-c", as_on_macos, "run", "--config", str(config),
+                          "--rule", "demo", "--", sys.executable, "-c", child], env=env,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < deadline, "child never started"
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.02)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=20)
+    assert f"got {int(sig)}" in out, err
+    assert p.returncode == 42
+
+
 def test_unknown_rule_stops_before_launch(config: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     p = igdt("run", "--config", str(config), "--rule", "nope", "--", "touch", str(marker))
