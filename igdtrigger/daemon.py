@@ -146,7 +146,12 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     if ready_file:
         with open(ready_file, "w") as fh:  # noqa: ASYNC230 (tiny, once)
             fh.write(str(os.getpid()))
-    await stop.wait()
+    try:
+        await stop.wait()
+    except asyncio.CancelledError:
+        # Windows has no loop signal handlers: Ctrl-C cancels this task (asyncio.run). The
+        # mappings are removed all the same; asyncio.run then raises KeyboardInterrupt.
+        log.info("interrupted")
     t0 = time.monotonic()
     log.info("stopping: removing mappings")
     notifier.stopping("removing mappings")

@@ -213,3 +213,43 @@ def test_setup_logging_replaces_handlers() -> None:
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_ctrl_c_without_loop_signal_handlers_still_removes_mappings(tmp_path: Path) -> None:
+    """Windows has no loop.add_signal_handler: Ctrl-C cancels asyncio.run's task instead. The
+    service must still delete its mappings before it exits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG)
+    ready = tmp_path / "ready"
+    as_on_windows = (
+        "import asyncio.unix_events, sys\n"
+        "def unsupported(self, *a, **k): raise NotImplementedError\n"
+        "asyncio.unix_events._UnixSelectorEventLoop.add_signal_handler = unsupported\n"
+        "from igdtrigger.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(tmp_path / "state"),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", as_on_windows, "serve", "--config", str(config), "--simulate",
+         "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--server",
+                              f"http://127.0.0.1:{port}"], env=env, capture_output=True,
+                             text=True, timeout=30)
+        assert act.returncode == 0, act.stdout + act.stderr
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert "(1 mapping(s) removed)" in err, err
+        assert proc.returncode == 0  # a clean stop, as after SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
