@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -23,11 +22,14 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import Client
 from .config import Config, Rule
 from .errors import ApiError, IgdTriggerError, RuleNotFound, ServiceUnavailable, UsageError
+
+if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
+    import asyncio
 
 log = logging.getLogger("igdtrigger.run")
 
@@ -125,12 +127,16 @@ class StandaloneHolder(Holder):
         self.thread.start()
 
     def _main(self) -> None:
+        import asyncio
+
         try:
             asyncio.run(self._amain())
         except Exception as exc:  # fail open: the game keeps running
             _warn(f"could not open ports: {exc}")
 
     async def _amain(self) -> None:
+        import asyncio
+
         from .engine import Engine
         from .gateway.select import build_gateway
         from .mapper import Mapper, MapState
