@@ -40,7 +40,7 @@ from typing import Any
 
 from .common import ROOT, Bench, markdown, precompile, row, table
 
-CASES = ["trigger", "range", "restart", "idle", "load", "engine"]
+CASES = ["trigger", "range", "restart", "idle", "load", "engine", "detect"]
 LAB_CASES = {"trigger", "range", "restart", "idle", "load"}
 
 

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "GAME_NAME, HEROIC_APP_NAME) via [launchers] or a rule of that name")
     r.add_argument("--ttl", type=_duration, default=30.0,
                    help="heartbeat ttl: ports lapse this long after a killed wrapper (30s)")
+    r.add_argument("--wait-process", action="append", default=[], metavar="NAME",
+                   help="after COMMAND exits, keep the ports while a process NAME runs (a "
+                   "launcher stub that starts the game and exits); repeatable")
+    r.add_argument("--wait-start", type=_duration, default=60.0, metavar="DURATION",
+                   help="how long that process may take to appear (60s)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     a = sub.add_parser("activate", help="open a rule's ports now")
@@ -187,7 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                            discover_timeout=1.0)
     token = args.token or (read_token(config.state_dir) if where.trusted else None)
     return run(command, rule=rule, config=config, server=where.url, token=token,
-               ttl=args.ttl, strict_rule=not args.infer)
+               ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
+               wait_start=args.wait_start)
 
 
 def _print_activation(data: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ ZEROCONF_MODES = ("auto", "on", "off")
 ENV_PREFIX = "IGDTRIGGER_"
 SIMULATE = "simulate"
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-DETECTORS = ("conntrack",)
+DETECTORS = ("conntrack", "sockets", "process")
 
 
 SHARE_MODES = ("first", "latest")
@@ -145,6 +145,9 @@ class ApiConfig:
 @dataclass(frozen=True, slots=True)
 class DetectConfig:
     methods: tuple[str, ...] = DETECTORS
+    explicit: bool = False  # methods named in the config (else sockets stands in for conntrack)
+    socket_interval: float = 1.0
+    process_interval: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +350,8 @@ class _Section:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(
-            isinstance(v, str) and 0 < len(v.strip()) <= 255 and "/" not in v for v in value
+            isinstance(v, str) and 0 < len(v.strip()) <= 255 and "/" not in v and "\\" not in v
+            for v in value
         ):
             raise self.error(key, f"expected executable names like [\"cs2\", \"game.exe\"], got "
                                   f"{_show(value)}")
@@ -455,7 +459,7 @@ PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
         "allow_adhoc", "adhoc_ports", "adhoc_max_ports", "adhoc_max_ttl", "adhoc_per_host",
         "adhoc_admin_only")
-_DETECT = ("methods",)
+_DETECT = ("methods", "socket_interval", "process_interval")
 _SERVICE = ("state_dir",)
 _RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share", "external")
 # sections whose keys IGDTRIGGER_<SECTION>__<KEY> may override
@@ -549,8 +553,16 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
                 raise det_sec.error(
                     "methods", f"unknown detector {m!r} (known: {', '.join(DETECTORS)})"
                 )
-        methods = tuple(methods_raw)
-    detect = DetectConfig(methods=methods)
+        methods = tuple(dict.fromkeys(methods_raw))
+    intervals = {}
+    for key in ("socket_interval", "process_interval"):
+        intervals[key] = det_sec.duration(key, 1.0)
+        if not 0.05 <= intervals[key] <= 3600:
+            raise det_sec.error(key, f"expected a duration from 50ms to 1h, got "
+                                     f"{intervals[key]:g}s")
+    detect = DetectConfig(methods=methods, explicit=methods_raw is not None,
+                          socket_interval=intervals["socket_interval"],
+                          process_interval=intervals["process_interval"])
     det_sec.done(_DETECT)
 
     svc_sec = _Section(top.get("service") or {}, "service", source)

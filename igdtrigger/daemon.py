@@ -78,11 +78,26 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 
 def build_detectors(config: Config) -> list[Detector]:
+    """The configured detectors, in order. Without ``[detect] methods`` in the config the socket
+    table only stands in for conntrack (it sees less, and polls)."""
+    det = config.detect
     detectors: list[Detector] = []
-    if "conntrack" in config.detect.methods:
+    if "conntrack" in det.methods:
         from .detect.conntrack import ConntrackDetector
 
         detectors.append(ConntrackDetector())
+    if "sockets" in det.methods:
+        from .detect.sockets import SocketTableDetector
+
+        sockets = SocketTableDetector(det.socket_interval)
+        if not det.explicit and "conntrack" in det.methods:
+            sockets.standby_for = "conntrack"
+        detectors.append(sockets)
+    if "process" in det.methods:
+        from .detect.process import ProcessDetector
+
+        names = [n for rule in config.rules for n in rule.process]
+        detectors.append(ProcessDetector(names, det.process_interval))
     return detectors
 
 

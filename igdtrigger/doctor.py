@@ -72,13 +72,21 @@ def check_detectors(config: Config) -> list[Check]:
     if not detectors:
         return [Check("ok", "detectors", "none configured ([detect] methods = []); "
                       "activations come from run/activate/the API only")]
+    usable: set[str] = set()
     for det in detectors:
+        standby = getattr(det, "standby_for", "")
+        if standby and standby in usable:
+            out.append(Check("ok", f"detector {det.name}",
+                             f"standby (stands in if {standby} stops)"))
+            continue
         try:
             det.check()
         except IgdTriggerError as exc:
-            out.append(Check("warn", f"detector {det.name}", str(exc),
-                             "explicit activations still work"))
+            idle = det.name == "process" and not any(r.process for r in config.rules)
+            out.append(Check("ok" if idle else "warn", f"detector {det.name}", str(exc),
+                             "" if idle else "explicit activations still work"))
         else:
+            usable.add(det.name)
             out.append(Check("ok", f"detector {det.name}", "can run"))
     return out
 

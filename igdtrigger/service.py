@@ -231,10 +231,18 @@ class Service:
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
         for det in self.detectors:
+            standby = getattr(det, "standby_for", "")
+            if standby and any(st.name == standby and st.active for st in self.detector_status):
+                self.detector_status.append(DetectorStatus(
+                    det.name, False, f"standby: {standby} is active and sees every flow"))
+                continue
             try:
                 det.check()
             except DetectionUnavailable as exc:
                 self.detector_status.append(DetectorStatus(det.name, False, str(exc)))
+                if det.name == "process" and not any(r.process for r in self.config.rules):
+                    log.info("detector process idle: no rule names a process")
+                    continue
                 log.warning(
                     "detector %s unavailable: %s; explicit activations (run, activate, API) "
                     "still work", det.name, exc
@@ -257,6 +265,17 @@ class Service:
             if st.name == det.name:
                 st.active = False
                 st.reason = st.reason or "stopped (see log)"
+        if self._stopping:
+            return
+        for other in self.detectors:  # a stand-in waiting for this one takes over
+            if getattr(other, "standby_for", "") != det.name:
+                continue
+            for st in self.detector_status:
+                if st.name == other.name and not st.active and st.reason.startswith("standby"):
+                    log.warning("detector %s takes over from %s", other.name, det.name)
+                    st.active, st.reason = True, ""
+                    self._tasks.append(asyncio.create_task(self._run_detector(other),
+                                                           name=other.name))
 
     async def stop(self, timeout: float = 8.0) -> int:
         """Stop detectors and timers, then delete every mapping we hold. Returns the count."""
@@ -531,7 +550,7 @@ class Service:
                 "opened here are not reachable from the internet (double NAT or CGNAT)"
             )
         for st in self.detector_status:
-            if not st.active:
+            if not st.active and not st.reason.startswith(("standby", "no rule names")):
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
         if self.journal.degraded:
             warnings.append(f"state journal {self.journal.path} not writable "

@@ -20,7 +20,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,10 @@ _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "S
 
 def _warn(message: str) -> None:
     print(f"igdtrigger: {message}", file=sys.stderr, flush=True)
+
+
+_info = _warn  # the wrapper's only channel is stderr: the game owns stdout
+WAIT_START = 60.0  # --wait-start default: how long the game may take to appear after the stub
 
 
 @dataclass
@@ -263,6 +268,28 @@ def _wait_with_handlers(child: subprocess.Popen[bytes], sigs: set[signal.Signals
                 signal.signal(sig, handler)
 
 
+def _pauser(sigs: set[signal.Signals]) -> Callable[[float], bool]:
+    """Sleep for ``s`` seconds; True if one of ``sigs`` arrived (time to stop waiting)."""
+    if _SIGTIMEDWAIT:  # the signals are still blocked: take them synchronously
+        def pause(seconds: float) -> bool:
+            return signal.sigtimedwait(sigs, seconds) is not None
+        return pause
+    stop = threading.Event()
+    if os.name == "posix" and threading.current_thread() is threading.main_thread():
+        for sig in sigs:
+            if sig.name == "SIGWINCH":
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, lambda *_: stop.set())
+
+    def pause_event(seconds: float) -> bool:
+        try:
+            return stop.wait(seconds)
+        except KeyboardInterrupt:
+            return True
+    return pause_event
+
+
 # launcher -> the environment variables that name the game, in order of preference
 INFER_ENV: dict[str, tuple[str, ...]] = {
     "steam": ("SteamAppId", "SteamGameId"),
@@ -322,8 +349,13 @@ def run(
     token: str | None,
     ttl: float = HEARTBEAT_TTL,
     strict_rule: bool = True,
+    wait_process: Sequence[str] = (),
+    wait_start: float = WAIT_START,
 ) -> int:
-    """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error."""
+    """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error.
+    ``wait_process``: after the command exits, keep the ports while a process of one of these
+    names runs (a launcher stub that starts the game and exits at once); it must appear within
+    ``wait_start`` seconds."""
     if not command:
         raise UsageError("no command to run: write igdtrigger run --rule NAME -- COMMAND [ARGS...]")
     if rule is None:
@@ -352,10 +384,52 @@ def run(
             _warn(f"no service and no rule {rule!r} here; running without open ports")
         else:
             holder = StandaloneHolder(config, rule_cfg)
-    return _launch(command, env, holder)
+    waiter = (ProcessWaiter(wait_process, wait_start) if wait_process and holder is not None
+              else None)
+    return _launch(command, env, holder, waiter)
 
 
-def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None) -> int:
+class ProcessWaiter:
+    """``run --wait-process``: hold on while the named process runs after the command exits."""
+
+    def __init__(self, names: Sequence[str], start_grace: float,
+                 scan: Callable[[Any], set[str]] | None = None) -> None:
+        from .detect.process import Matcher, default_scanner
+
+        self.names = list(names)
+        self.matcher = Matcher(names)
+        self.scan = scan or default_scanner()
+        self.start_grace = start_grace
+
+    def wait(self, pause: Callable[[float], bool], interval: float = 1.0) -> None:
+        """Until the process is gone (or never came); ``pause(s)`` is True when a signal asks us
+        to stop early."""
+        deadline = time.monotonic() + self.start_grace
+        seen = False
+        said = False
+        while True:
+            try:
+                running = self.scan(self.matcher)
+            except Exception as exc:  # fail open: release the ports rather than hang
+                _warn(f"cannot list processes ({exc}); releasing the ports")
+                return
+            if running:
+                seen = True
+                if not said:
+                    _info(f"holding the ports while {', '.join(sorted(running))} runs")
+                    said = True
+            elif seen:
+                return
+            elif time.monotonic() >= deadline:
+                _warn(f"{' or '.join(self.names)} did not start within "
+                      f"{self.start_grace:g}s; releasing the ports")
+                return
+            if pause(interval):
+                return
+
+
+def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
+            waiter: ProcessWaiter | None = None) -> int:
     """Run the child with signals forwarded; ``holder`` keeps the ports open meanwhile."""
     sigs = {getattr(signal, n) for n in _FORWARDED if hasattr(signal, n)}
     blocking = _SIGTIMEDWAIT
@@ -377,6 +451,8 @@ def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None) 
         if isinstance(holder, ServiceHolder | StandaloneHolder):
             holder.start()
         rc = _wait_forwarding(child, sigs)
+        if waiter is not None:
+            waiter.wait(_pauser(sigs))
     finally:
         if holder is not None:
             holder.stop()
