@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ipaddress
 
 import pytest
@@ -146,12 +148,15 @@ def test_wide_trigger_range_matches() -> None:
 # --- property: any sequence of events leaves exactly the activations the rules imply ----------
 
 HOSTS = ["192.168.1.20", "192.168.1.21", "192.168.1.22"]
-RULES = (rule("a", "udp/1000", "udp/5000", idle=50), rule("b", "tcp/2000-2001", "both/6000", 80))
+RULES = (rule("a", "udp/1000", "udp/5000", idle=50), rule("b", "tcp/2000-2001", "both/6000", 80),
+         dataclasses.replace(rule("c", "udp/1000", "tcp/7000", idle=30), process=("game",)))
+LOCAL = HOSTS[0]  # process sightings are this host's
 
 ops = st.one_of(
     st.tuples(st.just("flow"), st.sampled_from(HOSTS), st.sampled_from([1000, 2000, 2001, 3000]),
               st.sampled_from([Proto.UDP, Proto.TCP])),
     st.tuples(st.just("tick"), st.floats(min_value=0, max_value=120)),
+    st.tuples(st.just("proc"), st.frozensets(st.sampled_from(["game", "GAME", "other"]))),
 )
 
 
@@ -159,7 +164,8 @@ ops = st.one_of(
 @given(st.lists(ops, max_size=40))
 def test_activations_match_a_simple_model(seq: list[tuple[object, ...]]) -> None:
     eng, clock, _ = make(*RULES)
-    last_seen: dict[tuple[str, str], float] = {}  # the model: (rule, host) -> last flow time
+    # the model: (rule, host, source) -> when it was last seen (a flow, or the process running)
+    last_seen: dict[tuple[str, str, str], float] = {}
     for op in seq:
         if op[0] == "flow":
             _, host, port, proto = op
@@ -167,18 +173,25 @@ def test_activations_match_a_simple_model(seq: list[tuple[object, ...]]) -> None
             eng.on_flow(flow(src=host, dport=port, proto=proto))
             for r in RULES:
                 if any(port in rng and rng.proto is proto for rng in r.trigger):
-                    key = (r.name, host)
-                    if key in last_seen and clock.now >= last_seen[key] + r.idle_timeout:
-                        del last_seen[key]
-                    last_seen[key] = clock.now
+                    last_seen[(r.name, host, "traffic")] = clock.now
+        elif op[0] == "proc":
+            names = op[1]
+            assert isinstance(names, frozenset)
+            eng.on_process(names, LOCAL)
+            for r in RULES:
+                if {n.lower() for n in names} & set(r.process):
+                    last_seen[(r.name, LOCAL, "process")] = clock.now
         else:
             dt = op[1]
             assert isinstance(dt, float)
             clock.advance(dt)
         eng.expire()
         idle = {r.name: r.idle_timeout for r in RULES}
-        live = {k for k, t in last_seen.items() if clock.now < t + idle[k[0]]}
-        assert {(a.rule.name, a.host) for a in eng.activations.values()} == live
+        for k, t in list(last_seen.items()):
+            if clock.now >= t + idle[k[0]]:
+                del last_seen[k]  # lapsed: a later sighting starts a new activation
+        assert {(a.rule.name, a.host, a.source.value)
+                for a in eng.activations.values()} == set(last_seen)
         # every desired port belongs to a live activation's rule, mapped to its oldest holder
         for key, spec in eng.desired().items():
             holders = sorted((a for a in eng.activations.values()
