@@ -15,7 +15,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,8 @@ class Journal:
         self.path = path
         self.degraded = ""  # why writes are failing; "" when healthy
         self._db: sqlite3.Connection | None = None
+        self._readonly = False  # read from a copy, never written: the directory is read-only
+        self._copy: tempfile.TemporaryDirectory[str] | None = None
 
     @classmethod
     def open(cls, state_dir: Path) -> Journal:
@@ -95,13 +99,40 @@ class Journal:
             j._connect()
         except JournalError:
             raise
+        except sqlite3.OperationalError as exc:  # cannot open or write (read-only, full): the
+            j._unavailable(str(exc))            # disk's problem, not the file's
         except sqlite3.DatabaseError as exc:
             j._set_aside(f"corrupt ({exc})")
-            j._connect()
+            try:
+                j._connect()
+            except (sqlite3.Error, OSError) as again:
+                j._unavailable(str(again))
         except OSError as exc:
-            j.degraded = f"cannot open {j.path}: {exc.strerror}"
-            log.error("journal unavailable (%s): state lives in memory only", j.degraded)
+            j._unavailable(exc.strerror or str(exc))
         return j
+
+    def _unavailable(self, why: str) -> None:
+        """Work from memory; an existing journal is still read (restore, clean-up) from a
+        private copy (its WAL included) when the directory cannot be written."""
+        self.degraded = f"cannot write {self.path}: {why}"
+        self._readonly = True
+        if self.path.exists():
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._copy = tempfile.TemporaryDirectory(prefix="igdtrigger-journal-")
+                copy = Path(self._copy.name) / FILENAME
+                for suffix in ("", "-wal"):
+                    src = Path(str(self.path) + suffix)
+                    if src.exists():
+                        shutil.copyfile(src, Path(str(copy) + suffix))
+                db = sqlite3.connect(copy, isolation_level=None)
+                try:
+                    db.execute("SELECT count(*) FROM mappings").fetchone()
+                except sqlite3.Error:
+                    db.close()
+                    raise
+                self._db = db
+        log.error("journal unavailable (%s): state lives in memory only%s", self.degraded,
+                  " (what it held is still read)" if self._db is not None else "")
 
     def _connect(self) -> None:
         db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
@@ -137,7 +168,7 @@ class Journal:
     def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         """One fsync'd transaction; a failure degrades the journal instead of raising."""
         db = self._db
-        if db is None or not rows:
+        if db is None or not rows or self._readonly:
             return
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -224,3 +255,6 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
+        if self._copy is not None:
+            self._copy.cleanup()
+            self._copy = None

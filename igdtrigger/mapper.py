@@ -350,6 +350,11 @@ class Mapper:
             log.info("removed stale mapping %s -> %s left by an earlier run", m.key,
                      m.internal_client)
 
+    def retry_gateway_now(self) -> None:
+        """The router announced itself (it is back): no more waiting out the back-off."""
+        self._gateway_retry_at = 0.0
+        self._gateway_backoff = RETRY_FIRST
+
     def _gateway_down(self, message: str) -> None:
         if self.gateway_up or message != self.gateway_error:
             log.warning("gateway down: %s (retrying in %.0fs)", message, self._gateway_backoff)

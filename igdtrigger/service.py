@@ -181,6 +181,7 @@ class Service:
         self.router_announcements += 1
         log.warning("%s: reconnecting and re-applying every mapping", change.reason)
         forget_connection(self.gateway, change.location)
+        self.mapper.retry_gateway_now()
         self._router_lost_state(change.reason)
 
     def _restore(self) -> int:

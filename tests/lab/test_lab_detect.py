@@ -58,7 +58,8 @@ class Serve:
         self.lab, self.ns = lab, ns
         self.ready = cfg.parent / "ready"
         self.log = cfg.parent / "serve.log"
-        with self.log.open("wb") as logf:
+        self.ready.unlink(missing_ok=True)  # a restart: wait for this run's readiness
+        with self.log.open("ab") as logf:
             self.proc = lab.popen(ns, igdt_argv("serve", "--config", str(cfg), "--ready-file",
                                                 str(self.ready)), env=env(), cwd=ROOT,
                                   stdout=logf, stderr=subprocess.STDOUT)
