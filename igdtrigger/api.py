@@ -125,7 +125,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        resp = _error(exc.status, exc.reason or "error")
+        keep = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        resp = _error(exc.status, exc.reason or "error", keep or None)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:

@@ -108,16 +108,25 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "oneOf": [{"required": ["rule"]}, {"required": ["open"]}],
         "properties": {
-            "rule": {"type": "string", "description": "a configured rule's name"},
-            "open": {"type": "array", "items": {"type": "string"}, "maxItems": 64,
+            "rule": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$",
+                     "description": "a configured rule's name"},
+            "open": {"type": "array", "minItems": 1, "maxItems": 64,
+                     "items": {"type": "string",
+                               "pattern": "^(tcp|udp|both)/[1-9][0-9]{0,3}(-[1-9][0-9]{0,3})?$"},
                      "description": "ad-hoc ports like udp/34197 instead of a rule (only with "
                                     "[api] allow_adhoc, within adhoc_ports and its limits)"},
-            "ttl": {"type": ["number", "string"],
-                    "description": "seconds or 90s/10m/2h; default: the rule's idle_timeout"},
-            "host": {"type": "string", "description": "another LAN host (admin token only)"},
+            "ttl": {"oneOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": 604800},
+                {"type": "string",
+                 "pattern": "^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$"}],
+                "description": "seconds or 90s/10m/2h/1d (at most 7d); default: the rule's "
+                               "idle_timeout"},
+            "host": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
+                     "description": "another LAN host (admin token only)"},
             "source": {"enum": ["api", "run"]},
-            "meta": {"type": "object", "additionalProperties": {"type": "string"},
-                     "maxProperties": 16},
+            "meta": {"type": "object", "maxProperties": 16,
+                     "propertyNames": {"maxLength": 64},
+                     "additionalProperties": {"type": "string", "maxLength": 256}},
         },
     },
     "Mapping": {
@@ -189,7 +198,7 @@ def build_openapi(version: str) -> dict[str, Any]:
             params=[{"name": "since", "in": "query", "required": False,
                      "schema": {"type": "integer"},
                      "description": "replay events after this seq"}],
-            errors=_ERRORS_READ)},
+            errors={**_ERRORS_READ, "400": _err("since / Last-Event-ID is not an event number")})},
         "/metrics": {"get": _op(
             "Prometheus metrics (text exposition format 0.0.4)", "read",
             {"200": {"description": "Metrics",
