@@ -166,7 +166,7 @@ def driver(args: argparse.Namespace) -> None:
         t.start()
     for t in threads:
         t.join()
-    json.dump(out, sys.stdout)
+    Path(args.out).write_text(json.dumps(out))
 
 
 # --- the orchestrator: root namespace ----------------------------------------------------------
@@ -190,6 +190,7 @@ def main() -> int:
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--api-port", type=int, default=API_PORT, help=argparse.SUPPRESS)
     ap.add_argument("--token", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
         driver(args)
@@ -234,14 +235,13 @@ def main() -> int:
                                   str(args.minutes), "--clients", str(args.clients),
                                   "--per-minute", str(args.per_minute), "--wrapped",
                                   str(args.wrapped), "--api-port", str(API_PORT), "--token",
-                                  token], cwd=ROOT, env=ENV, stdout=subprocess.PIPE)
+                                  token, "--out", str(work / "driver.json")], cwd=ROOT, env=ENV)
         while drv.poll() is None:
             rss.append((time.monotonic() - t0, rss_mb(svc.pid)))
             time.sleep(5)
         window = time.monotonic() - t0
         cpu = cpu_seconds(svc.pid) - cpu0
-        assert drv.stdout is not None
-        res = json.loads(drv.stdout.read())
+        res = json.loads((work / "driver.json").read_text())
         # everything lets go: activations lapse (ttl <= 30 s) or were ended
         deadline = time.monotonic() + 90
         left = -1

@@ -353,6 +353,10 @@ class Service:
         if self._stopping:
             raise UsageError("service is shutting down")
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
+        return await self._once_applied(act, wait)
+
+    async def _once_applied(self, act: Activation, wait: float) -> dict[str, Any]:
+        """The activation as the API reports it, once the router answered (or ``wait`` s)."""
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act)
 
@@ -385,8 +389,7 @@ class Service:
             raise AdhocRefused(f"{host} already holds {live} ad-hoc activation(s), the "
                                f"[api] adhoc_per_host limit; deactivate one first")
         act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
-        await self._wait_applied(self.engine.generation, wait)
-        return self.activation_json(act)
+        return await self._once_applied(act, wait)
 
     def _adhoc_ports(self, specs: list[str]) -> tuple[PortRange, ...]:
         adhoc = self.config.api.adhoc

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api import make_app
@@ -15,6 +14,7 @@ from igdtrigger.config import ConfigError, parse_config
 from igdtrigger.service import Service
 
 from .fakes import FakeClock, FakeGateway
+from .test_api_auth import fake_remote
 
 THIS_HOST = "192.168.1.10"
 LAN = "192.168.1.20"
@@ -22,16 +22,6 @@ Client = TestClient[Any, Any]
 RULES = [{"name": "demo", "open": ["udp/40000"]}]
 ADHOC: dict[str, Any] = {"allow_adhoc": True, "adhoc_ports": ["both/20000-30000"],
                          "adhoc_max_ports": 4, "adhoc_max_ttl": "2h", "adhoc_per_host": 2}
-
-
-@web.middleware
-async def fake_remote(request: web.Request,
-                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
-    remote = request.headers.get("X-Test-Remote")
-    if remote:
-        request = request.clone(remote=remote)
-    return await handler(request)
 
 
 @pytest.fixture

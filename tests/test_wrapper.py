@@ -67,9 +67,8 @@ def test_signal_death_is_128_plus_n(config: Path) -> None:
     assert p.returncode == 128 + signal.SIGKILL
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
-                                                 sig: signal.Signals) -> None:
+def signal_reaches_child(argv: list[str], tmp_path: Path, sig: signal.Signals) -> None:
+    """Start ``argv + [child]``, send ``sig`` to the wrapper: the child must get it."""
     marker = tmp_path / "ready"
     child = (
         "import signal, sys, time, pathlib\n"
@@ -78,7 +77,9 @@ def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
         "time.sleep(30)\n"
         "sys.exit(7)\n"
     )
-    p = igdt("run", "--config", str(config), "--rule", "demo", "--", sys.executable, "-c", child)
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": "/nonexistent"}
+    p = subprocess.Popen([*argv, sys.executable, "-c", child], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while not marker.exists():
         assert time.monotonic() < deadline, "child never started"
@@ -88,35 +89,23 @@ def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
     out, err = p.communicate(timeout=20)
     assert f"got {int(sig)}" in out, err
     assert p.returncode == 42
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
+                                                 sig: signal.Signals) -> None:
+    signal_reaches_child([sys.executable, "-m", "igdtrigger", "run", "--config", str(config),
+                          "--rule", "demo", "--"], tmp_path, sig)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
 def test_signals_reach_the_child_without_sigtimedwait(config: Path, tmp_path: Path,
                                                       sig: signal.Signals) -> None:
     """macOS has no sigtimedwait: plain handlers forward what was sent to the wrapper."""
-    marker = tmp_path / "ready"
-    child = (
-        "import signal, sys, time, pathlib\n"
-        f"signal.signal({int(sig)}, lambda n, f: (print('got', n, flush=True), sys.exit(42)))\n"
-        f"pathlib.Path({str(marker)!r}).write_text('x')\n"
-        "time.sleep(30)\n"
-        "sys.exit(7)\n"
-    )
     as_on_macos = ("import sys, igdtrigger.wrapper as w; w._SIGTIMEDWAIT = False; "
                    "from igdtrigger.cli import main; sys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "IGDTRIGGER_STATE_DIR": "/nonexistent"}
-    p = subprocess.Popen([sys.executable, "-c", as_on_macos, "run", "--config", str(config),
-                          "--rule", "demo", "--", sys.executable, "-c", child], env=env,
-                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not marker.exists():
-        assert time.monotonic() < deadline, "child never started"
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.02)
-    p.send_signal(sig)
-    out, err = p.communicate(timeout=20)
-    assert f"got {int(sig)}" in out, err
-    assert p.returncode == 42
+    signal_reaches_child([sys.executable, "-c", as_on_macos, "run", "--config", str(config),
+                          "--rule", "demo", "--"], tmp_path, sig)
 
 
 def test_unknown_rule_stops_before_launch(config: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ that forgot the ``lab`` marker.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -46,3 +46,16 @@ def make_lab(_lab_session: None) -> Iterator[Callable[..., Lab]]:
 @pytest.fixture
 def lab(make_lab: Callable[..., Lab]) -> Lab:
     return make_lab()
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+@pytest.fixture
+def started() -> Iterator[list[_Closable]]:
+    """Services a test started (``Serve`` objects): stopped at the end, whatever happened."""
+    services: list[_Closable] = []
+    yield services
+    for s in services:
+        s.close()

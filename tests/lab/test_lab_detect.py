@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +81,6 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-@pytest.fixture
-def started() -> Iterator[list[Serve]]:
-    services: list[Serve] = []
-    yield services
-    for s in services:
-        s.close()
 
 
 def reachable(lab: Lab, host: int = 0) -> bool:

@@ -81,14 +81,6 @@ def some_big_ports_reachable(lab: Lab) -> bool:
                for proto, off in (("udp", 0), ("tcp", BIG // 2), ("udp", BIG - 1)))
 
 
-@pytest.fixture
-def started() -> Iterator[list[Serve]]:
-    services: list[Serve] = []
-    yield services
-    for s in services:
-        s.close()
-
-
 def serve(lab: Lab, cfg: Path, started: list[Serve]) -> Serve:
     s = Serve(lab, lab.lan, cfg)
     started.append(s)
