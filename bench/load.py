@@ -7,7 +7,10 @@
   start-up, an activation, heartbeats, a deactivation).
 
 Then everything is let go and the router's table must hold no igdtrigger mapping. Measured:
-errors (non-2xx API answers, wrappers that failed or said they ran without open ports), leaked
+errors (non-2xx API answers, wrappers that failed or warned), wrapped games that started
+before the service answered (it took over 2 s: they run at once and their ports open when it
+answers; counted apart, and whether they ever opened), the service's own answer time (its
+/metrics histogram) next to what clients saw, the machine's load average, leaked
 mappings, the service's RSS every 5 s (start, end, max: flat or not), its CPU, API latency.
 
     sudo .venv/bin/python -m bench.load              # 5 minutes
@@ -137,10 +140,18 @@ def wrappers(args: argparse.Namespace, stop_at: float, out: dict[str, Any],
             err = p.stderr.read().decode(errors="replace") if p.stderr else ""
             if p.stderr:
                 p.stderr.close()
+            said = [line for line in err.splitlines() if line.startswith("igdtrigger:")]
+            late = any("did not answer within" in line for line in said)
+            other = [line for line in said if "did not answer within" not in line
+                     and "the service answered" not in line]
             with lock:
                 out["wrapped"] += 1
-                if p.returncode != 0 or "igdtrigger:" in err:
-                    out["errors"].append(f"run rc={p.returncode} {err.strip()[:200]}")
+                if late:  # the game started at once, its ports opened when the service answered
+                    out["late"] += 1
+                    if not any("the service answered" in line for line in said):
+                        out["late_never_opened"] += 1
+                if p.returncode != 0 or other:
+                    out["errors"].append(f"run rc={p.returncode} {err.strip()[:300]}")
         if now < stop_at:
             # ramp up over 10 s, then keep the count
             target = args.wrapped if now - ramp > 10 else int(args.wrapped * (now - ramp) / 10)
@@ -156,7 +167,7 @@ def wrappers(args: argparse.Namespace, stop_at: float, out: dict[str, Any],
 def driver(args: argparse.Namespace) -> None:
     stop_at = time.monotonic() + args.minutes * 60
     out: dict[str, Any] = {"latency": [], "errors": [], "activations": 0, "not_open": 0,
-                           "wrapped": 0, "concurrent": []}
+                           "wrapped": 0, "late": 0, "late_never_opened": 0, "concurrent": []}
     lock = threading.Lock()
     threads = [threading.Thread(target=client, args=(i, args, stop_at, out, lock), daemon=True)
                for i in range(args.clients)]
@@ -179,6 +190,39 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def service_latency(lab: Any, token: str) -> dict[str, float | None]:
+    """The service's own answer time for POST /api/v1/activations, from its /metrics histogram
+    (p50/p99 as the upper bound of the bucket they fall in)."""
+    p = lab.run(lab.lan, ["curl", "-s", "-H", f"Authorization: Bearer {token}",
+                          f"http://127.0.0.1:{API_PORT}/metrics"])
+    name = "igdtrigger_api_request_seconds"
+    route = 'route="POST /api/v1/activations"'
+    buckets: list[tuple[float, float]] = []
+    total = count = router = 0.0
+    for line in p.stdout.splitlines():
+        if line.startswith("igdtrigger_router_request_seconds_sum"):
+            router += float(line.rsplit(" ", 1)[1])
+        if route not in line:
+            continue
+        metric, value = line.rsplit(" ", 1)
+        if metric.startswith(f"{name}_bucket"):
+            le = metric.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(value)))
+        elif metric.startswith(f"{name}_sum"):
+            total = float(value)
+        elif metric.startswith(f"{name}_count"):
+            count = float(value)
+
+    def quantile(q: float) -> float | None:
+        for bound, n in sorted(buckets):
+            if count and n >= q * count:
+                return 1e3 * bound
+        return None
+
+    return {"count": count, "mean": 1e3 * total / count if count else None,
+            "p50": quantile(0.5), "p99": quantile(0.99), "router_seconds": router}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,6 +231,8 @@ def main() -> int:
     ap.add_argument("--per-minute", type=int, default=1000)
     ap.add_argument("--wrapped", type=int, default=200)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "load.json"))
+    ap.add_argument("--service-nice", type=int, default=0,
+                    help="run the service at this nice value (the example unit's Nice=-5)")
     ap.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--api-port", type=int, default=API_PORT, help=argparse.SUPPRESS)
     ap.add_argument("--token", default="", help=argparse.SUPPRESS)
@@ -218,7 +264,8 @@ def main() -> int:
                        f'[detect]\nmethods = []\n[service]\nstate_dir = "{state}"\n{rules}')
         ready = work / "ready"
         log = (work / "serve.log").open("wb")
-        svc = lab.popen(lab.lan, [sys.executable, "-m", "igdtrigger", "serve", "--config",
+        nice = ["nice", "-n", str(args.service_nice)] if args.service_nice else []
+        svc = lab.popen(lab.lan, [*nice, sys.executable, "-m", "igdtrigger", "serve", "--config",
                                   str(cfg), "--ready-file", str(ready), "--log-level",
                                   "warning"], cwd=ROOT, env=ENV, stdout=log,
                         stderr=subprocess.STDOUT)
@@ -236,11 +283,14 @@ def main() -> int:
                                   "--per-minute", str(args.per_minute), "--wrapped",
                                   str(args.wrapped), "--api-port", str(API_PORT), "--token",
                                   token, "--out", str(work / "driver.json")], cwd=ROOT, env=ENV)
+        loadavg: list[float] = []
         while drv.poll() is None:
             rss.append((time.monotonic() - t0, rss_mb(svc.pid)))
+            loadavg.append(os.getloadavg()[0])
             time.sleep(5)
         window = time.monotonic() - t0
         cpu = cpu_seconds(svc.pid) - cpu0
+        served = service_latency(lab, token)
         res = json.loads((work / "driver.json").read_text())
         # everything lets go: activations lapse (ttl <= 30 s) or were ended
         deadline = time.monotonic() + 90
@@ -264,7 +314,7 @@ def main() -> int:
     mem = [m for _, m in rss]
     warm = [m for t, m in rss if t >= 30] or mem
     summary = {
-        "minutes": args.minutes, "api_activations": res["activations"],
+        "minutes": args.minutes, "service_nice": args.service_nice, "api_activations": res["activations"],
         "api_per_minute": res["activations"] / args.minutes,
         "wrapped_processes_run": res["wrapped"],
         "wrapped_concurrent_median": statistics.median(res["concurrent"] or [0]),
@@ -274,6 +324,11 @@ def main() -> int:
         "leaked_after_stop": len(after_stop), "service_exit_code": rc,
         "rss_mb_start": warm[0], "rss_mb_end": warm[-1], "rss_mb_max": max(mem),
         "rss_samples": rss, "service_cpu_percent": 100 * cpu / window,
+        "wrapped_late": res["late"], "wrapped_late_never_opened": res["late_never_opened"],
+        "machine_load_avg_1min_median": statistics.median(loadavg or [0.0]),
+        "cpus": os.cpu_count(),
+        "service_side_activation_ms": served,
+        "router_busy_percent": 100 * (served.get("router_seconds") or 0.0) / window,
         "api_latency_ms_p50": 1e3 * lat[len(lat) // 2] if lat else None,
         "api_latency_ms_p99": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat
         else None,
@@ -283,6 +338,8 @@ def main() -> int:
          f"({summary['api_per_minute']:.0f}/min)"),
         ("wrapped processes run (median concurrent)",
          f"{summary['wrapped_processes_run']} ({summary['wrapped_concurrent_median']:.0f})"),
+        ("  of which started before the service answered (>2 s; ports opened later)",
+         f"{summary['wrapped_late']} ({summary['wrapped_late_never_opened']} never opened)"),
         ("errors", str(summary["errors"])),
         ("leaked mappings after everything lapsed", str(summary["leaked_mappings_after_lapse"])),
         ("service RSS MB: after warm-up / end / max",
@@ -291,6 +348,13 @@ def main() -> int:
         ("service CPU (% of one core)", f"{summary['service_cpu_percent']:.1f}"),
         ("API latency p50 / p99 (ms)", f"{summary['api_latency_ms_p50']:.1f} / "
          f"{summary['api_latency_ms_p99']:.1f}"),
+        ("  service side, POST activation: mean / p50 / p99 (ms, from /metrics)",
+         " / ".join("-" if served.get(k) is None else f"{served[k]:.1f}"
+                    for k in ("mean", "p50", "p99"))),
+        ("router busy answering the service (% of the run)",
+         f"{100 * (served.get('router_seconds') or 0.0) / window:.0f}"),
+        ("machine load average (median, on N cores)",
+         f"{summary['machine_load_avg_1min_median']:.1f} on {summary['cpus']}"),
         ("service exit code after SIGTERM", str(rc)),
     ]
     width = max(len(k) for k, _ in rows)

@@ -116,6 +116,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     counts = request.app[STATUS_COUNTS]
+    started = time.perf_counter()
     try:
         resp = await handler(request)
     except Unauthorized as exc:
@@ -133,7 +134,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.exception("API handler failed: %s %s", request.method, request.path)
         resp = _error(500, "internal error (see the service log)")
     counts[resp.status] += 1
+    route = _route_label(request)
+    if route != "GET /api/v1/events":  # a stream: its length is the client's, not ours
+        request.app[METRICS].on_api_request(route, time.perf_counter() - started)
     return resp
+
+
+def _route_label(request: web.Request) -> str:
+    """"METHOD /path/{template}" for a known route, else "METHOD other" (a scanner's random
+    paths must not grow the metric's label set)."""
+    info = request.match_info
+    method = request.method if request.method in _METHODS else "OTHER"
+    if info.http_exception is None and info.route.resource is not None:
+        return f"{method} {info.route.resource.canonical}"
+    return f"{method} other"
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _remote_address(request: web.Request) -> tuple[str, bool]:

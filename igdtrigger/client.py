@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_PORT, ApiConfig, default_state_dir
-from .errors import ApiError, ServiceUnavailable, UsageError
+from .errors import ApiError, ServiceBusy, ServiceUnavailable, UsageError
 
 if TYPE_CHECKING:
     from .config import Config
@@ -130,7 +130,8 @@ class Client:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 *, timeout: float | None = None) -> Any:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+        wait = timeout or self.timeout
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=wait)
         headers = {"Accept": "application/json", "Connection": "close"}
         payload = None
         if body is not None:
@@ -140,9 +141,21 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         try:
             conn.request(method, path, body=payload, headers=headers)
+        except OSError as exc:
+            conn.close()
+            raise ServiceUnavailable(
+                f"no igdtrigger service at {self.url} ({exc}); start it with `igdtrigger serve` "
+                "or pass --server"
+            ) from None
+        try:
             resp = conn.getresponse()
             raw = resp.read(4 * 1024 * 1024)
-        except (TimeoutError, ConnectionError, OSError) as exc:
+        except TimeoutError:
+            raise ServiceBusy(
+                f"the igdtrigger service at {self.url} took the request but did not answer "
+                f"within {wait:g}s (busy, or waiting on a slow router)"
+            ) from None
+        except (ConnectionError, OSError, http.client.HTTPException) as exc:
             raise ServiceUnavailable(
                 f"no igdtrigger service at {self.url} ({exc}); start it with `igdtrigger serve` "
                 "or pass --server"

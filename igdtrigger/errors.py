@@ -147,6 +147,11 @@ class ServiceUnavailable(IgdTriggerError):
     exit_code = 3
 
 
+class ServiceBusy(ServiceUnavailable):
+    """The service accepted the connection but did not answer in time (overloaded, or waiting
+    on a slow router): it is there, so a caller should retry it rather than act without it."""
+
+
 class ApiError(IgdTriggerError):
     """The service answered a request with an error."""
 

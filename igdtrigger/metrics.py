@@ -57,6 +57,17 @@ class _Histogram:
         self.total += 1
 
 
+def _histogram(w: _Writer, name: str, hist: tuple[list[int], float, int], **labels: str) -> None:
+    counts, total_sum, total = hist
+    cumulative = 0
+    for bound, n in zip(LATENCY_BUCKETS, counts, strict=True):
+        cumulative += n
+        w.sample(f"{name}_bucket", cumulative, **labels, le=repr(float(bound)))
+    w.sample(f"{name}_bucket", total, **labels, le="+Inf")
+    w.sample(f"{name}_sum", round(total_sum, 6), **labels)
+    w.sample(f"{name}_count", total, **labels)
+
+
 class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -77,6 +88,16 @@ class Metrics:
         self._lock = threading.Lock()
         self._latency: dict[str, _Histogram] = {}
         self._requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._api: dict[str, _Histogram] = {}
+
+    def on_api_request(self, route: str, seconds: float) -> None:
+        """One API request handled (``route`` is "METHOD /path/{template}"): the time the
+        service spent on it, router round trips it waited for included."""
+        with self._lock:
+            hist = self._api.get(route)
+            if hist is None:
+                hist = self._api[route] = _Histogram()
+            hist.observe(seconds)
 
     def on_router_call(self, action: str, seconds: float, ok: bool) -> None:
         """The gateway's ``on_call`` hook."""
@@ -131,22 +152,21 @@ class Metrics:
 
         with self._lock:
             latency = {k: (list(h.counts), h.sum, h.total) for k, h in self._latency.items()}
+            api = {k: (list(h.counts), h.sum, h.total) for k, h in self._api.items()}
             requests = dict(self._requests)
+        w.family("igdtrigger_api_request_seconds", "histogram",
+                 "Time the service took to answer an API request (waiting for the router "
+                 "included), by route; the event stream is left out.")
+        for route, hist in sorted(api.items()):
+            _histogram(w, "igdtrigger_api_request_seconds", hist, route=route)
         w.family("igdtrigger_router_requests_total", "counter",
                  "Requests sent to the router, by action and result.")
         for (action, result), n in sorted(requests.items()):
             w.sample("igdtrigger_router_requests_total", n, action=action, result=result)
         w.family("igdtrigger_router_request_seconds", "histogram",
                  "Router request latency (one SOAP/miniupnpc call), by action.")
-        for action, (counts, total_sum, total) in sorted(latency.items()):
-            cumulative = 0
-            for bound, n in zip(LATENCY_BUCKETS, counts, strict=True):
-                cumulative += n
-                w.sample("igdtrigger_router_request_seconds_bucket", cumulative, action=action,
-                         le=repr(float(bound)))
-            w.sample("igdtrigger_router_request_seconds_bucket", total, action=action, le="+Inf")
-            w.sample("igdtrigger_router_request_seconds_sum", round(total_sum, 6), action=action)
-            w.sample("igdtrigger_router_request_seconds_count", total, action=action)
+        for action, hist in sorted(latency.items()):
+            _histogram(w, "igdtrigger_router_request_seconds", hist, action=action)
 
         errors: collections.Counter[str] = collections.Counter(svc.error_counts)
         errors["router_request"] = sum(n for (_, r), n in requests.items() if r == "error")

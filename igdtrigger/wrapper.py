@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from .client import Client
 from .config import Config, Rule
-from .errors import ApiError, IgdTriggerError, RuleNotFound, ServiceUnavailable, UsageError
+from .errors import (
+    ApiError,
+    IgdTriggerError,
+    RuleNotFound,
+    ServiceBusy,
+    ServiceUnavailable,
+    UsageError,
+)
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
@@ -44,6 +51,7 @@ def _warn(message: str) -> None:
 
 
 _info = _warn  # the wrapper's only channel is stderr: the game owns stdout
+LATE_RETRY = 2.0  # s between activation attempts while the service has not answered yet
 WAIT_START = 60.0  # --wait-start default: how long the game may take to appear after the stub
 
 
@@ -86,18 +94,24 @@ class ServiceHolder(Holder):
         self.thread.start()
 
     def _beat(self) -> None:
+        """Refresh every ttl/3; without an activation (the service was busy or away when the
+        game started, or it restarted) ask for one every ``LATE_RETRY`` s until it answers."""
         warned = False
-        while not self.done.wait(self.ttl / 3):
+        while not self.done.wait(self.ttl / 3 if self.act_id is not None else LATE_RETRY):
             try:
                 if self.act_id is None:
-                    self.activate()
+                    late = self.response is None
+                    data = self.activate()
+                    if late:
+                        _info(f"the service answered: rule {self.rule} {data.get('state')}"
+                              f" ({ports_env(data) or 'no ports'})")
                 else:
                     self.client.request("POST", f"/api/v1/activations/{self.act_id}/refresh",
                                         {"ttl": self.ttl}, timeout=3)
                 warned = False
             except ApiError as exc:
-                if exc.status == 404:  # lapsed (service restarted?): activate again
-                    self.act_id = None
+                if exc.status == 404 and self.act_id is not None:
+                    self.act_id = None  # lapsed (service restarted?): activate again
                     continue
                 if not warned:
                     _warn(f"heartbeat failed: {exc}")
@@ -376,14 +390,23 @@ def run(
         if exc.status == 404 and strict_rule:  # unknown rule: a mistake to fix, not an outage
             raise UsageError(str(exc)) from None
         _warn(f"service refused the activation: {exc}; running without open ports")
-    except ServiceUnavailable:
+    except ServiceBusy as exc:
+        # the service is there but slow: never map around it (that would race its mappings);
+        # the game starts now and the ports open as soon as the service answers
+        _warn(f"{exc}; starting without open ports, they open once it answers")
+        holder = sh
+    except ServiceUnavailable as exc:
         rule_cfg = config.rule(rule)
-        if rule_cfg is None:
-            if strict_rule:
-                raise RuleNotFound(rule, [r.name for r in config.rules]) from None
-            _warn(f"no service and no rule {rule!r} here; running without open ports")
-        else:
+        if rule_cfg is not None:
             holder = StandaloneHolder(config, rule_cfg)
+        elif strict_rule and config.rules:  # this machine has rules and not this one: a typo
+            raise RuleNotFound(rule, [r.name for r in config.rules]) from None
+        else:
+            # the rule lives on the service (this machine has none): the game must not wait
+            # for it; keep asking, the ports open when it is back
+            _warn(f"{exc}; no rule {rule!r} in this machine's config either: starting without "
+                  "open ports, they open if the service comes back")
+            holder = sh
     waiter = (ProcessWaiter(wait_process, wait_start) if wait_process and holder is not None
               else None)
     return _launch(command, env, holder, waiter)

@@ -89,6 +89,37 @@ async def test_scrape_against_the_simulated_router(tmp_path: Path,
     assert buckets == sorted(buckets)  # cumulative
     assert 0 < value(samples, "igdtrigger_router_request_seconds_sum",
                      action="AddPortMapping") < 5
+    # the API's own answer time, by route template (the activation waited for the router)
+    assert kinds["igdtrigger_api_request_seconds"] == "histogram"
+    route = "POST /api/v1/activations"
+    assert value(samples, "igdtrigger_api_request_seconds_count", route=route) == 1
+    router_time = value(samples, "igdtrigger_router_request_seconds_sum",
+                        action="AddPortMapping")
+    assert value(samples, "igdtrigger_api_request_seconds_sum", route=route) >= router_time
+
+
+async def test_api_latency_labels_stay_bounded(tmp_path: Path) -> None:
+    """A scanner's random paths and methods must not grow the label set."""
+    clock = FakeClock()
+    svc = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path)
+    metrics = Metrics()
+    await svc.start()
+    try:
+        async with TestClient(TestServer(make_app(svc, metrics=metrics),
+                                         host="127.0.0.1")) as client:
+            for i in range(20):
+                await client.get(f"/wp-admin/{i}.php")
+                await client.request("PROPFIND" + "X" * i, "/api/v1/status")
+            r = await client.delete("/api/v1/activations/nope")
+            assert r.status == 404
+            text = await scrape(client)
+    finally:
+        await svc.stop()
+    _, samples = parse(text)
+    routes = {dict(labels)["route"] for name, labels in samples
+              if name == "igdtrigger_api_request_seconds_count"}
+    assert routes == {"GET other", "OTHER other", "DELETE /api/v1/activations/{id}"}
+    assert value(samples, "igdtrigger_api_request_seconds_count", route="GET other") == 20
 
 
 async def test_errors_by_kind_and_gateway_down(tmp_path: Path) -> None:

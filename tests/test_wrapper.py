@@ -328,3 +328,104 @@ def test_ports_env_names_granted_external_ports() -> None:
         {"port": "tcp/3075", "state": "conflict"},
     ]}
     assert ports_env(act) == "udp/40000,udp/40001=51234"
+
+
+# --- a service that is slow or away: the game starts anyway, the ports follow ----------------
+
+class _SlowService:
+    """A stand-in igdtrigger API whose first activation answer comes only after ``delay`` s
+    (an overloaded service): records every request it saw."""
+
+    def __init__(self, delay: float) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.seen: list[str] = []
+        self.delay = delay
+        self.second_post = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                raw = json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                except OSError:  # the client gave up on the slow answer
+                    pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.seen.append(f"POST {self.path}")
+                if self.path == "/api/v1/activations":
+                    n = outer.seen.count("POST /api/v1/activations")
+                    if n == 1:
+                        time.sleep(outer.delay)
+                    else:
+                        outer.second_post.set()
+                    self._answer(201, {"id": f"a{n}", "state": "open", "ports": [
+                        {"port": "udp/40000", "state": "active", "external_port": 40000}]})
+                else:
+                    self._answer(200, {"id": "a2", "state": "open", "ports": []})
+
+            def do_DELETE(self) -> None:
+                outer.seen.append(f"DELETE {self.path}")
+                self._answer(200, {"id": self.path.rsplit("/", 1)[-1], "state": "ended"})
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_busy_service_the_game_starts_and_the_ports_open_when_it_answers(
+        tmp_path: Path) -> None:
+    svc = _SlowService(delay=6.0)
+    marker = tmp_path / "second-post"
+    # the game starts while the first answer is still pending, and runs until the wrapper's
+    # retry got its activation; what it saw at start goes to stdout
+    child = ("import os, pathlib, sys, time\n"
+             "print(os.environ.get('IGDTRIGGER_ACTIVATION', '-'), flush=True)\n"
+             f"p = pathlib.Path({str(marker)!r})\n"
+             "deadline = time.monotonic() + 20\n"
+             "while not p.exists() and time.monotonic() < deadline: time.sleep(0.05)\n"
+             "sys.exit(7)\n")
+    try:
+        p = igdt("run", "--server", svc.url, "--token", "t", "--rule", "demo", "--",
+                 sys.executable, "-c", child)
+        assert svc.second_post.wait(20), (svc.seen, p.poll())
+        marker.touch()
+        out, err = p.communicate(timeout=30)
+    finally:
+        svc.close()
+    assert p.returncode == 7, err
+    assert out.split() == ["-"]  # it started before any activation existed
+    assert "did not answer within 2s" in err and "starting without open ports" in err
+    assert "the service answered: rule demo open (udp/40000)" in err
+    assert "DELETE /api/v1/activations/a2" in svc.seen  # the late activation ended on exit
+
+
+def test_rule_kept_on_the_service_and_service_away_the_game_still_runs(tmp_path: Path) -> None:
+    """A PC whose rules live on the home server: the server being away must not stop the
+    game (an unknown rule stops it only where this machine has rules of its own)."""
+    empty = tmp_path / "client.toml"
+    empty.write_text("")
+    marker = tmp_path / "ran"
+    p = igdt("run", "--config", str(empty), "--server", "http://127.0.0.1:9", "--rule",
+             "lan-party", "--", sys.executable, "-c",
+             f"import pathlib, sys; pathlib.Path({str(marker)!r}).touch(); sys.exit(9)")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 9, err
+    assert marker.exists()
+    assert "no igdtrigger service at http://127.0.0.1:9" in err
+    assert "no rule 'lan-party' in this machine's config either" in err
