@@ -314,7 +314,8 @@ def main() -> int:
     mem = [m for _, m in rss]
     warm = [m for t, m in rss if t >= 30] or mem
     summary = {
-        "minutes": args.minutes, "service_nice": args.service_nice, "api_activations": res["activations"],
+        "minutes": args.minutes, "service_nice": args.service_nice,
+        "api_activations": res["activations"],
         "api_per_minute": res["activations"] / args.minutes,
         "wrapped_processes_run": res["wrapped"],
         "wrapped_concurrent_median": statistics.median(res["concurrent"] or [0]),
