@@ -81,6 +81,7 @@ class GatewayConfig:
     check_before_add: bool = True
     backend: str = "auto"  # "auto" (miniupnpc, else our SOAP client), "miniupnpc", "soap"
     protocol: str = "auto"  # "auto" (probe all, prefer UPnP > PCP > NAT-PMP), or one of them
+    ipv6_pinholes: bool = True  # also open the ports to this machine's IPv6 addresses (IGDv2)
 
     @property
     def simulate(self) -> bool:
@@ -453,7 +454,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 _TOP = ("gateway", "api", "detect", "service", "rules", "launchers")
 _GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interval",
-            "check_before_add", "backend", "protocol")
+            "check_before_add", "backend", "protocol", "ipv6_pinholes")
 BACKENDS = ("auto", "miniupnpc", "soap")
 PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
@@ -489,6 +490,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         check_before_add=gw_sec.boolean("check_before_add", True),
         backend=gw_sec.string("backend", "auto") or "auto",
         protocol=gw_sec.string("protocol", "auto") or "auto",
+        ipv6_pinholes=gw_sec.boolean("ipv6_pinholes", True),
     )
     if gateway.backend not in BACKENDS:
         raise gw_sec.error("backend", f"{gateway.backend!r} is not one of {', '.join(BACKENDS)}")

@@ -82,6 +82,13 @@ SECURE_MODE_HINT = (
 )
 
 
+PINHOLE_SELF_HINT = (
+    "a router opens an IPv6 pinhole only when the host it is for asks, over IPv6, from that "
+    "very address: igdtrigger opens pinholes for the machine it runs on; run it on the host "
+    "that needs the ports"
+)
+
+
 # --- gateway -----------------------------------------------------------------------------------
 
 

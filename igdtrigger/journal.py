@@ -12,6 +12,7 @@ says so once in the log and in status, and the service keeps working from memory
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .model import MappingSpec, Proto
+from .model import MappingSpec, PinholeSpec, Proto
 
 log = logging.getLogger("igdtrigger.journal")
 
@@ -50,6 +51,13 @@ CREATE TABLE IF NOT EXISTS activations (
     expires_wall REAL NOT NULL,
     ttl REAL NOT NULL,
     meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS pinholes (
+    address TEXT NOT NULL,        -- this machine's IPv6 address the pinhole lets traffic to
+    proto TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (address, proto, port)
 );
 """
 
@@ -219,6 +227,34 @@ class Journal:
             if proto in ("TCP", "UDP"):
                 out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
                                           str(desc), str(state)))
+        return out
+
+    # --- IPv6 pinholes --------------------------------------------------------------------------
+
+    def pinholes_requested(self, specs: list[PinholeSpec]) -> None:
+        """Record pinholes about to be requested (a crash leaves them findable)."""
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO pinholes VALUES (?,?,?,?)",
+                    [(s.address, s.proto.value, s.port, now) for s in specs])
+
+    def pinhole_gone(self, spec: PinholeSpec) -> None:
+        self._write("DELETE FROM pinholes WHERE address=? AND proto=? AND port=?",
+                    [(spec.address, spec.proto.value, spec.port)])
+
+    def pinholes(self) -> list[PinholeSpec]:
+        if self._db is None:
+            return []
+        try:
+            rows = self._db.execute("SELECT address, proto, port FROM pinholes").fetchall()
+        except sqlite3.Error as exc:  # a journal from before pinholes (read-only copy)
+            log.debug("no pinholes in the journal: %s", exc)
+            return []
+        out = []
+        for address, proto, port in rows:
+            with contextlib.suppress(ValueError, TypeError):
+                if proto in ("TCP", "UDP") and 1 <= int(port) <= 65535:
+                    ipaddress.IPv6Address(str(address))
+                    out.append(PinholeSpec(str(address), Proto(proto), int(port)))
         return out
 
     # --- activations --------------------------------------------------------------------------

@@ -176,3 +176,16 @@ class RouterMapping:
     @property
     def key(self) -> MappingKey:
         return MappingKey(self.proto, self.external_port)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PinholeSpec:
+    """An inbound IPv6 pinhole igdtrigger wants: ``proto``/``port`` to this machine's
+    ``address`` (no NAT on IPv6: the router's firewall lets it through, nothing is translated)."""
+
+    address: str
+    proto: Proto
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.proto.value.lower()}/[{self.address}]:{self.port}"

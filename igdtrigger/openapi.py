@@ -154,6 +154,17 @@ _SCHEMAS: dict[str, Any] = {
             "rules": {"type": "array", "items": _ref("Rule")},
             "activations": {"type": "array", "items": _ref("Activation")},
             "mappings": {"type": "array", "items": _ref("Mapping")},
+            "pinholes": {
+                "type": "object",
+                "description": "IPv6 pinholes (WANIPv6FirewallControl) to this machine",
+                "properties": {
+                    "available": {"type": ["boolean", "null"]},
+                    "reason": {"type": ["string", "null"]},
+                    "control_url": {"type": ["string", "null"]},
+                    "lease": {"type": "integer"},
+                    "entries": {"type": "array", "items": {"type": "object"}},
+                },
+            },
             "counts": {"type": "object"},
             "warnings": {"type": "array", "items": {"type": "string"}},
             "events": {"type": "array", "items": {"type": "object"}},

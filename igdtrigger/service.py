@@ -30,6 +30,7 @@ from .errors import AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
+from .gateway.pinhole import FirewallClient, global_ipv6_addresses
 from .gateway.select import forget_connection, set_lost_state_handler
 from .journal import Journal, JournalActivation
 from .mapper import Applied, Mapper, MapState
@@ -37,11 +38,13 @@ from .model import (
     Flow,
     MappingKey,
     MappingSpec,
+    PinholeSpec,
     PortRange,
     ProcessSeen,
     format_duration,
     parse_port_spec,
 )
+from .pinholes import PinholeKeeper, PinholeState
 
 if TYPE_CHECKING:
     from .gateway.ssdpwatch import NotifyWatcher
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("igdtrigger")
 
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
+ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
 
 
 @dataclass(slots=True)
@@ -124,6 +128,13 @@ class Service:
             on_change=self._on_mapping_change,
             journal=self.journal,
         )
+        # IPv6: the same ports, through the router's firewall, to this machine's own addresses
+        self.pinholes: PinholeKeeper | None = None
+        if config.gateway.ipv6_pinholes:
+            self.pinholes = PinholeKeeper(
+                FirewallClient(self._upnp_location), clock=clock, lease=config.gateway.lease,
+                journal=self.journal, on_change=self._on_pinhole_change)
+        self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
         self._journal_flushed = 0.0
         # New activations are journaled right after the round that requested their mappings
         # (the mappings themselves are journaled before they are requested): no fsync of its
@@ -149,7 +160,36 @@ class Service:
 
     def _router_lost_state(self, reason: str) -> None:
         self.mapper.reapply_all(reason)
+        if self.pinholes is not None:
+            self.pinholes.lost_state()
         self.wake()
+
+    def _upnp_location(self) -> str | None:
+        info = self.gateway.info
+        return info.location if info is not None and info.protocol == "upnp-igd" else None
+
+    def ipv6_addresses(self) -> list[str]:
+        """This machine's global IPv6 addresses on its IPv6 default route (cached briefly)."""
+        at, addrs = self._v6_addresses
+        now = self.clock()
+        if now - at >= ADDRESSES_TTL and self.pinholes is not None:
+            iface = self.pinholes.client.interface() if isinstance(
+                self.pinholes.client, FirewallClient) else None
+            addrs = global_ipv6_addresses(iface) if iface else []
+            self._v6_addresses = (now, addrs)
+        return addrs
+
+    def desired_pinholes(self) -> set[PinholeSpec]:
+        """Pinholes for the mappings that go to this machine, on each of its IPv6 addresses.
+        (A router opens a pinhole only when asked from the address it is for, so another
+        host's activation gets its IPv4 mappings here and its pinholes from its own igdtrigger.)"""
+        local = self.local_address()
+        specs = {(s.proto, s.internal_port) for s in self.desired().values()
+                 if s.internal_client == local}
+        if not specs:
+            return set()
+        return {PinholeSpec(a, proto, port) for a in self.ipv6_addresses()
+                for proto, port in specs}
 
     def _watch_router(self) -> None:
         """Listen to the UPnP gateway's SSDP NOTIFYs (started once it is known; again if it
@@ -297,6 +337,14 @@ class Service:
                 "router did not answer in %.0fs while removing mappings; their leases (%s) will "
                 "expire on the router", timeout, format_duration(self.mapper.lease)
             )
+        if self.pinholes is not None:
+            try:
+                closed = await asyncio.wait_for(self.pinholes.remove_all(), timeout)
+                if closed:
+                    log.info("closed %d IPv6 pinhole(s)", closed)
+            except TimeoutError:
+                log.error("router did not answer in %.0fs while closing IPv6 pinholes; their "
+                          "leases (%ds) will end them", timeout, self.pinholes.lease)
         await self.gateway.close()
         self._journal_flushed = -math.inf
         self._journal_new()
@@ -456,6 +504,8 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
+            if self.pinholes is not None:
+                await self.pinholes.reconcile(self.desired_pinholes())
             self._watch_router()
             self._journal_new()
             self._journal_activations()
@@ -464,7 +514,9 @@ class Service:
                 self._applied_cond.notify_all()
             if self.engine.generation != gen:
                 continue
-            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline()) if d]
+            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline(),
+                                     self.pinholes.next_deadline() if self.pinholes else None)
+                         if d]
             delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -500,6 +552,13 @@ class Service:
             {"at": time.time(), "event": what, "mapping": str(s.key),
              "host": s.internal_client, **({"error": app.error} if app.error else {})}
         )
+
+    def _on_pinhole_change(self, spec: PinholeSpec, what: str, error: str) -> None:
+        if what == "failed":
+            self.error_counts["pinhole_failed"] += 1
+        log.info("pinhole %s %s%s", spec, what, f" ({error})" if error else "")
+        self.hub.publish({"at": time.time(), "event": f"pinhole_{what}", "pinhole": str(spec),
+                          "host": spec.address, **({"error": error} if error else {})})
 
     def activation_json(self, act: Activation, *, include_ports: bool = True) -> dict[str, Any]:
         now = self.clock()
@@ -556,6 +615,8 @@ class Service:
         for st in self.detector_status:
             if not st.active and not st.reason.startswith(("standby", "no rule names")):
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
+        if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
+            warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
         if self.journal.degraded:
             warnings.append(f"state journal {self.journal.path} not writable "
                             f"({self.journal.degraded}): working from memory")
@@ -592,9 +653,13 @@ class Service:
                 for a in sorted(self.engine.activations.values(), key=lambda a: a.created)
             ],
             "mappings": self.mapper.snapshot(),
+            "pinholes": (self.pinholes.status() if self.pinholes is not None
+                         else {"available": False, "reason": "gateway.ipv6_pinholes is off"}),
             "counts": {
                 "activations": len(self.engine.activations),
                 "mappings_active": self.mapper.count(MapState.ACTIVE),
+                "pinholes_active": (self.pinholes.count(PinholeState.ACTIVE)
+                                    if self.pinholes is not None else 0),
                 "flows_seen": self.engine.flows_seen,
                 "flows_matched": self.engine.flows_matched,
                 **{f"router_{k}": v for k, v in self.mapper.ops.items()},

@@ -23,6 +23,7 @@ import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 
 from ..errors import (
+    PINHOLE_SELF_HINT,
     SECURE_MODE_HINT,
     ActionFailed,
     GatewayError,
@@ -46,6 +47,11 @@ _SERVICE_RANK = {
     "urn:dslforum-org:service:WANIPConnection:1": 4,
     "urn:dslforum-org:service:WANPPPConnection:1": 5,
 }
+
+
+# IPv6 inbound pinholes (IGDv2): a separate service next to the connection services.
+FIREWALL_SERVICE = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
+PINHOLE_MAX_LEASE = 86400  # WANIPv6FirewallControl: LeaseTime 1..86400
 
 
 class MalformedReply(GatewayError):
@@ -115,6 +121,7 @@ class IgdDescription:
     friendly_name: str
     services: tuple[IgdService, ...]
     url_base: str = ""
+    firewall: IgdService | None = None  # WANIPv6FirewallControl:1 (IPv6 pinholes), if offered
 
 
 def _resolve(base: str, url: str) -> str:
@@ -141,6 +148,7 @@ def parse_description(data: bytes, location: str) -> IgdDescription:
             break
     base = url_base if re.match(r"^https?://", url_base, re.IGNORECASE) else location
     services: list[IgdService] = []
+    firewalls: list[IgdService] = []
 
     def walk(device: Element, path: tuple[str, ...]) -> None:
         name = _text(_child(device, "friendlyName")) or _text(_child(device, "UDN"))
@@ -151,11 +159,12 @@ def parse_description(data: bytes, location: str) -> IgdDescription:
                 if _local(svc.tag) != "service":
                     continue
                 stype = re.sub(r"\s+", "", _text(_child(svc, "serviceType")))
-                if stype not in _SERVICE_RANK:
+                if stype not in _SERVICE_RANK and stype != FIREWALL_SERVICE:
                     continue
                 ctl = _resolve(base, _text(_child(svc, "controlURL")))
                 if ctl:
-                    services.append(IgdService(stype, ctl, _text(_child(svc, "serviceId")), here))
+                    found = IgdService(stype, ctl, _text(_child(svc, "serviceId")), here)
+                    (firewalls if stype == FIREWALL_SERVICE else services).append(found)
         dlist = _child(device, "deviceList")
         if dlist is not None:
             for sub in dlist:
@@ -173,6 +182,7 @@ def parse_description(data: bytes, location: str) -> IgdDescription:
         friendly_name=_text(_child(top, "friendlyName")),
         services=tuple(services),
         url_base=url_base,
+        firewall=firewalls[0] if firewalls else None,
     )
 
 
@@ -243,12 +253,18 @@ _NAMES = {
     718: "ConflictInMappingEntry", 724: "SamePortValuesRequired",
     725: "OnlyPermanentLeasesSupported", 728: "NoPortMapsAvailable",
     729: "ConflictWithOtherMechanisms", 730: "PortMappingNotFound",
+    701: "PinholeSpaceExhausted", 702: "FirewallDisabled", 703: "InboundPinholeNotAllowed",
+    704: "NoSuchEntry",
 }
 
 
 def fault_error(action: str, fault: UpnpFault, *, lease: int | None = None) -> GatewayError:
     """Turn a fault into our error type. The same condition has different codes by vendor."""
     code, desc = fault.code, fault.description or _NAMES.get(fault.code or 0, "UPnPError")
+    if code == 606 and "Pinhole" in action:
+        return NotAuthorized(action, code, desc, PINHOLE_SELF_HINT)
+    if code == 704 and "Pinhole" in action:
+        return NoSuchMapping(action, code, desc)
     if code == 606:
         return NotAuthorized(action, code, desc, SECURE_MODE_HINT)
     if code in (718, 729):
@@ -453,6 +469,40 @@ def mapping_args(proto: str, external_port: int, internal_port: int, client: str
         ("NewPortMappingDescription", description),
         ("NewLeaseDuration", str(lease)),
     ]
+
+
+def pinhole_args(proto: str, client: str, port: int, lease: int) -> list[tuple[str, str]]:
+    """AddPinhole's six IN arguments: any remote host and port, to ``client``:``port``.
+
+    ``Protocol`` is the IANA number (6, 17), not a name; ``LeaseTime`` is 1..86400."""
+    number = {"TCP": 6, "UDP": 17}.get(proto.upper())
+    if number is None:
+        raise ValueError(f"pinholes are made for TCP or UDP, not {proto!r}")
+    if not 1 <= lease <= PINHOLE_MAX_LEASE:
+        raise ValueError(f"pinhole lease {lease} is outside 1..{PINHOLE_MAX_LEASE} s")
+    return [
+        ("RemoteHost", ""),
+        ("RemotePort", "0"),
+        ("InternalClient", client),
+        ("InternalPort", str(port)),
+        ("Protocol", str(number)),
+        ("LeaseTime", str(lease)),
+    ]
+
+
+def pinhole_uid(values: dict[str, str]) -> int:
+    """The ``UniqueID`` of an AddPinhole answer (0..65535). Raises ``MalformedReply``."""
+    text = pick(values, "UniqueID").strip()
+    if not text.isdigit() or int(text) > 65535:
+        raise MalformedReply(f"router's AddPinhole reply has no usable UniqueID ({text[:20]!r})")
+    return int(text)
+
+
+def firewall_status(values: dict[str, str]) -> tuple[bool, bool]:
+    """GetFirewallStatus: (firewall enabled, inbound pinholes allowed)."""
+    def flag(name: str) -> bool:
+        return pick(values, name).strip().lower() in ("1", "true", "yes")
+    return flag("FirewallEnabled"), flag("InboundPinholeAllowed")
 
 
 def pick(values: dict[str, str], *names: str) -> str:

@@ -56,8 +56,12 @@ class HttpReply:
 
 async def http_request(url: str, method: str = "GET", *, body: bytes = b"",
                        headers: dict[str, str] | None = None, timeout: float = 3.0,
-                       limit: int = MAX_BODY) -> HttpReply:
-    """One HTTP/1.1 exchange (``Connection: close``), bounded in time and size."""
+                       limit: int = MAX_BODY, connect_to: str | None = None,
+                       local_addr: str | None = None) -> HttpReply:
+    """One HTTP/1.1 exchange (``Connection: close``), bounded in time and size.
+
+    ``connect_to``: the address to connect to instead of the URL's host (an IPv6 link-local
+    address with its ``%zone``); ``local_addr``: the source address to send from."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise GatewayError(f"unsupported URL {url!r} (only http:// is spoken to routers)")
@@ -72,7 +76,9 @@ async def http_request(url: str, method: str = "GET", *, body: bytes = b"",
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body  # one write: headers + body
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEADERS)
+            reader, writer = await asyncio.open_connection(
+                connect_to or host, port, limit=MAX_HEADERS,
+                local_addr=(local_addr, 0) if local_addr else None)
             try:
                 local = str(writer.get_extra_info("sockname")[0])
                 writer.write(request)

@@ -405,6 +405,9 @@ class Lab:
     router_debug     run miniupnpd in the foreground with ``-d`` and keep its log (router_log());
                      much slower, for debugging only
     extra_config     extra miniupnpd.conf lines
+    ipv6             IPv6 everywhere from the start (enable_ipv6) and miniupnpd's IPv6 side on:
+                     its WANIPv6FirewallControl service opens pinholes in the forward chain,
+                     which otherwise drops every WAN -> LAN IPv6 packet (probe6 checks)
     ready_timeout    how long to wait for miniupnpd to answer
     """
 
@@ -427,6 +430,7 @@ class Lab:
         router_debug: bool = False,
         extra_config: Sequence[str] = (),
         ready_timeout: float = 5.0,
+        ipv6: bool = False,
     ) -> None:
         if not enable_upnp and not enable_natpmp:
             raise ValueError("enable_upnp and enable_natpmp cannot both be False")
@@ -447,6 +451,8 @@ class Lab:
         self.router_debug = router_debug
         self.extra_config = tuple(extra_config)
         self.ready_timeout = ready_timeout
+        self.ipv6 = ipv6
+        self.ipv6_addrs: dict[str, str] = {}
 
         self.prefix = f"{PREFIX}{os.getpid()}-{next(_seq)}"
         self.router = f"{self.prefix}-rtr"
@@ -624,6 +630,8 @@ class Lab:
                 bad = [a for a in self._agents.values() if not a.hello]
                 raise LabError(f"probe agent in {bad[0].ns} did not start: {bad[0].stderr_tail()}")
             self._pump(deadline)
+        if self.ipv6:
+            self.enable_ipv6()
         self.start_router()
 
     def _ns_script(self, ns: str, script: str) -> None:
@@ -711,7 +719,7 @@ table inet {LAN_CT_TABLE} {{
             f"pcp_allow_thirdparty={yn[self.pcp_allow_thirdparty]}",
             "system_uptime=yes",
             f"notify_interval={self.notify_interval}",
-            "ipv6_disable=yes",
+            f"ipv6_disable={yn[not self.ipv6]}",
             f"uuid={self.uuid}",
             "friendly_name=igdtrigger lab router",
             f"min_lifetime={self.min_lifetime}",
@@ -942,6 +950,7 @@ table inet {LAN_CT_TABLE} {{
                 ip -6 route add default via {self.LAN6_PREFIX}1
                 """)
             addrs[ns] = addr
+        self.ipv6_addrs = addrs
         return addrs
 
     def move_router(self, http_port: int) -> None:
@@ -1077,6 +1086,64 @@ table inet {LAN_CT_TABLE} {{
         return await asyncio.to_thread(
             self.probe, proto, port, timeout, host=host, internal_port=internal_port
         )
+
+    def probe6(self, proto: Proto, port: int, timeout: float = 1.0, *,
+               host: int | str = 0) -> bool:
+        """Does a packet from the WAN host to the LAN host's own IPv6 address:`port` get
+        through the router (no NAT on IPv6: only a pinhole in its firewall lets it in)? A fresh
+        socket each time, so no earlier flow's firewall state lets it through."""
+        if proto not in ("udp", "tcp"):
+            raise ValueError(f"proto must be 'udp' or 'tcp', not {proto!r}")
+        ns = self.lan_hosts[host] if isinstance(host, int) else host
+        dst = self.ipv6_addrs.get(ns)
+        if dst is None:
+            raise LabError("probe6 needs IPv6: Lab(ipv6=True) or enable_ipv6() first")
+        kind = "SOCK_DGRAM" if proto == "udp" else "SOCK_STREAM"
+        recv = ("d, a = s.recvfrom(64)" if proto == "udp" else
+                "s.listen(1)\nprint('ready', flush=True)\nc, a = s.accept()")
+        ready = "" if proto == "tcp" else "print('ready', flush=True)\n"
+        listener = (
+            "import socket, sys\n"
+            f"s = socket.socket(socket.AF_INET6, socket.{kind})\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n"  # IPv4 listeners stay
+            f"s.bind(('::', {port}))\n"
+            f"s.settimeout({timeout + 2.0})\n"
+            f"{ready}"
+            "try:\n"
+            + "".join(f"    {line}\n" for line in recv.split("\n"))
+            + "    print('got', a[0], flush=True)\n"
+            "except OSError as e:\n"
+            "    print('none', e, flush=True)\n"
+        )
+        if proto == "udp":
+            send = (f"s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                    f"s.sendto(b'probe', ({dst!r}, {port}))\n")
+        else:
+            send = (f"s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n"
+                    f"s.settimeout({timeout})\ns.connect_ex(({dst!r}, {port}))\n")
+        proc = self.popen(ns, [sys.executable, "-c", listener], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            if not first.startswith("ready"):
+                rest, _ = proc.communicate(timeout=5)
+                raise LabError(f"IPv6 listener in {ns} did not start: {first}{rest}")
+            self.run(self.wan, [sys.executable, "-c", "import socket\n" + send],
+                     timeout=timeout + 10)
+            out: str = proc.communicate(timeout=timeout + 5)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        return out.startswith(f"got {self.ipv6_addrs['wan']}")
+
+    def nft_pinholes(self) -> list[str]:
+        """The router's pinhole rules: miniupnpd's forward-chain rules that match an IPv6
+        destination address (``@nh,192,128``; its IPv4 mapping rules match ``@nh,128,32``)."""
+        p = self.run(self.router, ["nft", "list", "chain", "inet", FILTER_TABLE, FORWARD_CHAIN])
+        return [line.strip() for line in p.stdout.splitlines() if "@nh,192,128 " in line]
 
     def listen(self, proto: Proto, port: int, *, host: int | str = 0) -> None:
         """Make the LAN host's probe agent listen on proto/port (probe() does this itself)."""
