@@ -265,14 +265,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"detector {d['name']}: {'active' if d['active'] else 'inactive - ' + d['reason']}")
     for w in data["warnings"]:
         print(f"warning: {w}")
+    holes = data.get("pinholes") or {}
     print(f"rules: {len(data['rules'])}   activations: {len(data['activations'])}   "
-          f"mappings: {data['counts']['mappings_active']}")
+          f"mappings: {data['counts']['mappings_active']}"
+          + (f"   ipv6 pinholes: {data['counts'].get('pinholes_active', 0)}"
+             if holes.get("entries") else ""))
     for a in data["activations"]:
         print("  ", end="")
         _print_activation(a)
     for m in data["mappings"]:
         print(f"   {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
               f"{m['internal_port']}  {m['state']}" + (f"  {m['error']}" if "error" in m else ""))
+    holes = data.get("pinholes") or {}
+    for h in holes.get("entries", []):
+        print(f"   ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]  {h['state']}"
+              + (f"  {h['error']}" if "error" in h else ""))
     return 0
 
 

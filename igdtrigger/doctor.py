@@ -138,6 +138,16 @@ def check_gateway(config: Config) -> list[Check]:
                          "opened here are not reachable from the internet",
                          "put the upstream router in bridge mode, forward the ports there too, "
                          "or ask the ISP for a public address"))
+    if config.gateway.ipv6_pinholes and info.protocol == "upnp-igd":
+        from .gatewaycmd import ipv6_verdict
+
+        verdict = asyncio.run(ipv6_verdict(info.location, 3.0))
+        good = verdict.startswith(("pinholes allowed", "IPv6 firewall off"))
+        no_v6 = "no IPv6 default route" in verdict or "no global IPv6" in verdict
+        out.append(Check("ok" if good or no_v6 else "warn", "ipv6", verdict,
+                         "" if good or no_v6 else
+                         "IPv6 ports stay closed; IPv4 is not affected (set [gateway] "
+                         "ipv6_pinholes = false to stop asking)"))
     return out
 
 

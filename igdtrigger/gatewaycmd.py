@@ -101,13 +101,39 @@ async def _lease_test(gw: Gateway, info: GatewayInfo) -> str:
         return f"test mapping refused: {exc}"
 
 
+async def ipv6_verdict(location: str, timeout: float) -> str:
+    """What the router's IPv6 firewall service (WANIPv6FirewallControl) says, for pinholes."""
+    from .gateway.pinhole import FirewallClient, global_ipv6_addresses
+
+    client = FirewallClient(lambda: location, timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            fw = await client.connect()
+    except TimeoutError:
+        return f"pinholes unknown: the router's IPv6 side did not answer within {timeout:g}s"
+    except GatewayError as exc:
+        return f"no pinholes: {exc}"
+    iface = client.interface()
+    ours = global_ipv6_addresses(iface) if iface else []
+    if not fw.enabled:
+        return "IPv6 firewall off on the router: IPv6 ports are open without pinholes"
+    if not fw.inbound_allowed:
+        return "pinholes not allowed (InboundPinholeAllowed=0): allow them on the router"
+    return (f"pinholes allowed at {fw.control_url}; opened for "
+            + (", ".join(ours) if ours else "no global IPv6 address of this machine"))
+
+
 async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
     cands = candidates(config)
     try:
-        return list(await asyncio.gather(*(_probe(n, g, timeout, test) for n, g in cands)))
+        results = list(await asyncio.gather(*(_probe(n, g, timeout, test) for n, g in cands)))
     finally:
         for _, g in cands:
             await g.close()
+    upnp = results[0]
+    if config.gateway.ipv6_pinholes and upnp.ok and upnp.info is not None:
+        upnp.extra["ipv6"] = await ipv6_verdict(upnp.info.location, timeout)
+    return results
 
 
 def report(results: list[ProbeResult]) -> str:
@@ -124,6 +150,8 @@ def report(results: list[ProbeResult]) -> str:
                      + (f"  server {i.server!r}" if i.server else ""))
         if "lease_test" in r.extra:
             lines.append(f"{'':9} lease  {r.extra['lease_test']}")
+        if "ipv6" in r.extra:
+            lines.append(f"{'':9} ipv6   {r.extra['ipv6']}")
     ok = [r for r in results if r.ok and r.info is not None]
     if not ok:
         lines.append("no port-mapping protocol answered: enable UPnP (or NAT-PMP/PCP) on the "

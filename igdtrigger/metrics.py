@@ -144,6 +144,21 @@ class Metrics:
             if state not in ("active", "pending", "conflict", "failed"):
                 w.sample("igdtrigger_mappings", n, protocol=proto, state=state)
 
+        w.family("igdtrigger_pinholes", "gauge",
+                 "IPv6 pinholes this service holds or wants, by protocol and state.")
+        by_hole: collections.Counter[tuple[str, str]] = collections.Counter(
+            (h.spec.proto.value.lower(), h.state.value)
+            for h in (svc.pinholes.held.values() if svc.pinholes is not None else ()))
+        for proto in ("tcp", "udp"):
+            for state in ("active", "pending", "failed"):
+                w.sample("igdtrigger_pinholes", by_hole[(proto, state)], protocol=proto,
+                         state=state)
+        w.family("igdtrigger_pinholes_available", "gauge",
+                 "1 when the router takes IPv6 pinholes from this machine, 0 when it cannot "
+                 "(see status: pinholes.reason) or has not been asked yet.")
+        w.sample("igdtrigger_pinholes_available",
+                 1 if svc.pinholes is not None and svc.pinholes.available else 0)
+
         w.family("igdtrigger_mapping_operations_total", "counter",
                  "Router operations done by the mapper, by kind.")
         for op, n in sorted(svc.mapper.ops.items()):

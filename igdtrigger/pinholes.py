@@ -63,6 +63,8 @@ class Pinhole:
                                "port": self.spec.port, "state": self.state.value}
         if self.uid is not None:
             out["uid"] = self.uid
+        if self.state is PinholeState.ACTIVE:
+            out["renew_in"] = round(max(0.0, self.renew_at - now), 1)
         if self.error:
             out["error"] = self.error
         return out

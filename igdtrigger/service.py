@@ -97,6 +97,7 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         state_dir: Path | None = None,
+        on_router_call: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         self.config = config
         self.gateway = gateway
@@ -132,7 +133,8 @@ class Service:
         self.pinholes: PinholeKeeper | None = None
         if config.gateway.ipv6_pinholes:
             self.pinholes = PinholeKeeper(
-                FirewallClient(self._upnp_location), clock=clock, lease=config.gateway.lease,
+                FirewallClient(self._upnp_location, on_call=on_router_call), clock=clock,
+                lease=config.gateway.lease,
                 journal=self.journal, on_change=self._on_pinhole_change)
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
         self._journal_flushed = 0.0

@@ -39,6 +39,10 @@ from .errors import (
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
+    from .gateway.base import GatewayInfo
+    from .model import MappingKey, MappingSpec, PinholeSpec
+    from .pinholes import PinholeKeeper
+
 log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0
@@ -188,18 +192,48 @@ class StandaloneHolder(Holder):
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
                   + "; ".join(sorted({a.error for a in mapper.applied.values() if a.error})))
         self.ready.set()
+        holes, keeper = self._pinholes(info, desired, clock, lease)
+        if keeper is not None:  # IPv6 after IPv4: the game is not kept waiting for it
+            await keeper.reconcile(holes)
+            if keeper.reason:
+                _warn(f"IPv6 ports not opened: {keeper.reason}")
         while not self._stop_async.is_set():
-            deadline = mapper.next_deadline()
-            delay = 30.0 if deadline is None else max(0.05, deadline - clock())
+            deadlines = [d for d in (mapper.next_deadline(),
+                                     keeper.next_deadline() if keeper else None) if d]
+            delay = 30.0 if not deadlines else max(0.05, min(deadlines) - clock())
             try:
                 await asyncio.wait_for(self._stop_async.wait(), delay)
             except TimeoutError:
                 await mapper.reconcile(desired)
+                if keeper is not None:
+                    await keeper.reconcile(holes)
         try:
             await asyncio.wait_for(mapper.remove_all(), 4.0)
+            if keeper is not None:
+                await asyncio.wait_for(keeper.remove_all(), 4.0)
         except TimeoutError:
             _warn(f"router did not answer; mappings lapse within {lease:g}s")
         await gateway.close()
+
+    def _pinholes(self, info: GatewayInfo, desired: dict[MappingKey, MappingSpec],
+                  clock: Callable[[], float], lease: float,
+                  ) -> tuple[set[PinholeSpec], PinholeKeeper | None]:
+        """The same ports over IPv6 to this machine, when the router's firewall takes them."""
+        if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
+            return set(), None
+        from .gateway.pinhole import FirewallClient, global_ipv6_addresses
+        from .pinholes import PinholeKeeper
+
+        client = FirewallClient(lambda: info.location)
+        iface = client.interface()
+        addrs = global_ipv6_addresses(iface) if iface else []
+        if not addrs:
+            return set(), None
+        from .model import PinholeSpec
+
+        holes = {PinholeSpec(a, s.proto, s.internal_port) for s in desired.values()
+                 for a in addrs}
+        return holes, PinholeKeeper(client, clock=clock, lease=lease)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.done.set()

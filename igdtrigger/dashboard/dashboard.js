@@ -109,7 +109,7 @@ function render() {
   if (s.version) $("#version").textContent = "v" + s.version + " · instance " + s.instance;
   renderGateway(s.gateway, s.warnings || []);
   renderActivations(s.activations || []);
-  renderMappings(s.mappings || []);
+  renderMappings(s.mappings || [], s.pinholes || {});
   renderRules(s.rules || []);
   renderEvents();
 }
@@ -157,9 +157,10 @@ function renderActivations(acts) {
   $("#activations-empty").hidden = acts.length > 0;
 }
 
-function renderMappings(maps) {
+function renderMappings(maps, pinholes) {
   const body = $("#mappings tbody");
-  body.replaceChildren(...maps.map((m) => {
+  const holes = pinholes.entries || [];
+  const rows = maps.map((m) => {
     const key = m.protocol.toLowerCase() + "/" + m.external_port;
     return el("tr", { "data-mapping": key, "data-state": m.state },
       el("td", {}, key),
@@ -169,8 +170,21 @@ function renderMappings(maps) {
       el("td", {}, m.lease ? duration(m.lease) : "permanent"),
       el("td", { class: "countdown", "data-expires": m.renew_in === undefined || m.renew_in === null ? "" : String(m.renew_in) },
          m.renew_in === undefined || m.renew_in === null ? "–" : duration(m.renew_in)));
+  });
+  // IPv6: no NAT, the router's firewall lets the port through to this machine's own address
+  rows.push(...holes.map((h) => {
+    const key = "ipv6 " + h.proto.toLowerCase() + "/" + h.port;
+    return el("tr", { "data-pinhole": key + " " + h.address, "data-state": h.state },
+      el("td", {}, key),
+      el("td", {}, "[" + h.address + "]:" + h.port),
+      el("td", { class: h.state === "active" ? "ok" : "bad", title: h.error || "" },
+         h.state + (h.error ? " – " + h.error : "")),
+      el("td", {}, duration(pinholes.lease)),
+      el("td", { class: "countdown", "data-expires": h.renew_in === undefined ? "" : String(h.renew_in) },
+         h.renew_in === undefined ? "–" : duration(h.renew_in)));
   }));
-  $("#mappings-empty").hidden = maps.length > 0;
+  body.replaceChildren(...rows);
+  $("#mappings-empty").hidden = rows.length > 0;
   if (!state.readable) $("#mappings-empty").textContent = "Needs read access.";
 }
 

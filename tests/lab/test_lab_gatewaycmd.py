@@ -64,3 +64,21 @@ def test_nothing_answers_is_exit_1_with_advice(make_lab: Callable[..., Lab],
                           "--timeout", "1s"], env=env(), cwd=ROOT, timeout=60)
     assert p.returncode == 1
     assert "no port-mapping protocol answered" in p.stdout
+
+
+def test_ipv6_router_reports_that_pinholes_are_allowed_and_for_which_address(
+        make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    lab = make_lab(ipv6=True)
+    rc, results = probe(lab, tmp_path)
+    verdict = by_proto(results)["upnp-igd"]["ipv6"]
+    assert rc == 0
+    assert verdict.startswith("pinholes allowed at http://[2a0c:5bc0::1]:")
+    assert lab.ipv6_addrs[lab.lan] in verdict
+
+
+def test_without_ipv6_the_reason_pinholes_cannot_be_had_is_given(lab: Lab,
+                                                                  tmp_path: Path) -> None:
+    rc, results = probe(lab, tmp_path)
+    verdict = by_proto(results)["upnp-igd"]["ipv6"]
+    assert rc == 0
+    assert verdict == "no pinholes: this machine has no IPv6 default route: no IPv6 to open"

@@ -8,6 +8,7 @@ miniupnpd has put a pinhole rule in its forward chain; ``probe6`` sends a real p
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,18 @@ from typing import Any
 import pytest
 
 from tests.lab.netlab import Lab
-from tests.lab.test_lab_service import RULE_PORTS, Serve, all_open, ours, send_trigger, wait_for
+from tests.lab.test_lab_service import (
+    ROOT,
+    RULE_PORTS,
+    Serve,
+    all_open,
+    config_text,
+    env,
+    igdt_argv,
+    ours,
+    send_trigger,
+    wait_for,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -118,3 +130,20 @@ def test_without_an_ipv6_firewall_service_status_says_why(lab: Lab, tmp_path: Pa
         assert all_open(lab)
     finally:
         s.stop()
+
+
+def test_run_without_a_service_opens_ipv6_too_while_the_game_runs(lab6: Lab,
+                                                                 tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(config_text(lab6, tmp_path / "state"))
+    marker = tmp_path / "child-started"
+    p = lab6.popen(lab6.lan, igdt_argv("run", "--config", str(cfg), "--rule", "game", "--",
+                                       "sh", "-c", f"touch {marker}; sleep 3; exit 5"),
+                   env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(marker.exists, 10, "wrapped child to start")
+    wait_for(lambda: len(lab6.nft_pinholes()) == 4, 5, "standalone pinholes")
+    got = reachable6(lab6)
+    assert all(got.values()), f"not reachable over IPv6 while the game runs: {got}"
+    assert p.wait(20) == 5
+    assert lab6.nft_pinholes() == []
+    assert not any(reachable6(lab6, 0.3).values())

@@ -1,0 +1,346 @@
+"""IPv6 pinholes: the WANIPv6FirewallControl codec, and the keeper against an in-memory firewall
+(adds, renewals at half lease, a router that forgot, closing, back-off, left-overs of a crash)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from igdtrigger.errors import (
+    GatewayNotFound,
+    GatewayUnreachable,
+    NoSuchMapping,
+    NotAuthorized,
+)
+from igdtrigger.gateway.igd import (
+    FIREWALL_SERVICE,
+    MalformedReply,
+    UpnpFault,
+    fault_error,
+    firewall_status,
+    parse_description,
+    parse_soap_response,
+    pinhole_args,
+    pinhole_uid,
+)
+from igdtrigger.gateway.pinhole import FirewallInfo, is_pinhole_address
+from igdtrigger.journal import Journal
+from igdtrigger.model import PinholeSpec, Proto
+from igdtrigger.pinholes import RETRY_MAX, PinholeKeeper, PinholeState
+
+from .fakes import FakeClock
+
+ADDR = "2a0c:5bc0::a"
+ADDR2 = "2a0c:5bc0::b"
+
+
+# --- codec -------------------------------------------------------------------------------------
+
+DESC = f"""<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0"><device>
+<deviceType>urn:schemas-upnp-org:device:InternetGatewayDevice:2</deviceType>
+<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANDevice:2</deviceType>
+<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:2</deviceType>
+<serviceList>
+<service><serviceType>urn:schemas-upnp-org:service:WANIPConnection:2</serviceType>
+<controlURL>/ctl/IPConn</controlURL></service>
+<service><serviceType> {FIREWALL_SERVICE} </serviceType>
+<controlURL>/ctl/IP6FCtl</controlURL></service>
+</serviceList></device></deviceList></device></deviceList></device></root>""".encode()
+
+
+def test_description_offers_the_firewall_service_apart_from_the_connection_services() -> None:
+    d = parse_description(DESC, "http://192.168.1.1:5000/rootDesc.xml")
+    assert [s.service_type for s in d.services] == [
+        "urn:schemas-upnp-org:service:WANIPConnection:2"]
+    assert d.firewall is not None
+    assert d.firewall.control_url == "http://192.168.1.1:5000/ctl/IP6FCtl"
+
+
+def test_description_without_firewall_service() -> None:
+    d = parse_description(DESC.replace(FIREWALL_SERVICE.encode(), b"urn:x:other:1"),
+                          "http://192.168.1.1:5000/rootDesc.xml")
+    assert d.firewall is None and len(d.services) == 1
+
+
+def test_add_pinhole_arguments_are_in_spec_order_with_protocol_numbers() -> None:
+    assert pinhole_args("udp", ADDR, 40000, 3600) == [
+        ("RemoteHost", ""), ("RemotePort", "0"), ("InternalClient", ADDR),
+        ("InternalPort", "40000"), ("Protocol", "17"), ("LeaseTime", "3600")]
+    assert pinhole_args("TCP", ADDR, 1, 1)[4] == ("Protocol", "6")
+    with pytest.raises(ValueError, match="86400"):
+        pinhole_args("udp", ADDR, 40000, 86401)
+    with pytest.raises(ValueError, match="TCP or UDP"):
+        pinhole_args("sctp", ADDR, 40000, 60)
+
+
+def test_unique_id_and_firewall_status_replies() -> None:
+    ok = parse_soap_response(200, (
+        b'<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">'
+        b'<s:Body><u:AddPinholeResponse xmlns:u="x"><UniqueID> 7 </UniqueID>'
+        b"</u:AddPinholeResponse></s:Body></s:Envelope>"), "AddPinhole")
+    assert isinstance(ok, dict) and pinhole_uid(ok) == 7
+    for bad in ({}, {"UniqueID": "-1"}, {"UniqueID": "70000"}, {"UniqueID": "x"}):
+        with pytest.raises(MalformedReply, match="UniqueID"):
+            pinhole_uid(bad)
+    assert firewall_status({"FirewallEnabled": "1", "InboundPinholeAllowed": "0"}) == (
+        True, False)
+    assert firewall_status({"firewallenabled": "true", "inboundpinholeallowed": "1"}) == (
+        True, True)
+
+
+def test_606_on_a_pinhole_says_only_the_host_itself_may_ask() -> None:
+    err = fault_error("AddPinhole", UpnpFault(606, "Action not authorized"))
+    assert isinstance(err, NotAuthorized)
+    assert "from that very address" in str(err) and "run it on the host" in str(err)
+    assert isinstance(fault_error("UpdatePinhole", UpnpFault(704, "NoSuchEntry")), NoSuchMapping)
+
+
+def test_only_global_unicast_addresses_get_pinholes() -> None:
+    assert is_pinhole_address(ipaddress.IPv6Address(ADDR))
+    for a in ("fe80::1", "fd00::2", "::1", "ff02::1", "::ffff:1.2.3.4", "2001:db8::1"):
+        assert not is_pinhole_address(ipaddress.IPv6Address(a)), a
+
+
+# --- the keeper --------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeFirewall:
+    """A router's IPv6 firewall in memory: pinholes by UniqueID, with knobs for failures."""
+
+    clock: FakeClock
+    enabled: bool = True
+    inbound: bool = True
+    reachable: bool = True
+    refuse: set[str] = field(default_factory=set)  # addresses the router answers 606 for
+    holes: dict[int, tuple[PinholeSpec, float]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    info: FirewallInfo | None = None
+    _next: int = 1
+
+    def _check(self, action: str) -> None:
+        self.calls.append(action)
+        if not self.reachable:
+            self.info = None
+            raise GatewayUnreachable("router connection failed: connection refused")
+
+    async def connect(self) -> FirewallInfo:
+        self._check("connect")
+        self.info = FirewallInfo("http://r/desc.xml", "http://[fe80::1]:5000/ctl/IP6FCtl",
+                                 "fe80::1%eth0", self.enabled, self.inbound)
+        return self.info
+
+    def open_specs(self) -> set[PinholeSpec]:
+        now = self.clock()
+        return {s for s, exp in self.holes.values() if exp > now}
+
+    async def add(self, spec: PinholeSpec, lease: int) -> int:
+        self._check("add")
+        if spec.address in self.refuse:
+            raise fault_error("AddPinhole", UpnpFault(606, "Action not authorized"))
+        for uid, (s, _) in self.holes.items():
+            if s == spec:  # same arguments: the existing pinhole, lease extended
+                self.holes[uid] = (spec, self.clock() + lease)
+                return uid
+        uid, self._next = self._next, self._next + 1
+        self.holes[uid] = (spec, self.clock() + lease)
+        return uid
+
+    async def update(self, spec: PinholeSpec, uid: int, lease: int) -> None:
+        self._check("update")
+        if uid not in self.holes or self.holes[uid][1] <= self.clock():
+            raise fault_error("UpdatePinhole", UpnpFault(704, "NoSuchEntry"))
+        self.holes[uid] = (self.holes[uid][0], self.clock() + lease)
+
+    async def delete(self, spec: PinholeSpec, uid: int) -> None:
+        self._check("delete")
+        if self.holes.pop(uid, None) is None:
+            raise fault_error("DeletePinhole", UpnpFault(704, "NoSuchEntry"))
+
+
+def ph(port: int, address: str = ADDR, proto: Proto = Proto.UDP) -> PinholeSpec:
+    return PinholeSpec(address, proto, port)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fw(clock: FakeClock) -> FakeFirewall:
+    return FakeFirewall(clock)
+
+
+async def test_opens_exactly_the_wanted_pinholes_and_closes_the_rest(
+        fw: FakeFirewall, clock: FakeClock) -> None:
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000), ph(40001), ph(3074, proto=Proto.TCP)})
+    assert fw.open_specs() == {ph(40000), ph(40001), ph(3074, proto=Proto.TCP)}
+    assert k.available is True and k.count() == 3
+    await k.reconcile({ph(40001)})
+    assert fw.open_specs() == {ph(40001)}
+    await k.reconcile(set())
+    assert fw.open_specs() == set() and k.held == {}
+
+
+async def test_renewed_at_half_lease_so_a_pinhole_never_lapses(fw: FakeFirewall,
+                                                                 clock: FakeClock) -> None:
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    want = {ph(40000)}
+    await k.reconcile(want)
+    assert k.next_deadline() == clock.now + 300
+    for _ in range(40):  # 40 minutes, four leases
+        clock.advance(60)
+        await k.reconcile(want)
+        assert fw.open_specs() == want
+    assert fw.calls.count("add") == 1 and fw.calls.count("update") >= 7
+
+
+async def test_a_pinhole_the_router_forgot_is_opened_again(fw: FakeFirewall,
+                                                           clock: FakeClock) -> None:
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000)})
+    fw.holes.clear()  # a router reboot
+    clock.advance(300)
+    await k.reconcile({ph(40000)})
+    assert fw.open_specs() == {ph(40000)}
+    assert k.held[ph(40000)].state is PinholeState.ACTIVE
+
+
+async def test_lost_state_reapplies_every_pinhole_at_once(fw: FakeFirewall,
+                                                           clock: FakeClock) -> None:
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000), ph(40001)})
+    fw.holes.clear()
+    k.lost_state()
+    assert k.next_deadline() == clock.now
+    await k.reconcile({ph(40000), ph(40001)})
+    assert fw.open_specs() == {ph(40000), ph(40001)}
+
+
+async def test_lease_is_kept_within_what_the_service_allows(fw: FakeFirewall,
+                                                            clock: FakeClock) -> None:
+    assert PinholeKeeper(fw, clock=clock, lease=604800).lease == 86400
+    assert PinholeKeeper(fw, clock=clock, lease=3600).lease == 3600
+
+
+async def test_another_hosts_address_is_refused_with_the_reason_and_not_hammered(
+        fw: FakeFirewall, clock: FakeClock) -> None:
+    fw.refuse.add(ADDR2)
+    changes: list[tuple[str, str]] = []
+    k = PinholeKeeper(fw, clock=clock, lease=600,
+                      on_change=lambda s, what, err: changes.append((what, err)))
+    await k.reconcile({ph(40000), ph(40000, ADDR2)})
+    assert fw.open_specs() == {ph(40000)}
+    bad = k.held[ph(40000, ADDR2)]
+    assert bad.state is PinholeState.FAILED and "from that very address" in bad.error
+    assert ("failed", bad.error) in changes
+    adds = fw.calls.count("add")
+    clock.advance(RETRY_MAX - 1)
+    await k.reconcile({ph(40000), ph(40000, ADDR2)})
+    assert fw.calls.count("add") == adds  # not asked again before the back-off ends
+
+
+async def test_firewall_off_or_closed_to_inbound_is_reported_not_retried_in_a_loop(
+        fw: FakeFirewall, clock: FakeClock) -> None:
+    fw.inbound = False
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000)})
+    assert k.available is False and "InboundPinholeAllowed=0" in k.reason
+    assert fw.holes == {}
+    await k.reconcile({ph(40000)})
+    assert fw.calls == ["connect"]
+    fw.inbound = True
+    clock.advance(601)
+    await k.reconcile({ph(40000)})
+    assert k.available is True and fw.open_specs() == {ph(40000)}
+    fw.enabled = False
+    k2 = PinholeKeeper(fw, clock=clock, lease=600)
+    await k2.reconcile({ph(40001)})
+    assert "firewall is off" in k2.reason
+
+
+async def test_unreachable_router_backs_off_then_recovers(fw: FakeFirewall,
+                                                          clock: FakeClock) -> None:
+    fw.reachable = False
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    for _ in range(5):
+        await k.reconcile({ph(40000)})
+        clock.advance(1)
+    assert fw.calls.count("connect") <= 3  # 2 s, then 4 s: not once per round
+    assert k.available is False and "connection refused" in k.reason
+    fw.reachable = True
+    clock.advance(10)
+    await k.reconcile({ph(40000)})
+    assert fw.open_specs() == {ph(40000)} and k.reason == ""
+
+
+async def test_no_service_means_no_requests_until_the_recheck(fw: FakeFirewall,
+                                                              clock: FakeClock) -> None:
+    async def none() -> FirewallInfo:
+        fw.calls.append("connect")
+        raise GatewayNotFound("the router offers no WANIPv6FirewallControl service")
+
+    fw.connect = none  # type: ignore[method-assign]
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    for _ in range(10):
+        await k.reconcile({ph(40000)})
+        clock.advance(30)
+    assert fw.calls == ["connect"]
+    assert "WANIPv6FirewallControl" in k.reason
+
+
+async def test_nothing_wanted_nothing_asked(fw: FakeFirewall, clock: FakeClock) -> None:
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile(set())
+    assert fw.calls == [] and k.available is None and k.next_deadline() is None
+
+
+async def test_remove_all_closes_every_pinhole(fw: FakeFirewall, clock: FakeClock) -> None:
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000), ph(40001)})
+    assert await k.remove_all() == 2
+    assert fw.holes == {}
+
+
+async def test_journaled_left_overs_of_a_crash_are_closed_and_wanted_ones_kept(
+        fw: FakeFirewall, clock: FakeClock, tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
+    k = PinholeKeeper(fw, clock=clock, lease=600, journal=j)
+    await k.reconcile({ph(40000), ph(40001)})
+    assert set(j.pinholes()) == {ph(40000), ph(40001)}
+    j.close()  # kill -9: nothing closed, the journal is all that is left
+    j2 = Journal.open(tmp_path)
+    k2 = PinholeKeeper(fw, clock=clock, lease=600, journal=j2)
+    assert k2.stale == {ph(40000), ph(40001)}
+    await k2.reconcile({ph(40001)})  # the activation for 40001 was restored; 40000 lapsed
+    assert fw.open_specs() == {ph(40001)}
+    assert set(j2.pinholes()) == {ph(40001)} and k2.stale == set()
+    await k2.remove_all()
+    assert fw.holes == {} and j2.pinholes() == []
+    j2.close()
+
+
+async def test_a_failed_close_is_retried_and_kept_in_the_journal(
+        fw: FakeFirewall, clock: FakeClock, tmp_path: Path) -> None:
+    j = Journal.open(tmp_path)
+    k = PinholeKeeper(fw, clock=clock, lease=600, journal=j)
+    await k.reconcile({ph(40000)})
+
+    async def broken(spec: PinholeSpec, uid: int) -> None:
+        raise GatewayUnreachable("router did not answer")
+
+    real_delete = fw.delete
+    fw.delete = broken  # type: ignore[method-assign]
+    await k.reconcile(set())
+    assert j.pinholes() == [ph(40000)] and k.stale == {ph(40000)}
+    fw.delete = real_delete  # type: ignore[method-assign]
+    clock.advance(5)
+    await k.reconcile(set())
+    assert fw.holes == {} and j.pinholes() == [] and k.stale == set()
+    j.close()
