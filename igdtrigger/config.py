@@ -432,7 +432,7 @@ def _show(value: object) -> str:
 def parse_listen(text: str) -> tuple[str, int]:
     """``127.0.0.1:8731``, ``[::1]:8731``, ``0.0.0.0:8731`` or a bare port."""
     text = text.strip()
-    if text.isdigit():
+    if text.isdecimal():
         host, port_s = "127.0.0.1", text
     elif text.startswith("["):
         host, sep, port_s = text[1:].partition("]:")
@@ -447,7 +447,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     except ValueError:
         if host != "localhost":
             raise ValueError(f"{text!r}: host must be an IP address") from None
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+    if not port_s.isdecimal() or not 0 <= int(port_s) <= 65535:
         raise ValueError(f"{text!r}: port must be 0-65535")
     return host, int(port_s)
 

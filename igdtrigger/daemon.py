@@ -51,7 +51,7 @@ def stderr_is_journal(environ: Mapping[str, str] | None = None, fd: int = 2) -> 
     stream, so both are compared, as sd_journal_stream_fd(3) advises)."""
     value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
     dev, sep, ino = value.partition(":")
-    if not sep or not dev.isdigit() or not ino.isdigit():
+    if not sep or not dev.isdecimal() or not ino.isdecimal():
         return False
     try:
         st = os.fstat(fd)

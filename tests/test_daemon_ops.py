@@ -83,6 +83,12 @@ def test_notifier_path_and_abstract_sockets(tmp_path: Path,
     assert not Notifier({"NOTIFY_SOCKET": "@igdt-nobody-listens-here"}).ready()  # no raise
 
 
+def test_odd_systemd_variables_are_ignored_not_a_crash_at_start() -> None:
+    for usec in ("²", "-5", "0", "1e6", ""):
+        assert Notifier({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": usec}).watchdog_interval \
+            is None, usec
+
+
 def test_watchdog_pings_at_half_the_interval(notify_socket: tuple[socket.socket, str]) -> None:
     sock, addr = notify_socket
     n = Notifier({"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "200000"})

@@ -22,10 +22,12 @@ from igdtrigger.gateway.igd import (
     build_msearch,
     build_soap,
     fault_error,
+    firewall_status,
     mapping_args,
     parse_description,
     parse_soap_response,
     parse_ssdp,
+    pinhole_uid,
 )
 
 LOC = "http://192.168.1.1:5000/rootDesc.xml"
@@ -273,6 +275,51 @@ def test_soap_parser_never_raises_anything_else(data: bytes, status: int) -> Non
 def test_description_parser_never_raises_anything_else(data: bytes) -> None:
     with contextlib.suppress(MalformedReply):
         parse_description(data, LOC)
+
+
+FAULT = ('<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault>'
+         "<detail><UPnPError><errorCode>{}</errorCode></UPnPError></detail></s:Fault></s:Body>"
+         "</s:Envelope>")
+
+
+def test_fault_code_in_unicode_digits_is_no_crash() -> None:
+    """'²' is a digit to str.isdigit() but not to int(): it used to escape as ValueError."""
+    for text, code in (("²", None), ("-²", None), ("٧١٨", 718), ("7¹8", None)):
+        out = parse_soap_response(500, FAULT.format(text).encode(), "AddPortMapping")
+        assert isinstance(out, UpnpFault) and out.code == code, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12), st.sampled_from(["AddPortMapping", "AddPinhole", "GetStatusInfo"]))
+def test_fault_with_any_error_code_text_is_a_fault(text: str, action: str) -> None:
+    body = FAULT.format(text.replace("&", "&amp;").replace("<", "&lt;")).encode(
+        "utf-8", "surrogatepass")
+    with contextlib.suppress(MalformedReply):
+        out = parse_soap_response(500, body, action)
+        assert isinstance(out, UpnpFault)
+        fault_error(action, out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000), st.integers(100, 599))
+def test_pinhole_replies_give_a_valid_id_or_a_clear_error(data: bytes, status: int) -> None:
+    """A router's AddPinhole answer: a UniqueID within 0..65535, a fault, or MalformedReply."""
+    with contextlib.suppress(MalformedReply):
+        out = parse_soap_response(status, data, "AddPinhole")
+        if isinstance(out, dict):
+            assert 0 <= pinhole_uid(out) <= 65535
+            firewall_status(out)  # whatever it holds, never an exception
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["UniqueID", "uniqueid", "FirewallEnabled",
+                                        "InboundPinholeAllowed", "Other"]),
+                       st.text(max_size=12)))
+def test_pinhole_values_never_raise_anything_else(values: dict[str, str]) -> None:
+    with contextlib.suppress(MalformedReply):
+        assert 0 <= pinhole_uid(values) <= 65535
+    enabled, inbound = firewall_status(values)
+    assert isinstance(enabled, bool) and isinstance(inbound, bool)
 
 
 # --- SSDP ---------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from igdtrigger.config import parse_config
+from igdtrigger.engine import Source
 from igdtrigger.errors import (
     GatewayNotFound,
     GatewayUnreachable,
@@ -28,10 +30,13 @@ from igdtrigger.gateway.igd import (
 )
 from igdtrigger.gateway.pinhole import FirewallInfo, is_pinhole_address
 from igdtrigger.journal import Journal
+from igdtrigger.metrics import Metrics
 from igdtrigger.model import PinholeSpec, Proto
 from igdtrigger.pinholes import RETRY_MAX, PinholeKeeper, PinholeState
+from igdtrigger.service import Service
 
-from .fakes import FakeClock
+from .fakes import FakeClock, FakeGateway
+from .test_metrics import parse, value
 
 ADDR = "2a0c:5bc0::a"
 ADDR2 = "2a0c:5bc0::b"
@@ -344,3 +349,70 @@ async def test_a_failed_close_is_retried_and_kept_in_the_journal(
     await k.reconcile(set())
     assert fw.holes == {} and j.pinholes() == [] and k.stale == set()
     j.close()
+
+
+# --- in the service ----------------------------------------------------------------------------
+
+SERVICE_CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40001", "tcp/40005"]}]}
+
+
+async def test_service_opens_pinholes_for_its_own_machine_only_and_closes_them(
+        tmp_path: Path) -> None:
+
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    svc = Service(parse_config(SERVICE_CONFIG), gw, clock=clock, state_dir=tmp_path)
+    fw = FakeFirewall(clock)
+    assert svc.pinholes is not None
+    svc.pinholes.client = fw
+    svc.ipv6_addresses = lambda: [ADDR, ADDR2]  # type: ignore[method-assign]
+    await svc.start()
+    try:
+        other = await svc.activate("demo", "192.168.1.99", ttl=60, source=Source.API)
+        assert other["state"] == "open"
+        assert fw.holes == {}  # another host's ports: IPv4 only (its pinholes are its own)
+        await svc.deactivate(other["id"])
+        mine = await svc.activate("demo", gw.local_address, ttl=60, source=Source.API)
+        assert mine["state"] == "open"
+        assert fw.open_specs() == {ph(p, a, pr) for a in (ADDR, ADDR2) for pr, p in
+                                   ((Proto.UDP, 40000), (Proto.UDP, 40001), (Proto.TCP, 40005))}
+        st = svc.status()
+        assert st["pinholes"]["available"] is True and len(st["pinholes"]["entries"]) == 6
+        assert st["counts"]["pinholes_active"] == 6
+        _, samples = parse(Metrics().render(svc))
+        assert value(samples, "igdtrigger_pinholes", protocol="udp", state="active") == 4
+        assert value(samples, "igdtrigger_pinholes_available") == 1
+        await svc.deactivate(mine["id"])
+        assert fw.holes == {}
+        assert svc.status()["pinholes"]["entries"] == []
+    finally:
+        await svc.stop()
+
+
+async def test_service_says_why_ipv6_stays_closed(tmp_path: Path) -> None:
+
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    svc = Service(parse_config(SERVICE_CONFIG), gw, clock=clock, state_dir=tmp_path)
+    fw = FakeFirewall(clock, inbound=False)
+    assert svc.pinholes is not None
+    svc.pinholes.client = fw
+    svc.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
+    await svc.start()
+    try:
+        act = await svc.activate("demo", gw.local_address, ttl=60, source=Source.API)
+        assert act["state"] == "open"  # IPv4 is not held back by IPv6
+        warnings = svc.status()["warnings"]
+        assert any("IPv6 ports are not opened" in w and "InboundPinholeAllowed=0" in w
+                   for w in warnings), warnings
+    finally:
+        await svc.stop()
+
+
+async def test_pinholes_off_in_config_asks_nothing(tmp_path: Path) -> None:
+
+    cfg = parse_config({"gateway": {"ipv6_pinholes": False}, **SERVICE_CONFIG})
+    svc = Service(cfg, FakeGateway(FakeClock()), clock=FakeClock(), state_dir=tmp_path)
+    assert svc.pinholes is None
+    assert svc.status()["pinholes"] == {"available": False,
+                                        "reason": "gateway.ipv6_pinholes is off"}

@@ -231,7 +231,7 @@ def parse_soap_response(status: int, body: bytes, action: str) -> dict[str, str]
                 desc_el = next((e for e in el.iter() if _local(e.tag) == "errorDescription"),
                                None)
                 code_s = _text(code_el)
-                code = int(code_s) if code_s.lstrip("-").isdigit() else None
+                code = int(code_s) if code_s.lstrip("-").isdecimal() else None
                 return UpnpFault(code, _text(desc_el) or "UPnPError")
             if name == f"{action}Response":
                 return {_local(c.tag): _text(c) for c in el}
@@ -493,7 +493,7 @@ def pinhole_args(proto: str, client: str, port: int, lease: int) -> list[tuple[s
 def pinhole_uid(values: dict[str, str]) -> int:
     """The ``UniqueID`` of an AddPinhole answer (0..65535). Raises ``MalformedReply``."""
     text = pick(values, "UniqueID").strip()
-    if not text.isdigit() or int(text) > 65535:
+    if not text.isdecimal() or int(text) > 65535:
         raise MalformedReply(f"router's AddPinhole reply has no usable UniqueID ({text[:20]!r})")
     return int(text)
 

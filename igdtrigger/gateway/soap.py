@@ -105,7 +105,7 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
         text = head.decode("iso-8859-1")
         first, _, rest = text.partition("\r\n")
         bits = first.split(" ", 2)
-        if len(bits) < 2 or not bits[0].startswith("HTTP/") or not bits[1].isdigit():
+        if len(bits) < 2 or not bits[0].startswith("HTTP/") or not bits[1].isdecimal():
             raise ValueError(f"not an HTTP response: {first[:60]!r}")
         status = int(bits[1])
         if status == 100:  # Expect: 100-continue answered anyway
@@ -132,7 +132,7 @@ async def _read_body(reader: asyncio.StreamReader, hdrs: dict[str, str], limit: 
             await reader.readuntil(b"\r\n")
         return bytes(out)
     length = hdrs.get("content-length")
-    if length is not None and length.isdigit():
+    if length is not None and length.isdecimal():
         n = int(length)
         if n > limit:
             raise ValueError(f"response body of {n} bytes is larger than {limit}")
@@ -354,7 +354,7 @@ class SoapGateway:
             spec.proto.value, spec.external_port, spec.internal_port, spec.internal_client,
             spec.description, lease), lease=lease)
         port = pick(out, "NewReservedPort", "NewExternalPort")
-        if not port.isdigit():
+        if not port.isdecimal():
             raise MalformedReply(f"AddAnyPortMapping reply has no port ({out})")
         return Granted(int(port), lease)
 
@@ -387,7 +387,7 @@ class SoapGateway:
                 break  # 713 past the end (or 714/402/500 on some routers)
             proto_s = pick(entry, "NewProtocol").upper()
             port_s = pick(entry, "NewExternalPort")
-            if proto_s not in ("TCP", "UDP") or not port_s.isdigit():
+            if proto_s not in ("TCP", "UDP") or not port_s.isdecimal():
                 continue
             out.append(_mapping(Proto(proto_s), int(port_s), entry))
         return out
@@ -403,8 +403,8 @@ def _mapping(proto: Proto, port: int, out: dict[str, str]) -> RouterMapping:
         proto=proto,
         external_port=port,
         internal_client=pick(out, "NewInternalClient"),
-        internal_port=int(iport) if iport.isdigit() else 0,
+        internal_port=int(iport) if iport.isdecimal() else 0,
         description=pick(out, "NewPortMappingDescription"),
         enabled=pick(out, "NewEnabled") not in ("0", "false"),
-        lease_remaining=int(lease) if lease.isdigit() else None,
+        lease_remaining=int(lease) if lease.isdecimal() else None,
     )

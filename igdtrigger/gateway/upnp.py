@@ -73,8 +73,8 @@ def _classify(action: str, exc: BaseException, *, v1: bool) -> GatewayError:
     low = text.lower()
     code = _UPNP_TEXTS.get(low.replace(" ", "") if low not in _UPNP_TEXTS else low)
     if code is None and low.startswith("unknownerror"):
-        digits = "".join(c for c in low if c.isdigit() or c == "-")
-        code = int(digits) if digits.lstrip("-").isdigit() else None
+        digits = "".join(c for c in low if c.isdecimal() or c == "-")
+        code = int(digits) if digits.lstrip("-").isdecimal() else None
     if code is None:
         if "http" in low or "socket" in low or "connect" in low or "invalid response" in low:
             return GatewayUnreachable(
@@ -274,7 +274,7 @@ class MiniupnpcGateway:
                 internal_client=str(client),
                 internal_port=int(iport),
                 description=str(desc),
-                enabled=bool(int(enabled)) if str(enabled).isdigit() else bool(enabled),
+                enabled=bool(int(enabled)) if str(enabled).isdecimal() else bool(enabled),
                 lease_remaining=int(lease),
             )
 
