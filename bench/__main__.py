@@ -10,6 +10,8 @@ in the same run, interleaved, and reports the ratio:
             AddPortMapping (the floor); a script calling `upnpc -a` as the alternative
   range     a 200-port rule (100 TCP + 100 UDP) opened and closed through the service vs a bare
             miniupnpc loop; pre-check on/off, miniupnpc vs our SOAP backend; NAT-PMP pipelining
+  ipv6      the same 200-port rule with IPv6 pinholes too (WANIPv6FirewallControl) vs the bare
+            AddPinhole/DeletePinhole loop plus the bare miniupnpc loop; and vs IPv4 alone
   restart   router restart: time from miniupnpd answering again to all 200 mappings restored,
             vs a bare loop re-adding them
   idle      RSS and CPU of `igdtrigger serve` (100 rules, API, conntrack) with no traffic, vs a
@@ -40,8 +42,9 @@ from typing import Any
 
 from .common import ROOT, Bench, markdown, precompile, row, table
 
-CASES = ["trigger", "range", "restart", "idle", "load", "engine", "detect"]
-LAB_CASES = {"trigger", "range", "restart", "idle", "load"}
+CASES = ["trigger", "range", "ipv6", "restart", "idle", "load", "engine", "detect"]
+LAB_CASES = {"trigger", "range", "ipv6", "restart", "idle", "load"}
+LAB_OPTIONS: dict[str, dict[str, Any]] = {"ipv6": {"ipv6": True}}
 
 
 def main() -> int:
@@ -83,7 +86,7 @@ def main() -> int:
                     # the operations done in its namespace, so no case inherits another's
                     from tests.lab.netlab import Lab
 
-                    lab = stack.enter_context(Lab())
+                    lab = stack.enter_context(Lab(**LAB_OPTIONS.get(name, {})))
                 b = Bench(lab=lab, workdir=workdir / name, quick=args.quick, trials=trials)
                 stack.callback(b.close)
                 mod = importlib.import_module(f"bench.case_{name}")

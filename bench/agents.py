@@ -281,6 +281,66 @@ class Driver:
         t2 = time.monotonic()
         return {"open": t1 - t0, "close": t2 - t1}
 
+    @staticmethod
+    def _pinhole_call(cmd: dict[str, Any], action: str, args: str) -> bytes:
+        """One prebuilt WANIPv6FirewallControl request on its own TCP connection (as miniupnpc
+        does), from this host's IPv6 address to the router's."""
+        router, src, path = str(cmd["router"]), str(cmd["source"]), str(cmd["path"])
+        http_port = int(cmd["http_port"])
+        svc = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
+        body = (f'<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/'
+                f'soap/envelope/" s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/">'
+                f'<s:Body><u:{action} xmlns:u="{svc}">{args}</u:{action}></s:Body>'
+                "</s:Envelope>\r\n").encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: [{router}]:{http_port}\r\n"
+                f'Content-Type: text/xml; charset="utf-8"\r\nSOAPAction: "{svc}#{action}"'
+                f"\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection((router, http_port), timeout=5,
+                                      source_address=(src, 0)) as s:
+            s.sendall(head + body)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        if b" 200 " not in data.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"{action}: {data[:300]!r}")
+        return data
+
+    def _pinholes_add(self, cmd: dict[str, Any]) -> list[str]:
+        numbers = {"TCP": 6, "UDP": 17}
+        uids = []
+        for proto, port in _ports(cmd["ports"]):
+            out = self._pinhole_call(
+                cmd, "AddPinhole",
+                f"<RemoteHost></RemoteHost><RemotePort>0</RemotePort><InternalClient>"
+                f"{cmd['source']}</InternalClient><InternalPort>{port}</InternalPort>"
+                f"<Protocol>{numbers[proto]}</Protocol><LeaseTime>3600</LeaseTime>")
+            uids.append(out.split(b"<UniqueID>")[1].split(b"<")[0].decode())
+        return uids
+
+    def _pinholes_delete(self, cmd: dict[str, Any], uids: list[str]) -> None:
+        for uid in uids:
+            self._pinhole_call(cmd, "DeletePinhole", f"<UniqueID>{uid}</UniqueID>")
+
+    def pinhole_floor(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """The bare IPv6 pinhole loop: every AddPinhole, then every DeletePinhole. With
+        ``ipv4``, the bare miniupnpc loop's mappings are added first and deleted first, in the
+        order the service does it (so the router's tables are as full as they are for it)."""
+        ports = _ports(cmd["ports"])
+        u = self.upnp
+        ipv4 = bool(cmd.get("ipv4"))
+        t0 = time.monotonic()
+        if ipv4:
+            for proto, port in ports:
+                u.addportmapping(port, proto, self.lan_ip, port, "bench ipv6 floor", "", 3600)
+        uids = self._pinholes_add(cmd)
+        t1 = time.monotonic()
+        if ipv4:
+            for proto, port in ports:
+                u.deleteportmapping(port, proto)
+        self._pinholes_delete(cmd, uids)
+        t2 = time.monotonic()
+        return {"open": t1 - t0, "close": t2 - t1}
+
     def range_api(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Through the service: POST an activation of the range rule, wait until every port is
         active; DELETE it, wait until the service holds nothing."""
@@ -296,11 +356,23 @@ class Driver:
             act = self.api(port, "GET", f"/api/v1/activations/{act['id']}")
         t1 = time.monotonic()
         active = sum(1 for p in act["ports"] if p.get("state") == "active")
+        holes = 0
+        if cmd.get("pinholes"):  # IPv6 too: the activation answered once the round was done
+            holes = len([h for h in self.api(port, "GET", "/api/v1/status")["pinholes"]
+                         ["entries"] if h["state"] == "active"])
         self.api(port, "DELETE", f"/api/v1/activations/{act['id']}")
         self.api_wait_empty(port, 60)
+        if cmd.get("pinholes"):
+            deadline = time.monotonic() + 60
+            while self.api(port, "GET", "/api/v1/status")["pinholes"]["entries"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the service still holds pinholes")
+                time.sleep(0.005)
         t2 = time.monotonic()
         if active != n:
             raise RuntimeError(f"{active} of {n} ports active")
+        if cmd.get("pinholes") and holes != n:
+            raise RuntimeError(f"{holes} of {n} pinholes active")
         return {"open": t1 - t0, "close": t2 - t1}
 
     def range_api_open(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +517,7 @@ def driver() -> None:
                 d.api_wait_empty(int(cmd["port"]), float(cmd.get("timeout", 30)))
                 reply({"ok": True})
             elif op in ("importtime", "range_floor", "range_api", "range_api_open", "pmp",
+                        "pinhole_floor",
                         "add_many", "delete_many"):
                 reply({"ok": True, **getattr(d, op)(cmd)})
             else:
