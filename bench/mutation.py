@@ -1,0 +1,205 @@
+"""Mutation score of the pure core and the protocol codecs (not a test; slow, not in CI).
+
+    .venv/bin/python -m bench.mutation [MODULE ...] [--max-children N] [--tables] [--no-run]
+
+MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time).
+Runs ``mutmut run`` (configured in pyproject.toml's ``[tool.mutmut]``: which files, which fast
+tests) on that module's mutants only, then prints, per module, the mutants killed out of those
+that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``
+(``mutmut show NAME`` prints one as a diff).
+
+Only the codec part of ``gateway/pmp.py`` (NAT-PMP/PCP encode/decode, result codes, epoch
+checks: everything above its "transport" section) and the parser part of
+``detect/conntrack.py`` (above "the detector") count; their sockets are covered by other
+tests. Equivalent mutants, listed by name in ``EQUIVALENT`` with the reason, are left out of
+the score.
+
+``--tables`` mutates the module-level tables that mutmut leaves alone (the UPnP fault names,
+the service ranking, the NAT-PMP/PCP result texts and hints, the conntrack protocol numbers):
+each entry is removed or changed in turn and the fast tests must fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTMUT = str(Path(sys.executable).with_name("mutmut"))
+
+
+@dataclass(frozen=True)
+class Part:
+    path: str  # the file, relative to the repository
+    stop: str | None = None  # a comment line: only definitions above it count
+    extra: tuple[str, ...] = ()  # definitions below ``stop`` that count all the same
+
+    @property
+    def module(self) -> str:
+        return self.path.removesuffix(".py").replace("/", ".")
+
+    def globs(self) -> list[str]:
+        """mutmut's names for this part's mutants (``mod.x_func__mutmut_N``,
+        ``mod.xǁClassǁmethod__mutmut_N``)."""
+        if self.stop is None:
+            return [f"{self.module}.*"]
+        source = (ROOT / self.path).read_text()
+        cut = next((i for i, line in enumerate(source.splitlines(), 1)
+                    if line.startswith(self.stop)), None)
+        names: list[str] = []
+        for node in ast.parse(source).body:
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue
+            if cut is not None and node.lineno > cut and node.name not in self.extra:
+                continue
+            if isinstance(node, ast.ClassDef):
+                names.append(f"{self.module}.xǁ{node.name}ǁ*")
+            else:
+                names.append(f"{self.module}.x_{node.name}__mutmut_*")
+        return names
+
+
+PARTS = {
+    "engine": Part("igdtrigger/engine.py"),
+    "model": Part("igdtrigger/model.py"),
+    "config": Part("igdtrigger/config.py"),
+    "igd": Part("igdtrigger/gateway/igd.py"),
+    "pmp": Part("igdtrigger/gateway/pmp.py", "# --- transport"),
+    "conntrack": Part("igdtrigger/detect/conntrack.py", "# --- the detector",
+                      ("_stats_entries",)),
+}
+
+# Mutants that cannot change behaviour, by name, with the reason. Left out of the score.
+EQUIVALENT: dict[str, str] = {}
+
+
+def run_mutmut(part: Part, max_children: int) -> None:
+    subprocess.run([MUTMUT, "run", "--max-children", str(max_children), *part.globs()],
+                   cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+
+
+def results() -> dict[str, str]:
+    out = subprocess.run([MUTMUT, "results", "--all", "true"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        name, sep, status = line.strip().rpartition(": ")
+        if sep:
+            found[name] = status
+    return found
+
+
+def score(name: str, part: Part, found: dict[str, str]) -> tuple[int, int]:
+    globs = part.globs()
+    mine = {k: v for k, v in found.items()
+            if any(fnmatch.fnmatchcase(k, g) for g in globs) and k not in EQUIVALENT}
+    counts = Counter(mine.values())
+    killed = counts["killed"] + counts["timeout"]
+    total = sum(n for status, n in counts.items() if status not in ("skipped", "not checked"))
+    survivors = sorted(k for k, v in mine.items() if v not in ("killed", "timeout", "skipped"))
+    (ROOT / "mutants").mkdir(exist_ok=True)
+    (ROOT / "mutants" / f"survivors-{name}.txt").write_text("".join(f"{s}\n" for s in survivors))
+    pct = 100 * killed / total if total else 0.0
+    detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "killed")
+    print(f"{name:10} {killed:5d} / {total:5d} killed  {pct:5.1f}%   ({detail})", flush=True)
+    return killed, total
+
+
+# --- module-level tables ------------------------------------------------------------------------
+
+# (module, table, tests that must notice)
+TABLES: list[tuple[str, str, list[str]]] = [
+    ("igdtrigger.gateway.igd", "_NAMES", ["tests/test_igd_codec_faults.py"]),
+    ("igdtrigger.gateway.igd", "_SERVICE_RANK",
+     ["tests/test_igd_codec_faults.py", "tests/test_igd_codec.py"]),
+    ("igdtrigger.gateway.igd", "_IGD_PARTS",
+     ["tests/test_igd_codec_faults.py", "tests/test_ssdp_notify.py"]),
+    ("igdtrigger.gateway.pmp", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.gateway.pmp", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.gateway.pmp", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.detect.conntrack", "_IPPROTO", ["tests/test_conntrack_parse_edges.py"]),
+]
+
+PLUGIN = '''
+import importlib, json, os
+def pytest_configure(config):
+    spec = json.loads(os.environ["IGDTRIGGER_TABLE_MUTANT"])
+    mod = importlib.import_module(spec["module"])
+    table = getattr(mod, spec["table"])
+    key = spec["key"]
+    if isinstance(table, dict):
+        keys = list(table)
+        k = keys[key]
+        if spec["op"] == "drop":
+            del table[k]
+        else:
+            v = table[k]
+            table[k] = (v + "X") if isinstance(v, str) else (
+                v + 1 if isinstance(v, int) else None)
+    else:
+        items = list(table)
+        del items[key]
+        setattr(mod, spec["table"], type(table)(items))
+'''
+
+
+def table_mutants() -> tuple[int, int]:
+    import importlib
+    plugin_dir = ROOT / "mutants" / "table_plugin"
+    plugin_dir.mkdir(parents=True, exist_ok=True)
+    (plugin_dir / "igdt_table_mutant.py").write_text(PLUGIN)
+    killed = total = 0
+    survivors: list[str] = []
+    for module, table_name, tests in TABLES:
+        table = getattr(importlib.import_module(module), table_name)
+        ops = ["drop", "change"] if isinstance(table, dict) else ["drop"]
+        keys = list(table)
+        for i, key in enumerate(keys):
+            for op in ops:
+                spec = {"module": module, "table": table_name, "key": i, "op": op}
+                env = {**os.environ, "IGDTRIGGER_TABLE_MUTANT": json.dumps(spec),
+                       "PYTHONPATH": f"{plugin_dir}{os.pathsep}{ROOT}"}
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pytest", "-x", "-q", "-p", "igdt_table_mutant",
+                     "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env,
+                    capture_output=True, text=True, check=False)
+                total += 1
+                if proc.returncode == 1:
+                    killed += 1
+                else:
+                    survivors.append(f"{module}.{table_name}[{key!r}] {op}")
+    (ROOT / "mutants" / "survivors-tables.txt").write_text("".join(f"{s}\n" for s in survivors))
+    pct = 100 * killed / total if total else 0.0
+    print(f"{'tables':10} {killed:5d} / {total:5d} killed  {pct:5.1f}%", flush=True)
+    return killed, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("modules", nargs="*", choices=[*PARTS, []], metavar="MODULE")
+    ap.add_argument("--max-children", type=int, default=1)
+    ap.add_argument("--tables", action="store_true", help="mutate module-level tables too")
+    ap.add_argument("--no-run", action="store_true", help="only print the last run's scores")
+    args = ap.parse_args(argv)
+    names = args.modules or list(PARTS)
+    if not args.no_run:
+        for name in names:
+            run_mutmut(PARTS[name], args.max_children)
+    found = results()
+    for name in names:
+        score(name, PARTS[name], found)
+    if args.tables:
+        table_mutants()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
