@@ -11,8 +11,8 @@ that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``
 Only the codec part of ``gateway/pmp.py`` (NAT-PMP/PCP encode/decode, result codes, epoch
 checks: everything above its "transport" section) and the parser part of
 ``detect/conntrack.py`` (above "the detector") count; their sockets are covered by other
-tests. Equivalent mutants, listed by name in ``EQUIVALENT`` with the reason, are left out of
-the score.
+tests. Equivalent mutants, listed by name with the reason in ``[tool.mutmut.equivalent]``, are
+left out of the score (and counted in the line printed).
 
 ``--tables`` mutates the module-level tables that mutmut leaves alone (the UPnP fault names,
 the service ranking, the NAT-PMP/PCP result texts and hints, the conntrack protocol numbers):
@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,23 @@ PARTS = {
                       ("_stats_entries",)),
 }
 
-# Mutants that cannot change behaviour, by name, with the reason. Left out of the score.
-EQUIVALENT: dict[str, str] = {}
+
+def equivalent() -> dict[str, str]:
+    """Mutants that cannot change behaviour, by name, with the reason (pyproject.toml's
+    ``[tool.mutmut.equivalent]``). Left out of the score."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        table: dict[str, str] = tomllib.load(f)["tool"]["mutmut"].get("equivalent", {})
+    return table
 
 
 def run_mutmut(part: Part, max_children: int) -> None:
-    subprocess.run([MUTMUT, "run", "--max-children", str(max_children), *part.globs()],
-                   cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+    cmd = [MUTMUT, "run", "--max-children", str(max_children), *part.globs()]
+    subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
+    globs = part.globs()
+    if any(status == "not checked" and any(fnmatch.fnmatchcase(name, g) for g in globs)
+           for name, status in results().items()):
+        # mutmut 3.8 stops after generating the mutants on a first run in a fresh tree
+        subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
 
 
 def results() -> dict[str, str]:
@@ -99,8 +110,9 @@ def results() -> dict[str, str]:
 
 def score(name: str, part: Part, found: dict[str, str]) -> tuple[int, int]:
     globs = part.globs()
-    mine = {k: v for k, v in found.items()
-            if any(fnmatch.fnmatchcase(k, g) for g in globs) and k not in EQUIVALENT}
+    skip = equivalent()
+    part_names = {k: v for k, v in found.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
+    mine = {k: v for k, v in part_names.items() if k not in skip}
     counts = Counter(mine.values())
     killed = counts["killed"] + counts["timeout"]
     total = sum(n for status, n in counts.items() if status not in ("skipped", "not checked"))
@@ -108,7 +120,8 @@ def score(name: str, part: Part, found: dict[str, str]) -> tuple[int, int]:
     (ROOT / "mutants").mkdir(exist_ok=True)
     (ROOT / "mutants" / f"survivors-{name}.txt").write_text("".join(f"{s}\n" for s in survivors))
     pct = 100 * killed / total if total else 0.0
-    detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "killed")
+    counts["equivalent (excluded)"] = len(part_names) - len(mine)
+    detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "killed" and n)
     print(f"{name:10} {killed:5d} / {total:5d} killed  {pct:5.1f}%   ({detail})", flush=True)
     return killed, total
 

@@ -17,12 +17,13 @@ from igdtrigger.engine import (
     Engine,
     EventKind,
     Source,
+    adhoc_rule,
     description_for,
     is_lan_source,
     is_remote_destination,
     owned_by,
 )
-from igdtrigger.errors import ActivationNotFound, UsageError
+from igdtrigger.errors import ActivationNotFound, HostNotAllowed, UsageError
 from igdtrigger.model import Flow, MappingKey, PortRange, Proto, parse_port_spec
 
 from .fakes import FakeClock
@@ -529,3 +530,101 @@ def test_process_names_match_case_insensitively_and_once() -> None:
     created = eng.on_process(["GAME.EXE", "launcher", "other"], HOST)
     assert len(created) == 1 and created[0].source is Source.PROCESS
     assert eng.on_process(["nothing"], HOST) == []
+
+
+# --- what the first mutation run still found ----------------------------------------------------
+
+
+LAN = (ipaddress.ip_network("192.168.1.0/24"),)
+
+
+def test_a_rule_that_refuses_the_host_does_not_stop_the_next_rule() -> None:
+    only_other = rule("other", "udp/27015", "udp/1000", hosts=(ipaddress.ip_network(
+        "10.0.0.0/8"),))
+    eng, clock, _ = make(only_other, rule("open", "udp/27015", "udp/2000", idle=100),
+                         rule("third", "udp/27015", "udp/3000", idle=100))
+    assert sorted(a.rule.name for a in eng.on_flow(flow())) == ["open", "third"]
+    for _ in range(5):  # refreshes reach every allowed rule too
+        clock.advance(60)
+        eng.on_flow(flow())
+        assert eng.expire() == []
+
+
+def test_two_rules_naming_one_process_both_hold() -> None:
+    eng, _, _ = make(rule("a", process=("game",)), rule("b", "udp/1", "udp/2", process=("GAME",)))
+    assert sorted(a.rule.name for a in eng.on_process(["Game"], HOST)) == ["a", "b"]
+
+
+def test_traffic_activation_has_empty_meta() -> None:
+    eng, _, _ = make()
+    [act] = eng.on_flow(flow())
+    assert act.meta == {} and act.ttl == 600 and act.host == HOST
+
+
+def test_restricted_rule_admits_its_hosts() -> None:
+    eng, _, _ = make(rule(hosts=LAN))
+    assert eng.activate("demo", HOST).host == HOST
+    with pytest.raises(HostNotAllowed, match=r"does not allow host 10.0.0.5 \(hosts = "
+                                             r"192.168.1.0/24, 10.9.0.0/16\)"):
+        make(rule(hosts=(*LAN, ipaddress.ip_network("10.9.0.0/16"))))[0].activate(
+            "demo", "10.0.0.5")
+    restored = eng.restore("r", "demo", OTHER, "traffic", age=0, remaining=9, ttl=60, meta={})
+    assert restored is not None and restored.host == OTHER
+
+
+def test_adhoc_rule_shape() -> None:
+    ports_ = ports("udp/5000")
+    assert adhoc_rule("abc", ports_, 60) == Rule("adhoc:abc", (), ports_, 60)
+    eng, _, _ = make()
+    act = eng.activate_adhoc(ports_, HOST, ttl=90)
+    assert act.rule.idle_timeout == 90 and act.rule.trigger == () and act.host == HOST
+    assert {s.internal_client for s in eng.desired().values()} == {HOST}
+    back = eng.restore("a1", "adhoc:zz", OTHER, "api", age=0, remaining=10, ttl=77,
+                       meta={"adhoc_open": "udp/6000"}, adhoc=lambda _: True)
+    assert back is not None and back.rule.idle_timeout == 77
+
+
+def test_restore_with_less_than_a_second_left_still_comes_back() -> None:
+    eng, clock, _ = make()
+    act = eng.restore("x", "demo", HOST, "api", age=0, remaining=0.5, ttl=60, meta={})
+    assert act is not None and eng.next_deadline() == clock.now + 0.5
+
+
+def test_restored_and_live_activations_with_one_deadline() -> None:
+    eng, clock, _ = make()
+    live = eng.activate("demo", HOST, ttl=50)
+    back = eng.restore("x", "demo", OTHER, "api", age=0, remaining=50, ttl=60, meta={})
+    assert back is not None
+    clock.advance(50)
+    assert {a.id for a in eng.expire()} == {live.id, "x"}
+
+
+def test_restored_activations_keep_journal_order_for_latest_share() -> None:
+    eng, _, _ = make(rule(share="latest"))
+    eng.restore("x1", "demo", HOST, "api", age=10, remaining=50, ttl=60, meta={})
+    eng.restore("x2", "demo", OTHER, "api", age=10, remaining=50, ttl=60, meta={})
+    assert eng.desired()[MappingKey(Proto.UDP, 40000)].internal_client == OTHER
+
+
+def test_default_ids_are_twelve_hex_digits_and_unique() -> None:
+    eng = Engine([rule()], clock=FakeClock(), tag="t")
+    ids = {eng.activate("demo", HOST).id for _ in range(50)}
+    assert len(ids) == 50
+    assert all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
+
+
+def test_lapsed_traffic_links_are_forgotten() -> None:
+    """Many LAN hosts come and go: the per-host index must not keep the lapsed ones."""
+    eng, clock, _ = make(rule(idle=10))
+    for i in range(200):
+        eng.on_flow(flow(src=f"192.168.2.{i}"))
+    api = eng.activate("demo", HOST, ttl=5)
+    eng.deactivate(api.id)
+    clock.advance(10)
+    assert len(eng.expire()) == 200
+    assert eng._traffic == {}
+
+
+def test_owned_by_needs_the_exact_spelling() -> None:
+    assert owned_by("igdtrigger\tgame\tt1", "t1") is None
+    assert owned_by("igdtrigger  game t1", "t1") is None

@@ -574,3 +574,121 @@ def test_tracker_ignores_other_hosts_and_foreign_locations() -> None:
 
 def test_every_malformed_reply_is_a_gateway_error() -> None:
     assert issubclass(MalformedReply, GatewayError)
+
+
+# --- what the first mutation run still found ----------------------------------------------------
+
+
+def test_leading_garbage_is_not_trimmed_into_a_document() -> None:
+    with pytest.raises(MalformedReply, match="not well-formed"):
+        parse_description(b"XX" + desc(svc(WANIP1, "/c")).lstrip(), LOC)
+
+
+def test_query_of_a_control_url_is_kept_as_sent() -> None:
+    d = parse_description(desc(svc(WANIP1, "/ctl?next=http://a//b")), LOC)
+    assert d.services[0].control_url == "http://192.168.1.1:5000/ctl?next=http://a//b"
+
+
+def test_text_split_by_a_comment_is_joined() -> None:
+    body = envelope("<s:Fault><detail><UPnPError><errorCode>7<!-- c -->18</errorCode>"
+                    "<errorDescription>Conf<!-- c -->lict</errorDescription></UPnPError>"
+                    "</detail></s:Fault>")
+    assert parse_soap_response(500, body, "AddPortMapping") == UpnpFault(718, "Conflict")
+
+
+def test_request_body_is_exact() -> None:
+    assert build_soap("urn:x", "A", [("B", "1"), ("C", "2")]) == (
+        b'<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/'
+        b'envelope/" s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+        b'<u:A xmlns:u="urn:x"><B>1</B><C>2</C></u:A></s:Body></s:Envelope>\r\n')
+
+
+def test_errors_keep_action_code_and_description() -> None:
+    pin = fault_error("AddPinhole", UpnpFault(606, "nope"))
+    assert (pin.action, pin.code, pin.description) == ("AddPinhole", 606, "nope")  # type: ignore[attr-defined]
+    lease = fault_error("AddPortMapping", UpnpFault(402, "Invalid Args"), lease=60)
+    assert (lease.action, lease.code) == ("AddPortMapping", 402)  # type: ignore[attr-defined]
+    assert lease.description == "Invalid Args (taken as: timed leases refused)"  # type: ignore[attr-defined]
+
+
+def test_types_with_whitespace_inside_are_recognised() -> None:
+    doc = desc(svc("urn:schemas-upnp-org:service:\n   WANIPConnection:1", "/c")).replace(
+        b"<deviceType> urn:schemas-upnp-org:device:InternetGatewayDevice:1 </deviceType>",
+        b"<deviceType>urn:schemas-upnp-org:device:\n InternetGatewayDevice:1</deviceType>")
+    d = parse_description(doc, LOC)
+    assert [s.service_type for s in d.services] == [WANIP1]
+    assert d.device_type == "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+
+
+def test_no_urlbase_is_reported_empty() -> None:
+    assert parse_description(desc(svc(WANIP1, "/c")), LOC).url_base == ""
+
+
+def test_bare_upnperror_is_read_as_xml() -> None:
+    body = envelope("<UPnPError><errorCode>seven</errorCode>"
+                    "<errorDescription>odd</errorDescription></UPnPError>")
+    assert parse_soap_response(500, body, "AddPortMapping") == UpnpFault(None, "odd")
+
+
+def test_error_code_with_letters_is_no_code_not_a_crash() -> None:
+    """'--7' once escaped as ValueError: lstrip("-") let any number of minus signs through."""
+    for text in ("X7", "7X", "--7", "7-"):
+        body = envelope(f"<s:Fault><detail><UPnPError><errorCode>{text}</errorCode>"
+                        "</UPnPError></detail></s:Fault>")
+        assert parse_soap_response(500, body, "A") == UpnpFault(None, "UPnPError"), text
+
+
+def test_invalid_utf8_in_ssdp_is_tolerated() -> None:
+    r = parse_ssdp(reply().replace(b"SERVER: miniupnpd", b"SERVER: \xff\xfeminiupnpd"))
+    assert r is not None and r.server.endswith("miniupnpd")
+    n = parse_ssdp_notify(notify().replace(b"NT: ", b"X-BAD: \xff\r\nNT: "))
+    assert n is not None and n.alive
+
+
+def test_missing_ssdp_headers_are_empty() -> None:
+    bare = b"HTTP/1.1 200 OK\r\nLOCATION: " + LOC.encode() + b"\r\n\r\n"
+    r = parse_ssdp(bare)
+    assert r is not None
+    assert (r.st, r.usn, r.server, r.boot_id) == ("", "", "", "")
+    assert not r.looks_like_igd
+
+
+def test_ssdp_size_limit_exact() -> None:
+    for parse, data in ((parse_ssdp, reply()), (parse_ssdp_notify, notify())):
+        head = data[:-2]
+        pad = b"X-PAD: " + b"a" * (8192 - len(head) - 2 - 9) + b"\r\n"
+        exact = head + pad + b"\r\n"
+        assert len(exact) == 8192
+        assert parse(exact) is not None  # type: ignore[operator]
+        assert parse(head + b"a" + pad + b"\r\n") is None  # type: ignore[operator]
+
+
+def test_garbage_header_lines_are_skipped_not_kept_and_do_not_stop_parsing() -> None:
+    data = reply().replace(b"SERVER:", b"DEFUNCT LINE: x\r\ngarbage\r\n: empty\r\nSERVER:")
+    r = parse_ssdp(data)
+    assert r is not None and r.server == "miniupnpd" and r.boot_id == "7"
+    assert set(r.headers) == {"location", "st", "usn", "server", "bootid.upnp.org"}
+
+
+def test_notify_with_nts_first_and_missing_fields() -> None:
+    first = (b"NOTIFY * HTTP/1.1\r\nNTS: ssdp:byebye\r\nUSN: uuid:1::upnp:rootdevice\r\n\r\n")
+    n = parse_ssdp_notify(first)
+    assert n is not None and not n.alive and n.nt == "" and n.boot_id == ""
+    assert parse_ssdp_notify(b"NOTIFY * HTTP/1.1\r\nUSN: uuid:1\r\n\r\n") is None  # no NTS
+    no_loc = b"NOTIFY * HTTP/1.1\r\nNTS: ssdp:alive\r\nUSN: uuid:1\r\n\r\n"
+    assert parse_ssdp_notify(no_loc) is None
+    upper = parse_ssdp_notify(notify(location=f"HTTP://{GW}:5000/d.xml"))
+    assert upper is not None and upper.location == f"HTTP://{GW}:5000/d.xml"
+    full = parse_ssdp_notify(notify())
+    assert full is not None and full.nt == "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+
+
+def test_tracker_state_and_reasons_are_exact() -> None:
+    t = NotifyTracker(GW, LOC)
+    assert (t.boot_id, t.left, t.location) == ("", False, LOC)
+    bye = t.feed(notify("ssdp:byebye"), GW)
+    assert bye is not None and bye.reason == "the router announced ssdp:byebye"
+    assert t.left is True
+    back = t.feed(notify(), GW)
+    assert back is not None and back.reason == "the router said ssdp:byebye and is back"
+    assert back.location == LOC and t.left is False
