@@ -692,3 +692,17 @@ def test_tracker_state_and_reasons_are_exact() -> None:
     back = t.feed(notify(), GW)
     assert back is not None and back.reason == "the router said ssdp:byebye and is back"
     assert back.location == LOC and t.left is False
+
+
+@pytest.mark.parametrize("part", ["InternetGatewayDevice", "WANDevice", "WANConnectionDevice",
+                                  "WANIPConnection", "WANPPPConnection",
+                                  "WANCommonInterfaceConfig", "Layer3Forwarding"])
+def test_notify_about_any_igd_device_or_service_counts(part: str) -> None:
+    nt = f"urn:schemas-upnp-org:device:{part}:1"
+    n = parse_ssdp_notify(notify(nt=nt))
+    assert n is not None and n.about_igd
+    t = NotifyTracker(GW, LOC)
+    moved = t.feed(notify(nt=nt, location=f"http://{GW}:5001/x.xml"), GW)
+    assert moved is not None and moved.kind is RouterChangeKind.MOVED
+    other = parse_ssdp_notify(notify(nt="urn:schemas-upnp-org:device:MediaServer:1"))
+    assert other is not None and not other.about_igd
