@@ -589,9 +589,9 @@ def test_query_of_a_control_url_is_kept_as_sent() -> None:
     assert d.services[0].control_url == "http://192.168.1.1:5000/ctl?next=http://a//b"
 
 
-def test_text_split_by_a_comment_is_joined() -> None:
+def test_text_split_by_a_comment_or_markup_is_joined() -> None:
     body = envelope("<s:Fault><detail><UPnPError><errorCode>7<!-- c -->18</errorCode>"
-                    "<errorDescription>Conf<!-- c -->lict</errorDescription></UPnPError>"
+                    "<errorDescription>Conf<i>l</i>ict</errorDescription></UPnPError>"
                     "</detail></s:Fault>")
     assert parse_soap_response(500, body, "AddPortMapping") == UpnpFault(718, "Conflict")
 
