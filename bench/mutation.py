@@ -83,11 +83,12 @@ PARTS = {
 
 
 def equivalent() -> dict[str, str]:
-    """Mutants that cannot change behaviour, by name, with the reason (pyproject.toml's
-    ``[tool.mutmut.equivalent]``). Left out of the score."""
+    """Mutants that cannot change behaviour, or change only an error message's words, by name,
+    with the reason (pyproject.toml's ``[tool.mutmut.equivalent]`` and ``.message_only``).
+    Left out of the score."""
     with open(ROOT / "pyproject.toml", "rb") as f:
-        table: dict[str, str] = tomllib.load(f)["tool"]["mutmut"].get("equivalent", {})
-    return table
+        conf = tomllib.load(f)["tool"]["mutmut"]
+    return {**conf.get("equivalent", {}), **conf.get("message_only", {})}
 
 
 def run_mutmut(part: Part, max_children: int) -> None:
@@ -123,7 +124,7 @@ def score(name: str, part: Part, found: dict[str, str]) -> tuple[int, int]:
     (ROOT / "mutants").mkdir(exist_ok=True)
     (ROOT / "mutants" / f"survivors-{name}.txt").write_text("".join(f"{s}\n" for s in survivors))
     pct = 100 * killed / total if total else 0.0
-    counts["equivalent (excluded)"] = len(part_names) - len(mine)
+    counts["equivalent or message-only (excluded)"] = len(part_names) - len(mine)
     detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "killed" and n)
     print(f"{name:10} {killed:5d} / {total:5d} killed  {pct:5.1f}%   ({detail})", flush=True)
     return killed, total
