@@ -115,3 +115,12 @@ def test_attribute_of_exactly_minimum_sizes() -> None:
     parser = ConntrackParser()
     assert parser.feed(nlmsg(CT_NEW, b"\x02\x00\x00\x00" + nla(1, v4_short, nested=True))) == []
     assert parser.malformed == 1
+
+
+def test_table_size_reply_after_other_attributes_from_an_offset() -> None:
+    entries = nla(1, struct.pack("!I", 99))
+    empty = nla(5, b"")  # a 4-byte attribute: valid, skipped
+    aligned = nla(2, bytes(4))  # 8 bytes
+    data = bytes(4) + empty + aligned + empty + entries
+    assert _stats_entries(data, 4, len(data)) == 99
+    assert _stats_entries(data, 4, len(data) - 1) is None  # entries cut off by end
