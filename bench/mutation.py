@@ -1,6 +1,7 @@
 """Mutation score of the pure core and the protocol codecs (not a test; slow, not in CI).
 
     .venv/bin/python -m bench.mutation [MODULE ...] [--max-children N] [--tables] [--no-run]
+                                       [--sample N [--seed S]]
 
 MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time).
 Runs ``mutmut run`` (configured in pyproject.toml's ``[tool.mutmut]``: which files, which fast
@@ -28,6 +29,7 @@ import contextlib
 import fnmatch
 import importlib
 import os
+import random
 import subprocess
 import sys
 import tomllib
@@ -91,10 +93,10 @@ def equivalent() -> dict[str, str]:
     return {**conf.get("equivalent", {}), **conf.get("message_only", {})}
 
 
-def run_mutmut(part: Part, max_children: int) -> None:
-    cmd = [MUTMUT, "run", "--max-children", str(max_children), *part.globs()]
+def run_mutmut(part: Part, max_children: int, names: list[str] | None = None) -> None:
+    globs = names or part.globs()
+    cmd = [MUTMUT, "run", "--max-children", str(max_children), *globs]
     subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
-    globs = part.globs()
     if any(status == "not checked" and any(fnmatch.fnmatchcase(name, g) for g in globs)
            for name, status in results().items()):
         # mutmut 3.8 stops after generating the mutants on a first run in a fresh tree
@@ -112,8 +114,20 @@ def results() -> dict[str, str]:
     return found
 
 
-def score(name: str, part: Part, found: dict[str, str]) -> tuple[int, int]:
-    globs = part.globs()
+def sample(part: Part, size: int, seed: int) -> list[str]:
+    """A reproducible random sample of the part's mutants (an estimate in minutes, not hours)."""
+    found = results()
+    if not any(fnmatch.fnmatchcase(k, g) for k in found for g in part.globs()):
+        subprocess.run([MUTMUT, "run", "--max-children", "1", "nothing.at.all"], cwd=ROOT,
+                       check=False, stdout=subprocess.DEVNULL)  # generates the mutants
+        found = results()
+    names = sorted(k for k in found if any(fnmatch.fnmatchcase(k, g) for g in part.globs()))
+    return sorted(random.Random(seed).sample(names, min(size, len(names))))
+
+
+def score(name: str, part: Part, found: dict[str, str],
+          only: list[str] | None = None) -> tuple[int, int]:
+    globs = only or part.globs()
     skip = equivalent()
     part_names = {k: v for k, v in found.items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
     mine = {k: v for k, v in part_names.items() if k not in skip}
@@ -125,7 +139,8 @@ def score(name: str, part: Part, found: dict[str, str]) -> tuple[int, int]:
     (ROOT / "mutants" / f"survivors-{name}.txt").write_text("".join(f"{s}\n" for s in survivors))
     pct = 100 * killed / total if total else 0.0
     counts["equivalent or message-only (excluded)"] = len(part_names) - len(mine)
-    detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "killed" and n)
+    detail = ", ".join(f"{n} {s}" if n else s for s, n in sorted(counts.items())
+                       if s != "killed" and (n or s.startswith("a random")))
     print(f"{name:10} {killed:5d} / {total:5d} killed  {pct:5.1f}%   ({detail})", flush=True)
     return killed, total
 
@@ -210,14 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=1)
     ap.add_argument("--tables", action="store_true", help="mutate module-level tables too")
     ap.add_argument("--no-run", action="store_true", help="only print the last run's scores")
+    ap.add_argument("--sample", type=int, metavar="N",
+                    help="run and score a random sample of N mutants per module (an estimate)")
+    ap.add_argument("--seed", type=int, default=19)
     args = ap.parse_args(argv)
     names = args.modules or list(PARTS)
+    picked = {n: sample(PARTS[n], args.sample, args.seed) if args.sample else None
+              for n in names}
     if not args.no_run:
         for name in names:
-            run_mutmut(PARTS[name], args.max_children)
+            run_mutmut(PARTS[name], args.max_children, picked[name])
     found = results()
     for name in names:
-        score(name, PARTS[name], found)
+        score(name, PARTS[name], found, picked[name])
     if args.tables:
         table_mutants()
     return 0
