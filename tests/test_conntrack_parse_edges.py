@@ -124,3 +124,62 @@ def test_table_size_reply_after_other_attributes_from_an_offset() -> None:
     data = bytes(4) + empty + aligned + empty + entries
     assert _stats_entries(data, 4, len(data)) == 99
     assert _stats_entries(data, 4, len(data) - 1) is None  # entries cut off by end
+
+
+def _ip4() -> bytes:
+    return nla(1, nla(1, bytes([10, 0, 0, 2])) + nla(2, bytes([81, 2, 69, 160])), nested=True)
+
+
+def _ports(num: int = 17) -> bytes:
+    return nla(2, nla(1, bytes([num])) + nla(2, b"\x00\x05") + nla(3, b"\x00\x06"), nested=True)
+
+
+def _msg(orig_inner: bytes) -> bytes:
+    return nlmsg(CT_NEW, b"\x02\x00\x00\x00" + nla(1, orig_inner, nested=True))
+
+
+FLOW4 = Flow(Proto.UDP, IPv4("10.0.0.2"), IPv4("81.2.69.160"), 5, 6)
+
+
+def test_generic_walker_skips_empty_attributes_at_both_levels() -> None:
+    empty = nla(9, b"")
+    assert parse_messages(_msg(empty + _ip4() + _ports())) == [FLOW4]
+    inner_empty = nla(1, empty + nla(1, bytes([10, 0, 0, 2])) + nla(2, bytes([81, 2, 69, 160])),
+                      nested=True)
+    assert parse_messages(_msg(inner_empty + _ports())) == [FLOW4]
+
+
+@pytest.mark.parametrize("alen", [0, 1, 2, 3])
+def test_generic_walker_refuses_attribute_lengths_below_the_header(alen: int) -> None:
+    lie = struct.pack("=HH", alen, 9) + bytes(4)
+    for data in (_msg(lie + _ip4() + _ports()),
+                 _msg(nla(1, lie + nla(1, bytes([10, 0, 0, 2])) + nla(2, bytes(4)),
+                          nested=True) + _ports())):
+        parser = ConntrackParser()
+        assert parser.feed(data) == []
+        assert parser.malformed == 1
+
+
+def test_generic_walker_refuses_attributes_running_past_their_parent() -> None:
+    overlong = struct.pack("=HH", 64, 9) + bytes(4)
+    inner_overlong = nla(1, nla(1, bytes([10, 0, 0, 2])) + struct.pack("=HH", 64, 2)
+                         + bytes(4), nested=True)
+    for data in (_msg(_ip4() + _ports() + overlong), _msg(inner_overlong + _ports())):
+        parser = ConntrackParser()
+        assert parser.feed(data + encode_flow(FLOW4)) == [FLOW4]
+        assert parser.malformed == 1
+
+
+def test_mixed_families_in_either_order_are_malformed() -> None:
+    v6_then_v4 = nla(1, nla(3, bytes(16)) + nla(2, bytes([81, 2, 69, 160])), nested=True)
+    v4_then_v6 = nla(1, nla(1, bytes(4)) + nla(4, bytes(16)), nested=True)
+    for ips in (v6_then_v4, v4_then_v6):
+        parser = ConntrackParser()
+        assert parser.feed(_msg(ips + _ports())) == []
+        assert parser.malformed == 1
+
+
+def test_parse_messages_applies_the_filter() -> None:
+    data = encode_flow(FLOW4)
+    assert parse_messages(data, lambda p, port: False) == []
+    assert parse_messages(data, lambda p, port: port == 6) == [FLOW4]
