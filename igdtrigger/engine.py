@@ -18,6 +18,7 @@ import enum
 import heapq
 import ipaddress
 import itertools
+import math
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -296,7 +297,15 @@ class Engine:
                 adhoc: Callable[[tuple[PortRange, ...]], bool] | None = None,
                 ) -> Activation | None:
         """Bring back an activation from the journal after a restart (None if it can't be).
-        Ad-hoc ones come back only when ``adhoc`` still permits their ports."""
+        Ad-hoc ones come back only when ``adhoc`` still permits their ports.
+
+        It never outlives what was asked: ``remaining`` (wall-clock seconds the journal says
+        are left) is capped at ``ttl``, the longest it can have been since its last refresh,
+        whatever the wall clock did meanwhile (behind at start, ahead, or a hostile row 20
+        years ahead); a ``ttl`` outside 0-7d, or not finite, is not restored."""
+        if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL and math.isfinite(remaining)):
+            return None
+        remaining = min(remaining, ttl)
         rule = self.rules.get(rule_name)
         if rule is None and rule_name.startswith(ADHOC_PREFIX) and adhoc is not None:
             try:

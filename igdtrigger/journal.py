@@ -264,6 +264,10 @@ class Journal:
                     [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
                       json.dumps(a.meta)) for a in acts])
 
+    def activations_clear(self) -> None:
+        """A clean stop: what this run held has ended; nothing is restored at the next start."""
+        self._write("DELETE FROM activations", [()])
+
     def activation_gone(self, act_id: str) -> None:
         self._write("DELETE FROM activations WHERE id=?", [(act_id,)])
 

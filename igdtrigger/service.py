@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,8 +64,27 @@ class DetectorStatus:
     reason: str = ""
 
 
-def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None) -> str | None:
-    """Read a secret file, creating it (mode 0600) on first use. ``None`` if not possible."""
+def machine_id() -> str:
+    """systemd's machine id (stable across reboots), else the host name."""
+    for where in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = Path(where).read_text().strip()
+            if text:
+                return text
+    return socket.gethostname()
+
+
+def derived_tag(state_dir: Path) -> str:
+    """The instance tag a state directory gets: 6 hex digits from this machine's id and the
+    directory's path, so it is the same at every start even when nothing can be written (a
+    crash's leftovers are still recognised as ours), and differs between two services."""
+    return hashlib.sha256(f"{machine_id()}\0{state_dir.absolute()}".encode()).hexdigest()[:6]
+
+
+def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
+                          value: str | None = None) -> str | None:
+    """Read a secret file, creating it (mode 0600) on first use with ``value`` (default: random).
+    ``None`` if not possible."""
     try:
         text = path.read_text().strip()
         if text:
@@ -72,7 +93,7 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
         pass
     except OSError:
         return None
-    value = secrets.token_hex(nbytes)[: hexlen or None]
+    value = value or secrets.token_hex(nbytes)[: hexlen or None]
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
@@ -97,26 +118,31 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         state_dir: Path | None = None,
+        journal_dir: Path | None = None,
         on_router_call: Callable[[str, float, bool], None] | None = None,
     ) -> None:
+        """``journal_dir``: where the journal and instance tag live (default ``state_dir``);
+        ``serve --simulate`` keeps them apart from the real service's."""
         self.config = config
         self.gateway = gateway
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
         self.state_dir = state_dir or config.state_dir or default_state_dir()
-        tag = load_or_create_secret(self.state_dir / "instance", 3, hexlen=6)
+        self.journal_dir = journal_dir or self.state_dir
+        derived = derived_tag(self.journal_dir)
+        tag = load_or_create_secret(self.journal_dir / "instance", 3, value=derived)
         if tag is None:
-            tag = "x" + secrets.token_hex(3)[:5]
+            tag = derived
             log.warning(
-                "state directory %s is not writable: mappings left by a crash of this run "
-                "cannot be recognised after a restart (set service.state_dir)", self.state_dir
-            )
+                "state directory %s is not writable: running with the tag %s derived from this "
+                "machine and that path (a crash's leftovers are still recognised), but nothing "
+                "is journaled (set service.state_dir)", self.journal_dir, tag)
         self.tag = tag
         self.api_token = load_or_create_secret(self.state_dir / "api-token", 24)
         self.hub = EventHub(history=200)  # SSE subscribers (api.py) and Last-Event-ID replay
         self.events: collections.deque[dict[str, Any]] = self.hub.history
         self.error_counts: collections.Counter[str] = collections.Counter()  # for /metrics
-        self.journal = Journal.open(self.state_dir)
+        self.journal = Journal.open(self.journal_dir)
         self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway,
@@ -240,7 +266,7 @@ class Service:
             else:
                 count += 1
                 log.info("restored activation of rule %s for %s (%s left)", ja.rule, ja.host,
-                         format_duration(ja.expires_wall - now_wall))
+                         format_duration(act.expires - self.clock()))
         self.engine.dirty.clear()
         leftovers = self.journal.mappings()
         if leftovers:
@@ -348,9 +374,10 @@ class Service:
                 log.error("router did not answer in %.0fs while closing IPv6 pinholes; their "
                           "leases (%ds) will end them", timeout, self.pinholes.lease)
         await self.gateway.close()
-        self._journal_flushed = -math.inf
-        self._journal_new()
-        self._journal_activations()
+        # A clean stop ends what it held: the next start restores nothing (only a crash does);
+        # mappings the router did not confirm deleting stay journaled and are removed then.
+        self._unjournaled.clear()
+        self.journal.activations_clear()
         self.journal.close()
         log.info("stopped; removed %d mapping(s)", removed)
         return removed
