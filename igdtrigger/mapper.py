@@ -112,8 +112,16 @@ class Mapper:
         check_before_add: bool = True,
         on_change: Callable[[Applied, str], None] | None = None,
         journal: Journal | None = None,
+        abandon: Callable[[], bool] | None = None,
     ) -> None:
+        """``abandon``: asked before each add of a pass; True ends the pass there (an
+        activation lapsed meanwhile: the caller expires it and reconciles again, deleting
+        instead of adding for minutes after it should have ended)."""
         self.gateway = gateway
+        self.abandon = abandon
+        # Adds asked and not yet answered: a stop that cancels one deletes it (the router may
+        # have made it and the answer been lost).
+        self._in_flight: dict[MappingKey, MappingSpec] = {}
         self.clock = clock
         self.tag = tag
         self.lease = int(lease)
@@ -151,10 +159,16 @@ class Mapper:
         """Delete every mapping we hold (shutdown). Returns how many were deleted."""
         async with self._lock:
             count = 0
+            never_sent: list[MappingSpec] = []
             for key, app in list(self.applied.items()):
                 self.applied.pop(key, None)
                 if app.state is MapState.ACTIVE or app.error.startswith("router did not"):
                     self.orphans[app.wire.key] = app.wire
+                elif app.attempts == 0:
+                    never_sent.append(app.wire)  # journaled, never asked: nothing to delete
+            self.orphans.update(self._in_flight)
+            self._in_flight.clear()
+            self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             if self.gateway_up or await self._connect():
                 count = await self._delete_orphans(set())
             return count
@@ -273,11 +287,11 @@ class Mapper:
                  if a.state is MapState.PENDING and a.attempts == 0]
         known = await self._snapshot(len(first)) if self.check_before_add and first else None
         for app in first:
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             await self._add(app, check=self.check_before_add, known=known)
         for app in list(self.applied.values()):
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             now = self.clock()
             if app.state is MapState.ACTIVE and now >= app.renew_at:
@@ -406,7 +420,22 @@ class Mapper:
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
 
+    def _abandoned(self) -> bool:
+        return self.abandon is not None and self.abandon()
+
     async def _add_leased(self, wire: MappingSpec) -> Granted:
+        self._in_flight[wire.key] = wire
+        try:
+            granted = await self._add_leased_once(wire)
+        except asyncio.CancelledError:
+            raise  # stays in flight: remove_all deletes it
+        except BaseException:
+            self._in_flight.pop(wire.key, None)
+            raise
+        self._in_flight.pop(wire.key, None)
+        return granted
+
+    async def _add_leased_once(self, wire: MappingSpec) -> Granted:
         lease = 0 if self.permanent_only else self.lease
         try:
             return await self.gateway.add(wire, lease)

@@ -154,6 +154,7 @@ class Service:
             check_before_add=config.gateway.check_before_add,
             on_change=self._on_mapping_change,
             journal=self.journal,
+            abandon=self._lapse_due,
         )
         # IPv6: the same ports, through the router's firewall, to this machine's own addresses
         self.pinholes: PinholeKeeper | None = None
@@ -185,6 +186,11 @@ class Service:
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def _lapse_due(self) -> bool:
+        """An activation's time is up: a long mapping pass stops adding so it can end."""
+        due = self.engine.next_deadline()
+        return due is not None and self.clock() >= due
 
     def _router_lost_state(self, reason: str) -> None:
         self.mapper.reapply_all(reason)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -22,7 +23,9 @@ import pytest
 
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
+from igdtrigger.gateway.base import Granted
 from igdtrigger.journal import FILENAME, Journal, JournalActivation
+from igdtrigger.model import MappingSpec
 from igdtrigger.service import Service, derived_tag
 
 from .fakes import FakeClock, FakeGateway
@@ -167,3 +170,62 @@ def test_instance_tag_is_stable_even_when_nothing_can_be_written(tmp_path: Path)
     assert first.tag == derived_tag(writable)
     assert (writable / "instance").read_text().strip() == first.tag
     assert derived_tag(writable) != derived_tag(unwritable)  # two services, two tags
+
+
+# --- lifetimes while a long pass runs; a stop whatever is in flight ---------------------------
+
+class SlowGateway(FakeGateway):
+    """Every add takes a second of (fake) time, as on a slow router with a large rule."""
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        self.clock.advance(1.0)
+        await asyncio.sleep(0)
+        return await super().add(spec, lease)
+
+
+class LostAnswerGateway(FakeGateway):
+    """The router makes the mapping but its answer never comes (until the caller gives up)."""
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        granted = await super().add(spec, lease)
+        if spec.external_port == 40001:
+            await asyncio.Event().wait()
+        return granted
+
+
+BIG = {"rules": [{"name": "big", "open": ["udp/41000-41199"], "idle_timeout": "10m"}]}
+
+
+async def test_a_pass_stops_adding_when_its_activation_lapses(tmp_path: Path) -> None:
+    """A 200-port rule activated for 10 s on a router taking 1 s per add: the pass stops adding
+    once the activation lapsed (it used to go on for the whole range), and what it added goes."""
+    clock = FakeClock()
+    gw = SlowGateway(clock)
+    s = Service(parse_config(BIG), gw, clock=clock, wall=lambda: clock.now + WALL0,
+                state_dir=tmp_path)
+    await s.start()
+    await s.activate("big", gw.local_address, ttl=10, source=Source.API, wait=0)
+    for _ in range(200):
+        await asyncio.sleep(0)
+        if not s.engine.activations and not gw.ports():
+            break
+    adds = sum(c.startswith("add ") for c in gw.calls)
+    assert adds <= 12, f"{adds} adds for an activation of 10 s at 1 s per add"
+    assert not s.engine.activations and gw.ports() == {}
+    await s.stop()
+
+
+async def test_stop_deletes_an_add_whose_answer_was_lost(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = LostAnswerGateway(clock)
+    s = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + WALL0,
+                state_dir=tmp_path)
+    await s.start()
+    await s.activate("demo", gw.local_address, ttl=3600, source=Source.API, wait=0)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert set(gw.ports()) == {"udp/40000", "udp/40001"}  # 40001's answer hangs
+    async with asyncio.timeout(5):
+        await s.stop()
+    assert gw.ports() == {}  # the in-flight one too: the router had made it
+    assert Journal.open(tmp_path).mappings() == []
