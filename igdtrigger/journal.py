@@ -75,6 +75,11 @@ class JournalMapping:
     description: str
     state: str
 
+    @property
+    def spec(self) -> MappingSpec:
+        return MappingSpec(self.proto, self.external_port, self.internal_client,
+                           self.internal_port, self.description)
+
 
 @dataclass(frozen=True, slots=True)
 class JournalActivation:

@@ -113,12 +113,16 @@ class Mapper:
         on_change: Callable[[Applied, str], None] | None = None,
         journal: Journal | None = None,
         abandon: Callable[[], bool] | None = None,
+        reclaim: Callable[[str], bool] | None = None,
     ) -> None:
         """``abandon``: asked before each add of a pass; True ends the pass there (an
         activation lapsed meanwhile: the caller expires it and reconciles again, deleting
         instead of adding for minutes after it should have ended)."""
         self.gateway = gateway
         self.abandon = abandon
+        # ``reclaim(description)``: an entry of another igdtrigger on this machine that is gone
+        # (a killed ``run``): ours to take over and delete when it maps to this host.
+        self.reclaim = reclaim
         # Adds asked and not yet answered: a stop that cancels one deletes it (the router may
         # have made it and the answer been lost).
         self._in_flight: dict[MappingKey, MappingSpec] = {}
@@ -351,7 +355,8 @@ class Mapper:
         self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
-            if owned_by(m.description, self.tag) is None or m.key in held:
+            if m.key in held or (owned_by(m.description, self.tag) is None
+                                 and not self._reclaimable(m.internal_client, m.description)):
                 continue
             try:
                 await self.gateway.delete(m.proto, m.external_port)
@@ -537,7 +542,14 @@ class Mapper:
             self._changed(app, "mapped")
 
     def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
-        return client == spec.internal_client and owned_by(description, self.tag) is not None
+        return client == spec.internal_client and (
+            owned_by(description, self.tag) is not None
+            or self._reclaimable(client, description))
+
+    def _reclaimable(self, client: str, description: str) -> bool:
+        info = self.gateway.info
+        return (self.reclaim is not None and info is not None
+                and client == info.local_address and self.reclaim(description))
 
     def _conflict(self, app: Applied, message: str) -> None:
         if app.state is not MapState.CONFLICT or app.error != message:

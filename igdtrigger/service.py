@@ -35,11 +35,11 @@ from .gateway.igd import RouterChange, RouterChangeKind
 from .gateway.pinhole import FirewallClient, global_ipv6_addresses
 from .gateway.select import forget_connection, set_lost_state_handler
 from .journal import Journal, JournalActivation
+from .leftovers import dead_run_tag, dead_runs, take_over
 from .mapper import Applied, Mapper, MapState
 from .model import (
     Flow,
     MappingKey,
-    MappingSpec,
     PinholeSpec,
     PortRange,
     ProcessSeen,
@@ -155,6 +155,7 @@ class Service:
             on_change=self._on_mapping_change,
             journal=self.journal,
             abandon=self._lapse_due,
+            reclaim=dead_run_tag,
         )
         # IPv6: the same ports, through the router's firewall, to this machine's own addresses
         self.pinholes: PinholeKeeper | None = None
@@ -274,11 +275,10 @@ class Service:
                 log.info("restored activation of rule %s for %s (%s left)", ja.rule, ja.host,
                          format_duration(act.expires - self.clock()))
         self.engine.dirty.clear()
+        take_over(self.journal, dead_runs(self.state_dir))  # a killed `igdtrigger run`'s
         leftovers = self.journal.mappings()
         if leftovers:
-            self.mapper.adopt_orphans([
-                MappingSpec(m.proto, m.external_port, m.internal_client, m.internal_port,
-                            m.description) for m in leftovers])
+            self.mapper.adopt_orphans([m.spec for m in leftovers])
         return count
 
     def _journal_activations(self) -> None:

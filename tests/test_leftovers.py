@@ -1,0 +1,167 @@
+"""Nothing leaks: what a killed `igdtrigger run` (no service) mapped is removed by the next
+`run` or `serve` on the machine, on a router that only takes permanent leases (a simulated one
+here; tests/lab has the same against miniupnpd)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from igdtrigger.gateway.simulated import SimulatedIgdThread, SimulatedRouter, run_in_thread
+from igdtrigger.leftovers import dead_run_tag, dead_runs, own_run_dir, process_start, run_alive
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+
+CONFIG = """
+[gateway]
+url = "{url}"
+ipv6_pinholes = false
+
+[api]
+listen = "127.0.0.1:{port}"
+
+[detect]
+methods = []
+
+[service]
+state_dir = "{state}"
+
+[[rules]]
+name = "demo"
+open = ["udp/40000-40001"]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def router() -> Iterator[SimulatedIgdThread]:
+    sim = run_in_thread(SimulatedRouter(lease_mode="permanent_only_725"))
+    yield sim
+    sim.stop()
+
+
+def descriptions(sim: SimulatedIgdThread) -> list[str]:
+    return sorted(m.description for m in sim.call(sim.router.mappings))
+
+
+def write_config(tmp_path: Path, sim: SimulatedIgdThread, state: Path) -> Path:
+    cfg = tmp_path / f"config-{state.name}.toml"
+    cfg.write_text(CONFIG.format(url=sim.url, port=free_port(), state=state))
+    return cfg
+
+
+def run_wrapper(cfg: Path, *command: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IGDTRIGGER_TOKEN": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "igdtrigger", "run", "--config", str(cfg), "--rule", "demo",
+         "--", *command], env=env, text=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True)
+
+
+def kill_9(proc: subprocess.Popen[str]) -> None:
+    """kill -9 of the wrapper alone; its child (the game) is ended afterwards by the test."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+def crashed_wrapper(tmp_path: Path, sim: SimulatedIgdThread, state: Path) -> int:
+    cfg = write_config(tmp_path, sim, state)
+    proc = run_wrapper(cfg, "sleep", "60")
+    wait_for(lambda: len(descriptions(sim)) == 2, 30, "the wrapper to map both ports")
+    kill_9(proc)
+    time.sleep(0.2)
+    assert descriptions(sim) == [f"igdtrigger demo run{proc.pid}"] * 2  # permanent: forever
+    return proc.pid
+
+
+def test_relaunching_the_same_rule_after_a_kill_9_reclaims_its_ports(
+        tmp_path: Path, router: SimulatedIgdThread) -> None:
+    """It used to open 0 of 2 ("already mapped ... igdtrigger leaves it alone")."""
+    state = tmp_path / "state"
+    dead = crashed_wrapper(tmp_path, router, state)
+    assert [d.name.split("-")[0] for d in dead_runs(state)] == [str(dead)]
+    again = run_wrapper(write_config(tmp_path, router, state), "sleep", "4")
+    wait_for(lambda: descriptions(router) == [f"igdtrigger demo run{again.pid}"] * 2, 30,
+             "the new wrapper to hold both ports")
+    _, err = again.communicate(timeout=30)
+    assert again.returncode == 0, err
+    assert "opened 0 of" not in err and "leaves it alone" not in err, err
+    assert descriptions(router) == []  # and removed at its clean exit
+    assert not (state / "run").exists() or not list((state / "run").iterdir())
+
+
+def test_a_failed_run_still_removes_a_dead_wrappers_leftovers(
+        tmp_path: Path, router: SimulatedIgdThread) -> None:
+    """The next `run` of another command (exit 3) first removes what the dead one left."""
+    state = tmp_path / "state"
+    crashed_wrapper(tmp_path, router, state)
+    again = run_wrapper(write_config(tmp_path, router, state), sys.executable, "-c",
+                        "import time, sys; time.sleep(2); sys.exit(3)")
+    _, err = again.communicate(timeout=30)
+    assert again.returncode == 3, err
+    assert descriptions(router) == []
+
+
+def test_serve_removes_a_dead_wrappers_leftovers_even_without_its_journal(
+        tmp_path: Path, router: SimulatedIgdThread) -> None:
+    """The service's state directory is not the wrapper's (root vs a user): the tag of a wrapper
+    that is not running, on a mapping to this host, is enough."""
+    crashed_wrapper(tmp_path, router, tmp_path / "user-state")
+    cfg = write_config(tmp_path, router, tmp_path / "service-state")
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "igdtrigger", "serve", "--config", str(cfg), "--ready-file",
+         str(ready)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: descriptions(router) == [], 30, "serve to remove the leftovers")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert "left by an earlier run" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_liveness_of_a_wrapper_is_its_pid_and_start_time() -> None:
+    me = os.getpid()
+    start = process_start(me)
+    assert start is not None and run_alive(me, start)
+    assert not run_alive(me, str(int(start) + 1))  # the pid was reused since
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert not run_alive(child.pid, "1")
+    assert dead_run_tag(f"igdtrigger demo run{child.pid}")
+    assert not dead_run_tag(f"igdtrigger demo run{me}")  # our own
+    assert not dead_run_tag("igdtrigger demo ab12cd")  # a service's tag: not a wrapper's
+    assert not dead_run_tag("upnpc run1")
+    assert own_run_dir(Path("/x")).name == f"{me}-{start}"
