@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
     g.add_argument("--test", action="store_true",
                    help="map one random high port to this host for a moment to test leases")
+    g.add_argument("--list", action="store_true",
+                   help="list the router's whole mapping table, igdtrigger's entries marked")
+    g.add_argument("--clean", action="store_true",
+                   help="remove igdtrigger's leftover mappings that no running igdtrigger "
+                   "holds (a lost state directory, a killed run); never another program's")
+    g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
     hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
                         "else 1 (Docker HEALTHCHECK)")
     hc.add_argument("--config", metavar="PATH", help="config file (TOML)")
@@ -285,7 +291,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from .gatewaycmd import main as gateway_main
+    from .gatewaycmd import table_main
 
+    if args.dry_run and not args.clean:
+        raise UsageError("--dry-run goes with --clean")
+    if args.list or args.clean:
+        if args.test:
+            raise UsageError("--test probes the router; use it without --list/--clean")
+        return table_main(_config(args), as_json=args.json, clean=args.clean,
+                          dry_run=args.dry_run, timeout=args.timeout)
     return gateway_main(_config(args), as_json=args.json, timeout=args.timeout, test=args.test)
 
 

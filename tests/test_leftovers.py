@@ -165,3 +165,65 @@ def test_liveness_of_a_wrapper_is_its_pid_and_start_time() -> None:
     assert not dead_run_tag("igdtrigger demo ab12cd")  # a service's tag: not a wrapper's
     assert not dead_run_tag("upnpc run1")
     assert own_run_dir(Path("/x")).name == f"{me}-{start}"
+
+
+# --- igdtrigger gateway --list / --clean -------------------------------------------------------
+
+def add_mappings(sim: SimulatedIgdThread, entries: list[tuple[int, str, str]]) -> None:
+    """Map udp/<port> -> client with a description, as the program it names would."""
+    import asyncio
+
+    from igdtrigger.gateway.select import build_gateway
+    from igdtrigger.model import MappingSpec, Proto
+
+    async def go() -> None:
+        gw = build_gateway(sim.url, backend="soap")
+        await gw.connect()
+        for port, client, desc in entries:
+            await gw.add(MappingSpec(Proto.UDP, port, client, port, desc), 0)
+        await gw.close()
+
+    asyncio.run(go())
+
+
+def gateway_cmd(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IGDTRIGGER_TOKEN": ""}
+    return subprocess.run([sys.executable, "-m", "igdtrigger", "gateway", "--config", str(cfg),
+                           *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_gateway_list_and_clean_remove_ours_never_another_programs(
+        tmp_path: Path, router: SimulatedIgdThread, request: pytest.FixtureRequest) -> None:
+    import json
+
+    from igdtrigger.service import derived_tag
+
+    state = tmp_path / "state"
+    cfg = write_config(tmp_path, router, state)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "igdtrigger"])
+    request.addfinalizer(lambda: (live.kill(), live.wait()))
+    mine = derived_tag(state)  # no service ever wrote the state directory: the derived tag
+    add_mappings(router, [
+        (41000, "127.0.0.1", "libminiupnpc"),  # upnpc -a on this host: another program's
+        (41001, "127.0.0.1", f"igdtrigger game {mine}"),  # this service's, not running
+        (41002, "127.0.0.1", f"igdtrigger game run{dead.pid}"),  # a killed wrapper's
+        (41003, "127.0.0.1", f"igdtrigger game run{live.pid}"),  # a running wrapper's
+        (41004, "192.168.1.77", "igdtrigger game ab12cd"),  # another machine's igdtrigger
+    ])
+    listed = gateway_cmd(cfg, "--list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    table = {m["external_port"]: m for m in json.loads(listed.stdout)["mappings"]}
+    assert {p for p, m in table.items() if m["leftover"]} == {41001, 41002}
+    assert not table[41000]["ours"] and table[41004]["ours"]
+    text = gateway_cmd(cfg, "--list").stdout
+    assert "another program" in text and "gateway --clean removes them" in text
+    dry = gateway_cmd(cfg, "--clean", "--dry-run")
+    assert "would remove 2 leftover mapping(s)" in dry.stdout, dry.stdout + dry.stderr
+    assert len(descriptions(router)) == 5
+    done = gateway_cmd(cfg, "--clean")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "removed 2 leftover mapping(s)" in done.stdout
+    assert {m.external_port for m in router.call(router.router.mappings)} == {41000, 41003,
+                                                                               41004}
