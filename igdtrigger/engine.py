@@ -30,9 +30,17 @@ from .model import Flow, IPAddress, MappingKey, MappingSpec, PortRange, Proto, p
 
 Clock = Callable[[], float]
 MAX_TTL = 7 * 86400.0
+MIN_TTL = 1.0  # a mapping asked for less than a second is over before the router answers
+
 _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
 _SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def check_ttl(ttl: float) -> None:
+    """Raises ``UsageError`` unless ``ttl`` (seconds) is within 1s-7d (``nan``/``inf`` are not)."""
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
 
 
 class Source(enum.StrEnum):
@@ -250,8 +258,7 @@ class Engine:
                 f"{', '.join(str(n) for n in rule.hosts)})"
             )
         ttl = rule.idle_timeout if ttl is None else ttl
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         return self._add(rule, host, source, self.clock(), ttl, meta or {})
 
     def activate_adhoc(
@@ -271,8 +278,7 @@ class Engine:
             raise UsageError(f"host {host!r} is not an IP address") from None
         if not open_ports:
             raise UsageError("an ad-hoc activation needs at least one port")
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         rule = adhoc_rule(self._new_id(), open_ports, ttl)
         meta = {**(meta or {}), ADHOC_META: " ".join(str(r) for r in open_ports)}
         return self._add(rule, host, source, self.clock(), ttl, meta)
@@ -280,8 +286,7 @@ class Engine:
     def heartbeat(self, act_id: str, ttl: float | None = None) -> Activation:
         act = self.get(act_id)
         if ttl is not None:
-            if not 0 < ttl <= MAX_TTL:
-                raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+            check_ttl(ttl)
             act.ttl = ttl
         act.hits += 1
         self._set_expiry(act, self.clock() + act.ttl)

@@ -23,6 +23,7 @@ import pytest
 
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
+from igdtrigger.errors import UsageError
 from igdtrigger.gateway.base import Granted
 from igdtrigger.journal import FILENAME, Journal, JournalActivation
 from igdtrigger.model import MappingSpec
@@ -229,3 +230,13 @@ async def test_stop_deletes_an_add_whose_answer_was_lost(tmp_path: Path) -> None
         await s.stop()
     assert gw.ports() == {}  # the in-flight one too: the router had made it
     assert Journal.open(tmp_path).mappings() == []
+
+
+@pytest.mark.parametrize("ttl", [0.5, 0.001, float("nan"), float("inf"), 8 * 86400.0])
+async def test_activation_ttl_outside_1s_to_7d_is_refused(tmp_path: Path, ttl: float) -> None:
+    clock = FakeClock()
+    s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path)
+    with pytest.raises(UsageError, match="outside 1s-7d"):
+        await s.activate("demo", "192.168.1.10", ttl=ttl, source=Source.API)
+    assert not s.engine.activations
+    await s.stop()
