@@ -46,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="give up on the service after this long (default 10)")
 
-    s = sub.add_parser("serve", help="run the service")
+    s = sub.add_parser(
+        "serve", help="run the service",
+        description="Run the service. SIGTERM, SIGINT (Ctrl-C), SIGHUP (a closed terminal; not a "
+        "reload) and SIGQUIT all stop it cleanly: every mapping is deleted and the activations "
+        "end (the next start restores nothing). Only a crash (kill -9, power loss) restores "
+        "the activations still within their time.")
     common(s, server=False)
     s.add_argument("--simulate", action="store_true",
-                   help="use a built-in simulated router on loopback (try it without a router)")
+                   help="use a built-in simulated router on loopback (try it without a router); "
+                   "its state is kept apart from the real service's")
     s.add_argument("--listen", metavar="HOST:PORT", help="API address (overrides [api] listen)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
