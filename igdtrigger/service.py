@@ -364,13 +364,18 @@ class Service:
         if self._notify_watcher is not None:
             self._notify_watcher.close()
         removed = 0
+        deleted_before = self.mapper.ops["delete"]
         try:
             removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
         except TimeoutError:
+            removed = self.mapper.ops["delete"] - deleted_before
+            left = len(self.mapper.orphans) - removed
             log.error(
-                "router did not answer in %.0fs while removing mappings; their leases (%s) will "
-                "expire on the router", timeout, format_duration(self.mapper.lease)
-            )
+                "the router did not finish removing mappings within %.0fs (%d removed, about %d "
+                "left): they stay journaled and the next start removes them; their leases (%s) "
+                "end them on the router", timeout, removed, left,
+                format_duration(self.mapper.lease) if not self.mapper.permanent_only
+                else "permanent")
         if self.pinholes is not None:
             try:
                 closed = await asyncio.wait_for(self.pinholes.remove_all(), timeout)
