@@ -165,6 +165,7 @@ class Service:
                 lease=config.gateway.lease,
                 journal=self.journal, on_change=self._on_pinhole_change)
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
+        self._pinhole_wake = asyncio.Event()
         self._journal_flushed = 0.0
         # New activations are journaled right after the round that requested their mappings
         # (the mappings themselves are journaled before they are requested): no fsync of its
@@ -197,6 +198,7 @@ class Service:
         self.mapper.reapply_all(reason)
         if self.pinholes is not None:
             self.pinholes.lost_state()
+            self._pinhole_wake.set()
         self.wake()
 
     def _upnp_location(self) -> str | None:
@@ -305,6 +307,9 @@ class Service:
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
+        if self.pinholes is not None:
+            self._tasks.append(asyncio.create_task(self._pinhole_loop(self.pinholes),
+                                                   name="pinholes"))
         for det in self.detectors:
             standby = getattr(det, "standby_for", "")
             if standby and any(st.name == standby and st.active for st in self.detector_status):
@@ -544,8 +549,7 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
-            if self.pinholes is not None:
-                await self.pinholes.reconcile(self.desired_pinholes())
+            self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
             self._watch_router()
             self._journal_new()
             self._journal_activations()
@@ -554,13 +558,28 @@ class Service:
                 self._applied_cond.notify_all()
             if self.engine.generation != gen:
                 continue
-            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline(),
-                                     self.pinholes.next_deadline() if self.pinholes else None)
-                         if d]
+            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline()) if d]
             delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), None if delay == math.inf else delay)
+
+    async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
+        """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart
+        from the scheduler so a slow or silent IPv6 side never delays an IPv4 mapping."""
+        while True:
+            self._pinhole_wake.clear()
+            try:
+                await keeper.reconcile(self.desired_pinholes())
+                deadline = keeper.next_deadline()
+            except Exception:  # a bug here must not stop IPv4 or the service
+                log.exception("IPv6 pinholes: unexpected error; trying again in 30 s")
+                deadline = self.clock() + 30.0
+            delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pinhole_wake.wait(),
+                                           None if delay == math.inf else delay)
 
     # --- reporting -----------------------------------------------------------------------------
 
