@@ -197,8 +197,7 @@ class Service:
     def _router_lost_state(self, reason: str) -> None:
         self.mapper.reapply_all(reason)
         if self.pinholes is not None:
-            self.pinholes.lost_state()
-            self._pinhole_wake.set()
+            self.pinholes.lost_state()  # re-added after the scheduler's next round reconnects
         self.wake()
 
     def _upnp_location(self) -> str | None:
@@ -567,7 +566,15 @@ class Service:
     async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
         """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart
         from the scheduler so a slow or silent IPv6 side never delays an IPv4 mapping."""
+        deadline: float | None = None
         while True:
+            # The first round waits for the scheduler's (which finds the router: the IGD's
+            # address is what the IPv6 side is asked at; asking before would only back off).
+            delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pinhole_wake.wait(),
+                                           None if delay == math.inf else delay)
             self._pinhole_wake.clear()
             try:
                 await keeper.reconcile(self.desired_pinholes())
@@ -575,11 +582,6 @@ class Service:
             except Exception:  # a bug here must not stop IPv4 or the service
                 log.exception("IPv6 pinholes: unexpected error; trying again in 30 s")
                 deadline = self.clock() + 30.0
-            delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._pinhole_wake.wait(),
-                                           None if delay == math.inf else delay)
 
     # --- reporting -----------------------------------------------------------------------------
 
