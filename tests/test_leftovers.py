@@ -7,17 +7,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from igdtrigger.gateway.simulated import SimulatedIgdThread, SimulatedRouter, run_in_thread
 from igdtrigger.leftovers import dead_run_tag, dead_runs, own_run_dir, process_start, run_alive
+
+from .test_dashboard import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,20 +42,6 @@ state_dir = "{state}"
 name = "demo"
 open = ["udp/40000-40001"]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

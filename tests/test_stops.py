@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,25 +31,16 @@ from igdtrigger.model import MappingSpec
 from igdtrigger.service import Service, derived_tag
 
 from .fakes import FakeClock, FakeGateway
+from .test_daemon_ops import CONFIG as SERVE_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40002"], "idle_timeout": "10m"}]}
-SERVE_CONFIG = """
-[gateway]
-url = "simulate"
-
-[detect]
-methods = []
-
-[[rules]]
-name = "demo"
-open = ["udp/40000"]
-"""
 WALL0 = 1.7e9
 
 
-def service(tmp_path: Path, gw: FakeGateway, clock: FakeClock, wall_skew: float = 0.0) -> Service:
-    return Service(parse_config(CONFIG), gw, clock=clock,
+def service(tmp_path: Path, gw: FakeGateway, clock: FakeClock, wall_skew: float = 0.0,
+            config: dict[str, Any] = CONFIG) -> Service:
+    return Service(parse_config(config), gw, clock=clock,
                    wall=lambda: clock.now + WALL0 + wall_skew, state_dir=tmp_path)
 
 
@@ -202,8 +194,7 @@ async def test_a_pass_stops_adding_when_its_activation_lapses(tmp_path: Path) ->
     once the activation lapsed (it used to go on for the whole range), and what it added goes."""
     clock = FakeClock()
     gw = SlowGateway(clock)
-    s = Service(parse_config(BIG), gw, clock=clock, wall=lambda: clock.now + WALL0,
-                state_dir=tmp_path)
+    s = service(tmp_path, gw, clock, config=BIG)
     await s.start()
     await s.activate("big", gw.local_address, ttl=10, source=Source.API, wait=0)
     for _ in range(200):
@@ -219,8 +210,7 @@ async def test_a_pass_stops_adding_when_its_activation_lapses(tmp_path: Path) ->
 async def test_stop_deletes_an_add_whose_answer_was_lost(tmp_path: Path) -> None:
     clock = FakeClock()
     gw = LostAnswerGateway(clock)
-    s = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + WALL0,
-                state_dir=tmp_path)
+    s = service(tmp_path, gw, clock)
     await s.start()
     await s.activate("demo", gw.local_address, ttl=3600, source=Source.API, wait=0)
     for _ in range(100):

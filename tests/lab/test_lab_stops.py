@@ -161,6 +161,13 @@ open = ["udp/{BIG_FIRST}-{BIG_FIRST + BIG_PORTS - 1}"]
     return s.start()
 
 
+def _kill(started: list[Serve]) -> None:
+    for x in started:
+        if x.proc is not None and x.proc.poll() is None:
+            x.proc.kill()
+            x.proc.wait(10)
+
+
 def _big(lab: Lab) -> int:
     """The big rule's mappings, read from the router's DNAT chain (a UPnP listing of thousands
     of entries is too slow while miniupnpd is busy)."""
@@ -193,10 +200,7 @@ def test_sigterm_in_the_middle_of_a_long_pass_stops_within_seconds_and_nothing_l
               "on the router, all removed by the next start")
         assert s.stop() == 0
     finally:
-        for x in started:
-            if x.proc is not None and x.proc.poll() is None:
-                x.proc.kill()
-                x.proc.wait(10)
+        _kill(started)
 
 
 def test_a_lapse_during_a_long_pass_ends_it(lab: Lab, tmp_path: Path) -> None:
@@ -219,7 +223,4 @@ def test_a_lapse_during_a_long_pass_ends_it(lab: Lab, tmp_path: Path) -> None:
         assert most < BIG_PORTS  # the pass did not run to the end of the range
         assert s.stop() == 0
     finally:
-        for x in started:
-            if x.proc is not None and x.proc.poll() is None:
-                x.proc.kill()
-                x.proc.wait(10)
+        _kill(started)
