@@ -276,7 +276,8 @@ class Service:
                 log.info("restored activation of rule %s for %s (%s left)", ja.rule, ja.host,
                          format_duration(act.expires - self.clock()))
         self.engine.dirty.clear()
-        take_over(self.journal, dead_runs(self.state_dir))  # a killed `igdtrigger run`'s
+        # a killed `igdtrigger run`'s journal (not for --simulate: those are the real router's)
+        take_over(self.journal, dead_runs(self.journal_dir))
         leftovers = self.journal.mappings()
         if leftovers:
             self.mapper.adopt_orphans([m.spec for m in leftovers])

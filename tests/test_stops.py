@@ -230,3 +230,33 @@ async def test_activation_ttl_outside_1s_to_7d_is_refused(tmp_path: Path, ttl: f
         await s.activate("demo", "192.168.1.10", ttl=ttl, source=Source.API)
     assert not s.engine.activations
     await s.stop()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+async def test_only_the_real_service_takes_over_a_dead_wrappers_journal(tmp_path: Path) -> None:
+    """A killed `igdtrigger run` mapped on the real router: a `serve --simulate` must not take
+    its journal (it would "delete" them on the simulated router and forget them)."""
+    from igdtrigger.model import Proto
+
+    pid = dead_pid()
+    dead = tmp_path / "run" / f"{pid}-1"
+    j = Journal.open(dead)
+    j.mappings_requested([MappingSpec(Proto.UDP, 40000, "192.168.1.10", 40000,
+                                      f"igdtrigger demo run{pid}")])
+    j.close()
+    clock = FakeClock()
+    sim = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path,
+                  journal_dir=tmp_path / "simulate")
+    assert dead.exists() and sim.journal.mappings() == []
+    await sim.stop()
+    real = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path)
+    assert not dead.exists()
+    assert [m.external_port for m in real.journal.mappings()] == [40000]
+    assert list(real.mapper.orphans) == [m.spec.key for m in real.journal.mappings()]
+    await real.stop()
