@@ -189,7 +189,7 @@ class StandaloneHolder(Holder):
         mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
                         verify_interval=gw_cfg.verify_interval,
                         check_before_add=gw_cfg.check_before_add, journal=journal,
-                        reclaim=dead_run_tag)
+                        reclaim=dead_run_tag, abandon=self.done.is_set)
         mapper.adopt_orphans([m.spec for m in journal.mappings()])
         try:
             info = await gateway.connect()
@@ -201,7 +201,7 @@ class StandaloneHolder(Holder):
         desired = engine.desired()
         await mapper.reconcile(desired)
         n_ok = mapper.count(MapState.ACTIVE)
-        if n_ok < len(desired):
+        if n_ok < len(desired) and not self.done.is_set():
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
                   + "; ".join(sorted({a.error for a in mapper.applied.values() if a.error})))
         self.ready.set()

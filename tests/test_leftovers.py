@@ -214,3 +214,22 @@ def test_gateway_list_and_clean_remove_ours_never_another_programs(
     assert "removed 2 leftover mapping(s)" in done.stdout
     assert {m.external_port for m in router.call(router.router.mappings)} == {41000, 41003,
                                                                                41004}
+
+
+def test_a_wrapper_whose_game_ends_mid_pass_stops_adding_and_leaves_nothing(
+        tmp_path: Path) -> None:
+    """A 500-port rule on a router taking 20 ms per call: the game exits after a second; the
+    wrapper abandons the pass (it used to add on for 5 s, then exit with them mapped)."""
+    sim = run_in_thread(SimulatedRouter(latency=0.02))
+    try:
+        cfg = write_config(tmp_path, sim, tmp_path / "state")
+        cfg.write_text(cfg.read_text().replace('"udp/40000-40001"', '"udp/40000-40499"'))
+        t0 = time.monotonic()
+        p = run_wrapper(cfg, "sleep", "1")
+        _, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+        assert p.returncode == 0, err
+        assert descriptions(sim) == [], err
+        assert took < 30, took  # a bound against hanging, not a timing claim
+    finally:
+        sim.stop()
