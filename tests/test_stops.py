@@ -27,7 +27,7 @@ from igdtrigger.engine import Source
 from igdtrigger.errors import UsageError
 from igdtrigger.gateway.base import Granted
 from igdtrigger.journal import FILENAME, Journal, JournalActivation
-from igdtrigger.model import MappingSpec
+from igdtrigger.model import MappingSpec, Proto
 from igdtrigger.service import Service, derived_tag
 
 from .fakes import FakeClock, FakeGateway
@@ -242,8 +242,6 @@ def dead_pid() -> int:
 async def test_only_the_real_service_takes_over_a_dead_wrappers_journal(tmp_path: Path) -> None:
     """A killed `igdtrigger run` mapped on the real router: a `serve --simulate` must not take
     its journal (it would "delete" them on the simulated router and forget them)."""
-    from igdtrigger.model import Proto
-
     pid = dead_pid()
     dead = tmp_path / "run" / f"{pid}-1"
     j = Journal.open(dead)
@@ -260,3 +258,26 @@ async def test_only_the_real_service_takes_over_a_dead_wrappers_journal(tmp_path
     assert [m.external_port for m in real.journal.mappings()] == [40000]
     assert list(real.mapper.orphans) == [m.spec.key for m in real.journal.mappings()]
     await real.stop()
+
+
+async def test_with_nothing_writable_a_crashs_leftovers_are_still_removed(tmp_path: Path) -> None:
+    """No journal, no instance file: the restarted service still knows the crashed one's
+    mappings by their tag (it used to start with a random tag and leave them forever on a
+    router with permanent leases)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    unwritable = blocker / "state"
+    clock = FakeClock()
+    gw = FakeGateway(clock, permanent_only=True)
+    gw.foreign(Proto.UDP, 50000, gw.local_address, "libminiupnpc")  # another program's
+    s1 = Service(parse_config(CONFIG), gw, clock=clock, state_dir=unwritable)
+    await s1.start()
+    await s1.activate("demo", gw.local_address, ttl=60, source=Source.API)
+    assert len(gw.ports()) == 4
+    for t in s1._tasks:  # crash
+        t.cancel()
+    s2 = Service(parse_config(CONFIG), gw, clock=clock, state_dir=unwritable)
+    await s2.start()
+    await s2._wait_applied(s2.engine.generation, 2)
+    assert gw.ports() == {"udp/50000": gw.local_address}
+    await s2.stop()
