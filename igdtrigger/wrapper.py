@@ -180,6 +180,11 @@ class StandaloneHolder(Holder):
         tag = f"run{os.getpid()}"
         engine = Engine([self.rule], clock=clock, tag=tag)
         lease = min(STANDALONE_LEASE, gw_cfg.lease)
+        try:
+            info = await gateway.connect()
+        except IgdTriggerError as exc:
+            _warn(f"router unavailable, running without open ports: {exc}")
+            return
         # What this wrapper maps is journaled (a kill -9 on a router that only takes permanent
         # leases would leave it forever); what dead wrappers left is taken over and removed.
         state_dir = self.config.state_dir or default_state_dir()
@@ -191,12 +196,6 @@ class StandaloneHolder(Holder):
                         check_before_add=gw_cfg.check_before_add, journal=journal,
                         reclaim=dead_run_tag, abandon=self.done.is_set)
         mapper.adopt_orphans([m.spec for m in journal.mappings()])
-        try:
-            info = await gateway.connect()
-        except IgdTriggerError as exc:
-            _warn(f"router unavailable, running without open ports: {exc}")
-            remove_run_dir(journal, run_dir)
-            return
         engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
         desired = engine.desired()
         await mapper.reconcile(desired)
