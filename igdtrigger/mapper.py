@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import Clock, owned_by
 from .errors import (
+    DEVICE_DENIED_HINT,
     SECURE_MODE_HINT,
     GatewayError,
     GatewayUnreachable,
-    LeaseRefused,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
 )
-from .gateway.base import Gateway, Granted
+from .gateway.base import Capability, Gateway, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
 
 if TYPE_CHECKING:  # sqlite3 stays out of `igdtrigger run` (standalone) start-up
@@ -68,6 +68,9 @@ class Applied:
     retry_at: float = 0.0
     attempts: int = 0
     error: str = ""
+    # The last add went unanswered (GatewayUnreachable/GatewayTimeout): it may have reached the
+    # router, so dropping this mapping must still try a delete.
+    unanswered: bool = False
 
     def __post_init__(self) -> None:
         if not self.external_port:
@@ -153,7 +156,7 @@ class Mapper:
             count = 0
             for key, app in list(self.applied.items()):
                 self.applied.pop(key, None)
-                if app.state is MapState.ACTIVE or app.error.startswith("router did not"):
+                if app.state is MapState.ACTIVE or app.unanswered:
                     self.orphans[app.wire.key] = app.wire
             if self.gateway_up or await self._connect():
                 count = await self._delete_orphans(set())
@@ -254,7 +257,7 @@ class Mapper:
                     gone.append(app.wire)
                 else:
                     self.orphans[app.wire.key] = app.wire  # retried when the router answers
-            elif app.error.startswith("router did not"):
+            elif app.unanswered:
                 self.orphans[app.wire.key] = app.wire  # the request may have arrived
             else:
                 gone.append(app.wire)  # never made it onto the router
@@ -406,28 +409,28 @@ class Mapper:
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
 
-    async def _add_leased(self, wire: MappingSpec) -> Granted:
+    async def _add_leased(self, wire: MappingSpec, *, any_port: bool = False) -> Granted:
+        """One add through the gateway's lease fallback (``base.add_with_lease_fallback``);
+        learns from ``Granted.timed_lease_refused`` that the router wants lease 0."""
         lease = 0 if self.permanent_only else self.lease
-        try:
-            return await self.gateway.add(wire, lease)
-        except LeaseRefused as exc:
-            if lease == 0:
-                raise
+        if any_port:
+            granted = await self.gateway.add_any(wire, lease)
+        else:
+            granted = await self.gateway.add(wire, lease)
+        refused = granted.timed_lease_refused
+        if refused is not None and not self.permanent_only:
             log.warning(
-                "router refuses timed leases (%s): using permanent mappings that igdtrigger "
-                "deletes itself when the trigger lapses", exc.description
-            )
+                "router refuses timed leases (%s %s; lease 0 accepted): using permanent "
+                "mappings that igdtrigger deletes itself when the trigger lapses",
+                refused.code, refused.description)
             self.permanent_only = True
-            return await self.gateway.add(wire, 0)
+        return granted
 
     async def _add_elsewhere(self, app: Applied) -> Granted | None:
         """``external = "any"``: our port is taken, so take another one (never someone's)."""
         spec = app.spec
-        add_any = getattr(self.gateway, "add_any", None)
-        info = self.gateway.info
-        if add_any is not None and info is not None and info.service_type.endswith(":2"):
-            lease = 0 if self.permanent_only else self.lease
-            granted: Granted = await add_any(spec, lease)  # IGDv2 AddAnyPortMapping
+        if Capability.ADD_ANY in self.gateway.capabilities:
+            granted = await self._add_leased(spec, any_port=True)  # IGDv2 AddAnyPortMapping
             app.external_port = granted.external_port
             self._journal_requested([app.wire])  # after the fact: the port was the router's pick
             return granted
@@ -468,6 +471,7 @@ class Mapper:
                         raise
         except GatewayUnreachable as exc:
             app.error = str(exc)
+            app.unanswered = True
             app.retry_at = self.clock()
             if app.state is not MapState.ACTIVE:
                 app.state = MapState.PENDING
@@ -477,16 +481,16 @@ class Mapper:
         except MappingConflict as exc:
             info = self.gateway.info
             for_other = info is not None and spec.internal_client != info.local_address
-            if check and for_other:
-                # The router lists nothing on this port yet says "conflict": it is refusing a
-                # mapping for another host (IGDv1, and miniupnpd < 2.3.4 on IGDv2, use 718).
-                self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}; "
-                                  f"{SECURE_MODE_HINT}")
-            elif for_other:
-                self._conflict(app, f"{spec.key}: {exc} (another host holds this port, or "
-                                    f"{SECURE_MODE_HINT})")
+            if check:
+                # The router lists nothing on this port yet says "conflict": it is refusing
+                # the mapping. For another host: secure mode (IGDv1, and miniupnpd < 2.3.4 on
+                # IGDv2, use 718); for this host itself: the router denies UPnP to this device
+                # or port (FRITZ!Box "permit independent port sharing").
+                hint = SECURE_MODE_HINT if for_other else DEVICE_DENIED_HINT
+                self._failed(app, f"{spec.key} for {spec.internal_client}: "
+                                  f"{exc.with_hint(hint)}")
             else:
-                self._conflict(app, f"{spec.key}: {exc} (another host holds this port)")
+                self._conflict(app, f"{spec.key}: {exc}")
             return
         except NotAuthorized as exc:
             self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")
@@ -499,6 +503,7 @@ class Mapper:
         app.state = MapState.ACTIVE
         app.lease = granted.lease
         app.error = ""
+        app.unanswered = False
         app.attempts = 0
         if not was_active:
             app.since = now
@@ -515,6 +520,7 @@ class Mapper:
             log.warning("%s", message)
         app.state = MapState.CONFLICT
         app.error = message
+        app.unanswered = False
         app.retry_at = self.clock() + CONFLICT_RECHECK
         self.ops["errors"] += 1
         self._changed(app, "conflict")
@@ -524,6 +530,7 @@ class Mapper:
             log.warning("mapping failed: %s", message)
         app.state = MapState.FAILED
         app.error = message
+        app.unanswered = False
         app.retry_at = self.clock() + min(RETRY_MAX, RETRY_FIRST * 2 ** min(app.attempts, 6))
         self.ops["errors"] += 1
         self._changed(app, "failed")
