@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .errors import GatewayError, LeaseRefused
+from .errors import GatewayError
 from .gateway.base import Gateway, GatewayInfo, is_public_address
 from .model import MappingSpec, Proto
 from .netutil import default_gateway
@@ -84,12 +84,13 @@ async def _lease_test(gw: Gateway, info: GatewayInfo) -> str:
     port = random.randint(49152, 65000)  # noqa: S311 - not security
     spec = MappingSpec(Proto.UDP, port, info.local_address, port, "igdtrigger gateway-test")
     try:
-        try:
-            granted = await gw.add(spec, 60)
+        granted = await gw.add(spec, 60)  # a refused timed lease comes back as lease 0
+        refused = granted.timed_lease_refused
+        if refused is not None:
+            verdict = (f"only permanent leases ({refused.code} {refused.description}; lease 0 "
+                       "accepted): igdtrigger deletes them itself")
+        else:
             verdict = f"timed leases accepted (asked 60s, granted {granted.lease}s)"
-        except LeaseRefused as exc:
-            granted = await gw.add(spec, 0)
-            verdict = f"only permanent leases ({exc.description}): igdtrigger deletes them itself"
         found = await gw.get(Proto.UDP, port)
         if found is None:
             verdict += "; but the mapping was not found right after: the router drops it"
