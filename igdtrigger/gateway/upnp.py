@@ -250,7 +250,15 @@ class MiniupnpcGateway:
             )
             return Granted(spec.external_port, int(lease))
 
-        return await self._call("AddPortMapping", call)
+        try:
+            return await self._call("AddPortMapping", call)
+        except ActionFailed as exc:
+            if exc.code == 402 and lease and type(exc) is ActionFailed:
+                # as the SOAP path does (igd.fault_error): a 402 to a timed add may mean
+                # "timed leases refused" (ARRIS, tailscale#15223); the mapper tries lease 0
+                raise LeaseRefused(exc.action, 402, f"{exc.description} (to a timed lease)"
+                                   ) from None
+            raise
 
     async def delete(self, proto: Proto, external_port: int) -> None:
         u = await self._ready()
