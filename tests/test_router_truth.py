@@ -147,7 +147,7 @@ async def test_402_from_a_full_table_does_not_make_leases_permanent(rig: Rig) ->
         requester="192.168.1.99")
     svc = await rig.start(open_="udp/40000-40001")
     await rig.activate()
-    [(port, _, left)] = rig.ours()  # one slot was free: a timed lease
+    [(_, _, left)] = rig.ours()  # one slot was free: a timed lease
     assert left > 0
     states = {m["external_port"]: m["state"] for m in svc.status()["mappings"]}
     assert sorted(states.values()) == ["active", "failed"]
