@@ -388,7 +388,7 @@ class FakeRouter(asyncio.DatagramProtocol):
         self.nonces: dict[tuple[int, int], bytes] = {}
         self.created: dict[tuple[int, int], int] = {}
         self.refused_deletes = 0
-        self._rng = random.Random(7)  # noqa: S311 - a test's port choice
+        self._rng = random.Random(7)
         self._seq = itertools.count(1)
 
     def epoch(self) -> int:
