@@ -352,7 +352,12 @@ class Service:
         self._journal_new()
         self._journal_activations()
         self.journal.close()
-        log.info("stopped; removed %d mapping(s)", removed)
+        left = self.mapper.left_open
+        if left:
+            log.error("stopped; removed %d mapping(s); %d still open on the router: %s", removed,
+                      len(left), "; ".join(x.describe() for x in left))
+        else:
+            log.info("stopped; removed %d mapping(s)", removed)
         return removed
 
     # --- inputs --------------------------------------------------------------------------------
@@ -639,6 +644,9 @@ class Service:
                 "external_reachable": info.external_reachable if info else None,
                 "lease": self.mapper.lease,
                 "permanent_leases": self.mapper.permanent_only,
+                "permanent_why": self.mapper.traits.why_permanent or None,
+                "learned": self.mapper.traits.to_json(),
+                "left_open": [x.to_json() for x in self.mapper.left_open],
                 "announcements": {
                     "listening": (self._notify_watcher is not None
                                   and self._notify_watcher.listening),

@@ -26,7 +26,9 @@ Behaviour that differs from UPnP IGD:
 * NAT-PMP maps ports only to the host that asks. PCP maps for another host with the
   THIRD_PARTY option, which routers refuse unless allowed (miniupnpd ``pcp_allow_thirdparty``).
 * With ``exact_port`` (default) a mapping whose external port the router moved (the port is
-  taken) is deleted again and reported as ``MappingConflict``.
+  taken) is deleted again and reported as ``MappingConflict``; unless the spec says
+  ``external_any``: then the assigned port is kept and returned in ``Granted`` (VPN gateways
+  ignore the suggested port and pick their own, yimingliu/py-natpmp#12, gluetun#1882).
 * Every reply's epoch is checked (RFC 6886 §3.6, RFC 6887 §8.5). When the router lost its state,
   the client's table is emptied, ``epoch_resets`` counts it and ``on_lost_state(reason)`` runs:
   re-apply every mapping.
@@ -1167,7 +1169,7 @@ class NatPmpGateway(_PortMapGateway):
             for key in [k for k, h in self._held.items() if h.spec.proto is spec.proto
                         and h.spec.internal_port == spec.internal_port]:
                 self._forget(key)
-            if assigned != spec.external_port and exact:
+            if assigned != spec.external_port and exact and not spec.external_any:
                 self._forget(spec.key)
                 try:
                     await self._send_map(f"{action} (undo)", spec.proto, spec.internal_port,
@@ -1381,7 +1383,7 @@ class PcpGateway(_PortMapGateway):
             if granted == 0:
                 raise ActionFailed(action, 0, "router granted lifetime 0 (no mapping)")
             self._set_external(reply.external_ip)
-            if assigned != spec.external_port and exact:
+            if assigned != spec.external_port and exact and not spec.external_any:
                 self._forget(spec.key)
                 try:
                     await self._send_map(f"{action} (undo)", spec, nonce, 0,

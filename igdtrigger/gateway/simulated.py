@@ -56,8 +56,8 @@ from .base import is_public_address
 
 __all__ = [
     "CIF_CONTROL_PATH",
-    "FIRST_WAN_CONTROL_PATH",
     "ERROR_DESCRIPTIONS",
+    "FIRST_WAN_CONTROL_PATH",
     "IPCONN_CONTROL_PATH",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
@@ -499,6 +499,18 @@ class SimulatedRouter:
         clock: monotonic seconds; inject a fake one to expire leases without sleeping.
         seed: seeds AddAnyPortMapping's random port choice and the device UUID.
         server_header: the ``Server:`` header the HTTP layer sends.
+
+    Router-truth quirks (answers that are not what happened; router-facts.md §10), plain
+    attributes set after construction:
+        full_fault: the error code a full table answers AddPortMapping with (default 728 on
+            IGDv2, 501 on IGDv1); 402 like the IGDv1 router of miniupnp/miniupnp#92.
+        unreadable: AddPortMapping succeeds and installs the mapping, but
+            GetSpecificPortMappingEntry answers 714 and the listing is empty; every add appends
+            another copy and each DeletePortMapping removes one (miniupnpd 2.3.0-2.3.3 pf
+            backend, miniupnp/miniupnp#719). ``mappings()`` shows the copies.
+        forced_lease: every mapping gets this lease whatever is asked (Technicolor,
+            miniupnp/miniupnp#398); GetSpecificPortMappingEntry reports it.
+        delete_noop: DeletePortMapping answers success and leaves the mapping.
     """
 
     def __init__(
@@ -569,6 +581,13 @@ class SimulatedRouter:
         """HTTP requests by ``"METHOD /path"``."""
         self.log: collections.deque[ActionRecord] = collections.deque(maxlen=log_size)
 
+        # --- router-truth quirks (issue 11, verifying effects; see the class docstring) -----
+        self.full_fault: int | None = None
+        self.unreadable = False
+        self.forced_lease: int | None = None
+        self.delete_noop = False
+        self._hidden: list[_Entry] = []  # unreadable: installed copies the router cannot show
+
     # -- introspection ---------------------------------------------------------------------------
 
     @property
@@ -580,7 +599,8 @@ class SimulatedRouter:
         return max(0, int(self._clock() - self._started_at))
 
     def mappings(self) -> list[RouterMapping]:
-        """The live table, in insertion order, with remaining leases (0 = permanent)."""
+        """The live table, in insertion order, with remaining leases (0 = permanent); with
+        ``unreadable``, the copies the router installed but does not report."""
         now = self._expire()
         return [
             RouterMapping(
@@ -592,7 +612,7 @@ class SimulatedRouter:
                 True,
                 self._remaining(e, now),
             )
-            for e in self._table.values()
+            for e in (*self._table.values(), *self._hidden)
         ]
 
     # -- control ---------------------------------------------------------------------------------
@@ -629,6 +649,7 @@ class SimulatedRouter:
         the server's part (``SimulatedIgdServer.restart``).
         """
         self._table.clear()
+        self._hidden.clear()
         self._armed.clear()
         self._started_at = self._clock()
         self.boot_count += 1
@@ -642,6 +663,7 @@ class SimulatedRouter:
     def clear(self) -> None:
         """Delete every mapping (like an administrator flushing the table)."""
         self._table.clear()
+        self._hidden.clear()
 
     # -- actions ---------------------------------------------------------------------------------
 
@@ -753,12 +775,20 @@ class SimulatedRouter:
     def _do_DeletePortMapping(self, args: Mapping[str, str], requester: str) -> dict[str, str]:
         ext_port = self._port_arg(args, "NewExternalPort")
         proto = self._proto_arg(args)
+        if self.unreadable:
+            copy = next((e for e in self._hidden if (e.proto, e.external_port) ==
+                         (proto, ext_port)), None)
+            if copy is None:
+                raise _Refused(714)
+            self._hidden.remove(copy)
+            return {}
         entry = self._table.get((proto, ext_port))
         if entry is None:
             raise _Refused(714)
         if self.secure_mode and not _same_ip(entry.internal_client, requester):
             raise _Refused(606 if self.igd_version >= 2 else 714)
-        del self._table[(proto, ext_port)]
+        if not self.delete_noop:
+            del self._table[(proto, ext_port)]
         return {}
 
     def _do_DeletePortMappingRange(self, args: Mapping[str, str], requester: str) -> dict[str, str]:
@@ -888,6 +918,7 @@ class SimulatedRouter:
         ]
         for key in dead:
             del self._table[key]
+        self._hidden = [e for e in self._hidden if e.expires_at is None or now < e.expires_at]
         return now
 
     @staticmethod
@@ -937,6 +968,8 @@ class SimulatedRouter:
             raise _Refused(725)
         if self.lease_mode == "permanent_only_402" and requested:
             raise _Refused(402)
+        if self.forced_lease is not None:
+            return self.forced_lease
         v2_clamp = self.lease_mode == "normal" and self.igd_version >= 2
         if v2_clamp and (requested == 0 or requested > MAX_LEASE_V2):
             return MAX_LEASE_V2
@@ -968,8 +1001,8 @@ class SimulatedRouter:
             existing.internal_client != client or existing.remote_host != remote
         ):
             raise _Refused(718)
-        if existing is None and len(self._table) >= self.max_mappings:
-            raise _Refused(728 if self.igd_version >= 2 else 501)
+        if existing is None and len(self._table) + len(self._hidden) >= self.max_mappings:
+            raise _Refused(self.full_fault or (728 if self.igd_version >= 2 else 501))
         now = self._clock()
         if lease == 0:
             expires_at: float | None = None
@@ -987,6 +1020,9 @@ class SimulatedRouter:
             lease,
             expires_at,
         )
+        if self.unreadable:
+            self._hidden.append(entry)  # installed, never reported; a re-add is one more
+            return
         self._table[key] = entry  # an update keeps its place in the generic list
 
     def _range_args(self, args: Mapping[str, str]) -> tuple[int, int, Proto, bool]:
