@@ -12,6 +12,7 @@ The mapper-level router-truth inputs (1, 2, 5-8) run over the same backends in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from igdtrigger.errors import (
     UnsupportedAction,
 )
 from igdtrigger.gateway.base import Capability, Granted, add_with_lease_fallback
+from igdtrigger.gateway.igd import UpnpFault, fault_error
+from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway, pcp_error, pmp_error
 from igdtrigger.gateway.select import FallbackGateway
 from igdtrigger.gateway.simulated import (
     FIRST_WAN_CONTROL_PATH,
@@ -48,6 +51,7 @@ from igdtrigger.mapper import Mapper, MapState
 from igdtrigger.model import MappingKey, MappingSpec, Proto
 
 from .fakes import FakeClock
+from .test_pmp_pcp import LOCAL, FakeRouter
 from .test_router_quirks import BACKENDS, backend, other_host_holds
 from .test_router_truth import HOST, Rig
 
@@ -407,3 +411,51 @@ async def test_718_for_the_requester_on_a_free_port_is_a_device_denial(
     assert app.state is MapState.FAILED
     assert DEVICE_DENIED_HINT in app.error
     await gw.close()
+
+
+# --- NAT-PMP and PCP: the same taxonomy and capabilities ------------------------------------
+
+# The same condition is the same error type whichever protocol the router speaks.
+SAME_CONDITION: list[tuple[str, GatewayError, GatewayError, GatewayError | None]] = [
+    ("not authorized", fault_error("AddPortMapping", UpnpFault(606, "x"), for_self=False),
+     pmp_error("NAT-PMP map udp/1", 2), pcp_error("PCP MAP udp/1", 2)),
+    ("table full", fault_error("AddPortMapping", UpnpFault(728, "x")),
+     pmp_error("NAT-PMP map udp/1", 4), pcp_error("PCP MAP udp/1", 8)),
+    ("port taken", fault_error("AddPortMapping", UpnpFault(718, "x")),
+     pcp_error("PCP MAP udp/1", 11), None),
+]
+
+
+@pytest.mark.parametrize(("what", "upnp", "one", "other"), SAME_CONDITION,
+                         ids=[c[0] for c in SAME_CONDITION])
+def test_same_condition_same_type_on_every_protocol(
+        what: str, upnp: GatewayError, one: GatewayError, other: GatewayError | None) -> None:
+    assert type(one) is type(upnp), what
+    if other is not None:
+        assert type(other) is type(upnp), what
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_router_picked_port_add_any_keeps_it_add_refuses_it(
+        cls: type[NatPmpGateway] | type[PcpGateway]) -> None:
+    """A VPN gateway that ignores the suggested port (input 5, gateway side): ``add_any`` keeps
+    and reports the port it assigned; an exact ``add`` is a conflict, undone on the router."""
+    transport, pmp_router = await asyncio.get_running_loop().create_datagram_endpoint(
+        FakeRouter, local_addr=(LOCAL, 0))
+    pmp_router.own_ports = True
+    gw = cls(LOCAL, port=pmp_router.port, initial_timeout=0.05, total_timeout=0.4)
+    try:
+        assert gw.capabilities == frozenset()
+        await gw.connect()
+        assert gw.capabilities == frozenset({Capability.ADD_ANY})  # no table to list
+        exact = MappingSpec(Proto.UDP, 40000, LOCAL, 40000, "x")
+        with pytest.raises(MappingConflict):
+            await gw.add(exact, 600)
+        assert pmp_router.mappings.get((17, 40000), (0, 0))[1] == 0  # undone (lifetime 0)
+        granted = await gw.add_any(MappingSpec(Proto.UDP, 40001, LOCAL, 40001, "x"), 600)
+        assert granted.external_port != 40001
+        assert pmp_router.mappings[(17, 40001)][0] == granted.external_port
+        assert [m.external_port for m in await gw.list()] == [granted.external_port]
+    finally:
+        await gw.close()
+        transport.close()
