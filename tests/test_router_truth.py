@@ -15,6 +15,7 @@ import pytest
 
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
+from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
 from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
@@ -372,3 +373,30 @@ async def test_pcp_delete_refused_until_stop_stays_in_the_journal(
     journal = Journal.open(tmp_path)
     assert [m.external_port for m in journal.mappings()] == [3074]  # the next start retries
     journal.close()
+
+
+# --- igdtrigger gateway --test: what the router did, not what it answered ---------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("quirk", "value", "says", "granted"), [
+    ("forced_lease", 86400, "asked 60s, the router set 86400s", 86400),
+    ("lease_mode", "normal", "asked 60s, granted 60s", 60),
+    ("lease_mode", "drops_timed", "does not show the mapping", None),
+    ("delete_noop", True, "the delete was answered but the mapping is still there", 60),
+])
+async def test_gateway_test_reports_what_the_router_did(
+        backend: str, quirk: str, value: object, says: str, granted: int | None) -> None:
+    sim = SimulatedIgdServer(SimulatedRouter())
+    await sim.start()
+    setattr(sim.router, quirk, value)
+    gw = build_gateway(sim.url, backend=backend)
+    try:
+        out = await _lease_test(gw, await gw.connect())
+    finally:
+        await gw.close()
+        await sim.close()
+    assert says in out["verdict"], out
+    assert out["lease_granted"] == granted
+    if quirk != "delete_noop":
+        assert sim.router.mappings() == []
