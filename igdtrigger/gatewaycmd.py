@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .errors import GatewayError, LeaseRefused, NoSuchMapping
+from .errors import GatewayError, NoSuchMapping
 from .gateway.base import Gateway, GatewayInfo, is_public_address
 from .model import MappingSpec, Proto
 from .netutil import default_gateway
@@ -95,13 +95,14 @@ async def _lease_test(gw: Gateway, info: GatewayInfo) -> dict[str, Any]:
     reads_back = info.protocol not in NO_READBACK
     out: dict[str, Any] = {"lease_asked": 60}
     try:
-        try:
-            granted = await gw.add(spec, 60)
-            verdict = "timed leases accepted"
-        except LeaseRefused as exc:
-            granted = await gw.add(spec, 0)
+        granted = await gw.add(spec, 60)  # a refused timed lease comes back as lease 0
+        refused = granted.timed_lease_refused
+        if refused is not None:
             out["lease_asked"] = 0
-            verdict = f"only permanent leases ({exc.description}): igdtrigger deletes them itself"
+            verdict = (f"only permanent leases ({refused.code} {refused.description}; lease 0 "
+                       "accepted): igdtrigger deletes them itself")
+        else:
+            verdict = "timed leases accepted"
         lease: int | None = granted.lease
         found = await gw.get(Proto.UDP, port) if reads_back else None
         if reads_back and found is None:

@@ -34,15 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import Clock, owned_by
 from .errors import (
+    DEVICE_DENIED_HINT,
     SECURE_MODE_HINT,
     GatewayError,
     GatewayUnreachable,
-    LeaseRefused,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
 )
-from .gateway.base import Gateway, GatewayInfo, Granted
+from .gateway.base import Capability, Gateway, GatewayInfo, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
 from .traits import NO_READBACK, RouterTraits, router_identity
 
@@ -760,30 +760,29 @@ class Mapper:
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
 
-    async def _add_leased(self, wire: MappingSpec, app: Applied | None = None) -> Granted:
-        """Add with the lease policy learned for this router. A timed lease refused is tried
-        once with lease 0; only when that succeeds is the router "permanent only" (a 402 for a
-        full table, miniupnp/miniupnp#92, fails both and teaches nothing)."""
+    async def _add_leased(self, wire: MappingSpec, app: Applied | None = None, *,
+                          any_port: bool = False) -> Granted:
+        """Add with the lease policy learned for this router, through the gateway layer's one
+        lease fallback (``base.add_with_lease_fallback``): a timed lease refused is tried once
+        with lease 0 there, and only when that succeeds (``Granted.timed_lease_refused``) is
+        the router "permanent only" (a 402 for a full table, miniupnp/miniupnp#92, fails both
+        and teaches nothing). ``any_port``: ``add_any`` (the router may pick the port)."""
         lease = self.lease if self.traits.timed_leases else 0
         if app is not None:
             app.asked = lease
-        try:
+        if any_port:
+            granted = await self.gateway.add_any(wire, lease)
+        else:
             granted = await self.gateway.add(wire, lease)
-        except LeaseRefused as exc:
-            if lease == 0:
-                raise
-            granted = await self.gateway.add(wire, 0)
+        refused = granted.timed_lease_refused
+        if refused is not None:
             if app is not None:
                 app.asked = 0
             self._learn(permanent_only=True)
             self._warn_once("permanent_only", (
-                f"router refuses timed leases ({exc.description}; lease 0 accepted): using "
-                "permanent mappings that igdtrigger deletes itself when the trigger lapses"))
-            return granted
-        if lease and granted.lease == 0:  # the gateway layer fell back to lease 0 itself
-            if app is not None:
-                app.asked = 0
-            self._learn(permanent_only=True)
+                f"router refuses timed leases ({refused.code} {refused.description}; lease 0 "
+                "accepted): using permanent mappings that igdtrigger deletes itself when the "
+                "trigger lapses"))
         return granted
 
     async def _add_raw(self, app: Applied, lease: int) -> Granted | None:
@@ -804,12 +803,8 @@ class Mapper:
     async def _add_elsewhere(self, app: Applied) -> Granted | None:
         """``external = "any"``: our port is taken, so take another one (never someone's)."""
         spec = app.spec
-        add_any = getattr(self.gateway, "add_any", None)
-        info = self.gateway.info
-        if add_any is not None and info is not None and info.service_type.endswith(":2"):
-            lease = self.lease if self.traits.timed_leases else 0
-            app.asked = lease
-            granted: Granted = await add_any(spec, lease)  # IGDv2 AddAnyPortMapping
+        if Capability.ADD_ANY in self.gateway.capabilities:  # IGDv2 AddAnyPortMapping
+            granted = await self._add_leased(spec, app, any_port=True)
             app.external_port = granted.external_port
             self._journal_requested([app.wire])  # after the fact: the port was the router's pick
             return granted
@@ -860,16 +855,16 @@ class Mapper:
         except MappingConflict as exc:
             info = self.gateway.info
             for_other = info is not None and spec.internal_client != info.local_address
-            if check and for_other:
-                # The router lists nothing on this port yet says "conflict": it is refusing a
-                # mapping for another host (IGDv1, and miniupnpd < 2.3.4 on IGDv2, use 718).
-                self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}; "
-                                  f"{SECURE_MODE_HINT}")
-            elif for_other:
-                self._conflict(app, f"{spec.key}: {exc} (another host holds this port, or "
-                                    f"{SECURE_MODE_HINT})")
+            if check:
+                # The router lists nothing on this port yet says "conflict": it is refusing
+                # the mapping. For another host: secure mode (IGDv1, and miniupnpd < 2.3.4 on
+                # IGDv2, use 718); for this host itself: the router denies UPnP to this device
+                # or port (FRITZ!Box "permit independent port sharing").
+                hint = SECURE_MODE_HINT if for_other else DEVICE_DENIED_HINT
+                self._failed(app, f"{spec.key} for {spec.internal_client}: "
+                                  f"{exc.with_hint(hint)}")
             else:
-                self._conflict(app, f"{spec.key}: {exc} (another host holds this port)")
+                self._conflict(app, f"{spec.key}: {exc}")
             return
         except NotAuthorized as exc:
             self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")
@@ -884,8 +879,8 @@ class Mapper:
         if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
             app.lease = self.traits.forced_lease  # what the router showed last time
         app.adds += 1
-        app.maybe_applied = False
         app.error = ""
+        app.maybe_applied = False
         app.attempts = 0
         if not was_active:
             app.since = now

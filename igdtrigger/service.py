@@ -208,7 +208,7 @@ class Service:
         from .gateway.ssdpwatch import NotifyWatcher
 
         self._notify_watcher = NotifyWatcher(info.location, info.local_address,
-                                             self._router_changed)
+                                             self._router_changed, root_uuid=info.root_uuid)
         self._tasks.append(asyncio.create_task(self._start_watcher(self._notify_watcher),
                                                name="ssdp-notify"))
 

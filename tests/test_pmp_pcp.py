@@ -26,6 +26,7 @@ from igdtrigger.errors import (
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    TableFull,
 )
 from igdtrigger.gateway.base import Gateway
 from igdtrigger.gateway.pmp import (
@@ -111,7 +112,7 @@ def test_miniupnpd_map_capture() -> None:
     (1, ProtocolUnsupported, "version 0"),
     (2, NotAuthorized, "permission"),
     (3, NetworkFailure, "double NAT"),
-    (4, ActionFailed, "full"),
+    (4, TableFull, "full"),
     (5, ProtocolUnsupported, "opcode"),
     (99, ActionFailed, "unknown"),
 ])
@@ -246,7 +247,7 @@ def test_pcp_options_are_parsed_defensively() -> None:
 
 PCP_EXPECTED: dict[int, type[GatewayError]] = {
     1: ProtocolUnsupported, 2: NotAuthorized, 3: ActionFailed, 4: ProtocolUnsupported,
-    5: ActionFailed, 6: ActionFailed, 7: NetworkFailure, 8: ActionFailed, 9: ActionFailed,
+    5: ActionFailed, 6: ActionFailed, 7: NetworkFailure, 8: TableFull, 9: ActionFailed,
     10: ActionFailed, 11: MappingConflict, 12: NotAuthorized, 13: ActionFailed, 200: ActionFailed,
 }
 

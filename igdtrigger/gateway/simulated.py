@@ -57,6 +57,7 @@ from .base import is_public_address
 __all__ = [
     "CIF_CONTROL_PATH",
     "ERROR_DESCRIPTIONS",
+    "FIRST_WAN_CONTROL_PATH",
     "IPCONN_CONTROL_PATH",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
@@ -86,6 +87,7 @@ FaultStyle = Literal["standard", "mikrotik"]
 
 ROOT_DESC_PATH = "/rootDesc.xml"
 IPCONN_CONTROL_PATH = "/ctl/IPConn"
+FIRST_WAN_CONTROL_PATH = "/ctl/WAN0/IPConn"  # SimulatedRouter.add_first_wan
 IPCONN_EVENT_PATH = "/evt/IPConn"
 IPCONN_SCPD_PATH = "/WANIPCn.xml"
 CIF_CONTROL_PATH = "/ctl/CmnIfCfg"
@@ -556,6 +558,14 @@ class SimulatedRouter:
         self.action_hook: Callable[[str, Mapping[str, str]], UPnPFault | None] | None = None
         """Called before each action; a returned fault is the answer (``None`` = carry on)."""
 
+        # -- backend-contract quirks (issue 11, gateway side) --
+        self.first_wan: SimulatedRouter | None = None
+        """Multi-WAN (tailscale#8364): a WANDevice listed *before* this one, with its own
+        WANIPConnection at ``FIRST_WAN_CONTROL_PATH`` and its own table (``add_first_wan``)."""
+        self.http_hook: Callable[[str], HttpResponse | None] | None = None
+        """Called with the SOAP action name before it is answered; a returned response is sent
+        as it is (a bare HTTP 400, an HTML error page...)."""
+
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311 - port choice and a UUID, not secrets
         self.udn = f"uuid:{uuid.UUID(int=self._rng.getrandbits(128), version=4)}"
@@ -620,6 +630,17 @@ class SimulatedRouter:
             raise ValueError("n must be at least 1")
         fault = UPnPFault.of(code, description)
         self._armed.append(_ArmedFailure(fault.code, fault.description, n, action))
+
+    def add_first_wan(self, *, connection_status: str = "Disconnected",
+                      external_ip: str = "") -> SimulatedRouter:
+        """List a second WAN connection service *first* in the description (two WANDevices):
+        by default a dead WAN that reports ``Disconnected`` and no external address but still
+        accepts adds into its own table (the returned router: its ``mappings()`` is the record
+        of what landed on the wrong WAN)."""
+        self.first_wan = SimulatedRouter(
+            igd_version=self.igd_version, external_ip=external_ip,
+            connection_status=connection_status, clock=self._clock)
+        return self.first_wan
 
     def restart(self) -> None:
         """A daemon restart: the table is gone, uptime starts again, armed failures are dropped.
@@ -1065,6 +1086,11 @@ class SimulatedRouter:
         )
         conn_dev = device("WANConnectionDevice", "-2", ipconn, "")
         wan_dev = device("WANDevice", "-1", cif, conn_dev)
+        if self.first_wan is not None:  # multi-WAN: another WANDevice listed first
+            first_conn = service(f"WANIPConnection:{v}", "WANIPConn1", IPCONN_SCPD_PATH,
+                                 FIRST_WAN_CONTROL_PATH, IPCONN_EVENT_PATH)
+            wan_dev = device("WANDevice", "-3", "", device("WANConnectionDevice", "-4",
+                                                           first_conn, "")) + wan_dev
         igd = device("InternetGatewayDevice", "", "", wan_dev)
         return (
             '<?xml version="1.0"?>\r\n'
@@ -1100,6 +1126,8 @@ class SimulatedRouter:
         if path.startswith("/ctl/"):
             if method != "POST":
                 return HttpResponse(405, b"", HTML_CONTENT_TYPE, (("Allow", "POST"),))
+            if path == FIRST_WAN_CONTROL_PATH and self.first_wan is not None:
+                return self.first_wan._handle_soap(headers, body, requester)
             return self._handle_soap(headers, body, requester)
         if path.startswith("/evt/"):
             return _html_error(501, "eventing is not simulated")
@@ -1118,6 +1146,10 @@ class SimulatedRouter:
         if parsed is None:
             return self._fault_response(UPnPFault.of(401))
         namespace, action = parsed
+        hooked = self.http_hook(action) if self.http_hook is not None else None
+        if hooked is not None:
+            self.calls[action] += 1
+            return hooked
         try:
             args = parse_soap_arguments(body)
         except ValueError:

@@ -5,8 +5,12 @@ thread: the event loop never blocks, and the router sees one request at a time. 
 discovery (or given as ``gateway.url``) is kept; it is only looked up again after the router
 stops answering.
 
-miniupnpc's Python binding reports UPnP errors as a plain ``Exception`` carrying the text of
-``strupnperror(code)``; ``_classify`` turns that text back into a code and our error types.
+What is shared with the SOAP backend, so the two behave the same: the service choice
+(``soap.find_wan_service``: the connected WAN service with a usable external address; a router
+where miniupnpc would use another service is refused, so ``backend = "auto"`` uses our client),
+the fault table (``igd.fault_error``: miniupnpc's Python binding reports UPnP errors as a plain
+``Exception`` carrying ``strupnperror(code)`` text; ``miniupnpc_code`` turns that text back into
+the code once, here), and the lease fallback (``base.add_with_lease_fallback``).
 """
 
 from __future__ import annotations
@@ -19,27 +23,38 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import (
-    SECURE_MODE_HINT,
-    ActionFailed,
     GatewayError,
     GatewayNotFound,
+    GatewayTimeout,
     GatewayUnreachable,
-    LeaseRefused,
-    MappingConflict,
+    MalformedReply,
     NoSuchMapping,
-    NotAuthorized,
 )
 from ..model import MappingSpec, Proto, RouterMapping
-from .base import GatewayInfo, Granted, is_public_address
+from .base import Capability, GatewayInfo, Granted, add_with_lease_fallback, unsupported
+from .igd import IgdDescription, IgdService, UpnpFault, fault_error
 
 log = logging.getLogger("igdtrigger.gateway.upnp")
 T = TypeVar("T")
 
-# strupnperror() texts (miniupnpc upnperrors.c) -> UPnP error code.
+# strupnperror() texts (miniupnpc upnperrors.c, as in the 2.3 binding) -> code. Negative codes
+# are miniupnpc's own (UPNPCOMMAND_*, UPNPDISCOVER_SOCKET_ERROR).
 _UPNP_TEXTS: dict[str, int] = {
+    "miniupnpc unknown error": -1,
+    "miniupnpc invalid arguments": -2,
+    "miniupnpc http error": -3,
+    "miniupnpc invalid response": -4,
+    "miniupnpc memory allocation error": -5,
+    "miniupnpc socket error": -101,
     "invalid action": 401,
     "invalid args": 402,
     "action failed": 501,
+    "argument value invalid": 600,
+    "argument value out of range": 601,
+    "optional action not implemented": 602,
+    "out of memory": 603,
+    "human intervention required": 604,
+    "string argument too long": 605,
     "action not authorized": 606,
     "pinholespacexhausted": 701,
     "firewalldisabled": 702,
@@ -48,6 +63,8 @@ _UPNP_TEXTS: dict[str, int] = {
     "protocolnotsupported": 705,
     "internalportwildcardingnotallowed": 706,
     "protocolwildcardingnotallowed": 707,
+    "invalidlayer2address": 708,
+    "notrafficreceived": 709,
     "specifiedarrayindexinvalid": 713,
     "nosuchentryinarray": 714,
     "wildcardnotpermittedinsrcip": 715,
@@ -67,34 +84,32 @@ _UPNP_TEXTS: dict[str, int] = {
 }
 
 
-
-def _classify(action: str, exc: BaseException, *, v1: bool) -> GatewayError:
-    text = str(exc).strip()
-    low = text.lower()
-    code = _UPNP_TEXTS.get(low.replace(" ", "") if low not in _UPNP_TEXTS else low)
-    if code is None and low.startswith("unknownerror"):
-        digits = "".join(c for c in low if c.isdecimal() or c == "-")
-        code = int(digits) if digits.lstrip("-").isdecimal() else None
+def miniupnpc_code(text: str) -> int | None:
+    """The code behind a miniupnpc exception's ``strupnperror()`` text; ``None`` for text
+    miniupnpc does not produce (and for "UnknownError": a code its table lacks)."""
+    low = " ".join(text.strip().lower().split())
+    code = _UPNP_TEXTS.get(low)
     if code is None:
-        if "http" in low or "socket" in low or "connect" in low or "invalid response" in low:
-            return GatewayUnreachable(
-                f"router did not answer {action} ({text or 'no reply'}); it may have restarted"
-            )
-        return ActionFailed(action, None, text or type(exc).__name__)
-    name = text
-    if code == 718:
-        # IGDv1 miniupnpd also uses 718 for secure-mode/permission denials (router-facts §0).
-        hint = "the port is mapped to another host, or (IGDv1) " + SECURE_MODE_HINT if v1 else ""
-        return MappingConflict(action, code, name, hint)
-    if code == 606:
-        return NotAuthorized(action, code, name, SECURE_MODE_HINT)
-    if code == 725:
-        return LeaseRefused(action, code, name)
-    if code == 729:
-        return MappingConflict(action, code, name)
-    if code in (714, 730):
-        return NoSuchMapping(action, code, name)
-    return ActionFailed(action, code, name)
+        code = _UPNP_TEXTS.get(low.replace(" ", ""))
+    return code
+
+
+def miniupnpc_error(action: str, exc: BaseException, *, lease: int | None = None,
+                    for_self: bool | None = None, igd_version: int | None = None
+                    ) -> GatewayError:
+    """The typed error for an exception out of miniupnpc, through the one fault table."""
+    text = str(exc).strip() or type(exc).__name__
+    code = miniupnpc_code(text)
+    if code is not None and code > 0:
+        return fault_error(action, UpnpFault(code, text), lease=lease, for_self=for_self,
+                           igd_version=igd_version)
+    if code in (-3, -101, -5):
+        return GatewayUnreachable(
+            f"router did not answer {action} ({text}); it may have restarted")
+    if code == -4:
+        return MalformedReply(action, f"miniupnpc could not parse the router's reply ({text})")
+    return fault_error(action, UpnpFault(None, text), lease=lease, for_self=for_self,
+                       igd_version=igd_version)
 
 
 class MiniupnpcGateway:
@@ -107,15 +122,18 @@ class MiniupnpcGateway:
         url: str | None = None,
         *,
         discover_timeout: float = 2.0,
+        timeout: float = 10.0,
         on_call: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         self.url = url
         self.discover_timeout = discover_timeout
+        self.timeout = timeout  # per call; miniupnpc's own socket timeouts are longer
         self.on_call = on_call  # (action, seconds, ok) for metrics
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="miniupnpc")
         self._upnp: Any = None
         self._info: GatewayInfo | None = None
-        self._v1 = False
+        self._service: IgdService | None = None
+        self.description: IgdDescription | None = None
         self._warned_double_nat = False
         self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
 
@@ -123,7 +141,23 @@ class MiniupnpcGateway:
     def info(self) -> GatewayInfo | None:
         return self._info
 
-    async def _call(self, action: str, fn: Callable[[], T]) -> T:
+    @property
+    def service(self) -> IgdService | None:
+        """The WAN connection service in use (the one ``soap.find_wan_service`` chose)."""
+        return self._service
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        from .soap import capabilities_of
+
+        return capabilities_of(self.description, self._service) if self._info else frozenset()
+
+    def _for_self(self, spec: MappingSpec) -> bool | None:
+        info = self._info
+        return None if info is None else spec.internal_client == info.local_address
+
+    async def _call(self, action: str, fn: Callable[[], T], *, lease: int | None = None,
+                    for_self: bool | None = None) -> T:
         loop = asyncio.get_running_loop()
 
         def run() -> T:
@@ -138,11 +172,18 @@ class MiniupnpcGateway:
                     self.on_call(action, time.perf_counter() - t0, ok)
 
         try:
-            return await loop.run_in_executor(self._pool, run)
+            async with asyncio.timeout(self.timeout):
+                return await loop.run_in_executor(self._pool, run)
+        except TimeoutError:
+            self._info = None
+            raise GatewayTimeout(f"router did not answer {action} within {self.timeout:g}s",
+                                 action=action, timeout=self.timeout) from None
         except GatewayError:
             raise
         except Exception as exc:  # miniupnpc raises plain Exception
-            err = _classify(action, exc, v1=self._v1)
+            svc = self._service
+            err = miniupnpc_error(action, exc, lease=lease, for_self=for_self,
+                                  igd_version=svc.version if svc is not None else None)
             if isinstance(err, GatewayUnreachable):
                 self._info = None  # force a new connect (and discovery) next time
             raise err from None
@@ -179,7 +220,26 @@ class MiniupnpcGateway:
         return await self._connect_at(location)
 
     async def _connect_at(self, location: str) -> GatewayInfo:
-        info = await self._call("connect", lambda: self._connect_sync(location))
+        from .soap import find_wan_service
+
+        found = await find_wan_service(location, min(self.timeout, 3.0))
+        theirs = found.description.miniupnpc_service()
+        chosen = found.chosen.service
+        if theirs is None or theirs.control_url != chosen.control_url:
+            used = (f"{theirs.service_type} at {theirs.control_url}, "
+                    f"{next((p.status for p in found.probes if p.service == theirs), '')!r}"
+                    if theirs is not None else "none of its services")
+            raise GatewayNotFound(
+                f"miniupnpc would use {used} at {location}, but the usable WAN service is "
+                f"{chosen.service_type} at {chosen.control_url} "
+                f"({found.chosen.status}, external address "
+                f"{found.chosen.external_address or 'unknown'}): miniupnpc cannot be pointed at "
+                "it, so igdtrigger's own UPnP client is used (gateway.backend = \"soap\" or "
+                "\"auto\")")
+        await self._call("connect", lambda: self._connect_sync(location))
+        self._service = chosen
+        self.description = found.description
+        info = found.info(self.protocol, "miniupnpc")
         self._info = info
         if not info.external_reachable and not self._warned_double_nat:
             self._warned_double_nat = True
@@ -189,12 +249,12 @@ class MiniupnpcGateway:
             )
         log.info(
             "using %s at %s (external address %s, we are %s)",
-            info.service_type or "IGD", info.location, info.external_address or "unknown",
+            info.service_type or "IGD", info.control_url, info.external_address or "unknown",
             info.local_address,
         )
         return info
 
-    def _connect_sync(self, location: str) -> GatewayInfo:
+    def _connect_sync(self, location: str) -> None:
         import miniupnpc  # imported lazily: a C extension the CLI client paths never need
 
         u = miniupnpc.UPnP()
@@ -214,51 +274,44 @@ class MiniupnpcGateway:
                 f"miniupnpc found no usable WAN connection service at {self.url or 'the IGD'} "
                 f"({exc})"
             ) from None
-        try:
-            external = str(u.externalipaddress() or "")
-        except Exception:
-            external = ""
-        try:
-            conn = str(u.connectiontype() or "")
-        except Exception:
-            conn = ""
         self._upnp = u
-        service_type = ""
-        self._v1 = False
-        return GatewayInfo(
-            protocol=self.protocol,
-            location=location,
-            local_address=str(u.lanaddr),
-            external_address=external,
-            service_type=service_type,
-            server=f"miniupnpc ({conn})" if conn else "miniupnpc",
-            notes=() if is_public_address(external) else ("external address not public",),
-        )
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
         u = await self._ready()
 
-        def call() -> Granted:
-            u.addportmapping(
-                spec.external_port,
-                spec.proto.value,
-                spec.internal_client,
-                spec.internal_port,
-                spec.description,
-                "",
-                int(lease),
-            )
-            return Granted(spec.external_port, int(lease))
+        async def once(asked: int) -> Granted:
+            def call() -> Granted:
+                u.addportmapping(spec.external_port, spec.proto.value, spec.internal_client,
+                                 spec.internal_port, spec.description, "", int(asked))
+                return Granted(spec.external_port, int(asked))
 
-        try:
-            return await self._call("AddPortMapping", call)
-        except ActionFailed as exc:
-            if exc.code == 402 and lease and type(exc) is ActionFailed:
-                # as the SOAP path does (igd.fault_error): a 402 to a timed add may mean
-                # "timed leases refused" (ARRIS, tailscale#15223); the mapper tries lease 0
-                raise LeaseRefused(exc.action, 402, f"{exc.description} (to a timed lease)"
-                                   ) from None
-            raise
+            return await self._call("AddPortMapping", call, lease=asked,
+                                    for_self=self._for_self(spec))
+
+        return await add_with_lease_fallback(once, lease)
+
+    async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
+        """IGDv2 AddAnyPortMapping: the router picks the external port if ours is taken."""
+        u = await self._ready()
+        if Capability.ADD_ANY not in self.capabilities:
+            svc = self._service
+            raise unsupported("AddAnyPortMapping", f"{svc.service_type if svc else 'the IGD'} "
+                              "has no AddAnyPortMapping (IGDv2 only)")
+
+        async def once(asked: int) -> Granted:
+            def call() -> Granted:
+                port = u.addanyportmapping(spec.external_port, spec.proto.value,
+                                           spec.internal_client, spec.internal_port,
+                                           spec.description, "", int(asked))
+                text = str(port).strip()
+                if not text.isdecimal() or not 0 < int(text) < 65536:
+                    raise MalformedReply("AddAnyPortMapping", f"reply has no port ({port!r})")
+                return Granted(int(text), int(asked))
+
+            return await self._call("AddAnyPortMapping", call, lease=asked,
+                                    for_self=self._for_self(spec))
+
+        return await add_with_lease_fallback(once, lease)
 
     async def delete(self, proto: Proto, external_port: int) -> None:
         u = await self._ready()
@@ -293,36 +346,34 @@ class MiniupnpcGateway:
 
     async def list(self, limit: int = 4096) -> list[RouterMapping]:
         u = await self._ready()
+        out: list[RouterMapping] = []
 
-        def call() -> list[RouterMapping]:
-            out: list[RouterMapping] = []
-            for i in range(limit):
-                try:
-                    r = u.getgenericportmapping(i)
-                except Exception as exc:
-                    if "specifiedarrayindexinvalid" in str(exc).lower().replace(" ", ""):
-                        break
-                    raise
-                if r is None:
-                    break
-                eport, proto, (client, iport), desc, enabled, _rhost, lease = r
-                p = Proto(str(proto).upper()) if str(proto).upper() in ("TCP", "UDP") else None
-                if p is None:
-                    continue
-                out.append(
-                    RouterMapping(
-                        proto=p,
-                        external_port=int(eport),
-                        internal_client=str(client),
-                        internal_port=int(iport),
-                        description=str(desc),
-                        enabled=str(enabled) not in ("0", "False"),
-                        lease_remaining=int(lease),
-                    )
+        def entry(index: int) -> Callable[[], Any]:
+            return lambda: u.getgenericportmapping(index)
+
+        for i in range(limit):
+            try:
+                r = await self._call("GetGenericPortMappingEntry", entry(i))
+            except NoSuchMapping:
+                break  # 713 past the end (714/730 on some routers)
+            if r is None:
+                break
+            eport, proto, (client, iport), desc, enabled, _rhost, lease = r
+            p = Proto(str(proto).upper()) if str(proto).upper() in ("TCP", "UDP") else None
+            if p is None:
+                continue
+            out.append(
+                RouterMapping(
+                    proto=p,
+                    external_port=int(eport),
+                    internal_client=str(client),
+                    internal_port=int(iport),
+                    description=str(desc),
+                    enabled=str(enabled) not in ("0", "False"),
+                    lease_remaining=int(lease),
                 )
-            return out
-
-        return await self._call("GetGenericPortMappingEntry", call)
+            )
+        return out
 
     async def _ready(self) -> Any:
         if self._info is None or self._upnp is None:
