@@ -135,6 +135,7 @@ class Applied:
     adds: int = 0  # adds the router accepted since it was last known gone
     verified: bool | None = None  # the router's own record showed it (None: not checked)
     maybe_applied: bool = False  # an add went unanswered: it may have arrived
+    added_at: float = 0.0  # clock() of the last add the router accepted (its lease runs from)
 
     def __post_init__(self) -> None:
         if not self.external_port:
@@ -312,7 +313,28 @@ class Mapper:
             count -= len(left)
             gone = [g for g in gone if g.key not in left]
         self._journal_gone(gone)
+        if final:
+            self._report_unconfirmed()
         return count
+
+    def _report_unconfirmed(self) -> None:
+        """At stop: every mapping not confirmed gone is named, with until when it may stay
+        open (the journal keeps it, so the next start deletes it)."""
+        named = {x.spec.key for x in self.left_open}
+        now = self.clock()
+        for key, spec in self.orphans.items():
+            if key in named:
+                continue
+            meta = self._orphan_meta.get(key)
+            app = meta.app if meta is not None else None
+            remaining: int | None = None
+            if app is not None and app.lease > 0:
+                remaining = max(0, math.ceil(app.added_at + app.lease - now))
+            elif app is not None:
+                remaining = 0
+            self._note_left_open(spec, "was not confirmed deleted (the router did not answer "
+                                       "or refused); the journal keeps it and the next start "
+                                       "deletes it", remaining)
 
     def _settle(self, spec: MappingSpec, meta: _Orphan, outcome: Removal) -> bool:
         """Book one delete's outcome; True when the mapping is done with (gone or not ours)."""
@@ -322,6 +344,8 @@ class Mapper:
             if meta.app is not None and outcome is Removal.GONE:
                 meta.app.state = MapState.PENDING
                 self._changed(meta.app, "unmapped")
+            elif outcome is Removal.GONE:
+                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
             return True
         if outcome is Removal.DOWN:
             return False
@@ -364,7 +388,6 @@ class Mapper:
                 return Removal.FAILED, deleted
             deleted = True
             self.ops["delete"] += 1
-            log.info("unmapped %s -> %s:%d", spec.key, spec.internal_client, spec.internal_port)
         if repeat:
             self._note_left_open(spec, f"was deleted {tries} times and the router never said "
                                        "it is gone (it cannot report its mappings)", None)
@@ -797,6 +820,7 @@ class Mapper:
             log.debug("probe add of %s with lease %d: %s", app.wire.key, lease, exc)
             return None
         app.adds += 1
+        app.added_at = self.clock()
         self.ops["add"] += 1
         return granted
 
@@ -879,6 +903,7 @@ class Mapper:
         if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
             app.lease = self.traits.forced_lease  # what the router showed last time
         app.adds += 1
+        app.added_at = now
         app.error = ""
         app.maybe_applied = False
         app.attempts = 0

@@ -361,6 +361,8 @@ async def test_pcp_delete_refused_until_stop_stays_in_the_journal(
     await activate(svc, "xbox")
     router.refuse = 2  # NOT_AUTHORIZED from now on
     assert await svc.stop() == 0
+    [left] = svc.mapper.left_open  # named in the stop summary
+    assert str(left.spec.key) == "udp/3074" and "not confirmed deleted" in left.why
     journal = Journal.open(tmp_path)
     assert [m.external_port for m in journal.mappings()] == [3074]  # the next start retries
     journal.close()
