@@ -642,6 +642,11 @@ class Service:
                 "local_address": info.local_address if info else None,
                 "external_address": info.external_address if info else None,
                 "external_reachable": info.external_reachable if info else None,
+                # the one service choice (gateway.soap.find_wan_service) and what it offers
+                "backend": (info.backend or None) if info else None,
+                "service_type": (info.service_type or None) if info else None,
+                "control_url": (info.control_url or None) if info else None,
+                "capabilities": sorted(self.gateway.capabilities),
                 "lease": self.mapper.lease,
                 "permanent_leases": self.mapper.permanent_only,
                 "permanent_why": self.mapper.traits.why_permanent or None,

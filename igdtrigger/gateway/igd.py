@@ -593,6 +593,15 @@ def pinhole_args(proto: str, client: str, port: int, lease: int) -> list[tuple[s
     ]
 
 
+def reserved_port(values: dict[str, str]) -> int:
+    """The external port of an AddAnyPortMapping answer (``NewReservedPort``; some routers
+    say ``NewExternalPort``), 1..65535. Raises ``MalformedReply``."""
+    text = pick(values, "NewReservedPort", "NewExternalPort").strip()
+    if not text.isdecimal() or not 0 < int(text) < 65536:
+        raise MalformedReply("AddAnyPortMapping", f"reply has no usable port ({text[:20]!r})")
+    return int(text)
+
+
 def pinhole_uid(values: dict[str, str]) -> int:
     """The ``UniqueID`` of an AddPinhole answer (0..65535). Raises ``MalformedReply``."""
     text = pick(values, "UniqueID").strip()

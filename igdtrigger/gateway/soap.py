@@ -39,7 +39,6 @@ from .igd import (
     SSDP_ADDR,
     IgdDescription,
     IgdService,
-    MalformedReply,
     ServiceProbe,
     SsdpReply,
     UpnpFault,
@@ -52,6 +51,7 @@ from .igd import (
     parse_soap_response,
     parse_ssdp,
     pick,
+    reserved_port,
 )
 
 log = logging.getLogger("igdtrigger.gateway.soap")
@@ -447,10 +447,7 @@ class SoapGateway:
             out = await self._action(svc, "AddAnyPortMapping", mapping_args(
                 spec.proto.value, spec.external_port, spec.internal_port, spec.internal_client,
                 spec.description, asked), lease=asked, for_self=self._for_self(spec))
-            port = pick(out, "NewReservedPort", "NewExternalPort")
-            if not port.isdecimal() or not 0 < int(port) < 65536:
-                raise MalformedReply("AddAnyPortMapping", f"reply has no port ({out})")
-            return Granted(int(port), asked)
+            return Granted(reserved_port(out), asked)
 
         return await add_with_lease_fallback(once, lease)
 

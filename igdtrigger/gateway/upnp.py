@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..model import MappingSpec, Proto, RouterMapping
 from .base import Capability, GatewayInfo, Granted, add_with_lease_fallback, unsupported
-from .igd import IgdDescription, IgdService, UpnpFault, fault_error
+from .igd import IgdDescription, IgdService, UpnpFault, fault_error, mapping_args, reserved_port
 
 log = logging.getLogger("igdtrigger.gateway.upnp")
 T = TypeVar("T")
@@ -180,7 +180,9 @@ class MiniupnpcGateway:
                                  action=action, timeout=self.timeout) from None
         except GatewayError:
             raise
-        except Exception as exc:  # miniupnpc raises plain Exception
+        except Exception as exc:
+            if type(exc) is not Exception:
+                raise  # miniupnpc reports the router with plain Exception; anything else is a bug
             svc = self._service
             err = miniupnpc_error(action, exc, lease=lease, for_self=for_self,
                                   igd_version=svc.version if svc is not None else None)
@@ -291,25 +293,34 @@ class MiniupnpcGateway:
         return await add_with_lease_fallback(once, lease)
 
     async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
-        """IGDv2 AddAnyPortMapping: the router picks the external port if ours is taken."""
-        u = await self._ready()
-        if Capability.ADD_ANY not in self.capabilities:
-            svc = self._service
+        """IGDv2 AddAnyPortMapping: the router picks the external port if ours is taken.
+
+        Sent with our SOAP codec to the same service: miniupnpc's binding always asks lease 0
+        for this action (a week on IGDv2), which would outlive a crash."""
+        from .soap import soap_call
+
+        await self._ready()
+        svc = self._service
+        if svc is None or Capability.ADD_ANY not in self.capabilities:
             raise unsupported("AddAnyPortMapping", f"{svc.service_type if svc else 'the IGD'} "
                               "has no AddAnyPortMapping (IGDv2 only)")
 
         async def once(asked: int) -> Granted:
-            def call() -> Granted:
-                port = u.addanyportmapping(spec.external_port, spec.proto.value,
-                                           spec.internal_client, spec.internal_port,
-                                           spec.description, "", int(asked))
-                text = str(port).strip()
-                if not text.isdecimal() or not 0 < int(text) < 65536:
-                    raise MalformedReply("AddAnyPortMapping", f"reply has no port ({port!r})")
-                return Granted(int(text), int(asked))
-
-            return await self._call("AddAnyPortMapping", call, lease=asked,
-                                    for_self=self._for_self(spec))
+            t0 = time.perf_counter()
+            ok = False
+            try:
+                out = await soap_call(svc, "AddAnyPortMapping", mapping_args(
+                    spec.proto.value, spec.external_port, spec.internal_port,
+                    spec.internal_client, spec.description, asked),
+                    timeout=self.timeout, lease=asked, for_self=self._for_self(spec))
+                ok = True
+            except GatewayUnreachable:
+                self._info = None
+                raise
+            finally:
+                if self.on_call is not None:
+                    self.on_call("AddAnyPortMapping", time.perf_counter() - t0, ok)
+            return Granted(reserved_port(out), asked)
 
         return await add_with_lease_fallback(once, lease)
 
