@@ -41,6 +41,7 @@ from .errors import (
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    UnsupportedAction,
 )
 from .gateway.base import Capability, Gateway, GatewayInfo, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
@@ -200,6 +201,7 @@ class Mapper:
         self.traits = RouterTraits()  # learned per router (journal), see traits.py
         self._recheck_readback = False
         self._warned: set[str] = set()
+        self._lookup_error: GatewayError | None = None
         self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
         self.gateway_up = False
         self.gateway_error = ""
@@ -341,6 +343,7 @@ class Mapper:
         key = spec.key
         if outcome in (Removal.GONE, Removal.NOT_OURS):
             self._let_go(key)
+            self.left_open = [x for x in self.left_open if x.spec.key != key]
             if meta.app is not None and outcome is Removal.GONE:
                 meta.app.state = MapState.PENDING
                 self._changed(meta.app, "unmapped")
@@ -638,6 +641,9 @@ class Mapper:
         wire = app.wire
         answered, found = await self._lookup(wire)
         if not answered:
+            if isinstance(self._lookup_error, UnsupportedAction):
+                self._cannot_look_up(self._lookup_error)
+                app.verified = False
             return
         if found is not None:
             if not self._is_ours(found.internal_client, found.description, wire):
@@ -674,6 +680,15 @@ class Mapper:
             "the listing do not have it; miniupnpd 2.3.0-2.3.3 on pf does this): igdtrigger "
             "cannot verify mappings on this router, renews them at half lease only, and "
             "repeats each delete until the router says the mapping is gone"))
+
+    def _cannot_look_up(self, exc: GatewayError) -> None:
+        """GetSpecificPortMappingEntry not implemented (401/602): as a router that cannot
+        report its mappings."""
+        self._learn(reports_mappings=False)
+        self._warn_once("unreadable", (
+            f"router cannot look mappings up ({exc}): igdtrigger cannot verify mappings on "
+            "this router, renews them at half lease only, and repeats each delete until the "
+            "router says the mapping is gone"))
 
     def _shown(self, app: Applied, found: RouterMapping) -> None:
         """The router's record has the mapping: trust grows, and its lease is the granted one."""
@@ -773,8 +788,14 @@ class Mapper:
         ``known``: a snapshot of the router's table to look in instead of asking."""
         if known is not None:
             existing = known.get(wire.key)
+        elif self.traits.reports_mappings is False:
+            return None  # it shows nothing: its own conflict answer (718) guards the add
         else:
-            existing = await self.gateway.get(wire.proto, wire.external_port)
+            try:
+                existing = await self.gateway.get(wire.proto, wire.external_port)
+            except UnsupportedAction as exc:
+                self._cannot_look_up(exc)
+                return None
             self.ops["verify"] += 1
         if existing is None or self._is_ours(existing.internal_client, existing.description,
                                              wire):
@@ -915,6 +936,8 @@ class Mapper:
         if not renewal and self._reads_back() and (self.traits.confirm_adds()
                                                    or self._recheck_readback):
             await self._confirm_add(app)
+        elif self.traits.reports_mappings is False and self._reads_back():
+            app.verified = False  # it cannot show it: nothing to confirm
         if not renewal:
             self._changed(app, "mapped")
 
@@ -971,7 +994,8 @@ class Mapper:
 
     async def _lookup(self, spec: MappingSpec) -> tuple[bool, RouterMapping | None]:
         """(answered, the router's entry) for one of our mappings; a router that does not
-        answer is marked down."""
+        answer is marked down. An error answer is kept in ``_lookup_error``."""
+        self._lookup_error = None
         try:
             found = await self.gateway.get(spec.proto, spec.external_port)
         except GatewayUnreachable as exc:
@@ -979,6 +1003,7 @@ class Mapper:
             return False, None
         except GatewayError as exc:
             log.debug("checking %s: %s", spec.key, exc)
+            self._lookup_error = exc
             return False, None
         self.ops["verify"] += 1
         return True, found

@@ -16,7 +16,7 @@ from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
-from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
+from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
 from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
 from igdtrigger.service import Service
@@ -393,3 +393,23 @@ async def test_gateway_test_reports_what_the_router_did(
     assert out["lease_granted"] == granted
     if quirk != "delete_noop":
         assert sim.router.mappings() == []
+
+
+async def test_router_without_mapping_lookup_is_not_re_added_to(rig: Rig) -> None:
+    """GetSpecificPortMappingEntry answered 401 Invalid Action: nothing can be verified, so
+    nothing is re-added for not being seen; the delete is repeated until the router says 714."""
+    def hook(action: str, args: object) -> UPnPFault | None:
+        return UPnPFault.of(401) if action == "GetSpecificPortMappingEntry" else None
+
+    rig.router.action_hook = hook
+    svc = await rig.start()
+    await rig.activate()
+    await rig.run_for(20)
+    # one add (SOAP sees the 401); miniupnpc's binding answers None for any lookup error, so
+    # there it looks like 714 and costs the one lease-0 probe add
+    assert rig.router.calls["AddPortMapping"] <= 2
+    [m] = svc.status()["mappings"]
+    assert (m["state"], m["verified"]) == ("active", False)
+    assert svc.status()["gateway"]["learned"]["reports_mappings"] is False
+    await svc.stop()
+    assert rig.ours() == []
