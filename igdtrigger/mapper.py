@@ -459,9 +459,8 @@ class Mapper:
             self._changed(meta.app, "left_open")
 
     def _journal_gone(self, specs: list[MappingSpec]) -> None:
-        if self.journal is not None:
-            for spec in specs:
-                self.journal.mapping_gone(spec.proto, spec.external_port)
+        if self.journal is not None and specs:
+            self.journal.mappings_gone([(s.proto, s.external_port) for s in specs])
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
