@@ -214,8 +214,12 @@ class Journal:
               s.description, now) for s in specs])
 
     def mapping_gone(self, proto: Proto, external_port: int) -> None:
+        self.mappings_gone([(proto, external_port)])
+
+    def mappings_gone(self, keys: list[tuple[Proto, int]]) -> None:
+        """Forget mappings confirmed gone from the router, in one fsync'd transaction."""
         self._write("DELETE FROM mappings WHERE proto=? AND external_port=?",
-                    [(proto.value, external_port)])
+                    [(proto.value, port) for proto, port in keys])
 
     def mappings(self) -> list[JournalMapping]:
         if self._db is None:

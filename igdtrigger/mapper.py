@@ -41,6 +41,7 @@ from .errors import (
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    UnsupportedAction,
 )
 from .gateway.base import Capability, Gateway, GatewayInfo, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
@@ -135,6 +136,7 @@ class Applied:
     adds: int = 0  # adds the router accepted since it was last known gone
     verified: bool | None = None  # the router's own record showed it (None: not checked)
     maybe_applied: bool = False  # an add went unanswered: it may have arrived
+    added_at: float = 0.0  # clock() of the last add the router accepted (its lease runs from)
 
     def __post_init__(self) -> None:
         if not self.external_port:
@@ -199,6 +201,7 @@ class Mapper:
         self.traits = RouterTraits()  # learned per router (journal), see traits.py
         self._recheck_readback = False
         self._warned: set[str] = set()
+        self._lookup_error: GatewayError | None = None
         self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
         self.gateway_up = False
         self.gateway_error = ""
@@ -312,16 +315,40 @@ class Mapper:
             count -= len(left)
             gone = [g for g in gone if g.key not in left]
         self._journal_gone(gone)
+        if final:
+            self._report_unconfirmed()
         return count
+
+    def _report_unconfirmed(self) -> None:
+        """At stop: every mapping not confirmed gone is named, with until when it may stay
+        open (the journal keeps it, so the next start deletes it)."""
+        named = {x.spec.key for x in self.left_open}
+        now = self.clock()
+        for key, spec in self.orphans.items():
+            if key in named:
+                continue
+            meta = self._orphan_meta.get(key)
+            app = meta.app if meta is not None else None
+            remaining: int | None = None
+            if app is not None and app.lease > 0:
+                remaining = max(0, math.ceil(app.added_at + app.lease - now))
+            elif app is not None:
+                remaining = 0
+            self._note_left_open(spec, "was not confirmed deleted (the router did not answer "
+                                       "or refused); the journal keeps it and the next start "
+                                       "deletes it", remaining)
 
     def _settle(self, spec: MappingSpec, meta: _Orphan, outcome: Removal) -> bool:
         """Book one delete's outcome; True when the mapping is done with (gone or not ours)."""
         key = spec.key
         if outcome in (Removal.GONE, Removal.NOT_OURS):
             self._let_go(key)
+            self.left_open = [x for x in self.left_open if x.spec.key != key]
             if meta.app is not None and outcome is Removal.GONE:
                 meta.app.state = MapState.PENDING
                 self._changed(meta.app, "unmapped")
+            elif outcome is Removal.GONE:
+                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
             return True
         if outcome is Removal.DOWN:
             return False
@@ -364,7 +391,6 @@ class Mapper:
                 return Removal.FAILED, deleted
             deleted = True
             self.ops["delete"] += 1
-            log.info("unmapped %s -> %s:%d", spec.key, spec.internal_client, spec.internal_port)
         if repeat:
             self._note_left_open(spec, f"was deleted {tries} times and the router never said "
                                        "it is gone (it cannot report its mappings)", None)
@@ -433,9 +459,8 @@ class Mapper:
             self._changed(meta.app, "left_open")
 
     def _journal_gone(self, specs: list[MappingSpec]) -> None:
-        if self.journal is not None:
-            for spec in specs:
-                self.journal.mapping_gone(spec.proto, spec.external_port)
+        if self.journal is not None and specs:
+            self.journal.mappings_gone([(s.proto, s.external_port) for s in specs])
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
@@ -615,6 +640,9 @@ class Mapper:
         wire = app.wire
         answered, found = await self._lookup(wire)
         if not answered:
+            if isinstance(self._lookup_error, UnsupportedAction):
+                self._cannot_look_up(self._lookup_error)
+                app.verified = False
             return
         if found is not None:
             if not self._is_ours(found.internal_client, found.description, wire):
@@ -651,6 +679,15 @@ class Mapper:
             "the listing do not have it; miniupnpd 2.3.0-2.3.3 on pf does this): igdtrigger "
             "cannot verify mappings on this router, renews them at half lease only, and "
             "repeats each delete until the router says the mapping is gone"))
+
+    def _cannot_look_up(self, exc: GatewayError) -> None:
+        """GetSpecificPortMappingEntry not implemented (401/602): as a router that cannot
+        report its mappings."""
+        self._learn(reports_mappings=False)
+        self._warn_once("unreadable", (
+            f"router cannot look mappings up ({exc}): igdtrigger cannot verify mappings on "
+            "this router, renews them at half lease only, and repeats each delete until the "
+            "router says the mapping is gone"))
 
     def _shown(self, app: Applied, found: RouterMapping) -> None:
         """The router's record has the mapping: trust grows, and its lease is the granted one."""
@@ -750,8 +787,14 @@ class Mapper:
         ``known``: a snapshot of the router's table to look in instead of asking."""
         if known is not None:
             existing = known.get(wire.key)
+        elif self.traits.reports_mappings is False:
+            return None  # it shows nothing: its own conflict answer (718) guards the add
         else:
-            existing = await self.gateway.get(wire.proto, wire.external_port)
+            try:
+                existing = await self.gateway.get(wire.proto, wire.external_port)
+            except UnsupportedAction as exc:
+                self._cannot_look_up(exc)
+                return None
             self.ops["verify"] += 1
         if existing is None or self._is_ours(existing.internal_client, existing.description,
                                              wire):
@@ -797,6 +840,7 @@ class Mapper:
             log.debug("probe add of %s with lease %d: %s", app.wire.key, lease, exc)
             return None
         app.adds += 1
+        app.added_at = self.clock()
         self.ops["add"] += 1
         return granted
 
@@ -879,6 +923,7 @@ class Mapper:
         if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
             app.lease = self.traits.forced_lease  # what the router showed last time
         app.adds += 1
+        app.added_at = now
         app.error = ""
         app.maybe_applied = False
         app.attempts = 0
@@ -890,6 +935,8 @@ class Mapper:
         if not renewal and self._reads_back() and (self.traits.confirm_adds()
                                                    or self._recheck_readback):
             await self._confirm_add(app)
+        elif self.traits.reports_mappings is False and self._reads_back():
+            app.verified = False  # it cannot show it: nothing to confirm
         if not renewal:
             self._changed(app, "mapped")
 
@@ -946,7 +993,8 @@ class Mapper:
 
     async def _lookup(self, spec: MappingSpec) -> tuple[bool, RouterMapping | None]:
         """(answered, the router's entry) for one of our mappings; a router that does not
-        answer is marked down."""
+        answer is marked down. An error answer is kept in ``_lookup_error``."""
+        self._lookup_error = None
         try:
             found = await self.gateway.get(spec.proto, spec.external_port)
         except GatewayUnreachable as exc:
@@ -954,6 +1002,7 @@ class Mapper:
             return False, None
         except GatewayError as exc:
             log.debug("checking %s: %s", spec.key, exc)
+            self._lookup_error = exc
             return False, None
         self.ops["verify"] += 1
         return True, found

@@ -624,6 +624,8 @@ class Service:
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
         if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
             warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
+        warnings.extend(f"still open on the router: {x.describe()}"
+                        for x in self.mapper.left_open)
         if self.journal.degraded:
             warnings.append(f"state journal {self.journal.path} not writable "
                             f"({self.journal.degraded}): working from memory")

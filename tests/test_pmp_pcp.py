@@ -507,14 +507,6 @@ class FakeRouter(asyncio.DatagramProtocol):
         return bytes(body)
 
 
-@pytest.fixture
-async def router() -> AsyncIterator[FakeRouter]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(FakeRouter, local_addr=(LOCAL, 0))
-    yield proto
-    transport.close()
-
-
 Factory = Callable[..., Any]
 
 

@@ -5,7 +5,6 @@ what it holds while the rule is on, what is left after stop; and ``status`` says
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +16,8 @@ from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
-from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
+from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
+from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
 from igdtrigger.service import Service
 
@@ -285,14 +285,6 @@ async def test_mapping_removed_behind_our_back_is_re_added(rig: Rig) -> None:
 # --- NAT-PMP / PCP: the granted reply is all there is ------------------------------------------
 
 
-@pytest.fixture
-async def pmp_router() -> AsyncIterator[FakeRouter]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(FakeRouter, local_addr=(HOST, 0))
-    yield proto
-    transport.close()
-
-
 def pmp_service(router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
                 rule: dict[str, Any], clock: FakeClock, tmp_path: Path) -> Service:
     router.clock = clock
@@ -311,64 +303,113 @@ async def activate(svc: Service, rule: str) -> None:
 # input 5: a VPN's NAT-PMP gateway assigns its own port and grants 60 s whatever is asked
 @pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
 async def test_gateway_assigning_its_own_port_is_held_renewed_reported_deleted(
-        pmp_router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
+        router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
         tmp_path: Path) -> None:
-    pmp_router.own_ports = True
-    pmp_router.fixed_lifetime = 60
+    router.own_ports = True
+    router.fixed_lifetime = 60
     clock = FakeClock()
-    svc = pmp_service(pmp_router, cls, {"name": "vpn", "open": ["udp/40000"],
+    svc = pmp_service(router, cls, {"name": "vpn", "open": ["udp/40000"],
                                         "external": "any", "idle_timeout": "1h"},
                       clock, tmp_path)
     await svc.start()
     await activate(svc, "vpn")
-    assigned, _ = pmp_router.mappings[(17, 40000)]
+    assigned, _ = router.mappings[(17, 40000)]
     assert assigned != 40000
     [m] = svc.status()["mappings"]
     assert (m["state"], m["external_port"], m["lease"], m["lease_asked"]) == (
         "active", assigned, 60, 600)
     [act] = svc.status()["activations"]
     assert act["state"] == "open" and act["ports"][0]["external_port"] == assigned
-    maps = len(pmp_router.requests)
+    maps = len(router.requests)
     for _ in range(75):  # 75 s: renewed at half of the 60 s granted, never re-picked
         clock.advance(1)
         await svc.mapper.reconcile(svc.desired())
-    assert pmp_router.mappings[(17, 40000)][0] == assigned
-    renewals = len(pmp_router.requests) - maps
+    assert router.mappings[(17, 40000)][0] == assigned
+    renewals = len(router.requests) - maps
     assert 2 <= renewals <= 4, renewals  # today: 30 add/delete pairs in 75 s
     assert svc.status()["mappings"][0]["external_port"] == assigned
     assert svc.journal.mappings()[0].external_port == assigned  # a crash leaves it findable
     assert await svc.stop() == 1
-    assert pmp_router.mappings == {}
+    assert router.mappings == {}
 
 
 # input 6: PCP delete finds entries by internal port only, newest first (miniupnp#186)
 async def test_pcp_delete_refused_for_a_shared_internal_port_is_retried(
-        pmp_router: FakeRouter, tmp_path: Path) -> None:
-    pmp_router.delete_by_internal_port = True
+        router: FakeRouter, tmp_path: Path) -> None:
+    router.delete_by_internal_port = True
     clock = FakeClock()
-    svc = pmp_service(pmp_router, PcpGateway, {"name": "xbox", "open": ["both/3074"],
+    svc = pmp_service(router, PcpGateway, {"name": "xbox", "open": ["both/3074"],
                                                "idle_timeout": "1h"}, clock, tmp_path)
     await svc.start()
     await activate(svc, "xbox")
-    assert set(pmp_router.mappings) == {(6, 3074), (17, 3074)}
+    assert set(router.mappings) == {(6, 3074), (17, 3074)}
     assert [m["state"] for m in svc.status()["mappings"]] == ["active", "active"]
     assert await svc.stop() == 2  # both, the older after a retry
-    assert pmp_router.refused_deletes >= 1  # the quirk was met
-    assert pmp_router.mappings == {}
+    assert router.refused_deletes >= 1  # the quirk was met
+    assert router.mappings == {}
     journal = Journal.open(tmp_path)
     assert journal.mappings() == []
     journal.close()
 
 
 async def test_pcp_delete_refused_until_stop_stays_in_the_journal(
-        pmp_router: FakeRouter, tmp_path: Path) -> None:
+        router: FakeRouter, tmp_path: Path) -> None:
     clock = FakeClock()
-    svc = pmp_service(pmp_router, PcpGateway, {"name": "xbox", "open": ["udp/3074"],
+    svc = pmp_service(router, PcpGateway, {"name": "xbox", "open": ["udp/3074"],
                                                "idle_timeout": "1h"}, clock, tmp_path)
     await svc.start()
     await activate(svc, "xbox")
-    pmp_router.refuse = 2  # NOT_AUTHORIZED from now on
+    router.refuse = 2  # NOT_AUTHORIZED from now on
     assert await svc.stop() == 0
+    [left] = svc.mapper.left_open  # named in the stop summary
+    assert str(left.spec.key) == "udp/3074" and "not confirmed deleted" in left.why
     journal = Journal.open(tmp_path)
     assert [m.external_port for m in journal.mappings()] == [3074]  # the next start retries
     journal.close()
+
+
+# --- igdtrigger gateway --test: what the router did, not what it answered ---------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("quirk", "value", "says", "granted"), [
+    ("forced_lease", 86400, "asked 60s, the router set 86400s", 86400),
+    ("lease_mode", "normal", "asked 60s, granted 60s", 60),
+    ("lease_mode", "drops_timed", "does not show the mapping", None),
+    ("delete_noop", True, "the delete was answered but the mapping is still there", 60),
+])
+async def test_gateway_test_reports_what_the_router_did(
+        backend: str, quirk: str, value: object, says: str, granted: int | None) -> None:
+    sim = SimulatedIgdServer(SimulatedRouter())
+    await sim.start()
+    setattr(sim.router, quirk, value)
+    gw = build_gateway(sim.url, backend=backend)
+    try:
+        out = await _lease_test(gw, await gw.connect())
+    finally:
+        await gw.close()
+        await sim.close()
+    assert says in out["verdict"], out
+    assert out["lease_granted"] == granted
+    if quirk != "delete_noop":
+        assert sim.router.mappings() == []
+
+
+async def test_router_without_mapping_lookup_is_not_re_added_to(rig: Rig) -> None:
+    """GetSpecificPortMappingEntry answered 401 Invalid Action: nothing can be verified, so
+    nothing is re-added for not being seen; the delete is repeated until the router says 714."""
+    def hook(action: str, args: object) -> UPnPFault | None:
+        return UPnPFault.of(401) if action == "GetSpecificPortMappingEntry" else None
+
+    rig.router.action_hook = hook
+    svc = await rig.start()
+    await rig.activate()
+    await rig.run_for(20)
+    # one add (SOAP sees the 401); miniupnpc's binding answers None for any lookup error, so
+    # there it looks like 714 and costs the one lease-0 probe add
+    assert rig.router.calls["AddPortMapping"] <= 2
+    [m] = svc.status()["mappings"]
+    assert (m["state"], m["verified"]) == ("active", False)
+    assert svc.status()["gateway"]["learned"]["reports_mappings"] is False
+    await svc.stop()
+    assert rig.ours() == []
