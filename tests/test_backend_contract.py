@@ -151,12 +151,16 @@ async def test_soap_error_without_code_is_a_typed_error(
     assert ours(sim.router) == []
 
 
-async def test_miniupnpc_takes_a_bare_400_for_success_and_status_says_unverified(
-        sim: SimulatedIgdServer, tmp_path: Path) -> None:
-    """miniupnpc cannot see HTTP status codes: it reports a bare 400 to AddPortMapping as
-    success (our SOAP client raises, above). The mapper's read-back then finds nothing, so
-    status never claims a verified mapping the router does not hold."""
-    sim.router.http_hook = lambda action: HttpResponse(400, b"<html>Bad Request</html>") \
+@pytest.mark.parametrize(("status", "body"), [(400, b"<html>Bad Request</html>"),
+                                           (500, FAULT_WITHOUT_CODE)],
+                         ids=["bare-400", "fault-without-code"])
+async def test_miniupnpc_takes_an_error_without_code_for_success_and_status_says_unverified(
+        sim: SimulatedIgdServer, tmp_path: Path, status: int, body: bytes) -> None:
+    """miniupnpc cannot see HTTP status codes and needs an errorCode: it reports a bare 400,
+    or a fault without a code, to AddPortMapping as success (our SOAP client raises, above).
+    The mapper's read-back then finds nothing, so status never claims a verified mapping the
+    router does not hold."""
+    sim.router.http_hook = lambda action: HttpResponse(status, body) \
         if action == "AddPortMapping" else None
     rig = Rig(sim, FakeClock(), tmp_path, "miniupnpc")
     svc = await rig.start()
