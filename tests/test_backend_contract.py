@@ -463,3 +463,21 @@ async def test_router_picked_port_add_any_keeps_it_add_refuses_it(
     finally:
         await gw.close()
         transport.close()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_fritzbox_606_in_status_on_every_backend(sim: SimulatedIgdServer, kind: str,
+                                                      tmp_path: Path) -> None:
+    """Input 4 end to end: ``status --json`` says the mapping failed, and why, in the words
+    that fit; the router's table holds nothing; stop has nothing to remove."""
+    answer(sim.router, "AddPortMapping", UPnPFault.of(606))
+    rig = Rig(sim, FakeClock(), tmp_path, kind)
+    svc = await rig.start()
+    await rig.activate()
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "failed"
+    assert "independent port sharing" in m["error"]
+    assert "secure_mode" not in m["error"]
+    rig.agrees()
+    assert await svc.stop() == 0
+    assert ours(sim.router) == []
