@@ -12,6 +12,7 @@ The mapper-level router-truth inputs (1, 2, 5-8) run over the same backends in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from igdtrigger.errors import (
     ActionFailed,
     GatewayError,
     GatewayNotFound,
-    GatewayTimeout,
     InvalidArgs,
     LeaseRefused,
     MalformedReply,
@@ -34,8 +34,10 @@ from igdtrigger.errors import (
     TableFull,
     UnsupportedAction,
 )
-from igdtrigger.gateway.base import Capability, Gateway, Granted, add_with_lease_fallback
-from igdtrigger.gateway.select import FallbackGateway, build_gateway
+from igdtrigger.gateway.base import Capability, Granted, add_with_lease_fallback
+from igdtrigger.gateway.igd import UpnpFault, fault_error
+from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway, pcp_error, pmp_error
+from igdtrigger.gateway.select import FallbackGateway
 from igdtrigger.gateway.simulated import (
     FIRST_WAN_CONTROL_PATH,
     HttpResponse,
@@ -44,36 +46,27 @@ from igdtrigger.gateway.simulated import (
     UPnPFault,
 )
 from igdtrigger.gateway.soap import SoapGateway
-from igdtrigger.gateway.upnp import MiniupnpcGateway, miniupnpc_code
+from igdtrigger.gateway.upnp import miniupnpc_code
 from igdtrigger.mapper import Mapper, MapState
 from igdtrigger.model import MappingKey, MappingSpec, Proto
 
 from .fakes import FakeClock
+from .test_pmp_pcp import LOCAL, FakeRouter
+from .test_router_quirks import BACKENDS, backend, other_host_holds
 from .test_router_truth import HOST, Rig
 
 TAG = "c0c1c2"
-BACKENDS = ["auto", "miniupnpc", "soap"]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedIgdServer]:
+    async with SimulatedIgdServer(SimulatedRouter()) as server:
+        yield server
 
 
 def spec(port: int = 40000, client: str = HOST, *, any_port: bool = False) -> MappingSpec:
     return MappingSpec(Proto.UDP, port, client, port, description_for("contract", TAG),
                        external_any=any_port)
-
-
-def backend(kind: str, url: str, *, timeout: float = 3.0) -> Gateway:
-    if kind == "miniupnpc":
-        return MiniupnpcGateway(url, timeout=timeout)
-    if kind == "soap":
-        return SoapGateway(url, timeout=timeout)
-    return build_gateway(url)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[SimulatedIgdServer]:
-    server = SimulatedIgdServer(SimulatedRouter())
-    await server.start()
-    yield server
-    await server.close()
 
 
 def answer(router: SimulatedRouter, action: str, fault: UPnPFault) -> None:
@@ -174,17 +167,6 @@ async def test_miniupnpc_takes_a_bare_400_for_success_and_status_says_unverified
     finally:
         await svc.stop()
     assert ours(sim.router) == []
-
-
-@pytest.mark.parametrize("kind", ["miniupnpc", "soap"])
-async def test_slow_router_is_a_timeout_of_its_own(sim: SimulatedIgdServer, kind: str) -> None:
-    gw = backend(kind, sim.url, timeout=0.3)
-    await gw.connect()
-    sim.router.latency = 1.0
-    with pytest.raises(GatewayTimeout, match=r"within 0\.3s"):
-        await gw.get(Proto.UDP, 40000)
-    assert gw.info is None  # reconnects next time
-    await gw.close()
 
 
 async def test_garbage_reply_is_malformed_not_success(sim: SimulatedIgdServer) -> None:
@@ -364,11 +346,7 @@ async def test_capabilities_are_named_and_add_any_is_used_by_default(
     assert Capability.LIST in gw.capabilities
     assert (Capability.ADD_ANY in gw.capabilities) is (version == 2)
     # another host holds 40000: AddAnyPortMapping on IGDv2 (the default wrapper passes it on)
-    sim.router.call("AddPortMapping", {
-        "NewRemoteHost": "", "NewExternalPort": "40000", "NewProtocol": "UDP",
-        "NewInternalPort": "40000", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
-        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
-        requester="192.168.1.99")
+    other_host_holds(sim.router, 40000)
     if version == 2:
         granted = await gw.add_any(spec(any_port=True), 600)
         assert granted.external_port != 40000
@@ -435,20 +413,49 @@ async def test_718_for_the_requester_on_a_free_port_is_a_device_denial(
     await gw.close()
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
-async def test_real_conflict_with_another_host_is_a_conflict_left_alone(
-        sim: SimulatedIgdServer, kind: str) -> None:
-    sim.router.call("AddPortMapping", {
-        "NewRemoteHost": "", "NewExternalPort": "40000", "NewProtocol": "UDP",
-        "NewInternalPort": "40000", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
-        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
-        requester="192.168.1.99")
-    gw = backend(kind, sim.url)
-    m = Mapper(gw, clock=lambda: 0.0, tag=TAG, lease=600)
-    await m.reconcile({spec().key: spec()})
-    app = m.applied[spec().key]
-    assert app.state is MapState.CONFLICT
-    assert "192.168.1.99" in app.error
-    await m.remove_all()
-    assert [x.internal_client for x in sim.router.mappings()] == ["192.168.1.99"]
-    await gw.close()
+# --- NAT-PMP and PCP: the same taxonomy and capabilities ------------------------------------
+
+# The same condition is the same error type whichever protocol the router speaks.
+SAME_CONDITION: list[tuple[str, GatewayError, GatewayError, GatewayError | None]] = [
+    ("not authorized", fault_error("AddPortMapping", UpnpFault(606, "x"), for_self=False),
+     pmp_error("NAT-PMP map udp/1", 2), pcp_error("PCP MAP udp/1", 2)),
+    ("table full", fault_error("AddPortMapping", UpnpFault(728, "x")),
+     pmp_error("NAT-PMP map udp/1", 4), pcp_error("PCP MAP udp/1", 8)),
+    ("port taken", fault_error("AddPortMapping", UpnpFault(718, "x")),
+     pcp_error("PCP MAP udp/1", 11), None),
+]
+
+
+@pytest.mark.parametrize(("what", "upnp", "one", "other"), SAME_CONDITION,
+                         ids=[c[0] for c in SAME_CONDITION])
+def test_same_condition_same_type_on_every_protocol(
+        what: str, upnp: GatewayError, one: GatewayError, other: GatewayError | None) -> None:
+    assert type(one) is type(upnp), what
+    if other is not None:
+        assert type(other) is type(upnp), what
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_router_picked_port_add_any_keeps_it_add_refuses_it(
+        cls: type[NatPmpGateway] | type[PcpGateway]) -> None:
+    """A VPN gateway that ignores the suggested port (input 5, gateway side): ``add_any`` keeps
+    and reports the port it assigned; an exact ``add`` is a conflict, undone on the router."""
+    transport, pmp_router = await asyncio.get_running_loop().create_datagram_endpoint(
+        FakeRouter, local_addr=(LOCAL, 0))
+    pmp_router.own_ports = True
+    gw = cls(LOCAL, port=pmp_router.port, initial_timeout=0.05, total_timeout=0.4)
+    try:
+        assert gw.capabilities == frozenset()
+        await gw.connect()
+        assert gw.capabilities == frozenset({Capability.ADD_ANY})  # no table to list
+        exact = MappingSpec(Proto.UDP, 40000, LOCAL, 40000, "x")
+        with pytest.raises(MappingConflict):
+            await gw.add(exact, 600)
+        assert pmp_router.mappings.get((17, 40000), (0, 0))[1] == 0  # undone (lifetime 0)
+        granted = await gw.add_any(MappingSpec(Proto.UDP, 40001, LOCAL, 40001, "x"), 600)
+        assert granted.external_port != 40001
+        assert pmp_router.mappings[(17, 40001)][0] == granted.external_port
+        assert [m.external_port for m in await gw.list()] == [granted.external_port]
+    finally:
+        await gw.close()
+        transport.close()

@@ -10,14 +10,31 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ..errors import ActionFailed, InvalidArgs, LeaseRefused, UnsupportedAction
 from ..model import MappingSpec, Proto, RouterMapping
 
 log = logging.getLogger("igdtrigger.gateway")
+T = TypeVar("T")
+
+OnCall = Callable[[str, float, bool], None]  # (action, seconds, ok), for metrics
+
+
+async def metered(on_call: OnCall | None, action: str, request: Awaitable[T]) -> T:
+    """Await one router request and report it to ``on_call`` (duration, success)."""
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        result = await request
+        ok = True
+        return result
+    finally:
+        if on_call is not None:
+            on_call(action, time.perf_counter() - t0, ok)
 
 
 class Capability(enum.StrEnum):

@@ -12,9 +12,8 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..errors import (
@@ -32,6 +31,7 @@ from .base import (
     Granted,
     add_with_lease_fallback,
     is_public_address,
+    metered,
     unsupported,
 )
 from .igd import (
@@ -330,7 +330,29 @@ def capabilities_of(desc: IgdDescription | None, svc: IgdService | None
 # --- the gateway -------------------------------------------------------------------------------
 
 
-class SoapGateway:
+class ChosenServiceState:
+    """What both UPnP backends keep about the service ``find_wan_service`` chose, and what
+    follows from it: capabilities, and whether a mapping is for the host asking."""
+
+    _info: GatewayInfo | None = None
+    _service: IgdService | None = None
+    description: IgdDescription | None = None
+
+    @property
+    def service(self) -> IgdService | None:
+        """The WAN connection service in use."""
+        return self._service
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return capabilities_of(self.description, self._service) if self._info else frozenset()
+
+    def _for_self(self, spec: MappingSpec) -> bool | None:
+        info = self._info
+        return None if info is None else spec.internal_client == info.local_address
+
+
+class SoapGateway(ChosenServiceState):
     """A UPnP IGD spoken to directly: tolerant description parsing, SOAP over asyncio."""
 
     protocol = "upnp-igd"
@@ -393,31 +415,16 @@ class SoapGateway:
         self._info = found.info(self.protocol, "soap")
         return self._info
 
-    @property
-    def capabilities(self) -> frozenset[Capability]:
-        return capabilities_of(self.description, self._service) if self._info else frozenset()
-
-    def _for_self(self, spec: MappingSpec) -> bool | None:
-        info = self._info
-        return None if info is None else spec.internal_client == info.local_address
-
     async def _action(self, svc: IgdService, action: str, args: list[tuple[str, str]],
                       *, lease: int | None = None, for_self: bool | None = None
                       ) -> dict[str, str]:
-        t0 = time.perf_counter()
-        ok = False
         try:
             async with self._lock:
-                result = await soap_call(svc, action, args, timeout=self.timeout, lease=lease,
-                                         for_self=for_self)
-            ok = True
-            return result
+                return await metered(self.on_call, action, soap_call(
+                    svc, action, args, timeout=self.timeout, lease=lease, for_self=for_self))
         except GatewayUnreachable:
             self._info = None  # rediscover next time: new port or path after a reboot
             raise
-        finally:
-            if self.on_call is not None:
-                self.on_call(action, time.perf_counter() - t0, ok)
 
     async def _ready(self) -> IgdService:
         if self._info is None or self._service is None:
@@ -459,34 +466,56 @@ class SoapGateway:
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
         svc = await self._ready()
-        try:
-            out = await self._action(svc, "GetSpecificPortMappingEntry", [
-                ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)),
-                ("NewProtocol", proto.value)])
-        except NoSuchMapping:
-            return None
-        return _mapping(proto, external_port, out)
+        return await read_mapping(svc, proto, external_port, timeout=self.timeout,
+                                  call=self._action)
 
     async def list(self, limit: int = 4096) -> list[RouterMapping]:
         svc = await self._ready()
-        out: list[RouterMapping] = []
-        for i in range(limit):
-            try:
-                entry = await self._action(svc, "GetGenericPortMappingEntry",
-                                           [("NewPortMappingIndex", str(i))])
-            except GatewayUnreachable:
-                raise
-            except GatewayError:
-                break  # 713 past the end (or 714/402/500 on some routers)
-            proto_s = pick(entry, "NewProtocol").upper()
-            port_s = pick(entry, "NewExternalPort")
-            if proto_s not in ("TCP", "UDP") or not port_s.isdecimal():
-                continue
-            out.append(_mapping(Proto(proto_s), int(port_s), entry))
-        return out
+        return await read_table(svc, limit, timeout=self.timeout, call=self._action)
 
     async def close(self) -> None:
         self._info = None
+
+
+SoapCall = Callable[[IgdService, str, list[tuple[str, str]]], Awaitable[dict[str, str]]]
+
+
+async def read_mapping(svc: IgdService, proto: Proto, external_port: int, *, timeout: float,
+                       call: SoapCall | None = None) -> RouterMapping | None:
+    """GetSpecificPortMappingEntry: the router's entry, or ``None`` (714 and kin). Shared by
+    both UPnP backends. ``call``: how to send (a backend's serialised, metered one)."""
+    send = call or (lambda s, a, args: soap_call(s, a, args, timeout=timeout))
+    try:
+        out = await send(svc, "GetSpecificPortMappingEntry", [
+            ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)),
+            ("NewProtocol", proto.value)])
+    except NoSuchMapping:
+        return None
+    return _mapping(proto, external_port, out)
+
+
+async def read_table(svc: IgdService, limit: int, *, timeout: float,
+                     call: SoapCall | None = None) -> list[RouterMapping]:
+    """The router's table by GetGenericPortMappingEntry, index by index, until the router
+    answers an error (713 past the end; others use 714/730/402/501) or ``limit``. Rows that
+    are not TCP/UDP with a port (placeholder rows, Sagemcom) are skipped. Shared by both UPnP
+    backends."""
+    send = call or (lambda s, a, args: soap_call(s, a, args, timeout=timeout))
+    out: list[RouterMapping] = []
+    for i in range(limit):
+        try:
+            entry = await send(svc, "GetGenericPortMappingEntry",
+                               [("NewPortMappingIndex", str(i))])
+        except GatewayUnreachable:
+            raise
+        except GatewayError:
+            break  # past the end: 713 (714/730/402/501 on some routers)
+        proto_s = pick(entry, "NewProtocol").upper()
+        port_s = pick(entry, "NewExternalPort")
+        if proto_s not in ("TCP", "UDP") or not port_s.isdecimal():
+            continue
+        out.append(_mapping(Proto(proto_s), int(port_s), entry))
+    return out
 
 
 def _mapping(proto: Proto, port: int, out: dict[str, str]) -> RouterMapping:

@@ -19,7 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import (
@@ -28,11 +28,25 @@ from ..errors import (
     GatewayTimeout,
     GatewayUnreachable,
     MalformedReply,
-    NoSuchMapping,
 )
 from ..model import MappingSpec, Proto, RouterMapping
-from .base import Capability, GatewayInfo, Granted, add_with_lease_fallback, unsupported
+from .base import (
+    Capability,
+    GatewayInfo,
+    Granted,
+    add_with_lease_fallback,
+    metered,
+    unsupported,
+)
 from .igd import IgdDescription, IgdService, UpnpFault, fault_error, mapping_args, reserved_port
+from .soap import (
+    ChosenServiceState,
+    discover,
+    find_wan_service,
+    read_mapping,
+    read_table,
+    soap_call,
+)
 
 log = logging.getLogger("igdtrigger.gateway.upnp")
 T = TypeVar("T")
@@ -112,7 +126,7 @@ def miniupnpc_error(action: str, exc: BaseException, *, lease: int | None = None
                        igd_version=igd_version)
 
 
-class MiniupnpcGateway:
+class MiniupnpcGateway(ChosenServiceState):
     """A UPnP IGD reached through miniupnpc, with all calls on one worker thread."""
 
     protocol = "upnp-igd"
@@ -141,26 +155,11 @@ class MiniupnpcGateway:
     def info(self) -> GatewayInfo | None:
         return self._info
 
-    @property
-    def service(self) -> IgdService | None:
-        """The WAN connection service in use (the one ``soap.find_wan_service`` chose)."""
-        return self._service
-
-    @property
-    def capabilities(self) -> frozenset[Capability]:
-        from .soap import capabilities_of
-
-        return capabilities_of(self.description, self._service) if self._info else frozenset()
-
-    def _for_self(self, spec: MappingSpec) -> bool | None:
-        info = self._info
-        return None if info is None else spec.internal_client == info.local_address
-
     async def _call(self, action: str, fn: Callable[[], T], *, lease: int | None = None,
                     for_self: bool | None = None) -> T:
         loop = asyncio.get_running_loop()
 
-        def run() -> T:
+        def run() -> T:  # timed in the worker: the router's time, not the queue's (metered())
             t0 = time.perf_counter()
             ok = False
             try:
@@ -211,8 +210,6 @@ class MiniupnpcGateway:
             # Our own SSDP search, not miniupnpc's: it only trusts a description URL on the
             # replying host or the default gateway (a hostile LAN device could otherwise point
             # us at any URL), unicasts to the gateway first and asks several search targets.
-            from .soap import discover
-
             found = await discover(self.discover_timeout)
             if not found:
                 raise GatewayNotFound(
@@ -222,8 +219,6 @@ class MiniupnpcGateway:
         return await self._connect_at(location)
 
     async def _connect_at(self, location: str) -> GatewayInfo:
-        from .soap import find_wan_service
-
         found = await find_wan_service(location, min(self.timeout, 3.0))
         theirs = found.description.miniupnpc_service()
         chosen = found.chosen.service
@@ -297,8 +292,6 @@ class MiniupnpcGateway:
 
         Sent with our SOAP codec to the same service: miniupnpc's binding always asks lease 0
         for this action (a week on IGDv2), which would outlive a crash."""
-        from .soap import soap_call
-
         await self._ready()
         svc = self._service
         if svc is None or Capability.ADD_ANY not in self.capabilities:
@@ -306,20 +299,11 @@ class MiniupnpcGateway:
                               "has no AddAnyPortMapping (IGDv2 only)")
 
         async def once(asked: int) -> Granted:
-            t0 = time.perf_counter()
-            ok = False
-            try:
-                out = await soap_call(svc, "AddAnyPortMapping", mapping_args(
+            out = await self._via_soap("AddAnyPortMapping", lambda svc: soap_call(
+                svc, "AddAnyPortMapping", mapping_args(
                     spec.proto.value, spec.external_port, spec.internal_port,
                     spec.internal_client, spec.description, asked),
-                    timeout=self.timeout, lease=asked, for_self=self._for_self(spec))
-                ok = True
-            except GatewayUnreachable:
-                self._info = None
-                raise
-            finally:
-                if self.on_call is not None:
-                    self.on_call("AddAnyPortMapping", time.perf_counter() - t0, ok)
+                timeout=self.timeout, lease=asked, for_self=self._for_self(spec)))
             return Granted(reserved_port(out), asked)
 
         return await add_with_lease_fallback(once, lease)
@@ -333,58 +317,32 @@ class MiniupnpcGateway:
         await self._call("DeletePortMapping", call)
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
-        u = await self._ready()
-
-        def call() -> RouterMapping | None:
-            r = u.getspecificportmapping(external_port, proto.value)
-            if r is None:
-                return None
-            client, iport, desc, enabled, lease = r
-            return RouterMapping(
-                proto=proto,
-                external_port=external_port,
-                internal_client=str(client),
-                internal_port=int(iport),
-                description=str(desc),
-                enabled=bool(int(enabled)) if str(enabled).isdecimal() else bool(enabled),
-                lease_remaining=int(lease),
-            )
-
-        try:
-            return await self._call("GetSpecificPortMappingEntry", call)
-        except NoSuchMapping:
-            return None
+        """Read with our SOAP codec on the same service: miniupnpc's binding answers ``None``
+        for "no such entry" and for "router down" alike, which would take an unreachable
+        router for one that lost our mapping."""
+        await self._ready()
+        return await self._via_soap("GetSpecificPortMappingEntry",
+                                lambda svc: read_mapping(svc, proto, external_port,
+                                                         timeout=self.timeout))
 
     async def list(self, limit: int = 4096) -> list[RouterMapping]:
-        u = await self._ready()
-        out: list[RouterMapping] = []
+        """Read with our SOAP codec (miniupnpc's binding answers ``None`` for the end of the
+        table and for a failure alike)."""
+        await self._ready()
+        return await self._via_soap("GetGenericPortMappingEntry",
+                                lambda svc: read_table(svc, limit, timeout=self.timeout))
 
-        def entry(index: int) -> Callable[[], Any]:
-            return lambda: u.getgenericportmapping(index)
-
-        for i in range(limit):
-            try:
-                r = await self._call("GetGenericPortMappingEntry", entry(i))
-            except NoSuchMapping:
-                break  # 713 past the end (714/730 on some routers)
-            if r is None:
-                break
-            eport, proto, (client, iport), desc, enabled, _rhost, lease = r
-            p = Proto(str(proto).upper()) if str(proto).upper() in ("TCP", "UDP") else None
-            if p is None:
-                continue
-            out.append(
-                RouterMapping(
-                    proto=p,
-                    external_port=int(eport),
-                    internal_client=str(client),
-                    internal_port=int(iport),
-                    description=str(desc),
-                    enabled=str(enabled) not in ("0", "False"),
-                    lease_remaining=int(lease),
-                )
-            )
-        return out
+    async def _via_soap(self, action: str, op: Callable[[IgdService], Awaitable[T]]) -> T:
+        """An action sent with our SOAP codec to the chosen service (what miniupnpc's binding
+        cannot express or report), metered like the others."""
+        svc = self._service
+        if svc is None:
+            raise GatewayUnreachable(f"no WAN connection service chosen for {action}")
+        try:
+            return await metered(self.on_call, action, op(svc))
+        except GatewayUnreachable:
+            self._info = None
+            raise
 
     async def _ready(self) -> Any:
         if self._info is None or self._upnp is None:
