@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from igdtrigger.cli import _lease_text
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
@@ -262,6 +263,7 @@ async def test_forced_lease_is_reported_as_granted(rig: Rig) -> None:
     await rig.activate()
     [m] = rig.status_mappings()
     assert (m["lease_asked"], m["lease"]) == (60, 86400)
+    assert _lease_text(m) == "  lease 24h00m (asked 1m00s)"  # `igdtrigger status`
     assert svc.status()["gateway"]["learned"]["forced_lease"] == 86400
     await svc.stop()
     assert rig.ours() == []
