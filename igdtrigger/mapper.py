@@ -478,6 +478,7 @@ class Mapper:
             # Nothing can happen before the router is back: one timer, not one per mapping.
             return self._gateway_retry_at
         times = [self._next_verify, self._next_canary]
+        times.extend(m.retry_at for m in self._orphan_meta.values())  # deletes to retry
         for app in self.applied.values():
             if app.state is MapState.ACTIVE:
                 times.append(app.renew_at)

@@ -415,3 +415,19 @@ async def test_router_without_mapping_lookup_is_not_re_added_to(rig: Rig) -> Non
     assert svc.status()["gateway"]["learned"]["reports_mappings"] is False
     await svc.stop()
     assert rig.ours() == []
+
+
+async def test_refused_delete_is_retried_while_running(rig: Rig) -> None:
+    svc = await rig.start()
+    await rig.activate()
+    rig.router.fail_next(606, 2, action="DeletePortMapping")  # refused now and on the retry
+    await rig.end_activations()
+    assert [p for p, _, _ in rig.ours()] == [40000]
+    assert svc.status()["journal"]["orphans_pending"] == 1
+    when = svc.mapper.next_deadline()
+    assert when is not None and when > rig.clock.now  # the scheduler wakes for the retry
+    rig.clock.now = when
+    await svc.mapper.reconcile(svc.desired())
+    assert rig.ours() == []
+    assert svc.status()["journal"]["orphans_pending"] == 0
+    assert svc.journal.mappings() == []
