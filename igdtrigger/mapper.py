@@ -1049,11 +1049,15 @@ class Mapper:
             more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
             log.warning("router lost %d mapping(s) (%s%s): re-applying them", len(lost), keys,
                         more)
-        for app in lost:
+        for i, app in enumerate(lost):
             if not self.gateway_up:
                 return
             app.renew_at = self.clock()
             await self._add(app, check=False, renewal=True)
+            if i == 0 and app.state is MapState.ACTIVE and self._reads_back():
+                # one re-added mapping read back: a router that now drops timed leases is
+                # caught here, not by a re-add at every check
+                await self._confirm_add(app)
 
     def _changed(self, app: Applied, what: str) -> None:
         if self.on_change is not None:

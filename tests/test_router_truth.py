@@ -431,3 +431,17 @@ async def test_refused_delete_is_retried_while_running(rig: Rig) -> None:
     assert rig.ours() == []
     assert svc.status()["journal"]["orphans_pending"] == 0
     assert svc.journal.mappings() == []
+
+
+async def test_router_that_starts_dropping_timed_leases_is_caught_at_the_re_add(
+        rig: Rig) -> None:
+    svc = await rig.start()
+    await rig.activate()
+    assert svc.status()["gateway"]["learned"]["keeps_timed"] is True
+    rig.router.lease_mode = "drops_timed"  # a firmware update, say
+    rig.router.clear()
+    await rig.run_for(10)
+    assert rig.ours() == [(40000, HOST, 0)]  # lease 0 now
+    assert rig.router.calls["AddPortMapping"] <= 4  # not one re-add per check
+    assert svc.status()["gateway"]["learned"]["keeps_timed"] is False
+    rig.agrees()
