@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from igdtrigger.cli import _lease_text
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
@@ -262,6 +263,7 @@ async def test_forced_lease_is_reported_as_granted(rig: Rig) -> None:
     await rig.activate()
     [m] = rig.status_mappings()
     assert (m["lease_asked"], m["lease"]) == (60, 86400)
+    assert _lease_text(m) == "  lease 24h00m (asked 1m00s)"  # `igdtrigger status`
     assert svc.status()["gateway"]["learned"]["forced_lease"] == 86400
     await svc.stop()
     assert rig.ours() == []
@@ -413,3 +415,33 @@ async def test_router_without_mapping_lookup_is_not_re_added_to(rig: Rig) -> Non
     assert svc.status()["gateway"]["learned"]["reports_mappings"] is False
     await svc.stop()
     assert rig.ours() == []
+
+
+async def test_refused_delete_is_retried_while_running(rig: Rig) -> None:
+    svc = await rig.start()
+    await rig.activate()
+    rig.router.fail_next(606, 2, action="DeletePortMapping")  # refused now and on the retry
+    await rig.end_activations()
+    assert [p for p, _, _ in rig.ours()] == [40000]
+    assert svc.status()["journal"]["orphans_pending"] == 1
+    when = svc.mapper.next_deadline()
+    assert when is not None and when > rig.clock.now  # the scheduler wakes for the retry
+    rig.clock.now = when
+    await svc.mapper.reconcile(svc.desired())
+    assert rig.ours() == []
+    assert svc.status()["journal"]["orphans_pending"] == 0
+    assert svc.journal.mappings() == []
+
+
+async def test_router_that_starts_dropping_timed_leases_is_caught_at_the_re_add(
+        rig: Rig) -> None:
+    svc = await rig.start()
+    await rig.activate()
+    assert svc.status()["gateway"]["learned"]["keeps_timed"] is True
+    rig.router.lease_mode = "drops_timed"  # a firmware update, say
+    rig.router.clear()
+    await rig.run_for(10)
+    assert rig.ours() == [(40000, HOST, 0)]  # lease 0 now
+    assert rig.router.calls["AddPortMapping"] <= 4  # not one re-add per check
+    assert svc.status()["gateway"]["learned"]["keeps_timed"] is False
+    rig.agrees()
