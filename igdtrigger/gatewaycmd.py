@@ -318,8 +318,13 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool,
     gw = build_gateway(gw_cfg.url, backend=gw_cfg.backend, protocol=gw_cfg.protocol,
                        discover_timeout=gw_cfg.discover_timeout)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout + gw_cfg.discover_timeout):  # discovery, then ask
             info = await gw.connect()
+        if info.protocol != "upnp-igd":
+            raise GatewayError(
+                f"the router answers {info.protocol} only, which cannot list its mapping table "
+                "(each client sees only its own); igdtrigger removes its own leftovers from its "
+                "journal at the next start")
         found = await gw.list()
         entries = [classify(m, local=info.local_address, my_tag=my_tag, live=live,
                             live_tag=live_tag)
@@ -336,7 +341,8 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool,
                 except GatewayError as exc:
                     e.error = str(exc)
     except TimeoutError:
-        raise GatewayError(f"the router did not answer within {timeout:g}s") from None
+        raise GatewayError("the router did not answer within "
+                           f"{timeout + gw_cfg.discover_timeout:g}s") from None
     finally:
         await gw.close()
     return info, entries

@@ -224,3 +224,14 @@ def test_a_lapse_during_a_long_pass_ends_it(lab: Lab, tmp_path: Path) -> None:
         assert s.stop() == 0
     finally:
         _kill(started)
+
+
+def test_gateway_list_says_a_natpmp_router_cannot_list_its_table(
+        make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    lab = make_lab(enable_upnp=False)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(config_text(lab, tmp_path / "state", url=""))
+    p = lab.run(lab.lan, igdt_argv("gateway", "--config", str(cfg), "--list"), env=env(),
+                cwd=ROOT, timeout=60)
+    assert p.returncode == 1
+    assert "cannot list its mapping table" in p.stderr, p.stdout + p.stderr
