@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve", help="run the service",
         description="Run the service. SIGTERM, SIGINT (Ctrl-C), SIGHUP (a closed terminal; not a "
-        "reload) and SIGQUIT all stop it cleanly: every mapping is deleted and the activations "
-        "end (the next start restores nothing). Only a crash (kill -9, power loss) restores "
-        "the activations still within their time.")
+        "reload), SIGQUIT and any other signal that would end it all stop it cleanly: "
+        "every mapping is deleted and the activations end (the next start restores nothing). "
+        "Only a crash (kill -9, power loss) restores the activations still within their time.")
     common(s, server=False)
     s.add_argument("--simulate", action="store_true",
                    help="use a built-in simulated router on loopback (try it without a router); "

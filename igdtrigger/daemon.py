@@ -102,8 +102,10 @@ def build_detectors(config: Config) -> list[Detector]:
 
 
 # Every signal that would otherwise end the process ends in the same clean stop: mappings
-# removed, activations ended. SIGHUP is a closed terminal or a dropped SSH session (not a reload).
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+# removed, activations ended. SIGHUP is a closed terminal or a dropped SSH session (not a reload);
+# SIGPWR is init's power failure; SIGUSR1/2 and SIGALRM, unhandled, would kill us just the same.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
+                                                  "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPWR")
                      if hasattr(signal, n))
 
 

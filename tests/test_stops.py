@@ -52,7 +52,8 @@ def journal_activations(state: Path) -> list[tuple[str, ...]]:
         return [tuple(r) for r in db.execute("SELECT id, rule FROM activations")]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT],
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                                 signal.SIGUSR1],
                          ids=lambda s: signal.Signals(s).name)
 def test_every_terminating_signal_is_a_clean_stop(tmp_path: Path, sig: int) -> None:
     """SIGHUP (a closed terminal, a dropped SSH session) used to kill `serve` with every mapping
