@@ -144,6 +144,11 @@ class Metrics:
             if state not in ("active", "pending", "conflict", "failed"):
                 w.sample("igdtrigger_mappings", n, protocol=proto, state=state)
 
+        w.family("igdtrigger_mappings_unconfirmed", "gauge",
+                 "Mappings no longer wanted that the router may still hold (a delete refused, "
+                 "unanswered, or answered but not done); retried, kept in the journal.")
+        w.sample("igdtrigger_mappings_unconfirmed", len(svc.mapper.orphans))
+
         w.family("igdtrigger_pinholes", "gauge",
                  "IPv6 pinholes this service holds or wants, by protocol and state.")
         by_hole: collections.Counter[tuple[str, str]] = collections.Counter(

@@ -20,6 +20,7 @@ from igdtrigger.gateway.select import build_gateway
 from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
 from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
+from igdtrigger.metrics import Metrics
 from igdtrigger.service import Service
 
 from .fakes import FakeClock
@@ -424,6 +425,7 @@ async def test_refused_delete_is_retried_while_running(rig: Rig) -> None:
     await rig.end_activations()
     assert [p for p, _, _ in rig.ours()] == [40000]
     assert svc.status()["journal"]["orphans_pending"] == 1
+    assert "igdtrigger_mappings_unconfirmed 1\n" in Metrics().render(svc)
     when = svc.mapper.next_deadline()
     assert when is not None and when > rig.clock.now  # the scheduler wakes for the retry
     rig.clock.now = when
