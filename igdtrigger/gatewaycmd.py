@@ -40,7 +40,8 @@ class ProbeResult:
             out.update(location=i.location, local_address=i.local_address,
                        external_address=i.external_address or None,
                        external_reachable=i.external_reachable,
-                       service_type=i.service_type or None, server=i.server or None)
+                       service_type=i.service_type or None, server=i.server or None,
+                       control_url=i.control_url or None, backend=i.backend or None)
         if self.error:
             out["error"] = self.error
         out.update(self.extra)
@@ -179,7 +180,10 @@ def report(results: list[ProbeResult]) -> str:
         lines.append(f"{r.protocol:9} yes    {r.seconds * 1e3:6.1f} ms  at {i.location}  "
                      f"we are {i.local_address}  external {i.external_address or 'unknown'}"
                      + (f"  [{i.service_type}]" if i.service_type else "")
+                     + (f"  via {i.backend}" if i.backend else "")
                      + (f"  server {i.server!r}" if i.server else ""))
+        if i.control_url:
+            lines.append(f"{'':9} using  {i.control_url}")
         if "lease_test" in r.extra:
             lines.append(f"{'':9} lease  {r.extra['lease_test']}")
         if "ipv6" in r.extra:

@@ -151,12 +151,16 @@ async def test_soap_error_without_code_is_a_typed_error(
     assert ours(sim.router) == []
 
 
-async def test_miniupnpc_takes_a_bare_400_for_success_and_status_says_unverified(
-        sim: SimulatedIgdServer, tmp_path: Path) -> None:
-    """miniupnpc cannot see HTTP status codes: it reports a bare 400 to AddPortMapping as
-    success (our SOAP client raises, above). The mapper's read-back then finds nothing, so
-    status never claims a verified mapping the router does not hold."""
-    sim.router.http_hook = lambda action: HttpResponse(400, b"<html>Bad Request</html>") \
+@pytest.mark.parametrize(("status", "body"), [(400, b"<html>Bad Request</html>"),
+                                           (500, FAULT_WITHOUT_CODE)],
+                         ids=["bare-400", "fault-without-code"])
+async def test_miniupnpc_takes_an_error_without_code_for_success_and_status_says_unverified(
+        sim: SimulatedIgdServer, tmp_path: Path, status: int, body: bytes) -> None:
+    """miniupnpc cannot see HTTP status codes and needs an errorCode: it reports a bare 400,
+    or a fault without a code, to AddPortMapping as success (our SOAP client raises, above).
+    The mapper's read-back then finds nothing, so status never claims a verified mapping the
+    router does not hold."""
+    sim.router.http_hook = lambda action: HttpResponse(status, body) \
         if action == "AddPortMapping" else None
     rig = Rig(sim, FakeClock(), tmp_path, "miniupnpc")
     svc = await rig.start()
@@ -459,3 +463,21 @@ async def test_router_picked_port_add_any_keeps_it_add_refuses_it(
     finally:
         await gw.close()
         transport.close()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_fritzbox_606_in_status_on_every_backend(sim: SimulatedIgdServer, kind: str,
+                                                      tmp_path: Path) -> None:
+    """Input 4 end to end: ``status --json`` says the mapping failed, and why, in the words
+    that fit; the router's table holds nothing; stop has nothing to remove."""
+    answer(sim.router, "AddPortMapping", UPnPFault.of(606))
+    rig = Rig(sim, FakeClock(), tmp_path, kind)
+    svc = await rig.start()
+    await rig.activate()
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "failed"
+    assert "independent port sharing" in m["error"]
+    assert "secure_mode" not in m["error"]
+    rig.agrees()
+    assert await svc.stop() == 0
+    assert ours(sim.router) == []

@@ -7,6 +7,10 @@ legacy ``urn:dslforum-org`` types, SOAP faults with any prefix or capitalisation
 value elements, garbage around the error code. Strict where it matters: XML is parsed with
 defusedxml (no DTDs, no entities), sizes are bounded, and every failure is a ``GatewayError``
 subclass with a message that names the problem.
+
+Shared by every UPnP backend (issue 11): ``fault_error`` is the one UPnP fault table (miniupnpc's
+errors reach it through ``upnp.miniupnpc_code``), ``choose_service`` the one WAN service choice
+(fed by ``soap.find_wan_service``), ``NotifyTracker`` the one reading of SSDP announcements.
 """
 
 from __future__ import annotations
