@@ -1,0 +1,336 @@
+"""The plain machine: nothing makes the kernel track connections, so conntrack never announces a
+trigger flow. The service loads its own nftables table (``inet igdtrigger``) so it does, says
+why not where it cannot (then the socket table stands in), and never reports conntrack active
+on the mere fact that its netlink socket opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import igdtrigger.service as service_mod
+from igdtrigger.config import parse_config
+from igdtrigger.detect.base import FlowSink
+from igdtrigger.detect.nfttrack import TABLE, KernelTracking, NftResult, merge_ranges, ruleset
+from igdtrigger.doctor import check_detectors, check_tracking
+from igdtrigger.errors import DetectionUnavailable
+from igdtrigger.model import PortRange, Proto, parse_port_spec
+from igdtrigger.service import Service
+
+from .fakes import FakeClock, FakeGateway
+
+REPO = Path(__file__).resolve().parent.parent
+RULES = [{"name": "game", "trigger": ["udp/27015", "tcp/27015-27030"],
+          "open": ["udp/40000-40002", "both/3074"], "idle_timeout": "5s"}]
+
+
+def ports(*specs: str) -> list[PortRange]:
+    return [r for s in specs for r in parse_port_spec(s)]
+
+
+def test_ranges_are_merged_per_protocol() -> None:
+    merged = merge_ranges(ports("udp/27015", "udp/27010-27016", "udp/27017", "tcp/80",
+                                "udp/30000", "tcp/79"))
+    assert merged == {Proto.TCP: [(79, 80)], Proto.UDP: [(27010, 27017), (30000, 30000)]}
+
+
+def test_ruleset_touches_only_our_table_and_replaces_it_atomically() -> None:
+    text = ruleset(ports("udp/27015", "tcp/27015-27030"), ports("udp/40000-40002"))
+    lines = [ln.strip() for ln in text.splitlines()]
+    # one transaction: create-if-missing, delete (a stale table of a crashed run), define
+    assert lines[:3] == [f"table {TABLE} {{}}", f"delete table {TABLE}", f"table {TABLE} {{"]
+    assert [ln for ln in lines if ln.startswith(("table", "delete"))] == lines[:3]
+    assert "udp dport { 27015 } ct state new counter" in lines
+    assert "tcp dport { 27015-27030 } ct state new counter" in lines
+    assert "udp dport { 40000-40002 } ct state new counter" in lines
+    for verdict in ("drop", "accept;", "reject", "jump", "goto", "nat", "mark set"):
+        assert not [ln for ln in lines if verdict in ln and "policy accept" not in ln], verdict
+
+
+class FakeNft:
+    """Records nft invocations; fails with what the real one prints without CAP_NET_ADMIN."""
+
+    def __init__(self, *, allowed: bool = True) -> None:
+        self.allowed = allowed
+        self.calls: list[tuple[list[str], str]] = []
+        self.table = False
+
+    def __call__(self, argv: Sequence[str], script: str) -> NftResult:
+        self.calls.append((list(argv), script))
+        if not self.allowed:
+            return NftResult(1, "", "Error: Could not process rule: Operation not permitted\n")
+        if "list" in argv:
+            return NftResult(0 if self.table else 1, json.dumps({"nftables": []}))
+        self.table = "ct state new" in script
+        return NftResult(0)
+
+
+class FakeConntrack:
+    """A conntrack detector whose socket opens; events_seen grows when the kernel tracks."""
+
+    name = "conntrack"
+
+    def __init__(self) -> None:
+        self.events_seen = 0
+        self.running = asyncio.Event()
+
+    def check(self) -> None:
+        pass
+
+    async def run(self, sink: FlowSink) -> None:
+        self.running.set()
+        await asyncio.Event().wait()
+
+
+class FakeSockets:
+    name = "sockets"
+    standby_for = "conntrack"
+
+    def __init__(self) -> None:
+        self.running = asyncio.Event()
+
+    def check(self) -> None:
+        pass
+
+    async def run(self, sink: FlowSink) -> None:
+        self.running.set()
+        await asyncio.Event().wait()
+
+
+def detectors_of(svc: Service) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in svc.status()["detectors"]}
+
+
+async def test_plain_machine_without_privilege_is_not_reported_active(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nft refused (no CAP_NET_ADMIN) and a loopback probe sees no event: conntrack is listening
+    but blind, status says so and why, and the socket table takes over; once events do arrive
+    conntrack is reported active again."""
+    monkeypatch.setattr(service_mod, "TRACKING_CHECK", 0.05)
+    clock = FakeClock()
+    conntrack, sockets = FakeConntrack(), FakeSockets()
+    nft = FakeNft(allowed=False)
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False)
+    svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
+                  state_dir=tmp_path, detectors=[conntrack, sockets], tracking=tracking)
+    await svc.start()
+    try:
+        await asyncio.wait_for(sockets.running.wait(), 5)
+        st = detectors_of(svc)
+        assert not st["conntrack"]["active"]
+        assert "does not track connections" in st["conntrack"]["reason"]
+        assert "CAP_NET_ADMIN" in st["conntrack"]["reason"]
+        assert st["sockets"]["active"]
+        assert any("detector conntrack inactive" in w for w in svc.status()["warnings"])
+        assert st["conntrack"]["tracking"]["loaded"] is False
+        conntrack.events_seen = 3  # the user added a firewall rule: events arrive
+        for _ in range(200):
+            if detectors_of(svc)["conntrack"]["active"]:
+                break
+            await asyncio.sleep(0.02)
+        st = detectors_of(svc)
+        assert st["conntrack"]["active"] and "events seen" in st["conntrack"]["detail"]
+    finally:
+        await svc.stop()
+
+
+async def test_table_loaded_at_start_put_back_when_flushed_removed_at_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_mod, "TRACKING_CHECK", 0.05)
+    clock = FakeClock()
+    conntrack, sockets = FakeConntrack(), FakeSockets()
+    nft = FakeNft()
+    probes: list[float] = []
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft,
+                              probe=lambda t, w: bool(probes.append(t)))
+    svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
+                  state_dir=tmp_path, detectors=[conntrack, sockets], tracking=tracking)
+    await svc.start()
+    try:
+        st = detectors_of(svc)
+        assert st["conntrack"]["active"] and TABLE in st["conntrack"]["detail"]
+        assert st["sockets"]["reason"].startswith("standby")
+        assert nft.table and not probes
+        [(argv, script)] = nft.calls
+        assert argv[-2:] == ["-f", "-"] and "udp dport { 27015 }" in script
+        nft.table = False  # `nft flush ruleset` (a firewall reload)
+        for _ in range(200):
+            if nft.table:
+                break
+            await asyncio.sleep(0.02)
+        assert nft.table and tracking.reinstalls == 1
+    finally:
+        await svc.stop()
+    assert not nft.table
+    assert nft.calls[-1][1] == f"table {TABLE} {{}}\ndelete table {TABLE}\n"
+
+
+def test_doctor_says_when_conntrack_would_be_blind() -> None:
+    config = parse_config({"rules": RULES, "detect": {"track_flows": False}})
+    blind = KernelTracking(enabled=False, nft=None, probe=lambda t, w: False)
+    check = check_tracking(config, object(), blind)
+    assert check.level == "warn" and "does not track connections" in check.detail
+    assert "track_flows" in check.fix
+    able = KernelTracking(nft="/usr/sbin/nft", runner=FakeNft())
+    assert check_tracking(parse_config({"rules": RULES}), object(), able).level == "ok"
+
+
+# --- the real kernel, in a throwaway network namespace ----------------------------------------
+
+
+def _run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, check=False,
+                          input=input)
+
+
+@pytest.fixture
+def bare_netns() -> Iterator[str]:
+    """A network namespace with no firewall rule at all: a plain desktop."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("needs Linux and root (ip netns, nft)")
+    if shutil.which("nft") is None or shutil.which("ip") is None:
+        pytest.skip("needs the nft and ip commands")
+    name = f"igdt-nt-{os.getpid()}-{secrets.token_hex(3)}"
+    if _run("ip", "netns", "add", name).returncode != 0:
+        pytest.skip("cannot create a network namespace")
+    try:
+        _run("ip", "-n", name, "link", "set", "lo", "up").check_returncode()
+        yield name
+    finally:
+        _run("ip", "netns", "del", name)
+
+
+def in_ns(ns: str, code: str) -> Any:
+    p = _run("ip", "netns", "exec", ns, sys.executable, "-c",
+             f"import sys, json; sys.path.insert(0, {str(REPO)!r})\n{code}")
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+PROBE = ("from igdtrigger.detect.nfttrack import probe_events\n"
+         "print(json.dumps(probe_events(2.0)))")
+
+
+def ruleset_without_ours(ns: str) -> str:
+    text = _run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+    out, skip = [], False
+    for line in text.splitlines():
+        if line.startswith("table inet igdtrigger "):
+            skip = True
+        elif skip and line == "}":
+            skip = False
+            continue
+        if not skip:
+            out.append(line)
+    return "\n".join(out)
+
+
+def test_plain_namespace_tracks_trigger_flows_only_with_our_table(bare_netns: str) -> None:
+    ns = bare_netns
+    assert in_ns(ns, PROBE) is False  # the plain machine: no conntrack event at all
+    code = ("from igdtrigger.detect.nfttrack import KernelTracking, probe_events\n"
+            "from igdtrigger.model import parse_port_spec as p\n"
+            "t = KernelTracking()\n"
+            "ok = t.install(p('udp/27015') + p('tcp/27015-27030'), p('udp/40000'))\n"
+            "seen = probe_events(2.0)\n"
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.sendto(b'x', ('127.0.0.1', 27015))\n"
+            "print(json.dumps([ok, t.reason, seen, t.present(), t.counted()]))")
+    ok, reason, seen, present, counted = in_ns(ns, code)
+    assert (ok, reason, seen, present) == (True, "", True, True)
+    assert counted == 1  # the one trigger flow, counted by our own rule
+    # a second install (a restart after a crash, or new rules) replaces it: still one table
+    code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
+            "from igdtrigger.model import parse_port_spec as p\n"
+            "t = KernelTracking(); t.install(p('udp/5000'), [])\n"
+            "print(json.dumps(t.counted()))")
+    assert in_ns(ns, code) == 0
+    listed = _run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+    assert listed.count("table inet igdtrigger") == 1 and "27015" not in listed
+    code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
+            "from igdtrigger.model import parse_port_spec as p\n"
+            "t = KernelTracking(); t.install(p('udp/5000'), []); t.remove()\n"
+            "print(json.dumps(t.present()))")
+    assert in_ns(ns, code) is False
+    assert _run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout.strip() == ""
+
+
+def test_a_users_own_firewall_is_left_exactly_as_it_was(bare_netns: str) -> None:
+    ns = bare_netns
+    mine = """
+table inet myfw {
+    set allowed {
+        type inet_service
+        elements = { 22, 443 }
+    }
+    chain input {
+        type filter hook input priority 0; policy accept;
+        ct state established,related accept
+        tcp dport @allowed accept
+    }
+    chain output {
+        type filter hook output priority 0; policy accept;
+        counter
+    }
+}
+table ip nat {
+    chain post {
+        type nat hook postrouting priority 100; policy accept;
+    }
+}
+"""
+    assert _run("ip", "netns", "exec", ns, "nft", "-f", "-", input=mine).returncode == 0
+    before = _run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+    code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
+            "from igdtrigger.model import parse_port_spec as p\n"
+            "t = KernelTracking(); ok = t.install(p('udp/27015'), p('udp/40000'))\n"
+            "print(json.dumps(ok))")
+    assert in_ns(ns, code) is True
+    during = ruleset_without_ours(ns)
+    # counters in the user's chains moved (their traffic), nothing else did
+    strip = [ln for ln in before.splitlines() if "counter" not in ln]
+    assert [ln for ln in during.splitlines() if "counter" not in ln] == strip
+    code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
+            "t = KernelTracking(); t.installed = True; t.remove()\n"
+            "print(json.dumps(t.present()))")
+    assert in_ns(ns, code) is False
+    after = _run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
+    assert [ln for ln in after.splitlines() if "counter" not in ln] == strip
+
+
+def test_no_nft_command_is_said_plainly() -> None:
+    t = KernelTracking(nft=None, probe=lambda timeout, wanted: False)
+    t.nft = None
+    vis = t.establish(ports("udp/27015"), [])
+    assert not vis.seen and "nft command is missing" in vis.text
+
+
+def test_doctor_detector_lines_use_the_tracking_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    import igdtrigger.detect.nfttrack as nfttrack
+
+    class Ok:
+        name = "conntrack"
+
+        def check(self) -> None:
+            pass
+
+        async def run(self, sink: FlowSink) -> None:
+            raise DetectionUnavailable("unused")
+
+    monkeypatch.setattr(nfttrack, "find_nft", lambda: None)
+    monkeypatch.setattr(nfttrack, "probe_events", lambda timeout=1.0, wanted=None: False)
+    monkeypatch.setattr("igdtrigger.daemon.build_detectors", lambda config: [Ok()])
+    [line] = check_detectors(parse_config({"rules": RULES}))
+    assert line.level == "warn" and "nft command is missing" in line.detail
