@@ -152,8 +152,12 @@ async def test_table_loaded_at_start_put_back_when_flushed_removed_at_stop(
     conntrack, sockets = FakeConntrack(), FakeSockets()
     nft = FakeNft()
     probes: list[float] = []
-    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft,
-                              probe=lambda t, w: bool(probes.append(t)))
+
+    def probe(timeout: float, wanted: object) -> bool:
+        probes.append(timeout)
+        return False
+
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=probe)
     svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
                   state_dir=tmp_path, detectors=[conntrack, sockets], tracking=tracking)
     await svc.start()

@@ -1299,7 +1299,7 @@ table inet {LAN_CT_TABLE} {{
         """``nft list ruleset`` in a LAN host's namespace."""
         ns = self.lan_hosts[host] if isinstance(host, int) else host
         p = self.run(ns, ["nft", "list", "ruleset"], check=True)
-        return p.stdout
+        return str(p.stdout)
 
     def add_lan_host(self, ip: str) -> str:
         """Attach another host with address `ip` (in 192.168.77.0/24) to the LAN bridge.
