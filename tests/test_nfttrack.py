@@ -76,28 +76,12 @@ class FakeNft:
         return NftResult(0)
 
 
-class FakeConntrack:
-    """A conntrack detector whose socket opens; events_seen grows when the kernel tracks."""
+class FakeDetector:
+    """A detector that can run here; conntrack's events_seen grows when the kernel tracks."""
 
-    name = "conntrack"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str, standby_for: str = "") -> None:
+        self.name, self.standby_for = name, standby_for
         self.events_seen = 0
-        self.running = asyncio.Event()
-
-    def check(self) -> None:
-        pass
-
-    async def run(self, sink: FlowSink) -> None:
-        self.running.set()
-        await asyncio.Event().wait()
-
-
-class FakeSockets:
-    name = "sockets"
-    standby_for = "conntrack"
-
-    def __init__(self) -> None:
         self.running = asyncio.Event()
 
     def check(self) -> None:
@@ -119,7 +103,7 @@ async def test_plain_machine_without_privilege_is_not_reported_active(
     conntrack is reported active again."""
     monkeypatch.setattr(service_mod, "TRACKING_CHECK", 0.05)
     clock = FakeClock()
-    conntrack, sockets = FakeConntrack(), FakeSockets()
+    conntrack, sockets = FakeDetector("conntrack"), FakeDetector("sockets", "conntrack")
     nft = FakeNft(allowed=False)
     tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False)
     svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
@@ -149,7 +133,7 @@ async def test_table_loaded_at_start_put_back_when_flushed_removed_at_stop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service_mod, "TRACKING_CHECK", 0.05)
     clock = FakeClock()
-    conntrack, sockets = FakeConntrack(), FakeSockets()
+    conntrack, sockets = FakeDetector("conntrack"), FakeDetector("sockets", "conntrack")
     nft = FakeNft()
     probes: list[float] = []
 

@@ -83,6 +83,17 @@ class Serve:
                 self.proc.wait()
 
 
+def connected_game(lab: Lab, port: int = 27015) -> subprocess.Popen[bytes]:
+    """A game's connected UDP socket to the WAN host (what the socket table can see), held
+    for 30 s; kill it when done."""
+    return lab.popen(lab.lan, [sys.executable, "-c",
+                               "import socket, time\n"
+                               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                               f"s.connect(({lab.wan_ip!r}, {port}))\n"
+                               "s.send(b'hello')\n"
+                               "time.sleep(30)\n"])
+
+
 def reachable(lab: Lab, host: int = 0) -> bool:
     return all(lab.probe(p, port, timeout=0.5, host=host)  # type: ignore[arg-type]
                for p, port in PORTS)
@@ -101,12 +112,7 @@ def test_socket_table_detection_opens_ports(make_lab: Callable[..., Lab], tmp_pa
     s = Serve(lab, lab.lan, cfg)
     started.append(s)
     assert [(d["name"], d["active"]) for d in s.status()["detectors"]] == [("sockets", True)]
-    game = lab.popen(lab.lan, [sys.executable, "-c",
-                               "import socket, time\n"
-                               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                               f"s.connect(({lab.wan_ip!r}, 27015))\n"
-                               "s.send(b'hello')\n"
-                               "time.sleep(30)\n"])
+    game = connected_game(lab)
     try:
         wait_for(lambda: len(ours(lab)) == 2, 5, "mappings after the socket appeared")
         assert clients(lab) == {lab.lan_ip}

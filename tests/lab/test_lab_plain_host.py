@@ -10,14 +10,20 @@ table, is the same) and our table is gone after a clean stop.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.lab.netlab import Lab
-from tests.lab.test_lab_detect import Serve, clients, config, reachable, send_from
+from tests.lab.test_lab_detect import (
+    Serve,
+    clients,
+    config,
+    connected_game,
+    reachable,
+    send_from,
+)
 from tests.lab.test_lab_service import ours, wait_for
 
 pytestmark = pytest.mark.lab
@@ -89,12 +95,7 @@ def test_without_our_table_the_socket_table_takes_over_and_status_says_why(
     assert det["sockets"]["active"], det
     assert any("detector conntrack inactive" in w for w in s.status()["warnings"])
     assert lab.lan_ruleset().strip() == ""
-    game = lab.popen(lab.lan, [sys.executable, "-c",
-                               "import socket, time\n"
-                               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                               f"s.connect(({lab.wan_ip!r}, 27015))\n"
-                               "s.send(b'hello')\n"
-                               "time.sleep(30)\n"])
+    game = connected_game(lab)
     try:
         wait_for(lambda: len(ours(lab)) == 2, 10, "mappings from the socket table")
         assert reachable(lab)
