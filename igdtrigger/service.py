@@ -350,8 +350,7 @@ class Service:
             if st is None:
                 continue
             if tracking.installed:
-                await asyncio.to_thread(tracking.ensure)
-                self.tracked_flows = await asyncio.to_thread(tracking.counted)
+                self.tracked_flows = await asyncio.to_thread(tracking.check)
                 if not tracking.installed and st.active:  # removed, and cannot be put back
                     st.active, st.detail = False, ""
                     st.reason = (f"the kernel no longer tracks trigger flows: nftables table "

@@ -247,6 +247,16 @@ def test_plain_namespace_tracks_trigger_flows_only_with_our_table(bare_netns: st
     assert in_ns(ns, code) == 0
     listed = _run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
     assert listed.count("table inet igdtrigger") == 1 and "27015" not in listed
+    # a firewall reload flushes every table: the periodic check puts ours back
+    code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
+            "from igdtrigger.model import parse_port_spec as p\n"
+            "import subprocess\n"
+            "t = KernelTracking(); t.install(p('udp/5000'), [])\n"
+            "subprocess.run(['nft', 'flush', 'ruleset'], check=True)\n"
+            "gone = not t.present()\n"
+            "t.check()\n"
+            "print(json.dumps([gone, t.reinstalls, t.present(), t.check()]))")
+    assert in_ns(ns, code) == [True, 1, True, 0]
     code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
             "from igdtrigger.model import parse_port_spec as p\n"
             "t = KernelTracking(); t.install(p('udp/5000'), []); t.remove()\n"

@@ -19,7 +19,7 @@ read or written; only ``inet igdtrigger`` is.
 The table is replaced atomically (one ``nft -f -`` transaction: add, delete, define) at start,
 which also replaces a table left by a crashed run, and when the rules change; it is deleted at a
 clean stop. A table that disappears while the service runs (``nft flush ruleset`` from a
-firewall reload) is put back by the service's periodic check (:meth:`KernelTracking.present`).
+firewall reload) is put back by the service's periodic check (:meth:`KernelTracking.check`).
 
 Side effect, said plainly: while the table exists the kernel tracks every connection of the
 namespace (one conntrack entry per flow, bounded by ``net.netfilter.nf_conntrack_max``), exactly
@@ -249,41 +249,49 @@ class KernelTracking:
         result = self._list()
         return result is not None and result.returncode == 0
 
-    def ensure(self) -> bool:
-        """Put the table back if something removed it (``nft flush ruleset``...). True when a
-        reinstall happened."""
-        if not self.installed or not self.script or self.present():
-            return False
+    def check(self) -> int | None:
+        """The periodic check (one ``nft list``): put the table back if something removed it
+        (``nft flush ruleset`` in a firewall reload...); returns the new outbound trigger flows
+        its counters saw, or None when unknown (not loaded, or just put back)."""
+        if not self.installed or not self.script:
+            return None
+        result = self._list()
+        if result is not None and result.returncode == 0:
+            return _count(result.stdout)
         log.warning("nftables table %s was removed by someone else (a firewall reload or `nft "
                     "flush ruleset`?); loading it again so trigger flows stay tracked", TABLE)
-        result = self.runner([self.nft or "nft", "-f", "-"], self.script)
-        if result.returncode != 0:
+        loaded = self.runner([self.nft or "nft", "-f", "-"], self.script)
+        if loaded.returncode != 0:
             self.installed = False
-            self.reason = _why(result)
-            return False
-        self.reinstalls += 1
-        return True
+            self.reason = _why(loaded)
+        else:
+            self.reinstalls += 1
+        return None
 
     def counted(self) -> int | None:
         """New outbound trigger flows the kernel counted in our chains, or None if unknown."""
         result = self._list()
         if result is None or result.returncode != 0:
             return None
-        try:
-            items = json.loads(result.stdout).get("nftables", [])
-        except (ValueError, AttributeError):
-            return None
-        total = 0
-        for item in items:
-            rule = item.get("rule") if isinstance(item, dict) else None
-            if not isinstance(rule, dict) or rule.get("chain") not in ("trigger_out",
-                                                                       "trigger_fwd"):
-                continue
-            for expr in rule.get("expr", []):
-                counter = expr.get("counter") if isinstance(expr, dict) else None
-                if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
-                    total += counter["packets"]
-        return total
+        return _count(result.stdout)
+
+
+def _count(listing: str) -> int | None:
+    """Sum of the packet counters of our trigger chains in ``nft -j list table`` output."""
+    try:
+        items = json.loads(listing).get("nftables", [])
+    except (ValueError, AttributeError):
+        return None
+    total = 0
+    for item in items:
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not isinstance(rule, dict) or rule.get("chain") not in ("trigger_out", "trigger_fwd"):
+            continue
+        for expr in rule.get("expr", []):
+            counter = expr.get("counter") if isinstance(expr, dict) else None
+            if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
+                total += counter["packets"]
+    return total
 
 
 def probe_events(timeout: float = 1.0, wanted: Wanted | None = None) -> bool | None:

@@ -102,3 +102,23 @@ def test_without_our_table_the_socket_table_takes_over_and_status_says_why(
     finally:
         game.kill()
         game.wait()
+
+
+def test_a_crashed_runs_table_is_replaced_and_removed_at_the_next_clean_stop(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    lab = make_lab(lan_firewall="none")
+    cfg = config(lab, tmp_path, "", RULE)
+    first = Serve(lab, lab.lan, cfg)
+    started.append(first)
+    first.proc.kill()  # kill -9: no clean stop, the table stays
+    first.proc.wait()
+    assert lab.lan_ruleset().count("table inet igdtrigger") == 1
+    s = Serve(lab, lab.lan, cfg)
+    started.append(s)
+    assert s.status()["detectors"][0]["active"]
+    assert lab.lan_ruleset().count("table inet igdtrigger") == 1
+    send_from(lab, 0)
+    wait_for(lambda: len(ours(lab)) == 2, 15, "the rule's mappings after one trigger datagram")
+    assert reachable(lab)
+    s.close()
+    assert lab.lan_ruleset().strip() == ""
