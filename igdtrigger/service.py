@@ -169,6 +169,7 @@ class Service:
         self.hostmap = HostMap(self.local_address, clock=clock)
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
         self._events_at_start = 0  # conntrack events_seen when its visibility was established
+        self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class Service:
             self.detector_status.append(st)
             # a conntrack that cannot see flows yet still listens: they may come later
             self._tasks.append(asyncio.create_task(self._run_detector(det), name=det.name))
-        if self.tracking is not None and any(d.name == "conntrack" for d in self.detectors):
+        if self._tracking_watched:
             self._tasks.append(asyncio.create_task(self._watch_tracking(), name="tracking"))
         self.wake()
 
@@ -328,6 +329,7 @@ class Service:
             self.tracking.establish, trigger, opened,
             lambda proto, port: bool(self.engine.index.match(proto, port)))
         self._events_at_start = getattr(det, "events_seen", 0)
+        self._tracking_watched = True
         if vis.seen:
             return DetectorStatus(det.name, True, detail=vis.text)
         log.warning("detector conntrack: %s; the socket table stands in", vis.text)
@@ -344,24 +346,45 @@ class Service:
         assert self.tracking is not None
         tracking = self.tracking
         det = next(d for d in self.detectors if d.name == "conntrack")
+        unannounced = 0  # consecutive checks where our counters saw trigger flows, events none
         while True:
             await asyncio.sleep(TRACKING_CHECK)
             st = next((s for s in self.detector_status if s.name == "conntrack"), None)
             if st is None:
                 continue
             if tracking.installed:
-                self.tracked_flows = await asyncio.to_thread(tracking.check)
+                counted = await asyncio.to_thread(tracking.check)
+                if counted is not None:
+                    self.tracked_flows = counted
                 if not tracking.installed and st.active:  # removed, and cannot be put back
-                    st.active, st.detail = False, ""
-                    st.reason = (f"the kernel no longer tracks trigger flows: nftables table "
-                                 f"{TABLE} was removed and {tracking.reason}")
-                    log.warning("detector conntrack: %s", st.reason)
-                    self._start_standins("conntrack")
+                    self._conntrack_blind(st, f"the kernel no longer tracks trigger flows: "
+                                              f"nftables table {TABLE} was removed and "
+                                              f"{tracking.reason}")
+                reported = getattr(det, "flows_reported", None)
+                # the kernel counted trigger flows, conntrack announced none: events are lost
+                # (nf_conntrack_events=0, a full socket buffer...). Two checks in a row, so
+                # an event still in flight at the first is not mistaken for a lost one.
+                unannounced = unannounced + 1 if (counted and reported == 0) else 0
+                if unannounced >= 2 and st.active:
+                    self._conntrack_blind(st, f"the kernel counted {counted} new trigger "
+                                              "flow(s) but no conntrack event announced one "
+                                              "(events lost or disabled: sysctl "
+                                              "net.netfilter.nf_conntrack_events)")
+                elif (not st.active and st.reason.startswith("the kernel counted")
+                      and isinstance(reported, int) and reported > 0):
+                    st.active, st.reason = True, ""
+                    st.detail = f"conntrack announced {reported} trigger flow(s)"
             events = getattr(det, "events_seen", 0) - self._events_at_start
             if not st.active and st.reason.startswith("listening") and events > 0:
                 st.active, st.reason = True, ""
                 st.detail = f"conntrack events seen ({events} since start)"
                 log.info("detector conntrack: %s", st.detail)
+
+    def _conntrack_blind(self, st: DetectorStatus, reason: str) -> None:
+        """conntrack stays subscribed but cannot be vouched for: say why; a stand-in runs."""
+        st.active, st.detail, st.reason = False, "", reason
+        log.warning("detector conntrack: %s; the socket table stands in", reason)
+        self._start_standins("conntrack")
 
     async def _run_detector(self, det: Detector) -> None:
         try:

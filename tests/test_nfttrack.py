@@ -63,6 +63,7 @@ class FakeNft:
 
     def __init__(self, *, allowed: bool = True) -> None:
         self.allowed = allowed
+        self.packets = 0  # what our trigger_out counter shows
         self.calls: list[tuple[list[str], str]] = []
         self.table = False
 
@@ -71,7 +72,10 @@ class FakeNft:
         if not self.allowed:
             return NftResult(1, "", "Error: Could not process rule: Operation not permitted\n")
         if "list" in argv:
-            return NftResult(0 if self.table else 1, json.dumps({"nftables": []}))
+            rule = {"rule": {"family": "inet", "table": "igdtrigger", "chain": "trigger_out",
+                             "expr": [{"match": {}}, {"counter": {"packets": self.packets,
+                                                                  "bytes": 40}}]}}
+            return NftResult(0 if self.table else 1, json.dumps({"nftables": [rule]}))
         self.table = "ct state new" in script
         return NftResult(0)
 
@@ -82,6 +86,7 @@ class FakeDetector:
     def __init__(self, name: str, standby_for: str = "") -> None:
         self.name, self.standby_for = name, standby_for
         self.events_seen = 0
+        self.flows_reported = 0
         self.running = asyncio.Event()
 
     def check(self) -> None:
@@ -332,3 +337,35 @@ def test_doctor_detector_lines_use_the_tracking_verdict(monkeypatch: pytest.Monk
     monkeypatch.setattr("igdtrigger.daemon.build_detectors", lambda config: [Ok()])
     [line] = check_detectors(parse_config({"rules": RULES}))
     assert line.level == "warn" and "nft command is missing" in line.detail
+
+
+async def test_trigger_flows_counted_but_never_announced_is_not_seeing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our table counts trigger flows, conntrack announces none (events lost or switched off):
+    conntrack is not reported active on the table's word alone; the socket table takes over;
+    when announcements come, conntrack is active again."""
+    monkeypatch.setattr(service_mod, "TRACKING_CHECK", 0.05)
+    clock = FakeClock()
+    conntrack = FakeDetector("conntrack")
+    sockets = FakeDetector("sockets", "conntrack")
+    nft = FakeNft()
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: True)
+    svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
+                  state_dir=tmp_path, detectors=[conntrack, sockets], tracking=tracking)
+    await svc.start()
+    try:
+        assert detectors_of(svc)["conntrack"]["active"]
+        nft.packets = 2
+        await asyncio.wait_for(sockets.running.wait(), 5)
+        st = detectors_of(svc)
+        assert not st["conntrack"]["active"] and st["sockets"]["active"]
+        assert "no conntrack event announced" in st["conntrack"]["reason"]
+        assert st["conntrack"]["tracking"]["trigger_flows_counted"] == 2
+        conntrack.flows_reported = 2
+        for _ in range(200):
+            if detectors_of(svc)["conntrack"]["active"]:
+                break
+            await asyncio.sleep(0.02)
+        assert detectors_of(svc)["conntrack"]["active"]
+    finally:
+        await svc.stop()
