@@ -25,6 +25,7 @@ from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.nfttrack import TABLE, KernelTracking, NftResult, merge_ranges, ruleset
 from igdtrigger.doctor import check_detectors, check_tracking
 from igdtrigger.errors import DetectionUnavailable
+from igdtrigger.metrics import Metrics
 from igdtrigger.model import PortRange, Proto, parse_port_spec
 from igdtrigger.service import Service
 
@@ -163,6 +164,9 @@ async def test_table_loaded_at_start_put_back_when_flushed_removed_at_stop(
                 break
             await asyncio.sleep(0.02)
         assert nft.table and tracking.reinstalls == 1
+        text = Metrics().render(svc)
+        assert "igdtrigger_tracking_table_loaded 1" in text
+        assert 'igdtrigger_detector_active{detector="conntrack"} 1' in text
     finally:
         await svc.stop()
     assert not nft.table
