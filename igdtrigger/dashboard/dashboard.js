@@ -49,7 +49,14 @@ async function api(method, path, body) {
   const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}),
                  cache: "no-store" };
   if (body !== undefined) init.body = JSON.stringify(body);
-  const resp = await fetch(path, init);
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (e) {
+    const err = new Error("no answer (" + e.message + ")");
+    err.network = true;   // the service did not answer at all
+    throw err;
+  }
   let data = null;
   try { data = await resp.json(); } catch (e) { data = null; }
   if (!resp.ok) {
@@ -103,7 +110,7 @@ async function refresh() {
     if (state.away) setAway(false);   // back: this is the service's fresh word
     else render();
   } catch (err) {
-    if (err.status === undefined) setAway(true);   // no HTTP answer at all
+    if (err.network) { setAway(true); return; }   // no answer: the banner says so
     say("cannot read the service: " + err.message, true);
   }
 }
