@@ -173,6 +173,23 @@ async def test_table_loaded_at_start_put_back_when_flushed_removed_at_stop(
     assert nft.calls[-1][1] == f"table {TABLE} {{}}\ndelete table {TABLE}\n"
 
 
+async def test_new_rules_replace_the_table(tmp_path: Path) -> None:
+    clock = FakeClock()
+    nft = FakeNft()
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False)
+    svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
+                  state_dir=tmp_path, detectors=[FakeDetector("conntrack")], tracking=tracking)
+    await svc.start()
+    try:
+        svc.config = parse_config({"rules": [{**RULES[0], "trigger": ["udp/3478"]}]})
+        await svc.retrack()
+        script = nft.calls[-1][1]
+        assert script.startswith(f"table {TABLE} {{}}\ndelete table {TABLE}\n")
+        assert "udp dport { 3478 }" in script and "27015" not in script
+    finally:
+        await svc.stop()
+
+
 def test_doctor_says_when_conntrack_would_be_blind() -> None:
     config = parse_config({"rules": RULES, "detect": {"track_flows": False}})
     blind = KernelTracking(enabled=False, nft=None, probe=lambda t, w: False)
