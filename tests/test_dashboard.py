@@ -377,3 +377,30 @@ async def test_the_page_says_the_service_is_away_and_recovers_by_itself(
     assert await page.js('document.querySelector("#away").hidden') is True
     await page.screenshot(ARTIFACTS / "dashboard-service-back.png")
     assert console_errors(page, allow_network=True) == []
+
+
+async def test_a_frozen_service_is_noticed_by_its_silence(serve: Serve, page: DevTools) -> None:
+    """A service that stops without closing the connection (frozen; or the network between
+    is gone) sends no keep-alive: past twice its heartbeat (15 s) the page says it is away,
+    and it recovers by itself when the service resumes."""
+    url = serve.url
+    await asyncio.to_thread(http, "POST", f"{url}/api/v1/activations",
+                            {"rule": "demo", "ttl": "5m"})
+    await page.call("Page.navigate", url=f"{url}/")
+    await page.wait_js('document.querySelector("#live")?.textContent === "live"', 10,
+                       "the event stream to connect")
+    await page.wait_js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                       ".length === 4", 10, "four active mappings")
+    assert serve.proc is not None
+    serve.proc.send_signal(signal.SIGSTOP)
+    try:
+        await page.wait_js('document.body.classList.contains("away")', 90,
+                           "the page to notice the silence")
+        assert await page.js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                             ".length") == 0
+    finally:
+        serve.proc.send_signal(signal.SIGCONT)
+    await page.wait_js('!document.body.classList.contains("away")', 30,
+                       "the page to recover when the service resumes")
+    await page.wait_js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                       ".length === 4", 10, "the mappings active again")
