@@ -280,8 +280,8 @@ async def test_dashboard_shows_a_mapping_and_a_click_deactivates_it(
     await page.click(f'button[data-deactivate="{act["id"]}"]')
 
     def closed() -> bool:
-        return (http("GET", f"{service}/api/v1/activations")["activations"] == []
-                and http("GET", f"{service}/api/v1/mappings")["mappings"] == [])
+        return bool(http("GET", f"{service}/api/v1/activations")["activations"] == []
+                    and http("GET", f"{service}/api/v1/mappings")["mappings"] == [])
 
     await asyncio.to_thread(wait_for, closed, 10, "the click to end the activation and close "
                             "its ports")
