@@ -350,8 +350,9 @@ class Service:
         while True:
             await asyncio.sleep(TRACKING_CHECK)
             st = next((s for s in self.detector_status if s.name == "conntrack"), None)
-            if st is None:
-                continue
+            if st is None or not any(t.get_name() == "conntrack" and not t.done()
+                                     for t in self._tasks):
+                continue  # not running (it stopped): nothing to vouch for
             if tracking.installed:
                 counted = await asyncio.to_thread(tracking.check)
                 if counted is not None:
