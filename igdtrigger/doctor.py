@@ -228,8 +228,16 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     else:
         out.append(Check("FAIL", "service's router", f"down: {gw.get('error')}",
                          "see `igdtrigger status` and the service's log"))
+    for det in status.get("detectors", []):
+        if det.get("name") == "conntrack":  # what the running service really sees
+            out.append(Check("ok", "service's conntrack", f"sees flows: {det.get('detail')}")
+                       if det.get("active") else
+                       Check("warn", "service's conntrack", f"sees no flow: {det.get('reason')}",
+                             "see the detectors section of the README; the socket table "
+                             "stands in"))
     for warning in status.get("warnings", []):
-        out.append(Check("warn", "service", str(warning)))
+        if not str(warning).startswith("detector conntrack inactive"):  # said just above
+            out.append(Check("warn", "service", str(warning)))
     return out
 
 

@@ -7,6 +7,7 @@ on the mere fact that its netlink socket opened.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import secrets
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 
 import igdtrigger.service as service_mod
+from igdtrigger.api import make_app
 from igdtrigger.config import parse_config
 from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.nfttrack import TABLE, KernelTracking, NftResult, merge_ranges, ruleset
-from igdtrigger.doctor import check_detectors, check_tracking
+from igdtrigger.doctor import check_detectors, check_tracking, doctor
 from igdtrigger.errors import DetectionUnavailable
 from igdtrigger.metrics import Metrics
 from igdtrigger.model import PortRange, Proto, parse_port_spec
@@ -390,3 +393,29 @@ async def test_trigger_flows_counted_but_never_announced_is_not_seeing(
         assert detectors_of(svc)["conntrack"]["active"]
     finally:
         await svc.stop()
+
+
+async def test_doctor_reports_what_the_running_service_sees(tmp_path: Path) -> None:
+    """The plain machine's `doctor` used to say ok while the service was blind: now it shows
+    the running service's own verdict on conntrack."""
+    clock = FakeClock()
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=FakeNft(allowed=False),
+                              probe=lambda t, w: False)
+    svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
+                  state_dir=tmp_path / "svc", detectors=[FakeDetector("conntrack")],
+                  tracking=tracking)
+    await svc.start()
+    server = TestServer(make_app(svc), host="127.0.0.1")
+    await server.start_server()
+    try:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text('[gateway]\nurl = "simulate"\n[detect]\nmethods = []\n'
+                       '[[rules]]\nname = "game"\ntrigger = ["udp/27015"]\nopen = ["udp/40000"]\n')
+        out = io.StringIO()
+        await asyncio.to_thread(doctor, str(cfg), f"http://127.0.0.1:{server.port}",
+                                svc.api_token, out=out)
+    finally:
+        await server.close()
+        await svc.stop()
+    [seen] = [ln for ln in out.getvalue().splitlines() if "service's conntrack" in ln]
+    assert seen.startswith("warn") and "does not track connections" in seen
