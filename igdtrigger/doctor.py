@@ -104,9 +104,10 @@ def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
     wanted = getattr(det, "wanted", None)
     if not any(r.trigger for r in config.rules):
         return Check("ok", name, "can run (no rule has a trigger port)")
-    if t.enabled and t.nft is not None:
+    if t.enabled and t.available:
+        how = t.nft or "over netlink: no nft command"
         return Check("ok", name, f"can run; the service loads nftables table {TABLE} so the "
-                     f"kernel tracks the trigger flows ({t.nft})")
+                     f"kernel tracks the trigger flows ({how})")
     why = ("[detect] track_flows = false" if not t.enabled
            else "the nft command is missing")
     if t.probe(1.0, wanted):

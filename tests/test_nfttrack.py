@@ -338,7 +338,7 @@ table ip nat {
 
 
 def test_no_nft_command_is_said_plainly() -> None:
-    t = KernelTracking(nft=None, probe=lambda timeout, wanted: False)
+    t = KernelTracking(nft=None, probe=lambda timeout, wanted: False, netlink=False)
     t.nft = None
     vis = t.establish(ports("udp/27015"), [])
     assert not vis.seen and "nft command is missing" in vis.text
@@ -360,7 +360,55 @@ def test_doctor_detector_lines_use_the_tracking_verdict(monkeypatch: pytest.Monk
     monkeypatch.setattr(nfttrack, "probe_events", lambda timeout=1.0, wanted=None: False)
     monkeypatch.setattr("igdtrigger.daemon.build_detectors", lambda config: [Ok()])
     [line] = check_detectors(parse_config({"rules": RULES}))
-    assert line.level == "warn" and "nft command is missing" in line.detail
+    assert line.level == "ok" and "over netlink" in line.detail  # no nft: netlink does it
+    [line] = check_detectors(parse_config({"rules": RULES, "detect": {"track_flows": False}}))
+    assert line.level == "warn" and "does not track connections" in line.detail
+
+
+def test_without_the_nft_command_netlink_loads_the_table(bare_netns: str) -> None:
+    """Ubuntu ships no `nft`: the table is written over nf_tables netlink instead, with the
+    same life cycle (replaced, put back after a flush, removed)."""
+    code = ("from igdtrigger.detect.nfttrack import KernelTracking, probe_events\n"
+            "from igdtrigger.model import parse_port_spec as p\n"
+            "import subprocess\n"
+            "t = KernelTracking(); t.nft = None\n"
+            "before = probe_events(2.0)\n"
+            "vis = t.establish(p('udp/27015'), p('udp/40000'))\n"
+            "seen = probe_events(2.0)\n"
+            "subprocess.run(['nft', 'flush', 'ruleset'], check=True)\n"
+            "gone = not t.present()\n"
+            "t.check()\n"
+            "back = t.present()\n"
+            "t.remove()\n"
+            "print(json.dumps([before, vis.seen, vis.text, t.via, seen, gone, back,\n"
+            "                  t.reinstalls, t.present()]))")
+    before, seen_vis, text, via, seen, gone, back, reinstalls, after = in_ns(bare_netns, code)
+    assert (before, seen_vis, via, seen) == (False, True, "netlink", True), text
+    assert "over netlink" in text
+    assert (gone, back, reinstalls, after) == (True, True, 1, False)
+    assert _run("ip", "netns", "exec", bare_netns, "nft", "list", "ruleset").stdout.strip() == ""
+
+
+def test_without_privilege_the_reason_names_it(bare_netns: str) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    code = (f"import sys, json; sys.path.insert(0, {str(REPO)!r})\n"
+            "from igdtrigger.detect.nfttrack import KernelTracking\n"
+            "from igdtrigger.model import parse_port_spec as p\n"
+            "out = []\n"
+            "for nft in (True, False):\n"
+            "    t = KernelTracking()\n"
+            "    if not nft: t.nft = None\n"
+            "    out.append([t.install(p('udp/27015'), []), t.reason])\n"
+            "print(json.dumps(out))")
+    p = _run("ip", "netns", "exec", bare_netns, "setpriv", "--reuid=65534", "--regid=65534",
+             "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c",
+             code)
+    if p.returncode != 0 and "Permission denied" in p.stderr:
+        pytest.skip(f"this checkout is not readable by nobody: {p.stderr.strip()[-200:]}")
+    assert p.returncode == 0, p.stderr
+    for ok, reason in json.loads(p.stdout.strip().splitlines()[-1]):
+        assert ok is False and "CAP_NET_ADMIN" in reason, reason
 
 
 async def test_trigger_flows_counted_but_never_announced_is_not_seeing(

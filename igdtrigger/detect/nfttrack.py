@@ -33,6 +33,7 @@ that flow.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -163,51 +164,98 @@ def _why(result: NftResult) -> str:
     return f"nft failed: {text}"
 
 
+def _netlink_why(exc: OSError) -> str:
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return ("not allowed to load nftables rules (needs CAP_NET_ADMIN: run as root or "
+                "with AmbientCapabilities=CAP_NET_ADMIN)")
+    return (f"no nft command, and nf_tables netlink refused the table "
+            f"({exc.strerror or exc or type(exc).__name__}); install nftables")
+
+
 class KernelTracking:
     """Keeps ``table inet igdtrigger`` in place while the service runs (blocking calls: run
     them in a thread from async code).
 
+    With the ``nft`` command the table counts new flows per trigger port (:func:`ruleset`);
+    without it (``netlink=True``) a tracking-only table is written over nf_tables netlink
+    (:mod:`.nftnetlink`: same name, same life cycle, no per-port counters).
+
     Attributes: ``installed`` (the table is loaded as we defined it), ``reason`` (why not, a
     sentence a person can act on; empty when installed), ``reinstalls`` (times it was found
-    missing and put back), ``script`` (the ruleset last loaded).
+    missing and put back), ``script`` (the ruleset last loaded), ``via`` ("nft", "netlink").
     """
 
     def __init__(self, *, enabled: bool = True, nft: str | None = None,
-                 runner: Runner | None = None, probe: Probe | None = None) -> None:
+                 runner: Runner | None = None, probe: Probe | None = None,
+                 netlink: bool = True) -> None:
         self.enabled = enabled
         self.nft = nft if nft is not None else find_nft()
         self.runner: Runner = runner or _run_nft
         self.probe: Probe = probe or probe_events
+        self.netlink = netlink
         self.installed = False
         self.reason = "not installed yet"
         self.reinstalls = 0
         self.script = ""
+        self.via = ""
+
+    @property
+    def available(self) -> bool:
+        """Can a table be loaded at all here (nft, or netlink allowed)?"""
+        return self.nft is not None or self.netlink
+
+    def _load(self, script: str) -> str:
+        """Load ``script`` (nft) or the netlink table; the reason it failed, or ""."""
+        if self.nft is not None:
+            result = self.runner([self.nft, "-f", "-"], script)
+            self.via = "nft"
+            return _why(result) if result.returncode != 0 else ""
+        if not self.netlink:
+            return ("the nft command is missing (install nftables), so igdtrigger cannot "
+                    "make the kernel track connections")
+        from . import nftnetlink
+
+        self.via = "netlink"
+        try:
+            nftnetlink.load_table(TABLE.split()[1])
+        except OSError as exc:
+            return _netlink_why(exc)
+        return ""
+
+    def _delete(self) -> str:
+        if self.nft is not None:
+            result = self.runner([self.nft, "-f", "-"], remove_script())
+            return _why(result) if result.returncode != 0 else ""
+        if not self.netlink:
+            return "no nft command"
+        from . import nftnetlink
+
+        try:
+            nftnetlink.delete_table(TABLE.split()[1])
+        except OSError as exc:
+            return _netlink_why(exc)
+        return ""
 
     def install(self, trigger: Sequence[PortRange], opened: Sequence[PortRange]) -> bool:
         """Load (or replace) the table for these ports. True when it is in place; else
         ``reason`` says why. With no trigger port there is nothing to track: the table is
-        removed and False returned."""
+        removed (one a crashed run left) and False returned."""
         if not trigger:
-            if self.nft is not None:  # a table a crashed run left has no use now
-                self.runner([self.nft, "-f", "-"], remove_script())
+            if self.available:
+                self._delete()
             self.installed = False
             self.reason = "no rule has a trigger port"
             return False
-        if self.nft is None:
-            self.installed = False
-            self.reason = ("the nft command is missing (install nftables), so igdtrigger cannot "
-                           "make the kernel track connections")
-            return False
         script = ruleset(trigger, opened)
-        result = self.runner([self.nft, "-f", "-"], script)
-        if result.returncode != 0:
+        why = self._load(script)
+        if why:
             self.installed = False
-            self.reason = _why(result)
-            log.warning("cannot load nftables table %s: %s", TABLE, self.reason)
+            self.reason = why
+            log.warning("cannot load nftables table %s: %s", TABLE, why)
             return False
         self.installed, self.reason, self.script = True, "", script
-        log.info("nftables table %s loaded: the kernel tracks flows to the trigger ports",
-                 TABLE)
+        log.info("nftables table %s loaded (%s): the kernel tracks flows to the trigger ports",
+                 TABLE, self.via)
         return True
 
     def establish(self, trigger: Sequence[PortRange], opened: Sequence[PortRange],
@@ -216,8 +264,9 @@ class KernelTracking:
         loopback probe): what the service reports for the conntrack detector."""
         if self.enabled:
             if self.install(trigger, opened):
+                how = "" if self.via == "nft" else " over netlink (no nft command)"
                 return Visibility(True, f"the kernel tracks trigger flows (nftables table "
-                                        f"{TABLE}, loaded by igdtrigger)")
+                                        f"{TABLE}, loaded by igdtrigger{how})")
             why = self.reason
         else:
             why = "[detect] track_flows = false"
@@ -230,11 +279,11 @@ class KernelTracking:
 
     def remove(self) -> None:
         """Delete the table if we loaded it (never any other table)."""
-        if not self.installed or self.nft is None:
+        if not self.installed:
             return
-        result = self.runner([self.nft, "-f", "-"], remove_script())
-        if result.returncode != 0:
-            log.warning("cannot delete nftables table %s: %s", TABLE, _why(result))
+        why = self._delete()
+        if why:
+            log.warning("cannot delete nftables table %s: %s", TABLE, why)
             return
         self.installed = False
         self.reason = "removed at stop"
@@ -245,25 +294,36 @@ class KernelTracking:
         return self.runner([self.nft, "-j", "list", "table", *TABLE.split()], "")
 
     def present(self) -> bool:
-        """Is our table loaded right now (as far as ``nft list`` tells)?"""
+        """Is our table loaded right now?"""
+        if self.nft is None and self.netlink:
+            from . import nftnetlink
+
+            try:
+                return nftnetlink.table_exists(TABLE.split()[1])
+            except OSError:
+                return False
         result = self._list()
         return result is not None and result.returncode == 0
 
     def check(self) -> int | None:
-        """The periodic check (one ``nft list``): put the table back if something removed it
-        (``nft flush ruleset`` in a firewall reload...); returns the new outbound trigger flows
-        its counters saw, or None when unknown (not loaded, or just put back)."""
+        """The periodic check (one ``nft list``, or one netlink query): put the table back if
+        something removed it (``nft flush ruleset`` in a firewall reload...); returns the new
+        outbound trigger flows its counters saw, or None when unknown (not loaded, just put
+        back, or loaded over netlink, which keeps no per-port counters)."""
         if not self.installed or not self.script:
             return None
-        result = self._list()
-        if result is not None and result.returncode == 0:
-            return _count(result.stdout)
+        if self.via == "nft":
+            result = self._list()
+            if result is not None and result.returncode == 0:
+                return _count(result.stdout)
+        elif self.present():
+            return None
         log.warning("nftables table %s was removed by someone else (a firewall reload or `nft "
                     "flush ruleset`?); loading it again so trigger flows stay tracked", TABLE)
-        loaded = self.runner([self.nft or "nft", "-f", "-"], self.script)
-        if loaded.returncode != 0:
+        why = self._load(self.script)
+        if why:
             self.installed = False
-            self.reason = _why(loaded)
+            self.reason = why
         else:
             self.reinstalls += 1
         return None
