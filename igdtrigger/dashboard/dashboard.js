@@ -151,7 +151,7 @@ function renderGateway(gw, warnings) {
         gw.external_reachable === false ? "warnish" : "");
     set("#gateway-local", gw.local_address || "–");
     set("#gateway-location", gw.location || "–", "wrap");
-    set("#gateway-lease", gw.permanent_leases ? "permanent (router refuses timed leases)" : duration(gw.lease));
+    set("#gateway-lease", gw.permanent_leases ? "permanent (" + (gw.permanent_why || "router refuses timed leases") + ")" : duration(gw.lease));
   }
   const ul = $("#warnings");
   ul.replaceChildren(...warnings.map((w) => el("li", {}, w)));
@@ -207,7 +207,9 @@ function renderMappings(maps, pinholes) {
       el("td", {}, key),
       el("td", {}, m.internal_client + ":" + m.internal_port),
       stateCell(m.state, m.error),
-      el("td", {}, m.lease ? duration(m.lease) : "permanent"),
+      el("td", { title: m.verified === false ? "the router does not show this mapping: not verifiable" : "" },
+         (m.lease ? duration(m.lease) : "permanent")
+         + (m.lease_asked !== undefined && m.lease_asked !== m.lease ? " (asked " + (m.lease_asked ? duration(m.lease_asked) : "permanent") + ")" : "")),
       renewCell(m.renew_in));
   });
   // IPv6: no NAT, the router's firewall lets the port through to this machine's own address
