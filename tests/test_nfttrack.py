@@ -114,7 +114,8 @@ async def test_plain_machine_without_privilege_is_not_reported_active(
     clock = FakeClock()
     conntrack, sockets = FakeDetector("conntrack"), FakeDetector("sockets", "conntrack")
     nft = FakeNft(allowed=False)
-    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False)
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False,
+                              netlink=False)
     svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
                   state_dir=tmp_path, detectors=[conntrack, sockets], tracking=tracking)
     await svc.start()
@@ -150,7 +151,7 @@ async def test_table_loaded_at_start_put_back_when_flushed_removed_at_stop(
         probes.append(timeout)
         return False
 
-    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=probe)
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=probe, netlink=False)
     svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
                   state_dir=tmp_path, detectors=[conntrack, sockets], tracking=tracking)
     await svc.start()
@@ -179,7 +180,8 @@ async def test_table_loaded_at_start_put_back_when_flushed_removed_at_stop(
 async def test_new_rules_replace_the_table(tmp_path: Path) -> None:
     clock = FakeClock()
     nft = FakeNft()
-    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False)
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False,
+                              netlink=False)
     svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
                   state_dir=tmp_path, detectors=[FakeDetector("conntrack")], tracking=tracking)
     await svc.start()
@@ -199,7 +201,7 @@ def test_doctor_says_when_conntrack_would_be_blind() -> None:
     check = check_tracking(config, object(), blind)
     assert check.level == "warn" and "does not track connections" in check.detail
     assert "track_flows" in check.fix
-    able = KernelTracking(nft="/usr/sbin/nft", runner=FakeNft())
+    able = KernelTracking(nft="/usr/sbin/nft", runner=FakeNft(), netlink=False)
     assert check_tracking(parse_config({"rules": RULES}), object(), able).level == "ok"
 
 
@@ -421,7 +423,8 @@ async def test_trigger_flows_counted_but_never_announced_is_not_seeing(
     conntrack = FakeDetector("conntrack")
     sockets = FakeDetector("sockets", "conntrack")
     nft = FakeNft()
-    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: True)
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: True,
+                              netlink=False)
     svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
                   state_dir=tmp_path, detectors=[conntrack, sockets], tracking=tracking)
     await svc.start()
@@ -448,7 +451,7 @@ async def test_doctor_reports_what_the_running_service_sees(tmp_path: Path) -> N
     the running service's own verdict on conntrack."""
     clock = FakeClock()
     tracking = KernelTracking(nft="/usr/sbin/nft", runner=FakeNft(allowed=False),
-                              probe=lambda t, w: False)
+                              probe=lambda t, w: False, netlink=False)
     svc = Service(parse_config({"rules": RULES}), FakeGateway(clock), clock=clock,
                   state_dir=tmp_path / "svc", detectors=[FakeDetector("conntrack")],
                   tracking=tracking)

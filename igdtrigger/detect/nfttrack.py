@@ -209,8 +209,13 @@ class KernelTracking:
         if self.nft is not None:
             result = self.runner([self.nft, "-f", "-"], script)
             self.via = "nft"
-            return _why(result) if result.returncode != 0 else ""
-        if not self.netlink:
+            if result.returncode == 0:
+                return ""
+            why = _why(result)
+            if not self.netlink or why.startswith("not allowed"):
+                return why
+            log.warning("nft could not load table %s (%s); writing it over netlink", TABLE, why)
+        elif not self.netlink:
             return ("the nft command is missing (install nftables), so igdtrigger cannot "
                     "make the kernel track connections")
         from . import nftnetlink
@@ -222,8 +227,11 @@ class KernelTracking:
             return _netlink_why(exc)
         return ""
 
+    def _netlink_mode(self) -> bool:
+        return self.via == "netlink" or (self.nft is None and self.netlink)
+
     def _delete(self) -> str:
-        if self.nft is not None:
+        if self.nft is not None and not self._netlink_mode():
             result = self.runner([self.nft, "-f", "-"], remove_script())
             return _why(result) if result.returncode != 0 else ""
         if not self.netlink:
@@ -295,7 +303,7 @@ class KernelTracking:
 
     def present(self) -> bool:
         """Is our table loaded right now?"""
-        if self.nft is None and self.netlink:
+        if self._netlink_mode():
             from . import nftnetlink
 
             try:

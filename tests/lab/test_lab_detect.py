@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,15 @@ open = ["udp/40000", "tcp/40005"]
 class Serve:
     """`igdtrigger serve` in one of the lab's namespaces."""
 
-    def __init__(self, lab: Lab, ns: str, cfg: Path) -> None:
+    def __init__(self, lab: Lab, ns: str, cfg: Path, *, wrap: Sequence[str] = ()) -> None:
+        """``wrap``: argv the service is started under (it execs the rest)."""
         self.lab, self.ns = lab, ns
         self.ready = cfg.parent / "ready"
         self.log = cfg.parent / "serve.log"
         self.ready.unlink(missing_ok=True)  # a restart: wait for this run's readiness
         with self.log.open("ab") as logf:
-            self.proc = lab.popen(ns, igdt_argv("serve", "--config", str(cfg), "--ready-file",
-                                                str(self.ready)), env=env(), cwd=ROOT,
+            argv = igdt_argv("serve", "--config", str(cfg), "--ready-file", str(self.ready))
+            self.proc = lab.popen(ns, [*wrap, *argv], env=env(), cwd=ROOT,
                                   stdout=logf, stderr=subprocess.STDOUT)
         wait_for(lambda: self.ready.exists() or self.proc.poll() is not None, 20, "serve")
         assert self.proc.poll() is None, self.log.read_text()

@@ -10,6 +10,7 @@ table, is the same) and our table is gone after a clean stop.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,4 +122,32 @@ def test_a_crashed_runs_table_is_replaced_and_removed_at_the_next_clean_stop(
     wait_for(lambda: len(ours(lab)) == 2, 15, "the rule's mappings after one trigger datagram")
     assert reachable(lab)
     s.close()
+    assert lab.lan_ruleset().strip() == ""
+
+
+def test_a_machine_without_the_nft_command(make_lab: Callable[..., Lab], tmp_path: Path,
+                                           started: list[Serve]) -> None:
+    """Ubuntu ships no `nft`: the service writes its table over nf_tables netlink and one
+    trigger datagram still opens the ports; the table is gone after stop."""
+    nft = shutil.which("nft")
+    if nft is None or shutil.which("unshare") is None:
+        pytest.skip("needs nft (to inspect) and unshare")
+    lab = make_lab(lan_firewall="none")
+    blank = tmp_path / "not-nft"
+    blank.write_text("")
+    blank.chmod(0o644)
+    # a private mount namespace for the service only, where the nft binary is not executable
+    wrap = ["unshare", "-m", "sh", "-c", f'mount --bind {blank} {nft} && exec "$@"', "sh"]
+    cfg = config(lab, tmp_path, "", RULE)
+    s = Serve(lab, lab.lan, cfg, wrap=wrap)
+    started.append(s)
+    det = {d["name"]: d for d in s.status()["detectors"]}
+    assert det["conntrack"]["active"], det
+    assert "over netlink" in det["conntrack"]["detail"]
+    assert "table inet igdtrigger" in lab.lan_ruleset()
+    send_from(lab, 0)
+    wait_for(lambda: len(ours(lab)) == 2, 15, "the rule's mappings after one trigger datagram")
+    assert reachable(lab)
+    s.close()
+    assert s.proc.returncode == 0, s.log.read_text()
     assert lab.lan_ruleset().strip() == ""
