@@ -197,9 +197,16 @@ class Metrics:
         for kind in sorted({"mapping_conflict", "mapping_failed", *errors}):
             w.sample("igdtrigger_errors_total", errors[kind], kind=kind)
 
-        w.family("igdtrigger_detector_active", "gauge", "1 for each detector that is running.")
+        w.family("igdtrigger_detector_active", "gauge",
+                 "1 for each detector that runs and can see what it is for (conntrack: the "
+                 "kernel tracks the trigger flows).")
         for det in svc.detector_status:
             w.sample("igdtrigger_detector_active", 1 if det.active else 0, detector=det.name)
+        if svc.tracking is not None:
+            w.family("igdtrigger_tracking_table_loaded", "gauge",
+                     "1 while nftables table inet igdtrigger (the kernel tracks trigger flows) "
+                     "is loaded.")
+            w.sample("igdtrigger_tracking_table_loaded", 1 if svc.tracking.installed else 0)
         w.family("igdtrigger_flows_total", "counter",
                  "New outbound flows seen by the detectors, and those matching a trigger.")
         w.sample("igdtrigger_flows_total", svc.engine.flows_seen, result="seen")
