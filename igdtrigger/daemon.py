@@ -123,6 +123,8 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
             det.wanted = service.engine.wants
+        if hasattr(det, "ports"):
+            det.ports = service.engine.port_ranges()
         if hasattr(det, "follows"):
             det.follows = service.follows
     advertise = config.api.zeroconf == "on" or (

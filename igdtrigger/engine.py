@@ -251,6 +251,10 @@ class Engine:
         """A detector's prefilter: can a flow to ``port`` matter (a trigger or an opened port)?"""
         return bool(self.index.match(proto, port) or self.open_index.match(proto, port))
 
+    def port_ranges(self) -> list[PortRange]:
+        """Every port :meth:`wants` accepts (the rules' trigger and opened ports)."""
+        return [rng for rule in self.rules.values() for rng in (*rule.trigger, *rule.open)]
+
     def on_flow(self, flow: Flow) -> list[Activation]:
         """A detector saw a new flow: a trigger flow (LAN host to a trigger port) creates or
         refreshes activations; one arriving from beyond the LAN on a port an activation holds
