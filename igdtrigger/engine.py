@@ -320,6 +320,14 @@ class Engine:
                 act.last_active = max(act.last_active, now)
             self._reschedule(act)
 
+    def release_flows(self) -> int:
+        """Forget every followed flow (their detector stopped: nobody will say when they end);
+        the activations they held start their idle timers now. Returns how many."""
+        flows = list(self.live)
+        for flow in flows:
+            self.on_flow_ended(flow)
+        return len(flows)
+
     def follows(self, flow: Flow) -> bool:
         """Is this flow followed (a detector keeps looking at it)?"""
         return flow in self.live

@@ -313,6 +313,11 @@ class Service:
             if st.name == det.name:
                 st.active = False
                 st.reason = st.reason or "stopped (see log)"
+        if getattr(det, "holds_flows", False) and (released := self.engine.release_flows()):
+            log.warning("detector %s stopped: %d live flow(s) no longer hold their activations; "
+                        "they close after their idle timeout unless seen again", det.name,
+                        released)
+            self.wake()
         if self._stopping:
             return
         for other in self.detectors:  # a stand-in waiting for this one takes over

@@ -234,3 +234,13 @@ def test_wants_is_trigger_or_opened_ports() -> None:
     eng, _, _ = make(rule(idle=5))
     assert eng.wants(Proto.UDP, 27015) and eng.wants(Proto.UDP, 40001)
     assert not eng.wants(Proto.UDP, 27016) and not eng.wants(Proto.TCP, 40001)
+
+
+def test_releasing_flows_starts_the_timers() -> None:
+    eng, clock, _ = make(rule(trigger="tcp/27015", idle=5))
+    f = flow(proto=Proto.TCP)
+    eng.on_flow(f)
+    eng.on_flow_live(f, connected=True)
+    clock.advance(100)
+    assert eng.release_flows() == 1
+    assert not eng.live and only(eng).expires == clock.now + 5

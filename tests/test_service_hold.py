@@ -3,9 +3,10 @@ the CLI and the journal say why an activation is held and when it closes."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from igdtrigger.api import make_app
 from igdtrigger.cli import _print_activation
 from igdtrigger.config import parse_config
+from igdtrigger.errors import DetectionUnavailable
 from igdtrigger.model import Flow, FlowEnded, FlowLive, Proto
 from igdtrigger.service import Service
 
@@ -77,3 +79,35 @@ async def test_an_inbound_flow_counts_as_use(svc: Service, clock: FakeClock) -> 
     (act,) = svc.engine.activations.values()
     assert act.expires == clock.now + 5
     assert svc.status()["counts"]["flows_inbound"] == 1
+
+
+class DyingDetector:
+    """Reports a live connection, then fails: nobody could say when it ends."""
+
+    name = "conntrack"
+    holds_flows = True
+
+    def check(self) -> None:
+        pass
+
+    async def run(self, sink: Callable[[object], None]) -> None:
+        sink(CONN)
+        sink(FlowLive(CONN, connected=True))
+        await asyncio.sleep(0.05)
+        raise DetectionUnavailable("netlink socket failed")
+
+
+async def test_a_detector_that_stops_releases_its_holds(tmp_path: Path, clock: FakeClock) -> None:
+    gw = FakeGateway(clock, local_address=HOST)
+    service = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path,
+                      detectors=[DyingDetector()])  # type: ignore[list-item]
+    await service.start()
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if not service.detector_status[0].active:
+                break
+        (act,) = service.engine.activations.values()
+        assert not act.held and act.expires == clock.now + 5
+    finally:
+        await service.stop()

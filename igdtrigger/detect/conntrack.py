@@ -223,7 +223,6 @@ _H_DPORT = _hdr_word(6, CTA_PROTO_DST_PORT)
 
 _IPv4 = ipaddress.IPv4Address
 _IPv6 = ipaddress.IPv6Address
-_KEEP_FLOW = Flow(Proto.UDP, _IPv4(0), _IPv4(0), 0, 0)
 
 _Tuple = tuple[int, int | bytes, int | bytes, int, int]  # (family, src, dst, sport, dport)
 
@@ -616,9 +615,6 @@ def _has_done(data: ReadableBuffer) -> bool:
     return False
 
 
-_KEEP = CtEntry(_KEEP_FLOW, None, 0, None)  # a lookup that gave no news (read error)
-
-
 @dataclass(slots=True)
 class _Followed:
     """What is remembered of a followed flow between looks."""
@@ -761,6 +757,7 @@ class ConntrackDetector:
     """
 
     name = "conntrack"
+    holds_flows = True  # its flows hold activations: when it stops, the service releases them
 
     def __init__(
         self,
@@ -876,24 +873,24 @@ class ConntrackDetector:
             self.followed[flow] = _Followed(None if timeout is None else now + timeout)
 
     def _lookup(self, sock: socket.socket, flows: list[Flow]) -> list[CtEntry | None]:
-        """Each flow's entry now, by one GET each (the kernel answers before send returns)."""
+        """Each flow's entry now (``None``: gone), by one GET each (the kernel answers before
+        send returns). An answer that is neither the entry nor ENOENT counts as gone: a hold
+        nobody can confirm must not keep ports open. OSError (the socket failed) propagates:
+        the detector stops and the service releases every hold."""
         out: list[CtEntry | None] = []
         for i, flow in enumerate(flows, 1):
             self.lookups += 1
-            try:
-                sock.send(encode_get(flow, i))
-                data = sock.recv(65536)
-            except OSError as exc:
-                log.debug("conntrack: lookup of %s failed: %s", flow, exc)
-                out.append(_KEEP)
-                continue
+            sock.send(encode_get(flow, i))
+            data = sock.recv(65536)
             entries = decode_entries(data)
-            if entries:
+            if entries and entries[0].flow == flow:
                 out.append(entries[0])
-            elif _reply_errno(data, i) == errno.ENOENT:
-                out.append(None)
             else:
-                out.append(_KEEP)  # an answer we cannot read: no news, look again next time
+                code = _reply_errno(data, i)
+                if code != errno.ENOENT:
+                    log.debug("conntrack: lookup of %s answered %s", flow,
+                              os.strerror(code) if code else "something unreadable")
+                out.append(None)
         return out
 
     def _dump(self, sock: socket.socket) -> list[CtEntry]:
@@ -1045,10 +1042,18 @@ class ConntrackDetector:
             except OSError as exc:
                 log.info("conntrack: no kernel-side prefilter (%s); filtering in Python", exc)
         loop = asyncio.get_running_loop()
+        failed: asyncio.Future[None] = loop.create_future()
         poller: asyncio.Task[None] | None = None
         if self.follows is not None:
             poller = asyncio.create_task(self._follow_loop(sink), name="conntrack-follow")
-        failed: asyncio.Future[None] = loop.create_future()
+
+            def poller_done(task: asyncio.Task[None]) -> None:
+                exc = None if task.cancelled() else task.exception()
+                if exc is not None and not failed.done():  # holds could no longer be ended
+                    failed.set_exception(DetectionUnavailable(
+                        f"conntrack: following live flows failed: {exc}"))
+
+            poller.add_done_callback(poller_done)
         buf = bytearray(65536)
         fd = sock.fileno()
         feed = self.parser.feed
@@ -1127,8 +1132,6 @@ class ConntrackDetector:
                 found = await asyncio.to_thread(self._lookup, req, flows)
                 now = time.monotonic()
                 for flow, entry in zip(flows, found, strict=True):
-                    if entry is _KEEP:
-                        continue
                     news = self.look(flow, entry, now)
                     if news is not None:
                         self._report(sink, news)

@@ -131,6 +131,7 @@ class SocketTableDetector:
     """Polls the socket table; reports each new connected socket once."""
 
     name = "sockets"
+    holds_flows = True  # its flows hold activations: when it stops, the service releases them
 
     def __init__(self, interval: float = 1.0, *, reader: Callable[[], list[Conn]] | None = None,
                  wanted: Wanted | None = None) -> None:
