@@ -11,6 +11,7 @@ from igdtrigger import engine as engine_mod
 from igdtrigger.engine import Engine, EventKind, Source
 from igdtrigger.model import Flow, Proto
 
+from .fakes import FakeClock
 from .test_engine import flow, make, rule
 
 HOST = "192.168.1.20"
@@ -24,6 +25,15 @@ def inbound(dport: int = 40000, dst: str = HOST, src: str = "11.9.9.9", sport: i
 def only(eng: Engine) -> engine_mod.Activation:
     (act,) = eng.activations.values()
     return act
+
+
+def held_by_a_connection() -> tuple[Engine, FakeClock, Flow]:
+    """An activation held by one established TCP connection to its trigger port."""
+    eng, clock, _ = make(rule(trigger="tcp/27015", idle=5))
+    f = flow(proto=Proto.TCP)
+    eng.on_flow(f)
+    eng.on_flow_live(f, connected=True)
+    return eng, clock, f
 
 
 def test_a_long_udp_flow_keeps_refreshing_the_activation() -> None:
@@ -51,10 +61,7 @@ def test_idle_reported_by_the_detector_dates_the_last_packet() -> None:
 
 
 def test_a_silent_tcp_connection_holds_until_it_closes() -> None:
-    eng, clock, _ = make(rule(trigger="tcp/27015", idle=5))
-    f = flow(proto=Proto.TCP)
-    eng.on_flow(f)
-    eng.on_flow_live(f, connected=True)
+    eng, clock, f = held_by_a_connection()
     act = only(eng)
     assert act.held and act.hold_reason(clock.now) == "1 live flow"
     assert act.to_json(clock.now)["expires_in"] is None
@@ -68,10 +75,7 @@ def test_a_silent_tcp_connection_holds_until_it_closes() -> None:
 
 
 def test_a_connection_leaving_established_starts_the_timer() -> None:
-    eng, clock, _ = make(rule(trigger="tcp/27015", idle=5))
-    f = flow(proto=Proto.TCP)
-    eng.on_flow(f)
-    eng.on_flow_live(f, connected=True)
+    eng, clock, f = held_by_a_connection()
     clock.advance(100)
     eng.on_flow_live(f, connected=False)
     assert only(eng).expires == clock.now + 5
@@ -237,10 +241,7 @@ def test_wants_is_trigger_or_opened_ports() -> None:
 
 
 def test_releasing_flows_starts_the_timers() -> None:
-    eng, clock, _ = make(rule(trigger="tcp/27015", idle=5))
-    f = flow(proto=Proto.TCP)
-    eng.on_flow(f)
-    eng.on_flow_live(f, connected=True)
+    eng, clock, _ = held_by_a_connection()
     clock.advance(100)
     assert eng.release_flows() == 1
     assert not eng.live and only(eng).expires == clock.now + 5

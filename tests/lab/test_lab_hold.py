@@ -112,14 +112,21 @@ def end(*procs: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
+def serve_with(make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve], method: str,
+               rule: str) -> tuple[Lab, Serve]:
+    """A lab (conntrack in the LAN host only for that detector) and `serve` with one detector."""
+    lab = make_lab(lan_conntrack=method == "conntrack")
+    s = Serve(lab, lab.lan, config(lab, tmp_path, f'methods = ["{method}"]\n'
+                                   'socket_interval = "500ms"', rule))
+    started.append(s)
+    return lab, s
+
+
 @pytest.mark.parametrize("method", ["conntrack", "sockets"])
 def test_long_udp_flow_holds_then_closes_after_it_stops(
         make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve], method: str) -> None:
     """1 (and 4): one UDP flow, a packet a second for 3x idle_timeout: open throughout."""
-    lab = make_lab(lan_conntrack=method == "conntrack")
-    s = Serve(lab, lab.lan, config(lab, tmp_path, f'methods = ["{method}"]\n'
-                                   'socket_interval = "500ms"', RULE_UDP))
-    started.append(s)
+    lab, s = serve_with(make_lab, tmp_path, started, method, RULE_UDP)
     sender = udp_sender(lab, 3 * IDLE + 4, connect=method == "sockets")
     try:
         wait_for(lambda: is_open(lab), 10, "mappings after the first packet")
@@ -137,10 +144,7 @@ def test_long_udp_flow_holds_then_closes_after_it_stops(
 def test_silent_tcp_connection_holds_until_closed(
         make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve], method: str) -> None:
     """2 (and 4): a TCP connection to the trigger port, open and silent for 3x idle_timeout."""
-    lab = make_lab(lan_conntrack=method == "conntrack")
-    s = Serve(lab, lab.lan, config(lab, tmp_path, f'methods = ["{method}"]\n'
-                                   'socket_interval = "500ms"', RULE_TCP))
-    started.append(s)
+    lab, s = serve_with(make_lab, tmp_path, started, method, RULE_TCP)
     server, client = tcp_connection(lab)
     try:
         wait_for(lambda: is_open(lab), 10, "mappings after the connection")
