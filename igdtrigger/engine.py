@@ -53,6 +53,7 @@ _SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule ope
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 MAX_FLOWS_PER_HOST = 256  # live matching flows followed per LAN host
 MAX_FLOWS = 4096  # ... and in all
+PROCESS_RUNNING_WITHIN = 5.0  # s: a process seen this recently is reported as running
 
 
 class Source(enum.StrEnum):
@@ -93,13 +94,15 @@ class Activation:
         return self.expires == math.inf
 
     def hold_reason(self, now: float) -> str:
-        """Why it is open now, for a person: "2 live flows", "process seen 3s ago",
-        "API, 12m left"."""
+        """Why it is open now, for a person: "2 live flows", "traffic 3s ago", "process
+        running", "API, 12m left"."""
         if self.source in (Source.API, Source.RUN):
             label = "API" if self.source is Source.API else "run"
             return f"{label}, {format_duration(self.expires - now)} left"
-        if self.source is Source.PROCESS:
-            return f"process seen {format_duration(now - self.last_active)} ago"
+        if self.source is Source.PROCESS:  # the process detector looks every second or so
+            ago = now - self.last_active
+            return ("process running" if ago <= PROCESS_RUNNING_WITHIN
+                    else f"process last seen {format_duration(ago)} ago")
         n = len(self.flows)
         if self.holding:
             return f"{n} live flow{'s' if n != 1 else ''}"

@@ -104,7 +104,7 @@ _SCHEMAS: dict[str, Any] = {
                                           "while a live connection holds it"},
             "hold": {"type": "string",
                      "description": "why it is open now: '2 live flows', 'traffic 3s ago', "
-                                    "'process seen 2s ago', 'API, 12m left'"},
+                                    "'process running', 'API, 12m left'"},
             "live_flows": {"type": "integer",
                            "description": "live trigger and inbound flows it follows"},
             "held_by": {"type": "array", "items": {"type": "string"}},

@@ -309,3 +309,33 @@ def test_kernel_drops_unwanted_events_before_they_reach_us(netns: str) -> None: 
     assert result["filter"] is True, result
     assert result["seen"] == [27015], result
     assert result["events_seen"] == 1 and result["flows_filtered"] == 0, result
+
+
+HINT_SCRIPT = """
+import asyncio, logging, socket
+from igdtrigger.detect.conntrack import ConntrackDetector
+from igdtrigger.model import parse_port_spec
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+async def main():
+    det = ConntrackDetector(quiet_hint_after=0.5)
+    det.ports = list(parse_port_spec("udp/27015"))
+    task = asyncio.create_task(det.run(lambda f: None))
+    await asyncio.sleep(0.2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"x", ("127.0.0.1", 30001))  # tracked, but filtered out in the kernel
+    await asyncio.sleep(1.0)
+    print("filter", det.kernel_filter, "datagrams", det.datagrams, flush=True)
+    task.cancel()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.lab
+def test_kernel_filter_does_not_fake_the_no_tracking_hint(netns: str) -> None:  # noqa: F811
+    done = _run("ip", "netns", "exec", netns, sys.executable, "-c", HINT_SCRIPT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "filter True datagrams 0" in done.stdout
+    assert "conntrack only tracks" not in done.stderr  # tracking is on: no hint

@@ -202,7 +202,9 @@ def test_process_reason() -> None:
     eng.on_process(["game"], HOST)
     clock.advance(2)
     assert only(eng).source is Source.PROCESS
-    assert only(eng).hold_reason(clock.now) == "process seen 2s ago"
+    assert only(eng).hold_reason(clock.now) == "process running"
+    clock.advance(8)
+    assert only(eng).hold_reason(clock.now) == "process last seen 10s ago"
 
 
 def test_followed_flows_are_capped_per_host_and_in_all(monkeypatch: pytest.MonkeyPatch) -> None:

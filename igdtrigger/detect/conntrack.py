@@ -1168,10 +1168,29 @@ class ConntrackDetector:
             )
 
     def _quiet_hint(self) -> None:
-        if self.parser.datagrams == 0:
-            log.warning(
-                "conntrack: no event in %gs; %s", self.quiet_hint_after or 0, _TRACKING_HINT
-            )
+        if self.parser.datagrams != 0:
+            return
+        if self.kernel_filter:  # unrelated flows never reach us: ask whether anything is tracked
+            try:
+                sock = self._open_requests()
+                try:
+                    seq = 0x7FFF0001
+                    sock.send(_NLMSGHDR_FULL.pack(NLMSG_HDRLEN + NFGENMSG_LEN, CT_GET_STATS,
+                                                  NLM_F_REQUEST, seq, 0)
+                              + _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0))
+                    entries = self._probe_reply(sock, seq)
+                finally:
+                    sock.close()
+            except OSError:
+                entries = None
+            if entries:
+                return
+            log.warning("conntrack: tracking no connection after %gs; %s",
+                        self.quiet_hint_after or 0, _TRACKING_HINT)
+            return
+        log.warning(
+            "conntrack: no event in %gs; %s", self.quiet_hint_after or 0, _TRACKING_HINT
+        )
 
 
 def _stats_entries(data: bytes, start: int, end: int) -> int | None:
