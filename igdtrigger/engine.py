@@ -100,9 +100,9 @@ class Activation:
             label = "API" if self.source is Source.API else "run"
             return f"{label}, {format_duration(self.expires - now)} left"
         if self.source is Source.PROCESS:  # the process detector looks every second or so
-            ago = now - self.last_active
-            return ("process running" if ago <= PROCESS_RUNNING_WITHIN
-                    else f"process last seen {format_duration(ago)} ago")
+            since = now - self.last_active
+            return ("process running" if since <= PROCESS_RUNNING_WITHIN
+                    else f"process last seen {format_duration(since)} ago")
         n = len(self.flows)
         if self.holding:
             return f"{n} live flow{'s' if n != 1 else ''}"
