@@ -780,6 +780,7 @@ class ConntrackDetector:
         self.followed: dict[Flow, _Followed] = {}
         self.udp_timeouts = (30, 120)  # the namespace's, read when run() starts
         self.lookups = 0  # GET requests sent for followed flows
+        self._seq = 0
         self.dumped = 0  # entries the start-up dump reported
         self.rcvbuf = rcvbuf
         self.batch = max(1, batch)
@@ -878,15 +879,19 @@ class ConntrackDetector:
         nobody can confirm must not keep ports open. OSError (the socket failed) propagates:
         the detector stops and the service releases every hold."""
         out: list[CtEntry | None] = []
-        for i, flow in enumerate(flows, 1):
+        for flow in flows:
             self.lookups += 1
-            sock.send(encode_get(flow, i))
-            data = sock.recv(65536)
+            self._seq = seq = self._seq % 0x7FFF0000 + 1
+            sock.send(encode_get(flow, seq))
+            for _ in range(16):  # skip anything stale (a reply to a request that timed out)
+                data = sock.recv(65536)
+                if len(data) >= NLMSG_HDRLEN and _NLMSGHDR_FULL.unpack_from(data)[3] == seq:
+                    break
             entries = decode_entries(data)
             if entries and entries[0].flow == flow:
                 out.append(entries[0])
             else:
-                code = _reply_errno(data, i)
+                code = _reply_errno(data, seq)
                 if code != errno.ENOENT:
                     log.debug("conntrack: lookup of %s answered %s", flow,
                               os.strerror(code) if code else "something unreadable")
@@ -895,7 +900,7 @@ class ConntrackDetector:
 
     def _dump(self, sock: socket.socket) -> list[CtEntry]:
         """Every wanted entry in the table now (the start-up dump)."""
-        sock.send(encode_get(None, 0x7FFF0000))
+        sock.send(encode_get(None, 0x7FFFFFFE))
         entries: list[CtEntry] = []
         while True:
             data = sock.recv(1 << 20)
