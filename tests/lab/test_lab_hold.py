@@ -171,11 +171,11 @@ def test_inbound_traffic_on_the_opened_port_holds(
     finish(sender, 10)
     wait_for(lambda: is_open(lab), 10, "mappings after the trigger packet")
     end_at = time.monotonic() + 3 * IDLE
-    while time.monotonic() < end_at:  # each probe is a fresh flow from the WAN host
-        t = time.monotonic()
-        assert lab.probe("udp", 40000, timeout=1.0), "the opened port closed while in use"
-        time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
     stopped = time.monotonic()
+    while time.monotonic() < end_at:  # each probe is a fresh flow from the WAN host
+        stopped = time.monotonic()  # the last packet is sent right after this
+        assert lab.probe("udp", 40000, timeout=1.0), "the opened port closed while in use"
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - stopped)))
     counts = s.status()["counts"]
     assert counts["flows_inbound"] >= 3 * IDLE - 2, counts
     closes_after(lab, stopped, "the inbound traffic stopped")
