@@ -84,6 +84,7 @@ class Activation:
     last_active: float = 0.0  # engine clock: its last trigger/inbound packet or process sighting
     flows: set[Flow] = field(default_factory=set, repr=False, compare=False)  # live, followed
     holding: int = 0  # how many of ``flows`` are connections that hold it while silent
+    journaled: float = 0.0  # the expiry last handed to the journal (see Engine._set_expiry)
     # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
     specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
         default=None, repr=False, compare=False)
@@ -535,7 +536,7 @@ class Engine:
         now = self.clock()
         act = Activation(id=act_id, rule=rule, host=host, source=src, created=now - max(0, age),
                          expires=now + remaining, ttl=ttl, seq=next(self._seq), meta=meta,
-                         last_active=now + remaining - ttl)
+                         last_active=now + remaining - ttl, journaled=now + remaining)
         self.activations[act.id] = act
         if src in (Source.TRAFFIC, Source.PROCESS):
             self._traffic[(rule.name, host, src)] = act.id
@@ -634,6 +635,7 @@ class Engine:
             seq=next(self._seq),
             meta=meta,
             last_active=now,
+            journaled=now + ttl,
         )
         self.activations[act.id] = act
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
@@ -658,7 +660,13 @@ class Engine:
         if when == act.expires:
             return
         act.expires = when
-        self.dirty.add(act.id)
+        # the journal hears of an earlier expiry, a hold starting or ending, and a later one
+        # once it moved a quarter of the timeout: packets every second must not fsync every
+        # second (after a crash an activation comes back with an expiry a little too early)
+        if (when < act.journaled or math.inf in (when, act.journaled)
+                or when - act.journaled >= max(1.0, act.ttl / 4)):
+            act.journaled = when
+            self.dirty.add(act.id)
         if when == math.inf:
             return  # held: nothing to schedule (its heap entries go stale)
         heapq.heappush(self._heap, (when, act.seq, act.id))

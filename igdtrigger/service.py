@@ -385,8 +385,11 @@ class Service:
             self.engine.on_flow_ended(flow, closed=obs.closed)
             self.wake()  # the idle timer may have started: reschedule
         elif isinstance(obs, FlowLive):
-            self.engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
-            self.wake()
+            created = self.engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
+            # packets only move expiries later (the scheduler finds that when it wakes); a new
+            # activation, or a connection that stopped holding (its timer now runs), needs it now
+            if created or (not obs.connected and obs.idle is None):
+                self.wake()
         elif self.engine.on_flow(flow):
             self.wake()
 

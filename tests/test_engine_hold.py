@@ -247,3 +247,19 @@ def test_releasing_flows_starts_the_timers() -> None:
     clock.advance(100)
     assert eng.release_flows() == 1
     assert not eng.live and only(eng).expires == clock.now + 5
+
+
+def test_packets_every_second_do_not_rewrite_the_journal_every_second() -> None:
+    eng, clock, _ = make(rule(idle=600))
+    f = flow()
+    eng.on_flow(f)
+    eng.dirty.clear()
+    writes = 0
+    for _ in range(600):
+        clock.advance(1)
+        eng.on_flow_live(f, connected=False, idle=0.0)
+        writes += len(eng.dirty)
+        eng.dirty.clear()
+    assert 1 <= writes <= 4  # once per quarter of the timeout
+    eng.on_flow_live(f, connected=True)  # a hold starting is written at once
+    assert eng.dirty
