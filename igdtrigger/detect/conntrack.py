@@ -65,13 +65,9 @@ What the kernel must be doing for events to appear
   masquerade, an nftables rule using ``ct`` (``ct state new``...), an iptables ``-m conntrack``
   / ``-m state`` rule. A Linux box doing NAT for a LAN tracks every forwarded flow already (and
   events show the LAN host as the source). On a host with no such rule there are **no events at
-  all**; a rule as small as::
-
-      nft add table inet igdtrigger
-      nft add chain inet igdtrigger out '{ type filter hook output priority 0; }'
-      nft add rule inet igdtrigger out ct state new counter
-
-  (plus the same on a ``forward`` hook for routed traffic) turns tracking on. The detector logs
+  all**. The service loads its own small table for that (``inet igdtrigger``, see
+  :mod:`igdtrigger.detect.nfttrack`; ``[detect] track_flows``), matching only the trigger and
+  opened ports, and removes it at stop. The detector logs
   a hint once if no event has arrived after ``quiet_hint_after`` seconds, and ``check()`` logs
   one when the tracker holds no connection at all.
 * Loopback traffic is tracked like any other once tracking is on (observed on Linux 6.18).
@@ -741,10 +737,9 @@ _CAP_HINT = "run as root or grant CAP_NET_ADMIN (systemd: AmbientCapabilities=CA
 _MODULE_HINT = "modprobe nf_conntrack_netlink"
 _TRACKING_HINT = (
     "conntrack only tracks flows in a network namespace when a rule needs it (NAT/masquerade, "
-    "an nftables 'ct' rule, iptables -m conntrack/state); a NAT router does this already, "
-    "otherwise add e.g. `nft add table inet igdtrigger; nft add chain inet igdtrigger fwd "
-    "'{ type filter hook forward priority 0; }'; nft add rule inet igdtrigger fwd ct state new "
-    "counter` (same with 'hook output' for this host's own traffic)"
+    "an nftables 'ct' rule, iptables -m conntrack/state); a NAT router does this already, and "
+    "the service loads its own small table for it unless [detect] track_flows = false (it "
+    "needs CAP_NET_ADMIN; `igdtrigger doctor` says whether it is loaded)"
 )
 
 
