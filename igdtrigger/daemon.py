@@ -133,14 +133,23 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
                             discover_timeout=config.gateway.discover_timeout,
                             on_call=metrics.on_router_call)
     detectors = build_detectors(config)
+    tracking = None
+    if any(d.name == "conntrack" for d in detectors):
+        from .detect.nfttrack import KernelTracking
+
+        tracking = KernelTracking(enabled=config.detect.track_flows)
     # a simulated router's journal and tag live apart: the real service never restores (or
     # cleans up) what a demo did, nor the demo what the real service holds
     journal_dir = (config.state_dir or default_state_dir()) / "simulate" if sim else None
     service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
-                      on_router_call=metrics.on_router_call)
+                      on_router_call=metrics.on_router_call, tracking=tracking)
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
-            det.wanted = lambda proto, port: bool(service.engine.index.match(proto, port))
+            det.wanted = service.engine.wants
+        if hasattr(det, "ports"):
+            det.ports = service.engine.port_ranges()
+        if hasattr(det, "follows"):
+            det.follows = service.follows
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     app = make_app(service, metrics=metrics,
