@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS activations (
     ttl REAL NOT NULL,
     meta TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS routers (
+    identity TEXT PRIMARY KEY,    -- traits.router_identity(): protocol@host
+    traits TEXT NOT NULL,         -- JSON: what igdtrigger learned by checking its answers
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pinholes (
     address TEXT NOT NULL,        -- this machine's IPv6 address the pinhole lets traffic to
     proto TEXT NOT NULL,
@@ -74,6 +79,11 @@ class JournalMapping:
     internal_port: int
     description: str
     state: str
+
+    @property
+    def spec(self) -> MappingSpec:
+        return MappingSpec(self.proto, self.external_port, self.internal_client,
+                           self.internal_port, self.description)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +219,12 @@ class Journal:
               s.description, now) for s in specs])
 
     def mapping_gone(self, proto: Proto, external_port: int) -> None:
+        self.mappings_gone([(proto, external_port)])
+
+    def mappings_gone(self, keys: list[tuple[Proto, int]]) -> None:
+        """Forget mappings confirmed gone from the router, in one fsync'd transaction."""
         self._write("DELETE FROM mappings WHERE proto=? AND external_port=?",
-                    [(proto.value, external_port)])
+                    [(proto.value, port) for proto, port in keys])
 
     def mappings(self) -> list[JournalMapping]:
         if self._db is None:
@@ -228,6 +242,30 @@ class Journal:
                 out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
                                           str(desc), str(state)))
         return out
+
+    # --- routers: learned traits ----------------------------------------------------------
+
+    def router_traits(self, identity: str) -> dict[str, object] | None:
+        """What an earlier run learned about this router (``RouterTraits.persisted()``)."""
+        if self._db is None:
+            return None
+        try:
+            row = self._db.execute("SELECT traits FROM routers WHERE identity=?",
+                                   (identity,)).fetchone()
+        except sqlite3.Error as exc:  # a journal from before this table (read-only copy)
+            log.debug("no router traits in the journal: %s", exc)
+            return None
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except ValueError:
+            return None
+        return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
+
+    def router_traits_put(self, identity: str, traits: dict[str, object]) -> None:
+        self._write("INSERT OR REPLACE INTO routers VALUES (?,?,?)",
+                    [(identity, json.dumps(traits, sort_keys=True), time.time())])
 
     # --- IPv6 pinholes --------------------------------------------------------------------------
 
@@ -263,6 +301,10 @@ class Journal:
         self._write("INSERT OR REPLACE INTO activations VALUES (?,?,?,?,?,?,?,?)",
                     [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
                       json.dumps(a.meta)) for a in acts])
+
+    def activations_clear(self) -> None:
+        """A clean stop: what this run held has ended; nothing is restored at the next start."""
+        self._write("DELETE FROM activations", [()])
 
     def activation_gone(self, act_id: str) -> None:
         self._write("DELETE FROM activations WHERE id=?", [(act_id,)])
