@@ -14,10 +14,13 @@ from igdtrigger.errors import (
     SECURE_MODE_HINT,
     ActionFailed,
     GatewayError,
+    InvalidArgs,
     LeaseRefused,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    TableFull,
+    UnsupportedAction,
 )
 from igdtrigger.gateway import igd
 from igdtrigger.gateway.igd import (
@@ -103,12 +106,14 @@ def test_unknown_code_or_none_without_description() -> None:
     ("DeletePortMapping", 730, NoSuchMapping),  # 730 means "already gone", not a hard error
     ("GetSpecificPortMappingEntry", 730, NoSuchMapping),
     ("AddPortMapping", 704, ActionFailed),  # a pinhole code on a mapping action: nothing special
-    ("AddPortMapping", 728, ActionFailed),
+    ("AddPortMapping", 728, TableFull),
     ("AddPortMapping", 501, ActionFailed),
     ("AddPortMapping", 716, ActionFailed),
     ("AddPortMapping", 724, ActionFailed),
-    ("GetGenericPortMappingEntry", 713, ActionFailed),
-    ("AddPortMapping", 401, ActionFailed),
+    ("GetGenericPortMappingEntry", 713, NoSuchMapping),  # past the end of the table
+    ("AddAnyPortMapping", 401, UnsupportedAction),
+    ("AddAnyPortMapping", 602, UnsupportedAction),
+    ("AddPortMapping", 402, InvalidArgs),
     # pinholes
     ("AddPinhole", 606, NotAuthorized),
     ("DeletePinhole", 704, NoSuchMapping),
@@ -131,14 +136,15 @@ def test_606_hint_names_the_right_remedy() -> None:
     assert fwd.endswith(SECURE_MODE_HINT) and PINHOLE_SELF_HINT not in fwd
 
 
-def test_402_is_a_lease_refusal_only_for_a_timed_add() -> None:
+def test_402_is_invalid_args_naming_the_lease_asked() -> None:
+    """A 402 on a timed add is not yet "timed leases refused": only a lease-0 retry tells."""
     timed = fault_error("AddPortMapping", UpnpFault(402, "Invalid Args"), lease=3600)
-    assert type(timed) is LeaseRefused
-    assert "taken as: timed leases refused" in str(timed)
-    for action, lease in [("AddPortMapping", 0), ("AddPortMapping", None),
-                          ("DeletePortMapping", 3600), ("AddPinhole", 3600)]:
-        assert type(fault_error(action, UpnpFault(402, "Invalid Args"), lease=lease)) \
-            is ActionFailed, (action, lease)
+    assert type(timed) is InvalidArgs
+    assert timed.description == "Invalid Args (lease 3600s asked)"  # type: ignore[attr-defined]
+    for lease in (0, None):
+        err = fault_error("AddPortMapping", UpnpFault(402, "Invalid Args"), lease=lease)
+        assert type(err) is InvalidArgs
+        assert err.description == "Invalid Args"  # type: ignore[attr-defined]
 
 
 # --- SOAP replies -----------------------------------------------------------------------------
@@ -192,7 +198,7 @@ def test_bare_http_error_is_a_fault_without_a_code(status: int) -> None:
 
 @pytest.mark.parametrize("status", [200, 204, 399])
 def test_success_status_without_an_answer_is_malformed(status: int) -> None:
-    with pytest.raises(MalformedReply, match="GetExternalIPAddress reply has no "
+    with pytest.raises(MalformedReply, match="GetExternalIPAddress: router's reply has no "
                                              "GetExternalIPAddressResponse element"):
         parse_soap_response(status, b"", "GetExternalIPAddress")
 
@@ -225,7 +231,7 @@ def test_soap_size_limit() -> None:
     answer = envelope('<u:XResponse xmlns:u="urn:x"><A>1</A></u:XResponse>')
     pad = b" " * (MAX_SOAP - len(answer))
     assert parse_soap_response(200, answer + pad, "X") == {"A": "1"}  # exactly the limit
-    with pytest.raises(MalformedReply, match="X reply larger than 256 KiB"):
+    with pytest.raises(MalformedReply, match="X: reply larger than 256 KiB"):
         parse_soap_response(200, answer + pad + b" ", "X")
     with pytest.raises(MalformedReply, match="larger than 256 KiB"):
         parse_soap_response(500, b"<errorCode>718</errorCode>" + b" " * MAX_SOAP, "X")
@@ -277,9 +283,9 @@ def test_description_size_limit() -> None:
 
 
 def test_broken_xml_names_the_document() -> None:
-    with pytest.raises(MalformedReply, match=f"device description at {LOC} is not well-formed"):
+    with pytest.raises(MalformedReply, match=f"device description at {LOC}: not well-formed"):
         parse_description(b"<root><device></root>", LOC)
-    with pytest.raises(MalformedReply, match="has no <device> element"):
+    with pytest.raises(MalformedReply, match=": no <device> element"):
         parse_description(b"<root><URLBase>http://x/</URLBase></root>", LOC)
 
 
@@ -526,8 +532,8 @@ def test_notify_fields_and_case() -> None:
 
 
 def test_tracker_notices_every_move_not_only_the_first() -> None:
-    t = NotifyTracker(GW)
-    assert t.feed(notify(), GW) is None  # the first alive is the baseline
+    t = NotifyTracker(GW, LOC)
+    assert t.feed(notify(), GW) is None  # the first alive is the baseline (and its UUID ours)
     second = f"http://{GW}:5001/rootDesc.xml"
     third = f"http://{GW}:5002/rootDesc.xml"
     moved = t.feed(notify(location=second), GW)
@@ -606,9 +612,9 @@ def test_request_body_is_exact() -> None:
 def test_errors_keep_action_code_and_description() -> None:
     pin = fault_error("AddPinhole", UpnpFault(606, "nope"))
     assert (pin.action, pin.code, pin.description) == ("AddPinhole", 606, "nope")  # type: ignore[attr-defined]
-    lease = fault_error("AddPortMapping", UpnpFault(402, "Invalid Args"), lease=60)
-    assert (lease.action, lease.code) == ("AddPortMapping", 402)  # type: ignore[attr-defined]
-    assert lease.description == "Invalid Args (taken as: timed leases refused)"  # type: ignore[attr-defined]
+    lease = fault_error("AddPortMapping", UpnpFault(725, "Only"), lease=60)
+    assert (lease.action, lease.code) == ("AddPortMapping", 725)  # type: ignore[attr-defined]
+    assert lease.description == "Only"  # type: ignore[attr-defined]
 
 
 def test_types_with_whitespace_inside_are_recognised() -> None:
@@ -701,7 +707,7 @@ def test_notify_about_any_igd_device_or_service_counts(part: str) -> None:
     nt = f"urn:schemas-upnp-org:device:{part}:1"
     n = parse_ssdp_notify(notify(nt=nt))
     assert n is not None and n.about_igd
-    t = NotifyTracker(GW, LOC)
+    t = NotifyTracker(GW, LOC, uuids=["uuid:abc"])
     moved = t.feed(notify(nt=nt, location=f"http://{GW}:5001/x.xml"), GW)
     assert moved is not None and moved.kind is RouterChangeKind.MOVED
     other = parse_ssdp_notify(notify(nt="urn:schemas-upnp-org:device:MediaServer:1"))

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from igdtrigger.errors import ActionFailed, MappingConflict, NotAuthorized
+from igdtrigger.errors import ActionFailed, MappingConflict, NotAuthorized, TableFull
 from igdtrigger.gateway.pmp import (
     DOUBLE_NAT_HINT,
     MAX_LIFETIME,
@@ -193,7 +193,7 @@ def test_pmp_checks_say_what_is_wrong() -> None:
 @pytest.mark.parametrize(("result", "cls", "hint"), [
     (2, NotAuthorized, "ports below 1024 are usually denied"),
     (3, NetworkFailure, DOUBLE_NAT_HINT),
-    (4, ActionFailed, "mapping table is full or no external port is free"),
+    (4, TableFull, "mapping table is full or no external port is free"),
 ])
 def test_pmp_errors_carry_their_remedy(result: int, cls: type[Exception], hint: str) -> None:
     err = pmp_error("NAT-PMP map udp/1", result)
@@ -329,7 +329,7 @@ def test_pcp_result_table_is_rfc_6887() -> None:
     (5, ActionFailed, ""),
     (6, ActionFailed, "could not parse an option of our request"),
     (7, NetworkFailure, DOUBLE_NAT_HINT),
-    (8, ActionFailed, "mapping table is full or no external port is free"),
+    (8, TableFull, "mapping table is full or no external port is free"),
     (9, ActionFailed, "the router cannot map this protocol"),
     (10, ActionFailed, "used up its mapping quota"),
     (11, MappingConflict, "the external port is taken by another host or program"),
