@@ -628,3 +628,46 @@ def test_lapsed_traffic_links_are_forgotten() -> None:
 def test_owned_by_needs_the_exact_spelling() -> None:
     assert owned_by("igdtrigger\tgame\tt1", "t1") is None
     assert owned_by("igdtrigger  game t1", "t1") is None
+
+
+# --- what a person reads in status: why each activation is open ----------------------------------
+
+
+def test_hold_reason_for_each_source() -> None:
+    eng, clock, _ = make(rule(idle=60, process=("game",)))
+    api = eng.activate("demo", HOST, ttl=70)
+    run = eng.activate("demo", OTHER, ttl=3700, source=Source.RUN)
+    assert api.hold_reason(clock.now) == "API, 1m10s left"
+    assert run.hold_reason(clock.now) == "run, 1h01m left"
+    [proc] = eng.on_process(["game"], HOST)
+    clock.advance(5)
+    assert proc.hold_reason(clock.now) == "process running"
+    clock.advance(1)
+    assert proc.hold_reason(clock.now) == "process last seen 6s ago"
+    [traffic] = eng.on_flow(flow(src="192.168.1.30"))
+    assert traffic.hold_reason(clock.now) == "traffic 0s ago, 1 live flow"
+    eng.on_flow_ended(flow(src="192.168.1.30"))
+    clock.advance(3)
+    assert traffic.hold_reason(clock.now) == "traffic 3s ago"
+    assert traffic.to_json(clock.now)["hold"] == "traffic 3s ago"
+    assert traffic.to_json(clock.now)["live_flows"] == 0
+
+
+def test_hold_reason_counts_live_flows() -> None:
+    eng, clock, _ = make(rule(idle=60))
+    one = flow()
+    two = Flow(Proto.UDP, ipaddress.ip_address(HOST), ipaddress.ip_address("11.22.33.45"),
+               50001, 27015)
+    [act] = eng.on_flow(one)
+    eng.on_flow_live(one, connected=True)
+    assert act.hold_reason(clock.now) == "1 live flow"
+    eng.on_flow(two)
+    eng.on_flow_live(two, connected=True)
+    assert act.hold_reason(clock.now) == "2 live flows"
+    j = act.to_json(clock.now)
+    assert j["expires_in"] is None and j["live_flows"] == 2
+    eng.on_flow_ended(one)
+    eng.on_flow_live(two, connected=False)
+    clock.advance(4)
+    assert act.hold_reason(clock.now) == "traffic 4s ago, 1 live flow"
+    assert act.to_json(clock.now)["expires_in"] == 56
