@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from igdtrigger.errors import (
+    DEVICE_DENIED_HINT,
     PINHOLE_SELF_HINT,
     SECURE_MODE_HINT,
     ActionFailed,
@@ -44,6 +45,7 @@ from igdtrigger.gateway.igd import (
     pick,
     pinhole_args,
     pinhole_uid,
+    reserved_port,
 )
 
 GW = "192.168.1.1"
@@ -712,3 +714,51 @@ def test_notify_about_any_igd_device_or_service_counts(part: str) -> None:
     assert moved is not None and moved.kind is RouterChangeKind.MOVED
     other = parse_ssdp_notify(notify(nt="urn:schemas-upnp-org:device:MediaServer:1"))
     assert other is not None and not other.about_igd
+
+
+# --- main's one fault table: who asked and which IGD version change the remedy ---------------
+
+CONFLICT = "another host or program holds this external port"
+
+
+def test_718_remedy_depends_on_who_asked_and_the_igd_version() -> None:
+    mine = fault_error("AddPortMapping", UpnpFault(718, "x"), for_self=True)
+    assert type(mine) is MappingConflict
+    assert str(mine).endswith(f"; {CONFLICT}, or {DEVICE_DENIED_HINT}")
+    v2 = fault_error("AddPortMapping", UpnpFault(718, "x"), igd_version=2)
+    assert type(v2) is MappingConflict and str(v2).endswith(f"x; {CONFLICT}")
+    v1 = fault_error("AddPortMapping", UpnpFault(718, "x"), igd_version=1)
+    assert str(v1).endswith(f"; {CONFLICT}, or (IGDv1) {SECURE_MODE_HINT}")
+    unknown = fault_error("AddPortMapping", UpnpFault(718, "x"))
+    assert str(unknown) == str(v1)
+    other = fault_error("AddPortMapping", UpnpFault(729, "x"), for_self=True)
+    assert type(other) is MappingConflict and str(other).endswith(f"x; {CONFLICT}")
+    assert (mine.action, mine.code, mine.description) == ("AddPortMapping", 718, "x")  # type: ignore[attr-defined]
+
+
+def test_606_for_this_device_is_a_device_denial_not_secure_mode() -> None:
+    mine = fault_error("AddPortMapping", UpnpFault(606, "x"), for_self=True)
+    assert type(mine) is NotAuthorized and str(mine).endswith(DEVICE_DENIED_HINT)
+    other = fault_error("AddPortMapping", UpnpFault(606, "x"), for_self=False)
+    assert str(other).endswith(SECURE_MODE_HINT)
+
+
+def test_728_says_the_table_is_full() -> None:
+    err = fault_error("AddPortMapping", UpnpFault(728, ""))
+    assert type(err) is TableFull
+    assert str(err) == ("router refused AddPortMapping: 728 NoPortMapsAvailable; the router's "
+                        "mapping table is full")
+
+
+@pytest.mark.parametrize(("values", "port"), [
+    ({"NewReservedPort": "1"}, 1), ({"NewReservedPort": " 65535 "}, 65535),
+    ({"NewExternalPort": "4000"}, 4000), ({"newreservedport": "5", "NewExternalPort": "6"}, 5),
+])
+def test_reserved_port_of_an_add_any(values: dict[str, str], port: int) -> None:
+    assert reserved_port(values) == port
+
+
+@pytest.mark.parametrize("text", ["0", "65536", "", "-1", "x", "1.5"])
+def test_reserved_port_out_of_range_is_malformed(text: str) -> None:
+    with pytest.raises(MalformedReply, match=r"AddAnyPortMapping: reply has no usable port"):
+        reserved_port({"NewReservedPort": text})
