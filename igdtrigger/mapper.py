@@ -22,6 +22,7 @@ stays in the journal until confirmed; a delete the router answered but did not d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -63,6 +64,8 @@ LIST_MIN_BATCH = 8
 # A router that cannot report its mappings: a delete is repeated until it answers "no such
 # mapping" (each add may have left a copy, miniupnp/miniupnp#719), at most this often.
 MAX_DELETE_REPEAT = 16
+MIN_CUT = 8  # a description cut shorter than this tells nothing about whose mapping it is
+STOP_DELETE_RETRIES = 2  # at stop, a delete answered but not done is repeated this often
 ORPHAN_TRIES = 10  # deletes refused/failed: retried this often in one run (journal keeps them)
 
 
@@ -312,12 +315,31 @@ class Mapper:
                     count += deleted
         if final and asked and self.gateway_up:
             left = await self._confirm_all_gone(asked)
+            left = await self._delete_again(asked, left)
             count -= len(left)
             gone = [g for g in gone if g.key not in left]
         self._journal_gone(gone)
         if final:
             self._report_unconfirmed()
         return count
+
+    async def _delete_again(self, specs: list[MappingSpec],
+                            left: set[MappingKey]) -> set[MappingKey]:
+        """At stop: a delete the router answered but did not do is repeated (bounded), each
+        time confirmed by a look-up; some routers act only on a later delete. Returns the keys
+        still on the router."""
+        for _ in range(STOP_DELETE_RETRIES):
+            for spec in [s for s in specs if s.key in left]:
+                if not self.gateway_up:
+                    return left
+                outcome, _ = await self._remove(spec)
+                if outcome in (Removal.GONE, Removal.NOT_OURS):
+                    left.discard(spec.key)
+                    self._let_go(spec.key)
+                    self.left_open = [x for x in self.left_open if x.spec.key != spec.key]
+            if not left:
+                break
+        return left
 
     def _report_unconfirmed(self) -> None:
         """At stop: every mapping not confirmed gone is named, with until when it may stay
@@ -615,6 +637,10 @@ class Mapper:
         ]
         if t.forced_lease is not None:
             parts.append(f"sets every lease to {t.forced_lease}s")
+        if t.lease_cap is not None:
+            parts.append(f"grants at most {t.lease_cap}s leases")
+        if t.description_cut is not None:
+            parts.append(f"cuts descriptions to {t.description_cut} characters")
         return ", ".join(p for p in parts if p)
 
     def _learn(self, **changes: object) -> None:
@@ -653,7 +679,8 @@ class Mapper:
                 app.verified = False
             return
         if found is not None:
-            if not self._is_ours(found.internal_client, found.description, wire):
+            if not (self._is_ours(found.internal_client, found.description, wire)
+                    or self._learn_cut(found, wire)):
                 return  # someone else's now: the next verification reports it
             self._shown(app, found)
             return
@@ -714,10 +741,17 @@ class Mapper:
                 learned["forced_lease"] = shown
                 app.lease = shown
             elif shown < app.asked - 5:
-                app.lease = shown  # capped below what we asked: renew in time for it
+                # capped below what we asked, silently: renew in time for the router's lease,
+                # at every renewal (not only this read-back)
+                learned["lease_cap"] = shown
+                app.lease = shown
             if shown > 0:
                 app.renew_at = min(app.renew_at, self.clock() + shown / 2)
         self._learn(**learned)
+        if "lease_cap" in learned:
+            self._warn_once("lease_cap", (
+                f"router granted {app.wire.key} a {shown}s lease (asked {app.asked}s) without "
+                "saying so: igdtrigger renews at half the router's lease"))
         if "forced_lease" in learned and app.lease != app.asked:
             self._warn_once("forced_lease", (
                 f"router set the lease of {app.wire.key} to "
@@ -890,9 +924,12 @@ class Mapper:
                 try:
                     granted = await self._add_leased(app.wire, app)
                 except MappingConflict:
-                    if not (spec.external_any and not renewal):
+                    if renewal and await self._still_ours(app.wire):
+                        granted = await self._recreate(app)
+                    elif not (spec.external_any and not renewal):
                         raise
-                    granted = await self._add_elsewhere(app)
+                    else:
+                        granted = await self._add_elsewhere(app)
                     if granted is None:
                         raise
         except GatewayUnreachable as exc:
@@ -930,6 +967,8 @@ class Mapper:
         app.lease = granted.lease
         if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
             app.lease = self.traits.forced_lease  # what the router showed last time
+        elif self.traits.lease_cap and app.asked > self.traits.lease_cap and self._reads_back():
+            app.lease = min(app.lease or self.traits.lease_cap, self.traits.lease_cap)
         app.adds += 1
         app.added_at = now
         app.error = ""
@@ -938,7 +977,7 @@ class Mapper:
         if not was_active:
             app.since = now
         self._moved(app, granted)
-        app.renew_at = now + granted.lease / 2 if granted.lease > 0 else math.inf
+        app.renew_at = now + app.lease / 2 if app.lease > 0 else math.inf
         self.ops["renew" if renewal else "add"] += 1
         if not renewal and self._reads_back() and (self.traits.confirm_adds()
                                                    or self._recheck_readback):
@@ -947,6 +986,19 @@ class Mapper:
             app.verified = False  # it cannot show it: nothing to confirm
         if not renewal:
             self._changed(app, "mapped")
+
+    async def _recreate(self, app: Applied) -> Granted:
+        """Renew a mapping the router will not refresh: it answers 718 to our own re-add
+        (lontivero/Open.NAT#14) while its record shows the mapping is ours, so the lease would
+        run out. Deleted and added again (a moment closed, not abandoned as a conflict)."""
+        wire = app.wire
+        self._warn_once("refresh_conflict", (
+            f"router answered 718 ConflictInMappingEntry to renewing {wire.key}, which it shows "
+            "as ours: renewing by deleting and re-adding it"))
+        with contextlib.suppress(NoSuchMapping):
+            await self.gateway.delete(wire.proto, wire.external_port)
+        self.ops["delete"] += 1
+        return await self._add_leased(wire, app)
 
     def _moved(self, app: Applied, granted: Granted) -> None:
         """``external = "any"``: keep the port the router assigned (a VPN's NAT-PMP gateway
@@ -960,7 +1012,30 @@ class Mapper:
         log.info("%s: the router assigned external port %d", app.spec.key, app.external_port)
 
     def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
-        return client == spec.internal_client and owned_by(description, self.tag) is not None
+        """Whether the router's entry (its internal client and description) is our ``spec``.
+        On a router learned to cut descriptions, a prefix of ours of that length counts."""
+        if client != spec.internal_client:
+            return False
+        if owned_by(description, self.tag) is not None:
+            return True
+        cut, shown = self.traits.description_cut, description.strip()
+        return (cut is not None and abs(len(shown) - cut) <= 1 and len(shown) >= MIN_CUT
+                and len(shown) < len(spec.description) and spec.description.startswith(shown))
+
+    def _learn_cut(self, found: RouterMapping, wire: MappingSpec) -> bool:
+        """Read back right after our add was accepted: the router shows our client and port
+        with a prefix of our description, so it cuts descriptions (learned, persisted)."""
+        shown = found.description.strip()
+        if (found.internal_client != wire.internal_client
+                or found.internal_port != wire.internal_port or len(shown) < MIN_CUT
+                or len(shown) >= len(wire.description)
+                or not wire.description.startswith(shown)):
+            return False
+        self._learn(description_cut=len(shown))
+        self._warn_once("description_cut", (
+            f"router shows {wire.key} with its description cut to {shown!r}: igdtrigger "
+            "recognises its own mappings on this router by client, port and that prefix"))
+        return True
 
     def _conflict(self, app: Applied, message: str) -> None:
         if app.state is not MapState.CONFLICT or app.error != message:

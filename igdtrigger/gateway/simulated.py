@@ -511,6 +511,15 @@ class SimulatedRouter:
         forced_lease: every mapping gets this lease whatever is asked (Technicolor,
             miniupnp/miniupnp#398); GetSpecificPortMappingEntry reports it.
         delete_noop: DeletePortMapping answers success and leaves the mapping.
+        lease_cap: the longest lease granted (a longer or a 0 ask gets this one, silently);
+            GetSpecificPortMappingEntry reports it counting down.
+        refresh_conflict: re-adding a mapping the requester already holds answers 718 and does
+            not refresh its lease (lontivero/Open.NAT#14; old Tomato miniupnpd did not refresh,
+            miniupnp/miniupnp#131).
+        deletes_ignored: the first this-many DeletePortMapping of each mapping answer success
+            and leave it (a delete that works only on a later try).
+        description_limit: descriptions are stored cut to this many characters (the table
+            shows the cut text).
     """
 
     def __init__(
@@ -586,6 +595,11 @@ class SimulatedRouter:
         self.unreadable = False
         self.forced_lease: int | None = None
         self.delete_noop = False
+        self.lease_cap: int | None = None
+        self.refresh_conflict = False
+        self.deletes_ignored = 0
+        self.description_limit: int | None = None
+        self._ignored: collections.Counter[tuple[Proto, int]] = collections.Counter()
         self._hidden: list[_Entry] = []  # unreadable: installed copies the router cannot show
 
     # -- introspection ---------------------------------------------------------------------------
@@ -787,8 +801,13 @@ class SimulatedRouter:
             raise _Refused(714)
         if self.secure_mode and not _same_ip(entry.internal_client, requester):
             raise _Refused(606 if self.igd_version >= 2 else 714)
-        if not self.delete_noop:
-            del self._table[(proto, ext_port)]
+        if self.delete_noop:
+            return {}
+        if self._ignored[(proto, ext_port)] < self.deletes_ignored:
+            self._ignored[(proto, ext_port)] += 1
+            return {}
+        del self._table[(proto, ext_port)]
+        self._ignored.pop((proto, ext_port), None)
         return {}
 
     def _do_DeletePortMappingRange(self, args: Mapping[str, str], requester: str) -> dict[str, str]:
@@ -970,6 +989,8 @@ class SimulatedRouter:
             raise _Refused(402)
         if self.forced_lease is not None:
             return self.forced_lease
+        if self.lease_cap is not None and (requested == 0 or requested > self.lease_cap):
+            return self.lease_cap
         v2_clamp = self.lease_mode == "normal" and self.igd_version >= 2
         if v2_clamp and (requested == 0 or requested > MAX_LEASE_V2):
             return MAX_LEASE_V2
@@ -1001,6 +1022,8 @@ class SimulatedRouter:
             existing.internal_client != client or existing.remote_host != remote
         ):
             raise _Refused(718)
+        if existing is not None and self.refresh_conflict:
+            raise _Refused(718)
         if existing is None and len(self._table) + len(self._hidden) >= self.max_mappings:
             raise _Refused(self.full_fault or (728 if self.igd_version >= 2 else 501))
         now = self._clock()
@@ -1010,12 +1033,15 @@ class SimulatedRouter:
             expires_at = now  # accepted, and gone by the next look
         else:
             expires_at = now + lease
+        description = args.get("NewPortMappingDescription", "")
+        if self.description_limit is not None:
+            description = description[: self.description_limit]
         entry = _Entry(
             proto,
             ext_port,
             client,
             int_port,
-            args.get("NewPortMappingDescription", ""),
+            description,
             remote,
             lease,
             expires_at,
