@@ -288,6 +288,7 @@ class Mapper:
         now = self.clock()
         gone: list[MappingSpec] = []
         count = 0
+        counted: set[MappingKey] = set()
         again: list[MappingSpec] = []
         asked: list[MappingSpec] = []
         for rnd in (0, 1):
@@ -305,18 +306,22 @@ class Mapper:
                     continue
                 outcome, deleted = await self._remove(spec, meta.copies,
                                                       confirm=not final)
-                if deleted and outcome is Removal.GONE:
-                    asked.append(spec)
+                if outcome is Removal.GONE:
+                    asked.append(spec)  # a 714 at stop is confirmed like a success
                 if outcome is Removal.REFUSED and rnd == 0:
                     again.append(spec)
                     continue
                 if self._settle(spec, meta, outcome):
                     gone.append(spec)
                     count += deleted
+                    if deleted:
+                        counted.add(key)
         if final and asked and self.gateway_up:
             left = await self._confirm_all_gone(asked)
+            first_left = set(left)
             left = await self._delete_again(asked, left)
-            count -= len(left)
+            count -= len(left & counted)
+            count += len((first_left - left) - counted)  # deleted by a later try
             gone = [g for g in gone if g.key not in left]
         self._journal_gone(gone)
         if final:
@@ -393,6 +398,19 @@ class Mapper:
             try:
                 await self.gateway.delete(spec.proto, spec.external_port)
             except NoSuchMapping:
+                if deleted or not (confirm and self._reads_back()
+                                   and self.traits.confirm_deletes()):
+                    return Removal.GONE, deleted
+                # "no such entry" is a claim too (IGDv1 miniupnpd answers 714 to a delete it
+                # refuses, router-facts §1.5): confirmed like a success
+                answered, found = await self._lookup(spec)
+                if answered and found is not None and self._is_ours(
+                        found.internal_client, found.description, spec):
+                    self._learn(deletes_work=False)
+                    self._note_left_open(spec, "is still on the router though it answered the "
+                                               "delete with 'no such entry' (714)",
+                                         found.lease_remaining)
+                    return Removal.LEFT_OPEN, deleted
                 return Removal.GONE, deleted
             except GatewayUnreachable as exc:
                 self.ops["errors"] += 1

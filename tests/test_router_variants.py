@@ -7,11 +7,20 @@ own record decides; ``status`` must say the same.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
-from .test_router_truth import HOST, Rig, rig
+from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
+from igdtrigger.gateway.simulated import UPnPFault
+from igdtrigger.journal import Journal
+
+from .fakes import FakeClock
+from .test_pmp_pcp import FakeRouter
+from .test_router_truth import HOST, Rig, activate, pmp_service, rig
 
 __all__ = ["rig"]  # the parametrized fixture (every backend)
 
@@ -130,3 +139,134 @@ async def test_cut_description_of_another_program_is_not_ours(rig: Rig) -> None:
     assert m["state"] == "conflict"
     await svc.stop()
     assert [p for p, _, _ in rig.ours()] == [40000]  # still there: not ours to delete
+
+
+# --- lies about delete: "no such entry" (714) to a delete, mapping kept -----------------------
+# IGDv1 miniupnpd answers 714 to a delete it refuses in secure mode (router-facts §1.5); a 714
+# is a claim like any other.
+
+
+def delete_answers_714(r: Rig, times: int | None = None) -> list[int]:
+    """DeletePortMapping answered 714 NoSuchEntryInArray without deleting (``times`` times)."""
+    count = [0]
+
+    def hook(action: str, args: Mapping[str, str]) -> UPnPFault | None:
+        if action != "DeletePortMapping" or (times is not None and count[0] >= times):
+            return None
+        count[0] += 1
+        return UPnPFault.of(714)
+
+    r.router.action_hook = hook
+    return count
+
+
+async def test_714_to_a_delete_while_the_router_still_holds_it_is_not_removed(
+        rig: Rig) -> None:
+    svc = await rig.start()
+    await rig.activate()
+    delete_answers_714(rig)
+    assert await svc.stop() == 0  # never "removed 1" for what is still there
+    assert held(rig)
+    [left] = svc.mapper.left_open
+    assert str(left.spec.key) == "udp/40000"
+    journal = Journal.open(rig.tmp_path)
+    assert [m.external_port for m in journal.mappings()] == [40000]  # the next start retries
+    journal.close()
+
+
+async def test_714_once_then_the_delete_works(rig: Rig) -> None:
+    svc = await rig.start()
+    await rig.activate()
+    delete_answers_714(rig, times=1)
+    assert await svc.stop() == 1
+    assert rig.ours() == []
+    assert svc.mapper.left_open == []
+
+
+# --- cannot report mappings: a table read that errors midway (IGDv1, no GetListOfPortMappings)
+
+
+async def test_listing_that_fails_midway_falls_back_to_lookups(rig: Rig) -> None:
+    """GetGenericPortMappingEntry answers 606 from index 2 on (a table read cut short): the
+    batch check of a 12-port range and the stop's confirmation fall back to one look-up per
+    port; nothing is taken as gone or as free from a partial listing."""
+    rig.router.igd_version = 1
+
+    def hook(action: str, args: Mapping[str, str]) -> UPnPFault | None:
+        if action == "GetGenericPortMappingEntry" and int(args["NewPortMappingIndex"]) >= 2:
+            return UPnPFault.of(606)
+        return None
+
+    rig.router.action_hook = hook
+    rig.router.call("AddPortMapping", {  # another host holds one port of the range
+        "NewRemoteHost": "", "NewExternalPort": "40005", "NewProtocol": "UDP",
+        "NewInternalPort": "40005", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
+        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
+        requester="192.168.1.99")
+    svc = await rig.start(open_="udp/40000-40011")
+    await rig.activate()
+    states = {m["external_port"]: m["state"] for m in svc.status()["mappings"]}
+    assert states.pop(40005) == "conflict"  # never taken over
+    assert set(states.values()) == {"active"}
+    rig.agrees()
+    assert await svc.stop() == 11
+    assert rig.ours() == []
+    assert [m.internal_client for m in rig.router.mappings()] == ["192.168.1.99"]
+
+
+# --- PCP / NAT-PMP grant a shorter lifetime than asked -------------------------------------
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_shorter_lifetime_granted_is_reported_and_renewed_in_time(
+        router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
+        tmp_path: Path) -> None:
+    router.fixed_lifetime = 120  # asked 600 (miniupnpd PCP clamps to its max_lifetime)
+    clock = FakeClock()
+    svc = pmp_service(router, cls, {"name": "g", "open": ["udp/40000"], "idle_timeout": "1h"},
+                      clock, tmp_path)
+    await svc.start()
+    await activate(svc, "g")
+    [m] = svc.status()["mappings"]
+    assert (m["state"], m["lease"], m["lease_asked"]) == ("active", 120, 600)
+    times: list[float] = []
+    start, sent = clock.now, len(router.requests)
+    for _ in range(300):  # 5 minutes
+        clock.advance(1)
+        await svc.mapper.reconcile(svc.desired())
+        if len(router.requests) > sent:
+            times.append(clock.now)
+            sent = len(router.requests)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert times and times[0] - start <= 120 and all(g < 120 for g in gaps), times
+    assert 3 <= len(times) <= 8  # at half of 120 s, no storm
+    assert await svc.stop() == 1
+    assert router.mappings == {}
+
+
+# --- NAT-PMP gateway restarts mid-hold (epoch goes back) ---------------------------------
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_gateway_restart_seen_by_epoch_re_adds(
+        router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    svc = pmp_service(router, cls, {"name": "g", "open": ["udp/40000"], "idle_timeout": "1h"},
+                      clock, tmp_path)
+    await svc.start()
+    await activate(svc, "g")
+    clock.advance(100)
+    await svc.mapper.reconcile(svc.desired())
+    router.mappings.clear()  # restarted: table gone, epoch from 0
+    router.epoch_base, router.t0 = 0, clock.now
+    for _ in range(400):
+        clock.advance(1)
+        await svc.mapper.reconcile(svc.desired())
+        if (17, 40000) in router.mappings:
+            break
+    assert (17, 40000) in router.mappings  # re-added (at the latest by the renewal)
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "active"
+    assert await svc.stop() == 1
+    assert router.mappings == {}
