@@ -203,6 +203,8 @@ class Service:
         if w is not None and (w.location, w.local_address) == (info.location,
                                                               info.local_address):
             return
+        if w is not None and w.local_address == info.local_address and w.follow(info.location):
+            return  # the same router at another URL: keeps what it announced
         if w is not None:
             w.close()
         from .gateway.ssdpwatch import NotifyWatcher

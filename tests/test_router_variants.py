@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.simulated import UPnPFault
 from igdtrigger.journal import Journal
@@ -270,3 +271,54 @@ async def test_gateway_restart_seen_by_epoch_re_adds(
     assert m["state"] == "active"
     assert await svc.stop() == 1
     assert router.mappings == {}
+
+
+# --- NOTIFY: our own root announced at two locations every round ---------------------------
+
+
+def test_our_root_announced_at_two_locations_every_round_moves_at_most_once() -> None:
+    """One IGD root (one UDN) whose description is served, and announced, at two URLs every
+    round (an IGD:1 and an IGD:2 description of the same device): not a move each round."""
+    from .test_ssdp_notify import GW, LOC, NTS, UUID, notify
+    second = f"http://{GW}:49000/igd2desc.xml"
+    for tracker in (NotifyTracker(GW, LOC, [UUID]), NotifyTracker(GW, LOC)):
+        kinds = []
+        for _ in range(5):
+            for loc in (LOC, second):
+                for nt in NTS:
+                    change = tracker.feed(notify(nt, location=loc), GW)
+                    if change is not None:
+                        kinds.append(change.kind)
+        assert kinds.count(RouterChangeKind.MOVED) <= 1, kinds
+        assert RouterChangeKind.RESTARTED not in kinds
+        # a real move to a URL never announced before is still followed
+        new = f"http://{GW}:40123/rootDesc.xml"
+        moved = [tracker.feed(notify(nt, location=new), GW) for nt in NTS]
+        assert [c.kind for c in moved if c is not None] == [RouterChangeKind.MOVED]
+        # and a reboot still counts
+        assert [c.kind for nt in NTS if (c := tracker.feed(notify(nt, location=new, boot="101"),
+                                                            GW)) is not None] == [
+            RouterChangeKind.RESTARTED]
+
+
+def test_watcher_follows_a_move_on_the_same_router_and_keeps_what_it_heard() -> None:
+    """After the service follows a move (reconnects at the new URL), the watcher is kept: an
+    announcement at the old URL of the same root is no move back."""
+    from igdtrigger.gateway.ssdpwatch import NotifyWatcher
+
+    from .test_ssdp_notify import GW, LOC, NTS, UUID, notify
+    changes: list[RouterChangeKind] = []
+    w = NotifyWatcher(LOC, "192.168.1.20", lambda c: changes.append(c.kind), root_uuid=UUID)
+    second = f"http://{GW}:49000/igd2desc.xml"
+    for loc in (LOC, second):
+        for nt in NTS:
+            change = w.tracker.feed(notify(nt, location=loc), GW)
+            if change is not None:
+                changes.append(change.kind)
+                assert w.follow(change.location)  # what the service does after the move
+    for _ in range(3):
+        for loc in (LOC, second):
+            for nt in NTS:
+                assert w.tracker.feed(notify(nt, location=loc), GW) is None
+    assert changes == [RouterChangeKind.MOVED]
+    assert not w.follow("http://192.168.1.2:5000/rootDesc.xml")  # another host: a new watcher
