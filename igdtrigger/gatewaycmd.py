@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .errors import GatewayError, NoSuchMapping
+from .errors import GatewayError, MappingConflict, NoSuchMapping
 from .gateway.base import Gateway, GatewayInfo, is_public_address
 from .model import MappingSpec, Proto
 from .netutil import default_gateway
@@ -120,18 +120,50 @@ async def _lease_test(gw: Gateway, info: GatewayInfo) -> dict[str, Any]:
                 verdict += f" (asked 60s, the router set {lease}s)"
             else:
                 verdict += f" (asked 60s, granted {lease}s)"
-        with contextlib.suppress(NoSuchMapping):  # gone already: it drops timed leases
-            await gw.delete(Proto.UDP, port)
-        if reads_back and found is not None:
-            still = await gw.get(Proto.UDP, port)
-            out["delete_confirmed"] = still is None
-            if still is not None:
-                verdict += ("; the delete was answered but the mapping is still there: it "
-                            f"stays open until its lease ends ({still.lease_remaining}s)")
+        if found is not None and found.description != spec.description:
+            verdict += f"; it shows the description cut to {found.description!r}"
+        if found is not None:
+            verdict += await _refresh_test(gw, spec, out["lease_asked"])
+        verdict += await _delete_test(gw, spec, out, confirm=reads_back and found is not None)
         out["verdict"] = verdict
     except GatewayError as exc:
         out["verdict"] = f"test mapping refused: {exc}"
     return out
+
+
+async def _refresh_test(gw: Gateway, spec: MappingSpec, lease: int) -> str:
+    """Add the test mapping once more, as a renewal does; what the router made of it."""
+    try:
+        await gw.add(spec, lease)
+    except MappingConflict as exc:
+        return (f"; a renewal (the same add again) is refused ({exc.code} {exc.description}): "
+                "igdtrigger renews by deleting and re-adding")
+    except GatewayError as exc:
+        return f"; a renewal (the same add again) failed: {exc}"
+    return ""
+
+
+async def _delete_test(gw: Gateway, spec: MappingSpec, out: dict[str, Any], *,
+                       confirm: bool) -> str:
+    """Delete the test mapping; where the router can show it, until it is gone (a few tries:
+    the test must not leave a port open). ``out["delete_confirmed"]``: gone at the end."""
+    tries = 3 if confirm else 1
+    for attempt in range(1, tries + 1):
+        with contextlib.suppress(NoSuchMapping):  # gone already: it drops timed leases
+            await gw.delete(spec.proto, spec.external_port)
+        if not confirm:
+            return ""
+        still = await gw.get(spec.proto, spec.external_port)
+        out["delete_confirmed"] = still is None
+        if still is None:
+            if attempt == 1:
+                return ""
+            return (f"; the delete was answered but the mapping was still there, gone after "
+                    f"delete {attempt} (igdtrigger repeats deletes until the router shows them "
+                    "gone)")
+    return ("; the delete was answered but the mapping is still there after "
+            f"{tries} deletes: it stays open until its lease ends "
+            f"({still.lease_remaining if still else '?'}s)")
 
 
 async def ipv6_verdict(location: str, timeout: float) -> str:

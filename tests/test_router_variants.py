@@ -16,12 +16,14 @@ import pytest
 
 from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
-from igdtrigger.gateway.simulated import UPnPFault
+from igdtrigger.gateway.select import build_gateway
+from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
+from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
 
 from .fakes import FakeClock
 from .test_pmp_pcp import FakeRouter
-from .test_router_truth import HOST, Rig, activate, pmp_service, rig
+from .test_router_truth import BACKENDS, HOST, Rig, activate, pmp_service, rig
 
 __all__ = ["rig"]  # the parametrized fixture (every backend)
 
@@ -322,3 +324,44 @@ def test_watcher_follows_a_move_on_the_same_router_and_keeps_what_it_heard() -> 
                 assert w.tracker.feed(notify(nt, location=loc), GW) is None
     assert changes == [RouterChangeKind.MOVED]
     assert not w.follow("http://192.168.1.2:5000/rootDesc.xml")  # another host: a new watcher
+
+
+# --- igdtrigger gateway --test on these routers: what the router did --------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("quirk", "value", "says"), [
+    ("lease_cap", 30, "asked 60s, the router set 30s"),
+    ("refresh_conflict", True, "a renewal (the same add again) is refused (718"),
+    ("deletes_ignored", 1, "gone after delete 2"),
+    ("description_limit", 16, "description cut to 'igdtrigger gatew'"),
+])
+async def test_gateway_test_on_the_variants_says_what_the_router_did(
+        backend: str, quirk: str, value: object, says: str) -> None:
+    sim = SimulatedIgdServer(SimulatedRouter())
+    await sim.start()
+    setattr(sim.router, quirk, value)
+    gw = build_gateway(sim.url, backend=backend)
+    try:
+        out = await _lease_test(gw, await gw.connect())
+    finally:
+        await gw.close()
+        await sim.close()
+    assert says in out["verdict"], out
+    assert out.get("delete_confirmed") is True
+    assert sim.router.mappings() == []  # the test leaves no port open
+
+
+async def test_gateway_test_on_a_router_that_never_deletes_says_so() -> None:
+    sim = SimulatedIgdServer(SimulatedRouter())
+    await sim.start()
+    sim.router.delete_noop = True
+    gw = build_gateway(sim.url, backend="soap")
+    try:
+        out = await _lease_test(gw, await gw.connect())
+    finally:
+        await gw.close()
+        await sim.close()
+    assert "still there after 3 deletes: it stays open until its lease ends (60s)" in \
+        out["verdict"], out
+    assert out["delete_confirmed"] is False
