@@ -308,8 +308,8 @@ class Mapper:
                                                       confirm=not final)
                 if outcome is Removal.GONE:
                     asked.append(spec)  # a 714 at stop is confirmed like a success
-                if outcome is Removal.REFUSED and rnd == 0:
-                    again.append(spec)
+                if outcome in (Removal.REFUSED, Removal.FAILED) and rnd == 0:
+                    again.append(spec)  # once more after the others (busy, or order-bound)
                     continue
                 if self._settle(spec, meta, outcome):
                     gone.append(spec)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from igdtrigger.engine import Source
+from igdtrigger.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT
 from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
@@ -365,3 +367,142 @@ async def test_gateway_test_on_a_router_that_never_deletes_says_so() -> None:
     assert "still there after 3 deletes: it stays open until its lease ends (60s)" in \
         out["verdict"], out
     assert out["delete_confirmed"] is False
+
+
+# --- refuses deletes: a transient refusal at stop (router busy) ---------------------------------
+
+
+@pytest.mark.parametrize("code", [501, 606])
+async def test_delete_refused_once_at_stop_is_retried_in_the_same_stop(
+        rig: Rig, code: int) -> None:
+    """501 Action Failed (busy) or 606 to the first delete: retried after the others within
+    the stop, so nothing is left open until the next start."""
+    svc = await rig.start()
+    await rig.activate()
+    rig.router.fail_next(code, 1, action="DeletePortMapping")
+    assert await svc.stop() == 1
+    assert rig.ours() == []
+    assert svc.mapper.left_open == []
+
+
+# --- 725/402 ambiguity: "permanent only" router whose table is full ---------------------------
+
+
+@pytest.mark.parametrize("mode", ["permanent_only_725", "permanent_only_402"])
+async def test_full_table_on_a_permanent_only_router(rig: Rig, mode: str) -> None:
+    """The lease-0 retry fails too (table full): nothing is learned, the error says the table
+    is full; once space frees the mapping is made with lease 0 and the router is then known
+    to refuse timed leases."""
+    rig.router.igd_version = 1
+    rig.router.lease_mode = mode  # type: ignore[assignment]
+    rig.router.max_mappings = 1
+    other = {"NewRemoteHost": "", "NewExternalPort": "50000", "NewProtocol": "TCP",
+             "NewInternalPort": "50000", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
+             "NewPortMappingDescription": "console", "NewLeaseDuration": "0"}
+    rig.router.call("AddPortMapping", other, requester="192.168.1.99")
+    svc = await rig.start()
+    await rig.activate()
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "failed"
+    assert svc.status()["gateway"]["permanent_leases"] is False
+    rig.router.call("DeletePortMapping", {"NewRemoteHost": "", "NewExternalPort": "50000",
+                                          "NewProtocol": "TCP"}, requester="192.168.1.99")
+    await rig.run_for(10)
+    assert rig.ours() == [(40000, HOST, 0)]
+    assert svc.status()["gateway"]["permanent_leases"] is True
+    rig.agrees()
+    assert await svc.stop() == 1
+    assert rig.ours() == []
+
+
+async def test_402_to_every_add_is_not_permanent_only_and_no_storm(rig: Rig) -> None:
+    """402 whatever the lease (a router that dislikes some other argument): not 'permanent
+    only', the mapping fails with back-off, not once per round."""
+    rig.router.action_hook = lambda action, args: (UPnPFault.of(402)
+                                                   if action == "AddPortMapping" else None)
+    svc = await rig.start()
+    await rig.activate()
+    await rig.run_for(60)
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "failed" and "402" in m["error"]
+    assert svc.status()["gateway"]["permanent_leases"] is False
+    assert rig.router.calls["AddPortMapping"] <= 16  # back-off: 2 per attempt, ~7 attempts
+    await svc.stop()
+
+
+# --- denies for self vs secure mode -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_606_for_the_requesting_host_itself_is_not_called_secure_mode(
+        rig: Rig, version: int) -> None:
+    """A FRITZ-like router answering 606 on its IGDv1 URL too (not only IGDv2)."""
+    rig.router.igd_version = version
+    rig.router.action_hook = lambda action, args: (UPnPFault.of(606)
+                                                   if action == "AddPortMapping" else None)
+    svc = await rig.start()
+    await rig.activate()
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "failed"
+    assert DEVICE_DENIED_HINT in m["error"] and SECURE_MODE_HINT not in m["error"]
+    await svc.stop()
+
+
+async def test_secure_mode_for_another_host_says_secure_mode(rig: Rig) -> None:
+    rig.router.secure_mode = True
+    svc = await rig.start()
+    gen = svc.engine.generation
+    await svc.activate("game", "192.168.1.50", ttl=3600, source=Source.API)
+    await svc._wait_applied(gen + 1, 5)
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "failed"
+    assert SECURE_MODE_HINT in m["error"] and DEVICE_DENIED_HINT not in m["error"]
+    assert rig.router.mappings() == []
+    await svc.stop()
+
+
+# --- multiple WAN services: both connected, the first behind another NAT ---------------------
+
+
+async def test_connected_first_wan_with_a_private_address_loses_to_a_public_one(
+        rig: Rig) -> None:
+    dead = rig.router.add_first_wan(connection_status="Connected", external_ip="10.0.0.2")
+    svc = await rig.start()
+    if rig.backend == "miniupnpc":  # it would take the first: refused, said, nothing mapped
+        await svc.activate("game", HOST, ttl=3600, source=Source.API)
+        await rig.run_for(3)
+        assert dead.mappings() == [] and rig.ours() == []
+        gw = svc.status()["gateway"]
+        assert gw["up"] is False and "miniupnpc cannot be pointed at it" in gw["error"]
+        await svc.stop()
+        return
+    await rig.activate()
+    assert dead.mappings() == []
+    assert [p for p, _, _ in rig.ours()] == [40000]
+    assert svc.status()["gateway"]["external_address"] == "11.22.33.44"
+    await svc.stop()
+    assert rig.ours() == []
+
+
+# --- assigns its own port: a NAT-PMP/PCP gateway moving a fixed-port rule ---------------------
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_own_port_for_a_fixed_port_rule_is_not_kept(
+        router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
+        tmp_path: Path) -> None:
+    """The rule asks for external port 40000 exactly; the gateway maps another one: that port
+    is no rule's, so it is given back, and status says why."""
+    router.own_ports = True
+    clock = FakeClock()
+    svc = pmp_service(router, cls, {"name": "g", "open": ["udp/40000"], "idle_timeout": "1h"},
+                      clock, tmp_path)
+    await svc.start()
+    gen = svc.engine.generation
+    await svc.activate("g", HOST, ttl=3600, source=Source.API)
+    await svc._wait_applied(gen + 1, 5)
+    [m] = svc.status()["mappings"]
+    assert m["state"] != "active" and m.get("error"), m
+    assert router.mappings == {}  # nothing held on a port no rule allows
+    await svc.stop()
+    assert router.mappings == {}
