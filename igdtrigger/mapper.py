@@ -184,6 +184,7 @@ class Mapper:
         verify_interval: float = 60.0,
         canary_interval: float = 2.0,
         check_before_add: bool = True,
+        readback_settle: float = 0.25,
         on_change: Callable[[Applied, str], None] | None = None,
         journal: Journal | None = None,
     ) -> None:
@@ -194,6 +195,7 @@ class Mapper:
         self.verify_interval = verify_interval
         self.canary_interval = canary_interval
         self.check_before_add = check_before_add
+        self.readback_settle = readback_settle  # s before a missing read-back is believed
         self.on_change = on_change
         self.applied: dict[MappingKey, Applied] = {}
         # Mappings that may still be on the router but are no longer wanted: a delete that
@@ -690,7 +692,8 @@ class Mapper:
         there: it cannot report its mappings (miniupnpd 2.3.0-2.3.3 pf, miniupnp/miniupnp#719),
         so nothing is re-added for not being seen."""
         wire = app.wire
-        answered, found = await self._lookup(wire)
+        settle = not self._recheck_readback and self.traits.reports_mappings is not False
+        answered, found = await self._look_settled(wire, settle=settle)
         if not answered:
             if isinstance(self._lookup_error, UnsupportedAction):
                 self._cannot_look_up(self._lookup_error)
@@ -710,7 +713,7 @@ class Mapper:
             granted = await self._add_raw(app, 0)
             if granted is None:
                 return
-            answered, found = await self._lookup(wire)
+            answered, found = await self._look_settled(wire)
             if not answered:
                 return
             if found is not None and self._is_ours(found.internal_client, found.description,
@@ -732,6 +735,17 @@ class Mapper:
             "the listing do not have it; miniupnpd 2.3.0-2.3.3 on pf does this): igdtrigger "
             "cannot verify mappings on this router, renews them at half lease only, and "
             "repeats each delete until the router says the mapping is gone"))
+
+    async def _look_settled(self, wire: MappingSpec, *,
+                            settle: bool = True) -> tuple[bool, RouterMapping | None]:
+        """A read-back right after an add; not there: once more after ``readback_settle``
+        seconds, before anything is concluded from its absence (a router that installs the
+        rule a moment after answering is neither "drops timed leases" nor "cannot report")."""
+        answered, found = await self._lookup(wire)
+        if answered and found is None and settle and self.readback_settle >= 0:
+            await asyncio.sleep(self.readback_settle)
+            answered, found = await self._lookup(wire)
+        return answered, found
 
     def _cannot_look_up(self, exc: GatewayError) -> None:
         """GetSpecificPortMappingEntry not implemented (401/602): as a router that cannot

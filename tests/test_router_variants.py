@@ -506,3 +506,37 @@ async def test_own_port_for_a_fixed_port_rule_is_not_kept(
     assert router.mappings == {}  # nothing held on a port no rule allows
     await svc.stop()
     assert router.mappings == {}
+
+
+# --- lies about add (in time): the mapping shows up a moment after the add is answered ------
+
+
+async def test_mapping_shown_a_moment_late_does_not_teach_permanent_leases(rig: Rig) -> None:
+    """The router installs the mapping a moment after answering (a firewall reload): the first
+    look-up misses it. That is not "drops timed leases" (lease 0 for good, persisted) nor
+    "cannot report its mappings": timed leases stay, the mapping is verified."""
+    rig.router.late_visible = 1
+    svc = await rig.start()
+    await rig.activate()
+    [m] = rig.status_mappings()
+    assert (m["lease"], m["lease_asked"], m["verified"]) == (600, 600, True)
+    learned = svc.status()["gateway"]["learned"]
+    assert (learned["keeps_timed"], learned["reports_mappings"]) == (True, True)
+    assert svc.status()["gateway"]["permanent_leases"] is False
+    assert [left > 0 for _, _, left in rig.ours()] == [True]  # a timed lease on the router
+    await svc.stop()
+    assert rig.ours() == []
+
+
+async def test_late_router_that_also_drops_timed_leases_is_still_caught(rig: Rig) -> None:
+    rig.router.late_visible = 1
+    rig.router.lease_mode = "drops_timed"
+    svc = await rig.start()
+    await rig.activate()
+    assert rig.ours() == [(40000, HOST, 0)]
+    learned = svc.status()["gateway"]["learned"]
+    assert (learned["keeps_timed"], learned["reports_mappings"]) == (False, True)
+    [m] = rig.status_mappings()
+    assert m["verified"] is True
+    assert await svc.stop() == 1
+    assert rig.ours() == []

@@ -326,6 +326,7 @@ class _Entry:
     remote_host: str
     lease: int  # granted, 0 = permanent
     expires_at: float | None  # None = permanent
+    unseen: int = 0  # late_visible: look-ups still answered 714
 
 
 @dataclass(slots=True)
@@ -520,6 +521,8 @@ class SimulatedRouter:
             and leave it (a delete that works only on a later try).
         description_limit: descriptions are stored cut to this many characters (the table
             shows the cut text).
+        late_visible: a new mapping is installed a moment after the add is answered: the
+            first this-many GetSpecificPortMappingEntry look-ups of it answer 714.
     """
 
     def __init__(
@@ -599,6 +602,7 @@ class SimulatedRouter:
         self.refresh_conflict = False
         self.deletes_ignored = 0
         self.description_limit: int | None = None
+        self.late_visible = 0
         self._ignored: collections.Counter[tuple[Proto, int]] = collections.Counter()
         self._hidden: list[_Entry] = []  # unreadable: installed copies the router cannot show
 
@@ -833,6 +837,9 @@ class SimulatedRouter:
         entry = self._table.get((proto, ext_port))
         if entry is None:
             raise _Refused(714)
+        if entry.unseen > 0:
+            entry.unseen -= 1
+            raise _Refused(714)
         return {
             "NewInternalPort": str(entry.internal_port),
             "NewInternalClient": entry.internal_client,
@@ -1049,6 +1056,8 @@ class SimulatedRouter:
         if self.unreadable:
             self._hidden.append(entry)  # installed, never reported; a re-add is one more
             return
+        if existing is None:
+            entry.unseen = self.late_visible
         self._table[key] = entry  # an update keeps its place in the generic list
 
     def _range_args(self, args: Mapping[str, str]) -> tuple[int, int, Proto, bool]:
