@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import Config
 from .errors import GatewayError, MappingConflict, NoSuchMapping
-from .gateway.base import Gateway, GatewayInfo, is_public_address
+from .gateway.base import Gateway, GatewayInfo
 from .model import MappingSpec, Proto
 from .netutil import default_gateway
 from .traits import NO_READBACK
@@ -39,7 +39,7 @@ class ProbeResult:
             i = self.info
             out.update(location=i.location, local_address=i.local_address,
                        external_address=i.external_address or None,
-                       external_reachable=i.external_reachable,
+                       external_reachable=i.reachable_or_unknown,
                        service_type=i.service_type or None, server=i.server or None,
                        control_url=i.control_url or None, backend=i.backend or None)
         if self.error:
@@ -225,11 +225,14 @@ def report(results: list[ProbeResult]) -> str:
         lines.append("no port-mapping protocol answered: enable UPnP (or NAT-PMP/PCP) on the "
                      "router, or set [gateway] url")
         return "\n".join(lines)
-    externals = {r.info.external_address for r in ok if r.info is not None}
-    if not any(is_public_address(x) for x in externals):
-        lines.append("double NAT / CGNAT: the router's external address "
-                     f"({', '.join(sorted(x or 'unknown' for x in externals))}) is not public: "
-                     "ports opened here are not reachable from the internet")
+    infos = [r.info for r in ok if r.info is not None]
+    if not any(i.external_reachable for i in infos):
+        known = sorted({i.external_address.strip() for i in infos if i.external_known})
+        if known:
+            lines.append(f"double NAT / CGNAT: the router's external address ({', '.join(known)})"
+                         " is not public: ports opened here are not reachable from the internet")
+        else:
+            lines.append(str(infos[0].external_warning()))
     servers = " ".join(r.info.server.lower() for r in ok if r.info is not None)
     if "miniupnpd" in servers:
         lines.append("secure mode likely (miniupnpd's default): mappings can only point at the "

@@ -616,11 +616,9 @@ class Service:
         info = self.gateway.info
         now = self.clock()
         warnings: list[str] = []
-        if info is not None and not info.external_reachable:
-            warnings.append(
-                f"external address {info.external_address or 'unknown'} is not public: ports "
-                "opened here are not reachable from the internet (double NAT or CGNAT)"
-            )
+        external_warning = info.external_warning() if info is not None else None
+        if external_warning is not None:
+            warnings.append(external_warning)
         for st in self.detector_status:
             if not st.active and not st.reason.startswith(("standby", "no rule names")):
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
@@ -645,7 +643,7 @@ class Service:
                 "location": info.location if info else self.config.gateway.url,
                 "local_address": info.local_address if info else None,
                 "external_address": info.external_address if info else None,
-                "external_reachable": info.external_reachable if info else None,
+                "external_reachable": info.reachable_or_unknown if info else None,
                 # the one service choice (gateway.soap.find_wan_service) and what it offers
                 "backend": (info.backend or None) if info else None,
                 "service_type": (info.service_type or None) if info else None,

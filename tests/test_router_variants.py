@@ -540,3 +540,50 @@ async def test_late_router_that_also_drops_timed_leases_is_still_caught(rig: Rig
     assert m["verified"] is True
     assert await svc.stop() == 1
     assert rig.ours() == []
+
+
+# --- a router whose external address is empty / 0.0.0.0, or private --------------------------
+
+
+@pytest.mark.parametrize(("external", "says", "reachable"), [
+    ("0.0.0.0", "reports no external address", None),  # Netopia 3347NWG (weupnp#4)
+    ("", "reports no external address", None),  # a mesh repeater (Mono.Nat#35)
+    ("10.0.0.2", "external address 10.0.0.2 is not public", False),  # double NAT
+])
+async def test_external_address_unknown_is_said_unknown_not_double_nat(
+        rig: Rig, external: str, says: str, reachable: bool | None) -> None:
+    """Mappings still work (the router accepts them); status, the dashboard's JSON and
+    ``gateway`` say what the address tells: unknown is unknown, private is double NAT."""
+    rig.router.external_ip = external
+    svc = await rig.start()
+    await rig.activate()
+    assert [p for p, _, _ in rig.ours()] == [40000]
+    st = svc.status()
+    assert st["gateway"]["external_reachable"] is reachable
+    [warning] = [w for w in st["warnings"] if "external address" in w]
+    assert says in warning
+    if reachable is None:
+        assert "not public" not in warning and "not reachable" not in warning
+    await svc.stop()
+    assert rig.ours() == []
+
+
+@pytest.mark.parametrize(("external", "says"), [
+    ("0.0.0.0", "reports no external address"),
+    ("10.0.0.2", "double NAT / CGNAT: the router's external address (10.0.0.2) is not public"),
+])
+async def test_gateway_report_on_an_unknown_or_private_external_address(
+        external: str, says: str) -> None:
+    from igdtrigger.gatewaycmd import ProbeResult, report
+
+    sim = SimulatedIgdServer(SimulatedRouter(external_ip=external))
+    await sim.start()
+    gw = build_gateway(sim.url, backend="soap")
+    try:
+        info = await gw.connect()
+    finally:
+        await gw.close()
+        await sim.close()
+    result = ProbeResult("upnp-igd", True, 0.01, info)
+    assert says in report([result])
+    assert result.to_json()["external_reachable"] is (None if external == "0.0.0.0" else False)

@@ -65,6 +65,30 @@ class GatewayInfo:
         """False when the external address is private/shared/unspecified: double NAT or CGNAT."""
         return is_public_address(self.external_address)
 
+    @property
+    def external_known(self) -> bool:
+        """The router reports an external address (not empty, not 0.0.0.0)."""
+        return self.external_address.strip() not in ("", "0.0.0.0", "::")
+
+    @property
+    def reachable_or_unknown(self) -> bool | None:
+        """``external_reachable``, or None when the router reports no external address."""
+        return self.external_reachable if self.external_known else None
+
+    def external_warning(self) -> str | None:
+        """What the external address says about reaching our ports (None: public). The one
+        wording for status, the dashboard, ``gateway`` and the backends' logs: an address
+        the router does not report is unknown, not "not public" (a mesh repeater answers
+        empty, Netopia 0.0.0.0; miniupnpd answers empty when its own WAN is private)."""
+        if self.external_reachable:
+            return None
+        if not self.external_known:
+            return ("the router reports no external address (empty or 0.0.0.0): whether ports "
+                    "opened here are reachable from the internet is unknown (miniupnpd reports "
+                    "none when its own WAN address is private: double NAT)")
+        return (f"external address {self.external_address.strip()} is not public: ports opened "
+                "here are not reachable from the internet (double NAT or CGNAT)")
+
 
 @dataclass(frozen=True, slots=True)
 class Granted:

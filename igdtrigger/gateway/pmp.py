@@ -858,11 +858,9 @@ class _PortMapGateway:
             self._info = info
             if self.listen_announcements and self._announce is None:
                 await self._start_listener(info.local_address)
-            if not info.external_reachable:
-                log.warning(
-                    "%s router's external address is %s: ports opened here are not reachable "
-                    "from the internet (double NAT or carrier-grade NAT)", self.protocol,
-                    info.external_address or "unknown")
+            warning = info.external_warning()
+            if warning is not None:
+                log.warning("%s: %s", self.protocol, warning)
             log.info("using %s at %s (external address %s, we are %s)", self.protocol,
                      info.location, info.external_address or "unknown", info.local_address)
             return info

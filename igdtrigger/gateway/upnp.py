@@ -238,12 +238,10 @@ class MiniupnpcGateway(ChosenServiceState):
         self.description = found.description
         info = found.info(self.protocol, "miniupnpc")
         self._info = info
-        if not info.external_reachable and not self._warned_double_nat:
+        warning = info.external_warning()
+        if warning is not None and not self._warned_double_nat:
             self._warned_double_nat = True
-            log.warning(
-                "router's external address is %s: ports opened here are not reachable from the "
-                "internet (double NAT or carrier-grade NAT)", info.external_address or "unknown"
-            )
+            log.warning("%s", warning)
         log.info(
             "using %s at %s (external address %s, we are %s)",
             info.service_type or "IGD", info.control_url, info.external_address or "unknown",
