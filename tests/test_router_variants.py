@@ -20,12 +20,20 @@ from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
 from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
-from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
 
 from .fakes import FakeClock
 from .test_pmp_pcp import FakeRouter
-from .test_router_truth import BACKENDS, HOST, Rig, activate, pmp_service, rig
+from .test_router_quirks import other_host_holds
+from .test_router_truth import (
+    BACKENDS,
+    HOST,
+    Rig,
+    activate,
+    lease_test_on,
+    pmp_service,
+    rig,
+)
 
 __all__ = ["rig"]  # the parametrized fixture (every backend)
 
@@ -203,11 +211,7 @@ async def test_listing_that_fails_midway_falls_back_to_lookups(rig: Rig) -> None
         return None
 
     rig.router.action_hook = hook
-    rig.router.call("AddPortMapping", {  # another host holds one port of the range
-        "NewRemoteHost": "", "NewExternalPort": "40005", "NewProtocol": "UDP",
-        "NewInternalPort": "40005", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
-        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
-        requester="192.168.1.99")
+    other_host_holds(rig.router, 40005)  # another host holds one port of the range
     svc = await rig.start(open_="udp/40000-40011")
     await rig.activate()
     states = {m["external_port"]: m["state"] for m in svc.status()["mappings"]}
@@ -340,30 +344,14 @@ def test_watcher_follows_a_move_on_the_same_router_and_keeps_what_it_heard() -> 
 ])
 async def test_gateway_test_on_the_variants_says_what_the_router_did(
         backend: str, quirk: str, value: object, says: str) -> None:
-    sim = SimulatedIgdServer(SimulatedRouter())
-    await sim.start()
-    setattr(sim.router, quirk, value)
-    gw = build_gateway(sim.url, backend=backend)
-    try:
-        out = await _lease_test(gw, await gw.connect())
-    finally:
-        await gw.close()
-        await sim.close()
+    out, sim = await lease_test_on(backend, quirk, value)
     assert says in out["verdict"], out
     assert out.get("delete_confirmed") is True
     assert sim.router.mappings() == []  # the test leaves no port open
 
 
 async def test_gateway_test_on_a_router_that_never_deletes_says_so() -> None:
-    sim = SimulatedIgdServer(SimulatedRouter())
-    await sim.start()
-    sim.router.delete_noop = True
-    gw = build_gateway(sim.url, backend="soap")
-    try:
-        out = await _lease_test(gw, await gw.connect())
-    finally:
-        await gw.close()
-        await sim.close()
+    out, _ = await lease_test_on("soap", "delete_noop", True)
     assert "still there after 3 deletes: it stays open until its lease ends (60s)" in \
         out["verdict"], out
     assert out["delete_confirmed"] is False
@@ -396,17 +384,14 @@ async def test_full_table_on_a_permanent_only_router(rig: Rig, mode: str) -> Non
     rig.router.igd_version = 1
     rig.router.lease_mode = mode  # type: ignore[assignment]
     rig.router.max_mappings = 1
-    other = {"NewRemoteHost": "", "NewExternalPort": "50000", "NewProtocol": "TCP",
-             "NewInternalPort": "50000", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
-             "NewPortMappingDescription": "console", "NewLeaseDuration": "0"}
-    rig.router.call("AddPortMapping", other, requester="192.168.1.99")
+    other_host_holds(rig.router, 50000)
     svc = await rig.start()
     await rig.activate()
     [m] = svc.status()["mappings"]
     assert m["state"] == "failed"
     assert svc.status()["gateway"]["permanent_leases"] is False
     rig.router.call("DeletePortMapping", {"NewRemoteHost": "", "NewExternalPort": "50000",
-                                          "NewProtocol": "TCP"}, requester="192.168.1.99")
+                                          "NewProtocol": "UDP"}, requester="192.168.1.99")
     await rig.run_for(10)
     assert rig.ours() == [(40000, HOST, 0)]
     assert svc.status()["gateway"]["permanent_leases"] is True
