@@ -800,9 +800,18 @@ class Mapper:
             return
         self._swept = True
         self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
+        info = self.gateway.info
+        me = info.local_address if info is not None else ""
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
             if owned_by(m.description, self.tag) is None or m.key in held:
+                continue
+            if m.internal_client != me and m.key not in self.orphans:
+                # Our description, another host, and not in our journal: a copy of this
+                # state directory on another machine (same instance tag), or a router listing
+                # other hosts' rows under our description. Not provably ours: left alone.
+                log.info("not removing %s -> %s: it has this instance's description but maps "
+                         "to another host and is not in the journal", m.key, m.internal_client)
                 continue
             try:
                 await self.gateway.delete(m.proto, m.external_port)

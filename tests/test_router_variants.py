@@ -572,3 +572,26 @@ async def test_gateway_report_on_an_unknown_or_private_external_address(
     result = ProbeResult("upnp-igd", True, 0.01, info)
     assert says in report([result])
     assert result.to_json()["external_reachable"] is (None if external == "0.0.0.0" else False)
+
+
+# --- the table shows another host's entry under our description -----------------------------
+
+
+async def test_entry_of_another_host_with_our_description_is_not_swept(rig: Rig) -> None:
+    """The same instance tag on another machine (a copied state directory, a cloned image),
+    or a listing that shows other hosts' rows under our description: the start-up sweep of
+    stale mappings removes only ours (this host, or in the journal), never that host's."""
+    svc = await rig.start()
+    desc = f"igdtrigger game {svc.tag}"
+    await svc.stop()
+    for port, host in ((45000, "192.168.1.11"), (45001, HOST)):
+        assert rig.router.call("AddPortMapping", {
+            "NewRemoteHost": "", "NewExternalPort": str(port), "NewProtocol": "UDP",
+            "NewInternalPort": str(port), "NewInternalClient": host, "NewEnabled": "1",
+            "NewPortMappingDescription": desc, "NewLeaseDuration": "0"}, requester=host) == {}
+    svc = await rig.start()  # same state dir: same tag
+    await rig.run_for(2)
+    assert [(m.external_port, m.internal_client) for m in rig.router.mappings()] == [
+        (45000, "192.168.1.11")]  # this host's stale one swept, the other host's kept
+    assert svc.mapper.stale_removed == 1
+    await svc.stop()
