@@ -208,6 +208,8 @@ class Mapper:
         self._warned: set[str] = set()
         self._lookup_error: GatewayError | None = None
         self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
+        self._adopted: set[MappingKey] = set()  # orphans an earlier run left (journal)
+        self._protocol = ""  # of the router last connected
         self.gateway_up = False
         self.gateway_error = ""
         self._gateway_retry_at = 0.0
@@ -263,6 +265,7 @@ class Mapper:
     def adopt_orphans(self, specs: list[MappingSpec]) -> None:
         """Mappings an earlier run may have left (from the journal): removed unless wanted."""
         for spec in specs:
+            self._adopted.add(spec.key)
             self.orphans.setdefault(spec.key, spec)
             # copies unknown: a router that cannot report them gets the full repeat budget
             self._orphan_meta.setdefault(spec.key, _Orphan(copies=MAX_DELETE_REPEAT))
@@ -363,9 +366,14 @@ class Mapper:
                 remaining = max(0, math.ceil(app.added_at + app.lease - now))
             elif app is not None:
                 remaining = 0
-            self._note_left_open(spec, "was not confirmed deleted (the router did not answer "
-                                       "or refused); the journal keeps it and the next start "
-                                       "deletes it", remaining)
+            if self._reads_back():
+                why = ("was not confirmed deleted (the router did not answer or refused); the "
+                       "journal keeps it and the next start deletes it")
+            else:  # NAT-PMP/PCP: only the client's own record (PCP: its nonce) deletes it
+                why = ("was not confirmed deleted (the router did not answer or refused); "
+                       "NAT-PMP/PCP let only the run that made a mapping delete it, so it "
+                       "stays until its lease on the router ends")
+            self._note_left_open(spec, why, remaining)
 
     def _settle(self, spec: MappingSpec, meta: _Orphan, outcome: Removal) -> bool:
         """Book one delete's outcome; True when the mapping is done with (gone or not ours)."""
@@ -400,6 +408,11 @@ class Mapper:
             try:
                 await self.gateway.delete(spec.proto, spec.external_port)
             except NoSuchMapping:
+                if not self._reads_back() and spec.key in self._adopted:
+                    log.warning("cannot delete %s left by an earlier run: NAT-PMP/PCP delete "
+                                "only what the same run mapped; it stays open until its lease "
+                                "on the router ends", spec.key)
+                    return Removal.GONE, deleted
                 if deleted or not (confirm and self._reads_back()
                                    and self.traits.confirm_deletes()):
                     return Removal.GONE, deleted
@@ -633,6 +646,7 @@ class Mapper:
 
     def _know_router(self, info: GatewayInfo) -> None:
         """Take up what an earlier run learned about this router (journal)."""
+        self._protocol = info.protocol  # kept while the router is down
         identity = router_identity(info)
         if identity == self.traits.identity:
             return
@@ -682,7 +696,8 @@ class Mapper:
         """Whether the protocol can look mappings up on the router at all (NAT-PMP/PCP: the
         granted reply is all there is)."""
         info = self.gateway.info
-        return info is None or info.protocol not in NO_READBACK
+        protocol = info.protocol if info is not None else self._protocol
+        return protocol not in NO_READBACK
 
     async def _confirm_add(self, app: Applied) -> None:
         """Read back a mapping the router accepted, and learn from what it shows.

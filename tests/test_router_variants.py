@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 
 from igdtrigger.engine import Source
-from igdtrigger.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT
-from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind
-from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
+from igdtrigger.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
+from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind, UpnpFault, fault_error
+from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway, pcp_error, pmp_error
 from igdtrigger.gateway.select import build_gateway
 from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
 from igdtrigger.journal import Journal
@@ -595,3 +595,69 @@ async def test_entry_of_another_host_with_our_description_is_not_swept(rig: Rig)
         (45000, "192.168.1.11")]  # this host's stale one swept, the other host's kept
     assert svc.mapper.stale_removed == 1
     await svc.stop()
+
+
+# --- NAT-PMP vs PCP vs UPnP wording: one kind, one type ---------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fault_error("AddPortMapping", UpnpFault(728, "NoPortMapsAvailable")),
+    lambda: pmp_error("NAT-PMP map udp/40000", 4),
+    lambda: pcp_error("PCP MAP udp/40000", 8),
+    lambda: pcp_error("PCP MAP udp/40000", 10),  # USER_EX_QUOTA: this host's share is used up
+], ids=["upnp-728", "natpmp-4", "pcp-no-resources", "pcp-user-quota"])
+def test_no_room_on_the_router_is_table_full_in_every_protocol(
+        make: Callable[[], GatewayError]) -> None:
+    assert type(make()) is TableFull
+
+
+# --- timeouts vs refusals: a NAT-PMP/PCP gateway that stops answering at stop ----------------
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_gateway_silent_at_stop_is_reported_with_its_lease_end(
+        router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The NAT-PMP/PCP gateway stops answering (no refusal): the stop names the mapping with
+    its lease end; NAT-PMP/PCP let only the run that made a mapping delete it (PCP: by its
+    nonce), so neither the stop nor the next start claims a later run will delete it."""
+    caplog.set_level(logging.WARNING)
+    clock = FakeClock()
+    rule = {"name": "g", "open": ["udp/40000"], "idle_timeout": "1h"}
+    svc = pmp_service(router, cls, rule, clock, tmp_path)
+    await svc.start()
+    await activate(svc, "g")
+    router.drop = 10_000  # no answer at all from now on: not a refusal
+    assert await svc.stop() == 0
+    [left] = svc.mapper.left_open
+    assert "did not answer" in left.why and "until its lease on the router ends" in left.why
+    assert "next start deletes" not in left.why
+    assert left.lease_remaining == 600 and left.until_wall is not None
+    assert (17, 40000) in router.mappings
+    router.drop = 0
+    svc2 = pmp_service(router, cls, {**rule, "name": "other", "open": ["udp/41000"]},
+                       clock, tmp_path)
+    await svc2.start()
+    for _ in range(3):
+        clock.advance(1)
+        await svc2.mapper.reconcile(svc2.desired())
+    assert any("cannot delete udp/40000 left by an earlier run" in r.message
+               for r in caplog.records)
+    assert (17, 40000) in router.mappings  # the truth: still there until its lease ends
+    await svc2.stop()
+
+
+# --- forces leases: every mapping made permanent whatever is asked ---------------------------
+
+
+async def test_router_making_every_lease_permanent_is_reported_and_cleaned(rig: Rig) -> None:
+    rig.router.forced_lease = 0
+    svc = await rig.start()
+    await rig.activate()
+    [m] = rig.status_mappings()
+    assert (m["lease"], m["lease_asked"], m["verified"]) == (0, 600, True)
+    assert svc.status()["gateway"]["learned"]["forced_lease"] == 0
+    await rig.run_for(700, step=50)
+    assert rig.router.calls["AddPortMapping"] <= 3  # nothing to renew on a permanent one
+    assert await svc.stop() == 1
+    assert rig.ours() == []

@@ -486,8 +486,8 @@ def pcp_error(action: str, result: int, *, third_party: str | None = None,
     if result == 11:
         return MappingConflict(action, result, text,
                                "the external port is taken by another host or program")
-    if result == 8:
-        return TableFull(action, result, text, _PCP_HINTS[8])
+    if result in (8, 10):  # NO_RESOURCES, USER_EX_QUOTA: the same kind as NAT-PMP 4, 728
+        return TableFull(action, result, text, _PCP_HINTS[result])
     return ActionFailed(action, result, text, _PCP_HINTS.get(result, ""))
 
 
