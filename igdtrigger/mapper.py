@@ -187,8 +187,17 @@ class Mapper:
         readback_settle: float = 0.25,
         on_change: Callable[[Applied, str], None] | None = None,
         journal: Journal | None = None,
+        abandon: Callable[[], bool] | None = None,
+        reclaim: Callable[[str], bool] | None = None,
     ) -> None:
+        """``abandon``: asked before each add of a pass; True ends the pass there (an
+        activation lapsed meanwhile: the caller expires it and reconciles again, deleting
+        instead of adding for minutes after it should have ended)."""
         self.gateway = gateway
+        self.abandon = abandon
+        # ``reclaim(description)``: an entry of another igdtrigger on this machine that is gone
+        # (a killed ``run``): ours to take over and delete when it maps to this host.
+        self.reclaim = reclaim
         self.clock = clock
         self.tag = tag
         self.lease = int(lease)
@@ -208,7 +217,6 @@ class Mapper:
         self._warned: set[str] = set()
         self._lookup_error: GatewayError | None = None
         self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
-        self._adopted: set[MappingKey] = set()  # orphans an earlier run left (journal)
         self._protocol = ""  # of the router last connected
         self.gateway_up = False
         self.gateway_error = ""
@@ -244,10 +252,14 @@ class Mapper:
         (where it can report mappings; else how many it answered); ``left_open`` lists what it
         still holds, with until when."""
         async with self._lock:
+            never_sent: list[MappingSpec] = []
             for key, app in list(self.applied.items()):
                 self.applied.pop(key, None)
                 if app.state is MapState.ACTIVE or app.maybe_applied:
                     self._orphan(app.wire, app)
+                elif app.attempts == 0:
+                    never_sent.append(app.wire)  # journaled, never asked: nothing to delete
+            self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             self.left_open = []
             if self.gateway_up or await self._connect():
                 return await self._delete_orphans(set(), final=True)
@@ -265,7 +277,6 @@ class Mapper:
     def adopt_orphans(self, specs: list[MappingSpec]) -> None:
         """Mappings an earlier run may have left (from the journal): removed unless wanted."""
         for spec in specs:
-            self._adopted.add(spec.key)
             self.orphans.setdefault(spec.key, spec)
             # copies unknown: a router that cannot report them gets the full repeat budget
             self._orphan_meta.setdefault(spec.key, _Orphan(copies=MAX_DELETE_REPEAT))
@@ -313,6 +324,12 @@ class Mapper:
                                                       confirm=not final)
                 if outcome is Removal.GONE:
                     asked.append(spec)  # a 714 at stop is confirmed like a success
+                    if not deleted and meta.app is None and not self._reads_back():
+                        # from an earlier run: NAT-PMP/PCP delete only what this run made
+                        # (PCP needs the nonce of the run that made it): nothing was asked
+                        log.warning("%s from an earlier run cannot be deleted over %s; it "
+                                    "lapses on the router at the end of its lifetime", key,
+                                    self._protocol or "NAT-PMP")
                 if outcome in (Removal.REFUSED, Removal.FAILED) and rnd == 0:
                     again.append(spec)  # once more after the others (busy, or order-bound)
                     continue
@@ -408,11 +425,6 @@ class Mapper:
             try:
                 await self.gateway.delete(spec.proto, spec.external_port)
             except NoSuchMapping:
-                if not self._reads_back() and spec.key in self._adopted:
-                    log.warning("cannot delete %s left by an earlier run: NAT-PMP/PCP delete "
-                                "only what the same run mapped; it stays open until its lease "
-                                "on the router ends", spec.key)
-                    return Removal.GONE, deleted
                 if deleted or not (confirm and self._reads_back()
                                    and self.traits.confirm_deletes()):
                     return Removal.GONE, deleted
@@ -588,11 +600,11 @@ class Mapper:
                  if a.state is MapState.PENDING and a.attempts == 0]
         known = await self._snapshot(len(first)) if self.check_before_add and first else None
         for app in first:
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             await self._add(app, check=self.check_before_add, known=known)
         for app in list(self.applied.values()):
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             now = self.clock()
             if app.state is MapState.ACTIVE and now >= app.renew_at:
@@ -819,7 +831,8 @@ class Mapper:
         me = info.local_address if info is not None else ""
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
-            if owned_by(m.description, self.tag) is None or m.key in held:
+            if m.key in held or (owned_by(m.description, self.tag) is None
+                                 and not self._reclaimable(m.internal_client, m.description)):
                 continue
             if m.internal_client != me and m.key not in self.orphans:
                 # Our description, another host, and not in our journal: a copy of this
@@ -901,6 +914,9 @@ class Mapper:
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
 
+    def _abandoned(self) -> bool:
+        return self.abandon is not None and self.abandon()
+
     async def _add_leased(self, wire: MappingSpec, app: Applied | None = None, *,
                           any_port: bool = False) -> Granted:
         """Add with the lease policy learned for this router, through the gateway layer's one
@@ -911,10 +927,15 @@ class Mapper:
         lease = self.lease if self.traits.timed_leases else 0
         if app is not None:
             app.asked = lease
-        if any_port:
-            granted = await self.gateway.add_any(wire, lease)
-        else:
-            granted = await self.gateway.add(wire, lease)
+        try:
+            if any_port:
+                granted = await self.gateway.add_any(wire, lease)
+            else:
+                granted = await self.gateway.add(wire, lease)
+        except asyncio.CancelledError:
+            if app is not None:  # a stop cancelled it unanswered: it may be on the router
+                app.maybe_applied = True
+            raise
         refused = granted.timed_lease_refused
         if refused is not None:
             if app is not None:
@@ -1072,7 +1093,7 @@ class Mapper:
         On a router learned to cut descriptions, a prefix of ours of that length counts."""
         if client != spec.internal_client:
             return False
-        if owned_by(description, self.tag) is not None:
+        if owned_by(description, self.tag) is not None or self._reclaimable(client, description):
             return True
         cut, shown = self.traits.description_cut, description.strip()
         return (cut is not None and abs(len(shown) - cut) <= 1 and len(shown) >= MIN_CUT
@@ -1092,6 +1113,11 @@ class Mapper:
             f"router shows {wire.key} with its description cut to {shown!r}: igdtrigger "
             "recognises its own mappings on this router by client, port and that prefix"))
         return True
+
+    def _reclaimable(self, client: str, description: str) -> bool:
+        info = self.gateway.info
+        return (self.reclaim is not None and info is not None
+                and client == info.local_address and self.reclaim(description))
 
     def _conflict(self, app: Applied, message: str) -> None:
         if app.state is not MapState.CONFLICT or app.error != message:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from . import __version__
 from .config import ADHOC_PREFIX, Config, Rule, default_state_dir
 from .detect.base import Detector
 from .detect.hostmap import HostMap
+from .detect.nfttrack import TABLE, KernelTracking
 from .engine import Activation, Engine, Event, EventKind, Source
 from .errors import AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
@@ -33,11 +36,13 @@ from .gateway.igd import RouterChange, RouterChangeKind
 from .gateway.pinhole import FirewallClient, global_ipv6_addresses
 from .gateway.select import forget_connection, set_lost_state_handler
 from .journal import Journal, JournalActivation
+from .leftovers import dead_run_tag, dead_runs, take_over
 from .mapper import Applied, Mapper, MapState
 from .model import (
     Flow,
+    FlowEnded,
+    FlowLive,
     MappingKey,
-    MappingSpec,
     PinholeSpec,
     PortRange,
     ProcessSeen,
@@ -53,17 +58,41 @@ log = logging.getLogger("igdtrigger")
 
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
+TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
 
 
 @dataclass(slots=True)
 class DetectorStatus:
+    """``active``: the detector runs *and* can see what it is for; ``reason``: why not;
+    ``detail``: what an active one's claim rests on (conntrack: the kernel tracks the flows)."""
+
     name: str
     active: bool
     reason: str = ""
+    detail: str = ""
 
 
-def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None) -> str | None:
-    """Read a secret file, creating it (mode 0600) on first use. ``None`` if not possible."""
+def machine_id() -> str:
+    """systemd's machine id (stable across reboots), else the host name."""
+    for where in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = Path(where).read_text().strip()
+            if text:
+                return text
+    return socket.gethostname()
+
+
+def derived_tag(state_dir: Path) -> str:
+    """The instance tag a state directory gets: 6 hex digits from this machine's id and the
+    directory's path, so it is the same at every start even when nothing can be written (a
+    crash's leftovers are still recognised as ours), and differs between two services."""
+    return hashlib.sha256(f"{machine_id()}\0{state_dir.absolute()}".encode()).hexdigest()[:6]
+
+
+def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
+                          value: str | None = None) -> str | None:
+    """Read a secret file, creating it (mode 0600) on first use with ``value`` (default: random).
+    ``None`` if not possible."""
     try:
         text = path.read_text().strip()
         if text:
@@ -72,7 +101,7 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
         pass
     except OSError:
         return None
-    value = secrets.token_hex(nbytes)[: hexlen or None]
+    value = value or secrets.token_hex(nbytes)[: hexlen or None]
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
@@ -97,26 +126,36 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         state_dir: Path | None = None,
+        journal_dir: Path | None = None,
         on_router_call: Callable[[str, float, bool], None] | None = None,
+        tracking: KernelTracking | None = None,
     ) -> None:
+        """``journal_dir``: where the journal and instance tag live (default ``state_dir``);
+        ``serve --simulate`` keeps them apart from the real service's."""
         self.config = config
+        # makes the kernel track trigger flows for the conntrack detector (nfttrack.py); None:
+        # not managed here (tests), the conntrack detector is then taken at its word
+        self.tracking = tracking
+        self.tracked_flows: int | None = None  # new trigger flows our nft counters saw
         self.gateway = gateway
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
         self.state_dir = state_dir or config.state_dir or default_state_dir()
-        tag = load_or_create_secret(self.state_dir / "instance", 3, hexlen=6)
+        self.journal_dir = journal_dir or self.state_dir
+        derived = derived_tag(self.journal_dir)
+        tag = load_or_create_secret(self.journal_dir / "instance", 3, value=derived)
         if tag is None:
-            tag = "x" + secrets.token_hex(3)[:5]
+            tag = derived
             log.warning(
-                "state directory %s is not writable: mappings left by a crash of this run "
-                "cannot be recognised after a restart (set service.state_dir)", self.state_dir
-            )
+                "state directory %s is not writable: running with the tag %s derived from this "
+                "machine and that path (a crash's leftovers are still recognised), but nothing "
+                "is journaled (set service.state_dir)", self.journal_dir, tag)
         self.tag = tag
         self.api_token = load_or_create_secret(self.state_dir / "api-token", 24)
         self.hub = EventHub(history=200)  # SSE subscribers (api.py) and Last-Event-ID replay
         self.events: collections.deque[dict[str, Any]] = self.hub.history
         self.error_counts: collections.Counter[str] = collections.Counter()  # for /metrics
-        self.journal = Journal.open(self.state_dir)
+        self.journal = Journal.open(self.journal_dir)
         self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway,
@@ -128,6 +167,8 @@ class Service:
             check_before_add=config.gateway.check_before_add,
             on_change=self._on_mapping_change,
             journal=self.journal,
+            abandon=self._lapse_due,
+            reclaim=dead_run_tag,
         )
         # IPv6: the same ports, through the router's firewall, to this machine's own addresses
         self.pinholes: PinholeKeeper | None = None
@@ -137,6 +178,7 @@ class Service:
                 lease=config.gateway.lease,
                 journal=self.journal, on_change=self._on_pinhole_change)
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
+        self._pinhole_wake = asyncio.Event()
         self._journal_flushed = 0.0
         # New activations are journaled right after the round that requested their mappings
         # (the mappings themselves are journaled before they are requested): no fsync of its
@@ -157,13 +199,20 @@ class Service:
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = HostMap(self.local_address, clock=clock)
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
+        self._events_at_start = 0  # conntrack events_seen when its visibility was established
+        self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    def _lapse_due(self) -> bool:
+        """An activation's time is up: a long mapping pass stops adding so it can end."""
+        due = self.engine.next_deadline()
+        return due is not None and self.clock() >= due
 
     def _router_lost_state(self, reason: str) -> None:
         self.mapper.reapply_all(reason)
         if self.pinholes is not None:
-            self.pinholes.lost_state()
+            self.pinholes.lost_state()  # re-added after the scheduler's next round reconnects
         self.wake()
 
     def _upnp_location(self) -> str | None:
@@ -242,13 +291,13 @@ class Service:
             else:
                 count += 1
                 log.info("restored activation of rule %s for %s (%s left)", ja.rule, ja.host,
-                         format_duration(ja.expires_wall - now_wall))
+                         format_duration(act.expires - self.clock()))
         self.engine.dirty.clear()
+        # a killed `igdtrigger run`'s journal (not for --simulate: those are the real router's)
+        take_over(self.journal, dead_runs(self.journal_dir))
         leftovers = self.journal.mappings()
         if leftovers:
-            self.mapper.adopt_orphans([
-                MappingSpec(m.proto, m.external_port, m.internal_client, m.internal_port,
-                            m.description) for m in leftovers])
+            self.mapper.adopt_orphans([m.spec for m in leftovers])
         return count
 
     def _journal_activations(self) -> None:
@@ -269,17 +318,24 @@ class Service:
 
     def _journal_record(self, act: Activation) -> JournalActivation:
         now_wall, now = self.wall(), self.clock()
+        # a held activation is written as closing one timeout from now: after a crash the
+        # detectors' table dump holds it again if its connection still lives
+        remaining = act.ttl if act.held else act.expires - now
         return JournalActivation(act.id, act.rule.name, act.host, act.source.value,
-                                 now_wall - (now - act.created), now_wall + (act.expires - now),
+                                 now_wall - (now - act.created), now_wall + remaining,
                                  act.ttl, dict(act.meta))
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
+        if self.pinholes is not None:
+            self._tasks.append(asyncio.create_task(self._pinhole_loop(self.pinholes),
+                                                   name="pinholes"))
         for det in self.detectors:
             standby = getattr(det, "standby_for", "")
             if standby and any(st.name == standby and st.active for st in self.detector_status):
                 self.detector_status.append(DetectorStatus(
-                    det.name, False, f"standby: {standby} is active and sees every flow"))
+                    det.name, False, f"standby: {standby} is active; this one stands in if "
+                    f"{standby} stops or stops seeing flows"))
                 continue
             try:
                 det.check()
@@ -293,9 +349,87 @@ class Service:
                     "still work", det.name, exc
                 )
                 continue
-            self.detector_status.append(DetectorStatus(det.name, True))
+            st = DetectorStatus(det.name, True)
+            if det.name == "conntrack" and self.tracking is not None:
+                st = await self._conntrack_visibility(det)
+            self.detector_status.append(st)
+            # a conntrack that cannot see flows yet still listens: they may come later
             self._tasks.append(asyncio.create_task(self._run_detector(det), name=det.name))
+        if self._tracking_watched:
+            self._tasks.append(asyncio.create_task(self._watch_tracking(), name="tracking"))
         self.wake()
+
+    def _tracked_ports(self) -> tuple[list[PortRange], list[PortRange]]:
+        rules = self.config.rules
+        return ([r for rule in rules for r in rule.trigger],
+                [r for rule in rules for r in rule.open])
+
+    async def _conntrack_visibility(self, det: Detector) -> DetectorStatus:
+        """Make the kernel track the trigger flows (or find out whether it does): conntrack
+        is reported active only on that ground."""
+        assert self.tracking is not None
+        trigger, opened = self._tracked_ports()
+        vis = await asyncio.to_thread(
+            self.tracking.establish, trigger, opened,
+            lambda proto, port: bool(self.engine.index.match(proto, port)))
+        self._events_at_start = getattr(det, "events_seen", 0)
+        self._tracking_watched = True
+        if vis.seen:
+            return DetectorStatus(det.name, True, detail=vis.text)
+        log.warning("detector conntrack: %s; the socket table stands in", vis.text)
+        return DetectorStatus(det.name, False, vis.text)
+
+    async def retrack(self) -> None:
+        """The rules changed: load the nftables table again for their trigger ports."""
+        if self.tracking is not None and self.tracking.enabled:
+            await asyncio.to_thread(self.tracking.install, *self._tracked_ports())
+
+    async def _watch_tracking(self) -> None:
+        """Keep our nftables table in place, count what it saw, and report conntrack active
+        once it really sees flows (an event arrived), or inactive if tracking was lost."""
+        assert self.tracking is not None
+        tracking = self.tracking
+        det = next(d for d in self.detectors if d.name == "conntrack")
+        unannounced = 0  # consecutive checks where our counters saw trigger flows, events none
+        while True:
+            await asyncio.sleep(TRACKING_CHECK)
+            st = next((s for s in self.detector_status if s.name == "conntrack"), None)
+            if st is None or not any(t.get_name() == "conntrack" and not t.done()
+                                     for t in self._tasks):
+                continue  # not running (it stopped): nothing to vouch for
+            if tracking.installed:
+                counted = await asyncio.to_thread(tracking.check)
+                if counted is not None:
+                    self.tracked_flows = counted
+                if not tracking.installed and st.active:  # removed, and cannot be put back
+                    self._conntrack_blind(st, f"the kernel no longer tracks trigger flows: "
+                                              f"nftables table {TABLE} was removed and "
+                                              f"{tracking.reason}")
+                reported = getattr(det, "flows_reported", None)
+                # the kernel counted trigger flows, conntrack announced none: events are lost
+                # (nf_conntrack_events=0, a full socket buffer...). Two checks in a row, so
+                # an event still in flight at the first is not mistaken for a lost one.
+                unannounced = unannounced + 1 if (counted and reported == 0) else 0
+                if unannounced >= 2 and st.active:
+                    self._conntrack_blind(st, f"the kernel counted {counted} new trigger "
+                                              "flow(s) but no conntrack event announced one "
+                                              "(events lost or disabled: sysctl "
+                                              "net.netfilter.nf_conntrack_events)")
+                elif (not st.active and st.reason.startswith("the kernel counted")
+                      and isinstance(reported, int) and reported > 0):
+                    st.active, st.reason = True, ""
+                    st.detail = f"conntrack announced {reported} trigger flow(s)"
+            events = getattr(det, "events_seen", 0) - self._events_at_start
+            if not st.active and st.reason.startswith("listening") and events > 0:
+                st.active, st.reason = True, ""
+                st.detail = f"conntrack events seen ({events} since start)"
+                log.info("detector conntrack: %s", st.detail)
+
+    def _conntrack_blind(self, st: DetectorStatus, reason: str) -> None:
+        """conntrack stays subscribed but cannot be vouched for: say why; a stand-in runs."""
+        st.active, st.detail, st.reason = False, "", reason
+        log.warning("detector conntrack: %s; the socket table stands in", reason)
+        self._start_standins("conntrack")
 
     async def _run_detector(self, det: Detector) -> None:
         try:
@@ -310,14 +444,23 @@ class Service:
             if st.name == det.name:
                 st.active = False
                 st.reason = st.reason or "stopped (see log)"
+        if getattr(det, "holds_flows", False) and (released := self.engine.release_flows()):
+            log.warning("detector %s stopped: %d live flow(s) no longer hold their activations; "
+                        "they close after their idle timeout unless seen again", det.name,
+                        released)
+            self.wake()
         if self._stopping:
             return
-        for other in self.detectors:  # a stand-in waiting for this one takes over
-            if getattr(other, "standby_for", "") != det.name:
+        self._start_standins(det.name)
+
+    def _start_standins(self, name: str) -> None:
+        """A stand-in waiting for detector ``name`` takes over."""
+        for other in self.detectors:
+            if getattr(other, "standby_for", "") != name:
                 continue
             for st in self.detector_status:
                 if st.name == other.name and not st.active and st.reason.startswith("standby"):
-                    log.warning("detector %s takes over from %s", other.name, det.name)
+                    log.warning("detector %s takes over from %s", other.name, name)
                     st.active, st.reason = True, ""
                     self._tasks.append(asyncio.create_task(self._run_detector(other),
                                                            name=other.name))
@@ -333,14 +476,20 @@ class Service:
         self._tasks.clear()
         if self._notify_watcher is not None:
             self._notify_watcher.close()
+        if self.tracking is not None:
+            await asyncio.to_thread(self.tracking.remove)
         removed = 0
+        deleted_before = self.mapper.ops["delete"]
         try:
             removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
         except TimeoutError:
+            removed = self.mapper.ops["delete"] - deleted_before
             log.error(
-                "router did not answer in %.0fs while removing mappings; their leases (%s) will "
-                "expire on the router", timeout, format_duration(self.mapper.lease)
-            )
+                "the router did not finish removing mappings within %.0fs (%d removed, about %d "
+                "left): they stay journaled and the next start removes them; their leases (%s) "
+                "end them on the router", timeout, removed, len(self.mapper.orphans) - removed,
+                format_duration(self.mapper.lease) if not self.mapper.permanent_only
+                else "permanent")
         if self.pinholes is not None:
             try:
                 closed = await asyncio.wait_for(self.pinholes.remove_all(), timeout)
@@ -350,9 +499,10 @@ class Service:
                 log.error("router did not answer in %.0fs while closing IPv6 pinholes; their "
                           "leases (%ds) will end them", timeout, self.pinholes.lease)
         await self.gateway.close()
-        self._journal_flushed = -math.inf
-        self._journal_new()
-        self._journal_activations()
+        # A clean stop ends what it held: the next start restores nothing (only a crash does);
+        # mappings the router did not confirm deleting stay journaled and are removed then.
+        self._unjournaled.clear()
+        self.journal.activations_clear()
         self.journal.close()
         left = self.mapper.left_open
         if left:
@@ -368,22 +518,44 @@ class Service:
         if self.engine.on_flow(flow):
             self.wake()
 
-    def observe(self, obs: Flow | ProcessSeen) -> None:
+    def observe(self, obs: Flow | FlowLive | FlowEnded | ProcessSeen) -> None:
         """The sink every detector reports to."""
         if isinstance(obs, ProcessSeen):
             host = self.local_address()
             if host is not None and obs.names and self.engine.on_process(obs.names, host):
                 self.wake()
-        elif isinstance(obs.src, ipaddress.IPv6Address):
-            # a dual-stack application's IPv6 flow: the IPv4 mappings go to the same machine
-            if not self.engine.index.match(obs.proto, obs.dport):
-                return
-            v4 = self.hostmap.ipv4_for(obs.src)
-            if v4 is not None and self.engine.on_flow(
-                    Flow(obs.proto, ipaddress.IPv4Address(v4), obs.dst, obs.sport, obs.dport)):
+            return
+        flow = self._as_v4(obs if isinstance(obs, Flow) else obs.flow)
+        if flow is None:
+            return
+        if isinstance(obs, FlowEnded):
+            self.engine.on_flow_ended(flow, closed=obs.closed)
+            self.wake()  # the idle timer may have started: reschedule
+        elif isinstance(obs, FlowLive):
+            created = self.engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
+            # packets only move expiries later (the scheduler finds that when it wakes); a new
+            # activation, or a connection that stopped holding (its timer now runs), needs it now
+            if created or (not obs.connected and obs.idle is None):
                 self.wake()
-        elif self.engine.on_flow(obs):
+        elif self.engine.on_flow(flow):
             self.wake()
+
+    def _as_v4(self, flow: Flow) -> Flow | None:
+        """A dual-stack application's IPv6 trigger flow counts for the same machine's IPv4
+        address (the IPv4 mappings go there); other IPv6 flows are not ours to judge."""
+        if not isinstance(flow.src, ipaddress.IPv6Address):
+            return flow
+        if not self.engine.index.match(flow.proto, flow.dport):
+            return None
+        v4 = self.hostmap.ipv4_for(flow.src)
+        if v4 is None:
+            return None
+        return Flow(flow.proto, ipaddress.IPv4Address(v4), flow.dst, flow.sport, flow.dport)
+
+    def follows(self, flow: Flow) -> bool:
+        """Detectors keep looking at a flow while the engine follows it."""
+        v4 = self._as_v4(flow)
+        return v4 is not None and self.engine.follows(v4)
 
     def local_address(self) -> str | None:
         """This host's LAN address as the router sees it (for process-held rules)."""
@@ -513,8 +685,7 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
-            if self.pinholes is not None:
-                await self.pinholes.reconcile(self.desired_pinholes())
+            self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
             self._watch_router()
             self._journal_new()
             self._journal_activations()
@@ -523,13 +694,31 @@ class Service:
                 self._applied_cond.notify_all()
             if self.engine.generation != gen:
                 continue
-            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline(),
-                                     self.pinholes.next_deadline() if self.pinholes else None)
-                         if d]
+            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline()) if d]
             delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), None if delay == math.inf else delay)
+
+    async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
+        """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart
+        from the scheduler so a slow or silent IPv6 side never delays an IPv4 mapping."""
+        deadline: float | None = None
+        while True:
+            # The first round waits for the scheduler's (which finds the router: the IGD's
+            # address is what the IPv6 side is asked at; asking before would only back off).
+            delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pinhole_wake.wait(),
+                                           None if delay == math.inf else delay)
+            self._pinhole_wake.clear()
+            try:
+                await keeper.reconcile(self.desired_pinholes())
+                deadline = keeper.next_deadline()
+            except Exception:  # a bug here must not stop IPv4 or the service
+                log.exception("IPv6 pinholes: unexpected error; trying again in 30 s")
+                deadline = self.clock() + 30.0
 
     # --- reporting -----------------------------------------------------------------------------
 
@@ -660,10 +849,7 @@ class Service:
                     "restarts_seen": self.router_announcements,
                 },
             },
-            "detectors": [
-                {"name": d.name, "active": d.active, **({"reason": d.reason} if d.reason else {})}
-                for d in self.detector_status
-            ],
+            "detectors": [self._detector_json(d) for d in self.detector_status],
             "rules": [r.to_json() for r in self.config.rules],
             "activations": [
                 self.activation_json(a)
@@ -679,11 +865,31 @@ class Service:
                                     if self.pinholes is not None else 0),
                 "flows_seen": self.engine.flows_seen,
                 "flows_matched": self.engine.flows_matched,
+                "flows_inbound": self.engine.flows_inbound,
+                "flows_live": len(self.engine.live),
+                "flows_refused": self.engine.flows_refused,
                 **{f"router_{k}": v for k, v in self.mapper.ops.items()},
             },
             "warnings": warnings,
             "events": list(self.events)[-50:],
         }
+
+    def _detector_json(self, st: DetectorStatus) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": st.name, "active": st.active}
+        if st.reason:
+            out["reason"] = st.reason
+        if st.detail:
+            out["detail"] = st.detail
+        det = next((d for d in self.detectors if d.name == st.name), None)
+        events = getattr(det, "events_seen", None)
+        if isinstance(events, int):
+            out["events_seen"] = events
+        if st.name == "conntrack" and self.tracking is not None:
+            t = self.tracking
+            out["tracking"] = {"table": TABLE, "enabled": t.enabled, "loaded": t.installed,
+                               "reason": t.reason or None, "reinstalls": t.reinstalls,
+                               "trigger_flows_counted": self.tracked_flows}
+        return out
 
     def rules(self) -> list[Rule]:
         return list(self.config.rules)

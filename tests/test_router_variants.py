@@ -641,7 +641,7 @@ async def test_gateway_silent_at_stop_is_reported_with_its_lease_end(
     for _ in range(3):
         clock.advance(1)
         await svc2.mapper.reconcile(svc2.desired())
-    assert any("cannot delete udp/40000 left by an earlier run" in r.message
+    assert any("udp/40000 from an earlier run cannot be deleted over" in r.message
                for r in caplog.records)
     assert (17, 40000) in router.mappings  # the truth: still there until its lease ends
     await svc2.stop()
