@@ -661,3 +661,32 @@ async def test_router_making_every_lease_permanent_is_reported_and_cleaned(rig: 
     assert rig.router.calls["AddPortMapping"] <= 3  # nothing to renew on a permanent one
     assert await svc.stop() == 1
     assert rig.ours() == []
+
+
+@pytest.mark.parametrize(("first", "main"), [
+    ("WANIPConnection", "WANPPPConnection"),  # PPPoE line after a dead IP WAN
+    ("WANPPPConnection", "WANIPConnection"),  # a dead PPP WAN first
+])
+async def test_connected_service_of_another_type_is_chosen(
+        rig: Rig, first: str, main: str) -> None:
+    """IGDv1, two WANDevices: the first service (disconnected, no address, accepting adds)
+    and the connected one are of different types (WANIPConnection / WANPPPConnection)."""
+    rig.router.igd_version = 1
+    rig.router.service_name = main
+    dead = rig.router.add_first_wan()
+    dead.service_name = first
+    svc = await rig.start()
+    await svc.activate("game", HOST, ttl=3600, source=Source.API)
+    await rig.run_for(3)
+    if rig.backend == "miniupnpc" and svc.status()["gateway"]["up"] is False:
+        # miniupnpc would take the dead one: refused and said, nothing mapped anywhere
+        assert "miniupnpc cannot be pointed at it" in svc.status()["gateway"]["error"]
+        await svc.stop()
+        assert dead.mappings() == [] and rig.ours() == []
+        return
+    assert dead.mappings() == []
+    assert [p for p, _, _ in rig.ours()] == [40000]
+    assert svc.status()["gateway"]["service_type"].endswith(f"{main}:1")
+    rig.agrees()
+    assert await svc.stop() == 1
+    assert rig.ours() == []

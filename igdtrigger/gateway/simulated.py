@@ -603,6 +603,9 @@ class SimulatedRouter:
         self.deletes_ignored = 0
         self.description_limit: int | None = None
         self.late_visible = 0
+        self.service_name = "WANIPConnection"
+        """The WAN connection service's type name: "WANPPPConnection" for a PPPoE line (same
+        actions, router-facts §3.3; use with igd_version 1: there is no WANPPPConnection:2)."""
         self._ignored: collections.Counter[tuple[Proto, int]] = collections.Counter()
         self._hidden: list[_Entry] = []  # unreadable: installed copies the router cannot show
 
@@ -610,7 +613,7 @@ class SimulatedRouter:
 
     @property
     def service_type(self) -> str:
-        return f"urn:schemas-upnp-org:service:WANIPConnection:{self.igd_version}"
+        return f"urn:schemas-upnp-org:service:{self.service_name}:{self.igd_version}"
 
     @property
     def uptime(self) -> int:
@@ -1106,7 +1109,7 @@ class SimulatedRouter:
             )
 
         ipconn = service(
-            f"WANIPConnection:{v}",
+            f"{self.service_name}:{v}",
             "WANIPConn1",
             IPCONN_SCPD_PATH,
             IPCONN_CONTROL_PATH,
@@ -1122,7 +1125,8 @@ class SimulatedRouter:
         conn_dev = device("WANConnectionDevice", "-2", ipconn, "")
         wan_dev = device("WANDevice", "-1", cif, conn_dev)
         if self.first_wan is not None:  # multi-WAN: another WANDevice listed first
-            first_conn = service(f"WANIPConnection:{v}", "WANIPConn1", IPCONN_SCPD_PATH,
+            first_conn = service(f"{self.first_wan.service_name}:{v}", "WANIPConn1",
+                                 IPCONN_SCPD_PATH,
                                  FIRST_WAN_CONTROL_PATH, IPCONN_EVENT_PATH)
             wan_dev = device("WANDevice", "-3", "", device("WANConnectionDevice", "-4",
                                                            first_conn, "")) + wan_dev
