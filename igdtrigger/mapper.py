@@ -218,6 +218,9 @@ class Mapper:
         self._lookup_error: GatewayError | None = None
         self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
         self._protocol = ""  # of the router last connected
+        # mappings we added that the router then showed for another client: left alone,
+        # named at stop (key -> spec, that client, lease left)
+        self._taken_over: dict[MappingKey, tuple[MappingSpec, str, int | None]] = {}
         self.gateway_up = False
         self.gateway_error = ""
         self._gateway_retry_at = 0.0
@@ -261,9 +264,16 @@ class Mapper:
                     never_sent.append(app.wire)  # journaled, never asked: nothing to delete
             self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             self.left_open = []
+            removed = 0
             if self.gateway_up or await self._connect():
-                return await self._delete_orphans(set(), final=True)
-            return 0
+                removed = await self._delete_orphans(set(), final=True)
+            for spec, client, remaining in self._taken_over.values():
+                self._note_left_open(spec, (
+                    f"was added by igdtrigger, then the router showed it for {client}: not "
+                    "deleted, as it may not be ours any more (taken over, or the router "
+                    "reports another client)"), remaining)
+            self._taken_over.clear()
+            return removed
 
     def reapply_all(self, reason: str) -> None:
         """The router lost its state (NAT-PMP/PCP epoch, announcement): re-add everything."""
@@ -1040,6 +1050,7 @@ class Mapper:
             return
         now = self.clock()
         was_active = app.state is MapState.ACTIVE
+        self._taken_over.pop(app.wire.key, None)
         app.state = MapState.ACTIVE
         app.lease = granted.lease
         if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
@@ -1195,7 +1206,10 @@ class Mapper:
             if found is None:
                 lost.append(app)
             elif not self._is_ours(found.internal_client, found.description, spec):
-                app.state = MapState.PENDING  # not ours any more: never delete it
+                # not ours any more: never delete it; named at stop (we did add it)
+                self._taken_over[spec.key] = (spec, found.internal_client,
+                                              found.lease_remaining)
+                app.state = MapState.PENDING
                 self._conflict(
                     app,
                     f"{spec.key} was taken over on the router by {found.internal_client} "

@@ -690,3 +690,23 @@ async def test_connected_service_of_another_type_is_chosen(
     rig.agrees()
     assert await svc.stop() == 1
     assert rig.ours() == []
+
+
+# --- the record names another internal client for our mapping --------------------------------
+
+
+async def test_mapping_shown_for_another_client_is_left_alone_and_named_at_stop(
+        rig: Rig) -> None:
+    """The router's record says another host for the port we just mapped (taken over, or a
+    router that reports the wrong client): never deleted (it may not be ours), status says
+    so, and the stop names it instead of saying nothing about a port we opened."""
+    svc = await rig.start()
+    await rig.activate()
+    rig.router.reported_client = "192.168.1.77"
+    await rig.run_for(70, step=10)  # a periodic verification
+    [m] = svc.status()["mappings"]
+    assert m["state"] == "conflict" and "192.168.1.77" in m["error"]
+    assert await svc.stop() == 0
+    assert [p for p, _, _ in rig.ours()] == [40000]  # left alone
+    [left] = svc.mapper.left_open
+    assert str(left.spec.key) == "udp/40000" and "192.168.1.77" in left.why

@@ -603,6 +603,9 @@ class SimulatedRouter:
         self.deletes_ignored = 0
         self.description_limit: int | None = None
         self.late_visible = 0
+        self.reported_client: str | None = None
+        """GetSpecificPortMappingEntry reports this internal client for every entry (a router
+        whose record says another host than the one it maps to)."""
         self.service_name = "WANIPConnection"
         """The WAN connection service's type name: "WANPPPConnection" for a PPPoE line (same
         actions, router-facts §3.3; use with igd_version 1: there is no WANPPPConnection:2)."""
@@ -845,7 +848,7 @@ class SimulatedRouter:
             raise _Refused(714)
         return {
             "NewInternalPort": str(entry.internal_port),
-            "NewInternalClient": entry.internal_client,
+            "NewInternalClient": self.reported_client or entry.internal_client,
             "NewEnabled": "1",
             "NewPortMappingDescription": entry.description,
             "NewLeaseDuration": str(self._remaining(entry, self._clock())),
