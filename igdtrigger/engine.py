@@ -10,10 +10,18 @@ Semantics (router-style port triggering):
 - An explicit activation lives for its ``ttl``; a heartbeat extends it by its ttl again.
 - Ports are owned first come, first served: when two activations want the same external port for
   different hosts, the older one keeps it; the younger one waits and takes over when it lapses.
+  A rule with ``share = "latest"`` lets its newest activation take ports from its own older
+  ones, never from another rule's.
+- Bounded: at most ``MAX_ACTIVATIONS`` live activations (``ActivationLimit`` past it), and
+  detected ones (traffic) at most ``MAX_DETECTED`` in all and ``MAX_PER_ORIGIN`` per origin (the
+  flow's link-layer address when the neighbour table knows it; unknown origins share one
+  bucket, so forged source addresses from one host cannot grow the table); what was refused is
+  counted in ``refused``.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import ipaddress
@@ -24,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ADHOC_PREFIX, Rule
-from .errors import ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
+from .errors import ActivationLimit, ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
 from .model import Flow, IPAddress, MappingKey, MappingSpec, PortRange, Proto, parse_port_spec
 
 Clock = Callable[[], float]
@@ -32,6 +40,11 @@ MAX_TTL = 7 * 86400.0
 _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
 _SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+MAX_ACTIVATIONS = 4096  # live activations of every kind
+MAX_DETECTED = 1024  # live activations created by detected traffic
+MAX_PER_ORIGIN = 16  # ... per origin (one link-layer address, or all unknown ones together)
+UNKNOWN_ORIGIN = "unknown"
+LOCAL_ORIGIN = "local"
 
 
 class Source(enum.StrEnum):
@@ -59,6 +72,7 @@ class Activation:
     hits: int = 1
     seq: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    origin: str = ""  # detected traffic: where the flow came from (see MAX_PER_ORIGIN)
     # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
     specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
         default=None, repr=False, compare=False)
@@ -180,11 +194,19 @@ class Engine:
         self.dirty: set[str] = set()  # activations whose expiry moved (for the journal)
         self.flows_seen = 0
         self.flows_matched = 0
+        self.max_activations = MAX_ACTIVATIONS
+        self.max_detected = MAX_DETECTED
+        self.max_per_origin = MAX_PER_ORIGIN
+        self._origins: collections.Counter[str] = collections.Counter()
+        self.refused: collections.Counter[str] = collections.Counter()  # why, how many
 
     # --- inputs --------------------------------------------------------------------------------
 
-    def on_flow(self, flow: Flow) -> list[Activation]:
-        """A detector saw a new outbound flow. Returns the activations it created."""
+    def on_flow(self, flow: Flow,
+                origin_of: Callable[[IPAddress], str | None] | None = None) -> list[Activation]:
+        """A detector saw a new outbound flow. Returns the activations it created.
+        ``origin_of(src)``: the source's link-layer address if known (bounds forged sources;
+        asked only for a flow that triggers a rule)."""
         self.flows_seen += 1
         rules = self.index.match(flow.proto, flow.dport)
         if not rules:
@@ -194,7 +216,9 @@ class Engine:
         if not is_remote_destination(flow.dst):
             return []
         self.flows_matched += 1
-        return self._observed(rules, str(flow.src), Source.TRAFFIC)
+        origin = LOCAL_ORIGIN if flow.src in self.local_hosts else (
+            origin_of(flow.src) if origin_of is not None else None)
+        return self._observed(rules, str(flow.src), Source.TRAFFIC, origin or UNKNOWN_ORIGIN)
 
     def on_process(self, names: Iterable[str], host: str) -> list[Activation]:
         """A detector saw processes with these names running on ``host`` (this machine).
@@ -209,7 +233,8 @@ class Engine:
                     rules.append(rule)
         return self._observed(tuple(rules), host, Source.PROCESS) if rules else []
 
-    def _observed(self, rules: tuple[Rule, ...], host: str, source: Source) -> list[Activation]:
+    def _observed(self, rules: tuple[Rule, ...], host: str, source: Source,
+                  origin: str = LOCAL_ORIGIN) -> list[Activation]:
         now = self.clock()
         created: list[Activation] = []
         for rule in rules:
@@ -222,10 +247,25 @@ class Engine:
                 act.hits += 1
                 self._set_expiry(act, now + rule.idle_timeout)
                 continue
-            act = self._add(rule, host, source, now, rule.idle_timeout, {})
+            why = self._detected_refusal(origin) if source is Source.TRAFFIC else None
+            if why is None and len(self.activations) >= self.max_activations:
+                why = "total"
+            if why is not None:
+                self.refused[why] += 1
+                continue
+            act = self._add(rule, host, source, now, rule.idle_timeout, {}, origin=origin)
             self._traffic[key] = act.id
             created.append(act)
         return created
+
+    def _detected_refusal(self, origin: str) -> str | None:
+        if origin == LOCAL_ORIGIN:
+            return None
+        if sum(self._origins.values()) - self._origins[LOCAL_ORIGIN] >= self.max_detected:
+            return "detected_total"
+        if self._origins[origin] >= self.max_per_origin:
+            return "detected_per_origin"
+        return None
 
     def activate(
         self,
@@ -312,6 +352,9 @@ class Engine:
             return None
         if rule is None or remaining <= 0 or act_id in self.activations or not rule.allows(host):
             return None
+        if len(self.activations) >= self.max_activations:
+            self.refused["total"] += 1
+            return None
         now = self.clock()
         act = Activation(id=act_id, rule=rule, host=host, source=src, created=now - max(0, age),
                          expires=now + remaining, ttl=ttl, seq=next(self._seq), meta=meta)
@@ -354,19 +397,24 @@ class Engine:
     def desired(self) -> dict[MappingKey, MappingSpec]:
         """The mappings that should exist now.
 
-        A port two hosts want goes to the oldest activation (``share = "first"``, as routers
-        do it) or to the newest (``share = "latest"``).
+        A port two activations want goes to the oldest (first come, first served, as routers
+        do it), except that under ``share = "latest"`` a rule's newest activation takes it from
+        the same rule's older ones (never from another rule's).
         """
         out: dict[MappingKey, MappingSpec] = {}
+        owner: dict[MappingKey, Activation] = {}
         for act in sorted(self.activations.values(), key=self._precedence):
             specs = act.specs
             if specs is None:
                 specs = self._specs(act)
                 if act.rule.port_count() <= _SPEC_CACHE_MAX:
                     act.specs = specs
+            latest = act.rule.share == "latest"
             for key, spec in specs:
-                if key not in out:
+                held = owner.get(key)
+                if held is None or (latest and held.rule is act.rule):
                     out[key] = spec
+                    owner[key] = act
         return out
 
     def _specs(self, act: Activation) -> tuple[tuple[MappingKey, MappingSpec], ...]:
@@ -382,10 +430,8 @@ class Engine:
         )
 
     @staticmethod
-    def _precedence(act: Activation) -> tuple[int, float, int]:
-        if act.rule.share == "latest":
-            return (0, -act.created, -act.seq)
-        return (1, act.created, act.seq)
+    def _precedence(act: Activation) -> tuple[float, int]:
+        return (act.created, act.seq)
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
@@ -400,8 +446,14 @@ class Engine:
     # --- internals -----------------------------------------------------------------------------
 
     def _add(
-        self, rule: Rule, host: str, source: Source, now: float, ttl: float, meta: dict[str, str]
+        self, rule: Rule, host: str, source: Source, now: float, ttl: float, meta: dict[str, str],
+        *, origin: str = "",
     ) -> Activation:
+        if len(self.activations) >= self.max_activations:
+            self.refused["total"] += 1
+            raise ActivationLimit(
+                f"{len(self.activations)} activations are live, the service's limit; end some "
+                "first")
         act = Activation(
             id=self._new_id(),
             rule=rule,
@@ -412,8 +464,11 @@ class Engine:
             ttl=ttl,
             seq=next(self._seq),
             meta=meta,
+            origin=origin,
         )
         self.activations[act.id] = act
+        if origin:
+            self._origins[origin] += 1
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
         self.generation += 1
         self._emit(EventKind.ACTIVATED, act, now)
@@ -431,6 +486,10 @@ class Engine:
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
+        if act.origin:
+            self._origins[act.origin] -= 1
+            if self._origins[act.origin] <= 0:
+                del self._origins[act.origin]
         if act.source in (Source.TRAFFIC, Source.PROCESS):
             self._traffic.pop((act.rule.name, act.host, act.source), None)
         self.generation += 1

@@ -69,6 +69,12 @@ class HostNotAllowed(UsageError):
     http_status = 403
 
 
+class ActivationLimit(IgdTriggerError):
+    """A bound on live activations (the service's, or a client's ``[api] max_per_host``)."""
+
+    http_status = 429
+
+
 class RuleHeld(IgdTriggerError):
     """The rule's ports are held by another host (``share = "first"``)."""
 

@@ -131,6 +131,12 @@ class Metrics:
         for source in sorted({"traffic", "api", "run", *by_source}):
             w.sample("igdtrigger_activations", by_source[source], source=source)
 
+        w.family("igdtrigger_activations_refused_total", "counter",
+                 "Activations refused by the service's bounds, by which bound.")
+        for why in sorted({"total", "detected_total", "detected_per_origin", "per_host",
+                           *svc.engine.refused}):
+            w.sample("igdtrigger_activations_refused_total", svc.engine.refused[why], bound=why)
+
         by_map: collections.Counter[tuple[str, str]] = collections.Counter(
             (app.spec.proto.value.lower(), app.state.value)
             for app in svc.mapper.applied.values())

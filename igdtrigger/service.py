@@ -26,7 +26,7 @@ from .config import ADHOC_PREFIX, Config, Rule, default_state_dir
 from .detect.base import Detector
 from .detect.hostmap import HostMap
 from .engine import Activation, Engine, Event, EventKind, Source
-from .errors import AdhocRefused, DetectionUnavailable, UsageError
+from .errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("igdtrigger")
 
+STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
 
@@ -85,6 +86,10 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
     except OSError:
         return None
     return value
+
+
+def _overlap(a: PortRange, b: PortRange) -> bool:
+    return a.proto is b.proto and a.first <= b.last and b.first <= a.last
 
 
 class Service:
@@ -373,10 +378,17 @@ class Service:
                 return
             v4 = self.hostmap.ipv4_for(obs.src)
             if v4 is not None and self.engine.on_flow(
-                    Flow(obs.proto, ipaddress.IPv4Address(v4), obs.dst, obs.sport, obs.dport)):
+                    Flow(obs.proto, ipaddress.IPv4Address(v4), obs.dst, obs.sport, obs.dport),
+                    lambda _v4: self._origin_of(obs.src)):
                 self.wake()
-        elif self.engine.on_flow(obs):
+        elif self.engine.on_flow(obs, self._origin_of):
             self.wake()
+
+    def _origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """Where a triggering flow came from: this machine, or its neighbour's MAC address."""
+        if str(addr) == self.local_address():
+            return "local"
+        return self.hostmap.origin_of(addr)
 
     def local_address(self) -> str | None:
         """This host's LAN address as the router sees it (for process-held rules)."""
@@ -399,11 +411,34 @@ class Service:
         source: Source,
         meta: dict[str, str] | None = None,
         wait: float = APPLY_WAIT,
+        tokenless: bool = False,
     ) -> dict[str, Any]:
+        """Activate ``rule`` for ``host``. ``tokenless`` (an API client acting for itself):
+        its live activation of the same rule is refreshed instead of a second one being made
+        (``source = "api"``), and at most ``[api] max_per_host`` live activations per host
+        (``ActivationLimit``, HTTP 429)."""
         if self._stopping:
             raise UsageError("service is shutting down")
+        if tokenless:
+            if source is Source.API:
+                for act in self.engine.activations.values():
+                    if (act.host, act.rule.name, act.source) == (host, rule, Source.API):
+                        self.engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
+                        if meta:
+                            act.meta.update(meta)
+                        return await self._once_applied(act, wait)
+            self._check_host_limit(host)
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
+
+    def _check_host_limit(self, host: str) -> None:
+        limit = self.config.api.max_per_host
+        live = sum(1 for a in self.engine.activations.values()
+                   if a.host == host and a.source in (Source.API, Source.RUN))
+        if live >= limit:
+            self.engine.refused["per_host"] += 1
+            raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
+                                  "max_per_host limit; end one first")
 
     async def _once_applied(self, act: Activation, wait: float) -> dict[str, Any]:
         """The activation as the API reports it, once the router answered (or ``wait`` s)."""
@@ -428,7 +463,7 @@ class Service:
         if not adhoc.enabled:
             raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
                                "[api] allow_adhoc = true (with adhoc_ports limits)")
-        ports = self._adhoc_ports(specs)
+        ports = self._adhoc_ports(specs, host)
         ttl = adhoc.max_ttl if ttl is None else ttl
         if ttl > adhoc.max_ttl:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
@@ -441,7 +476,7 @@ class Service:
         act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 
-    def _adhoc_ports(self, specs: list[str]) -> tuple[PortRange, ...]:
+    def _adhoc_ports(self, specs: list[str], host: str) -> tuple[PortRange, ...]:
         adhoc = self.config.api.adhoc
         ports: list[PortRange] = []
         for spec in specs:
@@ -457,6 +492,11 @@ class Service:
                     raise AdhocRefused(
                         f"{rng} is outside [api] adhoc_ports "
                         f"({', '.join(str(r) for r in adhoc.ports)})")
+                for rule in self.config.rules:  # a rule's hosts list reserves its ports
+                    if not rule.allows(host) and any(_overlap(rng, r) for r in rule.open):
+                        raise AdhocRefused(
+                            f"{rng} overlaps rule {rule.name!r}'s ports, which its hosts list "
+                            f"({', '.join(str(n) for n in rule.hosts)}) keeps from {host}")
                 ports.append(rng)
         if not ports:
             raise UsageError('field "open" must name at least one port, like "udp/34197"')
@@ -605,7 +645,9 @@ class Service:
         out["ports"] = ports
         return out
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> dict[str, Any]:
+        """The whole state; at most ``max_activations`` activations (the oldest; the rest are
+        paged through ``GET /api/v1/activations``), their total in ``counts``."""
         info = self.gateway.info
         now = self.clock()
         warnings: list[str] = []
@@ -619,6 +661,13 @@ class Service:
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
         if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
             warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
+        if len(self.engine.activations) > max_activations:
+            warnings.append(f"{len(self.engine.activations)} activations: the first "
+                            f"{max_activations} are listed here, page through all of them with "
+                            "GET /api/v1/activations?limit=&cursor=")
+        if self.engine.refused:
+            warnings.append("activations refused by the service's bounds: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.engine.refused.items())))
         if self.journal.degraded:
             warnings.append(f"state journal {self.journal.path} not writable "
                             f"({self.journal.degraded}): working from memory")
@@ -652,7 +701,7 @@ class Service:
             "rules": [r.to_json() for r in self.config.rules],
             "activations": [
                 self.activation_json(a)
-                for a in sorted(self.engine.activations.values(), key=lambda a: a.created)
+                for a in self.sorted_activations()[:max_activations]
             ],
             "mappings": self.mapper.snapshot(),
             "pinholes": (self.pinholes.status() if self.pinholes is not None
@@ -662,6 +711,7 @@ class Service:
                 "mappings_active": self.mapper.count(MapState.ACTIVE),
                 "pinholes_active": (self.pinholes.count(PinholeState.ACTIVE)
                                     if self.pinholes is not None else 0),
+                "activations_refused": dict(sorted(self.engine.refused.items())),
                 "flows_seen": self.engine.flows_seen,
                 "flows_matched": self.engine.flows_matched,
                 **{f"router_{k}": v for k, v in self.mapper.ops.items()},
@@ -669,6 +719,10 @@ class Service:
             "warnings": warnings,
             "events": list(self.events)[-50:],
         }
+
+    def sorted_activations(self) -> list[Activation]:
+        """Live activations, oldest first (the order pages of the API follow)."""
+        return sorted(self.engine.activations.values(), key=lambda a: a.seq)
 
     def rules(self) -> list[Rule]:
         return list(self.config.rules)
