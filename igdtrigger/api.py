@@ -52,6 +52,7 @@ from . import __version__
 from .engine import Source, is_lan_source
 from .errors import IgdTriggerError, RuleNotFound, UsageError
 from .events import Event, Subscriber, TooManySubscribers
+from .httpguard import ConnectionGuard, describe
 from .metrics import Metrics
 from .model import parse_duration
 from .netutil import Network, guess_lan_address, interface_networks
@@ -65,6 +66,8 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings")
 ACCESS: web.AppKey[dict[AbstractRoute, Access]] = web.AppKey("access")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
+ADMIN_SOCKET = "api.sock"  # in the state directory: the local admin's way in (no token)
 STATUS_COUNTS: web.AppKey[collections.Counter[int]] = web.AppKey("status_counts")
 CALLER: web.RequestKey[Caller] = web.RequestKey("caller")
 MAX_BODY = 16 * 1024
@@ -390,7 +393,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SERVICE].status(max_activations=STATUS_ACTIVATIONS))
+    body = request.app[SERVICE].status(max_activations=STATUS_ACTIVATIONS)
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        body["api_connections"] = describe(guard)
+    return web.json_response(body)
 
 
 async def get_rules(request: web.Request) -> web.Response:
@@ -538,7 +545,8 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render(request.app[SERVICE], request.app[STATUS_COUNTS])
+    text = request.app[METRICS].render(request.app[SERVICE], request.app[STATUS_COUNTS],
+                                       request.app.get(GUARD))
     return web.Response(text=text, content_type="text/plain",
                         headers={"Cache-Control": "no-store"}, charset="utf-8")
 
@@ -673,6 +681,7 @@ def make_app(
     service: Service,
     *,
     metrics: Metrics | None = None,
+    guard: ConnectionGuard | None = None,
     public_read: bool | None = None,
     rate_limit: float | None = None,
     rate_burst: int | None = None,
@@ -703,6 +712,8 @@ def make_app(
     app[LIMITER] = RateLimiter(cfg.rate_limit if rate_limit is None else rate_limit,
                                cfg.rate_burst if rate_burst is None else rate_burst, clock=clock)
     app[STATUS_COUNTS] = collections.Counter()
+    if guard is not None:
+        app[GUARD] = guard
     access: dict[AbstractRoute, Access] = {}
     for method, path, handler, acc in ROUTES:
         route = app.router.add_route(method, path, handler)

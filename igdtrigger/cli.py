@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
 
-    from .config import SIMULATE, ApiConfig, parse_listen
+    from .config import SIMULATE, parse_listen
     from .daemon import serve, setup_logging
 
     setup_logging(args.log_level, args.log_format)
@@ -150,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host, port = parse_listen(args.listen)
         except ValueError as exc:
             raise ConfigError(str(exc), field="--listen") from None
-        config = replace(config, api=ApiConfig(host=host, port=port))
+        # only the address: the rest of [api] (ad-hoc, zeroconf, allow, ...) stays as configured
+        config = replace(config, api=replace(config.api, host=host, port=port))
     return asyncio.run(serve(config, ready_file=args.ready_file))
 
 

@@ -6,6 +6,8 @@ exits with ``err.exit_code``; the HTTP API turns ``err.http_status`` into a JSON
 
 from __future__ import annotations
 
+import errno
+
 
 class IgdTriggerError(Exception):
     """Root of every error igdtrigger raises on purpose."""
@@ -110,6 +112,25 @@ class GatewayNotFound(GatewayError):
 
 class GatewayUnreachable(GatewayError):
     """The cached IGD stopped answering (router restarted, moved port, or is down)."""
+
+
+class LocalResourceError(GatewayError):
+    """This machine could not even open a socket to the router (out of file descriptors or
+    buffers: EMFILE, ENFILE, ENOBUFS, ENOMEM). The router was not asked, so this says
+    nothing about it: not "gateway down", no lost mappings; the operation is retried."""
+
+
+_LOCAL_ERRNOS = frozenset(getattr(errno, n) for n in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+                          if hasattr(errno, n))
+
+
+def socket_fault(exc: OSError, message: str) -> GatewayError:
+    """The fault for an ``OSError`` while talking to the router: ``LocalResourceError`` when
+    this machine ran out of descriptors or memory, else ``GatewayUnreachable``."""
+    if exc.errno in _LOCAL_ERRNOS:
+        return LocalResourceError(f"{message}: this machine is out of resources "
+                                  f"({exc.strerror or exc}); the router was not asked")
+    return GatewayUnreachable(f"{message}: {exc.strerror or exc}")
 
 
 class ActionFailed(GatewayError):

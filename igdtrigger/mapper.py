@@ -28,6 +28,7 @@ from .errors import (
     GatewayError,
     GatewayUnreachable,
     LeaseRefused,
+    LocalResourceError,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
@@ -42,6 +43,7 @@ log = logging.getLogger("igdtrigger.mapper")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+LOCAL_RETRY = 5.0  # seconds before retrying after this machine ran out of descriptors
 CONFLICT_RECHECK = 30.0
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
 # Checking many ports at once (a range opening, re-applying after a router restart): one listing
@@ -191,6 +193,9 @@ class Mapper:
                 pass
             except GatewayUnreachable as exc:
                 self._gateway_down(str(exc))
+                break
+            except LocalResourceError as exc:  # not the router's doing: try again later
+                log.warning("%s", exc)
                 break
             except GatewayError as exc:
                 # NotAuthorized / 714-on-v1: not ours to delete (another host's now); let go.
@@ -466,12 +471,16 @@ class Mapper:
                     granted = await self._add_elsewhere(app)
                     if granted is None:
                         raise
-        except GatewayUnreachable as exc:
+        except (GatewayUnreachable, LocalResourceError) as exc:
             app.error = str(exc)
             app.retry_at = self.clock()
             if app.state is not MapState.ACTIVE:
                 app.state = MapState.PENDING
             self.ops["errors"] += 1
+            if isinstance(exc, LocalResourceError):  # says nothing about the router
+                app.retry_at += LOCAL_RETRY
+                log.warning("%s", exc)
+                return
             self._gateway_down(str(exc))
             return
         except MappingConflict as exc:

@@ -56,6 +56,7 @@ from ..errors import (
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    socket_fault,
 )
 from ..model import MappingKey, MappingSpec, Proto, RouterMapping
 from .base import GatewayInfo, Granted, is_public_address
@@ -620,9 +621,8 @@ class DatagramClient:
                 family=family,
             )
         except OSError as exc:
-            raise GatewayUnreachable(
-                f"cannot open a UDP socket to {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
+            raise socket_fault(exc, f"cannot open a UDP socket to {self.host}:{self.port}"
+                               ) from None
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.local_address = str(sockname[0]) if sockname else ""

@@ -17,7 +17,13 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import GatewayError, GatewayNotFound, GatewayUnreachable, NoSuchMapping
+from ..errors import (
+    GatewayError,
+    GatewayNotFound,
+    GatewayUnreachable,
+    NoSuchMapping,
+    socket_fault,
+)
 from ..model import MappingSpec, Proto, RouterMapping
 from ..netutil import default_gateway
 from .base import GatewayInfo, Granted, is_public_address
@@ -92,7 +98,9 @@ async def http_request(url: str, method: str = "GET", *, body: bytes = b"",
     except TimeoutError:
         raise GatewayUnreachable(f"router did not answer {method} {url} within {timeout:g}s") \
             from None
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+    except OSError as exc:
+        raise socket_fault(exc, f"router connection failed for {url}") from None
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
         raise GatewayUnreachable(f"router connection failed for {url}: {exc}") from None
     return HttpReply(status, hdrs, data, local)
 
