@@ -124,12 +124,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, read_token, resolve_server
+    from .client import Client, local_access, read_token, resolve_server
 
     where = resolve_server(args.server, config)
-    token = args.token or (read_token(config.state_dir if config else None)
-                           if where.trusted else None)
-    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0)
+    state_dir = config.state_dir if config else None
+    token = args.token or (read_token(state_dir) if where.trusted else None)
+    sock, uid = local_access(where, state_dir)
+    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0,
+                  admin_socket=sock if not args.token else None, token_uid=uid)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from .client import read_token, resolve_server
+    from .client import local_access, read_token, resolve_server
 
     rule = args.rule
     if args.infer:
@@ -192,9 +194,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = resolve_server(args.server, config if config.source != "<defaults>" else None,
                            discover_timeout=1.0)
     token = args.token or (read_token(config.state_dir) if where.trusted else None)
+    sock, uid = local_access(where, config.state_dir)
     return run(command, rule=rule, config=config, server=where.url, token=token,
                ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
-               wait_start=args.wait_start)
+               wait_start=args.wait_start, admin_socket=sock if not args.token else None,
+               token_uid=uid)
 
 
 def _print_activation(data: dict[str, Any]) -> None:

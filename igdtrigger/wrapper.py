@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .client import Client
@@ -399,6 +400,8 @@ def run(
     strict_rule: bool = True,
     wait_process: Sequence[str] = (),
     wait_start: float = WAIT_START,
+    admin_socket: Path | None = None,
+    token_uid: int | None = None,
 ) -> int:
     """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error.
     ``wait_process``: after the command exits, keep the ports while a process of one of these
@@ -410,7 +413,8 @@ def run(
         return _passthrough(command)
     holder: Holder | None = None
     env = dict(os.environ)
-    client = Client(server, token=token, timeout=2.0)
+    client = Client(server, token=token, timeout=2.0, admin_socket=admin_socket,
+                    token_uid=token_uid)
     try:
         sh = ServiceHolder(client, rule, ttl)
         data = sh.activate()

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from igdtrigger import client as client_mod
 from igdtrigger.api import make_app
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
@@ -237,3 +238,94 @@ async def test_descriptor_shortage_leaves_the_gateway_up_and_mappings_in_place(
         assert gw.ports() == {"udp/40000": "192.168.1.10", "udp/41000": "192.168.1.10"}
     finally:
         await svc.stop()
+
+
+# --- the local CLI never hands the token to an impostor ----------------------------------------
+
+
+def test_listener_uid_is_read_from_the_kernel() -> None:
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp here")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        assert client_mod.listener_uid("127.0.0.1", port) == os.getuid()
+    assert client_mod.listener_uid("127.0.0.1", port) is None  # nobody listens now
+
+
+def test_listener_uid_prefers_the_exact_address_over_a_wildcard(tmp_path: Path) -> None:
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    (tmp_path / "tcp").write_text(
+        head + "   0: 00000000:2223 00000000:0000 0A 00000000:00000000 00:00000000 00000000  "
+        "0 0 1 1\n"
+        "   1: 0100007F:2223 00000000:0000 0A 00000000:00000000 00:00000000 00000000  "
+        "1001 0 2 1\n"
+        "   2: 0100007F:2224 0100007F:9999 01 00000000:00000000 00:00000000 00000000  "
+        "1002 0 3 1\n")
+    (tmp_path / "tcp6").write_text(
+        head + "   0: 00000000000000000000000001000000:2224 "
+        "00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  "
+        "1003 0 4 1\n")
+    assert client_mod.listener_uid("127.0.0.1", 0x2223, tmp_path) == 1001
+    assert client_mod.listener_uid("::1", 0x2224, tmp_path) == 1003
+    assert client_mod.listener_uid("127.0.0.1", 0x2225, tmp_path) is None
+
+
+class _Recorder:
+    """A loopback HTTP listener that records what it is sent (an impostor on the port)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.seen = b""
+
+    def serve_one(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(5)
+            while b"\r\n\r\n" not in self.seen:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                self.seen += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("same_user", [True, False])
+async def test_token_goes_only_to_a_listener_run_by_the_services_user(
+        monkeypatch: pytest.MonkeyPatch, same_user: bool) -> None:
+    rec = _Recorder()
+    try:
+        monkeypatch.setattr(client_mod, "listener_uid",
+                            lambda host, port: 4242 if not same_user else os.getuid())
+        c = client_mod.Client(f"http://127.0.0.1:{rec.port}", token="s3cret",
+                              token_uid=os.getuid())
+        server = asyncio.get_running_loop().run_in_executor(None, rec.serve_one)
+        await asyncio.to_thread(c.request, "GET", "/api/v1/status")
+        await server
+        assert (b"s3cret" in rec.seen) is same_user
+    finally:
+        rec.sock.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets here")
+async def test_cli_client_uses_the_admin_socket_without_a_token(
+        svc: Service, tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    runner, servers = await _serve(svc, ConnectionGuard(), [admin_socket(path)])
+    try:
+        where = client_mod.Resolved("http://127.0.0.1:8731", "local")
+        sock, _uid = client_mod.local_access(where, tmp_path)
+        assert sock == path
+        assert client_mod.local_access(client_mod.Resolved("http://127.0.0.1:9", "argument"),
+                                       tmp_path)[0] is None
+        c = client_mod.Client(where.url, admin_socket=sock)
+        data = await asyncio.to_thread(c.request, "POST", "/api/v1/activations",
+                                       {"rule": "demo", "host": "192.168.1.99"})
+        assert data["host"] == "192.168.1.99"  # another host's: the admin role, no token
+    finally:
+        await _stop(runner, servers)
