@@ -30,6 +30,7 @@ from .httpguard import (
     raise_fd_limit,
     start_servers,
 )
+from .logthrottle import PerKindThrottle
 from .metrics import Metrics
 from .sdnotify import Notifier
 from .service import Service
@@ -80,6 +81,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
         )
+    handler.addFilter(PerKindThrottle())  # a flood must not flood the journal
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

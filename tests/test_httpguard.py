@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
@@ -35,6 +36,7 @@ from igdtrigger.httpguard import (
     raise_fd_limit,
     start_servers,
 )
+from igdtrigger.logthrottle import PerKindThrottle
 from igdtrigger.model import MappingSpec
 from igdtrigger.service import Service
 
@@ -329,3 +331,20 @@ async def test_cli_client_uses_the_admin_socket_without_a_token(
         assert data["host"] == "192.168.1.99"  # another host's: the admin role, no token
     finally:
         await _stop(runner, servers)
+
+
+def test_log_lines_are_rate_limited_per_kind() -> None:
+    now = [0.0]
+    throttle = PerKindThrottle(burst=3, interval=60, clock=lambda: now[0])
+    logger = logging.getLogger("test.throttle")
+
+    def rec(msg: str, *args: object) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, args, None)
+
+    passed = [throttle.filter(rec("refused %s", f"10.0.0.{i}")) for i in range(1000)]
+    assert sum(passed) == 3  # one kind, whatever the arguments
+    assert throttle.filter(rec("another kind"))
+    now[0] = 61
+    again = rec("refused %s", "10.0.0.1")
+    assert throttle.filter(again)
+    assert "997 more like this" in again.getMessage()

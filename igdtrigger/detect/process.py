@@ -85,6 +85,51 @@ def scan_proc(matcher: Matcher, root: str = "/proc") -> set[str]:
     return found
 
 
+def scan_family(matcher: Matcher, ancestor: int, root: str = "/proc"
+                ) -> tuple[set[str], set[str]]:
+    """(watched names among ``ancestor``'s descendants, watched names anywhere), from procfs
+    (Linux): one pass over ``/proc/<pid>/stat`` for the parent links."""
+    parents: dict[int, int] = {}
+    hits: dict[int, str] = {}
+    try:
+        entries = os.scandir(root)
+    except OSError as exc:
+        raise DetectionUnavailable(f"cannot list processes in {root}: {exc}") from None
+    with entries:
+        for entry in entries:
+            if not entry.name.isdecimal():
+                continue
+            try:
+                with open(f"{root}/{entry.name}/stat", "rb") as fh:
+                    stat = fh.read(1024)
+                comm = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode("utf-8", "replace")
+                fields = stat[stat.rfind(b")") + 2:].split()
+                pid = int(entry.name)
+                if fields[0] in (b"Z", b"X"):  # exited, not yet reaped
+                    continue
+                parents[pid] = int(fields[1])
+                hit = matcher.match(comm)
+                if hit is None and matcher.needs_cmdline(comm.strip().lower()):
+                    with open(f"{root}/{entry.name}/cmdline", "rb") as fh:
+                        argv0 = fh.read(4096).split(b"\0", 1)[0].decode("utf-8", "replace")
+                    hit = matcher.match(comm, argv0)
+            except (OSError, ValueError, IndexError):  # gone meanwhile, or unreadable
+                continue
+            if hit is not None:
+                hits[pid] = hit
+    ours: set[str] = set()
+    for pid, name in hits.items():
+        seen: set[int] = set()
+        p = parents.get(pid, 0)
+        while p > 1 and p not in seen:
+            if p == ancestor:
+                ours.add(name)
+                break
+            seen.add(p)
+            p = parents.get(p, 0)
+    return ours, set(hits.values())
+
+
 def scan_psutil(matcher: Matcher) -> set[str]:
     """Watched names running now, through psutil (macOS, Windows, BSD)."""
     import psutil
