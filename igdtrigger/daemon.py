@@ -23,6 +23,7 @@ from .detect.base import Detector
 from .errors import IgdTriggerError
 from .gateway.select import build_gateway
 from .httpguard import (
+    Acceptor,
     ConnectionGuard,
     ConnectionLimits,
     admin_socket,
@@ -202,7 +203,7 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
 
 
 async def _listen(runner: web.AppRunner, guard: ConnectionGuard, config: Config,
-                  service: Service) -> list[asyncio.Server]:
+                  service: Service) -> list[Acceptor]:
     """The API's TCP socket, and the local admin socket in the state directory (a warning,
     never fatal, when that cannot be made)."""
     assert runner.server is not None

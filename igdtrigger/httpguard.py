@@ -13,9 +13,11 @@ aiohttp accepts every connection and keeps an idle one for an hour by default. H
   (``RLIMIT_NOFILE``, raised to its hard limit at start): router I/O, the journal and the
   detectors always have descriptors left.
 
-A connection past a cap is closed at once (no response: the client sees a reset); each refusal
-is counted in ``refused`` (reported by status and /metrics) and logged at most once a minute per
-kind. ``listen_socket`` makes the TCP socket itself so ``[::]`` is dual-stack where the OS
+A connection past a cap is reset at once, before asyncio or aiohttp spend anything on it (our
+own accept loop: a reconnecting flood costs an ``accept`` and a ``close`` per attempt); each
+refusal is counted in ``refused`` (reported by status and /metrics) and logged at most once a
+minute per kind. Out of descriptors anyway (EMFILE), accepting pauses for a second instead of
+spinning. ``listen_socket`` makes the TCP socket itself so ``[::]`` is dual-stack where the OS
 allows it (asyncio would set IPV6_V6ONLY).
 """
 
@@ -24,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,8 @@ from typing import Any
 log = logging.getLogger("igdtrigger.api")
 
 FD_RESERVE = 128  # descriptors never handed to API clients (router I/O, journal, detectors)
+BACKLOG = 1024  # a reconnecting flood must not fill the queue and drop the SYNs of others
+ACCEPT_BATCH = 1024  # connections accepted per readiness event (the whole backlog)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +75,10 @@ def raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def _peer_key(transport: asyncio.BaseTransport) -> tuple[str, bool]:
+def _peer_key(family: int, peer: Any) -> tuple[str, bool]:
     """(address, local?) of a connection's peer: the admin socket and loopback are local."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and getattr(sock, "family", None) == getattr(socket, "AF_UNIX", -1):
+    if family == getattr(socket, "AF_UNIX", -1):
         return "unix", True
-    peer = transport.get_extra_info("peername")
     host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
     try:
         addr = ipaddress.ip_address(host.split("%")[0])
@@ -127,38 +131,32 @@ class ConnectionGuard:
         now = asyncio.get_running_loop().time()
         if now - self._last_log.get(why, -3600.0) >= 60.0:
             self._last_log[why] = now
+            if why == "descriptors":
+                log.warning("out of file descriptors: not accepting API connections for %gs "
+                            "(%d times so far; logged once a minute)", PAUSE_ON_EMFILE,
+                            self.refused[why])
+                return
             limit = {"local": self.limits.local, "per_client": self.limits.per_client,
                      "total": self.limits.total}[why]
             log.warning("API connection from %s refused: %s limit of %d connections reached "
                         "(%d refused so far; logged once a minute)", client,
                         why.replace("_", " "), limit, self.refused[why])
 
-    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        return lambda: _GuardedProtocol(self, inner)
-
 
 class _GuardedProtocol(asyncio.Protocol):
-    """Forwards to aiohttp's protocol once the connection is admitted."""
+    """aiohttp's protocol for an admitted connection; gives its place back when it ends."""
 
     __slots__ = ("_client", "_guard", "_inner", "_local", "_make")
 
-    def __init__(self, guard: ConnectionGuard, make: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, guard: ConnectionGuard, make: Callable[[], asyncio.Protocol],
+                 client: str, local: bool) -> None:
         self._guard = guard
         self._make = make
         self._inner: asyncio.Protocol | None = None
-        self._client = ""
-        self._local = False
+        self._client = client
+        self._local = local
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._client, self._local = _peer_key(transport)
-        why = self._guard.admit(self._client, self._local)
-        if why is not None:
-            self._guard.refuse(self._client, why)
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
-            else:
-                transport.close()
-            return
         self._inner = self._make()
         self._inner.connection_made(transport)
 
@@ -200,7 +198,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
                                 0 if ipaddress.ip_address(addr[0]).is_unspecified else 1)
         sock.bind(addr)
-        sock.listen(128)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -224,20 +222,82 @@ def admin_socket(path: Path) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(64)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
 
+_LINGER_RESET = struct.pack("ii", 1, 0)  # close() sends RST: no TIME_WAIT, no FIN dance
+_OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+PAUSE_ON_EMFILE = 1.0
+
+
+class Acceptor:
+    """Our accept loop on one listening socket: a refused connection is reset before asyncio
+    makes a transport for it; an admitted one is handed to ``inner`` (aiohttp's ``Server``)."""
+
+    def __init__(self, sock: socket.socket, guard: ConnectionGuard,
+                 inner: Callable[[], asyncio.Protocol]) -> None:
+        self.sock = sock
+        self.guard = guard
+        self.inner = inner
+        self.loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self.loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS:  # wait for descriptors instead of spinning
+                    self.guard.refuse("?", "descriptors")
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.loop.call_later(PAUSE_ON_EMFILE, self._resume)
+                    return
+                continue  # ECONNABORTED and the like: that client gave up
+            client, local = _peer_key(conn.family, peer)
+            why = self.guard.admit(client, local)
+            if why is not None:
+                self.guard.refuse(client, why)
+                with contextlib.suppress(OSError):
+                    if conn.family != getattr(socket, "AF_UNIX", -1):
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = self.loop.create_task(self._serve(conn, client, local))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket, client: str, local: bool) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: _GuardedProtocol(self.guard, self.inner, client, local), conn)
+        except OSError:
+            self.guard.release(client, local)
+            conn.close()
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._ready)
+
+    def close(self) -> None:
+        """Stop accepting (open connections stay with aiohttp)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
 async def start_servers(inner: Callable[[], asyncio.Protocol], guard: ConnectionGuard,
-                        socks: list[socket.socket]) -> list[asyncio.Server]:
+                        socks: list[socket.socket]) -> list[Acceptor]:
     """Serve ``inner`` (aiohttp's ``Server``) on each socket through ``guard``."""
-    loop = asyncio.get_running_loop()
-    servers: list[asyncio.Server] = []
-    for sock in socks:
-        servers.append(await loop.create_server(guard.factory(inner), sock=sock,
-                                                backlog=128))
-    return servers
+    return [Acceptor(sock, guard, inner) for sock in socks]
 
 
 def describe(guard: ConnectionGuard) -> dict[str, Any]:

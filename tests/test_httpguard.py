@@ -29,6 +29,7 @@ from igdtrigger.config import parse_config
 from igdtrigger.engine import Source
 from igdtrigger.errors import GatewayUnreachable, LocalResourceError, socket_fault
 from igdtrigger.httpguard import (
+    Acceptor,
     ConnectionGuard,
     ConnectionLimits,
     admin_socket,
@@ -91,7 +92,7 @@ async def svc(tmp_path: Path) -> AsyncIterator[Service]:
 
 
 async def _serve(svc: Service, guard: ConnectionGuard,
-                 socks: list[socket.socket]) -> tuple[web.AppRunner, list[asyncio.Server]]:
+                 socks: list[socket.socket]) -> tuple[web.AppRunner, list[Acceptor]]:
     runner = web.AppRunner(make_app(svc, guard=guard), access_log=None,
                            keepalive_timeout=guard.limits.header_timeout)
     await runner.setup()
@@ -99,7 +100,7 @@ async def _serve(svc: Service, guard: ConnectionGuard,
     return runner, await start_servers(runner.server, guard, socks)
 
 
-async def _stop(runner: web.AppRunner, servers: list[asyncio.Server]) -> None:
+async def _stop(runner: web.AppRunner, servers: list[Acceptor]) -> None:
     for s in servers:
         s.close()
     await runner.cleanup()
@@ -132,9 +133,12 @@ async def test_half_sent_requests_are_closed_and_past_the_cap_refused(svc: Servi
                 break
             await asyncio.sleep(0.05)
         assert guard.local == 4
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        assert await _closed(reader, 5.0)  # the fifth is closed at once
-        writer.close()
+        try:  # the fifth is reset at once (maybe before the client saw it connect)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await _closed(reader, 5.0)
+            writer.close()
+        except ConnectionError:
+            pass
         assert guard.refused["local"] == 1
         # the half-sent ones are closed after the header timeout, trickle or not
         conns[0][1].write(b"l")
