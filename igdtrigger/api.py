@@ -412,7 +412,7 @@ def _page_args(request: web.Request) -> tuple[int, int]:
     """``?limit=`` (1-PAGE_MAX, default PAGE_DEFAULT) and ``?cursor=`` (the ``next_cursor`` of
     the previous page)."""
     limit_raw = request.query.get("limit", str(PAGE_DEFAULT))
-    cursor_raw = request.query.get("cursor", "0")
+    cursor_raw = request.query.get("cursor") or "0"
     if not limit_raw.isdecimal() or len(limit_raw) > 6 or not 1 <= int(limit_raw) <= PAGE_MAX:
         raise UsageError(f"limit must be a number 1-{PAGE_MAX}, got {_short(limit_raw)!r}")
     if not cursor_raw.isdecimal() or len(cursor_raw) > 18:

@@ -368,3 +368,37 @@ async def test_adhoc_ports_obey_a_rules_hosts_list(client: Client, svc: Service)
     r = await client.post("/api/v1/activations", json={"open": ["udp/25001"]},
                           headers=remote(LAN))
     assert r.status == 201
+
+
+# --- smaller -----------------------------------------------------------------------------------
+
+
+def test_serve_listen_keeps_the_rest_of_the_api_section(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from igdtrigger import cli, daemon
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[api]\nlisten = "127.0.0.1:8731"\nzeroconf = false\nallow_adhoc = true\n'
+                   'allow = ["10.1.0.0/16"]\n')
+    seen: list[Any] = []
+
+    async def fake_serve(config: Any, **kw: Any) -> int:
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr(daemon, "serve", fake_serve)
+    monkeypatch.setattr(daemon, "setup_logging", lambda *a, **k: None)
+    assert cli.main(["serve", "--config", str(cfg), "--listen", "0.0.0.0:9999"]) == 0
+    api = seen[0].api
+    assert (api.host, api.port) == ("0.0.0.0", 9999)
+    assert api.zeroconf == "off" and api.adhoc.enabled
+    assert [str(n) for n in api.allow] == ["10.1.0.0/16"]
+
+
+def test_openapi_documents_the_paging_parameters() -> None:
+    from igdtrigger.openapi import build_openapi
+
+    op = build_openapi("x")["paths"]["/api/v1/activations"]["get"]
+    assert {p["name"] for p in op["parameters"]} == {"limit", "cursor"}
+    assert "next_cursor" in op["responses"]["200"]["content"]["application/json"]["schema"][
+        "properties"]
