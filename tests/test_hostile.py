@@ -402,3 +402,16 @@ def test_openapi_documents_the_paging_parameters() -> None:
     assert {p["name"] for p in op["parameters"]} == {"limit", "cursor"}
     assert "next_cursor" in op["responses"]["200"]["content"]["application/json"]["schema"][
         "properties"]
+
+
+@pytest.mark.parametrize(("api", "message"), [
+    ({"allow": ["192.168.1.0/33"]}, "api.allow[0]"),
+    ({"allow": "nonsense"}, "api.allow[0]"),
+    ({"max_per_host": 0}, "api.max_per_host"),
+    ({"max_per_host": True}, "api.max_per_host"),
+])
+def test_new_api_keys_are_validated(api: dict[str, Any], message: str) -> None:
+    from igdtrigger.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config({"api": api})
