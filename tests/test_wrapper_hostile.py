@@ -74,3 +74,22 @@ def test_a_game_left_behind_by_its_launcher_stub_still_holds_the_ports(
     assert [a["rule"] for a in acts] == ["demo"]
     assert "holding the ports while sleep runs" in err
     assert "not as a child" not in err  # found as our descendant (re-parented to us)
+
+
+def test_scan_family_follows_parent_links_and_skips_zombies(tmp_path: Path) -> None:
+    from igdtrigger.detect.process import Matcher, scan_family
+
+    def proc(pid: int, comm: str, ppid: int, state: str = "S") -> None:
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(f"{pid} ({comm}) {state} {ppid} 1 1 0 -1\n")
+        (d / "cmdline").write_bytes(comm.encode() + b"\0")
+
+    proc(100, "wrapper", 1)
+    proc(101, "launcher", 100)
+    proc(102, "game", 101)        # ours, two levels down
+    proc(200, "game", 1)          # someone else's
+    proc(300, "other", 100)
+    proc(301, "game", 300, "Z")   # ours but exited
+    assert scan_family(Matcher(["game"]), 100, str(tmp_path)) == ({"game"}, {"game"})
+    assert scan_family(Matcher(["game"]), 300, str(tmp_path)) == (set(), {"game"})
