@@ -88,6 +88,17 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
     return value
 
 
+def _host_key(host: str) -> str:
+    """One host's key for per-host limits: its IPv4 address, or its IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and not addr.ipv4_mapped:
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
 def _overlap(a: PortRange, b: PortRange) -> bool:
     return a.proto is b.proto and a.first <= b.last and b.first <= a.last
 
@@ -432,9 +443,12 @@ class Service:
         return await self._once_applied(act, wait)
 
     def _check_host_limit(self, host: str) -> None:
+        """At most ``[api] max_per_host`` tokenless activations per host; IPv6 addresses count
+        per /64 (one host may use any number of addresses in its prefix)."""
         limit = self.config.api.max_per_host
+        key = _host_key(host)
         live = sum(1 for a in self.engine.activations.values()
-                   if a.host == host and a.source in (Source.API, Source.RUN))
+                   if a.source in (Source.API, Source.RUN) and _host_key(a.host) == key)
         if live >= limit:
             self.engine.refused["per_host"] += 1
             raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "

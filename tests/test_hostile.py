@@ -415,3 +415,23 @@ def test_new_api_keys_are_validated(api: dict[str, Any], message: str) -> None:
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config({"api": api})
+
+
+async def test_ipv6_addresses_of_one_prefix_share_the_per_host_limit(
+        tmp_path: Path, clock: FakeClock) -> None:
+    config = {**CONFIG, "api": {**CONFIG["api"], "allow": ["192.168.1.0/24", "fd00:1::/48"]}}
+    svc = await _service(tmp_path, clock, config)
+    try:
+        async with TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
+                                         host="127.0.0.1")) as c:
+            codes = []
+            for i, rule in enumerate(["demo", "other", "third", "fourth"]):
+                r = await c.post("/api/v1/activations", json={"rule": rule},
+                                 headers=remote(f"fd00:1::{i + 1:x}"))  # rotating addresses
+                codes.append(r.status)
+            assert codes == [201, 201, 201, 429]
+            r = await c.post("/api/v1/activations", json={"rule": "fourth"},
+                             headers=remote("fd00:1:0:2::1"))  # another /64: another host
+            assert r.status == 201
+    finally:
+        await svc.stop()
