@@ -7,6 +7,7 @@ exits with ``err.exit_code``; the HTTP API turns ``err.http_status`` into a JSON
 from __future__ import annotations
 
 import errno
+import os
 
 
 class IgdTriggerError(Exception):
@@ -122,6 +123,17 @@ class LocalResourceError(GatewayError):
 
 _LOCAL_ERRNOS = frozenset(getattr(errno, n) for n in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
                           if hasattr(errno, n))
+
+
+def descriptors_exhausted() -> bool:
+    """Is this process out of file descriptors right now? (For libraries that report a socket
+    failure without its errno, like miniupnpc.)"""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as exc:
+        return exc.errno in _LOCAL_ERRNOS
+    os.close(fd)
+    return False
 
 
 def socket_fault(exc: OSError, message: str) -> GatewayError:

@@ -397,7 +397,8 @@ class Service:
 
     def _origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         """Where a triggering flow came from: this machine, or its neighbour's MAC address."""
-        if str(addr) == self.local_address():
+        info = self.gateway.info  # (no guessing per flow: that costs a syscall each)
+        if info is not None and str(addr) == info.local_address:
             return "local"
         return self.hostmap.origin_of(addr)
 

@@ -352,3 +352,24 @@ def test_log_lines_are_rate_limited_per_kind() -> None:
     again = rec("refused %s", "10.0.0.1")
     assert throttle.filter(again)
     assert "997 more like this" in again.getMessage()
+
+
+def test_miniupnpc_socket_error_while_out_of_descriptors_is_local() -> None:
+    resource = pytest.importorskip("resource")
+    from igdtrigger.gateway.upnp import _classify
+
+    assert isinstance(_classify("AddPortMapping", Exception("Socket error"), v1=False),
+                      GatewayUnreachable)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        fault = _classify("AddPortMapping", Exception("Socket error"), v1=False)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert isinstance(fault, LocalResourceError)

@@ -25,9 +25,11 @@ from ..errors import (
     GatewayNotFound,
     GatewayUnreachable,
     LeaseRefused,
+    LocalResourceError,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    descriptors_exhausted,
 )
 from ..model import MappingSpec, Proto, RouterMapping
 from .base import GatewayInfo, Granted, is_public_address
@@ -77,6 +79,10 @@ def _classify(action: str, exc: BaseException, *, v1: bool) -> GatewayError:
         code = int(digits) if digits.lstrip("-").isdecimal() else None
     if code is None:
         if "http" in low or "socket" in low or "connect" in low or "invalid response" in low:
+            if descriptors_exhausted():  # miniupnpc does not say why its socket failed
+                return LocalResourceError(
+                    f"{action}: this machine is out of file descriptors; the router was not "
+                    "asked")
             return GatewayUnreachable(
                 f"router did not answer {action} ({text or 'no reply'}); it may have restarted"
             )
