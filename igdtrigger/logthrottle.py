@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 
 class PerKindThrottle(logging.Filter):
-    def __init__(self, burst: int = 20, interval: float = 60.0, *,
+    def __init__(self, burst: int = 100, interval: float = 60.0, *,
                  clock: Callable[[], float] = time.monotonic, max_kinds: int = 1024) -> None:
         super().__init__()
         self.burst = burst

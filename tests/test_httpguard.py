@@ -175,6 +175,10 @@ async def test_admin_socket_is_private_and_carries_the_admin_role(
             async with http.get("http://localhost/api/v1/status") as r:
                 assert r.status == 200
                 assert (await r.json())["api_connections"]["open_local"] == 1
+            async with http.get("http://localhost/metrics") as r:
+                text = await r.text()
+                assert 'igdtrigger_api_connections{origin="local"} 1' in text
+                assert 'igdtrigger_api_connections_refused_total{limit="per_client"} 0' in text
     finally:
         await _stop(runner, servers)
 
