@@ -218,7 +218,7 @@ class Metrics:
             w.sample("igdtrigger_api_connections", guard.remote, origin="remote")
             w.family("igdtrigger_api_connections_refused_total", "counter",
                      "API connections closed at once because a limit was reached.")
-            for why in ("per_client", "total", "local"):
+            for why in ("per_client", "total", "local", "descriptors"):
                 w.sample("igdtrigger_api_connections_refused_total", guard.refused[why],
                          limit=why)
         if http_status is not None:

@@ -508,7 +508,12 @@ class ProcessWaiter:
     def running(self) -> set[str]:
         """The watched names that hold the ports now (see the class docstring)."""
         if self.family is None:
-            return self.scan(self.matcher)
+            found = self.scan(self.matcher)
+            if found and not self._warned_any:
+                _warn("cannot tell this command's own processes here: holding the ports while "
+                      f"any process named {', '.join(sorted(found))} runs")
+                self._warned_any = True
+            return found
         _reap_orphans()
         ours, anywhere = self.family(self.matcher)
         if ours or self._ours_seen:
