@@ -13,10 +13,10 @@ Semantics (router-style port triggering):
   A rule with ``share = "latest"`` lets its newest activation take ports from its own older
   ones, never from another rule's.
 - Bounded: at most ``MAX_ACTIVATIONS`` live activations (``ActivationLimit`` past it), and
-  detected ones (traffic) at most ``MAX_DETECTED`` in all and ``MAX_PER_ORIGIN`` per origin (the
-  flow's link-layer address when the neighbour table knows it; unknown origins share one
-  bucket, so forged source addresses from one host cannot grow the table); what was refused is
-  counted in ``refused``.
+  detected ones (traffic) at most ``MAX_DETECTED`` in all, and the source addresses behind one
+  origin (the flow's link-layer address when the neighbour table knows it) at most
+  ``MAX_HOSTS_PER_ORIGIN``; sources the table does not know share ``MAX_UNKNOWN_HOSTS``, so
+  forged source addresses cannot grow the table; what was refused is counted in ``refused``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port 
 _SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 MAX_ACTIVATIONS = 4096  # live activations of every kind
-MAX_DETECTED = 1024  # live activations created by detected traffic
-MAX_PER_ORIGIN = 16  # ... per origin (one link-layer address, or all unknown ones together)
+MAX_DETECTED = 4096  # live activations created by detected traffic
+MAX_HOSTS_PER_ORIGIN = 8  # source addresses with detected activations behind one MAC address
+MAX_UNKNOWN_HOSTS = 16  # ... behind no known MAC address, all together
 UNKNOWN_ORIGIN = "unknown"
 LOCAL_ORIGIN = "local"
 
@@ -72,7 +73,7 @@ class Activation:
     hits: int = 1
     seq: int = 0
     meta: dict[str, str] = field(default_factory=dict)
-    origin: str = ""  # detected traffic: where the flow came from (see MAX_PER_ORIGIN)
+    origin: str = ""  # detected traffic: where the flow came from (see MAX_HOSTS_PER_ORIGIN)
     # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
     specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
         default=None, repr=False, compare=False)
@@ -196,8 +197,11 @@ class Engine:
         self.flows_matched = 0
         self.max_activations = MAX_ACTIVATIONS
         self.max_detected = MAX_DETECTED
-        self.max_per_origin = MAX_PER_ORIGIN
-        self._origins: collections.Counter[str] = collections.Counter()
+        self.max_hosts_per_origin = MAX_HOSTS_PER_ORIGIN
+        self.max_unknown_hosts = MAX_UNKNOWN_HOSTS
+        self._detected = 0  # live activations with an origin other than this machine
+        # origin -> source address -> its live detected activations
+        self._origins: dict[str, collections.Counter[str]] = {}
         self.refused: collections.Counter[str] = collections.Counter()  # why, how many
 
     # --- inputs --------------------------------------------------------------------------------
@@ -247,7 +251,7 @@ class Engine:
                 act.hits += 1
                 self._set_expiry(act, now + rule.idle_timeout)
                 continue
-            why = self._detected_refusal(origin) if source is Source.TRAFFIC else None
+            why = self._detected_refusal(origin, host) if source is Source.TRAFFIC else None
             if why is None and len(self.activations) >= self.max_activations:
                 why = "total"
             if why is not None:
@@ -258,12 +262,14 @@ class Engine:
             created.append(act)
         return created
 
-    def _detected_refusal(self, origin: str) -> str | None:
+    def _detected_refusal(self, origin: str, host: str) -> str | None:
         if origin == LOCAL_ORIGIN:
             return None
-        if sum(self._origins.values()) - self._origins[LOCAL_ORIGIN] >= self.max_detected:
+        if self._detected >= self.max_detected:
             return "detected_total"
-        if self._origins[origin] >= self.max_per_origin:
+        hosts = self._origins.get(origin)
+        limit = self.max_unknown_hosts if origin == UNKNOWN_ORIGIN else self.max_hosts_per_origin
+        if hosts is not None and host not in hosts and len(hosts) >= limit:
             return "detected_per_origin"
         return None
 
@@ -402,7 +408,6 @@ class Engine:
         the same rule's older ones (never from another rule's).
         """
         out: dict[MappingKey, MappingSpec] = {}
-        owner: dict[MappingKey, Activation] = {}
         for act in sorted(self.activations.values(), key=self._precedence):
             specs = act.specs
             if specs is None:
@@ -411,10 +416,9 @@ class Engine:
                     act.specs = specs
             latest = act.rule.share == "latest"
             for key, spec in specs:
-                held = owner.get(key)
-                if held is None or (latest and held.rule is act.rule):
+                # the description names the rule: "latest" takes only from its own rule
+                if key not in out or (latest and out[key].description == spec.description):
                     out[key] = spec
-                    owner[key] = act
         return out
 
     def _specs(self, act: Activation) -> tuple[tuple[MappingKey, MappingSpec], ...]:
@@ -467,8 +471,9 @@ class Engine:
             origin=origin,
         )
         self.activations[act.id] = act
-        if origin:
-            self._origins[origin] += 1
+        if origin and origin != LOCAL_ORIGIN:
+            self._detected += 1
+            self._origins.setdefault(origin, collections.Counter())[host] += 1
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
         self.generation += 1
         self._emit(EventKind.ACTIVATED, act, now)
@@ -486,10 +491,14 @@ class Engine:
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
-        if act.origin:
-            self._origins[act.origin] -= 1
-            if self._origins[act.origin] <= 0:
-                del self._origins[act.origin]
+        hosts = self._origins.get(act.origin) if act.origin != LOCAL_ORIGIN else None
+        if hosts is not None:
+            self._detected -= 1
+            hosts[act.host] -= 1
+            if hosts[act.host] <= 0:
+                del hosts[act.host]
+                if not hosts:
+                    del self._origins[act.origin]
         if act.source in (Source.TRAFFIC, Source.PROCESS):
             self._traffic.pop((act.rule.name, act.host, act.source), None)
         self.generation += 1

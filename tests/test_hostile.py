@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from igdtrigger import api as api_mod
 from igdtrigger.api import Caller, make_app
 from igdtrigger.config import parse_config
-from igdtrigger.engine import MAX_DETECTED, MAX_PER_ORIGIN, Engine
+from igdtrigger.engine import MAX_HOSTS_PER_ORIGIN, MAX_UNKNOWN_HOSTS, Engine
 from igdtrigger.events import MAX_SUBSCRIBERS
 from igdtrigger.model import Flow, Proto
 from igdtrigger.service import Service
@@ -276,42 +276,44 @@ def test_the_engine_bounds_live_activations(clock: FakeClock) -> None:
 # --- forged trigger traffic --------------------------------------------------------------------
 
 
-def _flood(engine: Engine, count: int, origin: str | None) -> None:
+def _flood(engine: Engine, count: int, origin: str | None, dport: int = 27015) -> None:
     dst = ipaddress.IPv4Address("1.1.1.1")
     for i in range(count):
         src = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.0.0.0")) + i + 1)
-        engine.on_flow(Flow(Proto.UDP, src, dst, 50000, 27015),
+        engine.on_flow(Flow(Proto.UDP, src, dst, 50000, dport),
                        (lambda _a: origin) if origin is not None else None)
 
 
+GAME_RULES = parse_config({"rules": [
+    {"name": f"game{i}", "trigger": [f"udp/{27015 + i}"], "open": [f"udp/{40000 + i}"]}
+    for i in range(20)]}).rules
+
+
 def test_forged_sources_from_one_host_create_a_bounded_number(clock: FakeClock) -> None:
-    cfg = parse_config({"rules": [{"name": "game", "trigger": ["udp/27015"],
-                                   "open": ["udp/40000"]}]})
-    engine = Engine(cfg.rules, clock=clock, tag="t")
+    engine = Engine(GAME_RULES, clock=clock, tag="t")
     _flood(engine, 150_000, None)  # sources the neighbour table does not know
-    assert len(engine.activations) == MAX_PER_ORIGIN
-    assert engine.refused["detected_per_origin"] == 150_000 - MAX_PER_ORIGIN
-    engine2 = Engine(cfg.rules, clock=clock, tag="t")
+    assert len(engine.activations) == MAX_UNKNOWN_HOSTS
+    assert engine.refused["detected_per_origin"] == 150_000 - MAX_UNKNOWN_HOSTS
+    engine2 = Engine(GAME_RULES, clock=clock, tag="t")
     _flood(engine2, 5000, "aa:bb:cc:dd:ee:ff")  # one MAC, many addresses
-    assert len(engine2.activations) == MAX_PER_ORIGIN
-    # a real host still gets its activation
-    engine2.on_flow(Flow(Proto.UDP, ipaddress.IPv4Address("192.168.1.30"),
-                         ipaddress.IPv4Address("1.1.1.1"), 5, 27015),
-                    lambda _a: "11:22:33:44:55:66")
-    assert any(a.host == "192.168.1.30" for a in engine2.activations.values())
+    assert len(engine2.activations) == MAX_HOSTS_PER_ORIGIN
+    # a real host still gets its activations, one per rule it triggers (20 > the host bound)
+    for i in range(20):
+        engine2.on_flow(Flow(Proto.UDP, ipaddress.IPv4Address("192.168.1.30"),
+                             ipaddress.IPv4Address("1.1.1.1"), 5, 27015 + i),
+                        lambda _a: "11:22:33:44:55:66")
+    assert sum(a.host == "192.168.1.30" for a in engine2.activations.values()) == 20
 
 
 def test_detected_activations_are_bounded_in_total(clock: FakeClock) -> None:
-    cfg = parse_config({"rules": [{"name": "game", "trigger": ["udp/27015"],
-                                   "open": ["udp/40000"]}]})
-    engine = Engine(cfg.rules, clock=clock, tag="t")
+    engine = Engine(GAME_RULES[:1], clock=clock, tag="t")
+    engine.max_detected = 300
     dst = ipaddress.IPv4Address("1.1.1.1")
-    for i in range(MAX_DETECTED + 500):
+    for i in range(800):
         src = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.0.0.0")) + i + 1)
         engine.on_flow(Flow(Proto.UDP, src, dst, 1, 27015), lambda a: f"mac-{a}")
-    assert len(engine.activations) == MAX_DETECTED
+    assert len(engine.activations) == 300
     assert engine.refused["detected_total"] == 500
-    engine.expire()
     clock.advance(10_000)
     engine.expire()  # lapsed: room again
     assert engine.activations == {}
