@@ -280,12 +280,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_activation(a)
     for m in data["mappings"]:
         print(f"   {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
-              f"{m['internal_port']}  {m['state']}" + (f"  {m['error']}" if "error" in m else ""))
+              f"{m['internal_port']}  {m['state']}" + _lease_text(m)
+              + (f"  {m['error']}" if "error" in m else ""))
     holes = data.get("pinholes") or {}
     for h in holes.get("entries", []):
         print(f"   ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]  {h['state']}"
               + (f"  {h['error']}" if "error" in h else ""))
     return 0
+
+
+def _lease_text(m: dict[str, Any]) -> str:
+    """``  lease 1d (asked 1m)``: what the router granted, and what was asked when it differs;
+    ``unverified`` for a mapping the router cannot show."""
+    if m.get("state") != "active":
+        return ""
+
+    def lease(sec: int) -> str:
+        return format_duration(sec) if sec else "permanent"
+
+    out = f"  lease {lease(int(m.get('lease', 0)))}"
+    asked = m.get("lease_asked")
+    if asked is not None and asked != m.get("lease"):
+        out += f" (asked {lease(int(asked))})"
+    if m.get("verified") is False:
+        out += "  unverified (the router cannot show it)"
+    return out
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

@@ -360,9 +360,9 @@ def test_log_lines_are_rate_limited_per_kind() -> None:
 
 def test_miniupnpc_socket_error_while_out_of_descriptors_is_local() -> None:
     resource = pytest.importorskip("resource")
-    from igdtrigger.gateway.upnp import _classify
+    from igdtrigger.gateway.upnp import miniupnpc_error
 
-    assert isinstance(_classify("AddPortMapping", Exception("Socket error"), v1=False),
+    assert isinstance(miniupnpc_error("AddPortMapping", Exception("Miniupnpc Socket error")),
                       GatewayUnreachable)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     held: list[int] = []
@@ -371,7 +371,7 @@ def test_miniupnpc_socket_error_while_out_of_descriptors_is_local() -> None:
         with contextlib.suppress(OSError):
             while True:
                 held.append(os.open(os.devnull, os.O_RDONLY))
-        fault = _classify("AddPortMapping", Exception("Socket error"), v1=False)
+        fault = miniupnpc_error("AddPortMapping", Exception("Miniupnpc Socket error"))
     finally:
         for fd in held:
             os.close(fd)
