@@ -31,7 +31,7 @@ from .httpguard import (
     raise_fd_limit,
     start_servers,
 )
-from .logthrottle import PerKindThrottle
+from .logthrottle import PerKindThrottle, QuietBadRequests
 from .metrics import Metrics
 from .sdnotify import Notifier
 from .service import Service
@@ -87,6 +87,9 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
+        server_log.addFilter(QuietBadRequests())
 
 
 def build_detectors(config: Config) -> list[Detector]:

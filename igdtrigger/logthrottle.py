@@ -48,3 +48,32 @@ class PerKindThrottle(logging.Filter):
         state[2] += 1
         self.suppressed += 1
         return False
+
+
+class QuietBadRequests(logging.Filter):
+    """For aiohttp's ``aiohttp.server`` logger: a request that is not even HTTP (a bad request
+    line, a line past 8 KiB, a negative Content-Length) was answered 400 by aiohttp; log one
+    warning line for it instead of an ERROR with a traceback per request, once a minute per
+    kind of error (with the count of those not logged)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._once = PerKindThrottle(burst=1, interval=60.0, clock=clock)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        text = " ".join(str(getattr(exc, "message", "") or exc).split())
+        record.msg = f"malformed HTTP request ({type(exc).__name__}) from %s answered %d: %s"
+        record.args = (peer, getattr(exc, "code", 400) or 400,
+                       text if len(text) <= 120 else text[:117] + "...")
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return self._once.filter(record)
