@@ -60,15 +60,28 @@ class ConnectionLimits:
         return ConnectionLimits(self.header_timeout, min(self.per_client, total), total, local)
 
 
+def _seccomp_filtered(status: Path = Path("/proc/self/status")) -> bool:
+    """Does a seccomp filter run this process (``Seccomp: 2``)? Then a system call it forbids
+    may kill us (systemd's ``SystemCallFilter=~@resources`` covers setrlimit)."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("Seccomp:"):
+                return line.split(":", 1)[1].strip() not in ("", "0")
+    except OSError:
+        pass
+    return False
+
+
 def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's ``LimitNOFILE=`` sets both).
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's ``LimitNOFILE=`` sets both;
+    under a seccomp filter we leave it to the unit, since setrlimit may be forbidden there).
     Returns the soft limit now in force (a large number where there is no such limit)."""
     try:
         import resource
     except ImportError:  # Windows
         return 1 << 16
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    if hard != resource.RLIM_INFINITY and soft < hard and not _seccomp_filtered():
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard

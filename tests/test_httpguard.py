@@ -404,3 +404,14 @@ async def test_requests_that_are_not_http_are_400_and_logged_once_without_traceb
     assert len(records) == 1
     assert records[0].levelno == logging.WARNING and records[0].exc_info is None
     assert "LineTooLong" in records[0].getMessage()
+
+
+def test_fd_limit_is_left_to_the_unit_under_a_seccomp_filter(tmp_path: Path) -> None:
+    from igdtrigger.httpguard import _seccomp_filtered
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nSeccomp:\t2\nSeccomp_filters:\t1\n")
+    assert _seccomp_filtered(status)
+    status.write_text("Name:\tpython\nSeccomp:\t0\n")
+    assert not _seccomp_filtered(status)
+    assert not _seccomp_filtered(tmp_path / "missing")
