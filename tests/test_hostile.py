@@ -437,3 +437,40 @@ async def test_ipv6_addresses_of_one_prefix_share_the_per_host_limit(
             assert r.status == 201
     finally:
         await svc.stop()
+
+
+async def test_a_body_that_never_comes_is_408(client: Client,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_mod, "BODY_TIMEOUT", 0.5)
+    port = client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     b'{"rule": ')
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        rest = await asyncio.wait_for(reader.read(600), 10)
+        assert status_line.split()[1] == b"408", rest
+    finally:
+        writer.close()
+
+
+async def test_a_body_in_two_pieces_is_read_whole(client: Client) -> None:
+    port = client.server.port
+    assert port is not None
+    body = b'{"rule": "demo", "ttl": 60}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: " +
+                     str(len(body)).encode() + b"\r\n\r\n" + body[:9])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(body[9:])
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        assert status_line.split()[1] == b"201"
+    finally:
+        writer.close()
