@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="give up on the service after this long (default 10)")
 
-    s = sub.add_parser("serve", help="run the service")
+    s = sub.add_parser(
+        "serve", help="run the service",
+        description="Run the service: a rule's ports open when its trigger traffic (or process) "
+        "is seen, and close idle_timeout after the trigger traffic and the inbound traffic "
+        "stop; a live connection holds them however silent it is.")
     common(s, server=False)
     s.add_argument("--simulate", action="store_true",
                    help="use a built-in simulated router on loopback (try it without a router)")
@@ -204,9 +208,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_activation(data: dict[str, Any]) -> None:
     ports = data.get("ports", [])
     opened = [p["port"] for p in ports if p.get("state") == "active"]
+    expires = data.get("expires_in")
+    hold = data.get("hold")
+    if expires is None and hold:  # a live connection holds it
+        when = (f"held by {hold}, closes {format_duration(float(data.get('ttl', 0)))} after "
+                "they end")
+    else:
+        when = f"closes in {format_duration(float(expires or 0))}" + (f" ({hold})" if hold
+                                                                         else "")
     line = (f"{data.get('rule')} for {data.get('host')}: {data.get('state')}, "
-            f"{len(opened)}/{len(ports)} port(s) open, lapses in "
-            f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
+            f"{len(opened)}/{len(ports)} port(s) open, {when} (id {data.get('id')})")
     print(line)
     for p in ports:
         if p.get("state") != "active":
@@ -267,7 +278,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"external {gw.get('external_address') or 'unknown'}; we are "
           f"{gw.get('local_address') or 'unknown'}")
     for d in data["detectors"]:
-        print(f"detector {d['name']}: {'active' if d['active'] else 'inactive - ' + d['reason']}")
+        if d["active"]:
+            detail = f" - {d['detail']}" if d.get("detail") else ""
+            print(f"detector {d['name']}: active{detail}")
+        else:
+            print(f"detector {d['name']}: inactive - {d.get('reason') or 'stopped'}")
     for w in data["warnings"]:
         print(f"warning: {w}")
     holes = data.get("pinholes") or {}

@@ -134,10 +134,20 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
                             discover_timeout=config.gateway.discover_timeout,
                             on_call=metrics.on_router_call)
     detectors = build_detectors(config)
-    service = Service(config, gateway, detectors=detectors, on_router_call=metrics.on_router_call)
+    tracking = None
+    if any(d.name == "conntrack" for d in detectors):
+        from .detect.nfttrack import KernelTracking
+
+        tracking = KernelTracking(enabled=config.detect.track_flows)
+    service = Service(config, gateway, detectors=detectors, on_router_call=metrics.on_router_call,
+                      tracking=tracking)
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
-            det.wanted = lambda proto, port: bool(service.engine.index.match(proto, port))
+            det.wanted = service.engine.wants
+        if hasattr(det, "ports"):
+            det.ports = service.engine.port_ranges()
+        if hasattr(det, "follows"):
+            det.follows = service.follows
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     guard = ConnectionGuard(ConnectionLimits().within_fd_limit(raise_fd_limit()))

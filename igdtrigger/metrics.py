@@ -152,6 +152,11 @@ class Metrics:
             if state not in ("active", "pending", "conflict", "failed"):
                 w.sample("igdtrigger_mappings", n, protocol=proto, state=state)
 
+        w.family("igdtrigger_mappings_unconfirmed", "gauge",
+                 "Mappings no longer wanted that the router may still hold (a delete refused, "
+                 "unanswered, or answered but not done); retried, kept in the journal.")
+        w.sample("igdtrigger_mappings_unconfirmed", len(svc.mapper.orphans))
+
         w.family("igdtrigger_pinholes", "gauge",
                  "IPv6 pinholes this service holds or wants, by protocol and state.")
         by_hole: collections.Counter[tuple[str, str]] = collections.Counter(
@@ -200,13 +205,26 @@ class Metrics:
         for kind in sorted({"mapping_conflict", "mapping_failed", *errors}):
             w.sample("igdtrigger_errors_total", errors[kind], kind=kind)
 
-        w.family("igdtrigger_detector_active", "gauge", "1 for each detector that is running.")
+        w.family("igdtrigger_detector_active", "gauge",
+                 "1 for each detector that runs and can see what it is for (conntrack: the "
+                 "kernel tracks the trigger flows).")
         for det in svc.detector_status:
             w.sample("igdtrigger_detector_active", 1 if det.active else 0, detector=det.name)
+        if svc.tracking is not None:
+            w.family("igdtrigger_tracking_table_loaded", "gauge",
+                     "1 while nftables table inet igdtrigger (the kernel tracks trigger flows) "
+                     "is loaded.")
+            w.sample("igdtrigger_tracking_table_loaded", 1 if svc.tracking.installed else 0)
         w.family("igdtrigger_flows_total", "counter",
-                 "New outbound flows seen by the detectors, and those matching a trigger.")
+                 "New flows seen by the detectors, those matching a trigger, those arriving on "
+                 "an opened port (inbound use), and matching ones not followed (cap reached).")
         w.sample("igdtrigger_flows_total", svc.engine.flows_seen, result="seen")
         w.sample("igdtrigger_flows_total", svc.engine.flows_matched, result="matched")
+        w.sample("igdtrigger_flows_total", svc.engine.flows_inbound, result="inbound")
+        w.sample("igdtrigger_flows_total", svc.engine.flows_refused, result="refused")
+        w.family("igdtrigger_flows_live", "gauge",
+                 "Live matching flows followed: they hold their activations.")
+        w.sample("igdtrigger_flows_live", len(svc.engine.live))
         w.family("igdtrigger_events_total", "counter", "Activation and mapping events published.")
         w.sample("igdtrigger_events_total", svc.hub.published)
         w.family("igdtrigger_event_streams", "gauge", "Open server-sent event streams.")

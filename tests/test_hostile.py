@@ -278,10 +278,10 @@ def test_the_engine_bounds_live_activations(clock: FakeClock) -> None:
 
 def _flood(engine: Engine, count: int, origin: str | None, dport: int = 27015) -> None:
     dst = ipaddress.IPv4Address("1.1.1.1")
+    engine.origin_of = lambda _a: origin
     for i in range(count):
         src = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.0.0.0")) + i + 1)
-        engine.on_flow(Flow(Proto.UDP, src, dst, 50000, dport),
-                       (lambda _a: origin) if origin is not None else None)
+        engine.on_flow(Flow(Proto.UDP, src, dst, 50000 + i % 10000, dport))
 
 
 GAME_RULES = parse_config({"rules": [
@@ -298,10 +298,10 @@ def test_forged_sources_from_one_host_create_a_bounded_number(clock: FakeClock) 
     _flood(engine2, 5000, "aa:bb:cc:dd:ee:ff")  # one MAC, many addresses
     assert len(engine2.activations) == MAX_HOSTS_PER_ORIGIN
     # a real host still gets its activations, one per rule it triggers (20 > the host bound)
+    engine2.origin_of = lambda _a: "11:22:33:44:55:66"
     for i in range(20):
         engine2.on_flow(Flow(Proto.UDP, ipaddress.IPv4Address("192.168.1.30"),
-                             ipaddress.IPv4Address("1.1.1.1"), 5, 27015 + i),
-                        lambda _a: "11:22:33:44:55:66")
+                             ipaddress.IPv4Address("1.1.1.1"), 5, 27015 + i))
     assert sum(a.host == "192.168.1.30" for a in engine2.activations.values()) == 20
 
 
@@ -309,16 +309,16 @@ def test_detected_activations_are_bounded_in_total(clock: FakeClock) -> None:
     engine = Engine(GAME_RULES[:1], clock=clock, tag="t")
     engine.max_detected = 300
     dst = ipaddress.IPv4Address("1.1.1.1")
+    engine.origin_of = lambda a: f"mac-{a}"
     for i in range(800):
         src = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.0.0.0")) + i + 1)
-        engine.on_flow(Flow(Proto.UDP, src, dst, 1, 27015), lambda a: f"mac-{a}")
+        engine.on_flow(Flow(Proto.UDP, src, dst, 1, 27015))
     assert len(engine.activations) == 300
     assert engine.refused["detected_total"] == 500
     clock.advance(10_000)
     engine.expire()  # lapsed: room again
     assert engine.activations == {}
-    engine.on_flow(Flow(Proto.UDP, ipaddress.IPv4Address("10.0.0.1"), dst, 1, 27015),
-                   lambda a: "m")
+    engine.on_flow(Flow(Proto.UDP, ipaddress.IPv4Address("10.0.0.1"), dst, 2, 27015))
     assert len(engine.activations) == 1
 
 
