@@ -139,19 +139,21 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, read_token, resolve_server
+    from .client import Client, local_access, read_token, resolve_server
 
     where = resolve_server(args.server, config)
-    token = args.token or (read_token(config.state_dir if config else None)
-                           if where.trusted else None)
-    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0)
+    state_dir = config.state_dir if config else None
+    token = args.token or (read_token(state_dir) if where.trusted else None)
+    sock, uid = local_access(where, state_dir)
+    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0,
+                  admin_socket=sock if not args.token else None, token_uid=uid)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
 
-    from .config import SIMULATE, ApiConfig, parse_listen
+    from .config import SIMULATE, parse_listen
     from .daemon import serve, setup_logging
 
     setup_logging(args.log_level, args.log_format)
@@ -165,7 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host, port = parse_listen(args.listen)
         except ValueError as exc:
             raise ConfigError(str(exc), field="--listen") from None
-        config = replace(config, api=ApiConfig(host=host, port=port))
+        # only the address: the rest of [api] (ad-hoc, zeroconf, allow, ...) stays as configured
+        config = replace(config, api=replace(config.api, host=host, port=port))
     return asyncio.run(serve(config, ready_file=args.ready_file))
 
 
@@ -194,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from .client import read_token, resolve_server
+    from .client import local_access, read_token, resolve_server
 
     rule = args.rule
     if args.infer:
@@ -206,9 +209,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = resolve_server(args.server, config if config.source != "<defaults>" else None,
                            discover_timeout=1.0)
     token = args.token or (read_token(config.state_dir) if where.trusted else None)
+    sock, uid = local_access(where, config.state_dir)
     return run(command, rule=rule, config=config, server=where.url, token=token,
                ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
-               wait_start=args.wait_start)
+               wait_start=args.wait_start, admin_socket=sock if not args.token else None,
+               token_uid=uid)
 
 
 def _print_activation(data: dict[str, Any]) -> None:
