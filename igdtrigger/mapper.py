@@ -155,6 +155,8 @@ class Mapper:
                 self.applied.pop(key, None)
                 if app.state is MapState.ACTIVE or app.error.startswith("router did not"):
                     self.orphans[app.wire.key] = app.wire
+            if not self.orphans:  # nothing to delete: do not wait on a router never reached
+                return 0
             if self.gateway_up or await self._connect():
                 count = await self._delete_orphans(set())
             return count
