@@ -96,6 +96,10 @@ class Unauthorized(IgdTriggerError):
     http_status = 401
 
 
+WRONG_AUTH = ("wrong admin token: the Authorization header does not carry this service's token "
+               "(the api-token file in its state directory); send that one, or none")
+
+
 class NotReady(IgdTriggerError):
     http_status = 503
 
@@ -226,6 +230,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     access = app[ACCESS].get(request.match_info.route, Access.PUBLIC)
     if access is Access.PUBLIC:
         return await handler(request)
+    if not caller.admin and request.headers.get("Authorization") is not None:
+        # a token that is not this service's is a mistake to say, not "no token" in silence
+        raise Unauthorized(WRONG_AUTH)
     host_header = request.headers.get("Host", "")
     if not caller.admin and not _host_allowed(host_header, app[SETTINGS].allowed_hosts):
         raise Forbidden(

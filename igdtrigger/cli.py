@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEMO_RULE = Rule("demo", parse_port_spec("udp/27015"), parse_port_spec("udp/40000-40010")
-                 + parse_port_spec("both/3074"), 600.0)
+# the README's example rule ("Use it for real"); tests/test_cli.py keeps the two equal
+DEMO_RULE = Rule("demo", parse_port_spec("udp/27015") + parse_port_spec("tcp/27015-27030"),
+                 parse_port_spec("udp/40000-40010") + parse_port_spec("both/3074"), 600.0)
 
 
 def _config(args: argparse.Namespace) -> Config:

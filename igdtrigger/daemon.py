@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .api import make_app
-from .config import Config
+from .config import Config, check_state_dir, default_state_dir
 from .detect.base import Detector
 from .errors import IgdTriggerError
 from .gateway.select import build_gateway
@@ -105,6 +105,7 @@ def build_detectors(config: Config) -> list[Detector]:
 
 
 async def serve(config: Config, *, ready_file: str | None = None) -> int:
+    check_state_dir(config.state_dir or default_state_dir())
     sim = None
     url = config.gateway.url
     if config.gateway.simulate:

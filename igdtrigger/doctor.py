@@ -87,8 +87,20 @@ def check_detectors(config: Config) -> list[Check]:
                              "" if idle else "explicit activations still work"))
         else:
             usable.add(det.name)
-            out.append(Check("ok", f"detector {det.name}", "can run"))
+            if det.name == "conntrack" and _tracking_idle():
+                from .detect.conntrack import TRACKING_HINT
+
+                out.append(Check("warn", "detector conntrack", "can run, but the kernel tracks "
+                                 "no connection in this network namespace now", TRACKING_HINT))
+            else:
+                out.append(Check("ok", f"detector {det.name}", "can run"))
     return out
+
+
+def _tracking_idle() -> bool:
+    from .detect.conntrack import tracking_idle
+
+    return tracking_idle()
 
 
 async def _probe_gateway(config: Config, timeout: float) -> tuple[Any, Any, str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import Config
 from .errors import GatewayError, LeaseRefused
-from .gateway.base import Gateway, GatewayInfo, is_public_address
+from .gateway.base import Gateway, GatewayInfo, counts_as_public
 from .model import MappingSpec, Proto
 from .netutil import default_gateway
 
@@ -124,7 +124,21 @@ async def ipv6_verdict(location: str, timeout: float) -> str:
 
 
 async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
-    cands = candidates(config)
+    if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
+        from dataclasses import replace
+
+        from .gateway.simulated import SimulatedIgdServer
+
+        async with SimulatedIgdServer() as sim:
+            return await _probe_all(
+                replace(config, gateway=replace(config.gateway, url=sim.url)),
+                timeout=timeout, test=test, only_upnp=True)
+    return await _probe_all(config, timeout=timeout, test=test)
+
+
+async def _probe_all(config: Config, *, timeout: float, test: bool,
+                     only_upnp: bool = False) -> list[ProbeResult]:
+    cands = candidates(config)[:1] if only_upnp else candidates(config)
     try:
         results = list(await asyncio.gather(*(_probe(n, g, timeout, test) for n, g in cands)))
     finally:
@@ -158,7 +172,7 @@ def report(results: list[ProbeResult]) -> str:
                      "router, or set [gateway] url")
         return "\n".join(lines)
     externals = {r.info.external_address for r in ok if r.info is not None}
-    if not any(is_public_address(x) for x in externals):
+    if not any(counts_as_public(x) for x in externals):
         lines.append("double NAT / CGNAT: the router's external address "
                      f"({', '.join(sorted(x or 'unknown' for x in externals))}) is not public: "
                      "ports opened here are not reachable from the internet")

@@ -68,6 +68,9 @@ class Applied:
     retry_at: float = 0.0
     attempts: int = 0
     error: str = ""
+    # the router refused because the mapping is for another host (secure mode): only that
+    # host can map it (``run`` there maps its own ports: wrapper.py)
+    self_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.external_port:
@@ -483,7 +486,7 @@ class Mapper:
                 # The router lists nothing on this port yet says "conflict": it is refusing a
                 # mapping for another host (IGDv1, and miniupnpd < 2.3.4 on IGDv2, use 718).
                 self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}; "
-                                  f"{SECURE_MODE_HINT}")
+                                  f"{SECURE_MODE_HINT}", self_only=True)
             elif for_other:
                 self._conflict(app, f"{spec.key}: {exc} (another host holds this port, or "
                                     f"{SECURE_MODE_HINT})")
@@ -491,7 +494,10 @@ class Mapper:
                 self._conflict(app, f"{spec.key}: {exc} (another host holds this port)")
             return
         except NotAuthorized as exc:
-            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")
+            info = self.gateway.info
+            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}",
+                         self_only=info is not None
+                         and spec.internal_client != info.local_address)
             return
         except GatewayError as exc:
             self._failed(app, f"{spec.key}: {exc}")
@@ -501,6 +507,7 @@ class Mapper:
         app.state = MapState.ACTIVE
         app.lease = granted.lease
         app.error = ""
+        app.self_only = False
         app.attempts = 0
         if not was_active:
             app.since = now
@@ -521,9 +528,10 @@ class Mapper:
         self.ops["errors"] += 1
         self._changed(app, "conflict")
 
-    def _failed(self, app: Applied, message: str) -> None:
+    def _failed(self, app: Applied, message: str, *, self_only: bool = False) -> None:
         if app.error != message:
             log.warning("mapping failed: %s", message)
+        app.self_only = self_only
         app.state = MapState.FAILED
         app.error = message
         app.retry_at = self.clock() + min(RETRY_MAX, RETRY_FIRST * 2 ** min(app.attempts, 6))

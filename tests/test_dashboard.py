@@ -245,7 +245,7 @@ async def test_dashboard_shows_a_mapping_and_a_click_deactivates_it(
     assert sorted(rows) == ["tcp/3074 active", "udp/40000 active", "udp/40001 active",
                             "udp/40002 active"]
     assert await page.js('document.querySelector("#gateway-external").textContent') \
-        == "11.22.33.44"
+        == "203.0.113.4"
     assert await page.js('document.querySelector("#gateway-protocol").textContent') \
         == "upnp-igd"
     countdown = await page.js(

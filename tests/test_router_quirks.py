@@ -74,7 +74,7 @@ async def test_soap_backend_on_standard_layout(sim: SimulatedIgdServer) -> None:
     info = gw.info
     assert info is not None
     assert info.service_type == "urn:schemas-upnp-org:service:WANIPConnection:2"
-    assert info.external_address == "11.22.33.44"
+    assert info.external_address == "203.0.113.4"
 
 
 async def test_legacy_dslforum_only_huawei_falls_back_to_our_client(

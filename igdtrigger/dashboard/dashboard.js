@@ -79,6 +79,13 @@ async function refresh() {
       $("#auth").hidden = true;
     } catch (err) {
       if (err.status !== 401) throw err;
+      if (state.token) {
+        // the stored token is not this service's: say so (every call would fail the same way)
+        state.readable = false;
+        showAuth(err.message);
+        say("the admin token kept in this browser is wrong: paste the right one or forget it", true);
+        return;
+      }
       // No read access from this host: show what the own-address rule allows.
       state.readable = false;
       showAuth(err.message);

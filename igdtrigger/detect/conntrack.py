@@ -414,7 +414,9 @@ def parse_messages(data: ReadableBuffer, wanted: Wanted | None = None) -> list[F
 
 _CAP_HINT = "run as root or grant CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN)"
 _MODULE_HINT = "modprobe nf_conntrack_netlink"
-_TRACKING_HINT = (
+_TRACKING_SHORT = ("conntrack tracks no connection in this network namespace yet, so traffic "
+                   "triggers may not be seen; `igdtrigger doctor` says how to turn it on")
+TRACKING_HINT = (
     "conntrack only tracks flows in a network namespace when a rule needs it (NAT/masquerade, "
     "an nftables 'ct' rule, iptables -m conntrack/state); a NAT router does this already, "
     "otherwise add e.g. `nft add table inet igdtrigger; nft add chain inet igdtrigger fwd "
@@ -588,7 +590,7 @@ class ConntrackDetector:
                 "sysctl -w net.netfilter.nf_conntrack_events=2"
             )
         if entries == 0:
-            log.warning("conntrack is tracking no connection right now; %s", _TRACKING_HINT)
+            log.warning("%s", _TRACKING_SHORT)  # the details: doctor (tracking_idle)
 
     @staticmethod
     def _probe_reply(sock: socket.socket, seq: int) -> int | None:
@@ -676,9 +678,8 @@ class ConntrackDetector:
 
     def _quiet_hint(self) -> None:
         if self.parser.datagrams == 0:
-            log.warning(
-                "conntrack: no event in %gs; %s", self.quiet_hint_after or 0, _TRACKING_HINT
-            )
+            log.warning("conntrack: no event in %gs; %s", self.quiet_hint_after or 0,
+                        _TRACKING_SHORT)
 
 
 def _stats_entries(data: bytes, start: int, end: int) -> int | None:
@@ -692,6 +693,12 @@ def _stats_entries(data: bytes, start: int, end: int) -> int | None:
             return entries
         a += (alen + 3) & ~3
     return None
+
+
+def tracking_idle() -> bool:
+    """True when conntrack tracks nothing in this namespace now (no NAT or ``ct`` rule makes
+    the kernel track flows), so new-flow events may never come: doctor prints TRACKING_HINT."""
+    return _read_sysctl("/proc/sys/net/netfilter/nf_conntrack_count") == 0
 
 
 def _read_sysctl(path: str) -> int | None:
