@@ -428,10 +428,13 @@ async def refresh_activation(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     act_id = request.match_info["id"]
     body = await _json_body(request)
-    if set(body) - {"ttl"}:
-        raise UsageError('only field "ttl" is allowed')
+    if set(body) - {"ttl", "self_mapped"}:
+        raise UsageError('only fields "ttl" and "self_mapped" are allowed')
+    self_mapped = body.get("self_mapped")
+    if self_mapped is not None and not isinstance(self_mapped, bool):
+        raise UsageError(f'"self_mapped" must be true or false, got {self_mapped!r}')
     _check_owner(request, act_id)
-    return web.json_response(svc.heartbeat(act_id, _ttl(body.get("ttl"))))
+    return web.json_response(svc.heartbeat(act_id, _ttl(body.get("ttl")), self_mapped))
 
 
 async def get_activation(request: web.Request) -> web.Response:

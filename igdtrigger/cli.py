@@ -15,12 +15,14 @@ from typing import Any
 from . import __version__
 from .config import Config, Rule, load_config
 from .errors import ConfigError, IgdTriggerError, UsageError
-from .model import format_duration, parse_duration, parse_port_spec
+from .model import compress_ports, format_duration, parse_duration, parse_port_spec
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        sub = self.prog.removeprefix("igdtrigger").strip()
+        raise UsageError(f"{sub + ': ' if sub else ''}{message} (see igdtrigger "
+                         f"{sub + ' ' if sub else ''}--help)")
 
 
 def _duration(text: str) -> float:
@@ -31,7 +33,12 @@ def _duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="igdtrigger", description="Port triggering over UPnP IGD, done right.")
+    p = _Parser(prog="igdtrigger", description="Router-grade port triggering: timed port "
+                "mappings on your router (UPnP IGD, NAT-PMP, PCP) while a game needs them.",
+                epilog="Try it without a router: igdtrigger serve --simulate, then igdtrigger "
+                "activate demo. Needs Python >= 3.11. Documentation: "
+                "https://github.com/igdtrigger/igdtrigger#readme (README.md).",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"igdtrigger {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -43,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "listen, a service on this host, zeroconf, http://127.0.0.1:8731)")
             sp.add_argument("--token", help="admin token (default: $IGDTRIGGER_TOKEN or the "
                             "service's token file when readable)")
-            sp.add_argument("--timeout", type=float, metavar="SECONDS",
-                            help="give up on the service after this long (default 10)")
+            sp.add_argument("--timeout", type=_duration, metavar="DURATION",
+                            help="give up on the service after this long (default 10s)")
 
     s = sub.add_parser("serve", help="run the service")
     common(s, server=False)
@@ -70,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "launcher stub that starts the game and exits); repeatable")
     r.add_argument("--wait-start", type=_duration, default=60.0, metavar="DURATION",
                    help="how long that process may take to appear (60s)")
+    r.add_argument("--quiet", "-q", action="store_true",
+                   help="do not say which ports opened (warnings still go to stderr)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     a = sub.add_parser("activate", help="open a rule's ports now")
@@ -96,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gateway", help="probe the router: protocols, external address, quirks")
     common(g, server=False)
+    g.add_argument("--simulate", action="store_true",
+                   help="probe the built-in simulated router (as serve --simulate)")
     g.add_argument("--json", action="store_true")
     g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
     g.add_argument("--test", action="store_true",
@@ -107,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "[api] listen on this host)")
     hc.add_argument("--ready", action="store_true",
                     help="also require the router to answer (/readyz)")
-    hc.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    hc.add_argument("--timeout", type=_duration, default=3.0, metavar="DURATION")
+
+    cc = sub.add_parser("check-config", help="validate a config file (no network) and say "
+                        "what it sets up")
+    cc.add_argument("path", nargs="?", metavar="PATH",
+                    help="the file (default: the one serve would read)")
+    cc.add_argument("--json", action="store_true")
 
     dr = sub.add_parser("doctor", help="check privileges, detectors, the router, the external "
                         "address and the API; say what to fix")
@@ -125,12 +142,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, read_token, resolve_server
+    from .client import Client, pick_token, resolve_server
 
     where = resolve_server(args.server, config)
-    token = args.token or (read_token(config.state_dir if config else None)
-                           if where.trusted else None)
-    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0)
+    token, guessed = pick_token(args.token, config.state_dir if config else None, where.trusted)
+    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0,
+                  token_guessed=guessed)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from .client import read_token, resolve_server
+    from .client import pick_token, resolve_server
 
     rule = args.rule
     if args.infer:
@@ -191,23 +208,57 @@ def cmd_run(args: argparse.Namespace) -> int:
             return run(command, rule=None, config=config, server=None, token=None)
     where = resolve_server(args.server, config if config.source != "<defaults>" else None,
                            discover_timeout=1.0)
-    token = args.token or (read_token(config.state_dir) if where.trusted else None)
+    token, guessed = pick_token(args.token, config.state_dir, where.trusted)
     return run(command, rule=rule, config=config, server=where.url, token=token,
+               token_guessed=guessed,
                ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
-               wait_start=args.wait_start)
+               wait_start=args.wait_start, quiet=args.quiet)
 
 
-def _print_activation(data: dict[str, Any]) -> None:
+def _port_groups(ports: list[dict[str, Any]],
+                 mappings: dict[tuple[str, str], dict[str, Any]], host: str,
+                 ) -> list[tuple[str, list[str]]]:
+    """An activation's ports as lines: ports with the same state and message together (an
+    error shown once for all the ports it hit)."""
+    groups: dict[str, list[str]] = {}
+    for p in ports:
+        port = str(p.get("port", "?"))
+        m = mappings.get((port, host), {})
+        state = str(p.get("state", "?"))
+        ext = p.get("external_port")
+        moved = ext is not None and str(ext) != port.rpartition("/")[2]
+        extra = p.get("error") or (f"held by {p['held_by']}" if p.get("held_by") else "")
+        if state == "active" and m.get("renew_in") is not None:
+            extra = "renewed every " + format_duration(max(1.0, float(m.get("lease") or 0) / 2))
+        elif state == "active" and m and not m.get("lease"):
+            extra = "permanent lease, removed when the activation ends"
+        key = state + (f" (external port {ext})" if moved else "") + (
+            f" - {extra}" if extra else "")
+        groups.setdefault(key, []).append(port)
+    return [(key, names) for key, names in groups.items()]
+
+
+def _print_activation(data: dict[str, Any],
+                      mappings: dict[tuple[str, str], dict[str, Any]] | None = None,
+                      indent: str = "") -> None:
     ports = data.get("ports", [])
     opened = [p["port"] for p in ports if p.get("state") == "active"]
-    line = (f"{data.get('rule')} for {data.get('host')}: {data.get('state')}, "
-            f"{len(opened)}/{len(ports)} port(s) open, lapses in "
-            f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
-    print(line)
-    for p in ports:
-        if p.get("state") != "active":
-            extra = p.get("error") or (f"held by {p['held_by']}" if p.get("held_by") else "")
-            print(f"  {p['port']}: {p['state']}{' - ' + extra if extra else ''}")
+    state = data.get("state")
+    if state == "self":
+        line = (f"{data.get('rule')} for {data.get('host')}: mapped by that PC itself "
+                f"({len(ports)} port(s)), lapses in "
+                f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
+    else:
+        line = (f"{data.get('rule')} for {data.get('host')}: {state}, "
+                f"{len(opened)}/{len(ports)} port(s) open, lapses in "
+                f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
+    print(indent + line)
+    if data.get("message"):
+        print(f"{indent}  {data['message']}")
+    if state == "self":
+        return
+    for key, names in _port_groups(ports, mappings or {}, str(data.get("host"))):
+        print(f"{indent}  {compress_ports(names)}: {key}")
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
@@ -271,23 +322,80 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"mappings: {data['counts']['mappings_active']}"
           + (f"   ipv6 pinholes: {data['counts'].get('pinholes_active', 0)}"
              if holes.get("entries") else ""))
-    for a in data["activations"]:
-        print("  ", end="")
-        _print_activation(a)
+    by_port: dict[tuple[str, str], dict[str, Any]] = {}
     for m in data["mappings"]:
-        print(f"   {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
-              f"{m['internal_port']}  {m['state']}" + (f"  {m['error']}" if "error" in m else ""))
-    holes = data.get("pinholes") or {}
+        by_port[(f"{m['protocol'].lower()}/{m['internal_port']}", m["internal_client"])] = m
+    claimed: set[tuple[str, str]] = set()
+    for a in data["activations"]:  # each with its ports, grouped, and its countdown
+        _print_activation(a, by_port, indent="  ")
+        claimed.update((str(p.get("port")), str(a.get("host"))) for p in a.get("ports", []))
+    rest = [m for key, m in by_port.items() if key not in claimed]
+    if rest:  # being removed, or left by an earlier run
+        print("  mappings of no live activation:")
+        for m in rest:
+            print(f"    {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
+                  f"{m['internal_port']}  {m['state']}" + (f"  {m['error']}" if "error" in m
+                                                           else ""))
+    errors: dict[str, list[str]] = {}
     for h in holes.get("entries", []):
-        print(f"   ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]  {h['state']}"
-              + (f"  {h['error']}" if "error" in h else ""))
+        name = f"ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]"
+        errors.setdefault(f"{h['state']}" + (f"  {h['error']}" if "error" in h else ""),
+                          []).append(name)
+    for key, names in errors.items():
+        print(f"  {', '.join(names)}  {key}")
     return 0
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .config import SIMULATE
     from .gatewaycmd import main as gateway_main
 
-    return gateway_main(_config(args), as_json=args.json, timeout=args.timeout, test=args.test)
+    config = _config(args)
+    if args.simulate:
+        config = replace(config, gateway=replace(config.gateway, url=SIMULATE))
+    return gateway_main(config, as_json=args.json, timeout=args.timeout, test=args.test)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Parse and validate like ``serve`` does, without touching the network."""
+    config = load_config(args.path)
+    gw = config.gateway
+    summary: dict[str, Any] = {
+        "source": config.source,
+        "rules": [r.to_json() for r in config.rules],
+        "gateway": {"url": gw.url or "SSDP discovery", "protocol": gw.protocol,
+                    "lease": gw.lease},
+        "api": config.api.url,
+        "detect": list(config.detect.methods),
+        "state_dir": str(config.state_dir or "default"),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    if config.source == "<defaults>":
+        print("no config file found (looked in: "
+              + ", ".join(str(p) for p in _default_paths()) + "); the defaults are valid")
+    else:
+        print(f"{config.source}: ok")
+    print(f"  gateway: {summary['gateway']['url']} ({gw.protocol}), lease "
+          f"{format_duration(gw.lease)}")
+    print(f"  api: {config.api.url}   detect: {', '.join(config.detect.methods) or 'none'}")
+    for r in config.rules:
+        trig = ", ".join(str(t) for t in r.trigger) or "-"
+        proc = f"; process {', '.join(r.process)}" if r.process else ""
+        print(f"  rule {r.name}: open {compress_ports(str(p) for p in r.open)}; trigger "
+              f"{trig}{proc}; idle {format_duration(r.idle_timeout)}")
+    if not config.rules:
+        print("  no rules: nothing can be opened until you add [[rules]]")
+    return 0
+
+
+def _default_paths() -> list[Any]:
+    from .config import default_config_paths
+
+    return list(default_config_paths())
 
 
 COMMANDS = {
@@ -299,16 +407,26 @@ COMMANDS = {
     "gateway": cmd_gateway,
     "healthcheck": cmd_healthcheck,
     "doctor": cmd_doctor,
+    "check-config": cmd_check_config,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not args_in:
+        parser.print_help()
+        return 2
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(args_in)
         return COMMANDS[args.cmd](args)
     except IgdTriggerError as exc:
         print(f"igdtrigger: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file or socket the command needed: say which, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"igdtrigger:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -113,9 +113,27 @@ def read_token(state_dir: Path | None = None) -> str | None:
     return None
 
 
+def pick_token(explicit: str | None, state_dir: Path | None, trusted: bool,
+               ) -> tuple[str | None, bool]:
+    """``(token, guessed)``: ``--token``, else ``$IGDTRIGGER_TOKEN``, else (only for a trusted
+    server) a token file on this machine, which may be another service's: ``guessed``."""
+    if explicit:
+        return explicit, False
+    if env := os.environ.get("IGDTRIGGER_TOKEN"):
+        return env.strip(), False
+    if not trusted:
+        return None, False
+    token = read_token(state_dir)
+    return token, token is not None
+
+
 class Client:
+    """``token_guessed``: the token came from a file on this machine and may belong to another
+    service (a second instance, a container's): when the service answers 401 to it, ask again
+    without it, as any client would be heard."""
+
     def __init__(self, server: str | None = None, *, token: str | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, token_guessed: bool = False) -> None:
         url = server or os.environ.get("IGDTRIGGER_SERVER") or DEFAULT_SERVER
         if "://" not in url:
             url = "http://" + url
@@ -126,10 +144,21 @@ class Client:
         self.host = parsed.hostname
         self.port = parsed.port or DEFAULT_PORT
         self.token = token
+        self.token_guessed = token_guessed
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 *, timeout: float | None = None) -> Any:
+        try:
+            return self._request(method, path, body, timeout=timeout)
+        except ApiError as exc:
+            if exc.status != 401 or not self.token or not self.token_guessed:
+                raise
+            self.token = None  # not this service's token: be an ordinary client
+            return self._request(method, path, body, timeout=timeout)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                 *, timeout: float | None = None) -> Any:
         wait = timeout or self.timeout
         conn = http.client.HTTPConnection(self.host, self.port, timeout=wait)
         headers = {"Accept": "application/json", "Connection": "close"}

@@ -10,8 +10,9 @@ import enum
 import ipaddress
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -139,6 +140,24 @@ def format_duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+def compress_ports(names: Iterable[str]) -> str:
+    """``udp/40000, udp/40001, udp/40002, tcp/3074`` -> ``udp/40000-40002, tcp/3074``."""
+    out: list[list[Any]] = []  # [proto, first, last]
+    for name in names:
+        proto, _, rest = name.partition("/")
+        first, _, last = rest.partition("-")
+        if not first.isdecimal() or (last and not last.isdecimal()):
+            out.append([name, None, None])
+            continue
+        a, b = int(first), int(last or first)
+        if out and out[-1][0] == proto and out[-1][2] is not None and out[-1][2] + 1 == a:
+            out[-1][2] = b
+        else:
+            out.append([proto, a, b])
+    return ", ".join(p if a is None else f"{p}/{a}" if a == b else f"{p}/{a}-{b}"
+                     for p, a, b in out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,14 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
     return value
 
 
+def self_only_message(rule: str, host: str) -> str:
+    """One line: why a router in secure mode refused a host's ports to this service, and the
+    fix (README: the home-server section)."""
+    return (f"the router only lets a host map ports to itself (UPnP secure mode): start the game "
+            f"on {host} with `igdtrigger run --rule {rule} -- GAME` (it maps its own ports and "
+            "reports back), or allow mappings for other hosts in the router's UPnP settings")
+
+
 class Service:
     def __init__(
         self,
@@ -476,10 +484,31 @@ class Service:
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act, include_ports=False)
 
-    def heartbeat(self, act_id: str, ttl: float | None) -> dict[str, Any]:
+    def heartbeat(self, act_id: str, ttl: float | None,
+                  self_mapped: bool | None = None) -> dict[str, Any]:
+        """Extend an activation; ``self_mapped``: its host reports it maps the ports itself
+        (True; only after this service was refused them as secure mode) or no longer (False)."""
         act = self.engine.heartbeat(act_id, ttl)
+        # taken only when true: after the router refused this host's ports to us as secure
+        # mode (else ignored; the answer's state says which holds)
+        if (self_mapped is not None and self_mapped != act.self_mapped
+                and (not self_mapped or self._refused_self_only(act))):
+            self.engine.set_self_mapped(act_id, self_mapped)
+            log.info("rule %s for %s: %s", act.rule.name, act.host,
+                     "mapped by that host itself (the router only lets a host map ports to "
+                     "itself)" if self_mapped else "mapped by this service again")
+            self.hub.publish({"at": time.time(), "event": "self_mapped" if self_mapped
+                              else "self_unmapped", "rule": act.rule.name, "host": act.host})
         self.wake()
         return self.activation_json(act)
+
+    def _refused_self_only(self, act: Activation) -> bool:
+        for rng in act.rule.open:
+            for port in rng:
+                app = self.mapper.applied.get(MappingKey(rng.proto, port))
+                if app is not None and app.spec.internal_client == act.host and app.self_only:
+                    return True
+        return False
 
     async def _wait_applied(self, generation: int, timeout: float) -> None:
         self.wake()
@@ -565,13 +594,24 @@ class Service:
     def activation_json(self, act: Activation, *, include_ports: bool = True) -> dict[str, Any]:
         now = self.clock()
         out = act.to_json(now)
+        info = self.gateway.info
+        if info is not None and info.external_address:
+            out["external_address"] = info.external_address
         if not include_ports:
             out["state"] = "ended"
+            return out
+        if act.self_mapped:
+            out["state"] = "self"
+            out["message"] = (f"mapped by {act.host} itself: the router only lets a host map "
+                              "ports to itself (UPnP secure mode)")
+            out["ports"] = [{"port": str(MappingKey(rng.proto, port)), "state": "self"}
+                            for rng in act.rule.open for port in rng]
             return out
         desired = self.desired()
         waiting = self.engine.waiting_for(act, desired)
         ports: list[dict[str, Any]] = []
         states: set[str] = set()
+        self_only = False
         for rng in act.rule.open:
             for port in rng:
                 key = MappingKey(rng.proto, port)
@@ -589,6 +629,7 @@ class Service:
                     entry = {"port": str(key), "state": st, "external_port": app.external_port}
                     if app.error:
                         entry["error"] = app.error
+                    self_only = self_only or app.self_only
                 states.add(st)
                 ports.append(entry)
         if waiting:
@@ -602,6 +643,9 @@ class Service:
             out["state"] = "failed"
         else:
             out["state"] = "pending"
+        if self_only:  # the reason and the fix, once (the ports' errors say it per port)
+            out["reason"] = "router_self_only"
+            out["message"] = self_only_message(act.rule.name, act.host)
         out["ports"] = ports
         return out
 
