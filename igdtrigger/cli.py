@@ -35,9 +35,9 @@ def _duration(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="igdtrigger", description="Router-grade port triggering: timed port "
                 "mappings on your router (UPnP IGD, NAT-PMP, PCP) while a game needs them.",
-                epilog="Try it without a router: igdtrigger serve --simulate, then igdtrigger "
-                "activate demo. Needs Python >= 3.11. Documentation: "
-                "https://github.com/igdtrigger/igdtrigger#readme (README.md).",
+                epilog="Try it without a router: igdtrigger serve --simulate, then, in another "
+                "terminal, igdtrigger activate demo. Check a setup: igdtrigger doctor. "
+                "Documentation: the project's README.md. Needs Python >= 3.11.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"igdtrigger {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)

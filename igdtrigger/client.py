@@ -137,12 +137,16 @@ class Client:
         url = server or os.environ.get("IGDTRIGGER_SERVER") or DEFAULT_SERVER
         if "://" not in url:
             url = "http://" + url
-        parsed = urllib.parse.urlsplit(url)
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            port = parsed.port
+        except ValueError as exc:  # "http://[bad", a port above 65535
+            raise UsageError(f"--server {url!r}: {exc}; expected http://HOST:PORT") from None
         if parsed.scheme != "http" or not parsed.hostname:
             raise UsageError(f"--server {url!r}: expected http://HOST:PORT")
         self.url = url.rstrip("/")
         self.host = parsed.hostname
-        self.port = parsed.port or DEFAULT_PORT
+        self.port = port or DEFAULT_PORT
         self.token = token
         self.token_guessed = token_guessed
         self.timeout = timeout

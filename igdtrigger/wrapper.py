@@ -517,7 +517,9 @@ def run(
         if own is not None:
             # the router refuses this PC's ports to the service (secure mode): map them from
             # here, the same ports the service's rule names, and tell the service
-            _info(f"rule {rule}: {data.get('message')}; mapping them from this PC")
+            _info(f"rule {rule}: the router only lets a host map ports to itself (UPnP "
+                  "secure mode), so the service cannot open them for this PC: mapping them "
+                  "from this PC (the service's rule, reported back to it)")
             holder = _Both(sh, StandaloneHolder(config, own, announce=announce,
                                                 on_mapped=sh.report_self_mapped))
         elif data.get("state") == "waiting":

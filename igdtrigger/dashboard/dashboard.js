@@ -148,16 +148,24 @@ function portSummary(act) {
   return open + "/" + ports.length + " open" + (other.length ? " · " + other.join(", ") : "");
 }
 
+function activationLine(a) {  // the message after Activate: the reason and fix when it failed
+  return a.rule + " for " + a.host + ": " + a.state + ", " + portSummary(a)
+    + (a.message ? " · " + a.message : "");
+}
+
 function renderActivations(acts) {
   const body = $("#activations tbody");
   body.replaceChildren(...acts.map((a) => el("tr", { "data-activation": a.id, "data-rule": a.rule },
     el("td", {}, a.rule),
     el("td", {}, a.host),
     el("td", {}, a.source || ""),
-    el("td", { class: a.state === "open" ? "ok" : (a.state === "failed" ? "bad" : "warnish") },
-       a.state + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
+    el("td", { class: a.state === "open" || a.state === "self" ? "ok" : (a.state === "failed" ? "bad" : "warnish"),
+               title: a.message || "" },
+       (a.state === "self" ? "mapped by the PC itself" : a.state)
+       + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
     el("td", { class: "countdown", "data-expires": String(a.expires_in) }, duration(a.expires_in)),
-    el("td", {}, portSummary(a)),
+    el("td", { class: "wrap" }, a.state === "self" ? (a.ports || []).length + " port(s), by the PC"
+       : portSummary(a) + (a.message ? " · " + a.message : "")),
     el("td", {}, el("button", { type: "button", "data-deactivate": a.id,
                                onclick: () => deactivate(a) }, "Deactivate")),
   )));
@@ -239,7 +247,7 @@ async function activate(rule, ttl) {
   if (ttl) body.ttl = /^\d+(\.\d+)?$/.test(ttl) ? parseFloat(ttl) : ttl;
   try {
     const a = await api("POST", "/api/v1/activations", body);
-    say(a.rule + " for " + a.host + ": " + a.state + ", " + portSummary(a));
+    say(activationLine(a), a.state === "failed");
   } catch (err) {
     say("activate " + rule + ": " + err.message, true);
   }
