@@ -277,3 +277,34 @@ async def test_dashboard_shows_a_mapping_and_a_click_deactivates_it(
     await asyncio.to_thread(_write, ARTIFACTS / "dashboard-timing.json", json.dumps(
         {"mapping_visible_after_navigate_s": round(load_time, 3)}).encode() + b"\n")
     assert load_time < 10
+
+
+async def test_dashboard_says_a_wrong_token_and_its_placeholder_activates(
+        service: str, page: DevTools) -> None:
+    """A wrong admin token kept in the browser is a 401 the page explains (not a silent "no
+    token"); the duration the page shows as a placeholder is one the API takes."""
+    await page.call("Page.navigate", url=f"{service}/")
+    await page.wait_js('document.querySelector(\'tr[data-rule="demo"]\') !== null', 10,
+                       "the rules table")
+    await page.js('localStorage.setItem("igdtrigger-token", "not-the-token")')
+    await page.call("Page.reload")
+    await page.wait_js('!document.querySelector("#auth").hidden && document.querySelector('
+                       '"#auth-message").textContent.includes("wrong admin token")', 10,
+                       "the page to say the stored token is wrong")
+    assert "wrong" in await page.js('document.querySelector("#message").textContent')
+    await page.screenshot(ARTIFACTS / "dashboard-wrong-token.png")
+    await page.click("#token-clear")
+    await page.wait_js('document.querySelector("#gateway-state").textContent === "up"', 10,
+                       "the page to read the service again without the token")
+    placeholder = await page.js(
+        'document.querySelector(\'tr[data-rule="demo"] input.for\').placeholder')
+    assert placeholder == "10m 0s"  # what the page prints for the rule's idle timeout
+    await page.js('(() => { const i = document.querySelector(\'tr[data-rule="demo"] '
+                  "input.for'); i.value = i.placeholder; })()")
+    await page.click('button[data-activate="demo"]')
+    await page.wait_js('document.querySelector("#message").textContent.startsWith("demo for")',
+                       10, "the activation's answer")
+    message = await page.js('document.querySelector("#message").textContent')
+    assert ": open," in message, message
+    acts = (await asyncio.to_thread(http, "GET", f"{service}/api/v1/activations"))["activations"]
+    assert [a["ttl"] for a in acts] == [600]
