@@ -97,6 +97,9 @@ def _classify(action: str, exc: BaseException, *, v1: bool) -> GatewayError:
     return ActionFailed(action, code, name)
 
 
+CLOSE_GRACE = 0.3  # s close() waits for a request still on the worker thread
+
+
 class MiniupnpcGateway:
     """A UPnP IGD reached through miniupnpc, with all calls on one worker thread."""
 
@@ -118,6 +121,7 @@ class MiniupnpcGateway:
         self._v1 = False
         self._warned_double_nat = False
         self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
+        self._inflight: concurrent.futures.Future[Any] | None = None  # the worker's last call
 
     @property
     def info(self) -> GatewayInfo | None:
@@ -137,8 +141,10 @@ class MiniupnpcGateway:
                 if self.on_call is not None:
                     self.on_call(action, time.perf_counter() - t0, ok)
 
+        fut = self._pool.submit(run)
+        self._inflight = fut
         try:
-            return await loop.run_in_executor(self._pool, run)
+            return await asyncio.wrap_future(fut, loop=loop)
         except GatewayError:
             raise
         except Exception as exc:  # miniupnpc raises plain Exception
@@ -323,3 +329,13 @@ class MiniupnpcGateway:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        fut = self._inflight
+        if fut is not None and not fut.done():
+            # a call still on the worker (a stop right after start): let it end for a moment
+            # rather than cut the router off mid-request; never longer than CLOSE_GRACE
+            waiter = asyncio.wrap_future(fut)
+            done, _ = await asyncio.wait({waiter}, timeout=CLOSE_GRACE)
+            if done:
+                waiter.exception()  # retrieved: the caller that wanted it is gone
+            else:
+                waiter.cancel()
