@@ -294,6 +294,13 @@ class Service:
                 if det.name == "process" and not any(r.process for r in self.config.rules):
                     log.info("detector process idle: no rule names a process")
                     continue
+                if not self.config.detect.explicit and any(
+                        getattr(d, "standby_for", "") == det.name for d in self.detectors):
+                    # the default set: the socket table stands in, as it is meant to; one calm
+                    # line (status and doctor carry the reason and the fix)
+                    log.info("detector %s not available here; the socket table stands in "
+                             "(`igdtrigger doctor` says why and how to enable it)", det.name)
+                    continue
                 log.warning(
                     "detector %s unavailable: %s; explicit activations (run, activate, API) "
                     "still work", det.name, exc

@@ -364,3 +364,23 @@ def test_run_says_once_what_it_opened(simulated: tuple[str, Path], tmp_path: Pat
     p = subprocess.run([*argv, "--quiet", "--", sys.executable, "-c", "pass"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+def test_wrong_token_is_said_and_a_guessed_one_is_dropped(simulated: tuple[str, Path],
+                                                          tmp_path: Path) -> None:
+    url, _cfg = simulated
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp_path / "x")}
+    base.pop("IGDTRIGGER_TOKEN", None)
+    argv = [sys.executable, "-m", "igdtrigger", "status", "--server", url]
+    # given on purpose and wrong: a 401 that says so
+    p = subprocess.run([*argv, "--token", "nope"], env=base, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "wrong admin token" in p.stderr, p.stderr
+    # read from a token file of another service (a second instance, a container's): dropped,
+    # and the request is heard as any local client's
+    other = tmp_path / "other-state"
+    other.mkdir()
+    (other / "api-token").write_text("another-service-token\n")
+    p = subprocess.run(argv, env={**base, "IGDTRIGGER_STATE_DIR": str(other)},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "gateway up" in p.stdout, p.stderr
