@@ -1,4 +1,8 @@
-"""Command line: ``igdtrigger serve | run | activate | deactivate | status``.
+"""Command line: ``igdtrigger serve | run | activate | deactivate | status | gateway |
+healthcheck | check-config | doctor``; without arguments, the usage.
+
+Every bad input is one line on stderr naming it (never a traceback); durations everywhere use
+:func:`igdtrigger.model.parse_duration`'s grammar.
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 no service reachable;
 ``run`` returns the child's own status (128+N when signal N killed it).

@@ -288,8 +288,11 @@ async def test_dashboard_says_a_wrong_token_and_its_placeholder_activates(
                        "the rules table")
     await page.js('localStorage.setItem("igdtrigger-token", "not-the-token")')
     await page.call("Page.reload")
-    await page.wait_js('!document.querySelector("#auth").hidden && document.querySelector('
-                       '"#auth-message").textContent.includes("wrong admin token")', 10,
+    # null-safe: the reloaded document may not be parsed yet
+    await page.wait_js('(() => { const a = document.querySelector("#auth"); '
+                       'const m = document.querySelector("#auth-message"); '
+                       'return !!a && !a.hidden && !!m && '
+                       'm.textContent.includes("wrong admin token"); })()', 10,
                        "the page to say the stored token is wrong")
     assert "wrong" in await page.js('document.querySelector("#message").textContent')
     await page.screenshot(ARTIFACTS / "dashboard-wrong-token.png")
