@@ -232,10 +232,8 @@ def _port_groups(ports: list[dict[str, Any]],
         ext = p.get("external_port")
         moved = ext is not None and str(ext) != port.rpartition("/")[2]
         extra = p.get("error") or (f"held by {p['held_by']}" if p.get("held_by") else "")
-        if state == "active" and m.get("renew_in") is not None:
-            extra = "renewed every " + format_duration(max(1.0, float(m.get("lease") or 0) / 2))
-        elif state == "active" and m and not m.get("lease"):
-            extra = "permanent lease, removed when the activation ends"
+        if state == "active" and m:
+            extra = _lease_text(m).strip()  # "lease 1h00m (asked 2h00m)", "unverified ..."
         key = state + (f" (external port {ext})" if moved else "") + (
             f" - {extra}" if extra else "")
         groups.setdefault(key, []).append(port)
@@ -338,8 +336,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  mappings of no live activation:")
         for m in rest:
             print(f"    {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
-                  f"{m['internal_port']}  {m['state']}" + (f"  {m['error']}" if "error" in m
-                                                           else ""))
+                  f"{m['internal_port']}  {m['state']}" + _lease_text(m)
+                  + (f"  {m['error']}" if "error" in m else ""))
     errors: dict[str, list[str]] = {}
     for h in holes.get("entries", []):
         name = f"ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]"
@@ -348,6 +346,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, names in errors.items():
         print(f"  {', '.join(names)}  {key}")
     return 0
+
+
+def _lease_text(m: dict[str, Any]) -> str:
+    """``  lease 1d (asked 1m)``: what the router granted, and what was asked when it differs;
+    ``unverified`` for a mapping the router cannot show."""
+    if m.get("state") != "active":
+        return ""
+
+    def lease(sec: int) -> str:
+        return format_duration(sec) if sec else "permanent"
+
+    out = f"  lease {lease(int(m.get('lease', 0)))}"
+    asked = m.get("lease_asked")
+    if asked is not None and asked != m.get("lease"):
+        out += f" (asked {lease(int(asked))})"
+    if m.get("verified") is False:
+        out += "  unverified (the router cannot show it)"
+    return out
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

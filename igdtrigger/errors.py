@@ -82,6 +82,14 @@ SECURE_MODE_HINT = (
 )
 
 
+DEVICE_DENIED_HINT = (
+    "the router refuses UPnP port mappings for this device or port even though the mapping is "
+    "for the device asking (not secure mode): allow port mappings for this device in the "
+    "router (FRITZ!Box: Internet > Permit Access > this device > \"Permit independent port "
+    "sharing for this device\"; elsewhere: the UPnP allow list or permission rules)"
+)
+
+
 PINHOLE_SELF_HINT = (
     "a router opens an IPv6 pinhole only when the host it is for asks, over IPv6, from that "
     "very address: igdtrigger opens pinholes for the machine it runs on; run it on the host "
@@ -90,6 +98,27 @@ PINHOLE_SELF_HINT = (
 
 
 # --- gateway -----------------------------------------------------------------------------------
+#
+# One taxonomy for every backend (miniupnpc, our SOAP client, NAT-PMP, PCP). A backend turns what
+# its router said into one of these types once, at its edge (UPnP error codes through
+# ``gateway.igd.fault_error``, NAT-PMP/PCP result codes through ``gateway.pmp.pmp_error`` /
+# ``pcp_error``); everything above decides on the type, never on the message text.
+#
+#   GatewayError
+#   +-- GatewayNotFound        no router answered discovery / no usable WAN service
+#   +-- GatewayUnreachable     the router stopped answering (connection refused/reset, HTTP 404)
+#   |   +-- GatewayTimeout     ... within our deadline: the request may have arrived
+#   +-- ProtocolUnsupported    NAT-PMP/PCP version or opcode not spoken: try another protocol
+#   +-- ActionFailed           the router answered with an error (UPnP code, NAT-PMP/PCP result)
+#       +-- MappingConflict    718/729 (501 on some), PCP CANNOT_PROVIDE_EXTERNAL
+#       +-- NotAuthorized      606, 718-as-denial on IGDv1, NAT-PMP 2, PCP NOT_AUTHORIZED
+#       +-- LeaseRefused       725 OnlyPermanentLeasesSupported
+#       +-- InvalidArgs        402 (also: timed lease refused by ARRIS, table full on IGDv1)
+#       +-- NoSuchMapping      714/730, PCP/NAT-PMP "no such mapping"
+#       +-- UnsupportedAction  401/602: the router does not implement this action
+#       +-- TableFull          728 NoPortMapsAvailable, NAT-PMP 4, PCP NO_RESOURCES
+#       +-- NetworkFailure     NAT-PMP 3 / PCP NETWORK_FAILURE: no usable WAN address
+#       +-- MalformedReply     garbled, truncated, oversized, or not matching the request
 
 
 class GatewayError(IgdTriggerError):
@@ -106,16 +135,44 @@ class GatewayUnreachable(GatewayError):
     """The cached IGD stopped answering (router restarted, moved port, or is down)."""
 
 
+class GatewayTimeout(GatewayUnreachable):
+    """The router did not answer within our deadline. Unlike a refused connection, the request
+    may have reached the router: an add may have happened, a delete may not have."""
+
+    def __init__(self, message: str, *, action: str = "", timeout: float = 0.0) -> None:
+        super().__init__(message)
+        self.action = action
+        self.timeout = timeout
+
+
+class ProtocolUnsupported(GatewayError):
+    """The router does not speak this protocol version or opcode: try the other protocol."""
+
+    def __init__(self, message: str, *, code: int | None = None,
+                 server_version: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.server_version = server_version
+
+
 class ActionFailed(GatewayError):
-    """The router answered a request with an error code (UPnP errorCode, NAT-PMP/PCP result)."""
+    """The router answered a request with an error code (UPnP errorCode, NAT-PMP/PCP result).
+
+    ``code``: the UPnP error code or NAT-PMP/PCP result (``None`` when the router gave none);
+    ``description``: the router's own words; ``hint``: what the user can do, or ""."""
 
     def __init__(self, action: str, code: int | None, description: str, hint: str = "") -> None:
-        shown = f"{code} {description}" if code is not None else description
-        text = f"router refused {action}: {shown}"
-        super().__init__(f"{text}; {hint}" if hint else text)
         self.action = action
         self.code = code
         self.description = description
+        self.hint = hint
+        super().__init__(self.with_hint(hint))
+
+    def with_hint(self, hint: str) -> str:
+        """The message with another hint (a caller that knows more than the backend did)."""
+        shown = f"{self.code} {self.description}" if self.code is not None else self.description
+        text = f"router refused {self.action}: {shown}"
+        return f"{text}; {hint}" if hint else text
 
 
 class MappingConflict(ActionFailed):
@@ -125,17 +182,52 @@ class MappingConflict(ActionFailed):
 
 
 class NotAuthorized(ActionFailed):
-    """Secure mode or a permission rule refused the mapping (606 on IGDv2, 718 on IGDv1)."""
+    """Secure mode or a permission rule refused the mapping (606 on IGDv2, 718 on IGDv1), or a
+    router that denies UPnP to this very device (FRITZ!Box, ``DEVICE_DENIED_HINT``)."""
 
     http_status = 403
 
 
 class LeaseRefused(ActionFailed):
-    """The router refuses timed leases (725 OnlyPermanentLeasesSupported, 402 on some)."""
+    """The router refuses timed leases (725 OnlyPermanentLeasesSupported). A 402 is *not* this
+    by itself: only a lease-0 retry that succeeds says so (``gateway.base.add_with_lease_fallback``
+    then reports it as ``Granted.timed_lease_refused``)."""
+
+
+class InvalidArgs(ActionFailed):
+    """402 Invalid Args: a bad argument, a timed lease refused (ARRIS), or a full table (some
+    IGDv1 routers). Which one is only known by what a retry does."""
 
 
 class NoSuchMapping(ActionFailed):
     """The router has no such mapping (714)."""
+
+
+class UnsupportedAction(ActionFailed):
+    """The router does not implement this action (401 Invalid Action, 602 Not Implemented):
+    an optional operation (AddAnyPortMapping, listing) it lacks."""
+
+
+class TableFull(ActionFailed):
+    """No room for another mapping (728 NoPortMapsAvailable, NAT-PMP 4, PCP NO_RESOURCES)."""
+
+
+class NetworkFailure(ActionFailed):
+    """NAT-PMP result 3 / PCP NETWORK_FAILURE: the router has no usable WAN address."""
+
+
+class MalformedReply(ActionFailed):
+    """The router's reply is garbled, truncated, oversized or does not match the request.
+
+    ``action``: what was asked (an action name, or e.g. ``"device description"``)."""
+
+    def __init__(self, action: str, description: str, hint: str = "") -> None:
+        super().__init__(action, None, description, hint)
+
+    def with_hint(self, hint: str) -> str:
+        text = (f"unusable reply to {self.action}: {self.description}" if self.action
+                else self.description)
+        return f"{text}; {hint}" if hint else text
 
 
 # --- detection ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ a minute (with a lease, then deleted) to learn how the router treats leases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -15,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .errors import GatewayError, LeaseRefused
+from .errors import GatewayError, NoSuchMapping
 from .gateway.base import Gateway, GatewayInfo, counts_as_public
 from .model import MappingSpec, Proto
 from .netutil import default_gateway
+from .traits import NO_READBACK
 
 
 @dataclass
@@ -38,7 +40,8 @@ class ProbeResult:
             out.update(location=i.location, local_address=i.local_address,
                        external_address=i.external_address or None,
                        external_reachable=i.external_reachable,
-                       service_type=i.service_type or None, server=i.server or None)
+                       service_type=i.service_type or None, server=i.server or None,
+                       control_url=i.control_url or None, backend=i.backend or None)
         if self.error:
             out["error"] = self.error
         out.update(self.extra)
@@ -76,29 +79,59 @@ async def _probe(name: str, gw: Gateway, timeout: float, test: bool) -> ProbeRes
         return ProbeResult(name, False, time.perf_counter() - t0, error=str(exc))
     res = ProbeResult(name, True, time.perf_counter() - t0, info)
     if test:
-        res.extra["lease_test"] = await _lease_test(gw, info)
+        found = await _lease_test(gw, info)
+        res.extra["lease_test"] = found.pop("verdict")
+        res.extra.update(found)
     return res
 
 
-async def _lease_test(gw: Gateway, info: GatewayInfo) -> str:
+async def _lease_test(gw: Gateway, info: GatewayInfo) -> dict[str, Any]:
+    """Map one random high port for 60 s, read it back, delete it, check it is gone.
+
+    Says what the router did, not what it answered: the lease it shows (a router may set its
+    own, miniupnp/miniupnp#398), whether it shows the mapping at all, whether the delete took.
+    NAT-PMP/PCP cannot look mappings up: their granted reply is all there is."""
     port = random.randint(49152, 65000)  # noqa: S311 - not security
     spec = MappingSpec(Proto.UDP, port, info.local_address, port, "igdtrigger gateway-test")
+    reads_back = info.protocol not in NO_READBACK
+    out: dict[str, Any] = {"lease_asked": 60}
     try:
-        try:
-            granted = await gw.add(spec, 60)
-            verdict = f"timed leases accepted (asked 60s, granted {granted.lease}s)"
-        except LeaseRefused as exc:
-            granted = await gw.add(spec, 0)
-            verdict = f"only permanent leases ({exc.description}): igdtrigger deletes them itself"
-        found = await gw.get(Proto.UDP, port)
-        if found is None:
-            verdict += "; but the mapping was not found right after: the router drops it"
-        elif found.lease_remaining is not None:
-            verdict += f"; router reports {found.lease_remaining}s left"
-        await gw.delete(Proto.UDP, port)
-        return verdict
+        granted = await gw.add(spec, 60)  # a refused timed lease comes back as lease 0
+        refused = granted.timed_lease_refused
+        if refused is not None:
+            out["lease_asked"] = 0
+            verdict = (f"only permanent leases ({refused.code} {refused.description}; lease 0 "
+                       "accepted): igdtrigger deletes them itself")
+        else:
+            verdict = "timed leases accepted"
+        lease: int | None = granted.lease
+        found = await gw.get(Proto.UDP, port) if reads_back else None
+        if reads_back and found is None:
+            verdict += ("; but the router does not show the mapping right after: it drops "
+                        "timed leases or cannot report its mappings (igdtrigger learns which)")
+            lease = None
+        elif found is not None and found.lease_remaining is not None:
+            lease = found.lease_remaining
+        out["lease_granted"] = lease
+        if lease is not None and out["lease_asked"]:
+            if lease == 0:
+                verdict += " but made permanent by the router (asked 60s)"
+            elif abs(lease - 60) > 5:
+                verdict += f" (asked 60s, the router set {lease}s)"
+            else:
+                verdict += f" (asked 60s, granted {lease}s)"
+        with contextlib.suppress(NoSuchMapping):  # gone already: it drops timed leases
+            await gw.delete(Proto.UDP, port)
+        if reads_back and found is not None:
+            still = await gw.get(Proto.UDP, port)
+            out["delete_confirmed"] = still is None
+            if still is not None:
+                verdict += ("; the delete was answered but the mapping is still there: it "
+                            f"stays open until its lease ends ({still.lease_remaining}s)")
+        out["verdict"] = verdict
     except GatewayError as exc:
-        return f"test mapping refused: {exc}"
+        out["verdict"] = f"test mapping refused: {exc}"
+    return out
 
 
 async def ipv6_verdict(location: str, timeout: float) -> str:
@@ -161,7 +194,10 @@ def report(results: list[ProbeResult]) -> str:
         lines.append(f"{r.protocol:9} yes    {r.seconds * 1e3:6.1f} ms  at {i.location}  "
                      f"we are {i.local_address}  external {i.external_address or 'unknown'}"
                      + (f"  [{i.service_type}]" if i.service_type else "")
+                     + (f"  via {i.backend}" if i.backend else "")
                      + (f"  server {i.server!r}" if i.server else ""))
+        if i.control_url:
+            lines.append(f"{'':9} using  {i.control_url}")
         if "lease_test" in r.extra:
             lines.append(f"{'':9} lease  {r.extra['lease_test']}")
         if "ipv6" in r.extra:

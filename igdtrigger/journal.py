@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS activations (
     ttl REAL NOT NULL,
     meta TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS routers (
+    identity TEXT PRIMARY KEY,    -- traits.router_identity(): protocol@host
+    traits TEXT NOT NULL,         -- JSON: what igdtrigger learned by checking its answers
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pinholes (
     address TEXT NOT NULL,        -- this machine's IPv6 address the pinhole lets traffic to
     proto TEXT NOT NULL,
@@ -209,8 +214,12 @@ class Journal:
               s.description, now) for s in specs])
 
     def mapping_gone(self, proto: Proto, external_port: int) -> None:
+        self.mappings_gone([(proto, external_port)])
+
+    def mappings_gone(self, keys: list[tuple[Proto, int]]) -> None:
+        """Forget mappings confirmed gone from the router, in one fsync'd transaction."""
         self._write("DELETE FROM mappings WHERE proto=? AND external_port=?",
-                    [(proto.value, external_port)])
+                    [(proto.value, port) for proto, port in keys])
 
     def mappings(self) -> list[JournalMapping]:
         if self._db is None:
@@ -228,6 +237,30 @@ class Journal:
                 out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
                                           str(desc), str(state)))
         return out
+
+    # --- routers: learned traits ----------------------------------------------------------
+
+    def router_traits(self, identity: str) -> dict[str, object] | None:
+        """What an earlier run learned about this router (``RouterTraits.persisted()``)."""
+        if self._db is None:
+            return None
+        try:
+            row = self._db.execute("SELECT traits FROM routers WHERE identity=?",
+                                   (identity,)).fetchone()
+        except sqlite3.Error as exc:  # a journal from before this table (read-only copy)
+            log.debug("no router traits in the journal: %s", exc)
+            return None
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except ValueError:
+            return None
+        return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
+
+    def router_traits_put(self, identity: str, traits: dict[str, object]) -> None:
+        self._write("INSERT OR REPLACE INTO routers VALUES (?,?,?)",
+                    [(identity, json.dumps(traits, sort_keys=True), time.time())])
 
     # --- IPv6 pinholes --------------------------------------------------------------------------
 

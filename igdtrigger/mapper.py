@@ -5,9 +5,18 @@ issues adds, deletes, renewals and verifications through a ``Gateway``. It only 
 mappings it applied itself (or adopted: ours by description and internal client), and it never
 takes over a port the router already maps to someone else.
 
-Leases are renewed at half their life; a router that refuses timed leases (725, or 402 on some)
-gets permanent mappings that we delete ourselves when the trigger lapses. Every mapping is
-verified periodically; one the router lost is re-applied.
+Leases are renewed at half their life; a router that refuses timed leases (725, or a 402 that a
+lease-0 retry then gets past) or drops them at once gets permanent mappings that we delete
+ourselves when the trigger lapses. Every mapping is verified periodically; one the router lost
+is re-applied.
+
+The router's answers are checked, not believed (``traits.RouterTraits``): an add is read back
+until the router has shown a few times that it keeps what it accepts, a delete is confirmed
+gone (at stop, with one listing), and what was learned is kept in the journal per router. A
+router that cannot report its mappings is not re-added to on every check; its deletes are
+repeated until it says the mapping is gone. A delete refused is retried after the others and
+stays in the journal until confirmed; a delete the router answered but did not do is reported
+(``left_open``), never counted as removed.
 """
 
 from __future__ import annotations
@@ -18,22 +27,25 @@ import enum
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .engine import Clock, owned_by
 from .errors import (
+    DEVICE_DENIED_HINT,
     SECURE_MODE_HINT,
     GatewayError,
     GatewayUnreachable,
-    LeaseRefused,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    UnsupportedAction,
 )
-from .gateway.base import Gateway, Granted
+from .gateway.base import Capability, Gateway, GatewayInfo, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
+from .traits import NO_READBACK, RouterTraits, router_identity
 
 if TYPE_CHECKING:  # sqlite3 stays out of `igdtrigger run` (standalone) start-up
     from .journal import Journal
@@ -48,6 +60,58 @@ ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports t
 # of the router's table (one GetGenericPortMappingEntry per entry) instead of one
 # GetSpecificPortMappingEntry per port, when the table is known to be smaller than the batch.
 LIST_MIN_BATCH = 8
+# A router that cannot report its mappings: a delete is repeated until it answers "no such
+# mapping" (each add may have left a copy, miniupnp/miniupnp#719), at most this often.
+MAX_DELETE_REPEAT = 16
+ORPHAN_TRIES = 10  # deletes refused/failed: retried this often in one run (journal keeps them)
+
+
+class Removal(enum.Enum):
+    """What became of one delete, as far as the router lets us know."""
+
+    GONE = "gone"  # the router no longer has it (confirmed where it can report mappings)
+    LEFT_OPEN = "left_open"  # it answered the delete, yet still holds the mapping
+    UNCONFIRMED = "unconfirmed"  # repeated deletes never got "no such mapping"
+    REFUSED = "refused"  # it refused the delete (PCP NOT_AUTHORIZED, 606): ours, still there
+    NOT_OURS = "not_ours"  # the port is someone else's now: let go, never delete
+    FAILED = "failed"  # another error; retried
+    DOWN = "down"  # no answer; retried when the router is back
+
+
+@dataclass(frozen=True, slots=True)
+class LeftOpen:
+    """A mapping of ours the router still holds after we deleted it (or could not)."""
+
+    spec: MappingSpec
+    why: str
+    lease_remaining: int | None  # what the router reports, 0 = permanent, None = unknown
+    until_wall: float | None  # wall-clock time it lapses on the router, None = not on its own
+
+    def describe(self) -> str:
+        if self.until_wall is not None:
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.until_wall))
+            stays = f"stays open until {until} ({self.lease_remaining}s lease left)"
+        elif self.lease_remaining == 0:
+            stays = "stays open until the router restarts or it is removed there (no lease)"
+        else:
+            stays = "may stay open until its lease ends on the router"
+        return (f"{self.spec.key} -> {self.spec.internal_client}:{self.spec.internal_port} "
+                f"{self.why}; it {stays}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mapping": str(self.spec.key), "internal_client": self.spec.internal_client,
+                "why": self.why, "lease_remaining": self.lease_remaining,
+                "until": self.until_wall}
+
+
+@dataclass(slots=True)
+class _Orphan:
+    """Delete bookkeeping of a mapping that may still be on the router."""
+
+    copies: int = 1  # adds the router accepted (copies, on a router that cannot report them)
+    attempts: int = 0
+    retry_at: float = 0.0
+    app: Applied | None = None  # for the "unmapped" event
 
 
 class MapState(enum.StrEnum):
@@ -68,6 +132,11 @@ class Applied:
     retry_at: float = 0.0
     attempts: int = 0
     error: str = ""
+    asked: int = 0  # lease asked for at the last add (the router may grant another)
+    adds: int = 0  # adds the router accepted since it was last known gone
+    verified: bool | None = None  # the router's own record showed it (None: not checked)
+    maybe_applied: bool = False  # an add went unanswered: it may have arrived
+    added_at: float = 0.0  # clock() of the last add the router accepted (its lease runs from)
     # the router refused because the mapping is for another host (secure mode): only that
     # host can map it (``run`` there maps its own ports: wrapper.py)
     self_only: bool = False
@@ -93,6 +162,8 @@ class Applied:
             "description": s.description,
             "state": self.state.value,
             "lease": self.lease,
+            "lease_asked": self.asked,
+            "verified": self.verified,
         }
         if self.state is MapState.ACTIVE:
             out["age"] = round(now - self.since, 3)
@@ -128,8 +199,13 @@ class Mapper:
         # Mappings that may still be on the router but are no longer wanted: a delete that
         # failed, or what the journal says an earlier run left. Deleted when the router answers.
         self.orphans: dict[MappingKey, MappingSpec] = {}
+        self._orphan_meta: dict[MappingKey, _Orphan] = {}
         self.journal = journal
-        self.permanent_only = False  # learned: the router refuses timed leases
+        self.traits = RouterTraits()  # learned per router (journal), see traits.py
+        self._recheck_readback = False
+        self._warned: set[str] = set()
+        self._lookup_error: GatewayError | None = None
+        self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
         self.gateway_up = False
         self.gateway_error = ""
         self._gateway_retry_at = 0.0
@@ -145,24 +221,35 @@ class Mapper:
 
     # --- public --------------------------------------------------------------------------------
 
+    @property
+    def permanent_only(self) -> bool:
+        """Mappings are asked with lease 0 (the router refuses or drops timed leases)."""
+        return not self.traits.timed_leases
+
+    @permanent_only.setter
+    def permanent_only(self, value: bool) -> None:
+        self.traits.permanent_only = value
+
     async def reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
         """Bring the router in line with ``desired``; never raises for router trouble."""
         async with self._lock:
             await self._reconcile(desired)
 
     async def remove_all(self) -> int:
-        """Delete every mapping we hold (shutdown). Returns how many were deleted."""
+        """Delete every mapping we hold (shutdown). Returns how many the router confirmed gone
+        (where it can report mappings; else how many it answered); ``left_open`` lists what it
+        still holds, with until when."""
         async with self._lock:
-            count = 0
             for key, app in list(self.applied.items()):
                 self.applied.pop(key, None)
-                if app.state is MapState.ACTIVE or app.error.startswith("router did not"):
-                    self.orphans[app.wire.key] = app.wire
+                if app.state is MapState.ACTIVE or app.maybe_applied:
+                    self._orphan(app.wire, app)
+            self.left_open = []
             if not self.orphans:  # nothing to delete: do not wait on a router never reached
                 return 0
             if self.gateway_up or await self._connect():
-                count = await self._delete_orphans(set())
-            return count
+                return await self._delete_orphans(set(), final=True)
+            return 0
 
     def reapply_all(self, reason: str) -> None:
         """The router lost its state (NAT-PMP/PCP epoch, announcement): re-add everything."""
@@ -177,39 +264,215 @@ class Mapper:
         """Mappings an earlier run may have left (from the journal): removed unless wanted."""
         for spec in specs:
             self.orphans.setdefault(spec.key, spec)
+            # copies unknown: a router that cannot report them gets the full repeat budget
+            self._orphan_meta.setdefault(spec.key, _Orphan(copies=MAX_DELETE_REPEAT))
 
-    async def _delete_orphans(self, wanted: set[tuple[MappingKey, str]]) -> int:
-        done: list[MappingSpec] = []
+    def _orphan(self, wire: MappingSpec, app: Applied | None = None) -> None:
+        self.orphans[wire.key] = wire
+        copies = max(1, app.adds) if app is not None else 1
+        meta = self._orphan_meta.get(wire.key)
+        if meta is None:
+            self._orphan_meta[wire.key] = _Orphan(copies=copies, app=app)
+        else:
+            meta.copies, meta.app = max(meta.copies, copies), app
+
+    def _let_go(self, key: MappingKey) -> None:
+        self.orphans.pop(key, None)
+        self._orphan_meta.pop(key, None)
+
+    async def _delete_orphans(self, wanted: set[tuple[MappingKey, str]], *,
+                              final: bool = False) -> int:
+        """Delete what may still be on the router and is not wanted. Deletes the router refuses
+        are retried once after the others (a PCP server that finds a mapping by internal port
+        refuses the older of a TCP/UDP pair until the newer is gone, miniupnp/miniupnp#186);
+        what is still refused stays (journal too) and is retried with back-off. ``final``
+        (stop): every one is tried now, and the result confirmed with one listing."""
+        now = self.clock()
+        gone: list[MappingSpec] = []
         count = 0
-        for key, spec in list(self.orphans.items()):
-            if not self.gateway_up:
-                break
-            if (key, spec.internal_client) in wanted:
-                done.append(spec)  # wanted again: the add path adopts or re-creates it
-                continue
-            try:
-                await self.gateway.delete(spec.proto, spec.external_port)
-                count += 1
-                self.ops["delete"] += 1
-                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
-            except NoSuchMapping:
-                pass
-            except GatewayUnreachable as exc:
-                self._gateway_down(str(exc))
-                break
-            except GatewayError as exc:
-                # NotAuthorized / 714-on-v1: not ours to delete (another host's now); let go.
-                log.warning("could not delete %s: %s", key, exc)
-            done.append(spec)
-        for spec in done:
-            self.orphans.pop(spec.key, None)
-        self._journal_gone(done)
+        again: list[MappingSpec] = []
+        asked: list[MappingSpec] = []
+        for rnd in (0, 1):
+            batch = list(self.orphans.values()) if rnd == 0 else again
+            for spec in batch:
+                if not self.gateway_up:
+                    break
+                key = spec.key
+                if (key, spec.internal_client) in wanted:
+                    gone.append(spec)  # wanted again: the add path adopts or re-creates it
+                    self._let_go(key)
+                    continue
+                meta = self._orphan_meta.setdefault(key, _Orphan())
+                if rnd == 0 and not final and meta.retry_at > now:
+                    continue
+                outcome, deleted = await self._remove(spec, meta.copies,
+                                                      confirm=not final)
+                if deleted and outcome is Removal.GONE:
+                    asked.append(spec)
+                if outcome is Removal.REFUSED and rnd == 0:
+                    again.append(spec)
+                    continue
+                if self._settle(spec, meta, outcome):
+                    gone.append(spec)
+                    count += deleted
+        if final and asked and self.gateway_up:
+            left = await self._confirm_all_gone(asked)
+            count -= len(left)
+            gone = [g for g in gone if g.key not in left]
+        self._journal_gone(gone)
+        if final:
+            self._report_unconfirmed()
         return count
 
-    def _journal_gone(self, specs: list[MappingSpec]) -> None:
-        if self.journal is not None:
+    def _report_unconfirmed(self) -> None:
+        """At stop: every mapping not confirmed gone is named, with until when it may stay
+        open (the journal keeps it, so the next start deletes it)."""
+        named = {x.spec.key for x in self.left_open}
+        now = self.clock()
+        for key, spec in self.orphans.items():
+            if key in named:
+                continue
+            meta = self._orphan_meta.get(key)
+            app = meta.app if meta is not None else None
+            remaining: int | None = None
+            if app is not None and app.lease > 0:
+                remaining = max(0, math.ceil(app.added_at + app.lease - now))
+            elif app is not None:
+                remaining = 0
+            self._note_left_open(spec, "was not confirmed deleted (the router did not answer "
+                                       "or refused); the journal keeps it and the next start "
+                                       "deletes it", remaining)
+
+    def _settle(self, spec: MappingSpec, meta: _Orphan, outcome: Removal) -> bool:
+        """Book one delete's outcome; True when the mapping is done with (gone or not ours)."""
+        key = spec.key
+        if outcome in (Removal.GONE, Removal.NOT_OURS):
+            self._let_go(key)
+            self.left_open = [x for x in self.left_open if x.spec.key != key]
+            if meta.app is not None and outcome is Removal.GONE:
+                meta.app.state = MapState.PENDING
+                self._changed(meta.app, "unmapped")
+            elif outcome is Removal.GONE:
+                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
+            return True
+        if outcome is Removal.DOWN:
+            return False
+        meta.attempts += 1
+        meta.retry_at = self.clock() + min(RETRY_MAX, RETRY_FIRST * 2 ** min(meta.attempts, 6))
+        if meta.attempts >= ORPHAN_TRIES:
+            meta.retry_at = math.inf  # kept in the journal: the next start tries again
+            log.error("gave up deleting %s after %d attempts in this run; the journal keeps it "
+                      "and the next start tries again", key, meta.attempts)
+        return False
+
+    async def _remove(self, spec: MappingSpec, copies: int = 1, *,
+                      confirm: bool = True) -> tuple[Removal, bool]:
+        """Delete one mapping and find out whether it is gone. Returns the outcome and whether
+        the router accepted at least one delete request."""
+        repeat = self.traits.reports_mappings is False and self._reads_back()
+        tries = min(MAX_DELETE_REPEAT, copies + 1) if repeat else 1
+        deleted = False
+        for _ in range(tries):
+            try:
+                await self.gateway.delete(spec.proto, spec.external_port)
+            except NoSuchMapping:
+                return Removal.GONE, deleted
+            except GatewayUnreachable as exc:
+                self.ops["errors"] += 1
+                log.warning("could not delete %s: %s", spec.key, exc)
+                self._gateway_down(str(exc))
+                return Removal.DOWN, deleted
+            except NotAuthorized as exc:
+                self.ops["errors"] += 1
+                if await self._still_ours(spec) is False:
+                    log.info("not deleting %s: the router now maps it for someone else (%s)",
+                             spec.key, exc)
+                    return Removal.NOT_OURS, deleted
+                log.warning("router refused to delete %s: %s (retried)", spec.key, exc)
+                return Removal.REFUSED, deleted
+            except GatewayError as exc:
+                self.ops["errors"] += 1
+                log.warning("could not delete %s: %s (retried)", spec.key, exc)
+                return Removal.FAILED, deleted
+            deleted = True
+            self.ops["delete"] += 1
+        if repeat:
+            self._note_left_open(spec, f"was deleted {tries} times and the router never said "
+                                       "it is gone (it cannot report its mappings)", None)
+            return Removal.UNCONFIRMED, deleted
+        if confirm and self._reads_back() and self.traits.confirm_deletes():
+            answered, found = await self._lookup(spec)
+            if answered and found is not None and self._is_ours(
+                    found.internal_client, found.description, spec):
+                self._delete_ignored(spec, found)
+                return Removal.LEFT_OPEN, deleted
+            if answered:
+                self.traits.deletes_confirmed += 1
+                self._learn(deletes_work=True)
+        return Removal.GONE, deleted
+
+    async def _still_ours(self, spec: MappingSpec) -> bool | None:
+        """Whether the router's entry for this port is still ours (None: it cannot tell)."""
+        if not self._reads_back() or self.traits.reports_mappings is False:
+            return None
+        answered, found = await self._lookup(spec)
+        if not answered:
+            return None
+        return found is not None and self._is_ours(found.internal_client, found.description,
+                                                   spec)
+
+    async def _confirm_all_gone(self, specs: list[MappingSpec]) -> set[MappingKey]:
+        """After the deletes of a stop: what the router still holds of ``specs``, from one
+        listing when that takes fewer requests (one per entry left) than a lookup per port.
+        Returns the keys still there (booked as left open, kept as orphans)."""
+        if not self._reads_back() or self.traits.reports_mappings is False:
+            return set()
+        found: dict[MappingKey, RouterMapping] = {}
+        listed = False
+        if self._foreign_hint is not None and self._foreign_hint + 1 < len(specs):
+            try:
+                found = {m.key: m for m in await self.gateway.list()}
+                listed = True
+            except GatewayUnreachable as exc:
+                self._gateway_down(str(exc))
+                return set()
+            except GatewayError as exc:
+                log.debug("listing after the deletes failed (%s): checking port by port", exc)
+        if not listed:
             for spec in specs:
-                self.journal.mapping_gone(spec.proto, spec.external_port)
+                if not self.gateway_up:
+                    break
+                answered, one = await self._lookup(spec)
+                if answered and one is not None:
+                    found[spec.key] = one
+        left: set[MappingKey] = set()
+        for spec in specs:
+            m = found.get(spec.key)
+            if m is not None and self._is_ours(m.internal_client, m.description, spec):
+                self._delete_ignored(spec, m)
+                self.orphans[spec.key] = spec  # journal keeps it: the next start tries again
+                self._orphan_meta.setdefault(spec.key, _Orphan())
+                left.add(spec.key)
+        return left
+
+    def _delete_ignored(self, spec: MappingSpec, found: RouterMapping) -> None:
+        self._learn(deletes_work=False)
+        self._note_left_open(spec, "is still on the router after a delete it answered with "
+                                   "success", found.lease_remaining)
+
+    def _note_left_open(self, spec: MappingSpec, why: str, remaining: int | None) -> None:
+        until = time.time() + remaining if remaining else None
+        entry = LeftOpen(spec, why, remaining, until)
+        self.left_open = [x for x in self.left_open if x.spec.key != spec.key] + [entry]
+        log.warning("%s", entry.describe())
+        meta = self._orphan_meta.get(spec.key)
+        if meta is not None and meta.app is not None:
+            meta.app.error = entry.describe()
+            self._changed(meta.app, "left_open")
+
+    def _journal_gone(self, specs: list[MappingSpec]) -> None:
+        if self.journal is not None and specs:
+            self.journal.mappings_gone([(s.proto, s.external_port) for s in specs])
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
@@ -220,6 +483,7 @@ class Mapper:
             # Nothing can happen before the router is back: one timer, not one per mapping.
             return self._gateway_retry_at
         times = [self._next_verify, self._next_canary]
+        times.extend(m.retry_at for m in self._orphan_meta.values())  # deletes to retry
         for app in self.applied.values():
             if app.state is MapState.ACTIVE:
                 times.append(app.renew_at)
@@ -247,20 +511,16 @@ class Mapper:
                 self._mark_pending(desired)
                 return
 
-        # 1. Deletes: what we hold that is no longer wanted (or wanted for another host).
+        # 1. Deletes: what we hold that is no longer wanted (or wanted for another host). They
+        # go through the orphan path: deleted now, confirmed, retried if refused.
         gone: list[MappingSpec] = []
         for key, app in list(self.applied.items()):
             want = desired.get(key)
             if want == app.spec:
                 continue
             del self.applied[key]
-            if app.state is MapState.ACTIVE:
-                if await self._delete(app):
-                    gone.append(app.wire)
-                else:
-                    self.orphans[app.wire.key] = app.wire  # retried when the router answers
-            elif app.error.startswith("router did not"):
-                self.orphans[app.wire.key] = app.wire  # the request may have arrived
+            if app.state is MapState.ACTIVE or app.maybe_applied:
+                self._orphan(app.wire, app if app.state is MapState.ACTIVE else None)
             else:
                 gone.append(app.wire)  # never made it onto the router
         self._journal_gone(gone)
@@ -314,10 +574,11 @@ class Mapper:
 
     async def _connect(self) -> bool:
         try:
-            await self.gateway.connect()
+            info = await self.gateway.connect()
         except GatewayError as exc:
             self._gateway_down(str(exc))
             return False
+        self._know_router(info)
         if not self.gateway_up:
             log.info("gateway up")
         self.gateway_up = True
@@ -330,6 +591,144 @@ class Mapper:
         if not self._swept:
             await self._sweep_stale()
         return True
+
+    # --- learning the router ---------------------------------------------------------------
+
+    def _know_router(self, info: GatewayInfo) -> None:
+        """Take up what an earlier run learned about this router (journal)."""
+        identity = router_identity(info)
+        if identity == self.traits.identity:
+            return
+        saved = self.journal.router_traits(identity) if self.journal is not None else None
+        self.traits = RouterTraits.restore(identity, saved or {})
+        self._warned.clear()
+        # A router that could not report its mappings gets one plain read-back per run
+        # (a firmware update may have fixed it), never another probe add.
+        self._recheck_readback = self.traits.reports_mappings is False
+        if saved:
+            log.info("router %s, as learned before: %s", identity, self._traits_text())
+
+    def _traits_text(self) -> str:
+        t = self.traits
+        parts = [
+            {True: "reports its mappings", False: "cannot report its mappings",
+             None: "mapping reports not yet checked"}[t.reports_mappings],
+            t.why_permanent or {True: "keeps timed leases", False: "",
+                                None: "timed leases not yet checked"}[t.keeps_timed],
+            {True: "deletes work", False: "deletes answered but not done",
+             None: "deletes not yet checked"}[t.deletes_work],
+        ]
+        if t.forced_lease is not None:
+            parts.append(f"sets every lease to {t.forced_lease}s")
+        return ", ".join(p for p in parts if p)
+
+    def _learn(self, **changes: object) -> None:
+        """Record what the router showed; persisted when it changes what we know."""
+        changed = False
+        for name, value in changes.items():
+            if getattr(self.traits, name) != value:
+                setattr(self.traits, name, value)
+                changed = True
+        if changed and self.journal is not None and self.traits.identity:
+            self.journal.router_traits_put(self.traits.identity, self.traits.persisted())
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("%s", message)
+
+    def _reads_back(self) -> bool:
+        """Whether the protocol can look mappings up on the router at all (NAT-PMP/PCP: the
+        granted reply is all there is)."""
+        info = self.gateway.info
+        return info is None or info.protocol not in NO_READBACK
+
+    async def _confirm_add(self, app: Applied) -> None:
+        """Read back a mapping the router accepted, and learn from what it shows.
+
+        Not there after a timed lease: once more with lease 0. There now: the router drops
+        timed leases at once (old DD-WRT, tailscale#18196), lease 0 from now on. Still not
+        there: it cannot report its mappings (miniupnpd 2.3.0-2.3.3 pf, miniupnp/miniupnp#719),
+        so nothing is re-added for not being seen."""
+        wire = app.wire
+        answered, found = await self._lookup(wire)
+        if not answered:
+            if isinstance(self._lookup_error, UnsupportedAction):
+                self._cannot_look_up(self._lookup_error)
+                app.verified = False
+            return
+        if found is not None:
+            if not self._is_ours(found.internal_client, found.description, wire):
+                return  # someone else's now: the next verification reports it
+            self._shown(app, found)
+            return
+        if self._recheck_readback or self.traits.reports_mappings is False:
+            self._recheck_readback = False
+            app.verified = False
+            return
+        if app.asked > 0:
+            granted = await self._add_raw(app, 0)
+            if granted is None:
+                return
+            answered, found = await self._lookup(wire)
+            if not answered:
+                return
+            if found is not None and self._is_ours(found.internal_client, found.description,
+                                                   wire):
+                self._learn(keeps_timed=False)
+                self._warn_once("drops_timed", (
+                    f"router accepted a {app.asked}s lease for {wire.key} but did not keep the "
+                    "mapping (old DD-WRT does this): using lease 0, igdtrigger deletes the "
+                    "mappings itself when the trigger lapses"))
+                app.lease, app.asked, app.renew_at = 0, 0, math.inf
+                self._shown(app, found)
+                return
+        self._learn(reports_mappings=False)
+        app.verified = False
+        app.renew_at = self.clock() + self.lease / 2 if self.lease > 0 else math.inf
+        app.lease = app.asked = self.lease if self.traits.timed_leases else 0
+        self._warn_once("unreadable", (
+            f"router accepted {wire.key} but does not show it (GetSpecificPortMappingEntry and "
+            "the listing do not have it; miniupnpd 2.3.0-2.3.3 on pf does this): igdtrigger "
+            "cannot verify mappings on this router, renews them at half lease only, and "
+            "repeats each delete until the router says the mapping is gone"))
+
+    def _cannot_look_up(self, exc: GatewayError) -> None:
+        """GetSpecificPortMappingEntry not implemented (401/602): as a router that cannot
+        report its mappings."""
+        self._learn(reports_mappings=False)
+        self._warn_once("unreadable", (
+            f"router cannot look mappings up ({exc}): igdtrigger cannot verify mappings on "
+            "this router, renews them at half lease only, and repeats each delete until the "
+            "router says the mapping is gone"))
+
+    def _shown(self, app: Applied, found: RouterMapping) -> None:
+        """The router's record has the mapping: trust grows, and its lease is the granted one."""
+        app.verified = True
+        self._recheck_readback = False
+        self.traits.adds_confirmed += 1
+        learned: dict[str, object] = {"reports_mappings": True}
+        if app.asked > 0:
+            learned["keeps_timed"] = True
+        shown = found.lease_remaining
+        if shown is not None and shown >= 0:
+            if app.asked == 0:
+                app.lease = shown  # IGDv2 makes lease 0 a week (router-facts §7)
+            elif shown == 0 or shown > app.asked + 5:
+                # a router that sets its own lease (Technicolor, miniupnp/miniupnp#398)
+                learned["forced_lease"] = shown
+                app.lease = shown
+            elif shown < app.asked - 5:
+                app.lease = shown  # capped below what we asked: renew in time for it
+            if shown > 0:
+                app.renew_at = min(app.renew_at, self.clock() + shown / 2)
+        self._learn(**learned)
+        if "forced_lease" in learned and app.lease != app.asked:
+            self._warn_once("forced_lease", (
+                f"router set the lease of {app.wire.key} to "
+                f"{app.lease or 'permanent'}{'s' if app.lease else ''} (asked {app.asked}s): "
+                "status shows the router's lease; igdtrigger still deletes the mapping when "
+                "the trigger lapses"))
 
     async def _sweep_stale(self) -> None:
         """Delete mappings a previous run of this instance left behind (crash, kill -9)."""
@@ -401,8 +800,14 @@ class Mapper:
         ``known``: a snapshot of the router's table to look in instead of asking."""
         if known is not None:
             existing = known.get(wire.key)
+        elif self.traits.reports_mappings is False:
+            return None  # it shows nothing: its own conflict answer (718) guards the add
         else:
-            existing = await self.gateway.get(wire.proto, wire.external_port)
+            try:
+                existing = await self.gateway.get(wire.proto, wire.external_port)
+            except UnsupportedAction as exc:
+                self._cannot_look_up(exc)
+                return None
             self.ops["verify"] += 1
         if existing is None or self._is_ours(existing.internal_client, existing.description,
                                              wire):
@@ -411,28 +816,52 @@ class Mapper:
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
 
-    async def _add_leased(self, wire: MappingSpec) -> Granted:
-        lease = 0 if self.permanent_only else self.lease
+    async def _add_leased(self, wire: MappingSpec, app: Applied | None = None, *,
+                          any_port: bool = False) -> Granted:
+        """Add with the lease policy learned for this router, through the gateway layer's one
+        lease fallback (``base.add_with_lease_fallback``): a timed lease refused is tried once
+        with lease 0 there, and only when that succeeds (``Granted.timed_lease_refused``) is
+        the router "permanent only" (a 402 for a full table, miniupnp/miniupnp#92, fails both
+        and teaches nothing). ``any_port``: ``add_any`` (the router may pick the port)."""
+        lease = self.lease if self.traits.timed_leases else 0
+        if app is not None:
+            app.asked = lease
+        if any_port:
+            granted = await self.gateway.add_any(wire, lease)
+        else:
+            granted = await self.gateway.add(wire, lease)
+        refused = granted.timed_lease_refused
+        if refused is not None:
+            if app is not None:
+                app.asked = 0
+            self._learn(permanent_only=True)
+            self._warn_once("permanent_only", (
+                f"router refuses timed leases ({refused.code} {refused.description}; lease 0 "
+                "accepted): using permanent mappings that igdtrigger deletes itself when the "
+                "trigger lapses"))
+        return granted
+
+    async def _add_raw(self, app: Applied, lease: int) -> Granted | None:
+        """One add of ``app``'s mapping with exactly this lease (a probe); None if refused."""
         try:
-            return await self.gateway.add(wire, lease)
-        except LeaseRefused as exc:
-            if lease == 0:
-                raise
-            log.warning(
-                "router refuses timed leases (%s): using permanent mappings that igdtrigger "
-                "deletes itself when the trigger lapses", exc.description
-            )
-            self.permanent_only = True
-            return await self.gateway.add(wire, 0)
+            granted = await self.gateway.add(app.wire, lease)
+        except GatewayUnreachable as exc:
+            app.maybe_applied = True
+            self._gateway_down(str(exc))
+            return None
+        except GatewayError as exc:
+            log.debug("probe add of %s with lease %d: %s", app.wire.key, lease, exc)
+            return None
+        app.adds += 1
+        app.added_at = self.clock()
+        self.ops["add"] += 1
+        return granted
 
     async def _add_elsewhere(self, app: Applied) -> Granted | None:
         """``external = "any"``: our port is taken, so take another one (never someone's)."""
         spec = app.spec
-        add_any = getattr(self.gateway, "add_any", None)
-        info = self.gateway.info
-        if add_any is not None and info is not None and info.service_type.endswith(":2"):
-            lease = 0 if self.permanent_only else self.lease
-            granted: Granted = await add_any(spec, lease)  # IGDv2 AddAnyPortMapping
+        if Capability.ADD_ANY in self.gateway.capabilities:  # IGDv2 AddAnyPortMapping
+            granted = await self._add_leased(spec, app, any_port=True)
             app.external_port = granted.external_port
             self._journal_requested([app.wire])  # after the fact: the port was the router's pick
             return granted
@@ -442,7 +871,7 @@ class Mapper:
                 continue
             self._journal_requested([app.wire])
             try:
-                return await self._add_leased(app.wire)
+                return await self._add_leased(app.wire, app)
             except MappingConflict:
                 continue
         app.external_port = spec.external_port
@@ -464,7 +893,7 @@ class Mapper:
                         return
             if granted is None:
                 try:
-                    granted = await self._add_leased(app.wire)
+                    granted = await self._add_leased(app.wire, app)
                 except MappingConflict:
                     if not (spec.external_any and not renewal):
                         raise
@@ -474,6 +903,7 @@ class Mapper:
         except GatewayUnreachable as exc:
             app.error = str(exc)
             app.retry_at = self.clock()
+            app.maybe_applied = True  # the request may have arrived
             if app.state is not MapState.ACTIVE:
                 app.state = MapState.PENDING
             self.ops["errors"] += 1
@@ -482,16 +912,16 @@ class Mapper:
         except MappingConflict as exc:
             info = self.gateway.info
             for_other = info is not None and spec.internal_client != info.local_address
-            if check and for_other:
-                # The router lists nothing on this port yet says "conflict": it is refusing a
-                # mapping for another host (IGDv1, and miniupnpd < 2.3.4 on IGDv2, use 718).
-                self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}; "
-                                  f"{SECURE_MODE_HINT}", self_only=True)
-            elif for_other:
-                self._conflict(app, f"{spec.key}: {exc} (another host holds this port, or "
-                                    f"{SECURE_MODE_HINT})")
+            if check:
+                # The router lists nothing on this port yet says "conflict": it is refusing
+                # the mapping. For another host: secure mode (IGDv1, and miniupnpd < 2.3.4 on
+                # IGDv2, use 718); for this host itself: the router denies UPnP to this device
+                # or port (FRITZ!Box "permit independent port sharing").
+                hint = SECURE_MODE_HINT if for_other else DEVICE_DENIED_HINT
+                self._failed(app, f"{spec.key} for {spec.internal_client}: "
+                                  f"{exc.with_hint(hint)}", self_only=for_other)
             else:
-                self._conflict(app, f"{spec.key}: {exc} (another host holds this port)")
+                self._conflict(app, f"{spec.key}: {exc}")
             return
         except NotAuthorized as exc:
             info = self.gateway.info
@@ -506,15 +936,37 @@ class Mapper:
         was_active = app.state is MapState.ACTIVE
         app.state = MapState.ACTIVE
         app.lease = granted.lease
+        if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
+            app.lease = self.traits.forced_lease  # what the router showed last time
+        app.adds += 1
+        app.added_at = now
         app.error = ""
         app.self_only = False
+        app.maybe_applied = False
         app.attempts = 0
         if not was_active:
             app.since = now
+        self._moved(app, granted)
         app.renew_at = now + granted.lease / 2 if granted.lease > 0 else math.inf
         self.ops["renew" if renewal else "add"] += 1
+        if not renewal and self._reads_back() and (self.traits.confirm_adds()
+                                                   or self._recheck_readback):
+            await self._confirm_add(app)
+        elif self.traits.reports_mappings is False and self._reads_back():
+            app.verified = False  # it cannot show it: nothing to confirm
         if not renewal:
             self._changed(app, "mapped")
+
+    def _moved(self, app: Applied, granted: Granted) -> None:
+        """``external = "any"``: keep the port the router assigned (a VPN's NAT-PMP gateway
+        picks its own, yimingliu/py-natpmp#12), journaled before it is reported."""
+        if granted.external_port == app.external_port or not app.spec.external_any:
+            return
+        old = app.wire
+        app.external_port = granted.external_port
+        self._journal_requested([app.wire])
+        self._journal_gone([old])  # never held there
+        log.info("%s: the router assigned external port %d", app.spec.key, app.external_port)
 
     def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
         return client == spec.internal_client and owned_by(description, self.tag) is not None
@@ -538,23 +990,6 @@ class Mapper:
         self.ops["errors"] += 1
         self._changed(app, "failed")
 
-    async def _delete(self, app: Applied) -> bool:
-        spec = app.spec
-        try:
-            await self.gateway.delete(spec.proto, app.external_port)
-        except NoSuchMapping:
-            pass  # already gone (lease ran out, router restarted): nothing to do
-        except GatewayError as exc:
-            self.ops["errors"] += 1
-            log.warning("could not delete %s: %s", spec.key, exc)
-            if isinstance(exc, GatewayUnreachable):
-                self._gateway_down(str(exc))
-            return False
-        self.ops["delete"] += 1
-        app.state = MapState.PENDING
-        self._changed(app, "unmapped")
-        return True
-
     async def _canary(self) -> None:
         """One cheap check every few seconds: is one of our mappings still on the router?
 
@@ -563,8 +998,8 @@ class Mapper:
         """
         self._next_canary = self.clock() + self.canary_interval
         active = [a for a in self.applied.values() if a.state is MapState.ACTIVE]
-        if not active:
-            return
+        if not active or self.traits.reports_mappings is False:
+            return  # a router that cannot show its mappings: not seeing one proves nothing
         app = active[self._canary_index % len(active)]
         self._canary_index += 1
         spec = app.wire
@@ -576,7 +1011,8 @@ class Mapper:
 
     async def _lookup(self, spec: MappingSpec) -> tuple[bool, RouterMapping | None]:
         """(answered, the router's entry) for one of our mappings; a router that does not
-        answer is marked down."""
+        answer is marked down. An error answer is kept in ``_lookup_error``."""
+        self._lookup_error = None
         try:
             found = await self.gateway.get(spec.proto, spec.external_port)
         except GatewayUnreachable as exc:
@@ -584,6 +1020,7 @@ class Mapper:
             return False, None
         except GatewayError as exc:
             log.debug("checking %s: %s", spec.key, exc)
+            self._lookup_error = exc
             return False, None
         self.ops["verify"] += 1
         return True, found
@@ -593,6 +1030,8 @@ class Mapper:
         ``after_loss``: the canary found one gone, so the router probably lost them all."""
         self._next_verify = self.clock() + self.verify_interval
         active = [a for a in self.applied.values() if a.state is MapState.ACTIVE]
+        if self.traits.reports_mappings is False:
+            return  # renewed at half lease instead (no re-add storm, miniupnp/miniupnp#719)
         known = (await self._snapshot(len(active), ours_listed=not after_loss)
                  if self.gateway_up else None)
         lost: list[Applied] = []
@@ -620,11 +1059,15 @@ class Mapper:
             more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
             log.warning("router lost %d mapping(s) (%s%s): re-applying them", len(lost), keys,
                         more)
-        for app in lost:
+        for i, app in enumerate(lost):
             if not self.gateway_up:
                 return
             app.renew_at = self.clock()
             await self._add(app, check=False, renewal=True)
+            if i == 0 and app.state is MapState.ACTIVE and self._reads_back():
+                # one re-added mapping read back: a router that now drops timed leases is
+                # caught here, not by a re-add at every check
+                await self._confirm_add(app)
 
     def _changed(self, app: Applied, what: str) -> None:
         if self.on_change is not None:

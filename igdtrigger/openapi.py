@@ -150,7 +150,15 @@ _SCHEMAS: dict[str, Any] = {
             "internal_port": {"type": "integer"},
             "description": {"type": "string"},
             "state": {"enum": ["active", "pending", "conflict", "failed"]},
-            "lease": {"type": "integer"},
+            "lease": {"type": "integer",
+                      "description": "seconds the router granted (what it reports, when it "
+                                     "can), 0 = permanent"},
+            "lease_asked": {"type": "integer", "description": "seconds asked, 0 = permanent"},
+            "verified": {"type": ["boolean", "null"],
+                         "description": "the router's own record showed it (false: the router "
+                                        "cannot show it; null: not checked yet)"},
+            "age": {"type": "number"},
+            "renew_in": {"type": ["number", "null"]},
             "error": {"type": "string"},
         },
     },

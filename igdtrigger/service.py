@@ -216,7 +216,7 @@ class Service:
         from .gateway.ssdpwatch import NotifyWatcher
 
         self._notify_watcher = NotifyWatcher(info.location, info.local_address,
-                                             self._router_changed)
+                                             self._router_changed, root_uuid=info.root_uuid)
         self._tasks.append(asyncio.create_task(self._start_watcher(self._notify_watcher),
                                                name="ssdp-notify"))
 
@@ -367,7 +367,12 @@ class Service:
         self._journal_new()
         self._journal_activations()
         self.journal.close()
-        log.info("stopped; removed %d mapping(s)", removed)
+        left = self.mapper.left_open
+        if left:
+            log.error("stopped; removed %d mapping(s); %d still open on the router: %s", removed,
+                      len(left), "; ".join(x.describe() for x in left))
+        else:
+            log.info("stopped; removed %d mapping(s)", removed)
         return removed
 
     # --- inputs --------------------------------------------------------------------------------
@@ -670,6 +675,8 @@ class Service:
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
         if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
             warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
+        warnings.extend(f"still open on the router: {x.describe()}"
+                        for x in self.mapper.left_open)
         if self.journal.degraded:
             warnings.append(f"state journal {self.journal.path} not writable "
                             f"({self.journal.degraded}): working from memory")
@@ -688,8 +695,16 @@ class Service:
                 "local_address": info.local_address if info else None,
                 "external_address": info.external_address if info else None,
                 "external_reachable": info.external_reachable if info else None,
+                # the one service choice (gateway.soap.find_wan_service) and what it offers
+                "backend": (info.backend or None) if info else None,
+                "service_type": (info.service_type or None) if info else None,
+                "control_url": (info.control_url or None) if info else None,
+                "capabilities": sorted(self.gateway.capabilities),
                 "lease": self.mapper.lease,
                 "permanent_leases": self.mapper.permanent_only,
+                "permanent_why": self.mapper.traits.why_permanent or None,
+                "learned": self.mapper.traits.to_json(),
+                "left_open": [x.to_json() for x in self.mapper.left_open],
                 "announcements": {
                     "listening": (self._notify_watcher is not None
                                   and self._notify_watcher.listening),

@@ -247,6 +247,8 @@ class StandaloneHolder(Holder):
                     await keeper.reconcile(holes)
         try:
             await asyncio.wait_for(mapper.remove_all(), 4.0)
+            for left in mapper.left_open:
+                _warn(left.describe())
             if keeper is not None:
                 await asyncio.wait_for(keeper.remove_all(), 4.0)
         except TimeoutError:

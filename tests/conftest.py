@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
 import pytest
 
 from tests.lab.netlab import REQUIRE_ENV, lab_available, lab_required
+
+if TYPE_CHECKING:
+    from tests.test_pmp_pcp import FakeRouter
 
 # ---------------------------------------------------------------------------------------------
 # `lab` marker: tests that need root, network namespaces and Debian's miniupnpd (tests/lab).
@@ -23,3 +30,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if lab_required():
         pytest.fail(f"lab unavailable but {REQUIRE_ENV}=1: {reason}", pytrace=False)
     pytest.skip(f"lab unavailable: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# `router`: the small NAT-PMP + PCP server of test_pmp_pcp.py on 127.0.0.1 (also met by the
+# router-truth tests).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[FakeRouter]:
+    from tests.test_pmp_pcp import FakeRouter
+
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(FakeRouter,
+                                                           local_addr=("127.0.0.1", 0))
+    yield proto
+    transport.close()

@@ -11,7 +11,7 @@ from igdtrigger.errors import (
     NoSuchMapping,
     NotAuthorized,
 )
-from igdtrigger.gateway.base import GatewayInfo, Granted
+from igdtrigger.gateway.base import Capability, GatewayInfo, Granted, add_with_lease_fallback
 from igdtrigger.model import MappingKey, MappingSpec, Proto, RouterMapping
 
 
@@ -44,6 +44,13 @@ class FakeGateway:
     def info(self) -> GatewayInfo | None:
         return self._info
 
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return frozenset({Capability.LIST}) if self._info is not None else frozenset()
+
+    async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
+        raise AssertionError("FakeGateway has no add-any capability")
+
     def _check_up(self) -> None:
         if self.down:
             self._info = None
@@ -63,6 +70,10 @@ class FakeGateway:
         return self._info
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        """Through the one lease fallback every backend uses (a 725 retried with lease 0)."""
+        return await add_with_lease_fallback(lambda asked: self._add_once(spec, asked), lease)
+
+    async def _add_once(self, spec: MappingSpec, lease: int) -> Granted:
         self.calls.append(f"add {spec.key}")
         self._check_up()
         self._expire()

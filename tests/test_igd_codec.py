@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from igdtrigger.errors import (
     ActionFailed,
+    InvalidArgs,
     LeaseRefused,
     MappingConflict,
     NoSuchMapping,
@@ -251,11 +252,14 @@ def test_fault_codes_map_to_errors(code: int, exc: type[Exception]) -> None:
     assert isinstance(fault_error("AddPortMapping", UpnpFault(code, "x")), exc)
 
 
-def test_402_on_timed_lease_is_lease_refusal_arris() -> None:
-    assert isinstance(fault_error("AddPortMapping", UpnpFault(402, "Invalid Args"), lease=3600),
-                      LeaseRefused)
-    assert not isinstance(fault_error("AddPortMapping", UpnpFault(402, "Invalid Args"), lease=0),
-                          LeaseRefused)
+def test_402_alone_is_not_a_lease_refusal() -> None:
+    """A 402 may be ARRIS refusing timed leases or an IGDv1 router whose table is full
+    (miniupnp#92): it is InvalidArgs; only a lease-0 retry that works says "leases refused"
+    (base.add_with_lease_fallback, tests/test_backend_contract.py)."""
+    for lease in (3600, 0):
+        err = fault_error("AddPortMapping", UpnpFault(402, "Invalid Args"), lease=lease)
+        assert isinstance(err, InvalidArgs)
+        assert not isinstance(err, LeaseRefused)
 
 
 def test_secure_mode_606_says_what_to_do() -> None:

@@ -125,3 +125,30 @@ def test_mappings_recorded_before_request(tmp_path: Path) -> None:
         (Proto.UDP, 40000, "192.168.1.10")]
     again.mapping_gone(Proto.UDP, 40000)
     assert again.mappings() == []
+
+
+def test_router_traits_round_trip_and_bad_records(tmp_path: Path) -> None:
+    from igdtrigger.traits import RouterTraits
+
+    j = Journal.open(tmp_path)
+    t = RouterTraits("upnp-igd@192.168.1.1", reports_mappings=False, keeps_timed=True,
+                     forced_lease=86400, adds_confirmed=2)
+    j.router_traits_put(t.identity, t.persisted())
+    j.close()
+    j = Journal.open(tmp_path)
+    back = RouterTraits.restore(t.identity, j.router_traits(t.identity) or {})
+    assert back.persisted() == t.persisted()
+    assert back.adds_confirmed == 0  # per run: trust is earned again
+    assert j.router_traits("nat-pmp@10.0.0.1") is None
+    j.close()
+    db = sqlite3.connect(tmp_path / FILENAME)
+    db.execute("UPDATE routers SET traits='{\"keeps_timed\": \"no\", \"forced_lease\": -1, "
+               "\"permanent_only\": true}'")
+    db.execute("INSERT INTO routers VALUES ('x', 'not json', 0)")
+    db.commit()
+    db.close()
+    j = Journal.open(tmp_path)
+    odd = RouterTraits.restore(t.identity, j.router_traits(t.identity) or {})
+    assert (odd.keeps_timed, odd.forced_lease, odd.permanent_only) == (None, None, True)
+    assert j.router_traits("x") is None
+    j.close()

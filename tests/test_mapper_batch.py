@@ -8,6 +8,7 @@ import time
 from igdtrigger.engine import description_for
 from igdtrigger.mapper import LIST_MIN_BATCH, Mapper, MapState
 from igdtrigger.model import MappingKey, MappingSpec, Proto
+from igdtrigger.traits import TRUST_AFTER
 
 from .fakes import FakeClock, FakeGateway
 
@@ -34,7 +35,9 @@ async def test_a_range_is_checked_with_one_listing() -> None:
     m = mapper(gw, clock)
     await m.reconcile(specs(200))
     gets = [c for c in gw.calls if c.startswith("get")]
-    assert gets == []
+    # no check per port; only the first adds are read back, until the router has shown that
+    # it keeps what it accepts
+    assert gets == [f"get udp/{p}" for p in range(42000, 42000 + TRUST_AFTER)]
     assert gw.calls.count("list") == 2  # the start-up sweep, then one for the whole batch
     assert m.count(MapState.ACTIVE) == 199
     app = m.applied[MappingKey(Proto.UDP, 42005)]
@@ -48,7 +51,7 @@ async def test_small_batches_and_big_tables_check_port_by_port() -> None:
     m = mapper(gw, clock)
     await m.reconcile(specs(LIST_MIN_BATCH - 1))
     assert gw.calls.count("list") == 1  # only the sweep
-    assert len([c for c in gw.calls if c.startswith("get")]) == LIST_MIN_BATCH - 1
+    assert len([c for c in gw.calls if c.startswith("get")]) == LIST_MIN_BATCH - 1 + TRUST_AFTER
 
     gw2 = FakeGateway(clock)
     for port in range(1000, 1300):  # the router holds more than the batch: listing costs more
@@ -56,7 +59,7 @@ async def test_small_batches_and_big_tables_check_port_by_port() -> None:
     m2 = mapper(gw2, clock)
     await m2.reconcile(specs(200))
     assert gw2.calls.count("list") == 1
-    assert len([c for c in gw2.calls if c.startswith("get")]) == 200
+    assert len([c for c in gw2.calls if c.startswith("get")]) == 200 + TRUST_AFTER
     assert m2.count(MapState.ACTIVE) == 200
 
 
@@ -73,7 +76,7 @@ async def test_a_failing_listing_falls_back_to_checks() -> None:
 
     gw.list = broken  # type: ignore[method-assign, assignment]
     await m.reconcile(specs(50))
-    assert len([c for c in gw.calls if c.startswith("get")]) == 50
+    assert len([c for c in gw.calls if c.startswith("get")]) == 50 + TRUST_AFTER
     assert m.count(MapState.ACTIVE) == 50
 
 
@@ -83,7 +86,8 @@ async def test_check_before_add_off_never_lists() -> None:
     m = mapper(gw, clock, check_before_add=False)
     await m.reconcile(specs(100))
     assert gw.calls.count("list") == 1  # the sweep only
-    assert not [c for c in gw.calls if c.startswith("get")]
+    # no check before the adds; the read-back of the first adds only
+    assert len([c for c in gw.calls if c.startswith("get")]) == TRUST_AFTER
 
 
 async def test_after_a_router_restart_everything_is_reapplied_from_one_listing() -> None:
@@ -103,7 +107,8 @@ async def test_after_a_router_restart_everything_is_reapplied_from_one_listing()
     await m.reconcile(want)
     assert time.monotonic() - t0 < 5
     assert gw.calls.count("list") == 1
-    assert len([c for c in gw.calls if c.startswith("get")]) == 1  # the canary's own check
+    # the canary's own check, and the read-back of the first mapping re-added
+    assert [c for c in gw.calls if c.startswith("get")] == ["get udp/42000"] * 2
     assert m.count(MapState.ACTIVE) == 98
     taken = m.applied[MappingKey(Proto.UDP, 42007)]
     assert taken.state is MapState.CONFLICT

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import socket
 import struct
 import time
@@ -25,6 +26,7 @@ from igdtrigger.errors import (
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    TableFull,
 )
 from igdtrigger.gateway.base import Gateway
 from igdtrigger.gateway.pmp import (
@@ -110,7 +112,7 @@ def test_miniupnpd_map_capture() -> None:
     (1, ProtocolUnsupported, "version 0"),
     (2, NotAuthorized, "permission"),
     (3, NetworkFailure, "double NAT"),
-    (4, ActionFailed, "full"),
+    (4, TableFull, "full"),
     (5, ProtocolUnsupported, "opcode"),
     (99, ActionFailed, "unknown"),
 ])
@@ -245,7 +247,7 @@ def test_pcp_options_are_parsed_defensively() -> None:
 
 PCP_EXPECTED: dict[int, type[GatewayError]] = {
     1: ProtocolUnsupported, 2: NotAuthorized, 3: ActionFailed, 4: ProtocolUnsupported,
-    5: ActionFailed, 6: ActionFailed, 7: NetworkFailure, 8: ActionFailed, 9: ActionFailed,
+    5: ActionFailed, 6: ActionFailed, 7: NetworkFailure, 8: TableFull, 9: ActionFailed,
     10: ActionFailed, 11: MappingConflict, 12: NotAuthorized, 13: ActionFailed, 200: ActionFailed,
 }
 
@@ -378,9 +380,30 @@ class FakeRouter(asyncio.DatagramProtocol):
         self.override: Callable[[bytes], list[bytes]] | None = None
         self.outstanding = 0
         self.max_outstanding = 0
+        # --- router-truth quirks (issue 11) --------------------------------------------------
+        self.clock: Callable[[], float] = time.monotonic  # epoch time (share a fake clock)
+        self.fixed_lifetime: int | None = None  # VPN gateways: 60 s whatever is asked
+        self.own_ports = False  # VPN gateways: ignore the suggested port, pick one per mapping
+        self.delete_by_internal_port = False  # miniupnp#186: PCP delete looks up the newest
+        # entry by internal port only and refuses (NOT_AUTHORIZED) when its nonce differs
+        self.nonces: dict[tuple[int, int], bytes] = {}
+        self.created: dict[tuple[int, int], int] = {}
+        self.refused_deletes = 0
+        self._rng = random.Random(7)
+        self._seq = itertools.count(1)
 
     def epoch(self) -> int:
-        return self.epoch_base + int(time.monotonic() - self.t0)
+        return self.epoch_base + int(self.clock() - self.t0)
+
+    def grant(self, proto: int, iport: int, eport: int, life: int) -> tuple[int, int]:
+        """(external port, lifetime) for a map request, with the quirks."""
+        if self.own_ports:
+            got = self.mappings.get((proto, iport), (0, 0))[0] or self._rng.randint(20000, 60000)
+        else:
+            got = self.assign(proto, eport or iport)
+        self.mappings[(proto, iport)] = (got, life)
+        self.created.setdefault((proto, iport), next(self._seq))
+        return got, self.fixed_lifetime or max(life, self.min_lifetime)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -436,10 +459,10 @@ class FakeRouter(asyncio.DatagramProtocol):
             return struct.pack("!BBHI", 0, 128 + op, self.refuse, self.epoch())
         if life == 0:
             self.mappings.pop((proto, iport), None)
+            self.created.pop((proto, iport), None)
             return pmp_map_reply(op, 0, self.epoch(), iport, 0, 0)
-        got = self.assign(proto, eport or iport)
-        self.mappings[(proto, iport)] = (got, life)
-        return pmp_map_reply(op, 0, self.epoch(), iport, got, max(life, self.min_lifetime))
+        got, granted = self.grant(proto, iport, eport, life)
+        return pmp_map_reply(op, 0, self.epoch(), iport, got, granted)
 
     def answer_pcp(self, data: bytes) -> bytes | None:
         if len(data) < 24:
@@ -459,13 +482,21 @@ class FakeRouter(asyncio.DatagramProtocol):
                 result = self.refuse
             if result == 0:
                 if life == 0:
-                    if (proto, iport) not in self.mappings:
+                    key = (proto, iport)
+                    if self.delete_by_internal_port:
+                        same = sorted((k for k in self.mappings if k[1] == iport),
+                                      key=lambda k: -self.created.get(k, 0))
+                        if same and self.nonces.get(same[0]) != bytes(data[24:36]):
+                            result = 2
+                            self.refused_deletes += 1
+                    if result == 0 and key not in self.mappings:
                         result = 8  # like miniupnpd
-                    self.mappings.pop((proto, iport), None)
+                    if result == 0:
+                        self.mappings.pop(key, None)
+                        self.created.pop(key, None)
                 else:
-                    got = self.assign(proto, eport or iport)
-                    self.mappings[(proto, iport)] = (got, life)
-                    life = max(life, self.min_lifetime)
+                    got, life = self.grant(proto, iport, eport, life)
+                    self.nonces[(proto, iport)] = bytes(data[24:36])
                     body[42:44] = struct.pack("!H", got)
                     body[44:60] = encode_ip16(self.external_ip)
         if result:
@@ -474,14 +505,6 @@ class FakeRouter(asyncio.DatagramProtocol):
         body[2], body[3] = 0, result
         body[4:24] = struct.pack("!II", life, self.epoch()) + bytes(12)
         return bytes(body)
-
-
-@pytest.fixture
-async def router() -> AsyncIterator[FakeRouter]:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(FakeRouter, local_addr=(LOCAL, 0))
-    yield proto
-    transport.close()
 
 
 Factory = Callable[..., Any]

@@ -1,5 +1,7 @@
 """The gateway backends (miniupnpc, our SOAP client, the automatic fallback) against the
-simulated router told to behave like real ones (router-facts.md). One test per quirk."""
+simulated router told to behave like real ones (router-facts.md). One test per quirk, each run
+against every backend (``kind``): one that cannot speak to that router must refuse it with a
+typed error, never map on the wrong service (see also tests/test_backend_contract.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +10,45 @@ from collections.abc import AsyncIterator
 import pytest
 
 from igdtrigger.engine import description_for
-from igdtrigger.errors import GatewayError, GatewayUnreachable
+from igdtrigger.errors import GatewayError, GatewayNotFound, GatewayTimeout, GatewayUnreachable
+from igdtrigger.gateway.base import Gateway
 from igdtrigger.gateway.select import FallbackGateway, build_gateway
 from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
 from igdtrigger.gateway.soap import SoapGateway
+from igdtrigger.gateway.upnp import MiniupnpcGateway
 from igdtrigger.mapper import Mapper, MapState
 from igdtrigger.model import MappingKey, MappingSpec, Proto
 
 TAG = "q1q2q3"
 
 
+def other_host_holds(router: SimulatedRouter, port: int, host: str = "192.168.1.99") -> None:
+    """Another LAN host (a console) maps UDP ``port`` to itself, permanently."""
+    assert router.call("AddPortMapping", {
+        "NewRemoteHost": "", "NewExternalPort": str(port), "NewProtocol": "UDP",
+        "NewInternalPort": str(port), "NewInternalClient": host, "NewEnabled": "1",
+        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
+        requester=host) == {}
+
+
 def spec(port: int, client: str = "127.0.0.1") -> MappingSpec:
     return MappingSpec(Proto.UDP, port, client, port, description_for("quirk", TAG))
+
+
+BACKENDS = ["auto", "miniupnpc", "soap"]
+
+
+def backend(kind: str, url: str, *, timeout: float = 3.0) -> Gateway:
+    if kind == "miniupnpc":
+        return MiniupnpcGateway(url, timeout=timeout)
+    if kind == "soap":
+        return SoapGateway(url, timeout=timeout)
+    return build_gateway(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
@@ -68,8 +97,8 @@ async def test_standard_miniupnpd_layout_uses_miniupnpc(sim: SimulatedIgdServer)
     await gw.close()
 
 
-async def test_soap_backend_on_standard_layout(sim: SimulatedIgdServer) -> None:
-    gw = SoapGateway(sim.url)
+async def test_standard_layout_on_every_backend(sim: SimulatedIgdServer, kind: str) -> None:
+    gw = backend(kind, sim.url)
     await roundtrip(gw, sim)
     info = gw.info
     assert info is not None
@@ -78,73 +107,87 @@ async def test_soap_backend_on_standard_layout(sim: SimulatedIgdServer) -> None:
 
 
 async def test_legacy_dslforum_only_huawei_falls_back_to_our_client(
-        sim: SimulatedIgdServer) -> None:
+        sim: SimulatedIgdServer, kind: str) -> None:
     sim.router.description_override = layout(
         svc("urn:dslforum-org:service:WANPPPConnection:1", "/ctl/WANPPPConnection_1"),
         prefix="urn:dslforum-org")
-    gw = build_gateway(sim.url)
-    assert isinstance(gw, FallbackGateway)
+    gw = backend(kind, sim.url)
+    if kind == "miniupnpc":  # miniupnpc knows no dslforum services: refused, not faked
+        with pytest.raises(GatewayNotFound):
+            await gw.connect()
+        return
     await roundtrip(gw, sim)
-    assert gw.current_name == "upnp-igd/soap"
-    assert "failed" not in gw.probe_results["upnp-igd/soap"]
+    if isinstance(gw, FallbackGateway):
+        assert gw.current_name == "upnp-igd/soap"
+        assert "failed" not in gw.probe_results["upnp-igd/soap"]
 
 
-async def test_wanpppconnection2_livebox(sim: SimulatedIgdServer) -> None:
+async def test_wanpppconnection2_livebox(sim: SimulatedIgdServer, kind: str) -> None:
     sim.router.description_override = layout(
         svc("urn:schemas-upnp-org:service:WANPPPConnection:2", "/ctl/87895a19/WANPPPConn1"))
-    await roundtrip(build_gateway(sim.url), sim)
+    await roundtrip(backend(kind, sim.url), sim)
 
 
-async def test_whitespace_wrapped_service_type_dlink(sim: SimulatedIgdServer) -> None:
+async def test_whitespace_wrapped_service_type_dlink(sim: SimulatedIgdServer, kind: str) -> None:
     sim.router.description_override = layout(
         svc("\n  urn:schemas-upnp-org:service:WANIPConnection:1\n", " /ctl/IPConn "))
-    await roundtrip(build_gateway(sim.url), sim)
+    gw = backend(kind, sim.url)
+    if kind == "miniupnpc":  # miniupnpc's parser does not trim: refused, never mis-mapped
+        with pytest.raises(GatewayNotFound, match="no usable WAN connection service"):
+            await gw.connect()
+        return
+    await roundtrip(gw, sim)
 
 
-async def test_urlbase_with_trailing_slash_sky(sim: SimulatedIgdServer) -> None:
+async def test_urlbase_with_trailing_slash_sky(sim: SimulatedIgdServer, kind: str) -> None:
     base = sim.url.rsplit("/", 1)[0] + "/"
     sim.router.description_override = layout(
         svc("urn:schemas-upnp-org:service:WANPPPConnection:1", "/ctl/uuid:c03e/WANPPPConnection:1"),
         head=f"<URLBase>{base}</URLBase>")
-    await roundtrip(SoapGateway(sim.url), sim)
+    await roundtrip(backend(kind, sim.url), sim)
 
 
-async def test_disconnected_first_service_connected_second(sim: SimulatedIgdServer) -> None:
-    """MikroTik multi-WAN: choose the service that is connected, not the first listed."""
+async def test_disconnected_first_service_connected_second(
+        sim: SimulatedIgdServer, kind: str) -> None:
+    """MikroTik multi-WAN: choose the service that is connected, not the first listed. The
+    miniupnpc backend, which can only use the first, refuses (``auto`` then uses SOAP)."""
     sim.router.description_override = layout(
         svc("urn:schemas-upnp-org:service:WANPPPConnection:1", "/gone/ppp")
         + svc("urn:schemas-upnp-org:service:WANIPConnection:1", "/ctl/IPConn"))
-    gw = SoapGateway(sim.url)
+    gw = backend(kind, sim.url)
+    if kind == "miniupnpc":
+        with pytest.raises(GatewayNotFound, match="usable WAN service"):
+            await gw.connect()
+        return
     await roundtrip(gw, sim)
-    assert gw.service is not None
-    assert gw.service.control_url.endswith("/ctl/IPConn")
+    assert gw.info is not None
+    assert gw.info.control_url.endswith("/ctl/IPConn")
 
 
-async def test_only_permanent_leases_mikrotik_725(sim: SimulatedIgdServer) -> None:
+async def test_only_permanent_leases_mikrotik_725(sim: SimulatedIgdServer, kind: str) -> None:
     sim.router.lease_mode = "permanent_only_725"
     sim.router.fault_style = "mikrotik"
-    for gw in (build_gateway(sim.url, backend="miniupnpc"), SoapGateway(sim.url)):
-        m = Mapper(gw, clock=lambda: 0.0, tag=TAG, lease=600)
-        await m.reconcile({MappingKey(Proto.UDP, 40000): spec(40000)})
-        assert m.permanent_only
-        assert m.applied[MappingKey(Proto.UDP, 40000)].lease == 0
-        await m.reconcile({})
-        assert sim.router.mappings() == []
+    m = Mapper(backend(kind, sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
+    await m.reconcile({MappingKey(Proto.UDP, 40000): spec(40000)})
+    assert m.permanent_only
+    assert m.applied[MappingKey(Proto.UDP, 40000)].lease == 0
+    await m.reconcile({})
+    assert sim.router.mappings() == []
 
 
-async def test_timed_lease_402_arris(sim: SimulatedIgdServer) -> None:
+async def test_timed_lease_402_arris(sim: SimulatedIgdServer, kind: str) -> None:
     sim.router.lease_mode = "permanent_only_402"
-    m = Mapper(SoapGateway(sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
+    m = Mapper(backend(kind, sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
     await m.reconcile({MappingKey(Proto.UDP, 40000): spec(40000)})
     assert m.permanent_only
     assert [x.lease_remaining for x in sim.router.mappings()] == [0]
 
 
 async def test_router_drops_timed_mapping_ddwrt_found_by_verification(
-        sim: SimulatedIgdServer) -> None:
+        sim: SimulatedIgdServer, kind: str) -> None:
     sim.router.lease_mode = "drops_timed"
     now = [0.0]
-    m = Mapper(SoapGateway(sim.url), clock=lambda: now[0], tag=TAG, lease=600,
+    m = Mapper(backend(kind, sim.url), clock=lambda: now[0], tag=TAG, lease=600,
                verify_interval=10)
     want = {MappingKey(Proto.UDP, 40000): spec(40000)}
     await m.reconcile(want)
@@ -153,9 +196,11 @@ async def test_router_drops_timed_mapping_ddwrt_found_by_verification(
     assert m.ops["add"] + m.ops["renew"] >= 2
 
 
-async def test_router_restart_on_new_port_is_found_again(sim: SimulatedIgdServer) -> None:
+@pytest.mark.parametrize("kind", ["miniupnpc", "soap"])
+async def test_router_restart_on_new_port_is_found_again(
+        sim: SimulatedIgdServer, kind: str) -> None:
     """miniupnpd's http_port=0: a new port after a restart; connection refused on the old."""
-    gw = SoapGateway(sim.url)
+    gw = backend(kind, sim.url)
     await gw.connect()
     old = sim.url
     await sim.restart(new_port=True)
@@ -165,8 +210,8 @@ async def test_router_restart_on_new_port_is_found_again(sim: SimulatedIgdServer
     assert gw.info is None  # forgets the IGD: the next connect rediscovers
 
 
-async def test_router_down_is_unreachable_not_a_crash(sim: SimulatedIgdServer) -> None:
-    gw = SoapGateway(sim.url, timeout=0.5)
+async def test_router_down_is_unreachable_not_a_crash(sim: SimulatedIgdServer, kind: str) -> None:
+    gw = backend(kind, sim.url, timeout=2.0)
     await gw.connect()
     await sim.down()
     with pytest.raises(GatewayUnreachable, match=r"router connection failed|did not answer"):
@@ -175,13 +220,9 @@ async def test_router_down_is_unreachable_not_a_crash(sim: SimulatedIgdServer) -
     assert await gw.get(Proto.UDP, 40000) is None
 
 
-async def test_conflict_with_another_host_is_reported(sim: SimulatedIgdServer) -> None:
-    sim.router.call("AddPortMapping", {
-        "NewRemoteHost": "", "NewExternalPort": "40000", "NewProtocol": "UDP",
-        "NewInternalPort": "40000", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
-        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
-        requester="192.168.1.99")
-    m = Mapper(SoapGateway(sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
+async def test_conflict_with_another_host_is_reported(sim: SimulatedIgdServer, kind: str) -> None:
+    other_host_holds(sim.router, 40000)
+    m = Mapper(backend(kind, sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
     await m.reconcile({MappingKey(Proto.UDP, 40000): spec(40000)})
     app = m.applied[MappingKey(Proto.UDP, 40000)]
     assert app.state is MapState.CONFLICT
@@ -190,29 +231,28 @@ async def test_conflict_with_another_host_is_reported(sim: SimulatedIgdServer) -
     assert [x.internal_client for x in sim.router.mappings()] == ["192.168.1.99"]
 
 
-async def test_slow_router_is_bounded(sim: SimulatedIgdServer) -> None:
-    gw = SoapGateway(sim.url, timeout=0.3)
+@pytest.mark.parametrize("kind", ["miniupnpc", "soap"])
+async def test_slow_router_is_bounded(sim: SimulatedIgdServer, kind: str) -> None:
+    gw = backend(kind, sim.url, timeout=0.3)
     await gw.connect()
     sim.router.latency = 1.0
-    with pytest.raises(GatewayError, match=r"within 0\.3s"):
+    with pytest.raises(GatewayTimeout, match=r"within 0\.3s"):  # a timeout of its own
         await gw.add(spec(40000), 600)
+    assert gw.info is None  # reconnects next time
 
 
-async def test_hostile_description_is_refused(sim: SimulatedIgdServer) -> None:
+async def test_hostile_description_is_refused(sim: SimulatedIgdServer, kind: str) -> None:
     sim.router.description_override = (b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "'
                                        + b"x" * 100 + b'">]><root>&a;</root>')
-    gw = build_gateway(sim.url)
+    gw = backend(kind, sim.url)
     with pytest.raises(GatewayError):
         await gw.connect()
 
 
-async def test_external_any_uses_addanyportmapping_on_igdv2(sim: SimulatedIgdServer) -> None:
-    sim.router.call("AddPortMapping", {
-        "NewRemoteHost": "", "NewExternalPort": "40000", "NewProtocol": "UDP",
-        "NewInternalPort": "40000", "NewInternalClient": "192.168.1.99", "NewEnabled": "1",
-        "NewPortMappingDescription": "console", "NewLeaseDuration": "0"},
-        requester="192.168.1.99")
-    m = Mapper(SoapGateway(sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
+async def test_external_any_uses_addanyportmapping_on_igdv2(
+        sim: SimulatedIgdServer, kind: str) -> None:
+    other_host_holds(sim.router, 40000)
+    m = Mapper(backend(kind, sim.url), clock=lambda: 0.0, tag=TAG, lease=600)
     s = MappingSpec(Proto.UDP, 40000, "127.0.0.1", 40000, description_for("quirk", TAG),
                     external_any=True)
     await m.reconcile({s.key: s})

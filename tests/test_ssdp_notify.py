@@ -17,9 +17,9 @@ NTS = ["upnp:rootdevice", "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
 
 
 def notify(nt: str = NTS[1], *, alive: bool = True, boot: str | None = "100",
-           location: str = LOC) -> bytes:
+           location: str = LOC, uuid: str = UUID) -> bytes:
     lines = ["NOTIFY * HTTP/1.1", "HOST: 239.255.255.250:1900", f"NT: {nt}",
-             f"USN: {UUID}::{nt}", f"NTS: ssdp:{'alive' if alive else 'byebye'}"]
+             f"USN: {uuid}::{nt}", f"NTS: ssdp:{'alive' if alive else 'byebye'}"]
     if alive:
         lines += ["CACHE-CONTROL: max-age=120", f"LOCATION: {location}",
                   "SERVER: Debian/12 UPnP/1.1 MiniUPnPd/2.3.1"]
@@ -59,12 +59,47 @@ def test_byebye_then_alive_is_a_restart_even_without_bootid() -> None:
 
 
 def test_new_location_is_a_move_to_follow() -> None:
-    t = NotifyTracker(GW, LOC)
+    """The connected root (its UDN from the description) announced at a new URL: follow."""
+    t = NotifyTracker(GW, LOC, [UUID])
     new = f"http://{GW}:40123/rootDesc.xml"
     changes = [t.feed(notify(nt, location=new), GW) for nt in NTS]
     moved = [c for c in changes if c is not None]
     assert [c.kind for c in moved] == [RouterChangeKind.MOVED]
     assert moved[0].location == new
+
+
+def test_new_location_of_a_root_heard_at_ours_is_a_move() -> None:
+    """Without the UDN, the root heard at our location is learned and followed when it moves."""
+    t = NotifyTracker(GW, LOC)
+    burst(t)
+    new = f"http://{GW}:40123/rootDesc.xml"
+    assert burst(t, location=new) == [RouterChangeKind.MOVED]
+    assert burst(t, location=new) == []
+
+
+OTHER = "uuid:0b7f6a52-1c3e-4f0e-9d62-7a1d2c3b4e5f"
+OTHER_LOC = f"http://{GW}:5001/igd2/rootDesc.xml"
+
+
+def test_two_igd_roots_announced_every_round_move_nothing() -> None:
+    """A router announcing two IGD roots at two locations (a second WAN, or a second UPnP
+    stack) every round: only the connected one's root counts, so nothing is re-applied."""
+    for t in (NotifyTracker(GW, LOC, [UUID]), NotifyTracker(GW, LOC)):
+        for _ in range(5):
+            assert burst(t) == []
+            assert [t.feed(notify(nt, location=OTHER_LOC, uuid=OTHER, boot="7"), GW)
+                    for nt in NTS] == [None] * len(NTS)
+        # ... and the other root's byebye is not ours going down
+        assert t.feed(notify(alive=False, uuid=OTHER), GW) is None
+        # while our own root's reboot still is
+        assert burst(t, boot="101") == [RouterChangeKind.RESTARTED]
+
+
+def test_other_root_heard_first_is_not_taken_for_ours() -> None:
+    t = NotifyTracker(GW, LOC)
+    assert burst(t, location=OTHER_LOC, uuid=OTHER) == []
+    assert burst(t) == []
+    assert burst(t, location=OTHER_LOC, uuid=OTHER) == []
 
 
 def test_other_hosts_cannot_fake_a_restart() -> None:

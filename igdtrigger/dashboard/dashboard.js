@@ -134,7 +134,7 @@ function renderGateway(gw, warnings) {
         gw.external_reachable === false ? "warnish" : "");
     set("#gateway-local", gw.local_address || "–");
     set("#gateway-location", gw.location || "–", "wrap");
-    set("#gateway-lease", gw.permanent_leases ? "permanent (router refuses timed leases)" : duration(gw.lease));
+    set("#gateway-lease", gw.permanent_leases ? "permanent (" + (gw.permanent_why || "router refuses timed leases") + ")" : duration(gw.lease));
   }
   const ul = $("#warnings");
   ul.replaceChildren(...warnings.map((w) => el("li", {}, w)));
@@ -182,7 +182,9 @@ function renderMappings(maps, pinholes) {
       el("td", {}, m.internal_client + ":" + m.internal_port),
       el("td", { class: m.state === "active" ? "ok" : "bad", title: m.error || "" },
          m.state + (m.error ? " – " + m.error : "")),
-      el("td", {}, m.lease ? duration(m.lease) : "permanent"),
+      el("td", { title: m.verified === false ? "the router does not show this mapping: not verifiable" : "" },
+         (m.lease ? duration(m.lease) : "permanent")
+         + (m.lease_asked !== undefined && m.lease_asked !== m.lease ? " (asked " + (m.lease_asked ? duration(m.lease_asked) : "permanent") + ")" : "")),
       el("td", { class: "countdown", "data-expires": m.renew_in === undefined || m.renew_in === null ? "" : String(m.renew_in) },
          m.renew_in === undefined || m.renew_in === null ? "–" : duration(m.renew_in)));
   });

@@ -7,11 +7,43 @@ time, and translates every failure into ``igdtrigger.errors.GatewayError`` subcl
 
 from __future__ import annotations
 
+import enum
 import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
+from ..errors import ActionFailed, InvalidArgs, LeaseRefused, UnsupportedAction
 from ..model import MappingSpec, Proto, RouterMapping
+
+log = logging.getLogger("igdtrigger.gateway")
+T = TypeVar("T")
+
+OnCall = Callable[[str, float, bool], None]  # (action, seconds, ok), for metrics
+
+
+async def metered(on_call: OnCall | None, action: str, request: Awaitable[T]) -> T:
+    """Await one router request and report it to ``on_call`` (duration, success)."""
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        result = await request
+        ok = True
+        return result
+    finally:
+        if on_call is not None:
+            on_call(action, time.perf_counter() - t0, ok)
+
+
+class Capability(enum.StrEnum):
+    """Optional operations a connected gateway offers (``Gateway.capabilities``)."""
+
+    ADD_ANY = "add-any"  # add_any(): the router picks a free external port (IGDv2, NAT-PMP, PCP)
+    LIST = "list"  # list(): the router reports its whole table (UPnP)
+    PINHOLES = "pinholes"  # the IGD offers WANIPv6FirewallControl (see gateway.pinhole)
+
 
 SIMULATED_EXTERNAL = "203.0.113.4"
 """What the built-in simulated router (``serve --simulate``, tests) reports as its external
@@ -30,6 +62,9 @@ class GatewayInfo:
     service_type: str = ""  # e.g. urn:schemas-upnp-org:service:WANIPConnection:2
     server: str = ""  # router's self-description, when known
     notes: tuple[str, ...] = field(default_factory=tuple)
+    control_url: str = ""  # UPnP: the chosen WAN connection service's control URL
+    root_uuid: str = ""  # UPnP: UDN of the IGD's root device ("uuid:..."), for SSDP NOTIFYs
+    backend: str = ""  # "miniupnpc", "soap", "nat-pmp", "pcp", "simulated", ...
 
     @property
     def external_reachable(self) -> bool:
@@ -41,10 +76,46 @@ class GatewayInfo:
 
 @dataclass(frozen=True, slots=True)
 class Granted:
-    """The router's answer to an add: the lease it granted (0 = permanent)."""
+    """The router's answer to an add.
+
+    ``external_port``: the port the router holds (ours, or its pick for add-any/NAT-PMP/PCP);
+    ``lease``: seconds the router said it granted (0 = permanent; for UPnP, what we asked,
+    since AddPortMapping answers nothing: read it back with ``get`` to learn a forced lease);
+    ``requested``: the lease asked by the caller (``None``: not recorded);
+    ``timed_lease_refused``: set when the router refused the timed lease asked and a lease-0
+    retry succeeded (``add_with_lease_fallback``): the mapping is permanent and the caller
+    must delete it itself; the error says how the router refused (725, or 402).
+    """
 
     external_port: int
     lease: int
+    requested: int | None = None
+    timed_lease_refused: ActionFailed | None = None
+
+
+async def add_with_lease_fallback(add_once: Callable[[int], Awaitable[Granted]],
+                                  lease: int) -> Granted:
+    """The one lease fallback every backend's ``add``/``add_any`` goes through.
+
+    ``add_once(lease)`` makes one request. A timed add the router refuses with 725
+    (``LeaseRefused``, MikroTik) or 402 (``InvalidArgs``, ARRIS NVG578LX; tailscale#15223) is
+    retried once with lease 0. Only when that retry succeeds is the router refusing timed
+    leases: the result carries ``timed_lease_refused``. When the retry fails too (a 402 because
+    the table is full, miniupnp#92), its error is raised and nothing is concluded about leases.
+    Whether to ask lease 0 straight away next time is the caller's decision (the mapper learns
+    it per router).
+    """
+    try:
+        granted = await add_once(lease)
+    except (LeaseRefused, InvalidArgs) as refused:
+        if lease == 0:
+            raise
+        log.debug("timed lease %ds refused (%s): retrying with lease 0", lease, refused)
+        permanent = await add_once(0)
+        return Granted(permanent.external_port, permanent.lease, lease, refused)
+    if granted.requested is None:
+        return Granted(granted.external_port, granted.lease, lease, granted.timed_lease_refused)
+    return granted
 
 
 @runtime_checkable
@@ -60,8 +131,22 @@ class Gateway(Protocol):
         """Find or reconnect to the router; cheap when already connected."""
         ...
 
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Optional operations the connected router offers (empty before ``connect``)."""
+        ...
+
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
-        """Create or refresh a mapping. ``lease`` in seconds, 0 asks for a permanent one."""
+        """Create or refresh a mapping. ``lease`` in seconds, 0 asks for a permanent one.
+
+        Goes through ``add_with_lease_fallback``: a refused timed lease comes back as a
+        permanent mapping with ``Granted.timed_lease_refused`` set."""
+        ...
+
+    async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
+        """Like ``add``, but the router may pick another external port when ours is taken
+        (``Capability.ADD_ANY``; IGDv2 AddAnyPortMapping). ``Granted.external_port`` is the
+        port it holds. Raises ``UnsupportedAction`` without the capability."""
         ...
 
     async def delete(self, proto: Proto, external_port: int) -> None:
@@ -73,7 +158,8 @@ class Gateway(Protocol):
         ...
 
     async def list(self) -> list[RouterMapping]:
-        """Every mapping the router reports (bounded)."""
+        """Every mapping the router reports (bounded; ``Capability.LIST``). Raises
+        ``UnsupportedAction`` for a protocol that cannot list (NAT-PMP, PCP)."""
         ...
 
     async def close(self) -> None:
@@ -117,3 +203,8 @@ def is_public_address(text: str) -> bool:
     if addr.version == 6:
         return addr.is_global
     return not any(addr in net for net in _NOT_PUBLIC)
+
+
+def unsupported(action: str, why: str) -> UnsupportedAction:
+    """The error for an optional operation a gateway lacks (see ``Capability``)."""
+    return UnsupportedAction(action, None, why)

@@ -7,6 +7,10 @@ legacy ``urn:dslforum-org`` types, SOAP faults with any prefix or capitalisation
 value elements, garbage around the error code. Strict where it matters: XML is parsed with
 defusedxml (no DTDs, no entities), sizes are bounded, and every failure is a ``GatewayError``
 subclass with a message that names the problem.
+
+Shared by every UPnP backend (issue 11): ``fault_error`` is the one UPnP fault table (miniupnpc's
+errors reach it through ``upnp.miniupnpc_code``), ``choose_service`` the one WAN service choice
+(fed by ``soap.find_wan_service``), ``NotifyTracker`` the one reading of SSDP announcements.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 
 from ..errors import (
+    DEVICE_DENIED_HINT,
     PINHOLE_SELF_HINT,
     SECURE_MODE_HINT,
     ActionFailed,
     GatewayError,
+    InvalidArgs,
     LeaseRefused,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    TableFull,
+    UnsupportedAction,
 )
+from ..errors import MalformedReply as MalformedReply  # the one class, re-exported here
+from .base import is_public_address
 
 MAX_DESCRIPTION = 256 * 1024
 MAX_SOAP = 256 * 1024
@@ -54,10 +64,6 @@ FIREWALL_SERVICE = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
 PINHOLE_MAX_LEASE = 86400  # WANIPv6FirewallControl: LeaseTime 1..86400
 
 
-class MalformedReply(GatewayError):
-    """The router answered with something we cannot understand."""
-
-
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1].rsplit(":", 1)[-1]
 
@@ -75,7 +81,7 @@ def _child(el: Element, name: str) -> Element | None:
 
 def _parse_xml(data: bytes, what: str, limit: int) -> Element:
     if len(data) > limit:
-        raise MalformedReply(f"{what} is larger than {limit // 1024} KiB; refusing to parse it")
+        raise MalformedReply(what, f"larger than {limit // 1024} KiB; refusing to parse it")
     # Some routers put whitespace or a BOM before the declaration; some send bytes after the
     # root element. Trim both so the parser sees one document.
     text = data.lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -86,9 +92,9 @@ def _parse_xml(data: bytes, what: str, limit: int) -> Element:
         root: Element = DET.fromstring(text, forbid_dtd=True, forbid_entities=True,
                                        forbid_external=True)
     except DefusedXmlException as exc:
-        raise MalformedReply(f"{what} uses forbidden XML features ({type(exc).__name__})") from None
+        raise MalformedReply(what, f"uses forbidden XML features ({type(exc).__name__})") from None
     except Exception as exc:  # ParseError and the odd ValueError from broken encodings
-        raise MalformedReply(f"{what} is not well-formed XML: {exc}") from None
+        raise MalformedReply(what, f"not well-formed XML: {exc}") from None
     return root
 
 
@@ -100,6 +106,7 @@ class IgdService:
     control_url: str
     service_id: str = ""
     device_path: tuple[str, ...] = ()  # friendly names / UDNs down to the owning device
+    order: int = 0  # position in the description (document order), 0 first
 
     @property
     def rank(self) -> int:
@@ -122,6 +129,17 @@ class IgdDescription:
     services: tuple[IgdService, ...]
     url_base: str = ""
     firewall: IgdService | None = None  # WANIPv6FirewallControl:1 (IPv6 pinholes), if offered
+    root_uuid: str = ""  # UDN of the root device ("uuid:..."), lower case; "" if absent
+
+    def miniupnpc_service(self) -> IgdService | None:
+        """The service miniupnpc's description parser uses: the first
+        ``urn:schemas-upnp-org:service:WANIPConnection:*`` or ``WANPPPConnection:*`` in
+        document order, connected or not (miniupnpc ``igd_desc_parse.c`` IGDendelt, "first";
+        ``GetUPNPUrls`` builds the control URL from it)."""
+        usable = [s for s in self.services if s.service_type.startswith((
+            "urn:schemas-upnp-org:service:WANIPConnection:",
+            "urn:schemas-upnp-org:service:WANPPPConnection:"))]
+        return min(usable, key=lambda s: s.order) if usable else None
 
 
 def _resolve(base: str, url: str) -> str:
@@ -163,7 +181,8 @@ def parse_description(data: bytes, location: str) -> IgdDescription:
                     continue
                 ctl = _resolve(base, _text(_child(svc, "controlURL")))
                 if ctl:
-                    found = IgdService(stype, ctl, _text(_child(svc, "serviceId")), here)
+                    found = IgdService(stype, ctl, _text(_child(svc, "serviceId")), here,
+                                       len(services) + len(firewalls))
                     (firewalls if stype == FIREWALL_SERVICE else services).append(found)
         dlist = _child(device, "deviceList")
         if dlist is not None:
@@ -173,7 +192,7 @@ def parse_description(data: bytes, location: str) -> IgdDescription:
 
     top = _child(root, "device")
     if top is None:
-        raise MalformedReply(f"device description at {location} has no <device> element")
+        raise MalformedReply(f"device description at {location}", "no <device> element")
     walk(top, ())
     services.sort(key=lambda s: s.rank)
     return IgdDescription(
@@ -183,7 +202,49 @@ def parse_description(data: bytes, location: str) -> IgdDescription:
         services=tuple(services),
         url_base=url_base,
         firewall=firewalls[0] if firewalls else None,
+        root_uuid=_text(_child(top, "UDN")).lower(),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceProbe:
+    """What one WAN connection service said when asked GetStatusInfo and GetExternalIPAddress
+    (``answered`` False: it failed to answer; ``error`` says how)."""
+
+    service: IgdService
+    answered: bool
+    status: str = ""  # NewConnectionStatus: "Connected", "Disconnected", "Up", ...
+    external_address: str = ""  # NewExternalIPAddress ("" when unknown)
+    error: str = ""
+
+    @property
+    def connected(self) -> bool:
+        return self.answered and self.status.strip().lower() in ("connected", "up")
+
+    @property
+    def score(self) -> int:
+        """0 connected with a public external address, 1 connected with a usable (non-empty,
+        specified) one, 2 connected without one, 3 not connected, 4 no answer."""
+        if not self.answered:
+            return 4
+        if not self.connected:
+            return 3
+        ext = self.external_address.strip()
+        if is_public_address(ext):
+            return 0
+        return 1 if ext and ext != "0.0.0.0" else 2
+
+
+def choose_service(probes: Sequence[ServiceProbe]) -> ServiceProbe | None:
+    """The one service choice every UPnP backend makes: the connected WAN service with a
+    usable external address first, then by service type (WANIPConnection:2 first), then by
+    document order. ``None`` when no service answered. A disconnected service that accepts
+    adds is never chosen over a connected one: mappings there are useless (tailscale#8364,
+    router-facts §10 "multi-WAN")."""
+    answered = [p for p in probes if p.answered]
+    if not answered:
+        return None
+    return min(answered, key=lambda p: (p.score, p.service.rank, p.service.order))
 
 
 # --- SOAP --------------------------------------------------------------------------------------
@@ -218,7 +279,7 @@ _ERRDESC_RE = re.compile(rb"<(?:\w+:)?errorDescription[^>]*>([^<]{0,200})", re.I
 def parse_soap_response(status: int, body: bytes, action: str) -> dict[str, str] | UpnpFault:
     """Out-arguments of a successful action, or the fault. Raises ``MalformedReply``."""
     if len(body) > MAX_SOAP:
-        raise MalformedReply(f"{action} reply larger than {MAX_SOAP // 1024} KiB")
+        raise MalformedReply(action, f"reply larger than {MAX_SOAP // 1024} KiB")
     try:
         root: Element | None = _parse_xml(body, f"{action} reply", MAX_SOAP)
     except MalformedReply:
@@ -243,11 +304,12 @@ def parse_soap_response(status: int, body: bytes, action: str) -> dict[str, str]
         return UpnpFault(int(m.group(1)), desc or "UPnPError")
     if status >= 400:
         return UpnpFault(None, f"HTTP {status} without a UPnP error")
-    raise MalformedReply(f"router's {action} reply has no {action}Response element")
+    raise MalformedReply(action, f"router's reply has no {action}Response element")
 
 
 _NAMES = {
     401: "Invalid Action", 402: "Invalid Args", 501: "Action Failed",
+    602: "Optional Action Not Implemented",
     606: "Action not authorized", 713: "SpecifiedArrayIndexInvalid",
     714: "NoSuchEntryInArray", 716: "WildCardNotPermittedInExtPort",
     718: "ConflictInMappingEntry", 724: "SamePortValuesRequired",
@@ -257,25 +319,50 @@ _NAMES = {
     704: "NoSuchEntry",
 }
 
+_CONFLICT_HINT = "another host or program holds this external port"
 
-def fault_error(action: str, fault: UpnpFault, *, lease: int | None = None) -> GatewayError:
-    """Turn a fault into our error type. The same condition has different codes by vendor."""
+
+def fault_error(action: str, fault: UpnpFault, *, lease: int | None = None,
+                for_self: bool | None = None, igd_version: int | None = None) -> GatewayError:
+    """The one UPnP fault table: turn a fault into our error type, for every UPnP backend (our
+    SOAP client, and miniupnpc once ``upnp.miniupnpc_code`` has turned its text into the code).
+
+    The same condition has different codes by vendor and version (router-facts §0), so the type
+    says what we can act on and the hint what the user can do. ``lease``: the lease asked (an
+    add), only described here (a 402 is not "timed leases refused" until a lease-0 retry works:
+    ``base.add_with_lease_fallback``). ``for_self``: the mapping's internal client is the host
+    asking: a 606/718 then is a router denying UPnP to this device (FRITZ!Box), not secure mode.
+    ``igd_version``: 1 or 2 when known (718 is a secure-mode denial only on IGDv1).
+    """
     code, desc = fault.code, fault.description or _NAMES.get(fault.code or 0, "UPnPError")
     if code == 606 and "Pinhole" in action:
         return NotAuthorized(action, code, desc, PINHOLE_SELF_HINT)
     if code == 704 and "Pinhole" in action:
         return NoSuchMapping(action, code, desc)
     if code == 606:
-        return NotAuthorized(action, code, desc, SECURE_MODE_HINT)
-    if code in (718, 729):
-        return MappingConflict(action, code, desc)
+        return NotAuthorized(action, code, desc,
+                             DEVICE_DENIED_HINT if for_self else SECURE_MODE_HINT)
+    if code == 718:
+        if for_self:
+            return MappingConflict(action, code, desc, f"{_CONFLICT_HINT}, or {DEVICE_DENIED_HINT}")
+        if igd_version == 2:
+            return MappingConflict(action, code, desc, _CONFLICT_HINT)
+        # IGDv1 miniupnpd also answers 718 for secure-mode/permission denials (router-facts §0).
+        return MappingConflict(action, code, desc,
+                               f"{_CONFLICT_HINT}, or (IGDv1) {SECURE_MODE_HINT}")
+    if code == 729:
+        return MappingConflict(action, code, desc, _CONFLICT_HINT)
     if code == 725:
         return LeaseRefused(action, code, desc)
-    if code == 402 and action == "AddPortMapping" and lease:
-        # ARRIS NVG578LX answers 402 for any non-zero lease (tailscale#15223).
-        return LeaseRefused(action, code, f"{desc} (taken as: timed leases refused)")
-    if code in (714, 730):
+    if code == 402:
+        asked = f" (lease {lease}s asked)" if lease else ""
+        return InvalidArgs(action, code, desc + asked)
+    if code in (713, 714, 730):
         return NoSuchMapping(action, code, desc)
+    if code in (401, 602):
+        return UnsupportedAction(action, code, desc)
+    if code == 728:
+        return TableFull(action, code, desc, "the router's mapping table is full")
     return ActionFailed(action, code, desc)
 
 
@@ -412,16 +499,34 @@ class RouterChange:
 class NotifyTracker:
     """Sans-I/O: turns the gateway's NOTIFY stream into restart/move events.
 
-    Only datagrams from ``gateway_ip`` about IGD devices and services count (a media server on
-    the same box, or any other host, cannot trigger anything). The first alive sets the baseline;
-    a burst of NOTIFYs (one per device and service) yields one event.
+    Only the connected IGD's own root device counts: datagrams from ``gateway_ip`` about IGD
+    devices and services whose USN carries one of its UUIDs (``uuids``: the root device's UDN
+    from its description; more are learned from announcements at ``location``). A router that
+    announces two IGD roots at two locations every round (one per WAN, or a second UPnP stack)
+    therefore moves nothing; a media server on the same box, or any other host, cannot trigger
+    anything. The first alive sets the baseline; a burst of NOTIFYs (one per device and
+    service) yields one event. Without any known UUID (no description UDN, nothing heard at
+    ``location`` yet), a NOTIFY at another location is not trusted to be ours.
     """
 
-    def __init__(self, gateway_ip: str, location: str | None = None) -> None:
+    MAX_UUIDS = 16  # one per device of the IGD: root, WANDevice, WANConnectionDevice
+
+    def __init__(self, gateway_ip: str, location: str | None = None,
+                 uuids: Iterable[str] = ()) -> None:
         self.gateway_ip = gateway_ip
         self.location = location or ""
+        self.uuids: set[str] = {u.strip().lower() for u in uuids if u.strip()}
         self.boot_id = ""
         self.left = False  # a byebye was seen and no alive since
+
+    def _ours(self, msg: SsdpNotify) -> bool:
+        if msg.uuid in self.uuids:
+            return True
+        if msg.alive and msg.location == self.location and self.location:
+            if len(self.uuids) < self.MAX_UUIDS:
+                self.uuids.add(msg.uuid)  # the same description: the same IGD's devices
+            return True
+        return False
 
     def feed(self, data: bytes, source_ip: str) -> RouterChange | None:
         if source_ip != self.gateway_ip:
@@ -430,13 +535,15 @@ class NotifyTracker:
         if msg is None or not msg.about_igd:
             return None
         if not msg.alive:
-            if self.left:
+            if self.left or (self.uuids and msg.uuid not in self.uuids):
                 return None
             self.left = True
             return RouterChange(RouterChangeKind.LEAVING, "the router announced ssdp:byebye",
                                 self.location)
         if urllib.parse.urlsplit(msg.location).hostname != self.gateway_ip:
             return None  # a description on another host: not the gateway's own IGD
+        if not self._ours(msg):
+            return None  # another IGD root on the router (a second WAN, a second stack)
         change: RouterChange | None = None
         if self.location and msg.location != self.location:
             change = RouterChange(RouterChangeKind.MOVED,
@@ -490,11 +597,20 @@ def pinhole_args(proto: str, client: str, port: int, lease: int) -> list[tuple[s
     ]
 
 
+def reserved_port(values: dict[str, str]) -> int:
+    """The external port of an AddAnyPortMapping answer (``NewReservedPort``; some routers
+    say ``NewExternalPort``), 1..65535. Raises ``MalformedReply``."""
+    text = pick(values, "NewReservedPort", "NewExternalPort").strip()
+    if not text.isdecimal() or not 0 < int(text) < 65536:
+        raise MalformedReply("AddAnyPortMapping", f"reply has no usable port ({text[:20]!r})")
+    return int(text)
+
+
 def pinhole_uid(values: dict[str, str]) -> int:
     """The ``UniqueID`` of an AddPinhole answer (0..65535). Raises ``MalformedReply``."""
     text = pick(values, "UniqueID").strip()
     if not text.isdecimal() or int(text) > 65535:
-        raise MalformedReply(f"router's AddPinhole reply has no usable UniqueID ({text[:20]!r})")
+        raise MalformedReply("AddPinhole", f"reply has no usable UniqueID ({text[:20]!r})")
     return int(text)
 
 

@@ -26,7 +26,9 @@ Behaviour that differs from UPnP IGD:
 * NAT-PMP maps ports only to the host that asks. PCP maps for another host with the
   THIRD_PARTY option, which routers refuse unless allowed (miniupnpd ``pcp_allow_thirdparty``).
 * With ``exact_port`` (default) a mapping whose external port the router moved (the port is
-  taken) is deleted again and reported as ``MappingConflict``.
+  taken) is deleted again and reported as ``MappingConflict``; unless the spec says
+  ``external_any``: then the assigned port is kept and returned in ``Granted`` (VPN gateways
+  ignore the suggested port and pick their own, yimingliu/py-natpmp#12, gluetun#1882).
 * Every reply's epoch is checked (RFC 6886 §3.6, RFC 6887 §8.5). When the router lost its state,
   the client's table is emptied, ``epoch_resets`` counts it and ``on_lost_state(reason)`` runs:
   re-apply every mapping.
@@ -52,13 +54,18 @@ from ..errors import (
     ActionFailed,
     ConfigError,
     GatewayError,
+    GatewayTimeout,
     GatewayUnreachable,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
+    TableFull,
 )
+from ..errors import MalformedReply as MalformedReply  # re-exported: one class for all
+from ..errors import NetworkFailure as NetworkFailure
+from ..errors import ProtocolUnsupported as ProtocolUnsupported
 from ..model import MappingKey, MappingSpec, Proto, RouterMapping
-from .base import GatewayInfo, Granted, is_public_address
+from .base import Capability, GatewayInfo, Granted, is_public_address
 
 log = logging.getLogger("igdtrigger.gateway.pmp")
 T = TypeVar("T")
@@ -79,27 +86,6 @@ DOUBLE_NAT_HINT = (
 
 
 # --- errors ------------------------------------------------------------------------------------
-
-
-class ProtocolUnsupported(GatewayError):
-    """The router does not speak this protocol version or opcode: try the other protocol."""
-
-    def __init__(self, message: str, *, code: int | None = None,
-                 server_version: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.server_version = server_version
-
-
-class MalformedReply(ActionFailed):
-    """The router's reply is short, garbled or does not match the request."""
-
-    def __init__(self, action: str, description: str, hint: str = "") -> None:
-        super().__init__(action, None, description, hint)
-
-
-class NetworkFailure(ActionFailed):
-    """NAT-PMP result 3 / PCP NETWORK_FAILURE: the router has no usable WAN address."""
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -274,8 +260,8 @@ def pmp_error(action: str, result: int) -> GatewayError:
     if result == 3:
         return NetworkFailure(action, result, text, DOUBLE_NAT_HINT)
     if result == 4:
-        return ActionFailed(action, result, text,
-                            "the router's mapping table is full or no external port is free")
+        return TableFull(action, result, text,
+                         "the router's mapping table is full or no external port is free")
     return ActionFailed(action, result, text)
 
 
@@ -500,6 +486,8 @@ def pcp_error(action: str, result: int, *, third_party: str | None = None,
     if result == 11:
         return MappingConflict(action, result, text,
                                "the external port is taken by another host or program")
+    if result == 8:
+        return TableFull(action, result, text, _PCP_HINTS[8])
     return ActionFailed(action, result, text, _PCP_HINTS.get(result, ""))
 
 
@@ -666,10 +654,10 @@ class DatagramClient:
             if not future.done():
                 future.cancel()
         why = f" (last error: {self._last_error})" if self._last_error else ""
-        raise GatewayUnreachable(
+        raise GatewayTimeout(
             f"no answer to {action} from {self.host}:{self.port} after {tries} tries in "
-            f"{total:g}s{why}; the router may be down or restarting, or not run NAT-PMP/PCP"
-        )
+            f"{total:g}s{why}; the router may be down or restarting, or not run NAT-PMP/PCP",
+            action=action, timeout=total)
 
     def _send(self, payload: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
@@ -878,6 +866,24 @@ class _PortMapGateway:
             log.info("using %s at %s (external address %s, we are %s)", self.protocol,
                      info.location, info.external_address or "unknown", info.local_address)
             return info
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """The router always picks the external port (ADD_ANY); it cannot list its table."""
+        return frozenset({Capability.ADD_ANY}) if self._info is not None else frozenset()
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        """Map ``spec`` (``exact_port``: only on its own external port, else
+        ``MappingConflict``). Lifetimes are always timed here: no lease fallback applies."""
+        return await self._map(spec, lease, self.exact_port)
+
+    async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
+        """Map ``spec`` on whatever external port the router assigns (kept and reported in
+        ``Granted.external_port``; VPN NAT-PMP gateways ignore the suggested port)."""
+        return await self._map(spec, lease, False)
+
+    async def _map(self, spec: MappingSpec, lease: int, exact: bool) -> Granted:
+        raise NotImplementedError
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
         """This client's own entry (the protocols cannot query the router), or ``None``."""
@@ -1139,8 +1145,9 @@ class NatPmpGateway(_PortMapGateway):
             raise pmp_error(action, reply.result)
         return reply
 
-    async def add(self, spec: MappingSpec, lease: int) -> Granted:
-        """Map ``spec`` for ``lease`` s (0: ``permanent_lifetime``); returns what was granted."""
+    async def _map(self, spec: MappingSpec, lease: int, exact: bool) -> Granted:
+        """Map ``spec`` for ``lease`` s (0: ``permanent_lifetime``); returns what was granted.
+        ``exact``: another external port than the spec's is undone and a ``MappingConflict``."""
         info = await self._ready()
         self._check_spec(spec)
         action = f"NAT-PMP map {spec.key}"
@@ -1162,7 +1169,7 @@ class NatPmpGateway(_PortMapGateway):
             for key in [k for k, h in self._held.items() if h.spec.proto is spec.proto
                         and h.spec.internal_port == spec.internal_port]:
                 self._forget(key)
-            if assigned != spec.external_port and self.exact_port:
+            if assigned != spec.external_port and exact and not spec.external_any:
                 self._forget(spec.key)
                 try:
                     await self._send_map(f"{action} (undo)", spec.proto, spec.internal_port,
@@ -1355,8 +1362,9 @@ class PcpGateway(_PortMapGateway):
                                              f"{decode_ip16(echoed)}, not {third_party}")
         return reply
 
-    async def add(self, spec: MappingSpec, lease: int) -> Granted:
-        """Map ``spec`` for ``lease`` s (0: ``permanent_lifetime``); returns what was granted."""
+    async def _map(self, spec: MappingSpec, lease: int, exact: bool) -> Granted:
+        """Map ``spec`` for ``lease`` s (0: ``permanent_lifetime``); returns what was granted.
+        ``exact``: another external port than the spec's is undone and a ``MappingConflict``."""
         await self._ready()
         self._check_spec(spec)
         action = f"PCP MAP {spec.key}"
@@ -1375,7 +1383,7 @@ class PcpGateway(_PortMapGateway):
             if granted == 0:
                 raise ActionFailed(action, 0, "router granted lifetime 0 (no mapping)")
             self._set_external(reply.external_ip)
-            if assigned != spec.external_port and self.exact_port:
+            if assigned != spec.external_port and exact and not spec.external_any:
                 self._forget(spec.key)
                 try:
                     await self._send_map(f"{action} (undo)", spec, nonce, 0,

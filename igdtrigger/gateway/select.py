@@ -12,15 +12,17 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from ..errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
 from ..model import MappingSpec, Proto, RouterMapping
-from .base import Gateway, GatewayInfo, Granted
+from .base import Capability, Gateway, GatewayInfo, Granted
 
 log = logging.getLogger("igdtrigger.gateway")
 
 OnCall = Callable[[str, float, bool], None]
+T = TypeVar("T")
 
 
 class FallbackGateway:
@@ -40,6 +42,11 @@ class FallbackGateway:
     @property
     def info(self) -> GatewayInfo | None:
         return self.current.info if self.current is not None else None
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """The chosen backend's (empty before one connected)."""
+        return self.current.capabilities if self.current is not None else frozenset()
 
     async def connect(self) -> GatewayInfo:
         if self.current is not None:
@@ -96,37 +103,30 @@ class FallbackGateway:
         assert self.current is not None
         return self.current
 
-    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+    async def _on_current(self, op: Callable[[Gateway], Awaitable[T]]) -> T:
+        """Run ``op`` on the chosen backend; forget the choice when the router stops answering
+        (the next ``connect`` probes again)."""
         gw = await self._gw()
         try:
-            return await gw.add(spec, lease)
+            return await op(gw)
         except GatewayUnreachable:
             self.current = None
             raise
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        return await self._on_current(lambda gw: gw.add(spec, lease))
+
+    async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
+        return await self._on_current(lambda gw: gw.add_any(spec, lease))
 
     async def delete(self, proto: Proto, external_port: int) -> None:
-        gw = await self._gw()
-        try:
-            await gw.delete(proto, external_port)
-        except GatewayUnreachable:
-            self.current = None
-            raise
+        await self._on_current(lambda gw: gw.delete(proto, external_port))
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
-        gw = await self._gw()
-        try:
-            return await gw.get(proto, external_port)
-        except GatewayUnreachable:
-            self.current = None
-            raise
+        return await self._on_current(lambda gw: gw.get(proto, external_port))
 
     async def list(self) -> list[RouterMapping]:
-        gw = await self._gw()
-        try:
-            return await gw.list()
-        except GatewayUnreachable:
-            self.current = None
-            raise
+        return await self._on_current(lambda gw: gw.list())
 
     async def close(self) -> None:
         for _, gw in self.candidates:

@@ -57,6 +57,7 @@ from .base import SIMULATED_EXTERNAL, counts_as_public
 __all__ = [
     "CIF_CONTROL_PATH",
     "ERROR_DESCRIPTIONS",
+    "FIRST_WAN_CONTROL_PATH",
     "IPCONN_CONTROL_PATH",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
@@ -86,6 +87,7 @@ FaultStyle = Literal["standard", "mikrotik"]
 
 ROOT_DESC_PATH = "/rootDesc.xml"
 IPCONN_CONTROL_PATH = "/ctl/IPConn"
+FIRST_WAN_CONTROL_PATH = "/ctl/WAN0/IPConn"  # SimulatedRouter.add_first_wan
 IPCONN_EVENT_PATH = "/evt/IPConn"
 IPCONN_SCPD_PATH = "/WANIPCn.xml"
 CIF_CONTROL_PATH = "/ctl/CmnIfCfg"
@@ -497,6 +499,18 @@ class SimulatedRouter:
         clock: monotonic seconds; inject a fake one to expire leases without sleeping.
         seed: seeds AddAnyPortMapping's random port choice and the device UUID.
         server_header: the ``Server:`` header the HTTP layer sends.
+
+    Router-truth quirks (answers that are not what happened; router-facts.md §10), plain
+    attributes set after construction:
+        full_fault: the error code a full table answers AddPortMapping with (default 728 on
+            IGDv2, 501 on IGDv1); 402 like the IGDv1 router of miniupnp/miniupnp#92.
+        unreadable: AddPortMapping succeeds and installs the mapping, but
+            GetSpecificPortMappingEntry answers 714 and the listing is empty; every add appends
+            another copy and each DeletePortMapping removes one (miniupnpd 2.3.0-2.3.3 pf
+            backend, miniupnp/miniupnp#719). ``mappings()`` shows the copies.
+        forced_lease: every mapping gets this lease whatever is asked (Technicolor,
+            miniupnp/miniupnp#398); GetSpecificPortMappingEntry reports it.
+        delete_noop: DeletePortMapping answers success and leaves the mapping.
     """
 
     def __init__(
@@ -544,6 +558,14 @@ class SimulatedRouter:
         self.action_hook: Callable[[str, Mapping[str, str]], UPnPFault | None] | None = None
         """Called before each action; a returned fault is the answer (``None`` = carry on)."""
 
+        # -- backend-contract quirks (issue 11, gateway side) --
+        self.first_wan: SimulatedRouter | None = None
+        """Multi-WAN (tailscale#8364): a WANDevice listed *before* this one, with its own
+        WANIPConnection at ``FIRST_WAN_CONTROL_PATH`` and its own table (``add_first_wan``)."""
+        self.http_hook: Callable[[str], HttpResponse | None] | None = None
+        """Called with the SOAP action name before it is answered; a returned response is sent
+        as it is (a bare HTTP 400, an HTML error page...)."""
+
         self._clock = clock
         self._rng = random.Random(seed)  # noqa: S311 - port choice and a UUID, not secrets
         self.udn = f"uuid:{uuid.UUID(int=self._rng.getrandbits(128), version=4)}"
@@ -559,6 +581,13 @@ class SimulatedRouter:
         """HTTP requests by ``"METHOD /path"``."""
         self.log: collections.deque[ActionRecord] = collections.deque(maxlen=log_size)
 
+        # --- router-truth quirks (issue 11, verifying effects; see the class docstring) -----
+        self.full_fault: int | None = None
+        self.unreadable = False
+        self.forced_lease: int | None = None
+        self.delete_noop = False
+        self._hidden: list[_Entry] = []  # unreadable: installed copies the router cannot show
+
     # -- introspection ---------------------------------------------------------------------------
 
     @property
@@ -570,7 +599,8 @@ class SimulatedRouter:
         return max(0, int(self._clock() - self._started_at))
 
     def mappings(self) -> list[RouterMapping]:
-        """The live table, in insertion order, with remaining leases (0 = permanent)."""
+        """The live table, in insertion order, with remaining leases (0 = permanent); with
+        ``unreadable``, the copies the router installed but does not report."""
         now = self._expire()
         return [
             RouterMapping(
@@ -582,7 +612,7 @@ class SimulatedRouter:
                 True,
                 self._remaining(e, now),
             )
-            for e in self._table.values()
+            for e in (*self._table.values(), *self._hidden)
         ]
 
     # -- control ---------------------------------------------------------------------------------
@@ -601,6 +631,17 @@ class SimulatedRouter:
         fault = UPnPFault.of(code, description)
         self._armed.append(_ArmedFailure(fault.code, fault.description, n, action))
 
+    def add_first_wan(self, *, connection_status: str = "Disconnected",
+                      external_ip: str = "") -> SimulatedRouter:
+        """List a second WAN connection service *first* in the description (two WANDevices):
+        by default a dead WAN that reports ``Disconnected`` and no external address but still
+        accepts adds into its own table (the returned router: its ``mappings()`` is the record
+        of what landed on the wrong WAN)."""
+        self.first_wan = SimulatedRouter(
+            igd_version=self.igd_version, external_ip=external_ip,
+            connection_status=connection_status, clock=self._clock)
+        return self.first_wan
+
     def restart(self) -> None:
         """A daemon restart: the table is gone, uptime starts again, armed failures are dropped.
 
@@ -608,6 +649,7 @@ class SimulatedRouter:
         the server's part (``SimulatedIgdServer.restart``).
         """
         self._table.clear()
+        self._hidden.clear()
         self._armed.clear()
         self._started_at = self._clock()
         self.boot_count += 1
@@ -621,6 +663,7 @@ class SimulatedRouter:
     def clear(self) -> None:
         """Delete every mapping (like an administrator flushing the table)."""
         self._table.clear()
+        self._hidden.clear()
 
     # -- actions ---------------------------------------------------------------------------------
 
@@ -732,12 +775,20 @@ class SimulatedRouter:
     def _do_DeletePortMapping(self, args: Mapping[str, str], requester: str) -> dict[str, str]:
         ext_port = self._port_arg(args, "NewExternalPort")
         proto = self._proto_arg(args)
+        if self.unreadable:
+            copy = next((e for e in self._hidden if (e.proto, e.external_port) ==
+                         (proto, ext_port)), None)
+            if copy is None:
+                raise _Refused(714)
+            self._hidden.remove(copy)
+            return {}
         entry = self._table.get((proto, ext_port))
         if entry is None:
             raise _Refused(714)
         if self.secure_mode and not _same_ip(entry.internal_client, requester):
             raise _Refused(606 if self.igd_version >= 2 else 714)
-        del self._table[(proto, ext_port)]
+        if not self.delete_noop:
+            del self._table[(proto, ext_port)]
         return {}
 
     def _do_DeletePortMappingRange(self, args: Mapping[str, str], requester: str) -> dict[str, str]:
@@ -867,6 +918,7 @@ class SimulatedRouter:
         ]
         for key in dead:
             del self._table[key]
+        self._hidden = [e for e in self._hidden if e.expires_at is None or now < e.expires_at]
         return now
 
     @staticmethod
@@ -916,6 +968,8 @@ class SimulatedRouter:
             raise _Refused(725)
         if self.lease_mode == "permanent_only_402" and requested:
             raise _Refused(402)
+        if self.forced_lease is not None:
+            return self.forced_lease
         v2_clamp = self.lease_mode == "normal" and self.igd_version >= 2
         if v2_clamp and (requested == 0 or requested > MAX_LEASE_V2):
             return MAX_LEASE_V2
@@ -947,8 +1001,8 @@ class SimulatedRouter:
             existing.internal_client != client or existing.remote_host != remote
         ):
             raise _Refused(718)
-        if existing is None and len(self._table) >= self.max_mappings:
-            raise _Refused(728 if self.igd_version >= 2 else 501)
+        if existing is None and len(self._table) + len(self._hidden) >= self.max_mappings:
+            raise _Refused(self.full_fault or (728 if self.igd_version >= 2 else 501))
         now = self._clock()
         if lease == 0:
             expires_at: float | None = None
@@ -966,6 +1020,9 @@ class SimulatedRouter:
             lease,
             expires_at,
         )
+        if self.unreadable:
+            self._hidden.append(entry)  # installed, never reported; a re-add is one more
+            return
         self._table[key] = entry  # an update keeps its place in the generic list
 
     def _range_args(self, args: Mapping[str, str]) -> tuple[int, int, Proto, bool]:
@@ -1029,6 +1086,11 @@ class SimulatedRouter:
         )
         conn_dev = device("WANConnectionDevice", "-2", ipconn, "")
         wan_dev = device("WANDevice", "-1", cif, conn_dev)
+        if self.first_wan is not None:  # multi-WAN: another WANDevice listed first
+            first_conn = service(f"WANIPConnection:{v}", "WANIPConn1", IPCONN_SCPD_PATH,
+                                 FIRST_WAN_CONTROL_PATH, IPCONN_EVENT_PATH)
+            wan_dev = device("WANDevice", "-3", "", device("WANConnectionDevice", "-4",
+                                                           first_conn, "")) + wan_dev
         igd = device("InternetGatewayDevice", "", "", wan_dev)
         return (
             '<?xml version="1.0"?>\r\n'
@@ -1064,6 +1126,8 @@ class SimulatedRouter:
         if path.startswith("/ctl/"):
             if method != "POST":
                 return HttpResponse(405, b"", HTML_CONTENT_TYPE, (("Allow", "POST"),))
+            if path == FIRST_WAN_CONTROL_PATH and self.first_wan is not None:
+                return self.first_wan._handle_soap(headers, body, requester)
             return self._handle_soap(headers, body, requester)
         if path.startswith("/evt/"):
             return _html_error(501, "eventing is not simulated")
@@ -1082,6 +1146,10 @@ class SimulatedRouter:
         if parsed is None:
             return self._fault_response(UPnPFault.of(401))
         namespace, action = parsed
+        hooked = self.http_hook(action) if self.http_hook is not None else None
+        if hooked is not None:
+            self.calls[action] += 1
+            return hooked
         try:
             args = parse_soap_arguments(body)
         except ValueError:

@@ -12,31 +12,46 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..errors import GatewayError, GatewayNotFound, GatewayUnreachable, NoSuchMapping
+from ..errors import (
+    GatewayError,
+    GatewayNotFound,
+    GatewayTimeout,
+    GatewayUnreachable,
+    NoSuchMapping,
+)
 from ..model import MappingSpec, Proto, RouterMapping
 from ..netutil import default_gateway
-from .base import GatewayInfo, Granted, is_public_address
+from .base import (
+    Capability,
+    GatewayInfo,
+    Granted,
+    add_with_lease_fallback,
+    is_public_address,
+    metered,
+    unsupported,
+)
 from .igd import (
     SEARCH_TARGETS,
     SSDP_ADDR,
     IgdDescription,
     IgdService,
-    MalformedReply,
+    ServiceProbe,
     SsdpReply,
     UpnpFault,
     build_msearch,
     build_soap,
+    choose_service,
     fault_error,
     mapping_args,
     parse_description,
     parse_soap_response,
     parse_ssdp,
     pick,
+    reserved_port,
 )
 
 log = logging.getLogger("igdtrigger.gateway.soap")
@@ -90,8 +105,8 @@ async def http_request(url: str, method: str = "GET", *, body: bytes = b"",
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
     except TimeoutError:
-        raise GatewayUnreachable(f"router did not answer {method} {url} within {timeout:g}s") \
-            from None
+        raise GatewayTimeout(f"router did not answer {method} {url} within {timeout:g}s",
+                             action=f"{method} {url}", timeout=timeout) from None
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
         raise GatewayUnreachable(f"router connection failed for {url}: {exc}") from None
     return HttpReply(status, hdrs, data, local)
@@ -212,10 +227,132 @@ async def discover(timeout: float = 2.0, *, gateway: str | None = None,
     return sorted(found.values(), key=lambda rs: rs[1] != gw)
 
 
+# --- SOAP actions and the service choice ----------------------------------------------------------
+
+
+async def soap_call(svc: IgdService, action: str, args: list[tuple[str, str]], *,
+                    timeout: float, lease: int | None = None, for_self: bool | None = None
+                    ) -> dict[str, str]:
+    """One SOAP action on ``svc``: its out-arguments, or the typed error (``fault_error``).
+
+    404/405 with an empty body: the control URL is gone (router restarted with new URLs):
+    ``GatewayUnreachable``. Any other HTTP error without a UPnP fault (a bare 400) is an
+    ``ActionFailed`` without a code."""
+    body = build_soap(svc.service_type, action, args)
+    headers = {"Content-Type": 'text/xml; charset="utf-8"',
+               "SOAPAction": f'"{svc.service_type}#{action}"'}
+    reply = await http_request(svc.control_url, "POST", body=body, headers=headers,
+                               timeout=timeout)
+    if reply.status in (404, 405) and not reply.body.strip():
+        raise GatewayUnreachable(
+            f"control URL {svc.control_url} answered HTTP {reply.status}: the router "
+            "may have restarted with new URLs")
+    result = parse_soap_response(reply.status, reply.body, action)
+    if isinstance(result, UpnpFault):
+        raise fault_error(action, result, lease=lease, for_self=for_self,
+                          igd_version=svc.version)
+    return result
+
+
+async def probe_service(svc: IgdService, timeout: float) -> ServiceProbe:
+    """Ask one WAN connection service for its status and external address."""
+    try:
+        status = await soap_call(svc, "GetStatusInfo", [], timeout=timeout)
+        ext = await soap_call(svc, "GetExternalIPAddress", [], timeout=timeout)
+    except GatewayError as exc:
+        log.debug("service %s at %s: %s", svc.service_type, svc.control_url, exc)
+        return ServiceProbe(svc, False, error=str(exc))
+    return ServiceProbe(svc, True, pick(status, "NewConnectionStatus"),
+                        pick(ext, "NewExternalIPAddress").strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ChosenService:
+    """The outcome of ``find_wan_service``: the description, the chosen service's probe, every
+    probe, and the HTTP reply the description came in (local address, Server header)."""
+
+    description: IgdDescription
+    chosen: ServiceProbe
+    probes: tuple[ServiceProbe, ...]
+    reply: HttpReply
+
+    def info(self, protocol: str, backend: str) -> GatewayInfo:
+        ext = self.chosen.external_address
+        return GatewayInfo(
+            protocol=protocol, location=self.description.location,
+            local_address=self.reply.local_address, external_address=ext,
+            service_type=self.chosen.service.service_type,
+            server=self.reply.headers.get("server", ""),
+            notes=() if is_public_address(ext) else ("external address not public",),
+            control_url=self.chosen.service.control_url,
+            root_uuid=self.description.root_uuid, backend=backend)
+
+
+async def find_wan_service(location: str, timeout: float) -> ChosenService:
+    """Fetch the description at ``location``, ask every WAN connection service, and choose one
+    with ``igd.choose_service``: the one service choice of every UPnP backend (our SOAP client
+    uses it, and the miniupnpc backend refuses a router where miniupnpc would use another).
+    Raises ``GatewayNotFound`` (no WAN service) or ``GatewayUnreachable`` (none answers)."""
+    reply = await http_request(location, timeout=timeout)
+    if reply.status != 200:
+        raise GatewayUnreachable(f"description {location} answered HTTP {reply.status}")
+    desc = parse_description(reply.body, location)
+    if not desc.services:
+        raise GatewayNotFound(
+            f"{location} ({desc.device_type or 'unknown device'}) offers no WANIPConnection "
+            "or WANPPPConnection service")
+    probes = tuple([await probe_service(svc, timeout) for svc in desc.services])
+    chosen = choose_service(probes)
+    if chosen is None:
+        raise GatewayUnreachable(f"no WAN connection service at {location} answers ("
+                                 + "; ".join(p.error for p in probes) + ")")
+    if len(probes) > 1:
+        log.info("WAN services at %s: %s; using %s", location, ", ".join(
+            f"{p.service.control_url} {p.status or 'no answer'} {p.external_address or '-'}"
+            for p in probes), chosen.service.control_url)
+    return ChosenService(desc, chosen, probes, reply)
+
+
+def capabilities_of(desc: IgdDescription | None, svc: IgdService | None
+                    ) -> frozenset[Capability]:
+    """What a UPnP IGD offers: listing always, add-any on IGDv2 services, pinholes when the
+    description has WANIPv6FirewallControl."""
+    if svc is None:
+        return frozenset()
+    caps = {Capability.LIST}
+    if svc.version == 2:
+        caps.add(Capability.ADD_ANY)
+    if desc is not None and desc.firewall is not None:
+        caps.add(Capability.PINHOLES)
+    return frozenset(caps)
+
+
 # --- the gateway -------------------------------------------------------------------------------
 
 
-class SoapGateway:
+class ChosenServiceState:
+    """What both UPnP backends keep about the service ``find_wan_service`` chose, and what
+    follows from it: capabilities, and whether a mapping is for the host asking."""
+
+    _info: GatewayInfo | None = None
+    _service: IgdService | None = None
+    description: IgdDescription | None = None
+
+    @property
+    def service(self) -> IgdService | None:
+        """The WAN connection service in use."""
+        return self._service
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        return capabilities_of(self.description, self._service) if self._info else frozenset()
+
+    def _for_self(self, spec: MappingSpec) -> bool | None:
+        info = self._info
+        return None if info is None else spec.internal_client == info.local_address
+
+
+class SoapGateway(ChosenServiceState):
     """A UPnP IGD spoken to directly: tolerant description parsing, SOAP over asyncio."""
 
     protocol = "upnp-igd"
@@ -272,67 +409,22 @@ class SoapGateway:
         raise GatewayNotFound("no usable Internet Gateway Device: " + "; ".join(errors))
 
     async def _connect_to(self, location: str) -> GatewayInfo:
-        reply = await http_request(location, timeout=self.timeout)
-        if reply.status != 200:
-            raise GatewayUnreachable(f"description {location} answered HTTP {reply.status}")
-        desc = parse_description(reply.body, location)
-        if not desc.services:
-            raise GatewayNotFound(
-                f"{location} ({desc.device_type or 'unknown device'}) offers no WANIPConnection "
-                "or WANPPPConnection service")
-        # Choose by what works: connected with a public address, then connected, then any.
-        scored: list[tuple[int, int, IgdService, str]] = []
-        for svc in desc.services:
-            try:
-                status = await self._action(svc, "GetStatusInfo", [])
-                ext = await self._action(svc, "GetExternalIPAddress", [])
-            except GatewayError as exc:
-                log.debug("service %s at %s: %s", svc.service_type, svc.control_url, exc)
-                continue
-            connected = pick(status, "NewConnectionStatus").lower() in ("connected", "up")
-            external = pick(ext, "NewExternalIPAddress")
-            score = 0 if connected and is_public_address(external) else 1 if connected else 2
-            scored.append((score, svc.rank, svc, external))
-        if not scored:
-            raise GatewayUnreachable(f"no WAN connection service at {location} answers")
-        scored.sort(key=lambda t: (t[0], t[1]))
-        _, _, svc, external = scored[0]
-        self._service = svc
-        self.description = desc
-        self._info = GatewayInfo(
-            protocol=self.protocol, location=location, local_address=reply.local_address,
-            external_address=external, service_type=svc.service_type,
-            server=reply.headers.get("server", ""),
-            notes=() if is_public_address(external) else ("external address not public",),
-        )
+        found = await find_wan_service(location, self.timeout)
+        self._service = found.chosen.service
+        self.description = found.description
+        self._info = found.info(self.protocol, "soap")
         return self._info
 
     async def _action(self, svc: IgdService, action: str, args: list[tuple[str, str]],
-                      *, lease: int | None = None) -> dict[str, str]:
-        body = build_soap(svc.service_type, action, args)
-        headers = {"Content-Type": 'text/xml; charset="utf-8"',
-                   "SOAPAction": f'"{svc.service_type}#{action}"'}
-        t0 = time.perf_counter()
-        ok = False
+                      *, lease: int | None = None, for_self: bool | None = None
+                      ) -> dict[str, str]:
         try:
             async with self._lock:
-                reply = await http_request(svc.control_url, "POST", body=body, headers=headers,
-                                           timeout=self.timeout)
-            if reply.status in (404, 405) and not reply.body.strip():
-                raise GatewayUnreachable(
-                    f"control URL {svc.control_url} answered HTTP {reply.status}: the router "
-                    "may have restarted with new URLs")
-            result = parse_soap_response(reply.status, reply.body, action)
-            if isinstance(result, UpnpFault):
-                raise fault_error(action, result, lease=lease)
-            ok = True
-            return result
+                return await metered(self.on_call, action, soap_call(
+                    svc, action, args, timeout=self.timeout, lease=lease, for_self=for_self))
         except GatewayUnreachable:
             self._info = None  # rediscover next time: new port or path after a reboot
             raise
-        finally:
-            if self.on_call is not None:
-                self.on_call(action, time.perf_counter() - t0, ok)
 
     async def _ready(self) -> IgdService:
         if self._info is None or self._service is None:
@@ -342,21 +434,29 @@ class SoapGateway:
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
         svc = await self._ready()
-        await self._action(svc, "AddPortMapping", mapping_args(
-            spec.proto.value, spec.external_port, spec.internal_port, spec.internal_client,
-            spec.description, lease), lease=lease)
-        return Granted(spec.external_port, lease)
+
+        async def once(asked: int) -> Granted:
+            await self._action(svc, "AddPortMapping", mapping_args(
+                spec.proto.value, spec.external_port, spec.internal_port, spec.internal_client,
+                spec.description, asked), lease=asked, for_self=self._for_self(spec))
+            return Granted(spec.external_port, asked)
+
+        return await add_with_lease_fallback(once, lease)
 
     async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
         """IGDv2 AddAnyPortMapping: the router picks the external port if ours is taken."""
         svc = await self._ready()
-        out = await self._action(svc, "AddAnyPortMapping", mapping_args(
-            spec.proto.value, spec.external_port, spec.internal_port, spec.internal_client,
-            spec.description, lease), lease=lease)
-        port = pick(out, "NewReservedPort", "NewExternalPort")
-        if not port.isdecimal():
-            raise MalformedReply(f"AddAnyPortMapping reply has no port ({out})")
-        return Granted(int(port), lease)
+        if Capability.ADD_ANY not in self.capabilities:
+            raise unsupported("AddAnyPortMapping", f"{svc.service_type} has no "
+                              "AddAnyPortMapping (IGDv2 only)")
+
+        async def once(asked: int) -> Granted:
+            out = await self._action(svc, "AddAnyPortMapping", mapping_args(
+                spec.proto.value, spec.external_port, spec.internal_port, spec.internal_client,
+                spec.description, asked), lease=asked, for_self=self._for_self(spec))
+            return Granted(reserved_port(out), asked)
+
+        return await add_with_lease_fallback(once, lease)
 
     async def delete(self, proto: Proto, external_port: int) -> None:
         svc = await self._ready()
@@ -366,34 +466,56 @@ class SoapGateway:
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
         svc = await self._ready()
-        try:
-            out = await self._action(svc, "GetSpecificPortMappingEntry", [
-                ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)),
-                ("NewProtocol", proto.value)])
-        except NoSuchMapping:
-            return None
-        return _mapping(proto, external_port, out)
+        return await read_mapping(svc, proto, external_port, timeout=self.timeout,
+                                  call=self._action)
 
     async def list(self, limit: int = 4096) -> list[RouterMapping]:
         svc = await self._ready()
-        out: list[RouterMapping] = []
-        for i in range(limit):
-            try:
-                entry = await self._action(svc, "GetGenericPortMappingEntry",
-                                           [("NewPortMappingIndex", str(i))])
-            except GatewayUnreachable:
-                raise
-            except GatewayError:
-                break  # 713 past the end (or 714/402/500 on some routers)
-            proto_s = pick(entry, "NewProtocol").upper()
-            port_s = pick(entry, "NewExternalPort")
-            if proto_s not in ("TCP", "UDP") or not port_s.isdecimal():
-                continue
-            out.append(_mapping(Proto(proto_s), int(port_s), entry))
-        return out
+        return await read_table(svc, limit, timeout=self.timeout, call=self._action)
 
     async def close(self) -> None:
         self._info = None
+
+
+SoapCall = Callable[[IgdService, str, list[tuple[str, str]]], Awaitable[dict[str, str]]]
+
+
+async def read_mapping(svc: IgdService, proto: Proto, external_port: int, *, timeout: float,
+                       call: SoapCall | None = None) -> RouterMapping | None:
+    """GetSpecificPortMappingEntry: the router's entry, or ``None`` (714 and kin). Shared by
+    both UPnP backends. ``call``: how to send (a backend's serialised, metered one)."""
+    send = call or (lambda s, a, args: soap_call(s, a, args, timeout=timeout))
+    try:
+        out = await send(svc, "GetSpecificPortMappingEntry", [
+            ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)),
+            ("NewProtocol", proto.value)])
+    except NoSuchMapping:
+        return None
+    return _mapping(proto, external_port, out)
+
+
+async def read_table(svc: IgdService, limit: int, *, timeout: float,
+                     call: SoapCall | None = None) -> list[RouterMapping]:
+    """The router's table by GetGenericPortMappingEntry, index by index, until the router
+    answers an error (713 past the end; others use 714/730/402/501) or ``limit``. Rows that
+    are not TCP/UDP with a port (placeholder rows, Sagemcom) are skipped. Shared by both UPnP
+    backends."""
+    send = call or (lambda s, a, args: soap_call(s, a, args, timeout=timeout))
+    out: list[RouterMapping] = []
+    for i in range(limit):
+        try:
+            entry = await send(svc, "GetGenericPortMappingEntry",
+                               [("NewPortMappingIndex", str(i))])
+        except GatewayUnreachable:
+            raise
+        except GatewayError:
+            break  # past the end: 713 (714/730/402/501 on some routers)
+        proto_s = pick(entry, "NewProtocol").upper()
+        port_s = pick(entry, "NewExternalPort")
+        if proto_s not in ("TCP", "UDP") or not port_s.isdecimal():
+            continue
+        out.append(_mapping(Proto(proto_s), int(port_s), entry))
+    return out
 
 
 def _mapping(proto: Proto, port: int, out: dict[str, str]) -> RouterMapping:

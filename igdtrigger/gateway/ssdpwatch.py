@@ -62,11 +62,14 @@ class NotifyWatcher:
     """Owns the multicast socket for one gateway; ``close()`` releases it."""
 
     def __init__(self, location: str, local_address: str,
-                 on_change: Callable[[RouterChange], None]) -> None:
+                 on_change: Callable[[RouterChange], None], *, root_uuid: str = "") -> None:
+        """``root_uuid``: the connected IGD's root UDN (``GatewayInfo.root_uuid``): only its
+        announcements count (``igd.NotifyTracker``)."""
         self.location = location
         self.local_address = local_address
         self.gateway_ip = urllib.parse.urlsplit(location).hostname or ""
-        self.tracker = NotifyTracker(self.gateway_ip, location)
+        self.tracker = NotifyTracker(self.gateway_ip, location,
+                                     [root_uuid] if root_uuid else ())
         self.on_change = on_change
         self._transport: asyncio.DatagramTransport | None = None
         self._protocol: _NotifyProtocol | None = None

@@ -5,8 +5,12 @@ thread: the event loop never blocks, and the router sees one request at a time. 
 discovery (or given as ``gateway.url``) is kept; it is only looked up again after the router
 stops answering.
 
-miniupnpc's Python binding reports UPnP errors as a plain ``Exception`` carrying the text of
-``strupnperror(code)``; ``_classify`` turns that text back into a code and our error types.
+What is shared with the SOAP backend, so the two behave the same: the service choice
+(``soap.find_wan_service``: the connected WAN service with a usable external address; a router
+where miniupnpc would use another service is refused, so ``backend = "auto"`` uses our client),
+the fault table (``igd.fault_error``: miniupnpc's Python binding reports UPnP errors as a plain
+``Exception`` carrying ``strupnperror(code)`` text; ``miniupnpc_code`` turns that text back into
+the code once, here), and the lease fallback (``base.add_with_lease_fallback``).
 """
 
 from __future__ import annotations
@@ -15,31 +19,56 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import (
-    SECURE_MODE_HINT,
-    ActionFailed,
     GatewayError,
     GatewayNotFound,
+    GatewayTimeout,
     GatewayUnreachable,
-    LeaseRefused,
-    MappingConflict,
-    NoSuchMapping,
-    NotAuthorized,
+    MalformedReply,
 )
 from ..model import MappingSpec, Proto, RouterMapping
-from .base import GatewayInfo, Granted, is_public_address
+from .base import (
+    Capability,
+    GatewayInfo,
+    Granted,
+    add_with_lease_fallback,
+    metered,
+    unsupported,
+)
+from .igd import IgdDescription, IgdService, UpnpFault, fault_error, mapping_args, reserved_port
+from .soap import (
+    ChosenServiceState,
+    discover,
+    find_wan_service,
+    read_mapping,
+    read_table,
+    soap_call,
+)
 
 log = logging.getLogger("igdtrigger.gateway.upnp")
 T = TypeVar("T")
 
-# strupnperror() texts (miniupnpc upnperrors.c) -> UPnP error code.
+# strupnperror() texts (miniupnpc upnperrors.c, as in the 2.3 binding) -> code. Negative codes
+# are miniupnpc's own (UPNPCOMMAND_*, UPNPDISCOVER_SOCKET_ERROR).
 _UPNP_TEXTS: dict[str, int] = {
+    "miniupnpc unknown error": -1,
+    "miniupnpc invalid arguments": -2,
+    "miniupnpc http error": -3,
+    "miniupnpc invalid response": -4,
+    "miniupnpc memory allocation error": -5,
+    "miniupnpc socket error": -101,
     "invalid action": 401,
     "invalid args": 402,
     "action failed": 501,
+    "argument value invalid": 600,
+    "argument value out of range": 601,
+    "optional action not implemented": 602,
+    "out of memory": 603,
+    "human intervention required": 604,
+    "string argument too long": 605,
     "action not authorized": 606,
     "pinholespacexhausted": 701,
     "firewalldisabled": 702,
@@ -48,6 +77,8 @@ _UPNP_TEXTS: dict[str, int] = {
     "protocolnotsupported": 705,
     "internalportwildcardingnotallowed": 706,
     "protocolwildcardingnotallowed": 707,
+    "invalidlayer2address": 708,
+    "notrafficreceived": 709,
     "specifiedarrayindexinvalid": 713,
     "nosuchentryinarray": 714,
     "wildcardnotpermittedinsrcip": 715,
@@ -67,40 +98,38 @@ _UPNP_TEXTS: dict[str, int] = {
 }
 
 
-
-def _classify(action: str, exc: BaseException, *, v1: bool) -> GatewayError:
-    text = str(exc).strip()
-    low = text.lower()
-    code = _UPNP_TEXTS.get(low.replace(" ", "") if low not in _UPNP_TEXTS else low)
-    if code is None and low.startswith("unknownerror"):
-        digits = "".join(c for c in low if c.isdecimal() or c == "-")
-        code = int(digits) if digits.lstrip("-").isdecimal() else None
+def miniupnpc_code(text: str) -> int | None:
+    """The code behind a miniupnpc exception's ``strupnperror()`` text; ``None`` for text
+    miniupnpc does not produce (and for "UnknownError": a code its table lacks)."""
+    low = " ".join(text.strip().lower().split())
+    code = _UPNP_TEXTS.get(low)
     if code is None:
-        if "http" in low or "socket" in low or "connect" in low or "invalid response" in low:
-            return GatewayUnreachable(
-                f"router did not answer {action} ({text or 'no reply'}); it may have restarted"
-            )
-        return ActionFailed(action, None, text or type(exc).__name__)
-    name = text
-    if code == 718:
-        # IGDv1 miniupnpd also uses 718 for secure-mode/permission denials (router-facts §0).
-        hint = "the port is mapped to another host, or (IGDv1) " + SECURE_MODE_HINT if v1 else ""
-        return MappingConflict(action, code, name, hint)
-    if code == 606:
-        return NotAuthorized(action, code, name, SECURE_MODE_HINT)
-    if code == 725:
-        return LeaseRefused(action, code, name)
-    if code == 729:
-        return MappingConflict(action, code, name)
-    if code in (714, 730):
-        return NoSuchMapping(action, code, name)
-    return ActionFailed(action, code, name)
+        code = _UPNP_TEXTS.get(low.replace(" ", ""))
+    return code
+
+
+def miniupnpc_error(action: str, exc: BaseException, *, lease: int | None = None,
+                    for_self: bool | None = None, igd_version: int | None = None
+                    ) -> GatewayError:
+    """The typed error for an exception out of miniupnpc, through the one fault table."""
+    text = str(exc).strip() or type(exc).__name__
+    code = miniupnpc_code(text)
+    if code is not None and code > 0:
+        return fault_error(action, UpnpFault(code, text), lease=lease, for_self=for_self,
+                           igd_version=igd_version)
+    if code in (-3, -101, -5):
+        return GatewayUnreachable(
+            f"router did not answer {action} ({text}); it may have restarted")
+    if code == -4:
+        return MalformedReply(action, f"miniupnpc could not parse the router's reply ({text})")
+    return fault_error(action, UpnpFault(None, text), lease=lease, for_self=for_self,
+                       igd_version=igd_version)
 
 
 CLOSE_GRACE = 0.3  # s close() waits for a request still on the worker thread
 
 
-class MiniupnpcGateway:
+class MiniupnpcGateway(ChosenServiceState):
     """A UPnP IGD reached through miniupnpc, with all calls on one worker thread."""
 
     protocol = "upnp-igd"
@@ -110,15 +139,18 @@ class MiniupnpcGateway:
         url: str | None = None,
         *,
         discover_timeout: float = 2.0,
+        timeout: float = 10.0,
         on_call: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         self.url = url
         self.discover_timeout = discover_timeout
+        self.timeout = timeout  # per call; miniupnpc's own socket timeouts are longer
         self.on_call = on_call  # (action, seconds, ok) for metrics
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="miniupnpc")
         self._upnp: Any = None
         self._info: GatewayInfo | None = None
-        self._v1 = False
+        self._service: IgdService | None = None
+        self.description: IgdDescription | None = None
         self._warned_double_nat = False
         self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
         self._inflight: concurrent.futures.Future[Any] | None = None  # the worker's last call
@@ -127,10 +159,11 @@ class MiniupnpcGateway:
     def info(self) -> GatewayInfo | None:
         return self._info
 
-    async def _call(self, action: str, fn: Callable[[], T]) -> T:
+    async def _call(self, action: str, fn: Callable[[], T], *, lease: int | None = None,
+                    for_self: bool | None = None) -> T:
         loop = asyncio.get_running_loop()
 
-        def run() -> T:
+        def run() -> T:  # timed in the worker: the router's time, not the queue's (metered())
             t0 = time.perf_counter()
             ok = False
             try:
@@ -144,11 +177,20 @@ class MiniupnpcGateway:
         fut = self._pool.submit(run)
         self._inflight = fut
         try:
-            return await asyncio.wrap_future(fut, loop=loop)
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.wrap_future(fut, loop=loop)
+        except TimeoutError:
+            self._info = None
+            raise GatewayTimeout(f"router did not answer {action} within {self.timeout:g}s",
+                                 action=action, timeout=self.timeout) from None
         except GatewayError:
             raise
-        except Exception as exc:  # miniupnpc raises plain Exception
-            err = _classify(action, exc, v1=self._v1)
+        except Exception as exc:
+            if type(exc) is not Exception:
+                raise  # miniupnpc reports the router with plain Exception; anything else is a bug
+            svc = self._service
+            err = miniupnpc_error(action, exc, lease=lease, for_self=for_self,
+                                  igd_version=svc.version if svc is not None else None)
             if isinstance(err, GatewayUnreachable):
                 self._info = None  # force a new connect (and discovery) next time
             raise err from None
@@ -174,8 +216,6 @@ class MiniupnpcGateway:
             # Our own SSDP search, not miniupnpc's: it only trusts a description URL on the
             # replying host or the default gateway (a hostile LAN device could otherwise point
             # us at any URL), unicasts to the gateway first and asks several search targets.
-            from .soap import discover
-
             found = await discover(self.discover_timeout)
             if not found:
                 raise GatewayNotFound(
@@ -185,7 +225,24 @@ class MiniupnpcGateway:
         return await self._connect_at(location)
 
     async def _connect_at(self, location: str) -> GatewayInfo:
-        info = await self._call("connect", lambda: self._connect_sync(location))
+        found = await find_wan_service(location, min(self.timeout, 3.0))
+        theirs = found.description.miniupnpc_service()
+        chosen = found.chosen.service
+        if theirs is None or theirs.control_url != chosen.control_url:
+            used = (f"{theirs.service_type} at {theirs.control_url}, "
+                    f"{next((p.status for p in found.probes if p.service == theirs), '')!r}"
+                    if theirs is not None else "none of its services")
+            raise GatewayNotFound(
+                f"miniupnpc would use {used} at {location}, but the usable WAN service is "
+                f"{chosen.service_type} at {chosen.control_url} "
+                f"({found.chosen.status}, external address "
+                f"{found.chosen.external_address or 'unknown'}): miniupnpc cannot be pointed at "
+                "it, so igdtrigger's own UPnP client is used (gateway.backend = \"soap\" or "
+                "\"auto\")")
+        await self._call("connect", lambda: self._connect_sync(location))
+        self._service = chosen
+        self.description = found.description
+        info = found.info(self.protocol, "miniupnpc")
         self._info = info
         if not info.external_reachable and not self._warned_double_nat:
             self._warned_double_nat = True
@@ -195,12 +252,12 @@ class MiniupnpcGateway:
             )
         log.info(
             "using %s at %s (external address %s, we are %s)",
-            info.service_type or "IGD", info.location, info.external_address or "unknown",
+            info.service_type or "IGD", info.control_url, info.external_address or "unknown",
             info.local_address,
         )
         return info
 
-    def _connect_sync(self, location: str) -> GatewayInfo:
+    def _connect_sync(self, location: str) -> None:
         import miniupnpc  # imported lazily: a C extension the CLI client paths never need
 
         u = miniupnpc.UPnP()
@@ -220,43 +277,42 @@ class MiniupnpcGateway:
                 f"miniupnpc found no usable WAN connection service at {self.url or 'the IGD'} "
                 f"({exc})"
             ) from None
-        try:
-            external = str(u.externalipaddress() or "")
-        except Exception:
-            external = ""
-        try:
-            conn = str(u.connectiontype() or "")
-        except Exception:
-            conn = ""
         self._upnp = u
-        service_type = ""
-        self._v1 = False
-        return GatewayInfo(
-            protocol=self.protocol,
-            location=location,
-            local_address=str(u.lanaddr),
-            external_address=external,
-            service_type=service_type,
-            server=f"miniupnpc ({conn})" if conn else "miniupnpc",
-            notes=() if is_public_address(external) else ("external address not public",),
-        )
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
         u = await self._ready()
 
-        def call() -> Granted:
-            u.addportmapping(
-                spec.external_port,
-                spec.proto.value,
-                spec.internal_client,
-                spec.internal_port,
-                spec.description,
-                "",
-                int(lease),
-            )
-            return Granted(spec.external_port, int(lease))
+        async def once(asked: int) -> Granted:
+            def call() -> Granted:
+                u.addportmapping(spec.external_port, spec.proto.value, spec.internal_client,
+                                 spec.internal_port, spec.description, "", int(asked))
+                return Granted(spec.external_port, int(asked))
 
-        return await self._call("AddPortMapping", call)
+            return await self._call("AddPortMapping", call, lease=asked,
+                                    for_self=self._for_self(spec))
+
+        return await add_with_lease_fallback(once, lease)
+
+    async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
+        """IGDv2 AddAnyPortMapping: the router picks the external port if ours is taken.
+
+        Sent with our SOAP codec to the same service: miniupnpc's binding always asks lease 0
+        for this action (a week on IGDv2), which would outlive a crash."""
+        await self._ready()
+        svc = self._service
+        if svc is None or Capability.ADD_ANY not in self.capabilities:
+            raise unsupported("AddAnyPortMapping", f"{svc.service_type if svc else 'the IGD'} "
+                              "has no AddAnyPortMapping (IGDv2 only)")
+
+        async def once(asked: int) -> Granted:
+            out = await self._via_soap("AddAnyPortMapping", lambda svc: soap_call(
+                svc, "AddAnyPortMapping", mapping_args(
+                    spec.proto.value, spec.external_port, spec.internal_port,
+                    spec.internal_client, spec.description, asked),
+                timeout=self.timeout, lease=asked, for_self=self._for_self(spec)))
+            return Granted(reserved_port(out), asked)
+
+        return await add_with_lease_fallback(once, lease)
 
     async def delete(self, proto: Proto, external_port: int) -> None:
         u = await self._ready()
@@ -267,60 +323,32 @@ class MiniupnpcGateway:
         await self._call("DeletePortMapping", call)
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
-        u = await self._ready()
-
-        def call() -> RouterMapping | None:
-            r = u.getspecificportmapping(external_port, proto.value)
-            if r is None:
-                return None
-            client, iport, desc, enabled, lease = r
-            return RouterMapping(
-                proto=proto,
-                external_port=external_port,
-                internal_client=str(client),
-                internal_port=int(iport),
-                description=str(desc),
-                enabled=bool(int(enabled)) if str(enabled).isdecimal() else bool(enabled),
-                lease_remaining=int(lease),
-            )
-
-        try:
-            return await self._call("GetSpecificPortMappingEntry", call)
-        except NoSuchMapping:
-            return None
+        """Read with our SOAP codec on the same service: miniupnpc's binding answers ``None``
+        for "no such entry" and for "router down" alike, which would take an unreachable
+        router for one that lost our mapping."""
+        await self._ready()
+        return await self._via_soap("GetSpecificPortMappingEntry",
+                                lambda svc: read_mapping(svc, proto, external_port,
+                                                         timeout=self.timeout))
 
     async def list(self, limit: int = 4096) -> list[RouterMapping]:
-        u = await self._ready()
+        """Read with our SOAP codec (miniupnpc's binding answers ``None`` for the end of the
+        table and for a failure alike)."""
+        await self._ready()
+        return await self._via_soap("GetGenericPortMappingEntry",
+                                lambda svc: read_table(svc, limit, timeout=self.timeout))
 
-        def call() -> list[RouterMapping]:
-            out: list[RouterMapping] = []
-            for i in range(limit):
-                try:
-                    r = u.getgenericportmapping(i)
-                except Exception as exc:
-                    if "specifiedarrayindexinvalid" in str(exc).lower().replace(" ", ""):
-                        break
-                    raise
-                if r is None:
-                    break
-                eport, proto, (client, iport), desc, enabled, _rhost, lease = r
-                p = Proto(str(proto).upper()) if str(proto).upper() in ("TCP", "UDP") else None
-                if p is None:
-                    continue
-                out.append(
-                    RouterMapping(
-                        proto=p,
-                        external_port=int(eport),
-                        internal_client=str(client),
-                        internal_port=int(iport),
-                        description=str(desc),
-                        enabled=str(enabled) not in ("0", "False"),
-                        lease_remaining=int(lease),
-                    )
-                )
-            return out
-
-        return await self._call("GetGenericPortMappingEntry", call)
+    async def _via_soap(self, action: str, op: Callable[[IgdService], Awaitable[T]]) -> T:
+        """An action sent with our SOAP codec to the chosen service (what miniupnpc's binding
+        cannot express or report), metered like the others."""
+        svc = self._service
+        if svc is None:
+            raise GatewayUnreachable(f"no WAN connection service chosen for {action}")
+        try:
+            return await metered(self.on_call, action, op(svc))
+        except GatewayUnreachable:
+            self._info = None
+            raise
 
     async def _ready(self) -> Any:
         if self._info is None or self._upnp is None:
