@@ -222,7 +222,7 @@ def test_status_groups_ports_under_their_activation(monkeypatch: pytest.MonkeyPa
     assert "lapses in 1h30m" in lines[head]
     assert lines[head + 1].strip().startswith("the router only lets a host map ports")
     assert "udp/34197-34199: failed - udp: refused (secure mode)" in lines[head + 2]
-    assert "tcp/27015: active - renewed every 30m00s" in lines[head + 3]
+    assert "tcp/27015: active - lease 1h00m" in lines[head + 3]
     assert out.count("udp: refused (secure mode)") == 1  # an error once, not per port
     assert "mappings of no live activation" in out and "tcp/5000 -> 192.168.1.30" in out
 
