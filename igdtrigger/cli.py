@@ -329,7 +329,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"external {gw.get('external_address') or 'unknown'}; we are "
           f"{gw.get('local_address') or 'unknown'}")
     for d in data["detectors"]:
-        print(f"detector {d['name']}: {'active' if d['active'] else 'inactive - ' + d['reason']}")
+        if d["active"]:
+            detail = f" - {d['detail']}" if d.get("detail") else ""
+            print(f"detector {d['name']}: active{detail}")
+        else:
+            print(f"detector {d['name']}: inactive - {d.get('reason') or 'stopped'}")
     for w in data["warnings"]:
         print(f"warning: {w}")
     holes = data.get("pinholes") or {}

@@ -149,6 +149,7 @@ class DetectConfig:
     explicit: bool = False  # methods named in the config (else sockets stands in for conntrack)
     socket_interval: float = 1.0
     process_interval: float = 1.0
+    track_flows: bool = True  # load nft table inet igdtrigger so the kernel tracks trigger flows
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,7 +507,7 @@ PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
         "allow_adhoc", "adhoc_ports", "adhoc_max_ports", "adhoc_max_ttl", "adhoc_per_host",
         "adhoc_admin_only")
-_DETECT = ("methods", "socket_interval", "process_interval")
+_DETECT = ("methods", "socket_interval", "process_interval", "track_flows")
 _SERVICE = ("state_dir",)
 _RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share", "external")
 # sections whose keys IGDTRIGGER_<SECTION>__<KEY> may override
@@ -610,7 +611,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
                                      f"{intervals[key]:g}s")
     detect = DetectConfig(methods=methods, explicit=methods_raw is not None,
                           socket_interval=intervals["socket_interval"],
-                          process_interval=intervals["process_interval"])
+                          process_interval=intervals["process_interval"],
+                          track_flows=det_sec.boolean("track_flows", True))
     det_sec.done(_DETECT)
 
     svc_sec = _Section(top.get("service") or {}, "service", source)

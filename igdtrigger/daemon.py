@@ -123,7 +123,13 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
                             discover_timeout=config.gateway.discover_timeout,
                             on_call=metrics.on_router_call)
     detectors = build_detectors(config)
-    service = Service(config, gateway, detectors=detectors, on_router_call=metrics.on_router_call)
+    tracking = None
+    if any(d.name == "conntrack" for d in detectors):
+        from .detect.nfttrack import KernelTracking
+
+        tracking = KernelTracking(enabled=config.detect.track_flows)
+    service = Service(config, gateway, detectors=detectors, on_router_call=metrics.on_router_call,
+                      tracking=tracking)
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
             det.wanted = lambda proto, port: bool(service.engine.index.match(proto, port))

@@ -86,21 +86,37 @@ def check_detectors(config: Config) -> list[Check]:
             out.append(Check("ok" if idle else "warn", f"detector {det.name}", str(exc),
                              "" if idle else "explicit activations still work"))
         else:
-            usable.add(det.name)
-            if det.name == "conntrack" and _tracking_idle():
-                from .detect.conntrack import TRACKING_HINT
-
-                out.append(Check("warn", "detector conntrack", "can run, but the kernel tracks "
-                                 "no connection in this network namespace now", TRACKING_HINT))
-            else:
-                out.append(Check("ok", f"detector {det.name}", "can run"))
+            check = (check_tracking(config, det) if det.name == "conntrack"
+                     else Check("ok", f"detector {det.name}", "can run"))
+            if check.level == "ok":
+                usable.add(det.name)
+            out.append(check)
     return out
 
 
-def _tracking_idle() -> bool:
-    from .detect.conntrack import tracking_idle
+def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
+    """conntrack can subscribe; will it see trigger flows? Only if the kernel tracks them:
+    the service's own nftables table (needs nft), or this machine's own rules (probed)."""
+    from .detect.nfttrack import TABLE, KernelTracking
 
-    return tracking_idle()
+    t = tracking or KernelTracking(enabled=config.detect.track_flows)
+    name = "detector conntrack"
+    wanted = getattr(det, "wanted", None)
+    if not any(r.trigger for r in config.rules):
+        return Check("ok", name, "can run (no rule has a trigger port)")
+    if t.enabled and t.available:
+        how = t.nft or "over netlink: no nft command"
+        return Check("ok", name, f"can run; the service loads nftables table {TABLE} so the "
+                     f"kernel tracks the trigger flows ({how})")
+    why = ("[detect] track_flows = false" if not t.enabled
+           else "the nft command is missing")
+    if t.probe(1.0, wanted):
+        return Check("ok", name, f"can run; conntrack events verified by a loopback probe "
+                     f"(this machine's own rules make the kernel track flows; {why})")
+    return Check("warn", name, f"can subscribe, but the kernel does not track connections here "
+                 f"and {why}: trigger traffic would not be seen; the socket table stands in",
+                 "install nftables (the service then loads its own table)" if t.enabled
+                 else "set [detect] track_flows = true, or add a `ct` rule of your own")
 
 
 async def _probe_gateway(config: Config, timeout: float) -> tuple[Any, Any, str]:
@@ -214,8 +230,16 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     else:
         out.append(Check("FAIL", "service's router", f"down: {gw.get('error')}",
                          "see `igdtrigger status` and the service's log"))
+    for det in status.get("detectors", []):
+        if det.get("name") == "conntrack":  # what the running service really sees
+            out.append(Check("ok", "service's conntrack", f"sees flows: {det.get('detail')}")
+                       if det.get("active") else
+                       Check("warn", "service's conntrack", f"sees no flow: {det.get('reason')}",
+                             "see the detectors section of the README; the socket table "
+                             "stands in"))
     for warning in status.get("warnings", []):
-        out.append(Check("warn", "service", str(warning)))
+        if not str(warning).startswith("detector conntrack inactive"):  # said just above
+            out.append(Check("warn", "service", str(warning)))
     return out
 
 

@@ -309,6 +309,12 @@ class Mapper:
                                                       confirm=not final)
                 if deleted and outcome is Removal.GONE:
                     asked.append(spec)
+                elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
+                    # from an earlier run: NAT-PMP/PCP delete only what this run made (PCP
+                    # needs the nonce of the run that made it), so nothing was asked
+                    log.warning("%s from an earlier run cannot be deleted over %s; it lapses "
+                                "on the router at the end of its lifetime", key,
+                                self.gateway.info.protocol if self.gateway.info else "NAT-PMP")
                 if outcome is Removal.REFUSED and rnd == 0:
                     again.append(spec)
                     continue

@@ -144,6 +144,11 @@ class Metrics:
             if state not in ("active", "pending", "conflict", "failed"):
                 w.sample("igdtrigger_mappings", n, protocol=proto, state=state)
 
+        w.family("igdtrigger_mappings_unconfirmed", "gauge",
+                 "Mappings no longer wanted that the router may still hold (a delete refused, "
+                 "unanswered, or answered but not done); retried, kept in the journal.")
+        w.sample("igdtrigger_mappings_unconfirmed", len(svc.mapper.orphans))
+
         w.family("igdtrigger_pinholes", "gauge",
                  "IPv6 pinholes this service holds or wants, by protocol and state.")
         by_hole: collections.Counter[tuple[str, str]] = collections.Counter(
@@ -192,9 +197,16 @@ class Metrics:
         for kind in sorted({"mapping_conflict", "mapping_failed", *errors}):
             w.sample("igdtrigger_errors_total", errors[kind], kind=kind)
 
-        w.family("igdtrigger_detector_active", "gauge", "1 for each detector that is running.")
+        w.family("igdtrigger_detector_active", "gauge",
+                 "1 for each detector that runs and can see what it is for (conntrack: the "
+                 "kernel tracks the trigger flows).")
         for det in svc.detector_status:
             w.sample("igdtrigger_detector_active", 1 if det.active else 0, detector=det.name)
+        if svc.tracking is not None:
+            w.family("igdtrigger_tracking_table_loaded", "gauge",
+                     "1 while nftables table inet igdtrigger (the kernel tracks trigger flows) "
+                     "is loaded.")
+            w.sample("igdtrigger_tracking_table_loaded", 1 if svc.tracking.installed else 0)
         w.family("igdtrigger_flows_total", "counter",
                  "New outbound flows seen by the detectors, and those matching a trigger.")
         w.sample("igdtrigger_flows_total", svc.engine.flows_seen, result="seen")

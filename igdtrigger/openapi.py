@@ -69,6 +69,31 @@ _SCHEMAS: dict[str, Any] = {
                                  "properties": {"status": {"type": "integer"},
                                                 "message": {"type": "string"}}}},
     },
+    "Detector": {
+        "type": "object", "required": ["name", "active"],
+        "description": "active: it runs and can see what it is for (conntrack: the kernel "
+                       "tracks the trigger flows, or events were seen); else reason says why",
+        "properties": {
+            "name": {"type": "string", "enum": ["conntrack", "sockets", "process"]},
+            "active": {"type": "boolean"},
+            "reason": {"type": "string"},
+            "detail": {"type": "string", "description": "what an active one's claim rests on"},
+            "events_seen": {"type": "integer", "description": "conntrack events received"},
+            "tracking": {
+                "type": "object",
+                "description": "conntrack: the nftables table that makes the kernel track "
+                               "trigger flows",
+                "properties": {
+                    "table": {"type": "string"},
+                    "enabled": {"type": "boolean"},
+                    "loaded": {"type": "boolean"},
+                    "reason": {"type": ["string", "null"]},
+                    "reinstalls": {"type": "integer"},
+                    "trigger_flows_counted": {"type": ["integer", "null"]},
+                },
+            },
+        },
+    },
     "Rule": {
         "type": "object", "required": ["name", "trigger", "open", "idle_timeout"],
         "properties": {
@@ -170,7 +195,7 @@ _SCHEMAS: dict[str, Any] = {
             "uptime": {"type": "number"},
             "instance": {"type": "string"},
             "gateway": {"type": "object"},
-            "detectors": {"type": "array", "items": {"type": "object"}},
+            "detectors": {"type": "array", "items": _ref("Detector")},
             "rules": {"type": "array", "items": _ref("Rule")},
             "activations": {"type": "array", "items": _ref("Activation")},
             "mappings": {"type": "array", "items": _ref("Mapping")},

@@ -25,6 +25,7 @@ from . import __version__
 from .config import ADHOC_PREFIX, Config, Rule, default_state_dir
 from .detect.base import Detector
 from .detect.hostmap import HostMap
+from .detect.nfttrack import TABLE, KernelTracking
 from .engine import Activation, Engine, Event, EventKind, Source
 from .errors import AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
@@ -53,13 +54,18 @@ log = logging.getLogger("igdtrigger")
 
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
+TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
 
 
 @dataclass(slots=True)
 class DetectorStatus:
+    """``active``: the detector runs *and* can see what it is for; ``reason``: why not;
+    ``detail``: what an active one's claim rests on (conntrack: the kernel tracks the flows)."""
+
     name: str
     active: bool
     reason: str = ""
+    detail: str = ""
 
 
 def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None) -> str | None:
@@ -106,8 +112,13 @@ class Service:
         wall: Callable[[], float] = time.time,
         state_dir: Path | None = None,
         on_router_call: Callable[[str, float, bool], None] | None = None,
+        tracking: KernelTracking | None = None,
     ) -> None:
         self.config = config
+        # makes the kernel track trigger flows for the conntrack detector (nfttrack.py); None:
+        # not managed here (tests), the conntrack detector is then taken at its word
+        self.tracking = tracking
+        self.tracked_flows: int | None = None  # new trigger flows our nft counters saw
         self.gateway = gateway
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
@@ -165,6 +176,8 @@ class Service:
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = HostMap(self.local_address, clock=clock)
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
+        self._events_at_start = 0  # conntrack events_seen when its visibility was established
+        self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -285,7 +298,8 @@ class Service:
             standby = getattr(det, "standby_for", "")
             if standby and any(st.name == standby and st.active for st in self.detector_status):
                 self.detector_status.append(DetectorStatus(
-                    det.name, False, f"standby: {standby} is active and sees every flow"))
+                    det.name, False, f"standby: {standby} is active; this one stands in if "
+                    f"{standby} stops or stops seeing flows"))
                 continue
             try:
                 det.check()
@@ -306,9 +320,87 @@ class Service:
                     "still work", det.name, exc
                 )
                 continue
-            self.detector_status.append(DetectorStatus(det.name, True))
+            st = DetectorStatus(det.name, True)
+            if det.name == "conntrack" and self.tracking is not None:
+                st = await self._conntrack_visibility(det)
+            self.detector_status.append(st)
+            # a conntrack that cannot see flows yet still listens: they may come later
             self._tasks.append(asyncio.create_task(self._run_detector(det), name=det.name))
+        if self._tracking_watched:
+            self._tasks.append(asyncio.create_task(self._watch_tracking(), name="tracking"))
         self.wake()
+
+    def _tracked_ports(self) -> tuple[list[PortRange], list[PortRange]]:
+        rules = self.config.rules
+        return ([r for rule in rules for r in rule.trigger],
+                [r for rule in rules for r in rule.open])
+
+    async def _conntrack_visibility(self, det: Detector) -> DetectorStatus:
+        """Make the kernel track the trigger flows (or find out whether it does): conntrack
+        is reported active only on that ground."""
+        assert self.tracking is not None
+        trigger, opened = self._tracked_ports()
+        vis = await asyncio.to_thread(
+            self.tracking.establish, trigger, opened,
+            lambda proto, port: bool(self.engine.index.match(proto, port)))
+        self._events_at_start = getattr(det, "events_seen", 0)
+        self._tracking_watched = True
+        if vis.seen:
+            return DetectorStatus(det.name, True, detail=vis.text)
+        log.warning("detector conntrack: %s; the socket table stands in", vis.text)
+        return DetectorStatus(det.name, False, vis.text)
+
+    async def retrack(self) -> None:
+        """The rules changed: load the nftables table again for their trigger ports."""
+        if self.tracking is not None and self.tracking.enabled:
+            await asyncio.to_thread(self.tracking.install, *self._tracked_ports())
+
+    async def _watch_tracking(self) -> None:
+        """Keep our nftables table in place, count what it saw, and report conntrack active
+        once it really sees flows (an event arrived), or inactive if tracking was lost."""
+        assert self.tracking is not None
+        tracking = self.tracking
+        det = next(d for d in self.detectors if d.name == "conntrack")
+        unannounced = 0  # consecutive checks where our counters saw trigger flows, events none
+        while True:
+            await asyncio.sleep(TRACKING_CHECK)
+            st = next((s for s in self.detector_status if s.name == "conntrack"), None)
+            if st is None or not any(t.get_name() == "conntrack" and not t.done()
+                                     for t in self._tasks):
+                continue  # not running (it stopped): nothing to vouch for
+            if tracking.installed:
+                counted = await asyncio.to_thread(tracking.check)
+                if counted is not None:
+                    self.tracked_flows = counted
+                if not tracking.installed and st.active:  # removed, and cannot be put back
+                    self._conntrack_blind(st, f"the kernel no longer tracks trigger flows: "
+                                              f"nftables table {TABLE} was removed and "
+                                              f"{tracking.reason}")
+                reported = getattr(det, "flows_reported", None)
+                # the kernel counted trigger flows, conntrack announced none: events are lost
+                # (nf_conntrack_events=0, a full socket buffer...). Two checks in a row, so
+                # an event still in flight at the first is not mistaken for a lost one.
+                unannounced = unannounced + 1 if (counted and reported == 0) else 0
+                if unannounced >= 2 and st.active:
+                    self._conntrack_blind(st, f"the kernel counted {counted} new trigger "
+                                              "flow(s) but no conntrack event announced one "
+                                              "(events lost or disabled: sysctl "
+                                              "net.netfilter.nf_conntrack_events)")
+                elif (not st.active and st.reason.startswith("the kernel counted")
+                      and isinstance(reported, int) and reported > 0):
+                    st.active, st.reason = True, ""
+                    st.detail = f"conntrack announced {reported} trigger flow(s)"
+            events = getattr(det, "events_seen", 0) - self._events_at_start
+            if not st.active and st.reason.startswith("listening") and events > 0:
+                st.active, st.reason = True, ""
+                st.detail = f"conntrack events seen ({events} since start)"
+                log.info("detector conntrack: %s", st.detail)
+
+    def _conntrack_blind(self, st: DetectorStatus, reason: str) -> None:
+        """conntrack stays subscribed but cannot be vouched for: say why; a stand-in runs."""
+        st.active, st.detail, st.reason = False, "", reason
+        log.warning("detector conntrack: %s; the socket table stands in", reason)
+        self._start_standins("conntrack")
 
     async def _run_detector(self, det: Detector) -> None:
         try:
@@ -325,12 +417,16 @@ class Service:
                 st.reason = st.reason or "stopped (see log)"
         if self._stopping:
             return
-        for other in self.detectors:  # a stand-in waiting for this one takes over
-            if getattr(other, "standby_for", "") != det.name:
+        self._start_standins(det.name)
+
+    def _start_standins(self, name: str) -> None:
+        """A stand-in waiting for detector ``name`` takes over."""
+        for other in self.detectors:
+            if getattr(other, "standby_for", "") != name:
                 continue
             for st in self.detector_status:
                 if st.name == other.name and not st.active and st.reason.startswith("standby"):
-                    log.warning("detector %s takes over from %s", other.name, det.name)
+                    log.warning("detector %s takes over from %s", other.name, name)
                     st.active, st.reason = True, ""
                     self._tasks.append(asyncio.create_task(self._run_detector(other),
                                                            name=other.name))
@@ -346,6 +442,8 @@ class Service:
         self._tasks.clear()
         if self._notify_watcher is not None:
             self._notify_watcher.close()
+        if self.tracking is not None:
+            await asyncio.to_thread(self.tracking.remove)
         removed = 0
         try:
             removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
@@ -711,10 +809,7 @@ class Service:
                     "restarts_seen": self.router_announcements,
                 },
             },
-            "detectors": [
-                {"name": d.name, "active": d.active, **({"reason": d.reason} if d.reason else {})}
-                for d in self.detector_status
-            ],
+            "detectors": [self._detector_json(d) for d in self.detector_status],
             "rules": [r.to_json() for r in self.config.rules],
             "activations": [
                 self.activation_json(a)
@@ -735,6 +830,23 @@ class Service:
             "warnings": warnings,
             "events": list(self.events)[-50:],
         }
+
+    def _detector_json(self, st: DetectorStatus) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": st.name, "active": st.active}
+        if st.reason:
+            out["reason"] = st.reason
+        if st.detail:
+            out["detail"] = st.detail
+        det = next((d for d in self.detectors if d.name == st.name), None)
+        events = getattr(det, "events_seen", None)
+        if isinstance(events, int):
+            out["events_seen"] = events
+        if st.name == "conntrack" and self.tracking is not None:
+            t = self.tracking
+            out["tracking"] = {"table": TABLE, "enabled": t.enabled, "loaded": t.installed,
+                               "reason": t.reason or None, "reinstalls": t.reinstalls,
+                               "trigger_flows_counted": self.tracked_flows}
+        return out
 
     def rules(self) -> list[Rule]:
         return list(self.config.rules)

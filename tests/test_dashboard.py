@@ -88,33 +88,56 @@ def browser_binary() -> str:
     return path
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[str]:
-    """`igdtrigger serve --simulate` on a free loopback port; yields its base URL."""
-    config = tmp_path / "config.toml"
-    config.write_text(CONFIG)
-    ready = tmp_path / "ready"
-    port = free_port()
-    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(tmp_path / "state"),
-           "XDG_CONFIG_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    env.pop("IGDTRIGGER_CONFIG", None)
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "igdtrigger", "serve", "--config", str(config), "--simulate",
-         "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+class Serve:
+    """`igdtrigger serve --simulate` on a loopback port; stop() and start() again."""
+
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        self.tmp, self.port = tmp_path, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.config = tmp_path / "config.toml"
+        self.config.write_text(CONFIG)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Serve:
+        ready = self.tmp / "ready"
+        ready.unlink(missing_ok=True)
+        env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(self.tmp / "state"),
+               "XDG_CONFIG_HOME": str(self.tmp), "PYTHONPATH": str(ROOT)}
+        env.pop("IGDTRIGGER_CONFIG", None)
+        with (self.tmp / "serve.log").open("ab") as log:
+            self.proc = proc = subprocess.Popen(
+                [sys.executable, "-m", "igdtrigger", "serve", "--config", str(self.config),
+                 "--simulate", "--listen", f"127.0.0.1:{self.port}", "--ready-file",
+                 str(ready)], env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: ready.exists() or proc.poll() is not None, 20, "serve to start")
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        yield f"http://127.0.0.1:{port}"
-    finally:
+        assert proc.poll() is None, (self.tmp / "serve.log").read_text()
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    s = Serve(tmp_path, free_port()).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def service(serve: Serve) -> str:
+    """`igdtrigger serve --simulate` on a free loopback port; its base URL."""
+    return serve.url
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -257,8 +280,8 @@ async def test_dashboard_shows_a_mapping_and_a_click_deactivates_it(
     await page.click(f'button[data-deactivate="{act["id"]}"]')
 
     def closed() -> bool:
-        return (http("GET", f"{service}/api/v1/activations")["activations"] == []
-                and http("GET", f"{service}/api/v1/mappings")["mappings"] == [])
+        return bool(http("GET", f"{service}/api/v1/activations")["activations"] == []
+                    and http("GET", f"{service}/api/v1/mappings")["mappings"] == [])
 
     await asyncio.to_thread(wait_for, closed, 10, "the click to end the activation and close "
                             "its ports")
@@ -268,15 +291,119 @@ async def test_dashboard_shows_a_mapping_and_a_click_deactivates_it(
                        "!== null", 10, "the deactivated event (over SSE)")
     assert "ended" in await page.js('document.querySelector("#message").textContent')
     await page.screenshot(ARTIFACTS / "dashboard-after-deactivate.png")
-    errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"
-              or (e["method"] == "Runtime.consoleAPICalled"
-                  and e["params"].get("type") == "error")
-              or (e["method"] == "Log.entryAdded"
-                  and e["params"]["entry"].get("level") == "error")]
+    errors = console_errors(page)
     assert errors == [], errors
     await asyncio.to_thread(_write, ARTIFACTS / "dashboard-timing.json", json.dumps(
         {"mapping_visible_after_navigate_s": round(load_time, 3)}).encode() + b"\n")
     assert load_time < 10
+
+
+def is_error(event: dict[str, Any], *, allow_network: bool = False) -> bool:
+    """A script error the page logged; with ``allow_network``, a failed request to a service
+    that was stopped on purpose is not one."""
+    method, params = event["method"], event["params"]
+    if method == "Log.entryAdded":
+        entry = params["entry"]
+        return bool(entry.get("level") == "error"
+                    and not (allow_network and entry.get("source") == "network"))
+    return bool(method == "Runtime.exceptionThrown" or (
+        method == "Runtime.consoleAPICalled" and params.get("type") == "error"))
+
+
+def console_errors(page: DevTools, *, allow_network: bool = False) -> list[dict[str, Any]]:
+    return [e for e in page.events if is_error(e, allow_network=allow_network)]
+
+
+async def test_the_page_says_the_service_is_away_and_recovers_by_itself(
+        serve: Serve, page: DevTools) -> None:
+    """The service stops: the page no longer shows the router up, the activation open or any
+    mapping active; it says the service is away and greys those out. The service comes back:
+    the page shows its fresh state without a reload."""
+    url = serve.url
+    act = await asyncio.to_thread(http, "POST", f"{url}/api/v1/activations",
+                                  {"rule": "demo", "ttl": "5m"})
+    assert act["state"] == "open", act
+    await page.call("Page.navigate", url=f"{url}/")
+    await page.wait_js('document.querySelector("#live")?.textContent === "live"', 10,
+                       "the event stream to connect")
+    await page.wait_js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                       ".length === 4", 10, "four active mappings")
+    assert await page.js('document.querySelector("#gateway-state").textContent') == "up"
+    assert await page.js('document.querySelector("#away").hidden') is True
+
+    await asyncio.to_thread(serve.stop)
+
+    await page.wait_js('document.body.classList.contains("away")', 15,
+                       "the page to notice the service went away")
+    assert await page.js('document.querySelector("#away").hidden') is False
+    assert await page.js('document.querySelector("#live").textContent') == "service away"
+    gw = await page.js('document.querySelector("#gateway-state").textContent')
+    assert gw.startswith("unknown") and "up" not in gw.split("(")[0], gw
+    assert await page.js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                         ".length") == 0
+    assert await page.js('document.querySelectorAll("#mappings tr[data-mapping]").length') == 4
+    cells = await page.js('[...document.querySelectorAll("#mappings tr[data-mapping] td")]'
+                          ".map(td => td.textContent)")
+    assert not [c for c in cells if c == "active"], cells
+    row = f'tr[data-activation="{act["id"]}"]'
+    assert await page.js(f"document.querySelector('{row}').getAttribute('data-state')") \
+        == "unknown"
+    texts = await page.js(f"[...document.querySelectorAll('{row} td')].map(t => t.textContent)")
+    assert "open" not in texts and any(t.startswith("unknown") for t in texts), texts
+    assert not [t for t in texts if t.endswith(" open") and not t.startswith("last")], texts
+    assert await page.js(f"document.querySelector('{row} button').disabled") is True
+    opacity = await page.js('getComputedStyle(document.querySelector("#mappings")'
+                            '.closest("section")).opacity')
+    assert float(opacity) < 1
+    countdown = await page.js(f"document.querySelector('{row} td:nth-child(5)').textContent")
+    await page.screenshot(ARTIFACTS / "dashboard-service-away.png")
+
+    await asyncio.sleep(1.5)  # countdowns no longer tick: nothing vouches for them
+    assert await page.js(f"document.querySelector('{row} td:nth-child(5)').textContent") \
+        == countdown
+
+    await asyncio.to_thread(serve.start)
+    again = await asyncio.to_thread(http, "POST", f"{url}/api/v1/activations",
+                                    {"rule": "demo", "ttl": "5m"})
+    await page.wait_js('!document.body.classList.contains("away")', 20,
+                       "the page to recover when the service is back")
+    await page.wait_js('document.querySelector("#live")?.textContent === "live"', 10,
+                       "the event stream to reconnect")
+    await page.wait_js(f'document.querySelector(\'tr[data-activation="{again["id"]}"]\') '
+                       "!== null", 10, "the new activation")
+    await page.wait_js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                       ".length === 4", 10, "the mappings active again")
+    assert await page.js('document.querySelector("#gateway-state").textContent') == "up"
+    assert await page.js('document.querySelector("#away").hidden') is True
+    await page.screenshot(ARTIFACTS / "dashboard-service-back.png")
+    assert console_errors(page, allow_network=True) == []
+
+
+async def test_a_frozen_service_is_noticed_by_its_silence(serve: Serve, page: DevTools) -> None:
+    """A service that stops without closing the connection (frozen; or the network between
+    is gone) sends no keep-alive: past twice its heartbeat (15 s) the page says it is away,
+    and it recovers by itself when the service resumes."""
+    url = serve.url
+    await asyncio.to_thread(http, "POST", f"{url}/api/v1/activations",
+                            {"rule": "demo", "ttl": "5m"})
+    await page.call("Page.navigate", url=f"{url}/")
+    await page.wait_js('document.querySelector("#live")?.textContent === "live"', 10,
+                       "the event stream to connect")
+    await page.wait_js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                       ".length === 4", 10, "four active mappings")
+    assert serve.proc is not None
+    serve.proc.send_signal(signal.SIGSTOP)
+    try:
+        await page.wait_js('document.body.classList.contains("away")', 90,
+                           "the page to notice the silence")
+        assert await page.js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                             ".length") == 0
+    finally:
+        serve.proc.send_signal(signal.SIGCONT)
+    await page.wait_js('!document.body.classList.contains("away")', 30,
+                       "the page to recover when the service resumes")
+    await page.wait_js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
+                       ".length === 4", 10, "the mappings active again")
 
 
 async def test_dashboard_says_a_wrong_token_and_its_placeholder_activates(

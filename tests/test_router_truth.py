@@ -20,6 +20,7 @@ from igdtrigger.gateway.select import build_gateway
 from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
 from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
+from igdtrigger.metrics import Metrics
 from igdtrigger.service import Service
 
 from .fakes import FakeClock
@@ -424,6 +425,7 @@ async def test_refused_delete_is_retried_while_running(rig: Rig) -> None:
     await rig.end_activations()
     assert [p for p, _, _ in rig.ours()] == [40000]
     assert svc.status()["journal"]["orphans_pending"] == 1
+    assert "igdtrigger_mappings_unconfirmed 1\n" in Metrics().render(svc)
     when = svc.mapper.next_deadline()
     assert when is not None and when > rig.clock.now  # the scheduler wakes for the retry
     rig.clock.now = when
@@ -445,3 +447,26 @@ async def test_router_that_starts_dropping_timed_leases_is_caught_at_the_re_add(
     assert rig.router.calls["AddPortMapping"] <= 4  # not one re-add per check
     assert svc.status()["gateway"]["learned"]["keeps_timed"] is False
     rig.agrees()
+
+
+async def test_pcp_leftover_of_an_earlier_run_is_not_claimed_deleted(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """PCP deletes need the nonce of the run that made the mapping: after a crash the next
+    start says it cannot delete it (it lapses by its lifetime), never that it did."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
+    await svc._wait_applied(svc.engine.generation, 5)
+    for t in svc._tasks:  # crash: no stop
+        t.cancel()
+    svc.journal.close()
+    await svc.gateway.close()  # the process is gone (its socket too)
+    clock.advance(120)  # the activation is over by the next start
+    caplog.set_level(logging.WARNING, "igdtrigger.mapper")
+    again = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    await again.start()
+    await again._wait_applied(again.engine.generation, 5)
+    assert any("cannot be deleted over pcp" in r.message for r in caplog.records)
+    await again.stop()

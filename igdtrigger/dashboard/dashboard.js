@@ -1,6 +1,12 @@
 // igdtrigger dashboard: plain JS, no build step. Reads /api/v1/status, follows
 // /api/v1/events (server-sent events, read with fetch so the optional admin token can be sent
 // as a header) and acts through /api/v1/activations. All text goes in via textContent.
+//
+// The page only says what the service vouches for: when the event stream drops (the service
+// stopped, crashed or is unreachable) or stays silent past its heartbeat, the page says the
+// service is away, greys out the router, activations and mappings, shows their states as
+// unknown (with the last one reported) and stops the countdowns; it reconnects by itself and
+// shows the service's fresh state when it is back.
 "use strict";
 
 const TOKEN_KEY = "igdtrigger-token";
@@ -11,6 +17,9 @@ const state = {
   readable: true,    // false after a 401 on /status: own activations only
   events: [],
   refreshTimer: null,
+  away: false,       // the event stream dropped: nothing shown is vouched for any more
+  awaySince: null,
+  streamUp: false,   // the event stream is connected
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -40,7 +49,14 @@ async function api(method, path, body) {
   const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}),
                  cache: "no-store" };
   if (body !== undefined) init.body = JSON.stringify(body);
-  const resp = await fetch(path, init);
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (e) {
+    const err = new Error("no answer (" + e.message + ")");
+    err.network = true;   // the service did not answer at all
+    throw err;
+  }
   let data = null;
   try { data = await resp.json(); } catch (e) { data = null; }
   if (!resp.ok) {
@@ -94,11 +110,14 @@ async function refresh() {
       status = { rules: rules.rules, activations: acts.activations, mappings: [],
                  warnings: [], gateway: null, events: [] };
     }
+    if (state.away && !state.streamUp) return;   // an answer from before the drop is no news
     state.status = status;
     state.fetchedAt = performance.now();
     if (status.events && !state.events.length) state.events = status.events.slice(-50);
-    render();
+    if (state.away) setAway(false);   // back: this is the service's fresh word
+    else render();
   } catch (err) {
+    if (err.network) { setAway(true); return; }   // no answer: the banner says so
     say("cannot read the service: " + err.message, true);
   }
 }
@@ -123,11 +142,16 @@ function render() {
 
 function renderGateway(gw, warnings) {
   const set = (id, text, cls) => { const n = $(id); n.textContent = text; n.className = cls || ""; };
-  if (!gw) {
+  if (state.away) {
+    const last = !gw ? "" : " (last reported " + (gw.up ? "up" : "down") + ")";
+    set("#gateway-state", "unknown: the service is away" + last, "muted");
+  } else if (!gw) {
     for (const id of ["#gateway-state", "#gateway-protocol", "#gateway-external",
                       "#gateway-local", "#gateway-location", "#gateway-lease"]) set(id, "(needs read access)", "muted");
   } else {
     set("#gateway-state", gw.up ? "up" : "down" + (gw.error ? ": " + gw.error : ""), gw.up ? "ok" : "bad");
+  }
+  if (gw) {
     set("#gateway-protocol", gw.protocol || "–");
     const ext = gw.external_address || "unknown";
     set("#gateway-external", gw.external_reachable === false ? ext + " (not public: double NAT or CGNAT)" : ext,
@@ -153,20 +177,28 @@ function activationLine(a) {  // the message after Activate: the reason and fix 
     + (a.message ? " · " + a.message : "");
 }
 
+function unknown(last) { return "unknown (last reported " + last + ")"; }
+
 function renderActivations(acts) {
   const body = $("#activations tbody");
-  body.replaceChildren(...acts.map((a) => el("tr", { "data-activation": a.id, "data-rule": a.rule },
+  const away = state.away;
+  body.replaceChildren(...acts.map((a) => el("tr", { "data-activation": a.id, "data-rule": a.rule,
+                                                     "data-state": away ? "unknown" : a.state },
     el("td", {}, a.rule),
     el("td", {}, a.host),
     el("td", {}, a.source || ""),
+    away ? el("td", { class: "muted" }, unknown(a.state)) :
     el("td", { class: a.state === "open" || a.state === "self" ? "ok" : (a.state === "failed" ? "bad" : "warnish"),
                title: a.message || "" },
        (a.state === "self" ? "mapped by the PC itself" : a.state)
        + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
+    away ? el("td", { class: "muted" }, "–") :
     el("td", { class: "countdown", "data-expires": String(a.expires_in) }, duration(a.expires_in)),
-    el("td", { class: "wrap" }, a.state === "self" ? (a.ports || []).length + " port(s), by the PC"
+    el("td", { class: away ? "muted" : "wrap" },
+       away ? "last reported " + portSummary(a)
+       : a.state === "self" ? (a.ports || []).length + " port(s), by the PC"
        : portSummary(a) + (a.message ? " · " + a.message : "")),
-    el("td", {}, el("button", { type: "button", "data-deactivate": a.id,
+    el("td", {}, el("button", { type: "button", "data-deactivate": a.id, disabled: away,
                                onclick: () => deactivate(a) }, "Deactivate")),
   )));
   $("#activations-empty").hidden = acts.length > 0;
@@ -175,30 +207,37 @@ function renderActivations(acts) {
 function renderMappings(maps, pinholes) {
   const body = $("#mappings tbody");
   const holes = pinholes.entries || [];
+  const away = state.away;
+  const stateCell = (st, error) => away
+    ? el("td", { class: "muted" }, unknown(st))
+    : el("td", { class: st === "active" ? "ok" : "bad", title: error || "" },
+         st + (error ? " – " + error : ""));
+  const renewCell = (renewIn) => {
+    const none = away || renewIn === undefined || renewIn === null;
+    return el("td", { class: "countdown", "data-expires": none ? "" : String(renewIn) },
+              none ? "–" : duration(renewIn));
+  };
   const rows = maps.map((m) => {
     const key = m.protocol.toLowerCase() + "/" + m.external_port;
-    return el("tr", { "data-mapping": key, "data-state": m.state },
+    return el("tr", { "data-mapping": key, "data-state": away ? "unknown" : m.state },
       el("td", {}, key),
       el("td", {}, m.internal_client + ":" + m.internal_port),
-      el("td", { class: m.state === "active" ? "ok" : "bad", title: m.error || "" },
-         m.state + (m.error ? " – " + m.error : "")),
+      stateCell(m.state, m.error),
       el("td", { title: m.verified === false ? "the router does not show this mapping: not verifiable" : "" },
          (m.lease ? duration(m.lease) : "permanent")
          + (m.lease_asked !== undefined && m.lease_asked !== m.lease ? " (asked " + (m.lease_asked ? duration(m.lease_asked) : "permanent") + ")" : "")),
-      el("td", { class: "countdown", "data-expires": m.renew_in === undefined || m.renew_in === null ? "" : String(m.renew_in) },
-         m.renew_in === undefined || m.renew_in === null ? "–" : duration(m.renew_in)));
+      renewCell(m.renew_in));
   });
   // IPv6: no NAT, the router's firewall lets the port through to this machine's own address
   rows.push(...holes.map((h) => {
     const key = "ipv6 " + h.proto.toLowerCase() + "/" + h.port;
-    return el("tr", { "data-pinhole": key + " " + h.address, "data-state": h.state },
+    return el("tr", { "data-pinhole": key + " " + h.address,
+                      "data-state": away ? "unknown" : h.state },
       el("td", {}, key),
       el("td", {}, "[" + h.address + "]:" + h.port),
-      el("td", { class: h.state === "active" ? "ok" : "bad", title: h.error || "" },
-         h.state + (h.error ? " – " + h.error : "")),
+      stateCell(h.state, h.error),
       el("td", {}, duration(pinholes.lease)),
-      el("td", { class: "countdown", "data-expires": h.renew_in === undefined ? "" : String(h.renew_in) },
-         h.renew_in === undefined ? "–" : duration(h.renew_in)));
+      renewCell(h.renew_in));
   }));
   body.replaceChildren(...rows);
   $("#mappings-empty").hidden = rows.length > 0;
@@ -216,7 +255,7 @@ function renderRules(rules) {
       el("td", {}, (r.open || []).join(", ")),
       el("td", {}, duration(r.idle_timeout)),
       el("td", {}, input),
-      el("td", {}, el("button", { type: "button", "data-activate": r.name,
+      el("td", {}, el("button", { type: "button", "data-activate": r.name, disabled: state.away,
                                  onclick: () => activate(r.name, input.value.trim()) }, "Activate")));
   }));
 }
@@ -233,7 +272,7 @@ function renderEvents() {
 }
 
 function tick() {
-  if (!state.status) return;
+  if (!state.status || state.away) return;
   const gone = elapsed();
   for (const cell of document.querySelectorAll("td.countdown")) {
     const base = cell.getAttribute("data-expires");
@@ -270,8 +309,22 @@ async function deactivate(act) {
 
 function setLive(on) {
   const p = $("#live");
-  p.textContent = on ? "live" : "offline";
+  p.textContent = on ? "live" : "service away";
   p.className = "pill " + (on ? "on" : "off");
+  state.streamUp = on;
+}
+
+function setAway(on) {
+  if (on === state.away) return;
+  state.away = on;
+  state.awaySince = on ? new Date() : null;
+  document.body.classList.toggle("away", on);
+  $("#away").hidden = !on;
+  if (on) {
+    $("#away-since").textContent = state.awaySince.toLocaleTimeString();
+    say("", false);
+  }
+  render();
 }
 
 function handleBlock(block, cursor) {
@@ -285,8 +338,20 @@ function handleBlock(block, cursor) {
     else if (field === "data") data += (data ? "\n" : "") + value;
     else if (field === "id") id = value;
   }
+  if (name === "hello" && data) {
+    try {
+      const hello = JSON.parse(data);
+      // a restarted service numbers its events afresh: forget what the old one said
+      if (cursor.last !== null && Number(hello.seq) < Number(cursor.last)) {
+        cursor.last = null;
+        state.events = [];
+      }
+      if (hello.heartbeat > 0) cursor.heartbeat = hello.heartbeat;
+    } catch (e) { /* keep the defaults */ }
+    return;
+  }
   if (id !== null) cursor.last = id;
-  if (!data || name === "hello") return;
+  if (!data) return;
   if (name === "lost") { scheduleRefresh(); return; }
   try { state.events.push(JSON.parse(data)); } catch (e) { return; }
   if (state.events.length > 200) state.events.splice(0, state.events.length - 200);
@@ -295,19 +360,31 @@ function handleBlock(block, cursor) {
 }
 
 async function follow() {
-  const cursor = { last: null };
+  const cursor = { last: null, heartbeat: 15 };
   for (;;) {
+    const abort = new AbortController();
+    let quiet = null;
+    // the service writes at least a keep-alive every heartbeat: silence well past it means
+    // it is frozen or the network between us is gone, even without a closed connection
+    const watch = () => {
+      clearTimeout(quiet);
+      quiet = setTimeout(() => abort.abort(), (cursor.heartbeat * 2 + 5) * 1000);
+    };
     try {
       const h = headers({ "Accept": "text/event-stream" });
       if (cursor.last !== null) h["Last-Event-ID"] = cursor.last;
-      const resp = await fetch("/api/v1/events", { headers: h, cache: "no-store" });
+      watch();
+      const resp = await fetch("/api/v1/events", { headers: h, cache: "no-store",
+                                                   signal: abort.signal });
       if (!resp.ok || !resp.body) throw new Error("HTTP " + resp.status);
       setLive(true);
-      if (cursor.last !== null) scheduleRefresh();   // caught up after a reconnect
+      // catch up after a reconnect; the page stays "away" until the fresh status is in
+      if (cursor.last !== null || state.away) refresh();
       const reader = resp.body.getReader();
       const dec = new TextDecoder();
       let buf = "";
       for (;;) {
+        watch();
         const { value, done } = await reader.read();
         if (done) break;
         buf += dec.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
@@ -320,7 +397,9 @@ async function follow() {
     } catch (err) {
       // fall through: retry below
     }
+    clearTimeout(quiet);
     setLive(false);
+    setAway(true);
     await new Promise((r) => setTimeout(r, 3000));
   }
 }

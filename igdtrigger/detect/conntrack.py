@@ -416,13 +416,6 @@ _CAP_HINT = "run as root or grant CAP_NET_ADMIN (systemd: AmbientCapabilities=CA
 _MODULE_HINT = "modprobe nf_conntrack_netlink"
 _TRACKING_SHORT = ("conntrack tracks no connection in this network namespace yet, so traffic "
                    "triggers may not be seen; `igdtrigger doctor` says how to turn it on")
-TRACKING_HINT = (
-    "conntrack only tracks flows in a network namespace when a rule needs it (NAT/masquerade, "
-    "an nftables 'ct' rule, iptables -m conntrack/state); a NAT router does this already, "
-    "otherwise add e.g. `nft add table inet igdtrigger; nft add chain inet igdtrigger fwd "
-    "'{ type filter hook forward priority 0; }'; nft add rule inet igdtrigger fwd ct state new "
-    "counter` (same with 'hook output' for this host's own traffic)"
-)
 
 
 class ConntrackDetector:
@@ -590,7 +583,7 @@ class ConntrackDetector:
                 "sysctl -w net.netfilter.nf_conntrack_events=2"
             )
         if entries == 0:
-            log.warning("%s", _TRACKING_SHORT)  # the details: doctor (tracking_idle)
+            log.warning("%s", _TRACKING_SHORT)  # the details and the fix: doctor (check_tracking)
 
     @staticmethod
     def _probe_reply(sock: socket.socket, seq: int) -> int | None:
@@ -693,12 +686,6 @@ def _stats_entries(data: bytes, start: int, end: int) -> int | None:
             return entries
         a += (alen + 3) & ~3
     return None
-
-
-def tracking_idle() -> bool:
-    """True when conntrack tracks nothing in this namespace now (no NAT or ``ct`` rule makes
-    the kernel track flows), so new-flow events may never come: doctor prints TRACKING_HINT."""
-    return _read_sysctl("/proc/sys/net/netfilter/nf_conntrack_count") == 0
 
 
 def _read_sysctl(path: str) -> int | None:

@@ -90,6 +90,8 @@ FORWARD_CHAIN = "upnp_forward"
 NAT_CHAIN = "upnp_prerouting"
 POSTROUTING_CHAIN = "upnp_postrouting"
 LAN_CT_TABLE = "igdt_ct"
+LAN_FW_TABLE = "igdt_desktopfw"
+LAN_FIREWALLS = ("ct", "none", "desktop")
 
 _IPPROTO = {6: "TCP", 17: "UDP"}
 _seq = itertools.count()
@@ -397,7 +399,13 @@ class Lab:
     perm_rules       extra miniupnpd permission lines, placed before the defaults
     lan_hosts        number of LAN hosts (192.168.77.10, .11, ...), all on a bridge
     lan_conntrack    add an nft ``ct state new`` rule in the LAN hosts' output hook so conntrack
-                     (and its new-flow events) is active there
+                     (and its new-flow events) is active there (``lan_firewall="ct"``)
+    lan_firewall     what the LAN hosts' own nftables hold: ``"ct"`` (the rule above),
+                     ``"none"`` (nothing at all: a plain desktop, where the kernel tracks no
+                     connection until something asks it to) or ``"desktop"`` (a stateful input
+                     firewall as ufw/firewalld leave a desktop: policy drop, established and
+                     loopback accepted, the lab's game ports 40000-40010 allowed). Default: from
+                     ``lan_conntrack``. ``lan_ruleset()`` lists it.
     min_lifetime / max_lifetime   PCP/NAT-PMP lifetime clamps
     pcp_allow_thirdparty  PCP THIRD_PARTY option (mapping for another address) allowed
     notify_interval  SSDP NOTIFY interval (s)
@@ -422,6 +430,7 @@ class Lab:
         perm_rules: Sequence[str] = (),
         lan_hosts: int = 1,
         lan_conntrack: bool = True,
+        lan_firewall: str | None = None,
         min_lifetime: int = 120,
         max_lifetime: int = 86400,
         pcp_allow_thirdparty: bool = False,
@@ -442,7 +451,12 @@ class Lab:
         self.enable_natpmp = enable_natpmp
         self.allow_low_ports = allow_low_ports
         self.perm_rules = tuple(perm_rules)
-        self.lan_conntrack = lan_conntrack
+        if lan_firewall is None:
+            lan_firewall = "ct" if lan_conntrack else "none"
+        if lan_firewall not in LAN_FIREWALLS:
+            raise ValueError(f"lan_firewall must be one of {', '.join(LAN_FIREWALLS)}")
+        self.lan_firewall = lan_firewall
+        self.lan_conntrack = lan_firewall != "none"
         self.min_lifetime = min_lifetime
         self.max_lifetime = max_lifetime
         self.pcp_allow_thirdparty = pcp_allow_thirdparty
@@ -618,7 +632,7 @@ class Lab:
             """,
         )
         if self.lan_conntrack:
-            (self.workdir / "lan.nft").write_text(self._lan_nft())
+            (self.workdir / "lan.nft").write_text(self._lan_nft(self.lan_firewall))
         for ns, ip in zip(self.lan_hosts, self.lan_ips, strict=True):
             self._setup_lan_host(ns, ip, conntrack=self.lan_conntrack)
 
@@ -694,7 +708,20 @@ table inet {NAT_TABLE} {{
 """
 
     @staticmethod
-    def _lan_nft() -> str:
+    def _lan_nft(kind: str = "ct") -> str:
+        if kind == "desktop":
+            return f"""
+table inet {LAN_FW_TABLE} {{
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        iif "lo" accept
+        meta l4proto icmp accept
+        udp dport 40000-40010 accept
+        tcp dport 40000-40010 accept
+    }}
+}}
+"""
         # Any ct expression makes the kernel track connections in this namespace; this rule
         # is what makes NEW conntrack events fire for the host's own outbound flows.
         return f"""
@@ -1267,6 +1294,12 @@ table inet {LAN_CT_TABLE} {{
             p = self.run(ns, ["upnpc", "-u", self.igd_url, "-d", str(ext_port), proto_u])
             if p.returncode != 0 or "failed" in p.stdout:
                 raise LabError(f"upnpc -d failed in {ns}: {p.stdout[-600:]}{p.stderr[-600:]}")
+
+    def lan_ruleset(self, host: int | str = 0) -> str:
+        """``nft list ruleset`` in a LAN host's namespace."""
+        ns = self.lan_hosts[host] if isinstance(host, int) else host
+        p = self.run(ns, ["nft", "list", "ruleset"], check=True)
+        return str(p.stdout)
 
     def add_lan_host(self, ip: str) -> str:
         """Attach another host with address `ip` (in 192.168.77.0/24) to the LAN bridge.

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,15 @@ open = ["udp/40000", "tcp/40005"]
 class Serve:
     """`igdtrigger serve` in one of the lab's namespaces."""
 
-    def __init__(self, lab: Lab, ns: str, cfg: Path) -> None:
+    def __init__(self, lab: Lab, ns: str, cfg: Path, *, wrap: Sequence[str] = ()) -> None:
+        """``wrap``: argv the service is started under (it execs the rest)."""
         self.lab, self.ns = lab, ns
         self.ready = cfg.parent / "ready"
         self.log = cfg.parent / "serve.log"
         self.ready.unlink(missing_ok=True)  # a restart: wait for this run's readiness
         with self.log.open("ab") as logf:
-            self.proc = lab.popen(ns, igdt_argv("serve", "--config", str(cfg), "--ready-file",
-                                                str(self.ready)), env=env(), cwd=ROOT,
+            argv = igdt_argv("serve", "--config", str(cfg), "--ready-file", str(self.ready))
+            self.proc = lab.popen(ns, [*wrap, *argv], env=env(), cwd=ROOT,
                                   stdout=logf, stderr=subprocess.STDOUT)
         wait_for(lambda: self.ready.exists() or self.proc.poll() is not None, 20, "serve")
         assert self.proc.poll() is None, self.log.read_text()
@@ -83,6 +84,17 @@ class Serve:
                 self.proc.wait()
 
 
+def connected_game(lab: Lab, port: int = 27015) -> subprocess.Popen[bytes]:
+    """A game's connected UDP socket to the WAN host (what the socket table can see), held
+    for 30 s; kill it when done."""
+    return lab.popen(lab.lan, [sys.executable, "-c",
+                               "import socket, time\n"
+                               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                               f"s.connect(({lab.wan_ip!r}, {port}))\n"
+                               "s.send(b'hello')\n"
+                               "time.sleep(30)\n"])
+
+
 def reachable(lab: Lab, host: int = 0) -> bool:
     return all(lab.probe(p, port, timeout=0.5, host=host)  # type: ignore[arg-type]
                for p, port in PORTS)
@@ -101,12 +113,7 @@ def test_socket_table_detection_opens_ports(make_lab: Callable[..., Lab], tmp_pa
     s = Serve(lab, lab.lan, cfg)
     started.append(s)
     assert [(d["name"], d["active"]) for d in s.status()["detectors"]] == [("sockets", True)]
-    game = lab.popen(lab.lan, [sys.executable, "-c",
-                               "import socket, time\n"
-                               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                               f"s.connect(({lab.wan_ip!r}, 27015))\n"
-                               "s.send(b'hello')\n"
-                               "time.sleep(30)\n"])
+    game = connected_game(lab)
     try:
         wait_for(lambda: len(ours(lab)) == 2, 5, "mappings after the socket appeared")
         assert clients(lab) == {lab.lan_ip}
