@@ -301,6 +301,8 @@ class Service:
                     det.name, False, f"standby: {standby} is active; this one stands in if "
                     f"{standby} stops or stops seeing flows"))
                 continue
+            if det.name == "conntrack" and self.tracking is not None:
+                det.tracking_managed = True  # type: ignore[attr-defined]
             try:
                 det.check()
             except DetectionUnavailable as exc:

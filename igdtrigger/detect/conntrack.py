@@ -441,6 +441,7 @@ class ConntrackDetector:
         self.rcvbuf = rcvbuf
         self.batch = max(1, batch)
         self.quiet_hint_after = quiet_hint_after
+        self.tracking_managed = False  # the service makes the kernel track flows (nfttrack)
         self.overrun_warn_interval = overrun_warn_interval
         self.rcvbuf_actual = 0  # what the kernel granted (it reports twice the requested size)
         self.enobufs = 0  # recv() failures with ENOBUFS (also counted in ``overruns``)
@@ -583,7 +584,10 @@ class ConntrackDetector:
                 "sysctl -w net.netfilter.nf_conntrack_events=2"
             )
         if entries == 0:
-            log.warning("%s", _TRACKING_SHORT)  # the details and the fix: doctor (check_tracking)
+            # the details and the fix: doctor (check_tracking); a service that makes the
+            # kernel track flows itself (nfttrack) says what it did instead
+            log.log(logging.DEBUG if self.tracking_managed else logging.WARNING, "%s",
+                    _TRACKING_SHORT)
 
     @staticmethod
     def _probe_reply(sock: socket.socket, seq: int) -> int | None:
