@@ -384,3 +384,31 @@ def test_wrong_token_is_said_and_a_guessed_one_is_dropped(simulated: tuple[str, 
     p = subprocess.run(argv, env={**base, "IGDTRIGGER_STATE_DIR": str(other)},
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "gateway up" in p.stdout, p.stderr
+
+
+def test_first_run_is_calm(tmp_path: Path) -> None:
+    """`igdtrigger serve --simulate` on a fresh machine: no warning, nothing but what happens
+    (as root in a network namespace of its own, where the kernel tracks nothing yet)."""
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "IGDTRIGGER_STATE_DIR": str(tmp_path / "state")}
+    env.pop("IGDTRIGGER_CONFIG", None)
+    serve = [sys.executable, "-m", "igdtrigger", "serve", "--simulate", "--listen",
+             "127.0.0.1:8731", "--ready-file", str(ready)]
+    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
+        argv = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *serve]
+    else:
+        argv = [*serve[:-4], "--listen", f"127.0.0.1:{_free_port()}", *serve[-2:]]
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=30)[0]
+    assert p.returncode == 0, out
+    lines = out.splitlines()
+    assert [ln for ln in lines if " WARNING " in ln or " ERROR " in ln] == [], out
+    assert any("203.0.113.4" in ln for ln in lines), out
+    assert all(len(ln) < 200 for ln in lines), out
