@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=_duration, metavar="DURATION",
                             help="give up on the service after this long (default 10s)")
 
-    s = sub.add_parser("serve", help="run the service")
+    s = sub.add_parser(
+        "serve", help="run the service",
+        description="Run the service: a rule's ports open when its trigger traffic (or process) "
+        "is seen, and close idle_timeout after the trigger traffic and the inbound traffic "
+        "stop; a live connection holds them however silent it is.")
     common(s, server=False)
     s.add_argument("--simulate", action="store_true",
                    help="use a built-in simulated router on loopback (try it without a router)")
@@ -259,14 +263,20 @@ def _print_activation(data: dict[str, Any],
     ports = data.get("ports", [])
     opened = [p["port"] for p in ports if p.get("state") == "active"]
     state = data.get("state")
+    expires = data.get("expires_in")
+    hold = data.get("hold")
+    if expires is None and hold:  # a live connection holds it
+        when = (f"held by {hold}, closes {format_duration(float(data.get('ttl', 0)))} after "
+                "they end")
+    else:
+        when = f"closes in {format_duration(float(expires or 0))}" + (f" ({hold})" if hold
+                                                                         else "")
     if state == "self":
         line = (f"{data.get('rule')} for {data.get('host')}: mapped by that PC itself "
-                f"({len(ports)} port(s)), lapses in "
-                f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
+                f"({len(ports)} port(s)), {when} (id {data.get('id')})")
     else:
         line = (f"{data.get('rule')} for {data.get('host')}: {state}, "
-                f"{len(opened)}/{len(ports)} port(s) open, lapses in "
-                f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
+                f"{len(opened)}/{len(ports)} port(s) open, {when} (id {data.get('id')})")
     print(indent + line)
     if data.get("message"):
         print(f"{indent}  {data['message']}")

@@ -132,7 +132,11 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
                       tracking=tracking)
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
-            det.wanted = lambda proto, port: bool(service.engine.index.match(proto, port))
+            det.wanted = service.engine.wants
+        if hasattr(det, "ports"):
+            det.ports = service.engine.port_ranges()
+        if hasattr(det, "follows"):
+            det.follows = service.follows
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     app = make_app(service, metrics=metrics,

@@ -208,9 +208,15 @@ class Metrics:
                      "is loaded.")
             w.sample("igdtrigger_tracking_table_loaded", 1 if svc.tracking.installed else 0)
         w.family("igdtrigger_flows_total", "counter",
-                 "New outbound flows seen by the detectors, and those matching a trigger.")
+                 "New flows seen by the detectors, those matching a trigger, those arriving on "
+                 "an opened port (inbound use), and matching ones not followed (cap reached).")
         w.sample("igdtrigger_flows_total", svc.engine.flows_seen, result="seen")
         w.sample("igdtrigger_flows_total", svc.engine.flows_matched, result="matched")
+        w.sample("igdtrigger_flows_total", svc.engine.flows_inbound, result="inbound")
+        w.sample("igdtrigger_flows_total", svc.engine.flows_refused, result="refused")
+        w.family("igdtrigger_flows_live", "gauge",
+                 "Live matching flows followed: they hold their activations.")
+        w.sample("igdtrigger_flows_live", len(svc.engine.live))
         w.family("igdtrigger_events_total", "counter", "Activation and mapping events published.")
         w.sample("igdtrigger_events_total", svc.hub.published)
         w.family("igdtrigger_event_streams", "gauge", "Open server-sent event streams.")

@@ -37,6 +37,8 @@ from .journal import Journal, JournalActivation
 from .mapper import Applied, Mapper, MapState
 from .model import (
     Flow,
+    FlowEnded,
+    FlowLive,
     MappingKey,
     MappingSpec,
     PinholeSpec,
@@ -288,8 +290,11 @@ class Service:
 
     def _journal_record(self, act: Activation) -> JournalActivation:
         now_wall, now = self.wall(), self.clock()
+        # a held activation is written as closing one timeout from now: after a crash the
+        # detectors' table dump holds it again if its connection still lives
+        remaining = act.ttl if act.held else act.expires - now
         return JournalActivation(act.id, act.rule.name, act.host, act.source.value,
-                                 now_wall - (now - act.created), now_wall + (act.expires - now),
+                                 now_wall - (now - act.created), now_wall + remaining,
                                  act.ttl, dict(act.meta))
 
     async def start(self) -> None:
@@ -417,6 +422,11 @@ class Service:
             if st.name == det.name:
                 st.active = False
                 st.reason = st.reason or "stopped (see log)"
+        if getattr(det, "holds_flows", False) and (released := self.engine.release_flows()):
+            log.warning("detector %s stopped: %d live flow(s) no longer hold their activations; "
+                        "they close after their idle timeout unless seen again", det.name,
+                        released)
+            self.wake()
         if self._stopping:
             return
         self._start_standins(det.name)
@@ -481,22 +491,44 @@ class Service:
         if self.engine.on_flow(flow):
             self.wake()
 
-    def observe(self, obs: Flow | ProcessSeen) -> None:
+    def observe(self, obs: Flow | FlowLive | FlowEnded | ProcessSeen) -> None:
         """The sink every detector reports to."""
         if isinstance(obs, ProcessSeen):
             host = self.local_address()
             if host is not None and obs.names and self.engine.on_process(obs.names, host):
                 self.wake()
-        elif isinstance(obs.src, ipaddress.IPv6Address):
-            # a dual-stack application's IPv6 flow: the IPv4 mappings go to the same machine
-            if not self.engine.index.match(obs.proto, obs.dport):
-                return
-            v4 = self.hostmap.ipv4_for(obs.src)
-            if v4 is not None and self.engine.on_flow(
-                    Flow(obs.proto, ipaddress.IPv4Address(v4), obs.dst, obs.sport, obs.dport)):
+            return
+        flow = self._as_v4(obs if isinstance(obs, Flow) else obs.flow)
+        if flow is None:
+            return
+        if isinstance(obs, FlowEnded):
+            self.engine.on_flow_ended(flow, closed=obs.closed)
+            self.wake()  # the idle timer may have started: reschedule
+        elif isinstance(obs, FlowLive):
+            created = self.engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
+            # packets only move expiries later (the scheduler finds that when it wakes); a new
+            # activation, or a connection that stopped holding (its timer now runs), needs it now
+            if created or (not obs.connected and obs.idle is None):
                 self.wake()
-        elif self.engine.on_flow(obs):
+        elif self.engine.on_flow(flow):
             self.wake()
+
+    def _as_v4(self, flow: Flow) -> Flow | None:
+        """A dual-stack application's IPv6 trigger flow counts for the same machine's IPv4
+        address (the IPv4 mappings go there); other IPv6 flows are not ours to judge."""
+        if not isinstance(flow.src, ipaddress.IPv6Address):
+            return flow
+        if not self.engine.index.match(flow.proto, flow.dport):
+            return None
+        v4 = self.hostmap.ipv4_for(flow.src)
+        if v4 is None:
+            return None
+        return Flow(flow.proto, ipaddress.IPv4Address(v4), flow.dst, flow.sport, flow.dport)
+
+    def follows(self, flow: Flow) -> bool:
+        """Detectors keep looking at a flow while the engine follows it."""
+        v4 = self._as_v4(flow)
+        return v4 is not None and self.engine.follows(v4)
 
     def local_address(self) -> str | None:
         """This host's LAN address as the router sees it (for process-held rules)."""
@@ -827,6 +859,9 @@ class Service:
                                     if self.pinholes is not None else 0),
                 "flows_seen": self.engine.flows_seen,
                 "flows_matched": self.engine.flows_matched,
+                "flows_inbound": self.engine.flows_inbound,
+                "flows_live": len(self.engine.live),
+                "flows_refused": self.engine.flows_refused,
                 **{f"router_{k}": v for k, v in self.mapper.ops.items()},
             },
             "warnings": warnings,

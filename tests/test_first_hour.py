@@ -219,7 +219,7 @@ def test_status_groups_ports_under_their_activation(monkeypatch: pytest.MonkeyPa
     out = capsys.readouterr().out
     lines = out.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("  factorio for 192.168.1.20"))
-    assert "lapses in 1h30m" in lines[head]
+    assert "closes in 1h30m" in lines[head]
     assert lines[head + 1].strip().startswith("the router only lets a host map ports")
     assert "udp/34197-34199: failed - udp: refused (secure mode)" in lines[head + 2]
     assert "tcp/27015: active - lease 1h00m" in lines[head + 3]

@@ -193,7 +193,11 @@ function renderActivations(acts) {
        (a.state === "self" ? "mapped by the PC itself" : a.state)
        + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
     away ? el("td", { class: "muted" }, "–") :
-    el("td", { class: "countdown", "data-expires": String(a.expires_in) }, duration(a.expires_in)),
+    a.expires_in === null || a.expires_in === undefined
+      ? el("td", { class: "held", title: "closes " + duration(a.ttl) + " after the trigger traffic and the inbound traffic stop" },
+           "held: " + (a.hold || "live"))
+      : el("td", { class: "countdown", "data-expires": String(a.expires_in), title: a.hold || "" },
+           duration(a.expires_in)),
     el("td", { class: away ? "muted" : "wrap" },
        away ? "last reported " + portSummary(a)
        : a.state === "self" ? (a.ports || []).length + " port(s), by the PC"
