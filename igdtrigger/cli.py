@@ -61,10 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the service",
         description="Run the service: a rule's ports open when its trigger traffic (or process) "
         "is seen, and close idle_timeout after the trigger traffic and the inbound traffic "
-        "stop; a live connection holds them however silent it is.")
+        "stop; a live connection holds them however silent it is. SIGTERM, SIGINT (Ctrl-C), "
+        "SIGHUP (a closed terminal; not a reload), SIGQUIT and any other signal that would end "
+        "it all stop it cleanly: every mapping is deleted and the activations end (the next "
+        "start restores nothing). Only a crash (kill -9, power loss) restores the activations "
+        "still within their time.")
     common(s, server=False)
     s.add_argument("--simulate", action="store_true",
-                   help="use a built-in simulated router on loopback (try it without a router)")
+                   help="use a built-in simulated router on loopback (try it without a router); "
+                   "its state is kept apart from the real service's")
     s.add_argument("--listen", metavar="HOST:PORT", help="API address (overrides [api] listen)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -119,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
     g.add_argument("--test", action="store_true",
                    help="map one random high port to this host for a moment to test leases")
+    g.add_argument("--list", action="store_true",
+                   help="list the router's whole mapping table, igdtrigger's entries marked")
+    g.add_argument("--clean", action="store_true",
+                   help="remove igdtrigger's leftover mappings that no running igdtrigger "
+                   "holds (a lost state directory, a killed run); never another program's")
+    g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
     hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
                         "else 1 (Docker HEALTHCHECK)")
     hc.add_argument("--config", metavar="PATH", help="config file (TOML)")
@@ -398,10 +409,18 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from .config import SIMULATE
     from .gatewaycmd import main as gateway_main
+    from .gatewaycmd import table_main
 
     config = _config(args)
     if args.simulate:
         config = replace(config, gateway=replace(config.gateway, url=SIMULATE))
+    if args.dry_run and not args.clean:
+        raise UsageError("--dry-run goes with --clean")
+    if args.list or args.clean:
+        if args.test:
+            raise UsageError("--test probes the router; use it without --list/--clean")
+        return table_main(config, as_json=args.json, clean=args.clean,
+                          dry_run=args.dry_run, timeout=args.timeout)
     return gateway_main(config, as_json=args.json, timeout=args.timeout, test=args.test)
 
 

@@ -104,6 +104,20 @@ def build_detectors(config: Config) -> list[Detector]:
     return detectors
 
 
+# Every signal that would otherwise end the process ends in the same clean stop: mappings
+# removed, activations ended. SIGHUP is a closed terminal or a dropped SSH session (not a reload);
+# SIGPWR is init's power failure; SIGUSR1/2 and SIGALRM, unhandled, would kill us just the same.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
+                                                  "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPWR")
+                     if hasattr(signal, n))
+
+
+def _stop_on(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("%s received", sig.name)
+    stop.set()
+
+
 async def serve(config: Config, *, ready_file: str | None = None) -> int:
     check_state_dir(config.state_dir or default_state_dir())
     sim = None
@@ -128,8 +142,11 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         from .detect.nfttrack import KernelTracking
 
         tracking = KernelTracking(enabled=config.detect.track_flows)
-    service = Service(config, gateway, detectors=detectors, on_router_call=metrics.on_router_call,
-                      tracking=tracking)
+    # a simulated router's journal and tag live apart: the real service never restores (or
+    # cleans up) what a demo did, nor the demo what the real service holds
+    journal_dir = (config.state_dir or default_state_dir()) / "simulate" if sim else None
+    service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
+                      on_router_call=metrics.on_router_call, tracking=tracking)
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
             det.wanted = service.engine.wants
@@ -156,9 +173,9 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         ) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stop_on, stop, sig)
     await service.start()
     log.info(
         "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",

@@ -48,12 +48,20 @@ from .model import (
 
 Clock = Callable[[], float]
 MAX_TTL = 7 * 86400.0
+MIN_TTL = 1.0  # a mapping asked for less than a second is over before the router answers
+
 _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
 _SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 MAX_FLOWS_PER_HOST = 256  # live matching flows followed per LAN host
 MAX_FLOWS = 4096  # ... and in all
 PROCESS_RUNNING_WITHIN = 5.0  # s: a process seen this recently is reported as running
+
+
+def check_ttl(ttl: float) -> None:
+    """Raises ``UsageError`` unless ``ttl`` (seconds) is within 1s-7d (``nan``/``inf`` are not)."""
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
 
 
 class Source(enum.StrEnum):
@@ -474,8 +482,7 @@ class Engine:
                 f"{', '.join(str(n) for n in rule.hosts)})"
             )
         ttl = rule.idle_timeout if ttl is None else ttl
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         return self._add(rule, host, source, self.clock(), ttl, meta or {})
 
     def activate_adhoc(
@@ -495,8 +502,7 @@ class Engine:
             raise UsageError(f"host {host!r} is not an IP address") from None
         if not open_ports:
             raise UsageError("an ad-hoc activation needs at least one port")
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         rule = adhoc_rule(self._new_id(), open_ports, ttl)
         meta = {**(meta or {}), ADHOC_META: " ".join(str(r) for r in open_ports)}
         return self._add(rule, host, source, self.clock(), ttl, meta)
@@ -504,8 +510,7 @@ class Engine:
     def heartbeat(self, act_id: str, ttl: float | None = None) -> Activation:
         act = self.get(act_id)
         if ttl is not None:
-            if not 0 < ttl <= MAX_TTL:
-                raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+            check_ttl(ttl)
             act.ttl = ttl
         act.hits += 1
         self._set_expiry(act, self.clock() + act.ttl)
@@ -529,7 +534,15 @@ class Engine:
                 adhoc: Callable[[tuple[PortRange, ...]], bool] | None = None,
                 ) -> Activation | None:
         """Bring back an activation from the journal after a restart (None if it can't be).
-        Ad-hoc ones come back only when ``adhoc`` still permits their ports."""
+        Ad-hoc ones come back only when ``adhoc`` still permits their ports.
+
+        It never outlives what was asked: ``remaining`` (wall-clock seconds the journal says
+        are left) is capped at ``ttl``, the longest it can have been since its last refresh,
+        whatever the wall clock did meanwhile (behind at start, ahead, or a hostile row 20
+        years ahead); a ``ttl`` outside 0-7d, or not finite, is not restored."""
+        if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL and math.isfinite(remaining)):
+            return None
+        remaining = min(remaining, ttl)
         rule = self.rules.get(rule_name)
         if rule is None and rule_name.startswith(ADHOC_PREFIX) and adhoc is not None:
             try:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,13 +36,13 @@ from .gateway.igd import RouterChange, RouterChangeKind
 from .gateway.pinhole import FirewallClient, global_ipv6_addresses
 from .gateway.select import forget_connection, set_lost_state_handler
 from .journal import Journal, JournalActivation
+from .leftovers import dead_run_tag, dead_runs, take_over
 from .mapper import Applied, Mapper, MapState
 from .model import (
     Flow,
     FlowEnded,
     FlowLive,
     MappingKey,
-    MappingSpec,
     PinholeSpec,
     PortRange,
     ProcessSeen,
@@ -70,8 +72,27 @@ class DetectorStatus:
     detail: str = ""
 
 
-def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None) -> str | None:
-    """Read a secret file, creating it (mode 0600) on first use. ``None`` if not possible."""
+def machine_id() -> str:
+    """systemd's machine id (stable across reboots), else the host name."""
+    for where in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = Path(where).read_text().strip()
+            if text:
+                return text
+    return socket.gethostname()
+
+
+def derived_tag(state_dir: Path) -> str:
+    """The instance tag a state directory gets: 6 hex digits from this machine's id and the
+    directory's path, so it is the same at every start even when nothing can be written (a
+    crash's leftovers are still recognised as ours), and differs between two services."""
+    return hashlib.sha256(f"{machine_id()}\0{state_dir.absolute()}".encode()).hexdigest()[:6]
+
+
+def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
+                          value: str | None = None) -> str | None:
+    """Read a secret file, creating it (mode 0600) on first use with ``value`` (default: random).
+    ``None`` if not possible."""
     try:
         text = path.read_text().strip()
         if text:
@@ -80,7 +101,7 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
         pass
     except OSError:
         return None
-    value = secrets.token_hex(nbytes)[: hexlen or None]
+    value = value or secrets.token_hex(nbytes)[: hexlen or None]
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
@@ -113,9 +134,12 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         state_dir: Path | None = None,
+        journal_dir: Path | None = None,
         on_router_call: Callable[[str, float, bool], None] | None = None,
         tracking: KernelTracking | None = None,
     ) -> None:
+        """``journal_dir``: where the journal and instance tag live (default ``state_dir``);
+        ``serve --simulate`` keeps them apart from the real service's."""
         self.config = config
         # makes the kernel track trigger flows for the conntrack detector (nfttrack.py); None:
         # not managed here (tests), the conntrack detector is then taken at its word
@@ -125,19 +149,21 @@ class Service:
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
         self.state_dir = state_dir or config.state_dir or default_state_dir()
-        tag = load_or_create_secret(self.state_dir / "instance", 3, hexlen=6)
+        self.journal_dir = journal_dir or self.state_dir
+        derived = derived_tag(self.journal_dir)
+        tag = load_or_create_secret(self.journal_dir / "instance", 3, value=derived)
         if tag is None:
-            tag = "x" + secrets.token_hex(3)[:5]
+            tag = derived
             log.warning(
-                "state directory %s is not writable: mappings left by a crash of this run "
-                "cannot be recognised after a restart (set service.state_dir)", self.state_dir
-            )
+                "state directory %s is not writable: running with the tag %s derived from this "
+                "machine and that path (a crash's leftovers are still recognised), but nothing "
+                "is journaled (set service.state_dir)", self.journal_dir, tag)
         self.tag = tag
         self.api_token = load_or_create_secret(self.state_dir / "api-token", 24)
         self.hub = EventHub(history=200)  # SSE subscribers (api.py) and Last-Event-ID replay
         self.events: collections.deque[dict[str, Any]] = self.hub.history
         self.error_counts: collections.Counter[str] = collections.Counter()  # for /metrics
-        self.journal = Journal.open(self.state_dir)
+        self.journal = Journal.open(self.journal_dir)
         self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway,
@@ -149,6 +175,8 @@ class Service:
             check_before_add=config.gateway.check_before_add,
             on_change=self._on_mapping_change,
             journal=self.journal,
+            abandon=self._lapse_due,
+            reclaim=dead_run_tag,
         )
         # IPv6: the same ports, through the router's firewall, to this machine's own addresses
         self.pinholes: PinholeKeeper | None = None
@@ -158,6 +186,7 @@ class Service:
                 lease=config.gateway.lease,
                 journal=self.journal, on_change=self._on_pinhole_change)
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
+        self._pinhole_wake = asyncio.Event()
         self._journal_flushed = 0.0
         # New activations are journaled right after the round that requested their mappings
         # (the mappings themselves are journaled before they are requested): no fsync of its
@@ -183,10 +212,15 @@ class Service:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
+    def _lapse_due(self) -> bool:
+        """An activation's time is up: a long mapping pass stops adding so it can end."""
+        due = self.engine.next_deadline()
+        return due is not None and self.clock() >= due
+
     def _router_lost_state(self, reason: str) -> None:
         self.mapper.reapply_all(reason)
         if self.pinholes is not None:
-            self.pinholes.lost_state()
+            self.pinholes.lost_state()  # re-added after the scheduler's next round reconnects
         self.wake()
 
     def _upnp_location(self) -> str | None:
@@ -263,13 +297,13 @@ class Service:
             else:
                 count += 1
                 log.info("restored activation of rule %s for %s (%s left)", ja.rule, ja.host,
-                         format_duration(ja.expires_wall - now_wall))
+                         format_duration(act.expires - self.clock()))
         self.engine.dirty.clear()
+        # a killed `igdtrigger run`'s journal (not for --simulate: those are the real router's)
+        take_over(self.journal, dead_runs(self.journal_dir))
         leftovers = self.journal.mappings()
         if leftovers:
-            self.mapper.adopt_orphans([
-                MappingSpec(m.proto, m.external_port, m.internal_client, m.internal_port,
-                            m.description) for m in leftovers])
+            self.mapper.adopt_orphans([m.spec for m in leftovers])
         return count
 
     def _journal_activations(self) -> None:
@@ -299,6 +333,9 @@ class Service:
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
+        if self.pinholes is not None:
+            self._tasks.append(asyncio.create_task(self._pinhole_loop(self.pinholes),
+                                                   name="pinholes"))
         for det in self.detectors:
             standby = getattr(det, "standby_for", "")
             if standby and any(st.name == standby and st.active for st in self.detector_status):
@@ -457,13 +494,17 @@ class Service:
         if self.tracking is not None:
             await asyncio.to_thread(self.tracking.remove)
         removed = 0
+        deleted_before = self.mapper.ops["delete"]
         try:
             removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
         except TimeoutError:
+            removed = self.mapper.ops["delete"] - deleted_before
             log.error(
-                "router did not answer in %.0fs while removing mappings; their leases (%s) will "
-                "expire on the router", timeout, format_duration(self.mapper.lease)
-            )
+                "the router did not finish removing mappings within %.0fs (%d removed, about %d "
+                "left): they stay journaled and the next start removes them; their leases (%s) "
+                "end them on the router", timeout, removed, len(self.mapper.orphans) - removed,
+                format_duration(self.mapper.lease) if not self.mapper.permanent_only
+                else "permanent")
         if self.pinholes is not None:
             try:
                 closed = await asyncio.wait_for(self.pinholes.remove_all(), timeout)
@@ -473,9 +514,10 @@ class Service:
                 log.error("router did not answer in %.0fs while closing IPv6 pinholes; their "
                           "leases (%ds) will end them", timeout, self.pinholes.lease)
         await self.gateway.close()
-        self._journal_flushed = -math.inf
-        self._journal_new()
-        self._journal_activations()
+        # A clean stop ends what it held: the next start restores nothing (only a crash does);
+        # mappings the router did not confirm deleting stay journaled and are removed then.
+        self._unjournaled.clear()
+        self.journal.activations_clear()
         self.journal.close()
         left = self.mapper.left_open
         if left:
@@ -679,8 +721,7 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
-            if self.pinholes is not None:
-                await self.pinholes.reconcile(self.desired_pinholes())
+            self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
             self._watch_router()
             self._journal_new()
             self._journal_activations()
@@ -689,13 +730,31 @@ class Service:
                 self._applied_cond.notify_all()
             if self.engine.generation != gen:
                 continue
-            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline(),
-                                     self.pinholes.next_deadline() if self.pinholes else None)
-                         if d]
+            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline()) if d]
             delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), None if delay == math.inf else delay)
+
+    async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
+        """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart
+        from the scheduler so a slow or silent IPv6 side never delays an IPv4 mapping."""
+        deadline: float | None = None
+        while True:
+            # The first round waits for the scheduler's (which finds the router: the IGD's
+            # address is what the IPv6 side is asked at; asking before would only back off).
+            delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pinhole_wake.wait(),
+                                           None if delay == math.inf else delay)
+            self._pinhole_wake.clear()
+            try:
+                await keeper.reconcile(self.desired_pinholes())
+                deadline = keeper.next_deadline()
+            except Exception:  # a bug here must not stop IPv4 or the service
+                log.exception("IPv6 pinholes: unexpected error; trying again in 30 s")
+                deadline = self.clock() + 30.0
 
     # --- reporting -----------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a servic
     import asyncio
 
     from .gateway.base import GatewayInfo
+    from .journal import Journal
     from .model import MappingKey, MappingSpec, PinholeSpec, PortRange
     from .pinholes import PinholeKeeper
 
@@ -190,8 +191,11 @@ class StandaloneHolder(Holder):
     async def _amain(self) -> None:
         import asyncio
 
+        from .config import default_state_dir
         from .engine import Engine
         from .gateway.select import build_gateway
+        from .journal import Journal
+        from .leftovers import dead_run_tag, dead_runs, own_run_dir, remove_run_dir, take_over
         from .mapper import Mapper, MapState
 
         self.loop = asyncio.get_running_loop()
@@ -206,19 +210,27 @@ class StandaloneHolder(Holder):
         tag = f"run{os.getpid()}"
         engine = Engine([self.rule], clock=clock, tag=tag)
         lease = min(STANDALONE_LEASE, gw_cfg.lease)
-        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
-                        verify_interval=gw_cfg.verify_interval,
-                        check_before_add=gw_cfg.check_before_add)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
             return
+        # What this wrapper maps is journaled (a kill -9 on a router that only takes permanent
+        # leases would leave it forever); what dead wrappers left is taken over and removed.
+        state_dir = self.config.state_dir or default_state_dir()
+        run_dir = own_run_dir(state_dir)
+        journal = Journal.open(run_dir)
+        take_over(journal, dead_runs(state_dir))
+        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
+                        verify_interval=gw_cfg.verify_interval,
+                        check_before_add=gw_cfg.check_before_add, journal=journal,
+                        reclaim=dead_run_tag, abandon=self.done.is_set)
+        mapper.adopt_orphans([m.spec for m in journal.mappings()])
         engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
         desired = engine.desired()
         await mapper.reconcile(desired)
         n_ok = mapper.count(MapState.ACTIVE)
-        if n_ok < len(desired):
+        if n_ok < len(desired) and not self.done.is_set():
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
                   + "; ".join(sorted({a.error for a in mapper.applied.values() if a.error})))
         if n_ok:
@@ -230,7 +242,7 @@ class StandaloneHolder(Holder):
             if self.on_mapped is not None:
                 self.on_mapped()
         self.ready.set()
-        holes, keeper = self._pinholes(info, desired, clock, lease)
+        holes, keeper = self._pinholes(info, desired, clock, lease, journal)
         if keeper is not None:  # IPv6 after IPv4: the game is not kept waiting for it
             await keeper.reconcile(holes)
             if keeper.reason:
@@ -252,11 +264,13 @@ class StandaloneHolder(Holder):
             if keeper is not None:
                 await asyncio.wait_for(keeper.remove_all(), 4.0)
         except TimeoutError:
-            _warn(f"router did not answer; mappings lapse within {lease:g}s")
+            _warn(f"router did not answer; mappings lapse within {lease:g}s (or the next "
+                  "igdtrigger run or serve removes them)")
         await gateway.close()
+        remove_run_dir(journal, run_dir)
 
     def _pinholes(self, info: GatewayInfo, desired: dict[MappingKey, MappingSpec],
-                  clock: Callable[[], float], lease: float,
+                  clock: Callable[[], float], lease: float, journal: Journal,
                   ) -> tuple[set[PinholeSpec], PinholeKeeper | None]:
         """The same ports over IPv6 to this machine, when the router's firewall takes them."""
         if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
@@ -273,7 +287,7 @@ class StandaloneHolder(Holder):
 
         holes = {PinholeSpec(a, s.proto, s.internal_port) for s in desired.values()
                  for a in addrs}
-        return holes, PinholeKeeper(client, clock=clock, lease=lease)
+        return holes, PinholeKeeper(client, clock=clock, lease=lease, journal=journal)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.done.set()
