@@ -161,11 +161,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, pick_token, resolve_server
+    from .client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(args.server, config)
-    token, guessed = pick_token(args.token, config.state_dir if config else None, where.trusted)
+    state_dir = config.state_dir if config else None
+    token, guessed = pick_token(args.token, state_dir, where.trusted)
+    sock, uid = local_access(where, state_dir)
     return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0,
+                  admin_socket=sock if not args.token else None, token_uid=uid,
                   token_guessed=guessed)
 
 
@@ -173,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
 
-    from .config import SIMULATE, ApiConfig, parse_listen
+    from .config import SIMULATE, parse_listen
     from .daemon import serve, setup_logging
 
     setup_logging(args.log_level, args.log_format)
@@ -187,7 +190,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host, port = parse_listen(args.listen)
         except ValueError as exc:
             raise ConfigError(str(exc), field="--listen") from None
-        config = replace(config, api=ApiConfig(host=host, port=port))
+        # only the address: the rest of [api] (ad-hoc, zeroconf, allow, ...) stays as configured
+        config = replace(config, api=replace(config.api, host=host, port=port))
     rc = asyncio.run(serve(config, ready_file=args.ready_file))
     if getattr(args, "fast_exit", False):
         # Every mapping is removed, the journal closed, the log written: leave now rather than
@@ -229,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from .client import pick_token, resolve_server
+    from .client import local_access, pick_token, resolve_server
 
     rule = args.rule
     if args.infer:
@@ -241,10 +245,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = resolve_server(args.server, config if config.source != "<defaults>" else None,
                            discover_timeout=1.0)
     token, guessed = pick_token(args.token, config.state_dir, where.trusted)
+    sock, uid = local_access(where, config.state_dir)
     return run(command, rule=rule, config=config, server=where.url, token=token,
-               token_guessed=guessed,
                ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
-               wait_start=args.wait_start, quiet=args.quiet)
+               wait_start=args.wait_start, quiet=args.quiet, token_guessed=guessed,
+               admin_socket=sock if not args.token else None, token_uid=uid)
 
 
 def _port_groups(ports: list[dict[str, Any]],

@@ -25,6 +25,7 @@ DEFAULT_IDLE = 600.0
 DEFAULT_LEASE = 3600.0
 DEFAULT_RATE = 20.0
 DEFAULT_BURST = 60
+DEFAULT_MAX_PER_HOST = 16
 ZEROCONF_MODES = ("auto", "on", "off")
 ENV_PREFIX = "IGDTRIGGER_"
 SIMULATE = "simulate"
@@ -124,6 +125,10 @@ class ApiConfig:
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names (DNS-rebinding protection)
     zeroconf: str = "auto"  # "auto" (advertise when listening beyond loopback), "on", "off"
     adhoc: AdhocConfig = field(default_factory=AdhocConfig)
+    # clients that may act without the token (and read with public_read); empty: the networks
+    # of the interface(s) the API listens on
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_per_host: int = DEFAULT_MAX_PER_HOST  # live tokenless activations per client address
 
     @property
     def loopback_only(self) -> bool:
@@ -137,8 +142,10 @@ class ApiConfig:
     @property
     def url(self) -> str:
         host = self.host
-        if host in ("0.0.0.0", "::", ""):
+        if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
+        elif host == "::":  # dual-stack where the OS allows; ::1 answers either way
+            host = "::1"
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
@@ -472,6 +479,15 @@ def _adhoc(sec: _Section) -> AdhocConfig:
                        admin_only=sec.boolean("adhoc_admin_only", False))
 
 
+def _max_per_host(sec: _Section) -> int:
+    value = sec.get("max_per_host")
+    if value is None:
+        return DEFAULT_MAX_PER_HOST
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise sec.error("max_per_host", f"expected an integer 1-1000, got {_show(value)}")
+    return value
+
+
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -507,7 +523,7 @@ BACKENDS = ("auto", "miniupnpc", "soap")
 PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
         "allow_adhoc", "adhoc_ports", "adhoc_max_ports", "adhoc_max_ttl", "adhoc_per_host",
-        "adhoc_admin_only")
+        "adhoc_admin_only", "allow", "max_per_host")
 _DETECT = ("methods", "socket_interval", "process_interval", "track_flows")
 _SERVICE = ("state_dir",)
 _RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share", "external")
@@ -589,6 +605,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         allowed_hosts=tuple(h.strip().lower() for h in hosts_raw),
         zeroconf=zc,
         adhoc=_adhoc(api_sec),
+        allow=api_sec.networks("allow"),
+        max_per_host=_max_per_host(api_sec),
     )
     api_sec.done(_API)
 

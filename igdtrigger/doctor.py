@@ -197,11 +197,13 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_api(config: Config, server: str | None, token: str | None) -> list[Check]:
-    from .client import Client, pick_token, resolve_server
+    from .client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(server, config, discover_timeout=1.0)
     chosen, guessed = pick_token(token, config.state_dir, where.trusted)
-    client = Client(where.url, token=chosen, timeout=3.0, token_guessed=guessed)
+    sock, uid = local_access(where, config.state_dir)
+    client = Client(where.url, token=chosen, timeout=3.0, admin_socket=sock, token_uid=uid,
+                    token_guessed=guessed)
     try:
         health = client.request("GET", "/healthz")
     except IgdTriggerError as exc:

@@ -38,6 +38,7 @@ from .errors import (
     SECURE_MODE_HINT,
     GatewayError,
     GatewayUnreachable,
+    LocalResourceError,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
@@ -54,6 +55,7 @@ log = logging.getLogger("igdtrigger.mapper")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+LOCAL_RETRY = 5.0  # seconds before retrying after this machine ran out of descriptors
 CONFLICT_RECHECK = 30.0
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
 # Checking many ports at once (a range opening, re-applying after a router restart): one listing
@@ -928,13 +930,17 @@ class Mapper:
                     granted = await self._add_elsewhere(app)
                     if granted is None:
                         raise
-        except GatewayUnreachable as exc:
+        except (GatewayUnreachable, LocalResourceError) as exc:
             app.error = str(exc)
             app.retry_at = self.clock()
-            app.maybe_applied = True  # the request may have arrived
             if app.state is not MapState.ACTIVE:
                 app.state = MapState.PENDING
             self.ops["errors"] += 1
+            if isinstance(exc, LocalResourceError):  # never sent: says nothing about the router
+                app.retry_at += LOCAL_RETRY
+                log.warning("%s", exc)
+                return
+            app.maybe_applied = True  # the request may have arrived
             self._gateway_down(str(exc))
             return
         except MappingConflict as exc:

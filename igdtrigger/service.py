@@ -29,7 +29,7 @@ from .detect.base import Detector
 from .detect.hostmap import HostMap
 from .detect.nfttrack import TABLE, KernelTracking
 from .engine import Activation, Engine, Event, EventKind, Source
-from .errors import AdhocRefused, DetectionUnavailable, UsageError
+from .errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("igdtrigger")
 
+STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
 TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
@@ -114,6 +115,21 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
     except OSError:
         return None
     return value
+
+
+def _host_key(host: str) -> str:
+    """One host's key for per-host limits: its IPv4 address, or its IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and not addr.ipv4_mapped:
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+def _overlap(a: PortRange, b: PortRange) -> bool:
+    return a.proto is b.proto and a.first <= b.last and b.first <= a.last
 
 
 def self_only_message(rule: str, host: str) -> str:
@@ -206,6 +222,7 @@ class Service:
         self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = HostMap(self.local_address, clock=clock)
+        self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
         self._events_at_start = 0  # conntrack events_seen when its visibility was established
         self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
@@ -572,6 +589,14 @@ class Service:
         v4 = self._as_v4(flow)
         return v4 is not None and self.engine.follows(v4)
 
+    def _origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """Where a triggering flow came from (Engine.origin_of): this machine, or its
+        neighbour's MAC address (None: the neighbour table does not know it)."""
+        info = self.gateway.info  # (no guessing per flow: that costs a syscall each)
+        if info is not None and str(addr) == info.local_address:
+            return "local"
+        return self.hostmap.origin_of(addr)
+
     def local_address(self) -> str | None:
         """This host's LAN address as the router sees it (for process-held rules)."""
         info = self.gateway.info
@@ -593,11 +618,37 @@ class Service:
         source: Source,
         meta: dict[str, str] | None = None,
         wait: float = APPLY_WAIT,
+        tokenless: bool = False,
     ) -> dict[str, Any]:
+        """Activate ``rule`` for ``host``. ``tokenless`` (an API client acting for itself):
+        its live activation of the same rule is refreshed instead of a second one being made
+        (``source = "api"``), and at most ``[api] max_per_host`` live activations per host
+        (``ActivationLimit``, HTTP 429)."""
         if self._stopping:
             raise UsageError("service is shutting down")
+        if tokenless:
+            if source is Source.API:
+                for act in self.engine.activations.values():
+                    if (act.host, act.rule.name, act.source) == (host, rule, Source.API):
+                        self.engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
+                        if meta:
+                            act.meta.update(meta)
+                        return await self._once_applied(act, wait)
+            self._check_host_limit(host)
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
+
+    def _check_host_limit(self, host: str) -> None:
+        """At most ``[api] max_per_host`` tokenless activations per host; IPv6 addresses count
+        per /64 (one host may use any number of addresses in its prefix)."""
+        limit = self.config.api.max_per_host
+        key = _host_key(host)
+        live = sum(1 for a in self.engine.activations.values()
+                   if a.source in (Source.API, Source.RUN) and _host_key(a.host) == key)
+        if live >= limit:
+            self.engine.refused["per_host"] += 1
+            raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
+                                  "max_per_host limit; end one first")
 
     async def _once_applied(self, act: Activation, wait: float) -> dict[str, Any]:
         """The activation as the API reports it, once the router answered (or ``wait`` s)."""
@@ -622,7 +673,7 @@ class Service:
         if not adhoc.enabled:
             raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
                                "[api] allow_adhoc = true (with adhoc_ports limits)")
-        ports = self._adhoc_ports(specs)
+        ports = self._adhoc_ports(specs, host)
         ttl = adhoc.max_ttl if ttl is None else ttl
         if ttl > adhoc.max_ttl:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
@@ -635,7 +686,7 @@ class Service:
         act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 
-    def _adhoc_ports(self, specs: list[str]) -> tuple[PortRange, ...]:
+    def _adhoc_ports(self, specs: list[str], host: str) -> tuple[PortRange, ...]:
         adhoc = self.config.api.adhoc
         ports: list[PortRange] = []
         for spec in specs:
@@ -651,6 +702,11 @@ class Service:
                     raise AdhocRefused(
                         f"{rng} is outside [api] adhoc_ports "
                         f"({', '.join(str(r) for r in adhoc.ports)})")
+                for rule in self.config.rules:  # a rule's hosts list reserves its ports
+                    if not rule.allows(host) and any(_overlap(rng, r) for r in rule.open):
+                        raise AdhocRefused(
+                            f"{rng} overlaps rule {rule.name!r}'s ports, which its hosts list "
+                            f"({', '.join(str(n) for n in rule.hosts)}) keeps from {host}")
                 ports.append(rng)
         if not ports:
             raise UsageError('field "open" must name at least one port, like "udp/34197"')
@@ -852,7 +908,9 @@ class Service:
         out["ports"] = ports
         return out
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> dict[str, Any]:
+        """The whole state; at most ``max_activations`` activations (the oldest; the rest are
+        paged through ``GET /api/v1/activations``), their total in ``counts``."""
         info = self.gateway.info
         now = self.clock()
         warnings: list[str] = []
@@ -866,6 +924,13 @@ class Service:
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
         if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
             warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
+        if len(self.engine.activations) > max_activations:
+            warnings.append(f"{len(self.engine.activations)} activations: the first "
+                            f"{max_activations} are listed here, page through all of them with "
+                            "GET /api/v1/activations?limit=&cursor=")
+        if self.engine.refused:
+            warnings.append("activations refused by the service's bounds: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.engine.refused.items())))
         warnings.extend(f"still open on the router: {x.describe()}"
                         for x in self.mapper.left_open)
         if self.journal.degraded:
@@ -906,7 +971,7 @@ class Service:
             "rules": [r.to_json() for r in self.config.rules],
             "activations": [
                 self.activation_json(a)
-                for a in sorted(self.engine.activations.values(), key=lambda a: a.created)
+                for a in self.sorted_activations()[:max_activations]
             ],
             "mappings": self.mapper.snapshot(),
             "pinholes": (self.pinholes.status() if self.pinholes is not None
@@ -916,6 +981,7 @@ class Service:
                 "mappings_active": self.mapper.count(MapState.ACTIVE),
                 "pinholes_active": (self.pinholes.count(PinholeState.ACTIVE)
                                     if self.pinholes is not None else 0),
+                "activations_refused": dict(sorted(self.engine.refused.items())),
                 "flows_seen": self.engine.flows_seen,
                 "flows_matched": self.engine.flows_matched,
                 "flows_inbound": self.engine.flows_inbound,
@@ -926,6 +992,10 @@ class Service:
             "warnings": warnings,
             "events": list(self.events)[-50:],
         }
+
+    def sorted_activations(self) -> list[Activation]:
+        """Live activations, oldest first (the order pages of the API follow)."""
+        return sorted(self.engine.activations.values(), key=lambda a: a.seq)
 
     def _detector_json(self, st: DetectorStatus) -> dict[str, Any]:
         out: dict[str, Any] = {"name": st.name, "active": st.active}

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .client import Client
@@ -35,6 +36,7 @@ from .errors import (
     ServiceUnavailable,
     UsageError,
 )
+from .model import format_duration
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
@@ -150,15 +152,17 @@ class ServiceHolder(Holder):
     def stop(self, timeout: float = 5.0) -> None:
         self._kick.set()
         super().stop(timeout)
-        if self.act_id is not None:
+        act_id, self.act_id = self.act_id, None  # ended once, whatever happens
+        if act_id is not None:
             try:
-                self.client.request("DELETE", f"/api/v1/activations/{self.act_id}", timeout=3)
+                self.client.request("DELETE", f"/api/v1/activations/{act_id}", timeout=3)
             except ApiError as exc:
-                if exc.status != 404:  # 404: already ended (deactivated, lapsed): as wanted
+                if exc.status != 404:  # 404: already gone
                     _warn(f"could not end the activation ({exc}); it lapses after "
-                          f"{self.ttl:g}s")
+                          f"{format_duration(self.ttl)} without heartbeats")
             except IgdTriggerError as exc:
-                _warn(f"could not end the activation ({exc}); it lapses after {self.ttl:g}s")
+                _warn(f"could not end the activation ({exc}); it lapses after "
+                      f"{format_duration(self.ttl)} without heartbeats")
 
 
 class StandaloneHolder(Holder):
@@ -509,6 +513,8 @@ def run(
     wait_start: float = WAIT_START,
     quiet: bool = False,
     token_guessed: bool = False,
+    admin_socket: Path | None = None,
+    token_uid: int | None = None,
 ) -> int:
     """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error.
     ``wait_process``: after the command exits, keep the ports while a process of one of these
@@ -520,7 +526,8 @@ def run(
         return _passthrough(command)
     holder: Holder | None = None
     env = dict(os.environ)
-    client = Client(server, token=token, timeout=2.0, token_guessed=token_guessed)
+    client = Client(server, token=token, timeout=2.0, admin_socket=admin_socket,
+                    token_uid=token_uid, token_guessed=token_guessed)
     announce = None if quiet else _info
     try:
         sh = ServiceHolder(client, rule, ttl, announce=announce)
@@ -575,17 +582,73 @@ def run(
     return _launch(command, env, holder, waiter)
 
 
+def become_subreaper() -> bool:
+    """Make this process the child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): what the
+    wrapped command starts and leaves behind (a launcher stub's game) is re-parented here, so
+    it stays our descendant. False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans() -> None:
+    """Collect exited processes re-parented to us (we are their subreaper)."""
+    if not hasattr(os, "WNOHANG"):
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
 class ProcessWaiter:
-    """``run --wait-process``: hold on while the named process runs after the command exits."""
+    """``run --wait-process``: hold on while the named process runs after the command exits.
+
+    The process is looked for among the wrapped command's descendants first (this wrapper is
+    their subreaper, so a game its launcher stub left behind still counts); only when none of
+    them has the name does any process of that name hold the ports, with a warning (another
+    user's copy, or one a running launcher such as Steam started for us)."""
 
     def __init__(self, names: Sequence[str], start_grace: float,
-                 scan: Callable[[Any], set[str]] | None = None) -> None:
-        from .detect.process import Matcher, default_scanner
+                 scan: Callable[[Any], set[str]] | None = None,
+                 family: Callable[[Any], tuple[set[str], set[str]]] | None = None) -> None:
+        from .detect.process import Matcher, default_scanner, scan_family
 
         self.names = list(names)
         self.matcher = Matcher(names)
         self.scan = scan or default_scanner()
+        if family is None and scan is None and sys.platform.startswith("linux"):
+            me = os.getpid()
+            family = lambda m: scan_family(m, me)  # noqa: E731
+        self.family = family
         self.start_grace = start_grace
+        self._ours_seen = False
+        self._warned_any = False
+
+    def running(self) -> set[str]:
+        """The watched names that hold the ports now (see the class docstring)."""
+        if self.family is None:
+            found = self.scan(self.matcher)
+            if found and not self._warned_any:
+                _warn("cannot tell this command's own processes here: holding the ports while "
+                      f"any process named {', '.join(sorted(found))} runs")
+                self._warned_any = True
+            return found
+        _reap_orphans()
+        ours, anywhere = self.family(self.matcher)
+        if ours or self._ours_seen:
+            self._ours_seen = self._ours_seen or bool(ours)
+            return ours
+        if anywhere and not self._warned_any:
+            _warn(f"{', '.join(sorted(anywhere))} runs, but not as a child of the command: "
+                  "holding the ports while any process of that name runs")
+            self._warned_any = True
+        return anywhere
 
     def wait(self, pause: Callable[[float], bool], interval: float = 1.0) -> None:
         """Until the process is gone (or never came); ``pause(s)`` is True when a signal asks us
@@ -595,7 +658,7 @@ class ProcessWaiter:
         said = False
         while True:
             try:
-                running = self.scan(self.matcher)
+                running = self.running()
             except Exception as exc:  # fail open: release the ports rather than hang
                 _warn(f"cannot list processes ({exc}); releasing the ports")
                 return
@@ -625,13 +688,13 @@ def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
     def unblock() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
+    if waiter is not None and waiter.family is not None:
+        become_subreaper()
     try:
         try:
             child = subprocess.Popen(list(command), env=env,
                                      preexec_fn=unblock if blocking else None)
-        except OSError as exc:
-            if holder is not None:
-                holder.stop()
+        except OSError as exc:  # the holder stops once, below
             _warn(f"cannot run {command[0]!r}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
         if isinstance(holder, ServiceHolder | StandaloneHolder | _Both):
