@@ -380,6 +380,20 @@ async function follow() {
       watch();
       const resp = await fetch("/api/v1/events", { headers: h, cache: "no-store",
                                                    signal: abort.signal });
+      if (resp.status === 401) {
+        // the service answered: it is not away, this page may just not read its events
+        // (a wrong stored token, or another host without read access)
+        clearTimeout(quiet);
+        let data = null;
+        try { data = await resp.json(); } catch (e) { data = null; }
+        const p = $("#live");
+        p.textContent = "no live updates";
+        p.className = "pill off";
+        state.streamUp = false;
+        if (state.token) showAuth(data && data.error ? data.error.message : "HTTP 401");
+        await new Promise((r) => setTimeout(r, 15000));
+        continue;
+      }
       if (!resp.ok || !resp.body) throw new Error("HTTP " + resp.status);
       setLive(true);
       // catch up after a reconnect; the page stays "away" until the fresh status is in
