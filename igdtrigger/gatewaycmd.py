@@ -192,7 +192,21 @@ async def ipv6_verdict(location: str, timeout: float) -> str:
 
 
 async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
-    cands = candidates(config)
+    if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
+        from dataclasses import replace
+
+        from .gateway.simulated import SimulatedIgdServer
+
+        async with SimulatedIgdServer() as sim:
+            return await _probe_all(
+                replace(config, gateway=replace(config.gateway, url=sim.url)),
+                timeout=timeout, test=test, only_upnp=True)
+    return await _probe_all(config, timeout=timeout, test=test)
+
+
+async def _probe_all(config: Config, *, timeout: float, test: bool,
+                     only_upnp: bool = False) -> list[ProbeResult]:
+    cands = candidates(config)[:1] if only_upnp else candidates(config)
     try:
         results = list(await asyncio.gather(*(_probe(n, g, timeout, test) for n, g in cands)))
     finally:

@@ -142,6 +142,9 @@ class Applied:
     verified: bool | None = None  # the router's own record showed it (None: not checked)
     maybe_applied: bool = False  # an add went unanswered: it may have arrived
     added_at: float = 0.0  # clock() of the last add the router accepted (its lease runs from)
+    # the router refused because the mapping is for another host (secure mode): only that
+    # host can map it (``run`` there maps its own ports: wrapper.py)
+    self_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.external_port:
@@ -267,7 +270,8 @@ class Mapper:
             self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             self.left_open = []
             removed = 0
-            if self.gateway_up or await self._connect():
+            # nothing to delete: do not wait on a router never reached
+            if self.orphans and (self.gateway_up or await self._connect()):
                 removed = await self._delete_orphans(set(), final=True)
             for spec, client, remaining in self._taken_over.values():
                 self._note_left_open(spec, (
@@ -1044,12 +1048,15 @@ class Mapper:
                 # or port (FRITZ!Box "permit independent port sharing").
                 hint = SECURE_MODE_HINT if for_other else DEVICE_DENIED_HINT
                 self._failed(app, f"{spec.key} for {spec.internal_client}: "
-                                  f"{exc.with_hint(hint)}")
+                                  f"{exc.with_hint(hint)}", self_only=for_other)
             else:
                 self._conflict(app, f"{spec.key}: {exc}")
             return
         except NotAuthorized as exc:
-            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")
+            info = self.gateway.info
+            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}",
+                         self_only=info is not None
+                         and spec.internal_client != info.local_address)
             return
         except GatewayError as exc:
             self._failed(app, f"{spec.key}: {exc}")
@@ -1066,6 +1073,7 @@ class Mapper:
         app.adds += 1
         app.added_at = now
         app.error = ""
+        app.self_only = False
         app.maybe_applied = False
         app.attempts = 0
         if not was_active:
@@ -1145,9 +1153,10 @@ class Mapper:
         self.ops["errors"] += 1
         self._changed(app, "conflict")
 
-    def _failed(self, app: Applied, message: str) -> None:
+    def _failed(self, app: Applied, message: str, *, self_only: bool = False) -> None:
         if app.error != message:
             log.warning("mapping failed: %s", message)
+        app.self_only = self_only
         app.state = MapState.FAILED
         app.error = message
         app.retry_at = self.clock() + min(RETRY_MAX, RETRY_FIRST * 2 ** min(app.attempts, 6))

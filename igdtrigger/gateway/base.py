@@ -45,6 +45,12 @@ class Capability(enum.StrEnum):
     PINHOLES = "pinholes"  # the IGD offers WANIPv6FirewallControl (see gateway.pinhole)
 
 
+SIMULATED_EXTERNAL = "203.0.113.4"
+"""What the built-in simulated router (``serve --simulate``, tests) reports as its external
+address: in TEST-NET-3 (RFC 5737, documentation only, never routed), so the demo never shows a
+real public address, and taken as public so the demo does not warn of double NAT."""
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayInfo:
     """What a backend learned when it connected."""
@@ -62,8 +68,10 @@ class GatewayInfo:
 
     @property
     def external_reachable(self) -> bool:
-        """False when the external address is private/shared/unspecified: double NAT or CGNAT."""
-        return is_public_address(self.external_address)
+        """False when the external address is private/shared/unspecified: double NAT or CGNAT.
+        The simulated router's ``SIMULATED_EXTERNAL`` (a documentation address) stands for a
+        public one."""
+        return counts_as_public(self.external_address)
 
     @property
     def external_known(self) -> bool:
@@ -203,6 +211,11 @@ _NOT_PUBLIC = [
         "240.0.0.0/4",
     )
 ]
+
+
+def counts_as_public(text: str) -> bool:
+    """:func:`is_public_address`, or the simulated router's ``SIMULATED_EXTERNAL``."""
+    return is_public_address(text) or text.strip() == SIMULATED_EXTERNAL
 
 
 def is_public_address(text: str) -> bool:

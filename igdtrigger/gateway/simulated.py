@@ -52,7 +52,7 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as DefusedET
 
 from ..model import Proto, RouterMapping
-from .base import is_public_address
+from .base import SIMULATED_EXTERNAL, counts_as_public
 
 __all__ = [
     "CIF_CONTROL_PATH",
@@ -529,7 +529,7 @@ class SimulatedRouter:
         self,
         *,
         igd_version: int = 2,
-        external_ip: str = "11.22.33.44",
+        external_ip: str = SIMULATED_EXTERNAL,
         refuse_private_wan: bool = False,
         secure_mode: bool = False,
         allow_low_ports: bool = False,
@@ -961,7 +961,7 @@ class SimulatedRouter:
 
     def _reported_external_ip(self) -> str:
         ip = self.external_ip.strip()
-        if ip == "0.0.0.0" or (self.refuse_private_wan and not is_public_address(ip)):
+        if ip == "0.0.0.0" or (self.refuse_private_wan and not counts_as_public(ip)):
             return ""
         return ip
 
@@ -1016,7 +1016,7 @@ class SimulatedRouter:
         low_ok = self.allow_low_ports
         if int_port == 0 or (not low_ok and (ext_port < 1024 or int_port < 1024)):
             raise _Refused(denied)
-        if self.refuse_private_wan and not is_public_address(self.external_ip):
+        if self.refuse_private_wan and not counts_as_public(self.external_ip):
             raise _Refused(501)
 
     def _store(
