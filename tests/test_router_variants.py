@@ -16,6 +16,7 @@ import pytest
 
 from igdtrigger.engine import Source
 from igdtrigger.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
+from igdtrigger.gateway.base import SIMULATED_EXTERNAL
 from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind, UpnpFault, fault_error
 from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway, pcp_error, pmp_error
 from igdtrigger.gateway.select import build_gateway
@@ -464,7 +465,7 @@ async def test_connected_first_wan_with_a_private_address_loses_to_a_public_one(
     await rig.activate()
     assert dead.mappings() == []
     assert [p for p, _, _ in rig.ours()] == [40000]
-    assert svc.status()["gateway"]["external_address"] == "11.22.33.44"
+    assert svc.status()["gateway"]["external_address"] == SIMULATED_EXTERNAL
     await svc.stop()
     assert rig.ours() == []
 

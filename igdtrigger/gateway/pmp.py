@@ -66,7 +66,7 @@ from ..errors import MalformedReply as MalformedReply  # re-exported: one class 
 from ..errors import NetworkFailure as NetworkFailure
 from ..errors import ProtocolUnsupported as ProtocolUnsupported
 from ..model import MappingKey, MappingSpec, Proto, RouterMapping
-from .base import Capability, GatewayInfo, Granted, is_public_address
+from .base import Capability, GatewayInfo, Granted, counts_as_public
 
 log = logging.getLogger("igdtrigger.gateway.pmp")
 T = TypeVar("T")
@@ -1091,7 +1091,7 @@ class NatPmpGateway(_PortMapGateway):
             raise pmp_error(action, reply.result)
         elif reply.external_ip and reply.external_ip != "0.0.0.0":
             external = reply.external_ip
-        if external and not is_public_address(external):
+        if external and not counts_as_public(external):
             notes += ("external address not public",)
         return GatewayInfo(
             protocol=self.protocol,
@@ -1275,7 +1275,7 @@ class PcpGateway(_PortMapGateway):
             raise pcp_error(action, reply.result, client_ip=self._client_ip)
         external = await self._probe_external() if self.probe_address else ""
         notes: tuple[str, ...] = ()
-        if external and not is_public_address(external):
+        if external and not counts_as_public(external):
             notes = ("external address not public",)
         return GatewayInfo(
             protocol=self.protocol,
