@@ -22,6 +22,7 @@ from ..errors import (
     GatewayTimeout,
     GatewayUnreachable,
     NoSuchMapping,
+    socket_fault,
 )
 from ..model import MappingSpec, Proto, RouterMapping
 from ..netutil import default_gateway
@@ -30,7 +31,7 @@ from .base import (
     GatewayInfo,
     Granted,
     add_with_lease_fallback,
-    is_public_address,
+    counts_as_public,
     metered,
     unsupported,
 )
@@ -107,7 +108,9 @@ async def http_request(url: str, method: str = "GET", *, body: bytes = b"",
     except TimeoutError:
         raise GatewayTimeout(f"router did not answer {method} {url} within {timeout:g}s",
                              action=f"{method} {url}", timeout=timeout) from None
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+    except OSError as exc:
+        raise socket_fault(exc, f"router connection failed for {url}") from None
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
         raise GatewayUnreachable(f"router connection failed for {url}: {exc}") from None
     return HttpReply(status, hdrs, data, local)
 
@@ -283,7 +286,7 @@ class ChosenService:
             local_address=self.reply.local_address, external_address=ext,
             service_type=self.chosen.service.service_type,
             server=self.reply.headers.get("server", ""),
-            notes=() if is_public_address(ext) else ("external address not public",),
+            notes=() if counts_as_public(ext) else ("external address not public",),
             control_url=self.chosen.service.control_url,
             root_uuid=self.description.root_uuid, backend=backend)
 
