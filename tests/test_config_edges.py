@@ -154,7 +154,7 @@ def test_listen_errors(text: str, words: str) -> None:
 @pytest.mark.parametrize(("host", "loopback", "url"), [
     ("127.0.0.1", True, "http://127.0.0.1:8731"), ("localhost", True, "http://localhost:8731"),
     ("::1", True, "http://[::1]:8731"), ("0.0.0.0", False, "http://127.0.0.1:8731"),
-    ("::", False, "http://127.0.0.1:8731"), ("192.168.1.5", False, "http://192.168.1.5:8731"),
+    ("::", False, "http://[::1]:8731"), ("192.168.1.5", False, "http://192.168.1.5:8731"),
     ("pc.lan", False, "http://pc.lan:8731"),
 ])
 def test_api_url_and_loopback(host: str, loopback: bool, url: str) -> None:

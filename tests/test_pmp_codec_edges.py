@@ -331,7 +331,7 @@ def test_pcp_result_table_is_rfc_6887() -> None:
     (7, NetworkFailure, DOUBLE_NAT_HINT),
     (8, TableFull, "mapping table is full or no external port is free"),
     (9, ActionFailed, "the router cannot map this protocol"),
-    (10, ActionFailed, "used up its mapping quota"),
+    (10, TableFull, "used up its mapping quota"),
     (11, MappingConflict, "the external port is taken by another host or program"),
     (13, ActionFailed, "the router limits remote peers"),
     (99, ActionFailed, ""),
