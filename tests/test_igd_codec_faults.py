@@ -65,7 +65,8 @@ WANCIC = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1"
 # UPnP-arch-DeviceArchitecture / WANIPConnection:2 / WANIPv6FirewallControl:1 error names
 SPEC_NAMES = {
     401: "Invalid Action", 402: "Invalid Args", 501: "Action Failed",
-    602: "Optional Action Not Implemented", 606: "Action not authorized", 713: "SpecifiedArrayIndexInvalid",
+    602: "Optional Action Not Implemented", 606: "Action not authorized",
+    713: "SpecifiedArrayIndexInvalid",
     714: "NoSuchEntryInArray", 716: "WildCardNotPermittedInExtPort",
     718: "ConflictInMappingEntry", 724: "SamePortValuesRequired",
     725: "OnlyPermanentLeasesSupported", 728: "NoPortMapsAvailable",
