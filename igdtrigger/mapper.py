@@ -43,7 +43,7 @@ from .errors import (
     NotAuthorized,
     UnsupportedAction,
 )
-from .gateway.base import Capability, Gateway, GatewayInfo, Granted
+from .gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
 from .traits import NO_READBACK, RouterTraits, router_identity
 
@@ -112,6 +112,10 @@ class _Orphan:
     attempts: int = 0
     retry_at: float = 0.0
     app: Applied | None = None  # for the "unmapped" event
+    from_journal: bool = False  # left by an earlier run
+    nonce: bytes = b""  # PCP: the nonce the journal recorded it with
+    adopted: bool | None = None  # the gateway took it up for deleting (NAT-PMP/PCP)
+    told: bool = False  # its end was logged already (_leftover_gone)
 
 
 class MapState(enum.StrEnum):
@@ -198,6 +202,11 @@ class Mapper:
         self.orphans: dict[MappingKey, MappingSpec] = {}
         self._orphan_meta: dict[MappingKey, _Orphan] = {}
         self.journal = journal
+        if journal is not None and isinstance(gateway, AdoptsLeftovers):
+            # PCP nonces derived from a secret the journal keeps: the next run can delete
+            key = journal.secret("pcp-nonce-key")  # what this one leaves after a crash
+            if key:
+                gateway.use_nonce_key(key)
         self.traits = RouterTraits()  # learned per router (journal), see traits.py
         self._recheck_readback = False
         self._warned: set[str] = set()
@@ -255,12 +264,18 @@ class Mapper:
             if app.state is MapState.ACTIVE:
                 app.renew_at = now
 
-    def adopt_orphans(self, specs: list[MappingSpec]) -> None:
-        """Mappings an earlier run may have left (from the journal): removed unless wanted."""
+    def adopt_orphans(self, specs: list[MappingSpec],
+                      nonces: dict[MappingKey, bytes] | None = None) -> None:
+        """Mappings an earlier run may have left (from the journal): removed unless wanted.
+        ``nonces``: their PCP nonces (default: as this mapper's journal recorded them)."""
+        if nonces is None:
+            nonces = {m.spec.key: m.nonce for m in self.journal.mappings()} \
+                if self.journal is not None else {}
         for spec in specs:
             self.orphans.setdefault(spec.key, spec)
             # copies unknown: a router that cannot report them gets the full repeat budget
-            self._orphan_meta.setdefault(spec.key, _Orphan(copies=MAX_DELETE_REPEAT))
+            self._orphan_meta.setdefault(spec.key, _Orphan(
+                copies=MAX_DELETE_REPEAT, from_journal=True, nonce=nonces.get(spec.key, b"")))
 
     def _orphan(self, wire: MappingSpec, app: Applied | None = None) -> None:
         self.orphans[wire.key] = wire
@@ -300,16 +315,14 @@ class Mapper:
                 meta = self._orphan_meta.setdefault(key, _Orphan())
                 if rnd == 0 and not final and meta.retry_at > now:
                     continue
+                if meta.app is None and meta.adopted is None:
+                    meta.adopted = self._adopt(spec, meta)
                 outcome, deleted = await self._remove(spec, meta.copies,
                                                       confirm=not final)
                 if deleted and outcome is Removal.GONE:
                     asked.append(spec)
                 elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
-                    # from an earlier run: NAT-PMP/PCP delete only what this run made (PCP
-                    # needs the nonce of the run that made it), so nothing was asked
-                    log.warning("%s from an earlier run cannot be deleted over %s; it lapses "
-                                "on the router at the end of its lifetime", key,
-                                self.gateway.info.protocol if self.gateway.info else "NAT-PMP")
+                    self._leftover_gone(spec, meta)
                 if outcome is Removal.REFUSED and rnd == 0:
                     again.append(spec)
                     continue
@@ -324,6 +337,32 @@ class Mapper:
         if final:
             self._report_unconfirmed()
         return count
+
+    def _adopt(self, spec: MappingSpec, meta: _Orphan) -> bool:
+        """Let a NAT-PMP/PCP backend delete a mapping it did not make in this run (a crashed
+        run's, from the journal, or one whose add got no answer)."""
+        if not isinstance(self.gateway, AdoptsLeftovers):
+            return True
+        nonce = meta.nonce
+        if not nonce and not meta.from_journal:  # this run's: requested with this nonce
+            nonce = self.gateway.mapping_nonce(spec)
+        return self.gateway.adopt(spec, nonce)
+
+    def _leftover_gone(self, spec: MappingSpec, meta: _Orphan) -> None:
+        """A NAT-PMP/PCP mapping not made by this run that the router says it does not hold,
+        or that cannot be deleted from here: said which, never "removed"."""
+        proto = self.gateway.info.protocol if self.gateway.info else "NAT-PMP"
+        meta.told = True
+        if meta.adopted:
+            log.info("%s -> %s:%d (from an earlier run) is not on the router any more (%s "
+                     "has no such mapping)", spec.key, spec.internal_client, spec.internal_port,
+                     proto)
+            return
+        why = ("the journal holds no nonce for it (recorded by an older igdtrigger)"
+               if proto == "pcp" else "NAT-PMP deletes only the asking host's own mappings")
+        log.warning("%s -> %s:%d from an earlier run cannot be deleted over %s (%s); it "
+                    "lapses on the router at the end of its lifetime", spec.key,
+                    spec.internal_client, spec.internal_port, proto, why)
 
     def _report_unconfirmed(self) -> None:
         """At stop: every mapping not confirmed gone is named, with until when it may stay
@@ -353,8 +392,9 @@ class Mapper:
             if meta.app is not None and outcome is Removal.GONE:
                 meta.app.state = MapState.PENDING
                 self._changed(meta.app, "unmapped")
-            elif outcome is Removal.GONE:
-                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
+            elif outcome is Removal.GONE and not meta.told:
+                log.info("unmapped %s -> %s:%d%s", key, spec.internal_client, spec.internal_port,
+                         " (left by an earlier run)" if meta.from_journal else "")
             return True
         if outcome is Removal.DOWN:
             return False
@@ -477,7 +517,10 @@ class Mapper:
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
-            self.journal.mappings_requested(specs)
+            gw = self.gateway
+            nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
+                      and (n := gw.mapping_nonce(s))}
+            self.journal.mappings_requested(specs, nonces)
 
     def next_deadline(self) -> float | None:
         if not self.gateway_up:

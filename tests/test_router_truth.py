@@ -21,6 +21,7 @@ from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UP
 from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
 from igdtrigger.metrics import Metrics
+from igdtrigger.model import MappingSpec, Proto
 from igdtrigger.service import Service
 
 from .fakes import FakeClock
@@ -449,24 +450,118 @@ async def test_router_that_starts_dropping_timed_leases_is_caught_at_the_re_add(
     rig.agrees()
 
 
-async def test_pcp_leftover_of_an_earlier_run_is_not_claimed_deleted(
-        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """PCP deletes need the nonce of the run that made the mapping: after a crash the next
-    start says it cannot delete it (it lapses by its lifetime), never that it did."""
-    clock = FakeClock()
-    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
-    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
-    await svc.start()
-    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
-    await svc._wait_applied(svc.engine.generation, 5)
-    for t in svc._tasks:  # crash: no stop
+async def crash_and_restart(svc: Service, router: FakeRouter,
+                            cls: type[NatPmpGateway] | type[PcpGateway], rule: dict[str, Any],
+                            clock: FakeClock, tmp_path: Path, after: float) -> Service:
+    """kill -9: no stop, no delete; the next start ``after`` s later."""
+    for t in svc._tasks:
         t.cancel()
     svc.journal.close()
     await svc.gateway.close()  # the process is gone (its socket too)
-    clock.advance(120)  # the activation is over by the next start
-    caplog.set_level(logging.WARNING, "igdtrigger.mapper")
-    again = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    clock.advance(after)
+    again = pmp_service(router, cls, rule, clock, tmp_path)
     await again.start()
     await again._wait_applied(again.engine.generation, 5)
-    assert any("cannot be deleted over pcp" in r.message for r in caplog.records)
+    return again
+
+
+def map_requests(router: FakeRouter, *, deletes: bool) -> list[bytes]:
+    """The PCP MAP (version 2) or NAT-PMP map (version 0) requests the router received."""
+    out = []
+    for _, data in router.requests:
+        pcp = data[0] == 2 and data[1] == 1 and len(data) >= 60
+        pmp = data[0] == 0 and data[1] in (1, 2) and len(data) >= 12
+        life = int.from_bytes(data[4:8] if pcp else data[8:12], "big") if pcp or pmp else -1
+        if (pcp or pmp) and (life == 0) is deletes:
+            out.append(data)
+    return out
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_natpmp_pcp_leftover_of_a_crashed_run_is_deleted_at_the_next_start(
+        router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """After kill -9 the next start deletes what the crashed run left: NAT-PMP by internal
+    port, PCP with the nonce that made it (the router, like miniupnpd, refuses any other)."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074", "tcp/3075"], "idle_timeout": "1m"}
+    svc = pmp_service(router, cls, rule, clock, tmp_path)
+    await svc.start()
+    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
+    await svc._wait_applied(svc.engine.generation, 5)
+    made = dict(router.nonces)
+    assert set(router.mappings) == {(17, 3074), (6, 3075)}
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    again = await crash_and_restart(svc, router, cls, rule, clock, tmp_path, 120)
+    assert router.mappings == {}  # the router's own table: nothing of ours left
+    assert router.refused_deletes == 0
+    deletes = map_requests(router, deletes=True)
+    assert len(deletes) == 2
+    if cls is PcpGateway:  # each with the nonce its mapping was made with
+        assert {(d[36], bytes(d[24:36])) for d in deletes} \
+            == {(17, made[(17, 3074)]), (6, made[(6, 3075)])}
+    assert again.journal.mappings() == []
+    assert sum("left by an earlier run" in r.message for r in caplog.records) == 2
+    assert not any("cannot be deleted" in r.message for r in caplog.records)
     await again.stop()
+
+
+async def test_pcp_restart_while_still_wanted_keeps_the_crashed_runs_nonce(
+        router: FakeRouter, tmp_path: Path) -> None:
+    """A restored activation refreshes the crashed run's PCP mapping with the same nonce (a
+    server that checks nonces on refresh accepts it), and its stop deletes it."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1h"}
+    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc.activate("xbox", HOST, ttl=3600, source=Source.API)
+    await svc._wait_applied(svc.engine.generation, 5)
+    first = router.nonces[(17, 3074)]
+    again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 5)
+    assert [a["rule"] for a in again.status()["activations"]] == ["xbox"]
+    assert {bytes(m[24:36]) for m in map_requests(router, deletes=False)} == {first}
+    assert router.mappings and router.nonces[(17, 3074)] == first
+    await again.stop()
+    assert router.mappings == {} and router.refused_deletes == 0
+
+
+async def test_pcp_leftover_without_a_recorded_nonce_is_not_claimed_deleted(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A journal row from an igdtrigger that kept no nonce (format 1): PCP cannot delete it;
+    the next start says so and that it lapses by its lifetime, never that it deleted it."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    router.mappings[(17, 3074)] = (3074, 86400)
+    router.nonces[(17, 3074)] = bytes(range(12))  # made with a random nonce
+    old = Journal.open(tmp_path)
+    old.mappings_requested([MappingSpec(Proto.UDP, 3074, HOST, 3074, "igdtrigger x xbox")])
+    old.close()
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc._wait_applied(svc.engine.generation, 5)
+    assert any("cannot be deleted over pcp" in r.message and "no nonce" in r.message
+               for r in caplog.records)
+    assert not any("left by an earlier run" in r.message for r in caplog.records)
+    assert map_requests(router, deletes=True) == []  # nothing asked that would be refused
+    await svc.stop()
+
+
+async def test_natpmp_leftover_for_another_host_is_not_deleted_over_natpmp(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """NAT-PMP deletes the asking host's mapping of that internal port: a journaled mapping
+    for another host (made over UPnP, say) must not be "deleted" that way."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    router.mappings[(17, 3074)] = (3074, 86400)  # this host's own (another program's)
+    old = Journal.open(tmp_path)
+    old.mappings_requested([MappingSpec(Proto.UDP, 3074, "192.0.2.7", 3074, "igdtrigger x")])
+    old.close()
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    svc = pmp_service(router, NatPmpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc._wait_applied(svc.engine.generation, 5)
+    assert router.mappings == {(17, 3074): (3074, 86400)}
+    assert map_requests(router, deletes=True) == []
+    assert any("cannot be deleted over nat-pmp" in r.message for r in caplog.records)
+    await svc.stop()
