@@ -514,6 +514,34 @@ def test_pcp_router_restart_is_caught_and_mappings_come_back(make_lab: Callable[
     assert not pmp_held(lab)
 
 
+@pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
+def test_kill_9_natpmp_pcp_leftovers_are_deleted_at_the_next_start(
+        make_lab: Callable[..., Lab], tmp_path: Path, protocol: str) -> None:
+    """A crash leaves NAT-PMP/PCP mappings (an hour's lifetime) that nobody can list; the next
+    start deletes them from the journal (PCP with the nonce that made them, which miniupnpd
+    checks) and the WAN can no longer reach the ports."""
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="10m", protocol=protocol).start()
+    try:
+        s.cli("activate", "game", "--for", "2s")
+        wait_for(lambda: len(pmp_held(lab)) == 4, 10, f"mappings over {protocol}")
+        assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+        time.sleep(2.5)  # the activation's time runs out while the service is dead
+        assert len(pmp_held(lab)) == 4  # a crash leaves them (their lifetime is an hour)
+        assert all_open(lab)
+        s.start()
+        wait_for(lambda: not pmp_held(lab), 15, "leftovers deleted by the restarted service")
+        assert none_open(lab)
+        log = s.logtext()
+        assert log.count("(left by an earlier run)") == 4, log
+        assert "cannot be deleted" not in log and "refused" not in log, log
+        assert s.status()["activations"] == []
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            assert s.stop() == 0
+    assert not pmp_held(lab)
+
+
 @pytest.mark.parametrize("igd_v1", [False, True], ids=["igdv2", "igdv1"])
 def test_activation_for_another_host_with_secure_mode_off(make_lab: Callable[..., Lab],
                                                           tmp_path: Path, igd_v1: bool) -> None:
