@@ -321,8 +321,12 @@ class Mapper:
                                                       confirm=not final)
                 if deleted and outcome is Removal.GONE:
                     asked.append(spec)
+                    self.stale_removed += meta.from_journal
                 elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
                     self._leftover_gone(spec, meta)
+                elif outcome is Removal.REFUSED and rnd == 1 and meta.from_journal \
+                        and meta.nonce and not self._reads_back():
+                    outcome = self._leftover_taken(spec)
                 if outcome is Removal.REFUSED and rnd == 0:
                     again.append(spec)
                     continue
@@ -363,6 +367,17 @@ class Mapper:
         log.warning("%s -> %s:%d from an earlier run cannot be deleted over %s (%s); it "
                     "lapses on the router at the end of its lifetime", spec.key,
                     spec.internal_client, spec.internal_port, proto, why)
+
+    @staticmethod
+    def _leftover_taken(spec: MappingSpec) -> Removal:
+        """A PCP router that refuses, even after the other deletes, to delete a crashed run's
+        mapping with the nonce that made it: its entry for that internal port was made with
+        another nonce since (another program on this host; miniupnpd 2.3.1 replaces a mapping
+        on a MAP with a new nonce). Not ours any more: left alone, not retried forever."""
+        log.warning("%s -> %s:%d from an earlier run: the router refuses its delete with the "
+                    "nonce that made it; another client has mapped that internal port since, "
+                    "so it is left alone", spec.key, spec.internal_client, spec.internal_port)
+        return Removal.NOT_OURS
 
     def _report_unconfirmed(self) -> None:
         """At stop: every mapping not confirmed gone is named, with until when it may stay

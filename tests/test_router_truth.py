@@ -565,3 +565,46 @@ async def test_natpmp_leftover_for_another_host_is_not_deleted_over_natpmp(
     assert map_requests(router, deletes=True) == []
     assert any("cannot be deleted over nat-pmp" in r.message for r in caplog.records)
     await svc.stop()
+
+
+async def test_pcp_leftover_remapped_by_another_client_is_left_alone(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After the crash another program on this host mapped the same internal port with its own
+    nonce: the router refuses our delete (after the others too); the next start lets it be
+    and forgets it instead of retrying at every start."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
+    await svc._wait_applied(svc.engine.generation, 5)
+    router.nonces[(17, 3074)] = b"\x07" * 12  # someone else's MAP replaced ours
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
+    assert (17, 3074) in router.mappings  # theirs: not deleted
+    assert router.refused_deletes == 2  # once, and once more after the other deletes
+    assert again.journal.mappings() == []
+    assert any("another client has mapped that internal port" in r.message
+               for r in caplog.records)
+    assert not any("left by an earlier run" in r.message for r in caplog.records)
+    await again.stop()
+    assert router.refused_deletes == 2
+
+
+async def test_pcp_leftover_pair_on_a_router_deleting_by_internal_port_is_all_deleted(
+        router: FakeRouter, tmp_path: Path) -> None:
+    """Input 6 after a crash: TCP and UDP of one internal port, a router that refuses the
+    older one's delete until the newer is gone: the next start deletes both."""
+    router.delete_by_internal_port = True
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["both/3074"], "idle_timeout": "1m"}
+    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
+    await svc._wait_applied(svc.engine.generation, 5)
+    assert len(router.mappings) == 2
+    again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
+    assert router.mappings == {}
+    assert router.refused_deletes == 1  # the older one, once: deleted after the newer
+    assert again.journal.mappings() == []
+    await again.stop()
