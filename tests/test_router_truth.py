@@ -450,6 +450,17 @@ async def test_router_that_starts_dropping_timed_leases_is_caught_at_the_re_add(
     rig.agrees()
 
 
+async def mapped(router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
+                 rule: dict[str, Any], tmp_path: Path, ttl: int) -> tuple[Service, FakeClock]:
+    """A service holding ``rule`` (named "xbox") for ``ttl`` s, and its clock."""
+    clock = FakeClock()
+    svc = pmp_service(router, cls, rule, clock, tmp_path)
+    await svc.start()
+    await svc.activate("xbox", HOST, ttl=ttl, source=Source.API)
+    await svc._wait_applied(svc.engine.generation, 5)
+    return svc, clock
+
+
 async def crash_and_restart(svc: Service, router: FakeRouter,
                             cls: type[NatPmpGateway] | type[PcpGateway], rule: dict[str, Any],
                             clock: FakeClock, tmp_path: Path, after: float) -> Service:
@@ -483,12 +494,8 @@ async def test_natpmp_pcp_leftover_of_a_crashed_run_is_deleted_at_the_next_start
         caplog: pytest.LogCaptureFixture) -> None:
     """After kill -9 the next start deletes what the crashed run left: NAT-PMP by internal
     port, PCP with the nonce that made it (the router, like miniupnpd, refuses any other)."""
-    clock = FakeClock()
     rule = {"name": "xbox", "open": ["udp/3074", "tcp/3075"], "idle_timeout": "1m"}
-    svc = pmp_service(router, cls, rule, clock, tmp_path)
-    await svc.start()
-    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
-    await svc._wait_applied(svc.engine.generation, 5)
+    svc, clock = await mapped(router, cls, rule, tmp_path, ttl=60)
     made = dict(router.nonces)
     assert set(router.mappings) == {(17, 3074), (6, 3075)}
     caplog.set_level(logging.INFO, "igdtrigger.mapper")
@@ -510,12 +517,8 @@ async def test_pcp_restart_while_still_wanted_keeps_the_crashed_runs_nonce(
         router: FakeRouter, tmp_path: Path) -> None:
     """A restored activation refreshes the crashed run's PCP mapping with the same nonce (a
     server that checks nonces on refresh accepts it), and its stop deletes it."""
-    clock = FakeClock()
     rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1h"}
-    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
-    await svc.start()
-    await svc.activate("xbox", HOST, ttl=3600, source=Source.API)
-    await svc._wait_applied(svc.engine.generation, 5)
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=3600)
     first = router.nonces[(17, 3074)]
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 5)
     assert [a["rule"] for a in again.status()["activations"]] == ["xbox"]
@@ -572,12 +575,8 @@ async def test_pcp_leftover_remapped_by_another_client_is_left_alone(
     """After the crash another program on this host mapped the same internal port with its own
     nonce: the router refuses our delete (after the others too); the next start lets it be
     and forgets it instead of retrying at every start."""
-    clock = FakeClock()
     rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
-    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
-    await svc.start()
-    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
-    await svc._wait_applied(svc.engine.generation, 5)
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
     router.nonces[(17, 3074)] = b"\x07" * 12  # someone else's MAP replaced ours
     caplog.set_level(logging.INFO, "igdtrigger.mapper")
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
@@ -596,12 +595,8 @@ async def test_pcp_leftover_pair_on_a_router_deleting_by_internal_port_is_all_de
     """Input 6 after a crash: TCP and UDP of one internal port, a router that refuses the
     older one's delete until the newer is gone: the next start deletes both."""
     router.delete_by_internal_port = True
-    clock = FakeClock()
     rule = {"name": "xbox", "open": ["both/3074"], "idle_timeout": "1m"}
-    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
-    await svc.start()
-    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
-    await svc._wait_applied(svc.engine.generation, 5)
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
     assert len(router.mappings) == 2
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
     assert router.mappings == {}
