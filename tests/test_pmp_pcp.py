@@ -387,6 +387,9 @@ class FakeRouter(asyncio.DatagramProtocol):
         self.delete_by_internal_port = False  # miniupnp#186: PCP delete looks up the newest
         # entry by internal port only and refuses (NOT_AUTHORIZED) when its nonce differs
         self.nonces: dict[tuple[int, int], bytes] = {}
+        # RFC 6887 §11.3 and miniupnpd's IPv6 firewall mode (pcpserver.c CreatePCPMap_FW): a MAP
+        # for an existing mapping with another nonce is refused (2.3.1's NAT44 replaces it)
+        self.refresh_needs_nonce = False
         self.created: dict[tuple[int, int], int] = {}
         self.refused_deletes = 0
         self._rng = random.Random(7)
@@ -500,6 +503,9 @@ class FakeRouter(asyncio.DatagramProtocol):
                         self.mappings.pop(key, None)
                         self.created.pop(key, None)
                         self.nonces.pop(key, None)
+                elif self.refresh_needs_nonce and self.nonces.get(
+                        (proto, iport), bytes(data[24:36])) != bytes(data[24:36]):
+                    result = 2
                 else:
                     got, life = self.grant(proto, iport, eport, life)
                     self.nonces[(proto, iport)] = bytes(data[24:36])

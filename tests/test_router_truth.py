@@ -513,15 +513,18 @@ async def test_natpmp_pcp_leftover_of_a_crashed_run_is_deleted_at_the_next_start
     await again.stop()
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["miniupnpd-2.3.1", "rfc6887"])
 async def test_pcp_restart_while_still_wanted_keeps_the_crashed_runs_nonce(
-        router: FakeRouter, tmp_path: Path) -> None:
+        router: FakeRouter, tmp_path: Path, strict: bool) -> None:
     """A restored activation refreshes the crashed run's PCP mapping with the same nonce (a
     server that checks nonces on refresh accepts it), and its stop deletes it."""
+    router.refresh_needs_nonce = strict
     rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1h"}
     svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=3600)
     first = router.nonces[(17, 3074)]
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 5)
     assert [a["rule"] for a in again.status()["activations"]] == ["xbox"]
+    assert [m["state"] for m in again.status()["mappings"]] == ["active"]
     assert {bytes(m[24:36]) for m in map_requests(router, deletes=False)} == {first}
     assert router.mappings and router.nonces[(17, 3074)] == first
     await again.stop()
