@@ -319,14 +319,9 @@ class Mapper:
                     meta.adopted = self._adopt(spec, meta)
                 outcome, deleted = await self._remove(spec, meta.copies,
                                                       confirm=not final)
+                outcome = self._leftover(spec, meta, outcome, deleted, rnd)
                 if deleted and outcome is Removal.GONE:
                     asked.append(spec)
-                    self.stale_removed += meta.from_journal
-                elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
-                    self._leftover_gone(spec, meta)
-                elif outcome is Removal.REFUSED and rnd == 1 and meta.from_journal \
-                        and meta.nonce and not self._reads_back():
-                    outcome = self._leftover_taken(spec)
                 if outcome is Removal.REFUSED and rnd == 0:
                     again.append(spec)
                     continue
@@ -351,6 +346,22 @@ class Mapper:
         if not nonce and not meta.from_journal:  # this run's: requested with this nonce
             nonce = self.gateway.mapping_nonce(spec)
         return self.gateway.adopt(spec, nonce)
+
+    def _leftover(self, spec: MappingSpec, meta: _Orphan, outcome: Removal, deleted: bool,
+                  rnd: int) -> Removal:
+        """What a delete of a mapping an earlier run left means (logged); ``outcome`` as
+        ``_remove`` found it, changed only where the router showed it is not ours any more."""
+        if not meta.from_journal:
+            return outcome
+        if deleted and outcome is Removal.GONE:
+            self.stale_removed += 1
+        elif self._reads_back():
+            pass  # UPnP: looked up and confirmed like any other delete
+        elif outcome is Removal.GONE:
+            self._leftover_gone(spec, meta)
+        elif outcome is Removal.REFUSED and rnd == 1 and meta.nonce:
+            return self._leftover_taken(spec)
+        return outcome
 
     def _leftover_gone(self, spec: MappingSpec, meta: _Orphan) -> None:
         """A NAT-PMP/PCP mapping not made by this run that the router says it does not hold,
