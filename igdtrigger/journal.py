@@ -32,7 +32,7 @@ from .model import MappingKey, MappingSpec, PinholeSpec, Proto
 
 log = logging.getLogger("igdtrigger.journal")
 
-FORMAT = 2  # 2: mappings.nonce, secrets (format 1 journals are migrated on open)
+FORMAT = 2  # 2: mappings.nonce and .protocol, secrets (format 1 journals migrated on open)
 FILENAME = "journal.sqlite3"
 
 _SCHEMA = """
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS mappings (
     state TEXT NOT NULL,          -- 'requested' (maybe on the router) or 'active'
     updated REAL NOT NULL,
     nonce TEXT NOT NULL DEFAULT '', -- hex: the PCP mapping nonce it is requested with, or ''
+    protocol TEXT NOT NULL DEFAULT '', -- GatewayInfo.protocol it is requested over; '': unknown
     PRIMARY KEY (proto, external_port)
 );
 CREATE TABLE IF NOT EXISTS secrets (
@@ -76,14 +77,20 @@ CREATE TABLE IF NOT EXISTS pinholes (
 """
 
 
-def _has_nonce(db: sqlite3.Connection) -> bool:
-    return any(row[1] == "nonce" for row in db.execute("PRAGMA table_info(mappings)"))
+_ADDED = ("nonce", "protocol")  # mappings columns format 2 added
+
+
+def _is_format_2(db: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(mappings)")}
+    return all(c in columns for c in _ADDED)
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Bring a format-1 journal to this format (its rows kept; their nonce unknown: '')."""
-    if not _has_nonce(db):
-        db.execute("ALTER TABLE mappings ADD COLUMN nonce TEXT NOT NULL DEFAULT ''")
+    """Bring a format-1 journal to this format (rows kept; their nonce and protocol: '')."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(mappings)")}
+    for column in _ADDED:
+        if column not in columns:
+            db.execute(f"ALTER TABLE mappings ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
 
 def _unhex(value: object) -> bytes:
@@ -106,6 +113,7 @@ class JournalMapping:
     description: str
     state: str
     nonce: bytes = b""  # the PCP mapping nonce it was requested with; b"": none recorded
+    protocol: str = ""  # what it was requested over ("upnp-igd", "nat-pmp", "pcp"); "": unknown
 
     @property
     def spec(self) -> MappingSpec:
@@ -236,19 +244,22 @@ class Journal:
     # --- mappings -----------------------------------------------------------------------------
 
     def mappings_requested(self, specs: list[MappingSpec],
-                           nonces: Mapping[MappingKey, bytes] | None = None) -> None:
+                           nonces: Mapping[MappingKey, bytes] | None = None,
+                           protocol: str = "") -> None:
         """Record mappings about to be requested, in one fsync'd transaction. ``nonces``: the
-        PCP mapping nonce each is requested with (kept until the mapping is gone)."""
+        PCP mapping nonce each is requested with; ``protocol``: the gateway's protocol
+        (``GatewayInfo.protocol``), which decides how a leftover can be deleted."""
         now = time.time()
         nonces = nonces or {}
         self._write(
             "INSERT INTO mappings (proto, external_port, internal_client, internal_port, "
-            "description, state, updated, nonce) VALUES (?,?,?,?,?,'requested',?,?) ON CONFLICT"
-            "(proto, external_port) DO UPDATE SET internal_client=excluded.internal_client, "
-            "internal_port=excluded.internal_port, description=excluded.description, "
-            "updated=excluded.updated, nonce=excluded.nonce",
+            "description, state, updated, nonce, protocol) VALUES (?,?,?,?,?,'requested',?,?,?) "
+            "ON CONFLICT(proto, external_port) DO UPDATE SET "
+            "internal_client=excluded.internal_client, internal_port=excluded.internal_port, "
+            "description=excluded.description, updated=excluded.updated, nonce=excluded.nonce, "
+            "protocol=excluded.protocol",
             [(s.proto.value, s.external_port, s.internal_client, s.internal_port,
-              s.description, now, nonces.get(s.key, b"").hex()) for s in specs])
+              s.description, now, nonces.get(s.key, b"").hex(), protocol) for s in specs])
 
     def mapping_gone(self, proto: Proto, external_port: int) -> None:
         self.mappings_gone([(proto, external_port)])
@@ -264,17 +275,17 @@ class Journal:
         try:
             rows = self._db.execute(
                 "SELECT proto, external_port, internal_client, internal_port, description, "
-                "state, nonce FROM mappings" if _has_nonce(self._db) else  # a format-1 copy
+                "state, nonce, protocol FROM mappings" if _is_format_2(self._db) else
                 "SELECT proto, external_port, internal_client, internal_port, description, "
-                "state, '' FROM mappings").fetchall()
+                "state, '', '' FROM mappings").fetchall()  # a format-1 read-only copy
         except sqlite3.Error as exc:
             log.error("cannot read the journal's mappings: %s", exc)
             return []
         out = []
-        for proto, port, client, iport, desc, state, nonce in rows:
+        for proto, port, client, iport, desc, state, nonce, protocol in rows:
             if proto in ("TCP", "UDP"):
                 out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
-                                          str(desc), str(state), _unhex(nonce)))
+                                          str(desc), str(state), _unhex(nonce), str(protocol)))
         return out
 
     # --- secrets --------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class _Orphan:
     app: Applied | None = None  # for the "unmapped" event
     from_journal: bool = False  # left by an earlier run
     nonce: bytes = b""  # PCP: the nonce the journal recorded it with
+    protocol: str = ""  # what the journal says it was requested over ("": unknown)
     adopted: bool | None = None  # the gateway took it up for deleting (NAT-PMP/PCP)
     told: bool = False  # its end was logged already (_leftover_gone)
 
@@ -264,18 +265,19 @@ class Mapper:
             if app.state is MapState.ACTIVE:
                 app.renew_at = now
 
-    def adopt_orphans(self, specs: list[MappingSpec],
-                      nonces: dict[MappingKey, bytes] | None = None) -> None:
+    def adopt_orphans(self, specs: list[MappingSpec]) -> None:
         """Mappings an earlier run may have left (from the journal): removed unless wanted.
-        ``nonces``: their PCP nonces (default: as this mapper's journal recorded them)."""
-        if nonces is None:
-            nonces = {m.spec.key: m.nonce for m in self.journal.mappings()} \
-                if self.journal is not None else {}
+        Their PCP nonce and protocol are looked up in this mapper's journal."""
+        rows = {m.spec.key: m for m in self.journal.mappings()} \
+            if self.journal is not None else {}
         for spec in specs:
             self.orphans.setdefault(spec.key, spec)
+            row = rows.get(spec.key)
             # copies unknown: a router that cannot report them gets the full repeat budget
             self._orphan_meta.setdefault(spec.key, _Orphan(
-                copies=MAX_DELETE_REPEAT, from_journal=True, nonce=nonces.get(spec.key, b"")))
+                copies=MAX_DELETE_REPEAT, from_journal=True,
+                nonce=row.nonce if row is not None else b"",
+                protocol=row.protocol if row is not None else ""))
 
     def _orphan(self, wire: MappingSpec, app: Applied | None = None) -> None:
         self.orphans[wire.key] = wire
@@ -342,6 +344,10 @@ class Mapper:
         run's, from the journal, or one whose add got no answer)."""
         if not isinstance(self.gateway, AdoptsLeftovers):
             return True
+        info = self.gateway.info
+        if meta.protocol and info is not None and info.protocol in NO_READBACK \
+                and meta.protocol != info.protocol:
+            return False  # miniupnpd: NAT-PMP and PCP delete only their own protocol's rules
         nonce = meta.nonce
         if not nonce and not meta.from_journal:  # this run's: requested with this nonce
             nonce = self.gateway.mapping_nonce(spec)
@@ -373,8 +379,12 @@ class Mapper:
                      "has no such mapping)", spec.key, spec.internal_client, spec.internal_port,
                      proto)
             return
-        why = ("the journal holds no nonce for it (recorded by an older igdtrigger)"
-               if proto == "pcp" else "NAT-PMP deletes only the asking host's own mappings")
+        if meta.protocol and meta.protocol != proto:
+            why = f"it was made over {meta.protocol}"
+        elif proto == "pcp":
+            why = "the journal holds no nonce for it (recorded by an older igdtrigger)"
+        else:
+            why = "NAT-PMP deletes only the asking host's own mappings"
         log.warning("%s -> %s:%d from an earlier run cannot be deleted over %s (%s); it "
                     "lapses on the router at the end of its lifetime", spec.key,
                     spec.internal_client, spec.internal_port, proto, why)
@@ -546,7 +556,8 @@ class Mapper:
             gw = self.gateway
             nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
                       and (n := gw.mapping_nonce(s))}
-            self.journal.mappings_requested(specs, nonces)
+            self.journal.mappings_requested(specs, nonces,
+                                            gw.info.protocol if gw.info is not None else "")
 
     def next_deadline(self) -> float | None:
         if not self.gateway_up:

@@ -172,14 +172,15 @@ def test_format_1_journal_is_migrated_and_its_mappings_kept(tmp_path: Path) -> N
     db.close()
     j = Journal.open(tmp_path)
     [old] = j.mappings()
-    assert (old.proto, old.external_port, old.nonce) == (Proto.UDP, 3074, b"")
+    assert (old.proto, old.external_port, old.nonce, old.protocol) == (Proto.UDP, 3074, b"", "")
     spec = MappingSpec(Proto.TCP, 3075, "192.168.1.10", 3075, "igdtrigger x demo")
-    j.mappings_requested([spec], {spec.key: b"\x01" * 12})
+    j.mappings_requested([spec], {spec.key: b"\x01" * 12}, "pcp")
     key = j.secret("pcp-nonce-key")
     assert key is not None and len(key) == 16
     j.close()
     again = Journal.open(tmp_path)
-    assert {m.external_port: m.nonce for m in again.mappings()} == {3074: b"", 3075: b"\x01" * 12}
+    assert {m.external_port: (m.nonce, m.protocol) for m in again.mappings()} \
+        == {3074: (b"", ""), 3075: (b"\x01" * 12, "pcp")}
     assert again.secret("pcp-nonce-key") == key  # the same key in every run
     again.close()
     assert sqlite3.connect(tmp_path / FILENAME).execute("PRAGMA user_version").fetchone()[0] == 2

@@ -606,3 +606,19 @@ async def test_pcp_leftover_pair_on_a_router_deleting_by_internal_port_is_all_de
     assert router.refused_deletes == 1  # the older one, once: deleted after the newer
     assert again.journal.mappings() == []
     await again.stop()
+
+
+async def test_pcp_leftover_meets_a_natpmp_start_and_is_not_claimed_deleted(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal says which protocol made a mapping: miniupnpd's NAT-PMP deletes only
+    NAT-PMP's rules (answering success all the same), so a PCP leftover met by a NAT-PMP
+    start is named as not deletable over it, never "unmapped"."""
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    again = await crash_and_restart(svc, router, NatPmpGateway, rule, clock, tmp_path, 120)
+    assert map_requests(router, deletes=True) == []
+    assert any("cannot be deleted over nat-pmp (it was made over pcp)" in r.message
+               for r in caplog.records)
+    assert not any("left by an earlier run" in r.message for r in caplog.records)
+    await again.stop()
