@@ -17,6 +17,12 @@ router that cannot report its mappings is not re-added to on every check; its de
 repeated until it says the mapping is gone. A delete refused is retried after the others and
 stays in the journal until confirmed; a delete the router answered but did not do is reported
 (``left_open``), never counted as removed.
+
+What a crashed run left is known from the journal only (``adopt_orphans``). NAT-PMP/PCP routers
+cannot list mappings, so the backend adopts each leftover first (``AdoptsLeftovers``: PCP with
+the nonce the journal recorded, derived from the journal's key) and then deletes it like any
+other; one it cannot delete from here (another protocol made it, no nonce recorded, another host
+over NAT-PMP) is named in the log as lapsing by its lifetime, never as removed.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ Behaviour that differs from UPnP IGD:
   ``delete()`` of a mapping this client does not hold raises ``NoSuchMapping`` without asking,
   unless it was ``adopt()``-ed: a mapping an earlier run of ours left (after a crash), taken up
   from the journal so that it can be deleted. NAT-PMP deletes name only the protocol and internal
-  port (from the host that asks, RFC 6886 §3.4). PCP deletes must carry the nonce that created
+  port (from the host that asks, RFC 6886 §3.4; miniupnpd 2.3.1 natpmp.c deletes only rules
+  whose description starts "NAT-PMP", so never a UPnP or PCP mapping). PCP deletes must carry the nonce that created
   the mapping (RFC 6887 §11.1, §15; miniupnpd 2.3.1 keeps it as the rule's description
   "PCP MAP <nonce>" and answers NOT_AUTHORIZED to a delete with another one): with a
   ``nonce_key`` (kept in the journal) the nonce is derived from it and the mapping's protocol,
