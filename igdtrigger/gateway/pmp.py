@@ -26,11 +26,11 @@ Behaviour that differs from UPnP IGD:
   unless it was ``adopt()``-ed: a mapping an earlier run of ours left (after a crash), taken up
   from the journal so that it can be deleted. NAT-PMP deletes name only the protocol and internal
   port (from the host that asks, RFC 6886 §3.4; miniupnpd 2.3.1 natpmp.c deletes only rules
-  whose description starts "NAT-PMP", so never a UPnP or PCP mapping). PCP deletes must carry the nonce that created
-  the mapping (RFC 6887 §11.1, §15; miniupnpd 2.3.1 keeps it as the rule's description
-  "PCP MAP <nonce>" and answers NOT_AUTHORIZED to a delete with another one): with a
-  ``nonce_key`` (kept in the journal) the nonce is derived from it and the mapping's protocol,
-  internal client and port, so a later run reproduces it; the journal records it as well.
+  whose description starts "NAT-PMP", so never a UPnP or PCP mapping). PCP deletes must carry
+  the nonce that created the mapping (RFC 6887 §11.1, §15; miniupnpd 2.3.1 keeps it as the
+  rule's description "PCP MAP <nonce>" and answers NOT_AUTHORIZED to a delete with another one):
+  with a ``nonce_key`` (kept in the journal) the nonce is derived from it and the mapping's
+  protocol, internal client and port, so a later run reproduces it; the journal records it too.
 * NAT-PMP maps ports only to the host that asks. PCP maps for another host with the
   THIRD_PARTY option, which routers refuse unless allowed (miniupnpd ``pcp_allow_thirdparty``).
 * With ``exact_port`` (default) a mapping whose external port the router moved (the port is
