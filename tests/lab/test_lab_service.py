@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -514,6 +515,27 @@ def test_pcp_router_restart_is_caught_and_mappings_come_back(make_lab: Callable[
     assert not pmp_held(lab)
 
 
+def router_descriptions(lab: Lab) -> set[str]:
+    """The descriptions miniupnpd keeps with its mappings (its lease file: PROTO:eport:
+    iaddr:iport:timestamp:description; written as mappings change)."""
+    try:
+        lines = lab.lease_path.read_text().splitlines()
+    except FileNotFoundError:
+        return set()
+    return {line.split(":", 5)[5] for line in lines if line.count(":") >= 5}
+
+
+def journal_nonces(s: Serve) -> set[str]:
+    """The journal's PCP nonces as miniupnpd writes them: three 32-bit words, each printed
+    with %08x from host (little-endian) order."""
+    db = sqlite3.connect(s.state / "journal.sqlite3")
+    try:
+        raw = [bytes.fromhex(str(n)) for (n,) in db.execute("SELECT nonce FROM mappings")]
+    finally:
+        db.close()
+    return {"".join(n[i:i + 4][::-1].hex() for i in (0, 4, 8)) for n in raw}
+
+
 @pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
 def test_kill_9_natpmp_pcp_leftovers_are_deleted_at_the_next_start(
         make_lab: Callable[..., Lab], tmp_path: Path, protocol: str) -> None:
@@ -525,12 +547,15 @@ def test_kill_9_natpmp_pcp_leftovers_are_deleted_at_the_next_start(
     try:
         s.cli("activate", "game", "--for", "2s")
         wait_for(lambda: len(pmp_held(lab)) == 4, 10, f"mappings over {protocol}")
+        if protocol == "pcp":  # the router's record of each nonce is the journal's
+            assert router_descriptions(lab) == {f"PCP MAP {n}" for n in journal_nonces(s)}
         assert s.stop(signal.SIGKILL) == -signal.SIGKILL
         time.sleep(2.5)  # the activation's time runs out while the service is dead
         assert len(pmp_held(lab)) == 4  # a crash leaves them (their lifetime is an hour)
         assert all_open(lab)
         s.start()
         wait_for(lambda: not pmp_held(lab), 15, "leftovers deleted by the restarted service")
+        assert not router_descriptions(lab)  # the daemon's own record agrees
         assert none_open(lab)
         log = s.logtext()
         assert log.count("(left by an earlier run)") == 4, log
