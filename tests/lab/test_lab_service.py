@@ -567,6 +567,40 @@ def test_kill_9_natpmp_pcp_leftovers_are_deleted_at_the_next_start(
     assert not pmp_held(lab)
 
 
+def test_pcp_leftover_remapped_by_another_program_is_left_alone(make_lab: Callable[..., Lab],
+                                                                tmp_path: Path) -> None:
+    """After the crash another PCP client on the LAN host maps one of the ports with its own
+    nonce (miniupnpd replaces ours): the next start's delete with our nonce is refused by the
+    router (it checks nonces), so that mapping is left alone; the other three are deleted."""
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="10m", protocol="pcp").start()
+    try:
+        s.cli("activate", "game", "--for", "2s")
+        wait_for(lambda: len(pmp_held(lab)) == 4, 10, "mappings over PCP")
+        assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+        other = ("import os, socket\n"
+                 "from igdtrigger.gateway.pmp import build_pcp_map\n"
+                 "from igdtrigger.model import Proto\n"
+                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "s.settimeout(3)\n"
+                 f"s.sendto(build_pcp_map(os.urandom(12), Proto.UDP, 40000, 40000, 3600, "
+                 f"{lab.lan_ip!r}), ({lab.router_lan_ip!r}, 5351))\n"
+                 "print(s.recv(1100)[3])\n")
+        p = lab.run(lab.lan, [sys.executable, "-c", other], env=env(), cwd=ROOT, check=True)
+        assert p.stdout.strip() == "0", p.stdout + p.stderr  # SUCCESS: theirs now
+        time.sleep(2.5)
+        s.start()
+        wait_for(lambda: pmp_held(lab) == {("UDP", 40000)}, 15, "our three deleted, theirs not")
+        wait_for(lambda: "another client has mapped that internal port" in s.logtext(), 15,
+                 "the refused delete named")
+        assert s.logtext().count("(left by an earlier run)") == 3
+        assert lab.probe("udp", 40000)  # theirs still works
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            assert s.stop() == 0
+    assert pmp_held(lab) == {("UDP", 40000)}  # not ours: the stop leaves it too
+
+
 @pytest.mark.parametrize("igd_v1", [False, True], ids=["igdv2", "igdv1"])
 def test_activation_for_another_host_with_secure_mode_off(make_lab: Callable[..., Lab],
                                                           tmp_path: Path, igd_v1: bool) -> None:
