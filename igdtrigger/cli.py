@@ -46,10 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=float, metavar="SECONDS",
                             help="give up on the service after this long (default 10)")
 
-    s = sub.add_parser("serve", help="run the service")
+    s = sub.add_parser(
+        "serve", help="run the service",
+        description="Run the service: a rule's ports open when its trigger traffic (or process) "
+        "is seen, and close idle_timeout after the trigger traffic and the inbound traffic "
+        "stop; a live connection holds them however silent it is. SIGTERM, SIGINT (Ctrl-C), "
+        "SIGHUP (a closed terminal; not a reload), SIGQUIT and any other signal that would end "
+        "it all stop it cleanly: every mapping is deleted and the activations end (the next "
+        "start restores nothing). Only a crash (kill -9, power loss) restores the activations "
+        "still within their time.")
     common(s, server=False)
     s.add_argument("--simulate", action="store_true",
-                   help="use a built-in simulated router on loopback (try it without a router)")
+                   help="use a built-in simulated router on loopback (try it without a router); "
+                   "its state is kept apart from the real service's")
     s.add_argument("--listen", metavar="HOST:PORT", help="API address (overrides [api] listen)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -100,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
     g.add_argument("--test", action="store_true",
                    help="map one random high port to this host for a moment to test leases")
+    g.add_argument("--list", action="store_true",
+                   help="list the router's whole mapping table, igdtrigger's entries marked")
+    g.add_argument("--clean", action="store_true",
+                   help="remove igdtrigger's leftover mappings that no running igdtrigger "
+                   "holds (a lost state directory, a killed run); never another program's")
+    g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
     hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
                         "else 1 (Docker HEALTHCHECK)")
     hc.add_argument("--config", metavar="PATH", help="config file (TOML)")
@@ -124,19 +139,21 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, read_token, resolve_server
+    from .client import Client, local_access, read_token, resolve_server
 
     where = resolve_server(args.server, config)
-    token = args.token or (read_token(config.state_dir if config else None)
-                           if where.trusted else None)
-    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0)
+    state_dir = config.state_dir if config else None
+    token = args.token or (read_token(state_dir) if where.trusted else None)
+    sock, uid = local_access(where, state_dir)
+    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0,
+                  admin_socket=sock if not args.token else None, token_uid=uid)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
 
-    from .config import SIMULATE, ApiConfig, parse_listen
+    from .config import SIMULATE, parse_listen
     from .daemon import serve, setup_logging
 
     setup_logging(args.log_level, args.log_format)
@@ -150,7 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host, port = parse_listen(args.listen)
         except ValueError as exc:
             raise ConfigError(str(exc), field="--listen") from None
-        config = replace(config, api=ApiConfig(host=host, port=port))
+        # only the address: the rest of [api] (ad-hoc, zeroconf, allow, ...) stays as configured
+        config = replace(config, api=replace(config.api, host=host, port=port))
     return asyncio.run(serve(config, ready_file=args.ready_file))
 
 
@@ -179,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from .client import read_token, resolve_server
+    from .client import local_access, read_token, resolve_server
 
     rule = args.rule
     if args.infer:
@@ -191,17 +209,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = resolve_server(args.server, config if config.source != "<defaults>" else None,
                            discover_timeout=1.0)
     token = args.token or (read_token(config.state_dir) if where.trusted else None)
+    sock, uid = local_access(where, config.state_dir)
     return run(command, rule=rule, config=config, server=where.url, token=token,
                ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
-               wait_start=args.wait_start)
+               wait_start=args.wait_start, admin_socket=sock if not args.token else None,
+               token_uid=uid)
 
 
 def _print_activation(data: dict[str, Any]) -> None:
     ports = data.get("ports", [])
     opened = [p["port"] for p in ports if p.get("state") == "active"]
+    expires = data.get("expires_in")
+    hold = data.get("hold")
+    if expires is None and hold:  # a live connection holds it
+        when = (f"held by {hold}, closes {format_duration(float(data.get('ttl', 0)))} after "
+                "they end")
+    else:
+        when = f"closes in {format_duration(float(expires or 0))}" + (f" ({hold})" if hold
+                                                                         else "")
     line = (f"{data.get('rule')} for {data.get('host')}: {data.get('state')}, "
-            f"{len(opened)}/{len(ports)} port(s) open, lapses in "
-            f"{format_duration(float(data.get('expires_in', 0)))} (id {data.get('id')})")
+            f"{len(opened)}/{len(ports)} port(s) open, {when} (id {data.get('id')})")
     print(line)
     for p in ports:
         if p.get("state") != "active":
@@ -308,7 +335,15 @@ def _lease_text(m: dict[str, Any]) -> str:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from .gatewaycmd import main as gateway_main
+    from .gatewaycmd import table_main
 
+    if args.dry_run and not args.clean:
+        raise UsageError("--dry-run goes with --clean")
+    if args.list or args.clean:
+        if args.test:
+            raise UsageError("--test probes the router; use it without --list/--clean")
+        return table_main(_config(args), as_json=args.json, clean=args.clean,
+                          dry_run=args.dry_run, timeout=args.timeout)
     return gateway_main(_config(args), as_json=args.json, timeout=args.timeout, test=args.test)
 
 

@@ -197,10 +197,12 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_api(config: Config, server: str | None, token: str | None) -> list[Check]:
-    from .client import Client, resolve_server
+    from .client import Client, local_access, resolve_server
 
     where = resolve_server(server, config, discover_timeout=1.0)
-    client = Client(where.url, token=token if where.trusted else None, timeout=3.0)
+    sock, uid = local_access(where, config.state_dir)
+    client = Client(where.url, token=token if where.trusted else None, timeout=3.0,
+                    admin_socket=sock, token_uid=uid)
     try:
         health = client.request("GET", "/healthz")
     except IgdTriggerError as exc:

@@ -4,34 +4,79 @@ The engine is fed flows (from detectors) and explicit requests (API, wrapper), a
 what has lapsed at a given time, and asked which mappings should exist now. Time comes from an
 injected clock so every behaviour is unit-testable with a fake one.
 
-Semantics (router-style port triggering):
+Semantics (router-style port triggering, as ipt_TRIGGER and router manuals describe it):
 - A flow from a LAN host to a trigger port of rule R creates (or refreshes) the activation
-  (R, host, traffic), which lapses ``idle_timeout`` after the last matching flow.
+  (R, host, traffic). The activation closes ``idle_timeout`` after the trigger traffic and the
+  inbound traffic stop: every packet the detectors report on a live trigger flow refreshes it, a
+  flow arriving on one of its opened ports (inbound use) does too, and a live *connection* (TCP
+  established, a connected socket) holds it however silent it is. The timer starts when the last
+  such connection ends (its close counts as its last packet).
+- Memory: only live flows that match (a trigger flow of an allowed host, or inbound on a port an
+  activation holds) are remembered, at most ``MAX_FLOWS_PER_HOST`` per LAN host and
+  ``MAX_FLOWS`` in all; beyond that a flow still refreshes the timer but is not followed
+  (counted in ``flows_refused``).
+- A process-held activation lapses ``idle_timeout`` after the process was last seen.
 - An explicit activation lives for its ``ttl``; a heartbeat extends it by its ttl again.
 - Ports are owned first come, first served: when two activations want the same external port for
   different hosts, the older one keeps it; the younger one waits and takes over when it lapses.
+  A rule with ``share = "latest"`` lets its newest activation take ports from its own older
+  ones, never from another rule's.
+- Bounded: at most ``MAX_ACTIVATIONS`` live activations (``ActivationLimit`` past it), and
+  detected ones (traffic) at most ``MAX_DETECTED`` in all, and the source addresses behind one
+  origin (the flow's link-layer address when the neighbour table knows it, through
+  ``origin_of``) at most ``MAX_HOSTS_PER_ORIGIN``; sources the table does not know share
+  ``MAX_UNKNOWN_HOSTS``, so forged source addresses cannot grow the table; what was refused is
+  counted in ``refused``.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import ipaddress
 import itertools
+import math
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ADHOC_PREFIX, Rule
-from .errors import ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
-from .model import Flow, IPAddress, MappingKey, MappingSpec, PortRange, Proto, parse_port_spec
+from .errors import ActivationLimit, ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
+from .model import (
+    Flow,
+    IPAddress,
+    MappingKey,
+    MappingSpec,
+    PortRange,
+    Proto,
+    format_duration,
+    parse_port_spec,
+)
 
 Clock = Callable[[], float]
 MAX_TTL = 7 * 86400.0
+MIN_TTL = 1.0  # a mapping asked for less than a second is over before the router answers
+
 _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
 _SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+MAX_ACTIVATIONS = 4096  # live activations of every kind
+MAX_DETECTED = 4096  # live activations created by detected traffic
+MAX_HOSTS_PER_ORIGIN = 8  # source addresses with detected activations behind one MAC address
+MAX_UNKNOWN_HOSTS = 16  # ... behind no known MAC address, all together
+UNKNOWN_ORIGIN = "unknown"
+LOCAL_ORIGIN = "local"
+MAX_FLOWS_PER_HOST = 256  # live matching flows followed per LAN host
+MAX_FLOWS = 4096  # ... and in all
+PROCESS_RUNNING_WITHIN = 5.0  # s: a process seen this recently is reported as running
+
+
+def check_ttl(ttl: float) -> None:
+    """Raises ``UsageError`` unless ``ttl`` (seconds) is within 1s-7d (``nan``/``inf`` are not)."""
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
 
 
 class Source(enum.StrEnum):
@@ -59,9 +104,35 @@ class Activation:
     hits: int = 1
     seq: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    last_active: float = 0.0  # engine clock: its last trigger/inbound packet or process sighting
+    flows: set[Flow] = field(default_factory=set, repr=False, compare=False)  # live, followed
+    holding: int = 0  # how many of ``flows`` are connections that hold it while silent
+    journaled: float = 0.0  # the expiry last handed to the journal (see Engine._set_expiry)
+    origin: str = ""  # detected traffic: where the flow came from (see MAX_HOSTS_PER_ORIGIN)
     # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
     specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
         default=None, repr=False, compare=False)
+
+    @property
+    def held(self) -> bool:
+        """True while a live connection holds it: it cannot lapse until that ends."""
+        return self.expires == math.inf
+
+    def hold_reason(self, now: float) -> str:
+        """Why it is open now, for a person: "2 live flows", "traffic 3s ago", "process
+        running", "API, 12m left"."""
+        if self.source in (Source.API, Source.RUN):
+            label = "API" if self.source is Source.API else "run"
+            return f"{label}, {format_duration(self.expires - now)} left"
+        if self.source is Source.PROCESS:  # the process detector looks every second or so
+            since = now - self.last_active
+            return ("process running" if since <= PROCESS_RUNNING_WITHIN
+                    else f"process last seen {format_duration(since)} ago")
+        n = len(self.flows)
+        if self.holding:
+            return f"{n} live flow{'s' if n != 1 else ''}"
+        ago = f"traffic {format_duration(now - self.last_active)} ago"
+        return f"{ago}, {n} live flow{'s' if n != 1 else ''}" if n else ago
 
     def to_json(self, now: float) -> dict[str, Any]:
         return {
@@ -70,7 +141,10 @@ class Activation:
             "host": self.host,
             "source": self.source.value,
             "age": round(now - self.created, 3),
-            "expires_in": round(max(0.0, self.expires - now), 3),
+            # seconds until it closes if nothing changes; None while a live connection holds it
+            "expires_in": None if self.held else round(max(0.0, self.expires - now), 3),
+            "hold": self.hold_reason(now),
+            "live_flows": len(self.flows),
             "ttl": self.ttl,
             "hits": self.hits,
             **({"meta": dict(self.meta)} if self.meta else {}),
@@ -119,14 +193,26 @@ def is_remote_destination(addr: IPAddress) -> bool:
     return not addr.is_private
 
 
-class RuleIndex:
-    """Maps (protocol, destination port) to the rules it triggers: a dict lookup per flow."""
+@dataclass(slots=True)
+class _Live:
+    """A live matching flow the engine follows (see ``Engine.on_flow_live``)."""
 
-    def __init__(self, rules: Iterable[Rule]) -> None:
+    host: str  # the LAN host it counts for (its source, or an inbound flow's destination)
+    acts: list[str]  # activation ids it feeds
+    trigger: bool  # a trigger flow (else inbound use)
+    connected: bool = False
+    muted: bool = False  # its activation was deactivated by hand: it no longer re-triggers
+
+
+class RuleIndex:
+    """Maps (protocol, destination port) to the rules it triggers: a dict lookup per flow.
+    ``opened=True`` indexes the ports rules open instead (inbound use)."""
+
+    def __init__(self, rules: Iterable[Rule], *, opened: bool = False) -> None:
         self._exact: dict[tuple[Proto, int], tuple[Rule, ...]] = {}
         self._wide: list[tuple[Proto, int, int, Rule]] = []
         for rule in rules:
-            for rng in rule.trigger:
+            for rng in (rule.open if opened else rule.trigger):
                 if len(rng) > _BIG_RANGE:
                     self._wide.append((rng.proto, rng.first, rng.last, rule))
                     continue
@@ -162,6 +248,7 @@ class Engine:
     ) -> None:
         self.rules: dict[str, Rule] = {r.name: r for r in rules}
         self.index = RuleIndex(self.rules.values())
+        self.open_index = RuleIndex(self.rules.values(), opened=True)
         self.process_index: dict[str, tuple[Rule, ...]] = {}
         for rule in self.rules.values():
             for name in rule.process:
@@ -180,21 +267,184 @@ class Engine:
         self.dirty: set[str] = set()  # activations whose expiry moved (for the journal)
         self.flows_seen = 0
         self.flows_matched = 0
+        self.flows_inbound = 0  # new flows that arrived on a port an activation holds
+        self.flows_refused = 0  # matching flows not followed: the per-host or total cap was hit
+        self.live: dict[Flow, _Live] = {}  # live matching flows followed (bounded, see above)
+        self._live_per_host: dict[str, int] = {}
+        self._owners_cache: tuple[int, dict[MappingKey, str]] = (-1, {})
+        # detected traffic's origin: the source's link-layer address if known (the service
+        # reads the neighbour table); asked only when a flow would create an activation
+        self.origin_of: Callable[[IPAddress], str | None] | None = None
+        self.max_activations = MAX_ACTIVATIONS
+        self.max_detected = MAX_DETECTED
+        self.max_hosts_per_origin = MAX_HOSTS_PER_ORIGIN
+        self.max_unknown_hosts = MAX_UNKNOWN_HOSTS
+        self._detected = 0  # live activations with an origin other than this machine
+        # origin -> source address -> its live detected activations
+        self._origins: dict[str, collections.Counter[str]] = {}
+        self.refused: collections.Counter[str] = collections.Counter()  # why, how many
 
     # --- inputs --------------------------------------------------------------------------------
 
+    def wants(self, proto: Proto, port: int) -> bool:
+        """A detector's prefilter: can a flow to ``port`` matter (a trigger or an opened port)?"""
+        return bool(self.index.match(proto, port) or self.open_index.match(proto, port))
+
+    def port_ranges(self) -> list[PortRange]:
+        """Every port :meth:`wants` accepts (the rules' trigger and opened ports)."""
+        return [rng for rule in self.rules.values() for rng in (*rule.trigger, *rule.open)]
+
     def on_flow(self, flow: Flow) -> list[Activation]:
-        """A detector saw a new outbound flow. Returns the activations it created."""
+        """A detector saw a new flow: a trigger flow (LAN host to a trigger port) creates or
+        refreshes activations; one arriving from beyond the LAN on a port an activation holds
+        is inbound use and refreshes that one. Both are followed while they live. Returns the
+        activations it created."""
         self.flows_seen += 1
+        return self._seen(flow, self.clock())
+
+    def on_flow_live(self, flow: Flow, *, connected: bool,
+                     idle: float | None = None) -> list[Activation]:
+        """A detector's later look at a flow: still there; ``connected`` holds the activation
+        while silent; ``idle`` (seconds since its last packet, when one went by since the last
+        look) refreshes it. An unknown flow (one that began before the detector started) is
+        taken as new. Returns the activations it created."""
+        now = self.clock()
+        live = self.live.get(flow)
+        if live is None:
+            if not connected and idle is None:
+                return []
+            # first look: as new, unless its last packet is already older than the timeout
+            at = now if idle is None else now - max(0.0, idle)
+            first = self._seen(flow, at)
+            live = self.live.get(flow)
+            if live is not None and live.connected != connected:
+                self._set_connected(flow, live, connected, now)
+            return first
+        if live.muted:
+            return []
+        created: list[Activation] = []
+        if idle is not None:
+            at = now - max(0.0, idle)
+            if live.trigger:
+                if not live.acts:  # its activation lapsed; the flow woke up: it triggers again
+                    return self._seen(flow, at)
+                rules = self.index.match(flow.proto, flow.dport)
+                created = self._observed(rules, live.host, Source.TRAFFIC, at=at, flow=flow)
+            else:
+                for act_id in live.acts:
+                    act = self.activations.get(act_id)
+                    if act is not None:
+                        self._touch(act, at)
+        if live.connected != connected:
+            self._set_connected(flow, live, connected, now)
+        return created
+
+    def on_flow_ended(self, flow: Flow, *, closed: bool = False) -> None:
+        """A followed flow is gone; ``closed`` (its endpoints closed it just now) counts as a
+        packet now. When it was the last connection holding an activation, that activation's
+        idle timer starts."""
+        live = self.live.pop(flow, None)
+        if live is None:
+            return
+        self._count_host(live.host, -1)
+        now = self.clock()
+        for act_id in live.acts:
+            act = self.activations.get(act_id)
+            if act is None:
+                continue
+            act.flows.discard(flow)
+            if live.connected:
+                act.holding -= 1
+            if closed or live.connected:
+                act.last_active = max(act.last_active, now)
+            self._reschedule(act)
+
+    def release_flows(self) -> int:
+        """Forget every followed flow (their detector stopped: nobody will say when they end);
+        the activations they held start their idle timers now. Returns how many."""
+        flows = list(self.live)
+        for flow in flows:
+            self.on_flow_ended(flow)
+        return len(flows)
+
+    def follows(self, flow: Flow) -> bool:
+        """Is this flow followed (a detector keeps looking at it)?"""
+        return flow in self.live
+
+    def _seen(self, flow: Flow, at: float) -> list[Activation]:
         rules = self.index.match(flow.proto, flow.dport)
-        if not rules:
-            return []
-        if not (is_lan_source(flow.src) or flow.src in self.local_hosts):
-            return []
-        if not is_remote_destination(flow.dst):
-            return []
-        self.flows_matched += 1
-        return self._observed(rules, str(flow.src), Source.TRAFFIC)
+        if rules and (is_lan_source(flow.src) or flow.src in self.local_hosts) \
+                and is_remote_destination(flow.dst):
+            self.flows_matched += 1
+            created = self._observed(rules, str(flow.src), Source.TRAFFIC, at=at, flow=flow)
+            if flow not in self.live and any(r.allows(str(flow.src)) for r in rules):
+                self._follow(flow, None, str(flow.src), trigger=True)  # idle: may wake up
+            return created
+        if is_remote_destination(flow.src) and self.open_index.match(flow.proto, flow.dport):
+            self._inbound(flow, at)
+        return []
+
+    def _inbound(self, flow: Flow, at: float) -> None:
+        """A flow from beyond the LAN to an opened port: on a host, its destination is the LAN
+        host; on a router, conntrack's original tuple names the router's own external address."""
+        act_id = self._owners().get(MappingKey(flow.proto, flow.dport))
+        act = self.activations.get(act_id) if act_id else None
+        if act is None or act.source is not Source.TRAFFIC:
+            return
+        if (is_lan_source(flow.dst) or flow.dst in self.local_hosts) and str(flow.dst) != act.host:
+            return
+        self.flows_inbound += 1
+        self._touch(act, at)
+        self._follow(flow, act, act.host, trigger=False)
+
+    def _owners(self) -> dict[MappingKey, str]:
+        """Which activation holds each opened port now (the same precedence as desired())."""
+        gen, owners = self._owners_cache
+        if gen != self.generation:
+            holders: dict[MappingKey, Activation] = {}
+            for act in sorted(self.activations.values(), key=self._precedence):
+                for rng in act.rule.open:
+                    for port in rng:
+                        key = MappingKey(rng.proto, port)
+                        if self._takes(act, holders.get(key)):
+                            holders[key] = act
+            owners = {k: a.id for k, a in holders.items()}
+            self._owners_cache = (self.generation, owners)
+        return owners
+
+    def _follow(self, flow: Flow, act: Activation | None, host: str, *, trigger: bool) -> None:
+        live = self.live.get(flow)
+        if live is None:
+            if (len(self.live) >= MAX_FLOWS
+                    or self._live_per_host.get(host, 0) >= MAX_FLOWS_PER_HOST):
+                self.flows_refused += 1
+                return
+            live = self.live[flow] = _Live(host, [], trigger)
+            self._count_host(host, 1)
+        if act is not None and act.id not in live.acts:
+            live.acts.append(act.id)
+            act.flows.add(flow)
+            if live.connected:
+                act.holding += 1
+                self._reschedule(act)
+
+    def _set_connected(self, flow: Flow, live: _Live, connected: bool, now: float) -> None:
+        live.connected = connected
+        for act_id in live.acts:
+            act = self.activations.get(act_id)
+            if act is None:
+                continue
+            act.holding += 1 if connected else -1
+            if not connected:
+                act.last_active = max(act.last_active, now)
+            self._reschedule(act)
+
+    def _count_host(self, host: str, delta: int) -> None:
+        n = self._live_per_host.get(host, 0) + delta
+        if n > 0:
+            self._live_per_host[host] = n
+        else:
+            self._live_per_host.pop(host, None)
 
     def on_process(self, names: Iterable[str], host: str) -> list[Activation]:
         """A detector saw processes with these names running on ``host`` (this machine).
@@ -209,8 +459,12 @@ class Engine:
                     rules.append(rule)
         return self._observed(tuple(rules), host, Source.PROCESS) if rules else []
 
-    def _observed(self, rules: tuple[Rule, ...], host: str, source: Source) -> list[Activation]:
+    def _observed(self, rules: tuple[Rule, ...], host: str, source: Source, *,
+                  at: float | None = None, flow: Flow | None = None) -> list[Activation]:
+        """Activity at ``at`` (default now) for ``rules``; ``flow`` is followed while it lives.
+        Activity already older than the timeout creates nothing."""
         now = self.clock()
+        at = now if at is None else min(at, now)
         created: list[Activation] = []
         for rule in rules:
             if not rule.allows(host):
@@ -220,12 +474,42 @@ class Engine:
             act = self.activations.get(act_id) if act_id else None
             if act is not None:
                 act.hits += 1
-                self._set_expiry(act, now + rule.idle_timeout)
+                self._touch(act, at)
+            elif at + rule.idle_timeout > now:
+                origin = self._origin(host) if source is Source.TRAFFIC else ""
+                why = self._detected_refusal(origin, host) if origin else None
+                if why is None and len(self.activations) >= self.max_activations:
+                    why = "total"
+                if why is not None:
+                    self.refused[why] += 1
+                    continue
+                act = self._add(rule, host, source, now, rule.idle_timeout, {}, origin=origin)
+                self._touch(act, at)
+                self._traffic[key] = act.id
+                created.append(act)
+            else:
                 continue
-            act = self._add(rule, host, source, now, rule.idle_timeout, {})
-            self._traffic[key] = act.id
-            created.append(act)
+            if flow is not None:
+                self._follow(flow, act, host, trigger=True)
         return created
+
+    def _origin(self, host: str) -> str:
+        addr = ipaddress.ip_address(host)
+        if addr in self.local_hosts:
+            return LOCAL_ORIGIN
+        found = self.origin_of(addr) if self.origin_of is not None else None
+        return found or UNKNOWN_ORIGIN
+
+    def _detected_refusal(self, origin: str, host: str) -> str | None:
+        if origin == LOCAL_ORIGIN:
+            return None
+        if self._detected >= self.max_detected:
+            return "detected_total"
+        hosts = self._origins.get(origin)
+        limit = self.max_unknown_hosts if origin == UNKNOWN_ORIGIN else self.max_hosts_per_origin
+        if hosts is not None and host not in hosts and len(hosts) >= limit:
+            return "detected_per_origin"
+        return None
 
     def activate(
         self,
@@ -249,8 +533,7 @@ class Engine:
                 f"{', '.join(str(n) for n in rule.hosts)})"
             )
         ttl = rule.idle_timeout if ttl is None else ttl
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         return self._add(rule, host, source, self.clock(), ttl, meta or {})
 
     def activate_adhoc(
@@ -270,8 +553,7 @@ class Engine:
             raise UsageError(f"host {host!r} is not an IP address") from None
         if not open_ports:
             raise UsageError("an ad-hoc activation needs at least one port")
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         rule = adhoc_rule(self._new_id(), open_ports, ttl)
         meta = {**(meta or {}), ADHOC_META: " ".join(str(r) for r in open_ports)}
         return self._add(rule, host, source, self.clock(), ttl, meta)
@@ -279,8 +561,7 @@ class Engine:
     def heartbeat(self, act_id: str, ttl: float | None = None) -> Activation:
         act = self.get(act_id)
         if ttl is not None:
-            if not 0 < ttl <= MAX_TTL:
-                raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+            check_ttl(ttl)
             act.ttl = ttl
         act.hits += 1
         self._set_expiry(act, self.clock() + act.ttl)
@@ -296,7 +577,15 @@ class Engine:
                 adhoc: Callable[[tuple[PortRange, ...]], bool] | None = None,
                 ) -> Activation | None:
         """Bring back an activation from the journal after a restart (None if it can't be).
-        Ad-hoc ones come back only when ``adhoc`` still permits their ports."""
+        Ad-hoc ones come back only when ``adhoc`` still permits their ports.
+
+        It never outlives what was asked: ``remaining`` (wall-clock seconds the journal says
+        are left) is capped at ``ttl``, the longest it can have been since its last refresh,
+        whatever the wall clock did meanwhile (behind at start, ahead, or a hostile row 20
+        years ahead); a ``ttl`` outside 0-7d, or not finite, is not restored."""
+        if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL and math.isfinite(remaining)):
+            return None
+        remaining = min(remaining, ttl)
         rule = self.rules.get(rule_name)
         if rule is None and rule_name.startswith(ADHOC_PREFIX) and adhoc is not None:
             try:
@@ -312,9 +601,13 @@ class Engine:
             return None
         if rule is None or remaining <= 0 or act_id in self.activations or not rule.allows(host):
             return None
+        if len(self.activations) >= self.max_activations:
+            self.refused["total"] += 1
+            return None
         now = self.clock()
         act = Activation(id=act_id, rule=rule, host=host, source=src, created=now - max(0, age),
-                         expires=now + remaining, ttl=ttl, seq=next(self._seq), meta=meta)
+                         expires=now + remaining, ttl=ttl, seq=next(self._seq), meta=meta,
+                         last_active=now + remaining - ttl, journaled=now + remaining)
         self.activations[act.id] = act
         if src in (Source.TRAFFIC, Source.PROCESS):
             self._traffic[(rule.name, host, src)] = act.id
@@ -354,8 +647,9 @@ class Engine:
     def desired(self) -> dict[MappingKey, MappingSpec]:
         """The mappings that should exist now.
 
-        A port two hosts want goes to the oldest activation (``share = "first"``, as routers
-        do it) or to the newest (``share = "latest"``).
+        A port two activations want goes to the oldest (first come, first served, as routers
+        do it), except that under ``share = "latest"`` a rule's newest activation takes it from
+        the same rule's older ones (never from another rule's).
         """
         out: dict[MappingKey, MappingSpec] = {}
         for act in sorted(self.activations.values(), key=self._precedence):
@@ -364,8 +658,10 @@ class Engine:
                 specs = self._specs(act)
                 if act.rule.port_count() <= _SPEC_CACHE_MAX:
                     act.specs = specs
+            latest = act.rule.share == "latest"
             for key, spec in specs:
-                if key not in out:
+                # the description names the rule: "latest" takes only from its own rule
+                if key not in out or (latest and out[key].description == spec.description):
                     out[key] = spec
         return out
 
@@ -382,10 +678,13 @@ class Engine:
         )
 
     @staticmethod
-    def _precedence(act: Activation) -> tuple[int, float, int]:
-        if act.rule.share == "latest":
-            return (0, -act.created, -act.seq)
-        return (1, act.created, act.seq)
+    def _precedence(act: Activation) -> tuple[float, int]:
+        return (act.created, act.seq)
+
+    @staticmethod
+    def _takes(act: Activation, held: Activation | None) -> bool:
+        """Does ``act`` (later in precedence) get a port ``held`` holds? (As desired().)"""
+        return held is None or (act.rule.share == "latest" and held.rule is act.rule)
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
@@ -400,8 +699,14 @@ class Engine:
     # --- internals -----------------------------------------------------------------------------
 
     def _add(
-        self, rule: Rule, host: str, source: Source, now: float, ttl: float, meta: dict[str, str]
+        self, rule: Rule, host: str, source: Source, now: float, ttl: float, meta: dict[str, str],
+        *, origin: str = "",
     ) -> Activation:
+        if len(self.activations) >= self.max_activations:
+            self.refused["total"] += 1
+            raise ActivationLimit(
+                f"{len(self.activations)} activations are live, the service's limit; end some "
+                "first")
         act = Activation(
             id=self._new_id(),
             rule=rule,
@@ -412,27 +717,76 @@ class Engine:
             ttl=ttl,
             seq=next(self._seq),
             meta=meta,
+            last_active=now,
+            journaled=now + ttl,
+            origin=origin,
         )
         self.activations[act.id] = act
+        if origin and origin != LOCAL_ORIGIN:
+            self._detected += 1
+            self._origins.setdefault(origin, collections.Counter())[host] += 1
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
         self.generation += 1
         self._emit(EventKind.ACTIVATED, act, now)
         return act
 
+    def _touch(self, act: Activation, at: float) -> None:
+        """A packet (or process sighting) at ``at``: the idle timer restarts from there."""
+        if at > act.last_active:
+            act.last_active = at
+        self._reschedule(act)
+
+    def _reschedule(self, act: Activation) -> None:
+        """Traffic and process activations: held (no expiry) while a live connection holds them,
+        else ``idle_timeout`` after their last activity."""
+        if act.source in (Source.TRAFFIC, Source.PROCESS):
+            self._set_expiry(act, math.inf if act.holding > 0
+                             else act.last_active + act.rule.idle_timeout)
+
     def _set_expiry(self, act: Activation, when: float) -> None:
         if when == act.expires:
             return
         act.expires = when
-        self.dirty.add(act.id)
+        # the journal hears of an earlier expiry, a hold starting or ending, and a later one
+        # once it moved a quarter of the timeout: packets every second must not fsync every
+        # second (after a crash an activation comes back with an expiry a little too early)
+        if (when < act.journaled or math.inf in (when, act.journaled)
+                or when - act.journaled >= max(1.0, act.ttl / 4)):
+            act.journaled = when
+            self.dirty.add(act.id)
+        if when == math.inf:
+            return  # held: nothing to schedule (its heap entries go stale)
         heapq.heappush(self._heap, (when, act.seq, act.id))
         if len(self._heap) > 64 and len(self._heap) > 4 * len(self.activations):
-            self._heap = [(a.expires, a.seq, a.id) for a in self.activations.values()]
+            self._heap = [(a.expires, a.seq, a.id) for a in self.activations.values()
+                          if a.expires != math.inf]
             heapq.heapify(self._heap)
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
+        hosts = self._origins.get(act.origin) if act.origin != LOCAL_ORIGIN else None
+        if hosts is not None:
+            self._detected -= 1
+            hosts[act.host] -= 1
+            if hosts[act.host] <= 0:
+                del hosts[act.host]
+                if not hosts:
+                    del self._origins[act.origin]
         if act.source in (Source.TRAFFIC, Source.PROCESS):
             self._traffic.pop((act.rule.name, act.host, act.source), None)
+        for flow in act.flows:  # its flows stay followed: one that wakes up triggers again
+            live = self.live.get(flow)
+            if live is None:
+                continue
+            if act.id in live.acts:
+                live.acts.remove(act.id)
+            if kind is EventKind.DEACTIVATED:
+                live.muted = True
+            if not live.acts and not live.trigger:
+                del self.live[flow]
+                self._count_host(live.host, -1)
+        act.flows.clear()
+        act.holding = 0
         self.generation += 1
         self._emit(kind, act, self.clock())
 

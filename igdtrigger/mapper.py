@@ -44,6 +44,7 @@ from .errors import (
     SECURE_MODE_HINT,
     GatewayError,
     GatewayUnreachable,
+    LocalResourceError,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
@@ -60,6 +61,7 @@ log = logging.getLogger("igdtrigger.mapper")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+LOCAL_RETRY = 5.0  # seconds before retrying after this machine ran out of descriptors
 CONFLICT_RECHECK = 30.0
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
 # Checking many ports at once (a range opening, re-applying after a router restart): one listing
@@ -194,8 +196,17 @@ class Mapper:
         check_before_add: bool = True,
         on_change: Callable[[Applied, str], None] | None = None,
         journal: Journal | None = None,
+        abandon: Callable[[], bool] | None = None,
+        reclaim: Callable[[str], bool] | None = None,
     ) -> None:
+        """``abandon``: asked before each add of a pass; True ends the pass there (an
+        activation lapsed meanwhile: the caller expires it and reconciles again, deleting
+        instead of adding for minutes after it should have ended)."""
         self.gateway = gateway
+        self.abandon = abandon
+        # ``reclaim(description)``: an entry of another igdtrigger on this machine that is gone
+        # (a killed ``run``): ours to take over and delete when it maps to this host.
+        self.reclaim = reclaim
         self.clock = clock
         self.tag = tag
         self.lease = int(lease)
@@ -253,10 +264,14 @@ class Mapper:
         (where it can report mappings; else how many it answered); ``left_open`` lists what it
         still holds, with until when."""
         async with self._lock:
+            never_sent: list[MappingSpec] = []
             for key, app in list(self.applied.items()):
                 self.applied.pop(key, None)
                 if app.state is MapState.ACTIVE or app.maybe_applied:
                     self._orphan(app.wire, app)
+                elif app.attempts == 0:
+                    never_sent.append(app.wire)  # journaled, never asked: nothing to delete
+            self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             self.left_open = []
             if self.gateway_up or await self._connect():
                 return await self._delete_orphans(set(), final=True)
@@ -625,11 +640,11 @@ class Mapper:
                  if a.state is MapState.PENDING and a.attempts == 0]
         known = await self._snapshot(len(first)) if self.check_before_add and first else None
         for app in first:
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             await self._add(app, check=self.check_before_add, known=known)
         for app in list(self.applied.values()):
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             now = self.clock()
             if app.state is MapState.ACTIVE and now >= app.renew_at:
@@ -828,7 +843,8 @@ class Mapper:
         self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
-            if owned_by(m.description, self.tag) is None or m.key in held:
+            if m.key in held or (owned_by(m.description, self.tag) is None
+                                 and not self._reclaimable(m.internal_client, m.description)):
                 continue
             try:
                 await self.gateway.delete(m.proto, m.external_port)
@@ -903,6 +919,9 @@ class Mapper:
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
 
+    def _abandoned(self) -> bool:
+        return self.abandon is not None and self.abandon()
+
     async def _add_leased(self, wire: MappingSpec, app: Applied | None = None, *,
                           any_port: bool = False) -> Granted:
         """Add with the lease policy learned for this router, through the gateway layer's one
@@ -913,10 +932,15 @@ class Mapper:
         lease = self.lease if self.traits.timed_leases else 0
         if app is not None:
             app.asked = lease
-        if any_port:
-            granted = await self.gateway.add_any(wire, lease)
-        else:
-            granted = await self.gateway.add(wire, lease)
+        try:
+            if any_port:
+                granted = await self.gateway.add_any(wire, lease)
+            else:
+                granted = await self.gateway.add(wire, lease)
+        except asyncio.CancelledError:
+            if app is not None:  # a stop cancelled it unanswered: it may be on the router
+                app.maybe_applied = True
+            raise
         refused = granted.timed_lease_refused
         if refused is not None:
             if app is not None:
@@ -987,13 +1011,17 @@ class Mapper:
                     granted = await self._add_elsewhere(app)
                     if granted is None:
                         raise
-        except GatewayUnreachable as exc:
+        except (GatewayUnreachable, LocalResourceError) as exc:
             app.error = str(exc)
             app.retry_at = self.clock()
-            app.maybe_applied = True  # the request may have arrived
             if app.state is not MapState.ACTIVE:
                 app.state = MapState.PENDING
             self.ops["errors"] += 1
+            if isinstance(exc, LocalResourceError):  # never sent: says nothing about the router
+                app.retry_at += LOCAL_RETRY
+                log.warning("%s", exc)
+                return
+            app.maybe_applied = True  # the request may have arrived
             self._gateway_down(str(exc))
             return
         except MappingConflict as exc:
@@ -1052,7 +1080,14 @@ class Mapper:
         log.info("%s: the router assigned external port %d", app.spec.key, app.external_port)
 
     def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
-        return client == spec.internal_client and owned_by(description, self.tag) is not None
+        return client == spec.internal_client and (
+            owned_by(description, self.tag) is not None
+            or self._reclaimable(client, description))
+
+    def _reclaimable(self, client: str, description: str) -> bool:
+        info = self.gateway.info
+        return (self.reclaim is not None and info is not None
+                and client == info.local_address and self.reclaim(description))
 
     def _conflict(self, app: Applied, message: str) -> None:
         if app.state is not MapState.CONFLICT or app.error != message:

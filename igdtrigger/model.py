@@ -128,6 +128,31 @@ class Flow:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowLive:
+    """A detector's later look at a flow: it still exists (or, for one that began before the
+    detector started, its first look).
+
+    ``connected``: a connection that holds while silent (TCP ESTABLISHED in conntrack, a connected
+    socket in the socket table). ``idle``: seconds since its last packet when the detector knows a
+    packet went by since its previous look; ``None`` = no packet seen since (no news).
+    """
+
+    flow: Flow
+    connected: bool
+    idle: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnded:
+    """A flow a detector reported is gone. ``closed``: its endpoints just closed it (TCP
+    FIN/RST, a socket closed), so its last packet was now; otherwise it lapsed silently (a
+    conntrack entry timing out long after its last packet)."""
+
+    flow: Flow
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessSeen:
     """A process detector's poll: names of the watched executables running on this host now."""
 

@@ -13,10 +13,13 @@ API_PREFIX = "/api/v1"
 
 _ACCESS_TEXT = {
     "public": "Anyone who can connect.",
-    "read": "Loopback clients, the admin token, or anyone when `[api] public_read = true`; "
-            "else 401.",
-    "act": "Anyone, under the own-address rule: without the admin token a client acts only for "
-           "its own address (loopback: this host) and only on its own activations (403).",
+    "read": "Loopback clients, the admin token (or the local admin socket), or LAN clients "
+            "when `[api] public_read = true`; else 401 (403 from outside the LAN).",
+    "act": "LAN clients (`[api] allow`, else the listening interface's networks; others need "
+           "the admin token: 403), under the own-address rule: without the admin token a "
+           "client acts only for its own address (loopback: this host) and only on its own "
+           "activations (403); one live activation per rule and host (asking again refreshes "
+           "it) and at most `[api] max_per_host` in all (429).",
 }
 
 
@@ -34,9 +37,20 @@ def _err(description: str) -> dict[str, Any]:
 
 _ERRORS_COMMON = {"429": _err("Rate limit exceeded; see Retry-After")}
 _ERRORS_READ = {**_ERRORS_COMMON, "401": _err("Needs the admin token or public_read"),
-                "403": _err("Host header not this service (DNS-rebinding protection)")}
-_ERRORS_ACT = {**_ERRORS_COMMON, "403": _err("Another host's activation, or cross-site"),
+                "403": _err("Host header not this service (DNS-rebinding protection), or a "
+                            "client outside the LAN without the admin token")}
+_ERRORS_ACT = {**_ERRORS_COMMON,
+               "403": _err("Another host's activation, cross-site, or a client outside the "
+                           "LAN without the admin token"),
                "400": _err("Malformed request")}
+_PAGE_PARAMS = [
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 500},
+     "description": "activations per page"},
+    {"name": "cursor", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
+     "description": "`next_cursor` of the previous page (absent: the first page)"},
+]
 
 
 def _op(summary: str, access: str, responses: dict[str, Any], *, op_id: str,
@@ -121,10 +135,17 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"},
             "rule": {"type": "string"},
             "host": {"type": "string", "description": "LAN address the ports go to"},
-            "source": {"enum": ["traffic", "api", "run"]},
+            "source": {"enum": ["traffic", "process", "api", "run"]},
             "state": {"enum": ["open", "partial", "pending", "waiting", "failed", "ended"]},
             "ttl": {"type": "number"},
-            "expires_in": {"type": "number", "description": "seconds until it lapses"},
+            "expires_in": {"type": ["number", "null"],
+                           "description": "seconds until it closes if nothing changes; null "
+                                          "while a live connection holds it"},
+            "hold": {"type": "string",
+                     "description": "why it is open now: '2 live flows', 'traffic 3s ago', "
+                                    "'process running', 'API, 12m left'"},
+            "live_flows": {"type": "integer",
+                           "description": "live trigger and inbound flows it follows"},
             "held_by": {"type": "array", "items": {"type": "string"}},
             "ports": {"type": "array", "items": _ref("Port")},
         },
@@ -198,7 +219,14 @@ _SCHEMAS: dict[str, Any] = {
                     "entries": {"type": "array", "items": {"type": "object"}},
                 },
             },
-            "counts": {"type": "object"},
+            "counts": {"type": "object", "description": "activations (all of them; the list "
+                       "above holds at most 200: page with GET /activations), "
+                       "activations_refused by bound, flows, router operations"},
+            "api_connections": {
+                "type": "object",
+                "description": "Open API connections, their limits and the refusals",
+                "properties": {"open": {"type": "integer"}, "open_local": {"type": "integer"},
+                               "limits": {"type": "object"}, "refused": {"type": "object"}}},
             "warnings": {"type": "array", "items": {"type": "string"}},
             "events": {"type": "array", "items": {"type": "object"}},
         },
@@ -255,17 +283,30 @@ def build_openapi(version: str) -> dict[str, Any]:
             op_id="getRules", errors=_ERRORS_COMMON)},
         f"{p}/activations": {
             "get": _op(
-                "Live activations (without read access: only the client's own)", "act",
-                {"200": _json({"type": "object", "properties": {
-                    "activations": {"type": "array", "items": _ref("Activation")}}})},
-                op_id="listActivations", errors=_ERRORS_COMMON),
+                "Live activations, oldest first, a page at a time (without read access: only "
+                "the client's own)", "act",
+                {"200": _json({"type": "object", "required": ["activations", "total",
+                                                              "next_cursor"],
+                               "properties": {
+                    "activations": {"type": "array", "items": _ref("Activation")},
+                    "total": {"type": "integer"},
+                    "next_cursor": {"type": ["string", "null"],
+                                    "description": "pass as ?cursor= for the next page; "
+                                                   "null on the last"}}})},
+                op_id="listActivations", params=_PAGE_PARAMS,
+                errors={**_ERRORS_COMMON, "400": _err("limit or cursor malformed"),
+                        "403": _err("A client outside the LAN without the admin token")}),
             "post": _op(
                 "Activate a rule (or ad-hoc ports); waits up to 5 s for the router, then says "
                 "which ports are active, held, in conflict or failed", "act",
-                {"201": _json(_ref("Activation"), "Created"),
+                {"201": _json(_ref("Activation"), "Created (or, for a client without the "
+                              "token, its live activation of the rule, refreshed)"),
                  "404": _err("Unknown rule"),
                  "415": _err("Body is not application/json")},
-                op_id="createActivation", body=_ref("ActivationRequest"), errors=_ERRORS_ACT),
+                op_id="createActivation", body=_ref("ActivationRequest"),
+                errors={**_ERRORS_ACT, "429": _err(
+                    "Rate limit exceeded (Retry-After), or a bound on live activations: "
+                    "[api] max_per_host, or the service's")}),
         },
         f"{p}/activations/{{id}}": {
             "get": _op("One activation", "act",

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .client import Client
@@ -35,11 +36,13 @@ from .errors import (
     ServiceUnavailable,
     UsageError,
 )
+from .model import format_duration
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
     from .gateway.base import GatewayInfo
+    from .journal import Journal
     from .model import MappingKey, MappingSpec, PinholeSpec
     from .pinholes import PinholeKeeper
 
@@ -127,11 +130,17 @@ class ServiceHolder(Holder):
 
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)
-        if self.act_id is not None:
+        act_id, self.act_id = self.act_id, None  # ended once, whatever happens
+        if act_id is not None:
             try:
-                self.client.request("DELETE", f"/api/v1/activations/{self.act_id}", timeout=3)
+                self.client.request("DELETE", f"/api/v1/activations/{act_id}", timeout=3)
+            except ApiError as exc:
+                if exc.status != 404:  # 404: already gone
+                    _warn(f"could not end the activation ({exc}); it lapses after "
+                          f"{format_duration(self.ttl)} without heartbeats")
             except IgdTriggerError as exc:
-                _warn(f"could not end the activation ({exc}); it lapses after {self.ttl:g}s")
+                _warn(f"could not end the activation ({exc}); it lapses after "
+                      f"{format_duration(self.ttl)} without heartbeats")
 
 
 class StandaloneHolder(Holder):
@@ -160,8 +169,11 @@ class StandaloneHolder(Holder):
     async def _amain(self) -> None:
         import asyncio
 
+        from .config import default_state_dir
         from .engine import Engine
         from .gateway.select import build_gateway
+        from .journal import Journal
+        from .leftovers import dead_run_tag, dead_runs, own_run_dir, remove_run_dir, take_over
         from .mapper import Mapper, MapState
 
         self.loop = asyncio.get_running_loop()
@@ -176,23 +188,31 @@ class StandaloneHolder(Holder):
         tag = f"run{os.getpid()}"
         engine = Engine([self.rule], clock=clock, tag=tag)
         lease = min(STANDALONE_LEASE, gw_cfg.lease)
-        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
-                        verify_interval=gw_cfg.verify_interval,
-                        check_before_add=gw_cfg.check_before_add)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
             return
+        # What this wrapper maps is journaled (a kill -9 on a router that only takes permanent
+        # leases would leave it forever); what dead wrappers left is taken over and removed.
+        state_dir = self.config.state_dir or default_state_dir()
+        run_dir = own_run_dir(state_dir)
+        journal = Journal.open(run_dir)
+        take_over(journal, dead_runs(state_dir))
+        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
+                        verify_interval=gw_cfg.verify_interval,
+                        check_before_add=gw_cfg.check_before_add, journal=journal,
+                        reclaim=dead_run_tag, abandon=self.done.is_set)
+        mapper.adopt_orphans([m.spec for m in journal.mappings()])
         engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
         desired = engine.desired()
         await mapper.reconcile(desired)
         n_ok = mapper.count(MapState.ACTIVE)
-        if n_ok < len(desired):
+        if n_ok < len(desired) and not self.done.is_set():
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
                   + "; ".join(sorted({a.error for a in mapper.applied.values() if a.error})))
         self.ready.set()
-        holes, keeper = self._pinholes(info, desired, clock, lease)
+        holes, keeper = self._pinholes(info, desired, clock, lease, journal)
         if keeper is not None:  # IPv6 after IPv4: the game is not kept waiting for it
             await keeper.reconcile(holes)
             if keeper.reason:
@@ -214,11 +234,13 @@ class StandaloneHolder(Holder):
             if keeper is not None:
                 await asyncio.wait_for(keeper.remove_all(), 4.0)
         except TimeoutError:
-            _warn(f"router did not answer; mappings lapse within {lease:g}s")
+            _warn(f"router did not answer; mappings lapse within {lease:g}s (or the next "
+                  "igdtrigger run or serve removes them)")
         await gateway.close()
+        remove_run_dir(journal, run_dir)
 
     def _pinholes(self, info: GatewayInfo, desired: dict[MappingKey, MappingSpec],
-                  clock: Callable[[], float], lease: float,
+                  clock: Callable[[], float], lease: float, journal: Journal,
                   ) -> tuple[set[PinholeSpec], PinholeKeeper | None]:
         """The same ports over IPv6 to this machine, when the router's firewall takes them."""
         if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
@@ -235,7 +257,7 @@ class StandaloneHolder(Holder):
 
         holes = {PinholeSpec(a, s.proto, s.internal_port) for s in desired.values()
                  for a in addrs}
-        return holes, PinholeKeeper(client, clock=clock, lease=lease)
+        return holes, PinholeKeeper(client, clock=clock, lease=lease, journal=journal)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.done.set()
@@ -401,6 +423,8 @@ def run(
     strict_rule: bool = True,
     wait_process: Sequence[str] = (),
     wait_start: float = WAIT_START,
+    admin_socket: Path | None = None,
+    token_uid: int | None = None,
 ) -> int:
     """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error.
     ``wait_process``: after the command exits, keep the ports while a process of one of these
@@ -412,7 +436,8 @@ def run(
         return _passthrough(command)
     holder: Holder | None = None
     env = dict(os.environ)
-    client = Client(server, token=token, timeout=2.0)
+    client = Client(server, token=token, timeout=2.0, admin_socket=admin_socket,
+                    token_uid=token_uid)
     try:
         sh = ServiceHolder(client, rule, ttl)
         data = sh.activate()
@@ -448,17 +473,73 @@ def run(
     return _launch(command, env, holder, waiter)
 
 
+def become_subreaper() -> bool:
+    """Make this process the child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): what the
+    wrapped command starts and leaves behind (a launcher stub's game) is re-parented here, so
+    it stays our descendant. False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans() -> None:
+    """Collect exited processes re-parented to us (we are their subreaper)."""
+    if not hasattr(os, "WNOHANG"):
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
 class ProcessWaiter:
-    """``run --wait-process``: hold on while the named process runs after the command exits."""
+    """``run --wait-process``: hold on while the named process runs after the command exits.
+
+    The process is looked for among the wrapped command's descendants first (this wrapper is
+    their subreaper, so a game its launcher stub left behind still counts); only when none of
+    them has the name does any process of that name hold the ports, with a warning (another
+    user's copy, or one a running launcher such as Steam started for us)."""
 
     def __init__(self, names: Sequence[str], start_grace: float,
-                 scan: Callable[[Any], set[str]] | None = None) -> None:
-        from .detect.process import Matcher, default_scanner
+                 scan: Callable[[Any], set[str]] | None = None,
+                 family: Callable[[Any], tuple[set[str], set[str]]] | None = None) -> None:
+        from .detect.process import Matcher, default_scanner, scan_family
 
         self.names = list(names)
         self.matcher = Matcher(names)
         self.scan = scan or default_scanner()
+        if family is None and scan is None and sys.platform.startswith("linux"):
+            me = os.getpid()
+            family = lambda m: scan_family(m, me)  # noqa: E731
+        self.family = family
         self.start_grace = start_grace
+        self._ours_seen = False
+        self._warned_any = False
+
+    def running(self) -> set[str]:
+        """The watched names that hold the ports now (see the class docstring)."""
+        if self.family is None:
+            found = self.scan(self.matcher)
+            if found and not self._warned_any:
+                _warn("cannot tell this command's own processes here: holding the ports while "
+                      f"any process named {', '.join(sorted(found))} runs")
+                self._warned_any = True
+            return found
+        _reap_orphans()
+        ours, anywhere = self.family(self.matcher)
+        if ours or self._ours_seen:
+            self._ours_seen = self._ours_seen or bool(ours)
+            return ours
+        if anywhere and not self._warned_any:
+            _warn(f"{', '.join(sorted(anywhere))} runs, but not as a child of the command: "
+                  "holding the ports while any process of that name runs")
+            self._warned_any = True
+        return anywhere
 
     def wait(self, pause: Callable[[float], bool], interval: float = 1.0) -> None:
         """Until the process is gone (or never came); ``pause(s)`` is True when a signal asks us
@@ -468,7 +549,7 @@ class ProcessWaiter:
         said = False
         while True:
             try:
-                running = self.scan(self.matcher)
+                running = self.running()
             except Exception as exc:  # fail open: release the ports rather than hang
                 _warn(f"cannot list processes ({exc}); releasing the ports")
                 return
@@ -498,13 +579,13 @@ def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
     def unblock() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
+    if waiter is not None and waiter.family is not None:
+        become_subreaper()
     try:
         try:
             child = subprocess.Popen(list(command), env=env,
                                      preexec_fn=unblock if blocking else None)
-        except OSError as exc:
-            if holder is not None:
-                holder.stop()
+        except OSError as exc:  # the holder stops once, below
             _warn(f"cannot run {command[0]!r}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
         if isinstance(holder, ServiceHolder | StandaloneHolder):

@@ -179,7 +179,11 @@ function renderActivations(acts) {
     el("td", { class: a.state === "open" ? "ok" : (a.state === "failed" ? "bad" : "warnish") },
        a.state + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
     away ? el("td", { class: "muted" }, "–") :
-    el("td", { class: "countdown", "data-expires": String(a.expires_in) }, duration(a.expires_in)),
+    a.expires_in === null || a.expires_in === undefined
+      ? el("td", { class: "held", title: "closes " + duration(a.ttl) + " after the trigger traffic and the inbound traffic stop" },
+           "held: " + (a.hold || "live"))
+      : el("td", { class: "countdown", "data-expires": String(a.expires_in), title: a.hold || "" },
+           duration(a.expires_in)),
     el("td", { class: away ? "muted" : "" },
        away ? "last reported " + portSummary(a) : portSummary(a)),
     el("td", {}, el("button", { type: "button", "data-deactivate": a.id, disabled: away,

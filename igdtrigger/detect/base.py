@@ -1,6 +1,8 @@
 """The interface every detector implements: it reports what it sees to the engine.
 
-Flow detectors (conntrack, socket table) report each new outbound ``Flow``; the process detector
+Flow detectors (conntrack, socket table) report each new ``Flow``, then, for the flows the engine
+follows (``follows(flow)``, injected like ``wanted``), a ``FlowLive`` when a later look finds
+packets or a change of state, and a ``FlowEnded`` when the flow is gone; the process detector
 reports a ``ProcessSeen`` snapshot on each poll.
 
 Data flows one way: a detector calls ``sink(flow)`` for each new flow it sees; it never talks to
@@ -13,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from ..model import Flow, ProcessSeen
+from ..model import Flow, FlowEnded, FlowLive, ProcessSeen
 
-Observation = Flow | ProcessSeen
+Observation = Flow | FlowLive | FlowEnded | ProcessSeen
 FlowSink = Callable[[Observation], None]
 
 

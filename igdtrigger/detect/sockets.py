@@ -1,7 +1,11 @@
 """Socket-table detector: this host's connected sockets, polled (no privileges; any OS).
 
 Each poll lists the host's TCP and UDP sockets that have a remote address and reports every
-one not seen in the previous poll as a :class:`Flow` (local address -> remote address:port).
+one not seen in the previous poll as a :class:`Flow` (local address -> remote address:port)
+followed by a :class:`FlowLive` (``connected``: a connected socket holds its activation however
+silent it is), and every one that was there and is gone (closed, or a TCP socket past
+ESTABLISHED: FIN_WAIT, CLOSE_WAIT, TIME_WAIT...) as a :class:`FlowEnded` (``closed``): the idle
+timer starts then.
 On Linux the table is read straight from ``/proc/net/{tcp,tcp6,udp,udp6}`` (one read per file,
 no per-process scan); elsewhere through psutil's ``net_connections``.
 
@@ -29,8 +33,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import DetectionUnavailable
-from ..model import Flow, Proto
-from .base import FlowSink
+from ..model import Flow, FlowEnded, FlowLive, Proto
+from .base import FlowSink, Observation
 
 log = logging.getLogger("igdtrigger.detect")
 
@@ -127,6 +131,7 @@ class SocketTableDetector:
     """Polls the socket table; reports each new connected socket once."""
 
     name = "sockets"
+    holds_flows = True  # its flows hold activations: when it stops, the service releases them
 
     def __init__(self, interval: float = 1.0, *, reader: Callable[[], list[Conn]] | None = None,
                  wanted: Wanted | None = None) -> None:
@@ -155,15 +160,25 @@ class SocketTableDetector:
 
     def poll(self) -> list[Flow]:
         """One look at the table: the flows that appeared since the last one."""
+        return [o for o in self.look() if isinstance(o, Flow)]
+
+    def look(self) -> list[Observation]:
+        """One look at the table: each socket that appeared since the last one as a new
+        :class:`Flow` and a connected :class:`FlowLive`; each that went away as a
+        :class:`FlowEnded`."""
         t0 = time.thread_time()
         try:
             now = set(self.reader())
         finally:
             self.poll_seconds += time.thread_time() - t0
             self.polls += 1
-        new = now - self._seen
+        new, gone = now - self._seen, self._seen - now
         self._seen = now
-        return list(self._flows(new))
+        out: list[Observation] = []
+        for flow in self._flows(new):
+            out += (flow, FlowLive(flow, connected=True))
+        out += (FlowEnded(flow, closed=True) for flow in self._flows(gone))
+        return out
 
     def _flows(self, conns: Iterable[Conn]) -> Iterable[Flow]:
         wanted = self.wanted
@@ -178,15 +193,16 @@ class SocketTableDetector:
         failures = 0
         while True:
             try:
-                flows = await asyncio.to_thread(self.poll)
+                seen = await asyncio.to_thread(self.look)
                 failures = 0
             except Exception as exc:  # a transient read error must not end detection
                 failures += 1
                 if failures >= 10:
                     raise DetectionUnavailable(f"socket table unreadable: {exc}") from None
                 log.debug("socket table poll failed: %s", exc)
-                flows = []
-            for flow in flows:
-                self.flows_reported += 1
-                sink(flow)
+                seen = []
+            for obs in seen:
+                if isinstance(obs, Flow):
+                    self.flows_reported += 1
+                sink(obs)
             await asyncio.sleep(self.interval)

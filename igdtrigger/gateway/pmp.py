@@ -70,6 +70,7 @@ from ..errors import (
     NoSuchMapping,
     NotAuthorized,
     TableFull,
+    socket_fault,
 )
 from ..errors import MalformedReply as MalformedReply  # re-exported: one class for all
 from ..errors import NetworkFailure as NetworkFailure
@@ -618,9 +619,8 @@ class DatagramClient:
                 family=family,
             )
         except OSError as exc:
-            raise GatewayUnreachable(
-                f"cannot open a UDP socket to {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
+            raise socket_fault(exc, f"cannot open a UDP socket to {self.host}:{self.port}"
+                               ) from None
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.local_address = str(sockname[0]) if sockname else ""

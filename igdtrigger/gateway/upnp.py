@@ -27,7 +27,9 @@ from ..errors import (
     GatewayNotFound,
     GatewayTimeout,
     GatewayUnreachable,
+    LocalResourceError,
     MalformedReply,
+    descriptors_exhausted,
 )
 from ..model import MappingSpec, Proto, RouterMapping
 from .base import (
@@ -118,6 +120,9 @@ def miniupnpc_error(action: str, exc: BaseException, *, lease: int | None = None
         return fault_error(action, UpnpFault(code, text), lease=lease, for_self=for_self,
                            igd_version=igd_version)
     if code in (-3, -101, -5):
+        if descriptors_exhausted():  # miniupnpc does not say why its socket failed
+            return LocalResourceError(
+                f"{action}: this machine is out of file descriptors; the router was not asked")
         return GatewayUnreachable(
             f"router did not answer {action} ({text}); it may have restarted")
     if code == -4:

@@ -1,0 +1,113 @@
+"""The service side of issue 18: detector observations reach the engine, and status, the API,
+the CLI and the journal say why an activation is held and when it closes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from igdtrigger.api import make_app
+from igdtrigger.cli import _print_activation
+from igdtrigger.config import parse_config
+from igdtrigger.errors import DetectionUnavailable
+from igdtrigger.model import Flow, FlowEnded, FlowLive, Proto
+from igdtrigger.service import Service
+
+from .fakes import FakeClock, FakeGateway
+
+CONFIG = {"rules": [{"name": "game", "trigger": ["tcp/27015"], "open": ["udp/40000"],
+                     "idle_timeout": "5s"}]}
+HOST = "192.168.1.10"
+CONN = Flow(Proto.TCP, ipaddress.ip_address(HOST), ipaddress.ip_address("11.22.33.44"), 50000,
+            27015)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
+    gw = FakeGateway(clock, local_address=HOST)
+    service = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+async def test_a_live_connection_shows_as_held_until_it_closes(
+        svc: Service, clock: FakeClock, capsys: pytest.CaptureFixture[str]) -> None:
+    svc.observe(CONN)
+    svc.observe(FlowLive(CONN, connected=True))
+    async with TestClient(TestServer(make_app(svc), host="127.0.0.1")) as client:
+        data = (await (await client.get("/api/v1/status")).json())
+        (act,) = data["activations"]
+        assert act["expires_in"] is None
+        assert act["hold"] == "1 live flow" and act["live_flows"] == 1
+        assert data["counts"]["flows_live"] == 1
+        _print_activation(act)
+        assert "held by 1 live flow, closes 5s after they end" in capsys.readouterr().out
+        record = svc._journal_record(svc.engine.activations[act["id"]])
+        assert math.isfinite(record.expires_wall)
+
+        clock.advance(600)
+        svc.engine.expire()
+        assert svc.engine.activations  # ten silent minutes later: still held
+        svc.observe(FlowEnded(CONN, closed=True))
+        data = (await (await client.get("/api/v1/status")).json())
+        (act,) = data["activations"]
+        assert act["expires_in"] == 5.0 and act["live_flows"] == 0
+        assert act["hold"] == "traffic 0s ago"
+        _print_activation(act)
+        assert "closes in 5s (traffic 0s ago)" in capsys.readouterr().out
+    clock.advance(5.1)
+    assert svc.engine.expire()
+
+
+async def test_an_inbound_flow_counts_as_use(svc: Service, clock: FakeClock) -> None:
+    svc.observe(CONN)
+    clock.advance(4)
+    svc.observe(Flow(Proto.UDP, ipaddress.ip_address("11.9.9.9"), ipaddress.ip_address(HOST),
+                     61000, 40000))
+    (act,) = svc.engine.activations.values()
+    assert act.expires == clock.now + 5
+    assert svc.status()["counts"]["flows_inbound"] == 1
+
+
+class DyingDetector:
+    """Reports a live connection, then fails: nobody could say when it ends."""
+
+    name = "conntrack"
+    holds_flows = True
+
+    def check(self) -> None:
+        pass
+
+    async def run(self, sink: Callable[[object], None]) -> None:
+        sink(CONN)
+        sink(FlowLive(CONN, connected=True))
+        await asyncio.sleep(0.05)
+        raise DetectionUnavailable("netlink socket failed")
+
+
+async def test_a_detector_that_stops_releases_its_holds(tmp_path: Path, clock: FakeClock) -> None:
+    gw = FakeGateway(clock, local_address=HOST)
+    service = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path,
+                      detectors=[DyingDetector()])  # type: ignore[list-item]
+    await service.start()
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if not service.detector_status[0].active:
+                break
+        (act,) = service.engine.activations.values()
+        assert not act.held and act.expires == clock.now + 5
+    finally:
+        await service.stop()
