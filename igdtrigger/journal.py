@@ -120,11 +120,6 @@ class JournalMapping:
         return MappingSpec(self.proto, self.external_port, self.internal_client,
                            self.internal_port, self.description)
 
-    @property
-    def spec(self) -> MappingSpec:
-        return MappingSpec(self.proto, self.external_port, self.internal_client,
-                           self.internal_port, self.description)
-
 
 @dataclass(frozen=True, slots=True)
 class JournalActivation:
@@ -254,8 +249,16 @@ class Journal:
         """Record mappings about to be requested, in one fsync'd transaction. ``nonces``: the
         PCP mapping nonce each is requested with; ``protocol``: the gateway's protocol
         (``GatewayInfo.protocol``), which decides how a leftover can be deleted."""
-        now = time.time()
         nonces = nonces or {}
+        self._put_mappings([(s, nonces.get(s.key, b""), protocol) for s in specs])
+
+    def mappings_copy(self, rows: list[JournalMapping]) -> None:
+        """Record another journal's mappings as they are (nonce and protocol kept): what a dead
+        ``igdtrigger run`` left, taken over (``leftovers.take_over``)."""
+        self._put_mappings([(m.spec, m.nonce, m.protocol) for m in rows])
+
+    def _put_mappings(self, rows: list[tuple[MappingSpec, bytes, str]]) -> None:
+        now = time.time()
         self._write(
             "INSERT INTO mappings (proto, external_port, internal_client, internal_port, "
             "description, state, updated, nonce, protocol) VALUES (?,?,?,?,?,'requested',?,?,?) "
@@ -264,7 +267,7 @@ class Journal:
             "description=excluded.description, updated=excluded.updated, nonce=excluded.nonce, "
             "protocol=excluded.protocol",
             [(s.proto.value, s.external_port, s.internal_client, s.internal_port,
-              s.description, now, nonces.get(s.key, b"").hex(), protocol) for s in specs])
+              s.description, now, nonce.hex(), protocol) for s, nonce, protocol in rows])
 
     def mapping_gone(self, proto: Proto, external_port: int) -> None:
         self.mappings_gone([(proto, external_port)])

@@ -333,6 +333,9 @@ class Mapper:
                 key = spec.key
                 if (key, spec.internal_client) in wanted:
                     gone.append(spec)  # wanted again: the add path adopts or re-creates it
+                    row = self._orphan_meta.get(key)
+                    if row is not None and row.from_journal and row.adopted is None:
+                        self._adopt(spec, row)  # PCP: refreshed with the nonce that made it
                     self._let_go(key)
                     continue
                 meta = self._orphan_meta.setdefault(key, _Orphan())

@@ -197,3 +197,21 @@ def test_format_1_journal_in_a_read_only_directory_is_still_read(tmp_path: Path,
     assert [(m.external_port, m.nonce) for m in j.mappings()] == [(3074, b"")]
     assert j.secret("pcp-nonce-key") is None  # none kept, none can be: nonces stay random
     j.close()
+
+
+def test_a_dead_runs_mappings_are_taken_over_with_their_nonce(tmp_path: Path) -> None:
+    """A killed `igdtrigger run`'s journal (its own PCP key) moves into the service's as it
+    is: without its nonces its PCP mappings could not be deleted."""
+    from igdtrigger.leftovers import take_over
+
+    spec = MappingSpec(Proto.UDP, 3074, "192.168.1.10", 3074, "igdtrigger demo run9")
+    dead = tmp_path / "run" / "9-1"
+    j = Journal.open(dead)
+    j.mappings_requested([spec], {spec.key: b"\x05" * 12}, "pcp")
+    j.close()
+    mine = Journal.open(tmp_path)
+    assert take_over(mine, [dead]) == 1
+    [row] = mine.mappings()
+    assert (row.spec, row.nonce, row.protocol) == (spec, b"\x05" * 12, "pcp")
+    assert not dead.exists()
+    mine.close()

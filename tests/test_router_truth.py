@@ -21,7 +21,7 @@ from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UP
 from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
 from igdtrigger.metrics import Metrics
-from igdtrigger.model import MappingSpec, Proto
+from igdtrigger.model import MappingKey, MappingSpec, Proto
 from igdtrigger.service import Service
 
 from .fakes import FakeClock
@@ -622,3 +622,24 @@ async def test_pcp_leftover_meets_a_natpmp_start_and_is_not_claimed_deleted(
                for r in caplog.records)
     assert not any("left by an earlier run" in r.message for r in caplog.records)
     await again.stop()
+
+
+async def test_pcp_leftover_wanted_again_is_refreshed_with_its_own_nonce(
+        router: FakeRouter, tmp_path: Path) -> None:
+    """A leftover made with another key's nonce (a dead `igdtrigger run`'s, taken over) and
+    wanted again: refreshed with that nonce, which a server checking nonces accepts; the
+    journal keeps it and the stop deletes with it."""
+    router.refresh_needs_nonce = True
+    theirs = bytes(range(100, 112))
+    router.mappings[(17, 3074)] = (3074, 86400)
+    router.nonces[(17, 3074)] = theirs
+    old = Journal.open(tmp_path)
+    old.mappings_requested([MappingSpec(Proto.UDP, 3074, HOST, 3074, "igdtrigger xbox run9")],
+                           {MappingKey(Proto.UDP, 3074): theirs}, "pcp")
+    old.close()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1h"}
+    svc, _ = await mapped(router, PcpGateway, rule, tmp_path, ttl=3600)
+    assert [m["state"] for m in svc.status()["mappings"]] == ["active"]
+    assert [m.nonce for m in svc.journal.mappings()] == [theirs]
+    await svc.stop()
+    assert router.mappings == {} and router.refused_deletes == 0

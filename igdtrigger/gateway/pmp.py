@@ -1300,8 +1300,12 @@ class PcpGateway(_PortMapGateway):
         self.nonce_key = nonce_key or None
 
     def mapping_nonce(self, spec: MappingSpec) -> bytes:
-        """HMAC-SHA-256 of the protocol, internal client and internal port (what a PCP server
-        names a mapping by) under ``nonce_key``, cut to 12 bytes; b"" without a key."""
+        """The nonce a MAP for ``spec`` is sent with: that of the mapping held or adopted for
+        it, else HMAC-SHA-256 of the protocol, internal client and internal port (what a PCP
+        server names a mapping by) under ``nonce_key``, cut to 12 bytes; b"" without a key."""
+        known = self._known(spec.key)
+        if known is not None and self._same_mapping(known, spec) and known.nonce:
+            return known.nonce
         if not self.nonce_key:
             return b""
         msg = f"igdtrigger PCP MAP|{spec.proto.value}|{spec.internal_client}|" \
@@ -1310,6 +1314,12 @@ class PcpGateway(_PortMapGateway):
 
     def _adoptable(self, spec: MappingSpec, nonce: bytes) -> bool:
         return len(nonce) == NONCE_LEN  # without the nonce the router refuses the delete
+
+    @staticmethod
+    def _same_mapping(held: HeldMapping, spec: MappingSpec) -> bool:
+        """A PCP server names a mapping by internal client, protocol and internal port."""
+        return held.spec.internal_client == spec.internal_client \
+            and held.spec.internal_port == spec.internal_port
 
     @property
     def _client_ip(self) -> str:
@@ -1431,8 +1441,7 @@ class PcpGateway(_PortMapGateway):
         lifetime = self._lifetime(lease)
         async with self._lock(("pcp", spec.key)):
             known = self._known(spec.key)
-            if known is not None and known.spec.internal_client == spec.internal_client \
-                    and known.spec.internal_port == spec.internal_port:
+            if known is not None and self._same_mapping(known, spec):
                 nonce, ext_ip = known.nonce, known.external_ip  # refresh: same nonce
             else:
                 nonce, ext_ip = self.mapping_nonce(spec) or secrets.token_bytes(NONCE_LEN), ""
