@@ -502,7 +502,7 @@ async def test_natpmp_pcp_leftover_of_a_crashed_run_is_deleted_at_the_next_start
     again = await crash_and_restart(svc, router, cls, rule, clock, tmp_path, 120)
     assert router.mappings == {}  # the router's own table: nothing of ours left
     assert router.refused_deletes == 0
-    deletes = map_requests(router, deletes=True)
+    deletes = set(map_requests(router, deletes=True))  # a retransmission is the same bytes
     assert len(deletes) == 2
     if cls is PcpGateway:  # each with the nonce its mapping was made with
         assert {(d[36], bytes(d[24:36])) for d in deletes} \
@@ -584,13 +584,14 @@ async def test_pcp_leftover_remapped_by_another_client_is_left_alone(
     caplog.set_level(logging.INFO, "igdtrigger.mapper")
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
     assert (17, 3074) in router.mappings  # theirs: not deleted
-    assert router.refused_deletes == 2  # once, and once more after the other deletes
+    refused = router.refused_deletes
+    assert refused >= 2  # once, and once more after the other deletes (retransmissions count)
     assert again.journal.mappings() == []
     assert any("another client has mapped that internal port" in r.message
                for r in caplog.records)
     assert not any("left by an earlier run" in r.message for r in caplog.records)
     await again.stop()
-    assert router.refused_deletes == 2
+    assert router.refused_deletes == refused  # not tried again
 
 
 async def test_pcp_leftover_pair_on_a_router_deleting_by_internal_port_is_all_deleted(
@@ -603,7 +604,7 @@ async def test_pcp_leftover_pair_on_a_router_deleting_by_internal_port_is_all_de
     assert len(router.mappings) == 2
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
     assert router.mappings == {}
-    assert router.refused_deletes == 1  # the older one, once: deleted after the newer
+    assert router.refused_deletes >= 1  # the older one first: deleted after the newer
     assert again.journal.mappings() == []
     await again.stop()
 
