@@ -538,7 +538,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
 
     gw_sec = _Section(top.get("gateway") or {}, "gateway", source)
     url = gw_sec.string("url")
-    if url is not None and url != SIMULATE and not re.match(r"^https?://", url):
+    if url is not None and url != SIMULATE and not re.match(r"^https?://", url, re.IGNORECASE):
         raise gw_sec.error(
             "url", f"{url!r} is not an http:// URL of the router's description (or \"simulate\")"
         )

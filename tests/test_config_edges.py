@@ -67,6 +67,9 @@ def test_gateway_settings() -> None:
     assert parse_config({}).gateway == d
     assert not d.simulate
     assert parse_config({"gateway": {"url": " https://r/d.xml "}}).gateway.url == "https://r/d.xml"
+    # URL schemes are case-insensitive (RFC 3986 3.1): a pasted upper-case one is accepted
+    for url in ("HTTPS://r/d.xml", "Http://192.168.1.1:5000/rootDesc.xml"):
+        assert parse_config({"gateway": {"url": url}}).gateway.url == url
 
 
 @pytest.mark.parametrize(("gw", "field", "words"), [

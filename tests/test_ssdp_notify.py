@@ -136,3 +136,18 @@ def test_any_datagram_sequence_is_handled(seq: list[tuple[bytes, str]]) -> None:
     for data, src in seq:
         change = t.feed(data, src)
         assert change is None or src == GW
+
+
+def test_tracker_without_location_learns_the_first_root_it_hears() -> None:
+    """Made with neither a location nor a UDN, the first alive from the gateway sets the
+    baseline: that root's later move, reboot and leave are reported, another root's are not."""
+    t = NotifyTracker(GW)
+    assert burst(t) == []
+    assert t.location == LOC
+    assert burst(t, location=OTHER_LOC, uuid=OTHER) == []
+    assert burst(t, boot="101") == [RouterChangeKind.RESTARTED]
+    new = f"http://{GW}:40123/rootDesc.xml"
+    assert burst(t, location=new, boot="101") == [RouterChangeKind.MOVED]
+    assert t.location == new
+    assert t.feed(notify(alive=False, uuid=OTHER), GW) is None
+    assert t.feed(notify(alive=False), GW) is not None

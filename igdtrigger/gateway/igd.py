@@ -536,7 +536,9 @@ class NotifyTracker:
     def _ours(self, msg: SsdpNotify) -> bool:
         if msg.uuid in self.uuids:
             return True
-        if msg.alive and msg.location == self.location and self.location:
+        # nothing known yet (no location, no UUID): the first alive sets the baseline
+        baseline = not self.location and not self.uuids
+        if msg.alive and (baseline or (self.location and msg.location == self.location)):
             if len(self.uuids) < self.MAX_UUIDS:
                 self.uuids.add(msg.uuid)  # the same description: the same IGD's devices
             return True
