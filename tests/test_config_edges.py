@@ -16,11 +16,14 @@ from igdtrigger.config import (
     ApiConfig,
     Config,
     Rule,
+    check_state_dir,
+    default_config_paths,
     default_state_dir,
     env_overrides,
     load_config,
     parse_config,
     parse_listen,
+    validate_bounds,
 )
 from igdtrigger.errors import ConfigError
 from igdtrigger.model import PortRange, Proto, parse_port_spec
@@ -440,3 +443,61 @@ def test_rule_allows() -> None:
     r = Rule("r", (), parse_port_spec("udp/1"), hosts=(ipaddress.ip_network("10.0.0.0/8"),))
     assert r.allows("10.1.2.3") and not r.allows("11.0.0.1") and not r.allows("pc")
     assert Rule("r", (), ()).allows("anything")
+
+
+def test_api_limits_are_read_and_bounded() -> None:
+    api = parse_config({"api": {"max_per_host": 5, "allow": ["10.0.0.0/8"],
+                                "adhoc_max_ttl": 604800}}).api
+    assert api.max_per_host == 5
+    assert list(api.allow) == [ipaddress.ip_network("10.0.0.0/8")]
+    assert api.adhoc.max_ttl == 604800
+    with pytest.raises(ConfigError) as e:
+        parse_config({"api": {"adhoc_max_ttl": 604801}})
+    assert e.value.field == "api.adhoc_max_ttl"
+    with pytest.raises(ConfigError) as e:
+        parse_config({"api": {"max_per_host": 0}})
+    assert e.value.field == "api.max_per_host"
+
+
+def test_errors_name_the_file_they_come_from() -> None:
+    assert parse_config({}, source="/etc/igdtrigger/config.toml").source == (
+        "/etc/igdtrigger/config.toml")
+    wide = {"rules": [{"name": "g", "trigger": ["udp/27015"], "open": ["udp/1-65535"]}]}
+    with pytest.raises(ConfigError) as e:
+        validate_bounds(parse_config(wide, source="/etc/igdtrigger/config.toml"))
+    assert e.value.source == "/etc/igdtrigger/config.toml"
+    assert e.value.field == "rules[0].open"
+
+
+def test_environment_errors_say_they_come_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("")
+    for name in ("IGDTRIGGER_RULES__NAME", "IGDTRIGGER_API__LISTN"):
+        monkeypatch.setenv(name, "x")
+        with pytest.raises(ConfigError) as e:
+            load_config(tmp_path / "c.toml")
+        assert (e.value.source, e.value.field) == ("environment", name)
+        monkeypatch.delenv(name)
+
+
+def test_systemd_configuration_directory_first_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", "/etc/igd-a:/etc/igd-b")
+    assert Path("/etc/igd-a/config.toml") in default_config_paths()
+    assert Path("/etc/igd-b/config.toml") not in default_config_paths()
+
+
+def test_state_dir_this_process_may_not_write_is_refused(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests run as root, who may write anywhere: the kernel's answer is faked for one
+    directory, as a container's /config owned by another uid would answer."""
+    import os
+    state = tmp_path / "state"
+    state.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != state and real(p, mode))
+    with pytest.raises(ConfigError, match="cannot use the state directory: permission denied") as e:
+        check_state_dir(state)
+    assert e.value.source == str(state)
+    assert f"{state} is owned by uid {os.geteuid()} with mode" in str(e.value)
+    check_state_dir(tmp_path / "state" / "sub")  # a parent denied: created later, not refused
+    check_state_dir(tmp_path)

@@ -403,3 +403,26 @@ def test_pcp_epoch_rules() -> None:
     # exactly on the tolerance: client 32 s, server 32 + 2 + 32/16 ... within bounds
     assert not t.observe(1034, 32.0)
     assert not t.observe(1066, 62.0)
+
+
+def test_short_replies_name_the_request_and_the_real_fault() -> None:
+    """What the user reads: which request got the unusable reply, and that it was cut short
+    (not a made-up version)."""
+    with pytest.raises(MalformedReply) as pmp:
+        check_pmp_reply(PmpReply(0, 1, 0), "AddPortMapping TCP 4000", 6)
+    assert str(pmp.value).startswith("unusable reply to AddPortMapping TCP 4000: 6-byte")
+    short_map = (pcp_header() + pcp_map_payload())[:40]
+    r = decode_pcp_reply(short_map)
+    assert r is not None and r.version == 2 and not r.complete
+    with pytest.raises(MalformedReply, match="40-byte success reply is short") as pcp:
+        parse_pcp_reply(short_map, "MAP TCP 4000")
+    assert str(pcp.value).startswith("unusable reply to MAP TCP 4000: ")
+
+
+def test_pcp_epoch_back_by_two_seconds_at_once_is_lost_state() -> None:
+    t = EpochTracker("pcp")
+    t.observe(100, 0.0)
+    assert t.observe(98, 0.0)  # no client time elapsed: only the 1 s rule can tell
+    t = EpochTracker("pcp")
+    t.observe(100, 0.0)
+    assert not t.observe(99, 0.0)
