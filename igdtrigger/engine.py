@@ -380,8 +380,10 @@ class Engine:
         if rules and (is_lan_source(flow.src) or flow.src in self.local_hosts) \
                 and is_remote_destination(flow.dst):
             self.flows_matched += 1
+            refused = self.flows_refused
             created = self._observed(rules, str(flow.src), Source.TRAFFIC, at=at, flow=flow)
-            if flow not in self.live and any(r.allows(str(flow.src)) for r in rules):
+            if flow not in self.live and self.flows_refused == refused \
+                    and any(r.allows(str(flow.src)) for r in rules):  # refused once is counted once
                 self._follow(flow, None, str(flow.src), trigger=True)  # idle: may wake up
             return created
         if is_remote_destination(flow.src) and self.open_index.match(flow.proto, flow.dport):

@@ -11,6 +11,7 @@ import ipaddress
 
 import pytest
 
+from igdtrigger import engine as engine_mod
 from igdtrigger.config import Rule
 from igdtrigger.engine import (
     MAX_TTL,
@@ -671,3 +672,150 @@ def test_hold_reason_counts_live_flows() -> None:
     clock.advance(4)
     assert act.hold_reason(clock.now) == "traffic 4s ago, 1 live flow"
     assert act.to_json(clock.now)["expires_in"] == 56
+
+
+# --- caps and counters on the live-flow and per-origin paths (mutation survivors) ---------------
+
+
+def inbound(dport: int = 40000, dst: str = HOST) -> Flow:
+    return Flow(Proto.UDP, ipaddress.ip_address("11.9.9.9"), ipaddress.ip_address(dst),
+                61000, dport)
+
+
+def src_flow(i: int, dport: int = 27015) -> Flow:
+    return Flow(Proto.UDP, ipaddress.ip_address(f"192.168.1.{i}"),
+                ipaddress.ip_address("11.22.33.44"), 50000 + i, dport)
+
+
+def test_every_refusal_is_counted_and_room_comes_back() -> None:
+    eng, _, _ = make(rule())
+    eng.max_activations = 1
+    eng.activate("demo", HOST, ttl=60)
+    for _ in range(2):
+        with pytest.raises(Exception, match="limit"):
+            eng.activate("demo", "192.168.1.21", ttl=60)
+    assert eng.refused["total"] == 2
+    for n in range(2):
+        assert eng.restore(f"r{n}", "demo", "192.168.1.22", "api", age=0, remaining=30,
+                           ttl=60, meta={}) is None
+    assert eng.refused["total"] == 4
+
+
+def test_detected_total_cap_counts_each_activation_and_frees_on_removal() -> None:
+    eng, _, _ = make(rule())
+    eng.max_detected = 2
+    eng.origin_of = lambda a: f"mac-{a}"
+    a1 = eng.on_flow(src_flow(1))[0]
+    assert a1.origin == "mac-192.168.1.1"
+    eng.on_flow(src_flow(2))
+    assert eng.on_flow(src_flow(3)) == []
+    assert eng.refused["detected_total"] == 1
+    eng.deactivate(a1.id)
+    assert len(eng.on_flow(src_flow(4))) == 1  # one place freed: one more, not two
+    assert eng.on_flow(src_flow(5)) == []
+    assert eng.refused["detected_total"] == 2
+
+
+def test_per_origin_cap_counts_a_host_until_its_last_activation_goes() -> None:
+    eng, _, _ = make(rule("a", trigger="udp/27015"), rule("b", trigger="udp/27016",
+                                                          open_="udp/41000"))
+    eng.max_hosts_per_origin = 1
+    eng.origin_of = lambda _a: "aa:bb:cc:dd:ee:ff"
+    first = eng.on_flow(src_flow(1))[0]
+    eng.on_flow(src_flow(1, 27016))  # the same host, a second rule: within the cap
+    assert len(eng.activations) == 2
+    eng.deactivate(first.id)  # the host still has one activation behind that MAC
+    assert eng.on_flow(src_flow(2)) == []  # so a second address behind it is still refused
+    assert eng.refused["detected_per_origin"] == 1
+
+
+def test_a_connected_flow_holds_an_activation_created_once_there_was_room() -> None:
+    eng, clock, _ = make(rule("a", idle=5), rule("b", idle=5, open_="udp/41000"))
+    eng.max_activations = 1
+    f = flow()
+    eng.on_flow(f)
+    eng.on_flow_live(f, connected=True)
+    assert eng.refused["total"] == 1  # rule b: no room
+    eng.max_activations = 2
+    clock.advance(1)
+    (b,) = eng.on_flow_live(f, connected=True, idle=0.0)
+    assert b.rule.name == "b" and b.expires == float("inf")  # held by the connection
+    eng.on_flow_ended(f)
+    assert b.expires == clock.now + 5  # its idle timer starts when the connection ends
+
+
+def test_inbound_flow_seen_again_refreshes_its_activation() -> None:
+    eng, clock, _ = make(rule(idle=10))
+    act = eng.on_flow(flow())[0]
+    eng.on_flow(inbound())
+    assert eng.follows(inbound())
+    clock.advance(8)
+    eng.on_flow_live(inbound(), connected=False, idle=1.0)
+    assert act.expires == clock.now - 1 + 10
+
+
+def test_ending_an_unknown_flow_changes_nothing() -> None:
+    eng, _, _ = make()
+    act = eng.on_flow(flow())[0]
+    eng.on_flow_ended(flow(src="192.168.1.99"))
+    assert eng.follows(flow()) and act.id in eng.activations
+
+
+def test_per_host_flow_cap_frees_a_place_when_a_flow_ends_or_its_activation_goes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "MAX_FLOWS_PER_HOST", 2)
+    eng, _, _ = make(rule())
+    act = eng.on_flow(flow())[0]
+    eng.on_flow(inbound())  # the LAN host's second followed flow
+    assert eng.follows(inbound())
+    f3 = Flow(Proto.UDP, ipaddress.ip_address(HOST), ipaddress.ip_address("11.22.33.45"),
+              50001, 27015)
+    eng.on_flow(f3)
+    assert not eng.follows(f3) and eng.flows_refused == 1
+    eng.deactivate(act.id)  # its inbound flow is forgotten: one place free
+    assert not eng.follows(inbound())
+    eng.on_flow(f3)
+    assert eng.follows(f3)
+    f4 = Flow(Proto.UDP, ipaddress.ip_address(HOST), ipaddress.ip_address("11.22.33.46"),
+              50002, 27015)
+    eng.on_flow(f4)
+    assert not eng.follows(f4) and eng.flows_refused == 2
+    eng.on_flow_ended(f3)
+    eng.on_flow(f4)
+    assert eng.follows(f4)
+
+
+def test_flows_from_a_host_the_rule_does_not_allow_are_not_followed() -> None:
+    eng, _, _ = make(rule(hosts=(ipaddress.ip_network("192.168.1.50/32"),)))
+    assert eng.on_flow(flow()) == []
+    assert not eng.follows(flow())
+
+
+def test_inbound_use_refreshes_the_newest_holder_under_share_latest() -> None:
+    eng, clock, _ = make(rule(idle=10, share="latest"))
+    start = clock.now
+    old = eng.on_flow(src_flow(1))[0]
+    clock.advance(1)
+    new = eng.on_flow(src_flow(2))[0]
+    clock.advance(5)
+    eng.on_flow(inbound(dst="192.168.1.2"))
+    assert new.expires == clock.now + 10
+    assert old.expires == start + 10  # untouched
+
+
+@pytest.mark.parametrize("ttl", [0.0, -1.0, MAX_TTL + 1])
+def test_restore_refuses_a_ttl_outside_limits_even_with_time_left(ttl: float) -> None:
+    eng, _, _ = make()
+    assert eng.restore("x", "demo", HOST, "api", age=0, remaining=30, ttl=ttl, meta={}) is None
+
+
+def test_self_mapped_activation_asks_for_no_mappings_until_it_stops() -> None:
+    eng, _, _ = make()
+    act = eng.activate("demo", HOST, ttl=60)
+    gen = eng.generation
+    eng.set_self_mapped(act.id, True)
+    assert eng.desired() == {} and eng.generation > gen
+    eng.set_self_mapped(act.id, False)
+    assert len(eng.desired()) == 3
+    with pytest.raises(ActivationNotFound):
+        eng.set_self_mapped("nope", True)
