@@ -339,3 +339,30 @@ def test_kernel_filter_does_not_fake_the_no_tracking_hint(netns: str) -> None:  
     assert done.returncode == 0, done.stderr
     assert "filter True datagrams 0" in done.stdout
     assert "conntrack only tracks" not in done.stderr  # tracking is on: no hint
+
+
+def test_decode_entries_prefilter_sees_the_protocol_and_reads_every_message() -> None:
+    """A dump of three entries of three lengths (UDP, TCP with its state, IPv6): each is read
+    at its own offset, and the prefilter is asked with each entry's protocol."""
+    v6 = Flow(Proto.UDP, IPv6("fd00::23"), IPv6("2001:db8::9"), 5000, 3074)
+    data = (entry_msg(udp4(), timeout=117) + entry_msg(tcp4(), tcp_state=ESTABLISHED)
+            + entry_msg(v6, timeout=None))
+    assert [e.flow for e in decode_entries(data)] == [udp4(), tcp4(), v6]
+    asked: list[tuple[Proto, int]] = []
+    kept = decode_entries(data, lambda proto, port: asked.append((proto, port)) is None
+                          and proto is Proto.TCP)
+    assert [e.flow for e in kept] == [tcp4()]
+    assert asked == [(Proto.UDP, udp4().dport), (Proto.TCP, 27015), (Proto.UDP, 3074)]
+
+
+def test_the_kernel_filter_merges_overlapping_ranges() -> None:
+    from igdtrigger.detect.conntrack import build_filter
+    from igdtrigger.model import parse_port_spec
+
+    prog = build_filter([*parse_port_spec("udp/100-200"), *parse_port_spec("udp/150-300"),
+                         *parse_port_spec("udp/301-310")])
+    assert prog is not None
+    for port in (100, 120, 199, 250, 300, 305, 310):
+        assert run_bpf(prog, encode_flow(udp4(dport=port))) != 0, port
+    for port in (99, 311):
+        assert run_bpf(prog, encode_flow(udp4(dport=port))) == 0, port

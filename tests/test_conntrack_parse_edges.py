@@ -183,3 +183,12 @@ def test_parse_messages_applies_the_filter() -> None:
     data = encode_flow(FLOW4)
     assert parse_messages(data, lambda p, port: False) == []
     assert parse_messages(data, lambda p, port: port == 6) == [FLOW4]
+
+
+def test_every_malformed_piece_of_one_datagram_is_counted() -> None:
+    parser = ConntrackParser()
+    data = (nlmsg(CT_NEW, b"\x02\x00\x00\x00")  # no room for a tuple
+            + nlmsg(2, b"", flags=0)  # an error message without its errno
+            + b"\x00")  # a tail too short for a header
+    assert parser.feed(data) == []
+    assert (parser.events_seen, parser.malformed, parser.errors) == (1, 3, 0)
