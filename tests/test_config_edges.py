@@ -501,3 +501,11 @@ def test_state_dir_this_process_may_not_write_is_refused(
     assert f"{state} is owned by uid {os.geteuid()} with mode" in str(e.value)
     check_state_dir(tmp_path / "state" / "sub")  # a parent denied: created later, not refused
     check_state_dir(tmp_path)
+
+
+def test_too_many_ports_over_all_rules_names_the_file_and_the_rule() -> None:
+    rules = [{"name": f"g{i}", "trigger": [f"udp/{27000 + i}"],
+              "open": [f"udp/{10000 + i * 4096}-{10000 + i * 4096 + 4095}"]} for i in range(5)]
+    with pytest.raises(ConfigError, match="the rules together open 20480 ports") as e:
+        validate_bounds(parse_config({"rules": rules}, source="/etc/igdtrigger/config.toml"))
+    assert (e.value.source, e.value.field) == ("/etc/igdtrigger/config.toml", "rules[4].open")

@@ -819,3 +819,12 @@ def test_self_mapped_activation_asks_for_no_mappings_until_it_stops() -> None:
     assert len(eng.desired()) == 3
     with pytest.raises(ActivationNotFound):
         eng.set_self_mapped("nope", True)
+
+
+def test_addresses_behind_one_mac_are_capped_by_default() -> None:
+    eng, _, _ = make(rule())
+    eng.origin_of = lambda _a: "aa:bb:cc:dd:ee:ff"
+    for i in range(1, engine_mod.MAX_HOSTS_PER_ORIGIN + 1):
+        assert len(eng.on_flow(src_flow(i))) == 1
+    assert eng.on_flow(src_flow(engine_mod.MAX_HOSTS_PER_ORIGIN + 1)) == []
+    assert eng.refused["detected_per_origin"] == 1
