@@ -763,3 +763,30 @@ def test_reserved_port_of_an_add_any(values: dict[str, str], port: int) -> None:
 def test_reserved_port_out_of_range_is_malformed(text: str) -> None:
     with pytest.raises(MalformedReply, match=r"AddAnyPortMapping: reply has no usable port"):
         reserved_port({"NewReservedPort": text})
+
+
+def test_the_best_answering_service_is_chosen_wherever_it_is_listed() -> None:
+    from igdtrigger.gateway.igd import IgdService, ServiceProbe, choose_service
+
+    v1 = "urn:schemas-upnp-org:service:WANIPConnection:1"
+    v2 = "urn:schemas-upnp-org:service:WANIPConnection:2"
+    down = ServiceProbe(IgdService(v2, "/a", order=0), True, "Disconnected", "")
+    old = ServiceProbe(IgdService(v1, "/b", order=1), True, "Connected", "81.2.69.160")
+    best = ServiceProbe(IgdService(v2, "/c", order=2), True, "Connected", "81.2.69.160")
+    mute = ServiceProbe(IgdService(v2, "/d", order=3), False, error="timed out")
+    assert choose_service([down, old, best, mute]) is best
+    assert choose_service([down, old]) is old
+    assert choose_service([mute]) is None
+
+
+def test_document_order_counts_firewall_services_between_wan_services() -> None:
+    """Two equal WAN services with two IPv6 firewall services between them: the first listed
+    is still the first chosen (the order is the position among all services read)."""
+    from igdtrigger.gateway.igd import FIREWALL_SERVICE, ServiceProbe, choose_service
+
+    doc = desc(svc(WANIP2, "/a") + svc(FIREWALL_SERVICE, "/fw1") + svc(FIREWALL_SERVICE, "/fw2")
+               + svc(WANIP2, "/b"))
+    a, b = parse_description(doc, LOC).services
+    assert a.order < b.order
+    probes = [ServiceProbe(s, True, "Connected", "81.2.69.160") for s in (b, a)]
+    assert choose_service(probes).service is a  # type: ignore[union-attr]

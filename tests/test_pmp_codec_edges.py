@@ -426,3 +426,27 @@ def test_pcp_epoch_back_by_two_seconds_at_once_is_lost_state() -> None:
     t = EpochTracker("pcp")
     t.observe(100, 0.0)
     assert not t.observe(99, 0.0)
+
+
+def test_short_success_names_the_request_and_the_remedy() -> None:
+    with pytest.raises(MalformedReply) as e:
+        check_pmp_reply(PmpReply(0, 1, 0, 5, complete=False), "AddPortMapping UDP 4000", 12)
+    assert str(e.value).startswith("unusable reply to AddPortMapping UDP 4000: 12-byte success "
+                                   "reply is short (expected 16 bytes)")
+    assert "use UPnP IGD with this router" in e.value.hint
+
+
+def test_pcp_decode_keeps_version_opcode_and_lifetime_of_partial_replies() -> None:
+    request = struct.pack("!BBBBII", 2, 1, 0, 0, 120, 9) + bytes(12)  # not a reply (no 0x80)
+    r = decode_pcp_reply(request)
+    assert r is not None and (r.version, r.opcode, r.complete) == (2, 1, False)
+    short = decode_pcp_reply(pcp_header(op=1)[:16])
+    assert short is not None and (short.version, short.opcode, short.lifetime) == (2, 1, 120)
+    announce = decode_pcp_reply(pcp_header(op=0, life=77))
+    assert announce is not None and (announce.opcode, announce.lifetime) == (0, 77)
+
+
+def test_third_party_refusal_keeps_the_result_name() -> None:
+    tp = pcp_error("MAP UDP 4000", 5, third_party="192.168.77.11")
+    assert tp.description == PCP_RESULTS[5]
+    assert "pcp_allow_thirdparty=yes" in tp.hint

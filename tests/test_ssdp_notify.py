@@ -151,3 +151,15 @@ def test_tracker_without_location_learns_the_first_root_it_hears() -> None:
     assert t.location == new
     assert t.feed(notify(alive=False, uuid=OTHER), GW) is None
     assert t.feed(notify(alive=False), GW) is not None
+
+
+def test_a_root_served_at_two_urls_moves_once_then_never_again() -> None:
+    """Announced every round at both of its description URLs: the second URL is one move,
+    then both are remembered however many rounds go by (duplicates do not push one out)."""
+    t = NotifyTracker(GW, LOC, [UUID])
+    second = f"http://{GW}:5000/igd2.xml"
+    assert burst(t) == []
+    assert burst(t, location=second) == [RouterChangeKind.MOVED]
+    for _ in range(6):
+        assert burst(t) == []
+        assert burst(t, location=second) == []
