@@ -12,6 +12,7 @@ from igdtrigger.model import (
     PortRange,
     Proto,
     RouterMapping,
+    compress_ports,
     format_duration,
     parse_duration,
     parse_port_spec,
@@ -116,3 +117,20 @@ def test_keys_and_their_text() -> None:
     assert seen.lease_remaining is None
     assert str(MappingKey(Proto.TCP, 80)) == "tcp/80"
     assert str(PinholeSpec("2001:db8::5", Proto.UDP, 9)) == "udp/[2001:db8::5]:9"
+
+
+@pytest.mark.parametrize(("names", "shown"), [
+    (["udp/40000", "udp/40001", "udp/40002", "tcp/3074"], "udp/40000-40002, tcp/3074"),
+    (["udp/1", "udp/3", "udp/4"], "udp/1, udp/3-4"),  # a gap starts a new range
+    (["udp/5", "tcp/6"], "udp/5, tcp/6"),  # the next port of another protocol
+    (["udp/10-12", "udp/13", "udp/14-20"], "udp/10-20"),  # ranges join ranges
+    (["udp/10-12", "udp/12"], "udp/10-12, udp/12"),  # an overlap is shown as it is
+    (["udp/9", "udp/8"], "udp/9, udp/8"),  # the order given is kept
+    (["both/7", "both/8"], "both/7-8"),
+    (["pinhole", "udp/1", "udp/x", "udp/2", "udp/3-y", "udp/4"],
+     "pinhole, udp/1, udp/x, udp/2, udp/3-y, udp/4"),  # not a port: shown alone, never joined
+    ([], ""),
+    (["udp/65535"], "udp/65535"),
+])
+def test_compress_ports_as_status_shows_them(names: list[str], shown: str) -> None:
+    assert compress_ports(names) == shown
