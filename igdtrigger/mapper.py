@@ -66,6 +66,10 @@ MAX_DELETE_REPEAT = 16
 ORPHAN_TRIES = 10  # deletes refused/failed: retried this often in one run (journal keeps them)
 
 
+JOURNAL_BATCH = 64  # orphans forgotten in one journal transaction at most
+JOURNAL_FLUSH = 0.25  # s: and at least this often while a long round of deletes runs
+
+
 class Removal(enum.Enum):
     """What became of one delete, as far as the router lets us know."""
 
@@ -300,43 +304,89 @@ class Mapper:
         count = 0
         again: list[MappingSpec] = []
         asked: list[MappingSpec] = []
-        for rnd in (0, 1):
-            batch = list(self.orphans.values()) if rnd == 0 else again
-            for spec in batch:
-                if not self.gateway_up:
-                    break
-                key = spec.key
-                if (key, spec.internal_client) in wanted:
-                    gone.append(spec)  # wanted again: the add path adopts or re-creates it
-                    self._let_go(key)
-                    continue
-                meta = self._orphan_meta.setdefault(key, _Orphan())
-                if rnd == 0 and not final and meta.retry_at > now:
-                    continue
-                outcome, deleted = await self._remove(spec, meta.copies,
-                                                      confirm=not final)
-                if deleted and outcome is Removal.GONE:
-                    asked.append(spec)
-                elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
-                    # from an earlier run: NAT-PMP/PCP delete only what this run made (PCP
-                    # needs the nonce of the run that made it), so nothing was asked
-                    log.warning("%s from an earlier run cannot be deleted over %s; it lapses "
-                                "on the router at the end of its lifetime", key,
-                                self.gateway.info.protocol if self.gateway.info else "NAT-PMP")
-                if outcome is Removal.REFUSED and rnd == 0:
-                    again.append(spec)
-                    continue
-                if self._settle(spec, meta, outcome):
-                    gone.append(spec)
-                    count += deleted
-        if final and asked and self.gateway_up:
-            left = await self._confirm_all_gone(asked)
-            count -= len(left)
-            gone = [g for g in gone if g.key not in left]
-        self._journal_gone(gone)
+        flushed = now
+        try:
+            for rnd in (0, 1):
+                batch = list(self.orphans.values()) if rnd == 0 else again
+                for spec in batch:
+                    if not self.gateway_up:
+                        break
+                    if gone and (len(gone) >= JOURNAL_BATCH
+                                 or self.clock() - flushed >= JOURNAL_FLUSH):
+                        # each confirmed delete is forgotten within a moment, not at the end
+                        # of the round: a stop cut short leaves journaled exactly what may
+                        # still be on the router
+                        self._journal_gone(gone)
+                        gone, flushed = [], self.clock()
+                    key = spec.key
+                    if (key, spec.internal_client) in wanted:
+                        gone.append(spec)  # wanted again: the add path adopts or re-creates it
+                        self._let_go(key)
+                        continue
+                    meta = self._orphan_meta.setdefault(key, _Orphan())
+                    if rnd == 0 and not final and meta.retry_at > now:
+                        continue
+                    count += await self._delete_orphan(spec, meta, rnd, final, gone, asked,
+                                                       again)
+            if final and asked and self.gateway_up:
+                left = await self._confirm_all_gone(asked)
+                count -= len(left)
+                gone = [g for g in gone if g.key not in left]
+                self._journal_requested([s for s in asked if s.key in left])
+        finally:
+            self._journal_gone(gone)
         if final:
             self._report_unconfirmed()
         return count
+
+    async def _delete_orphan(self, spec: MappingSpec, meta: _Orphan, rnd: int, final: bool,
+                             gone: list[MappingSpec], asked: list[MappingSpec],
+                             again: list[MappingSpec]) -> int:
+        """One orphan of ``_delete_orphans``: returns 1 when a delete was answered and it is
+        gone. A mapping we cannot vouch for is looked up first (``_owner_check``)."""
+        key = spec.key
+        outcome = await self._owner_check(spec, meta)
+        deleted = False
+        if outcome is None:
+            outcome, deleted = await self._remove(spec, meta.copies, confirm=not final)
+            if deleted and outcome is Removal.GONE:
+                asked.append(spec)
+            elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
+                # from an earlier run: NAT-PMP/PCP delete only what this run made (PCP
+                # needs the nonce of the run that made it), so nothing was asked
+                log.warning("%s from an earlier run cannot be deleted over %s; it lapses "
+                            "on the router at the end of its lifetime", key,
+                            self.gateway.info.protocol if self.gateway.info else "NAT-PMP")
+            if outcome is Removal.REFUSED and rnd == 0:
+                again.append(spec)
+                return 0
+        if self._settle(spec, meta, outcome):
+            gone.append(spec)
+            return int(deleted)
+        return 0
+
+    async def _owner_check(self, spec: MappingSpec, meta: _Orphan) -> Removal | None:
+        """Before deleting a mapping this run cannot vouch for (journaled by an earlier run or
+        a dead wrapper, or ours once but its lease has run out since): what the router holds
+        on that port now. A delete names only the port, so deleting blindly would remove
+        another host's mapping that took the port meanwhile. Returns GONE (nothing there:
+        forget it), NOT_OURS (someone else's now: forget it, never delete), DOWN, or None
+        (ours, or the router cannot show it: delete)."""
+        app = meta.app
+        lapsed = app is not None and app.lease > 0 and self.clock() >= app.added_at + app.lease
+        if (app is not None and not lapsed) or not self._reads_back() \
+                or self.traits.reports_mappings is False:
+            return None
+        answered, found = await self._lookup(spec)
+        if not answered:
+            return Removal.DOWN if not self.gateway_up else None
+        if found is None:
+            return Removal.GONE
+        if not self._is_ours(found.internal_client, found.description, spec):
+            log.info("not deleting %s: the router maps it to %s:%d (%r) now, not ours", spec.key,
+                     found.internal_client, found.internal_port, found.description)
+            return Removal.NOT_OURS
+        return None
 
     def _report_unconfirmed(self) -> None:
         """At stop: every mapping not confirmed gone is named, with until when it may stay
