@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -145,6 +146,7 @@ class StandaloneHolder(Holder):
         self.ready = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop_async: asyncio.Event | None = None
+        self.beacon: socket.socket | None = None  # leftovers.hold_beacon(), while mapping
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._main, name="standalone", daemon=True)
@@ -165,7 +167,14 @@ class StandaloneHolder(Holder):
         from .engine import Engine
         from .gateway.select import build_gateway
         from .journal import Journal
-        from .leftovers import dead_run_tag, dead_runs, own_run_dir, remove_run_dir, take_over
+        from .leftovers import (
+            dead_run_tag,
+            dead_runs,
+            hold_beacon,
+            own_run_dir,
+            remove_run_dir,
+            take_over,
+        )
         from .mapper import Mapper, MapState
 
         self.loop = asyncio.get_running_loop()
@@ -178,6 +187,9 @@ class StandaloneHolder(Holder):
                                 discover_timeout=gw_cfg.discover_timeout)
         clock = self.loop.time
         tag = f"run{os.getpid()}"
+        # held until the process ends: says "alive" to any igdtrigger sharing this network
+        # namespace, whatever its pid namespace (leftovers.py)
+        self.beacon = hold_beacon()
         engine = Engine([self.rule], clock=clock, tag=tag)
         lease = min(STANDALONE_LEASE, gw_cfg.lease)
         try:
