@@ -2,8 +2,11 @@
 
 Every mapping is recorded *before* it is requested from the router, and forgotten only after the
 router confirmed its deletion; so after a crash, ``kill -9`` or power loss the next start knows
-exactly what may still be open. Activations are recorded with their wall-clock expiry so the
-ones still within their time are restored after a restart.
+exactly what may still be open. Activations are recorded with their expiry on two clocks: the
+boot clock (``CLOCK_BOOTTIME`` with the kernel's boot id, ``boot_clock()``), which no wall-clock
+jump moves, so a restart within the same boot restores exactly what was left whatever the wall
+clock did while the service was down; and the wall clock, used only after a reboot (then a
+restored activation is capped at its TTL, so a wall clock that was wrong errs short).
 
 Failures to write (disk full, read-only) never stop the service: the journal turns *degraded*,
 says so once in the log and in status, and the service keeps working from memory.
@@ -15,6 +18,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -50,7 +54,9 @@ CREATE TABLE IF NOT EXISTS activations (
     created_wall REAL NOT NULL,
     expires_wall REAL NOT NULL,
     ttl REAL NOT NULL,
-    meta TEXT NOT NULL DEFAULT '{}'
+    meta TEXT NOT NULL DEFAULT '{}',
+    boot_id TEXT NOT NULL DEFAULT '',   -- the kernel's boot id when written
+    expires_boot REAL NOT NULL DEFAULT 0  -- CLOCK_BOOTTIME seconds of that boot
 );
 CREATE TABLE IF NOT EXISTS routers (
     identity TEXT PRIMARY KEY,    -- traits.router_identity(): protocol@host
@@ -96,6 +102,31 @@ class JournalActivation:
     expires_wall: float
     ttl: float
     meta: dict[str, str]
+    boot_id: str = ""  # boot_clock() when written ("" for rows of an older igdtrigger)
+    expires_boot: float = math.nan
+
+
+def boot_clock() -> tuple[str, float]:
+    """(the kernel's boot id, seconds on ``CLOCK_BOOTTIME``): a clock that no wall-clock change
+    moves and that counts suspend, valid for as long as the boot id is the same. ("", nan)
+    where there is none (not Linux)."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return boot_id, time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, AttributeError):
+        return "", math.nan
+
+
+def no_boot_clock() -> tuple[str, float]:
+    """No boot clock: restore goes by the wall clock alone."""
+    return "", math.nan
+
+
+def _real(value: object) -> float:
+    """A journal column as a float; nan for anything else (text, NULL, a blob)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    return math.nan
 
 
 class Journal:
@@ -165,6 +196,11 @@ class Journal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(activations)")}
+            for column, decl in (("boot_id", "TEXT NOT NULL DEFAULT ''"),
+                                 ("expires_boot", "REAL NOT NULL DEFAULT 0")):
+                if column not in have:  # a journal of an older igdtrigger (same format)
+                    db.execute(f"ALTER TABLE activations ADD COLUMN {column} {decl}")
             db.execute(f"PRAGMA user_version={FORMAT}")
             db.execute("SELECT count(*) FROM mappings").fetchone()  # touch: corruption shows here
         except BaseException:
@@ -298,9 +334,11 @@ class Journal:
     # --- activations --------------------------------------------------------------------------
 
     def activations_put(self, acts: list[JournalActivation]) -> None:
-        self._write("INSERT OR REPLACE INTO activations VALUES (?,?,?,?,?,?,?,?)",
+        self._write("INSERT OR REPLACE INTO activations (id, rule, host, source, created_wall, "
+                    "expires_wall, ttl, meta, boot_id, expires_boot) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
-                      json.dumps(a.meta)) for a in acts])
+                      json.dumps(a.meta), a.boot_id,
+                      a.expires_boot if math.isfinite(a.expires_boot) else 0.0) for a in acts])
 
     def activations_clear(self) -> None:
         """A clean stop: what this run held has ended; nothing is restored at the next start."""
@@ -310,22 +348,36 @@ class Journal:
         self._write("DELETE FROM activations WHERE id=?", [(act_id,)])
 
     def activations(self) -> list[JournalActivation]:
+        """The journaled activations. A row that is not what this code writes (a text where a
+        number belongs, meta that is not an object of strings) comes back with nan for a bad
+        number and empty meta: ``Engine.restore`` refuses what is not finite."""
         if self._db is None:
             return []
         try:
-            rows = self._db.execute("SELECT * FROM activations").fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, rule, host, source, created_wall, expires_wall, ttl, meta, "
+                    "boot_id, expires_boot FROM activations").fetchall()
+            except sqlite3.OperationalError:  # a read-only copy of an older journal
+                rows = [(*r, "", 0.0) for r in self._db.execute(
+                    "SELECT id, rule, host, source, created_wall, expires_wall, ttl, meta "
+                    "FROM activations").fetchall()]
         except sqlite3.Error as exc:
             log.error("cannot read the journal's activations: %s", exc)
             return []
         out = []
-        for act_id, rule, host, source, created, expires, ttl, meta in rows:
+        for act_id, rule, host, source, created, expires, ttl, meta, boot_id, exp_boot in rows:
             try:
-                meta_d = json.loads(meta)
+                meta_d = json.loads(meta) if isinstance(meta, str) else {}
             except ValueError:
                 meta_d = {}
-            out.append(JournalActivation(str(act_id), str(rule), str(host), str(source),
-                                         float(created), float(expires), float(ttl),
-                                         {str(k): str(v) for k, v in dict(meta_d).items()}))
+            if not isinstance(meta_d, dict):
+                meta_d = {}
+            out.append(JournalActivation(
+                str(act_id), str(rule), str(host), str(source), _real(created), _real(expires),
+                _real(ttl), {str(k): str(v) for k, v in meta_d.items()},
+                boot_id if isinstance(boot_id, str) else "",
+                _real(exp_boot) if boot_id else math.nan))
         return out
 
     def close(self) -> None:

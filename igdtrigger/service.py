@@ -35,7 +35,7 @@ from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
 from .gateway.pinhole import FirewallClient, global_ipv6_addresses
 from .gateway.select import forget_connection, set_lost_state_handler
-from .journal import Journal, JournalActivation
+from .journal import Journal, JournalActivation, boot_clock, no_boot_clock
 from .leftovers import dead_run_tag, dead_runs, take_over
 from .mapper import Applied, Mapper, MapState
 from .model import (
@@ -129,6 +129,7 @@ class Service:
         journal_dir: Path | None = None,
         on_router_call: Callable[[str, float, bool], None] | None = None,
         tracking: KernelTracking | None = None,
+        boot: Callable[[], tuple[str, float]] | None = None,
     ) -> None:
         """``journal_dir``: where the journal and instance tag live (default ``state_dir``);
         ``serve --simulate`` keeps them apart from the real service's."""
@@ -140,6 +141,9 @@ class Service:
         self.gateway = gateway
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
+        # (boot id, CLOCK_BOOTTIME): expiries no wall-clock jump moves; the kernel's when the
+        # service runs on the real clock, none (the wall clock alone) for an injected clock
+        self.boot = boot or (boot_clock if clock is time.monotonic else no_boot_clock)
         self.state_dir = state_dir or config.state_dir or default_state_dir()
         self.journal_dir = journal_dir or self.state_dir
         derived = derived_tag(self.journal_dir)
@@ -278,11 +282,19 @@ class Service:
     def _restore(self) -> int:
         """Activations still within their time come back; leftovers get cleaned up."""
         now_wall = self.wall()
+        boot_id, now_boot = self.boot()
         count = 0
         for ja in self.journal.activations():
+            # the same boot: the boot clock says what is left, whatever the wall clock did
+            # while the service was down; after a reboot only the wall clock can (capped at
+            # the ttl by the engine)
+            same_boot = bool(boot_id) and ja.boot_id == boot_id and math.isfinite(
+                ja.expires_boot)
+            remaining = (ja.expires_boot - now_boot if same_boot
+                         else ja.expires_wall - now_wall)
             act = self.engine.restore(ja.id, ja.rule, ja.host, ja.source,
                                       age=now_wall - ja.created_wall,
-                                      remaining=ja.expires_wall - now_wall, ttl=ja.ttl,
+                                      remaining=remaining, ttl=ja.ttl,
                                       meta=ja.meta, adhoc=self._adhoc_allowed)
             if act is None:
                 self.journal.activation_gone(ja.id)
@@ -316,12 +328,13 @@ class Service:
 
     def _journal_record(self, act: Activation) -> JournalActivation:
         now_wall, now = self.wall(), self.clock()
+        boot_id, now_boot = self.boot()
         # a held activation is written as closing one timeout from now: after a crash the
         # detectors' table dump holds it again if its connection still lives
         remaining = act.ttl if act.held else act.expires - now
         return JournalActivation(act.id, act.rule.name, act.host, act.source.value,
                                  now_wall - (now - act.created), now_wall + remaining,
-                                 act.ttl, dict(act.meta))
+                                 act.ttl, dict(act.meta), boot_id, now_boot + remaining)
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))

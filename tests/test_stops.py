@@ -282,3 +282,82 @@ async def test_with_nothing_writable_a_crashs_leftovers_are_still_removed(tmp_pa
     await s2._wait_applied(s2.engine.generation, 2)
     assert gw.ports() == {"udp/50000": gw.local_address}
     await s2.stop()
+
+
+# --- the wall clock jumps while the service is down (issue 12, owner variants) ----------------
+
+@pytest.mark.parametrize(("wall_jump", "same_boot", "left"), [
+    (2 * 3600.0, True, 540.0),  # NTP set the clock 2 h ahead: still 9 min left, not lapsed
+    (-86400.0, True, 540.0),  # a day back (a dead RTC battery): 9 min, not a fresh 10
+    (0.0, True, 540.0),
+    (0.0, False, 540.0),  # rebooted: only the wall clock can tell, and it is right
+    (-86400.0, False, 600.0),  # rebooted with a clock a day behind: capped at the ttl
+    (2 * 3600.0, False, None),  # rebooted with a clock 2 h ahead: lapsed (fails closed)
+])
+async def test_restore_after_a_wall_clock_jump_uses_the_boot_clock(
+        tmp_path: Path, wall_jump: float, same_boot: bool, left: float | None) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s1 = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + WALL0,
+                 state_dir=tmp_path, boot=lambda: ("boot-1", clock.now))
+    await s1.start()
+    await s1.activate("demo", "192.168.1.10", ttl=600, source=Source.API)
+    await s1._wait_applied(s1.engine.generation, 2)
+    for t in s1._tasks:  # crash
+        t.cancel()
+    s1.journal.close()
+    clock.advance(60)
+    boot = "boot-1" if same_boot else "boot-2"
+    s2 = Service(parse_config(CONFIG), gw, clock=clock,
+                 wall=lambda: clock.now + WALL0 + wall_jump, state_dir=tmp_path,
+                 boot=lambda: (boot, clock.now if same_boot else 5.0))
+    if left is None:
+        assert s2.restored == 0
+    else:
+        assert s2.restored == 1
+        [act] = s2.engine.activations.values()
+        assert act.expires - clock() == pytest.approx(left)
+    await s2.stop()
+
+
+@pytest.mark.parametrize("column", ["created_wall", "expires_wall", "ttl", "expires_boot"])
+@pytest.mark.parametrize("value", ["'nan'", "-1e309", "1e309", "-5", "0", "'x'",
+                                   "X'00'", "9e18"])
+async def test_a_journal_row_with_any_bad_number_is_refused_without_a_traceback(
+        tmp_path: Path, column: str, value: str) -> None:
+    clock = FakeClock()
+    now_wall = clock.now + WALL0
+    j = Journal.open(tmp_path)
+    j.activations_put([JournalActivation("a1", "demo", "192.168.1.10", "api", now_wall - 10,
+                                         now_wall + 300, 600.0, {}, "boot-1", clock.now + 300)])
+    j.close()
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.execute(f"UPDATE activations SET {column} = {value}")
+    s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock,
+                wall=lambda: clock.now + WALL0, state_dir=tmp_path,
+                boot=lambda: ("boot-1", clock.now))
+    for act in s.engine.activations.values():  # restored only when what is left is sound
+        assert 0 < act.expires - clock() <= 600
+    await s.stop()
+
+
+@pytest.mark.parametrize("column", ["id", "rule", "host", "source", "meta", "boot_id"])
+@pytest.mark.parametrize("value", ["''", "X'ff00'", "'[1,2]'", "'{\"a\": [1]}'", "42",
+                                   "'999.999.1.1'"])
+async def test_a_journal_row_with_any_bad_text_is_refused_without_a_traceback(
+        tmp_path: Path, column: str, value: str) -> None:
+    clock = FakeClock()
+    now_wall = clock.now + WALL0
+    j = Journal.open(tmp_path)
+    j.activations_put([JournalActivation("a1", "demo", "192.168.1.10", "api", now_wall - 10,
+                                         now_wall + 300, 600.0, {}, "boot-1", clock.now + 300)])
+    j.close()
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.execute(f"UPDATE activations SET {column} = {value}")
+    s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock,
+                wall=lambda: clock.now + WALL0, state_dir=tmp_path,
+                boot=lambda: ("boot-1", clock.now))
+    for act in s.engine.activations.values():
+        assert 0 < act.expires - clock() <= 600
+        assert act.host == "192.168.1.10"
+    await s.stop()
