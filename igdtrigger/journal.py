@@ -122,6 +122,18 @@ def no_boot_clock() -> tuple[str, float]:
     return "", math.nan
 
 
+def _port(value: object) -> bool:
+    return isinstance(value, int) and 1 <= value <= 65535
+
+
+def _ipv4(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _real(value: object) -> float:
     """A journal column as a float; nan for anything else (text, NULL, a blob)."""
     if isinstance(value, (int, float)):
@@ -274,9 +286,15 @@ class Journal:
             return []
         out = []
         for proto, port, client, iport, desc, state in rows:
-            if proto in ("TCP", "UDP"):
-                out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
-                                          str(desc), str(state)))
+            # a row that is not what this code writes (text, a blob, a port out of range, a
+            # client that is no address) is skipped: never a delete sent for it
+            if (proto in ("TCP", "UDP") and _port(port) and _port(iport)
+                    and isinstance(client, str) and isinstance(desc, str) and _ipv4(client)):
+                out.append(JournalMapping(Proto(proto), int(port), client, int(iport), desc,
+                                          str(state)))
+            else:
+                log.warning("journal: skipping a mapping row that is not one igdtrigger wrote "
+                            "(%r %r %r %r)", proto, port, client, iport)
         return out
 
     # --- routers: learned traits ----------------------------------------------------------
@@ -326,9 +344,9 @@ class Journal:
         out = []
         for address, proto, port in rows:
             with contextlib.suppress(ValueError, TypeError):
-                if proto in ("TCP", "UDP") and 1 <= int(port) <= 65535:
-                    ipaddress.IPv6Address(str(address))
-                    out.append(PinholeSpec(str(address), Proto(proto), int(port)))
+                if proto in ("TCP", "UDP") and _port(port) and isinstance(address, str):
+                    ipaddress.IPv6Address(address)
+                    out.append(PinholeSpec(address, Proto(proto), int(port)))
         return out
 
     # --- activations --------------------------------------------------------------------------

@@ -152,3 +152,44 @@ def test_router_traits_round_trip_and_bad_records(tmp_path: Path) -> None:
     assert (odd.keeps_timed, odd.forced_lease, odd.permanent_only) == (None, None, True)
     assert j.router_traits("x") is None
     j.close()
+
+
+# --- rows that are not what igdtrigger wrote (issue 12, owner variants) -----------------------
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("external_port", "'x'"), ("external_port", "-5"), ("external_port", "70000"),
+    ("external_port", "1e309"), ("external_port", "9e18"), ("external_port", "X'00'"),
+    ("internal_port", "0"), ("internal_port", "'x'"), ("internal_client", "'not-an-ip'"),
+    ("internal_client", "X'ff'"), ("description", "X'ff'"), ("proto", "'SCTP'"),
+])
+async def test_a_bad_mapping_row_is_skipped_never_deleted_or_a_traceback(
+        tmp_path: Path, column: str, value: str) -> None:
+    from igdtrigger.model import MappingSpec
+
+    j = Journal.open(tmp_path)
+    j.mappings_requested([MappingSpec(Proto.UDP, 5000, "192.168.1.10", 5000, "igdtrigger x y")])
+    j.close()
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.execute(f"UPDATE mappings SET {column} = {value}")
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s = service(tmp_path, gw, clock)  # a ValueError/OverflowError here stopped the start
+    assert s.mapper.orphans == {}
+    await s.start()
+    await s._wait_applied(s.engine.generation, 2)
+    assert not [c for c in gw.calls if c.startswith("delete")]
+    await s.stop()
+
+
+@pytest.mark.parametrize("value", ["1e309", "'x'", "0", "70000", "X'00'"])
+def test_a_bad_pinhole_row_is_skipped(tmp_path: Path, value: str) -> None:
+    from igdtrigger.model import PinholeSpec
+
+    j = Journal.open(tmp_path)
+    j.pinholes_requested([PinholeSpec("2001:db8::10", Proto.UDP, 5000)])
+    j.close()
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.execute(f"UPDATE pinholes SET port = {value}")
+    j = Journal.open(tmp_path)
+    assert j.pinholes() == []
+    j.close()
