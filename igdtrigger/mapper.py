@@ -55,6 +55,7 @@ log = logging.getLogger("igdtrigger.mapper")
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 CONFLICT_RECHECK = 30.0
+SIBLING_RECHECK = 2.0  # s: a port another igdtrigger holds for the same host and port
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
 # Checking many ports at once (a range opening, re-applying after a router restart): one listing
 # of the router's table (one GetGenericPortMappingEntry per entry) instead of one
@@ -226,6 +227,7 @@ class Mapper:
         self._swept = False
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
+        self._siblings: set[MappingKey] = set()  # conflicts with another igdtrigger's same map
         self._lock = asyncio.Lock()
         self.ops = {"add": 0, "renew": 0, "delete": 0, "verify": 0, "errors": 0}
 
@@ -877,6 +879,15 @@ class Mapper:
         if existing is None or self._is_ours(existing.internal_client, existing.description,
                                              wire):
             return None
+        if (existing.internal_client, existing.internal_port) == (
+                wire.internal_client, wire.internal_port) and existing.description.startswith(
+                "igdtrigger "):
+            # another igdtrigger (a second `run` of the same rule, or the service) holds the
+            # very same mapping: open meanwhile, and taken over soon after it lets go (its
+            # owner deletes it when it ends, so waiting the full recheck left the game closed)
+            self._siblings.add(wire.key)
+            return (f"{wire.key} is held by another igdtrigger for the same host and port "
+                    f"({existing.description!r}): open meanwhile, taken over when it lets go")
         return (f"{wire.key} is already mapped on the router to "
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
@@ -954,6 +965,7 @@ class Mapper:
                    known: dict[MappingKey, RouterMapping] | None = None) -> None:
         spec = app.spec
         app.attempts += 1
+        self._siblings.discard(app.wire.key)
         try:
             granted: Granted | None = None
             if check:
@@ -1052,7 +1064,9 @@ class Mapper:
             log.warning("%s", message)
         app.state = MapState.CONFLICT
         app.error = message
-        app.retry_at = self.clock() + CONFLICT_RECHECK
+        sibling = app.wire.key in self._siblings
+        self._siblings.discard(app.wire.key)
+        app.retry_at = self.clock() + (SIBLING_RECHECK if sibling else CONFLICT_RECHECK)
         self.ops["errors"] += 1
         self._changed(app, "conflict")
 

@@ -109,3 +109,38 @@ async def test_a_stop_cut_short_leaves_journaled_exactly_what_is_still_mapped(
     assert len(left) == 1300  # the budget cut the round short
     journal.close()
     assert journaled(tmp_path) == left
+
+
+async def test_a_second_run_of_the_same_rule_takes_the_ports_over_soon_after_the_first_ends(
+        ) -> None:
+    """Two `igdtrigger run` of one rule on one host: the second finds the first's mappings
+    (same host and port, tag run<pid>, alive). When the first ends it deletes them; the second
+    re-took them only at the 30 s conflict recheck, the game closed meanwhile."""
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    first = spec(6000, tag="run111")
+    await gw.add(first, 0)
+    second = Mapper(gw, clock=clock, tag="run222", lease=60,
+                    reclaim=lambda d: False)  # the first wrapper is alive
+    mine = spec(6000, tag="run222")
+    await second.reconcile({mine.key: mine})
+    [app] = second.applied.values()
+    assert app.state.value == "conflict" and "open meanwhile" in app.error
+    assert gw.ports() == {"udp/6000": "192.168.1.10"}  # untouched: the first still holds it
+    await gw.delete(Proto.UDP, 6000)  # the first ends
+    clock.advance(3)
+    due = second.next_deadline()
+    assert due is not None and due <= clock()
+    await second.reconcile({mine.key: mine})
+    assert app.state.value == "active"
+    assert gw.table[mine.key][0].description == "igdtrigger game run222"
+
+
+async def test_another_hosts_mapping_is_still_rechecked_at_the_slow_pace() -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    gw.foreign(Proto.UDP, 6001, "192.168.1.77", "igdtrigger game xyz")  # another machine's
+    m = Mapper(gw, clock=clock, tag=TAG, lease=60)
+    await m.reconcile({spec(6001).key: spec(6001)})
+    [app] = m.applied.values()
+    assert app.state.value == "conflict" and app.retry_at - clock() >= 30
