@@ -559,8 +559,18 @@ class Mapper:
         return None if when == math.inf else when
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """Each mapping as ``Applied.to_json``. While the router does not answer, no active
+        mapping is claimed verified: its state is what was last so, with why it is unconfirmed
+        (a router that vanished may have taken every mapping with it)."""
         now = self.clock()
-        return [a.to_json(now) for _, a in sorted(self.applied.items())]
+        out = [a.to_json(now) for _, a in sorted(self.applied.items())]
+        if not self.gateway_up:
+            for m in out:
+                if m["state"] == MapState.ACTIVE.value:
+                    m["verified"] = False
+                    m.setdefault("error", f"not confirmed: the router is not answering "
+                                          f"({self.gateway_error or 'not found yet'})")
+        return out
 
     def count(self, state: MapState) -> int:
         return sum(1 for a in self.applied.values() if a.state is state)

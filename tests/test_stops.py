@@ -361,3 +361,30 @@ async def test_a_journal_row_with_any_bad_text_is_refused_without_a_traceback(
         assert 0 < act.expires - clock() <= 600
         assert act.host == "192.168.1.10"
     await s.stop()
+
+
+# --- status never claims what is not so (issue 12, owner variants) ---------------------------
+
+async def test_status_after_the_router_vanishes_claims_no_mapping_verified(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s = service(tmp_path, gw, clock)
+    await s.start()
+    await s.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
+    await s._wait_applied(s.engine.generation, 2)
+    assert {m["verified"] for m in s.status()["mappings"]} == {True}
+    gw.down = True  # the router is unplugged (it takes its table with it)
+    gw.table.clear()
+    clock.advance(5)
+    s.wake()
+    for _ in range(100):
+        if not s.status()["gateway"]["up"]:
+            break
+        await asyncio.sleep(0.02)
+    st = s.status()
+    assert st["gateway"]["up"] is False
+    for m in st["mappings"]:  # it said active and verified, every one
+        assert m["verified"] is False
+        assert "router is not answering" in m["error"]
+    await s.stop()
