@@ -148,6 +148,7 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._readonly = False  # read from a copy, never written: the directory is read-only
         self._copy: tempfile.TemporaryDirectory[str] | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     @classmethod
     def open(cls, state_dir: Path) -> Journal:
@@ -220,7 +221,23 @@ class Journal:
             raise
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
         self._db = db
+
+    def deleted(self) -> bool:
+        """The journal file this one writes is no longer at its path (the state directory was
+        removed or replaced while running): what is written goes to an unlinked file that no
+        next start would read. The caller opens a new one and writes again what it holds."""
+        if self._db is None or self._readonly or self._identity is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) != self._identity
 
     def _set_aside(self, why: str) -> None:
         aside = self.path.with_name(f"{self.path.name}.{why.split()[0]}-{int(time.time())}")

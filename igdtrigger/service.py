@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("igdtrigger")
 
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
+JOURNAL_CHECK = 5.0  # s: how often the journal file is checked to be still in place
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
 TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
 
@@ -184,6 +185,7 @@ class Service:
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
         self._pinhole_wake = asyncio.Event()
         self._journal_flushed = 0.0
+        self._journal_checked = 0.0
         # New activations are journaled right after the round that requested their mappings
         # (the mappings themselves are journaled before they are requested): no fsync of its
         # own on the way from a trigger to an open port.
@@ -319,6 +321,29 @@ class Service:
                 if i in self.engine.activations]
         self.engine.dirty.clear()
         self.journal.activations_put([self._journal_record(a) for a in acts])
+
+    def _journal_check(self) -> None:
+        """Every few seconds: was the journal deleted under us (``rm -rf`` of the state
+        directory, a tmpfiles clean-up)? Then a new one gets what is held now, so a crash after
+        that still leaves the next start knowing what to delete and restore."""
+        now = self.clock()
+        if now - self._journal_checked < JOURNAL_CHECK or not self.journal.deleted():
+            self._journal_checked = now
+            return
+        self._journal_checked = now
+        log.warning("journal %s was deleted while running (state directory removed?): "
+                    "writing a new one with what is held now", self.journal.path)
+        self.journal.close()
+        journal = Journal.open(self.journal_dir)
+        load_or_create_secret(self.journal_dir / "instance", 3, value=self.tag)
+        journal.mappings_requested([a.wire for a in self.mapper.applied.values()]
+                                   + list(self.mapper.orphans.values()))
+        if self.pinholes is not None:
+            journal.pinholes_requested([*self.pinholes.held, *self.pinholes.stale])
+            self.pinholes.journal = journal
+        journal.activations_put([self._journal_record(a)
+                                 for a in self.engine.activations.values()])
+        self.journal = self.mapper.journal = journal
 
     def _journal_new(self) -> None:
         if self._unjournaled:
@@ -698,6 +723,7 @@ class Service:
             await self.mapper.reconcile(self.desired())
             self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
             self._watch_router()
+            self._journal_check()
             self._journal_new()
             self._journal_activations()
             async with self._applied_cond:

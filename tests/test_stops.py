@@ -388,3 +388,28 @@ async def test_status_after_the_router_vanishes_claims_no_mapping_verified(
         assert m["verified"] is False
         assert "router is not answering" in m["error"]
     await s.stop()
+
+
+async def test_state_directory_deleted_while_running_is_written_again_before_a_crash(
+        tmp_path: Path) -> None:
+    import shutil
+
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    state = tmp_path / "state"
+    s1 = service(state, gw, clock)
+    await s1.start()
+    await s1.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
+    await s1._wait_applied(s1.engine.generation, 2)
+    shutil.rmtree(state)  # rm -rf of the state directory (or a tmpfiles clean-up)
+    for _ in range(3):
+        clock.advance(6)
+        s1.wake()
+        await asyncio.sleep(0.05)
+    for t in s1._tasks:  # then a crash
+        t.cancel()
+    s1.journal.close()
+    s2 = service(state, gw, clock)
+    assert s2.restored == 1  # the activation came back: its journal was written again
+    assert len(s2.mapper.orphans) == 3  # and its mappings are known, whatever the router lists
+    await s2.stop()
