@@ -261,6 +261,8 @@ class Mapper:
                     never_sent.append(app.wire)  # journaled, never asked: nothing to delete
             self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             self.left_open = []
+            if not self.orphans:
+                return 0  # nothing may be on the router: no need to wait for it
             if self.gateway_up or await self._connect():
                 return await self._delete_orphans(set(), final=True)
             return 0

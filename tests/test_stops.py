@@ -413,3 +413,90 @@ async def test_state_directory_deleted_while_running_is_written_again_before_a_c
     assert s2.restored == 1  # the activation came back: its journal was written again
     assert len(s2.mapper.orphans) == 3  # and its mappings are known, whatever the router lists
     await s2.stop()
+
+
+# --- signal timing (issue 12, owner variants) ---------------------------------------------------
+
+SILENT_ROUTER_CONFIG = """
+[gateway]
+url = "http://127.0.0.1:{port}/rootDesc.xml"
+discover_timeout = "30s"
+ipv6_pinholes = false
+
+[detect]
+methods = []
+
+[[rules]]
+name = "demo"
+open = ["udp/40000"]
+"""
+
+
+def _serve(tmp_path: Path, config_text: str, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.toml"
+    config.write_text(config_text)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(tmp_path / "state"),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("JOURNAL_STREAM", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "igdtrigger", "serve", "--config", str(config), *extra,
+         "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc, ready
+
+
+def test_sigterm_before_the_router_answered_stops_at_once(tmp_path: Path) -> None:
+    """A router that accepts and never answers: SIGTERM while the service still waits for it.
+    With nothing mapped there is nothing to delete, so the stop does not wait on the router
+    (it used to connect again and sit out the stop's 8 s budget)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts, never answers
+        proc, _ = _serve(tmp_path, SILENT_ROUTER_CONFIG.format(port=silent.getsockname()[1]))
+        try:
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err
+    assert "Traceback" not in err, err  # the cancelled router probes' errors were unretrieved
+    stopping = err[err.index("stopping: removing mappings"):]
+    assert "gateway down" not in stopping, err  # the stop did not go looking for the router
+
+
+def test_a_second_sigterm_and_a_ctrl_c_during_the_stop_change_nothing(tmp_path: Path) -> None:
+    proc, _ = _serve(tmp_path, SERVE_CONFIG, "--simulate")
+    port = None
+    try:
+        state = tmp_path / "state"
+        env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(state), "PYTHONPATH": str(ROOT)}
+        args = proc.args
+        assert isinstance(args, list)
+        port = str(args[args.index("--listen") + 1])
+        act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--for",
+                              "1h", "--server", f"http://{port}"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert act.returncode == 0, act.stdout + act.stderr
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "(1 mapping(s) removed)" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert journal_activations(tmp_path / "state" / "simulate") == []
