@@ -49,7 +49,9 @@ log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0
 STANDALONE_LEASE = 300.0
-_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+# every signal whose default would end the wrapper (and leave its ports open) goes to the game
+_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH",
+              "SIGALRM", "SIGPWR")
 
 
 def _warn(message: str) -> None:
