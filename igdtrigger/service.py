@@ -521,9 +521,9 @@ class Service:
         except TimeoutError:
             removed = self.mapper.ops["delete"] - deleted_before
             log.error(
-                "the router did not finish removing mappings within %.0fs (%d removed, about %d "
+                "the router did not finish removing mappings within %.0fs (%d removed, %d "
                 "left): they stay journaled and the next start removes them; their leases (%s) "
-                "end them on the router", timeout, removed, len(self.mapper.orphans) - removed,
+                "end them on the router", timeout, removed, len(self.mapper.orphans),
                 format_duration(self.mapper.lease) if not self.mapper.permanent_only
                 else "permanent")
         if self.pinholes is not None:

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import pytest
+
 from igdtrigger.journal import Journal
 from igdtrigger.mapper import Mapper
 from igdtrigger.model import MappingKey, MappingSpec, Proto
@@ -144,3 +146,25 @@ async def test_another_hosts_mapping_is_still_rechecked_at_the_slow_pace() -> No
     await m.reconcile({spec(6001).key: spec(6001)})
     [app] = m.applied.values()
     assert app.state.value == "conflict" and app.retry_at - clock() >= 30
+
+
+async def test_a_service_stop_cut_short_says_how_many_are_left_and_journals_exactly_those(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from igdtrigger.config import parse_config
+    from igdtrigger.engine import Source
+    from igdtrigger.service import Service
+
+    clock = FakeClock()
+    gw = SlowGateway(clock)
+    config = parse_config({"rules": [{"name": "big", "open": ["udp/20000-20999"],
+                                      "idle_timeout": "1h"}],
+                           "detect": {"methods": []}, "gateway": {"ipv6_pinholes": False}})
+    s = Service(config, gw, clock=clock, state_dir=tmp_path)
+    await s.start()
+    await s.activate("big", "192.168.1.10", ttl=3600, source=Source.API)
+    await s._wait_applied(s.engine.generation, 30)
+    assert len(gw.table) == 1000
+    await s.stop(timeout=1.0)
+    assert len(gw.table) == 300  # the router answered 700 deletes, then hung
+    assert "(700 removed, 300 left)" in caplog.text
+    assert journaled(tmp_path) == {k.external_port for k in gw.table}
