@@ -29,7 +29,7 @@ from .detect.base import Detector
 from .detect.hostmap import HostMap
 from .detect.nfttrack import TABLE, KernelTracking
 from .engine import Activation, Engine, Event, EventKind, Source
-from .errors import AdhocRefused, DetectionUnavailable, UsageError
+from .errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("igdtrigger")
 
+STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
 JOURNAL_CHECK = 5.0  # s: how often the journal file is checked to be still in place
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
@@ -115,6 +116,29 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
     except OSError:
         return None
     return value
+
+
+def _host_key(host: str) -> str:
+    """One host's key for per-host limits: its IPv4 address, or its IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and not addr.ipv4_mapped:
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+def _overlap(a: PortRange, b: PortRange) -> bool:
+    return a.proto is b.proto and a.first <= b.last and b.first <= a.last
+
+
+def self_only_message(rule: str, host: str) -> str:
+    """One line: why a router in secure mode refused a host's ports to this service, and the
+    fix (README: the home-server section)."""
+    return (f"the router only lets a host map ports to itself (UPnP secure mode): start the game "
+            f"on {host} with `igdtrigger run --rule {rule} -- GAME` (it maps its own ports and "
+            "reports back), or allow mappings for other hosts in the router's UPnP settings")
 
 
 class Service:
@@ -204,6 +228,7 @@ class Service:
         self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = HostMap(self.local_address, clock=clock)
+        self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
         self._events_at_start = 0  # conntrack events_seen when its visibility was established
         self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
@@ -258,6 +283,8 @@ class Service:
         if w is not None and (w.location, w.local_address) == (info.location,
                                                               info.local_address):
             return
+        if w is not None and w.local_address == info.local_address and w.follow(info.location):
+            return  # the same router at another URL: keeps what it announced
         if w is not None:
             w.close()
         from .gateway.ssdpwatch import NotifyWatcher
@@ -373,12 +400,21 @@ class Service:
                     det.name, False, f"standby: {standby} is active; this one stands in if "
                     f"{standby} stops or stops seeing flows"))
                 continue
+            if det.name == "conntrack" and self.tracking is not None:
+                det.tracking_managed = True  # type: ignore[attr-defined]
             try:
                 det.check()
             except DetectionUnavailable as exc:
                 self.detector_status.append(DetectorStatus(det.name, False, str(exc)))
                 if det.name == "process" and not any(r.process for r in self.config.rules):
                     log.info("detector process idle: no rule names a process")
+                    continue
+                if not self.config.detect.explicit and any(
+                        getattr(d, "standby_for", "") == det.name for d in self.detectors):
+                    # the default set: the socket table stands in, as it is meant to; one calm
+                    # line (status and doctor carry the reason and the fix)
+                    log.info("detector %s not available here; the socket table stands in "
+                             "(`igdtrigger doctor` says why and how to enable it)", det.name)
                     continue
                 log.warning(
                     "detector %s unavailable: %s; explicit activations (run, activate, API) "
@@ -593,6 +629,14 @@ class Service:
         v4 = self._as_v4(flow)
         return v4 is not None and self.engine.follows(v4)
 
+    def _origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """Where a triggering flow came from (Engine.origin_of): this machine, or its
+        neighbour's MAC address (None: the neighbour table does not know it)."""
+        info = self.gateway.info  # (no guessing per flow: that costs a syscall each)
+        if info is not None and str(addr) == info.local_address:
+            return "local"
+        return self.hostmap.origin_of(addr)
+
     def local_address(self) -> str | None:
         """This host's LAN address as the router sees it (for process-held rules)."""
         info = self.gateway.info
@@ -614,11 +658,37 @@ class Service:
         source: Source,
         meta: dict[str, str] | None = None,
         wait: float = APPLY_WAIT,
+        tokenless: bool = False,
     ) -> dict[str, Any]:
+        """Activate ``rule`` for ``host``. ``tokenless`` (an API client acting for itself):
+        its live activation of the same rule is refreshed instead of a second one being made
+        (``source = "api"``), and at most ``[api] max_per_host`` live activations per host
+        (``ActivationLimit``, HTTP 429)."""
         if self._stopping:
             raise UsageError("service is shutting down")
+        if tokenless:
+            if source is Source.API:
+                for act in self.engine.activations.values():
+                    if (act.host, act.rule.name, act.source) == (host, rule, Source.API):
+                        self.engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
+                        if meta:
+                            act.meta.update(meta)
+                        return await self._once_applied(act, wait)
+            self._check_host_limit(host)
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
+
+    def _check_host_limit(self, host: str) -> None:
+        """At most ``[api] max_per_host`` tokenless activations per host; IPv6 addresses count
+        per /64 (one host may use any number of addresses in its prefix)."""
+        limit = self.config.api.max_per_host
+        key = _host_key(host)
+        live = sum(1 for a in self.engine.activations.values()
+                   if a.source in (Source.API, Source.RUN) and _host_key(a.host) == key)
+        if live >= limit:
+            self.engine.refused["per_host"] += 1
+            raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
+                                  "max_per_host limit; end one first")
 
     async def _once_applied(self, act: Activation, wait: float) -> dict[str, Any]:
         """The activation as the API reports it, once the router answered (or ``wait`` s)."""
@@ -643,7 +713,7 @@ class Service:
         if not adhoc.enabled:
             raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
                                "[api] allow_adhoc = true (with adhoc_ports limits)")
-        ports = self._adhoc_ports(specs)
+        ports = self._adhoc_ports(specs, host)
         ttl = adhoc.max_ttl if ttl is None else ttl
         if ttl > adhoc.max_ttl:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
@@ -656,7 +726,7 @@ class Service:
         act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 
-    def _adhoc_ports(self, specs: list[str]) -> tuple[PortRange, ...]:
+    def _adhoc_ports(self, specs: list[str], host: str) -> tuple[PortRange, ...]:
         adhoc = self.config.api.adhoc
         ports: list[PortRange] = []
         for spec in specs:
@@ -672,6 +742,11 @@ class Service:
                     raise AdhocRefused(
                         f"{rng} is outside [api] adhoc_ports "
                         f"({', '.join(str(r) for r in adhoc.ports)})")
+                for rule in self.config.rules:  # a rule's hosts list reserves its ports
+                    if not rule.allows(host) and any(_overlap(rng, r) for r in rule.open):
+                        raise AdhocRefused(
+                            f"{rng} overlaps rule {rule.name!r}'s ports, which its hosts list "
+                            f"({', '.join(str(n) for n in rule.hosts)}) keeps from {host}")
                 ports.append(rng)
         if not ports:
             raise UsageError('field "open" must name at least one port, like "udp/34197"')
@@ -691,10 +766,31 @@ class Service:
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act, include_ports=False)
 
-    def heartbeat(self, act_id: str, ttl: float | None) -> dict[str, Any]:
+    def heartbeat(self, act_id: str, ttl: float | None,
+                  self_mapped: bool | None = None) -> dict[str, Any]:
+        """Extend an activation; ``self_mapped``: its host reports it maps the ports itself
+        (True; only after this service was refused them as secure mode) or no longer (False)."""
         act = self.engine.heartbeat(act_id, ttl)
+        # taken only when true: after the router refused this host's ports to us as secure
+        # mode (else ignored; the answer's state says which holds)
+        if (self_mapped is not None and self_mapped != act.self_mapped
+                and (not self_mapped or self._refused_self_only(act))):
+            self.engine.set_self_mapped(act_id, self_mapped)
+            log.info("rule %s for %s: %s", act.rule.name, act.host,
+                     "mapped by that host itself (the router only lets a host map ports to "
+                     "itself)" if self_mapped else "mapped by this service again")
+            self.hub.publish({"at": time.time(), "event": "self_mapped" if self_mapped
+                              else "self_unmapped", "rule": act.rule.name, "host": act.host})
         self.wake()
         return self.activation_json(act)
+
+    def _refused_self_only(self, act: Activation) -> bool:
+        for rng in act.rule.open:
+            for port in rng:
+                app = self.mapper.applied.get(MappingKey(rng.proto, port))
+                if app is not None and app.spec.internal_client == act.host and app.self_only:
+                    return True
+        return False
 
     async def _wait_applied(self, generation: int, timeout: float) -> None:
         self.wake()
@@ -798,13 +894,24 @@ class Service:
     def activation_json(self, act: Activation, *, include_ports: bool = True) -> dict[str, Any]:
         now = self.clock()
         out = act.to_json(now)
+        info = self.gateway.info
+        if info is not None and info.external_address:
+            out["external_address"] = info.external_address
         if not include_ports:
             out["state"] = "ended"
+            return out
+        if act.self_mapped:
+            out["state"] = "self"
+            out["message"] = (f"mapped by {act.host} itself: the router only lets a host map "
+                              "ports to itself (UPnP secure mode)")
+            out["ports"] = [{"port": str(MappingKey(rng.proto, port)), "state": "self"}
+                            for rng in act.rule.open for port in rng]
             return out
         desired = self.desired()
         waiting = self.engine.waiting_for(act, desired)
         ports: list[dict[str, Any]] = []
         states: set[str] = set()
+        self_only = False
         for rng in act.rule.open:
             for port in rng:
                 key = MappingKey(rng.proto, port)
@@ -822,6 +929,7 @@ class Service:
                     entry = {"port": str(key), "state": st, "external_port": app.external_port}
                     if app.error:
                         entry["error"] = app.error
+                    self_only = self_only or app.self_only
                 states.add(st)
                 ports.append(entry)
         if waiting:
@@ -835,23 +943,33 @@ class Service:
             out["state"] = "failed"
         else:
             out["state"] = "pending"
+        if self_only:  # the reason and the fix, once (the ports' errors say it per port)
+            out["reason"] = "router_self_only"
+            out["message"] = self_only_message(act.rule.name, act.host)
         out["ports"] = ports
         return out
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> dict[str, Any]:
+        """The whole state; at most ``max_activations`` activations (the oldest; the rest are
+        paged through ``GET /api/v1/activations``), their total in ``counts``."""
         info = self.gateway.info
         now = self.clock()
         warnings: list[str] = []
-        if info is not None and not info.external_reachable:
-            warnings.append(
-                f"external address {info.external_address or 'unknown'} is not public: ports "
-                "opened here are not reachable from the internet (double NAT or CGNAT)"
-            )
+        external_warning = info.external_warning() if info is not None else None
+        if external_warning is not None:
+            warnings.append(external_warning)
         for st in self.detector_status:
             if not st.active and not st.reason.startswith(("standby", "no rule names")):
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
         if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
             warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
+        if len(self.engine.activations) > max_activations:
+            warnings.append(f"{len(self.engine.activations)} activations: the first "
+                            f"{max_activations} are listed here, page through all of them with "
+                            "GET /api/v1/activations?limit=&cursor=")
+        if self.engine.refused:
+            warnings.append("activations refused by the service's bounds: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.engine.refused.items())))
         warnings.extend(f"still open on the router: {x.describe()}"
                         for x in self.mapper.left_open)
         if self.journal.degraded:
@@ -871,7 +989,7 @@ class Service:
                 "location": info.location if info else self.config.gateway.url,
                 "local_address": info.local_address if info else None,
                 "external_address": info.external_address if info else None,
-                "external_reachable": info.external_reachable if info else None,
+                "external_reachable": info.reachable_or_unknown if info else None,
                 # the one service choice (gateway.soap.find_wan_service) and what it offers
                 "backend": (info.backend or None) if info else None,
                 "service_type": (info.service_type or None) if info else None,
@@ -892,7 +1010,7 @@ class Service:
             "rules": [r.to_json() for r in self.config.rules],
             "activations": [
                 self.activation_json(a)
-                for a in sorted(self.engine.activations.values(), key=lambda a: a.created)
+                for a in self.sorted_activations()[:max_activations]
             ],
             "mappings": self.mapper.snapshot(),
             "pinholes": (self.pinholes.status() if self.pinholes is not None
@@ -902,6 +1020,7 @@ class Service:
                 "mappings_active": self.mapper.count(MapState.ACTIVE),
                 "pinholes_active": (self.pinholes.count(PinholeState.ACTIVE)
                                     if self.pinholes is not None else 0),
+                "activations_refused": dict(sorted(self.engine.refused.items())),
                 "flows_seen": self.engine.flows_seen,
                 "flows_matched": self.engine.flows_matched,
                 "flows_inbound": self.engine.flows_inbound,
@@ -912,6 +1031,10 @@ class Service:
             "warnings": warnings,
             "events": list(self.events)[-50:],
         }
+
+    def sorted_activations(self) -> list[Activation]:
+        """Live activations, oldest first (the order pages of the API follow)."""
+        return sorted(self.engine.activations.values(), key=lambda a: a.seq)
 
     def _detector_json(self, st: DetectorStatus) -> dict[str, Any]:
         out: dict[str, Any] = {"name": st.name, "active": st.active}
