@@ -32,6 +32,7 @@ from igdtrigger.service import Service, derived_tag
 
 from .fakes import FakeClock, FakeGateway
 from .test_daemon_ops import CONFIG as SERVE_CONFIG
+from .test_dashboard import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40002"], "idle_timeout": "10m"}]}
@@ -320,11 +321,8 @@ async def test_restore_after_a_wall_clock_jump_uses_the_boot_clock(
     await s2.stop()
 
 
-@pytest.mark.parametrize("column", ["created_wall", "expires_wall", "ttl", "expires_boot"])
-@pytest.mark.parametrize("value", ["'nan'", "-1e309", "1e309", "-5", "0", "'x'",
-                                   "X'00'", "9e18"])
-async def test_a_journal_row_with_any_bad_number_is_refused_without_a_traceback(
-        tmp_path: Path, column: str, value: str) -> None:
+def _restore_a_row_with(tmp_path: Path, column: str, value: str) -> Service:
+    """A journaled activation with one column set to ``value`` (SQL), then a start."""
     clock = FakeClock()
     now_wall = clock.now + WALL0
     j = Journal.open(tmp_path)
@@ -338,7 +336,16 @@ async def test_a_journal_row_with_any_bad_number_is_refused_without_a_traceback(
                 boot=lambda: ("boot-1", clock.now))
     for act in s.engine.activations.values():  # restored only when what is left is sound
         assert 0 < act.expires - clock() <= 600
-    await s.stop()
+        assert act.host == "192.168.1.10"
+    return s
+
+
+@pytest.mark.parametrize("column", ["created_wall", "expires_wall", "ttl", "expires_boot"])
+@pytest.mark.parametrize("value", ["'nan'", "-1e309", "1e309", "-5", "0", "'x'", "X'00'",
+                                   "9e18"])
+async def test_a_journal_row_with_any_bad_number_is_refused_without_a_traceback(
+        tmp_path: Path, column: str, value: str) -> None:
+    await _restore_a_row_with(tmp_path, column, value).stop()
 
 
 @pytest.mark.parametrize("column", ["id", "rule", "host", "source", "meta", "boot_id"])
@@ -346,21 +353,7 @@ async def test_a_journal_row_with_any_bad_number_is_refused_without_a_traceback(
                                    "'999.999.1.1'"])
 async def test_a_journal_row_with_any_bad_text_is_refused_without_a_traceback(
         tmp_path: Path, column: str, value: str) -> None:
-    clock = FakeClock()
-    now_wall = clock.now + WALL0
-    j = Journal.open(tmp_path)
-    j.activations_put([JournalActivation("a1", "demo", "192.168.1.10", "api", now_wall - 10,
-                                         now_wall + 300, 600.0, {}, "boot-1", clock.now + 300)])
-    j.close()
-    with sqlite3.connect(tmp_path / FILENAME) as db:
-        db.execute(f"UPDATE activations SET {column} = {value}")
-    s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock,
-                wall=lambda: clock.now + WALL0, state_dir=tmp_path,
-                boot=lambda: ("boot-1", clock.now))
-    for act in s.engine.activations.values():
-        assert 0 < act.expires - clock() <= 600
-        assert act.host == "192.168.1.10"
-    await s.stop()
+    await _restore_a_row_with(tmp_path, column, value).stop()
 
 
 # --- status never claims what is not so (issue 12, owner variants) ---------------------------
@@ -433,9 +426,7 @@ open = ["udp/40000"]
 
 
 def _serve(tmp_path: Path, config_text: str, *extra: str) -> tuple[subprocess.Popen[str], Path]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(config_text)
     ready = tmp_path / "ready"
@@ -453,6 +444,18 @@ def _serve(tmp_path: Path, config_text: str, *extra: str) -> tuple[subprocess.Po
     return proc, ready
 
 
+def _signal_and_wait(proc: subprocess.Popen[str], *sigs: signal.Signals) -> str:
+    """Send ``sigs`` in a burst; the service's log once it exited (killed if it hangs)."""
+    try:
+        for sig in sigs:
+            proc.send_signal(sig)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_before_the_router_answered_stops_at_once(tmp_path: Path) -> None:
     """A router that accepts and never answers: SIGTERM while the service still waits for it.
     With nothing mapped there is nothing to delete, so the stop does not wait on the router
@@ -461,14 +464,8 @@ def test_sigterm_before_the_router_answered_stops_at_once(tmp_path: Path) -> Non
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # accepts, never answers
         proc, _ = _serve(tmp_path, SILENT_ROUTER_CONFIG.format(port=silent.getsockname()[1]))
-        try:
-            time.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        time.sleep(0.3)
+        err = _signal_and_wait(proc, signal.SIGTERM)
     assert proc.returncode == 0, err
     assert "SIGTERM received" in err
     assert "Traceback" not in err, err  # the cancelled router probes' errors were unretrieved
@@ -478,24 +475,15 @@ def test_sigterm_before_the_router_answered_stops_at_once(tmp_path: Path) -> Non
 
 def test_a_second_sigterm_and_a_ctrl_c_during_the_stop_change_nothing(tmp_path: Path) -> None:
     proc, _ = _serve(tmp_path, SERVE_CONFIG, "--simulate")
-    port = None
-    try:
-        state = tmp_path / "state"
-        env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(state), "PYTHONPATH": str(ROOT)}
-        args = proc.args
-        assert isinstance(args, list)
-        port = str(args[args.index("--listen") + 1])
-        act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--for",
-                              "1h", "--server", f"http://{port}"], env=env,
-                             capture_output=True, text=True, timeout=30)
-        assert act.returncode == 0, act.stdout + act.stderr
-        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(tmp_path / "state"),
+           "PYTHONPATH": str(ROOT)}
+    args = proc.args
+    assert isinstance(args, list)
+    act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--for",
+                          "1h", "--server", f"http://{args[args.index('--listen') + 1]}"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert act.returncode == 0, act.stdout + act.stderr
+    err = _signal_and_wait(proc, signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     assert proc.returncode == 0, err
     assert "(1 mapping(s) removed)" in err, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
