@@ -132,6 +132,7 @@ class _Round:
     asked: list[MappingSpec]  # deletes answered: confirmed at stop
     again: list[MappingSpec]  # refused or failed: once more after the others
     counted: set[MappingKey]  # deleted by a request of ours
+    known: dict[MappingKey, RouterMapping] | None = None  # the router's table, if listed
 
 
 class MapState(enum.StrEnum):
@@ -340,6 +341,9 @@ class Mapper:
         again: list[MappingSpec] = []
         asked: list[MappingSpec] = []
         flushed = now
+        # leftovers to be looked up before their delete: from one listing when that is cheaper
+        unvouched = sum(1 for k in self.orphans if self._unvouched(self._orphan_meta.get(k)))
+        known = await self._snapshot(unvouched, ours_listed=False) if unvouched else None
         try:
             for rnd in (0, 1):
                 batch = list(self.orphans.values()) if rnd == 0 else again
@@ -362,7 +366,8 @@ class Mapper:
                     if rnd == 0 and not final and meta.retry_at > now:
                         continue
                     count += await self._delete_orphan(spec, meta, rnd, final,
-                                                       _Round(gone, asked, again, counted))
+                                                       _Round(gone, asked, again, counted,
+                                                              known))
             if final and asked and self.gateway_up:
                 left = await self._confirm_all_gone(asked)
                 first_left = set(left)
@@ -383,7 +388,7 @@ class Mapper:
         """One orphan of ``_delete_orphans``: returns 1 when a delete was answered and it is
         gone. A mapping we cannot vouch for is looked up first (``_owner_check``)."""
         key = spec.key
-        outcome = await self._owner_check(spec, meta)
+        outcome = await self._owner_check(spec, meta, book.known)
         deleted = False
         if outcome is None:
             outcome, deleted = await self._remove(spec, meta.copies, confirm=not final)
@@ -405,19 +410,29 @@ class Mapper:
             return int(deleted)
         return 0
 
-    async def _owner_check(self, spec: MappingSpec, meta: _Orphan) -> Removal | None:
+    def _unvouched(self, meta: _Orphan | None) -> bool:
+        """A mapping this run cannot vouch for: journaled by an earlier run or a dead wrapper,
+        or ours once but its lease ran out since (the port may be someone else's now)."""
+        app = meta.app if meta is not None else None
+        return app is None or (app.lease > 0 and self.clock() >= app.added_at + app.lease)
+
+    async def _owner_check(self, spec: MappingSpec, meta: _Orphan,
+                           known: dict[MappingKey, RouterMapping] | None = None,
+                           ) -> Removal | None:
         """Before deleting a mapping this run cannot vouch for (journaled by an earlier run or
         a dead wrapper, or ours once but its lease has run out since): what the router holds
-        on that port now. A delete names only the port, so deleting blindly would remove
-        another host's mapping that took the port meanwhile. Returns GONE (nothing there:
+        on that port now (``known``: from one listing of the round). A delete names only the
+        port, so deleting blindly would remove another host's mapping that took the port
+        meanwhile. Returns GONE (nothing there:
         forget it), NOT_OURS (someone else's now: forget it, never delete), DOWN, or None
         (ours, or the router cannot show it: delete)."""
-        app = meta.app
-        lapsed = app is not None and app.lease > 0 and self.clock() >= app.added_at + app.lease
-        if (app is not None and not lapsed) or not self._reads_back() \
+        if not self._unvouched(meta) or not self._reads_back() \
                 or self.traits.reports_mappings is False:
             return None
-        answered, found = await self._lookup(spec)
+        if known is not None:
+            answered, found = True, known.get(spec.key)
+        else:
+            answered, found = await self._lookup(spec)
         if not answered:
             return Removal.DOWN if not self.gateway_up else None
         if found is None:

@@ -168,3 +168,23 @@ async def test_a_service_stop_cut_short_says_how_many_are_left_and_journals_exac
     assert len(gw.table) == 300  # the router answered 700 deletes, then hung
     assert "(700 removed, 300 left)" in caplog.text
     assert journaled(tmp_path) == {k.external_port for k in gw.table}
+
+
+async def test_many_journaled_leftovers_are_checked_from_one_listing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    journal = Journal.open(tmp_path)
+    journal.mappings_requested([spec(p) for p in range(7000, 7050)])
+    for p in range(7000, 7010):  # still ours on the router
+        await gw.add(spec(p), 0)
+    for p in range(7040, 7045):  # taken by another host meanwhile
+        gw.foreign(Proto.UDP, p, "192.168.1.77")
+    m = Mapper(gw, clock=clock, tag=TAG, lease=60, journal=journal)
+    m.adopt_orphans([x.spec for x in journal.mappings()])
+    gw.calls.clear()
+    await m.reconcile({})
+    assert set(gw.ports()) == {f"udp/{p}" for p in range(7040, 7045)}  # theirs, untouched
+    assert not [c for c in gw.calls if c.startswith("get")]  # one listing, not 50 look-ups
+    assert len([c for c in gw.calls if c.startswith("delete")]) == 10  # only ours deleted
+    journal.close()
+    assert journaled(tmp_path) == set()
