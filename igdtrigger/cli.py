@@ -149,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test", action="store_true",
                    help="map one random high port to this host for a moment to test leases")
     g.add_argument("--list", action="store_true",
-                   help="list the router's whole mapping table, igdtrigger's entries marked")
+                   help="list the router's whole mapping table, igdtrigger's entries marked, "
+                   "and the IPv6 pinholes journaled on this machine (routers cannot list those)")
     g.add_argument("--clean", action="store_true",
                    help="remove igdtrigger's leftover mappings that no running igdtrigger "
-                   "holds (a lost state directory, a killed run); never another program's")
+                   "holds (a lost state directory, a killed run), and close the IPv6 pinholes "
+                   "this machine's journals hold for nothing running; never another program's")
     g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
     hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
                         "else 1 (Docker HEALTHCHECK)")
