@@ -32,7 +32,10 @@ from .model import MappingSpec, PinholeSpec, Proto
 
 log = logging.getLogger("igdtrigger.journal")
 
-FORMAT = 1
+# 2: activations carry the boot clock (boot_id, expires_boot). A format-1 journal is brought up
+# to 2 when opened; an igdtrigger that reads only 1 refuses a 2 with a clear error (it would
+# have failed on the two extra columns).
+FORMAT = 2
 FILENAME = "journal.sqlite3"
 
 _SCHEMA = """
@@ -212,7 +215,7 @@ class Journal:
             have = {r[1] for r in db.execute("PRAGMA table_info(activations)")}
             for column, decl in (("boot_id", "TEXT NOT NULL DEFAULT ''"),
                                  ("expires_boot", "REAL NOT NULL DEFAULT 0")):
-                if column not in have:  # a journal of an older igdtrigger (same format)
+                if column not in have:  # a format-1 journal (an older igdtrigger's)
                     db.execute(f"ALTER TABLE activations ADD COLUMN {column} {decl}")
             db.execute(f"PRAGMA user_version={FORMAT}")
             db.execute("SELECT count(*) FROM mappings").fetchone()  # touch: corruption shows here

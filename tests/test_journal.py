@@ -193,3 +193,23 @@ def test_a_bad_pinhole_row_is_skipped(tmp_path: Path, value: str) -> None:
     j = Journal.open(tmp_path)
     assert j.pinholes() == []
     j.close()
+
+
+def test_a_format_1_journal_is_brought_up_and_its_activations_still_restore(
+        tmp_path: Path) -> None:
+    """A journal of the igdtrigger before the boot clock: no boot_id/expires_boot columns."""
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.executescript("""
+            CREATE TABLE activations (id TEXT PRIMARY KEY, rule TEXT NOT NULL,
+                host TEXT NOT NULL, source TEXT NOT NULL, created_wall REAL NOT NULL,
+                expires_wall REAL NOT NULL, ttl REAL NOT NULL, meta TEXT NOT NULL DEFAULT '{}');
+            PRAGMA user_version=1;""")
+        db.execute("INSERT INTO activations VALUES ('a1','demo','192.168.1.10','api',?,?,600,"
+                   "'{}')", (1.7e9 + 1000 - 10, 1.7e9 + 1000 + 300))
+    clock = FakeClock()
+    s = service(tmp_path, FakeGateway(clock), clock)
+    assert s.restored == 1  # by the wall clock, as that journal knew no other
+    [act] = s.engine.activations.values()
+    assert act.expires - clock() == 300
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
