@@ -294,3 +294,29 @@ def test_a_wrapper_pid_reused_by_another_program_is_dead(tmp_path: Path) -> None
     finally:
         other.kill()
         other.wait()
+
+
+def test_kill_9_of_run_during_its_first_add_leaves_nothing_after_the_next_run(
+        tmp_path: Path) -> None:
+    """The router did the add but its answer had not arrived when the wrapper died: the
+    mapping is on the router, journaled as requested only. The next run removes it."""
+    sim = run_in_thread(SimulatedRouter(lease_mode="permanent_only_725"))
+    try:
+        state = tmp_path / "state"
+        cfg = write_config(tmp_path, sim, state)
+        proc = run_wrapper(cfg, "sleep", "60")
+        # once its journal is open (the router found), every answer comes late: an add the
+        # router did stays unanswered for a while
+        wait_for(lambda: any((state / "run").glob("*/journal.sqlite3")), 60,
+                 "the wrapper to open its journal")
+        sim.router.latency = 1.5
+        wait_for(lambda: len(descriptions(sim)) >= 1, 60, "the router to have done an add")
+        kill_9(proc)  # its answer still on the way
+        assert any(d == f"igdtrigger demo run{proc.pid}" for d in descriptions(sim))
+        sim.router.latency = 0.0
+        again = run_wrapper(cfg, "true")
+        _, err = again.communicate(timeout=60)
+        assert again.returncode == 0, err
+        assert descriptions(sim) == []
+    finally:
+        sim.stop()
