@@ -55,7 +55,7 @@ from .events import Event, Subscriber, TooManySubscribers
 from .httpguard import ConnectionGuard, describe
 from .metrics import Metrics
 from .model import parse_duration
-from .netutil import Network, guess_lan_address, interface_networks
+from .netutil import Network, guess_lan_address, host_key, interface_networks
 from .openapi import API_PREFIX, build_openapi
 from .ratelimit import RateLimiter
 from .service import STATUS_ACTIVATIONS, Service
@@ -114,10 +114,11 @@ class Caller:
     lan: bool = True  # inside [api] allow (or this host's networks): may act without the token
 
     def key(self) -> str:
-        """Rate-limit and stream-pool key: every loopback address is this one machine."""
+        """Rate-limit and stream-pool key: every loopback address is this one machine, every
+        address of an IPv6 /64 one host (privacy addresses rotate)."""
         if self.loopback:
             return "loopback"
-        return self.address or "unknown"
+        return host_key(self.address) if self.address else "unknown"
 
 
 class Forbidden(IgdTriggerError):
@@ -499,7 +500,8 @@ async def post_activation(request: web.Request) -> web.Response:
         if svc.config.api.adhoc.admin_only and not _caller(request).admin:
             raise Forbidden("ad-hoc ports need the admin token here ([api] adhoc_admin_only)")
         result = await svc.activate_adhoc(list(open_raw), host, ttl=ttl, source=source,
-                                          meta=dict(meta_raw))
+                                          meta=dict(meta_raw),
+                                          tokenless=not _caller(request).admin)
         return web.json_response(result, status=201)
     assert isinstance(rule, str)
     if svc.engine.rules.get(rule) is None:

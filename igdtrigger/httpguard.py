@@ -6,9 +6,9 @@ aiohttp accepts every connection and keeps an idle one for an hour by default. H
 - a request's headers must arrive within ``header_timeout`` seconds of the connection (or of the
   previous response): aiohttp's keep-alive timer, which is not reset by a trickle of bytes, so
   half a request line is closed as surely as an idle connection;
-- each client address may hold ``per_client`` connections, and all clients but this machine
-  ``total`` together; loopback and the local admin socket have a pool of their own (``local``),
-  so a LAN flood never locks out ``igdtrigger status`` or the admin;
+- each client (an IPv4 address, an IPv6 /64) may hold ``per_client`` connections, and all
+  clients but this machine ``total`` together; loopback and the local admin socket have a
+  pool of their own (``local``), so a LAN flood never locks out ``igdtrigger status`` or the admin;
 - ``total`` is also kept well under the process's file-descriptor limit
   (``RLIMIT_NOFILE``, raised to its hard limit at start): router I/O, the journal and the
   detectors always have descriptors left.
@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .netutil import host_key
 
 log = logging.getLogger("igdtrigger.api")
 
@@ -89,7 +91,8 @@ def raise_fd_limit() -> int:
 
 
 def _peer_key(family: int, peer: Any) -> tuple[str, bool]:
-    """(address, local?) of a connection's peer: the admin socket and loopback are local."""
+    """(client key, local?) of a connection's peer: the admin socket and loopback are local;
+    an IPv6 client is its /64 (``host_key``: privacy addresses do not multiply its share)."""
     if family == getattr(socket, "AF_UNIX", -1):
         return "unix", True
     host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
@@ -99,7 +102,7 @@ def _peer_key(family: int, peer: Any) -> tuple[str, bool]:
         return host or "unknown", False
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
-    return str(addr), addr.is_loopback
+    return host_key(str(addr)), addr.is_loopback
 
 
 class ConnectionGuard:

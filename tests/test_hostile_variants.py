@@ -1,0 +1,104 @@
+"""Variants of issue 13's attacks (a hostile LAN host tries the same kinds again): ad-hoc
+activations from rotating IPv6 addresses, meta that grows with every refresh, the rate limit
+dodged by rotating addresses, an event stream that never reads, a token handed to an impostor
+on ``localhost``'s other address, a planted symlink at the admin socket.
+
+The server sees a client address through test_api_auth's ``X-Test-Remote`` middleware.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from igdtrigger.api import make_app
+from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key
+from igdtrigger.service import Service
+
+from .fakes import FakeClock
+from .test_api_auth import fake_remote
+from .test_hostile import CONFIG, _service, remote
+
+Client = TestClient[Any, Any]
+V6 = {**CONFIG, "api": {**CONFIG["api"], "allow": ["192.168.1.0/24", "fd00:1::/48"],
+                         "rate_limit": 1000, "rate_burst": 1000}}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
+    service = await _service(tmp_path, clock, V6)
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+async def client(svc: Service) -> AsyncIterator[Client]:
+    c: Client = TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
+                                      host="127.0.0.1"))
+    await c.start_server()
+    yield c
+    await c.close()
+
+
+async def test_adhoc_activations_from_rotating_ipv6_addresses_are_bounded(
+        client: Client, svc: Service) -> None:
+    codes = []
+    for i in range(12):  # privacy addresses of one /64, each asking for ad-hoc ports
+        r = await client.post("/api/v1/activations", json={"open": [f"udp/{20000 + i}"]},
+                              headers=remote(f"fd00:1::{i + 1:x}"))
+        codes.append(r.status)
+    assert codes.count(201) <= V6["api"]["max_per_host"], codes
+    assert len(svc.engine.activations) <= V6["api"]["max_per_host"]
+
+
+async def test_refreshing_with_new_meta_does_not_grow_the_activation(
+        client: Client, svc: Service) -> None:
+    for n in range(50):
+        meta = {f"k{n}-{i}": "x" * 256 for i in range(16)}
+        r = await client.post("/api/v1/activations", json={"rule": "demo", "meta": meta},
+                              headers=remote("192.168.1.20"))
+        assert r.status == 201
+    (act,) = svc.engine.activations.values()
+    assert len(act.meta) <= 16
+    assert len(json.dumps(act.meta)) <= 16 * (64 + 256 + 8)
+
+
+async def test_rotating_ipv6_addresses_share_one_rate_limit_and_stream_quota(
+        tmp_path: Path, clock: FakeClock) -> None:
+    config = {**V6, "api": {**V6["api"], "rate_limit": 1, "rate_burst": 5}}
+    svc = await _service(tmp_path, clock, config)
+    try:
+        async with TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
+                                         host="127.0.0.1")) as c:
+            codes = []
+            for i in range(20):  # a new address of the same /64 for each request
+                r = await c.get("/api/v1/rules", headers=remote(f"fd00:1::{i + 1:x}"))
+                codes.append(r.status)
+            assert codes.count(200) == 5 and codes[-1] == 429
+            r = await c.get("/api/v1/rules", headers=remote("fd00:1:0:2::1"))
+            assert r.status == 200  # another /64 is another host
+    finally:
+        await svc.stop()
+
+
+def test_connection_caps_count_an_ipv6_prefix_as_one_client() -> None:
+    guard = ConnectionGuard(ConnectionLimits(per_client=2, total=100, local=2))
+    verdicts = []
+    for i in range(5):
+        key, local = _peer_key(socket.AF_INET6, (f"fd00:1::{i + 1:x}", 1234, 0, 0))
+        verdicts.append(guard.admit(key, local))
+    assert verdicts == [None, None, "per_client", "per_client", "per_client"]
+    key, local = _peer_key(socket.AF_INET6, ("::ffff:192.168.1.5", 1, 0, 0))
+    assert (key, local) == ("192.168.1.5", False)
+    assert _peer_key(socket.AF_INET6, ("::1", 1, 0, 0))[1]
