@@ -8,8 +8,12 @@ The server sees a client address through test_api_auth's ``X-Test-Remote`` middl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from igdtrigger import client as client_mod
 from igdtrigger.api import make_app
 from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key
 from igdtrigger.service import Service
@@ -102,3 +107,61 @@ def test_connection_caps_count_an_ipv6_prefix_as_one_client() -> None:
     key, local = _peer_key(socket.AF_INET6, ("::ffff:192.168.1.5", 1, 0, 0))
     assert (key, local) == ("192.168.1.5", False)
     assert _peer_key(socket.AF_INET6, ("::1", 1, 0, 0))[1]
+
+
+_IMPOSTOR = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.bind(("::1", int(sys.argv[1])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(5)
+seen = b""
+while b"\\r\\n\\r\\n" not in seen:
+    chunk = c.recv(4096)
+    if not chunk:
+        break
+    seen += chunk
+c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: 2\\r\\n"
+          b"Connection: close\\r\\n\\r\\n{}")
+print(seen.decode(errors="replace"), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to run the impostor as another user")
+async def test_token_is_not_sent_to_another_users_listener_on_localhosts_other_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service (this user) listens on 127.0.0.1:P; an impostor (nobody) on [::1]:P; the
+    CLI names ``localhost``, which resolves to ::1 first on most desktops."""
+    with socket.socket() as service_side:
+        service_side.bind(("127.0.0.1", 0))
+        service_side.listen(1)
+        port = service_side.getsockname()[1]
+        impostor = None
+        for python in ("/usr/bin/python3", sys.executable):  # one that nobody may run
+            with contextlib.suppress(OSError):
+                impostor = await asyncio.create_subprocess_exec(
+                    python, "-c", _IMPOSTOR, str(port), user=65534, cwd="/",
+                    stdout=asyncio.subprocess.PIPE)
+                break
+        if impostor is None:
+            pytest.skip("no Python here that user nobody may run")
+        assert impostor.stdout is not None
+        assert (await asyncio.wait_for(impostor.stdout.readline(), 10)).strip() == b"ready"
+        real = socket.getaddrinfo
+
+        def v6_first(host: Any, *args: Any, **kw: Any) -> Any:
+            if host == "localhost":
+                return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+            return real(host, *args, **kw)
+
+        monkeypatch.setattr(socket, "getaddrinfo", v6_first)
+        c = client_mod.Client(f"http://localhost:{port}", token="s3cret",
+                              token_uid=os.getuid())
+        await asyncio.to_thread(c.request, "GET", "/api/v1/status")
+        seen, _ = await asyncio.wait_for(impostor.communicate(), 10)
+        assert b"GET /api/v1/status" in seen
+        assert b"s3cret" not in seen
