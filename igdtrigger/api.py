@@ -75,6 +75,7 @@ BODY_TIMEOUT = 10.0  # seconds to receive a request body once the headers arrive
 PAGE_DEFAULT = 500  # activations per page of GET /activations
 PAGE_MAX = 1000
 SSE_HEARTBEAT = 15.0
+SSE_WRITE_TIMEOUT = 30.0  # an event stream whose client reads nothing for this long is closed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -90,6 +91,7 @@ class ApiSettings:
     public_read: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     sse_heartbeat: float = SSE_HEARTBEAT
+    sse_write_timeout: float = SSE_WRITE_TIMEOUT
     allow: tuple[Network, ...] = ()  # empty: private and link-local addresses
 
     def is_lan(self, address: str) -> bool:
@@ -584,8 +586,24 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 async def _stream_events(request: web.Request, sub: Subscriber,
                          since: int | None) -> web.StreamResponse:
+    """The stream itself. Events wait in the subscriber's bounded queue (the oldest dropped,
+    ``event: lost``); a client that takes nothing for ``sse_write_timeout`` seconds (its
+    socket's buffers full) is a slow consumer: its stream is closed, so it holds neither
+    memory nor a place in the stream pool."""
     svc = request.app[SERVICE]
     heartbeat = request.app[SETTINGS].sse_heartbeat
+    write_timeout = request.app[SETTINGS].sse_write_timeout
+
+    async def write(data: bytes) -> None:
+        try:
+            await asyncio.wait_for(resp.write(data), write_timeout)
+        except TimeoutError:
+            _refused_log("slow event stream", "event stream to %s closed: it took nothing "
+                         "for %gs", _caller(request).key(), write_timeout)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("slow consumer") from None
+
     resp = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8",
         "Cache-Control": "no-store",
@@ -599,10 +617,10 @@ async def _stream_events(request: web.Request, sub: Subscriber,
     if since is not None:
         chunks.extend(_sse(e) for e in svc.hub.since(since))
     try:
-        await resp.write(b"".join(chunks))
+        await write(b"".join(chunks))
         while not sub.closed:
             if not await sub.wait(heartbeat):
-                await resp.write(b": keep-alive\n\n")
+                await write(b": keep-alive\n\n")
                 continue
             events, dropped = sub.take()
             out = bytearray()
@@ -612,7 +630,7 @@ async def _stream_events(request: web.Request, sub: Subscriber,
             for ev in events:
                 out += _sse(ev)
             if out:
-                await resp.write(bytes(out))
+                await write(bytes(out))
     except ConnectionError:
         pass  # the client went away
     return resp
@@ -692,6 +710,7 @@ def make_app(
     allowed_hosts: Iterable[str] | None = None,
     allow: Iterable[Network] | None = None,
     sse_heartbeat: float = SSE_HEARTBEAT,
+    sse_write_timeout: float = SSE_WRITE_TIMEOUT,
     clock: Callable[[], float] = time.monotonic,
     middlewares: Iterable[Any] = (),
 ) -> web.Application:
@@ -710,6 +729,7 @@ def make_app(
         allowed_hosts=_local_names() | frozenset(
             h.lower() for h in (cfg.allowed_hosts if allowed_hosts is None else allowed_hosts)),
         sse_heartbeat=sse_heartbeat,
+        sse_write_timeout=sse_write_timeout,
         allow=tuple(allow) if allow is not None else (
             cfg.allow or interface_networks(cfg.host) if not cfg.loopback_only else cfg.allow),
     )

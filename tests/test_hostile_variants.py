@@ -28,6 +28,7 @@ from igdtrigger.service import Service
 
 from .fakes import FakeClock
 from .test_api_auth import fake_remote
+from .test_conntrack import wait_until
 from .test_hostile import CONFIG, _service, remote
 
 Client = TestClient[Any, Any]
@@ -165,3 +166,25 @@ async def test_token_is_not_sent_to_another_users_listener_on_localhosts_other_a
         seen, _ = await asyncio.wait_for(impostor.communicate(), 10)
         assert b"GET /api/v1/status" in seen
         assert b"s3cret" not in seen
+
+
+async def test_an_event_stream_that_never_reads_is_closed(svc: Service) -> None:
+    app = make_app(svc, sse_write_timeout=0.5)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as c:
+        port = c.server.port
+        assert port is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        try:  # a reader (loopback) that asks for the stream and never reads a byte
+            sock.sendall(b"GET /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await wait_until(lambda: bool(svc.hub.subscribers), 30)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            big = "x" * 65536
+            while svc.hub.subscribers and loop.time() < deadline:
+                svc.hub.publish({"event": "flood", "pad": big})
+                await asyncio.sleep(0.01)
+            assert not svc.hub.subscribers  # dropped: its place in the pool is free again
+        finally:
+            sock.close()
