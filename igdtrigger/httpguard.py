@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,22 +224,30 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def admin_socket(path: Path) -> socket.socket:
-    """The local admin socket at ``path``: mode 0600, so only this service's user (and root)
-    can connect. A stale socket file is replaced. Raises OSError."""
+    """The local admin socket at ``path``: mode 0600 (made so by the umask while binding; no
+    chmod by name afterwards, which a symlink swapped in meanwhile would redirect), so only
+    this service's user (and root) can connect. A stale socket, or a symlink planted there,
+    is removed, never followed; anything else there stays and binding fails. A directory
+    other users may write to gets a warning: they could replace the socket (the CLI then
+    refuses it, as its owner is not the directory's). Raises OSError."""
     with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
+        st = path.lstat()
+        if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode):
             path.unlink()
+    with contextlib.suppress(OSError):
+        if path.parent.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning("%s can be written by other users: they could replace the admin "
+                        "socket (chmod 700 it)", path.parent)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         sock.bind(str(path))
+        sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger import client as client_mod
 from igdtrigger.api import make_app
-from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key
+from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
 from igdtrigger.service import Service
 
 from .fakes import FakeClock
@@ -188,3 +190,27 @@ async def test_an_event_stream_that_never_reads_is_closed(svc: Service) -> None:
             assert not svc.hub.subscribers  # dropped: its place in the pool is free again
         finally:
             sock.close()
+
+
+def test_a_symlink_planted_at_the_admin_socket_is_replaced_not_followed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    victim.chmod(0o644)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = state / "api.sock"
+    path.symlink_to(victim)
+    sock = admin_socket(path)  # it refused to bind before (the name was taken)
+    try:
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o644 and victim.read_text() == "keep"
+        assert "written by other users" not in caplog.text
+    finally:
+        sock.close()
+    path.unlink()
+    state.chmod(0o777)  # anyone may swap the socket: said at start
+    with caplog.at_level(logging.WARNING, logger="igdtrigger.api"):
+        admin_socket(path).close()
+    assert "can be written by other users" in caplog.text
