@@ -100,6 +100,8 @@ class ApiSettings:
             addr = ipaddress.ip_address(address)
         except ValueError:
             return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped  # ::ffff:203.0.113.9 is 203.0.113.9
         if addr.is_loopback:
             return True
         if self.allow:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -24,7 +25,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger import client as client_mod
-from igdtrigger.api import make_app
+from igdtrigger.api import ApiSettings, make_app
+from igdtrigger.config import parse_config
+from igdtrigger.errors import ConfigError
 from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
 from igdtrigger.service import Service
 
@@ -214,3 +217,17 @@ def test_a_symlink_planted_at_the_admin_socket_is_replaced_not_followed(
     with caplog.at_level(logging.WARNING, logger="igdtrigger.api"):
         admin_socket(path).close()
     assert "can be written by other users" in caplog.text
+
+
+@pytest.mark.parametrize("net", ["0.0.0.0/0", "::/0", "::ffff:0:0/96", "::/1"])
+def test_an_allow_of_every_address_is_refused(net: str) -> None:
+    with pytest.raises(ConfigError, match="every address"):
+        parse_config({"api": {"allow": ["192.168.1.0/24", net]}})
+
+
+def test_ipv4_mapped_addresses_are_judged_as_ipv4() -> None:
+    lan = ApiSettings(allow=(ipaddress.ip_network("192.168.1.0/24"),))
+    assert lan.is_lan("::ffff:192.168.1.5")
+    assert not lan.is_lan("::ffff:8.8.8.8")
+    assert not ApiSettings().is_lan("::ffff:8.8.8.8")  # Python calls ::ffff:0:0/96 private
+    assert not lan.is_lan("fe80::1%eth0")  # a zone id does not make it LAN
