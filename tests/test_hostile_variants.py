@@ -29,6 +29,7 @@ from igdtrigger.api import ApiSettings, make_app
 from igdtrigger.config import parse_config
 from igdtrigger.errors import ConfigError
 from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
+from igdtrigger.logthrottle import QuietBadRequests
 from igdtrigger.service import Service
 
 from .fakes import FakeClock
@@ -231,3 +232,30 @@ def test_ipv4_mapped_addresses_are_judged_as_ipv4() -> None:
     assert not lan.is_lan("::ffff:8.8.8.8")
     assert not ApiSettings().is_lan("::ffff:8.8.8.8")  # Python calls ::ffff:0:0/96 private
     assert not lan.is_lan("fe80::1%eth0")  # a zone id does not make it LAN
+
+
+async def test_clients_that_hang_up_mid_body_log_one_line_without_traceback(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    quiet = QuietBadRequests()
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.addFilter(quiet)
+    caplog.set_level(logging.DEBUG, "aiohttp.server")
+    port = client.server.port
+    assert port is not None
+    try:
+        for i in range(20):  # half a body, a chunk never ended: then the client hangs up
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\n" +
+                         (b"Content-Length: 50\r\n\r\n{" if i % 2 else
+                          b"Transfer-Encoding: chunked\r\n\r\n40\r\n{"))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
+        await wait_until(lambda: any(r.name == "aiohttp.server" for r in caplog.records), 10)
+        await asyncio.sleep(0.2)
+    finally:
+        server_log.removeFilter(quiet)
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert records[0].exc_info is None and "went away" in records[0].getMessage()
