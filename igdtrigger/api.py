@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import hmac
 import importlib.resources
@@ -76,6 +77,7 @@ PAGE_DEFAULT = 500  # activations per page of GET /activations
 PAGE_MAX = 1000
 SSE_HEARTBEAT = 15.0
 SSE_WRITE_TIMEOUT = 30.0  # an event stream whose client reads nothing for this long is closed
+SSE_SEND_BUFFER = 64 * 1024  # kernel send buffer of a stream (else autotuned up to megabytes)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -589,9 +591,10 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 async def _stream_events(request: web.Request, sub: Subscriber,
                          since: int | None) -> web.StreamResponse:
     """The stream itself. Events wait in the subscriber's bounded queue (the oldest dropped,
-    ``event: lost``); a client that takes nothing for ``sse_write_timeout`` seconds (its
-    socket's buffers full) is a slow consumer: its stream is closed, so it holds neither
-    memory nor a place in the stream pool."""
+    ``event: lost``); the socket's send buffer is fixed at ``SSE_SEND_BUFFER`` (the kernel
+    would grow it to megabytes for a client that stops reading); a client that takes nothing
+    for ``sse_write_timeout`` seconds (those buffers full) is a slow consumer: its stream is
+    closed, so it holds neither memory nor a place in the stream pool."""
     svc = request.app[SERVICE]
     heartbeat = request.app[SETTINGS].sse_heartbeat
     write_timeout = request.app[SETTINGS].sse_write_timeout
@@ -612,6 +615,10 @@ async def _stream_events(request: web.Request, sub: Subscriber,
         "X-Accel-Buffering": "no",
     })
     await resp.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SEND_BUFFER)
     hello = {"seq": svc.hub.seq, "event": "hello", "version": __version__,
              "instance": svc.tag, "heartbeat": heartbeat}
     chunks = [b"retry: 3000\n\n",

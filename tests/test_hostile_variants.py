@@ -175,6 +175,8 @@ async def test_token_is_not_sent_to_another_users_listener_on_localhosts_other_a
 
 
 async def test_an_event_stream_that_never_reads_is_closed(svc: Service) -> None:
+    """Its buffers stay small (the kernel would grow the send buffer to megabytes) and, full
+    for ``sse_write_timeout``, the stream is closed and its place in the pool freed."""
     app = make_app(svc, sse_write_timeout=0.5)
     async with TestClient(TestServer(app, host="127.0.0.1")) as c:
         port = c.server.port
@@ -187,11 +189,15 @@ async def test_an_event_stream_that_never_reads_is_closed(svc: Service) -> None:
             await wait_until(lambda: bool(svc.hub.subscribers), 30)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
-            big = "x" * 65536
+            pad = "x" * 1000
+            sent = 0
             while svc.hub.subscribers and loop.time() < deadline:
-                svc.hub.publish({"event": "flood", "pad": big})
-                await asyncio.sleep(0.01)
+                for _ in range(10):
+                    svc.hub.publish({"event": "flood", "pad": pad})
+                sent += 10 * len(pad)
+                await asyncio.sleep(0.02)
             assert not svc.hub.subscribers  # dropped: its place in the pool is free again
+            assert sent < 1_500_000  # it was not fed megabytes first
         finally:
             sock.close()
 
