@@ -135,6 +135,10 @@ class Unauthorized(IgdTriggerError):
     http_status = 401
 
 
+WRONG_AUTH = ("wrong admin token: the Authorization header does not carry this service's token "
+               "(the api-token file in its state directory); send that one, or none")
+
+
 class NotReady(IgdTriggerError):
     http_status = 503
 
@@ -286,6 +290,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     access = app[ACCESS].get(request.match_info.route, Access.PUBLIC)
     if access is Access.PUBLIC:
         return await handler(request)
+    if not caller.admin and request.headers.get("Authorization") is not None:
+        # a token that is not this service's is a mistake to say, not "no token" in silence
+        raise Unauthorized(WRONG_AUTH)
     host_header = request.headers.get("Host", "")
     if not caller.admin and not _host_allowed(host_header, app[SETTINGS].allowed_hosts):
         raise Forbidden(
@@ -536,10 +543,13 @@ async def refresh_activation(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     act_id = request.match_info["id"]
     body = await _json_body(request)
-    if set(body) - {"ttl"}:
-        raise UsageError('only field "ttl" is allowed')
+    if set(body) - {"ttl", "self_mapped"}:
+        raise UsageError('only fields "ttl" and "self_mapped" are allowed')
+    self_mapped = body.get("self_mapped")
+    if self_mapped is not None and not isinstance(self_mapped, bool):
+        raise UsageError(f'"self_mapped" must be true or false, got {self_mapped!r}')
     _check_owner(request, act_id)
-    return web.json_response(svc.heartbeat(act_id, _ttl(body.get("ttl"))))
+    return web.json_response(svc.heartbeat(act_id, _ttl(body.get("ttl")), self_mapped))
 
 
 async def get_activation(request: web.Request) -> web.Response:

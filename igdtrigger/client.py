@@ -246,25 +246,46 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def pick_token(explicit: str | None, state_dir: Path | None, trusted: bool,
+               ) -> tuple[str | None, bool]:
+    """``(token, guessed)``: ``--token``, else ``$IGDTRIGGER_TOKEN``, else (only for a trusted
+    server) a token file on this machine, which may be another service's: ``guessed``."""
+    if explicit:
+        return explicit, False
+    if env := os.environ.get("IGDTRIGGER_TOKEN"):
+        return env.strip(), False
+    if not trusted:
+        return None, False
+    token = read_token(state_dir)
+    return token, token is not None
+
+
 class Client:
     """``admin_socket``: talk to the service over its local admin socket (no token needed);
-    else over TCP, where the admin token goes to a loopback listener only when the kernel says
-    it runs as the token file's owner (``token_uid``, Linux), so an impostor on the port
-    never sees it."""
+    else over TCP, where the admin token goes to a loopback service only when the kernel says
+    the process at the other end of that connection runs as the token file's owner
+    (``token_uid``, Linux), so an impostor on the port never sees it. ``token_guessed``: the token came from a file on this machine and may be
+    another service's (a second instance, a container's): when the service answers 401 to it,
+    ask again without it, as any client would be heard."""
 
     def __init__(self, server: str | None = None, *, token: str | None = None,
                  timeout: float = 10.0, admin_socket: Path | None = None,
-                 token_uid: int | None = None) -> None:
+                 token_uid: int | None = None, token_guessed: bool = False) -> None:
         url = server or os.environ.get("IGDTRIGGER_SERVER") or DEFAULT_SERVER
         if "://" not in url:
             url = "http://" + url
-        parsed = urllib.parse.urlsplit(url)
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            port = parsed.port
+        except ValueError as exc:  # "http://[bad", a port above 65535
+            raise UsageError(f"--server {url!r}: {exc}; expected http://HOST:PORT") from None
         if parsed.scheme != "http" or not parsed.hostname:
             raise UsageError(f"--server {url!r}: expected http://HOST:PORT")
         self.url = url.rstrip("/")
         self.host = parsed.hostname
-        self.port = parsed.port or DEFAULT_PORT
+        self.port = port or DEFAULT_PORT
         self.token = token
+        self.token_guessed = token_guessed
         self.timeout = timeout
         self.admin_socket = admin_socket
         self.token_uid = token_uid
@@ -293,6 +314,17 @@ class Client:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 *, timeout: float | None = None) -> Any:
+        try:
+            return self._request(method, path, body, timeout=timeout)
+        except ApiError as exc:
+            if (exc.status != 401 or not self.token or not self.token_guessed
+                    or self.admin_socket is not None):
+                raise
+            self.token = None  # not this service's token: be an ordinary client
+            return self._request(method, path, body, timeout=timeout)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                 *, timeout: float | None = None) -> Any:
         wait = timeout or self.timeout
         conn = self._connection(wait)
         headers = {"Accept": "application/json", "Connection": "close"}
@@ -310,7 +342,7 @@ class Client:
             conn.close()
             if self.admin_socket is not None:  # stale socket file (a killed service): TCP
                 self.admin_socket = None
-                return self.request(method, path, body, timeout=timeout)
+                return self._request(method, path, body, timeout=timeout)
             raise ServiceUnavailable(
                 f"no igdtrigger service at {self.url} ({exc}); start it with `igdtrigger serve` "
                 "or pass --server"

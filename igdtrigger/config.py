@@ -191,10 +191,55 @@ def default_config_paths() -> list[Path]:
 
 
 def find_config() -> Path | None:
+    """The first config file of :func:`default_config_paths` that exists, or None. Raises
+    ``ConfigError`` when one cannot even be looked at (a directory this user may not enter:
+    e.g. a container's ``/config`` owned by another uid)."""
     for p in default_config_paths():
-        if p.is_file():
-            return p
+        try:
+            if p.is_file():
+                return p
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}{_access_hint(p)}",
+                              source=str(p)) from None
     return None
+
+
+_STATE_FIX = "set IGDTRIGGER_STATE_DIR (service.state_dir) to a directory this user owns"
+
+
+def check_state_dir(path: Path) -> None:
+    """Raise ``ConfigError`` (naming the directory, its owner and mode, and who we are) when
+    ``serve`` could not keep its state in ``path``: it exists but this process may not enter
+    and write it (a container's ``/config`` volume owned by another uid, say)."""
+    for probe in (path, *path.parents):
+        try:
+            exists = probe.exists()
+        except OSError as exc:
+            raise ConfigError(f"cannot use the state directory: {exc.strerror}"
+                              f"{_access_hint(path / 'x', _STATE_FIX)}", source=str(path)) from None
+        if exists:
+            if not os.access(probe, os.W_OK | os.X_OK) and probe == path:
+                raise ConfigError("cannot use the state directory: permission denied"
+                                  f"{_access_hint(path / 'x', _STATE_FIX)}", source=str(path))
+            return
+
+
+def _access_hint(path: Path, fix: str = "make the file readable, e.g. a bind-mounted config "
+                 "file with mode 0644") -> str:
+    """Why this process may not read ``path`` (owner and mode of the first directory it cannot
+    enter, and who we are), for a one-line error."""
+    if not hasattr(os, "geteuid"):
+        return ""
+    for parent in [*reversed(path.parents), path]:
+        try:
+            st = parent.stat()
+        except OSError:
+            return ""
+        if parent != path and not os.access(parent, os.X_OK):
+            return (f" ({parent} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:04o} "
+                    f"and this process runs as uid {os.geteuid()} without CAP_DAC_OVERRIDE; run "
+                    f"as uid {st.st_uid}, or {fix})")
+    return ""
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -213,7 +258,8 @@ def load_config(path: str | Path | None = None) -> Config:
     except FileNotFoundError:
         raise ConfigError("file not found", source=str(p)) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=str(p)) from None
+        raise ConfigError(f"cannot read: {exc.strerror}{_access_hint(p)}",
+                          source=str(p)) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -13,12 +13,12 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from .api import ADMIN_SOCKET, make_app
-from .config import Config, default_state_dir
+from .config import Config, check_state_dir, default_state_dir
 from .detect.base import Detector
 from .errors import IgdTriggerError
 from .gateway.select import build_gateway
@@ -35,6 +35,9 @@ from .logthrottle import PerKindThrottle, QuietBadRequests
 from .metrics import Metrics
 from .sdnotify import Notifier
 from .service import Service
+
+if TYPE_CHECKING:
+    from .discovery import Advertiser
 
 log = logging.getLogger("igdtrigger")
 
@@ -131,6 +134,7 @@ def _stop_on(stop: asyncio.Event, sig: signal.Signals) -> None:
 
 
 async def serve(config: Config, *, ready_file: str | None = None) -> int:
+    check_state_dir(config.state_dir or default_state_dir())
     sim = None
     url = config.gateway.url
     if config.gateway.simulate:
@@ -195,12 +199,13 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
         len(config.rules), config.api.host, config.api.port, config.source,
     )
-    advertiser = None
-    if advertise:
-        advertiser = await _advertise(config, service)
     notifier = Notifier()
     notifier.ready(_status_line(service, config))
     side_tasks = [asyncio.create_task(notifier.watchdog(), name="sd-watchdog")]
+    advertiser = None
+    if advertise:  # in the background: its ~2 s of mDNS probing must not delay a stop
+        advertiser = _advertiser(config, service)
+        side_tasks.append(asyncio.create_task(_advertise(advertiser), name="zeroconf"))
     if notifier.enabled:
         side_tasks.append(asyncio.create_task(_status_updates(notifier, service, config)))
     if ready_file:
@@ -217,6 +222,9 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     notifier.stopping("removing mappings")
     for task in side_tasks:
         task.cancel()
+    for task in side_tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
     if advertiser is not None:
         await advertiser.close()
     for server in servers:  # no new activations while we clean up
@@ -253,20 +261,21 @@ async def _listen(runner: web.AppRunner, guard: ConnectionGuard, config: Config,
         raise
 
 
-async def _advertise(config: Config, service: Service) -> Any:
-    """Start zeroconf advertisement; a failure is a warning, never fatal."""
+def _advertiser(config: Config, service: Service) -> Advertiser:
     from . import __version__
     from .discovery import Advertiser
 
-    adv = Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
-                     instance=service.tag, token_needed=not config.api.public_read)
+    return Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
+                      instance=service.tag, token_needed=not config.api.public_read)
+
+
+async def _advertise(adv: Advertiser) -> None:
+    """Start zeroconf advertisement; a failure is a warning, never fatal."""
     try:
-        if await adv.start():
-            return adv
+        await adv.start()
     except Exception as exc:
         log.warning("zeroconf advertisement failed (%s); clients need --server", exc)
         await adv.close()
-    return None
 
 
 def _status_line(service: Service, config: Config) -> str:

@@ -109,6 +109,9 @@ class Activation:
     holding: int = 0  # how many of ``flows`` are connections that hold it while silent
     journaled: float = 0.0  # the expiry last handed to the journal (see Engine._set_expiry)
     origin: str = ""  # detected traffic: where the flow came from (see MAX_HOSTS_PER_ORIGIN)
+    # the host maps these ports itself (a router in secure mode refused them to us; ``run`` on
+    # that host reported it): the activation stays (status, dashboard) but wants no mapping
+    self_mapped: bool = False
     # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
     specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
         default=None, repr=False, compare=False)
@@ -148,6 +151,7 @@ class Activation:
             "ttl": self.ttl,
             "hits": self.hits,
             **({"meta": dict(self.meta)} if self.meta else {}),
+            **({"self_mapped": True} if self.self_mapped else {}),
         }
 
 
@@ -567,6 +571,14 @@ class Engine:
         self._set_expiry(act, self.clock() + act.ttl)
         return act
 
+    def set_self_mapped(self, act_id: str, on: bool) -> Activation:
+        """The activation's host maps its ports itself (``on``), or wants us to again."""
+        act = self.get(act_id)
+        if act.self_mapped != on:
+            act.self_mapped = on
+            self.generation += 1
+        return act
+
     def deactivate(self, act_id: str) -> Activation:
         act = self.get(act_id)
         self._remove(act, EventKind.DEACTIVATED)
@@ -653,6 +665,8 @@ class Engine:
         """
         out: dict[MappingKey, MappingSpec] = {}
         for act in sorted(self.activations.values(), key=self._precedence):
+            if act.self_mapped:
+                continue
             specs = act.specs
             if specs is None:
                 specs = self._specs(act)

@@ -125,7 +125,7 @@ PINHOLE_SELF_HINT = (
 #       +-- InvalidArgs        402 (also: timed lease refused by ARRIS, table full on IGDv1)
 #       +-- NoSuchMapping      714/730, PCP/NAT-PMP "no such mapping"
 #       +-- UnsupportedAction  401/602: the router does not implement this action
-#       +-- TableFull          728 NoPortMapsAvailable, NAT-PMP 4, PCP NO_RESOURCES
+#       +-- TableFull          728 NoPortMapsAvailable, NAT-PMP 4, PCP NO_RESOURCES/USER_EX_QUOTA
 #       +-- NetworkFailure     NAT-PMP 3 / PCP NETWORK_FAILURE: no usable WAN address
 #       +-- MalformedReply     garbled, truncated, oversized, or not matching the request
 

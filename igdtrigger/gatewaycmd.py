@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .errors import GatewayError, NoSuchMapping
-from .gateway.base import Gateway, GatewayInfo, is_public_address
+from .errors import GatewayError, MappingConflict, NoSuchMapping
+from .gateway.base import Gateway, GatewayInfo
 from .model import MappingSpec, Proto, RouterMapping
 from .netutil import default_gateway
 from .traits import NO_READBACK
@@ -42,7 +42,7 @@ class ProbeResult:
             i = self.info
             out.update(location=i.location, local_address=i.local_address,
                        external_address=i.external_address or None,
-                       external_reachable=i.external_reachable,
+                       external_reachable=i.reachable_or_unknown,
                        service_type=i.service_type or None, server=i.server or None,
                        control_url=i.control_url or None, backend=i.backend or None)
         if self.error:
@@ -123,18 +123,50 @@ async def _lease_test(gw: Gateway, info: GatewayInfo) -> dict[str, Any]:
                 verdict += f" (asked 60s, the router set {lease}s)"
             else:
                 verdict += f" (asked 60s, granted {lease}s)"
-        with contextlib.suppress(NoSuchMapping):  # gone already: it drops timed leases
-            await gw.delete(Proto.UDP, port)
-        if reads_back and found is not None:
-            still = await gw.get(Proto.UDP, port)
-            out["delete_confirmed"] = still is None
-            if still is not None:
-                verdict += ("; the delete was answered but the mapping is still there: it "
-                            f"stays open until its lease ends ({still.lease_remaining}s)")
+        if found is not None and found.description != spec.description:
+            verdict += f"; it shows the description cut to {found.description!r}"
+        if found is not None:
+            verdict += await _refresh_test(gw, spec, out["lease_asked"])
+        verdict += await _delete_test(gw, spec, out, confirm=reads_back and found is not None)
         out["verdict"] = verdict
     except GatewayError as exc:
         out["verdict"] = f"test mapping refused: {exc}"
     return out
+
+
+async def _refresh_test(gw: Gateway, spec: MappingSpec, lease: int) -> str:
+    """Add the test mapping once more, as a renewal does; what the router made of it."""
+    try:
+        await gw.add(spec, lease)
+    except MappingConflict as exc:
+        return (f"; a renewal (the same add again) is refused ({exc.code} {exc.description}): "
+                "igdtrigger renews by deleting and re-adding")
+    except GatewayError as exc:
+        return f"; a renewal (the same add again) failed: {exc}"
+    return ""
+
+
+async def _delete_test(gw: Gateway, spec: MappingSpec, out: dict[str, Any], *,
+                       confirm: bool) -> str:
+    """Delete the test mapping; where the router can show it, until it is gone (a few tries:
+    the test must not leave a port open). ``out["delete_confirmed"]``: gone at the end."""
+    tries = 3 if confirm else 1
+    for attempt in range(1, tries + 1):
+        with contextlib.suppress(NoSuchMapping):  # gone already: it drops timed leases
+            await gw.delete(spec.proto, spec.external_port)
+        if not confirm:
+            return ""
+        still = await gw.get(spec.proto, spec.external_port)
+        out["delete_confirmed"] = still is None
+        if still is None:
+            if attempt == 1:
+                return ""
+            return (f"; the delete was answered but the mapping was still there, gone after "
+                    f"delete {attempt} (igdtrigger repeats deletes until the router shows them "
+                    "gone)")
+    return ("; the delete was answered but the mapping is still there after "
+            f"{tries} deletes: it stays open until its lease ends "
+            f"({still.lease_remaining if still else '?'}s)")
 
 
 async def ipv6_verdict(location: str, timeout: float) -> str:
@@ -160,7 +192,21 @@ async def ipv6_verdict(location: str, timeout: float) -> str:
 
 
 async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
-    cands = candidates(config)
+    if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
+        from dataclasses import replace
+
+        from .gateway.simulated import SimulatedIgdServer
+
+        async with SimulatedIgdServer() as sim:
+            return await _probe_all(
+                replace(config, gateway=replace(config.gateway, url=sim.url)),
+                timeout=timeout, test=test, only_upnp=True)
+    return await _probe_all(config, timeout=timeout, test=test)
+
+
+async def _probe_all(config: Config, *, timeout: float, test: bool,
+                     only_upnp: bool = False) -> list[ProbeResult]:
+    cands = candidates(config)[:1] if only_upnp else candidates(config)
     try:
         results = list(await asyncio.gather(*(_probe(n, g, timeout, test) for n, g in cands)))
     finally:
@@ -196,11 +242,14 @@ def report(results: list[ProbeResult]) -> str:
         lines.append("no port-mapping protocol answered: enable UPnP (or NAT-PMP/PCP) on the "
                      "router, or set [gateway] url")
         return "\n".join(lines)
-    externals = {r.info.external_address for r in ok if r.info is not None}
-    if not any(is_public_address(x) for x in externals):
-        lines.append("double NAT / CGNAT: the router's external address "
-                     f"({', '.join(sorted(x or 'unknown' for x in externals))}) is not public: "
-                     "ports opened here are not reachable from the internet")
+    infos = [r.info for r in ok if r.info is not None]
+    if not any(i.external_reachable for i in infos):
+        known = sorted({i.external_address.strip() for i in infos if i.external_known})
+        if known:
+            lines.append(f"double NAT / CGNAT: the router's external address ({', '.join(known)})"
+                         " is not public: ports opened here are not reachable from the internet")
+        else:
+            lines.append(str(infos[0].external_warning()))
     servers = " ".join(r.info.server.lower() for r in ok if r.info is not None)
     if "miniupnpd" in servers:
         lines.append("secure mode likely (miniupnpd's default): mappings can only point at the "

@@ -17,11 +17,18 @@ router that cannot report its mappings is not re-added to on every check; its de
 repeated until it says the mapping is gone. A delete refused is retried after the others and
 stays in the journal until confirmed; a delete the router answered but did not do is reported
 (``left_open``), never counted as removed.
+
+What a crashed run left is known from the journal only (``adopt_orphans``). NAT-PMP/PCP routers
+cannot list mappings, so the backend adopts each leftover first (``AdoptsLeftovers``: PCP with
+the nonce the journal recorded, derived from the journal's key) and then deletes it like any
+other; one it cannot delete from here (another protocol made it, no nonce recorded, another host
+over NAT-PMP) is named in the log as lapsing by its lifetime, never as removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -44,7 +51,7 @@ from .errors import (
     NotAuthorized,
     UnsupportedAction,
 )
-from .gateway.base import Capability, Gateway, GatewayInfo, Granted
+from .gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
 from .traits import NO_READBACK, RouterTraits, router_identity
 
@@ -65,6 +72,8 @@ LIST_MIN_BATCH = 8
 # A router that cannot report its mappings: a delete is repeated until it answers "no such
 # mapping" (each add may have left a copy, miniupnp/miniupnp#719), at most this often.
 MAX_DELETE_REPEAT = 16
+MIN_CUT = 8  # a description cut shorter than this tells nothing about whose mapping it is
+STOP_DELETE_RETRIES = 2  # at stop, a delete answered but not done is repeated this often
 ORPHAN_TRIES = 10  # deletes refused/failed: retried this often in one run (journal keeps them)
 
 
@@ -114,6 +123,11 @@ class _Orphan:
     attempts: int = 0
     retry_at: float = 0.0
     app: Applied | None = None  # for the "unmapped" event
+    from_journal: bool = False  # left by an earlier run
+    nonce: bytes = b""  # PCP: the nonce the journal recorded it with
+    protocol: str = ""  # what the journal says it was requested over ("": unknown)
+    adopted: bool | None = None  # the gateway took it up for deleting (NAT-PMP/PCP)
+    told: bool = False  # its end was logged already (_leftover_gone)
 
 
 class MapState(enum.StrEnum):
@@ -139,6 +153,9 @@ class Applied:
     verified: bool | None = None  # the router's own record showed it (None: not checked)
     maybe_applied: bool = False  # an add went unanswered: it may have arrived
     added_at: float = 0.0  # clock() of the last add the router accepted (its lease runs from)
+    # the router refused because the mapping is for another host (secure mode): only that
+    # host can map it (``run`` there maps its own ports: wrapper.py)
+    self_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.external_port:
@@ -183,6 +200,7 @@ class Mapper:
         verify_interval: float = 60.0,
         canary_interval: float = 2.0,
         check_before_add: bool = True,
+        readback_settle: float = 0.25,
         on_change: Callable[[Applied, str], None] | None = None,
         journal: Journal | None = None,
         abandon: Callable[[], bool] | None = None,
@@ -202,6 +220,7 @@ class Mapper:
         self.verify_interval = verify_interval
         self.canary_interval = canary_interval
         self.check_before_add = check_before_add
+        self.readback_settle = readback_settle  # s before a missing read-back is believed
         self.on_change = on_change
         self.applied: dict[MappingKey, Applied] = {}
         # Mappings that may still be on the router but are no longer wanted: a delete that
@@ -209,11 +228,20 @@ class Mapper:
         self.orphans: dict[MappingKey, MappingSpec] = {}
         self._orphan_meta: dict[MappingKey, _Orphan] = {}
         self.journal = journal
+        if journal is not None and isinstance(gateway, AdoptsLeftovers):
+            # PCP nonces derived from a secret the journal keeps: the next run can delete
+            key = journal.secret("pcp-nonce-key")  # what this one leaves after a crash
+            if key:
+                gateway.use_nonce_key(key)
         self.traits = RouterTraits()  # learned per router (journal), see traits.py
         self._recheck_readback = False
         self._warned: set[str] = set()
         self._lookup_error: GatewayError | None = None
         self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
+        self._protocol = ""  # of the router last connected
+        # mappings we added that the router then showed for another client: left alone,
+        # named at stop (key -> spec, that client, lease left)
+        self._taken_over: dict[MappingKey, tuple[MappingSpec, str, int | None]] = {}
         self.gateway_up = False
         self.gateway_error = ""
         self._gateway_retry_at = 0.0
@@ -257,9 +285,17 @@ class Mapper:
                     never_sent.append(app.wire)  # journaled, never asked: nothing to delete
             self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             self.left_open = []
-            if self.gateway_up or await self._connect():
-                return await self._delete_orphans(set(), final=True)
-            return 0
+            removed = 0
+            # nothing to delete: do not wait on a router never reached
+            if self.orphans and (self.gateway_up or await self._connect()):
+                removed = await self._delete_orphans(set(), final=True)
+            for spec, client, remaining in self._taken_over.values():
+                self._note_left_open(spec, (
+                    f"was added by igdtrigger, then the router showed it for {client}: not "
+                    "deleted, as it may not be ours any more (taken over, or the router "
+                    "reports another client)"), remaining)
+            self._taken_over.clear()
+            return removed
 
     def reapply_all(self, reason: str) -> None:
         """The router lost its state (NAT-PMP/PCP epoch, announcement): re-add everything."""
@@ -271,11 +307,18 @@ class Mapper:
                 app.renew_at = now
 
     def adopt_orphans(self, specs: list[MappingSpec]) -> None:
-        """Mappings an earlier run may have left (from the journal): removed unless wanted."""
+        """Mappings an earlier run may have left (from the journal): removed unless wanted.
+        Their PCP nonce and protocol are looked up in this mapper's journal."""
+        rows = {m.spec.key: m for m in self.journal.mappings()} \
+            if self.journal is not None else {}
         for spec in specs:
             self.orphans.setdefault(spec.key, spec)
+            row = rows.get(spec.key)
             # copies unknown: a router that cannot report them gets the full repeat budget
-            self._orphan_meta.setdefault(spec.key, _Orphan(copies=MAX_DELETE_REPEAT))
+            self._orphan_meta.setdefault(spec.key, _Orphan(
+                copies=MAX_DELETE_REPEAT, from_journal=True,
+                nonce=row.nonce if row is not None else b"",
+                protocol=row.protocol if row is not None else ""))
 
     def _orphan(self, wire: MappingSpec, app: Applied | None = None) -> None:
         self.orphans[wire.key] = wire
@@ -300,6 +343,7 @@ class Mapper:
         now = self.clock()
         gone: list[MappingSpec] = []
         count = 0
+        counted: set[MappingKey] = set()
         again: list[MappingSpec] = []
         asked: list[MappingSpec] = []
         for rnd in (0, 1):
@@ -310,35 +354,119 @@ class Mapper:
                 key = spec.key
                 if (key, spec.internal_client) in wanted:
                     gone.append(spec)  # wanted again: the add path adopts or re-creates it
+                    row = self._orphan_meta.get(key)
+                    if row is not None and row.from_journal and row.adopted is None:
+                        self._adopt(spec, row)  # PCP: refreshed with the nonce that made it
                     self._let_go(key)
                     continue
                 meta = self._orphan_meta.setdefault(key, _Orphan())
                 if rnd == 0 and not final and meta.retry_at > now:
                     continue
+                if meta.app is None and meta.adopted is None:
+                    meta.adopted = self._adopt(spec, meta)
                 outcome, deleted = await self._remove(spec, meta.copies,
                                                       confirm=not final)
-                if deleted and outcome is Removal.GONE:
-                    asked.append(spec)
-                elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
-                    # from an earlier run: NAT-PMP/PCP delete only what this run made (PCP
-                    # needs the nonce of the run that made it), so nothing was asked
-                    log.warning("%s from an earlier run cannot be deleted over %s; it lapses "
-                                "on the router at the end of its lifetime", key,
-                                self.gateway.info.protocol if self.gateway.info else "NAT-PMP")
-                if outcome is Removal.REFUSED and rnd == 0:
-                    again.append(spec)
+                outcome = self._leftover(spec, meta, outcome, deleted, rnd)
+                if outcome is Removal.GONE:
+                    asked.append(spec)  # a 714 at stop is confirmed like a success
+                if outcome in (Removal.REFUSED, Removal.FAILED) and rnd == 0:
+                    again.append(spec)  # once more after the others (busy, or order-bound)
                     continue
                 if self._settle(spec, meta, outcome):
                     gone.append(spec)
                     count += deleted
+                    if deleted:
+                        counted.add(key)
         if final and asked and self.gateway_up:
             left = await self._confirm_all_gone(asked)
-            count -= len(left)
+            first_left = set(left)
+            left = await self._delete_again(asked, left)
+            count -= len(left & counted)
+            count += len((first_left - left) - counted)  # deleted by a later try
             gone = [g for g in gone if g.key not in left]
         self._journal_gone(gone)
         if final:
             self._report_unconfirmed()
         return count
+
+    async def _delete_again(self, specs: list[MappingSpec],
+                            left: set[MappingKey]) -> set[MappingKey]:
+        """At stop: a delete the router answered but did not do is repeated (bounded), each
+        time confirmed by a look-up; some routers act only on a later delete. Returns the keys
+        still on the router."""
+        for _ in range(STOP_DELETE_RETRIES):
+            for spec in [s for s in specs if s.key in left]:
+                if not self.gateway_up:
+                    return left
+                outcome, _ = await self._remove(spec)
+                if outcome in (Removal.GONE, Removal.NOT_OURS):
+                    left.discard(spec.key)
+                    self._let_go(spec.key)
+                    self.left_open = [x for x in self.left_open if x.spec.key != spec.key]
+            if not left:
+                break
+        return left
+
+    def _adopt(self, spec: MappingSpec, meta: _Orphan) -> bool:
+        """Let a NAT-PMP/PCP backend delete a mapping it did not make in this run (a crashed
+        run's, from the journal, or one whose add got no answer)."""
+        if not isinstance(self.gateway, AdoptsLeftovers):
+            return True
+        info = self.gateway.info
+        if meta.protocol and info is not None and info.protocol in NO_READBACK \
+                and meta.protocol != info.protocol:
+            return False  # miniupnpd: NAT-PMP and PCP delete only their own protocol's rules
+        nonce = meta.nonce
+        if not nonce and not meta.from_journal:  # this run's: requested with this nonce
+            nonce = self.gateway.mapping_nonce(spec)
+        return self.gateway.adopt(spec, nonce)
+
+    def _leftover(self, spec: MappingSpec, meta: _Orphan, outcome: Removal, deleted: bool,
+                  rnd: int) -> Removal:
+        """What a delete of a mapping an earlier run left means (logged); ``outcome`` as
+        ``_remove`` found it, changed only where the router showed it is not ours any more."""
+        if not meta.from_journal:
+            return outcome
+        if deleted and outcome is Removal.GONE:
+            self.stale_removed += 1
+        elif self._reads_back():
+            pass  # UPnP: looked up and confirmed like any other delete
+        elif outcome is Removal.GONE:
+            self._leftover_gone(spec, meta)
+        elif outcome is Removal.REFUSED and rnd == 1 and meta.nonce:
+            return self._leftover_taken(spec)
+        return outcome
+
+    def _leftover_gone(self, spec: MappingSpec, meta: _Orphan) -> None:
+        """A NAT-PMP/PCP mapping not made by this run that the router says it does not hold,
+        or that cannot be deleted from here: said which, never "removed"."""
+        proto = self.gateway.info.protocol if self.gateway.info else "NAT-PMP"
+        meta.told = True
+        if meta.adopted:
+            log.info("%s -> %s:%d (from an earlier run) is not on the router any more (%s "
+                     "has no such mapping)", spec.key, spec.internal_client, spec.internal_port,
+                     proto)
+            return
+        if meta.protocol and meta.protocol != proto:
+            why = f"it was made over {meta.protocol}"
+        elif proto == "pcp":
+            why = "the journal holds no nonce for it (recorded by an older igdtrigger)"
+        else:
+            why = "NAT-PMP deletes only the asking host's own mappings"
+        log.warning("%s -> %s:%d from an earlier run cannot be deleted over %s (%s); it "
+                    "lapses on the router at the end of its lifetime", spec.key,
+                    spec.internal_client, spec.internal_port, proto, why)
+
+    @staticmethod
+    def _leftover_taken(spec: MappingSpec) -> Removal:
+        """A PCP router that refuses, even after the other deletes, to delete a crashed run's
+        mapping with the nonce that made it: its entry for that internal port was made with
+        another nonce since (another program on this host; miniupnpd 2.3.1 replaces a mapping
+        on a MAP with a new nonce). Not ours any more: left alone, not retried forever."""
+        log.warning("%s -> %s:%d from an earlier run: the router refuses its delete with the "
+                    "nonce that made it; another client has mapped that internal port since, "
+                    "so it is left alone", spec.key, spec.internal_client, spec.internal_port)
+        return Removal.NOT_OURS
 
     def _report_unconfirmed(self) -> None:
         """At stop: every mapping not confirmed gone is named, with until when it may stay
@@ -355,9 +483,11 @@ class Mapper:
                 remaining = max(0, math.ceil(app.added_at + app.lease - now))
             elif app is not None:
                 remaining = 0
-            self._note_left_open(spec, "was not confirmed deleted (the router did not answer "
-                                       "or refused); the journal keeps it and the next start "
-                                       "deletes it", remaining)
+            # the journal keeps it (PCP: with the nonce that made it), so the next start
+            # deletes it, over whichever protocol made it
+            why = ("was not confirmed deleted (the router did not answer or refused); the "
+                   "journal keeps it and the next start deletes it")
+            self._note_left_open(spec, why, remaining)
 
     def _settle(self, spec: MappingSpec, meta: _Orphan, outcome: Removal) -> bool:
         """Book one delete's outcome; True when the mapping is done with (gone or not ours)."""
@@ -368,8 +498,9 @@ class Mapper:
             if meta.app is not None and outcome is Removal.GONE:
                 meta.app.state = MapState.PENDING
                 self._changed(meta.app, "unmapped")
-            elif outcome is Removal.GONE:
-                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
+            elif outcome is Removal.GONE and not meta.told:
+                log.info("unmapped %s -> %s:%d%s", key, spec.internal_client, spec.internal_port,
+                         " (left by an earlier run)" if meta.from_journal else "")
             return True
         if outcome is Removal.DOWN:
             return False
@@ -392,6 +523,19 @@ class Mapper:
             try:
                 await self.gateway.delete(spec.proto, spec.external_port)
             except NoSuchMapping:
+                if deleted or not (confirm and self._reads_back()
+                                   and self.traits.confirm_deletes()):
+                    return Removal.GONE, deleted
+                # "no such entry" is a claim too (IGDv1 miniupnpd answers 714 to a delete it
+                # refuses, router-facts §1.5): confirmed like a success
+                answered, found = await self._lookup(spec)
+                if answered and found is not None and self._is_ours(
+                        found.internal_client, found.description, spec):
+                    self._learn(deletes_work=False)
+                    self._note_left_open(spec, "is still on the router though it answered the "
+                                               "delete with 'no such entry' (714)",
+                                         found.lease_remaining)
+                    return Removal.LEFT_OPEN, deleted
                 return Removal.GONE, deleted
             except GatewayUnreachable as exc:
                 self.ops["errors"] += 1
@@ -492,7 +636,11 @@ class Mapper:
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
-            self.journal.mappings_requested(specs)
+            gw = self.gateway
+            nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
+                      and (n := gw.mapping_nonce(s))}
+            self.journal.mappings_requested(specs, nonces,
+                                            gw.info.protocol if gw.info is not None else "")
 
     def next_deadline(self) -> float | None:
         if not self.gateway_up:
@@ -612,6 +760,7 @@ class Mapper:
 
     def _know_router(self, info: GatewayInfo) -> None:
         """Take up what an earlier run learned about this router (journal)."""
+        self._protocol = info.protocol  # kept while the router is down
         identity = router_identity(info)
         if identity == self.traits.identity:
             return
@@ -636,6 +785,10 @@ class Mapper:
         ]
         if t.forced_lease is not None:
             parts.append(f"sets every lease to {t.forced_lease}s")
+        if t.lease_cap is not None:
+            parts.append(f"grants at most {t.lease_cap}s leases")
+        if t.description_cut is not None:
+            parts.append(f"cuts descriptions to {t.description_cut} characters")
         return ", ".join(p for p in parts if p)
 
     def _learn(self, **changes: object) -> None:
@@ -657,7 +810,8 @@ class Mapper:
         """Whether the protocol can look mappings up on the router at all (NAT-PMP/PCP: the
         granted reply is all there is)."""
         info = self.gateway.info
-        return info is None or info.protocol not in NO_READBACK
+        protocol = info.protocol if info is not None else self._protocol
+        return protocol not in NO_READBACK
 
     async def _confirm_add(self, app: Applied) -> None:
         """Read back a mapping the router accepted, and learn from what it shows.
@@ -667,14 +821,16 @@ class Mapper:
         there: it cannot report its mappings (miniupnpd 2.3.0-2.3.3 pf, miniupnp/miniupnp#719),
         so nothing is re-added for not being seen."""
         wire = app.wire
-        answered, found = await self._lookup(wire)
+        settle = not self._recheck_readback and self.traits.reports_mappings is not False
+        answered, found = await self._look_settled(wire, settle=settle)
         if not answered:
             if isinstance(self._lookup_error, UnsupportedAction):
                 self._cannot_look_up(self._lookup_error)
                 app.verified = False
             return
         if found is not None:
-            if not self._is_ours(found.internal_client, found.description, wire):
+            if not (self._is_ours(found.internal_client, found.description, wire)
+                    or self._learn_cut(found, wire)):
                 return  # someone else's now: the next verification reports it
             self._shown(app, found)
             return
@@ -686,7 +842,7 @@ class Mapper:
             granted = await self._add_raw(app, 0)
             if granted is None:
                 return
-            answered, found = await self._lookup(wire)
+            answered, found = await self._look_settled(wire)
             if not answered:
                 return
             if found is not None and self._is_ours(found.internal_client, found.description,
@@ -708,6 +864,17 @@ class Mapper:
             "the listing do not have it; miniupnpd 2.3.0-2.3.3 on pf does this): igdtrigger "
             "cannot verify mappings on this router, renews them at half lease only, and "
             "repeats each delete until the router says the mapping is gone"))
+
+    async def _look_settled(self, wire: MappingSpec, *,
+                            settle: bool = True) -> tuple[bool, RouterMapping | None]:
+        """A read-back right after an add; not there: once more after ``readback_settle``
+        seconds, before anything is concluded from its absence (a router that installs the
+        rule a moment after answering is neither "drops timed leases" nor "cannot report")."""
+        answered, found = await self._lookup(wire)
+        if answered and found is None and settle and self.readback_settle >= 0:
+            await asyncio.sleep(self.readback_settle)
+            answered, found = await self._lookup(wire)
+        return answered, found
 
     def _cannot_look_up(self, exc: GatewayError) -> None:
         """GetSpecificPortMappingEntry not implemented (401/602): as a router that cannot
@@ -735,10 +902,17 @@ class Mapper:
                 learned["forced_lease"] = shown
                 app.lease = shown
             elif shown < app.asked - 5:
-                app.lease = shown  # capped below what we asked: renew in time for it
+                # capped below what we asked, silently: renew in time for the router's lease,
+                # at every renewal (not only this read-back)
+                learned["lease_cap"] = shown
+                app.lease = shown
             if shown > 0:
                 app.renew_at = min(app.renew_at, self.clock() + shown / 2)
         self._learn(**learned)
+        if "lease_cap" in learned:
+            self._warn_once("lease_cap", (
+                f"router granted {app.wire.key} a {shown}s lease (asked {app.asked}s) without "
+                "saying so: igdtrigger renews at half the router's lease"))
         if "forced_lease" in learned and app.lease != app.asked:
             self._warn_once("forced_lease", (
                 f"router set the lease of {app.wire.key} to "
@@ -755,10 +929,19 @@ class Mapper:
             return
         self._swept = True
         self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
+        info = self.gateway.info
+        me = info.local_address if info is not None else ""
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
             if m.key in held or (owned_by(m.description, self.tag) is None
                                  and not self._reclaimable(m.internal_client, m.description)):
+                continue
+            if m.internal_client != me and m.key not in self.orphans:
+                # Our description, another host, and not in our journal: a copy of this
+                # state directory on another machine (same instance tag), or a router listing
+                # other hosts' rows under our description. Not provably ours: left alone.
+                log.info("not removing %s -> %s: it has this instance's description but maps "
+                         "to another host and is not in the journal", m.key, m.internal_client)
                 continue
             try:
                 await self.gateway.delete(m.proto, m.external_port)
@@ -920,9 +1103,12 @@ class Mapper:
                 try:
                     granted = await self._add_leased(app.wire, app)
                 except MappingConflict:
-                    if not (spec.external_any and not renewal):
+                    if renewal and await self._still_ours(app.wire):
+                        granted = await self._recreate(app)
+                    elif not (spec.external_any and not renewal):
                         raise
-                    granted = await self._add_elsewhere(app)
+                    else:
+                        granted = await self._add_elsewhere(app)
                     if granted is None:
                         raise
         except (GatewayUnreachable, LocalResourceError) as exc:
@@ -948,31 +1134,38 @@ class Mapper:
                 # or port (FRITZ!Box "permit independent port sharing").
                 hint = SECURE_MODE_HINT if for_other else DEVICE_DENIED_HINT
                 self._failed(app, f"{spec.key} for {spec.internal_client}: "
-                                  f"{exc.with_hint(hint)}")
+                                  f"{exc.with_hint(hint)}", self_only=for_other)
             else:
                 self._conflict(app, f"{spec.key}: {exc}")
             return
         except NotAuthorized as exc:
-            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")
+            info = self.gateway.info
+            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}",
+                         self_only=info is not None
+                         and spec.internal_client != info.local_address)
             return
         except GatewayError as exc:
             self._failed(app, f"{spec.key}: {exc}")
             return
         now = self.clock()
         was_active = app.state is MapState.ACTIVE
+        self._taken_over.pop(app.wire.key, None)
         app.state = MapState.ACTIVE
         app.lease = granted.lease
         if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
             app.lease = self.traits.forced_lease  # what the router showed last time
+        elif self.traits.lease_cap and app.asked > self.traits.lease_cap and self._reads_back():
+            app.lease = min(app.lease or self.traits.lease_cap, self.traits.lease_cap)
         app.adds += 1
         app.added_at = now
         app.error = ""
+        app.self_only = False
         app.maybe_applied = False
         app.attempts = 0
         if not was_active:
             app.since = now
         self._moved(app, granted)
-        app.renew_at = now + granted.lease / 2 if granted.lease > 0 else math.inf
+        app.renew_at = now + app.lease / 2 if app.lease > 0 else math.inf
         self.ops["renew" if renewal else "add"] += 1
         if not renewal and self._reads_back() and (self.traits.confirm_adds()
                                                    or self._recheck_readback):
@@ -981,6 +1174,19 @@ class Mapper:
             app.verified = False  # it cannot show it: nothing to confirm
         if not renewal:
             self._changed(app, "mapped")
+
+    async def _recreate(self, app: Applied) -> Granted:
+        """Renew a mapping the router will not refresh: it answers 718 to our own re-add
+        (lontivero/Open.NAT#14) while its record shows the mapping is ours, so the lease would
+        run out. Deleted and added again (a moment closed, not abandoned as a conflict)."""
+        wire = app.wire
+        self._warn_once("refresh_conflict", (
+            f"router answered 718 ConflictInMappingEntry to renewing {wire.key}, which it shows "
+            "as ours: renewing by deleting and re-adding it"))
+        with contextlib.suppress(NoSuchMapping):
+            await self.gateway.delete(wire.proto, wire.external_port)
+        self.ops["delete"] += 1
+        return await self._add_leased(wire, app)
 
     def _moved(self, app: Applied, granted: Granted) -> None:
         """``external = "any"``: keep the port the router assigned (a VPN's NAT-PMP gateway
@@ -994,9 +1200,30 @@ class Mapper:
         log.info("%s: the router assigned external port %d", app.spec.key, app.external_port)
 
     def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
-        return client == spec.internal_client and (
-            owned_by(description, self.tag) is not None
-            or self._reclaimable(client, description))
+        """Whether the router's entry (its internal client and description) is our ``spec``.
+        On a router learned to cut descriptions, a prefix of ours of that length counts."""
+        if client != spec.internal_client:
+            return False
+        if owned_by(description, self.tag) is not None or self._reclaimable(client, description):
+            return True
+        cut, shown = self.traits.description_cut, description.strip()
+        return (cut is not None and abs(len(shown) - cut) <= 1 and len(shown) >= MIN_CUT
+                and len(shown) < len(spec.description) and spec.description.startswith(shown))
+
+    def _learn_cut(self, found: RouterMapping, wire: MappingSpec) -> bool:
+        """Read back right after our add was accepted: the router shows our client and port
+        with a prefix of our description, so it cuts descriptions (learned, persisted)."""
+        shown = found.description.strip()
+        if (found.internal_client != wire.internal_client
+                or found.internal_port != wire.internal_port or len(shown) < MIN_CUT
+                or len(shown) >= len(wire.description)
+                or not wire.description.startswith(shown)):
+            return False
+        self._learn(description_cut=len(shown))
+        self._warn_once("description_cut", (
+            f"router shows {wire.key} with its description cut to {shown!r}: igdtrigger "
+            "recognises its own mappings on this router by client, port and that prefix"))
+        return True
 
     def _reclaimable(self, client: str, description: str) -> bool:
         info = self.gateway.info
@@ -1012,9 +1239,10 @@ class Mapper:
         self.ops["errors"] += 1
         self._changed(app, "conflict")
 
-    def _failed(self, app: Applied, message: str) -> None:
+    def _failed(self, app: Applied, message: str, *, self_only: bool = False) -> None:
         if app.error != message:
             log.warning("mapping failed: %s", message)
+        app.self_only = self_only
         app.state = MapState.FAILED
         app.error = message
         app.retry_at = self.clock() + min(RETRY_MAX, RETRY_FIRST * 2 ** min(app.attempts, 6))
@@ -1079,7 +1307,10 @@ class Mapper:
             if found is None:
                 lost.append(app)
             elif not self._is_ours(found.internal_client, found.description, spec):
-                app.state = MapState.PENDING  # not ours any more: never delete it
+                # not ours any more: never delete it; named at stop (we did add it)
+                self._taken_over[spec.key] = (spec, found.internal_client,
+                                              found.lease_remaining)
+                app.state = MapState.PENDING
                 self._conflict(
                     app,
                     f"{spec.key} was taken over on the router by {found.internal_client} "

@@ -123,7 +123,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["port", "state"],
         "properties": {
             "port": {"type": "string", "example": "udp/40000"},
-            "state": {"enum": ["active", "pending", "held", "conflict", "failed"]},
+            "state": {"enum": ["active", "pending", "held", "conflict", "failed", "self"]},
             "held_by": {"type": ["string", "null"]},
             "external_port": {"type": "integer"},
             "error": {"type": "string"},
@@ -136,7 +136,9 @@ _SCHEMAS: dict[str, Any] = {
             "rule": {"type": "string"},
             "host": {"type": "string", "description": "LAN address the ports go to"},
             "source": {"enum": ["traffic", "process", "api", "run"]},
-            "state": {"enum": ["open", "partial", "pending", "waiting", "failed", "ended"]},
+            "state": {"enum": ["open", "partial", "pending", "waiting", "failed", "ended",
+                               "self"],
+                      "description": "self: the host maps its ports itself (secure mode)"},
             "ttl": {"type": "number"},
             "expires_in": {"type": ["number", "null"],
                            "description": "seconds until it closes if nothing changes; null "
@@ -147,6 +149,13 @@ _SCHEMAS: dict[str, Any] = {
             "live_flows": {"type": "integer",
                            "description": "live trigger and inbound flows it follows"},
             "held_by": {"type": "array", "items": {"type": "string"}},
+            "external_address": {"type": "string",
+                                 "description": "the router's external address, when known"},
+            "reason": {"enum": ["router_self_only"],
+                       "description": "why ports failed: router_self_only = the router only "
+                                      "lets a host map ports to itself (secure mode)"},
+            "message": {"type": "string", "description": "that reason and its fix, one line"},
+            "self_mapped": {"type": "boolean"},
             "ports": {"type": "array", "items": _ref("Port")},
         },
     },
@@ -164,9 +173,12 @@ _SCHEMAS: dict[str, Any] = {
             "ttl": {"oneOf": [
                 {"type": "number", "exclusiveMinimum": 0, "maximum": 604800},
                 {"type": "string",
-                 "pattern": "^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$"}],
-                "description": "seconds or 90s/10m/2h/1d (at most 7d); default: the rule's "
-                               "idle_timeout"},
+                 "pattern": "^([1-9][0-9]{0,4}[sS]|[1-9][0-9]{0,3}[mM]|[1-9][0-9]?[hH]"
+                            "|[1-7][dD]|[1-9][0-9]?[hH] ?[0-5]?[0-9][mM]"
+                            "|[1-9][0-9]{0,3}[mM] ?[0-5]?[0-9][sS])$"}],
+                "description": "seconds, or the duration grammar every input shares: 90s, 10m, "
+                               "2h, 1d, 1h30m, 10m 0s, 1h 0m, 2H (at most 7d); default: the "
+                               "rule's idle_timeout"},
             "host": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
                      "description": "another LAN host (admin token only)"},
             "source": {"enum": ["api", "run"]},
@@ -322,7 +334,12 @@ def build_openapi(version: str) -> dict[str, Any]:
             {"200": _json(_ref("Activation")), "404": _err("No such activation")},
             op_id="refreshActivation", params=[_ID],
             body={"type": "object", "additionalProperties": False,
-                  "properties": {"ttl": {"type": ["number", "string"]}}},
+                  "properties": {"ttl": {"type": ["number", "string"]},
+                                 "self_mapped": {
+                                     "type": "boolean",
+                                     "description": "the caller maps the ports itself: taken "
+                                                    "after the router refused them to this "
+                                                    "service (secure mode)"}}},
             errors=_ERRORS_ACT)},
         "/": {"get": _op("The dashboard (HTML)", "public",
                          {"200": {"description": "HTML",

@@ -122,6 +122,14 @@ def _overlap(a: PortRange, b: PortRange) -> bool:
     return a.proto is b.proto and a.first <= b.last and b.first <= a.last
 
 
+def self_only_message(rule: str, host: str) -> str:
+    """One line: why a router in secure mode refused a host's ports to this service, and the
+    fix (README: the home-server section)."""
+    return (f"the router only lets a host map ports to itself (UPnP secure mode): start the game "
+            f"on {host} with `igdtrigger run --rule {rule} -- GAME` (it maps its own ports and "
+            "reports back), or allow mappings for other hosts in the router's UPnP settings")
+
+
 class Service:
     def __init__(
         self,
@@ -259,6 +267,8 @@ class Service:
         if w is not None and (w.location, w.local_address) == (info.location,
                                                               info.local_address):
             return
+        if w is not None and w.local_address == info.local_address and w.follow(info.location):
+            return  # the same router at another URL: keeps what it announced
         if w is not None:
             w.close()
         from .gateway.ssdpwatch import NotifyWatcher
@@ -342,12 +352,21 @@ class Service:
                     det.name, False, f"standby: {standby} is active; this one stands in if "
                     f"{standby} stops or stops seeing flows"))
                 continue
+            if det.name == "conntrack" and self.tracking is not None:
+                det.tracking_managed = True  # type: ignore[attr-defined]
             try:
                 det.check()
             except DetectionUnavailable as exc:
                 self.detector_status.append(DetectorStatus(det.name, False, str(exc)))
                 if det.name == "process" and not any(r.process for r in self.config.rules):
                     log.info("detector process idle: no rule names a process")
+                    continue
+                if not self.config.detect.explicit and any(
+                        getattr(d, "standby_for", "") == det.name for d in self.detectors):
+                    # the default set: the socket table stands in, as it is meant to; one calm
+                    # line (status and doctor carry the reason and the fix)
+                    log.info("detector %s not available here; the socket table stands in "
+                             "(`igdtrigger doctor` says why and how to enable it)", det.name)
                     continue
                 log.warning(
                     "detector %s unavailable: %s; explicit activations (run, activate, API) "
@@ -705,10 +724,31 @@ class Service:
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act, include_ports=False)
 
-    def heartbeat(self, act_id: str, ttl: float | None) -> dict[str, Any]:
+    def heartbeat(self, act_id: str, ttl: float | None,
+                  self_mapped: bool | None = None) -> dict[str, Any]:
+        """Extend an activation; ``self_mapped``: its host reports it maps the ports itself
+        (True; only after this service was refused them as secure mode) or no longer (False)."""
         act = self.engine.heartbeat(act_id, ttl)
+        # taken only when true: after the router refused this host's ports to us as secure
+        # mode (else ignored; the answer's state says which holds)
+        if (self_mapped is not None and self_mapped != act.self_mapped
+                and (not self_mapped or self._refused_self_only(act))):
+            self.engine.set_self_mapped(act_id, self_mapped)
+            log.info("rule %s for %s: %s", act.rule.name, act.host,
+                     "mapped by that host itself (the router only lets a host map ports to "
+                     "itself)" if self_mapped else "mapped by this service again")
+            self.hub.publish({"at": time.time(), "event": "self_mapped" if self_mapped
+                              else "self_unmapped", "rule": act.rule.name, "host": act.host})
         self.wake()
         return self.activation_json(act)
+
+    def _refused_self_only(self, act: Activation) -> bool:
+        for rng in act.rule.open:
+            for port in rng:
+                app = self.mapper.applied.get(MappingKey(rng.proto, port))
+                if app is not None and app.spec.internal_client == act.host and app.self_only:
+                    return True
+        return False
 
     async def _wait_applied(self, generation: int, timeout: float) -> None:
         self.wake()
@@ -811,13 +851,24 @@ class Service:
     def activation_json(self, act: Activation, *, include_ports: bool = True) -> dict[str, Any]:
         now = self.clock()
         out = act.to_json(now)
+        info = self.gateway.info
+        if info is not None and info.external_address:
+            out["external_address"] = info.external_address
         if not include_ports:
             out["state"] = "ended"
+            return out
+        if act.self_mapped:
+            out["state"] = "self"
+            out["message"] = (f"mapped by {act.host} itself: the router only lets a host map "
+                              "ports to itself (UPnP secure mode)")
+            out["ports"] = [{"port": str(MappingKey(rng.proto, port)), "state": "self"}
+                            for rng in act.rule.open for port in rng]
             return out
         desired = self.desired()
         waiting = self.engine.waiting_for(act, desired)
         ports: list[dict[str, Any]] = []
         states: set[str] = set()
+        self_only = False
         for rng in act.rule.open:
             for port in rng:
                 key = MappingKey(rng.proto, port)
@@ -835,6 +886,7 @@ class Service:
                     entry = {"port": str(key), "state": st, "external_port": app.external_port}
                     if app.error:
                         entry["error"] = app.error
+                    self_only = self_only or app.self_only
                 states.add(st)
                 ports.append(entry)
         if waiting:
@@ -848,6 +900,9 @@ class Service:
             out["state"] = "failed"
         else:
             out["state"] = "pending"
+        if self_only:  # the reason and the fix, once (the ports' errors say it per port)
+            out["reason"] = "router_self_only"
+            out["message"] = self_only_message(act.rule.name, act.host)
         out["ports"] = ports
         return out
 
@@ -857,11 +912,9 @@ class Service:
         info = self.gateway.info
         now = self.clock()
         warnings: list[str] = []
-        if info is not None and not info.external_reachable:
-            warnings.append(
-                f"external address {info.external_address or 'unknown'} is not public: ports "
-                "opened here are not reachable from the internet (double NAT or CGNAT)"
-            )
+        external_warning = info.external_warning() if info is not None else None
+        if external_warning is not None:
+            warnings.append(external_warning)
         for st in self.detector_status:
             if not st.active and not st.reason.startswith(("standby", "no rule names")):
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
@@ -893,7 +946,7 @@ class Service:
                 "location": info.location if info else self.config.gateway.url,
                 "local_address": info.local_address if info else None,
                 "external_address": info.external_address if info else None,
-                "external_reachable": info.external_reachable if info else None,
+                "external_reachable": info.reachable_or_unknown if info else None,
                 # the one service choice (gateway.soap.find_wan_service) and what it offers
                 "backend": (info.backend or None) if info else None,
                 "service_type": (info.service_type or None) if info else None,

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a servic
 
     from .gateway.base import GatewayInfo
     from .journal import Journal
-    from .model import MappingKey, MappingSpec, PinholeSpec
+    from .model import MappingKey, MappingSpec, PinholeSpec, PortRange
     from .pinholes import PinholeKeeper
 
 log = logging.getLogger("igdtrigger.run")
@@ -76,13 +76,30 @@ class Holder:
 
 
 class ServiceHolder(Holder):
-    def __init__(self, client: Client, rule: str, ttl: float) -> None:
+    def __init__(self, client: Client, rule: str, ttl: float,
+                 announce: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.client = client
         self.rule = rule
         self.ttl = ttl
         self.act_id: str | None = None
         self.response: dict[str, Any] | None = None
+        self.announce = announce
+        # set when this PC maps the ports itself (secure mode): every heartbeat says so, so
+        # the service's status and dashboard show it ("mapped by the PC itself")
+        self.self_mapped = False
+        self._kick = threading.Event()
+
+    def report_self_mapped(self) -> None:
+        """Tell the service now (from any thread) that this PC maps the ports itself."""
+        self.self_mapped = True
+        self._kick.set()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until kicked; True when it is time to stop."""
+        self._kick.wait(seconds)
+        self._kick.clear()
+        return self.done.is_set()
 
     def activate(self) -> dict[str, Any]:
         data = self.client.request(
@@ -104,17 +121,21 @@ class ServiceHolder(Holder):
         """Refresh every ttl/3; without an activation (the service was busy or away when the
         game started, or it restarted) ask for one every ``LATE_RETRY`` s until it answers."""
         warned = False
-        while not self.done.wait(self.ttl / 3 if self.act_id is not None else LATE_RETRY):
+        while not self._sleep(self.ttl / 3 if self.act_id is not None else LATE_RETRY):
             try:
                 if self.act_id is None:
                     late = self.response is None
                     data = self.activate()
                     if late:
-                        _info(f"the service answered: rule {self.rule} {data.get('state')}"
-                              f" ({ports_env(data) or 'no ports'})")
+                        _info("the service answered: " + (
+                            opened_line(data) if self.announce is not None
+                            else f"rule {self.rule} {data.get('state')}"))
                 else:
+                    body: dict[str, Any] = {"ttl": self.ttl}
+                    if self.self_mapped:
+                        body["self_mapped"] = True
                     self.client.request("POST", f"/api/v1/activations/{self.act_id}/refresh",
-                                        {"ttl": self.ttl}, timeout=3)
+                                        body, timeout=3)
                 warned = False
             except ApiError as exc:
                 if exc.status == 404 and self.act_id is not None:
@@ -129,6 +150,7 @@ class ServiceHolder(Holder):
                     warned = True
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._kick.set()
         super().stop(timeout)
         act_id, self.act_id = self.act_id, None  # ended once, whatever happens
         if act_id is not None:
@@ -146,11 +168,15 @@ class ServiceHolder(Holder):
 class StandaloneHolder(Holder):
     """No service: map the rule's ports from this process, on short leases."""
 
-    def __init__(self, config: Config, rule: Rule) -> None:
+    def __init__(self, config: Config, rule: Rule,
+                 announce: Callable[[str], None] | None = None,
+                 on_mapped: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.config = config
         self.rule = rule
         self.ready = threading.Event()
+        self.announce = announce
+        self.on_mapped = on_mapped  # called once some ports are open (secure-mode fallback)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop_async: asyncio.Event | None = None
 
@@ -211,6 +237,14 @@ class StandaloneHolder(Holder):
         if n_ok < len(desired) and not self.done.is_set():
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
                   + "; ".join(sorted({a.error for a in mapper.applied.values() if a.error})))
+        if n_ok:
+            opened = [str(a.spec.key) for a in sorted(mapper.applied.values(),
+                                                      key=lambda a: a.spec.key)
+                      if a.state is MapState.ACTIVE]
+            if self.announce is not None:
+                self.announce(_opened(opened, info.external_address))
+            if self.on_mapped is not None:
+                self.on_mapped()
         self.ready.set()
         holes, keeper = self._pinholes(info, desired, clock, lease, journal)
         if keeper is not None:  # IPv6 after IPv4: the game is not kept waiting for it
@@ -267,6 +301,60 @@ class StandaloneHolder(Holder):
                 loop.call_soon_threadsafe(ev.set)
         if self.thread is not None:
             self.thread.join(timeout)
+
+
+def _opened(ports: Sequence[str], external: str) -> str:
+    from .model import compress_ports
+
+    return (f"{compress_ports(ports)} open on {external or 'the router'} for this PC while the "
+            "game runs")
+
+
+def opened_line(activation: dict[str, Any]) -> str:
+    """What ``run`` says once on stderr: ``udp/40000-40010 open on 203.0.113.4 for this PC
+    while the game runs`` (or which ports did not open, and why, once)."""
+    ports = [p for p in activation.get("ports", []) if isinstance(p, dict)]
+    opened = [str(p.get("port")) for p in ports if p.get("state") == "active"]
+    line = _opened(opened, str(activation.get("external_address") or "")) if opened else (
+        f"rule {activation.get('rule')}: no port open ({activation.get('state')})")
+    if len(opened) < len(ports):
+        errors = sorted({str(p.get("error") or p.get("state")) for p in ports
+                         if p.get("state") != "active"})
+        if activation.get("message"):
+            errors = [str(activation["message"])]
+        line += f"; {len(ports) - len(opened)} not open: " + "; ".join(errors)
+    return line
+
+
+class _Both(Holder):
+    """Secure-mode fallback: this PC maps its ports itself (standalone) while the service's
+    activation stays alive by heartbeat, reporting "mapped by the PC itself"."""
+
+    def __init__(self, service: ServiceHolder, own: StandaloneHolder) -> None:
+        super().__init__()
+        self.service = service
+        self.own = own
+
+    def start(self) -> None:
+        self.own.start()
+        self.service.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.own.stop(timeout)
+        self.service.stop(timeout)
+
+
+def _server_rule(name: str, activation: dict[str, Any], ttl: float) -> Rule | None:
+    """The service's rule as its answer lists it (the same ports, nothing more)."""
+    from .model import parse_port_spec
+
+    ranges: list[PortRange] = []
+    for p in activation.get("ports", []):
+        try:
+            ranges.extend(parse_port_spec(str(p.get("port"))))
+        except (ValueError, AttributeError):
+            return None
+    return Rule(name, (), tuple(ranges), ttl) if ranges else None
 
 
 def ports_env(activation: dict[str, Any]) -> str:
@@ -423,6 +511,8 @@ def run(
     strict_rule: bool = True,
     wait_process: Sequence[str] = (),
     wait_start: float = WAIT_START,
+    quiet: bool = False,
+    token_guessed: bool = False,
     admin_socket: Path | None = None,
     token_uid: int | None = None,
 ) -> int:
@@ -437,16 +527,35 @@ def run(
     holder: Holder | None = None
     env = dict(os.environ)
     client = Client(server, token=token, timeout=2.0, admin_socket=admin_socket,
-                    token_uid=token_uid)
+                    token_uid=token_uid, token_guessed=token_guessed)
+    announce = None if quiet else _info
     try:
-        sh = ServiceHolder(client, rule, ttl)
+        sh = ServiceHolder(client, rule, ttl, announce=announce)
         data = sh.activate()
         holder = sh
         env["IGDTRIGGER_PORTS"] = ports_env(data)
         env["IGDTRIGGER_ACTIVATION"] = str(data.get("id", ""))
-        if data.get("state") not in ("open", None):
-            _warn(f"rule {rule}: {data.get('state')}"
+        own = (_server_rule(rule, data, ttl) if data.get("reason") == "router_self_only"
+               else None)
+        if own is not None:
+            # the router refuses this PC's ports to the service (secure mode): map them from
+            # here, the same ports the service's rule names, and tell the service
+            _info(f"rule {rule}: the router only lets a host map ports to itself (UPnP "
+                  "secure mode), so the service cannot open them for this PC: mapping them "
+                  "from this PC (the service's rule, reported back to it)")
+            holder = _Both(sh, StandaloneHolder(config, own, announce=announce,
+                                                on_mapped=sh.report_self_mapped))
+        elif data.get("state") == "waiting":
+            _warn(f"rule {rule}: waiting"
                   + (f" (held by {', '.join(data['held_by'])})" if data.get("held_by") else ""))
+        elif data.get("state") == "pending":
+            _warn(f"rule {rule}: pending (the router has not answered yet)")
+        else:
+            line = opened_line(data)
+            if data.get("state") != "open":
+                _warn(line)
+            elif announce is not None:
+                announce(line)
     except ApiError as exc:
         if exc.status == 404 and strict_rule:  # unknown rule: a mistake to fix, not an outage
             raise UsageError(str(exc)) from None
@@ -459,7 +568,7 @@ def run(
     except ServiceUnavailable as exc:
         rule_cfg = config.rule(rule)
         if rule_cfg is not None:
-            holder = StandaloneHolder(config, rule_cfg)
+            holder = StandaloneHolder(config, rule_cfg, announce=announce)
         elif strict_rule and config.rules:  # this machine has rules and not this one: a typo
             raise RuleNotFound(rule, [r.name for r in config.rules]) from None
         else:
@@ -588,7 +697,7 @@ def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
         except OSError as exc:  # the holder stops once, below
             _warn(f"cannot run {command[0]!r}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        if isinstance(holder, ServiceHolder | StandaloneHolder):
+        if isinstance(holder, ServiceHolder | StandaloneHolder | _Both):
             holder.start()
         rc = _wait_forwarding(child, sigs)
         if waiter is not None:

@@ -41,7 +41,7 @@ from ..errors import (
     UnsupportedAction,
 )
 from ..errors import MalformedReply as MalformedReply  # the one class, re-exported here
-from .base import is_public_address
+from .base import counts_as_public
 
 MAX_DESCRIPTION = 256 * 1024
 MAX_SOAP = 256 * 1024
@@ -230,7 +230,7 @@ class ServiceProbe:
         if not self.connected:
             return 3
         ext = self.external_address.strip()
-        if is_public_address(ext):
+        if counts_as_public(ext):
             return 0
         return 1 if ext and ext != "0.0.0.0" else 2
 
@@ -292,7 +292,8 @@ def parse_soap_response(status: int, body: bytes, action: str) -> dict[str, str]
                 desc_el = next((e for e in el.iter() if _local(e.tag) == "errorDescription"),
                                None)
                 code_s = _text(code_el)
-                code = int(code_s) if code_s.lstrip("-").isdecimal() else None
+                digits = code_s[1:] if code_s.startswith("-") else code_s
+                code = int(code_s) if digits.isdecimal() else None
                 return UpnpFault(code, _text(desc_el) or "UPnPError")
             if name == f"{action}Response":
                 return {_local(c.tag): _text(c) for c in el}
@@ -510,6 +511,7 @@ class NotifyTracker:
     """
 
     MAX_UUIDS = 16  # one per device of the IGD: root, WANDevice, WANConnectionDevice
+    MAX_LOCATIONS = 4  # URLs our root was announced at (one device, several descriptions)
 
     def __init__(self, gateway_ip: str, location: str | None = None,
                  uuids: Iterable[str] = ()) -> None:
@@ -518,6 +520,18 @@ class NotifyTracker:
         self.uuids: set[str] = {u.strip().lower() for u in uuids if u.strip()}
         self.boot_id = ""
         self.left = False  # a byebye was seen and no alive since
+        # every URL our root was announced at: a root served at two URLs (an IGD:1 and an
+        # IGD:2 description of one device) announces both every round, which is no move
+        self.seen: list[str] = [self.location] if self.location else []
+
+    def follow(self, location: str) -> None:
+        """We now use ``location`` (after a move): remembered, and compared against."""
+        self.location = location
+        self._saw(location)
+
+    def _saw(self, location: str) -> None:
+        if location and location not in self.seen:
+            self.seen = [*self.seen, location][-self.MAX_LOCATIONS:]
 
     def _ours(self, msg: SsdpNotify) -> bool:
         if msg.uuid in self.uuids:
@@ -545,7 +559,7 @@ class NotifyTracker:
         if not self._ours(msg):
             return None  # another IGD root on the router (a second WAN, a second stack)
         change: RouterChange | None = None
-        if self.location and msg.location != self.location:
+        if self.location and msg.location not in (self.location, *self.seen):
             change = RouterChange(RouterChangeKind.MOVED,
                                   f"the router now announces its IGD at {msg.location} "
                                   f"(was {self.location})", msg.location)
@@ -557,7 +571,9 @@ class NotifyTracker:
             change = RouterChange(RouterChangeKind.RESTARTED,
                                   "the router said ssdp:byebye and is back", msg.location)
         self.left = False
-        self.location = msg.location
+        if change is not None or not self.location:
+            self.location = msg.location
+        self._saw(msg.location)
         if msg.boot_id:
             self.boot_id = msg.boot_id
         return change

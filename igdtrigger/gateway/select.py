@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from ..errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
 from ..model import MappingSpec, Proto, RouterMapping
-from .base import Capability, Gateway, GatewayInfo, Granted
+from .base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 
 log = logging.getLogger("igdtrigger.gateway")
 
@@ -128,10 +128,50 @@ class FallbackGateway:
     async def list(self) -> list[RouterMapping]:
         return await self._on_current(lambda gw: gw.list())
 
+    # -- base.AdoptsLeftovers, for the candidates that have it ---------------------------------
+
+    def use_nonce_key(self, key: bytes) -> None:
+        for _, gw in self.candidates:
+            if isinstance(gw, AdoptsLeftovers):
+                gw.use_nonce_key(key)
+
+    def mapping_nonce(self, spec: MappingSpec) -> bytes:
+        """The PCP candidate's nonce (which candidate will map it is not known yet)."""
+        for _, gw in self.candidates:
+            if isinstance(gw, AdoptsLeftovers) and (nonce := gw.mapping_nonce(spec)):
+                return nonce
+        return b""
+
+    def adopt(self, spec: MappingSpec, nonce: bytes = b"") -> bool:
+        """The chosen backend's answer; True for UPnP, whose delete reaches any port."""
+        gw = self.current
+        return gw.adopt(spec, nonce) if isinstance(gw, AdoptsLeftovers) else True
+
     async def close(self) -> None:
         for _, gw in self.candidates:
             with contextlib.suppress(Exception):
                 await gw.close()
+
+
+def miniupnpc_available() -> bool:
+    """Is the miniupnpc binding importable? (It is optional in practice: a platform without a
+    binary wheel and without a compiler installs igdtrigger without it.)"""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("miniupnpc") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_said_no_miniupnpc = False
+
+
+def _say_no_miniupnpc() -> None:
+    global _said_no_miniupnpc
+    if not _said_no_miniupnpc:
+        _said_no_miniupnpc = True
+        log.info("miniupnpc is not installed: UPnP IGD through igdtrigger's own SOAP client")
 
 
 def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "upnp",
@@ -146,12 +186,19 @@ def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "up
     from .upnp import MiniupnpcGateway
 
     def upnp() -> Gateway:
-        mini = MiniupnpcGateway(url, discover_timeout=discover_timeout, on_call=on_call)
         soap = SoapGateway(url, discover_timeout=discover_timeout, on_call=on_call)
-        if backend == "miniupnpc":
-            return mini
         if backend == "soap":
             return soap
+        if not miniupnpc_available():
+            if backend == "miniupnpc":
+                raise ConfigError("miniupnpc is not installed here (no binary wheel for this "
+                                  "platform?): pip install miniupnpc (needs a C compiler), or "
+                                  'set backend = "auto" or "soap"', field="gateway.backend")
+            _say_no_miniupnpc()
+            return soap  # the same protocol through our own SOAP client
+        mini = MiniupnpcGateway(url, discover_timeout=discover_timeout, on_call=on_call)
+        if backend == "miniupnpc":
+            return mini
         return FallbackGateway([("upnp-igd/miniupnpc", mini), ("upnp-igd/soap", soap)])
 
     if protocol == "upnp":

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -514,6 +515,92 @@ def test_pcp_router_restart_is_caught_and_mappings_come_back(make_lab: Callable[
     assert not pmp_held(lab)
 
 
+def router_descriptions(lab: Lab) -> set[str]:
+    """The descriptions miniupnpd keeps with its mappings (its lease file: PROTO:eport:
+    iaddr:iport:timestamp:description; written as mappings change)."""
+    try:
+        lines = lab.lease_path.read_text().splitlines()
+    except FileNotFoundError:
+        return set()
+    return {line.split(":", 5)[5] for line in lines if line.count(":") >= 5}
+
+
+def journal_nonces(s: Serve) -> set[str]:
+    """The journal's PCP nonces as miniupnpd writes them: three 32-bit words, each printed
+    with %08x from host (little-endian) order."""
+    db = sqlite3.connect(s.state / "journal.sqlite3")
+    try:
+        raw = [bytes.fromhex(str(n)) for (n,) in db.execute("SELECT nonce FROM mappings")]
+    finally:
+        db.close()
+    return {"".join(n[i:i + 4][::-1].hex() for i in (0, 4, 8)) for n in raw}
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
+def test_kill_9_natpmp_pcp_leftovers_are_deleted_at_the_next_start(
+        make_lab: Callable[..., Lab], tmp_path: Path, protocol: str) -> None:
+    """A crash leaves NAT-PMP/PCP mappings (an hour's lifetime) that nobody can list; the next
+    start deletes them from the journal (PCP with the nonce that made them, which miniupnpd
+    checks) and the WAN can no longer reach the ports."""
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="10m", protocol=protocol).start()
+    try:
+        s.cli("activate", "game", "--for", "2s")
+        wait_for(lambda: len(pmp_held(lab)) == 4, 10, f"mappings over {protocol}")
+        if protocol == "pcp":  # the router's record of each nonce is the journal's
+            assert router_descriptions(lab) == {f"PCP MAP {n}" for n in journal_nonces(s)}
+        assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+        time.sleep(2.5)  # the activation's time runs out while the service is dead
+        assert len(pmp_held(lab)) == 4  # a crash leaves them (their lifetime is an hour)
+        assert all_open(lab)
+        s.start()
+        wait_for(lambda: not pmp_held(lab), 15, "leftovers deleted by the restarted service")
+        assert not router_descriptions(lab)  # the daemon's own record agrees
+        assert none_open(lab)
+        log = s.logtext()
+        assert log.count("(left by an earlier run)") == 4, log
+        assert "cannot be deleted" not in log and "refused" not in log, log
+        assert s.status()["activations"] == []
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            assert s.stop() == 0
+    assert not pmp_held(lab)
+
+
+def test_pcp_leftover_remapped_by_another_program_is_left_alone(make_lab: Callable[..., Lab],
+                                                                tmp_path: Path) -> None:
+    """After the crash another PCP client on the LAN host maps one of the ports with its own
+    nonce (miniupnpd replaces ours): the next start's delete with our nonce is refused by the
+    router (it checks nonces), so that mapping is left alone; the other three are deleted."""
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="10m", protocol="pcp").start()
+    try:
+        s.cli("activate", "game", "--for", "2s")
+        wait_for(lambda: len(pmp_held(lab)) == 4, 10, "mappings over PCP")
+        assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+        other = ("import os, socket\n"
+                 "from igdtrigger.gateway.pmp import build_pcp_map\n"
+                 "from igdtrigger.model import Proto\n"
+                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "s.settimeout(3)\n"
+                 f"s.sendto(build_pcp_map(os.urandom(12), Proto.UDP, 40000, 40000, 3600, "
+                 f"{lab.lan_ip!r}), ({lab.router_lan_ip!r}, 5351))\n"
+                 "print(s.recv(1100)[3])\n")
+        p = lab.run(lab.lan, [sys.executable, "-c", other], env=env(), cwd=ROOT, check=True)
+        assert p.stdout.strip() == "0", p.stdout + p.stderr  # SUCCESS: theirs now
+        time.sleep(2.5)
+        s.start()
+        wait_for(lambda: pmp_held(lab) == {("UDP", 40000)}, 15, "our three deleted, theirs not")
+        wait_for(lambda: "another client has mapped that internal port" in s.logtext(), 15,
+                 "the refused delete named")
+        assert s.logtext().count("(left by an earlier run)") == 3
+        assert lab.probe("udp", 40000)  # theirs still works
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            assert s.stop() == 0
+    assert pmp_held(lab) == {("UDP", 40000)}  # not ours: the stop leaves it too
+
+
 @pytest.mark.parametrize("igd_v1", [False, True], ids=["igdv2", "igdv1"])
 def test_activation_for_another_host_with_secure_mode_off(make_lab: Callable[..., Lab],
                                                           tmp_path: Path, igd_v1: bool) -> None:
@@ -549,3 +636,60 @@ def test_without_gateway_url_the_router_is_found_by_ssdp(lab: Lab, tmp_path: Pat
     finally:
         assert s.stop() == 0
     assert not ours(lab)
+
+
+@pytest.mark.parametrize("igd_v1", [False, True], ids=["igdv2", "igdv1"])
+def test_home_server_on_a_secure_mode_router_the_pc_maps_its_own_ports(
+        make_lab: Callable[..., Lab], tmp_path: Path, igd_v1: bool) -> None:
+    """issue 15: the service on LAN host 1 (a home server), `igdtrigger run` on LAN host 2.
+    miniupnpd in secure mode refuses host 2's ports to the server; the wrapper says why in one
+    line, maps them from host 2 itself (the server's rule: the same ports), reports back, and
+    the WAN packet reaches host 2 while the game runs. Nothing stays open after it."""
+    lab = make_lab(secure_mode=True, igd_v1=igd_v1, lan_hosts=2)
+    s = Serve(lab, tmp_path, idle="10m")
+    s.config.write_text(s.config.read_text().replace(
+        'listen = "127.0.0.1:8731"', 'listen = "0.0.0.0:8731"\nzeroconf = false'))
+    s.start()
+    pc_config = tmp_path / "pc.toml"  # the PC has no rules of its own: they live on the server
+    pc_config.write_text("")
+    marker = tmp_path / "game-may-exit"
+    game = ("import pathlib, sys, time\n"
+            f"p = pathlib.Path({str(marker)!r})\n"
+            "deadline = time.monotonic() + 60\n"
+            "while not p.exists() and time.monotonic() < deadline: time.sleep(0.05)\n"
+            "sys.exit(5)\n")
+    pc = lab.lan_hosts[1]
+    errlog = tmp_path / "run.err"
+    with errlog.open("wb") as err:
+        wrapper = lab.popen(pc, igdt_argv(
+            "run", "--config", str(pc_config), "--server", f"http://{lab.lan_ip}:8731",
+            "--rule", "game", "--", sys.executable, "-c", game),
+            env={**env(), "IGDTRIGGER_STATE_DIR": str(tmp_path / "pc-state")}, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        other = lab.lan_ips[1]
+        wait_for(lambda: {m[2] for m in ours(lab)} == {other} and len(ours(lab)) == 4, 30,
+                 "host 2 to map its own ports")
+        assert lab.probe("udp", 40000, host=1), f"router has {ours(lab)}"
+        assert lab.probe("tcp", 40005, host=1)
+
+        def reported() -> bool:
+            acts = s.status()["activations"]
+            return any(a["host"] == other and a["state"] == "self" for a in acts)
+
+        wait_for(reported, 30, "the server to show the activation as mapped by the PC itself")
+        act = next(a for a in s.status()["activations"] if a["host"] == other)
+        assert "itself" in act["message"] and act["source"] == "run"
+        text = errlog.read_text()
+        # the reason and the fix, once, then what opened
+        assert text.count("the router only lets a host map ports to itself") == 1, text
+        assert f"open on {lab.router_wan_ip} for this PC while the game runs" in text, text
+        assert "Traceback" not in text
+    finally:
+        marker.touch()
+        rc = wrapper.wait(30)
+    assert rc == 5, errlog.read_text()
+    wait_for(lambda: not ours(lab), 15, "host 2's own mappings to be removed")
+    wait_for(lambda: not s.status()["activations"], 15, "the activation to end on the server")
+    assert "could not end the activation" not in errlog.read_text()
+    assert s.stop() == 0
