@@ -264,9 +264,10 @@ class Client:
     """``admin_socket``: talk to the service over its local admin socket (no token needed);
     else over TCP, where the admin token goes to a loopback service only when the kernel says
     the process at the other end of that connection runs as the token file's owner
-    (``token_uid``, Linux), so an impostor on the port never sees it. ``token_guessed``: the token came from a file on this machine and may be
-    another service's (a second instance, a container's): when the service answers 401 to it,
-    ask again without it, as any client would be heard."""
+    (``token_uid``, Linux), so an impostor on the port never sees it. ``token_guessed``: the
+    token came from a file on this machine and may be another service's (a second instance,
+    a container's): when the service answers 401 to it, ask again without it, as any client
+    would be heard."""
 
     def __init__(self, server: str | None = None, *, token: str | None = None,
                  timeout: float = 10.0, admin_socket: Path | None = None,
