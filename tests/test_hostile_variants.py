@@ -29,38 +29,28 @@ from igdtrigger.api import ApiSettings, make_app
 from igdtrigger.config import parse_config
 from igdtrigger.errors import ConfigError
 from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
-from igdtrigger.logthrottle import QuietBadRequests
 from igdtrigger.service import Service
 
+from . import test_hostile
 from .fakes import FakeClock
 from .test_api_auth import fake_remote
 from .test_conntrack import wait_until
 from .test_hostile import CONFIG, _service, remote
+from .test_httpguard import quiet_server_log
 
 Client = TestClient[Any, Any]
 V6 = {**CONFIG, "api": {**CONFIG["api"], "allow": ["192.168.1.0/24", "fd00:1::/48"],
                          "rate_limit": 1000, "rate_burst": 1000}}
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+clock = test_hostile.clock  # fixtures shared with test_hostile (its client serves our svc)
+client = test_hostile.client
 
 
 @pytest.fixture
 async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
+    """test_hostile's service with IPv6 in the LAN (its ``client`` serves this one)."""
     service = await _service(tmp_path, clock, V6)
     yield service
     await service.stop()
-
-
-@pytest.fixture
-async def client(svc: Service) -> AsyncIterator[Client]:
-    c: Client = TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
-                                      host="127.0.0.1"))
-    await c.start_server()
-    yield c
-    await c.close()
 
 
 async def test_adhoc_activations_from_rotating_ipv6_addresses_are_bounded(
@@ -242,13 +232,10 @@ def test_ipv4_mapped_addresses_are_judged_as_ipv4() -> None:
 
 async def test_clients_that_hang_up_mid_body_log_one_line_without_traceback(
         client: Client, caplog: pytest.LogCaptureFixture) -> None:
-    quiet = QuietBadRequests()
-    server_log = logging.getLogger("aiohttp.server")
-    server_log.addFilter(quiet)
     caplog.set_level(logging.DEBUG, "aiohttp.server")
     port = client.server.port
     assert port is not None
-    try:
+    with quiet_server_log():
         for i in range(20):  # half a body, a chunk never ended: then the client hangs up
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -260,8 +247,6 @@ async def test_clients_that_hang_up_mid_body_log_one_line_without_traceback(
             writer.transport.abort()
         await wait_until(lambda: any(r.name == "aiohttp.server" for r in caplog.records), 10)
         await asyncio.sleep(0.2)
-    finally:
-        server_log.removeFilter(quiet)
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(records) == 1, [r.getMessage() for r in records]
     assert records[0].exc_info is None and "went away" in records[0].getMessage()

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -392,27 +392,36 @@ def test_miniupnpc_socket_error_while_out_of_descriptors_is_local() -> None:
     assert isinstance(fault, LocalResourceError)
 
 
-async def test_requests_that_are_not_http_are_400_and_logged_once_without_traceback(
-        svc: Service, caplog: pytest.LogCaptureFixture) -> None:
+@contextlib.contextmanager
+def quiet_server_log() -> Iterator[None]:
+    """aiohttp's server log with the service's filter (as ``serve`` sets it up)."""
     from igdtrigger.logthrottle import QuietBadRequests
 
     quiet = QuietBadRequests()
     server_log = logging.getLogger("aiohttp.server")
     server_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        server_log.removeFilter(quiet)
+
+
+async def test_requests_that_are_not_http_are_400_and_logged_once_without_traceback(
+        svc: Service, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, "aiohttp.server")
     sock = listen_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     runner, servers = await _serve(svc, ConnectionGuard(), [sock])
     try:
-        for _ in range(5):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
-            status_line = await asyncio.wait_for(reader.readline(), 10)
-            assert status_line.split()[1] == b"400"
-            writer.close()
+        with quiet_server_log():
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
+                status_line = await asyncio.wait_for(reader.readline(), 10)
+                assert status_line.split()[1] == b"400"
+                writer.close()
     finally:
         await _stop(runner, servers)
-        server_log.removeFilter(quiet)
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(records) == 1
     assert records[0].levelno == logging.WARNING and records[0].exc_info is None
