@@ -486,9 +486,9 @@ def test_systemd_configuration_directory_first_entry(monkeypatch: pytest.MonkeyP
     assert Path("/etc/igd-b/config.toml") not in default_config_paths()
 
 
-def test_state_dir_this_process_may_not_write_is_refused(
+def test_state_dir_this_process_may_not_enter_is_refused(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Tests run as root, who may write anywhere: the kernel's answer is faked for one
+    """Tests run as root, who may enter anything: the kernel's answer is faked for one
     directory, as a container's /config owned by another uid would answer."""
     import os
     state = tmp_path / "state"
