@@ -509,3 +509,21 @@ def test_too_many_ports_over_all_rules_names_the_file_and_the_rule() -> None:
     with pytest.raises(ConfigError, match="the rules together open 20480 ports") as e:
         validate_bounds(parse_config({"rules": rules}, source="/etc/igdtrigger/config.toml"))
     assert (e.value.source, e.value.field) == ("/etc/igdtrigger/config.toml", "rules[4].open")
+
+
+@pytest.mark.parametrize(("nets", "field"), [
+    (["192.168.1.0/24", "0.0.0.0/0"], "api.allow[1]"),
+    (["::/0"], "api.allow[0]"),
+    (["::ffff:0:0/96"], "api.allow[0]"),  # every IPv4 address, written as IPv6
+    (["::/1"], "api.allow[0]"),  # holds ::ffff:0:0/96
+])
+def test_api_allow_of_every_address_is_refused(nets: list[str], field: str) -> None:
+    with pytest.raises(ConfigError, match="is every address: anyone on the Internet") as e:
+        parse_config({"api": {"allow": nets}})
+    assert e.value.field == field
+
+
+def test_api_allow_of_lan_networks_is_kept() -> None:
+    nets = ["192.168.1.0/24", "fd00::/8", "::ffff:192.168.1.0/120", "10.0.0.0/8"]
+    assert list(parse_config({"api": {"allow": nets}}).api.allow) == [
+        ipaddress.ip_network(n) for n in nets]

@@ -828,3 +828,10 @@ def test_addresses_behind_one_mac_are_capped_by_default() -> None:
         assert len(eng.on_flow(src_flow(i))) == 1
     assert eng.on_flow(src_flow(engine_mod.MAX_HOSTS_PER_ORIGIN + 1)) == []
     assert eng.refused["detected_per_origin"] == 1
+
+
+@pytest.mark.parametrize("host", ["pc", "", "192.168.1.300"])
+def test_restore_refuses_a_row_whose_host_is_not_an_address(host: str) -> None:
+    eng, _, _ = make(rule())  # a rule for any host: only the address check can refuse
+    assert eng.restore("x", "demo", host, "api", age=0, remaining=30, ttl=60, meta={}) is None
+    assert eng.activations == {}
