@@ -366,3 +366,24 @@ def test_the_kernel_filter_merges_overlapping_ranges() -> None:
         assert run_bpf(prog, encode_flow(udp4(dport=port))) != 0, port
     for port in (99, 311):
         assert run_bpf(prog, encode_flow(udp4(dport=port))) == 0, port
+
+
+def test_a_get_reply_is_matched_to_its_request_and_a_dump_ends_where_the_kernel_says() -> None:
+    """The socket side's two readers of a reply: which errno answers request ``seq`` (the
+    kernel's NLMSG_ERROR carries -errno, 0 = ACK), and whether a dump's datagram holds its end."""
+    from igdtrigger.detect.conntrack import _has_done, _reply_errno
+
+    def error(seq: int, errno: int) -> bytes:
+        return nlmsg(2, struct.pack("=i", -errno), flags=0, seq=seq)
+
+    entry = entry_msg(udp4())
+    data = entry + error(9, 2) + error(7, 1)
+    assert _reply_errno(data, 7) == 1  # EPERM for request 7, past another request's ENOENT
+    assert _reply_errno(data, 9) == 2
+    assert _reply_errno(data, 8) is None
+    assert _reply_errno(entry + error(3, 0), 3) == 0  # an ACK
+    assert _reply_errno(error(7, 1)[:19], 7) is None  # no room for the errno
+    assert not _has_done(entry + entry)
+    assert _has_done(entry + nlmsg(3, b"", flags=0))  # NLMSG_DONE: a bare header, last
+    assert _has_done(entry + error(1, 0))
+    assert not _has_done(b"")
