@@ -387,3 +387,24 @@ def test_a_get_reply_is_matched_to_its_request_and_a_dump_ends_where_the_kernel_
     assert _has_done(entry + nlmsg(3, b"", flags=0))  # NLMSG_DONE: a bare header, last
     assert _has_done(entry + error(1, 0))
     assert not _has_done(b"")
+
+
+def tcp_with_protoinfo(protoinfo: bytes) -> bytes:
+    body = encode_flow(tcp4())[16:] + nla(7, struct.pack("!I", 300)) + nla(4, protoinfo,
+                                                                          nested=True)
+    return nlmsg(CT_NEW, body + nla(3, struct.pack("!I", 0x8)), flags=0)
+
+
+def test_tcp_state_is_found_past_other_attributes_and_not_read_from_a_lying_length() -> None:
+    """A connection counts as established (held) only when its state says so: found behind
+    other protoinfo attributes (DCCP/SCTP slots, window scales), never read out of an attribute
+    whose length runs past its container."""
+    state = nla(1, bytes([ESTABLISHED]))
+    ok = tcp_with_protoinfo(nla(2, bytes(4)) + nla(1, nla(2, b"\x07") + state, nested=True))
+    (e,) = decode_entries(ok)
+    assert e.established and e.timeout == 300
+    inner_lies = nla(1, struct.pack("=HH", 40, 1) + bytes([ESTABLISHED, 0, 0, 0]), nested=True)
+    outer_lies = struct.pack("=HH", 4 + 8 + 40, 1 | 0x8000) + state
+    for protoinfo in (inner_lies, outer_lies):
+        (e,) = decode_entries(tcp_with_protoinfo(protoinfo))
+        assert e.tcp_state is None and not e.established and e.flow == tcp4()
