@@ -454,16 +454,20 @@ def test_api_limits_are_read_and_bounded() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"api": {"adhoc_max_ttl": 604801}})
     assert e.value.field == "api.adhoc_max_ttl"
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="expected an integer 1-1000, got 0") as e:
         parse_config({"api": {"max_per_host": 0}})
     assert e.value.field == "api.max_per_host"
+    with pytest.raises(ConfigError, match="expected a list of host names, got 5"):
+        parse_config({"api": {"allowed_hosts": 5}})
+    assert parse_config({}).detect.track_flows is True
+    assert parse_config({"detect": {"track_flows": False}}).detect.track_flows is False
 
 
 def test_errors_name_the_file_they_come_from() -> None:
     assert parse_config({}, source="/etc/igdtrigger/config.toml").source == (
         "/etc/igdtrigger/config.toml")
-    wide = {"rules": [{"name": "g", "trigger": ["udp/27015"], "open": ["udp/1-65535"]}]}
-    with pytest.raises(ConfigError) as e:
+    wide = {"rules": [{"name": "g", "trigger": ["udp/27015"], "open": ["udp/10000-15000"]}]}
+    with pytest.raises(ConfigError, match="rule 'g' opens 5001 ports") as e:
         validate_bounds(parse_config(wide, source="/etc/igdtrigger/config.toml"))
     assert e.value.source == "/etc/igdtrigger/config.toml"
     assert e.value.field == "rules[0].open"

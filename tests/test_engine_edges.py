@@ -835,3 +835,13 @@ def test_restore_refuses_a_row_whose_host_is_not_an_address(host: str) -> None:
     eng, _, _ = make(rule())  # a rule for any host: only the address check can refuse
     assert eng.restore("x", "demo", host, "api", age=0, remaining=30, ttl=60, meta={}) is None
     assert eng.activations == {}
+
+
+def test_an_earlier_expiry_is_journaled_at_once() -> None:
+    """A heartbeat that shortens the lease moves the expiry earlier: the journal must hear of
+    it now, or a crash would bring the activation back for longer than asked."""
+    eng, _, _ = make()
+    act = eng.activate("demo", HOST, ttl=600)
+    eng.dirty.clear()
+    eng.heartbeat(act.id, ttl=60)
+    assert act.id in eng.dirty and act.journaled == act.expires
