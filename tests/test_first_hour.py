@@ -412,3 +412,26 @@ def test_first_run_is_calm(tmp_path: Path) -> None:
     assert [ln for ln in lines if " WARNING " in ln or " ERROR " in ln] == [], out
     assert any("203.0.113.4" in ln for ln in lines), out
     assert all(len(ln) < 200 for ln in lines), out
+
+
+async def test_stop_while_the_simulated_router_answers_logs_no_error() -> None:
+    """A stop while the demo's router still owes an answer (a loaded machine: the client's
+    connect is slower than the user's Ctrl-C) ends that request quietly: the first run's log
+    had an ERROR with a traceback ("Exception in callback ... CancelledError")."""
+    from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    sim = SimulatedIgdServer(SimulatedRouter(latency=5.0))
+    await sim.start()
+    reader, writer = await asyncio.open_connection(sim.host, sim.port)
+    writer.write(b"GET /rootDesc.xml HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the request is read; the router sits in its latency
+    await asyncio.wait_for(sim.close(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no answer
+    writer.close()
+    for _ in range(5):
+        await asyncio.sleep(0)  # the stream's done-callback runs on a later loop turn
+    assert errors == []
