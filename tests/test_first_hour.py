@@ -58,7 +58,31 @@ def _hostile(tmp: Path) -> list[tuple[list[str], str]]:
     bad_toml.write_text("[[rules]\nname = 'x'\n")
     bad_value = tmp / "value.toml"
     bad_value.write_text('[[rules]]\nname = "x"\nopen = ["udp/0"]\n')
+    fifo = tmp / "fifo.toml"  # no writer: reading it would block for ever
+    os.mkfifo(fifo)
+    binary = tmp / "binary.toml"
+    binary.write_bytes(bytes(range(256)))
+    long_host = "h" * 300
     return [
+        (["status", "--server", "   "], "'   '"),
+        (["status", "--server", f"http://{long_host}:8731"], long_host),
+        (["status", "--server", "unix:/run/igdtrigger.sock"], "unix:/run/igdtrigger.sock"),
+        (["status", "--server", "http://a b:8731"], "http://a b:8731"),
+        (["status", "--timeout", "99999999999999999999"], "'99999999999999999999'"),
+        (["status", "--token", "jeton-\u00e9\U0001f3ae"], "--token"),
+        (["status", "--token", "a\nb"], "--token"),
+        (["activate", "demo", "--for", "8d"], "'8d'"),
+        (["activate", ""], "''"),
+        (["deactivate", " "], "' '"),
+        (["run", "--rule", "", "--", "true"], "''"),
+        (["serve", "--config", ""], "''"),
+        (["serve", "--config", str(fifo)], str(fifo)),
+        (["serve", "--config", str(binary)], "not UTF-8"),
+        (["check-config", str(fifo)], "FIFO"),
+        (["check-config", "/dev/zero"], "/dev/zero"),
+        (["check-config", ""], "''"),
+        (["gateway", "--config", str(fifo)], str(fifo)),
+        (["doctor", "--timeout", "1e400"], "'1e400'"),
         (["status", "--timeout", "-1"], "'-1'"),
         (["status", "--timeout", "soon"], "'soon'"),
         (["status", "--server", "http://[bad"], "http://[bad"),
@@ -110,6 +134,48 @@ def test_every_subcommand_with_hostile_arguments(quiet_env: Path,
         assert TRACEBACK not in out + err, argv
         assert err.startswith("igdtrigger: ") and named in err, (argv, err)
         assert err.count("\n") == 1, (argv, err)  # one line
+
+
+@pytest.mark.parametrize(("name", "value", "named"), [
+    ("IGDTRIGGER_API__LISTEN", "garbage", "IGDTRIGGER_API__LISTEN"),
+    ("IGDTRIGGER_API__LISTEN", "", "IGDTRIGGER_API__LISTEN"),
+    ("IGDTRIGGER_API__LISTEN", "\u00e9\U0001f3ae:1", "IGDTRIGGER_API__LISTEN"),
+    ("IGDTRIGGER_GATEWAY__LEASE", "forever", "'forever'"),
+    ("IGDTRIGGER_GATEWAY__LEASE", "-1", "IGDTRIGGER_GATEWAY__LEASE"),
+    ("IGDTRIGGER_GATEWAY__URL", "ftp://x", "'ftp://x'"),
+    ("IGDTRIGGER_API__PUBLIC_READ", "maybe", "'maybe'"),
+    ("IGDTRIGGER_NOPE__X", "1", "IGDTRIGGER_NOPE__X"),
+    ("IGDTRIGGER_CONFIG", "{tmp}", "{tmp}"),  # docker: a bind mount of a missing file
+    ("IGDTRIGGER_CONFIG", "{fifo}", "FIFO"),
+])
+@pytest.mark.parametrize("cmd", [["check-config"], ["serve", "--simulate"], ["gateway"]])
+def test_environment_garbage_is_one_clear_line(quiet_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str], cmd: list[str],
+                                               name: str, value: str, named: str) -> None:
+    """A bad IGDTRIGGER_* variable stops the command before it touches anything, naming the
+    variable or its value; IGDTRIGGER_CONFIG naming a directory or a FIFO is that config,
+    refused (was: passed over for the defaults, or a read blocking for ever)."""
+    fifo = quiet_env / "fifo"
+    os.mkfifo(fifo)
+    fill = {"tmp": str(quiet_env), "fifo": str(fifo)}
+    monkeypatch.setenv(name, value.format(**fill))
+    rc = main(cmd)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert TRACEBACK not in out + err
+    assert err.startswith("igdtrigger: ") and named.format(**fill) in err, err
+    assert err.count("\n") == 1, err
+
+
+def test_conntrack_probe_with_loopback_down_cannot_tell() -> None:
+    """serve in a network namespace whose loopback is down (a bare container) died with
+    "igdtrigger: Network is unreachable": the conntrack probe's send is now 'cannot tell'."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a network namespace of its own")
+    code = "from igdtrigger.detect.nfttrack import probe_events; print(probe_events(0.2))"
+    p = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and p.stdout.strip() in ("None", "False"), p.stdout + p.stderr
 
 
 def test_unreadable_config_directory_is_one_clear_line(tmp_path: Path) -> None:
