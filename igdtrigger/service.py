@@ -410,7 +410,10 @@ class Service:
         self._tracking_watched = True
         if vis.seen:
             return DetectorStatus(det.name, True, detail=vis.text)
-        log.warning("detector conntrack: %s; the socket table stands in", vis.text)
+        if not trigger:  # nothing to watch for: not a fault (rules for run/activate/API only)
+            log.info("detector conntrack idle: no rule has a trigger port")
+        else:
+            log.warning("detector conntrack: %s; the socket table stands in", vis.text)
         return DetectorStatus(det.name, False, vis.text)
 
     async def retrack(self) -> None:

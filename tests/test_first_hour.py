@@ -501,3 +501,67 @@ async def test_stop_while_the_simulated_router_answers_logs_no_error() -> None:
     for _ in range(5):
         await asyncio.sleep(0)  # the stream's done-callback runs on a later loop turn
     assert errors == []
+
+
+async def test_stop_during_the_protocol_probe_logs_no_traceback() -> None:
+    """Ctrl-C while `protocol = "auto"` still probes a router that does not answer: every
+    probe is ended and its outcome collected (was: 'Task exception was never retrieved' with a
+    traceback at ERROR per protocol, once the stop closed their sockets)."""
+    import gc
+
+    from igdtrigger.errors import GatewayUnreachable
+    from igdtrigger.gateway.select import FallbackGateway
+
+    class Silent:
+        """A router that never answers until its socket is closed."""
+        def __init__(self) -> None:
+            self.closed = asyncio.Event()
+
+        async def connect(self) -> Any:
+            await self.closed.wait()
+            raise GatewayUnreachable("connection closed")
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    silent = [Silent(), Silent()]
+    gw = FallbackGateway([("pcp", silent[0]), ("natpmp", silent[1])],  # type: ignore[list-item]
+                         parallel=True, probe_timeout=30)
+    probe = asyncio.create_task(gw.connect())
+    await asyncio.sleep(0.05)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    for s in silent:  # the stop closes the protocols' sockets
+        s.closed.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gc.collect()  # an unretrieved task exception is reported when the task is collected
+    await asyncio.sleep(0)
+    assert errors == []
+
+
+async def test_rules_without_trigger_ports_start_calm(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A home server whose rules are only activated by `run`/`activate`/the API (no trigger
+    port): conntrack has nothing to watch, which is not a fault: one INFO line (was: a WARNING
+    that the kernel does not track connections)."""
+    import logging
+
+    from igdtrigger.detect.nfttrack import KernelTracking
+
+    from .test_nfttrack import FakeDetector, FakeNft
+
+    clock = FakeClock()
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=FakeNft(), probe=lambda t, w: False,
+                              netlink=False)
+    config = parse_config({"rules": [{"name": "factorio", "open": ["udp/34197"]}]})
+    svc = Service(config, FakeGateway(clock), clock=clock, state_dir=tmp_path,
+                  detectors=[FakeDetector("conntrack"), FakeDetector("sockets", "conntrack")],
+                  tracking=tracking)
+    with caplog.at_level(logging.INFO, logger="igdtrigger"):
+        await svc.start()
+        await svc.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("conntrack idle: no rule has a trigger port" in r.getMessage()
+               for r in caplog.records)

@@ -75,7 +75,16 @@ class FallbackGateway:
                 return await gw.connect()
 
         tasks = [asyncio.create_task(attempt(gw)) for _, gw in self.candidates]
-        await asyncio.wait(tasks)
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            # a stop during the probe: end every attempt and collect its outcome (left
+            # running, they failed once the stop closed their sockets: "Task exception was
+            # never retrieved" with a traceback at ERROR)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         best: tuple[str, Gateway, GatewayInfo] | None = None
         for (name, gw), task in zip(self.candidates, tasks, strict=True):
             exc = task.exception()
