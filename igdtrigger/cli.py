@@ -208,9 +208,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Every mapping is removed, the journal closed (service.stop), no thread of ours left:
         # leave now rather than sit through the interpreter's teardown of aiohttp, zeroconf &
         # co. (0.1-0.4 s under load, most of the exit after "stopped"). What os._exit skips is
-        # done here: atexit handlers (logging's flush; tests/test_first_hour.py checks none
-        # other is registered by then) and the flush of stdout/stderr, which may be a closed
-        # pipe (`serve | head`). Only as the program itself, never for an in-process caller.
+        # done here: the atexit handlers (logging's flush and close, any a library added) and
+        # the flush of stdout/stderr, which may be a closed pipe (`serve | head`). Only as the
+        # program itself, never for an in-process caller of main().
         import atexit
         import os
 

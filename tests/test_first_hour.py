@@ -565,3 +565,31 @@ async def test_rules_without_trigger_ports_start_calm(tmp_path: Path,
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert any("conntrack idle: no rule has a trigger port" in r.getMessage()
                for r in caplog.records)
+
+
+def test_fast_exit_after_a_clean_stop_runs_atexit_and_flushes(tmp_path: Path) -> None:
+    """serve, as the program, leaves by os._exit once every mapping is removed: what that
+    skips is done first (atexit handlers, buffered stdout), so nothing a user or a library
+    needs at exit is lost (was: atexit handlers skipped)."""
+    ready = tmp_path / "ready"
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('atexit handler ran'))\n"
+            "print('buffered line', end='')\n"  # stdout is a pipe: block-buffered
+            "from igdtrigger.cli import main\n"
+            "sys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "IGDTRIGGER_STATE_DIR": str(tmp_path / "state")}
+    env.pop("IGDTRIGGER_CONFIG", None)
+    argv = [sys.executable, "-c", code, "serve", "--simulate", "--listen",
+            f"127.0.0.1:{_free_port()}", "--ready-file", str(ready)]
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "stopped in" in err
+    assert out.startswith("buffered line") and "atexit handler ran" in out, out
