@@ -78,9 +78,8 @@ class FallbackGateway:
         try:
             await asyncio.wait(tasks)
         except asyncio.CancelledError:
-            # a stop during the probe: end every attempt and collect its outcome (left
-            # running, they failed once the stop closed their sockets: "Task exception was
-            # never retrieved" with a traceback at ERROR)
+            # a stop while the router is still being looked for: end every probe and take
+            # their outcomes (unretrieved, each was logged as a traceback at exit)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
