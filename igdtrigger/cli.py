@@ -222,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, gateway=replace(config.gateway, url=SIMULATE))
         if not config.rules:  # try-it-now: something to activate out of the box
             config = replace(config, rules=(DEMO_RULE,))
-    if args.listen:
+    if args.listen is not None:  # "" too: an empty $VAR is a mistake, not the default
         try:
             host, port = parse_listen(args.listen)
         except ValueError as exc:

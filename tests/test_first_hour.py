@@ -76,6 +76,7 @@ def _hostile(tmp: Path) -> list[tuple[list[str], str]]:
         (["deactivate", " "], "' '"),
         (["run", "--rule", "", "--", "true"], "''"),
         (["serve", "--config", ""], "''"),
+        (["serve", "--listen", ""], "''"),
         (["serve", "--config", str(fifo)], str(fifo)),
         (["serve", "--config", str(binary)], "not UTF-8"),
         (["check-config", str(fifo)], "FIFO"),
