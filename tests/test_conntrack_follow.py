@@ -117,6 +117,23 @@ def test_a_packet_is_seen_only_when_the_deadline_moves_beyond_rounding() -> None
     assert f not in det.followed
 
 
+@pytest.mark.parametrize("timeout", [10, 60, 300], ids=["lowered", "raised", "ct-policy"])
+def test_a_packet_is_never_dated_before_the_previous_look(timeout: int) -> None:
+    """The UDP timeout is not what the detector read at start (the sysctl changed since, or an
+    nft ct timeout policy applies to this flow): a packet each second must still refresh the
+    activation. The estimate is capped by the time since the previous look, when the packet
+    certainly was not there yet. (Before: with the sysctl lowered to 10 s, a fresh packet was
+    dated 20 s back and the ports closed while the game was sending.)"""
+    det = ConntrackDetector()
+    det.udp_timeouts = (30, 120)  # as read at start
+    f = udp4()
+    det.follow(f, 0.0)
+    assert det.look(f, CtEntry(f, timeout - 1, 0, None), 1.0) is None
+    news = det.look(f, CtEntry(f, timeout - 1, 0, None), 3.0)  # a packet since: reset
+    assert isinstance(news, FlowLive) and news.idle is not None
+    assert news.idle <= 2.0
+
+
 def test_a_tcp_connection_holds_then_ends_when_it_closes() -> None:
     det = ConntrackDetector()
     f = tcp4()

@@ -4,6 +4,7 @@ the opened ports counts as use, and the idle timer starts when both stop. Fake c
 from __future__ import annotations
 
 import ipaddress
+import math
 
 import pytest
 
@@ -263,3 +264,19 @@ def test_packets_every_second_do_not_rewrite_the_journal_every_second() -> None:
     assert 1 <= writes <= 4  # once per quarter of the timeout
     eng.on_flow_live(f, connected=True)  # a hold starting is written at once
     assert eng.dirty
+
+
+def test_a_restored_hold_with_traffic_since_the_restart_closes_a_timeout_after_it() -> None:
+    """Held before a crash; after the restart a packet of the trigger traffic is seen but no
+    connection holds: it closes ``idle_timeout`` after that packet, not at the restart."""
+    eng, clock, _ = make(rule(idle=5))
+    act = eng.restore("a1", "demo", HOST, "traffic", age=100, remaining=math.inf, ttl=5,
+                      meta={})
+    assert act is not None and act.unproven and act.expires == clock.now + 5
+    clock.advance(2)
+    eng.on_flow(flow())  # a packet of the game's UDP flow
+    clock.advance(1)
+    assert eng.settle_restored() == [act]
+    assert not act.unproven and act.expires == clock.now - 1 + 5
+    api = eng.restore("a2", "demo", HOST, "api", age=1, remaining=math.inf, ttl=5, meta={})
+    assert api is not None and not api.unproven and api.expires == clock.now + 5

@@ -16,7 +16,7 @@ from igdtrigger.api import make_app
 from igdtrigger.cli import _print_activation
 from igdtrigger.config import parse_config
 from igdtrigger.errors import DetectionUnavailable
-from igdtrigger.model import Flow, FlowEnded, FlowLive, Proto
+from igdtrigger.model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
 from igdtrigger.service import Service
 
 from .fakes import FakeClock, FakeGateway
@@ -55,7 +55,7 @@ async def test_a_live_connection_shows_as_held_until_it_closes(
         _print_activation(act)
         assert "held by 1 live flow, closes 5s after they end" in capsys.readouterr().out
         record = svc._journal_record(svc.engine.activations[act["id"]])
-        assert math.isfinite(record.expires_wall)
+        assert record.expires_wall == math.inf  # journaled as held (see the crash tests)
 
         clock.advance(600)
         svc.engine.expire()
@@ -111,3 +111,65 @@ async def test_a_detector_that_stops_releases_its_holds(tmp_path: Path, clock: F
         assert not act.held and act.expires == clock.now + 5
     finally:
         await service.stop()
+
+
+async def crashed_while_held(tmp_path: Path, clock: FakeClock, gw: FakeGateway,
+                             held_for: float) -> Service:
+    """A service whose activation is held by a live connection, killed (-9: no stop) after
+    ``held_for`` seconds; returns the next one on the same state (not started)."""
+    first = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
+                    state_dir=tmp_path)
+    await first.start()
+    first.observe(CONN)
+    first.observe(FlowLive(CONN, connected=True))
+    first._journal_new()
+    first._journal_activations()
+    clock.advance(held_for)  # silent: nothing more is written while it is held
+    for task in first._tasks:
+        task.cancel()
+    first.journal.close()
+    return Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
+                   state_dir=tmp_path)
+
+
+@pytest.mark.parametrize("still_connected", [True, False])
+async def test_kill_9_while_held_comes_back_held_until_the_first_look(
+        tmp_path: Path, clock: FakeClock, still_connected: bool) -> None:
+    """Crash after a long hold (three timeouts): the activation comes back held (before, it was
+    journaled as closing one timeout after the hold began and was gone at the restart), its
+    ports are re-applied, and the detectors' first look decides: the connection still lives
+    (held again, with no gap), or it does not (it closes now, not a timeout later)."""
+    gw = FakeGateway(clock, local_address=HOST)
+    second = await crashed_while_held(tmp_path, clock, gw, held_for=15)
+    assert second.restored == 1
+    (act,) = second.engine.activations.values()
+    assert act.unproven and act.expires == clock.now + 5  # capped: one timeout after restart
+    assert "held before the restart" in second.status()["activations"][0]["hold"]
+    await second.start()
+    try:
+        if still_connected:  # the start-up dump finds the connection
+            second.observe(FlowLive(CONN, connected=True))
+        second.observe(FlowsListed("conntrack"))
+        assert act.id in second.engine.activations
+        if still_connected:
+            assert act.held and not act.unproven
+            clock.advance(60)
+            assert not second.engine.expire()
+        else:
+            assert act.expires == clock.now
+            assert second.engine.expire() == [act]
+    finally:
+        await second.stop()
+
+
+async def test_kill_9_while_held_without_a_flow_detector_closes_one_timeout_after_restart(
+        tmp_path: Path, clock: FakeClock) -> None:
+    """Nothing will ever list the flows (no flow detector runs): the cap applies."""
+    gw = FakeGateway(clock, local_address=HOST)
+    second = await crashed_while_held(tmp_path, clock, gw, held_for=3600)
+    (act,) = second.engine.activations.values()
+    clock.advance(4.9)
+    assert not second.engine.expire()
+    clock.advance(0.2)
+    assert second.engine.expire() == [act]
+    await second.stop()

@@ -97,7 +97,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import DetectionUnavailable
-from ..model import Flow, FlowEnded, FlowLive, PortRange, Proto
+from ..model import Flow, FlowEnded, FlowLive, FlowsListed, PortRange, Proto
 from .base import FlowSink, Observation
 
 __all__ = [
@@ -617,6 +617,7 @@ class _Followed:
 
     deadline: float | None  # when its entry would die, as of the reference look (rounded down)
     connected: bool = False
+    looked: float | None = None  # when it was last looked at
 
 
 _UDP_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
@@ -848,6 +849,7 @@ class ConntrackDetector:
             return FlowEnded(flow, closed=entry is not None)
         connected = entry.established
         idle: float | None = None
+        previous, seen.looked = seen.looked, now
         if entry.timeout is not None:
             deadline = now + entry.timeout
             if seen.deadline is None:
@@ -856,6 +858,9 @@ class ConntrackDetector:
                 seen.deadline = deadline
                 idle = (udp_idle(entry.timeout, *self.udp_timeouts)
                         if flow.proto is Proto.UDP else 0.0)
+                if previous is not None:  # the packet came after the previous look, whatever
+                    idle = min(idle, now - previous)  # timeout the estimate assumed (a changed
+                    # sysctl, an nft ct timeout policy, an assured flow's stream timeout)
         changed = connected != seen.connected
         seen.connected = connected
         if idle is not None or changed:
@@ -1122,6 +1127,7 @@ class ConntrackDetector:
                 self._report(sink, obs)
                 if isinstance(obs, FlowLive) and follows(obs.flow):
                     self.follow(obs.flow, now, timeouts.get(obs.flow))
+            self._report(sink, FlowsListed(self.name))
             while True:
                 await asyncio.sleep(self.poll_interval)
                 for flow in [f for f in self.followed if not follows(f)]:

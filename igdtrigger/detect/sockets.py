@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import DetectionUnavailable
-from ..model import Flow, FlowEnded, FlowLive, Proto
+from ..model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
 from .base import FlowSink, Observation
 
 log = logging.getLogger("igdtrigger.detect")
@@ -202,6 +202,7 @@ class SocketTableDetector:
 
     async def run(self, sink: FlowSink) -> None:
         failures = 0
+        listed = False
         while True:
             try:
                 seen = await asyncio.to_thread(self.look)
@@ -216,4 +217,7 @@ class SocketTableDetector:
                 if isinstance(obs, Flow):
                     self.flows_reported += 1
                 sink(obs)
+            if not listed and self.polls:
+                listed = True  # the first look is reported: every connected socket is known
+                sink(FlowsListed(self.name))
             await asyncio.sleep(self.interval)
