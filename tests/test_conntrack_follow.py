@@ -37,6 +37,7 @@ from .test_conntrack import (
 )
 
 ESTABLISHED, TIME_WAIT, SYN_SENT = 3, 7, 1
+FIN_WAIT, CLOSE_WAIT, LAST_ACK = 4, 5, 6
 
 
 def tcp4(sport: int = 40001, dport: int = 27015) -> Flow:
@@ -141,6 +142,23 @@ def test_a_tcp_connection_holds_then_ends_when_it_closes() -> None:
     assert det.look(f, CtEntry(f, 431999, 0, ESTABLISHED), 1.0) == FlowLive(f, True, None)
     assert det.look(f, CtEntry(f, 431998, 0, ESTABLISHED), 2.0) is None  # silent: no news
     assert det.look(f, CtEntry(f, 119, 0, TIME_WAIT), 3.0) == FlowEnded(f, closed=True)
+
+
+def test_a_half_closed_connection_stops_holding_but_its_packets_still_refresh() -> None:
+    """The game client shut down its sending side (FIN: conntrack FIN_WAIT) while the server
+    still streams to it: the connection no longer holds, but every packet still refreshes the
+    activation until it is closed both ways. (Before: FIN_WAIT ended the flow at once and the
+    ports closed one timeout later while data still flowed.)"""
+    det = ConntrackDetector()
+    f = tcp4()
+    det.follow(f, 0.0)
+    assert det.look(f, CtEntry(f, 431999, 0, ESTABLISHED), 1.0) == FlowLive(f, True, None)
+    assert det.look(f, CtEntry(f, 119, 0, FIN_WAIT), 2.0) == FlowLive(f, False, None)
+    assert det.look(f, CtEntry(f, 118, 0, FIN_WAIT), 3.0) is None  # silent
+    assert det.look(f, CtEntry(f, 119, 0, FIN_WAIT), 4.0) == FlowLive(f, False, 0.0)  # data
+    assert det.look(f, CtEntry(f, 59, 0, CLOSE_WAIT), 5.0) is None  # shorter state timeout
+    assert det.look(f, CtEntry(f, 59, 0, CLOSE_WAIT), 7.0) == FlowLive(f, False, 0.0)
+    assert det.look(f, CtEntry(f, 29, 0, LAST_ACK), 8.0) == FlowEnded(f, closed=True)
 
 
 def test_the_start_dump_reports_live_flows_with_their_idleness() -> None:

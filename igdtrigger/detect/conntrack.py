@@ -28,8 +28,11 @@ one entry every ``poll_interval`` (``IPCTNL_MSG_CT_GET`` of its original tuple) 
   1 s rounding since the reference look, a packet certainly went by: reported as a
   :class:`FlowLive` whose ``idle`` is the timeout minus what is left.
 * ``CTA_PROTOINFO_TCP_STATE``: ESTABLISHED is a connection that holds however silent;
-  FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT and CLOSE mean it was closed (:class:`FlowEnded`,
-  ``closed=True``).
+  LAST_ACK, TIME_WAIT and CLOSE mean it was closed (:class:`FlowEnded`, ``closed=True``).
+  FIN_WAIT and CLOSE_WAIT are a half-closed connection: one side sent FIN, the other may still
+  send data for minutes. It no longer holds by itself (its FIN counts as a packet, the idle
+  timer starts), but it is still followed, so its packets keep refreshing the activation as
+  a UDP flow's do (each packet resets the entry's timeout).
 * no entry (``ENOENT``): the flow is gone (:class:`FlowEnded`).
 
 At start one table dump (``NLM_F_DUMP``) reports the flows that began earlier as
@@ -156,7 +159,9 @@ CTA_PROTOINFO_TCP_STATE = 1
 IPS_SEEN_REPLY = 0x2
 # enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
 TCP_CONNTRACK_ESTABLISHED = 3
-TCP_CONNTRACK_CLOSED = frozenset({4, 5, 6, 7, 8})  # FIN_WAIT CLOSE_WAIT LAST_ACK TIME_WAIT CLOSE
+# LAST_ACK TIME_WAIT CLOSE: closed both ways (FIN_WAIT 4 and CLOSE_WAIT 5 are half-closed: the
+# other direction may still carry data, so the flow is still followed, without holding)
+TCP_CONNTRACK_CLOSED = frozenset({6, 7, 8})
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC = 1
@@ -852,8 +857,8 @@ class ConntrackDetector:
         previous, seen.looked = seen.looked, now
         if entry.timeout is not None:
             deadline = now + entry.timeout
-            if seen.deadline is None:
-                seen.deadline = deadline
+            if seen.deadline is None or deadline < seen.deadline - 1.0:
+                seen.deadline = deadline  # the reference (or a new state's shorter timeout)
             elif deadline > seen.deadline + 1.0:  # beyond rounding: a packet reset the timeout
                 seen.deadline = deadline
                 idle = (udp_idle(entry.timeout, *self.udp_timeouts)
