@@ -51,6 +51,8 @@ def test_parse_proc_net_tcp() -> None:
         line("00000000:1F90", "00000000:0000", "0A"),  # listening on 8080
         line("0A00A8C0:1F90", "09090909:D431", "01"),  # accepted on 8080: inbound
         line("0A00A8C0:C352", "08080808:6989", "06"),  # TIME_WAIT: over
+        # FIN_WAIT2: closed by the game, the peer never closed (an orphan for 60 s): over
+        line("0A00A8C0:C353", "08080808:6989", "05"),
         "   1: garbage\n",
     ])
     conns, listening = parse_proc_net(text, Proto.TCP, v6=False)

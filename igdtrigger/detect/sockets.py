@@ -50,7 +50,11 @@ Conn = tuple[Proto, str, int, str, int]
 _PROC_FILES = (("tcp", Proto.TCP, False), ("tcp6", Proto.TCP, True),
                ("udp", Proto.UDP, False), ("udp6", Proto.UDP, True))
 _TCP_LISTEN = "0A"
-_TCP_GONE = {"06", "07", "08", "09", "0B"}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
+# FIN_WAIT1/2 (this side closed or shut down its sending side; a closed socket whose peer never
+# closes lingers there tcp_fin_timeout = 60 s as an orphan), TIME_WAIT, CLOSE, CLOSE_WAIT,
+# LAST_ACK, CLOSING: the connection no longer holds (a table cannot show data still flowing the
+# other way; conntrack can, see its module docstring)
+_TCP_GONE = {"04", "05", "06", "07", "08", "09", "0B"}
 
 
 def _hex_addr(text: str, v6: bool) -> str:

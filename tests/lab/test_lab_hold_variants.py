@@ -1,0 +1,270 @@
+"""Issue 18, the owner's second round: other inputs of the same kinds, against miniupnpd.
+
+Each test is a way a game's traffic really looks that the first proofs did not cover: a UDP flow
+that gets replies (conntrack marks it assured: a 120 s entry), the UDP timeout sysctl changed
+while the service runs, a TCP connection the client half-closes while the server still streams,
+a TCP reset, a conntrack table flush mid-game, a plain machine with no firewall (only our own
+tracking table), the service on the Linux router (forwarded flows, inbound use as the forwarded
+DNAT flow), and inbound use seen by the socket-table detector alone. "Open" is read from the
+router's table; the closing delay after the traffic stops is printed for the record.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.lab.netlab import Lab
+from tests.lab.test_lab_detect import Serve, config
+from tests.lab.test_lab_hold import (
+    IDLE,
+    RULE_TCP,
+    RULE_UDP,
+    TCP_CLIENT,
+    TCP_SERVER,
+    closes_after,
+    end,
+    finish,
+    held_for,
+    is_open,
+    serve_with,
+    tcp_connection,
+    udp_sender,
+)
+from tests.lab.test_lab_service import ours, wait_for
+
+pytestmark = pytest.mark.lab
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+
+HALF_CLOSE_SERVER = """
+import socket, sys, time
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1]))); l.listen()
+c, _ = l.accept()
+while c.recv(100):  # until the client's FIN
+    pass
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # the server still streams to the half-closed client
+    c.sendall(b"x"); time.sleep(1.0)
+c.close()
+"""
+
+HALF_CLOSE_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+c.sendall(b"hello")
+c.shutdown(socket.SHUT_WR)  # FIN: conntrack FIN_WAIT, the other way stays open
+print("half-closed", flush=True)
+while c.recv(100):
+    pass
+"""
+
+RESET_CLIENT = """
+import socket, struct, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c.sendall(b"hello")
+print("connected", flush=True)
+sys.stdin.readline()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+c.close()  # RST, no FIN
+print("reset", flush=True)
+"""
+
+
+def test_a_udp_flow_that_gets_replies_still_closes_within_the_timeout(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """Replies make the entry assured (nf_conntrack_udp_timeout_stream, 120 s): its lingering
+    entry must not keep the ports open; the last packet dates the close."""
+    lab, _ = serve_with(make_lab, tmp_path, started, "conntrack", RULE_UDP)
+    echo = lab.popen(lab.wan, [sys.executable, "-c", UDP_ECHO, "27015"])
+    time.sleep(0.5)
+    sender = udp_sender(lab, 3 * IDLE + 2)
+    try:
+        wait_for(lambda: is_open(lab), 10, "mappings after the first packet")
+        held_for(lab, 3 * IDLE, "the replied flow kept sending")
+        stopped = finish(sender, 3 * IDLE)
+        entry = lab.run(lab.lan, ["conntrack", "-L", "-p", "udp", "--dport", "27015"]).stdout
+        assert "ASSURED" in entry, entry  # the variant under test: a replied (stream) entry
+    finally:
+        end(sender, echo)
+    closes_after(lab, stopped, "the replied UDP flow stopped")
+
+
+def test_the_udp_timeout_sysctl_lowered_while_serving(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """An admin sets nf_conntrack_udp_timeout = 10 after the service started. Before the fix the
+    detector dated every packet 20 s back (its estimate assumed 30 s) and the ports closed
+    while the game was sending."""
+    lab, _ = serve_with(make_lab, tmp_path, started, "conntrack", RULE_UDP)
+    key = "net.netfilter.nf_conntrack_udp_timeout"
+    lab.run(lab.lan, ["sysctl", "-w", f"{key}=10"], check=True)
+    sender = udp_sender(lab, 3 * IDLE + 2)
+    try:
+        wait_for(lambda: is_open(lab), 10, "mappings after the first packet")
+        held_for(lab, 3 * IDLE, "the flow kept sending")
+        stopped = finish(sender, 3 * IDLE)
+    finally:
+        end(sender)
+    closes_after(lab, stopped, "the UDP flow stopped")
+
+
+def test_a_half_closed_connection_holds_while_data_still_flows(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """The client shuts down its sending side; the server streams a byte a second for three
+    timeouts. Before the fix the FIN ended the flow and the ports closed mid-stream."""
+    lab, _ = serve_with(make_lab, tmp_path, started, "conntrack", RULE_TCP)
+    server = lab.popen(lab.wan, [sys.executable, "-c", HALF_CLOSE_SERVER, "27016",
+                                 str(3 * IDLE)])
+    time.sleep(0.5)
+    client = lab.popen(lab.lan, [sys.executable, "-c", HALF_CLOSE_CLIENT, lab.wan_ip, "27016"],
+                       stdout=subprocess.PIPE)
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == b"half-closed"
+        wait_for(lambda: is_open(lab), 10, "mappings after the connection")
+        held_for(lab, 3 * IDLE - 2, "the server still streamed to the half-closed client")
+        stopped = finish(server, 3 * IDLE)
+        client.wait(10)
+    finally:
+        end(client, server)
+    closes_after(lab, stopped, "the half-closed connection was closed")
+
+
+def test_a_reset_connection_starts_the_timer(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    lab, s = serve_with(make_lab, tmp_path, started, "conntrack", RULE_TCP)
+    server = lab.popen(lab.wan, [sys.executable, "-c", TCP_SERVER, "27016"])
+    time.sleep(0.5)
+    client = lab.popen(lab.lan, [sys.executable, "-c", RESET_CLIENT, lab.wan_ip, "27016"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline().strip() == b"connected"
+        wait_for(lambda: s.status()["activations"][0]["expires_in"] is None, 10,
+                 "the activation held by the connection")
+        held_for(lab, 2 * IDLE, "the connection was open")
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == b"reset"
+        stopped = time.monotonic()
+    finally:
+        end(client, server)
+    closes_after(lab, stopped, "the connection was reset")
+
+
+def test_a_conntrack_flush_mid_game_does_not_close_a_flow_that_keeps_sending(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """`conntrack -F` drops the followed entry (the flow seems gone); the next packet is a new
+    entry, a new event: the activation is refreshed and the flow followed again."""
+    lab, s = serve_with(make_lab, tmp_path, started, "conntrack", RULE_UDP)
+    sender = udp_sender(lab, 3 * IDLE + 2)
+    try:
+        wait_for(lambda: is_open(lab), 10, "mappings after the first packet")
+        for _ in range(3):
+            lab.run(lab.lan, ["conntrack", "-F"], check=True)
+            held_for(lab, IDLE, "the flow kept sending after a table flush")
+        stopped = finish(sender, 3 * IDLE)
+    finally:
+        end(sender)
+    closes_after(lab, stopped, "the UDP flow stopped")
+    assert s.status()["counts"]["flows_live"] <= 1
+
+
+def test_a_plain_machine_holds_through_our_own_tracking_table(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """No firewall at all: only `table inet igdtrigger` makes the kernel track the game's
+    flow. A long unconnected-UDP flow (invisible to the socket table) holds and then closes."""
+    lab = make_lab(lan_firewall="none")
+    s = Serve(lab, lab.lan, config(lab, tmp_path, "", RULE_UDP))  # default detectors
+    started.append(s)
+    sender = udp_sender(lab, 3 * IDLE + 2)
+    try:
+        wait_for(lambda: is_open(lab), 15, "mappings after the first packet")
+        held_for(lab, 3 * IDLE, "the flow kept sending")
+        [act] = s.status()["activations"]
+        assert act["live_flows"] == 1, act
+        stopped = finish(sender, 3 * IDLE)
+    finally:
+        end(sender)
+    closes_after(lab, stopped, "the UDP flow stopped")
+
+
+def on_router(make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> Lab:
+    lab = make_lab(secure_mode=False)  # the router maps ports for a LAN host, not itself
+    started.append(Serve(lab, lab.router, config(lab, tmp_path, 'methods = ["conntrack"]',
+                                                 RULE_UDP)))
+    return lab
+
+
+def test_on_the_router_a_forwarded_flow_holds(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    lab = on_router(make_lab, tmp_path, started)
+    sender = udp_sender(lab, 3 * IDLE + 2)
+    try:
+        wait_for(lambda: is_open(lab), 10, "mappings for the LAN host")
+        assert {m[2] for m in ours(lab)} == {lab.lan_ip}
+        held_for(lab, 3 * IDLE, "the forwarded flow kept sending")
+        stopped = finish(sender, 3 * IDLE)
+    finally:
+        end(sender)
+    closes_after(lab, stopped, "the forwarded UDP flow stopped")
+
+
+def test_on_the_router_inbound_use_is_the_forwarded_dnat_flow(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """Gap (2) of the issue: one trigger packet, then the WAN host sends to the opened port
+    every second (each probe a fresh flow, DNAT'ed by the router to the LAN host)."""
+    lab = on_router(make_lab, tmp_path, started)
+    finish(udp_sender(lab, 0), 10)
+    wait_for(lambda: is_open(lab), 10, "mappings after the trigger packet")
+    end_at = time.monotonic() + 3 * IDLE
+    stopped = time.monotonic()
+    while time.monotonic() < end_at:
+        stopped = time.monotonic()
+        assert lab.probe("udp", 40000, timeout=1.0), "the opened port closed while in use"
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - stopped)))
+    counts = started[-1].status()["counts"]
+    assert counts["flows_inbound"] >= 3 * IDLE - 2, counts
+    closes_after(lab, stopped, "the inbound traffic stopped")
+
+
+def test_sockets_only_a_connected_inbound_peer_holds(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """Gap (1): `methods = ["sockets"]`. The trigger connection ends; a WAN peer connected to
+    the opened TCP port (the game's listening socket accepted it) holds, silent, until it hangs
+    up. Before the fix the accepted socket was skipped and the ports closed under it."""
+    lab, s = serve_with(make_lab, tmp_path, started, "sockets", RULE_TCP)
+    listener = lab.popen(lab.lan, [sys.executable, "-c", TCP_SERVER, "40005"])
+    server, client = tcp_connection(lab)
+    peer: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: is_open(lab), 10, "mappings after the trigger connection")
+        peer = lab.popen(lab.wan, [sys.executable, "-c", TCP_CLIENT, lab.router_wan_ip,
+                                   "40005"], stdout=subprocess.PIPE)
+        assert peer.stdout is not None
+        assert peer.stdout.readline().strip() == b"connected"
+        wait_for(lambda: s.status()["counts"]["flows_inbound"] >= 1, 10,
+                 "the inbound connection seen in the socket table")
+        end(client)  # the trigger connection closes: only the inbound peer holds now
+        held_for(lab, 3 * IDLE, "the inbound peer was connected")
+        [act] = s.status()["activations"]
+        assert act["expires_in"] is None and act["hold"] == "1 live flow", (
+            act, lab.run(lab.lan, ["ss", "-tan"]).stdout.replace("\n", " | "))
+        peer.kill()
+        stopped = finish(peer, 5)
+    finally:
+        end(client, server, listener, *([peer] if peer else []))
+    closes_after(lab, stopped, "the inbound peer hung up")
