@@ -268,3 +268,42 @@ def test_sockets_only_a_connected_inbound_peer_holds(
     finally:
         end(client, server, listener, *([peer] if peer else []))
     closes_after(lab, stopped, "the inbound peer hung up")
+
+
+@pytest.mark.parametrize("alive", [True, False], ids=["connection-lives", "connection-ended"])
+def test_kill_9_while_held(make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve],
+                           alive: bool) -> None:
+    """Gap (3): the service is killed (-9) after holding for longer than the timeout, and
+    restarted. The journal said 'held': it comes back held, its mappings stay (no gap) and the
+    start-up dump finds the connection (held on); or the connection ended while the service
+    was down and the ports close at once, not a timeout later. Before the fix the journal
+    said 'closes one timeout after the hold began': the restart dropped and deleted it."""
+    lab, first = serve_with(make_lab, tmp_path, started, "conntrack", RULE_TCP)
+    server, client = tcp_connection(lab)
+    try:
+        wait_for(lambda: first.status()["activations"][0]["expires_in"] is None, 10,
+                 "the activation held by the connection")
+        held_for(lab, 2 * IDLE, "the connection was open")
+        first.proc.kill()  # kill -9: no clean stop
+        first.proc.wait()
+        if not alive:
+            end(client)
+            time.sleep(1.0)
+        second = Serve(lab, lab.lan, tmp_path / "config.toml")
+        started.append(second)
+        restarted = time.monotonic()
+        if alive:
+            [act] = second.status()["activations"]
+            assert act["expires_in"] is None and act["hold"] == "1 live flow", act
+            held_for(lab, 2 * IDLE, "the connection lived on after the restart")
+            end(client)
+            closes_after(lab, time.monotonic(), "the connection closed after the restart")
+        else:
+            wait_for(lambda: not ours(lab), IDLE + 30, "mappings removed after the restart")
+            took = time.monotonic() - restarted
+            print(f"closed {took:.1f}s after the restart (connection ended while down)")
+            log = second.log.read_text()
+            assert "held before the restart" in log, log
+            assert took < IDLE, f"closed {took:.1f}s after the restart: a timeout late"
+    finally:
+        end(client, server)
