@@ -27,6 +27,7 @@ from tests.lab.test_lab_hold import (
     RULE_UDP,
     TCP_CLIENT,
     TCP_SERVER,
+    UDP_SENDER,
     closes_after,
     end,
     finish,
@@ -307,3 +308,63 @@ def test_kill_9_while_held(make_lab: Callable[..., Lab], tmp_path: Path, started
             assert took < IDLE, f"closed {took:.1f}s after the restart: a timeout late"
     finally:
         end(client, server)
+
+
+UDP6_SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[3])
+while True:
+    s.sendto(b"game", (sys.argv[1], int(sys.argv[2])))
+    if time.monotonic() >= end:
+        break
+    time.sleep(1.0)
+"""
+
+
+def test_an_ipv6_trigger_flow_holds_the_hosts_ipv4_ports(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """A dual-stack game talking to its server over IPv6 for three timeouts: the IPv4 mappings
+    for this host stay while the v6 flow lives, and close after it stops."""
+    lab = make_lab()
+    v6 = lab.enable_ipv6()
+    s = Serve(lab, lab.lan, config(lab, tmp_path, 'methods = ["conntrack"]', RULE_UDP))
+    started.append(s)
+    sender = lab.popen(lab.lan, [sys.executable, "-c", UDP6_SENDER, v6["wan"], "27015",
+                                 str(3 * IDLE + 2)])
+    try:
+        wait_for(lambda: is_open(lab), 10, "mappings after the IPv6 trigger")
+        assert {m[2] for m in ours(lab)} == {lab.lan_ip}
+        held_for(lab, 3 * IDLE, "the IPv6 flow kept sending")
+        stopped = finish(sender, 3 * IDLE)
+    finally:
+        end(sender)
+    closes_after(lab, stopped, "the IPv6 flow stopped")
+
+
+def test_on_the_router_two_hosts_share_a_trigger_port_and_hand_over(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """Two LAN hosts play the same game (one trigger port, the same opened ports): the first
+    keeps the ports while its flow lives, the second takes over when the first's lapses (its
+    own flow still holds it), and the ports close after the second stops."""
+    lab = make_lab(secure_mode=False, lan_hosts=2)
+    started.append(Serve(lab, lab.router, config(lab, tmp_path, 'methods = ["conntrack"]',
+                                                 RULE_UDP)))
+    first = udp_sender(lab, 2 * IDLE)
+    time.sleep(1.0)
+    second = lab.popen(lab.lan_hosts[1], [sys.executable, "-c", UDP_SENDER,
+                                          lab.wan_ip, "27015", str(5 * IDLE), "0"])
+    try:
+        wait_for(lambda: is_open(lab), 10, "mappings for the first host")
+        assert {m[2] for m in ours(lab)} == {lab.lan_ips[0]}
+        stopped_first = finish(first, 2 * IDLE + 5)
+        wait_for(lambda: {m[2] for m in ours(lab)} == {lab.lan_ips[1]}, IDLE + 30,
+                 "the second host taking the ports over")
+        took = time.monotonic() - stopped_first
+        print(f"handed over {took:.1f}s after the first host stopped")
+        assert took >= IDLE - 1.0, "handed over while the first host still held the ports"
+        held_for(lab, IDLE, "the second host's flow kept sending")
+        stopped = finish(second, 5 * IDLE)
+    finally:
+        end(first, second)
+    closes_after(lab, stopped, "the second host's flow stopped")
