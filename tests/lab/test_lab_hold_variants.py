@@ -368,3 +368,67 @@ def test_on_the_router_two_hosts_share_a_trigger_port_and_hand_over(
     finally:
         end(first, second)
     closes_after(lab, stopped, "the second host's flow stopped")
+
+
+PAUSING_SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i, (burst, pause) in enumerate([(3, float(sys.argv[3])), (3, 0)]):
+    for _ in range(burst):  # one flow throughout: the same socket
+        s.sendto(b"game", (sys.argv[1], int(sys.argv[2])))
+        time.sleep(1.0)
+    print("paused" if pause else "done", flush=True)
+    time.sleep(pause)
+    print("resumed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("pause", [IDLE - 1.5, IDLE + 3.0], ids=["just-under", "just-over"])
+def test_a_udp_flow_pausing_near_the_timeout(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve], pause: float) -> None:
+    """Just under the timeout: open through the pause. Just over: closed during it, open again
+    when the same flow resumes (the flow stays followed), closed a timeout after it ends."""
+    lab, _ = serve_with(make_lab, tmp_path, started, "conntrack", RULE_UDP)
+    sender = lab.popen(lab.lan, [sys.executable, "-c", PAUSING_SENDER, lab.wan_ip, "27015",
+                                 str(pause)], stdout=subprocess.PIPE)
+    try:
+        assert sender.stdout is not None
+        wait_for(lambda: is_open(lab), 10, "mappings after the first packet")
+        assert sender.stdout.readline().strip() == b"paused"
+        paused = time.monotonic()
+        if pause < IDLE:
+            held_for(lab, pause - 0.5, "the flow paused for less than the timeout")
+        else:
+            wait_for(lambda: not ours(lab), IDLE + 30, "mappings removed during the pause")
+            assert time.monotonic() - paused >= IDLE - 2.0  # the last packet was ~1 s before
+        assert sender.stdout.readline().strip() == b"resumed"
+        wait_for(lambda: is_open(lab), 10, "mappings while the flow sends again")
+        held_for(lab, 1.5, "the flow sent again")
+        assert sender.stdout.readline().strip() == b"done"
+        stopped = time.monotonic() - 1.0  # its last packet went a second before "done"
+        sender.wait(10)
+    finally:
+        end(sender)
+    closes_after(lab, stopped, "the resumed flow stopped")
+
+
+def test_two_flows_of_one_activation_one_ends(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """A game's TCP lobby connection and its UDP match flow, one activation: the connection
+    closes, the UDP flow keeps it open; it closes a timeout after the UDP flow stops."""
+    rule = f'trigger = ["udp/27015", "tcp/27016"]\nidle_timeout = "{IDLE:g}s"'
+    lab, s = serve_with(make_lab, tmp_path, started, "conntrack", rule)
+    server, client = tcp_connection(lab)
+    sender = udp_sender(lab, 3 * IDLE + 2)
+    try:
+        wait_for(lambda: s.status()["activations"][0]["live_flows"] == 2, 10,
+                 "one activation following both flows")
+        assert len(s.status()["activations"]) == 1
+        end(client)
+        held_for(lab, 2 * IDLE, "the UDP flow kept sending after the connection closed")
+        [act] = s.status()["activations"]
+        assert act["expires_in"] is not None and act["live_flows"] >= 1, act
+        stopped = finish(sender, 3 * IDLE)
+    finally:
+        end(sender, client, server)
+    closes_after(lab, stopped, "the UDP flow stopped")
