@@ -483,7 +483,7 @@ class Service:
         """The sink every detector reports to."""
         if isinstance(obs, FlowsListed):
             self._flows_listed.add(obs.detector)
-            running = {st.name for st in self.detector_status if st.active}
+            running = {t.get_name() for t in self._tasks if not t.done()}  # started, alive
             if all(d.name in self._flows_listed for d in self.detectors
                    if getattr(d, "holds_flows", False) and d.name in running) \
                     and self.engine.settle_restored():

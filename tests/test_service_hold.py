@@ -8,6 +8,7 @@ import ipaddress
 import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -173,3 +174,40 @@ async def test_kill_9_while_held_without_a_flow_detector_closes_one_timeout_afte
     clock.advance(0.2)
     assert second.engine.expire() == [act]
     await second.stop()
+
+
+class QuietDetector:
+    """A flow detector that runs and reports nothing (the test reports for it)."""
+
+    holds_flows = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def check(self) -> None:
+        pass
+
+    async def run(self, sink: Callable[[object], None]) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_restored_hold_waits_for_every_running_flow_detectors_first_look(
+        tmp_path: Path, clock: FakeClock) -> None:
+    """Conntrack and the socket table both run: conntrack's dump alone does not settle a
+    restored hold; the connection may be one only the socket table sees."""
+    gw = FakeGateway(clock, local_address=HOST)
+    (await crashed_while_held(tmp_path, clock, gw, held_for=15)).journal.close()
+    detectors: list[Any] = [QuietDetector("conntrack"), QuietDetector("sockets")]
+    second = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
+                     state_dir=tmp_path, detectors=detectors)
+    await second.start()
+    try:
+        (act,) = second.engine.activations.values()
+        second.observe(FlowsListed("conntrack"))
+        assert act.unproven
+        second.observe(CONN)
+        second.observe(FlowLive(CONN, connected=True))
+        second.observe(FlowsListed("sockets"))
+        assert not act.unproven and act.held
+    finally:
+        await second.stop()
