@@ -280,3 +280,19 @@ def test_a_restored_hold_with_traffic_since_the_restart_closes_a_timeout_after_i
     assert not act.unproven and act.expires == clock.now - 1 + 5
     api = eng.restore("a2", "demo", HOST, "api", age=1, remaining=math.inf, ttl=5, meta={})
     assert api is not None and not api.unproven and api.expires == clock.now + 5
+
+
+def test_two_rules_sharing_a_trigger_port_are_both_held_by_one_connection() -> None:
+    """One TCP connection to a port two rules trigger on (a launcher and the game's voice
+    chat, say): both activations are held, and both timers start when it closes."""
+    eng, clock, _ = make(rule("game", trigger="tcp/27015", open_="udp/40000", idle=5),
+                         rule("voice", trigger="tcp/27015", open_="udp/41000", idle=8))
+    f = flow(proto=Proto.TCP)
+    eng.on_flow(f)
+    eng.on_flow_live(f, connected=True)
+    acts = sorted(eng.activations.values(), key=lambda a: a.rule.name)
+    assert [a.held for a in acts] == [True, True]
+    clock.advance(600)
+    assert not eng.expire()
+    eng.on_flow_ended(f, closed=True)
+    assert [a.expires - clock.now for a in acts] == [5, 8]

@@ -85,6 +85,12 @@ print("reset", flush=True)
 """
 
 
+def is_held(s: Serve) -> bool:
+    """The one activation is held by a live connection (no expiry)."""
+    acts = s.status()["activations"]
+    return bool(acts) and acts[0]["expires_in"] is None
+
+
 def test_a_udp_flow_that_gets_replies_still_closes_within_the_timeout(
         make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
     """Replies make the entry assured (nf_conntrack_udp_timeout_stream, 120 s): its lingering
@@ -271,19 +277,19 @@ def test_sockets_only_a_connected_inbound_peer_holds(
     closes_after(lab, stopped, "the inbound peer hung up")
 
 
+@pytest.mark.parametrize("method", ["conntrack", "sockets"])
 @pytest.mark.parametrize("alive", [True, False], ids=["connection-lives", "connection-ended"])
 def test_kill_9_while_held(make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve],
-                           alive: bool) -> None:
+                           alive: bool, method: str) -> None:
     """Gap (3): the service is killed (-9) after holding for longer than the timeout, and
     restarted. The journal said 'held': it comes back held, its mappings stay (no gap) and the
     start-up dump finds the connection (held on); or the connection ended while the service
     was down and the ports close at once, not a timeout later. Before the fix the journal
     said 'closes one timeout after the hold began': the restart dropped and deleted it."""
-    lab, first = serve_with(make_lab, tmp_path, started, "conntrack", RULE_TCP)
+    lab, first = serve_with(make_lab, tmp_path, started, method, RULE_TCP)
     server, client = tcp_connection(lab)
     try:
-        wait_for(lambda: first.status()["activations"][0]["expires_in"] is None, 10,
-                 "the activation held by the connection")
+        wait_for(lambda: is_held(first), 10, "the activation held by the connection")
         held_for(lab, 2 * IDLE, "the connection was open")
         first.proc.kill()  # kill -9: no clean stop
         first.proc.wait()
@@ -432,3 +438,43 @@ def test_two_flows_of_one_activation_one_ends(
     finally:
         end(sender, client, server)
     closes_after(lab, stopped, "the UDP flow stopped")
+
+
+POKED_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c.sendall(b"hello")
+print("connected", flush=True)
+for line in sys.stdin:  # one byte per line read: the game's heartbeat, on demand
+    c.sendall(b"x")
+    print("sent", flush=True)
+"""
+
+
+def test_a_flushed_connection_holds_again_from_its_next_packet(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """`conntrack -F` while a TCP connection holds: its entry is gone, so the hold is lost (the
+    timer starts; nothing can vouch for it). Its next packet is picked up mid-stream as a new
+    established entry: held again, silent for two timeouts, closed after it closes."""
+    lab, s = serve_with(make_lab, tmp_path, started, "conntrack", RULE_TCP)
+    server = lab.popen(lab.wan, [sys.executable, "-c", TCP_SERVER, "27016"])
+    time.sleep(0.5)
+    client = lab.popen(lab.lan, [sys.executable, "-c", POKED_CLIENT, lab.wan_ip, "27016"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline().strip() == b"connected"
+        wait_for(lambda: is_held(s), 10, "the activation held by the connection")
+        lab.run(lab.lan, ["conntrack", "-F"], check=True)
+        wait_for(lambda: not is_held(s), 10, "the hold lost with the flushed entry")
+        client.stdin.write(b"beat\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == b"sent"
+        wait_for(lambda: is_held(s), 10, "held again after the connection's next packet")
+        held_for(lab, 2 * IDLE, "the connection was silent again after the flush")
+        end(client)
+        stopped = time.monotonic()
+    finally:
+        end(client, server)
+    closes_after(lab, stopped, "the connection closed")
