@@ -20,6 +20,8 @@ in the same run, interleaved, and reports the ratio:
             `conntrack -E` reading the same events; a matching flow in the middle still opens
   engine    (no lab) flow events matched per second with 1,000 rules and 10,000 activations vs
             a bare dict lookup; the cost of Engine.desired()
+  hostile   (no lab) what a hostile LAN host can make the service hold: 150,000 forged trigger
+            flows, tokenless POSTs again and again, a POST at the bound of live activations
 
 --quick runs fewer trials and shorter windows (under a minute in all).
 """
@@ -42,7 +44,7 @@ from typing import Any
 
 from .common import ROOT, Bench, markdown, precompile, row, table
 
-CASES = ["trigger", "range", "ipv6", "restart", "idle", "load", "engine", "detect"]
+CASES = ["trigger", "range", "ipv6", "restart", "idle", "load", "engine", "detect", "hostile"]
 LAB_CASES = {"trigger", "range", "ipv6", "restart", "idle", "load"}
 # trigger: a LAN host with no firewall rule (the plain desktop): conntrack sees the trigger
 # only through the nftables table the service loads itself

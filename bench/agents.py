@@ -354,12 +354,16 @@ class Driver:
                 raise RuntimeError(f"range not open after 60 s: {act.get('state')}")
             time.sleep(0.002)
             act = self.api(port, "GET", f"/api/v1/activations/{act['id']}")
-        t1 = time.monotonic()
-        active = sum(1 for p in act["ports"] if p.get("state") == "active")
         holes = 0
-        if cmd.get("pinholes"):  # IPv6 too: the activation answered once the round was done
+        while cmd.get("pinholes") and holes < n:  # IPv6 follows IPv4 in its own task
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{holes} of {n} pinholes active after 60 s")
             holes = len([h for h in self.api(port, "GET", "/api/v1/status")["pinholes"]
                          ["entries"] if h["state"] == "active"])
+            if holes < n:
+                time.sleep(0.002)
+        t1 = time.monotonic()
+        active = sum(1 for p in act["ports"] if p.get("state") == "active")
         self.api(port, "DELETE", f"/api/v1/activations/{act['id']}")
         self.api_wait_empty(port, 60)
         if cmd.get("pinholes"):

@@ -5,11 +5,20 @@ Who may do what (README "Who may do what"; the OpenAPI document repeats it per o
 - ``public``: anyone who can connect (``/healthz``, ``/readyz``, the OpenAPI document and the
   dashboard's static files).
 - ``read`` (status, mappings, events, metrics): clients on loopback, requests with the admin
-  bearer token, and anyone else only when ``[api] public_read = true``; else 401.
-- ``act`` (rules, activations): anyone, under the own-address rule: a client without the admin
-  token may only activate rules for its own address (loopback clients act for this host's LAN
-  address) and only see, refresh and end its own activations. Rules decide which ports can ever
-  be opened; the admin token (``<state_dir>/api-token``) may act for any host.
+  bearer token or over the local admin socket, and LAN clients only when
+  ``[api] public_read = true``; else 401.
+- ``act`` (rules, activations): LAN clients, under the own-address rule: a client without the
+  admin token may only activate rules for its own address (loopback clients act for this host's
+  LAN address) and only see, refresh and end its own activations; one live activation of a rule
+  per host (asking again refreshes it), at most ``[api] max_per_host`` in all. Rules decide
+  which ports can ever be opened; the admin token (``<state_dir>/api-token``) may act for any
+  host. "LAN" is ``[api] allow``, else the networks of the interface(s) the API listens on
+  (private and link-local addresses when those cannot be read): a client from elsewhere needs
+  the token for anything but ``public``.
+
+The local admin socket (``<state_dir>/api.sock``, mode 0600: only the service's user and root
+can connect) carries the admin role without a token, so a local CLI never hands the token to
+whatever listens on 127.0.0.1:8731.
 
 Every client address but loopback has a token bucket (``[api] rate_limit``/``rate_burst``): past
 it, 429 with ``Retry-After``. (Local processes are not limited: they could talk to the router
@@ -40,15 +49,16 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from . import __version__
-from .engine import Source
+from .engine import Source, is_lan_source
 from .errors import IgdTriggerError, RuleNotFound, UsageError
 from .events import Event, Subscriber, TooManySubscribers
+from .httpguard import ConnectionGuard, describe
 from .metrics import Metrics
 from .model import parse_duration
-from .netutil import guess_lan_address
+from .netutil import Network, guess_lan_address, interface_networks
 from .openapi import API_PREFIX, build_openapi
 from .ratelimit import RateLimiter
-from .service import Service
+from .service import STATUS_ACTIVATIONS, Service
 
 log = logging.getLogger("igdtrigger.api")
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
@@ -56,9 +66,14 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings")
 ACCESS: web.AppKey[dict[AbstractRoute, Access]] = web.AppKey("access")
 LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter", RateLimiter)
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
+ADMIN_SOCKET = "api.sock"  # in the state directory: the local admin's way in (no token)
 STATUS_COUNTS: web.AppKey[collections.Counter[int]] = web.AppKey("status_counts")
 CALLER: web.RequestKey[Caller] = web.RequestKey("caller")
 MAX_BODY = 16 * 1024
+BODY_TIMEOUT = 10.0  # seconds to receive a request body once the headers arrived
+PAGE_DEFAULT = 500  # activations per page of GET /activations
+PAGE_MAX = 1000
 SSE_HEARTBEAT = 15.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -75,16 +90,33 @@ class ApiSettings:
     public_read: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     sse_heartbeat: float = SSE_HEARTBEAT
+    allow: tuple[Network, ...] = ()  # empty: private and link-local addresses
+
+    def is_lan(self, address: str) -> bool:
+        """May a client at ``address`` act without the token (and read with public_read)?"""
+        try:
+            addr = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if addr.is_loopback:
+            return True
+        if self.allow:
+            return any(addr in net for net in self.allow)
+        return is_lan_source(addr)
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
     address: str  # the client's IP address ("" if unknown)
-    loopback: bool
-    admin: bool  # carries the admin token
+    loopback: bool  # on this machine (a loopback address, or the local admin socket)
+    admin: bool  # carries the admin token, or came over the local admin socket
     reader: bool  # may use ``read`` endpoints
+    lan: bool = True  # inside [api] allow (or this host's networks): may act without the token
 
     def key(self) -> str:
+        """Rate-limit and stream-pool key: every loopback address is this one machine."""
+        if self.loopback:
+            return "loopback"
         return self.address or "unknown"
 
 
@@ -94,6 +126,10 @@ class Forbidden(IgdTriggerError):
 
 class Unauthorized(IgdTriggerError):
     http_status = 401
+
+
+WRONG_AUTH = ("wrong admin token: the Authorization header does not carry this service's token "
+               "(the api-token file in its state directory); send that one, or none")
 
 
 class NotReady(IgdTriggerError):
@@ -106,6 +142,10 @@ class TooMany(IgdTriggerError):
 
 class UnsupportedMedia(IgdTriggerError):
     http_status = 415
+
+
+class RequestTimeout(IgdTriggerError):
+    http_status = 408
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -135,6 +175,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         resp = _error(500, "internal error (see the service log)")
     counts[resp.status] += 1
     route = _route_label(request)
+    if resp.status in (400, 408, 413, 415, 422):
+        _refused_log(f"{resp.status} {route}", "malformed request from %s: %s: %d %s",
+                     request.remote, route, resp.status, _short(getattr(resp, "text", "") or ""))
     if route != "GET /api/v1/events":  # a stream: its length is the client's, not ours
         request.app[METRICS].on_api_request(route, time.perf_counter() - started)
     return resp
@@ -169,7 +212,16 @@ def _has_admin_token(request: web.Request) -> bool:
     auth = request.headers.get("Authorization", "")
     if not token or auth[:7].lower() != "bearer ":
         return False
-    return hmac.compare_digest(auth[7:].strip().encode(), token.encode())
+    # header bytes that are not UTF-8 arrive as surrogates: compare bytes, never raise
+    given = auth[7:].strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, token.encode())
+
+
+def _over_admin_socket(request: web.Request) -> bool:
+    """Did the request come over the local admin socket (AF_UNIX)?"""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and getattr(sock, "family", None) == socket.AF_UNIX
 
 
 def _caller(request: web.Request) -> Caller:
@@ -180,10 +232,14 @@ def _caller(request: web.Request) -> Caller:
 
 
 def _make_caller(request: web.Request) -> Caller:
+    if _over_admin_socket(request):
+        return Caller("127.0.0.1", True, True, True, True)
     address, loopback = _remote_address(request)
+    settings = request.app[SETTINGS]
     admin = _has_admin_token(request)
-    reader = admin or loopback or request.app[SETTINGS].public_read
-    return Caller(address, loopback, admin, reader)
+    lan = loopback or (bool(address) and settings.is_lan(address))
+    reader = admin or loopback or (settings.public_read and lan)
+    return Caller(address, loopback, admin, reader, lan)
 
 
 def _host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
@@ -219,6 +275,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     request[CALLER] = caller
     wait = 0.0 if caller.loopback else app[LIMITER].take(caller.key())
     if wait > 0:
+        _refused_log(f"rate limit: {caller.key()}", "too many requests from %s", caller.key())
         return _error(
             429, f"too many requests from {caller.key()}: at most "
             f"{app[LIMITER].rate:g}/s (bursts of {app[LIMITER].burst:g}); retry in "
@@ -226,6 +283,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     access = app[ACCESS].get(request.match_info.route, Access.PUBLIC)
     if access is Access.PUBLIC:
         return await handler(request)
+    if not caller.admin and request.headers.get("Authorization") is not None:
+        # a token that is not this service's is a mistake to say, not "no token" in silence
+        raise Unauthorized(WRONG_AUTH)
     host_header = request.headers.get("Host", "")
     if not caller.admin and not _host_allowed(host_header, app[SETTINGS].allowed_hosts):
         raise Forbidden(
@@ -237,12 +297,27 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise Forbidden(f"cross-site request from {origin} refused")
     if origin == "null" and request.method in UNSAFE_METHODS:
         raise Forbidden("cross-site request from an opaque origin refused")
+    if not caller.admin and not caller.lan:
+        raise Forbidden(
+            f"{caller.key()} is outside this service's LAN ([api] allow, else the networks of "
+            "the interface it listens on): only the admin token may use this endpoint from "
+            "there")
     if access is Access.READ and not caller.reader:
         raise Unauthorized(
             f"{request.path} needs the admin token (Authorization: Bearer <token from the "
             "service's state directory>) from another host, unless the service's config says "
             "[api] public_read = true")
     return await handler(request)
+
+
+_REFUSED_LOG = RateLimiter(1 / 60, 1, max_clients=256)  # one line per kind and minute
+
+
+def _refused_log(kind: str, msg: str, *args: object) -> None:
+    """Log a refused or malformed request once per kind and minute: a flood must not flood
+    the journal too."""
+    if _REFUSED_LOG.take(kind) == 0.0:
+        log.warning(msg + " (further ones of this kind are not logged for a minute)", *args)
 
 
 def _client_host(request: web.Request) -> str:
@@ -268,7 +343,12 @@ def _client_host(request: web.Request) -> str:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise UsageError(f"request body larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+    try:  # the whole body (read(n) would return what has arrived so far)
+        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {BODY_TIMEOUT:g}s") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise UsageError(f"request body larger than {MAX_BODY} bytes") from None
     if len(raw) > MAX_BODY:
         raise UsageError(f"request body larger than {MAX_BODY} bytes")
     if not raw.strip():
@@ -279,8 +359,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
             f"request body must be JSON with Content-Type: application/json (got {ctype!r})")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError("request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of 4,301+ digits
+        raise UsageError(f"request body is not valid JSON: {_short(str(exc))}") from None
     if not isinstance(data, dict):
         raise UsageError("request body must be a JSON object")
     return data
@@ -289,10 +371,16 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 def _ttl(value: object, field: str = "ttl") -> float | None:
     if value is None:
         return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 10**9:
+        raise UsageError(f"{field}: {_short(str(value))} seconds is out of range (at most 7d)")
     try:
         return parse_duration(value)
-    except ValueError as exc:
-        raise UsageError(f"{field}: {exc}") from None
+    except (ValueError, OverflowError) as exc:
+        raise UsageError(f"{field}: {_short(str(exc))}") from None
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --- handlers ----------------------------------------------------------------------------------
@@ -314,7 +402,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SERVICE].status())
+    body = request.app[SERVICE].status(max_activations=STATUS_ACTIVATIONS)
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        body["api_connections"] = describe(guard)
+    return web.json_response(body)
 
 
 async def get_rules(request: web.Request) -> web.Response:
@@ -325,13 +417,34 @@ async def get_mappings(request: web.Request) -> web.Response:
     return web.json_response({"mappings": request.app[SERVICE].mapper.snapshot()})
 
 
+def _page_args(request: web.Request) -> tuple[int, int]:
+    """``?limit=`` (1-PAGE_MAX, default PAGE_DEFAULT) and ``?cursor=`` (the ``next_cursor`` of
+    the previous page)."""
+    limit_raw = request.query.get("limit", str(PAGE_DEFAULT))
+    cursor_raw = request.query.get("cursor") or "0"
+    if not limit_raw.isdecimal() or len(limit_raw) > 6 or not 1 <= int(limit_raw) <= PAGE_MAX:
+        raise UsageError(f"limit must be a number 1-{PAGE_MAX}, got {_short(limit_raw)!r}")
+    if not cursor_raw.isdecimal() or len(cursor_raw) > 18:
+        raise UsageError(f"cursor must be the next_cursor of the previous page, got "
+                         f"{_short(cursor_raw)!r}")
+    return int(limit_raw), int(cursor_raw)
+
+
 async def get_activations(request: web.Request) -> web.Response:
+    """One page of live activations, oldest first: ``{"activations": [...], "total": n,
+    "next_cursor": "..." | null}``."""
     svc = request.app[SERVICE]
-    acts = sorted(svc.engine.activations.values(), key=lambda a: a.created)
+    limit, cursor = _page_args(request)
+    acts = svc.sorted_activations()
     if not _caller(request).reader:  # own-address rule: only this client's activations
         own = _client_host(request)
         acts = [a for a in acts if a.host == own]
-    return web.json_response({"activations": [svc.activation_json(a) for a in acts]})
+    total = len(acts)
+    acts = [a for a in acts if a.seq >= cursor]
+    page, rest = acts[:limit], acts[limit:limit + 1]
+    return web.json_response({"activations": [svc.activation_json(a) for a in page],
+                              "total": total,
+                              "next_cursor": str(rest[0].seq) if rest else None})
 
 
 _POST_FIELDS = {"rule", "open", "ttl", "host", "source", "meta"}
@@ -398,7 +511,8 @@ async def post_activation(request: web.Request) -> web.Response:
     assert isinstance(rule, str)
     if svc.engine.rules.get(rule) is None:
         raise RuleNotFound(rule, list(svc.engine.rules))
-    result = await svc.activate(rule, host, ttl=ttl, source=source, meta=dict(meta_raw))
+    result = await svc.activate(rule, host, ttl=ttl, source=source, meta=dict(meta_raw),
+                                tokenless=not _caller(request).admin)
     return web.json_response(result, status=201)
 
 
@@ -421,10 +535,13 @@ async def refresh_activation(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     act_id = request.match_info["id"]
     body = await _json_body(request)
-    if set(body) - {"ttl"}:
-        raise UsageError('only field "ttl" is allowed')
+    if set(body) - {"ttl", "self_mapped"}:
+        raise UsageError('only fields "ttl" and "self_mapped" are allowed')
+    self_mapped = body.get("self_mapped")
+    if self_mapped is not None and not isinstance(self_mapped, bool):
+        raise UsageError(f'"self_mapped" must be true or false, got {self_mapped!r}')
     _check_owner(request, act_id)
-    return web.json_response(svc.heartbeat(act_id, _ttl(body.get("ttl"))))
+    return web.json_response(svc.heartbeat(act_id, _ttl(body.get("ttl")), self_mapped))
 
 
 async def get_activation(request: web.Request) -> web.Response:
@@ -440,7 +557,8 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render(request.app[SERVICE], request.app[STATUS_COUNTS])
+    text = request.app[METRICS].render(request.app[SERVICE], request.app[STATUS_COUNTS],
+                                       request.app.get(GUARD))
     return web.Response(text=text, content_type="text/plain",
                         headers={"Cache-Control": "no-store"}, charset="utf-8")
 
@@ -463,7 +581,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
             raise UsageError(f"Last-Event-ID/since must be an event number, got {since_raw!r}"
                              ) from None
     try:
-        sub = svc.hub.subscribe(caller.key())
+        sub = svc.hub.subscribe(caller.key(), admin=caller.admin)
     except TooManySubscribers as exc:
         raise TooMany(f"{exc}; close one first") from None
     try:
@@ -575,16 +693,19 @@ def make_app(
     service: Service,
     *,
     metrics: Metrics | None = None,
+    guard: ConnectionGuard | None = None,
     public_read: bool | None = None,
     rate_limit: float | None = None,
     rate_burst: int | None = None,
     allowed_hosts: Iterable[str] | None = None,
+    allow: Iterable[Network] | None = None,
     sse_heartbeat: float = SSE_HEARTBEAT,
     clock: Callable[[], float] = time.monotonic,
     middlewares: Iterable[Any] = (),
 ) -> web.Application:
     """The API application. Settings default to ``service.config.api``; ``middlewares`` run
-    first (tests use one to present a LAN client address)."""
+    first (tests use one to present a LAN client address). ``allow``: the LAN (default
+    ``[api] allow``, else the networks of the interface(s) ``[api] listen`` is on)."""
     cfg = service.config.api
     app = web.Application(
         middlewares=[*middlewares, errors_middleware, guard_middleware],
@@ -597,10 +718,14 @@ def make_app(
         allowed_hosts=_local_names() | frozenset(
             h.lower() for h in (cfg.allowed_hosts if allowed_hosts is None else allowed_hosts)),
         sse_heartbeat=sse_heartbeat,
+        allow=tuple(allow) if allow is not None else (
+            cfg.allow or interface_networks(cfg.host) if not cfg.loopback_only else cfg.allow),
     )
     app[LIMITER] = RateLimiter(cfg.rate_limit if rate_limit is None else rate_limit,
                                cfg.rate_burst if rate_burst is None else rate_burst, clock=clock)
     app[STATUS_COUNTS] = collections.Counter()
+    if guard is not None:
+        app[GUARD] = guard
     access: dict[AbstractRoute, Access] = {}
     for method, path, handler, acc in ROUTES:
         route = app.router.add_route(method, path, handler)

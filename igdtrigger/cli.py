@@ -1,4 +1,8 @@
-"""Command line: ``igdtrigger serve | run | activate | deactivate | status``.
+"""Command line: ``igdtrigger serve | run | activate | deactivate | status | gateway |
+healthcheck | check-config | doctor``; without arguments, the usage.
+
+Every bad input is one line on stderr naming it (never a traceback); durations everywhere use
+:func:`igdtrigger.model.parse_duration`'s grammar.
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 no service reachable;
 ``run`` returns the child's own status (128+N when signal N killed it).
@@ -15,12 +19,14 @@ from typing import Any
 from . import __version__
 from .config import Config, Rule, load_config
 from .errors import ConfigError, IgdTriggerError, UsageError
-from .model import format_duration, parse_duration, parse_port_spec
+from .model import compress_ports, format_duration, parse_duration, parse_port_spec
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        sub = self.prog.removeprefix("igdtrigger").strip()
+        raise UsageError(f"{sub + ': ' if sub else ''}{message} (see igdtrigger "
+                         f"{sub + ' ' if sub else ''}--help)")
 
 
 def _duration(text: str) -> float:
@@ -31,7 +37,12 @@ def _duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="igdtrigger", description="Port triggering over UPnP IGD, done right.")
+    p = _Parser(prog="igdtrigger", description="Router-grade port triggering: timed port "
+                "mappings on your router (UPnP IGD, NAT-PMP, PCP) while a game needs them.",
+                epilog="Try it without a router: igdtrigger serve --simulate, then, in another "
+                "terminal, igdtrigger activate demo. Check a setup: igdtrigger doctor. "
+                "Documentation: the project's README.md. Needs Python >= 3.11.",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"igdtrigger {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -43,17 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "listen, a service on this host, zeroconf, http://127.0.0.1:8731)")
             sp.add_argument("--token", help="admin token (default: $IGDTRIGGER_TOKEN or the "
                             "service's token file when readable)")
-            sp.add_argument("--timeout", type=float, metavar="SECONDS",
-                            help="give up on the service after this long (default 10)")
+            sp.add_argument("--timeout", type=_duration, metavar="DURATION",
+                            help="give up on the service after this long (default 10s)")
 
     s = sub.add_parser(
         "serve", help="run the service",
         description="Run the service: a rule's ports open when its trigger traffic (or process) "
         "is seen, and close idle_timeout after the trigger traffic and the inbound traffic "
-        "stop; a live connection holds them however silent it is.")
+        "stop; a live connection holds them however silent it is. SIGTERM, SIGINT (Ctrl-C), "
+        "SIGHUP (a closed terminal; not a reload), SIGQUIT and any other signal that would end "
+        "it all stop it cleanly: every mapping is deleted and the activations end (the next "
+        "start restores nothing). Only a crash (kill -9, power loss) restores the activations "
+        "still within their time.")
     common(s, server=False)
     s.add_argument("--simulate", action="store_true",
-                   help="use a built-in simulated router on loopback (try it without a router)")
+                   help="use a built-in simulated router on loopback (try it without a router); "
+                   "its state is kept apart from the real service's")
     s.add_argument("--listen", metavar="HOST:PORT", help="API address (overrides [api] listen)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -74,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "launcher stub that starts the game and exits); repeatable")
     r.add_argument("--wait-start", type=_duration, default=60.0, metavar="DURATION",
                    help="how long that process may take to appear (60s)")
+    r.add_argument("--quiet", "-q", action="store_true",
+                   help="do not say which ports opened (warnings still go to stderr)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     a = sub.add_parser("activate", help="open a rule's ports now")
@@ -100,10 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gateway", help="probe the router: protocols, external address, quirks")
     common(g, server=False)
+    g.add_argument("--simulate", action="store_true",
+                   help="probe the built-in simulated router (as serve --simulate)")
     g.add_argument("--json", action="store_true")
     g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
     g.add_argument("--test", action="store_true",
                    help="map one random high port to this host for a moment to test leases")
+    g.add_argument("--list", action="store_true",
+                   help="list the router's whole mapping table, igdtrigger's entries marked")
+    g.add_argument("--clean", action="store_true",
+                   help="remove igdtrigger's leftover mappings that no running igdtrigger "
+                   "holds (a lost state directory, a killed run); never another program's")
+    g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
     hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
                         "else 1 (Docker HEALTHCHECK)")
     hc.add_argument("--config", metavar="PATH", help="config file (TOML)")
@@ -111,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "[api] listen on this host)")
     hc.add_argument("--ready", action="store_true",
                     help="also require the router to answer (/readyz)")
-    hc.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    hc.add_argument("--timeout", type=_duration, default=3.0, metavar="DURATION")
+
+    cc = sub.add_parser("check-config", help="validate a config file (no network) and say "
+                        "what it sets up")
+    cc.add_argument("path", nargs="?", metavar="PATH",
+                    help="the file (default: the one serve would read)")
+    cc.add_argument("--json", action="store_true")
 
     dr = sub.add_parser("doctor", help="check privileges, detectors, the router, the external "
                         "address and the API; say what to fix")
@@ -119,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEMO_RULE = Rule("demo", parse_port_spec("udp/27015"), parse_port_spec("udp/40000-40010")
-                 + parse_port_spec("both/3074"), 600.0)
+# the README's example rule ("Use it for real"); tests/test_cli.py keeps the two equal
+DEMO_RULE = Rule("demo", parse_port_spec("udp/27015") + parse_port_spec("tcp/27015-27030"),
+                 parse_port_spec("udp/40000-40010") + parse_port_spec("both/3074"), 600.0)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -128,19 +161,22 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, read_token, resolve_server
+    from .client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(args.server, config)
-    token = args.token or (read_token(config.state_dir if config else None)
-                           if where.trusted else None)
-    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0)
+    state_dir = config.state_dir if config else None
+    token, guessed = pick_token(args.token, state_dir, where.trusted)
+    sock, uid = local_access(where, state_dir)
+    return Client(where.url, token=token, timeout=getattr(args, "timeout", None) or 10.0,
+                  admin_socket=sock if not args.token else None, token_uid=uid,
+                  token_guessed=guessed)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
 
-    from .config import SIMULATE, ApiConfig, parse_listen
+    from .config import SIMULATE, parse_listen
     from .daemon import serve, setup_logging
 
     setup_logging(args.log_level, args.log_format)
@@ -154,8 +190,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host, port = parse_listen(args.listen)
         except ValueError as exc:
             raise ConfigError(str(exc), field="--listen") from None
-        config = replace(config, api=ApiConfig(host=host, port=port))
-    return asyncio.run(serve(config, ready_file=args.ready_file))
+        # only the address: the rest of [api] (ad-hoc, zeroconf, allow, ...) stays as configured
+        config = replace(config, api=replace(config.api, host=host, port=port))
+    rc = asyncio.run(serve(config, ready_file=args.ready_file))
+    if getattr(args, "fast_exit", False):
+        # Every mapping is removed, the journal closed, the log written: leave now rather than
+        # sit through the interpreter's teardown of aiohttp, zeroconf & co. (0.1-0.4 s, most
+        # of the exit after "stopped"). Only as the program itself, never for an in-process
+        # caller of main().
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -183,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from .client import read_token, resolve_server
+    from .client import local_access, pick_token, resolve_server
 
     rule = args.rule
     if args.infer:
@@ -194,15 +244,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             return run(command, rule=None, config=config, server=None, token=None)
     where = resolve_server(args.server, config if config.source != "<defaults>" else None,
                            discover_timeout=1.0)
-    token = args.token or (read_token(config.state_dir) if where.trusted else None)
+    token, guessed = pick_token(args.token, config.state_dir, where.trusted)
+    sock, uid = local_access(where, config.state_dir)
     return run(command, rule=rule, config=config, server=where.url, token=token,
                ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
-               wait_start=args.wait_start)
+               wait_start=args.wait_start, quiet=args.quiet, token_guessed=guessed,
+               admin_socket=sock if not args.token else None, token_uid=uid)
 
 
-def _print_activation(data: dict[str, Any]) -> None:
+def _port_groups(ports: list[dict[str, Any]],
+                 mappings: dict[tuple[str, str], dict[str, Any]], host: str,
+                 ) -> list[tuple[str, list[str]]]:
+    """An activation's ports as lines: ports with the same state and message together (an
+    error shown once for all the ports it hit)."""
+    groups: dict[str, list[str]] = {}
+    for p in ports:
+        port = str(p.get("port", "?"))
+        m = mappings.get((port, host), {})
+        state = str(p.get("state", "?"))
+        ext = p.get("external_port")
+        moved = ext is not None and str(ext) != port.rpartition("/")[2]
+        extra = p.get("error") or (f"held by {p['held_by']}" if p.get("held_by") else "")
+        if state == "active" and m:
+            extra = _lease_text(m).strip()  # "lease 1h00m (asked 2h00m)", "unverified ..."
+        key = state + (f" (external port {ext})" if moved else "") + (
+            f" - {extra}" if extra else "")
+        groups.setdefault(key, []).append(port)
+    return [(key, names) for key, names in groups.items()]
+
+
+def _print_activation(data: dict[str, Any],
+                      mappings: dict[tuple[str, str], dict[str, Any]] | None = None,
+                      indent: str = "") -> None:
     ports = data.get("ports", [])
     opened = [p["port"] for p in ports if p.get("state") == "active"]
+    state = data.get("state")
     expires = data.get("expires_in")
     hold = data.get("hold")
     if expires is None and hold:  # a live connection holds it
@@ -211,13 +287,19 @@ def _print_activation(data: dict[str, Any]) -> None:
     else:
         when = f"closes in {format_duration(float(expires or 0))}" + (f" ({hold})" if hold
                                                                          else "")
-    line = (f"{data.get('rule')} for {data.get('host')}: {data.get('state')}, "
-            f"{len(opened)}/{len(ports)} port(s) open, {when} (id {data.get('id')})")
-    print(line)
-    for p in ports:
-        if p.get("state") != "active":
-            extra = p.get("error") or (f"held by {p['held_by']}" if p.get("held_by") else "")
-            print(f"  {p['port']}: {p['state']}{' - ' + extra if extra else ''}")
+    if state == "self":
+        line = (f"{data.get('rule')} for {data.get('host')}: mapped by that PC itself "
+                f"({len(ports)} port(s)), {when} (id {data.get('id')})")
+    else:
+        line = (f"{data.get('rule')} for {data.get('host')}: {state}, "
+                f"{len(opened)}/{len(ports)} port(s) open, {when} (id {data.get('id')})")
+    print(indent + line)
+    if data.get("message"):
+        print(f"{indent}  {data['message']}")
+    if state == "self":
+        return
+    for key, names in _port_groups(ports, mappings or {}, str(data.get("host"))):
+        print(f"{indent}  {compress_ports(names)}: {key}")
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
@@ -285,17 +367,27 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"mappings: {data['counts']['mappings_active']}"
           + (f"   ipv6 pinholes: {data['counts'].get('pinholes_active', 0)}"
              if holes.get("entries") else ""))
-    for a in data["activations"]:
-        print("  ", end="")
-        _print_activation(a)
+    by_port: dict[tuple[str, str], dict[str, Any]] = {}
     for m in data["mappings"]:
-        print(f"   {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
-              f"{m['internal_port']}  {m['state']}" + _lease_text(m)
-              + (f"  {m['error']}" if "error" in m else ""))
-    holes = data.get("pinholes") or {}
+        by_port[(f"{m['protocol'].lower()}/{m['internal_port']}", m["internal_client"])] = m
+    claimed: set[tuple[str, str]] = set()
+    for a in data["activations"]:  # each with its ports, grouped, and its countdown
+        _print_activation(a, by_port, indent="  ")
+        claimed.update((str(p.get("port")), str(a.get("host"))) for p in a.get("ports", []))
+    rest = [m for key, m in by_port.items() if key not in claimed]
+    if rest:  # being removed, or left by an earlier run
+        print("  mappings of no live activation:")
+        for m in rest:
+            print(f"    {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
+                  f"{m['internal_port']}  {m['state']}" + _lease_text(m)
+                  + (f"  {m['error']}" if "error" in m else ""))
+    errors: dict[str, list[str]] = {}
     for h in holes.get("entries", []):
-        print(f"   ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]  {h['state']}"
-              + (f"  {h['error']}" if "error" in h else ""))
+        name = f"ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]"
+        errors.setdefault(f"{h['state']}" + (f"  {h['error']}" if "error" in h else ""),
+                          []).append(name)
+    for key, names in errors.items():
+        print(f"  {', '.join(names)}  {key}")
     return 0
 
 
@@ -318,9 +410,63 @@ def _lease_text(m: dict[str, Any]) -> str:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from .gatewaycmd import main as gateway_main
+    from dataclasses import replace
 
-    return gateway_main(_config(args), as_json=args.json, timeout=args.timeout, test=args.test)
+    from .config import SIMULATE
+    from .gatewaycmd import main as gateway_main
+    from .gatewaycmd import table_main
+
+    config = _config(args)
+    if args.simulate:
+        config = replace(config, gateway=replace(config.gateway, url=SIMULATE))
+    if args.dry_run and not args.clean:
+        raise UsageError("--dry-run goes with --clean")
+    if args.list or args.clean:
+        if args.test:
+            raise UsageError("--test probes the router; use it without --list/--clean")
+        return table_main(config, as_json=args.json, clean=args.clean,
+                          dry_run=args.dry_run, timeout=args.timeout)
+    return gateway_main(config, as_json=args.json, timeout=args.timeout, test=args.test)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Parse and validate like ``serve`` does, without touching the network."""
+    config = load_config(args.path)
+    gw = config.gateway
+    summary: dict[str, Any] = {
+        "source": config.source,
+        "rules": [r.to_json() for r in config.rules],
+        "gateway": {"url": gw.url or "SSDP discovery", "protocol": gw.protocol,
+                    "lease": gw.lease},
+        "api": config.api.url,
+        "detect": list(config.detect.methods),
+        "state_dir": str(config.state_dir or "default"),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    if config.source == "<defaults>":
+        print("no config file found (looked in: "
+              + ", ".join(str(p) for p in _default_paths()) + "); the defaults are valid")
+    else:
+        print(f"{config.source}: ok")
+    print(f"  gateway: {summary['gateway']['url']} ({gw.protocol}), lease "
+          f"{format_duration(gw.lease)}")
+    print(f"  api: {config.api.url}   detect: {', '.join(config.detect.methods) or 'none'}")
+    for r in config.rules:
+        trig = ", ".join(str(t) for t in r.trigger) or "-"
+        proc = f"; process {', '.join(r.process)}" if r.process else ""
+        print(f"  rule {r.name}: open {compress_ports(str(p) for p in r.open)}; trigger "
+              f"{trig}{proc}; idle {format_duration(r.idle_timeout)}")
+    if not config.rules:
+        print("  no rules: nothing can be opened until you add [[rules]]")
+    return 0
+
+
+def _default_paths() -> list[Any]:
+    from .config import default_config_paths
+
+    return list(default_config_paths())
 
 
 COMMANDS = {
@@ -332,16 +478,27 @@ COMMANDS = {
     "gateway": cmd_gateway,
     "healthcheck": cmd_healthcheck,
     "doctor": cmd_doctor,
+    "check-config": cmd_check_config,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not args_in:
+        parser.print_help()
+        return 2
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(args_in)
+        args.fast_exit = argv is None  # the program itself (console script, python -m)
         return COMMANDS[args.cmd](args)
     except IgdTriggerError as exc:
         print(f"igdtrigger: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file or socket the command needed: say which, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"igdtrigger:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -97,6 +97,89 @@ def resolve_server(server: str | None, config: Config | None = None, *,
     return Resolved(DEFAULT_SERVER, "default")
 
 
+ADMIN_SOCKET = "api.sock"  # the service's local admin socket, in its state directory
+
+
+def _state_dirs(state_dir: Path | None) -> list[Path]:
+    return [d for d in (state_dir, default_state_dir(), Path("/var/lib/igdtrigger"))
+            if d is not None]
+
+
+def local_admin_socket(state_dir: Path | None = None) -> Path | None:
+    """The service's admin socket (``<state_dir>/api.sock``) if this user may connect to it:
+    the local way in that needs no token, so none can be handed to an impostor. Only a socket
+    owned by the owner of its directory counts (nobody else can create one there)."""
+    if not hasattr(socket, "AF_UNIX"):
+        return None
+    for d in _state_dirs(state_dir):
+        path = d / ADMIN_SOCKET
+        try:
+            st, dst = path.stat(), d.stat()
+        except OSError:
+            continue
+        if st.st_uid != dst.st_uid or not os.access(path, os.R_OK | os.W_OK):
+            continue
+        return path
+    return None
+
+
+def token_owner(state_dir: Path | None = None) -> int | None:
+    """The owner (uid) of the token file ``read_token`` reads: the service's user."""
+    for d in _state_dirs(state_dir):
+        try:
+            return (d / "api-token").stat().st_uid
+        except OSError:
+            continue
+    return None
+
+
+def _proc_hex_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw[::-1])
+    if len(raw) == 16:  # four little-endian 32-bit words
+        return ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return None
+
+
+def listener_uid(host: str, port: int, proc: Path = Path("/proc/net")) -> int | None:
+    """The uid of the process listening on loopback ``host:port`` (Linux ``/proc/net/tcp``;
+    the kernel's word, so it cannot be faked), or None when it cannot be told. A listener on
+    that very address wins over a wildcard one, as the kernel picks it."""
+    try:
+        want = ipaddress.ip_address(host if host != "localhost" else "127.0.0.1")
+    except ValueError:
+        return None
+    best: tuple[int, int] | None = None  # (specificity, uid)
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            addr_hex, _, port_hex = fields[1].partition(":")
+            try:
+                addr = _proc_hex_address(addr_hex)
+                if addr is None or int(port_hex, 16) != port:
+                    continue
+                uid = int(fields[7])
+            except ValueError:
+                continue
+            mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+            if addr == want or mapped == want:
+                rank = 2
+            elif addr.is_unspecified and (want.version == addr.version or name == "tcp6"):
+                rank = 1
+            else:
+                continue
+            if best is None or rank > best[0]:
+                best = (rank, uid)
+    return best[1] if best is not None else None
+
+
 def read_token(state_dir: Path | None = None) -> str | None:
     """The admin token: ``$IGDTRIGGER_TOKEN``, else the service's token file if readable."""
     if env := os.environ.get("IGDTRIGGER_TOKEN"):
@@ -113,36 +196,126 @@ def read_token(state_dir: Path | None = None) -> str | None:
     return None
 
 
+def local_access(where: Resolved, state_dir: Path | None) -> tuple[Path | None, int | None]:
+    """(the admin socket to use, the uid a loopback listener must run as to get the token)
+    for the service ``where`` names: the socket only for the service this host runs by
+    default or by its config (an explicit ``--server`` may name another instance)."""
+    sock = None
+    if where.how in ("local", "default", "config") and is_loopback_url(where.url):
+        sock = local_admin_socket(state_dir)
+    return sock, token_owner(state_dir)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def pick_token(explicit: str | None, state_dir: Path | None, trusted: bool,
+               ) -> tuple[str | None, bool]:
+    """``(token, guessed)``: ``--token``, else ``$IGDTRIGGER_TOKEN``, else (only for a trusted
+    server) a token file on this machine, which may be another service's: ``guessed``."""
+    if explicit:
+        return explicit, False
+    if env := os.environ.get("IGDTRIGGER_TOKEN"):
+        return env.strip(), False
+    if not trusted:
+        return None, False
+    token = read_token(state_dir)
+    return token, token is not None
+
+
 class Client:
+    """``admin_socket``: talk to the service over its local admin socket (no token needed);
+    else over TCP, where the admin token goes to a loopback listener only when the kernel says
+    it runs as the token file's owner (``token_uid``, Linux), so an impostor on the port
+    never sees it. ``token_guessed``: the token came from a file on this machine and may be
+    another service's (a second instance, a container's): when the service answers 401 to it,
+    ask again without it, as any client would be heard."""
+
     def __init__(self, server: str | None = None, *, token: str | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, admin_socket: Path | None = None,
+                 token_uid: int | None = None, token_guessed: bool = False) -> None:
         url = server or os.environ.get("IGDTRIGGER_SERVER") or DEFAULT_SERVER
         if "://" not in url:
             url = "http://" + url
-        parsed = urllib.parse.urlsplit(url)
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            port = parsed.port
+        except ValueError as exc:  # "http://[bad", a port above 65535
+            raise UsageError(f"--server {url!r}: {exc}; expected http://HOST:PORT") from None
         if parsed.scheme != "http" or not parsed.hostname:
             raise UsageError(f"--server {url!r}: expected http://HOST:PORT")
         self.url = url.rstrip("/")
         self.host = parsed.hostname
-        self.port = parsed.port or DEFAULT_PORT
+        self.port = port or DEFAULT_PORT
         self.token = token
+        self.token_guessed = token_guessed
         self.timeout = timeout
+        self.admin_socket = admin_socket
+        self.token_uid = token_uid
+        self._token_checked = False
+
+    def _connection(self, wait: float) -> http.client.HTTPConnection:
+        if self.admin_socket is not None:
+            return _UnixConnection(self.admin_socket, wait)
+        return http.client.HTTPConnection(self.host, self.port, timeout=wait)
+
+    def _check_token_recipient(self) -> None:
+        """Drop the token (with a warning) when a loopback listener is not the service."""
+        self._token_checked = True
+        if not self.token or self.token_uid is None or not is_loopback_url(self.url):
+            return
+        uid = listener_uid(self.host, self.port)
+        if uid is not None and uid != self.token_uid:
+            print(f"igdtrigger: the process listening on {self.host}:{self.port} runs as uid "
+                  f"{uid}, not as the service's user (uid {self.token_uid}, the owner of its "
+                  "token file): the admin token is not sent to it", file=sys.stderr)
+            self.token = None
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 *, timeout: float | None = None) -> Any:
+        try:
+            return self._request(method, path, body, timeout=timeout)
+        except ApiError as exc:
+            if (exc.status != 401 or not self.token or not self.token_guessed
+                    or self.admin_socket is not None):
+                raise
+            self.token = None  # not this service's token: be an ordinary client
+            return self._request(method, path, body, timeout=timeout)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                 *, timeout: float | None = None) -> Any:
         wait = timeout or self.timeout
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=wait)
+        if not self._token_checked:
+            self._check_token_recipient()
+        conn = self._connection(wait)
         headers = {"Accept": "application/json", "Connection": "close"}
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        if self.token:
+        if self.token and self.admin_socket is None:
             headers["Authorization"] = f"Bearer {self.token}"
         try:
             conn.request(method, path, body=payload, headers=headers)
         except OSError as exc:
             conn.close()
+            if self.admin_socket is not None:  # stale socket file (a killed service): TCP
+                self.admin_socket = None
+                self._token_checked = False
+                return self._request(method, path, body, timeout=timeout)
             raise ServiceUnavailable(
                 f"no igdtrigger service at {self.url} ({exc}); start it with `igdtrigger serve` "
                 "or pass --server"

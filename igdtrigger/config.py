@@ -7,6 +7,7 @@ Every problem is reported as a ``ConfigError`` that names the file, the field an
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .model import PortRange, Proto, parse_duration, parse_port_spec
+from .model import PortRange, Proto, format_duration, parse_duration, parse_port_spec
 
 DEFAULT_LISTEN = "127.0.0.1:8731"
 DEFAULT_PORT = 8731
@@ -24,6 +25,7 @@ DEFAULT_IDLE = 600.0
 DEFAULT_LEASE = 3600.0
 DEFAULT_RATE = 20.0
 DEFAULT_BURST = 60
+DEFAULT_MAX_PER_HOST = 16
 ZEROCONF_MODES = ("auto", "on", "off")
 ENV_PREFIX = "IGDTRIGGER_"
 SIMULATE = "simulate"
@@ -123,6 +125,10 @@ class ApiConfig:
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names (DNS-rebinding protection)
     zeroconf: str = "auto"  # "auto" (advertise when listening beyond loopback), "on", "off"
     adhoc: AdhocConfig = field(default_factory=AdhocConfig)
+    # clients that may act without the token (and read with public_read); empty: the networks
+    # of the interface(s) the API listens on
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_per_host: int = DEFAULT_MAX_PER_HOST  # live tokenless activations per client address
 
     @property
     def loopback_only(self) -> bool:
@@ -136,8 +142,10 @@ class ApiConfig:
     @property
     def url(self) -> str:
         host = self.host
-        if host in ("0.0.0.0", "::", ""):
+        if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
+        elif host == "::":  # dual-stack where the OS allows; ::1 answers either way
+            host = "::1"
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
@@ -183,10 +191,55 @@ def default_config_paths() -> list[Path]:
 
 
 def find_config() -> Path | None:
+    """The first config file of :func:`default_config_paths` that exists, or None. Raises
+    ``ConfigError`` when one cannot even be looked at (a directory this user may not enter:
+    e.g. a container's ``/config`` owned by another uid)."""
     for p in default_config_paths():
-        if p.is_file():
-            return p
+        try:
+            if p.is_file():
+                return p
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}{_access_hint(p)}",
+                              source=str(p)) from None
     return None
+
+
+_STATE_FIX = "set IGDTRIGGER_STATE_DIR (service.state_dir) to a directory this user owns"
+
+
+def check_state_dir(path: Path) -> None:
+    """Raise ``ConfigError`` (naming the directory, its owner and mode, and who we are) when
+    ``serve`` could not keep its state in ``path``: it exists but this process may not enter
+    and write it (a container's ``/config`` volume owned by another uid, say)."""
+    for probe in (path, *path.parents):
+        try:
+            exists = probe.exists()
+        except OSError as exc:
+            raise ConfigError(f"cannot use the state directory: {exc.strerror}"
+                              f"{_access_hint(path / 'x', _STATE_FIX)}", source=str(path)) from None
+        if exists:
+            if not os.access(probe, os.W_OK | os.X_OK) and probe == path:
+                raise ConfigError("cannot use the state directory: permission denied"
+                                  f"{_access_hint(path / 'x', _STATE_FIX)}", source=str(path))
+            return
+
+
+def _access_hint(path: Path, fix: str = "make the file readable, e.g. a bind-mounted config "
+                 "file with mode 0644") -> str:
+    """Why this process may not read ``path`` (owner and mode of the first directory it cannot
+    enter, and who we are), for a one-line error."""
+    if not hasattr(os, "geteuid"):
+        return ""
+    for parent in [*reversed(path.parents), path]:
+        try:
+            st = parent.stat()
+        except OSError:
+            return ""
+        if parent != path and not os.access(parent, os.X_OK):
+            return (f" ({parent} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:04o} "
+                    f"and this process runs as uid {os.geteuid()} without CAP_DAC_OVERRIDE; run "
+                    f"as uid {st.st_uid}, or {fix})")
+    return ""
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -205,7 +258,8 @@ def load_config(path: str | Path | None = None) -> Config:
     except FileNotFoundError:
         raise ConfigError("file not found", source=str(p)) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", source=str(p)) from None
+        raise ConfigError(f"cannot read: {exc.strerror}{_access_hint(p)}",
+                          source=str(p)) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -425,6 +479,15 @@ def _adhoc(sec: _Section) -> AdhocConfig:
                        admin_only=sec.boolean("adhoc_admin_only", False))
 
 
+def _max_per_host(sec: _Section) -> int:
+    value = sec.get("max_per_host")
+    if value is None:
+        return DEFAULT_MAX_PER_HOST
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise sec.error("max_per_host", f"expected an integer 1-1000, got {_show(value)}")
+    return value
+
+
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -460,7 +523,7 @@ BACKENDS = ("auto", "miniupnpc", "soap")
 PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
         "allow_adhoc", "adhoc_ports", "adhoc_max_ports", "adhoc_max_ttl", "adhoc_per_host",
-        "adhoc_admin_only")
+        "adhoc_admin_only", "allow", "max_per_host")
 _DETECT = ("methods", "socket_interval", "process_interval", "track_flows")
 _SERVICE = ("state_dir",)
 _RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share", "external")
@@ -542,6 +605,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         allowed_hosts=tuple(h.strip().lower() for h in hosts_raw),
         zeroconf=zc,
         adhoc=_adhoc(api_sec),
+        allow=api_sec.networks("allow"),
+        max_per_host=_max_per_host(api_sec),
     )
     api_sec.done(_API)
 
@@ -615,7 +680,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
             sec.done(_RULE)
     launchers = _launchers(top.get("launchers"), source, {r.name for r in rules})
     top.done(_TOP)
-    return Config(
+    config = Config(
         gateway=gateway,
         api=api,
         detect=detect,
@@ -624,6 +689,57 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         source=source,
         launchers=launchers,
     )
+    validate_bounds(config)
+    return config
+
+
+# Bounds every value must keep to (seconds unless said); each is in the config reference.
+MAX_RULE_PORTS = 4096  # mappings one rule may open (a "both/" port counts twice)
+MAX_TOTAL_PORTS = 16384  # mappings all rules together may open
+_DURATION_BOUNDS: dict[str, tuple[float, float]] = {
+    "gateway.discover_timeout": (0.1, 60.0),
+    "gateway.verify_interval": (1.0, 86400.0),
+    "gateway.check_interval": (0.5, 86400.0),
+    "api.adhoc_max_ttl": (1.0, 7 * 86400.0),
+    "rules.idle_timeout": (1.0, 7 * 86400.0),
+}
+
+
+def _bound_text(lo: float, hi: float) -> str:
+    low = f"{lo * 1000:g}ms" if lo < 1 else format_duration(lo)
+    return f"{low} to {format_duration(hi) if hi < 86400 else f'{hi / 86400:g}d'}"
+
+
+def validate_bounds(config: Config) -> None:
+    """Refuse values that parse but make no sense: ``inf``, ``nan``, a ``100000d`` idle timeout,
+    a 1 ms check interval, a rule larger than a router can hold. Raises ``ConfigError`` naming
+    the key (``rules[2].idle_timeout``)."""
+
+    def check(field: str, bounds: str, value: float) -> None:
+        lo, hi = _DURATION_BOUNDS[bounds]
+        if not (math.isfinite(value) and lo <= value <= hi):
+            shown = f"{value:g}s" if math.isfinite(value) else repr(value)
+            raise ConfigError(f"{shown} is outside {_bound_text(lo, hi)}",
+                              source=config.source, field=field)
+
+    gw = config.gateway
+    for key in ("discover_timeout", "verify_interval", "check_interval"):
+        check(f"gateway.{key}", f"gateway.{key}", getattr(gw, key))
+    check("api.adhoc_max_ttl", "api.adhoc_max_ttl", config.api.adhoc.max_ttl)
+    total = 0
+    for i, rule in enumerate(config.rules):
+        check(f"rules[{i}].idle_timeout", "rules.idle_timeout", rule.idle_timeout)
+        count = rule.port_count()
+        if count > MAX_RULE_PORTS:
+            raise ConfigError(
+                f"rule {rule.name!r} opens {count} ports; at most {MAX_RULE_PORTS} per rule (each "
+                "is a mapping the router must hold and igdtrigger must renew; split the range or "
+                "open only what the game uses)", source=config.source, field=f"rules[{i}].open")
+        total += count
+        if total > MAX_TOTAL_PORTS:
+            raise ConfigError(
+                f"the rules together open {total} ports; at most {MAX_TOTAL_PORTS}",
+                source=config.source, field=f"rules[{i}].open")
 
 
 LAUNCHERS = ("steam", "lutris", "heroic")

@@ -8,22 +8,36 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .api import make_app
-from .config import Config
+from .api import ADMIN_SOCKET, make_app
+from .config import Config, check_state_dir, default_state_dir
 from .detect.base import Detector
 from .errors import IgdTriggerError
 from .gateway.select import build_gateway
+from .httpguard import (
+    Acceptor,
+    ConnectionGuard,
+    ConnectionLimits,
+    admin_socket,
+    listen_socket,
+    raise_fd_limit,
+    start_servers,
+)
+from .logthrottle import PerKindThrottle, QuietBadRequests
 from .metrics import Metrics
 from .sdnotify import Notifier
 from .service import Service
+
+if TYPE_CHECKING:
+    from .discovery import Advertiser
 
 log = logging.getLogger("igdtrigger")
 
@@ -71,10 +85,14 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
         )
+    handler.addFilter(PerKindThrottle())  # a flood must not flood the journal
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietBadRequests) for f in server_log.filters):
+        server_log.addFilter(QuietBadRequests())
 
 
 def build_detectors(config: Config) -> list[Detector]:
@@ -101,7 +119,22 @@ def build_detectors(config: Config) -> list[Detector]:
     return detectors
 
 
+# Every signal that would otherwise end the process ends in the same clean stop: mappings
+# removed, activations ended. SIGHUP is a closed terminal or a dropped SSH session (not a reload);
+# SIGPWR is init's power failure; SIGUSR1/2 and SIGALRM, unhandled, would kill us just the same.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
+                                                  "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGPWR")
+                     if hasattr(signal, n))
+
+
+def _stop_on(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("%s received", sig.name)
+    stop.set()
+
+
 async def serve(config: Config, *, ready_file: str | None = None) -> int:
+    check_state_dir(config.state_dir or default_state_dir())
     sim = None
     url = config.gateway.url
     if config.gateway.simulate:
@@ -124,8 +157,11 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         from .detect.nfttrack import KernelTracking
 
         tracking = KernelTracking(enabled=config.detect.track_flows)
-    service = Service(config, gateway, detectors=detectors, on_router_call=metrics.on_router_call,
-                      tracking=tracking)
+    # a simulated router's journal and tag live apart: the real service never restores (or
+    # cleans up) what a demo did, nor the demo what the real service holds
+    journal_dir = (config.state_dir or default_state_dir()) / "simulate" if sim else None
+    service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
+                      on_router_call=metrics.on_router_call, tracking=tracking)
     for det in detectors:  # drop flows no rule cares about before they cost anything
         if hasattr(det, "wanted"):
             det.wanted = service.engine.wants
@@ -135,13 +171,16 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
             det.follows = service.follows
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
-    app = make_app(service, metrics=metrics,
+    guard = ConnectionGuard(ConnectionLimits().within_fd_limit(raise_fd_limit()))
+    app = make_app(service, metrics=metrics, guard=guard,
                    allowed_hosts=[*config.api.allowed_hosts, f"igdtrigger-{service.tag}.local"])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # keepalive_timeout: aiohttp's timer from connect (or the last response) to the next
+    # request's headers, not reset by a trickle of bytes: the header-read timeout
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=guard.limits.header_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, config.api.host, config.api.port, reuse_address=True)
     try:
-        await site.start()
+        servers = await _listen(runner, guard, config, service)
     except OSError as exc:
         await runner.cleanup()
         if sim is not None:
@@ -152,20 +191,21 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
         ) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stop_on, stop, sig)
     await service.start()
     log.info(
         "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
         len(config.rules), config.api.host, config.api.port, config.source,
     )
-    advertiser = None
-    if advertise:
-        advertiser = await _advertise(config, service)
     notifier = Notifier()
     notifier.ready(_status_line(service, config))
     side_tasks = [asyncio.create_task(notifier.watchdog(), name="sd-watchdog")]
+    advertiser = None
+    if advertise:  # in the background: its ~2 s of mDNS probing must not delay a stop
+        advertiser = _advertiser(config, service)
+        side_tasks.append(asyncio.create_task(_advertise(advertiser), name="zeroconf"))
     if notifier.enabled:
         side_tasks.append(asyncio.create_task(_status_updates(notifier, service, config)))
     if ready_file:
@@ -182,9 +222,15 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     notifier.stopping("removing mappings")
     for task in side_tasks:
         task.cancel()
+    for task in side_tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
     if advertiser is not None:
         await advertiser.close()
-    await site.stop()  # no new activations while we clean up
+    for server in servers:  # no new activations while we clean up
+        server.close()
+    with contextlib.suppress(OSError):
+        (service.state_dir / ADMIN_SOCKET).unlink()
     service.hub.close_all()  # end event streams so the runner need not wait for them
     removed = await service.stop()
     await runner.cleanup()
@@ -194,20 +240,42 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     return 0
 
 
-async def _advertise(config: Config, service: Service) -> Any:
-    """Start zeroconf advertisement; a failure is a warning, never fatal."""
+async def _listen(runner: web.AppRunner, guard: ConnectionGuard, config: Config,
+                  service: Service) -> list[Acceptor]:
+    """The API's TCP socket, and the local admin socket in the state directory (a warning,
+    never fatal, when that cannot be made)."""
+    assert runner.server is not None
+    socks = [listen_socket(config.api.host, config.api.port)]
+    if hasattr(socket, "AF_UNIX"):
+        path = service.state_dir / ADMIN_SOCKET
+        try:
+            socks.append(admin_socket(path))
+        except OSError as exc:
+            log.warning("no local admin socket at %s (%s): the local CLI uses the admin token "
+                        "over TCP", path, exc.strerror or exc)
+    try:
+        return await start_servers(runner.server, guard, socks)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+
+
+def _advertiser(config: Config, service: Service) -> Advertiser:
     from . import __version__
     from .discovery import Advertiser
 
-    adv = Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
-                     instance=service.tag, token_needed=not config.api.public_read)
+    return Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
+                      instance=service.tag, token_needed=not config.api.public_read)
+
+
+async def _advertise(adv: Advertiser) -> None:
+    """Start zeroconf advertisement; a failure is a warning, never fatal."""
     try:
-        if await adv.start():
-            return adv
+        await adv.start()
     except Exception as exc:
         log.warning("zeroconf advertisement failed (%s); clients need --server", exc)
         await adv.close()
-    return None
 
 
 def _status_line(service: Service, config: Config) -> str:

@@ -197,10 +197,13 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_api(config: Config, server: str | None, token: str | None) -> list[Check]:
-    from .client import Client, resolve_server
+    from .client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(server, config, discover_timeout=1.0)
-    client = Client(where.url, token=token if where.trusted else None, timeout=3.0)
+    chosen, guessed = pick_token(token, config.state_dir, where.trusted)
+    sock, uid = local_access(where, config.state_dir)
+    client = Client(where.url, token=chosen, timeout=3.0, admin_socket=sock, token_uid=uid,
+                    token_guessed=guessed)
     try:
         health = client.request("GET", "/healthz")
     except IgdTriggerError as exc:
@@ -268,9 +271,7 @@ def doctor(config_path: str | None, server: str | None, token: str | None,
     emit(*check_detectors(config))
     emit(*check_gateway(config))
     emit(check_state_dir(config))
-    from .client import read_token
-
-    emit(*check_api(config, server, token or read_token(config.state_dir)))
+    emit(*check_api(config, server, token))
     return 1 if failed else 0
 
 

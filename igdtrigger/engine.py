@@ -19,10 +19,19 @@ Semantics (router-style port triggering, as ipt_TRIGGER and router manuals descr
 - An explicit activation lives for its ``ttl``; a heartbeat extends it by its ttl again.
 - Ports are owned first come, first served: when two activations want the same external port for
   different hosts, the older one keeps it; the younger one waits and takes over when it lapses.
+  A rule with ``share = "latest"`` lets its newest activation take ports from its own older
+  ones, never from another rule's.
+- Bounded: at most ``MAX_ACTIVATIONS`` live activations (``ActivationLimit`` past it), and
+  detected ones (traffic) at most ``MAX_DETECTED`` in all, and the source addresses behind one
+  origin (the flow's link-layer address when the neighbour table knows it, through
+  ``origin_of``) at most ``MAX_HOSTS_PER_ORIGIN``; sources the table does not know share
+  ``MAX_UNKNOWN_HOSTS``, so forged source addresses cannot grow the table; what was refused is
+  counted in ``refused``.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import ipaddress
@@ -34,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import ADHOC_PREFIX, Rule
-from .errors import ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
+from .errors import ActivationLimit, ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
 from .model import (
     Flow,
     IPAddress,
@@ -48,12 +57,26 @@ from .model import (
 
 Clock = Callable[[], float]
 MAX_TTL = 7 * 86400.0
+MIN_TTL = 1.0  # a mapping asked for less than a second is over before the router answers
+
 _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
 _SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+MAX_ACTIVATIONS = 4096  # live activations of every kind
+MAX_DETECTED = 4096  # live activations created by detected traffic
+MAX_HOSTS_PER_ORIGIN = 8  # source addresses with detected activations behind one MAC address
+MAX_UNKNOWN_HOSTS = 16  # ... behind no known MAC address, all together
+UNKNOWN_ORIGIN = "unknown"
+LOCAL_ORIGIN = "local"
 MAX_FLOWS_PER_HOST = 256  # live matching flows followed per LAN host
 MAX_FLOWS = 4096  # ... and in all
 PROCESS_RUNNING_WITHIN = 5.0  # s: a process seen this recently is reported as running
+
+
+def check_ttl(ttl: float) -> None:
+    """Raises ``UsageError`` unless ``ttl`` (seconds) is within 1s-7d (``nan``/``inf`` are not)."""
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
 
 
 class Source(enum.StrEnum):
@@ -85,6 +108,10 @@ class Activation:
     flows: set[Flow] = field(default_factory=set, repr=False, compare=False)  # live, followed
     holding: int = 0  # how many of ``flows`` are connections that hold it while silent
     journaled: float = 0.0  # the expiry last handed to the journal (see Engine._set_expiry)
+    origin: str = ""  # detected traffic: where the flow came from (see MAX_HOSTS_PER_ORIGIN)
+    # the host maps these ports itself (a router in secure mode refused them to us; ``run`` on
+    # that host reported it): the activation stays (status, dashboard) but wants no mapping
+    self_mapped: bool = False
     # restored after a restart as held by a connection: held (at most one timeout from the
     # restart) until a flow detector's first look shows whether that connection still lives
     unproven: bool = False
@@ -130,6 +157,7 @@ class Activation:
             "ttl": self.ttl,
             "hits": self.hits,
             **({"meta": dict(self.meta)} if self.meta else {}),
+            **({"self_mapped": True} if self.self_mapped else {}),
         }
 
 
@@ -254,6 +282,17 @@ class Engine:
         self.live: dict[Flow, _Live] = {}  # live matching flows followed (bounded, see above)
         self._live_per_host: dict[str, int] = {}
         self._owners_cache: tuple[int, dict[MappingKey, str]] = (-1, {})
+        # detected traffic's origin: the source's link-layer address if known (the service
+        # reads the neighbour table); asked only when a flow would create an activation
+        self.origin_of: Callable[[IPAddress], str | None] | None = None
+        self.max_activations = MAX_ACTIVATIONS
+        self.max_detected = MAX_DETECTED
+        self.max_hosts_per_origin = MAX_HOSTS_PER_ORIGIN
+        self.max_unknown_hosts = MAX_UNKNOWN_HOSTS
+        self._detected = 0  # live activations with an origin other than this machine
+        # origin -> source address -> its live detected activations
+        self._origins: dict[str, collections.Counter[str]] = {}
+        self.refused: collections.Counter[str] = collections.Counter()  # why, how many
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -372,11 +411,14 @@ class Engine:
         """Which activation holds each opened port now (the same precedence as desired())."""
         gen, owners = self._owners_cache
         if gen != self.generation:
-            owners = {}
+            holders: dict[MappingKey, Activation] = {}
             for act in sorted(self.activations.values(), key=self._precedence):
                 for rng in act.rule.open:
                     for port in rng:
-                        owners.setdefault(MappingKey(rng.proto, port), act.id)
+                        key = MappingKey(rng.proto, port)
+                        if self._takes(act, holders.get(key)):
+                            holders[key] = act
+            owners = {k: a.id for k, a in holders.items()}
             self._owners_cache = (self.generation, owners)
         return owners
 
@@ -444,7 +486,14 @@ class Engine:
                 act.hits += 1
                 self._touch(act, at)
             elif at + rule.idle_timeout > now:
-                act = self._add(rule, host, source, now, rule.idle_timeout, {})
+                origin = self._origin(host) if source is Source.TRAFFIC else ""
+                why = self._detected_refusal(origin, host) if origin else None
+                if why is None and len(self.activations) >= self.max_activations:
+                    why = "total"
+                if why is not None:
+                    self.refused[why] += 1
+                    continue
+                act = self._add(rule, host, source, now, rule.idle_timeout, {}, origin=origin)
                 self._touch(act, at)
                 self._traffic[key] = act.id
                 created.append(act)
@@ -453,6 +502,24 @@ class Engine:
             if flow is not None:
                 self._follow(flow, act, host, trigger=True)
         return created
+
+    def _origin(self, host: str) -> str:
+        addr = ipaddress.ip_address(host)
+        if addr in self.local_hosts:
+            return LOCAL_ORIGIN
+        found = self.origin_of(addr) if self.origin_of is not None else None
+        return found or UNKNOWN_ORIGIN
+
+    def _detected_refusal(self, origin: str, host: str) -> str | None:
+        if origin == LOCAL_ORIGIN:
+            return None
+        if self._detected >= self.max_detected:
+            return "detected_total"
+        hosts = self._origins.get(origin)
+        limit = self.max_unknown_hosts if origin == UNKNOWN_ORIGIN else self.max_hosts_per_origin
+        if hosts is not None and host not in hosts and len(hosts) >= limit:
+            return "detected_per_origin"
+        return None
 
     def activate(
         self,
@@ -476,8 +543,7 @@ class Engine:
                 f"{', '.join(str(n) for n in rule.hosts)})"
             )
         ttl = rule.idle_timeout if ttl is None else ttl
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         return self._add(rule, host, source, self.clock(), ttl, meta or {})
 
     def activate_adhoc(
@@ -497,8 +563,7 @@ class Engine:
             raise UsageError(f"host {host!r} is not an IP address") from None
         if not open_ports:
             raise UsageError("an ad-hoc activation needs at least one port")
-        if not 0 < ttl <= MAX_TTL:
-            raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+        check_ttl(ttl)
         rule = adhoc_rule(self._new_id(), open_ports, ttl)
         meta = {**(meta or {}), ADHOC_META: " ".join(str(r) for r in open_ports)}
         return self._add(rule, host, source, self.clock(), ttl, meta)
@@ -506,11 +571,18 @@ class Engine:
     def heartbeat(self, act_id: str, ttl: float | None = None) -> Activation:
         act = self.get(act_id)
         if ttl is not None:
-            if not 0 < ttl <= MAX_TTL:
-                raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
+            check_ttl(ttl)
             act.ttl = ttl
         act.hits += 1
         self._set_expiry(act, self.clock() + act.ttl)
+        return act
+
+    def set_self_mapped(self, act_id: str, on: bool) -> Activation:
+        """The activation's host maps its ports itself (``on``), or wants us to again."""
+        act = self.get(act_id)
+        if act.self_mapped != on:
+            act.self_mapped = on
+            self.generation += 1
         return act
 
     def deactivate(self, act_id: str) -> Activation:
@@ -521,14 +593,24 @@ class Engine:
     def restore(self, act_id: str, rule_name: str, host: str, source: str, *, age: float,
                 remaining: float, ttl: float, meta: dict[str, str],
                 adhoc: Callable[[tuple[PortRange, ...]], bool] | None = None,
-                ) -> Activation | None:
+                held: bool = False) -> Activation | None:
         """Bring back an activation from the journal after a restart (None if it can't be).
         Ad-hoc ones come back only when ``adhoc`` still permits their ports.
 
-        ``remaining = math.inf``: it was held by a live connection when last journaled. It comes
-        back held for at most ``ttl`` from now (``unproven``) until :meth:`settle_restored`: a
-        flow detector's first look either finds the connection (held again) or not (it closes
-        then, unless traffic was seen since)."""
+        ``held``: it was held by a live connection when last journaled (the journal's expiry is
+        infinite; ``remaining`` is ignored). It comes back held for at most ``ttl`` from now
+        (``unproven``) until :meth:`settle_restored`: a flow detector's first look either finds
+        the connection (held again) or not (it closes then, unless traffic was seen since).
+
+        It never outlives what was asked: ``remaining`` (wall-clock seconds the journal says
+        are left) is capped at ``ttl``, the longest it can have been since its last refresh,
+        whatever the wall clock did meanwhile (behind at start, ahead, or a hostile row 20
+        years ahead); a ``ttl`` outside 0-7d, or not finite, is not restored."""
+        if held:
+            remaining = ttl  # no evidence of activity yet: any packet seen is newer
+        if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL and math.isfinite(remaining)):
+            return None
+        remaining = min(remaining, ttl)
         rule = self.rules.get(rule_name)
         if rule is None and rule_name.startswith(ADHOC_PREFIX) and adhoc is not None:
             try:
@@ -544,10 +626,11 @@ class Engine:
             return None
         if rule is None or remaining <= 0 or act_id in self.activations or not rule.allows(host):
             return None
+        if len(self.activations) >= self.max_activations:
+            self.refused["total"] += 1
+            return None
         now = self.clock()
-        unproven = remaining == math.inf and src in (Source.TRAFFIC, Source.PROCESS)
-        if remaining == math.inf:
-            remaining = ttl  # no evidence of activity yet: any packet seen is newer
+        unproven = held and src in (Source.TRAFFIC, Source.PROCESS)
         act = Activation(id=act_id, rule=rule, host=host, source=src, created=now - max(0, age),
                          expires=now + remaining, ttl=ttl, seq=next(self._seq), meta=meta,
                          last_active=now + remaining - ttl - (ttl if unproven else 0.0),
@@ -606,18 +689,23 @@ class Engine:
     def desired(self) -> dict[MappingKey, MappingSpec]:
         """The mappings that should exist now.
 
-        A port two hosts want goes to the oldest activation (``share = "first"``, as routers
-        do it) or to the newest (``share = "latest"``).
+        A port two activations want goes to the oldest (first come, first served, as routers
+        do it), except that under ``share = "latest"`` a rule's newest activation takes it from
+        the same rule's older ones (never from another rule's).
         """
         out: dict[MappingKey, MappingSpec] = {}
         for act in sorted(self.activations.values(), key=self._precedence):
+            if act.self_mapped:
+                continue
             specs = act.specs
             if specs is None:
                 specs = self._specs(act)
                 if act.rule.port_count() <= _SPEC_CACHE_MAX:
                     act.specs = specs
+            latest = act.rule.share == "latest"
             for key, spec in specs:
-                if key not in out:
+                # the description names the rule: "latest" takes only from its own rule
+                if key not in out or (latest and out[key].description == spec.description):
                     out[key] = spec
         return out
 
@@ -634,10 +722,13 @@ class Engine:
         )
 
     @staticmethod
-    def _precedence(act: Activation) -> tuple[int, float, int]:
-        if act.rule.share == "latest":
-            return (0, -act.created, -act.seq)
-        return (1, act.created, act.seq)
+    def _precedence(act: Activation) -> tuple[float, int]:
+        return (act.created, act.seq)
+
+    @staticmethod
+    def _takes(act: Activation, held: Activation | None) -> bool:
+        """Does ``act`` (later in precedence) get a port ``held`` holds? (As desired().)"""
+        return held is None or (act.rule.share == "latest" and held.rule is act.rule)
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
@@ -652,8 +743,14 @@ class Engine:
     # --- internals -----------------------------------------------------------------------------
 
     def _add(
-        self, rule: Rule, host: str, source: Source, now: float, ttl: float, meta: dict[str, str]
+        self, rule: Rule, host: str, source: Source, now: float, ttl: float, meta: dict[str, str],
+        *, origin: str = "",
     ) -> Activation:
+        if len(self.activations) >= self.max_activations:
+            self.refused["total"] += 1
+            raise ActivationLimit(
+                f"{len(self.activations)} activations are live, the service's limit; end some "
+                "first")
         act = Activation(
             id=self._new_id(),
             rule=rule,
@@ -666,8 +763,12 @@ class Engine:
             meta=meta,
             last_active=now,
             journaled=now + ttl,
+            origin=origin,
         )
         self.activations[act.id] = act
+        if origin and origin != LOCAL_ORIGIN:
+            self._detected += 1
+            self._origins.setdefault(origin, collections.Counter())[host] += 1
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
         self.generation += 1
         self._emit(EventKind.ACTIVATED, act, now)
@@ -707,6 +808,14 @@ class Engine:
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
+        hosts = self._origins.get(act.origin) if act.origin != LOCAL_ORIGIN else None
+        if hosts is not None:
+            self._detected -= 1
+            hosts[act.host] -= 1
+            if hosts[act.host] <= 0:
+                del hosts[act.host]
+                if not hosts:
+                    del self._origins[act.origin]
         if act.source in (Source.TRAFFIC, Source.PROCESS):
             self._traffic.pop((act.rule.name, act.host, act.source), None)
         for flow in act.flows:  # its flows stay followed: one that wakes up triggers again

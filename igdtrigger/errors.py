@@ -6,6 +6,9 @@ exits with ``err.exit_code``; the HTTP API turns ``err.http_status`` into a JSON
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class IgdTriggerError(Exception):
     """Root of every error igdtrigger raises on purpose."""
@@ -69,6 +72,12 @@ class HostNotAllowed(UsageError):
     http_status = 403
 
 
+class ActivationLimit(IgdTriggerError):
+    """A bound on live activations (the service's, or a client's ``[api] max_per_host``)."""
+
+    http_status = 429
+
+
 class RuleHeld(IgdTriggerError):
     """The rule's ports are held by another host (``share = "first"``)."""
 
@@ -116,7 +125,7 @@ PINHOLE_SELF_HINT = (
 #       +-- InvalidArgs        402 (also: timed lease refused by ARRIS, table full on IGDv1)
 #       +-- NoSuchMapping      714/730, PCP/NAT-PMP "no such mapping"
 #       +-- UnsupportedAction  401/602: the router does not implement this action
-#       +-- TableFull          728 NoPortMapsAvailable, NAT-PMP 4, PCP NO_RESOURCES
+#       +-- TableFull          728 NoPortMapsAvailable, NAT-PMP 4, PCP NO_RESOURCES/USER_EX_QUOTA
 #       +-- NetworkFailure     NAT-PMP 3 / PCP NETWORK_FAILURE: no usable WAN address
 #       +-- MalformedReply     garbled, truncated, oversized, or not matching the request
 
@@ -133,6 +142,36 @@ class GatewayNotFound(GatewayError):
 
 class GatewayUnreachable(GatewayError):
     """The cached IGD stopped answering (router restarted, moved port, or is down)."""
+
+
+class LocalResourceError(GatewayError):
+    """This machine could not even open a socket to the router (out of file descriptors or
+    buffers: EMFILE, ENFILE, ENOBUFS, ENOMEM). The router was not asked, so this says
+    nothing about it: not "gateway down", no lost mappings; the operation is retried."""
+
+
+_LOCAL_ERRNOS = frozenset(getattr(errno, n) for n in ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+                          if hasattr(errno, n))
+
+
+def descriptors_exhausted() -> bool:
+    """Is this process out of file descriptors right now? (For libraries that report a socket
+    failure without its errno, like miniupnpc.)"""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as exc:
+        return exc.errno in _LOCAL_ERRNOS
+    os.close(fd)
+    return False
+
+
+def socket_fault(exc: OSError, message: str) -> GatewayError:
+    """The fault for an ``OSError`` while talking to the router: ``LocalResourceError`` when
+    this machine ran out of descriptors or memory, else ``GatewayUnreachable``."""
+    if exc.errno in _LOCAL_ERRNOS:
+        return LocalResourceError(f"{message}: this machine is out of resources "
+                                  f"({exc.strerror or exc}); the router was not asked")
+    return GatewayUnreachable(f"{message}: {exc.strerror or exc}")
 
 
 class GatewayTimeout(GatewayUnreachable):

@@ -14,8 +14,9 @@ from typing import Any
 Event = dict[str, Any]
 
 SUBSCRIBER_QUEUE = 256  # events buffered per client before the oldest are dropped
-MAX_SUBSCRIBERS = 64  # streams open at once, all clients together
+MAX_SUBSCRIBERS = 64  # streams open at once, all clients without the admin token together
 MAX_SUBSCRIBERS_PER_CLIENT = 4
+MAX_ADMIN_SUBSCRIBERS = 8  # kept apart: other clients filling their pool cannot lock out the admin
 
 
 class TooManySubscribers(Exception):
@@ -23,10 +24,12 @@ class TooManySubscribers(Exception):
 
 
 class Subscriber:
-    __slots__ = ("_wake", "client", "closed", "dropped", "queue")
+    __slots__ = ("_wake", "admin", "client", "closed", "dropped", "queue")
 
-    def __init__(self, client: str, maxlen: int = SUBSCRIBER_QUEUE) -> None:
+    def __init__(self, client: str, maxlen: int = SUBSCRIBER_QUEUE, *,
+                 admin: bool = False) -> None:
         self.client = client
+        self.admin = admin
         self.queue: collections.deque[Event] = collections.deque(maxlen=maxlen)
         self.dropped = 0
         self.closed = False
@@ -82,13 +85,23 @@ class EventHub:
     def since(self, seq: int) -> list[Event]:
         return [e for e in self.history if e["seq"] > seq]
 
-    def subscribe(self, client: str, maxlen: int = SUBSCRIBER_QUEUE) -> Subscriber:
-        if len(self.subscribers) >= MAX_SUBSCRIBERS:
-            raise TooManySubscribers(f"{MAX_SUBSCRIBERS} event streams are open already")
-        if sum(1 for s in self.subscribers if s.client == client) >= MAX_SUBSCRIBERS_PER_CLIENT:
-            raise TooManySubscribers(
-                f"{client} has {MAX_SUBSCRIBERS_PER_CLIENT} event streams open already")
-        sub = Subscriber(client, maxlen)
+    def subscribe(self, client: str, maxlen: int = SUBSCRIBER_QUEUE, *,
+                  admin: bool = False) -> Subscriber:
+        """A new stream. The admin's streams (``admin``) have a pool of their own
+        (``MAX_ADMIN_SUBSCRIBERS``); everyone else shares ``MAX_SUBSCRIBERS``, at most
+        ``MAX_SUBSCRIBERS_PER_CLIENT`` each. Raises ``TooManySubscribers``."""
+        pool = [s for s in self.subscribers if s.admin == admin]
+        if admin:
+            if len(pool) >= MAX_ADMIN_SUBSCRIBERS:
+                raise TooManySubscribers(
+                    f"the admin has {MAX_ADMIN_SUBSCRIBERS} event streams open already")
+        else:
+            if len(pool) >= MAX_SUBSCRIBERS:
+                raise TooManySubscribers(f"{MAX_SUBSCRIBERS} event streams are open already")
+            if sum(1 for s in pool if s.client == client) >= MAX_SUBSCRIBERS_PER_CLIENT:
+                raise TooManySubscribers(
+                    f"{client} has {MAX_SUBSCRIBERS_PER_CLIENT} event streams open already")
+        sub = Subscriber(client, maxlen, admin=admin)
         self.subscribers.add(sub)
         return sub
 

@@ -1,7 +1,10 @@
 """``igdtrigger gateway``: what the router speaks and how it behaves, probed in parallel.
 
 Read-only by default: nothing is mapped. ``--test`` maps one random high port to this host for
-a minute (with a lease, then deleted) to learn how the router treats leases.
+a minute (with a lease, then deleted) to learn how the router treats leases. ``--list`` shows
+the router's whole table, igdtrigger's entries marked with whose they are; ``--clean`` removes
+igdtrigger's leftovers that nothing running holds (never another program's mapping), what users
+did by hand with ``upnpc -l`` / ``upnpc -d``.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .errors import GatewayError, NoSuchMapping
-from .gateway.base import Gateway, GatewayInfo, is_public_address
-from .model import MappingSpec, Proto
+from .errors import GatewayError, MappingConflict, NoSuchMapping
+from .gateway.base import Gateway, GatewayInfo
+from .model import MappingSpec, Proto, RouterMapping
 from .netutil import default_gateway
 from .traits import NO_READBACK
 
@@ -39,7 +42,7 @@ class ProbeResult:
             i = self.info
             out.update(location=i.location, local_address=i.local_address,
                        external_address=i.external_address or None,
-                       external_reachable=i.external_reachable,
+                       external_reachable=i.reachable_or_unknown,
                        service_type=i.service_type or None, server=i.server or None,
                        control_url=i.control_url or None, backend=i.backend or None)
         if self.error:
@@ -120,18 +123,50 @@ async def _lease_test(gw: Gateway, info: GatewayInfo) -> dict[str, Any]:
                 verdict += f" (asked 60s, the router set {lease}s)"
             else:
                 verdict += f" (asked 60s, granted {lease}s)"
-        with contextlib.suppress(NoSuchMapping):  # gone already: it drops timed leases
-            await gw.delete(Proto.UDP, port)
-        if reads_back and found is not None:
-            still = await gw.get(Proto.UDP, port)
-            out["delete_confirmed"] = still is None
-            if still is not None:
-                verdict += ("; the delete was answered but the mapping is still there: it "
-                            f"stays open until its lease ends ({still.lease_remaining}s)")
+        if found is not None and found.description != spec.description:
+            verdict += f"; it shows the description cut to {found.description!r}"
+        if found is not None:
+            verdict += await _refresh_test(gw, spec, out["lease_asked"])
+        verdict += await _delete_test(gw, spec, out, confirm=reads_back and found is not None)
         out["verdict"] = verdict
     except GatewayError as exc:
         out["verdict"] = f"test mapping refused: {exc}"
     return out
+
+
+async def _refresh_test(gw: Gateway, spec: MappingSpec, lease: int) -> str:
+    """Add the test mapping once more, as a renewal does; what the router made of it."""
+    try:
+        await gw.add(spec, lease)
+    except MappingConflict as exc:
+        return (f"; a renewal (the same add again) is refused ({exc.code} {exc.description}): "
+                "igdtrigger renews by deleting and re-adding")
+    except GatewayError as exc:
+        return f"; a renewal (the same add again) failed: {exc}"
+    return ""
+
+
+async def _delete_test(gw: Gateway, spec: MappingSpec, out: dict[str, Any], *,
+                       confirm: bool) -> str:
+    """Delete the test mapping; where the router can show it, until it is gone (a few tries:
+    the test must not leave a port open). ``out["delete_confirmed"]``: gone at the end."""
+    tries = 3 if confirm else 1
+    for attempt in range(1, tries + 1):
+        with contextlib.suppress(NoSuchMapping):  # gone already: it drops timed leases
+            await gw.delete(spec.proto, spec.external_port)
+        if not confirm:
+            return ""
+        still = await gw.get(spec.proto, spec.external_port)
+        out["delete_confirmed"] = still is None
+        if still is None:
+            if attempt == 1:
+                return ""
+            return (f"; the delete was answered but the mapping was still there, gone after "
+                    f"delete {attempt} (igdtrigger repeats deletes until the router shows them "
+                    "gone)")
+    return ("; the delete was answered but the mapping is still there after "
+            f"{tries} deletes: it stays open until its lease ends "
+            f"({still.lease_remaining if still else '?'}s)")
 
 
 async def ipv6_verdict(location: str, timeout: float) -> str:
@@ -157,7 +192,21 @@ async def ipv6_verdict(location: str, timeout: float) -> str:
 
 
 async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
-    cands = candidates(config)
+    if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
+        from dataclasses import replace
+
+        from .gateway.simulated import SimulatedIgdServer
+
+        async with SimulatedIgdServer() as sim:
+            return await _probe_all(
+                replace(config, gateway=replace(config.gateway, url=sim.url)),
+                timeout=timeout, test=test, only_upnp=True)
+    return await _probe_all(config, timeout=timeout, test=test)
+
+
+async def _probe_all(config: Config, *, timeout: float, test: bool,
+                     only_upnp: bool = False) -> list[ProbeResult]:
+    cands = candidates(config)[:1] if only_upnp else candidates(config)
     try:
         results = list(await asyncio.gather(*(_probe(n, g, timeout, test) for n, g in cands)))
     finally:
@@ -193,11 +242,14 @@ def report(results: list[ProbeResult]) -> str:
         lines.append("no port-mapping protocol answered: enable UPnP (or NAT-PMP/PCP) on the "
                      "router, or set [gateway] url")
         return "\n".join(lines)
-    externals = {r.info.external_address for r in ok if r.info is not None}
-    if not any(is_public_address(x) for x in externals):
-        lines.append("double NAT / CGNAT: the router's external address "
-                     f"({', '.join(sorted(x or 'unknown' for x in externals))}) is not public: "
-                     "ports opened here are not reachable from the internet")
+    infos = [r.info for r in ok if r.info is not None]
+    if not any(i.external_reachable for i in infos):
+        known = sorted({i.external_address.strip() for i in infos if i.external_known})
+        if known:
+            lines.append(f"double NAT / CGNAT: the router's external address ({', '.join(known)})"
+                         " is not public: ports opened here are not reachable from the internet")
+        else:
+            lines.append(str(infos[0].external_warning()))
     servers = " ".join(r.info.server.lower() for r in ok if r.info is not None)
     if "miniupnpd" in servers:
         lines.append("secure mode likely (miniupnpd's default): mappings can only point at the "
@@ -213,3 +265,182 @@ def main(config: Config, *, as_json: bool, timeout: float, test: bool) -> int:
     else:
         print(report(results))
     return 0 if any(r.ok for r in results) else 1
+
+
+# --- the router's whole table (--list) and our lost leftovers (--clean) ---------------------
+
+
+@dataclass
+class TableEntry:
+    """One router mapping and whose it is: ``owner`` says it in words; ``leftover``: it carries
+    an igdtrigger tag that no running igdtrigger of this machine holds (``--clean`` removes
+    it). Another program's mapping is never a leftover."""
+
+    mapping: RouterMapping
+    owner: str
+    leftover: bool = False
+    removed: bool = False
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.mapping
+        out: dict[str, Any] = {
+            "proto": m.proto.value, "external_port": m.external_port,
+            "internal_client": m.internal_client, "internal_port": m.internal_port,
+            "description": m.description, "lease_remaining": m.lease_remaining,
+            "owner": self.owner, "ours": self.owner != "", "leftover": self.leftover}
+        if self.removed:
+            out["removed"] = True
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def state_tag(config: Config) -> str:
+    """The instance tag this machine's service uses with this config's state directory."""
+    from .config import default_state_dir
+    from .service import derived_tag
+
+    state = config.state_dir or default_state_dir()
+    try:
+        tag = (state / "instance").read_text().strip()
+    except OSError:
+        tag = ""
+    return tag or derived_tag(state)
+
+
+def live_service_tag(config: Config) -> tuple[bool, str | None]:
+    """(a service answers on this config's API address, its instance tag if it told us)."""
+    from .client import Client, read_token
+    from .errors import IgdTriggerError
+
+    client = Client(config.api.url, token=read_token(config.state_dir), timeout=2.0)
+    try:
+        status = client.request("GET", "/api/v1/status")
+    except IgdTriggerError as exc:
+        answered = getattr(exc, "status", None) is not None
+        return answered, None
+    tag = status.get("instance") if isinstance(status, dict) else None
+    return True, tag if isinstance(tag, str) else None
+
+
+def classify(m: RouterMapping, *, local: str, my_tag: str, live: bool,
+             live_tag: str | None) -> TableEntry:
+    """Whose a router mapping is (see ``TableEntry``)."""
+    from .leftovers import RUN_TAG, dead_run_tag
+
+    parts = m.description.strip().split(" ")
+    if len(parts) != 3 or parts[0] != "igdtrigger":
+        return TableEntry(m, "")
+    tag = parts[2]
+    here = m.internal_client == local
+    if tag.startswith(RUN_TAG) and tag[len(RUN_TAG):].isdecimal():
+        pid = tag[len(RUN_TAG):]
+        if not here:
+            return TableEntry(m, f"igdtrigger run on {m.internal_client} (pid {pid})")
+        if dead_run_tag(m.description):
+            return TableEntry(m, f"igdtrigger run, pid {pid} (not running)", leftover=True)
+        return TableEntry(m, f"igdtrigger run, pid {pid} (running)")
+    if live and (live_tag == tag or (live_tag is None)):
+        # a running service holds it (or may: it did not tell us its tag)
+        return TableEntry(m, f"igdtrigger service {tag} (running)")
+    if tag == my_tag:
+        return TableEntry(m, f"igdtrigger service {tag} (not running)", leftover=True)
+    if here:
+        return TableEntry(m, f"igdtrigger {tag} (no such instance here: a lost state "
+                             "directory?)", leftover=True)
+    return TableEntry(m, f"igdtrigger {tag} on {m.internal_client}")
+
+
+async def router_table(config: Config, *, clean: bool, dry_run: bool,
+                       timeout: float) -> tuple[GatewayInfo, list[TableEntry]]:
+    """List the router's table, classify each entry, and with ``clean`` delete the leftovers
+    (``dry_run``: only say which). Raises ``GatewayError`` when the router does not answer."""
+    from .errors import NoSuchMapping
+    from .gateway.select import build_gateway
+
+    gw_cfg = config.gateway
+    if gw_cfg.simulate:
+        raise GatewayError('gateway.url = "simulate": there is no router table to list')
+    live, live_tag = await asyncio.to_thread(live_service_tag, config)
+    my_tag = state_tag(config)
+    gw = build_gateway(gw_cfg.url, backend=gw_cfg.backend, protocol=gw_cfg.protocol,
+                       discover_timeout=gw_cfg.discover_timeout)
+    try:
+        async with asyncio.timeout(timeout + gw_cfg.discover_timeout):  # discovery, then ask
+            info = await gw.connect()
+        if info.protocol != "upnp-igd":
+            raise GatewayError(
+                f"the router answers {info.protocol} only, which cannot list its mapping table "
+                "(each client sees only its own); igdtrigger removes its own leftovers from its "
+                "journal at the next start")
+        found = await gw.list()
+        entries = [classify(m, local=info.local_address, my_tag=my_tag, live=live,
+                            live_tag=live_tag)
+                   for m in sorted(found, key=lambda m: (m.external_port, m.proto.value))]
+        if clean and not dry_run:
+            for e in entries:
+                if not e.leftover:
+                    continue
+                try:
+                    await gw.delete(e.mapping.proto, e.mapping.external_port)
+                    e.removed = True
+                except NoSuchMapping:
+                    e.removed = True  # gone meanwhile
+                except GatewayError as exc:
+                    e.error = str(exc)
+    except TimeoutError:
+        raise GatewayError("the router did not answer within "
+                           f"{timeout + gw_cfg.discover_timeout:g}s") from None
+    finally:
+        await gw.close()
+    return info, entries
+
+
+def table_report(info: GatewayInfo, entries: list[TableEntry], *, clean: bool,
+                 dry_run: bool) -> str:
+    lines = [f"router {info.location} ({info.protocol}); we are {info.local_address}; "
+             f"{len(entries)} mapping(s)"]
+    if entries:
+        lines.append(f"{'':2}{'proto':5} {'ext':>5}  {'to':21} {'lease':>7}  "
+                     f"{'description':34} owner")
+    for e in entries:
+        m = e.mapping
+        lease = ("?" if m.lease_remaining is None else
+                 "perm" if m.lease_remaining == 0 else f"{m.lease_remaining}s")
+        mark = "x " if e.removed else "* " if e.owner else "  "
+        note = (" -> removed" if e.removed else f" -> not removed: {e.error}" if e.error
+                else " -> leftover" if e.leftover else "")
+        lines.append(f"{mark}{m.proto.value:5} {m.external_port:>5}  "
+                     f"{m.internal_client + ':' + str(m.internal_port):21} {lease:>7}  "
+                     f"{m.description[:34]:34} {e.owner or 'another program'}{note}")
+    leftovers = [e for e in entries if e.leftover]
+    foreign = sum(1 for e in entries if not e.owner)
+    if clean and dry_run:
+        lines.append(f"would remove {len(leftovers)} leftover mapping(s) of igdtrigger; "
+                     f"{foreign} of other programs are never touched")
+    elif clean:
+        removed = sum(1 for e in entries if e.removed)
+        lines.append(f"removed {removed} leftover mapping(s) of igdtrigger"
+                     + (f", {len(leftovers) - removed} could not be" if removed < len(leftovers)
+                        else "")
+                     + f"; {foreign} of other programs left untouched")
+    elif leftovers:
+        lines.append(f"{len(leftovers)} leftover mapping(s) of igdtrigger that nothing running "
+                     "holds: igdtrigger gateway --clean removes them")
+    return "\n".join(lines)
+
+
+def table_main(config: Config, *, as_json: bool, clean: bool, dry_run: bool,
+               timeout: float) -> int:
+    """``igdtrigger gateway --list`` / ``--clean [--dry-run]``. Exit 0, or 1 when the router
+    does not answer or a leftover could not be removed."""
+    info, entries = asyncio.run(router_table(config, clean=clean, dry_run=dry_run,
+                                             timeout=timeout))
+    if as_json:
+        print(json.dumps({"location": info.location, "protocol": info.protocol,
+                          "local_address": info.local_address,
+                          "mappings": [e.to_json() for e in entries]}, indent=2))
+    else:
+        print(table_report(info, entries, clean=clean, dry_run=dry_run))
+    return 1 if any(e.error for e in entries) else 0

@@ -80,6 +80,11 @@ class JournalMapping:
     description: str
     state: str
 
+    @property
+    def spec(self) -> MappingSpec:
+        return MappingSpec(self.proto, self.external_port, self.internal_client,
+                           self.internal_port, self.description)
+
 
 @dataclass(frozen=True, slots=True)
 class JournalActivation:
@@ -296,6 +301,10 @@ class Journal:
         self._write("INSERT OR REPLACE INTO activations VALUES (?,?,?,?,?,?,?,?)",
                     [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
                       json.dumps(a.meta)) for a in acts])
+
+    def activations_clear(self) -> None:
+        """A clean stop: what this run held has ended; nothing is restored at the next start."""
+        self._write("DELETE FROM activations", [()])
 
     def activation_gone(self, act_id: str) -> None:
         self._write("DELETE FROM activations WHERE id=?", [(act_id,)])

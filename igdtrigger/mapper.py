@@ -22,6 +22,7 @@ stays in the journal until confirmed; a delete the router answered but did not d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -38,6 +39,7 @@ from .errors import (
     SECURE_MODE_HINT,
     GatewayError,
     GatewayUnreachable,
+    LocalResourceError,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
@@ -54,6 +56,7 @@ log = logging.getLogger("igdtrigger.mapper")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+LOCAL_RETRY = 5.0  # seconds before retrying after this machine ran out of descriptors
 CONFLICT_RECHECK = 30.0
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
 # Checking many ports at once (a range opening, re-applying after a router restart): one listing
@@ -63,6 +66,8 @@ LIST_MIN_BATCH = 8
 # A router that cannot report its mappings: a delete is repeated until it answers "no such
 # mapping" (each add may have left a copy, miniupnp/miniupnp#719), at most this often.
 MAX_DELETE_REPEAT = 16
+MIN_CUT = 8  # a description cut shorter than this tells nothing about whose mapping it is
+STOP_DELETE_RETRIES = 2  # at stop, a delete answered but not done is repeated this often
 ORPHAN_TRIES = 10  # deletes refused/failed: retried this often in one run (journal keeps them)
 
 
@@ -137,6 +142,9 @@ class Applied:
     verified: bool | None = None  # the router's own record showed it (None: not checked)
     maybe_applied: bool = False  # an add went unanswered: it may have arrived
     added_at: float = 0.0  # clock() of the last add the router accepted (its lease runs from)
+    # the router refused because the mapping is for another host (secure mode): only that
+    # host can map it (``run`` there maps its own ports: wrapper.py)
+    self_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.external_port:
@@ -181,16 +189,27 @@ class Mapper:
         verify_interval: float = 60.0,
         canary_interval: float = 2.0,
         check_before_add: bool = True,
+        readback_settle: float = 0.25,
         on_change: Callable[[Applied, str], None] | None = None,
         journal: Journal | None = None,
+        abandon: Callable[[], bool] | None = None,
+        reclaim: Callable[[str], bool] | None = None,
     ) -> None:
+        """``abandon``: asked before each add of a pass; True ends the pass there (an
+        activation lapsed meanwhile: the caller expires it and reconciles again, deleting
+        instead of adding for minutes after it should have ended)."""
         self.gateway = gateway
+        self.abandon = abandon
+        # ``reclaim(description)``: an entry of another igdtrigger on this machine that is gone
+        # (a killed ``run``): ours to take over and delete when it maps to this host.
+        self.reclaim = reclaim
         self.clock = clock
         self.tag = tag
         self.lease = int(lease)
         self.verify_interval = verify_interval
         self.canary_interval = canary_interval
         self.check_before_add = check_before_add
+        self.readback_settle = readback_settle  # s before a missing read-back is believed
         self.on_change = on_change
         self.applied: dict[MappingKey, Applied] = {}
         # Mappings that may still be on the router but are no longer wanted: a delete that
@@ -203,6 +222,10 @@ class Mapper:
         self._warned: set[str] = set()
         self._lookup_error: GatewayError | None = None
         self.left_open: list[LeftOpen] = []  # of the last remove_all (the stop summary)
+        self._protocol = ""  # of the router last connected
+        # mappings we added that the router then showed for another client: left alone,
+        # named at stop (key -> spec, that client, lease left)
+        self._taken_over: dict[MappingKey, tuple[MappingSpec, str, int | None]] = {}
         self.gateway_up = False
         self.gateway_error = ""
         self._gateway_retry_at = 0.0
@@ -237,14 +260,26 @@ class Mapper:
         (where it can report mappings; else how many it answered); ``left_open`` lists what it
         still holds, with until when."""
         async with self._lock:
+            never_sent: list[MappingSpec] = []
             for key, app in list(self.applied.items()):
                 self.applied.pop(key, None)
                 if app.state is MapState.ACTIVE or app.maybe_applied:
                     self._orphan(app.wire, app)
+                elif app.attempts == 0:
+                    never_sent.append(app.wire)  # journaled, never asked: nothing to delete
+            self._journal_gone([w for w in never_sent if w.key not in self.orphans])
             self.left_open = []
-            if self.gateway_up or await self._connect():
-                return await self._delete_orphans(set(), final=True)
-            return 0
+            removed = 0
+            # nothing to delete: do not wait on a router never reached
+            if self.orphans and (self.gateway_up or await self._connect()):
+                removed = await self._delete_orphans(set(), final=True)
+            for spec, client, remaining in self._taken_over.values():
+                self._note_left_open(spec, (
+                    f"was added by igdtrigger, then the router showed it for {client}: not "
+                    "deleted, as it may not be ours any more (taken over, or the router "
+                    "reports another client)"), remaining)
+            self._taken_over.clear()
+            return removed
 
     def reapply_all(self, reason: str) -> None:
         """The router lost its state (NAT-PMP/PCP epoch, announcement): re-add everything."""
@@ -285,6 +320,7 @@ class Mapper:
         now = self.clock()
         gone: list[MappingSpec] = []
         count = 0
+        counted: set[MappingKey] = set()
         again: list[MappingSpec] = []
         asked: list[MappingSpec] = []
         for rnd in (0, 1):
@@ -302,28 +338,51 @@ class Mapper:
                     continue
                 outcome, deleted = await self._remove(spec, meta.copies,
                                                       confirm=not final)
-                if deleted and outcome is Removal.GONE:
-                    asked.append(spec)
-                elif outcome is Removal.GONE and meta.app is None and not self._reads_back():
-                    # from an earlier run: NAT-PMP/PCP delete only what this run made (PCP
-                    # needs the nonce of the run that made it), so nothing was asked
-                    log.warning("%s from an earlier run cannot be deleted over %s; it lapses "
-                                "on the router at the end of its lifetime", key,
-                                self.gateway.info.protocol if self.gateway.info else "NAT-PMP")
-                if outcome is Removal.REFUSED and rnd == 0:
-                    again.append(spec)
+                if outcome is Removal.GONE:
+                    asked.append(spec)  # a 714 at stop is confirmed like a success
+                    if not deleted and meta.app is None and not self._reads_back():
+                        # from an earlier run: NAT-PMP/PCP delete only what this run made
+                        # (PCP needs the nonce of the run that made it): nothing was asked
+                        log.warning("%s from an earlier run cannot be deleted over %s; it "
+                                    "lapses on the router at the end of its lifetime", key,
+                                    self._protocol or "NAT-PMP")
+                if outcome in (Removal.REFUSED, Removal.FAILED) and rnd == 0:
+                    again.append(spec)  # once more after the others (busy, or order-bound)
                     continue
                 if self._settle(spec, meta, outcome):
                     gone.append(spec)
                     count += deleted
+                    if deleted:
+                        counted.add(key)
         if final and asked and self.gateway_up:
             left = await self._confirm_all_gone(asked)
-            count -= len(left)
+            first_left = set(left)
+            left = await self._delete_again(asked, left)
+            count -= len(left & counted)
+            count += len((first_left - left) - counted)  # deleted by a later try
             gone = [g for g in gone if g.key not in left]
         self._journal_gone(gone)
         if final:
             self._report_unconfirmed()
         return count
+
+    async def _delete_again(self, specs: list[MappingSpec],
+                            left: set[MappingKey]) -> set[MappingKey]:
+        """At stop: a delete the router answered but did not do is repeated (bounded), each
+        time confirmed by a look-up; some routers act only on a later delete. Returns the keys
+        still on the router."""
+        for _ in range(STOP_DELETE_RETRIES):
+            for spec in [s for s in specs if s.key in left]:
+                if not self.gateway_up:
+                    return left
+                outcome, _ = await self._remove(spec)
+                if outcome in (Removal.GONE, Removal.NOT_OURS):
+                    left.discard(spec.key)
+                    self._let_go(spec.key)
+                    self.left_open = [x for x in self.left_open if x.spec.key != spec.key]
+            if not left:
+                break
+        return left
 
     def _report_unconfirmed(self) -> None:
         """At stop: every mapping not confirmed gone is named, with until when it may stay
@@ -340,9 +399,14 @@ class Mapper:
                 remaining = max(0, math.ceil(app.added_at + app.lease - now))
             elif app is not None:
                 remaining = 0
-            self._note_left_open(spec, "was not confirmed deleted (the router did not answer "
-                                       "or refused); the journal keeps it and the next start "
-                                       "deletes it", remaining)
+            if self._reads_back():
+                why = ("was not confirmed deleted (the router did not answer or refused); the "
+                       "journal keeps it and the next start deletes it")
+            else:  # NAT-PMP/PCP: only the client's own record (PCP: its nonce) deletes it
+                why = ("was not confirmed deleted (the router did not answer or refused); "
+                       "NAT-PMP/PCP let only the run that made a mapping delete it, so it "
+                       "stays until its lease on the router ends")
+            self._note_left_open(spec, why, remaining)
 
     def _settle(self, spec: MappingSpec, meta: _Orphan, outcome: Removal) -> bool:
         """Book one delete's outcome; True when the mapping is done with (gone or not ours)."""
@@ -377,6 +441,19 @@ class Mapper:
             try:
                 await self.gateway.delete(spec.proto, spec.external_port)
             except NoSuchMapping:
+                if deleted or not (confirm and self._reads_back()
+                                   and self.traits.confirm_deletes()):
+                    return Removal.GONE, deleted
+                # "no such entry" is a claim too (IGDv1 miniupnpd answers 714 to a delete it
+                # refuses, router-facts §1.5): confirmed like a success
+                answered, found = await self._lookup(spec)
+                if answered and found is not None and self._is_ours(
+                        found.internal_client, found.description, spec):
+                    self._learn(deletes_work=False)
+                    self._note_left_open(spec, "is still on the router though it answered the "
+                                               "delete with 'no such entry' (714)",
+                                         found.lease_remaining)
+                    return Removal.LEFT_OPEN, deleted
                 return Removal.GONE, deleted
             except GatewayUnreachable as exc:
                 self.ops["errors"] += 1
@@ -539,11 +616,11 @@ class Mapper:
                  if a.state is MapState.PENDING and a.attempts == 0]
         known = await self._snapshot(len(first)) if self.check_before_add and first else None
         for app in first:
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             await self._add(app, check=self.check_before_add, known=known)
         for app in list(self.applied.values()):
-            if not self.gateway_up:
+            if not self.gateway_up or self._abandoned():
                 break
             now = self.clock()
             if app.state is MapState.ACTIVE and now >= app.renew_at:
@@ -597,6 +674,7 @@ class Mapper:
 
     def _know_router(self, info: GatewayInfo) -> None:
         """Take up what an earlier run learned about this router (journal)."""
+        self._protocol = info.protocol  # kept while the router is down
         identity = router_identity(info)
         if identity == self.traits.identity:
             return
@@ -621,6 +699,10 @@ class Mapper:
         ]
         if t.forced_lease is not None:
             parts.append(f"sets every lease to {t.forced_lease}s")
+        if t.lease_cap is not None:
+            parts.append(f"grants at most {t.lease_cap}s leases")
+        if t.description_cut is not None:
+            parts.append(f"cuts descriptions to {t.description_cut} characters")
         return ", ".join(p for p in parts if p)
 
     def _learn(self, **changes: object) -> None:
@@ -642,7 +724,8 @@ class Mapper:
         """Whether the protocol can look mappings up on the router at all (NAT-PMP/PCP: the
         granted reply is all there is)."""
         info = self.gateway.info
-        return info is None or info.protocol not in NO_READBACK
+        protocol = info.protocol if info is not None else self._protocol
+        return protocol not in NO_READBACK
 
     async def _confirm_add(self, app: Applied) -> None:
         """Read back a mapping the router accepted, and learn from what it shows.
@@ -652,14 +735,16 @@ class Mapper:
         there: it cannot report its mappings (miniupnpd 2.3.0-2.3.3 pf, miniupnp/miniupnp#719),
         so nothing is re-added for not being seen."""
         wire = app.wire
-        answered, found = await self._lookup(wire)
+        settle = not self._recheck_readback and self.traits.reports_mappings is not False
+        answered, found = await self._look_settled(wire, settle=settle)
         if not answered:
             if isinstance(self._lookup_error, UnsupportedAction):
                 self._cannot_look_up(self._lookup_error)
                 app.verified = False
             return
         if found is not None:
-            if not self._is_ours(found.internal_client, found.description, wire):
+            if not (self._is_ours(found.internal_client, found.description, wire)
+                    or self._learn_cut(found, wire)):
                 return  # someone else's now: the next verification reports it
             self._shown(app, found)
             return
@@ -671,7 +756,7 @@ class Mapper:
             granted = await self._add_raw(app, 0)
             if granted is None:
                 return
-            answered, found = await self._lookup(wire)
+            answered, found = await self._look_settled(wire)
             if not answered:
                 return
             if found is not None and self._is_ours(found.internal_client, found.description,
@@ -693,6 +778,17 @@ class Mapper:
             "the listing do not have it; miniupnpd 2.3.0-2.3.3 on pf does this): igdtrigger "
             "cannot verify mappings on this router, renews them at half lease only, and "
             "repeats each delete until the router says the mapping is gone"))
+
+    async def _look_settled(self, wire: MappingSpec, *,
+                            settle: bool = True) -> tuple[bool, RouterMapping | None]:
+        """A read-back right after an add; not there: once more after ``readback_settle``
+        seconds, before anything is concluded from its absence (a router that installs the
+        rule a moment after answering is neither "drops timed leases" nor "cannot report")."""
+        answered, found = await self._lookup(wire)
+        if answered and found is None and settle and self.readback_settle >= 0:
+            await asyncio.sleep(self.readback_settle)
+            answered, found = await self._lookup(wire)
+        return answered, found
 
     def _cannot_look_up(self, exc: GatewayError) -> None:
         """GetSpecificPortMappingEntry not implemented (401/602): as a router that cannot
@@ -720,10 +816,17 @@ class Mapper:
                 learned["forced_lease"] = shown
                 app.lease = shown
             elif shown < app.asked - 5:
-                app.lease = shown  # capped below what we asked: renew in time for it
+                # capped below what we asked, silently: renew in time for the router's lease,
+                # at every renewal (not only this read-back)
+                learned["lease_cap"] = shown
+                app.lease = shown
             if shown > 0:
                 app.renew_at = min(app.renew_at, self.clock() + shown / 2)
         self._learn(**learned)
+        if "lease_cap" in learned:
+            self._warn_once("lease_cap", (
+                f"router granted {app.wire.key} a {shown}s lease (asked {app.asked}s) without "
+                "saying so: igdtrigger renews at half the router's lease"))
         if "forced_lease" in learned and app.lease != app.asked:
             self._warn_once("forced_lease", (
                 f"router set the lease of {app.wire.key} to "
@@ -740,9 +843,19 @@ class Mapper:
             return
         self._swept = True
         self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
+        info = self.gateway.info
+        me = info.local_address if info is not None else ""
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
-            if owned_by(m.description, self.tag) is None or m.key in held:
+            if m.key in held or (owned_by(m.description, self.tag) is None
+                                 and not self._reclaimable(m.internal_client, m.description)):
+                continue
+            if m.internal_client != me and m.key not in self.orphans:
+                # Our description, another host, and not in our journal: a copy of this
+                # state directory on another machine (same instance tag), or a router listing
+                # other hosts' rows under our description. Not provably ours: left alone.
+                log.info("not removing %s -> %s: it has this instance's description but maps "
+                         "to another host and is not in the journal", m.key, m.internal_client)
                 continue
             try:
                 await self.gateway.delete(m.proto, m.external_port)
@@ -817,6 +930,9 @@ class Mapper:
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
 
+    def _abandoned(self) -> bool:
+        return self.abandon is not None and self.abandon()
+
     async def _add_leased(self, wire: MappingSpec, app: Applied | None = None, *,
                           any_port: bool = False) -> Granted:
         """Add with the lease policy learned for this router, through the gateway layer's one
@@ -827,10 +943,15 @@ class Mapper:
         lease = self.lease if self.traits.timed_leases else 0
         if app is not None:
             app.asked = lease
-        if any_port:
-            granted = await self.gateway.add_any(wire, lease)
-        else:
-            granted = await self.gateway.add(wire, lease)
+        try:
+            if any_port:
+                granted = await self.gateway.add_any(wire, lease)
+            else:
+                granted = await self.gateway.add(wire, lease)
+        except asyncio.CancelledError:
+            if app is not None:  # a stop cancelled it unanswered: it may be on the router
+                app.maybe_applied = True
+            raise
         refused = granted.timed_lease_refused
         if refused is not None:
             if app is not None:
@@ -896,18 +1017,25 @@ class Mapper:
                 try:
                     granted = await self._add_leased(app.wire, app)
                 except MappingConflict:
-                    if not (spec.external_any and not renewal):
+                    if renewal and await self._still_ours(app.wire):
+                        granted = await self._recreate(app)
+                    elif not (spec.external_any and not renewal):
                         raise
-                    granted = await self._add_elsewhere(app)
+                    else:
+                        granted = await self._add_elsewhere(app)
                     if granted is None:
                         raise
-        except GatewayUnreachable as exc:
+        except (GatewayUnreachable, LocalResourceError) as exc:
             app.error = str(exc)
             app.retry_at = self.clock()
-            app.maybe_applied = True  # the request may have arrived
             if app.state is not MapState.ACTIVE:
                 app.state = MapState.PENDING
             self.ops["errors"] += 1
+            if isinstance(exc, LocalResourceError):  # never sent: says nothing about the router
+                app.retry_at += LOCAL_RETRY
+                log.warning("%s", exc)
+                return
+            app.maybe_applied = True  # the request may have arrived
             self._gateway_down(str(exc))
             return
         except MappingConflict as exc:
@@ -920,31 +1048,38 @@ class Mapper:
                 # or port (FRITZ!Box "permit independent port sharing").
                 hint = SECURE_MODE_HINT if for_other else DEVICE_DENIED_HINT
                 self._failed(app, f"{spec.key} for {spec.internal_client}: "
-                                  f"{exc.with_hint(hint)}")
+                                  f"{exc.with_hint(hint)}", self_only=for_other)
             else:
                 self._conflict(app, f"{spec.key}: {exc}")
             return
         except NotAuthorized as exc:
-            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}")
+            info = self.gateway.info
+            self._failed(app, f"{spec.key} for {spec.internal_client}: {exc}",
+                         self_only=info is not None
+                         and spec.internal_client != info.local_address)
             return
         except GatewayError as exc:
             self._failed(app, f"{spec.key}: {exc}")
             return
         now = self.clock()
         was_active = app.state is MapState.ACTIVE
+        self._taken_over.pop(app.wire.key, None)
         app.state = MapState.ACTIVE
         app.lease = granted.lease
         if self.traits.forced_lease is not None and app.asked > 0 and self._reads_back():
             app.lease = self.traits.forced_lease  # what the router showed last time
+        elif self.traits.lease_cap and app.asked > self.traits.lease_cap and self._reads_back():
+            app.lease = min(app.lease or self.traits.lease_cap, self.traits.lease_cap)
         app.adds += 1
         app.added_at = now
         app.error = ""
+        app.self_only = False
         app.maybe_applied = False
         app.attempts = 0
         if not was_active:
             app.since = now
         self._moved(app, granted)
-        app.renew_at = now + granted.lease / 2 if granted.lease > 0 else math.inf
+        app.renew_at = now + app.lease / 2 if app.lease > 0 else math.inf
         self.ops["renew" if renewal else "add"] += 1
         if not renewal and self._reads_back() and (self.traits.confirm_adds()
                                                    or self._recheck_readback):
@@ -953,6 +1088,19 @@ class Mapper:
             app.verified = False  # it cannot show it: nothing to confirm
         if not renewal:
             self._changed(app, "mapped")
+
+    async def _recreate(self, app: Applied) -> Granted:
+        """Renew a mapping the router will not refresh: it answers 718 to our own re-add
+        (lontivero/Open.NAT#14) while its record shows the mapping is ours, so the lease would
+        run out. Deleted and added again (a moment closed, not abandoned as a conflict)."""
+        wire = app.wire
+        self._warn_once("refresh_conflict", (
+            f"router answered 718 ConflictInMappingEntry to renewing {wire.key}, which it shows "
+            "as ours: renewing by deleting and re-adding it"))
+        with contextlib.suppress(NoSuchMapping):
+            await self.gateway.delete(wire.proto, wire.external_port)
+        self.ops["delete"] += 1
+        return await self._add_leased(wire, app)
 
     def _moved(self, app: Applied, granted: Granted) -> None:
         """``external = "any"``: keep the port the router assigned (a VPN's NAT-PMP gateway
@@ -966,7 +1114,35 @@ class Mapper:
         log.info("%s: the router assigned external port %d", app.spec.key, app.external_port)
 
     def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
-        return client == spec.internal_client and owned_by(description, self.tag) is not None
+        """Whether the router's entry (its internal client and description) is our ``spec``.
+        On a router learned to cut descriptions, a prefix of ours of that length counts."""
+        if client != spec.internal_client:
+            return False
+        if owned_by(description, self.tag) is not None or self._reclaimable(client, description):
+            return True
+        cut, shown = self.traits.description_cut, description.strip()
+        return (cut is not None and abs(len(shown) - cut) <= 1 and len(shown) >= MIN_CUT
+                and len(shown) < len(spec.description) and spec.description.startswith(shown))
+
+    def _learn_cut(self, found: RouterMapping, wire: MappingSpec) -> bool:
+        """Read back right after our add was accepted: the router shows our client and port
+        with a prefix of our description, so it cuts descriptions (learned, persisted)."""
+        shown = found.description.strip()
+        if (found.internal_client != wire.internal_client
+                or found.internal_port != wire.internal_port or len(shown) < MIN_CUT
+                or len(shown) >= len(wire.description)
+                or not wire.description.startswith(shown)):
+            return False
+        self._learn(description_cut=len(shown))
+        self._warn_once("description_cut", (
+            f"router shows {wire.key} with its description cut to {shown!r}: igdtrigger "
+            "recognises its own mappings on this router by client, port and that prefix"))
+        return True
+
+    def _reclaimable(self, client: str, description: str) -> bool:
+        info = self.gateway.info
+        return (self.reclaim is not None and info is not None
+                and client == info.local_address and self.reclaim(description))
 
     def _conflict(self, app: Applied, message: str) -> None:
         if app.state is not MapState.CONFLICT or app.error != message:
@@ -977,9 +1153,10 @@ class Mapper:
         self.ops["errors"] += 1
         self._changed(app, "conflict")
 
-    def _failed(self, app: Applied, message: str) -> None:
+    def _failed(self, app: Applied, message: str, *, self_only: bool = False) -> None:
         if app.error != message:
             log.warning("mapping failed: %s", message)
+        app.self_only = self_only
         app.state = MapState.FAILED
         app.error = message
         app.retry_at = self.clock() + min(RETRY_MAX, RETRY_FIRST * 2 ** min(app.attempts, 6))
@@ -1044,7 +1221,10 @@ class Mapper:
             if found is None:
                 lost.append(app)
             elif not self._is_ours(found.internal_client, found.description, spec):
-                app.state = MapState.PENDING  # not ours any more: never delete it
+                # not ours any more: never delete it; named at stop (we did add it)
+                self._taken_over[spec.key] = (spec, found.internal_client,
+                                              found.lease_remaining)
+                app.state = MapState.PENDING
                 self._conflict(
                     app,
                     f"{spec.key} was taken over on the router by {found.internal_client} "

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 
 if TYPE_CHECKING:
+    from .httpguard import ConnectionGuard
     from .service import Service
 
 # router round trips: LAN routers answer in ms, slow ones in seconds
@@ -108,7 +109,8 @@ class Metrics:
             hist.observe(seconds)
             self._requests[(action, "ok" if ok else "error")] += 1
 
-    def render(self, svc: Service, http_status: collections.Counter[int] | None = None) -> str:
+    def render(self, svc: Service, http_status: collections.Counter[int] | None = None,
+               guard: ConnectionGuard | None = None) -> str:
         w = _Writer()
         w.family("igdtrigger_info", "gauge", "Version and instance tag of this service.")
         w.sample("igdtrigger_info", 1, version=__version__, instance=svc.tag)
@@ -130,6 +132,12 @@ class Metrics:
         w.family("igdtrigger_activations", "gauge", "Live activations by what started them.")
         for source in sorted({"traffic", "api", "run", *by_source}):
             w.sample("igdtrigger_activations", by_source[source], source=source)
+
+        w.family("igdtrigger_activations_refused_total", "counter",
+                 "Activations refused by the service's bounds, by which bound.")
+        for why in sorted({"total", "detected_total", "detected_per_origin", "per_host",
+                           *svc.engine.refused}):
+            w.sample("igdtrigger_activations_refused_total", svc.engine.refused[why], bound=why)
 
         by_map: collections.Counter[tuple[str, str]] = collections.Counter(
             (app.spec.proto.value.lower(), app.state.value)
@@ -221,6 +229,16 @@ class Metrics:
         w.sample("igdtrigger_events_total", svc.hub.published)
         w.family("igdtrigger_event_streams", "gauge", "Open server-sent event streams.")
         w.sample("igdtrigger_event_streams", len(svc.hub.subscribers))
+        if guard is not None:
+            w.family("igdtrigger_api_connections", "gauge",
+                     "Open API connections: from this machine (local) or the network (remote).")
+            w.sample("igdtrigger_api_connections", guard.local, origin="local")
+            w.sample("igdtrigger_api_connections", guard.remote, origin="remote")
+            w.family("igdtrigger_api_connections_refused_total", "counter",
+                     "API connections closed at once because a limit was reached.")
+            for why in ("per_client", "total", "local", "descriptors"):
+                w.sample("igdtrigger_api_connections_refused_total", guard.refused[why],
+                         limit=why)
         if http_status is not None:
             w.family("igdtrigger_http_responses_total", "counter",
                      "API responses by HTTP status code.")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -82,26 +84,50 @@ def parse_port_spec(text: str) -> tuple[PortRange, ...]:
     return tuple(PortRange(p, a, b) for p in protos)
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_HELP = "seconds, or numbers with d, h, m, s, ms (e.g. 90, '90s', '10m', '1h30m', '2h')"
+
+
+def _parse_duration_text(text: str) -> float | None:
+    """Seconds from ``90``, ``90s``, ``10m``, ``1h30m``, ``10m 0s``, ``1h 00m``, ``2H`` (what
+    :func:`format_duration` and the dashboard print reads back), or None. Units go from
+    largest to smallest, each at most once."""
+    if _NUMBER_RE.match(text):
+        return float(text)
+    pos, total, last = 0, 0.0, math.inf
+    body = text.strip()
+    if not body:
+        return None
+    while pos < len(body):
+        m = _DURATION_PART.match(body, pos)
+        if m is None:
+            return None
+        scale = _UNIT[m.group(2).lower()]
+        if scale >= last:  # "30m1h", "1h1h": a typo, not a duration
+            return None
+        last = scale
+        total += float(m.group(1)) * scale
+        pos = m.end()
+    return total
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from an integer, or a string like ``90s``, ``10m``, ``2h``, ``1d``."""
+    """Seconds (float, > 0) from an integer or float of seconds, or a string in the one duration
+    grammar every input shares (config, CLI, API, dashboard): ``90``, ``90s``, ``10m``, ``2h``,
+    ``1d``, ``1h30m``, ``10m 0s``, ``1h 0m``, ``2H``. Raises ``ValueError`` naming the value."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 90, '90s', '10m' or '2h', got {value!r}")
+        raise ValueError(f"expected a duration ({_DURATION_HELP}), got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m is None:
-            raise ValueError(
-                f"{value!r} is not a duration; use seconds or a number with s, m, h or d "
-                "(e.g. '90s', '10m', '2h')"
-            )
-        seconds = float(m.group(1)) * _UNIT[m.group(2)]
+        parsed = _parse_duration_text(value)
+        if parsed is None:
+            raise ValueError(f"{value!r} is not a duration; use {_DURATION_HELP}")
+        seconds = parsed
     else:
-        raise ValueError(f"expected a duration like 90, '90s', '10m' or '2h', got {value!r}")
+        raise ValueError(f"expected a duration ({_DURATION_HELP}), got {value!r}")
     if seconds <= 0:
         raise ValueError(f"duration {value!r} must be greater than zero")
     return seconds
@@ -114,6 +140,24 @@ def format_duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+def compress_ports(names: Iterable[str]) -> str:
+    """``udp/40000, udp/40001, udp/40002, tcp/3074`` -> ``udp/40000-40002, tcp/3074``."""
+    out: list[list[Any]] = []  # [proto, first, last]
+    for name in names:
+        proto, _, rest = name.partition("/")
+        first, _, last = rest.partition("-")
+        if not first.isdecimal() or (last and not last.isdecimal()):
+            out.append([name, None, None])
+            continue
+        a, b = int(first), int(last or first)
+        if out and out[-1][0] == proto and out[-1][2] is not None and out[-1][2] + 1 == a:
+            out[-1][2] = b
+        else:
+            out.append([proto, a, b])
+    return ", ".join(p if a is None else f"{p}/{a}" if a == b else f"{p}/{a}-{b}"
+                     for p, a, b in out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import urllib.parse
 from typing import Any
@@ -36,3 +37,57 @@ def guess_lan_address(gateway_url: str | None) -> str | None:
     host = urllib.parse.urlsplit(gateway_url).hostname if gateway_url else None
     host = host or default_gateway()
     return source_address_for(host) if host else None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def interface_networks(listen_host: str = "") -> tuple[Network, ...]:
+    """The networks (address/prefix) of this host's interfaces, loopback excluded: of the one
+    interface holding ``listen_host``, or of all of them when it is a wildcard (``0.0.0.0``,
+    ``::``, ``""``). Read through netifaces; empty when that is missing or fails."""
+    try:
+        import netifaces
+    except ImportError:
+        return ()
+    try:
+        listen = ipaddress.ip_address(listen_host) if listen_host not in ("", "localhost") \
+            else None
+    except ValueError:
+        listen = None
+    wildcard = listen is None or listen.is_unspecified
+    out: list[Network] = []
+    try:
+        for iface in netifaces.interfaces():
+            nets: list[Network] = []
+            holds = False
+            addrs: Any = netifaces.ifaddresses(iface)
+            for family in (netifaces.AF_INET, netifaces.AF_INET6):
+                for entry in addrs.get(family, []):
+                    net = _entry_network(entry)
+                    if net is None:
+                        continue
+                    holds = holds or (listen is not None and
+                                      ipaddress.ip_address(_bare(entry["addr"])) == listen)
+                    if not net.network_address.is_loopback:
+                        nets.append(net)
+            if wildcard or holds:
+                out.extend(nets)
+    except Exception:  # a broken interface table must not break the service
+        return ()
+    return tuple(dict.fromkeys(out))
+
+
+def _bare(addr: str) -> str:
+    return addr.split("%")[0]
+
+
+def _entry_network(entry: dict[str, Any]) -> Network | None:
+    addr = _bare(str(entry.get("addr", "")))
+    mask = str(entry.get("netmask") or entry.get("mask") or "")
+    if "/" in mask:  # netifaces gives IPv6 masks as "ffff:ffff::/64"
+        mask = mask.rpartition("/")[2]
+    try:
+        return ipaddress.ip_network(f"{addr}/{mask}" if mask else addr, strict=False)
+    except ValueError:
+        return None

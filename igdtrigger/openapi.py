@@ -13,10 +13,13 @@ API_PREFIX = "/api/v1"
 
 _ACCESS_TEXT = {
     "public": "Anyone who can connect.",
-    "read": "Loopback clients, the admin token, or anyone when `[api] public_read = true`; "
-            "else 401.",
-    "act": "Anyone, under the own-address rule: without the admin token a client acts only for "
-           "its own address (loopback: this host) and only on its own activations (403).",
+    "read": "Loopback clients, the admin token (or the local admin socket), or LAN clients "
+            "when `[api] public_read = true`; else 401 (403 from outside the LAN).",
+    "act": "LAN clients (`[api] allow`, else the listening interface's networks; others need "
+           "the admin token: 403), under the own-address rule: without the admin token a "
+           "client acts only for its own address (loopback: this host) and only on its own "
+           "activations (403); one live activation per rule and host (asking again refreshes "
+           "it) and at most `[api] max_per_host` in all (429).",
 }
 
 
@@ -34,9 +37,20 @@ def _err(description: str) -> dict[str, Any]:
 
 _ERRORS_COMMON = {"429": _err("Rate limit exceeded; see Retry-After")}
 _ERRORS_READ = {**_ERRORS_COMMON, "401": _err("Needs the admin token or public_read"),
-                "403": _err("Host header not this service (DNS-rebinding protection)")}
-_ERRORS_ACT = {**_ERRORS_COMMON, "403": _err("Another host's activation, or cross-site"),
+                "403": _err("Host header not this service (DNS-rebinding protection), or a "
+                            "client outside the LAN without the admin token")}
+_ERRORS_ACT = {**_ERRORS_COMMON,
+               "403": _err("Another host's activation, cross-site, or a client outside the "
+                           "LAN without the admin token"),
                "400": _err("Malformed request")}
+_PAGE_PARAMS = [
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 500},
+     "description": "activations per page"},
+    {"name": "cursor", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^[0-9]{0,18}$"},
+     "description": "`next_cursor` of the previous page (absent: the first page)"},
+]
 
 
 def _op(summary: str, access: str, responses: dict[str, Any], *, op_id: str,
@@ -109,7 +123,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["port", "state"],
         "properties": {
             "port": {"type": "string", "example": "udp/40000"},
-            "state": {"enum": ["active", "pending", "held", "conflict", "failed"]},
+            "state": {"enum": ["active", "pending", "held", "conflict", "failed", "self"]},
             "held_by": {"type": ["string", "null"]},
             "external_port": {"type": "integer"},
             "error": {"type": "string"},
@@ -122,7 +136,9 @@ _SCHEMAS: dict[str, Any] = {
             "rule": {"type": "string"},
             "host": {"type": "string", "description": "LAN address the ports go to"},
             "source": {"enum": ["traffic", "process", "api", "run"]},
-            "state": {"enum": ["open", "partial", "pending", "waiting", "failed", "ended"]},
+            "state": {"enum": ["open", "partial", "pending", "waiting", "failed", "ended",
+                               "self"],
+                      "description": "self: the host maps its ports itself (secure mode)"},
             "ttl": {"type": "number"},
             "expires_in": {"type": ["number", "null"],
                            "description": "seconds until it closes if nothing changes; null "
@@ -133,6 +149,13 @@ _SCHEMAS: dict[str, Any] = {
             "live_flows": {"type": "integer",
                            "description": "live trigger and inbound flows it follows"},
             "held_by": {"type": "array", "items": {"type": "string"}},
+            "external_address": {"type": "string",
+                                 "description": "the router's external address, when known"},
+            "reason": {"enum": ["router_self_only"],
+                       "description": "why ports failed: router_self_only = the router only "
+                                      "lets a host map ports to itself (secure mode)"},
+            "message": {"type": "string", "description": "that reason and its fix, one line"},
+            "self_mapped": {"type": "boolean"},
             "ports": {"type": "array", "items": _ref("Port")},
         },
     },
@@ -150,9 +173,12 @@ _SCHEMAS: dict[str, Any] = {
             "ttl": {"oneOf": [
                 {"type": "number", "exclusiveMinimum": 0, "maximum": 604800},
                 {"type": "string",
-                 "pattern": "^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-7]d)$"}],
-                "description": "seconds or 90s/10m/2h/1d (at most 7d); default: the rule's "
-                               "idle_timeout"},
+                 "pattern": "^([1-9][0-9]{0,4}[sS]|[1-9][0-9]{0,3}[mM]|[1-9][0-9]?[hH]"
+                            "|[1-7][dD]|[1-9][0-9]?[hH] ?[0-5]?[0-9][mM]"
+                            "|[1-9][0-9]{0,3}[mM] ?[0-5]?[0-9][sS])$"}],
+                "description": "seconds, or the duration grammar every input shares: 90s, 10m, "
+                               "2h, 1d, 1h30m, 10m 0s, 1h 0m, 2H (at most 7d); default: the "
+                               "rule's idle_timeout"},
             "host": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}],
                      "description": "another LAN host (admin token only)"},
             "source": {"enum": ["api", "run"]},
@@ -205,7 +231,14 @@ _SCHEMAS: dict[str, Any] = {
                     "entries": {"type": "array", "items": {"type": "object"}},
                 },
             },
-            "counts": {"type": "object"},
+            "counts": {"type": "object", "description": "activations (all of them; the list "
+                       "above holds at most 200: page with GET /activations), "
+                       "activations_refused by bound, flows, router operations"},
+            "api_connections": {
+                "type": "object",
+                "description": "Open API connections, their limits and the refusals",
+                "properties": {"open": {"type": "integer"}, "open_local": {"type": "integer"},
+                               "limits": {"type": "object"}, "refused": {"type": "object"}}},
             "warnings": {"type": "array", "items": {"type": "string"}},
             "events": {"type": "array", "items": {"type": "object"}},
         },
@@ -262,17 +295,30 @@ def build_openapi(version: str) -> dict[str, Any]:
             op_id="getRules", errors=_ERRORS_COMMON)},
         f"{p}/activations": {
             "get": _op(
-                "Live activations (without read access: only the client's own)", "act",
-                {"200": _json({"type": "object", "properties": {
-                    "activations": {"type": "array", "items": _ref("Activation")}}})},
-                op_id="listActivations", errors=_ERRORS_COMMON),
+                "Live activations, oldest first, a page at a time (without read access: only "
+                "the client's own)", "act",
+                {"200": _json({"type": "object", "required": ["activations", "total",
+                                                              "next_cursor"],
+                               "properties": {
+                    "activations": {"type": "array", "items": _ref("Activation")},
+                    "total": {"type": "integer"},
+                    "next_cursor": {"type": ["string", "null"],
+                                    "description": "pass as ?cursor= for the next page; "
+                                                   "null on the last"}}})},
+                op_id="listActivations", params=_PAGE_PARAMS,
+                errors={**_ERRORS_COMMON, "400": _err("limit or cursor malformed"),
+                        "403": _err("A client outside the LAN without the admin token")}),
             "post": _op(
                 "Activate a rule (or ad-hoc ports); waits up to 5 s for the router, then says "
                 "which ports are active, held, in conflict or failed", "act",
-                {"201": _json(_ref("Activation"), "Created"),
+                {"201": _json(_ref("Activation"), "Created (or, for a client without the "
+                              "token, its live activation of the rule, refreshed)"),
                  "404": _err("Unknown rule"),
                  "415": _err("Body is not application/json")},
-                op_id="createActivation", body=_ref("ActivationRequest"), errors=_ERRORS_ACT),
+                op_id="createActivation", body=_ref("ActivationRequest"),
+                errors={**_ERRORS_ACT, "429": _err(
+                    "Rate limit exceeded (Retry-After), or a bound on live activations: "
+                    "[api] max_per_host, or the service's")}),
         },
         f"{p}/activations/{{id}}": {
             "get": _op("One activation", "act",
@@ -288,7 +334,12 @@ def build_openapi(version: str) -> dict[str, Any]:
             {"200": _json(_ref("Activation")), "404": _err("No such activation")},
             op_id="refreshActivation", params=[_ID],
             body={"type": "object", "additionalProperties": False,
-                  "properties": {"ttl": {"type": ["number", "string"]}}},
+                  "properties": {"ttl": {"type": ["number", "string"]},
+                                 "self_mapped": {
+                                     "type": "boolean",
+                                     "description": "the caller maps the ports itself: taken "
+                                                    "after the router refused them to this "
+                                                    "service (secure mode)"}}},
             errors=_ERRORS_ACT)},
         "/": {"get": _op("The dashboard (HTML)", "public",
                          {"200": {"description": "HTML",

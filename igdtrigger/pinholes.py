@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import GatewayError, GatewayNotFound, NoSuchMapping, NotAuthorized
+from .errors import ActionFailed, GatewayError, GatewayNotFound, NoSuchMapping, NotAuthorized
 from .gateway.igd import PINHOLE_MAX_LEASE
 from .gateway.pinhole import FirewallInfo
 from .model import PinholeSpec
@@ -57,6 +57,7 @@ class Pinhole:
     retry_at: float = 0.0
     failures: int = 0
     error: str = ""
+    refused: bool = False  # the last add was answered with an error: nothing to close
 
     def to_json(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.spec.address, "proto": self.spec.proto.value,
@@ -102,9 +103,11 @@ class PinholeKeeper:
         if not await self._ensure_connected(now):
             return
         for spec in [s for s in self.held if s not in desired]:
-            await self._remove(self.held[spec])
+            if not await self._remove(self.held[spec]) and self._router_gone(now):
+                return
         for spec in [s for s in self.stale if s not in desired]:
-            await self._close_stale(spec)
+            if not await self._close_stale(spec) and self._router_gone(now):
+                return
         todo = [s for s in sorted(desired) if s not in self.held
                 or (self.held[s].state is not PinholeState.ACTIVE and self.held[s].retry_at <= now)
                 or (self.held[s].state is PinholeState.ACTIVE and self.held[s].renew_at <= now)]
@@ -156,6 +159,16 @@ class PinholeKeeper:
                 ph.renew_at = now
         return True
 
+    def _router_gone(self, now: float) -> bool:
+        """After a failed call: was it the router going away? Then stop this round and
+        reconnect later (not one timeout per remaining pinhole)."""
+        if self.client.info is not None:
+            return False
+        self._connected = False
+        self._connect_failures += 1
+        self._connect_at = now + self._backoff(self._connect_failures)
+        return True
+
     @staticmethod
     def _backoff(failures: int) -> float:
         return float(min(RETRY_MAX, RETRY_FIRST * 2 ** max(0, failures - 1)))
@@ -164,6 +177,7 @@ class PinholeKeeper:
         ph.failures += 1
         ph.error = str(exc)
         ph.state = PinholeState.FAILED
+        ph.refused = isinstance(exc, ActionFailed) and ph.uid is None
         ph.retry_at = now + (RETRY_MAX if isinstance(exc, NotAuthorized)
                              else self._backoff(ph.failures))
         if ph.failures == 1 or isinstance(exc, NotAuthorized):
@@ -183,50 +197,57 @@ class PinholeKeeper:
                     return
                 except NoSuchMapping:
                     log.warning("pinhole %s was gone from the router: opening it again", ph.spec)
+                    ph.uid = None  # its number may be another pinhole's by now: never used again
             ph.uid = await self.client.add(ph.spec, self.lease)
         except GatewayError as exc:
             self._failed(ph, exc, now)
             return
         first = ph.state is not PinholeState.ACTIVE
-        ph.state, ph.error, ph.failures = PinholeState.ACTIVE, "", 0
+        ph.state, ph.error, ph.failures, ph.refused = PinholeState.ACTIVE, "", 0, False
         ph.renew_at = now + self.lease / 2
         if first:
             self._changed(ph.spec, "opened", "")
 
     async def _remove(self, ph: Pinhole) -> bool:
-        if ph.uid is not None and ph.state is PinholeState.ACTIVE:
+        """Close a pinhole no longer wanted. One whose add never got an answer (cancelled at
+        a stop, timed out) may exist on the router all the same: it is closed as a left-over."""
+        self.held.pop(ph.spec, None)
+        if ph.uid is None and not ph.refused:
+            self.stale.add(ph.spec)
+            return await self._close_stale(ph.spec)
+        if ph.uid is not None:
             try:
                 await self.client.delete(ph.spec, ph.uid)
             except NoSuchMapping:
                 pass
             except GatewayError as exc:
-                log.warning("could not close pinhole %s (%s): its lease (%ds) ends it", ph.spec,
-                            exc, self.lease)
-                self.held.pop(ph.spec, None)
+                log.warning("could not close pinhole %s (%s): tried again, and its lease (%ds) "
+                            "ends it anyway", ph.spec, exc, self.lease)
                 self.stale.add(ph.spec)  # tried again next round, and after a restart
                 return False
-        self.held.pop(ph.spec, None)
         if self.journal is not None:
             self.journal.pinhole_gone(ph.spec)
         self._changed(ph.spec, "closed", "")
         return True
 
-    async def _close_stale(self, spec: PinholeSpec) -> None:
+    async def _close_stale(self, spec: PinholeSpec) -> bool:
         """A pinhole a previous run may have left: its UniqueID is not known (nor trusted after
         a router restart), so ask for the same pinhole with a 1 s lease (the router answers
-        with the existing one's ID) and delete that."""
+        with the existing one's ID) and delete that. A router that refuses the address (606)
+        cannot hold a pinhole for it either."""
         try:
             uid = await self.client.add(spec, 1)
             await self.client.delete(spec, uid)
-        except NoSuchMapping:
+        except (NoSuchMapping, NotAuthorized):
             pass
         except GatewayError as exc:
             log.info("left-over pinhole %s not closed now (%s); it is tried again", spec, exc)
-            return
+            return False
         self.stale.discard(spec)
         if self.journal is not None:
             self.journal.pinhole_gone(spec)
         log.info("closed left-over pinhole %s", spec)
+        return True
 
     def lost_state(self) -> None:
         """The router restarted: every pinhole is re-added on the next round."""
@@ -254,10 +275,17 @@ class PinholeKeeper:
                             self.lease)
                 return 0
         removed = 0
+        now = self.clock()
         for ph in list(self.held.values()):
-            removed += await self._remove(ph)
+            ok = await self._remove(ph)
+            removed += ok
+            if not ok and self._router_gone(now):
+                log.warning("router stopped answering: the other pinholes' leases (%ds) end "
+                            "them", self.lease)
+                return removed
         for spec in list(self.stale):
-            await self._close_stale(spec)
+            if not await self._close_stale(spec) and self._router_gone(now):
+                break
         return removed
 
     # --- reporting -----------------------------------------------------------------------------

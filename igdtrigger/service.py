@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import math
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,13 +29,14 @@ from .detect.base import Detector
 from .detect.hostmap import HostMap
 from .detect.nfttrack import TABLE, KernelTracking
 from .engine import Activation, Engine, Event, EventKind, Source
-from .errors import AdhocRefused, DetectionUnavailable, UsageError
+from .errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
 from .events import EventHub
 from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
 from .gateway.pinhole import FirewallClient, global_ipv6_addresses
 from .gateway.select import forget_connection, set_lost_state_handler
 from .journal import Journal, JournalActivation
+from .leftovers import dead_run_tag, dead_runs, take_over
 from .mapper import Applied, Mapper, MapState
 from .model import (
     Flow,
@@ -41,7 +44,6 @@ from .model import (
     FlowLive,
     FlowsListed,
     MappingKey,
-    MappingSpec,
     PinholeSpec,
     PortRange,
     ProcessSeen,
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("igdtrigger")
 
+STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
 TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
@@ -71,8 +74,27 @@ class DetectorStatus:
     detail: str = ""
 
 
-def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None) -> str | None:
-    """Read a secret file, creating it (mode 0600) on first use. ``None`` if not possible."""
+def machine_id() -> str:
+    """systemd's machine id (stable across reboots), else the host name."""
+    for where in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = Path(where).read_text().strip()
+            if text:
+                return text
+    return socket.gethostname()
+
+
+def derived_tag(state_dir: Path) -> str:
+    """The instance tag a state directory gets: 6 hex digits from this machine's id and the
+    directory's path, so it is the same at every start even when nothing can be written (a
+    crash's leftovers are still recognised as ours), and differs between two services."""
+    return hashlib.sha256(f"{machine_id()}\0{state_dir.absolute()}".encode()).hexdigest()[:6]
+
+
+def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
+                          value: str | None = None) -> str | None:
+    """Read a secret file, creating it (mode 0600) on first use with ``value`` (default: random).
+    ``None`` if not possible."""
     try:
         text = path.read_text().strip()
         if text:
@@ -81,7 +103,7 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
         pass
     except OSError:
         return None
-    value = secrets.token_hex(nbytes)[: hexlen or None]
+    value = value or secrets.token_hex(nbytes)[: hexlen or None]
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(".tmp")
@@ -96,6 +118,29 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None)
     return value
 
 
+def _host_key(host: str) -> str:
+    """One host's key for per-host limits: its IPv4 address, or its IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and not addr.ipv4_mapped:
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+def _overlap(a: PortRange, b: PortRange) -> bool:
+    return a.proto is b.proto and a.first <= b.last and b.first <= a.last
+
+
+def self_only_message(rule: str, host: str) -> str:
+    """One line: why a router in secure mode refused a host's ports to this service, and the
+    fix (README: the home-server section)."""
+    return (f"the router only lets a host map ports to itself (UPnP secure mode): start the game "
+            f"on {host} with `igdtrigger run --rule {rule} -- GAME` (it maps its own ports and "
+            "reports back), or allow mappings for other hosts in the router's UPnP settings")
+
+
 class Service:
     def __init__(
         self,
@@ -106,9 +151,12 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         state_dir: Path | None = None,
+        journal_dir: Path | None = None,
         on_router_call: Callable[[str, float, bool], None] | None = None,
         tracking: KernelTracking | None = None,
     ) -> None:
+        """``journal_dir``: where the journal and instance tag live (default ``state_dir``);
+        ``serve --simulate`` keeps them apart from the real service's."""
         self.config = config
         # makes the kernel track trigger flows for the conntrack detector (nfttrack.py); None:
         # not managed here (tests), the conntrack detector is then taken at its word
@@ -118,19 +166,21 @@ class Service:
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
         self.state_dir = state_dir or config.state_dir or default_state_dir()
-        tag = load_or_create_secret(self.state_dir / "instance", 3, hexlen=6)
+        self.journal_dir = journal_dir or self.state_dir
+        derived = derived_tag(self.journal_dir)
+        tag = load_or_create_secret(self.journal_dir / "instance", 3, value=derived)
         if tag is None:
-            tag = "x" + secrets.token_hex(3)[:5]
+            tag = derived
             log.warning(
-                "state directory %s is not writable: mappings left by a crash of this run "
-                "cannot be recognised after a restart (set service.state_dir)", self.state_dir
-            )
+                "state directory %s is not writable: running with the tag %s derived from this "
+                "machine and that path (a crash's leftovers are still recognised), but nothing "
+                "is journaled (set service.state_dir)", self.journal_dir, tag)
         self.tag = tag
         self.api_token = load_or_create_secret(self.state_dir / "api-token", 24)
         self.hub = EventHub(history=200)  # SSE subscribers (api.py) and Last-Event-ID replay
         self.events: collections.deque[dict[str, Any]] = self.hub.history
         self.error_counts: collections.Counter[str] = collections.Counter()  # for /metrics
-        self.journal = Journal.open(self.state_dir)
+        self.journal = Journal.open(self.journal_dir)
         self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway,
@@ -142,6 +192,8 @@ class Service:
             check_before_add=config.gateway.check_before_add,
             on_change=self._on_mapping_change,
             journal=self.journal,
+            abandon=self._lapse_due,
+            reclaim=dead_run_tag,
         )
         # IPv6: the same ports, through the router's firewall, to this machine's own addresses
         self.pinholes: PinholeKeeper | None = None
@@ -151,6 +203,7 @@ class Service:
                 lease=config.gateway.lease,
                 journal=self.journal, on_change=self._on_pinhole_change)
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
+        self._pinhole_wake = asyncio.Event()
         self._journal_flushed = 0.0
         # New activations are journaled right after the round that requested their mappings
         # (the mappings themselves are journaled before they are requested): no fsync of its
@@ -171,16 +224,22 @@ class Service:
         self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = HostMap(self.local_address, clock=clock)
+        self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
         self._events_at_start = 0  # conntrack events_seen when its visibility was established
         self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
 
     # --- lifecycle -----------------------------------------------------------------------------
 
+    def _lapse_due(self) -> bool:
+        """An activation's time is up: a long mapping pass stops adding so it can end."""
+        due = self.engine.next_deadline()
+        return due is not None and self.clock() >= due
+
     def _router_lost_state(self, reason: str) -> None:
         self.mapper.reapply_all(reason)
         if self.pinholes is not None:
-            self.pinholes.lost_state()
+            self.pinholes.lost_state()  # re-added after the scheduler's next round reconnects
         self.wake()
 
     def _upnp_location(self) -> str | None:
@@ -220,6 +279,8 @@ class Service:
         if w is not None and (w.location, w.local_address) == (info.location,
                                                               info.local_address):
             return
+        if w is not None and w.local_address == info.local_address and w.follow(info.location):
+            return  # the same router at another URL: keeps what it announced
         if w is not None:
             w.close()
         from .gateway.ssdpwatch import NotifyWatcher
@@ -251,20 +312,21 @@ class Service:
             act = self.engine.restore(ja.id, ja.rule, ja.host, ja.source,
                                       age=now_wall - ja.created_wall,
                                       remaining=ja.expires_wall - now_wall, ttl=ja.ttl,
-                                      meta=ja.meta, adhoc=self._adhoc_allowed)
+                                      meta=ja.meta, adhoc=self._adhoc_allowed,
+                                      held=ja.expires_wall == math.inf)
             if act is None:
                 self.journal.activation_gone(ja.id)
             else:
                 count += 1
                 log.info("restored activation of rule %s for %s (%s)", ja.rule, ja.host,
                          act.hold_reason(self.clock()) if act.unproven
-                         else f"{format_duration(ja.expires_wall - now_wall)} left")
+                         else f"{format_duration(act.expires - self.clock())} left")
         self.engine.dirty.clear()
+        # a killed `igdtrigger run`'s journal (not for --simulate: those are the real router's)
+        take_over(self.journal, dead_runs(self.journal_dir))
         leftovers = self.journal.mappings()
         if leftovers:
-            self.mapper.adopt_orphans([
-                MappingSpec(m.proto, m.external_port, m.internal_client, m.internal_port,
-                            m.description) for m in leftovers])
+            self.mapper.adopt_orphans([m.spec for m in leftovers])
         return count
 
     def _journal_activations(self) -> None:
@@ -296,6 +358,9 @@ class Service:
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
+        if self.pinholes is not None:
+            self._tasks.append(asyncio.create_task(self._pinhole_loop(self.pinholes),
+                                                   name="pinholes"))
         for det in self.detectors:
             standby = getattr(det, "standby_for", "")
             if standby and any(st.name == standby and st.active for st in self.detector_status):
@@ -303,12 +368,21 @@ class Service:
                     det.name, False, f"standby: {standby} is active; this one stands in if "
                     f"{standby} stops or stops seeing flows"))
                 continue
+            if det.name == "conntrack" and self.tracking is not None:
+                det.tracking_managed = True  # type: ignore[attr-defined]
             try:
                 det.check()
             except DetectionUnavailable as exc:
                 self.detector_status.append(DetectorStatus(det.name, False, str(exc)))
                 if det.name == "process" and not any(r.process for r in self.config.rules):
                     log.info("detector process idle: no rule names a process")
+                    continue
+                if not self.config.detect.explicit and any(
+                        getattr(d, "standby_for", "") == det.name for d in self.detectors):
+                    # the default set: the socket table stands in, as it is meant to; one calm
+                    # line (status and doctor carry the reason and the fix)
+                    log.info("detector %s not available here; the socket table stands in "
+                             "(`igdtrigger doctor` says why and how to enable it)", det.name)
                     continue
                 log.warning(
                     "detector %s unavailable: %s; explicit activations (run, activate, API) "
@@ -445,13 +519,17 @@ class Service:
         if self.tracking is not None:
             await asyncio.to_thread(self.tracking.remove)
         removed = 0
+        deleted_before = self.mapper.ops["delete"]
         try:
             removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
         except TimeoutError:
+            removed = self.mapper.ops["delete"] - deleted_before
             log.error(
-                "router did not answer in %.0fs while removing mappings; their leases (%s) will "
-                "expire on the router", timeout, format_duration(self.mapper.lease)
-            )
+                "the router did not finish removing mappings within %.0fs (%d removed, about %d "
+                "left): they stay journaled and the next start removes them; their leases (%s) "
+                "end them on the router", timeout, removed, len(self.mapper.orphans) - removed,
+                format_duration(self.mapper.lease) if not self.mapper.permanent_only
+                else "permanent")
         if self.pinholes is not None:
             try:
                 closed = await asyncio.wait_for(self.pinholes.remove_all(), timeout)
@@ -461,9 +539,10 @@ class Service:
                 log.error("router did not answer in %.0fs while closing IPv6 pinholes; their "
                           "leases (%ds) will end them", timeout, self.pinholes.lease)
         await self.gateway.close()
-        self._journal_flushed = -math.inf
-        self._journal_new()
-        self._journal_activations()
+        # A clean stop ends what it held: the next start restores nothing (only a crash does);
+        # mappings the router did not confirm deleting stay journaled and are removed then.
+        self._unjournaled.clear()
+        self.journal.activations_clear()
         self.journal.close()
         left = self.mapper.left_open
         if left:
@@ -526,6 +605,14 @@ class Service:
         v4 = self._as_v4(flow)
         return v4 is not None and self.engine.follows(v4)
 
+    def _origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """Where a triggering flow came from (Engine.origin_of): this machine, or its
+        neighbour's MAC address (None: the neighbour table does not know it)."""
+        info = self.gateway.info  # (no guessing per flow: that costs a syscall each)
+        if info is not None and str(addr) == info.local_address:
+            return "local"
+        return self.hostmap.origin_of(addr)
+
     def local_address(self) -> str | None:
         """This host's LAN address as the router sees it (for process-held rules)."""
         info = self.gateway.info
@@ -547,11 +634,37 @@ class Service:
         source: Source,
         meta: dict[str, str] | None = None,
         wait: float = APPLY_WAIT,
+        tokenless: bool = False,
     ) -> dict[str, Any]:
+        """Activate ``rule`` for ``host``. ``tokenless`` (an API client acting for itself):
+        its live activation of the same rule is refreshed instead of a second one being made
+        (``source = "api"``), and at most ``[api] max_per_host`` live activations per host
+        (``ActivationLimit``, HTTP 429)."""
         if self._stopping:
             raise UsageError("service is shutting down")
+        if tokenless:
+            if source is Source.API:
+                for act in self.engine.activations.values():
+                    if (act.host, act.rule.name, act.source) == (host, rule, Source.API):
+                        self.engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
+                        if meta:
+                            act.meta.update(meta)
+                        return await self._once_applied(act, wait)
+            self._check_host_limit(host)
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
+
+    def _check_host_limit(self, host: str) -> None:
+        """At most ``[api] max_per_host`` tokenless activations per host; IPv6 addresses count
+        per /64 (one host may use any number of addresses in its prefix)."""
+        limit = self.config.api.max_per_host
+        key = _host_key(host)
+        live = sum(1 for a in self.engine.activations.values()
+                   if a.source in (Source.API, Source.RUN) and _host_key(a.host) == key)
+        if live >= limit:
+            self.engine.refused["per_host"] += 1
+            raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
+                                  "max_per_host limit; end one first")
 
     async def _once_applied(self, act: Activation, wait: float) -> dict[str, Any]:
         """The activation as the API reports it, once the router answered (or ``wait`` s)."""
@@ -576,7 +689,7 @@ class Service:
         if not adhoc.enabled:
             raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
                                "[api] allow_adhoc = true (with adhoc_ports limits)")
-        ports = self._adhoc_ports(specs)
+        ports = self._adhoc_ports(specs, host)
         ttl = adhoc.max_ttl if ttl is None else ttl
         if ttl > adhoc.max_ttl:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
@@ -589,7 +702,7 @@ class Service:
         act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 
-    def _adhoc_ports(self, specs: list[str]) -> tuple[PortRange, ...]:
+    def _adhoc_ports(self, specs: list[str], host: str) -> tuple[PortRange, ...]:
         adhoc = self.config.api.adhoc
         ports: list[PortRange] = []
         for spec in specs:
@@ -605,6 +718,11 @@ class Service:
                     raise AdhocRefused(
                         f"{rng} is outside [api] adhoc_ports "
                         f"({', '.join(str(r) for r in adhoc.ports)})")
+                for rule in self.config.rules:  # a rule's hosts list reserves its ports
+                    if not rule.allows(host) and any(_overlap(rng, r) for r in rule.open):
+                        raise AdhocRefused(
+                            f"{rng} overlaps rule {rule.name!r}'s ports, which its hosts list "
+                            f"({', '.join(str(n) for n in rule.hosts)}) keeps from {host}")
                 ports.append(rng)
         if not ports:
             raise UsageError('field "open" must name at least one port, like "udp/34197"')
@@ -624,10 +742,31 @@ class Service:
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act, include_ports=False)
 
-    def heartbeat(self, act_id: str, ttl: float | None) -> dict[str, Any]:
+    def heartbeat(self, act_id: str, ttl: float | None,
+                  self_mapped: bool | None = None) -> dict[str, Any]:
+        """Extend an activation; ``self_mapped``: its host reports it maps the ports itself
+        (True; only after this service was refused them as secure mode) or no longer (False)."""
         act = self.engine.heartbeat(act_id, ttl)
+        # taken only when true: after the router refused this host's ports to us as secure
+        # mode (else ignored; the answer's state says which holds)
+        if (self_mapped is not None and self_mapped != act.self_mapped
+                and (not self_mapped or self._refused_self_only(act))):
+            self.engine.set_self_mapped(act_id, self_mapped)
+            log.info("rule %s for %s: %s", act.rule.name, act.host,
+                     "mapped by that host itself (the router only lets a host map ports to "
+                     "itself)" if self_mapped else "mapped by this service again")
+            self.hub.publish({"at": time.time(), "event": "self_mapped" if self_mapped
+                              else "self_unmapped", "rule": act.rule.name, "host": act.host})
         self.wake()
         return self.activation_json(act)
+
+    def _refused_self_only(self, act: Activation) -> bool:
+        for rng in act.rule.open:
+            for port in rng:
+                app = self.mapper.applied.get(MappingKey(rng.proto, port))
+                if app is not None and app.spec.internal_client == act.host and app.self_only:
+                    return True
+        return False
 
     async def _wait_applied(self, generation: int, timeout: float) -> None:
         self.wake()
@@ -654,8 +793,7 @@ class Service:
             self.engine.expire()
             gen = self.engine.generation
             await self.mapper.reconcile(self.desired())
-            if self.pinholes is not None:
-                await self.pinholes.reconcile(self.desired_pinholes())
+            self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
             self._watch_router()
             self._journal_new()
             self._journal_activations()
@@ -664,13 +802,31 @@ class Service:
                 self._applied_cond.notify_all()
             if self.engine.generation != gen:
                 continue
-            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline(),
-                                     self.pinholes.next_deadline() if self.pinholes else None)
-                         if d]
+            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline()) if d]
             delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), None if delay == math.inf else delay)
+
+    async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
+        """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart
+        from the scheduler so a slow or silent IPv6 side never delays an IPv4 mapping."""
+        deadline: float | None = None
+        while True:
+            # The first round waits for the scheduler's (which finds the router: the IGD's
+            # address is what the IPv6 side is asked at; asking before would only back off).
+            delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pinhole_wake.wait(),
+                                           None if delay == math.inf else delay)
+            self._pinhole_wake.clear()
+            try:
+                await keeper.reconcile(self.desired_pinholes())
+                deadline = keeper.next_deadline()
+            except Exception:  # a bug here must not stop IPv4 or the service
+                log.exception("IPv6 pinholes: unexpected error; trying again in 30 s")
+                deadline = self.clock() + 30.0
 
     # --- reporting -----------------------------------------------------------------------------
 
@@ -713,13 +869,24 @@ class Service:
     def activation_json(self, act: Activation, *, include_ports: bool = True) -> dict[str, Any]:
         now = self.clock()
         out = act.to_json(now)
+        info = self.gateway.info
+        if info is not None and info.external_address:
+            out["external_address"] = info.external_address
         if not include_ports:
             out["state"] = "ended"
+            return out
+        if act.self_mapped:
+            out["state"] = "self"
+            out["message"] = (f"mapped by {act.host} itself: the router only lets a host map "
+                              "ports to itself (UPnP secure mode)")
+            out["ports"] = [{"port": str(MappingKey(rng.proto, port)), "state": "self"}
+                            for rng in act.rule.open for port in rng]
             return out
         desired = self.desired()
         waiting = self.engine.waiting_for(act, desired)
         ports: list[dict[str, Any]] = []
         states: set[str] = set()
+        self_only = False
         for rng in act.rule.open:
             for port in rng:
                 key = MappingKey(rng.proto, port)
@@ -737,6 +904,7 @@ class Service:
                     entry = {"port": str(key), "state": st, "external_port": app.external_port}
                     if app.error:
                         entry["error"] = app.error
+                    self_only = self_only or app.self_only
                 states.add(st)
                 ports.append(entry)
         if waiting:
@@ -750,23 +918,33 @@ class Service:
             out["state"] = "failed"
         else:
             out["state"] = "pending"
+        if self_only:  # the reason and the fix, once (the ports' errors say it per port)
+            out["reason"] = "router_self_only"
+            out["message"] = self_only_message(act.rule.name, act.host)
         out["ports"] = ports
         return out
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> dict[str, Any]:
+        """The whole state; at most ``max_activations`` activations (the oldest; the rest are
+        paged through ``GET /api/v1/activations``), their total in ``counts``."""
         info = self.gateway.info
         now = self.clock()
         warnings: list[str] = []
-        if info is not None and not info.external_reachable:
-            warnings.append(
-                f"external address {info.external_address or 'unknown'} is not public: ports "
-                "opened here are not reachable from the internet (double NAT or CGNAT)"
-            )
+        external_warning = info.external_warning() if info is not None else None
+        if external_warning is not None:
+            warnings.append(external_warning)
         for st in self.detector_status:
             if not st.active and not st.reason.startswith(("standby", "no rule names")):
                 warnings.append(f"detector {st.name} inactive: {st.reason}")
         if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
             warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
+        if len(self.engine.activations) > max_activations:
+            warnings.append(f"{len(self.engine.activations)} activations: the first "
+                            f"{max_activations} are listed here, page through all of them with "
+                            "GET /api/v1/activations?limit=&cursor=")
+        if self.engine.refused:
+            warnings.append("activations refused by the service's bounds: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(self.engine.refused.items())))
         warnings.extend(f"still open on the router: {x.describe()}"
                         for x in self.mapper.left_open)
         if self.journal.degraded:
@@ -786,7 +964,7 @@ class Service:
                 "location": info.location if info else self.config.gateway.url,
                 "local_address": info.local_address if info else None,
                 "external_address": info.external_address if info else None,
-                "external_reachable": info.external_reachable if info else None,
+                "external_reachable": info.reachable_or_unknown if info else None,
                 # the one service choice (gateway.soap.find_wan_service) and what it offers
                 "backend": (info.backend or None) if info else None,
                 "service_type": (info.service_type or None) if info else None,
@@ -807,7 +985,7 @@ class Service:
             "rules": [r.to_json() for r in self.config.rules],
             "activations": [
                 self.activation_json(a)
-                for a in sorted(self.engine.activations.values(), key=lambda a: a.created)
+                for a in self.sorted_activations()[:max_activations]
             ],
             "mappings": self.mapper.snapshot(),
             "pinholes": (self.pinholes.status() if self.pinholes is not None
@@ -817,6 +995,7 @@ class Service:
                 "mappings_active": self.mapper.count(MapState.ACTIVE),
                 "pinholes_active": (self.pinholes.count(PinholeState.ACTIVE)
                                     if self.pinholes is not None else 0),
+                "activations_refused": dict(sorted(self.engine.refused.items())),
                 "flows_seen": self.engine.flows_seen,
                 "flows_matched": self.engine.flows_matched,
                 "flows_inbound": self.engine.flows_inbound,
@@ -827,6 +1006,10 @@ class Service:
             "warnings": warnings,
             "events": list(self.events)[-50:],
         }
+
+    def sorted_activations(self) -> list[Activation]:
+        """Live activations, oldest first (the order pages of the API follow)."""
+        return sorted(self.engine.activations.values(), key=lambda a: a.seq)
 
     def _detector_json(self, st: DetectorStatus) -> dict[str, Any]:
         out: dict[str, Any] = {"name": st.name, "active": st.active}

@@ -43,6 +43,10 @@ class RouterTraits:
     permanent_only: timed adds are refused (725, or 402 where the lease-0 retry then worked).
     deletes_work: a delete it answers with success removes the mapping.
     forced_lease: the lease it reports when it sets its own (0 = permanent), if not ours.
+    lease_cap: the longest lease it grants, in seconds, when it silently grants less than asked
+        (a renewal at half the asked lease would come after the mapping is gone).
+    description_cut: the length it cuts NewPortMappingDescription to (its record of our
+        mapping then shows a prefix of our description).
     """
 
     identity: str = ""
@@ -51,12 +55,15 @@ class RouterTraits:
     permanent_only: bool = False
     deletes_work: bool | None = None
     forced_lease: int | None = None
+    lease_cap: int | None = None
+    description_cut: int | None = None
     # per run, not persisted: confirmations in a row
     adds_confirmed: int = 0
     deletes_confirmed: int = 0
 
     _PERSISTED = ("reports_mappings", "keeps_timed", "permanent_only", "deletes_work",
-                  "forced_lease")
+                  "forced_lease", "lease_cap", "description_cut")
+    _COUNTS = frozenset({"forced_lease", "lease_cap", "description_cut"})
 
     @property
     def timed_leases(self) -> bool:
@@ -94,9 +101,9 @@ class RouterTraits:
             value = data.get(name)
             if name not in known or value is None:
                 continue
-            if name == "forced_lease":
+            if name in cls._COUNTS:
                 if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    out.forced_lease = value
+                    setattr(out, name, value)
             elif isinstance(value, bool):
                 setattr(out, name, value)
         return out

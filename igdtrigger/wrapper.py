@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .client import Client
@@ -35,12 +36,14 @@ from .errors import (
     ServiceUnavailable,
     UsageError,
 )
+from .model import format_duration
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
     from .gateway.base import GatewayInfo
-    from .model import MappingKey, MappingSpec, PinholeSpec
+    from .journal import Journal
+    from .model import MappingKey, MappingSpec, PinholeSpec, PortRange
     from .pinholes import PinholeKeeper
 
 log = logging.getLogger("igdtrigger.run")
@@ -73,13 +76,30 @@ class Holder:
 
 
 class ServiceHolder(Holder):
-    def __init__(self, client: Client, rule: str, ttl: float) -> None:
+    def __init__(self, client: Client, rule: str, ttl: float,
+                 announce: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.client = client
         self.rule = rule
         self.ttl = ttl
         self.act_id: str | None = None
         self.response: dict[str, Any] | None = None
+        self.announce = announce
+        # set when this PC maps the ports itself (secure mode): every heartbeat says so, so
+        # the service's status and dashboard show it ("mapped by the PC itself")
+        self.self_mapped = False
+        self._kick = threading.Event()
+
+    def report_self_mapped(self) -> None:
+        """Tell the service now (from any thread) that this PC maps the ports itself."""
+        self.self_mapped = True
+        self._kick.set()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until kicked; True when it is time to stop."""
+        self._kick.wait(seconds)
+        self._kick.clear()
+        return self.done.is_set()
 
     def activate(self) -> dict[str, Any]:
         data = self.client.request(
@@ -101,17 +121,21 @@ class ServiceHolder(Holder):
         """Refresh every ttl/3; without an activation (the service was busy or away when the
         game started, or it restarted) ask for one every ``LATE_RETRY`` s until it answers."""
         warned = False
-        while not self.done.wait(self.ttl / 3 if self.act_id is not None else LATE_RETRY):
+        while not self._sleep(self.ttl / 3 if self.act_id is not None else LATE_RETRY):
             try:
                 if self.act_id is None:
                     late = self.response is None
                     data = self.activate()
                     if late:
-                        _info(f"the service answered: rule {self.rule} {data.get('state')}"
-                              f" ({ports_env(data) or 'no ports'})")
+                        _info("the service answered: " + (
+                            opened_line(data) if self.announce is not None
+                            else f"rule {self.rule} {data.get('state')}"))
                 else:
+                    body: dict[str, Any] = {"ttl": self.ttl}
+                    if self.self_mapped:
+                        body["self_mapped"] = True
                     self.client.request("POST", f"/api/v1/activations/{self.act_id}/refresh",
-                                        {"ttl": self.ttl}, timeout=3)
+                                        body, timeout=3)
                 warned = False
             except ApiError as exc:
                 if exc.status == 404 and self.act_id is not None:
@@ -126,22 +150,33 @@ class ServiceHolder(Holder):
                     warned = True
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._kick.set()
         super().stop(timeout)
-        if self.act_id is not None:
+        act_id, self.act_id = self.act_id, None  # ended once, whatever happens
+        if act_id is not None:
             try:
-                self.client.request("DELETE", f"/api/v1/activations/{self.act_id}", timeout=3)
+                self.client.request("DELETE", f"/api/v1/activations/{act_id}", timeout=3)
+            except ApiError as exc:
+                if exc.status != 404:  # 404: already gone
+                    _warn(f"could not end the activation ({exc}); it lapses after "
+                          f"{format_duration(self.ttl)} without heartbeats")
             except IgdTriggerError as exc:
-                _warn(f"could not end the activation ({exc}); it lapses after {self.ttl:g}s")
+                _warn(f"could not end the activation ({exc}); it lapses after "
+                      f"{format_duration(self.ttl)} without heartbeats")
 
 
 class StandaloneHolder(Holder):
     """No service: map the rule's ports from this process, on short leases."""
 
-    def __init__(self, config: Config, rule: Rule) -> None:
+    def __init__(self, config: Config, rule: Rule,
+                 announce: Callable[[str], None] | None = None,
+                 on_mapped: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.config = config
         self.rule = rule
         self.ready = threading.Event()
+        self.announce = announce
+        self.on_mapped = on_mapped  # called once some ports are open (secure-mode fallback)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop_async: asyncio.Event | None = None
 
@@ -160,8 +195,11 @@ class StandaloneHolder(Holder):
     async def _amain(self) -> None:
         import asyncio
 
+        from .config import default_state_dir
         from .engine import Engine
         from .gateway.select import build_gateway
+        from .journal import Journal
+        from .leftovers import dead_run_tag, dead_runs, own_run_dir, remove_run_dir, take_over
         from .mapper import Mapper, MapState
 
         self.loop = asyncio.get_running_loop()
@@ -176,23 +214,39 @@ class StandaloneHolder(Holder):
         tag = f"run{os.getpid()}"
         engine = Engine([self.rule], clock=clock, tag=tag)
         lease = min(STANDALONE_LEASE, gw_cfg.lease)
-        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
-                        verify_interval=gw_cfg.verify_interval,
-                        check_before_add=gw_cfg.check_before_add)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
             return
+        # What this wrapper maps is journaled (a kill -9 on a router that only takes permanent
+        # leases would leave it forever); what dead wrappers left is taken over and removed.
+        state_dir = self.config.state_dir or default_state_dir()
+        run_dir = own_run_dir(state_dir)
+        journal = Journal.open(run_dir)
+        take_over(journal, dead_runs(state_dir))
+        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
+                        verify_interval=gw_cfg.verify_interval,
+                        check_before_add=gw_cfg.check_before_add, journal=journal,
+                        reclaim=dead_run_tag, abandon=self.done.is_set)
+        mapper.adopt_orphans([m.spec for m in journal.mappings()])
         engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
         desired = engine.desired()
         await mapper.reconcile(desired)
         n_ok = mapper.count(MapState.ACTIVE)
-        if n_ok < len(desired):
+        if n_ok < len(desired) and not self.done.is_set():
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
                   + "; ".join(sorted({a.error for a in mapper.applied.values() if a.error})))
+        if n_ok:
+            opened = [str(a.spec.key) for a in sorted(mapper.applied.values(),
+                                                      key=lambda a: a.spec.key)
+                      if a.state is MapState.ACTIVE]
+            if self.announce is not None:
+                self.announce(_opened(opened, info.external_address))
+            if self.on_mapped is not None:
+                self.on_mapped()
         self.ready.set()
-        holes, keeper = self._pinholes(info, desired, clock, lease)
+        holes, keeper = self._pinholes(info, desired, clock, lease, journal)
         if keeper is not None:  # IPv6 after IPv4: the game is not kept waiting for it
             await keeper.reconcile(holes)
             if keeper.reason:
@@ -214,11 +268,13 @@ class StandaloneHolder(Holder):
             if keeper is not None:
                 await asyncio.wait_for(keeper.remove_all(), 4.0)
         except TimeoutError:
-            _warn(f"router did not answer; mappings lapse within {lease:g}s")
+            _warn(f"router did not answer; mappings lapse within {lease:g}s (or the next "
+                  "igdtrigger run or serve removes them)")
         await gateway.close()
+        remove_run_dir(journal, run_dir)
 
     def _pinholes(self, info: GatewayInfo, desired: dict[MappingKey, MappingSpec],
-                  clock: Callable[[], float], lease: float,
+                  clock: Callable[[], float], lease: float, journal: Journal,
                   ) -> tuple[set[PinholeSpec], PinholeKeeper | None]:
         """The same ports over IPv6 to this machine, when the router's firewall takes them."""
         if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
@@ -235,7 +291,7 @@ class StandaloneHolder(Holder):
 
         holes = {PinholeSpec(a, s.proto, s.internal_port) for s in desired.values()
                  for a in addrs}
-        return holes, PinholeKeeper(client, clock=clock, lease=lease)
+        return holes, PinholeKeeper(client, clock=clock, lease=lease, journal=journal)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.done.set()
@@ -245,6 +301,60 @@ class StandaloneHolder(Holder):
                 loop.call_soon_threadsafe(ev.set)
         if self.thread is not None:
             self.thread.join(timeout)
+
+
+def _opened(ports: Sequence[str], external: str) -> str:
+    from .model import compress_ports
+
+    return (f"{compress_ports(ports)} open on {external or 'the router'} for this PC while the "
+            "game runs")
+
+
+def opened_line(activation: dict[str, Any]) -> str:
+    """What ``run`` says once on stderr: ``udp/40000-40010 open on 203.0.113.4 for this PC
+    while the game runs`` (or which ports did not open, and why, once)."""
+    ports = [p for p in activation.get("ports", []) if isinstance(p, dict)]
+    opened = [str(p.get("port")) for p in ports if p.get("state") == "active"]
+    line = _opened(opened, str(activation.get("external_address") or "")) if opened else (
+        f"rule {activation.get('rule')}: no port open ({activation.get('state')})")
+    if len(opened) < len(ports):
+        errors = sorted({str(p.get("error") or p.get("state")) for p in ports
+                         if p.get("state") != "active"})
+        if activation.get("message"):
+            errors = [str(activation["message"])]
+        line += f"; {len(ports) - len(opened)} not open: " + "; ".join(errors)
+    return line
+
+
+class _Both(Holder):
+    """Secure-mode fallback: this PC maps its ports itself (standalone) while the service's
+    activation stays alive by heartbeat, reporting "mapped by the PC itself"."""
+
+    def __init__(self, service: ServiceHolder, own: StandaloneHolder) -> None:
+        super().__init__()
+        self.service = service
+        self.own = own
+
+    def start(self) -> None:
+        self.own.start()
+        self.service.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.own.stop(timeout)
+        self.service.stop(timeout)
+
+
+def _server_rule(name: str, activation: dict[str, Any], ttl: float) -> Rule | None:
+    """The service's rule as its answer lists it (the same ports, nothing more)."""
+    from .model import parse_port_spec
+
+    ranges: list[PortRange] = []
+    for p in activation.get("ports", []):
+        try:
+            ranges.extend(parse_port_spec(str(p.get("port"))))
+        except (ValueError, AttributeError):
+            return None
+    return Rule(name, (), tuple(ranges), ttl) if ranges else None
 
 
 def ports_env(activation: dict[str, Any]) -> str:
@@ -401,6 +511,10 @@ def run(
     strict_rule: bool = True,
     wait_process: Sequence[str] = (),
     wait_start: float = WAIT_START,
+    quiet: bool = False,
+    token_guessed: bool = False,
+    admin_socket: Path | None = None,
+    token_uid: int | None = None,
 ) -> int:
     """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error.
     ``wait_process``: after the command exits, keep the ports while a process of one of these
@@ -412,16 +526,36 @@ def run(
         return _passthrough(command)
     holder: Holder | None = None
     env = dict(os.environ)
-    client = Client(server, token=token, timeout=2.0)
+    client = Client(server, token=token, timeout=2.0, admin_socket=admin_socket,
+                    token_uid=token_uid, token_guessed=token_guessed)
+    announce = None if quiet else _info
     try:
-        sh = ServiceHolder(client, rule, ttl)
+        sh = ServiceHolder(client, rule, ttl, announce=announce)
         data = sh.activate()
         holder = sh
         env["IGDTRIGGER_PORTS"] = ports_env(data)
         env["IGDTRIGGER_ACTIVATION"] = str(data.get("id", ""))
-        if data.get("state") not in ("open", None):
-            _warn(f"rule {rule}: {data.get('state')}"
+        own = (_server_rule(rule, data, ttl) if data.get("reason") == "router_self_only"
+               else None)
+        if own is not None:
+            # the router refuses this PC's ports to the service (secure mode): map them from
+            # here, the same ports the service's rule names, and tell the service
+            _info(f"rule {rule}: the router only lets a host map ports to itself (UPnP "
+                  "secure mode), so the service cannot open them for this PC: mapping them "
+                  "from this PC (the service's rule, reported back to it)")
+            holder = _Both(sh, StandaloneHolder(config, own, announce=announce,
+                                                on_mapped=sh.report_self_mapped))
+        elif data.get("state") == "waiting":
+            _warn(f"rule {rule}: waiting"
                   + (f" (held by {', '.join(data['held_by'])})" if data.get("held_by") else ""))
+        elif data.get("state") == "pending":
+            _warn(f"rule {rule}: pending (the router has not answered yet)")
+        else:
+            line = opened_line(data)
+            if data.get("state") != "open":
+                _warn(line)
+            elif announce is not None:
+                announce(line)
     except ApiError as exc:
         if exc.status == 404 and strict_rule:  # unknown rule: a mistake to fix, not an outage
             raise UsageError(str(exc)) from None
@@ -434,7 +568,7 @@ def run(
     except ServiceUnavailable as exc:
         rule_cfg = config.rule(rule)
         if rule_cfg is not None:
-            holder = StandaloneHolder(config, rule_cfg)
+            holder = StandaloneHolder(config, rule_cfg, announce=announce)
         elif strict_rule and config.rules:  # this machine has rules and not this one: a typo
             raise RuleNotFound(rule, [r.name for r in config.rules]) from None
         else:
@@ -448,17 +582,73 @@ def run(
     return _launch(command, env, holder, waiter)
 
 
+def become_subreaper() -> bool:
+    """Make this process the child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): what the
+    wrapped command starts and leaves behind (a launcher stub's game) is re-parented here, so
+    it stays our descendant. False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans() -> None:
+    """Collect exited processes re-parented to us (we are their subreaper)."""
+    if not hasattr(os, "WNOHANG"):
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
 class ProcessWaiter:
-    """``run --wait-process``: hold on while the named process runs after the command exits."""
+    """``run --wait-process``: hold on while the named process runs after the command exits.
+
+    The process is looked for among the wrapped command's descendants first (this wrapper is
+    their subreaper, so a game its launcher stub left behind still counts); only when none of
+    them has the name does any process of that name hold the ports, with a warning (another
+    user's copy, or one a running launcher such as Steam started for us)."""
 
     def __init__(self, names: Sequence[str], start_grace: float,
-                 scan: Callable[[Any], set[str]] | None = None) -> None:
-        from .detect.process import Matcher, default_scanner
+                 scan: Callable[[Any], set[str]] | None = None,
+                 family: Callable[[Any], tuple[set[str], set[str]]] | None = None) -> None:
+        from .detect.process import Matcher, default_scanner, scan_family
 
         self.names = list(names)
         self.matcher = Matcher(names)
         self.scan = scan or default_scanner()
+        if family is None and scan is None and sys.platform.startswith("linux"):
+            me = os.getpid()
+            family = lambda m: scan_family(m, me)  # noqa: E731
+        self.family = family
         self.start_grace = start_grace
+        self._ours_seen = False
+        self._warned_any = False
+
+    def running(self) -> set[str]:
+        """The watched names that hold the ports now (see the class docstring)."""
+        if self.family is None:
+            found = self.scan(self.matcher)
+            if found and not self._warned_any:
+                _warn("cannot tell this command's own processes here: holding the ports while "
+                      f"any process named {', '.join(sorted(found))} runs")
+                self._warned_any = True
+            return found
+        _reap_orphans()
+        ours, anywhere = self.family(self.matcher)
+        if ours or self._ours_seen:
+            self._ours_seen = self._ours_seen or bool(ours)
+            return ours
+        if anywhere and not self._warned_any:
+            _warn(f"{', '.join(sorted(anywhere))} runs, but not as a child of the command: "
+                  "holding the ports while any process of that name runs")
+            self._warned_any = True
+        return anywhere
 
     def wait(self, pause: Callable[[float], bool], interval: float = 1.0) -> None:
         """Until the process is gone (or never came); ``pause(s)`` is True when a signal asks us
@@ -468,7 +658,7 @@ class ProcessWaiter:
         said = False
         while True:
             try:
-                running = self.scan(self.matcher)
+                running = self.running()
             except Exception as exc:  # fail open: release the ports rather than hang
                 _warn(f"cannot list processes ({exc}); releasing the ports")
                 return
@@ -498,16 +688,16 @@ def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
     def unblock() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
+    if waiter is not None and waiter.family is not None:
+        become_subreaper()
     try:
         try:
             child = subprocess.Popen(list(command), env=env,
                                      preexec_fn=unblock if blocking else None)
-        except OSError as exc:
-            if holder is not None:
-                holder.stop()
+        except OSError as exc:  # the holder stops once, below
             _warn(f"cannot run {command[0]!r}: {exc.strerror}")
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        if isinstance(holder, ServiceHolder | StandaloneHolder):
+        if isinstance(holder, ServiceHolder | StandaloneHolder | _Both):
             holder.start()
         rc = _wait_forwarding(child, sigs)
         if waiter is not None:

@@ -155,7 +155,12 @@ async def test_admin_token_may_act_for_another_host(client: TestClient[object, o
 async def test_wrong_token_is_not_admin(client: TestClient[object, object]) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "other", "host": "192.168.1.77"},
                           headers={"Authorization": "Bearer wrong"})
-    assert r.status == 403
+    assert r.status == 401  # said, not silently taken as "no token"
+    assert "wrong admin token" in (await r.json())["error"]["message"]
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = await client.get("/api/v1/status", headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401  # even from loopback, which may read without a token
+    assert (await client.get("/healthz", headers={"Authorization": "Bearer x"})).status == 200
 
 
 async def test_token_file_is_private(svc: Service, tmp_path: Path) -> None:

@@ -271,7 +271,7 @@ async def test_dead_first_wan_is_never_mapped_on(sim: SimulatedIgdServer, kind: 
     else:
         info = await gw.connect()
         assert info.control_url.endswith("/ctl/IPConn")
-        assert info.external_address == "11.22.33.44"
+        assert info.external_address == "203.0.113.4"
         m = Mapper(gw, clock=lambda: 0.0, tag=TAG, lease=600)
         await m.reconcile({MappingKey(Proto.UDP, 40000): spec()})
         assert m.applied[MappingKey(Proto.UDP, 40000)].state is MapState.ACTIVE
@@ -299,7 +299,7 @@ async def test_dead_first_wan_on_the_default_service(sim: SimulatedIgdServer,
     rig.agrees()
     gw = svc.status()["gateway"]
     assert (gw["backend"], gw["control_url"], gw["external_address"]) == (
-        "soap", sim.control_url, "11.22.33.44")
+        "soap", sim.control_url, "203.0.113.4")
     assert await svc.stop() == 1
     assert ours(sim.router) == []
 
@@ -330,7 +330,7 @@ async def test_gateway_info_is_the_same_on_every_backend(
     assert (info.protocol, info.location, info.service_type, info.external_address,
             info.local_address) == ("upnp-igd", sim.url,
                                     "urn:schemas-upnp-org:service:WANIPConnection:2",
-                                    "11.22.33.44", "127.0.0.1")
+                                    "203.0.113.4", "127.0.0.1")
     assert info.control_url == sim.control_url
     assert info.root_uuid == sim.router.udn.lower()
     assert info.backend == ("soap" if kind == "soap" else "miniupnpc")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +130,36 @@ def test_port_spec_both_and_case() -> None:
 def test_a_privileged_port_named_explicitly_is_allowed() -> None:
     cfg = parse_config({"rules": [{"name": "web", "open": ["tcp/80", "tcp/443", "udp/1024-2000"]}]})
     assert [str(r) for r in cfg.rules[0].open] == ["tcp/80", "tcp/443", "udp/1024-2000"]
+
+
+@pytest.mark.parametrize(("data", "field", "says"), [
+    ({"rules": [{"name": "a", "open": ["udp/40000"], "idle_timeout": float("inf")}]},
+     "rules[0].idle_timeout", "inf is outside 1s to 7d"),
+    ({"rules": [{"name": "a", "open": ["udp/40000"], "idle_timeout": float("nan")}]},
+     "rules[0].idle_timeout", "nan is outside"),
+    ({"rules": [{"name": "a", "open": ["udp/40000"], "idle_timeout": "100000d"}]},
+     "rules[0].idle_timeout", "outside 1s to 7d"),
+    ({"rules": [{"name": "a", "open": ["udp/40000"], "idle_timeout": "500ms"}]},
+     "rules[0].idle_timeout", "0.5s is outside 1s"),
+    ({"gateway": {"check_interval": "1ms"}}, "gateway.check_interval", "0.001s is outside 500ms"),
+    ({"gateway": {"verify_interval": float("inf")}}, "gateway.verify_interval", "inf"),
+    ({"gateway": {"discover_timeout": "100000d"}}, "gateway.discover_timeout", "outside"),
+    ({"api": {"adhoc_max_ttl": "10ms"}}, "api.adhoc_max_ttl", "outside"),
+    ({"rules": [{"name": "a", "open": ["udp/2000-65535"]}]}, "rules[0].open",
+     "opens 63536 ports; at most 4096 per rule"),
+    ({"rules": [{"name": f"r{i}", "open": [f"both/{10000 + i * 2000}-{11999 + i * 2000}"]}
+                for i in range(5)]}, "rules[4].open", "together open 20000 ports"),
+])
+def test_values_that_make_no_sense_are_refused_naming_the_key(
+        data: dict[str, Any], field: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.field == field
+    assert says in str(err.value)
+
+
+def test_largest_sane_values_are_accepted() -> None:
+    cfg = parse_config({"gateway": {"check_interval": "500ms", "verify_interval": "1d"},
+                        "rules": [{"name": "a", "open": ["both/40000-42047"],
+                                   "idle_timeout": "7d"}]})
+    assert cfg.rules[0].port_count() == 4096

@@ -268,7 +268,7 @@ async def test_dashboard_shows_a_mapping_and_a_click_deactivates_it(
     assert sorted(rows) == ["tcp/3074 active", "udp/40000 active", "udp/40001 active",
                             "udp/40002 active"]
     assert await page.js('document.querySelector("#gateway-external").textContent') \
-        == "11.22.33.44"
+        == "203.0.113.4"
     assert await page.js('document.querySelector("#gateway-protocol").textContent') \
         == "upnp-igd"
     countdown = await page.js(
@@ -404,3 +404,37 @@ async def test_a_frozen_service_is_noticed_by_its_silence(serve: Serve, page: De
                        "the page to recover when the service resumes")
     await page.wait_js('document.querySelectorAll(\'#mappings tr[data-state="active"]\')'
                        ".length === 4", 10, "the mappings active again")
+
+
+async def test_dashboard_says_a_wrong_token_and_its_placeholder_activates(
+        service: str, page: DevTools) -> None:
+    """A wrong admin token kept in the browser is a 401 the page explains (not a silent "no
+    token"); the duration the page shows as a placeholder is one the API takes."""
+    await page.call("Page.navigate", url=f"{service}/")
+    await page.wait_js('document.querySelector(\'tr[data-rule="demo"]\') !== null', 10,
+                       "the rules table")
+    await page.js('localStorage.setItem("igdtrigger-token", "not-the-token")')
+    await page.call("Page.reload")
+    # null-safe: the reloaded document may not be parsed yet
+    await page.wait_js('(() => { const a = document.querySelector("#auth"); '
+                       'const m = document.querySelector("#auth-message"); '
+                       'return !!a && !a.hidden && !!m && '
+                       'm.textContent.includes("wrong admin token"); })()', 10,
+                       "the page to say the stored token is wrong")
+    assert "wrong" in await page.js('document.querySelector("#message").textContent')
+    await page.screenshot(ARTIFACTS / "dashboard-wrong-token.png")
+    await page.click("#token-clear")
+    await page.wait_js('document.querySelector("#gateway-state").textContent === "up"', 10,
+                       "the page to read the service again without the token")
+    placeholder = await page.js(
+        'document.querySelector(\'tr[data-rule="demo"] input.for\').placeholder')
+    assert placeholder == "10m 0s"  # what the page prints for the rule's idle timeout
+    await page.js('(() => { const i = document.querySelector(\'tr[data-rule="demo"] '
+                  "input.for'); i.value = i.placeholder; })()")
+    await page.click('button[data-activate="demo"]')
+    await page.wait_js('document.querySelector("#message").textContent.startsWith("demo for")',
+                       10, "the activation's answer")
+    message = await page.js('document.querySelector("#message").textContent')
+    assert ": open," in message, message
+    acts = (await asyncio.to_thread(http, "GET", f"{service}/api/v1/activations"))["activations"]
+    assert [a["ttl"] for a in acts] == [600]

@@ -65,7 +65,7 @@ async def test_doctor_all_good(tmp_path: Path, api: tuple[str, Service]) -> None
     assert line(lines, "detectors").startswith("ok")
     gw = line(lines, "gateway")
     assert gw.startswith("ok") and sim.url in gw
-    assert line(lines, "external address").startswith("ok") and "11.22.33.44 is public" in \
+    assert line(lines, "external address").startswith("ok") and "203.0.113.4 is public" in \
         line(lines, "external address")
     assert line(lines, "state directory").startswith("ok")
     assert line(lines, "api").startswith("ok") and api[0] in line(lines, "api")

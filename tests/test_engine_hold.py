@@ -271,14 +271,15 @@ def test_a_restored_hold_with_traffic_since_the_restart_closes_a_timeout_after_i
     connection holds: it closes ``idle_timeout`` after that packet, not at the restart."""
     eng, clock, _ = make(rule(idle=5))
     act = eng.restore("a1", "demo", HOST, "traffic", age=100, remaining=math.inf, ttl=5,
-                      meta={})
+                      meta={}, held=True)
     assert act is not None and act.unproven and act.expires == clock.now + 5
     clock.advance(2)
     eng.on_flow(flow())  # a packet of the game's UDP flow
     clock.advance(1)
     assert eng.settle_restored() == [act]
     assert not act.unproven and act.expires == clock.now - 1 + 5
-    api = eng.restore("a2", "demo", HOST, "api", age=1, remaining=math.inf, ttl=5, meta={})
+    api = eng.restore("a2", "demo", HOST, "api", age=1, remaining=math.inf, ttl=5, meta={},
+                      held=True)
     assert api is not None and not api.unproven and api.expires == clock.now + 5
 
 

@@ -28,6 +28,23 @@ def test_rule_file_is_valid_and_cites_its_source(path: Path) -> None:
     assert re.search(r"^# source: .*\S", text, re.M), f"{path.name}: no '# source:' line"
     assert re.search(r"https?://\S+|shipped with", text), f"{path.name}: no URL or origin"
     assert all(r.port_count() <= 64 for r in cfg.rules)
+    # what activates it: a recognisable outbound port or the program's process, or a line
+    # saying why there is none (then a launcher hook or `activate` opens it)
+    rule = cfg.rules[0]
+    if rule.trigger or rule.process:
+        assert re.search(r"^# trigger: \S", text, re.M), f"{path.name}: trigger not explained"
+    else:
+        assert re.search(r"^# no trigger: \S", text, re.M), f"{path.name}: no trigger, no why"
+
+
+def test_publisher_port_lists() -> None:
+    """Spot checks against the publishers' documentation (see each file's source)."""
+    rules = {r.name: r for p in RULE_FILES
+             for r in parse_config(tomllib.loads(p.read_text())).rules}
+    assert [str(r) for r in rules["valheim"].open] == ["udp/2456-2458"]  # port, +1, +2
+    assert [str(r) for r in rules["factorio"].open] == ["udp/34197"]
+    assert [str(r) for r in rules["palworld"].open] == ["udp/8211"]
+    assert [str(r) for r in rules["minecraft-bedrock"].open] == ["udp/19132-19133"]
 
 
 def test_rule_names_are_unique_so_files_can_be_combined() -> None:

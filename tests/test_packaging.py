@@ -13,6 +13,7 @@ import configparser
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -44,6 +45,7 @@ class Image:
     healthcheck_options: dict[str, str] = field(default_factory=dict)
     stopsignal: str = "SIGTERM"
     copies: list[list[str]] = field(default_factory=list)  # COPY args of the first stage
+    labels: dict[str, str] = field(default_factory=dict)  # LABELs of the final stage
     runs: list[str] = field(default_factory=list)
 
 
@@ -59,12 +61,21 @@ def parse_dockerfile(path: Path) -> Image:
         lines.append(buf + raw)
         buf = ""
     img = Image()
+    args: dict[str, str] = {}  # ARGs before the first FROM: what FROM lines may use
     for line in lines:
         instr, _, rest = line.strip().partition(" ")
         instr, rest = instr.upper(), rest.strip()
-        if instr == "FROM":
-            img.stages.append(rest)
+        if instr == "ARG" and not img.stages:
+            key, _, value = rest.partition("=")
+            args[key] = value
+        elif instr == "LABEL":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                img.labels[key] = value
+        elif instr == "FROM":
+            img.stages.append(re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), rest))
             img.env.clear()
+            img.labels.clear()
         elif instr == "ENV":
             for item in shlex.split(rest):
                 key, _, value = item.partition("=")
@@ -97,6 +108,13 @@ def image() -> Image:
 
 def test_dockerfile_conventions(image: Image) -> None:
     assert len(image.stages) == 2 and all("-slim" in s for s in image.stages)
+    # the base pinned by digest (the same one in both stages)
+    assert all(re.search(r"@sha256:[0-9a-f]{64}( |$)", s) for s in image.stages), image.stages
+    for key in ("title", "description", "version", "licenses", "source", "base.name"):
+        assert f"org.opencontainers.image.{key}" in image.labels, key
+    # a compiler in the build stage only: dependencies without a wheel build there
+    build_runs = (ROOT / "Dockerfile").read_text().split("\nFROM ")[1]
+    assert "gcc" in build_runs and "gcc" not in " ".join(image.runs[-1:])
     assert image.user and image.user not in ("root", "0")
     assert image.volumes == ["/config"]
     assert image.env["IGDTRIGGER_STATE_DIR"] == "/config"
@@ -107,11 +125,33 @@ def test_dockerfile_conventions(image: Image) -> None:
     assert any("--no-index" in r and "pip install" in r for r in image.runs)
 
 
-def test_compose_uses_host_networking_and_a_detect_profile() -> None:
+def test_compose_variants_are_exclusive_and_can_read_their_config() -> None:
+    import yaml
+
     text = (ROOT / "examples" / "docker-compose.yml").read_text()
-    assert text.count("network_mode: host") == 2
-    assert 'profiles: ["detect"]' in text and "cap_add: [NET_ADMIN]" in text
-    assert "cap_drop: [ALL]" in text and "IGDTRIGGER_API__LISTEN" in text
+    services = yaml.safe_load(text)["services"]
+    assert set(services) == {"igdtrigger", "igdtrigger-detect"}
+    std, det = services["igdtrigger"], services["igdtrigger-detect"]
+    # every service in a profile of its own: `--profile detect` never starts both on 8731
+    assert std["profiles"] == ["standard"] and det["profiles"] == ["detect"]
+    for svc in (std, det):
+        assert svc["network_mode"] == "host"
+        assert "IGDTRIGGER_API__LISTEN" in svc["environment"]
+    assert det["cap_drop"] == ["ALL"] and det["cap_add"] == ["NET_ADMIN"]
+    assert det["user"] == "0:0"
+    # root without CAP_DAC_OVERRIDE cannot enter the image's /config (uid 1000, 0700): the
+    # detect variant keeps state elsewhere and reads a bind-mounted, read-only config file
+    state = det["environment"]["IGDTRIGGER_STATE_DIR"]
+    assert not state.startswith("/config") and det["working_dir"] == state
+    mounts = {m if isinstance(m, str) else f"{m['source']}:{m['target']}"
+              for m in det["volumes"]}
+    assert not any(m.startswith("igdtrigger:") for m in mounts)  # not the other's volume
+    cfg = det["environment"]["IGDTRIGGER_CONFIG"]
+    bind = next(m for m in det["volumes"] if isinstance(m, dict) and m["target"] == cfg)
+    assert bind["type"] == "bind" and bind["read_only"] is True
+    assert bind["bind"]["create_host_path"] is False
+    # the standard variant documents the same bind-mounted file
+    assert "./config.toml:/etc/igdtrigger/config.toml:ro" in text
 
 
 def test_systemd_unit() -> None:

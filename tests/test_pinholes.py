@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,7 +352,78 @@ async def test_a_failed_close_is_retried_and_kept_in_the_journal(
     j.close()
 
 
+async def test_an_add_whose_answer_was_lost_is_still_closed(fw: FakeFirewall,
+                                                             clock: FakeClock) -> None:
+    """The router made the pinhole but the answer never came (a timeout, or a stop that
+    cancelled the request): not knowing its ID is no reason to leave it open."""
+    real_add = fw.add
+
+    async def lost(spec: PinholeSpec, lease: int) -> int:
+        await real_add(spec, lease)
+        fw.info = None
+        raise GatewayUnreachable("router did not answer AddPinhole within 3s")
+
+    fw.add = lost  # type: ignore[method-assign]
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000)})
+    assert fw.open_specs() == {ph(40000)} and k.held[ph(40000)].uid is None
+    fw.add = real_add  # type: ignore[method-assign]
+    clock.advance(10)
+    await k.reconcile(set())
+    assert fw.holes == {} and k.held == {} and k.stale == set()
+
+
+async def test_a_refused_add_is_not_closed_as_if_it_existed(fw: FakeFirewall,
+                                                             clock: FakeClock) -> None:
+    fw.refuse.add(ADDR)
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000)})
+    fw.calls.clear()
+    await k.reconcile(set())
+    assert fw.calls == [] and k.held == {} and k.stale == set()
+
+
+async def test_a_router_gone_mid_close_costs_one_timeout_not_one_per_pinhole(
+        fw: FakeFirewall, clock: FakeClock) -> None:
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    want = {ph(p) for p in range(40000, 40050)}
+    await k.reconcile(want)
+    fw.reachable = False
+    fw.calls.clear()
+    await k.reconcile(set())
+    assert fw.calls.count("delete") == 1  # then it stops and reconnects later
+    assert len(k.stale) + len(k.held) == 50  # nothing forgotten
+    fw.reachable = True
+    for _ in range(6):
+        clock.advance(10)
+        await k.reconcile(set())
+    assert fw.holes == {} and k.held == {} and k.stale == set()
+
+
+async def test_an_id_the_router_forgot_is_never_used_again(fw: FakeFirewall,
+                                                           clock: FakeClock) -> None:
+    """After 'no such pinhole' its number may belong to someone else's pinhole: deleting by
+    it could close what is not ours."""
+    k = PinholeKeeper(fw, clock=clock, lease=600)
+    await k.reconcile({ph(40000)})
+    uid = k.held[ph(40000)].uid
+    fw.holes.clear()  # the router forgot it: the renewal gets 'no such entry' ...
+    fw.refuse.add(ADDR)  # ... and the add that follows is refused
+    clock.advance(300)
+    await k.reconcile({ph(40000)})
+    other = PinholeSpec(ADDR2, Proto.UDP, 50000)
+    fw.holes[uid or 0] = (other, clock.now + 600)  # the number now belongs to another pinhole
+    await k.reconcile(set())
+    assert other in fw.open_specs()
+
+
 # --- in the service ----------------------------------------------------------------------------
+
+async def settle() -> None:
+    """Let the service's pinhole task run its round (it follows the scheduler's)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
 
 SERVICE_CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40001", "tcp/40005"]}]}
 
@@ -370,10 +442,12 @@ async def test_service_opens_pinholes_for_its_own_machine_only_and_closes_them(
     try:
         other = await svc.activate("demo", "192.168.1.99", ttl=60, source=Source.API)
         assert other["state"] == "open"
+        await settle()
         assert fw.holes == {}  # another host's ports: IPv4 only (its pinholes are its own)
         await svc.deactivate(other["id"])
         mine = await svc.activate("demo", gw.local_address, ttl=60, source=Source.API)
         assert mine["state"] == "open"
+        await settle()
         assert fw.open_specs() == {ph(p, a, pr) for a in (ADDR, ADDR2) for pr, p in
                                    ((Proto.UDP, 40000), (Proto.UDP, 40001), (Proto.TCP, 40005))}
         st = svc.status()
@@ -383,6 +457,7 @@ async def test_service_opens_pinholes_for_its_own_machine_only_and_closes_them(
         assert value(samples, "igdtrigger_pinholes", protocol="udp", state="active") == 4
         assert value(samples, "igdtrigger_pinholes_available") == 1
         await svc.deactivate(mine["id"])
+        await settle()
         assert fw.holes == {}
         assert svc.status()["pinholes"]["entries"] == []
     finally:
@@ -402,6 +477,7 @@ async def test_service_says_why_ipv6_stays_closed(tmp_path: Path) -> None:
     try:
         act = await svc.activate("demo", gw.local_address, ttl=60, source=Source.API)
         assert act["state"] == "open"  # IPv4 is not held back by IPv6
+        await settle()
         warnings = svc.status()["warnings"]
         assert any("IPv6 ports are not opened" in w and "InboundPinholeAllowed=0" in w
                    for w in warnings), warnings
@@ -416,3 +492,34 @@ async def test_pinholes_off_in_config_asks_nothing(tmp_path: Path) -> None:
     assert svc.pinholes is None
     assert svc.status()["pinholes"] == {"available": False,
                                         "reason": "gateway.ipv6_pinholes is off"}
+
+
+async def test_a_silent_ipv6_side_never_holds_up_ipv4(tmp_path: Path) -> None:
+    """The router's IPv6 side swallows requests (no answer, no refusal): IPv4 mappings for the
+    next activation are still made, because pinholes run in their own task."""
+    clock = FakeClock()
+    gw = FakeGateway(clock)
+    cfg = parse_config({"rules": [{"name": "a", "open": ["udp/40000"]},
+                                  {"name": "b", "open": ["udp/41000"]}]})
+    svc = Service(cfg, gw, clock=clock, state_dir=tmp_path)
+    fw = FakeFirewall(clock)
+    hung = asyncio.Event()
+
+    async def silent() -> FirewallInfo:
+        hung.set()
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError
+
+    fw.connect = silent  # type: ignore[method-assign]
+    assert svc.pinholes is not None
+    svc.pinholes.client = fw
+    svc.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
+    await svc.start()
+    try:
+        await svc.activate("a", gw.local_address, ttl=60, source=Source.API, wait=1.0)
+        await asyncio.wait_for(hung.wait(), 5)
+        b = await svc.activate("b", gw.local_address, ttl=60, source=Source.API, wait=1.0)
+        assert b["state"] == "open"
+        assert gw.ports() == {"udp/40000": gw.local_address, "udp/41000": gw.local_address}
+    finally:
+        await svc.stop(timeout=1.0)

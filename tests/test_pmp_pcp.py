@@ -248,7 +248,7 @@ def test_pcp_options_are_parsed_defensively() -> None:
 PCP_EXPECTED: dict[int, type[GatewayError]] = {
     1: ProtocolUnsupported, 2: NotAuthorized, 3: ActionFailed, 4: ProtocolUnsupported,
     5: ActionFailed, 6: ActionFailed, 7: NetworkFailure, 8: TableFull, 9: ActionFailed,
-    10: ActionFailed, 11: MappingConflict, 12: NotAuthorized, 13: ActionFailed, 200: ActionFailed,
+    10: TableFull, 11: MappingConflict, 12: NotAuthorized, 13: ActionFailed, 200: ActionFailed,
 }
 
 

@@ -103,7 +103,7 @@ async def test_standard_layout_on_every_backend(sim: SimulatedIgdServer, kind: s
     info = gw.info
     assert info is not None
     assert info.service_type == "urn:schemas-upnp-org:service:WANIPConnection:2"
-    assert info.external_address == "11.22.33.44"
+    assert info.external_address == "203.0.113.4"
 
 
 async def test_legacy_dslforum_only_huawei_falls_back_to_our_client(

@@ -374,15 +374,10 @@ async def test_pcp_delete_refused_until_stop_stays_in_the_journal(
 # --- igdtrigger gateway --test: what the router did, not what it answered ---------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("quirk", "value", "says", "granted"), [
-    ("forced_lease", 86400, "asked 60s, the router set 86400s", 86400),
-    ("lease_mode", "normal", "asked 60s, granted 60s", 60),
-    ("lease_mode", "drops_timed", "does not show the mapping", None),
-    ("delete_noop", True, "the delete was answered but the mapping is still there", 60),
-])
-async def test_gateway_test_reports_what_the_router_did(
-        backend: str, quirk: str, value: object, says: str, granted: int | None) -> None:
+async def lease_test_on(backend: str, quirk: str,
+                        value: object) -> tuple[dict[str, Any], SimulatedIgdServer]:
+    """``igdtrigger gateway --test``'s lease test against a simulated router with one quirk
+    set; (its result, the router afterwards)."""
     sim = SimulatedIgdServer(SimulatedRouter())
     await sim.start()
     setattr(sim.router, quirk, value)
@@ -392,6 +387,19 @@ async def test_gateway_test_reports_what_the_router_did(
     finally:
         await gw.close()
         await sim.close()
+    return out, sim
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("quirk", "value", "says", "granted"), [
+    ("forced_lease", 86400, "asked 60s, the router set 86400s", 86400),
+    ("lease_mode", "normal", "asked 60s, granted 60s", 60),
+    ("lease_mode", "drops_timed", "does not show the mapping", None),
+    ("delete_noop", True, "the delete was answered but the mapping is still there", 60),
+])
+async def test_gateway_test_reports_what_the_router_did(
+        backend: str, quirk: str, value: object, says: str, granted: int | None) -> None:
+    out, sim = await lease_test_on(backend, quirk, value)
     assert says in out["verdict"], out
     assert out["lease_granted"] == granted
     if quirk != "delete_noop":

@@ -570,7 +570,7 @@ async def test_standard_fault_shape_and_namespace_echo(start_sim: StartSim) -> N
     assert status == 200
     assert body.startswith(b'<?xml version="1.0"?>\r\n')
     assert f'xmlns:u="{IPCONN1}"'.encode() in body  # echoed verbatim
-    assert out_args(body) == {"NewExternalIPAddress": "11.22.33.44"}
+    assert out_args(body) == {"NewExternalIPAddress": "203.0.113.4"}
     status, body = await soap(server, "AddPortMapping", add_args(40000))
     assert (status, body.count(b"<u:AddPortMappingResponse")) == (200, 1)
     assert b"/>" in body  # self-closing, no out arguments
@@ -597,7 +597,7 @@ async def test_fail_next_and_hook(start_sim: StartSim) -> None:
     server = await start_sim()
     c = await client(server)
     server.router.fail_next(501, 2, action="AddPortMapping")
-    assert await c("externalipaddress") == "11.22.33.44"  # other actions unaffected
+    assert await c("externalipaddress") == "203.0.113.4"  # other actions unaffected
     for _ in range(2):
         assert await c.error("addportmapping", 40000, "UDP", LAN, 40000, "x", "", 60) == (
             "Action Failed"
@@ -605,7 +605,7 @@ async def test_fail_next_and_hook(start_sim: StartSim) -> None:
     assert await c("addportmapping", 40000, "UDP", LAN, 40000, "x", "", 60) is True
     server.router.fail_next(729)  # any action
     assert await c.error("externalipaddress") == "ConflictWithOtherMechanisms"
-    assert await c("externalipaddress") == "11.22.33.44"
+    assert await c("externalipaddress") == "203.0.113.4"
 
     seen: list[str] = []
 
@@ -654,7 +654,7 @@ async def test_restart_moves_port_and_clears_table(start_sim: StartSim) -> None:
     assert (await fresh("statusinfo"))[1] == 0  # uptime restarted
     assert server.router.boot_count == 2
     await server.restart(new_port=False)
-    assert await fresh("externalipaddress") == "11.22.33.44"  # same port keeps working
+    assert await fresh("externalipaddress") == "203.0.113.4"  # same port keeps working
 
 
 async def test_down_refuses_connections_and_up_resumes(start_sim: StartSim) -> None:
@@ -768,7 +768,7 @@ async def test_malformed_http_gets_4xx_and_server_keeps_serving(
     if expected == 405:
         assert headers["allow"] == "POST"
     c = await client(server)
-    assert await c("externalipaddress") == "11.22.33.44"
+    assert await c("externalipaddress") == "203.0.113.4"
 
 
 async def test_slow_client_times_out_without_hanging(start_sim: StartSim) -> None:

@@ -411,7 +411,8 @@ def test_busy_service_the_game_starts_and_the_ports_open_when_it_answers(
     assert p.returncode == 7, err
     assert out.split() == ["-"]  # it started before any activation existed
     assert "did not answer within 2s" in err and "starting without open ports" in err
-    assert "the service answered: rule demo open (udp/40000)" in err
+    assert "the service answered: udp/40000 open on the router for this PC while the game " \
+        "runs" in err
     assert "DELETE /api/v1/activations/a2" in svc.seen  # the late activation ended on exit
 
 

@@ -95,6 +95,13 @@ async function refresh() {
       $("#auth").hidden = true;
     } catch (err) {
       if (err.status !== 401) throw err;
+      if (state.token) {
+        // the stored token is not this service's: say so (every call would fail the same way)
+        state.readable = false;
+        showAuth(err.message);
+        say("the admin token kept in this browser is wrong: paste the right one or forget it", true);
+        return;
+      }
       // No read access from this host: show what the own-address rule allows.
       state.readable = false;
       showAuth(err.message);
@@ -165,6 +172,11 @@ function portSummary(act) {
   return open + "/" + ports.length + " open" + (other.length ? " · " + other.join(", ") : "");
 }
 
+function activationLine(a) {  // the message after Activate: the reason and fix when it failed
+  return a.rule + " for " + a.host + ": " + a.state + ", " + portSummary(a)
+    + (a.message ? " · " + a.message : "");
+}
+
 function unknown(last) { return "unknown (last reported " + last + ")"; }
 
 function renderActivations(acts) {
@@ -176,16 +188,20 @@ function renderActivations(acts) {
     el("td", {}, a.host),
     el("td", {}, a.source || ""),
     away ? el("td", { class: "muted" }, unknown(a.state)) :
-    el("td", { class: a.state === "open" ? "ok" : (a.state === "failed" ? "bad" : "warnish") },
-       a.state + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
+    el("td", { class: a.state === "open" || a.state === "self" ? "ok" : (a.state === "failed" ? "bad" : "warnish"),
+               title: a.message || "" },
+       (a.state === "self" ? "mapped by the PC itself" : a.state)
+       + (a.held_by && a.held_by.length ? " (held by " + a.held_by.join(", ") + ")" : "")),
     away ? el("td", { class: "muted" }, "–") :
     a.expires_in === null || a.expires_in === undefined
       ? el("td", { class: "held", title: "closes " + duration(a.ttl) + " after the trigger traffic and the inbound traffic stop" },
            "held: " + (a.hold || "live"))
       : el("td", { class: "countdown", "data-expires": String(a.expires_in), title: a.hold || "" },
            duration(a.expires_in)),
-    el("td", { class: away ? "muted" : "" },
-       away ? "last reported " + portSummary(a) : portSummary(a)),
+    el("td", { class: away ? "muted" : "wrap" },
+       away ? "last reported " + portSummary(a)
+       : a.state === "self" ? (a.ports || []).length + " port(s), by the PC"
+       : portSummary(a) + (a.message ? " · " + a.message : "")),
     el("td", {}, el("button", { type: "button", "data-deactivate": a.id, disabled: away,
                                onclick: () => deactivate(a) }, "Deactivate")),
   )));
@@ -276,7 +292,7 @@ async function activate(rule, ttl) {
   if (ttl) body.ttl = /^\d+(\.\d+)?$/.test(ttl) ? parseFloat(ttl) : ttl;
   try {
     const a = await api("POST", "/api/v1/activations", body);
-    say(a.rule + " for " + a.host + ": " + a.state + ", " + portSummary(a));
+    say(activationLine(a), a.state === "failed");
   } catch (err) {
     say("activate " + rule + ": " + err.message, true);
   }
@@ -364,6 +380,20 @@ async function follow() {
       watch();
       const resp = await fetch("/api/v1/events", { headers: h, cache: "no-store",
                                                    signal: abort.signal });
+      if (resp.status === 401) {
+        // the service answered: it is not away, this page may just not read its events
+        // (a wrong stored token, or another host without read access)
+        clearTimeout(quiet);
+        let data = null;
+        try { data = await resp.json(); } catch (e) { data = null; }
+        const p = $("#live");
+        p.textContent = "no live updates";
+        p.className = "pill off";
+        state.streamUp = false;
+        if (state.token) showAuth(data && data.error ? data.error.message : "HTTP 401");
+        await new Promise((r) => setTimeout(r, 15000));
+        continue;
+      }
       if (!resp.ok || !resp.body) throw new Error("HTTP " + resp.status);
       setLive(true);
       // catch up after a reconnect; the page stays "away" until the fresh status is in

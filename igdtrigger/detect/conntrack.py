@@ -741,6 +741,8 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
 
 _CAP_HINT = "run as root or grant CAP_NET_ADMIN (systemd: AmbientCapabilities=CAP_NET_ADMIN)"
 _MODULE_HINT = "modprobe nf_conntrack_netlink"
+_TRACKING_SHORT = ("conntrack tracks no connection in this network namespace yet, so traffic "
+                   "triggers may not be seen; `igdtrigger doctor` says how to turn it on")
 _TRACKING_HINT = (
     "conntrack only tracks flows in a network namespace when a rule needs it (NAT/masquerade, "
     "an nftables 'ct' rule, iptables -m conntrack/state); a NAT router does this already, and "
@@ -786,6 +788,7 @@ class ConntrackDetector:
         self.rcvbuf = rcvbuf
         self.batch = max(1, batch)
         self.quiet_hint_after = quiet_hint_after
+        self.tracking_managed = False  # the service makes the kernel track flows (nfttrack)
         self.overrun_warn_interval = overrun_warn_interval
         self.rcvbuf_actual = 0  # what the kernel granted (it reports twice the requested size)
         self.enobufs = 0  # recv() failures with ENOBUFS (also counted in ``overruns``)
@@ -1013,7 +1016,10 @@ class ConntrackDetector:
                 "sysctl -w net.netfilter.nf_conntrack_events=2"
             )
         if entries == 0:
-            log.warning("conntrack is tracking no connection right now; %s", _TRACKING_HINT)
+            # the details and the fix: doctor (check_tracking); a service that makes the
+            # kernel track flows itself (nfttrack) says what it did instead
+            log.log(logging.DEBUG if self.tracking_managed else logging.WARNING, "%s",
+                    _TRACKING_SHORT)
 
     @staticmethod
     def _probe_reply(sock: socket.socket, seq: int) -> int | None:

@@ -141,6 +141,7 @@ class HostMap:
         self._own: set[ipaddress.IPv6Address] = set()
         self._v6_mac: dict[ipaddress.IPv6Address, bytes] = {}
         self._mac_v4: dict[bytes, ipaddress.IPv4Address] = {}
+        self._addr_mac: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, bytes] = {}
         self._refreshed = -float("inf")
         self.unresolved = 0  # IPv6 triggers dropped: no IPv4 address known for their host
 
@@ -149,12 +150,25 @@ class HostMap:
         self._own = self._read_own()
         v6_mac: dict[ipaddress.IPv6Address, bytes] = {}
         mac_v4: dict[bytes, ipaddress.IPv4Address] = {}
+        addr_mac: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, bytes] = {}
         for addr, mac in self._read_neighbors():
+            addr_mac[addr] = mac
             if isinstance(addr, ipaddress.IPv6Address):
                 v6_mac[addr] = mac
             elif addr.is_private and not addr.is_loopback:
                 mac_v4.setdefault(mac, addr)
-        self._v6_mac, self._mac_v4 = v6_mac, mac_v4
+        self._v6_mac, self._mac_v4, self._addr_mac = v6_mac, mac_v4, addr_mac
+
+    def origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """The link-layer address the neighbour table binds ``addr`` to (``"aa:bb:..."``), or
+        None. Forged source addresses have no entry (or the forger's own MAC), so the engine
+        bounds detected activations per origin. Re-reads the table at most every
+        ``refresh_every`` seconds, so a flood of unknown sources costs nothing more."""
+        mac = self._addr_mac.get(addr)
+        if mac is None and self.clock() - self._refreshed >= self.refresh_every:
+            self._refresh()
+            mac = self._addr_mac.get(addr)
+        return mac.hex(":") if mac else None
 
     def _lookup(self, addr: ipaddress.IPv6Address) -> str | None:
         if addr in self._own:

@@ -59,30 +59,71 @@ class Matcher:
         return None
 
 
+def _pids(root: str) -> list[str]:
+    try:
+        with os.scandir(root) as entries:
+            return [e.name for e in entries if e.name.isdecimal()]
+    except OSError as exc:
+        raise DetectionUnavailable(f"cannot list processes in {root}: {exc}") from None
+
+
+def _proc_match(matcher: Matcher, root: str, pid: str, comm: str) -> str | None:
+    """The watched name process ``pid`` (whose ``comm`` is known) is, reading its argv[0]
+    only when the 15-byte comm cannot tell. Raises OSError when it is gone."""
+    comm = comm.strip().lower()
+    hit = matcher.match(comm)
+    if hit is None and matcher.needs_cmdline(comm):
+        with open(f"{root}/{pid}/cmdline", "rb") as fh:
+            argv0 = fh.read(4096).split(b"\0", 1)[0].decode("utf-8", "replace")
+        hit = matcher.match(comm, argv0)
+    return hit
+
+
 def scan_proc(matcher: Matcher, root: str = "/proc") -> set[str]:
     """Watched names running now, from procfs (Linux)."""
     found: set[str] = set()
-    try:
-        entries = os.scandir(root)
-    except OSError as exc:
-        raise DetectionUnavailable(f"cannot list processes in {root}: {exc}") from None
-    with entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"{root}/{entry.name}/comm", "rb") as fh:
-                    comm = fh.read().decode("utf-8", "replace").strip().lower()
-                hit = matcher.match(comm)
-                if hit is None and matcher.needs_cmdline(comm):
-                    with open(f"{root}/{entry.name}/cmdline", "rb") as fh:
-                        argv0 = fh.read(4096).split(b"\0", 1)[0].decode("utf-8", "replace")
-                    hit = matcher.match(comm, argv0)
-            except OSError:  # gone meanwhile, or a kernel thread
-                continue
-            if hit is not None:
-                found.add(hit)
+    for pid in _pids(root):
+        try:
+            with open(f"{root}/{pid}/comm", "rb") as fh:
+                hit = _proc_match(matcher, root, pid, fh.read().decode("utf-8", "replace"))
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+        if hit is not None:
+            found.add(hit)
     return found
+
+
+def scan_family(matcher: Matcher, ancestor: int, root: str = "/proc"
+                ) -> tuple[set[str], set[str]]:
+    """(watched names among ``ancestor``'s descendants, watched names anywhere), from procfs
+    (Linux): one pass over ``/proc/<pid>/stat`` for the parent links."""
+    parents: dict[int, int] = {}
+    hits: dict[int, str] = {}
+    for name in _pids(root):
+        try:
+            with open(f"{root}/{name}/stat", "rb") as fh:
+                stat = fh.read(1024)
+            fields = stat[stat.rfind(b")") + 2:].split()
+            if fields[0] in (b"Z", b"X"):  # exited, not yet reaped
+                continue
+            parents[int(name)] = int(fields[1])
+            comm = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode("utf-8", "replace")
+            hit = _proc_match(matcher, root, name, comm)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or unreadable
+            continue
+        if hit is not None:
+            hits[int(name)] = hit
+    ours: set[str] = set()
+    for pid, found in hits.items():
+        seen: set[int] = set()
+        p = parents.get(pid, 0)
+        while p > 1 and p not in seen:
+            if p == ancestor:
+                ours.add(found)
+                break
+            seen.add(p)
+            p = parents.get(p, 0)
+    return ours, set(hits.values())
 
 
 def scan_psutil(matcher: Matcher) -> set[str]:

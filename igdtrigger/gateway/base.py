@@ -45,6 +45,12 @@ class Capability(enum.StrEnum):
     PINHOLES = "pinholes"  # the IGD offers WANIPv6FirewallControl (see gateway.pinhole)
 
 
+SIMULATED_EXTERNAL = "203.0.113.4"
+"""What the built-in simulated router (``serve --simulate``, tests) reports as its external
+address: in TEST-NET-3 (RFC 5737, documentation only, never routed), so the demo never shows a
+real public address, and taken as public so the demo does not warn of double NAT."""
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayInfo:
     """What a backend learned when it connected."""
@@ -62,8 +68,34 @@ class GatewayInfo:
 
     @property
     def external_reachable(self) -> bool:
-        """False when the external address is private/shared/unspecified: double NAT or CGNAT."""
-        return is_public_address(self.external_address)
+        """False when the external address is private/shared/unspecified: double NAT or CGNAT.
+        The simulated router's ``SIMULATED_EXTERNAL`` (a documentation address) stands for a
+        public one."""
+        return counts_as_public(self.external_address)
+
+    @property
+    def external_known(self) -> bool:
+        """The router reports an external address (not empty, not 0.0.0.0)."""
+        return self.external_address.strip() not in ("", "0.0.0.0", "::")
+
+    @property
+    def reachable_or_unknown(self) -> bool | None:
+        """``external_reachable``, or None when the router reports no external address."""
+        return self.external_reachable if self.external_known else None
+
+    def external_warning(self) -> str | None:
+        """What the external address says about reaching our ports (None: public). The one
+        wording for status, the dashboard, ``gateway`` and the backends' logs: an address
+        the router does not report is unknown, not "not public" (a mesh repeater answers
+        empty, Netopia 0.0.0.0; miniupnpd answers empty when its own WAN is private)."""
+        if self.external_reachable:
+            return None
+        if not self.external_known:
+            return ("the router reports no external address (empty or 0.0.0.0): whether ports "
+                    "opened here are reachable from the internet is unknown (miniupnpd reports "
+                    "none when its own WAN address is private: double NAT)")
+        return (f"external address {self.external_address.strip()} is not public: ports opened "
+                "here are not reachable from the internet (double NAT or CGNAT)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +211,11 @@ _NOT_PUBLIC = [
         "240.0.0.0/4",
     )
 ]
+
+
+def counts_as_public(text: str) -> bool:
+    """:func:`is_public_address`, or the simulated router's ``SIMULATED_EXTERNAL``."""
+    return is_public_address(text) or text.strip() == SIMULATED_EXTERNAL
 
 
 def is_public_address(text: str) -> bool:

@@ -510,6 +510,7 @@ class NotifyTracker:
     """
 
     MAX_UUIDS = 16  # one per device of the IGD: root, WANDevice, WANConnectionDevice
+    MAX_LOCATIONS = 4  # URLs our root was announced at (one device, several descriptions)
 
     def __init__(self, gateway_ip: str, location: str | None = None,
                  uuids: Iterable[str] = ()) -> None:
@@ -518,6 +519,18 @@ class NotifyTracker:
         self.uuids: set[str] = {u.strip().lower() for u in uuids if u.strip()}
         self.boot_id = ""
         self.left = False  # a byebye was seen and no alive since
+        # every URL our root was announced at: a root served at two URLs (an IGD:1 and an
+        # IGD:2 description of one device) announces both every round, which is no move
+        self.seen: list[str] = [self.location] if self.location else []
+
+    def follow(self, location: str) -> None:
+        """We now use ``location`` (after a move): remembered, and compared against."""
+        self.location = location
+        self._saw(location)
+
+    def _saw(self, location: str) -> None:
+        if location and location not in self.seen:
+            self.seen = [*self.seen, location][-self.MAX_LOCATIONS:]
 
     def _ours(self, msg: SsdpNotify) -> bool:
         if msg.uuid in self.uuids:
@@ -545,7 +558,7 @@ class NotifyTracker:
         if not self._ours(msg):
             return None  # another IGD root on the router (a second WAN, a second stack)
         change: RouterChange | None = None
-        if self.location and msg.location != self.location:
+        if self.location and msg.location not in (self.location, *self.seen):
             change = RouterChange(RouterChangeKind.MOVED,
                                   f"the router now announces its IGD at {msg.location} "
                                   f"(was {self.location})", msg.location)
@@ -557,7 +570,9 @@ class NotifyTracker:
             change = RouterChange(RouterChangeKind.RESTARTED,
                                   "the router said ssdp:byebye and is back", msg.location)
         self.left = False
-        self.location = msg.location
+        if change is not None or not self.location:
+            self.location = msg.location
+        self._saw(msg.location)
         if msg.boot_id:
             self.boot_id = msg.boot_id
         return change

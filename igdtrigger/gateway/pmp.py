@@ -60,6 +60,7 @@ from ..errors import (
     NoSuchMapping,
     NotAuthorized,
     TableFull,
+    socket_fault,
 )
 from ..errors import MalformedReply as MalformedReply  # re-exported: one class for all
 from ..errors import NetworkFailure as NetworkFailure
@@ -486,8 +487,8 @@ def pcp_error(action: str, result: int, *, third_party: str | None = None,
     if result == 11:
         return MappingConflict(action, result, text,
                                "the external port is taken by another host or program")
-    if result == 8:
-        return TableFull(action, result, text, _PCP_HINTS[8])
+    if result in (8, 10):  # NO_RESOURCES, USER_EX_QUOTA: the same kind as NAT-PMP 4, 728
+        return TableFull(action, result, text, _PCP_HINTS[result])
     return ActionFailed(action, result, text, _PCP_HINTS.get(result, ""))
 
 
@@ -608,9 +609,8 @@ class DatagramClient:
                 family=family,
             )
         except OSError as exc:
-            raise GatewayUnreachable(
-                f"cannot open a UDP socket to {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
+            raise socket_fault(exc, f"cannot open a UDP socket to {self.host}:{self.port}"
+                               ) from None
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.local_address = str(sockname[0]) if sockname else ""
@@ -858,11 +858,9 @@ class _PortMapGateway:
             self._info = info
             if self.listen_announcements and self._announce is None:
                 await self._start_listener(info.local_address)
-            if not info.external_reachable:
-                log.warning(
-                    "%s router's external address is %s: ports opened here are not reachable "
-                    "from the internet (double NAT or carrier-grade NAT)", self.protocol,
-                    info.external_address or "unknown")
+            warning = info.external_warning()
+            if warning is not None:
+                log.warning("%s: %s", self.protocol, warning)
             log.info("using %s at %s (external address %s, we are %s)", self.protocol,
                      info.location, info.external_address or "unknown", info.local_address)
             return info

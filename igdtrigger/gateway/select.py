@@ -134,6 +134,27 @@ class FallbackGateway:
                 await gw.close()
 
 
+def miniupnpc_available() -> bool:
+    """Is the miniupnpc binding importable? (It is optional in practice: a platform without a
+    binary wheel and without a compiler installs igdtrigger without it.)"""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("miniupnpc") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_said_no_miniupnpc = False
+
+
+def _say_no_miniupnpc() -> None:
+    global _said_no_miniupnpc
+    if not _said_no_miniupnpc:
+        _said_no_miniupnpc = True
+        log.info("miniupnpc is not installed: UPnP IGD through igdtrigger's own SOAP client")
+
+
 def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "upnp",
                   discover_timeout: float = 2.0, on_call: OnCall | None = None) -> Gateway:
     """The gateway for ``[gateway] protocol`` and ``backend``.
@@ -146,12 +167,19 @@ def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "up
     from .upnp import MiniupnpcGateway
 
     def upnp() -> Gateway:
-        mini = MiniupnpcGateway(url, discover_timeout=discover_timeout, on_call=on_call)
         soap = SoapGateway(url, discover_timeout=discover_timeout, on_call=on_call)
-        if backend == "miniupnpc":
-            return mini
         if backend == "soap":
             return soap
+        if not miniupnpc_available():
+            if backend == "miniupnpc":
+                raise ConfigError("miniupnpc is not installed here (no binary wheel for this "
+                                  "platform?): pip install miniupnpc (needs a C compiler), or "
+                                  'set backend = "auto" or "soap"', field="gateway.backend")
+            _say_no_miniupnpc()
+            return soap  # the same protocol through our own SOAP client
+        mini = MiniupnpcGateway(url, discover_timeout=discover_timeout, on_call=on_call)
+        if backend == "miniupnpc":
+            return mini
         return FallbackGateway([("upnp-igd/miniupnpc", mini), ("upnp-igd/soap", soap)])
 
     if protocol == "upnp":

@@ -52,7 +52,7 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as DefusedET
 
 from ..model import Proto, RouterMapping
-from .base import is_public_address
+from .base import SIMULATED_EXTERNAL, counts_as_public
 
 __all__ = [
     "CIF_CONTROL_PATH",
@@ -326,6 +326,7 @@ class _Entry:
     remote_host: str
     lease: int  # granted, 0 = permanent
     expires_at: float | None  # None = permanent
+    unseen: int = 0  # late_visible: look-ups still answered 714
 
 
 @dataclass(slots=True)
@@ -511,13 +512,24 @@ class SimulatedRouter:
         forced_lease: every mapping gets this lease whatever is asked (Technicolor,
             miniupnp/miniupnp#398); GetSpecificPortMappingEntry reports it.
         delete_noop: DeletePortMapping answers success and leaves the mapping.
+        lease_cap: the longest lease granted (a longer or a 0 ask gets this one, silently);
+            GetSpecificPortMappingEntry reports it counting down.
+        refresh_conflict: re-adding a mapping the requester already holds answers 718 and does
+            not refresh its lease (lontivero/Open.NAT#14; old Tomato miniupnpd did not refresh,
+            miniupnp/miniupnp#131).
+        deletes_ignored: the first this-many DeletePortMapping of each mapping answer success
+            and leave it (a delete that works only on a later try).
+        description_limit: descriptions are stored cut to this many characters (the table
+            shows the cut text).
+        late_visible: a new mapping is installed a moment after the add is answered: the
+            first this-many GetSpecificPortMappingEntry look-ups of it answer 714.
     """
 
     def __init__(
         self,
         *,
         igd_version: int = 2,
-        external_ip: str = "11.22.33.44",
+        external_ip: str = SIMULATED_EXTERNAL,
         refuse_private_wan: bool = False,
         secure_mode: bool = False,
         allow_low_ports: bool = False,
@@ -586,13 +598,25 @@ class SimulatedRouter:
         self.unreadable = False
         self.forced_lease: int | None = None
         self.delete_noop = False
+        self.lease_cap: int | None = None
+        self.refresh_conflict = False
+        self.deletes_ignored = 0
+        self.description_limit: int | None = None
+        self.late_visible = 0
+        self.reported_client: str | None = None
+        """GetSpecificPortMappingEntry reports this internal client for every entry (a router
+        whose record says another host than the one it maps to)."""
+        self.service_name = "WANIPConnection"
+        """The WAN connection service's type name: "WANPPPConnection" for a PPPoE line (same
+        actions, router-facts §3.3; use with igd_version 1: there is no WANPPPConnection:2)."""
+        self._ignored: collections.Counter[tuple[Proto, int]] = collections.Counter()
         self._hidden: list[_Entry] = []  # unreadable: installed copies the router cannot show
 
     # -- introspection ---------------------------------------------------------------------------
 
     @property
     def service_type(self) -> str:
-        return f"urn:schemas-upnp-org:service:WANIPConnection:{self.igd_version}"
+        return f"urn:schemas-upnp-org:service:{self.service_name}:{self.igd_version}"
 
     @property
     def uptime(self) -> int:
@@ -787,8 +811,13 @@ class SimulatedRouter:
             raise _Refused(714)
         if self.secure_mode and not _same_ip(entry.internal_client, requester):
             raise _Refused(606 if self.igd_version >= 2 else 714)
-        if not self.delete_noop:
-            del self._table[(proto, ext_port)]
+        if self.delete_noop:
+            return {}
+        if self._ignored[(proto, ext_port)] < self.deletes_ignored:
+            self._ignored[(proto, ext_port)] += 1
+            return {}
+        del self._table[(proto, ext_port)]
+        self._ignored.pop((proto, ext_port), None)
         return {}
 
     def _do_DeletePortMappingRange(self, args: Mapping[str, str], requester: str) -> dict[str, str]:
@@ -814,9 +843,12 @@ class SimulatedRouter:
         entry = self._table.get((proto, ext_port))
         if entry is None:
             raise _Refused(714)
+        if entry.unseen > 0:
+            entry.unseen -= 1
+            raise _Refused(714)
         return {
             "NewInternalPort": str(entry.internal_port),
-            "NewInternalClient": entry.internal_client,
+            "NewInternalClient": self.reported_client or entry.internal_client,
             "NewEnabled": "1",
             "NewPortMappingDescription": entry.description,
             "NewLeaseDuration": str(self._remaining(entry, self._clock())),
@@ -929,7 +961,7 @@ class SimulatedRouter:
 
     def _reported_external_ip(self) -> str:
         ip = self.external_ip.strip()
-        if ip == "0.0.0.0" or (self.refuse_private_wan and not is_public_address(ip)):
+        if ip == "0.0.0.0" or (self.refuse_private_wan and not counts_as_public(ip)):
             return ""
         return ip
 
@@ -970,6 +1002,8 @@ class SimulatedRouter:
             raise _Refused(402)
         if self.forced_lease is not None:
             return self.forced_lease
+        if self.lease_cap is not None and (requested == 0 or requested > self.lease_cap):
+            return self.lease_cap
         v2_clamp = self.lease_mode == "normal" and self.igd_version >= 2
         if v2_clamp and (requested == 0 or requested > MAX_LEASE_V2):
             return MAX_LEASE_V2
@@ -982,7 +1016,7 @@ class SimulatedRouter:
         low_ok = self.allow_low_ports
         if int_port == 0 or (not low_ok and (ext_port < 1024 or int_port < 1024)):
             raise _Refused(denied)
-        if self.refuse_private_wan and not is_public_address(self.external_ip):
+        if self.refuse_private_wan and not counts_as_public(self.external_ip):
             raise _Refused(501)
 
     def _store(
@@ -1001,6 +1035,8 @@ class SimulatedRouter:
             existing.internal_client != client or existing.remote_host != remote
         ):
             raise _Refused(718)
+        if existing is not None and self.refresh_conflict:
+            raise _Refused(718)
         if existing is None and len(self._table) + len(self._hidden) >= self.max_mappings:
             raise _Refused(self.full_fault or (728 if self.igd_version >= 2 else 501))
         now = self._clock()
@@ -1010,12 +1046,15 @@ class SimulatedRouter:
             expires_at = now  # accepted, and gone by the next look
         else:
             expires_at = now + lease
+        description = args.get("NewPortMappingDescription", "")
+        if self.description_limit is not None:
+            description = description[: self.description_limit]
         entry = _Entry(
             proto,
             ext_port,
             client,
             int_port,
-            args.get("NewPortMappingDescription", ""),
+            description,
             remote,
             lease,
             expires_at,
@@ -1023,6 +1062,8 @@ class SimulatedRouter:
         if self.unreadable:
             self._hidden.append(entry)  # installed, never reported; a re-add is one more
             return
+        if existing is None:
+            entry.unseen = self.late_visible
         self._table[key] = entry  # an update keeps its place in the generic list
 
     def _range_args(self, args: Mapping[str, str]) -> tuple[int, int, Proto, bool]:
@@ -1071,7 +1112,7 @@ class SimulatedRouter:
             )
 
         ipconn = service(
-            f"WANIPConnection:{v}",
+            f"{self.service_name}:{v}",
             "WANIPConn1",
             IPCONN_SCPD_PATH,
             IPCONN_CONTROL_PATH,
@@ -1087,7 +1128,8 @@ class SimulatedRouter:
         conn_dev = device("WANConnectionDevice", "-2", ipconn, "")
         wan_dev = device("WANDevice", "-1", cif, conn_dev)
         if self.first_wan is not None:  # multi-WAN: another WANDevice listed first
-            first_conn = service(f"WANIPConnection:{v}", "WANIPConn1", IPCONN_SCPD_PATH,
+            first_conn = service(f"{self.first_wan.service_name}:{v}", "WANIPConn1",
+                                 IPCONN_SCPD_PATH,
                                  FIRST_WAN_CONTROL_PATH, IPCONN_EVENT_PATH)
             wan_dev = device("WANDevice", "-3", "", device("WANConnectionDevice", "-4",
                                                            first_conn, "")) + wan_dev

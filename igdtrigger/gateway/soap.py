@@ -22,6 +22,7 @@ from ..errors import (
     GatewayTimeout,
     GatewayUnreachable,
     NoSuchMapping,
+    socket_fault,
 )
 from ..model import MappingSpec, Proto, RouterMapping
 from ..netutil import default_gateway
@@ -107,7 +108,9 @@ async def http_request(url: str, method: str = "GET", *, body: bytes = b"",
     except TimeoutError:
         raise GatewayTimeout(f"router did not answer {method} {url} within {timeout:g}s",
                              action=f"{method} {url}", timeout=timeout) from None
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+    except OSError as exc:
+        raise socket_fault(exc, f"router connection failed for {url}") from None
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
         raise GatewayUnreachable(f"router connection failed for {url}: {exc}") from None
     return HttpReply(status, hdrs, data, local)
 

@@ -74,6 +74,16 @@ class NotifyWatcher:
         self._transport: asyncio.DatagramTransport | None = None
         self._protocol: _NotifyProtocol | None = None
 
+    def follow(self, location: str) -> bool:
+        """The IGD is now used at ``location`` (it moved). On the same router: keep listening,
+        remembering every URL its root was announced at (no move back and forth between two
+        of them), and True; on another host: False (a new watcher is needed)."""
+        if urllib.parse.urlsplit(location).hostname != self.gateway_ip:
+            return False
+        self.location = location
+        self.tracker.follow(location)
+        return True
+
     @property
     def listening(self) -> bool:
         return self._transport is not None

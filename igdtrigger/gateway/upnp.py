@@ -27,7 +27,9 @@ from ..errors import (
     GatewayNotFound,
     GatewayTimeout,
     GatewayUnreachable,
+    LocalResourceError,
     MalformedReply,
+    descriptors_exhausted,
 )
 from ..model import MappingSpec, Proto, RouterMapping
 from .base import (
@@ -118,12 +120,18 @@ def miniupnpc_error(action: str, exc: BaseException, *, lease: int | None = None
         return fault_error(action, UpnpFault(code, text), lease=lease, for_self=for_self,
                            igd_version=igd_version)
     if code in (-3, -101, -5):
+        if descriptors_exhausted():  # miniupnpc does not say why its socket failed
+            return LocalResourceError(
+                f"{action}: this machine is out of file descriptors; the router was not asked")
         return GatewayUnreachable(
             f"router did not answer {action} ({text}); it may have restarted")
     if code == -4:
         return MalformedReply(action, f"miniupnpc could not parse the router's reply ({text})")
     return fault_error(action, UpnpFault(None, text), lease=lease, for_self=for_self,
                        igd_version=igd_version)
+
+
+CLOSE_GRACE = 0.3  # s close() waits for a request still on the worker thread
 
 
 class MiniupnpcGateway(ChosenServiceState):
@@ -150,6 +158,7 @@ class MiniupnpcGateway(ChosenServiceState):
         self.description: IgdDescription | None = None
         self._warned_double_nat = False
         self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
+        self._inflight: concurrent.futures.Future[Any] | None = None  # the worker's last call
 
     @property
     def info(self) -> GatewayInfo | None:
@@ -170,9 +179,11 @@ class MiniupnpcGateway(ChosenServiceState):
                 if self.on_call is not None:
                     self.on_call(action, time.perf_counter() - t0, ok)
 
+        fut = self._pool.submit(run)
+        self._inflight = fut
         try:
             async with asyncio.timeout(self.timeout):
-                return await loop.run_in_executor(self._pool, run)
+                return await asyncio.wrap_future(fut, loop=loop)
         except TimeoutError:
             self._info = None
             raise GatewayTimeout(f"router did not answer {action} within {self.timeout:g}s",
@@ -238,12 +249,10 @@ class MiniupnpcGateway(ChosenServiceState):
         self.description = found.description
         info = found.info(self.protocol, "miniupnpc")
         self._info = info
-        if not info.external_reachable and not self._warned_double_nat:
+        warning = info.external_warning()
+        if warning is not None and not self._warned_double_nat:
             self._warned_double_nat = True
-            log.warning(
-                "router's external address is %s: ports opened here are not reachable from the "
-                "internet (double NAT or carrier-grade NAT)", info.external_address or "unknown"
-            )
+            log.warning("%s", warning)
         log.info(
             "using %s at %s (external address %s, we are %s)",
             info.service_type or "IGD", info.control_url, info.external_address or "unknown",
@@ -351,3 +360,13 @@ class MiniupnpcGateway(ChosenServiceState):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        fut = self._inflight
+        if fut is not None and not fut.done():
+            # a call still on the worker (a stop right after start): let it end for a moment
+            # rather than cut the router off mid-request; never longer than CLOSE_GRACE
+            waiter = asyncio.wrap_future(fut)
+            done, _ = await asyncio.wait({waiter}, timeout=CLOSE_GRACE)
+            if done:
+                waiter.exception()  # retrieved: the caller that wanted it is gone
+            else:
+                waiter.cancel()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -112,3 +112,47 @@ def test_stop_while_the_router_does_not_answer_then_next_start_deletes(
     wait_for(lambda: PORT not in on_router(lab), 60, "the next start to delete the leftover")
     wait_for(lambda: journal_ports(tmp_path / "state") == [], 30, "the journal to forget it")
     assert again.status()["journal"]["orphans_pending"] == 0
+
+
+# --- variants of the same kinds (issue 11: "other routers of the same kinds") ------------------
+
+
+def upnpc_add(lab: Lab, ns: str, ip: str, port: int, description: str) -> None:
+    p = lab.run(ns, ["upnpc", "-u", lab.igd_url, "-e", description, "-a", ip, str(port),
+                     str(port), "UDP", "3600"], timeout=30)
+    assert port in on_router(lab), p.stdout + p.stderr
+
+
+def test_mapping_deleted_behind_our_back_just_before_stop(
+        lab: Lab, tmp_path: Path, started: list[Serve]) -> None:
+    """The router answers the stop's delete with 714 (someone removed it): confirmed gone by a
+    look-up, nothing named left open, nothing kept in the journal, nothing on the router."""
+    s = serve(lab, config(lab, tmp_path), started)
+    activate(s, "small", "1h")
+    lab.run(lab.lan, ["upnpc", "-u", lab.igd_url, "-d", str(PORT), "UDP"], check=True)
+    assert PORT not in on_router(lab)
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(30) == 0
+    assert "igdtrigger" not in upnpc_list(lab)
+    assert journal_ports(tmp_path / "state") == []
+    assert "still open" not in s.log.read_text()
+
+
+def test_start_up_sweep_leaves_another_hosts_entry_with_our_description(
+        make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
+    """Another LAN host holds a mapping under this instance's description (a copied state
+    directory shares the instance tag): the start-up sweep removes our own stale entry and
+    leaves that host's. secure_mode off, so the router itself would let us delete it."""
+    lab = make_lab(lan_hosts=2, secure_mode=False)
+    cfg = config(lab, tmp_path)
+    s = serve(lab, cfg, started)
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(30) == 0
+    tag = (tmp_path / "state" / "instance").read_text().strip()
+    desc = f"igdtrigger small {tag}"
+    upnpc_add(lab, lab.lan_hosts[1], lab.lan_ips[1], 45000, desc)  # the other host's
+    upnpc_add(lab, lab.lan, lab.lan_ip, 45001, desc)  # ours, left by a crash
+    again = serve(lab, cfg, started)
+    wait_for(lambda: 45001 not in on_router(lab), 30, "our stale mapping swept")
+    assert 45000 in on_router(lab)  # never the other host's
+    assert "maps to another host and is not in the journal" in again.log.read_text()

@@ -549,3 +549,60 @@ def test_without_gateway_url_the_router_is_found_by_ssdp(lab: Lab, tmp_path: Pat
     finally:
         assert s.stop() == 0
     assert not ours(lab)
+
+
+@pytest.mark.parametrize("igd_v1", [False, True], ids=["igdv2", "igdv1"])
+def test_home_server_on_a_secure_mode_router_the_pc_maps_its_own_ports(
+        make_lab: Callable[..., Lab], tmp_path: Path, igd_v1: bool) -> None:
+    """issue 15: the service on LAN host 1 (a home server), `igdtrigger run` on LAN host 2.
+    miniupnpd in secure mode refuses host 2's ports to the server; the wrapper says why in one
+    line, maps them from host 2 itself (the server's rule: the same ports), reports back, and
+    the WAN packet reaches host 2 while the game runs. Nothing stays open after it."""
+    lab = make_lab(secure_mode=True, igd_v1=igd_v1, lan_hosts=2)
+    s = Serve(lab, tmp_path, idle="10m")
+    s.config.write_text(s.config.read_text().replace(
+        'listen = "127.0.0.1:8731"', 'listen = "0.0.0.0:8731"\nzeroconf = false'))
+    s.start()
+    pc_config = tmp_path / "pc.toml"  # the PC has no rules of its own: they live on the server
+    pc_config.write_text("")
+    marker = tmp_path / "game-may-exit"
+    game = ("import pathlib, sys, time\n"
+            f"p = pathlib.Path({str(marker)!r})\n"
+            "deadline = time.monotonic() + 60\n"
+            "while not p.exists() and time.monotonic() < deadline: time.sleep(0.05)\n"
+            "sys.exit(5)\n")
+    pc = lab.lan_hosts[1]
+    errlog = tmp_path / "run.err"
+    with errlog.open("wb") as err:
+        wrapper = lab.popen(pc, igdt_argv(
+            "run", "--config", str(pc_config), "--server", f"http://{lab.lan_ip}:8731",
+            "--rule", "game", "--", sys.executable, "-c", game),
+            env={**env(), "IGDTRIGGER_STATE_DIR": str(tmp_path / "pc-state")}, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        other = lab.lan_ips[1]
+        wait_for(lambda: {m[2] for m in ours(lab)} == {other} and len(ours(lab)) == 4, 30,
+                 "host 2 to map its own ports")
+        assert lab.probe("udp", 40000, host=1), f"router has {ours(lab)}"
+        assert lab.probe("tcp", 40005, host=1)
+
+        def reported() -> bool:
+            acts = s.status()["activations"]
+            return any(a["host"] == other and a["state"] == "self" for a in acts)
+
+        wait_for(reported, 30, "the server to show the activation as mapped by the PC itself")
+        act = next(a for a in s.status()["activations"] if a["host"] == other)
+        assert "itself" in act["message"] and act["source"] == "run"
+        text = errlog.read_text()
+        # the reason and the fix, once, then what opened
+        assert text.count("the router only lets a host map ports to itself") == 1, text
+        assert f"open on {lab.router_wan_ip} for this PC while the game runs" in text, text
+        assert "Traceback" not in text
+    finally:
+        marker.touch()
+        rc = wrapper.wait(30)
+    assert rc == 5, errlog.read_text()
+    wait_for(lambda: not ours(lab), 15, "host 2's own mappings to be removed")
+    wait_for(lambda: not s.status()["activations"], 15, "the activation to end on the server")
+    assert "could not end the activation" not in errlog.read_text()
+    assert s.stop() == 0

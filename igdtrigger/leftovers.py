@@ -1,0 +1,138 @@
+"""What a dead ``igdtrigger run`` left: found by its journal, or by its tag on the router.
+
+A wrapper without a service maps the rule's ports itself (tag ``run<pid>`` in the description,
+``igdtrigger <rule> run<pid>``) and journals them, with the same journal as the service, in
+``<state_dir>/run/<pid>-<start>/`` (``<start>``: the process's start time in clock ticks since
+boot, from ``/proc/<pid>/stat``, so a reused pid is not taken for the wrapper). A ``kill -9``
+of the wrapper, on a router that only takes permanent leases, would leave those mappings
+forever; the next ``run`` or ``serve`` on this machine removes them:
+
+- ``dead_runs(state_dir)``: the journal directories of wrappers no longer running;
+- ``take_over(journal, dirs)``: their mappings and pinholes move into the caller's journal (so
+  a crash of the caller in between loses nothing), and the directories go;
+- ``dead_run_tag(description)``: a router entry tagged by a wrapper that is not running (the
+  mapper reclaims such an entry when it is to this host: ours, whatever its journal says).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .journal import Journal
+
+log = logging.getLogger("igdtrigger.leftovers")
+
+RUN_DIR = "run"
+RUN_TAG = "run"
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, field 22 of ``/proc/<pid>/stat``), or
+    None where that cannot be read (no such process, not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _running(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def run_alive(pid: int, start: str) -> bool:
+    """Is the wrapper that wrote ``<pid>-<start>`` still running? (A pid reused since is not.)"""
+    if not _running(pid):
+        return False
+    now = process_start(pid)
+    return now is None or start in ("", "0") or now == start
+
+
+def own_run_dir(state_dir: Path) -> Path:
+    """This process's journal directory under ``state_dir``."""
+    pid = os.getpid()
+    return state_dir / RUN_DIR / f"{pid}-{process_start(pid) or 0}"
+
+
+def dead_runs(state_dir: Path) -> list[Path]:
+    """Journal directories of wrappers that are not running any more."""
+    try:
+        entries = list((state_dir / RUN_DIR).iterdir())
+    except OSError:
+        return []
+    out = []
+    for d in entries:
+        pid, sep, start = d.name.partition("-")
+        if sep and pid.isdecimal() and start.isdecimal() and not run_alive(int(pid), start):
+            out.append(d)
+    return sorted(out)
+
+
+def take_over(journal: Journal, dirs: list[Path]) -> int:
+    """Move the mappings and pinholes journaled in ``dirs`` (dead wrappers') into ``journal``,
+    then remove the directories. Returns how many mappings were taken over; the caller deletes
+    them from the router (they are now its orphans). A directory that cannot be read is left."""
+    from .journal import Journal
+
+    count = 0
+    for d in dirs:
+        old = Journal.open(d)
+        try:
+            maps, holes = old.mappings(), old.pinholes()
+        finally:
+            old.close()
+        if old.degraded and not maps and not holes:
+            continue
+        journal.mappings_requested([m.spec for m in maps])
+        journal.pinholes_requested(holes)
+        if maps or holes:
+            log.info("taking over %d mapping(s) and %d pinhole(s) left by a dead igdtrigger "
+                     "run (%s)", len(maps), len(holes), d.name)
+        count += len(maps)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(d)
+    return count
+
+
+def remove_run_dir(journal: Journal, run_dir: Path) -> None:
+    """Close this wrapper's journal; its directory goes when nothing is left in it."""
+    left = journal.mappings() or journal.pinholes()
+    journal.close()
+    if not left:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(run_dir)
+
+
+def dead_run_tag(description: str) -> bool:
+    """True for ``igdtrigger <rule> run<pid>`` when no igdtrigger runs as ``<pid>`` now."""
+    parts = description.strip().split(" ")
+    if len(parts) != 3 or parts[0] != "igdtrigger" or not parts[2].startswith(RUN_TAG):
+        return False
+    pid = parts[2][len(RUN_TAG):]
+    if not pid.isdecimal():
+        return False
+    if int(pid) == os.getpid():
+        return False
+    if not _running(int(pid)):
+        return True
+    try:  # running: is it still an igdtrigger (and not a process that got the pid since)?
+        return b"igdtrigger" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -1,0 +1,284 @@
+"""Open exactly while needed: every way `serve` stops, what the next start restores, clocks.
+
+- every terminating signal (a closed terminal's SIGHUP included) is the same clean stop;
+- a clean stop ends the activations it held (only a crash restores them);
+- `serve --simulate` keeps its journal apart from the real service's;
+- a restored activation never outlives its ttl, whatever the journal's wall clock says;
+- the instance tag is the same at every start, even when nothing can be written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from igdtrigger.config import parse_config
+from igdtrigger.engine import Source
+from igdtrigger.errors import UsageError
+from igdtrigger.gateway.base import Granted
+from igdtrigger.journal import FILENAME, Journal, JournalActivation
+from igdtrigger.model import MappingSpec, Proto
+from igdtrigger.service import Service, derived_tag
+
+from .fakes import FakeClock, FakeGateway
+from .test_daemon_ops import CONFIG as SERVE_CONFIG
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40002"], "idle_timeout": "10m"}]}
+WALL0 = 1.7e9
+
+
+def service(tmp_path: Path, gw: FakeGateway, clock: FakeClock, wall_skew: float = 0.0,
+            config: dict[str, Any] = CONFIG) -> Service:
+    return Service(parse_config(config), gw, clock=clock,
+                   wall=lambda: clock.now + WALL0 + wall_skew, state_dir=tmp_path)
+
+
+def journal_activations(state: Path) -> list[tuple[str, ...]]:
+    path = state / FILENAME
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        return [tuple(r) for r in db.execute("SELECT id, rule FROM activations")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                                 signal.SIGUSR1],
+                         ids=lambda s: signal.Signals(s).name)
+def test_every_terminating_signal_is_a_clean_stop(tmp_path: Path, sig: int) -> None:
+    """SIGHUP (a closed terminal, a dropped SSH session) used to kill `serve` with every mapping
+    left open; now it, SIGQUIT, SIGINT and SIGTERM all remove the mappings, end the activations
+    and exit 0. The simulated router's journal is apart from the real service's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.toml"
+    config.write_text(SERVE_CONFIG)
+    ready = tmp_path / "ready"
+    state = tmp_path / "state"
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(state), "PYTHONPATH": str(ROOT)}
+    env.pop("JOURNAL_STREAM", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "igdtrigger", "serve", "--config", str(config), "--simulate",
+         "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--for",
+                              "1h", "--server", f"http://127.0.0.1:{port}"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert act.returncode == 0, act.stdout + act.stderr
+        assert journal_activations(state / "simulate")  # journaled while it runs...
+        assert not (state / FILENAME).exists()  # ...apart from the real service's journal
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"{signal.Signals(sig).name} received" in err
+        assert "(1 mapping(s) removed)" in err, err
+        assert journal_activations(state / "simulate") == []  # ended: nothing to restore
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_clean_stop_ends_activations_crash_restores_them(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s1 = service(tmp_path, gw, clock)
+    await s1.start()
+    await s1.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
+    assert await s1.stop() == 3
+    s2 = service(tmp_path, gw, clock)
+    assert s2.restored == 0  # a clean stop: nothing comes back, nothing re-opens
+    await s2.start()
+    await s2._wait_applied(s2.engine.generation, 2)
+    assert gw.ports() == {}
+    await s2.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
+    for t in s2._tasks:  # crash: the tasks just vanish
+        t.cancel()
+    s2.journal.close()
+    s3 = service(tmp_path, gw, clock)
+    assert s3.restored == 1
+    await s3.stop()
+
+
+@pytest.mark.parametrize(("expires_in", "wall_skew", "left"), [
+    (20 * 365 * 86400.0, 0.0, 600.0),  # a row 20 years ahead: capped at the ttl
+    (600.0, -5 * 365 * 86400.0, 600.0),  # the clock is years behind now: not 5 years + 10 min
+    (300.0, 0.0, 300.0),  # an honest row: as journaled
+])
+async def test_restored_activation_never_outlives_its_ttl(tmp_path: Path, expires_in: float,
+                                                          wall_skew: float, left: float) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    now_wall = clock.now + WALL0
+    j = Journal.open(tmp_path)
+    j.activations_put([JournalActivation("a1", "demo", "192.168.1.10", "api", now_wall - 10,
+                                         now_wall + expires_in, 600.0, {})])
+    j.close()
+    s = service(tmp_path, gw, clock, wall_skew=wall_skew)
+    assert s.restored == 1
+    [act] = s.engine.activations.values()
+    assert act.expires - clock() == pytest.approx(left)
+    await s.stop()
+
+
+async def test_journal_row_with_an_absurd_ttl_is_not_restored(tmp_path: Path) -> None:
+    clock = FakeClock()
+    now_wall = clock.now + WALL0
+    j = Journal.open(tmp_path)
+    j.activations_put([
+        JournalActivation("a1", "demo", "192.168.1.10", "api", now_wall, now_wall + 9e9, 9e9, {}),
+        JournalActivation("a2", "demo", "192.168.1.10", "api", now_wall, float("inf"),
+                          float("inf"), {})])
+    j.close()
+    s = service(tmp_path, FakeGateway(clock), clock)
+    assert s.restored == 0
+    await s.stop()
+
+
+def test_instance_tag_is_stable_even_when_nothing_can_be_written(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    unwritable = blocker / "state"  # mkdir fails here, as on a read-only disk
+    clock = FakeClock()
+    tags = {Service(parse_config(CONFIG), FakeGateway(clock), clock=clock,
+                    state_dir=unwritable).tag for _ in range(2)}
+    assert tags == {derived_tag(unwritable)}  # the same after a crash: leftovers recognised
+    writable = tmp_path / "ok"
+    first = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=writable)
+    assert first.tag == derived_tag(writable)
+    assert (writable / "instance").read_text().strip() == first.tag
+    assert derived_tag(writable) != derived_tag(unwritable)  # two services, two tags
+
+
+# --- lifetimes while a long pass runs; a stop whatever is in flight ---------------------------
+
+class SlowGateway(FakeGateway):
+    """Every add takes a second of (fake) time, as on a slow router with a large rule."""
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        self.clock.advance(1.0)
+        await asyncio.sleep(0)
+        return await super().add(spec, lease)
+
+
+class LostAnswerGateway(FakeGateway):
+    """The router makes the mapping but its answer never comes (until the caller gives up)."""
+
+    async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        granted = await super().add(spec, lease)
+        if spec.external_port == 40001:
+            await asyncio.Event().wait()
+        return granted
+
+
+BIG = {"rules": [{"name": "big", "open": ["udp/41000-41199"], "idle_timeout": "10m"}]}
+
+
+async def test_a_pass_stops_adding_when_its_activation_lapses(tmp_path: Path) -> None:
+    """A 200-port rule activated for 10 s on a router taking 1 s per add: the pass stops adding
+    once the activation lapsed (it used to go on for the whole range), and what it added goes."""
+    clock = FakeClock()
+    gw = SlowGateway(clock)
+    s = service(tmp_path, gw, clock, config=BIG)
+    await s.start()
+    await s.activate("big", gw.local_address, ttl=10, source=Source.API, wait=0)
+    for _ in range(200):
+        await asyncio.sleep(0)
+        if not s.engine.activations and not gw.ports():
+            break
+    adds = sum(c.startswith("add ") for c in gw.calls)
+    assert adds <= 12, f"{adds} adds for an activation of 10 s at 1 s per add"
+    assert not s.engine.activations and gw.ports() == {}
+    await s.stop()
+
+
+async def test_stop_deletes_an_add_whose_answer_was_lost(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = LostAnswerGateway(clock)
+    s = service(tmp_path, gw, clock)
+    await s.start()
+    await s.activate("demo", gw.local_address, ttl=3600, source=Source.API, wait=0)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert set(gw.ports()) == {"udp/40000", "udp/40001"}  # 40001's answer hangs
+    async with asyncio.timeout(5):
+        await s.stop()
+    assert gw.ports() == {}  # the in-flight one too: the router had made it
+    assert Journal.open(tmp_path).mappings() == []
+
+
+@pytest.mark.parametrize("ttl", [0.5, 0.001, float("nan"), float("inf"), 8 * 86400.0])
+async def test_activation_ttl_outside_1s_to_7d_is_refused(tmp_path: Path, ttl: float) -> None:
+    clock = FakeClock()
+    s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path)
+    with pytest.raises(UsageError, match="outside 1s-7d"):
+        await s.activate("demo", "192.168.1.10", ttl=ttl, source=Source.API)
+    assert not s.engine.activations
+    await s.stop()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    done = subprocess.Popen(["true"])
+    done.wait()
+    return done.pid
+
+
+async def test_only_the_real_service_takes_over_a_dead_wrappers_journal(tmp_path: Path) -> None:
+    """A killed `igdtrigger run` mapped on the real router: a `serve --simulate` must not take
+    its journal (it would "delete" them on the simulated router and forget them)."""
+    pid = dead_pid()
+    dead = tmp_path / "run" / f"{pid}-1"
+    j = Journal.open(dead)
+    j.mappings_requested([MappingSpec(Proto.UDP, 40000, "192.168.1.10", 40000,
+                                      f"igdtrigger demo run{pid}")])
+    j.close()
+    clock = FakeClock()
+    sim = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path,
+                  journal_dir=tmp_path / "simulate")
+    assert dead.exists() and sim.journal.mappings() == []
+    await sim.stop()
+    real = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path)
+    assert not dead.exists()
+    assert [m.external_port for m in real.journal.mappings()] == [40000]
+    assert list(real.mapper.orphans) == [m.spec.key for m in real.journal.mappings()]
+    await real.stop()
+
+
+async def test_with_nothing_writable_a_crashs_leftovers_are_still_removed(tmp_path: Path) -> None:
+    """No journal, no instance file: the restarted service still knows the crashed one's
+    mappings by their tag (it used to start with a random tag and leave them forever on a
+    router with permanent leases)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    unwritable = blocker / "state"
+    clock = FakeClock()
+    gw = FakeGateway(clock, permanent_only=True)
+    gw.foreign(Proto.UDP, 50000, gw.local_address, "libminiupnpc")  # another program's
+    s1 = Service(parse_config(CONFIG), gw, clock=clock, state_dir=unwritable)
+    await s1.start()
+    await s1.activate("demo", gw.local_address, ttl=60, source=Source.API)
+    assert len(gw.ports()) == 4
+    for t in s1._tasks:  # crash
+        t.cancel()
+    s2 = Service(parse_config(CONFIG), gw, clock=clock, state_dir=unwritable)
+    await s2.start()
+    await s2._wait_applied(s2.engine.generation, 2)
+    assert gw.ports() == {"udp/50000": gw.local_address}
+    await s2.stop()
