@@ -91,6 +91,19 @@ def is_held(s: Serve) -> bool:
     return bool(acts) and acts[0]["expires_in"] is None
 
 
+def held_while_sending(lab: Lab, sender: subprocess.Popen[bytes], what: str) -> None:
+    """``sender`` (a flow of 3x idle_timeout + 2 s): the mappings, for the first LAN host,
+    stay while it sends and close within the bound after it stops."""
+    try:
+        wait_for(lambda: is_open(lab), 15, f"mappings after the first packet of {what}")
+        assert {m[2] for m in ours(lab)} == {lab.lan_ip}
+        held_for(lab, 3 * IDLE, f"{what} kept sending")
+        stopped = finish(sender, 3 * IDLE)
+    finally:
+        end(sender)
+    closes_after(lab, stopped, f"{what} stopped")
+
+
 def test_a_udp_flow_that_gets_replies_still_closes_within_the_timeout(
         make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
     """Replies make the entry assured (nf_conntrack_udp_timeout_stream, 120 s): its lingering
@@ -118,14 +131,7 @@ def test_the_udp_timeout_sysctl_lowered_while_serving(
     lab, _ = serve_with(make_lab, tmp_path, started, "conntrack", RULE_UDP)
     key = "net.netfilter.nf_conntrack_udp_timeout"
     lab.run(lab.lan, ["sysctl", "-w", f"{key}=10"], check=True)
-    sender = udp_sender(lab, 3 * IDLE + 2)
-    try:
-        wait_for(lambda: is_open(lab), 10, "mappings after the first packet")
-        held_for(lab, 3 * IDLE, "the flow kept sending")
-        stopped = finish(sender, 3 * IDLE)
-    finally:
-        end(sender)
-    closes_after(lab, stopped, "the UDP flow stopped")
+    held_while_sending(lab, udp_sender(lab, 3 * IDLE + 2), "the UDP flow")
 
 
 def test_a_half_closed_connection_holds_while_data_still_flows(
@@ -150,18 +156,26 @@ def test_a_half_closed_connection_holds_while_data_still_flows(
     closes_after(lab, stopped, "the half-closed connection was closed")
 
 
+def driven_client(lab: Lab, script: str) -> tuple[subprocess.Popen[bytes],
+                                                   subprocess.Popen[bytes]]:
+    """A TCP server on the WAN host's trigger port and a LAN client ``script`` driven by lines
+    on its stdin, once it printed "connected"."""
+    server = lab.popen(lab.wan, [sys.executable, "-c", TCP_SERVER, "27016"])
+    time.sleep(0.5)
+    client = lab.popen(lab.lan, [sys.executable, "-c", script, lab.wan_ip, "27016"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert client.stdout is not None
+    assert client.stdout.readline().strip() == b"connected"
+    return server, client
+
+
 def test_a_reset_connection_starts_the_timer(
         make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
     lab, s = serve_with(make_lab, tmp_path, started, "conntrack", RULE_TCP)
-    server = lab.popen(lab.wan, [sys.executable, "-c", TCP_SERVER, "27016"])
-    time.sleep(0.5)
-    client = lab.popen(lab.lan, [sys.executable, "-c", RESET_CLIENT, lab.wan_ip, "27016"],
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    server, client = driven_client(lab, RESET_CLIENT)
     try:
         assert client.stdin is not None and client.stdout is not None
-        assert client.stdout.readline().strip() == b"connected"
-        wait_for(lambda: s.status()["activations"][0]["expires_in"] is None, 10,
-                 "the activation held by the connection")
+        wait_for(lambda: is_held(s), 10, "the activation held by the connection")
         held_for(lab, 2 * IDLE, "the connection was open")
         client.stdin.write(b"go\n")
         client.stdin.flush()
@@ -219,15 +233,7 @@ def on_router(make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]
 def test_on_the_router_a_forwarded_flow_holds(
         make_lab: Callable[..., Lab], tmp_path: Path, started: list[Serve]) -> None:
     lab = on_router(make_lab, tmp_path, started)
-    sender = udp_sender(lab, 3 * IDLE + 2)
-    try:
-        wait_for(lambda: is_open(lab), 10, "mappings for the LAN host")
-        assert {m[2] for m in ours(lab)} == {lab.lan_ip}
-        held_for(lab, 3 * IDLE, "the forwarded flow kept sending")
-        stopped = finish(sender, 3 * IDLE)
-    finally:
-        end(sender)
-    closes_after(lab, stopped, "the forwarded UDP flow stopped")
+    held_while_sending(lab, udp_sender(lab, 3 * IDLE + 2), "the forwarded UDP flow")
 
 
 def test_on_the_router_inbound_use_is_the_forwarded_dnat_flow(
@@ -336,16 +342,8 @@ def test_an_ipv6_trigger_flow_holds_the_hosts_ipv4_ports(
     v6 = lab.enable_ipv6()
     s = Serve(lab, lab.lan, config(lab, tmp_path, 'methods = ["conntrack"]', RULE_UDP))
     started.append(s)
-    sender = lab.popen(lab.lan, [sys.executable, "-c", UDP6_SENDER, v6["wan"], "27015",
-                                 str(3 * IDLE + 2)])
-    try:
-        wait_for(lambda: is_open(lab), 10, "mappings after the IPv6 trigger")
-        assert {m[2] for m in ours(lab)} == {lab.lan_ip}
-        held_for(lab, 3 * IDLE, "the IPv6 flow kept sending")
-        stopped = finish(sender, 3 * IDLE)
-    finally:
-        end(sender)
-    closes_after(lab, stopped, "the IPv6 flow stopped")
+    held_while_sending(lab, lab.popen(lab.lan, [sys.executable, "-c", UDP6_SENDER, v6["wan"],
+                                                "27015", str(3 * IDLE + 2)]), "the IPv6 flow")
 
 
 def test_on_the_router_two_hosts_share_a_trigger_port_and_hand_over(
@@ -457,14 +455,9 @@ def test_a_flushed_connection_holds_again_from_its_next_packet(
     timer starts; nothing can vouch for it). Its next packet is picked up mid-stream as a new
     established entry: held again, silent for two timeouts, closed after it closes."""
     lab, s = serve_with(make_lab, tmp_path, started, "conntrack", RULE_TCP)
-    server = lab.popen(lab.wan, [sys.executable, "-c", TCP_SERVER, "27016"])
-    time.sleep(0.5)
-    client = lab.popen(lab.lan, [sys.executable, "-c", POKED_CLIENT, lab.wan_ip, "27016"],
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
+    server, client = driven_client(lab, POKED_CLIENT)
     try:
         assert client.stdin is not None and client.stdout is not None
-        assert client.stdout.readline().strip() == b"connected"
         wait_for(lambda: is_held(s), 10, "the activation held by the connection")
         lab.run(lab.lan, ["conntrack", "-F"], check=True)
         wait_for(lambda: not is_held(s), 10, "the hold lost with the flushed entry")
