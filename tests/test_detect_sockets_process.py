@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -380,3 +381,30 @@ def test_run_wait_process_outlives_the_launcher_stub(tmp_path: Path) -> None:
     assert p.returncode == 3, p.stderr
     assert f"holding the ports while {game.name} runs" in p.stderr
     assert took >= 1.9, f"returned after {took:.1f}s, before the game ended"
+
+
+async def test_the_socket_table_says_it_listed_its_flows_after_its_first_good_look() -> None:
+    """FlowsListed (restored holds are settled on it) follows the first look that read the
+    table, never a failed one."""
+    reads = 0
+
+    def reader() -> list[Conn]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise OSError("transient")
+        return [(Proto.TCP, "192.168.0.10", 50000, "8.8.8.8", 27015)]
+
+    got: list[object] = []
+    det = SocketTableDetector(0.01, reader=reader)
+    task = asyncio.create_task(det.run(got.append))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if reads >= 3:
+            break
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    kinds = [type(o).__name__ for o in got]
+    assert kinds[:3] == ["Flow", "FlowLive", "FlowsListed"], kinds
+    assert kinds.count("FlowsListed") == 1

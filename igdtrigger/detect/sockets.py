@@ -206,11 +206,12 @@ class SocketTableDetector:
 
     async def run(self, sink: FlowSink) -> None:
         failures = 0
-        listed = False
+        listed: bool | None = False  # None: the first good look is read, not yet reported
         while True:
             try:
                 seen = await asyncio.to_thread(self.look)
                 failures = 0
+                listed = None if listed is False else listed
             except Exception as exc:  # a transient read error must not end detection
                 failures += 1
                 if failures >= 10:
@@ -221,7 +222,7 @@ class SocketTableDetector:
                 if isinstance(obs, Flow):
                     self.flows_reported += 1
                 sink(obs)
-            if not listed and self.polls:
-                listed = True  # the first look is reported: every connected socket is known
+            if listed is None:
+                listed = True  # the first good look is reported: every connected socket known
                 sink(FlowsListed(self.name))
             await asyncio.sleep(self.interval)
