@@ -37,7 +37,8 @@ one entry every ``poll_interval`` (``IPCTNL_MSG_CT_GET`` of its original tuple) 
 
 At start one table dump (``NLM_F_DUMP``) reports the flows that began earlier as
 :class:`FlowLive`, their idleness estimated from ``CTA_TIMEOUT`` and the namespace's UDP
-timeouts. The cost per non-matching flow is unchanged (one NEW event, dropped by ``wanted``);
+timeouts (a half-closed TCP connection's from its state's timeout, FIN_WAIT or CLOSE_WAIT).
+The cost per non-matching flow is unchanged (one NEW event, dropped by ``wanted``);
 a followed flow costs one request and one reply per poll. Subscribing to DESTROY events
 instead would double the events read for *every* flow.
 
@@ -159,6 +160,7 @@ CTA_PROTOINFO_TCP_STATE = 1
 IPS_SEEN_REPLY = 0x2
 # enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
 TCP_CONNTRACK_ESTABLISHED = 3
+TCP_CONNTRACK_FIN_WAIT, TCP_CONNTRACK_CLOSE_WAIT = 4, 5
 # LAST_ACK TIME_WAIT CLOSE: closed both ways (FIN_WAIT 4 and CLOSE_WAIT 5 are half-closed: the
 # other direction may still carry data, so the flow is still followed, without holding)
 TCP_CONNTRACK_CLOSED = frozenset({6, 7, 8})
@@ -627,6 +629,7 @@ class _Followed:
 
 _UDP_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
 _UDP_TIMEOUT_STREAM = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream"
+_TCP_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_"
 
 
 def udp_idle(left: int, udp_timeout: int, udp_stream: int) -> float:
@@ -782,6 +785,8 @@ class ConntrackDetector:
         self.kernel_filter = False  # whether the filter is attached
         self.followed: dict[Flow, _Followed] = {}
         self.udp_timeouts = (30, 120)  # the namespace's, read when run() starts
+        # a half-closed TCP entry's timeout by state (FIN_WAIT, CLOSE_WAIT), read likewise
+        self.half_closed_timeouts = {TCP_CONNTRACK_FIN_WAIT: 120, TCP_CONNTRACK_CLOSE_WAIT: 60}
         self.lookups = 0  # GET requests sent for followed flows
         self._seq = 0
         self.dumped = 0  # entries the start-up dump reported
@@ -922,6 +927,9 @@ class ConntrackDetector:
             if e.closed:
                 continue
             idle = first_look_idle(e, *self.udp_timeouts)
+            full = self.half_closed_timeouts.get(e.tcp_state or 0)
+            if full is not None and e.timeout is not None:  # half-closed: still carries data
+                idle = float(max(0, full - e.timeout - 1))
             if e.established or idle is not None:
                 out.append(FlowLive(e.flow, e.established, idle))
         self.dumped += len(out)
@@ -1124,6 +1132,10 @@ class ConntrackDetector:
         assert follows is not None
         self.udp_timeouts = (_read_sysctl(_UDP_TIMEOUT) or 30,
                              _read_sysctl(_UDP_TIMEOUT_STREAM) or 120)
+        for state, name in ((TCP_CONNTRACK_FIN_WAIT, "fin_wait"),
+                            (TCP_CONNTRACK_CLOSE_WAIT, "close_wait")):
+            self.half_closed_timeouts[state] = (_read_sysctl(_TCP_TIMEOUT + name)
+                                                or self.half_closed_timeouts[state])
         req = self._open_requests()
         try:
             try:
