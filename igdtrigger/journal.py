@@ -2,7 +2,9 @@
 
 Every mapping is recorded *before* it is requested from the router, and forgotten only after the
 router confirmed its deletion; so after a crash, ``kill -9`` or power loss the next start knows
-exactly what may still be open. Activations are recorded with their wall-clock expiry so the
+exactly what may still be open. A mapping's PCP nonce is recorded with it: PCP deletes only with
+the nonce that created the mapping (RFC 6887 §15), so the next start can delete a crashed run's
+PCP mappings too. Activations are recorded with their wall-clock expiry so the
 ones still within their time are restored after a restart.
 
 Failures to write (disk full, read-only) never stop the service: the journal turns *degraded*,
@@ -16,19 +18,21 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .model import MappingSpec, PinholeSpec, Proto
+from .model import MappingKey, MappingSpec, PinholeSpec, Proto
 
 log = logging.getLogger("igdtrigger.journal")
 
-FORMAT = 1
+FORMAT = 2  # 2: mappings.nonce and .protocol, secrets (format 1 journals migrated on open)
 FILENAME = "journal.sqlite3"
 
 _SCHEMA = """
@@ -40,7 +44,13 @@ CREATE TABLE IF NOT EXISTS mappings (
     description TEXT NOT NULL,
     state TEXT NOT NULL,          -- 'requested' (maybe on the router) or 'active'
     updated REAL NOT NULL,
+    nonce TEXT NOT NULL DEFAULT '', -- hex: the PCP mapping nonce it is requested with, or ''
+    protocol TEXT NOT NULL DEFAULT '', -- GatewayInfo.protocol it is requested over; '': unknown
     PRIMARY KEY (proto, external_port)
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,        -- e.g. the key PCP mapping nonces are derived with
+    value TEXT NOT NULL           -- hex
 );
 CREATE TABLE IF NOT EXISTS activations (
     id TEXT PRIMARY KEY,
@@ -67,6 +77,29 @@ CREATE TABLE IF NOT EXISTS pinholes (
 """
 
 
+_ADDED = ("nonce", "protocol")  # mappings columns format 2 added
+
+
+def _is_format_2(db: sqlite3.Connection) -> bool:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(mappings)")}
+    return all(c in columns for c in _ADDED)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a format-1 journal to this format (rows kept; their nonce and protocol: '')."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(mappings)")}
+    for column in _ADDED:
+        if column not in columns:
+            db.execute(f"ALTER TABLE mappings ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+
+
+def _unhex(value: object) -> bytes:
+    try:
+        return bytes.fromhex(str(value or ""))
+    except ValueError:
+        return b""
+
+
 class JournalError(ConfigError):
     """The journal cannot be used as it is (corrupt, or written by a newer igdtrigger)."""
 
@@ -79,6 +112,8 @@ class JournalMapping:
     internal_port: int
     description: str
     state: str
+    nonce: bytes = b""  # the PCP mapping nonce it was requested with; b"": none recorded
+    protocol: str = ""  # what it was requested over ("upnp-igd", "nat-pmp", "pcp"); "": unknown
 
     @property
     def spec(self) -> MappingSpec:
@@ -165,6 +200,7 @@ class Journal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            _migrate(db)
             db.execute(f"PRAGMA user_version={FORMAT}")
             db.execute("SELECT count(*) FROM mappings").fetchone()  # touch: corruption shows here
         except BaseException:
@@ -207,16 +243,31 @@ class Journal:
 
     # --- mappings -----------------------------------------------------------------------------
 
-    def mappings_requested(self, specs: list[MappingSpec]) -> None:
-        """Record mappings about to be requested, in one fsync'd transaction."""
+    def mappings_requested(self, specs: list[MappingSpec],
+                           nonces: Mapping[MappingKey, bytes] | None = None,
+                           protocol: str = "") -> None:
+        """Record mappings about to be requested, in one fsync'd transaction. ``nonces``: the
+        PCP mapping nonce each is requested with; ``protocol``: the gateway's protocol
+        (``GatewayInfo.protocol``), which decides how a leftover can be deleted."""
+        nonces = nonces or {}
+        self._put_mappings([(s, nonces.get(s.key, b""), protocol) for s in specs])
+
+    def mappings_copy(self, rows: list[JournalMapping]) -> None:
+        """Record another journal's mappings as they are (nonce and protocol kept): what a dead
+        ``igdtrigger run`` left, taken over (``leftovers.take_over``)."""
+        self._put_mappings([(m.spec, m.nonce, m.protocol) for m in rows])
+
+    def _put_mappings(self, rows: list[tuple[MappingSpec, bytes, str]]) -> None:
         now = time.time()
         self._write(
-            "INSERT INTO mappings VALUES (?,?,?,?,?,'requested',?) ON CONFLICT"
-            "(proto, external_port) DO UPDATE SET internal_client=excluded.internal_client, "
-            "internal_port=excluded.internal_port, description=excluded.description, "
-            "updated=excluded.updated",
+            "INSERT INTO mappings (proto, external_port, internal_client, internal_port, "
+            "description, state, updated, nonce, protocol) VALUES (?,?,?,?,?,'requested',?,?,?) "
+            "ON CONFLICT(proto, external_port) DO UPDATE SET "
+            "internal_client=excluded.internal_client, internal_port=excluded.internal_port, "
+            "description=excluded.description, updated=excluded.updated, nonce=excluded.nonce, "
+            "protocol=excluded.protocol",
             [(s.proto.value, s.external_port, s.internal_client, s.internal_port,
-              s.description, now) for s in specs])
+              s.description, now, nonce.hex(), protocol) for s, nonce, protocol in rows])
 
     def mapping_gone(self, proto: Proto, external_port: int) -> None:
         self.mappings_gone([(proto, external_port)])
@@ -232,16 +283,40 @@ class Journal:
         try:
             rows = self._db.execute(
                 "SELECT proto, external_port, internal_client, internal_port, description, "
-                "state FROM mappings").fetchall()
+                "state, nonce, protocol FROM mappings" if _is_format_2(self._db) else
+                "SELECT proto, external_port, internal_client, internal_port, description, "
+                "state, '', '' FROM mappings").fetchall()  # a format-1 read-only copy
         except sqlite3.Error as exc:
             log.error("cannot read the journal's mappings: %s", exc)
             return []
         out = []
-        for proto, port, client, iport, desc, state in rows:
+        for proto, port, client, iport, desc, state, nonce, protocol in rows:
             if proto in ("TCP", "UDP"):
                 out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
-                                          str(desc), str(state)))
+                                          str(desc), str(state), _unhex(nonce), str(protocol)))
         return out
+
+    # --- secrets --------------------------------------------------------------------------------
+
+    def secret(self, name: str, nbytes: int = 16) -> bytes | None:
+        """A random value kept in the journal (created on first use), e.g. the key PCP mapping
+        nonces are derived with. ``None`` when the journal holds none and cannot store one."""
+        db = self._db
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
+        except sqlite3.Error as exc:  # a journal from before this table (read-only copy)
+            log.debug("no secrets in the journal: %s", exc)
+            return None
+        if row is not None and _unhex(row[0]):
+            return _unhex(row[0])
+        if self._readonly:
+            return None
+        self._write("INSERT OR REPLACE INTO secrets VALUES (?,?)",
+                    [(name, secrets.token_hex(nbytes))])
+        row = db.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()
+        return _unhex(row[0]) if row is not None and _unhex(row[0]) else None
 
     # --- routers: learned traits ----------------------------------------------------------
 

@@ -100,7 +100,7 @@ def take_over(journal: Journal, dirs: list[Path]) -> int:
             old.close()
         if old.degraded and not maps and not holes:
             continue
-        journal.mappings_requested([m.spec for m in maps])
+        journal.mappings_copy(maps)  # their PCP nonces too: needed to delete them
         journal.pinholes_requested(holes)
         if maps or holes:
             log.info("taking over %d mapping(s) and %d pinhole(s) left by a dead igdtrigger "

@@ -17,6 +17,12 @@ router that cannot report its mappings is not re-added to on every check; its de
 repeated until it says the mapping is gone. A delete refused is retried after the others and
 stays in the journal until confirmed; a delete the router answered but did not do is reported
 (``left_open``), never counted as removed.
+
+What a crashed run left is known from the journal only (``adopt_orphans``). NAT-PMP/PCP routers
+cannot list mappings, so the backend adopts each leftover first (``AdoptsLeftovers``: PCP with
+the nonce the journal recorded, derived from the journal's key) and then deletes it like any
+other; one it cannot delete from here (another protocol made it, no nonce recorded, another host
+over NAT-PMP) is named in the log as lapsing by its lifetime, never as removed.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from .errors import (
     NotAuthorized,
     UnsupportedAction,
 )
-from .gateway.base import Capability, Gateway, GatewayInfo, Granted
+from .gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 from .model import MappingKey, MappingSpec, RouterMapping
 from .traits import NO_READBACK, RouterTraits, router_identity
 
@@ -117,6 +123,11 @@ class _Orphan:
     attempts: int = 0
     retry_at: float = 0.0
     app: Applied | None = None  # for the "unmapped" event
+    from_journal: bool = False  # left by an earlier run
+    nonce: bytes = b""  # PCP: the nonce the journal recorded it with
+    protocol: str = ""  # what the journal says it was requested over ("": unknown)
+    adopted: bool | None = None  # the gateway took it up for deleting (NAT-PMP/PCP)
+    told: bool = False  # its end was logged already (_leftover_gone)
 
 
 class MapState(enum.StrEnum):
@@ -217,6 +228,11 @@ class Mapper:
         self.orphans: dict[MappingKey, MappingSpec] = {}
         self._orphan_meta: dict[MappingKey, _Orphan] = {}
         self.journal = journal
+        if journal is not None and isinstance(gateway, AdoptsLeftovers):
+            # PCP nonces derived from a secret the journal keeps: the next run can delete
+            key = journal.secret("pcp-nonce-key")  # what this one leaves after a crash
+            if key:
+                gateway.use_nonce_key(key)
         self.traits = RouterTraits()  # learned per router (journal), see traits.py
         self._recheck_readback = False
         self._warned: set[str] = set()
@@ -291,11 +307,18 @@ class Mapper:
                 app.renew_at = now
 
     def adopt_orphans(self, specs: list[MappingSpec]) -> None:
-        """Mappings an earlier run may have left (from the journal): removed unless wanted."""
+        """Mappings an earlier run may have left (from the journal): removed unless wanted.
+        Their PCP nonce and protocol are looked up in this mapper's journal."""
+        rows = {m.spec.key: m for m in self.journal.mappings()} \
+            if self.journal is not None else {}
         for spec in specs:
             self.orphans.setdefault(spec.key, spec)
+            row = rows.get(spec.key)
             # copies unknown: a router that cannot report them gets the full repeat budget
-            self._orphan_meta.setdefault(spec.key, _Orphan(copies=MAX_DELETE_REPEAT))
+            self._orphan_meta.setdefault(spec.key, _Orphan(
+                copies=MAX_DELETE_REPEAT, from_journal=True,
+                nonce=row.nonce if row is not None else b"",
+                protocol=row.protocol if row is not None else ""))
 
     def _orphan(self, wire: MappingSpec, app: Applied | None = None) -> None:
         self.orphans[wire.key] = wire
@@ -331,21 +354,21 @@ class Mapper:
                 key = spec.key
                 if (key, spec.internal_client) in wanted:
                     gone.append(spec)  # wanted again: the add path adopts or re-creates it
+                    row = self._orphan_meta.get(key)
+                    if row is not None and row.from_journal and row.adopted is None:
+                        self._adopt(spec, row)  # PCP: refreshed with the nonce that made it
                     self._let_go(key)
                     continue
                 meta = self._orphan_meta.setdefault(key, _Orphan())
                 if rnd == 0 and not final and meta.retry_at > now:
                     continue
+                if meta.app is None and meta.adopted is None:
+                    meta.adopted = self._adopt(spec, meta)
                 outcome, deleted = await self._remove(spec, meta.copies,
                                                       confirm=not final)
+                outcome = self._leftover(spec, meta, outcome, deleted, rnd)
                 if outcome is Removal.GONE:
                     asked.append(spec)  # a 714 at stop is confirmed like a success
-                    if not deleted and meta.app is None and not self._reads_back():
-                        # from an earlier run: NAT-PMP/PCP delete only what this run made
-                        # (PCP needs the nonce of the run that made it): nothing was asked
-                        log.warning("%s from an earlier run cannot be deleted over %s; it "
-                                    "lapses on the router at the end of its lifetime", key,
-                                    self._protocol or "NAT-PMP")
                 if outcome in (Removal.REFUSED, Removal.FAILED) and rnd == 0:
                     again.append(spec)  # once more after the others (busy, or order-bound)
                     continue
@@ -384,6 +407,67 @@ class Mapper:
                 break
         return left
 
+    def _adopt(self, spec: MappingSpec, meta: _Orphan) -> bool:
+        """Let a NAT-PMP/PCP backend delete a mapping it did not make in this run (a crashed
+        run's, from the journal, or one whose add got no answer)."""
+        if not isinstance(self.gateway, AdoptsLeftovers):
+            return True
+        info = self.gateway.info
+        if meta.protocol and info is not None and info.protocol in NO_READBACK \
+                and meta.protocol != info.protocol:
+            return False  # miniupnpd: NAT-PMP and PCP delete only their own protocol's rules
+        nonce = meta.nonce
+        if not nonce and not meta.from_journal:  # this run's: requested with this nonce
+            nonce = self.gateway.mapping_nonce(spec)
+        return self.gateway.adopt(spec, nonce)
+
+    def _leftover(self, spec: MappingSpec, meta: _Orphan, outcome: Removal, deleted: bool,
+                  rnd: int) -> Removal:
+        """What a delete of a mapping an earlier run left means (logged); ``outcome`` as
+        ``_remove`` found it, changed only where the router showed it is not ours any more."""
+        if not meta.from_journal:
+            return outcome
+        if deleted and outcome is Removal.GONE:
+            self.stale_removed += 1
+        elif self._reads_back():
+            pass  # UPnP: looked up and confirmed like any other delete
+        elif outcome is Removal.GONE:
+            self._leftover_gone(spec, meta)
+        elif outcome is Removal.REFUSED and rnd == 1 and meta.nonce:
+            return self._leftover_taken(spec)
+        return outcome
+
+    def _leftover_gone(self, spec: MappingSpec, meta: _Orphan) -> None:
+        """A NAT-PMP/PCP mapping not made by this run that the router says it does not hold,
+        or that cannot be deleted from here: said which, never "removed"."""
+        proto = self.gateway.info.protocol if self.gateway.info else "NAT-PMP"
+        meta.told = True
+        if meta.adopted:
+            log.info("%s -> %s:%d (from an earlier run) is not on the router any more (%s "
+                     "has no such mapping)", spec.key, spec.internal_client, spec.internal_port,
+                     proto)
+            return
+        if meta.protocol and meta.protocol != proto:
+            why = f"it was made over {meta.protocol}"
+        elif proto == "pcp":
+            why = "the journal holds no nonce for it (recorded by an older igdtrigger)"
+        else:
+            why = "NAT-PMP deletes only the asking host's own mappings"
+        log.warning("%s -> %s:%d from an earlier run cannot be deleted over %s (%s); it "
+                    "lapses on the router at the end of its lifetime", spec.key,
+                    spec.internal_client, spec.internal_port, proto, why)
+
+    @staticmethod
+    def _leftover_taken(spec: MappingSpec) -> Removal:
+        """A PCP router that refuses, even after the other deletes, to delete a crashed run's
+        mapping with the nonce that made it: its entry for that internal port was made with
+        another nonce since (another program on this host; miniupnpd 2.3.1 replaces a mapping
+        on a MAP with a new nonce). Not ours any more: left alone, not retried forever."""
+        log.warning("%s -> %s:%d from an earlier run: the router refuses its delete with the "
+                    "nonce that made it; another client has mapped that internal port since, "
+                    "so it is left alone", spec.key, spec.internal_client, spec.internal_port)
+        return Removal.NOT_OURS
+
     def _report_unconfirmed(self) -> None:
         """At stop: every mapping not confirmed gone is named, with until when it may stay
         open (the journal keeps it, so the next start deletes it)."""
@@ -399,13 +483,10 @@ class Mapper:
                 remaining = max(0, math.ceil(app.added_at + app.lease - now))
             elif app is not None:
                 remaining = 0
-            if self._reads_back():
-                why = ("was not confirmed deleted (the router did not answer or refused); the "
-                       "journal keeps it and the next start deletes it")
-            else:  # NAT-PMP/PCP: only the client's own record (PCP: its nonce) deletes it
-                why = ("was not confirmed deleted (the router did not answer or refused); "
-                       "NAT-PMP/PCP let only the run that made a mapping delete it, so it "
-                       "stays until its lease on the router ends")
+            # the journal keeps it (PCP: with the nonce that made it), so the next start
+            # deletes it, over whichever protocol made it
+            why = ("was not confirmed deleted (the router did not answer or refused); the "
+                   "journal keeps it and the next start deletes it")
             self._note_left_open(spec, why, remaining)
 
     def _settle(self, spec: MappingSpec, meta: _Orphan, outcome: Removal) -> bool:
@@ -417,8 +498,9 @@ class Mapper:
             if meta.app is not None and outcome is Removal.GONE:
                 meta.app.state = MapState.PENDING
                 self._changed(meta.app, "unmapped")
-            elif outcome is Removal.GONE:
-                log.info("unmapped %s -> %s:%d", key, spec.internal_client, spec.internal_port)
+            elif outcome is Removal.GONE and not meta.told:
+                log.info("unmapped %s -> %s:%d%s", key, spec.internal_client, spec.internal_port,
+                         " (left by an earlier run)" if meta.from_journal else "")
             return True
         if outcome is Removal.DOWN:
             return False
@@ -554,7 +636,11 @@ class Mapper:
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
-            self.journal.mappings_requested(specs)
+            gw = self.gateway
+            nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
+                      and (n := gw.mapping_nonce(s))}
+            self.journal.mappings_requested(specs, nonces,
+                                            gw.info.protocol if gw.info is not None else "")
 
     def next_deadline(self) -> float | None:
         if not self.gateway_up:

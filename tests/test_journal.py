@@ -10,7 +10,7 @@ import pytest
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source, description_for
 from igdtrigger.journal import FILENAME, Journal, JournalError
-from igdtrigger.model import Proto
+from igdtrigger.model import MappingSpec, Proto
 from igdtrigger.service import Service
 
 from .fakes import FakeClock, FakeGateway
@@ -152,3 +152,66 @@ def test_router_traits_round_trip_and_bad_records(tmp_path: Path) -> None:
     assert (odd.keeps_timed, odd.forced_lease, odd.permanent_only) == (None, None, True)
     assert j.router_traits("x") is None
     j.close()
+
+
+FORMAT_1_MAPPINGS = """
+CREATE TABLE mappings (proto TEXT NOT NULL, external_port INTEGER NOT NULL,
+    internal_client TEXT NOT NULL, internal_port INTEGER NOT NULL, description TEXT NOT NULL,
+    state TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (proto, external_port));
+INSERT INTO mappings VALUES ('UDP', 3074, '192.168.1.10', 3074, 'igdtrigger x demo',
+    'requested', 1.7e9);
+PRAGMA user_version=1;
+"""
+
+
+def test_format_1_journal_is_migrated_and_its_mappings_kept(tmp_path: Path) -> None:
+    """A journal of the igdtrigger before PCP nonces were recorded: its leftovers are still
+    read (nonce unknown), new ones carry their nonce, and it is format 2 from then on."""
+    db = sqlite3.connect(tmp_path / FILENAME)
+    db.executescript(FORMAT_1_MAPPINGS)
+    db.close()
+    j = Journal.open(tmp_path)
+    [old] = j.mappings()
+    assert (old.proto, old.external_port, old.nonce, old.protocol) == (Proto.UDP, 3074, b"", "")
+    spec = MappingSpec(Proto.TCP, 3075, "192.168.1.10", 3075, "igdtrigger x demo")
+    j.mappings_requested([spec], {spec.key: b"\x01" * 12}, "pcp")
+    key = j.secret("pcp-nonce-key")
+    assert key is not None and len(key) == 16
+    j.close()
+    again = Journal.open(tmp_path)
+    assert {m.external_port: (m.nonce, m.protocol) for m in again.mappings()} \
+        == {3074: (b"", ""), 3075: (b"\x01" * 12, "pcp")}
+    assert again.secret("pcp-nonce-key") == key  # the same key in every run
+    again.close()
+    assert sqlite3.connect(tmp_path / FILENAME).execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_format_1_journal_in_a_read_only_directory_is_still_read(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    db = sqlite3.connect(tmp_path / FILENAME)
+    db.executescript(FORMAT_1_MAPPINGS)
+    db.close()
+    j = Journal(tmp_path / FILENAME)
+    j._unavailable("read-only file system")  # what open() does when it cannot write
+    assert [(m.external_port, m.nonce) for m in j.mappings()] == [(3074, b"")]
+    assert j.secret("pcp-nonce-key") is None  # none kept, none can be: nonces stay random
+    j.close()
+
+
+def test_a_dead_runs_mappings_are_taken_over_with_their_nonce(tmp_path: Path) -> None:
+    """A killed `igdtrigger run`'s journal (its own PCP key) moves into the service's as it
+    is: without its nonces its PCP mappings could not be deleted."""
+    from igdtrigger.leftovers import take_over
+
+    spec = MappingSpec(Proto.UDP, 3074, "192.168.1.10", 3074, "igdtrigger demo run9")
+    dead = tmp_path / "run" / "9-1"
+    j = Journal.open(dead)
+    j.mappings_requested([spec], {spec.key: b"\x05" * 12}, "pcp")
+    j.close()
+    mine = Journal.open(tmp_path)
+    assert take_over(mine, [dead]) == 1
+    [row] = mine.mappings()
+    assert (row.spec, row.nonce, row.protocol) == (spec, b"\x05" * 12, "pcp")
+    assert not dead.exists()
+    mine.close()

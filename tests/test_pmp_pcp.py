@@ -387,6 +387,9 @@ class FakeRouter(asyncio.DatagramProtocol):
         self.delete_by_internal_port = False  # miniupnp#186: PCP delete looks up the newest
         # entry by internal port only and refuses (NOT_AUTHORIZED) when its nonce differs
         self.nonces: dict[tuple[int, int], bytes] = {}
+        # RFC 6887 §11.3 and miniupnpd's IPv6 firewall mode (pcpserver.c CreatePCPMap_FW): a MAP
+        # for an existing mapping with another nonce is refused (2.3.1's NAT44 replaces it)
+        self.refresh_needs_nonce = False
         self.created: dict[tuple[int, int], int] = {}
         self.refused_deletes = 0
         self._rng = random.Random(7)
@@ -460,6 +463,7 @@ class FakeRouter(asyncio.DatagramProtocol):
         if life == 0:
             self.mappings.pop((proto, iport), None)
             self.created.pop((proto, iport), None)
+            self.nonces.pop((proto, iport), None)
             return pmp_map_reply(op, 0, self.epoch(), iport, 0, 0)
         got, granted = self.grant(proto, iport, eport, life)
         return pmp_map_reply(op, 0, self.epoch(), iport, got, granted)
@@ -491,9 +495,17 @@ class FakeRouter(asyncio.DatagramProtocol):
                             self.refused_deletes += 1
                     if result == 0 and key not in self.mappings:
                         result = 8  # like miniupnpd
+                    if result == 0 and key in self.nonces \
+                            and self.nonces[key] != bytes(data[24:36]):
+                        result = 2  # miniupnpd 2.3.1: "nonce does not match"
+                        self.refused_deletes += 1
                     if result == 0:
                         self.mappings.pop(key, None)
                         self.created.pop(key, None)
+                        self.nonces.pop(key, None)
+                elif self.refresh_needs_nonce and self.nonces.get(
+                        (proto, iport), bytes(data[24:36])) != bytes(data[24:36]):
+                    result = 2
                 else:
                     got, life = self.grant(proto, iport, eport, life)
                     self.nonces[(proto, iport)] = bytes(data[24:36])
@@ -1025,3 +1037,36 @@ def test_late_duplicates_of_the_other_operation_are_not_taken() -> None:
     assert pcp_del(bytes(ok)) is None
     assert PcpGateway._match_map("a", nonce, Proto.UDP, iport, False)(bytes(ok)) is None
     assert PcpGateway._match_map("a", NONCE, Proto.TCP, iport, False)(bytes(ok)) is None
+
+
+async def test_pcp_nonce_from_a_key_is_the_same_in_the_next_run(gateways: Factory,
+                                                               router: FakeRouter) -> None:
+    """With the journal's key, a later run (a new gateway) maps and deletes with the nonce
+    the first one used; without a key nonces are random."""
+    first = gateways(PcpGateway, nonce_key=b"k" * 16)
+    await first.add(spec(40001, Proto.TCP), 30)
+    made = router.nonces[(6, 40001)]
+    assert made == first.mapping_nonce(spec(40001, Proto.TCP)) != first.mapping_nonce(
+        spec(40001, Proto.UDP))
+    await first.close()
+    later = gateways(PcpGateway, nonce_key=b"k" * 16)
+    await later.connect()
+    with pytest.raises(NoSuchMapping):  # not ours in this run, not adopted: nothing asked
+        await later.delete(Proto.TCP, 40001)
+    assert later.adopt(spec(40001, Proto.TCP), later.mapping_nonce(spec(40001, Proto.TCP)))
+    await later.delete(Proto.TCP, 40001)
+    assert (6, 40001) not in router.mappings and router.refused_deletes == 0
+    keyless = gateways(PcpGateway)
+    assert keyless.mapping_nonce(spec(40001, Proto.TCP)) == b""
+    assert not keyless.adopt(spec(40002, Proto.TCP))  # no nonce: PCP cannot delete it
+
+
+async def test_pcp_delete_with_another_nonce_is_refused_like_miniupnpd(
+        gateways: Factory, router: FakeRouter) -> None:
+    await gateways(PcpGateway, nonce_key=b"a" * 16).add(spec(40001, Proto.TCP), 30)
+    other = gateways(PcpGateway, nonce_key=b"b" * 16)
+    await other.connect()
+    assert other.adopt(spec(40001, Proto.TCP), other.mapping_nonce(spec(40001, Proto.TCP)))
+    with pytest.raises(NotAuthorized):
+        await other.delete(Proto.TCP, 40001)
+    assert (6, 40001) in router.mappings

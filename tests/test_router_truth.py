@@ -21,6 +21,7 @@ from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UP
 from igdtrigger.gatewaycmd import _lease_test
 from igdtrigger.journal import Journal
 from igdtrigger.metrics import Metrics
+from igdtrigger.model import MappingKey, MappingSpec, Proto
 from igdtrigger.service import Service
 
 from .fakes import FakeClock
@@ -457,24 +458,197 @@ async def test_router_that_starts_dropping_timed_leases_is_caught_at_the_re_add(
     rig.agrees()
 
 
-async def test_pcp_leftover_of_an_earlier_run_is_not_claimed_deleted(
-        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """PCP deletes need the nonce of the run that made the mapping: after a crash the next
-    start says it cannot delete it (it lapses by its lifetime), never that it did."""
+async def mapped(router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
+                 rule: dict[str, Any], tmp_path: Path, ttl: int) -> tuple[Service, FakeClock]:
+    """A service holding ``rule`` (named "xbox") for ``ttl`` s, and its clock."""
     clock = FakeClock()
-    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
-    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    svc = pmp_service(router, cls, rule, clock, tmp_path)
     await svc.start()
-    await svc.activate("xbox", HOST, ttl=60, source=Source.API)
+    await svc.activate("xbox", HOST, ttl=ttl, source=Source.API)
     await svc._wait_applied(svc.engine.generation, 5)
-    for t in svc._tasks:  # crash: no stop
+    return svc, clock
+
+
+async def crash_and_restart(svc: Service, router: FakeRouter,
+                            cls: type[NatPmpGateway] | type[PcpGateway], rule: dict[str, Any],
+                            clock: FakeClock, tmp_path: Path, after: float) -> Service:
+    """kill -9: no stop, no delete; the next start ``after`` s later."""
+    for t in svc._tasks:
         t.cancel()
     svc.journal.close()
     await svc.gateway.close()  # the process is gone (its socket too)
-    clock.advance(120)  # the activation is over by the next start
-    caplog.set_level(logging.WARNING, "igdtrigger.mapper")
-    again = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    clock.advance(after)
+    again = pmp_service(router, cls, rule, clock, tmp_path)
     await again.start()
     await again._wait_applied(again.engine.generation, 5)
-    assert any("cannot be deleted over pcp" in r.message for r in caplog.records)
+    return again
+
+
+def map_requests(router: FakeRouter, *, deletes: bool) -> list[bytes]:
+    """The PCP MAP (version 2) or NAT-PMP map (version 0) requests the router received."""
+    out = []
+    for _, data in router.requests:
+        pcp = data[0] == 2 and data[1] == 1 and len(data) >= 60
+        pmp = data[0] == 0 and data[1] in (1, 2) and len(data) >= 12
+        life = int.from_bytes(data[4:8] if pcp else data[8:12], "big") if pcp or pmp else -1
+        if (pcp or pmp) and (life == 0) is deletes:
+            out.append(data)
+    return out
+
+
+@pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway])
+async def test_natpmp_pcp_leftover_of_a_crashed_run_is_deleted_at_the_next_start(
+        router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """After kill -9 the next start deletes what the crashed run left: NAT-PMP by internal
+    port, PCP with the nonce that made it (the router, like miniupnpd, refuses any other)."""
+    rule = {"name": "xbox", "open": ["udp/3074", "tcp/3075"], "idle_timeout": "1m"}
+    svc, clock = await mapped(router, cls, rule, tmp_path, ttl=60)
+    made = dict(router.nonces)
+    assert set(router.mappings) == {(17, 3074), (6, 3075)}
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    again = await crash_and_restart(svc, router, cls, rule, clock, tmp_path, 120)
+    assert router.mappings == {}  # the router's own table: nothing of ours left
+    assert router.refused_deletes == 0
+    deletes = set(map_requests(router, deletes=True))  # a retransmission is the same bytes
+    assert len(deletes) == 2
+    if cls is PcpGateway:  # each with the nonce its mapping was made with
+        assert {(d[36], bytes(d[24:36])) for d in deletes} \
+            == {(17, made[(17, 3074)]), (6, made[(6, 3075)])}
+    assert again.journal.mappings() == []
+    assert sum("left by an earlier run" in r.message for r in caplog.records) == 2
+    assert not any("cannot be deleted" in r.message for r in caplog.records)
     await again.stop()
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["miniupnpd-2.3.1", "rfc6887"])
+async def test_pcp_restart_while_still_wanted_keeps_the_crashed_runs_nonce(
+        router: FakeRouter, tmp_path: Path, strict: bool) -> None:
+    """A restored activation refreshes the crashed run's PCP mapping with the same nonce (a
+    server that checks nonces on refresh accepts it), and its stop deletes it."""
+    router.refresh_needs_nonce = strict
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1h"}
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=3600)
+    first = router.nonces[(17, 3074)]
+    again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 5)
+    assert [a["rule"] for a in again.status()["activations"]] == ["xbox"]
+    assert [m["state"] for m in again.status()["mappings"]] == ["active"]
+    assert {bytes(m[24:36]) for m in map_requests(router, deletes=False)} == {first}
+    assert router.mappings and router.nonces[(17, 3074)] == first
+    await again.stop()
+    assert router.mappings == {} and router.refused_deletes == 0
+
+
+async def test_pcp_leftover_without_a_recorded_nonce_is_not_claimed_deleted(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A journal row from an igdtrigger that kept no nonce (format 1): PCP cannot delete it;
+    the next start says so and that it lapses by its lifetime, never that it deleted it."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    router.mappings[(17, 3074)] = (3074, 86400)
+    router.nonces[(17, 3074)] = bytes(range(12))  # made with a random nonce
+    old = Journal.open(tmp_path)
+    old.mappings_requested([MappingSpec(Proto.UDP, 3074, HOST, 3074, "igdtrigger x xbox")])
+    old.close()
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc._wait_applied(svc.engine.generation, 5)
+    assert any("cannot be deleted over pcp" in r.message and "no nonce" in r.message
+               for r in caplog.records)
+    assert not any("left by an earlier run" in r.message for r in caplog.records)
+    assert map_requests(router, deletes=True) == []  # nothing asked that would be refused
+    await svc.stop()
+
+
+async def test_natpmp_leftover_for_another_host_is_not_deleted_over_natpmp(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """NAT-PMP deletes the asking host's mapping of that internal port: a journaled mapping
+    for another host (made over UPnP, say) must not be "deleted" that way."""
+    clock = FakeClock()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    router.mappings[(17, 3074)] = (3074, 86400)  # this host's own (another program's)
+    old = Journal.open(tmp_path)
+    old.mappings_requested([MappingSpec(Proto.UDP, 3074, "192.0.2.7", 3074, "igdtrigger x")])
+    old.close()
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    svc = pmp_service(router, NatPmpGateway, rule, clock, tmp_path)
+    await svc.start()
+    await svc._wait_applied(svc.engine.generation, 5)
+    assert router.mappings == {(17, 3074): (3074, 86400)}
+    assert map_requests(router, deletes=True) == []
+    assert any("cannot be deleted over nat-pmp" in r.message for r in caplog.records)
+    await svc.stop()
+
+
+async def test_pcp_leftover_remapped_by_another_client_is_left_alone(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After the crash another program on this host mapped the same internal port with its own
+    nonce: the router refuses our delete (after the others too); the next start lets it be
+    and forgets it instead of retrying at every start."""
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
+    router.nonces[(17, 3074)] = b"\x07" * 12  # someone else's MAP replaced ours
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
+    assert (17, 3074) in router.mappings  # theirs: not deleted
+    refused = router.refused_deletes
+    assert refused >= 2  # once, and once more after the other deletes (retransmissions count)
+    assert again.journal.mappings() == []
+    assert any("another client has mapped that internal port" in r.message
+               for r in caplog.records)
+    assert not any("left by an earlier run" in r.message for r in caplog.records)
+    await again.stop()
+    assert router.refused_deletes == refused  # not tried again
+
+
+async def test_pcp_leftover_pair_on_a_router_deleting_by_internal_port_is_all_deleted(
+        router: FakeRouter, tmp_path: Path) -> None:
+    """Input 6 after a crash: TCP and UDP of one internal port, a router that refuses the
+    older one's delete until the newer is gone: the next start deletes both."""
+    router.delete_by_internal_port = True
+    rule = {"name": "xbox", "open": ["both/3074"], "idle_timeout": "1m"}
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
+    assert len(router.mappings) == 2
+    again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
+    assert router.mappings == {}
+    assert router.refused_deletes >= 1  # the older one first: deleted after the newer
+    assert again.journal.mappings() == []
+    await again.stop()
+
+
+async def test_pcp_leftover_meets_a_natpmp_start_and_is_not_claimed_deleted(
+        router: FakeRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal says which protocol made a mapping: miniupnpd's NAT-PMP deletes only
+    NAT-PMP's rules (answering success all the same), so a PCP leftover met by a NAT-PMP
+    start is named as not deletable over it, never "unmapped"."""
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
+    svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
+    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    again = await crash_and_restart(svc, router, NatPmpGateway, rule, clock, tmp_path, 120)
+    assert map_requests(router, deletes=True) == []
+    assert any("cannot be deleted over nat-pmp (it was made over pcp)" in r.message
+               for r in caplog.records)
+    assert not any("left by an earlier run" in r.message for r in caplog.records)
+    await again.stop()
+
+
+async def test_pcp_leftover_wanted_again_is_refreshed_with_its_own_nonce(
+        router: FakeRouter, tmp_path: Path) -> None:
+    """A leftover made with another key's nonce (a dead `igdtrigger run`'s, taken over) and
+    wanted again: refreshed with that nonce, which a server checking nonces accepts; the
+    journal keeps it and the stop deletes with it."""
+    router.refresh_needs_nonce = True
+    theirs = bytes(range(100, 112))
+    router.mappings[(17, 3074)] = (3074, 86400)
+    router.nonces[(17, 3074)] = theirs
+    old = Journal.open(tmp_path)
+    old.mappings_requested([MappingSpec(Proto.UDP, 3074, HOST, 3074, "igdtrigger xbox run9")],
+                           {MappingKey(Proto.UDP, 3074): theirs}, "pcp")
+    old.close()
+    rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1h"}
+    svc, _ = await mapped(router, PcpGateway, rule, tmp_path, ttl=3600)
+    assert [m["state"] for m in svc.status()["mappings"]] == ["active"]
+    assert [m.nonce for m in svc.journal.mappings()] == [theirs]
+    await svc.stop()
+    assert router.mappings == {} and router.refused_deletes == 0

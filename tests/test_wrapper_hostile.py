@@ -3,6 +3,8 @@ says nothing false; `--wait-process` follows the command's own descendants first
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,12 +60,16 @@ def test_wait_process_falls_back_to_the_name_with_a_warning(
 def test_a_game_left_behind_by_its_launcher_stub_still_holds_the_ports(
         service: tuple[str, Path], tmp_path: Path) -> None:  # noqa: F811
     url, cfg = service
+    # a name no other process on the machine has (a machine-wide `sleep` would be found by the
+    # name fallback and make the test depend on what else runs)
+    game = tmp_path / f"game{os.getpid()}"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", game)
     stub = tmp_path / "stub.sh"  # starts the "game" in the background and exits at once
-    stub.write_text("#!/bin/sh\nsleep 3 &\nexit 0\n")
+    stub.write_text(f"#!/bin/sh\n{game} 3 &\nexit 0\n")
     stub.chmod(0o755)
     started = time.monotonic()
     p = igdt("run", "--config", str(cfg), "--server", url, "--rule", "demo",
-             "--wait-process", "sleep", "--wait-start", "5", "--", str(stub))
+             "--wait-process", game.name, "--wait-start", "5", "--", str(stub))
     acts: list[Any] = []
     while p.poll() is None and time.monotonic() - started < 2:
         acts = api_get(f"{url}/api/v1/activations")["activations"]
@@ -72,7 +78,7 @@ def test_a_game_left_behind_by_its_launcher_stub_still_holds_the_ports(
     assert p.returncode == 0, err
     assert time.monotonic() - started >= 2.5  # held until sleep exited
     assert [a["rule"] for a in acts] == ["demo"]
-    assert "holding the ports while sleep runs" in err
+    assert f"holding the ports while {game.name} runs" in err
     assert "not as a child" not in err  # found as our descendant (re-parented to us)
 
 

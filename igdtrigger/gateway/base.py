@@ -191,6 +191,26 @@ class Gateway(Protocol):
         ...
 
 
+@runtime_checkable
+class AdoptsLeftovers(Protocol):
+    """A backend whose router cannot list its mappings (NAT-PMP, PCP): what an earlier run of
+    ours left after a crash is deleted by taking it up from the journal first."""
+
+    def use_nonce_key(self, key: bytes) -> None:
+        """Derive PCP mapping nonces from this secret (kept across runs by the journal)."""
+        ...
+
+    def mapping_nonce(self, spec: MappingSpec) -> bytes:
+        """The nonce a new mapping for ``spec`` is requested with (journaled with it); b""
+        when there is none to record."""
+        ...
+
+    def adopt(self, spec: MappingSpec, nonce: bytes = b"") -> bool:
+        """Make ``delete()`` reach a mapping an earlier run left (``nonce`` as journaled).
+        False when this protocol cannot delete it from here."""
+        ...
+
+
 _NOT_PUBLIC = [
     ipaddress.ip_network(n)
     for n in (

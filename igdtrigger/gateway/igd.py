@@ -41,7 +41,7 @@ from ..errors import (
     UnsupportedAction,
 )
 from ..errors import MalformedReply as MalformedReply  # the one class, re-exported here
-from .base import is_public_address
+from .base import counts_as_public
 
 MAX_DESCRIPTION = 256 * 1024
 MAX_SOAP = 256 * 1024
@@ -230,7 +230,7 @@ class ServiceProbe:
         if not self.connected:
             return 3
         ext = self.external_address.strip()
-        if is_public_address(ext):
+        if counts_as_public(ext):
             return 0
         return 1 if ext and ext != "0.0.0.0" else 2
 

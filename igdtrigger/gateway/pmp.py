@@ -22,7 +22,15 @@ Behaviour that differs from UPnP IGD:
 * Neither protocol can list or look up mappings. ``get()`` and ``list()`` report this client's
   own table of the mappings it was granted (until they expire, are deleted, or the router is
   seen to lose its state); they never show mappings made by other hosts or programs.
-  ``delete()`` of a mapping this client does not hold raises ``NoSuchMapping`` without asking.
+  ``delete()`` of a mapping this client does not hold raises ``NoSuchMapping`` without asking,
+  unless it was ``adopt()``-ed: a mapping an earlier run of ours left (after a crash), taken up
+  from the journal so that it can be deleted. NAT-PMP deletes name only the protocol and internal
+  port (from the host that asks, RFC 6886 §3.4; miniupnpd 2.3.1 natpmp.c deletes only rules
+  whose description starts "NAT-PMP", so never a UPnP or PCP mapping). PCP deletes must carry
+  the nonce that created the mapping (RFC 6887 §11.1, §15; miniupnpd 2.3.1 keeps it as the
+  rule's description "PCP MAP <nonce>" and answers NOT_AUTHORIZED to a delete with another one):
+  with a ``nonce_key`` (kept in the journal) the nonce is derived from it and the mapping's
+  protocol, internal client and port, so a later run reproduces it; the journal records it too.
 * NAT-PMP maps ports only to the host that asks. PCP maps for another host with the
   THIRD_PARTY option, which routers refuse unless allowed (miniupnpd ``pcp_allow_thirdparty``).
 * With ``exact_port`` (default) a mapping whose external port the router moved (the port is
@@ -39,6 +47,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -66,7 +76,7 @@ from ..errors import MalformedReply as MalformedReply  # re-exported: one class 
 from ..errors import NetworkFailure as NetworkFailure
 from ..errors import ProtocolUnsupported as ProtocolUnsupported
 from ..model import MappingKey, MappingSpec, Proto, RouterMapping
-from .base import Capability, GatewayInfo, Granted, is_public_address
+from .base import Capability, GatewayInfo, Granted, counts_as_public
 
 log = logging.getLogger("igdtrigger.gateway.pmp")
 T = TypeVar("T")
@@ -839,6 +849,7 @@ class _PortMapGateway:
         self._announce: asyncio.DatagramTransport | None = None
         self._announce_last = -math.inf
         self._announce_gap = 0.0
+        self.nonce_key: bytes | None = None
 
     # -- Gateway protocol ---------------------------------------------------------------------
 
@@ -903,6 +914,33 @@ class _PortMapGateway:
             self._announce.close()
             self._announce = None
         self._info = None
+
+    # -- leftovers of an earlier run (``base.AdoptsLeftovers``) --------------------------------
+
+    def use_nonce_key(self, key: bytes) -> None:
+        """Derive PCP mapping nonces from ``key`` (a secret kept across runs), not at random."""
+        self.nonce_key = bytes(key) or None
+
+    def mapping_nonce(self, spec: MappingSpec) -> bytes:
+        """The nonce a new mapping for ``spec`` is requested with; b"" when the protocol has
+        none (NAT-PMP) or it is random (no ``nonce_key``)."""
+        return b""
+
+    def adopt(self, spec: MappingSpec, nonce: bytes = b"") -> bool:
+        """Take up a mapping an earlier run of ours may have left, so that ``delete()`` (or a
+        refresh) can reach it; it is not reported by ``get()``/``list()``. ``nonce``: what the
+        journal recorded it with (PCP). False when this protocol cannot delete it from here:
+        NAT-PMP for another host than this one, PCP without its nonce."""
+        if self._known(spec.key) is not None:
+            return True  # this run holds it already
+        if not self._adoptable(spec, nonce):
+            return False
+        self._stale[spec.key] = HeldMapping(spec, spec.external_port, "", 0, self.clock(),
+                                            nonce)
+        return True
+
+    def _adoptable(self, spec: MappingSpec, nonce: bytes) -> bool:
+        raise NotImplementedError
 
     # -- shared machinery ---------------------------------------------------------------------
 
@@ -1091,7 +1129,7 @@ class NatPmpGateway(_PortMapGateway):
             raise pmp_error(action, reply.result)
         elif reply.external_ip and reply.external_ip != "0.0.0.0":
             external = reply.external_ip
-        if external and not is_public_address(external):
+        if external and not counts_as_public(external):
             notes += ("external address not public",)
         return GatewayInfo(
             protocol=self.protocol,
@@ -1183,8 +1221,14 @@ class NatPmpGateway(_PortMapGateway):
                 log.debug("%s: asked %ds, granted %ds", action, lifetime, granted)
             return Granted(assigned, granted)
 
+    def _adoptable(self, spec: MappingSpec, nonce: bytes) -> bool:
+        # The router takes a delete for the address that sends it: another host's mapping
+        # (an earlier run on UPnP, say) would be mistaken for this host's own.
+        return self._info is not None and spec.internal_client == self._info.local_address
+
     async def delete(self, proto: Proto, external_port: int) -> None:
-        """Delete a mapping this client made; ``NoSuchMapping`` for any other."""
+        """Delete a mapping this client made or adopted; ``NoSuchMapping`` for any other.
+        The router confirms nothing (it answers success whether or not it held one)."""
         key = MappingKey(proto, external_port)
         action = f"NAT-PMP delete {key}"
         held = self._known(key)
@@ -1207,7 +1251,9 @@ class PcpGateway(_PortMapGateway):
     THIRD_PARTY option. ``probe_address`` asks for the external address with one short NAT-PMP
     request in ``connect`` (PCP has no such request); MAP replies update it too.
     ``prefer_failure`` adds the PREFER_FAILURE option (miniupnpd 2.3.1 ignores it; the
-    ``exact_port`` check works either way).
+    ``exact_port`` check works either way). ``nonce_key``: derive mapping nonces from this
+    secret (``mapping_nonce``) so that a later run can delete what this one left; without it
+    they are random.
     """
 
     protocol = "pcp"
@@ -1220,6 +1266,7 @@ class PcpGateway(_PortMapGateway):
         client_ip: str | None = None,
         probe_address: bool = True,
         prefer_failure: bool = False,
+        nonce_key: bytes | None = None,
         port: int = SERVER_PORT,
         bind_ip: str | None = None,
         initial_timeout: float = 0.25,
@@ -1248,6 +1295,29 @@ class PcpGateway(_PortMapGateway):
         self.client_ip = client_ip
         self.probe_address = probe_address
         self.prefer_failure = prefer_failure
+        self.nonce_key = nonce_key or None
+
+    def mapping_nonce(self, spec: MappingSpec) -> bytes:
+        """The nonce a MAP for ``spec`` is sent with: that of the mapping held or adopted for
+        it, else HMAC-SHA-256 of the protocol, internal client and internal port (what a PCP
+        server names a mapping by) under ``nonce_key``, cut to 12 bytes; b"" without a key."""
+        known = self._known(spec.key)
+        if known is not None and self._same_mapping(known, spec) and known.nonce:
+            return known.nonce
+        if not self.nonce_key:
+            return b""
+        msg = f"igdtrigger PCP MAP|{spec.proto.value}|{spec.internal_client}|" \
+              f"{spec.internal_port}".encode()
+        return hmac.new(self.nonce_key, msg, hashlib.sha256).digest()[:NONCE_LEN]
+
+    def _adoptable(self, spec: MappingSpec, nonce: bytes) -> bool:
+        return len(nonce) == NONCE_LEN  # without the nonce the router refuses the delete
+
+    @staticmethod
+    def _same_mapping(held: HeldMapping, spec: MappingSpec) -> bool:
+        """A PCP server names a mapping by internal client, protocol and internal port."""
+        return held.spec.internal_client == spec.internal_client \
+            and held.spec.internal_port == spec.internal_port
 
     @property
     def _client_ip(self) -> str:
@@ -1275,7 +1345,7 @@ class PcpGateway(_PortMapGateway):
             raise pcp_error(action, reply.result, client_ip=self._client_ip)
         external = await self._probe_external() if self.probe_address else ""
         notes: tuple[str, ...] = ()
-        if external and not is_public_address(external):
+        if external and not counts_as_public(external):
             notes = ("external address not public",)
         return GatewayInfo(
             protocol=self.protocol,
@@ -1369,11 +1439,10 @@ class PcpGateway(_PortMapGateway):
         lifetime = self._lifetime(lease)
         async with self._lock(("pcp", spec.key)):
             known = self._known(spec.key)
-            if known is not None and known.spec.internal_client == spec.internal_client \
-                    and known.spec.internal_port == spec.internal_port:
+            if known is not None and self._same_mapping(known, spec):
                 nonce, ext_ip = known.nonce, known.external_ip  # refresh: same nonce
             else:
-                nonce, ext_ip = secrets.token_bytes(NONCE_LEN), ""
+                nonce, ext_ip = self.mapping_nonce(spec) or secrets.token_bytes(NONCE_LEN), ""
             reply = await self._timed(action, self._send_map(
                 action, spec, nonce, lifetime, external_port=spec.external_port,
                 external_ip=ext_ip))

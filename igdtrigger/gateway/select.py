@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from ..errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
 from ..model import MappingSpec, Proto, RouterMapping
-from .base import Capability, Gateway, GatewayInfo, Granted
+from .base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 
 log = logging.getLogger("igdtrigger.gateway")
 
@@ -127,6 +127,25 @@ class FallbackGateway:
 
     async def list(self) -> list[RouterMapping]:
         return await self._on_current(lambda gw: gw.list())
+
+    # -- base.AdoptsLeftovers, for the candidates that have it ---------------------------------
+
+    def use_nonce_key(self, key: bytes) -> None:
+        for _, gw in self.candidates:
+            if isinstance(gw, AdoptsLeftovers):
+                gw.use_nonce_key(key)
+
+    def mapping_nonce(self, spec: MappingSpec) -> bytes:
+        """The PCP candidate's nonce (which candidate will map it is not known yet)."""
+        for _, gw in self.candidates:
+            if isinstance(gw, AdoptsLeftovers) and (nonce := gw.mapping_nonce(spec)):
+                return nonce
+        return b""
+
+    def adopt(self, spec: MappingSpec, nonce: bytes = b"") -> bool:
+        """The chosen backend's answer; True for UPnP, whose delete reaches any port."""
+        gw = self.current
+        return gw.adopt(spec, nonce) if isinstance(gw, AdoptsLeftovers) else True
 
     async def close(self) -> None:
         for _, gw in self.candidates:

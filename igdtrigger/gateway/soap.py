@@ -31,7 +31,7 @@ from .base import (
     GatewayInfo,
     Granted,
     add_with_lease_fallback,
-    is_public_address,
+    counts_as_public,
     metered,
     unsupported,
 )
@@ -286,7 +286,7 @@ class ChosenService:
             local_address=self.reply.local_address, external_address=ext,
             service_type=self.chosen.service.service_type,
             server=self.reply.headers.get("server", ""),
-            notes=() if is_public_address(ext) else ("external address not public",),
+            notes=() if counts_as_public(ext) else ("external address not public",),
             control_url=self.chosen.service.control_url,
             root_uuid=self.description.root_uuid, backend=backend)
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -512,6 +513,92 @@ def test_pcp_router_restart_is_caught_and_mappings_come_back(make_lab: Callable[
     finally:
         assert s.stop() == 0
     assert not pmp_held(lab)
+
+
+def router_descriptions(lab: Lab) -> set[str]:
+    """The descriptions miniupnpd keeps with its mappings (its lease file: PROTO:eport:
+    iaddr:iport:timestamp:description; written as mappings change)."""
+    try:
+        lines = lab.lease_path.read_text().splitlines()
+    except FileNotFoundError:
+        return set()
+    return {line.split(":", 5)[5] for line in lines if line.count(":") >= 5}
+
+
+def journal_nonces(s: Serve) -> set[str]:
+    """The journal's PCP nonces as miniupnpd writes them: three 32-bit words, each printed
+    with %08x from host (little-endian) order."""
+    db = sqlite3.connect(s.state / "journal.sqlite3")
+    try:
+        raw = [bytes.fromhex(str(n)) for (n,) in db.execute("SELECT nonce FROM mappings")]
+    finally:
+        db.close()
+    return {"".join(n[i:i + 4][::-1].hex() for i in (0, 4, 8)) for n in raw}
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
+def test_kill_9_natpmp_pcp_leftovers_are_deleted_at_the_next_start(
+        make_lab: Callable[..., Lab], tmp_path: Path, protocol: str) -> None:
+    """A crash leaves NAT-PMP/PCP mappings (an hour's lifetime) that nobody can list; the next
+    start deletes them from the journal (PCP with the nonce that made them, which miniupnpd
+    checks) and the WAN can no longer reach the ports."""
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="10m", protocol=protocol).start()
+    try:
+        s.cli("activate", "game", "--for", "2s")
+        wait_for(lambda: len(pmp_held(lab)) == 4, 10, f"mappings over {protocol}")
+        if protocol == "pcp":  # the router's record of each nonce is the journal's
+            assert router_descriptions(lab) == {f"PCP MAP {n}" for n in journal_nonces(s)}
+        assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+        time.sleep(2.5)  # the activation's time runs out while the service is dead
+        assert len(pmp_held(lab)) == 4  # a crash leaves them (their lifetime is an hour)
+        assert all_open(lab)
+        s.start()
+        wait_for(lambda: not pmp_held(lab), 15, "leftovers deleted by the restarted service")
+        assert not router_descriptions(lab)  # the daemon's own record agrees
+        assert none_open(lab)
+        log = s.logtext()
+        assert log.count("(left by an earlier run)") == 4, log
+        assert "cannot be deleted" not in log and "refused" not in log, log
+        assert s.status()["activations"] == []
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            assert s.stop() == 0
+    assert not pmp_held(lab)
+
+
+def test_pcp_leftover_remapped_by_another_program_is_left_alone(make_lab: Callable[..., Lab],
+                                                                tmp_path: Path) -> None:
+    """After the crash another PCP client on the LAN host maps one of the ports with its own
+    nonce (miniupnpd replaces ours): the next start's delete with our nonce is refused by the
+    router (it checks nonces), so that mapping is left alone; the other three are deleted."""
+    lab = make_lab(enable_upnp=False)
+    s = Serve(lab, tmp_path, idle="10m", protocol="pcp").start()
+    try:
+        s.cli("activate", "game", "--for", "2s")
+        wait_for(lambda: len(pmp_held(lab)) == 4, 10, "mappings over PCP")
+        assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+        other = ("import os, socket\n"
+                 "from igdtrigger.gateway.pmp import build_pcp_map\n"
+                 "from igdtrigger.model import Proto\n"
+                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "s.settimeout(3)\n"
+                 f"s.sendto(build_pcp_map(os.urandom(12), Proto.UDP, 40000, 40000, 3600, "
+                 f"{lab.lan_ip!r}), ({lab.router_lan_ip!r}, 5351))\n"
+                 "print(s.recv(1100)[3])\n")
+        p = lab.run(lab.lan, [sys.executable, "-c", other], env=env(), cwd=ROOT, check=True)
+        assert p.stdout.strip() == "0", p.stdout + p.stderr  # SUCCESS: theirs now
+        time.sleep(2.5)
+        s.start()
+        wait_for(lambda: pmp_held(lab) == {("UDP", 40000)}, 15, "our three deleted, theirs not")
+        wait_for(lambda: "another client has mapped that internal port" in s.logtext(), 15,
+                 "the refused delete named")
+        assert s.logtext().count("(left by an earlier run)") == 3
+        assert lab.probe("udp", 40000)  # theirs still works
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            assert s.stop() == 0
+    assert pmp_held(lab) == {("UDP", 40000)}  # not ours: the stop leaves it too
 
 
 @pytest.mark.parametrize("igd_v1", [False, True], ids=["igdv2", "igdv1"])

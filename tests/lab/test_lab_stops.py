@@ -25,6 +25,7 @@ from tests.lab.test_lab_service import (
     igdt_argv,
     none_open,
     ours,
+    pmp_held,
     serve,  # noqa: F401 (a fixture: pytest finds it by its name)
     wait_for,
 )
@@ -235,3 +236,30 @@ def test_gateway_list_says_a_natpmp_router_cannot_list_its_table(
                 cwd=ROOT, timeout=60)
     assert p.returncode == 1
     assert "cannot list its mapping table" in p.stderr, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
+def test_wrapper_kill_9_natpmp_pcp_leftovers_are_removed_by_a_serve_start(
+        make_lab: Callable[..., Lab], tmp_path: Path, protocol: str) -> None:
+    """A router without UPnP: what a killed `igdtrigger run` mapped over NAT-PMP/PCP (its own
+    journal, its own PCP nonces) is deleted by the next `serve`, which takes its journal over."""
+    lab = make_lab(enable_upnp=False)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(config_text(lab, tmp_path / "state", protocol=protocol))
+    p = _run(lab, cfg, "sleep", "120")
+    wait_for(lambda: len(pmp_held(lab)) == 4, 20, "the wrapper to map the rule's ports")
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)  # the game, orphaned
+    if p.stderr is not None:
+        p.stderr.close()
+    time.sleep(0.3)
+    assert len(pmp_held(lab)) == 4  # left by the crash
+    s = Serve(lab, tmp_path, idle="10m", protocol=protocol).start()
+    try:
+        wait_for(lambda: not pmp_held(lab), 15, "serve to delete the dead wrapper's mappings")
+        assert none_open(lab)
+        assert s.logtext().count("(left by an earlier run)") == 4, s.logtext()
+    finally:
+        assert s.stop() == 0
