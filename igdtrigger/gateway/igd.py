@@ -292,7 +292,8 @@ def parse_soap_response(status: int, body: bytes, action: str) -> dict[str, str]
                 desc_el = next((e for e in el.iter() if _local(e.tag) == "errorDescription"),
                                None)
                 code_s = _text(code_el)
-                code = int(code_s) if code_s.lstrip("-").isdecimal() else None
+                digits = code_s[1:] if code_s.startswith("-") else code_s
+                code = int(code_s) if digits.isdecimal() else None
                 return UpnpFault(code, _text(desc_el) or "UPnPError")
             if name == f"{action}Response":
                 return {_local(c.tag): _text(c) for c in el}
