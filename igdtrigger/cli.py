@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -36,6 +37,27 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _within(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a duration (``90``, ``1.5``, ``30m``) within ``lo``-``hi`` seconds;
+    ``inf``, ``nan``, ``-1`` or ``1e309`` are refused with the bounds (a socket timeout of
+    NaN ended the command in a traceback)."""
+
+    def parse(text: str) -> float:
+        value = _duration(text)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is outside {format_duration(lo) if lo >= 1 else f'{lo:g}s'}"
+                f"-{format_duration(hi)}")
+        return value
+
+    parse.__name__ = "duration"  # argparse names the type in its message
+    return parse
+
+
+_CLIENT_TIMEOUT = _within(0.1, 3600.0)
+_TTL = _within(1.0, 7 * 86400.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="igdtrigger", description="Router-grade port triggering: timed port "
                 "mappings on your router (UPnP IGD, NAT-PMP, PCP) while a game needs them.",
@@ -54,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "listen, a service on this host, zeroconf, http://127.0.0.1:8731)")
             sp.add_argument("--token", help="admin token (default: $IGDTRIGGER_TOKEN or the "
                             "service's token file when readable)")
-            sp.add_argument("--timeout", type=_duration, metavar="DURATION",
+            sp.add_argument("--timeout", type=_CLIENT_TIMEOUT, metavar="DURATION",
                             help="give up on the service after this long (default 10s)")
 
     s = sub.add_parser(
@@ -83,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--infer", choices=["steam", "lutris", "heroic"],
                        help="name the rule from the launcher's environment (SteamAppId, "
                        "GAME_NAME, HEROIC_APP_NAME) via [launchers] or a rule of that name")
-    r.add_argument("--ttl", type=_duration, default=30.0,
+    r.add_argument("--ttl", type=_TTL, default=30.0,
                    help="heartbeat ttl: ports lapse this long after a killed wrapper (30s)")
     r.add_argument("--wait-process", action="append", default=[], metavar="NAME",
                    help="after COMMAND exits, keep the ports while a process NAME runs (a "
                    "launcher stub that starts the game and exits); repeatable")
-    r.add_argument("--wait-start", type=_duration, default=60.0, metavar="DURATION",
+    r.add_argument("--wait-start", type=_within(0.0, 86400.0), default=60.0,
+                   metavar="DURATION",
                    help="how long that process may take to appear (60s)")
     r.add_argument("--quiet", "-q", action="store_true",
                    help="do not say which ports opened (warnings still go to stderr)")
@@ -100,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--open", action="append", metavar="PROTO/PORT[-PORT]",
                    help="ad-hoc ports instead of a rule (the service must set [api] "
                    "allow_adhoc); repeatable")
-    a.add_argument("--for", dest="ttl", type=_duration, metavar="DURATION",
+    a.add_argument("--for", dest="ttl", type=_TTL, metavar="DURATION",
                    help="how long (e.g. 30m, 2h; default: the rule's idle_timeout)")
     a.add_argument("--host", help="LAN host to open the ports for (admin token; default: this "
                    "host)")
@@ -121,14 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--simulate", action="store_true",
                    help="probe the built-in simulated router (as serve --simulate)")
     g.add_argument("--json", action="store_true")
-    g.add_argument("--timeout", type=_duration, default=3.0, help="per-protocol probe bound")
+    g.add_argument("--timeout", type=_within(0.1, 600.0), default=3.0,
+                   help="per-protocol probe bound")
     g.add_argument("--test", action="store_true",
                    help="map one random high port to this host for a moment to test leases")
     g.add_argument("--list", action="store_true",
-                   help="list the router's whole mapping table, igdtrigger's entries marked")
+                   help="list the router's whole mapping table, igdtrigger's entries marked, "
+                   "and the IPv6 pinholes journaled on this machine (routers cannot list those)")
     g.add_argument("--clean", action="store_true",
                    help="remove igdtrigger's leftover mappings that no running igdtrigger "
-                   "holds (a lost state directory, a killed run); never another program's")
+                   "holds (a lost state directory, a killed run), and close the IPv6 pinholes "
+                   "this machine's journals hold for nothing running; never another program's")
     g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
     hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
                         "else 1 (Docker HEALTHCHECK)")
@@ -137,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "[api] listen on this host)")
     hc.add_argument("--ready", action="store_true",
                     help="also require the router to answer (/readyz)")
-    hc.add_argument("--timeout", type=_duration, default=3.0, metavar="DURATION")
+    hc.add_argument("--timeout", type=_CLIENT_TIMEOUT, default=3.0, metavar="DURATION")
 
     cc = sub.add_parser("check-config", help="validate a config file (no network) and say "
                         "what it sets up")

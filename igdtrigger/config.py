@@ -210,7 +210,10 @@ _STATE_FIX = "set IGDTRIGGER_STATE_DIR (service.state_dir) to a directory this u
 def check_state_dir(path: Path) -> None:
     """Raise ``ConfigError`` (naming the directory, its owner and mode, and who we are) when
     ``serve`` could not keep its state in ``path``: it exists but this process may not enter
-    and write it (a container's ``/config`` volume owned by another uid, say)."""
+    and read it (a container's ``/config`` volume owned by another uid, say). A directory that
+    can be read but not written (a read-only volume, a disk remounted read-only after errors)
+    is not refused: the journal is read from a private copy and the service serves from memory,
+    saying why."""
     for probe in (path, *path.parents):
         try:
             exists = probe.exists()
@@ -218,7 +221,7 @@ def check_state_dir(path: Path) -> None:
             raise ConfigError(f"cannot use the state directory: {exc.strerror}"
                               f"{_access_hint(path / 'x', _STATE_FIX)}", source=str(path)) from None
         if exists:
-            if not os.access(probe, os.W_OK | os.X_OK) and probe == path:
+            if not os.access(probe, os.R_OK | os.X_OK) and probe == path:
                 raise ConfigError("cannot use the state directory: permission denied"
                                   f"{_access_hint(path / 'x', _STATE_FIX)}", source=str(path))
             return

@@ -622,6 +622,7 @@ class Engine:
                 rule = adhoc_rule(rule_name[len(ADHOC_PREFIX):], ports, ttl)
         try:
             src = Source(source)
+            ipaddress.ip_address(host)  # a row that is not what we wrote maps nowhere
         except ValueError:
             return None
         if rule is None or remaining <= 0 or act_id in self.activations or not rule.allows(host):

@@ -4,7 +4,10 @@ Read-only by default: nothing is mapped. ``--test`` maps one random high port to
 a minute (with a lease, then deleted) to learn how the router treats leases. ``--list`` shows
 the router's whole table, igdtrigger's entries marked with whose they are; ``--clean`` removes
 igdtrigger's leftovers that nothing running holds (never another program's mapping), what users
-did by hand with ``upnpc -l`` / ``upnpc -d``.
+did by hand with ``upnpc -l`` / ``upnpc -d``. IPv6 pinholes cannot be listed (the router's
+WANIPv6FirewallControl has no action that enumerates them), so ``--list`` shows those the
+journals on this machine hold (the service's and every ``igdtrigger run``'s), and ``--clean``
+closes the ones nothing running holds.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ import random
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pinholes import PinholeClient
 
 from .config import Config
 from .errors import GatewayError, MappingConflict, NoSuchMapping
 from .gateway.base import Gateway, GatewayInfo
-from .model import MappingSpec, Proto, RouterMapping
+from .model import MappingSpec, PinholeSpec, Proto, RouterMapping
 from .netutil import default_gateway
 from .traits import NO_READBACK
 
@@ -352,10 +359,85 @@ def classify(m: RouterMapping, *, local: str, my_tag: str, live: bool,
     return TableEntry(m, f"igdtrigger {tag} on {m.internal_client}")
 
 
-async def router_table(config: Config, *, clean: bool, dry_run: bool,
-                       timeout: float) -> tuple[GatewayInfo, list[TableEntry]]:
+@dataclass
+class PinholeEntry:
+    """An IPv6 pinhole a journal on this machine holds (``journal``: its directory)."""
+
+    spec: PinholeSpec
+    owner: str
+    journal: Path
+    leftover: bool = False
+    removed: bool = False
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"address": self.spec.address, "proto": self.spec.proto.value,
+                               "port": self.spec.port, "owner": self.owner,
+                               "leftover": self.leftover}
+        if self.removed:
+            out["removed"] = True
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def journaled_pinholes(state: Path, *, service_live: bool, tag: str) -> list[PinholeEntry]:
+    """The pinholes the journals under ``state`` hold: the service's (a leftover unless it
+    runs) and each ``igdtrigger run``'s (a leftover once that wrapper is dead). Nothing is
+    created where there is no journal."""
+    from .journal import FILENAME, Journal
+    from .leftovers import RUN_DIR, run_alive
+
+    sources: list[tuple[Path, str, bool]] = [
+        (state, f"igdtrigger service {tag} ({'running' if service_live else 'not running'})",
+         not service_live)]
+    with contextlib.suppress(OSError):
+        for d in sorted((state / RUN_DIR).iterdir()):
+            pid, sep, start = d.name.partition("-")
+            if sep and pid.isdecimal() and start.isdecimal():
+                alive = run_alive(int(pid), start)
+                sources.append((d, f"igdtrigger run, pid {pid} "
+                                   f"({'running' if alive else 'not running'})", not alive))
+    out: list[PinholeEntry] = []
+    for d, owner, leftover in sources:
+        if not (d / FILENAME).exists():
+            continue
+        j = Journal.open(d)
+        try:
+            out.extend(PinholeEntry(h, owner, d, leftover) for h in sorted(j.pinholes()))
+        finally:
+            j.close()
+    return out
+
+
+async def close_pinholes(entries: list[PinholeEntry], client: PinholeClient) -> None:
+    """Close the leftover ones (the way a start closes a crash's: ``PinholeKeeper``), and
+    forget them in their journal; each not closed says why."""
+    from .journal import Journal
+    from .pinholes import PinholeKeeper
+
+    for d in sorted({e.journal for e in entries if e.leftover}):
+        mine = [e for e in entries if e.leftover and e.journal == d]
+        j = Journal.open(d)
+        try:
+            keeper = PinholeKeeper(client, clock=time.monotonic, lease=1, journal=j)
+            keeper.stale = {e.spec for e in mine}
+            await keeper.remove_all()
+        finally:
+            j.close()
+        for e in mine:
+            e.removed = e.spec not in keeper.stale
+            if not e.removed:
+                e.error = (keeper.reason or "the router's IPv6 side did not close it; its "
+                           "lease ends it")
+
+
+async def router_table(config: Config, *, clean: bool, dry_run: bool, timeout: float,
+                       ) -> tuple[GatewayInfo, list[TableEntry], list[PinholeEntry]]:
     """List the router's table, classify each entry, and with ``clean`` delete the leftovers
-    (``dry_run``: only say which). Raises ``GatewayError`` when the router does not answer."""
+    (``dry_run``: only say which); the same for the IPv6 pinholes this machine's journals
+    hold. Raises ``GatewayError`` when the router does not answer."""
+    from .config import default_state_dir
     from .errors import NoSuchMapping
     from .gateway.select import build_gateway
 
@@ -389,12 +471,19 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool,
                     e.removed = True  # gone meanwhile
                 except GatewayError as exc:
                     e.error = str(exc)
+        holes = journaled_pinholes(config.state_dir or default_state_dir(), service_live=live,
+                                   tag=my_tag)
+        if clean and not dry_run and any(h.leftover for h in holes):
+            from .gateway.pinhole import FirewallClient
+
+            location = info.location
+            await close_pinholes(holes, FirewallClient(lambda: location))
     except TimeoutError:
         raise GatewayError("the router did not answer within "
                            f"{timeout + gw_cfg.discover_timeout:g}s") from None
     finally:
         await gw.close()
-    return info, entries
+    return info, entries, holes
 
 
 def table_report(info: GatewayInfo, entries: list[TableEntry], *, clean: bool,
@@ -435,12 +524,33 @@ def table_main(config: Config, *, as_json: bool, clean: bool, dry_run: bool,
                timeout: float) -> int:
     """``igdtrigger gateway --list`` / ``--clean [--dry-run]``. Exit 0, or 1 when the router
     does not answer or a leftover could not be removed."""
-    info, entries = asyncio.run(router_table(config, clean=clean, dry_run=dry_run,
-                                             timeout=timeout))
+    info, entries, holes = asyncio.run(router_table(config, clean=clean, dry_run=dry_run,
+                                                    timeout=timeout))
     if as_json:
         print(json.dumps({"location": info.location, "protocol": info.protocol,
                           "local_address": info.local_address,
-                          "mappings": [e.to_json() for e in entries]}, indent=2))
+                          "mappings": [e.to_json() for e in entries],
+                          "pinholes": [h.to_json() for h in holes]}, indent=2))
     else:
         print(table_report(info, entries, clean=clean, dry_run=dry_run))
-    return 1 if any(e.error for e in entries) else 0
+        if holes:
+            print(pinhole_report(holes, clean=clean, dry_run=dry_run))
+    return 1 if any(e.error for e in entries) or any(h.error for h in holes) else 0
+
+
+def pinhole_report(holes: list[PinholeEntry], *, clean: bool, dry_run: bool) -> str:
+    lines = [f"{len(holes)} IPv6 pinhole(s) journaled on this machine (the router cannot list "
+             "its pinholes):"]
+    for h in holes:
+        note = (" -> closed" if h.removed else f" -> not closed: {h.error}" if h.error
+                else " -> leftover" if h.leftover else "")
+        lines.append(f"{'x ' if h.removed else '* '}{h.spec.proto.value:5} {h.spec.port:>5}  "
+                     f"[{h.spec.address}]  {h.owner}{note}")
+    left = sum(1 for h in holes if h.leftover)
+    if clean and dry_run:
+        lines.append(f"would close {left} leftover pinhole(s)")
+    elif clean:
+        lines.append(f"closed {sum(1 for h in holes if h.removed)} leftover pinhole(s)")
+    elif left:
+        lines.append(f"{left} leftover pinhole(s): igdtrigger gateway --clean closes them")
+    return "\n".join(lines)

@@ -4,8 +4,11 @@ Every mapping is recorded *before* it is requested from the router, and forgotte
 router confirmed its deletion; so after a crash, ``kill -9`` or power loss the next start knows
 exactly what may still be open. A mapping's PCP nonce is recorded with it: PCP deletes only with
 the nonce that created the mapping (RFC 6887 §15), so the next start can delete a crashed run's
-PCP mappings too. Activations are recorded with their wall-clock expiry so the
-ones still within their time are restored after a restart.
+PCP mappings too. Activations are recorded with their expiry on two clocks: the boot clock
+(``CLOCK_BOOTTIME`` with the kernel's boot id, ``boot_clock()``), which no wall-clock jump
+moves, so a restart within the same boot restores exactly what was left whatever the wall clock
+did while the service was down; and the wall clock, used only after a reboot (then a restored
+activation is capped at its TTL, so a wall clock that was wrong errs short).
 
 Failures to write (disk full, read-only) never stop the service: the journal turns *degraded*,
 says so once in the log and in status, and the service keeps working from memory.
@@ -17,6 +20,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -32,7 +36,10 @@ from .model import MappingKey, MappingSpec, PinholeSpec, Proto
 
 log = logging.getLogger("igdtrigger.journal")
 
-FORMAT = 2  # 2: mappings.nonce and .protocol, secrets (format 1 journals migrated on open)
+# 2: mappings.nonce and .protocol, secrets; 3: activations.boot_id and .expires_boot (the boot
+# clock). Older journals are brought up to this format when opened; an igdtrigger that reads
+# only an older format refuses this one with a clear error (it would fail on the new columns).
+FORMAT = 3
 FILENAME = "journal.sqlite3"
 
 _SCHEMA = """
@@ -60,7 +67,9 @@ CREATE TABLE IF NOT EXISTS activations (
     created_wall REAL NOT NULL,
     expires_wall REAL NOT NULL,
     ttl REAL NOT NULL,
-    meta TEXT NOT NULL DEFAULT '{}'
+    meta TEXT NOT NULL DEFAULT '{}',
+    boot_id TEXT NOT NULL DEFAULT '',   -- the kernel's boot id when written
+    expires_boot REAL NOT NULL DEFAULT 0  -- CLOCK_BOOTTIME seconds of that boot
 );
 CREATE TABLE IF NOT EXISTS routers (
     identity TEXT PRIMARY KEY,    -- traits.router_identity(): protocol@host
@@ -86,11 +95,17 @@ def _is_format_2(db: sqlite3.Connection) -> bool:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    """Bring a format-1 journal to this format (rows kept; their nonce and protocol: '')."""
+    """Bring an older journal to this format (rows kept; their nonce and protocol: '', their
+    boot clock: none, so they restore by the wall clock)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(mappings)")}
     for column in _ADDED:
         if column not in columns:
             db.execute(f"ALTER TABLE mappings ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+    have = {r[1] for r in db.execute("PRAGMA table_info(activations)")}
+    for column, decl in (("boot_id", "TEXT NOT NULL DEFAULT ''"),
+                         ("expires_boot", "REAL NOT NULL DEFAULT 0")):
+        if column not in have:
+            db.execute(f"ALTER TABLE activations ADD COLUMN {column} {decl}")
 
 
 def _unhex(value: object) -> bytes:
@@ -131,6 +146,43 @@ class JournalActivation:
     expires_wall: float
     ttl: float
     meta: dict[str, str]
+    boot_id: str = ""  # boot_clock() when written ("" for rows of an older igdtrigger)
+    expires_boot: float = math.nan
+
+
+def boot_clock() -> tuple[str, float]:
+    """(the kernel's boot id, seconds on ``CLOCK_BOOTTIME``): a clock that no wall-clock change
+    moves and that counts suspend, valid for as long as the boot id is the same. ("", nan)
+    where there is none (not Linux)."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return boot_id, time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, AttributeError):
+        return "", math.nan
+
+
+def no_boot_clock() -> tuple[str, float]:
+    """No boot clock: restore goes by the wall clock alone."""
+    return "", math.nan
+
+
+def _port(value: object) -> bool:
+    return isinstance(value, int) and 1 <= value <= 65535
+
+
+def _ipv4(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _real(value: object) -> float:
+    """A journal column as a float; nan for anything else (text, NULL, a blob)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    return math.nan
 
 
 class Journal:
@@ -140,6 +192,7 @@ class Journal:
         self._db: sqlite3.Connection | None = None
         self._readonly = False  # read from a copy, never written: the directory is read-only
         self._copy: tempfile.TemporaryDirectory[str] | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     @classmethod
     def open(cls, state_dir: Path) -> Journal:
@@ -208,7 +261,23 @@ class Journal:
             raise
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
         self._db = db
+
+    def deleted(self) -> bool:
+        """The journal file this one writes is no longer at its path (the state directory was
+        removed or replaced while running): what is written goes to an unlinked file that no
+        next start would read. The caller opens a new one and writes again what it holds."""
+        if self._db is None or self._readonly or self._identity is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) != self._identity
 
     def _set_aside(self, why: str) -> None:
         aside = self.path.with_name(f"{self.path.name}.{why.split()[0]}-{int(time.time())}")
@@ -291,9 +360,15 @@ class Journal:
             return []
         out = []
         for proto, port, client, iport, desc, state, nonce, protocol in rows:
-            if proto in ("TCP", "UDP"):
-                out.append(JournalMapping(Proto(proto), int(port), str(client), int(iport),
-                                          str(desc), str(state), _unhex(nonce), str(protocol)))
+            # a row that is not what this code writes (text, a blob, a port out of range, a
+            # client that is no address) is skipped: never a delete sent for it
+            if (proto in ("TCP", "UDP") and _port(port) and _port(iport)
+                    and isinstance(client, str) and isinstance(desc, str) and _ipv4(client)):
+                out.append(JournalMapping(Proto(proto), int(port), client, int(iport), desc,
+                                          str(state), _unhex(nonce), str(protocol)))
+            else:
+                log.warning("journal: skipping a mapping row that is not one igdtrigger wrote "
+                            "(%r %r %r %r)", proto, port, client, iport)
         return out
 
     # --- secrets --------------------------------------------------------------------------------
@@ -365,17 +440,19 @@ class Journal:
         out = []
         for address, proto, port in rows:
             with contextlib.suppress(ValueError, TypeError):
-                if proto in ("TCP", "UDP") and 1 <= int(port) <= 65535:
-                    ipaddress.IPv6Address(str(address))
-                    out.append(PinholeSpec(str(address), Proto(proto), int(port)))
+                if proto in ("TCP", "UDP") and _port(port) and isinstance(address, str):
+                    ipaddress.IPv6Address(address)
+                    out.append(PinholeSpec(address, Proto(proto), int(port)))
         return out
 
     # --- activations --------------------------------------------------------------------------
 
     def activations_put(self, acts: list[JournalActivation]) -> None:
-        self._write("INSERT OR REPLACE INTO activations VALUES (?,?,?,?,?,?,?,?)",
+        self._write("INSERT OR REPLACE INTO activations (id, rule, host, source, created_wall, "
+                    "expires_wall, ttl, meta, boot_id, expires_boot) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
-                      json.dumps(a.meta)) for a in acts])
+                      json.dumps(a.meta), a.boot_id,
+                      a.expires_boot if math.isfinite(a.expires_boot) else 0.0) for a in acts])
 
     def activations_clear(self) -> None:
         """A clean stop: what this run held has ended; nothing is restored at the next start."""
@@ -385,22 +462,36 @@ class Journal:
         self._write("DELETE FROM activations WHERE id=?", [(act_id,)])
 
     def activations(self) -> list[JournalActivation]:
+        """The journaled activations. A row that is not what this code writes (a text where a
+        number belongs, meta that is not an object of strings) comes back with nan for a bad
+        number and empty meta: ``Engine.restore`` refuses what is not finite."""
         if self._db is None:
             return []
         try:
-            rows = self._db.execute("SELECT * FROM activations").fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, rule, host, source, created_wall, expires_wall, ttl, meta, "
+                    "boot_id, expires_boot FROM activations").fetchall()
+            except sqlite3.OperationalError:  # a read-only copy of an older journal
+                rows = [(*r, "", 0.0) for r in self._db.execute(
+                    "SELECT id, rule, host, source, created_wall, expires_wall, ttl, meta "
+                    "FROM activations").fetchall()]
         except sqlite3.Error as exc:
             log.error("cannot read the journal's activations: %s", exc)
             return []
         out = []
-        for act_id, rule, host, source, created, expires, ttl, meta in rows:
+        for act_id, rule, host, source, created, expires, ttl, meta, boot_id, exp_boot in rows:
             try:
-                meta_d = json.loads(meta)
+                meta_d = json.loads(meta) if isinstance(meta, str) else {}
             except ValueError:
                 meta_d = {}
-            out.append(JournalActivation(str(act_id), str(rule), str(host), str(source),
-                                         float(created), float(expires), float(ttl),
-                                         {str(k): str(v) for k, v in dict(meta_d).items()}))
+            if not isinstance(meta_d, dict):
+                meta_d = {}
+            out.append(JournalActivation(
+                str(act_id), str(rule), str(host), str(source), _real(created), _real(expires),
+                _real(ttl), {str(k): str(v) for k, v in meta_d.items()},
+                boot_id if isinstance(boot_id, str) else "",
+                _real(exp_boot) if boot_id else math.nan))
         return out
 
     def close(self) -> None:

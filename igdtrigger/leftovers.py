@@ -12,6 +12,15 @@ forever; the next ``run`` or ``serve`` on this machine removes them:
   a crash of the caller in between loses nothing), and the directories go;
 - ``dead_run_tag(description)``: a router entry tagged by a wrapper that is not running (the
   mapper reclaims such an entry when it is to this host: ours, whatever its journal says).
+
+Whether a wrapper runs is not judged by its pid alone: a service in a container (Docker with
+the host's network, so the same LAN address on the router) has its own pid namespace, where a
+live wrapper's pid is absent or another process's. So each wrapper holds a *beacon*, a Linux
+abstract unix socket ``@igdtrigger/run/<pid>`` (``hold_beacon``): abstract sockets belong to
+the network namespace, which is exactly what the wrapper and anything that shares its router
+address have in common, and the kernel drops it when the wrapper dies, ``kill -9`` included. A
+wrapper counts as dead only when nobody holds its beacon *and* this pid namespace does not show
+it running either (a wrapper of an older igdtrigger, without a beacon).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,8 +67,46 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _beacon_name(pid: int) -> bytes:
+    return f"\0igdtrigger/run/{pid}".encode()
+
+
+def hold_beacon(pid: int | None = None) -> socket.socket | None:
+    """Bind this wrapper's beacon (see the module docstring); keep the socket for as long as
+    the wrapper holds mappings. None where it cannot be bound (not Linux, or a wrapper with the
+    same pid in another pid namespace holds it: then that one's liveness covers the tag)."""
+    if not hasattr(socket, "AF_UNIX"):  # pragma: no cover - not on Linux
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(_beacon_name(os.getpid() if pid is None else pid))
+    except OSError as exc:
+        sock.close()
+        log.debug("run beacon not held: %s", exc)
+        return None
+    return sock
+
+
+def beacon_held(pid: int) -> bool | None:
+    """Whether a live wrapper with this pid holds its beacon in this network namespace (True),
+    nobody does (False), or this cannot be told here (None)."""
+    if not hasattr(socket, "AF_UNIX"):  # pragma: no cover - not on Linux
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(_beacon_name(pid))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return None
+    return True
+
+
 def run_alive(pid: int, start: str) -> bool:
-    """Is the wrapper that wrote ``<pid>-<start>`` still running? (A pid reused since is not.)"""
+    """Is the wrapper that wrote ``<pid>-<start>`` still running? Its beacon answers for it
+    in any pid namespace; else this namespace's ``/proc`` (a pid reused since is not it)."""
+    if beacon_held(pid):
+        return True
     if not _running(pid):
         return False
     now = process_start(pid)
@@ -128,11 +176,12 @@ def dead_run_tag(description: str) -> bool:
     pid = parts[2][len(RUN_TAG):]
     if not pid.isdecimal():
         return False
-    if int(pid) == os.getpid():
+    if int(pid) == os.getpid() or beacon_held(int(pid)):
         return False
     if not _running(int(pid)):
         return True
-    try:  # running: is it still an igdtrigger (and not a process that got the pid since)?
-        return b"igdtrigger" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    try:  # running here: is it still an igdtrigger run (not a process that got the pid since)?
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    return not (any(b"igdtrigger" in a for a in args) and b"run" in args)

@@ -64,6 +64,7 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 LOCAL_RETRY = 5.0  # seconds before retrying after this machine ran out of descriptors
 CONFLICT_RECHECK = 30.0
+SIBLING_RECHECK = 2.0  # s: a port another igdtrigger holds for the same host and port
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
 # Checking many ports at once (a range opening, re-applying after a router restart): one listing
 # of the router's table (one GetGenericPortMappingEntry per entry) instead of one
@@ -75,6 +76,10 @@ MAX_DELETE_REPEAT = 16
 MIN_CUT = 8  # a description cut shorter than this tells nothing about whose mapping it is
 STOP_DELETE_RETRIES = 2  # at stop, a delete answered but not done is repeated this often
 ORPHAN_TRIES = 10  # deletes refused/failed: retried this often in one run (journal keeps them)
+
+
+JOURNAL_BATCH = 64  # orphans forgotten in one journal transaction at most
+JOURNAL_FLUSH = 0.25  # s: and at least this often while a long round of deletes runs
 
 
 class Removal(enum.Enum):
@@ -128,6 +133,17 @@ class _Orphan:
     protocol: str = ""  # what the journal says it was requested over ("": unknown)
     adopted: bool | None = None  # the gateway took it up for deleting (NAT-PMP/PCP)
     told: bool = False  # its end was logged already (_leftover_gone)
+
+
+@dataclass(slots=True)
+class _Round:
+    """What one round of ``_delete_orphans`` has booked so far (lists shared with it)."""
+
+    gone: list[MappingSpec]  # done with: forgotten in the journal
+    asked: list[MappingSpec]  # deletes answered: confirmed at stop
+    again: list[MappingSpec]  # refused or failed: once more after the others
+    counted: set[MappingKey]  # deleted by a request of ours
+    known: dict[MappingKey, RouterMapping] | None = None  # the router's table, if listed
 
 
 class MapState(enum.StrEnum):
@@ -252,6 +268,7 @@ class Mapper:
         self._swept = False
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
+        self._siblings: set[MappingKey] = set()  # conflicts with another igdtrigger's same map
         self._lock = asyncio.Lock()
         self.ops = {"add": 0, "renew": 0, "delete": 0, "verify": 0, "errors": 0}
 
@@ -346,48 +363,108 @@ class Mapper:
         counted: set[MappingKey] = set()
         again: list[MappingSpec] = []
         asked: list[MappingSpec] = []
-        for rnd in (0, 1):
-            batch = list(self.orphans.values()) if rnd == 0 else again
-            for spec in batch:
-                if not self.gateway_up:
-                    break
-                key = spec.key
-                if (key, spec.internal_client) in wanted:
-                    gone.append(spec)  # wanted again: the add path adopts or re-creates it
-                    row = self._orphan_meta.get(key)
-                    if row is not None and row.from_journal and row.adopted is None:
-                        self._adopt(spec, row)  # PCP: refreshed with the nonce that made it
-                    self._let_go(key)
-                    continue
-                meta = self._orphan_meta.setdefault(key, _Orphan())
-                if rnd == 0 and not final and meta.retry_at > now:
-                    continue
-                if meta.app is None and meta.adopted is None:
-                    meta.adopted = self._adopt(spec, meta)
-                outcome, deleted = await self._remove(spec, meta.copies,
-                                                      confirm=not final)
-                outcome = self._leftover(spec, meta, outcome, deleted, rnd)
-                if outcome is Removal.GONE:
-                    asked.append(spec)  # a 714 at stop is confirmed like a success
-                if outcome in (Removal.REFUSED, Removal.FAILED) and rnd == 0:
-                    again.append(spec)  # once more after the others (busy, or order-bound)
-                    continue
-                if self._settle(spec, meta, outcome):
-                    gone.append(spec)
-                    count += deleted
-                    if deleted:
-                        counted.add(key)
-        if final and asked and self.gateway_up:
-            left = await self._confirm_all_gone(asked)
-            first_left = set(left)
-            left = await self._delete_again(asked, left)
-            count -= len(left & counted)
-            count += len((first_left - left) - counted)  # deleted by a later try
-            gone = [g for g in gone if g.key not in left]
-        self._journal_gone(gone)
+        flushed = now
+        # leftovers to be looked up before their delete: from one listing when that is cheaper
+        unvouched = sum(1 for k in self.orphans if self._unvouched(self._orphan_meta.get(k)))
+        known = await self._snapshot(unvouched, ours_listed=False) if unvouched else None
+        try:
+            for rnd in (0, 1):
+                batch = list(self.orphans.values()) if rnd == 0 else again
+                for spec in batch:
+                    if not self.gateway_up:
+                        break
+                    if gone and (len(gone) >= JOURNAL_BATCH
+                                 or self.clock() - flushed >= JOURNAL_FLUSH):
+                        # each confirmed delete is forgotten within a moment, not at the end
+                        # of the round: a stop cut short leaves journaled exactly what may
+                        # still be on the router
+                        self._journal_gone(gone)
+                        gone, flushed = [], self.clock()
+                    key = spec.key
+                    if (key, spec.internal_client) in wanted:
+                        gone.append(spec)  # wanted again: the add path adopts or re-creates it
+                        row = self._orphan_meta.get(key)
+                        if row is not None and row.from_journal and row.adopted is None:
+                            self._adopt(spec, row)  # PCP: refreshed with the nonce that made it
+                        self._let_go(key)
+                        continue
+                    meta = self._orphan_meta.setdefault(key, _Orphan())
+                    if rnd == 0 and not final and meta.retry_at > now:
+                        continue
+                    count += await self._delete_orphan(spec, meta, rnd, final,
+                                                       _Round(gone, asked, again, counted,
+                                                              known))
+            if final and asked and self.gateway_up:
+                left = await self._confirm_all_gone(asked)
+                first_left = set(left)
+                left = await self._delete_again(asked, left)
+                count -= len(left & counted)
+                count += len((first_left - left) - counted)  # deleted by a later try
+                gone = [g for g in gone if g.key not in left]
+                # forgotten already when its delete was answered: journaled again
+                self._journal_requested([a for a in asked if a.key in left])
+        finally:
+            self._journal_gone(gone)
         if final:
             self._report_unconfirmed()
         return count
+
+    async def _delete_orphan(self, spec: MappingSpec, meta: _Orphan, rnd: int, final: bool,
+                             book: _Round) -> int:
+        """One orphan of ``_delete_orphans``: returns 1 when a delete was answered and it is
+        gone. A mapping we cannot vouch for is looked up first (``_owner_check``)."""
+        key = spec.key
+        outcome = await self._owner_check(spec, meta, book.known)
+        deleted = False
+        if outcome is None:
+            if meta.app is None and meta.adopted is None:
+                meta.adopted = self._adopt(spec, meta)
+            outcome, deleted = await self._remove(spec, meta.copies, confirm=not final)
+            outcome = self._leftover(spec, meta, outcome, deleted, rnd)
+            if outcome is Removal.GONE:
+                book.asked.append(spec)  # a 714 at stop is confirmed like a success
+            if outcome in (Removal.REFUSED, Removal.FAILED) and rnd == 0:
+                book.again.append(spec)  # once more after the others (busy, or order-bound)
+                return 0
+        if self._settle(spec, meta, outcome):
+            book.gone.append(spec)
+            if deleted:
+                book.counted.add(key)
+            return int(deleted)
+        return 0
+
+    def _unvouched(self, meta: _Orphan | None) -> bool:
+        """A mapping this run cannot vouch for: journaled by an earlier run or a dead wrapper,
+        or ours once but its lease ran out since (the port may be someone else's now)."""
+        app = meta.app if meta is not None else None
+        return app is None or (app.lease > 0 and self.clock() >= app.added_at + app.lease)
+
+    async def _owner_check(self, spec: MappingSpec, meta: _Orphan,
+                           known: dict[MappingKey, RouterMapping] | None = None,
+                           ) -> Removal | None:
+        """Before deleting a mapping this run cannot vouch for (journaled by an earlier run or
+        a dead wrapper, or ours once but its lease has run out since): what the router holds
+        on that port now (``known``: from one listing of the round). A delete names only the
+        port, so deleting blindly would remove another host's mapping that took the port
+        meanwhile. Returns GONE (nothing there:
+        forget it), NOT_OURS (someone else's now: forget it, never delete), DOWN, or None
+        (ours, or the router cannot show it: delete)."""
+        if not self._unvouched(meta) or not self._reads_back() \
+                or self.traits.reports_mappings is False:
+            return None
+        if known is not None:
+            answered, found = True, known.get(spec.key)
+        else:
+            answered, found = await self._lookup(spec)
+        if not answered:
+            return Removal.DOWN if not self.gateway_up else None
+        if found is None:
+            return Removal.GONE
+        if not self._is_ours(found.internal_client, found.description, spec):
+            log.info("not deleting %s: the router maps it to %s:%d (%r) now, not ours", spec.key,
+                     found.internal_client, found.internal_port, found.description)
+            return Removal.NOT_OURS
+        return None
 
     async def _delete_again(self, specs: list[MappingSpec],
                             left: set[MappingKey]) -> set[MappingKey]:
@@ -657,8 +734,18 @@ class Mapper:
         return None if when == math.inf else when
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """Each mapping as ``Applied.to_json``. While the router does not answer, no active
+        mapping is claimed verified: its state is what was last so, with why it is unconfirmed
+        (a router that vanished may have taken every mapping with it)."""
         now = self.clock()
-        return [a.to_json(now) for _, a in sorted(self.applied.items())]
+        out = [a.to_json(now) for _, a in sorted(self.applied.items())]
+        if not self.gateway_up:
+            for m in out:
+                if m["state"] == MapState.ACTIVE.value:
+                    m["verified"] = False
+                    m.setdefault("error", f"not confirmed: the router is not answering "
+                                          f"({self.gateway_error or 'not found yet'})")
+        return out
 
     def count(self, state: MapState) -> int:
         return sum(1 for a in self.applied.values() if a.state is state)
@@ -1012,6 +1099,15 @@ class Mapper:
         if existing is None or self._is_ours(existing.internal_client, existing.description,
                                              wire):
             return None
+        if (existing.internal_client, existing.internal_port) == (
+                wire.internal_client, wire.internal_port) and existing.description.startswith(
+                "igdtrigger "):
+            # another igdtrigger (a second `run` of the same rule, or the service) holds the
+            # very same mapping: open meanwhile, and taken over soon after it lets go (its
+            # owner deletes it when it ends, so waiting the full recheck left the game closed)
+            self._siblings.add(wire.key)
+            return (f"{wire.key} is held by another igdtrigger for the same host and port "
+                    f"({existing.description!r}): open meanwhile, taken over when it lets go")
         return (f"{wire.key} is already mapped on the router to "
                 f"{existing.internal_client}:{existing.internal_port} "
                 f"({existing.description!r}); igdtrigger leaves it alone")
@@ -1089,6 +1185,7 @@ class Mapper:
                    known: dict[MappingKey, RouterMapping] | None = None) -> None:
         spec = app.spec
         app.attempts += 1
+        self._siblings.discard(app.wire.key)
         try:
             granted: Granted | None = None
             if check:
@@ -1235,7 +1332,9 @@ class Mapper:
             log.warning("%s", message)
         app.state = MapState.CONFLICT
         app.error = message
-        app.retry_at = self.clock() + CONFLICT_RECHECK
+        sibling = app.wire.key in self._siblings
+        self._siblings.discard(app.wire.key)
+        app.retry_at = self.clock() + (SIBLING_RECHECK if sibling else CONFLICT_RECHECK)
         self.ops["errors"] += 1
         self._changed(app, "conflict")
 

@@ -35,7 +35,7 @@ from .gateway.base import Gateway
 from .gateway.igd import RouterChange, RouterChangeKind
 from .gateway.pinhole import FirewallClient, global_ipv6_addresses
 from .gateway.select import forget_connection, set_lost_state_handler
-from .journal import Journal, JournalActivation
+from .journal import Journal, JournalActivation, boot_clock, no_boot_clock
 from .leftovers import dead_run_tag, dead_runs, take_over
 from .mapper import Applied, Mapper, MapState
 from .model import (
@@ -59,6 +59,7 @@ log = logging.getLogger("igdtrigger")
 
 STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
+JOURNAL_CHECK = 5.0  # s: how often the journal file is checked to be still in place
 ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
 TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
 
@@ -154,6 +155,7 @@ class Service:
         journal_dir: Path | None = None,
         on_router_call: Callable[[str, float, bool], None] | None = None,
         tracking: KernelTracking | None = None,
+        boot: Callable[[], tuple[str, float]] | None = None,
     ) -> None:
         """``journal_dir``: where the journal and instance tag live (default ``state_dir``);
         ``serve --simulate`` keeps them apart from the real service's."""
@@ -165,6 +167,9 @@ class Service:
         self.gateway = gateway
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
+        # (boot id, CLOCK_BOOTTIME): expiries no wall-clock jump moves; the kernel's when the
+        # service runs on the real clock, none (the wall clock alone) for an injected clock
+        self.boot = boot or (boot_clock if clock is time.monotonic else no_boot_clock)
         self.state_dir = state_dir or config.state_dir or default_state_dir()
         self.journal_dir = journal_dir or self.state_dir
         derived = derived_tag(self.journal_dir)
@@ -205,6 +210,7 @@ class Service:
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
         self._pinhole_wake = asyncio.Event()
         self._journal_flushed = 0.0
+        self._journal_checked = 0.0
         # New activations are journaled right after the round that requested their mappings
         # (the mappings themselves are journaled before they are requested): no fsync of its
         # own on the way from a trigger to an open port.
@@ -307,13 +313,23 @@ class Service:
     def _restore(self) -> int:
         """Activations still within their time come back; leftovers get cleaned up."""
         now_wall = self.wall()
+        boot_id, now_boot = self.boot()
         count = 0
         for ja in self.journal.activations():
+            # the same boot: the boot clock says what is left, whatever the wall clock did
+            # while the service was down; after a reboot only the wall clock can (capped at
+            # the ttl by the engine)
+            same_boot = bool(boot_id) and ja.boot_id == boot_id and math.isfinite(
+                ja.expires_boot)
+            remaining = (ja.expires_boot - now_boot if same_boot
+                         else ja.expires_wall - now_wall)
+            held = ja.expires_wall == math.inf  # a live connection held it
+            if held and boot_id and ja.boot_id and ja.boot_id != boot_id:
+                held, remaining = False, 0.0  # before a reboot: no connection outlived that
             act = self.engine.restore(ja.id, ja.rule, ja.host, ja.source,
                                       age=now_wall - ja.created_wall,
-                                      remaining=ja.expires_wall - now_wall, ttl=ja.ttl,
-                                      meta=ja.meta, adhoc=self._adhoc_allowed,
-                                      held=ja.expires_wall == math.inf)
+                                      remaining=remaining, ttl=ja.ttl,
+                                      meta=ja.meta, adhoc=self._adhoc_allowed, held=held)
             if act is None:
                 self.journal.activation_gone(ja.id)
             else:
@@ -339,6 +355,29 @@ class Service:
         self.engine.dirty.clear()
         self.journal.activations_put([self._journal_record(a) for a in acts])
 
+    def _journal_check(self) -> None:
+        """Every few seconds: was the journal deleted under us (``rm -rf`` of the state
+        directory, a tmpfiles clean-up)? Then a new one gets what is held now, so a crash after
+        that still leaves the next start knowing what to delete and restore."""
+        now = self.clock()
+        if now - self._journal_checked < JOURNAL_CHECK or not self.journal.deleted():
+            self._journal_checked = now
+            return
+        self._journal_checked = now
+        log.warning("journal %s was deleted while running (state directory removed?): "
+                    "writing a new one with what is held now", self.journal.path)
+        self.journal.close()
+        journal = Journal.open(self.journal_dir)
+        load_or_create_secret(self.journal_dir / "instance", 3, value=self.tag)
+        journal.mappings_requested([a.wire for a in self.mapper.applied.values()]
+                                   + list(self.mapper.orphans.values()))
+        if self.pinholes is not None:
+            journal.pinholes_requested([*self.pinholes.held, *self.pinholes.stale])
+            self.pinholes.journal = journal
+        journal.activations_put([self._journal_record(a)
+                                 for a in self.engine.activations.values()])
+        self.journal = self.mapper.journal = journal
+
     def _journal_new(self) -> None:
         if self._unjournaled:
             acts = list(self._unjournaled.values())
@@ -347,14 +386,15 @@ class Service:
 
     def _journal_record(self, act: Activation) -> JournalActivation:
         now_wall, now = self.wall(), self.clock()
-        # a held activation is written as held (expires_wall = inf): after a crash it comes
-        # back held until the detectors' first look finds its connection or not (at most one
+        boot_id, now_boot = self.boot()
+        # a held activation is written as held (expires inf): after a crash it comes back
+        # held until the detectors' first look finds its connection or not (at most one
         # timeout after the restart; Engine.restore/settle_restored). Written when the hold
         # starts and ends only: no write per packet.
         remaining = math.inf if act.held else act.expires - now
         return JournalActivation(act.id, act.rule.name, act.host, act.source.value,
                                  now_wall - (now - act.created), now_wall + remaining,
-                                 act.ttl, dict(act.meta))
+                                 act.ttl, dict(act.meta), boot_id, now_boot + remaining)
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
@@ -525,9 +565,9 @@ class Service:
         except TimeoutError:
             removed = self.mapper.ops["delete"] - deleted_before
             log.error(
-                "the router did not finish removing mappings within %.0fs (%d removed, about %d "
+                "the router did not finish removing mappings within %.0fs (%d removed, %d "
                 "left): they stay journaled and the next start removes them; their leases (%s) "
-                "end them on the router", timeout, removed, len(self.mapper.orphans) - removed,
+                "end them on the router", timeout, removed, len(self.mapper.orphans),
                 format_duration(self.mapper.lease) if not self.mapper.permanent_only
                 else "permanent")
         if self.pinholes is not None:
@@ -795,6 +835,7 @@ class Service:
             await self.mapper.reconcile(self.desired())
             self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
             self._watch_router()
+            self._journal_check()
             self._journal_new()
             self._journal_activations()
             async with self._applied_cond:

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,7 +51,9 @@ log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0
 STANDALONE_LEASE = 300.0
-_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+# every signal whose default would end the wrapper (and leave its ports open) goes to the game
+_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH",
+              "SIGALRM", "SIGPWR")
 
 
 def _warn(message: str) -> None:
@@ -179,6 +182,7 @@ class StandaloneHolder(Holder):
         self.on_mapped = on_mapped  # called once some ports are open (secure-mode fallback)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop_async: asyncio.Event | None = None
+        self.beacon: socket.socket | None = None  # leftovers.hold_beacon(), while mapping
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._main, name="standalone", daemon=True)
@@ -199,7 +203,14 @@ class StandaloneHolder(Holder):
         from .engine import Engine
         from .gateway.select import build_gateway
         from .journal import Journal
-        from .leftovers import dead_run_tag, dead_runs, own_run_dir, remove_run_dir, take_over
+        from .leftovers import (
+            dead_run_tag,
+            dead_runs,
+            hold_beacon,
+            own_run_dir,
+            remove_run_dir,
+            take_over,
+        )
         from .mapper import Mapper, MapState
 
         self.loop = asyncio.get_running_loop()
@@ -212,6 +223,9 @@ class StandaloneHolder(Holder):
                                 discover_timeout=gw_cfg.discover_timeout)
         clock = self.loop.time
         tag = f"run{os.getpid()}"
+        # held until the process ends: says "alive" to any igdtrigger sharing this network
+        # namespace, whatever its pid namespace (leftovers.py)
+        self.beacon = hold_beacon()
         engine = Engine([self.rule], clock=clock, tag=tag)
         lease = min(STANDALONE_LEASE, gw_cfg.lease)
         try:

@@ -9,7 +9,7 @@ import pytest
 
 from igdtrigger.config import parse_config
 from igdtrigger.engine import Source, description_for
-from igdtrigger.journal import FILENAME, Journal, JournalError
+from igdtrigger.journal import FILENAME, FORMAT, Journal, JournalError
 from igdtrigger.model import MappingSpec, Proto
 from igdtrigger.service import Service
 
@@ -154,6 +154,67 @@ def test_router_traits_round_trip_and_bad_records(tmp_path: Path) -> None:
     j.close()
 
 
+# --- rows that are not what igdtrigger wrote (issue 12, owner variants) -----------------------
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("external_port", "'x'"), ("external_port", "-5"), ("external_port", "70000"),
+    ("external_port", "1e309"), ("external_port", "9e18"), ("external_port", "X'00'"),
+    ("internal_port", "0"), ("internal_port", "'x'"), ("internal_client", "'not-an-ip'"),
+    ("internal_client", "X'ff'"), ("description", "X'ff'"), ("proto", "'SCTP'"),
+])
+async def test_a_bad_mapping_row_is_skipped_never_deleted_or_a_traceback(
+        tmp_path: Path, column: str, value: str) -> None:
+    from igdtrigger.model import MappingSpec
+
+    j = Journal.open(tmp_path)
+    j.mappings_requested([MappingSpec(Proto.UDP, 5000, "192.168.1.10", 5000, "igdtrigger x y")])
+    j.close()
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.execute(f"UPDATE mappings SET {column} = {value}")
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s = service(tmp_path, gw, clock)  # a ValueError/OverflowError here stopped the start
+    assert s.mapper.orphans == {}
+    await s.start()
+    await s._wait_applied(s.engine.generation, 2)
+    assert not [c for c in gw.calls if c.startswith("delete")]
+    await s.stop()
+
+
+@pytest.mark.parametrize("value", ["1e309", "'x'", "0", "70000", "X'00'"])
+def test_a_bad_pinhole_row_is_skipped(tmp_path: Path, value: str) -> None:
+    from igdtrigger.model import PinholeSpec
+
+    j = Journal.open(tmp_path)
+    j.pinholes_requested([PinholeSpec("2001:db8::10", Proto.UDP, 5000)])
+    j.close()
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.execute(f"UPDATE pinholes SET port = {value}")
+    j = Journal.open(tmp_path)
+    assert j.pinholes() == []
+    j.close()
+
+
+def test_a_format_1_journal_is_brought_up_and_its_activations_still_restore(
+        tmp_path: Path) -> None:
+    """A journal of the igdtrigger before the boot clock: no boot_id/expires_boot columns."""
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.executescript("""
+            CREATE TABLE activations (id TEXT PRIMARY KEY, rule TEXT NOT NULL,
+                host TEXT NOT NULL, source TEXT NOT NULL, created_wall REAL NOT NULL,
+                expires_wall REAL NOT NULL, ttl REAL NOT NULL, meta TEXT NOT NULL DEFAULT '{}');
+            PRAGMA user_version=1;""")
+        db.execute("INSERT INTO activations VALUES ('a1','demo','192.168.1.10','api',?,?,600,"
+                   "'{}')", (1.7e9 + 1000 - 10, 1.7e9 + 1000 + 300))
+    clock = FakeClock()
+    s = service(tmp_path, FakeGateway(clock), clock)
+    assert s.restored == 1  # by the wall clock, as that journal knew no other
+    [act] = s.engine.activations.values()
+    assert act.expires - clock() == 300
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == FORMAT
+
+
 FORMAT_1_MAPPINGS = """
 CREATE TABLE mappings (proto TEXT NOT NULL, external_port INTEGER NOT NULL,
     internal_client TEXT NOT NULL, internal_port INTEGER NOT NULL, description TEXT NOT NULL,
@@ -183,7 +244,8 @@ def test_format_1_journal_is_migrated_and_its_mappings_kept(tmp_path: Path) -> N
         == {3074: (b"", ""), 3075: (b"\x01" * 12, "pcp")}
     assert again.secret("pcp-nonce-key") == key  # the same key in every run
     again.close()
-    assert sqlite3.connect(tmp_path / FILENAME).execute("PRAGMA user_version").fetchone()[0] == 2
+    version = sqlite3.connect(tmp_path / FILENAME).execute("PRAGMA user_version").fetchone()[0]
+    assert version == FORMAT
 
 
 def test_format_1_journal_in_a_read_only_directory_is_still_read(tmp_path: Path,

@@ -189,7 +189,8 @@ def test_gateway_list_and_clean_remove_ours_never_another_programs(
     cfg = write_config(tmp_path, router, state)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "igdtrigger"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "igdtrigger",
+                             "run"])
     request.addfinalizer(lambda: (live.kill(), live.wait()))
     mine = derived_tag(state)  # no service ever wrote the state directory: the derived tag
     add_mappings(router, [
@@ -231,5 +232,91 @@ def test_a_wrapper_whose_game_ends_mid_pass_stops_adding_and_leaves_nothing(
         assert p.returncode == 0, err
         assert descriptions(sim) == [], err
         assert took < 30, took  # a bound against hanging, not a timing claim
+    finally:
+        sim.stop()
+
+
+# --- liveness across pid namespaces (issue 12, owner variants) ------------------------------
+
+BEACON_HOLDER = """
+import sys, time
+from igdtrigger.leftovers import hold_beacon
+b = hold_beacon()
+print("held" if b is not None else "none", flush=True)
+time.sleep(60)
+"""
+
+
+def _in_own_pid_namespace(code: str) -> str:
+    """Run ``code`` in a fresh pid namespace with its own /proc (a container with the host's
+    network, as `docker run --network host` makes)."""
+    out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                          code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a pid namespace")
+def test_a_live_wrapper_is_not_taken_for_dead_from_another_pid_namespace(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", BEACON_HOLDER], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        pid = holder.pid
+        start = process_start(pid)
+        (tmp_path / "run" / f"{pid}-{start}").mkdir(parents=True)
+        code = (f"from pathlib import Path\n"
+                f"from igdtrigger.leftovers import dead_run_tag, dead_runs\n"
+                f"import os\n"
+                f"print(os.path.exists('/proc/{pid}'),"
+                f" dead_run_tag('igdtrigger demo run{pid}'),"
+                f" len(dead_runs(Path({str(tmp_path)!r}))))")
+        seen, tag_dead, dirs_dead = _in_own_pid_namespace(code).split()
+        if seen == "True":
+            pytest.skip("the pid happens to exist in the new namespace")
+        assert (tag_dead, dirs_dead) == ("False", "0")  # alive: its mappings are left alone
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    # once it is dead (kill -9: the kernel drops the beacon), the same check reclaims
+    seen, tag_dead, dirs_dead = _in_own_pid_namespace(code).split()
+    assert (tag_dead, dirs_dead) == ("True", "1")
+
+
+def test_a_wrapper_pid_reused_by_another_program_is_dead(tmp_path: Path) -> None:
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        assert dead_run_tag(f"igdtrigger demo run{other.pid}")
+        (tmp_path / "run" / f"{other.pid}-1").mkdir(parents=True)  # another start time
+        assert dead_runs(tmp_path) == [tmp_path / "run" / f"{other.pid}-1"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_kill_9_of_run_during_its_first_add_leaves_nothing_after_the_next_run(
+        tmp_path: Path) -> None:
+    """The router did the add but its answer had not arrived when the wrapper died: the
+    mapping is on the router, journaled as requested only. The next run removes it."""
+    sim = run_in_thread(SimulatedRouter(lease_mode="permanent_only_725"))
+    try:
+        state = tmp_path / "state"
+        cfg = write_config(tmp_path, sim, state)
+        proc = run_wrapper(cfg, "sleep", "60")
+        # once its journal is open (the router found), every answer comes late: an add the
+        # router did stays unanswered for a while
+        wait_for(lambda: any((state / "run").glob("*/journal.sqlite3")), 60,
+                 "the wrapper to open its journal")
+        sim.router.latency = 1.5
+        wait_for(lambda: len(descriptions(sim)) >= 1, 60, "the router to have done an add")
+        kill_9(proc)  # its answer still on the way
+        assert any(d == f"igdtrigger demo run{proc.pid}" for d in descriptions(sim))
+        sim.router.latency = 0.0
+        again = run_wrapper(cfg, "true")
+        _, err = again.communicate(timeout=60)
+        assert again.returncode == 0, err
+        assert descriptions(sim) == []
     finally:
         sim.stop()

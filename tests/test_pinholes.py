@@ -523,3 +523,67 @@ async def test_a_silent_ipv6_side_never_holds_up_ipv4(tmp_path: Path) -> None:
         assert gw.ports() == {"udp/40000": gw.local_address, "udp/41000": gw.local_address}
     finally:
         await svc.stop(timeout=1.0)
+
+
+# --- gateway --list/--clean: leftover pinholes (issue 12, owner variants) ----------------------
+
+async def test_gateway_clean_closes_leftover_pinholes_and_leaves_live_ones(
+        fw: FakeFirewall, tmp_path: Path) -> None:
+    import os
+
+    from igdtrigger.gatewaycmd import close_pinholes, journaled_pinholes, pinhole_report
+    from igdtrigger.leftovers import own_run_dir
+
+    svc = Journal.open(tmp_path)  # the service's journal, after a crash
+    svc.pinholes_requested([ph(4000)])
+    svc.close()
+    no_pid = 4194304  # PID_MAX_LIMIT: no process ever has it
+    dead_dir = tmp_path / "run" / f"{no_pid}-1"
+    j = Journal.open(dead_dir)  # a killed igdtrigger run's
+    j.pinholes_requested([ph(4001)])
+    j.close()
+    live_dir = own_run_dir(tmp_path)  # a running one (this process stands for it)
+    j = Journal.open(live_dir)
+    j.pinholes_requested([ph(4002)])
+    j.close()
+    for spec in (ph(4000), ph(4001), ph(4002)):
+        await fw.add(spec, 3600)
+    holes = journaled_pinholes(tmp_path, service_live=False, tag="abc")
+    by_port = {h.spec.port: h for h in holes}
+    assert {p: h.leftover for p, h in by_port.items()} == {4000: True, 4001: True, 4002: False}
+    assert f"pid {os.getpid()} (running)" in by_port[4002].owner
+    assert "leftover" in pinhole_report(holes, clean=False, dry_run=False)
+    await close_pinholes(holes, fw)
+    assert fw.open_specs() == {ph(4002)}  # only the live wrapper's stays open
+    assert [h.spec.port for h in holes if h.removed] == [4000, 4001]
+    again = journaled_pinholes(tmp_path, service_live=False, tag="abc")
+    assert [h.spec.port for h in again] == [4002]  # the journals forgot what was closed
+
+
+async def test_gateway_clean_leaves_a_running_services_pinholes(
+        fw: FakeFirewall, tmp_path: Path) -> None:
+    from igdtrigger.gatewaycmd import close_pinholes, journaled_pinholes
+
+    svc = Journal.open(tmp_path)
+    svc.pinholes_requested([ph(4010)])
+    svc.close()
+    await fw.add(ph(4010), 3600)
+    holes = journaled_pinholes(tmp_path, service_live=True, tag="abc")
+    assert [h.leftover for h in holes] == [False]
+    await close_pinholes(holes, fw)
+    assert fw.open_specs() == {ph(4010)}
+
+
+async def test_gateway_clean_says_why_a_pinhole_was_not_closed(
+        fw: FakeFirewall, tmp_path: Path) -> None:
+    from igdtrigger.gatewaycmd import close_pinholes, journaled_pinholes
+
+    svc = Journal.open(tmp_path)
+    svc.pinholes_requested([ph(4020)])
+    svc.close()
+    fw.reachable = False
+    holes = journaled_pinholes(tmp_path, service_live=False, tag="abc")
+    await close_pinholes(holes, fw)
+    assert holes[0].error and not holes[0].removed
+    assert [h.spec.port for h in journaled_pinholes(tmp_path, service_live=False,
+                                                    tag="abc")] == [4020]  # still journaled

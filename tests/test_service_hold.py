@@ -115,11 +115,12 @@ async def test_a_detector_that_stops_releases_its_holds(tmp_path: Path, clock: F
 
 
 async def crashed_while_held(tmp_path: Path, clock: FakeClock, gw: FakeGateway,
-                             held_for: float) -> Service:
+                             held_for: float, boot: Callable[[], tuple[str, float]] | None = None,
+                             ) -> Service:
     """A service whose activation is held by a live connection, killed (-9: no stop) after
     ``held_for`` seconds; returns the next one on the same state (not started)."""
     first = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
-                    state_dir=tmp_path)
+                    state_dir=tmp_path, boot=boot)
     await first.start()
     first.observe(CONN)
     first.observe(FlowLive(CONN, connected=True))
@@ -211,3 +212,16 @@ async def test_a_restored_hold_waits_for_every_running_flow_detectors_first_look
         assert not act.unproven and act.held
     finally:
         await second.stop()
+
+
+async def test_a_hold_journaled_before_a_reboot_does_not_come_back(
+        tmp_path: Path, clock: FakeClock) -> None:
+    """The machine rebooted (another boot id): no connection outlived that, so the held
+    activation is not restored and its leftover mapping is deleted at the start."""
+    gw = FakeGateway(clock, local_address=HOST)
+    (await crashed_while_held(tmp_path, clock, gw, held_for=15,
+                              boot=lambda: ("first-boot", clock.now))).journal.close()
+    after = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
+                    state_dir=tmp_path, boot=lambda: ("another-boot", 30.0))
+    assert after.restored == 0 and not after.engine.activations
+    await after.stop()

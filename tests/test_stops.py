@@ -32,6 +32,7 @@ from igdtrigger.service import Service, derived_tag
 
 from .fakes import FakeClock, FakeGateway
 from .test_daemon_ops import CONFIG as SERVE_CONFIG
+from .test_dashboard import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40002"], "idle_timeout": "10m"}]}
@@ -282,3 +283,208 @@ async def test_with_nothing_writable_a_crashs_leftovers_are_still_removed(tmp_pa
     await s2._wait_applied(s2.engine.generation, 2)
     assert gw.ports() == {"udp/50000": gw.local_address}
     await s2.stop()
+
+
+# --- the wall clock jumps while the service is down (issue 12, owner variants) ----------------
+
+@pytest.mark.parametrize(("wall_jump", "same_boot", "left"), [
+    (2 * 3600.0, True, 540.0),  # NTP set the clock 2 h ahead: still 9 min left, not lapsed
+    (-86400.0, True, 540.0),  # a day back (a dead RTC battery): 9 min, not a fresh 10
+    (0.0, True, 540.0),
+    (0.0, False, 540.0),  # rebooted: only the wall clock can tell, and it is right
+    (-86400.0, False, 600.0),  # rebooted with a clock a day behind: capped at the ttl
+    (2 * 3600.0, False, None),  # rebooted with a clock 2 h ahead: lapsed (fails closed)
+])
+async def test_restore_after_a_wall_clock_jump_uses_the_boot_clock(
+        tmp_path: Path, wall_jump: float, same_boot: bool, left: float | None) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s1 = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + WALL0,
+                 state_dir=tmp_path, boot=lambda: ("boot-1", clock.now))
+    await s1.start()
+    await s1.activate("demo", "192.168.1.10", ttl=600, source=Source.API)
+    await s1._wait_applied(s1.engine.generation, 2)
+    for t in s1._tasks:  # crash
+        t.cancel()
+    s1.journal.close()
+    clock.advance(60)
+    boot = "boot-1" if same_boot else "boot-2"
+    s2 = Service(parse_config(CONFIG), gw, clock=clock,
+                 wall=lambda: clock.now + WALL0 + wall_jump, state_dir=tmp_path,
+                 boot=lambda: (boot, clock.now if same_boot else 5.0))
+    if left is None:
+        assert s2.restored == 0
+    else:
+        assert s2.restored == 1
+        [act] = s2.engine.activations.values()
+        assert act.expires - clock() == pytest.approx(left)
+    await s2.stop()
+
+
+def _restore_a_row_with(tmp_path: Path, column: str, value: str) -> Service:
+    """A journaled activation with one column set to ``value`` (SQL), then a start."""
+    clock = FakeClock()
+    now_wall = clock.now + WALL0
+    j = Journal.open(tmp_path)
+    j.activations_put([JournalActivation("a1", "demo", "192.168.1.10", "api", now_wall - 10,
+                                         now_wall + 300, 600.0, {}, "boot-1", clock.now + 300)])
+    j.close()
+    with sqlite3.connect(tmp_path / FILENAME) as db:
+        db.execute(f"UPDATE activations SET {column} = {value}")
+    s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock,
+                wall=lambda: clock.now + WALL0, state_dir=tmp_path,
+                boot=lambda: ("boot-1", clock.now))
+    for act in s.engine.activations.values():  # restored only when what is left is sound
+        assert 0 < act.expires - clock() <= 600
+        assert act.host == "192.168.1.10"
+    return s
+
+
+@pytest.mark.parametrize("column", ["created_wall", "expires_wall", "ttl", "expires_boot"])
+@pytest.mark.parametrize("value", ["'nan'", "-1e309", "1e309", "-5", "0", "'x'", "X'00'",
+                                   "9e18"])
+async def test_a_journal_row_with_any_bad_number_is_refused_without_a_traceback(
+        tmp_path: Path, column: str, value: str) -> None:
+    await _restore_a_row_with(tmp_path, column, value).stop()
+
+
+@pytest.mark.parametrize("column", ["id", "rule", "host", "source", "meta", "boot_id"])
+@pytest.mark.parametrize("value", ["''", "X'ff00'", "'[1,2]'", "'{\"a\": [1]}'", "42",
+                                   "'999.999.1.1'"])
+async def test_a_journal_row_with_any_bad_text_is_refused_without_a_traceback(
+        tmp_path: Path, column: str, value: str) -> None:
+    await _restore_a_row_with(tmp_path, column, value).stop()
+
+
+# --- status never claims what is not so (issue 12, owner variants) ---------------------------
+
+async def test_status_after_the_router_vanishes_claims_no_mapping_verified(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    s = service(tmp_path, gw, clock)
+    await s.start()
+    await s.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
+    await s._wait_applied(s.engine.generation, 2)
+    assert {m["verified"] for m in s.status()["mappings"]} == {True}
+    gw.down = True  # the router is unplugged (it takes its table with it)
+    gw.table.clear()
+    clock.advance(5)
+    s.wake()
+    for _ in range(100):
+        if not s.status()["gateway"]["up"]:
+            break
+        await asyncio.sleep(0.02)
+    st = s.status()
+    assert st["gateway"]["up"] is False
+    for m in st["mappings"]:  # it said active and verified, every one
+        assert m["verified"] is False
+        assert "router is not answering" in m["error"]
+    await s.stop()
+
+
+async def test_state_directory_deleted_while_running_is_written_again_before_a_crash(
+        tmp_path: Path) -> None:
+    import shutil
+
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="192.168.1.10")
+    state = tmp_path / "state"
+    s1 = service(state, gw, clock)
+    await s1.start()
+    await s1.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
+    await s1._wait_applied(s1.engine.generation, 2)
+    shutil.rmtree(state)  # rm -rf of the state directory (or a tmpfiles clean-up)
+    for _ in range(3):
+        clock.advance(6)
+        s1.wake()
+        await asyncio.sleep(0.05)
+    for t in s1._tasks:  # then a crash
+        t.cancel()
+    s1.journal.close()
+    s2 = service(state, gw, clock)
+    assert s2.restored == 1  # the activation came back: its journal was written again
+    assert len(s2.mapper.orphans) == 3  # and its mappings are known, whatever the router lists
+    await s2.stop()
+
+
+# --- signal timing (issue 12, owner variants) ---------------------------------------------------
+
+SILENT_ROUTER_CONFIG = """
+[gateway]
+url = "http://127.0.0.1:{port}/rootDesc.xml"
+discover_timeout = "30s"
+ipv6_pinholes = false
+
+[detect]
+methods = []
+
+[[rules]]
+name = "demo"
+open = ["udp/40000"]
+"""
+
+
+def _serve(tmp_path: Path, config_text: str, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(config_text)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(tmp_path / "state"),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("JOURNAL_STREAM", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "igdtrigger", "serve", "--config", str(config), *extra,
+         "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc, ready
+
+
+def _signal_and_wait(proc: subprocess.Popen[str], *sigs: signal.Signals) -> str:
+    """Send ``sigs`` in a burst; the service's log once it exited (killed if it hangs)."""
+    try:
+        for sig in sigs:
+            proc.send_signal(sig)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_before_the_router_answered_stops_at_once(tmp_path: Path) -> None:
+    """A router that accepts and never answers: SIGTERM while the service still waits for it.
+    With nothing mapped there is nothing to delete, so the stop does not wait on the router
+    (it used to connect again and sit out the stop's 8 s budget)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts, never answers
+        proc, _ = _serve(tmp_path, SILENT_ROUTER_CONFIG.format(port=silent.getsockname()[1]))
+        time.sleep(0.3)
+        err = _signal_and_wait(proc, signal.SIGTERM)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err
+    assert "Traceback" not in err, err  # the cancelled router probes' errors were unretrieved
+    stopping = err[err.index("stopping: removing mappings"):]
+    assert "gateway down" not in stopping, err  # the stop did not go looking for the router
+
+
+def test_a_second_sigterm_and_a_ctrl_c_during_the_stop_change_nothing(tmp_path: Path) -> None:
+    proc, _ = _serve(tmp_path, SERVE_CONFIG, "--simulate")
+    env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(tmp_path / "state"),
+           "PYTHONPATH": str(ROOT)}
+    args = proc.args
+    assert isinstance(args, list)
+    act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--for",
+                          "1h", "--server", f"http://{args[args.index('--listen') + 1]}"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert act.returncode == 0, act.stdout + act.stderr
+    err = _signal_and_wait(proc, signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    assert proc.returncode == 0, err
+    assert "(1 mapping(s) removed)" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert journal_activations(tmp_path / "state" / "simulate") == []

@@ -91,7 +91,8 @@ def signal_reaches_child(argv: list[str], tmp_path: Path, sig: signal.Signals) -
     assert p.returncode == 42
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM,
+                                 signal.SIGPWR])
 def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
                                                  sig: signal.Signals) -> None:
     signal_reaches_child([sys.executable, "-m", "igdtrigger", "run", "--config", str(config),

@@ -75,7 +75,15 @@ class FallbackGateway:
                 return await gw.connect()
 
         tasks = [asyncio.create_task(attempt(gw)) for _, gw in self.candidates]
-        await asyncio.wait(tasks)
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            # a stop while the router is still being looked for: end every probe and take
+            # their outcomes (unretrieved, each was logged as a traceback at exit)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         best: tuple[str, Gateway, GatewayInfo] | None = None
         for (name, gw), task in zip(self.candidates, tasks, strict=True):
             exc = task.exception()

@@ -147,3 +147,31 @@ def test_run_without_a_service_opens_ipv6_too_while_the_game_runs(lab6: Lab,
     assert p.wait(20) == 5
     assert lab6.nft_pinholes() == []
     assert not any(reachable6(lab6, 0.3).values())
+
+
+def test_gateway_list_and_clean_cover_a_crashs_pinholes(lab6: Lab, tmp_path: Path) -> None:
+    """The router cannot list its pinholes: `gateway --list` shows the ones the journal holds,
+    and `--clean` closes them while no service runs (they stayed until their lease ended)."""
+    import json
+
+    s = Serve(lab6, tmp_path, idle="1h").start()
+    send_trigger(lab6)
+    wait_for(lambda: len(lab6.nft_pinholes()) == 4, 10, "pinholes after a trigger")
+    s.stop(signal.SIGKILL)
+
+    def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+        return lab6.run(lab6.lan, igdt_argv("gateway", "--config", str(s.config), *args),
+                        env=env(), cwd=ROOT, timeout=60)
+
+    listed = gateway("--list", "--json")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    holes = json.loads(listed.stdout)["pinholes"]
+    assert len(holes) == 4 and all(h["leftover"] for h in holes), holes
+    assert len(lab6.nft_pinholes()) == 4  # listing touched nothing
+    done = gateway("--clean")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "closed 4 leftover pinhole(s)" in done.stdout, done.stdout
+    assert lab6.nft_pinholes() == []
+    assert not any(reachable6(lab6, 0.3).values())
+    again = gateway("--list", "--json")
+    assert json.loads(again.stdout)["pinholes"] == []  # and the journal forgot them

@@ -238,6 +238,36 @@ def test_gateway_list_says_a_natpmp_router_cannot_list_its_table(
     assert "cannot list its mapping table" in p.stderr, p.stdout + p.stderr
 
 
+def test_a_crash_leftover_whose_port_another_host_took_is_left_alone(
+        make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    """kill -9 of serve, then a router reboot (its table gone), then another LAN host maps one
+    of our journaled ports with upnpc. The next start must not delete that host's mapping (a
+    delete names only the port; miniupnpd without secure_mode takes it from anyone): it reads
+    the router's entry first and forgets the row."""
+    lab = make_lab(secure_mode=False, lan_hosts=2)
+    s = Serve(lab, tmp_path, idle="10m").start()
+    try:
+        s.cli("activate", "game", "--for", "3s")
+        wait_for(lambda: len(ours(lab)) == 4, 20, "the activation's mappings")
+        proto, port = ours(lab)[0][:2]
+        assert s.stop(signal.SIGKILL) == -signal.SIGKILL
+        time.sleep(4)  # the activation lapses while the service is down: its rows are leftovers
+        lab.restart_router()  # and the router rebooted, its table gone
+        other = lab.lan_ips[1]
+        lab.add_foreign_mapping(proto, port, other, desc="console upnpc")
+        s.start()
+        wait_for(lambda: s.status()["journal"]["orphans_pending"] == 0, 20,
+                 "the start to settle the journal's leftovers")
+        assert [(m[0], m[1], m[2], m[4]) for m in lab.router_mappings()] == [
+            (proto, port, other, "console upnpc")]
+        assert s.stop() == 0
+        assert [m[2] for m in lab.router_mappings()] == [other]
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
+
+
 @pytest.mark.parametrize("protocol", ["pcp", "natpmp"])
 def test_wrapper_kill_9_natpmp_pcp_leftovers_are_removed_by_a_serve_start(
         make_lab: Callable[..., Lab], tmp_path: Path, protocol: str) -> None:
