@@ -301,8 +301,8 @@ def test_kill_9_while_held(make_lab: Callable[..., Lab], tmp_path: Path, started
         held_for(lab, 2 * IDLE, "the connection was open")
         first.proc.kill()  # kill -9: no clean stop
         first.proc.wait()
-        if not alive:
-            end(client)
+        if not alive:  # both ends close (a half-closed one still counts as traffic: its
+            end(client, server)  # FIN dates the close, as for a live one)
             time.sleep(1.0)
         second = Serve(lab, lab.lan, tmp_path / "config.toml")
         started.append(second)
