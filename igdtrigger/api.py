@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import hmac
 import importlib.resources
@@ -55,7 +56,7 @@ from .events import Event, Subscriber, TooManySubscribers
 from .httpguard import ConnectionGuard, describe
 from .metrics import Metrics
 from .model import parse_duration
-from .netutil import Network, guess_lan_address, interface_networks
+from .netutil import Network, guess_lan_address, host_key, interface_networks
 from .openapi import API_PREFIX, build_openapi
 from .ratelimit import RateLimiter
 from .service import STATUS_ACTIVATIONS, Service
@@ -75,6 +76,8 @@ BODY_TIMEOUT = 10.0  # seconds to receive a request body once the headers arrive
 PAGE_DEFAULT = 500  # activations per page of GET /activations
 PAGE_MAX = 1000
 SSE_HEARTBEAT = 15.0
+SSE_WRITE_TIMEOUT = 30.0  # an event stream whose client reads nothing for this long is closed
+SSE_SEND_BUFFER = 64 * 1024  # kernel send buffer of a stream (else autotuned up to megabytes)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -90,6 +93,7 @@ class ApiSettings:
     public_read: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     sse_heartbeat: float = SSE_HEARTBEAT
+    sse_write_timeout: float = SSE_WRITE_TIMEOUT
     allow: tuple[Network, ...] = ()  # empty: private and link-local addresses
 
     def is_lan(self, address: str) -> bool:
@@ -98,6 +102,8 @@ class ApiSettings:
             addr = ipaddress.ip_address(address)
         except ValueError:
             return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped  # ::ffff:203.0.113.9 is 203.0.113.9
         if addr.is_loopback:
             return True
         if self.allow:
@@ -114,10 +120,11 @@ class Caller:
     lan: bool = True  # inside [api] allow (or this host's networks): may act without the token
 
     def key(self) -> str:
-        """Rate-limit and stream-pool key: every loopback address is this one machine."""
+        """Rate-limit and stream-pool key: every loopback address is this one machine, every
+        address of an IPv6 /64 one host (privacy addresses rotate)."""
         if self.loopback:
             return "loopback"
-        return self.address or "unknown"
+        return host_key(self.address) if self.address else "unknown"
 
 
 class Forbidden(IgdTriggerError):
@@ -506,7 +513,8 @@ async def post_activation(request: web.Request) -> web.Response:
         if svc.config.api.adhoc.admin_only and not _caller(request).admin:
             raise Forbidden("ad-hoc ports need the admin token here ([api] adhoc_admin_only)")
         result = await svc.activate_adhoc(list(open_raw), host, ttl=ttl, source=source,
-                                          meta=dict(meta_raw))
+                                          meta=dict(meta_raw),
+                                          tokenless=not _caller(request).admin)
         return web.json_response(result, status=201)
     assert isinstance(rule, str)
     if svc.engine.rules.get(rule) is None:
@@ -592,14 +600,35 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 async def _stream_events(request: web.Request, sub: Subscriber,
                          since: int | None) -> web.StreamResponse:
+    """The stream itself. Events wait in the subscriber's bounded queue (the oldest dropped,
+    ``event: lost``); the socket's send buffer is fixed at ``SSE_SEND_BUFFER`` (the kernel
+    would grow it to megabytes for a client that stops reading); a client that takes nothing
+    for ``sse_write_timeout`` seconds (those buffers full) is a slow consumer: its stream is
+    closed, so it holds neither memory nor a place in the stream pool."""
     svc = request.app[SERVICE]
     heartbeat = request.app[SETTINGS].sse_heartbeat
+    write_timeout = request.app[SETTINGS].sse_write_timeout
+
+    async def write(data: bytes) -> None:
+        try:
+            await asyncio.wait_for(resp.write(data), write_timeout)
+        except TimeoutError:
+            _refused_log("slow event stream", "event stream to %s closed: it took nothing "
+                         "for %gs", _caller(request).key(), write_timeout)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("slow consumer") from None
+
     resp = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8",
         "Cache-Control": "no-store",
         "X-Accel-Buffering": "no",
     })
     await resp.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SEND_BUFFER)
     hello = {"seq": svc.hub.seq, "event": "hello", "version": __version__,
              "instance": svc.tag, "heartbeat": heartbeat}
     chunks = [b"retry: 3000\n\n",
@@ -607,10 +636,10 @@ async def _stream_events(request: web.Request, sub: Subscriber,
     if since is not None:
         chunks.extend(_sse(e) for e in svc.hub.since(since))
     try:
-        await resp.write(b"".join(chunks))
+        await write(b"".join(chunks))
         while not sub.closed:
             if not await sub.wait(heartbeat):
-                await resp.write(b": keep-alive\n\n")
+                await write(b": keep-alive\n\n")
                 continue
             events, dropped = sub.take()
             out = bytearray()
@@ -620,7 +649,7 @@ async def _stream_events(request: web.Request, sub: Subscriber,
             for ev in events:
                 out += _sse(ev)
             if out:
-                await resp.write(bytes(out))
+                await write(bytes(out))
     except ConnectionError:
         pass  # the client went away
     return resp
@@ -700,6 +729,7 @@ def make_app(
     allowed_hosts: Iterable[str] | None = None,
     allow: Iterable[Network] | None = None,
     sse_heartbeat: float = SSE_HEARTBEAT,
+    sse_write_timeout: float = SSE_WRITE_TIMEOUT,
     clock: Callable[[], float] = time.monotonic,
     middlewares: Iterable[Any] = (),
 ) -> web.Application:
@@ -718,6 +748,7 @@ def make_app(
         allowed_hosts=_local_names() | frozenset(
             h.lower() for h in (cfg.allowed_hosts if allowed_hosts is None else allowed_hosts)),
         sse_heartbeat=sse_heartbeat,
+        sse_write_timeout=sse_write_timeout,
         allow=tuple(allow) if allow is not None else (
             cfg.allow or interface_networks(cfg.host) if not cfg.loopback_only else cfg.allow),
     )

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,42 +143,65 @@ def _proc_hex_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     return None
 
 
-def listener_uid(host: str, port: int, proc: Path = Path("/proc/net")) -> int | None:
-    """The uid of the process listening on loopback ``host:port`` (Linux ``/proc/net/tcp``;
-    the kernel's word, so it cannot be faked), or None when it cannot be told. A listener on
-    that very address wins over a wildcard one, as the kernel picks it."""
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _unmapped(addr: _Address) -> _Address:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def connected_peer_uid(sock: socket.socket, proc: Path = Path("/proc/net")) -> int | None:
+    """The uid of the process that holds the other end of ``sock``, a TCP connection on this
+    machine (Linux ``/proc/net/tcp``/``tcp6``: the kernel's word, so it cannot be faked; an
+    accepted connection carries its listener's owner). None when it cannot be told. Asked of
+    the connection itself, after connecting: whichever address a name such as ``localhost``
+    resolved to, and whoever took the port since anyone looked, the answer is about the
+    process that will read what is sent."""
     try:
-        want = ipaddress.ip_address(host if host != "localhost" else "127.0.0.1")
-    except ValueError:
+        mine, theirs = sock.getsockname(), sock.getpeername()
+        want_local = (_unmapped(ipaddress.ip_address(str(theirs[0]).split("%")[0])),
+                      int(theirs[1]))
+        want_remote = (_unmapped(ipaddress.ip_address(str(mine[0]).split("%")[0])),
+                       int(mine[1]))
+    except (OSError, ValueError, IndexError, TypeError):
         return None
-    best: tuple[int, int] | None = None  # (specificity, uid)
+    for attempt in range(5):  # the listener's side may take a moment to show up
+        found, readable = _find_connection(proc, want_local, want_remote)
+        if found is not None or not readable:
+            return found
+        time.sleep(0.01 * (attempt + 1))
+    return None
+
+
+def _find_connection(proc: Path, local: tuple[_Address, int],
+                     remote: tuple[_Address, int]) -> tuple[int | None, bool]:
+    """(uid of the socket at ``local`` connected to ``remote``, was any table readable?)"""
+    readable = False
     for name in ("tcp", "tcp6"):
         try:
             lines = (proc / name).read_text().splitlines()[1:]
         except OSError:
             continue
+        readable = True
         for line in lines:
             fields = line.split()
-            if len(fields) < 8 or fields[3] != "0A":  # 0A: LISTEN
+            if len(fields) < 8 or fields[3] == "0A":  # 0A: LISTEN
                 continue
-            addr_hex, _, port_hex = fields[1].partition(":")
             try:
-                addr = _proc_hex_address(addr_hex)
-                if addr is None or int(port_hex, 16) != port:
-                    continue
-                uid = int(fields[7])
+                if (_proc_endpoint(fields[1]) == local
+                        and _proc_endpoint(fields[2]) == remote):
+                    return int(fields[7]), True
             except ValueError:
                 continue
-            mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
-            if addr == want or mapped == want:
-                rank = 2
-            elif addr.is_unspecified and (want.version == addr.version or name == "tcp6"):
-                rank = 1
-            else:
-                continue
-            if best is None or rank > best[0]:
-                best = (rank, uid)
-    return best[1] if best is not None else None
+    return None, readable
+
+
+def _proc_endpoint(text: str) -> tuple[_Address, int] | None:
+    addr_hex, _, port_hex = text.partition(":")
+    addr = _proc_hex_address(addr_hex)
+    return (_unmapped(addr), int(port_hex, 16)) if addr is not None else None
 
 
 def read_token(state_dir: Path | None = None) -> str | None:
@@ -238,11 +262,12 @@ def pick_token(explicit: str | None, state_dir: Path | None, trusted: bool,
 
 class Client:
     """``admin_socket``: talk to the service over its local admin socket (no token needed);
-    else over TCP, where the admin token goes to a loopback listener only when the kernel says
-    it runs as the token file's owner (``token_uid``, Linux), so an impostor on the port
-    never sees it. ``token_guessed``: the token came from a file on this machine and may be
-    another service's (a second instance, a container's): when the service answers 401 to it,
-    ask again without it, as any client would be heard."""
+    else over TCP, where the admin token goes to a loopback service only when the kernel says
+    the process at the other end of that connection runs as the token file's owner
+    (``token_uid``, Linux), so an impostor on the port never sees it. ``token_guessed``: the
+    token came from a file on this machine and may be another service's (a second instance,
+    a container's): when the service answers 401 to it, ask again without it, as any client
+    would be heard."""
 
     def __init__(self, server: str | None = None, *, token: str | None = None,
                  timeout: float = 10.0, admin_socket: Path | None = None,
@@ -265,21 +290,25 @@ class Client:
         self.timeout = timeout
         self.admin_socket = admin_socket
         self.token_uid = token_uid
-        self._token_checked = False
 
     def _connection(self, wait: float) -> http.client.HTTPConnection:
         if self.admin_socket is not None:
             return _UnixConnection(self.admin_socket, wait)
         return http.client.HTTPConnection(self.host, self.port, timeout=wait)
 
-    def _check_token_recipient(self) -> None:
-        """Drop the token (with a warning) when a loopback listener is not the service."""
-        self._token_checked = True
+    def _check_token_recipient(self, conn: http.client.HTTPConnection) -> None:
+        """Connect ``conn`` and drop the token (with a warning) when the process at the other
+        end is not the service's user: checked on this very connection (see
+        ``connected_peer_uid``), so another address of the name or a process that took the
+        port a moment ago never receives it."""
         if not self.token or self.token_uid is None or not is_loopback_url(self.url):
             return
-        uid = listener_uid(self.host, self.port)
+        conn.connect()
+        assert conn.sock is not None
+        uid = connected_peer_uid(conn.sock)
         if uid is not None and uid != self.token_uid:
-            print(f"igdtrigger: the process listening on {self.host}:{self.port} runs as uid "
+            peer = conn.sock.getpeername()
+            print(f"igdtrigger: the process listening on {peer[0]}:{peer[1]} runs as uid "
                   f"{uid}, not as the service's user (uid {self.token_uid}, the owner of its "
                   "token file): the admin token is not sent to it", file=sys.stderr)
             self.token = None
@@ -298,23 +327,22 @@ class Client:
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  *, timeout: float | None = None) -> Any:
         wait = timeout or self.timeout
-        if not self._token_checked:
-            self._check_token_recipient()
         conn = self._connection(wait)
         headers = {"Accept": "application/json", "Connection": "close"}
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        if self.token and self.admin_socket is None:
-            headers["Authorization"] = f"Bearer {self.token}"
         try:
+            if self.admin_socket is None:
+                self._check_token_recipient(conn)
+                if self.token:
+                    headers["Authorization"] = f"Bearer {self.token}"
             conn.request(method, path, body=payload, headers=headers)
         except OSError as exc:
             conn.close()
             if self.admin_socket is not None:  # stale socket file (a killed service): TCP
                 self.admin_socket = None
-                self._token_checked = False
                 return self._request(method, path, body, timeout=timeout)
             raise ServiceUnavailable(
                 f"no igdtrigger service at {self.url} ({exc}); start it with `igdtrigger serve` "

@@ -482,6 +482,20 @@ def _adhoc(sec: _Section) -> AdhocConfig:
                        admin_only=sec.boolean("adhoc_admin_only", False))
 
 
+def _api_allow(sec: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``[api] allow``: the LAN. A network of every address (``0.0.0.0/0``, ``::/0``, also
+    ``::ffff:0:0/96``, every IPv4 address written as IPv6) would let the whole Internet act
+    without the token: refused."""
+    nets = sec.networks("allow")
+    for i, net in enumerate(nets):
+        if net.prefixlen == 0 or (isinstance(net, ipaddress.IPv6Network)
+                                  and net.supernet_of(ipaddress.IPv6Network("::ffff:0:0/96"))):
+            raise sec.error(f"allow[{i}]", f"{net} is every address: anyone on the Internet "
+                            "could open ports without the token; name your LAN's networks, "
+                            "like 192.168.1.0/24")
+    return nets
+
+
 def _max_per_host(sec: _Section) -> int:
     value = sec.get("max_per_host")
     if value is None:
@@ -608,7 +622,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         allowed_hosts=tuple(h.strip().lower() for h in hosts_raw),
         zeroconf=zc,
         adhoc=_adhoc(api_sec),
-        allow=api_sec.networks("allow"),
+        allow=_api_allow(api_sec),
         max_per_host=_max_per_host(api_sec),
     )
     api_sec.done(_API)

@@ -6,9 +6,9 @@ aiohttp accepts every connection and keeps an idle one for an hour by default. H
 - a request's headers must arrive within ``header_timeout`` seconds of the connection (or of the
   previous response): aiohttp's keep-alive timer, which is not reset by a trickle of bytes, so
   half a request line is closed as surely as an idle connection;
-- each client address may hold ``per_client`` connections, and all clients but this machine
-  ``total`` together; loopback and the local admin socket have a pool of their own (``local``),
-  so a LAN flood never locks out ``igdtrigger status`` or the admin;
+- each client (an IPv4 address, an IPv6 /64) may hold ``per_client`` connections, and all
+  clients but this machine ``total`` together; loopback and the local admin socket have a
+  pool of their own (``local``), so a LAN flood never locks out ``igdtrigger status`` or the admin;
 - ``total`` is also kept well under the process's file-descriptor limit
   (``RLIMIT_NOFILE``, raised to its hard limit at start): router I/O, the journal and the
   detectors always have descriptors left.
@@ -31,11 +31,14 @@ import ipaddress
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .netutil import host_key
 
 log = logging.getLogger("igdtrigger.api")
 
@@ -89,7 +92,8 @@ def raise_fd_limit() -> int:
 
 
 def _peer_key(family: int, peer: Any) -> tuple[str, bool]:
-    """(address, local?) of a connection's peer: the admin socket and loopback are local."""
+    """(client key, local?) of a connection's peer: the admin socket and loopback are local;
+    an IPv6 client is its /64 (``host_key``: privacy addresses do not multiply its share)."""
     if family == getattr(socket, "AF_UNIX", -1):
         return "unix", True
     host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
@@ -99,7 +103,7 @@ def _peer_key(family: int, peer: Any) -> tuple[str, bool]:
         return host or "unknown", False
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
-    return str(addr), addr.is_loopback
+    return host_key(str(addr)), addr.is_loopback
 
 
 class ConnectionGuard:
@@ -220,22 +224,30 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def admin_socket(path: Path) -> socket.socket:
-    """The local admin socket at ``path``: mode 0600, so only this service's user (and root)
-    can connect. A stale socket file is replaced. Raises OSError."""
+    """The local admin socket at ``path``: mode 0600 (made so by the umask while binding; no
+    chmod by name afterwards, which a symlink swapped in meanwhile would redirect), so only
+    this service's user (and root) can connect. A stale socket, or a symlink planted there,
+    is removed, never followed; anything else there stays and binding fails. A directory
+    other users may write to gets a warning: they could replace the socket (the CLI then
+    refuses it, as its owner is not the directory's). Raises OSError."""
     with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
+        st = path.lstat()
+        if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode):
             path.unlink()
+    with contextlib.suppress(OSError):
+        if path.parent.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning("%s can be written by other users: they could replace the admin "
+                        "socket (chmod 700 it)", path.parent)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         sock.bind(str(path))
+        sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 

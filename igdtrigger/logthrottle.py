@@ -54,7 +54,9 @@ class QuietBadRequests(logging.Filter):
     """For aiohttp's ``aiohttp.server`` logger: a request that is not even HTTP (a bad request
     line, a line past 8 KiB, a negative Content-Length) was answered 400 by aiohttp; log one
     warning line for it instead of an ERROR with a traceback per request, once a minute per
-    kind of error (with the count of those not logged)."""
+    kind of error (with the count of those not logged). A client that hangs up in the middle
+    of its request (half a body, a chunk never ended) is one info line a minute, no
+    traceback: that is the client's doing, not a fault of the service."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
@@ -66,9 +68,16 @@ class QuietBadRequests(logging.Filter):
             return True
         from aiohttp.http_exceptions import HttpProcessingError
 
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        if isinstance(exc, ConnectionError):
+            record.msg = "client %s went away in the middle of its request (%s)"
+            record.args = (peer, type(exc).__name__)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return self._once.filter(record)
         if not isinstance(exc, HttpProcessingError):
             return True
-        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
         text = " ".join(str(getattr(exc, "message", "") or exc).split())
         record.msg = f"malformed HTTP request ({type(exc).__name__}) from %s answered %d: %s"
         record.args = (peer, getattr(exc, "code", 400) or 400,

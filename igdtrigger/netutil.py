@@ -91,3 +91,18 @@ def _entry_network(entry: dict[str, Any]) -> Network | None:
         return ipaddress.ip_network(f"{addr}/{mask}" if mask else addr, strict=False)
     except ValueError:
         return None
+
+
+def host_key(host: str) -> str:
+    """One client's key for per-host limits (connections, request rate, event streams,
+    activations): its IPv4 address, or its IPv6 /64, since one host may use any number of
+    (privacy) addresses in its prefix. A string that is not an address is its own key."""
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)

@@ -50,6 +50,7 @@ from .model import (
     format_duration,
     parse_port_spec,
 )
+from .netutil import host_key
 from .pinholes import PinholeKeeper, PinholeState
 
 if TYPE_CHECKING:
@@ -117,17 +118,6 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
     except OSError:
         return None
     return value
-
-
-def _host_key(host: str) -> str:
-    """One host's key for per-host limits: its IPv4 address, or its IPv6 /64."""
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and not addr.ipv4_mapped:
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
 
 
 def _overlap(a: PortRange, b: PortRange) -> bool:
@@ -687,8 +677,8 @@ class Service:
                 for act in self.engine.activations.values():
                     if (act.host, act.rule.name, act.source) == (host, rule, Source.API):
                         self.engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
-                        if meta:
-                            act.meta.update(meta)
+                        if meta:  # replaced, not merged: refreshes must not grow it
+                            act.meta = dict(meta)
                         return await self._once_applied(act, wait)
             self._check_host_limit(host)
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
@@ -698,9 +688,9 @@ class Service:
         """At most ``[api] max_per_host`` tokenless activations per host; IPv6 addresses count
         per /64 (one host may use any number of addresses in its prefix)."""
         limit = self.config.api.max_per_host
-        key = _host_key(host)
+        key = host_key(host)
         live = sum(1 for a in self.engine.activations.values()
-                   if a.source in (Source.API, Source.RUN) and _host_key(a.host) == key)
+                   if a.source in (Source.API, Source.RUN) and host_key(a.host) == key)
         if live >= limit:
             self.engine.refused["per_host"] += 1
             raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
@@ -720,9 +710,12 @@ class Service:
         source: Source,
         meta: dict[str, str] | None = None,
         wait: float = APPLY_WAIT,
+        tokenless: bool = False,
     ) -> dict[str, Any]:
         """Open ports the request names (no rule): only with ``[api] allow_adhoc``, only
-        ports inside ``adhoc_ports``, at most ``adhoc_max_ports`` for ``adhoc_max_ttl``."""
+        ports inside ``adhoc_ports``, at most ``adhoc_max_ports`` for ``adhoc_max_ttl``, at
+        most ``adhoc_per_host`` per host (an IPv6 host: its /64). ``tokenless``: they count
+        towards ``[api] max_per_host`` as well (``ActivationLimit``)."""
         if self._stopping:
             raise UsageError("service is shutting down")
         adhoc = self.config.api.adhoc
@@ -734,11 +727,14 @@ class Service:
         if ttl > adhoc.max_ttl:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
                                f"({format_duration(adhoc.max_ttl)})")
+        key = host_key(host)
         live = sum(1 for a in self.engine.activations.values()
-                   if a.host == host and a.rule.name.startswith(ADHOC_PREFIX))
+                   if a.rule.name.startswith(ADHOC_PREFIX) and host_key(a.host) == key)
         if live >= adhoc.per_host:
             raise AdhocRefused(f"{host} already holds {live} ad-hoc activation(s), the "
                                f"[api] adhoc_per_host limit; deactivate one first")
+        if tokenless:
+            self._check_host_limit(host)
         act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 

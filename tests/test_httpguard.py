@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,33 +253,46 @@ async def test_descriptor_shortage_leaves_the_gateway_up_and_mappings_in_place(
 # --- the local CLI never hands the token to an impostor ----------------------------------------
 
 
-def test_listener_uid_is_read_from_the_kernel() -> None:
+def test_connected_peer_uid_is_read_from_the_kernel() -> None:
     if not Path("/proc/net/tcp").exists():
         pytest.skip("no /proc/net/tcp here")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        port = sock.getsockname()[1]
-        assert client_mod.listener_uid("127.0.0.1", port) == os.getuid()
-    assert client_mod.listener_uid("127.0.0.1", port) is None  # nobody listens now
+    with socket.socket() as lsn:
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(1)
+        with socket.create_connection(lsn.getsockname()) as sock:
+            assert client_mod.connected_peer_uid(sock) == os.getuid()
 
 
-def test_listener_uid_prefers_the_exact_address_over_a_wildcard(tmp_path: Path) -> None:
+def test_connected_peer_uid_matches_this_connection_only(tmp_path: Path) -> None:
     head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
     (tmp_path / "tcp").write_text(
-        head + "   0: 00000000:2223 00000000:0000 0A 00000000:00000000 00:00000000 00000000  "
-        "0 0 1 1\n"
-        "   1: 0100007F:2223 00000000:0000 0A 00000000:00000000 00:00000000 00000000  "
-        "1001 0 2 1\n"
-        "   2: 0100007F:2224 0100007F:9999 01 00000000:00000000 00:00000000 00000000  "
-        "1002 0 3 1\n")
-    (tmp_path / "tcp6").write_text(
-        head + "   0: 00000000000000000000000001000000:2224 "
-        "00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  "
-        "1003 0 4 1\n")
-    assert client_mod.listener_uid("127.0.0.1", 0x2223, tmp_path) == 1001
-    assert client_mod.listener_uid("::1", 0x2224, tmp_path) == 1003
-    assert client_mod.listener_uid("127.0.0.1", 0x2225, tmp_path) is None
+        head + "   0: 0100007F:2223 00000000:0000 0A 00000000:00000000 00:00000000 00000000  "
+        "1001 0 1 1\n"
+        "   1: 0100007F:2223 0100007F:9998 01 00000000:00000000 00:00000000 00000000  "
+        "1002 0 2 1\n"
+        "   2: 0100007F:2223 0100007F:9999 01 00000000:00000000 00:00000000 00000000  "
+        "1003 0 3 1\n")
+    (tmp_path / "tcp6").write_text(  # a dual-stack listener's side: ::ffff:127.0.0.1
+        head + "   0: 0000000000000000FFFF00000100007F:2224 "
+        "0000000000000000FFFF00000100007F:9999 01 00000000:00000000 00:00000000 00000000  "
+        "1004 0 4 1\n")
+
+    class Conn:
+        def __init__(self, port: int) -> None:
+            self.port = port
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", 0x9999)
+
+        def getpeername(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    def uid(port: int) -> int | None:
+        return client_mod.connected_peer_uid(Conn(port), tmp_path)  # type: ignore[arg-type]
+
+    assert uid(0x2223) == 1003  # the accepted side of this connection, not the listener
+    assert uid(0x2224) == 1004
+    assert client_mod.connected_peer_uid(Conn(0x2225), tmp_path / "none") is None  # type: ignore[arg-type]
 
 
 class _Recorder:
@@ -310,8 +323,8 @@ async def test_token_goes_only_to_a_listener_run_by_the_services_user(
         monkeypatch: pytest.MonkeyPatch, same_user: bool) -> None:
     rec = _Recorder()
     try:
-        monkeypatch.setattr(client_mod, "listener_uid",
-                            lambda host, port: 4242 if not same_user else os.getuid())
+        monkeypatch.setattr(client_mod, "connected_peer_uid",
+                            lambda sock: 4242 if not same_user else os.getuid())
         c = client_mod.Client(f"http://127.0.0.1:{rec.port}", token="s3cret",
                               token_uid=os.getuid())
         server = asyncio.get_running_loop().run_in_executor(None, rec.serve_one)
@@ -379,27 +392,36 @@ def test_miniupnpc_socket_error_while_out_of_descriptors_is_local() -> None:
     assert isinstance(fault, LocalResourceError)
 
 
-async def test_requests_that_are_not_http_are_400_and_logged_once_without_traceback(
-        svc: Service, caplog: pytest.LogCaptureFixture) -> None:
+@contextlib.contextmanager
+def quiet_server_log() -> Iterator[None]:
+    """aiohttp's server log with the service's filter (as ``serve`` sets it up)."""
     from igdtrigger.logthrottle import QuietBadRequests
 
     quiet = QuietBadRequests()
     server_log = logging.getLogger("aiohttp.server")
     server_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        server_log.removeFilter(quiet)
+
+
+async def test_requests_that_are_not_http_are_400_and_logged_once_without_traceback(
+        svc: Service, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, "aiohttp.server")
     sock = listen_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     runner, servers = await _serve(svc, ConnectionGuard(), [sock])
     try:
-        for _ in range(5):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
-            status_line = await asyncio.wait_for(reader.readline(), 10)
-            assert status_line.split()[1] == b"400"
-            writer.close()
+        with quiet_server_log():
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
+                status_line = await asyncio.wait_for(reader.readline(), 10)
+                assert status_line.split()[1] == b"400"
+                writer.close()
     finally:
         await _stop(runner, servers)
-        server_log.removeFilter(quiet)
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(records) == 1
     assert records[0].levelno == logging.WARNING and records[0].exc_info is None
