@@ -1024,8 +1024,9 @@ class Mapper:
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
             want = wanted.get(m.key)
-            if want is not None and want.internal_client == m.internal_client:
-                continue  # a restored activation wants it: refreshed by the add path, no gap
+            if (want is not None and want.internal_client == m.internal_client
+                    and owned_by(m.description, self.tag) is not None):
+                continue  # ours, and a restored activation wants it: refreshed by the add path
             if m.key in held or (owned_by(m.description, self.tag) is None
                                  and not self._reclaimable(m.internal_client, m.description)):
                 continue
