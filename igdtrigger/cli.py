@@ -11,6 +11,7 @@ Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 no service r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, Rule, load_config
+from .engine import MAX_TTL
 from .errors import ConfigError, IgdTriggerError, UsageError
 from .model import compress_ports, format_duration, parse_duration, parse_port_spec
 
@@ -32,9 +34,18 @@ class _Parser(argparse.ArgumentParser):
 
 def _duration(text: str) -> float:
     try:
-        return parse_duration(text)
+        seconds = parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds > MAX_TTL:  # the longest activation granted; keeps socket timeouts in range
+        raise argparse.ArgumentTypeError(f"duration {text!r} is longer than {MAX_TTL / 86400:g}d")
+    return seconds
+
+
+def _rule_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rule name (empty)")
+    return text
 
 
 def _within(lo: float, hi: float) -> Callable[[str], float]:
@@ -101,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a command with a rule's ports open while it runs")
     common(r)
     which = r.add_mutually_exclusive_group(required=True)
-    which.add_argument("--rule", help="rule to activate")
+    which.add_argument("--rule", type=_rule_name, help="rule to activate")
     which.add_argument("--infer", choices=["steam", "lutris", "heroic"],
                        help="name the rule from the launcher's environment (SteamAppId, "
                        "GAME_NAME, HEROIC_APP_NAME) via [launchers] or a rule of that name")
@@ -119,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("activate", help="open a rule's ports now")
     common(a)
-    a.add_argument("rule", nargs="?")
+    a.add_argument("rule", nargs="?", type=_rule_name)
     a.add_argument("--open", action="append", metavar="PROTO/PORT[-PORT]",
                    help="ad-hoc ports instead of a rule (the service must set [api] "
                    "allow_adhoc); repeatable")
@@ -131,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("deactivate", help="close a rule's ports now")
     common(d)
-    d.add_argument("rule")
+    d.add_argument("rule", type=_rule_name)
     d.add_argument("--host", help="only this host's activations")
     d.add_argument("--json", action="store_true")
 
@@ -211,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, gateway=replace(config.gateway, url=SIMULATE))
         if not config.rules:  # try-it-now: something to activate out of the box
             config = replace(config, rules=(DEMO_RULE,))
-    if args.listen:
+    if args.listen is not None:  # "" too: an empty $VAR is a mistake, not the default
         try:
             host, port = parse_listen(args.listen)
         except ValueError as exc:
@@ -220,16 +231,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = replace(config, api=replace(config.api, host=host, port=port))
     rc = asyncio.run(serve(config, ready_file=args.ready_file))
     if getattr(args, "fast_exit", False):
-        # Every mapping is removed, the journal closed, the log written: leave now rather than
-        # sit through the interpreter's teardown of aiohttp, zeroconf & co. (0.1-0.4 s, most
-        # of the exit after "stopped"). Only as the program itself, never for an in-process
-        # caller of main().
-        import logging
+        # Every mapping is removed, the journal closed (service.stop), no thread of ours left:
+        # leave now rather than sit through the interpreter's teardown of aiohttp, zeroconf &
+        # co. (0.1-0.4 s under load, most of the exit after "stopped"). What os._exit skips is
+        # done here: the atexit handlers (logging's flush and close, any a library added) and
+        # the flush of stdout/stderr, which may be a closed pipe (`serve | head`). Only as the
+        # program itself, never for an in-process caller of main().
+        import atexit
         import os
 
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
         os._exit(rc)
     return rc
 

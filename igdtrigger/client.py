@@ -9,6 +9,7 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -251,13 +252,37 @@ def pick_token(explicit: str | None, state_dir: Path | None, trusted: bool,
     """``(token, guessed)``: ``--token``, else ``$IGDTRIGGER_TOKEN``, else (only for a trusted
     server) a token file on this machine, which may be another service's: ``guessed``."""
     if explicit:
-        return explicit, False
+        return _token_checked(explicit, "--token"), False
     if env := os.environ.get("IGDTRIGGER_TOKEN"):
-        return env.strip(), False
+        return _token_checked(env.strip(), "$IGDTRIGGER_TOKEN"), False
     if not trusted:
         return None, False
     token = read_token(state_dir)
     return token, token is not None
+
+
+def _token_checked(token: str, source: str) -> str:
+    """``token`` if it can be an admin token (printable ASCII without blanks: it travels in an
+    HTTP header); else a UsageError naming ``source``, never echoing the secret."""
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise UsageError(f"{source}: an admin token is printable ASCII without blanks (the "
+                         "service's api-token file in its state directory holds it)")
+    return token
+
+
+def _bad_host(host: str) -> str:
+    """Why ``host`` (from a URL) cannot be connected to, or "": blanks and control characters
+    (http.client refuses them), a name IDNA cannot encode (a label over 63 characters, a name
+    over 253)."""
+    if not host.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in host):
+        return "the host name has blanks or control characters"
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError as exc:
+        return f"not a host name ({exc})"
+    if len(encoded) > 253:
+        return "the host name is longer than 253 characters"
+    return ""
 
 
 class Client:
@@ -273,15 +298,20 @@ class Client:
                  timeout: float = 10.0, admin_socket: Path | None = None,
                  token_uid: int | None = None, token_guessed: bool = False) -> None:
         url = server or os.environ.get("IGDTRIGGER_SERVER") or DEFAULT_SERVER
+        given = url
         if "://" not in url:
+            if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(?!\d)", url):  # unix:/x, mailto:, not host:port
+                raise UsageError(f"--server {given!r}: expected http://HOST:PORT")
             url = "http://" + url
         try:
             parsed = urllib.parse.urlsplit(url)
             port = parsed.port
         except ValueError as exc:  # "http://[bad", a port above 65535
-            raise UsageError(f"--server {url!r}: {exc}; expected http://HOST:PORT") from None
+            raise UsageError(f"--server {given!r}: {exc}; expected http://HOST:PORT") from None
         if parsed.scheme != "http" or not parsed.hostname:
-            raise UsageError(f"--server {url!r}: expected http://HOST:PORT")
+            raise UsageError(f"--server {given!r}: expected http://HOST:PORT")
+        if why := _bad_host(parsed.hostname):
+            raise UsageError(f"--server {given!r}: {why}; expected http://HOST:PORT")
         self.url = url.rstrip("/")
         self.host = parsed.hostname
         self.port = port or DEFAULT_PORT

@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -191,12 +192,15 @@ def default_config_paths() -> list[Path]:
 
 
 def find_config() -> Path | None:
-    """The first config file of :func:`default_config_paths` that exists, or None. Raises
+    """The first path of :func:`default_config_paths` that exists, or None. Raises
     ``ConfigError`` when one cannot even be looked at (a directory this user may not enter:
     e.g. a container's ``/config`` owned by another uid)."""
     for p in default_config_paths():
         try:
-            if p.is_file():
+            # a directory or FIFO where the config should be (docker makes a directory of a
+            # bind mount whose host file is missing) is that config, refused by name, never
+            # passed over for the next place or the defaults
+            if p.exists():
                 return p
         except OSError as exc:
             raise ConfigError(f"cannot read: {exc.strerror}{_access_hint(p)}",
@@ -245,6 +249,26 @@ def _access_hint(path: Path, fix: str = "make the file readable, e.g. a bind-mou
     return ""
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_file(p: Path) -> bytes:
+    """The bytes of a config file. A FIFO (which would block until a writer comes), a device
+    or a socket is refused, and so is a file over ``MAX_CONFIG_BYTES``: ``ConfigError``."""
+    with open(p, "rb", opener=lambda f, flags: os.open(f, flags | os.O_NONBLOCK)) as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device")
+            raise ConfigError(f"not a regular file ({kind}); give the path of a TOML file",
+                              source=str(p))
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file",
+                          source=str(p))
+    return raw
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Load ``path`` (or the first file found in the usual places, or the defaults)."""
     overrides = env_overrides()
@@ -256,8 +280,10 @@ def load_config(path: str | Path | None = None) -> Config:
             return _parse_with_env({}, overrides, source="<environment>")
         path = found
     p = Path(path)
+    if not str(path).strip():
+        raise ConfigError("an empty path names no config file", source=repr(str(path)))
     try:
-        raw = p.read_bytes()
+        raw = _read_config_file(p)
     except FileNotFoundError:
         raise ConfigError("file not found", source=str(p)) from None
     except OSError as exc:

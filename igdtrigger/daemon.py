@@ -194,29 +194,35 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     for sig in STOP_SIGNALS:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, _stop_on, stop, sig)
-    await service.start()
-    log.info(
-        "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
-        len(config.rules), config.api.host, config.api.port, config.source,
-    )
-    notifier = Notifier()
-    notifier.ready(_status_line(service, config))
-    side_tasks = [asyncio.create_task(notifier.watchdog(), name="sd-watchdog")]
+    failure: Exception | None = None
+    side_tasks: list[asyncio.Task[Any]] = []
     advertiser = None
-    if advertise:  # in the background: its ~2 s of mDNS probing must not delay a stop
-        advertiser = _advertiser(config, service)
-        side_tasks.append(asyncio.create_task(_advertise(advertiser), name="zeroconf"))
-    if notifier.enabled:
-        side_tasks.append(asyncio.create_task(_status_updates(notifier, service, config)))
-    if ready_file:
-        with open(ready_file, "w") as fh:  # noqa: ASYNC230 (tiny, once)
-            fh.write(str(os.getpid()))
+    notifier = Notifier()
     try:
+        await service.start()
+        log.info(
+            "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
+            len(config.rules), config.api.host, config.api.port, config.source,
+        )
+        notifier.ready(_status_line(service, config))
+        side_tasks.append(asyncio.create_task(notifier.watchdog(), name="sd-watchdog"))
+        if advertise:  # in the background: its ~2 s of mDNS probing must not delay a stop
+            advertiser = _advertiser(config, service)
+            side_tasks.append(asyncio.create_task(_advertise(advertiser), name="zeroconf"))
+        if notifier.enabled:
+            side_tasks.append(asyncio.create_task(_status_updates(notifier, service, config)))
+        if ready_file:
+            with open(ready_file, "w") as fh:  # noqa: ASYNC230 (tiny, once)
+                fh.write(str(os.getpid()))
         await stop.wait()
     except asyncio.CancelledError:
         # Windows has no loop signal handlers: Ctrl-C cancels this task (asyncio.run). The
         # mappings are removed all the same; asyncio.run then raises KeyboardInterrupt.
         log.info("interrupted")
+    except Exception as exc:
+        # start-up failed half-way: stop as cleanly as on a signal (mappings, detector threads
+        # that would keep the process alive), then say why
+        failure = exc
     t0 = time.monotonic()
     log.info("stopping: removing mappings")
     notifier.stopping("removing mappings")
@@ -237,6 +243,8 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     if sim is not None:
         await sim.close()
     log.info("stopped in %.2fs (%d mapping(s) removed)", time.monotonic() - t0, removed)
+    if failure is not None:
+        raise failure
     return 0
 
 

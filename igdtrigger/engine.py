@@ -112,6 +112,9 @@ class Activation:
     # the host maps these ports itself (a router in secure mode refused them to us; ``run`` on
     # that host reported it): the activation stays (status, dashboard) but wants no mapping
     self_mapped: bool = False
+    # restored after a restart as held by a connection: held (at most one timeout from the
+    # restart) until a flow detector's first look shows whether that connection still lives
+    unproven: bool = False
     # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
     specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
         default=None, repr=False, compare=False)
@@ -127,6 +130,9 @@ class Activation:
         if self.source in (Source.API, Source.RUN):
             label = "API" if self.source is Source.API else "run"
             return f"{label}, {format_duration(self.expires - now)} left"
+        if self.unproven and not self.holding:
+            return (f"held before the restart, looking for its connection "
+                    f"({format_duration(self.expires - now)} left at most)")
         if self.source is Source.PROCESS:  # the process detector looks every second or so
             since = now - self.last_active
             return ("process running" if since <= PROCESS_RUNNING_WITHIN
@@ -589,14 +595,21 @@ class Engine:
     def restore(self, act_id: str, rule_name: str, host: str, source: str, *, age: float,
                 remaining: float, ttl: float, meta: dict[str, str],
                 adhoc: Callable[[tuple[PortRange, ...]], bool] | None = None,
-                ) -> Activation | None:
+                held: bool = False) -> Activation | None:
         """Bring back an activation from the journal after a restart (None if it can't be).
         Ad-hoc ones come back only when ``adhoc`` still permits their ports.
+
+        ``held``: it was held by a live connection when last journaled (the journal's expiry is
+        infinite; ``remaining`` is ignored). It comes back held for at most ``ttl`` from now
+        (``unproven``) until :meth:`settle_restored`: a flow detector's first look either finds
+        the connection (held again) or not (it closes then, unless traffic was seen since).
 
         It never outlives what was asked: ``remaining`` (wall-clock seconds the journal says
         are left) is capped at ``ttl``, the longest it can have been since its last refresh,
         whatever the wall clock did meanwhile (behind at start, ahead, or a hostile row 20
         years ahead); a ``ttl`` outside 0-7d, or not finite, is not restored."""
+        if held:
+            remaining = ttl  # no evidence of activity yet: any packet seen is newer
         if not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL and math.isfinite(remaining)):
             return None
         remaining = min(remaining, ttl)
@@ -620,15 +633,32 @@ class Engine:
             self.refused["total"] += 1
             return None
         now = self.clock()
+        unproven = held and src in (Source.TRAFFIC, Source.PROCESS)
         act = Activation(id=act_id, rule=rule, host=host, source=src, created=now - max(0, age),
                          expires=now + remaining, ttl=ttl, seq=next(self._seq), meta=meta,
-                         last_active=now + remaining - ttl, journaled=now + remaining)
+                         last_active=now + remaining - ttl - (ttl if unproven else 0.0),
+                         journaled=math.inf if unproven else now + remaining,
+                         unproven=unproven)
         self.activations[act.id] = act
         if src in (Source.TRAFFIC, Source.PROCESS):
             self._traffic[(rule.name, host, src)] = act.id
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
         self.generation += 1
         return act
+
+    def settle_restored(self) -> list[Activation]:
+        """A flow detector listed every live flow (:class:`~igdtrigger.model.FlowsListed`): a
+        restored activation held before the restart and not held again has lost its connection
+        at some unknown time; it closes now, or ``idle_timeout`` after traffic seen since the
+        restart. Returns the activations settled."""
+        now = self.clock()
+        settled = [a for a in self.activations.values() if a.unproven]
+        for act in settled:
+            act.unproven = False
+            if not act.holding:
+                self._set_expiry(act, min(act.expires,
+                                          max(act.last_active + act.rule.idle_timeout, now)))
+        return settled
 
     def get(self, act_id: str) -> Activation:
         act = self.activations.get(act_id)

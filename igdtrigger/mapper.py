@@ -266,6 +266,7 @@ class Mapper:
         self._next_canary = math.inf
         self._canary_index = 0
         self._swept = False
+        self._wanted_now: dict[MappingKey, MappingSpec] = {}
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
         self._siblings: set[MappingKey] = set()  # conflicts with another igdtrigger's same map
@@ -754,6 +755,7 @@ class Mapper:
 
     async def _reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
         now = self.clock()
+        self._wanted_now = desired  # the start-up sweep never deletes what is wanted right now
         if not self.gateway_up:
             if now < self._gateway_retry_at:
                 self._mark_pending(desired)
@@ -1018,8 +1020,13 @@ class Mapper:
         self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
         info = self.gateway.info
         me = info.local_address if info is not None else ""
+        wanted = self._wanted_now
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
+            want = wanted.get(m.key)
+            if (want is not None and want.internal_client == m.internal_client
+                    and owned_by(m.description, self.tag) is not None):
+                continue  # ours, and a restored activation wants it: refreshed by the add path
             if m.key in held or (owned_by(m.description, self.tag) is None
                                  and not self._reclaimable(m.internal_client, m.description)):
                 continue

@@ -197,6 +197,15 @@ class FlowEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowsListed:
+    """A flow detector's first full look at the table is done (conntrack's start-up dump, the
+    socket table's first poll): every flow living now has been reported. An activation that was
+    held by a connection before a restart and is not held again by now has lost it."""
+
+    detector: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessSeen:
     """A process detector's poll: names of the watched executables running on this host now."""
 

@@ -42,6 +42,7 @@ from .model import (
     Flow,
     FlowEnded,
     FlowLive,
+    FlowsListed,
     MappingKey,
     PinholeSpec,
     PortRange,
@@ -204,6 +205,7 @@ class Service:
         # (the mappings themselves are journaled before they are requested): no fsync of its
         # own on the way from a trigger to an open port.
         self._unjournaled: dict[str, Activation] = {}
+        self._flows_listed: set[str] = set()  # flow detectors whose first look is reported
         self.restored = self._restore()
         set_lost_state_handler(gateway, self._router_lost_state)
         self.detectors = detectors or []
@@ -311,16 +313,20 @@ class Service:
                 ja.expires_boot)
             remaining = (ja.expires_boot - now_boot if same_boot
                          else ja.expires_wall - now_wall)
+            held = ja.expires_wall == math.inf  # a live connection held it
+            if held and boot_id and ja.boot_id and ja.boot_id != boot_id:
+                held, remaining = False, 0.0  # before a reboot: no connection outlived that
             act = self.engine.restore(ja.id, ja.rule, ja.host, ja.source,
                                       age=now_wall - ja.created_wall,
                                       remaining=remaining, ttl=ja.ttl,
-                                      meta=ja.meta, adhoc=self._adhoc_allowed)
+                                      meta=ja.meta, adhoc=self._adhoc_allowed, held=held)
             if act is None:
                 self.journal.activation_gone(ja.id)
             else:
                 count += 1
-                log.info("restored activation of rule %s for %s (%s left)", ja.rule, ja.host,
-                         format_duration(act.expires - self.clock()))
+                log.info("restored activation of rule %s for %s (%s)", ja.rule, ja.host,
+                         act.hold_reason(self.clock()) if act.unproven
+                         else f"{format_duration(act.expires - self.clock())} left")
         self.engine.dirty.clear()
         # a killed `igdtrigger run`'s journal (not for --simulate: those are the real router's)
         take_over(self.journal, dead_runs(self.journal_dir))
@@ -371,9 +377,11 @@ class Service:
     def _journal_record(self, act: Activation) -> JournalActivation:
         now_wall, now = self.wall(), self.clock()
         boot_id, now_boot = self.boot()
-        # a held activation is written as closing one timeout from now: after a crash the
-        # detectors' table dump holds it again if its connection still lives
-        remaining = act.ttl if act.held else act.expires - now
+        # a held activation is written as held (expires inf): after a crash it comes back
+        # held until the detectors' first look finds its connection or not (at most one
+        # timeout after the restart; Engine.restore/settle_restored). Written when the hold
+        # starts and ends only: no write per packet.
+        remaining = math.inf if act.held else act.expires - now
         return JournalActivation(act.id, act.rule.name, act.host, act.source.value,
                                  now_wall - (now - act.created), now_wall + remaining,
                                  act.ttl, dict(act.meta), boot_id, now_boot + remaining)
@@ -438,7 +446,10 @@ class Service:
         self._tracking_watched = True
         if vis.seen:
             return DetectorStatus(det.name, True, detail=vis.text)
-        log.warning("detector conntrack: %s; the socket table stands in", vis.text)
+        if not trigger:  # nothing to watch for: not a fault (rules for run/activate/API only)
+            log.info("detector conntrack idle: no rule has a trigger port")
+        else:
+            log.warning("detector conntrack: %s; the socket table stands in", vis.text)
         return DetectorStatus(det.name, False, vis.text)
 
     async def retrack(self) -> None:
@@ -580,8 +591,16 @@ class Service:
         if self.engine.on_flow(flow):
             self.wake()
 
-    def observe(self, obs: Flow | FlowLive | FlowEnded | ProcessSeen) -> None:
+    def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
         """The sink every detector reports to."""
+        if isinstance(obs, FlowsListed):
+            self._flows_listed.add(obs.detector)
+            running = {t.get_name() for t in self._tasks if not t.done()}  # started, alive
+            if all(d.name in self._flows_listed for d in self.detectors
+                   if getattr(d, "holds_flows", False) and d.name in running) \
+                    and self.engine.settle_restored():
+                self.wake()  # every flow detector looked: restored holds not found close
+            return
         if isinstance(obs, ProcessSeen):
             host = self.local_address()
             if host is not None and obs.names and self.engine.on_process(obs.names, host):

@@ -37,6 +37,7 @@ from .test_conntrack import (
 )
 
 ESTABLISHED, TIME_WAIT, SYN_SENT = 3, 7, 1
+FIN_WAIT, CLOSE_WAIT, LAST_ACK = 4, 5, 6
 
 
 def tcp4(sport: int = 40001, dport: int = 27015) -> Flow:
@@ -117,6 +118,23 @@ def test_a_packet_is_seen_only_when_the_deadline_moves_beyond_rounding() -> None
     assert f not in det.followed
 
 
+@pytest.mark.parametrize("timeout", [10, 60, 300], ids=["lowered", "raised", "ct-policy"])
+def test_a_packet_is_never_dated_before_the_previous_look(timeout: int) -> None:
+    """The UDP timeout is not what the detector read at start (the sysctl changed since, or an
+    nft ct timeout policy applies to this flow): a packet each second must still refresh the
+    activation. The estimate is capped by the time since the previous look, when the packet
+    certainly was not there yet. (Before: with the sysctl lowered to 10 s, a fresh packet was
+    dated 20 s back and the ports closed while the game was sending.)"""
+    det = ConntrackDetector()
+    det.udp_timeouts = (30, 120)  # as read at start
+    f = udp4()
+    det.follow(f, 0.0)
+    assert det.look(f, CtEntry(f, timeout - 1, 0, None), 1.0) is None
+    news = det.look(f, CtEntry(f, timeout - 1, 0, None), 3.0)  # a packet since: reset
+    assert isinstance(news, FlowLive) and news.idle is not None
+    assert news.idle <= 2.0
+
+
 def test_a_tcp_connection_holds_then_ends_when_it_closes() -> None:
     det = ConntrackDetector()
     f = tcp4()
@@ -126,13 +144,34 @@ def test_a_tcp_connection_holds_then_ends_when_it_closes() -> None:
     assert det.look(f, CtEntry(f, 119, 0, TIME_WAIT), 3.0) == FlowEnded(f, closed=True)
 
 
+def test_a_half_closed_connection_stops_holding_but_its_packets_still_refresh() -> None:
+    """The game client shut down its sending side (FIN: conntrack FIN_WAIT) while the server
+    still streams to it: the connection no longer holds, but every packet still refreshes the
+    activation until it is closed both ways. (Before: FIN_WAIT ended the flow at once and the
+    ports closed one timeout later while data still flowed.)"""
+    det = ConntrackDetector()
+    f = tcp4()
+    det.follow(f, 0.0)
+    assert det.look(f, CtEntry(f, 431999, 0, ESTABLISHED), 1.0) == FlowLive(f, True, None)
+    assert det.look(f, CtEntry(f, 119, 0, FIN_WAIT), 2.0) == FlowLive(f, False, None)
+    assert det.look(f, CtEntry(f, 118, 0, FIN_WAIT), 3.0) is None  # silent
+    assert det.look(f, CtEntry(f, 119, 0, FIN_WAIT), 4.0) == FlowLive(f, False, 0.0)  # data
+    assert det.look(f, CtEntry(f, 59, 0, CLOSE_WAIT), 5.0) is None  # shorter state timeout
+    assert det.look(f, CtEntry(f, 59, 0, CLOSE_WAIT), 7.0) == FlowLive(f, False, 0.0)
+    assert det.look(f, CtEntry(f, 29, 0, LAST_ACK), 8.0) == FlowEnded(f, closed=True)
+
+
 def test_the_start_dump_reports_live_flows_with_their_idleness() -> None:
     det = ConntrackDetector()
     looks = det._first_looks([CtEntry(udp4(), 25, 0, None),
                               CtEntry(tcp4(), 400000, 0, ESTABLISHED),
                               CtEntry(tcp4(2), 100, 0, TIME_WAIT),
-                              CtEntry(tcp4(3), 100, 0, SYN_SENT)])
-    assert looks == [FlowLive(udp4(), False, 4.0), FlowLive(tcp4(), True, None)]
+                              CtEntry(tcp4(3), 100, 0, SYN_SENT),
+                              CtEntry(tcp4(4), 110, 0, FIN_WAIT)])
+    # a half-closed connection from before still carries data one way: followed, dated by
+    # its state's timeout (FIN_WAIT 120 s), without holding
+    assert looks == [FlowLive(udp4(), False, 4.0), FlowLive(tcp4(), True, None),
+                     FlowLive(tcp4(4), False, 9.0)]
 
 
 # --- the real kernel ---------------------------------------------------------------------------
@@ -149,6 +188,8 @@ async def main():
     det.wanted = lambda proto, port: port in PORTS
     det.follows = lambda f: f.dport in PORTS
     def sink(o):
+        if not isinstance(o, (Flow, FlowLive, FlowEnded)):
+            return  # FlowsListed
         f = o if isinstance(o, Flow) else o.flow
         out = {"kind": type(o).__name__, "proto": f.proto.value, "dport": f.dport}
         if isinstance(o, FlowLive):

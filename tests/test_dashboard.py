@@ -438,3 +438,25 @@ async def test_dashboard_says_a_wrong_token_and_its_placeholder_activates(
     assert ": open," in message, message
     acts = (await asyncio.to_thread(http, "GET", f"{service}/api/v1/activations"))["activations"]
     assert [a["ttl"] for a in acts] == [600]
+
+
+async def test_dashboard_fits_a_phone_screen(service: str, page: DevTools) -> None:
+    """At 400 px wide (a phone on the LAN) the page does not run off the screen: a wide table
+    scrolls inside its card, and each row's button can be reached there (was: the Deactivate
+    and Activate buttons and the 'renews in' column past the right edge of the page)."""
+    act = await asyncio.to_thread(http, "POST", f"{service}/api/v1/activations",
+                                  {"rule": "demo", "ttl": "5m"})
+    await page.call("Emulation.setDeviceMetricsOverride", width=400, height=900,
+                    deviceScaleFactor=1, mobile=True)
+    await page.call("Page.navigate", url=f"{service}/")
+    button = f'button[data-deactivate="{act["id"]}"]'
+    await page.wait_js(f"document.querySelector({json.dumps(button)}) !== null", 10,
+                       "the activation's Deactivate button")
+    await page.screenshot(ARTIFACTS / "dashboard-phone.png")
+    # a mobile browser widens its layout viewport to the content: compare with the screen
+    width = await page.js("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width == [400, 400], width
+    await page.js(f"document.querySelector({json.dumps(button)}).scrollIntoView()")
+    right = await page.js(f"document.querySelector({json.dumps(button)})"
+                          ".getBoundingClientRect().right")
+    assert right <= 400, right

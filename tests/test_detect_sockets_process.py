@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -28,11 +29,12 @@ from igdtrigger.detect.sockets import (
     read_psutil,
 )
 from igdtrigger.errors import DetectionUnavailable
-from igdtrigger.model import Flow, ProcessSeen, Proto
+from igdtrigger.model import Flow, FlowEnded, FlowLive, ProcessSeen, Proto
 from igdtrigger.service import Service
 from igdtrigger.wrapper import ProcessWaiter
 
 from .fakes import FakeClock, FakeGateway
+from .test_engine import make, rule
 
 LINUX = sys.platform.startswith("linux")
 HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
@@ -50,6 +52,8 @@ def test_parse_proc_net_tcp() -> None:
         line("00000000:1F90", "00000000:0000", "0A"),  # listening on 8080
         line("0A00A8C0:1F90", "09090909:D431", "01"),  # accepted on 8080: inbound
         line("0A00A8C0:C352", "08080808:6989", "06"),  # TIME_WAIT: over
+        # FIN_WAIT2: closed by the game, the peer never closed (an orphan for 60 s): over
+        line("0A00A8C0:C353", "08080808:6989", "05"),
         "   1: garbage\n",
     ])
     conns, listening = parse_proc_net(text, Proto.TCP, v6=False)
@@ -57,7 +61,7 @@ def test_parse_proc_net_tcp() -> None:
     assert conns == [
         (Proto.TCP, "192.168.0.10", 50000, "8.8.8.8", 27015),
         (Proto.TCP, "192.168.0.10", 50001, "8.8.8.8", 27016),
-        (Proto.TCP, "192.168.0.10", 8080, "9.9.9.9", 54321),  # dropped by read_proc_net
+        (Proto.TCP, "192.168.0.10", 8080, "9.9.9.9", 54321),  # read_proc_net turns it around
     ]
 
 
@@ -92,7 +96,9 @@ def test_read_proc_net_sees_our_outbound_connection_only(
     server, client = loopback_connection
     got = read_proc_net()
     assert (Proto.TCP, "127.0.0.1", client, "127.0.0.1", server) in got
-    assert not [c for c in got if c[2] == server]  # the accepted side is inbound: not a trigger
+    # the accepted side is inbound: listed as the flow that arrived (the same tuple on
+    # loopback), never as a flow from the server port to the client's
+    assert not [c for c in got if c[4] == client]
 
 
 def test_read_psutil_sees_our_outbound_connection_only(
@@ -100,7 +106,7 @@ def test_read_psutil_sees_our_outbound_connection_only(
     server, client = loopback_connection
     got = read_psutil()
     assert (Proto.TCP, "127.0.0.1", client, "127.0.0.1", server) in got
-    assert not [c for c in got if c[2] == server]
+    assert not [c for c in got if c[4] == client]
 
 
 def test_each_socket_is_reported_once() -> None:
@@ -117,6 +123,48 @@ def test_each_socket_is_reported_once() -> None:
     table.append((Proto.UDP, "192.168.0.10", 5000, "8.8.8.8", 27015))
     assert len(det.poll()) == 1  # a new socket on the same tuple after it closed
     assert det.polls == 4 and det.poll_seconds >= 0
+
+
+def test_an_inbound_connection_on_an_opened_port_holds_until_it_closes(
+        tmp_path: Path) -> None:
+    """Issue 18, sockets only: a WAN client connected to the port the rule opened (the accepted
+    socket on a listening port) is inbound use: it holds the activation however silent, and
+    its close starts the idle timer."""
+    eng, clock, _ = make(rule(trigger="tcp/27015", open_="tcp/40000", idle=5))
+    proc = tmp_path / "net"
+    proc.mkdir()
+    rows = {"game": line("0A00A8C0:C350", "08080808:6987", "01"),  # 192.168.0.10 -> :27015
+            "listen": line("00000000:9C40", "00000000:0000", "0A"),  # listening on 40000
+            "peer": line("0A00A8C0:9C40", "09090909:D431", "01")}  # 9.9.9.9 connected to it
+
+    def table(*names: str) -> None:
+        (proc / "tcp").write_text(HEADER + "".join(rows[n] for n in names))
+
+    def feed(det: SocketTableDetector) -> None:
+        for obs in det.look():
+            if isinstance(obs, Flow):
+                eng.on_flow(obs)
+            elif isinstance(obs, FlowLive):
+                eng.on_flow_live(obs.flow, connected=obs.connected, idle=obs.idle)
+            elif isinstance(obs, FlowEnded):
+                eng.on_flow_ended(obs.flow, closed=obs.closed)
+
+    det = SocketTableDetector(reader=lambda: read_proc_net(str(proc)), wanted=eng.wants)
+    table("game", "listen")
+    feed(det)
+    (act,) = eng.activations.values()
+    table("listen", "peer")  # the game's connection closed; the WAN peer's is connected
+    feed(det)
+    assert eng.flows_inbound == 1
+    assert act.held and act.hold_reason(clock.now) == "1 live flow"
+    clock.advance(60)
+    assert not eng.expire(), "the connected inbound peer holds the ports"
+    table("listen")  # the peer hung up
+    feed(det)
+    clock.advance(4.9)
+    assert not eng.expire()
+    clock.advance(0.2)
+    assert eng.expire() == [act]
 
 
 def test_socket_detector_check_explains() -> None:
@@ -333,3 +381,30 @@ def test_run_wait_process_outlives_the_launcher_stub(tmp_path: Path) -> None:
     assert p.returncode == 3, p.stderr
     assert f"holding the ports while {game.name} runs" in p.stderr
     assert took >= 1.9, f"returned after {took:.1f}s, before the game ended"
+
+
+async def test_the_socket_table_says_it_listed_its_flows_after_its_first_good_look() -> None:
+    """FlowsListed (restored holds are settled on it) follows the first look that read the
+    table, never a failed one."""
+    reads = 0
+
+    def reader() -> list[Conn]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise OSError("transient")
+        return [(Proto.TCP, "192.168.0.10", 50000, "8.8.8.8", 27015)]
+
+    got: list[object] = []
+    det = SocketTableDetector(0.01, reader=reader)
+    task = asyncio.create_task(det.run(got.append))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if reads >= 3:
+            break
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    kinds = [type(o).__name__ for o in got]
+    assert kinds[:3] == ["Flow", "FlowLive", "FlowsListed"], kinds
+    assert kinds.count("FlowsListed") == 1

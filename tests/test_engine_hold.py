@@ -4,6 +4,7 @@ the opened ports counts as use, and the idle timer starts when both stop. Fake c
 from __future__ import annotations
 
 import ipaddress
+import math
 
 import pytest
 
@@ -263,3 +264,36 @@ def test_packets_every_second_do_not_rewrite_the_journal_every_second() -> None:
     assert 1 <= writes <= 4  # once per quarter of the timeout
     eng.on_flow_live(f, connected=True)  # a hold starting is written at once
     assert eng.dirty
+
+
+def test_a_restored_hold_with_traffic_since_the_restart_closes_a_timeout_after_it() -> None:
+    """Held before a crash; after the restart a packet of the trigger traffic is seen but no
+    connection holds: it closes ``idle_timeout`` after that packet, not at the restart."""
+    eng, clock, _ = make(rule(idle=5))
+    act = eng.restore("a1", "demo", HOST, "traffic", age=100, remaining=math.inf, ttl=5,
+                      meta={}, held=True)
+    assert act is not None and act.unproven and act.expires == clock.now + 5
+    clock.advance(2)
+    eng.on_flow(flow())  # a packet of the game's UDP flow
+    clock.advance(1)
+    assert eng.settle_restored() == [act]
+    assert not act.unproven and act.expires == clock.now - 1 + 5
+    api = eng.restore("a2", "demo", HOST, "api", age=1, remaining=math.inf, ttl=5, meta={},
+                      held=True)
+    assert api is not None and not api.unproven and api.expires == clock.now + 5
+
+
+def test_two_rules_sharing_a_trigger_port_are_both_held_by_one_connection() -> None:
+    """One TCP connection to a port two rules trigger on (a launcher and the game's voice
+    chat, say): both activations are held, and both timers start when it closes."""
+    eng, clock, _ = make(rule("game", trigger="tcp/27015", open_="udp/40000", idle=5),
+                         rule("voice", trigger="tcp/27015", open_="udp/41000", idle=8))
+    f = flow(proto=Proto.TCP)
+    eng.on_flow(f)
+    eng.on_flow_live(f, connected=True)
+    acts = sorted(eng.activations.values(), key=lambda a: a.rule.name)
+    assert [a.held for a in acts] == [True, True]
+    clock.advance(600)
+    assert not eng.expire()
+    eng.on_flow_ended(f, closed=True)
+    assert [a.expires - clock.now for a in acts] == [5, 8]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from igdtrigger import config as config_mod
 from igdtrigger.cli import build_parser
 from igdtrigger.config import load_config, parse_config
 
@@ -56,6 +57,48 @@ def test_rule_names_are_unique_so_files_can_be_combined() -> None:
 def test_example_config_loads() -> None:
     cfg = load_config(EXAMPLES / "config.toml")
     assert cfg.rule("demo") is not None
+
+
+# keys the example shows with another value than the default, on purpose (an alternative)
+EXAMPLE_NOT_DEFAULT = {"gateway.url", "detect.methods", "service.state_dir"}
+SECTIONS = {"gateway": config_mod._GATEWAY, "api": config_mod._API,
+            "detect": config_mod._DETECT, "service": config_mod._SERVICE,
+            "rules": config_mod._RULE}
+
+
+def _example_keys() -> dict[str, str]:
+    """``section.key`` -> the value examples/config.toml shows (set or commented out)."""
+    section, seen = "", {}
+    for line in (EXAMPLES / "config.toml").read_text().splitlines():
+        text = line.strip()
+        if m := re.fullmatch(r"#?\s*\[\[?([a-z]+)\]\]?", text):
+            section = m.group(1)
+        elif m := re.fullmatch(r"#?\s*([a-z0-9_]+)\s*=\s*(.*?)(\s+#.*)?", text):
+            seen.setdefault(f"{section}.{m.group(1)}", m.group(2))
+    return seen
+
+
+def test_example_config_names_every_key_with_its_default() -> None:
+    """examples/config.toml is "the full commented file": every key of every section is in
+    it, and a value shown commented out is the default (a newcomer uncommenting it changes
+    nothing); the README's configuration reference names every key too."""
+    shown = _example_keys()
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    rule = {"name": "x", "open": ["udp/1"]}
+    base = parse_config({"rules": [rule]})
+    for section, keys in SECTIONS.items():
+        for key in keys:
+            name = f"{section}.{key}"
+            assert name in shown, f"examples/config.toml does not name {name}"
+            ref = f"`{section}[].{key}`" if section == "rules" else f"`{section}.{key}`"
+            assert ref in readme or f"{key} = " in readme, f"README names no {name}"
+            if section == "rules" or name in EXAMPLE_NOT_DEFAULT:
+                continue
+            value = tomllib.loads(f"v = {shown[name]}")["v"]
+            assert parse_config({section: {key: value}, "rules": [rule]}) == base, \
+                f"examples/config.toml shows {name} = {shown[name]}, not the default"
+    assert re.search(r'^# "steam:\d+" = "', (EXAMPLES / "config.toml").read_text(), re.M)
+    assert "`launchers." in readme
 
 
 def hook_command_lines() -> list[tuple[str, list[str]]]:

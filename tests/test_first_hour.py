@@ -58,7 +58,32 @@ def _hostile(tmp: Path) -> list[tuple[list[str], str]]:
     bad_toml.write_text("[[rules]\nname = 'x'\n")
     bad_value = tmp / "value.toml"
     bad_value.write_text('[[rules]]\nname = "x"\nopen = ["udp/0"]\n')
+    fifo = tmp / "fifo.toml"  # no writer: reading it would block for ever
+    os.mkfifo(fifo)
+    binary = tmp / "binary.toml"
+    binary.write_bytes(bytes(range(256)))
+    long_host = "h" * 300
     return [
+        (["status", "--server", "   "], "'   '"),
+        (["status", "--server", f"http://{long_host}:8731"], long_host),
+        (["status", "--server", "unix:/run/igdtrigger.sock"], "unix:/run/igdtrigger.sock"),
+        (["status", "--server", "http://a b:8731"], "http://a b:8731"),
+        (["status", "--timeout", "99999999999999999999"], "'99999999999999999999'"),
+        (["status", "--token", "jeton-\u00e9\U0001f3ae"], "--token"),
+        (["status", "--token", "a\nb"], "--token"),
+        (["activate", "demo", "--for", "8d"], "'8d'"),
+        (["activate", ""], "''"),
+        (["deactivate", " "], "' '"),
+        (["run", "--rule", "", "--", "true"], "''"),
+        (["serve", "--config", ""], "''"),
+        (["serve", "--listen", ""], "''"),
+        (["serve", "--config", str(fifo)], str(fifo)),
+        (["serve", "--config", str(binary)], "not UTF-8"),
+        (["check-config", str(fifo)], "FIFO"),
+        (["check-config", "/dev/zero"], "/dev/zero"),
+        (["check-config", ""], "''"),
+        (["gateway", "--config", str(fifo)], str(fifo)),
+        (["doctor", "--timeout", "1e400"], "'1e400'"),
         (["status", "--timeout", "-1"], "'-1'"),
         (["status", "--timeout", "soon"], "'soon'"),
         (["status", "--server", "http://[bad"], "http://[bad"),
@@ -110,6 +135,48 @@ def test_every_subcommand_with_hostile_arguments(quiet_env: Path,
         assert TRACEBACK not in out + err, argv
         assert err.startswith("igdtrigger: ") and named in err, (argv, err)
         assert err.count("\n") == 1, (argv, err)  # one line
+
+
+@pytest.mark.parametrize(("name", "value", "named"), [
+    ("IGDTRIGGER_API__LISTEN", "garbage", "IGDTRIGGER_API__LISTEN"),
+    ("IGDTRIGGER_API__LISTEN", "", "IGDTRIGGER_API__LISTEN"),
+    ("IGDTRIGGER_API__LISTEN", "\u00e9\U0001f3ae:1", "IGDTRIGGER_API__LISTEN"),
+    ("IGDTRIGGER_GATEWAY__LEASE", "forever", "'forever'"),
+    ("IGDTRIGGER_GATEWAY__LEASE", "-1", "IGDTRIGGER_GATEWAY__LEASE"),
+    ("IGDTRIGGER_GATEWAY__URL", "ftp://x", "'ftp://x'"),
+    ("IGDTRIGGER_API__PUBLIC_READ", "maybe", "'maybe'"),
+    ("IGDTRIGGER_NOPE__X", "1", "IGDTRIGGER_NOPE__X"),
+    ("IGDTRIGGER_CONFIG", "{tmp}", "{tmp}"),  # docker: a bind mount of a missing file
+    ("IGDTRIGGER_CONFIG", "{fifo}", "FIFO"),
+])
+@pytest.mark.parametrize("cmd", [["check-config"], ["serve", "--simulate"], ["gateway"]])
+def test_environment_garbage_is_one_clear_line(quiet_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str], cmd: list[str],
+                                               name: str, value: str, named: str) -> None:
+    """A bad IGDTRIGGER_* variable stops the command before it touches anything, naming the
+    variable or its value; IGDTRIGGER_CONFIG naming a directory or a FIFO is that config,
+    refused (was: passed over for the defaults, or a read blocking for ever)."""
+    fifo = quiet_env / "fifo"
+    os.mkfifo(fifo)
+    fill = {"tmp": str(quiet_env), "fifo": str(fifo)}
+    monkeypatch.setenv(name, value.format(**fill))
+    rc = main(cmd)
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert TRACEBACK not in out + err
+    assert err.startswith("igdtrigger: ") and named.format(**fill) in err, err
+    assert err.count("\n") == 1, err
+
+
+def test_conntrack_probe_with_loopback_down_cannot_tell() -> None:
+    """serve in a network namespace whose loopback is down (a bare container) died with
+    "igdtrigger: Network is unreachable": the conntrack probe's send is now 'cannot tell'."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a network namespace of its own")
+    code = "from igdtrigger.detect.nfttrack import probe_events; print(probe_events(0.2))"
+    p = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0 and p.stdout.strip() in ("None", "False"), p.stdout + p.stderr
 
 
 def test_unreadable_config_directory_is_one_clear_line(tmp_path: Path) -> None:
@@ -412,3 +479,118 @@ def test_first_run_is_calm(tmp_path: Path) -> None:
     assert [ln for ln in lines if " WARNING " in ln or " ERROR " in ln] == [], out
     assert any("203.0.113.4" in ln for ln in lines), out
     assert all(len(ln) < 200 for ln in lines), out
+
+
+async def test_stop_while_the_simulated_router_answers_logs_no_error() -> None:
+    """A stop while the demo's router still owes an answer (a loaded machine: the client's
+    connect is slower than the user's Ctrl-C) ends that request quietly: the first run's log
+    had an ERROR with a traceback ("Exception in callback ... CancelledError")."""
+    from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    sim = SimulatedIgdServer(SimulatedRouter(latency=5.0))
+    await sim.start()
+    reader, writer = await asyncio.open_connection(sim.host, sim.port)
+    writer.write(b"GET /rootDesc.xml HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the request is read; the router sits in its latency
+    await asyncio.wait_for(sim.close(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped, no answer
+    writer.close()
+    for _ in range(5):
+        await asyncio.sleep(0)  # the stream's done-callback runs on a later loop turn
+    assert errors == []
+
+
+async def test_stop_during_the_protocol_probe_logs_no_traceback() -> None:
+    """Ctrl-C while `protocol = "auto"` still probes a router that does not answer: every
+    probe is ended and its outcome collected (was: 'Task exception was never retrieved' with a
+    traceback at ERROR per protocol, once the stop closed their sockets)."""
+    import gc
+
+    from igdtrigger.errors import GatewayUnreachable
+    from igdtrigger.gateway.select import FallbackGateway
+
+    class Silent:
+        """A router that never answers until its socket is closed."""
+        def __init__(self) -> None:
+            self.closed = asyncio.Event()
+
+        async def connect(self) -> Any:
+            await self.closed.wait()
+            raise GatewayUnreachable("connection closed")
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    silent = [Silent(), Silent()]
+    gw = FallbackGateway([("pcp", silent[0]), ("natpmp", silent[1])],  # type: ignore[list-item]
+                         parallel=True, probe_timeout=30)
+    probe = asyncio.create_task(gw.connect())
+    await asyncio.sleep(0.05)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    for s in silent:  # the stop closes the protocols' sockets
+        s.closed.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gc.collect()  # an unretrieved task exception is reported when the task is collected
+    await asyncio.sleep(0)
+    assert errors == []
+
+
+async def test_rules_without_trigger_ports_start_calm(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A home server whose rules are only activated by `run`/`activate`/the API (no trigger
+    port): conntrack has nothing to watch, which is not a fault: one INFO line (was: a WARNING
+    that the kernel does not track connections)."""
+    import logging
+
+    from igdtrigger.detect.nfttrack import KernelTracking
+
+    from .test_nfttrack import FakeDetector, FakeNft
+
+    clock = FakeClock()
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=FakeNft(), probe=lambda t, w: False,
+                              netlink=False)
+    config = parse_config({"rules": [{"name": "factorio", "open": ["udp/34197"]}]})
+    svc = Service(config, FakeGateway(clock), clock=clock, state_dir=tmp_path,
+                  detectors=[FakeDetector("conntrack"), FakeDetector("sockets", "conntrack")],
+                  tracking=tracking)
+    with caplog.at_level(logging.INFO, logger="igdtrigger"):
+        await svc.start()
+        await svc.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("conntrack idle: no rule has a trigger port" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_fast_exit_after_a_clean_stop_runs_atexit_and_flushes(tmp_path: Path) -> None:
+    """serve, as the program, leaves by os._exit once every mapping is removed: what that
+    skips is done first (atexit handlers, buffered stdout), so nothing a user or a library
+    needs at exit is lost (was: atexit handlers skipped)."""
+    ready = tmp_path / "ready"
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('atexit handler ran'))\n"
+            "print('buffered line', end='')\n"  # stdout is a pipe: block-buffered
+            "from igdtrigger.cli import main\n"
+            "sys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "IGDTRIGGER_STATE_DIR": str(tmp_path / "state")}
+    env.pop("IGDTRIGGER_CONFIG", None)
+    argv = [sys.executable, "-c", code, "serve", "--simulate", "--listen",
+            f"127.0.0.1:{_free_port()}", "--ready-file", str(ready)]
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "stopped in" in err
+    assert out.startswith("buffered line") and "atexit handler ran" in out, out

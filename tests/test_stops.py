@@ -114,7 +114,16 @@ async def test_clean_stop_ends_activations_crash_restores_them(tmp_path: Path) -
     s2.journal.close()
     s3 = service(tmp_path, gw, clock)
     assert s3.restored == 1
+    held = dict(gw.ports())
+    assert len(held) == 3
+    gw.calls.clear()
+    await s3.start()
+    await s3._wait_applied(s3.engine.generation, 2)
+    # the restored activation's ports stay open across the restart: never deleted and re-added
+    assert not [c for c in gw.calls if c.startswith("delete")], gw.calls
+    assert gw.ports().keys() == held.keys()
     await s3.stop()
+    assert gw.ports() == {}
 
 
 @pytest.mark.parametrize(("expires_in", "wall_skew", "left"), [

@@ -2,7 +2,8 @@
 
 Flow detectors (conntrack, socket table) report each new ``Flow``, then, for the flows the engine
 follows (``follows(flow)``, injected like ``wanted``), a ``FlowLive`` when a later look finds
-packets or a change of state, and a ``FlowEnded`` when the flow is gone; the process detector
+packets or a change of state, and a ``FlowEnded`` when the flow is gone; once their first full
+look at the table is reported, a ``FlowsListed`` (restored holds are settled); the process detector
 reports a ``ProcessSeen`` snapshot on each poll.
 
 Data flows one way: a detector calls ``sink(flow)`` for each new flow it sees; it never talks to
@@ -15,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from ..model import Flow, FlowEnded, FlowLive, ProcessSeen
+from ..model import Flow, FlowEnded, FlowLive, FlowsListed, ProcessSeen
 
-Observation = Flow | FlowLive | FlowEnded | ProcessSeen
+Observation = Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen
 FlowSink = Callable[[Observation], None]
 
 

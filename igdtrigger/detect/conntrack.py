@@ -28,13 +28,17 @@ one entry every ``poll_interval`` (``IPCTNL_MSG_CT_GET`` of its original tuple) 
   1 s rounding since the reference look, a packet certainly went by: reported as a
   :class:`FlowLive` whose ``idle`` is the timeout minus what is left.
 * ``CTA_PROTOINFO_TCP_STATE``: ESTABLISHED is a connection that holds however silent;
-  FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT and CLOSE mean it was closed (:class:`FlowEnded`,
-  ``closed=True``).
+  LAST_ACK, TIME_WAIT and CLOSE mean it was closed (:class:`FlowEnded`, ``closed=True``).
+  FIN_WAIT and CLOSE_WAIT are a half-closed connection: one side sent FIN, the other may still
+  send data for minutes. It no longer holds by itself (its FIN counts as a packet, the idle
+  timer starts), but it is still followed, so its packets keep refreshing the activation as
+  a UDP flow's do (each packet resets the entry's timeout).
 * no entry (``ENOENT``): the flow is gone (:class:`FlowEnded`).
 
 At start one table dump (``NLM_F_DUMP``) reports the flows that began earlier as
 :class:`FlowLive`, their idleness estimated from ``CTA_TIMEOUT`` and the namespace's UDP
-timeouts. The cost per non-matching flow is unchanged (one NEW event, dropped by ``wanted``);
+timeouts (a half-closed TCP connection's from its state's timeout, FIN_WAIT or CLOSE_WAIT).
+The cost per non-matching flow is unchanged (one NEW event, dropped by ``wanted``);
 a followed flow costs one request and one reply per poll. Subscribing to DESTROY events
 instead would double the events read for *every* flow.
 
@@ -97,7 +101,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import DetectionUnavailable
-from ..model import Flow, FlowEnded, FlowLive, PortRange, Proto
+from ..model import Flow, FlowEnded, FlowLive, FlowsListed, PortRange, Proto
 from .base import FlowSink, Observation
 
 __all__ = [
@@ -156,7 +160,10 @@ CTA_PROTOINFO_TCP_STATE = 1
 IPS_SEEN_REPLY = 0x2
 # enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
 TCP_CONNTRACK_ESTABLISHED = 3
-TCP_CONNTRACK_CLOSED = frozenset({4, 5, 6, 7, 8})  # FIN_WAIT CLOSE_WAIT LAST_ACK TIME_WAIT CLOSE
+TCP_CONNTRACK_FIN_WAIT, TCP_CONNTRACK_CLOSE_WAIT = 4, 5
+# LAST_ACK TIME_WAIT CLOSE: closed both ways (FIN_WAIT 4 and CLOSE_WAIT 5 are half-closed: the
+# other direction may still carry data, so the flow is still followed, without holding)
+TCP_CONNTRACK_CLOSED = frozenset({6, 7, 8})
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC = 1
@@ -617,10 +624,12 @@ class _Followed:
 
     deadline: float | None  # when its entry would die, as of the reference look (rounded down)
     connected: bool = False
+    looked: float | None = None  # when it was last looked at
 
 
 _UDP_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"
 _UDP_TIMEOUT_STREAM = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream"
+_TCP_TIMEOUT = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_"
 
 
 def udp_idle(left: int, udp_timeout: int, udp_stream: int) -> float:
@@ -776,6 +785,8 @@ class ConntrackDetector:
         self.kernel_filter = False  # whether the filter is attached
         self.followed: dict[Flow, _Followed] = {}
         self.udp_timeouts = (30, 120)  # the namespace's, read when run() starts
+        # a half-closed TCP entry's timeout by state (FIN_WAIT, CLOSE_WAIT), read likewise
+        self.half_closed_timeouts = {TCP_CONNTRACK_FIN_WAIT: 120, TCP_CONNTRACK_CLOSE_WAIT: 60}
         self.lookups = 0  # GET requests sent for followed flows
         self._seq = 0
         self.dumped = 0  # entries the start-up dump reported
@@ -851,14 +862,18 @@ class ConntrackDetector:
             return FlowEnded(flow, closed=entry is not None)
         connected = entry.established
         idle: float | None = None
+        previous, seen.looked = seen.looked, now
         if entry.timeout is not None:
             deadline = now + entry.timeout
-            if seen.deadline is None:
-                seen.deadline = deadline
+            if seen.deadline is None or deadline < seen.deadline - 1.0:
+                seen.deadline = deadline  # the reference (or a new state's shorter timeout)
             elif deadline > seen.deadline + 1.0:  # beyond rounding: a packet reset the timeout
                 seen.deadline = deadline
                 idle = (udp_idle(entry.timeout, *self.udp_timeouts)
                         if flow.proto is Proto.UDP else 0.0)
+                if previous is not None:  # the packet came after the previous look, whatever
+                    idle = min(idle, now - previous)  # timeout the estimate assumed (a changed
+                    # sysctl, an nft ct timeout policy, an assured flow's stream timeout)
         changed = connected != seen.connected
         seen.connected = connected
         if idle is not None or changed:
@@ -912,6 +927,9 @@ class ConntrackDetector:
             if e.closed:
                 continue
             idle = first_look_idle(e, *self.udp_timeouts)
+            full = self.half_closed_timeouts.get(e.tcp_state or 0)
+            if full is not None and e.timeout is not None:  # half-closed: still carries data
+                idle = float(max(0, full - e.timeout - 1))
             if e.established or idle is not None:
                 out.append(FlowLive(e.flow, e.established, idle))
         self.dumped += len(out)
@@ -1114,6 +1132,10 @@ class ConntrackDetector:
         assert follows is not None
         self.udp_timeouts = (_read_sysctl(_UDP_TIMEOUT) or 30,
                              _read_sysctl(_UDP_TIMEOUT_STREAM) or 120)
+        for state, name in ((TCP_CONNTRACK_FIN_WAIT, "fin_wait"),
+                            (TCP_CONNTRACK_CLOSE_WAIT, "close_wait")):
+            self.half_closed_timeouts[state] = (_read_sysctl(_TCP_TIMEOUT + name)
+                                                or self.half_closed_timeouts[state])
         req = self._open_requests()
         try:
             try:
@@ -1128,6 +1150,7 @@ class ConntrackDetector:
                 self._report(sink, obs)
                 if isinstance(obs, FlowLive) and follows(obs.flow):
                     self.follow(obs.flow, now, timeouts.get(obs.flow))
+            self._report(sink, FlowsListed(self.name))
             while True:
                 await asyncio.sleep(self.poll_interval)
                 for flow in [f for f in self.followed if not follows(f)]:

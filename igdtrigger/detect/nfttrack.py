@@ -394,7 +394,10 @@ def probe_events(timeout: float = 1.0, wanted: Wanted | None = None) -> bool | N
         tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         tx.bind(("127.0.0.1", 0))
         sport = tx.getsockname()[1]
-        tx.sendto(b"igdtrigger conntrack probe", ("127.0.0.1", dport))
+        try:
+            tx.sendto(b"igdtrigger conntrack probe", ("127.0.0.1", dport))
+        except OSError:  # loopback down (ENETUNREACH in a bare network namespace): no probe
+            return None
         parser = ConntrackParser()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:

@@ -16,8 +16,12 @@ What it cannot see:
 * Connections that open and close between two polls (``socket_interval``, default 1 s).
 * Other hosts' traffic: only this machine's sockets.
 
-Inbound connections (a remote client connected to a port we listen on) are not triggers: a
-socket whose local port is a listening port of the same protocol is skipped.
+Inbound connections (a remote client connected to a port we listen on, found by its local port
+being a listening port of the same protocol) are not triggers but *inbound use* (issue 18): the
+readers list them turned around, the remote end first, so their :class:`Flow` reads
+``remote -> this host:listening port`` exactly as conntrack's original tuple of the inbound flow
+does. The engine counts one arriving on a port an activation opened as use of that activation,
+and a connected one holds it until it closes.
 """
 
 from __future__ import annotations
@@ -33,19 +37,24 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import DetectionUnavailable
-from ..model import Flow, FlowEnded, FlowLive, Proto
+from ..model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
 from .base import FlowSink, Observation
 
 log = logging.getLogger("igdtrigger.detect")
 
 Wanted = Callable[[Proto, int], bool]
-# (proto, local address, local port, remote address, remote port)
+# (proto, local address, local port, remote address, remote port); an inbound connection is
+# listed turned around (its remote end first), so it reads as the flow that arrived
 Conn = tuple[Proto, str, int, str, int]
 
 _PROC_FILES = (("tcp", Proto.TCP, False), ("tcp6", Proto.TCP, True),
                ("udp", Proto.UDP, False), ("udp6", Proto.UDP, True))
 _TCP_LISTEN = "0A"
-_TCP_GONE = {"06", "07", "08", "09", "0B"}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
+# FIN_WAIT1/2 (this side closed or shut down its sending side; a closed socket whose peer never
+# closes lingers there tcp_fin_timeout = 60 s as an orphan), TIME_WAIT, CLOSE, CLOSE_WAIT,
+# LAST_ACK, CLOSING: the connection no longer holds (a table cannot show data still flowing the
+# other way; conntrack can, see its module docstring)
+_TCP_GONE = {"04", "05", "06", "07", "08", "09", "0B"}
 
 
 def _hex_addr(text: str, v6: bool) -> str:
@@ -86,8 +95,13 @@ def parse_proc_net(text: str, proto: Proto, v6: bool) -> tuple[list[Conn], set[i
     return conns, listening
 
 
+def _turned(c: Conn) -> Conn:
+    """An inbound connection as the flow that arrived: the remote end first."""
+    return (c[0], c[3], c[4], c[1], c[2])
+
+
 def read_proc_net(root: str = "/proc/net") -> list[Conn]:
-    """This host's connected outbound sockets, from procfs (Linux)."""
+    """This host's connected sockets, from procfs (Linux); inbound ones turned around."""
     out: list[Conn] = []
     for name, proto, v6 in _PROC_FILES:
         try:
@@ -96,12 +110,13 @@ def read_proc_net(root: str = "/proc/net") -> list[Conn]:
         except OSError:
             continue  # no IPv6 here, say
         conns, listening = parse_proc_net(text, proto, v6)
-        out.extend(c for c in conns if c[2] not in listening)
+        out.extend(_turned(c) if c[2] in listening else c for c in conns)
     return out
 
 
 def read_psutil() -> list[Conn]:
-    """This host's connected outbound sockets, through psutil (macOS, Windows, BSD)."""
+    """This host's connected sockets, through psutil (macOS, Windows, BSD); inbound ones turned
+    around."""
     import psutil
 
     rows: list[Any] = psutil.net_connections(kind="inet")
@@ -120,7 +135,7 @@ def read_psutil() -> list[Conn]:
             continue
         conns.append((proto, str(c.laddr.ip), int(c.laddr.port), str(c.raddr.ip),
                       int(c.raddr.port)))
-    return [c for c in conns if (c[0], c[2]) not in listening]
+    return [_turned(c) if (c[0], c[2]) in listening else c for c in conns]
 
 
 def default_reader() -> Callable[[], list[Conn]]:
@@ -191,10 +206,12 @@ class SocketTableDetector:
 
     async def run(self, sink: FlowSink) -> None:
         failures = 0
+        listed: bool | None = False  # None: the first good look is read, not yet reported
         while True:
             try:
                 seen = await asyncio.to_thread(self.look)
                 failures = 0
+                listed = None if listed is False else listed
             except Exception as exc:  # a transient read error must not end detection
                 failures += 1
                 if failures >= 10:
@@ -205,4 +222,7 @@ class SocketTableDetector:
                 if isinstance(obs, Flow):
                     self.flows_reported += 1
                 sink(obs)
+            if listed is None:
+                listed = True  # the first good look is reported: every connected socket known
+                sink(FlowsListed(self.name))
             await asyncio.sleep(self.interval)

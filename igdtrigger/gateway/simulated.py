@@ -1391,6 +1391,12 @@ class SimulatedIgdServer:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # down()/close() dropping a request in flight (a stop while a slow or loaded
+            # machine's client still waits for its answer): the end of this connection, not an
+            # error. Re-raised, asyncio's stream callback would log "Exception in callback" at
+            # ERROR with a traceback (CPython 3.11 asks a cancelled task for its exception).
+            pass
         finally:
             if task is not None:
                 self._connections.discard(task)
