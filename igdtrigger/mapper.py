@@ -1026,7 +1026,14 @@ class Mapper:
             want = wanted.get(m.key)
             if (want is not None and want.internal_client == m.internal_client
                     and owned_by(m.description, self.tag) is not None):
-                continue  # ours, and a restored activation wants it: refreshed by the add path
+                # ours, and a restored activation wants it: no delete (no gap in the open
+                # ports). Tracked as possibly on the router, so the add path refreshes it in
+                # place, and it is deleted like any other if the activation ends first.
+                if m.key not in self.applied:
+                    kept = Applied(want)
+                    kept.maybe_applied = True
+                    self.applied[m.key] = kept
+                continue
             if m.key in held or (owned_by(m.description, self.tag) is None
                                  and not self._reclaimable(m.internal_client, m.description)):
                 continue
