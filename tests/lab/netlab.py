@@ -661,10 +661,14 @@ class Lab:
 
     def _setup_lan_host(self, ns: str, ip: str, *, conntrack: bool) -> None:
         nft = f"nft -f {self.workdir / 'lan.nft'}" if conntrack else ""
+        # Ephemeral ports above every port a test maps and probes (40000-4xxxx): the service's
+        # own outgoing sockets (SOAP, NAT-PMP, SSDP) could otherwise take a port the probe
+        # listener then cannot bind (EADDRINUSE, seen once in a full run).
         self._ns_script(
             ns,
             f"""
             sysctl -q -w net.ipv4.icmp_ratelimit=0 \
+                net.ipv4.ip_local_port_range="61000 65000" \
                 net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
             ip link set lo up
             ip addr add {ip}/{LAN_NET.prefixlen} dev {HOST_IF}
