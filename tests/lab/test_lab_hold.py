@@ -80,7 +80,9 @@ def closes_after(lab: Lab, stopped: float, what: str) -> float:
     wait_for(lambda: not ours(lab), IDLE + MARGIN + 30, f"mappings removed after {what}")
     took = time.monotonic() - stopped
     print(f"closed {took:.1f}s after {what} (idle_timeout {IDLE:g}s)")
-    assert took >= IDLE - 1.0, f"closed {took:.1f}s after {what}: before the idle timeout"
+    # the detector dates the last packet from its once-a-second look at the flow, and the
+    # test's `stopped` is taken after the sender has finished: up to ~1.5 s apart
+    assert took >= IDLE - 1.5, f"closed {took:.1f}s after {what}: before the idle timeout"
     assert took <= IDLE + MARGIN, f"closed {took:.1f}s after {what}"
     return took
 
