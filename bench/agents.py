@@ -401,8 +401,8 @@ class Driver:
         if mode in ("raw_seq", "raw_all"):
             return self._pmp_raw(ports, lease, pipelined=mode == "raw_all")
         sys.path.insert(0, self.root)
-        from igdtrigger.gateway.pmp import NatPmpGateway
-        from igdtrigger.model import MappingSpec, Proto
+        from igdtrigger.core.model import MappingSpec, Proto
+        from igdtrigger.gateway.natpmp.backend import NatPmpGateway
 
         gw = NatPmpGateway(self.router_ip)
         try:

@@ -19,8 +19,8 @@ import time
 from typing import Any
 
 from igdtrigger.config import Rule
-from igdtrigger.engine import Engine
-from igdtrigger.model import Flow, PortRange, Proto
+from igdtrigger.core.engine import Engine
+from igdtrigger.core.model import Flow, PortRange, Proto
 
 from .common import Bench, row, stats
 

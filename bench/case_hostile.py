@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from igdtrigger.config import parse_config
-from igdtrigger.engine import Engine
-from igdtrigger.model import Flow, Proto
+from igdtrigger.core.engine import Engine
+from igdtrigger.core.model import Flow, Proto
 
 from .common import Bench, row, stats
 
@@ -65,8 +65,8 @@ async def _api(posts: int) -> dict[str, Any]:
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    from igdtrigger.api import make_app
-    from igdtrigger.service import Service
+    from igdtrigger.api.app import make_app
+    from igdtrigger.runtime.service import Service
     from tests.fakes import FakeClock, FakeGateway
 
     @web.middleware

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from igdtrigger.core.model import Flow, Proto
 from igdtrigger.detect.conntrack import ConntrackDetector, ConntrackParser
-from igdtrigger.model import Flow, Proto
 
 NESTED = 0x8000
 

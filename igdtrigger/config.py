@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .model import PortRange, Proto, format_duration, parse_duration, parse_port_spec
+from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.model import PortRange, Proto, format_duration, parse_duration, parse_port_spec
 
 DEFAULT_LISTEN = "127.0.0.1:8731"
 DEFAULT_PORT = 8731

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from igdtrigger.errors import (
+from igdtrigger.core.errors import (
     GatewayUnreachable,
     LeaseRefused,
     MappingConflict,
     NoSuchMapping,
     NotAuthorized,
 )
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto, RouterMapping
 from igdtrigger.gateway.base import Capability, GatewayInfo, Granted, add_with_lease_fallback
-from igdtrigger.model import MappingKey, MappingSpec, Proto, RouterMapping
 
 
 class FakeClock:

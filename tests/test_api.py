@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
+from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
-from igdtrigger.engine import Source
-from igdtrigger.service import Service
+from igdtrigger.core.engine import Source
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
+from igdtrigger.api.app import make_app
 from igdtrigger.config import ConfigError, parse_config
-from igdtrigger.service import Service
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 from .test_api_auth import fake_remote

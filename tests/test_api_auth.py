@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
+from igdtrigger.api.app import make_app
+from igdtrigger.api.ratelimit import RateLimiter
 from igdtrigger.config import parse_config
-from igdtrigger.ratelimit import RateLimiter
-from igdtrigger.service import Service
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 

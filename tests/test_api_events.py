@@ -13,10 +13,10 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
+from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
-from igdtrigger.events import MAX_SUBSCRIBERS_PER_CLIENT, SUBSCRIBER_QUEUE, EventHub
-from igdtrigger.service import Service
+from igdtrigger.runtime.events import MAX_SUBSCRIBERS_PER_CLIENT, SUBSCRIBER_QUEUE, EventHub
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 

@@ -12,10 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger import __version__
-from igdtrigger.api import ACCESS, make_app
+from igdtrigger.api.app import ACCESS, make_app
+from igdtrigger.api.openapi import build_openapi
 from igdtrigger.config import parse_config
-from igdtrigger.openapi import build_openapi
-from igdtrigger.service import Service
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 

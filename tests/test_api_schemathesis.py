@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from igdtrigger import __version__
-from igdtrigger.openapi import build_openapi
+from igdtrigger.api.openapi import build_openapi
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.engine import description_for
-from igdtrigger.errors import (
+from igdtrigger.core.engine import description_for
+from igdtrigger.core.errors import (
     DEVICE_DENIED_HINT,
     SECURE_MODE_HINT,
     ActionFailed,
@@ -34,21 +34,21 @@ from igdtrigger.errors import (
     TableFull,
     UnsupportedAction,
 )
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import Capability, Granted, add_with_lease_fallback
-from igdtrigger.gateway.igd import UpnpFault, fault_error
-from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway, pcp_error, pmp_error
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway, pcp_error, pmp_error
 from igdtrigger.gateway.select import FallbackGateway
-from igdtrigger.gateway.simulated import (
+from igdtrigger.gateway.upnp.codec import UpnpFault, fault_error
+from igdtrigger.gateway.upnp.miniupnpc import miniupnpc_code
+from igdtrigger.gateway.upnp.soap import SoapGateway
+from igdtrigger.runtime.mapper import Mapper, MapState
+from igdtrigger.sim.router import (
     FIRST_WAN_CONTROL_PATH,
     HttpResponse,
     SimulatedIgdServer,
     SimulatedRouter,
     UPnPFault,
 )
-from igdtrigger.gateway.soap import SoapGateway
-from igdtrigger.gateway.upnp import miniupnpc_code
-from igdtrigger.mapper import Mapper, MapState
-from igdtrigger.model import MappingKey, MappingSpec, Proto
 
 from .fakes import FakeClock
 from .test_pmp_pcp import LOCAL, FakeRouter

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from igdtrigger.cli import build_parser
+from igdtrigger.cli.main import build_parser
 from igdtrigger.config import Config, _parse_with_env, parse_config
-from igdtrigger.errors import ConfigError, UsageError
+from igdtrigger.core.errors import ConfigError, UsageError
 
 KEYS = [("gateway", "lease"), ("gateway", "discover_timeout"), ("gateway", "verify_interval"),
         ("gateway", "check_interval"), ("api", "rate_limit"), ("api", "rate_burst"),

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from igdtrigger.config import load_config, parse_config
-from igdtrigger.errors import ConfigError
-from igdtrigger.model import PortRange, Proto, parse_duration, parse_port_spec
+from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.model import PortRange, Proto, parse_duration, parse_port_spec
 
 CONTRACT = """
 [gateway]

@@ -25,8 +25,8 @@ from igdtrigger.config import (
     parse_listen,
     validate_bounds,
 )
-from igdtrigger.errors import ConfigError
-from igdtrigger.model import PortRange, Proto, parse_port_spec
+from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.model import PortRange, Proto, parse_port_spec
 
 RULE = {"name": "game", "open": ["udp/27015"]}
 

@@ -30,14 +30,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.core.model import Flow, IPAddress, Proto
 from igdtrigger.detect.conntrack import (
     NF_NETLINK_CONNTRACK_NEW,
     ConntrackDetector,
     ConntrackParser,
     parse_messages,
 )
-from igdtrigger.errors import DetectionUnavailable
-from igdtrigger.model import Flow, IPAddress, Proto
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address
@@ -833,7 +833,7 @@ def test_kernel_check_without_cap_net_admin(netns: str) -> None:
         pytest.skip("needs setpriv (util-linux) to drop capabilities")
     script = (
         "from igdtrigger.detect.conntrack import ConntrackDetector\n"
-        "from igdtrigger.errors import DetectionUnavailable\n"
+        "from igdtrigger.core.errors import DetectionUnavailable\n"
         "try:\n    ConntrackDetector().check()\n"
         "except DetectionUnavailable as exc:\n    print(exc)\n"
     )

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from igdtrigger.core.model import Flow, FlowEnded, FlowLive, Proto
 from igdtrigger.detect.conntrack import (
     CT_GET,
     ConntrackDetector,
@@ -20,7 +21,6 @@ from igdtrigger.detect.conntrack import (
     first_look_idle,
     udp_idle,
 )
-from igdtrigger.model import Flow, FlowEnded, FlowLive, Proto
 
 from .test_conntrack import (
     CT_DELETE,
@@ -179,7 +179,7 @@ def test_the_start_dump_reports_live_flows_with_their_idleness() -> None:
 FOLLOW_SCRIPT = """
 import asyncio, json, sys, time
 from igdtrigger.detect.conntrack import ConntrackDetector
-from igdtrigger.model import Flow, FlowLive, FlowEnded
+from igdtrigger.core.model import Flow, FlowLive, FlowEnded
 
 PORTS = {int(p) for p in sys.argv[1].split(",")}
 
@@ -285,8 +285,8 @@ def run_bpf(prog: list[tuple[int, int, int, int]], pkt: bytes) -> int:
 
 
 def test_the_kernel_filter_keeps_wanted_ports_and_what_it_cannot_read() -> None:
+    from igdtrigger.core.model import parse_port_spec
     from igdtrigger.detect.conntrack import build_filter
-    from igdtrigger.model import parse_port_spec
 
     prog = build_filter([*parse_port_spec("udp/27015"), *parse_port_spec("tcp/40000-40010"),
                          *parse_port_spec("udp/27016")])
@@ -310,8 +310,8 @@ def test_the_kernel_filter_keeps_wanted_ports_and_what_it_cannot_read() -> None:
 
 
 def test_the_kernel_filter_gives_up_on_too_many_ranges() -> None:
+    from igdtrigger.core.model import PortRange
     from igdtrigger.detect.conntrack import build_filter
-    from igdtrigger.model import PortRange
 
     assert build_filter([PortRange(Proto.UDP, p, p) for p in range(1, 3000, 2)]) is None
     assert build_filter([]) is not None  # nothing wanted: everything canonical is dropped
@@ -320,7 +320,7 @@ def test_the_kernel_filter_gives_up_on_too_many_ranges() -> None:
 KERNEL_FILTER_SCRIPT = """
 import asyncio, json, socket
 from igdtrigger.detect.conntrack import ConntrackDetector
-from igdtrigger.model import parse_port_spec
+from igdtrigger.core.model import parse_port_spec
 
 async def main():
     det = ConntrackDetector(quiet_hint_after=None)
@@ -355,7 +355,7 @@ def test_kernel_drops_unwanted_events_before_they_reach_us(netns: str) -> None: 
 HINT_SCRIPT = """
 import asyncio, logging, socket
 from igdtrigger.detect.conntrack import ConntrackDetector
-from igdtrigger.model import parse_port_spec
+from igdtrigger.core.model import parse_port_spec
 
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -397,8 +397,8 @@ def test_decode_entries_prefilter_sees_the_protocol_and_reads_every_message() ->
 
 
 def test_the_kernel_filter_merges_overlapping_ranges() -> None:
+    from igdtrigger.core.model import parse_port_spec
     from igdtrigger.detect.conntrack import build_filter
-    from igdtrigger.model import parse_port_spec
 
     prog = build_filter([*parse_port_spec("udp/100-200"), *parse_port_spec("udp/150-300"),
                          *parse_port_spec("udp/301-310")])

@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
+from igdtrigger.core.model import Flow, Proto
 from igdtrigger.detect.conntrack import ConntrackParser, _stats_entries, parse_messages
-from igdtrigger.model import Flow, Proto
 
 from .test_conntrack import CT_NEW, encode_flow, encode_new, nla, nlmsg
 

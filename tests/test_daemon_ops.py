@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.daemon import JsonFormatter, setup_logging, stderr_is_journal
-from igdtrigger.sdnotify import Notifier
+from igdtrigger.cli.sdnotify import Notifier
+from igdtrigger.cli.serve import JsonFormatter, setup_logging, stderr_is_journal
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -234,7 +234,7 @@ def test_ctrl_c_without_loop_signal_handlers_still_removes_mappings(tmp_path: Pa
         "import asyncio.unix_events, sys\n"
         "def unsupported(self, *a, **k): raise NotImplementedError\n"
         "asyncio.unix_events._UnixSelectorEventLoop.add_signal_handler = unsupported\n"
-        "from igdtrigger.cli import main\n"
+        "from igdtrigger.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(tmp_path / "state"),
            "PYTHONPATH": str(ROOT)}

@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+from igdtrigger.cli.run import ProcessWaiter
+from igdtrigger.cli.serve import build_detectors
 from igdtrigger.config import ConfigError, parse_config
-from igdtrigger.daemon import build_detectors
+from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.core.model import Flow, FlowEnded, FlowLive, ProcessSeen, Proto
 from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.process import Matcher, ProcessDetector, scan_proc, scan_psutil
 from igdtrigger.detect.sockets import (
@@ -28,10 +31,7 @@ from igdtrigger.detect.sockets import (
     read_proc_net,
     read_psutil,
 )
-from igdtrigger.errors import DetectionUnavailable
-from igdtrigger.model import Flow, FlowEnded, FlowLive, ProcessSeen, Proto
-from igdtrigger.service import Service
-from igdtrigger.wrapper import ProcessWaiter
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 from .test_engine import make, rule

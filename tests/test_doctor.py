@@ -11,12 +11,18 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from igdtrigger import cli
-from igdtrigger.api import make_app
+from igdtrigger.api.app import make_app
+from igdtrigger.cli import main as cli
+from igdtrigger.cli.doctor import (
+    Check,
+    check_privileges,
+    doctor,
+    effective_capabilities,
+    healthcheck,
+)
 from igdtrigger.config import parse_config
-from igdtrigger.doctor import Check, check_privileges, doctor, effective_capabilities, healthcheck
-from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
-from igdtrigger.service import Service
+from igdtrigger.runtime.service import Service
+from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter
 
 from .fakes import FakeClock, FakeGateway
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
-from igdtrigger.cli import main
+from igdtrigger.api.app import make_app
+from igdtrigger.cli.main import main
 from igdtrigger.config import parse_config
-from igdtrigger.model import format_duration, parse_duration
-from igdtrigger.service import Service
+from igdtrigger.core.model import format_duration, parse_duration
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 
@@ -46,7 +46,7 @@ def test_format_duration_reads_back(seconds: int) -> None:
         60 if seconds >= 3600 else 1)
 
 
-DASHBOARD = Path(__file__).parent.parent / "igdtrigger" / "dashboard" / "dashboard.js"
+DASHBOARD = Path(__file__).parent.parent / "igdtrigger" / "api" / "dashboard" / "dashboard.js"
 
 
 def dashboard_spellings(values: list[int]) -> list[str]:

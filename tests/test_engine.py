@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from igdtrigger.config import Rule
-from igdtrigger.engine import Engine, EventKind, Source, owned_by
-from igdtrigger.errors import HostNotAllowed, RuleNotFound, UsageError
-from igdtrigger.model import Flow, MappingKey, Proto, parse_port_spec
+from igdtrigger.core.engine import Engine, EventKind, Source, owned_by
+from igdtrigger.core.errors import HostNotAllowed, RuleNotFound, UsageError
+from igdtrigger.core.model import Flow, MappingKey, Proto, parse_port_spec
 
 from .fakes import FakeClock
 

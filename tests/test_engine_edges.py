@@ -11,9 +11,9 @@ import ipaddress
 
 import pytest
 
-from igdtrigger import engine as engine_mod
 from igdtrigger.config import Rule
-from igdtrigger.engine import (
+from igdtrigger.core import engine as engine_mod
+from igdtrigger.core.engine import (
     MAX_TTL,
     Engine,
     EventKind,
@@ -24,8 +24,8 @@ from igdtrigger.engine import (
     is_remote_destination,
     owned_by,
 )
-from igdtrigger.errors import ActivationNotFound, HostNotAllowed, UsageError
-from igdtrigger.model import Flow, MappingKey, PortRange, Proto, parse_port_spec
+from igdtrigger.core.errors import ActivationNotFound, HostNotAllowed, UsageError
+from igdtrigger.core.model import Flow, MappingKey, PortRange, Proto, parse_port_spec
 
 from .fakes import FakeClock
 

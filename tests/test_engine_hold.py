@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from igdtrigger import engine as engine_mod
-from igdtrigger.engine import Engine, EventKind, Source
-from igdtrigger.model import Flow, Proto
+from igdtrigger.core import engine as engine_mod
+from igdtrigger.core.engine import Engine, EventKind, Source
+from igdtrigger.core.model import Flow, Proto
 
 from .fakes import FakeClock
 from .test_engine import flow, make, rule

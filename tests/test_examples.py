@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from igdtrigger import config as config_mod
-from igdtrigger.cli import build_parser
+from igdtrigger.cli.main import build_parser
 from igdtrigger.config import load_config, parse_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

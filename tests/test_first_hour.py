@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
-from igdtrigger.cli import DEMO_RULE, main
+from igdtrigger.api.app import make_app
+from igdtrigger.cli.main import DEMO_RULE, main
 from igdtrigger.config import parse_config
-from igdtrigger.mapper import Mapper
-from igdtrigger.service import Service
+from igdtrigger.runtime.mapper import Mapper
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 
@@ -239,7 +239,7 @@ def test_gateway_obeys_simulate(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_without_miniupnpc_the_soap_client_does_the_job() -> None:
     """A platform where miniupnpc has no wheel (32-bit Raspberry Pi) and it is not installed."""
     code = ("import sys, json; sys.modules['miniupnpc'] = None\n"
-            "from igdtrigger.cli import main\n"
+            "from igdtrigger.cli.main import main\n"
             "sys.exit(main(['gateway', '--simulate', '--json']))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
@@ -279,7 +279,7 @@ STATUS: dict[str, Any] = {
 
 def test_status_groups_ports_under_their_activation(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from igdtrigger import client
+    from igdtrigger.cli import client
 
     monkeypatch.setattr(client.Client, "request", lambda *_a, **_k: STATUS)
     assert main(["status", "--server", "http://127.0.0.1:9"]) == 0
@@ -377,7 +377,7 @@ async def test_secure_mode_refusal_says_why_and_the_pc_reports_mapping_itself(
 
 def test_activate_prints_the_reason_once(monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from igdtrigger import client
+    from igdtrigger.cli import client
 
     act = dict(STATUS["activations"][0], state="failed")
     monkeypatch.setattr(client.Client, "request", lambda *_a, **_k: act)
@@ -485,7 +485,7 @@ async def test_stop_while_the_simulated_router_answers_logs_no_error() -> None:
     """A stop while the demo's router still owes an answer (a loaded machine: the client's
     connect is slower than the user's Ctrl-C) ends that request quietly: the first run's log
     had an ERROR with a traceback ("Exception in callback ... CancelledError")."""
-    from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
+    from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter
 
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
@@ -510,7 +510,7 @@ async def test_stop_during_the_protocol_probe_logs_no_traceback() -> None:
     traceback at ERROR per protocol, once the stop closed their sockets)."""
     import gc
 
-    from igdtrigger.errors import GatewayUnreachable
+    from igdtrigger.core.errors import GatewayUnreachable
     from igdtrigger.gateway.select import FallbackGateway
 
     class Silent:
@@ -576,7 +576,7 @@ def test_fast_exit_after_a_clean_stop_runs_atexit_and_flushes(tmp_path: Path) ->
     code = ("import atexit, sys\n"
             "atexit.register(lambda: print('atexit handler ran'))\n"
             "print('buffered line', end='')\n"  # stdout is a pipe: block-buffered
-            "from igdtrigger.cli import main\n"
+            "from igdtrigger.cli.main import main\n"
             "sys.exit(main())\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
            "IGDTRIGGER_STATE_DIR": str(tmp_path / "state")}

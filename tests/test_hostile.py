@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger import api as api_mod
-from igdtrigger.api import Caller, make_app
+from igdtrigger.api import app as api_mod
+from igdtrigger.api.app import Caller, make_app
 from igdtrigger.config import parse_config
-from igdtrigger.engine import MAX_HOSTS_PER_ORIGIN, MAX_UNKNOWN_HOSTS, Engine
-from igdtrigger.events import MAX_SUBSCRIBERS
-from igdtrigger.model import Flow, Proto
-from igdtrigger.service import Service
+from igdtrigger.core.engine import MAX_HOSTS_PER_ORIGIN, MAX_UNKNOWN_HOSTS, Engine
+from igdtrigger.core.model import Flow, Proto
+from igdtrigger.runtime.events import MAX_SUBSCRIBERS
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 from .test_api_auth import LAN, THIS_HOST, fake_remote
@@ -126,7 +126,7 @@ async def test_deeply_nested_json_is_400(client: Client) -> None:
 async def test_malformed_requests_count_against_the_rate_limit_and_log_once(
         client: Client, svc: Service, caplog: pytest.LogCaptureFixture) -> None:
     api_mod._REFUSED_LOG._buckets.clear()
-    caplog.set_level(logging.WARNING, "igdtrigger.api")
+    caplog.set_level(logging.WARNING, "igdtrigger.api.app")
     statuses = []
     for _ in range(70):  # the burst is 60
         r = await client.post("/api/v1/activations", data="{bad",
@@ -377,7 +377,8 @@ async def test_adhoc_ports_obey_a_rules_hosts_list(client: Client, svc: Service)
 
 def test_serve_listen_keeps_the_rest_of_the_api_section(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from igdtrigger import cli, daemon
+    from igdtrigger.cli import main as cli
+    from igdtrigger.cli import serve as daemon
 
     cfg = tmp_path / "config.toml"
     cfg.write_text('[api]\nlisten = "127.0.0.1:8731"\nzeroconf = false\nallow_adhoc = true\n'
@@ -398,7 +399,7 @@ def test_serve_listen_keeps_the_rest_of_the_api_section(
 
 
 def test_openapi_documents_the_paging_parameters() -> None:
-    from igdtrigger.openapi import build_openapi
+    from igdtrigger.api.openapi import build_openapi
 
     op = build_openapi("x")["paths"]["/api/v1/activations"]["get"]
     assert {p["name"] for p in op["parameters"]} == {"limit", "cursor"}
@@ -413,7 +414,7 @@ def test_openapi_documents_the_paging_parameters() -> None:
     ({"max_per_host": True}, "api.max_per_host"),
 ])
 def test_new_api_keys_are_validated(api: dict[str, Any], message: str) -> None:
-    from igdtrigger.errors import ConfigError
+    from igdtrigger.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config({"api": api})

@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger import client as client_mod
-from igdtrigger.api import ApiSettings, make_app
+from igdtrigger.api.app import ApiSettings, make_app
+from igdtrigger.api.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
+from igdtrigger.cli import client as client_mod
 from igdtrigger.config import parse_config
-from igdtrigger.errors import ConfigError
-from igdtrigger.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
-from igdtrigger.service import Service
+from igdtrigger.core.errors import ConfigError
+from igdtrigger.runtime.service import Service
 
 from . import test_hostile
 from .fakes import FakeClock
@@ -211,7 +211,7 @@ def test_a_symlink_planted_at_the_admin_socket_is_replaced_not_followed(
         sock.close()
     path.unlink()
     state.chmod(0o777)  # anyone may swap the socket: said at start
-    with caplog.at_level(logging.WARNING, logger="igdtrigger.api"):
+    with caplog.at_level(logging.WARNING, logger="igdtrigger.api.app"):
         admin_socket(path).close()
     assert "can be written by other users" in caplog.text
 

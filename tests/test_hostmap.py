@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from igdtrigger.config import parse_config
+from igdtrigger.core.model import Flow, Proto
 from igdtrigger.detect.hostmap import (
     NDA_DST,
     NDA_LLADDR,
@@ -22,8 +23,7 @@ from igdtrigger.detect.hostmap import (
     parse_neighbors,
     read_neighbors,
 )
-from igdtrigger.model import Flow, Proto
-from igdtrigger.service import Service
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 

@@ -23,12 +23,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from igdtrigger import client as client_mod
-from igdtrigger.api import make_app
-from igdtrigger.config import parse_config
-from igdtrigger.engine import Source
-from igdtrigger.errors import GatewayUnreachable, LocalResourceError, socket_fault
-from igdtrigger.httpguard import (
+from igdtrigger.api.app import make_app
+from igdtrigger.api.httpguard import (
     Acceptor,
     ConnectionGuard,
     ConnectionLimits,
@@ -37,9 +33,13 @@ from igdtrigger.httpguard import (
     raise_fd_limit,
     start_servers,
 )
-from igdtrigger.logthrottle import PerKindThrottle
-from igdtrigger.model import MappingSpec
-from igdtrigger.service import Service
+from igdtrigger.cli import client as client_mod
+from igdtrigger.config import parse_config
+from igdtrigger.core.engine import Source
+from igdtrigger.core.errors import GatewayUnreachable, LocalResourceError, socket_fault
+from igdtrigger.core.model import MappingSpec
+from igdtrigger.runtime.logthrottle import PerKindThrottle
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 
@@ -373,7 +373,7 @@ def test_log_lines_are_rate_limited_per_kind() -> None:
 
 def test_miniupnpc_socket_error_while_out_of_descriptors_is_local() -> None:
     resource = pytest.importorskip("resource")
-    from igdtrigger.gateway.upnp import miniupnpc_error
+    from igdtrigger.gateway.upnp.miniupnpc import miniupnpc_error
 
     assert isinstance(miniupnpc_error("AddPortMapping", Exception("Miniupnpc Socket error")),
                       GatewayUnreachable)
@@ -395,7 +395,7 @@ def test_miniupnpc_socket_error_while_out_of_descriptors_is_local() -> None:
 @contextlib.contextmanager
 def quiet_server_log() -> Iterator[None]:
     """aiohttp's server log with the service's filter (as ``serve`` sets it up)."""
-    from igdtrigger.logthrottle import QuietBadRequests
+    from igdtrigger.runtime.logthrottle import QuietBadRequests
 
     quiet = QuietBadRequests()
     server_log = logging.getLogger("aiohttp.server")
@@ -429,7 +429,7 @@ async def test_requests_that_are_not_http_are_400_and_logged_once_without_traceb
 
 
 def test_fd_limit_is_left_to_the_unit_under_a_seccomp_filter(tmp_path: Path) -> None:
-    from igdtrigger.httpguard import _seccomp_filtered
+    from igdtrigger.api.httpguard import _seccomp_filtered
 
     status = tmp_path / "status"
     status.write_text("Name:\tpython\nSeccomp:\t2\nSeccomp_filters:\t1\n")

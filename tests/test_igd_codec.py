@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igdtrigger.errors import (
+from igdtrigger.core.errors import (
     ActionFailed,
     InvalidArgs,
     LeaseRefused,
@@ -17,7 +17,7 @@ from igdtrigger.errors import (
     NoSuchMapping,
     NotAuthorized,
 )
-from igdtrigger.gateway.igd import (
+from igdtrigger.gateway.upnp.codec import (
     MalformedReply,
     UpnpFault,
     build_msearch,
@@ -380,6 +380,6 @@ def test_ssdp_parser_never_raises(data: bytes) -> None:
 ])
 def test_ssdp_location_guard(location: str, source: str, gateway: str | None,
                              ok: bool) -> None:
-    from igdtrigger.gateway.soap import location_allowed
+    from igdtrigger.gateway.upnp.soap import location_allowed
 
     assert location_allowed(location, source, gateway) is ok

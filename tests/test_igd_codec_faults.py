@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from igdtrigger.errors import (
+from igdtrigger.core.errors import (
     DEVICE_DENIED_HINT,
     PINHOLE_SELF_HINT,
     SECURE_MODE_HINT,
@@ -23,8 +23,8 @@ from igdtrigger.errors import (
     TableFull,
     UnsupportedAction,
 )
-from igdtrigger.gateway import igd
-from igdtrigger.gateway.igd import (
+from igdtrigger.gateway.upnp import codec as igd
+from igdtrigger.gateway.upnp.codec import (
     FIREWALL_SERVICE,
     MAX_DESCRIPTION,
     MAX_SOAP,
@@ -766,7 +766,7 @@ def test_reserved_port_out_of_range_is_malformed(text: str) -> None:
 
 
 def test_the_best_answering_service_is_chosen_wherever_it_is_listed() -> None:
-    from igdtrigger.gateway.igd import IgdService, ServiceProbe, choose_service
+    from igdtrigger.gateway.upnp.codec import IgdService, ServiceProbe, choose_service
 
     v1 = "urn:schemas-upnp-org:service:WANIPConnection:1"
     v2 = "urn:schemas-upnp-org:service:WANIPConnection:2"
@@ -782,7 +782,7 @@ def test_the_best_answering_service_is_chosen_wherever_it_is_listed() -> None:
 def test_document_order_counts_firewall_services_between_wan_services() -> None:
     """Two equal WAN services with two IPv6 firewall services between them: the first listed
     is still the first chosen (the order is the position among all services read)."""
-    from igdtrigger.gateway.igd import FIREWALL_SERVICE, ServiceProbe, choose_service
+    from igdtrigger.gateway.upnp.codec import FIREWALL_SERVICE, ServiceProbe, choose_service
 
     doc = desc(svc(WANIP2, "/a") + svc(FIREWALL_SERVICE, "/fw1") + svc(FIREWALL_SERVICE, "/fw2")
                + svc(WANIP2, "/b"))

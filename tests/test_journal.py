@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from igdtrigger.config import parse_config
-from igdtrigger.engine import Source, description_for
-from igdtrigger.journal import FILENAME, FORMAT, Journal, JournalError
-from igdtrigger.model import MappingSpec, Proto
-from igdtrigger.service import Service
+from igdtrigger.core.engine import Source, description_for
+from igdtrigger.core.model import MappingSpec, Proto
+from igdtrigger.runtime.journal import FILENAME, FORMAT, Journal, JournalError
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 
@@ -114,7 +114,7 @@ async def test_disk_write_failure_degrades_but_service_keeps_working(tmp_path: P
 
 
 def test_mappings_recorded_before_request(tmp_path: Path) -> None:
-    from igdtrigger.model import MappingSpec
+    from igdtrigger.core.model import MappingSpec
 
     j = Journal.open(tmp_path)
     spec = MappingSpec(Proto.UDP, 40000, "192.168.1.10", 40000, description_for("demo", "t"))
@@ -128,7 +128,7 @@ def test_mappings_recorded_before_request(tmp_path: Path) -> None:
 
 
 def test_router_traits_round_trip_and_bad_records(tmp_path: Path) -> None:
-    from igdtrigger.traits import RouterTraits
+    from igdtrigger.core.traits import RouterTraits
 
     j = Journal.open(tmp_path)
     t = RouterTraits("upnp-igd@192.168.1.1", reports_mappings=False, keeps_timed=True,
@@ -164,7 +164,7 @@ def test_router_traits_round_trip_and_bad_records(tmp_path: Path) -> None:
 ])
 async def test_a_bad_mapping_row_is_skipped_never_deleted_or_a_traceback(
         tmp_path: Path, column: str, value: str) -> None:
-    from igdtrigger.model import MappingSpec
+    from igdtrigger.core.model import MappingSpec
 
     j = Journal.open(tmp_path)
     j.mappings_requested([MappingSpec(Proto.UDP, 5000, "192.168.1.10", 5000, "igdtrigger x y")])
@@ -183,7 +183,7 @@ async def test_a_bad_mapping_row_is_skipped_never_deleted_or_a_traceback(
 
 @pytest.mark.parametrize("value", ["1e309", "'x'", "0", "70000", "X'00'"])
 def test_a_bad_pinhole_row_is_skipped(tmp_path: Path, value: str) -> None:
-    from igdtrigger.model import PinholeSpec
+    from igdtrigger.core.model import PinholeSpec
 
     j = Journal.open(tmp_path)
     j.pinholes_requested([PinholeSpec("2001:db8::10", Proto.UDP, 5000)])
@@ -264,7 +264,7 @@ def test_format_1_journal_in_a_read_only_directory_is_still_read(tmp_path: Path,
 def test_a_dead_runs_mappings_are_taken_over_with_their_nonce(tmp_path: Path) -> None:
     """A killed `igdtrigger run`'s journal (its own PCP key) moves into the service's as it
     is: without its nonces its PCP mappings could not be deleted."""
-    from igdtrigger.leftovers import take_over
+    from igdtrigger.runtime.leftovers import take_over
 
     spec = MappingSpec(Proto.UDP, 3074, "192.168.1.10", 3074, "igdtrigger demo run9")
     dead = tmp_path / "run" / "9-1"

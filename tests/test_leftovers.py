@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.gateway.simulated import SimulatedIgdThread, SimulatedRouter, run_in_thread
-from igdtrigger.leftovers import dead_run_tag, dead_runs, own_run_dir, process_start, run_alive
+from igdtrigger.runtime.leftovers import (
+    dead_run_tag,
+    dead_runs,
+    own_run_dir,
+    process_start,
+    run_alive,
+)
+from igdtrigger.sim.router import SimulatedIgdThread, SimulatedRouter, run_in_thread
 
 from .test_dashboard import free_port, wait_for
 
@@ -160,8 +166,8 @@ def add_mappings(sim: SimulatedIgdThread, entries: list[tuple[int, str, str]]) -
     """Map udp/<port> -> client with a description, as the program it names would."""
     import asyncio
 
+    from igdtrigger.core.model import MappingSpec, Proto
     from igdtrigger.gateway.select import build_gateway
-    from igdtrigger.model import MappingSpec, Proto
 
     async def go() -> None:
         gw = build_gateway(sim.url, backend="soap")
@@ -183,7 +189,7 @@ def test_gateway_list_and_clean_remove_ours_never_another_programs(
         tmp_path: Path, router: SimulatedIgdThread, request: pytest.FixtureRequest) -> None:
     import json
 
-    from igdtrigger.service import derived_tag
+    from igdtrigger.runtime.service import derived_tag
 
     state = tmp_path / "state"
     cfg = write_config(tmp_path, router, state)
@@ -240,7 +246,7 @@ def test_a_wrapper_whose_game_ends_mid_pass_stops_adding_and_leaves_nothing(
 
 BEACON_HOLDER = """
 import sys, time
-from igdtrigger.leftovers import hold_beacon
+from igdtrigger.runtime.leftovers import hold_beacon
 b = hold_beacon()
 print("held" if b is not None else "none", flush=True)
 time.sleep(60)
@@ -266,7 +272,7 @@ def test_a_live_wrapper_is_not_taken_for_dead_from_another_pid_namespace(tmp_pat
         start = process_start(pid)
         (tmp_path / "run" / f"{pid}-{start}").mkdir(parents=True)
         code = (f"from pathlib import Path\n"
-                f"from igdtrigger.leftovers import dead_run_tag, dead_runs\n"
+                f"from igdtrigger.runtime.leftovers import dead_run_tag, dead_runs\n"
                 f"import os\n"
                 f"print(os.path.exists('/proc/{pid}'),"
                 f" dead_run_tag('igdtrigger demo run{pid}'),"

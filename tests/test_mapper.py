@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from igdtrigger.engine import description_for
-from igdtrigger.mapper import Mapper, MapState
-from igdtrigger.model import MappingKey, MappingSpec, Proto
+from igdtrigger.core.engine import description_for
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto
+from igdtrigger.runtime.mapper import Mapper, MapState
 
 from .fakes import FakeClock, FakeGateway
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 
-from igdtrigger.engine import description_for
-from igdtrigger.mapper import LIST_MIN_BATCH, Mapper, MapState
-from igdtrigger.model import MappingKey, MappingSpec, Proto
-from igdtrigger.traits import TRUST_AFTER
+from igdtrigger.core.engine import description_for
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto
+from igdtrigger.core.traits import TRUST_AFTER
+from igdtrigger.runtime.mapper import LIST_MIN_BATCH, Mapper, MapState
 
 from .fakes import FakeClock, FakeGateway
 
@@ -70,7 +70,7 @@ async def test_a_failing_listing_falls_back_to_checks() -> None:
     await m.reconcile({})  # sweep done: the table is known to be small
 
     async def broken() -> list[object]:
-        from igdtrigger.errors import ActionFailed
+        from igdtrigger.core.errors import ActionFailed
 
         raise ActionFailed("GetGenericPortMappingEntry", 401, "Invalid Action")
 

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
+from igdtrigger.api.app import make_app
+from igdtrigger.api.metrics import LATENCY_BUCKETS, Metrics
 from igdtrigger.config import parse_config
+from igdtrigger.core.model import Proto
 from igdtrigger.gateway.select import build_gateway
-from igdtrigger.gateway.simulated import SimulatedIgdServer
-from igdtrigger.metrics import LATENCY_BUCKETS, Metrics
-from igdtrigger.model import Proto
-from igdtrigger.service import Service
+from igdtrigger.runtime.service import Service
+from igdtrigger.sim.router import SimulatedIgdServer
 
 from .fakes import FakeClock, FakeGateway
 
@@ -157,7 +157,7 @@ async def test_errors_by_kind_and_gateway_down(tmp_path: Path) -> None:
 
 
 def test_label_values_are_escaped() -> None:
-    from igdtrigger.metrics import _labels
+    from igdtrigger.api.metrics import _labels
 
     text = "# TYPE x gauge\nx" + _labels(action='We"ird\\Action\n') + " 1\n"
     _, samples = parse(text)

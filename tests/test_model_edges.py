@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from igdtrigger.model import (
+from igdtrigger.core.model import (
     MappingKey,
     MappingSpec,
     PinholeSpec,

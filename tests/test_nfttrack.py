@@ -21,16 +21,16 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-import igdtrigger.service as service_mod
-from igdtrigger.api import make_app
+import igdtrigger.runtime.service as service_mod
+from igdtrigger.api.app import make_app
+from igdtrigger.api.metrics import Metrics
+from igdtrigger.cli.doctor import check_detectors, check_tracking, doctor
 from igdtrigger.config import parse_config
+from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.core.model import PortRange, Proto, parse_port_spec
 from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.nfttrack import TABLE, KernelTracking, NftResult, merge_ranges, ruleset
-from igdtrigger.doctor import check_detectors, check_tracking, doctor
-from igdtrigger.errors import DetectionUnavailable
-from igdtrigger.metrics import Metrics
-from igdtrigger.model import PortRange, Proto, parse_port_spec
-from igdtrigger.service import Service
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 
@@ -259,7 +259,7 @@ def test_plain_namespace_tracks_trigger_flows_only_with_our_table(bare_netns: st
     ns = bare_netns
     assert in_ns(ns, PROBE) is False  # the plain machine: no conntrack event at all
     code = ("from igdtrigger.detect.nfttrack import KernelTracking, probe_events\n"
-            "from igdtrigger.model import parse_port_spec as p\n"
+            "from igdtrigger.core.model import parse_port_spec as p\n"
             "t = KernelTracking()\n"
             "ok = t.install(p('udp/27015') + p('tcp/27015-27030'), p('udp/40000'))\n"
             "seen = probe_events(2.0)\n"
@@ -272,7 +272,7 @@ def test_plain_namespace_tracks_trigger_flows_only_with_our_table(bare_netns: st
     assert counted == 1  # the one trigger flow, counted by our own rule
     # a second install (a restart after a crash, or new rules) replaces it: still one table
     code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
-            "from igdtrigger.model import parse_port_spec as p\n"
+            "from igdtrigger.core.model import parse_port_spec as p\n"
             "t = KernelTracking(); t.install(p('udp/5000'), [])\n"
             "print(json.dumps(t.counted()))")
     assert in_ns(ns, code) == 0
@@ -280,7 +280,7 @@ def test_plain_namespace_tracks_trigger_flows_only_with_our_table(bare_netns: st
     assert listed.count("table inet igdtrigger") == 1 and "27015" not in listed
     # a firewall reload flushes every table: the periodic check puts ours back
     code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
-            "from igdtrigger.model import parse_port_spec as p\n"
+            "from igdtrigger.core.model import parse_port_spec as p\n"
             "import subprocess\n"
             "t = KernelTracking(); t.install(p('udp/5000'), [])\n"
             "subprocess.run(['nft', 'flush', 'ruleset'], check=True)\n"
@@ -289,7 +289,7 @@ def test_plain_namespace_tracks_trigger_flows_only_with_our_table(bare_netns: st
             "print(json.dumps([gone, t.reinstalls, t.present(), t.check()]))")
     assert in_ns(ns, code) == [True, 1, True, 0]
     code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
-            "from igdtrigger.model import parse_port_spec as p\n"
+            "from igdtrigger.core.model import parse_port_spec as p\n"
             "t = KernelTracking(); t.install(p('udp/5000'), []); t.remove()\n"
             "print(json.dumps(t.present()))")
     assert in_ns(ns, code) is False
@@ -323,7 +323,7 @@ table ip nat {
     assert _run("ip", "netns", "exec", ns, "nft", "-f", "-", input=mine).returncode == 0
     before = _run("ip", "netns", "exec", ns, "nft", "list", "ruleset").stdout
     code = ("from igdtrigger.detect.nfttrack import KernelTracking\n"
-            "from igdtrigger.model import parse_port_spec as p\n"
+            "from igdtrigger.core.model import parse_port_spec as p\n"
             "t = KernelTracking(); ok = t.install(p('udp/27015'), p('udp/40000'))\n"
             "print(json.dumps(ok))")
     assert in_ns(ns, code) is True
@@ -360,7 +360,7 @@ def test_doctor_detector_lines_use_the_tracking_verdict(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(nfttrack, "find_nft", lambda: None)
     monkeypatch.setattr(nfttrack, "probe_events", lambda timeout=1.0, wanted=None: False)
-    monkeypatch.setattr("igdtrigger.daemon.build_detectors", lambda config: [Ok()])
+    monkeypatch.setattr("igdtrigger.cli.serve.build_detectors", lambda config: [Ok()])
     [line] = check_detectors(parse_config({"rules": RULES}))
     assert line.level == "ok" and "over netlink" in line.detail  # no nft: netlink does it
     [line] = check_detectors(parse_config({"rules": RULES, "detect": {"track_flows": False}}))
@@ -371,7 +371,7 @@ def test_without_the_nft_command_netlink_loads_the_table(bare_netns: str) -> Non
     """Ubuntu ships no `nft`: the table is written over nf_tables netlink instead, with the
     same life cycle (replaced, put back after a flush, removed)."""
     code = ("from igdtrigger.detect.nfttrack import KernelTracking, probe_events\n"
-            "from igdtrigger.model import parse_port_spec as p\n"
+            "from igdtrigger.core.model import parse_port_spec as p\n"
             "import subprocess\n"
             "t = KernelTracking(); t.nft = None\n"
             "before = probe_events(2.0)\n"
@@ -396,7 +396,7 @@ def test_without_privilege_the_reason_names_it(bare_netns: str) -> None:
         pytest.skip("needs setpriv (util-linux)")
     code = (f"import sys, json; sys.path.insert(0, {str(REPO)!r})\n"
             "from igdtrigger.detect.nfttrack import KernelTracking\n"
-            "from igdtrigger.model import parse_port_spec as p\n"
+            "from igdtrigger.core.model import parse_port_spec as p\n"
             "out = []\n"
             "for nft in (True, False):\n"
             "    t = KernelTracking()\n"

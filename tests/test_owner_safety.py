@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.journal import Journal
-from igdtrigger.mapper import Mapper
-from igdtrigger.model import MappingKey, MappingSpec, Proto
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto
+from igdtrigger.runtime.journal import Journal
+from igdtrigger.runtime.mapper import Mapper
 
 from .fakes import FakeClock, FakeGateway
 
@@ -151,8 +151,8 @@ async def test_another_hosts_mapping_is_still_rechecked_at_the_slow_pace() -> No
 async def test_a_service_stop_cut_short_says_how_many_are_left_and_journals_exactly_those(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from igdtrigger.config import parse_config
-    from igdtrigger.engine import Source
-    from igdtrigger.service import Service
+    from igdtrigger.core.engine import Source
+    from igdtrigger.runtime.service import Service
 
     clock = FakeClock()
     gw = SlowGateway(clock)

@@ -239,7 +239,7 @@ def test_image_steps_in_a_fresh_venv(image: Image, workdir: Path) -> None:
     timings["install_s"] = time.monotonic() - t0
     installed = run([str(venv / "bin" / "python"), "-c",
                      "import igdtrigger, importlib.resources as r; print(igdtrigger.__file__);"
-                     "print(len((r.files('igdtrigger') / 'dashboard' / 'index.html')"
+                     "print(len((r.files('igdtrigger.api') / 'dashboard' / 'index.html')"
                      ".read_bytes()))"], cwd=workdir,
                     env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}).stdout.split()
     assert installed[0].startswith(str(venv)) and int(installed[1]) > 100  # dashboard shipped

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from igdtrigger.api.metrics import Metrics
 from igdtrigger.config import parse_config
-from igdtrigger.engine import Source
-from igdtrigger.errors import (
+from igdtrigger.core.engine import Source
+from igdtrigger.core.errors import (
     GatewayNotFound,
     GatewayUnreachable,
     NoSuchMapping,
     NotAuthorized,
 )
-from igdtrigger.gateway.igd import (
+from igdtrigger.core.model import PinholeSpec, Proto
+from igdtrigger.gateway.upnp.codec import (
     FIREWALL_SERVICE,
     MalformedReply,
     UpnpFault,
@@ -29,12 +31,10 @@ from igdtrigger.gateway.igd import (
     pinhole_args,
     pinhole_uid,
 )
-from igdtrigger.gateway.pinhole import FirewallInfo, is_pinhole_address
-from igdtrigger.journal import Journal
-from igdtrigger.metrics import Metrics
-from igdtrigger.model import PinholeSpec, Proto
-from igdtrigger.pinholes import RETRY_MAX, PinholeKeeper, PinholeState
-from igdtrigger.service import Service
+from igdtrigger.gateway.upnp.pinhole import FirewallInfo, is_pinhole_address
+from igdtrigger.runtime.journal import Journal
+from igdtrigger.runtime.pinholes import RETRY_MAX, PinholeKeeper, PinholeState
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 from .test_metrics import parse, value
@@ -531,8 +531,8 @@ async def test_gateway_clean_closes_leftover_pinholes_and_leaves_live_ones(
         fw: FakeFirewall, tmp_path: Path) -> None:
     import os
 
-    from igdtrigger.gatewaycmd import close_pinholes, journaled_pinholes, pinhole_report
-    from igdtrigger.leftovers import own_run_dir
+    from igdtrigger.cli.gatewaycmd import close_pinholes, journaled_pinholes, pinhole_report
+    from igdtrigger.runtime.leftovers import own_run_dir
 
     svc = Journal.open(tmp_path)  # the service's journal, after a crash
     svc.pinholes_requested([ph(4000)])
@@ -562,7 +562,7 @@ async def test_gateway_clean_closes_leftover_pinholes_and_leaves_live_ones(
 
 async def test_gateway_clean_leaves_a_running_services_pinholes(
         fw: FakeFirewall, tmp_path: Path) -> None:
-    from igdtrigger.gatewaycmd import close_pinholes, journaled_pinholes
+    from igdtrigger.cli.gatewaycmd import close_pinholes, journaled_pinholes
 
     svc = Journal.open(tmp_path)
     svc.pinholes_requested([ph(4010)])
@@ -576,7 +576,7 @@ async def test_gateway_clean_leaves_a_running_services_pinholes(
 
 async def test_gateway_clean_says_why_a_pinhole_was_not_closed(
         fw: FakeFirewall, tmp_path: Path) -> None:
-    from igdtrigger.gatewaycmd import close_pinholes, journaled_pinholes
+    from igdtrigger.cli.gatewaycmd import close_pinholes, journaled_pinholes
 
     svc = Journal.open(tmp_path)
     svc.pinholes_requested([ph(4020)])

@@ -8,8 +8,9 @@ import struct
 
 import pytest
 
-from igdtrigger.errors import ActionFailed, MappingConflict, NotAuthorized, TableFull
-from igdtrigger.gateway.pmp import (
+from igdtrigger.core.errors import ActionFailed, MappingConflict, NotAuthorized, TableFull
+from igdtrigger.core.model import Proto
+from igdtrigger.gateway.natpmp.backend import (
     DOUBLE_NAT_HINT,
     MAX_LIFETIME,
     PCP_RESULTS,
@@ -34,7 +35,6 @@ from igdtrigger.gateway.pmp import (
     pcp_error,
     pmp_error,
 )
-from igdtrigger.model import Proto
 
 NONCE = bytes(range(12))
 CLIENT = "192.168.77.10"

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igdtrigger.engine import description_for
-from igdtrigger.errors import (
+from igdtrigger.core.engine import description_for
+from igdtrigger.core.errors import (
     ActionFailed,
     ConfigError,
     GatewayError,
@@ -28,8 +28,9 @@ from igdtrigger.errors import (
     NotAuthorized,
     TableFull,
 )
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import Gateway
-from igdtrigger.gateway.pmp import (
+from igdtrigger.gateway.natpmp.backend import (
     PCP_RESULTS,
     PMP_RESULTS,
     DatagramClient,
@@ -53,8 +54,7 @@ from igdtrigger.gateway.pmp import (
     pcp_error,
     pmp_error,
 )
-from igdtrigger.mapper import Mapper, MapState
-from igdtrigger.model import MappingKey, MappingSpec, Proto
+from igdtrigger.runtime.mapper import Mapper, MapState
 
 LOCAL = "127.0.0.1"
 NONCE = bytes(range(12))

@@ -9,15 +9,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from igdtrigger.engine import description_for
-from igdtrigger.errors import GatewayError, GatewayNotFound, GatewayTimeout, GatewayUnreachable
+from igdtrigger.core.engine import description_for
+from igdtrigger.core.errors import GatewayError, GatewayNotFound, GatewayTimeout, GatewayUnreachable
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import Gateway
 from igdtrigger.gateway.select import FallbackGateway, build_gateway
-from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter
-from igdtrigger.gateway.soap import SoapGateway
-from igdtrigger.gateway.upnp import MiniupnpcGateway
-from igdtrigger.mapper import Mapper, MapState
-from igdtrigger.model import MappingKey, MappingSpec, Proto
+from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway
+from igdtrigger.gateway.upnp.soap import SoapGateway
+from igdtrigger.runtime.mapper import Mapper, MapState
+from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter
 
 TAG = "q1q2q3"
 

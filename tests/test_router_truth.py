@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 
-from igdtrigger.cli import _lease_text
+from igdtrigger.api.metrics import Metrics
+from igdtrigger.cli.gatewaycmd import _lease_test
+from igdtrigger.cli.main import _lease_text
 from igdtrigger.config import parse_config
-from igdtrigger.engine import Source
-from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
+from igdtrigger.core.engine import Source
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
-from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
-from igdtrigger.gatewaycmd import _lease_test
-from igdtrigger.journal import Journal
-from igdtrigger.metrics import Metrics
-from igdtrigger.model import MappingKey, MappingSpec, Proto
-from igdtrigger.service import Service
+from igdtrigger.runtime.journal import Journal
+from igdtrigger.runtime.service import Service
+from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter, UPnPFault
 
 from .fakes import FakeClock
 from .test_pmp_pcp import FakeRouter
@@ -177,7 +177,7 @@ async def test_402_from_a_full_table_does_not_make_leases_permanent(rig: Rig) ->
 async def test_unreadable_router_no_readd_storm_and_nothing_left(
         rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     rig.router.unreadable = True
-    caplog.set_level(logging.WARNING, "igdtrigger.mapper")
+    caplog.set_level(logging.WARNING, "igdtrigger.runtime.mapper")
     svc = await rig.start()
     await rig.activate()
     await rig.run_for(20)
@@ -506,7 +506,7 @@ async def test_natpmp_pcp_leftover_of_a_crashed_run_is_deleted_at_the_next_start
     svc, clock = await mapped(router, cls, rule, tmp_path, ttl=60)
     made = dict(router.nonces)
     assert set(router.mappings) == {(17, 3074), (6, 3075)}
-    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    caplog.set_level(logging.INFO, "igdtrigger.runtime.mapper")
     again = await crash_and_restart(svc, router, cls, rule, clock, tmp_path, 120)
     assert router.mappings == {}  # the router's own table: nothing of ours left
     assert router.refused_deletes == 0
@@ -550,7 +550,7 @@ async def test_pcp_leftover_without_a_recorded_nonce_is_not_claimed_deleted(
     old = Journal.open(tmp_path)
     old.mappings_requested([MappingSpec(Proto.UDP, 3074, HOST, 3074, "igdtrigger x xbox")])
     old.close()
-    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    caplog.set_level(logging.INFO, "igdtrigger.runtime.mapper")
     svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
     await svc.start()
     await svc._wait_applied(svc.engine.generation, 5)
@@ -571,7 +571,7 @@ async def test_natpmp_leftover_for_another_host_is_not_deleted_over_natpmp(
     old = Journal.open(tmp_path)
     old.mappings_requested([MappingSpec(Proto.UDP, 3074, "192.0.2.7", 3074, "igdtrigger x")])
     old.close()
-    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    caplog.set_level(logging.INFO, "igdtrigger.runtime.mapper")
     svc = pmp_service(router, NatPmpGateway, rule, clock, tmp_path)
     await svc.start()
     await svc._wait_applied(svc.engine.generation, 5)
@@ -589,7 +589,7 @@ async def test_pcp_leftover_remapped_by_another_client_is_left_alone(
     rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
     svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
     router.nonces[(17, 3074)] = b"\x07" * 12  # someone else's MAP replaced ours
-    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    caplog.set_level(logging.INFO, "igdtrigger.runtime.mapper")
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
     assert (17, 3074) in router.mappings  # theirs: not deleted
     refused = router.refused_deletes
@@ -624,7 +624,7 @@ async def test_pcp_leftover_meets_a_natpmp_start_and_is_not_claimed_deleted(
     start is named as not deletable over it, never "unmapped"."""
     rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1m"}
     svc, clock = await mapped(router, PcpGateway, rule, tmp_path, ttl=60)
-    caplog.set_level(logging.INFO, "igdtrigger.mapper")
+    caplog.set_level(logging.INFO, "igdtrigger.runtime.mapper")
     again = await crash_and_restart(svc, router, NatPmpGateway, rule, clock, tmp_path, 120)
     assert map_requests(router, deletes=True) == []
     assert any("cannot be deleted over nat-pmp (it was made over pcp)" in r.message

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.engine import Source
-from igdtrigger.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
+from igdtrigger.core.engine import Source
+from igdtrigger.core.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
 from igdtrigger.gateway.base import SIMULATED_EXTERNAL
-from igdtrigger.gateway.igd import NotifyTracker, RouterChangeKind, UpnpFault, fault_error
-from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway, pcp_error, pmp_error
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway, pcp_error, pmp_error
 from igdtrigger.gateway.select import build_gateway
-from igdtrigger.gateway.simulated import SimulatedIgdServer, SimulatedRouter, UPnPFault
-from igdtrigger.journal import Journal
+from igdtrigger.gateway.upnp.codec import NotifyTracker, RouterChangeKind, UpnpFault, fault_error
+from igdtrigger.runtime.journal import Journal
+from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter, UPnPFault
 
 from .fakes import FakeClock
 from .test_pmp_pcp import FakeRouter
@@ -313,7 +313,7 @@ def test_our_root_announced_at_two_locations_every_round_moves_at_most_once() ->
 def test_watcher_follows_a_move_on_the_same_router_and_keeps_what_it_heard() -> None:
     """After the service follows a move (reconnects at the new URL), the watcher is kept: an
     announcement at the old URL of the same root is no move back."""
-    from igdtrigger.gateway.ssdpwatch import NotifyWatcher
+    from igdtrigger.gateway.upnp.ssdpwatch import NotifyWatcher
 
     from .test_ssdp_notify import GW, LOC, NTS, UUID, notify
     changes: list[RouterChangeKind] = []
@@ -560,7 +560,7 @@ async def test_external_address_unknown_is_said_unknown_not_double_nat(
 ])
 async def test_gateway_report_on_an_unknown_or_private_external_address(
         external: str, says: str) -> None:
-    from igdtrigger.gatewaycmd import ProbeResult, report
+    from igdtrigger.cli.gatewaycmd import ProbeResult, report
 
     sim = SimulatedIgdServer(SimulatedRouter(external_ip=external))
     await sim.start()

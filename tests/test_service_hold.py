@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api import make_app
-from igdtrigger.cli import _print_activation
+from igdtrigger.api.app import make_app
+from igdtrigger.cli.main import _print_activation
 from igdtrigger.config import parse_config
-from igdtrigger.errors import DetectionUnavailable
-from igdtrigger.model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
-from igdtrigger.service import Service
+from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 

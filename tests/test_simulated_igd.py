@@ -18,7 +18,8 @@ from typing import Any
 import miniupnpc
 import pytest
 
-from igdtrigger.gateway.simulated import (
+from igdtrigger.core.model import Proto
+from igdtrigger.sim.router import (
     MAX_LEASE_V2,
     SimulatedIgdServer,
     SimulatedRouter,
@@ -28,7 +29,6 @@ from igdtrigger.gateway.simulated import (
     render_soap_fault,
     run_in_thread,
 )
-from igdtrigger.model import Proto
 
 LAN = "127.0.0.1"  # what miniupnpc reports as lanaddr when it talks to the sim over loopback
 OTHER = "192.168.1.50"  # another LAN host (only ever written into the table, never contacted)

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 
 from igdtrigger.config import parse_config
-from igdtrigger.engine import Source
-from igdtrigger.errors import UsageError
+from igdtrigger.core.engine import Source
+from igdtrigger.core.errors import UsageError
+from igdtrigger.core.model import MappingSpec, Proto
 from igdtrigger.gateway.base import Granted
-from igdtrigger.journal import FILENAME, Journal, JournalActivation
-from igdtrigger.model import MappingSpec, Proto
-from igdtrigger.service import Service, derived_tag
+from igdtrigger.runtime.journal import FILENAME, Journal, JournalActivation
+from igdtrigger.runtime.service import Service, derived_tag
 
 from .fakes import FakeClock, FakeGateway
 from .test_daemon_ops import CONFIG as SERVE_CONFIG

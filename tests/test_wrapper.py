@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from igdtrigger.errors import ConfigError
+from igdtrigger.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,8 +103,8 @@ def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
 def test_signals_reach_the_child_without_sigtimedwait(config: Path, tmp_path: Path,
                                                       sig: signal.Signals) -> None:
     """macOS has no sigtimedwait: plain handlers forward what was sent to the wrapper."""
-    as_on_macos = ("import sys, igdtrigger.wrapper as w; w._SIGTIMEDWAIT = False; "
-                   "from igdtrigger.cli import main; sys.exit(main(sys.argv[1:]))")
+    as_on_macos = ("import sys, igdtrigger.cli.run as w; w._SIGTIMEDWAIT = False; "
+                   "from igdtrigger.cli.main import main; sys.exit(main(sys.argv[1:]))")
     signal_reaches_child([sys.executable, "-c", as_on_macos, "run", "--config", str(config),
                           "--rule", "demo", "--"], tmp_path, sig)
 
@@ -251,8 +251,8 @@ def test_infer_fails_open(service: tuple[str, Path], launcher: str, env_extra: d
 
 
 def test_infer_rule_resolution() -> None:
+    from igdtrigger.cli.run import infer_rule, slug
     from igdtrigger.config import parse_config
-    from igdtrigger.wrapper import infer_rule, slug
 
     cfg = parse_config({"rules": [{"name": "demo", "open": ["udp/40000"]},
                                   {"name": "730", "open": ["udp/40001"]}],
@@ -320,7 +320,7 @@ def test_shell_wrapper_holds_ports_while_the_command_runs(service: tuple[str, Pa
 
 
 def test_ports_env_names_granted_external_ports() -> None:
-    from igdtrigger.wrapper import ports_env
+    from igdtrigger.cli.run import ports_env
 
     act = {"ports": [
         {"port": "udp/40000", "state": "active", "external_port": 40000},

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from igdtrigger import cli, client
+from igdtrigger.cli import client
+from igdtrigger.cli import main as cli
+from igdtrigger.cli.discovery import Found, advertised_addresses, txt_properties
 from igdtrigger.config import ConfigError, parse_config
-from igdtrigger.discovery import Found, advertised_addresses, txt_properties
 
 LAN_SERVICE = Found("igdtrigger on nas._igdtrigger._tcp.local.", "192.168.1.5", 8731,
                     {"path": "/api/v1"})
@@ -27,7 +28,7 @@ def net(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["timeout"] = timeout
         return list(state["found"])
 
-    monkeypatch.setattr("igdtrigger.discovery.browse", browse)
+    monkeypatch.setattr("igdtrigger.cli.discovery.browse", browse)
     monkeypatch.setattr(client, "_answers", lambda host, port, timeout: state["local"])
     monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
     return state
@@ -82,7 +83,7 @@ def test_discovery_failure_falls_back(monkeypatch: pytest.MonkeyPatch,
     def broken(timeout: float = 1.5, *, first: bool = True) -> list[Found]:
         raise OSError("no multicast route")
 
-    monkeypatch.setattr("igdtrigger.discovery.browse", broken)
+    monkeypatch.setattr("igdtrigger.cli.discovery.browse", broken)
     monkeypatch.setattr(client, "_answers", lambda host, port, timeout: False)
     monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
     assert client.resolve_server(None, None).how == "default"

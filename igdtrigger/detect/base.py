@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from ..model import Flow, FlowEnded, FlowLive, FlowsListed, ProcessSeen
+from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, ProcessSeen
 
 Observation = Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen
 FlowSink = Callable[[Observation], None]

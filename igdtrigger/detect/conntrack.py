@@ -100,9 +100,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import DetectionUnavailable
-from ..model import Flow, FlowEnded, FlowLive, FlowsListed, PortRange, Proto
-from .base import FlowSink, Observation
+from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, PortRange, Proto
+from igdtrigger.detect.base import FlowSink, Observation
 
 __all__ = [
     "NETLINK_NETFILTER",

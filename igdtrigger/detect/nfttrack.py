@@ -44,8 +44,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ..model import PortRange, Proto
-from .conntrack import NETLINK_NETFILTER, NF_NETLINK_CONNTRACK_NEW, ConntrackParser, Wanted
+from igdtrigger.core.model import PortRange, Proto
+from igdtrigger.detect.conntrack import (
+    NETLINK_NETFILTER,
+    NF_NETLINK_CONNTRACK_NEW,
+    ConntrackParser,
+    Wanted,
+)
 
 __all__ = [
     "TABLE",
@@ -218,7 +223,7 @@ class KernelTracking:
         elif not self.netlink:
             return ("the nft command is missing (install nftables), so igdtrigger cannot "
                     "make the kernel track connections")
-        from . import nftnetlink
+        from igdtrigger.detect import nftnetlink
 
         self.via = "netlink"
         try:
@@ -236,7 +241,7 @@ class KernelTracking:
             return _why(result) if result.returncode != 0 else ""
         if not self.netlink:
             return "no nft command"
-        from . import nftnetlink
+        from igdtrigger.detect import nftnetlink
 
         try:
             nftnetlink.delete_table(TABLE.split()[1])
@@ -304,7 +309,7 @@ class KernelTracking:
     def present(self) -> bool:
         """Is our table loaded right now?"""
         if self._netlink_mode():
-            from . import nftnetlink
+            from igdtrigger.detect import nftnetlink
 
             try:
                 return nftnetlink.table_exists(TABLE.split()[1])

@@ -22,9 +22,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from ..errors import DetectionUnavailable
-from ..model import ProcessSeen
-from .base import FlowSink
+from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.core.model import ProcessSeen
+from igdtrigger.detect.base import FlowSink
 
 log = logging.getLogger("igdtrigger.detect")
 

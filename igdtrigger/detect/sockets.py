@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import DetectionUnavailable
-from ..model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
-from .base import FlowSink, Observation
+from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
+from igdtrigger.detect.base import FlowSink, Observation
 
 log = logging.getLogger("igdtrigger.detect")
 

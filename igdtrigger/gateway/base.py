@@ -2,7 +2,7 @@
 
 The mapper talks only to this. A backend owns its transport (miniupnpc in a worker thread, SOAP
 over asyncio streams, NAT-PMP/PCP datagrams), serialises its requests so the router sees one at a
-time, and translates every failure into ``igdtrigger.errors.GatewayError`` subclasses.
+time, and translates every failure into ``igdtrigger.core.errors.GatewayError`` subclasses.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
-from ..errors import ActionFailed, InvalidArgs, LeaseRefused, UnsupportedAction
-from ..model import MappingSpec, Proto, RouterMapping
+from igdtrigger.core.errors import ActionFailed, InvalidArgs, LeaseRefused, UnsupportedAction
+from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
 
 log = logging.getLogger("igdtrigger.gateway")
 T = TypeVar("T")

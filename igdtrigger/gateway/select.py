@@ -15,9 +15,9 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from ..errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
-from ..model import MappingSpec, Proto, RouterMapping
-from .base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
+from igdtrigger.core.errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
+from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
+from igdtrigger.gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 
 log = logging.getLogger("igdtrigger.gateway")
 
@@ -190,8 +190,8 @@ def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "up
     client where miniupnpc cannot use the router's description. ``protocol = "auto"`` probes
     UPnP, PCP and NAT-PMP in parallel and prefers them in that order among those that answer.
     """
-    from .soap import SoapGateway
-    from .upnp import MiniupnpcGateway
+    from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway
+    from igdtrigger.gateway.upnp.soap import SoapGateway
 
     def upnp() -> Gateway:
         soap = SoapGateway(url, discover_timeout=discover_timeout, on_call=on_call)
@@ -211,8 +211,8 @@ def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "up
 
     if protocol == "upnp":
         return upnp()
-    from ..netutil import default_gateway
-    from .pmp import NatPmpGateway, PcpGateway
+    from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+    from igdtrigger.netutil import default_gateway
 
     router = (urllib.parse.urlsplit(url).hostname if url else None) or default_gateway()
     if router is None:

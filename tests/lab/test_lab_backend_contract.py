@@ -22,11 +22,11 @@ PORTS = {"miniupnpc": 40000, "soap": 40010}
 SCRIPT = """
 import asyncio, json, sys
 sys.path.insert(0, {root!r})
-from igdtrigger.errors import GatewayError
+from igdtrigger.core.errors import GatewayError
 from igdtrigger.gateway.base import Capability
-from igdtrigger.gateway.soap import SoapGateway
-from igdtrigger.gateway.upnp import MiniupnpcGateway
-from igdtrigger.model import MappingSpec, Proto
+from igdtrigger.gateway.upnp.soap import SoapGateway
+from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway
+from igdtrigger.core.model import MappingSpec, Proto
 
 PORTS = {ports!r}
 

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = r"""
 import asyncio, json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
-from igdtrigger.errors import IgdTriggerError
-from igdtrigger.gateway.pmp import NatPmpGateway, PcpGateway
-from igdtrigger.model import MappingSpec, Proto
+from igdtrigger.core.errors import IgdTriggerError
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+from igdtrigger.core.model import MappingSpec, Proto
 
 def out(msg):
     sys.stdout.write(json.dumps(msg) + "\n")

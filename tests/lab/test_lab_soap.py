@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import asyncio, json, sys, time
 sys.path.insert(0, {root!r})
-from igdtrigger.gateway.soap import SoapGateway, discover
-from igdtrigger.model import MappingSpec, Proto
-from igdtrigger.errors import GatewayError
+from igdtrigger.gateway.upnp.soap import SoapGateway, discover
+from igdtrigger.core.model import MappingSpec, Proto
+from igdtrigger.core.errors import GatewayError
 
 async def main():
     out = {{}}

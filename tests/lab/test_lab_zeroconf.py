@@ -113,7 +113,7 @@ def test_cli_on_another_host_finds_the_service_by_zeroconf(
     lab = two_hosts
     a_ip, b_ip = lab.lan_ips[0], lab.lan_ips[1]
     # what is advertised (TXT record), seen from host B
-    code = ("import dataclasses, json; from igdtrigger.discovery import browse; "
+    code = ("import dataclasses, json; from igdtrigger.cli.discovery import browse; "
             "print(json.dumps([dataclasses.asdict(f) for f in browse(3.0)]))")
     p = lab.run(lab.lan_hosts[1], [sys.executable, "-c", code], env=client_env(tmp_path),
                 cwd=ROOT, timeout=30)

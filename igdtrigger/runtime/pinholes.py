@@ -15,12 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import ActionFailed, GatewayError, GatewayNotFound, NoSuchMapping, NotAuthorized
-from .gateway.igd import PINHOLE_MAX_LEASE
-from .gateway.pinhole import FirewallInfo
-from .model import PinholeSpec
+from igdtrigger.core.errors import (
+    ActionFailed,
+    GatewayError,
+    GatewayNotFound,
+    NoSuchMapping,
+    NotAuthorized,
+)
+from igdtrigger.core.model import PinholeSpec
+from igdtrigger.gateway.upnp.codec import PINHOLE_MAX_LEASE
+from igdtrigger.gateway.upnp.pinhole import FirewallInfo
 
-log = logging.getLogger("igdtrigger.pinholes")
+log = logging.getLogger("igdtrigger.runtime.pinholes")
 
 RETRY_FIRST = 2.0
 RETRY_MAX = 300.0

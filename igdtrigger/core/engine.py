@@ -42,9 +42,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ADHOC_PREFIX, Rule
-from .errors import ActivationLimit, ActivationNotFound, HostNotAllowed, RuleNotFound, UsageError
-from .model import (
+from igdtrigger.config import ADHOC_PREFIX, Rule
+from igdtrigger.core.errors import (
+    ActivationLimit,
+    ActivationNotFound,
+    HostNotAllowed,
+    RuleNotFound,
+    UsageError,
+)
+from igdtrigger.core.model import (
     Flow,
     IPAddress,
     MappingKey,
@@ -647,7 +653,7 @@ class Engine:
         return act
 
     def settle_restored(self) -> list[Activation]:
-        """A flow detector listed every live flow (:class:`~igdtrigger.model.FlowsListed`): a
+        """A flow detector listed every live flow (:class:`~igdtrigger.core.model.FlowsListed`): a
         restored activation held before the restart and not held again has lost its connection
         at some unknown time; it closes now, or ``idle_timeout`` after traffic seen since the
         restart. Returns the activations settled."""

@@ -49,19 +49,19 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from . import __version__
-from .engine import Source, is_lan_source
-from .errors import IgdTriggerError, RuleNotFound, UsageError
-from .events import Event, Subscriber, TooManySubscribers
-from .httpguard import ConnectionGuard, describe
-from .metrics import Metrics
-from .model import parse_duration
-from .netutil import Network, guess_lan_address, host_key, interface_networks
-from .openapi import API_PREFIX, build_openapi
-from .ratelimit import RateLimiter
-from .service import STATUS_ACTIVATIONS, Service
+from igdtrigger import __version__
+from igdtrigger.api.httpguard import ConnectionGuard, describe
+from igdtrigger.api.metrics import Metrics
+from igdtrigger.api.openapi import API_PREFIX, build_openapi
+from igdtrigger.api.ratelimit import RateLimiter
+from igdtrigger.core.engine import Source, is_lan_source
+from igdtrigger.core.errors import IgdTriggerError, RuleNotFound, UsageError
+from igdtrigger.core.model import parse_duration
+from igdtrigger.netutil import Network, guess_lan_address, host_key, interface_networks
+from igdtrigger.runtime.events import Event, Subscriber, TooManySubscribers
+from igdtrigger.runtime.service import STATUS_ACTIVATIONS, Service
 
-log = logging.getLogger("igdtrigger.api")
+log = logging.getLogger("igdtrigger.api.app")
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings")
@@ -667,7 +667,7 @@ _CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 
 
 
 def _static_handler(filename: str, ctype: str) -> Handler:
-    body = (importlib.resources.files("igdtrigger") / "dashboard" / filename).read_bytes()
+    body = (importlib.resources.files("igdtrigger.api") / "dashboard" / filename).read_bytes()
 
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type=ctype, charset="utf-8", headers={

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .pinholes import PinholeClient
+    from igdtrigger.runtime.pinholes import PinholeClient
 
-from .config import Config
-from .errors import GatewayError, MappingConflict, NoSuchMapping
-from .gateway.base import Gateway, GatewayInfo
-from .model import MappingSpec, PinholeSpec, Proto, RouterMapping
-from .netutil import default_gateway
-from .traits import NO_READBACK
+from igdtrigger.config import Config
+from igdtrigger.core.errors import GatewayError, MappingConflict, NoSuchMapping
+from igdtrigger.core.model import MappingSpec, PinholeSpec, Proto, RouterMapping
+from igdtrigger.core.traits import NO_READBACK
+from igdtrigger.gateway.base import Gateway, GatewayInfo
+from igdtrigger.netutil import default_gateway
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ProbeResult:
 
 
 def candidates(config: Config) -> list[tuple[str, Gateway]]:
-    from .gateway.select import build_gateway
+    from igdtrigger.gateway.select import build_gateway
 
     gw_cfg = config.gateway
     url = None if gw_cfg.simulate else gw_cfg.url
@@ -69,7 +69,7 @@ def candidates(config: Config) -> list[tuple[str, Gateway]]:
     router_ip = (urllib.parse.urlsplit(url).hostname if url else None) or default_gateway()
     if router_ip:
         try:
-            from .gateway.pmp import NatPmpGateway, PcpGateway
+            from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
         except ImportError:  # pragma: no cover - shipped together
             return out
         out.append(("pcp", PcpGateway(router_ip)))
@@ -178,7 +178,7 @@ async def _delete_test(gw: Gateway, spec: MappingSpec, out: dict[str, Any], *,
 
 async def ipv6_verdict(location: str, timeout: float) -> str:
     """What the router's IPv6 firewall service (WANIPv6FirewallControl) says, for pinholes."""
-    from .gateway.pinhole import FirewallClient, global_ipv6_addresses
+    from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
 
     client = FirewallClient(lambda: location, timeout=timeout)
     try:
@@ -202,7 +202,7 @@ async def probe_all(config: Config, *, timeout: float, test: bool) -> list[Probe
     if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
         from dataclasses import replace
 
-        from .gateway.simulated import SimulatedIgdServer
+        from igdtrigger.sim.router import SimulatedIgdServer
 
         async with SimulatedIgdServer() as sim:
             return await _probe_all(
@@ -305,8 +305,8 @@ class TableEntry:
 
 def state_tag(config: Config) -> str:
     """The instance tag this machine's service uses with this config's state directory."""
-    from .config import default_state_dir
-    from .service import derived_tag
+    from igdtrigger.config import default_state_dir
+    from igdtrigger.runtime.service import derived_tag
 
     state = config.state_dir or default_state_dir()
     try:
@@ -318,8 +318,8 @@ def state_tag(config: Config) -> str:
 
 def live_service_tag(config: Config) -> tuple[bool, str | None]:
     """(a service answers on this config's API address, its instance tag if it told us)."""
-    from .client import Client, read_token
-    from .errors import IgdTriggerError
+    from igdtrigger.cli.client import Client, read_token
+    from igdtrigger.core.errors import IgdTriggerError
 
     client = Client(config.api.url, token=read_token(config.state_dir), timeout=2.0)
     try:
@@ -334,7 +334,7 @@ def live_service_tag(config: Config) -> tuple[bool, str | None]:
 def classify(m: RouterMapping, *, local: str, my_tag: str, live: bool,
              live_tag: str | None) -> TableEntry:
     """Whose a router mapping is (see ``TableEntry``)."""
-    from .leftovers import RUN_TAG, dead_run_tag
+    from igdtrigger.runtime.leftovers import RUN_TAG, dead_run_tag
 
     parts = m.description.strip().split(" ")
     if len(parts) != 3 or parts[0] != "igdtrigger":
@@ -385,8 +385,8 @@ def journaled_pinholes(state: Path, *, service_live: bool, tag: str) -> list[Pin
     """The pinholes the journals under ``state`` hold: the service's (a leftover unless it
     runs) and each ``igdtrigger run``'s (a leftover once that wrapper is dead). Nothing is
     created where there is no journal."""
-    from .journal import FILENAME, Journal
-    from .leftovers import RUN_DIR, run_alive
+    from igdtrigger.runtime.journal import FILENAME, Journal
+    from igdtrigger.runtime.leftovers import RUN_DIR, run_alive
 
     sources: list[tuple[Path, str, bool]] = [
         (state, f"igdtrigger service {tag} ({'running' if service_live else 'not running'})",
@@ -413,8 +413,8 @@ def journaled_pinholes(state: Path, *, service_live: bool, tag: str) -> list[Pin
 async def close_pinholes(entries: list[PinholeEntry], client: PinholeClient) -> None:
     """Close the leftover ones (the way a start closes a crash's: ``PinholeKeeper``), and
     forget them in their journal; each not closed says why."""
-    from .journal import Journal
-    from .pinholes import PinholeKeeper
+    from igdtrigger.runtime.journal import Journal
+    from igdtrigger.runtime.pinholes import PinholeKeeper
 
     for d in sorted({e.journal for e in entries if e.leftover}):
         mine = [e for e in entries if e.leftover and e.journal == d]
@@ -437,9 +437,9 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool, timeout: f
     """List the router's table, classify each entry, and with ``clean`` delete the leftovers
     (``dry_run``: only say which); the same for the IPv6 pinholes this machine's journals
     hold. Raises ``GatewayError`` when the router does not answer."""
-    from .config import default_state_dir
-    from .errors import NoSuchMapping
-    from .gateway.select import build_gateway
+    from igdtrigger.config import default_state_dir
+    from igdtrigger.core.errors import NoSuchMapping
+    from igdtrigger.gateway.select import build_gateway
 
     gw_cfg = config.gateway
     if gw_cfg.simulate:
@@ -474,7 +474,7 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool, timeout: f
         holes = journaled_pinholes(config.state_dir or default_state_dir(), service_live=live,
                                    tag=my_tag)
         if clean and not dry_run and any(h.leftover for h in holes):
-            from .gateway.pinhole import FirewallClient
+            from igdtrigger.gateway.upnp.pinhole import FirewallClient
 
             location = info.location
             await close_pinholes(holes, FirewallClient(lambda: location))

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .client import Client
-from .config import Config, Rule
-from .errors import (
+from igdtrigger.cli.client import Client
+from igdtrigger.config import Config, Rule
+from igdtrigger.core.errors import (
     ApiError,
     IgdTriggerError,
     RuleNotFound,
@@ -37,15 +37,15 @@ from .errors import (
     ServiceUnavailable,
     UsageError,
 )
-from .model import format_duration
+from igdtrigger.core.model import format_duration
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
-    from .gateway.base import GatewayInfo
-    from .journal import Journal
-    from .model import MappingKey, MappingSpec, PinholeSpec, PortRange
-    from .pinholes import PinholeKeeper
+    from igdtrigger.core.model import MappingKey, MappingSpec, PinholeSpec, PortRange
+    from igdtrigger.gateway.base import GatewayInfo
+    from igdtrigger.runtime.journal import Journal
+    from igdtrigger.runtime.pinholes import PinholeKeeper
 
 log = logging.getLogger("igdtrigger.run")
 
@@ -199,11 +199,11 @@ class StandaloneHolder(Holder):
     async def _amain(self) -> None:
         import asyncio
 
-        from .config import default_state_dir
-        from .engine import Engine
-        from .gateway.select import build_gateway
-        from .journal import Journal
-        from .leftovers import (
+        from igdtrigger.config import default_state_dir
+        from igdtrigger.core.engine import Engine
+        from igdtrigger.gateway.select import build_gateway
+        from igdtrigger.runtime.journal import Journal
+        from igdtrigger.runtime.leftovers import (
             dead_run_tag,
             dead_runs,
             hold_beacon,
@@ -211,7 +211,7 @@ class StandaloneHolder(Holder):
             remove_run_dir,
             take_over,
         )
-        from .mapper import Mapper, MapState
+        from igdtrigger.runtime.mapper import Mapper, MapState
 
         self.loop = asyncio.get_running_loop()
         self._stop_async = asyncio.Event()
@@ -293,15 +293,15 @@ class StandaloneHolder(Holder):
         """The same ports over IPv6 to this machine, when the router's firewall takes them."""
         if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
             return set(), None
-        from .gateway.pinhole import FirewallClient, global_ipv6_addresses
-        from .pinholes import PinholeKeeper
+        from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
+        from igdtrigger.runtime.pinholes import PinholeKeeper
 
         client = FirewallClient(lambda: info.location)
         iface = client.interface()
         addrs = global_ipv6_addresses(iface) if iface else []
         if not addrs:
             return set(), None
-        from .model import PinholeSpec
+        from igdtrigger.core.model import PinholeSpec
 
         holes = {PinholeSpec(a, s.proto, s.internal_port) for s in desired.values()
                  for a in addrs}
@@ -318,7 +318,7 @@ class StandaloneHolder(Holder):
 
 
 def _opened(ports: Sequence[str], external: str) -> str:
-    from .model import compress_ports
+    from igdtrigger.core.model import compress_ports
 
     return (f"{compress_ports(ports)} open on {external or 'the router'} for this PC while the "
             "game runs")
@@ -360,7 +360,7 @@ class _Both(Holder):
 
 def _server_rule(name: str, activation: dict[str, Any], ttl: float) -> Rule | None:
     """The service's rule as its answer lists it (the same ports, nothing more)."""
-    from .model import parse_port_spec
+    from igdtrigger.core.model import parse_port_spec
 
     ranges: list[PortRange] = []
     for p in activation.get("ports", []):
@@ -631,7 +631,7 @@ class ProcessWaiter:
     def __init__(self, names: Sequence[str], start_grace: float,
                  scan: Callable[[Any], set[str]] | None = None,
                  family: Callable[[Any], tuple[set[str], set[str]]] | None = None) -> None:
-        from .detect.process import Matcher, default_scanner, scan_family
+        from igdtrigger.detect.process import Matcher, default_scanner, scan_family
 
         self.names = list(names)
         self.matcher = Matcher(names)

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .netutil import host_key
+from igdtrigger.netutil import host_key
 
-log = logging.getLogger("igdtrigger.api")
+log = logging.getLogger("igdtrigger.api.app")
 
 FD_RESERVE = 128  # descriptors never handed to API clients (router I/O, journal, detectors)
 BACKLOG = 1024  # a reconnecting flood must not fill the queue and drop the SYNs of others

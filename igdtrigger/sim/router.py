@@ -51,8 +51,8 @@ from xml.sax.saxutils import escape as _xml_escape
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as DefusedET
 
-from ..model import Proto, RouterMapping
-from .base import SIMULATED_EXTERNAL, counts_as_public
+from igdtrigger.core.model import Proto, RouterMapping
+from igdtrigger.gateway.base import SIMULATED_EXTERNAL, counts_as_public
 
 __all__ = [
     "CIF_CONTROL_PATH",

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..errors import (
+from igdtrigger.core.errors import (
     GatewayError,
     GatewayNotFound,
     GatewayTimeout,
@@ -31,8 +31,8 @@ from ..errors import (
     MalformedReply,
     descriptors_exhausted,
 )
-from ..model import MappingSpec, Proto, RouterMapping
-from .base import (
+from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
+from igdtrigger.gateway.base import (
     Capability,
     GatewayInfo,
     Granted,
@@ -40,8 +40,15 @@ from .base import (
     metered,
     unsupported,
 )
-from .igd import IgdDescription, IgdService, UpnpFault, fault_error, mapping_args, reserved_port
-from .soap import (
+from igdtrigger.gateway.upnp.codec import (
+    IgdDescription,
+    IgdService,
+    UpnpFault,
+    fault_error,
+    mapping_args,
+    reserved_port,
+)
+from igdtrigger.gateway.upnp.soap import (
     ChosenServiceState,
     discover,
     find_wan_service,
@@ -50,7 +57,7 @@ from .soap import (
     soap_call,
 )
 
-log = logging.getLogger("igdtrigger.gateway.upnp")
+log = logging.getLogger("igdtrigger.gateway.upnp.miniupnpc")
 T = TypeVar("T")
 
 # strupnperror() texts (miniupnpc upnperrors.c, as in the 2.3 binding) -> code. Negative codes

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import Config, default_state_dir, load_config
-from .errors import ApiError, ConfigError, IgdTriggerError
+from igdtrigger.config import Config, default_state_dir, load_config
+from igdtrigger.core.errors import ApiError, ConfigError, IgdTriggerError
 
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
@@ -62,7 +62,7 @@ def check_privileges(config: Config, caps: int | None) -> Check:
 
 
 def check_detectors(config: Config) -> list[Check]:
-    from .daemon import build_detectors
+    from igdtrigger.cli.serve import build_detectors
 
     out: list[Check] = []
     try:
@@ -97,7 +97,7 @@ def check_detectors(config: Config) -> list[Check]:
 def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
     """conntrack can subscribe; will it see trigger flows? Only if the kernel tracks them:
     the service's own nftables table (needs nft), or this machine's own rules (probed)."""
-    from .detect.nfttrack import TABLE, KernelTracking
+    from igdtrigger.detect.nfttrack import TABLE, KernelTracking
 
     t = tracking or KernelTracking(enabled=config.detect.track_flows)
     name = "detector conntrack"
@@ -120,7 +120,7 @@ def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
 
 
 async def _probe_gateway(config: Config, timeout: float) -> tuple[Any, Any, str]:
-    from .gateway.select import build_gateway
+    from igdtrigger.gateway.select import build_gateway
 
     gw = build_gateway(config.gateway.url, backend=config.gateway.backend,
                        discover_timeout=config.gateway.discover_timeout)
@@ -167,7 +167,7 @@ def check_gateway(config: Config) -> list[Check]:
                          "put the upstream router in bridge mode, forward the ports there too, "
                          "or ask the ISP for a public address"))
     if config.gateway.ipv6_pinholes and info.protocol == "upnp-igd":
-        from .gatewaycmd import ipv6_verdict
+        from igdtrigger.cli.gatewaycmd import ipv6_verdict
 
         verdict = asyncio.run(ipv6_verdict(info.location, 3.0))
         good = verdict.startswith(("pinholes allowed", "IPv6 firewall off"))
@@ -197,7 +197,7 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_api(config: Config, server: str | None, token: str | None) -> list[Check]:
-    from .client import Client, local_access, pick_token, resolve_server
+    from igdtrigger.cli.client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(server, config, discover_timeout=1.0)
     chosen, guessed = pick_token(token, config.state_dir, where.trusted)
@@ -279,7 +279,7 @@ def healthcheck(config_path: str | None, server: str | None, *, ready: bool,
                 timeout: float, out: TextIO | None = None) -> int:
     """0 when the service answers (and, with ``ready``, its router does); else 1."""
     out = out or sys.stdout
-    from .client import Client
+    from igdtrigger.cli.client import Client
 
     url = server
     if url is None:

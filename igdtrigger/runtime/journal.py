@@ -31,10 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
-from .model import MappingKey, MappingSpec, PinholeSpec, Proto
+from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.model import MappingKey, MappingSpec, PinholeSpec, Proto
 
-log = logging.getLogger("igdtrigger.journal")
+log = logging.getLogger("igdtrigger.runtime.journal")
 
 # 2: mappings.nonce and .protocol, secrets; 3: activations.boot_id and .expires_boot (the boot
 # clock). Older journals are brought up to this format when opened; an igdtrigger that reads

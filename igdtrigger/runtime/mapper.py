@@ -39,8 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .engine import Clock, owned_by
-from .errors import (
+from igdtrigger.core.engine import Clock, owned_by
+from igdtrigger.core.errors import (
     DEVICE_DENIED_HINT,
     SECURE_MODE_HINT,
     GatewayError,
@@ -51,14 +51,14 @@ from .errors import (
     NotAuthorized,
     UnsupportedAction,
 )
-from .gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
-from .model import MappingKey, MappingSpec, RouterMapping
-from .traits import NO_READBACK, RouterTraits, router_identity
+from igdtrigger.core.model import MappingKey, MappingSpec, RouterMapping
+from igdtrigger.core.traits import NO_READBACK, RouterTraits, router_identity
+from igdtrigger.gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 
 if TYPE_CHECKING:  # sqlite3 stays out of `igdtrigger run` (standalone) start-up
-    from .journal import Journal
+    from igdtrigger.runtime.journal import Journal
 
-log = logging.getLogger("igdtrigger.mapper")
+log = logging.getLogger("igdtrigger.runtime.mapper")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0

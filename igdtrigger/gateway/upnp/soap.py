@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..errors import (
+from igdtrigger.core.errors import (
     GatewayError,
     GatewayNotFound,
     GatewayTimeout,
@@ -24,9 +24,8 @@ from ..errors import (
     NoSuchMapping,
     socket_fault,
 )
-from ..model import MappingSpec, Proto, RouterMapping
-from ..netutil import default_gateway
-from .base import (
+from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
+from igdtrigger.gateway.base import (
     Capability,
     GatewayInfo,
     Granted,
@@ -35,7 +34,7 @@ from .base import (
     metered,
     unsupported,
 )
-from .igd import (
+from igdtrigger.gateway.upnp.codec import (
     SEARCH_TARGETS,
     SSDP_ADDR,
     IgdDescription,
@@ -54,8 +53,9 @@ from .igd import (
     pick,
     reserved_port,
 )
+from igdtrigger.netutil import default_gateway
 
-log = logging.getLogger("igdtrigger.gateway.soap")
+log = logging.getLogger("igdtrigger.gateway.upnp.soap")
 
 USER_AGENT = "igdtrigger/0.1 UPnP/1.1"
 MAX_HEADERS = 16 * 1024

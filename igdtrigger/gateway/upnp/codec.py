@@ -26,7 +26,7 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 
-from ..errors import (
+from igdtrigger.core.errors import (
     DEVICE_DENIED_HINT,
     PINHOLE_SELF_HINT,
     SECURE_MODE_HINT,
@@ -40,8 +40,10 @@ from ..errors import (
     TableFull,
     UnsupportedAction,
 )
-from ..errors import MalformedReply as MalformedReply  # the one class, re-exported here
-from .base import counts_as_public
+from igdtrigger.core.errors import (
+    MalformedReply as MalformedReply,  # the one class, re-exported here
+)
+from igdtrigger.gateway.base import counts_as_public
 
 MAX_DESCRIPTION = 256 * 1024
 MAX_SOAP = 256 * 1024

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import GatewayNotFound, GatewayUnreachable
-from ..model import PinholeSpec
-from .igd import (
+from igdtrigger.core.errors import GatewayNotFound, GatewayUnreachable
+from igdtrigger.core.model import PinholeSpec
+from igdtrigger.gateway.upnp.codec import (
     FIREWALL_SERVICE,
     UpnpFault,
     build_soap,
@@ -32,7 +32,7 @@ from .igd import (
     pinhole_args,
     pinhole_uid,
 )
-from .soap import http_request
+from igdtrigger.gateway.upnp.soap import http_request
 
 
 @dataclass(frozen=True, slots=True)

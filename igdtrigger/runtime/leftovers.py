@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .journal import Journal
+    from igdtrigger.runtime.journal import Journal
 
-log = logging.getLogger("igdtrigger.leftovers")
+log = logging.getLogger("igdtrigger.runtime.leftovers")
 
 RUN_DIR = "run"
 RUN_TAG = "run"
@@ -137,7 +137,7 @@ def take_over(journal: Journal, dirs: list[Path]) -> int:
     """Move the mappings and pinholes journaled in ``dirs`` (dead wrappers') into ``journal``,
     then remove the directories. Returns how many mappings were taken over; the caller deletes
     them from the router (they are now its orphans). A directory that cannot be read is left."""
-    from .journal import Journal
+    from igdtrigger.runtime.journal import Journal
 
     count = 0
     for d in dirs:

@@ -2,7 +2,7 @@
 healthcheck | check-config | doctor``; without arguments, the usage.
 
 Every bad input is one line on stderr naming it (never a traceback); durations everywhere use
-:func:`igdtrigger.model.parse_duration`'s grammar.
+:func:`igdtrigger.core.model.parse_duration`'s grammar.
 
 Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 no service reachable;
 ``run`` returns the child's own status (128+N when signal N killed it).
@@ -18,11 +18,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
-from .config import Config, Rule, load_config
-from .engine import MAX_TTL
-from .errors import ConfigError, IgdTriggerError, UsageError
-from .model import compress_ports, format_duration, parse_duration, parse_port_spec
+from igdtrigger import __version__
+from igdtrigger.config import Config, Rule, load_config
+from igdtrigger.core.engine import MAX_TTL
+from igdtrigger.core.errors import ConfigError, IgdTriggerError, UsageError
+from igdtrigger.core.model import compress_ports, format_duration, parse_duration, parse_port_spec
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,7 +198,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
-    from .client import Client, local_access, pick_token, resolve_server
+    from igdtrigger.cli.client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(args.server, config)
     state_dir = config.state_dir if config else None
@@ -213,8 +213,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
 
-    from .config import SIMULATE, parse_listen
-    from .daemon import serve, setup_logging
+    from igdtrigger.cli.serve import serve, setup_logging
+    from igdtrigger.config import SIMULATE, parse_listen
 
     setup_logging(args.log_level, args.log_format)
     config = _config(args)
@@ -249,19 +249,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
-    from .doctor import healthcheck
+    from igdtrigger.cli.doctor import healthcheck
 
     return healthcheck(args.config, args.server, ready=args.ready, timeout=args.timeout)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import doctor
+    from igdtrigger.cli.doctor import doctor
 
     return doctor(args.config, args.server, args.token)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .wrapper import run
+    from igdtrigger.cli.run import run
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -273,11 +273,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from .client import local_access, pick_token, resolve_server
+    from igdtrigger.cli.client import local_access, pick_token, resolve_server
 
     rule = args.rule
     if args.infer:
-        from .wrapper import infer_rule
+        from igdtrigger.cli.run import infer_rule
 
         rule = infer_rule(args.infer, config)
         if rule is None:  # said why; the game runs with nothing opened
@@ -452,9 +452,9 @@ def _lease_text(m: dict[str, Any]) -> str:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .config import SIMULATE
-    from .gatewaycmd import main as gateway_main
-    from .gatewaycmd import table_main
+    from igdtrigger.cli.gatewaycmd import main as gateway_main
+    from igdtrigger.cli.gatewaycmd import table_main
+    from igdtrigger.config import SIMULATE
 
     config = _config(args)
     if args.simulate:
@@ -504,7 +504,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _default_paths() -> list[Any]:
-    from .config import default_config_paths
+    from igdtrigger.config import default_config_paths
 
     return list(default_config_paths())
 

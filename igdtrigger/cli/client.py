@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_PORT, ApiConfig, default_state_dir
-from .errors import ApiError, ServiceBusy, ServiceUnavailable, UsageError
+from igdtrigger.config import DEFAULT_PORT, ApiConfig, default_state_dir
+from igdtrigger.core.errors import ApiError, ServiceBusy, ServiceUnavailable, UsageError
 
 if TYPE_CHECKING:
-    from .config import Config
+    from igdtrigger.config import Config
 
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 AUTO = "auto"
@@ -87,7 +87,7 @@ def resolve_server(server: str | None, config: Config | None = None, *,
     if not auto and _answers("127.0.0.1", DEFAULT_PORT, LOCAL_PROBE_TIMEOUT):
         return Resolved(DEFAULT_SERVER, "local")
     try:
-        from .discovery import browse
+        from igdtrigger.cli.discovery import browse
 
         found = browse(discover_timeout)
     except Exception as exc:  # no multicast here, zeroconf missing...: fall back

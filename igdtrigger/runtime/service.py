@@ -23,22 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .config import ADHOC_PREFIX, Config, Rule, default_state_dir
-from .detect.base import Detector
-from .detect.hostmap import HostMap
-from .detect.nfttrack import TABLE, KernelTracking
-from .engine import Activation, Engine, Event, EventKind, Source
-from .errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
-from .events import EventHub
-from .gateway.base import Gateway
-from .gateway.igd import RouterChange, RouterChangeKind
-from .gateway.pinhole import FirewallClient, global_ipv6_addresses
-from .gateway.select import forget_connection, set_lost_state_handler
-from .journal import Journal, JournalActivation, boot_clock, no_boot_clock
-from .leftovers import dead_run_tag, dead_runs, take_over
-from .mapper import Applied, Mapper, MapState
-from .model import (
+from igdtrigger import __version__
+from igdtrigger.config import ADHOC_PREFIX, Config, Rule, default_state_dir
+from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
+from igdtrigger.core.errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
+from igdtrigger.core.model import (
     Flow,
     FlowEnded,
     FlowLive,
@@ -50,11 +39,22 @@ from .model import (
     format_duration,
     parse_port_spec,
 )
-from .netutil import host_key
-from .pinholes import PinholeKeeper, PinholeState
+from igdtrigger.detect.base import Detector
+from igdtrigger.detect.hostmap import HostMap
+from igdtrigger.detect.nfttrack import TABLE, KernelTracking
+from igdtrigger.gateway.base import Gateway
+from igdtrigger.gateway.select import forget_connection, set_lost_state_handler
+from igdtrigger.gateway.upnp.codec import RouterChange, RouterChangeKind
+from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
+from igdtrigger.netutil import host_key
+from igdtrigger.runtime.events import EventHub
+from igdtrigger.runtime.journal import Journal, JournalActivation, boot_clock, no_boot_clock
+from igdtrigger.runtime.leftovers import dead_run_tag, dead_runs, take_over
+from igdtrigger.runtime.mapper import Applied, Mapper, MapState
+from igdtrigger.runtime.pinholes import PinholeKeeper, PinholeState
 
 if TYPE_CHECKING:
-    from .gateway.ssdpwatch import NotifyWatcher
+    from igdtrigger.gateway.upnp.ssdpwatch import NotifyWatcher
 
 log = logging.getLogger("igdtrigger")
 
@@ -279,7 +279,7 @@ class Service:
             return  # the same router at another URL: keeps what it announced
         if w is not None:
             w.close()
-        from .gateway.ssdpwatch import NotifyWatcher
+        from igdtrigger.gateway.upnp.ssdpwatch import NotifyWatcher
 
         self._notify_watcher = NotifyWatcher(info.location, info.local_address,
                                              self._router_changed, root_uuid=info.root_uuid)
@@ -651,7 +651,7 @@ class Service:
         info = self.gateway.info
         if info is not None:
             return info.local_address
-        from .netutil import guess_lan_address
+        from igdtrigger.netutil import guess_lan_address
 
         return guess_lan_address(self.config.gateway.url)
 

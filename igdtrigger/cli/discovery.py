@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from zeroconf.asyncio import AsyncZeroconf
 
-log = logging.getLogger("igdtrigger.discovery")
+log = logging.getLogger("igdtrigger.cli.discovery")
 
 SERVICE_TYPE = "_igdtrigger._tcp.local."
 HTTP_TYPE = "_http._tcp.local."

@@ -17,12 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .api import ADMIN_SOCKET, make_app
-from .config import Config, check_state_dir, default_state_dir
-from .detect.base import Detector
-from .errors import IgdTriggerError
-from .gateway.select import build_gateway
-from .httpguard import (
+from igdtrigger.api.app import ADMIN_SOCKET, make_app
+from igdtrigger.api.httpguard import (
     Acceptor,
     ConnectionGuard,
     ConnectionLimits,
@@ -31,13 +27,17 @@ from .httpguard import (
     raise_fd_limit,
     start_servers,
 )
-from .logthrottle import PerKindThrottle, QuietBadRequests
-from .metrics import Metrics
-from .sdnotify import Notifier
-from .service import Service
+from igdtrigger.api.metrics import Metrics
+from igdtrigger.cli.sdnotify import Notifier
+from igdtrigger.config import Config, check_state_dir, default_state_dir
+from igdtrigger.core.errors import IgdTriggerError
+from igdtrigger.detect.base import Detector
+from igdtrigger.gateway.select import build_gateway
+from igdtrigger.runtime.logthrottle import PerKindThrottle, QuietBadRequests
+from igdtrigger.runtime.service import Service
 
 if TYPE_CHECKING:
-    from .discovery import Advertiser
+    from igdtrigger.cli.discovery import Advertiser
 
 log = logging.getLogger("igdtrigger")
 
@@ -101,18 +101,18 @@ def build_detectors(config: Config) -> list[Detector]:
     det = config.detect
     detectors: list[Detector] = []
     if "conntrack" in det.methods:
-        from .detect.conntrack import ConntrackDetector
+        from igdtrigger.detect.conntrack import ConntrackDetector
 
         detectors.append(ConntrackDetector())
     if "sockets" in det.methods:
-        from .detect.sockets import SocketTableDetector
+        from igdtrigger.detect.sockets import SocketTableDetector
 
         sockets = SocketTableDetector(det.socket_interval)
         if not det.explicit and "conntrack" in det.methods:
             sockets.standby_for = "conntrack"
         detectors.append(sockets)
     if "process" in det.methods:
-        from .detect.process import ProcessDetector
+        from igdtrigger.detect.process import ProcessDetector
 
         names = [n for rule in config.rules for n in rule.process]
         detectors.append(ProcessDetector(names, det.process_interval))
@@ -138,7 +138,7 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     sim = None
     url = config.gateway.url
     if config.gateway.simulate:
-        from .gateway.simulated import SimulatedIgdServer
+        from igdtrigger.sim.router import SimulatedIgdServer
 
         sim = SimulatedIgdServer()
         await sim.start()
@@ -154,7 +154,7 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     detectors = build_detectors(config)
     tracking = None
     if any(d.name == "conntrack" for d in detectors):
-        from .detect.nfttrack import KernelTracking
+        from igdtrigger.detect.nfttrack import KernelTracking
 
         tracking = KernelTracking(enabled=config.detect.track_flows)
     # a simulated router's journal and tag live apart: the real service never restores (or
@@ -270,8 +270,8 @@ async def _listen(runner: web.AppRunner, guard: ConnectionGuard, config: Config,
 
 
 def _advertiser(config: Config, service: Service) -> Advertiser:
-    from . import __version__
-    from .discovery import Advertiser
+    from igdtrigger import __version__
+    from igdtrigger.cli.discovery import Advertiser
 
     return Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
                       instance=service.tag, token_needed=not config.api.public_read)

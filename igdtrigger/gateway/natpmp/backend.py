@@ -60,7 +60,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
-from ..errors import (
+from igdtrigger.core.errors import (
     ActionFailed,
     ConfigError,
     GatewayError,
@@ -72,13 +72,15 @@ from ..errors import (
     TableFull,
     socket_fault,
 )
-from ..errors import MalformedReply as MalformedReply  # re-exported: one class for all
-from ..errors import NetworkFailure as NetworkFailure
-from ..errors import ProtocolUnsupported as ProtocolUnsupported
-from ..model import MappingKey, MappingSpec, Proto, RouterMapping
-from .base import Capability, GatewayInfo, Granted, counts_as_public
+from igdtrigger.core.errors import (
+    MalformedReply as MalformedReply,  # re-exported: one class for all
+)
+from igdtrigger.core.errors import NetworkFailure as NetworkFailure
+from igdtrigger.core.errors import ProtocolUnsupported as ProtocolUnsupported
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto, RouterMapping
+from igdtrigger.gateway.base import Capability, GatewayInfo, Granted, counts_as_public
 
-log = logging.getLogger("igdtrigger.gateway.pmp")
+log = logging.getLogger("igdtrigger.gateway.natpmp.backend")
 T = TypeVar("T")
 
 SERVER_PORT = 5351

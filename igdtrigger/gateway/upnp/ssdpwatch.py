@@ -17,7 +17,7 @@ import struct
 import urllib.parse
 from collections.abc import Callable
 
-from .igd import SSDP_ADDR, NotifyTracker, RouterChange
+from igdtrigger.gateway.upnp.codec import SSDP_ADDR, NotifyTracker, RouterChange
 
 log = logging.getLogger("igdtrigger.gateway")
 

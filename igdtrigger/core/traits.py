@@ -15,7 +15,7 @@ import urllib.parse
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .gateway.base import GatewayInfo
+from igdtrigger.gateway.base import GatewayInfo
 
 # Confirmations (read back after add / after delete) in a row before the router's word is taken
 # without one; the periodic verification still checks every mapping.
