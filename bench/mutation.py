@@ -4,16 +4,19 @@
                                        [--sample N [--seed S]]
 
 MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time).
-Runs ``mutmut run`` (configured in pyproject.toml's ``[tool.mutmut]``: which files, which fast
-tests) on that module's mutants only, then prints, per module, the mutants killed out of those
+Runs ``mutmut run`` (configured in ``bench/mutation.toml``, whose ``[mutmut]`` table is laid
+over pyproject.toml's ``[tool.mutmut]``: which files, which fast tests) on that module's mutants
+only, then prints, per module, the mutants killed out of those
 that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``
 (``mutmut show NAME`` prints one as a diff).
 
 Only the codec part of ``gateway/pmp.py`` (NAT-PMP/PCP encode/decode, result codes, epoch
 checks: everything above its "transport" section) and the parser part of
 ``detect/conntrack.py`` (above "the detector") count; their sockets are covered by other
-tests. Equivalent mutants, listed by name with the reason in ``[tool.mutmut.equivalent]``, are
-left out of the score (and counted in the line printed).
+tests. Equivalent mutants, listed by name with the reason in ``bench/mutation.toml``'s
+``[equivalent]`` (and ``[message_only]``), are left out of the score (and counted in the line
+printed). ``--mutmut ARGS...`` runs mutmut itself with that configuration (``--mutmut show
+NAME`` prints one mutant as a diff).
 
 ``--tables`` mutates the module-level tables that mutmut leaves alone (the UPnP fault names,
 the service ranking, the NAT-PMP/PCP result texts and hints, the conntrack protocol numbers):
@@ -39,7 +42,21 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MUTMUT = str(Path(sys.executable).with_name("mutmut"))
+CONFIG = ROOT / "bench" / "mutation.toml"
+
+# mutmut reads only pyproject.toml: this prelude lays bench/mutation.toml's [mutmut] over it.
+_BOOT = """
+import sys, tomllib
+import mutmut.configuration as c
+from mutmut.__main__ import cli
+with open(sys.argv.pop(1), "rb") as f:
+    mine = tomllib.load(f).get("mutmut", {})
+base = c._config_reader()
+c._config_reader = lambda: (lambda key, default: mine[key] if key in mine else base(key, default))
+sys.argv[0] = "mutmut"
+sys.exit(cli())
+"""
+MUTMUT = [sys.executable, "-c", _BOOT, str(CONFIG)]
 
 
 @dataclass(frozen=True)
@@ -74,11 +91,11 @@ class Part:
 
 
 PARTS = {
-    "engine": Part("igdtrigger/engine.py"),
-    "model": Part("igdtrigger/model.py"),
+    "engine": Part("igdtrigger/core/engine.py"),
+    "model": Part("igdtrigger/core/model.py"),
     "config": Part("igdtrigger/config.py"),
-    "igd": Part("igdtrigger/gateway/igd.py"),
-    "pmp": Part("igdtrigger/gateway/pmp.py", "# --- transport"),
+    "igd": Part("igdtrigger/gateway/upnp/codec.py"),
+    "pmp": Part("igdtrigger/gateway/natpmp/backend.py", "# --- transport"),
     "conntrack": Part("igdtrigger/detect/conntrack.py", "# --- the detector",
                       ("_stats_entries",)),
 }
@@ -86,16 +103,20 @@ PARTS = {
 
 def equivalent() -> dict[str, str]:
     """Mutants that cannot change behaviour, or change only an error message's words, by name,
-    with the reason (pyproject.toml's ``[tool.mutmut.equivalent]`` and ``.message_only``).
-    Left out of the score."""
+    with the reason (``bench/mutation.toml``'s ``[equivalent]`` and ``[message_only]``;
+    pyproject.toml's ``[tool.mutmut.equivalent]`` and ``.message_only`` too, where an older
+    tree keeps them). Left out of the score."""
     with open(ROOT / "pyproject.toml", "rb") as f:
-        conf = tomllib.load(f)["tool"]["mutmut"]
-    return {**conf.get("equivalent", {}), **conf.get("message_only", {})}
+        old = tomllib.load(f).get("tool", {}).get("mutmut", {})
+    with open(CONFIG, "rb") as f:
+        conf = tomllib.load(f)
+    return {**old.get("equivalent", {}), **old.get("message_only", {}),
+            **conf.get("equivalent", {}), **conf.get("message_only", {})}
 
 
 def run_mutmut(part: Part, max_children: int, names: list[str] | None = None) -> None:
     globs = names or part.globs()
-    cmd = [MUTMUT, "run", "--max-children", str(max_children), *globs]
+    cmd = [*MUTMUT, "run", "--max-children", str(max_children), *globs]
     subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
     if any(status == "not checked" and any(fnmatch.fnmatchcase(name, g) for g in globs)
            for name, status in results().items()):
@@ -104,7 +125,7 @@ def run_mutmut(part: Part, max_children: int, names: list[str] | None = None) ->
 
 
 def results() -> dict[str, str]:
-    out = subprocess.run([MUTMUT, "results", "--all", "true"], cwd=ROOT, check=True,
+    out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     found: dict[str, str] = {}
     for line in out.splitlines():
@@ -119,7 +140,7 @@ def sample(part: Part, size: int, seed: int) -> list[str]:
     found = results()
     globs = part.globs()  # parses the file: once, not per mutant
     if not any(fnmatch.fnmatchcase(k, g) for k in found for g in globs):
-        subprocess.run([MUTMUT, "run", "--max-children", "1", "nothing.at.all"], cwd=ROOT,
+        subprocess.run([*MUTMUT, "run", "--max-children", "1", "nothing.at.all"], cwd=ROOT,
                        check=False, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)  # generates the mutants (then complains)
         found = results()
@@ -230,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, metavar="N",
                     help="run and score a random sample of N mutants per module (an estimate)")
     ap.add_argument("--seed", type=int, default=19)
+    ap.add_argument("--mutmut", nargs=argparse.REMAINDER, metavar="ARGS",
+                    help="run mutmut itself with this configuration (e.g. show NAME)")
     args = ap.parse_args(argv)
+    if args.mutmut is not None:
+        return subprocess.run([*MUTMUT, *args.mutmut], cwd=ROOT, check=False).returncode
     names = args.modules or list(PARTS)
     picked = {n: sample(PARTS[n], args.sample, args.seed) if args.sample else None
               for n in names}
