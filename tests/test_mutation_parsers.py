@@ -4,14 +4,33 @@ conntrack`)."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import socket
+import struct
 from pathlib import Path
 
 import pytest
 
 from igdtrigger.config import default_config_paths, load_config, parse_config
 from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.model import Flow, PortRange, Proto, parse_port_spec
+from igdtrigger.detect.conntrack import (
+    CT_GET,
+    ConntrackParser,
+    CtEntry,
+    attach_filter,
+    build_filter,
+    decode_entries,
+    encode_get,
+)
+
+from .test_conntrack import CT_NEW, encode_flow, nla, nlmsg, udp4
+from .test_conntrack_follow import ESTABLISHED, entry_msg, tcp4
+
+IPv4 = ipaddress.IPv4Address
+IPv6 = ipaddress.IPv6Address
 
 RULE = {"name": "game", "open": ["udp/27015"]}
 
@@ -73,3 +92,105 @@ def test_an_error_in_config_data_without_a_file_names_its_source_as_config() -> 
         parse_config({"api": {"max_per_host": 0}})
     assert e.value.source == "<config>"
     assert str(e.value).startswith("<config>: api.max_per_host: ")
+
+
+# --- conntrack: messages and counters ------------------------------------------------------------
+
+def _tuple_without_source(flow: Flow) -> bytes:
+    """An original tuple naming the destination, ports and protocol but no source address."""
+    ips = nla(2, flow.dst.packed)  # CTA_IP_V4_DST only
+    ports = nla(1, bytes([flow.proto.number])) + nla(2, struct.pack("!H", flow.sport)) \
+        + nla(3, struct.pack("!H", flow.dport))
+    return nla(1, nla(1, ips, nested=True) + nla(2, ports, nested=True), nested=True)
+
+
+def test_a_tuple_without_its_source_address_is_malformed_not_a_flow() -> None:
+    flow = udp4()
+    body = struct.pack("=BBH", 2, 0, 0) + _tuple_without_source(flow)
+    parser = ConntrackParser()
+    assert parser.feed(nlmsg(CT_NEW, body)) == []
+    assert parser.counters()["malformed"] == 1
+    assert decode_entries(nlmsg(CT_NEW, body, flags=0)) == []
+
+
+def test_a_receive_of_zero_bytes_decodes_nothing_left_in_the_buffer() -> None:
+    """recv_into reuses one buffer: a zero-byte receive must not decode the last datagram's
+    bytes again."""
+    buf = bytearray(encode_flow(udp4()))
+    parser = ConntrackParser()
+    assert parser.feed(buf, len(buf)) == [udp4()]
+    assert parser.feed(buf, 0) == []
+    assert parser.counters()["flows_reported"] == 1
+
+
+def test_every_unwanted_ipv6_flow_in_a_datagram_is_counted() -> None:
+    flows = [Flow(Proto.UDP, IPv6("fd00::2"), IPv6("2a00::1"), 5000 + i, 3074) for i in range(3)]
+    parser = ConntrackParser(lambda proto, port: port == 27015)
+    assert parser.feed(b"".join(encode_flow(f) for f in flows)) == []
+    assert parser.counters()["flows_filtered"] == 3
+
+
+def test_only_conntrack_entries_are_decoded_not_other_message_types() -> None:
+    """A GET request (our own, echoed) carries the same tuple: it is not an entry."""
+    get = entry_msg(udp4(), mtype=CT_GET)
+    assert decode_entries(get) == []
+    assert [e.flow for e in decode_entries(get + entry_msg(tcp4()))] == [tcp4()]
+
+
+def test_an_entry_without_status_bits_reads_as_none_set() -> None:
+    body = encode_flow(udp4())[16:]
+    # encode_flow ends with CTA_ID and CTA_STATUS: keep the tuples only
+    orig_len = struct.unpack_from("=H", body, 4)[0]
+    reply_len = struct.unpack_from("=H", body, 4 + orig_len)[0]
+    bare = nlmsg(CT_NEW, body[:4 + orig_len + reply_len] + nla(7, struct.pack("!I", 30)),
+                 flags=0)
+    assert decode_entries(bare) == [CtEntry(udp4(), 30, 0, None)]
+
+
+def test_a_tcp_entrys_state_is_read_from_protoinfo_only() -> None:
+    """Attributes after the protoinfo (the kernel adds CTA_ID, CTA_USE, CTA_MARK...) do not
+    overwrite the connection's state."""
+    msg = entry_msg(tcp4(), tcp_state=ESTABLISHED)
+    msg = nlmsg(CT_NEW, msg[16:] + nla(12, struct.pack("!I", 0xDEAD)) + nla(8, bytes(4)),
+                flags=0)
+    (e,) = decode_entries(msg)
+    assert e.established
+
+
+def test_the_get_request_header_is_what_ctnetlink_expects() -> None:
+    """nfgenmsg version NFNETLINK_V0 and res_id 0; nlmsg_pid 0 (the kernel's port)."""
+    for flow in (udp4(), None):
+        req = encode_get(flow, 5)
+        _, _, _, seq, pid = struct.unpack_from("=IHHII", req)
+        _family, version, res_id = struct.unpack_from("=BBH", req, 16)
+        assert (seq, pid, version, res_id) == (5, 0, 0, 0)
+
+
+# --- conntrack: the kernel-side prefilter --------------------------------------------------------
+
+
+def test_many_adjacent_single_ports_still_get_a_kernel_filter() -> None:
+    """Rules listing 2,000 neighbouring ports one by one: merged into one range, the filter
+    fits (instead of every event reaching user space)."""
+    prog = build_filter([PortRange(Proto.UDP, p, p) for p in range(20000, 22000)])
+    assert prog is not None
+    assert prog == build_filter([PortRange(Proto.UDP, 20000, 21999)])
+
+
+def test_the_filter_attached_to_a_socket_drops_unwanted_events_in_the_kernel() -> None:
+    """SO_ATTACH_FILTER needs no privilege: on a Unix datagram socket pair the kernel runs the
+    same program over each datagram as it would over a ctnetlink event."""
+    prog = build_filter([*parse_port_spec("udp/27015"), *parse_port_spec("tcp/40000-40010")])
+    assert prog is not None
+    rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with rx, tx:
+        attach_filter(rx, prog)
+        rx.setblocking(False)
+        wanted = [udp4(), tcp4(dport=40005)]
+        for f in (udp4(dport=27016), *wanted, tcp4(dport=27015)):
+            tx.send(encode_flow(f))
+        got: list[Flow] = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got += ConntrackParser().feed(rx.recv(65536))
+    assert got == wanted
