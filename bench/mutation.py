@@ -53,6 +53,7 @@ with open(sys.argv.pop(1), "rb") as f:
     mine = tomllib.load(f).get("mutmut", {})
 base = c._config_reader()
 c._config_reader = lambda: (lambda key, default: mine[key] if key in mine else base(key, default))
+c.reset_config()  # importing mutmut.__main__ already read pyproject.toml
 sys.argv[0] = "mutmut"
 sys.exit(cli())
 """

@@ -8,6 +8,7 @@ metrics and the journal read (``hold_reason``, ``to_json``, ``desired``, ``flows
 from __future__ import annotations
 
 import ipaddress
+import math
 
 import pytest
 
@@ -15,6 +16,7 @@ from igdtrigger.core import engine as engine_mod
 from igdtrigger.core.engine import MAX_TTL, Engine, Source
 from igdtrigger.core.model import Flow, MappingKey, Proto
 
+from .fakes import FakeClock
 from .test_engine_edges import HOST, OTHER, flow, make, rule
 
 
@@ -222,3 +224,80 @@ def test_a_restored_activation_does_not_take_ports_from_one_created_at_the_same_
     assert eng.restore("old", "demo", OTHER, "api", age=0, remaining=60, ttl=60, meta={})
     # both created at this moment: the live one came first and keeps the ports
     assert eng.desired()[MappingKey(Proto.UDP, 40000)].internal_client == live.host
+
+
+# --- a restored held activation, a connection ending, the journal -------------------------------
+
+
+def restored_held(idle: float = 600) -> tuple[Engine, engine_mod.Activation, FakeClock]:
+    eng, clock, _ = make(rule(idle=idle))
+    act = eng.restore("old", "demo", HOST, "traffic", age=3600, remaining=math.inf, ttl=idle,
+                      meta={}, held=True)
+    assert act is not None
+    return eng, act, clock
+
+
+def test_a_restored_held_activation_says_it_is_looking_for_its_connection() -> None:
+    _, act, clock = restored_held()
+    assert act.hold_reason(clock.now) == (
+        "held before the restart, looking for its connection (10m00s left at most)")
+
+
+def test_a_restored_held_activation_whose_connection_is_gone_closes_at_once() -> None:
+    eng, act, _ = restored_held()
+    assert eng.settle_restored() == [act]
+    assert act.expires == eng.clock()
+    assert eng.expire() == [act]
+
+
+def test_a_restored_held_activation_with_traffic_again_tells_the_journal_its_expiry() -> None:
+    """The journal holds it as held (no expiry); traffic seen before the detector's first look
+    gives it one, which must reach the journal (else a crash now restores it as held)."""
+    eng, act, clock = restored_held()
+    eng.dirty.clear()
+    clock.advance(10)
+    eng.on_flow(flow())
+    assert act.expires == clock.now + 600
+    assert act.id in eng.dirty
+
+
+def test_a_deactivated_held_activation_no_longer_reads_as_held() -> None:
+    eng, clock, _ = make(rule(trigger="tcp/27015", idle=5))
+    f = flow(proto=Proto.TCP)
+    eng.on_flow(f)
+    eng.on_flow_live(f, connected=True)
+    act = only(eng)
+    assert act.hold_reason(clock.now) == "1 live flow"
+    eng.deactivate(act.id)
+    assert act.hold_reason(clock.now) == "traffic 0s ago"
+
+
+def test_a_silent_flow_that_ends_does_not_count_as_a_packet() -> None:
+    """conntrack dropping a silent UDP flow is no traffic: the timer keeps running from its
+    last packet (only a connection closed by its endpoints counts as one)."""
+    eng, clock, _ = make(rule(idle=60))
+    f = flow()
+    eng.on_flow(f)
+    t0 = clock.now
+    clock.advance(30)
+    eng.on_flow_ended(f)
+    assert only(eng).expires == t0 + 60
+
+
+def test_a_stale_flow_from_an_allowed_host_is_followed_for_when_it_wakes() -> None:
+    eng, _, _ = make(rule(idle=5, hosts=(ipaddress.ip_network("192.168.1.0/24"),)))
+    f = flow()
+    assert eng.on_flow_live(f, connected=False, idle=60.0) == []
+    assert eng.follows(f)
+
+
+def test_the_journal_hears_of_a_later_expiry_once_it_moved_a_quarter_of_the_timeout() -> None:
+    eng, clock, _ = make(rule(idle=600))
+    [act] = eng.on_flow(flow())
+    eng.dirty.clear()
+    clock.advance(149)
+    eng.on_flow(flow())
+    assert act.id not in eng.dirty
+    clock.advance(1)  # 150 s = a quarter of 600 s later than the journal's
+    eng.on_flow(flow())
+    assert act.id in eng.dirty
