@@ -36,7 +36,8 @@ from igdtrigger.core.errors import (
 )
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import Capability, Granted, add_with_lease_fallback
-from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway, pcp_error, pmp_error
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+from igdtrigger.gateway.natpmp.codec import pcp_error, pmp_error
 from igdtrigger.gateway.select import FallbackGateway
 from igdtrigger.gateway.upnp.codec import UpnpFault, fault_error
 from igdtrigger.gateway.upnp.miniupnpc import miniupnpc_code

@@ -17,7 +17,8 @@ import pytest
 from igdtrigger.core.engine import Source
 from igdtrigger.core.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
 from igdtrigger.gateway.base import SIMULATED_EXTERNAL
-from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway, pcp_error, pmp_error
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+from igdtrigger.gateway.natpmp.codec import pcp_error, pmp_error
 from igdtrigger.gateway.select import build_gateway
 from igdtrigger.gateway.upnp.codec import NotifyTracker, RouterChangeKind, UpnpFault, fault_error
 from igdtrigger.runtime.journal import Journal
