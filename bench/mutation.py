@@ -157,7 +157,7 @@ TABLES: list[tuple[str, str, list[str]]] = [
     ("igdtrigger.gateway.natpmp.codec", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
     ("igdtrigger.gateway.natpmp.codec", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
     ("igdtrigger.gateway.natpmp.codec", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),
-    ("igdtrigger.detect.conntrack", "_IPPROTO", ["tests/test_conntrack_parse_edges.py"]),
+    ("igdtrigger.detect.ctnetlink", "_IPPROTO", ["tests/test_conntrack_parse_edges.py"]),
 ]
 
 def _mutate(module: Any, name: str, index: int, op: str) -> Any:
