@@ -233,6 +233,24 @@ _NOT_PUBLIC = [
 ]
 
 
+class RouterChangeKind(enum.StrEnum):
+    """What an SSDP announcement says happened to the router (``upnp.ssdp.NotifyTracker``)."""
+
+    RESTARTED = "restarted"  # new BOOTID, or back after a byebye: its mappings are probably gone
+    MOVED = "moved"  # the IGD's description is at a new URL (new port after a reboot)
+    LEAVING = "leaving"  # ssdp:byebye: going down
+
+
+@dataclass(frozen=True, slots=True)
+class RouterChange:
+    """A change of the router seen from outside the mapping protocol: ``reason`` for the log,
+    ``location`` the description URL it is at now."""
+
+    kind: RouterChangeKind
+    reason: str
+    location: str
+
+
 def counts_as_public(text: str) -> bool:
     """:func:`is_public_address`, or the simulated router's ``SIMULATED_EXTERNAL``."""
     return is_public_address(text) or text.strip() == SIMULATED_EXTERNAL

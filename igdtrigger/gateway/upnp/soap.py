@@ -35,23 +35,25 @@ from igdtrigger.gateway.base import (
     unsupported,
 )
 from igdtrigger.gateway.upnp.codec import (
-    SEARCH_TARGETS,
-    SSDP_ADDR,
     IgdDescription,
     IgdService,
     ServiceProbe,
-    SsdpReply,
     UpnpFault,
-    build_msearch,
     build_soap,
     choose_service,
     fault_error,
     mapping_args,
     parse_description,
     parse_soap_response,
-    parse_ssdp,
     pick,
     reserved_port,
+)
+from igdtrigger.gateway.upnp.ssdp import (
+    SEARCH_TARGETS,
+    SSDP_ADDR,
+    SsdpReply,
+    build_msearch,
+    parse_ssdp,
 )
 from igdtrigger.netutil import default_gateway
 
