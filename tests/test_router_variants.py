@@ -21,9 +21,11 @@ from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.natpmp.codec import pcp_error, pmp_error
 from igdtrigger.gateway.select import build_gateway
 from igdtrigger.gateway.upnp.codec import UpnpFault, fault_error
+from igdtrigger.gateway.upnp.codec import UpnpFault as UPnPFault
 from igdtrigger.gateway.upnp.ssdp import NotifyTracker
 from igdtrigger.runtime.journal import Journal
-from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter, UPnPFault
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdServer
 
 from .fakes import FakeClock
 from .test_pmp_pcp import FakeRouter

@@ -251,18 +251,19 @@ def choose_service(probes: Sequence[ServiceProbe]) -> ServiceProbe | None:
 # --- SOAP --------------------------------------------------------------------------------------
 
 
-def _esc(value: str) -> str:
+def escape_xml(value: str) -> str:
+    """``value`` as XML text or attribute value (&, <, >, " escaped)."""
     return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
             .replace('"', "&quot;"))
 
 
 def build_soap(service_type: str, action: str, args: Sequence[tuple[str, str]]) -> bytes:
     """A SOAP 1.1 request body as routers expect it: no leading whitespace, all args in order."""
-    inner = "".join(f"<{k}>{_esc(v)}</{k}>" for k, v in args)
+    inner = "".join(f"<{k}>{escape_xml(v)}</{k}>" for k, v in args)
     return (
         '<?xml version="1.0"?>\r\n'
         f'<s:Envelope xmlns:s="{SOAP_ENV}" s:encodingStyle="{SOAP_ENC}">'
-        f'<s:Body><u:{action} xmlns:u="{_esc(service_type)}">{inner}</u:{action}></s:Body>'
+        f'<s:Body><u:{action} xmlns:u="{escape_xml(service_type)}">{inner}</u:{action}></s:Body>'
         "</s:Envelope>\r\n"
     ).encode()
 
@@ -511,9 +512,9 @@ def render_soap_response(namespace: str, action: str, out: Mapping[str, str]) ->
         if name == "NewPortListing":
             text = "<![CDATA[" + value.replace("]]>", "]]]]><![CDATA[>") + "]]>"
         else:
-            text = _esc(value)
+            text = escape_xml(value)
         parts.append(f"<{name}>{text}</{name}>")
-    ns = _esc(namespace)
+    ns = escape_xml(namespace)
     inner = (f'<u:{action}Response xmlns:u="{ns}">{"".join(parts)}</u:{action}Response>'
              if parts else f'<u:{action}Response xmlns:u="{ns}"/>')
     return ('<?xml version="1.0"?>\r\n'
@@ -533,6 +534,6 @@ def render_soap_fault(fault: UpnpFault, style: Literal["standard", "mikrotik"] =
         f"<s:Body><s:Fault><{code_tag}>s:Client</{code_tag}>"
         f"<{string_tag}>UPnPError</{string_tag}><detail>"
         f'<UPnPError xmlns="{UPNP_CONTROL_NS}"><errorCode>{fault.code}</errorCode>'
-        f"<errorDescription>{_esc(fault.description)}</errorDescription></UPnPError>"
+        f"<errorDescription>{escape_xml(fault.description)}</errorDescription></UPnPError>"
         "</detail></s:Fault></s:Body></s:Envelope>\r\n"
     ).encode()
