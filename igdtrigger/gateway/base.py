@@ -18,6 +18,12 @@ from typing import Protocol, TypeVar, runtime_checkable
 from igdtrigger.core.errors import ActionFailed, InvalidArgs, LeaseRefused, UnsupportedAction
 from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
 
+__all__ = [
+    "SIMULATED_EXTERNAL", "AdoptsLeftovers", "Capability", "Gateway", "GatewayInfo", "Granted",
+    "OnCall", "RouterChange", "RouterChangeKind", "add_with_lease_fallback", "counts_as_public",
+    "is_public_address", "metered", "unsupported",
+]
+
 log = logging.getLogger("igdtrigger.gateway")
 T = TypeVar("T")
 

@@ -44,6 +44,15 @@ from igdtrigger.core.errors import (
 )
 from igdtrigger.gateway.base import counts_as_public
 
+__all__ = [
+    "ERROR_DESCRIPTIONS", "FIREWALL_SERVICE", "MAX_DESCRIPTION", "MAX_SOAP", "PINHOLE_MAX_LEASE",
+    "SOAP_ENC", "SOAP_ENV", "UPNP_CONTROL_NS", "IgdDescription", "IgdService", "MalformedReply",
+    "ServiceProbe", "UpnpFault", "build_soap", "choose_service", "escape_xml", "fault_error",
+    "firewall_status", "ints", "mapping_args", "parse_description", "parse_soap_action",
+    "parse_soap_arguments", "parse_soap_response", "pick", "pinhole_args", "pinhole_uid",
+    "render_soap_fault", "render_soap_response", "reserved_port",
+]
+
 MAX_DESCRIPTION = 256 * 1024
 MAX_SOAP = 256 * 1024
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"

@@ -34,6 +34,10 @@ from igdtrigger.gateway.upnp.codec import (
 )
 from igdtrigger.gateway.upnp.soap import http_request
 
+__all__ = [
+    "FirewallClient", "FirewallInfo", "global_ipv6_addresses", "is_pinhole_address", "router_ipv6",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class FirewallInfo:

@@ -57,6 +57,12 @@ from igdtrigger.gateway.upnp.ssdp import (
 )
 from igdtrigger.netutil import default_gateway
 
+__all__ = [
+    "MAX_BODY", "MAX_HEADERS", "USER_AGENT", "ChosenService", "ChosenServiceState", "HttpReply",
+    "SoapCall", "SoapGateway", "capabilities_of", "discover", "find_wan_service", "http_request",
+    "location_allowed", "probe_service", "read_mapping", "read_table", "soap_call",
+]
+
 log = logging.getLogger("igdtrigger.gateway.upnp.soap")
 
 USER_AGENT = "igdtrigger/0.1 UPnP/1.1"

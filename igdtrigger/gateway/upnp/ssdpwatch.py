@@ -20,6 +20,10 @@ from collections.abc import Callable
 from igdtrigger.gateway.base import RouterChange
 from igdtrigger.gateway.upnp.ssdp import SSDP_ADDR, NotifyTracker
 
+__all__ = [
+    "MAX_DATAGRAM", "NotifyWatcher",
+]
+
 log = logging.getLogger("igdtrigger.gateway")
 
 MAX_DATAGRAM = 8192
