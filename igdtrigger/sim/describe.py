@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from igdtrigger.gateway.upnp.codec import escape_xml
+from igdtrigger.sim.table import SIMULATED_EXTERNAL
 
 if TYPE_CHECKING:
     from igdtrigger.sim.device import SimulatedRouter
@@ -233,7 +234,8 @@ def description_xml(router: SimulatedRouter) -> bytes:
                              FIRST_WAN_CONTROL_PATH, IPCONN_EVENT_PATH)
         wan_dev = device("WANDevice", "-3", "", device("WANConnectionDevice", "-4",
                                                        first_conn, "")) + wan_dev
-    igd = device("InternetGatewayDevice", "", "", wan_dev)
+    igd = device("InternetGatewayDevice", "", "", wan_dev).replace(
+        "<device>", f"<device><X_publicStandIn>{SIMULATED_EXTERNAL}</X_publicStandIn>", 1)
     return (
         '<?xml version="1.0"?>\r\n'
         '<root xmlns="urn:schemas-upnp-org:device-1-0" configId="1337">'

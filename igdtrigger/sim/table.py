@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from igdtrigger.core.model import Proto, RouterMapping
-from igdtrigger.gateway.base import is_public_address
+from igdtrigger.gateway.base import counts_as_public
 from igdtrigger.gateway.upnp.codec import UpnpFault
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ MAX_LEASE_V2 = 604800  # one week: IGDv2's ceiling, and what miniupnpd grants fo
 DEFAULT_SERVER_HEADER = "Linux/6.1 UPnP/1.1 igdtrigger-simulated/1.0"
 SIMULATED_EXTERNAL = "203.0.113.4"
 """The simulator's external address: a documentation address (RFC 5737 TEST-NET-3) that it
-reports as its public one (``GatewayInfo.vouched_public``)."""
+reports as its public one: its description names it ``X_publicStandIn``
+(``gateway.base.counts_as_public``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +108,6 @@ def spiral(start: int, low: int, high: int) -> Iterator[int]:
             yield up
         if down >= low:
             yield down
-
-
-def _counts_as_public(address: str) -> bool:
-    """The simulator's own view: its documentation address stands for a public one."""
-    return is_public_address(address) or address.strip() == SIMULATED_EXTERNAL
 
 
 class MappingTable:
@@ -338,7 +334,8 @@ class MappingTable:
 
     def _reported_external_ip(self) -> str:
         ip = self.external_ip.strip()
-        if ip == "0.0.0.0" or (self.refuse_private_wan and not _counts_as_public(ip)):
+        private = self.refuse_private_wan and not counts_as_public(ip, SIMULATED_EXTERNAL)
+        if ip == "0.0.0.0" or private:
             return ""
         return ip
 
@@ -393,7 +390,7 @@ class MappingTable:
         low_ok = self.allow_low_ports
         if int_port == 0 or (not low_ok and (ext_port < 1024 or int_port < 1024)):
             raise Refused(denied)
-        if self.refuse_private_wan and not _counts_as_public(self.external_ip):
+        if self.refuse_private_wan and not counts_as_public(self.external_ip, SIMULATED_EXTERNAL):
             raise Refused(501)
 
     def _store(

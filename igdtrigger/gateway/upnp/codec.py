@@ -140,6 +140,9 @@ class IgdDescription:
     url_base: str = ""
     firewall: IgdService | None = None  # WANIPv6FirewallControl:1 (IPv6 pinholes), if offered
     root_uuid: str = ""  # UDN of the root device ("uuid:..."), lower case; "" if absent
+    # X_publicStandIn of the root device: a documentation address that stands for a public
+    # one (only a test device says so: ``base.counts_as_public``); "" if absent
+    public_stand_in: str = ""
 
     def miniupnpc_service(self) -> IgdService | None:
         """The service miniupnpc's description parser uses: the first
@@ -213,6 +216,7 @@ def parse_description(data: bytes, location: str) -> IgdDescription:
         url_base=url_base,
         firewall=firewalls[0] if firewalls else None,
         root_uuid=_text(_child(top, "UDN")).lower(),
+        public_stand_in=_text(_child(top, "X_publicStandIn")),
     )
 
 
@@ -226,6 +230,7 @@ class ServiceProbe:
     status: str = ""  # NewConnectionStatus: "Connected", "Disconnected", "Up", ...
     external_address: str = ""  # NewExternalIPAddress ("" when unknown)
     error: str = ""
+    public_stand_in: str = ""  # the description's (``IgdDescription.public_stand_in``)
 
     @property
     def connected(self) -> bool:
@@ -240,7 +245,7 @@ class ServiceProbe:
         if not self.connected:
             return 3
         ext = self.external_address.strip()
-        if counts_as_public(ext):
+        if counts_as_public(ext, self.public_stand_in):
             return 0
         return 1 if ext and ext != "0.0.0.0" else 2
 

@@ -14,7 +14,7 @@ import logging
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from igdtrigger.core.errors import (
     GatewayError,
@@ -294,9 +294,11 @@ class ChosenService:
             local_address=self.reply.local_address, external_address=ext,
             service_type=self.chosen.service.service_type,
             server=self.reply.headers.get("server", ""),
-            notes=() if counts_as_public(ext) else ("external address not public",),
+            notes=() if counts_as_public(ext, self.description.public_stand_in)
+            else ("external address not public",),
             control_url=self.chosen.service.control_url,
-            root_uuid=self.description.root_uuid, backend=backend)
+            root_uuid=self.description.root_uuid, backend=backend,
+            public_stand_in=self.description.public_stand_in)
 
 
 async def find_wan_service(location: str, timeout: float) -> ChosenService:
@@ -312,7 +314,8 @@ async def find_wan_service(location: str, timeout: float) -> ChosenService:
         raise GatewayNotFound(
             f"{location} ({desc.device_type or 'unknown device'}) offers no WANIPConnection "
             "or WANPPPConnection service")
-    probes = tuple([await probe_service(svc, timeout) for svc in desc.services])
+    probes = tuple([replace(await probe_service(svc, timeout),
+                            public_stand_in=desc.public_stand_in) for svc in desc.services])
     chosen = choose_service(probes)
     if chosen is None:
         raise GatewayUnreachable(f"no WAN connection service at {location} answers ("
