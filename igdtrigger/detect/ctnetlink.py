@@ -146,6 +146,8 @@ _H_PROTO = _hdr_word(28, _N | CTA_TUPLE_PROTO)
 _H_NUM = _hdr_word(5, CTA_PROTO_NUM)
 _H_SPORT = _hdr_word(6, CTA_PROTO_SRC_PORT)
 _H_DPORT = _hdr_word(6, CTA_PROTO_DST_PORT)
+_H4 = (_H4_ORIG, _H4_IP, _H4_SRC, _H4_DST, _H_PROTO, _H_NUM, _H_SPORT, _H_DPORT)
+_H6 = (_H6_ORIG, _H6_IP, _H6_SRC, _H6_DST, _H_PROTO, _H_NUM, _H_SPORT, _H_DPORT)
 
 _IPv4 = ipaddress.IPv4Address
 _IPv6 = ipaddress.IPv6Address
@@ -304,46 +306,24 @@ class ConntrackParser:
                 fam = data[off + NLMSG_HDRLEN]
                 a = off + _PAYLOAD
                 decoded = False
+                ip: type[_IPv4] | type[_IPv6] | None = None
+                src: int | bytes
+                dst: int | bytes
                 if fam == AF_INET and a + 52 <= mend:
-                    oh, iph, sh, s4, dh, d4, ph, nh, num, sph, sport, dph, dport = fast4(data, a)
-                    if (
-                        oh == _H4_ORIG
-                        and iph == _H4_IP
-                        and sh == _H4_SRC
-                        and dh == _H4_DST
-                        and ph == _H_PROTO
-                        and nh == _H_NUM
-                        and sph == _H_SPORT
-                        and dph == _H_DPORT
-                    ):
-                        decoded = True
-                        proto = protos.get(num)
-                        if proto is None:
-                            ignored += 1
-                        elif wanted is not None and not wanted(proto, dport):
-                            filtered += 1
-                        else:
-                            flows.append(Flow(proto, _IPv4(s4), _IPv4(d4), sport, dport))
+                    oh, iph, sh, src, dh, dst, ph, nh, num, sph, sport, dph, dport = fast4(data, a)
+                    heads, ip = _H4, _IPv4
                 elif fam == AF_INET6 and a + 76 <= mend:
-                    oh, iph, sh, s6, dh, d6, ph, nh, num, sph, sport, dph, dport = fast6(data, a)
-                    if (
-                        oh == _H6_ORIG
-                        and iph == _H6_IP
-                        and sh == _H6_SRC
-                        and dh == _H6_DST
-                        and ph == _H_PROTO
-                        and nh == _H_NUM
-                        and sph == _H_SPORT
-                        and dph == _H_DPORT
-                    ):
-                        decoded = True
-                        proto = protos.get(num)
-                        if proto is None:
-                            ignored += 1
-                        elif wanted is not None and not wanted(proto, dport):
-                            filtered += 1
-                        else:
-                            flows.append(Flow(proto, _IPv6(s6), _IPv6(d6), sport, dport))
+                    oh, iph, sh, src, dh, dst, ph, nh, num, sph, sport, dph, dport = fast6(data, a)
+                    heads, ip = _H6, _IPv6
+                if ip is not None and (oh, iph, sh, dh, ph, nh, sph, dph) == heads:
+                    decoded = True
+                    proto = protos.get(num)
+                    if proto is None:
+                        ignored += 1
+                    elif wanted is not None and not wanted(proto, dport):
+                        filtered += 1
+                    else:
+                        flows.append(Flow(proto, ip(src), ip(dst), sport, dport))
                 if not decoded:
                     status, num, tup = _walk_orig(data, a, mend)
                     if status == 1:

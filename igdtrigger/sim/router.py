@@ -40,7 +40,6 @@ import re
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, TypeVar
 
 from igdtrigger.sim.describe import IPCONN_CONTROL_PATH, ROOT_DESC_PATH
@@ -179,12 +178,7 @@ class SimulatedIgdServer:
             await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def _listen(self, port: int) -> asyncio.Server:
@@ -442,12 +436,7 @@ class SimulatedIgdThread:
     def __enter__(self) -> SimulatedIgdThread:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
