@@ -39,8 +39,7 @@ import hmac
 import ipaddress
 import logging
 import secrets
-import time
-from collections.abc import Callable
+from typing import Unpack
 
 from igdtrigger.core.errors import (
     ActionFailed,
@@ -53,14 +52,10 @@ from igdtrigger.core.errors import (
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import GatewayInfo, Granted
 from igdtrigger.gateway.natpmp.codec import (
-    ANNOUNCE_GROUP,
-    ANNOUNCE_PORT,
-    DEFAULT_PERMANENT_LIFETIME,
     DOUBLE_NAT_HINT,
     NONCE_LEN,
     PCP_VERSION,
     PMP_VERSION,
-    SERVER_PORT,
     PcpOption,
     PcpReply,
     PmpOp,
@@ -79,7 +74,7 @@ from igdtrigger.gateway.natpmp.codec import (
     pmp_error,
     pmp_map_opcode,
 )
-from igdtrigger.gateway.natpmp.portmap import HeldMapping, PortMapGateway
+from igdtrigger.gateway.natpmp.portmap import HeldMapping, PortMapGateway, PortMapOptions
 
 __all__ = ["NatPmpGateway", "PcpGateway"]
 
@@ -211,26 +206,9 @@ class PcpGateway(PortMapGateway):
         probe_address: bool = True,
         prefer_failure: bool = False,
         nonce_key: bytes | None = None,
-        port: int = SERVER_PORT,
-        bind_ip: str | None = None,
-        initial_timeout: float = 0.25,
-        total_timeout: float = 2.0,
-        permanent_lifetime: int = DEFAULT_PERMANENT_LIFETIME,
-        exact_port: bool = True,
-        max_in_flight: int = 16,
-        on_lost_state: Callable[[str], None] | None = None,
-        on_call: Callable[[str, float, bool], None] | None = None,
-        listen_announcements: bool = False,
-        announce_group: str = ANNOUNCE_GROUP,
-        announce_port: int = ANNOUNCE_PORT,
-        clock: Callable[[], float] = time.monotonic,
+        **common: Unpack[PortMapOptions],
     ) -> None:
-        super().__init__(
-            gateway_ip, port=port, bind_ip=bind_ip, initial_timeout=initial_timeout,
-            total_timeout=total_timeout, permanent_lifetime=permanent_lifetime,
-            exact_port=exact_port, max_in_flight=max_in_flight, on_lost_state=on_lost_state,
-            on_call=on_call, listen_announcements=listen_announcements,
-            announce_group=announce_group, announce_port=announce_port, clock=clock)
+        super().__init__(gateway_ip, **common)
         if client_ip is not None:
             try:
                 ipaddress.ip_address(client_ip)

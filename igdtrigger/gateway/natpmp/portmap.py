@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Literal, TypeVar
+from typing import Literal, TypedDict, TypeVar
 
 from igdtrigger.core.errors import ConfigError, GatewayUnreachable, MappingConflict
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto, RouterMapping
@@ -37,7 +37,7 @@ from igdtrigger.gateway.natpmp.codec import (
 )
 from igdtrigger.gateway.natpmp.transport import DatagramClient, listen_announcements
 
-__all__ = ["HeldMapping", "PortMapGateway"]
+__all__ = ["HeldMapping", "PortMapGateway", "PortMapOptions"]
 
 log = logging.getLogger("igdtrigger.gateway.natpmp")
 T = TypeVar("T")
@@ -57,6 +57,24 @@ class HeldMapping:
     @property
     def expires_at(self) -> float:
         return self.granted_at + self.lifetime
+
+
+class PortMapOptions(TypedDict, total=False):
+    """The options every NAT-PMP/PCP backend takes (``PortMapGateway``'s keywords)."""
+
+    port: int
+    bind_ip: str | None
+    initial_timeout: float
+    total_timeout: float
+    permanent_lifetime: int
+    exact_port: bool
+    max_in_flight: int
+    on_lost_state: Callable[[str], None] | None
+    on_call: Callable[[str, float, bool], None] | None
+    listen_announcements: bool
+    announce_group: str
+    announce_port: int
+    clock: Callable[[], float]
 
 
 class PortMapGateway:
