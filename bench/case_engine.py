@@ -18,9 +18,9 @@ import ipaddress
 import time
 from typing import Any
 
-from igdtrigger.config import Rule
 from igdtrigger.core.engine import Engine
 from igdtrigger.core.model import Flow, PortRange, Proto
+from igdtrigger.core.rules import Rule
 
 from .common import Bench, row, stats
 

@@ -11,7 +11,6 @@ import ipaddress
 
 import pytest
 
-from igdtrigger.config import Rule
 from igdtrigger.core import engine as engine_mod
 from igdtrigger.core.engine import (
     MAX_TTL,
@@ -26,6 +25,7 @@ from igdtrigger.core.engine import (
 )
 from igdtrigger.core.errors import ActivationNotFound, HostNotAllowed, UsageError
 from igdtrigger.core.model import Flow, MappingKey, PortRange, Proto, parse_port_spec
+from igdtrigger.core.rules import Rule
 
 from .fakes import FakeClock
 

@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from igdtrigger import __version__
-from igdtrigger.config import Config, Rule, load_config
+from igdtrigger.config import Config, load_config
 from igdtrigger.core.engine import MAX_TTL
 from igdtrigger.core.errors import ConfigError, IgdTriggerError, UsageError
 from igdtrigger.core.model import compress_ports, format_duration, parse_duration, parse_port_spec
+from igdtrigger.core.rules import Rule
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,7 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from igdtrigger.cli.serve import serve, setup_logging
-    from igdtrigger.config import SIMULATE, parse_listen
+    from igdtrigger.config import parse_listen
+    from igdtrigger.core.settings import SIMULATE
 
     setup_logging(args.log_level, args.log_format)
     config = _config(args)
@@ -454,7 +456,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from igdtrigger.cli.gatewaycmd import main as gateway_main
     from igdtrigger.cli.gatewaycmd import table_main
-    from igdtrigger.config import SIMULATE
+    from igdtrigger.core.settings import SIMULATE
 
     config = _config(args)
     if args.simulate:

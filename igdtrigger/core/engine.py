@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from igdtrigger.config import ADHOC_PREFIX, Rule
 from igdtrigger.core.errors import (
     ActivationLimit,
     ActivationNotFound,
@@ -60,6 +59,7 @@ from igdtrigger.core.model import (
     format_duration,
     parse_port_spec,
 )
+from igdtrigger.core.rules import ADHOC_PREFIX, External, Rule, Share
 
 Clock = Callable[[], float]
 MAX_TTL = 7 * 86400.0
@@ -711,7 +711,7 @@ class Engine:
                 specs = self._specs(act)
                 if act.rule.port_count() <= _SPEC_CACHE_MAX:
                     act.specs = specs
-            latest = act.rule.share == "latest"
+            latest = act.rule.share is Share.LATEST
             for key, spec in specs:
                 # the description names the rule: "latest" takes only from its own rule
                 if key not in out or (latest and out[key].description == spec.description):
@@ -721,7 +721,7 @@ class Engine:
     def _specs(self, act: Activation) -> tuple[tuple[MappingKey, MappingSpec], ...]:
         rule = act.rule
         description = description_for(rule.name, self.tag)
-        external_any = rule.external == "any"
+        external_any = rule.external is External.ANY
         return tuple(
             (MappingKey(rng.proto, port),
              MappingSpec(proto=rng.proto, external_port=port, internal_client=act.host,
@@ -737,7 +737,7 @@ class Engine:
     @staticmethod
     def _takes(act: Activation, held: Activation | None) -> bool:
         """Does ``act`` (later in precedence) get a port ``held`` holds? (As desired().)"""
-        return held is None or (act.rule.share == "latest" and held.rule is act.rule)
+        return held is None or (act.rule.share is Share.LATEST and held.rule is act.rule)
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
