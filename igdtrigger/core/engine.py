@@ -32,16 +32,29 @@ Semantics (router-style port triggering, as ipt_TRIGGER and router manuals descr
 from __future__ import annotations
 
 import collections
-import enum
 import heapq
 import ipaddress
 import itertools
 import math
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
+from igdtrigger.core.activation import (
+    ADHOC_META,
+    MAX_TTL,
+    MIN_TTL,
+    PROCESS_RUNNING_WITHIN,
+    Activation,
+    Clock,
+    Event,
+    EventKind,
+    Source,
+    adhoc_rule,
+    check_ttl,
+    description_for,
+    owned_by,
+)
+from igdtrigger.core.desired import DesiredMap
 from igdtrigger.core.errors import (
     ActivationLimit,
     ActivationNotFound,
@@ -49,6 +62,7 @@ from igdtrigger.core.errors import (
     RuleNotFound,
     UsageError,
 )
+from igdtrigger.core.matching import Live, RuleIndex, is_lan_source, is_remote_destination
 from igdtrigger.core.model import (
     Flow,
     IPAddress,
@@ -56,18 +70,39 @@ from igdtrigger.core.model import (
     MappingSpec,
     PortRange,
     Proto,
-    format_duration,
     parse_port_spec,
 )
-from igdtrigger.core.rules import ADHOC_PREFIX, External, Rule, Share
+from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 
-Clock = Callable[[], float]
-MAX_TTL = 7 * 86400.0
-MIN_TTL = 1.0  # a mapping asked for less than a second is over before the router answers
+# the engine's vocabulary (defined beside it in core/activation.py and core/matching.py)
+__all__ = [
+    "ADHOC_META",
+    "LOCAL_ORIGIN",
+    "MAX_ACTIVATIONS",
+    "MAX_DETECTED",
+    "MAX_FLOWS",
+    "MAX_FLOWS_PER_HOST",
+    "MAX_HOSTS_PER_ORIGIN",
+    "MAX_TTL",
+    "MAX_UNKNOWN_HOSTS",
+    "MIN_TTL",
+    "PROCESS_RUNNING_WITHIN",
+    "UNKNOWN_ORIGIN",
+    "Activation",
+    "Clock",
+    "Engine",
+    "Event",
+    "EventKind",
+    "RuleIndex",
+    "Source",
+    "adhoc_rule",
+    "check_ttl",
+    "description_for",
+    "is_lan_source",
+    "is_remote_destination",
+    "owned_by",
+]
 
-_BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
-_SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 MAX_ACTIVATIONS = 4096  # live activations of every kind
 MAX_DETECTED = 4096  # live activations created by detected traffic
 MAX_HOSTS_PER_ORIGIN = 8  # source addresses with detected activations behind one MAC address
@@ -76,177 +111,6 @@ UNKNOWN_ORIGIN = "unknown"
 LOCAL_ORIGIN = "local"
 MAX_FLOWS_PER_HOST = 256  # live matching flows followed per LAN host
 MAX_FLOWS = 4096  # ... and in all
-PROCESS_RUNNING_WITHIN = 5.0  # s: a process seen this recently is reported as running
-
-
-def check_ttl(ttl: float) -> None:
-    """Raises ``UsageError`` unless ``ttl`` (seconds) is within 1s-7d (``nan``/``inf`` are not)."""
-    if not MIN_TTL <= ttl <= MAX_TTL:
-        raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
-
-
-class Source(enum.StrEnum):
-    TRAFFIC = "traffic"
-    PROCESS = "process"
-    API = "api"
-    RUN = "run"
-
-
-class EventKind(enum.StrEnum):
-    ACTIVATED = "activated"
-    EXPIRED = "expired"
-    DEACTIVATED = "deactivated"
-
-
-@dataclass(slots=True)
-class Activation:
-    id: str
-    rule: Rule
-    host: str
-    source: Source
-    created: float
-    expires: float
-    ttl: float
-    hits: int = 1
-    seq: int = 0
-    meta: dict[str, str] = field(default_factory=dict)
-    last_active: float = 0.0  # engine clock: its last trigger/inbound packet or process sighting
-    flows: set[Flow] = field(default_factory=set, repr=False, compare=False)  # live, followed
-    holding: int = 0  # how many of ``flows`` are connections that hold it while silent
-    journaled: float = 0.0  # the expiry last handed to the journal (see Engine._set_expiry)
-    origin: str = ""  # detected traffic: where the flow came from (see MAX_HOSTS_PER_ORIGIN)
-    # the host maps these ports itself (a router in secure mode refused them to us; ``run`` on
-    # that host reported it): the activation stays (status, dashboard) but wants no mapping
-    self_mapped: bool = False
-    # restored after a restart as held by a connection: held (at most one timeout from the
-    # restart) until a flow detector's first look shows whether that connection still lives
-    unproven: bool = False
-    # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
-    specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
-        default=None, repr=False, compare=False)
-
-    @property
-    def held(self) -> bool:
-        """True while a live connection holds it: it cannot lapse until that ends."""
-        return self.expires == math.inf
-
-    def hold_reason(self, now: float) -> str:
-        """Why it is open now, for a person: "2 live flows", "traffic 3s ago", "process
-        running", "API, 12m left"."""
-        if self.source in (Source.API, Source.RUN):
-            label = "API" if self.source is Source.API else "run"
-            return f"{label}, {format_duration(self.expires - now)} left"
-        if self.unproven and not self.holding:
-            return (f"held before the restart, looking for its connection "
-                    f"({format_duration(self.expires - now)} left at most)")
-        if self.source is Source.PROCESS:  # the process detector looks every second or so
-            since = now - self.last_active
-            return ("process running" if since <= PROCESS_RUNNING_WITHIN
-                    else f"process last seen {format_duration(since)} ago")
-        n = len(self.flows)
-        if self.holding:
-            return f"{n} live flow{'s' if n != 1 else ''}"
-        ago = f"traffic {format_duration(now - self.last_active)} ago"
-        return f"{ago}, {n} live flow{'s' if n != 1 else ''}" if n else ago
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "rule": self.rule.name,
-            "host": self.host,
-            "source": self.source.value,
-            "age": round(now - self.created, 3),
-            # seconds until it closes if nothing changes; None while a live connection holds it
-            "expires_in": None if self.held else round(max(0.0, self.expires - now), 3),
-            "hold": self.hold_reason(now),
-            "live_flows": len(self.flows),
-            "ttl": self.ttl,
-            "hits": self.hits,
-            **({"meta": dict(self.meta)} if self.meta else {}),
-            **({"self_mapped": True} if self.self_mapped else {}),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    kind: EventKind
-    activation: Activation
-    at: float
-
-
-ADHOC_META = "adhoc_open"  # an ad-hoc activation's ports, kept in its meta (and the journal)
-
-
-def adhoc_rule(ident: str, open_ports: tuple[PortRange, ...], ttl: float) -> Rule:
-    return Rule(name=f"{ADHOC_PREFIX}{ident}", trigger=(), open=open_ports, idle_timeout=ttl)
-
-
-def description_for(rule: str, tag: str) -> str:
-    """The router-visible description that marks a mapping as ours: ``igdtrigger <rule> <tag>``."""
-    return f"igdtrigger {rule} {tag}"
-
-
-def owned_by(description: str, tag: str) -> str | None:
-    """The rule name if ``description`` is one of ours (same instance tag), else ``None``."""
-    parts = description.strip().split(" ")
-    if len(parts) == 3 and parts[0] == "igdtrigger" and parts[2] == tag:
-        return parts[1]
-    return None
-
-
-def is_lan_source(addr: IPAddress) -> bool:
-    return (addr.is_private or addr.is_link_local) and not (
-        addr.is_loopback or addr.is_unspecified or addr.is_multicast
-    )
-
-
-def is_remote_destination(addr: IPAddress) -> bool:
-    """A destination beyond the LAN: not private, loopback, link-local, multicast or broadcast."""
-    if addr.is_loopback or addr.is_multicast or addr.is_unspecified or addr.is_link_local:
-        return False
-    if isinstance(addr, ipaddress.IPv4Address) and addr == _BROADCAST:
-        return False
-    return not addr.is_private
-
-
-@dataclass(slots=True)
-class _Live:
-    """A live matching flow the engine follows (see ``Engine.on_flow_live``)."""
-
-    host: str  # the LAN host it counts for (its source, or an inbound flow's destination)
-    acts: list[str]  # activation ids it feeds
-    trigger: bool  # a trigger flow (else inbound use)
-    connected: bool = False
-    muted: bool = False  # its activation was deactivated by hand: it no longer re-triggers
-
-
-class RuleIndex:
-    """Maps (protocol, destination port) to the rules it triggers: a dict lookup per flow.
-    ``opened=True`` indexes the ports rules open instead (inbound use)."""
-
-    def __init__(self, rules: Iterable[Rule], *, opened: bool = False) -> None:
-        self._exact: dict[tuple[Proto, int], tuple[Rule, ...]] = {}
-        self._wide: list[tuple[Proto, int, int, Rule]] = []
-        for rule in rules:
-            for rng in (rule.open if opened else rule.trigger):
-                if len(rng) > _BIG_RANGE:
-                    self._wide.append((rng.proto, rng.first, rng.last, rule))
-                    continue
-                for port in rng:
-                    key = (rng.proto, port)
-                    have = self._exact.get(key, ())
-                    if rule not in have:
-                        self._exact[key] = (*have, rule)
-
-    def match(self, proto: Proto, port: int) -> tuple[Rule, ...]:
-        found = self._exact.get((proto, port), ())
-        if self._wide:
-            extra = tuple(
-                r for p, a, b, r in self._wide if p is proto and a <= port <= b and r not in found
-            )
-            if extra:
-                return found + extra
-        return found
 
 
 class Engine:
@@ -285,9 +149,9 @@ class Engine:
         self.flows_matched = 0
         self.flows_inbound = 0  # new flows that arrived on a port an activation holds
         self.flows_refused = 0  # matching flows not followed: the per-host or total cap was hit
-        self.live: dict[Flow, _Live] = {}  # live matching flows followed (bounded, see above)
+        self.live: dict[Flow, Live] = {}  # live matching flows followed (bounded, see above)
         self._live_per_host: dict[str, int] = {}
-        self._owners_cache: tuple[int, dict[MappingKey, str]] = (-1, {})
+        self._desired = DesiredMap(tag)  # kept up to date as activations change
         # detected traffic's origin: the source's link-layer address if known (the service
         # reads the neighbour table); asked only when a flow would create an activation
         self.origin_of: Callable[[IPAddress], str | None] | None = None
@@ -405,8 +269,7 @@ class Engine:
     def _inbound(self, flow: Flow, at: float) -> None:
         """A flow from beyond the LAN to an opened port: on a host, its destination is the LAN
         host; on a router, conntrack's original tuple names the router's own external address."""
-        act_id = self._owners().get(MappingKey(flow.proto, flow.dport))
-        act = self.activations.get(act_id) if act_id else None
+        act = self.holder(MappingKey(flow.proto, flow.dport))
         if act is None or act.source is not Source.TRAFFIC:
             return
         if (is_lan_source(flow.dst) or flow.dst in self.local_hosts) and str(flow.dst) != act.host:
@@ -415,21 +278,6 @@ class Engine:
         self._touch(act, at)
         self._follow(flow, act, act.host, trigger=False)
 
-    def _owners(self) -> dict[MappingKey, str]:
-        """Which activation holds each opened port now (the same precedence as desired())."""
-        gen, owners = self._owners_cache
-        if gen != self.generation:
-            holders: dict[MappingKey, Activation] = {}
-            for act in sorted(self.activations.values(), key=self._precedence):
-                for rng in act.rule.open:
-                    for port in rng:
-                        key = MappingKey(rng.proto, port)
-                        if self._takes(act, holders.get(key)):
-                            holders[key] = act
-            owners = {k: a.id for k, a in holders.items()}
-            self._owners_cache = (self.generation, owners)
-        return owners
-
     def _follow(self, flow: Flow, act: Activation | None, host: str, *, trigger: bool) -> None:
         live = self.live.get(flow)
         if live is None:
@@ -437,7 +285,7 @@ class Engine:
                     or self._live_per_host.get(host, 0) >= MAX_FLOWS_PER_HOST):
                 self.flows_refused += 1
                 return
-            live = self.live[flow] = _Live(host, [], trigger)
+            live = self.live[flow] = Live(host, [], trigger)
             self._count_host(host, 1)
         if act is not None and act.id not in live.acts:
             live.acts.append(act.id)
@@ -446,7 +294,7 @@ class Engine:
                 act.holding += 1
                 self._reschedule(act)
 
-    def _set_connected(self, flow: Flow, live: _Live, connected: bool, now: float) -> None:
+    def _set_connected(self, flow: Flow, live: Live, connected: bool, now: float) -> None:
         live.connected = connected
         for act_id in live.acts:
             act = self.activations.get(act_id)
@@ -590,6 +438,7 @@ class Engine:
         act = self.get(act_id)
         if act.self_mapped != on:
             act.self_mapped = on
+            self._desired.set_mapped(act)
             self.generation += 1
         return act
 
@@ -649,6 +498,7 @@ class Engine:
         if src in (Source.TRAFFIC, Source.PROCESS):
             self._traffic[(rule.name, host, src)] = act.id
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
+        self._desired.add(act)
         self.generation += 1
         return act
 
@@ -696,48 +546,19 @@ class Engine:
     # --- outputs -------------------------------------------------------------------------------
 
     def desired(self) -> dict[MappingKey, MappingSpec]:
-        """The mappings that should exist now.
+        """The mappings that should exist now (a copy: ``{MappingKey: MappingSpec}``).
 
         A port two activations want goes to the oldest (first come, first served, as routers
         do it), except that under ``share = "latest"`` a rule's newest activation takes it from
-        the same rule's older ones (never from another rule's).
+        the same rule's older ones (never from another rule's). Kept up to date as activations
+        change (see :mod:`igdtrigger.core.desired`): asking costs one dict copy.
         """
-        out: dict[MappingKey, MappingSpec] = {}
-        for act in sorted(self.activations.values(), key=self._precedence):
-            if act.self_mapped:
-                continue
-            specs = act.specs
-            if specs is None:
-                specs = self._specs(act)
-                if act.rule.port_count() <= _SPEC_CACHE_MAX:
-                    act.specs = specs
-            latest = act.rule.share is Share.LATEST
-            for key, spec in specs:
-                # the description names the rule: "latest" takes only from its own rule
-                if key not in out or (latest and out[key].description == spec.description):
-                    out[key] = spec
-        return out
+        return self._desired.snapshot()
 
-    def _specs(self, act: Activation) -> tuple[tuple[MappingKey, MappingSpec], ...]:
-        rule = act.rule
-        description = description_for(rule.name, self.tag)
-        external_any = rule.external is External.ANY
-        return tuple(
-            (MappingKey(rng.proto, port),
-             MappingSpec(proto=rng.proto, external_port=port, internal_client=act.host,
-                         internal_port=port, description=description, external_any=external_any))
-            for rng in rule.open
-            for port in rng
-        )
-
-    @staticmethod
-    def _precedence(act: Activation) -> tuple[float, int]:
-        return (act.created, act.seq)
-
-    @staticmethod
-    def _takes(act: Activation, held: Activation | None) -> bool:
-        """Does ``act`` (later in precedence) get a port ``held`` holds? (As desired().)"""
-        return held is None or (act.rule.share is Share.LATEST and held.rule is act.rule)
+    def holder(self, key: MappingKey) -> Activation | None:
+        """The activation holding port ``key`` now (as :meth:`desired`, but counting those
+        whose host maps its ports itself), or None."""
+        return self._desired.owner(key)
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
@@ -779,6 +600,7 @@ class Engine:
             self._detected += 1
             self._origins.setdefault(origin, collections.Counter())[host] += 1
         heapq.heappush(self._heap, (act.expires, act.seq, act.id))
+        self._desired.add(act)
         self.generation += 1
         self._emit(EventKind.ACTIVATED, act, now)
         return act
@@ -817,6 +639,7 @@ class Engine:
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
+        self._desired.remove(act)
         hosts = self._origins.get(act.origin) if act.origin != LOCAL_ORIGIN else None
         if hosts is not None:
             self._detected -= 1
