@@ -95,7 +95,7 @@ def test_refreshes_do_not_grow_the_timer_queue_without_bound() -> None:
     for _ in range(5000):
         clock.advance(0.01)
         eng.on_flow(flow())
-    assert len(eng._heap) <= 65
+    assert len(eng._timers) <= 65
 
 
 def test_many_activations_refreshed_keep_every_deadline() -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from igdtrigger.core.errors import UsageError
-from igdtrigger.core.model import Flow, PortRange, format_duration
+from igdtrigger.core.model import Flow, PortRange, format_duration, parse_port_spec
 from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "check_ttl",
     "description_for",
     "owned_by",
+    "restored_adhoc_rule",
 ]
 
 Clock = Callable[[], float]
@@ -132,6 +133,23 @@ ADHOC_META = "adhoc_open"  # an ad-hoc activation's ports, kept in its meta (and
 
 def adhoc_rule(ident: str, open_ports: tuple[PortRange, ...], ttl: float) -> Rule:
     return Rule(name=f"{ADHOC_PREFIX}{ident}", trigger=(), open=open_ports, idle_timeout=ttl)
+
+
+def restored_adhoc_rule(rule_name: str, meta: dict[str, str], ttl: float,
+                        permits: Callable[[tuple[PortRange, ...]], bool]) -> Rule | None:
+    """The one-off rule of an ad-hoc activation read back from the journal (its ports are in
+    ``meta[ADHOC_META]``), or None: not an ad-hoc name, unreadable ports, or ports ``permits``
+    no longer allows."""
+    if not rule_name.startswith(ADHOC_PREFIX):
+        return None
+    try:
+        ports = tuple(r for spec in meta.get(ADHOC_META, "").split()
+                      for r in parse_port_spec(spec))
+    except ValueError:
+        return None
+    if not ports or not permits(ports):
+        return None
+    return adhoc_rule(rule_name[len(ADHOC_PREFIX):], ports, ttl)
 
 
 def description_for(rule: str, tag: str) -> str:

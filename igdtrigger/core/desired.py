@@ -17,18 +17,28 @@ ports itself) recomputes only the ports of that activation's rule: the cost of o
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from igdtrigger.core.activation import Activation, description_for
 from igdtrigger.core.model import MappingKey, MappingSpec
 from igdtrigger.core.rules import External, Rule, Share
 
-__all__ = ["DesiredMap", "precedence"]
+__all__ = ["DesiredMap", "precedence", "waiting_for"]
 
 
 def precedence(act: Activation) -> tuple[float, int]:
     """Older first: (created, seq). ``seq`` is unique per engine, so the order is total."""
     return (act.created, act.seq)
+
+
+def waiting_for(act: Activation, desired: Mapping[MappingKey, MappingSpec]) -> set[str]:
+    """Hosts that hold ports ``act`` wants in ``desired`` (empty when it holds all of them)."""
+    holders: set[str] = set()
+    for key in _keys(act.rule):
+        spec = desired.get(key)
+        if spec is not None and spec.internal_client != act.host:
+            holders.add(spec.internal_client)
+    return holders
 
 
 class _Group:

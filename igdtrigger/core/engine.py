@@ -17,10 +17,9 @@ Semantics (router-style port triggering, as ipt_TRIGGER and router manuals descr
   (counted in ``flows_refused``).
 - A process-held activation lapses ``idle_timeout`` after the process was last seen.
 - An explicit activation lives for its ``ttl``; a heartbeat extends it by its ttl again.
-- Ports are owned first come, first served: when two activations want the same external port for
-  different hosts, the older one keeps it; the younger one waits and takes over when it lapses.
-  A rule with ``share = "latest"`` lets its newest activation take ports from its own older
-  ones, never from another rule's.
+- Ports are owned first come, first served: the older activation keeps a port two want, the
+  younger takes over when it lapses; ``share = "latest"`` lets a rule's newest activation take
+  ports from its own older ones, never from another rule's (kept incrementally: core/desired.py).
 - Bounded: at most ``MAX_ACTIVATIONS`` live activations (``ActivationLimit`` past it), and
   detected ones (traffic) at most ``MAX_DETECTED`` in all, and the source addresses behind one
   origin (the flow's link-layer address when the neighbour table knows it, through
@@ -32,7 +31,6 @@ Semantics (router-style port triggering, as ipt_TRIGGER and router manuals descr
 from __future__ import annotations
 
 import collections
-import heapq
 import ipaddress
 import itertools
 import math
@@ -53,8 +51,9 @@ from igdtrigger.core.activation import (
     check_ttl,
     description_for,
     owned_by,
+    restored_adhoc_rule,
 )
-from igdtrigger.core.desired import DesiredMap
+from igdtrigger.core.desired import DesiredMap, waiting_for
 from igdtrigger.core.errors import (
     ActivationLimit,
     ActivationNotFound,
@@ -62,7 +61,13 @@ from igdtrigger.core.errors import (
     RuleNotFound,
     UsageError,
 )
-from igdtrigger.core.matching import Live, RuleIndex, is_lan_source, is_remote_destination
+from igdtrigger.core.matching import (
+    Live,
+    RuleIndex,
+    is_lan_source,
+    is_remote_destination,
+    process_index,
+)
 from igdtrigger.core.model import (
     Flow,
     IPAddress,
@@ -70,47 +75,33 @@ from igdtrigger.core.model import (
     MappingSpec,
     PortRange,
     Proto,
-    parse_port_spec,
 )
-from igdtrigger.core.rules import ADHOC_PREFIX, Rule
+from igdtrigger.core.origins import LOCAL_ORIGIN, UNKNOWN_ORIGIN, OriginCounts
+from igdtrigger.core.rules import Rule
+from igdtrigger.core.timers import ExpiryHeap
 
-# the engine's vocabulary (defined beside it in core/activation.py and core/matching.py)
+# the engine's vocabulary (defined beside it in core/activation.py, matching.py, origins.py)
 __all__ = [
-    "ADHOC_META",
-    "LOCAL_ORIGIN",
-    "MAX_ACTIVATIONS",
-    "MAX_DETECTED",
-    "MAX_FLOWS",
-    "MAX_FLOWS_PER_HOST",
-    "MAX_HOSTS_PER_ORIGIN",
-    "MAX_TTL",
-    "MAX_UNKNOWN_HOSTS",
-    "MIN_TTL",
-    "PROCESS_RUNNING_WITHIN",
-    "UNKNOWN_ORIGIN",
-    "Activation",
-    "Clock",
-    "Engine",
-    "Event",
-    "EventKind",
-    "RuleIndex",
-    "Source",
-    "adhoc_rule",
-    "check_ttl",
-    "description_for",
-    "is_lan_source",
-    "is_remote_destination",
-    "owned_by",
+    "ADHOC_META", "LOCAL_ORIGIN", "MAX_ACTIVATIONS", "MAX_DETECTED", "MAX_FLOWS",
+    "MAX_FLOWS_PER_HOST", "MAX_HOSTS_PER_ORIGIN", "MAX_TTL", "MAX_UNKNOWN_HOSTS", "MIN_TTL",
+    "PROCESS_RUNNING_WITHIN", "UNKNOWN_ORIGIN", "Activation", "Clock", "Engine", "Event",
+    "EventKind", "RuleIndex", "Source", "adhoc_rule", "check_ttl", "description_for",
+    "is_lan_source", "is_remote_destination", "owned_by",
 ]
 
 MAX_ACTIVATIONS = 4096  # live activations of every kind
 MAX_DETECTED = 4096  # live activations created by detected traffic
 MAX_HOSTS_PER_ORIGIN = 8  # source addresses with detected activations behind one MAC address
 MAX_UNKNOWN_HOSTS = 16  # ... behind no known MAC address, all together
-UNKNOWN_ORIGIN = "unknown"
-LOCAL_ORIGIN = "local"
 MAX_FLOWS_PER_HOST = 256  # live matching flows followed per LAN host
 MAX_FLOWS = 4096  # ... and in all
+
+
+def _check_host(host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"host {host!r} is not an IP address") from None
 
 
 class Engine:
@@ -129,11 +120,7 @@ class Engine:
         self.rules: dict[str, Rule] = {r.name: r for r in rules}
         self.index = RuleIndex(self.rules.values())
         self.open_index = RuleIndex(self.rules.values(), opened=True)
-        self.process_index: dict[str, tuple[Rule, ...]] = {}
-        for rule in self.rules.values():
-            for name in rule.process:
-                key = name.lower()
-                self.process_index[key] = (*self.process_index.get(key, ()), rule)
+        self.process_index = process_index(self.rules.values())
         self.clock = clock
         self.tag = tag
         self.on_event = on_event
@@ -141,7 +128,7 @@ class Engine:
         self.local_hosts = {ipaddress.ip_address(h) for h in local_hosts}
         self.activations: dict[str, Activation] = {}
         self._traffic: dict[tuple[str, str, Source], str] = {}  # (rule, host, src) -> act id
-        self._heap: list[tuple[float, int, str]] = []
+        self._timers = ExpiryHeap(self.activations)
         self._seq = itertools.count()
         self.generation = 0  # bumped whenever the desired mapping set may have changed
         self.dirty: set[str] = set()  # activations whose expiry moved (for the journal)
@@ -159,9 +146,7 @@ class Engine:
         self.max_detected = MAX_DETECTED
         self.max_hosts_per_origin = MAX_HOSTS_PER_ORIGIN
         self.max_unknown_hosts = MAX_UNKNOWN_HOSTS
-        self._detected = 0  # live activations with an origin other than this machine
-        # origin -> source address -> its live detected activations
-        self._origins: dict[str, collections.Counter[str]] = {}
+        self._origins = OriginCounts()
         self.refused: collections.Counter[str] = collections.Counter()  # why, how many
 
     # --- inputs --------------------------------------------------------------------------------
@@ -367,15 +352,9 @@ class Engine:
         return found or UNKNOWN_ORIGIN
 
     def _detected_refusal(self, origin: str, host: str) -> str | None:
-        if origin == LOCAL_ORIGIN:
-            return None
-        if self._detected >= self.max_detected:
-            return "detected_total"
-        hosts = self._origins.get(origin)
-        limit = self.max_unknown_hosts if origin == UNKNOWN_ORIGIN else self.max_hosts_per_origin
-        if hosts is not None and host not in hosts and len(hosts) >= limit:
-            return "detected_per_origin"
-        return None
+        return self._origins.refusal(origin, host, max_detected=self.max_detected,
+                                     max_per_origin=self.max_hosts_per_origin,
+                                     max_unknown=self.max_unknown_hosts)
 
     def activate(
         self,
@@ -389,10 +368,7 @@ class Engine:
         rule = self.rules.get(rule_name)
         if rule is None:
             raise RuleNotFound(rule_name, list(self.rules))
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise UsageError(f"host {host!r} is not an IP address") from None
+        _check_host(host)
         if not rule.allows(host):
             raise HostNotAllowed(
                 f"rule {rule.name!r} does not allow host {host} (hosts = "
@@ -413,10 +389,7 @@ class Engine:
     ) -> Activation:
         """Ports named by the request itself (``[api] allow_adhoc``; the caller checked the
         limits): a one-off rule ``adhoc:<id>`` that lives as long as this activation."""
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise UsageError(f"host {host!r} is not an IP address") from None
+        _check_host(host)
         if not open_ports:
             raise UsageError("an ad-hoc activation needs at least one port")
         check_ttl(ttl)
@@ -469,14 +442,8 @@ class Engine:
             return None
         remaining = min(remaining, ttl)
         rule = self.rules.get(rule_name)
-        if rule is None and rule_name.startswith(ADHOC_PREFIX) and adhoc is not None:
-            try:
-                ports = tuple(r for spec in meta.get(ADHOC_META, "").split()
-                              for r in parse_port_spec(spec))
-            except ValueError:
-                ports = ()
-            if ports and adhoc(ports):
-                rule = adhoc_rule(rule_name[len(ADHOC_PREFIX):], ports, ttl)
+        if rule is None and adhoc is not None:
+            rule = restored_adhoc_rule(rule_name, meta, ttl, adhoc)
         try:
             src = Source(source)
             ipaddress.ip_address(host)  # a row that is not what we wrote maps nowhere
@@ -494,12 +461,9 @@ class Engine:
                          last_active=now + remaining - ttl - (ttl if unproven else 0.0),
                          journaled=math.inf if unproven else now + remaining,
                          unproven=unproven)
-        self.activations[act.id] = act
         if src in (Source.TRAFFIC, Source.PROCESS):
             self._traffic[(rule.name, host, src)] = act.id
-        heapq.heappush(self._heap, (act.expires, act.seq, act.id))
-        self._desired.add(act)
-        self.generation += 1
+        self._insert(act)
         return act
 
     def settle_restored(self) -> list[Activation]:
@@ -526,22 +490,14 @@ class Engine:
         """Remove every activation whose time is up. Returns them."""
         now = self.clock()
         gone: list[Activation] = []
-        while self._heap and self._heap[0][0] <= now:
-            _, _, act_id = heapq.heappop(self._heap)
-            act = self.activations.get(act_id)
-            if act is not None and act.expires <= now:
-                self._remove(act, EventKind.EXPIRED)
-                gone.append(act)
+        for act in self._timers.due(now):  # lazily: a removed one's later entries are skipped
+            self._remove(act, EventKind.EXPIRED)
+            gone.append(act)
         return gone
 
     def next_deadline(self) -> float | None:
-        while self._heap:
-            when, _, act_id = self._heap[0]
-            act = self.activations.get(act_id)
-            if act is not None and act.expires == when:
-                return when
-            heapq.heappop(self._heap)  # stale entry from a refresh or removal
-        return None
+        """When the next activation lapses (engine clock), or None."""
+        return self._timers.next()
 
     # --- outputs -------------------------------------------------------------------------------
 
@@ -562,13 +518,7 @@ class Engine:
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
-        holders: set[str] = set()
-        for rng in act.rule.open:
-            for port in rng:
-                spec = desired.get(MappingKey(rng.proto, port))
-                if spec is not None and spec.internal_client != act.host:
-                    holders.add(spec.internal_client)
-        return holders
+        return waiting_for(act, desired)
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -581,29 +531,19 @@ class Engine:
             raise ActivationLimit(
                 f"{len(self.activations)} activations are live, the service's limit; end some "
                 "first")
-        act = Activation(
-            id=self._new_id(),
-            rule=rule,
-            host=host,
-            source=source,
-            created=now,
-            expires=now + ttl,
-            ttl=ttl,
-            seq=next(self._seq),
-            meta=meta,
-            last_active=now,
-            journaled=now + ttl,
-            origin=origin,
-        )
-        self.activations[act.id] = act
-        if origin and origin != LOCAL_ORIGIN:
-            self._detected += 1
-            self._origins.setdefault(origin, collections.Counter())[host] += 1
-        heapq.heappush(self._heap, (act.expires, act.seq, act.id))
-        self._desired.add(act)
-        self.generation += 1
+        act = Activation(id=self._new_id(), rule=rule, host=host, source=source, created=now,
+                         expires=now + ttl, ttl=ttl, seq=next(self._seq), meta=meta,
+                         last_active=now, journaled=now + ttl, origin=origin)
+        self._origins.add(origin, host)
+        self._insert(act)
         self._emit(EventKind.ACTIVATED, act, now)
         return act
+
+    def _insert(self, act: Activation) -> None:
+        self.activations[act.id] = act
+        self._timers.push(act)
+        self._desired.add(act)
+        self.generation += 1
 
     def _touch(self, act: Activation, at: float) -> None:
         """A packet (or process sighting) at ``at``: the idle timer restarts from there."""
@@ -629,25 +569,12 @@ class Engine:
                 or when - act.journaled >= max(1.0, act.ttl / 4)):
             act.journaled = when
             self.dirty.add(act.id)
-        if when == math.inf:
-            return  # held: nothing to schedule (its heap entries go stale)
-        heapq.heappush(self._heap, (when, act.seq, act.id))
-        if len(self._heap) > 64 and len(self._heap) > 4 * len(self.activations):
-            self._heap = [(a.expires, a.seq, a.id) for a in self.activations.values()
-                          if a.expires != math.inf]
-            heapq.heapify(self._heap)
+        self._timers.push(act)  # held (inf): nothing to schedule (its heap entries go stale)
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
         self._desired.remove(act)
-        hosts = self._origins.get(act.origin) if act.origin != LOCAL_ORIGIN else None
-        if hosts is not None:
-            self._detected -= 1
-            hosts[act.host] -= 1
-            if hosts[act.host] <= 0:
-                del hosts[act.host]
-                if not hosts:
-                    del self._origins[act.origin]
+        self._origins.remove(act.origin, act.host)
         if act.source in (Source.TRAFFIC, Source.PROCESS):
             self._traffic.pop((act.rule.name, act.host, act.source), None)
         for flow in act.flows:  # its flows stay followed: one that wakes up triggers again

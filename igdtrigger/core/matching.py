@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from igdtrigger.core.model import IPAddress, Proto
 from igdtrigger.core.rules import Rule
 
-__all__ = ["Live", "RuleIndex", "is_lan_source", "is_remote_destination"]
+__all__ = ["Live", "RuleIndex", "is_lan_source", "is_remote_destination", "process_index"]
 
 _BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -69,3 +69,13 @@ class RuleIndex:
             if extra:
                 return found + extra
         return found
+
+
+def process_index(rules: Iterable[Rule]) -> dict[str, tuple[Rule, ...]]:
+    """Executable name, lowercased, to the rules it holds (a rule's ``process`` names)."""
+    index: dict[str, tuple[Rule, ...]] = {}
+    for rule in rules:
+        for name in rule.process:
+            key = name.lower()
+            index[key] = (*index.get(key, ()), rule)
+    return index
