@@ -25,6 +25,11 @@ from igdtrigger.core.errors import ConfigError, IgdTriggerError, UsageError
 from igdtrigger.core.model import compress_ports, format_duration, parse_duration, parse_port_spec
 from igdtrigger.core.rules import Rule
 
+__all__ = [
+    "COMMANDS", "DEMO_RULE", "build_parser", "cmd_activate", "cmd_check_config", "cmd_deactivate",
+    "cmd_doctor", "cmd_gateway", "cmd_healthcheck", "cmd_run", "cmd_serve", "cmd_status", "main",
+]
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
