@@ -398,15 +398,12 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
             isinstance(h, str) and h.strip() for h in hosts_raw):
         raise api_sec.error("allowed_hosts",
                             f"expected a list of host names, got {show(hosts_raw)}")
-    zc = api_sec.get("zeroconf")
+    zc_raw = api_sec.get("zeroconf")
+    if zc_raw is None or isinstance(zc_raw, bool):
+        zc_raw = {None: "auto", True: "on", False: "off"}[zc_raw]
+    zc = next((m for m in ZEROCONF_MODES if m == zc_raw), None)
     if zc is None:
-        zc = "auto"
-    elif zc is True:
-        zc = "on"
-    elif zc is False:
-        zc = "off"
-    if zc not in ZEROCONF_MODES:
-        raise api_sec.error("zeroconf", f"expected true, false or \"auto\", got {show(zc)}")
+        raise api_sec.error("zeroconf", f"expected true, false or \"auto\", got {show(zc_raw)}")
     api = ApiConfig(
         host=host,
         port=port,

@@ -31,6 +31,7 @@ __all__ = [
     "DetectConfig",
     "GatewayConfig",
     "GatewayProtocol",
+    "ZeroconfMode",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:8731"
@@ -39,15 +40,17 @@ DEFAULT_LEASE = 3600.0
 DEFAULT_RATE = 20.0
 DEFAULT_BURST = 60
 DEFAULT_MAX_PER_HOST = 16
-ZEROCONF_MODES = ("auto", "on", "off")
 SIMULATE = "simulate"
 DETECTORS = ("conntrack", "sockets", "process")
 # "auto": miniupnpc, else our SOAP client
 Backend = Literal["auto", "miniupnpc", "soap"]
 # "auto": probe all, prefer UPnP > PCP > NAT-PMP
 GatewayProtocol = Literal["auto", "upnp", "natpmp", "pcp"]
+# "auto": advertise when the API listens beyond loopback
+ZeroconfMode = Literal["auto", "on", "off"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 PROTOCOLS: tuple[GatewayProtocol, ...] = get_args(GatewayProtocol)
+ZEROCONF_MODES: tuple[ZeroconfMode, ...] = get_args(ZeroconfMode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +100,7 @@ class ApiConfig:
     rate_limit: float = DEFAULT_RATE  # requests per second per client (token bucket refill)
     rate_burst: int = DEFAULT_BURST  # bucket size
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names (DNS-rebinding protection)
-    zeroconf: str = "auto"  # "auto" (advertise when listening beyond loopback), "on", "off"
+    zeroconf: ZeroconfMode = "auto"  # "auto": advertise when listening beyond loopback
     adhoc: AdhocConfig = field(default_factory=AdhocConfig)
     # clients that may act without the token (and read with public_read); empty: the networks
     # of the interface(s) the API listens on
