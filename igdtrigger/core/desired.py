@@ -52,6 +52,15 @@ class _Group:
         self.all: list[Activation] = []
         self.mapped: list[Activation] = []
 
+    def ends(self) -> tuple[Activation | None, Activation | None]:
+        """What the rule's ports depend on: its oldest mapped activation (its precedence against
+        other rules) and the one it gives its ports to (the oldest, or under ``latest`` the
+        newest). A change that leaves both alone changes no port."""
+        if not self.mapped:
+            return (None, None)
+        first = self.mapped[0]
+        return (first, self.mapped[-1] if self.rule.share is Share.LATEST else first)
+
 
 def _insert(acts: list[Activation], act: Activation) -> None:
     bisect.insort(acts, act, key=precedence)
@@ -98,14 +107,16 @@ class DesiredMap:
                 self._rules_at.setdefault(key, {})[act.rule.name] = group
         _insert(group.all, act)
         if not act.self_mapped:
+            before = group.ends()
             _insert(group.mapped, act)
-            self._update(group)
+            self._update(group, before)
 
     def remove(self, act: Activation) -> None:
         """A live activation ended (lapsed or deactivated)."""
         group = self._groups.get(act.rule.name)
         if group is None:
             return
+        before = group.ends()
         _discard(group.all, act)
         _discard(group.mapped, act)
         if not group.all:
@@ -116,18 +127,19 @@ class DesiredMap:
                     at.pop(act.rule.name, None)
                     if not at:
                         del self._rules_at[key]
-        self._update(group)
+        self._update(group, before)
 
     def set_mapped(self, act: Activation) -> None:
         """``act.self_mapped`` changed: its host maps the ports itself, or wants us to again."""
         group = self._groups.get(act.rule.name)
         if group is None:
             return
+        before = group.ends()
         if act.self_mapped:
             _discard(group.mapped, act)
         else:
             _insert(group.mapped, act)
-        self._update(group)
+        self._update(group, before)
 
     def owner(self, key: MappingKey) -> Activation | None:
         """The activation holding ``key`` counting those whose host maps its ports itself (an
@@ -145,8 +157,12 @@ class DesiredMap:
             return None
         return best[-1] if best_rule.share is Share.LATEST else best[0]
 
-    def _update(self, group: _Group) -> None:
-        """Decide again every port ``group``'s rule opens."""
+    def _update(self, group: _Group, before: tuple[Activation | None, Activation | None]) -> None:
+        """Decide again every port ``group``'s rule opens, unless the change left the group's
+        :meth:`_Group.ends` as they were ``before`` (then no port changes hands)."""
+        after = group.ends()
+        if after[0] is before[0] and after[1] is before[1]:
+            return
         rule = group.rule
         for key in _keys(rule):
             act = self._winner(key, mapped=True)
