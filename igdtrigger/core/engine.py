@@ -356,37 +356,26 @@ class Engine:
                                      max_per_origin=self.max_hosts_per_origin,
                                      max_unknown=self.max_unknown_hosts)
 
-    def activate(
-        self,
-        rule_name: str,
-        host: str,
-        *,
-        ttl: float | None = None,
-        source: Source = Source.API,
-        meta: dict[str, str] | None = None,
-    ) -> Activation:
+    def activate(self, rule_name: str, host: str, *, ttl: float | None = None,
+                 source: Source = Source.API, meta: dict[str, str] | None = None) -> Activation:
+        """An explicit activation of ``rule_name`` for ``host`` (an IP address as text) for
+        ``ttl`` seconds (default: the rule's ``idle_timeout``). Raises ``RuleNotFound``,
+        ``UsageError`` (not an address; ttl outside 1s-7d), ``HostNotAllowed`` (the rule's
+        ``hosts``) or ``ActivationLimit`` (``max_activations`` live)."""
         rule = self.rules.get(rule_name)
         if rule is None:
             raise RuleNotFound(rule_name, list(self.rules))
         _check_host(host)
         if not rule.allows(host):
-            raise HostNotAllowed(
-                f"rule {rule.name!r} does not allow host {host} (hosts = "
-                f"{', '.join(str(n) for n in rule.hosts)})"
-            )
+            raise HostNotAllowed(f"rule {rule.name!r} does not allow host {host} (hosts = "
+                                 f"{', '.join(str(n) for n in rule.hosts)})")
         ttl = rule.idle_timeout if ttl is None else ttl
         check_ttl(ttl)
         return self._add(rule, host, source, self.clock(), ttl, meta or {})
 
-    def activate_adhoc(
-        self,
-        open_ports: tuple[PortRange, ...],
-        host: str,
-        *,
-        ttl: float,
-        source: Source = Source.API,
-        meta: dict[str, str] | None = None,
-    ) -> Activation:
+    def activate_adhoc(self, open_ports: tuple[PortRange, ...], host: str, *, ttl: float,
+                       source: Source = Source.API,
+                       meta: dict[str, str] | None = None) -> Activation:
         """Ports named by the request itself (``[api] allow_adhoc``; the caller checked the
         limits): a one-off rule ``adhoc:<id>`` that lives as long as this activation."""
         _check_host(host)
@@ -398,6 +387,8 @@ class Engine:
         return self._add(rule, host, source, self.clock(), ttl, meta)
 
     def heartbeat(self, act_id: str, ttl: float | None = None) -> Activation:
+        """Extend an activation by its ttl (or a new ``ttl``, seconds) from now. Raises
+        ``ActivationNotFound`` or ``UsageError`` (ttl outside 1s-7d)."""
         act = self.get(act_id)
         if ttl is not None:
             check_ttl(ttl)
@@ -416,6 +407,8 @@ class Engine:
         return act
 
     def deactivate(self, act_id: str) -> Activation:
+        """End an activation now (its flows stop re-triggering it). Raises
+        ``ActivationNotFound``."""
         act = self.get(act_id)
         self._remove(act, EventKind.DEACTIVATED)
         return act
@@ -481,6 +474,7 @@ class Engine:
         return settled
 
     def get(self, act_id: str) -> Activation:
+        """The live activation ``act_id``. Raises ``ActivationNotFound``."""
         act = self.activations.get(act_id)
         if act is None:
             raise ActivationNotFound(f"no activation with id {act_id!r} (it may have lapsed)")
