@@ -153,7 +153,9 @@ def _read_config_file(p: Path) -> bytes:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Load ``path`` (or the first file found in the usual places, or the defaults)."""
+    """Load ``path`` (or the first file found in the usual places, or the defaults), with the
+    ``IGDTRIGGER_*`` environment over it. Raises ``ConfigError`` naming the file, the field
+    and the value."""
     overrides = env_overrides()
     if path is None:
         found = find_config()
