@@ -211,3 +211,20 @@ async def test_external_any_takes_another_port_never_the_taken_one(gw: FakeGatew
     assert gw.ports()[f"udp/{app.external_port}"] == "192.168.1.10"
     await m.reconcile({})
     assert gw.ports() == {"udp/40000": "192.168.1.99"}
+
+
+async def test_stop_after_the_router_came_back_deletes_a_leftover_once_wanted(
+        gw: FakeGateway, clock: FakeClock) -> None:
+    """The router first answers at stop: the start-up sweep then keeps nothing for a wanted
+    mapping of an earlier round (nothing is wanted at stop), so no port of ours stays open."""
+    gw.foreign(Proto.UDP, 41000, "192.168.1.10", description_for("demo", TAG))  # crashed run's
+    gw.foreign(Proto.UDP, 41001, "192.168.1.10", description_for("demo", TAG))
+    m = mapper(gw, clock)
+    m.adopt_orphans([spec(41001)])  # the journal's leftover: remove_all connects for it
+    gw.down = True
+    await m.reconcile(want(spec(41000)))  # a restored activation wants it; router not answering
+    assert m.gateway_up is False
+    gw.down = False
+    await m.remove_all()
+    assert gw.ports() == {}
+    assert m.left_open == []

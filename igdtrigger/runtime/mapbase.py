@@ -209,7 +209,6 @@ class MapperBase:
         self._next_canary = math.inf
         self._canary_index = 0
         self._swept = False
-        self._wanted_now: dict[MappingKey, MappingSpec] = {}
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
         self._siblings: set[MappingKey] = set()  # conflicts with another igdtrigger's same map

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import math
 import random
+from collections.abc import Mapping
 from typing import Any
 
 from igdtrigger.core.errors import (
@@ -85,7 +86,7 @@ class Mapper(Orphans):
             self.left_open = []
             removed = 0
             # nothing to delete: do not wait on a router never reached
-            if self.orphans and (self.gateway_up or await self._connect()):
+            if self.orphans and (self.gateway_up or await self._connect({})):
                 removed = await self._delete_orphans(set(), final=True)
             for spec, client, remaining in self._taken_over.values():
                 self._note_left_open(spec, (
@@ -133,15 +134,10 @@ class Mapper(Orphans):
         return out
 
     async def _reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
-        now = self.clock()
-        self._wanted_now = desired  # the start-up sweep never deletes what is wanted right now
-        if not self.gateway_up:
-            if now < self._gateway_retry_at:
-                self._mark_pending(desired)
-                return
-            if not await self._connect():
-                self._mark_pending(desired)
-                return
+        if not self.gateway_up and (self.clock() < self._gateway_retry_at
+                                    or not await self._connect(desired)):
+            self._mark_pending(desired)
+            return
 
         # 1. Deletes: what we hold that is no longer wanted (or wanted for another host). They
         # go through the orphan path: deleted now, confirmed, retried if refused.
@@ -204,7 +200,10 @@ class Mapper(Orphans):
             if self.applied[key].state is not MapState.ACTIVE:
                 del self.applied[key]
 
-    async def _connect(self) -> bool:
+    async def _connect(self, wanted: Mapping[MappingKey, MappingSpec]) -> bool:
+        """Connect to the router; the first time it answers, sweep what an earlier run of
+        this instance left, except ``wanted`` (the mappings wanted right now; none at stop).
+        False when it does not answer (marked down, back-off)."""
         try:
             info = await self.gateway.connect()
         except GatewayError as exc:
@@ -221,7 +220,7 @@ class Mapper(Orphans):
             if app.state is MapState.ACTIVE:
                 app.renew_at = self.clock()
         if not self._swept:
-            await self._sweep_stale()
+            await self._sweep_stale(wanted)
         return True
 
     async def _add_leased(self, wire: MappingSpec, app: Applied | None = None, *,

@@ -14,6 +14,7 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from igdtrigger.core.engine import owned_by
@@ -85,8 +86,9 @@ class Orphans(RouterTruth):
                 nonce=row.nonce if row is not None else b"",
                 protocol=row.protocol if row is not None else ""))
 
-    async def _sweep_stale(self) -> None:
-        """Delete mappings a previous run of this instance left behind (crash, kill -9)."""
+    async def _sweep_stale(self, wanted: Mapping[MappingKey, MappingSpec]) -> None:
+        """Delete mappings a previous run of this instance left behind (crash, kill -9),
+        except those ``wanted`` right now (a restored activation's: kept, no gap)."""
         try:
             found = await self.gateway.list()
         except GatewayError as exc:
@@ -96,7 +98,6 @@ class Orphans(RouterTruth):
         self._foreign_hint = sum(1 for m in found if owned_by(m.description, self.tag) is None)
         info = self.gateway.info
         me = info.local_address if info is not None else ""
-        wanted = self._wanted_now
         for m in found:
             held = {a.wire.key for a in self.applied.values()}
             want = wanted.get(m.key)
