@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
-from igdtrigger.gateway.base import GatewayInfo
+__all__ = ["NO_READBACK", "TRUST_AFTER", "RouterAddress", "RouterTraits", "router_identity"]
 
 # Confirmations (read back after add / after delete) in a row before the router's word is taken
 # without one; the periodic verification still checks every mapping.
@@ -24,7 +24,18 @@ TRUST_AFTER = 3
 NO_READBACK = frozenset({"nat-pmp", "pcp"})
 
 
-def router_identity(info: GatewayInfo) -> str:
+class RouterAddress(Protocol):
+    """Where a router was found (``gateway.base.GatewayInfo`` is one)."""
+
+    @property
+    def protocol(self) -> str: ...  # "upnp-igd", "nat-pmp", "pcp", "simulated"
+    @property
+    def location(self) -> str: ...  # description URL, or "ip:port" for datagram protocols
+    @property
+    def external_address(self) -> str: ...  # "" when the router does not know it
+
+
+def router_identity(info: RouterAddress) -> str:
     """The key a router's traits are kept under: protocol and host of its location (a router
     that restarts on a new HTTP port stays the same router), else its external address."""
     loc = info.location

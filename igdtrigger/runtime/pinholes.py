@@ -23,8 +23,7 @@ from igdtrigger.core.errors import (
     NotAuthorized,
 )
 from igdtrigger.core.model import PinholeSpec
-from igdtrigger.gateway.upnp.codec import PINHOLE_MAX_LEASE
-from igdtrigger.gateway.upnp.pinhole import FirewallInfo
+from igdtrigger.core.pinhole import PINHOLE_MAX_LEASE, FirewallInfo
 
 log = logging.getLogger("igdtrigger.runtime.pinholes")
 
