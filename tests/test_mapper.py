@@ -228,3 +228,19 @@ async def test_stop_after_the_router_came_back_deletes_a_leftover_once_wanted(
     await m.remove_all()
     assert gw.ports() == {}
     assert m.left_open == []
+
+
+async def test_a_mapping_left_open_says_until_when_on_the_injected_wall_clock(
+        gw: FakeGateway, clock: FakeClock) -> None:
+    """A router that answers the delete but keeps the mapping: the stop names it with the
+    wall-clock time its lease ends, read from the mapper's wall clock (never the system's)."""
+    async def answered_but_kept(proto: Proto, external_port: int) -> None:
+        gw.calls.append(f"delete {MappingKey(proto, external_port)}")
+
+    m = mapper(gw, clock, lease=600, wall=lambda: 1_000_000.0)
+    await m.reconcile(want(spec(40000)))
+    gw.delete = answered_but_kept  # type: ignore[method-assign]
+    assert await m.remove_all() == 0
+    [left] = m.left_open
+    assert left.lease_remaining == 600
+    assert left.until_wall == 1_000_600.0

@@ -164,16 +164,27 @@ class MapperBase:
         journal: Journal | None = None,
         abandon: Callable[[], bool] | None = None,
         reclaim: Callable[[str], bool] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        """``abandon``: asked before each add of a pass; True ends the pass there (an
+        """``clock``: monotonic seconds. ``tag``: this instance's tag (its descriptions read
+        ``igdtrigger <rule> <tag>``). ``lease``: seconds asked per mapping (0 = permanent).
+        ``verify_interval`` / ``canary_interval``: seconds between checks of every mapping /
+        of one. ``check_before_add``: look the port up first (never take another host's).
+        ``readback_settle``: seconds before a missing read-back is believed. ``on_change(app,
+        what)``: what is "mapped", "unmapped", "conflict", "failed" or "left_open".
+        ``journal``: where mappings are recorded before they are requested.
+        ``abandon``: asked before each add of a pass; True ends the pass there (an
         activation lapsed meanwhile: the caller expires it and reconciles again, deleting
-        instead of adding for minutes after it should have ended)."""
+        instead of adding for minutes after it should have ended). ``reclaim``: see below.
+        ``wall``: the wall clock (epoch seconds), only to say until when a mapping left open
+        stays."""
         self.gateway = gateway
         self.abandon = abandon
         # ``reclaim(description)``: an entry of another igdtrigger on this machine that is gone
         # (a killed ``run``): ours to take over and delete when it maps to this host.
         self.reclaim = reclaim
         self.clock = clock
+        self.wall = wall  # epoch seconds: only to say until when a mapping left open stays
         self.tag = tag
         self.lease = int(lease)
         self.verify_interval = verify_interval

@@ -13,7 +13,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -483,7 +482,7 @@ class Orphans(RouterTruth):
                                    "success", found.lease_remaining)
 
     def _note_left_open(self, spec: MappingSpec, why: str, remaining: int | None) -> None:
-        until = time.time() + remaining if remaining else None
+        until = self.wall() + remaining if remaining else None
         entry = LeftOpen(spec, why, remaining, until)
         self.left_open = [x for x in self.left_open if x.spec.key != spec.key] + [entry]
         log.warning("%s", entry.describe())

@@ -25,6 +25,9 @@ from igdtrigger.core.errors import (
 from igdtrigger.core.model import PinholeSpec
 from igdtrigger.core.pinhole import PINHOLE_MAX_LEASE, FirewallInfo
 
+__all__ = ["RECHECK", "RETRY_FIRST", "RETRY_MAX", "Pinhole", "PinholeClient", "PinholeJournal",
+           "PinholeKeeper", "PinholeState"]
+
 log = logging.getLogger("igdtrigger.runtime.pinholes")
 
 RETRY_FIRST = 2.0
