@@ -450,7 +450,7 @@ class Mapper(Orphans):
                     continue
             if found is None:
                 lost.append(app)
-            elif not self._is_ours(found.internal_client, found.description, spec):
+            elif not self._is_ours(found, spec):
                 # not ours any more: never delete it; named at stop (we did add it)
                 self._taken_over[spec.key] = (spec, found.internal_client,
                                               found.lease_remaining)

@@ -254,7 +254,7 @@ class Orphans(RouterTruth):
             return Removal.DOWN if not self.gateway_up else None
         if found is None:
             return Removal.GONE
-        if not self._is_ours(found.internal_client, found.description, spec):
+        if not self._is_ours(found, spec):
             log.info("not deleting %s: the router maps it to %s:%d (%r) now, not ours", spec.key,
                      found.internal_client, found.internal_port, found.description)
             return Removal.NOT_OURS
@@ -400,12 +400,8 @@ class Orphans(RouterTruth):
                 # "no such entry" is a claim too (IGDv1 miniupnpd answers 714 to a delete it
                 # refuses, router-facts §1.5): confirmed like a success
                 answered, found = await self._lookup(spec)
-                if answered and found is not None and self._is_ours(
-                        found.internal_client, found.description, spec):
-                    self._learn(deletes_work=False)
-                    self._note_left_open(spec, "is still on the router though it answered the "
-                                               "delete with 'no such entry' (714)",
-                                         found.lease_remaining)
+                if answered and self._is_ours(found, spec):
+                    self._delete_ignored(spec, found, "'no such entry' (714)")
                     return Removal.LEFT_OPEN, deleted
                 return Removal.GONE, deleted
             except GatewayUnreachable as exc:
@@ -433,9 +429,8 @@ class Orphans(RouterTruth):
             return Removal.UNCONFIRMED, deleted
         if confirm and self._reads_back() and self.traits.confirm_deletes():
             answered, found = await self._lookup(spec)
-            if answered and found is not None and self._is_ours(
-                    found.internal_client, found.description, spec):
-                self._delete_ignored(spec, found)
+            if answered and self._is_ours(found, spec):
+                self._delete_ignored(spec, found, "success")
                 return Removal.LEFT_OPEN, deleted
             if answered:
                 self.traits.deletes_confirmed += 1
@@ -469,17 +464,19 @@ class Orphans(RouterTruth):
         left: set[MappingKey] = set()
         for spec in specs:
             m = found.get(spec.key)
-            if m is not None and self._is_ours(m.internal_client, m.description, spec):
-                self._delete_ignored(spec, m)
+            if self._is_ours(m, spec):
+                self._delete_ignored(spec, m, "success")
                 self.orphans[spec.key] = spec  # journal keeps it: the next start tries again
                 self._orphan_meta.setdefault(spec.key, OrphanMeta())
                 left.add(spec.key)
         return left
 
-    def _delete_ignored(self, spec: MappingSpec, found: RouterMapping) -> None:
+    def _delete_ignored(self, spec: MappingSpec, found: RouterMapping, answer: str) -> None:
+        """The router still shows ``found`` (ours) after it answered our delete with
+        ``answer``: deletes on this router are not done (learned); named as left open."""
         self._learn(deletes_work=False)
-        self._note_left_open(spec, "is still on the router after a delete it answered with "
-                                   "success", found.lease_remaining)
+        self._note_left_open(spec, f"is still on the router after a delete it answered with "
+                                   f"{answer}", found.lease_remaining)
 
     def _note_left_open(self, spec: MappingSpec, why: str, remaining: int | None) -> None:
         until = self.wall() + remaining if remaining else None

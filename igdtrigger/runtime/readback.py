@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from typing import TypeGuard
 
 from igdtrigger.core.engine import owned_by
 from igdtrigger.core.errors import (
@@ -53,11 +54,14 @@ class RouterTruth(MapperBase):
         self.ops["verify"] += 1
         return True, found
 
-    def _is_ours(self, client: str, description: str, spec: MappingSpec) -> bool:
-        """Whether the router's entry (its internal client and description) is our ``spec``.
-        On a router learned to cut descriptions, a prefix of ours of that length counts."""
-        if client != spec.internal_client:
+    def _is_ours(self, found: RouterMapping | None,
+                 spec: MappingSpec) -> TypeGuard[RouterMapping]:
+        """Whether the router's entry (None: it has none) is our ``spec``, by its internal
+        client and description. On a router learned to cut descriptions, a prefix of ours of
+        that length counts."""
+        if found is None or found.internal_client != spec.internal_client:
             return False
+        client, description = found.internal_client, found.description
         if owned_by(description, self.tag) is not None or self._reclaimable(client, description):
             return True
         cut, shown = self.traits.description_cut, description.strip()
@@ -91,8 +95,7 @@ class RouterTruth(MapperBase):
         answered, found = await self._lookup(spec)
         if not answered:
             return None
-        return found is not None and self._is_ours(found.internal_client, found.description,
-                                                   spec)
+        return self._is_ours(found, spec)
 
     async def _confirm_add(self, app: Applied) -> None:
         """Read back a mapping the router accepted, and learn from what it shows.
@@ -110,7 +113,7 @@ class RouterTruth(MapperBase):
                 app.verified = False
             return
         if found is not None:
-            if not (self._is_ours(found.internal_client, found.description, wire)
+            if not (self._is_ours(found, wire)
                     or self._learn_cut(found, wire)):
                 return  # someone else's now: the next verification reports it
             self._shown(app, found)
@@ -126,8 +129,7 @@ class RouterTruth(MapperBase):
             answered, found = await self._look_settled(wire)
             if not answered:
                 return
-            if found is not None and self._is_ours(found.internal_client, found.description,
-                                                   wire):
+            if self._is_ours(found, wire):
                 self._learn(keeps_timed=False)
                 self._warn_once("drops_timed", (
                     f"router accepted a {app.asked}s lease for {wire.key} but did not keep the "
@@ -259,8 +261,7 @@ class RouterTruth(MapperBase):
                 self._cannot_look_up(exc)
                 return None
             self.ops["verify"] += 1
-        if existing is None or self._is_ours(existing.internal_client, existing.description,
-                                             wire):
+        if existing is None or self._is_ours(existing, wire):
             return None
         if (existing.internal_client, existing.internal_port) == (
                 wire.internal_client, wire.internal_port) and existing.description.startswith(
