@@ -124,6 +124,8 @@ class JournalError(ConfigError):
 
 @dataclass(frozen=True, slots=True)
 class JournalMapping:
+    """A mapping the journal holds: maybe on the router (requested, not confirmed gone)."""
+
     proto: Proto
     external_port: int
     internal_client: str
@@ -135,12 +137,15 @@ class JournalMapping:
 
     @property
     def spec(self) -> MappingSpec:
+        """The mapping as the mapper knows it."""
         return MappingSpec(self.proto, self.external_port, self.internal_client,
                            self.internal_port, self.description)
 
 
 @dataclass(frozen=True, slots=True)
 class JournalActivation:
+    """An activation the journal holds, with its expiry on the wall and the boot clock."""
+
     id: str
     rule: str
     host: str
@@ -351,6 +356,7 @@ class Journal:
                     [(proto.value, port) for proto, port in keys])
 
     def mappings(self) -> list[JournalMapping]:
+        """Every journaled mapping (readable rows only; a malformed row is skipped)."""
         if self._db is None:
             return []
         try:
@@ -418,6 +424,7 @@ class Journal:
         return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
 
     def router_traits_put(self, identity: str, traits: dict[str, object]) -> None:
+        """Keep what was learned about the router ``identity`` (``traits.router_identity``)."""
         self._write("INSERT OR REPLACE INTO routers VALUES (?,?,?)",
                     [(identity, json.dumps(traits, sort_keys=True), self.wall())])
 
@@ -430,10 +437,12 @@ class Journal:
                     [(s.address, s.proto.value, s.port, now) for s in specs])
 
     def pinhole_gone(self, spec: PinholeSpec) -> None:
+        """Forget a pinhole confirmed closed."""
         self._write("DELETE FROM pinholes WHERE address=? AND proto=? AND port=?",
                     [(spec.address, spec.proto.value, spec.port)])
 
     def pinholes(self) -> list[PinholeSpec]:
+        """Every journaled pinhole (readable rows only)."""
         if self._db is None:
             return []
         try:
@@ -452,6 +461,7 @@ class Journal:
     # --- activations --------------------------------------------------------------------------
 
     def activations_put(self, acts: list[JournalActivation]) -> None:
+        """Record (or replace) activations, so a restart can restore them."""
         self._write("INSERT OR REPLACE INTO activations (id, rule, host, source, created_wall, "
                     "expires_wall, ttl, meta, boot_id, expires_boot) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
@@ -463,6 +473,7 @@ class Journal:
         self._write("DELETE FROM activations", [()])
 
     def activation_gone(self, act_id: str) -> None:
+        """Forget one activation (ended, or expired)."""
         self._write("DELETE FROM activations WHERE id=?", [(act_id,)])
 
     def activations(self) -> list[JournalActivation]:
@@ -499,6 +510,7 @@ class Journal:
         return out
 
     def close(self) -> None:
+        """Close the database (and drop a private read-only copy); idempotent."""
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.core.engine import Clock
-from igdtrigger.core.errors import (
-    GatewayError,
-)
+from igdtrigger.core.errors import GatewayError
 from igdtrigger.core.model import MappingKey, MappingSpec
 from igdtrigger.core.traits import NO_READBACK, RouterTraits, router_identity
 from igdtrigger.gateway.base import AdoptsLeftovers, Gateway, GatewayInfo
@@ -55,6 +53,7 @@ class LeftOpen:
     until_wall: float | None  # wall-clock time it lapses on the router, None = not on its own
 
     def describe(self) -> str:
+        """One line for the log and the stop summary: what, why, and until when it stays open."""
         if self.until_wall is not None:
             until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.until_wall))
             stays = f"stays open until {until} ({self.lease_remaining}s lease left)"
@@ -66,6 +65,7 @@ class LeftOpen:
                 f"{self.why}; it {stays}")
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON shape of status and the stop summary (``until``: epoch seconds or null)."""
         return {"mapping": str(self.spec.key), "internal_client": self.spec.internal_client,
                 "why": self.why, "lease_remaining": self.lease_remaining,
                 "until": self.until_wall}
@@ -87,6 +87,8 @@ class OrphanMeta:
 
 
 class MapState(enum.StrEnum):
+    """Where one wanted mapping stands with the router."""
+
     PENDING = "pending"  # wanted, not yet on the router
     ACTIVE = "active"  # on the router, ours
     CONFLICT = "conflict"  # the router maps this port to someone else; left alone
@@ -95,6 +97,8 @@ class MapState(enum.StrEnum):
 
 @dataclass(slots=True)
 class Applied:
+    """One wanted mapping and what the router did with it (granted port and lease, timers)."""
+
     spec: MappingSpec
     state: MapState = MapState.PENDING
     external_port: int = 0  # granted external port: the spec's, or another (external = "any")
@@ -125,6 +129,7 @@ class Applied:
         return dataclasses.replace(self.spec, external_port=self.external_port)
 
     def to_json(self, now: float) -> dict[str, Any]:
+        """The JSON shape of ``status`` for this mapping (``now``: the mapper clock, seconds)."""
         s = self.spec
         out: dict[str, Any] = {
             "protocol": s.proto.value,
@@ -236,6 +241,7 @@ class MapperBase:
         self.traits.permanent_only = value
 
     def count(self, state: MapState) -> int:
+        """How many wanted mappings are in ``state``."""
         return sum(1 for a in self.applied.values() if a.state is state)
 
     def retry_gateway_now(self) -> None:

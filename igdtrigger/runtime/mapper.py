@@ -106,6 +106,8 @@ class Mapper(Orphans):
                 app.renew_at = now
 
     def next_deadline(self) -> float | None:
+        """When ``reconcile`` next has work (renewal, retry, check), on the mapper clock;
+        None: none."""
         if not self.gateway_up:
             # Nothing can happen before the router is back: one timer, not one per mapping.
             return self._gateway_retry_at

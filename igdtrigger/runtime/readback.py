@@ -15,11 +15,7 @@ import math
 from typing import TypeGuard
 
 from igdtrigger.core.engine import owned_by
-from igdtrigger.core.errors import (
-    GatewayError,
-    GatewayUnreachable,
-    UnsupportedAction,
-)
+from igdtrigger.core.errors import GatewayError, GatewayUnreachable, UnsupportedAction
 from igdtrigger.core.model import MappingKey, MappingSpec, RouterMapping
 from igdtrigger.gateway.base import Granted
 from igdtrigger.runtime.mapbase import Applied, MapperBase, MapState
