@@ -3,17 +3,16 @@
     .venv/bin/python -m bench.mutation [MODULE ...] [--max-children N] [--tables] [--no-run]
                                        [--sample N [--seed S]]
 
-MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time).
-Runs ``mutmut run`` (configured in ``bench/mutation.toml``, whose ``[mutmut]`` table is laid
-over pyproject.toml's ``[tool.mutmut]``: which files, which fast tests) on that module's mutants
-only, then prints, per module, the mutants killed out of those
-that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``
-(``mutmut show NAME`` prints one as a diff).
+MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time),
+each the files that module was split into (``PARTS``: the engine with its activation, desired
+set, matching, origins and timers; model with the rules; the config parser with its fields and
+settings; the UPnP codec with SSDP; the NAT-PMP/PCP codec; the ctnetlink parser, query codec
+and socket filter). Runs ``mutmut run`` (configured in ``bench/mutation.toml``, whose
+``[mutmut]`` table is laid over pyproject.toml's ``[tool.mutmut]``: which files, which fast
+tests) on that module's mutants only, then prints, per module, the mutants killed out of those
+that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``.
 
-Only the codec part of ``gateway/pmp.py`` (NAT-PMP/PCP encode/decode, result codes, epoch
-checks: everything above its "transport" section) and the parser part of
-``detect/conntrack.py`` (above "the detector") count; their sockets are covered by other
-tests. Equivalent mutants, listed by name with the reason in ``bench/mutation.toml``'s
+Equivalent mutants, listed by name with the reason in ``bench/mutation.toml``'s
 ``[equivalent]`` (and ``[message_only]``), are left out of the score (and counted in the line
 printed). ``--mutmut ARGS...`` runs mutmut itself with that configuration (``--mutmut show
 NAME`` prints one mutant as a diff).
@@ -27,7 +26,6 @@ fail.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import fnmatch
 import importlib
@@ -62,43 +60,31 @@ MUTMUT = [sys.executable, "-c", _BOOT, str(CONFIG)]
 
 @dataclass(frozen=True)
 class Part:
-    path: str  # the file, relative to the repository
-    stop: str | None = None  # a comment line: only definitions above it count
-    extra: tuple[str, ...] = ()  # definitions below ``stop`` that count all the same
+    """One covered unit (a module as it was before the rehousing, now split into files)."""
+
+    paths: tuple[str, ...]  # the files, relative to the repository
 
     @property
-    def module(self) -> str:
-        return self.path.removesuffix(".py").replace("/", ".")
+    def modules(self) -> list[str]:
+        return [p.removesuffix(".py").replace("/", ".") for p in self.paths]
 
     def globs(self) -> list[str]:
         """mutmut's names for this part's mutants (``mod.x_func__mutmut_N``,
         ``mod.xǁClassǁmethod__mutmut_N``)."""
-        if self.stop is None:
-            return [f"{self.module}.*"]
-        source = (ROOT / self.path).read_text()
-        cut = next((i for i, line in enumerate(source.splitlines(), 1)
-                    if line.startswith(self.stop)), None)
-        names: list[str] = []
-        for node in ast.parse(source).body:
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                continue
-            if cut is not None and node.lineno > cut and node.name not in self.extra:
-                continue
-            if isinstance(node, ast.ClassDef):
-                names.append(f"{self.module}.xǁ{node.name}ǁ*")
-            else:
-                names.append(f"{self.module}.x_{node.name}__mutmut_*")
-        return names
+        return [f"{module}.*" for module in self.modules]
 
 
 PARTS = {
-    "engine": Part("igdtrigger/core/engine.py"),
-    "model": Part("igdtrigger/core/model.py"),
-    "config": Part("igdtrigger/config.py"),
-    "igd": Part("igdtrigger/gateway/upnp/codec.py"),
-    "pmp": Part("igdtrigger/gateway/natpmp/backend.py", "# --- transport"),
-    "conntrack": Part("igdtrigger/detect/conntrack.py", "# --- the detector",
-                      ("_stats_entries",)),
+    "engine": Part(("igdtrigger/core/engine.py", "igdtrigger/core/activation.py",
+                    "igdtrigger/core/desired.py", "igdtrigger/core/matching.py",
+                    "igdtrigger/core/origins.py", "igdtrigger/core/timers.py")),
+    "model": Part(("igdtrigger/core/model.py", "igdtrigger/core/rules.py")),
+    "config": Part(("igdtrigger/config.py", "igdtrigger/configfields.py",
+                    "igdtrigger/core/settings.py")),
+    "igd": Part(("igdtrigger/gateway/upnp/codec.py", "igdtrigger/gateway/upnp/ssdp.py")),
+    "pmp": Part(("igdtrigger/gateway/natpmp/codec.py",)),
+    "conntrack": Part(("igdtrigger/detect/ctnetlink.py", "igdtrigger/detect/ctfilter.py",
+                       "igdtrigger/detect/ctquery.py")),
 }
 
 
@@ -173,13 +159,13 @@ def score(name: str, part: Part, found: dict[str, str],
 
 # (module, table, tests that must notice)
 TABLES: list[tuple[str, str, list[str]]] = [
-    ("igdtrigger.gateway.upnp.codec", "_NAMES", ["tests/test_igd_codec_faults.py"]),
+    ("igdtrigger.gateway.upnp.codec", "ERROR_DESCRIPTIONS", ["tests/test_igd_codec_faults.py"]),
     ("igdtrigger.gateway.upnp.codec", "_SERVICE_RANK", ["tests/test_igd_codec_faults.py"]),
     ("igdtrigger.gateway.upnp.codec", "_IGD_PARTS", ["tests/test_igd_codec_faults.py"]),
-    ("igdtrigger.gateway.natpmp.backend", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
-    ("igdtrigger.gateway.natpmp.backend", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
-    ("igdtrigger.gateway.natpmp.backend", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),
-    ("igdtrigger.detect.conntrack", "_IPPROTO", ["tests/test_conntrack_parse_edges.py"]),
+    ("igdtrigger.gateway.natpmp.codec", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.gateway.natpmp.codec", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.gateway.natpmp.codec", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.detect.ctnetlink", "_IPPROTO", ["tests/test_conntrack_parse_edges.py"]),
 ]
 
 def _mutate(module: Any, name: str, index: int, op: str) -> Any:

@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from igdtrigger.core.errors import ActionFailed, MalformedReply, NotAuthorized
-from igdtrigger.gateway.natpmp.backend import (
+from igdtrigger.gateway.base import RouterChangeKind
+from igdtrigger.gateway.natpmp.codec import (
     PCP_RESULTS,
     EpochTracker,
     PcpOption,
@@ -20,7 +21,8 @@ from igdtrigger.gateway.natpmp.backend import (
     pcp_error,
     pmp_error,
 )
-from igdtrigger.gateway.upnp.codec import NotifyTracker, RouterChangeKind, parse_description
+from igdtrigger.gateway.upnp.codec import parse_description
+from igdtrigger.gateway.upnp.ssdp import NotifyTracker
 
 from .test_igd_codec import LOC, WANIP2, desc, svc
 from .test_pmp_codec_edges import CLIENT, option, pcp_header, pcp_map_payload

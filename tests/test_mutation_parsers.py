@@ -16,15 +16,9 @@ import pytest
 from igdtrigger.config import default_config_paths, load_config, parse_config
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, PortRange, Proto, parse_port_spec
-from igdtrigger.detect.conntrack import (
-    CT_GET,
-    ConntrackParser,
-    CtEntry,
-    attach_filter,
-    build_filter,
-    decode_entries,
-    encode_get,
-)
+from igdtrigger.detect.ctfilter import attach_filter, build_filter
+from igdtrigger.detect.ctnetlink import CT_GET, ConntrackParser
+from igdtrigger.detect.ctquery import CtEntry, decode_entries, encode_get
 
 from .test_conntrack import CT_NEW, encode_flow, nla, nlmsg, udp4
 from .test_conntrack_follow import ESTABLISHED, entry_msg, tcp4
