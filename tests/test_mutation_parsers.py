@@ -17,8 +17,14 @@ from igdtrigger.config import default_config_paths, load_config, parse_config
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, PortRange, Proto, parse_port_spec
 from igdtrigger.detect.ctfilter import attach_filter, build_filter
-from igdtrigger.detect.ctnetlink import CT_GET, ConntrackParser
-from igdtrigger.detect.ctquery import CtEntry, decode_entries, encode_get
+from igdtrigger.detect.ctnetlink import CT_GET, CT_GET_STATS, ConntrackParser
+from igdtrigger.detect.ctquery import (
+    CtEntry,
+    decode_entries,
+    decode_stats_reply,
+    encode_get,
+    encode_stats_request,
+)
 
 from .test_conntrack import CT_NEW, encode_flow, nla, nlmsg, udp4
 from .test_conntrack_follow import ESTABLISHED, entry_msg, tcp4
@@ -188,3 +194,39 @@ def test_the_filter_attached_to_a_socket_drops_unwanted_events_in_the_kernel() -
             while True:
                 got += ConntrackParser().feed(rx.recv(65536))
     assert got == wanted
+
+
+# --- conntrack: the table-size query (doctor, the no-tracking hint) ----------------------------
+
+
+def test_the_table_size_request_is_a_ct_get_stats_for_every_family() -> None:
+    req = encode_stats_request(41)
+    length, mtype, flags, seq, pid = struct.unpack_from("=IHHII", req)
+    assert (length, mtype, flags, seq, pid) == (20, CT_GET_STATS, 0x1, 41, 0)
+    assert struct.unpack_from("=BBH", req, 16) == (0, 0, 0)  # AF_UNSPEC, NFNETLINK_V0, res_id 0
+    assert len(req) == 20
+
+
+def stats_reply(seq: int, entries: int) -> bytes:
+    return nlmsg(CT_GET_STATS, struct.pack("=BBH", 0, 0, 0) + nla(1, struct.pack("!I", entries)),
+                 flags=0, seq=seq)
+
+
+def test_the_table_size_reply_is_matched_to_its_request() -> None:
+    other = stats_reply(6, 99)
+    assert decode_stats_reply(other + stats_reply(7, 1234), 7) == (True, 1234)
+    assert decode_stats_reply(other, 7) == (False, None)
+    assert decode_stats_reply(b"", 7) == (False, None)
+    assert decode_stats_reply(stats_reply(7, 5)[:19], 7) == (False, None)  # cut short
+    ack = nlmsg(2, struct.pack("=i", 0), flags=0, seq=7)
+    assert decode_stats_reply(other + ack, 7) == (True, None)  # an ACK without a count
+    assert decode_stats_reply(nlmsg(3, b"", flags=0, seq=7) + stats_reply(7, 8), 7) == (True, 8)
+
+
+def test_a_refused_table_size_query_raises_the_kernels_errno() -> None:
+    refused = nlmsg(2, struct.pack("=i", -1), flags=0, seq=7)  # EPERM
+    with pytest.raises(OSError, match=os.strerror(1)) as e:
+        decode_stats_reply(stats_reply(6, 3) + refused, 7)
+    assert e.value.errno == 1 and e.value.strerror == os.strerror(1)
+    assert decode_stats_reply(refused[:19], 7) == (False, None)  # cut short
+    assert decode_stats_reply(nlmsg(2, b"", flags=0, seq=7), 7) == (False, None)  # no errno
