@@ -301,3 +301,59 @@ def test_the_journal_hears_of_a_later_expiry_once_it_moved_a_quarter_of_the_time
     clock.advance(1)  # 150 s = a quarter of 600 s later than the journal's
     eng.on_flow(flow())
     assert act.id in eng.dirty
+
+
+# --- after the rehouse: rules sharing a trigger port, the detected-traffic counts ------------
+
+
+def test_a_rule_that_does_not_allow_the_host_does_not_hide_the_next_one() -> None:
+    only_other = rule("other-only", idle=60, hosts=(ipaddress.ip_network(f"{OTHER}/32"),))
+    eng, _, _ = make(only_other, rule("anyone", idle=60))
+    [act] = eng.on_flow(flow())
+    assert act.rule.name == "anyone"
+
+
+def test_a_rule_whose_timeout_the_silence_outlasted_does_not_hide_the_next_one() -> None:
+    eng, clock, _ = make(rule("short", idle=5), rule("long", idle=60))
+    [act] = eng.on_flow_live(flow(), connected=False, idle=10.0)
+    assert act.rule.name == "long" and act.expires == clock.now - 10 + 60
+
+
+def test_api_and_local_activations_do_not_count_as_detected_traffic() -> None:
+    eng, _, _ = make(rule(idle=60), rule("b", "udp/1000", "udp/41000"), local=("192.168.1.5",))
+    eng.max_detected = 1
+    eng.activate("b", HOST, ttl=60)
+    eng.on_flow(flow(src="192.168.1.5", dport=1000))  # this machine's own traffic
+    assert len(eng.on_flow(flow())) == 1  # the one detected activation allowed
+    assert not eng.refused
+
+
+def test_a_lapsed_detected_activation_frees_its_place_in_the_total() -> None:
+    eng, clock, _ = make(rule(idle=5))
+    eng.max_detected = 1
+    eng.on_flow(flow())
+    assert eng.on_flow(flow(src=OTHER)) == []
+    assert eng.refused["detected_total"] == 1
+    clock.advance(5)
+    assert eng.expire()
+    assert len(eng.on_flow(flow(src=OTHER))) == 1
+
+
+def test_an_activation_with_the_shortest_ttl_is_restored() -> None:
+    eng, clock, _ = make()
+    act = eng.restore("old", "demo", HOST, "api", age=0, remaining=1, ttl=1, meta={})
+    assert act is not None and act.expires == clock.now + 1
+
+
+def test_an_ended_flow_frees_exactly_one_place_in_its_hosts_cap(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_mod, "MAX_FLOWS_PER_HOST", 4)
+    eng, _, _ = make(rule(idle=60))
+    flows = [Flow(Proto.UDP, ipaddress.ip_address(HOST), ipaddress.ip_address("11.22.33.44"),
+                  sport, 27015) for sport in range(1024, 1030)]
+    for f in flows[:4]:
+        eng.on_flow(f)
+    eng.on_flow_ended(flows[0])
+    eng.on_flow(flows[4])
+    eng.on_flow(flows[5])
+    assert len(eng.live) == 4 and not eng.follows(flows[5])

@@ -230,3 +230,17 @@ def test_a_refused_table_size_query_raises_the_kernels_errno() -> None:
     assert e.value.errno == 1 and e.value.strerror == os.strerror(1)
     assert decode_stats_reply(refused[:19], 7) == (False, None)  # cut short
     assert decode_stats_reply(nlmsg(2, b"", flags=0, seq=7), 7) == (False, None)  # no errno
+
+
+def test_a_fifo_given_as_the_config_is_named_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as e:
+        load_config(fifo)
+    assert "not a regular file (a FIFO)" in str(e.value)
+
+
+def test_an_empty_config_path_says_so() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("")
+    assert str(e.value) == "'': an empty path names no config file"
