@@ -159,9 +159,11 @@ def score(name: str, part: Part, found: dict[str, str],
 
 # (module, table, tests that must notice)
 TABLES: list[tuple[str, str, list[str]]] = [
-    ("igdtrigger.gateway.upnp.codec", "ERROR_DESCRIPTIONS", ["tests/test_igd_codec_faults.py"]),
+    ("igdtrigger.gateway.upnp.codec", "ERROR_DESCRIPTIONS", ["tests/test_igd_codec_faults.py",
+                                                          "tests/test_mutation_codecs.py"]),
     ("igdtrigger.gateway.upnp.codec", "_SERVICE_RANK", ["tests/test_igd_codec_faults.py"]),
-    ("igdtrigger.gateway.upnp.codec", "_IGD_PARTS", ["tests/test_igd_codec_faults.py"]),
+    ("igdtrigger.gateway.upnp.ssdp", "_IGD_PARTS", ["tests/test_igd_codec_faults.py",
+                                                  "tests/test_ssdp_notify.py"]),
     ("igdtrigger.gateway.natpmp.codec", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
     ("igdtrigger.gateway.natpmp.codec", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
     ("igdtrigger.gateway.natpmp.codec", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),

@@ -275,3 +275,14 @@ def test_every_pcp_refusal_names_the_request(result: int) -> None:
     err = pcp_error("MAP UDP 27015", result, third_party="192.168.77.11", client_ip=CLIENT)
     assert isinstance(err, ActionFailed) and err.action == "MAP UDP 27015"
     assert str(err).startswith(f"router refused MAP UDP 27015: {result} ")
+
+
+@pytest.mark.parametrize(("code", "name"), [
+    (600, "Argument Value Invalid"), (601, "Argument Value Out of Range"),
+    (603, "Out of Memory"), (604, "Human Intervention Required"),
+    (605, "String Argument Too Long"),  # UPnP Device Architecture's control errors
+    (715, "WildCardNotPermittedInSrcIP"), (726, "RemoteHostOnlySupportsWildcard"),
+    (727, "ExternalPortOnlySupportsWildcard"), (732, "WildCardNotPermittedInIntPort"),
+])
+def test_a_fault_without_a_description_is_named_as_upnp_names_it(code: int, name: str) -> None:
+    assert UpnpFault.of(code) == UpnpFault(code, name)
