@@ -1,8 +1,14 @@
-"""Test doubles: an in-memory router behind the Gateway interface, and a settable clock."""
+"""Test doubles: an in-memory router behind the Gateway interface, and a settable clock.
+
+Also the one type of an aiohttp test client on the API (``ApiClient``), for fixtures' annotations.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from igdtrigger.core.errors import (
     GatewayUnreachable,
@@ -13,6 +19,9 @@ from igdtrigger.core.errors import (
 )
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto, RouterMapping
 from igdtrigger.gateway.base import Capability, GatewayInfo, Granted, add_with_lease_fallback
+
+# An aiohttp test client on the API's application (``make_app``): what API fixtures yield.
+ApiClient = TestClient[web.Request, web.Application]
 
 
 class FakeClock:

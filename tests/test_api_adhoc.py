@@ -10,7 +10,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api.app import make_app
-from igdtrigger.config import ConfigError, parse_config
+from igdtrigger.config import parse_config
+from igdtrigger.core.errors import ConfigError
 from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -68,11 +69,11 @@ class Live:
             time.sleep(0.05)
         self.token = (state / "api-token").read_text().strip()
 
-    def get(self, path: str) -> dict[str, object]:
+    def get(self, path: str) -> dict[str, Any]:
         req = urllib.request.Request(self.url + path,
                                      headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(req, timeout=10) as r:
-            data: dict[str, object] = json.loads(r.read())
+            data: dict[str, Any] = json.loads(r.read())
             return data
 
     def close(self) -> None:
@@ -93,7 +94,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 @schema.exclude(path="/api/v1/events").parametrize()
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=list(HealthCheck))
-def test_api_as_documented(case: schemathesis.Case, live: Live) -> None:
+def test_api_as_documented(case: schemathesis.Case[Any], live: Live) -> None:
     """Authenticated: every operation, with generated parameters and bodies."""
     response = case.call(base_url=live.url, headers={"Authorization": f"Bearer {live.token}"},
                          timeout=15)
@@ -111,7 +112,7 @@ def test_api_as_documented(case: schemathesis.Case, live: Live) -> None:
 @schema.include(method=["POST", "DELETE", "PUT", "PATCH"]).parametrize()
 @settings(max_examples=max(5, EXAMPLES // 3), deadline=None,
           suppress_health_check=list(HealthCheck))
-def test_cross_site_changes_are_refused(case: schemathesis.Case, live: Live) -> None:
+def test_cross_site_changes_are_refused(case: schemathesis.Case[Any], live: Live) -> None:
     """A web page in the user's browser posting to the service (a foreign Origin, no token;
     forged forwarding headers change nothing): refused with a JSON error, nothing opened."""
     before = live.get("/api/v1/mappings")["mappings"]

@@ -26,7 +26,7 @@ from igdtrigger.config import parse_config
 from igdtrigger.runtime.mapper import Mapper
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACEBACK = "Traceback (most recent call last)"
@@ -332,7 +332,7 @@ CONFIG = {"rules": [{"name": "factorio", "open": ["udp/34197"]},
 
 
 @pytest.fixture
-async def secure(tmp_path: Path) -> AsyncIterator[tuple[Service, TestClient[object, object]]]:
+async def secure(tmp_path: Path) -> AsyncIterator[tuple[Service, ApiClient]]:
     clock = FakeClock()
     gw = FakeGateway(clock, local_address="192.168.1.10", secure_mode=True)
     svc = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path)
@@ -343,7 +343,7 @@ async def secure(tmp_path: Path) -> AsyncIterator[tuple[Service, TestClient[obje
 
 
 async def test_secure_mode_refusal_says_why_and_the_pc_reports_mapping_itself(
-        secure: tuple[Service, TestClient[object, object]]) -> None:
+        secure: tuple[Service, ApiClient]) -> None:
     svc, client = secure
     admin = {"Authorization": f"Bearer {svc.api_token}"}
     r = await client.post("/api/v1/activations", headers=admin,

@@ -47,7 +47,7 @@ def igdt(*args: str, **kw: Any) -> subprocess.Popen[str]:
     env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(kw.pop("state", "/nonexistent")),
            **kw.pop("env_extra", {})}
     return subprocess.Popen([sys.executable, "-m", "igdtrigger", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
 @pytest.mark.parametrize("code", [0, 1, 3, 42, 255])
