@@ -1,11 +1,19 @@
 """Test doubles: an in-memory router behind the Gateway interface, and a settable clock.
 
-Also the one type of an aiohttp test client on the API (``ApiClient``), for fixtures' annotations.
+Also the one type of an aiohttp test client on the API (``ApiClient``), for fixtures'
+annotations, and the helpers every test that starts ``igdtrigger serve`` needs (``free_port``,
+``wait_ready``).
 """
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -22,6 +30,24 @@ from igdtrigger.gateway.base import Capability, GatewayInfo, Granted, add_with_l
 
 # An aiohttp test client on the API's application (``make_app``): what API fixtures yield.
 ApiClient = TestClient[web.Request, web.Application]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(proc: subprocess.Popen[Any], ready: Path, *, timeout: float = 30,
+               why: Callable[[], object] = lambda: "serve did not start") -> None:
+    """Poll until ``proc`` created the file ``ready`` (``serve --ready-file``, a child's
+    marker); fail with ``why()`` (evaluated only then, e.g. ``proc.communicate``) if the
+    process exits first or ``timeout`` seconds pass. Generous by default: the CI is loaded."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, why()
+        time.sleep(0.05)
 
 
 class FakeClock:

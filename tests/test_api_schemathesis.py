@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 
 from igdtrigger import __version__
 from igdtrigger.api.openapi import build_openapi
+from tests.fakes import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -63,10 +63,7 @@ class Live:
             [sys.executable, "-m", "igdtrigger", "serve", "--config", str(cfg), "--listen",
              f"127.0.0.1:{self.port}", "--ready-file", str(ready)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "serve failed"
-            time.sleep(0.05)
+        wait_ready(self.proc, ready, why=lambda: "serve failed")
         self.token = (state / "api-token").read_text().strip()
 
     def get(self, path: str) -> dict[str, Any]:

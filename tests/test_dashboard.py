@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.fakes import free_port
 from tests.lab.netlab import REQUIRE_ENV, lab_required
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,11 +54,6 @@ def chromium_path() -> str | None:
             return path
     return None
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:

@@ -24,7 +24,8 @@ from igdtrigger.runtime.leftovers import (
 )
 from igdtrigger.sim.router import SimulatedIgdThread, SimulatedRouter, run_in_thread
 
-from .test_dashboard import free_port, wait_for
+from .fakes import free_port
+from .test_dashboard import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
