@@ -24,11 +24,6 @@ CONFIG = {
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
     gw = FakeGateway(clock, local_address="192.168.1.10")
     service = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path)
