@@ -31,3 +31,11 @@ def test_ruff() -> None:
     r = subprocess.run([sys.executable, "-m", *RUFF], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pre_commit_runs_the_same_checks_as_ci() -> None:
+    # A commit hook that checks less than CI (or other paths) lets through what CI then fails.
+    text = (ROOT / ".pre-commit-config.yaml").read_text()
+    for cmd in (MYPY, RUFF):
+        assert f"entry: .venv/bin/python -m {' '.join(cmd)}\n" in text, " ".join(cmd)
+    assert "stages: [manual]" in text and "-m pytest" in text
