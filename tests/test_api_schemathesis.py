@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 
 from igdtrigger import __version__
 from igdtrigger.api.openapi import build_openapi
-from tests.fakes import wait_ready
+from tests.fakes import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -49,9 +48,7 @@ schema = schemathesis.openapi.from_dict(build_openapi(__version__))
 
 class Live:
     def __init__(self, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / "config.toml"
         cfg.write_text(CONFIG)

@@ -23,7 +23,7 @@ import pytest
 
 from igdtrigger.cli.sdnotify import Notifier
 from igdtrigger.cli.serve import JsonFormatter, setup_logging, stderr_is_journal
-from tests.fakes import wait_ready
+from tests.fakes import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -222,9 +222,7 @@ def test_setup_logging_replaces_handlers() -> None:
 def test_ctrl_c_without_loop_signal_handlers_still_removes_mappings(tmp_path: Path) -> None:
     """Windows has no loop.add_signal_handler: Ctrl-C cancels asyncio.run's task instead. The
     service must still delete its mappings before it exits."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(CONFIG)
     ready = tmp_path / "ready"

@@ -59,9 +59,7 @@ def test_every_terminating_signal_is_a_clean_stop(tmp_path: Path, sig: int) -> N
     """SIGHUP (a closed terminal, a dropped SSH session) used to kill `serve` with every mapping
     left open; now it, SIGQUIT, SIGINT and SIGTERM all remove the mappings, end the activations
     and exit 0. The simulated router's journal is apart from the real service's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(SERVE_CONFIG)
     ready = tmp_path / "ready"
