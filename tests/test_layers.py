@@ -162,6 +162,22 @@ def test_the_parser_sees_the_tree() -> None:
     assert all(_area(i.importer) in RANK for i in IMPORTS), "a module outside the known layers"
 
 
+def test_relative_imports_resolve_to_the_module_they_name() -> None:
+    # The tree uses absolute imports today; a relative one added later must not slip through.
+    def resolve(mod: str, code: str) -> str | None:
+        node = ast.parse(code).body[0]
+        assert isinstance(node, ast.ImportFrom)
+        return _local(_resolve_from(mod, node))
+
+    assert resolve("runtime.mapper", "from . import journal") == "runtime"
+    assert resolve("runtime.mapper", "from .journal import Journal") == "runtime.journal"
+    assert resolve("runtime.mapper", "from ..gateway.upnp import codec") == "gateway.upnp"
+    assert resolve("runtime", "from .mapper import Mapper") == "runtime.mapper"  # a package
+    assert resolve("core.engine", "from ..config import Config") == "config"
+    assert resolve("cli.main", "from igdtrigger.sim.router import X") == "sim.router"
+    assert resolve("cli.main", "from aiohttp import web") is None
+
+
 def test_core_imports_nothing_else_of_the_package() -> None:
     bad = [i for i in IMPORTS if _area(i.importer) == "core" and _area(i.target) != "core"]
     assert not bad, _report(bad, "core/ must import only core/")
