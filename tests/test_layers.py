@@ -394,3 +394,29 @@ def test_core_and_runtime_read_the_wall_clock_only_through_an_injected_clock() -
                     if a.name == "time"
                 ]
     assert not bad, f"time.time() called outside an injected clock ({len(bad)}): {bad}"
+
+
+def _function_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    found: list[ast.Import | ast.ImportFrom] = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found += [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return list({id(n): n for n in found}.values())  # nested functions are walked twice
+
+
+def test_every_in_function_import_says_why() -> None:
+    # Issue 16: in-function imports only where start-up time needs them (the `run` hook path),
+    # each with a comment: on its line, or above the run of imports it belongs to.
+    bad: list[str] = []
+    for path in MODULES.values():
+        text = path.read_text(encoding="utf-8").splitlines()
+        for node in _function_imports(ast.parse("\n".join(text))):
+            line = node.lineno
+            while line > 1 and text[line - 2].strip().startswith(("import ", "from ")):
+                line -= 1  # up to the first import of a consecutive block
+            above = text[line - 2].strip() if line > 1 else ""
+            if "#" not in text[node.lineno - 1] and not above.startswith("#"):
+                bad.append(f"{path.relative_to(SRC.parent)}:{node.lineno}: "
+                           f"{text[node.lineno - 1].strip()}")
+    assert not bad, f"in-function imports without a comment saying why ({len(bad)}):\n  " + (
+        "\n  ".join(sorted(bad)))
