@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -37,6 +38,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+    """Poll ``pred`` every ``step`` s until it holds; fail the test naming ``what`` after
+    ``timeout`` s. Returns the seconds it took (a measurement, never to be asserted on)."""
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
+        time.sleep(step)
 
 
 def wait_ready(proc: subprocess.Popen[Any], ready: Path, *, timeout: float = 30,

@@ -24,8 +24,7 @@ from igdtrigger.runtime.leftovers import (
 )
 from igdtrigger.sim.router import SimulatedIgdThread, SimulatedRouter, run_in_thread
 
-from .fakes import free_port
-from .test_dashboard import wait_for
+from .fakes import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

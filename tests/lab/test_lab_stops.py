@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 from tests.lab.test_lab_service import (
     ROOT,
@@ -27,7 +28,6 @@ from tests.lab.test_lab_service import (
     ours,
     pmp_held,
     serve,  # noqa: F401 (a fixture: pytest finds it by its name)
-    wait_for,
 )
 
 pytestmark = pytest.mark.lab
