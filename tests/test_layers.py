@@ -14,7 +14,9 @@ Every module under ``igdtrigger/`` is parsed with :mod:`ast` (nothing is importe
     igdtrigger/__init__, __main__   the package face
 
 Also: no module over 600 lines, ``__all__`` in every public module (naming only what the
-module binds), no run of six identical lines repeated inside ``igdtrigger/``.
+module binds), no run of six identical lines repeated inside ``igdtrigger/``, ``time.time()``
+only through an injected clock in ``core/`` and ``runtime/``, and a comment on every import
+made inside a function (why it is not at the top).
 Each test lists every violation it finds, with file and line, in its failure message.
 """
 
