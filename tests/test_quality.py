@@ -7,8 +7,10 @@ The tests themselves are type-checked like the package (issue 16). The commands 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,12 @@ def test_pre_commit_runs_the_same_checks_as_ci() -> None:
     for cmd in (MYPY, RUFF):
         assert f"entry: .venv/bin/python -m {' '.join(cmd)}\n" in text, " ".join(cmd)
     assert "stages: [manual]" in text and "-m pytest" in text
+
+
+def test_changelog_has_this_version_and_an_unreleased_section() -> None:
+    # Keep a Changelog: a release's entry is written before it ships, not reconstructed after.
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in text
+    entry = rf"^## \[{re.escape(version)}\] - \d{{4}}-\d{{2}}-\d{{2}}$"
+    assert re.search(entry, text, re.M), f"CHANGELOG.md has no dated entry for {version}"
