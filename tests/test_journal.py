@@ -9,8 +9,9 @@ import pytest
 
 from igdtrigger.config import parse_config
 from igdtrigger.core.engine import Source, description_for
+from igdtrigger.core.errors import JournalError
 from igdtrigger.core.model import MappingSpec, Proto
-from igdtrigger.runtime.journal import FILENAME, FORMAT, Journal, JournalError
+from igdtrigger.runtime.journal import FILENAME, FORMAT, Journal
 from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway

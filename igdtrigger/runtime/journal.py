@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.errors import JournalError
 from igdtrigger.core.model import MappingKey, MappingSpec, PinholeSpec, Proto
 
 __all__ = ["FILENAME", "FORMAT", "Journal", "JournalActivation", "JournalError",
@@ -116,10 +116,6 @@ def _unhex(value: object) -> bytes:
         return bytes.fromhex(str(value or ""))
     except ValueError:
         return b""
-
-
-class JournalError(ConfigError):
-    """The journal cannot be used as it is (corrupt, or written by a newer igdtrigger)."""
 
 
 @dataclass(frozen=True, slots=True)
