@@ -43,9 +43,8 @@ from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 from igdtrigger.detect.base import Detector
 from igdtrigger.detect.hostmap import HostMap
 from igdtrigger.detect.nfttrack import TABLE, KernelTracking
-from igdtrigger.gateway.base import Gateway
+from igdtrigger.gateway.base import Gateway, RouterChange, RouterChangeKind
 from igdtrigger.gateway.select import forget_connection, set_lost_state_handler
-from igdtrigger.gateway.upnp.codec import RouterChange, RouterChangeKind
 from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
 from igdtrigger.netutil import host_key
 from igdtrigger.runtime.events import EventHub
