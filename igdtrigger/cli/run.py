@@ -201,7 +201,7 @@ class StandaloneHolder(Holder):
 
         from igdtrigger.config import default_state_dir
         from igdtrigger.core.engine import Engine
-        from igdtrigger.gateway.select import build_gateway
+        from igdtrigger.runtime.compose import gateway_from_config
         from igdtrigger.runtime.journal import Journal
         from igdtrigger.runtime.leftovers import (
             dead_run_tag,
@@ -219,8 +219,7 @@ class StandaloneHolder(Holder):
         if gw_cfg.simulate:
             _warn("gateway.url = \"simulate\" needs a running service; not opening ports")
             return
-        gateway = build_gateway(gw_cfg.url, backend=gw_cfg.backend, protocol=gw_cfg.protocol,
-                                discover_timeout=gw_cfg.discover_timeout)
+        gateway = gateway_from_config(self.config)
         clock = self.loop.time
         tag = f"run{os.getpid()}"
         # held until the process ends: says "alive" to any igdtrigger sharing this network
@@ -293,12 +292,11 @@ class StandaloneHolder(Holder):
         """The same ports over IPv6 to this machine, when the router's firewall takes them."""
         if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
             return set(), None
-        from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
+        from igdtrigger.runtime.compose import firewall_client, ipv6_addresses
         from igdtrigger.runtime.pinholes import PinholeKeeper
 
-        client = FirewallClient(lambda: info.location)
-        iface = client.interface()
-        addrs = global_ipv6_addresses(iface) if iface else []
+        client = firewall_client(lambda: info.location)
+        addrs = ipv6_addresses(client)
         if not addrs:
             return set(), None
         from igdtrigger.core.model import PinholeSpec
@@ -631,11 +629,11 @@ class ProcessWaiter:
     def __init__(self, names: Sequence[str], start_grace: float,
                  scan: Callable[[Any], set[str]] | None = None,
                  family: Callable[[Any], tuple[set[str], set[str]]] | None = None) -> None:
-        from igdtrigger.detect.process import Matcher, default_scanner, scan_family
+        from igdtrigger.runtime.compose import process_scan  # `run` alone pays for it
 
         self.names = list(names)
-        self.matcher = Matcher(names)
-        self.scan = scan or default_scanner()
+        self.matcher, default_scan, scan_family = process_scan(list(names))
+        self.scan = scan or default_scan
         if family is None and scan is None and sys.platform.startswith("linux"):
             me = os.getpid()
             family = lambda m: scan_family(m, me)  # noqa: E731

@@ -40,13 +40,9 @@ from igdtrigger.core.model import (
     parse_port_spec,
 )
 from igdtrigger.detect.base import Detector
-from igdtrigger.detect.hostmap import HostMap
-from igdtrigger.detect.nfttrack import TABLE, KernelTracking
 from igdtrigger.gateway.base import Gateway
-from igdtrigger.gateway.select import forget_connection, set_lost_state_handler
-from igdtrigger.gateway.upnp.codec import RouterChange, RouterChangeKind
-from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
 from igdtrigger.netutil import host_key
+from igdtrigger.runtime import compose
 from igdtrigger.runtime.events import EventHub
 from igdtrigger.runtime.journal import Journal, JournalActivation, boot_clock, no_boot_clock
 from igdtrigger.runtime.leftovers import dead_run_tag, dead_runs, take_over
@@ -54,7 +50,7 @@ from igdtrigger.runtime.mapper import Applied, Mapper, MapState
 from igdtrigger.runtime.pinholes import PinholeKeeper, PinholeState
 
 if TYPE_CHECKING:
-    from igdtrigger.gateway.upnp.ssdpwatch import NotifyWatcher
+    from igdtrigger.runtime.compose import KernelTracking, NotifyWatcher, RouterChange
 
 log = logging.getLogger("igdtrigger")
 
@@ -194,7 +190,8 @@ class Service:
         self.pinholes: PinholeKeeper | None = None
         if config.gateway.ipv6_pinholes:
             self.pinholes = PinholeKeeper(
-                FirewallClient(self._upnp_location, on_call=on_router_call), clock=clock,
+                compose.firewall_client(self._upnp_location, on_call=on_router_call),
+                clock=clock,
                 lease=config.gateway.lease,
                 journal=self.journal, on_change=self._on_pinhole_change)
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
@@ -207,7 +204,7 @@ class Service:
         self._unjournaled: dict[str, Activation] = {}
         self._flows_listed: set[str] = set()  # flow detectors whose first look is reported
         self.restored = self._restore()
-        set_lost_state_handler(gateway, self._router_lost_state)
+        compose.set_lost_state_handler(gateway, self._router_lost_state)
         self.detectors = detectors or []
         self.detector_status: list[DetectorStatus] = []
         self.started = clock()
@@ -219,7 +216,7 @@ class Service:
         self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
         self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
-        self.hostmap = HostMap(self.local_address, clock=clock)
+        self.hostmap = compose.host_map(self.local_address, clock=clock)
         self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
         self._events_at_start = 0  # conntrack events_seen when its visibility was established
@@ -247,9 +244,7 @@ class Service:
         at, addrs = self._v6_addresses
         now = self.clock()
         if now - at >= ADDRESSES_TTL and self.pinholes is not None:
-            iface = self.pinholes.client.interface() if isinstance(
-                self.pinholes.client, FirewallClient) else None
-            addrs = global_ipv6_addresses(iface) if iface else []
+            addrs = compose.ipv6_addresses(self.pinholes.client)
             self._v6_addresses = (now, addrs)
         return addrs
 
@@ -279,10 +274,9 @@ class Service:
             return  # the same router at another URL: keeps what it announced
         if w is not None:
             w.close()
-        from igdtrigger.gateway.upnp.ssdpwatch import NotifyWatcher
-
-        self._notify_watcher = NotifyWatcher(info.location, info.local_address,
-                                             self._router_changed, root_uuid=info.root_uuid)
+        self._notify_watcher = compose.notify_watcher(info.location, info.local_address,
+                                                      self._router_changed,
+                                                      root_uuid=info.root_uuid)
         self._tasks.append(asyncio.create_task(self._start_watcher(self._notify_watcher),
                                                name="ssdp-notify"))
 
@@ -291,12 +285,12 @@ class Service:
         await watcher.start()
 
     def _router_changed(self, change: RouterChange) -> None:
-        if change.kind is RouterChangeKind.LEAVING:
+        if compose.router_leaving(change):
             log.warning("%s: mappings are re-applied when it is back", change.reason)
             return
         self.router_announcements += 1
         log.warning("%s: reconnecting and re-applying every mapping", change.reason)
-        forget_connection(self.gateway, change.location)
+        compose.forget_connection(self.gateway, change.location)
         self.mapper.retry_gateway_now()
         self._router_lost_state(change.reason)
 
@@ -475,8 +469,9 @@ class Service:
                 if counted is not None:
                     self.tracked_flows = counted
                 if not tracking.installed and st.active:  # removed, and cannot be put back
+                    table = compose.tracking_table()
                     self._conntrack_blind(st, f"the kernel no longer tracks trigger flows: "
-                                              f"nftables table {TABLE} was removed and "
+                                              f"nftables table {table} was removed and "
                                               f"{tracking.reason}")
                 reported = getattr(det, "flows_reported", None)
                 # the kernel counted trigger flows, conntrack announced none: events are lost
@@ -1063,7 +1058,8 @@ class Service:
             out["events_seen"] = events
         if st.name == "conntrack" and self.tracking is not None:
             t = self.tracking
-            out["tracking"] = {"table": TABLE, "enabled": t.enabled, "loaded": t.installed,
+            out["tracking"] = {"table": compose.tracking_table(), "enabled": t.enabled,
+                               "loaded": t.installed,
                                "reason": t.reason or None, "reinstalls": t.reinstalls,
                                "trigger_flows_counted": self.tracked_flows}
         return out
