@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
-import math
 import os
 import secrets
 import socket
@@ -44,10 +43,11 @@ from igdtrigger.gateway.base import Gateway
 from igdtrigger.netutil import host_key
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.events import EventHub
-from igdtrigger.runtime.journal import Journal, JournalActivation, boot_clock, no_boot_clock
-from igdtrigger.runtime.leftovers import dead_run_tag, dead_runs, take_over
+from igdtrigger.runtime.journal import Journal, boot_clock, no_boot_clock
+from igdtrigger.runtime.leftovers import dead_runs
 from igdtrigger.runtime.mapper import Applied, Mapper, MapState
 from igdtrigger.runtime.pinholes import PinholeKeeper, PinholeState
+from igdtrigger.runtime.pipeline import Pipeline, Settings
 
 if TYPE_CHECKING:
     from igdtrigger.runtime.compose import KernelTracking, NotifyWatcher, RouterChange
@@ -56,8 +56,6 @@ log = logging.getLogger("igdtrigger")
 
 STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
-JOURNAL_CHECK = 5.0  # s: how often the journal file is checked to be still in place
-ADDRESSES_TTL = 30.0  # this machine's IPv6 addresses are looked up again after this long
 TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
 
 
@@ -171,49 +169,25 @@ class Service:
         self.hub = EventHub(history=200)  # SSE subscribers (api.py) and Last-Event-ID replay
         self.events: collections.deque[dict[str, Any]] = self.hub.history
         self.error_counts: collections.Counter[str] = collections.Counter()  # for /metrics
-        self.journal = Journal.open(self.journal_dir)
-        self.engine = Engine(config.rules, clock=clock, tag=tag, on_event=self._on_engine_event)
-        self.mapper = Mapper(
-            gateway,
-            clock=clock,
-            tag=tag,
-            lease=config.gateway.lease,
-            verify_interval=config.gateway.verify_interval,
-            canary_interval=config.gateway.check_interval,
-            check_before_add=config.gateway.check_before_add,
-            on_change=self._on_mapping_change,
-            journal=self.journal,
-            abandon=self._lapse_due,
-            reclaim=dead_run_tag,
-        )
-        # IPv6: the same ports, through the router's firewall, to this machine's own addresses
-        self.pinholes: PinholeKeeper | None = None
-        if config.gateway.ipv6_pinholes:
-            self.pinholes = PinholeKeeper(
-                compose.firewall_client(self._upnp_location, on_call=on_router_call),
-                clock=clock,
-                lease=config.gateway.lease,
-                journal=self.journal, on_change=self._on_pinhole_change)
-        self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
-        self._pinhole_wake = asyncio.Event()
-        self._journal_flushed = 0.0
-        self._journal_checked = 0.0
-        # New activations are journaled right after the round that requested their mappings
-        # (the mappings themselves are journaled before they are requested): no fsync of its
-        # own on the way from a trigger to an open port.
-        self._unjournaled: dict[str, Activation] = {}
+        self.pipeline = Pipeline(
+            config.rules, gateway, Journal.open(self.journal_dir),
+            settings=Settings.from_config(config.gateway), clock=clock, wall=wall,
+            boot=self.boot, tag=tag, on_event=self._on_engine_event,
+            on_mapping_change=self._on_mapping_change,
+            on_pinhole_change=self._on_pinhole_change,
+            pinhole_client=(compose.firewall_client(self._upnp_location, on_call=on_router_call)
+                            if config.gateway.ipv6_pinholes else None),
+            ipv6_addresses=compose.ipv6_addresses, local_address=self.local_address,
+            reopen_journal=self._reopen_journal, after_round=self._watch_router)
         self._flows_listed: set[str] = set()  # flow detectors whose first look is reported
-        self.restored = self._restore()
-        compose.set_lost_state_handler(gateway, self._router_lost_state)
+        self.restored = self.pipeline.restore(dead_runs(self.journal_dir),
+                                              adhoc=self._adhoc_allowed)
+        compose.set_lost_state_handler(gateway, self.pipeline.router_lost_state)
         self.detectors = detectors or []
         self.detector_status: list[DetectorStatus] = []
         self.started = clock()
-        self._wake = asyncio.Event()
-        self._applied_generation = -1
-        self._applied_cond = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
         self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = compose.host_map(self.local_address, clock=clock)
@@ -224,41 +198,36 @@ class Service:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def _lapse_due(self) -> bool:
-        """An activation's time is up: a long mapping pass stops adding so it can end."""
-        due = self.engine.next_deadline()
-        return due is not None and self.clock() >= due
-
-    def _router_lost_state(self, reason: str) -> None:
-        self.mapper.reapply_all(reason)
-        if self.pinholes is not None:
-            self.pinholes.lost_state()  # re-added after the scheduler's next round reconnects
-        self.wake()
-
     def _upnp_location(self) -> str | None:
         info = self.gateway.info
         return info.location if info is not None and info.protocol == "upnp-igd" else None
 
-    def ipv6_addresses(self) -> list[str]:
-        """This machine's global IPv6 addresses on its IPv6 default route (cached briefly)."""
-        at, addrs = self._v6_addresses
-        now = self.clock()
-        if now - at >= ADDRESSES_TTL and self.pinholes is not None:
-            addrs = compose.ipv6_addresses(self.pinholes.client)
-            self._v6_addresses = (now, addrs)
-        return addrs
+    # the pipeline's parts, for the API and the tests
+    @property
+    def engine(self) -> Engine:
+        return self.pipeline.engine
+
+    @property
+    def mapper(self) -> Mapper:
+        return self.pipeline.mapper
+
+    @property
+    def pinholes(self) -> PinholeKeeper | None:
+        return self.pipeline.pinholes
+
+    @property
+    def journal(self) -> Journal:
+        return self.pipeline.journal
+
+    def desired(self) -> dict[MappingKey, Any]:
+        return self.pipeline.desired()
 
     def desired_pinholes(self) -> set[PinholeSpec]:
-        """Pinholes for the mappings that go to this machine, on each of its IPv6 addresses.
-        (A router opens a pinhole only when asked from the address it is for, so another
-        host's activation gets its IPv4 mappings here and its pinholes from its own igdtrigger.)"""
-        local = self.local_address()
-        specs = {(s.proto, s.internal_port) for s in self.desired().values()
-                 if s.internal_client == local}
-        if not specs:
-            return set()
-        return {PinholeSpec(a, proto, port) for a in self.ipv6_addresses()
-                for proto, port in specs}
+        return self.pipeline.desired_pinholes()
+
+    def health(self) -> str | None:
+        """``None`` while the scheduler runs, else what is wrong with it (``Pipeline.health``)."""
+        return self.pipeline.health()
 
     def _watch_router(self) -> None:
         """Listen to the UPnP gateway's SSDP NOTIFYs (started once it is known; again if it
@@ -292,99 +261,16 @@ class Service:
         log.warning("%s: reconnecting and re-applying every mapping", change.reason)
         compose.forget_connection(self.gateway, change.location)
         self.mapper.retry_gateway_now()
-        self._router_lost_state(change.reason)
+        self.pipeline.router_lost_state(change.reason)
 
-    def _restore(self) -> int:
-        """Activations still within their time come back; leftovers get cleaned up."""
-        now_wall = self.wall()
-        boot_id, now_boot = self.boot()
-        count = 0
-        for ja in self.journal.activations():
-            # the same boot: the boot clock says what is left, whatever the wall clock did
-            # while the service was down; after a reboot only the wall clock can (capped at
-            # the ttl by the engine)
-            same_boot = bool(boot_id) and ja.boot_id == boot_id and math.isfinite(
-                ja.expires_boot)
-            remaining = (ja.expires_boot - now_boot if same_boot
-                         else ja.expires_wall - now_wall)
-            held = ja.expires_wall == math.inf  # a live connection held it
-            if held and boot_id and ja.boot_id and ja.boot_id != boot_id:
-                held, remaining = False, 0.0  # before a reboot: no connection outlived that
-            act = self.engine.restore(ja.id, ja.rule, ja.host, ja.source,
-                                      age=now_wall - ja.created_wall,
-                                      remaining=remaining, ttl=ja.ttl,
-                                      meta=ja.meta, adhoc=self._adhoc_allowed, held=held)
-            if act is None:
-                self.journal.activation_gone(ja.id)
-            else:
-                count += 1
-                log.info("restored activation of rule %s for %s (%s)", ja.rule, ja.host,
-                         act.hold_reason(self.clock()) if act.unproven
-                         else f"{format_duration(act.expires - self.clock())} left")
-        self.engine.dirty.clear()
-        # a killed `igdtrigger run`'s journal (not for --simulate: those are the real router's)
-        take_over(self.journal, dead_runs(self.journal_dir))
-        leftovers = self.journal.mappings()
-        if leftovers:
-            self.mapper.adopt_orphans([m.spec for m in leftovers])
-        return count
-
-    def _journal_activations(self) -> None:
-        """Write refreshed expiries to the journal, at most once a second."""
-        if not self.engine.dirty or self.clock() - self._journal_flushed < 1.0:
-            return
-        self._journal_flushed = self.clock()
-        acts = [self.engine.activations[i] for i in self.engine.dirty
-                if i in self.engine.activations]
-        self.engine.dirty.clear()
-        self.journal.activations_put([self._journal_record(a) for a in acts])
-
-    def _journal_check(self) -> None:
-        """Every few seconds: was the journal deleted under us (``rm -rf`` of the state
-        directory, a tmpfiles clean-up)? Then a new one gets what is held now, so a crash after
-        that still leaves the next start knowing what to delete and restore."""
-        now = self.clock()
-        if now - self._journal_checked < JOURNAL_CHECK or not self.journal.deleted():
-            self._journal_checked = now
-            return
-        self._journal_checked = now
-        log.warning("journal %s was deleted while running (state directory removed?): "
-                    "writing a new one with what is held now", self.journal.path)
-        self.journal.close()
+    def _reopen_journal(self) -> Journal:
+        """A new journal where the deleted one was (``Pipeline._journal_check``)."""
         journal = Journal.open(self.journal_dir)
         load_or_create_secret(self.journal_dir / "instance", 3, value=self.tag)
-        journal.mappings_requested([a.wire for a in self.mapper.applied.values()]
-                                   + list(self.mapper.orphans.values()))
-        if self.pinholes is not None:
-            journal.pinholes_requested([*self.pinholes.held, *self.pinholes.stale])
-            self.pinholes.journal = journal
-        journal.activations_put([self._journal_record(a)
-                                 for a in self.engine.activations.values()])
-        self.journal = self.mapper.journal = journal
-
-    def _journal_new(self) -> None:
-        if self._unjournaled:
-            acts = list(self._unjournaled.values())
-            self._unjournaled.clear()
-            self.journal.activations_put([self._journal_record(a) for a in acts])
-
-    def _journal_record(self, act: Activation) -> JournalActivation:
-        now_wall, now = self.wall(), self.clock()
-        boot_id, now_boot = self.boot()
-        # a held activation is written as held (expires inf): after a crash it comes back
-        # held until the detectors' first look finds its connection or not (at most one
-        # timeout after the restart; Engine.restore/settle_restored). Written when the hold
-        # starts and ends only: no write per packet.
-        remaining = math.inf if act.held else act.expires - now
-        return JournalActivation(act.id, act.rule.name, act.host, act.source.value,
-                                 now_wall - (now - act.created), now_wall + remaining,
-                                 act.ttl, dict(act.meta), boot_id, now_boot + remaining)
+        return journal
 
     async def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._scheduler(), name="scheduler"))
-        if self.pinholes is not None:
-            self._tasks.append(asyncio.create_task(self._pinhole_loop(self.pinholes),
-                                                   name="pinholes"))
+        self._tasks.extend(self.pipeline.start())
         for det in self.detectors:
             standby = getattr(det, "standby_for", "")
             if standby and any(st.name == standby and st.active for st in self.detector_status):
@@ -535,7 +421,7 @@ class Service:
 
     async def stop(self, timeout: float = 8.0) -> int:
         """Stop detectors and timers, then delete every mapping we hold. Returns the count."""
-        self._stopping = True
+        self._stopping = self.pipeline.stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -546,31 +432,9 @@ class Service:
             self._notify_watcher.close()
         if self.tracking is not None:
             await asyncio.to_thread(self.tracking.remove)
-        removed = 0
-        deleted_before = self.mapper.ops["delete"]
-        try:
-            removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
-        except TimeoutError:
-            removed = self.mapper.ops["delete"] - deleted_before
-            log.error(
-                "the router did not finish removing mappings within %.0fs (%d removed, %d "
-                "left): they stay journaled and the next start removes them; their leases (%s) "
-                "end them on the router", timeout, removed, len(self.mapper.orphans),
-                format_duration(self.mapper.lease) if not self.mapper.permanent_only
-                else "permanent")
-        if self.pinholes is not None:
-            try:
-                closed = await asyncio.wait_for(self.pinholes.remove_all(), timeout)
-                if closed:
-                    log.info("closed %d IPv6 pinhole(s)", closed)
-            except TimeoutError:
-                log.error("router did not answer in %.0fs while closing IPv6 pinholes; their "
-                          "leases (%ds) will end them", timeout, self.pinholes.lease)
-        await self.gateway.close()
+        removed = await self.pipeline.remove_all(timeout)
         # A clean stop ends what it held: the next start restores nothing (only a crash does);
         # mappings the router did not confirm deleting stay journaled and are removed then.
-        self._unjournaled.clear()
-        self.journal.activations_clear()
         self.journal.close()
         left = self.mapper.left_open
         if left:
@@ -651,7 +515,7 @@ class Service:
         return guess_lan_address(self.config.gateway.url)
 
     def wake(self) -> None:
-        self._wake.set()
+        self.pipeline.wake()
 
     async def activate(
         self,
@@ -803,74 +667,12 @@ class Service:
         return False
 
     async def _wait_applied(self, generation: int, timeout: float) -> None:
-        self.wake()
-        if timeout <= 0:
-            return
-        async with self._applied_cond:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._applied_cond.wait_for(lambda: self._applied_generation >= generation),
-                    timeout,
-                )
-
-    # --- scheduler -----------------------------------------------------------------------------
-
-    def desired(self) -> dict[MappingKey, Any]:
-        gen = self.engine.generation
-        if self._desired_cache[0] != gen:
-            self._desired_cache = (gen, self.engine.desired())
-        return self._desired_cache[1]
-
-    async def _scheduler(self) -> None:
-        while True:
-            self._wake.clear()
-            self.engine.expire()
-            gen = self.engine.generation
-            await self.mapper.reconcile(self.desired())
-            self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
-            self._watch_router()
-            self._journal_check()
-            self._journal_new()
-            self._journal_activations()
-            async with self._applied_cond:
-                self._applied_generation = gen
-                self._applied_cond.notify_all()
-            if self.engine.generation != gen:
-                continue
-            deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline()) if d]
-            delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), None if delay == math.inf else delay)
-
-    async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
-        """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart
-        from the scheduler so a slow or silent IPv6 side never delays an IPv4 mapping."""
-        deadline: float | None = None
-        while True:
-            # The first round waits for the scheduler's (which finds the router: the IGD's
-            # address is what the IPv6 side is asked at; asking before would only back off).
-            delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._pinhole_wake.wait(),
-                                           None if delay == math.inf else delay)
-            self._pinhole_wake.clear()
-            try:
-                await keeper.reconcile(self.desired_pinholes())
-                deadline = keeper.next_deadline()
-            except Exception:  # a bug here must not stop IPv4 or the service
-                log.exception("IPv6 pinholes: unexpected error; trying again in 30 s")
-                deadline = self.clock() + 30.0
+        await self.pipeline.wait_applied(generation, timeout)
 
     # --- reporting -----------------------------------------------------------------------------
 
     def _on_engine_event(self, ev: Event) -> None:
         act = ev.activation
-        if ev.kind is EventKind.ACTIVATED:
-            self._unjournaled[act.id] = act
-        elif self._unjournaled.pop(act.id, None) is None:  # else it never reached the journal
-            self.journal.activation_gone(act.id)
         if ev.kind is EventKind.ACTIVATED:
             log.info(
                 "rule %s activated for %s by %s (lapses after %s idle)",
