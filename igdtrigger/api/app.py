@@ -394,9 +394,15 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 while the service runs; 503 naming a dead or stuck scheduler (no timer would fire:
+    mappings would neither renew nor close)."""
     svc = request.app[SERVICE]
-    return web.json_response({"ok": True, "gateway_up": svc.mapper.gateway_up,
-                              "version": __version__})
+    problem = svc.health()
+    body: dict[str, Any] = {"ok": problem is None, "gateway_up": svc.mapper.gateway_up,
+                            "version": __version__}
+    if problem is not None:
+        body["error"] = problem
+    return web.json_response(body, status=200 if problem is None else 503)
 
 
 async def readyz(request: web.Request) -> web.Response:

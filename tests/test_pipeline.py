@@ -1,0 +1,95 @@
+"""The pipeline's guarded scheduler: a bug in one round is logged and the loop goes on;
+``/healthz`` answers 503 naming a dead or stuck scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from igdtrigger.api.app import make_app
+from igdtrigger.config import parse_config
+from igdtrigger.core.engine import Source
+from igdtrigger.runtime.pipeline import STUCK_AFTER
+from igdtrigger.runtime.service import Service
+
+from .fakes import FakeClock, FakeGateway
+
+CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000"]}]}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
+    service = Service(parse_config(CONFIG), FakeGateway(clock, local_address="192.168.1.10"),
+                      clock=clock, state_dir=tmp_path)
+    await service.start()
+    yield service
+    await service.stop()
+
+
+@pytest.fixture
+async def client(svc: Service) -> AsyncIterator[TestClient[object, object]]:
+    async with TestClient(TestServer(make_app(svc), host="127.0.0.1")) as c:
+        yield c
+
+
+async def test_a_failing_round_is_logged_and_the_scheduler_goes_on(
+        svc: Service, client: TestClient[object, object],
+        caplog: pytest.LogCaptureFixture) -> None:
+    real = svc.mapper.reconcile
+    calls = 0
+
+    async def flaky(desired: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in one round")
+        await real(desired)
+
+    svc.mapper.reconcile = flaky  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="igdtrigger.scheduler"):
+        act = await svc.activate("demo", "192.168.1.10", ttl=60, source=Source.API, wait=5.0)
+    assert act["state"] == "open"  # the next round opened it
+    assert svc.pipeline.errors == 1
+    assert any("a bug in one round" in r.getMessage() for r in caplog.records)
+    r = await client.get("/healthz")
+    assert r.status == 200 and (await r.json())["ok"] is True
+
+
+async def test_healthz_names_a_dead_scheduler(svc: Service,
+                                              client: TestClient[object, object]) -> None:
+    sched = next(t for t in svc.pipeline.tasks if t.get_name() == "scheduler")
+    sched.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sched
+    r = await client.get("/healthz")
+    assert r.status == 503
+    body = await r.json()
+    assert body["ok"] is False and "scheduler dead" in body["error"]
+
+
+async def test_healthz_names_a_stuck_scheduler(svc: Service, clock: FakeClock,
+                                               client: TestClient[object, object]) -> None:
+    hang = asyncio.Event()
+
+    async def stuck(desired: Any) -> None:
+        await hang.wait()
+
+    svc.mapper.reconcile = stuck  # type: ignore[method-assign]
+    await svc.activate("demo", "192.168.1.10", ttl=600, source=Source.API, wait=0.05)
+    assert (await client.get("/healthz")).status == 200  # a round in progress is not stuck
+    clock.advance(STUCK_AFTER + 1)
+    r = await client.get("/healthz")
+    assert r.status == 503
+    assert "scheduler stuck" in (await r.json())["error"]
+    hang.set()
