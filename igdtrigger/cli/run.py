@@ -42,15 +42,12 @@ from igdtrigger.core.model import format_duration
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
-    from igdtrigger.core.model import MappingKey, MappingSpec, PinholeSpec, PortRange
-    from igdtrigger.gateway.base import GatewayInfo
-    from igdtrigger.runtime.journal import Journal
-    from igdtrigger.runtime.pinholes import PinholeKeeper
+    from igdtrigger.core.model import PortRange
 
 log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0
-STANDALONE_LEASE = 300.0
+STOP_TIMEOUT = 4.0  # s: the standalone wrapper's wait for the router to delete at the end
 # every signal whose default would end the wrapper (and leave its ports open) goes to the game
 _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH",
               "SIGALRM", "SIGPWR")
@@ -197,55 +194,52 @@ class StandaloneHolder(Holder):
             _warn(f"could not open ports: {exc}")
 
     async def _amain(self) -> None:
+        # in-function imports: only a standalone `run` (no service) pays for the pipeline
         import asyncio
 
         from igdtrigger.config import default_state_dir
-        from igdtrigger.core.engine import Engine
-        from igdtrigger.runtime.compose import gateway_from_config
-        from igdtrigger.runtime.journal import Journal
+        from igdtrigger.runtime import compose
+        from igdtrigger.runtime.journal import Journal, no_boot_clock
         from igdtrigger.runtime.leftovers import (
-            dead_run_tag,
             dead_runs,
             hold_beacon,
             own_run_dir,
             remove_run_dir,
-            take_over,
         )
-        from igdtrigger.runtime.mapper import Mapper, MapState
+        from igdtrigger.runtime.mapper import MapState
+        from igdtrigger.runtime.pipeline import Pipeline, Settings
 
         self.loop = asyncio.get_running_loop()
         self._stop_async = asyncio.Event()
-        gw_cfg = self.config.gateway
-        if gw_cfg.simulate:
+        if self.config.gateway.simulate:
             _warn("gateway.url = \"simulate\" needs a running service; not opening ports")
             return
-        gateway = gateway_from_config(self.config)
-        clock = self.loop.time
-        tag = f"run{os.getpid()}"
+        gateway = compose.gateway_from_config(self.config)
         # held until the process ends: says "alive" to any igdtrigger sharing this network
         # namespace, whatever its pid namespace (leftovers.py)
         self.beacon = hold_beacon()
-        engine = Engine([self.rule], clock=clock, tag=tag)
-        lease = min(STANDALONE_LEASE, gw_cfg.lease)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
             return
-        # What this wrapper maps is journaled (a kill -9 on a router that only takes permanent
-        # leases would leave it forever); what dead wrappers left is taken over and removed.
+        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
+        # that only takes permanent leases would leave it forever); what dead wrappers left is
+        # taken over and removed: the service's pipeline, with the standalone lease.
         state_dir = self.config.state_dir or default_state_dir()
         run_dir = own_run_dir(state_dir)
-        journal = Journal.open(run_dir)
-        take_over(journal, dead_runs(state_dir))
-        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
-                        verify_interval=gw_cfg.verify_interval,
-                        check_before_add=gw_cfg.check_before_add, journal=journal,
-                        reclaim=dead_run_tag, abandon=self.done.is_set)
-        mapper.adopt_orphans([m.spec for m in journal.mappings()])
-        engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
-        desired = engine.desired()
-        await mapper.reconcile(desired)
+        upnp = info.protocol == "upnp-igd"
+        pipeline = Pipeline(
+            [self.rule], gateway, Journal.open(run_dir),
+            settings=Settings.from_config(self.config.gateway, standalone=True),
+            clock=self.loop.time, wall=time.time, boot=no_boot_clock, tag=f"run{os.getpid()}",
+            pinhole_client=compose.firewall_client(lambda: info.location) if upnp else None,
+            ipv6_addresses=compose.ipv6_addresses, local_address=lambda: info.local_address,
+            abandon=self.done.is_set)
+        pipeline.restore(dead_runs(state_dir))
+        pipeline.engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
+        await pipeline.round()
+        mapper, desired = pipeline.mapper, pipeline.desired()
         n_ok = mapper.count(MapState.ACTIVE)
         if n_ok < len(desired) and not self.done.is_set():
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
@@ -259,51 +253,21 @@ class StandaloneHolder(Holder):
             if self.on_mapped is not None:
                 self.on_mapped()
         self.ready.set()
-        holes, keeper = self._pinholes(info, desired, clock, lease, journal)
+        keeper = pipeline.pinholes
         if keeper is not None:  # IPv6 after IPv4: the game is not kept waiting for it
-            await keeper.reconcile(holes)
+            await keeper.reconcile(pipeline.desired_pinholes())
             if keeper.reason:
                 _warn(f"IPv6 ports not opened: {keeper.reason}")
-        while not self._stop_async.is_set():
-            deadlines = [d for d in (mapper.next_deadline(),
-                                     keeper.next_deadline() if keeper else None) if d]
-            delay = 30.0 if not deadlines else max(0.05, min(deadlines) - clock())
-            try:
-                await asyncio.wait_for(self._stop_async.wait(), delay)
-            except TimeoutError:
-                await mapper.reconcile(desired)
-                if keeper is not None:
-                    await keeper.reconcile(holes)
-        try:
-            await asyncio.wait_for(mapper.remove_all(), 4.0)
-            for left in mapper.left_open:
-                _warn(left.describe())
-            if keeper is not None:
-                await asyncio.wait_for(keeper.remove_all(), 4.0)
-        except TimeoutError:
-            _warn(f"router did not answer; mappings lapse within {lease:g}s (or the next "
-                  "igdtrigger run or serve removes them)")
-        await gateway.close()
-        remove_run_dir(journal, run_dir)
-
-    def _pinholes(self, info: GatewayInfo, desired: dict[MappingKey, MappingSpec],
-                  clock: Callable[[], float], lease: float, journal: Journal,
-                  ) -> tuple[set[PinholeSpec], PinholeKeeper | None]:
-        """The same ports over IPv6 to this machine, when the router's firewall takes them."""
-        if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
-            return set(), None
-        from igdtrigger.runtime.compose import firewall_client, ipv6_addresses
-        from igdtrigger.runtime.pinholes import PinholeKeeper
-
-        client = firewall_client(lambda: info.location)
-        addrs = ipv6_addresses(client)
-        if not addrs:
-            return set(), None
-        from igdtrigger.core.model import PinholeSpec
-
-        holes = {PinholeSpec(a, s.proto, s.internal_port) for s in desired.values()
-                 for a in addrs}
-        return holes, PinholeKeeper(client, clock=clock, lease=lease, journal=journal)
+        pipeline.start()
+        await self._stop_async.wait()
+        await pipeline.stop_tasks()
+        await pipeline.remove_all(STOP_TIMEOUT)
+        for left in mapper.left_open:
+            _warn(left.describe())
+        if pipeline.removal_timed_out:
+            _warn(f"router did not answer; mappings lapse within {mapper.lease:g}s (or the "
+                  "next igdtrigger run or serve removes them)")
+        remove_run_dir(pipeline.journal, run_dir)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.done.set()

@@ -144,6 +144,7 @@ class Pipeline:
         self.round_started: float | None = None  # clock() at the start of a running round
         self.errors = 0  # unexpected exceptions the guarded loop survived
         self.last_error = ""
+        self.removal_timed_out = False  # remove_all(): the router did not finish in time
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -422,6 +423,7 @@ class Pipeline:
         try:
             removed = await asyncio.wait_for(self.mapper.remove_all(), timeout)
         except TimeoutError:
+            self.removal_timed_out = True
             removed = self.mapper.ops["delete"] - deleted_before
             log.error(
                 "the router did not finish removing mappings within %.0fs (%d removed, %d "
@@ -435,6 +437,7 @@ class Pipeline:
                 if closed:
                     log.info("closed %d IPv6 pinhole(s)", closed)
             except TimeoutError:
+                self.removal_timed_out = True
                 log.error("router did not answer in %.0fs while closing IPv6 pinholes; their "
                           "leases (%ds) will end them", timeout, self.pinholes.lease)
         await self.gateway.close()
