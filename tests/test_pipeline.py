@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from igdtrigger.config import parse_config
 from igdtrigger.core.engine import Source
 from igdtrigger.runtime.pipeline import STUCK_AFTER
 from igdtrigger.runtime.service import Service
+from igdtrigger.sim.router import SimulatedRouter, run_in_thread
 
 from .fakes import FakeClock, FakeGateway
 
@@ -93,3 +97,28 @@ async def test_healthz_names_a_stuck_scheduler(svc: Service, clock: FakeClock,
     assert r.status == 503
     assert "scheduler stuck" in (await r.json())["error"]
     hang.set()
+
+
+def test_run_without_a_service_maps_through_the_pipeline_without_aiohttp_or_zeroconf(
+        tmp_path: Path) -> None:
+    """The launcher hook's import path stays light: a standalone `igdtrigger run` maps and
+    removes the rule's ports without importing aiohttp or zeroconf."""
+    from .test_leftovers import ROOT, descriptions, write_config
+
+    sim = run_in_thread(SimulatedRouter())
+    try:
+        cfg = write_config(tmp_path, sim, tmp_path / "state")
+        code = ("import sys\nfrom igdtrigger.cli.main import main\n"
+                f"rc = main(['run', '--config', {str(cfg)!r}, '--rule', 'demo', '--', "
+                f"{sys.executable!r}, '-c', 'import time; time.sleep(1)'])\n"
+                "print(sorted(m for m in ('aiohttp', 'zeroconf') if m in sys.modules))\n"
+                "sys.exit(rc)\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                            "IGDTRIGGER_TOKEN": ""}, cwd=ROOT)
+        assert p.returncode == 0, p.stderr
+        assert "udp/40000-40001 open" in p.stderr, p.stderr
+        assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout
+        assert descriptions(sim) == []
+    finally:
+        sim.stop()
