@@ -19,6 +19,7 @@ from typing import Any
 
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import PortRange, Proto, format_duration, parse_duration, parse_port_spec
+from igdtrigger.core.policy import hides_privileged, permits
 
 DEFAULT_LISTEN = "127.0.0.1:8731"
 DEFAULT_PORT = 8731
@@ -107,8 +108,7 @@ class AdhocConfig:
     admin_only: bool = False
 
     def permits(self, rng: PortRange) -> bool:
-        return any(r.proto is rng.proto and r.first <= rng.first and rng.last <= r.last
-                   for r in self.ports)
+        return permits(self.ports, rng)
 
     def to_json(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "ports": [str(r) for r in self.ports],
@@ -487,7 +487,7 @@ def _adhoc(sec: _Section) -> AdhocConfig:
     ports = (sec.ports("adhoc_ports", required=True) if sec.get("adhoc_ports") is not None
              else base.ports)
     for rng in ports:
-        if rng.first < 1024 and rng.first != rng.last:
+        if hides_privileged(rng):
             raise sec.error("adhoc_ports", f"{rng} includes privileged ports below 1024; allow "
                             "those only by naming each one (e.g. \"tcp/80\")")
     limits: dict[str, int] = {}
@@ -702,7 +702,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
             seen[name] = i
             open_ports = sec.ports("open", required=True)
             for rng in open_ports:
-                if rng.first < 1024 and rng.first != rng.last:
+                if hides_privileged(rng):
                     raise sec.error(
                         "open",
                         f"{rng} includes privileged ports below 1024; open those only by naming "

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from igdtrigger import __version__
 from igdtrigger.config import ADHOC_PREFIX, Config, Rule, default_state_dir
+from igdtrigger.core import policy
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
 from igdtrigger.core.model import (
@@ -36,7 +37,6 @@ from igdtrigger.core.model import (
     PortRange,
     ProcessSeen,
     format_duration,
-    parse_port_spec,
 )
 from igdtrigger.detect.base import Detector
 from igdtrigger.gateway.base import Gateway
@@ -112,10 +112,6 @@ def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
     except OSError:
         return None
     return value
-
-
-def _overlap(a: PortRange, b: PortRange) -> bool:
-    return a.proto is b.proto and a.first <= b.last and b.first <= a.last
 
 
 def self_only_message(rule: str, host: str) -> str:
@@ -584,7 +580,7 @@ class Service:
         if not adhoc.enabled:
             raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
                                "[api] allow_adhoc = true (with adhoc_ports limits)")
-        ports = self._adhoc_ports(specs, host)
+        ports = policy.adhoc_ports(specs, host, limits=adhoc, rules=self.config.rules)
         ttl = adhoc.max_ttl if ttl is None else ttl
         if ttl > adhoc.max_ttl:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
@@ -600,40 +596,8 @@ class Service:
         act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 
-    def _adhoc_ports(self, specs: list[str], host: str) -> tuple[PortRange, ...]:
-        adhoc = self.config.api.adhoc
-        ports: list[PortRange] = []
-        for spec in specs:
-            try:
-                ranges = parse_port_spec(spec)
-            except ValueError as exc:
-                raise UsageError(f'field "open": {exc}') from None
-            for rng in ranges:
-                if rng.first < 1024 and rng.first != rng.last:
-                    raise AdhocRefused(f"{rng} includes privileged ports below 1024; name "
-                                       "each one")
-                if not adhoc.permits(rng):
-                    raise AdhocRefused(
-                        f"{rng} is outside [api] adhoc_ports "
-                        f"({', '.join(str(r) for r in adhoc.ports)})")
-                for rule in self.config.rules:  # a rule's hosts list reserves its ports
-                    if not rule.allows(host) and any(_overlap(rng, r) for r in rule.open):
-                        raise AdhocRefused(
-                            f"{rng} overlaps rule {rule.name!r}'s ports, which its hosts list "
-                            f"({', '.join(str(n) for n in rule.hosts)}) keeps from {host}")
-                ports.append(rng)
-        if not ports:
-            raise UsageError('field "open" must name at least one port, like "udp/34197"')
-        count = sum(len(r) for r in ports)
-        if count > adhoc.max_ports:
-            raise AdhocRefused(f"{count} ports asked; [api] adhoc_max_ports allows "
-                               f"{adhoc.max_ports} per activation")
-        return tuple(ports)
-
     def _adhoc_allowed(self, ports: tuple[PortRange, ...]) -> bool:
-        adhoc = self.config.api.adhoc
-        return (adhoc.enabled and sum(len(r) for r in ports) <= adhoc.max_ports
-                and all(adhoc.permits(r) for r in ports))
+        return policy.adhoc_permitted(self.config.api.adhoc, ports)
 
     async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> dict[str, Any]:
         act = self.engine.deactivate(act_id)
