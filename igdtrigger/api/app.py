@@ -59,7 +59,8 @@ from igdtrigger.core.errors import IgdTriggerError, RuleNotFound, UsageError
 from igdtrigger.core.model import parse_duration
 from igdtrigger.netutil import Network, guess_lan_address, host_key, interface_networks
 from igdtrigger.runtime.events import Event, Subscriber, TooManySubscribers
-from igdtrigger.runtime.service import STATUS_ACTIVATIONS, Service
+from igdtrigger.runtime.service import Service
+from igdtrigger.runtime.views import STATUS_ACTIVATIONS
 
 log = logging.getLogger("igdtrigger.api.app")
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)

@@ -293,7 +293,7 @@ class TableEntry:
 def state_tag(config: Config) -> str:
     """The instance tag this machine's service uses with this config's state directory."""
     from igdtrigger.config import default_state_dir
-    from igdtrigger.runtime.service import derived_tag
+    from igdtrigger.runtime.state import derived_tag
 
     state = config.state_dir or default_state_dir()
     try:

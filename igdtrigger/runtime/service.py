@@ -10,19 +10,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import ipaddress
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from igdtrigger import __version__
 from igdtrigger.config import ADHOC_PREFIX, Config, Rule, default_state_dir
 from igdtrigger.core import policy
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
@@ -45,16 +40,23 @@ from igdtrigger.runtime import compose
 from igdtrigger.runtime.events import EventHub
 from igdtrigger.runtime.journal import Journal, boot_clock, no_boot_clock
 from igdtrigger.runtime.leftovers import dead_runs
-from igdtrigger.runtime.mapper import Applied, Mapper, MapState
-from igdtrigger.runtime.pinholes import PinholeKeeper, PinholeState
+from igdtrigger.runtime.mapper import Applied, Mapper
+from igdtrigger.runtime.pinholes import PinholeKeeper
 from igdtrigger.runtime.pipeline import Pipeline, Settings
+from igdtrigger.runtime.state import derived_tag, load_or_create_secret
+from igdtrigger.runtime.views import (
+    STATUS_ACTIVATIONS,
+    ActivationView,
+    StatusView,
+    activation_view,
+    status_view,
+)
 
 if TYPE_CHECKING:
     from igdtrigger.runtime.compose import KernelTracking, NotifyWatcher, RouterChange
 
 log = logging.getLogger("igdtrigger")
 
-STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
 TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
 
@@ -68,58 +70,6 @@ class DetectorStatus:
     active: bool
     reason: str = ""
     detail: str = ""
-
-
-def machine_id() -> str:
-    """systemd's machine id (stable across reboots), else the host name."""
-    for where in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            text = Path(where).read_text().strip()
-            if text:
-                return text
-    return socket.gethostname()
-
-
-def derived_tag(state_dir: Path) -> str:
-    """The instance tag a state directory gets: 6 hex digits from this machine's id and the
-    directory's path, so it is the same at every start even when nothing can be written (a
-    crash's leftovers are still recognised as ours), and differs between two services."""
-    return hashlib.sha256(f"{machine_id()}\0{state_dir.absolute()}".encode()).hexdigest()[:6]
-
-
-def load_or_create_secret(path: Path, nbytes: int, *, hexlen: int | None = None,
-                          value: str | None = None) -> str | None:
-    """Read a secret file, creating it (mode 0600) on first use with ``value`` (default: random).
-    ``None`` if not possible."""
-    try:
-        text = path.read_text().strip()
-        if text:
-            return text
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return None
-    value = value or secrets.token_hex(nbytes)[: hexlen or None]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(value + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        return None
-    return value
-
-
-def self_only_message(rule: str, host: str) -> str:
-    """One line: why a router in secure mode refused a host's ports to this service, and the
-    fix (README: the home-server section)."""
-    return (f"the router only lets a host map ports to itself (UPnP secure mode): start the game "
-            f"on {host} with `igdtrigger run --rule {rule} -- GAME` (it maps its own ports and "
-            "reports back), or allow mappings for other hosts in the router's UPnP settings")
 
 
 class Service:
@@ -523,7 +473,7 @@ class Service:
         meta: dict[str, str] | None = None,
         wait: float = APPLY_WAIT,
         tokenless: bool = False,
-    ) -> dict[str, Any]:
+    ) -> ActivationView:
         """Activate ``rule`` for ``host``. ``tokenless`` (an API client acting for itself):
         its live activation of the same rule is refreshed instead of a second one being made
         (``source = "api"``), and at most ``[api] max_per_host`` live activations per host
@@ -554,7 +504,7 @@ class Service:
             raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
                                   "max_per_host limit; end one first")
 
-    async def _once_applied(self, act: Activation, wait: float) -> dict[str, Any]:
+    async def _once_applied(self, act: Activation, wait: float) -> ActivationView:
         """The activation as the API reports it, once the router answered (or ``wait`` s)."""
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act)
@@ -569,7 +519,7 @@ class Service:
         meta: dict[str, str] | None = None,
         wait: float = APPLY_WAIT,
         tokenless: bool = False,
-    ) -> dict[str, Any]:
+    ) -> ActivationView:
         """Open ports the request names (no rule): only with ``[api] allow_adhoc``, only
         ports inside ``adhoc_ports``, at most ``adhoc_max_ports`` for ``adhoc_max_ttl``, at
         most ``adhoc_per_host`` per host (an IPv6 host: its /64). ``tokenless``: they count
@@ -599,13 +549,13 @@ class Service:
     def _adhoc_allowed(self, ports: tuple[PortRange, ...]) -> bool:
         return policy.adhoc_permitted(self.config.api.adhoc, ports)
 
-    async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> dict[str, Any]:
+    async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> ActivationView:
         act = self.engine.deactivate(act_id)
         await self._wait_applied(self.engine.generation, wait)
         return self.activation_json(act, include_ports=False)
 
     def heartbeat(self, act_id: str, ttl: float | None,
-                  self_mapped: bool | None = None) -> dict[str, Any]:
+                  self_mapped: bool | None = None) -> ActivationView:
         """Extend an activation; ``self_mapped``: its host reports it maps the ports itself
         (True; only after this service was refused them as secure mode) or no longer (False)."""
         act = self.engine.heartbeat(act_id, ttl)
@@ -667,168 +617,24 @@ class Service:
         self.hub.publish({"at": time.time(), "event": f"pinhole_{what}", "pinhole": str(spec),
                           "host": spec.address, **({"error": error} if error else {})})
 
-    def activation_json(self, act: Activation, *, include_ports: bool = True) -> dict[str, Any]:
-        now = self.clock()
-        out = act.to_json(now)
-        info = self.gateway.info
-        if info is not None and info.external_address:
-            out["external_address"] = info.external_address
-        if not include_ports:
-            out["state"] = "ended"
-            return out
-        if act.self_mapped:
-            out["state"] = "self"
-            out["message"] = (f"mapped by {act.host} itself: the router only lets a host map "
-                              "ports to itself (UPnP secure mode)")
-            out["ports"] = [{"port": str(MappingKey(rng.proto, port)), "state": "self"}
-                            for rng in act.rule.open for port in rng]
-            return out
-        desired = self.desired()
-        waiting = self.engine.waiting_for(act, desired)
-        ports: list[dict[str, Any]] = []
-        states: set[str] = set()
-        self_only = False
-        for rng in act.rule.open:
-            for port in rng:
-                key = MappingKey(rng.proto, port)
-                spec = desired.get(key)
-                app = self.mapper.applied.get(key)
-                if spec is None or spec.internal_client != act.host:
-                    st = "held"
-                    entry: dict[str, Any] = {"port": str(key), "state": st,
-                                             "held_by": spec.internal_client if spec else None}
-                elif app is None:
-                    st = "pending"
-                    entry = {"port": str(key), "state": st}
-                else:
-                    st = app.state.value
-                    entry = {"port": str(key), "state": st, "external_port": app.external_port}
-                    if app.error:
-                        entry["error"] = app.error
-                    self_only = self_only or app.self_only
-                states.add(st)
-                ports.append(entry)
-        if waiting:
-            out["state"] = "waiting"
-            out["held_by"] = sorted(waiting)
-        elif states == {"active"}:
-            out["state"] = "open"
-        elif "active" in states:
-            out["state"] = "partial"
-        elif states & {"failed", "conflict"}:
-            out["state"] = "failed"
-        else:
-            out["state"] = "pending"
-        if self_only:  # the reason and the fix, once (the ports' errors say it per port)
-            out["reason"] = "router_self_only"
-            out["message"] = self_only_message(act.rule.name, act.host)
-        out["ports"] = ports
-        return out
+    def activation_json(self, act: Activation, *, include_ports: bool = True,
+                        ) -> ActivationView:
+        """``act`` as the API shows it (``views.activation_view``)."""
+        return activation_view(self, act, include_ports=include_ports)
 
-    def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> dict[str, Any]:
-        """The whole state; at most ``max_activations`` activations (the oldest; the rest are
-        paged through ``GET /api/v1/activations``), their total in ``counts``."""
-        info = self.gateway.info
-        now = self.clock()
-        warnings: list[str] = []
-        external_warning = info.external_warning() if info is not None else None
-        if external_warning is not None:
-            warnings.append(external_warning)
-        for st in self.detector_status:
-            if not st.active and not st.reason.startswith(("standby", "no rule names")):
-                warnings.append(f"detector {st.name} inactive: {st.reason}")
-        if self.pinholes is not None and self.pinholes.reason and self.desired_pinholes():
-            warnings.append(f"IPv6 ports are not opened: {self.pinholes.reason}")
-        if len(self.engine.activations) > max_activations:
-            warnings.append(f"{len(self.engine.activations)} activations: the first "
-                            f"{max_activations} are listed here, page through all of them with "
-                            "GET /api/v1/activations?limit=&cursor=")
-        if self.engine.refused:
-            warnings.append("activations refused by the service's bounds: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(self.engine.refused.items())))
-        warnings.extend(f"still open on the router: {x.describe()}"
-                        for x in self.mapper.left_open)
-        if self.journal.degraded:
-            warnings.append(f"state journal {self.journal.path} not writable "
-                            f"({self.journal.degraded}): working from memory")
-        return {
-            "version": __version__,
-            "uptime": round(now - self.started, 3),
-            "instance": self.tag,
-            "journal": {"path": str(self.journal.path), "degraded": self.journal.degraded or None,
-                        "restored_activations": self.restored,
-                        "orphans_pending": len(self.mapper.orphans)},
-            "gateway": {
-                "up": self.mapper.gateway_up,
-                "error": self.mapper.gateway_error or None,
-                "protocol": info.protocol if info else None,
-                "location": info.location if info else self.config.gateway.url,
-                "local_address": info.local_address if info else None,
-                "external_address": info.external_address if info else None,
-                "external_reachable": info.reachable_or_unknown if info else None,
-                # the one service choice (gateway.soap.find_wan_service) and what it offers
-                "backend": (info.backend or None) if info else None,
-                "service_type": (info.service_type or None) if info else None,
-                "control_url": (info.control_url or None) if info else None,
-                "capabilities": sorted(self.gateway.capabilities),
-                "lease": self.mapper.lease,
-                "permanent_leases": self.mapper.permanent_only,
-                "permanent_why": self.mapper.traits.why_permanent or None,
-                "learned": self.mapper.traits.to_json(),
-                "left_open": [x.to_json() for x in self.mapper.left_open],
-                "announcements": {
-                    "listening": (self._notify_watcher is not None
-                                  and self._notify_watcher.listening),
-                    "restarts_seen": self.router_announcements,
-                },
-            },
-            "detectors": [self._detector_json(d) for d in self.detector_status],
-            "rules": [r.to_json() for r in self.config.rules],
-            "activations": [
-                self.activation_json(a)
-                for a in self.sorted_activations()[:max_activations]
-            ],
-            "mappings": self.mapper.snapshot(),
-            "pinholes": (self.pinholes.status() if self.pinholes is not None
-                         else {"available": False, "reason": "gateway.ipv6_pinholes is off"}),
-            "counts": {
-                "activations": len(self.engine.activations),
-                "mappings_active": self.mapper.count(MapState.ACTIVE),
-                "pinholes_active": (self.pinholes.count(PinholeState.ACTIVE)
-                                    if self.pinholes is not None else 0),
-                "activations_refused": dict(sorted(self.engine.refused.items())),
-                "flows_seen": self.engine.flows_seen,
-                "flows_matched": self.engine.flows_matched,
-                "flows_inbound": self.engine.flows_inbound,
-                "flows_live": len(self.engine.live),
-                "flows_refused": self.engine.flows_refused,
-                **{f"router_{k}": v for k, v in self.mapper.ops.items()},
-            },
-            "warnings": warnings,
-            "events": list(self.events)[-50:],
-        }
+    def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> StatusView:
+        """The whole state (``views.status_view``)."""
+        return status_view(self, max_activations=max_activations)
+
+    @property
+    def router_watch_listening(self) -> bool:
+        """The router's SSDP NOTIFYs are listened to."""
+        w = self._notify_watcher
+        return w is not None and w.listening
 
     def sorted_activations(self) -> list[Activation]:
         """Live activations, oldest first (the order pages of the API follow)."""
         return sorted(self.engine.activations.values(), key=lambda a: a.seq)
-
-    def _detector_json(self, st: DetectorStatus) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": st.name, "active": st.active}
-        if st.reason:
-            out["reason"] = st.reason
-        if st.detail:
-            out["detail"] = st.detail
-        det = next((d for d in self.detectors if d.name == st.name), None)
-        events = getattr(det, "events_seen", None)
-        if isinstance(events, int):
-            out["events_seen"] = events
-        if st.name == "conntrack" and self.tracking is not None:
-            t = self.tracking
-            out["tracking"] = {"table": compose.tracking_table(), "enabled": t.enabled,
-                               "loaded": t.installed,
-                               "reason": t.reason or None, "reinstalls": t.reinstalls,
-                               "trigger_flows_counted": self.tracked_flows}
-        return out
 
     def rules(self) -> list[Rule]:
         return list(self.config.rules)
