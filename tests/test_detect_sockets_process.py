@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from igdtrigger.cli.run import ProcessWaiter
+from igdtrigger.cli.child import ProcessWaiter
 from igdtrigger.config import ConfigError, parse_config
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, ProcessSeen, Proto
