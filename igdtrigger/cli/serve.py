@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from igdtrigger.api.app import ADMIN_SOCKET, make_app
+from igdtrigger.api.access import ADMIN_SOCKET
+from igdtrigger.api.app import make_app
 from igdtrigger.api.httpguard import (
     Acceptor,
     ConnectionGuard,
@@ -122,9 +123,7 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     journal_dir = (config.state_dir or default_state_dir()) / "simulate" if sim else None
     service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
                       on_router_call=metrics.on_router_call, tracking=tracking)
-    # drop flows no rule cares about before they cost anything
-    compose.wire_detectors(detectors, wants=service.engine.wants,
-                           ports=service.engine.port_ranges(), follows=service.follows)
+    service.wire_detectors()  # drop flows no rule cares about before they cost anything
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     guard = ConnectionGuard(ConnectionLimits().within_fd_limit(raise_fd_limit()))
@@ -243,11 +242,12 @@ async def _advertise(adv: Advertiser) -> None:
 
 
 def _status_line(service: Service, config: Config) -> str:
-    gw = "router up" if service.mapper.gateway_up else (
-        f"router down: {service.mapper.gateway_error}" if service.mapper.gateway_error
+    gw = "router up" if service.gateway_up else (
+        f"router down: {service.gateway_error}" if service.gateway_error
         else "looking for the router")
-    return (f"{len(service.engine.activations)} activation(s), "
-            f"{len(service.mapper.applied)} mapping(s); {gw}; API {config.api.url}")[:200]
+    activations, mappings = service.counts()
+    return (f"{activations} activation(s), {mappings} mapping(s); {gw}; "
+            f"API {config.api.url}")[:200]
 
 
 async def _status_updates(notifier: Notifier, service: Service, config: Config) -> None:

@@ -171,6 +171,38 @@ class Service:
     def desired_pinholes(self) -> set[PinholeSpec]:
         return self.pipeline.desired_pinholes()
 
+    @property
+    def gateway_up(self) -> bool:
+        """The router answered the last call."""
+        return self.mapper.gateway_up
+
+    @property
+    def gateway_error(self) -> str:
+        """Why the router is down ("" while up or not asked yet)."""
+        return self.mapper.gateway_error
+
+    def find_activation(self, act_id: str) -> Activation:
+        """The live activation ``act_id``. Raises ``ActivationNotFound``."""
+        return self.engine.get(act_id)
+
+    def rule_names(self) -> list[str]:
+        """The configured rules' names."""
+        return list(self.engine.rules)
+
+    def mapping_snapshot(self) -> list[dict[str, Any]]:
+        """The mappings as ``GET /api/v1/mappings`` lists them."""
+        return self.mapper.snapshot()
+
+    def counts(self) -> tuple[int, int]:
+        """(live activations, mappings held)."""
+        return len(self.engine.activations), len(self.mapper.applied)
+
+    def wire_detectors(self) -> None:
+        """Give the detectors the engine's filters (flows no rule cares about are dropped
+        before they cost anything)."""
+        compose.wire_detectors(self.detectors, wants=self.engine.wants,
+                               ports=self.engine.port_ranges(), follows=self.follows)
+
     def health(self) -> str | None:
         """``None`` while the scheduler runs, else what is wrong with it (``Pipeline.health``)."""
         return self.pipeline.health()
