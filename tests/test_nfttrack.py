@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-import igdtrigger.runtime.service as service_mod
+import igdtrigger.runtime.detectors as service_mod
 from igdtrigger.api.app import make_app
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.cli.doctor import check_detectors, check_tracking, doctor

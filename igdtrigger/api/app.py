@@ -94,6 +94,27 @@ from igdtrigger.runtime.events import Event, Subscriber, TooManySubscribers
 from igdtrigger.runtime.service import Service
 from igdtrigger.runtime.views import STATUS_ACTIVATIONS
 
+__all__ = [
+    "ROUTES",
+    "delete_activation",
+    "errors_middleware",
+    "get_activation",
+    "get_activations",
+    "get_events",
+    "get_mappings",
+    "get_metrics",
+    "get_openapi",
+    "get_rules",
+    "get_status",
+    "guard_middleware",
+    "healthz",
+    "make_app",
+    "not_found",
+    "post_activation",
+    "readyz",
+    "refresh_activation",
+]
+
 log = logging.getLogger("igdtrigger.api.app")
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

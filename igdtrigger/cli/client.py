@@ -24,6 +24,23 @@ from igdtrigger.core.errors import ApiError, ServiceBusy, ServiceUnavailable, Us
 if TYPE_CHECKING:
     from igdtrigger.config import Config
 
+__all__ = [
+    "ADMIN_SOCKET",
+    "AUTO",
+    "DEFAULT_SERVER",
+    "LOCAL_PROBE_TIMEOUT",
+    "Client",
+    "Resolved",
+    "connected_peer_uid",
+    "is_loopback_url",
+    "local_access",
+    "local_admin_socket",
+    "pick_token",
+    "read_token",
+    "resolve_server",
+    "token_owner",
+]
+
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 AUTO = "auto"
 LOCAL_PROBE_TIMEOUT = 0.3

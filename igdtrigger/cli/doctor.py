@@ -17,6 +17,21 @@ from typing import Any, TextIO
 from igdtrigger.config import Config, default_state_dir, load_config
 from igdtrigger.core.errors import ApiError, ConfigError, IgdTriggerError
 
+__all__ = [
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "Check",
+    "check_api",
+    "check_detectors",
+    "check_gateway",
+    "check_privileges",
+    "check_state_dir",
+    "check_tracking",
+    "doctor",
+    "effective_capabilities",
+    "healthcheck",
+]
+
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 

@@ -33,6 +33,26 @@ from igdtrigger.gateway.base import Gateway, GatewayInfo
 from igdtrigger.netutil import default_gateway
 from igdtrigger.runtime import compose
 
+__all__ = [
+    "PinholeEntry",
+    "ProbeResult",
+    "TableEntry",
+    "candidates",
+    "classify",
+    "close_pinholes",
+    "ipv6_verdict",
+    "journaled_pinholes",
+    "live_service_tag",
+    "main",
+    "pinhole_report",
+    "probe_all",
+    "report",
+    "router_table",
+    "state_tag",
+    "table_main",
+    "table_report",
+]
+
 
 @dataclass
 class ProbeResult:

@@ -53,6 +53,22 @@ if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a servic
 
     from igdtrigger.core.model import PortRange
 
+__all__ = [
+    "HEARTBEAT_TTL",
+    "INFER_ENV",
+    "LATE_RETRY",
+    "STOP_TIMEOUT",
+    "WAIT_START",
+    "Holder",
+    "ServiceHolder",
+    "StandaloneHolder",
+    "infer_rule",
+    "opened_line",
+    "ports_env",
+    "run",
+    "slug",
+]
+
 log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0

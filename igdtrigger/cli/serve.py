@@ -38,6 +38,14 @@ from igdtrigger.runtime.service import Service
 if TYPE_CHECKING:
     from igdtrigger.cli.discovery import Advertiser
 
+__all__ = [
+    "STOP_SIGNALS",
+    "JsonFormatter",
+    "serve",
+    "setup_logging",
+    "stderr_is_journal",
+]
+
 log = logging.getLogger("igdtrigger")
 
 

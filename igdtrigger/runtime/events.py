@@ -11,6 +11,16 @@ import asyncio
 import collections
 from typing import Any
 
+__all__ = [
+    "MAX_ADMIN_SUBSCRIBERS",
+    "MAX_SUBSCRIBERS",
+    "MAX_SUBSCRIBERS_PER_CLIENT",
+    "SUBSCRIBER_QUEUE",
+    "EventHub",
+    "Subscriber",
+    "TooManySubscribers",
+]
+
 Event = dict[str, Any]
 
 SUBSCRIBER_QUEUE = 256  # events buffered per client before the oldest are dropped

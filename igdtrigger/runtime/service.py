@@ -14,14 +14,13 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import ADHOC_PREFIX, Config, Rule, default_state_dir
 from igdtrigger.core import policy
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
-from igdtrigger.core.errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
+from igdtrigger.core.errors import ActivationLimit, AdhocRefused, UsageError
 from igdtrigger.core.model import (
     Flow,
     FlowEnded,
@@ -37,6 +36,7 @@ from igdtrigger.detect.base import Detector
 from igdtrigger.gateway.base import Gateway
 from igdtrigger.netutil import host_key
 from igdtrigger.runtime import compose
+from igdtrigger.runtime.detectors import Detectors, DetectorStatus
 from igdtrigger.runtime.events import EventHub
 from igdtrigger.runtime.journal import Journal, boot_clock, no_boot_clock
 from igdtrigger.runtime.leftovers import dead_runs
@@ -55,21 +55,14 @@ from igdtrigger.runtime.views import (
 if TYPE_CHECKING:
     from igdtrigger.runtime.compose import KernelTracking, NotifyWatcher, RouterChange
 
+__all__ = [
+    "APPLY_WAIT",
+    "Service",
+]
+
 log = logging.getLogger("igdtrigger")
 
 APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before answering
-TRACKING_CHECK = 15.0  # our nftables table is checked (and conntrack's events counted) this often
-
-
-@dataclass(slots=True)
-class DetectorStatus:
-    """``active``: the detector runs *and* can see what it is for; ``reason``: why not;
-    ``detail``: what an active one's claim rests on (conntrack: the kernel tracks the flows)."""
-
-    name: str
-    active: bool
-    reason: str = ""
-    detail: str = ""
 
 
 class Service:
@@ -90,10 +83,6 @@ class Service:
         """``journal_dir``: where the journal and instance tag live (default ``state_dir``);
         ``serve --simulate`` keeps them apart from the real service's."""
         self.config = config
-        # makes the kernel track trigger flows for the conntrack detector (nfttrack.py); None:
-        # not managed here (tests), the conntrack detector is then taken at its word
-        self.tracking = tracking
-        self.tracked_flows: int | None = None  # new trigger flows our nft counters saw
         self.gateway = gateway
         self.clock = clock
         self.wall = wall  # wall-clock time: journal expiries survive a reboot
@@ -129,18 +118,15 @@ class Service:
         self.restored = self.pipeline.restore(dead_runs(self.journal_dir),
                                               adhoc=self._adhoc_allowed)
         compose.set_lost_state_handler(gateway, self.pipeline.router_lost_state)
-        self.detectors = detectors or []
-        self.detector_status: list[DetectorStatus] = []
         self.started = clock()
         self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Detectors(self, detectors or [], tracking, self._tasks)
         self._stopping = False
         self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = compose.host_map(self.local_address, clock=clock)
         self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
-        self._events_at_start = 0  # conntrack events_seen when its visibility was established
-        self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -249,153 +235,36 @@ class Service:
 
     async def start(self) -> None:
         self._tasks.extend(self.pipeline.start())
-        for det in self.detectors:
-            standby = getattr(det, "standby_for", "")
-            if standby and any(st.name == standby and st.active for st in self.detector_status):
-                self.detector_status.append(DetectorStatus(
-                    det.name, False, f"standby: {standby} is active; this one stands in if "
-                    f"{standby} stops or stops seeing flows"))
-                continue
-            if det.name == "conntrack" and self.tracking is not None:
-                det.tracking_managed = True  # type: ignore[attr-defined]
-            try:
-                det.check()
-            except DetectionUnavailable as exc:
-                self.detector_status.append(DetectorStatus(det.name, False, str(exc)))
-                if det.name == "process" and not any(r.process for r in self.config.rules):
-                    log.info("detector process idle: no rule names a process")
-                    continue
-                if not self.config.detect.explicit and any(
-                        getattr(d, "standby_for", "") == det.name for d in self.detectors):
-                    # the default set: the socket table stands in, as it is meant to; one calm
-                    # line (status and doctor carry the reason and the fix)
-                    log.info("detector %s not available here; the socket table stands in "
-                             "(`igdtrigger doctor` says why and how to enable it)", det.name)
-                    continue
-                log.warning(
-                    "detector %s unavailable: %s; explicit activations (run, activate, API) "
-                    "still work", det.name, exc
-                )
-                continue
-            st = DetectorStatus(det.name, True)
-            if det.name == "conntrack" and self.tracking is not None:
-                st = await self._conntrack_visibility(det)
-            self.detector_status.append(st)
-            # a conntrack that cannot see flows yet still listens: they may come later
-            self._tasks.append(asyncio.create_task(self._run_detector(det), name=det.name))
-        if self._tracking_watched:
-            self._tasks.append(asyncio.create_task(self._watch_tracking(), name="tracking"))
+        await self.supervisor.start()
         self.wake()
 
-    def _tracked_ports(self) -> tuple[list[PortRange], list[PortRange]]:
-        rules = self.config.rules
-        return ([r for rule in rules for r in rule.trigger],
-                [r for rule in rules for r in rule.open])
+    # the detectors' side, for the API and the tests
+    @property
+    def detectors(self) -> list[Detector]:
+        return self.supervisor.detectors
 
-    async def _conntrack_visibility(self, det: Detector) -> DetectorStatus:
-        """Make the kernel track the trigger flows (or find out whether it does): conntrack
-        is reported active only on that ground."""
-        assert self.tracking is not None
-        trigger, opened = self._tracked_ports()
-        vis = await asyncio.to_thread(
-            self.tracking.establish, trigger, opened,
-            lambda proto, port: bool(self.engine.index.match(proto, port)))
-        self._events_at_start = getattr(det, "events_seen", 0)
-        self._tracking_watched = True
-        if vis.seen:
-            return DetectorStatus(det.name, True, detail=vis.text)
-        if not trigger:  # nothing to watch for: not a fault (rules for run/activate/API only)
-            log.info("detector conntrack idle: no rule has a trigger port")
-        else:
-            log.warning("detector conntrack: %s; the socket table stands in", vis.text)
-        return DetectorStatus(det.name, False, vis.text)
+    @property
+    def detector_status(self) -> list[DetectorStatus]:
+        return self.supervisor.detector_status
+
+    @property
+    def tracking(self) -> KernelTracking | None:
+        return self.supervisor.tracking
+
+    @property
+    def tracked_flows(self) -> int | None:
+        return self.supervisor.tracked_flows
+
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` has begun."""
+        return self._stopping
 
     async def retrack(self) -> None:
         """The rules changed: load the nftables table again for their trigger ports."""
-        if self.tracking is not None and self.tracking.enabled:
-            await asyncio.to_thread(self.tracking.install, *self._tracked_ports())
+        await self.supervisor.retrack()
 
-    async def _watch_tracking(self) -> None:
-        """Keep our nftables table in place, count what it saw, and report conntrack active
-        once it really sees flows (an event arrived), or inactive if tracking was lost."""
-        assert self.tracking is not None
-        tracking = self.tracking
-        det = next(d for d in self.detectors if d.name == "conntrack")
-        unannounced = 0  # consecutive checks where our counters saw trigger flows, events none
-        while True:
-            await asyncio.sleep(TRACKING_CHECK)
-            st = next((s for s in self.detector_status if s.name == "conntrack"), None)
-            if st is None or not any(t.get_name() == "conntrack" and not t.done()
-                                     for t in self._tasks):
-                continue  # not running (it stopped): nothing to vouch for
-            if tracking.installed:
-                counted = await asyncio.to_thread(tracking.check)
-                if counted is not None:
-                    self.tracked_flows = counted
-                if not tracking.installed and st.active:  # removed, and cannot be put back
-                    table = compose.tracking_table()
-                    self._conntrack_blind(st, f"the kernel no longer tracks trigger flows: "
-                                              f"nftables table {table} was removed and "
-                                              f"{tracking.reason}")
-                reported = getattr(det, "flows_reported", None)
-                # the kernel counted trigger flows, conntrack announced none: events are lost
-                # (nf_conntrack_events=0, a full socket buffer...). Two checks in a row, so
-                # an event still in flight at the first is not mistaken for a lost one.
-                unannounced = unannounced + 1 if (counted and reported == 0) else 0
-                if unannounced >= 2 and st.active:
-                    self._conntrack_blind(st, f"the kernel counted {counted} new trigger "
-                                              "flow(s) but no conntrack event announced one "
-                                              "(events lost or disabled: sysctl "
-                                              "net.netfilter.nf_conntrack_events)")
-                elif (not st.active and st.reason.startswith("the kernel counted")
-                      and isinstance(reported, int) and reported > 0):
-                    st.active, st.reason = True, ""
-                    st.detail = f"conntrack announced {reported} trigger flow(s)"
-            events = getattr(det, "events_seen", 0) - self._events_at_start
-            if not st.active and st.reason.startswith("listening") and events > 0:
-                st.active, st.reason = True, ""
-                st.detail = f"conntrack events seen ({events} since start)"
-                log.info("detector conntrack: %s", st.detail)
-
-    def _conntrack_blind(self, st: DetectorStatus, reason: str) -> None:
-        """conntrack stays subscribed but cannot be vouched for: say why; a stand-in runs."""
-        st.active, st.detail, st.reason = False, "", reason
-        log.warning("detector conntrack: %s; the socket table stands in", reason)
-        self._start_standins("conntrack")
-
-    async def _run_detector(self, det: Detector) -> None:
-        try:
-            await det.run(self.observe)
-        except asyncio.CancelledError:
-            raise
-        except DetectionUnavailable as exc:
-            log.warning("detector %s stopped: %s", det.name, exc)
-        except Exception:
-            log.exception("detector %s crashed; explicit activations still work", det.name)
-        for st in self.detector_status:
-            if st.name == det.name:
-                st.active = False
-                st.reason = st.reason or "stopped (see log)"
-        if getattr(det, "holds_flows", False) and (released := self.engine.release_flows()):
-            log.warning("detector %s stopped: %d live flow(s) no longer hold their activations; "
-                        "they close after their idle timeout unless seen again", det.name,
-                        released)
-            self.wake()
-        if self._stopping:
-            return
-        self._start_standins(det.name)
-
-    def _start_standins(self, name: str) -> None:
-        """A stand-in waiting for detector ``name`` takes over."""
-        for other in self.detectors:
-            if getattr(other, "standby_for", "") != name:
-                continue
-            for st in self.detector_status:
-                if st.name == other.name and not st.active and st.reason.startswith("standby"):
-                    log.warning("detector %s takes over from %s", other.name, name)
-                    st.active, st.reason = True, ""
-                    self._tasks.append(asyncio.create_task(self._run_detector(other),
-                                                           name=other.name))
+        self.wake()
 
     async def stop(self, timeout: float = 8.0) -> int:
         """Stop detectors and timers, then delete every mapping we hold. Returns the count."""
@@ -599,7 +468,7 @@ class Service:
             log.info("rule %s for %s: %s", act.rule.name, act.host,
                      "mapped by that host itself (the router only lets a host map ports to "
                      "itself)" if self_mapped else "mapped by this service again")
-            self.hub.publish({"at": time.time(), "event": "self_mapped" if self_mapped
+            self.hub.publish({"at": self.wall(), "event": "self_mapped" if self_mapped
                               else "self_unmapped", "rule": act.rule.name, "host": act.host})
         self.wake()
         return self.activation_json(act)
@@ -627,7 +496,7 @@ class Service:
         else:
             log.info("rule %s for %s %s", act.rule.name, act.host, ev.kind.value)
         self.hub.publish(
-            {"at": time.time(), "event": ev.kind.value, "rule": act.rule.name,
+            {"at": self.wall(), "event": ev.kind.value, "rule": act.rule.name,
              "host": act.host, "activation": act.id, "source": act.source.value}
         )
 
@@ -638,7 +507,7 @@ class Service:
         log.info("%s %s -> %s:%d%s", what, s.key, s.internal_client, s.internal_port,
                  f" ({app.error})" if app.error and what != "mapped" else "")
         self.hub.publish(
-            {"at": time.time(), "event": what, "mapping": str(s.key),
+            {"at": self.wall(), "event": what, "mapping": str(s.key),
              "host": s.internal_client, **({"error": app.error} if app.error else {})}
         )
 
@@ -646,7 +515,7 @@ class Service:
         if what == "failed":
             self.error_counts["pinhole_failed"] += 1
         log.info("pinhole %s %s%s", spec, what, f" ({error})" if error else "")
-        self.hub.publish({"at": time.time(), "event": f"pinhole_{what}", "pinhole": str(spec),
+        self.hub.publish({"at": self.wall(), "event": f"pinhole_{what}", "pinhole": str(spec),
                           "host": spec.address, **({"error": error} if error else {})})
 
     def activation_json(self, act: Activation, *, include_ports: bool = True,

@@ -20,7 +20,8 @@ from igdtrigger.runtime.mapper import MapState
 from igdtrigger.runtime.pinholes import PinholeState
 
 if TYPE_CHECKING:
-    from igdtrigger.runtime.service import DetectorStatus, Service
+    from igdtrigger.runtime.detectors import DetectorStatus
+    from igdtrigger.runtime.service import Service
 
 __all__ = [
     "STATUS_ACTIVATIONS",
