@@ -140,7 +140,6 @@ class Pipeline:
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = False
         # the guard: what health() reports
-        self.rounds = 0
         self.round_started: float | None = None  # clock() at the start of a running round
         self.errors = 0  # unexpected exceptions the guarded loop survived
         self.last_error = ""
@@ -355,7 +354,6 @@ class Pipeline:
                     await asyncio.wait_for(self._wake.wait(), RETRY_AFTER_ERROR)
                 continue
             self.round_started = None
-            self.rounds += 1
             if self.engine.generation != gen:
                 continue
             deadlines = [d for d in (self.engine.next_deadline(), self.mapper.next_deadline())

@@ -122,7 +122,6 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self.supervisor = Detectors(self, detectors or [], tracking, self._tasks)
         self._stopping = False
-        self._cleaned_up = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = compose.host_map(self.local_address, clock=clock)
         self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
