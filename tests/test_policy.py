@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from igdtrigger.config import AdhocConfig, parse_config
+from igdtrigger.config import parse_config
 from igdtrigger.core.errors import AdhocRefused, ConfigError, UsageError
 from igdtrigger.core.model import PortRange, Proto
 from igdtrigger.core.policy import adhoc_permitted, adhoc_ports, hides_privileged
+from igdtrigger.core.settings import AdhocConfig
 
 ON = AdhocConfig(enabled=True, max_ports=4)
 RULES = parse_config({"rules": [{"name": "nas", "open": ["tcp/8000"],

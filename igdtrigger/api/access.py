@@ -24,7 +24,6 @@ from igdtrigger.api.httpguard import ConnectionGuard
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.api.ratelimit import RateLimiter
 from igdtrigger.core.engine import is_lan_source
-from igdtrigger.core.errors import IgdTriggerError
 from igdtrigger.netutil import Network, host_key
 from igdtrigger.runtime.service import Service
 
@@ -50,13 +49,7 @@ __all__ = [
     "Access",
     "ApiSettings",
     "Caller",
-    "Forbidden",
     "Handler",
-    "NotReady",
-    "RequestTimeout",
-    "TooMany",
-    "Unauthorized",
-    "UnsupportedMedia",
     "caller_of",
     "error_response",
     "host_allowed",
@@ -129,32 +122,8 @@ class Caller:
         return host_key(self.address) if self.address else "unknown"
 
 
-class Forbidden(IgdTriggerError):
-    http_status = 403
-
-
-class Unauthorized(IgdTriggerError):
-    http_status = 401
-
-
 WRONG_AUTH = ("wrong admin token: the Authorization header does not carry this service's token "
                "(the api-token file in its state directory); send that one, or none")
-
-
-class NotReady(IgdTriggerError):
-    http_status = 503
-
-
-class TooMany(IgdTriggerError):
-    http_status = 429
-
-
-class UnsupportedMedia(IgdTriggerError):
-    http_status = 415
-
-
-class RequestTimeout(IgdTriggerError):
-    http_status = 408
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None,

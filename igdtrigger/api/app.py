@@ -65,13 +65,7 @@ from igdtrigger.api.access import (
     WRONG_AUTH,
     Access,
     ApiSettings,
-    Forbidden,
     Handler,
-    NotReady,
-    RequestTimeout,
-    TooMany,
-    Unauthorized,
-    UnsupportedMedia,
     caller_of,
     error_response,
     host_allowed,
@@ -88,9 +82,20 @@ from igdtrigger.api.requests import (
     parse_refresh,
     short,
 )
-from igdtrigger.core.errors import IgdTriggerError, RuleNotFound, UsageError
+from igdtrigger.core.errors import (
+    Forbidden,
+    IgdTriggerError,
+    NotReady,
+    RequestTimeout,
+    RuleNotFound,
+    TooMany,
+    TooManySubscribers,
+    Unauthorized,
+    UnsupportedMedia,
+    UsageError,
+)
 from igdtrigger.netutil import Network, interface_networks
-from igdtrigger.runtime.events import Event, Subscriber, TooManySubscribers
+from igdtrigger.runtime.events import Event, Subscriber
 from igdtrigger.runtime.service import Service
 from igdtrigger.runtime.views import STATUS_ACTIVATIONS
 

@@ -37,7 +37,7 @@ from igdtrigger.cli.child import (
     wait_forwarding,
 )
 from igdtrigger.cli.client import Client
-from igdtrigger.config import Config, Rule
+from igdtrigger.config import Config
 from igdtrigger.core.errors import (
     ApiError,
     IgdTriggerError,
@@ -47,6 +47,7 @@ from igdtrigger.core.errors import (
     UsageError,
 )
 from igdtrigger.core.model import format_duration
+from igdtrigger.core.rules import Rule
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igdtrigger.config import GatewayConfig, Rule
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind
 from igdtrigger.core.model import MappingKey, PinholeSpec, PortRange, format_duration
+from igdtrigger.core.rules import Rule
+from igdtrigger.core.settings import GatewayConfig
 from igdtrigger.gateway.base import Gateway
 from igdtrigger.runtime.journal import Journal, JournalActivation
 from igdtrigger.runtime.leftovers import dead_run_tag, take_over

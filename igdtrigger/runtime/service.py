@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from igdtrigger.config import ADHOC_PREFIX, Config, Rule, default_state_dir
+from igdtrigger.config import Config, default_state_dir
 from igdtrigger.core import policy
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, UsageError
@@ -32,6 +32,7 @@ from igdtrigger.core.model import (
     ProcessSeen,
     format_duration,
 )
+from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 from igdtrigger.detect.base import Detector
 from igdtrigger.gateway.base import Gateway
 from igdtrigger.netutil import host_key

@@ -43,6 +43,7 @@ from igdtrigger.core.errors import (
 from igdtrigger.core.errors import (
     MalformedReply as MalformedReply,  # the one class, re-exported here
 )
+from igdtrigger.core.pinhole import PINHOLE_MAX_LEASE
 from igdtrigger.gateway.base import counts_as_public
 
 MAX_DESCRIPTION = 256 * 1024
@@ -63,7 +64,6 @@ _SERVICE_RANK = {
 
 # IPv6 inbound pinholes (IGDv2): a separate service next to the connection services.
 FIREWALL_SERVICE = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
-PINHOLE_MAX_LEASE = 86400  # WANIPv6FirewallControl: LeaseTime 1..86400
 
 
 def _local(tag: str) -> str:

@@ -16,11 +16,11 @@ import ipaddress
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from igdtrigger.core.errors import GatewayNotFound, GatewayUnreachable
 from igdtrigger.core.model import PinholeSpec
+from igdtrigger.core.pinhole import FirewallInfo
 from igdtrigger.gateway.upnp.codec import (
     FIREWALL_SERVICE,
     UpnpFault,
@@ -33,15 +33,6 @@ from igdtrigger.gateway.upnp.codec import (
     pinhole_uid,
 )
 from igdtrigger.gateway.upnp.soap import http_request
-
-
-@dataclass(frozen=True, slots=True)
-class FirewallInfo:
-    location: str  # the description it was found in
-    control_url: str  # the service's control URL, host replaced by the router's IPv6 address
-    connect_to: str  # that address as connected to (with its %zone when link-local)
-    enabled: bool  # GetFirewallStatus: FirewallEnabled
-    inbound_allowed: bool  # GetFirewallStatus: InboundPinholeAllowed
 
 
 def router_ipv6() -> tuple[str, str] | None:
