@@ -220,7 +220,7 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     client = Client(where.url, token=chosen, timeout=3.0, admin_socket=sock, token_uid=uid,
                     token_guessed=guessed)
     try:
-        health = client.request("GET", "/healthz")
+        health = client.health()
     except IgdTriggerError as exc:
         return [Check("warn", "api", f"no service at {where.url} ({where.how}): {exc}",
                       "start it: `igdtrigger serve`, `systemctl start igdtrigger` or "
@@ -228,7 +228,7 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     out = [Check("ok", "api", f"service {health.get('version', '?')} answers at {where.url} "
                  f"({where.how})")]
     try:
-        status = client.request("GET", "/api/v1/status")
+        status = client.status()
     except ApiError as exc:
         if exc.status == 401:
             out.append(Check("ok", "api access", "status needs the admin token from here",

@@ -330,7 +330,7 @@ def live_service_tag(config: Config) -> tuple[bool, str | None]:
 
     client = Client(config.api.url, token=read_token(config.state_dir), timeout=2.0)
     try:
-        status = client.request("GET", "/api/v1/status")
+        status = client.status()
     except IgdTriggerError as exc:
         answered = getattr(exc, "status", None) is not None
         return answered, None

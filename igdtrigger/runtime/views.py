@@ -28,6 +28,7 @@ __all__ = [
     "ActivationState",
     "ActivationView",
     "DetectorView",
+    "HealthView",
     "PortView",
     "StatusView",
     "activation_view",
@@ -85,6 +86,15 @@ class DetectorView(TypedDict):
     detail: NotRequired[str]
     events_seen: NotRequired[int]
     tracking: NotRequired[dict[str, Any]]
+
+
+class HealthView(TypedDict):
+    """``GET /healthz``: ``ok`` false (HTTP 503) names a dead or stuck scheduler in ``error``."""
+
+    ok: bool
+    gateway_up: bool
+    version: str
+    error: NotRequired[str]
 
 
 class StatusView(TypedDict):
