@@ -53,6 +53,7 @@ __all__ = [
     "caller_of",
     "error_response",
     "host_allowed",
+    "local_names",
     "make_caller",
     "origin_matches",
 ]
@@ -202,3 +203,17 @@ def origin_matches(origin: str, host_header: str) -> bool:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         return False
     return parsed.netloc.lower() == host_header.strip().lower()
+
+
+def local_names() -> frozenset[str]:
+    """The names this host answers to in ``Host`` without the token: ``localhost``, its host
+    name, the name's first label and ``<label>.local``."""
+    names = {"localhost"}
+    try:
+        host = socket.gethostname().lower().rstrip(".")
+    except OSError:
+        return frozenset(names)
+    if host:
+        short = host.split(".")[0]
+        names |= {host, short, f"{short}.local"}
+    return frozenset(names)

@@ -69,6 +69,7 @@ from igdtrigger.api.access import (
     caller_of,
     error_response,
     host_allowed,
+    local_names,
     make_caller,
     origin_matches,
 )
@@ -521,18 +522,6 @@ async def _close_streams(app: web.Application) -> None:
     app[SERVICE].hub.close_all()
 
 
-def _local_names() -> frozenset[str]:
-    names = {"localhost"}
-    try:
-        host = socket.gethostname().lower().rstrip(".")
-    except OSError:
-        return frozenset(names)
-    if host:
-        short = host.split(".")[0]
-        names |= {host, short, f"{short}.local"}
-    return frozenset(names)
-
-
 # (method, path, handler, access): the one table of routes; the OpenAPI test walks it too.
 ROUTES: tuple[tuple[str, str, Handler, Access], ...] = (
     ("GET", "/healthz", healthz, Access.PUBLIC),
@@ -578,7 +567,7 @@ def make_app(
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[SETTINGS] = ApiSettings(
         public_read=cfg.public_read if public_read is None else public_read,
-        allowed_hosts=_local_names() | frozenset(
+        allowed_hosts=local_names() | frozenset(
             h.lower() for h in (cfg.allowed_hosts if allowed_hosts is None else allowed_hosts)),
         sse_heartbeat=sse_heartbeat,
         sse_write_timeout=sse_write_timeout,
