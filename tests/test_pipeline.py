@@ -20,7 +20,8 @@ from igdtrigger.config import parse_config
 from igdtrigger.core.engine import Source
 from igdtrigger.runtime.pipeline import STUCK_AFTER
 from igdtrigger.runtime.service import Service
-from igdtrigger.sim.router import SimulatedRouter, run_in_thread
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import run_in_thread
 
 from .fakes import FakeClock, FakeGateway
 

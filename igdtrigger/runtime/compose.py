@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 from igdtrigger.config import Config
 from igdtrigger.detect.base import Detector
-from igdtrigger.gateway.base import Gateway
+from igdtrigger.gateway.base import Gateway, RouterChange
 
 if TYPE_CHECKING:
     from igdtrigger.detect.hostmap import HostMap as HostMap
     from igdtrigger.detect.nfttrack import KernelTracking as KernelTracking
     from igdtrigger.detect.process import Matcher as Matcher
-    from igdtrigger.gateway.upnp.codec import RouterChange as RouterChange
     from igdtrigger.gateway.upnp.pinhole import FirewallClient as FirewallClient
     from igdtrigger.gateway.upnp.ssdpwatch import NotifyWatcher as NotifyWatcher
     from igdtrigger.sim.router import SimulatedIgdServer as SimulatedIgdServer
@@ -32,7 +31,6 @@ __all__ = [
     "KernelTracking",
     "Matcher",
     "NotifyWatcher",
-    "RouterChange",
     "SimulatedIgdServer",
     "build_detectors",
     "build_gateway",
@@ -45,7 +43,6 @@ __all__ = [
     "nat_pmp_candidates",
     "notify_watcher",
     "process_scan",
-    "router_leaving",
     "set_lost_state_handler",
     "simulated_router",
     "start_simulator",
@@ -147,13 +144,6 @@ def forget_connection(gateway: Gateway, location: str | None = None) -> None:
     from igdtrigger.gateway.select import forget_connection as select
 
     select(gateway, location)
-
-
-def router_leaving(change: RouterChange) -> bool:
-    """True when the router's SSDP NOTIFY says it is going away (byebye)."""
-    from igdtrigger.gateway.upnp.codec import RouterChangeKind
-
-    return change.kind is RouterChangeKind.LEAVING
 
 
 def notify_watcher(location: str, local_address: str, on_change: Callable[[RouterChange], None],

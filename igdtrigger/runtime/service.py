@@ -34,7 +34,7 @@ from igdtrigger.core.model import (
 )
 from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 from igdtrigger.detect.base import Detector
-from igdtrigger.gateway.base import Gateway
+from igdtrigger.gateway.base import Gateway, RouterChange, RouterChangeKind
 from igdtrigger.netutil import host_key
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.detectors import Detectors, DetectorStatus
@@ -54,7 +54,7 @@ from igdtrigger.runtime.views import (
 )
 
 if TYPE_CHECKING:
-    from igdtrigger.runtime.compose import KernelTracking, NotifyWatcher, RouterChange
+    from igdtrigger.runtime.compose import KernelTracking, NotifyWatcher
 
 __all__ = [
     "APPLY_WAIT",
@@ -218,7 +218,7 @@ class Service:
         await watcher.start()
 
     def _router_changed(self, change: RouterChange) -> None:
-        if compose.router_leaving(change):
+        if change.kind is RouterChangeKind.LEAVING:
             log.warning("%s: mappings are re-applied when it is back", change.reason)
             return
         self.router_announcements += 1
