@@ -44,7 +44,6 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from igdtrigger import __version__
 from igdtrigger.api.access import (
     ACCESS,
     BODY_TIMEOUT,
@@ -95,6 +94,7 @@ from igdtrigger.core.errors import (
     UnsupportedMedia,
     UsageError,
 )
+from igdtrigger.core.version import __version__
 from igdtrigger.netutil import Network, interface_networks
 from igdtrigger.runtime.events import Event, Subscriber
 from igdtrigger.runtime.service import Service

@@ -13,7 +13,7 @@ import math
 import threading
 from typing import TYPE_CHECKING
 
-from igdtrigger import __version__
+from igdtrigger.core.version import __version__
 
 if TYPE_CHECKING:
     from igdtrigger.api.httpguard import ConnectionGuard

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, cast
 
-from igdtrigger import __version__
 from igdtrigger.core.engine import Activation
 from igdtrigger.core.model import MappingKey
+from igdtrigger.core.version import __version__
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.mapper import MapState
 from igdtrigger.runtime.pinholes import PinholeState
