@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.runtime.service import Service
 
 from .fakes import ApiClient, FakeClock, FakeGateway

@@ -35,7 +35,7 @@ from igdtrigger.api.httpguard import (
 )
 from igdtrigger.cli import client as client_mod
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import GatewayUnreachable, LocalResourceError, socket_fault
 from igdtrigger.core.model import MappingSpec
 from igdtrigger.runtime.logthrottle import PerKindThrottle

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source, description_for
+from igdtrigger.core.activation import Source, description_for
 from igdtrigger.core.errors import JournalError
 from igdtrigger.core.model import MappingSpec, Proto
 from igdtrigger.runtime.journal import FILENAME, FORMAT, Journal

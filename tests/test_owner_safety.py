@@ -151,7 +151,7 @@ async def test_another_hosts_mapping_is_still_rechecked_at_the_slow_pace() -> No
 async def test_a_service_stop_cut_short_says_how_many_are_left_and_journals_exactly_those(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from igdtrigger.config import parse_config
-    from igdtrigger.core.engine import Source
+    from igdtrigger.core.activation import Source
     from igdtrigger.runtime.service import Service
 
     clock = FakeClock()

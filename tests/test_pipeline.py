@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.runtime.pipeline import STUCK_AFTER
 from igdtrigger.runtime.service import Service
 from igdtrigger.sim.device import SimulatedRouter

@@ -16,7 +16,7 @@ from igdtrigger.api.metrics import Metrics
 from igdtrigger.cli.gatewaycmd import _lease_test
 from igdtrigger.cli.main import _lease_text
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
 from igdtrigger.gateway.base import RouterChangeKind
 from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import UsageError
 from igdtrigger.core.model import MappingSpec, Proto
 from igdtrigger.gateway.base import Granted

@@ -23,7 +23,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from igdtrigger.api.httpguard import ConnectionGuard
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.api.ratelimit import RateLimiter
-from igdtrigger.core.engine import is_lan_source
+from igdtrigger.core.matching import is_lan_source
 from igdtrigger.netutil import Network, host_key
 from igdtrigger.runtime.service import Service
 

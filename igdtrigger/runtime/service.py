@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_state_dir
 from igdtrigger.core import policy
-from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
+from igdtrigger.core.activation import Activation, Event, EventKind, Source
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, UsageError
 from igdtrigger.core.model import (
     Flow,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, cast
 
-from igdtrigger.core.engine import Activation
+from igdtrigger.core.activation import Activation
 from igdtrigger.core.model import MappingKey
 from igdtrigger.core.version import __version__
 from igdtrigger.runtime import compose
