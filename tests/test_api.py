@@ -84,7 +84,7 @@ async def test_ttl_lapses_and_ports_close(client: ApiClient, svc: Service,
     assert svc.gateway.info is not None
     clock.advance(31)
     svc.wake()
-    await svc._wait_applied(svc.engine.generation + 1, 0.5)  # scheduler expires it
+    await svc._wait_applied(svc.pipeline.engine.generation + 1, 0.5)  # scheduler expires it
     r = await client.get("/api/v1/activations")
     assert (await r.json())["activations"] == []
     assert isinstance(svc.gateway, FakeGateway) and svc.gateway.ports() == {}

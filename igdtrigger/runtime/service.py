@@ -35,7 +35,7 @@ from igdtrigger.core.model import (
 )
 from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 from igdtrigger.detect.base import Detector
-from igdtrigger.gateway.base import Gateway, RouterChange, RouterChangeKind
+from igdtrigger.gateway.base import Gateway, GatewayInfo, RouterChange, RouterChangeKind
 from igdtrigger.netutil import host_key
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.detectors import Detectors, DetectorStatus
@@ -43,15 +43,16 @@ from igdtrigger.runtime.events import EventHub
 from igdtrigger.runtime.journal import Journal, boot_clock, no_boot_clock
 from igdtrigger.runtime.leftovers import dead_runs
 from igdtrigger.runtime.mapper import Applied, Mapper
-from igdtrigger.runtime.pinholes import PinholeKeeper
 from igdtrigger.runtime.pipeline import Pipeline, Settings
 from igdtrigger.runtime.state import derived_tag, load_or_create_secret
 from igdtrigger.runtime.views import (
     STATUS_ACTIVATIONS,
     ActivationView,
     StatusView,
+    Tallies,
     activation_view,
     status_view,
+    tallies,
 )
 
 if TYPE_CHECKING:
@@ -116,6 +117,10 @@ class Service:
                             if config.gateway.ipv6_pinholes else None),
             ipv6_addresses=compose.ipv6_addresses, local_address=self.local_address,
             reopen_journal=self._reopen_journal, after_round=self._watch_router)
+        # the pipeline's parts this façade drives (fixed for its life; the journal is not:
+        # a reopened one replaces it, so it is read as self.pipeline.journal)
+        self._engine: Engine = self.pipeline.engine
+        self._mapper: Mapper = self.pipeline.mapper
         self._flows_listed: set[str] = set()  # flow detectors whose first look is reported
         self.restored = self.pipeline.restore(dead_runs(self.journal_dir),
                                               adhoc=self._adhoc_allowed)
@@ -126,7 +131,7 @@ class Service:
         self._stopping = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = compose.host_map(self.local_address, clock=clock)
-        self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
+        self._engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -134,23 +139,6 @@ class Service:
     def _upnp_location(self) -> str | None:
         info = self.gateway.info
         return info.location if info is not None and info.protocol == "upnp-igd" else None
-
-    # the pipeline's parts, for the API and the tests
-    @property
-    def engine(self) -> Engine:
-        return self.pipeline.engine
-
-    @property
-    def mapper(self) -> Mapper:
-        return self.pipeline.mapper
-
-    @property
-    def pinholes(self) -> PinholeKeeper | None:
-        return self.pipeline.pinholes
-
-    @property
-    def journal(self) -> Journal:
-        return self.pipeline.journal
 
     def desired(self) -> dict[MappingKey, Any]:
         return self.pipeline.desired()
@@ -161,34 +149,44 @@ class Service:
     @property
     def gateway_up(self) -> bool:
         """The router answered the last call."""
-        return self.mapper.gateway_up
+        return self._mapper.gateway_up
 
     @property
     def gateway_error(self) -> str:
         """Why the router is down ("" while up or not asked yet)."""
-        return self.mapper.gateway_error
+        return self._mapper.gateway_error
+
+    @property
+    def gateway_info(self) -> GatewayInfo | None:
+        """What the router said about itself (protocol, addresses, backend); ``None`` until it
+        has been found."""
+        return self.gateway.info
+
+    def tallies(self) -> Tallies:
+        """The counts ``/metrics`` exports, read now (``runtime.views.Tallies``)."""
+        return tallies(self)
 
     def find_activation(self, act_id: str) -> Activation:
         """The live activation ``act_id``. Raises ``ActivationNotFound``."""
-        return self.engine.get(act_id)
+        return self._engine.get(act_id)
 
     def rule_names(self) -> list[str]:
         """The configured rules' names."""
-        return list(self.engine.rules)
+        return list(self._engine.rules)
 
     def mapping_snapshot(self) -> list[dict[str, Any]]:
         """The mappings as ``GET /api/v1/mappings`` lists them."""
-        return self.mapper.snapshot()
+        return self._mapper.snapshot()
 
     def counts(self) -> tuple[int, int]:
         """(live activations, mappings held)."""
-        return len(self.engine.activations), len(self.mapper.applied)
+        return len(self._engine.activations), len(self._mapper.applied)
 
     def wire_detectors(self) -> None:
         """Give the detectors the engine's filters (flows no rule cares about are dropped
         before they cost anything)."""
-        compose.wire_detectors(self.detectors, wants=self.engine.wants,
-                               ports=self.engine.port_ranges(), follows=self.follows)
+        compose.wire_detectors(self.detectors, wants=self._engine.wants,
+                               ports=self._engine.port_ranges(), follows=self.follows)
 
     def health(self) -> str | None:
         """``None`` while the scheduler runs, else what is wrong with it (``Pipeline.health``)."""
@@ -225,7 +223,7 @@ class Service:
         self.router_announcements += 1
         log.warning("%s: reconnecting and re-applying every mapping", change.reason)
         compose.forget_connection(self.gateway, change.location)
-        self.mapper.retry_gateway_now()
+        self._mapper.retry_gateway_now()
         self.pipeline.router_lost_state(change.reason)
 
     def _reopen_journal(self) -> Journal:
@@ -283,8 +281,8 @@ class Service:
         removed = await self.pipeline.remove_all(timeout)
         # A clean stop ends what it held: the next start restores nothing (only a crash does);
         # mappings the router did not confirm deleting stay journaled and are removed then.
-        self.journal.close()
-        left = self.mapper.left_open
+        self.pipeline.journal.close()
+        left = self._mapper.left_open
         if left:
             log.error("stopped; removed %d mapping(s); %d still open on the router: %s", removed,
                       len(left), "; ".join(x.describe() for x in left))
@@ -295,7 +293,7 @@ class Service:
     # --- inputs --------------------------------------------------------------------------------
 
     def on_flow(self, flow: Flow) -> None:
-        if self.engine.on_flow(flow):
+        if self._engine.on_flow(flow):
             self.wake()
 
     def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
@@ -305,27 +303,27 @@ class Service:
             running = {t.get_name() for t in self._tasks if not t.done()}  # started, alive
             if all(d.name in self._flows_listed for d in self.detectors
                    if getattr(d, "holds_flows", False) and d.name in running) \
-                    and self.engine.settle_restored():
+                    and self._engine.settle_restored():
                 self.wake()  # every flow detector looked: restored holds not found close
             return
         if isinstance(obs, ProcessSeen):
             host = self.local_address()
-            if host is not None and obs.names and self.engine.on_process(obs.names, host):
+            if host is not None and obs.names and self._engine.on_process(obs.names, host):
                 self.wake()
             return
         flow = self._as_v4(obs if isinstance(obs, Flow) else obs.flow)
         if flow is None:
             return
         if isinstance(obs, FlowEnded):
-            self.engine.on_flow_ended(flow, closed=obs.closed)
+            self._engine.on_flow_ended(flow, closed=obs.closed)
             self.wake()  # the idle timer may have started: reschedule
         elif isinstance(obs, FlowLive):
-            created = self.engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
+            created = self._engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
             # packets only move expiries later (the scheduler finds that when it wakes); a new
             # activation, or a connection that stopped holding (its timer now runs), needs it now
             if created or (not obs.connected and obs.idle is None):
                 self.wake()
-        elif self.engine.on_flow(flow):
+        elif self._engine.on_flow(flow):
             self.wake()
 
     def _as_v4(self, flow: Flow) -> Flow | None:
@@ -333,7 +331,7 @@ class Service:
         address (the IPv4 mappings go there); other IPv6 flows are not ours to judge."""
         if not isinstance(flow.src, ipaddress.IPv6Address):
             return flow
-        if not self.engine.index.match(flow.proto, flow.dport):
+        if not self._engine.index.match(flow.proto, flow.dport):
             return None
         v4 = self.hostmap.ipv4_for(flow.src)
         if v4 is None:
@@ -343,7 +341,7 @@ class Service:
     def follows(self, flow: Flow) -> bool:
         """Detectors keep looking at a flow while the engine follows it."""
         v4 = self._as_v4(flow)
-        return v4 is not None and self.engine.follows(v4)
+        return v4 is not None and self._engine.follows(v4)
 
     def _origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         """Where a triggering flow came from (Engine.origin_of): this machine, or its
@@ -384,14 +382,14 @@ class Service:
             raise UsageError("service is shutting down")
         if tokenless:
             if source is Source.API:
-                for act in self.engine.activations.values():
+                for act in self._engine.activations.values():
                     if (act.host, act.rule.name, act.source) == (host, rule, Source.API):
-                        self.engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
+                        self._engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
                         if meta:  # replaced, not merged: refreshes must not grow it
                             act.meta = dict(meta)
                         return await self._once_applied(act, wait)
             self._check_host_limit(host)
-        act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
+        act = self._engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 
     def _check_host_limit(self, host: str) -> None:
@@ -399,16 +397,16 @@ class Service:
         per /64 (one host may use any number of addresses in its prefix)."""
         limit = self.config.api.max_per_host
         key = host_key(host)
-        live = sum(1 for a in self.engine.activations.values()
+        live = sum(1 for a in self._engine.activations.values()
                    if a.source in (Source.API, Source.RUN) and host_key(a.host) == key)
         if live >= limit:
-            self.engine.refused["per_host"] += 1
+            self._engine.refused["per_host"] += 1
             raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
                                   "max_per_host limit; end one first")
 
     async def _once_applied(self, act: Activation, wait: float) -> ActivationView:
         """The activation as the API reports it, once the router answered (or ``wait`` s)."""
-        await self._wait_applied(self.engine.generation, wait)
+        await self._wait_applied(self._engine.generation, wait)
         return self.activation_json(act)
 
     async def activate_adhoc(
@@ -438,34 +436,34 @@ class Service:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
                                f"({format_duration(adhoc.max_ttl)})")
         key = host_key(host)
-        live = sum(1 for a in self.engine.activations.values()
+        live = sum(1 for a in self._engine.activations.values()
                    if a.rule.name.startswith(ADHOC_PREFIX) and host_key(a.host) == key)
         if live >= adhoc.per_host:
             raise AdhocRefused(f"{host} already holds {live} ad-hoc activation(s), the "
                                f"[api] adhoc_per_host limit; deactivate one first")
         if tokenless:
             self._check_host_limit(host)
-        act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
+        act = self._engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
         return await self._once_applied(act, wait)
 
     def _adhoc_allowed(self, ports: tuple[PortRange, ...]) -> bool:
         return policy.adhoc_permitted(self.config.api.adhoc, ports)
 
     async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> ActivationView:
-        act = self.engine.deactivate(act_id)
-        await self._wait_applied(self.engine.generation, wait)
+        act = self._engine.deactivate(act_id)
+        await self._wait_applied(self._engine.generation, wait)
         return self.activation_json(act, include_ports=False)
 
     def heartbeat(self, act_id: str, ttl: float | None,
                   self_mapped: bool | None = None) -> ActivationView:
         """Extend an activation; ``self_mapped``: its host reports it maps the ports itself
         (True; only after this service was refused them as secure mode) or no longer (False)."""
-        act = self.engine.heartbeat(act_id, ttl)
+        act = self._engine.heartbeat(act_id, ttl)
         # taken only when true: after the router refused this host's ports to us as secure
         # mode (else ignored; the answer's state says which holds)
         if (self_mapped is not None and self_mapped != act.self_mapped
                 and (not self_mapped or self._refused_self_only(act))):
-            self.engine.set_self_mapped(act_id, self_mapped)
+            self._engine.set_self_mapped(act_id, self_mapped)
             log.info("rule %s for %s: %s", act.rule.name, act.host,
                      "mapped by that host itself (the router only lets a host map ports to "
                      "itself)" if self_mapped else "mapped by this service again")
@@ -477,7 +475,7 @@ class Service:
     def _refused_self_only(self, act: Activation) -> bool:
         for rng in act.rule.open:
             for port in rng:
-                app = self.mapper.applied.get(MappingKey(rng.proto, port))
+                app = self._mapper.applied.get(MappingKey(rng.proto, port))
                 if app is not None and app.spec.internal_client == act.host and app.self_only:
                     return True
         return False
@@ -536,7 +534,7 @@ class Service:
 
     def sorted_activations(self) -> list[Activation]:
         """Live activations, oldest first (the order pages of the API follow)."""
-        return sorted(self.engine.activations.values(), key=lambda a: a.seq)
+        return sorted(self._engine.activations.values(), key=lambda a: a.seq)
 
     def rules(self) -> list[Rule]:
         return list(self.config.rules)
