@@ -350,8 +350,8 @@ async def post_activation(request: web.Request) -> web.Response:
     if req.open is not None:
         if svc.config.api.adhoc.admin_only and not caller.admin:
             raise Forbidden("ad-hoc ports need the admin token here ([api] adhoc_admin_only)")
-        result = await svc.activate_adhoc(list(req.open), host, ttl=req.ttl, source=req.source,
-                                          meta=req.meta, tokenless=not caller.admin)
+        result = await svc.activate(list(req.open), host, ttl=req.ttl, source=req.source,
+                                    meta=req.meta, tokenless=not caller.admin)
         return web.json_response(result, status=201)
     assert req.rule is not None
     if req.rule not in svc.rule_names():

@@ -365,7 +365,7 @@ class Service:
 
     async def activate(
         self,
-        rule: str,
+        what: str | list[str],
         host: str,
         *,
         ttl: float | None,
@@ -374,12 +374,28 @@ class Service:
         wait: float = APPLY_WAIT,
         tokenless: bool = False,
     ) -> ActivationView:
-        """Activate ``rule`` for ``host``. ``tokenless`` (an API client acting for itself):
-        its live activation of the same rule is refreshed instead of a second one being made
-        (``source = "api"``), and at most ``[api] max_per_host`` live activations per host
-        (``ActivationLimit``, HTTP 429)."""
+        """Activate ``what`` for ``host`` and answer once the router did (or after ``wait`` s).
+
+        ``what``: a configured rule's name, or a list of ad-hoc port specs (``["udp/40000"]``,
+        see ``_adhoc_activation``). ``ttl`` in seconds (``None``: the rule's idle timeout, the
+        ad-hoc maximum). ``tokenless`` (an API client acting for itself): at most ``[api]
+        max_per_host`` live activations per host (``ActivationLimit``, HTTP 429), and its live
+        activation of the same rule is refreshed instead of a second one being made (``source =
+        "api"``). Raises ``UsageError`` while shutting down, ``RuleNotFound``, ``AdhocRefused``.
+        """
         if self._stopping:
             raise UsageError("service is shutting down")
+        if isinstance(what, list):
+            act = self._adhoc_activation(what, host, ttl=ttl, source=source, meta=meta,
+                                         tokenless=tokenless)
+        else:
+            act = self._rule_activation(what, host, ttl=ttl, source=source, meta=meta,
+                                        tokenless=tokenless)
+        await self._wait_applied(self._engine.generation, wait)
+        return self.activation_json(act)
+
+    def _rule_activation(self, rule: str, host: str, *, ttl: float | None, source: Source,
+                         meta: dict[str, str] | None, tokenless: bool) -> Activation:
         if tokenless:
             if source is Source.API:
                 for act in self._engine.activations.values():
@@ -387,10 +403,9 @@ class Service:
                         self._engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
                         if meta:  # replaced, not merged: refreshes must not grow it
                             act.meta = dict(meta)
-                        return await self._once_applied(act, wait)
+                        return act
             self._check_host_limit(host)
-        act = self._engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
-        return await self._once_applied(act, wait)
+        return self._engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
 
     def _check_host_limit(self, host: str) -> None:
         """At most ``[api] max_per_host`` tokenless activations per host; IPv6 addresses count
@@ -404,28 +419,13 @@ class Service:
             raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
                                   "max_per_host limit; end one first")
 
-    async def _once_applied(self, act: Activation, wait: float) -> ActivationView:
-        """The activation as the API reports it, once the router answered (or ``wait`` s)."""
-        await self._wait_applied(self._engine.generation, wait)
-        return self.activation_json(act)
-
-    async def activate_adhoc(
-        self,
-        specs: list[str],
-        host: str,
-        *,
-        ttl: float | None,
-        source: Source,
-        meta: dict[str, str] | None = None,
-        wait: float = APPLY_WAIT,
-        tokenless: bool = False,
-    ) -> ActivationView:
+    def _adhoc_activation(self, specs: list[str], host: str, *, ttl: float | None,
+                          source: Source, meta: dict[str, str] | None,
+                          tokenless: bool) -> Activation:
         """Open ports the request names (no rule): only with ``[api] allow_adhoc``, only
         ports inside ``adhoc_ports``, at most ``adhoc_max_ports`` for ``adhoc_max_ttl``, at
         most ``adhoc_per_host`` per host (an IPv6 host: its /64). ``tokenless``: they count
         towards ``[api] max_per_host`` as well (``ActivationLimit``)."""
-        if self._stopping:
-            raise UsageError("service is shutting down")
         adhoc = self.config.api.adhoc
         if not adhoc.enabled:
             raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
@@ -443,8 +443,7 @@ class Service:
                                f"[api] adhoc_per_host limit; deactivate one first")
         if tokenless:
             self._check_host_limit(host)
-        act = self._engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
-        return await self._once_applied(act, wait)
+        return self._engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
 
     def _adhoc_allowed(self, ports: tuple[PortRange, ...]) -> bool:
         return policy.adhoc_permitted(self.config.api.adhoc, ports)
