@@ -86,7 +86,7 @@ def raise_fd_limit() -> int:
     under a seccomp filter we leave it to the unit, since setrlimit may be forbidden there).
     Returns the soft limit now in force (a large number where there is no such limit)."""
     try:
-        import resource
+        import resource  # POSIX only: the ImportError below is the Windows case
     except ImportError:  # Windows
         return 1 << 16
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -68,6 +68,8 @@ class QuietBadRequests(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:
             return True
+        # only once a record carries an exception: `run` (standalone) imports this module
+        # through the pipeline and must not load aiohttp
         from aiohttp.http_exceptions import HttpProcessingError
 
         peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"

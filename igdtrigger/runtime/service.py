@@ -36,7 +36,7 @@ from igdtrigger.core.model import (
 from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 from igdtrigger.detect.base import Detector
 from igdtrigger.gateway.base import Gateway, GatewayInfo, RouterChange, RouterChangeKind
-from igdtrigger.netutil import host_key
+from igdtrigger.netutil import guess_lan_address, host_key
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.detectors import Detectors, DetectorStatus
 from igdtrigger.runtime.events import EventHub
@@ -356,8 +356,6 @@ class Service:
         info = self.gateway.info
         if info is not None:
             return info.local_address
-        from igdtrigger.netutil import guess_lan_address
-
         return guess_lan_address(self.config.gateway.url)
 
     def wake(self) -> None:
