@@ -79,6 +79,8 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class Access(enum.StrEnum):
+    """What an endpoint requires: ``public`` (anyone), ``read`` (the token, loopback, or a LAN
+    client with ``[api] public_read``), ``act`` (the token, or a LAN client acting for itself)."""
     PUBLIC = "public"
     READ = "read"
     ACT = "act"
@@ -86,6 +88,9 @@ class Access(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
+    """The ``[api]`` settings the access checks read: ``sse_heartbeat`` and ``sse_write_timeout`` in
+    seconds; ``allow`` the networks whose clients count as LAN (empty: private and link-local
+    addresses); ``allowed_hosts`` the extra ``Host`` names this service answers to."""
     public_read: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     sse_heartbeat: float = SSE_HEARTBEAT
@@ -109,6 +114,7 @@ class ApiSettings:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
+    """Who is asking, decided once per request by ``make_caller``."""
     address: str  # the client's IP address ("" if unknown)
     loopback: bool  # on this machine (a loopback address, or the local admin socket)
     admin: bool  # carries the admin token, or came over the local admin socket
@@ -163,6 +169,8 @@ def _over_admin_socket(request: web.Request) -> bool:
 
 
 def caller_of(request: web.Request) -> Caller:
+    """The ``Caller`` the guard middleware stored on ``request``, or a fresh one (``make_caller``)
+    on a route without the guard."""
     caller = request.get(CALLER)
     if caller is None:  # route without the guard (tests calling handlers directly)
         caller = make_caller(request)
@@ -170,6 +178,9 @@ def caller_of(request: web.Request) -> Caller:
 
 
 def make_caller(request: web.Request) -> Caller:
+    """Decide who ``request`` comes from: the local admin socket is an admin on loopback; else its
+    address, whether it carries the admin token, and whether ``ApiSettings.is_lan`` lets it act
+    (and read, with ``public_read``) without one."""
     if _over_admin_socket(request):
         return Caller("127.0.0.1", True, True, True, True)
     address, loopback = _remote_address(request)
@@ -199,6 +210,8 @@ def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
 
 
 def origin_matches(origin: str, host_header: str) -> bool:
+    """Is ``origin`` (a browser's ``Origin`` header) an http(s) URL of the same host and port as
+    ``host_header``? A cross-site page fails: CSRF protection for unsafe methods."""
     parsed = urllib.parse.urlsplit(origin)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         return False

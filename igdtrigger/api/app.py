@@ -124,6 +124,9 @@ __all__ = [
 log = logging.getLogger("igdtrigger.api.app")
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into the API's JSON error shape (``IgdTriggerError`` subclasses carry their
+    HTTP status; anything unexpected is a logged 500), count responses by status and time each
+    route for ``/metrics``."""
     counts = request.app[STATUS_COUNTS]
     started = time.perf_counter()
     try:
@@ -279,6 +282,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 ``{"ready": true, ...}`` once the router answers; 503 with ``error``
+    saying why not (a container orchestrator's readiness probe)."""
     svc = request.app[SERVICE]
     up = svc.gateway_up
     body: dict[str, Any] = {"ready": up, "gateway_up": up}
@@ -288,6 +293,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
+    """``GET /api/v1/status``: ``StatusView`` (at most ``STATUS_ACTIVATIONS`` activations) plus the
+    open API connections."""
     body = request.app[SERVICE].status(max_activations=STATUS_ACTIVATIONS)
     guard = request.app.get(GUARD)
     if guard is not None:
@@ -296,10 +303,13 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_rules(request: web.Request) -> web.Response:
+    """``GET /api/v1/rules``: ``{"rules": [...]}``, the configured rules as JSON."""
     return web.json_response({"rules": [r.to_json() for r in request.app[SERVICE].rules()]})
 
 
 async def get_mappings(request: web.Request) -> web.Response:
+    """``GET /api/v1/mappings``: ``{"mappings": [...]}``, each mapping this service holds or wants
+    and its state on the router."""
     return web.json_response({"mappings": request.app[SERVICE].mapping_snapshot()})
 
 
@@ -334,6 +344,9 @@ async def get_activations(request: web.Request) -> web.Response:
 
 
 async def post_activation(request: web.Request) -> web.Response:
+    """``POST /api/v1/activations``: 201 with the ``ActivationView``. Without the admin token a
+    client may act only for its own address (403), ad-hoc ports may need the token
+    (``adhoc_admin_only``); 404 for an unknown rule, 400 for a malformed body."""
     svc = request.app[SERVICE]
     req = parse_activation(await _json_body(request))
     caller = caller_of(request)
@@ -370,6 +383,8 @@ def _check_owner(request: web.Request, act_id: str) -> None:
 
 
 async def delete_activation(request: web.Request) -> web.Response:
+    """``DELETE /api/v1/activations/{id}``: ends it; the ``ActivationView`` once the router was
+    told. 404 unknown, 403 another host's (without the token)."""
     svc = request.app[SERVICE]
     act_id = request.match_info["id"]
     _check_owner(request, act_id)
@@ -377,6 +392,8 @@ async def delete_activation(request: web.Request) -> web.Response:
 
 
 async def refresh_activation(request: web.Request) -> web.Response:
+    """``POST /api/v1/activations/{id}/refresh``: extends it (``RefreshRequest``); 400 for a
+    malformed body before 404 for an unknown activation."""
     svc = request.app[SERVICE]
     act_id = request.match_info["id"]
     body = await _json_body(request)
@@ -387,6 +404,8 @@ async def refresh_activation(request: web.Request) -> web.Response:
 
 
 async def get_activation(request: web.Request) -> web.Response:
+    """``GET /api/v1/activations/{id}``: its ``ActivationView``; 403 for another host's activation
+    without read access, 404 unknown."""
     svc = request.app[SERVICE]
     act = svc.find_activation(request.match_info["id"])
     if not caller_of(request).reader and act.host != _client_host(request):
@@ -395,10 +414,13 @@ async def get_activation(request: web.Request) -> web.Response:
 
 
 async def get_openapi(request: web.Request) -> web.Response:
+    """``GET /api/v1/openapi.json``: the OpenAPI 3.1 document of this API
+    (``openapi.build_openapi``)."""
     return web.json_response(build_openapi(__version__))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format 0.0.4 (``metrics.Metrics.render``), never cached."""
     text = request.app[METRICS].render(request.app[SERVICE], request.app[STATUS_COUNTS],
                                        request.app.get(GUARD))
     return web.Response(text=text, content_type="text/plain",
@@ -515,6 +537,7 @@ def _static_handler(filename: str, ctype: str) -> Handler:
 
 
 async def not_found(request: web.Request) -> web.Response:
+    """Any path no route serves: 404 in the API's JSON error shape."""
     return error_response(404, f"no such endpoint: {request.method} {request.path}")
 
 

@@ -55,6 +55,9 @@ ACCEPT_BATCH = 1024  # connections accepted per readiness event (the whole backl
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
+    """Bounds on API connections: ``header_timeout`` seconds to send the headers (and to stay idle
+    between keep-alive requests), at most ``per_client`` from one address, ``total`` from all
+    non-loopback addresses together, ``local`` from loopback and the admin socket."""
     header_timeout: float = 10.0  # seconds to send a request's headers (and keep-alive idle)
     per_client: int = 32  # connections from one address (not loopback)
     total: int = 512  # connections from all addresses but loopback, together
@@ -141,6 +144,7 @@ class ConnectionGuard:
         return None
 
     def release(self, client: str, local: bool) -> None:
+        """A connection ``admit`` let in has closed: its slot is free again."""
         if local:
             self.local -= 1
             return
@@ -150,6 +154,8 @@ class ConnectionGuard:
             del self.per_client[client]
 
     def refuse(self, client: str, why: str) -> None:
+        """Count a refused connection by ``why`` (an ``admit`` reason or ``"descriptors"``); running
+        out of descriptors is logged, at most once a minute."""
         self.refused[why] += 1
         now = asyncio.get_running_loop().time()
         if now - self._last_log.get(why, -3600.0) >= 60.0:

@@ -91,6 +91,8 @@ class _Writer:
 
 
 class Metrics:
+    """The ``/metrics`` collector: router-call and API-request histograms recorded as they happen
+    (thread-safe), everything else read from the ``Service`` at scrape time."""
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._latency: dict[str, _Histogram] = {}
@@ -117,6 +119,8 @@ class Metrics:
 
     def render(self, svc: Service, http_status: collections.Counter[int] | None = None,
                guard: ConnectionGuard | None = None) -> str:
+        """The exposition text (format 0.0.4) for ``svc`` now; ``http_status`` (responses by status
+        code) and ``guard`` (API connections) add their families when given."""
         w = _Writer()
         w.family("igdtrigger_info", "gauge", "Version and instance tag of this service.")
         w.sample("igdtrigger_info", 1, version=__version__, instance=svc.tag)
