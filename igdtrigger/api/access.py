@@ -81,6 +81,7 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 class Access(enum.StrEnum):
     """What an endpoint requires: ``public`` (anyone), ``read`` (the token, loopback, or a LAN
     client with ``[api] public_read``), ``act`` (the token, or a LAN client acting for itself)."""
+
     PUBLIC = "public"
     READ = "read"
     ACT = "act"
@@ -91,6 +92,7 @@ class ApiSettings:
     """The ``[api]`` settings the access checks read: ``sse_heartbeat`` and ``sse_write_timeout`` in
     seconds; ``allow`` the networks whose clients count as LAN (empty: private and link-local
     addresses); ``allowed_hosts`` the extra ``Host`` names this service answers to."""
+
     public_read: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     sse_heartbeat: float = SSE_HEARTBEAT
@@ -115,6 +117,7 @@ class ApiSettings:
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is asking, decided once per request by ``make_caller``."""
+
     address: str  # the client's IP address ("" if unknown)
     loopback: bool  # on this machine (a loopback address, or the local admin socket)
     admin: bool  # carries the admin token, or came over the local admin socket

@@ -58,6 +58,7 @@ class ConnectionLimits:
     """Bounds on API connections: ``header_timeout`` seconds to send the headers (and to stay idle
     between keep-alive requests), at most ``per_client`` from one address, ``total`` from all
     non-loopback addresses together, ``local`` from loopback and the admin socket."""
+
     header_timeout: float = 10.0  # seconds to send a request's headers (and keep-alive idle)
     per_client: int = 32  # connections from one address (not loopback)
     total: int = 512  # connections from all addresses but loopback, together

@@ -93,6 +93,7 @@ class _Writer:
 class Metrics:
     """The ``/metrics`` collector: router-call and API-request histograms recorded as they happen
     (thread-safe), everything else read from the ``Service`` at scrape time."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._latency: dict[str, _Histogram] = {}

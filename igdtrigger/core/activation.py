@@ -45,6 +45,7 @@ def check_ttl(ttl: float) -> None:
 class Source(enum.StrEnum):
     """What started an activation: detected ``traffic``, a running ``process``, an ``api`` request,
     or ``igdtrigger run`` (``run``)."""
+
     TRAFFIC = "traffic"
     PROCESS = "process"
     API = "api"
@@ -54,6 +55,7 @@ class Source(enum.StrEnum):
 class EventKind(enum.StrEnum):
     """What happened to an activation (``Event.kind``); the engine's ``on_event`` hook and the
     event stream carry it."""
+
     ACTIVATED = "activated"
     EXPIRED = "expired"
     DEACTIVATED = "deactivated"
@@ -65,6 +67,7 @@ class Activation:
     seconds: ``expires`` is ``inf`` while a live connection holds it (``held``); ``ttl`` is how
     long a heartbeat or trigger packet extends it; ``hits`` counts its triggers and refreshes;
     ``seq`` orders activations by creation."""
+
     id: str
     rule: Rule
     host: str
@@ -136,6 +139,7 @@ class Activation:
 class Event:
     """``activation`` went ``kind`` (activated, expired, deactivated) at ``at`` (engine clock,
     seconds)."""
+
     kind: EventKind
     activation: Activation
     at: float

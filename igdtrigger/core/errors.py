@@ -61,6 +61,7 @@ class UsageError(IgdTriggerError):
 
 class RuleNotFound(UsageError):
     """No configured rule is called ``name`` (HTTP 404); the message lists the known ones."""
+
     http_status = 404
 
     def __init__(self, name: str, known: list[str]) -> None:
@@ -71,6 +72,7 @@ class RuleNotFound(UsageError):
 
 class ActivationNotFound(UsageError):
     """No live activation has this id: it never existed or has lapsed (HTTP 404)."""
+
     http_status = 404
 
 

@@ -25,6 +25,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 class Proto(enum.StrEnum):
     """A transport protocol as UPnP IGD names it (``"TCP"``/``"UDP"``, upper case in SOAP)."""
+
     TCP = "TCP"
     UDP = "UDP"
 

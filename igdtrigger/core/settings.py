@@ -59,6 +59,7 @@ class GatewayConfig:
     """``[gateway]``: which router and how to talk to it. Times in seconds: ``lease`` asked for
     each mapping (renewed before it ends), ``verify_interval`` between full read-backs,
     ``check_interval`` between single-mapping checks."""
+
     url: str | None = None  # description URL; "simulate" starts the built-in simulated IGD
     lease: float = DEFAULT_LEASE
     discover_timeout: float = 2.0
@@ -102,6 +103,7 @@ class AdhocConfig:
 class ApiConfig:
     """``[api]``: where the HTTP API listens, who may use it without the token, its rate limits
     (requests per second per client and burst), ad-hoc ports and per-host bounds."""
+
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     public_read: bool = False  # read-only endpoints open to the LAN without the token
@@ -143,6 +145,7 @@ class ApiConfig:
 class DetectConfig:
     """``[detect]``: the detectors to run, their polling intervals in seconds, and whether the
     kernel is made to track trigger flows (``track_flows``, the nftables table)."""
+
     methods: tuple[str, ...] = DETECTORS
     explicit: bool = False  # methods named in the config (else sockets stands in for conntrack)
     socket_interval: float = 1.0
@@ -154,6 +157,7 @@ class DetectConfig:
 class Config:
     """A whole configuration: ``source`` names where it came from (a file path, or
     ``<defaults>``); ``state_dir`` ``None`` means the default state directory."""
+
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)

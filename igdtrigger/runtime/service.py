@@ -69,6 +69,12 @@ APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before ans
 
 
 class Service:
+    """The running service as the API sees it: one ``Pipeline`` (engine, mapper, pinholes, journal
+    on one scheduler) fed by ``detectors``, plus the event hub, the instance tag and API token
+    (files in ``state_dir``), and the router's announcements. ``clock`` is monotonic seconds,
+    ``wall`` epoch seconds (journal expiries that survive a reboot). Handlers call its methods
+    only; the pipeline's parts are ``self.pipeline.*`` (for ``serve``, ``run`` and the tests)."""
+
     def __init__(
         self,
         config: Config,
@@ -141,9 +147,11 @@ class Service:
         return info.location if info is not None and info.protocol == "upnp-igd" else None
 
     def desired(self) -> dict[MappingKey, Any]:
+        """The mappings the engine wants now, by key (``Pipeline.desired``)."""
         return self.pipeline.desired()
 
     def desired_pinholes(self) -> set[PinholeSpec]:
+        """The IPv6 pinholes wanted now (``Pipeline.desired_pinholes``)."""
         return self.pipeline.desired_pinholes()
 
     @property
@@ -233,6 +241,8 @@ class Service:
         return journal
 
     async def start(self) -> None:
+        """Start the scheduler and the detectors (those that cannot run here report why in
+        ``detector_status``)."""
         self._tasks.extend(self.pipeline.start())
         await self.supervisor.start()
         self.wake()
@@ -240,18 +250,23 @@ class Service:
     # the detectors' side, for the API and the tests
     @property
     def detectors(self) -> list[Detector]:
+        """The configured detectors, running or not."""
         return self.supervisor.detectors
 
     @property
     def detector_status(self) -> list[DetectorStatus]:
+        """Each detector's state: whether it runs and sees what it is for, else why not."""
         return self.supervisor.detector_status
 
     @property
     def tracking(self) -> KernelTracking | None:
+        """The nftables table that makes the kernel track trigger flows (``None``: no
+        conntrack detector)."""
         return self.supervisor.tracking
 
     @property
     def tracked_flows(self) -> int | None:
+        """New trigger flows the nftables counters saw (``None`` until read)."""
         return self.supervisor.tracked_flows
 
     @property
@@ -293,6 +308,8 @@ class Service:
     # --- inputs --------------------------------------------------------------------------------
 
     def on_flow(self, flow: Flow) -> None:
+        """Feed one new flow to the engine (as a flow detector reports it), waking the scheduler
+        when it changes what is wanted."""
         if self._engine.on_flow(flow):
             self.wake()
 
@@ -359,6 +376,7 @@ class Service:
         return guess_lan_address(self.config.gateway.url)
 
     def wake(self) -> None:
+        """Run the scheduler's next round now (something changed)."""
         self.pipeline.wake()
 
     async def activate(
@@ -447,6 +465,8 @@ class Service:
         return policy.adhoc_permitted(self.config.api.adhoc, ports)
 
     async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> ActivationView:
+        """End activation ``act_id`` and answer once the router was told (or after ``wait`` s): its
+        last ``ActivationView`` (``state = "ended"``). Raises ``ActivationNotFound``."""
         act = self._engine.deactivate(act_id)
         await self._wait_applied(self._engine.generation, wait)
         return self.activation_json(act, include_ports=False)
@@ -534,4 +554,5 @@ class Service:
         return sorted(self._engine.activations.values(), key=lambda a: a.seq)
 
     def rules(self) -> list[Rule]:
+        """The configured rules, in configuration order."""
         return list(self.config.rules)
