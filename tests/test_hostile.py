@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from igdtrigger.api import access as access_mod
 from igdtrigger.api import app as api_mod
 from igdtrigger.api.access import Caller
 from igdtrigger.api.app import make_app
@@ -120,7 +121,7 @@ async def test_deeply_nested_json_is_400(client: ApiClient) -> None:
 
 async def test_malformed_requests_count_against_the_rate_limit_and_log_once(
         client: ApiClient, svc: Service, caplog: pytest.LogCaptureFixture) -> None:
-    api_mod._REFUSED_LOG._buckets.clear()
+    access_mod._REFUSED_LOG._buckets.clear()
     caplog.set_level(logging.WARNING, "igdtrigger.api.app")
     statuses = []
     for _ in range(70):  # the burst is 60

@@ -12,6 +12,7 @@ import collections
 import enum
 import hmac
 import ipaddress
+import logging
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,7 @@ __all__ = [
     "local_names",
     "make_caller",
     "origin_matches",
+    "refused_log",
 ]
 
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
@@ -233,3 +235,15 @@ def local_names() -> frozenset[str]:
         short = host.split(".")[0]
         names |= {host, short, f"{short}.local"}
     return frozenset(names)
+
+
+# the API's log: lines about requests are written under this name whichever module writes them
+log = logging.getLogger("igdtrigger.api.app")
+_REFUSED_LOG = RateLimiter(1 / 60, 1, max_clients=256)  # one line per kind and minute
+
+
+def refused_log(kind: str, msg: str, *args: object) -> None:
+    """Log a refused or malformed request (a ``logging`` format and its ``args``) once per
+    ``kind`` and minute: a flood must not flood the journal too."""
+    if _REFUSED_LOG.take(kind) == 0.0:
+        log.warning(msg + " (further ones of this kind are not logged for a minute)", *args)

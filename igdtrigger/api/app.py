@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import importlib.resources
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,7 +55,6 @@ from igdtrigger.api.access import (
     SERVICE,
     SETTINGS,
     SSE_HEARTBEAT,
-    SSE_SEND_BUFFER,
     SSE_WRITE_TIMEOUT,
     STATUS_COUNTS,
     UNSAFE_METHODS,
@@ -71,6 +68,7 @@ from igdtrigger.api.access import (
     local_names,
     make_caller,
     origin_matches,
+    refused_log,
 )
 from igdtrigger.api.httpguard import ConnectionGuard, describe
 from igdtrigger.api.metrics import Metrics
@@ -82,21 +80,19 @@ from igdtrigger.api.requests import (
     parse_refresh,
     short,
 )
+from igdtrigger.api.stream import get_events
 from igdtrigger.core.errors import (
     Forbidden,
     IgdTriggerError,
     NotReady,
     RequestTimeout,
     RuleNotFound,
-    TooMany,
-    TooManySubscribers,
     Unauthorized,
     UnsupportedMedia,
     UsageError,
 )
 from igdtrigger.core.version import __version__
 from igdtrigger.netutil import Network, interface_networks
-from igdtrigger.runtime.events import Event, Subscriber
 from igdtrigger.runtime.service import Service
 from igdtrigger.runtime.views import STATUS_ACTIVATIONS
 
@@ -106,7 +102,6 @@ __all__ = [
     "errors_middleware",
     "get_activation",
     "get_activations",
-    "get_events",
     "get_mappings",
     "get_metrics",
     "get_openapi",
@@ -148,7 +143,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     counts[resp.status] += 1
     route = _route_label(request)
     if resp.status in (400, 408, 413, 415, 422):
-        _refused_log(f"{resp.status} {route}", "malformed request from %s: %s: %d %s",
+        refused_log(f"{resp.status} {route}", "malformed request from %s: %s: %d %s",
                      request.remote, route, resp.status, short(getattr(resp, "text", "") or ""))
     if route != "GET /api/v1/events":  # a stream: its length is the client's, not ours
         request.app[METRICS].on_api_request(route, time.perf_counter() - started)
@@ -176,7 +171,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     request[CALLER] = caller
     wait = 0.0 if caller.loopback else app[LIMITER].take(caller.key())
     if wait > 0:
-        _refused_log(f"rate limit: {caller.key()}", "too many requests from %s", caller.key())
+        refused_log(f"rate limit: {caller.key()}", "too many requests from %s", caller.key())
         return error_response(
             429, f"too many requests from {caller.key()}: at most "
             f"{app[LIMITER].rate:g}/s (bursts of {app[LIMITER].burst:g}); retry in "
@@ -209,16 +204,6 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             "service's state directory>) from another host, unless the service's config says "
             "[api] public_read = true")
     return await handler(request)
-
-
-_REFUSED_LOG = RateLimiter(1 / 60, 1, max_clients=256)  # one line per kind and minute
-
-
-def _refused_log(kind: str, msg: str, *args: object) -> None:
-    """Log a refused or malformed request once per kind and minute: a flood must not flood
-    the journal too."""
-    if _REFUSED_LOG.take(kind) == 0.0:
-        log.warning(msg + " (further ones of this kind are not logged for a minute)", *args)
 
 
 def _client_host(request: web.Request) -> str:
@@ -425,90 +410,6 @@ async def get_metrics(request: web.Request) -> web.Response:
                                        request.app.get(GUARD))
     return web.Response(text=text, content_type="text/plain",
                         headers={"Cache-Control": "no-store"}, charset="utf-8")
-
-
-def _sse(event: Event) -> bytes:
-    name = str(event.get("event", "message")).replace("\n", " ")
-    return f"id: {event['seq']}\nevent: {name}\ndata: {json.dumps(event)}\n\n".encode()
-
-
-async def get_events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: every activation and mapping change, as it happens."""
-    svc = request.app[SERVICE]
-    caller = caller_of(request)
-    since_raw = request.headers.get("Last-Event-ID") or request.query.get("since")
-    since: int | None = None
-    if since_raw is not None:
-        try:
-            since = int(since_raw)
-        except ValueError:
-            raise UsageError(f"Last-Event-ID/since must be an event number, got {since_raw!r}"
-                             ) from None
-    try:
-        sub = svc.hub.subscribe(caller.key(), admin=caller.admin)
-    except TooManySubscribers as exc:
-        raise TooMany(f"{exc}; close one first") from None
-    try:
-        return await _stream_events(request, sub, since)
-    finally:
-        svc.hub.unsubscribe(sub)
-
-
-async def _stream_events(request: web.Request, sub: Subscriber,
-                         since: int | None) -> web.StreamResponse:
-    """The stream itself. Events wait in the subscriber's bounded queue (the oldest dropped,
-    ``event: lost``); the socket's send buffer is fixed at ``SSE_SEND_BUFFER`` (the kernel
-    would grow it to megabytes for a client that stops reading); a client that takes nothing
-    for ``sse_write_timeout`` seconds (those buffers full) is a slow consumer: its stream is
-    closed, so it holds neither memory nor a place in the stream pool."""
-    svc = request.app[SERVICE]
-    heartbeat = request.app[SETTINGS].sse_heartbeat
-    write_timeout = request.app[SETTINGS].sse_write_timeout
-
-    async def write(data: bytes) -> None:
-        try:
-            await asyncio.wait_for(resp.write(data), write_timeout)
-        except TimeoutError:
-            _refused_log("slow event stream", "event stream to %s closed: it took nothing "
-                         "for %gs", caller_of(request).key(), write_timeout)
-            if request.transport is not None:
-                request.transport.abort()
-            raise ConnectionResetError("slow consumer") from None
-
-    resp = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-store",
-        "X-Accel-Buffering": "no",
-    })
-    await resp.prepare(request)
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SEND_BUFFER)
-    hello = {"seq": svc.hub.seq, "event": "hello", "version": __version__,
-             "instance": svc.tag, "heartbeat": heartbeat}
-    chunks = [b"retry: 3000\n\n",
-              f"event: hello\ndata: {json.dumps(hello)}\n\n".encode()]
-    if since is not None:
-        chunks.extend(_sse(e) for e in svc.hub.since(since))
-    try:
-        await write(b"".join(chunks))
-        while not sub.closed:
-            if not await sub.wait(heartbeat):
-                await write(b": keep-alive\n\n")
-                continue
-            events, dropped = sub.take()
-            out = bytearray()
-            if dropped:
-                lost = {"dropped": dropped, "hint": "re-read /api/v1/status"}
-                out += f"event: lost\ndata: {json.dumps(lost)}\n\n".encode()
-            for ev in events:
-                out += _sse(ev)
-            if out:
-                await write(bytes(out))
-    except ConnectionError:
-        pass  # the client went away
-    return resp
 
 
 # --- dashboard ---------------------------------------------------------------------------------
