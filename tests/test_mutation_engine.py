@@ -13,14 +13,15 @@ import math
 import pytest
 
 from igdtrigger.core import engine as engine_mod
-from igdtrigger.core.engine import MAX_TTL, Engine, Source
+from igdtrigger.core.activation import MAX_TTL, Activation, Source
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.model import Flow, MappingKey, Proto
 
 from .fakes import FakeClock
 from .test_engine_edges import HOST, OTHER, flow, make, rule
 
 
-def only(eng: Engine) -> engine_mod.Activation:
+def only(eng: Engine) -> Activation:
     (act,) = eng.activations.values()
     return act
 
@@ -229,7 +230,7 @@ def test_a_restored_activation_does_not_take_ports_from_one_created_at_the_same_
 # --- a restored held activation, a connection ending, the journal -------------------------------
 
 
-def restored_held(idle: float = 600) -> tuple[Engine, engine_mod.Activation, FakeClock]:
+def restored_held(idle: float = 600) -> tuple[Engine, Activation, FakeClock]:
     eng, clock, _ = make(rule(idle=idle))
     act = eng.restore("old", "demo", HOST, "traffic", age=3600, remaining=math.inf, ttl=idle,
                       meta={}, held=True)
