@@ -5,12 +5,12 @@
 
 MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time),
 each the files that module was split into (``PARTS``: the engine with its activation, desired
-set, matching, origins and timers; model with the rules; the config parser with its fields and
-settings; the UPnP codec with SSDP; the NAT-PMP/PCP codec; the ctnetlink parser, query codec
-and socket filter). Runs ``mutmut run`` (configured in ``bench/mutation.toml``, whose
-``[mutmut]`` table is laid over pyproject.toml's ``[tool.mutmut]``: which files, which fast
-tests) on that module's mutants only, then prints, per module, the mutants killed out of those
-that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``.
+set, matching, origins and timers; model with the rules and the port policy; the config
+parser with its fields and settings; the UPnP codec with SSDP; the NAT-PMP/PCP codec; the
+ctnetlink parser, query codec and socket filter). Runs ``mutmut run`` (configured in
+pyproject.toml's ``[tool.mutmut]``: which files, which fast tests) on that module's mutants
+only, then prints, per module, the mutants killed out of those that count, and writes the
+survivors' names to ``mutants/survivors-MODULE.txt``.
 
 Equivalent mutants, listed by name with the reason in ``bench/mutation.toml``'s
 ``[equivalent]`` (and ``[message_only]``), are left out of the score (and counted in the line
@@ -42,20 +42,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "bench" / "mutation.toml"
 
-# mutmut reads only pyproject.toml: this prelude lays bench/mutation.toml's [mutmut] over it.
-_BOOT = """
-import sys, tomllib
-import mutmut.configuration as c
-from mutmut.__main__ import cli
-with open(sys.argv.pop(1), "rb") as f:
-    mine = tomllib.load(f).get("mutmut", {})
-base = c._config_reader()
-c._config_reader = lambda: (lambda key, default: mine[key] if key in mine else base(key, default))
-c.reset_config()  # importing mutmut.__main__ already read pyproject.toml
-sys.argv[0] = "mutmut"
-sys.exit(cli())
-"""
-MUTMUT = [sys.executable, "-c", _BOOT, str(CONFIG)]
+# mutmut 3.8 reads pyproject.toml's [tool.mutmut] (the files, the tests); run as a module of
+# this interpreter so that the venv's mutmut is the one used.
+MUTMUT = [sys.executable, "-c",
+          "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; sys.exit(cli())"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +68,8 @@ PARTS = {
     "engine": Part(("igdtrigger/core/engine.py", "igdtrigger/core/activation.py",
                     "igdtrigger/core/desired.py", "igdtrigger/core/matching.py",
                     "igdtrigger/core/origins.py", "igdtrigger/core/timers.py")),
-    "model": Part(("igdtrigger/core/model.py", "igdtrigger/core/rules.py")),
+    "model": Part(("igdtrigger/core/model.py", "igdtrigger/core/rules.py",
+                   "igdtrigger/core/policy.py")),
     "config": Part(("igdtrigger/config.py", "igdtrigger/configfields.py",
                     "igdtrigger/core/settings.py")),
     "igd": Part(("igdtrigger/gateway/upnp/codec.py", "igdtrigger/gateway/upnp/ssdp.py")),

@@ -283,6 +283,7 @@ def test_every_pcp_refusal_names_the_request(result: int) -> None:
     (605, "String Argument Too Long"),  # UPnP Device Architecture's control errors
     (715, "WildCardNotPermittedInSrcIP"), (726, "RemoteHostOnlySupportsWildcard"),
     (727, "ExternalPortOnlySupportsWildcard"), (732, "WildCardNotPermittedInIntPort"),
+    (733, "InconsistentParameters"),  # WANIPConnection:2 (miniupnpd drops the final 's')
 ])
 def test_a_fault_without_a_description_is_named_as_upnp_names_it(code: int, name: str) -> None:
     assert UpnpFault.of(code) == UpnpFault(code, name)

@@ -349,7 +349,8 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     725: "OnlyPermanentLeasesSupported", 726: "RemoteHostOnlySupportsWildcard",
     727: "ExternalPortOnlySupportsWildcard", 728: "NoPortMapsAvailable",
     729: "ConflictWithOtherMechanisms", 730: "PortMappingNotFound",
-    732: "WildCardNotPermittedInIntPort", 733: "InconsistentParameter",
+    732: "WildCardNotPermittedInIntPort",
+    733: "InconsistentParameters",  # WANIPConnection:2; miniupnpd's text says "...Parameter"
 }
 
 _CONFLICT_HINT = "another host or program holds this external port"
