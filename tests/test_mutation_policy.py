@@ -102,3 +102,19 @@ def test_a_restored_activation_is_kept_only_while_every_port_is_still_allowed() 
     off = AdhocConfig(enabled=False, max_ports=4, ports=WINDOW.ports)
     assert not adhoc_permitted(off, (udp(40000),))
     assert adhoc_permitted(WINDOW, (PortRange(Proto.TCP, 500, 500),))
+
+
+def test_each_refusal_says_which_ports_are_allowed_and_who_holds_a_reserved_one() -> None:
+    """What the API client reads: the ad-hoc window it may ask within, the networks a rule keeps
+    its ports for, and the field an empty request lacks."""
+    with pytest.raises(AdhocRefused) as e:
+        adhoc_ports(["udp/1"], LAN, limits=WINDOW, rules=RULES)
+    assert str(e.value) == "udp/1 is outside [api] adhoc_ports (udp/40000-40009, tcp/500)"
+    rules = parse_config({"rules": [{"name": "nas", "open": ["tcp/8000"],
+                                     "hosts": ["192.168.1.5", "10.0.0.0/8"]}]}).rules
+    with pytest.raises(AdhocRefused) as e:
+        adhoc_ports(["tcp/8000"], LAN, limits=WIDE, rules=rules)
+    assert "its hosts list (192.168.1.5/32, 10.0.0.0/8) keeps from 192.168.1.9" in str(e.value)
+    with pytest.raises(UsageError) as u:
+        adhoc_ports([], LAN, limits=WIDE, rules=rules)
+    assert str(u.value).startswith('field "open" must name at least one port')
