@@ -159,3 +159,73 @@ def test_the_kernel_lets_through_what_it_cannot_read_with_certainty() -> None:
     ]
     assert kernel_passes([PortRange(Proto.UDP, 27015, 27015)], msgs) == [
         True, True, True, True, True, False, False]
+
+
+def test_the_state_is_read_after_empty_and_word_sized_tcp_attributes() -> None:
+    """An attribute with no payload (4 bytes) or a 4-byte one (8, no padding) before the state:
+    each is stepped over by exactly its length."""
+    assert state_of(tcp_nest(nla(FLAGS_ORIG), nla(STATE, bytes([ESTABLISHED])))) == ESTABLISHED
+    assert state_of(tcp_nest(nla(FLAGS_ORIG, b"\x07\x00\x07\x00"), nla(FLAGS_ORIG + 1, b"\x01"),
+                             nla(STATE, bytes([TIME_WAIT])))) == TIME_WAIT
+
+
+def test_an_empty_attribute_does_not_hide_the_timeout_and_status_after_it() -> None:
+    body = entry_msg(tcp4(), timeout=None, tcp_state=ESTABLISHED)[16:]
+    msg = nlmsg(CT_NEW, body + nla(8) + nla(7, struct.pack("!I", 300))
+                + nla(3, struct.pack("!I", 0)), flags=0)
+    (entry,) = decode_entries(msg)
+    assert (entry.timeout, entry.status, entry.established) == (300, 0, True)
+
+
+def test_a_header_only_message_does_not_end_the_datagram() -> None:
+    """NLMSG_NOOP (type 1) with no payload, then the entries: all read."""
+    flows = [tcp4(dport=1), tcp4(dport=2)]
+    data = nlmsg(1, b"", flags=0) + b"".join(entry_msg(f, tcp_state=ESTABLISHED) for f in flows)
+    assert [e.flow for e in decode_entries(data)] == flows
+
+
+def test_a_message_whose_length_cuts_its_tuple_short_is_not_read_past_its_end() -> None:
+    """The tuple's bytes are all in the datagram, but the message says it ends inside them:
+    malformed (never a flow read from bytes that belong to no message)."""
+    whole = encode_flow(udp4_flow())
+    cut = struct.pack("=I", 16 + 4 + 12) + whole[4:]  # header, nfgenmsg, 12 bytes of the ORIG
+    parser = ConntrackParser()
+    assert parser.feed(cut) == [] and parser.counters()["malformed"] >= 1
+    assert decode_entries(cut[:4] + struct.pack("=H", CT_NEW) + b"\x00\x00" + cut[8:]) == []
+
+
+def test_a_tuple_without_its_destination_address_is_malformed_not_a_flow() -> None:
+    flow = udp4_flow()
+    ips = nla(1, flow.src.packed)  # CTA_IP_V4_SRC only
+    ports = nla(1, bytes([17])) + nla(2, struct.pack("!H", flow.sport)) \
+        + nla(3, struct.pack("!H", flow.dport))
+    orig = nla(1, nla(1, ips, nested=True) + nla(2, ports, nested=True), nested=True)
+    body = struct.pack("=BBH", 2, 0, 0) + orig
+    parser = ConntrackParser()
+    assert parser.feed(nlmsg(CT_NEW, body)) == []
+    assert parser.counters()["malformed"] == 1
+    assert decode_entries(nlmsg(CT_NEW, body, flags=0)) == []
+
+
+def test_a_short_ipv6_event_at_the_end_of_a_datagram_is_counted_not_raised() -> None:
+    v6flow = v6(Proto.UDP, 27015)
+    whole = encode_flow(v6flow)
+    short = struct.pack("=I", 16 + 4 + 60) + whole[4:16 + 4 + 60]  # less than the v6 layout
+    parser = ConntrackParser()
+    assert parser.feed(encode_flow(udp4_flow()) + short) == [udp4_flow()]
+    assert parser.counters()["malformed"] == 1
+
+
+def udp4_flow() -> Flow:
+    return Flow(Proto.UDP, IPv4("192.168.1.23"), IPv4("203.0.113.9"), 40000, 27015)
+
+
+@pytest.mark.parametrize("leading_attr", [False, True], ids=["kernel-layout", "other-layout"])
+@pytest.mark.parametrize("number", [0, 1, 132])
+def test_an_event_of_another_protocol_is_counted_as_such_not_as_malformed(
+        number: int, leading_attr: bool) -> None:
+    """The metrics tell a protocol we do not map (ICMP, SCTP, even number 0) from broken bytes."""
+    parser = ConntrackParser()
+    assert parser.feed(encode_new(number, IPv4("192.168.1.23"), IPv4("203.0.113.9"), 1, 2,
+                                  leading_attr=leading_attr)) == []
+    assert (parser.counters()["ignored"], parser.counters()["malformed"]) == (1, 0)
