@@ -36,9 +36,13 @@ def run(b: Bench) -> dict[str, Any]:
     lab = b.lab
     rules = rule_toml("bench", [f"udp/{TRIGGER_PORT}"], [f"udp/{OPEN_PORT}"])
     svc = ServiceUnderTest(b, "trigger", api_port=API_PORT, rules=rules)
-    standalone = svc.dir / "standalone.toml"  # same rule, no service at its API address
-    standalone.write_text(svc.config.read_text().replace(f"127.0.0.1:{API_PORT}",
-                                                         "127.0.0.1:8799"))
+    # same rule, no service at its API address nor in its state directory (a wrapper finds a
+    # service through either)
+    standalone = svc.dir / "standalone.toml"
+    state = svc.dir / "state"
+    standalone.write_text(svc.config.read_text()
+                          .replace(f"127.0.0.1:{API_PORT}", "127.0.0.1:8799")
+                          .replace(f'"{state}"', f'"{svc.dir / "standalone-state"}"'))
     wrapper_err = svc.dir / "wrapper.stderr"
     blaster, driver = b.agent("blaster"), b.agent("driver")
     trials = 8 if b.quick else b.trials

@@ -14,15 +14,17 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from igdtrigger.core.engine import Clock
 from igdtrigger.core.errors import GatewayError
 from igdtrigger.core.model import MappingKey, MappingSpec
 from igdtrigger.core.traits import NO_READBACK, RouterTraits, router_identity
 from igdtrigger.gateway.base import AdoptsLeftovers, Gateway, GatewayInfo
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # sqlite3 stays out of `igdtrigger run` (standalone) start-up
     from igdtrigger.runtime.journal import Journal
@@ -225,6 +227,8 @@ class MapperBase:
         self._next_canary = math.inf
         self._canary_index = 0
         self._swept = False
+        # mappings to journal at the next router request, beside it (_beside)
+        self._deferred: list[MappingSpec] = []
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
         self._siblings: set[MappingKey] = set()  # conflicts with another igdtrigger's same map
@@ -324,9 +328,45 @@ class MapperBase:
             self.journal.mappings_gone([(s.proto, s.external_port) for s in specs])
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
+        """Record ``specs`` (and whatever ``_journal_soon`` deferred) before they are asked."""
+        if self._deferred:
+            specs = [*self._deferred, *specs]
+            self._deferred = []
         if self.journal is not None and specs:
             gw = self.gateway
             nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
                       and (n := gw.mapping_nonce(s))}
             self.journal.mappings_requested(specs, nonces,
                                             gw.info.protocol if gw.info is not None else "")
+
+    def _journal_soon(self, specs: list[MappingSpec]) -> None:
+        """Journal ``specs`` while the next router request is in flight (``_beside``), not
+        before it: the fsync overlaps the router's work. Still durable before any of them is
+        added (a check's lookup comes first), or where ``_may_trail`` holds."""
+        self._deferred.extend(specs)
+
+    def _may_trail(self, wire: MappingSpec) -> bool:
+        """Whether ``wire`` may be added before its journal row is durable: a crash in between
+        still leaves it findable by the next start, because this router listed its table this
+        run (the next start's sweep lists it and deletes our description's rows), shows what
+        it holds, and the mapping is to this host (rows of our description for other hosts are
+        deleted only when journaled, orphans.py). Elsewhere the journal comes first."""
+        info = self.gateway.info
+        return (self._swept and self.traits.reports_mappings is not False
+                and self._reads_back() and not isinstance(self.gateway, AdoptsLeftovers)
+                and info is not None and wire.internal_client == info.local_address)
+
+    async def _beside(self, request: Awaitable[T], wire: MappingSpec | None = None) -> T:
+        """Await the router ``request`` with the deferred journal write done while it is in
+        flight (the request is started first; the worker thread or the socket carries it while
+        SQLite fsyncs). ``wire``: the mapping this request adds, if it adds one: then the
+        journal trails it only where ``_may_trail``; a lookup never needs to wait."""
+        if not self._deferred:
+            return await request
+        if wire is not None and not self._may_trail(wire):
+            self._journal_requested([])
+            return await request
+        task = asyncio.ensure_future(request)
+        await asyncio.sleep(0)  # the request's first step: handed to the worker / sent
+        self._journal_requested([])
+        return await task

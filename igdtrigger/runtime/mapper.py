@@ -163,10 +163,13 @@ class Mapper(Orphans):
             if key not in self.applied:
                 self.applied[key] = Applied(spec)
                 new.append(spec)
-        self._journal_requested(new)  # recorded before it is requested: a crash can't orphan it
+        # recorded while the first request is in flight: durable before the add where the
+        # router could not show a crash's leftover to the next start (_may_trail)
+        self._journal_soon(new)
         first = [a for a in self.applied.values()
                  if a.state is MapState.PENDING and a.attempts == 0]
-        known = await self._snapshot(len(first)) if self.check_before_add and first else None
+        known = (await self._beside(self._snapshot(len(first)))
+                 if self.check_before_add and first else None)
         for app in first:
             if not self.gateway_up or self._abandoned():
                 break
@@ -179,6 +182,7 @@ class Mapper(Orphans):
                 await self._add(app, check=False, renewal=True)
             elif app.state is not MapState.ACTIVE and app.attempts > 0 and now >= app.retry_at:
                 await self._add(app, check=True)
+        self._journal_requested([])  # nothing was asked (router down, abandoned): now
 
         if self.gateway_up and self.clock() >= self._next_canary:
             await self._canary()
@@ -237,9 +241,9 @@ class Mapper(Orphans):
             app.asked = lease
         try:
             if any_port:
-                granted = await self.gateway.add_any(wire, lease)
+                granted = await self._beside(self.gateway.add_any(wire, lease), wire)
             else:
-                granted = await self.gateway.add(wire, lease)
+                granted = await self._beside(self.gateway.add(wire, lease), wire)
         except asyncio.CancelledError:
             if app is not None:  # a stop cancelled it unanswered: it may be on the router
                 app.maybe_applied = True
@@ -283,7 +287,7 @@ class Mapper(Orphans):
         try:
             granted: Granted | None = None
             if check:
-                why = await self._foreign(app.wire, known)
+                why = await self._beside(self._foreign(app.wire, known))
                 if why is not None:
                     if spec.external_any and not renewal:
                         granted = await self._add_elsewhere(app)

@@ -361,9 +361,11 @@ class Pipeline:
                          if d]
             delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             if delay > 0:
+                # asyncio.timeout, not wait_for: no task per wait, so a wake() from a trigger
+                # resumes this loop in the next iteration of the event loop
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(),
-                                           None if delay == math.inf else delay)
+                    async with asyncio.timeout(None if delay == math.inf else delay):
+                        await self._wake.wait()
 
     async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
         """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart
