@@ -83,6 +83,7 @@ from igdtrigger.api.requests import (
     parse_refresh,
     short,
 )
+from igdtrigger.core import trace
 from igdtrigger.core.errors import (
     Forbidden,
     IgdTriggerError,
@@ -334,6 +335,8 @@ async def get_activations(request: web.Request) -> web.Response:
 
 
 async def post_activation(request: web.Request) -> web.Response:
+    if trace.ON:
+        trace.mark("api", first=True)
     svc = request.app[SERVICE]
     req = parse_activation(await _json_body(request))
     caller = caller_of(request)

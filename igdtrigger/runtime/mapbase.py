@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from igdtrigger.core import trace
 from igdtrigger.core.engine import Clock
 from igdtrigger.core.errors import GatewayError
 from igdtrigger.core.model import MappingKey, MappingSpec
@@ -368,5 +369,20 @@ class MapperBase:
             return await request
         task = asyncio.ensure_future(request)
         await asyncio.sleep(0)  # the request's first step: handed to the worker / sent
-        self._journal_requested([])
-        return await task
+        if trace.ON:
+            trace.stamp("sent")
+        specs, self._deferred = self._deferred, []
+        if task.done():  # answered at once (nothing in flight to overlap with)
+            self._journal_write(specs)
+            return task.result()
+        # on a thread: the event loop goes on carrying the request (our SOAP client) meanwhile
+        written = asyncio.get_running_loop().run_in_executor(None, self._journal_write, specs)
+        try:
+            return await task
+        finally:
+            await written  # durable before what follows (the add, when this was its check)
+
+    def _journal_write(self, specs: list[MappingSpec]) -> None:
+        self._journal_requested(specs)
+        if trace.ON:
+            trace.stamp("journal")

@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from igdtrigger.core import trace
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind
 from igdtrigger.core.model import MappingKey, PinholeSpec, PortRange, format_duration
 from igdtrigger.core.rules import Rule
@@ -28,7 +30,7 @@ from igdtrigger.gateway.base import Gateway
 from igdtrigger.runtime.journal import Journal, JournalActivation
 from igdtrigger.runtime.leftovers import dead_run_tag, take_over
 from igdtrigger.runtime.logthrottle import PerKindThrottle
-from igdtrigger.runtime.mapper import Mapper
+from igdtrigger.runtime.mapper import TRACE_ENV, Mapper
 from igdtrigger.runtime.pinholes import PinholeClient, PinholeKeeper
 
 __all__ = [
@@ -115,6 +117,8 @@ class Pipeline:
         self.reopen_journal = reopen_journal
         self.after_round = after_round
         self._abandon = abandon
+        if os.environ.get(TRACE_ENV):
+            trace.enable()
         self.engine = Engine(rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway, clock=clock, tag=tag, lease=settings.lease,
@@ -324,6 +328,8 @@ class Pipeline:
     async def round(self) -> int:
         """One scheduler round: expire, reconcile, journal, tell the waiters. Returns the
         engine generation the round applied."""
+        if trace.ON:
+            trace.stamp("round")
         self.engine.expire()
         gen = self.engine.generation
         await self.mapper.reconcile(self.desired())

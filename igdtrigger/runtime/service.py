@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_state_dir
-from igdtrigger.core import policy
+from igdtrigger.core import policy, trace
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, UsageError
 from igdtrigger.core.model import (
@@ -294,7 +294,10 @@ class Service:
     # --- inputs --------------------------------------------------------------------------------
 
     def on_flow(self, flow: Flow) -> None:
+        """A new flow: the engine activates or refreshes; the scheduler runs if it did."""
         if self.engine.on_flow(flow):
+            if trace.ON:
+                trace.begin("engine")
             self.wake()
 
     def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
@@ -324,8 +327,8 @@ class Service:
             # activation, or a connection that stopped holding (its timer now runs), needs it now
             if created or (not obs.connected and obs.idle is None):
                 self.wake()
-        elif self.engine.on_flow(flow):
-            self.wake()
+        else:
+            self.on_flow(flow)
 
     def _as_v4(self, flow: Flow) -> Flow | None:
         """A dual-stack application's IPv6 trigger flow counts for the same machine's IPv4
@@ -391,6 +394,8 @@ class Service:
                         return await self._once_applied(act, wait)
             self._check_host_limit(host)
         act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
+        if trace.ON:
+            trace.begin("engine")
         return await self._once_applied(act, wait)
 
     def _check_host_limit(self, host: str) -> None:

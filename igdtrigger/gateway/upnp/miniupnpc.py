@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from igdtrigger.core import trace
 from igdtrigger.core.errors import (
     GatewayError,
     GatewayNotFound,
@@ -182,9 +183,13 @@ class MiniupnpcGateway(ChosenServiceState):
         def run() -> T:  # timed in the worker: the router's time, not the queue's (metered())
             t0 = time.perf_counter()
             ok = False
+            if trace.ON:
+                trace.stamp("call")
             try:
                 result = fn()
                 ok = True
+                if trace.ON:
+                    trace.stamp("reply")
                 return result
             finally:
                 if self.on_call is not None:
@@ -194,7 +199,10 @@ class MiniupnpcGateway(ChosenServiceState):
         self._inflight = fut
         try:
             async with asyncio.timeout(self.timeout):
-                return await asyncio.wrap_future(fut, loop=loop)
+                result = await asyncio.wrap_future(fut, loop=loop)
+            if trace.ON:
+                trace.stamp("resumed")
+            return result
         except TimeoutError:
             self._info = None
             raise GatewayTimeout(f"router did not answer {action} within {self.timeout:g}s",
