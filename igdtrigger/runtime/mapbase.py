@@ -9,6 +9,7 @@ journal calls, what was learned about the router (``core.traits``). No requests 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import enum
 import logging
@@ -228,8 +229,10 @@ class MapperBase:
         self._next_canary = math.inf
         self._canary_index = 0
         self._swept = False
-        # mappings to journal at the next router request, beside it (_beside)
+        # mappings to journal at the next router request, beside it (_beside), on a thread
         self._deferred: list[MappingSpec] = []
+        self._journal_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._journal_pending: concurrent.futures.Future[None] | None = None
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
         self._siblings: set[MappingKey] = set()  # conflicts with another igdtrigger's same map
@@ -325,14 +328,19 @@ class MapperBase:
         return self.abandon is not None and self.abandon()
 
     def _journal_gone(self, specs: list[MappingSpec]) -> None:
+        self._journal_settle()
         if self.journal is not None and specs:
             self.journal.mappings_gone([(s.proto, s.external_port) for s in specs])
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
         """Record ``specs`` (and whatever ``_journal_soon`` deferred) before they are asked."""
+        self._journal_settle()
         if self._deferred:
             specs = [*self._deferred, *specs]
             self._deferred = []
+        self._journal_put(specs)
+
+    def _journal_put(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
             gw = self.gateway
             nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
@@ -358,13 +366,16 @@ class MapperBase:
                 and info is not None and wire.internal_client == info.local_address)
 
     async def _beside(self, request: Awaitable[T], wire: MappingSpec | None = None) -> T:
-        """Await the router ``request`` with the deferred journal write done while it is in
-        flight (the request is started first; the worker thread or the socket carries it while
-        SQLite fsyncs). ``wire``: the mapping this request adds, if it adds one: then the
-        journal trails it only where ``_may_trail``; a lookup never needs to wait."""
+        """Await the router ``request`` with the deferred journal write done beside it (the
+        request is started first; a journal thread fsyncs while the worker thread or the event
+        loop carries it). Where every deferred mapping ``_may_trail``, the write is not waited
+        for at all (``_journal_settle`` at the end of the pass and before the next journal
+        write keeps the order); elsewhere it is durable before this returns, so before the add
+        that follows a check. ``wire``: the mapping this request adds, if it adds one."""
         if not self._deferred:
             return await request
-        if wire is not None and not self._may_trail(wire):
+        trail = all(self._may_trail(s) for s in self._deferred)
+        if wire is not None and not trail:
             self._journal_requested([])
             return await request
         task = asyncio.ensure_future(request)
@@ -375,14 +386,30 @@ class MapperBase:
         if task.done():  # answered at once (nothing in flight to overlap with)
             self._journal_write(specs)
             return task.result()
-        # on a thread: the event loop goes on carrying the request (our SOAP client) meanwhile
-        written = asyncio.get_running_loop().run_in_executor(None, self._journal_write, specs)
+        if self._journal_thread is None:
+            self._journal_thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="journal")
+        self._journal_pending = self._journal_thread.submit(self._journal_write, specs)
+        if trail:
+            return await task
         try:
             return await task
         finally:
-            await written  # durable before what follows (the add, when this was its check)
+            await self._journal_settled()
 
-    def _journal_write(self, specs: list[MappingSpec]) -> None:
-        self._journal_requested(specs)
+    def _journal_write(self, specs: list[MappingSpec]) -> None:  # on the journal thread
+        self._journal_put(specs)
         if trace.ON:
             trace.stamp("journal")
+
+    def _journal_settle(self) -> None:
+        """Wait for a journal write still on the journal thread (before the next one)."""
+        pending, self._journal_pending = self._journal_pending, None
+        if pending is not None:
+            pending.result()
+
+    async def _journal_settled(self) -> None:
+        """``_journal_settle`` without blocking the event loop."""
+        pending, self._journal_pending = self._journal_pending, None
+        if pending is not None:
+            await asyncio.wrap_future(pending)

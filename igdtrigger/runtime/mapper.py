@@ -202,6 +202,7 @@ class Mapper(Orphans):
                 await self._add(app, check=False, renewal=True)
             elif app.state is not MapState.ACTIVE and app.attempts > 0 and now >= app.retry_at:
                 await self._add(app, check=True)
+        await self._journal_settled()  # what the pass journaled beside its requests: written
         self._journal_requested([])  # nothing was asked (router down, abandoned): now
 
         if self.gateway_up and self.clock() >= self._next_canary:
