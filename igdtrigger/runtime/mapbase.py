@@ -349,9 +349,8 @@ class MapperBase:
                                             gw.info.protocol if gw.info is not None else "")
 
     def _journal_soon(self, specs: list[MappingSpec]) -> None:
-        """Journal ``specs`` while the next router request is in flight (``_beside``), not
-        before it: the fsync overlaps the router's work. Still durable before any of them is
-        added (a check's lookup comes first), or where ``_may_trail`` holds."""
+        """Journal ``specs`` at the next router request (``_beside``) rather than before the
+        pass: beside a check's lookup, or after the add where ``_may_trail`` holds."""
         self._deferred.extend(specs)
 
     def _may_trail(self, wire: MappingSpec) -> bool:
@@ -366,36 +365,43 @@ class MapperBase:
                 and info is not None and wire.internal_client == info.local_address)
 
     async def _beside(self, request: Awaitable[T], wire: MappingSpec | None = None) -> T:
-        """Await the router ``request`` with the deferred journal write done beside it (the
-        request is started first; a journal thread fsyncs while the worker thread or the event
-        loop carries it). Where every deferred mapping ``_may_trail``, the write is not waited
-        for at all (``_journal_settle`` at the end of the pass and before the next journal
-        write keeps the order); elsewhere it is durable before this returns, so before the add
-        that follows a check. ``wire``: the mapping this request adds, if it adds one."""
+        """Await the router ``request`` with the deferred journal write kept off its way.
+
+        Where every deferred mapping ``_may_trail``, the write waits until the add (``wire``:
+        the mapping this request adds) has been answered and then runs on the journal thread
+        (``_journal_settle`` at the end of the pass and before the next journal write keeps
+        the order): the port opens without an fsync before it. Elsewhere the write is durable
+        before any add is sent: beside a check's lookup (on the journal thread while the lookup
+        is in flight), or before the add when there was no lookup."""
         if not self._deferred:
             return await request
-        trail = all(self._may_trail(s) for s in self._deferred)
-        if wire is not None and not trail:
+        if all(self._may_trail(s) for s in self._deferred):
+            if wire is None:
+                return await request  # a lookup: the add it precedes writes it afterwards
+            result = await request
+            self._journal_later()
+            return result
+        if wire is not None:
             self._journal_requested([])
             return await request
         task = asyncio.ensure_future(request)
         await asyncio.sleep(0)  # the request's first step: handed to the worker / sent
-        if trace.ON:
-            trace.stamp("sent")
-        specs, self._deferred = self._deferred, []
         if task.done():  # answered at once (nothing in flight to overlap with)
-            self._journal_write(specs)
+            self._journal_requested([])
             return task.result()
-        if self._journal_thread is None:
-            self._journal_thread = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="journal")
-        self._journal_pending = self._journal_thread.submit(self._journal_write, specs)
-        if trail:
-            return await task
+        self._journal_later()
         try:
             return await task
         finally:
             await self._journal_settled()
+
+    def _journal_later(self) -> None:
+        """Write what is deferred on the journal thread (waited for by ``_journal_settle``)."""
+        specs, self._deferred = self._deferred, []
+        if self._journal_thread is None:
+            self._journal_thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="journal")
+        self._journal_pending = self._journal_thread.submit(self._journal_write, specs)
 
     def _journal_write(self, specs: list[MappingSpec]) -> None:  # on the journal thread
         self._journal_put(specs)
