@@ -8,11 +8,12 @@ came in (a conntrack datagram read, an API request) before anyone knows whether 
 marks a step (from any thread: ``list.append`` is atomic); ``end()`` hands back the steps as
 ``(what, perf_counter_ns)`` pairs, which the mapper writes as one JSON line per traced add.
 
-Steps, in order: ``recv`` (datagram read) or ``api`` (request handled), ``parsed`` (netlink
-decoded), ``engine`` (activation made, scheduler woken), ``round`` (the scheduler's round
-began), ``sent`` (the first router request handed to its worker/socket), ``journal``
-(the mapping's row fsync'd), ``call`` (miniupnpc began the request on its worker thread),
-``reply`` (the router answered, on the worker), ``resumed`` (the event loop has the answer).
+Steps, in order: ``recv`` (datagram read) or ``api`` (request handler entered), ``parsed``
+(netlink decoded), ``engine`` (activation made, scheduler woken), ``round`` (the scheduler's
+round began), then per miniupnpc request ``queued`` (handed to its worker thread), ``call``
+(the worker began it), ``reply`` (the router answered, on the worker), ``resumed`` (the event
+loop has the answer); ``checked`` (the pre-add check decided), ``journal`` (a row written on
+the journal thread, where it trails the add).
 Pure: no I/O, a perf counter only.
 """
 

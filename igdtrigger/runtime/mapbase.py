@@ -361,7 +361,7 @@ class MapperBase:
         deleted only when journaled, orphans.py). Elsewhere the journal comes first."""
         info = self.gateway.info
         return (self._swept and self.traits.reports_mappings is not False
-                and self._reads_back() and not isinstance(self.gateway, AdoptsLeftovers)
+                and self._reads_back()  # a protocol that lists (not NAT-PMP/PCP)
                 and info is not None and wire.internal_client == info.local_address)
 
     async def _beside(self, request: Awaitable[T], wire: MappingSpec | None = None) -> T:

@@ -195,6 +195,8 @@ class MiniupnpcGateway(ChosenServiceState):
                 if self.on_call is not None:
                     self.on_call(action, time.perf_counter() - t0, ok)
 
+        if trace.ON:
+            trace.stamp("queued")
         fut = self._pool.submit(run)
         self._inflight = fut
         try:
