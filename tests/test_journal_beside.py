@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.model import MappingSpec
 from igdtrigger.gateway.select import build_gateway
 from igdtrigger.runtime.journal import Journal
@@ -45,7 +45,7 @@ def ours(server: SimulatedIgdServer) -> list[int]:
 
 
 async def activate(svc: Service) -> None:
-    gen = svc.engine.generation
+    gen = svc.pipeline.engine.generation
     await svc.activate("game", HOST, ttl=3600, source=Source.API)
     await svc._wait_applied(gen + 1, 5)
 
@@ -57,7 +57,7 @@ async def test_a_crash_before_the_trailing_journal_write_is_cleaned_up_on_the_ne
     server, clock = sim
     s1 = service(server, clock, tmp_path, backend)
     await s1.start()
-    await s1._wait_applied(s1.engine.generation, 5)  # connected: the router listed its table
+    await s1._wait_applied(s1.pipeline.engine.generation, 5)  # connected: the table was listed
     # the process dies right after the add went out: no journal write of it ever lands
     lost: list[Any] = []
     monkeypatch.setattr(Journal, "mappings_requested", lambda self, *a, **k: lost.append(a))
@@ -67,7 +67,7 @@ async def test_a_crash_before_the_trailing_journal_write_is_cleaned_up_on_the_ne
     for t in s1._tasks:  # crash: the tasks just vanish, nothing is deleted
         t.cancel()
     monkeypatch.undo()
-    s1.journal.close()
+    s1.pipeline.journal.close()
     await s1.gateway.close()  # the process is gone (its sockets too)
     if s1._notify_watcher is not None:
         s1._notify_watcher.close()
@@ -75,9 +75,9 @@ async def test_a_crash_before_the_trailing_journal_write_is_cleaned_up_on_the_ne
 
     s2 = service(server, clock, tmp_path, backend)
     await s2.start()
-    await s2._wait_applied(s2.engine.generation, 5)
+    await s2._wait_applied(s2.pipeline.engine.generation, 5)
     assert ours(server) == []  # found by its description and deleted
-    assert s2.mapper.stale_removed == 1
+    assert s2.pipeline.mapper.stale_removed == 1
     await s2.stop()
 
 
@@ -87,8 +87,8 @@ async def test_a_router_that_cannot_show_its_mappings_gets_the_journal_row_first
     server, clock = sim
     svc = service(server, clock, tmp_path, "miniupnpc")
     await svc.start()
-    await svc._wait_applied(svc.engine.generation, 5)
-    svc.mapper.traits.reports_mappings = False  # learned: it shows nothing it holds
+    await svc._wait_applied(svc.pipeline.engine.generation, 5)
+    svc.pipeline.mapper.traits.reports_mappings = False  # learned: it shows nothing it holds
     seen: list[list[int]] = []
     write = Journal.mappings_requested
 
@@ -100,5 +100,5 @@ async def test_a_router_that_cannot_show_its_mappings_gets_the_journal_row_first
     await activate(svc)
     assert ours(server) == [40000]
     assert seen and seen[0] == []  # journaled before the add reached the router
-    assert [m.external_port for m in svc.mapper.journal.mappings()] == [40000]  # type: ignore[union-attr]
+    assert [m.external_port for m in svc.pipeline.journal.mappings()] == [40000]
     await svc.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from igdtrigger.core.engine import description_for
+from igdtrigger.core.activation import description_for
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.runtime.mapper import Mapper, MapState
 
@@ -20,11 +20,6 @@ def spec(port: int, host: str = "192.168.1.10", proto: Proto = Proto.UDP,
 
 def want(*specs: MappingSpec) -> dict[MappingKey, MappingSpec]:
     return {s.key: s for s in specs}
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
