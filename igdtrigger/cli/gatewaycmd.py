@@ -218,7 +218,7 @@ async def ipv6_verdict(location: str, timeout: float) -> str:
 
 async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
     """Probe every candidate in parallel, each within ``timeout`` seconds; with ``test``, also
-    add and delete a mapping on those that answer."""
+    the lease test (map a port for 60 s, read it back, delete it) on those that answer."""
     if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
         async with compose.simulated_router() as sim:
             return await _probe_all(

@@ -151,7 +151,8 @@ class PortMapGateway:
 
     async def connect(self) -> GatewayInfo:
         """Ask the router for its external address (once, shared by concurrent callers). Raises
-        ``GatewayNotFound``/``GatewayUnreachable`` when it does not answer."""
+        a ``GatewayError`` (``GatewayTimeout``, ``GatewayUnreachable``...) when it does not
+        answer."""
         if self._info is not None:
             return self._info
         async with self._connect_lock:
