@@ -385,7 +385,8 @@ def cmd_activate(args: argparse.Namespace) -> int:
 
 
 def cmd_deactivate(args: argparse.Namespace) -> int:
-    """``igdtrigger deactivate``: end a rule's (or an activation id's) live activations."""
+    """``igdtrigger deactivate RULE``: end the rule's live activations (``--host``: for that
+    host only). Raises ``UsageError`` for a rule the service does not know."""
     config = _config(args) if args.config else None
     c = _client(args, config)
     acts = c.request("GET", "/api/v1/activations")["activations"]

@@ -82,7 +82,8 @@ def stderr_is_journal(environ: Mapping[str, str] | None = None, fd: int = 2) -> 
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Log to stderr at ``level``, as text or JSON (``fmt``); no timestamps under journald."""
+    """Log to stderr at ``level``, as text or JSON (``fmt``), rate-limited per kind; no
+    timestamps under journald (it adds its own)."""
     handler = logging.StreamHandler(sys.stderr)
     journal = stderr_is_journal()  # journald adds its own timestamps
     if fmt == "json":
