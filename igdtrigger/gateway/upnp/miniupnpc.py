@@ -284,8 +284,8 @@ class MiniupnpcGateway(ChosenServiceState):
         self._upnp = u
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
-        """``AddPortMapping``; retried as permanent where the router only takes those (fault
-        725, ``base.add_with_lease_fallback``)."""
+        """``AddPortMapping``; a timed lease refused (725, or 402 on some routers) is retried
+        once as permanent (``base.add_with_lease_fallback``)."""
         u = await self._ready()
 
         async def once(asked: int) -> Granted:

@@ -354,8 +354,8 @@ class SoapGateway(ChosenServiceState):
         return self._service
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
-        """``AddPortMapping``; retried as permanent where the router only takes those (fault
-        725, ``base.add_with_lease_fallback``)."""
+        """``AddPortMapping``; a timed lease refused (725, or 402 on some routers) is retried
+        once as permanent (``base.add_with_lease_fallback``)."""
         svc = await self._ready()
 
         async def once(asked: int) -> Granted:
