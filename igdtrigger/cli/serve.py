@@ -32,6 +32,7 @@ from igdtrigger.cli.discovery import Advertiser  # light: zeroconf loads only wh
 from igdtrigger.cli.sdnotify import Notifier
 from igdtrigger.config import Config, check_state_dir, default_state_dir
 from igdtrigger.core.errors import IgdTriggerError
+from igdtrigger.core.version import __version__
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.logthrottle import PerKindThrottle, QuietBadRequests
 from igdtrigger.runtime.service import Service
@@ -238,8 +239,6 @@ async def _listen(runner: web.AppRunner, guard: ConnectionGuard, config: Config,
 
 
 def _advertiser(config: Config, service: Service) -> Advertiser:
-    from igdtrigger import __version__  # the package face imports lazily: no cycle, ~0 cost
-
     return Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
                       instance=service.tag, token_needed=not config.api.public_read)
 
