@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from igdtrigger.core.model import PortRange, Proto
+from igdtrigger.detect import nftnetlink
 from igdtrigger.detect.ctnetlink import (
     NETLINK_NETFILTER,
     NF_NETLINK_CONNTRACK_NEW,
@@ -223,8 +224,6 @@ class KernelTracking:
         elif not self.netlink:
             return ("the nft command is missing (install nftables), so igdtrigger cannot "
                     "make the kernel track connections")
-        from igdtrigger.detect import nftnetlink
-
         self.via = "netlink"
         try:
             nftnetlink.load_table(TABLE.split()[1])
@@ -241,8 +240,6 @@ class KernelTracking:
             return _why(result) if result.returncode != 0 else ""
         if not self.netlink:
             return "no nft command"
-        from igdtrigger.detect import nftnetlink
-
         try:
             nftnetlink.delete_table(TABLE.split()[1])
         except OSError as exc:
@@ -309,8 +306,6 @@ class KernelTracking:
     def present(self) -> bool:
         """Is our table loaded right now?"""
         if self._netlink_mode():
-            from igdtrigger.detect import nftnetlink
-
             try:
                 return nftnetlink.table_exists(TABLE.split()[1])
             except OSError:

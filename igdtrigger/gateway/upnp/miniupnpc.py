@@ -169,12 +169,8 @@ class MiniupnpcGateway(ChosenServiceState):
         self._service: IgdService | None = None
         self.description: IgdDescription | None = None
         self._warned_double_nat = False
-        self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
+        self._hint: str | None = None
         self._inflight: concurrent.futures.Future[Any] | None = None  # the worker's last call
-
-    @property
-    def info(self) -> GatewayInfo | None:
-        return self._info
 
     async def _call(self, action: str, fn: Callable[[], T], *, lease: int | None = None,
                     for_self: bool | None = None) -> T:
@@ -221,19 +217,13 @@ class MiniupnpcGateway(ChosenServiceState):
                 self._info = None  # force a new connect (and discovery) next time
             raise err from None
 
-    def forget(self, location: str | None = None) -> None:
-        """Reconnect on the next call (the router rebooted or moved); ``location``: where it
-        now announces its description (used unless ``gateway.url`` pins one)."""
-        self._info = None
-        if location and self.url is None:
-            self._hint = location
-
     async def connect(self) -> GatewayInfo:
+        """Discover (our SSDP) or use ``url``, let miniupnpc read the description, choose the WAN
+        service; raises ``GatewayNotFound`` or ``GatewayUnreachable``."""
         if self._info is not None:
             return self._info
         location = self.url
-        if location is None and self._hint is not None:
-            hint, self._hint = self._hint, None
+        if (hint := self._take_hint()) is not None:
             try:
                 return await self._connect_at(hint)
             except GatewayError as exc:
@@ -304,6 +294,8 @@ class MiniupnpcGateway(ChosenServiceState):
         self._upnp = u
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        """``AddPortMapping``; a timed lease refused (725, or 402 on some routers) is retried
+        once as permanent (``base.add_with_lease_fallback``)."""
         u = await self._ready()
 
         async def once(asked: int) -> Granted:
@@ -339,6 +331,8 @@ class MiniupnpcGateway(ChosenServiceState):
         return await add_with_lease_fallback(once, lease)
 
     async def delete(self, proto: Proto, external_port: int) -> None:
+        """``DeletePortMapping``; raises ``NoSuchMapping`` when the router has none (faults 713,
+        714, 730)."""
         u = await self._ready()
 
         def call() -> None:
@@ -396,6 +390,7 @@ class MiniupnpcGateway(ChosenServiceState):
         return self._upnp
 
     async def close(self) -> None:
+        """Stop the worker thread (a call in flight gets a moment to end)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         fut = self._inflight
         if fut is not None and not fut.done():
