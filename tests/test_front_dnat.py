@@ -86,12 +86,11 @@ def _ruleset(policy: str, rules: list[dict[str, object]]) -> str:
     return json.dumps({"nftables": items})
 
 
-CT_DNAT: dict[str, object] = {"expr": [{"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
-                    {"accept": None}]}
-NARROW: dict[str, object] = {"expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp",
-                                                               "field": "dport"}}, "right": 1}},
-                   {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
-                   {"accept": None}]}
+CT_STATUS = {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+UDP_1 = {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                   "right": 1}}
+CT_DNAT: dict[str, object] = {"expr": [CT_STATUS, {"accept": None}]}
+NARROW: dict[str, object] = {"expr": [UDP_1, CT_STATUS, {"accept": None}]}
 
 
 def test_forward_check_names_the_dropping_chain() -> None:
