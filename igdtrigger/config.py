@@ -19,6 +19,7 @@ from typing import Any
 
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import PortRange, Proto, format_duration, parse_duration, parse_port_spec
+from igdtrigger.front.settings import FrontConfig, parse_front  # front: [front] table
 
 DEFAULT_LISTEN = "127.0.0.1:8731"
 DEFAULT_PORT = 8731
@@ -170,6 +171,7 @@ class Config:
     state_dir: Path | None = None
     source: str = "<defaults>"
     launchers: tuple[tuple[str, str], ...] = ()  # ("steam:730", "cs2"): `run --infer` names
+    front: FrontConfig = field(default_factory=FrontConfig)  # front: the IGD front (issue 14)
 
     def rule(self, name: str) -> Rule | None:
         for r in self.rules:
@@ -559,7 +561,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
-_TOP = ("gateway", "api", "detect", "service", "rules", "launchers")
+_TOP = ("gateway", "api", "detect", "service", "rules", "launchers", "front")
 _GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interval",
             "check_before_add", "backend", "protocol", "ipv6_pinholes")
 BACKENDS = ("auto", "miniupnpc", "soap")
@@ -722,8 +724,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
             )
             sec.done(_RULE)
     launchers = _launchers(top.get("launchers"), source, {r.name for r in rules})
+    front = parse_front(top.get("front") or {}, source=source)  # front: the IGD front
     top.done(_TOP)
     config = Config(
+        front=front,
         gateway=gateway,
         api=api,
         detect=detect,

@@ -90,6 +90,14 @@ class Source(enum.StrEnum):
     PROCESS = "process"
     API = "api"
     RUN = "run"
+    # front: a LAN client's UPnP IGD / NAT-PMP / PCP request (igdtrigger/front, issue 14)
+    UPNP = "upnp"
+    NATPMP = "natpmp"
+    PCP = "pcp"
+
+
+FRONT_SOURCES = frozenset({Source.UPNP, Source.NATPMP, Source.PCP})  # front:
+FRONT_TARGET = "front_target"  # front: meta "<internal client> <internal port>" of its one port
 
 
 class EventKind(enum.StrEnum):
@@ -133,8 +141,8 @@ class Activation:
     def hold_reason(self, now: float) -> str:
         """Why it is open now, for a person: "2 live flows", "traffic 3s ago", "process
         running", "API, 12m left"."""
-        if self.source in (Source.API, Source.RUN):
-            label = "API" if self.source is Source.API else "run"
+        if self.source not in (Source.TRAFFIC, Source.PROCESS):  # API, run, front: timed
+            label = "API" if self.source is Source.API else self.source.value
             return f"{label}, {format_duration(self.expires - now)} left"
         if self.unproven and not self.holding:
             return (f"held before the restart, looking for its connection "
@@ -626,7 +634,7 @@ class Engine:
                               for r in parse_port_spec(spec))
             except ValueError:
                 ports = ()
-            if ports and adhoc(ports):
+            if ports and (adhoc(ports) or source in FRONT_SOURCES):  # front: it decides
                 rule = adhoc_rule(rule_name[len(ADHOC_PREFIX):], ports, ttl)
         try:
             src = Source(source)
@@ -722,6 +730,12 @@ class Engine:
         rule = act.rule
         description = description_for(rule.name, self.tag)
         external_any = rule.external == "any"
+        if (target := act.meta.get(FRONT_TARGET)) and len(rule.open) == 1:  # front: its target
+            client, _, iport = target.partition(" ")
+            proto, port = rule.open[0].proto, rule.open[0].first
+            return ((MappingKey(proto, port),
+                     MappingSpec(proto=proto, external_port=port, internal_client=client,
+                                 internal_port=int(iport), description=description)),)
         return tuple(
             (MappingKey(rng.proto, port),
              MappingSpec(proto=rng.proto, external_port=port, internal_client=act.host,

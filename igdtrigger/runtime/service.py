@@ -133,6 +133,10 @@ def self_only_message(rule: str, host: str) -> str:
 
 
 class Service:
+    # front: the IGD front sees every detector observation first (in-use of client mappings)
+    front_observer: Callable[[Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen], None] \
+        | None = None
+
     def __init__(
         self,
         config: Config,
@@ -593,6 +597,8 @@ class Service:
 
     def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
         """The sink every detector reports to."""
+        if self.front_observer is not None:  # front:
+            self.front_observer(obs)
         if isinstance(obs, FlowsListed):
             self._flows_listed.add(obs.detector)
             running = {t.get_name() for t in self._tasks if not t.done()}  # started, alive
@@ -1070,3 +1076,19 @@ class Service:
 
     def rules(self) -> list[Rule]:
         return list(self.config.rules)
+
+    # front: the IGD front's one façade method (igdtrigger/front/manager.py, issue 14) ------------
+
+    async def front_activate(self, port: PortRange, host: str, *, ttl: float, source: Source,
+                             meta: dict[str, str], wait: float = APPLY_WAIT,
+                             ) -> tuple[Activation, Applied | None]:
+        """A LAN client's mapping, its policy already checked by the front: an ad-hoc activation
+        of the one external ``port`` for ``host`` (``meta[FRONT_TARGET]`` names the internal
+        target). Returns it and the mapper's record of its mapping once the router answered
+        (or after ``wait`` s; None: not applied yet). Raises ``UsageError`` while stopping,
+        ``ActivationLimit`` when the engine is full."""
+        if self._stopping:
+            raise UsageError("service is shutting down")
+        act = self.engine.activate_adhoc((port,), host, ttl=ttl, source=source, meta=meta)
+        await self._wait_applied(self.engine.generation, wait)
+        return act, self.mapper.applied.get(MappingKey(port.proto, port.first))
