@@ -25,6 +25,8 @@ nothing. Blocking calls (a subprocess each): run them in a thread from async cod
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import ipaddress
 import json
 import logging
@@ -35,13 +37,17 @@ from typing import Any
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Proto
 from igdtrigger.detect.nfttrack import NftResult, Runner, _run_nft, _why, find_nft
+from igdtrigger.netutil import source_address_for
 
 __all__ = [
     "COMMENT",
     "TABLE",
+    "DnatForwarder",
     "DnatRule",
     "ForwardDrop",
     "InnerDnat",
+    "Topology",
+    "detect_topology",
     "forward_check",
     "parse_chain",
     "read_forward_drops",
@@ -286,3 +292,80 @@ def read_forward_drops(*, forward_chain: str | None = None, nft: str | None = No
     if result.returncode != 0:
         return None
     return forward_check(result.stdout, forward_chain=forward_chain)
+
+
+class Topology(enum.StrEnum):
+    """Where igdtrigger sits (issue 14): ``gateway`` (topology 1: it routes the served LAN,
+    so the upstream mapping points at its own upstream address and :class:`InnerDnat` forwards
+    on) or ``host`` (topology 2: a LAN host or home server; the upstream mapping points at the
+    client directly)."""
+
+    GATEWAY = "gateway"
+    HOST = "host"
+
+
+def _interface_of(address: str) -> str | None:
+    import netifaces
+
+    for name in netifaces.interfaces():
+        for entry in netifaces.ifaddresses(name).get(netifaces.AF_INET, []):
+            if entry.get("addr") == address:
+                return str(name)
+    return None
+
+
+def _forwarding() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as fh:
+            return fh.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def detect_topology(served: Sequence[str], upstream_host: str) -> tuple[Topology, str | None]:
+    """Topology 1 when this host forwards IPv4 and the interface towards ``upstream_host``
+    (the upstream router) is not one of the ``served`` LAN interfaces; also that interface's
+    name (``None`` when the route is unknown)."""
+    own = source_address_for(upstream_host)
+    wan = _interface_of(own) if own else None
+    if wan is not None and _forwarding() and served and wan not in served:
+        return Topology.GATEWAY, wan
+    return Topology.HOST, wan
+
+
+class DnatForwarder:
+    """``front.manager.Forwarder`` over :class:`InnerDnat`: the upstream mapping's target is
+    our own address on the upstream interface; each client mapping is one DNAT rule (and accept
+    rule), changed in a worker thread, one change at a time. :meth:`restore` is the sweep after
+    a crash: the table becomes exactly the mappings the front took back from the journal."""
+
+    def __init__(self, dnat: InnerDnat, upstream_host: str) -> None:
+        self.dnat = dnat
+        self.upstream_host = upstream_host
+        self._lock = asyncio.Lock()
+
+    def upstream_address(self) -> str | None:
+        own = source_address_for(self.upstream_host)
+        return own if own is not None and _interface_of(own) == self.dnat.wan_interface else None
+
+    async def _apply(self, rules: frozenset[DnatRule]) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self.dnat.apply, rules)
+
+    async def add(self, proto: Proto, external_port: int, client: str,
+                  internal_port: int) -> None:
+        keep = {r for r in self.dnat.rules if (r.proto, r.external_port) != (proto, external_port)}
+        await self._apply(frozenset(keep | {DnatRule(proto, external_port, client,
+                                                     internal_port)}))
+
+    async def remove(self, proto: Proto, external_port: int) -> None:
+        keep = {r for r in self.dnat.rules if (r.proto, r.external_port) != (proto, external_port)}
+        if keep != self.dnat.rules or self.dnat.installed:
+            await self._apply(frozenset(keep))
+
+    async def restore(self, rules: Iterable[DnatRule]) -> None:
+        await self._apply(frozenset(rules))
+
+    async def close(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self.dnat.clear)

@@ -67,7 +67,7 @@ from igdtrigger.front.pcp import (
 from igdtrigger.gateway.natpmp.backend import ANNOUNCE_GROUP, ANNOUNCE_PORT, SERVER_PORT
 from igdtrigger.netutil import host_key
 
-__all__ = ["PcpServer", "PortMapFront", "PortMapService", "interface_ipv4"]
+__all__ = ["PcpServer", "PortMapFront", "PortMapService", "interface_ipv4", "start_portmap"]
 
 log = logging.getLogger(__name__)
 
@@ -407,3 +407,13 @@ class PcpServer:
                 endpoint.transport.close()
         self._endpoints.clear()
         self.bound.clear()
+
+
+async def start_portmap(front: PortMapFront, interfaces: Sequence[str], *,
+                        port: int = SERVER_PORT) -> PcpServer:
+    """NAT-PMP/PCP on UDP ``port`` of the IPv4 addresses of ``interfaces`` (``[front]
+    interfaces``), announcements scheduled. Raises ``ConfigError`` for an interface that is
+    missing or has no IPv4 address, ``OSError`` naming the address that cannot be bound."""
+    server = PcpServer(PortMapService(front), interface_ipv4(interfaces), port=port)
+    await server.start()
+    return server
