@@ -10,7 +10,7 @@ router holds the clients::
     eth0 11.22.33.2 - wan0 11.22.33.1
                       br0 192.168.77.1 ----------- eth0 192.168.77.10
                                                    br-lan 10.8.0.1/24 -------- eth0 10.8.0.10
-                                                                     \-------- eth0 10.8.0.11
+                                                                     +-------- eth0 10.8.0.11
 
 The home router forwards IPv4 and masquerades the client LAN out of ``eth0`` (table
 ``ip igdt_home``, with a forward chain of policy ``accept`` by default, or ``drop`` with only
