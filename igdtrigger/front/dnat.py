@@ -37,6 +37,7 @@ from typing import Any
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Proto
 from igdtrigger.detect.nfttrack import NftResult, Runner, _run_nft, _why, find_nft
+from igdtrigger.front.manager import FrontMapping
 from igdtrigger.netutil import source_address_for
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "Topology",
     "detect_topology",
     "forward_check",
+    "make_forwarder",
     "parse_chain",
     "read_forward_drops",
 ]
@@ -333,6 +335,11 @@ def detect_topology(served: Sequence[str], upstream_host: str) -> tuple[Topology
     return Topology.HOST, wan
 
 
+def _rules_of(mappings: Iterable[FrontMapping]) -> frozenset[DnatRule]:
+    return frozenset(DnatRule(m.request.proto, m.grant.external_port, m.request.internal_client,
+                              m.request.internal_port) for m in mappings)
+
+
 class DnatForwarder:
     """``front.manager.Forwarder`` over :class:`InnerDnat`: the upstream mapping's target is
     our own address on the upstream interface; each client mapping is one DNAT rule (and accept
@@ -363,9 +370,34 @@ class DnatForwarder:
         if keep != self.dnat.rules or self.dnat.installed:
             await self._apply(frozenset(keep))
 
-    async def restore(self, rules: Iterable[DnatRule]) -> None:
-        await self._apply(frozenset(rules))
+    async def restore(self, mappings: Iterable[FrontMapping]) -> None:
+        """After a crash (or any start): the table becomes exactly the forwarding of these
+        mappings (those the front took back from the journal); the rest is swept."""
+        await self._apply(_rules_of(mappings))
+
+    async def sync(self, mappings: Iterable[FrontMapping]) -> None:
+        """Like :meth:`restore`, but only when the wanted rules differ from the loaded ones."""
+        wanted = _rules_of(mappings)
+        if wanted != self.dnat.rules:
+            await self._apply(wanted)
 
     async def close(self) -> None:
         async with self._lock:
             await asyncio.to_thread(self.dnat.clear)
+
+
+def make_forwarder(interfaces: Sequence[str], upstream_host: str | None, *,
+                   forward_chain: str | None = None) -> DnatForwarder | None:
+    """The forwarder for topology 1, or ``None`` for topology 2 (see :func:`detect_topology`):
+    ``interfaces`` are ``[front] interfaces``, ``upstream_host`` the upstream router's address
+    (its IGD URL's host, or the default gateway). Raises ``ConfigError`` for a bad
+    ``forward_chain``."""
+    if not upstream_host:
+        return None
+    topology, wan = detect_topology(interfaces, upstream_host)
+    if topology is not Topology.GATEWAY or wan is None:
+        return None
+    log.info("front: this host routes the LAN (%s) to the upstream router via %s: mappings "
+             "point at our own upstream address, inner DNAT in table %s",
+             ", ".join(interfaces), wan, TABLE)
+    return DnatForwarder(InnerDnat(wan, forward_chain=forward_chain), upstream_host)

@@ -1,0 +1,168 @@
+"""The IGD front in a double-NAT lab (issue 14's Proof): clients nobody here wrote (Debian's
+``natpmpc`` and ``upnpc``) ask the home router running ``igdtrigger serve`` with ``[front]``; the
+real mappings are made on the ISP router (miniupnpd, secure mode on), and WAN packets really
+arrive at the client while mapped, and stop after."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab.doublenat import DoubleNat, FrontServe, missing_tools, wait_until
+from tests.lab.netlab import Lab, lab_required
+
+pytestmark = pytest.mark.lab
+
+MAPPED = re.compile(r"Mapped public port (\d+) protocol (UDP|TCP) to local port (\d+)")
+
+
+@pytest.fixture
+def net(lab: Lab) -> DoubleNat:
+    missing = missing_tools()
+    if missing:
+        why = f"Debian package(s) missing: {', '.join(missing)}"
+        if lab_required():
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    return DoubleNat(lab).build()
+
+
+@pytest.fixture
+def front(net: DoubleNat, tmp_path: Path) -> Iterator[Callable[..., FrontServe]]:
+    started: list[FrontServe] = []
+
+    def factory(**cfg: Any) -> FrontServe:
+        s = FrontServe(net, tmp_path, **cfg).start()
+        started.append(s)
+        return s
+
+    yield factory
+    for s in started:
+        s.close()
+
+
+def natpmp_map(net: DoubleNat, client: int, port: int, proto: str = "udp",
+               lifetime: int = 60) -> int | None:
+    """``natpmpc -a``: the public port granted, or None when refused."""
+    p = net.natpmpc(client, "-a", str(port), str(port), proto, str(lifetime))
+    m = MAPPED.search(p.stdout)
+    return int(m.group(1)) if p.returncode == 0 and m else None
+
+
+def upstream_ports(net: DoubleNat) -> set[tuple[str, int]]:
+    return {(proto, eport) for proto, eport, _c, _i in net.upstream()}
+
+
+def test_natpmpc_maps_through_both_routers_and_lifetime_0_closes(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    front()
+    assert not net.probe("udp", 40002, timeout=0.3), "reachable before any mapping"
+    p = net.natpmpc(0, "-a", "40002", "40002", "udp", "60")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"Public IP address : {net.external_ip}" in p.stdout  # the ISP router's address
+    assert "Mapped public port 40002 protocol UDP to local port 40002" in p.stdout
+    # upstream: the ISP router maps to the home router's own address (secure mode accepts it)
+    assert ("UDP", 40002, net.home_wan_ip, 40002) in net.upstream()
+    assert len(net.home_dnat()) == 1
+    assert wait_until(lambda: net.probe("udp", 40002, timeout=0.5), 10,
+                      "a WAN packet at the client") >= 0
+    p = net.natpmpc(0, "-a", "40002", "40002", "udp", "0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    wait_until(lambda: ("UDP", 40002) not in upstream_ports(net), 10, "the upstream delete",
+               lambda: str(net.upstream()))
+    assert net.home_dnat() == []
+    assert not net.probe("udp", 40002, timeout=0.5)
+
+
+def test_policy_refusals_map_nothing_upstream(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    # client 2 may not map at all; client 1 only 1024-49151
+    front(allow=["allow 1024-49151 10.8.0.10/32 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535"])
+    p = net.natpmpc(1, "-a", "40010", "40010", "udp", "60")
+    assert p.returncode != 0 and "Mapped public port" not in p.stdout, p.stdout
+    assert upstream_ports(net) == set() and net.home_dnat() == []
+    # 50000 is a port the ISP router would accept but the allow lines do not: NAT-PMP's
+    # suggested port is a hint (RFC 6886 §3.3), so the client gets an allowed one instead
+    got = natpmp_map(net, 0, 50000)
+    assert got is not None and 1024 <= got <= 49151
+    assert upstream_ports(net) == {("UDP", got)}
+    assert natpmp_map(net, 0, 40010) == 40010  # an allowed one goes through as asked
+
+
+def test_two_clients_same_port_the_second_gets_another(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    front()
+    first = natpmp_map(net, 0, 40004)
+    second = natpmp_map(net, 1, 40004)
+    assert first == 40004
+    assert second is not None and second != 40004  # NAT-PMP: an alternative, never a clash
+    assert upstream_ports(net) == {("UDP", 40004), ("UDP", second)}
+    assert wait_until(lambda: net.probe("udp", 40004, client=0, timeout=0.5), 10, "client 1")
+    assert wait_until(lambda: net.probe("udp", second, client=1, internal_port=40004,
+                                        timeout=0.5), 10, "client 2 on its port")
+    assert not net.probe("udp", 40004, client=1, timeout=0.3)  # the first keeps its mapping
+
+
+def test_idle_mapping_is_removed_one_in_use_stays(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    s = front(idle="6s")
+    assert natpmp_map(net, 0, 40006, lifetime=3600) == 40006
+    assert natpmp_map(net, 1, 40007, lifetime=3600) == 40007
+    # a WAN peer keeps sending through client 2's mapping (players talking to a game server);
+    # nobody uses client 1's
+    delivered = 0
+
+    def idle_gone() -> bool:
+        nonlocal delivered
+        delivered += net.probe("udp", 40007, client=1, timeout=0.5)
+        return ("UDP", 40006) not in upstream_ports(net)
+
+    wait_until(idle_gone, 40, "the idle mapping to be removed", s.logtext, step=0.5)
+    assert delivered > 0
+    assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
+    wait_until(lambda: len(net.home_dnat()) == 1, 10, "the idle mapping's inner rule to go",
+               lambda: str(net.home_dnat()))
+    for _ in range(8):  # well past idle_timeout, still in use: still there
+        net.probe("udp", 40007, client=1, timeout=0.5)
+        time.sleep(0.5)
+    assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
+
+
+def test_sigterm_removes_every_upstream_mapping_and_inner_rule(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    s = front()
+    assert natpmp_map(net, 0, 40020) == 40020
+    assert natpmp_map(net, 1, 40021, "tcp") == 40021
+    assert len(net.upstream()) == 2 and len(net.home_dnat()) == 2
+    assert s.stop(signal.SIGTERM) == 0, s.logtext()[-3000:]
+    assert net.upstream() == []
+    assert "igdtrigger_front" not in net.home_ruleset()
+
+
+def test_kill_9_and_restart_leave_nothing_stale(
+        net: DoubleNat, front: Callable[..., FrontServe], tmp_path: Path) -> None:
+    s = front()
+    assert natpmp_map(net, 0, 40030) == 40030
+    s.stop(signal.SIGKILL)
+    # restarted: the journal's mapping comes back whole (upstream AND inner rule) or not at all
+    s2 = FrontServe(net, tmp_path).start()
+    try:
+        def whole() -> bool:
+            up = ("UDP", 40030) in upstream_ports(net)
+            inner = len(net.home_dnat()) == 1
+            return up == inner
+        wait_until(whole, 20, "upstream and inner rule to agree", s2.logtext)
+        if ("UDP", 40030) in upstream_ports(net):
+            assert wait_until(lambda: net.probe("udp", 40030, timeout=0.5), 10,
+                              "the restored mapping to reach the client") >= 0
+        assert s2.stop(signal.SIGTERM) == 0
+    finally:
+        s2.close()
+    assert net.upstream() == []
+    assert "igdtrigger_front" not in net.home_ruleset()
