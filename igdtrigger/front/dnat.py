@@ -30,6 +30,7 @@ import enum
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "ip igdtrigger_front"
 """The nftables table holding the inner DNAT rules (``family name``); ours alone."""
+_ECHO = re.compile(r"^add rule (\S+ \S+ \S+) .* # handle (\d+)$", re.MULTILINE)
 COMMENT = "igdtrigger-front"
 """The comment marking our accept rules in the user's ``forward_chain``."""
 
@@ -114,6 +116,7 @@ class InnerDnat:
         self.nft = nft if nft is not None else find_nft()
         self.runner: Runner = runner or _run_nft
         self.rules: frozenset[DnatRule] = frozenset()
+        self._handles: dict[DnatRule, list[str]] = {}
         self.installed = False
 
     # -- scripts --------------------------------------------------------------------------------
@@ -165,17 +168,56 @@ class InnerDnat:
     def apply(self, rules: Iterable[DnatRule]) -> None:
         """Make the loaded rules exactly ``rules`` (one atomic transaction)."""
         wanted = frozenset(rules)
-        result = self._run(["-f", "-"], self.script(wanted,
-                                                    stale_handles=self.our_accept_handles()))
+        result = self._run(["-e", "-a", "-f", "-"],
+                           self.script(wanted, stale_handles=self.our_accept_handles()))
         if result.returncode != 0:
             raise OSError(f"inner DNAT not loaded: {_why(result)}")
         self.rules = wanted
         self.installed = True
+        self._handles = self._assign(sorted(wanted), result.stdout)
+
+    def _assign(self, order: list[DnatRule], echo: str) -> dict[DnatRule, list[str]]:
+        """Each rule's ``delete rule ...`` commands, from nft's echo (``-e -a``) of a script
+        that added ``order``'s DNAT rules, then (with a forward chain) their accept rules."""
+        added = [(m.group(1), m.group(2)) for m in _ECHO.finditer(echo)]
+        dnat = [f"delete rule {c} handle {h}" for c, h in added if c == f"{TABLE} prerouting"]
+        chain = " ".join(self.forward_chain) if self.forward_chain else None
+        accept = [f"delete rule {c} handle {h}" for c, h in added if c == chain]
+        if len(dnat) != len(order) or (chain is not None and len(accept) != len(order)):
+            return {}
+        return {r: [dnat[i], *([accept[i]] if chain is not None else [])]
+                for i, r in enumerate(order)}
 
     def add(self, rule: DnatRule) -> None:
+        """Add one rule: one small transaction (a few ms) when the table is in place, else (or
+        when that fails, or the external port changes target) the whole table again."""
+        if rule in self.rules:
+            return
+        clash = any((r.proto, r.external_port) == (rule.proto, rule.external_port)
+                    for r in self.rules)
+        if self.installed and not clash:
+            script = f"add rule {TABLE} prerouting {self._dnat_line(rule).strip()}\n"
+            if self.forward_chain is not None:
+                script += self._accept_rule(rule) + "\n"
+            result = self._run(["-e", "-a", "-f", "-"], script)
+            handles = self._assign([rule], result.stdout) if result.returncode == 0 else {}
+            if handles:
+                self.rules = self.rules | {rule}
+                self._handles.update(handles)
+                return
         self.apply(self.rules | {rule})
 
     def remove(self, rule: DnatRule) -> None:
+        """Delete one rule by its handles (whole table again when they are unknown or stale)."""
+        if rule not in self.rules:
+            return
+        commands = self._handles.get(rule)
+        if commands and self.installed:
+            result = self._run(["-f", "-"], "\n".join(commands) + "\n")
+            if result.returncode == 0:
+                self.rules = self.rules - {rule}
+                del self._handles[rule]
+                return
         self.apply(self.rules - {rule})
 
     def clear(self) -> None:
@@ -190,6 +232,7 @@ class InnerDnat:
         if result.returncode != 0:
             raise OSError(f"inner DNAT not removed: {_why(result)}")
         self.rules = frozenset()
+        self._handles = {}
         self.installed = False
 
     def loaded(self) -> list[DnatRule]:
@@ -361,14 +404,15 @@ class DnatForwarder:
 
     async def add(self, proto: Proto, external_port: int, client: str,
                   internal_port: int) -> None:
-        keep = {r for r in self.dnat.rules if (r.proto, r.external_port) != (proto, external_port)}
-        await self._apply(frozenset(keep | {DnatRule(proto, external_port, client,
-                                                     internal_port)}))
+        rule = DnatRule(proto, external_port, client, internal_port)
+        async with self._lock:
+            await asyncio.to_thread(self.dnat.add, rule)
 
     async def remove(self, proto: Proto, external_port: int) -> None:
-        keep = {r for r in self.dnat.rules if (r.proto, r.external_port) != (proto, external_port)}
-        if keep != self.dnat.rules or self.dnat.installed:
-            await self._apply(frozenset(keep))
+        async with self._lock:
+            for rule in [r for r in self.dnat.rules
+                         if (r.proto, r.external_port) == (proto, external_port)]:
+                await asyncio.to_thread(self.dnat.remove, rule)
 
     async def restore(self, mappings: Iterable[FrontMapping]) -> None:
         """After a crash (or any start): the table becomes exactly the forwarding of these
