@@ -175,11 +175,9 @@ UPSTREAM_TRIES = 3  # alternatives tried when the upstream router refuses a port
 
 
 def _valid_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(text))
+    return False
 
 
 def clean_description(text: str) -> str:
@@ -345,8 +343,7 @@ class FrontManager:
                 return
 
     async def stop(self) -> None:
-        """Nothing to undo here: the service's stop ends every activation (and their upstream
-        mappings); the forwarder's rules go with them."""
+        """The service's stop ends the activations (and upstream mappings); forwards go here."""
         if self.forwarder is not None:
             for m in list(self._by_key.values()):
                 await self.forwarder.remove(m.request.proto, m.grant.external_port)
