@@ -2,14 +2,8 @@
 
 Every protocol server of the front (UPnP IGD, NAT-PMP, PCP) hands the manager a
 :class:`ClientRequest` and answers its client with the :class:`Grant` or :class:`Refusal` it gets
-back; the servers never touch the engine, the mapper or the router themselves.
-
-Contract (shared with ``front/pcp.py``):
-
-- :meth:`FrontManager.add` -> ``Grant | Refusal``; :meth:`FrontManager.delete` -> ``Refusal | None``
-- :meth:`FrontManager.lookup`, :meth:`FrontManager.mappings` (what the front holds now)
-- :meth:`FrontManager.external_address` (the UPSTREAM router's external address)
-- :meth:`FrontManager.epoch` (seconds since the front started serving: the PMP/PCP epoch)
+back (the contract: ``add``, ``delete``, ``lookup``, ``mappings``, ``external_address``,
+``epoch``); the servers never touch the engine, the mapper or the router themselves.
 """
 
 from __future__ import annotations
@@ -322,25 +316,31 @@ class FrontManager:
         return any(p is proto and ip == port for p, _c, ip in self._by_internal)
 
     def observe(self, obs: object) -> None:
-        """A detector's observation (the service passes every one): a flow to or from a mapped
-        internal port of its client, or arriving on a mapped external port, is use."""
+        """A detector's observation (the service passes every one): a new flow, or a later look
+        that saw packets, to or from a mapped internal port of its client, or arriving on a
+        mapped external port, is use."""
         if isinstance(obs, FlowLive):
             if obs.idle is None and not obs.connected:
                 return
-            flow = obs.flow
-        elif isinstance(obs, Flow):
-            flow = obs
-        else:
-            return
+            obs = obs.flow
+        if isinstance(obs, Flow) and (m := self._matching(obs)) is not None:
+            self._used(m)
+
+    def follows(self, flow: Flow) -> bool:
+        """Detectors keep looking at a flow that is use of a live mapping (its later packets
+        keep the mapping in use)."""
+        return self._matching(flow) is not None
+
+    def _matching(self, flow: Flow) -> FrontMapping | None:
         if not self._by_key:
-            return
+            return None
         for key in (self._by_internal.get((flow.proto, str(flow.src), flow.sport)),
                     self._by_internal.get((flow.proto, str(flow.dst), flow.dport)),
                     MappingKey(flow.proto, flow.dport)):
             m = self._by_key.get(key) if key is not None else None
             if m is not None and self._live(m):
-                self._used(m)
-                return
+                return m
+        return None
 
     async def stop(self) -> None:
         """The service's stop ends the activations (and upstream mappings); forwards go here."""

@@ -15,12 +15,12 @@ from typing import Any
 
 from igdtrigger.core.engine import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
-from igdtrigger.core.model import Proto
+from igdtrigger.core.model import Flow, Proto
 from igdtrigger.front.manager import FrontManager
 from igdtrigger.front.upnp import UpnpFront, served_addresses
 from igdtrigger.runtime.service import Service
 
-__all__ = ["FrontRunner", "build_front", "drop_front"]
+__all__ = ["FrontRunner", "build_front", "drop_front", "front_checks"]
 
 log = logging.getLogger("igdtrigger.front")
 
@@ -45,6 +45,15 @@ class FrontRunner:
 
         def either(proto: Proto, port: int) -> bool:
             return wanted(proto, port) or front.wants(proto, port)
+
+        return either
+
+    def wrap_follows(self, follows: Callable[[Flow], bool]) -> Callable[[Flow], bool]:
+        """The flows a detector keeps looking at: the service's, and the front's (use)."""
+        front = self.manager
+
+        def either(flow: Flow) -> bool:
+            return follows(flow) or front.follows(flow)
 
         return either
 
@@ -90,8 +99,10 @@ def build_front(service: Service, detectors: Iterable[Any]) -> FrontRunner:
     """The front for ``service``; detectors' prefilters also pass the front's ports."""
     runner = FrontRunner(service)
     for det in detectors:
-        if hasattr(det, "wanted") and det.wanted is not None:
+        if getattr(det, "wanted", None) is not None:
             det.wanted = runner.wrap_prefilter(det.wanted)
+        if getattr(det, "follows", None) is not None:
+            det.follows = runner.wrap_follows(det.follows)
     return runner
 
 
@@ -105,3 +116,20 @@ def drop_front(service: Service) -> int:
         log.info("front: %d client mapping(s) from before the restart ended ([front] is off)",
                  len(ended))
     return len(ended)
+
+
+def front_checks(front: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``doctor``'s lines (level, name, detail, fix) about a running front, from the front's
+    part of the service's status."""
+    where = ", ".join(front.get("upnp") or []) or "nowhere yet"
+    out = [("ok" if front.get("upnp") else "FAIL", "front",
+            f"UPnP IGD at {where}; {len(front.get('mappings') or [])} client mapping(s)",
+            "" if front.get("upnp") else "see the service's log ([front] interfaces)")]
+    if front.get("warning"):
+        out.append(("warn", "front external address", str(front["warning"]),
+                    "apps behind this front are reachable only from inside the upstream "
+                    "network unless the upstream's own router forwards the ports too"))
+    if front.get("refused"):
+        out.append(("ok", "front refusals", ", ".join(
+            f"{k} {v}" for k, v in sorted(front["refused"].items())), ""))
+    return out
