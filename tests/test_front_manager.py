@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from igdtrigger.api.metrics import Metrics
 from igdtrigger.config import parse_config
 from igdtrigger.core.engine import Source
 from igdtrigger.core.model import Flow, FlowLive, PortRange, Proto
@@ -257,3 +258,19 @@ def test_drop_front_ends_restored_client_mappings_when_the_front_is_off(
     assert drop_front(svc) == 1
     assert [a.source for a in svc.engine.activations.values()] == [Source.API]
     svc.journal.close()
+
+
+async def test_metrics_count_grants_and_refusals_by_why(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    svc = make(tmp_path, gw, clock)
+    runner = build_front(svc, [])
+    await svc.start()
+    try:
+        await runner.manager.add(req())
+        await runner.manager.add(req(port=50000))
+        text = Metrics().render(svc)
+        assert 'igdtrigger_front_requests_total{result="granted"} 1' in text
+        assert 'igdtrigger_front_requests_total{result="not_authorized"} 1' in text
+        assert 'igdtrigger_activations{source="upnp"} 1' in text
+    finally:
+        await svc.stop()
