@@ -216,6 +216,7 @@ class FrontManager:
     async def add(self, req: ClientRequest) -> Grant | Refusal:
         """Grant (or renew) ``req``'s mapping, or say why not; never raises for a client's bad
         input (that is a refusal naming it)."""
+        req = replace(req, description=clean_description(req.description))
         async with self._lock:  # one decision at a time: two clients racing for a port
             result = await self._add(req)
         if isinstance(result, Refusal):
@@ -471,7 +472,7 @@ class FrontManager:
             target = f"{req.internal_client} {req.internal_port}"
         meta = {FRONT_TARGET: target, M_CLIENT: req.client,
                 M_INTERNAL: f"{req.internal_client} {req.internal_port}",
-                M_DESC: clean_description(req.description), M_LEASE: f"{req.lease:g}"}
+                M_DESC: req.description, M_LEASE: f"{req.lease:g}"}
         if req.nonce is not None:
             meta[M_NONCE] = req.nonce.hex()
         if req.lease:
@@ -517,7 +518,7 @@ class FrontManager:
         act = self.service.engine.activations.get(m.activation_id)
         if act is not None:
             act.meta[M_LEASE] = f"{req.lease:g}"
-            act.meta[M_DESC] = clean_description(req.description)
+            act.meta[M_DESC] = req.description
             if req.lease:
                 act.meta[M_LEASE_END] = f"{self.wall() + lease:.3f}"
             else:

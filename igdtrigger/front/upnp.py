@@ -64,6 +64,7 @@ FRONT_LIMITS = ConnectionLimits(header_timeout=5.0, per_client=8, total=128, loc
 SEARCHES_PER_SECOND = 10  # per sender; more are ignored
 MAX_SENDERS = 1024  # senders remembered for that rate limit
 MAX_LISTING = 1000  # GetListOfPortMappings entries at most
+BODY_TIMEOUT = 5.0  # s to send a SOAP body once the headers are in
 CONFIG_ID = 1  # the description's version (UDA 1.1 CONFIGID.UPNP.ORG): bumped when it changes
 FAULT_FOR = {RefusalKind.NOT_AUTHORIZED: 606, RefusalKind.OTHER_CLIENT: 718,
              RefusalKind.CONFLICT: 718, RefusalKind.NO_RESOURCES: 728,
@@ -327,7 +328,12 @@ class UpnpFront:
         if request.content_length is not None and request.content_length > X.MAX_REQUEST:
             return self._fault(402, "request too large")
         try:
-            body = await request.content.read(X.MAX_REQUEST + 1)
+            body = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+        except web.HTTPRequestEntityTooLarge:
+            return self._fault(402, "request too large")
+        except (TimeoutError, ConnectionError):
+            return self._fault(402, "request body not sent in time")
+        try:
             req = X.parse_soap_request(body, request.headers.get("SOAPACTION", ""))
             out = await self.dispatch(req, client)
         except X.SoapError as exc:
