@@ -264,3 +264,24 @@ async def test_a_description_is_kept_printable_and_bounded(env: Env) -> None:
     assert status == 200
     (m,) = env.front.manager.mappings()
     assert m.request.description.startswith("game xxx") and len(m.request.description) == 128
+
+
+async def test_async_upnp_client_strictly_reads_the_device_and_maps(env: Env) -> None:
+    """Home Assistant's UPnP library, in strict mode, reads our description and service
+    descriptions and calls the actions with their declared arguments."""
+    client = pytest.importorskip("async_upnp_client.client_factory")
+    requester = pytest.importorskip("async_upnp_client.aiohttp")
+    factory = client.UpnpFactory(requester.AiohttpRequester(), non_strict=False)
+    device = await factory.async_create_device(env.front.locations()[0])
+    assert device.device_type == X.IGD_DEVICE
+    wanip = next(s for s in device.all_services if s.service_type == V2)
+    result = await wanip.action("AddAnyPortMapping").async_call(
+        NewRemoteHost="", NewExternalPort=40000, NewProtocol="TCP", NewInternalPort=40000,
+        NewInternalClient="127.0.0.1", NewEnabled=True, NewPortMappingDescription="ha",
+        NewLeaseDuration=600)
+    assert result == {"NewReservedPort": 40000}
+    assert env.gw.ports() == {"tcp/40000": "127.0.0.1"}
+    ext = await wanip.action("GetExternalIPAddress").async_call()
+    assert ext == {"NewExternalIPAddress": "100.64.0.7"}
+    entry = await wanip.action("GetGenericPortMappingEntry").async_call(NewPortMappingIndex=0)
+    assert entry["NewExternalPort"] == 40000 and entry["NewEnabled"] is True
