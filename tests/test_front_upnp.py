@@ -285,3 +285,24 @@ async def test_async_upnp_client_strictly_reads_the_device_and_maps(env: Env) ->
     assert ext == {"NewExternalIPAddress": "100.64.0.7"}
     entry = await wanip.action("GetGenericPortMappingEntry").async_call(NewPortMappingIndex=0)
     assert entry["NewExternalPort"] == 40000 and entry["NewEnabled"] is True
+
+
+async def test_list_and_delete_a_range_touch_only_the_requesters_mappings(env: Env) -> None:
+    mgr = env.front.manager
+    mgr.settings = parse_config({"front": {**FRONT, "secure_mode": False}}).front
+    for port, client in ((40000, "127.0.0.1"), (40001, "127.0.0.1"), (40002, "127.0.0.9")):
+        status, _ = await env.soap("AddPortMapping", mapping(port, client))
+        assert status == 200
+    rng = [("NewStartPort", "40000"), ("NewEndPort", "40010"), ("NewProtocol", "UDP")]
+    _, mine = await env.soap("GetListOfPortMappings",
+                             [*rng, ("NewManage", "0"), ("NewNumberOfPorts", "0")])
+    assert mine["NewPortListing"].count("<p:PortMappingEntry>") == 2
+    status, backwards = await env.soap("DeletePortMappingRange", [
+        ("NewStartPort", "40010"), ("NewEndPort", "40000"), ("NewProtocol", "UDP"),
+        ("NewManage", "0")])
+    assert status == 500 and backwards.code == 733
+    status, _ = await env.soap("DeletePortMappingRange", [*rng, ("NewManage", "0")])
+    assert status == 200 and env.gw.ports() == {"udp/40002": "127.0.0.9"}
+    status, none = await env.soap("DeletePortMappingRange", [
+        ("NewStartPort", "1"), ("NewEndPort", "2"), ("NewProtocol", "UDP"), ("NewManage", "0")])
+    assert status == 500 and none.code == 730

@@ -59,7 +59,8 @@ FAULTS = {401: "Invalid Action", 402: "Invalid Args", 501: "Action Failed",
           606: "Action not authorized", 713: "SpecifiedArrayIndexInvalid",
           714: "NoSuchEntryInArray", 716: "WildCardNotPermittedInExtPort",
           718: "ConflictInMappingEntry", 726: "RemoteHostOnlySupportsWildcard",
-          728: "NoPortMapsAvailable", 730: "PortMappingNotFound"}
+          728: "NoPortMapsAvailable", 730: "PortMappingNotFound",
+          733: "InconsistentParameters"}
 
 _MAPPING_IN = ("NewRemoteHost", "NewExternalPort", "NewProtocol", "NewInternalPort",
                "NewInternalClient", "NewEnabled", "NewPortMappingDescription",
@@ -72,6 +73,7 @@ ACTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "AddPortMapping": (_MAPPING_IN, ()),
     "AddAnyPortMapping": (_MAPPING_IN, ("NewReservedPort",)),
     "DeletePortMapping": (_KEY_IN, ()),
+    "DeletePortMappingRange": (("NewStartPort", "NewEndPort", "NewProtocol", "NewManage"), ()),
     "GetSpecificPortMappingEntry": (_KEY_IN, _ENTRY_OUT),
     "GetGenericPortMappingEntry": (("NewPortMappingIndex",), (*_KEY_IN, *_ENTRY_OUT)),
     "GetListOfPortMappings": (("NewStartPort", "NewEndPort", "NewProtocol", "NewManage",

@@ -62,6 +62,7 @@ SSDP_GROUP = "239.255.255.250"
 SSDP_PORT = 1900
 FRONT_LIMITS = ConnectionLimits(header_timeout=5.0, per_client=8, total=128, local=16)
 SEARCHES_PER_SECOND = 10  # per sender; more are ignored
+SEARCHES_TOTAL_PER_SECOND = 100  # from every sender together (forged senders: no amplifier)
 MAX_SENDERS = 1024  # senders remembered for that rate limit
 MAX_LISTING = 1000  # GetListOfPortMappings entries at most
 BODY_TIMEOUT = 5.0  # s to send a SOAP body once the headers are in
@@ -248,7 +249,8 @@ class UpnpFront:
         """An SSDP datagram: answer an M-SEARCH for one of our types from a served network."""
         parsed = X.parse_msearch(data)
         served = self._served_for(sender[0])
-        if parsed is None or served is None or not self._within_rate(sender[0]):
+        if parsed is None or served is None or not self._within_rate(sender[0]) \
+                or not self._within_rate(""):  # "": every sender together
             return
         st, mx = parsed
         answers = X.search_answer(st, self.udn)
@@ -265,7 +267,7 @@ class UpnpFront:
         start, count = self._searches.get(host, (now, 0))
         if now - start >= 1.0:
             start, count = now, 0
-        if count >= SEARCHES_PER_SECOND:
+        if count >= (SEARCHES_TOTAL_PER_SECOND if host == "" else SEARCHES_PER_SECOND):
             return False
         if host not in self._searches and len(self._searches) >= MAX_SENDERS:
             self._searches.clear()
@@ -378,7 +380,14 @@ class UpnpFront:
                     raise X.SoapError(713)
                 return self._entry(listed[int(index)])
             case "GetListOfPortMappings":
-                return [("NewPortListing", self._listing(a))]
+                listed = self._in_range(a, client)[:self._count(a)]
+                return [("NewPortListing", X.port_listing(
+                    [{k[3:]: v for k, v in self._entry(e)} for e in listed]))]
+            case "DeletePortMappingRange":
+                for e in self._in_range(a, client):
+                    await m.delete(FrontProtocol.UPNP, client, e.grant.external_port,
+                                   e.request.proto)
+                return []
             case "GetExternalIPAddress":
                 return [("NewExternalIPAddress", await m.external_address() or "")]
             case "GetStatusInfo":
@@ -441,18 +450,29 @@ class UpnpFront:
                 ("NewPortMappingDescription", r.description),
                 ("NewLeaseDuration", str(self._lease_left(m)))]
 
-    def _listing(self, a: Mapping[str, str]) -> str:
+    def _in_range(self, a: Mapping[str, str], client: str) -> list[FrontMapping]:
+        """GetListOfPortMappings/DeletePortMappingRange's selection (IGDv2 §2.5.17-18): the
+        mappings of ``NewProtocol`` in ``NewStartPort``-``NewEndPort``, only the requester's
+        unless ``NewManage`` (and secure mode is off). 733 for a range that runs backwards,
+        730 when none."""
         first, last = _port(a, "NewStartPort", zero=True), _port(a, "NewEndPort", zero=True)
+        if first > last:
+            raise X.SoapError(733, "NewStartPort is above NewEndPort")
         proto = _proto(a)
-        count = a.get("NewNumberOfPorts", "0").strip()
-        limit = int(count) if count.isdecimal() and 0 < int(count) <= MAX_LISTING \
-            else MAX_LISTING
-        rows = [dict((k[3:], v) for k, v in self._entry(m))
-                for m in self.manager.mappings()
-                if m.request.proto is proto and first <= m.grant.external_port <= last][:limit]
-        if not rows:
+        manage = a.get("NewManage", "0").strip().lower() in ("1", "true", "yes") \
+            and not self.manager.settings.secure_mode
+        found = [m for m in self.manager.mappings()
+                 if m.request.proto is proto and first <= m.grant.external_port <= last
+                 and (manage or m.request.internal_client == client)]
+        if not found:
             raise X.SoapError(730)
-        return X.port_listing(rows)
+        return found
+
+    @staticmethod
+    def _count(a: Mapping[str, str]) -> int:
+        count = a.get("NewNumberOfPorts", "0").strip()
+        return int(count) if count.isdecimal() and 0 < int(count) <= MAX_LISTING \
+            else MAX_LISTING
 
 
 class _SsdpProtocol(asyncio.DatagramProtocol):
