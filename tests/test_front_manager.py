@@ -274,3 +274,28 @@ async def test_metrics_count_grants_and_refusals_by_why(
         assert 'igdtrigger_activations{source="upnp"} 1' in text
     finally:
         await svc.stop()
+
+
+async def test_lease_0_in_use_outlives_max_lease_and_renewals_count_as_use(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    svc = make(tmp_path, gw, clock, max_lease="15m", idle_timeout="5m")
+    await svc.start()
+    try:
+        mgr = FrontManager(svc, svc.config.front)
+        svc.front_observer = mgr.observe
+        await mgr.add(req(port=40000, lease=0))
+        await mgr.add(req(port=40001, lease=600))
+        inbound = Flow(Proto.UDP, ipaddress.ip_address("198.51.100.9"),
+                       ipaddress.ip_address(A), 6881, 40000)
+        for _ in range(12):  # 48 minutes: over three times max_lease
+            clock.advance(240)
+            svc.observe(FlowLive(inbound, connected=False, idle=1.0))
+            if clock.now < 1000 + 600 - 240:
+                assert isinstance(await mgr.add(req(port=40001, lease=600)), Grant)  # renewal
+            svc.wake()
+            await svc._wait_applied(svc.engine.generation, 1)
+        assert mgr.lookup(40000, Proto.UDP) is not None  # lease 0, in use: held
+        assert mgr.lookup(40001, Proto.UDP) is None  # its renewals stopped: idle, gone
+        assert gw.ports() == {"udp/40000": A}
+    finally:
+        await svc.stop()
