@@ -19,7 +19,7 @@ from typing import Any
 
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import PortRange, Proto, format_duration, parse_duration, parse_port_spec
-from igdtrigger.front.settings import FrontConfig, parse_front  # front: [front] table
+from igdtrigger.front.settings import FRONT_KEYS, FrontConfig, parse_front  # front: [front]
 
 DEFAULT_LISTEN = "127.0.0.1:8731"
 DEFAULT_PORT = 8731
@@ -575,6 +575,7 @@ _RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share",
 # sections whose keys IGDTRIGGER_<SECTION>__<KEY> may override
 _ENV_SECTIONS: dict[str, tuple[str, ...]] = {
     "gateway": _GATEWAY, "api": _API, "detect": _DETECT, "service": _SERVICE,
+    "front": FRONT_KEYS,  # front: IGDTRIGGER_FRONT__ENABLED=true etc. (docker)
 }
 
 

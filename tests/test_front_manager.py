@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from igdtrigger.api.metrics import Metrics
 from igdtrigger.config import parse_config
 from igdtrigger.core.engine import Source
-from igdtrigger.core.model import Flow, FlowLive, Proto
+from igdtrigger.core.model import Flow, FlowLive, PortRange, Proto
 from igdtrigger.front.manager import (
     ClientRequest,
     FrontManager,
@@ -19,6 +20,7 @@ from igdtrigger.front.manager import (
     Refusal,
     RefusalKind,
 )
+from igdtrigger.front.serving import build_front, drop_front, front_checks
 from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
@@ -213,3 +215,87 @@ async def test_upstream_refusal_is_an_upstream_refusal_and_leaves_nothing(
     assert not front.service.engine.activations and front.mappings() == []
     alt = await front.add(req(alt=True))
     assert isinstance(alt, Grant) and alt.external_port != 40000
+
+
+class _Detector:
+    """Stands in for a flow detector: the prefilter and the follow test serve injects."""
+
+    def __init__(self) -> None:
+        self.wanted: Callable[[Proto, int], bool] | None = lambda proto, port: port == 27015
+        self.follows: Callable[[Flow], bool] | None = lambda flow: False
+
+
+async def test_detectors_pass_and_follow_the_front_flows(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    svc = make(tmp_path, gw, clock)
+    det = _Detector()
+    runner = build_front(svc, [det])
+    await svc.start()
+    try:
+        assert det.wanted is not None and det.follows is not None
+        inbound = Flow(Proto.UDP, ipaddress.ip_address("198.51.100.9"),
+                       ipaddress.ip_address("100.64.0.7"), 6881, 40000)
+        assert not det.wanted(Proto.UDP, 40000) and not det.follows(inbound)
+        assert det.wanted(Proto.TCP, 27015)  # the rules' own prefilter still holds
+        await runner.manager.add(req())
+        assert det.wanted(Proto.UDP, 40000) and det.follows(inbound)
+        assert svc.status()["front"]["mappings"][0]["external_port"] == 40000
+        (line, warn) = front_checks(svc.status()["front"])[:2]
+        assert line[0] == "FAIL"  # mapped, but the UPnP server was never started here
+        assert warn[0] == "warn" and "100.64.0.7" in warn[2]  # double NAT, said
+    finally:
+        await runner.stop()
+        await svc.stop()
+
+
+def test_drop_front_ends_restored_client_mappings_when_the_front_is_off(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    svc = make(tmp_path, gw, clock)
+    svc.engine.activate_adhoc((PortRange(Proto.UDP, 40000, 40000),), A, ttl=60,
+                              source=Source.PCP, meta={})
+    svc.engine.activate_adhoc((PortRange(Proto.UDP, 40001, 40001),), A, ttl=60,
+                              source=Source.API, meta={})
+    assert drop_front(svc) == 1
+    assert [a.source for a in svc.engine.activations.values()] == [Source.API]
+    svc.journal.close()
+
+
+async def test_metrics_count_grants_and_refusals_by_why(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    svc = make(tmp_path, gw, clock)
+    runner = build_front(svc, [])
+    await svc.start()
+    try:
+        await runner.manager.add(req())
+        await runner.manager.add(req(port=50000))
+        text = Metrics().render(svc)
+        assert 'igdtrigger_front_requests_total{result="granted"} 1' in text
+        assert 'igdtrigger_front_requests_total{result="not_authorized"} 1' in text
+        assert 'igdtrigger_activations{source="upnp"} 1' in text
+    finally:
+        await svc.stop()
+
+
+async def test_lease_0_in_use_outlives_max_lease_and_renewals_count_as_use(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    svc = make(tmp_path, gw, clock, max_lease="15m", idle_timeout="5m")
+    await svc.start()
+    try:
+        mgr = FrontManager(svc, svc.config.front)
+        svc.front_observer = mgr.observe
+        await mgr.add(req(port=40000, lease=0))
+        await mgr.add(req(port=40001, lease=600))
+        inbound = Flow(Proto.UDP, ipaddress.ip_address("198.51.100.9"),
+                       ipaddress.ip_address(A), 6881, 40000)
+        for _ in range(12):  # 48 minutes: over three times max_lease
+            clock.advance(240)
+            svc.observe(FlowLive(inbound, connected=False, idle=1.0))
+            if clock.now < 1000 + 600 - 240:
+                assert isinstance(await mgr.add(req(port=40001, lease=600)), Grant)  # renewal
+            svc.wake()
+            await svc._wait_applied(svc.engine.generation, 1)
+        assert mgr.lookup(40000, Proto.UDP) is not None  # lease 0, in use: held
+        assert mgr.lookup(40001, Proto.UDP) is None  # its renewals stopped: idle, gone
+        assert gw.ports() == {"udp/40000": A}
+    finally:
+        await svc.stop()

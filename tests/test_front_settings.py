@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from igdtrigger.config import parse_config
+from igdtrigger.config import load_config, parse_config
 from igdtrigger.core.acl import parse_acl
 from igdtrigger.core.errors import ConfigError
 
@@ -71,3 +74,21 @@ def test_bad_keys_are_named(table: dict[str, object], field: str) -> None:
 def test_an_unknown_key_is_named() -> None:
     with pytest.raises(ConfigError, match="unknown key 'lease'"):
         parse_config({"front": {"lease": 5}})
+
+
+def test_environment_overrides_reach_front(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("IGDTRIGGER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("CONFIGURATION_DIRECTORY", raising=False)
+    monkeypatch.setenv("IGDTRIGGER_FRONT__ENABLED", "true")
+    monkeypatch.setenv("IGDTRIGGER_FRONT__INTERFACES", '["br-lan"]')
+    monkeypatch.setenv("IGDTRIGGER_FRONT__ALLOW", '["allow 1 0.0.0.0/0"]')
+    with pytest.raises(ConfigError) as exc:
+        load_config(None)
+    assert "IGDTRIGGER_FRONT__ALLOW" in str(exc.value)
+    monkeypatch.delenv("IGDTRIGGER_FRONT__ALLOW")
+    front = load_config(None).front
+    assert front.enabled and front.interfaces == ("br-lan",)

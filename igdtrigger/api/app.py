@@ -396,15 +396,21 @@ def _short(text: str, limit: int = 120) -> str:
 async def healthz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     return web.json_response({"ok": True, "gateway_up": svc.mapper.gateway_up,
-                              "version": __version__})
+                              "version": __version__,
+                              **({"front_serving": svc.front_serving}  # front:
+                                 if svc.front_serving is not None else {})})
 
 
 async def readyz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     up = svc.mapper.gateway_up
-    body: dict[str, Any] = {"ready": up, "gateway_up": up}
+    front = svc.front_serving is not False  # front: ready only once the IGD front serves
+    body: dict[str, Any] = {"ready": up and front, "gateway_up": up}
     if not up:
         body["error"] = svc.mapper.gateway_error or "the router has not answered yet"
+    elif not front:
+        body["error"] = "the IGD front ([front]) is not serving yet"
+    up = up and front
     return web.json_response(body, status=200 if up else 503)
 
 

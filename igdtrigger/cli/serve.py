@@ -32,7 +32,6 @@ from igdtrigger.cli.sdnotify import Notifier
 from igdtrigger.config import Config, check_state_dir, default_state_dir
 from igdtrigger.core.errors import IgdTriggerError
 from igdtrigger.detect.base import Detector
-from igdtrigger.front.lifecycle import prepare_front  # front:
 from igdtrigger.gateway.select import build_gateway
 from igdtrigger.runtime.logthrottle import PerKindThrottle, QuietBadRequests
 from igdtrigger.runtime.service import Service
@@ -170,7 +169,11 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
             det.ports = service.engine.port_ranges()
         if hasattr(det, "follows"):
             det.follows = service.follows
-    front = prepare_front(service, url)  # front: the IGD front (issue 14)
+    # front: the IGD front (issue 14), when [front] enabled
+    from igdtrigger.front.serving import build_front, drop_front
+    front = build_front(service, detectors) if config.front.enabled else None
+    if front is None:
+        drop_front(service)
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     guard = ConnectionGuard(ConnectionLimits().within_fd_limit(raise_fd_limit()))
@@ -202,7 +205,7 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     notifier = Notifier()
     try:
         await service.start()
-        if front is not None:  # front:
+        if front is not None:  # front: serve once the service runs (restored journal)
             await front.start()
         log.info(
             "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
@@ -242,11 +245,9 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     with contextlib.suppress(OSError):
         (service.state_dir / ADMIN_SOCKET).unlink()
     service.hub.close_all()  # end event streams so the runner need not wait for them
-    if front is not None:  # front: no more client requests; its inner rules after the stop
-        await front.close()
+    if front is not None:  # front: no new client requests while the mappings go
+        await front.stop()
     removed = await service.stop()
-    if front is not None:  # front:
-        await front.finish()
     await runner.cleanup()
     if sim is not None:
         await sim.close()

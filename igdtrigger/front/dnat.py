@@ -31,6 +31,7 @@ import ipaddress
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Proto
 from igdtrigger.detect.nfttrack import NftResult, Runner, _run_nft, _why, find_nft
 from igdtrigger.front.manager import FrontMapping
-from igdtrigger.netutil import source_address_for
+from igdtrigger.netutil import default_gateway, source_address_for
 
 __all__ = [
     "COMMENT",
@@ -54,6 +55,7 @@ __all__ = [
     "make_forwarder",
     "parse_chain",
     "read_forward_drops",
+    "upstream_host",
 ]
 
 log = logging.getLogger(__name__)
@@ -428,6 +430,12 @@ class DnatForwarder:
     async def close(self) -> None:
         async with self._lock:
             await asyncio.to_thread(self.dnat.clear)
+
+
+def upstream_host(url: str | None) -> str | None:
+    """The upstream router's address: its IGD URL's host, else the default gateway."""
+    host = urllib.parse.urlsplit(url).hostname if url else None
+    return host or default_gateway()
 
 
 def make_forwarder(interfaces: Sequence[str], upstream_host: str | None, *,

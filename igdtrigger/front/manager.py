@@ -2,14 +2,8 @@
 
 Every protocol server of the front (UPnP IGD, NAT-PMP, PCP) hands the manager a
 :class:`ClientRequest` and answers its client with the :class:`Grant` or :class:`Refusal` it gets
-back; the servers never touch the engine, the mapper or the router themselves.
-
-Contract (shared with ``front/pcp.py``):
-
-- :meth:`FrontManager.add` -> ``Grant | Refusal``; :meth:`FrontManager.delete` -> ``Refusal | None``
-- :meth:`FrontManager.lookup`, :meth:`FrontManager.mappings` (what the front holds now)
-- :meth:`FrontManager.external_address` (the UPSTREAM router's external address)
-- :meth:`FrontManager.epoch` (seconds since the front started serving: the PMP/PCP epoch)
+back (the contract: ``add``, ``delete``, ``lookup``, ``mappings``, ``external_address``,
+``epoch``); the servers never touch the engine, the mapper or the router themselves.
 """
 
 from __future__ import annotations
@@ -175,11 +169,9 @@ UPSTREAM_TRIES = 3  # alternatives tried when the upstream router refuses a port
 
 
 def _valid_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(text))
+    return False
 
 
 def clean_description(text: str) -> str:
@@ -224,6 +216,7 @@ class FrontManager:
     async def add(self, req: ClientRequest) -> Grant | Refusal:
         """Grant (or renew) ``req``'s mapping, or say why not; never raises for a client's bad
         input (that is a refusal naming it)."""
+        req = replace(req, description=clean_description(req.description))
         async with self._lock:  # one decision at a time: two clients racing for a port
             result = await self._add(req)
         if isinstance(result, Refusal):
@@ -324,29 +317,34 @@ class FrontManager:
         return any(p is proto and ip == port for p, _c, ip in self._by_internal)
 
     def observe(self, obs: object) -> None:
-        """A detector's observation (the service passes every one): a flow to or from a mapped
-        internal port of its client, or arriving on a mapped external port, is use."""
+        """A detector's observation (the service passes every one): a new flow, or a later look
+        that saw packets, to or from a mapped internal port of its client, or arriving on a
+        mapped external port, is use."""
         if isinstance(obs, FlowLive):
             if obs.idle is None and not obs.connected:
                 return
-            flow = obs.flow
-        elif isinstance(obs, Flow):
-            flow = obs
-        else:
-            return
+            obs = obs.flow
+        if isinstance(obs, Flow) and (m := self._matching(obs)) is not None:
+            self._used(m)
+
+    def follows(self, flow: Flow) -> bool:
+        """Detectors keep looking at a flow that is use of a live mapping (its later packets
+        keep the mapping in use)."""
+        return self._matching(flow) is not None
+
+    def _matching(self, flow: Flow) -> FrontMapping | None:
         if not self._by_key:
-            return
+            return None
         for key in (self._by_internal.get((flow.proto, str(flow.src), flow.sport)),
                     self._by_internal.get((flow.proto, str(flow.dst), flow.dport)),
                     MappingKey(flow.proto, flow.dport)):
             m = self._by_key.get(key) if key is not None else None
             if m is not None and self._live(m):
-                self._used(m)
-                return
+                return m
+        return None
 
     async def stop(self) -> None:
-        """Nothing to undo here: the service's stop ends every activation (and their upstream
-        mappings); the forwarder's rules go with them."""
+        """The service's stop ends the activations (and upstream mappings); forwards go here."""
         if self.forwarder is not None:
             for m in list(self._by_key.values()):
                 await self.forwarder.remove(m.request.proto, m.grant.external_port)
@@ -474,7 +472,7 @@ class FrontManager:
             target = f"{req.internal_client} {req.internal_port}"
         meta = {FRONT_TARGET: target, M_CLIENT: req.client,
                 M_INTERNAL: f"{req.internal_client} {req.internal_port}",
-                M_DESC: clean_description(req.description), M_LEASE: f"{req.lease:g}"}
+                M_DESC: req.description, M_LEASE: f"{req.lease:g}"}
         if req.nonce is not None:
             meta[M_NONCE] = req.nonce.hex()
         if req.lease:
@@ -520,7 +518,7 @@ class FrontManager:
         act = self.service.engine.activations.get(m.activation_id)
         if act is not None:
             act.meta[M_LEASE] = f"{req.lease:g}"
-            act.meta[M_DESC] = clean_description(req.description)
+            act.meta[M_DESC] = req.description
             if req.lease:
                 act.meta[M_LEASE_END] = f"{self.wall() + lease:.3f}"
             else:

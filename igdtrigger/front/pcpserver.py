@@ -40,7 +40,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Protocol, cast
 
 from igdtrigger.api.ratelimit import RateLimiter
-from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Proto
 from igdtrigger.front.manager import (
     ClientRequest,
@@ -67,7 +66,7 @@ from igdtrigger.front.pcp import (
 from igdtrigger.gateway.natpmp.backend import ANNOUNCE_GROUP, ANNOUNCE_PORT, SERVER_PORT
 from igdtrigger.netutil import host_key
 
-__all__ = ["PcpServer", "PortMapFront", "PortMapService", "interface_ipv4", "start_portmap"]
+__all__ = ["PcpServer", "PortMapFront", "PortMapService"]
 
 log = logging.getLogger(__name__)
 
@@ -273,23 +272,6 @@ class PortMapService:
                                       external_ip=await self.front.external_address() or "")
 
 
-def interface_ipv4(names: Sequence[str]) -> list[str]:
-    """The IPv4 addresses of the named interfaces (netifaces), in order. Raises
-    ``ConfigError`` naming an interface that does not exist or has no IPv4 address."""
-    import netifaces
-
-    out: list[str] = []
-    known = set(netifaces.interfaces())
-    for name in names:
-        if name not in known:
-            raise ConfigError(f"[front] interfaces: no interface named {name!r}")
-        addrs = [str(e["addr"]) for e in netifaces.ifaddresses(name).get(netifaces.AF_INET, [])]
-        if not addrs:
-            raise ConfigError(f"[front] interfaces: {name!r} has no IPv4 address")
-        out.extend(a for a in addrs if a not in out)
-    return out
-
-
 class _Endpoint(asyncio.DatagramProtocol):
     def __init__(self, server: PcpServer) -> None:
         self.server = server
@@ -408,12 +390,3 @@ class PcpServer:
         self._endpoints.clear()
         self.bound.clear()
 
-
-async def start_portmap(front: PortMapFront, interfaces: Sequence[str], *,
-                        port: int = SERVER_PORT) -> PcpServer:
-    """NAT-PMP/PCP on UDP ``port`` of the IPv4 addresses of ``interfaces`` (``[front]
-    interfaces``), announcements scheduled. Raises ``ConfigError`` for an interface that is
-    missing or has no IPv4 address, ``OSError`` naming the address that cannot be bound."""
-    server = PcpServer(PortMapService(front), interface_ipv4(interfaces), port=port)
-    await server.start()
-    return server

@@ -133,9 +133,13 @@ def self_only_message(rule: str, host: str) -> str:
 
 
 class Service:
-    # front: the IGD front sees every detector observation first (in-use of client mappings)
+    # front: the IGD front (issue 14) sees every detector observation first (in-use of client
+    # mappings); front_serving: None = no front, False until it serves (/readyz); front_status:
+    # its part of status()
     front_observer: Callable[[Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen], None] \
         | None = None
+    front_serving: bool | None = None
+    front_status: Callable[[], dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -1051,6 +1055,7 @@ class Service:
             },
             "warnings": warnings,
             "events": list(self.events)[-50:],
+            **({"front": self.front_status()} if self.front_status else {}),  # front:
         }
 
     def sorted_activations(self) -> list[Activation]:
