@@ -139,7 +139,8 @@ def test_sigterm_removes_every_upstream_mapping_and_inner_rule(
     s = front()
     assert natpmp_map(net, 0, 40020) == 40020
     assert natpmp_map(net, 1, 40021, "tcp") == 40021
-    assert len(net.upstream()) == 2 and len(net.home_dnat()) == 2
+    assert upnp_add(net, 0, 40022, lease=0)[0] == 40022
+    assert len(net.upstream()) == 3 and len(net.home_dnat()) == 3
     assert s.stop(signal.SIGTERM) == 0, s.logtext()[-3000:]
     assert net.upstream() == []
     assert "igdtrigger_front" not in net.home_ruleset()
@@ -149,20 +150,107 @@ def test_kill_9_and_restart_leave_nothing_stale(
         net: DoubleNat, front: Callable[..., FrontServe], tmp_path: Path) -> None:
     s = front()
     assert natpmp_map(net, 0, 40030) == 40030
+    assert upnp_add(net, 1, 40031, lease=0)[0] == 40031
     s.stop(signal.SIGKILL)
     # restarted: the journal's mapping comes back whole (upstream AND inner rule) or not at all
     s2 = FrontServe(net, tmp_path).start()
     try:
-        def whole() -> bool:
-            up = ("UDP", 40030) in upstream_ports(net)
-            inner = len(net.home_dnat()) == 1
-            return up == inner
-        wait_until(whole, 20, "upstream and inner rule to agree", s2.logtext)
-        if ("UDP", 40030) in upstream_ports(net):
-            assert wait_until(lambda: net.probe("udp", 40030, timeout=0.5), 10,
-                              "the restored mapping to reach the client") >= 0
+        def whole() -> bool:  # each mapping: on both routers, or on neither
+            up = upstream_ports(net)
+            inner = [d for d in net.home_dnat() if '"right": 40030' in d or
+                     '"right": 40031' in d]
+            return len(inner) == len(up & {("UDP", 40030), ("UDP", 40031)})
+        wait_until(whole, 20, "upstream and inner rules to agree", s2.logtext)
+        for client, port in ((0, 40030), (1, 40031)):
+            if ("UDP", port) in upstream_ports(net):
+                assert wait_until(lambda c=client, p=port: net.probe("udp", p, client=c,
+                                                                     timeout=0.5),
+                                  10, "the restored mapping to reach its client") >= 0
         assert s2.stop(signal.SIGTERM) == 0
     finally:
         s2.close()
     assert net.upstream() == []
     assert "igdtrigger_front" not in net.home_ruleset()
+
+
+# --- UPnP IGD, driven by Debian's upnpc (SSDP discovery on the client LAN) ----------------------
+
+UPNP_ADDED = re.compile(r"external (\S+):(\d+) (UDP|TCP) is redirected to internal (\S+):(\d+)")
+
+
+def upnp_add(net: DoubleNat, client: int, port: int, *, internal: str | None = None,
+             proto: str = "UDP", lease: int | None = None, any_port: bool = False,
+             ) -> tuple[int | None, str]:
+    """``upnpc -a`` (or ``-n``, AddAnyPortMapping): the external port granted (None: refused)
+    and upnpc's output (its exit code is unreliable: 0 on some failures)."""
+    args = ["-n" if any_port else "-a", internal or net.client_ips[client], str(port), str(port),
+            proto]
+    if lease is not None:
+        args.append(str(lease))
+    p = net.upnpc(client, "-e", f"lab client {client}", *args)
+    m = UPNP_ADDED.search(p.stdout)
+    return (int(m.group(2)) if m else None), p.stdout + p.stderr
+
+
+def test_upnpc_maps_lists_and_deletes_through_both_routers(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    front()
+    got, out = upnp_add(net, 0, 40000, lease=0)
+    assert got == 40000, out
+    assert f"external {net.external_ip}:40000 UDP" in out  # the ISP router's address
+    assert ("UDP", 40000, net.home_wan_ip, 40000) in net.upstream()
+    status = net.upnpc(0, "-s").stdout
+    assert f"ExternalIPAddress = {net.external_ip}" in status, status
+    listing = net.upnpc(0, "-l").stdout
+    assert re.search(r"UDP\s+40000->10\.8\.0\.10:40000", listing), listing
+    assert wait_until(lambda: net.probe("udp", 40000, timeout=0.5), 10,
+                      "a WAN packet at the client") >= 0
+    p = net.upnpc(0, "-d", "40000", "UDP")
+    assert "failed" not in p.stdout, p.stdout
+    wait_until(lambda: upstream_ports(net) == set(), 10, "the upstream delete",
+               lambda: str(net.upstream()))
+    assert net.home_dnat() == []
+    assert not net.probe("udp", 40000, timeout=0.5)
+
+
+def test_upnp_refusals_606_and_718_map_nothing_upstream(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    front(allow=["allow 1024-49151 10.8.0.0/24 1024-65535", "deny 0-65535 0.0.0.0/0 0-65535"])
+    got, out = upnp_add(net, 0, 50000)  # the ISP router would take it; [front] allow does not
+    assert got is None and "606" in out, out
+    got, out = upnp_add(net, 0, 40001, internal=net.client_ips[1])  # another client's address
+    assert got is None and "718" in out, out
+    assert upstream_ports(net) == set() and net.home_dnat() == []
+
+
+def test_upnp_two_clients_same_port_718_or_another_via_addany(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    front()
+    assert upnp_add(net, 0, 40004)[0] == 40004
+    got, out = upnp_add(net, 1, 40004)
+    assert got is None and "718" in out, out
+    other, out = upnp_add(net, 1, 40004, any_port=True)
+    assert other is not None and other != 40004, out
+    assert upstream_ports(net) == {("UDP", 40004), ("UDP", other)}
+    assert wait_until(lambda: net.probe("udp", 40004, client=0, timeout=0.5), 10, "client 1")
+    assert wait_until(lambda: net.probe("udp", other, client=1, internal_port=40004,
+                                        timeout=0.5), 10, "client 2 on its port")
+
+
+def test_upnp_lease_0_idle_removed_in_use_kept(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    s = front(idle="6s")
+    assert upnp_add(net, 0, 40006, lease=0)[0] == 40006
+    assert upnp_add(net, 1, 40007, lease=0)[0] == 40007
+    delivered = 0
+
+    def idle_gone() -> bool:
+        nonlocal delivered
+        delivered += net.probe("udp", 40007, client=1, timeout=0.5)
+        return ("UDP", 40006) not in upstream_ports(net)
+
+    wait_until(idle_gone, 40, "the idle lease-0 mapping to be removed", s.logtext, step=0.5)
+    assert delivered > 0
+    assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
+    wait_until(lambda: len(net.home_dnat()) == 1, 10, "the idle mapping's inner rule to go",
+               lambda: str(net.home_dnat()))
