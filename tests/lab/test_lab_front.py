@@ -163,9 +163,9 @@ def test_kill_9_and_restart_leave_nothing_stale(
         wait_until(whole, 20, "upstream and inner rules to agree", s2.logtext)
         for client, port in ((0, 40030), (1, 40031)):
             if ("UDP", port) in upstream_ports(net):
-                assert wait_until(lambda c=client, p=port: net.probe("udp", p, client=c,
-                                                                     timeout=0.5),
-                                  10, "the restored mapping to reach its client") >= 0
+                def reaches(c: int = client, p: int = port) -> bool:
+                    return net.probe("udp", p, client=c, timeout=0.5)
+                assert wait_until(reaches, 10, "the restored mapping to reach its client") >= 0
         assert s2.stop(signal.SIGTERM) == 0
     finally:
         s2.close()
