@@ -55,6 +55,8 @@ __all__ = [
     "make_forwarder",
     "parse_chain",
     "read_forward_drops",
+    "topology_checks",
+    "topology_status",
     "upstream_host",
 ]
 
@@ -453,3 +455,44 @@ def make_forwarder(interfaces: Sequence[str], upstream_host: str | None, *,
              "point at our own upstream address, inner DNAT in table %s",
              ", ".join(interfaces), wan, TABLE)
     return DnatForwarder(InnerDnat(wan, forward_chain=forward_chain), upstream_host)
+
+
+def topology_status(forwarder: DnatForwarder | None,
+                    drops: list[ForwardDrop] | None) -> dict[str, Any]:
+    """The front's topology for ``status`` and ``doctor``: ``kind`` (``gateway``/``host``), the
+    upstream interface and our address there (gateway), the forward chains that would drop
+    the forwarded packets (``forward_drops``: ``None`` = could not be read), and ``router``:
+    what the upstream router must allow."""
+    if forwarder is None:
+        return {"kind": Topology.HOST.value, "router": (
+            "upstream mappings point at each client directly: the upstream router must let a "
+            "host map ports for another address (UPnP secure mode off), unless the clients "
+            "are this host's own apps")}
+    return {"kind": Topology.GATEWAY.value, "upstream_interface": forwarder.dnat.wan_interface,
+            "upstream_address": forwarder.upstream_address(),
+            "forward_chain": " ".join(forwarder.dnat.forward_chain or ()) or None,
+            "forward_drops": None if drops is None else [d.text for d in drops],
+            "router": ("upstream mappings point at this host's own upstream address (a "
+                       "secure-mode router accepts them); the inner DNAT forwards to clients")}
+
+
+def topology_checks(topology: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``doctor``'s lines (level, name, detail, fix) about the front's topology."""
+    if not topology:
+        return []
+    kind = topology.get("kind")
+    if kind != Topology.GATEWAY.value:
+        return [("ok", "front topology", "LAN host or home server (topology 2)",
+                 str(topology.get("router", "")))]
+    out = [("ok", "front topology",
+            f"home gateway (topology 1): upstream via {topology.get('upstream_interface')} "
+            f"({topology.get('upstream_address') or 'address unknown'}), inner DNAT in table "
+            f"{TABLE}", "")]
+    drops = topology.get("forward_drops")
+    if drops is None:
+        out.append(("warn", "front forwarding", "could not read the forward chains (nft)",
+                    "run as root / with CAP_NET_ADMIN"))
+    for text in drops or []:
+        out.append(("FAIL", "front forwarding", str(text),
+                    "add 'ct status dnat accept' to that chain, or set [front] forward_chain"))
+    return out

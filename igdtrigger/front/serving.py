@@ -18,7 +18,14 @@ from typing import Any
 from igdtrigger.core.engine import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, Proto
-from igdtrigger.front.dnat import make_forwarder, upstream_host
+from igdtrigger.front.dnat import (
+    ForwardDrop,
+    make_forwarder,
+    read_forward_drops,
+    topology_checks,
+    topology_status,
+    upstream_host,
+)
 from igdtrigger.front.manager import FrontManager
 from igdtrigger.front.pcpserver import PcpServer, PortMapService
 from igdtrigger.front.upnp import UpnpFront, served_addresses
@@ -44,6 +51,7 @@ class FrontRunner:
         self.upnp: UpnpFront | None = None
         self.portmap: PcpServer | None = None  # NAT-PMP/PCP (front/pcpserver.py)
         self._reconciler: asyncio.Task[None] | None = None
+        self.forward_drops: list[ForwardDrop] | None = []  # forward chains that would drop
         service.front_observer = self.manager.observe
         service.front_serving = False
         service.front_status = self.status
@@ -79,6 +87,10 @@ class FrontRunner:
                               "in [front] interfaces", field="front.interfaces")
         if self.forwarder is not None:  # the journal's mappings' inner rules, the rest swept
             await self.forwarder.restore(self.manager.mappings())
+            self.forward_drops = await asyncio.to_thread(
+                read_forward_drops, forward_chain=self.settings.forward_chain)
+            for drop in self.forward_drops or []:
+                log.warning("front: %s", drop.text)
             self._reconciler = asyncio.create_task(self._reconcile(), name="front-dnat")
         self.portmap = PcpServer(PortMapService(self.manager), [a.address for a in addresses])
         try:
@@ -127,6 +139,7 @@ class FrontRunner:
 
     def status(self) -> dict[str, Any]:
         out = self.manager.status()
+        out["topology"] = topology_status(self.forwarder, self.forward_drops)
         out["upnp"] = self.upnp.locations() if self.upnp is not None else []
         if self.upnp is not None and self.upnp.faults:
             out["upnp_faults"] = {str(k): v for k, v in sorted(self.upnp.faults.items())}
@@ -172,6 +185,7 @@ def front_checks(front: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         out.append(("warn", "front external address", str(front["warning"]),
                     "apps behind this front are reachable only from inside the upstream "
                     "network unless the upstream's own router forwards the ports too"))
+    out.extend(topology_checks(front.get("topology") or {}))
     if front.get("refused"):
         out.append(("ok", "front refusals", ", ".join(
             f"{k} {v}" for k, v in sorted(front["refused"].items())), ""))

@@ -239,6 +239,20 @@ class FrontServe:
     def logtext(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``igdtrigger ARGS --server <its API>`` on the home router."""
+        p: subprocess.CompletedProcess[str] = self.net.lab.run(
+            self.net.home, [sys.executable, "-m", "igdtrigger", *args, "--server",
+                            "http://127.0.0.1:8731"], env=self.env(), cwd=ROOT, timeout=60)
+        return p
+
+    def status(self) -> dict[str, Any]:
+        p = self.cli("status", "--json")
+        if p.returncode != 0:
+            raise LabError(f"igdtrigger status failed: {p.stdout}{p.stderr}")
+        data: dict[str, Any] = json.loads(p.stdout)
+        return data
+
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str,
                detail: Callable[[], str] = str, step: float = 0.1) -> float:

@@ -254,3 +254,42 @@ def test_upnp_lease_0_idle_removed_in_use_kept(
     assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
     wait_until(lambda: len(net.home_dnat()) == 1, 10, "the idle mapping's inner rule to go",
                lambda: str(net.home_dnat()))
+
+
+def test_a_dropping_forward_chain_is_named_and_forward_chain_fixes_it(
+        lab: Lab, tmp_path: Path) -> None:
+    """Topology 1 behind a firewall whose forward policy drops DNATed packets: the upstream
+    mapping is made but nothing arrives; status/doctor name the chain; with [front]
+    forward_chain set to it igdtrigger adds (and at stop removes) its accept rule."""
+    if missing_tools():
+        pytest.skip(f"Debian package(s) missing: {', '.join(missing_tools())}")
+    net = DoubleNat(lab, clients=1, forward_policy="drop").build()
+    chain = "ip igdt_home forward"
+    (tmp_path / "a").mkdir()
+    s = FrontServe(net, tmp_path / "a").start()
+    try:
+        topo = s.status()["front"]["topology"]
+        assert topo["kind"] == "gateway" and topo["upstream_address"] == net.home_wan_ip
+        assert any(chain in t for t in topo["forward_drops"]), topo
+        doctor = s.cli("doctor")
+        assert chain in doctor.stdout and "forward_chain" in doctor.stdout, doctor.stdout
+        assert natpmp_map(net, 0, 40040) == 40040
+        assert ("UDP", 40040) in upstream_ports(net)
+        assert not net.probe("udp", 40040, timeout=0.5)  # dropped by the home firewall
+        assert s.stop() == 0
+    finally:
+        s.close()
+    (tmp_path / "b").mkdir()
+    s = FrontServe(net, tmp_path / "b", forward_chain=chain).start()
+    try:
+        assert s.status()["front"]["topology"]["forward_drops"] == []
+        assert natpmp_map(net, 0, 40041) == 40041
+        assert "igdtrigger-front" in net.home_ruleset()
+        assert wait_until(lambda: net.probe("udp", 40041, timeout=0.5), 10,
+                          "the WAN packet through the accept rule") >= 0
+        assert s.stop() == 0
+    finally:
+        s.close()
+    ruleset = net.home_ruleset()
+    assert "igdtrigger" not in ruleset and "chain forward" in ruleset  # the user's chain stays
+    assert net.upstream() == []
