@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -293,3 +295,99 @@ def test_a_dropping_forward_chain_is_named_and_forward_chain_fixes_it(
     ruleset = net.home_ruleset()
     assert "igdtrigger" not in ruleset and "chain forward" in ruleset  # the user's chain stays
     assert net.upstream() == []
+
+
+# --- PCP (no Debian PCP client: our own client codec, from the client's namespace) ---------------
+
+PCP_ASK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for payload in sys.argv[2:]:
+    s.sendto(bytes.fromhex(payload), (sys.argv[1], 5351))
+    print(s.recv(1100).hex(), flush=True)
+"""
+
+
+def pcp_exchange(net: DoubleNat, client: int, *payloads: bytes) -> list[Any]:
+    from igdtrigger.gateway.natpmp.backend import decode_pcp_reply
+
+    p = net.run(client, [sys.executable, "-c", PCP_ASK, net.home_lan_ip,
+                         *(x.hex() for x in payloads)])
+    assert p.returncode == 0, p.stderr
+    return [decode_pcp_reply(bytes.fromhex(line)) for line in p.stdout.split()]
+
+
+def test_pcp_map_nonce_prefer_failure_and_delete(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    from igdtrigger.core.model import Proto
+    from igdtrigger.gateway.natpmp.backend import build_pcp_announce, build_pcp_map
+
+    front()
+    me, other = net.client_ips
+    n1, n2 = b"\x01" * 12, b"\x02" * 12
+    (ann, mapped, thief) = pcp_exchange(
+        net, 0, build_pcp_announce(me), build_pcp_map(n1, Proto.UDP, 40050, 40050, 120, me),
+        build_pcp_map(n2, Proto.UDP, 40050, 40050, 0, me))
+    assert ann.result == 0 and ann.epoch is not None
+    assert (mapped.result, mapped.external_port, mapped.external_ip) == \
+        (0, 40050, net.external_ip)
+    assert 0 < mapped.lifetime <= 120
+    assert thief.result == 2  # NOT_AUTHORIZED: another nonce may not delete it
+    assert ("UDP", 40050) in upstream_ports(net)
+    assert wait_until(lambda: net.probe("udp", 40050, timeout=0.5), 10, "the PCP mapping")
+    # the second client: PREFER_FAILURE on a taken port fails, without it another port
+    (fail, alt) = pcp_exchange(
+        net, 1, build_pcp_map(n2, Proto.UDP, 40050, 40050, 120, other, prefer_failure=True),
+        build_pcp_map(n2, Proto.UDP, 40050, 40050, 120, other))
+    assert fail.result == 11  # CANNOT_PROVIDE_EXTERNAL
+    assert alt.result == 0 and alt.external_port not in (0, 40050)
+    (done,) = pcp_exchange(net, 0, build_pcp_map(n1, Proto.UDP, 40050, 0, 0, me))
+    assert done.result == 0 and done.lifetime == 0
+    wait_until(lambda: ("UDP", 40050) not in upstream_ports(net), 10, "the PCP delete",
+               lambda: str(net.upstream()))
+    assert not net.probe("udp", 40050, timeout=0.5)
+
+
+ANNOUNCE_LISTEN = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("224.0.0.1", 5350))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+             socket.inet_aton("224.0.0.1") + socket.inet_aton(sys.argv[1]))
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+seen = set()
+try:
+    while len(seen) < 2:
+        data, src = s.recvfrom(1100)
+        print(src[0], data.hex(), flush=True)
+        seen.add(data[0])
+except TimeoutError:
+    pass
+"""
+
+
+def test_start_announces_to_the_all_hosts_group(net: DoubleNat, tmp_path: Path) -> None:
+    """On start the front multicasts the NAT-PMP address announcement (with the ISP router's
+    external address) and a PCP ANNOUNCE to 224.0.0.1:5350 (RFC 6886 §3.2.1, RFC 6887
+    §14.1.3): clients learn of the restart and re-create their mappings."""
+    from igdtrigger.gateway.natpmp.backend import decode_pcp_reply, decode_pmp_reply
+
+    listener = net.lab.popen(net.clients[0], [sys.executable, "-c", ANNOUNCE_LISTEN,
+                                              net.client_ips[0], "20"],
+                             stdout=subprocess.PIPE, text=True)
+    assert listener.stdout is not None
+    assert listener.stdout.readline().strip() == "ready"
+    s = FrontServe(net, tmp_path).start()
+    try:
+        out, _ = listener.communicate(timeout=30)
+    finally:
+        s.close()
+    got = [line.split() for line in out.splitlines()]
+    assert {src for src, _ in got} == {net.home_lan_ip}, out
+    pmp = [decode_pmp_reply(bytes.fromhex(h)) for _, h in got if h.startswith("00")]
+    pcp = [decode_pcp_reply(bytes.fromhex(h)) for _, h in got if h.startswith("02")]
+    assert pmp and pmp[0] is not None and pmp[0].external_ip == net.external_ip, out
+    assert pcp and pcp[0] is not None and (pcp[0].opcode, pcp[0].result) == (0, 0), out
