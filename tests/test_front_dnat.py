@@ -17,11 +17,14 @@ from igdtrigger.core.model import Proto
 from igdtrigger.detect.nfttrack import NftResult, Runner
 from igdtrigger.front.dnat import (
     COMMENT,
+    DnatForwarder,
     DnatRule,
     InnerDnat,
     forward_check,
     parse_chain,
     read_forward_drops,
+    topology_checks,
+    topology_status,
 )
 
 A = DnatRule(Proto.UDP, 40000, "10.8.0.10", 40001)
@@ -152,3 +155,42 @@ def test_real_nft_add_remove_sweep_and_clear(netns: str) -> None:
     listing = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "ruleset"],
                              capture_output=True, text=True, check=True).stdout
     assert "igdtrigger" not in listing and "chain forward" in listing  # theirs untouched
+
+
+def test_topology_status_and_doctor_lines() -> None:
+    host = topology_status(None, None)
+    assert host["kind"] == "host" and "secure mode off" in host["router"]
+    assert topology_checks(host)[0][:2] == ("ok", "front topology")
+    fwd = DnatForwarder(InnerDnat("eth0", nft="nft"), "127.0.0.1")
+    drops = forward_check(_ruleset("drop", []))
+    gw = topology_status(fwd, drops)
+    assert gw["kind"] == "gateway" and gw["upstream_interface"] == "eth0"
+    levels = [(c[0], c[1]) for c in topology_checks(gw)]
+    assert ("FAIL", "front forwarding") in levels
+    assert ("warn", "front forwarding") in [(c[0], c[1]) for c in
+                                            topology_checks(topology_status(fwd, None))]
+    assert [c[0] for c in topology_checks(topology_status(fwd, []))] == ["ok"]
+    assert topology_checks({}) == []
+
+
+async def test_forwarder_follows_the_mappings(netns: str) -> None:
+    from igdtrigger.front.manager import (
+        ClientRequest,
+        FrontMapping,
+        FrontProtocol,
+        Grant,
+    )
+
+    def mapping(port: int, client: str) -> FrontMapping:
+        req = ClientRequest(FrontProtocol.NATPMP, client, client, port, port, Proto.UDP, 60.0)
+        return FrontMapping(req, Grant(port, 60.0, ""), 0.0, 0.0, 60.0)
+
+    fwd = DnatForwarder(InnerDnat("eth0", runner=_in(netns)), "127.0.0.1")
+    await fwd.restore([mapping(40000, "10.8.0.10")])  # a crashed run's table: swept to this
+    await fwd.add(Proto.UDP, 40001, "10.8.0.11", 40001)
+    assert [r.external_port for r in fwd.dnat.loaded()] == [40000, 40001]
+    await fwd.remove(Proto.UDP, 40000)
+    await fwd.sync([mapping(40001, "10.8.0.11"), mapping(40002, "10.8.0.12")])
+    assert [r.external_port for r in fwd.dnat.loaded()] == [40001, 40002]
+    await fwd.close()
+    assert fwd.dnat.loaded() == []
