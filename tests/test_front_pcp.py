@@ -373,6 +373,27 @@ async def test_announcements_reach_the_multicast_group_port() -> None:
     assert all(r is not None and r.opcode == 0 and r.result == 0 for r in pcp)
 
 
+async def test_a_new_external_address_is_announced_again() -> None:
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.setblocking(False)
+    front = FakeFront()
+    server = PcpServer(PortMapService(front), ["127.0.0.1"], port=0,
+                       announce_group="127.0.0.1", announce_port=listener.getsockname()[1],
+                       announce_count=1, address_interval=0.02)
+    await server.start()
+    try:
+        first = [await asyncio.wait_for(loop.sock_recv(listener, 2048), 2.0) for _ in range(2)]
+        front.ext = "11.22.33.99"
+        again = [await asyncio.wait_for(loop.sock_recv(listener, 2048), 2.0) for _ in range(2)]
+    finally:
+        await server.close()
+        listener.close()
+    ips = [decode_pmp_reply(d) for d in (*first, *again) if d[0] == 0]
+    assert [r.external_ip for r in ips if r is not None] == [EXT, "11.22.33.99"]
+
+
 async def test_bind_failure_names_the_address() -> None:
     server = PcpServer(PortMapService(FakeFront()), ["192.0.2.1"], port=0, announce_count=0)
     with pytest.raises(OSError, match=r"192\.0\.2\.1"):

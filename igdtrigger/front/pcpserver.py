@@ -292,18 +292,21 @@ class PcpServer:
 
     ``start()`` binds every address (``OSError`` names the one that failed, after closing the
     others) and schedules the restart announcements; ``close()`` stops both. ``announce()``
-    sends one round of them now (an external address change, RFC 6886 §3.2.1)."""
+    sends one round of them now; a change of the external address (checked every
+    ``address_interval`` s) starts the rounds again (RFC 6886 §3.2.1)."""
 
     def __init__(self, service: PortMapService, addresses: Sequence[str], *,
                  port: int = SERVER_PORT, announce_group: str = ANNOUNCE_GROUP,
                  announce_port: int = ANNOUNCE_PORT, announce_count: int = 10,
-                 announce_first: float = 0.25) -> None:
+                 announce_first: float = 0.25, address_interval: float = 5.0) -> None:
         self.service = service
         self.addresses = list(addresses)
         self.port = port
         self.announce_target = (announce_group, announce_port)
         self.announce_count = announce_count
         self.announce_first = announce_first
+        self.address_interval = address_interval
+        self._last_address: str | None = None
         self.bound: list[tuple[str, int]] = []
         self.announcements = 0
         self._endpoints: list[_Endpoint] = []
@@ -330,7 +333,20 @@ class PcpServer:
             self.bound.append(sock.getsockname()[:2])
         log.info("NAT-PMP/PCP serving on %s", ", ".join(f"{a}:{p}" for a, p in self.bound))
         if self.announce_count > 0:
+            self._last_address = await self.service.front.external_address()
             self._spawn(self._announce_rounds())
+            self._spawn(self._watch_address())
+
+    async def _watch_address(self) -> None:
+        """RFC 6886 §3.2.1: announce again when the external address changes (the upstream
+        router got a new one), so clients re-learn it and refresh their mappings."""
+        while True:
+            await asyncio.sleep(self.address_interval)
+            address = await self.service.front.external_address()
+            if address and address != self._last_address:
+                log.info("NAT-PMP/PCP: external address now %s: announcing", address)
+                self._last_address = address
+                self._spawn(self._announce_rounds())
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
