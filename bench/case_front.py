@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .common import Bench, row, stats
@@ -77,11 +77,16 @@ def _ask(sock: socket.socket, gateway: str, payload: bytes, timeout: float = 5.0
 
 
 def _first_packet(wan_ns: str, dst: str, port: int, listener: socket.socket, t0: float,
-                  limit: float = 5.0) -> float | None:
-    """Blast from the WAN host until ``listener`` gets a datagram; seconds since ``t0``."""
+                  resend: Callable[[], object], limit: float = 5.0) -> float | None:
+    """Blast from the WAN host until ``listener`` gets a datagram; seconds since ``t0``.
+    ``resend`` retransmits the request every 250 ms, as NAT-PMP clients do (RFC 6886 §3.1)."""
     listener.setblocking(False)
     deadline = t0 + limit
+    next_resend = t0 + 0.25
     while time.monotonic() < deadline:
+        if time.monotonic() >= next_resend:
+            resend()
+            next_resend += 0.25
         s = _udp(wan_ns)
         try:
             s.sendto(b"x", (dst, port))
@@ -110,7 +115,12 @@ def _round(net: Any, mode: str, port: int, upnp: Any) -> float | None:
                 upnp.addportmapping(port, "UDP", net.home_wan_ip, port, "bench floor", "")
         else:
             asker.sendto(_pmp_map(port, 60), (gateway, 5351))
-        took = _first_packet(lab.wan, lab.router_wan_ip, port, listener, t0)
+
+        def resend() -> None:
+            if mode != "floor_upnp":
+                asker.sendto(_pmp_map(port, 60), (gateway, 5351))
+
+        took = _first_packet(lab.wan, lab.router_wan_ip, port, listener, t0, resend)
         if mode == "floor_upnp":
             with _in_netns(ns):
                 upnp.deleteportmapping(port, "UDP")

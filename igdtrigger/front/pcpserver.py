@@ -113,7 +113,7 @@ class PortMapService:
     ``counters``: requests by outcome (``pmp_ok``, ``pcp_ok``, ``rejected``, ``refused``,
     ``rate_limited``, ``busy``, ``duplicate``, ``dropped``)."""
 
-    def __init__(self, front: PortMapFront, *, rate: float = 10.0, burst: int = 20,
+    def __init__(self, front: PortMapFront, *, rate: float = 20.0, burst: int = 64,
                  per_host: int = 4, max_pending: int = 64,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.front = front
