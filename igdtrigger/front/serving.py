@@ -86,7 +86,11 @@ class FrontRunner:
             raise ConfigError("no interface with a private IPv4 address to serve; name them "
                               "in [front] interfaces", field="front.interfaces")
         if self.forwarder is not None:  # the journal's mappings' inner rules, the rest swept
-            await self.forwarder.restore(self.manager.mappings())
+            try:
+                await self.forwarder.restore(self.manager.mappings())
+            except OSError as exc:
+                raise ConfigError(f"this host routes the LAN, so the front forwards with "
+                                  f"nftables, but: {exc}", field="front") from None
             self.forward_drops = await asyncio.to_thread(
                 read_forward_drops, forward_chain=self.settings.forward_chain)
             for drop in self.forward_drops or []:
@@ -113,12 +117,16 @@ class FrontRunner:
         """Every second the inner DNAT follows the live mappings (one the engine ended by lease
         or idle loses its inner rule here)."""
         assert self.forwarder is not None
+        said = ""
         while True:
             await asyncio.sleep(1.0)
             try:
                 await self.forwarder.sync(self.manager.mappings())
+                said = ""
             except OSError as exc:
-                log.warning("front: %s", exc)
+                if str(exc) != said:  # once per distinct failure, not every second
+                    log.warning("front: %s", exc)
+                said = str(exc)
 
     async def stop(self) -> None:
         self.service.front_serving = False
