@@ -40,7 +40,9 @@ def test_script_redefines_the_table_and_our_accept_rules() -> None:
     assert "delete rule inet filter forward handle 7" in script
     assert ('add rule inet filter forward iifname "eth0" ip daddr 10.8.0.11 tcp dport 40002 '
             f'ct status dnat accept comment "{COMMENT}"') in script
-    assert "forward" not in InnerDnat("eth0", nft="nft").script([A])
+    assert "ct status dnat ip daddr 10.8.0.11 tcp dport 40002 counter" in script
+    assert "ip saddr 10.8.0.10 udp sport 40001 counter" in script
+    assert "add rule" not in InnerDnat("eth0", nft="nft").script([A])  # no accept rules
 
 
 @pytest.mark.parametrize("bad", ["filter forward", "inet filter", "foo filter forward",
@@ -194,3 +196,24 @@ async def test_forwarder_follows_the_mappings(netns: str) -> None:
     assert [r.external_port for r in fwd.dnat.loaded()] == [40001, 40002]
     await fwd.close()
     assert fwd.dnat.loaded() == []
+
+
+def test_packets_counted_per_client_port_both_directions() -> None:
+    def rule(field: str, addr: str, port_field: str, port: int, packets: int) -> dict[str, object]:
+        return {"rule": {"family": "ip", "table": "igdtrigger_front", "chain": "used", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+                       "right": addr}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp",
+                                                        "field": port_field}}, "right": port}},
+            {"counter": {"packets": packets, "bytes": packets * 30}}]}}
+
+    listing = json.dumps({"nftables": [rule("daddr", "10.8.0.10", "dport", 40001, 3),
+                                       rule("saddr", "10.8.0.10", "sport", 40001, 4),
+                                       rule("saddr", "10.8.0.11", "sport", 40002, 0)]})
+
+    def runner(argv: Sequence[str], script: str) -> NftResult:
+        assert list(argv[-3:]) == ["ip", "igdtrigger_front", "used"]
+        return NftResult(0, listing)
+
+    counts = InnerDnat("eth0", nft="nft", runner=runner).packets()
+    assert counts == {(Proto.UDP, "10.8.0.10", 40001): 7, (Proto.UDP, "10.8.0.11", 40002): 0}

@@ -7,6 +7,10 @@ mapping in igdtrigger's own table ``ip igdtrigger_front``::
     chain prerouting { type nat hook prerouting priority dstnat; policy accept;
         iifname "eth0" fib daddr type local udp dport 40000 dnat to 10.8.0.10:40000 }
 
+A second chain, ``used`` (hook forward, policy accept, counters only), counts the packets
+forwarded to and from each mapping's internal port: the front's "in use" in this topology, for
+traffic in either direction (:meth:`InnerDnat.packets`, :meth:`DnatForwarder.used`).
+
 Only packets that came in on the upstream interface (``wan_interface``) addressed to this host
 are rewritten; the chain has policy accept and no other verdict, so everything else meets the
 router's own tables unchanged. The user's tables are never written, with one opt-in exception:
@@ -129,6 +133,15 @@ class InnerDnat:
         return (f"        iifname {_quote(self.wan_interface)} fib daddr type local {p} dport "
                 f"{rule.external_port} dnat to {rule.client}:{rule.internal_port}")
 
+    @staticmethod
+    def _use_lines(rule: DnatRule) -> list[str]:
+        """The ``used`` chain's two counting rules: packets forwarded to the client's internal
+        port through the mapping, and from that port out (either direction is use)."""
+        p = rule.proto.value.lower()
+        return [f"        ct status dnat ip daddr {rule.client} {p} dport {rule.internal_port} "
+                "counter",
+                f"        ip saddr {rule.client} {p} sport {rule.internal_port} counter"]
+
     def _accept_rule(self, rule: DnatRule) -> str:
         assert self.forward_chain is not None
         p = rule.proto.value.lower()
@@ -144,6 +157,9 @@ class InnerDnat:
                  "    chain prerouting {",
                  "        type nat hook prerouting priority dstnat; policy accept;"]
         lines += [self._dnat_line(r) for r in wanted]
+        lines += ["    }", "    chain used {",
+                  "        type filter hook forward priority filter; policy accept;"]
+        lines += [line for r in wanted for line in self._use_lines(r)]
         lines += ["    }", "}"]
         if self.forward_chain is not None:
             chain = " ".join(self.forward_chain)
@@ -182,15 +198,21 @@ class InnerDnat:
 
     def _assign(self, order: list[DnatRule], echo: str) -> dict[DnatRule, list[str]]:
         """Each rule's ``delete rule ...`` commands, from nft's echo (``-e -a``) of a script
-        that added ``order``'s DNAT rules, then (with a forward chain) their accept rules."""
+        that added ``order``'s rules chain by chain, in that order: one DNAT rule, two counting
+        rules and (with a forward chain) one accept rule each."""
         added = [(m.group(1), m.group(2)) for m in _ECHO.finditer(echo)]
-        dnat = [f"delete rule {c} handle {h}" for c, h in added if c == f"{TABLE} prerouting"]
-        chain = " ".join(self.forward_chain) if self.forward_chain else None
-        accept = [f"delete rule {c} handle {h}" for c, h in added if c == chain]
-        if len(dnat) != len(order) or (chain is not None and len(accept) != len(order)):
-            return {}
-        return {r: [dnat[i], *([accept[i]] if chain is not None else [])]
-                for i, r in enumerate(order)}
+        per = [(f"{TABLE} prerouting", 1), (f"{TABLE} used", 2)]
+        if self.forward_chain is not None:
+            per.append((" ".join(self.forward_chain), 1))
+        out: dict[DnatRule, list[str]] = {r: [] for r in order}
+        for chain, count in per:
+            handles = [h for c, h in added if c == chain]
+            if len(handles) != count * len(order):
+                return {}
+            for i, r in enumerate(order):
+                out[r] += [f"delete rule {chain} handle {h}"
+                           for h in handles[i * count:(i + 1) * count]]
+        return out
 
     def add(self, rule: DnatRule) -> None:
         """Add one rule: one small transaction (a few ms) when the table is in place, else (or
@@ -201,6 +223,8 @@ class InnerDnat:
                     for r in self.rules)
         if self.installed and not clash:
             script = f"add rule {TABLE} prerouting {self._dnat_line(rule).strip()}\n"
+            script += "".join(f"add rule {TABLE} used {line.strip()}\n"
+                              for line in self._use_lines(rule))
             if self.forward_chain is not None:
                 script += self._accept_rule(rule) + "\n"
             result = self._run(["-e", "-a", "-f", "-"], script)
@@ -238,6 +262,19 @@ class InnerDnat:
         self.rules = frozenset()
         self._handles = {}
         self.installed = False
+
+    def packets(self) -> dict[tuple[Proto, str, int], int]:
+        """Packets the ``used`` chain counted per (protocol, client, internal port), both
+        directions together: what :class:`DnatForwarder` turns into "in use"."""
+        result = self._run(["-j", "list", "chain", *TABLE.split(), "used"])
+        out: dict[tuple[Proto, str, int], int] = {}
+        if result.returncode != 0:
+            return out
+        for rule in _items(result.stdout, "rule"):
+            key, count = _counted(rule)
+            if key is not None:
+                out[key] = out.get(key, 0) + count
+        return out
 
     def loaded(self) -> list[DnatRule]:
         """The rules in the kernel now, read back from ``nft -j list table`` (empty when the
@@ -277,6 +314,27 @@ def _rule_of(rule: dict[str, Any]) -> DnatRule | None:
             if proto is not None and target else None
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def _counted(rule: dict[str, Any]) -> tuple[tuple[Proto, str, int] | None, int]:
+    """A ``used`` rule's (protocol, client, internal port) and its packet count."""
+    proto: Proto | None = None
+    client, port, packets = "", 0, 0
+    for expr in rule.get("expr", []):
+        match = expr.get("match") if isinstance(expr, dict) else None
+        if isinstance(match, dict) and isinstance(match.get("left"), dict):
+            payload = match["left"].get("payload", {})
+            right = match.get("right")
+            if not isinstance(payload, dict):
+                continue
+            if payload.get("field") in ("saddr", "daddr") and isinstance(right, str):
+                client = right
+            elif payload.get("field") in ("sport", "dport") and isinstance(right, int):
+                proto = Proto.__members__.get(str(payload.get("protocol", "")).upper())
+                port = right
+        elif isinstance(expr, dict) and isinstance(expr.get("counter"), dict):
+            packets = int(expr["counter"].get("packets", 0) or 0)
+    return ((proto, client, port) if proto is not None and client and port else None), packets
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +455,7 @@ class DnatForwarder:
         self.dnat = dnat
         self.upstream_host = upstream_host
         self._lock = asyncio.Lock()
+        self._counted: dict[tuple[Proto, str, int], int] = {}
 
     def upstream_address(self) -> str | None:
         own = source_address_for(self.upstream_host)
@@ -428,6 +487,20 @@ class DnatForwarder:
         wanted = _rules_of(mappings)
         if wanted != self.dnat.rules:
             await self._apply(wanted)
+
+    async def used(self, mappings: Iterable[FrontMapping]) -> list[FrontMapping]:
+        """The mappings whose traffic the kernel counted since the last call (either
+        direction, every packet: a single long flow keeps counting)."""
+        async with self._lock:
+            counts = await asyncio.to_thread(self.dnat.packets)
+        out = []
+        for m in mappings:
+            key = (m.request.proto, m.request.internal_client, m.request.internal_port)
+            seen = counts.get(key, 0)
+            if seen > self._counted.get(key, 0):
+                out.append(m)
+            self._counted[key] = seen
+        return out
 
     async def close(self) -> None:
         async with self._lock:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from ipaddress import ip_address
 from typing import Any
 
 from igdtrigger.core.engine import FRONT_SOURCES
@@ -115,13 +116,20 @@ class FrontRunner:
 
     async def _reconcile(self) -> None:
         """Every second the inner DNAT follows the live mappings (one the engine ended by lease
-        or idle loses its inner rule here)."""
+        or idle loses its inner rule here), and packets the kernel counted to or from a
+        mapping's internal port are use of it (either direction, every packet: the detectors'
+        prefilter sees only a new flow's destination port, not its source port)."""
         assert self.forwarder is not None
         said = ""
         while True:
             await asyncio.sleep(1.0)
             try:
-                await self.forwarder.sync(self.manager.mappings())
+                mappings = self.manager.mappings()
+                await self.forwarder.sync(mappings)
+                for m in await self.forwarder.used(mappings):  # kernel-counted traffic is use
+                    self.manager.observe(Flow(m.request.proto, ip_address(
+                        m.request.internal_client), ip_address(m.request.internal_client),
+                        m.request.internal_port, m.request.internal_port))
                 said = ""
             except OSError as exc:
                 if str(exc) != said:  # once per distinct failure, not every second

@@ -155,7 +155,7 @@ table ip {HOME_TABLE} {{
         if p.returncode != 0:
             return []
         return [json.dumps(item["rule"]["expr"]) for item in json.loads(p.stdout)["nftables"]
-                if "rule" in item]
+                if "rule" in item and item["rule"].get("chain") == "prerouting"]
 
     def home_ruleset(self) -> str:
         return str(self.lab.run(self.home, ["nft", "list", "ruleset"], check=True).stdout)

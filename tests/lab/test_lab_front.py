@@ -111,33 +111,54 @@ def test_two_clients_same_port_the_second_gets_another(
     assert not net.probe("udp", 40004, client=1, timeout=0.3)  # the first keeps its mapping
 
 
-@pytest.mark.parametrize("how", ["natpmp", "upnp"])
+SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+while True:
+    s.sendto(b"x", (sys.argv[1], 9))
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.parametrize(("how", "direction"), [("natpmp", "outbound"), ("upnp", "inbound")])
 def test_idle_mapping_is_removed_one_in_use_stays(
-        net: DoubleNat, front: Callable[..., FrontServe], how: str) -> None:
+        net: DoubleNat, front: Callable[..., FrontServe], how: str, direction: str) -> None:
     """NAT-PMP with a 1 h lifetime, or UPnP with lease 0 ("permanent"): either way a mapping
-    nobody uses goes after idle_timeout; one a WAN peer keeps sending through (players talking
-    to a game server) stays."""
+    nobody uses goes after idle_timeout; one in use stays: its client keeps sending out from
+    the mapped port (outbound), or a WAN peer keeps sending in through it (inbound)."""
     s = front(idle="6s")
     for client, port in ((0, 40006), (1, 40007)):
         got = natpmp_map(net, client, port, lifetime=3600) if how == "natpmp" else \
             upnp_add(net, client, port, lease=0)[0]
         assert got == port
+    sender = None
+    if direction == "outbound":
+        sender = net.lab.popen(net.clients[1], [sys.executable, "-c", SENDER, net.lab.wan_ip,
+                                                "40007"])
     delivered = 0
 
     def idle_gone() -> bool:
         nonlocal delivered
-        delivered += net.probe("udp", 40007, client=1, timeout=0.5)
+        if direction == "inbound":
+            delivered += net.probe("udp", 40007, client=1, timeout=0.5)
         return ("UDP", 40006) not in upstream_ports(net)
 
-    wait_until(idle_gone, 40, "the idle mapping to be removed", s.logtext, step=0.5)
-    assert delivered > 0
-    assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
-    wait_until(lambda: len(net.home_dnat()) == 1, 10, "the idle mapping's inner rule to go",
-               lambda: str(net.home_dnat()))
-    for _ in range(8):  # well past idle_timeout, still in use: still there
-        net.probe("udp", 40007, client=1, timeout=0.5)
-        time.sleep(0.5)
-    assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
+    try:
+        wait_until(idle_gone, 40, "the idle mapping to be removed", s.logtext, step=0.5)
+        assert delivered > 0 or direction == "outbound"
+        assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
+        wait_until(lambda: len(net.home_dnat()) == 1, 10, "the idle mapping's inner rule to go",
+                   lambda: str(net.home_dnat()))
+        for _ in range(8):  # well past idle_timeout, still in use: still there
+            if direction == "inbound":
+                net.probe("udp", 40007, client=1, timeout=0.5)
+            time.sleep(0.5)
+        assert ("UDP", 40007) in upstream_ports(net), s.logtext()[-3000:]
+    finally:
+        if sender is not None:
+            sender.kill()
+            sender.wait(10)
 
 
 def test_sigterm_removes_every_upstream_mapping_and_inner_rule(
