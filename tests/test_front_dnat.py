@@ -23,9 +23,8 @@ from igdtrigger.front.dnat import (
     forward_check,
     parse_chain,
     read_forward_drops,
-    topology_checks,
-    topology_status,
 )
+from igdtrigger.front.topology import topology_checks, topology_status
 
 A = DnatRule(Proto.UDP, 40000, "10.8.0.10", 40001)
 B = DnatRule(Proto.TCP, 40002, "10.8.0.11", 40002)

@@ -19,16 +19,15 @@ from typing import Any
 from igdtrigger.core.engine import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, Proto
-from igdtrigger.front.dnat import (
-    ForwardDrop,
+from igdtrigger.front.dnat import ForwardDrop, read_forward_drops
+from igdtrigger.front.manager import FrontManager
+from igdtrigger.front.pcpserver import PcpServer, PortMapService
+from igdtrigger.front.topology import (
     make_forwarder,
-    read_forward_drops,
     topology_checks,
     topology_status,
     upstream_host,
 )
-from igdtrigger.front.manager import FrontManager
-from igdtrigger.front.pcpserver import PcpServer, PortMapService
 from igdtrigger.front.upnp import UpnpFront, served_addresses
 from igdtrigger.runtime.service import Service
 
