@@ -145,12 +145,12 @@ class FrontRunner:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
-        await self.manager.stop()
-        if self.forwarder is not None:  # no inner rule, no table of ours is left
-            try:
+        if self.forwarder is not None:  # no inner rule, no table of ours is left (one nft
+            try:  # transaction, before the manager would remove the rules one by one)
                 await self.forwarder.close()
             except OSError as exc:
                 log.warning("front: %s", exc)
+        await self.manager.stop()
 
     def status(self) -> dict[str, Any]:
         out = self.manager.status()
