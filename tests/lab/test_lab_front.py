@@ -24,14 +24,19 @@ pytestmark = pytest.mark.lab
 MAPPED = re.compile(r"Mapped public port (\d+) protocol (UDP|TCP) to local port (\d+)")
 
 
-@pytest.fixture
-def net(lab: Lab) -> DoubleNat:
+def need_tools() -> None:
+    """Skip without Debian's upnpc/natpmpc, or fail with IGDTRIGGER_REQUIRE_LAB=1 (CI)."""
     missing = missing_tools()
     if missing:
         why = f"Debian package(s) missing: {', '.join(missing)}"
         if lab_required():
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
+
+
+@pytest.fixture
+def net(lab: Lab) -> DoubleNat:
+    need_tools()
     return DoubleNat(lab).build()
 
 
@@ -271,8 +276,7 @@ def test_a_dropping_forward_chain_is_named_and_forward_chain_fixes_it(
     """Topology 1 behind a firewall whose forward policy drops DNATed packets: the upstream
     mapping is made but nothing arrives; status/doctor name the chain; with [front]
     forward_chain set to it igdtrigger adds (and at stop removes) its accept rule."""
-    if missing_tools():
-        pytest.skip(f"Debian package(s) missing: {', '.join(missing_tools())}")
+    need_tools()
     net = DoubleNat(lab, clients=1, forward_policy="drop").build()
     chain = "ip igdt_home forward"
     (tmp_path / "a").mkdir()
