@@ -277,19 +277,6 @@ class FrontManager:
         info = self.service.gateway.info
         return None if info is None else info.external_warning()
 
-    def status(self) -> dict[str, Any]:
-        now = self.clock()
-        info = self.service.gateway.info
-        return {
-            "enabled": True,
-            "epoch": self.epoch(),
-            "external_address": (info.external_address.strip() or None) if info else None,
-            "double_nat": self.double_nat(),
-            "mappings": [m.to_json(now) for m in self.mappings()],
-            "granted": self.granted,
-            "refused": dict(self.refused),
-        }
-
     def attach(self) -> int:
         """After the service restored its journal: take back the front's activations (listed
         again, removed by the next stop) when the policy still allows them, end the others.
@@ -320,12 +307,14 @@ class FrontManager:
         """A detector's observation (the service passes every one): a new flow, or a later look
         that saw packets, to or from a mapped internal port of its client, or arriving on a
         mapped external port, is use."""
+        ago = 0.0  # a later look dates its last packet (``idle`` seconds ago)
         if isinstance(obs, FlowLive):
             if obs.idle is None and not obs.connected:
                 return
+            ago = max(0.0, obs.idle or 0.0)
             obs = obs.flow
         if isinstance(obs, Flow) and (m := self._matching(obs)) is not None:
-            self._used(m)
+            self._used(m, at=self.clock() - ago)
 
     def follows(self, flow: Flow) -> bool:
         """Detectors keep looking at a flow that is use of a live mapping (its later packets
@@ -526,11 +515,15 @@ class FrontManager:
         self._used(m, force=True)
         return m.grant
 
-    def _used(self, m: FrontMapping, *, force: bool = False) -> None:
-        """In use now: the activation's end moves to min(lease end, now + idle_timeout)."""
+    def _used(self, m: FrontMapping, *, at: float | None = None, force: bool = False) -> None:
+        """In use at ``at`` (default now): the activation's end moves to min(lease end,
+        at + idle_timeout), never earlier."""
         now = self.clock()
-        m.last_use = now
-        end = min(m.lease_end, now + self.settings.idle_timeout)
+        at = now if at is None else min(at, now)
+        if at <= m.last_use and not force:
+            return
+        m.last_use = max(m.last_use, at)
+        end = min(m.lease_end, m.last_use + self.settings.idle_timeout)
         act = self.service.engine.activations.get(m.activation_id)
         if act is None or (not force and end - act.expires < 1.0):
             return  # moves by under a second: not worth a journal write

@@ -838,6 +838,8 @@ class Service:
 
     async def _scheduler(self) -> None:
         while True:
+            if self._stopping:  # Python 3.11's wait_for drops a cancel that meets a wake()
+                return  # (gh-86296): without this, stop() waited for the next deadline
             self._wake.clear()
             self.engine.expire()
             gen = self.engine.generation
