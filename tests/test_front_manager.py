@@ -11,7 +11,7 @@ import pytest
 
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.model import Flow, FlowLive, PortRange, Proto
 from igdtrigger.front.manager import (
     ClientRequest,

@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from igdtrigger.core.engine import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
+from igdtrigger.core.activation import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
 from igdtrigger.core.errors import ActivationLimit, UsageError
+from igdtrigger.core.frontconfig import FrontConfig
 from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto, format_duration
-from igdtrigger.front.settings import FrontConfig
 from igdtrigger.runtime.mapper import MapState
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from igdtrigger.core.engine import FRONT_SOURCES
+from igdtrigger.core.activation import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, Proto
 from igdtrigger.front.manager import FrontManager
