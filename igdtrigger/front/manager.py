@@ -209,7 +209,6 @@ class FrontManager:
         self._lock = asyncio.Lock()
         self.refused: collections.Counter[str] = collections.Counter()  # kind -> count
         self.granted = 0
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- the contract ------------------------------------------------------------------------
 
@@ -276,6 +275,16 @@ class FrontManager:
         """What the upstream's external address says (None: public): for status and doctor."""
         info = self.service.gateway.info
         return None if info is None else info.external_warning()
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        info = self.service.gateway.info
+        return {
+            "enabled": True, "epoch": self.epoch(),
+            "external_address": (info.external_address.strip() or None) if info else None,
+            "double_nat": self.double_nat(),
+            "mappings": [m.to_json(now) for m in self.mappings()],
+            "granted": self.granted, "refused": dict(self.refused)}
 
     def attach(self) -> int:
         """After the service restored its journal: take back the front's activations (listed
@@ -542,15 +551,8 @@ class FrontManager:
     def _live(self, m: FrontMapping) -> bool:
         if m.activation_id in self.service.engine.activations:
             return True
-        self._unindex(m)  # the engine ended it (lease or idle): gone upstream too
-        if self.forwarder is not None:
-            fwd = self.forwarder
-            with contextlib.suppress(RuntimeError):  # no loop: stop() sweeps it instead
-                task = asyncio.get_running_loop().create_task(
-                    fwd.remove(m.request.proto, m.grant.external_port))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        return False
+        self._unindex(m)  # the engine ended it (lease or idle): gone upstream; the runner
+        return False  # syncs the forwarder's inner rules with mappings() every second
 
     def _index(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)

@@ -85,15 +85,7 @@ class FrontRunner:
         await self.manager.stop()
 
     def status(self) -> dict[str, Any]:
-        m = self.manager
-        now = m.clock()
-        info = self.service.gateway.info
-        out: dict[str, Any] = {
-            "enabled": True, "epoch": m.epoch(),
-            "external_address": (info.external_address.strip() or None) if info else None,
-            "double_nat": m.double_nat(),
-            "mappings": [x.to_json(now) for x in m.mappings()],
-            "granted": m.granted, "refused": dict(m.refused)}
+        out = self.manager.status()
         out["upnp"] = self.upnp.locations() if self.upnp is not None else []
         if self.upnp is not None and self.upnp.faults:
             out["upnp_faults"] = {str(k): v for k, v in sorted(self.upnp.faults.items())}
