@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.config import parse_config
 from igdtrigger.core.activation import Source
-from igdtrigger.core.model import Flow, FlowLive, PortRange, Proto
+from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto
 from igdtrigger.front.manager import (
     ClientRequest,
     FrontManager,
@@ -331,3 +332,20 @@ async def test_a_wake_right_before_stop_does_not_delay_the_stop(
         await stopping
     assert done, "stop() waited for the scheduler's next deadline"
     assert gw.ports() == {}
+
+
+async def test_the_same_client_may_retarget_its_port_and_a_foreign_nonce_may_not(
+        front: FrontManager, gw: FakeGateway) -> None:
+    await front.add(req(port=40000, iport=40000))
+    moved = await front.add(req(port=40000, iport=41000))
+    assert isinstance(moved, Grant) and moved.external_port == 40000
+    (m,) = front.mappings()
+    assert m.request.internal_port == 41000
+    assert gw.table[MappingKey(Proto.UDP, 40000)][0].internal_port == 41000
+    pcp = replace(req(port=40002, protocol=FrontProtocol.PCP), nonce=b"a" * 12)
+    assert isinstance(await front.add(pcp), Grant)
+    other = await front.add(replace(pcp, nonce=b"b" * 12))
+    assert isinstance(other, Refusal) and other.kind is RefusalKind.NOT_AUTHORIZED
+    gone = await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"b" * 12)
+    assert isinstance(gone, Refusal) and gone.kind is RefusalKind.NOT_AUTHORIZED
+    assert await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"a" * 12) is None
