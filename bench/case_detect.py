@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from igdtrigger.detect.conntrack import ConntrackParser
+from igdtrigger.detect.ctnetlink import ConntrackParser
 from igdtrigger.detect.process import Matcher, scan_proc, scan_psutil
 from igdtrigger.detect.sockets import SocketTableDetector, read_proc_net, read_psutil
 

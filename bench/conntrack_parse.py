@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from igdtrigger.core.model import Flow, Proto
-from igdtrigger.detect.conntrack import ConntrackDetector, ConntrackParser
+from igdtrigger.detect.conntrack import ConntrackDetector
+from igdtrigger.detect.ctnetlink import ConntrackParser
 
 NESTED = 0x8000
 

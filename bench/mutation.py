@@ -151,13 +151,13 @@ def score(name: str, part: Part, found: dict[str, str],
 
 # (module, table, tests that must notice)
 TABLES: list[tuple[str, str, list[str]]] = [
-    ("igdtrigger.gateway.upnp.codec", "_NAMES", ["tests/test_igd_codec_faults.py"]),
+    ("igdtrigger.gateway.upnp.codec", "ERROR_DESCRIPTIONS", ["tests/test_igd_codec_faults.py"]),
     ("igdtrigger.gateway.upnp.codec", "_SERVICE_RANK", ["tests/test_igd_codec_faults.py"]),
     ("igdtrigger.gateway.upnp.codec", "_IGD_PARTS", ["tests/test_igd_codec_faults.py"]),
-    ("igdtrigger.gateway.natpmp.backend", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
-    ("igdtrigger.gateway.natpmp.backend", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
-    ("igdtrigger.gateway.natpmp.backend", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),
-    ("igdtrigger.detect.conntrack", "_IPPROTO", ["tests/test_conntrack_parse_edges.py"]),
+    ("igdtrigger.gateway.natpmp.codec", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.gateway.natpmp.codec", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.gateway.natpmp.codec", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),
+    ("igdtrigger.detect.ctnetlink", "_IPPROTO", ["tests/test_conntrack_parse_edges.py"]),
 ]
 
 def _mutate(module: Any, name: str, index: int, op: str) -> Any:

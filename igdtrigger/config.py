@@ -13,171 +13,53 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from igdtrigger.configfields import Section, show
 from igdtrigger.core.errors import ConfigError
-from igdtrigger.core.model import PortRange, Proto, format_duration, parse_duration, parse_port_spec
-from igdtrigger.front.settings import FRONT_KEYS, FrontConfig, parse_front  # front: [front]
+from igdtrigger.core.model import format_duration
+from igdtrigger.core.rules import DEFAULT_IDLE, EXTERNAL_MODES, SHARE_MODES, External, Rule, Share
+from igdtrigger.core.settings import (
+    BACKENDS,
+    DEFAULT_BURST,
+    DEFAULT_LEASE,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_PER_HOST,
+    DEFAULT_RATE,
+    DETECTORS,
+    PROTOCOLS,
+    SIMULATE,
+    ZEROCONF_MODES,
+    AdhocConfig,
+    ApiConfig,
+    Config,
+    DetectConfig,
+    GatewayConfig,
+)
+from igdtrigger.front.settings import FRONT_KEYS, parse_front  # front: [front]
 
-DEFAULT_LISTEN = "127.0.0.1:8731"
-DEFAULT_PORT = 8731
-DEFAULT_IDLE = 600.0
-DEFAULT_LEASE = 3600.0
-DEFAULT_RATE = 20.0
-DEFAULT_BURST = 60
-DEFAULT_MAX_PER_HOST = 16
-ZEROCONF_MODES = ("auto", "on", "off")
+__all__ = [
+    "ENV_PREFIX",
+    "LAUNCHERS",
+    "MAX_CONFIG_BYTES",
+    "MAX_RULE_PORTS",
+    "MAX_TOTAL_PORTS",
+    "Config",
+    "check_state_dir",
+    "default_config_paths",
+    "default_state_dir",
+    "env_overrides",
+    "find_config",
+    "load_config",
+    "parse_config",
+    "parse_listen",
+    "validate_bounds",
+]
+
 ENV_PREFIX = "IGDTRIGGER_"
-SIMULATE = "simulate"
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-DETECTORS = ("conntrack", "sockets", "process")
-
-
-SHARE_MODES = ("first", "latest")
-EXTERNAL_MODES = ("same", "any")
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    name: str
-    trigger: tuple[PortRange, ...]
-    open: tuple[PortRange, ...]
-    idle_timeout: float = DEFAULT_IDLE
-    process: tuple[str, ...] = ()  # executables whose presence holds the rule on this host
-    hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any host
-    share: str = "first"  # two hosts, one rule: the first keeps the ports, or the latest takes
-    external: str = "same"  # "any": the router may pick another external port on conflict
-
-    def allows(self, host: str) -> bool:
-        if not self.hosts:
-            return True
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.hosts)
-
-    def port_count(self) -> int:
-        return sum(len(r) for r in self.open)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "trigger": [str(r) for r in self.trigger],
-            "open": [str(r) for r in self.open],
-            "idle_timeout": self.idle_timeout,
-            "process": list(self.process),
-            "hosts": [str(n) for n in self.hosts],
-            "share": self.share,
-            "external": self.external,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    url: str | None = None  # description URL; "simulate" starts the built-in simulated IGD
-    lease: float = DEFAULT_LEASE
-    discover_timeout: float = 2.0
-    verify_interval: float = 60.0
-    check_interval: float = 2.0  # one mapping checked this often: a router restart is seen fast
-    check_before_add: bool = True
-    backend: str = "auto"  # "auto" (miniupnpc, else our SOAP client), "miniupnpc", "soap"
-    protocol: str = "auto"  # "auto" (probe all, prefer UPnP > PCP > NAT-PMP), or one of them
-    ipv6_pinholes: bool = True  # also open the ports to this machine's IPv6 addresses (IGDv2)
-
-    @property
-    def simulate(self) -> bool:
-        return self.url == SIMULATE
-
-
-ADHOC_PREFIX = "adhoc:"  # ad-hoc activations' rule names; ':' is never in a configured name
-
-
-@dataclass(frozen=True, slots=True)
-class AdhocConfig:
-    """Ports an API client may open without a rule (``[api] allow_adhoc``), and the limits."""
-
-    enabled: bool = False
-    ports: tuple[PortRange, ...] = (PortRange(Proto.TCP, 1024, 65535),
-                                    PortRange(Proto.UDP, 1024, 65535))
-    max_ports: int = 16  # per activation
-    max_ttl: float = 4 * 3600.0
-    per_host: int = 4  # live ad-hoc activations per host
-    admin_only: bool = False
-
-    def permits(self, rng: PortRange) -> bool:
-        return any(r.proto is rng.proto and r.first <= rng.first and rng.last <= r.last
-                   for r in self.ports)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "ports": [str(r) for r in self.ports],
-                "max_ports": self.max_ports, "max_ttl": self.max_ttl,
-                "per_host": self.per_host, "admin_only": self.admin_only}
-
-
-@dataclass(frozen=True, slots=True)
-class ApiConfig:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    public_read: bool = False  # read-only endpoints open to the LAN without the token
-    rate_limit: float = DEFAULT_RATE  # requests per second per client (token bucket refill)
-    rate_burst: int = DEFAULT_BURST  # bucket size
-    allowed_hosts: tuple[str, ...] = ()  # extra Host header names (DNS-rebinding protection)
-    zeroconf: str = "auto"  # "auto" (advertise when listening beyond loopback), "on", "off"
-    adhoc: AdhocConfig = field(default_factory=AdhocConfig)
-    # clients that may act without the token (and read with public_read); empty: the networks
-    # of the interface(s) the API listens on
-    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    max_per_host: int = DEFAULT_MAX_PER_HOST  # live tokenless activations per client address
-
-    @property
-    def loopback_only(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    @property
-    def url(self) -> str:
-        host = self.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":  # dual-stack where the OS allows; ::1 answers either way
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class DetectConfig:
-    methods: tuple[str, ...] = DETECTORS
-    explicit: bool = False  # methods named in the config (else sockets stands in for conntrack)
-    socket_interval: float = 1.0
-    process_interval: float = 1.0
-    track_flows: bool = True  # load nft table inet igdtrigger so the kernel tracks trigger flows
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    api: ApiConfig = field(default_factory=ApiConfig)
-    detect: DetectConfig = field(default_factory=DetectConfig)
-    rules: tuple[Rule, ...] = ()
-    state_dir: Path | None = None
-    source: str = "<defaults>"
-    launchers: tuple[tuple[str, str], ...] = ()  # ("steam:730", "cs2"): `run --infer` names
-    front: FrontConfig = field(default_factory=FrontConfig)  # front: the IGD front (issue 14)
-
-    def rule(self, name: str) -> Rule | None:
-        for r in self.rules:
-            if r.name == name:
-                return r
-        return None
 
 
 def default_config_paths() -> list[Path]:
@@ -272,7 +154,9 @@ def _read_config_file(p: Path) -> bytes:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Load ``path`` (or the first file found in the usual places, or the defaults)."""
+    """Load ``path`` (or the first file found in the usual places, or the defaults), with the
+    ``IGDTRIGGER_*`` environment over it. Raises ``ConfigError`` naming the file, the field
+    and the value."""
     overrides = env_overrides()
     if path is None:
         found = find_config()
@@ -367,124 +251,7 @@ def _parse_with_env(
                    else f"<environment: {env_note}>")
 
 
-class _Section:
-    """Reads one TOML table, remembering which keys were used so leftovers can be reported."""
-
-    def __init__(self, data: object, where: str, source: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a table, got {_show(data)}", source=source, field=where)
-        self.data: Mapping[str, Any] = data
-        self.where = where
-        self.source = source
-        self.used: set[str] = set()
-
-    def field_name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(message, source=self.source, field=self.field_name(key))
-
-    def get(self, key: str) -> Any:
-        self.used.add(key)
-        return self.data.get(key)
-
-    def done(self, allowed: tuple[str, ...]) -> None:
-        for key in self.data:
-            if key not in self.used:
-                raise ConfigError(
-                    f"unknown key {key!r} (allowed: {', '.join(allowed)})",
-                    source=self.source,
-                    field=self.where or None,
-                )
-
-    def duration(self, key: str, default: float) -> float:
-        value = self.get(key)
-        if value is None:
-            return default
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            raise self.error(key, str(exc)) from None
-
-    def string(self, key: str, default: str | None = None) -> str | None:
-        value = self.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(key, f"expected a non-empty string, got {_show(value)}")
-        return value.strip()
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {_show(value)}")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key)
-        if value is None:
-            return choices[0]
-        if value not in choices:
-            raise self.error(key, f"{_show(value)} is not one of {', '.join(choices)}")
-        return str(value)
-
-    def names(self, key: str) -> tuple[str, ...]:
-        value = self.get(key)
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(
-            isinstance(v, str) and 0 < len(v.strip()) <= 255 and "/" not in v and "\\" not in v
-            for v in value
-        ):
-            raise self.error(key, f"expected executable names like [\"cs2\", \"game.exe\"], got "
-                                  f"{_show(value)}")
-        return tuple(v.strip() for v in value)
-
-    def networks(
-        self, key: str
-    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        value = self.get(key)
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise self.error(key, f"expected addresses or networks, got {_show(value)}")
-        out = []
-        for i, item in enumerate(value):
-            try:
-                out.append(ipaddress.ip_network(str(item), strict=False))
-            except ValueError:
-                raise self.error(f"{key}[{i}]", f"{_show(item)} is not an IP address or "
-                                 "network like 192.168.1.20 or 192.168.1.0/28") from None
-        return tuple(out)
-
-    def ports(self, key: str, *, required: bool) -> tuple[PortRange, ...]:
-        value = self.get(key)
-        if value is None:
-            if required:
-                raise self.error(key, "missing; list port specs like [\"udp/27015\"]")
-            return ()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise self.error(key, f"expected a list of port specs, got {_show(value)}")
-        out: list[PortRange] = []
-        for i, item in enumerate(value):
-            try:
-                out.extend(parse_port_spec(item))
-            except ValueError as exc:
-                raise self.error(f"{key}[{i}]", str(exc)) from None
-        if required and not out:
-            raise self.error(key, "must name at least one port")
-        return tuple(out)
-
-
-def _adhoc(sec: _Section) -> AdhocConfig:
+def _adhoc(sec: Section) -> AdhocConfig:
     base = AdhocConfig()
     ports = (sec.ports("adhoc_ports", required=True) if sec.get("adhoc_ports") is not None
              else base.ports)
@@ -499,7 +266,7 @@ def _adhoc(sec: _Section) -> AdhocConfig:
         if value is None:
             value = default
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-            raise sec.error(key, f"expected an integer 1-{top}, got {_show(value)}")
+            raise sec.error(key, f"expected an integer 1-{top}, got {show(value)}")
         limits[key] = value
     max_ttl = sec.duration("adhoc_max_ttl", base.max_ttl)
     if not 0 < max_ttl <= 7 * 86400:
@@ -510,7 +277,7 @@ def _adhoc(sec: _Section) -> AdhocConfig:
                        admin_only=sec.boolean("adhoc_admin_only", False))
 
 
-def _api_allow(sec: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _api_allow(sec: Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """``[api] allow``: the LAN. A network of every address (``0.0.0.0/0``, ``::/0``, also
     ``::ffff:0:0/96``, every IPv4 address written as IPv6) would let the whole Internet act
     without the token: refused."""
@@ -524,18 +291,13 @@ def _api_allow(sec: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
     return nets
 
 
-def _max_per_host(sec: _Section) -> int:
+def _max_per_host(sec: Section) -> int:
     value = sec.get("max_per_host")
     if value is None:
         return DEFAULT_MAX_PER_HOST
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-        raise sec.error("max_per_host", f"expected an integer 1-1000, got {_show(value)}")
+        raise sec.error("max_per_host", f"expected an integer 1-1000, got {show(value)}")
     return value
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -564,8 +326,6 @@ def parse_listen(text: str) -> tuple[str, int]:
 _TOP = ("gateway", "api", "detect", "service", "rules", "launchers", "front")
 _GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interval",
             "check_before_add", "backend", "protocol", "ipv6_pinholes")
-BACKENDS = ("auto", "miniupnpc", "soap")
-PROTOCOLS = ("auto", "upnp", "natpmp", "pcp")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
         "allow_adhoc", "adhoc_ports", "adhoc_max_ports", "adhoc_max_ttl", "adhoc_per_host",
         "adhoc_admin_only", "allow", "max_per_host")
@@ -579,10 +339,24 @@ _ENV_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config:
-    top = _Section(data, "", source)
+_Mode = TypeVar("_Mode", bound=str)
 
-    gw_sec = _Section(top.get("gateway") or {}, "gateway", source)
+
+def _one_of(sec: Section, key: str, choices: tuple[_Mode, ...]) -> _Mode:
+    """A string key that must be one of ``choices`` (the first when absent or empty)."""
+    value = sec.string(key) or choices[0]
+    for choice in choices:
+        if choice == value:
+            return choice
+    raise sec.error(key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config:
+    """Validated :class:`Config` from a parsed TOML table. Raises ``ConfigError`` naming
+    ``source``, the field and the value."""
+    top = Section(data, "", source)
+
+    gw_sec = Section(top.get("gateway") or {}, "gateway", source)
     url = gw_sec.string("url")
     if url is not None and url != SIMULATE and not re.match(r"^https?://", url, re.IGNORECASE):
         raise gw_sec.error(
@@ -598,18 +372,13 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         verify_interval=gw_sec.duration("verify_interval", 60.0),
         check_interval=gw_sec.duration("check_interval", 2.0),
         check_before_add=gw_sec.boolean("check_before_add", True),
-        backend=gw_sec.string("backend", "auto") or "auto",
-        protocol=gw_sec.string("protocol", "auto") or "auto",
+        backend=_one_of(gw_sec, "backend", BACKENDS),
+        protocol=_one_of(gw_sec, "protocol", PROTOCOLS),
         ipv6_pinholes=gw_sec.boolean("ipv6_pinholes", True),
     )
-    if gateway.backend not in BACKENDS:
-        raise gw_sec.error("backend", f"{gateway.backend!r} is not one of {', '.join(BACKENDS)}")
-    if gateway.protocol not in PROTOCOLS:
-        raise gw_sec.error("protocol",
-                           f"{gateway.protocol!r} is not one of {', '.join(PROTOCOLS)}")
     gw_sec.done(_GATEWAY)
 
-    api_sec = _Section(top.get("api") or {}, "api", source)
+    api_sec = Section(top.get("api") or {}, "api", source)
     listen = api_sec.string("listen", DEFAULT_LISTEN) or DEFAULT_LISTEN
     try:
         host, port = parse_listen(listen)
@@ -620,28 +389,25 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
         rate = DEFAULT_RATE
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 10000:
         raise api_sec.error("rate_limit", f"expected requests per second in (0, 10000], got "
-                            f"{_show(rate)}")
+                            f"{show(rate)}")
     burst = api_sec.get("rate_burst")
     if burst is None:
         burst = DEFAULT_BURST
     if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= 100000:
-        raise api_sec.error("rate_burst", f"expected an integer 1-100000, got {_show(burst)}")
+        raise api_sec.error("rate_burst", f"expected an integer 1-100000, got {show(burst)}")
     hosts_raw = api_sec.get("allowed_hosts")
     if hosts_raw is None:
         hosts_raw = []
     if not isinstance(hosts_raw, list) or not all(
             isinstance(h, str) and h.strip() for h in hosts_raw):
         raise api_sec.error("allowed_hosts",
-                            f"expected a list of host names, got {_show(hosts_raw)}")
-    zc = api_sec.get("zeroconf")
+                            f"expected a list of host names, got {show(hosts_raw)}")
+    zc_raw = api_sec.get("zeroconf")
+    if zc_raw is None or isinstance(zc_raw, bool):
+        zc_raw = {None: "auto", True: "on", False: "off"}[zc_raw]
+    zc = next((m for m in ZEROCONF_MODES if m == zc_raw), None)
     if zc is None:
-        zc = "auto"
-    elif zc is True:
-        zc = "on"
-    elif zc is False:
-        zc = "off"
-    if zc not in ZEROCONF_MODES:
-        raise api_sec.error("zeroconf", f"expected true, false or \"auto\", got {_show(zc)}")
+        raise api_sec.error("zeroconf", f"expected true, false or \"auto\", got {show(zc_raw)}")
     api = ApiConfig(
         host=host,
         port=port,
@@ -656,12 +422,12 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
     )
     api_sec.done(_API)
 
-    det_sec = _Section(top.get("detect") or {}, "detect", source)
+    det_sec = Section(top.get("detect") or {}, "detect", source)
     methods_raw = det_sec.get("methods")
     methods: tuple[str, ...] = DETECTORS
     if methods_raw is not None:
         if not isinstance(methods_raw, list) or not all(isinstance(m, str) for m in methods_raw):
-            raise det_sec.error("methods", f"expected a list of names, got {_show(methods_raw)}")
+            raise det_sec.error("methods", f"expected a list of names, got {show(methods_raw)}")
         for m in methods_raw:
             if m not in DETECTORS:
                 raise det_sec.error(
@@ -680,7 +446,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
                           track_flows=det_sec.boolean("track_flows", True))
     det_sec.done(_DETECT)
 
-    svc_sec = _Section(top.get("service") or {}, "service", source)
+    svc_sec = Section(top.get("service") or {}, "service", source)
     state = svc_sec.string("state_dir")
     svc_sec.done(_SERVICE)
 
@@ -689,16 +455,16 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
     if rules_raw is not None:
         if not isinstance(rules_raw, list):
             raise ConfigError(
-                "expected [[rules]] tables, got " + _show(rules_raw), source=source, field="rules"
+                "expected [[rules]] tables, got " + show(rules_raw), source=source, field="rules"
             )
         seen: dict[str, int] = {}
         for i, item in enumerate(rules_raw):
-            sec = _Section(item, f"rules[{i}]", source)
+            sec = Section(item, f"rules[{i}]", source)
             name = sec.get("name")
             if not isinstance(name, str) or not _RULE_NAME.match(name):
                 raise sec.error(
                     "name",
-                    f"{_show(name)} is not a rule name (1-40 letters, digits, '_', '.', '-')",
+                    f"{show(name)} is not a rule name (1-40 letters, digits, '_', '.', '-')",
                 )
             if name in seen:
                 raise sec.error("name", f"duplicate rule name {name!r} (also rules[{seen[name]}])")
@@ -719,8 +485,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
                     idle_timeout=sec.duration("idle_timeout", DEFAULT_IDLE),
                     process=sec.names("process"),
                     hosts=sec.networks("hosts"),
-                    share=sec.choice("share", SHARE_MODES),
-                    external=sec.choice("external", EXTERNAL_MODES),
+                    share=Share(sec.choice("share", SHARE_MODES)),
+                    external=External(sec.choice("external", EXTERNAL_MODES)),
                 )
             )
             sec.done(_RULE)
@@ -797,7 +563,7 @@ def _launchers(raw: object, source: str, rule_names: set[str]) -> tuple[tuple[st
     """``[launchers]``: ``"steam:730" = "cs2"`` maps what ``run --infer`` finds to a rule."""
     if raw is None:
         return ()
-    sec = _Section(raw, "launchers", source)
+    sec = Section(raw, "launchers", source)
     out: list[tuple[str, str]] = []
     for key in list(sec.data):
         kind, sep, ident = key.partition(":")
@@ -807,7 +573,7 @@ def _launchers(raw: object, source: str, rule_names: set[str]) -> tuple[tuple[st
         rule = sec.get(key)
         if not isinstance(rule, str) or rule not in rule_names:
             known = ", ".join(sorted(rule_names)) or "none"
-            raise sec.error(key, f"{_show(rule)} is not a configured rule (known rules: {known})")
+            raise sec.error(key, f"{show(rule)} is not a configured rule (known rules: {known})")
         out.append((f"{kind}:{ident}", rule))
     return tuple(out)
 

@@ -8,6 +8,11 @@ import socket
 import urllib.parse
 from typing import Any
 
+__all__ = [
+    "Network", "default_gateway", "guess_lan_address", "host_key", "interface_networks",
+    "source_address_for",
+]
+
 
 def default_gateway() -> str | None:
     """The IPv4 default gateway, via netifaces (``netifaces-plus``), or ``None``."""

@@ -36,19 +36,17 @@ from igdtrigger.core.errors import (
 )
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import Capability, Granted, add_with_lease_fallback
-from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway, pcp_error, pmp_error
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+from igdtrigger.gateway.natpmp.codec import pcp_error, pmp_error
 from igdtrigger.gateway.select import FallbackGateway
 from igdtrigger.gateway.upnp.codec import UpnpFault, fault_error
+from igdtrigger.gateway.upnp.codec import UpnpFault as UPnPFault
 from igdtrigger.gateway.upnp.miniupnpc import miniupnpc_code
 from igdtrigger.gateway.upnp.soap import SoapGateway
 from igdtrigger.runtime.mapper import Mapper, MapState
-from igdtrigger.sim.router import (
-    FIRST_WAN_CONTROL_PATH,
-    HttpResponse,
-    SimulatedIgdServer,
-    SimulatedRouter,
-    UPnPFault,
-)
+from igdtrigger.sim.describe import FIRST_WAN_CONTROL_PATH
+from igdtrigger.sim.device import HttpResponse, SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdServer
 
 from .fakes import FakeClock
 from .test_pmp_pcp import LOCAL, FakeRouter

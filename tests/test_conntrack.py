@@ -32,12 +32,8 @@ from hypothesis import strategies as st
 
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, IPAddress, Proto
-from igdtrigger.detect.conntrack import (
-    NF_NETLINK_CONNTRACK_NEW,
-    ConntrackDetector,
-    ConntrackParser,
-    parse_messages,
-)
+from igdtrigger.detect.conntrack import ConntrackDetector
+from igdtrigger.detect.ctnetlink import NF_NETLINK_CONNTRACK_NEW, ConntrackParser, parse_messages
 
 IPv4 = ipaddress.IPv4Address
 IPv6 = ipaddress.IPv6Address

@@ -12,15 +12,9 @@ import time
 import pytest
 
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, Proto
-from igdtrigger.detect.conntrack import (
-    CT_GET,
-    ConntrackDetector,
-    CtEntry,
-    decode_entries,
-    encode_get,
-    first_look_idle,
-    udp_idle,
-)
+from igdtrigger.detect.conntrack import ConntrackDetector
+from igdtrigger.detect.ctnetlink import CT_GET
+from igdtrigger.detect.ctquery import CtEntry, decode_entries, encode_get, first_look_idle, udp_idle
 
 from .test_conntrack import (
     CT_DELETE,
@@ -286,7 +280,7 @@ def run_bpf(prog: list[tuple[int, int, int, int]], pkt: bytes) -> int:
 
 def test_the_kernel_filter_keeps_wanted_ports_and_what_it_cannot_read() -> None:
     from igdtrigger.core.model import parse_port_spec
-    from igdtrigger.detect.conntrack import build_filter
+    from igdtrigger.detect.ctfilter import build_filter
 
     prog = build_filter([*parse_port_spec("udp/27015"), *parse_port_spec("tcp/40000-40010"),
                          *parse_port_spec("udp/27016")])
@@ -311,7 +305,7 @@ def test_the_kernel_filter_keeps_wanted_ports_and_what_it_cannot_read() -> None:
 
 def test_the_kernel_filter_gives_up_on_too_many_ranges() -> None:
     from igdtrigger.core.model import PortRange
-    from igdtrigger.detect.conntrack import build_filter
+    from igdtrigger.detect.ctfilter import build_filter
 
     assert build_filter([PortRange(Proto.UDP, p, p) for p in range(1, 3000, 2)]) is None
     assert build_filter([]) is not None  # nothing wanted: everything canonical is dropped
@@ -398,7 +392,7 @@ def test_decode_entries_prefilter_sees_the_protocol_and_reads_every_message() ->
 
 def test_the_kernel_filter_merges_overlapping_ranges() -> None:
     from igdtrigger.core.model import parse_port_spec
-    from igdtrigger.detect.conntrack import build_filter
+    from igdtrigger.detect.ctfilter import build_filter
 
     prog = build_filter([*parse_port_spec("udp/100-200"), *parse_port_spec("udp/150-300"),
                          *parse_port_spec("udp/301-310")])
@@ -412,7 +406,7 @@ def test_the_kernel_filter_merges_overlapping_ranges() -> None:
 def test_a_get_reply_is_matched_to_its_request_and_a_dump_ends_where_the_kernel_says() -> None:
     """The socket side's two readers of a reply: which errno answers request ``seq`` (the
     kernel's NLMSG_ERROR carries -errno, 0 = ACK), and whether a dump's datagram holds its end."""
-    from igdtrigger.detect.conntrack import _has_done, _reply_errno
+    from igdtrigger.detect.ctquery import _has_done, _reply_errno
 
     def error(seq: int, errno: int) -> bytes:
         return nlmsg(2, struct.pack("=i", -errno), flags=0, seq=seq)

@@ -10,7 +10,8 @@ import struct
 import pytest
 
 from igdtrigger.core.model import Flow, Proto
-from igdtrigger.detect.conntrack import ConntrackParser, _stats_entries, parse_messages
+from igdtrigger.detect.ctnetlink import ConntrackParser, parse_messages
+from igdtrigger.detect.ctquery import _stats_entries
 
 from .test_conntrack import CT_NEW, encode_flow, encode_new, nla, nlmsg
 

@@ -22,7 +22,8 @@ from igdtrigger.cli.doctor import (
 )
 from igdtrigger.config import parse_config
 from igdtrigger.runtime.service import Service
-from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdServer
 
 from .fakes import FakeClock, FakeGateway
 

@@ -485,7 +485,8 @@ async def test_stop_while_the_simulated_router_answers_logs_no_error() -> None:
     """A stop while the demo's router still owes an answer (a loaded machine: the client's
     connect is slower than the user's Ctrl-C) ends that request quietly: the first run's log
     had an ERROR with a traceback ("Exception in callback ... CancelledError")."""
-    from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter
+    from igdtrigger.sim.device import SimulatedRouter
+    from igdtrigger.sim.router import SimulatedIgdServer
 
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
-from igdtrigger.core.model import Flow, FlowLive, PortRange, Proto
+from igdtrigger.core.activation import Source
+from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto
 from igdtrigger.front.manager import (
     ClientRequest,
     FrontManager,
@@ -78,7 +80,7 @@ async def test_a_grant_is_an_activation_mapped_upstream_to_the_client(
     (m,) = front.mappings()
     assert front.lookup(40000, Proto.UDP) is m and m.request.client == A
     assert "double NAT" in (front.double_nat() or "")  # 100.64/10 is CGNAT: said, and given
-    assert front.status()["external_address"] == "100.64.0.7"
+    assert await front.external_address() == "100.64.0.7"
 
 
 async def test_policy_refusals_map_nothing(front: FrontManager, gw: FakeGateway) -> None:
@@ -299,3 +301,51 @@ async def test_lease_0_in_use_outlives_max_lease_and_renewals_count_as_use(
         assert gw.ports() == {"udp/40000": A}
     finally:
         await svc.stop()
+
+
+async def test_a_later_look_dates_use_at_its_last_packet(
+        front: FrontManager, clock: FakeClock) -> None:
+    await front.add(req(port=40000, lease=0))
+    inbound = Flow(Proto.UDP, ipaddress.ip_address("198.51.100.9"),
+                   ipaddress.ip_address(A), 6881, 40000)
+    clock.advance(400)
+    front.service.observe(FlowLive(inbound, connected=False, idle=300.0))  # last packet at 100s
+    (act,) = front.service.engine.activations.values()
+    assert act.expires == clock.now - 300 + 600  # idle_timeout after that packet, not now
+
+
+async def test_a_wake_right_before_stop_does_not_delay_the_stop(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    """A client's use wakes the scheduler; a stop in the same instant lost its cancel inside
+    Python 3.11's wait_for (gh-86296) and waited for the next deadline (here 10 minutes)."""
+    svc = make(tmp_path, gw, clock)
+    await svc.start()
+    mgr = FrontManager(svc, svc.config.front)
+    await mgr.add(req())
+    await asyncio.sleep(0.05)  # the scheduler is asleep until the next deadline
+    svc.wake()
+    stopping = asyncio.ensure_future(svc.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=5)  # generous: it takes milliseconds
+    if not done:
+        for task in svc._tasks:
+            task.cancel()
+        await stopping
+    assert done, "stop() waited for the scheduler's next deadline"
+    assert gw.ports() == {}
+
+
+async def test_the_same_client_may_retarget_its_port_and_a_foreign_nonce_may_not(
+        front: FrontManager, gw: FakeGateway) -> None:
+    await front.add(req(port=40000, iport=40000))
+    moved = await front.add(req(port=40000, iport=41000))
+    assert isinstance(moved, Grant) and moved.external_port == 40000
+    (m,) = front.mappings()
+    assert m.request.internal_port == 41000
+    assert gw.table[MappingKey(Proto.UDP, 40000)][0].internal_port == 41000
+    pcp = replace(req(port=40002, protocol=FrontProtocol.PCP), nonce=b"a" * 12)
+    assert isinstance(await front.add(pcp), Grant)
+    other = await front.add(replace(pcp, nonce=b"b" * 12))
+    assert isinstance(other, Refusal) and other.kind is RefusalKind.NOT_AUTHORIZED
+    gone = await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"b" * 12)
+    assert isinstance(gone, Refusal) and gone.kind is RefusalKind.NOT_AUTHORIZED
+    assert await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"a" * 12) is None

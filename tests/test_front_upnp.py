@@ -15,9 +15,11 @@ import aiohttp
 import pytest
 
 from igdtrigger.config import parse_config
+from igdtrigger.core.errors import ConfigError
 from igdtrigger.front import igdxml as X
 from igdtrigger.front.manager import FrontManager
-from igdtrigger.front.upnp import ServedAddress, UpnpFront
+from igdtrigger.front.serving import FrontRunner
+from igdtrigger.front.upnp import ServedAddress, UpnpFront, served_addresses
 from igdtrigger.gateway.upnp.codec import build_soap, parse_description, parse_soap_response
 from igdtrigger.runtime.service import Service
 
@@ -306,3 +308,23 @@ async def test_list_and_delete_a_range_touch_only_the_requesters_mappings(env: E
     status, none = await env.soap("DeletePortMappingRange", [
         ("NewStartPort", "1"), ("NewEndPort", "2"), ("NewProtocol", "UDP"), ("NewManage", "0")])
     assert status == 500 and none.code == 730
+
+
+def test_served_addresses_name_what_is_missing() -> None:
+    assert [a.address for a in served_addresses(("lo",))] == ["127.0.0.1"]
+    with pytest.raises(OSError, match="no interface 'nosuch0'"):
+        served_addresses(("nosuch0",))
+
+
+async def test_a_missing_interface_stops_the_front_with_a_config_error(tmp_path: Path) -> None:
+    clock = FakeClock()
+    cfg = parse_config({"front": {**FRONT, "interfaces": ["nosuch0"]}})
+    svc = Service(cfg, FakeGateway(clock), clock=clock, state_dir=tmp_path)
+    runner = FrontRunner(svc)
+    try:
+        with pytest.raises(ConfigError, match=r"front\.interfaces: .*nosuch0"):
+            await runner.start()
+        assert svc.front_serving is False  # /readyz stays 503
+    finally:
+        await runner.stop()
+        svc.journal.close()

@@ -20,16 +20,15 @@ from igdtrigger.core.errors import (
 from igdtrigger.gateway.upnp.codec import (
     MalformedReply,
     UpnpFault,
-    build_msearch,
     build_soap,
     fault_error,
     firewall_status,
     mapping_args,
     parse_description,
     parse_soap_response,
-    parse_ssdp,
     pinhole_uid,
 )
+from igdtrigger.gateway.upnp.ssdp import build_msearch, parse_ssdp
 
 LOC = "http://192.168.1.1:5000/rootDesc.xml"
 WANIP1 = "urn:schemas-upnp-org:service:WANIPConnection:1"

@@ -23,16 +23,14 @@ from igdtrigger.core.errors import (
     TableFull,
     UnsupportedAction,
 )
+from igdtrigger.gateway.base import RouterChangeKind
 from igdtrigger.gateway.upnp import codec as igd
 from igdtrigger.gateway.upnp.codec import (
     FIREWALL_SERVICE,
     MAX_DESCRIPTION,
     MAX_SOAP,
     MalformedReply,
-    NotifyTracker,
-    RouterChangeKind,
     UpnpFault,
-    build_msearch,
     build_soap,
     fault_error,
     firewall_status,
@@ -40,13 +38,12 @@ from igdtrigger.gateway.upnp.codec import (
     mapping_args,
     parse_description,
     parse_soap_response,
-    parse_ssdp,
-    parse_ssdp_notify,
     pick,
     pinhole_args,
     pinhole_uid,
     reserved_port,
 )
+from igdtrigger.gateway.upnp.ssdp import NotifyTracker, build_msearch, parse_ssdp, parse_ssdp_notify
 
 GW = "192.168.1.1"
 LOC = f"http://{GW}:5000/rootDesc.xml"

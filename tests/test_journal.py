@@ -9,8 +9,9 @@ import pytest
 
 from igdtrigger.config import parse_config
 from igdtrigger.core.engine import Source, description_for
+from igdtrigger.core.errors import JournalError
 from igdtrigger.core.model import MappingSpec, Proto
-from igdtrigger.runtime.journal import FILENAME, FORMAT, Journal, JournalError
+from igdtrigger.runtime.journal import FILENAME, FORMAT, Journal
 from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
@@ -93,9 +94,9 @@ def test_newer_format_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_corrupt_file_is_set_aside_and_a_fresh_journal_started(tmp_path: Path) -> None:
     (tmp_path / FILENAME).write_bytes(b"this is not a database" * 100)
-    j = Journal.open(tmp_path)
+    j = Journal.open(tmp_path, wall=lambda: 1_700_000_000.0)  # named by the injected clock
     assert j.mappings() == []
-    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert (tmp_path / f"{FILENAME}.corrupt-1700000000").exists()
 
 
 async def test_disk_write_failure_degrades_but_service_keeps_working(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_mappings_recorded_before_request(tmp_path: Path) -> None:
     again = Journal.open(tmp_path)
     assert [(m.proto, m.external_port, m.internal_client) for m in again.mappings()] == [
         (Proto.UDP, 40000, "192.168.1.10")]
-    again.mapping_gone(Proto.UDP, 40000)
+    again.mappings_gone([(Proto.UDP, 40000)])
     assert again.mappings() == []
 
 

@@ -22,7 +22,8 @@ from igdtrigger.runtime.leftovers import (
     process_start,
     run_alive,
 )
-from igdtrigger.sim.router import SimulatedIgdThread, SimulatedRouter, run_in_thread
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdThread, run_in_thread
 
 from .test_dashboard import free_port, wait_for
 

@@ -211,3 +211,36 @@ async def test_external_any_takes_another_port_never_the_taken_one(gw: FakeGatew
     assert gw.ports()[f"udp/{app.external_port}"] == "192.168.1.10"
     await m.reconcile({})
     assert gw.ports() == {"udp/40000": "192.168.1.99"}
+
+
+async def test_stop_after_the_router_came_back_deletes_a_leftover_once_wanted(
+        gw: FakeGateway, clock: FakeClock) -> None:
+    """The router first answers at stop: the start-up sweep then keeps nothing for a wanted
+    mapping of an earlier round (nothing is wanted at stop), so no port of ours stays open."""
+    gw.foreign(Proto.UDP, 41000, "192.168.1.10", description_for("demo", TAG))  # crashed run's
+    gw.foreign(Proto.UDP, 41001, "192.168.1.10", description_for("demo", TAG))
+    m = mapper(gw, clock)
+    m.adopt_orphans([spec(41001)])  # the journal's leftover: remove_all connects for it
+    gw.down = True
+    await m.reconcile(want(spec(41000)))  # a restored activation wants it; router not answering
+    assert m.gateway_up is False
+    gw.down = False
+    await m.remove_all()
+    assert gw.ports() == {}
+    assert m.left_open == []
+
+
+async def test_a_mapping_left_open_says_until_when_on_the_injected_wall_clock(
+        gw: FakeGateway, clock: FakeClock) -> None:
+    """A router that answers the delete but keeps the mapping: the stop names it with the
+    wall-clock time its lease ends, read from the mapper's wall clock (never the system's)."""
+    async def answered_but_kept(proto: Proto, external_port: int) -> None:
+        gw.calls.append(f"delete {MappingKey(proto, external_port)}")
+
+    m = mapper(gw, clock, lease=600, wall=lambda: 1_000_000.0)
+    await m.reconcile(want(spec(40000)))
+    gw.delete = answered_but_kept  # type: ignore[method-assign]
+    assert await m.remove_all() == 0
+    [left] = m.left_open
+    assert left.lease_remaining == 600
+    assert left.until_wall == 1_000_600.0

@@ -8,7 +8,8 @@ import time
 from igdtrigger.core.engine import description_for
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.core.traits import TRUST_AFTER
-from igdtrigger.runtime.mapper import LIST_MIN_BATCH, Mapper, MapState
+from igdtrigger.runtime.mapper import Mapper, MapState
+from igdtrigger.runtime.readback import LIST_MIN_BATCH
 
 from .fakes import FakeClock, FakeGateway
 

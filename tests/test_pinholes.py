@@ -20,6 +20,7 @@ from igdtrigger.core.errors import (
     NotAuthorized,
 )
 from igdtrigger.core.model import PinholeSpec, Proto
+from igdtrigger.core.pinhole import FirewallInfo
 from igdtrigger.gateway.upnp.codec import (
     FIREWALL_SERVICE,
     MalformedReply,
@@ -31,7 +32,7 @@ from igdtrigger.gateway.upnp.codec import (
     pinhole_args,
     pinhole_uid,
 )
-from igdtrigger.gateway.upnp.pinhole import FirewallInfo, is_pinhole_address
+from igdtrigger.gateway.upnp.pinhole import is_pinhole_address
 from igdtrigger.runtime.journal import Journal
 from igdtrigger.runtime.pinholes import RETRY_MAX, PinholeKeeper, PinholeState
 from igdtrigger.runtime.service import Service

@@ -10,7 +10,7 @@ import pytest
 
 from igdtrigger.core.errors import ActionFailed, MappingConflict, NotAuthorized, TableFull
 from igdtrigger.core.model import Proto
-from igdtrigger.gateway.natpmp.backend import (
+from igdtrigger.gateway.natpmp.codec import (
     DOUBLE_NAT_HINT,
     MAX_LIFETIME,
     PCP_RESULTS,

@@ -30,15 +30,13 @@ from igdtrigger.core.errors import (
 )
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import Gateway
-from igdtrigger.gateway.natpmp.backend import (
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+from igdtrigger.gateway.natpmp.codec import (
     PCP_RESULTS,
     PMP_RESULTS,
-    DatagramClient,
     EpochTracker,
     MalformedReply,
-    NatPmpGateway,
     NetworkFailure,
-    PcpGateway,
     PcpOption,
     ProtocolUnsupported,
     build_pcp_announce,
@@ -54,6 +52,7 @@ from igdtrigger.gateway.natpmp.backend import (
     pcp_error,
     pmp_error,
 )
+from igdtrigger.gateway.natpmp.transport import DatagramClient
 from igdtrigger.runtime.mapper import Mapper, MapState
 
 LOCAL = "127.0.0.1"

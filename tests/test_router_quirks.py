@@ -17,7 +17,8 @@ from igdtrigger.gateway.select import FallbackGateway, build_gateway
 from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway
 from igdtrigger.gateway.upnp.soap import SoapGateway
 from igdtrigger.runtime.mapper import Mapper, MapState
-from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdServer
 
 TAG = "q1q2q3"
 

@@ -20,9 +20,11 @@ from igdtrigger.core.engine import Source
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
+from igdtrigger.gateway.upnp.codec import UpnpFault as UPnPFault
 from igdtrigger.runtime.journal import Journal
 from igdtrigger.runtime.service import Service
-from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter, UPnPFault
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdServer
 
 from .fakes import FakeClock
 from .test_pmp_pcp import FakeRouter

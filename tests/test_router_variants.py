@@ -16,12 +16,17 @@ import pytest
 
 from igdtrigger.core.engine import Source
 from igdtrigger.core.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
-from igdtrigger.gateway.base import SIMULATED_EXTERNAL
-from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway, pcp_error, pmp_error
+from igdtrigger.gateway.base import RouterChangeKind
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+from igdtrigger.gateway.natpmp.codec import pcp_error, pmp_error
 from igdtrigger.gateway.select import build_gateway
-from igdtrigger.gateway.upnp.codec import NotifyTracker, RouterChangeKind, UpnpFault, fault_error
+from igdtrigger.gateway.upnp.codec import UpnpFault, fault_error
+from igdtrigger.gateway.upnp.codec import UpnpFault as UPnPFault
+from igdtrigger.gateway.upnp.ssdp import NotifyTracker
 from igdtrigger.runtime.journal import Journal
-from igdtrigger.sim.router import SimulatedIgdServer, SimulatedRouter, UPnPFault
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdServer
+from igdtrigger.sim.table import SIMULATED_EXTERNAL
 
 from .fakes import FakeClock
 from .test_pmp_pcp import FakeRouter

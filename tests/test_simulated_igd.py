@@ -19,16 +19,11 @@ import miniupnpc
 import pytest
 
 from igdtrigger.core.model import Proto
-from igdtrigger.sim.router import (
-    MAX_LEASE_V2,
-    SimulatedIgdServer,
-    SimulatedRouter,
-    UPnPFault,
-    parse_soap_action,
-    parse_soap_arguments,
-    render_soap_fault,
-    run_in_thread,
-)
+from igdtrigger.gateway.upnp.codec import UpnpFault as UPnPFault
+from igdtrigger.gateway.upnp.codec import parse_soap_action, parse_soap_arguments, render_soap_fault
+from igdtrigger.sim.device import SimulatedRouter
+from igdtrigger.sim.router import SimulatedIgdServer, run_in_thread
+from igdtrigger.sim.table import MAX_LEASE_V2
 
 LAN = "127.0.0.1"  # what miniupnpc reports as lanaddr when it talks to the sim over loopback
 OTHER = "192.168.1.50"  # another LAN host (only ever written into the table, never contacted)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igdtrigger.gateway.upnp.codec import NotifyTracker, RouterChangeKind, parse_ssdp_notify
+from igdtrigger.gateway.base import RouterChangeKind
+from igdtrigger.gateway.upnp.ssdp import NotifyTracker, parse_ssdp_notify
 
 GW = "192.168.1.1"
 LOC = f"http://{GW}:5000/rootDesc.xml"

@@ -55,10 +55,21 @@ from igdtrigger.api.metrics import Metrics
 from igdtrigger.api.openapi import API_PREFIX, build_openapi
 from igdtrigger.api.ratelimit import RateLimiter
 from igdtrigger.core.engine import Source, is_lan_source
-from igdtrigger.core.errors import IgdTriggerError, RuleNotFound, UsageError
+from igdtrigger.core.errors import (
+    Forbidden,
+    IgdTriggerError,
+    NotReady,
+    RequestTimeout,
+    RuleNotFound,
+    TooMany,
+    TooManySubscribers,
+    Unauthorized,
+    UnsupportedMedia,
+    UsageError,
+)
 from igdtrigger.core.model import parse_duration
 from igdtrigger.netutil import Network, guess_lan_address, host_key, interface_networks
-from igdtrigger.runtime.events import Event, Subscriber, TooManySubscribers
+from igdtrigger.runtime.events import Event, Subscriber
 from igdtrigger.runtime.service import STATUS_ACTIVATIONS, Service
 
 log = logging.getLogger("igdtrigger.api.app")
@@ -127,32 +138,8 @@ class Caller:
         return host_key(self.address) if self.address else "unknown"
 
 
-class Forbidden(IgdTriggerError):
-    http_status = 403
-
-
-class Unauthorized(IgdTriggerError):
-    http_status = 401
-
-
 WRONG_AUTH = ("wrong admin token: the Authorization header does not carry this service's token "
                "(the api-token file in its state directory); send that one, or none")
-
-
-class NotReady(IgdTriggerError):
-    http_status = 503
-
-
-class TooMany(IgdTriggerError):
-    http_status = 429
-
-
-class UnsupportedMedia(IgdTriggerError):
-    http_status = 415
-
-
-class RequestTimeout(IgdTriggerError):
-    http_status = 408
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

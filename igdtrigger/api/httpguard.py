@@ -40,6 +40,12 @@ from typing import Any
 
 from igdtrigger.netutil import host_key
 
+__all__ = [
+    "ACCEPT_BATCH", "BACKLOG", "FD_RESERVE", "PAUSE_ON_EMFILE", "Acceptor", "ConnectionGuard",
+    "ConnectionLimits", "admin_socket", "describe", "listen_socket", "raise_fd_limit",
+    "start_servers",
+]
+
 log = logging.getLogger("igdtrigger.api.app")
 
 FD_RESERVE = 128  # descriptors never handed to API clients (router I/O, journal, detectors)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "API_PREFIX", "build_openapi",
+]
+
 API_PREFIX = "/api/v1"
 
 _ACCESS_TEXT = {

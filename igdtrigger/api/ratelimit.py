@@ -7,6 +7,10 @@ import math
 import time
 from collections.abc import Callable
 
+__all__ = [
+    "RateLimiter",
+]
+
 
 class RateLimiter:
     """``rate`` requests per second per client, bursts up to ``burst``.

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from igdtrigger.config import DEFAULT_PORT, ApiConfig, default_state_dir
+from igdtrigger.config import default_state_dir
 from igdtrigger.core.errors import ApiError, ServiceBusy, ServiceUnavailable, UsageError
+from igdtrigger.core.settings import DEFAULT_PORT, ApiConfig
 
 if TYPE_CHECKING:
     from igdtrigger.config import Config

@@ -19,6 +19,11 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+__all__ = [
+    "BROWSE_TIMEOUT", "HTTP_TYPE", "SERVICE_TYPE", "Advertiser", "Found", "advertised_addresses",
+    "browse", "txt_properties",
+]
+
 if TYPE_CHECKING:
     from zeroconf.asyncio import AsyncZeroconf
 

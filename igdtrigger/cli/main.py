@@ -11,18 +11,35 @@ Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 no service r
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from igdtrigger import __version__
-from igdtrigger.config import Config, Rule, load_config
-from igdtrigger.core.engine import MAX_TTL
+from igdtrigger.config import Config, default_config_paths, load_config, parse_listen
+from igdtrigger.core.activation import MAX_TTL
 from igdtrigger.core.errors import ConfigError, IgdTriggerError, UsageError
 from igdtrigger.core.model import compress_ports, format_duration, parse_duration, parse_port_spec
+from igdtrigger.core.rules import Rule
+from igdtrigger.core.settings import SIMULATE
+
+if TYPE_CHECKING:
+    from igdtrigger.cli.client import Client
+
+# Each subcommand imports its own module inside its cmd_ function (the in-function imports
+# below, and only those): `igdtrigger run`, a game launcher's hook, then loads neither the
+# service (aiohttp, zeroconf, sqlite3) nor the gateway backends; `bench --case trigger` checks it.
+
+__all__ = [
+    "COMMANDS", "DEMO_RULE", "build_parser", "cmd_activate", "cmd_check_config", "cmd_deactivate",
+    "cmd_doctor", "cmd_gateway", "cmd_healthcheck", "cmd_run", "cmd_serve", "cmd_status", "main",
+]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,7 +214,7 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
+def _client(args: argparse.Namespace, config: Config | None = None) -> Client:
     from igdtrigger.cli.client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(args.server, config)
@@ -211,10 +228,8 @@ def _client(args: argparse.Namespace, config: Config | None = None) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
-    from dataclasses import replace
 
     from igdtrigger.cli.serve import serve, setup_logging
-    from igdtrigger.config import SIMULATE, parse_listen
 
     setup_logging(args.log_level, args.log_format)
     config = _config(args)
@@ -237,9 +252,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # done here: the atexit handlers (logging's flush and close, any a library added) and
         # the flush of stdout/stderr, which may be a closed pipe (`serve | head`). Only as the
         # program itself, never for an in-process caller of main().
-        import atexit
-        import os
-
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
@@ -450,11 +462,8 @@ def _lease_text(m: dict[str, Any]) -> str:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from igdtrigger.cli.gatewaycmd import main as gateway_main
     from igdtrigger.cli.gatewaycmd import table_main
-    from igdtrigger.config import SIMULATE
 
     config = _config(args)
     if args.simulate:
@@ -504,8 +513,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _default_paths() -> list[Any]:
-    from igdtrigger.config import default_config_paths
-
     return list(default_config_paths())
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.cli.client import Client
-from igdtrigger.config import Config, Rule
+from igdtrigger.config import Config
 from igdtrigger.core.errors import (
     ApiError,
     IgdTriggerError,
@@ -38,6 +38,7 @@ from igdtrigger.core.errors import (
     UsageError,
 )
 from igdtrigger.core.model import format_duration
+from igdtrigger.core.rules import Rule
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio

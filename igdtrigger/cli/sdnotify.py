@@ -13,6 +13,10 @@ import os
 import socket
 from collections.abc import Mapping
 
+__all__ = [
+    "Notifier",
+]
+
 
 class Notifier:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:

@@ -17,10 +17,9 @@ Semantics (router-style port triggering, as ipt_TRIGGER and router manuals descr
   (counted in ``flows_refused``).
 - A process-held activation lapses ``idle_timeout`` after the process was last seen.
 - An explicit activation lives for its ``ttl``; a heartbeat extends it by its ttl again.
-- Ports are owned first come, first served: when two activations want the same external port for
-  different hosts, the older one keeps it; the younger one waits and takes over when it lapses.
-  A rule with ``share = "latest"`` lets its newest activation take ports from its own older
-  ones, never from another rule's.
+- Ports are owned first come, first served: the older activation keeps a port two want, the
+  younger takes over when it lapses; ``share = "latest"`` lets a rule's newest activation take
+  ports from its own older ones, never from another rule's (kept incrementally: core/desired.py).
 - Bounded: at most ``MAX_ACTIVATIONS`` live activations (``ActivationLimit`` past it), and
   detected ones (traffic) at most ``MAX_DETECTED`` in all, and the source addresses behind one
   origin (the flow's link-layer address when the neighbour table knows it, through
@@ -32,23 +31,43 @@ Semantics (router-style port triggering, as ipt_TRIGGER and router manuals descr
 from __future__ import annotations
 
 import collections
-import enum
-import heapq
 import ipaddress
 import itertools
 import math
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
-from igdtrigger.config import ADHOC_PREFIX, Rule
+from igdtrigger.core.activation import (
+    ADHOC_META,
+    FRONT_SOURCES,  # front:
+    MAX_TTL,
+    MIN_TTL,
+    PROCESS_RUNNING_WITHIN,
+    Activation,
+    Clock,
+    Event,
+    EventKind,
+    Source,
+    adhoc_rule,
+    check_ttl,
+    description_for,
+    owned_by,
+    restored_adhoc_rule,
+)
+from igdtrigger.core.desired import DesiredMap, waiting_for
 from igdtrigger.core.errors import (
     ActivationLimit,
     ActivationNotFound,
     HostNotAllowed,
     RuleNotFound,
     UsageError,
+)
+from igdtrigger.core.matching import (
+    Live,
+    RuleIndex,
+    is_lan_source,
+    is_remote_destination,
+    process_index,
 )
 from igdtrigger.core.model import (
     Flow,
@@ -57,204 +76,33 @@ from igdtrigger.core.model import (
     MappingSpec,
     PortRange,
     Proto,
-    format_duration,
-    parse_port_spec,
 )
+from igdtrigger.core.origins import LOCAL_ORIGIN, UNKNOWN_ORIGIN, OriginCounts
+from igdtrigger.core.rules import Rule
+from igdtrigger.core.timers import ExpiryHeap
 
-Clock = Callable[[], float]
-MAX_TTL = 7 * 86400.0
-MIN_TTL = 1.0  # a mapping asked for less than a second is over before the router answers
+# the engine's vocabulary (defined beside it in core/activation.py, matching.py, origins.py)
+__all__ = [
+    "ADHOC_META", "LOCAL_ORIGIN", "MAX_ACTIVATIONS", "MAX_DETECTED", "MAX_FLOWS",
+    "MAX_FLOWS_PER_HOST", "MAX_HOSTS_PER_ORIGIN", "MAX_TTL", "MAX_UNKNOWN_HOSTS", "MIN_TTL",
+    "PROCESS_RUNNING_WITHIN", "UNKNOWN_ORIGIN", "Activation", "Clock", "Engine", "Event",
+    "EventKind", "RuleIndex", "Source", "adhoc_rule", "check_ttl", "description_for",
+    "is_lan_source", "is_remote_destination", "owned_by",
+]
 
-_BIG_RANGE = 4096  # ranges wider than this are scanned instead of indexed port by port
-_SPEC_CACHE_MAX = 256  # an activation keeps its mapping specs when its rule opens at most this many
-_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 MAX_ACTIVATIONS = 4096  # live activations of every kind
 MAX_DETECTED = 4096  # live activations created by detected traffic
 MAX_HOSTS_PER_ORIGIN = 8  # source addresses with detected activations behind one MAC address
 MAX_UNKNOWN_HOSTS = 16  # ... behind no known MAC address, all together
-UNKNOWN_ORIGIN = "unknown"
-LOCAL_ORIGIN = "local"
 MAX_FLOWS_PER_HOST = 256  # live matching flows followed per LAN host
 MAX_FLOWS = 4096  # ... and in all
-PROCESS_RUNNING_WITHIN = 5.0  # s: a process seen this recently is reported as running
 
 
-def check_ttl(ttl: float) -> None:
-    """Raises ``UsageError`` unless ``ttl`` (seconds) is within 1s-7d (``nan``/``inf`` are not)."""
-    if not MIN_TTL <= ttl <= MAX_TTL:
-        raise UsageError(f"ttl {ttl:g}s is outside 1s-7d")
-
-
-class Source(enum.StrEnum):
-    TRAFFIC = "traffic"
-    PROCESS = "process"
-    API = "api"
-    RUN = "run"
-    # front: a LAN client's UPnP IGD / NAT-PMP / PCP request (igdtrigger/front, issue 14)
-    UPNP = "upnp"
-    NATPMP = "natpmp"
-    PCP = "pcp"
-
-
-FRONT_SOURCES = frozenset({Source.UPNP, Source.NATPMP, Source.PCP})  # front:
-FRONT_TARGET = "front_target"  # front: meta "<internal client> <internal port>" of its one port
-
-
-class EventKind(enum.StrEnum):
-    ACTIVATED = "activated"
-    EXPIRED = "expired"
-    DEACTIVATED = "deactivated"
-
-
-@dataclass(slots=True)
-class Activation:
-    id: str
-    rule: Rule
-    host: str
-    source: Source
-    created: float
-    expires: float
-    ttl: float
-    hits: int = 1
-    seq: int = 0
-    meta: dict[str, str] = field(default_factory=dict)
-    last_active: float = 0.0  # engine clock: its last trigger/inbound packet or process sighting
-    flows: set[Flow] = field(default_factory=set, repr=False, compare=False)  # live, followed
-    holding: int = 0  # how many of ``flows`` are connections that hold it while silent
-    journaled: float = 0.0  # the expiry last handed to the journal (see Engine._set_expiry)
-    origin: str = ""  # detected traffic: where the flow came from (see MAX_HOSTS_PER_ORIGIN)
-    # the host maps these ports itself (a router in secure mode refused them to us; ``run`` on
-    # that host reported it): the activation stays (status, dashboard) but wants no mapping
-    self_mapped: bool = False
-    # restored after a restart as held by a connection: held (at most one timeout from the
-    # restart) until a flow detector's first look shows whether that connection still lives
-    unproven: bool = False
-    # the mappings it wants, built once by Engine.desired() (rule, host and tag never change)
-    specs: tuple[tuple[MappingKey, MappingSpec], ...] | None = field(
-        default=None, repr=False, compare=False)
-
-    @property
-    def held(self) -> bool:
-        """True while a live connection holds it: it cannot lapse until that ends."""
-        return self.expires == math.inf
-
-    def hold_reason(self, now: float) -> str:
-        """Why it is open now, for a person: "2 live flows", "traffic 3s ago", "process
-        running", "API, 12m left"."""
-        if self.source not in (Source.TRAFFIC, Source.PROCESS):  # API, run, front: timed
-            label = "API" if self.source is Source.API else self.source.value
-            return f"{label}, {format_duration(self.expires - now)} left"
-        if self.unproven and not self.holding:
-            return (f"held before the restart, looking for its connection "
-                    f"({format_duration(self.expires - now)} left at most)")
-        if self.source is Source.PROCESS:  # the process detector looks every second or so
-            since = now - self.last_active
-            return ("process running" if since <= PROCESS_RUNNING_WITHIN
-                    else f"process last seen {format_duration(since)} ago")
-        n = len(self.flows)
-        if self.holding:
-            return f"{n} live flow{'s' if n != 1 else ''}"
-        ago = f"traffic {format_duration(now - self.last_active)} ago"
-        return f"{ago}, {n} live flow{'s' if n != 1 else ''}" if n else ago
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "rule": self.rule.name,
-            "host": self.host,
-            "source": self.source.value,
-            "age": round(now - self.created, 3),
-            # seconds until it closes if nothing changes; None while a live connection holds it
-            "expires_in": None if self.held else round(max(0.0, self.expires - now), 3),
-            "hold": self.hold_reason(now),
-            "live_flows": len(self.flows),
-            "ttl": self.ttl,
-            "hits": self.hits,
-            **({"meta": dict(self.meta)} if self.meta else {}),
-            **({"self_mapped": True} if self.self_mapped else {}),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    kind: EventKind
-    activation: Activation
-    at: float
-
-
-ADHOC_META = "adhoc_open"  # an ad-hoc activation's ports, kept in its meta (and the journal)
-
-
-def adhoc_rule(ident: str, open_ports: tuple[PortRange, ...], ttl: float) -> Rule:
-    return Rule(name=f"{ADHOC_PREFIX}{ident}", trigger=(), open=open_ports, idle_timeout=ttl)
-
-
-def description_for(rule: str, tag: str) -> str:
-    """The router-visible description that marks a mapping as ours: ``igdtrigger <rule> <tag>``."""
-    return f"igdtrigger {rule} {tag}"
-
-
-def owned_by(description: str, tag: str) -> str | None:
-    """The rule name if ``description`` is one of ours (same instance tag), else ``None``."""
-    parts = description.strip().split(" ")
-    if len(parts) == 3 and parts[0] == "igdtrigger" and parts[2] == tag:
-        return parts[1]
-    return None
-
-
-def is_lan_source(addr: IPAddress) -> bool:
-    return (addr.is_private or addr.is_link_local) and not (
-        addr.is_loopback or addr.is_unspecified or addr.is_multicast
-    )
-
-
-def is_remote_destination(addr: IPAddress) -> bool:
-    """A destination beyond the LAN: not private, loopback, link-local, multicast or broadcast."""
-    if addr.is_loopback or addr.is_multicast or addr.is_unspecified or addr.is_link_local:
-        return False
-    if isinstance(addr, ipaddress.IPv4Address) and addr == _BROADCAST:
-        return False
-    return not addr.is_private
-
-
-@dataclass(slots=True)
-class _Live:
-    """A live matching flow the engine follows (see ``Engine.on_flow_live``)."""
-
-    host: str  # the LAN host it counts for (its source, or an inbound flow's destination)
-    acts: list[str]  # activation ids it feeds
-    trigger: bool  # a trigger flow (else inbound use)
-    connected: bool = False
-    muted: bool = False  # its activation was deactivated by hand: it no longer re-triggers
-
-
-class RuleIndex:
-    """Maps (protocol, destination port) to the rules it triggers: a dict lookup per flow.
-    ``opened=True`` indexes the ports rules open instead (inbound use)."""
-
-    def __init__(self, rules: Iterable[Rule], *, opened: bool = False) -> None:
-        self._exact: dict[tuple[Proto, int], tuple[Rule, ...]] = {}
-        self._wide: list[tuple[Proto, int, int, Rule]] = []
-        for rule in rules:
-            for rng in (rule.open if opened else rule.trigger):
-                if len(rng) > _BIG_RANGE:
-                    self._wide.append((rng.proto, rng.first, rng.last, rule))
-                    continue
-                for port in rng:
-                    key = (rng.proto, port)
-                    have = self._exact.get(key, ())
-                    if rule not in have:
-                        self._exact[key] = (*have, rule)
-
-    def match(self, proto: Proto, port: int) -> tuple[Rule, ...]:
-        found = self._exact.get((proto, port), ())
-        if self._wide:
-            extra = tuple(
-                r for p, a, b, r in self._wide if p is proto and a <= port <= b and r not in found
-            )
-            if extra:
-                return found + extra
-        return found
+def _check_host(host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(f"host {host!r} is not an IP address") from None
 
 
 class Engine:
@@ -273,11 +121,7 @@ class Engine:
         self.rules: dict[str, Rule] = {r.name: r for r in rules}
         self.index = RuleIndex(self.rules.values())
         self.open_index = RuleIndex(self.rules.values(), opened=True)
-        self.process_index: dict[str, tuple[Rule, ...]] = {}
-        for rule in self.rules.values():
-            for name in rule.process:
-                key = name.lower()
-                self.process_index[key] = (*self.process_index.get(key, ()), rule)
+        self.process_index = process_index(self.rules.values())
         self.clock = clock
         self.tag = tag
         self.on_event = on_event
@@ -285,7 +129,7 @@ class Engine:
         self.local_hosts = {ipaddress.ip_address(h) for h in local_hosts}
         self.activations: dict[str, Activation] = {}
         self._traffic: dict[tuple[str, str, Source], str] = {}  # (rule, host, src) -> act id
-        self._heap: list[tuple[float, int, str]] = []
+        self._timers = ExpiryHeap(self.activations)
         self._seq = itertools.count()
         self.generation = 0  # bumped whenever the desired mapping set may have changed
         self.dirty: set[str] = set()  # activations whose expiry moved (for the journal)
@@ -293,9 +137,9 @@ class Engine:
         self.flows_matched = 0
         self.flows_inbound = 0  # new flows that arrived on a port an activation holds
         self.flows_refused = 0  # matching flows not followed: the per-host or total cap was hit
-        self.live: dict[Flow, _Live] = {}  # live matching flows followed (bounded, see above)
+        self.live: dict[Flow, Live] = {}  # live matching flows followed (bounded, see above)
         self._live_per_host: dict[str, int] = {}
-        self._owners_cache: tuple[int, dict[MappingKey, str]] = (-1, {})
+        self._desired = DesiredMap(tag)  # kept up to date as activations change
         # detected traffic's origin: the source's link-layer address if known (the service
         # reads the neighbour table); asked only when a flow would create an activation
         self.origin_of: Callable[[IPAddress], str | None] | None = None
@@ -303,9 +147,7 @@ class Engine:
         self.max_detected = MAX_DETECTED
         self.max_hosts_per_origin = MAX_HOSTS_PER_ORIGIN
         self.max_unknown_hosts = MAX_UNKNOWN_HOSTS
-        self._detected = 0  # live activations with an origin other than this machine
-        # origin -> source address -> its live detected activations
-        self._origins: dict[str, collections.Counter[str]] = {}
+        self._origins = OriginCounts()
         self.refused: collections.Counter[str] = collections.Counter()  # why, how many
 
     # --- inputs --------------------------------------------------------------------------------
@@ -413,8 +255,7 @@ class Engine:
     def _inbound(self, flow: Flow, at: float) -> None:
         """A flow from beyond the LAN to an opened port: on a host, its destination is the LAN
         host; on a router, conntrack's original tuple names the router's own external address."""
-        act_id = self._owners().get(MappingKey(flow.proto, flow.dport))
-        act = self.activations.get(act_id) if act_id else None
+        act = self.holder(MappingKey(flow.proto, flow.dport))
         if act is None or act.source is not Source.TRAFFIC:
             return
         if (is_lan_source(flow.dst) or flow.dst in self.local_hosts) and str(flow.dst) != act.host:
@@ -423,21 +264,6 @@ class Engine:
         self._touch(act, at)
         self._follow(flow, act, act.host, trigger=False)
 
-    def _owners(self) -> dict[MappingKey, str]:
-        """Which activation holds each opened port now (the same precedence as desired())."""
-        gen, owners = self._owners_cache
-        if gen != self.generation:
-            holders: dict[MappingKey, Activation] = {}
-            for act in sorted(self.activations.values(), key=self._precedence):
-                for rng in act.rule.open:
-                    for port in rng:
-                        key = MappingKey(rng.proto, port)
-                        if self._takes(act, holders.get(key)):
-                            holders[key] = act
-            owners = {k: a.id for k, a in holders.items()}
-            self._owners_cache = (self.generation, owners)
-        return owners
-
     def _follow(self, flow: Flow, act: Activation | None, host: str, *, trigger: bool) -> None:
         live = self.live.get(flow)
         if live is None:
@@ -445,7 +271,7 @@ class Engine:
                     or self._live_per_host.get(host, 0) >= MAX_FLOWS_PER_HOST):
                 self.flows_refused += 1
                 return
-            live = self.live[flow] = _Live(host, [], trigger)
+            live = self.live[flow] = Live(host, [], trigger)
             self._count_host(host, 1)
         if act is not None and act.id not in live.acts:
             live.acts.append(act.id)
@@ -454,7 +280,7 @@ class Engine:
                 act.holding += 1
                 self._reschedule(act)
 
-    def _set_connected(self, flow: Flow, live: _Live, connected: bool, now: float) -> None:
+    def _set_connected(self, flow: Flow, live: Live, connected: bool, now: float) -> None:
         live.connected = connected
         for act_id in live.acts:
             act = self.activations.get(act_id)
@@ -527,56 +353,33 @@ class Engine:
         return found or UNKNOWN_ORIGIN
 
     def _detected_refusal(self, origin: str, host: str) -> str | None:
-        if origin == LOCAL_ORIGIN:
-            return None
-        if self._detected >= self.max_detected:
-            return "detected_total"
-        hosts = self._origins.get(origin)
-        limit = self.max_unknown_hosts if origin == UNKNOWN_ORIGIN else self.max_hosts_per_origin
-        if hosts is not None and host not in hosts and len(hosts) >= limit:
-            return "detected_per_origin"
-        return None
+        return self._origins.refusal(origin, host, max_detected=self.max_detected,
+                                     max_per_origin=self.max_hosts_per_origin,
+                                     max_unknown=self.max_unknown_hosts)
 
-    def activate(
-        self,
-        rule_name: str,
-        host: str,
-        *,
-        ttl: float | None = None,
-        source: Source = Source.API,
-        meta: dict[str, str] | None = None,
-    ) -> Activation:
+    def activate(self, rule_name: str, host: str, *, ttl: float | None = None,
+                 source: Source = Source.API, meta: dict[str, str] | None = None) -> Activation:
+        """An explicit activation of ``rule_name`` for ``host`` (an IP address as text) for
+        ``ttl`` seconds (default: the rule's ``idle_timeout``). Raises ``RuleNotFound``,
+        ``UsageError`` (not an address; ttl outside 1s-7d), ``HostNotAllowed`` (the rule's
+        ``hosts``) or ``ActivationLimit`` (``max_activations`` live)."""
         rule = self.rules.get(rule_name)
         if rule is None:
             raise RuleNotFound(rule_name, list(self.rules))
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise UsageError(f"host {host!r} is not an IP address") from None
+        _check_host(host)
         if not rule.allows(host):
-            raise HostNotAllowed(
-                f"rule {rule.name!r} does not allow host {host} (hosts = "
-                f"{', '.join(str(n) for n in rule.hosts)})"
-            )
+            raise HostNotAllowed(f"rule {rule.name!r} does not allow host {host} (hosts = "
+                                 f"{', '.join(str(n) for n in rule.hosts)})")
         ttl = rule.idle_timeout if ttl is None else ttl
         check_ttl(ttl)
         return self._add(rule, host, source, self.clock(), ttl, meta or {})
 
-    def activate_adhoc(
-        self,
-        open_ports: tuple[PortRange, ...],
-        host: str,
-        *,
-        ttl: float,
-        source: Source = Source.API,
-        meta: dict[str, str] | None = None,
-    ) -> Activation:
+    def activate_adhoc(self, open_ports: tuple[PortRange, ...], host: str, *, ttl: float,
+                       source: Source = Source.API,
+                       meta: dict[str, str] | None = None) -> Activation:
         """Ports named by the request itself (``[api] allow_adhoc``; the caller checked the
         limits): a one-off rule ``adhoc:<id>`` that lives as long as this activation."""
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise UsageError(f"host {host!r} is not an IP address") from None
+        _check_host(host)
         if not open_ports:
             raise UsageError("an ad-hoc activation needs at least one port")
         check_ttl(ttl)
@@ -585,6 +388,8 @@ class Engine:
         return self._add(rule, host, source, self.clock(), ttl, meta)
 
     def heartbeat(self, act_id: str, ttl: float | None = None) -> Activation:
+        """Extend an activation by its ttl (or a new ``ttl``, seconds) from now. Raises
+        ``ActivationNotFound`` or ``UsageError`` (ttl outside 1s-7d)."""
         act = self.get(act_id)
         if ttl is not None:
             check_ttl(ttl)
@@ -598,10 +403,13 @@ class Engine:
         act = self.get(act_id)
         if act.self_mapped != on:
             act.self_mapped = on
+            self._desired.set_mapped(act)
             self.generation += 1
         return act
 
     def deactivate(self, act_id: str) -> Activation:
+        """End an activation now (its flows stop re-triggering it). Raises
+        ``ActivationNotFound``."""
         act = self.get(act_id)
         self._remove(act, EventKind.DEACTIVATED)
         return act
@@ -628,14 +436,9 @@ class Engine:
             return None
         remaining = min(remaining, ttl)
         rule = self.rules.get(rule_name)
-        if rule is None and rule_name.startswith(ADHOC_PREFIX) and adhoc is not None:
-            try:
-                ports = tuple(r for spec in meta.get(ADHOC_META, "").split()
-                              for r in parse_port_spec(spec))
-            except ValueError:
-                ports = ()
-            if ports and (adhoc(ports) or source in FRONT_SOURCES):  # front: it decides
-                rule = adhoc_rule(rule_name[len(ADHOC_PREFIX):], ports, ttl)
+        if rule is None and adhoc is not None:
+            front = source in FRONT_SOURCES  # front: FrontManager.attach decides, not [api]
+            rule = restored_adhoc_rule(rule_name, meta, ttl, (lambda _: True) if front else adhoc)
         try:
             src = Source(source)
             ipaddress.ip_address(host)  # a row that is not what we wrote maps nowhere
@@ -653,11 +456,9 @@ class Engine:
                          last_active=now + remaining - ttl - (ttl if unproven else 0.0),
                          journaled=math.inf if unproven else now + remaining,
                          unproven=unproven)
-        self.activations[act.id] = act
         if src in (Source.TRAFFIC, Source.PROCESS):
             self._traffic[(rule.name, host, src)] = act.id
-        heapq.heappush(self._heap, (act.expires, act.seq, act.id))
-        self.generation += 1
+        self._insert(act)
         return act
 
     def settle_restored(self) -> list[Activation]:
@@ -675,6 +476,7 @@ class Engine:
         return settled
 
     def get(self, act_id: str) -> Activation:
+        """The live activation ``act_id``. Raises ``ActivationNotFound``."""
         act = self.activations.get(act_id)
         if act is None:
             raise ActivationNotFound(f"no activation with id {act_id!r} (it may have lapsed)")
@@ -684,84 +486,35 @@ class Engine:
         """Remove every activation whose time is up. Returns them."""
         now = self.clock()
         gone: list[Activation] = []
-        while self._heap and self._heap[0][0] <= now:
-            _, _, act_id = heapq.heappop(self._heap)
-            act = self.activations.get(act_id)
-            if act is not None and act.expires <= now:
-                self._remove(act, EventKind.EXPIRED)
-                gone.append(act)
+        for act in self._timers.due(now):  # lazily: a removed one's later entries are skipped
+            self._remove(act, EventKind.EXPIRED)
+            gone.append(act)
         return gone
 
     def next_deadline(self) -> float | None:
-        while self._heap:
-            when, _, act_id = self._heap[0]
-            act = self.activations.get(act_id)
-            if act is not None and act.expires == when:
-                return when
-            heapq.heappop(self._heap)  # stale entry from a refresh or removal
-        return None
+        """When the next activation lapses (engine clock), or None."""
+        return self._timers.next()
 
     # --- outputs -------------------------------------------------------------------------------
 
     def desired(self) -> dict[MappingKey, MappingSpec]:
-        """The mappings that should exist now.
+        """The mappings that should exist now (a copy: ``{MappingKey: MappingSpec}``).
 
         A port two activations want goes to the oldest (first come, first served, as routers
         do it), except that under ``share = "latest"`` a rule's newest activation takes it from
-        the same rule's older ones (never from another rule's).
+        the same rule's older ones (never from another rule's). Kept up to date as activations
+        change (see :mod:`igdtrigger.core.desired`): asking costs one dict copy.
         """
-        out: dict[MappingKey, MappingSpec] = {}
-        for act in sorted(self.activations.values(), key=self._precedence):
-            if act.self_mapped:
-                continue
-            specs = act.specs
-            if specs is None:
-                specs = self._specs(act)
-                if act.rule.port_count() <= _SPEC_CACHE_MAX:
-                    act.specs = specs
-            latest = act.rule.share == "latest"
-            for key, spec in specs:
-                # the description names the rule: "latest" takes only from its own rule
-                if key not in out or (latest and out[key].description == spec.description):
-                    out[key] = spec
-        return out
+        return self._desired.snapshot()
 
-    def _specs(self, act: Activation) -> tuple[tuple[MappingKey, MappingSpec], ...]:
-        rule = act.rule
-        description = description_for(rule.name, self.tag)
-        external_any = rule.external == "any"
-        if (target := act.meta.get(FRONT_TARGET)) and len(rule.open) == 1:  # front: its target
-            client, _, iport = target.partition(" ")
-            proto, port = rule.open[0].proto, rule.open[0].first
-            return ((MappingKey(proto, port),
-                     MappingSpec(proto=proto, external_port=port, internal_client=client,
-                                 internal_port=int(iport), description=description)),)
-        return tuple(
-            (MappingKey(rng.proto, port),
-             MappingSpec(proto=rng.proto, external_port=port, internal_client=act.host,
-                         internal_port=port, description=description, external_any=external_any))
-            for rng in rule.open
-            for port in rng
-        )
-
-    @staticmethod
-    def _precedence(act: Activation) -> tuple[float, int]:
-        return (act.created, act.seq)
-
-    @staticmethod
-    def _takes(act: Activation, held: Activation | None) -> bool:
-        """Does ``act`` (later in precedence) get a port ``held`` holds? (As desired().)"""
-        return held is None or (act.rule.share == "latest" and held.rule is act.rule)
+    def holder(self, key: MappingKey) -> Activation | None:
+        """The activation holding port ``key`` now (as :meth:`desired`, but counting those
+        whose host maps its ports itself), or None."""
+        return self._desired.owner(key)
 
     def waiting_for(self, act: Activation, desired: dict[MappingKey, MappingSpec]) -> set[str]:
         """Hosts that hold ports this activation wants (empty when it holds all of them)."""
-        holders: set[str] = set()
-        for rng in act.rule.open:
-            for port in rng:
-                spec = desired.get(MappingKey(rng.proto, port))
-                if spec is not None and spec.internal_client != act.host:
-                    holders.add(spec.internal_client)
-        return holders
+        return waiting_for(act, desired)
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -774,28 +527,19 @@ class Engine:
             raise ActivationLimit(
                 f"{len(self.activations)} activations are live, the service's limit; end some "
                 "first")
-        act = Activation(
-            id=self._new_id(),
-            rule=rule,
-            host=host,
-            source=source,
-            created=now,
-            expires=now + ttl,
-            ttl=ttl,
-            seq=next(self._seq),
-            meta=meta,
-            last_active=now,
-            journaled=now + ttl,
-            origin=origin,
-        )
-        self.activations[act.id] = act
-        if origin and origin != LOCAL_ORIGIN:
-            self._detected += 1
-            self._origins.setdefault(origin, collections.Counter())[host] += 1
-        heapq.heappush(self._heap, (act.expires, act.seq, act.id))
-        self.generation += 1
+        act = Activation(id=self._new_id(), rule=rule, host=host, source=source, created=now,
+                         expires=now + ttl, ttl=ttl, seq=next(self._seq), meta=meta,
+                         last_active=now, journaled=now + ttl, origin=origin)
+        self._origins.add(origin, host)
+        self._insert(act)
         self._emit(EventKind.ACTIVATED, act, now)
         return act
+
+    def _insert(self, act: Activation) -> None:
+        self.activations[act.id] = act
+        self._timers.push(act)
+        self._desired.add(act)
+        self.generation += 1
 
     def _touch(self, act: Activation, at: float) -> None:
         """A packet (or process sighting) at ``at``: the idle timer restarts from there."""
@@ -821,24 +565,12 @@ class Engine:
                 or when - act.journaled >= max(1.0, act.ttl / 4)):
             act.journaled = when
             self.dirty.add(act.id)
-        if when == math.inf:
-            return  # held: nothing to schedule (its heap entries go stale)
-        heapq.heappush(self._heap, (when, act.seq, act.id))
-        if len(self._heap) > 64 and len(self._heap) > 4 * len(self.activations):
-            self._heap = [(a.expires, a.seq, a.id) for a in self.activations.values()
-                          if a.expires != math.inf]
-            heapq.heapify(self._heap)
+        self._timers.push(act)  # held (inf): nothing to schedule (its heap entries go stale)
 
     def _remove(self, act: Activation, kind: EventKind) -> None:
         del self.activations[act.id]
-        hosts = self._origins.get(act.origin) if act.origin != LOCAL_ORIGIN else None
-        if hosts is not None:
-            self._detected -= 1
-            hosts[act.host] -= 1
-            if hosts[act.host] <= 0:
-                del hosts[act.host]
-                if not hosts:
-                    del self._origins[act.origin]
+        self._desired.remove(act)
+        self._origins.remove(act.origin, act.host)
         if act.source in (Source.TRAFFIC, Source.PROCESS):
             self._traffic.pop((act.rule.name, act.host, act.source), None)
         for flow in act.flows:  # its flows stay followed: one that wakes up triggers again

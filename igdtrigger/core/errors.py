@@ -9,6 +9,18 @@ from __future__ import annotations
 import errno
 import os
 
+__all__ = [
+    "DEVICE_DENIED_HINT", "PINHOLE_SELF_HINT", "SECURE_MODE_HINT", "ActionFailed",
+    "ActivationLimit", "ActivationNotFound", "AdhocRefused", "ApiError", "ConfigError",
+    "DetectionUnavailable", "Forbidden", "GatewayError", "GatewayNotFound", "GatewayTimeout",
+    "GatewayUnreachable", "HostNotAllowed", "IgdTriggerError", "InvalidArgs", "JournalError",
+    "LeaseRefused", "LocalResourceError", "MalformedReply", "MappingConflict", "NetlinkError",
+    "NetworkFailure", "NoSuchMapping", "NotAuthorized", "NotReady", "ProtocolUnsupported",
+    "RequestTimeout", "RuleNotFound", "ServiceBusy", "ServiceUnavailable", "TableFull", "TooMany",
+    "TooManySubscribers", "Unauthorized", "UnsupportedAction", "UnsupportedMedia", "UsageError",
+    "descriptors_exhausted", "socket_fault",
+]
+
 
 class IgdTriggerError(Exception):
     """Root of every error igdtrigger raises on purpose."""
@@ -76,12 +88,6 @@ class ActivationLimit(IgdTriggerError):
     """A bound on live activations (the service's, or a client's ``[api] max_per_host``)."""
 
     http_status = 429
-
-
-class RuleHeld(IgdTriggerError):
-    """The rule's ports are held by another host (``share = "first"``)."""
-
-    http_status = 409
 
 
 SECURE_MODE_HINT = (
@@ -297,3 +303,61 @@ class ApiError(IgdTriggerError):
         super().__init__(message)
         self.status = status
         self.exit_code = 2 if 400 <= status < 500 else 1
+
+
+# --- the journal -------------------------------------------------------------------------------
+
+
+class JournalError(ConfigError):
+    """The journal cannot be used as it is (corrupt, or written by a newer igdtrigger)."""
+
+
+# --- the HTTP API's refusals (each answered with its ``http_status``) --------------------------
+
+
+class Forbidden(IgdTriggerError):
+    """This client may not do that (not in ``[api] allow``, or a read without ``public_read``)."""
+
+    http_status = 403
+
+
+class Unauthorized(IgdTriggerError):
+    """The request needs the admin token and carries none, or a wrong one."""
+
+    http_status = 401
+
+
+class NotReady(IgdTriggerError):
+    """The service is starting or stopping: ask again shortly."""
+
+    http_status = 503
+
+
+class TooMany(IgdTriggerError):
+    """A client's request rate or count bound was hit (``[api] rate_limit``, ``max_per_host``)."""
+
+    http_status = 429
+
+
+class TooManySubscribers(TooMany):
+    """No more event streams may be opened now (per client or in total)."""
+
+
+class UnsupportedMedia(IgdTriggerError):
+    """The request body is not ``application/json``."""
+
+    http_status = 415
+
+
+class RequestTimeout(IgdTriggerError):
+    """The request body did not arrive in time."""
+
+    http_status = 408
+
+
+# --- the kernel --------------------------------------------------------------------------------
+
+
+class NetlinkError(OSError):
+    """The kernel refused a netlink request (``errno`` set), or netlink is not available. An
+    ``OSError``: callers handle it with the other socket errors."""

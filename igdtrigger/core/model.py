@@ -14,6 +14,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = [
+    "Flow", "FlowEnded", "FlowLive", "FlowsListed", "IPAddress", "MappingKey", "MappingSpec",
+    "PinholeSpec", "PortRange", "ProcessSeen", "Proto", "RouterMapping", "compress_ports",
+    "format_duration", "parse_duration", "parse_port_spec",
+]
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
-from igdtrigger.gateway.base import GatewayInfo
+__all__ = ["NO_READBACK", "TRUST_AFTER", "RouterAddress", "RouterTraits", "router_identity"]
 
 # Confirmations (read back after add / after delete) in a row before the router's word is taken
 # without one; the periodic verification still checks every mapping.
@@ -24,7 +24,21 @@ TRUST_AFTER = 3
 NO_READBACK = frozenset({"nat-pmp", "pcp"})
 
 
-def router_identity(info: GatewayInfo) -> str:
+class RouterAddress(Protocol):
+    """Where a router was found (``gateway.base.GatewayInfo`` is one)."""
+
+    @property
+    def protocol(self) -> str:
+        """The protocol it speaks: "upnp-igd", "nat-pmp", "pcp", "simulated"."""
+    @property
+    def location(self) -> str:
+        """Its description URL, or "ip:port" for datagram protocols."""
+    @property
+    def external_address(self) -> str:
+        """Its external address; "" when the router does not know it."""
+
+
+def router_identity(info: RouterAddress) -> str:
     """The key a router's traits are kept under: protocol and host of its location (a router
     that restarts on a new HTTP port stays the same router), else its external address."""
     loc = info.location
@@ -72,6 +86,7 @@ class RouterTraits:
 
     @property
     def why_permanent(self) -> str:
+        """Why mappings are asked permanent (lease 0), for status; "" when they are not."""
         if self.permanent_only:
             return "router refuses timed leases"
         if self.keeps_timed is False:
@@ -83,13 +98,16 @@ class RouterTraits:
         return self.reports_mappings is not False and self.adds_confirmed < TRUST_AFTER
 
     def confirm_deletes(self) -> bool:
+        """Whether the next delete should be confirmed by a look-up."""
         return self.reports_mappings is not False and (
             self.deletes_work is not True or self.deletes_confirmed < TRUST_AFTER)
 
     def to_json(self) -> dict[str, Any]:
+        """The identity and every persisted trait, for status (``None`` = not yet known)."""
         return {name: getattr(self, name) for name in ("identity", *self._PERSISTED)}
 
     def persisted(self) -> dict[str, Any]:
+        """What the journal keeps for this router (``restore`` reads it back)."""
         return {name: getattr(self, name) for name in self._PERSISTED}
 
     @classmethod

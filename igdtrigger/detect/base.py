@@ -18,6 +18,10 @@ from typing import Protocol
 
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, ProcessSeen
 
+__all__ = [
+    "Detector", "FlowSink", "Observation",
+]
+
 Observation = Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen
 FlowSink = Callable[[Observation], None]
 

@@ -21,6 +21,12 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 
+__all__ = [
+    "NDA_DST", "NDA_LLADDR", "NETLINK_ROUTE", "NLMSG_DONE", "NLMSG_ERROR", "NLM_F_DUMP",
+    "NLM_F_REQUEST", "NUD_FAILED", "NUD_INCOMPLETE", "RTM_GETNEIGH", "RTM_NEWNEIGH", "HostMap",
+    "Neighbor", "own_ipv6_addresses", "parse_neighbors", "read_neighbors",
+]
+
 log = logging.getLogger("igdtrigger.detect")
 
 Neighbor = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, bytes]

@@ -22,7 +22,9 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 
-__all__ = ["NetlinkError", "delete_table", "load_table", "table_exists"]
+from igdtrigger.core.errors import NetlinkError
+
+__all__ = ["delete_table", "load_table", "table_exists"]
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x1
@@ -57,10 +59,6 @@ _HDR = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")
 _ATTR = struct.Struct("=HH")
 _BE32 = struct.Struct("!I")
-
-
-class NetlinkError(OSError):
-    """The kernel refused the request (``errno`` set), or netlink is not available."""
 
 
 def _attr(kind: int, payload: bytes) -> bytes:

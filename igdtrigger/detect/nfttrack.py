@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from igdtrigger.core.model import PortRange, Proto
-from igdtrigger.detect.conntrack import (
+from igdtrigger.detect.ctnetlink import (
     NETLINK_NETFILTER,
     NF_NETLINK_CONNTRACK_NEW,
     ConntrackParser,

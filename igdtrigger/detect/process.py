@@ -26,6 +26,11 @@ from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import ProcessSeen
 from igdtrigger.detect.base import FlowSink
 
+__all__ = [
+    "COMM_LEN", "Matcher", "ProcessDetector", "default_scanner", "exe_name", "scan_family",
+    "scan_proc", "scan_psutil",
+]
+
 log = logging.getLogger("igdtrigger.detect")
 
 COMM_LEN = 15  # Linux truncates a task's comm to 15 bytes

@@ -40,6 +40,11 @@ from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
 from igdtrigger.detect.base import FlowSink, Observation
 
+__all__ = [
+    "Conn", "SocketTableDetector", "Wanted", "default_reader", "parse_proc_net", "read_proc_net",
+    "read_psutil",
+]
+
 log = logging.getLogger("igdtrigger.detect")
 
 Wanted = Callable[[Proto, int], bool]

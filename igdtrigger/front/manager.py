@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from igdtrigger.core.engine import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
+from igdtrigger.core.activation import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
 from igdtrigger.core.errors import ActivationLimit, UsageError
+from igdtrigger.core.frontconfig import FrontConfig
 from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto, format_duration
-from igdtrigger.front.settings import FrontConfig
 from igdtrigger.runtime.mapper import MapState
 
 if TYPE_CHECKING:
@@ -209,7 +209,6 @@ class FrontManager:
         self._lock = asyncio.Lock()
         self.refused: collections.Counter[str] = collections.Counter()  # kind -> count
         self.granted = 0
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- the contract ------------------------------------------------------------------------
 
@@ -281,14 +280,11 @@ class FrontManager:
         now = self.clock()
         info = self.service.gateway.info
         return {
-            "enabled": True,
-            "epoch": self.epoch(),
+            "enabled": True, "epoch": self.epoch(),
             "external_address": (info.external_address.strip() or None) if info else None,
             "double_nat": self.double_nat(),
             "mappings": [m.to_json(now) for m in self.mappings()],
-            "granted": self.granted,
-            "refused": dict(self.refused),
-        }
+            "granted": self.granted, "refused": dict(self.refused)}
 
     def attach(self) -> int:
         """After the service restored its journal: take back the front's activations (listed
@@ -320,12 +316,14 @@ class FrontManager:
         """A detector's observation (the service passes every one): a new flow, or a later look
         that saw packets, to or from a mapped internal port of its client, or arriving on a
         mapped external port, is use."""
+        ago = 0.0  # a later look dates its last packet (``idle`` seconds ago)
         if isinstance(obs, FlowLive):
             if obs.idle is None and not obs.connected:
                 return
+            ago = max(0.0, obs.idle or 0.0)
             obs = obs.flow
         if isinstance(obs, Flow) and (m := self._matching(obs)) is not None:
-            self._used(m)
+            self._used(m, at=self.clock() - ago)
 
     def follows(self, flow: Flow) -> bool:
         """Detectors keep looking at a flow that is use of a live mapping (its later packets
@@ -526,11 +524,15 @@ class FrontManager:
         self._used(m, force=True)
         return m.grant
 
-    def _used(self, m: FrontMapping, *, force: bool = False) -> None:
-        """In use now: the activation's end moves to min(lease end, now + idle_timeout)."""
+    def _used(self, m: FrontMapping, *, at: float | None = None, force: bool = False) -> None:
+        """In use at ``at`` (default now): the activation's end moves to min(lease end,
+        at + idle_timeout), never earlier."""
         now = self.clock()
-        m.last_use = now
-        end = min(m.lease_end, now + self.settings.idle_timeout)
+        at = now if at is None else min(at, now)
+        if at <= m.last_use and not force:
+            return
+        m.last_use = max(m.last_use, at)
+        end = min(m.lease_end, m.last_use + self.settings.idle_timeout)
         act = self.service.engine.activations.get(m.activation_id)
         if act is None or (not force and end - act.expires < 1.0):
             return  # moves by under a second: not worth a journal write
@@ -549,15 +551,8 @@ class FrontManager:
     def _live(self, m: FrontMapping) -> bool:
         if m.activation_id in self.service.engine.activations:
             return True
-        self._unindex(m)  # the engine ended it (lease or idle): gone upstream too
-        if self.forwarder is not None:
-            fwd = self.forwarder
-            with contextlib.suppress(RuntimeError):  # no loop: stop() sweeps it instead
-                task = asyncio.get_running_loop().create_task(
-                    fwd.remove(m.request.proto, m.grant.external_port))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        return False
+        self._unindex(m)  # the engine ended it (lease or idle): gone upstream; the runner
+        return False  # syncs the forwarder's inner rules with mappings() every second
 
     def _index(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from ipaddress import ip_address
 from typing import Any
 
-from igdtrigger.core.engine import FRONT_SOURCES
+from igdtrigger.core.activation import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, Proto
 from igdtrigger.front.dnat import ForwardDrop, read_forward_drops

@@ -14,38 +14,16 @@ default 64); ``http_port`` (the UPnP description/control port, default 0 = any f
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
-from igdtrigger.core.acl import DEFAULT_ACL, Acl, parse_acl
+from igdtrigger.core.acl import DEFAULT_ACL, parse_acl
 from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.frontconfig import MAX_LEASE_LIMIT, FrontConfig
 from igdtrigger.core.model import parse_duration
 
-__all__ = ["FRONT_KEYS", "FrontConfig", "parse_front"]
+__all__ = ["FRONT_KEYS", "parse_front"]
 
 FRONT_KEYS = ("enabled", "interfaces", "allow", "secure_mode", "max_lease", "idle_timeout",
               "max_per_client", "http_port", "forward_chain")
-MAX_LEASE_LIMIT = 604800.0  # IGDv2's longest lease
-
-
-@dataclass(frozen=True, slots=True)
-class FrontConfig:
-    enabled: bool = False
-    interfaces: tuple[str, ...] = ()
-    acl: Acl = field(default_factory=lambda: parse_acl(DEFAULT_ACL))
-    secure_mode: bool = True
-    max_lease: float = 3600.0
-    idle_timeout: float = 600.0
-    max_per_client: int = 64
-    http_port: int = 0
-    forward_chain: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "interfaces": list(self.interfaces),
-                "allow": self.acl.to_json(), "secure_mode": self.secure_mode,
-                "max_lease": self.max_lease, "idle_timeout": self.idle_timeout,
-                "max_per_client": self.max_per_client, "http_port": self.http_port,
-                "forward_chain": self.forward_chain}
 
 
 def parse_front(table: object, *, source: str = "<config>") -> FrontConfig:

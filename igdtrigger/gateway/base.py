@@ -18,6 +18,12 @@ from typing import Protocol, TypeVar, runtime_checkable
 from igdtrigger.core.errors import ActionFailed, InvalidArgs, LeaseRefused, UnsupportedAction
 from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
 
+__all__ = [
+    "AdoptsLeftovers", "Capability", "Gateway", "GatewayInfo", "Granted",
+    "OnCall", "RouterChange", "RouterChangeKind", "add_with_lease_fallback", "counts_as_public",
+    "is_public_address", "metered", "unsupported",
+]
+
 log = logging.getLogger("igdtrigger.gateway")
 T = TypeVar("T")
 
@@ -45,12 +51,6 @@ class Capability(enum.StrEnum):
     PINHOLES = "pinholes"  # the IGD offers WANIPv6FirewallControl (see gateway.pinhole)
 
 
-SIMULATED_EXTERNAL = "203.0.113.4"
-"""What the built-in simulated router (``serve --simulate``, tests) reports as its external
-address: in TEST-NET-3 (RFC 5737, documentation only, never routed), so the demo never shows a
-real public address, and taken as public so the demo does not warn of double NAT."""
-
-
 @dataclass(frozen=True, slots=True)
 class GatewayInfo:
     """What a backend learned when it connected."""
@@ -65,13 +65,14 @@ class GatewayInfo:
     control_url: str = ""  # UPnP: the chosen WAN connection service's control URL
     root_uuid: str = ""  # UPnP: UDN of the IGD's root device ("uuid:..."), for SSDP NOTIFYs
     backend: str = ""  # "miniupnpc", "soap", "nat-pmp", "pcp", "simulated", ...
+    public_stand_in: str = ""  # a documentation address the device says stands for a public one
 
     @property
     def external_reachable(self) -> bool:
         """False when the external address is private/shared/unspecified: double NAT or CGNAT.
-        The simulated router's ``SIMULATED_EXTERNAL`` (a documentation address) stands for a
-        public one."""
-        return counts_as_public(self.external_address)
+        A documentation address the device declared as its ``public_stand_in`` (the simulated
+        router does) counts as public."""
+        return counts_as_public(self.external_address, self.public_stand_in)
 
     @property
     def external_known(self) -> bool:
@@ -233,9 +234,42 @@ _NOT_PUBLIC = [
 ]
 
 
-def counts_as_public(text: str) -> bool:
-    """:func:`is_public_address`, or the simulated router's ``SIMULATED_EXTERNAL``."""
-    return is_public_address(text) or text.strip() == SIMULATED_EXTERNAL
+class RouterChangeKind(enum.StrEnum):
+    """What an SSDP announcement says happened to the router (``upnp.ssdp.NotifyTracker``)."""
+
+    RESTARTED = "restarted"  # new BOOTID, or back after a byebye: its mappings are probably gone
+    MOVED = "moved"  # the IGD's description is at a new URL (new port after a reboot)
+    LEAVING = "leaving"  # ssdp:byebye: going down
+
+
+@dataclass(frozen=True, slots=True)
+class RouterChange:
+    """A change of the router seen from outside the mapping protocol: ``reason`` for the log,
+    ``location`` the description URL it is at now."""
+
+    kind: RouterChangeKind
+    reason: str
+    location: str
+
+
+_DOCUMENTATION = [ipaddress.ip_network(n) for n in (
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")]
+
+
+def counts_as_public(text: str, stand_in: str = "") -> bool:
+    """:func:`is_public_address`, or ``text`` is the device's declared ``stand_in``: a
+    documentation address (RFC 5737, RFC 3849) it reports in place of a public one. Only a
+    test device declares one (the built-in simulated router, in its description); no real
+    router is numbered from those ranges, so the claim cannot hide a double NAT."""
+    if is_public_address(text):
+        return True
+    if not stand_in or text.strip() != stand_in.strip():
+        return False
+    try:
+        addr = ipaddress.ip_address(stand_in.strip())
+    except ValueError:
+        return False
+    return any(addr in net for net in _DOCUMENTATION)
 
 
 def is_public_address(text: str) -> bool:

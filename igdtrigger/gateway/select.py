@@ -19,6 +19,11 @@ from igdtrigger.core.errors import ConfigError, GatewayError, GatewayNotFound, G
 from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
 from igdtrigger.gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
 
+__all__ = [
+    "FallbackGateway", "OnCall", "build_gateway", "forget_connection", "miniupnpc_available",
+    "set_lost_state_handler",
+]
+
 log = logging.getLogger("igdtrigger.gateway")
 
 OnCall = Callable[[str, float, bool], None]

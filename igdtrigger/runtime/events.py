@@ -11,16 +11,14 @@ import asyncio
 import collections
 from typing import Any
 
+from igdtrigger.core.errors import TooManySubscribers
+
 Event = dict[str, Any]
 
 SUBSCRIBER_QUEUE = 256  # events buffered per client before the oldest are dropped
 MAX_SUBSCRIBERS = 64  # streams open at once, all clients without the admin token together
 MAX_SUBSCRIBERS_PER_CLIENT = 4
 MAX_ADMIN_SUBSCRIBERS = 8  # kept apart: other clients filling their pool cannot lock out the admin
-
-
-class TooManySubscribers(Exception):
-    """No more event streams may be opened now (per client or in total)."""
 
 
 class Subscriber:

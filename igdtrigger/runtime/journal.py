@@ -27,12 +27,15 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.errors import JournalError
 from igdtrigger.core.model import MappingKey, MappingSpec, PinholeSpec, Proto
+
+__all__ = ["FILENAME", "FORMAT", "Journal", "JournalActivation", "JournalError",
+           "JournalMapping", "boot_clock", "no_boot_clock"]
 
 log = logging.getLogger("igdtrigger.runtime.journal")
 
@@ -115,12 +118,10 @@ def _unhex(value: object) -> bytes:
         return b""
 
 
-class JournalError(ConfigError):
-    """The journal cannot be used as it is (corrupt, or written by a newer igdtrigger)."""
-
-
 @dataclass(frozen=True, slots=True)
 class JournalMapping:
+    """A mapping the journal holds: maybe on the router (requested, not confirmed gone)."""
+
     proto: Proto
     external_port: int
     internal_client: str
@@ -132,12 +133,15 @@ class JournalMapping:
 
     @property
     def spec(self) -> MappingSpec:
+        """The mapping as the mapper knows it."""
         return MappingSpec(self.proto, self.external_port, self.internal_client,
                            self.internal_port, self.description)
 
 
 @dataclass(frozen=True, slots=True)
 class JournalActivation:
+    """An activation the journal holds, with its expiry on the wall and the boot clock."""
+
     id: str
     rule: str
     host: str
@@ -186,8 +190,12 @@ def _real(value: object) -> float:
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
+    """The journal file at ``path`` (use ``open``). ``wall``: the wall clock (epoch seconds) its
+    rows are dated with; injected, ``time.time`` by default."""
+
+    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.wall = wall
         self.degraded = ""  # why writes are failing; "" when healthy
         self._db: sqlite3.Connection | None = None
         self._readonly = False  # read from a copy, never written: the directory is read-only
@@ -195,11 +203,11 @@ class Journal:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     @classmethod
-    def open(cls, state_dir: Path) -> Journal:
+    def open(cls, state_dir: Path, *, wall: Callable[[], float] = time.time) -> Journal:
         """Open (or create) the journal. Raises ``JournalError`` for a newer format; a corrupt
         file is moved aside and a fresh journal started (mappings of ours are still found on
         the router by their description)."""
-        j = cls(state_dir / FILENAME)
+        j = cls(state_dir / FILENAME, wall=wall)
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             j._connect()
@@ -280,7 +288,7 @@ class Journal:
         return (st.st_dev, st.st_ino) != self._identity
 
     def _set_aside(self, why: str) -> None:
-        aside = self.path.with_name(f"{self.path.name}.{why.split()[0]}-{int(time.time())}")
+        aside = self.path.with_name(f"{self.path.name}.{why.split()[0]}-{int(self.wall())}")
         log.error("journal %s is %s: moved to %s and starting fresh", self.path, why, aside)
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
@@ -327,7 +335,7 @@ class Journal:
         self._put_mappings([(m.spec, m.nonce, m.protocol) for m in rows])
 
     def _put_mappings(self, rows: list[tuple[MappingSpec, bytes, str]]) -> None:
-        now = time.time()
+        now = self.wall()
         self._write(
             "INSERT INTO mappings (proto, external_port, internal_client, internal_port, "
             "description, state, updated, nonce, protocol) VALUES (?,?,?,?,?,'requested',?,?,?) "
@@ -338,15 +346,13 @@ class Journal:
             [(s.proto.value, s.external_port, s.internal_client, s.internal_port,
               s.description, now, nonce.hex(), protocol) for s, nonce, protocol in rows])
 
-    def mapping_gone(self, proto: Proto, external_port: int) -> None:
-        self.mappings_gone([(proto, external_port)])
-
     def mappings_gone(self, keys: list[tuple[Proto, int]]) -> None:
         """Forget mappings confirmed gone from the router, in one fsync'd transaction."""
         self._write("DELETE FROM mappings WHERE proto=? AND external_port=?",
                     [(proto.value, port) for proto, port in keys])
 
     def mappings(self) -> list[JournalMapping]:
+        """Every journaled mapping (readable rows only; a malformed row is skipped)."""
         if self._db is None:
             return []
         try:
@@ -414,22 +420,25 @@ class Journal:
         return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
 
     def router_traits_put(self, identity: str, traits: dict[str, object]) -> None:
+        """Keep what was learned about the router ``identity`` (``traits.router_identity``)."""
         self._write("INSERT OR REPLACE INTO routers VALUES (?,?,?)",
-                    [(identity, json.dumps(traits, sort_keys=True), time.time())])
+                    [(identity, json.dumps(traits, sort_keys=True), self.wall())])
 
     # --- IPv6 pinholes --------------------------------------------------------------------------
 
     def pinholes_requested(self, specs: list[PinholeSpec]) -> None:
         """Record pinholes about to be requested (a crash leaves them findable)."""
-        now = time.time()
+        now = self.wall()
         self._write("INSERT OR REPLACE INTO pinholes VALUES (?,?,?,?)",
                     [(s.address, s.proto.value, s.port, now) for s in specs])
 
     def pinhole_gone(self, spec: PinholeSpec) -> None:
+        """Forget a pinhole confirmed closed."""
         self._write("DELETE FROM pinholes WHERE address=? AND proto=? AND port=?",
                     [(spec.address, spec.proto.value, spec.port)])
 
     def pinholes(self) -> list[PinholeSpec]:
+        """Every journaled pinhole (readable rows only)."""
         if self._db is None:
             return []
         try:
@@ -448,6 +457,7 @@ class Journal:
     # --- activations --------------------------------------------------------------------------
 
     def activations_put(self, acts: list[JournalActivation]) -> None:
+        """Record (or replace) activations, so a restart can restore them."""
         self._write("INSERT OR REPLACE INTO activations (id, rule, host, source, created_wall, "
                     "expires_wall, ttl, meta, boot_id, expires_boot) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
@@ -459,6 +469,7 @@ class Journal:
         self._write("DELETE FROM activations", [()])
 
     def activation_gone(self, act_id: str) -> None:
+        """Forget one activation (ended, or expired)."""
         self._write("DELETE FROM activations WHERE id=?", [(act_id,)])
 
     def activations(self) -> list[JournalActivation]:
@@ -495,6 +506,7 @@ class Journal:
         return out
 
     def close(self) -> None:
+        """Close the database (and drop a private read-only copy); idempotent."""
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()

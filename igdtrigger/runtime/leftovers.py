@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from igdtrigger.runtime.journal import Journal
 
+__all__ = ["RUN_DIR", "RUN_TAG", "beacon_held", "dead_run_tag", "dead_runs", "hold_beacon",
+           "own_run_dir", "process_start", "remove_run_dir", "run_alive", "take_over"]
+
 log = logging.getLogger("igdtrigger.runtime.leftovers")
 
 RUN_DIR = "run"

@@ -14,6 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 
+__all__ = [
+    "PerKindThrottle", "QuietBadRequests",
+]
+
 
 class PerKindThrottle(logging.Filter):
     def __init__(self, burst: int = 100, interval: float = 60.0, *,
@@ -26,7 +30,6 @@ class PerKindThrottle(logging.Filter):
         # kind -> [window start, lines logged in it, lines held back]
         self._kinds: collections.OrderedDict[tuple[str, int, str], list[float]] = (
             collections.OrderedDict())
-        self.suppressed = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, str(record.msg))
@@ -46,7 +49,6 @@ class PerKindThrottle(logging.Filter):
             state[1] += 1
             return True
         state[2] += 1
-        self.suppressed += 1
         return False
 
 

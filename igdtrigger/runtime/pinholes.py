@@ -23,8 +23,10 @@ from igdtrigger.core.errors import (
     NotAuthorized,
 )
 from igdtrigger.core.model import PinholeSpec
-from igdtrigger.gateway.upnp.codec import PINHOLE_MAX_LEASE
-from igdtrigger.gateway.upnp.pinhole import FirewallInfo
+from igdtrigger.core.pinhole import PINHOLE_MAX_LEASE, FirewallInfo
+
+__all__ = ["RECHECK", "RETRY_FIRST", "RETRY_MAX", "Pinhole", "PinholeClient", "PinholeJournal",
+           "PinholeKeeper", "PinholeState"]
 
 log = logging.getLogger("igdtrigger.runtime.pinholes")
 
@@ -34,21 +36,34 @@ RECHECK = 600.0  # a router whose firewall is off, or that has no service, is as
 
 
 class PinholeClient(Protocol):
+    """The router side (``gateway.upnp.pinhole.FirewallClient`` is one)."""
+
     info: FirewallInfo | None
 
-    async def connect(self) -> FirewallInfo: ...
-    async def add(self, spec: PinholeSpec, lease: int) -> int: ...
-    async def update(self, spec: PinholeSpec, uid: int, lease: int) -> None: ...
-    async def delete(self, spec: PinholeSpec, uid: int) -> None: ...
+    async def connect(self) -> FirewallInfo:
+        """Find the router's IPv6 firewall service; raises ``GatewayError``."""
+    async def add(self, spec: PinholeSpec, lease: int) -> int:
+        """Open a pinhole for ``lease`` seconds; returns its UniqueID."""
+    async def update(self, spec: PinholeSpec, uid: int, lease: int) -> None:
+        """Renew pinhole ``uid`` for ``lease`` seconds; ``NoSuchMapping`` when it is gone."""
+    async def delete(self, spec: PinholeSpec, uid: int) -> None:
+        """Close pinhole ``uid``; ``NoSuchMapping`` when it is gone already."""
 
 
 class PinholeJournal(Protocol):
-    def pinholes_requested(self, specs: list[PinholeSpec]) -> None: ...
-    def pinhole_gone(self, spec: PinholeSpec) -> None: ...
-    def pinholes(self) -> list[PinholeSpec]: ...
+    """Where pinholes are recorded before they are requested (``runtime.journal.Journal``)."""
+
+    def pinholes_requested(self, specs: list[PinholeSpec]) -> None:
+        """Record pinholes about to be requested."""
+    def pinhole_gone(self, spec: PinholeSpec) -> None:
+        """Forget a pinhole confirmed closed."""
+    def pinholes(self) -> list[PinholeSpec]:
+        """Every pinhole that may still be open on the router."""
 
 
 class PinholeState(enum.StrEnum):
+    """Where one wanted pinhole stands with the router."""
+
     PENDING = "pending"
     ACTIVE = "active"
     FAILED = "failed"
@@ -56,6 +71,8 @@ class PinholeState(enum.StrEnum):
 
 @dataclass(slots=True)
 class Pinhole:
+    """One wanted pinhole and what the router did with it (its UniqueID, timers)."""
+
     spec: PinholeSpec
     state: PinholeState = PinholeState.PENDING
     uid: int | None = None
@@ -66,6 +83,7 @@ class Pinhole:
     refused: bool = False  # the last add was answered with an error: nothing to close
 
     def to_json(self, now: float) -> dict[str, Any]:
+        """The JSON shape of ``status`` for this pinhole (``now``: the keeper clock, seconds)."""
         out: dict[str, Any] = {"address": self.spec.address, "proto": self.spec.proto.value,
                                "port": self.spec.port, "state": self.state.value}
         if self.uid is not None:
@@ -78,6 +96,8 @@ class Pinhole:
 
 
 class PinholeKeeper:
+    """Keeps the router's IPv6 pinholes equal to what is wanted (see the module docstring)."""
+
     def __init__(self, client: PinholeClient, *, clock: Callable[[], float], lease: float,
                  journal: PinholeJournal | None = None,
                  on_change: Callable[[PinholeSpec, str, str], None] | None = None) -> None:
@@ -103,6 +123,8 @@ class PinholeKeeper:
     # --- the loop ------------------------------------------------------------------------------
 
     async def reconcile(self, desired: set[PinholeSpec]) -> None:
+        """Open, renew and close pinholes so the router holds ``desired``; never raises for
+        router trouble."""
         now = self.clock()
         if not desired and not self.held and not self.stale:
             return
@@ -264,6 +286,8 @@ class PinholeKeeper:
         self._connect_at = now
 
     def next_deadline(self) -> float | None:
+        """When ``reconcile`` next has work (renewal, retry, reconnect), on the clock; None:
+        none."""
         times = [ph.renew_at if ph.state is PinholeState.ACTIVE else ph.retry_at
                  for ph in self.held.values()]
         if self.stale or (self.held and not self._connected):
@@ -271,6 +295,7 @@ class PinholeKeeper:
         return min(times) if times else None
 
     async def remove_all(self) -> int:
+        """Close every pinhole held or left over (stop); returns how many held ones closed."""
         if not self.held and not self.stale:
             return 0
         if not self._connected or self.client.info is None:
@@ -301,13 +326,16 @@ class PinholeKeeper:
             self.on_change(spec, what, error)
 
     def count(self, state: PinholeState = PinholeState.ACTIVE) -> int:
+        """How many wanted pinholes are in ``state``."""
         return sum(1 for ph in self.held.values() if ph.state is state)
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """Each wanted pinhole as ``Pinhole.to_json``, sorted."""
         now = self.clock()
         return [ph.to_json(now) for ph in sorted(self.held.values(), key=lambda p: p.spec)]
 
     def status(self) -> dict[str, Any]:
+        """The JSON shape of ``status["pinholes"]``: availability, why not, lease, entries."""
         info = self.client.info
         return {
             "available": self.available,

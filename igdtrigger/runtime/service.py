@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger import __version__
-from igdtrigger.config import ADHOC_PREFIX, Config, Rule, default_state_dir
+from igdtrigger.config import Config, default_state_dir
 from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, DetectionUnavailable, UsageError
 from igdtrigger.core.model import (
@@ -39,12 +39,12 @@ from igdtrigger.core.model import (
     format_duration,
     parse_port_spec,
 )
+from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 from igdtrigger.detect.base import Detector
 from igdtrigger.detect.hostmap import HostMap
 from igdtrigger.detect.nfttrack import TABLE, KernelTracking
-from igdtrigger.gateway.base import Gateway
+from igdtrigger.gateway.base import Gateway, RouterChange, RouterChangeKind
 from igdtrigger.gateway.select import forget_connection, set_lost_state_handler
-from igdtrigger.gateway.upnp.codec import RouterChange, RouterChangeKind
 from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
 from igdtrigger.netutil import host_key
 from igdtrigger.runtime.events import EventHub
@@ -838,6 +838,8 @@ class Service:
 
     async def _scheduler(self) -> None:
         while True:
+            if self._stopping:  # Python 3.11's wait_for drops a cancel that meets a wake()
+                return  # (gh-86296): without this, stop() waited for the next deadline
             self._wake.clear()
             self.engine.expire()
             gen = self.engine.generation

@@ -579,7 +579,7 @@ def test_pcp_leftover_remapped_by_another_program_is_left_alone(make_lab: Callab
         wait_for(lambda: len(pmp_held(lab)) == 4, 10, "mappings over PCP")
         assert s.stop(signal.SIGKILL) == -signal.SIGKILL
         other = ("import os, socket\n"
-                 "from igdtrigger.gateway.natpmp.backend import build_pcp_map\n"
+                 "from igdtrigger.gateway.natpmp.codec import build_pcp_map\n"
                  "from igdtrigger.core.model import Proto\n"
                  "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
                  "s.settimeout(3)\n"

@@ -57,6 +57,10 @@ from igdtrigger.gateway.upnp.soap import (
     soap_call,
 )
 
+__all__ = [
+    "CLOSE_GRACE", "MiniupnpcGateway", "miniupnpc_code", "miniupnpc_error",
+]
+
 log = logging.getLogger("igdtrigger.gateway.upnp.miniupnpc")
 T = TypeVar("T")
 

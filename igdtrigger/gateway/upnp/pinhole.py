@@ -16,15 +16,14 @@ import ipaddress
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from igdtrigger.core.errors import GatewayNotFound, GatewayUnreachable
 from igdtrigger.core.model import PinholeSpec
+from igdtrigger.core.pinhole import FirewallInfo
 from igdtrigger.gateway.upnp.codec import (
     FIREWALL_SERVICE,
     UpnpFault,
-    build_soap,
     fault_error,
     firewall_status,
     parse_description,
@@ -32,16 +31,11 @@ from igdtrigger.gateway.upnp.codec import (
     pinhole_args,
     pinhole_uid,
 )
-from igdtrigger.gateway.upnp.soap import http_request
+from igdtrigger.gateway.upnp.http import DEFAULT_REQUESTER, Requester, soap_request
 
-
-@dataclass(frozen=True, slots=True)
-class FirewallInfo:
-    location: str  # the description it was found in
-    control_url: str  # the service's control URL, host replaced by the router's IPv6 address
-    connect_to: str  # that address as connected to (with its %zone when link-local)
-    enabled: bool  # GetFirewallStatus: FirewallEnabled
-    inbound_allowed: bool  # GetFirewallStatus: InboundPinholeAllowed
+__all__ = [
+    "FirewallClient", "FirewallInfo", "global_ipv6_addresses", "is_pinhole_address", "router_ipv6",
+]
 
 
 def router_ipv6() -> tuple[str, str] | None:
@@ -92,8 +86,10 @@ class FirewallClient:
 
     def __init__(self, location: Callable[[], str | None], *, timeout: float = 3.0,
                  router: Callable[[], tuple[str, str] | None] = router_ipv6,
-                 on_call: Callable[[str, float, bool], None] | None = None) -> None:
+                 on_call: Callable[[str, float, bool], None] | None = None,
+                 requester: Requester = DEFAULT_REQUESTER) -> None:
         self.location = location
+        self.requester = requester  # what HTTP goes through (``http.Requester``)
         self.timeout = timeout
         self.router = router
         self.on_call = on_call
@@ -111,7 +107,7 @@ class FirewallClient:
         if not location:
             raise GatewayNotFound("the router is not spoken to over UPnP IGD, which IPv6 "
                                   "pinholes need (NAT-PMP/PCP gateway or none found yet)")
-        reply = await http_request(location, timeout=self.timeout)
+        reply = await self.requester.request(location, timeout=self.timeout)
         if reply.status != 200:
             raise GatewayUnreachable(f"description {location} answered HTTP {reply.status}")
         svc = parse_description(reply.body, location).firewall
@@ -139,15 +135,12 @@ class FirewallClient:
 
     async def _action(self, info: FirewallInfo, action: str, args: list[tuple[str, str]], *,
                       source: str | None) -> dict[str, str]:
-        body = build_soap(FIREWALL_SERVICE, action, args)
-        headers = {"Content-Type": 'text/xml; charset="utf-8"',
-                   "SOAPAction": f'"{FIREWALL_SERVICE}#{action}"'}
         t0 = time.perf_counter()
         ok = False
         try:
-            reply = await http_request(info.control_url, "POST", body=body, headers=headers,
-                                       timeout=self.timeout, connect_to=info.connect_to,
-                                       local_addr=source)
+            reply = await soap_request(self.requester, info.control_url, FIREWALL_SERVICE,
+                                       action, args, timeout=self.timeout,
+                                       connect_to=info.connect_to, local_addr=source)
             result = parse_soap_response(reply.status, reply.body, action)
             if isinstance(result, UpnpFault):
                 raise fault_error(action, result)

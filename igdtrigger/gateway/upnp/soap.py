@@ -14,15 +14,13 @@ import logging
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from igdtrigger.core.errors import (
     GatewayError,
     GatewayNotFound,
-    GatewayTimeout,
     GatewayUnreachable,
     NoSuchMapping,
-    socket_fault,
 )
 from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
 from igdtrigger.gateway.base import (
@@ -35,136 +33,40 @@ from igdtrigger.gateway.base import (
     unsupported,
 )
 from igdtrigger.gateway.upnp.codec import (
-    SEARCH_TARGETS,
-    SSDP_ADDR,
     IgdDescription,
     IgdService,
     ServiceProbe,
-    SsdpReply,
     UpnpFault,
-    build_msearch,
-    build_soap,
     choose_service,
     fault_error,
     mapping_args,
     parse_description,
     parse_soap_response,
-    parse_ssdp,
     pick,
     reserved_port,
 )
+from igdtrigger.gateway.upnp.http import (
+    DEFAULT_REQUESTER,
+    HttpReply,
+    Requester,
+    soap_request,
+)
+from igdtrigger.gateway.upnp.ssdp import (
+    SEARCH_TARGETS,
+    SSDP_ADDR,
+    SsdpReply,
+    build_msearch,
+    parse_ssdp,
+)
 from igdtrigger.netutil import default_gateway
 
+__all__ = [
+    "ChosenService", "ChosenServiceState",
+    "SoapCall", "SoapGateway", "capabilities_of", "discover", "find_wan_service",
+    "location_allowed", "probe_service", "read_mapping", "read_table", "soap_call",
+]
+
 log = logging.getLogger("igdtrigger.gateway.upnp.soap")
-
-USER_AGENT = "igdtrigger/0.1 UPnP/1.1"
-MAX_HEADERS = 16 * 1024
-MAX_BODY = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class HttpReply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    local_address: str
-
-
-async def http_request(url: str, method: str = "GET", *, body: bytes = b"",
-                       headers: dict[str, str] | None = None, timeout: float = 3.0,
-                       limit: int = MAX_BODY, connect_to: str | None = None,
-                       local_addr: str | None = None) -> HttpReply:
-    """One HTTP/1.1 exchange (``Connection: close``), bounded in time and size.
-
-    ``connect_to``: the address to connect to instead of the URL's host (an IPv6 link-local
-    address with its ``%zone``); ``local_addr``: the source address to send from."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise GatewayError(f"unsupported URL {url!r} (only http:// is spoken to routers)")
-    host, port = parts.hostname, parts.port or 80
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    host_hdr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host_hdr}", f"User-Agent: {USER_AGENT}",
-             "Connection: close", f"Content-Length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body  # one write: headers + body
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                connect_to or host, port, limit=MAX_HEADERS,
-                local_addr=(local_addr, 0) if local_addr else None)
-            try:
-                local = str(writer.get_extra_info("sockname")[0])
-                writer.write(request)
-                await writer.drain()
-                status, hdrs = await _read_head(reader)
-                data = await _read_body(reader, hdrs, limit)
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-    except TimeoutError:
-        raise GatewayTimeout(f"router did not answer {method} {url} within {timeout:g}s",
-                             action=f"{method} {url}", timeout=timeout) from None
-    except OSError as exc:
-        raise socket_fault(exc, f"router connection failed for {url}") from None
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-        raise GatewayUnreachable(f"router connection failed for {url}: {exc}") from None
-    return HttpReply(status, hdrs, data, local)
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        if len(head) > MAX_HEADERS:
-            raise ValueError("response headers too large")
-        text = head.decode("iso-8859-1")
-        first, _, rest = text.partition("\r\n")
-        bits = first.split(" ", 2)
-        if len(bits) < 2 or not bits[0].startswith("HTTP/") or not bits[1].isdecimal():
-            raise ValueError(f"not an HTTP response: {first[:60]!r}")
-        status = int(bits[1])
-        if status == 100:  # Expect: 100-continue answered anyway
-            continue
-        hdrs: dict[str, str] = {}
-        for line in rest.split("\r\n"):
-            k, sep, v = line.partition(":")
-            if sep:
-                hdrs[k.strip().lower()] = v.strip()
-        return status, hdrs
-
-
-async def _read_body(reader: asyncio.StreamReader, hdrs: dict[str, str], limit: int) -> bytes:
-    if "chunked" in hdrs.get("transfer-encoding", "").lower():  # BiPAC and friends
-        out = bytearray()
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                break
-            if len(out) + size > limit:
-                raise ValueError(f"response body larger than {limit} bytes")
-            out += await reader.readexactly(size)
-            await reader.readuntil(b"\r\n")
-        return bytes(out)
-    length = hdrs.get("content-length")
-    if length is not None and length.isdecimal():
-        n = int(length)
-        if n > limit:
-            raise ValueError(f"response body of {n} bytes is larger than {limit}")
-        return await reader.readexactly(n)
-    data = await reader.read(limit + 1)
-    while len(data) <= limit:
-        more = await reader.read(limit + 1 - len(data))
-        if not more:
-            break
-        data += more
-    if len(data) > limit:
-        raise ValueError(f"response body larger than {limit} bytes")
-    return data
-
 
 # --- SSDP discovery ----------------------------------------------------------------------------
 
@@ -234,17 +136,14 @@ async def discover(timeout: float = 2.0, *, gateway: str | None = None,
 
 
 async def soap_call(svc: IgdService, action: str, args: list[tuple[str, str]], *,
-                    timeout: float, lease: int | None = None, for_self: bool | None = None
-                    ) -> dict[str, str]:
+                    timeout: float, lease: int | None = None, for_self: bool | None = None,
+                    requester: Requester = DEFAULT_REQUESTER) -> dict[str, str]:
     """One SOAP action on ``svc``: its out-arguments, or the typed error (``fault_error``).
 
     404/405 with an empty body: the control URL is gone (router restarted with new URLs):
     ``GatewayUnreachable``. Any other HTTP error without a UPnP fault (a bare 400) is an
     ``ActionFailed`` without a code."""
-    body = build_soap(svc.service_type, action, args)
-    headers = {"Content-Type": 'text/xml; charset="utf-8"',
-               "SOAPAction": f'"{svc.service_type}#{action}"'}
-    reply = await http_request(svc.control_url, "POST", body=body, headers=headers,
+    reply = await soap_request(requester, svc.control_url, svc.service_type, action, args,
                                timeout=timeout)
     if reply.status in (404, 405) and not reply.body.strip():
         raise GatewayUnreachable(
@@ -257,11 +156,13 @@ async def soap_call(svc: IgdService, action: str, args: list[tuple[str, str]], *
     return result
 
 
-async def probe_service(svc: IgdService, timeout: float) -> ServiceProbe:
+async def probe_service(svc: IgdService, timeout: float,
+                        requester: Requester = DEFAULT_REQUESTER) -> ServiceProbe:
     """Ask one WAN connection service for its status and external address."""
     try:
-        status = await soap_call(svc, "GetStatusInfo", [], timeout=timeout)
-        ext = await soap_call(svc, "GetExternalIPAddress", [], timeout=timeout)
+        status = await soap_call(svc, "GetStatusInfo", [], timeout=timeout, requester=requester)
+        ext = await soap_call(svc, "GetExternalIPAddress", [], timeout=timeout,
+                              requester=requester)
     except GatewayError as exc:
         log.debug("service %s at %s: %s", svc.service_type, svc.control_url, exc)
         return ServiceProbe(svc, False, error=str(exc))
@@ -286,17 +187,20 @@ class ChosenService:
             local_address=self.reply.local_address, external_address=ext,
             service_type=self.chosen.service.service_type,
             server=self.reply.headers.get("server", ""),
-            notes=() if counts_as_public(ext) else ("external address not public",),
+            notes=() if counts_as_public(ext, self.description.public_stand_in)
+            else ("external address not public",),
             control_url=self.chosen.service.control_url,
-            root_uuid=self.description.root_uuid, backend=backend)
+            root_uuid=self.description.root_uuid, backend=backend,
+            public_stand_in=self.description.public_stand_in)
 
 
-async def find_wan_service(location: str, timeout: float) -> ChosenService:
+async def find_wan_service(location: str, timeout: float,
+                           requester: Requester = DEFAULT_REQUESTER) -> ChosenService:
     """Fetch the description at ``location``, ask every WAN connection service, and choose one
     with ``igd.choose_service``: the one service choice of every UPnP backend (our SOAP client
     uses it, and the miniupnpc backend refuses a router where miniupnpc would use another).
     Raises ``GatewayNotFound`` (no WAN service) or ``GatewayUnreachable`` (none answers)."""
-    reply = await http_request(location, timeout=timeout)
+    reply = await requester.request(location, timeout=timeout)
     if reply.status != 200:
         raise GatewayUnreachable(f"description {location} answered HTTP {reply.status}")
     desc = parse_description(reply.body, location)
@@ -304,7 +208,8 @@ async def find_wan_service(location: str, timeout: float) -> ChosenService:
         raise GatewayNotFound(
             f"{location} ({desc.device_type or 'unknown device'}) offers no WANIPConnection "
             "or WANPPPConnection service")
-    probes = tuple([await probe_service(svc, timeout) for svc in desc.services])
+    probes = tuple([replace(await probe_service(svc, timeout, requester),
+                            public_stand_in=desc.public_stand_in) for svc in desc.services])
     chosen = choose_service(probes)
     if chosen is None:
         raise GatewayUnreachable(f"no WAN connection service at {location} answers ("
@@ -362,8 +267,11 @@ class SoapGateway(ChosenServiceState):
 
     def __init__(self, url: str | None = None, *, discover_timeout: float = 2.0,
                  timeout: float = 3.0,
-                 on_call: Callable[[str, float, bool], None] | None = None) -> None:
+                 on_call: Callable[[str, float, bool], None] | None = None,
+                 requester: Requester | None = None) -> None:
+        """``requester``: what HTTP goes through (``http.Requester``; default: real sockets)."""
         self.url = url
+        self.requester = requester or DEFAULT_REQUESTER
         self.discover_timeout = discover_timeout
         self.timeout = timeout
         self.on_call = on_call
@@ -412,7 +320,7 @@ class SoapGateway(ChosenServiceState):
         raise GatewayNotFound("no usable Internet Gateway Device: " + "; ".join(errors))
 
     async def _connect_to(self, location: str) -> GatewayInfo:
-        found = await find_wan_service(location, self.timeout)
+        found = await find_wan_service(location, self.timeout, self.requester)
         self._service = found.chosen.service
         self.description = found.description
         self._info = found.info(self.protocol, "soap")
@@ -424,7 +332,8 @@ class SoapGateway(ChosenServiceState):
         try:
             async with self._lock:
                 return await metered(self.on_call, action, soap_call(
-                    svc, action, args, timeout=self.timeout, lease=lease, for_self=for_self))
+                    svc, action, args, timeout=self.timeout, lease=lease, for_self=for_self,
+                    requester=self.requester))
         except GatewayUnreachable:
             self._info = None  # rediscover next time: new port or path after a reboot
             raise

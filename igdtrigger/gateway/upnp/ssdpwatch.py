@@ -17,7 +17,12 @@ import struct
 import urllib.parse
 from collections.abc import Callable
 
-from igdtrigger.gateway.upnp.codec import SSDP_ADDR, NotifyTracker, RouterChange
+from igdtrigger.gateway.base import RouterChange
+from igdtrigger.gateway.upnp.ssdp import SSDP_ADDR, NotifyTracker
+
+__all__ = [
+    "MAX_DATAGRAM", "NotifyWatcher",
+]
 
 log = logging.getLogger("igdtrigger.gateway")
 
