@@ -30,7 +30,7 @@ from igdtrigger.front.pcp import (
     parse_request,
 )
 from igdtrigger.front.pcpserver import PcpServer, PortMapService
-from igdtrigger.gateway.natpmp.backend import (
+from igdtrigger.gateway.natpmp.codec import (
     PCP_RESULTS,
     PMP_RESULTS,
     build_pcp_announce,

@@ -1,6 +1,6 @@
 """NAT-PMP (RFC 6886) and PCP (RFC 6887) server codec: requests parsed, responses built (sans-I/O).
 
-The mirror of the client codec in :mod:`igdtrigger.gateway.natpmp.backend` (its constants are
+The mirror of the client codec in :mod:`igdtrigger.gateway.natpmp.codec` (its constants are
 reused: port, versions, opcodes, option codes, the 1100-byte bound). No socket, no clock: the
 caller passes the packet's source address and the epoch, and sends what comes back.
 
@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass
 
 from igdtrigger.core.model import Proto
-from igdtrigger.gateway.natpmp.backend import (
+from igdtrigger.gateway.natpmp.codec import (
     NONCE_LEN,
     PCP_HEADER,
     PCP_MAP_PAYLOAD,

@@ -63,7 +63,7 @@ from igdtrigger.front.pcp import (
     build_pmp_map_response,
     parse_request,
 )
-from igdtrigger.gateway.natpmp.backend import ANNOUNCE_GROUP, ANNOUNCE_PORT, SERVER_PORT
+from igdtrigger.gateway.natpmp.codec import ANNOUNCE_GROUP, ANNOUNCE_PORT, SERVER_PORT
 from igdtrigger.netutil import host_key
 
 __all__ = ["PcpServer", "PortMapFront", "PortMapService"]

@@ -322,7 +322,7 @@ for payload in sys.argv[2:]:
 
 
 def pcp_exchange(net: DoubleNat, client: int, *payloads: bytes) -> list[Any]:
-    from igdtrigger.gateway.natpmp.backend import decode_pcp_reply
+    from igdtrigger.gateway.natpmp.codec import decode_pcp_reply
 
     p = net.run(client, [sys.executable, "-c", PCP_ASK, net.home_lan_ip,
                          *(x.hex() for x in payloads)])
@@ -333,7 +333,7 @@ def pcp_exchange(net: DoubleNat, client: int, *payloads: bytes) -> list[Any]:
 def test_pcp_map_nonce_prefer_failure_and_delete(
         net: DoubleNat, front: Callable[..., FrontServe]) -> None:
     from igdtrigger.core.model import Proto
-    from igdtrigger.gateway.natpmp.backend import build_pcp_announce, build_pcp_map
+    from igdtrigger.gateway.natpmp.codec import build_pcp_announce, build_pcp_map
 
     front()
     me, other = net.client_ips
@@ -385,7 +385,7 @@ def test_start_announces_to_the_all_hosts_group(net: DoubleNat, tmp_path: Path) 
     """On start the front multicasts the NAT-PMP address announcement (with the ISP router's
     external address) and a PCP ANNOUNCE to 224.0.0.1:5350 (RFC 6886 §3.2.1, RFC 6887
     §14.1.3): clients learn of the restart and re-create their mappings."""
-    from igdtrigger.gateway.natpmp.backend import decode_pcp_reply, decode_pmp_reply
+    from igdtrigger.gateway.natpmp.codec import decode_pcp_reply, decode_pmp_reply
 
     listener = net.lab.popen(net.clients[0], [sys.executable, "-c", ANNOUNCE_LISTEN,
                                               net.client_ips[0], "20"],
