@@ -158,6 +158,10 @@ class FrontRunner:
         out["upnp"] = self.upnp.locations() if self.upnp is not None else []
         if self.upnp is not None and self.upnp.faults:
             out["upnp_faults"] = {str(k): v for k, v in sorted(self.upnp.faults.items())}
+        out["natpmp_pcp"] = ([f"{a}:{p}" for a, p in self.portmap.bound]
+                             if self.portmap is not None else [])
+        if self.portmap is not None and self.portmap.service.counters:
+            out["natpmp_pcp_requests"] = dict(sorted(self.portmap.service.counters.items()))
         if (warning := self.manager.double_nat()) is not None:
             out["warning"] = (f"apps asking this front for their external address get the "
                               f"upstream router's; {warning}")
@@ -193,8 +197,10 @@ def front_checks(front: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """``doctor``'s lines (level, name, detail, fix) about a running front, from the front's
     part of the service's status."""
     where = ", ".join(front.get("upnp") or []) or "nowhere yet"
+    pmp = ", ".join(front.get("natpmp_pcp") or []) or "nowhere"
     out = [("ok" if front.get("upnp") else "FAIL", "front",
-            f"UPnP IGD at {where}; {len(front.get('mappings') or [])} client mapping(s)",
+            f"UPnP IGD at {where}; NAT-PMP/PCP on {pmp}; "
+            f"{len(front.get('mappings') or [])} client mapping(s)",
             "" if front.get("upnp") else "see the service's log ([front] interfaces)")]
     if front.get("warning"):
         out.append(("warn", "front external address", str(front["warning"]),

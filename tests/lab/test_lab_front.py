@@ -287,7 +287,9 @@ def test_a_dropping_forward_chain_is_named_and_forward_chain_fixes_it(
         assert any(chain in t for t in topo["forward_drops"]), topo
         doctor = s.cli("doctor")
         assert chain in doctor.stdout and "forward_chain" in doctor.stdout, doctor.stdout
+        assert f"NAT-PMP/PCP on {net.home_lan_ip}:5351" in doctor.stdout, doctor.stdout
         assert natpmp_map(net, 0, 40040) == 40040
+        assert s.status()["front"]["natpmp_pcp_requests"]["pmp_ok"] >= 2  # address + map
         assert ("UDP", 40040) in upstream_ports(net)
         assert not net.probe("udp", 40040, timeout=0.5)  # dropped by the home firewall
         assert s.stop() == 0
