@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ __all__ = [
     "parse_chain",
     "read_forward_drops",
 ]
+
+log = logging.getLogger("igdtrigger.front")
 
 TABLE = "ip igdtrigger_front"
 """The nftables table holding the inner DNAT rules (``family name``); ours alone."""
@@ -253,13 +256,14 @@ class InnerDnat:
         self._handles = {}
         self.installed = False
 
-    def packets(self) -> dict[tuple[Proto, str, int], int]:
+    def packets(self) -> dict[tuple[Proto, str, int], int] | None:
         """Packets the ``used`` chain counted per (protocol, client, internal port), both
-        directions together: what :class:`DnatForwarder` turns into "in use"."""
+        directions together: what :class:`DnatForwarder` turns into "in use". ``None`` when
+        the chain is not there (someone removed our table: ``nft flush ruleset``)."""
         result = self._run(["-j", "list", "chain", *TABLE.split(), "used"])
         out: dict[tuple[Proto, str, int], int] = {}
         if result.returncode != 0:
-            return out
+            return None
         for rule in _items(result.stdout, "rule"):
             key, count = _counted(rule)
             if key is not None:
@@ -418,6 +422,7 @@ class DnatForwarder:
         self.upstream_host = upstream_host
         self._lock = asyncio.Lock()
         self._counted: dict[tuple[Proto, str, int], int] = {}
+        self.reloads = 0  # times the table was found missing and put back
 
     def upstream_address(self) -> str | None:
         own = source_address_for(self.upstream_host)
@@ -455,6 +460,15 @@ class DnatForwarder:
         direction, every packet: a single long flow keeps counting)."""
         async with self._lock:
             counts = await asyncio.to_thread(self.dnat.packets)
+            if counts is None:
+                if self.dnat.installed:  # a firewall reload took it: put it back at once
+                    log.warning("nftables table %s was removed by someone else (a firewall "
+                                "reload?); loading it again with %d rule(s)", TABLE,
+                                len(self.dnat.rules))
+                    await asyncio.to_thread(self.dnat.apply, self.dnat.rules)
+                    self.reloads += 1
+                self._counted.clear()
+                return []
         out = []
         for m in mappings:
             key = (m.request.proto, m.request.internal_client, m.request.internal_port)

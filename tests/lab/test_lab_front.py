@@ -178,6 +178,19 @@ def test_sigterm_removes_every_upstream_mapping_and_inner_rule(
     assert "igdtrigger_front" not in net.home_ruleset()
 
 
+def test_a_firewall_reload_that_drops_our_table_is_repaired(
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+    """``nft flush ruleset`` on the home router (a firewall reload) takes the inner DNAT with
+    it: the front loads its table again within seconds and the client is reachable again."""
+    s = front()
+    assert natpmp_map(net, 0, 40060) == 40060
+    assert wait_until(lambda: net.probe("udp", 40060, timeout=0.5), 10, "mapped") >= 0
+    net.lab.run(net.home, ["nft", "flush", "ruleset"], check=True)
+    wait_until(lambda: len(net.home_dnat()) == 1, 15, "our table back", s.logtext)
+    assert wait_until(lambda: net.probe("udp", 40060, timeout=0.5), 10, "reachable again") >= 0
+    assert "removed by someone else" in s.logtext()
+
+
 def test_kill_9_and_restart_leave_nothing_stale(
         net: DoubleNat, front: Callable[..., FrontServe], tmp_path: Path) -> None:
     s = front()
