@@ -328,3 +328,31 @@ async def test_a_missing_interface_stops_the_front_with_a_config_error(tmp_path:
     finally:
         await runner.stop()
         svc.journal.close()
+
+
+async def test_igd_version_1_describes_and_announces_v1_only(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="127.0.0.1")
+    cfg = parse_config({"front": {**FRONT, "igd_version": 1}})
+    svc = Service(cfg, gw, clock=clock, state_dir=tmp_path)
+    await svc.start()
+    front = UpnpFront(FrontManager(svc, cfg.front), [LO], tag="v1", ssdp_port=free_udp_port(),
+                      notify_to=("127.0.0.1", free_udp_port()), version=1)
+    await front.start()
+    env = Env(svc, gw, front, socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        assert await search(env, V2) == []  # a v2 search finds no v1 device
+        (found,) = await search(env, V1)
+        async with aiohttp.ClientSession() as http, http.get(found["LOCATION"]) as resp:
+            desc = parse_description(await resp.read(), found["LOCATION"])
+        assert desc.device_type == "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+        svc_ = desc.miniupnpc_service()
+        assert svc_ is not None and svc_.service_type == V1
+        status, _ = await env.soap("AddPortMapping", mapping(40000), service=V1)
+        assert status == 200 and gw.ports() == {"udp/40000": "127.0.0.1"}
+        status, fault = await env.soap("AddAnyPortMapping", mapping(40001), service=V1)
+        assert status == 500 and fault.code == 401
+    finally:
+        env.notify_sock.close()
+        await front.stop()
+        await svc.stop()

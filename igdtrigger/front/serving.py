@@ -68,7 +68,8 @@ class FrontRunner:
             raise ConfigError("no interface with a private IPv4 address to serve; name them "
                               "in [front] interfaces", field="front.interfaces")
         self.upnp = UpnpFront(self.manager, addresses, tag=self.service.tag,
-                              http_port=self.settings.http_port)
+                              http_port=self.settings.http_port,
+                              version=self.settings.igd_version)
         try:
             await self.upnp.start()
         except OSError as exc:

@@ -133,7 +133,7 @@ class UpnpFront:
     cannot be had; ``stop`` says byebye and closes everything."""
 
     def __init__(self, manager: FrontManager, addresses: list[ServedAddress], *, tag: str,
-                 http_port: int = 0, ssdp_port: int = SSDP_PORT,
+                 http_port: int = 0, ssdp_port: int = SSDP_PORT, version: int = 2,
                  notify_to: tuple[str, int] = (SSDP_GROUP, SSDP_PORT),
                  wall: Callable[[], float] = time.time) -> None:
         self.manager = manager
@@ -142,6 +142,7 @@ class UpnpFront:
         self.ssdp_port = ssdp_port
         self.notify_to = notify_to
         self.udn = _udn(tag)
+        self.version = version  # the IGD version described and announced (1 or 2)
         self.boot_id = int(wall()) & 0x7FFFFFFF
         self.server = f"Linux/1 UPnP/1.1 igdtrigger/{__version__}"
         self.guard = ConnectionGuard(FRONT_LIMITS)
@@ -253,7 +254,7 @@ class UpnpFront:
                 or not self._within_rate(""):  # "": every sender together
             return
         st, mx = parsed
-        answers = X.search_answer(st, self.udn)
+        answers = X.search_answer(st, self.udn, self.version)
         if not answers:
             return
         delay = random.uniform(0.0, min(max(mx, 0), 5) * 0.02)  # noqa: S311 (jitter)
@@ -299,7 +300,7 @@ class UpnpFront:
                                     socket.inet_aton(served.address))
                     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL,
                                     struct.pack("b", 2))
-                    for nt, usn in X.search_targets(self.udn):
+                    for nt, usn in X.search_targets(self.udn, self.version):
                         sock.sendto(X.notify(nt, usn, alive=alive,
                                              location=self._location(served.address),
                                              boot_id=self.boot_id, config_id=CONFIG_ID,
@@ -316,12 +317,13 @@ class UpnpFront:
 
     async def _description(self, request: web.Request) -> web.Response:
         body = X.device_description(self.udn, "igdtrigger IGD front", self._base_url(request),
-                                    CONFIG_ID)
+                                    CONFIG_ID, self.version)
         return web.Response(body=body, content_type="text/xml", charset="utf-8",
                             headers={"SERVER": self.server})
 
     async def _scpd(self, request: web.Request) -> web.Response:
-        actions = X.ACTIONS if request.path == X.SCPD_PATH else X.CIF_ACTIONS
+        actions = (X.wanip_actions(self.version) if request.path == X.SCPD_PATH
+                   else X.CIF_ACTIONS)
         return web.Response(body=X.scpd(actions, CONFIG_ID), content_type="text/xml",
                             charset="utf-8")
 
@@ -354,6 +356,8 @@ class UpnpFront:
         """The out arguments of ``req`` from ``client``; raises ``igdxml.SoapError``."""
         a = req.args
         m = self.manager
+        if self.version < 2 and req.action in X.V2_ONLY:
+            raise X.SoapError(401, f"{req.action} is an IGDv2 action ([front] igd_version = 1)")
         match req.action:
             case "AddPortMapping" | "AddAnyPortMapping":
                 return await self._add(req, client)
