@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from igdtrigger.config import parse_config
 from igdtrigger.core.errors import ConfigError
@@ -356,3 +358,37 @@ async def test_igd_version_1_describes_and_announces_v1_only(tmp_path: Path) -> 
         env.notify_sock.close()
         await front.stop()
         await svc.stop()
+
+
+async def test_gena_subscription_gets_the_initial_event_and_each_change(env: Env) -> None:
+    got: asyncio.Queue[tuple[dict[str, str], str]] = asyncio.Queue()
+
+    async def on_notify(request: web.Request) -> web.Response:
+        await got.put((dict(request.headers), (await request.read()).decode()))
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("NOTIFY", "/evt", on_notify)
+    async with TestServer(app, host="127.0.0.1") as cb:
+        evt = env.control + "/evt"
+        async with aiohttp.ClientSession() as http:
+            async with http.request("SUBSCRIBE", evt, headers={
+                    "CALLBACK": f"<http://127.0.0.1:{cb.port}/evt>", "NT": "upnp:event",
+                    "TIMEOUT": "Second-300"}) as resp:
+                assert resp.status == 200 and resp.headers["TIMEOUT"] == "Second-300"
+                sid = resp.headers["SID"]
+            headers, body = await asyncio.wait_for(got.get(), 10)
+            assert headers["SID"] == sid and headers["SEQ"] == "0"
+            assert "<PortMappingNumberOfEntries>0</PortMappingNumberOfEntries>" in body
+            assert "<ExternalIPAddress>100.64.0.7</ExternalIPAddress>" in body
+            await env.soap("AddPortMapping", mapping(40000))
+            headers, body = await asyncio.wait_for(got.get(), 10)
+            assert headers["SEQ"] == "1"
+            assert "<PortMappingNumberOfEntries>1</PortMappingNumberOfEntries>" in body
+            assert "ExternalIPAddress" not in body  # only what changed
+            async with http.request("SUBSCRIBE", evt, headers={
+                    "CALLBACK": "<http://192.0.2.50:80/steal>", "NT": "upnp:event"}) as resp:
+                assert resp.status == 412  # a callback elsewhere than the subscriber: refused
+            async with http.request("UNSUBSCRIBE", evt, headers={"SID": sid}) as resp:
+                assert resp.status == 200
+            assert env.front.events.subs == {}

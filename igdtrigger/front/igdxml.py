@@ -24,6 +24,7 @@ from igdtrigger.gateway.upnp.codec import SOAP_ENC, SOAP_ENV, build_soap
 __all__ = [
     "ACTIONS",
     "CIF_SERVICE",
+    "EVENTED",
     "IGD_DEVICE",
     "MAX_REQUEST",
     "SSDP_MAX_AGE",
@@ -271,6 +272,12 @@ def _sub_udn(udn: str, n: int) -> str:
     return f"{udn[:-1]}{n}" if udn else udn
 
 
+# evented state variables (GENA, front/gena.py): WANIPConnection's, WANCommonInterfaceConfig's
+EVENTED = ("PossibleConnectionTypes", "ConnectionStatus", "ExternalIPAddress",
+           "PortMappingNumberOfEntries", "PhysicalLinkStatus")
+_CIF_VARS = frozenset({"PhysicalLinkStatus"})  # of EVENTED, WANCommonInterfaceConfig's
+
+
 def scpd(actions: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]], config_id: int) -> bytes:
     """A service description listing ``actions`` and the state variables they use."""
     parts: list[str] = []
@@ -283,8 +290,12 @@ def scpd(actions: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]], config_
         parts.append(f"<action><name>{name}</name><argumentList>{args}</argumentList></action>")
         for a in (*ins, *outs):
             used[_VARS[a][0]] = _VARS[a][1]
-    state = "".join(f'<stateVariable sendEvents="no"><name>{v}</name>'
-                    f"<dataType>{t}</dataType></stateVariable>" for v, t in used.items())
+    for v in EVENTED:  # this service's evented variables, whether an action uses them or not
+        if (v in _CIF_VARS) == (actions is CIF_ACTIONS):
+            used.setdefault(v, "ui2" if v == "PortMappingNumberOfEntries" else "string")
+    state = "".join(f'<stateVariable sendEvents="{"yes" if v in EVENTED else "no"}">'
+                    f"<name>{v}</name><dataType>{t}</dataType></stateVariable>"
+                    for v, t in used.items())
     return ('<?xml version="1.0"?>\r\n'
             f'<scpd xmlns="urn:schemas-upnp-org:service-1-0" configId="{config_id}">'
             "<specVersion><major>1</major><minor>1</minor></specVersion>"

@@ -44,6 +44,7 @@ from igdtrigger.api.httpguard import (
 )
 from igdtrigger.core.model import Proto
 from igdtrigger.front import igdxml as X
+from igdtrigger.front.gena import GenaError, Subscriptions
 from igdtrigger.front.manager import (
     ClientRequest,
     FrontManager,
@@ -154,6 +155,8 @@ class UpnpFront:
         self._ssdp: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._searches: dict[str, tuple[float, int]] = {}
+        self.events = Subscriptions({X.CONTROL_PATH: self._wanip_state,
+                                     X.CIF_CONTROL_PATH: self._cif_state})
 
     # --- life ----------------------------------------------------------------------------------
 
@@ -164,6 +167,9 @@ class UpnpFront:
         app.router.add_get(X.CIF_SCPD_PATH, self._scpd)
         app.router.add_post(X.CONTROL_PATH, self._control)
         app.router.add_post(X.CIF_CONTROL_PATH, self._control)
+        for path in (X.CONTROL_PATH, X.CIF_CONTROL_PATH):
+            app.router.add_route("SUBSCRIBE", f"{path}/evt", self._subscribe)
+            app.router.add_route("UNSUBSCRIBE", f"{path}/evt", self._subscribe)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      keepalive_timeout=FRONT_LIMITS.header_timeout)
         await self._runner.setup()
@@ -178,6 +184,7 @@ class UpnpFront:
             await self.stop()
             raise
         self._spawn(self._announce())
+        self._spawn(self.events.run())
         self.serving = True
         log.info("front: UPnP IGD serving on %s", ", ".join(self.locations()))
 
@@ -349,6 +356,36 @@ class UpnpFront:
         self.faults[code] += 1
         return web.Response(status=500, body=X.fault_body(code, detail),
                             content_type="text/xml", charset="utf-8")
+
+    # --- GENA events (front/gena.py) -----------------------------------------------------------
+
+    def _wanip_state(self) -> dict[str, str]:
+        info = self.manager.service.gateway.info
+        up = self.manager.service.mapper.gateway_up
+        return {"PossibleConnectionTypes": "IP_Routed",
+                "ConnectionStatus": "Connected" if up else "Disconnected",
+                "ExternalIPAddress": info.external_address.strip()
+                if info is not None and info.external_known else "",
+                "PortMappingNumberOfEntries": str(len(self.manager.mappings()))}
+
+    def _cif_state(self) -> dict[str, str]:
+        return {"PhysicalLinkStatus": "Up" if self.manager.service.mapper.gateway_up
+                else "Down"}
+
+    async def _subscribe(self, request: web.Request) -> web.Response:
+        service = request.path.removesuffix("/evt")
+        h = request.headers
+        try:
+            if request.method == "UNSUBSCRIBE":
+                self.events.unsubscribe(h.get("SID", ""), request.remote or "")
+                return web.Response(status=200)
+            sid, seconds = self.events.subscribe(
+                service, request.remote or "", h.get("CALLBACK", ""), h.get("NT", ""),
+                h.get("SID", ""), h.get("TIMEOUT", ""))
+        except GenaError as exc:
+            return web.Response(status=exc.status, text=str(exc))
+        return web.Response(status=200, headers={"SID": sid, "TIMEOUT": f"Second-{seconds}",
+                                                 "SERVER": self.server})
 
     # --- SOAP actions --------------------------------------------------------------------------
 
