@@ -479,9 +479,13 @@ class UpnpFront:
         return [("NewReservedPort", str(result.external_port))] if anyport else []
 
     def _lease_left(self, m: FrontMapping) -> int:
+        """Seconds until it ends if nothing uses it (the lease, or sooner idle_timeout: a
+        client renewing then keeps it); 0 for a lease-0 mapping (held while in use)."""
         if m.request.lease == 0:
-            return 0  # asked permanent: held while in use
-        return max(1, int(m.lease_end - self.manager.clock()))
+            return 0
+        act = self.manager.service.engine.activations.get(m.activation_id)
+        end = min(m.lease_end, act.expires) if act is not None else m.lease_end
+        return max(1, int(end - self.manager.clock()))
 
     def _entry(self, m: FrontMapping) -> list[tuple[str, str]]:
         r = m.request
