@@ -51,9 +51,11 @@ class Env:
         return f"http://127.0.0.1:{self.front.ports['127.0.0.1']}{X.CONTROL_PATH}"
 
     async def soap(self, action: str, args: list[tuple[str, str]] | None = None,
-                   service: str = V2, body: bytes | None = None) -> tuple[int, Any]:
+                   service: str = V2, body: bytes | None = None,
+                   source: str | None = None) -> tuple[int, Any]:
         data = body if body is not None else build_soap(service, action, args or [])
-        async with aiohttp.ClientSession() as http, http.post(
+        connector = aiohttp.TCPConnector(local_addr=(source, 0)) if source else None
+        async with aiohttp.ClientSession(connector=connector) as http, http.post(
                 self.control, data=data,
                 headers={"SOAPACTION": f'"{service}#{action}"',
                          "Content-Type": 'text/xml; charset="utf-8"'}) as resp:
@@ -91,10 +93,10 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         notify_sock.close()
 
 
-async def search(env: Env, st: str) -> list[dict[str, str]]:
+async def search(env: Env, st: str, source: str = "127.0.0.1") -> list[dict[str, str]]:
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((source, 0))
         s.setblocking(False)
         msg = (f'M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: "ssdp:discover"\r\n'
                f"MX: 1\r\nST: {st}\r\n\r\n").encode()
@@ -393,3 +395,26 @@ async def test_gena_subscription_gets_the_initial_event_and_each_change(env: Env
             async with http.request("UNSUBSCRIBE", evt, headers={"SID": sid}) as resp:
                 assert resp.status == 200
             assert env.front.events.subs == {}
+
+
+async def test_requests_from_outside_the_served_networks_are_refused(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="127.0.0.1")
+    svc = Service(parse_config({"front": FRONT}), gw, clock=clock, state_dir=tmp_path)
+    await svc.start()
+    lan = ServedAddress("lo", "127.0.0.1", ipaddress.IPv4Network("127.0.0.1/32"))
+    front = UpnpFront(FrontManager(svc, svc.config.front), [lan], tag="w",
+                      ssdp_port=free_udp_port(), notify_to=("127.0.0.1", free_udp_port()))
+    await front.start()
+    env = Env(svc, gw, front, socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        # 127.0.0.2 is not on the served network (127.0.0.1/32): as a host beyond the router
+        status, fault = await env.soap("AddPortMapping", mapping(40000, "127.0.0.2"),
+                                       source="127.0.0.2")
+        assert status == 500 and fault.code == 606 and gw.ports() == {}
+        assert await search(env, "ssdp:all", source="127.0.0.2") == []  # nor found by SSDP
+        assert await search(env, "ssdp:all")  # from the served network: found
+    finally:
+        env.notify_sock.close()
+        await front.stop()
+        await svc.stop()

@@ -336,6 +336,8 @@ class UpnpFront:
 
     async def _control(self, request: web.Request) -> web.Response:
         client = request.remote or ""
+        if self._served_for(client) is None:  # routed in from elsewhere (the WAN side)
+            return self._fault(606, f"{client} is not on a served network")
         if request.content_length is not None and request.content_length > X.MAX_REQUEST:
             return self._fault(402, "request too large")
         try:
@@ -375,6 +377,8 @@ class UpnpFront:
     async def _subscribe(self, request: web.Request) -> web.Response:
         service = request.path.removesuffix("/evt")
         h = request.headers
+        if self._served_for(request.remote or "") is None:
+            return web.Response(status=403)
         try:
             if request.method == "UNSUBSCRIBE":
                 self.events.unsubscribe(h.get("SID", ""), request.remote or "")
