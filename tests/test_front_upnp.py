@@ -418,3 +418,16 @@ async def test_requests_from_outside_the_served_networks_are_refused(tmp_path: P
         env.notify_sock.close()
         await front.stop()
         await svc.stop()
+
+
+def test_served_by_default_never_includes_the_upstream_side(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import netifaces
+
+    table = {"lan0": "192.168.8.1", "wan0": "10.0.0.2", "lo": "127.0.0.1"}
+    monkeypatch.setattr(netifaces, "interfaces", lambda: list(table))
+    monkeypatch.setattr(netifaces, "ifaddresses", lambda name: {
+        netifaces.AF_INET: [{"addr": table[name], "netmask": "255.255.255.0"}]})
+    monkeypatch.setattr("igdtrigger.front.upnp.default_gateway", lambda: "10.0.0.1")
+    assert [a.interface for a in served_addresses(())] == ["lan0"]  # double NAT: wan0 private
+    assert [a.interface for a in served_addresses(("wan0",))] == ["wan0"]  # named: served

@@ -54,6 +54,7 @@ from igdtrigger.front.manager import (
     Refusal,
     RefusalKind,
 )
+from igdtrigger.netutil import default_gateway
 
 __all__ = ["FAULT_FOR", "ServedAddress", "UpnpFront", "served_addresses"]
 
@@ -84,11 +85,13 @@ class ServedAddress:
 
 def served_addresses(names: tuple[str, ...]) -> list[ServedAddress]:
     """The IPv4 addresses of the named interfaces (empty ``names``: every non-loopback interface
-    with a private address). Raises ``OSError`` naming an interface that does not exist or has
-    no IPv4 address."""
+    with a private address, but not the one towards the default gateway: the upstream side is
+    never served). Raises ``OSError`` naming an interface that does not exist or has no IPv4
+    address."""
     import netifaces
 
     wanted = list(names) or [i for i in netifaces.interfaces() if i != "lo"]
+    upstream = None if names else default_gateway()
     out: list[ServedAddress] = []
     for name in wanted:
         if name not in netifaces.interfaces():
@@ -97,7 +100,8 @@ def served_addresses(names: tuple[str, ...]) -> list[ServedAddress]:
             net = ipaddress.IPv4Network(f"{entry['addr']}/{entry.get('netmask', '32')}",
                                         strict=False)
             addr = ipaddress.IPv4Address(entry["addr"])
-            if names or (addr.is_private and not addr.is_loopback):
+            towards_upstream = upstream is not None and ipaddress.ip_address(upstream) in net
+            if names or (addr.is_private and not addr.is_loopback and not towards_upstream):
                 out.append(ServedAddress(name, str(addr), net))
         if names and not any(s.interface == name for s in out):
             raise OSError(f"[front] interfaces: {name!r} has no IPv4 address")
