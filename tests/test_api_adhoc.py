@@ -164,7 +164,7 @@ async def test_restored_after_a_crash_only_while_still_allowed(tmp_path: Path,
     assert r.status == 201
     await client.close()
     first._journal_flushed = float("-inf")
-    first._journal_activations()  # what a crash leaves: the journal, no clean stop
+    first.pipeline._journal_activations()  # what a crash leaves: the journal, no clean stop
     for task in first._tasks:
         task.cancel()
 

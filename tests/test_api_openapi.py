@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger import __version__
-from igdtrigger.api.app import ACCESS, make_app
+from igdtrigger.api.access import ACCESS
+from igdtrigger.api.app import make_app
 from igdtrigger.api.openapi import build_openapi
 from igdtrigger.config import parse_config
 from igdtrigger.runtime.service import Service

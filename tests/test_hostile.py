@@ -20,7 +20,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api import app as api_mod
-from igdtrigger.api.app import Caller, make_app
+from igdtrigger.api.access import Caller
+from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
 from igdtrigger.core.engine import MAX_HOSTS_PER_ORIGIN, MAX_UNKNOWN_HOSTS, Engine
 from igdtrigger.core.model import Flow, Proto

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api.app import ApiSettings, make_app
+from igdtrigger.api.access import ApiSettings
+from igdtrigger.api.app import make_app
 from igdtrigger.api.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
 from igdtrigger.cli import client as client_mod
 from igdtrigger.config import parse_config

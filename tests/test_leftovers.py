@@ -190,7 +190,7 @@ def test_gateway_list_and_clean_remove_ours_never_another_programs(
         tmp_path: Path, router: SimulatedIgdThread, request: pytest.FixtureRequest) -> None:
     import json
 
-    from igdtrigger.runtime.service import derived_tag
+    from igdtrigger.runtime.state import derived_tag
 
     state = tmp_path / "state"
     cfg = write_config(tmp_path, router, state)

@@ -28,7 +28,8 @@ from igdtrigger.core.errors import UsageError
 from igdtrigger.core.model import MappingSpec, Proto
 from igdtrigger.gateway.base import Granted
 from igdtrigger.runtime.journal import FILENAME, Journal, JournalActivation
-from igdtrigger.runtime.service import Service, derived_tag
+from igdtrigger.runtime.service import Service
+from igdtrigger.runtime.state import derived_tag
 
 from .fakes import FakeClock, FakeGateway
 from .test_daemon_ops import CONFIG as SERVE_CONFIG
