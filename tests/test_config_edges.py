@@ -12,10 +12,7 @@ from typing import Any
 import pytest
 
 from igdtrigger.config import (
-    AdhocConfig,
-    ApiConfig,
     Config,
-    Rule,
     check_state_dir,
     default_config_paths,
     default_state_dir,
@@ -27,6 +24,8 @@ from igdtrigger.config import (
 )
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import PortRange, Proto, parse_port_spec
+from igdtrigger.core.rules import Rule
+from igdtrigger.core.settings import AdhocConfig, ApiConfig
 
 RULE = {"name": "game", "open": ["udp/27015"]}
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from igdtrigger.cli.child import ProcessWaiter
-from igdtrigger.config import ConfigError, parse_config
-from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.config import parse_config
+from igdtrigger.core.errors import ConfigError, DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, ProcessSeen, Proto
 from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.process import Matcher, ProcessDetector, scan_proc, scan_psutil

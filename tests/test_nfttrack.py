@@ -31,6 +31,7 @@ from igdtrigger.core.model import PortRange, Proto, parse_port_spec
 from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.nfttrack import TABLE, KernelTracking, NftResult, merge_ranges, ruleset
 from igdtrigger.runtime.service import Service
+from igdtrigger.runtime.views import DetectorView
 
 from .fakes import FakeClock, FakeGateway
 
@@ -101,7 +102,7 @@ class FakeDetector:
         await asyncio.Event().wait()
 
 
-def detectors_of(svc: Service) -> dict[str, dict[str, Any]]:
+def detectors_of(svc: Service) -> dict[str, DetectorView]:
     return {d["name"]: d for d in svc.status()["detectors"]}
 
 

@@ -174,11 +174,6 @@ def ph(port: int, address: str = ADDR, proto: Proto = Proto.UDP) -> PinholeSpec:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def fw(clock: FakeClock) -> FakeFirewall:
     return FakeFirewall(clock)
 

@@ -23,7 +23,7 @@ from igdtrigger.runtime.service import Service
 from igdtrigger.sim.device import SimulatedRouter
 from igdtrigger.sim.router import run_in_thread
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000"]}]}
 
@@ -43,13 +43,13 @@ async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
 
 
 @pytest.fixture
-async def client(svc: Service) -> AsyncIterator[TestClient[object, object]]:
+async def client(svc: Service) -> AsyncIterator[ApiClient]:
     async with TestClient(TestServer(make_app(svc), host="127.0.0.1")) as c:
         yield c
 
 
 async def test_a_failing_round_is_logged_and_the_scheduler_goes_on(
-        svc: Service, client: TestClient[object, object],
+        svc: Service, client: ApiClient,
         caplog: pytest.LogCaptureFixture) -> None:
     real = svc.mapper.reconcile
     calls = 0
@@ -72,7 +72,7 @@ async def test_a_failing_round_is_logged_and_the_scheduler_goes_on(
 
 
 async def test_healthz_names_a_dead_scheduler(svc: Service,
-                                              client: TestClient[object, object]) -> None:
+                                              client: ApiClient) -> None:
     sched = next(t for t in svc.pipeline.tasks if t.get_name() == "scheduler")
     sched.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -84,7 +84,7 @@ async def test_healthz_names_a_dead_scheduler(svc: Service,
 
 
 async def test_healthz_names_a_stuck_scheduler(svc: Service, clock: FakeClock,
-                                               client: TestClient[object, object]) -> None:
+                                               client: ApiClient) -> None:
     hang = asyncio.Event()
 
     async def stuck(desired: Any) -> None:

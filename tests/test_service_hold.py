@@ -30,11 +30,6 @@ CONN = Flow(Proto.TCP, ipaddress.ip_address(HOST), ipaddress.ip_address("11.22.3
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
     gw = FakeGateway(clock, local_address=HOST)
     service = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path)
