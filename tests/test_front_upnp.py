@@ -101,7 +101,7 @@ async def search(env: Env, st: str, source: str = "127.0.0.1") -> list[dict[str,
         msg = (f'M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: "ssdp:discover"\r\n'
                f"MX: 1\r\nST: {st}\r\n\r\n").encode()
         await loop.sock_sendto(s, msg, ("127.0.0.1", env.front.ssdp_port))
-        out = []
+        out: list[dict[str, str]] = []
         while True:
             try:
                 data = await asyncio.wait_for(loop.sock_recv(s, 4096), 1.0)

@@ -108,6 +108,7 @@ class Subscriptions:
         return sub.sid, seconds
 
     def unsubscribe(self, sid: str, host: str) -> None:
+        """End ``host``'s subscription ``sid``; raises :class:`GenaError` 412 if none."""
         sub = self.subs.get(sid.strip())
         if sub is None or sub.host != host:
             raise GenaError(412, "no such subscription")

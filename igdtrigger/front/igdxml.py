@@ -138,6 +138,8 @@ class SoapError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SoapRequest:
+    """A parsed control request: the service type as named, the action, its arguments."""
+
     service_type: str  # as the client named it (":1" or ":2")
     action: str
     args: dict[str, str]
@@ -359,6 +361,7 @@ def parse_msearch(data: bytes) -> tuple[str, int] | None:
 
 def search_response(st: str, usn: str, location: str, boot_id: int, config_id: int,
                     server: str) -> bytes:
+    """The unicast answer to an M-SEARCH (UDA 1.1 §1.3.3)."""
     return ("HTTP/1.1 200 OK\r\n"
             f"CACHE-CONTROL: max-age={SSDP_MAX_AGE}\r\nEXT:\r\nLOCATION: {location}\r\n"
             f"SERVER: {server}\r\nST: {st}\r\nUSN: {usn}\r\n"

@@ -80,12 +80,14 @@ class FrontRunner:
         self.service.front_serving = True
 
     async def stop(self) -> None:
+        """Stop serving (readiness off first); the service's stop removes the mappings."""
         self.service.front_serving = False
         if self.upnp is not None:
             await self.upnp.stop()
         await self.manager.stop()
 
     def status(self) -> dict[str, Any]:
+        """The front's part of the service's status (what doctor and /metrics read)."""
         out = self.manager.status()
         out["upnp"] = self.upnp.locations() if self.upnp is not None else []
         if self.upnp is not None and self.upnp.faults:

@@ -165,6 +165,7 @@ class UpnpFront:
     # --- life ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen (HTTP on each served address, SSDP on the group port) and announce."""
         app = web.Application(client_max_size=X.MAX_REQUEST)
         app.router.add_get(X.DESC_PATH, self._description)
         app.router.add_get(X.SCPD_PATH, self._scpd)
@@ -193,6 +194,7 @@ class UpnpFront:
         log.info("front: UPnP IGD serving on %s", ", ".join(self.locations()))
 
     async def stop(self) -> None:
+        """Say byebye and close every socket and task."""
         was = self.serving
         self.serving = False
         for task in list(self._tasks):
@@ -213,6 +215,7 @@ class UpnpFront:
             self._runner = None
 
     def locations(self) -> list[str]:
+        """The description URL on each served address."""
         return [self._location(a.address) for a in self.addresses if a.address in self.ports]
 
     def _location(self, address: str) -> str:
