@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from igdtrigger.configfields import Section, show
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import format_duration
+from igdtrigger.core.policy import hides_privileged
 from igdtrigger.core.rules import DEFAULT_IDLE, EXTERNAL_MODES, SHARE_MODES, External, Rule, Share
 from igdtrigger.core.settings import (
     BACKENDS,
@@ -256,7 +257,7 @@ def _adhoc(sec: Section) -> AdhocConfig:
     ports = (sec.ports("adhoc_ports", required=True) if sec.get("adhoc_ports") is not None
              else base.ports)
     for rng in ports:
-        if rng.first < 1024 and rng.first != rng.last:
+        if hides_privileged(rng):
             raise sec.error("adhoc_ports", f"{rng} includes privileged ports below 1024; allow "
                             "those only by naming each one (e.g. \"tcp/80\")")
     limits: dict[str, int] = {}
@@ -471,7 +472,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
             seen[name] = i
             open_ports = sec.ports("open", required=True)
             for rng in open_ports:
-                if rng.first < 1024 and rng.first != rng.last:
+                if hides_privileged(rng):
                     raise sec.error(
                         "open",
                         f"{rng} includes privileged ports below 1024; open those only by naming "

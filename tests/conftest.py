@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.fakes import FakeClock
 from tests.lab.netlab import REQUIRE_ENV, lab_available, lab_required
 
 if TYPE_CHECKING:
@@ -47,3 +48,14 @@ async def router() -> AsyncIterator[FakeRouter]:
                                                            local_addr=("127.0.0.1", 0))
     yield proto
     transport.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# `clock`: a settable clock (tests/fakes.py, starts at 1000.0), one per test; the service, the
+# engine and the fake router of a test share it when the test passes it to each.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()

@@ -1,8 +1,23 @@
-"""Test doubles: an in-memory router behind the Gateway interface, and a settable clock."""
+"""Test doubles: an in-memory router behind the Gateway interface, and a settable clock.
+
+Also the one type of an aiohttp test client on the API (``ApiClient``), for fixtures'
+annotations, and the helpers every test that starts ``igdtrigger serve`` needs (``free_port``,
+``wait_ready``).
+"""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from igdtrigger.core.errors import (
     GatewayUnreachable,
@@ -13,6 +28,39 @@ from igdtrigger.core.errors import (
 )
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto, RouterMapping
 from igdtrigger.gateway.base import Capability, GatewayInfo, Granted, add_with_lease_fallback
+
+# An aiohttp test client on the API's application (``make_app``): what API fixtures yield.
+ApiClient = TestClient[web.Request, web.Application]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+    """Poll ``pred`` every ``step`` s until it holds; fail the test naming ``what`` after
+    ``timeout`` s. Returns the seconds it took (a measurement, never to be asserted on)."""
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
+        time.sleep(step)
+
+
+def wait_ready(proc: subprocess.Popen[Any], ready: Path, *, timeout: float = 30,
+               why: Callable[[], object] = lambda: "serve did not start") -> None:
+    """Poll until ``proc`` created the file ``ready`` (``serve --ready-file``, a child's
+    marker); fail with ``why()`` (evaluated only then, e.g. ``proc.communicate``) if the
+    process exits first or ``timeout`` seconds pass. Generous by default: the CI is loaded."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, why()
+        time.sleep(0.05)
 
 
 class FakeClock:

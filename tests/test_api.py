@@ -13,7 +13,7 @@ from igdtrigger.config import parse_config
 from igdtrigger.core.engine import Source
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 CONFIG = {
     "rules": [
@@ -21,11 +21,6 @@ CONFIG = {
         {"name": "other", "open": ["tcp/5000"], "idle_timeout": "2m"},
     ]
 }
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
@@ -38,7 +33,7 @@ async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
 
 
 @pytest.fixture
-async def client(svc: Service) -> AsyncIterator[TestClient[object, object]]:
+async def client(svc: Service) -> AsyncIterator[ApiClient]:
     async with TestClient(TestServer(make_app(svc), host="127.0.0.1")) as c:
         yield c
 
@@ -48,7 +43,7 @@ def admin(svc: Service) -> dict[str, str]:
     return {"Authorization": f"Bearer {svc.api_token}"}
 
 
-async def test_healthz_and_status(client: TestClient[object, object], svc: Service) -> None:
+async def test_healthz_and_status(client: ApiClient, svc: Service) -> None:
     r = await client.get("/healthz")
     assert r.status == 200
     assert (await r.json())["ok"] is True
@@ -60,7 +55,7 @@ async def test_healthz_and_status(client: TestClient[object, object], svc: Servi
 
 
 async def test_activation_opens_ports_and_delete_closes_them(
-        client: TestClient[object, object], svc: Service) -> None:
+        client: ApiClient, svc: Service) -> None:
     gw = svc.gateway
     assert isinstance(gw, FakeGateway)
     r = await client.post("/api/v1/activations", json={"rule": "demo", "ttl": 30})
@@ -82,7 +77,7 @@ async def test_activation_opens_ports_and_delete_closes_them(
     assert "no activation" in (await r.json())["error"]["message"]
 
 
-async def test_ttl_lapses_and_ports_close(client: TestClient[object, object], svc: Service,
+async def test_ttl_lapses_and_ports_close(client: ApiClient, svc: Service,
                                           clock: FakeClock) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "other", "ttl": "30s"})
     assert r.status == 201
@@ -95,7 +90,7 @@ async def test_ttl_lapses_and_ports_close(client: TestClient[object, object], sv
     assert isinstance(svc.gateway, FakeGateway) and svc.gateway.ports() == {}
 
 
-async def test_refresh_extends(client: TestClient[object, object], svc: Service,
+async def test_refresh_extends(client: ApiClient, svc: Service,
                                clock: FakeClock) -> None:
     act = await (await client.post("/api/v1/activations", json={"rule": "other", "ttl": 30})).json()
     clock.advance(20)
@@ -117,7 +112,7 @@ async def test_refresh_extends(client: TestClient[object, object], svc: Service,
         ([1, 2], 400, "JSON object"),
     ],
 )
-async def test_bad_requests_get_json_errors(client: TestClient[object, object], body: object,
+async def test_bad_requests_get_json_errors(client: ApiClient, body: object,
                                             status: int, text: str) -> None:
     r = await client.post("/api/v1/activations", json=body)
     assert r.status == status
@@ -126,7 +121,7 @@ async def test_bad_requests_get_json_errors(client: TestClient[object, object], 
     assert data["error"]["status"] == status
 
 
-async def test_invalid_json_and_unknown_endpoint(client: TestClient[object, object]) -> None:
+async def test_invalid_json_and_unknown_endpoint(client: ApiClient) -> None:
     r = await client.post("/api/v1/activations", data=b"{not json",
                           headers={"Content-Type": "application/json"})
     assert r.status == 400
@@ -136,7 +131,7 @@ async def test_invalid_json_and_unknown_endpoint(client: TestClient[object, obje
     assert "error" in await r.json()
 
 
-async def test_admin_token_may_act_for_another_host(client: TestClient[object, object],
+async def test_admin_token_may_act_for_another_host(client: ApiClient,
                                                     svc: Service) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "other", "host": "192.168.1.77"},
                           headers=admin(svc))
@@ -152,7 +147,7 @@ async def test_admin_token_may_act_for_another_host(client: TestClient[object, o
     assert r.status == 200
 
 
-async def test_wrong_token_is_not_admin(client: TestClient[object, object]) -> None:
+async def test_wrong_token_is_not_admin(client: ApiClient) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "other", "host": "192.168.1.77"},
                           headers={"Authorization": "Bearer wrong"})
     assert r.status == 401  # said, not silently taken as "no token"

@@ -10,23 +10,18 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api.app import make_app
-from igdtrigger.config import ConfigError, parse_config
+from igdtrigger.config import parse_config
+from igdtrigger.core.errors import ConfigError
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 from .test_api_auth import fake_remote
 
 THIS_HOST = "192.168.1.10"
 LAN = "192.168.1.20"
-Client = TestClient[Any, Any]
 RULES = [{"name": "demo", "open": ["udp/40000"]}]
 ADHOC: dict[str, Any] = {"allow_adhoc": True, "adhoc_ports": ["both/20000-30000"],
                          "adhoc_max_ports": 4, "adhoc_max_ttl": "2h", "adhoc_per_host": 2}
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def make_service(tmp_path: Path, clock: FakeClock, api: dict[str, Any],
@@ -36,16 +31,16 @@ def make_service(tmp_path: Path, clock: FakeClock, api: dict[str, Any],
                    state_dir=tmp_path)
 
 
-async def started(svc: Service) -> Client:
+async def started(svc: Service) -> ApiClient:
     await svc.start()
-    client: Client = TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
+    client: ApiClient = TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
                                            host="127.0.0.1"))
     await client.start_server()
     return client
 
 
 @pytest.fixture
-async def on(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[Service, Client]]:
+async def on(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[Service, ApiClient]]:
     svc = make_service(tmp_path, clock, ADHOC)
     client = await started(svc)
     yield svc, client
@@ -76,7 +71,7 @@ async def test_off_by_default(tmp_path: Path, clock: FakeClock) -> None:
         await svc.stop()
 
 
-async def test_adhoc_ports_open_and_close(on: tuple[Service, Client]) -> None:
+async def test_adhoc_ports_open_and_close(on: tuple[Service, ApiClient]) -> None:
     svc, client = on
     r = await client.post("/api/v1/activations",
                           json={"open": ["udp/25000", "tcp/25001"], "ttl": "1h"})
@@ -92,7 +87,7 @@ async def test_adhoc_ports_open_and_close(on: tuple[Service, Client]) -> None:
     assert ports(svc) == []
 
 
-async def test_ttl_defaults_to_the_limit_and_lapses(on: tuple[Service, Client],
+async def test_ttl_defaults_to_the_limit_and_lapses(on: tuple[Service, ApiClient],
                                                     clock: FakeClock) -> None:
     svc, client = on
     r = await client.post("/api/v1/activations", json={"open": ["udp/25000"]})
@@ -113,7 +108,7 @@ async def test_ttl_defaults_to_the_limit_and_lapses(on: tuple[Service, Client],
     ({"open": ["udp:25000"]}, 400, "not a port spec"),
     ({"open": []}, 400, "at least one port"),
 ])
-async def test_limits_are_enforced(on: tuple[Service, Client], body: dict[str, Any],
+async def test_limits_are_enforced(on: tuple[Service, ApiClient], body: dict[str, Any],
                                    status: int, says: str) -> None:
     svc, client = on
     r = await client.post("/api/v1/activations", json=body)
@@ -121,7 +116,7 @@ async def test_limits_are_enforced(on: tuple[Service, Client], body: dict[str, A
     assert ports(svc) == []
 
 
-async def test_per_host_limit_and_own_address_rule(on: tuple[Service, Client]) -> None:
+async def test_per_host_limit_and_own_address_rule(on: tuple[Service, ApiClient]) -> None:
     svc, client = on
     lan = {"X-Test-Remote": LAN}
     for port in (25000, 25001):
@@ -163,8 +158,8 @@ async def test_restored_after_a_crash_only_while_still_allowed(tmp_path: Path,
     r = await client.post("/api/v1/activations", json={"open": ["udp/25000"], "ttl": "1h"})
     assert r.status == 201
     await client.close()
-    first._journal_flushed = float("-inf")
-    first._journal_activations()  # what a crash leaves: the journal, no clean stop
+    first.pipeline._journal_flushed = float("-inf")
+    first.pipeline._journal_activations()  # what a crash leaves: the journal, no clean stop
     for task in first._tasks:
         task.cancel()
 

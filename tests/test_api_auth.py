@@ -19,7 +19,7 @@ from igdtrigger.api.ratelimit import RateLimiter
 from igdtrigger.config import parse_config
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 CONFIG = {
     "rules": [
@@ -31,7 +31,6 @@ THIS_HOST = "192.168.1.10"  # the FakeGateway's local address: what loopback cli
 LAN = "192.168.1.20"  # another host on the LAN, without the token
 OTHER = "192.168.1.77"
 
-Client = TestClient[Any, Any]
 
 
 @web.middleware
@@ -45,11 +44,6 @@ async def fake_remote(request: web.Request,
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
     service = Service(parse_config(CONFIG), FakeGateway(clock, local_address=THIS_HOST),
                       clock=clock, state_dir=tmp_path)
@@ -58,22 +52,22 @@ async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
     await service.stop()
 
 
-async def _client(svc: Service, **kw: Any) -> Client:
-    client: Client = TestClient(TestServer(make_app(svc, middlewares=[fake_remote], **kw),
+async def _client(svc: Service, **kw: Any) -> ApiClient:
+    client: ApiClient = TestClient(TestServer(make_app(svc, middlewares=[fake_remote], **kw),
                                            host="127.0.0.1"))
     await client.start_server()
     return client
 
 
 @pytest.fixture
-async def client(svc: Service) -> AsyncIterator[Client]:
+async def client(svc: Service) -> AsyncIterator[ApiClient]:
     c = await _client(svc)
     yield c
     await c.close()
 
 
 @pytest.fixture
-async def public_client(svc: Service) -> AsyncIterator[Client]:
+async def public_client(svc: Service) -> AsyncIterator[ApiClient]:
     c = await _client(svc, public_read=True)
     yield c
     await c.close()
@@ -88,7 +82,7 @@ def admin(svc: Service, remote: str = LAN) -> dict[str, str]:
     return lan(remote, Authorization=f"Bearer {svc.api_token}")
 
 
-async def activate_for(client: Client, svc: Service, host: str, rule: str = "other") -> str:
+async def activate_for(client: ApiClient, svc: Service, host: str, rule: str = "other") -> str:
     r = await client.post("/api/v1/activations", json={"rule": rule, "host": host},
                           headers=admin(svc))
     assert r.status == 201, await r.text()
@@ -102,7 +96,8 @@ PUBLIC = ["/healthz", "/api/v1/openapi.json", "/", "/dashboard.js", "/dashboard.
 
 
 @pytest.mark.parametrize("path", READ_ONLY)
-async def test_read_only_needs_token_from_the_lan(client: Client, svc: Service, path: str) -> None:
+async def test_read_only_needs_token_from_the_lan(client: ApiClient, svc: Service,
+                                                  path: str) -> None:
     r = await client.get(path, headers=lan())
     assert r.status == 401
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
@@ -116,19 +111,19 @@ async def test_read_only_needs_token_from_the_lan(client: Client, svc: Service, 
 
 @pytest.mark.parametrize("path", [p for p in READ_ONLY if p != "/api/v1/events"])
 async def test_read_only_with_token_loopback_or_public_read(
-        client: Client, public_client: Client, svc: Service, path: str) -> None:
+        client: ApiClient, public_client: ApiClient, svc: Service, path: str) -> None:
     assert (await client.get(path, headers=admin(svc))).status == 200
     assert (await client.get(path)).status == 200  # loopback
     assert (await public_client.get(path, headers=lan())).status == 200
 
 
 @pytest.mark.parametrize("path", PUBLIC)
-async def test_public_endpoints(client: Client, path: str) -> None:
+async def test_public_endpoints(client: ApiClient, path: str) -> None:
     r = await client.get(path, headers=lan())
     assert r.status == 200, await r.text()
 
 
-async def test_lan_client_acts_for_its_own_address_only(client: Client, svc: Service) -> None:
+async def test_lan_client_acts_for_its_own_address_only(client: ApiClient, svc: Service) -> None:
     gw = svc.gateway
     assert isinstance(gw, FakeGateway)
     r = await client.get("/api/v1/rules", headers=lan())
@@ -166,7 +161,7 @@ async def test_lan_client_acts_for_its_own_address_only(client: Client, svc: Ser
     assert (await client.delete(f"/api/v1/activations/{own['id']}", headers=lan())).status == 200
 
 
-async def test_admin_token_from_the_lan_may_do_anything(client: Client, svc: Service) -> None:
+async def test_admin_token_from_the_lan_may_do_anything(client: ApiClient, svc: Service) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "other", "host": OTHER},
                           headers=admin(svc))
     assert r.status == 201
@@ -176,7 +171,7 @@ async def test_admin_token_from_the_lan_may_do_anything(client: Client, svc: Ser
     assert (await client.delete(f"/api/v1/activations/{act_id}", headers=admin(svc))).status == 200
 
 
-async def test_public_read_does_not_widen_acting(public_client: Client, svc: Service) -> None:
+async def test_public_read_does_not_widen_acting(public_client: ApiClient, svc: Service) -> None:
     theirs = await activate_for(public_client, svc, OTHER)
     r = await public_client.get("/api/v1/activations", headers=lan())
     assert [a["host"] for a in (await r.json())["activations"]] == [OTHER]  # readable by all
@@ -187,7 +182,7 @@ async def test_public_read_does_not_widen_acting(public_client: Client, svc: Ser
     assert r.status == 403
 
 
-async def test_loopback_acts_for_this_host_not_others(client: Client, svc: Service) -> None:
+async def test_loopback_acts_for_this_host_not_others(client: ApiClient, svc: Service) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "demo"})
     assert r.status == 201
     assert (await r.json())["host"] == THIS_HOST
@@ -195,7 +190,7 @@ async def test_loopback_acts_for_this_host_not_others(client: Client, svc: Servi
     assert (await client.delete(f"/api/v1/activations/{theirs}")).status == 403
 
 
-async def test_bad_host_field(client: Client) -> None:
+async def test_bad_host_field(client: ApiClient) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "demo", "host": "router.lan"},
                           headers=lan())
     assert r.status == 400
@@ -205,7 +200,7 @@ async def test_bad_host_field(client: Client) -> None:
 # --- browser-facing guards -------------------------------------------------------------------
 
 
-async def test_dns_rebinding_host_header_refused(client: Client, svc: Service) -> None:
+async def test_dns_rebinding_host_header_refused(client: ApiClient, svc: Service) -> None:
     evil = {"Host": "attacker.example:8731"}
     r = await client.get("/api/v1/status", headers=evil)
     assert r.status == 403
@@ -230,7 +225,7 @@ async def test_allowed_hosts_config(svc: Service) -> None:
         await c.close()
 
 
-async def test_cross_site_post_refused(client: Client, svc: Service) -> None:
+async def test_cross_site_post_refused(client: ApiClient, svc: Service) -> None:
     gw = svc.gateway
     assert isinstance(gw, FakeGateway)
     host = f"127.0.0.1:{client.port}"
@@ -245,7 +240,7 @@ async def test_cross_site_post_refused(client: Client, svc: Service) -> None:
     assert r.status == 201  # the dashboard itself: same origin
 
 
-async def test_form_encoded_body_refused(client: Client) -> None:
+async def test_form_encoded_body_refused(client: ApiClient) -> None:
     # what a cross-site <form> could send without a CORS preflight
     r = await client.post("/api/v1/activations", data=b'{"rule": "demo"}',
                           headers={"Content-Type": "text/plain"})

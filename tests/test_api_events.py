@@ -18,10 +18,9 @@ from igdtrigger.config import parse_config
 from igdtrigger.runtime.events import MAX_SUBSCRIBERS_PER_CLIENT, SUBSCRIBER_QUEUE, EventHub
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40001"]}]}
-Client = TestClient[Any, Any]
 
 
 @pytest.fixture
@@ -34,7 +33,7 @@ async def svc(tmp_path: Path) -> AsyncIterator[Service]:
 
 
 @pytest.fixture
-async def client(svc: Service) -> AsyncIterator[Client]:
+async def client(svc: Service) -> AsyncIterator[ApiClient]:
     async with TestClient(TestServer(make_app(svc, sse_heartbeat=0.2), host="127.0.0.1")) as c:
         yield c
 
@@ -69,14 +68,14 @@ class Stream:
                 return ev
 
 
-async def open_stream(client: Client, **headers: str) -> Stream:
+async def open_stream(client: ApiClient, **headers: str) -> Stream:
     resp = await client.get("/api/v1/events", headers=headers)
     assert resp.status == 200, await resp.text()
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     return Stream(resp)
 
 
-async def test_activation_and_mapping_changes_stream_live(client: Client, svc: Service) -> None:
+async def test_activation_and_mapping_changes_stream_live(client: ApiClient, svc: Service) -> None:
     s = await open_stream(client)
     retry = await s.next()
     assert retry == {"retry": "3000"}
@@ -96,7 +95,7 @@ async def test_activation_and_mapping_changes_stream_live(client: Client, svc: S
     s.resp.close()
 
 
-async def test_heartbeat_comments_keep_idle_streams_alive(client: Client) -> None:
+async def test_heartbeat_comments_keep_idle_streams_alive(client: ApiClient) -> None:
     s = await open_stream(client)
     await s.until("hello")
     t0 = time.monotonic()
@@ -107,7 +106,7 @@ async def test_heartbeat_comments_keep_idle_streams_alive(client: Client) -> Non
     s.resp.close()
 
 
-async def test_last_event_id_replays_what_was_missed(client: Client, svc: Service) -> None:
+async def test_last_event_id_replays_what_was_missed(client: ApiClient, svc: Service) -> None:
     s = await open_stream(client)
     hello = await s.until("hello")
     seq0 = hello["data"]["seq"]
@@ -123,7 +122,7 @@ async def test_last_event_id_replays_what_was_missed(client: Client, svc: Servic
     assert r.status == 400
 
 
-async def test_slow_client_gets_lost_not_unbounded_memory(client: Client, svc: Service) -> None:
+async def test_slow_client_gets_lost_not_unbounded_memory(client: ApiClient, svc: Service) -> None:
     s = await open_stream(client)
     await s.until("hello")
     extra = 44
@@ -137,7 +136,7 @@ async def test_slow_client_gets_lost_not_unbounded_memory(client: Client, svc: S
     s.resp.close()
 
 
-async def test_streams_per_client_are_limited(client: Client) -> None:
+async def test_streams_per_client_are_limited(client: ApiClient) -> None:
     streams = [await open_stream(client) for _ in range(MAX_SUBSCRIBERS_PER_CLIENT)]
     r = await client.get("/api/v1/events")
     assert r.status == 429
@@ -147,7 +146,7 @@ async def test_streams_per_client_are_limited(client: Client) -> None:
 
 
 async def test_shutdown_ends_open_streams_promptly(svc: Service) -> None:
-    client: Client = TestClient(TestServer(make_app(svc), host="127.0.0.1"))
+    client: ApiClient = TestClient(TestServer(make_app(svc), host="127.0.0.1"))
     await client.start_server()
     s = await open_stream(client)
     await s.until("hello")

@@ -12,12 +12,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger import __version__
-from igdtrigger.api.app import ACCESS, make_app
+from igdtrigger.api.access import ACCESS
+from igdtrigger.api.app import make_app
 from igdtrigger.api.openapi import build_openapi
 from igdtrigger.config import parse_config
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -84,12 +85,12 @@ def test_document_is_well_formed() -> None:
 
 
 @pytest.fixture
-async def client(service: Service) -> AsyncIterator[TestClient[Any, Any]]:
+async def client(service: Service) -> AsyncIterator[ApiClient]:
     async with TestClient(TestServer(make_app(service), host="127.0.0.1")) as c:
         yield c
 
 
-async def test_served_document_is_the_built_one(client: TestClient[Any, Any]) -> None:
+async def test_served_document_is_the_built_one(client: ApiClient) -> None:
     r = await client.get("/api/v1/openapi.json")
     assert r.status == 200
     assert await r.json() == build_openapi(__version__)

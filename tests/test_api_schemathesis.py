@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 from igdtrigger import __version__
 from igdtrigger.api.openapi import build_openapi
+from tests.fakes import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -48,9 +48,7 @@ schema = schemathesis.openapi.from_dict(build_openapi(__version__))
 
 class Live:
     def __init__(self, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / "config.toml"
         cfg.write_text(CONFIG)
@@ -62,17 +60,14 @@ class Live:
             [sys.executable, "-m", "igdtrigger", "serve", "--config", str(cfg), "--listen",
              f"127.0.0.1:{self.port}", "--ready-file", str(ready)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "serve failed"
-            time.sleep(0.05)
+        wait_ready(self.proc, ready, why=lambda: "serve failed")
         self.token = (state / "api-token").read_text().strip()
 
-    def get(self, path: str) -> dict[str, object]:
+    def get(self, path: str) -> dict[str, Any]:
         req = urllib.request.Request(self.url + path,
                                      headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(req, timeout=10) as r:
-            data: dict[str, object] = json.loads(r.read())
+            data: dict[str, Any] = json.loads(r.read())
             return data
 
     def close(self) -> None:
@@ -93,7 +88,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 @schema.exclude(path="/api/v1/events").parametrize()
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=list(HealthCheck))
-def test_api_as_documented(case: schemathesis.Case, live: Live) -> None:
+def test_api_as_documented(case: schemathesis.Case[Any], live: Live) -> None:
     """Authenticated: every operation, with generated parameters and bodies."""
     response = case.call(base_url=live.url, headers={"Authorization": f"Bearer {live.token}"},
                          timeout=15)
@@ -111,7 +106,7 @@ def test_api_as_documented(case: schemathesis.Case, live: Live) -> None:
 @schema.include(method=["POST", "DELETE", "PUT", "PATCH"]).parametrize()
 @settings(max_examples=max(5, EXAMPLES // 3), deadline=None,
           suppress_health_check=list(HealthCheck))
-def test_cross_site_changes_are_refused(case: schemathesis.Case, live: Live) -> None:
+def test_cross_site_changes_are_refused(case: schemathesis.Case[Any], live: Live) -> None:
     """A web page in the user's browser posting to the service (a foreign Origin, no token;
     forged forwarding headers change nothing): refused with a JSON error, nothing opened."""
     before = live.get("/api/v1/mappings")["mappings"]

@@ -12,10 +12,7 @@ from typing import Any
 import pytest
 
 from igdtrigger.config import (
-    AdhocConfig,
-    ApiConfig,
     Config,
-    Rule,
     check_state_dir,
     default_config_paths,
     default_state_dir,
@@ -27,6 +24,8 @@ from igdtrigger.config import (
 )
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import PortRange, Proto, parse_port_spec
+from igdtrigger.core.rules import Rule
+from igdtrigger.core.settings import AdhocConfig, ApiConfig
 
 RULE = {"name": "game", "open": ["udp/27015"]}
 
@@ -408,7 +407,7 @@ def test_env_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv("IGDTRIGGER_API__ADHOC_PORTS")
     monkeypatch.setenv("IGDTRIGGER_RULES__NAME", "x")
     with pytest.raises(ConfigError, match="unknown section 'rules' \\(environment overrides "
-                                          "exist for: gateway, api, detect, service\\)"):
+                                          "exist for: gateway, api, detect, service, front\\)"):
         load_config(path)
     monkeypatch.delenv("IGDTRIGGER_RULES__NAME")
     monkeypatch.setenv("IGDTRIGGER_API__COLOUR", "x")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.config import ConfigError, env_overrides, load_config
+from igdtrigger.config import env_overrides, load_config
+from igdtrigger.core.errors import ConfigError
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, IPAddress, Proto
+from igdtrigger.detect.base import Observation
 from igdtrigger.detect.conntrack import ConntrackDetector
 from igdtrigger.detect.ctnetlink import NF_NETLINK_CONNTRACK_NEW, ConntrackParser, parse_messages
 
@@ -550,7 +551,7 @@ def test_check_refuses_other_platforms(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_run_reports_flows_and_survives_enobufs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     with socketpair_detector([errno.ENOBUFS, errno.ENOBUFS]) as (det, peer):
-        got: list[Flow] = []
+        got: list[Observation] = []
         task = asyncio.create_task(det.run(got.append))
         await asyncio.sleep(0)
         peer.send(encode_flow(udp4(1)))
@@ -572,7 +573,8 @@ async def test_run_sink_exception_does_not_stop_it(caplog: pytest.LogCaptureFixt
     with socketpair_detector() as (det, peer):
         got: list[Flow] = []
 
-        def sink(flow: Flow) -> None:
+        def sink(flow: Observation) -> None:
+            assert isinstance(flow, Flow)
             if flow.sport == 1:
                 raise RuntimeError("boom")
             got.append(flow)

@@ -384,8 +384,12 @@ def test_decode_entries_prefilter_sees_the_protocol_and_reads_every_message() ->
             + entry_msg(v6, timeout=None))
     assert [e.flow for e in decode_entries(data)] == [udp4(), tcp4(), v6]
     asked: list[tuple[Proto, int]] = []
-    kept = decode_entries(data, lambda proto, port: asked.append((proto, port)) is None
-                          and proto is Proto.TCP)
+
+    def wanted(proto: Proto, port: int) -> bool:
+        asked.append((proto, port))
+        return proto is Proto.TCP
+
+    kept = decode_entries(data, wanted)
     assert [e.flow for e in kept] == [tcp4()]
     assert asked == [(Proto.UDP, udp4().dport), (Proto.TCP, 27015), (Proto.UDP, 3074)]
 

@@ -23,6 +23,7 @@ import pytest
 
 from igdtrigger.cli.sdnotify import Notifier
 from igdtrigger.cli.serve import JsonFormatter, setup_logging, stderr_is_journal
+from tests.fakes import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -183,10 +184,7 @@ def test_serve_logs_without_timestamps_under_journald(tmp_path: Path, fmt: str,
         proc = _serve(tmp_path, extra, "--log-format", fmt, "--ready-file", str(ready),
                       stderr=f)
         try:
-            deadline = time.monotonic() + 20
-            while not ready.exists():
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+            wait_ready(proc, ready, why=log.read_text)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         finally:
@@ -224,9 +222,7 @@ def test_setup_logging_replaces_handlers() -> None:
 def test_ctrl_c_without_loop_signal_handlers_still_removes_mappings(tmp_path: Path) -> None:
     """Windows has no loop.add_signal_handler: Ctrl-C cancels asyncio.run's task instead. The
     service must still delete its mappings before it exits."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(CONFIG)
     ready = tmp_path / "ready"
@@ -243,10 +239,7 @@ def test_ctrl_c_without_loop_signal_handlers_still_removes_mappings(tmp_path: Pa
          "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        wait_ready(proc, ready, why=proc.communicate)
         act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--server",
                               f"http://127.0.0.1:{port}"], env=env, capture_output=True,
                              text=True, timeout=30)

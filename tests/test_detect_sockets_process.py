@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from igdtrigger.cli.run import ProcessWaiter
-from igdtrigger.cli.serve import build_detectors
-from igdtrigger.config import ConfigError, parse_config
-from igdtrigger.core.errors import DetectionUnavailable
+from igdtrigger.cli.child import ProcessWaiter
+from igdtrigger.config import parse_config
+from igdtrigger.core.errors import ConfigError, DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, ProcessSeen, Proto
 from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.process import Matcher, ProcessDetector, scan_proc, scan_psutil
@@ -31,6 +30,7 @@ from igdtrigger.detect.sockets import (
     read_proc_net,
     read_psutil,
 )
+from igdtrigger.runtime.compose import build_detectors
 from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway

@@ -6,7 +6,6 @@ import asyncio
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -51,9 +50,9 @@ def write_config(tmp_path: Path, url: str, *, rules: bool = True) -> Path:
     return p
 
 
-async def run_doctor(*args: Any) -> tuple[int, list[str]]:
+async def run_doctor(config: str, server: str, token: str | None) -> tuple[int, list[str]]:
     out = io.StringIO()
-    code = await asyncio.to_thread(doctor, *args, out=out)
+    code = await asyncio.to_thread(doctor, config, server, token, out)
     return code, out.getvalue().splitlines()
 
 

@@ -19,7 +19,7 @@ from igdtrigger.config import parse_config
 from igdtrigger.core.model import format_duration, parse_duration
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 SPELLINGS = {
     "10m 0s": 600, "1h 0m": 3600, "1h30m": 5400, "2H": 7200, "90s": 90, "2h": 7200,
@@ -68,7 +68,7 @@ def test_dashboard_spellings_parse() -> None:
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient[object, object]]:
+async def client(tmp_path: Path) -> AsyncIterator[ApiClient]:
     clock = FakeClock()
     svc = Service(parse_config({"rules": [{"name": "demo", "open": ["udp/40000"],
                                            "idle_timeout": "10m 0s"}]}),
@@ -80,7 +80,7 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient[object, object]]:
     await svc.stop()
 
 
-async def test_api_takes_the_dashboard_placeholder(client: TestClient[object, object]) -> None:
+async def test_api_takes_the_dashboard_placeholder(client: ApiClient) -> None:
     rules = (await (await client.get("/api/v1/rules")).json())["rules"]
     assert rules[0]["idle_timeout"] == 600
     for ttl, want in (("10m 0s", 600), ("1h 0m", 3600), ("1h30m", 5400), ("2H", 7200)):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from igdtrigger.core.engine import Engine, EventKind, Source, owned_by
 from igdtrigger.core.errors import HostNotAllowed, RuleNotFound, UsageError
 from igdtrigger.core.model import Flow, MappingKey, Proto, parse_port_spec
-from igdtrigger.core.rules import Rule
+from igdtrigger.core.rules import Rule, Share
 
 from .fakes import FakeClock
 
@@ -214,7 +214,7 @@ def test_rule_hosts_restrict_who_can_trigger() -> None:
 def test_share_latest_gives_the_ports_to_the_newest_host() -> None:
     import dataclasses
 
-    eng, clock, _ = make(dataclasses.replace(rule(idle=100), share="latest"))
+    eng, clock, _ = make(dataclasses.replace(rule(idle=100), share=Share.LATEST))
     eng.on_flow(flow(src="192.168.1.20"))
     clock.advance(10)
     eng.on_flow(flow(src="192.168.1.21"))

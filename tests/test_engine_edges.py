@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def ports(*specs: str) -> tuple[PortRange, ...]:
 
 
 def rule(name: str = "demo", trigger: str = "udp/27015", open_: str = "udp/40000-40002",
-         idle: float = 600, **kw: object) -> Rule:
+         idle: float = 600, **kw: Any) -> Rule:
     return dataclasses.replace(
         Rule(name, ports(*trigger.split(",")), ports(*open_.split(",")), idle), **kw)
 
@@ -48,9 +49,12 @@ def flow(src: str = HOST, dport: int = 27015, proto: Proto = Proto.UDP,
     return Flow(proto, ipaddress.ip_address(src), ipaddress.ip_address(dst), 50000, dport)
 
 
-def make(*rules: Rule, local: tuple[str, ...] = ()) -> tuple[Engine, FakeClock, list[object]]:
+Seen = tuple[EventKind, str, float]  # an engine event as make() records it: kind, activation, at
+
+
+def make(*rules: Rule, local: tuple[str, ...] = ()) -> tuple[Engine, FakeClock, list[Seen]]:
     clock = FakeClock()
-    events: list[object] = []
+    events: list[Seen] = []
     ids = iter(f"id{i}" for i in range(10_000))
     eng = Engine(rules or (rule(),), clock=clock, tag="t1", local_hosts=local,
                  on_event=lambda e: events.append((e.kind, e.activation.id, e.at)),

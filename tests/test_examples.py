@@ -68,7 +68,8 @@ SECTIONS = {"gateway": config_mod._GATEWAY, "api": config_mod._API,
 
 def _example_keys() -> dict[str, str]:
     """``section.key`` -> the value examples/config.toml shows (set or commented out)."""
-    section, seen = "", {}
+    section = ""
+    seen: dict[str, str] = {}
     for line in (EXAMPLES / "config.toml").read_text().splitlines():
         text = line.strip()
         if m := re.fullmatch(r"#?\s*\[\[?([a-z]+)\]\]?", text):
@@ -106,8 +107,8 @@ def hook_command_lines() -> list[tuple[str, list[str]]]:
     for path in sorted((EXAMPLES / "hooks").iterdir()):
         text = path.read_text()
         if path.suffix == ".ps1":
-            for m in re.finditer(r"-ArgumentList @\(([^)]*)\)", text):
-                args = [a.strip().strip('"') for a in m.group(1).split(",")]
+            for call in re.finditer(r"-ArgumentList @\(([^)]*)\)", text):
+                args = [a.strip().strip('"') for a in call.group(1).split(",")]
                 args = [{"$Rule": "demo", "$Server": "http://127.0.0.1:8731"}.get(a, a)
                         for a in args]
                 out.append((path.name, args))

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from igdtrigger.config import parse_config
 from igdtrigger.runtime.mapper import Mapper
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACEBACK = "Traceback (most recent call last)"
@@ -332,7 +331,7 @@ CONFIG = {"rules": [{"name": "factorio", "open": ["udp/34197"]},
 
 
 @pytest.fixture
-async def secure(tmp_path: Path) -> AsyncIterator[tuple[Service, TestClient[object, object]]]:
+async def secure(tmp_path: Path) -> AsyncIterator[tuple[Service, ApiClient]]:
     clock = FakeClock()
     gw = FakeGateway(clock, local_address="192.168.1.10", secure_mode=True)
     svc = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path)
@@ -343,7 +342,7 @@ async def secure(tmp_path: Path) -> AsyncIterator[tuple[Service, TestClient[obje
 
 
 async def test_secure_mode_refusal_says_why_and_the_pc_reports_mapping_itself(
-        secure: tuple[Service, TestClient[object, object]]) -> None:
+        secure: tuple[Service, ApiClient]) -> None:
     svc, client = secure
     admin = {"Authorization": f"Bearer {svc.api_token}"}
     r = await client.post("/api/v1/activations", headers=admin,
@@ -388,15 +387,10 @@ def test_activate_prints_the_reason_once(monkeypatch: pytest.MonkeyPatch,
 
 # --- `run` says once what it opened ------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 def simulated(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[gateway]\nurl = "simulate"\n[api]\nlisten = "127.0.0.1:{port}"\n'
                    '[detect]\nmethods = []\n[[rules]]\nname = "demo"\n'
@@ -406,10 +400,7 @@ def simulated(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     p = subprocess.Popen([sys.executable, "-m", "igdtrigger", "serve", "--config", str(cfg),
                           "--ready-file", str(ready)], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert p.poll() is None and time.monotonic() < deadline, "serve did not start"
-        time.sleep(0.05)
+    wait_ready(p, ready)
     try:
         yield f"http://127.0.0.1:{port}", cfg
     finally:
@@ -465,13 +456,10 @@ def test_first_run_is_calm(tmp_path: Path) -> None:
     if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
         argv = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *serve]
     else:
-        argv = [*serve[:-4], "--listen", f"127.0.0.1:{_free_port()}", *serve[-2:]]
+        argv = [*serve[:-4], "--listen", f"127.0.0.1:{free_port()}", *serve[-2:]]
     p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
-        time.sleep(0.05)
+    wait_ready(p, ready, why=lambda: p.communicate()[0])
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=30)[0]
     assert p.returncode == 0, out
@@ -583,13 +571,10 @@ def test_fast_exit_after_a_clean_stop_runs_atexit_and_flushes(tmp_path: Path) ->
            "IGDTRIGGER_STATE_DIR": str(tmp_path / "state")}
     env.pop("IGDTRIGGER_CONFIG", None)
     argv = [sys.executable, "-c", code, "serve", "--simulate", "--listen",
-            f"127.0.0.1:{_free_port()}", "--ready-file", str(ready)]
+            f"127.0.0.1:{free_port()}", "--ready-file", str(ready)]
     p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.05)
+    wait_ready(p, ready, why=p.communicate)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err

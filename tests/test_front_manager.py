@@ -174,9 +174,9 @@ async def test_kill_9_and_restart_restores_the_mapping_listed_then_a_stop_remove
     await s1.start()
     m1 = FrontManager(s1, s1.config.front)
     await m1.add(req(lease=0, protocol=FrontProtocol.NATPMP))
-    s1._journal_new()
-    s1._journal_activations()
-    for task in s1._tasks:  # kill -9: nothing more runs
+    s1.pipeline._journal_new()
+    s1.pipeline._journal_activations()
+    for task in [*s1._tasks, *s1.pipeline.tasks]:  # kill -9: nothing more runs
         task.cancel()
     s1.journal.close()
     s2 = make(tmp_path, gw, clock)
@@ -196,8 +196,8 @@ async def test_a_restored_mapping_the_policy_no_longer_allows_is_removed(
     s1 = make(tmp_path, gw, clock)
     await s1.start()
     await FrontManager(s1, s1.config.front).add(req())
-    s1._journal_new()
-    for task in s1._tasks:
+    s1.pipeline._journal_new()
+    for task in [*s1._tasks, *s1.pipeline.tasks]:
         task.cancel()
     s1.journal.close()
     s2 = make(tmp_path, gw, clock, allow=["deny 0-65535 0.0.0.0/0 0-65535"])
@@ -327,7 +327,7 @@ async def test_a_wake_right_before_stop_does_not_delay_the_stop(
     stopping = asyncio.ensure_future(svc.stop())
     done, _ = await asyncio.wait({stopping}, timeout=5)  # generous: it takes milliseconds
     if not done:
-        for task in svc._tasks:
+        for task in [*svc._tasks, *svc.pipeline.tasks]:
             task.cancel()
         await stopping
     assert done, "stop() waited for the scheduler's next deadline"

@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from igdtrigger.config import parse_config
 from igdtrigger.core.errors import ConfigError
@@ -49,9 +51,11 @@ class Env:
         return f"http://127.0.0.1:{self.front.ports['127.0.0.1']}{X.CONTROL_PATH}"
 
     async def soap(self, action: str, args: list[tuple[str, str]] | None = None,
-                   service: str = V2, body: bytes | None = None) -> tuple[int, Any]:
+                   service: str = V2, body: bytes | None = None,
+                   source: str | None = None) -> tuple[int, Any]:
         data = body if body is not None else build_soap(service, action, args or [])
-        async with aiohttp.ClientSession() as http, http.post(
+        connector = aiohttp.TCPConnector(local_addr=(source, 0)) if source else None
+        async with aiohttp.ClientSession(connector=connector) as http, http.post(
                 self.control, data=data,
                 headers={"SOAPACTION": f'"{service}#{action}"',
                          "Content-Type": 'text/xml; charset="utf-8"'}) as resp:
@@ -89,15 +93,15 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         notify_sock.close()
 
 
-async def search(env: Env, st: str) -> list[dict[str, str]]:
+async def search(env: Env, st: str, source: str = "127.0.0.1") -> list[dict[str, str]]:
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((source, 0))
         s.setblocking(False)
         msg = (f'M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: "ssdp:discover"\r\n'
                f"MX: 1\r\nST: {st}\r\n\r\n").encode()
         await loop.sock_sendto(s, msg, ("127.0.0.1", env.front.ssdp_port))
-        out = []
+        out: list[dict[str, str]] = []
         while True:
             try:
                 data = await asyncio.wait_for(loop.sock_recv(s, 4096), 1.0)
@@ -145,7 +149,8 @@ async def test_add_get_list_delete_over_soap(env: Env) -> None:
     status, entry = await env.soap("GetSpecificPortMappingEntry", key)
     assert entry["NewInternalClient"] == "127.0.0.1" and entry["NewInternalPort"] == "40000"
     assert entry["NewPortMappingDescription"] == "my game"
-    assert 3590 <= int(entry["NewLeaseDuration"]) <= 3600
+    # a 1 h lease, unused: it ends after idle_timeout (10 min) unless used or renewed
+    assert 590 <= int(entry["NewLeaseDuration"]) <= 600
     status, generic = await env.soap("GetGenericPortMappingEntry",
                                      [("NewPortMappingIndex", "0")])
     assert generic["NewExternalPort"] == "40000" and generic["NewProtocol"] == "UDP"
@@ -328,3 +333,101 @@ async def test_a_missing_interface_stops_the_front_with_a_config_error(tmp_path:
     finally:
         await runner.stop()
         svc.journal.close()
+
+
+async def test_igd_version_1_describes_and_announces_v1_only(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="127.0.0.1")
+    cfg = parse_config({"front": {**FRONT, "igd_version": 1}})
+    svc = Service(cfg, gw, clock=clock, state_dir=tmp_path)
+    await svc.start()
+    front = UpnpFront(FrontManager(svc, cfg.front), [LO], tag="v1", ssdp_port=free_udp_port(),
+                      notify_to=("127.0.0.1", free_udp_port()), version=1)
+    await front.start()
+    env = Env(svc, gw, front, socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        assert await search(env, V2) == []  # a v2 search finds no v1 device
+        (found,) = await search(env, V1)
+        async with aiohttp.ClientSession() as http, http.get(found["LOCATION"]) as resp:
+            desc = parse_description(await resp.read(), found["LOCATION"])
+        assert desc.device_type == "urn:schemas-upnp-org:device:InternetGatewayDevice:1"
+        svc_ = desc.miniupnpc_service()
+        assert svc_ is not None and svc_.service_type == V1
+        status, _ = await env.soap("AddPortMapping", mapping(40000), service=V1)
+        assert status == 200 and gw.ports() == {"udp/40000": "127.0.0.1"}
+        status, fault = await env.soap("AddAnyPortMapping", mapping(40001), service=V1)
+        assert status == 500 and fault.code == 401
+    finally:
+        env.notify_sock.close()
+        await front.stop()
+        await svc.stop()
+
+
+async def test_gena_subscription_gets_the_initial_event_and_each_change(env: Env) -> None:
+    got: asyncio.Queue[tuple[dict[str, str], str]] = asyncio.Queue()
+
+    async def on_notify(request: web.Request) -> web.Response:
+        await got.put((dict(request.headers), (await request.read()).decode()))
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("NOTIFY", "/evt", on_notify)
+    async with TestServer(app, host="127.0.0.1") as cb:
+        evt = env.control + "/evt"
+        async with aiohttp.ClientSession() as http:
+            async with http.request("SUBSCRIBE", evt, headers={
+                    "CALLBACK": f"<http://127.0.0.1:{cb.port}/evt>", "NT": "upnp:event",
+                    "TIMEOUT": "Second-300"}) as resp:
+                assert resp.status == 200 and resp.headers["TIMEOUT"] == "Second-300"
+                sid = resp.headers["SID"]
+            headers, body = await asyncio.wait_for(got.get(), 10)
+            assert headers["SID"] == sid and headers["SEQ"] == "0"
+            assert "<PortMappingNumberOfEntries>0</PortMappingNumberOfEntries>" in body
+            assert "<ExternalIPAddress>100.64.0.7</ExternalIPAddress>" in body
+            await env.soap("AddPortMapping", mapping(40000))
+            headers, body = await asyncio.wait_for(got.get(), 10)
+            assert headers["SEQ"] == "1"
+            assert "<PortMappingNumberOfEntries>1</PortMappingNumberOfEntries>" in body
+            assert "ExternalIPAddress" not in body  # only what changed
+            async with http.request("SUBSCRIBE", evt, headers={
+                    "CALLBACK": "<http://192.0.2.50:80/steal>", "NT": "upnp:event"}) as resp:
+                assert resp.status == 412  # a callback elsewhere than the subscriber: refused
+            async with http.request("UNSUBSCRIBE", evt, headers={"SID": sid}) as resp:
+                assert resp.status == 200
+            assert env.front.events.subs == {}
+
+
+async def test_requests_from_outside_the_served_networks_are_refused(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gw = FakeGateway(clock, local_address="127.0.0.1")
+    svc = Service(parse_config({"front": FRONT}), gw, clock=clock, state_dir=tmp_path)
+    await svc.start()
+    lan = ServedAddress("lo", "127.0.0.1", ipaddress.IPv4Network("127.0.0.1/32"))
+    front = UpnpFront(FrontManager(svc, svc.config.front), [lan], tag="w",
+                      ssdp_port=free_udp_port(), notify_to=("127.0.0.1", free_udp_port()))
+    await front.start()
+    env = Env(svc, gw, front, socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        # 127.0.0.2 is not on the served network (127.0.0.1/32): as a host beyond the router
+        status, fault = await env.soap("AddPortMapping", mapping(40000, "127.0.0.2"),
+                                       source="127.0.0.2")
+        assert status == 500 and fault.code == 606 and gw.ports() == {}
+        assert await search(env, "ssdp:all", source="127.0.0.2") == []  # nor found by SSDP
+        assert await search(env, "ssdp:all")  # from the served network: found
+    finally:
+        env.notify_sock.close()
+        await front.stop()
+        await svc.stop()
+
+
+def test_served_by_default_never_includes_the_upstream_side(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import netifaces
+
+    table = {"lan0": "192.168.8.1", "wan0": "10.0.0.2", "lo": "127.0.0.1"}
+    monkeypatch.setattr(netifaces, "interfaces", lambda: list(table))
+    monkeypatch.setattr(netifaces, "ifaddresses", lambda name: {
+        netifaces.AF_INET: [{"addr": table[name], "netmask": "255.255.255.0"}]})
+    monkeypatch.setattr("igdtrigger.front.upnp.default_gateway", lambda: "10.0.0.1")
+    assert [a.interface for a in served_addresses(())] == ["lan0"]  # double NAT: wan0 private
+    assert [a.interface for a in served_addresses(("wan0",))] == ["wan0"]  # named: served

@@ -11,7 +11,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from igdtrigger.config import ConfigError, load_config, parse_config
+from igdtrigger.config import load_config, parse_config
+from igdtrigger.core.errors import ConfigError
 
 # a longer fuzz run: IGDTRIGGER_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz_config.py
 EXAMPLES = int(os.environ.get("IGDTRIGGER_FUZZ_EXAMPLES", "600"))

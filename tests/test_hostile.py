@@ -20,17 +20,17 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api import app as api_mod
-from igdtrigger.api.app import Caller, make_app
+from igdtrigger.api.access import Caller
+from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
 from igdtrigger.core.engine import MAX_HOSTS_PER_ORIGIN, MAX_UNKNOWN_HOSTS, Engine
 from igdtrigger.core.model import Flow, Proto
 from igdtrigger.runtime.events import MAX_SUBSCRIBERS
 from igdtrigger.runtime.service import Service
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 from .test_api_auth import LAN, THIS_HOST, fake_remote
 
-Client = TestClient[Any, Any]
 PUBLIC = "203.0.113.9"  # a public (documentation) address: outside the LAN
 CONFIG: dict[str, Any] = {
     "api": {"allow": ["192.168.1.0/24"], "max_per_host": 3, "allow_adhoc": True},
@@ -42,11 +42,6 @@ CONFIG: dict[str, Any] = {
         {"name": "box", "open": ["udp/25000"], "hosts": ["192.168.1.50"]},
     ],
 }
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 async def _service(tmp_path: Path, clock: FakeClock, config: dict[str, Any]) -> Service:
@@ -64,8 +59,8 @@ async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
 
 
 @pytest.fixture
-async def client(svc: Service) -> AsyncIterator[Client]:
-    c: Client = TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
+async def client(svc: Service) -> AsyncIterator[ApiClient]:
+    c: ApiClient = TestClient(TestServer(make_app(svc, middlewares=[fake_remote]),
                                       host="127.0.0.1"))
     await c.start_server()
     yield c
@@ -81,7 +76,7 @@ def admin(svc: Service, addr: str = LAN) -> dict[str, str]:
     return remote(addr, Authorization=f"Bearer {svc.api_token}")
 
 
-async def raw_request(client: Client, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+async def raw_request(client: ApiClient, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """Send bytes aiohttp's client would refuse to (non-UTF-8 header values)."""
     port = client.server.port
     assert port is not None
@@ -97,7 +92,7 @@ async def raw_request(client: Client, head: bytes, body: bytes = b"") -> tuple[i
 # --- malformed requests: 4xx, rate limited, logged once ----------------------------------------
 
 
-async def test_bearer_that_is_not_utf8_is_401_not_500(client: Client) -> None:
+async def test_bearer_that_is_not_utf8_is_401_not_500(client: ApiClient) -> None:
     status, body = await raw_request(
         client, b"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Test-Remote: " +
         LAN.encode() + b"\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
@@ -106,7 +101,7 @@ async def test_bearer_that_is_not_utf8_is_401_not_500(client: Client) -> None:
 
 
 @pytest.mark.parametrize("digits", [401, 4301])
-async def test_ttl_with_hundreds_of_digits_is_400(client: Client, digits: int) -> None:
+async def test_ttl_with_hundreds_of_digits_is_400(client: ApiClient, digits: int) -> None:
     body = b'{"rule": "demo", "ttl": ' + b"9" * digits + b"}"
     status, reply = await raw_request(
         client, b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -117,14 +112,14 @@ async def test_ttl_with_hundreds_of_digits_is_400(client: Client, digits: int) -
     assert len(message) < 300  # the number is not echoed back whole
 
 
-async def test_deeply_nested_json_is_400(client: Client) -> None:
+async def test_deeply_nested_json_is_400(client: ApiClient) -> None:
     r = await client.post("/api/v1/activations", data="[" * 10000,
                           headers={"Content-Type": "application/json"})
     assert r.status == 400
 
 
 async def test_malformed_requests_count_against_the_rate_limit_and_log_once(
-        client: Client, svc: Service, caplog: pytest.LogCaptureFixture) -> None:
+        client: ApiClient, svc: Service, caplog: pytest.LogCaptureFixture) -> None:
     api_mod._REFUSED_LOG._buckets.clear()
     caplog.set_level(logging.WARNING, "igdtrigger.api.app")
     statuses = []
@@ -142,7 +137,7 @@ async def test_malformed_requests_count_against_the_rate_limit_and_log_once(
 # --- admission: only the LAN acts without the token --------------------------------------------
 
 
-async def test_public_address_cannot_activate_or_read(client: Client, svc: Service) -> None:
+async def test_public_address_cannot_activate_or_read(client: ApiClient, svc: Service) -> None:
     r = await client.post("/api/v1/activations", json={"rule": "demo"}, headers=remote(PUBLIC))
     assert r.status == 403
     assert "outside this service's LAN" in (await r.json())["error"]["message"]
@@ -157,7 +152,7 @@ async def test_public_address_cannot_activate_or_read(client: Client, svc: Servi
 
 
 async def test_public_read_means_the_lan_not_the_world(svc: Service) -> None:
-    c: Client = TestClient(TestServer(make_app(svc, middlewares=[fake_remote], public_read=True),
+    c: ApiClient = TestClient(TestServer(make_app(svc, middlewares=[fake_remote], public_read=True),
                                       host="127.0.0.1"))
     async with c:
         assert (await c.get("/api/v1/status", headers=remote(LAN))).status == 200
@@ -200,7 +195,7 @@ def test_every_loopback_address_is_one_client() -> None:
 
 
 async def test_tokenless_activation_is_refreshed_not_duplicated(
-        client: Client, svc: Service, clock: FakeClock) -> None:
+        client: ApiClient, svc: Service, clock: FakeClock) -> None:
     first = await (await client.post("/api/v1/activations", json={"rule": "demo", "ttl": "7d"},
                                      headers=remote(LAN))).json()
     clock.advance(100)
@@ -213,7 +208,7 @@ async def test_tokenless_activation_is_refreshed_not_duplicated(
     assert svc.engine.get(first["id"]).expires == pytest.approx(clock() + 7 * 86400)
 
 
-async def test_tokenless_activations_per_host_are_capped(client: Client, svc: Service) -> None:
+async def test_tokenless_activations_per_host_are_capped(client: ApiClient, svc: Service) -> None:
     for rule in ("demo", "other", "third"):
         r = await client.post("/api/v1/activations", json={"rule": rule}, headers=remote(LAN))
         assert r.status == 201
@@ -233,7 +228,7 @@ async def test_tokenless_activations_per_host_are_capped(client: Client, svc: Se
 
 
 async def test_activations_are_paged_and_status_stays_small(
-        client: Client, svc: Service) -> None:
+        client: ApiClient, svc: Service) -> None:
     for i in range(25):
         svc.engine.activate("demo", f"192.168.1.{100 + i}", ttl=600)
     seen: list[str] = []
@@ -326,7 +321,7 @@ def test_detected_activations_are_bounded_in_total(clock: FakeClock) -> None:
 
 
 async def test_full_event_stream_pool_leaves_room_for_the_admin(
-        client: Client, svc: Service) -> None:
+        client: ApiClient, svc: Service) -> None:
     for i in range(MAX_SUBSCRIBERS):
         svc.hub.subscribe(f"192.168.1.{i}")
     r = await client.get("/api/v1/events")  # loopback, without the token
@@ -359,7 +354,7 @@ def test_share_latest_does_not_take_another_rules_ports(clock: FakeClock) -> Non
         "udp/5000": "192.168.1.2", "udp/5001": "192.168.1.4"}
 
 
-async def test_adhoc_ports_obey_a_rules_hosts_list(client: Client, svc: Service) -> None:
+async def test_adhoc_ports_obey_a_rules_hosts_list(client: ApiClient, svc: Service) -> None:
     r = await client.post("/api/v1/activations", json={"open": ["udp/25000"]},
                           headers=remote(LAN))
     assert r.status == 403
@@ -440,7 +435,7 @@ async def test_ipv6_addresses_of_one_prefix_share_the_per_host_limit(
         await svc.stop()
 
 
-async def test_a_body_that_never_comes_is_408(client: Client,
+async def test_a_body_that_never_comes_is_408(client: ApiClient,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api_mod, "BODY_TIMEOUT", 0.5)
     port = client.server.port
@@ -458,7 +453,7 @@ async def test_a_body_that_never_comes_is_408(client: Client,
         writer.close()
 
 
-async def test_a_body_in_two_pieces_is_read_whole(client: Client) -> None:
+async def test_a_body_in_two_pieces_is_read_whole(client: ApiClient) -> None:
     port = client.server.port
     assert port is not None
     body = b'{"rule": "demo", "ttl": 60}'

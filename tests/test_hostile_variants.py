@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger.api.app import ApiSettings, make_app
+from igdtrigger.api.access import ApiSettings
+from igdtrigger.api.app import make_app
 from igdtrigger.api.httpguard import ConnectionGuard, ConnectionLimits, _peer_key, admin_socket
 from igdtrigger.cli import client as client_mod
 from igdtrigger.config import parse_config
@@ -32,17 +33,15 @@ from igdtrigger.core.errors import ConfigError
 from igdtrigger.runtime.service import Service
 
 from . import test_hostile
-from .fakes import FakeClock
+from .fakes import ApiClient, FakeClock
 from .test_api_auth import fake_remote
 from .test_conntrack import wait_until
 from .test_hostile import CONFIG, _service, remote
 from .test_httpguard import quiet_server_log
 
-Client = TestClient[Any, Any]
 V6 = {**CONFIG, "api": {**CONFIG["api"], "allow": ["192.168.1.0/24", "fd00:1::/48"],
                          "rate_limit": 1000, "rate_burst": 1000}}
-clock = test_hostile.clock  # fixtures shared with test_hostile (its client serves our svc)
-client = test_hostile.client
+client = test_hostile.client  # test_hostile's fixture: its client serves our svc
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
 
 
 async def test_adhoc_activations_from_rotating_ipv6_addresses_are_bounded(
-        client: Client, svc: Service) -> None:
+        client: ApiClient, svc: Service) -> None:
     codes = []
     for i in range(12):  # privacy addresses of one /64, each asking for ad-hoc ports
         r = await client.post("/api/v1/activations", json={"open": [f"udp/{20000 + i}"]},
@@ -65,7 +64,7 @@ async def test_adhoc_activations_from_rotating_ipv6_addresses_are_bounded(
 
 
 async def test_refreshing_with_new_meta_does_not_grow_the_activation(
-        client: Client, svc: Service) -> None:
+        client: ApiClient, svc: Service) -> None:
     for n in range(50):
         meta = {f"k{n}-{i}": "x" * 256 for i in range(16)}
         r = await client.post("/api/v1/activations", json={"rule": "demo", "meta": meta},
@@ -231,7 +230,7 @@ def test_ipv4_mapped_addresses_are_judged_as_ipv4() -> None:
 
 
 async def test_clients_that_hang_up_mid_body_log_one_line_without_traceback(
-        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+        client: ApiClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, "aiohttp.server")
     port = client.server.port
     assert port is not None

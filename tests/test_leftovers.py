@@ -25,7 +25,7 @@ from igdtrigger.runtime.leftovers import (
 from igdtrigger.sim.device import SimulatedRouter
 from igdtrigger.sim.router import SimulatedIgdThread, run_in_thread
 
-from .test_dashboard import free_port, wait_for
+from .fakes import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,7 +190,7 @@ def test_gateway_list_and_clean_remove_ours_never_another_programs(
         tmp_path: Path, router: SimulatedIgdThread, request: pytest.FixtureRequest) -> None:
     import json
 
-    from igdtrigger.runtime.service import derived_tag
+    from igdtrigger.runtime.state import derived_tag
 
     state = tmp_path / "state"
     cfg = write_config(tmp_path, router, state)
@@ -198,7 +198,12 @@ def test_gateway_list_and_clean_remove_ours_never_another_programs(
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "igdtrigger",
                              "run"])
-    request.addfinalizer(lambda: (live.kill(), live.wait()))
+
+    def reap() -> None:
+        live.kill()
+        live.wait()
+
+    request.addfinalizer(reap)
     mine = derived_tag(state)  # no service ever wrote the state directory: the derived tag
     add_mappings(router, [
         (41000, "127.0.0.1", "libminiupnpc"),  # upnpc -a on this host: another program's

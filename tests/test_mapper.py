@@ -23,11 +23,6 @@ def want(*specs: MappingSpec) -> dict[MappingKey, MappingSpec]:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def gw(clock: FakeClock) -> FakeGateway:
     return FakeGateway(clock)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -17,7 +16,7 @@ from igdtrigger.gateway.select import build_gateway
 from igdtrigger.runtime.service import Service
 from igdtrigger.sim.router import SimulatedIgdServer
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import ApiClient, FakeClock, FakeGateway
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -40,7 +39,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
-async def scrape(client: TestClient[Any, Any]) -> str:
+async def scrape(client: ApiClient) -> str:
     r = await client.get("/metrics")
     assert r.status == 200
     assert r.headers["Content-Type"].startswith("text/plain")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-import igdtrigger.runtime.service as service_mod
+import igdtrigger.runtime.detectors as service_mod
 from igdtrigger.api.app import make_app
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.cli.doctor import check_detectors, check_tracking, doctor
@@ -31,6 +31,7 @@ from igdtrigger.core.model import PortRange, Proto, parse_port_spec
 from igdtrigger.detect.base import FlowSink
 from igdtrigger.detect.nfttrack import TABLE, KernelTracking, NftResult, merge_ranges, ruleset
 from igdtrigger.runtime.service import Service
+from igdtrigger.runtime.views import DetectorView
 
 from .fakes import FakeClock, FakeGateway
 
@@ -101,7 +102,7 @@ class FakeDetector:
         await asyncio.Event().wait()
 
 
-def detectors_of(svc: Service) -> dict[str, dict[str, Any]]:
+def detectors_of(svc: Service) -> dict[str, DetectorView]:
     return {d["name"]: d for d in svc.status()["detectors"]}
 
 
@@ -360,7 +361,7 @@ def test_doctor_detector_lines_use_the_tracking_verdict(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(nfttrack, "find_nft", lambda: None)
     monkeypatch.setattr(nfttrack, "probe_events", lambda timeout=1.0, wanted=None: False)
-    monkeypatch.setattr("igdtrigger.cli.serve.build_detectors", lambda config: [Ok()])
+    monkeypatch.setattr("igdtrigger.runtime.compose.build_detectors", lambda config: [Ok()])
     [line] = check_detectors(parse_config({"rules": RULES}))
     assert line.level == "ok" and "over netlink" in line.detail  # no nft: netlink does it
     [line] = check_detectors(parse_config({"rules": RULES, "detect": {"track_flows": False}}))

@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.fakes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,11 +174,6 @@ def test_systemd_unit() -> None:
                     and "No such file" not in ln]
         assert problems == [], problems
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

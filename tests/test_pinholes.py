@@ -174,11 +174,6 @@ def ph(port: int, address: str = ADDR, proto: Proto = Proto.UDP) -> PinholeSpec:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def fw(clock: FakeClock) -> FakeFirewall:
     return FakeFirewall(clock)
 
@@ -438,7 +433,7 @@ async def test_service_opens_pinholes_for_its_own_machine_only_and_closes_them(
     fw = FakeFirewall(clock)
     assert svc.pinholes is not None
     svc.pinholes.client = fw
-    svc.ipv6_addresses = lambda: [ADDR, ADDR2]  # type: ignore[method-assign]
+    svc.pipeline.ipv6_addresses = lambda: [ADDR, ADDR2]  # type: ignore[method-assign]
     await svc.start()
     try:
         other = await svc.activate("demo", "192.168.1.99", ttl=60, source=Source.API)
@@ -473,7 +468,7 @@ async def test_service_says_why_ipv6_stays_closed(tmp_path: Path) -> None:
     fw = FakeFirewall(clock, inbound=False)
     assert svc.pinholes is not None
     svc.pinholes.client = fw
-    svc.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
+    svc.pipeline.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
     await svc.start()
     try:
         act = await svc.activate("demo", gw.local_address, ttl=60, source=Source.API)
@@ -514,7 +509,7 @@ async def test_a_silent_ipv6_side_never_holds_up_ipv4(tmp_path: Path) -> None:
     fw.connect = silent  # type: ignore[method-assign]
     assert svc.pinholes is not None
     svc.pinholes.client = fw
-    svc.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
+    svc.pipeline.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
     await svc.start()
     try:
         await svc.activate("a", gw.local_address, ttl=60, source=Source.API, wait=1.0)

@@ -448,5 +448,6 @@ def test_pcp_decode_keeps_version_opcode_and_lifetime_of_partial_replies() -> No
 
 def test_third_party_refusal_keeps_the_result_name() -> None:
     tp = pcp_error("MAP UDP 4000", 5, third_party="192.168.77.11")
+    assert isinstance(tp, NotAuthorized)
     assert tp.description == PCP_RESULTS[5]
     assert "pcp_allow_thirdparty=yes" in tp.hint

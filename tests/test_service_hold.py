@@ -30,11 +30,6 @@ CONN = Flow(Proto.TCP, ipaddress.ip_address(HOST), ipaddress.ip_address("11.22.3
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 async def svc(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Service]:
     gw = FakeGateway(clock, local_address=HOST)
     service = Service(parse_config(CONFIG), gw, clock=clock, state_dir=tmp_path)
@@ -55,7 +50,7 @@ async def test_a_live_connection_shows_as_held_until_it_closes(
         assert data["counts"]["flows_live"] == 1
         _print_activation(act)
         assert "held by 1 live flow, closes 5s after they end" in capsys.readouterr().out
-        record = svc._journal_record(svc.engine.activations[act["id"]])
+        record = svc.pipeline.journal_record(svc.engine.activations[act["id"]])
         assert record.expires_wall == math.inf  # journaled as held (see the crash tests)
 
         clock.advance(600)
@@ -124,8 +119,8 @@ async def crashed_while_held(tmp_path: Path, clock: FakeClock, gw: FakeGateway,
     await first.start()
     first.observe(CONN)
     first.observe(FlowLive(CONN, connected=True))
-    first._journal_new()
-    first._journal_activations()
+    first.pipeline._journal_new()
+    first.pipeline._journal_activations()
     clock.advance(held_for)  # silent: nothing more is written while it is held
     for task in first._tasks:
         task.cancel()

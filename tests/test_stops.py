@@ -28,11 +28,11 @@ from igdtrigger.core.errors import UsageError
 from igdtrigger.core.model import MappingSpec, Proto
 from igdtrigger.gateway.base import Granted
 from igdtrigger.runtime.journal import FILENAME, Journal, JournalActivation
-from igdtrigger.runtime.service import Service, derived_tag
+from igdtrigger.runtime.service import Service
+from igdtrigger.runtime.state import derived_tag
 
-from .fakes import FakeClock, FakeGateway
+from .fakes import FakeClock, FakeGateway, free_port, wait_ready
 from .test_daemon_ops import CONFIG as SERVE_CONFIG
-from .test_dashboard import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40002"], "idle_timeout": "10m"}]}
@@ -60,9 +60,7 @@ def test_every_terminating_signal_is_a_clean_stop(tmp_path: Path, sig: int) -> N
     """SIGHUP (a closed terminal, a dropped SSH session) used to kill `serve` with every mapping
     left open; now it, SIGQUIT, SIGINT and SIGTERM all remove the mappings, end the activations
     and exit 0. The simulated router's journal is apart from the real service's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(SERVE_CONFIG)
     ready = tmp_path / "ready"
@@ -74,10 +72,7 @@ def test_every_terminating_signal_is_a_clean_stop(tmp_path: Path, sig: int) -> N
          "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        wait_ready(proc, ready, why=proc.communicate)
         act = subprocess.run([sys.executable, "-m", "igdtrigger", "activate", "demo", "--for",
                               "1h", "--server", f"http://127.0.0.1:{port}"], env=env,
                              capture_output=True, text=True, timeout=30)
@@ -446,10 +441,7 @@ def _serve(tmp_path: Path, config_text: str, *extra: str) -> tuple[subprocess.Po
         [sys.executable, "-m", "igdtrigger", "serve", "--config", str(config), *extra,
          "--listen", f"127.0.0.1:{port}", "--ready-file", str(ready)], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    wait_ready(proc, ready, why=proc.communicate)
     return proc, ready
 
 

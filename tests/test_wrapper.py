@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from igdtrigger.core.errors import ConfigError
+from tests.fakes import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ def igdt(*args: str, **kw: Any) -> subprocess.Popen[str]:
     env = {**os.environ, "IGDTRIGGER_STATE_DIR": str(kw.pop("state", "/nonexistent")),
            **kw.pop("env_extra", {})}
     return subprocess.Popen([sys.executable, "-m", "igdtrigger", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
 @pytest.mark.parametrize("code", [0, 1, 3, 42, 255])
@@ -177,27 +178,16 @@ SHOW_ACTIVATION = ("import os, sys; print(os.environ.get('IGDTRIGGER_ACTIVATION'
                    "os.environ.get('IGDTRIGGER_PORTS', '-')); sys.exit(7)")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`igdtrigger serve` with a simulated router; yields (URL, config path)."""
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "service.toml"
     cfg.write_text(SERVICE_CONFIG.format(port=port))
     ready = tmp_path / "ready"
     p = igdt("serve", "--config", str(cfg), "--ready-file", str(ready), state=tmp_path / "state")
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, "serve did not start"
-        time.sleep(0.05)
+    wait_ready(p, ready, why=p.communicate)
     try:
         yield f"http://127.0.0.1:{port}", cfg
     finally:
@@ -304,10 +294,7 @@ def test_shell_wrapper_holds_ports_while_the_command_runs(service: tuple[str, Pa
                "time.sleep(30)\n")
     p = subprocess.Popen(["sh", str(script), "demo", sys.executable, "-c", sleeper], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while not marker.exists():
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.05)
+    wait_ready(p, marker, why=p.communicate)
     assert len(api_get(f"{url}/api/v1/activations")["activations"]) == 1
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=20)

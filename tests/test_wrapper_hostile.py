@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from igdtrigger.cli import run as wrapper
-from igdtrigger.cli.run import ProcessWaiter
+from igdtrigger.cli import child as wrapper
+from igdtrigger.cli.child import ProcessWaiter
 
 from .test_wrapper import api_get, igdt, service  # noqa: F401 (the fixture)
 

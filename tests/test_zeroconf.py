@@ -12,7 +12,8 @@ import pytest
 from igdtrigger.cli import client
 from igdtrigger.cli import main as cli
 from igdtrigger.cli.discovery import Found, advertised_addresses, txt_properties
-from igdtrigger.config import ConfigError, parse_config
+from igdtrigger.config import parse_config
+from igdtrigger.core.errors import ConfigError
 
 LAN_SERVICE = Found("igdtrigger on nas._igdtrigger._tcp.local.", "192.168.1.5", 8731,
                     {"path": "/api/v1"})

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from igdtrigger.api.httpguard import ConnectionGuard
     from igdtrigger.runtime.service import Service
 
+__all__ = [
+    "LATENCY_BUCKETS",
+    "Metrics",
+]
+
 # router round trips: LAN routers answer in ms, slow ones in seconds
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

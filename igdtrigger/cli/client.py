@@ -16,14 +16,32 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from igdtrigger.config import default_state_dir
 from igdtrigger.core.errors import ApiError, ServiceBusy, ServiceUnavailable, UsageError
 from igdtrigger.core.settings import DEFAULT_PORT, ApiConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the shapes only: `run`'s start-up imports no more than it did
     from igdtrigger.config import Config
+    from igdtrigger.runtime.views import ActivationView, HealthView, StatusView
+
+__all__ = [
+    "ADMIN_SOCKET",
+    "AUTO",
+    "DEFAULT_SERVER",
+    "LOCAL_PROBE_TIMEOUT",
+    "Client",
+    "Resolved",
+    "connected_peer_uid",
+    "is_loopback_url",
+    "local_access",
+    "local_admin_socket",
+    "pick_token",
+    "read_token",
+    "resolve_server",
+    "token_owner",
+]
 
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 AUTO = "auto"
@@ -343,6 +361,23 @@ class Client:
                   f"{uid}, not as the service's user (uid {self.token_uid}, the owner of its "
                   "token file): the admin token is not sent to it", file=sys.stderr)
             self.token = None
+
+    def health(self) -> HealthView:
+        """``GET /healthz``. Raises ``ApiError`` (503: a dead or stuck scheduler, named),
+        ``ServiceUnavailable``, ``ServiceBusy``."""
+        return cast("HealthView", self.request("GET", "/healthz"))
+
+    def status(self) -> StatusView:
+        """``GET /api/v1/status`` (the read role). Raises ``ApiError`` (401 without it),
+        ``ServiceUnavailable``, ``ServiceBusy``."""
+        return cast("StatusView", self.request("GET", "/api/v1/status"))
+
+    def activate(self, body: dict[str, Any], *, timeout: float | None = None,
+                 ) -> ActivationView:
+        """``POST /api/v1/activations`` with ``body`` (``rule`` or ``open``, ``ttl``, ``host``,
+        ``source``, ``meta``). Raises ``ApiError`` (400/403/404/429), ``ServiceUnavailable``."""
+        return cast("ActivationView", self.request("POST", "/api/v1/activations", body,
+                                                   timeout=timeout))
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 *, timeout: float | None = None) -> Any:

@@ -17,6 +17,21 @@ from typing import Any, TextIO
 from igdtrigger.config import Config, default_state_dir, load_config
 from igdtrigger.core.errors import ApiError, ConfigError, IgdTriggerError
 
+__all__ = [
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "Check",
+    "check_api",
+    "check_detectors",
+    "check_gateway",
+    "check_privileges",
+    "check_state_dir",
+    "check_tracking",
+    "doctor",
+    "effective_capabilities",
+    "healthcheck",
+]
+
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 
@@ -62,7 +77,7 @@ def check_privileges(config: Config, caps: int | None) -> Check:
 
 
 def check_detectors(config: Config) -> list[Check]:
-    from igdtrigger.cli.serve import build_detectors
+    from igdtrigger.runtime.compose import build_detectors
 
     out: list[Check] = []
     try:
@@ -97,16 +112,17 @@ def check_detectors(config: Config) -> list[Check]:
 def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
     """conntrack can subscribe; will it see trigger flows? Only if the kernel tracks them:
     the service's own nftables table (needs nft), or this machine's own rules (probed)."""
-    from igdtrigger.detect.nfttrack import TABLE, KernelTracking
+    from igdtrigger.runtime import compose
 
-    t = tracking or KernelTracking(enabled=config.detect.track_flows)
+    t = tracking or compose.kernel_tracking(config)
+    table = compose.tracking_table()
     name = "detector conntrack"
     wanted = getattr(det, "wanted", None)
     if not any(r.trigger for r in config.rules):
         return Check("ok", name, "can run (no rule has a trigger port)")
     if t.enabled and t.available:
         how = t.nft or "over netlink: no nft command"
-        return Check("ok", name, f"can run; the service loads nftables table {TABLE} so the "
+        return Check("ok", name, f"can run; the service loads nftables table {table} so the "
                      f"kernel tracks the trigger flows ({how})")
     why = ("[detect] track_flows = false" if not t.enabled
            else "the nft command is missing")
@@ -120,10 +136,9 @@ def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
 
 
 async def _probe_gateway(config: Config, timeout: float) -> tuple[Any, Any, str]:
-    from igdtrigger.gateway.select import build_gateway
+    from igdtrigger.runtime.compose import gateway_from_config
 
-    gw = build_gateway(config.gateway.url, backend=config.gateway.backend,
-                       discover_timeout=config.gateway.discover_timeout)
+    gw = gateway_from_config(config, protocol="upnp")
     try:
         async with asyncio.timeout(timeout):
             info = await gw.connect()
@@ -205,7 +220,7 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     client = Client(where.url, token=chosen, timeout=3.0, admin_socket=sock, token_uid=uid,
                     token_guessed=guessed)
     try:
-        health = client.request("GET", "/healthz")
+        health = client.health()
     except IgdTriggerError as exc:
         return [Check("warn", "api", f"no service at {where.url} ({where.how}): {exc}",
                       "start it: `igdtrigger serve`, `systemctl start igdtrigger` or "
@@ -213,7 +228,7 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     out = [Check("ok", "api", f"service {health.get('version', '?')} answers at {where.url} "
                  f"({where.how})")]
     try:
-        status = client.request("GET", "/api/v1/status")
+        status = client.status()
     except ApiError as exc:
         if exc.status == 401:
             out.append(Check("ok", "api access", "status needs the admin token from here",

@@ -31,6 +31,27 @@ from igdtrigger.core.model import MappingSpec, PinholeSpec, Proto, RouterMapping
 from igdtrigger.core.traits import NO_READBACK
 from igdtrigger.gateway.base import Gateway, GatewayInfo
 from igdtrigger.netutil import default_gateway
+from igdtrigger.runtime import compose
+
+__all__ = [
+    "PinholeEntry",
+    "ProbeResult",
+    "TableEntry",
+    "candidates",
+    "classify",
+    "close_pinholes",
+    "ipv6_verdict",
+    "journaled_pinholes",
+    "live_service_tag",
+    "main",
+    "pinhole_report",
+    "probe_all",
+    "report",
+    "router_table",
+    "state_tag",
+    "table_main",
+    "table_report",
+]
 
 
 @dataclass
@@ -59,21 +80,12 @@ class ProbeResult:
 
 
 def candidates(config: Config) -> list[tuple[str, Gateway]]:
-    from igdtrigger.gateway.select import build_gateway
-
-    gw_cfg = config.gateway
-    url = None if gw_cfg.simulate else gw_cfg.url
+    url = None if config.gateway.simulate else config.gateway.url
     out: list[tuple[str, Gateway]] = [
-        ("upnp-igd", build_gateway(url, backend=gw_cfg.backend,
-                                   discover_timeout=gw_cfg.discover_timeout))]
+        ("upnp-igd", compose.gateway_from_config(config, protocol="upnp"))]
     router_ip = (urllib.parse.urlsplit(url).hostname if url else None) or default_gateway()
     if router_ip:
-        try:
-            from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
-        except ImportError:  # pragma: no cover - shipped together
-            return out
-        out.append(("pcp", PcpGateway(router_ip)))
-        out.append(("nat-pmp", NatPmpGateway(router_ip)))
+        out.extend(compose.nat_pmp_candidates(router_ip))
     return out
 
 
@@ -178,9 +190,7 @@ async def _delete_test(gw: Gateway, spec: MappingSpec, out: dict[str, Any], *,
 
 async def ipv6_verdict(location: str, timeout: float) -> str:
     """What the router's IPv6 firewall service (WANIPv6FirewallControl) says, for pinholes."""
-    from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
-
-    client = FirewallClient(lambda: location, timeout=timeout)
+    client = compose.firewall_client(lambda: location, timeout=timeout)
     try:
         async with asyncio.timeout(timeout):
             fw = await client.connect()
@@ -188,8 +198,7 @@ async def ipv6_verdict(location: str, timeout: float) -> str:
         return f"pinholes unknown: the router's IPv6 side did not answer within {timeout:g}s"
     except GatewayError as exc:
         return f"no pinholes: {exc}"
-    iface = client.interface()
-    ours = global_ipv6_addresses(iface) if iface else []
+    ours = compose.ipv6_addresses(client)
     if not fw.enabled:
         return "IPv6 firewall off on the router: IPv6 ports are open without pinholes"
     if not fw.inbound_allowed:
@@ -202,9 +211,7 @@ async def probe_all(config: Config, *, timeout: float, test: bool) -> list[Probe
     if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
         from dataclasses import replace
 
-        from igdtrigger.sim.router import SimulatedIgdServer
-
-        async with SimulatedIgdServer() as sim:
+        async with compose.simulated_router() as sim:
             return await _probe_all(
                 replace(config, gateway=replace(config.gateway, url=sim.url)),
                 timeout=timeout, test=test, only_upnp=True)
@@ -306,7 +313,7 @@ class TableEntry:
 def state_tag(config: Config) -> str:
     """The instance tag this machine's service uses with this config's state directory."""
     from igdtrigger.config import default_state_dir
-    from igdtrigger.runtime.service import derived_tag
+    from igdtrigger.runtime.state import derived_tag
 
     state = config.state_dir or default_state_dir()
     try:
@@ -323,7 +330,7 @@ def live_service_tag(config: Config) -> tuple[bool, str | None]:
 
     client = Client(config.api.url, token=read_token(config.state_dir), timeout=2.0)
     try:
-        status = client.request("GET", "/api/v1/status")
+        status = client.status()
     except IgdTriggerError as exc:
         answered = getattr(exc, "status", None) is not None
         return answered, None
@@ -439,15 +446,12 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool, timeout: f
     hold. Raises ``GatewayError`` when the router does not answer."""
     from igdtrigger.config import default_state_dir
     from igdtrigger.core.errors import NoSuchMapping
-    from igdtrigger.gateway.select import build_gateway
-
     gw_cfg = config.gateway
     if gw_cfg.simulate:
         raise GatewayError('gateway.url = "simulate": there is no router table to list')
     live, live_tag = await asyncio.to_thread(live_service_tag, config)
     my_tag = state_tag(config)
-    gw = build_gateway(gw_cfg.url, backend=gw_cfg.backend, protocol=gw_cfg.protocol,
-                       discover_timeout=gw_cfg.discover_timeout)
+    gw = compose.gateway_from_config(config)
     try:
         async with asyncio.timeout(timeout + gw_cfg.discover_timeout):  # discovery, then ask
             info = await gw.connect()
@@ -474,10 +478,8 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool, timeout: f
         holes = journaled_pinholes(config.state_dir or default_state_dir(), service_live=live,
                                    tag=my_tag)
         if clean and not dry_run and any(h.leftover for h in holes):
-            from igdtrigger.gateway.upnp.pinhole import FirewallClient
-
             location = info.location
-            await close_pinholes(holes, FirewallClient(lambda: location))
+            await close_pinholes(holes, compose.firewall_client(lambda: location))
     except TimeoutError:
         raise GatewayError("the router did not answer within "
                            f"{timeout + gw_cfg.discover_timeout:g}s") from None

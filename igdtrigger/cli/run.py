@@ -27,6 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from igdtrigger.cli.child import (
+    FORWARDED,
+    SIGTIMEDWAIT,
+    ProcessWaiter,
+    become_subreaper,
+    exit_status,
+    pauser,
+    wait_forwarding,
+)
 from igdtrigger.cli.client import Client
 from igdtrigger.config import Config
 from igdtrigger.core.errors import (
@@ -43,18 +52,28 @@ from igdtrigger.core.rules import Rule
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
-    from igdtrigger.core.model import MappingKey, MappingSpec, PinholeSpec, PortRange
-    from igdtrigger.gateway.base import GatewayInfo
-    from igdtrigger.runtime.journal import Journal
-    from igdtrigger.runtime.pinholes import PinholeKeeper
+    from igdtrigger.core.model import PortRange
+
+__all__ = [
+    "HEARTBEAT_TTL",
+    "INFER_ENV",
+    "LATE_RETRY",
+    "STOP_TIMEOUT",
+    "WAIT_START",
+    "Holder",
+    "ServiceHolder",
+    "StandaloneHolder",
+    "infer_rule",
+    "opened_line",
+    "ports_env",
+    "run",
+    "slug",
+]
 
 log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0
-STANDALONE_LEASE = 300.0
-# every signal whose default would end the wrapper (and leave its ports open) goes to the game
-_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH",
-              "SIGALRM", "SIGPWR")
+STOP_TIMEOUT = 4.0  # s: the standalone wrapper's wait for the router to delete at the end
 
 
 def _warn(message: str) -> None:
@@ -198,56 +217,52 @@ class StandaloneHolder(Holder):
             _warn(f"could not open ports: {exc}")
 
     async def _amain(self) -> None:
+        # in-function imports: only a standalone `run` (no service) pays for the pipeline
         import asyncio
 
         from igdtrigger.config import default_state_dir
-        from igdtrigger.core.engine import Engine
-        from igdtrigger.gateway.select import build_gateway
-        from igdtrigger.runtime.journal import Journal
+        from igdtrigger.runtime import compose
+        from igdtrigger.runtime.journal import Journal, no_boot_clock
         from igdtrigger.runtime.leftovers import (
-            dead_run_tag,
             dead_runs,
             hold_beacon,
             own_run_dir,
             remove_run_dir,
-            take_over,
         )
-        from igdtrigger.runtime.mapper import Mapper, MapState
+        from igdtrigger.runtime.mapper import MapState
+        from igdtrigger.runtime.pipeline import Pipeline, Settings
 
         self.loop = asyncio.get_running_loop()
         self._stop_async = asyncio.Event()
-        gw_cfg = self.config.gateway
-        if gw_cfg.simulate:
+        if self.config.gateway.simulate:
             _warn("gateway.url = \"simulate\" needs a running service; not opening ports")
             return
-        gateway = build_gateway(gw_cfg.url, backend=gw_cfg.backend, protocol=gw_cfg.protocol,
-                                discover_timeout=gw_cfg.discover_timeout)
-        clock = self.loop.time
-        tag = f"run{os.getpid()}"
+        gateway = compose.gateway_from_config(self.config)
         # held until the process ends: says "alive" to any igdtrigger sharing this network
         # namespace, whatever its pid namespace (leftovers.py)
         self.beacon = hold_beacon()
-        engine = Engine([self.rule], clock=clock, tag=tag)
-        lease = min(STANDALONE_LEASE, gw_cfg.lease)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
             return
-        # What this wrapper maps is journaled (a kill -9 on a router that only takes permanent
-        # leases would leave it forever); what dead wrappers left is taken over and removed.
+        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
+        # that only takes permanent leases would leave it forever); what dead wrappers left is
+        # taken over and removed: the service's pipeline, with the standalone lease.
         state_dir = self.config.state_dir or default_state_dir()
         run_dir = own_run_dir(state_dir)
-        journal = Journal.open(run_dir)
-        take_over(journal, dead_runs(state_dir))
-        mapper = Mapper(gateway, clock=clock, tag=tag, lease=lease,
-                        verify_interval=gw_cfg.verify_interval,
-                        check_before_add=gw_cfg.check_before_add, journal=journal,
-                        reclaim=dead_run_tag, abandon=self.done.is_set)
-        mapper.adopt_orphans([m.spec for m in journal.mappings()])
-        engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
-        desired = engine.desired()
-        await mapper.reconcile(desired)
+        upnp = info.protocol == "upnp-igd"
+        pipeline = Pipeline(
+            [self.rule], gateway, Journal.open(run_dir),
+            settings=Settings.from_config(self.config.gateway, standalone=True),
+            clock=self.loop.time, wall=time.time, boot=no_boot_clock, tag=f"run{os.getpid()}",
+            pinhole_client=compose.firewall_client(lambda: info.location) if upnp else None,
+            ipv6_addresses=compose.ipv6_addresses, local_address=lambda: info.local_address,
+            abandon=self.done.is_set)
+        pipeline.restore(dead_runs(state_dir))
+        pipeline.engine.activate(self.rule.name, info.local_address, ttl=7 * 86400.0)
+        await pipeline.round()
+        mapper, desired = pipeline.mapper, pipeline.desired()
         n_ok = mapper.count(MapState.ACTIVE)
         if n_ok < len(desired) and not self.done.is_set():
             _warn(f"opened {n_ok} of {len(desired)} port(s) for rule {self.rule.name}; "
@@ -261,52 +276,21 @@ class StandaloneHolder(Holder):
             if self.on_mapped is not None:
                 self.on_mapped()
         self.ready.set()
-        holes, keeper = self._pinholes(info, desired, clock, lease, journal)
+        keeper = pipeline.pinholes
         if keeper is not None:  # IPv6 after IPv4: the game is not kept waiting for it
-            await keeper.reconcile(holes)
+            await keeper.reconcile(pipeline.desired_pinholes())
             if keeper.reason:
                 _warn(f"IPv6 ports not opened: {keeper.reason}")
-        while not self._stop_async.is_set():
-            deadlines = [d for d in (mapper.next_deadline(),
-                                     keeper.next_deadline() if keeper else None) if d]
-            delay = 30.0 if not deadlines else max(0.05, min(deadlines) - clock())
-            try:
-                await asyncio.wait_for(self._stop_async.wait(), delay)
-            except TimeoutError:
-                await mapper.reconcile(desired)
-                if keeper is not None:
-                    await keeper.reconcile(holes)
-        try:
-            await asyncio.wait_for(mapper.remove_all(), 4.0)
-            for left in mapper.left_open:
-                _warn(left.describe())
-            if keeper is not None:
-                await asyncio.wait_for(keeper.remove_all(), 4.0)
-        except TimeoutError:
-            _warn(f"router did not answer; mappings lapse within {lease:g}s (or the next "
-                  "igdtrigger run or serve removes them)")
-        await gateway.close()
-        remove_run_dir(journal, run_dir)
-
-    def _pinholes(self, info: GatewayInfo, desired: dict[MappingKey, MappingSpec],
-                  clock: Callable[[], float], lease: float, journal: Journal,
-                  ) -> tuple[set[PinholeSpec], PinholeKeeper | None]:
-        """The same ports over IPv6 to this machine, when the router's firewall takes them."""
-        if not self.config.gateway.ipv6_pinholes or info.protocol != "upnp-igd":
-            return set(), None
-        from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
-        from igdtrigger.runtime.pinholes import PinholeKeeper
-
-        client = FirewallClient(lambda: info.location)
-        iface = client.interface()
-        addrs = global_ipv6_addresses(iface) if iface else []
-        if not addrs:
-            return set(), None
-        from igdtrigger.core.model import PinholeSpec
-
-        holes = {PinholeSpec(a, s.proto, s.internal_port) for s in desired.values()
-                 for a in addrs}
-        return holes, PinholeKeeper(client, clock=clock, lease=lease, journal=journal)
+        pipeline.start()
+        await self._stop_async.wait()
+        await pipeline.stop_tasks()
+        await pipeline.remove_all(STOP_TIMEOUT)
+        for left in mapper.left_open:
+            _warn(left.describe())
+        if pipeline.removal_timed_out:
+            _warn(f"router did not answer; mappings lapse within {mapper.lease:g}s (or the "
+                  "next igdtrigger run or serve removes them)")
+        remove_run_dir(pipeline.journal, run_dir)
 
     def stop(self, timeout: float = 5.0) -> None:
         self.done.set()
@@ -385,84 +369,6 @@ def ports_env(activation: dict[str, Any]) -> str:
         internal = name.rpartition("/")[2]
         out.append(name if ext is None or str(ext) == internal else f"{name}={ext}")
     return ",".join(out)
-
-
-def _exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
-# Linux tells a signal sent to us alone (kill) from one the terminal sent to the whole
-# foreground group (the child got that one itself) by its si_code, read with sigtimedwait.
-_SIGTIMEDWAIT = hasattr(signal, "sigtimedwait") and hasattr(signal, "pthread_sigmask")
-# Without it (macOS): these come from the terminal to the whole group, so we do not repeat them;
-# the others are forwarded by a plain handler.
-_TTY_SIGNALS = ("SIGINT", "SIGQUIT", "SIGWINCH")
-
-
-def _wait_forwarding(child: subprocess.Popen[bytes], sigs: set[signal.Signals]) -> int:
-    """Wait for the child, forwarding signals sent to us (not the tty's: it got those itself)."""
-    if not _SIGTIMEDWAIT:
-        return _wait_with_handlers(child, sigs)
-    waited = sigs | {signal.SIGCHLD}
-    while True:
-        rc = child.poll()
-        if rc is not None:
-            return rc
-        info = signal.sigtimedwait(waited, 1.0)
-        if info is None or info.si_signo == signal.SIGCHLD:
-            continue
-        # si_code <= 0: sent by kill()/sigqueue()/tkill() to us alone, so pass it on. A positive
-        # code (SI_KERNEL) came from the terminal to the whole foreground group, child included.
-        if info.si_code <= 0:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, info.si_signo)
-
-
-def _wait_with_handlers(child: subprocess.Popen[bytes], sigs: set[signal.Signals]) -> int:
-    """macOS (no sigtimedwait) and Windows: handlers pass signals on while we wait."""
-    previous: dict[signal.Signals, Any] = {}
-
-    def forward(signum: int, _frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError, OSError):
-            os.kill(child.pid, signum)
-
-    if os.name == "posix":
-        tty = {getattr(signal, n) for n in _TTY_SIGNALS if hasattr(signal, n)}
-        for sig in sigs:
-            with contextlib.suppress(OSError, ValueError):
-                previous[sig] = signal.signal(sig, signal.SIG_IGN if sig in tty else forward)
-    try:
-        while True:
-            try:
-                return child.wait()
-            except KeyboardInterrupt:  # Windows: Ctrl-C reached the child too
-                continue
-    finally:
-        for sig, handler in previous.items():
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                signal.signal(sig, handler)
-
-
-def _pauser(sigs: set[signal.Signals]) -> Callable[[float], bool]:
-    """Sleep for ``s`` seconds; True if one of ``sigs`` arrived (time to stop waiting)."""
-    if _SIGTIMEDWAIT:  # the signals are still blocked: take them synchronously
-        def pause(seconds: float) -> bool:
-            return signal.sigtimedwait(sigs, seconds) is not None
-        return pause
-    stop = threading.Event()
-    if os.name == "posix" and threading.current_thread() is threading.main_thread():
-        for sig in sigs:
-            if sig.name == "SIGWINCH":
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(sig, lambda *_: stop.set())
-
-    def pause_event(seconds: float) -> bool:
-        try:
-            return stop.wait(seconds)
-        except KeyboardInterrupt:
-            return True
-    return pause_event
 
 
 # launcher -> the environment variables that name the game, in order of preference
@@ -597,106 +503,11 @@ def run(
     return _launch(command, env, holder, waiter)
 
 
-def become_subreaper() -> bool:
-    """Make this process the child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): what the
-    wrapped command starts and leaves behind (a launcher stub's game) is re-parented here, so
-    it stays our descendant. False where that is not possible."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
-
-
-def _reap_orphans() -> None:
-    """Collect exited processes re-parented to us (we are their subreaper)."""
-    if not hasattr(os, "WNOHANG"):
-        return
-    with contextlib.suppress(ChildProcessError, OSError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-
-
-class ProcessWaiter:
-    """``run --wait-process``: hold on while the named process runs after the command exits.
-
-    The process is looked for among the wrapped command's descendants first (this wrapper is
-    their subreaper, so a game its launcher stub left behind still counts); only when none of
-    them has the name does any process of that name hold the ports, with a warning (another
-    user's copy, or one a running launcher such as Steam started for us)."""
-
-    def __init__(self, names: Sequence[str], start_grace: float,
-                 scan: Callable[[Any], set[str]] | None = None,
-                 family: Callable[[Any], tuple[set[str], set[str]]] | None = None) -> None:
-        from igdtrigger.detect.process import Matcher, default_scanner, scan_family
-
-        self.names = list(names)
-        self.matcher = Matcher(names)
-        self.scan = scan or default_scanner()
-        if family is None and scan is None and sys.platform.startswith("linux"):
-            me = os.getpid()
-            family = lambda m: scan_family(m, me)  # noqa: E731
-        self.family = family
-        self.start_grace = start_grace
-        self._ours_seen = False
-        self._warned_any = False
-
-    def running(self) -> set[str]:
-        """The watched names that hold the ports now (see the class docstring)."""
-        if self.family is None:
-            found = self.scan(self.matcher)
-            if found and not self._warned_any:
-                _warn("cannot tell this command's own processes here: holding the ports while "
-                      f"any process named {', '.join(sorted(found))} runs")
-                self._warned_any = True
-            return found
-        _reap_orphans()
-        ours, anywhere = self.family(self.matcher)
-        if ours or self._ours_seen:
-            self._ours_seen = self._ours_seen or bool(ours)
-            return ours
-        if anywhere and not self._warned_any:
-            _warn(f"{', '.join(sorted(anywhere))} runs, but not as a child of the command: "
-                  "holding the ports while any process of that name runs")
-            self._warned_any = True
-        return anywhere
-
-    def wait(self, pause: Callable[[float], bool], interval: float = 1.0) -> None:
-        """Until the process is gone (or never came); ``pause(s)`` is True when a signal asks us
-        to stop early."""
-        deadline = time.monotonic() + self.start_grace
-        seen = False
-        said = False
-        while True:
-            try:
-                running = self.running()
-            except Exception as exc:  # fail open: release the ports rather than hang
-                _warn(f"cannot list processes ({exc}); releasing the ports")
-                return
-            if running:
-                seen = True
-                if not said:
-                    _info(f"holding the ports while {', '.join(sorted(running))} runs")
-                    said = True
-            elif seen:
-                return
-            elif time.monotonic() >= deadline:
-                _warn(f"{' or '.join(self.names)} did not start within "
-                      f"{self.start_grace:g}s; releasing the ports")
-                return
-            if pause(interval):
-                return
-
-
 def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
             waiter: ProcessWaiter | None = None) -> int:
     """Run the child with signals forwarded; ``holder`` keeps the ports open meanwhile."""
-    sigs = {getattr(signal, n) for n in _FORWARDED if hasattr(signal, n)}
-    blocking = _SIGTIMEDWAIT
+    sigs = {getattr(signal, n) for n in FORWARDED if hasattr(signal, n)}
+    blocking = SIGTIMEDWAIT
     if blocking:
         signal.pthread_sigmask(signal.SIG_BLOCK, sigs | {signal.SIGCHLD})
 
@@ -714,12 +525,12 @@ def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
             return 127 if isinstance(exc, FileNotFoundError) else 126
         if isinstance(holder, ServiceHolder | StandaloneHolder | _Both):
             holder.start()
-        rc = _wait_forwarding(child, sigs)
+        rc = wait_forwarding(child, sigs)
         if waiter is not None:
-            waiter.wait(_pauser(sigs))
+            waiter.wait(pauser(sigs))
     finally:
         if holder is not None:
             holder.stop()
         if blocking:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs | {signal.SIGCHLD})
-    return _exit_status(rc)
+    return exit_status(rc)

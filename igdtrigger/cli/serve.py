@@ -12,12 +12,12 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from igdtrigger.api.app import ADMIN_SOCKET, make_app
+from igdtrigger.api.access import ADMIN_SOCKET
+from igdtrigger.api.app import make_app
 from igdtrigger.api.httpguard import (
     Acceptor,
     ConnectionGuard,
@@ -31,13 +31,20 @@ from igdtrigger.api.metrics import Metrics
 from igdtrigger.cli.sdnotify import Notifier
 from igdtrigger.config import Config, check_state_dir, default_state_dir
 from igdtrigger.core.errors import IgdTriggerError
-from igdtrigger.detect.base import Detector
-from igdtrigger.gateway.select import build_gateway
+from igdtrigger.runtime import compose
 from igdtrigger.runtime.logthrottle import PerKindThrottle, QuietBadRequests
 from igdtrigger.runtime.service import Service
 
 if TYPE_CHECKING:
     from igdtrigger.cli.discovery import Advertiser
+
+__all__ = [
+    "STOP_SIGNALS",
+    "JsonFormatter",
+    "serve",
+    "setup_logging",
+    "stderr_is_journal",
+]
 
 log = logging.getLogger("igdtrigger")
 
@@ -95,30 +102,6 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         server_log.addFilter(QuietBadRequests())
 
 
-def build_detectors(config: Config) -> list[Detector]:
-    """The configured detectors, in order. Without ``[detect] methods`` in the config the socket
-    table only stands in for conntrack (it sees less, and polls)."""
-    det = config.detect
-    detectors: list[Detector] = []
-    if "conntrack" in det.methods:
-        from igdtrigger.detect.conntrack import ConntrackDetector
-
-        detectors.append(ConntrackDetector())
-    if "sockets" in det.methods:
-        from igdtrigger.detect.sockets import SocketTableDetector
-
-        sockets = SocketTableDetector(det.socket_interval)
-        if not det.explicit and "conntrack" in det.methods:
-            sockets.standby_for = "conntrack"
-        detectors.append(sockets)
-    if "process" in det.methods:
-        from igdtrigger.detect.process import ProcessDetector
-
-        names = [n for rule in config.rules for n in rule.process]
-        detectors.append(ProcessDetector(names, det.process_interval))
-    return detectors
-
-
 # Every signal that would otherwise end the process ends in the same clean stop: mappings
 # removed, activations ended. SIGHUP is a closed terminal or a dropped SSH session (not a reload);
 # SIGPWR is init's power failure; SIGUSR1/2 and SIGALRM, unhandled, would kill us just the same.
@@ -136,39 +119,19 @@ def _stop_on(stop: asyncio.Event, sig: signal.Signals) -> None:
 async def serve(config: Config, *, ready_file: str | None = None) -> int:
     check_state_dir(config.state_dir or default_state_dir())
     sim = None
-    url = config.gateway.url
     if config.gateway.simulate:
-        from igdtrigger.sim.router import SimulatedIgdServer
-
-        sim = SimulatedIgdServer()
-        await sim.start()
-        url = sim.url
-        log.info("simulated router (no real router is touched) at %s", url)
-        # the simulated router speaks UPnP only
-        config = replace(config, gateway=replace(config.gateway, url=url, protocol="upnp"))
+        config, sim = await compose.start_simulator(config)
+        log.info("simulated router (no real router is touched) at %s", sim.url)
     metrics = Metrics()
-    gateway = build_gateway(url, backend=config.gateway.backend,
-                            protocol=config.gateway.protocol,
-                            discover_timeout=config.gateway.discover_timeout,
-                            on_call=metrics.on_router_call)
-    detectors = build_detectors(config)
-    tracking = None
-    if any(d.name == "conntrack" for d in detectors):
-        from igdtrigger.detect.nfttrack import KernelTracking
-
-        tracking = KernelTracking(enabled=config.detect.track_flows)
+    gateway = compose.gateway_from_config(config, on_call=metrics.on_router_call)
+    detectors = compose.build_detectors(config)
+    tracking = compose.tracking_for(config, detectors)
     # a simulated router's journal and tag live apart: the real service never restores (or
     # cleans up) what a demo did, nor the demo what the real service holds
     journal_dir = (config.state_dir or default_state_dir()) / "simulate" if sim else None
     service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
                       on_router_call=metrics.on_router_call, tracking=tracking)
-    for det in detectors:  # drop flows no rule cares about before they cost anything
-        if hasattr(det, "wanted"):
-            det.wanted = service.engine.wants
-        if hasattr(det, "ports"):
-            det.ports = service.engine.port_ranges()
-        if hasattr(det, "follows"):
-            det.follows = service.follows
+    service.wire_detectors()  # drop flows no rule cares about before they cost anything
     # front: the IGD front (issue 14), when [front] enabled
     from igdtrigger.front.serving import build_front, drop_front
     front = build_front(service, detectors) if config.front.enabled else None
@@ -296,11 +259,12 @@ async def _advertise(adv: Advertiser) -> None:
 
 
 def _status_line(service: Service, config: Config) -> str:
-    gw = "router up" if service.mapper.gateway_up else (
-        f"router down: {service.mapper.gateway_error}" if service.mapper.gateway_error
+    gw = "router up" if service.gateway_up else (
+        f"router down: {service.gateway_error}" if service.gateway_error
         else "looking for the router")
-    return (f"{len(service.engine.activations)} activation(s), "
-            f"{len(service.mapper.applied)} mapping(s); {gw}; API {config.api.url}")[:200]
+    activations, mappings = service.counts()
+    return (f"{activations} activation(s), {mappings} mapping(s); {gw}; "
+            f"API {config.api.url}")[:200]
 
 
 async def _status_updates(notifier: Notifier, service: Service, config: Config) -> None:

@@ -25,6 +25,8 @@ DEFAULT_ACL = ("allow 1024-65535 0.0.0.0/0 1024-65535", "deny 0-65535 0.0.0.0/0 
 
 @dataclass(frozen=True, slots=True)
 class AclLine:
+    """One parsed line: allow or deny, external ports, client network, internal ports."""
+
     allow: bool
     ext_first: int
     ext_last: int
@@ -35,6 +37,7 @@ class AclLine:
 
     def matches(self, external_port: int, client: ipaddress.IPv4Address | ipaddress.IPv6Address,
                 internal_port: int) -> bool:
+        """All three parts match (a client of the other IP version matches nothing)."""
         return (self.ext_first <= external_port <= self.ext_last
                 and self.int_first <= internal_port <= self.int_last
                 and client.version == self.network.version and client in self.network)
@@ -42,6 +45,8 @@ class AclLine:
 
 @dataclass(frozen=True, slots=True)
 class Acl:
+    """The lines in order (first match wins, no match denies)."""
+
     lines: tuple[AclLine, ...]
 
     def check(self, external_port: int, client: str, internal_port: int) -> AclLine | None:
@@ -58,10 +63,12 @@ class Acl:
         return None
 
     def allows(self, external_port: int, client: str, internal_port: int) -> bool:
+        """The first matching line is an ``allow``."""
         line = self.check(external_port, client, internal_port)
         return line is not None and line.allow
 
     def to_json(self) -> list[str]:
+        """The lines as written (normalised spacing)."""
         return [line.text for line in self.lines]
 
 

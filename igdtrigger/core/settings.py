@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 
 from igdtrigger.core.frontconfig import FrontConfig  # front:
 from igdtrigger.core.model import PortRange, Proto
+from igdtrigger.core.policy import permits
 from igdtrigger.core.rules import Rule
 
 __all__ = [
@@ -84,8 +85,7 @@ class AdhocConfig:
     admin_only: bool = False
 
     def permits(self, rng: PortRange) -> bool:
-        return any(r.proto is rng.proto and r.first <= rng.first and rng.last <= r.last
-                   for r in self.ports)
+        return permits(self.ports, rng)
 
     def to_json(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "ports": [str(r) for r in self.ports],

@@ -24,9 +24,11 @@ from igdtrigger.gateway.upnp.codec import SOAP_ENC, SOAP_ENV, build_soap
 __all__ = [
     "ACTIONS",
     "CIF_SERVICE",
+    "EVENTED",
     "IGD_DEVICE",
     "MAX_REQUEST",
     "SSDP_MAX_AGE",
+    "V2_ONLY",
     "WANIP_SERVICE",
     "SoapError",
     "SoapRequest",
@@ -41,6 +43,8 @@ __all__ = [
     "search_answer",
     "search_response",
     "search_targets",
+    "versioned",
+    "wanip_actions",
 ]
 
 MAX_REQUEST = 16 * 1024  # a SOAP request from a LAN client: the largest real one is ~1 KiB
@@ -134,6 +138,8 @@ class SoapError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SoapRequest:
+    """A parsed control request: the service type as named, the action, its arguments."""
+
     service_type: str  # as the client named it (":1" or ":2")
     action: str
     args: dict[str, str]
@@ -228,19 +234,36 @@ def _device(dtype: str, name: str, udn: str, inner: str) -> str:
             f"<UDN>{udn}</UDN>{inner}</device>")
 
 
-def device_description(udn: str, friendly_name: str, base_url: str, config_id: int) -> bytes:
+V2_ONLY = frozenset({"AddAnyPortMapping", "DeletePortMappingRange", "GetListOfPortMappings"})
+
+
+def versioned(urn: str, version: int) -> str:
+    """``urn`` (one of our ``:2`` types) at ``version`` (WANCommonInterfaceConfig stays 1)."""
+    return urn if urn == CIF_SERVICE else f"{urn.rpartition(':')[0]}:{version}"
+
+
+def wanip_actions(version: int) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """WANIPConnection's actions at ``version`` (v1 has no AddAny, range delete or listing)."""
+    return {k: v for k, v in ACTIONS.items() if version >= 2 or k not in V2_ONLY}
+
+
+def device_description(udn: str, friendly_name: str, base_url: str, config_id: int,
+                       version: int = 2) -> bytes:
     """The root description: InternetGatewayDevice:2 > WANDevice:2 (WANCommonInterfaceConfig:1)
-    > WANConnectionDevice:2 (WANIPConnection:2). ``udn``: ``uuid:...``; the sub-devices' UDNs
-    derive from it (the last group's digits changed)."""
-    wanconn = _device(WANCONN_DEVICE, "WANConnectionDevice", _sub_udn(udn, 2),
-                      "<serviceList>" + _service(WANIP_SERVICE,
+    > WANConnectionDevice:2 (WANIPConnection:2), or every ``:2`` a ``:1`` when ``version`` is 1
+    (for clients that know only IGDv1, as miniupnpd's ``force_igd_desc_v1``). ``udn``:
+    ``uuid:...``; the sub-devices' UDNs derive from it (the last digit changed)."""
+    wanconn = _device(versioned(WANCONN_DEVICE, version), "WANConnectionDevice",
+                      _sub_udn(udn, 2),
+                      "<serviceList>" + _service(versioned(WANIP_SERVICE, version),
                                                  "urn:upnp-org:serviceId:WANIPConn1",
                                                  SCPD_PATH, CONTROL_PATH) + "</serviceList>")
-    wan = _device(WAN_DEVICE, "WANDevice", _sub_udn(udn, 1),
+    wan = _device(versioned(WAN_DEVICE, version), "WANDevice", _sub_udn(udn, 1),
                   "<serviceList>" + _service(CIF_SERVICE, "urn:upnp-org:serviceId:WANCommonIFC1",
                                              CIF_SCPD_PATH, CIF_CONTROL_PATH)
                   + "</serviceList><deviceList>" + wanconn + "</deviceList>")
-    root = _device(IGD_DEVICE, friendly_name, udn, "<deviceList>" + wan + "</deviceList>")
+    root = _device(versioned(IGD_DEVICE, version), friendly_name, udn,
+                   "<deviceList>" + wan + "</deviceList>")
     return ('<?xml version="1.0"?>\r\n'
             f'<root xmlns="urn:schemas-upnp-org:device-1-0" configId="{config_id}">'
             "<specVersion><major>1</major><minor>1</minor></specVersion>"
@@ -249,6 +272,12 @@ def device_description(udn: str, friendly_name: str, base_url: str, config_id: i
 
 def _sub_udn(udn: str, n: int) -> str:
     return f"{udn[:-1]}{n}" if udn else udn
+
+
+# evented state variables (GENA, front/gena.py): WANIPConnection's, WANCommonInterfaceConfig's
+EVENTED = ("PossibleConnectionTypes", "ConnectionStatus", "ExternalIPAddress",
+           "PortMappingNumberOfEntries", "PhysicalLinkStatus")
+_CIF_VARS = frozenset({"PhysicalLinkStatus"})  # of EVENTED, WANCommonInterfaceConfig's
 
 
 def scpd(actions: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]], config_id: int) -> bytes:
@@ -263,8 +292,12 @@ def scpd(actions: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]], config_
         parts.append(f"<action><name>{name}</name><argumentList>{args}</argumentList></action>")
         for a in (*ins, *outs):
             used[_VARS[a][0]] = _VARS[a][1]
-    state = "".join(f'<stateVariable sendEvents="no"><name>{v}</name>'
-                    f"<dataType>{t}</dataType></stateVariable>" for v, t in used.items())
+    for v in EVENTED:  # this service's evented variables, whether an action uses them or not
+        if (v in _CIF_VARS) == (actions is CIF_ACTIONS):
+            used.setdefault(v, "ui2" if v == "PortMappingNumberOfEntries" else "string")
+    state = "".join(f'<stateVariable sendEvents="{"yes" if v in EVENTED else "no"}">'
+                    f"<name>{v}</name><dataType>{t}</dataType></stateVariable>"
+                    for v, t in used.items())
     return ('<?xml version="1.0"?>\r\n'
             f'<scpd xmlns="urn:schemas-upnp-org:service-1-0" configId="{config_id}">'
             "<specVersion><major>1</major><minor>1</minor></specVersion>"
@@ -274,15 +307,15 @@ def scpd(actions: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]], config_
 
 # --- SSDP ------------------------------------------------------------------------------------
 
-def search_targets(udn: str) -> list[tuple[str, str]]:
+def search_targets(udn: str, version: int = 2) -> list[tuple[str, str]]:
     """(NT, USN) of every announcement (UDA 1.1 §1.2.2: root device, each device's UUID and
-    type, each service type)."""
+    type, each service type), at IGD ``version``."""
     subs = (udn, _sub_udn(udn, 1), _sub_udn(udn, 2))
     out = [("upnp:rootdevice", f"{udn}::upnp:rootdevice")]
     for u, t in zip(subs, (IGD_DEVICE, WAN_DEVICE, WANCONN_DEVICE), strict=True):
-        out += [(u, u), (t, f"{u}::{t}")]
-    out += [(CIF_SERVICE, f"{subs[1]}::{CIF_SERVICE}"),
-            (WANIP_SERVICE, f"{subs[2]}::{WANIP_SERVICE}")]
+        out += [(u, u), (versioned(t, version), f"{u}::{versioned(t, version)}")]
+    wanip = versioned(WANIP_SERVICE, version)
+    out += [(CIF_SERVICE, f"{subs[1]}::{CIF_SERVICE}"), (wanip, f"{subs[2]}::{wanip}")]
     return out
 
 
@@ -293,10 +326,10 @@ def _version_match(st: str, ours: str) -> bool:
     return sbase == base and sver.isdecimal() and 1 <= int(sver) <= int(ver)
 
 
-def search_answer(st: str, udn: str) -> list[tuple[str, str]]:
+def search_answer(st: str, udn: str, version: int = 2) -> list[tuple[str, str]]:
     """(ST, USN) pairs to answer an M-SEARCH for ``st`` with (empty: not ours). A search for an
     earlier version of a type is answered with that version (v1 clients find the v2 device)."""
-    targets = search_targets(udn)
+    targets = search_targets(udn, version)
     if st == "ssdp:all":
         return targets
     for nt, usn in targets:
@@ -328,6 +361,7 @@ def parse_msearch(data: bytes) -> tuple[str, int] | None:
 
 def search_response(st: str, usn: str, location: str, boot_id: int, config_id: int,
                     server: str) -> bytes:
+    """The unicast answer to an M-SEARCH (UDA 1.1 §1.3.3)."""
     return ("HTTP/1.1 200 OK\r\n"
             f"CACHE-CONTROL: max-age={SSDP_MAX_AGE}\r\nEXT:\r\nLOCATION: {location}\r\n"
             f"SERVER: {server}\r\nST: {st}\r\nUSN: {usn}\r\n"

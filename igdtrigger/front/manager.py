@@ -45,6 +45,7 @@ __all__ = [
 
 
 class FrontProtocol(enum.StrEnum):
+    """The protocol a client asked in (it names the activation's source)."""
     UPNP = "upnp"
     NATPMP = "natpmp"
     PCP = "pcp"
@@ -111,6 +112,7 @@ class RefusalKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
+    """Why not (``kind``: the protocols' codes; ``reason``: for a person and the log)."""
     kind: RefusalKind
     reason: str
 
@@ -130,6 +132,7 @@ class FrontMapping:
     activation_id: str = ""
 
     def to_json(self, now: float) -> dict[str, Any]:
+        """For status (``idle``/``lease_left``: seconds at ``now``)."""
         r = self.request
         return {"protocol": r.protocol.value, "client": r.client,
                 "internal_client": r.internal_client, "internal_port": r.internal_port,
@@ -146,16 +149,18 @@ class Forwarder(Protocol):
     to the client (``front/dnat.py``). The upstream mapping then points at
     :meth:`upstream_address`, which a secure-mode ISP router accepts."""
 
-    def upstream_address(self) -> str | None: ...
+    def upstream_address(self) -> str | None:
+        """Our own address towards the upstream router (None: not known yet)."""
 
     async def add(self, proto: Proto, external_port: int, client: str,
-                  internal_port: int) -> None: ...
+                  internal_port: int) -> None:
+        """Forward ``external_port`` to ``client:internal_port``."""
 
-    async def remove(self, proto: Proto, external_port: int) -> None: ...
+    async def remove(self, proto: Proto, external_port: int) -> None:
+        """Forward ``external_port`` no more."""
 
 
-_SOURCE = {FrontProtocol.UPNP: Source.UPNP, FrontProtocol.NATPMP: Source.NATPMP,
-           FrontProtocol.PCP: Source.PCP}
+_SOURCE = {p: Source(p.value) for p in FrontProtocol}
 # activation meta keys (kept in the journal: a restart rebuilds the front's table from them)
 M_CLIENT = "front_client"
 M_INTERNAL = "front_internal"  # "<internal client> <internal port>" (the target is ours: DNAT)
@@ -166,12 +171,6 @@ M_LEASE_END = "front_lease_end"  # wall-clock end of a timed lease
 MAX_DESCRIPTION = 128  # characters of a client's description kept
 ALTERNATIVE_TRIES = 64  # free ports looked at for an alternative
 UPSTREAM_TRIES = 3  # alternatives tried when the upstream router refuses a port as taken
-
-
-def _valid_address(text: str) -> bool:
-    with contextlib.suppress(ValueError):
-        return bool(ipaddress.ip_address(text))
-    return False
 
 
 def clean_description(text: str) -> str:
@@ -277,6 +276,7 @@ class FrontManager:
         return None if info is None else info.external_warning()
 
     def status(self) -> dict[str, Any]:
+        """The front's part of status: epoch, upstream address, mappings, grants, refusals."""
         now = self.clock()
         info = self.service.gateway.info
         return {
@@ -352,8 +352,11 @@ class FrontManager:
     # --- internals -----------------------------------------------------------------------------
 
     def _check(self, req: ClientRequest) -> str | None:
-        if not _valid_address(req.client) or not _valid_address(req.internal_client):
-            return f"{req.internal_client!r} is not an IP address"
+        for text in (req.client, req.internal_client):
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(text)
+                continue
+            return f"{text!r} is not an IP address"
         if not 1 <= req.internal_port <= 65535:
             return f"internal port {req.internal_port} is outside 1-65535"
         if not 0 <= req.external_port <= 65535:

@@ -103,7 +103,8 @@ class FrontRunner:
             raise ConfigError(f"cannot serve NAT-PMP/PCP ({exc.strerror or exc}); is another "
                               "NAT-PMP server (miniupnpd) running here?", field="front") from None
         self.upnp = UpnpFront(self.manager, addresses, tag=self.service.tag,
-                              http_port=self.settings.http_port)
+                              http_port=self.settings.http_port,
+                              version=self.settings.igd_version)
         try:
             await self.upnp.start()
         except OSError as exc:
@@ -136,6 +137,7 @@ class FrontRunner:
                 said = str(exc)
 
     async def stop(self) -> None:
+        """Stop serving (readiness off first); the service's stop removes the mappings."""
         self.service.front_serving = False
         if self.upnp is not None:
             await self.upnp.stop()
@@ -153,6 +155,7 @@ class FrontRunner:
         await self.manager.stop()
 
     def status(self) -> dict[str, Any]:
+        """The front's part of the service's status (what doctor and /metrics read)."""
         out = self.manager.status()
         out["topology"] = topology_status(self.forwarder, self.forward_drops)
         out["upnp"] = self.upnp.locations() if self.upnp is not None else []

@@ -8,7 +8,9 @@ address, as miniupnpd's ``secure_mode=yes``); ``max_lease`` (longest lease grant
 it and is renewed while in use; default 1h); ``idle_timeout`` (a mapping neither used nor renewed
 for this long is removed; default 10m); ``max_per_client`` (live mappings per client address,
 default 64); ``http_port`` (the UPnP description/control port, default 0 = any free one);
-``forward_chain`` (nftables ``family table chain`` to add forward accept rules to, or unset).
+``forward_chain`` (nftables ``family table chain`` to add forward accept rules to, or unset);
+``igd_version`` (2, or 1 to describe an IGDv1 for clients that know no other, as miniupnpd's
+``force_igd_desc_v1``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from igdtrigger.core.model import parse_duration
 __all__ = ["FRONT_KEYS", "parse_front"]
 
 FRONT_KEYS = ("enabled", "interfaces", "allow", "secure_mode", "max_lease", "idle_timeout",
-              "max_per_client", "http_port", "forward_chain")
+              "max_per_client", "http_port", "forward_chain", "igd_version")
 
 
 def parse_front(table: object, *, source: str = "<config>") -> FrontConfig:
@@ -86,4 +88,5 @@ def parse_front(table: object, *, source: str = "<config>") -> FrontConfig:
         max_per_client=integer("max_per_client", base.max_per_client, 1, 4096),
         http_port=integer("http_port", base.http_port, 0, 65535),
         forward_chain=" ".join(chain.split()) if isinstance(chain, str) else None,
+        igd_version=integer("igd_version", base.igd_version, 1, 2),
     )

@@ -44,6 +44,7 @@ from igdtrigger.api.httpguard import (
 )
 from igdtrigger.core.model import Proto
 from igdtrigger.front import igdxml as X
+from igdtrigger.front.gena import GenaError, Subscriptions
 from igdtrigger.front.manager import (
     ClientRequest,
     FrontManager,
@@ -53,6 +54,7 @@ from igdtrigger.front.manager import (
     Refusal,
     RefusalKind,
 )
+from igdtrigger.netutil import default_gateway
 
 __all__ = ["FAULT_FOR", "ServedAddress", "UpnpFront", "served_addresses"]
 
@@ -83,11 +85,13 @@ class ServedAddress:
 
 def served_addresses(names: tuple[str, ...]) -> list[ServedAddress]:
     """The IPv4 addresses of the named interfaces (empty ``names``: every non-loopback interface
-    with a private address). Raises ``OSError`` naming an interface that does not exist or has
-    no IPv4 address."""
+    with a private address, but not the one towards the default gateway: the upstream side is
+    never served). Raises ``OSError`` naming an interface that does not exist or has no IPv4
+    address."""
     import netifaces
 
     wanted = list(names) or [i for i in netifaces.interfaces() if i != "lo"]
+    upstream = None if names else default_gateway()
     out: list[ServedAddress] = []
     for name in wanted:
         if name not in netifaces.interfaces():
@@ -96,7 +100,8 @@ def served_addresses(names: tuple[str, ...]) -> list[ServedAddress]:
             net = ipaddress.IPv4Network(f"{entry['addr']}/{entry.get('netmask', '32')}",
                                         strict=False)
             addr = ipaddress.IPv4Address(entry["addr"])
-            if names or (addr.is_private and not addr.is_loopback):
+            towards_upstream = upstream is not None and ipaddress.ip_address(upstream) in net
+            if names or (addr.is_private and not addr.is_loopback and not towards_upstream):
                 out.append(ServedAddress(name, str(addr), net))
         if names and not any(s.interface == name for s in out):
             raise OSError(f"[front] interfaces: {name!r} has no IPv4 address")
@@ -133,7 +138,7 @@ class UpnpFront:
     cannot be had; ``stop`` says byebye and closes everything."""
 
     def __init__(self, manager: FrontManager, addresses: list[ServedAddress], *, tag: str,
-                 http_port: int = 0, ssdp_port: int = SSDP_PORT,
+                 http_port: int = 0, ssdp_port: int = SSDP_PORT, version: int = 2,
                  notify_to: tuple[str, int] = (SSDP_GROUP, SSDP_PORT),
                  wall: Callable[[], float] = time.time) -> None:
         self.manager = manager
@@ -142,6 +147,7 @@ class UpnpFront:
         self.ssdp_port = ssdp_port
         self.notify_to = notify_to
         self.udn = _udn(tag)
+        self.version = version  # the IGD version described and announced (1 or 2)
         self.boot_id = int(wall()) & 0x7FFFFFFF
         self.server = f"Linux/1 UPnP/1.1 igdtrigger/{__version__}"
         self.guard = ConnectionGuard(FRONT_LIMITS)
@@ -153,16 +159,22 @@ class UpnpFront:
         self._ssdp: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._searches: dict[str, tuple[float, int]] = {}
+        self.events = Subscriptions({X.CONTROL_PATH: self._wanip_state,
+                                     X.CIF_CONTROL_PATH: self._cif_state})
 
     # --- life ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen (HTTP on each served address, SSDP on the group port) and announce."""
         app = web.Application(client_max_size=X.MAX_REQUEST)
         app.router.add_get(X.DESC_PATH, self._description)
         app.router.add_get(X.SCPD_PATH, self._scpd)
         app.router.add_get(X.CIF_SCPD_PATH, self._scpd)
         app.router.add_post(X.CONTROL_PATH, self._control)
         app.router.add_post(X.CIF_CONTROL_PATH, self._control)
+        for path in (X.CONTROL_PATH, X.CIF_CONTROL_PATH):
+            app.router.add_route("SUBSCRIBE", f"{path}/evt", self._subscribe)
+            app.router.add_route("UNSUBSCRIBE", f"{path}/evt", self._subscribe)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      keepalive_timeout=FRONT_LIMITS.header_timeout)
         await self._runner.setup()
@@ -177,10 +189,12 @@ class UpnpFront:
             await self.stop()
             raise
         self._spawn(self._announce())
+        self._spawn(self.events.run())
         self.serving = True
         log.info("front: UPnP IGD serving on %s", ", ".join(self.locations()))
 
     async def stop(self) -> None:
+        """Say byebye and close every socket and task."""
         was = self.serving
         self.serving = False
         for task in list(self._tasks):
@@ -201,6 +215,7 @@ class UpnpFront:
             self._runner = None
 
     def locations(self) -> list[str]:
+        """The description URL on each served address."""
         return [self._location(a.address) for a in self.addresses if a.address in self.ports]
 
     def _location(self, address: str) -> str:
@@ -253,7 +268,7 @@ class UpnpFront:
                 or not self._within_rate(""):  # "": every sender together
             return
         st, mx = parsed
-        answers = X.search_answer(st, self.udn)
+        answers = X.search_answer(st, self.udn, self.version)
         if not answers:
             return
         delay = random.uniform(0.0, min(max(mx, 0), 5) * 0.02)  # noqa: S311 (jitter)
@@ -299,7 +314,7 @@ class UpnpFront:
                                     socket.inet_aton(served.address))
                     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL,
                                     struct.pack("b", 2))
-                    for nt, usn in X.search_targets(self.udn):
+                    for nt, usn in X.search_targets(self.udn, self.version):
                         sock.sendto(X.notify(nt, usn, alive=alive,
                                              location=self._location(served.address),
                                              boot_id=self.boot_id, config_id=CONFIG_ID,
@@ -316,17 +331,20 @@ class UpnpFront:
 
     async def _description(self, request: web.Request) -> web.Response:
         body = X.device_description(self.udn, "igdtrigger IGD front", self._base_url(request),
-                                    CONFIG_ID)
+                                    CONFIG_ID, self.version)
         return web.Response(body=body, content_type="text/xml", charset="utf-8",
                             headers={"SERVER": self.server})
 
     async def _scpd(self, request: web.Request) -> web.Response:
-        actions = X.ACTIONS if request.path == X.SCPD_PATH else X.CIF_ACTIONS
+        actions = (X.wanip_actions(self.version) if request.path == X.SCPD_PATH
+                   else X.CIF_ACTIONS)
         return web.Response(body=X.scpd(actions, CONFIG_ID), content_type="text/xml",
                             charset="utf-8")
 
     async def _control(self, request: web.Request) -> web.Response:
         client = request.remote or ""
+        if self._served_for(client) is None:  # routed in from elsewhere (the WAN side)
+            return self._fault(606, f"{client} is not on a served network")
         if request.content_length is not None and request.content_length > X.MAX_REQUEST:
             return self._fault(402, "request too large")
         try:
@@ -348,12 +366,46 @@ class UpnpFront:
         return web.Response(status=500, body=X.fault_body(code, detail),
                             content_type="text/xml", charset="utf-8")
 
+    # --- GENA events (front/gena.py) -----------------------------------------------------------
+
+    def _wanip_state(self) -> dict[str, str]:
+        info = self.manager.service.gateway.info
+        up = self.manager.service.mapper.gateway_up
+        return {"PossibleConnectionTypes": "IP_Routed",
+                "ConnectionStatus": "Connected" if up else "Disconnected",
+                "ExternalIPAddress": info.external_address.strip()
+                if info is not None and info.external_known else "",
+                "PortMappingNumberOfEntries": str(len(self.manager.mappings()))}
+
+    def _cif_state(self) -> dict[str, str]:
+        return {"PhysicalLinkStatus": "Up" if self.manager.service.mapper.gateway_up
+                else "Down"}
+
+    async def _subscribe(self, request: web.Request) -> web.Response:
+        service = request.path.removesuffix("/evt")
+        h = request.headers
+        if self._served_for(request.remote or "") is None:
+            return web.Response(status=403)
+        try:
+            if request.method == "UNSUBSCRIBE":
+                self.events.unsubscribe(h.get("SID", ""), request.remote or "")
+                return web.Response(status=200)
+            sid, seconds = self.events.subscribe(
+                service, request.remote or "", h.get("CALLBACK", ""), h.get("NT", ""),
+                h.get("SID", ""), h.get("TIMEOUT", ""))
+        except GenaError as exc:
+            return web.Response(status=exc.status, text=str(exc))
+        return web.Response(status=200, headers={"SID": sid, "TIMEOUT": f"Second-{seconds}",
+                                                 "SERVER": self.server})
+
     # --- SOAP actions --------------------------------------------------------------------------
 
     async def dispatch(self, req: X.SoapRequest, client: str) -> list[tuple[str, str]]:
         """The out arguments of ``req`` from ``client``; raises ``igdxml.SoapError``."""
         a = req.args
         m = self.manager
+        if self.version < 2 and req.action in X.V2_ONLY:
+            raise X.SoapError(401, f"{req.action} is an IGDv2 action ([front] igd_version = 1)")
         match req.action:
             case "AddPortMapping" | "AddAnyPortMapping":
                 return await self._add(req, client)
@@ -438,9 +490,13 @@ class UpnpFront:
         return [("NewReservedPort", str(result.external_port))] if anyport else []
 
     def _lease_left(self, m: FrontMapping) -> int:
+        """Seconds until it ends if nothing uses it (the lease, or sooner idle_timeout: a
+        client renewing then keeps it); 0 for a lease-0 mapping (held while in use)."""
         if m.request.lease == 0:
-            return 0  # asked permanent: held while in use
-        return max(1, int(m.lease_end - self.manager.clock()))
+            return 0
+        act = self.manager.service.engine.activations.get(m.activation_id)
+        end = min(m.lease_end, act.expires) if act is not None else m.lease_end
+        return max(1, int(end - self.manager.clock()))
 
     def _entry(self, m: FrontMapping) -> list[tuple[str, str]]:
         r = m.request

@@ -13,6 +13,15 @@ from typing import Any
 
 from igdtrigger.core.errors import TooManySubscribers
 
+__all__ = [
+    "MAX_ADMIN_SUBSCRIBERS",
+    "MAX_SUBSCRIBERS",
+    "MAX_SUBSCRIBERS_PER_CLIENT",
+    "SUBSCRIBER_QUEUE",
+    "EventHub",
+    "Subscriber",
+]
+
 Event = dict[str, Any]
 
 SUBSCRIBER_QUEUE = 256  # events buffered per client before the oldest are dropped

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 from tests.lab.test_lab_detect import Serve, config
-from tests.lab.test_lab_service import ours, wait_for
+from tests.lab.test_lab_service import ours
 
 pytestmark = pytest.mark.lab
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 from tests.lab.test_lab_detect import Serve, config
 from tests.lab.test_lab_hold import (
@@ -37,7 +38,7 @@ from tests.lab.test_lab_hold import (
     tcp_connection,
     udp_sender,
 )
-from tests.lab.test_lab_service import ours, wait_for
+from tests.lab.test_lab_service import ours
 
 pytestmark = pytest.mark.lab
 

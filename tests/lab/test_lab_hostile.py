@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
-from tests.lab.test_lab_service import ROOT, env, igdt_argv, ours, wait_for
+from tests.lab.test_lab_service import ROOT, env, igdt_argv, ours
 
 pytestmark = pytest.mark.lab
 

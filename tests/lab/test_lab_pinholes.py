@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 from tests.lab.test_lab_service import (
     ROOT,
@@ -27,7 +28,6 @@ from tests.lab.test_lab_service import (
     igdt_argv,
     ours,
     send_trigger,
-    wait_for,
 )
 
 pytestmark = pytest.mark.lab

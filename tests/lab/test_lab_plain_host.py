@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 from tests.lab.test_lab_detect import (
     Serve,
@@ -25,7 +26,7 @@ from tests.lab.test_lab_detect import (
     reachable,
     send_from,
 )
-from tests.lab.test_lab_service import ours, wait_for
+from tests.lab.test_lab_service import ours
 
 pytestmark = pytest.mark.lab
 

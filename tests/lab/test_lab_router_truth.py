@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 from tests.lab.test_lab_detect import Serve
 from tests.lab.test_lab_faults import activate, cli, config, serve
-from tests.lab.test_lab_service import wait_for
 
 pytestmark = pytest.mark.lab
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 
 pytestmark = pytest.mark.lab
@@ -65,16 +66,6 @@ def igdt_argv(*args: str) -> list[str]:
 
 def ours(lab: Lab) -> list[tuple[str, int, str, int, str]]:
     return [m for m in lab.router_mappings() if m[4].startswith("igdtrigger ")]
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
-    t0 = time.monotonic()
-    while True:
-        if pred():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        time.sleep(step)
 
 
 class Serve:

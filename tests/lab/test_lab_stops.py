@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import wait_for
 from tests.lab.netlab import Lab
 from tests.lab.test_lab_service import (
     ROOT,
@@ -27,7 +28,6 @@ from tests.lab.test_lab_service import (
     ours,
     pmp_held,
     serve,  # noqa: F401 (a fixture: pytest finds it by its name)
-    wait_for,
 )
 
 pytestmark = pytest.mark.lab
@@ -78,10 +78,8 @@ def _run(lab: Lab, cfg: Path, *command: str) -> subprocess.Popen[str]:
                      text=True, start_new_session=True)
 
 
-def _crashed_wrapper(lab: Lab, cfg: Path) -> int:
-    """`igdtrigger run` without a service, killed with -9 while it holds the rule's ports."""
-    p = _run(lab, cfg, "sleep", "120")
-    wait_for(lambda: len(ours(lab)) == 4, 20, "the wrapper to map the rule's ports")
+def _kill_9(p: subprocess.Popen[str]) -> None:
+    """kill -9 of a wrapper (and of its game, left orphaned), as a crash does."""
     p.send_signal(signal.SIGKILL)
     p.wait(10)
     with contextlib.suppress(ProcessLookupError):
@@ -89,6 +87,13 @@ def _crashed_wrapper(lab: Lab, cfg: Path) -> int:
     if p.stderr is not None:
         p.stderr.close()
     time.sleep(0.3)
+
+
+def _crashed_wrapper(lab: Lab, cfg: Path) -> int:
+    """`igdtrigger run` without a service, killed with -9 while it holds the rule's ports."""
+    p = _run(lab, cfg, "sleep", "120")
+    wait_for(lambda: len(ours(lab)) == 4, 20, "the wrapper to map the rule's ports")
+    _kill_9(p)
     assert {m[4] for m in ours(lab)} == {f"igdtrigger game run{p.pid}"}  # left (5 min lease)
     return p.pid
 
@@ -278,13 +283,7 @@ def test_wrapper_kill_9_natpmp_pcp_leftovers_are_removed_by_a_serve_start(
     cfg.write_text(config_text(lab, tmp_path / "state", protocol=protocol))
     p = _run(lab, cfg, "sleep", "120")
     wait_for(lambda: len(pmp_held(lab)) == 4, 20, "the wrapper to map the rule's ports")
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(p.pid, signal.SIGKILL)  # the game, orphaned
-    if p.stderr is not None:
-        p.stderr.close()
-    time.sleep(0.3)
+    _kill_9(p)
     assert len(pmp_held(lab)) == 4  # left by the crash
     s = Serve(lab, tmp_path, idle="10m", protocol=protocol).start()
     try:
