@@ -425,6 +425,8 @@ class DnatForwarder:
         self.reloads = 0  # times the table was found missing and put back
 
     def upstream_address(self) -> str | None:
+        """Our own address on the upstream interface (what the upstream mapping points at);
+        ``None`` when the route to the upstream router leaves by another interface."""
         own = source_address_for(self.upstream_host)
         return own if own is not None and interface_of(own) == self.dnat.wan_interface else None
 
@@ -434,11 +436,14 @@ class DnatForwarder:
 
     async def add(self, proto: Proto, external_port: int, client: str,
                   internal_port: int) -> None:
+        """Forward ``proto``/``external_port`` to ``client:internal_port``. Raises
+        ``OSError`` when nft refuses."""
         rule = DnatRule(proto, external_port, client, internal_port)
         async with self._lock:
             await asyncio.to_thread(self.dnat.add, rule)
 
     async def remove(self, proto: Proto, external_port: int) -> None:
+        """Stop forwarding ``proto``/``external_port`` (nothing when it is not forwarded)."""
         async with self._lock:
             for rule in [r for r in self.dnat.rules
                          if (r.proto, r.external_port) == (proto, external_port)]:
@@ -479,5 +484,6 @@ class DnatForwarder:
         return out
 
     async def close(self) -> None:
+        """Delete the table and our accept rules (at stop). Raises ``OSError``."""
         async with self._lock:
             await asyncio.to_thread(self.dnat.clear)

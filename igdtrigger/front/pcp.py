@@ -156,6 +156,7 @@ class PcpMapRequest:
 
     @property
     def internal_client(self) -> str:
+        """The host the mapping is for: THIRD_PARTY's address, else the client's."""
         return self.third_party or self.client_ip
 
 

@@ -91,16 +91,26 @@ _PCP_CODES = {
 class PortMapFront(Protocol):
     """What the server needs of ``front.manager.FrontManager``."""
 
-    async def add(self, req: ClientRequest) -> Grant | Refusal: ...
+    async def add(self, req: ClientRequest) -> Grant | Refusal:
+        """Grant or renew ``req``'s mapping, or say why not."""
+        ...
 
     async def delete(self, protocol: FrontProtocol, client: str, external_port: int,
-                     proto: Proto, nonce: bytes | None = None) -> Refusal | None: ...
+                     proto: Proto, nonce: bytes | None = None) -> Refusal | None:
+        """End a mapping; ``None`` when done."""
+        ...
 
-    def mappings(self) -> list[FrontMapping]: ...
+    def mappings(self) -> list[FrontMapping]:
+        """The live mappings."""
+        ...
 
-    async def external_address(self) -> str | None: ...
+    async def external_address(self) -> str | None:
+        """The upstream router's external address (``None``: unknown)."""
+        ...
 
-    def epoch(self) -> int: ...
+    def epoch(self) -> int:
+        """Seconds since the front started serving."""
+        ...
 
 
 def _lifetime(lease: float) -> int:
@@ -125,6 +135,7 @@ class PortMapService:
         self._inflight: set[tuple[str, bytes]] = set()
 
     def epoch(self) -> int:
+        """The epoch written into every response (RFC 6886 §3.6, RFC 6887 §8.5), 32 bits."""
         return self.front.epoch() & 0xFFFFFFFF
 
     # -- admission ------------------------------------------------------------------------------
@@ -313,6 +324,7 @@ class PcpServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Bind every address and schedule the announcements (see the class docstring)."""
         loop = asyncio.get_running_loop()
         for address in self.addresses:
             try:
@@ -395,6 +407,7 @@ class PcpServer:
             endpoint.transport.sendto(response, addr)
 
     async def close(self) -> None:
+        """Stop answering and announcing; close the sockets."""
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
