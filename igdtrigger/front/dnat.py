@@ -62,6 +62,7 @@ log = logging.getLogger("igdtrigger.front")
 TABLE = "ip igdtrigger_front"
 """The nftables table holding the inner DNAT rules (``family name``); ours alone."""
 _ECHO = re.compile(r"^add rule (\S+ \S+ \S+) .* # handle (\d+)$", re.MULTILINE)
+ACCEPT_CHECK_EVERY = 10  # used() calls (seconds under serve) between accept-rule checks
 COMMENT = "igdtrigger-front"
 """The comment marking our accept rules in the user's ``forward_chain``."""
 
@@ -422,7 +423,8 @@ class DnatForwarder:
         self.upstream_host = upstream_host
         self._lock = asyncio.Lock()
         self._counted: dict[tuple[Proto, str, int], int] = {}
-        self.reloads = 0  # times the table was found missing and put back
+        self.reloads = 0  # times the table (or our accept rules) was found missing and put back
+        self._ticks = 0
 
     def upstream_address(self) -> str | None:
         """Our own address on the upstream interface (what the upstream mapping points at);
@@ -474,6 +476,14 @@ class DnatForwarder:
                     self.reloads += 1
                 self._counted.clear()
                 return []
+            self._ticks += 1
+            if self.dnat.forward_chain is not None and self._ticks % ACCEPT_CHECK_EVERY == 0:
+                have = await asyncio.to_thread(self.dnat.our_accept_handles)
+                if len(have) != len(self.dnat.rules):  # the user's firewall was reloaded
+                    log.warning("our accept rules in %s are gone (a firewall reload?); adding "
+                                "them again", " ".join(self.dnat.forward_chain))
+                    await asyncio.to_thread(self.dnat.apply, self.dnat.rules)
+                    self.reloads += 1
         out = []
         for m in mappings:
             key = (m.request.proto, m.request.internal_client, m.request.internal_port)

@@ -316,6 +316,14 @@ def test_a_dropping_forward_chain_is_named_and_forward_chain_fixes_it(
         assert "igdtrigger-front" in net.home_ruleset()
         assert wait_until(lambda: net.probe("udp", 40041, timeout=0.5), 10,
                           "the WAN packet through the accept rule") >= 0
+        # a reload of the user's firewall that drops our accept rule: it comes back
+        net.lab.run(net.home, ["nft", "flush", "chain", *chain.split()], check=True)
+        net.lab.run(net.home, ["nft", "add", "rule", *chain.split(), "ct", "state",
+                               "established,related", "accept"], check=True)
+        wait_until(lambda: "igdtrigger-front" in net.home_ruleset(), 20,
+                   "our accept rule back", s.logtext)
+        assert wait_until(lambda: net.probe("udp", 40041, timeout=0.5), 10,
+                          "delivered again") >= 0
         assert s.stop() == 0
     finally:
         s.close()
