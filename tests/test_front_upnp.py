@@ -159,7 +159,8 @@ async def test_add_get_list_delete_over_soap(env: Env) -> None:
     status, listing = await env.soap("GetListOfPortMappings", [
         ("NewStartPort", "1"), ("NewEndPort", "65535"), ("NewProtocol", "UDP"),
         ("NewManage", "1"), ("NewNumberOfPorts", "10")])
-    assert "<p:ExternalPort>40000</p:ExternalPort>" in listing["NewPortListing"]
+    assert "<p:NewExternalPort>40000</p:NewExternalPort>" in listing["NewPortListing"]
+    assert "<p:NewDescription>my game</p:NewDescription>" in listing["NewPortListing"]
     status, ext = await env.soap("GetExternalIPAddress")
     assert ext == {"NewExternalIPAddress": "100.64.0.7"}  # the upstream's, even when private
     status, out = await env.soap("DeletePortMapping", key)
@@ -238,6 +239,8 @@ async def test_debian_upnpc_adds_lists_and_deletes(env: Env) -> None:
     assert "ExternalIPAddress = 100.64.0.7" in status, status
     listed = await upnpc("-l")
     assert "40000->127.0.0.1:40000" in listed and "upnpc test" in listed, listed
+    v2_listed = await upnpc("-L")  # GetListOfPortMappings, parsed by miniupnpc itself
+    assert "40000->127.0.0.1:40000" in v2_listed and "upnpc test" in v2_listed, v2_listed
     denied = await upnpc("-a", "127.0.0.1", "50000", "50000", "UDP")
     assert "606" in denied, denied
     deleted = await upnpc("-d", "40000", "UDP")
@@ -431,3 +434,13 @@ def test_served_by_default_never_includes_the_upstream_side(
     monkeypatch.setattr("igdtrigger.front.upnp.default_gateway", lambda: "10.0.0.1")
     assert [a.interface for a in served_addresses(())] == ["lan0"]  # double NAT: wan0 private
     assert [a.interface for a in served_addresses(("wan0",))] == ["wan0"]  # named: served
+
+
+def test_a_listing_goes_in_cdata_and_survives_a_description_that_closes_it() -> None:
+    listing = X.port_listing([{"NewExternalPort": "1", "NewDescription": "a]]>b<c"}])
+    body = X.response_body(X.SoapRequest(V2, "GetListOfPortMappings", {}),
+                           [("NewPortListing", listing)])
+    assert b"<NewPortListing><![CDATA[<?xml" in body
+    parsed = parse_soap_response(200, body, "GetListOfPortMappings")
+    assert isinstance(parsed, dict)
+    assert "<p:NewDescription>a]]&gt;b&lt;c</p:NewDescription>" in parsed["NewPortListing"]

@@ -186,9 +186,20 @@ def parse_soap_request(body: bytes, soapaction: str) -> SoapRequest:
     return SoapRequest(service_type, action, args)
 
 
+_CDATA_SLOT = "\x00listing\x00"
+
+
 def response_body(req: SoapRequest, out: Sequence[tuple[str, str]]) -> bytes:
-    """The success envelope for ``req`` with ``out`` arguments in order."""
-    return build_soap(req.service_type, f"{req.action}Response", out)
+    """The success envelope for ``req`` with ``out`` arguments in order. ``NewPortListing`` goes
+    in CDATA, as miniupnpd writes it: miniupnpc's parser does not decode entities, and reads no
+    entry from an escaped listing."""
+    listing = dict(out).get("NewPortListing")
+    if listing is None:
+        return build_soap(req.service_type, f"{req.action}Response", out)
+    body = build_soap(req.service_type, f"{req.action}Response",
+                      [(k, _CDATA_SLOT if k == "NewPortListing" else v) for k, v in out])
+    cdata = "<![CDATA[" + listing.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    return body.replace(_CDATA_SLOT.encode(), cdata.encode())
 
 
 def fault_body(code: int, detail: str = "") -> bytes:

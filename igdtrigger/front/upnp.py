@@ -69,6 +69,10 @@ MAX_SENDERS = 1024  # senders remembered for that rate limit
 MAX_LISTING = 1000  # GetListOfPortMappings entries at most
 BODY_TIMEOUT = 5.0  # s to send a SOAP body once the headers are in
 CONFIG_ID = 1  # the description's version (UDA 1.1 CONFIGID.UPNP.ORG): bumped when it changes
+# GetListOfPortMappings' entry names where they differ from the actions' (IGDv2 WANIPConnection
+# A_ARG_TYPE_PortListing, as miniupnpd writes them and miniupnpc's portlistingparse reads them)
+_LISTING_NAMES = {"NewPortMappingDescription": "NewDescription",
+                  "NewLeaseDuration": "NewLeaseTime"}
 FAULT_FOR = {RefusalKind.NOT_AUTHORIZED: 606, RefusalKind.OTHER_CLIENT: 718,
              RefusalKind.CONFLICT: 718, RefusalKind.NO_RESOURCES: 728,
              RefusalKind.UPSTREAM: 501, RefusalKind.NO_SUCH: 714}
@@ -434,7 +438,7 @@ class UpnpFront:
             case "GetListOfPortMappings":
                 listed = self._in_range(a, client)[:self._count(a)]
                 return [("NewPortListing", X.port_listing(
-                    [{k[3:]: v for k, v in self._entry(e)} for e in listed]))]
+                    [{_LISTING_NAMES.get(k, k): v for k, v in self._entry(e)} for e in listed]))]
             case "DeletePortMappingRange":
                 for e in self._in_range(a, client):
                     await m.delete(FrontProtocol.UPNP, client, e.grant.external_port,
