@@ -95,9 +95,10 @@ async def _api(posts: int) -> dict[str, Any]:
                     await (await c.get("/healthz")).read()
                     health_t.append(time.perf_counter() - t0)
             out["post"], out["health"] = post_t, health_t
-            out["live"] = len(svc.engine.activations)
-            for i in range(svc.engine.max_activations - len(svc.engine.activations)):
-                svc.engine.activate("game", f"10.{i // 250}.{i % 250}.1", ttl=600)
+            out["live"] = len(svc.pipeline.engine.activations)
+            engine = svc.pipeline.engine
+            for i in range(engine.max_activations - len(engine.activations)):
+                engine.activate("game", f"10.{i // 250}.{i % 250}.1", ttl=600)
             full: list[float] = []
             for _ in range(100):
                 t0 = time.perf_counter()
@@ -106,7 +107,7 @@ async def _api(posts: int) -> dict[str, Any]:
                 full.append(time.perf_counter() - t0)
             out["post_full"] = full
             out["status_bytes"] = len(json.dumps(svc.status()))
-            out["full_live"] = len(svc.engine.activations)
+            out["full_live"] = len(svc.pipeline.engine.activations)
     finally:
         await svc.stop()
     return out

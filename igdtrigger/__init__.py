@@ -9,7 +9,8 @@ The package face, for scripts::
     status = client.request("GET", "/api/v1/status")   # raises an IgdTriggerError subclass
 
 ``Client`` (``igdtrigger.cli.client``), ``load_config`` and ``Config`` (``igdtrigger.config``),
-and every error class (``igdtrigger.core.errors``, rooted at ``IgdTriggerError``) are loaded on
+every error class (``igdtrigger.core.errors``, rooted at ``IgdTriggerError``) and
+``__version__`` (``igdtrigger.core.version``, where the package's own modules read it) are loaded on
 first use: ``import igdtrigger`` alone imports nothing more, so ``igdtrigger run`` (a game
 launcher's hook) starts as fast as the interpreter allows and never imports aiohttp or zeroconf.
 """
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from igdtrigger.cli.client import Client
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
         ServiceUnavailable,
         UsageError,
     )
+    from igdtrigger.core.version import __version__
 
 __all__ = [
     "ActionFailed", "ActivationLimit", "ActivationNotFound", "ApiError", "Client", "Config",
@@ -48,8 +48,7 @@ __all__ = [
 # name -> the module that defines it (imported on first access, see __getattr__)
 _LAZY = {name: "igdtrigger.core.errors" for name in __all__}
 _LAZY.update(Client="igdtrigger.cli.client", Config="igdtrigger.config",
-             load_config="igdtrigger.config")
-del _LAZY["__version__"]
+             load_config="igdtrigger.config", __version__="igdtrigger.core.version")
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,7 @@ __all__ = ["Section", "show"]
 
 
 def show(value: object) -> str:
+    """``repr(value)`` cut to 60 characters, for echoing a bad value in an error message."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -30,16 +31,21 @@ class Section:
         self.used: set[str] = set()
 
     def field_name(self, key: str) -> str:
+        """``key``'s dotted path in the config (``gateway.lease``), as errors name it."""
         return f"{self.where}.{key}" if self.where else key
 
     def error(self, key: str, message: str) -> ConfigError:
+        """A ``ConfigError`` naming the file and ``key``'s dotted path (for the caller to raise)."""
         return ConfigError(message, source=self.source, field=self.field_name(key))
 
     def get(self, key: str) -> Any:
+        """The raw value of ``key`` (``None`` when absent), marked as used."""
         self.used.add(key)
         return self.data.get(key)
 
     def done(self, allowed: tuple[str, ...]) -> None:
+        """Raise ``ConfigError`` for the first key of the table nobody read (a typo), listing
+        ``allowed``."""
         for key in self.data:
             if key not in self.used:
                 raise ConfigError(
@@ -49,6 +55,8 @@ class Section:
                 )
 
     def duration(self, key: str, default: float) -> float:
+        """Seconds (``core.model.parse_duration``: ``90``, ``"10m"``, ``"1h30m"``), ``default`` when
+        absent. Raises ``ConfigError``."""
         value = self.get(key)
         if value is None:
             return default
@@ -58,6 +66,7 @@ class Section:
             raise self.error(key, str(exc)) from None
 
     def string(self, key: str, default: str | None = None) -> str | None:
+        """A non-empty string, stripped; ``default`` when absent. Raises ``ConfigError``."""
         value = self.get(key)
         if value is None:
             return default
@@ -66,6 +75,8 @@ class Section:
         return value.strip()
 
     def boolean(self, key: str, default: bool) -> bool:
+        """A TOML boolean (``true``/``false``, not a string or 0/1); ``default`` when absent. Raises
+        ``ConfigError``."""
         value = self.get(key)
         if value is None:
             return default
@@ -74,6 +85,7 @@ class Section:
         return value
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices``; the first when absent. Raises ``ConfigError`` listing them."""
         value = self.get(key)
         if value is None:
             return choices[0]
@@ -82,6 +94,8 @@ class Section:
         return str(value)
 
     def names(self, key: str) -> tuple[str, ...]:
+        """Executable names (a string or a list: bare names up to 255 characters, no path
+        separator); ``()`` when absent. Raises ``ConfigError``."""
         value = self.get(key)
         if value is None:
             return ()
@@ -98,6 +112,8 @@ class Section:
     def networks(
         self, key: str
     ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """IP networks (a string or a list; a bare address is its /32 or /128, host bits are
+        dropped); ``()`` when absent. Raises ``ConfigError`` naming the item (``key[i]``)."""
         value = self.get(key)
         if value is None:
             return ()
@@ -115,6 +131,9 @@ class Section:
         return tuple(out)
 
     def ports(self, key: str, *, required: bool) -> tuple[PortRange, ...]:
+        """Port ranges from port specs (a string or a list: ``"udp/27015"``, ``"tcp/27015-27030"``,
+        ``core.model.parse_port_spec``); ``()`` when absent. ``required``: absent or empty raises.
+        Raises ``ConfigError`` naming the item (``key[i]``)."""
         value = self.get(key)
         if value is None:
             if required:

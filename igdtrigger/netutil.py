@@ -9,23 +9,33 @@ import urllib.parse
 from typing import Any
 
 __all__ = [
-    "Network", "default_gateway", "guess_lan_address", "host_key", "interface_networks",
-    "source_address_for",
+    "Network", "default_gateway", "default_route", "guess_lan_address", "host_key",
+    "interface_networks", "source_address_for",
 ]
 
 
-def default_gateway() -> str | None:
-    """The IPv4 default gateway, via netifaces (``netifaces-plus``), or ``None``."""
+def default_route(*, ipv6: bool = False) -> tuple[str, str] | None:
+    """The default route's next hop (an address, without ``%zone``) and interface name, IPv4
+    or ``ipv6``, via netifaces (``netifaces-plus``); ``None`` when there is no such route,
+    netifaces is missing, or the routing table cannot be read."""
     try:
-        import netifaces
+        import netifaces  # optional dependency: without it there is no route to read
     except ImportError:
         return None
     try:
         gws: Any = netifaces.gateways()
-        entry = gws.get("default", {}).get(netifaces.AF_INET)
-    except Exception:  # a broken interface table must not break the service
+        entry = gws.get("default", {}).get(netifaces.AF_INET6 if ipv6 else netifaces.AF_INET)
+    except Exception:  # a broken routing table must not break the service
         return None
-    return str(entry[0]) if entry else None
+    if not entry:
+        return None
+    return str(entry[0]).split("%", 1)[0], str(entry[1])
+
+
+def default_gateway() -> str | None:
+    """The IPv4 default gateway's address (``default_route``), or ``None``."""
+    route = default_route()
+    return route[0] if route else None
 
 
 def source_address_for(host: str) -> str | None:
@@ -52,7 +62,7 @@ def interface_networks(listen_host: str = "") -> tuple[Network, ...]:
     interface holding ``listen_host``, or of all of them when it is a wildcard (``0.0.0.0``,
     ``::``, ``""``). Read through netifaces; empty when that is missing or fails."""
     try:
-        import netifaces
+        import netifaces  # optional dependency: without it the networks are not known
     except ImportError:
         return ()
     try:

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.runtime.service import Service
 
 from .fakes import ApiClient, FakeClock, FakeGateway
@@ -84,7 +84,7 @@ async def test_ttl_lapses_and_ports_close(client: ApiClient, svc: Service,
     assert svc.gateway.info is not None
     clock.advance(31)
     svc.wake()
-    await svc._wait_applied(svc.engine.generation + 1, 0.5)  # scheduler expires it
+    await svc._wait_applied(svc.pipeline.engine.generation + 1, 0.5)  # scheduler expires it
     r = await client.get("/api/v1/activations")
     assert (await r.json())["activations"] == []
     assert isinstance(svc.gateway, FakeGateway) and svc.gateway.ports() == {}

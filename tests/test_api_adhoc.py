@@ -94,7 +94,7 @@ async def test_ttl_defaults_to_the_limit_and_lapses(on: tuple[Service, ApiClient
     assert (await r.json())["ttl"] == 7200
     clock.advance(7201)
     svc.wake()
-    await svc._wait_applied(svc.engine.generation + 1, 0.5)
+    await svc._wait_applied(svc.pipeline.engine.generation + 1, 0.5)
     assert ports(svc) == []
 
 
@@ -165,15 +165,16 @@ async def test_restored_after_a_crash_only_while_still_allowed(tmp_path: Path,
 
     again = make_service(tmp_path, clock, ADHOC, gw)
     assert again.restored == 1
-    assert [a.rule.name.startswith("adhoc:") for a in again.engine.activations.values()] == [True]
-    again.journal.close()
+    acts = again.pipeline.engine.activations.values()
+    assert [a.rule.name.startswith("adhoc:") for a in acts] == [True]
+    again.pipeline.journal.close()
 
     # the operator turned ad-hoc ports off meanwhile: the activation is not restored and the
     # mapping it left on the router is removed
     off = make_service(tmp_path, clock, {}, gw)
     assert off.restored == 0
     await off.start()
-    await off._wait_applied(off.engine.generation, 1.0)
+    await off._wait_applied(off.pipeline.engine.generation, 1.0)
     assert sorted(gw.ports()) == []
     await off.stop()
 

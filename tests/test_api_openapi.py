@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from igdtrigger import __version__
 from igdtrigger.api.access import ACCESS
 from igdtrigger.api.app import make_app
 from igdtrigger.api.openapi import build_openapi
 from igdtrigger.config import parse_config
+from igdtrigger.core.version import __version__
 from igdtrigger.runtime.service import Service
 
 from .fakes import ApiClient, FakeClock, FakeGateway

@@ -19,8 +19,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from igdtrigger import __version__
 from igdtrigger.api.openapi import build_openapi
+from igdtrigger.core.version import __version__
 from tests.fakes import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.core.engine import description_for
+from igdtrigger.core.activation import description_for
 from igdtrigger.core.errors import (
     DEVICE_DENIED_HINT,
     SECURE_MODE_HINT,

@@ -317,18 +317,18 @@ async def test_process_seen_holds_the_rule_then_lapses(tmp_path: Path) -> None:
                   clock=clock, state_dir=tmp_path)
     await svc.gateway.connect()  # the router tells us our LAN address
     svc.observe(ProcessSeen(frozenset({"igdtgame7"})))
-    [act] = svc.engine.activations.values()
+    [act] = svc.pipeline.engine.activations.values()
     assert (act.rule.name, act.host, act.source.value) == ("game", "10.0.0.5", "process")
     for _ in range(3):  # still running: held past the idle timeout
         clock.advance(4)
         svc.observe(ProcessSeen(frozenset({"igdtgame7"})))
-        svc.engine.expire()
-    assert len(svc.engine.activations) == 1
+        svc.pipeline.engine.expire()
+    assert len(svc.pipeline.engine.activations) == 1
     svc.observe(ProcessSeen(frozenset()))  # gone: lapses idle_timeout after the last sighting
     clock.advance(5.1)
-    svc.engine.expire()
-    assert svc.engine.activations == {}
-    svc.journal.close()
+    svc.pipeline.engine.expire()
+    assert svc.pipeline.engine.activations == {}
+    svc.pipeline.journal.close()
 
 
 # --- run --wait-process -----------------------------------------------------------------------

@@ -127,7 +127,7 @@ async def test_healthcheck(api: tuple[str, Service]) -> None:
     assert out.getvalue().startswith("healthy")
     assert await asyncio.to_thread(healthcheck, None, url, ready=True, timeout=3,
                                    out=io.StringIO()) == 0
-    svc.mapper.gateway_up = False  # the router went away: alive, not ready
+    svc.pipeline.mapper.gateway_up = False  # the router went away: alive, not ready
     out = io.StringIO()
     assert await asyncio.to_thread(healthcheck, None, url, ready=True, timeout=3,
                                    out=out) == 1

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igdtrigger.core.engine import Engine, EventKind, Source, owned_by
+from igdtrigger.core.activation import EventKind, Source, owned_by
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.errors import HostNotAllowed, RuleNotFound, UsageError
 from igdtrigger.core.model import Flow, MappingKey, Proto, parse_port_spec
 from igdtrigger.core.rules import Rule, Share

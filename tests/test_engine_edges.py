@@ -13,18 +13,17 @@ from typing import Any
 import pytest
 
 from igdtrigger.core import engine as engine_mod
-from igdtrigger.core.engine import (
+from igdtrigger.core.activation import (
     MAX_TTL,
-    Engine,
     EventKind,
     Source,
     adhoc_rule,
     description_for,
-    is_lan_source,
-    is_remote_destination,
     owned_by,
 )
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.errors import ActivationNotFound, HostNotAllowed, UsageError
+from igdtrigger.core.matching import is_lan_source, is_remote_destination
 from igdtrigger.core.model import Flow, MappingKey, PortRange, Proto, parse_port_spec
 from igdtrigger.core.rules import Rule
 

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from igdtrigger.core import engine as engine_mod
-from igdtrigger.core.engine import Engine, EventKind, Source
+from igdtrigger.core.activation import Activation, EventKind, Source
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.model import Flow, Proto
 
 from .fakes import FakeClock
@@ -23,7 +24,7 @@ def inbound(dport: int = 40000, dst: str = HOST, src: str = "11.9.9.9", sport: i
     return Flow(proto, ipaddress.ip_address(src), ipaddress.ip_address(dst), sport, dport)
 
 
-def only(eng: Engine) -> engine_mod.Activation:
+def only(eng: Engine) -> Activation:
     (act,) = eng.activations.values()
     return act
 

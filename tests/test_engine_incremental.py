@@ -9,7 +9,8 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from igdtrigger.core.engine import Activation, Engine, Source, description_for
+from igdtrigger.core.activation import Activation, Source, description_for
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.model import Flow, MappingKey, MappingSpec, PortRange, Proto
 from igdtrigger.core.rules import External, Rule, Share
 

@@ -74,7 +74,7 @@ async def test_a_grant_is_an_activation_mapped_upstream_to_the_client(
     got = await front.add(req(lease=0))
     assert got == Grant(external_port=40000, lease=3600.0, external_address="100.64.0.7")
     assert gw.ports() == {"udp/40000": A}
-    (act,) = front.service.engine.activations.values()
+    (act,) = front.service.pipeline.engine.activations.values()
     assert act.source is Source.UPNP and act.host == A
     assert act.meta["front_description"] == "test app"
     (m,) = front.mappings()
@@ -89,7 +89,7 @@ async def test_policy_refusals_map_nothing(front: FrontManager, gw: FakeGateway)
     assert "50000" in denied.reason
     other = await front.add(req(client=A, internal=B))  # for another client: secure mode
     assert isinstance(other, Refusal) and other.kind is RefusalKind.OTHER_CLIENT
-    assert gw.ports() == {} and not front.service.engine.activations
+    assert gw.ports() == {} and not front.service.pipeline.engine.activations
     assert front.refused == {"not_authorized": 1, "other_client": 1}
 
 
@@ -138,7 +138,7 @@ async def test_lease_is_clamped_and_an_idle_lease_0_mapping_is_removed(
     await front.add(req(port=40000, lease=0))
     clock.advance(601)  # no traffic, no renewal for idle_timeout
     front.service.wake()
-    await front.service._wait_applied(front.service.engine.generation + 1, 2)
+    await front.service._wait_applied(front.service.pipeline.engine.generation + 1, 2)
     assert front.lookup(40000, Proto.UDP) is None and front.lookup(40001, Proto.UDP) is None
     assert gw.ports() == {}
 
@@ -152,7 +152,7 @@ async def test_a_mapping_in_use_stays_past_the_idle_timeout(
         clock.advance(300)
         front.service.observe(FlowLive(out, connected=False, idle=0.5))
         front.service.wake()
-        await front.service._wait_applied(front.service.engine.generation, 1)
+        await front.service._wait_applied(front.service.pipeline.engine.generation, 1)
     assert front.lookup(40000, Proto.UDP) is not None  # 20 minutes, twice idle_timeout
     assert gw.ports() == {"udp/40000": A}
     assert front.wants(Proto.UDP, 40000)
@@ -164,7 +164,7 @@ async def test_a_timed_lease_ends_even_in_use(front: FrontManager, clock: FakeCl
     front.service.observe(Flow(Proto.UDP, ipaddress.ip_address("198.51.100.9"),
                                ipaddress.ip_address(A), 5000, 40000))
     clock.advance(2)
-    front.service.engine.expire()
+    front.service.pipeline.engine.expire()
     assert front.lookup(40000, Proto.UDP) is None
 
 
@@ -178,7 +178,7 @@ async def test_kill_9_and_restart_restores_the_mapping_listed_then_a_stop_remove
     s1.pipeline._journal_activations()
     for task in [*s1._tasks, *s1.pipeline.tasks]:  # kill -9: nothing more runs
         task.cancel()
-    s1.journal.close()
+    s1.pipeline.journal.close()
     s2 = make(tmp_path, gw, clock)
     m2 = FrontManager(s2, s2.config.front)
     assert m2.attach() == 1
@@ -199,12 +199,12 @@ async def test_a_restored_mapping_the_policy_no_longer_allows_is_removed(
     s1.pipeline._journal_new()
     for task in [*s1._tasks, *s1.pipeline.tasks]:
         task.cancel()
-    s1.journal.close()
+    s1.pipeline.journal.close()
     s2 = make(tmp_path, gw, clock, allow=["deny 0-65535 0.0.0.0/0 0-65535"])
     m2 = FrontManager(s2, s2.config.front)
-    assert m2.attach() == 0 and not s2.engine.activations
+    assert m2.attach() == 0 and not s2.pipeline.engine.activations
     await s2.start()
-    await s2._wait_applied(s2.engine.generation, 2)
+    await s2._wait_applied(s2.pipeline.engine.generation, 2)
     assert gw.ports() == {}  # removed upstream, not half-restored
     await s2.stop()
 
@@ -214,7 +214,7 @@ async def test_upstream_refusal_is_an_upstream_refusal_and_leaves_nothing(
     gw.foreign(Proto.UDP, 40000, "192.168.1.99")  # mapped on the ISP router by another host
     got = await front.add(req())
     assert isinstance(got, Refusal) and got.kind in (RefusalKind.CONFLICT, RefusalKind.UPSTREAM)
-    assert not front.service.engine.activations and front.mappings() == []
+    assert not front.service.pipeline.engine.activations and front.mappings() == []
     alt = await front.add(req(alt=True))
     assert isinstance(alt, Grant) and alt.external_port != 40000
 
@@ -253,13 +253,13 @@ async def test_detectors_pass_and_follow_the_front_flows(
 def test_drop_front_ends_restored_client_mappings_when_the_front_is_off(
         tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
     svc = make(tmp_path, gw, clock)
-    svc.engine.activate_adhoc((PortRange(Proto.UDP, 40000, 40000),), A, ttl=60,
+    svc.pipeline.engine.activate_adhoc((PortRange(Proto.UDP, 40000, 40000),), A, ttl=60,
                               source=Source.PCP, meta={})
-    svc.engine.activate_adhoc((PortRange(Proto.UDP, 40001, 40001),), A, ttl=60,
+    svc.pipeline.engine.activate_adhoc((PortRange(Proto.UDP, 40001, 40001),), A, ttl=60,
                               source=Source.API, meta={})
     assert drop_front(svc) == 1
-    assert [a.source for a in svc.engine.activations.values()] == [Source.API]
-    svc.journal.close()
+    assert [a.source for a in svc.pipeline.engine.activations.values()] == [Source.API]
+    svc.pipeline.journal.close()
 
 
 async def test_metrics_count_grants_and_refusals_by_why(
@@ -295,7 +295,7 @@ async def test_lease_0_in_use_outlives_max_lease_and_renewals_count_as_use(
             if clock.now < 1000 + 600 - 240:
                 assert isinstance(await mgr.add(req(port=40001, lease=600)), Grant)  # renewal
             svc.wake()
-            await svc._wait_applied(svc.engine.generation, 1)
+            await svc._wait_applied(svc.pipeline.engine.generation, 1)
         assert mgr.lookup(40000, Proto.UDP) is not None  # lease 0, in use: held
         assert mgr.lookup(40001, Proto.UDP) is None  # its renewals stopped: idle, gone
         assert gw.ports() == {"udp/40000": A}
@@ -310,7 +310,7 @@ async def test_a_later_look_dates_use_at_its_last_packet(
                    ipaddress.ip_address(A), 6881, 40000)
     clock.advance(400)
     front.service.observe(FlowLive(inbound, connected=False, idle=300.0))  # last packet at 100s
-    (act,) = front.service.engine.activations.values()
+    (act,) = front.service.pipeline.engine.activations.values()
     assert act.expires == clock.now - 300 + 600  # idle_timeout after that packet, not now
 
 

@@ -190,7 +190,7 @@ async def test_refusals_are_standard_faults_and_map_nothing(
         env: Env, args: list[tuple[str, str]], code: int) -> None:
     status, fault = await env.soap("AddPortMapping", args)
     assert status == 500 and fault.code == code
-    assert env.gw.ports() == {} and not env.svc.engine.activations
+    assert env.gw.ports() == {} and not env.svc.pipeline.engine.activations
 
 
 async def test_a_clash_is_718_and_add_any_gets_another_port(env: Env) -> None:
@@ -335,7 +335,7 @@ async def test_a_missing_interface_stops_the_front_with_a_config_error(tmp_path:
         assert svc.front_serving is False  # /readyz stays 503
     finally:
         await runner.stop()
-        svc.journal.close()
+        svc.pipeline.journal.close()
 
 
 async def test_igd_version_1_describes_and_announces_v1_only(tmp_path: Path) -> None:

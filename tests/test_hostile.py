@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from igdtrigger.api import access as access_mod
 from igdtrigger.api import app as api_mod
 from igdtrigger.api.access import Caller
 from igdtrigger.api.app import make_app
@@ -120,7 +121,7 @@ async def test_deeply_nested_json_is_400(client: ApiClient) -> None:
 
 async def test_malformed_requests_count_against_the_rate_limit_and_log_once(
         client: ApiClient, svc: Service, caplog: pytest.LogCaptureFixture) -> None:
-    api_mod._REFUSED_LOG._buckets.clear()
+    access_mod._REFUSED_LOG._buckets.clear()
     caplog.set_level(logging.WARNING, "igdtrigger.api.app")
     statuses = []
     for _ in range(70):  # the burst is 60
@@ -141,7 +142,7 @@ async def test_public_address_cannot_activate_or_read(client: ApiClient, svc: Se
     r = await client.post("/api/v1/activations", json={"rule": "demo"}, headers=remote(PUBLIC))
     assert r.status == 403
     assert "outside this service's LAN" in (await r.json())["error"]["message"]
-    assert svc.engine.activations == {}
+    assert svc.pipeline.engine.activations == {}
     assert svc.gateway.ports() == {}  # type: ignore[attr-defined]
     r = await client.get("/api/v1/activations", headers=remote(PUBLIC))
     assert r.status == 403
@@ -204,8 +205,8 @@ async def test_tokenless_activation_is_refreshed_not_duplicated(
                               headers=remote(LAN))
         assert r.status == 201
         assert (await r.json())["id"] == first["id"]
-    assert len(svc.engine.activations) == 1
-    assert svc.engine.get(first["id"]).expires == pytest.approx(clock() + 7 * 86400)
+    assert len(svc.pipeline.engine.activations) == 1
+    assert svc.pipeline.engine.get(first["id"]).expires == pytest.approx(clock() + 7 * 86400)
 
 
 async def test_tokenless_activations_per_host_are_capped(client: ApiClient, svc: Service) -> None:
@@ -230,7 +231,7 @@ async def test_tokenless_activations_per_host_are_capped(client: ApiClient, svc:
 async def test_activations_are_paged_and_status_stays_small(
         client: ApiClient, svc: Service) -> None:
     for i in range(25):
-        svc.engine.activate("demo", f"192.168.1.{100 + i}", ttl=600)
+        svc.pipeline.engine.activate("demo", f"192.168.1.{100 + i}", ttl=600)
     seen: list[str] = []
     cursor = ""
     pages = 0

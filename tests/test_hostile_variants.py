@@ -60,7 +60,7 @@ async def test_adhoc_activations_from_rotating_ipv6_addresses_are_bounded(
                               headers=remote(f"fd00:1::{i + 1:x}"))
         codes.append(r.status)
     assert codes.count(201) <= V6["api"]["max_per_host"], codes
-    assert len(svc.engine.activations) <= V6["api"]["max_per_host"]
+    assert len(svc.pipeline.engine.activations) <= V6["api"]["max_per_host"]
 
 
 async def test_refreshing_with_new_meta_does_not_grow_the_activation(
@@ -70,7 +70,7 @@ async def test_refreshing_with_new_meta_does_not_grow_the_activation(
         r = await client.post("/api/v1/activations", json={"rule": "demo", "meta": meta},
                               headers=remote("192.168.1.20"))
         assert r.status == 201
-    (act,) = svc.engine.activations.values()
+    (act,) = svc.pipeline.engine.activations.values()
     assert len(act.meta) <= 16
     assert len(json.dumps(act.meta)) <= 16 * (64 + 256 + 8)
 

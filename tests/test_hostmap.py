@@ -135,6 +135,6 @@ async def test_service_turns_an_ipv6_trigger_into_ipv4_mappings(tmp_path: Path) 
     svc.observe(Flow(Proto.UDP, V6("2a0c::20"), server, 5000, 27015))
     svc.observe(Flow(Proto.UDP, V6("2a0c::99"), server, 5000, 27015))  # unknown: nothing
     svc.observe(Flow(Proto.UDP, V6("2a0c::20"), server, 5000, 9999))  # not a trigger port
-    assert [a.host for a in svc.engine.activations.values()] == ["192.168.1.20"]
+    assert [a.host for a in svc.pipeline.engine.activations.values()] == ["192.168.1.20"]
     assert r.reads == 1
-    svc.journal.close()
+    svc.pipeline.journal.close()

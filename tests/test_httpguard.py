@@ -35,7 +35,7 @@ from igdtrigger.api.httpguard import (
 )
 from igdtrigger.cli import client as client_mod
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import GatewayUnreachable, LocalResourceError, socket_fault
 from igdtrigger.core.model import MappingSpec
 from igdtrigger.runtime.logthrottle import PerKindThrottle
@@ -235,8 +235,8 @@ async def test_descriptor_shortage_leaves_the_gateway_up_and_mappings_in_place(
 
         gw.add = emfile  # type: ignore[method-assign]
         await svc.activate("more", "192.168.1.10", ttl=600, source=Source.API, wait=2)
-        assert svc.mapper.gateway_up  # not "gateway down": nothing to re-apply
-        assert svc.mapper.gateway_error in ("", None)
+        assert svc.pipeline.mapper.gateway_up  # not "gateway down": nothing to re-apply
+        assert svc.pipeline.mapper.gateway_error in ("", None)
         assert gw.ports() == {"udp/40000": "192.168.1.10"}
         gw.add = real_add  # type: ignore[method-assign]
         clock.advance(10)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source, description_for
+from igdtrigger.core.activation import Source, description_for
 from igdtrigger.core.errors import JournalError
 from igdtrigger.core.model import MappingSpec, Proto
 from igdtrigger.runtime.journal import FILENAME, FORMAT, Journal
@@ -34,12 +34,12 @@ async def test_crash_then_restart_restores_activation_and_its_mappings(tmp_path:
     # crash: no stop(), tasks just vanish; the router keeps the mappings
     for t in s1._tasks:
         t.cancel()
-    s1.journal.close()
+    s1.pipeline.journal.close()
     gw.table.clear()  # and say the router rebooted meanwhile
     s2 = service(tmp_path, gw, clock)
     assert s2.restored == 1
     await s2.start()
-    await s2._wait_applied(s2.engine.generation, 2)
+    await s2._wait_applied(s2.pipeline.engine.generation, 2)
     assert len(gw.ports()) == 3  # re-applied for the restored activation
     assert await s2.stop() == 3
     assert gw.ports() == {}
@@ -53,15 +53,15 @@ async def test_crash_leftovers_no_longer_wanted_are_deleted(tmp_path: Path) -> N
     await s1.activate("demo", "192.168.1.10", ttl=60, source=Source.API)
     for t in s1._tasks:
         t.cancel()
-    s1.journal.close()
+    s1.pipeline.journal.close()
     gw.foreign(Proto.UDP, 50000, "192.168.1.99", "console")
     clock.advance(7200)  # the activation's time ran out while we were down
     s2 = service(tmp_path, gw, clock)
     assert s2.restored == 0
     await s2.start()
-    await s2._wait_applied(s2.engine.generation, 2)
+    await s2._wait_applied(s2.pipeline.engine.generation, 2)
     assert gw.ports() == {"udp/50000": "192.168.1.99"}  # ours gone, the foreign one untouched
-    assert s2.journal.mappings() == []
+    assert s2.pipeline.journal.mappings() == []
     await s2.stop()
 
 
@@ -73,14 +73,14 @@ async def test_failed_delete_is_retried_when_the_router_returns(tmp_path: Path) 
     act = await s.activate("demo", gw.local_address, ttl=60, source=Source.API)
     gw.down = True
     await s.deactivate(act["id"])
-    assert len(s.mapper.orphans) == 3  # not forgotten
+    assert len(s.pipeline.mapper.orphans) == 3  # not forgotten
     assert len(gw.table) == 3
     gw.down = False
     clock.advance(120)
     s.wake()
-    await s._wait_applied(s.engine.generation + 1, 0.3)
+    await s._wait_applied(s.pipeline.engine.generation + 1, 0.3)
     assert gw.ports() == {}
-    assert s.mapper.orphans == {}
+    assert s.pipeline.mapper.orphans == {}
     await s.stop()
 
 
@@ -104,11 +104,11 @@ async def test_disk_write_failure_degrades_but_service_keeps_working(tmp_path: P
     gw = FakeGateway(clock)
     s = service(tmp_path, gw, clock)
     await s.start()
-    assert s.journal._db is not None
-    s.journal._db.close()  # every write now fails, as on a full or read-only disk
+    assert s.pipeline.journal._db is not None
+    s.pipeline.journal._db.close()  # every write now fails, as on a full or read-only disk
     act = await s.activate("demo", gw.local_address, ttl=60, source=Source.API)
     assert act["state"] == "open"
-    assert s.journal.degraded
+    assert s.pipeline.journal.degraded
     assert any("not writable" in w for w in s.status()["warnings"])
     await s.stop()
     assert gw.ports() == {}
@@ -175,9 +175,9 @@ async def test_a_bad_mapping_row_is_skipped_never_deleted_or_a_traceback(
     clock = FakeClock()
     gw = FakeGateway(clock, local_address="192.168.1.10")
     s = service(tmp_path, gw, clock)  # a ValueError/OverflowError here stopped the start
-    assert s.mapper.orphans == {}
+    assert s.pipeline.mapper.orphans == {}
     await s.start()
-    await s._wait_applied(s.engine.generation, 2)
+    await s._wait_applied(s.pipeline.engine.generation, 2)
     assert not [c for c in gw.calls if c.startswith("delete")]
     await s.stop()
 
@@ -210,7 +210,7 @@ def test_a_format_1_journal_is_brought_up_and_its_activations_still_restore(
     clock = FakeClock()
     s = service(tmp_path, FakeGateway(clock), clock)
     assert s.restored == 1  # by the wall clock, as that journal knew no other
-    [act] = s.engine.activations.values()
+    [act] = s.pipeline.engine.activations.values()
     assert act.expires - clock() == 300
     with sqlite3.connect(tmp_path / FILENAME) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == FORMAT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from igdtrigger.core.engine import description_for
+from igdtrigger.core.activation import description_for
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.runtime.mapper import Mapper, MapState
 

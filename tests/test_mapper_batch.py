@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from igdtrigger.core.engine import description_for
+from igdtrigger.core.activation import description_for
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.core.traits import TRUST_AFTER
 from igdtrigger.runtime.mapper import Mapper, MapState

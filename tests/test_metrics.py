@@ -145,7 +145,7 @@ async def test_errors_by_kind_and_gateway_down(tmp_path: Path) -> None:
                          action="AddPortMapping", le="0.25") == 2
             assert value(samples, "igdtrigger_gateway_up", protocol="fake") == 1
             gw.down = True
-            svc.mapper.gateway_up = False  # as the mapper marks it on its next failed call
+            svc.pipeline.mapper.gateway_up = False  # as the mapper marks it on its next failed call
             gw._info = None
             _, samples = parse(await scrape(client))
             assert value(samples, "igdtrigger_gateway_up", protocol="") == 0

@@ -151,7 +151,7 @@ async def test_another_hosts_mapping_is_still_rechecked_at_the_slow_pace() -> No
 async def test_a_service_stop_cut_short_says_how_many_are_left_and_journals_exactly_those(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from igdtrigger.config import parse_config
-    from igdtrigger.core.engine import Source
+    from igdtrigger.core.activation import Source
     from igdtrigger.runtime.service import Service
 
     clock = FakeClock()
@@ -162,7 +162,7 @@ async def test_a_service_stop_cut_short_says_how_many_are_left_and_journals_exac
     s = Service(config, gw, clock=clock, state_dir=tmp_path)
     await s.start()
     await s.activate("big", "192.168.1.10", ttl=3600, source=Source.API)
-    await s._wait_applied(s.engine.generation, 30)
+    await s._wait_applied(s.pipeline.engine.generation, 30)
     assert len(gw.table) == 1000
     await s.stop(timeout=1.0)
     assert len(gw.table) == 300  # the router answered 700 deletes, then hung

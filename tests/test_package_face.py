@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ import igdtrigger
 from igdtrigger.cli.client import Client
 from igdtrigger.config import load_config
 from igdtrigger.core import errors
+from igdtrigger.core.version import __version__
 
 
 def test_the_face_names_the_client_the_loader_and_the_errors() -> None:
@@ -33,3 +36,11 @@ def test_import_igdtrigger_loads_nothing_until_a_name_is_used() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.splitlines()
     assert out == ["[]", "True False"]
+
+
+def test_the_version_is_the_one_pyproject_publishes() -> None:
+    # `igdtrigger --version`, /api/v1/status and the metrics read igdtrigger.core.version; the
+    # wheel's metadata reads pyproject.toml: the two strings are written apart and must agree.
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    assert tomllib.loads(pyproject.read_text())["project"]["version"] == __version__
+    assert igdtrigger.__version__ == __version__

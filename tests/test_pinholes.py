@@ -12,7 +12,7 @@ import pytest
 
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import (
     GatewayNotFound,
     GatewayUnreachable,
@@ -431,8 +431,8 @@ async def test_service_opens_pinholes_for_its_own_machine_only_and_closes_them(
     gw = FakeGateway(clock)
     svc = Service(parse_config(SERVICE_CONFIG), gw, clock=clock, state_dir=tmp_path)
     fw = FakeFirewall(clock)
-    assert svc.pinholes is not None
-    svc.pinholes.client = fw
+    assert svc.pipeline.pinholes is not None
+    svc.pipeline.pinholes.client = fw
     svc.pipeline.ipv6_addresses = lambda: [ADDR, ADDR2]  # type: ignore[method-assign]
     await svc.start()
     try:
@@ -466,8 +466,8 @@ async def test_service_says_why_ipv6_stays_closed(tmp_path: Path) -> None:
     gw = FakeGateway(clock)
     svc = Service(parse_config(SERVICE_CONFIG), gw, clock=clock, state_dir=tmp_path)
     fw = FakeFirewall(clock, inbound=False)
-    assert svc.pinholes is not None
-    svc.pinholes.client = fw
+    assert svc.pipeline.pinholes is not None
+    svc.pipeline.pinholes.client = fw
     svc.pipeline.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
     await svc.start()
     try:
@@ -485,7 +485,7 @@ async def test_pinholes_off_in_config_asks_nothing(tmp_path: Path) -> None:
 
     cfg = parse_config({"gateway": {"ipv6_pinholes": False}, **SERVICE_CONFIG})
     svc = Service(cfg, FakeGateway(FakeClock()), clock=FakeClock(), state_dir=tmp_path)
-    assert svc.pinholes is None
+    assert svc.pipeline.pinholes is None
     assert svc.status()["pinholes"] == {"available": False,
                                         "reason": "gateway.ipv6_pinholes is off"}
 
@@ -507,8 +507,8 @@ async def test_a_silent_ipv6_side_never_holds_up_ipv4(tmp_path: Path) -> None:
         raise AssertionError
 
     fw.connect = silent  # type: ignore[method-assign]
-    assert svc.pinholes is not None
-    svc.pinholes.client = fw
+    assert svc.pipeline.pinholes is not None
+    svc.pipeline.pinholes.client = fw
     svc.pipeline.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
     await svc.start()
     try:

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api.app import make_app
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.runtime.pipeline import STUCK_AFTER
 from igdtrigger.runtime.service import Service
 from igdtrigger.sim.device import SimulatedRouter
@@ -51,7 +51,7 @@ async def client(svc: Service) -> AsyncIterator[ApiClient]:
 async def test_a_failing_round_is_logged_and_the_scheduler_goes_on(
         svc: Service, client: ApiClient,
         caplog: pytest.LogCaptureFixture) -> None:
-    real = svc.mapper.reconcile
+    real = svc.pipeline.mapper.reconcile
     calls = 0
 
     async def flaky(desired: Any) -> None:
@@ -61,7 +61,7 @@ async def test_a_failing_round_is_logged_and_the_scheduler_goes_on(
             raise RuntimeError("a bug in one round")
         await real(desired)
 
-    svc.mapper.reconcile = flaky  # type: ignore[method-assign]
+    svc.pipeline.mapper.reconcile = flaky  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="igdtrigger.scheduler"):
         act = await svc.activate("demo", "192.168.1.10", ttl=60, source=Source.API, wait=5.0)
     assert act["state"] == "open"  # the next round opened it
@@ -90,7 +90,7 @@ async def test_healthz_names_a_stuck_scheduler(svc: Service, clock: FakeClock,
     async def stuck(desired: Any) -> None:
         await hang.wait()
 
-    svc.mapper.reconcile = stuck  # type: ignore[method-assign]
+    svc.pipeline.mapper.reconcile = stuck  # type: ignore[method-assign]
     await svc.activate("demo", "192.168.1.10", ttl=600, source=Source.API, wait=0.05)
     assert (await client.get("/healthz")).status == 200  # a round in progress is not stuck
     clock.advance(STUCK_AFTER + 1)

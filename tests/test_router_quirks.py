@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from igdtrigger.core.engine import description_for
+from igdtrigger.core.activation import description_for
 from igdtrigger.core.errors import GatewayError, GatewayNotFound, GatewayTimeout, GatewayUnreachable
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.base import Gateway

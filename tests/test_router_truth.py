@@ -16,7 +16,7 @@ from igdtrigger.api.metrics import Metrics
 from igdtrigger.cli.gatewaycmd import _lease_test
 from igdtrigger.cli.main import _lease_text
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
 from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.select import build_gateway
@@ -59,13 +59,13 @@ class Rig:
 
     async def activate(self) -> None:
         assert self.svc is not None
-        gen = self.svc.engine.generation
+        gen = self.svc.pipeline.engine.generation
         await self.svc.activate("game", HOST, ttl=3600, source=Source.API)
         await self.svc._wait_applied(gen + 1, 5)
 
     async def end_activations(self) -> None:
         assert self.svc is not None
-        for act_id in list(self.svc.engine.activations):
+        for act_id in list(self.svc.pipeline.engine.activations):
             await self.svc.deactivate(act_id)
 
     async def run_for(self, seconds: float, step: float = 1.0) -> None:
@@ -75,7 +75,7 @@ class Rig:
         while t < seconds:
             self.clock.advance(step)
             t += step
-            await self.svc.mapper.reconcile(self.svc.desired())
+            await self.svc.pipeline.mapper.reconcile(self.svc.desired())
 
     def ours(self) -> list[tuple[int, str, int]]:
         """The router's own record of our mappings: (port, client, lease left)."""
@@ -301,7 +301,7 @@ def pmp_service(router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway],
 
 
 async def activate(svc: Service, rule: str) -> None:
-    gen = svc.engine.generation
+    gen = svc.pipeline.engine.generation
     await svc.activate(rule, HOST, ttl=3600, source=Source.API)
     await svc._wait_applied(gen + 1, 5)
 
@@ -329,12 +329,13 @@ async def test_gateway_assigning_its_own_port_is_held_renewed_reported_deleted(
     maps = len(router.requests)
     for _ in range(75):  # 75 s: renewed at half of the 60 s granted, never re-picked
         clock.advance(1)
-        await svc.mapper.reconcile(svc.desired())
+        await svc.pipeline.mapper.reconcile(svc.desired())
     assert router.mappings[(17, 40000)][0] == assigned
     renewals = len(router.requests) - maps
     assert 2 <= renewals <= 4, renewals  # today: 30 add/delete pairs in 75 s
     assert svc.status()["mappings"][0]["external_port"] == assigned
-    assert svc.journal.mappings()[0].external_port == assigned  # a crash leaves it findable
+    # a crash leaves it findable
+    assert svc.pipeline.journal.mappings()[0].external_port == assigned
     assert await svc.stop() == 1
     assert router.mappings == {}
 
@@ -367,7 +368,7 @@ async def test_pcp_delete_refused_until_stop_stays_in_the_journal(
     await activate(svc, "xbox")
     router.refuse = 2  # NOT_AUTHORIZED from now on
     assert await svc.stop() == 0
-    [left] = svc.mapper.left_open  # named in the stop summary
+    [left] = svc.pipeline.mapper.left_open  # named in the stop summary
     assert str(left.spec.key) == "udp/3074" and "not confirmed deleted" in left.why
     journal = Journal.open(tmp_path)
     assert [m.external_port for m in journal.mappings()] == [3074]  # the next start retries
@@ -437,13 +438,13 @@ async def test_refused_delete_is_retried_while_running(rig: Rig) -> None:
     assert [p for p, _, _ in rig.ours()] == [40000]
     assert svc.status()["journal"]["orphans_pending"] == 1
     assert "igdtrigger_mappings_unconfirmed 1\n" in Metrics().render(svc)
-    when = svc.mapper.next_deadline()
+    when = svc.pipeline.mapper.next_deadline()
     assert when is not None and when > rig.clock.now  # the scheduler wakes for the retry
     rig.clock.now = when
-    await svc.mapper.reconcile(svc.desired())
+    await svc.pipeline.mapper.reconcile(svc.desired())
     assert rig.ours() == []
     assert svc.status()["journal"]["orphans_pending"] == 0
-    assert svc.journal.mappings() == []
+    assert svc.pipeline.journal.mappings() == []
 
 
 async def test_router_that_starts_dropping_timed_leases_is_caught_at_the_re_add(
@@ -467,7 +468,7 @@ async def mapped(router: FakeRouter, cls: type[NatPmpGateway] | type[PcpGateway]
     svc = pmp_service(router, cls, rule, clock, tmp_path)
     await svc.start()
     await svc.activate("xbox", HOST, ttl=ttl, source=Source.API)
-    await svc._wait_applied(svc.engine.generation, 5)
+    await svc._wait_applied(svc.pipeline.engine.generation, 5)
     return svc, clock
 
 
@@ -477,12 +478,12 @@ async def crash_and_restart(svc: Service, router: FakeRouter,
     """kill -9: no stop, no delete; the next start ``after`` s later."""
     for t in svc._tasks:
         t.cancel()
-    svc.journal.close()
+    svc.pipeline.journal.close()
     await svc.gateway.close()  # the process is gone (its socket too)
     clock.advance(after)
     again = pmp_service(router, cls, rule, clock, tmp_path)
     await again.start()
-    await again._wait_applied(again.engine.generation, 5)
+    await again._wait_applied(again.pipeline.engine.generation, 5)
     return again
 
 
@@ -517,7 +518,7 @@ async def test_natpmp_pcp_leftover_of_a_crashed_run_is_deleted_at_the_next_start
     if cls is PcpGateway:  # each with the nonce its mapping was made with
         assert {(d[36], bytes(d[24:36])) for d in deletes} \
             == {(17, made[(17, 3074)]), (6, made[(6, 3075)])}
-    assert again.journal.mappings() == []
+    assert again.pipeline.journal.mappings() == []
     assert sum("left by an earlier run" in r.message for r in caplog.records) == 2
     assert not any("cannot be deleted" in r.message for r in caplog.records)
     await again.stop()
@@ -555,7 +556,7 @@ async def test_pcp_leftover_without_a_recorded_nonce_is_not_claimed_deleted(
     caplog.set_level(logging.INFO, "igdtrigger.runtime.mapper")
     svc = pmp_service(router, PcpGateway, rule, clock, tmp_path)
     await svc.start()
-    await svc._wait_applied(svc.engine.generation, 5)
+    await svc._wait_applied(svc.pipeline.engine.generation, 5)
     assert any("cannot be deleted over pcp" in r.message and "no nonce" in r.message
                for r in caplog.records)
     assert not any("left by an earlier run" in r.message for r in caplog.records)
@@ -576,7 +577,7 @@ async def test_natpmp_leftover_for_another_host_is_not_deleted_over_natpmp(
     caplog.set_level(logging.INFO, "igdtrigger.runtime.mapper")
     svc = pmp_service(router, NatPmpGateway, rule, clock, tmp_path)
     await svc.start()
-    await svc._wait_applied(svc.engine.generation, 5)
+    await svc._wait_applied(svc.pipeline.engine.generation, 5)
     assert router.mappings == {(17, 3074): (3074, 86400)}
     assert map_requests(router, deletes=True) == []
     assert any("cannot be deleted over nat-pmp" in r.message for r in caplog.records)
@@ -596,7 +597,7 @@ async def test_pcp_leftover_remapped_by_another_client_is_left_alone(
     assert (17, 3074) in router.mappings  # theirs: not deleted
     refused = router.refused_deletes
     assert refused >= 2  # once, and once more after the other deletes (retransmissions count)
-    assert again.journal.mappings() == []
+    assert again.pipeline.journal.mappings() == []
     assert any("another client has mapped that internal port" in r.message
                for r in caplog.records)
     assert not any("left by an earlier run" in r.message for r in caplog.records)
@@ -615,7 +616,7 @@ async def test_pcp_leftover_pair_on_a_router_deleting_by_internal_port_is_all_de
     again = await crash_and_restart(svc, router, PcpGateway, rule, clock, tmp_path, 120)
     assert router.mappings == {}
     assert router.refused_deletes >= 1  # the older one first: deleted after the newer
-    assert again.journal.mappings() == []
+    assert again.pipeline.journal.mappings() == []
     await again.stop()
 
 
@@ -651,6 +652,6 @@ async def test_pcp_leftover_wanted_again_is_refreshed_with_its_own_nonce(
     rule = {"name": "xbox", "open": ["udp/3074"], "idle_timeout": "1h"}
     svc, _ = await mapped(router, PcpGateway, rule, tmp_path, ttl=3600)
     assert [m["state"] for m in svc.status()["mappings"]] == ["active"]
-    assert [m.nonce for m in svc.journal.mappings()] == [theirs]
+    assert [m.nonce for m in svc.pipeline.journal.mappings()] == [theirs]
     await svc.stop()
     assert router.mappings == {} and router.refused_deletes == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import DEVICE_DENIED_HINT, SECURE_MODE_HINT, GatewayError, TableFull
 from igdtrigger.gateway.base import RouterChangeKind
 from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
@@ -122,8 +122,8 @@ async def test_delete_that_works_on_a_later_try_at_stop(rig: Rig) -> None:
     await rig.activate()
     assert await svc.stop() == 3  # each deleted again after the router showed it still there
     assert rig.ours() == []
-    assert svc.mapper.left_open == []
-    assert svc.journal.mappings() == [] if svc.journal is not None else True
+    assert svc.pipeline.mapper.left_open == []
+    assert svc.pipeline.journal.mappings() == [] if svc.pipeline.journal is not None else True
 
 
 # --- cannot report mappings as ours: a table that cuts descriptions -------------------------
@@ -186,7 +186,7 @@ async def test_714_to_a_delete_while_the_router_still_holds_it_is_not_removed(
     delete_answers_714(rig)
     assert await svc.stop() == 0  # never "removed 1" for what is still there
     assert held(rig)
-    [left] = svc.mapper.left_open
+    [left] = svc.pipeline.mapper.left_open
     assert str(left.spec.key) == "udp/40000"
     journal = Journal.open(rig.tmp_path)
     assert [m.external_port for m in journal.mappings()] == [40000]  # the next start retries
@@ -199,7 +199,7 @@ async def test_714_once_then_the_delete_works(rig: Rig) -> None:
     delete_answers_714(rig, times=1)
     assert await svc.stop() == 1
     assert rig.ours() == []
-    assert svc.mapper.left_open == []
+    assert svc.pipeline.mapper.left_open == []
 
 
 # --- cannot report mappings: a table read that errors midway (IGDv1, no GetListOfPortMappings)
@@ -248,7 +248,7 @@ async def test_shorter_lifetime_granted_is_reported_and_renewed_in_time(
     start, sent = clock.now, len(router.requests)
     for _ in range(300):  # 5 minutes
         clock.advance(1)
-        await svc.mapper.reconcile(svc.desired())
+        await svc.pipeline.mapper.reconcile(svc.desired())
         if len(router.requests) > sent:
             times.append(clock.now)
             sent = len(router.requests)
@@ -272,12 +272,12 @@ async def test_gateway_restart_seen_by_epoch_re_adds(
     await svc.start()
     await activate(svc, "g")
     clock.advance(100)
-    await svc.mapper.reconcile(svc.desired())
+    await svc.pipeline.mapper.reconcile(svc.desired())
     router.mappings.clear()  # restarted: table gone, epoch from 0
     router.epoch_base, router.t0 = 0, clock.now
     for _ in range(400):
         clock.advance(1)
-        await svc.mapper.reconcile(svc.desired())
+        await svc.pipeline.mapper.reconcile(svc.desired())
         if (17, 40000) in router.mappings:
             break
     assert (17, 40000) in router.mappings  # re-added (at the latest by the renewal)
@@ -376,7 +376,7 @@ async def test_delete_refused_once_at_stop_is_retried_in_the_same_stop(
     rig.router.fail_next(code, 1, action="DeletePortMapping")
     assert await svc.stop() == 1
     assert rig.ours() == []
-    assert svc.mapper.left_open == []
+    assert svc.pipeline.mapper.left_open == []
 
 
 # --- 725/402 ambiguity: "permanent only" router whose table is full ---------------------------
@@ -442,7 +442,7 @@ async def test_606_for_the_requesting_host_itself_is_not_called_secure_mode(
 async def test_secure_mode_for_another_host_says_secure_mode(rig: Rig) -> None:
     rig.router.secure_mode = True
     svc = await rig.start()
-    gen = svc.engine.generation
+    gen = svc.pipeline.engine.generation
     await svc.activate("game", "192.168.1.50", ttl=3600, source=Source.API)
     await svc._wait_applied(gen + 1, 5)
     [m] = svc.status()["mappings"]
@@ -489,7 +489,7 @@ async def test_own_port_for_a_fixed_port_rule_is_not_kept(
     svc = pmp_service(router, cls, {"name": "g", "open": ["udp/40000"], "idle_timeout": "1h"},
                       clock, tmp_path)
     await svc.start()
-    gen = svc.engine.generation
+    gen = svc.pipeline.engine.generation
     await svc.activate("g", HOST, ttl=3600, source=Source.API)
     await svc._wait_applied(gen + 1, 5)
     [m] = svc.status()["mappings"]
@@ -599,7 +599,7 @@ async def test_entry_of_another_host_with_our_description_is_not_swept(rig: Rig)
     await rig.run_for(2)
     assert [(m.external_port, m.internal_client) for m in rig.router.mappings()] == [
         (45000, "192.168.1.11")]  # this host's stale one swept, the other host's kept
-    assert svc.mapper.stale_removed == 1
+    assert svc.pipeline.mapper.stale_removed == 1
     await svc.stop()
 
 
@@ -635,7 +635,7 @@ async def test_gateway_silent_at_stop_is_reported_with_its_lease_end(
     await activate(svc, "g")
     router.drop = 10_000  # no answer at all from now on: not a refusal
     assert await svc.stop() == 0
-    [left] = svc.mapper.left_open
+    [left] = svc.pipeline.mapper.left_open
     assert "did not answer" in left.why and "the next start deletes it" in left.why
     assert left.lease_remaining == 600 and left.until_wall is not None
     assert (17, 40000) in router.mappings
@@ -645,7 +645,7 @@ async def test_gateway_silent_at_stop_is_reported_with_its_lease_end(
     await svc2.start()
     for _ in range(3):
         clock.advance(1)
-        await svc2.mapper.reconcile(svc2.desired())
+        await svc2.pipeline.mapper.reconcile(svc2.desired())
     assert not any("cannot be deleted over" in r.message for r in caplog.records)
     assert (17, 40000) not in router.mappings  # the journal's row (and nonce) deleted it
     await svc2.stop()
@@ -712,5 +712,5 @@ async def test_mapping_shown_for_another_client_is_left_alone_and_named_at_stop(
     assert m["state"] == "conflict" and "192.168.1.77" in m["error"]
     assert await svc.stop() == 0
     assert [p for p, _, _ in rig.ours()] == [40000]  # left alone
-    [left] = svc.mapper.left_open
+    [left] = svc.pipeline.mapper.left_open
     assert str(left.spec.key) == "udp/40000" and "192.168.1.77" in left.why

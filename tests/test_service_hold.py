@@ -50,12 +50,12 @@ async def test_a_live_connection_shows_as_held_until_it_closes(
         assert data["counts"]["flows_live"] == 1
         _print_activation(act)
         assert "held by 1 live flow, closes 5s after they end" in capsys.readouterr().out
-        record = svc.pipeline.journal_record(svc.engine.activations[act["id"]])
+        record = svc.pipeline.journal_record(svc.pipeline.engine.activations[act["id"]])
         assert record.expires_wall == math.inf  # journaled as held (see the crash tests)
 
         clock.advance(600)
-        svc.engine.expire()
-        assert svc.engine.activations  # ten silent minutes later: still held
+        svc.pipeline.engine.expire()
+        assert svc.pipeline.engine.activations  # ten silent minutes later: still held
         svc.observe(FlowEnded(CONN, closed=True))
         data = (await (await client.get("/api/v1/status")).json())
         (act,) = data["activations"]
@@ -64,7 +64,7 @@ async def test_a_live_connection_shows_as_held_until_it_closes(
         _print_activation(act)
         assert "closes in 5s (traffic 0s ago)" in capsys.readouterr().out
     clock.advance(5.1)
-    assert svc.engine.expire()
+    assert svc.pipeline.engine.expire()
 
 
 async def test_an_inbound_flow_counts_as_use(svc: Service, clock: FakeClock) -> None:
@@ -72,7 +72,7 @@ async def test_an_inbound_flow_counts_as_use(svc: Service, clock: FakeClock) -> 
     clock.advance(4)
     svc.observe(Flow(Proto.UDP, ipaddress.ip_address("11.9.9.9"), ipaddress.ip_address(HOST),
                      61000, 40000))
-    (act,) = svc.engine.activations.values()
+    (act,) = svc.pipeline.engine.activations.values()
     assert act.expires == clock.now + 5
     assert svc.status()["counts"]["flows_inbound"] == 1
 
@@ -103,7 +103,7 @@ async def test_a_detector_that_stops_releases_its_holds(tmp_path: Path, clock: F
             await asyncio.sleep(0.02)
             if not service.detector_status[0].active:
                 break
-        (act,) = service.engine.activations.values()
+        (act,) = service.pipeline.engine.activations.values()
         assert not act.held and act.expires == clock.now + 5
     finally:
         await service.stop()
@@ -124,7 +124,7 @@ async def crashed_while_held(tmp_path: Path, clock: FakeClock, gw: FakeGateway,
     clock.advance(held_for)  # silent: nothing more is written while it is held
     for task in first._tasks:
         task.cancel()
-    first.journal.close()
+    first.pipeline.journal.close()
     return Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
                    state_dir=tmp_path)
 
@@ -139,7 +139,7 @@ async def test_kill_9_while_held_comes_back_held_until_the_first_look(
     gw = FakeGateway(clock, local_address=HOST)
     second = await crashed_while_held(tmp_path, clock, gw, held_for=15)
     assert second.restored == 1
-    (act,) = second.engine.activations.values()
+    (act,) = second.pipeline.engine.activations.values()
     assert act.unproven and act.expires == clock.now + 5  # capped: one timeout after restart
     assert "held before the restart" in second.status()["activations"][0]["hold"]
     await second.start()
@@ -147,14 +147,14 @@ async def test_kill_9_while_held_comes_back_held_until_the_first_look(
         if still_connected:  # the start-up dump finds the connection
             second.observe(FlowLive(CONN, connected=True))
         second.observe(FlowsListed("conntrack"))
-        assert act.id in second.engine.activations
+        assert act.id in second.pipeline.engine.activations
         if still_connected:
             assert act.held and not act.unproven
             clock.advance(60)
-            assert not second.engine.expire()
+            assert not second.pipeline.engine.expire()
         else:
             assert act.expires == clock.now
-            assert second.engine.expire() == [act]
+            assert second.pipeline.engine.expire() == [act]
     finally:
         await second.stop()
 
@@ -164,11 +164,11 @@ async def test_kill_9_while_held_without_a_flow_detector_closes_one_timeout_afte
     """Nothing will ever list the flows (no flow detector runs): the cap applies."""
     gw = FakeGateway(clock, local_address=HOST)
     second = await crashed_while_held(tmp_path, clock, gw, held_for=3600)
-    (act,) = second.engine.activations.values()
+    (act,) = second.pipeline.engine.activations.values()
     clock.advance(4.9)
-    assert not second.engine.expire()
+    assert not second.pipeline.engine.expire()
     clock.advance(0.2)
-    assert second.engine.expire() == [act]
+    assert second.pipeline.engine.expire() == [act]
     await second.stop()
 
 
@@ -192,13 +192,13 @@ async def test_a_restored_hold_waits_for_every_running_flow_detectors_first_look
     """Conntrack and the socket table both run: conntrack's dump alone does not settle a
     restored hold; the connection may be one only the socket table sees."""
     gw = FakeGateway(clock, local_address=HOST)
-    (await crashed_while_held(tmp_path, clock, gw, held_for=15)).journal.close()
+    (await crashed_while_held(tmp_path, clock, gw, held_for=15)).pipeline.journal.close()
     detectors: list[Any] = [QuietDetector("conntrack"), QuietDetector("sockets")]
     second = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
                      state_dir=tmp_path, detectors=detectors)
     await second.start()
     try:
-        (act,) = second.engine.activations.values()
+        (act,) = second.pipeline.engine.activations.values()
         second.observe(FlowsListed("conntrack"))
         assert act.unproven
         second.observe(CONN)
@@ -215,8 +215,8 @@ async def test_a_hold_journaled_before_a_reboot_does_not_come_back(
     activation is not restored and its leftover mapping is deleted at the start."""
     gw = FakeGateway(clock, local_address=HOST)
     (await crashed_while_held(tmp_path, clock, gw, held_for=15,
-                              boot=lambda: ("first-boot", clock.now))).journal.close()
+                              boot=lambda: ("first-boot", clock.now))).pipeline.journal.close()
     after = Service(parse_config(CONFIG), gw, clock=clock, wall=lambda: clock.now + 1.7e9,
                     state_dir=tmp_path, boot=lambda: ("another-boot", 30.0))
-    assert after.restored == 0 and not after.engine.activations
+    assert after.restored == 0 and not after.pipeline.engine.activations
     await after.stop()

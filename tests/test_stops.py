@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from igdtrigger.config import parse_config
-from igdtrigger.core.engine import Source
+from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import UsageError
 from igdtrigger.core.model import MappingSpec, Proto
 from igdtrigger.gateway.base import Granted
@@ -101,19 +101,19 @@ async def test_clean_stop_ends_activations_crash_restores_them(tmp_path: Path) -
     s2 = service(tmp_path, gw, clock)
     assert s2.restored == 0  # a clean stop: nothing comes back, nothing re-opens
     await s2.start()
-    await s2._wait_applied(s2.engine.generation, 2)
+    await s2._wait_applied(s2.pipeline.engine.generation, 2)
     assert gw.ports() == {}
     await s2.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
     for t in s2._tasks:  # crash: the tasks just vanish
         t.cancel()
-    s2.journal.close()
+    s2.pipeline.journal.close()
     s3 = service(tmp_path, gw, clock)
     assert s3.restored == 1
     held = dict(gw.ports())
     assert len(held) == 3
     gw.calls.clear()
     await s3.start()
-    await s3._wait_applied(s3.engine.generation, 2)
+    await s3._wait_applied(s3.pipeline.engine.generation, 2)
     # the restored activation's ports stay open across the restart: never deleted and re-added
     assert not [c for c in gw.calls if c.startswith("delete")], gw.calls
     assert gw.ports().keys() == held.keys()
@@ -137,7 +137,7 @@ async def test_restored_activation_never_outlives_its_ttl(tmp_path: Path, expire
     j.close()
     s = service(tmp_path, gw, clock, wall_skew=wall_skew)
     assert s.restored == 1
-    [act] = s.engine.activations.values()
+    [act] = s.pipeline.engine.activations.values()
     assert act.expires - clock() == pytest.approx(left)
     await s.stop()
 
@@ -205,11 +205,11 @@ async def test_a_pass_stops_adding_when_its_activation_lapses(tmp_path: Path) ->
     await s.activate("big", gw.local_address, ttl=10, source=Source.API, wait=0)
     for _ in range(200):
         await asyncio.sleep(0)
-        if not s.engine.activations and not gw.ports():
+        if not s.pipeline.engine.activations and not gw.ports():
             break
     adds = sum(c.startswith("add ") for c in gw.calls)
     assert adds <= 12, f"{adds} adds for an activation of 10 s at 1 s per add"
-    assert not s.engine.activations and gw.ports() == {}
+    assert not s.pipeline.engine.activations and gw.ports() == {}
     await s.stop()
 
 
@@ -234,7 +234,7 @@ async def test_activation_ttl_outside_1s_to_7d_is_refused(tmp_path: Path, ttl: f
     s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path)
     with pytest.raises(UsageError, match="outside 1s-7d"):
         await s.activate("demo", "192.168.1.10", ttl=ttl, source=Source.API)
-    assert not s.engine.activations
+    assert not s.pipeline.engine.activations
     await s.stop()
 
 
@@ -257,12 +257,13 @@ async def test_only_the_real_service_takes_over_a_dead_wrappers_journal(tmp_path
     clock = FakeClock()
     sim = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path,
                   journal_dir=tmp_path / "simulate")
-    assert dead.exists() and sim.journal.mappings() == []
+    assert dead.exists() and sim.pipeline.journal.mappings() == []
     await sim.stop()
     real = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock, state_dir=tmp_path)
     assert not dead.exists()
-    assert [m.external_port for m in real.journal.mappings()] == [40000]
-    assert list(real.mapper.orphans) == [m.spec.key for m in real.journal.mappings()]
+    assert [m.external_port for m in real.pipeline.journal.mappings()] == [40000]
+    journaled = [m.spec.key for m in real.pipeline.journal.mappings()]
+    assert list(real.pipeline.mapper.orphans) == journaled
     await real.stop()
 
 
@@ -284,7 +285,7 @@ async def test_with_nothing_writable_a_crashs_leftovers_are_still_removed(tmp_pa
         t.cancel()
     s2 = Service(parse_config(CONFIG), gw, clock=clock, state_dir=unwritable)
     await s2.start()
-    await s2._wait_applied(s2.engine.generation, 2)
+    await s2._wait_applied(s2.pipeline.engine.generation, 2)
     assert gw.ports() == {"udp/50000": gw.local_address}
     await s2.stop()
 
@@ -307,10 +308,10 @@ async def test_restore_after_a_wall_clock_jump_uses_the_boot_clock(
                  state_dir=tmp_path, boot=lambda: ("boot-1", clock.now))
     await s1.start()
     await s1.activate("demo", "192.168.1.10", ttl=600, source=Source.API)
-    await s1._wait_applied(s1.engine.generation, 2)
+    await s1._wait_applied(s1.pipeline.engine.generation, 2)
     for t in s1._tasks:  # crash
         t.cancel()
-    s1.journal.close()
+    s1.pipeline.journal.close()
     clock.advance(60)
     boot = "boot-1" if same_boot else "boot-2"
     s2 = Service(parse_config(CONFIG), gw, clock=clock,
@@ -320,7 +321,7 @@ async def test_restore_after_a_wall_clock_jump_uses_the_boot_clock(
         assert s2.restored == 0
     else:
         assert s2.restored == 1
-        [act] = s2.engine.activations.values()
+        [act] = s2.pipeline.engine.activations.values()
         assert act.expires - clock() == pytest.approx(left)
     await s2.stop()
 
@@ -338,7 +339,7 @@ def _restore_a_row_with(tmp_path: Path, column: str, value: str) -> Service:
     s = Service(parse_config(CONFIG), FakeGateway(clock), clock=clock,
                 wall=lambda: clock.now + WALL0, state_dir=tmp_path,
                 boot=lambda: ("boot-1", clock.now))
-    for act in s.engine.activations.values():  # restored only when what is left is sound
+    for act in s.pipeline.engine.activations.values():  # restored only when what is left is sound
         assert 0 < act.expires - clock() <= 600
         assert act.host == "192.168.1.10"
     return s
@@ -369,7 +370,7 @@ async def test_status_after_the_router_vanishes_claims_no_mapping_verified(
     s = service(tmp_path, gw, clock)
     await s.start()
     await s.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
-    await s._wait_applied(s.engine.generation, 2)
+    await s._wait_applied(s.pipeline.engine.generation, 2)
     assert {m["verified"] for m in s.status()["mappings"]} == {True}
     gw.down = True  # the router is unplugged (it takes its table with it)
     gw.table.clear()
@@ -397,7 +398,7 @@ async def test_state_directory_deleted_while_running_is_written_again_before_a_c
     s1 = service(state, gw, clock)
     await s1.start()
     await s1.activate("demo", "192.168.1.10", ttl=3600, source=Source.API)
-    await s1._wait_applied(s1.engine.generation, 2)
+    await s1._wait_applied(s1.pipeline.engine.generation, 2)
     shutil.rmtree(state)  # rm -rf of the state directory (or a tmpfiles clean-up)
     for _ in range(3):
         clock.advance(6)
@@ -405,10 +406,11 @@ async def test_state_directory_deleted_while_running_is_written_again_before_a_c
         await asyncio.sleep(0.05)
     for t in s1._tasks:  # then a crash
         t.cancel()
-    s1.journal.close()
+    s1.pipeline.journal.close()
     s2 = service(state, gw, clock)
     assert s2.restored == 1  # the activation came back: its journal was written again
-    assert len(s2.mapper.orphans) == 3  # and its mappings are known, whatever the router lists
+    # and its mappings are known, whatever the router lists
+    assert len(s2.pipeline.mapper.orphans) == 3
     await s2.stop()
 
 

@@ -12,6 +12,7 @@ import collections
 import enum
 import hmac
 import ipaddress
+import logging
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from igdtrigger.api.httpguard import ConnectionGuard
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.api.ratelimit import RateLimiter
-from igdtrigger.core.engine import is_lan_source
+from igdtrigger.core.matching import is_lan_source
 from igdtrigger.netutil import Network, host_key
 from igdtrigger.runtime.service import Service
 
@@ -56,6 +57,7 @@ __all__ = [
     "local_names",
     "make_caller",
     "origin_matches",
+    "refused_log",
 ]
 
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
@@ -79,6 +81,9 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class Access(enum.StrEnum):
+    """What an endpoint requires: ``public`` (anyone), ``read`` (the token, loopback, or a LAN
+    client with ``[api] public_read``), ``act`` (the token, or a LAN client acting for itself)."""
+
     PUBLIC = "public"
     READ = "read"
     ACT = "act"
@@ -86,6 +91,10 @@ class Access(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
+    """The ``[api]`` settings the access checks read: ``sse_heartbeat`` and ``sse_write_timeout`` in
+    seconds; ``allow`` the networks whose clients count as LAN (empty: private and link-local
+    addresses); ``allowed_hosts`` the extra ``Host`` names this service answers to."""
+
     public_read: bool = False
     allowed_hosts: frozenset[str] = frozenset()
     sse_heartbeat: float = SSE_HEARTBEAT
@@ -109,6 +118,8 @@ class ApiSettings:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
+    """Who is asking, decided once per request by ``make_caller``."""
+
     address: str  # the client's IP address ("" if unknown)
     loopback: bool  # on this machine (a loopback address, or the local admin socket)
     admin: bool  # carries the admin token, or came over the local admin socket
@@ -163,6 +174,8 @@ def _over_admin_socket(request: web.Request) -> bool:
 
 
 def caller_of(request: web.Request) -> Caller:
+    """The ``Caller`` the guard middleware stored on ``request``, or a fresh one (``make_caller``)
+    on a route without the guard."""
     caller = request.get(CALLER)
     if caller is None:  # route without the guard (tests calling handlers directly)
         caller = make_caller(request)
@@ -170,6 +183,9 @@ def caller_of(request: web.Request) -> Caller:
 
 
 def make_caller(request: web.Request) -> Caller:
+    """Decide who ``request`` comes from: the local admin socket is an admin on loopback; else its
+    address, whether it carries the admin token, and whether ``ApiSettings.is_lan`` lets it act
+    (and read, with ``public_read``) without one."""
     if _over_admin_socket(request):
         return Caller("127.0.0.1", True, True, True, True)
     address, loopback = _remote_address(request)
@@ -199,6 +215,8 @@ def host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
 
 
 def origin_matches(origin: str, host_header: str) -> bool:
+    """Is ``origin`` (a browser's ``Origin`` header) an http(s) URL of the same host and port as
+    ``host_header``? A cross-site page fails: CSRF protection for unsafe methods."""
     parsed = urllib.parse.urlsplit(origin)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         return False
@@ -217,3 +235,15 @@ def local_names() -> frozenset[str]:
         short = host.split(".")[0]
         names |= {host, short, f"{short}.local"}
     return frozenset(names)
+
+
+# the API's log: lines about requests are written under this name whichever module writes them
+log = logging.getLogger("igdtrigger.api.app")
+_REFUSED_LOG = RateLimiter(1 / 60, 1, max_clients=256)  # one line per kind and minute
+
+
+def refused_log(kind: str, msg: str, *args: object) -> None:
+    """Log a refused or malformed request (a ``logging`` format and its ``args``) once per
+    ``kind`` and minute: a flood must not flood the journal too."""
+    if _REFUSED_LOG.take(kind) == 0.0:
+        log.warning(msg + " (further ones of this kind are not logged for a minute)", *args)

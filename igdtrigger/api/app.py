@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import importlib.resources
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -44,7 +42,6 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from igdtrigger import __version__
 from igdtrigger.api.access import (
     ACCESS,
     BODY_TIMEOUT,
@@ -58,7 +55,6 @@ from igdtrigger.api.access import (
     SERVICE,
     SETTINGS,
     SSE_HEARTBEAT,
-    SSE_SEND_BUFFER,
     SSE_WRITE_TIMEOUT,
     STATUS_COUNTS,
     UNSAFE_METHODS,
@@ -72,6 +68,7 @@ from igdtrigger.api.access import (
     local_names,
     make_caller,
     origin_matches,
+    refused_log,
 )
 from igdtrigger.api.httpguard import ConnectionGuard, describe
 from igdtrigger.api.metrics import Metrics
@@ -83,20 +80,19 @@ from igdtrigger.api.requests import (
     parse_refresh,
     short,
 )
+from igdtrigger.api.stream import get_events
 from igdtrigger.core.errors import (
     Forbidden,
     IgdTriggerError,
     NotReady,
     RequestTimeout,
     RuleNotFound,
-    TooMany,
-    TooManySubscribers,
     Unauthorized,
     UnsupportedMedia,
     UsageError,
 )
+from igdtrigger.core.version import __version__
 from igdtrigger.netutil import Network, interface_networks
-from igdtrigger.runtime.events import Event, Subscriber
 from igdtrigger.runtime.service import Service
 from igdtrigger.runtime.views import STATUS_ACTIVATIONS
 
@@ -106,7 +102,6 @@ __all__ = [
     "errors_middleware",
     "get_activation",
     "get_activations",
-    "get_events",
     "get_mappings",
     "get_metrics",
     "get_openapi",
@@ -124,6 +119,9 @@ __all__ = [
 log = logging.getLogger("igdtrigger.api.app")
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into the API's JSON error shape (``IgdTriggerError`` subclasses carry their
+    HTTP status; anything unexpected is a logged 500), count responses by status and time each
+    route for ``/metrics``."""
     counts = request.app[STATUS_COUNTS]
     started = time.perf_counter()
     try:
@@ -145,7 +143,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     counts[resp.status] += 1
     route = _route_label(request)
     if resp.status in (400, 408, 413, 415, 422):
-        _refused_log(f"{resp.status} {route}", "malformed request from %s: %s: %d %s",
+        refused_log(f"{resp.status} {route}", "malformed request from %s: %s: %d %s",
                      request.remote, route, resp.status, short(getattr(resp, "text", "") or ""))
     if route != "GET /api/v1/events":  # a stream: its length is the client's, not ours
         request.app[METRICS].on_api_request(route, time.perf_counter() - started)
@@ -173,7 +171,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     request[CALLER] = caller
     wait = 0.0 if caller.loopback else app[LIMITER].take(caller.key())
     if wait > 0:
-        _refused_log(f"rate limit: {caller.key()}", "too many requests from %s", caller.key())
+        refused_log(f"rate limit: {caller.key()}", "too many requests from %s", caller.key())
         return error_response(
             429, f"too many requests from {caller.key()}: at most "
             f"{app[LIMITER].rate:g}/s (bursts of {app[LIMITER].burst:g}); retry in "
@@ -206,16 +204,6 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             "service's state directory>) from another host, unless the service's config says "
             "[api] public_read = true")
     return await handler(request)
-
-
-_REFUSED_LOG = RateLimiter(1 / 60, 1, max_clients=256)  # one line per kind and minute
-
-
-def _refused_log(kind: str, msg: str, *args: object) -> None:
-    """Log a refused or malformed request once per kind and minute: a flood must not flood
-    the journal too."""
-    if _REFUSED_LOG.take(kind) == 0.0:
-        log.warning(msg + " (further ones of this kind are not logged for a minute)", *args)
 
 
 def _client_host(request: web.Request) -> str:
@@ -281,6 +269,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 ``{"ready": true, ...}`` once the router answers; 503 with ``error``
+    saying why not (a container orchestrator's readiness probe)."""
     svc = request.app[SERVICE]
     up = svc.gateway_up
     front = svc.front_serving is not False  # front: ready only once the IGD front serves
@@ -294,6 +284,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
+    """``GET /api/v1/status``: ``StatusView`` (at most ``STATUS_ACTIVATIONS`` activations) plus the
+    open API connections."""
     body = request.app[SERVICE].status(max_activations=STATUS_ACTIVATIONS)
     guard = request.app.get(GUARD)
     if guard is not None:
@@ -302,10 +294,13 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_rules(request: web.Request) -> web.Response:
+    """``GET /api/v1/rules``: ``{"rules": [...]}``, the configured rules as JSON."""
     return web.json_response({"rules": [r.to_json() for r in request.app[SERVICE].rules()]})
 
 
 async def get_mappings(request: web.Request) -> web.Response:
+    """``GET /api/v1/mappings``: ``{"mappings": [...]}``, each mapping this service holds or wants
+    and its state on the router."""
     return web.json_response({"mappings": request.app[SERVICE].mapping_snapshot()})
 
 
@@ -340,6 +335,9 @@ async def get_activations(request: web.Request) -> web.Response:
 
 
 async def post_activation(request: web.Request) -> web.Response:
+    """``POST /api/v1/activations``: 201 with the ``ActivationView``. Without the admin token a
+    client may act only for its own address (403), ad-hoc ports may need the token
+    (``adhoc_admin_only``); 404 for an unknown rule, 400 for a malformed body."""
     svc = request.app[SERVICE]
     req = parse_activation(await _json_body(request))
     caller = caller_of(request)
@@ -356,8 +354,8 @@ async def post_activation(request: web.Request) -> web.Response:
     if req.open is not None:
         if svc.config.api.adhoc.admin_only and not caller.admin:
             raise Forbidden("ad-hoc ports need the admin token here ([api] adhoc_admin_only)")
-        result = await svc.activate_adhoc(list(req.open), host, ttl=req.ttl, source=req.source,
-                                          meta=req.meta, tokenless=not caller.admin)
+        result = await svc.activate(list(req.open), host, ttl=req.ttl, source=req.source,
+                                    meta=req.meta, tokenless=not caller.admin)
         return web.json_response(result, status=201)
     assert req.rule is not None
     if req.rule not in svc.rule_names():
@@ -376,6 +374,8 @@ def _check_owner(request: web.Request, act_id: str) -> None:
 
 
 async def delete_activation(request: web.Request) -> web.Response:
+    """``DELETE /api/v1/activations/{id}``: ends it; the ``ActivationView`` once the router was
+    told. 404 unknown, 403 another host's (without the token)."""
     svc = request.app[SERVICE]
     act_id = request.match_info["id"]
     _check_owner(request, act_id)
@@ -383,6 +383,8 @@ async def delete_activation(request: web.Request) -> web.Response:
 
 
 async def refresh_activation(request: web.Request) -> web.Response:
+    """``POST /api/v1/activations/{id}/refresh``: extends it (``RefreshRequest``); 400 for a
+    malformed body before 404 for an unknown activation."""
     svc = request.app[SERVICE]
     act_id = request.match_info["id"]
     body = await _json_body(request)
@@ -393,6 +395,8 @@ async def refresh_activation(request: web.Request) -> web.Response:
 
 
 async def get_activation(request: web.Request) -> web.Response:
+    """``GET /api/v1/activations/{id}``: its ``ActivationView``; 403 for another host's activation
+    without read access, 404 unknown."""
     svc = request.app[SERVICE]
     act = svc.find_activation(request.match_info["id"])
     if not caller_of(request).reader and act.host != _client_host(request):
@@ -401,98 +405,17 @@ async def get_activation(request: web.Request) -> web.Response:
 
 
 async def get_openapi(request: web.Request) -> web.Response:
+    """``GET /api/v1/openapi.json``: the OpenAPI 3.1 document of this API
+    (``openapi.build_openapi``)."""
     return web.json_response(build_openapi(__version__))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format 0.0.4 (``metrics.Metrics.render``), never cached."""
     text = request.app[METRICS].render(request.app[SERVICE], request.app[STATUS_COUNTS],
                                        request.app.get(GUARD))
     return web.Response(text=text, content_type="text/plain",
                         headers={"Cache-Control": "no-store"}, charset="utf-8")
-
-
-def _sse(event: Event) -> bytes:
-    name = str(event.get("event", "message")).replace("\n", " ")
-    return f"id: {event['seq']}\nevent: {name}\ndata: {json.dumps(event)}\n\n".encode()
-
-
-async def get_events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: every activation and mapping change, as it happens."""
-    svc = request.app[SERVICE]
-    caller = caller_of(request)
-    since_raw = request.headers.get("Last-Event-ID") or request.query.get("since")
-    since: int | None = None
-    if since_raw is not None:
-        try:
-            since = int(since_raw)
-        except ValueError:
-            raise UsageError(f"Last-Event-ID/since must be an event number, got {since_raw!r}"
-                             ) from None
-    try:
-        sub = svc.hub.subscribe(caller.key(), admin=caller.admin)
-    except TooManySubscribers as exc:
-        raise TooMany(f"{exc}; close one first") from None
-    try:
-        return await _stream_events(request, sub, since)
-    finally:
-        svc.hub.unsubscribe(sub)
-
-
-async def _stream_events(request: web.Request, sub: Subscriber,
-                         since: int | None) -> web.StreamResponse:
-    """The stream itself. Events wait in the subscriber's bounded queue (the oldest dropped,
-    ``event: lost``); the socket's send buffer is fixed at ``SSE_SEND_BUFFER`` (the kernel
-    would grow it to megabytes for a client that stops reading); a client that takes nothing
-    for ``sse_write_timeout`` seconds (those buffers full) is a slow consumer: its stream is
-    closed, so it holds neither memory nor a place in the stream pool."""
-    svc = request.app[SERVICE]
-    heartbeat = request.app[SETTINGS].sse_heartbeat
-    write_timeout = request.app[SETTINGS].sse_write_timeout
-
-    async def write(data: bytes) -> None:
-        try:
-            await asyncio.wait_for(resp.write(data), write_timeout)
-        except TimeoutError:
-            _refused_log("slow event stream", "event stream to %s closed: it took nothing "
-                         "for %gs", caller_of(request).key(), write_timeout)
-            if request.transport is not None:
-                request.transport.abort()
-            raise ConnectionResetError("slow consumer") from None
-
-    resp = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-store",
-        "X-Accel-Buffering": "no",
-    })
-    await resp.prepare(request)
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SEND_BUFFER)
-    hello = {"seq": svc.hub.seq, "event": "hello", "version": __version__,
-             "instance": svc.tag, "heartbeat": heartbeat}
-    chunks = [b"retry: 3000\n\n",
-              f"event: hello\ndata: {json.dumps(hello)}\n\n".encode()]
-    if since is not None:
-        chunks.extend(_sse(e) for e in svc.hub.since(since))
-    try:
-        await write(b"".join(chunks))
-        while not sub.closed:
-            if not await sub.wait(heartbeat):
-                await write(b": keep-alive\n\n")
-                continue
-            events, dropped = sub.take()
-            out = bytearray()
-            if dropped:
-                lost = {"dropped": dropped, "hint": "re-read /api/v1/status"}
-                out += f"event: lost\ndata: {json.dumps(lost)}\n\n".encode()
-            for ev in events:
-                out += _sse(ev)
-            if out:
-                await write(bytes(out))
-    except ConnectionError:
-        pass  # the client went away
-    return resp
 
 
 # --- dashboard ---------------------------------------------------------------------------------
@@ -521,6 +444,7 @@ def _static_handler(filename: str, ctype: str) -> Handler:
 
 
 async def not_found(request: web.Request) -> web.Response:
+    """Any path no route serves: 404 in the API's JSON error shape."""
     return error_response(404, f"no such endpoint: {request.method} {request.path}")
 
 

@@ -55,6 +55,10 @@ ACCEPT_BATCH = 1024  # connections accepted per readiness event (the whole backl
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
+    """Bounds on API connections: ``header_timeout`` seconds to send the headers (and to stay idle
+    between keep-alive requests), at most ``per_client`` from one address, ``total`` from all
+    non-loopback addresses together, ``local`` from loopback and the admin socket."""
+
     header_timeout: float = 10.0  # seconds to send a request's headers (and keep-alive idle)
     per_client: int = 32  # connections from one address (not loopback)
     total: int = 512  # connections from all addresses but loopback, together
@@ -86,7 +90,7 @@ def raise_fd_limit() -> int:
     under a seccomp filter we leave it to the unit, since setrlimit may be forbidden there).
     Returns the soft limit now in force (a large number where there is no such limit)."""
     try:
-        import resource
+        import resource  # POSIX only: the ImportError below is the Windows case
     except ImportError:  # Windows
         return 1 << 16
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -141,6 +145,7 @@ class ConnectionGuard:
         return None
 
     def release(self, client: str, local: bool) -> None:
+        """A connection ``admit`` let in has closed: its slot is free again."""
         if local:
             self.local -= 1
             return
@@ -150,6 +155,8 @@ class ConnectionGuard:
             del self.per_client[client]
 
     def refuse(self, client: str, why: str) -> None:
+        """Count a refused connection by ``why`` (an ``admit`` reason or ``"descriptors"``); running
+        out of descriptors is logged, at most once a minute."""
         self.refused[why] += 1
         now = asyncio.get_running_loop().time()
         if now - self._last_log.get(why, -3600.0) >= 60.0:

@@ -3,7 +3,8 @@
 Counters that happen between scrapes (router requests and their latency) are recorded here
 through ``on_router_call``, the hook every gateway backend calls as ``(action, seconds, ok)``;
 possibly from a worker thread, hence the lock. Everything else is read from the service at
-scrape time, so a scrape always agrees with ``/api/v1/status``.
+scrape time, through the ``Service`` façade only (``Service.tallies``, ``gateway_info`` and its
+other read-only accessors), so a scrape always agrees with ``/api/v1/status``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import threading
 from typing import TYPE_CHECKING
 
-from igdtrigger import __version__
+from igdtrigger.core.version import __version__
 
 if TYPE_CHECKING:
     from igdtrigger.api.httpguard import ConnectionGuard
@@ -90,6 +91,9 @@ class _Writer:
 
 
 class Metrics:
+    """The ``/metrics`` collector: router-call and API-request histograms recorded as they happen
+    (thread-safe), everything else read from the ``Service`` at scrape time."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._latency: dict[str, _Histogram] = {}
@@ -116,37 +120,36 @@ class Metrics:
 
     def render(self, svc: Service, http_status: collections.Counter[int] | None = None,
                guard: ConnectionGuard | None = None) -> str:
+        """The exposition text (format 0.0.4) for ``svc`` now; ``http_status`` (responses by status
+        code) and ``guard`` (API connections) add their families when given."""
         w = _Writer()
         w.family("igdtrigger_info", "gauge", "Version and instance tag of this service.")
         w.sample("igdtrigger_info", 1, version=__version__, instance=svc.tag)
         w.family("igdtrigger_uptime_seconds", "gauge", "Seconds since the service started.")
         w.sample("igdtrigger_uptime_seconds", round(svc.clock() - svc.started, 3))
 
-        info = svc.gateway.info
+        info = svc.gateway_info
+        counts = svc.tallies()
         w.family("igdtrigger_gateway_up", "gauge",
                  "1 when the router answers, 0 while it is down or not found yet.")
-        w.sample("igdtrigger_gateway_up", 1 if svc.mapper.gateway_up else 0,
+        w.sample("igdtrigger_gateway_up", 1 if svc.gateway_up else 0,
                  protocol=info.protocol if info else "")
         w.family("igdtrigger_external_address_public", "gauge",
                  "1 when the router's external address is public (no double NAT/CGNAT).")
         w.sample("igdtrigger_external_address_public",
                  1 if info is not None and info.external_reachable else 0)
 
-        by_source: collections.Counter[str] = collections.Counter(
-            a.source.value for a in svc.engine.activations.values())
         w.family("igdtrigger_activations", "gauge", "Live activations by what started them.")
-        for source in sorted({"traffic", "api", "run", *by_source}):
-            w.sample("igdtrigger_activations", by_source[source], source=source)
+        for source in sorted({"traffic", "api", "run", *counts.activations}):
+            w.sample("igdtrigger_activations", counts.activations[source], source=source)
 
         w.family("igdtrigger_activations_refused_total", "counter",
                  "Activations refused by the service's bounds, by which bound.")
         for why in sorted({"total", "detected_total", "detected_per_origin", "per_host",
-                           *svc.engine.refused}):
-            w.sample("igdtrigger_activations_refused_total", svc.engine.refused[why], bound=why)
+                           *counts.refused}):
+            w.sample("igdtrigger_activations_refused_total", counts.refused[why], bound=why)
 
-        by_map: collections.Counter[tuple[str, str]] = collections.Counter(
-            (app.spec.proto.value.lower(), app.state.value)
-            for app in svc.mapper.applied.values())
+        by_map = counts.mappings
         w.family("igdtrigger_mappings", "gauge",
                  "Mappings this service holds or wants, by protocol and state.")
         for proto in ("tcp", "udp"):
@@ -160,13 +163,11 @@ class Metrics:
         w.family("igdtrigger_mappings_unconfirmed", "gauge",
                  "Mappings no longer wanted that the router may still hold (a delete refused, "
                  "unanswered, or answered but not done); retried, kept in the journal.")
-        w.sample("igdtrigger_mappings_unconfirmed", len(svc.mapper.orphans))
+        w.sample("igdtrigger_mappings_unconfirmed", counts.unconfirmed)
 
         w.family("igdtrigger_pinholes", "gauge",
                  "IPv6 pinholes this service holds or wants, by protocol and state.")
-        by_hole: collections.Counter[tuple[str, str]] = collections.Counter(
-            (h.spec.proto.value.lower(), h.state.value)
-            for h in (svc.pinholes.held.values() if svc.pinholes is not None else ()))
+        by_hole = counts.pinholes
         for proto in ("tcp", "udp"):
             for state in ("active", "pending", "failed"):
                 w.sample("igdtrigger_pinholes", by_hole[(proto, state)], protocol=proto,
@@ -174,12 +175,11 @@ class Metrics:
         w.family("igdtrigger_pinholes_available", "gauge",
                  "1 when the router takes IPv6 pinholes from this machine, 0 when it cannot "
                  "(see status: pinholes.reason) or has not been asked yet.")
-        w.sample("igdtrigger_pinholes_available",
-                 1 if svc.pinholes is not None and svc.pinholes.available else 0)
+        w.sample("igdtrigger_pinholes_available", 1 if counts.pinholes_available else 0)
 
         w.family("igdtrigger_mapping_operations_total", "counter",
                  "Router operations done by the mapper, by kind.")
-        for op, n in sorted(svc.mapper.ops.items()):
+        for op, n in sorted(counts.operations.items()):
             if op != "errors":
                 w.sample("igdtrigger_mapping_operations_total", n, op=op)
 
@@ -203,7 +203,7 @@ class Metrics:
 
         errors: collections.Counter[str] = collections.Counter(svc.error_counts)
         errors["router_request"] = sum(n for (_, r), n in requests.items() if r == "error")
-        errors["mapper"] = svc.mapper.ops.get("errors", 0)
+        errors["mapper"] = counts.operations.get("errors", 0)
         w.family("igdtrigger_errors_total", "counter",
                  "Errors by kind: failed router requests, mapping conflicts and failures, "
                  "mapper errors.")
@@ -223,20 +223,19 @@ class Metrics:
         w.family("igdtrigger_flows_total", "counter",
                  "New flows seen by the detectors, those matching a trigger, those arriving on "
                  "an opened port (inbound use), and matching ones not followed (cap reached).")
-        w.sample("igdtrigger_flows_total", svc.engine.flows_seen, result="seen")
-        w.sample("igdtrigger_flows_total", svc.engine.flows_matched, result="matched")
-        w.sample("igdtrigger_flows_total", svc.engine.flows_inbound, result="inbound")
-        w.sample("igdtrigger_flows_total", svc.engine.flows_refused, result="refused")
+        w.sample("igdtrigger_flows_total", counts.flows_seen, result="seen")
+        w.sample("igdtrigger_flows_total", counts.flows_matched, result="matched")
+        w.sample("igdtrigger_flows_total", counts.flows_inbound, result="inbound")
+        w.sample("igdtrigger_flows_total", counts.flows_refused, result="refused")
         if svc.front_status is not None:  # front: the IGD front's answers (issue 14)
             front = svc.front_status()
             w.family("igdtrigger_front_requests_total", "counter",
                      "IGD front client mapping requests: granted, or refused and why.")
             for result, n in [("granted", front["granted"]), *sorted(front["refused"].items())]:
                 w.sample("igdtrigger_front_requests_total", n, result=result)
-
         w.family("igdtrigger_flows_live", "gauge",
                  "Live matching flows followed: they hold their activations.")
-        w.sample("igdtrigger_flows_live", len(svc.engine.live))
+        w.sample("igdtrigger_flows_live", counts.flows_live)
         w.family("igdtrigger_events_total", "counter", "Activation and mapping events published.")
         w.sample("igdtrigger_events_total", svc.hub.published)
         w.family("igdtrigger_event_streams", "gauge", "Open server-sent event streams.")

@@ -251,6 +251,8 @@ _SCHEMAS: dict[str, Any] = {
 
 
 def build_openapi(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document (a JSON-ready dict) of ``/api/v1``, ``/healthz``, ``/readyz`` and
+    ``/metrics``, with ``version`` as ``info.version``."""
     p = API_PREFIX
     paths: dict[str, Any] = {
         "/healthz": {"get": _op(

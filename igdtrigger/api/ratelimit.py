@@ -33,6 +33,8 @@ class RateLimiter:
         self.rejected = 0
 
     def take(self, client: str, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens of ``client``'s bucket: 0.0 when the request may go, else the
+        seconds until it could (its ``Retry-After``; counted in ``rejected``, nothing spent)."""
         now = self.clock()
         tokens, last = self._buckets.pop(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)

@@ -242,8 +242,8 @@ async def _listen(runner: web.AppRunner, guard: ConnectionGuard, config: Config,
 
 
 def _advertiser(config: Config, service: Service) -> Advertiser:
-    from igdtrigger import __version__
     from igdtrigger.cli.discovery import Advertiser
+    from igdtrigger.core.version import __version__
 
     return Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
                       instance=service.tag, token_needed=not config.api.public_read)

@@ -46,6 +46,9 @@ def check_ttl(ttl: float) -> None:
 
 
 class Source(enum.StrEnum):
+    """What started an activation: detected ``traffic``, a running ``process``, an ``api`` request,
+    or ``igdtrigger run`` (``run``)."""
+
     TRAFFIC = "traffic"
     PROCESS = "process"
     API = "api"
@@ -61,6 +64,9 @@ FRONT_TARGET = "front_target"  # front: meta "<internal client> <internal port>"
 
 
 class EventKind(enum.StrEnum):
+    """What happened to an activation (``Event.kind``); the engine's ``on_event`` hook and the
+    event stream carry it."""
+
     ACTIVATED = "activated"
     EXPIRED = "expired"
     DEACTIVATED = "deactivated"
@@ -68,6 +74,11 @@ class EventKind(enum.StrEnum):
 
 @dataclass(slots=True)
 class Activation:
+    """One live trigger of ``rule`` for ``host`` (an IP address). Times are the engine's clock in
+    seconds: ``expires`` is ``inf`` while a live connection holds it (``held``); ``ttl`` is how
+    long a heartbeat or trigger packet extends it; ``hits`` counts its triggers and refreshes;
+    ``seq`` orders activations by creation."""
+
     id: str
     rule: Rule
     host: str
@@ -115,6 +126,9 @@ class Activation:
         return f"{ago}, {n} live flow{'s' if n != 1 else ''}" if n else ago
 
     def to_json(self, now: float) -> dict[str, Any]:
+        """The activation as ``GET /api/v1/activations`` shows it, ``now`` on the engine's clock:
+        ``age`` and ``expires_in`` in seconds (``expires_in`` ``None`` while held), ``hold`` the
+        reason in words."""
         return {
             "id": self.id,
             "rule": self.rule.name,
@@ -134,6 +148,9 @@ class Activation:
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """``activation`` went ``kind`` (activated, expired, deactivated) at ``at`` (engine clock,
+    seconds)."""
+
     kind: EventKind
     activation: Activation
     at: float
@@ -143,6 +160,8 @@ ADHOC_META = "adhoc_open"  # an ad-hoc activation's ports, kept in its meta (and
 
 
 def adhoc_rule(ident: str, open_ports: tuple[PortRange, ...], ttl: float) -> Rule:
+    """The one-off rule of an ad-hoc activation: named ``adhoc:<ident>``, no trigger, opening
+    ``open_ports`` with ``ttl`` seconds as its idle timeout."""
     return Rule(name=f"{ADHOC_PREFIX}{ident}", trigger=(), open=open_ports, idle_timeout=ttl)
 
 

@@ -41,8 +41,6 @@ from igdtrigger.core.activation import (
     ADHOC_META,
     FRONT_SOURCES,  # front:
     MAX_TTL,
-    MIN_TTL,
-    PROCESS_RUNNING_WITHIN,
     Activation,
     Clock,
     Event,
@@ -50,8 +48,6 @@ from igdtrigger.core.activation import (
     Source,
     adhoc_rule,
     check_ttl,
-    description_for,
-    owned_by,
     restored_adhoc_rule,
 )
 from igdtrigger.core.desired import DesiredMap, waiting_for
@@ -81,13 +77,10 @@ from igdtrigger.core.origins import LOCAL_ORIGIN, UNKNOWN_ORIGIN, OriginCounts
 from igdtrigger.core.rules import Rule
 from igdtrigger.core.timers import ExpiryHeap
 
-# the engine's vocabulary (defined beside it in core/activation.py, matching.py, origins.py)
+# the engine and its bounds; its vocabulary lives in core/activation.py, matching.py, origins.py
 __all__ = [
-    "ADHOC_META", "LOCAL_ORIGIN", "MAX_ACTIVATIONS", "MAX_DETECTED", "MAX_FLOWS",
-    "MAX_FLOWS_PER_HOST", "MAX_HOSTS_PER_ORIGIN", "MAX_TTL", "MAX_UNKNOWN_HOSTS", "MIN_TTL",
-    "PROCESS_RUNNING_WITHIN", "UNKNOWN_ORIGIN", "Activation", "Clock", "Engine", "Event",
-    "EventKind", "RuleIndex", "Source", "adhoc_rule", "check_ttl", "description_for",
-    "is_lan_source", "is_remote_destination", "owned_by",
+    "MAX_ACTIVATIONS", "MAX_DETECTED", "MAX_FLOWS", "MAX_FLOWS_PER_HOST", "MAX_HOSTS_PER_ORIGIN",
+    "MAX_UNKNOWN_HOSTS", "Engine",
 ]
 
 MAX_ACTIVATIONS = 4096  # live activations of every kind

@@ -60,6 +60,8 @@ class UsageError(IgdTriggerError):
 
 
 class RuleNotFound(UsageError):
+    """No configured rule is called ``name`` (HTTP 404); the message lists the known ones."""
+
     http_status = 404
 
     def __init__(self, name: str, known: list[str]) -> None:
@@ -69,6 +71,8 @@ class RuleNotFound(UsageError):
 
 
 class ActivationNotFound(UsageError):
+    """No live activation has this id: it never existed or has lapsed (HTTP 404)."""
+
     http_status = 404
 
 
@@ -270,6 +274,7 @@ class MalformedReply(ActionFailed):
         super().__init__(action, None, description, hint)
 
     def with_hint(self, hint: str) -> str:
+        """As ``ActionFailed.with_hint``, worded for a reply that could not be used."""
         text = (f"unusable reply to {self.action}: {self.description}" if self.action
                 else self.description)
         return f"{text}; {hint}" if hint else text

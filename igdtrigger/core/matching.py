@@ -17,6 +17,8 @@ _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def is_lan_source(addr: IPAddress) -> bool:
+    """True for a private (RFC 1918, ULA) or link-local address: a LAN host may trigger a rule.
+    Loopback, unspecified and multicast addresses never do."""
     return (addr.is_private or addr.is_link_local) and not (
         addr.is_loopback or addr.is_unspecified or addr.is_multicast
     )
@@ -61,6 +63,7 @@ class RuleIndex:
                         self._exact[key] = (*have, rule)
 
     def match(self, proto: Proto, port: int) -> tuple[Rule, ...]:
+        """The rules whose trigger ports include ``proto``/``port`` (``()``: none)."""
         found = self._exact.get((proto, port), ())
         if self._wide:
             extra = tuple(

@@ -24,15 +24,19 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class Proto(enum.StrEnum):
+    """A transport protocol as UPnP IGD names it (``"TCP"``/``"UDP"``, upper case in SOAP)."""
+
     TCP = "TCP"
     UDP = "UDP"
 
     @property
     def number(self) -> int:
+        """The IP protocol number (6 for TCP, 17 for UDP), as conntrack and PCP carry it."""
         return 6 if self is Proto.TCP else 17
 
     @classmethod
     def from_number(cls, number: int) -> Proto | None:
+        """The ``Proto`` for an IP protocol number; ``None`` for any other protocol."""
         return {6: cls.TCP, 17: cls.UDP}.get(number)
 
 
@@ -140,6 +144,7 @@ def parse_duration(value: object) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """``seconds`` rounded for a person: ``45s``, ``12m05s``, ``2h30m`` (negative shows ``0s``)."""
     s = max(0, round(seconds))
     if s >= 3600:
         return f"{s // 3600}h{(s % 3600) // 60:02d}m"
@@ -242,6 +247,7 @@ class MappingSpec:
 
     @property
     def key(self) -> MappingKey:
+        """The mapping's identity on the router: its protocol and external port."""
         return MappingKey(self.proto, self.external_port)
 
 
@@ -259,6 +265,7 @@ class RouterMapping:
 
     @property
     def key(self) -> MappingKey:
+        """The mapping's identity on the router: its protocol and external port."""
         return MappingKey(self.proto, self.external_port)
 
 

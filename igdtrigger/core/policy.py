@@ -37,23 +37,35 @@ class AdhocLimits(Protocol):
     """``[api]``'s ad-hoc settings (``config.AdhocConfig``)."""
 
     @property
-    def enabled(self) -> bool: ...
+    def enabled(self) -> bool:
+        """``[api] allow_adhoc``: ad-hoc ports may be opened at all."""
+
     @property
-    def ports(self) -> tuple[PortRange, ...]: ...
+    def ports(self) -> tuple[PortRange, ...]:
+        """``adhoc_ports``: the only ports an ad-hoc request may name."""
+
     @property
-    def max_ports(self) -> int: ...
+    def max_ports(self) -> int:
+        """``adhoc_max_ports``: the most ports one ad-hoc activation may open."""
 
 
 class HostRule(Protocol):
     """A configured rule as far as the ad-hoc policy needs it (``config.Rule``)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The rule's name (unique in the configuration), for error messages."""
+
     @property
-    def hosts(self) -> Sequence[object]: ...
+    def hosts(self) -> Sequence[object]:
+        """The networks the rule may open ports to; empty: any host."""
+
     @property
-    def open(self) -> tuple[PortRange, ...]: ...
-    def allows(self, host: str) -> bool: ...
+    def open(self) -> tuple[PortRange, ...]:
+        """The ports the rule opens."""
+
+    def allows(self, host: str) -> bool:
+        """May the rule open ports to ``host`` (an IP address as text)?"""
 
 
 def hides_privileged(rng: PortRange) -> bool:

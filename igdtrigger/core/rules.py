@@ -85,6 +85,7 @@ class Rule:
         return sum(len(r) for r in self.open)
 
     def to_json(self) -> dict[str, Any]:
+        """The rule as ``GET /api/v1/rules`` and the status show it (ports as specs, seconds)."""
         return {
             "name": self.name,
             "trigger": [str(r) for r in self.trigger],

@@ -57,6 +57,10 @@ ZEROCONF_MODES: tuple[ZeroconfMode, ...] = get_args(ZeroconfMode)
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
+    """``[gateway]``: which router and how to talk to it. Times in seconds: ``lease`` asked for
+    each mapping (renewed before it ends), ``verify_interval`` between full read-backs,
+    ``check_interval`` between single-mapping checks."""
+
     url: str | None = None  # description URL; "simulate" starts the built-in simulated IGD
     lease: float = DEFAULT_LEASE
     discover_timeout: float = 2.0
@@ -69,6 +73,7 @@ class GatewayConfig:
 
     @property
     def simulate(self) -> bool:
+        """``url = "simulate"``: ``serve`` starts the built-in simulated router and uses it."""
         return self.url == SIMULATE
 
 
@@ -85,9 +90,11 @@ class AdhocConfig:
     admin_only: bool = False
 
     def permits(self, rng: PortRange) -> bool:
+        """Is ``rng`` inside the ``ports`` ad-hoc requests may name?"""
         return permits(self.ports, rng)
 
     def to_json(self) -> dict[str, Any]:
+        """The ad-hoc settings as the status shows them (``max_ttl`` in seconds)."""
         return {"enabled": self.enabled, "ports": [str(r) for r in self.ports],
                 "max_ports": self.max_ports, "max_ttl": self.max_ttl,
                 "per_host": self.per_host, "admin_only": self.admin_only}
@@ -95,6 +102,9 @@ class AdhocConfig:
 
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
+    """``[api]``: where the HTTP API listens, who may use it without the token, its rate limits
+    (requests per second per client and burst), ad-hoc ports and per-host bounds."""
+
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     public_read: bool = False  # read-only endpoints open to the LAN without the token
@@ -110,6 +120,7 @@ class ApiConfig:
 
     @property
     def loopback_only(self) -> bool:
+        """The API listens on loopback only (``localhost`` or a loopback address)."""
         if self.host == "localhost":
             return True
         try:
@@ -119,6 +130,8 @@ class ApiConfig:
 
     @property
     def url(self) -> str:
+        """The URL a client on this machine reaches the API at (a wildcard listen address becomes
+        loopback; IPv6 in brackets)."""
         host = self.host
         if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
@@ -131,6 +144,9 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True)
 class DetectConfig:
+    """``[detect]``: the detectors to run, their polling intervals in seconds, and whether the
+    kernel is made to track trigger flows (``track_flows``, the nftables table)."""
+
     methods: tuple[str, ...] = DETECTORS
     explicit: bool = False  # methods named in the config (else sockets stands in for conntrack)
     socket_interval: float = 1.0
@@ -140,6 +156,9 @@ class DetectConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """A whole configuration: ``source`` names where it came from (a file path, or
+    ``<defaults>``); ``state_dir`` ``None`` means the default state directory."""
+
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
@@ -150,6 +169,7 @@ class Config:
     front: FrontConfig = field(default_factory=FrontConfig)  # front: the IGD front (issue 14)
 
     def rule(self, name: str) -> Rule | None:
+        """The configured rule called ``name``, or ``None``."""
         for r in self.rules:
             if r.name == name:
                 return r

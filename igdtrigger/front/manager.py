@@ -200,7 +200,7 @@ class FrontManager:
         self.service = service
         self.settings = settings
         self.forwarder = forwarder
-        self.clock = service.engine.clock
+        self.clock = service.pipeline.engine.clock
         self.wall = wall
         self._started = self.clock()
         self._by_key: dict[MappingKey, FrontMapping] = {}
@@ -291,12 +291,12 @@ class FrontManager:
         again, removed by the next stop) when the policy still allows them, end the others.
         Returns how many came back."""
         back = 0
-        for act in list(self.service.engine.activations.values()):
+        for act in list(self.service.pipeline.engine.activations.values()):
             if act.source not in FRONT_SOURCES:
                 continue
             m = self._from_activation(act)
             if m is None or self._policy(m.request) is not None:
-                self.service.engine.deactivate(act.id)
+                self.service.pipeline.engine.deactivate(act.id)
                 continue
             self._index(m)
             back += 1
@@ -391,7 +391,7 @@ class FrontManager:
         spec = self.service.desired().get(key)
         if spec is not None:
             return f"held by igdtrigger for {spec.internal_client} ({spec.description})"
-        app = self.service.mapper.applied.get(key)
+        app = self.service.pipeline.mapper.applied.get(key)
         if app is not None and app.state is MapState.CONFLICT:
             return "mapped on the upstream router by another host"
         return None
@@ -489,7 +489,7 @@ class FrontManager:
             state = "no answer yet" if applied is None else (
                 f"{applied.state.value}: {applied.error}" if applied.error
                 else applied.state.value)
-            self.service.engine.deactivate(act.id)
+            self.service.pipeline.engine.deactivate(act.id)
             self.service.wake()
             kind = (RefusalKind.CONFLICT if applied is not None
                     and applied.state is MapState.CONFLICT else RefusalKind.UPSTREAM)
@@ -516,7 +516,7 @@ class FrontManager:
         m.request = replace(req, external_port=m.grant.external_port)
         m.lease_end = now + lease if req.lease else math.inf
         m.grant = replace(m.grant, lease=lease)
-        act = self.service.engine.activations.get(m.activation_id)
+        act = self.service.pipeline.engine.activations.get(m.activation_id)
         if act is not None:
             act.meta[M_LEASE] = f"{req.lease:g}"
             act.meta[M_DESC] = req.description
@@ -536,23 +536,23 @@ class FrontManager:
             return
         m.last_use = max(m.last_use, at)
         end = min(m.lease_end, m.last_use + self.settings.idle_timeout)
-        act = self.service.engine.activations.get(m.activation_id)
+        act = self.service.pipeline.engine.activations.get(m.activation_id)
         if act is None or (not force and end - act.expires < 1.0):
             return  # moves by under a second: not worth a journal write
         with contextlib.suppress(UsageError, KeyError):
-            self.service.engine.heartbeat(act.id, max(MIN_TTL, end - now))
+            self.service.pipeline.engine.heartbeat(act.id, max(MIN_TTL, end - now))
             self.service.wake()
 
     async def _end(self, m: FrontMapping, why: str) -> None:
         self._unindex(m)
-        if m.activation_id in self.service.engine.activations:
+        if m.activation_id in self.service.pipeline.engine.activations:
             await self.service.deactivate(m.activation_id)
         if self.forwarder is not None:
             await self.forwarder.remove(m.request.proto, m.grant.external_port)
         log.info("front: %s %s %s", m.request.proto.value, m.grant.external_port, why)
 
     def _live(self, m: FrontMapping) -> bool:
-        if m.activation_id in self.service.engine.activations:
+        if m.activation_id in self.service.pipeline.engine.activations:
             return True
         self._unindex(m)  # the engine ended it (lease or idle): gone upstream; the runner
         return False  # syncs the forwarder's inner rules with mappings() every second

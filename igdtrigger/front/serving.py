@@ -187,9 +187,10 @@ def build_front(service: Service, detectors: Iterable[Any]) -> FrontRunner:
 def drop_front(service: Service) -> int:
     """``[front]`` is off: end the client mappings a crash left in the journal (removed
     upstream by the service's first pass). Returns how many."""
-    ended = [a.id for a in service.engine.activations.values() if a.source in FRONT_SOURCES]
+    engine = service.pipeline.engine
+    ended = [a.id for a in engine.activations.values() if a.source in FRONT_SOURCES]
     for act_id in ended:
-        service.engine.deactivate(act_id)
+        engine.deactivate(act_id)
     if ended:
         log.info("front: %d client mapping(s) from before the restart ended ([front] is off)",
                  len(ended))

@@ -374,7 +374,7 @@ class UpnpFront:
 
     def _wanip_state(self) -> dict[str, str]:
         info = self.manager.service.gateway.info
-        up = self.manager.service.mapper.gateway_up
+        up = self.manager.service.pipeline.mapper.gateway_up
         return {"PossibleConnectionTypes": "IP_Routed",
                 "ConnectionStatus": "Connected" if up else "Disconnected",
                 "ExternalIPAddress": info.external_address.strip()
@@ -382,7 +382,7 @@ class UpnpFront:
                 "PortMappingNumberOfEntries": str(len(self.manager.mappings()))}
 
     def _cif_state(self) -> dict[str, str]:
-        return {"PhysicalLinkStatus": "Up" if self.manager.service.mapper.gateway_up
+        return {"PhysicalLinkStatus": "Up" if self.manager.service.pipeline.mapper.gateway_up
                 else "Down"}
 
     async def _subscribe(self, request: web.Request) -> web.Response:
@@ -447,7 +447,7 @@ class UpnpFront:
             case "GetExternalIPAddress":
                 return [("NewExternalIPAddress", await m.external_address() or "")]
             case "GetStatusInfo":
-                up = m.service.mapper.gateway_up
+                up = m.service.pipeline.mapper.gateway_up
                 return [("NewConnectionStatus", "Connected" if up else "Disconnected"),
                         ("NewLastConnectionError", "ERROR_NONE"),
                         ("NewUptime", str(m.epoch()))]
@@ -455,7 +455,7 @@ class UpnpFront:
                 return [("NewConnectionType", "IP_Routed"),
                         ("NewPossibleConnectionTypes", "IP_Routed")]
             case "GetCommonLinkProperties":
-                up = m.service.mapper.gateway_up
+                up = m.service.pipeline.mapper.gateway_up
                 return [("NewWANAccessType", "Ethernet"), ("NewLayer1UpstreamMaxBitRate", "0"),
                         ("NewLayer1DownstreamMaxBitRate", "0"),
                         ("NewPhysicalLinkStatus", "Up" if up else "Down")]
@@ -498,7 +498,7 @@ class UpnpFront:
         client renewing then keeps it); 0 for a lease-0 mapping (held while in use)."""
         if m.request.lease == 0:
             return 0
-        act = self.manager.service.engine.activations.get(m.activation_id)
+        act = self.manager.service.pipeline.engine.activations.get(m.activation_id)
         end = min(m.lease_end, act.expires) if act is not None else m.lease_end
         return max(1, int(end - self.manager.clock()))
 

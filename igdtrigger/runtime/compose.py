@@ -60,10 +60,12 @@ def build_detectors(config: Config) -> list[Detector]:
     det = config.detect
     detectors: list[Detector] = []
     if "conntrack" in det.methods:
+        # concrete: imported on use, `run` loads compose (see the module docstring)
         from igdtrigger.detect.conntrack import ConntrackDetector
 
         detectors.append(ConntrackDetector())
     if "sockets" in det.methods:
+        # concrete: imported on use, `run` loads compose (see the module docstring)
         from igdtrigger.detect.sockets import SocketTableDetector
 
         sockets = SocketTableDetector(det.socket_interval)
@@ -71,6 +73,7 @@ def build_detectors(config: Config) -> list[Detector]:
             sockets.standby_for = "conntrack"
         detectors.append(sockets)
     if "process" in det.methods:
+        # concrete: imported on use, `run` loads compose (see the module docstring)
         from igdtrigger.detect.process import ProcessDetector
 
         names = [n for rule in config.rules for n in rule.process]
@@ -95,6 +98,7 @@ def wire_detectors(detectors: list[Detector], *, wants: Callable[..., bool],
 def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "upnp",
                   discover_timeout: float = 2.0, on_call: OnCall | None = None) -> Gateway:
     """The gateway for ``[gateway] protocol`` and ``backend`` (``gateway.select.build_gateway``)."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.gateway.select import build_gateway as select
 
     return select(url, backend=backend, protocol=protocol, discover_timeout=discover_timeout,
@@ -112,6 +116,7 @@ def gateway_from_config(config: Config, *, on_call: OnCall | None = None,
 
 def simulated_router() -> SimulatedIgdServer:
     """The built-in simulated router on loopback (an async context manager; not started)."""
+    # the simulator (aiohttp) is for `serve --simulate` and the tests only
     from igdtrigger.sim.router import SimulatedIgdServer
 
     return SimulatedIgdServer()
@@ -127,6 +132,7 @@ async def start_simulator(config: Config) -> tuple[Config, SimulatedIgdServer]:
 
 def nat_pmp_candidates(router_ip: str) -> list[tuple[str, Gateway]]:
     """PCP and NAT-PMP clients for ``router_ip``, in the order they are preferred."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 
     return [("pcp", PcpGateway(router_ip)), ("nat-pmp", NatPmpGateway(router_ip))]
@@ -134,6 +140,7 @@ def nat_pmp_candidates(router_ip: str) -> list[tuple[str, Gateway]]:
 
 def set_lost_state_handler(gateway: Gateway, handler: Callable[[str], None]) -> None:
     """Call ``handler(reason)`` when the router shows it lost its mappings (a reboot)."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.gateway.select import set_lost_state_handler as select
 
     select(gateway, handler)
@@ -141,6 +148,7 @@ def set_lost_state_handler(gateway: Gateway, handler: Callable[[str], None]) -> 
 
 def forget_connection(gateway: Gateway, location: str | None = None) -> None:
     """Drop what ``gateway`` knows of the router (at ``location``): the next call reconnects."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.gateway.select import forget_connection as select
 
     select(gateway, location)
@@ -149,6 +157,7 @@ def forget_connection(gateway: Gateway, location: str | None = None) -> None:
 def notify_watcher(location: str, local_address: str, on_change: Callable[[RouterChange], None],
                    *, root_uuid: str = "") -> NotifyWatcher:
     """A listener for the router's SSDP NOTIFYs (not started)."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.gateway.upnp.ssdpwatch import NotifyWatcher
 
     return NotifyWatcher(location, local_address, on_change, root_uuid=root_uuid)
@@ -157,6 +166,7 @@ def notify_watcher(location: str, local_address: str, on_change: Callable[[Route
 def firewall_client(location: Callable[[], str | None], *, on_call: OnCall | None = None,
                     timeout: float | None = None) -> FirewallClient:
     """The router's IPv6 firewall (WANIPv6FirewallControl) at the UPnP ``location()``."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.gateway.upnp.pinhole import FirewallClient
 
     if timeout is None:
@@ -167,6 +177,7 @@ def firewall_client(location: Callable[[], str | None], *, on_call: OnCall | Non
 def ipv6_addresses(client: object) -> list[str]:
     """This machine's global IPv6 addresses on the interface of ``client``'s IPv6 default route
     (none for anything but a ``FirewallClient``, or without such a route)."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.gateway.upnp.pinhole import FirewallClient, global_ipv6_addresses
 
     iface = client.interface() if isinstance(client, FirewallClient) else None
@@ -176,6 +187,7 @@ def ipv6_addresses(client: object) -> list[str]:
 def kernel_tracking(config: Config) -> KernelTracking:
     """What makes the kernel track trigger flows for the conntrack detector (its nftables
     table, loaded by ``install()``; ``[detect] track_flows``)."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.detect.nfttrack import KernelTracking
 
     return KernelTracking(enabled=config.detect.track_flows)
@@ -191,6 +203,7 @@ def tracking_for(config: Config, detectors: list[Detector]) -> KernelTracking | 
 
 def tracking_table() -> str:
     """The name of the nftables table ``KernelTracking`` loads."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.detect.nfttrack import TABLE
 
     return TABLE
@@ -198,6 +211,7 @@ def tracking_table() -> str:
 
 def host_map(local_address: Callable[[], str | None], *, clock: Callable[[], float]) -> HostMap:
     """The LAN hosts' IP-to-MAC map (bounds forged trigger sources per MAC address)."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
     from igdtrigger.detect.hostmap import HostMap
 
     return HostMap(local_address, clock=clock)
@@ -207,6 +221,7 @@ def process_scan(names: list[str]) -> tuple[Matcher, Callable[[Matcher], set[str
                                              Callable[[Matcher, int], tuple[set[str], set[str]]]]:
     """``run --wait-process``'s tools: a matcher for ``names``, the default process scanner,
     and the scan of one process's descendants (Linux)."""
+    # only `run --wait-process` scans processes (psutil)
     from igdtrigger.detect.process import Matcher, default_scanner, scan_family
 
     return Matcher(names), default_scanner(), scan_family

@@ -107,7 +107,7 @@ class Detectors:
         trigger, opened = self._tracked_ports()
         vis = await asyncio.to_thread(
             self.tracking.establish, trigger, opened,
-            lambda proto, port: bool(self.svc.engine.index.match(proto, port)))
+            lambda proto, port: bool(self.svc.pipeline.engine.index.match(proto, port)))
         self._events_at_start = getattr(det, "events_seen", 0)
         self._tracking_watched = True
         if vis.seen:
@@ -184,7 +184,8 @@ class Detectors:
             if st.name == det.name:
                 st.active = False
                 st.reason = st.reason or "stopped (see log)"
-        if getattr(det, "holds_flows", False) and (released := self.svc.engine.release_flows()):
+        engine = self.svc.pipeline.engine
+        if getattr(det, "holds_flows", False) and (released := engine.release_flows()):
             log.warning("detector %s stopped: %d live flow(s) no longer hold their activations; "
                         "they close after their idle timeout unless seen again", det.name,
                         released)

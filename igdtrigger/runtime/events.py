@@ -31,6 +31,9 @@ MAX_ADMIN_SUBSCRIBERS = 8  # kept apart: other clients filling their pool cannot
 
 
 class Subscriber:
+    """One event stream's bounded queue (``maxlen`` events, oldest dropped and counted). ``client``
+    is the ``Caller.key()`` it counts against; ``admin`` puts it in the admin's own pool."""
+
     __slots__ = ("_wake", "admin", "client", "closed", "dropped", "queue")
 
     def __init__(self, client: str, maxlen: int = SUBSCRIBER_QUEUE, *,
@@ -43,12 +46,15 @@ class Subscriber:
         self._wake = asyncio.Event()
 
     def push(self, event: Event) -> None:
+        """Queue ``event`` for this stream; a full queue drops its oldest event (counted in
+        ``dropped``). Never blocks."""
         if len(self.queue) == self.queue.maxlen:
             self.dropped += 1
         self.queue.append(event)
         self._wake.set()
 
     def close(self) -> None:
+        """End the stream: ``wait`` returns at once from now on."""
         self.closed = True
         self._wake.set()
 
@@ -81,6 +87,8 @@ class EventHub:
         self.published = 0
 
     def publish(self, event: Event) -> Event:
+        """Number ``event`` (its ``seq``, from 1), keep it in the history and queue it for every
+        subscriber. Returns the numbered event."""
         self.seq += 1
         event = {"seq": self.seq, **event}
         self.history.append(event)
@@ -90,6 +98,7 @@ class EventHub:
         return event
 
     def since(self, seq: int) -> list[Event]:
+        """The history's events after ``seq`` (``Last-Event-ID`` replay); older ones are gone."""
         return [e for e in self.history if e["seq"] > seq]
 
     def subscribe(self, client: str, maxlen: int = SUBSCRIBER_QUEUE, *,
@@ -113,9 +122,11 @@ class EventHub:
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
+        """Forget ``sub`` (its stream ended); an unknown one is ignored."""
         self.subscribers.discard(sub)
 
     def close_all(self) -> None:
+        """Close every stream (service shutdown): each ``wait`` returns and the streams end."""
         for sub in list(self.subscribers):
             sub.close()
         self.subscribers.clear()

@@ -31,10 +31,8 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from igdtrigger.runtime.journal import Journal
+from igdtrigger.runtime.journal import Journal
 
 __all__ = ["RUN_DIR", "RUN_TAG", "beacon_held", "dead_run_tag", "dead_runs", "hold_beacon",
            "own_run_dir", "process_start", "remove_run_dir", "run_alive", "take_over"]
@@ -140,8 +138,6 @@ def take_over(journal: Journal, dirs: list[Path]) -> int:
     """Move the mappings and pinholes journaled in ``dirs`` (dead wrappers') into ``journal``,
     then remove the directories. Returns how many mappings were taken over; the caller deletes
     them from the router (they are now its orphans). A directory that cannot be read is left."""
-    from igdtrigger.runtime.journal import Journal
-
     count = 0
     for d in dirs:
         old = Journal.open(d)

@@ -20,6 +20,10 @@ __all__ = [
 
 
 class PerKindThrottle(logging.Filter):
+    """A logging filter: at most ``burst`` records of one kind (logger, level, message template)
+    per ``interval`` seconds; the first record after a quiet window says how many were held back.
+    At most ``max_kinds`` kinds are remembered (the least recent is forgotten first)."""
+
     def __init__(self, burst: int = 100, interval: float = 60.0, *,
                  clock: Callable[[], float] = time.monotonic, max_kinds: int = 1024) -> None:
         super().__init__()
@@ -32,6 +36,7 @@ class PerKindThrottle(logging.Filter):
             collections.OrderedDict())
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Let ``record`` through unless its kind is over its budget in the current window."""
         key = (record.name, record.levelno, str(record.msg))
         now = self.clock()
         state = self._kinds.get(key)
@@ -65,9 +70,13 @@ class QuietBadRequests(logging.Filter):
         self._once = PerKindThrottle(burst=1, interval=60.0, clock=clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite aiohttp's traceback records for bad or abandoned requests into one line,
+        throttled per kind; every other record passes untouched."""
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None:
             return True
+        # only once a record carries an exception: `run` (standalone) imports this module
+        # through the pipeline and must not load aiohttp
         from aiohttp.http_exceptions import HttpProcessingError
 
         peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from igdtrigger.core.engine import Clock
+from igdtrigger.core.activation import Clock
 from igdtrigger.core.errors import GatewayError
 from igdtrigger.core.model import MappingKey, MappingSpec
 from igdtrigger.core.traits import NO_READBACK, RouterTraits, router_identity

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from igdtrigger.core.engine import owned_by
+from igdtrigger.core.activation import owned_by
 from igdtrigger.core.errors import (
     GatewayError,
     GatewayUnreachable,

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from igdtrigger.core.engine import Activation, Engine, Event, EventKind
+from igdtrigger.core.activation import Activation, Event, EventKind
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.model import MappingKey, PinholeSpec, PortRange, format_duration
 from igdtrigger.core.rules import Rule
 from igdtrigger.core.settings import GatewayConfig

@@ -14,7 +14,7 @@ import logging
 import math
 from typing import TypeGuard
 
-from igdtrigger.core.engine import owned_by
+from igdtrigger.core.activation import owned_by
 from igdtrigger.core.errors import GatewayError, GatewayUnreachable, UnsupportedAction
 from igdtrigger.core.model import MappingKey, MappingSpec, RouterMapping
 from igdtrigger.gateway.base import Granted

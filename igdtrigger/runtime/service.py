@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_state_dir
 from igdtrigger.core import policy
-from igdtrigger.core.engine import Activation, Engine, Event, EventKind, Source
+from igdtrigger.core.activation import Activation, Event, EventKind, Source
+from igdtrigger.core.engine import Engine
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, UsageError
 from igdtrigger.core.model import (
     Flow,
@@ -34,23 +35,24 @@ from igdtrigger.core.model import (
 )
 from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 from igdtrigger.detect.base import Detector
-from igdtrigger.gateway.base import Gateway, RouterChange, RouterChangeKind
-from igdtrigger.netutil import host_key
+from igdtrigger.gateway.base import Gateway, GatewayInfo, RouterChange, RouterChangeKind
+from igdtrigger.netutil import guess_lan_address, host_key
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.detectors import Detectors, DetectorStatus
 from igdtrigger.runtime.events import EventHub
 from igdtrigger.runtime.journal import Journal, boot_clock, no_boot_clock
 from igdtrigger.runtime.leftovers import dead_runs
 from igdtrigger.runtime.mapper import Applied, Mapper
-from igdtrigger.runtime.pinholes import PinholeKeeper
 from igdtrigger.runtime.pipeline import Pipeline, Settings
 from igdtrigger.runtime.state import derived_tag, load_or_create_secret
 from igdtrigger.runtime.views import (
     STATUS_ACTIVATIONS,
     ActivationView,
     StatusView,
+    Tallies,
     activation_view,
     status_view,
+    tallies,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +69,12 @@ APPLY_WAIT = 5.0  # how long an API activation waits for its mappings before ans
 
 
 class Service:
+    """The running service as the API sees it: one ``Pipeline`` (engine, mapper, pinholes, journal
+    on one scheduler) fed by ``detectors``, plus the event hub, the instance tag and API token
+    (files in ``state_dir``), and the router's announcements. ``clock`` is monotonic seconds,
+    ``wall`` epoch seconds (journal expiries that survive a reboot). Handlers call its methods
+    only; the pipeline's parts are ``self.pipeline.*`` (for ``serve``, ``run`` and the tests)."""
+
     # front: the IGD front (issue 14) sees every detector observation first (in-use of client
     # mappings); front_serving: None = no front, False until it serves (/readyz); front_status:
     # its part of status()
@@ -123,6 +131,10 @@ class Service:
                             if config.gateway.ipv6_pinholes else None),
             ipv6_addresses=compose.ipv6_addresses, local_address=self.local_address,
             reopen_journal=self._reopen_journal, after_round=self._watch_router)
+        # the pipeline's parts this façade drives (fixed for its life; the journal is not:
+        # a reopened one replaces it, so it is read as self.pipeline.journal)
+        self._engine: Engine = self.pipeline.engine
+        self._mapper: Mapper = self.pipeline.mapper
         self._flows_listed: set[str] = set()  # flow detectors whose first look is reported
         self.restored = self.pipeline.restore(dead_runs(self.journal_dir),
                                               adhoc=self._adhoc_allowed)
@@ -133,7 +145,7 @@ class Service:
         self._stopping = False
         self._notify_watcher: NotifyWatcher | None = None
         self.hostmap = compose.host_map(self.local_address, clock=clock)
-        self.engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
+        self._engine.origin_of = self._origin_of  # bounds forged trigger sources per MAC address
         self.router_announcements = 0  # restarts/moves learned from the router's SSDP NOTIFYs
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -142,60 +154,55 @@ class Service:
         info = self.gateway.info
         return info.location if info is not None and info.protocol == "upnp-igd" else None
 
-    # the pipeline's parts, for the API and the tests
-    @property
-    def engine(self) -> Engine:
-        return self.pipeline.engine
-
-    @property
-    def mapper(self) -> Mapper:
-        return self.pipeline.mapper
-
-    @property
-    def pinholes(self) -> PinholeKeeper | None:
-        return self.pipeline.pinholes
-
-    @property
-    def journal(self) -> Journal:
-        return self.pipeline.journal
-
     def desired(self) -> dict[MappingKey, Any]:
+        """The mappings the engine wants now, by key (``Pipeline.desired``)."""
         return self.pipeline.desired()
 
     def desired_pinholes(self) -> set[PinholeSpec]:
+        """The IPv6 pinholes wanted now (``Pipeline.desired_pinholes``)."""
         return self.pipeline.desired_pinholes()
 
     @property
     def gateway_up(self) -> bool:
         """The router answered the last call."""
-        return self.mapper.gateway_up
+        return self._mapper.gateway_up
 
     @property
     def gateway_error(self) -> str:
         """Why the router is down ("" while up or not asked yet)."""
-        return self.mapper.gateway_error
+        return self._mapper.gateway_error
+
+    @property
+    def gateway_info(self) -> GatewayInfo | None:
+        """What the router said about itself (protocol, addresses, backend); ``None`` until it
+        has been found."""
+        return self.gateway.info
+
+    def tallies(self) -> Tallies:
+        """The counts ``/metrics`` exports, read now (``runtime.views.Tallies``)."""
+        return tallies(self)
 
     def find_activation(self, act_id: str) -> Activation:
         """The live activation ``act_id``. Raises ``ActivationNotFound``."""
-        return self.engine.get(act_id)
+        return self._engine.get(act_id)
 
     def rule_names(self) -> list[str]:
         """The configured rules' names."""
-        return list(self.engine.rules)
+        return list(self._engine.rules)
 
     def mapping_snapshot(self) -> list[dict[str, Any]]:
         """The mappings as ``GET /api/v1/mappings`` lists them."""
-        return self.mapper.snapshot()
+        return self._mapper.snapshot()
 
     def counts(self) -> tuple[int, int]:
         """(live activations, mappings held)."""
-        return len(self.engine.activations), len(self.mapper.applied)
+        return len(self._engine.activations), len(self._mapper.applied)
 
     def wire_detectors(self) -> None:
         """Give the detectors the engine's filters (flows no rule cares about are dropped
         before they cost anything)."""
-        compose.wire_detectors(self.detectors, wants=self.engine.wants,
-                               ports=self.engine.port_ranges(), follows=self.follows)
+        compose.wire_detectors(self.detectors, wants=self._engine.wants,
+                               ports=self._engine.port_ranges(), follows=self.follows)
 
     def health(self) -> str | None:
         """``None`` while the scheduler runs, else what is wrong with it (``Pipeline.health``)."""
@@ -232,7 +239,7 @@ class Service:
         self.router_announcements += 1
         log.warning("%s: reconnecting and re-applying every mapping", change.reason)
         compose.forget_connection(self.gateway, change.location)
-        self.mapper.retry_gateway_now()
+        self._mapper.retry_gateway_now()
         self.pipeline.router_lost_state(change.reason)
 
     def _reopen_journal(self) -> Journal:
@@ -242,6 +249,8 @@ class Service:
         return journal
 
     async def start(self) -> None:
+        """Start the scheduler and the detectors (those that cannot run here report why in
+        ``detector_status``)."""
         self._tasks.extend(self.pipeline.start())
         await self.supervisor.start()
         self.wake()
@@ -249,18 +258,23 @@ class Service:
     # the detectors' side, for the API and the tests
     @property
     def detectors(self) -> list[Detector]:
+        """The configured detectors, running or not."""
         return self.supervisor.detectors
 
     @property
     def detector_status(self) -> list[DetectorStatus]:
+        """Each detector's state: whether it runs and sees what it is for, else why not."""
         return self.supervisor.detector_status
 
     @property
     def tracking(self) -> KernelTracking | None:
+        """The nftables table that makes the kernel track trigger flows (``None``: no
+        conntrack detector)."""
         return self.supervisor.tracking
 
     @property
     def tracked_flows(self) -> int | None:
+        """New trigger flows the nftables counters saw (``None`` until read)."""
         return self.supervisor.tracked_flows
 
     @property
@@ -290,8 +304,8 @@ class Service:
         removed = await self.pipeline.remove_all(timeout)
         # A clean stop ends what it held: the next start restores nothing (only a crash does);
         # mappings the router did not confirm deleting stay journaled and are removed then.
-        self.journal.close()
-        left = self.mapper.left_open
+        self.pipeline.journal.close()
+        left = self._mapper.left_open
         if left:
             log.error("stopped; removed %d mapping(s); %d still open on the router: %s", removed,
                       len(left), "; ".join(x.describe() for x in left))
@@ -302,7 +316,9 @@ class Service:
     # --- inputs --------------------------------------------------------------------------------
 
     def on_flow(self, flow: Flow) -> None:
-        if self.engine.on_flow(flow):
+        """Feed one new flow to the engine (as a flow detector reports it), waking the scheduler
+        when it changes what is wanted."""
+        if self._engine.on_flow(flow):
             self.wake()
 
     def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
@@ -314,27 +330,27 @@ class Service:
             running = {t.get_name() for t in self._tasks if not t.done()}  # started, alive
             if all(d.name in self._flows_listed for d in self.detectors
                    if getattr(d, "holds_flows", False) and d.name in running) \
-                    and self.engine.settle_restored():
+                    and self._engine.settle_restored():
                 self.wake()  # every flow detector looked: restored holds not found close
             return
         if isinstance(obs, ProcessSeen):
             host = self.local_address()
-            if host is not None and obs.names and self.engine.on_process(obs.names, host):
+            if host is not None and obs.names and self._engine.on_process(obs.names, host):
                 self.wake()
             return
         flow = self._as_v4(obs if isinstance(obs, Flow) else obs.flow)
         if flow is None:
             return
         if isinstance(obs, FlowEnded):
-            self.engine.on_flow_ended(flow, closed=obs.closed)
+            self._engine.on_flow_ended(flow, closed=obs.closed)
             self.wake()  # the idle timer may have started: reschedule
         elif isinstance(obs, FlowLive):
-            created = self.engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
+            created = self._engine.on_flow_live(flow, connected=obs.connected, idle=obs.idle)
             # packets only move expiries later (the scheduler finds that when it wakes); a new
             # activation, or a connection that stopped holding (its timer now runs), needs it now
             if created or (not obs.connected and obs.idle is None):
                 self.wake()
-        elif self.engine.on_flow(flow):
+        elif self._engine.on_flow(flow):
             self.wake()
 
     def _as_v4(self, flow: Flow) -> Flow | None:
@@ -342,7 +358,7 @@ class Service:
         address (the IPv4 mappings go there); other IPv6 flows are not ours to judge."""
         if not isinstance(flow.src, ipaddress.IPv6Address):
             return flow
-        if not self.engine.index.match(flow.proto, flow.dport):
+        if not self._engine.index.match(flow.proto, flow.dport):
             return None
         v4 = self.hostmap.ipv4_for(flow.src)
         if v4 is None:
@@ -352,7 +368,7 @@ class Service:
     def follows(self, flow: Flow) -> bool:
         """Detectors keep looking at a flow while the engine follows it."""
         v4 = self._as_v4(flow)
-        return v4 is not None and self.engine.follows(v4)
+        return v4 is not None and self._engine.follows(v4)
 
     def _origin_of(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         """Where a triggering flow came from (Engine.origin_of): this machine, or its
@@ -367,16 +383,15 @@ class Service:
         info = self.gateway.info
         if info is not None:
             return info.local_address
-        from igdtrigger.netutil import guess_lan_address
-
         return guess_lan_address(self.config.gateway.url)
 
     def wake(self) -> None:
+        """Run the scheduler's next round now (something changed)."""
         self.pipeline.wake()
 
     async def activate(
         self,
-        rule: str,
+        what: str | list[str],
         host: str,
         *,
         ttl: float | None,
@@ -385,58 +400,58 @@ class Service:
         wait: float = APPLY_WAIT,
         tokenless: bool = False,
     ) -> ActivationView:
-        """Activate ``rule`` for ``host``. ``tokenless`` (an API client acting for itself):
-        its live activation of the same rule is refreshed instead of a second one being made
-        (``source = "api"``), and at most ``[api] max_per_host`` live activations per host
-        (``ActivationLimit``, HTTP 429)."""
+        """Activate ``what`` for ``host`` and answer once the router did (or after ``wait`` s).
+
+        ``what``: a configured rule's name, or a list of ad-hoc port specs (``["udp/40000"]``,
+        see ``_adhoc_activation``). ``ttl`` in seconds (``None``: the rule's idle timeout, the
+        ad-hoc maximum). ``tokenless`` (an API client acting for itself): at most ``[api]
+        max_per_host`` live activations per host (``ActivationLimit``, HTTP 429), and its live
+        activation of the same rule is refreshed instead of a second one being made (``source =
+        "api"``). Raises ``UsageError`` while shutting down, ``RuleNotFound``, ``AdhocRefused``.
+        """
         if self._stopping:
             raise UsageError("service is shutting down")
+        if isinstance(what, list):
+            act = self._adhoc_activation(what, host, ttl=ttl, source=source, meta=meta,
+                                         tokenless=tokenless)
+        else:
+            act = self._rule_activation(what, host, ttl=ttl, source=source, meta=meta,
+                                        tokenless=tokenless)
+        await self._wait_applied(self._engine.generation, wait)
+        return self.activation_json(act)
+
+    def _rule_activation(self, rule: str, host: str, *, ttl: float | None, source: Source,
+                         meta: dict[str, str] | None, tokenless: bool) -> Activation:
         if tokenless:
             if source is Source.API:
-                for act in self.engine.activations.values():
+                for act in self._engine.activations.values():
                     if (act.host, act.rule.name, act.source) == (host, rule, Source.API):
-                        self.engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
+                        self._engine.heartbeat(act.id, ttl if ttl is not None else act.ttl)
                         if meta:  # replaced, not merged: refreshes must not grow it
                             act.meta = dict(meta)
-                        return await self._once_applied(act, wait)
+                        return act
             self._check_host_limit(host)
-        act = self.engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
-        return await self._once_applied(act, wait)
+        return self._engine.activate(rule, host, ttl=ttl, source=source, meta=meta)
 
     def _check_host_limit(self, host: str) -> None:
         """At most ``[api] max_per_host`` tokenless activations per host; IPv6 addresses count
         per /64 (one host may use any number of addresses in its prefix)."""
         limit = self.config.api.max_per_host
         key = host_key(host)
-        live = sum(1 for a in self.engine.activations.values()
+        live = sum(1 for a in self._engine.activations.values()
                    if a.source in (Source.API, Source.RUN) and host_key(a.host) == key)
         if live >= limit:
-            self.engine.refused["per_host"] += 1
+            self._engine.refused["per_host"] += 1
             raise ActivationLimit(f"{host} already holds {live} activation(s), the [api] "
                                   "max_per_host limit; end one first")
 
-    async def _once_applied(self, act: Activation, wait: float) -> ActivationView:
-        """The activation as the API reports it, once the router answered (or ``wait`` s)."""
-        await self._wait_applied(self.engine.generation, wait)
-        return self.activation_json(act)
-
-    async def activate_adhoc(
-        self,
-        specs: list[str],
-        host: str,
-        *,
-        ttl: float | None,
-        source: Source,
-        meta: dict[str, str] | None = None,
-        wait: float = APPLY_WAIT,
-        tokenless: bool = False,
-    ) -> ActivationView:
+    def _adhoc_activation(self, specs: list[str], host: str, *, ttl: float | None,
+                          source: Source, meta: dict[str, str] | None,
+                          tokenless: bool) -> Activation:
         """Open ports the request names (no rule): only with ``[api] allow_adhoc``, only
         ports inside ``adhoc_ports``, at most ``adhoc_max_ports`` for ``adhoc_max_ttl``, at
         most ``adhoc_per_host`` per host (an IPv6 host: its /64). ``tokenless``: they count
         towards ``[api] max_per_host`` as well (``ActivationLimit``)."""
-        if self._stopping:
-            raise UsageError("service is shutting down")
         adhoc = self.config.api.adhoc
         if not adhoc.enabled:
             raise AdhocRefused("ad-hoc ports are off: activate a configured rule, or set "
@@ -447,34 +462,35 @@ class Service:
             raise AdhocRefused(f"ttl {format_duration(ttl)} is above [api] adhoc_max_ttl "
                                f"({format_duration(adhoc.max_ttl)})")
         key = host_key(host)
-        live = sum(1 for a in self.engine.activations.values()
+        live = sum(1 for a in self._engine.activations.values()
                    if a.rule.name.startswith(ADHOC_PREFIX) and host_key(a.host) == key)
         if live >= adhoc.per_host:
             raise AdhocRefused(f"{host} already holds {live} ad-hoc activation(s), the "
                                f"[api] adhoc_per_host limit; deactivate one first")
         if tokenless:
             self._check_host_limit(host)
-        act = self.engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
-        return await self._once_applied(act, wait)
+        return self._engine.activate_adhoc(ports, host, ttl=ttl, source=source, meta=meta)
 
     def _adhoc_allowed(self, ports: tuple[PortRange, ...]) -> bool:
         return policy.adhoc_permitted(self.config.api.adhoc, ports)
 
     async def deactivate(self, act_id: str, *, wait: float = APPLY_WAIT) -> ActivationView:
-        act = self.engine.deactivate(act_id)
-        await self._wait_applied(self.engine.generation, wait)
+        """End activation ``act_id`` and answer once the router was told (or after ``wait`` s): its
+        last ``ActivationView`` (``state = "ended"``). Raises ``ActivationNotFound``."""
+        act = self._engine.deactivate(act_id)
+        await self._wait_applied(self._engine.generation, wait)
         return self.activation_json(act, include_ports=False)
 
     def heartbeat(self, act_id: str, ttl: float | None,
                   self_mapped: bool | None = None) -> ActivationView:
         """Extend an activation; ``self_mapped``: its host reports it maps the ports itself
         (True; only after this service was refused them as secure mode) or no longer (False)."""
-        act = self.engine.heartbeat(act_id, ttl)
+        act = self._engine.heartbeat(act_id, ttl)
         # taken only when true: after the router refused this host's ports to us as secure
         # mode (else ignored; the answer's state says which holds)
         if (self_mapped is not None and self_mapped != act.self_mapped
                 and (not self_mapped or self._refused_self_only(act))):
-            self.engine.set_self_mapped(act_id, self_mapped)
+            self._engine.set_self_mapped(act_id, self_mapped)
             log.info("rule %s for %s: %s", act.rule.name, act.host,
                      "mapped by that host itself (the router only lets a host map ports to "
                      "itself)" if self_mapped else "mapped by this service again")
@@ -486,7 +502,7 @@ class Service:
     def _refused_self_only(self, act: Activation) -> bool:
         for rng in act.rule.open:
             for port in rng:
-                app = self.mapper.applied.get(MappingKey(rng.proto, port))
+                app = self._mapper.applied.get(MappingKey(rng.proto, port))
                 if app is not None and app.spec.internal_client == act.host and app.self_only:
                     return True
         return False
@@ -548,9 +564,10 @@ class Service:
 
     def sorted_activations(self) -> list[Activation]:
         """Live activations, oldest first (the order pages of the API follow)."""
-        return sorted(self.engine.activations.values(), key=lambda a: a.seq)
+        return sorted(self._engine.activations.values(), key=lambda a: a.seq)
 
     def rules(self) -> list[Rule]:
+        """The configured rules, in configuration order."""
         return list(self.config.rules)
 
     # front: the IGD front's one façade method (igdtrigger/front/manager.py, issue 14) ------------
@@ -565,6 +582,6 @@ class Service:
         ``ActivationLimit`` when the engine is full."""
         if self._stopping:
             raise UsageError("service is shutting down")
-        act = self.engine.activate_adhoc((port,), host, ttl=ttl, source=source, meta=meta)
-        await self._wait_applied(self.engine.generation, wait)
-        return act, self.mapper.applied.get(MappingKey(port.proto, port.first))
+        act = self._engine.activate_adhoc((port,), host, ttl=ttl, source=source, meta=meta)
+        await self._wait_applied(self._engine.generation, wait)
+        return act, self._mapper.applied.get(MappingKey(port.proto, port.first))

@@ -1,6 +1,8 @@
 """The JSON views the API serves (and the CLI client reads), as ``TypedDict``s, and how they
 are made from the running service.
 
+Also ``Tallies``: the counts ``/metrics`` reads at scrape time (a dataclass, not JSON).
+
 Shapes: ``ActivationView`` (``POST/GET /api/v1/activations``), ``PortView`` (one of its ports),
 ``StatusView`` (``GET /api/v1/status``), ``DetectorView`` (one detector's status). Times are
 seconds (floats); ``expires_in`` is ``None`` while a live connection holds the activation.
@@ -10,11 +12,13 @@ friends); ``api/`` and ``cli/`` import the shapes from here.
 
 from __future__ import annotations
 
+import collections
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, cast
 
-from igdtrigger import __version__
-from igdtrigger.core.engine import Activation
+from igdtrigger.core.activation import Activation
 from igdtrigger.core.model import MappingKey
+from igdtrigger.core.version import __version__
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.mapper import MapState
 from igdtrigger.runtime.pinholes import PinholeState
@@ -31,10 +35,12 @@ __all__ = [
     "HealthView",
     "PortView",
     "StatusView",
+    "Tallies",
     "activation_view",
     "detector_view",
     "self_only_message",
     "status_view",
+    "tallies",
 ]
 
 STATUS_ACTIVATIONS = 200  # activations listed in status(); the API pages through the rest
@@ -117,6 +123,44 @@ class StatusView(TypedDict):
     front: NotRequired[dict[str, Any]]  # front: the IGD front (issue 14), when enabled
 
 
+@dataclass(frozen=True, slots=True)
+class Tallies:
+    """The service's counts at one instant, for ``/metrics`` (which must not reach past the
+    façade into the engine, mapper or pinhole keeper). Protocols are lower case (``tcp``,
+    ``udp``); states are ``MapState``/``PinholeState`` values."""
+
+    activations: collections.Counter[str]  # live activations by Source value (traffic, api, run)
+    refused: collections.Counter[str]  # activations refused, by the bound that refused them
+    mappings: collections.Counter[tuple[str, str]]  # (protocol, state) -> mappings held/wanted
+    unconfirmed: int  # deletes the router has not confirmed yet (retried, journaled)
+    pinholes: collections.Counter[tuple[str, str]]  # (protocol, state) -> IPv6 pinholes
+    pinholes_available: bool  # the router takes pinholes from this machine (False: not asked yet)
+    operations: dict[str, int]  # router operations done by the mapper, by kind ("errors" too)
+    flows_seen: int  # new flows the detectors reported
+    flows_matched: int  # ... that matched a trigger
+    flows_inbound: int  # ... that arrived on a port an activation opened
+    flows_refused: int  # matching flows not followed (a flow-table bound was reached)
+    flows_live: int  # live matching flows followed now
+
+
+def tallies(svc: Service) -> Tallies:
+    """The counts ``Tallies`` holds, read from ``svc``'s pipeline now."""
+    engine, mapper, keeper = svc.pipeline.engine, svc.pipeline.mapper, svc.pipeline.pinholes
+    holes = keeper.held.values() if keeper is not None else ()
+    return Tallies(
+        activations=collections.Counter(a.source.value for a in engine.activations.values()),
+        refused=collections.Counter(engine.refused),
+        mappings=collections.Counter((a.spec.proto.value.lower(), a.state.value)
+                                     for a in mapper.applied.values()),
+        unconfirmed=len(mapper.orphans),
+        pinholes=collections.Counter((h.spec.proto.value.lower(), h.state.value) for h in holes),
+        pinholes_available=keeper is not None and keeper.available is True,
+        operations=dict(mapper.ops),
+        flows_seen=engine.flows_seen, flows_matched=engine.flows_matched,
+        flows_inbound=engine.flows_inbound, flows_refused=engine.flows_refused,
+        flows_live=len(engine.live))
+
+
 def self_only_message(rule: str, host: str) -> str:
     """One line: why a router in secure mode refused a host's ports to this service, and the
     fix (README: the home-server section)."""
@@ -146,7 +190,7 @@ def activation_view(svc: Service, act: Activation, *, include_ports: bool = True
                         for rng in act.rule.open for port in rng]
         return out
     desired = svc.desired()
-    waiting = svc.engine.waiting_for(act, desired)
+    waiting = svc.pipeline.engine.waiting_for(act, desired)
     ports: list[PortView] = []
     states: set[str] = set()
     self_only = False
@@ -154,7 +198,7 @@ def activation_view(svc: Service, act: Activation, *, include_ports: bool = True
         for port in rng:
             key = MappingKey(rng.proto, port)
             spec = desired.get(key)
-            app = svc.mapper.applied.get(key)
+            app = svc.pipeline.mapper.applied.get(key)
             if spec is None or spec.internal_client != act.host:
                 st = "held"
                 entry: PortView = {"port": str(key), "state": st,
@@ -193,6 +237,8 @@ def status_view(svc: Service, *, max_activations: int = STATUS_ACTIVATIONS) -> S
     paged through ``GET /api/v1/activations``), their total in ``counts``."""
     info = svc.gateway.info
     now = svc.clock()
+    engine, mapper, journal = svc.pipeline.engine, svc.pipeline.mapper, svc.pipeline.journal
+    keeper = svc.pipeline.pinholes
     warnings: list[str] = []
     external_warning = info.external_warning() if info is not None else None
     if external_warning is not None:
@@ -200,30 +246,30 @@ def status_view(svc: Service, *, max_activations: int = STATUS_ACTIVATIONS) -> S
     for st in svc.detector_status:
         if not st.active and not st.reason.startswith(("standby", "no rule names")):
             warnings.append(f"detector {st.name} inactive: {st.reason}")
-    if svc.pinholes is not None and svc.pinholes.reason and svc.desired_pinholes():
-        warnings.append(f"IPv6 ports are not opened: {svc.pinholes.reason}")
-    if len(svc.engine.activations) > max_activations:
-        warnings.append(f"{len(svc.engine.activations)} activations: the first "
+    if keeper is not None and keeper.reason and svc.desired_pinholes():
+        warnings.append(f"IPv6 ports are not opened: {keeper.reason}")
+    if len(engine.activations) > max_activations:
+        warnings.append(f"{len(engine.activations)} activations: the first "
                         f"{max_activations} are listed here, page through all of them with "
                         "GET /api/v1/activations?limit=&cursor=")
-    if svc.engine.refused:
+    if engine.refused:
         warnings.append("activations refused by the service's bounds: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(svc.engine.refused.items())))
+            f"{k} {v}" for k, v in sorted(engine.refused.items())))
     warnings.extend(f"still open on the router: {x.describe()}"
-                    for x in svc.mapper.left_open)
-    if svc.journal.degraded:
-        warnings.append(f"state journal {svc.journal.path} not writable "
-                        f"({svc.journal.degraded}): working from memory")
+                    for x in mapper.left_open)
+    if journal.degraded:
+        warnings.append(f"state journal {journal.path} not writable "
+                        f"({journal.degraded}): working from memory")
     return {
         "version": __version__,
         "uptime": round(now - svc.started, 3),
         "instance": svc.tag,
-        "journal": {"path": str(svc.journal.path), "degraded": svc.journal.degraded or None,
+        "journal": {"path": str(journal.path), "degraded": journal.degraded or None,
                     "restored_activations": svc.restored,
-                    "orphans_pending": len(svc.mapper.orphans)},
+                    "orphans_pending": len(mapper.orphans)},
         "gateway": {
-            "up": svc.mapper.gateway_up,
-            "error": svc.mapper.gateway_error or None,
+            "up": mapper.gateway_up,
+            "error": mapper.gateway_error or None,
             "protocol": info.protocol if info else None,
             "location": info.location if info else svc.config.gateway.url,
             "local_address": info.local_address if info else None,
@@ -234,11 +280,11 @@ def status_view(svc: Service, *, max_activations: int = STATUS_ACTIVATIONS) -> S
             "service_type": (info.service_type or None) if info else None,
             "control_url": (info.control_url or None) if info else None,
             "capabilities": sorted(svc.gateway.capabilities),
-            "lease": svc.mapper.lease,
-            "permanent_leases": svc.mapper.permanent_only,
-            "permanent_why": svc.mapper.traits.why_permanent or None,
-            "learned": svc.mapper.traits.to_json(),
-            "left_open": [x.to_json() for x in svc.mapper.left_open],
+            "lease": mapper.lease,
+            "permanent_leases": mapper.permanent_only,
+            "permanent_why": mapper.traits.why_permanent or None,
+            "learned": mapper.traits.to_json(),
+            "left_open": [x.to_json() for x in mapper.left_open],
             "announcements": {
                 "listening": svc.router_watch_listening,
                 "restarts_seen": svc.router_announcements,
@@ -250,21 +296,21 @@ def status_view(svc: Service, *, max_activations: int = STATUS_ACTIVATIONS) -> S
             activation_view(svc, a)
             for a in svc.sorted_activations()[:max_activations]
         ],
-        "mappings": svc.mapper.snapshot(),
-        "pinholes": (svc.pinholes.status() if svc.pinholes is not None
+        "mappings": mapper.snapshot(),
+        "pinholes": (keeper.status() if keeper is not None
                      else {"available": False, "reason": "gateway.ipv6_pinholes is off"}),
         "counts": {
-            "activations": len(svc.engine.activations),
-            "mappings_active": svc.mapper.count(MapState.ACTIVE),
-            "pinholes_active": (svc.pinholes.count(PinholeState.ACTIVE)
-                                if svc.pinholes is not None else 0),
-            "activations_refused": dict(sorted(svc.engine.refused.items())),
-            "flows_seen": svc.engine.flows_seen,
-            "flows_matched": svc.engine.flows_matched,
-            "flows_inbound": svc.engine.flows_inbound,
-            "flows_live": len(svc.engine.live),
-            "flows_refused": svc.engine.flows_refused,
-            **{f"router_{k}": v for k, v in svc.mapper.ops.items()},
+            "activations": len(engine.activations),
+            "mappings_active": mapper.count(MapState.ACTIVE),
+            "pinholes_active": (keeper.count(PinholeState.ACTIVE)
+                                if keeper is not None else 0),
+            "activations_refused": dict(sorted(engine.refused.items())),
+            "flows_seen": engine.flows_seen,
+            "flows_matched": engine.flows_matched,
+            "flows_inbound": engine.flows_inbound,
+            "flows_live": len(engine.live),
+            "flows_refused": engine.flows_refused,
+            **{f"router_{k}": v for k, v in mapper.ops.items()},
         },
         "warnings": warnings,
         "events": list(svc.events)[-50:],

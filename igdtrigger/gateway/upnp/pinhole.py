@@ -32,6 +32,7 @@ from igdtrigger.gateway.upnp.codec import (
     pinhole_uid,
 )
 from igdtrigger.gateway.upnp.http import DEFAULT_REQUESTER, Requester, soap_request
+from igdtrigger.netutil import default_route
 
 __all__ = [
     "FirewallClient", "FirewallInfo", "global_ipv6_addresses", "is_pinhole_address", "router_ipv6",
@@ -40,18 +41,7 @@ __all__ = [
 
 def router_ipv6() -> tuple[str, str] | None:
     """The IPv6 default route's next hop and its interface (netifaces), or ``None``."""
-    try:
-        import netifaces
-    except ImportError:
-        return None
-    try:
-        gws: Any = netifaces.gateways()
-        entry = gws.get("default", {}).get(netifaces.AF_INET6)
-    except Exception:  # a broken routing table must not break the service
-        return None
-    if not entry:
-        return None
-    return str(entry[0]).split("%", 1)[0], str(entry[1])
+    return default_route(ipv6=True)
 
 
 def global_ipv6_addresses(interface: str) -> list[str]:
