@@ -39,7 +39,7 @@ from igdtrigger.core.settings import (
     DetectConfig,
     GatewayConfig,
 )
-from igdtrigger.front.settings import FRONT_KEYS, parse_front  # front: [front]
+from igdtrigger.core.frontconfig import FRONT_KEYS, parse_front  # front: [front]
 
 __all__ = [
     "ENV_PREFIX",
