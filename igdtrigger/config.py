@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from igdtrigger.configfields import Section, show
 from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.frontconfig import FRONT_KEYS, parse_front  # front: [front]
 from igdtrigger.core.model import format_duration
 from igdtrigger.core.policy import hides_privileged
 from igdtrigger.core.rules import DEFAULT_IDLE, EXTERNAL_MODES, SHARE_MODES, External, Rule, Share
@@ -39,7 +40,6 @@ from igdtrigger.core.settings import (
     DetectConfig,
     GatewayConfig,
 )
-from igdtrigger.core.frontconfig import FRONT_KEYS, parse_front  # front: [front]
 
 __all__ = [
     "ENV_PREFIX",
