@@ -3,17 +3,19 @@
     .venv/bin/python -m bench.mutation [MODULE ...] [--max-children N] [--tables] [--no-run]
                                        [--sample N [--seed S]]
 
-MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time).
-Runs ``mutmut run`` (configured in pyproject.toml's ``[tool.mutmut]``: which files, which fast
+MODULE is one of engine, model, config, igd, pmp, conntrack (default: all, one at a time),
+each the files that module was split into (``PARTS``: the engine with its activation, desired
+set, matching, origins and timers; model with the rules; the config parser with its fields and
+settings; the UPnP codec with SSDP; the NAT-PMP/PCP codec; the ctnetlink parser, query codec
+and socket filter). Runs ``mutmut run`` (configured in ``bench/mutation.toml``, whose
+``[mutmut]`` table is laid over pyproject.toml's ``[tool.mutmut]``: which files, which fast
 tests) on that module's mutants only, then prints, per module, the mutants killed out of those
-that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``
-(``mutmut show NAME`` prints one as a diff).
+that count, and writes the survivors' names to ``mutants/survivors-MODULE.txt``.
 
-Only the codec part of ``gateway/pmp.py`` (NAT-PMP/PCP encode/decode, result codes, epoch
-checks: everything above its "transport" section) and the parser part of
-``detect/conntrack.py`` (above "the detector") count; their sockets are covered by other
-tests. Equivalent mutants, listed by name with the reason in ``[tool.mutmut.equivalent]``, are
-left out of the score (and counted in the line printed).
+Equivalent mutants, listed by name with the reason in ``bench/mutation.toml``'s
+``[equivalent]`` (and ``[message_only]``), are left out of the score (and counted in the line
+printed). ``--mutmut ARGS...`` runs mutmut itself with that configuration (``--mutmut show
+NAME`` prints one mutant as a diff).
 
 ``--tables`` mutates the module-level tables that mutmut leaves alone (the UPnP fault names,
 the service ranking, the NAT-PMP/PCP result texts and hints, the conntrack protocol numbers):
@@ -24,7 +26,6 @@ fail.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import fnmatch
 import importlib
@@ -39,63 +40,67 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MUTMUT = str(Path(sys.executable).with_name("mutmut"))
+CONFIG = ROOT / "bench" / "mutation.toml"
+
+# mutmut reads only pyproject.toml: this prelude lays bench/mutation.toml's [mutmut] over it.
+_BOOT = """
+import sys, tomllib
+import mutmut.configuration as c
+from mutmut.__main__ import cli
+with open(sys.argv.pop(1), "rb") as f:
+    mine = tomllib.load(f).get("mutmut", {})
+base = c._config_reader()
+c._config_reader = lambda: (lambda key, default: mine[key] if key in mine else base(key, default))
+c.reset_config()  # importing mutmut.__main__ already read pyproject.toml
+sys.argv[0] = "mutmut"
+sys.exit(cli())
+"""
+MUTMUT = [sys.executable, "-c", _BOOT, str(CONFIG)]
 
 
 @dataclass(frozen=True)
 class Part:
-    path: str  # the file, relative to the repository
-    stop: str | None = None  # a comment line: only definitions above it count
-    extra: tuple[str, ...] = ()  # definitions below ``stop`` that count all the same
+    """One covered unit (a module as it was before the rehousing, now split into files)."""
+
+    paths: tuple[str, ...]  # the files, relative to the repository
 
     @property
-    def module(self) -> str:
-        return self.path.removesuffix(".py").replace("/", ".")
+    def modules(self) -> list[str]:
+        return [p.removesuffix(".py").replace("/", ".") for p in self.paths]
 
     def globs(self) -> list[str]:
         """mutmut's names for this part's mutants (``mod.x_func__mutmut_N``,
         ``mod.xǁClassǁmethod__mutmut_N``)."""
-        if self.stop is None:
-            return [f"{self.module}.*"]
-        source = (ROOT / self.path).read_text()
-        cut = next((i for i, line in enumerate(source.splitlines(), 1)
-                    if line.startswith(self.stop)), None)
-        names: list[str] = []
-        for node in ast.parse(source).body:
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                continue
-            if cut is not None and node.lineno > cut and node.name not in self.extra:
-                continue
-            if isinstance(node, ast.ClassDef):
-                names.append(f"{self.module}.xǁ{node.name}ǁ*")
-            else:
-                names.append(f"{self.module}.x_{node.name}__mutmut_*")
-        return names
+        return [f"{module}.*" for module in self.modules]
 
 
 PARTS = {
-    "engine": Part("igdtrigger/engine.py"),
-    "model": Part("igdtrigger/model.py"),
-    "config": Part("igdtrigger/config.py"),
-    "igd": Part("igdtrigger/gateway/igd.py"),
-    "pmp": Part("igdtrigger/gateway/pmp.py", "# --- transport"),
-    "conntrack": Part("igdtrigger/detect/conntrack.py", "# --- the detector",
-                      ("_stats_entries",)),
+    "engine": Part(("igdtrigger/core/engine.py", "igdtrigger/core/activation.py",
+                    "igdtrigger/core/desired.py", "igdtrigger/core/matching.py",
+                    "igdtrigger/core/origins.py", "igdtrigger/core/timers.py")),
+    "model": Part(("igdtrigger/core/model.py", "igdtrigger/core/rules.py")),
+    "config": Part(("igdtrigger/config.py", "igdtrigger/configfields.py",
+                    "igdtrigger/core/settings.py")),
+    "igd": Part(("igdtrigger/gateway/upnp/codec.py", "igdtrigger/gateway/upnp/ssdp.py")),
+    "pmp": Part(("igdtrigger/gateway/natpmp/codec.py",)),
+    "conntrack": Part(("igdtrigger/detect/ctnetlink.py", "igdtrigger/detect/ctfilter.py",
+                       "igdtrigger/detect/ctquery.py")),
 }
 
 
 def equivalent() -> dict[str, str]:
     """Mutants that cannot change behaviour, or change only an error message's words, by name,
-    with the reason (pyproject.toml's ``[tool.mutmut.equivalent]`` and ``.message_only``).
-    Left out of the score."""
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        conf = tomllib.load(f)["tool"]["mutmut"]
+    with the reason (``bench/mutation.toml``'s ``[equivalent]`` and ``[message_only]``; only
+    there: names move with the code, and that list was re-derived after the rehousing). Left
+    out of the score."""
+    with open(CONFIG, "rb") as f:
+        conf = tomllib.load(f)
     return {**conf.get("equivalent", {}), **conf.get("message_only", {})}
 
 
 def run_mutmut(part: Part, max_children: int, names: list[str] | None = None) -> None:
     globs = names or part.globs()
-    cmd = [MUTMUT, "run", "--max-children", str(max_children), *globs]
+    cmd = [*MUTMUT, "run", "--max-children", str(max_children), *globs]
     subprocess.run(cmd, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
     if any(status == "not checked" and any(fnmatch.fnmatchcase(name, g) for g in globs)
            for name, status in results().items()):
@@ -104,7 +109,7 @@ def run_mutmut(part: Part, max_children: int, names: list[str] | None = None) ->
 
 
 def results() -> dict[str, str]:
-    out = subprocess.run([MUTMUT, "results", "--all", "true"], cwd=ROOT, check=True,
+    out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     found: dict[str, str] = {}
     for line in out.splitlines():
@@ -119,7 +124,7 @@ def sample(part: Part, size: int, seed: int) -> list[str]:
     found = results()
     globs = part.globs()  # parses the file: once, not per mutant
     if not any(fnmatch.fnmatchcase(k, g) for k in found for g in globs):
-        subprocess.run([MUTMUT, "run", "--max-children", "1", "nothing.at.all"], cwd=ROOT,
+        subprocess.run([*MUTMUT, "run", "--max-children", "1", "nothing.at.all"], cwd=ROOT,
                        check=False, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)  # generates the mutants (then complains)
         found = results()
@@ -151,9 +156,11 @@ def score(name: str, part: Part, found: dict[str, str],
 
 # (module, table, tests that must notice)
 TABLES: list[tuple[str, str, list[str]]] = [
-    ("igdtrigger.gateway.upnp.codec", "ERROR_DESCRIPTIONS", ["tests/test_igd_codec_faults.py"]),
+    ("igdtrigger.gateway.upnp.codec", "ERROR_DESCRIPTIONS", ["tests/test_igd_codec_faults.py",
+                                                          "tests/test_mutation_codecs.py"]),
     ("igdtrigger.gateway.upnp.codec", "_SERVICE_RANK", ["tests/test_igd_codec_faults.py"]),
-    ("igdtrigger.gateway.upnp.codec", "_IGD_PARTS", ["tests/test_igd_codec_faults.py"]),
+    ("igdtrigger.gateway.upnp.ssdp", "_IGD_PARTS", ["tests/test_igd_codec_faults.py",
+                                                  "tests/test_ssdp_notify.py"]),
     ("igdtrigger.gateway.natpmp.codec", "PMP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
     ("igdtrigger.gateway.natpmp.codec", "PCP_RESULTS", ["tests/test_pmp_codec_edges.py"]),
     ("igdtrigger.gateway.natpmp.codec", "_PCP_HINTS", ["tests/test_pmp_codec_edges.py"]),
@@ -230,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, metavar="N",
                     help="run and score a random sample of N mutants per module (an estimate)")
     ap.add_argument("--seed", type=int, default=19)
+    ap.add_argument("--mutmut", nargs=argparse.REMAINDER, metavar="ARGS",
+                    help="run mutmut itself with this configuration (e.g. show NAME)")
     args = ap.parse_args(argv)
+    if args.mutmut is not None:
+        return subprocess.run([*MUTMUT, *args.mutmut], cwd=ROOT, check=False).returncode
     names = args.modules or list(PARTS)
     picked = {n: sample(PARTS[n], args.sample, args.seed) if args.sample else None
               for n in names}

@@ -6,6 +6,7 @@ Every problem is reported as a ``ConfigError`` that names the file, the field an
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 import os
@@ -15,10 +16,11 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from igdtrigger.configfields import Section, show
 from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.frontconfig import FRONT_KEYS, parse_front  # front: [front]
 from igdtrigger.core.model import format_duration
 from igdtrigger.core.policy import hides_privileged
 from igdtrigger.core.rules import DEFAULT_IDLE, EXTERNAL_MODES, SHARE_MODES, External, Rule, Share
@@ -39,7 +41,6 @@ from igdtrigger.core.settings import (
     DetectConfig,
     GatewayConfig,
 )
-from igdtrigger.front.settings import FRONT_KEYS, parse_front  # front: [front]
 
 __all__ = [
     "ENV_PREFIX",
@@ -137,17 +138,23 @@ def _access_hint(path: Path, fix: str = "make the file readable, e.g. a bind-mou
 MAX_CONFIG_BYTES = 1 << 20
 
 
+def _refuse_special(p: Path, mode: int) -> NoReturn:
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise ConfigError(f"not a regular file ({kind}); give the path of a TOML file", source=str(p))
+
+
 def _read_config_file(p: Path) -> bytes:
     """The bytes of a config file. A FIFO (which would block until a writer comes), a device
     or a socket is refused, and so is a file over ``MAX_CONFIG_BYTES``: ``ConfigError``."""
-    with open(p, "rb", opener=lambda f, flags: os.open(f, flags | os.O_NONBLOCK)) as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "a device")
-            raise ConfigError(f"not a regular file ({kind}); give the path of a TOML file",
-                              source=str(p))
-        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    try:
+        with open(p, "rb", opener=lambda f, flags: os.open(f, flags | os.O_NONBLOCK)) as fh:
+            if not stat.S_ISREG(mode := os.fstat(fh.fileno()).st_mode):
+                _refuse_special(p, mode)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:  # a Unix socket cannot be opened at all (ENXIO): say what it is
+        if exc.errno == errno.ENXIO and stat.S_ISSOCK(mode := os.stat(p).st_mode):
+            _refuse_special(p, mode)
+        raise
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file",
                           source=str(p))

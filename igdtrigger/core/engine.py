@@ -329,7 +329,8 @@ class Engine:
                     self.refused[why] += 1
                     continue
                 act = self._add(rule, host, source, now, rule.idle_timeout, {}, origin=origin)
-                self._touch(act, at)
+                act.last_active = at  # a packet dated before now (first look): its timer runs
+                self._touch(act, at)  # from that packet, as on a followed flow's later looks
                 self._traffic[key] = act.id
                 created.append(act)
             else:

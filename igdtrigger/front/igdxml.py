@@ -1,8 +1,8 @@
 """The IGD front's UPnP protocol, sans I/O: the device description, the service descriptions,
 SOAP requests parsed and answers built, SSDP search answers and NOTIFYs.
 
-The server side of :mod:`igdtrigger.gateway.upnp.codec` (whose ``build_soap`` writes our
-answers: a response envelope is a request envelope named ``<action>Response``). The device is an
+The server side of the client codec (``gateway/upnp/codec.py``), written apart since the front
+names no gateway module (tests/test_layers.py). The device is an
 IGDv2 (UPnP-gw-InternetGatewayDevice-v2) with ``WANIPConnection:2``; v1 clients are answered
 too: an SSDP search for a ``:1`` type gets a ``:1`` answer (UDA 1.1 §1.3.2: a device answers a
 search for an earlier version with that version), and SOAP in the ``:1`` namespace is answered
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as DET
-
-from igdtrigger.gateway.upnp.codec import SOAP_ENC, SOAP_ENV, build_soap
 
 __all__ = [
     "ACTIONS",
@@ -125,6 +123,19 @@ _VARS: dict[str, tuple[str, str]] = {  # argument -> (state variable, data type)
     "NewTotalPacketsSent": ("TotalPacketsSent", "ui4"),
     "NewTotalPacketsReceived": ("TotalPacketsReceived", "ui4"),
 }
+
+
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+SOAP_ENC = "http://schemas.xmlsoap.org/soap/encoding/"
+
+
+def build_soap(service_type: str, element: str, args: Sequence[tuple[str, str]]) -> bytes:
+    """A SOAP 1.1 envelope whose body is ``<u:element>`` with ``args`` in order (an answer's
+    element is ``<action>Response``). The server side's own: the front names no gateway."""
+    inner = "".join(f"<{k}>{_esc(v)}</{k}>" for k, v in args)
+    return (f'<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="{SOAP_ENV}" '
+            f's:encodingStyle="{SOAP_ENC}"><s:Body><u:{element} xmlns:u="{_esc(service_type)}">'
+            f"{inner}</u:{element}></s:Body></s:Envelope>\r\n").encode()
 
 
 class SoapError(Exception):

@@ -34,7 +34,6 @@ from typing import Any
 
 from aiohttp import web
 
-from igdtrigger import __version__
 from igdtrigger.api.httpguard import (
     Acceptor,
     ConnectionGuard,
@@ -43,6 +42,7 @@ from igdtrigger.api.httpguard import (
     start_servers,
 )
 from igdtrigger.core.model import Proto
+from igdtrigger.core.version import __version__
 from igdtrigger.front import igdxml as X
 from igdtrigger.front.gena import GenaError, Subscriptions
 from igdtrigger.front.manager import (
@@ -92,7 +92,7 @@ def served_addresses(names: tuple[str, ...]) -> list[ServedAddress]:
     with a private address, but not the one towards the default gateway: the upstream side is
     never served). Raises ``OSError`` naming an interface that does not exist or has no IPv4
     address."""
-    import netifaces
+    import netifaces  # lazy, as netutil: only when the front starts
 
     wanted = list(names) or [i for i in netifaces.interfaces() if i != "lo"]
     upstream = None if names else default_gateway()
