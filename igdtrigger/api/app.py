@@ -81,6 +81,7 @@ from igdtrigger.api.requests import (
     short,
 )
 from igdtrigger.api.stream import get_events
+from igdtrigger.core import trace
 from igdtrigger.core.errors import (
     Forbidden,
     IgdTriggerError,
@@ -338,6 +339,8 @@ async def post_activation(request: web.Request) -> web.Response:
     """``POST /api/v1/activations``: 201 with the ``ActivationView``. Without the admin token a
     client may act only for its own address (403), ad-hoc ports may need the token
     (``adhoc_admin_only``); 404 for an unknown rule, 400 for a malformed body."""
+    if trace.ON:
+        trace.mark("api", first=True)
     svc = request.app[SERVICE]
     req = parse_activation(await _json_body(request))
     caller = caller_of(request)

@@ -80,6 +80,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from igdtrigger.core import trace
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, PortRange, Proto
 from igdtrigger.detect.base import FlowSink, Observation
@@ -472,7 +473,9 @@ class ConntrackDetector:
                         )
                     loop.remove_reader(fd)
                     return
-                for flow in feed(buf, n):
+                if trace.ON:  # the datagram's arrival, then the flows parsed from it
+                    trace.mark("recv", first=True)
+                for flow in trace.marked("parsed", feed(buf, n)) if trace.ON else feed(buf, n):
                     try:
                         sink(flow)
                         if follows is not None and follows(flow):
@@ -586,9 +589,7 @@ class ConntrackDetector:
             log.warning("conntrack: tracking no connection after %gs; %s",
                         self.quiet_hint_after or 0, _TRACKING_HINT)
             return
-        log.warning(
-            "conntrack: no event in %gs; %s", self.quiet_hint_after or 0, _TRACKING_HINT
-        )
+        log.warning("conntrack: no event in %gs; %s", self.quiet_hint_after or 0, _TRACKING_HINT)
 
 
 def _read_sysctl(path: str) -> int | None:

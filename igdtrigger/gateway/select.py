@@ -17,7 +17,14 @@ from typing import TypeVar
 
 from igdtrigger.core.errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
 from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
-from igdtrigger.gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
+from igdtrigger.gateway.base import (
+    AdoptsLeftovers,
+    Capability,
+    Gateway,
+    GatewayInfo,
+    Granted,
+    QuickLookup,
+)
 
 __all__ = [
     "FallbackGateway", "OnCall", "build_gateway", "forget_connection", "miniupnpc_available",
@@ -140,6 +147,12 @@ class FallbackGateway:
 
     async def list(self) -> list[RouterMapping]:
         return await self._on_current(lambda gw: gw.list())
+
+    async def get_quick(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        """``base.QuickLookup`` where the chosen backend has it, else ``get``."""
+        return await self._on_current(
+            lambda gw: gw.get_quick(proto, external_port) if isinstance(gw, QuickLookup)
+            else gw.get(proto, external_port))
 
     # -- base.AdoptsLeftovers, for the candidates that have it ---------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_state_dir
-from igdtrigger.core import policy
+from igdtrigger.core import policy, trace
 from igdtrigger.core.activation import Activation, Event, EventKind, Source
 from igdtrigger.core.engine import Engine
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, UsageError
@@ -319,6 +319,8 @@ class Service:
         """Feed one new flow to the engine (as a flow detector reports it), waking the scheduler
         when it changes what is wanted."""
         if self._engine.on_flow(flow):
+            if trace.ON:
+                trace.begin("engine")
             self.wake()
 
     def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
@@ -350,8 +352,8 @@ class Service:
             # activation, or a connection that stopped holding (its timer now runs), needs it now
             if created or (not obs.connected and obs.idle is None):
                 self.wake()
-        elif self._engine.on_flow(flow):
-            self.wake()
+        else:
+            self.on_flow(flow)
 
     def _as_v4(self, flow: Flow) -> Flow | None:
         """A dual-stack application's IPv6 trigger flow counts for the same machine's IPv4
@@ -417,6 +419,8 @@ class Service:
         else:
             act = self._rule_activation(what, host, ttl=ttl, source=source, meta=meta,
                                         tokenless=tokenless)
+        if trace.ON:
+            trace.begin("engine")
         await self._wait_applied(self._engine.generation, wait)
         return self.activation_json(act)
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from igdtrigger.core import trace
 from igdtrigger.core.errors import (
     GatewayError,
     GatewayNotFound,
@@ -182,19 +183,28 @@ class MiniupnpcGateway(ChosenServiceState):
         def run() -> T:  # timed in the worker: the router's time, not the queue's (metered())
             t0 = time.perf_counter()
             ok = False
+            if trace.ON:
+                trace.stamp("call")
             try:
                 result = fn()
                 ok = True
+                if trace.ON:
+                    trace.stamp("reply")
                 return result
             finally:
                 if self.on_call is not None:
                     self.on_call(action, time.perf_counter() - t0, ok)
 
+        if trace.ON:
+            trace.stamp("queued")
         fut = self._pool.submit(run)
         self._inflight = fut
         try:
             async with asyncio.timeout(self.timeout):
-                return await asyncio.wrap_future(fut, loop=loop)
+                result = await asyncio.wrap_future(fut, loop=loop)
+            if trace.ON:
+                trace.stamp("resumed")
+            return result
         except TimeoutError:
             self._info = None
             raise GatewayTimeout(f"router did not answer {action} within {self.timeout:g}s",
@@ -335,6 +345,22 @@ class MiniupnpcGateway(ChosenServiceState):
             u.deleteportmapping(external_port, proto.value)
 
         await self._call("DeletePortMapping", call)
+
+    async def get_quick(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        """``base.QuickLookup``: miniupnpc's GetSpecificPortMappingEntry on the worker
+        thread (a third of our SOAP client's time on a busy host); ``None`` for no entry and
+        for a failure alike."""
+        u = await self._ready()
+
+        def call() -> RouterMapping | None:
+            found = u.getspecificportmapping(external_port, proto.value)
+            if found is None:
+                return None
+            client, iport, desc, enabled, lease = found
+            return RouterMapping(proto, external_port, str(client), int(iport), str(desc),
+                                 bool(enabled), int(lease))
+
+        return await self._call("GetSpecificPortMappingEntry", call)
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
         """Read with our SOAP codec on the same service: miniupnpc's binding answers ``None``
