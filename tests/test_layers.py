@@ -51,6 +51,7 @@ RANK = {
     "sim": 2,
     "runtime": 3,
     "api": 4,
+    "front": 4,  # the IGD front (issue 14): an edge like api/ (its HTTP guard is api's)
     "cli": 5,
     "": 6,  # the package itself: igdtrigger/__init__.py and __main__.py
     "__main__": 6,
