@@ -14,7 +14,6 @@ import pytest
 
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Proto
-from igdtrigger.detect.nfttrack import NftResult, Runner
 from igdtrigger.front.dnat import (
     COMMENT,
     DnatForwarder,
@@ -25,6 +24,7 @@ from igdtrigger.front.dnat import (
     read_forward_drops,
 )
 from igdtrigger.front.topology import topology_checks, topology_status
+from igdtrigger.nftcmd import NftResult, Runner
 
 A = DnatRule(Proto.UDP, 40000, "10.8.0.10", 40001)
 B = DnatRule(Proto.TCP, 40002, "10.8.0.11", 40002)

@@ -40,9 +40,9 @@ from typing import Any
 
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Proto
-from igdtrigger.detect.nfttrack import NftResult, Runner, _run_nft, _why, find_nft
 from igdtrigger.front.manager import FrontMapping
 from igdtrigger.netutil import source_address_for
+from igdtrigger.nftcmd import NftResult, Runner, find_nft, nft_why, run_nft
 
 __all__ = [
     "COMMENT",
@@ -116,7 +116,7 @@ class InnerDnat:
         self.wan_interface = wan_interface
         self.forward_chain = parse_chain(forward_chain) if forward_chain else None
         self.nft = nft if nft is not None else find_nft()
-        self.runner: Runner = runner or _run_nft
+        self.runner: Runner = runner or run_nft
         self.rules: frozenset[DnatRule] = frozenset()
         self._handles: dict[DnatRule, list[str]] = {}
         self.installed = False
@@ -175,7 +175,7 @@ class InnerDnat:
         result = self._run(["-j", "-a", "list", "chain", *self.forward_chain])
         if result.returncode != 0:
             raise OSError(f"cannot read forward chain {' '.join(self.forward_chain)}: "
-                          f"{_why(result)}")
+                          f"{nft_why(result)}")
         return [int(r["handle"]) for r in _items(result.stdout, "rule")
                 if r.get("comment") == COMMENT and isinstance(r.get("handle"), int)]
 
@@ -185,7 +185,7 @@ class InnerDnat:
         result = self._run(["-e", "-a", "-f", "-"],
                            self.script(wanted, stale_handles=self.our_accept_handles()))
         if result.returncode != 0:
-            raise OSError(f"inner DNAT not loaded: {_why(result)}")
+            raise OSError(f"inner DNAT not loaded: {nft_why(result)}")
         self.rules = wanted
         self.installed = True
         self._handles = self._assign(sorted(wanted), result.stdout)
@@ -252,7 +252,7 @@ class InnerDnat:
                               for h in self.our_accept_handles())
         result = self._run(["-f", "-"], script)
         if result.returncode != 0:
-            raise OSError(f"inner DNAT not removed: {_why(result)}")
+            raise OSError(f"inner DNAT not removed: {nft_why(result)}")
         self.rules = frozenset()
         self._handles = {}
         self.installed = False
@@ -390,7 +390,7 @@ def read_forward_drops(*, forward_chain: str | None = None, nft: str | None = No
     nft = nft if nft is not None else find_nft()
     if nft is None:
         return None
-    result = (runner or _run_nft)([nft, "-j", "list", "ruleset"], "")
+    result = (runner or run_nft)([nft, "-j", "list", "ruleset"], "")
     if result.returncode != 0:
         return None
     return forward_check(result.stdout, forward_chain=forward_chain)
@@ -398,7 +398,7 @@ def read_forward_drops(*, forward_chain: str | None = None, nft: str | None = No
 
 def interface_of(address: str) -> str | None:
     """The interface holding IPv4 ``address`` (netifaces), or ``None``."""
-    import netifaces
+    import netifaces  # optional C extension, needed only when the front serves named interfaces
 
     for name in netifaces.interfaces():
         for entry in netifaces.ifaddresses(name).get(netifaces.AF_INET, []):
