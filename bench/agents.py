@@ -147,12 +147,13 @@ class Driver:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if self.upnp.getspecificportmapping(port, proto) is None:
-                    return
+                entry = self.upnp.getspecificportmapping(port, proto)
             except Exception:
                 return  # NoSuchEntryInArray
+            if entry is None:
+                return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the router still maps {proto}/{port}")
+                raise RuntimeError(f"the router still maps {proto}/{port}: {entry}")
             time.sleep(0.005)
 
     # -- case 1: trigger to open port ------------------------------------------------------------
@@ -230,8 +231,19 @@ class Driver:
             self.child.wait(15)
             self.child = None
             if mode == "wrapper_standalone":
-                self.router_wait_free(port)
+                try:
+                    self.router_wait_free(port)
+                except RuntimeError as exc:
+                    acts = self.api(int(cmd["api_port"]), "GET", "/api/v1/activations")
+                    raise RuntimeError(f"{exc}; service: {acts}") from None
                 return
+        if mode == "conntrack":
+            # the trigger's flow lives on in conntrack, and the service follows live matching
+            # flows: forget it first, or the next look re-activates the rule mid-way through
+            # another trial (the standalone wrapper's then finds the port held)
+            subprocess.run(["conntrack", "-D", "-p", "udp", "--orig-port-dst",
+                            str(cmd.get("trigger_port", 27015))],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         api_port = int(cmd["api_port"])
         for act in self.api(api_port, "GET", "/api/v1/activations")["activations"]:
             self.api(api_port, "DELETE", f"/api/v1/activations/{act['id']}")

@@ -28,7 +28,10 @@ FLOOR_PORT = 41000
 UPNPC_PORT = 41001
 TRIGGER_PORT = 27015
 
-TARGET_MS = {"conntrack": 2.0, "api": 5.0, "wrapper": 150.0, "wrapper_standalone": 150.0}
+# issue 17: over the floor (one bare AddPortMapping) for the service's paths, over the
+# interpreter's own start-up (`python -c pass`) for the wrapper's; the conntrack p99 too
+TARGET_MS = {"conntrack": 0.8, "api": 1.0, "wrapper": 15.0, "wrapper_standalone": 40.0}
+TARGET_P99_MS = {"conntrack": 2.0}
 
 
 def run(b: Bench) -> dict[str, Any]:
@@ -36,9 +39,13 @@ def run(b: Bench) -> dict[str, Any]:
     lab = b.lab
     rules = rule_toml("bench", [f"udp/{TRIGGER_PORT}"], [f"udp/{OPEN_PORT}"])
     svc = ServiceUnderTest(b, "trigger", api_port=API_PORT, rules=rules)
-    standalone = svc.dir / "standalone.toml"  # same rule, no service at its API address
-    standalone.write_text(svc.config.read_text().replace(f"127.0.0.1:{API_PORT}",
-                                                         "127.0.0.1:8799"))
+    # same rule, no service at its API address nor in its state directory (a wrapper finds a
+    # service through either)
+    standalone = svc.dir / "standalone.toml"
+    state = svc.dir / "state"
+    standalone.write_text(svc.config.read_text()
+                          .replace(f"127.0.0.1:{API_PORT}", "127.0.0.1:8799")
+                          .replace(f'"{state}"', f'"{svc.dir / "standalone-state"}"'))
     wrapper_err = svc.dir / "wrapper.stderr"
     blaster, driver = b.agent("blaster"), b.agent("driver")
     trials = 8 if b.quick else b.trials
@@ -96,14 +103,22 @@ def run(b: Bench) -> dict[str, Any]:
         "wrapper": "wrapper `igdtrigger run` exec -> WAN packet (service)",
         "wrapper_standalone": "wrapper `igdtrigger run` exec -> WAN packet (standalone)",
     }
+    python = s["python"].get("median")
     for mode, label in labels.items():
-        med = s[mode].get("median")
-        extra = None if med is None or floor is None else med - floor
-        rows.append(row(NAME, label, s[mode], "ms", ref="floor", ref_median=floor,
-                        ratio=None if med is None or not floor else med / floor,
-                        target=f"<= floor + {TARGET_MS[mode]:g} ms",
-                        ok=None if extra is None else extra <= TARGET_MS[mode],
-                        note="" if extra is None else f"floor + {extra:.2f} ms", key=True))
+        med, p99 = s[mode].get("median"), s[mode].get("p99")
+        wrapper = mode.startswith("wrapper")
+        base, name = (python, "python") if wrapper else (floor, "floor")
+        extra = None if med is None or base is None else med - base
+        ok = None if extra is None else extra <= TARGET_MS[mode]
+        target = f"<= {name} + {TARGET_MS[mode]:g} ms"
+        note = "" if extra is None else f"{name} + {extra:.2f} ms"
+        if mode in TARGET_P99_MS and p99 is not None and base is not None:
+            target += f", p99 <= {name} + {TARGET_P99_MS[mode]:g} ms"
+            ok = bool(ok) and p99 - base <= TARGET_P99_MS[mode]
+            note += f" (p99 {name} + {p99 - base:.2f} ms)"
+        rows.append(row(NAME, label, s[mode], "ms", ref=name, ref_median=base,
+                        ratio=None if med is None or not base else med / base,
+                        target=target, ok=ok, note=note, key=True))
         if mode == "api":
             rows.append(row(NAME, "API: POST /activations, call only", sc["api"], "ms"))
     rows.append(row(NAME, "python -c pass (interpreter start-up, in the wrapper)", s["python"],

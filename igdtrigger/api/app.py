@@ -81,6 +81,7 @@ from igdtrigger.api.requests import (
     short,
 )
 from igdtrigger.api.stream import get_events
+from igdtrigger.core import trace
 from igdtrigger.core.errors import (
     Forbidden,
     IgdTriggerError,
@@ -261,6 +262,8 @@ async def healthz(request: web.Request) -> web.Response:
     problem = svc.health()
     body: dict[str, Any] = {"ok": problem is None, "gateway_up": svc.gateway_up,
                             "version": __version__}
+    if svc.front_serving is not None:  # front: the IGD front (issue 14)
+        body["front_serving"] = svc.front_serving
     if problem is not None:
         body["error"] = problem
     return web.json_response(body, status=200 if problem is None else 503)
@@ -271,9 +274,13 @@ async def readyz(request: web.Request) -> web.Response:
     saying why not (a container orchestrator's readiness probe)."""
     svc = request.app[SERVICE]
     up = svc.gateway_up
-    body: dict[str, Any] = {"ready": up, "gateway_up": up}
+    front = svc.front_serving is not False  # front: ready only once the IGD front serves
+    body: dict[str, Any] = {"ready": up and front, "gateway_up": up}
     if not up:
         body["error"] = svc.gateway_error or "the router has not answered yet"
+    elif not front:
+        body["error"] = "the IGD front ([front]) is not serving yet"
+    up = up and front
     return web.json_response(body, status=200 if up else 503)
 
 
@@ -332,6 +339,8 @@ async def post_activation(request: web.Request) -> web.Response:
     """``POST /api/v1/activations``: 201 with the ``ActivationView``. Without the admin token a
     client may act only for its own address (403), ad-hoc ports may need the token
     (``adhoc_admin_only``); 404 for an unknown rule, 400 for a malformed body."""
+    if trace.ON:
+        trace.mark("api", first=True)
     svc = request.app[SERVICE]
     req = parse_activation(await _json_body(request))
     caller = caller_of(request)

@@ -1,0 +1,2 @@
+"""The edges a user types at: the ``igdtrigger`` command (``main``), its subcommands and the
+API client."""

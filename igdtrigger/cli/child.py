@@ -42,6 +42,7 @@ _info = _warn  # the wrapper's only channel is stderr: the game owns stdout
 
 
 def exit_status(returncode: int) -> int:
+    """The shell's exit status for ``returncode``: 128+N when signal N killed the child."""
     return 128 - returncode if returncode < 0 else returncode
 
 
@@ -126,7 +127,7 @@ def become_subreaper() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
+        import ctypes  # Linux only (prctl), and only when a child is spawned
 
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER

@@ -50,6 +50,8 @@ LOCAL_PROBE_TIMEOUT = 0.3
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
+    """Where the service is: its ``url``, and ``how`` that was decided (argument, environment,
+    config, local, zeroconf, default)."""
     url: str
     how: str  # "argument", "environment", "config", "local", "zeroconf", "default"
 
@@ -61,6 +63,7 @@ class Resolved:
 
 
 def is_loopback_url(url: str) -> bool:
+    """Does ``url`` (scheme optional) name this machine (``localhost`` or a loopback address)?"""
     host = urllib.parse.urlsplit(url if "://" in url else "http://" + url).hostname or ""
     if host == "localhost":
         return True
@@ -106,6 +109,7 @@ def resolve_server(server: str | None, config: Config | None = None, *,
     if not auto and _answers("127.0.0.1", DEFAULT_PORT, LOCAL_PROBE_TIMEOUT):
         return Resolved(DEFAULT_SERVER, "local")
     try:
+        # mDNS browsing only when nothing answers on loopback (zeroconf costs ~100 ms to load)
         from igdtrigger.cli.discovery import browse
 
         found = browse(discover_timeout)
@@ -381,6 +385,9 @@ class Client:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 *, timeout: float | None = None) -> Any:
+        """One API call (``timeout`` in seconds): the decoded JSON answer. Raises ``ApiError``,
+        ``ServiceUnavailable`` or ``ServiceBusy``. A guessed token refused with 401 is dropped and
+        the call retried once without it (not over the admin socket)."""
         try:
             return self._request(method, path, body, timeout=timeout)
         except ApiError as exc:

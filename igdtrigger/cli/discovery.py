@@ -36,6 +36,7 @@ BROWSE_TIMEOUT = 1.5
 
 @dataclass(frozen=True, slots=True)
 class Found:
+    """One igdtrigger service found by mDNS: instance name, address, port, TXT properties."""
     name: str
     address: str
     port: int
@@ -43,6 +44,7 @@ class Found:
 
     @property
     def url(self) -> str:
+        """The API's base URL (IPv6 addresses bracketed)."""
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"http://{host}:{self.port}"
 
@@ -55,7 +57,7 @@ def advertised_addresses(listen_host: str) -> list[str]:
         except ValueError:
             return []
         return [] if addr.is_loopback or addr.version != 4 else [str(addr)]
-    import ifaddr
+    import ifaddr  # only to advertise on every interface (a wildcard listen address)
 
     out: list[str] = []
     for adapter in ifaddr.get_adapters():
@@ -70,6 +72,8 @@ def advertised_addresses(listen_host: str) -> list[str]:
 
 def txt_properties(*, version: str, token_needed: bool, instance: str,
                    api_path: str = "/api/v1") -> dict[str, str]:
+    """The TXT record a service announces: version, API path, whether a token is needed,
+    instance tag, dashboard path."""
     return {"version": version, "path": api_path, "token": "yes" if token_needed else "no",
             "instance": instance, "ui": "/"}
 
@@ -93,6 +97,7 @@ class Advertiser:
 
     async def start(self) -> bool:
         """Advertise; False (and a log line saying why) when there is nothing to announce."""
+        # zeroconf only when advertising starts: `run` and `[api] zeroconf = false` never load it
         from zeroconf import IPVersion
         from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
@@ -130,6 +135,7 @@ class Advertiser:
             log.debug("zeroconf: announced %s", info.name)
 
     async def close(self) -> None:
+        """Unregister the announced services and close zeroconf; safe to call twice."""
         azc, self._azc = self._azc, None
         for task in self._pending:
             task.cancel()
@@ -149,6 +155,7 @@ def browse(timeout: float = BROWSE_TIMEOUT, *, first: bool = True) -> list[Found
 
     With ``first`` it returns as soon as one service is resolved.
     """
+    # zeroconf only when a client browses (nothing answered on loopback): see Advertiser.start
     from zeroconf import IPVersion, ServiceBrowser, ServiceListener, Zeroconf
 
     found: dict[str, Found] = {}

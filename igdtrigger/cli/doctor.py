@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from igdtrigger.cli.client import Client, local_access, pick_token, resolve_server
 from igdtrigger.config import Config, default_state_dir, load_config
 from igdtrigger.core.errors import ApiError, ConfigError, IgdTriggerError
 
@@ -38,12 +39,15 @@ CAP_NET_RAW = 13
 
 @dataclass(frozen=True, slots=True)
 class Check:
+    """One line of ``igdtrigger doctor``: ``level`` (``ok``, ``warn``, ``FAIL``), what was
+    checked, what was found, and the fix when there is one."""
     level: str  # "ok", "warn", "FAIL"
     name: str
     detail: str
     fix: str = ""
 
     def line(self) -> str:
+        """``level  name: detail -> fix``, as printed."""
         text = f"{self.level:<4}  {self.name}: {self.detail}"
         return f"{text} -> {self.fix}" if self.fix else text
 
@@ -61,6 +65,8 @@ def effective_capabilities(status_path: str = "/proc/self/status") -> int | None
 
 
 def check_privileges(config: Config, caps: int | None) -> Check:
+    """Has this process the capabilities conntrack needs (CAP_NET_ADMIN)? ``caps``: the
+    effective capability mask, ``None`` where it cannot be read."""
     needs = "conntrack" in config.detect.methods
     if caps is None:
         return Check("ok" if not needs else "warn", "privileges",
@@ -77,6 +83,9 @@ def check_privileges(config: Config, caps: int | None) -> Check:
 
 
 def check_detectors(config: Config) -> list[Check]:
+    """Build the configured detectors and run each one's ``check``: one line per detector."""
+    # only `doctor` needs the backends: `healthcheck` (Docker's HEALTHCHECK, every interval)
+    # loads this module too and talks to the API alone
     from igdtrigger.runtime.compose import build_detectors
 
     out: list[Check] = []
@@ -112,6 +121,7 @@ def check_detectors(config: Config) -> list[Check]:
 def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
     """conntrack can subscribe; will it see trigger flows? Only if the kernel tracks them:
     the service's own nftables table (needs nft), or this machine's own rules (probed)."""
+    # the backends: see check_detectors
     from igdtrigger.runtime import compose
 
     t = tracking or compose.kernel_tracking(config)
@@ -136,6 +146,7 @@ def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
 
 
 async def _probe_gateway(config: Config, timeout: float) -> tuple[Any, Any, str]:
+    # the backends: see check_detectors
     from igdtrigger.runtime.compose import gateway_from_config
 
     gw = gateway_from_config(config, protocol="upnp")
@@ -152,6 +163,8 @@ async def _probe_gateway(config: Config, timeout: float) -> tuple[Any, Any, str]
 
 
 def check_gateway(config: Config) -> list[Check]:
+    """Connect to the router as the service would: who answers, its external address, double
+    NAT, and IPv6 pinholes when enabled."""
     if config.gateway.simulate:
         return [Check("ok", "gateway", "simulated router (gateway.url = \"simulate\"); no real "
                       "router is touched")]
@@ -182,6 +195,7 @@ def check_gateway(config: Config) -> list[Check]:
                          "put the upstream router in bridge mode, forward the ports there too, "
                          "or ask the ISP for a public address"))
     if config.gateway.ipv6_pinholes and info.protocol == "upnp-igd":
+        # gatewaycmd loads the backends: see check_detectors
         from igdtrigger.cli.gatewaycmd import ipv6_verdict
 
         verdict = asyncio.run(ipv6_verdict(info.location, 3.0))
@@ -195,6 +209,7 @@ def check_gateway(config: Config) -> list[Check]:
 
 
 def check_state_dir(config: Config) -> Check:
+    """Is the state directory writable (or creatable)?"""
     state = config.state_dir or default_state_dir()
     if state.is_dir() and os.access(state, os.W_OK):
         return Check("ok", "state directory", f"{state} is writable")
@@ -212,8 +227,7 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_api(config: Config, server: str | None, token: str | None) -> list[Check]:
-    from igdtrigger.cli.client import Client, local_access, pick_token, resolve_server
-
+    """Does a service answer, and does it accept our token?"""
     where = resolve_server(server, config, discover_timeout=1.0)
     chosen, guessed = pick_token(token, config.state_dir, where.trusted)
     sock, uid = local_access(where, config.state_dir)
@@ -247,6 +261,9 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     else:
         out.append(Check("FAIL", "service's router", f"down: {gw.get('error')}",
                          "see `igdtrigger status` and the service's log"))
+    if isinstance(front := status.get("front"), dict):  # front: the IGD front (issue 14)
+        from igdtrigger.front.serving import front_checks  # lazy: only with a front
+        out.extend(Check(*c) for c in front_checks(front))
     for det in status.get("detectors", []):
         if det.get("name") == "conntrack":  # what the running service really sees
             out.append(Check("ok", "service's conntrack", f"sees flows: {det.get('detail')}")
@@ -294,7 +311,6 @@ def healthcheck(config_path: str | None, server: str | None, *, ready: bool,
                 timeout: float, out: TextIO | None = None) -> int:
     """0 when the service answers (and, with ``ready``, its router does); else 1."""
     out = out or sys.stdout
-    from igdtrigger.cli.client import Client
 
     url = server
     if url is None:

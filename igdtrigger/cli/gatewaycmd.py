@@ -18,20 +18,24 @@ import json
 import random
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from igdtrigger.runtime.pinholes import PinholeClient
-
-from igdtrigger.config import Config
-from igdtrigger.core.errors import GatewayError, MappingConflict, NoSuchMapping
+# `igdtrigger gateway` is the only command that loads this module (cli/main imports it in
+# cmd_gateway): everything it needs is imported here, none of it is on the `run` path.
+from igdtrigger.cli.client import Client, read_token
+from igdtrigger.config import Config, default_state_dir
+from igdtrigger.core.errors import GatewayError, IgdTriggerError, MappingConflict, NoSuchMapping
 from igdtrigger.core.model import MappingSpec, PinholeSpec, Proto, RouterMapping
 from igdtrigger.core.traits import NO_READBACK
 from igdtrigger.gateway.base import Gateway, GatewayInfo
 from igdtrigger.netutil import default_gateway
 from igdtrigger.runtime import compose
+from igdtrigger.runtime.journal import FILENAME, Journal
+from igdtrigger.runtime.leftovers import RUN_DIR, RUN_TAG, dead_run_tag, run_alive
+from igdtrigger.runtime.pinholes import PinholeClient, PinholeKeeper
+from igdtrigger.runtime.state import derived_tag
 
 __all__ = [
     "PinholeEntry",
@@ -56,6 +60,8 @@ __all__ = [
 
 @dataclass
 class ProbeResult:
+    """What probing one protocol found: ``ok``, the time it took in seconds, the router's
+    ``info`` or the ``error``."""
     protocol: str
     ok: bool
     seconds: float
@@ -64,6 +70,7 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON shape of ``gateway --json`` (durations in ms)."""
         out: dict[str, Any] = {"protocol": self.protocol, "ok": self.ok,
                                "ms": round(self.seconds * 1e3, 1)}
         if self.info is not None:
@@ -80,6 +87,8 @@ class ProbeResult:
 
 
 def candidates(config: Config) -> list[tuple[str, Gateway]]:
+    """The backends to probe: UPnP IGD always, NAT-PMP and PCP when the router's address is
+    known (``gateway.url``'s host, else the default gateway)."""
     url = None if config.gateway.simulate else config.gateway.url
     out: list[tuple[str, Gateway]] = [
         ("upnp-igd", compose.gateway_from_config(config, protocol="upnp"))]
@@ -208,9 +217,9 @@ async def ipv6_verdict(location: str, timeout: float) -> str:
 
 
 async def probe_all(config: Config, *, timeout: float, test: bool) -> list[ProbeResult]:
+    """Probe every candidate in parallel, each within ``timeout`` seconds; with ``test``, also
+    the lease test (map a port for 60 s, read it back, delete it) on those that answer."""
     if config.gateway.simulate:  # the built-in router on loopback, as `serve --simulate` uses
-        from dataclasses import replace
-
         async with compose.simulated_router() as sim:
             return await _probe_all(
                 replace(config, gateway=replace(config.gateway, url=sim.url)),
@@ -233,6 +242,7 @@ async def _probe_all(config: Config, *, timeout: float, test: bool,
 
 
 def report(results: list[ProbeResult]) -> str:
+    """The human-readable table of ``results``, one line per protocol."""
     lines = []
     for r in results:
         if not r.ok:
@@ -273,6 +283,7 @@ def report(results: list[ProbeResult]) -> str:
 
 
 def main(config: Config, *, as_json: bool, timeout: float, test: bool) -> int:
+    """``igdtrigger gateway``: probe, print (JSON or table); 0 when a protocol answered, else 1."""
     results = asyncio.run(probe_all(config, timeout=timeout, test=test))
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
@@ -297,6 +308,7 @@ class TableEntry:
     error: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON shape of one row of ``gateway --table --json``."""
         m = self.mapping
         out: dict[str, Any] = {
             "proto": m.proto.value, "external_port": m.external_port,
@@ -312,9 +324,6 @@ class TableEntry:
 
 def state_tag(config: Config) -> str:
     """The instance tag this machine's service uses with this config's state directory."""
-    from igdtrigger.config import default_state_dir
-    from igdtrigger.runtime.state import derived_tag
-
     state = config.state_dir or default_state_dir()
     try:
         tag = (state / "instance").read_text().strip()
@@ -325,9 +334,6 @@ def state_tag(config: Config) -> str:
 
 def live_service_tag(config: Config) -> tuple[bool, str | None]:
     """(a service answers on this config's API address, its instance tag if it told us)."""
-    from igdtrigger.cli.client import Client, read_token
-    from igdtrigger.core.errors import IgdTriggerError
-
     client = Client(config.api.url, token=read_token(config.state_dir), timeout=2.0)
     try:
         status = client.status()
@@ -341,8 +347,6 @@ def live_service_tag(config: Config) -> tuple[bool, str | None]:
 def classify(m: RouterMapping, *, local: str, my_tag: str, live: bool,
              live_tag: str | None) -> TableEntry:
     """Whose a router mapping is (see ``TableEntry``)."""
-    from igdtrigger.runtime.leftovers import RUN_TAG, dead_run_tag
-
     parts = m.description.strip().split(" ")
     if len(parts) != 3 or parts[0] != "igdtrigger":
         return TableEntry(m, "")
@@ -378,6 +382,7 @@ class PinholeEntry:
     error: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON shape of one journaled pinhole of ``gateway --table --json``."""
         out: dict[str, Any] = {"address": self.spec.address, "proto": self.spec.proto.value,
                                "port": self.spec.port, "owner": self.owner,
                                "leftover": self.leftover}
@@ -392,9 +397,6 @@ def journaled_pinholes(state: Path, *, service_live: bool, tag: str) -> list[Pin
     """The pinholes the journals under ``state`` hold: the service's (a leftover unless it
     runs) and each ``igdtrigger run``'s (a leftover once that wrapper is dead). Nothing is
     created where there is no journal."""
-    from igdtrigger.runtime.journal import FILENAME, Journal
-    from igdtrigger.runtime.leftovers import RUN_DIR, run_alive
-
     sources: list[tuple[Path, str, bool]] = [
         (state, f"igdtrigger service {tag} ({'running' if service_live else 'not running'})",
          not service_live)]
@@ -420,9 +422,6 @@ def journaled_pinholes(state: Path, *, service_live: bool, tag: str) -> list[Pin
 async def close_pinholes(entries: list[PinholeEntry], client: PinholeClient) -> None:
     """Close the leftover ones (the way a start closes a crash's: ``PinholeKeeper``), and
     forget them in their journal; each not closed says why."""
-    from igdtrigger.runtime.journal import Journal
-    from igdtrigger.runtime.pinholes import PinholeKeeper
-
     for d in sorted({e.journal for e in entries if e.leftover}):
         mine = [e for e in entries if e.leftover and e.journal == d]
         j = Journal.open(d)
@@ -444,8 +443,6 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool, timeout: f
     """List the router's table, classify each entry, and with ``clean`` delete the leftovers
     (``dry_run``: only say which); the same for the IPv6 pinholes this machine's journals
     hold. Raises ``GatewayError`` when the router does not answer."""
-    from igdtrigger.config import default_state_dir
-    from igdtrigger.core.errors import NoSuchMapping
     gw_cfg = config.gateway
     if gw_cfg.simulate:
         raise GatewayError('gateway.url = "simulate": there is no router table to list')
@@ -490,6 +487,8 @@ async def router_table(config: Config, *, clean: bool, dry_run: bool, timeout: f
 
 def table_report(info: GatewayInfo, entries: list[TableEntry], *, clean: bool,
                  dry_run: bool) -> str:
+    """The router's table as text, each row with its owner; then how many are leftovers and
+    what ``--clean`` did (or, with ``dry_run``, would do)."""
     lines = [f"router {info.location} ({info.protocol}); we are {info.local_address}; "
              f"{len(entries)} mapping(s)"]
     if entries:
@@ -541,6 +540,7 @@ def table_main(config: Config, *, as_json: bool, clean: bool, dry_run: bool,
 
 
 def pinhole_report(holes: list[PinholeEntry], *, clean: bool, dry_run: bool) -> str:
+    """The journaled pinholes as text, each with its owner and what ``--clean`` did."""
     lines = [f"{len(holes)} IPv6 pinhole(s) journaled on this machine (the router cannot list "
              "its pinholes):"]
     for h in holes:

@@ -87,6 +87,7 @@ _TTL = _within(1.0, 7 * 86400.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``igdtrigger`` argument parser, every subcommand included."""
     p = _Parser(prog="igdtrigger", description="Router-grade port triggering: timed port "
                 "mappings on your router (UPnP IGD, NAT-PMP, PCP) while a game needs them.",
                 epilog="Try it without a router: igdtrigger serve --simulate, then, in another "
@@ -215,6 +216,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _client(args: argparse.Namespace, config: Config | None = None) -> Client:
+    # the HTTP client only for the commands that talk to a service (see the note at the top)
     from igdtrigger.cli.client import Client, local_access, pick_token, resolve_server
 
     where = resolve_server(args.server, config)
@@ -227,8 +229,11 @@ def _client(args: argparse.Namespace, config: Config | None = None) -> Client:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``igdtrigger serve``: run the service until SIGTERM/SIGINT; its exit status."""
+    # asyncio, then the service (aiohttp, zeroconf, sqlite3): `serve` alone pays for them
     import asyncio
 
+    # see above: the service's modules only for `serve`
     from igdtrigger.cli.serve import serve, setup_logging
 
     setup_logging(args.log_level, args.log_format)
@@ -261,19 +266,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """``igdtrigger healthcheck``: 0 when the service answers (with ``--ready``: and its router)."""
+    # doctor's module only for the two commands it serves (see the note at the top)
     from igdtrigger.cli.doctor import healthcheck
 
     return healthcheck(args.config, args.server, ready=args.ready, timeout=args.timeout)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    """``igdtrigger doctor``: check this machine's setup; 1 when a check failed."""
+    # doctor's module only for the two commands it serves (see the note at the top)
     from igdtrigger.cli.doctor import doctor
 
     return doctor(args.config, args.server, args.token)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from igdtrigger.cli.run import run
+    """``igdtrigger run --rule NAME -- CMD``: hold the rule while CMD runs (through the service,
+    else standalone); CMD's own exit status."""
+    # the launcher hook's modules only for `run` (see the note at the top)
+    from igdtrigger.cli.client import local_access, pick_token, resolve_server
+    from igdtrigger.cli.run import infer_rule, run
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -285,12 +298,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
-    from igdtrigger.cli.client import local_access, pick_token, resolve_server
 
     rule = args.rule
     if args.infer:
-        from igdtrigger.cli.run import infer_rule
-
         rule = infer_rule(args.infer, config)
         if rule is None:  # said why; the game runs with nothing opened
             return run(command, rule=None, config=config, server=None, token=None)
@@ -355,6 +365,8 @@ def _print_activation(data: dict[str, Any],
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
+    """``igdtrigger activate``: open a rule (or ad-hoc ``--open`` ports) for a TTL; 0 once open
+    or pending."""
     config = _config(args) if args.config else None
     c = _client(args, config)
     if (args.rule is None) == (not args.open):
@@ -373,6 +385,8 @@ def cmd_activate(args: argparse.Namespace) -> int:
 
 
 def cmd_deactivate(args: argparse.Namespace) -> int:
+    """``igdtrigger deactivate RULE``: end the rule's live activations (``--host``: for that
+    host only). Raises ``UsageError`` for a rule the service does not know."""
     config = _config(args) if args.config else None
     c = _client(args, config)
     acts = c.request("GET", "/api/v1/activations")["activations"]
@@ -394,6 +408,7 @@ def cmd_deactivate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``igdtrigger status``: the service's status, as text or ``--json``."""
     config = _config(args) if args.config else None
     data = _client(args, config).request("GET", "/api/v1/status")
     if args.json:
@@ -462,6 +477,8 @@ def _lease_text(m: dict[str, Any]) -> str:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    """``igdtrigger gateway``: probe the router (``--table``: list and classify its mappings)."""
+    # gatewaycmd loads the backends (runtime.compose): only `gateway` pays for them
     from igdtrigger.cli.gatewaycmd import main as gateway_main
     from igdtrigger.cli.gatewaycmd import table_main
 
@@ -530,6 +547,8 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console entry point: run one subcommand, return its exit status (see the module's
+    exit codes); errors are one line on stderr."""
     args_in = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not args_in:

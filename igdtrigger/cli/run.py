@@ -37,7 +37,7 @@ from igdtrigger.cli.child import (
     wait_forwarding,
 )
 from igdtrigger.cli.client import Client
-from igdtrigger.config import Config
+from igdtrigger.config import Config, default_state_dir
 from igdtrigger.core.errors import (
     ApiError,
     IgdTriggerError,
@@ -46,7 +46,7 @@ from igdtrigger.core.errors import (
     ServiceUnavailable,
     UsageError,
 )
-from igdtrigger.core.model import format_duration
+from igdtrigger.core.model import compress_ports, format_duration, parse_port_spec
 from igdtrigger.core.rules import Rule
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
@@ -93,12 +93,15 @@ class Holder:
     thread: threading.Thread | None = None
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop holding and wait up to ``timeout`` seconds for the thread."""
         self.done.set()
         if self.thread is not None:
             self.thread.join(timeout)
 
 
 class ServiceHolder(Holder):
+    """Holds a rule through the running service: one activation, renewed by a heartbeat thread,
+    ended on ``stop``."""
     def __init__(self, client: Client, rule: str, ttl: float,
                  announce: Callable[[str], None] | None = None) -> None:
         super().__init__()
@@ -125,6 +128,7 @@ class ServiceHolder(Holder):
         return self.done.is_set()
 
     def activate(self) -> dict[str, Any]:
+        """Ask the service for the activation; its JSON answer. Raises ``ApiError`` when refused."""
         data = self.client.request(
             "POST", "/api/v1/activations",
             {"rule": self.rule, "ttl": self.ttl, "source": "run",
@@ -137,6 +141,7 @@ class ServiceHolder(Holder):
         return data
 
     def start(self) -> None:
+        """Start the heartbeat thread that keeps the activation alive."""
         self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self.thread.start()
 
@@ -173,6 +178,7 @@ class ServiceHolder(Holder):
                     warned = True
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the heartbeat and end the activation (once, whatever happens)."""
         self._kick.set()
         super().stop(timeout)
         act_id, self.act_id = self.act_id, None  # ended once, whatever happens
@@ -205,10 +211,12 @@ class StandaloneHolder(Holder):
         self.beacon: socket.socket | None = None  # leftovers.hold_beacon(), while mapping
 
     def start(self) -> None:
+        """Start the pipeline on its own thread and event loop (fail open: errors are warnings)."""
         self.thread = threading.Thread(target=self._main, name="standalone", daemon=True)
         self.thread.start()
 
     def _main(self) -> None:
+        # asyncio only when no service answered (the common hook path never starts a loop)
         import asyncio
 
         try:
@@ -220,15 +228,10 @@ class StandaloneHolder(Holder):
         # in-function imports: only a standalone `run` (no service) pays for the pipeline
         import asyncio
 
-        from igdtrigger.config import default_state_dir
+        # the pipeline and the backends, for a standalone `run` only (see above)
         from igdtrigger.runtime import compose
         from igdtrigger.runtime.journal import Journal, no_boot_clock
-        from igdtrigger.runtime.leftovers import (
-            dead_runs,
-            hold_beacon,
-            own_run_dir,
-            remove_run_dir,
-        )
+        from igdtrigger.runtime.leftovers import dead_runs, hold_beacon, own_run_dir, remove_run_dir
         from igdtrigger.runtime.mapper import MapState
         from igdtrigger.runtime.pipeline import Pipeline, Settings
 
@@ -293,6 +296,7 @@ class StandaloneHolder(Holder):
         remove_run_dir(pipeline.journal, run_dir)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the pipeline (its mappings removed) and wait up to ``timeout`` seconds."""
         self.done.set()
         loop, ev = self.loop, self._stop_async
         if loop is not None and ev is not None and not loop.is_closed():
@@ -303,8 +307,6 @@ class StandaloneHolder(Holder):
 
 
 def _opened(ports: Sequence[str], external: str) -> str:
-    from igdtrigger.core.model import compress_ports
-
     return (f"{compress_ports(ports)} open on {external or 'the router'} for this PC while the "
             "game runs")
 
@@ -345,8 +347,6 @@ class _Both(Holder):
 
 def _server_rule(name: str, activation: dict[str, Any], ttl: float) -> Rule | None:
     """The service's rule as its answer lists it (the same ports, nothing more)."""
-    from igdtrigger.core.model import parse_port_spec
-
     ranges: list[PortRange] = []
     for p in activation.get("ports", []):
         try:

@@ -19,6 +19,8 @@ __all__ = [
 
 
 class Notifier:
+    """systemd's ``sd_notify`` protocol over ``$NOTIFY_SOCKET`` (sd_notify(3)); every call is a
+    no-op returning False when the socket is not set."""
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         addr = env.get("NOTIFY_SOCKET", "")
@@ -34,9 +36,11 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
+        """Is ``$NOTIFY_SOCKET`` set (a systemd ``Type=notify`` unit)?"""
         return self.address is not None
 
     def send(self, *fields: str) -> bool:
+        """Send ``KEY=VALUE`` fields in one datagram; False when disabled or the send failed."""
         if self.address is None:
             return False
         try:
@@ -47,12 +51,15 @@ class Notifier:
         return True
 
     def ready(self, status: str = "") -> bool:
+        """``READY=1`` (startup finished), with an optional status line."""
         return self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def status(self, text: str) -> bool:
+        """``STATUS=``: the line ``systemctl status`` shows."""
         return self.send(f"STATUS={text}")
 
     def stopping(self, status: str = "") -> bool:
+        """``STOPPING=1`` (shutdown began), with an optional status line."""
         return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     async def watchdog(self) -> None:

@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -28,15 +28,14 @@ from igdtrigger.api.httpguard import (
     start_servers,
 )
 from igdtrigger.api.metrics import Metrics
+from igdtrigger.cli.discovery import Advertiser  # light: zeroconf loads only when it starts
 from igdtrigger.cli.sdnotify import Notifier
 from igdtrigger.config import Config, check_state_dir, default_state_dir
 from igdtrigger.core.errors import IgdTriggerError
+from igdtrigger.core.version import __version__
 from igdtrigger.runtime import compose
 from igdtrigger.runtime.logthrottle import PerKindThrottle, QuietBadRequests
 from igdtrigger.runtime.service import Service
-
-if TYPE_CHECKING:
-    from igdtrigger.cli.discovery import Advertiser
 
 __all__ = [
     "STOP_SIGNALS",
@@ -57,6 +56,8 @@ class JsonFormatter(logging.Formatter):
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
+        """One JSON object per record: ``ts`` (seconds, unless journald stamps), ``level``,
+        ``logger``, ``msg``, and ``exc`` for a traceback."""
         out: dict[str, Any] = {}
         if self.timestamps:
             out["ts"] = round(record.created, 3)
@@ -82,6 +83,8 @@ def stderr_is_journal(environ: Mapping[str, str] | None = None, fd: int = 2) -> 
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Log to stderr at ``level``, as text or JSON (``fmt``), rate-limited per kind; no
+    timestamps under journald (it adds its own)."""
     handler = logging.StreamHandler(sys.stderr)
     journal = stderr_is_journal()  # journald adds its own timestamps
     if fmt == "json":
@@ -117,6 +120,9 @@ def _stop_on(stop: asyncio.Event, sig: signal.Signals) -> None:
 
 
 async def serve(config: Config, *, ready_file: str | None = None) -> int:
+    """Run the service (API, detectors, pipeline; the simulator with ``gateway.url =
+    "simulate"``) until a stop signal; the exit status. ``ready_file`` is written once the
+    API listens. Raises ``ConfigError`` when the state directory cannot be used."""
     check_state_dir(config.state_dir or default_state_dir())
     sim = None
     if config.gateway.simulate:
@@ -132,6 +138,11 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
                       on_router_call=metrics.on_router_call, tracking=tracking)
     service.wire_detectors()  # drop flows no rule cares about before they cost anything
+    # front: the IGD front (issue 14), when [front] enabled
+    from igdtrigger.front.serving import build_front, drop_front
+    front = build_front(service, detectors) if config.front.enabled else None
+    if front is None:
+        drop_front(service)
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     guard = ConnectionGuard(ConnectionLimits().within_fd_limit(raise_fd_limit()))
@@ -163,6 +174,8 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     notifier = Notifier()
     try:
         await service.start()
+        if front is not None:  # front: serve once the service runs (restored journal)
+            await front.start()
         log.info(
             "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
             len(config.rules), config.api.host, config.api.port, config.source,
@@ -201,6 +214,8 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     with contextlib.suppress(OSError):
         (service.state_dir / ADMIN_SOCKET).unlink()
     service.hub.close_all()  # end event streams so the runner need not wait for them
+    if front is not None:  # front: no new client requests while the mappings go
+        await front.stop()
     removed = await service.stop()
     await runner.cleanup()
     if sim is not None:
@@ -233,9 +248,6 @@ async def _listen(runner: web.AppRunner, guard: ConnectionGuard, config: Config,
 
 
 def _advertiser(config: Config, service: Service) -> Advertiser:
-    from igdtrigger.cli.discovery import Advertiser
-    from igdtrigger.core.version import __version__
-
     return Advertiser(listen_host=config.api.host, port=config.api.port, version=__version__,
                       instance=service.tag, token_needed=not config.api.public_read)
 

@@ -80,6 +80,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from igdtrigger.core import trace
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, PortRange, Proto
 from igdtrigger.detect.base import FlowSink, Observation
@@ -139,6 +140,19 @@ _TRACKING_HINT = (
 )
 
 
+class _ParserCounter:
+    """A read-only ``int`` attribute forwarding to the same name on ``self.parser``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: ConntrackDetector, owner: type | None = None) -> int:
+        return int(getattr(obj.parser, self.name))
+
+    def __set__(self, obj: ConntrackDetector, value: int) -> None:
+        raise AttributeError(f"{self.name} is counted by the parser: read-only here")
+
+
 class ConntrackDetector:
     """New TCP/UDP flows from the kernel's conntrack NEW events (Linux, CAP_NET_ADMIN).
 
@@ -189,45 +203,25 @@ class ConntrackDetector:
 
     @property
     def wanted(self) -> Wanted | None:
+        """The ports the parser keeps (``None``: every flow)."""
         return self.parser.wanted
 
     @wanted.setter
     def wanted(self, value: Wanted | None) -> None:
         self.parser.wanted = value
 
-    @property
-    def datagrams(self) -> int:
-        return self.parser.datagrams
-
-    @property
-    def events_seen(self) -> int:
-        return self.parser.events_seen
-
-    @property
-    def flows_reported(self) -> int:
-        return self.parser.flows_reported
-
-    @property
-    def flows_filtered(self) -> int:
-        return self.parser.flows_filtered
-
-    @property
-    def ignored(self) -> int:
-        return self.parser.ignored
-
-    @property
-    def malformed(self) -> int:
-        return self.parser.malformed
-
-    @property
-    def errors(self) -> int:
-        return self.parser.errors
-
-    @property
-    def overruns(self) -> int:
-        return self.parser.overruns
+    # the parser's counters, read through the detector (their meaning: ``ConntrackParser``)
+    datagrams = _ParserCounter()
+    events_seen = _ParserCounter()
+    flows_reported = _ParserCounter()
+    flows_filtered = _ParserCounter()
+    ignored = _ParserCounter()
+    malformed = _ParserCounter()
+    errors = _ParserCounter()
+    overruns = _ParserCounter()  # NLMSG_OVERRUN messages plus (counted here) ENOBUFS
 
     def counters(self) -> dict[str, int]:
+        """The parser's counters by name, plus ``enobufs``, ``followed`` and ``lookups``."""
         out = self.parser.counters()
         out["enobufs"] = self.enobufs
         out["followed"] = len(self.followed)
@@ -472,7 +466,9 @@ class ConntrackDetector:
                         )
                     loop.remove_reader(fd)
                     return
-                for flow in feed(buf, n):
+                if trace.ON:  # the datagram's arrival, then the flows parsed from it
+                    trace.mark("recv", first=True)
+                for flow in trace.marked("parsed", feed(buf, n)) if trace.ON else feed(buf, n):
                     try:
                         sink(flow)
                         if follows is not None and follows(flow):
@@ -586,9 +582,7 @@ class ConntrackDetector:
             log.warning("conntrack: tracking no connection after %gs; %s",
                         self.quiet_hint_after or 0, _TRACKING_HINT)
             return
-        log.warning(
-            "conntrack: no event in %gs; %s", self.quiet_hint_after or 0, _TRACKING_HINT
-        )
+        log.warning("conntrack: no event in %gs; %s", self.quiet_hint_after or 0, _TRACKING_HINT)
 
 
 def _read_sysctl(path: str) -> int | None:

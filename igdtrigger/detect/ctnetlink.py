@@ -275,6 +275,7 @@ class ConntrackParser:
         self.overruns = 0
 
     def counters(self) -> dict[str, int]:
+        """Every counter by name (see the class docstring); they only grow."""
         return {name: getattr(self, name) for name in self.__slots__ if name != "wanted"}
 
     def feed(self, data: ReadableBuffer, size: int | None = None) -> list[Flow]:

@@ -85,10 +85,12 @@ class CtEntry:
 
     @property
     def established(self) -> bool:
+        """Is the TCP connection in ESTABLISHED?"""
         return self.tcp_state == TCP_CONNTRACK_ESTABLISHED
 
     @property
     def closed(self) -> bool:
+        """Is the TCP connection in LAST_ACK, TIME_WAIT or CLOSE?"""
         return self.tcp_state in TCP_CONNTRACK_CLOSED
 
 

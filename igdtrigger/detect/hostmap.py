@@ -116,7 +116,7 @@ def own_ipv6_addresses() -> set[ipaddress.IPv6Address]:
     """Every IPv6 address configured on this host (via netifaces)."""
     out: set[ipaddress.IPv6Address] = set()
     try:
-        import netifaces
+        import netifaces  # lazily, as netutil does: without it no address is known (caught below)
 
         for iface in netifaces.interfaces():
             for entry in netifaces.ifaddresses(iface).get(netifaces.AF_INET6, []):
@@ -184,6 +184,9 @@ class HostMap:
         return str(v4) if v4 is not None else None
 
     def ipv4_for(self, addr: ipaddress.IPv6Address) -> str | None:
+        """The IPv4 address of the LAN host owning IPv6 ``addr`` (an IPv4-mapped address directly,
+        else by the neighbour table, re-read at most every ``refresh_every`` seconds), or
+        ``None``."""
         if addr.ipv4_mapped is not None:
             return str(addr.ipv4_mapped)
         found = self._lookup(addr)

@@ -51,9 +51,12 @@ class Matcher:
         self.prefixes = {n[:COMM_LEN] for n in self.names if len(n) > COMM_LEN}
 
     def needs_cmdline(self, comm: str) -> bool:
+        """Must ``comm`` be resolved through the command line (truncated names, interpreters)?"""
         return comm in self.prefixes or comm in _LOADERS
 
     def match(self, comm: str, argv0: str = "") -> str | None:
+        """The watched name this process is (by ``comm``, else by ``argv0``'s executable name), or
+        ``None``."""
         comm = comm.strip().lower()
         if comm in self.names:
             return comm
@@ -133,7 +136,7 @@ def scan_family(matcher: Matcher, ancestor: int, root: str = "/proc"
 
 def scan_psutil(matcher: Matcher) -> set[str]:
     """Watched names running now, through psutil (macOS, Windows, BSD)."""
-    import psutil
+    import psutil  # a dependency only off Linux (pyproject), where this path runs
 
     found: set[str] = set()
     for proc in psutil.process_iter(["name", "cmdline"]):
@@ -146,6 +149,7 @@ def scan_psutil(matcher: Matcher) -> set[str]:
 
 
 def default_scanner() -> Callable[[Matcher], set[str]]:
+    """``/proc`` on Linux, psutil elsewhere."""
     return scan_proc if sys.platform.startswith("linux") else scan_psutil
 
 
@@ -164,6 +168,8 @@ class ProcessDetector:
         self.running: frozenset[str] = frozenset()
 
     def check(self) -> None:
+        """Raises ``DetectionUnavailable`` when no rule names a process or the process table is
+        unreadable."""
         if not self.matcher.names:
             raise DetectionUnavailable("no rule names a process")
         try:
@@ -178,6 +184,8 @@ class ProcessDetector:
             raise DetectionUnavailable(f"cannot list processes: {exc}") from None
 
     def poll(self) -> ProcessSeen:
+        """One scan: the watched names running now (starts and ends are logged, the scan's CPU
+        time counted)."""
         t0 = time.thread_time()
         try:
             found = frozenset(self.scanner(self.matcher))
@@ -193,6 +201,8 @@ class ProcessDetector:
         return ProcessSeen(found)
 
     async def run(self, sink: FlowSink) -> None:
+        """Poll every ``interval`` seconds, handing each scan to ``sink``; raises
+        ``DetectionUnavailable`` after 10 failures in a row."""
         failures = 0
         while True:
             try:

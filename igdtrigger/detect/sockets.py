@@ -122,7 +122,7 @@ def read_proc_net(root: str = "/proc/net") -> list[Conn]:
 def read_psutil() -> list[Conn]:
     """This host's connected sockets, through psutil (macOS, Windows, BSD); inbound ones turned
     around."""
-    import psutil
+    import psutil  # a dependency only off Linux (pyproject), where this path runs
 
     rows: list[Any] = psutil.net_connections(kind="inet")
     listening: set[tuple[Proto, int]] = set()
@@ -144,6 +144,7 @@ def read_psutil() -> list[Conn]:
 
 
 def default_reader() -> Callable[[], list[Conn]]:
+    """``/proc/net`` on Linux, psutil elsewhere."""
     return read_proc_net if sys.platform.startswith("linux") else read_psutil
 
 
@@ -165,6 +166,7 @@ class SocketTableDetector:
         self.poll_seconds = 0.0  # CPU time spent polling, all polls together
 
     def check(self) -> None:
+        """Raises ``DetectionUnavailable`` when the socket table cannot be read here."""
         try:
             self.reader()
         except ImportError:
@@ -210,6 +212,9 @@ class SocketTableDetector:
                            lport, rport)
 
     async def run(self, sink: FlowSink) -> None:
+        """Read the socket table every ``interval`` seconds, reporting flows to ``sink`` (and
+        ``FlowsListed`` after the first good read); raises ``DetectionUnavailable`` after 10
+        failures in a row."""
         failures = 0
         listed: bool | None = False  # None: the first good look is read, not yet reported
         while True:

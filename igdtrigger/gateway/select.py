@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,18 @@ from typing import TypeVar
 
 from igdtrigger.core.errors import ConfigError, GatewayError, GatewayNotFound, GatewayUnreachable
 from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
-from igdtrigger.gateway.base import AdoptsLeftovers, Capability, Gateway, GatewayInfo, Granted
+from igdtrigger.gateway.base import (
+    AdoptsLeftovers,
+    Capability,
+    Gateway,
+    GatewayInfo,
+    Granted,
+    QuickLookup,
+)
+from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway  # the C binding loads on connect
+from igdtrigger.gateway.upnp.soap import SoapGateway
+from igdtrigger.netutil import default_gateway
 
 __all__ = [
     "FallbackGateway", "OnCall", "build_gateway", "forget_connection", "miniupnpc_available",
@@ -46,6 +58,7 @@ class FallbackGateway:
 
     @property
     def info(self) -> GatewayInfo | None:
+        """The chosen backend's ``info`` (``None`` before one connected)."""
         return self.current.info if self.current is not None else None
 
     @property
@@ -54,6 +67,8 @@ class FallbackGateway:
         return self.current.capabilities if self.current is not None else frozenset()
 
     async def connect(self) -> GatewayInfo:
+        """Keep the chosen backend if it still answers, else probe the candidates (in order, or in
+        parallel); raises ``GatewayNotFound`` naming each one's error when none answers."""
         if self.current is not None:
             try:
                 return await self.current.connect()
@@ -127,23 +142,35 @@ class FallbackGateway:
             raise
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        """``Gateway.add`` on the chosen backend."""
         return await self._on_current(lambda gw: gw.add(spec, lease))
 
     async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
+        """``Gateway.add_any`` on the chosen backend."""
         return await self._on_current(lambda gw: gw.add_any(spec, lease))
 
     async def delete(self, proto: Proto, external_port: int) -> None:
+        """``Gateway.delete`` on the chosen backend."""
         await self._on_current(lambda gw: gw.delete(proto, external_port))
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        """``Gateway.get`` on the chosen backend."""
         return await self._on_current(lambda gw: gw.get(proto, external_port))
 
     async def list(self) -> list[RouterMapping]:
+        """``Gateway.list`` on the chosen backend."""
         return await self._on_current(lambda gw: gw.list())
+
+    async def get_quick(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        """``base.QuickLookup`` where the chosen backend has it, else ``get``."""
+        return await self._on_current(
+            lambda gw: gw.get_quick(proto, external_port) if isinstance(gw, QuickLookup)
+            else gw.get(proto, external_port))
 
     # -- base.AdoptsLeftovers, for the candidates that have it ---------------------------------
 
     def use_nonce_key(self, key: bytes) -> None:
+        """Pass the key to every candidate that adopts leftovers."""
         for _, gw in self.candidates:
             if isinstance(gw, AdoptsLeftovers):
                 gw.use_nonce_key(key)
@@ -161,6 +188,7 @@ class FallbackGateway:
         return gw.adopt(spec, nonce) if isinstance(gw, AdoptsLeftovers) else True
 
     async def close(self) -> None:
+        """Close every candidate (errors ignored)."""
         for _, gw in self.candidates:
             with contextlib.suppress(Exception):
                 await gw.close()
@@ -169,8 +197,6 @@ class FallbackGateway:
 def miniupnpc_available() -> bool:
     """Is the miniupnpc binding importable? (It is optional in practice: a platform without a
     binary wheel and without a compiler installs igdtrigger without it.)"""
-    import importlib.util
-
     try:
         return importlib.util.find_spec("miniupnpc") is not None
     except (ImportError, ValueError):
@@ -195,8 +221,6 @@ def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "up
     client where miniupnpc cannot use the router's description. ``protocol = "auto"`` probes
     UPnP, PCP and NAT-PMP in parallel and prefers them in that order among those that answer.
     """
-    from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway
-    from igdtrigger.gateway.upnp.soap import SoapGateway
 
     def upnp() -> Gateway:
         soap = SoapGateway(url, discover_timeout=discover_timeout, on_call=on_call)
@@ -216,9 +240,6 @@ def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "up
 
     if protocol == "upnp":
         return upnp()
-    from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
-    from igdtrigger.netutil import default_gateway
-
     router = (urllib.parse.urlsplit(url).hostname if url else None) or default_gateway()
     if router is None:
         if protocol != "auto":

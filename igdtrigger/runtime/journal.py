@@ -26,6 +26,7 @@ import secrets
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -201,6 +202,9 @@ class Journal:
         self._readonly = False  # read from a copy, never written: the directory is read-only
         self._copy: tempfile.TemporaryDirectory[str] | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        # writes may come from a worker thread (the mapper's write beside a router request):
+        # one transaction at a time on the one connection
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, state_dir: Path, *, wall: Callable[[], float] = time.time) -> Journal:
@@ -249,7 +253,8 @@ class Journal:
                   " (what it held is still read)" if self._db is not None else "")
 
     def _connect(self) -> None:
-        db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
+                             check_same_thread=False)  # used under _lock from any thread
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > FORMAT:
@@ -298,6 +303,10 @@ class Journal:
 
     def _write(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         """One fsync'd transaction; a failure degrades the journal instead of raising."""
+        with self._lock:
+            self._write_locked(sql, rows)
+
+    def _write_locked(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         db = self._db
         if db is None or not rows or self._readonly:
             return
@@ -507,10 +516,11 @@ class Journal:
 
     def close(self) -> None:
         """Close the database (and drop a private read-only copy); idempotent."""
-        if self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
-            self._db = None
+        with self._lock:
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = None
         if self._copy is not None:
             self._copy.cleanup()
             self._copy = None

@@ -9,20 +9,24 @@ journal calls, what was learned about the router (``core.traits``). No requests 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import enum
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from igdtrigger.core import trace
 from igdtrigger.core.activation import Clock
 from igdtrigger.core.errors import GatewayError
 from igdtrigger.core.model import MappingKey, MappingSpec
 from igdtrigger.core.traits import NO_READBACK, RouterTraits, router_identity
 from igdtrigger.gateway.base import AdoptsLeftovers, Gateway, GatewayInfo
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # sqlite3 stays out of `igdtrigger run` (standalone) start-up
     from igdtrigger.runtime.journal import Journal
@@ -225,6 +229,10 @@ class MapperBase:
         self._next_canary = math.inf
         self._canary_index = 0
         self._swept = False
+        # mappings to journal at the next router request, beside it (_beside), on a thread
+        self._deferred: list[MappingSpec] = []
+        self._journal_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._journal_pending: concurrent.futures.Future[None] | None = None
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
         self.stale_removed = 0
         self._siblings: set[MappingKey] = set()  # conflicts with another igdtrigger's same map
@@ -320,13 +328,94 @@ class MapperBase:
         return self.abandon is not None and self.abandon()
 
     def _journal_gone(self, specs: list[MappingSpec]) -> None:
+        self._journal_settle()
         if self.journal is not None and specs:
             self.journal.mappings_gone([(s.proto, s.external_port) for s in specs])
 
     def _journal_requested(self, specs: list[MappingSpec]) -> None:
+        """Record ``specs`` (and whatever ``_journal_soon`` deferred) before they are asked."""
+        self._journal_settle()
+        if self._deferred:
+            specs = [*self._deferred, *specs]
+            self._deferred = []
+        self._journal_put(specs)
+
+    def _journal_put(self, specs: list[MappingSpec]) -> None:
         if self.journal is not None and specs:
             gw = self.gateway
             nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
                       and (n := gw.mapping_nonce(s))}
             self.journal.mappings_requested(specs, nonces,
                                             gw.info.protocol if gw.info is not None else "")
+
+    def _journal_soon(self, specs: list[MappingSpec]) -> None:
+        """Journal ``specs`` at the next router request (``_beside``) rather than before the
+        pass: beside a check's lookup, or after the add where ``_may_trail`` holds."""
+        self._deferred.extend(specs)
+
+    def _may_trail(self, wire: MappingSpec) -> bool:
+        """Whether ``wire`` may be added before its journal row is durable: a crash in between
+        still leaves it findable by the next start, because this router listed its table this
+        run (the next start's sweep lists it and deletes our description's rows), shows what
+        it holds, and the mapping is to this host (rows of our description for other hosts are
+        deleted only when journaled, orphans.py). Elsewhere the journal comes first."""
+        info = self.gateway.info
+        return (self._swept and self.traits.reports_mappings is not False
+                and self._reads_back()  # a protocol that lists (not NAT-PMP/PCP)
+                and info is not None and wire.internal_client == info.local_address)
+
+    async def _beside(self, request: Awaitable[T], wire: MappingSpec | None = None) -> T:
+        """Await the router ``request`` with the deferred journal write kept off its way.
+
+        Where every deferred mapping ``_may_trail``, the write waits until the add (``wire``:
+        the mapping this request adds) has been answered and then runs on the journal thread
+        (``_journal_settle`` at the end of the pass and before the next journal write keeps
+        the order): the port opens without an fsync before it. Elsewhere the write is durable
+        before any add is sent: beside a check's lookup (on the journal thread while the lookup
+        is in flight), or before the add when there was no lookup."""
+        if not self._deferred:
+            return await request
+        if all(self._may_trail(s) for s in self._deferred):
+            if wire is None:
+                return await request  # a lookup: the add it precedes writes it afterwards
+            result = await request
+            self._journal_later()
+            return result
+        if wire is not None:
+            self._journal_requested([])
+            return await request
+        task = asyncio.ensure_future(request)
+        await asyncio.sleep(0)  # the request's first step: handed to the worker / sent
+        if task.done():  # answered at once (nothing in flight to overlap with)
+            self._journal_requested([])
+            return task.result()
+        self._journal_later()
+        try:
+            return await task
+        finally:
+            await self._journal_settled()
+
+    def _journal_later(self) -> None:
+        """Write what is deferred on the journal thread (waited for by ``_journal_settle``)."""
+        specs, self._deferred = self._deferred, []
+        if self._journal_thread is None:
+            self._journal_thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="journal")
+        self._journal_pending = self._journal_thread.submit(self._journal_write, specs)
+
+    def _journal_write(self, specs: list[MappingSpec]) -> None:  # on the journal thread
+        self._journal_put(specs)
+        if trace.ON:
+            trace.stamp("journal")
+
+    def _journal_settle(self) -> None:
+        """Wait for a journal write still on the journal thread (before the next one)."""
+        pending, self._journal_pending = self._journal_pending, None
+        if pending is not None:
+            pending.result()
+
+    async def _journal_settled(self) -> None:
+        """``_journal_settle`` without blocking the event loop."""
+        pending, self._journal_pending = self._journal_pending, None
+        if pending is not None:
+            await asyncio.wrap_future(pending)

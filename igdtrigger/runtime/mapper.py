@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
+import os
 import random
 from collections.abc import Mapping
 from typing import Any
 
+from igdtrigger.core import trace
 from igdtrigger.core.errors import (
     DEVICE_DENIED_HINT,
     SECURE_MODE_HINT,
@@ -46,11 +49,11 @@ from igdtrigger.core.errors import (
     NotAuthorized,
 )
 from igdtrigger.core.model import MappingKey, MappingSpec, RouterMapping
-from igdtrigger.gateway.base import Capability, Granted
+from igdtrigger.gateway.base import Capability, GatewayInfo, Granted
 from igdtrigger.runtime.mapbase import RETRY_FIRST, Applied, MapState, backoff
 from igdtrigger.runtime.orphans import Orphans
 
-__all__ = ["Applied", "MapState", "Mapper"]
+__all__ = ["TRACE_ENV", "Applied", "MapState", "Mapper", "write_trace"]
 
 log = logging.getLogger("igdtrigger.runtime.mapper")  # one logger for the whole mapper
 
@@ -58,6 +61,23 @@ LOCAL_RETRY = 5.0  # seconds before retrying after this machine ran out of descr
 CONFLICT_RECHECK = 30.0
 SIBLING_RECHECK = 2.0  # s: a port another igdtrigger holds for the same host and port
 ANY_PORT_TRIES = 4  # external = "any" without AddAnyPortMapping: random ports tried
+
+
+TRACE_ENV = "IGDTRIGGER_TRACE"  # a file: one JSON line per traced add (core/trace.py)
+
+
+def write_trace(info: GatewayInfo | None) -> None:
+    """Append the trace that ends with this add to the file ``IGDTRIGGER_TRACE`` names: the
+    steps' names and their times in ms after the first (a debug aid, off the measured path)."""
+    steps = trace.end()
+    path = os.environ.get(TRACE_ENV)
+    if not steps or not path:
+        return
+    t0 = steps[0][1]
+    line = {"steps": [[what, round((ns - t0) / 1e6, 4)] for what, ns in steps],
+            "backend": info.backend if info is not None else ""}
+    with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(line) + "\n")
 
 
 class Mapper(Orphans):
@@ -163,10 +183,13 @@ class Mapper(Orphans):
             if key not in self.applied:
                 self.applied[key] = Applied(spec)
                 new.append(spec)
-        self._journal_requested(new)  # recorded before it is requested: a crash can't orphan it
+        # recorded while the first request is in flight: durable before the add where the
+        # router could not show a crash's leftover to the next start (_may_trail)
+        self._journal_soon(new)
         first = [a for a in self.applied.values()
                  if a.state is MapState.PENDING and a.attempts == 0]
-        known = await self._snapshot(len(first)) if self.check_before_add and first else None
+        known = (await self._beside(self._snapshot(len(first)))
+                 if self.check_before_add and first else None)
         for app in first:
             if not self.gateway_up or self._abandoned():
                 break
@@ -179,6 +202,8 @@ class Mapper(Orphans):
                 await self._add(app, check=False, renewal=True)
             elif app.state is not MapState.ACTIVE and app.attempts > 0 and now >= app.retry_at:
                 await self._add(app, check=True)
+        await self._journal_settled()  # what the pass journaled beside its requests: written
+        self._journal_requested([])  # nothing was asked (router down, abandoned): now
 
         if self.gateway_up and self.clock() >= self._next_canary:
             await self._canary()
@@ -237,9 +262,9 @@ class Mapper(Orphans):
             app.asked = lease
         try:
             if any_port:
-                granted = await self.gateway.add_any(wire, lease)
+                granted = await self._beside(self.gateway.add_any(wire, lease), wire)
             else:
-                granted = await self.gateway.add(wire, lease)
+                granted = await self._beside(self.gateway.add(wire, lease), wire)
         except asyncio.CancelledError:
             if app is not None:  # a stop cancelled it unanswered: it may be on the router
                 app.maybe_applied = True
@@ -283,7 +308,9 @@ class Mapper(Orphans):
         try:
             granted: Granted | None = None
             if check:
-                why = await self._foreign(app.wire, known)
+                why = await self._beside(self._foreign(app.wire, known))
+                if trace.ON:
+                    trace.stamp("checked")
                 if why is not None:
                     if spec.external_any and not renewal:
                         granted = await self._add_elsewhere(app)
@@ -364,6 +391,8 @@ class Mapper(Orphans):
         elif self.traits.reports_mappings is False and self._reads_back():
             app.verified = False  # it cannot show it: nothing to confirm
         if not renewal:
+            if trace.ON:
+                write_trace(self.gateway.info)
             self._changed(app, "mapped")
 
     async def _recreate(self, app: Applied) -> Granted:

@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from igdtrigger.core import trace
 from igdtrigger.core.activation import Activation, Event, EventKind
 from igdtrigger.core.engine import Engine
 from igdtrigger.core.model import MappingKey, PinholeSpec, PortRange, format_duration
@@ -29,7 +31,7 @@ from igdtrigger.gateway.base import Gateway
 from igdtrigger.runtime.journal import Journal, JournalActivation
 from igdtrigger.runtime.leftovers import dead_run_tag, take_over
 from igdtrigger.runtime.logthrottle import PerKindThrottle
-from igdtrigger.runtime.mapper import Mapper
+from igdtrigger.runtime.mapper import TRACE_ENV, Mapper
 from igdtrigger.runtime.pinholes import PinholeClient, PinholeKeeper
 
 __all__ = [
@@ -116,6 +118,8 @@ class Pipeline:
         self.reopen_journal = reopen_journal
         self.after_round = after_round
         self._abandon = abandon
+        if os.environ.get(TRACE_ENV):
+            trace.enable()
         self.engine = Engine(rules, clock=clock, tag=tag, on_event=self._on_engine_event)
         self.mapper = Mapper(
             gateway, clock=clock, tag=tag, lease=settings.lease,
@@ -325,6 +329,8 @@ class Pipeline:
     async def round(self) -> int:
         """One scheduler round: expire, reconcile, journal, tell the waiters. Returns the
         engine generation the round applied."""
+        if trace.ON:
+            trace.stamp("round")
         self.engine.expire()
         gen = self.engine.generation
         await self.mapper.reconcile(self.desired())
@@ -341,6 +347,8 @@ class Pipeline:
 
     async def _scheduler(self) -> None:
         while True:
+            if self.stopping:  # Python 3.11's wait_for drops a cancel that meets a wake()
+                return  # (gh-86296): without this, stop() waited for the next deadline
             self._wake.clear()
             self.round_started = self.clock()
             try:
@@ -362,9 +370,11 @@ class Pipeline:
                          if d]
             delay = max(0.0, min(deadlines) - self.clock()) if deadlines else math.inf
             if delay > 0:
+                # asyncio.timeout, not wait_for: no task per wait, so a wake() from a trigger
+                # resumes this loop in the next iteration of the event loop
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(),
-                                           None if delay == math.inf else delay)
+                    async with asyncio.timeout(None if delay == math.inf else delay):
+                        await self._wake.wait()
 
     async def _pinhole_loop(self, keeper: PinholeKeeper) -> None:
         """IPv6 pinholes, after each round of the scheduler and at their own deadlines. Apart

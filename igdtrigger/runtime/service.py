@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_state_dir
-from igdtrigger.core import policy
+from igdtrigger.core import policy, trace
 from igdtrigger.core.activation import Activation, Event, EventKind, Source
 from igdtrigger.core.engine import Engine
 from igdtrigger.core.errors import ActivationLimit, AdhocRefused, UsageError
@@ -74,6 +74,14 @@ class Service:
     (files in ``state_dir``), and the router's announcements. ``clock`` is monotonic seconds,
     ``wall`` epoch seconds (journal expiries that survive a reboot). Handlers call its methods
     only; the pipeline's parts are ``self.pipeline.*`` (for ``serve``, ``run`` and the tests)."""
+
+    # front: the IGD front (issue 14) sees every detector observation first (in-use of client
+    # mappings); front_serving: None = no front, False until it serves (/readyz); front_status:
+    # its part of status()
+    front_observer: Callable[[Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen], None] \
+        | None = None
+    front_serving: bool | None = None
+    front_status: Callable[[], dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -311,10 +319,14 @@ class Service:
         """Feed one new flow to the engine (as a flow detector reports it), waking the scheduler
         when it changes what is wanted."""
         if self._engine.on_flow(flow):
+            if trace.ON:
+                trace.begin("engine")
             self.wake()
 
     def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
         """The sink every detector reports to."""
+        if self.front_observer is not None:  # front:
+            self.front_observer(obs)
         if isinstance(obs, FlowsListed):
             self._flows_listed.add(obs.detector)
             running = {t.get_name() for t in self._tasks if not t.done()}  # started, alive
@@ -340,8 +352,8 @@ class Service:
             # activation, or a connection that stopped holding (its timer now runs), needs it now
             if created or (not obs.connected and obs.idle is None):
                 self.wake()
-        elif self._engine.on_flow(flow):
-            self.wake()
+        else:
+            self.on_flow(flow)
 
     def _as_v4(self, flow: Flow) -> Flow | None:
         """A dual-stack application's IPv6 trigger flow counts for the same machine's IPv4
@@ -407,6 +419,8 @@ class Service:
         else:
             act = self._rule_activation(what, host, ttl=ttl, source=source, meta=meta,
                                         tokenless=tokenless)
+        if trace.ON:
+            trace.begin("engine")
         await self._wait_applied(self._engine.generation, wait)
         return self.activation_json(act)
 
@@ -541,7 +555,10 @@ class Service:
 
     def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> StatusView:
         """The whole state (``views.status_view``)."""
-        return status_view(self, max_activations=max_activations)
+        view = status_view(self, max_activations=max_activations)
+        if self.front_status is not None:  # front: the IGD front's part
+            view["front"] = self.front_status()
+        return view
 
     @property
     def router_watch_listening(self) -> bool:
@@ -556,3 +573,19 @@ class Service:
     def rules(self) -> list[Rule]:
         """The configured rules, in configuration order."""
         return list(self.config.rules)
+
+    # front: the IGD front's one façade method (igdtrigger/front/manager.py, issue 14) ------------
+
+    async def front_activate(self, port: PortRange, host: str, *, ttl: float, source: Source,
+                             meta: dict[str, str], wait: float = APPLY_WAIT,
+                             ) -> tuple[Activation, Applied | None]:
+        """A LAN client's mapping, its policy already checked by the front: an ad-hoc activation
+        of the one external ``port`` for ``host`` (``meta[FRONT_TARGET]`` names the internal
+        target). Returns it and the mapper's record of its mapping once the router answered
+        (or after ``wait`` s; None: not applied yet). Raises ``UsageError`` while stopping,
+        ``ActivationLimit`` when the engine is full."""
+        if self._stopping:
+            raise UsageError("service is shutting down")
+        act = self._engine.activate_adhoc((port,), host, ttl=ttl, source=source, meta=meta)
+        await self._wait_applied(self._engine.generation, wait)
+        return act, self._mapper.applied.get(MappingKey(port.proto, port.first))

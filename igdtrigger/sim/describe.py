@@ -63,16 +63,6 @@ _STATE_VARIABLES: dict[str, str] = {
     "TotalPacketsReceived": "ui4",
 }
 
-_MAPPING_IN: _Args = (
-    ("NewRemoteHost", "RemoteHost"),
-    ("NewExternalPort", "ExternalPort"),
-    ("NewProtocol", "PortMappingProtocol"),
-    ("NewInternalPort", "InternalPort"),
-    ("NewInternalClient", "InternalClient"),
-    ("NewEnabled", "PortMappingEnabled"),
-    ("NewPortMappingDescription", "PortMappingDescription"),
-    ("NewLeaseDuration", "PortMappingLeaseDuration"),
-)
 _KEY_IN: _Args = (
     ("NewRemoteHost", "RemoteHost"),
     ("NewExternalPort", "ExternalPort"),
@@ -85,6 +75,7 @@ _ENTRY_OUT: _Args = (
     ("NewPortMappingDescription", "PortMappingDescription"),
     ("NewLeaseDuration", "PortMappingLeaseDuration"),
 )
+_MAPPING_IN: _Args = _KEY_IN + _ENTRY_OUT  # AddPortMapping's arguments, in the spec's order
 _RANGE_IN: _Args = (
     ("NewStartPort", "ExternalPort"),
     ("NewEndPort", "ExternalPort"),

@@ -71,10 +71,12 @@ class HttpResponse:
 
     @property
     def reason(self) -> str:
+        """The status's reason phrase."""
         return _HTTP_REASONS.get(self.status, "Unknown")
 
 
 def html_error(status: int, text: str) -> HttpResponse:
+    """An HTML error page, as a router's web server sends one."""
     reason = _HTTP_REASONS.get(status, "Error")
     body = (f"<HTML><HEAD><Title>{status} {reason}</Title></HEAD>"
             f"<BODY>{escape_xml(text)}</BODY></HTML>")
@@ -87,6 +89,7 @@ class SimulatedRouter(MappingTable):
 
     @property
     def service_type(self) -> str:
+        """The WAN service's URN for this router's name and IGD version."""
         return f"urn:schemas-upnp-org:service:{self.service_name}:{self.igd_version}"
 
     def add_first_wan(self, *, connection_status: str = "Disconnected",
@@ -350,6 +353,7 @@ class SimulatedRouter(MappingTable):
         return describe.description_xml(self)
 
     def scpd_xml(self, path: str) -> bytes | None:
+        """The service description at ``path``, or ``None``."""
         return describe.scpd_xml(self.igd_version, path)
 
     def handle_http(

@@ -108,16 +108,19 @@ class SimulatedIgdServer:
 
     @property
     def host(self) -> str:
+        """The address the server listens on."""
         return self._host
 
     @property
     def port(self) -> int:
+        """The TCP port; raises ``RuntimeError`` before ``start``."""
         if not self._port:
             raise RuntimeError("the simulated IGD has not been started")
         return self._port
 
     @property
     def base_url(self) -> str:
+        """``http://host:port`` (IPv6 bracketed)."""
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self.port}"
 
@@ -128,10 +131,12 @@ class SimulatedIgdServer:
 
     @property
     def control_url(self) -> str:
+        """The WAN connection service's control URL."""
         return self.base_url + IPCONN_CONTROL_PATH
 
     @property
     def is_up(self) -> bool:
+        """Is the server listening?"""
         return self._server is not None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -171,6 +176,7 @@ class SimulatedIgdServer:
             self._server = await self._listen(old_port or 0)
 
     async def close(self) -> None:
+        """Stop listening (``down``)."""
         await self.down()
 
     async def __aenter__(self) -> SimulatedIgdServer:
@@ -408,10 +414,12 @@ class SimulatedIgdThread:
 
     @property
     def router(self) -> SimulatedRouter:
+        """The simulated router's state."""
         return self.server.router
 
     @property
     def url(self) -> str:
+        """The description URL."""
         return self.server.url
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
@@ -427,6 +435,7 @@ class SimulatedIgdThread:
         return self.run(invoke(), timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server and its loop, and join the thread (``timeout`` seconds); idempotent."""
         if self._stopped:
             return
         self._stopped = True

@@ -78,12 +78,14 @@ class _ArmedFailure:
 
 
 class Refused(Exception):
+    """A SOAP fault the simulated router answers with (UPnP error ``code``)."""
     def __init__(self, code: int, description: str | None = None) -> None:
         super().__init__(code)
         self.fault = UpnpFault.of(code, description)
 
 
 def normalise_ip(text: str) -> str:
+    """``text`` as a canonical IP address (zone dropped); unchanged when it is not one."""
     try:
         addr = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
@@ -94,6 +96,7 @@ def normalise_ip(text: str) -> str:
 
 
 def same_ip(a: str, b: str) -> bool:
+    """Are ``a`` and ``b`` the same address?"""
     return normalise_ip(a) == normalise_ip(b)
 
 
@@ -248,6 +251,7 @@ class MappingTable:
 
     @property
     def uptime(self) -> int:
+        """Seconds since the router (re)started."""
         return max(0, int(self._clock() - self._started_at))
 
     def mappings(self) -> list[RouterMapping]:
@@ -296,6 +300,7 @@ class MappingTable:
         self.boot_count += 1
 
     def reset_counters(self) -> None:
+        """Clear the call, error, HTTP and log records (not the table)."""
         self.calls.clear()
         self.errors.clear()
         self.http_requests.clear()

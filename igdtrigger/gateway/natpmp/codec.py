@@ -101,6 +101,7 @@ def _check_lifetime(lifetime: int) -> None:
 
 
 class PmpOp(enum.IntEnum):
+    """NAT-PMP opcodes (RFC 6886 §3.2, §3.3)."""
     ADDRESS = 0
     MAP_UDP = 1
     MAP_TCP = 2
@@ -117,6 +118,7 @@ PMP_RESULTS: dict[int, str] = {
 
 
 def pmp_map_opcode(proto: Proto) -> PmpOp:
+    """The NAT-PMP map opcode for ``proto``."""
     return PmpOp.MAP_UDP if proto is Proto.UDP else PmpOp.MAP_TCP
 
 
@@ -136,6 +138,7 @@ class PmpReply:
 
     @property
     def result_text(self) -> str:
+        """The RFC's name for the result code."""
         return PMP_RESULTS.get(self.result, "unknown result code")
 
 
@@ -240,32 +243,24 @@ def pmp_error(action: str, result: int) -> GatewayError:
 
 
 class PcpOp(enum.IntEnum):
+    """PCP opcodes (RFC 6887 §19.2)."""
     ANNOUNCE = 0
     MAP = 1
     PEER = 2
 
 
 class PcpOption(enum.IntEnum):
+    """PCP option codes (RFC 6887 §13, §19.4)."""
     THIRD_PARTY = 1
     PREFER_FAILURE = 2
     FILTER = 3
 
 
-PCP_RESULTS: dict[int, str] = {
-    0: "SUCCESS",
-    1: "UNSUPP_VERSION",
-    2: "NOT_AUTHORIZED",
-    3: "MALFORMED_REQUEST",
-    4: "UNSUPP_OPCODE",
-    5: "UNSUPP_OPTION",
-    6: "MALFORMED_OPTION",
-    7: "NETWORK_FAILURE",
-    8: "NO_RESOURCES",
-    9: "UNSUPP_PROTOCOL",
-    10: "USER_EX_QUOTA",
-    11: "CANNOT_PROVIDE_EXTERNAL",
-    12: "ADDRESS_MISMATCH",
-    13: "EXCESSIVE_REMOTE_PEERS",
+PCP_RESULTS: dict[int, str] = {  # RFC 6887 §7.4
+    0: "SUCCESS", 1: "UNSUPP_VERSION", 2: "NOT_AUTHORIZED", 3: "MALFORMED_REQUEST",
+    4: "UNSUPP_OPCODE", 5: "UNSUPP_OPTION", 6: "MALFORMED_OPTION", 7: "NETWORK_FAILURE",
+    8: "NO_RESOURCES", 9: "UNSUPP_PROTOCOL", 10: "USER_EX_QUOTA", 11: "CANNOT_PROVIDE_EXTERNAL",
+    12: "ADDRESS_MISMATCH", 13: "EXCESSIVE_REMOTE_PEERS",
 }
 
 PCP_HEADER = 24
@@ -292,9 +287,11 @@ class PcpReply:
 
     @property
     def result_text(self) -> str:
+        """The RFC's name for the result code."""
         return PCP_RESULTS.get(self.result, "unknown result code")
 
     def option(self, code: int) -> bytes | None:
+        """The first option ``code``'s payload, or ``None``."""
         for c, value in self.options:
             if c == code:
                 return value
@@ -480,9 +477,11 @@ class EpochTracker:
         self.client = 0.0
 
     def reset(self) -> None:
+        """Forget the last epoch (a new server, or after a reconnect)."""
         self.server = None
 
     def observe(self, epoch: int, now: float) -> bool:
+        """Record ``epoch`` seen at ``now`` (seconds); True when it shows the server lost state."""
         prev_server, prev_client = self.server, self.client
         self.server, self.client = epoch, now
         if prev_server is None:

@@ -56,6 +56,7 @@ class HeldMapping:
 
     @property
     def expires_at(self) -> float:
+        """When the lease ends (same clock as ``granted_at``, seconds)."""
         return self.granted_at + self.lifetime
 
 
@@ -145,9 +146,13 @@ class PortMapGateway:
 
     @property
     def info(self) -> GatewayInfo | None:
+        """What the last ``connect`` found, or ``None``."""
         return self._info
 
     async def connect(self) -> GatewayInfo:
+        """Ask the router for its external address (once, shared by concurrent callers). Raises
+        a ``GatewayError`` (``GatewayTimeout``, ``GatewayUnreachable``...) when it does not
+        answer."""
         if self._info is not None:
             return self._info
         async with self._connect_lock:
@@ -199,6 +204,7 @@ class PortMapGateway:
         return out
 
     async def close(self) -> None:
+        """Close the socket and the announcement listener, and forget the connection."""
         self.client.close()
         if self._announce is not None:
             self._announce.close()

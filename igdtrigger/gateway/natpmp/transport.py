@@ -97,10 +97,12 @@ class DatagramClient:
 
     @property
     def is_open(self) -> bool:
+        """Is the socket open?"""
         return self._transport is not None and not self._transport.is_closing()
 
     @property
     def in_flight(self) -> int:
+        """Requests waiting for an answer."""
         return len(self._pending)
 
     async def open(self) -> None:
@@ -125,6 +127,7 @@ class DatagramClient:
         self.local_port = int(sockname[1]) if sockname else 0
 
     def close(self) -> None:
+        """Close the socket; every waiting request fails with ``GatewayUnreachable``."""
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()

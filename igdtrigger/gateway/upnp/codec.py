@@ -120,19 +120,23 @@ class IgdService:
 
     @property
     def rank(self) -> int:
+        """Preference among WAN services (lower first; unknown types last)."""
         return _SERVICE_RANK.get(self.service_type, 99)
 
     @property
     def version(self) -> int:
+        """The service's IGD version, 1 or 2."""
         return 2 if self.service_type.endswith(":2") else 1
 
     @property
     def is_ppp(self) -> bool:
+        """Is it a ``WANPPPConnection`` (a PPPoE uplink)?"""
         return "PPP" in self.service_type
 
 
 @dataclass(frozen=True, slots=True)
 class IgdDescription:
+    """A parsed device description: where it was read, the root device, its WAN services."""
     location: str
     device_type: str
     friendly_name: str
@@ -234,6 +238,7 @@ class ServiceProbe:
 
     @property
     def connected(self) -> bool:
+        """Did the service answer with status ``Connected`` (or ``Up``)?"""
         return self.answered and self.status.strip().lower() in ("connected", "up")
 
     @property
@@ -469,6 +474,7 @@ def pick(values: dict[str, str], *names: str) -> str:
 
 
 def ints(values: Iterable[Any]) -> list[int]:
+    """The values that parse as integers (whitespace stripped), in order; the rest dropped."""
     out = []
     for v in values:
         try:

@@ -32,6 +32,7 @@ MAX_BODY = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class HttpReply:
+    """An HTTP answer: status, headers (lower-case names), body, and our local address."""
     status: int
     headers: dict[str, str]
     body: bytes
@@ -142,7 +143,10 @@ class Requester(Protocol):
     async def request(self, url: str, method: str = "GET", *, body: bytes = b"",
                       headers: Mapping[str, str] | None = None, timeout: float = 3.0,
                       connect_to: str | None = None, local_addr: str | None = None
-                      ) -> HttpReply: ...
+                      ) -> HttpReply:
+        """One HTTP request (``timeout`` in seconds; ``connect_to``: an address to use instead of
+        the URL's host; ``local_addr``: the source address). Raises a ``GatewayError``
+        (``GatewayTimeout``, ``GatewayUnreachable``)."""
 
 
 class StreamRequester:
@@ -155,6 +159,7 @@ class StreamRequester:
                       headers: Mapping[str, str] | None = None, timeout: float = 3.0,
                       connect_to: str | None = None, local_addr: str | None = None
                       ) -> HttpReply:
+        """``Requester.request`` over asyncio streams, with the body capped at ``limit`` bytes."""
         return await http_request(url, method, body=body, headers=dict(headers or {}),
                                   timeout=timeout, limit=self.limit, connect_to=connect_to,
                                   local_addr=local_addr)

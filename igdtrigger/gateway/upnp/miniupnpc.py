@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from igdtrigger.core import trace
 from igdtrigger.core.errors import (
     GatewayError,
     GatewayNotFound,
@@ -168,12 +169,8 @@ class MiniupnpcGateway(ChosenServiceState):
         self._service: IgdService | None = None
         self.description: IgdDescription | None = None
         self._warned_double_nat = False
-        self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
+        self._hint: str | None = None
         self._inflight: concurrent.futures.Future[Any] | None = None  # the worker's last call
-
-    @property
-    def info(self) -> GatewayInfo | None:
-        return self._info
 
     async def _call(self, action: str, fn: Callable[[], T], *, lease: int | None = None,
                     for_self: bool | None = None) -> T:
@@ -182,19 +179,28 @@ class MiniupnpcGateway(ChosenServiceState):
         def run() -> T:  # timed in the worker: the router's time, not the queue's (metered())
             t0 = time.perf_counter()
             ok = False
+            if trace.ON:
+                trace.stamp("call")
             try:
                 result = fn()
                 ok = True
+                if trace.ON:
+                    trace.stamp("reply")
                 return result
             finally:
                 if self.on_call is not None:
                     self.on_call(action, time.perf_counter() - t0, ok)
 
+        if trace.ON:
+            trace.stamp("queued")
         fut = self._pool.submit(run)
         self._inflight = fut
         try:
             async with asyncio.timeout(self.timeout):
-                return await asyncio.wrap_future(fut, loop=loop)
+                result = await asyncio.wrap_future(fut, loop=loop)
+            if trace.ON:
+                trace.stamp("resumed")
+            return result
         except TimeoutError:
             self._info = None
             raise GatewayTimeout(f"router did not answer {action} within {self.timeout:g}s",
@@ -211,19 +217,13 @@ class MiniupnpcGateway(ChosenServiceState):
                 self._info = None  # force a new connect (and discovery) next time
             raise err from None
 
-    def forget(self, location: str | None = None) -> None:
-        """Reconnect on the next call (the router rebooted or moved); ``location``: where it
-        now announces its description (used unless ``gateway.url`` pins one)."""
-        self._info = None
-        if location and self.url is None:
-            self._hint = location
-
     async def connect(self) -> GatewayInfo:
+        """Discover (our SSDP) or use ``url``, let miniupnpc read the description, choose the WAN
+        service; raises ``GatewayNotFound`` or ``GatewayUnreachable``."""
         if self._info is not None:
             return self._info
         location = self.url
-        if location is None and self._hint is not None:
-            hint, self._hint = self._hint, None
+        if (hint := self._take_hint()) is not None:
             try:
                 return await self._connect_at(hint)
             except GatewayError as exc:
@@ -294,6 +294,8 @@ class MiniupnpcGateway(ChosenServiceState):
         self._upnp = u
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        """``AddPortMapping``; a timed lease refused (725, or 402 on some routers) is retried
+        once as permanent (``base.add_with_lease_fallback``)."""
         u = await self._ready()
 
         async def once(asked: int) -> Granted:
@@ -329,12 +331,30 @@ class MiniupnpcGateway(ChosenServiceState):
         return await add_with_lease_fallback(once, lease)
 
     async def delete(self, proto: Proto, external_port: int) -> None:
+        """``DeletePortMapping``; raises ``NoSuchMapping`` when the router has none (faults 713,
+        714, 730)."""
         u = await self._ready()
 
         def call() -> None:
             u.deleteportmapping(external_port, proto.value)
 
         await self._call("DeletePortMapping", call)
+
+    async def get_quick(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        """``base.QuickLookup``: miniupnpc's GetSpecificPortMappingEntry on the worker
+        thread (a third of our SOAP client's time on a busy host); ``None`` for no entry and
+        for a failure alike."""
+        u = await self._ready()
+
+        def call() -> RouterMapping | None:
+            found = u.getspecificportmapping(external_port, proto.value)
+            if found is None:
+                return None
+            client, iport, desc, enabled, lease = found
+            return RouterMapping(proto, external_port, str(client), int(iport), str(desc),
+                                 bool(enabled), int(lease))
+
+        return await self._call("GetSpecificPortMappingEntry", call)
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
         """Read with our SOAP codec on the same service: miniupnpc's binding answers ``None``
@@ -370,6 +390,7 @@ class MiniupnpcGateway(ChosenServiceState):
         return self._upnp
 
     async def close(self) -> None:
+        """Stop the worker thread (a call in flight gets a moment to end)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         fut = self._inflight
         if fut is not None and not fut.done():

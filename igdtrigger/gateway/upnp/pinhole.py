@@ -48,7 +48,7 @@ def global_ipv6_addresses(interface: str) -> list[str]:
     """This machine's global unicast IPv6 addresses on ``interface`` (no link-local, no ULA:
     those are not reachable from the internet, so a pinhole to them opens nothing useful)."""
     try:
-        import netifaces
+        import netifaces  # lazily, as netutil does: without it there are no addresses to use
     except ImportError:
         return []
     try:
@@ -68,6 +68,7 @@ def global_ipv6_addresses(interface: str) -> list[str]:
 
 
 def is_pinhole_address(addr: ipaddress.IPv6Address) -> bool:
+    """Can a pinhole to ``addr`` be reached from the internet (global unicast, not mapped IPv4)?"""
     return bool(addr.is_global and not addr.is_multicast and addr.ipv4_mapped is None)
 
 
@@ -86,6 +87,7 @@ class FirewallClient:
         self.info: FirewallInfo | None = None
 
     def interface(self) -> str | None:
+        """The interface of the IPv6 default route, or ``None``."""
         r = self.router()
         return r[1] if r else None
 
@@ -157,11 +159,13 @@ class FirewallClient:
         return pinhole_uid(values)
 
     async def update(self, spec: PinholeSpec, uid: int, lease: int) -> None:
+        """``UpdatePinhole``: a new lease (seconds) for pinhole ``uid``."""
         await self._action(self._ready(), "UpdatePinhole",
                            [("UniqueID", str(uid)), ("NewLeaseTime", str(lease))],
                            source=spec.address)
 
     async def delete(self, spec: PinholeSpec, uid: int) -> None:
+        """``DeletePinhole`` for pinhole ``uid``."""
         await self._action(self._ready(), "DeletePinhole", [("UniqueID", str(uid))],
                            source=spec.address)
 

@@ -181,6 +181,7 @@ class ChosenService:
     reply: HttpReply
 
     def info(self, protocol: str, backend: str) -> GatewayInfo:
+        """The ``GatewayInfo`` this choice gives, for ``protocol`` through ``backend``."""
         ext = self.chosen.external_address
         return GatewayInfo(
             protocol=protocol, location=self.description.location,
@@ -242,17 +243,39 @@ class ChosenServiceState:
     """What both UPnP backends keep about the service ``find_wan_service`` chose, and what
     follows from it: capabilities, and whether a mapping is for the host asking."""
 
+    url: str | None = None  # the description URL ``gateway.url`` pins, else found by SSDP
     _info: GatewayInfo | None = None
+    _hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
     _service: IgdService | None = None
     description: IgdDescription | None = None
+
+    @property
+    def info(self) -> GatewayInfo | None:
+        """What the last ``connect`` found, or ``None`` before it (or after ``forget``)."""
+        return self._info
 
     @property
     def service(self) -> IgdService | None:
         """The WAN connection service in use."""
         return self._service
 
+    def forget(self, location: str | None = None) -> None:
+        """Reconnect on the next call (the router rebooted or moved); ``location``: where it
+        now announces its description (used unless ``gateway.url`` pins one)."""
+        self._info = None
+        if location and self.url is None:
+            self._hint = location
+
+    def _take_hint(self) -> str | None:
+        """The announced location to try first, once (``None`` when ``gateway.url`` pins one)."""
+        if self.url is not None:
+            return None
+        hint, self._hint = self._hint, None
+        return hint
+
     @property
     def capabilities(self) -> frozenset[Capability]:
+        """What the chosen service supports (empty before ``connect``)."""
         return capabilities_of(self.description, self._service) if self._info else frozenset()
 
     def _for_self(self, spec: MappingSpec) -> bool | None:
@@ -277,30 +300,16 @@ class SoapGateway(ChosenServiceState):
         self.on_call = on_call
         self._lock = asyncio.Lock()
         self._info: GatewayInfo | None = None
-        self._hint: str | None = None  # where the router last announced its IGD (SSDP NOTIFY)
+        self._hint: str | None = None
         self._service: IgdService | None = None
         self.description: IgdDescription | None = None
 
-    @property
-    def info(self) -> GatewayInfo | None:
-        return self._info
-
-    @property
-    def service(self) -> IgdService | None:
-        return self._service
-
-    def forget(self, location: str | None = None) -> None:
-        """Reconnect on the next call (the router rebooted or moved); ``location``: where it
-        now announces its description (used unless ``gateway.url`` pins one)."""
-        self._info = None
-        if location and self.url is None:
-            self._hint = location
-
     async def connect(self) -> GatewayInfo:
+        """Discover (or use ``url``), read the description, choose the WAN service; raises
+        ``GatewayNotFound`` or ``GatewayUnreachable``."""
         if self._info is not None:
             return self._info
-        if self.url is None and self._hint is not None:
-            hint, self._hint = self._hint, None
+        if (hint := self._take_hint()) is not None:
             try:
                 return await self._connect_to(hint)
             except GatewayError as exc:
@@ -345,6 +354,8 @@ class SoapGateway(ChosenServiceState):
         return self._service
 
     async def add(self, spec: MappingSpec, lease: int) -> Granted:
+        """``AddPortMapping``; a timed lease refused (725, or 402 on some routers) is retried
+        once as permanent (``base.add_with_lease_fallback``)."""
         svc = await self._ready()
 
         async def once(asked: int) -> Granted:
@@ -371,21 +382,26 @@ class SoapGateway(ChosenServiceState):
         return await add_with_lease_fallback(once, lease)
 
     async def delete(self, proto: Proto, external_port: int) -> None:
+        """``DeletePortMapping``; raises ``NoSuchMapping`` when the router has none (faults 713,
+        714, 730)."""
         svc = await self._ready()
         await self._action(svc, "DeletePortMapping", [
             ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)),
             ("NewProtocol", proto.value)])
 
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        """``GetSpecificPortMappingEntry``: the mapping, or ``None`` when there is none."""
         svc = await self._ready()
         return await read_mapping(svc, proto, external_port, timeout=self.timeout,
                                   call=self._action)
 
     async def list(self, limit: int = 4096) -> list[RouterMapping]:
+        """The router's table, at most ``limit`` entries."""
         svc = await self._ready()
         return await read_table(svc, limit, timeout=self.timeout, call=self._action)
 
     async def close(self) -> None:
+        """Forget the connection (no socket is kept open)."""
         self._info = None
 
 

@@ -30,6 +30,7 @@ SEARCH_TARGETS = (
 
 
 def build_msearch(st: str, mx: int = 2) -> bytes:
+    """An SSDP M-SEARCH for search target ``st``; ``mx``: seconds a device may wait to answer."""
     return (
         "M-SEARCH * HTTP/1.1\r\n"
         "HOST: 239.255.255.250:1900\r\n"
@@ -42,6 +43,7 @@ def build_msearch(st: str, mx: int = 2) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class SsdpReply:
+    """An answer to M-SEARCH: the description ``location``, search target, USN, server."""
     location: str
     st: str
     usn: str
@@ -51,6 +53,7 @@ class SsdpReply:
 
     @property
     def looks_like_igd(self) -> bool:
+        """Does it name an InternetGatewayDevice or a WAN connection service?"""
         text = f"{self.st} {self.usn}"
         return any(k in text for k in ("InternetGatewayDevice", "WANIPConnection",
                                        "WANPPPConnection"))
@@ -106,10 +109,12 @@ class SsdpNotify:
 
     @property
     def uuid(self) -> str:
+        """The device UUID of the USN (lower case)."""
         return self.usn.split("::", 1)[0].strip().lower()
 
     @property
     def about_igd(self) -> bool:
+        """Is the notification about an IGD or one of its WAN services?"""
         text = f"{self.nt} {self.usn}"
         return any(k in text for k in _IGD_PARTS)
 
@@ -183,6 +188,8 @@ class NotifyTracker:
         return False
 
     def feed(self, data: bytes, source_ip: str) -> RouterChange | None:
+        """One datagram from ``source_ip``: the change it shows (byebye, moved, rebooted), or
+        ``None``. Only the default gateway's own IGD counts."""
         if source_ip != self.gateway_ip:
             return None
         msg = parse_ssdp_notify(data)

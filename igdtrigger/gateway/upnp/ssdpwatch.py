@@ -91,6 +91,7 @@ class NotifyWatcher:
 
     @property
     def listening(self) -> bool:
+        """Has the watcher joined the SSDP group?"""
         return self._transport is not None
 
     async def start(self) -> bool:
@@ -111,6 +112,7 @@ class NotifyWatcher:
         return True
 
     def close(self) -> None:
+        """Leave the group and close the socket."""
         if self._transport is not None:
             self._transport.close()
             self._transport = None
