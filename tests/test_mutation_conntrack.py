@@ -229,3 +229,16 @@ def test_an_event_of_another_protocol_is_counted_as_such_not_as_malformed(
     assert parser.feed(encode_new(number, IPv4("192.168.1.23"), IPv4("203.0.113.9"), 1, 2,
                                   leading_attr=leading_attr)) == []
     assert (parser.counters()["ignored"], parser.counters()["malformed"]) == (1, 0)
+
+
+def test_the_counters_add_up_every_event_of_every_datagram() -> None:
+    """The metrics count each event: two of each kind per datagram, two datagrams, four each."""
+    icmp = encode_new(1, IPv4("192.168.1.23"), IPv4("203.0.113.9"), 0, 0)
+    parser = ConntrackParser(wanted=lambda proto, port: port == 27015)
+    for _ in range(2):
+        data = (icmp + icmp + encode_flow(v4(Proto.UDP, 9)) + encode_flow(v6(Proto.TCP, 9))
+                + encode_flow(v4(Proto.UDP, 27015)) + encode_flow(v6(Proto.UDP, 27015)))
+        assert parser.feed(data) == [v4(Proto.UDP, 27015), v6(Proto.UDP, 27015)]
+    counters = parser.counters()
+    assert (counters["ignored"], counters["flows_filtered"], counters["flows_reported"],
+            counters["events_seen"], counters["datagrams"]) == (4, 4, 4, 12, 2)
