@@ -216,6 +216,36 @@ async def test_hostile_bodies_are_402(env: Env, body: bytes) -> None:
     assert status == 500 and fault.code == 402
 
 
+def _with(args: list[tuple[str, str]], name: str, value: str) -> list[tuple[str, str]]:
+    return [(k, value if k == name else v) for k, v in args]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("NewExternalPort", "4" * 5000),  # int() of over 4300 digits raises: was a bare 500
+    ("NewInternalPort", "4" * 5000),
+    ("NewLeaseDuration", "9" * 5000),
+    ("NewExternalPort", "\uff14\uff10\uff10\uff10\uff10"),  # fullwidth "40000": isdecimal()
+])
+async def test_numbers_of_thousands_of_digits_or_other_scripts_are_402(
+        env: Env, name: str, value: str) -> None:
+    status, fault = await env.soap("AddPortMapping", _with(mapping(40000), name, value))
+    assert status == 500 and fault.code == 402
+    assert env.gw.ports() == {} and not env.svc.pipeline.engine.activations
+
+
+@pytest.mark.parametrize(("index", "code"), [
+    ("9" * 5000, 713), ("4294967296", 713), ("1", 713), ("-1", 402), ("x", 402),
+    ("\uff10", 402), ("", 402)])
+async def test_a_generic_entry_index_past_the_end_is_713_and_garbage_402(
+        env: Env, index: str, code: int) -> None:
+    await env.soap("AddPortMapping", mapping(40000))
+    status, fault = await env.soap("GetGenericPortMappingEntry",
+                                   [("NewPortMappingIndex", index)])
+    assert status == 500 and fault.code == code
+    status, entry = await env.soap("GetGenericPortMappingEntry", [("NewPortMappingIndex", "0")])
+    assert status == 200 and entry["NewExternalPort"] == "40000"
+
+
 async def test_an_unknown_action_is_401(env: Env) -> None:
     status, fault = await env.soap("SetConnectionType", [("NewConnectionType", "IP_Routed")])
     assert status == 500 and fault.code == 401

@@ -25,6 +25,7 @@ __all__ = [
     "EVENTED",
     "IGD_DEVICE",
     "MAX_REQUEST",
+    "decimal",
     "SSDP_MAX_AGE",
     "V2_ONLY",
     "WANIP_SERVICE",
@@ -167,6 +168,17 @@ def _local(tag: str) -> str:
 
 _SERVICE_RE = re.compile(r"^urn:schemas-upnp-org:service:(WANIPConnection|WANCommonInterfaceConfig)"
                          r":([12])$")
+
+
+def decimal(text: str, limit: int) -> int | None:
+    """``text`` (surrounding blanks ignored) as a number of ASCII digits in 0-``limit``, else
+    None: never another script's digits, and never ``int()`` of thousands of digits (over 4300
+    it raises ``ValueError``, a hostile client's 500)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(limit)) + 8:
+        return None
+    value = int(text)
+    return value if value <= limit else None
 
 
 def parse_soap_request(body: bytes, soapaction: str) -> SoapRequest:
