@@ -349,3 +349,23 @@ async def test_the_same_client_may_retarget_its_port_and_a_foreign_nonce_may_not
     gone = await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"b" * 12)
     assert isinstance(gone, Refusal) and gone.kind is RefusalKind.NOT_AUTHORIZED
     assert await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"a" * 12) is None
+
+
+@pytest.mark.parametrize("protocol", [FrontProtocol.NATPMP, FrontProtocol.PCP])
+async def test_an_alternative_allowed_request_for_another_internal_port_never_ends_a_mapping(
+        front: FrontManager, gw: FakeGateway, protocol: FrontProtocol) -> None:
+    """NAT-PMP/PCP suggesting the external port of the same host's mapping of another internal
+    port get another port (as miniupnpd's natpmp.c moves on to the next port); it used to end
+    the UPnP mapping ("replaced by its client") and, picked as an alternative, orphan it."""
+    assert isinstance(await front.add(req(port=40000, iport=40000)), Grant)
+    assert isinstance(await front.add(req(port=40001, iport=40001)), Grant)
+    ask = replace(req(port=40000, iport=5000, alt=True, protocol=protocol),
+                  nonce=b"n" * 12 if protocol is FrontProtocol.PCP else None)
+    got = await front.add(ask)
+    assert isinstance(got, Grant) and got.external_port not in (40000, 40001)
+    assert gw.table[MappingKey(Proto.UDP, 40000)][0].internal_port == 40000
+    assert gw.table[MappingKey(Proto.UDP, 40001)][0].internal_port == 40001
+    assert gw.table[MappingKey(Proto.UDP, got.external_port)][0].internal_port == 5000
+    assert sorted(m.grant.external_port for m in front.mappings()) == \
+        sorted([40000, 40001, got.external_port])
+    assert len(front.service.pipeline.engine.activations) == 3

@@ -385,9 +385,10 @@ class FrontManager:
         """Who else holds ``key`` now: another client's front mapping, or a rule's activation."""
         m = self.lookup(key.external_port, key.proto)
         if m is not None:
-            if m.request.internal_client == req.internal_client:
+            if m.request.internal_client == req.internal_client and (
+                    m.request.internal_port == req.internal_port or not req.allow_alternative):
                 return None
-            return f"mapped for {m.request.internal_client}"
+            return f"mapped for {m.request.internal_client}:{m.request.internal_port}"
         spec = self.service.desired().get(key)
         if spec is not None:
             return f"held by igdtrigger for {spec.internal_client} ({spec.description})"
@@ -408,7 +409,7 @@ class FrontManager:
             if port in seen or not 1 <= port <= 65535:
                 continue
             seen.add(port)
-            if (self._policy(req, port) is None
+            if (self._policy(req, port) is None and self.lookup(port, req.proto) is None
                     and self._taken(MappingKey(req.proto, port), req) is None):
                 yield port
 
@@ -427,7 +428,9 @@ class FrontManager:
                 return Refusal(RefusalKind.NOT_AUTHORIZED, "the mapping nonce does not match")
             if own.request.internal_port == req.internal_port:
                 return self._renew(own, req)
-            await self._end(own, "replaced by its client")  # same client, another target
+            if not req.allow_alternative:  # UPnP AddPortMapping: same client, another target
+                await self._end(own, "replaced by its client")
+            # NAT-PMP/PCP/AddAnyPortMapping: another port (miniupnpd's natpmp.c moves on too)
         refusal: Refusal | None = None
         port: int | None = None
         if req.external_port:
