@@ -246,6 +246,24 @@ async def test_a_generic_entry_index_past_the_end_is_713_and_garbage_402(
     assert status == 200 and entry["NewExternalPort"] == "40000"
 
 
+async def test_a_bare_ampersand_as_libminiupnpc_sends_it_is_text(env: Env) -> None:
+    """``upnpc -e "Tom & Jerry"`` writes the description unescaped (strace of Debian's
+    miniupnpc 2.2.4: ``<NewPortMappingDescription>Tom & Jerry<``); miniupnpd takes it as
+    text, and so must we (it was 402). An undeclared entity stays 402."""
+    built = build_soap(V2, "AddPortMapping", _with(mapping(40000), "NewPortMappingDescription",
+                                                   "Tom & Jerry"))
+    raw = built.replace(b"Tom &amp; Jerry", b"Tom & Jerry &amp; &#38; co")
+    assert b"Tom & Jerry" in raw
+    status, _ = await env.soap("AddPortMapping", body=raw)
+    assert status == 200 and env.gw.ports() == {"udp/40000": "127.0.0.1"}
+    (m,) = env.front.manager.mappings()
+    assert m.request.description == "Tom & Jerry & & co"
+    bad = raw.replace(b"Tom & Jerry", b"Tom &jerry; x")
+    assert bad != raw
+    status, fault = await env.soap("AddPortMapping", body=bad)
+    assert status == 500 and fault.code == 402
+
+
 async def test_an_unknown_action_is_401(env: Env) -> None:
     status, fault = await env.soap("SetConnectionType", [("NewConnectionType", "IP_Routed")])
     assert status == 500 and fault.code == 401
