@@ -369,3 +369,33 @@ async def test_an_alternative_allowed_request_for_another_internal_port_never_en
     assert sorted(m.grant.external_port for m in front.mappings()) == \
         sorted([40000, 40001, got.external_port])
     assert len(front.service.pipeline.engine.activations) == 3
+
+
+@pytest.mark.parametrize("protocol", [FrontProtocol.NATPMP, FrontProtocol.PCP])
+async def test_a_natpmp_or_pcp_client_renewing_at_half_its_lifetime_outlives_idle_timeout(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock, protocol: FrontProtocol) -> None:
+    """No traffic, only renewals at half the lifetime we answered (RFC 6886 §3.3): a live
+    client keeps its mapping. The lifetime answered was max_lease (1h) while idle_timeout (5m)
+    removed the mapping long before the client's first renewal at 30m."""
+    svc = make(tmp_path, gw, clock, max_lease="1h", idle_timeout="5m")
+    await svc.start()
+    try:
+        mgr = FrontManager(svc, svc.config.front)
+        ask = replace(req(port=40000, lease=3600, alt=True, protocol=protocol),
+                      nonce=b"n" * 12 if protocol is FrontProtocol.PCP else None)
+        got = await mgr.add(ask)
+        assert isinstance(got, Grant) and got.lease <= 300
+        for _ in range(8):  # 8 renewals at half the lifetime told: past idle_timeout many times
+            clock.advance(got.lease / 2)
+            svc.wake()
+            await svc._wait_applied(svc.pipeline.engine.generation, 1)
+            assert mgr.lookup(40000, Proto.UDP) is not None, f"gone at {clock.now}"
+            got = await mgr.add(ask)
+            assert isinstance(got, Grant) and got.external_port == 40000
+        assert gw.ports() == {"udp/40000": A}
+        clock.advance(got.lease + 1)  # the client stops renewing: gone within its lifetime
+        svc.wake()
+        await svc._wait_applied(svc.pipeline.engine.generation, 1)
+        assert mgr.lookup(40000, Proto.UDP) is None and gw.ports() == {}
+    finally:
+        await svc.stop()

@@ -78,7 +78,8 @@ class ClientRequest:
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What was granted: the external port (may differ from the one asked when alternatives
-    were allowed), the lease in seconds, the upstream router's external address ("" unknown)."""
+    were allowed), the lease in seconds (NAT-PMP/PCP: the lifetime told, at most idle_timeout),
+    the upstream router's external address ("" unknown)."""
 
     external_port: int
     lease: float
@@ -417,6 +418,14 @@ class FrontManager:
         return self.settings.max_lease if lease == 0 else min(max(lease, 1.0),
                                                               self.settings.max_lease)
 
+    def _told(self, lease: float, protocol: FrontProtocol) -> float:
+        """The lifetime a NAT-PMP/PCP answer carries for a mapping held ``lease`` s: at most
+        ``idle_timeout``, since the client renews by it (at half: RFC 6886 §3.3, RFC 6887
+        §11.2.1) and a renewal is use; told ``max_lease``, a live but silent client would
+        renew only after idle removal had ended its mapping. UPnP is told the lease itself."""
+        return lease if protocol is FrontProtocol.UPNP else min(lease,
+                                                                self.settings.idle_timeout)
+
     async def _add(self, req: ClientRequest) -> Grant | Refusal:
         if (bad := self._check(req)) is not None:
             return Refusal(RefusalKind.NOT_AUTHORIZED, bad)
@@ -497,7 +506,7 @@ class FrontManager:
             kind = (RefusalKind.CONFLICT if applied is not None
                     and applied.state is MapState.CONFLICT else RefusalKind.UPSTREAM)
             return Refusal(kind, f"the upstream router did not map {key} ({state})")
-        grant = Grant(external_port=key.external_port, lease=lease,
+        grant = Grant(external_port=key.external_port, lease=self._told(lease, req.protocol),
                       external_address=await self.external_address() or "")
         m = FrontMapping(request=replace(req, external_port=key.external_port), grant=grant,
                          created=now, last_use=now,
@@ -518,7 +527,7 @@ class FrontManager:
         now = self.clock()
         m.request = replace(req, external_port=m.grant.external_port)
         m.lease_end = now + lease if req.lease else math.inf
-        m.grant = replace(m.grant, lease=lease)
+        m.grant = replace(m.grant, lease=self._told(lease, req.protocol))
         act = self.service.pipeline.engine.activations.get(m.activation_id)
         if act is not None:
             act.meta[M_LEASE] = f"{req.lease:g}"
@@ -595,7 +604,8 @@ class FrontManager:
         now = self.clock()
         lease_end = (now + lease_end_wall - self.wall() if math.isfinite(lease_end_wall)
                      else math.inf)
-        grant = Grant(external_port=rng.first, lease=self._grant_lease(asked),
+        grant = Grant(external_port=rng.first,
+                      lease=self._told(self._grant_lease(asked), req.protocol),
                       external_address="")
         return FrontMapping(request=req, grant=grant, created=act.created, last_use=now,
                             lease_end=lease_end, activation_id=act.id)
