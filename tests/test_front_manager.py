@@ -399,3 +399,25 @@ async def test_a_natpmp_or_pcp_client_renewing_at_half_its_lifetime_outlives_idl
         assert mgr.lookup(40000, Proto.UDP) is None and gw.ports() == {}
     finally:
         await svc.stop()
+
+
+async def test_mappings_the_engine_ended_do_not_count_against_max_per_client(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    """A client whose mappings went idle (ended by the engine, nobody listed them since) may
+    map again: they counted against max_per_client until something looked them up."""
+    svc = make(tmp_path, gw, clock, max_per_client=2, idle_timeout="5m")
+    await svc.start()
+    try:
+        mgr = FrontManager(svc, svc.config.front)
+        for port in (40000, 40001):
+            assert isinstance(await mgr.add(req(port=port)), Grant)
+        full = await mgr.add(req(port=40002))
+        assert isinstance(full, Refusal) and full.kind is RefusalKind.NO_RESOURCES
+        clock.advance(301)
+        svc.wake()
+        await svc._wait_applied(svc.pipeline.engine.generation, 1)
+        assert not svc.pipeline.engine.activations and gw.ports() == {}
+        again = await mgr.add(req(port=40002))
+        assert isinstance(again, Grant), again
+    finally:
+        await svc.stop()

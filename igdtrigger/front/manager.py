@@ -451,7 +451,7 @@ class FrontManager:
                 port = req.external_port
             elif not req.allow_alternative:
                 return refusal
-        live = sum(1 for m in self._by_key.values()
+        live = sum(1 for m in self.mappings()  # live only: the engine ends idle ones
                    if m.request.internal_client == req.internal_client)
         if live >= self.settings.max_per_client:
             return Refusal(RefusalKind.NO_RESOURCES, f"{req.internal_client} already holds "
