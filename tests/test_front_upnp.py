@@ -443,6 +443,12 @@ async def test_gena_subscription_gets_the_initial_event_and_each_change(env: Env
             async with http.request("SUBSCRIBE", evt, headers={
                     "CALLBACK": "<http://192.0.2.50:80/steal>", "NT": "upnp:event"}) as resp:
                 assert resp.status == 412  # a callback elsewhere than the subscriber: refused
+            for forged in (f"<http://127.0.0.1:{cb.port}@127.0.0.2:80/steal>",
+                           "<http://127.0.0.1:80@127.0.0.2/steal>",
+                           "<http://127.0.0.1@127.0.0.2/steal>"):
+                async with http.request("SUBSCRIBE", evt, headers={
+                        "CALLBACK": forged, "NT": "upnp:event"}) as resp:
+                    assert resp.status == 412, forged  # the NOTIFY would go to 127.0.0.2
             async with http.request("UNSUBSCRIBE", evt, headers={"SID": sid}) as resp:
                 assert resp.status == 200
             assert env.front.events.subs == {}
