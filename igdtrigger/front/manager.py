@@ -32,16 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("igdtrigger.front")
 
-__all__ = [
-    "ClientRequest",
-    "Forwarder",
-    "FrontManager",
-    "FrontMapping",
-    "FrontProtocol",
-    "Grant",
-    "Refusal",
-    "RefusalKind",
-]
+__all__ = ["ClientRequest", "Forwarder", "FrontManager", "FrontMapping", "FrontProtocol",
+           "Grant", "Refusal", "RefusalKind"]
 
 
 class FrontProtocol(enum.StrEnum):
@@ -78,8 +70,7 @@ class ClientRequest:
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What was granted: the external port (may differ from the one asked when alternatives
-    were allowed), the lease in seconds (NAT-PMP/PCP: the lifetime told, at most idle_timeout),
-    the upstream router's external address ("" unknown)."""
+    were allowed), the lease told in seconds, the upstream router's external address ("")."""
 
     external_port: int
     lease: float
@@ -419,10 +410,9 @@ class FrontManager:
                                                               self.settings.max_lease)
 
     def _told(self, lease: float, protocol: FrontProtocol) -> float:
-        """The lifetime a NAT-PMP/PCP answer carries for a mapping held ``lease`` s: at most
-        ``idle_timeout``, since the client renews by it (at half: RFC 6886 §3.3, RFC 6887
-        §11.2.1) and a renewal is use; told ``max_lease``, a live but silent client would
-        renew only after idle removal had ended its mapping. UPnP is told the lease itself."""
+        """The lifetime told for a mapping held ``lease`` s: for NAT-PMP/PCP at most
+        ``idle_timeout`` (a client renews at half of it, RFC 6886 §3.3, RFC 6887 §11.2.1; told
+        more, a live silent client renewed only after idle removal). UPnP: the lease."""
         return lease if protocol is FrontProtocol.UPNP else min(lease,
                                                                 self.settings.idle_timeout)
 
@@ -438,8 +428,8 @@ class FrontManager:
             if own.request.internal_port == req.internal_port:
                 return self._renew(own, req)
             if not req.allow_alternative:  # UPnP AddPortMapping: same client, another target
-                await self._end(own, "replaced by its client")
-            # NAT-PMP/PCP/AddAnyPortMapping: another port (miniupnpd's natpmp.c moves on too)
+                await self._end(own, "replaced by its client")  # (else another port, as
+                # miniupnpd's natpmp.c moves on to the next one: never end the other mapping)
         refusal: Refusal | None = None
         port: int | None = None
         if req.external_port:
@@ -604,8 +594,6 @@ class FrontManager:
         now = self.clock()
         lease_end = (now + lease_end_wall - self.wall() if math.isfinite(lease_end_wall)
                      else math.inf)
-        grant = Grant(external_port=rng.first,
-                      lease=self._told(self._grant_lease(asked), req.protocol),
-                      external_address="")
+        grant = Grant(rng.first, self._told(self._grant_lease(asked), req.protocol), "")
         return FrontMapping(request=req, grant=grant, created=act.created, last_use=now,
                             lease_end=lease_end, activation_id=act.id)
