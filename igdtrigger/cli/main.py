@@ -508,6 +508,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "detect": list(config.detect.methods),
         "state_dir": str(config.state_dir or "default"),
     }
+    front = config.front
+    if front.enabled:
+        summary["front"] = front.to_json()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -524,8 +527,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         proc = f"; process {', '.join(r.process)}" if r.process else ""
         print(f"  rule {r.name}: open {compress_ports(str(p) for p in r.open)}; trigger "
               f"{trig}{proc}; idle {format_duration(r.idle_timeout)}")
+    if front.enabled:
+        allowing = any(line.allow for line in front.acl.lines)
+        print(f"  front: UPnP IGD, NAT-PMP, PCP on "
+              f"{', '.join(front.interfaces) or 'every private interface but the upstream one'}"
+              f"; {len(front.acl.lines)} allow/deny line(s)"
+              f"{'' if allowing else ', none allows: every client request is refused'}; "
+              f"lease up to {format_duration(front.max_lease)}, idle "
+              f"{format_duration(front.idle_timeout)}")
     if not config.rules:
-        print("  no rules: nothing can be opened until you add [[rules]]")
+        print("  no rules: only the front's clients can open ports" if front.enabled
+              else "  no rules: nothing can be opened until you add [[rules]]")
     return 0
 
 
