@@ -22,9 +22,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_config_paths, load_config, parse_listen
-from igdtrigger.core.activation import MAX_TTL
 from igdtrigger.core.errors import ConfigError, IgdTriggerError, UsageError
-from igdtrigger.core.model import compress_ports, format_duration, parse_duration, parse_port_spec
+from igdtrigger.core.model import (
+    MAX_TTL,
+    compress_ports,
+    format_duration,
+    parse_duration,
+    parse_port_spec,
+)
 from igdtrigger.core.rules import Rule
 from igdtrigger.core.settings import SIMULATE
 from igdtrigger.core.version import __version__

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import signal
@@ -69,8 +68,6 @@ __all__ = [
     "run",
     "slug",
 ]
-
-log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0
 STOP_TIMEOUT = 4.0  # s: the standalone wrapper's wait for the router to delete at the end

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "Flow", "FlowEnded", "FlowLive", "FlowsListed", "IPAddress", "MappingKey", "MappingSpec",
-    "PinholeSpec", "PortRange", "ProcessSeen", "Proto", "RouterMapping", "compress_ports",
-    "format_duration", "parse_duration", "parse_port_spec",
+    "MAX_TTL", "Flow", "FlowEnded", "FlowLive", "FlowsListed", "IPAddress", "MappingKey",
+    "MappingSpec", "PinholeSpec", "PortRange", "ProcessSeen", "Proto", "RouterMapping",
+    "compress_ports", "format_duration", "parse_duration", "parse_port_spec",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# s: the longest activation granted (here, not in core.activation: the command line's duration
+# parser checks it without loading the engine's data, issue 17)
+MAX_TTL = 7 * 86400.0
 
 
 class Proto(enum.StrEnum):
