@@ -45,13 +45,13 @@ from igdtrigger.core.errors import (
     ServiceUnavailable,
     UsageError,
 )
-from igdtrigger.core.model import compress_ports, format_duration, parse_port_spec
+from igdtrigger.core.ports import compress_ports, format_duration, parse_port_spec
 from igdtrigger.core.rules import Rule
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
-    from igdtrigger.core.model import PortRange
+    from igdtrigger.core.ports import PortRange
 
 __all__ = [
     "HEARTBEAT_TTL",

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from igdtrigger.core.model import PortRange, Proto
 from igdtrigger.core.policy import permits
+from igdtrigger.core.ports import PortRange, Proto
 from igdtrigger.core.rules import Rule
 
 __all__ = [
