@@ -14,7 +14,7 @@
 set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-PKGS=(miniupnpd-nftables miniupnpc nftables iproute2 conntrack chromium fonts-dejavu-core curl)
+PKGS=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 conntrack chromium fonts-dejavu-core curl)
 
 if [ "$(id -u)" -eq 0 ]; then
     SUDO=()
@@ -76,7 +76,7 @@ if ! /usr/sbin/miniupnpd --version 2>&1 | grep -q nftables; then
     echo "lab-deps: /usr/sbin/miniupnpd is not the nftables build" >&2
     exit 1
 fi
-for tool in ip nft upnpc conntrack chromium curl; do
+for tool in ip nft upnpc natpmpc conntrack chromium curl; do
     command -v "$tool" >/dev/null 2>&1 || {
         echo "lab-deps: $tool not found after install" >&2
         exit 1

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 from igdtrigger.configfields import Section, show
 from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.frontconfig import FRONT_KEYS, parse_front  # front: [front]
 from igdtrigger.core.policy import hides_privileged
 from igdtrigger.core.ports import format_duration
 from igdtrigger.core.rules import DEFAULT_IDLE, EXTERNAL_MODES, SHARE_MODES, External, Rule, Share
@@ -330,7 +331,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
-_TOP = ("gateway", "api", "detect", "service", "rules", "launchers")
+_TOP = ("gateway", "api", "detect", "service", "rules", "launchers", "front")
 _GATEWAY = ("url", "lease", "discover_timeout", "verify_interval", "check_interval",
             "check_before_add", "backend", "protocol", "ipv6_pinholes")
 _API = ("listen", "public_read", "rate_limit", "rate_burst", "allowed_hosts", "zeroconf",
@@ -342,6 +343,7 @@ _RULE = ("name", "trigger", "open", "idle_timeout", "process", "hosts", "share",
 # sections whose keys IGDTRIGGER_<SECTION>__<KEY> may override
 _ENV_SECTIONS: dict[str, tuple[str, ...]] = {
     "gateway": _GATEWAY, "api": _API, "detect": _DETECT, "service": _SERVICE,
+    "front": FRONT_KEYS,  # front: IGDTRIGGER_FRONT__ENABLED=true etc. (docker)
 }
 
 
@@ -497,8 +499,10 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config
             )
             sec.done(_RULE)
     launchers = _launchers(top.get("launchers"), source, {r.name for r in rules})
+    front = parse_front(top.get("front") or {}, source=source)  # front: the IGD front
     top.done(_TOP)
     config = Config(
+        front=front,
         gateway=gateway,
         api=api,
         detect=detect,

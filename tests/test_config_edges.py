@@ -407,7 +407,7 @@ def test_env_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.delenv("IGDTRIGGER_API__ADHOC_PORTS")
     monkeypatch.setenv("IGDTRIGGER_RULES__NAME", "x")
     with pytest.raises(ConfigError, match="unknown section 'rules' \\(environment overrides "
-                                          "exist for: gateway, api, detect, service\\)"):
+                                          "exist for: gateway, api, detect, service, front\\)"):
         load_config(path)
     monkeypatch.delenv("IGDTRIGGER_RULES__NAME")
     monkeypatch.setenv("IGDTRIGGER_API__COLOUR", "x")

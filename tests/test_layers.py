@@ -39,7 +39,7 @@ COMPOSE = "runtime.compose"
 # The top-level modules below the backends: the config loader (and what it splits into) and
 # the shared low-level network helpers. A new top-level module must be placed here (or in a
 # layer's folder): test_the_parser_sees_the_tree names it until it is.
-SHARED = ("config", "configfields", "netutil")
+SHARED = ("config", "configfields", "netutil", "nftcmd")
 # What runtime/ may import besides itself.
 RUNTIME_ALLOWED = ("core", *SHARED, "gateway.base", "detect.base")
 # Layer ranks: an import may go to the same rank or lower, never higher.
@@ -51,6 +51,7 @@ RANK = {
     "sim": 2,
     "runtime": 3,
     "api": 4,
+    "front": 4,  # the IGD front (issue 14): an edge like api/ (its HTTP guard is api's)
     "cli": 5,
     "": 6,  # the package itself: igdtrigger/__init__.py and __main__.py
     "__main__": 6,
@@ -185,6 +186,9 @@ def test_relative_imports_resolve_to_the_module_they_name() -> None:
     assert resolve("cli.main", "from aiohttp import web") is None
 
 
+CODECS = ("gateway.upnp.codec", "gateway.upnp.ssdp", "gateway.natpmp.codec")
+
+
 def _may_name_concrete(imp: Import) -> bool:
     if imp.importer == COMPOSE:
         return True
@@ -192,7 +196,11 @@ def _may_name_concrete(imp: Import) -> bool:
     if area == target_area:  # a backend's own modules, e.g. gateway/upnp/soap -> upnp/codec
         return True
     # the simulated router reuses the upnp and natpmp codecs instead of parsing SOAP again
-    return area == "sim" and target_area == "gateway"
+    if area == "sim" and target_area == "gateway":
+        return True
+    # the IGD front serves the protocols the backends speak: it shares their sans-I/O codecs
+    # (no sockets, no backend), never a backend itself
+    return area == "front" and imp.target in CODECS
 
 
 # Each rule: (what it says, does this import break it). One test per rule runs it on the tree.

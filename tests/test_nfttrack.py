@@ -29,7 +29,8 @@ from igdtrigger.config import parse_config
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import PortRange, Proto, parse_port_spec
 from igdtrigger.detect.base import FlowSink
-from igdtrigger.detect.nfttrack import TABLE, KernelTracking, NftResult, merge_ranges, ruleset
+from igdtrigger.detect.nfttrack import TABLE, KernelTracking, merge_ranges, ruleset
+from igdtrigger.nftcmd import NftResult
 from igdtrigger.runtime.service import Service
 from igdtrigger.runtime.views import DetectorView
 

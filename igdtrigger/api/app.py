@@ -262,6 +262,8 @@ async def healthz(request: web.Request) -> web.Response:
     problem = svc.health()
     body: dict[str, Any] = {"ok": problem is None, "gateway_up": svc.gateway_up,
                             "version": __version__}
+    if svc.front_serving is not None:  # front: the IGD front (issue 14)
+        body["front_serving"] = svc.front_serving
     if problem is not None:
         body["error"] = problem
     return web.json_response(body, status=200 if problem is None else 503)
@@ -272,9 +274,13 @@ async def readyz(request: web.Request) -> web.Response:
     saying why not (a container orchestrator's readiness probe)."""
     svc = request.app[SERVICE]
     up = svc.gateway_up
-    body: dict[str, Any] = {"ready": up, "gateway_up": up}
+    front = svc.front_serving is not False  # front: ready only once the IGD front serves
+    body: dict[str, Any] = {"ready": up and front, "gateway_up": up}
     if not up:
         body["error"] = svc.gateway_error or "the router has not answered yet"
+    elif not front:
+        body["error"] = "the IGD front ([front]) is not serving yet"
+    up = up and front
     return web.json_response(body, status=200 if up else 503)
 
 

@@ -227,6 +227,12 @@ class Metrics:
         w.sample("igdtrigger_flows_total", counts.flows_matched, result="matched")
         w.sample("igdtrigger_flows_total", counts.flows_inbound, result="inbound")
         w.sample("igdtrigger_flows_total", counts.flows_refused, result="refused")
+        if svc.front_status is not None:  # front: the IGD front's answers (issue 14)
+            front = svc.front_status()
+            w.family("igdtrigger_front_requests_total", "counter",
+                     "IGD front client mapping requests: granted, or refused and why.")
+            for result, n in [("granted", front["granted"]), *sorted(front["refused"].items())]:
+                w.sample("igdtrigger_front_requests_total", n, result=result)
         w.family("igdtrigger_flows_live", "gauge",
                  "Live matching flows followed: they hold their activations.")
         w.sample("igdtrigger_flows_live", counts.flows_live)

@@ -261,6 +261,9 @@ def check_api(config: Config, server: str | None, token: str | None) -> list[Che
     else:
         out.append(Check("FAIL", "service's router", f"down: {gw.get('error')}",
                          "see `igdtrigger status` and the service's log"))
+    if isinstance(front := status.get("front"), dict):  # front: the IGD front (issue 14)
+        from igdtrigger.front.serving import front_checks  # lazy: only with a front
+        out.extend(Check(*c) for c in front_checks(front))
     for det in status.get("detectors", []):
         if det.get("name") == "conntrack":  # what the running service really sees
             out.append(Check("ok", "service's conntrack", f"sees flows: {det.get('detail')}")

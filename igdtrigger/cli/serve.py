@@ -138,6 +138,11 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
                       on_router_call=metrics.on_router_call, tracking=tracking)
     service.wire_detectors()  # drop flows no rule cares about before they cost anything
+    # front: the IGD front (issue 14), when [front] enabled
+    from igdtrigger.front.serving import build_front, drop_front
+    front = build_front(service, detectors) if config.front.enabled else None
+    if front is None:
+        drop_front(service)
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     guard = ConnectionGuard(ConnectionLimits().within_fd_limit(raise_fd_limit()))
@@ -169,6 +174,8 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     notifier = Notifier()
     try:
         await service.start()
+        if front is not None:  # front: serve once the service runs (restored journal)
+            await front.start()
         log.info(
             "igdtrigger serving %d rule(s) on http://%s:%d (config %s)",
             len(config.rules), config.api.host, config.api.port, config.source,
@@ -207,6 +214,8 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     with contextlib.suppress(OSError):
         (service.state_dir / ADMIN_SOCKET).unlink()
     service.hub.close_all()  # end event streams so the runner need not wait for them
+    if front is not None:  # front: no new client requests while the mappings go
+        await front.stop()
     removed = await service.stop()
     await runner.cleanup()
     if sim is not None:

@@ -15,6 +15,8 @@ from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 
 __all__ = [
     "ADHOC_META",
+    "FRONT_SOURCES",
+    "FRONT_TARGET",
     "MAX_TTL",
     "MIN_TTL",
     "PROCESS_RUNNING_WITHIN",
@@ -26,6 +28,7 @@ __all__ = [
     "adhoc_rule",
     "check_ttl",
     "description_for",
+    "mapping_target",
     "owned_by",
     "restored_adhoc_rule",
 ]
@@ -49,6 +52,14 @@ class Source(enum.StrEnum):
     PROCESS = "process"
     API = "api"
     RUN = "run"
+    # front: a LAN client's UPnP IGD / NAT-PMP / PCP request (igdtrigger/front, issue 14)
+    UPNP = "upnp"
+    NATPMP = "natpmp"
+    PCP = "pcp"
+
+
+FRONT_SOURCES = frozenset({Source.UPNP, Source.NATPMP, Source.PCP})  # front:
+FRONT_TARGET = "front_target"  # front: meta "<internal client> <internal port>" of its one port
 
 
 class EventKind(enum.StrEnum):
@@ -97,8 +108,8 @@ class Activation:
     def hold_reason(self, now: float) -> str:
         """Why it is open now, for a person: "2 live flows", "traffic 3s ago", "process
         running", "API, 12m left"."""
-        if self.source in (Source.API, Source.RUN):
-            label = "API" if self.source is Source.API else "run"
+        if self.source not in (Source.TRAFFIC, Source.PROCESS):  # API, run, front: timed
+            label = "API" if self.source is Source.API else self.source.value
             return f"{label}, {format_duration(self.expires - now)} left"
         if self.unproven and not self.holding:
             return (f"held before the restart, looking for its connection "
@@ -168,6 +179,13 @@ def restored_adhoc_rule(rule_name: str, meta: dict[str, str], ttl: float,
     if not ports or not permits(ports):
         return None
     return adhoc_rule(rule_name[len(ADHOC_PREFIX):], ports, ttl)
+
+
+def mapping_target(act: Activation, port: int) -> tuple[str, int]:
+    """Where ``act``'s mapping of external ``port`` points: its host and the same port, or
+    for a front client's mapping the target in ``meta[FRONT_TARGET]`` (front: issue 14)."""
+    client, _, iport = act.meta.get(FRONT_TARGET, "").partition(" ")
+    return (client, int(iport)) if iport.isdecimal() else (act.host, port)
 
 
 def description_for(rule: str, tag: str) -> str:

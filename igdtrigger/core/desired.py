@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Mapping
 
-from igdtrigger.core.activation import Activation, description_for
+from igdtrigger.core.activation import Activation, description_for, mapping_target
 from igdtrigger.core.model import MappingKey, MappingSpec
 from igdtrigger.core.rules import External, Rule, Share
 
@@ -175,7 +175,8 @@ class DesiredMap:
                 continue
             self._holder[key] = act
             port = key.external_port
+            client, iport = mapping_target(act, port)  # front: a client's own target
             self.specs[key] = MappingSpec(
-                proto=key.proto, external_port=port, internal_client=act.host, internal_port=port,
+                proto=key.proto, external_port=port, internal_client=client, internal_port=iport,
                 description=description_for(act.rule.name, self.tag),
                 external_any=act.rule.external is External.ANY)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 
 from igdtrigger.core.activation import (
     ADHOC_META,
+    FRONT_SOURCES,  # front:
     MAX_TTL,
     Activation,
     Clock,
@@ -430,7 +431,8 @@ class Engine:
         remaining = min(remaining, ttl)
         rule = self.rules.get(rule_name)
         if rule is None and adhoc is not None:
-            rule = restored_adhoc_rule(rule_name, meta, ttl, adhoc)
+            front = source in FRONT_SOURCES  # front: FrontManager.attach decides, not [api]
+            rule = restored_adhoc_rule(rule_name, meta, ttl, (lambda _: True) if front else adhoc)
         try:
             src = Source(source)
             ipaddress.ip_address(host)  # a row that is not what we wrote maps nowhere

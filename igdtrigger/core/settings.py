@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from igdtrigger.core.frontconfig import FrontConfig  # front:
 from igdtrigger.core.policy import permits
 from igdtrigger.core.ports import PortRange, Proto
 from igdtrigger.core.rules import Rule
@@ -165,6 +166,7 @@ class Config:
     state_dir: Path | None = None
     source: str = "<defaults>"
     launchers: tuple[tuple[str, str], ...] = ()  # ("steam:730", "cs2"): `run --infer` names
+    front: FrontConfig = field(default_factory=FrontConfig)  # front: the IGD front (issue 14)
 
     def rule(self, name: str) -> Rule | None:
         """The configured rule called ``name``, or ``None``."""

@@ -36,10 +36,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -52,11 +49,11 @@ from igdtrigger.detect.ctnetlink import (
     ConntrackParser,
     Wanted,
 )
+from igdtrigger.nftcmd import NftResult, Runner, find_nft, nft_why, run_nft
 
 __all__ = [
     "TABLE",
     "KernelTracking",
-    "NftResult",
     "Visibility",
     "merge_ranges",
     "probe_events",
@@ -69,11 +66,9 @@ log = logging.getLogger(__name__)
 TABLE = "inet igdtrigger"
 """The only nftables table igdtrigger creates, changes or deletes (``family name``)."""
 
-_NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft", "/bin/nft")
 _CHAINS = (("trigger_out", "output", True), ("trigger_fwd", "forward", True),
            ("open_in", "prerouting", False))
 
-Runner = Callable[[Sequence[str], str], "NftResult"]
 Probe = Callable[[float, "Wanted | None"], "bool | None"]
 
 
@@ -86,15 +81,6 @@ class Visibility:
 
     seen: bool
     text: str
-
-
-@dataclass(frozen=True, slots=True)
-class NftResult:
-    """What one ``nft`` invocation did: its exit status and output."""
-
-    returncode: int
-    stdout: str = ""
-    stderr: str = ""
 
 
 def merge_ranges(ranges: Iterable[PortRange]) -> dict[Proto, list[tuple[int, int]]]:
@@ -144,32 +130,6 @@ def ruleset(trigger: Iterable[PortRange], opened: Iterable[PortRange]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def find_nft() -> str | None:
-    """The ``nft`` binary: on ``$PATH``, else in the usual sbin directories (a service's PATH
-    may lack them)."""
-    found = shutil.which("nft")
-    if found:
-        return found
-    return next((p for p in _NFT_PATHS if os.access(p, os.X_OK)), None)
-
-
-def _run_nft(argv: Sequence[str], script: str) -> NftResult:
-    try:
-        p = subprocess.run(list(argv), input=script, capture_output=True, text=True,
-                           timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return NftResult(127, "", str(exc))
-    return NftResult(p.returncode, p.stdout, p.stderr)
-
-
-def _why(result: NftResult) -> str:
-    text = " ".join(result.stderr.split())[:300] or f"exit status {result.returncode}"
-    if "Operation not permitted" in text or "Permission denied" in text:
-        return ("not allowed to load nftables rules (needs CAP_NET_ADMIN: run as root or "
-                "with AmbientCapabilities=CAP_NET_ADMIN)")
-    return f"nft failed: {text}"
-
-
 def _netlink_why(exc: OSError) -> str:
     if exc.errno in (errno.EPERM, errno.EACCES):
         return ("not allowed to load nftables rules (needs CAP_NET_ADMIN: run as root or "
@@ -196,7 +156,7 @@ class KernelTracking:
                  netlink: bool = True) -> None:
         self.enabled = enabled
         self.nft = nft if nft is not None else find_nft()
-        self.runner: Runner = runner or _run_nft
+        self.runner: Runner = runner or run_nft
         self.probe: Probe = probe or probe_events
         self.netlink = netlink
         self.installed = False
@@ -217,7 +177,7 @@ class KernelTracking:
             self.via = "nft"
             if result.returncode == 0:
                 return ""
-            why = _why(result)
+            why = nft_why(result)
             if not self.netlink or why.startswith("not allowed"):
                 return why
             log.warning("nft could not load table %s (%s); writing it over netlink", TABLE, why)
@@ -237,7 +197,7 @@ class KernelTracking:
     def _delete(self) -> str:
         if self.nft is not None and not self._netlink_mode():
             result = self.runner([self.nft, "-f", "-"], remove_script())
-            return _why(result) if result.returncode != 0 else ""
+            return nft_why(result) if result.returncode != 0 else ""
         if not self.netlink:
             return "no nft command"
         try:

@@ -347,6 +347,8 @@ class Pipeline:
 
     async def _scheduler(self) -> None:
         while True:
+            if self.stopping:  # Python 3.11's wait_for drops a cancel that meets a wake()
+                return  # (gh-86296): without this, stop() waited for the next deadline
             self._wake.clear()
             self.round_started = self.clock()
             try:

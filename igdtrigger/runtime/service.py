@@ -75,6 +75,14 @@ class Service:
     ``wall`` epoch seconds (journal expiries that survive a reboot). Handlers call its methods
     only; the pipeline's parts are ``self.pipeline.*`` (for ``serve``, ``run`` and the tests)."""
 
+    # front: the IGD front (issue 14) sees every detector observation first (in-use of client
+    # mappings); front_serving: None = no front, False until it serves (/readyz); front_status:
+    # its part of status()
+    front_observer: Callable[[Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen], None] \
+        | None = None
+    front_serving: bool | None = None
+    front_status: Callable[[], dict[str, Any]] | None = None
+
     def __init__(
         self,
         config: Config,
@@ -317,6 +325,8 @@ class Service:
 
     def observe(self, obs: Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen) -> None:
         """The sink every detector reports to."""
+        if self.front_observer is not None:  # front:
+            self.front_observer(obs)
         if isinstance(obs, FlowsListed):
             self._flows_listed.add(obs.detector)
             running = {t.get_name() for t in self._tasks if not t.done()}  # started, alive
@@ -545,7 +555,10 @@ class Service:
 
     def status(self, *, max_activations: int = STATUS_ACTIVATIONS) -> StatusView:
         """The whole state (``views.status_view``)."""
-        return status_view(self, max_activations=max_activations)
+        view = status_view(self, max_activations=max_activations)
+        if self.front_status is not None:  # front: the IGD front's part
+            view["front"] = self.front_status()
+        return view
 
     @property
     def router_watch_listening(self) -> bool:
@@ -560,3 +573,19 @@ class Service:
     def rules(self) -> list[Rule]:
         """The configured rules, in configuration order."""
         return list(self.config.rules)
+
+    # front: the IGD front's one façade method (igdtrigger/front/manager.py, issue 14) ------------
+
+    async def front_activate(self, port: PortRange, host: str, *, ttl: float, source: Source,
+                             meta: dict[str, str], wait: float = APPLY_WAIT,
+                             ) -> tuple[Activation, Applied | None]:
+        """A LAN client's mapping, its policy already checked by the front: an ad-hoc activation
+        of the one external ``port`` for ``host`` (``meta[FRONT_TARGET]`` names the internal
+        target). Returns it and the mapper's record of its mapping once the router answered
+        (or after ``wait`` s; None: not applied yet). Raises ``UsageError`` while stopping,
+        ``ActivationLimit`` when the engine is full."""
+        if self._stopping:
+            raise UsageError("service is shutting down")
+        act = self._engine.activate_adhoc((port,), host, ttl=ttl, source=source, meta=meta)
+        await self._wait_applied(self._engine.generation, wait)
+        return act, self._mapper.applied.get(MappingKey(port.proto, port.first))

@@ -120,6 +120,7 @@ class StatusView(TypedDict):
     warnings: list[str]
     events: list[dict[str, Any]]
     api_connections: NotRequired[Any]
+    front: NotRequired[dict[str, Any]]  # front: the IGD front (issue 14), when enabled
 
 
 @dataclass(frozen=True, slots=True)

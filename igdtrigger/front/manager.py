@@ -1,0 +1,598 @@
+"""FrontManager: the one place a LAN client's port-mapping request becomes (or ends) an activation.
+
+Every protocol server of the front (UPnP IGD, NAT-PMP, PCP) hands the manager a
+:class:`ClientRequest` and answers its client with the :class:`Grant` or :class:`Refusal` it gets
+back (the contract: ``add``, ``delete``, ``lookup``, ``mappings``, ``external_address``,
+``epoch``); the servers never touch the engine, the mapper or the router themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import ipaddress
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from igdtrigger.core.activation import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
+from igdtrigger.core.errors import ActivationLimit, UsageError
+from igdtrigger.core.frontconfig import FrontConfig
+from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto, format_duration
+from igdtrigger.runtime.mapper import MapState
+
+if TYPE_CHECKING:
+    from igdtrigger.runtime.service import Service
+
+log = logging.getLogger("igdtrigger.front")
+
+__all__ = [
+    "ClientRequest",
+    "Forwarder",
+    "FrontManager",
+    "FrontMapping",
+    "FrontProtocol",
+    "Grant",
+    "Refusal",
+    "RefusalKind",
+]
+
+
+class FrontProtocol(enum.StrEnum):
+    """The protocol a client asked in (it names the activation's source)."""
+    UPNP = "upnp"
+    NATPMP = "natpmp"
+    PCP = "pcp"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """One client's request for a mapping.
+
+    ``client``: the requesting host's address (the packet's source). ``internal_client``: the
+    address asked for (UPnP NewInternalClient; = client for NAT-PMP/PCP). ``external_port`` 0 =
+    any. ``lease``: seconds; 0 = "permanent" -> ``max_lease``, renewed while in use.
+    ``allow_alternative``: another external port may be granted (AddAnyPortMapping, PCP without
+    PREFER_FAILURE, NAT-PMP). ``nonce``: the PCP mapping nonce (a different nonce may not touch
+    the mapping).
+    """
+
+    protocol: FrontProtocol
+    client: str
+    internal_client: str
+    internal_port: int
+    external_port: int
+    proto: Proto
+    lease: float
+    description: str = ""
+    allow_alternative: bool = False
+    nonce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What was granted: the external port (may differ from the one asked when alternatives
+    were allowed), the lease in seconds, the upstream router's external address ("" unknown)."""
+
+    external_port: int
+    lease: float
+    external_address: str
+
+
+class RefusalKind(enum.StrEnum):
+    """Why a request was refused; each protocol maps it onto its own codes:
+
+    ============== ======= ======= =========================
+    kind           UPnP    NAT-PMP PCP
+    ============== ======= ======= =========================
+    NOT_AUTHORIZED 606     2       NOT_AUTHORIZED
+    OTHER_CLIENT   718     2       NOT_AUTHORIZED
+    CONFLICT       718     4       CANNOT_PROVIDE_EXTERNAL
+    NO_RESOURCES   728     4       NO_RESOURCES
+    UPSTREAM       501     3       NETWORK_FAILURE
+    NO_SUCH        714     (ok)    (ok)
+    ============== ======= ======= =========================
+
+    OTHER_CLIENT answers 718 as miniupnpd does in secure mode (miniupnpd/upnpsoap.c).
+    """
+
+    NOT_AUTHORIZED = "not_authorized"
+    OTHER_CLIENT = "other_client"
+    CONFLICT = "conflict"
+    NO_RESOURCES = "no_resources"
+    UPSTREAM = "upstream"
+    NO_SUCH = "no_such"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why not (``kind``: the protocols' codes; ``reason``: for a person and the log)."""
+    kind: RefusalKind
+    reason: str
+
+
+@dataclass(slots=True)
+class FrontMapping:
+    """A mapping the front holds: the request that made it (its last renewal, with the
+    external port granted), the grant, when it was created and last in use and when its lease
+    ends (service clock, seconds; ``inf`` for lease 0: renewed while in use), and the id of the
+    activation carrying it."""
+
+    request: ClientRequest
+    grant: Grant
+    created: float
+    last_use: float
+    lease_end: float = math.inf
+    activation_id: str = ""
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        """For status (``idle``/``lease_left``: seconds at ``now``)."""
+        r = self.request
+        return {"protocol": r.protocol.value, "client": r.client,
+                "internal_client": r.internal_client, "internal_port": r.internal_port,
+                "external_port": self.grant.external_port, "proto": r.proto.value,
+                "lease_asked": r.lease, "lease": self.grant.lease,
+                "lease_left": None if math.isinf(self.lease_end)
+                else round(max(0.0, self.lease_end - now), 3),
+                "idle": round(max(0.0, now - self.last_use), 3),
+                "description": r.description, "activation": self.activation_id}
+
+
+class Forwarder(Protocol):
+    """Topology 1 (igdtrigger is the LAN's gateway): the inner DNAT from our own upstream address
+    to the client (``front/dnat.py``). The upstream mapping then points at
+    :meth:`upstream_address`, which a secure-mode ISP router accepts."""
+
+    def upstream_address(self) -> str | None:
+        """Our own address towards the upstream router (None: not known yet)."""
+
+    async def add(self, proto: Proto, external_port: int, client: str,
+                  internal_port: int) -> None:
+        """Forward ``external_port`` to ``client:internal_port``."""
+
+    async def remove(self, proto: Proto, external_port: int) -> None:
+        """Forward ``external_port`` no more."""
+
+
+_SOURCE = {p: Source(p.value) for p in FrontProtocol}
+# activation meta keys (kept in the journal: a restart rebuilds the front's table from them)
+M_CLIENT = "front_client"
+M_INTERNAL = "front_internal"  # "<internal client> <internal port>" (the target is ours: DNAT)
+M_DESC = "front_description"
+M_LEASE = "front_lease"  # lease asked (s, "0" = permanent)
+M_NONCE = "front_nonce"  # PCP nonce, hex
+M_LEASE_END = "front_lease_end"  # wall-clock end of a timed lease
+MAX_DESCRIPTION = 128  # characters of a client's description kept
+ALTERNATIVE_TRIES = 64  # free ports looked at for an alternative
+UPSTREAM_TRIES = 3  # alternatives tried when the upstream router refuses a port as taken
+
+
+def clean_description(text: str) -> str:
+    """A client's description as kept and shown: printable, at most MAX_DESCRIPTION chars."""
+    return "".join(c for c in text if c.isprintable())[:MAX_DESCRIPTION]
+
+
+class FrontManager:
+    """Client requests -> activations through the service façade.
+
+    Policy, in the order miniupnpd applies it: secure mode (a client maps only to itself: else
+    OTHER_CLIENT, UPnP 718), the ``allow``/``deny`` lines (else NOT_AUTHORIZED, UPnP 606), a live
+    mapping of another client on the port (CONFLICT, 718; with ``allow_alternative`` another free
+    port the lines allow is granted), ``max_per_client`` (NO_RESOURCES). Each mapping is an
+    ad-hoc activation (source ``upnp``/``natpmp``/``pcp``) of its one external port: the engine
+    times it, the mapper maps it upstream, the journal keeps it across a crash.
+
+    Lifetime: a lease ``L`` > 0 is granted as ``min(L, max_lease)``; lease 0 as ``max_lease``,
+    renewed while in use. The activation ends at ``min(lease end, last use + idle_timeout)``;
+    "use" is the client renewing or a flow to/from the mapped internal port of the client (or
+    arriving on the external port) reported by a detector (:meth:`observe`).
+    """
+
+    def __init__(self, service: Service, settings: FrontConfig, *,
+                 forwarder: Forwarder | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.service = service
+        self.settings = settings
+        self.forwarder = forwarder
+        self.clock = service.pipeline.engine.clock
+        self.wall = wall
+        self._started = self.clock()
+        self._by_key: dict[MappingKey, FrontMapping] = {}
+        self._by_internal: dict[tuple[Proto, str, int], MappingKey] = {}
+        self._lock = asyncio.Lock()
+        self.refused: collections.Counter[str] = collections.Counter()  # kind -> count
+        self.granted = 0
+
+    # --- the contract ------------------------------------------------------------------------
+
+    async def add(self, req: ClientRequest) -> Grant | Refusal:
+        """Grant (or renew) ``req``'s mapping, or say why not; never raises for a client's bad
+        input (that is a refusal naming it)."""
+        req = replace(req, description=clean_description(req.description))
+        async with self._lock:  # one decision at a time: two clients racing for a port
+            result = await self._add(req)
+        if isinstance(result, Refusal):
+            self.refused[result.kind.value] += 1
+            log.info("front: %s %s %s:%d -> %s:%d refused (%s): %s", req.protocol, req.client,
+                     req.proto.value, req.external_port, req.internal_client, req.internal_port,
+                     result.kind.value, result.reason)
+        return result
+
+    async def delete(self, protocol: FrontProtocol, client: str, external_port: int, proto: Proto,
+                     nonce: bytes | None = None) -> Refusal | None:
+        """End ``client``'s mapping of ``proto``/``external_port`` (removed upstream at once).
+        NO_SUCH when there is none; OTHER_CLIENT when it is another client's (UPnP answers 606
+        then, as miniupnpd in secure mode); NOT_AUTHORIZED for a PCP nonce that is not its."""
+        async with self._lock:
+            m = self.lookup(external_port, proto)
+            if m is None:
+                return Refusal(RefusalKind.NO_SUCH, f"no mapping of {proto.value} port "
+                               f"{external_port}")
+            if self.settings.secure_mode and client not in (m.request.client,
+                                                            m.request.internal_client):
+                return Refusal(RefusalKind.OTHER_CLIENT,
+                               f"{proto.value} port {external_port} is mapped for "
+                               f"{m.request.internal_client}, not {client}")
+            if (m.request.nonce is not None and nonce is not None and nonce != m.request.nonce):
+                return Refusal(RefusalKind.NOT_AUTHORIZED, "the mapping nonce does not match")
+            await self._end(m, f"deleted by {client} ({protocol})")
+        return None
+
+    def lookup(self, external_port: int, proto: Proto) -> FrontMapping | None:
+        """The live mapping of ``proto``/``external_port``, if the front holds one."""
+        m = self._by_key.get(MappingKey(proto, external_port))
+        if m is not None and not self._live(m):
+            return None
+        return m
+
+    def mappings(self) -> list[FrontMapping]:
+        """Every live mapping, oldest first."""
+        return sorted((m for m in list(self._by_key.values()) if self._live(m)),
+                      key=lambda m: m.created)
+
+    async def external_address(self) -> str | None:
+        """The UPSTREAM router's external address (None: unknown). Behind double NAT it is
+        private: apps get it anyway, status and doctor say so (:meth:`double_nat`)."""
+        info = self.service.gateway.info
+        if info is None or not info.external_known:
+            return None
+        return info.external_address.strip()
+
+    def epoch(self) -> int:
+        """Seconds since the front started serving (the NAT-PMP/PCP epoch, RFC 6886 §3.6)."""
+        return int(max(0.0, self.clock() - self._started))
+
+    # --- beyond the contract -------------------------------------------------------------------
+
+    def double_nat(self) -> str | None:
+        """What the upstream's external address says (None: public): for status and doctor."""
+        info = self.service.gateway.info
+        return None if info is None else info.external_warning()
+
+    def status(self) -> dict[str, Any]:
+        """The front's part of status: epoch, upstream address, mappings, grants, refusals."""
+        now = self.clock()
+        info = self.service.gateway.info
+        return {
+            "enabled": True, "epoch": self.epoch(),
+            "external_address": (info.external_address.strip() or None) if info else None,
+            "double_nat": self.double_nat(),
+            "mappings": [m.to_json(now) for m in self.mappings()],
+            "granted": self.granted, "refused": dict(self.refused)}
+
+    def attach(self) -> int:
+        """After the service restored its journal: take back the front's activations (listed
+        again, removed by the next stop) when the policy still allows them, end the others.
+        Returns how many came back."""
+        back = 0
+        for act in list(self.service.pipeline.engine.activations.values()):
+            if act.source not in FRONT_SOURCES:
+                continue
+            m = self._from_activation(act)
+            if m is None or self._policy(m.request) is not None:
+                self.service.pipeline.engine.deactivate(act.id)
+                continue
+            self._index(m)
+            back += 1
+        if back:
+            log.info("front: %d client mapping(s) restored from the journal", back)
+        self.service.wake()
+        return back
+
+    def wants(self, proto: Proto, port: int) -> bool:
+        """Detector prefilter: a flow to ``port`` is use of a mapping (its external port, or an
+        internal port of one)."""
+        if MappingKey(proto, port) in self._by_key:
+            return True
+        return any(p is proto and ip == port for p, _c, ip in self._by_internal)
+
+    def observe(self, obs: object) -> None:
+        """A detector's observation (the service passes every one): a new flow, or a later look
+        that saw packets, to or from a mapped internal port of its client, or arriving on a
+        mapped external port, is use."""
+        ago = 0.0  # a later look dates its last packet (``idle`` seconds ago)
+        if isinstance(obs, FlowLive):
+            if obs.idle is None and not obs.connected:
+                return
+            ago = max(0.0, obs.idle or 0.0)
+            obs = obs.flow
+        if isinstance(obs, Flow) and (m := self._matching(obs)) is not None:
+            self._used(m, at=self.clock() - ago)
+
+    def follows(self, flow: Flow) -> bool:
+        """Detectors keep looking at a flow that is use of a live mapping (its later packets
+        keep the mapping in use)."""
+        return self._matching(flow) is not None
+
+    def _matching(self, flow: Flow) -> FrontMapping | None:
+        if not self._by_key:
+            return None
+        for key in (self._by_internal.get((flow.proto, str(flow.src), flow.sport)),
+                    self._by_internal.get((flow.proto, str(flow.dst), flow.dport)),
+                    MappingKey(flow.proto, flow.dport)):
+            m = self._by_key.get(key) if key is not None else None
+            if m is not None and self._live(m):
+                return m
+        return None
+
+    async def stop(self) -> None:
+        """The service's stop ends the activations (and upstream mappings); forwards go here."""
+        if self.forwarder is not None:
+            for m in list(self._by_key.values()):
+                await self.forwarder.remove(m.request.proto, m.grant.external_port)
+        self._by_key.clear()
+        self._by_internal.clear()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _check(self, req: ClientRequest) -> str | None:
+        for text in (req.client, req.internal_client):
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(text)
+                continue
+            return f"{text!r} is not an IP address"
+        if not 1 <= req.internal_port <= 65535:
+            return f"internal port {req.internal_port} is outside 1-65535"
+        if not 0 <= req.external_port <= 65535:
+            return f"external port {req.external_port} is outside 0-65535"
+        if not (math.isfinite(req.lease) and req.lease >= 0):
+            return f"lease {req.lease!r} is not a number of seconds"
+        return None
+
+    def _policy(self, req: ClientRequest, external_port: int | None = None) -> Refusal | None:
+        """Secure mode then the allow/deny lines, for ``external_port`` (default the asked one)."""
+        if self.settings.secure_mode and req.internal_client != req.client:
+            return Refusal(RefusalKind.OTHER_CLIENT,
+                           f"{req.client} may map ports only to itself, not to "
+                           f"{req.internal_client} (secure mode)")
+        port = req.external_port if external_port is None else external_port
+        line = self.settings.acl.check(port, req.internal_client, req.internal_port)
+        if line is None or not line.allow:
+            why = f"denied by [front] allow line {line.text!r}" if line else \
+                "no [front] allow line matches"
+            return Refusal(RefusalKind.NOT_AUTHORIZED,
+                           f"{req.proto.value} {port} -> {req.internal_client}:"
+                           f"{req.internal_port}: {why}")
+        return None
+
+    def _taken(self, key: MappingKey, req: ClientRequest) -> str | None:
+        """Who else holds ``key`` now: another client's front mapping, or a rule's activation."""
+        m = self.lookup(key.external_port, key.proto)
+        if m is not None:
+            if m.request.internal_client == req.internal_client:
+                return None
+            return f"mapped for {m.request.internal_client}"
+        spec = self.service.desired().get(key)
+        if spec is not None:
+            return f"held by igdtrigger for {spec.internal_client} ({spec.description})"
+        app = self.service.pipeline.mapper.applied.get(key)
+        if app is not None and app.state is MapState.CONFLICT:
+            return "mapped on the upstream router by another host"
+        return None
+
+    def _alternatives(self, req: ClientRequest) -> Iterator[int]:
+        """Ports to offer instead: the internal port, then ports around the asked one, then
+        random ones; only those the allow lines permit and nobody holds."""
+        seen: set[int] = set()
+        start = req.external_port or req.internal_port
+        candidates = [req.internal_port, *(start + d for d in range(1, 16)),
+                      *(secrets.randbelow(65535 - 1024) + 1024
+                        for _ in range(ALTERNATIVE_TRIES))]
+        for port in candidates:
+            if port in seen or not 1 <= port <= 65535:
+                continue
+            seen.add(port)
+            if (self._policy(req, port) is None
+                    and self._taken(MappingKey(req.proto, port), req) is None):
+                yield port
+
+    def _grant_lease(self, lease: float) -> float:
+        return self.settings.max_lease if lease == 0 else min(max(lease, 1.0),
+                                                              self.settings.max_lease)
+
+    async def _add(self, req: ClientRequest) -> Grant | Refusal:
+        if (bad := self._check(req)) is not None:
+            return Refusal(RefusalKind.NOT_AUTHORIZED, bad)
+        if self.settings.secure_mode and req.internal_client != req.client:
+            return self._policy(req) or Refusal(RefusalKind.OTHER_CLIENT, "secure mode")
+        own = self.lookup(req.external_port, req.proto) if req.external_port else None
+        if own is not None and own.request.internal_client == req.internal_client:
+            if own.request.nonce is not None and req.nonce != own.request.nonce:
+                return Refusal(RefusalKind.NOT_AUTHORIZED, "the mapping nonce does not match")
+            if own.request.internal_port == req.internal_port:
+                return self._renew(own, req)
+            await self._end(own, "replaced by its client")  # same client, another target
+        refusal: Refusal | None = None
+        port: int | None = None
+        if req.external_port:
+            key = MappingKey(req.proto, req.external_port)
+            refusal = self._policy(req)
+            if refusal is None and (taken := self._taken(key, req)) is not None:
+                refusal = Refusal(RefusalKind.CONFLICT, f"{key} is {taken}")
+            if refusal is None:
+                port = req.external_port
+            elif not req.allow_alternative:
+                return refusal
+        live = sum(1 for m in self._by_key.values()
+                   if m.request.internal_client == req.internal_client)
+        if live >= self.settings.max_per_client:
+            return Refusal(RefusalKind.NO_RESOURCES, f"{req.internal_client} already holds "
+                           f"{live} mappings, the [front] max_per_client limit")
+        tries = UPSTREAM_TRIES if req.allow_alternative else 1
+        result: Grant | Refusal = refusal or Refusal(RefusalKind.NO_RESOURCES, "no port")
+        for _ in range(tries):
+            if port is None:
+                port = next(self._alternatives(req), None)
+            if port is None:
+                if refusal is None or refusal.kind is RefusalKind.CONFLICT:
+                    return Refusal(RefusalKind.NO_RESOURCES, "no free external port the "
+                                   "[front] allow lines permit")
+                return refusal
+            result = await self._map(req, MappingKey(req.proto, port))
+            if not (isinstance(result, Refusal) and result.kind is RefusalKind.CONFLICT):
+                break
+            port = None
+        return result
+
+    async def _map(self, req: ClientRequest, key: MappingKey) -> Grant | Refusal:
+        """Make the activation and wait for the upstream router's answer."""
+        lease = self._grant_lease(req.lease)
+        now = self.clock()
+        if self.forwarder is not None:
+            upstream = self.forwarder.upstream_address()
+            if upstream is None:
+                return Refusal(RefusalKind.UPSTREAM, "our own upstream address is unknown")
+            target = f"{upstream} {key.external_port}"
+        else:
+            target = f"{req.internal_client} {req.internal_port}"
+        meta = {FRONT_TARGET: target, M_CLIENT: req.client,
+                M_INTERNAL: f"{req.internal_client} {req.internal_port}",
+                M_DESC: req.description, M_LEASE: f"{req.lease:g}"}
+        if req.nonce is not None:
+            meta[M_NONCE] = req.nonce.hex()
+        if req.lease:
+            meta[M_LEASE_END] = f"{self.wall() + lease:.3f}"
+        ttl = min(lease, self.settings.idle_timeout)
+        try:
+            act, applied = await self.service.front_activate(
+                PortRange(key.proto, key.external_port, key.external_port), req.internal_client,
+                ttl=max(ttl, MIN_TTL), source=_SOURCE[req.protocol], meta=meta)
+        except (ActivationLimit, UsageError) as exc:
+            return Refusal(RefusalKind.NO_RESOURCES, str(exc))
+        if applied is None or applied.state is not MapState.ACTIVE:
+            state = "no answer yet" if applied is None else (
+                f"{applied.state.value}: {applied.error}" if applied.error
+                else applied.state.value)
+            self.service.pipeline.engine.deactivate(act.id)
+            self.service.wake()
+            kind = (RefusalKind.CONFLICT if applied is not None
+                    and applied.state is MapState.CONFLICT else RefusalKind.UPSTREAM)
+            return Refusal(kind, f"the upstream router did not map {key} ({state})")
+        grant = Grant(external_port=key.external_port, lease=lease,
+                      external_address=await self.external_address() or "")
+        m = FrontMapping(request=replace(req, external_port=key.external_port), grant=grant,
+                         created=now, last_use=now,
+                         lease_end=now + lease if req.lease else math.inf,
+                         activation_id=act.id)
+        if self.forwarder is not None:
+            await self.forwarder.add(req.proto, key.external_port, req.internal_client,
+                                     req.internal_port)
+        self._index(m)
+        self.granted += 1
+        log.info("front: %s %s mapped %s -> %s:%d for %s (%s)", req.protocol, req.client, key,
+                 req.internal_client, req.internal_port, format_duration(lease),
+                 meta[M_DESC] or "no description")
+        return grant
+
+    def _renew(self, m: FrontMapping, req: ClientRequest) -> Grant:
+        lease = self._grant_lease(req.lease)
+        now = self.clock()
+        m.request = replace(req, external_port=m.grant.external_port)
+        m.lease_end = now + lease if req.lease else math.inf
+        m.grant = replace(m.grant, lease=lease)
+        act = self.service.pipeline.engine.activations.get(m.activation_id)
+        if act is not None:
+            act.meta[M_LEASE] = f"{req.lease:g}"
+            act.meta[M_DESC] = req.description
+            if req.lease:
+                act.meta[M_LEASE_END] = f"{self.wall() + lease:.3f}"
+            else:
+                act.meta.pop(M_LEASE_END, None)
+        self._used(m, force=True)
+        return m.grant
+
+    def _used(self, m: FrontMapping, *, at: float | None = None, force: bool = False) -> None:
+        """In use at ``at`` (default now): the activation's end moves to min(lease end,
+        at + idle_timeout), never earlier."""
+        now = self.clock()
+        at = now if at is None else min(at, now)
+        if at <= m.last_use and not force:
+            return
+        m.last_use = max(m.last_use, at)
+        end = min(m.lease_end, m.last_use + self.settings.idle_timeout)
+        act = self.service.pipeline.engine.activations.get(m.activation_id)
+        if act is None or (not force and end - act.expires < 1.0):
+            return  # moves by under a second: not worth a journal write
+        with contextlib.suppress(UsageError, KeyError):
+            self.service.pipeline.engine.heartbeat(act.id, max(MIN_TTL, end - now))
+            self.service.wake()
+
+    async def _end(self, m: FrontMapping, why: str) -> None:
+        self._unindex(m)
+        if m.activation_id in self.service.pipeline.engine.activations:
+            await self.service.deactivate(m.activation_id)
+        if self.forwarder is not None:
+            await self.forwarder.remove(m.request.proto, m.grant.external_port)
+        log.info("front: %s %s %s", m.request.proto.value, m.grant.external_port, why)
+
+    def _live(self, m: FrontMapping) -> bool:
+        if m.activation_id in self.service.pipeline.engine.activations:
+            return True
+        self._unindex(m)  # the engine ended it (lease or idle): gone upstream; the runner
+        return False  # syncs the forwarder's inner rules with mappings() every second
+
+    def _index(self, m: FrontMapping) -> None:
+        key = MappingKey(m.request.proto, m.grant.external_port)
+        self._by_key[key] = m
+        self._by_internal[(m.request.proto, m.request.internal_client,
+                           m.request.internal_port)] = key
+
+    def _unindex(self, m: FrontMapping) -> None:
+        key = MappingKey(m.request.proto, m.grant.external_port)
+        if self._by_key.get(key) is m:
+            del self._by_key[key]
+        ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
+        if self._by_internal.get(ik) == key:
+            del self._by_internal[ik]
+
+    def _from_activation(self, act: Activation) -> FrontMapping | None:
+        """A journaled activation back as a front mapping (None: not one we wrote)."""
+        meta = act.meta
+        internal_client, _, iport_s = meta.get(M_INTERNAL, "").partition(" ")
+        if (len(act.rule.open) != 1 or not iport_s.isdecimal() or M_CLIENT not in meta
+                or internal_client != act.host or not 1 <= int(iport_s) <= 65535):
+            return None
+        rng = act.rule.open[0]
+        try:
+            asked = float(meta.get(M_LEASE, "0"))
+            nonce = bytes.fromhex(meta[M_NONCE]) if M_NONCE in meta else None
+            lease_end_wall = float(meta[M_LEASE_END]) if M_LEASE_END in meta else math.inf
+        except ValueError:
+            return None
+        req = ClientRequest(protocol=FrontProtocol(act.source.value), client=meta[M_CLIENT],
+                            internal_client=internal_client, internal_port=int(iport_s),
+                            external_port=rng.first, proto=rng.proto, lease=asked,
+                            description=meta.get(M_DESC, ""), nonce=nonce)
+        now = self.clock()
+        lease_end = (now + lease_end_wall - self.wall() if math.isfinite(lease_end_wall)
+                     else math.inf)
+        grant = Grant(external_port=rng.first, lease=self._grant_lease(asked),
+                      external_address="")
+        return FrontMapping(request=req, grant=grant, created=act.created, last_use=now,
+                            lease_end=lease_end, activation_id=act.id)

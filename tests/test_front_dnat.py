@@ -1,0 +1,218 @@
+"""The front's inner DNAT (topology 1): the nft transaction, read-back, sweep, the forward
+chain check; against the real nft in a network namespace of the test's own when it can."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from igdtrigger.core.errors import ConfigError
+from igdtrigger.core.model import Proto
+from igdtrigger.front.dnat import (
+    COMMENT,
+    DnatForwarder,
+    DnatRule,
+    InnerDnat,
+    forward_check,
+    parse_chain,
+    read_forward_drops,
+)
+from igdtrigger.front.topology import topology_checks, topology_status
+from igdtrigger.nftcmd import NftResult, Runner
+
+A = DnatRule(Proto.UDP, 40000, "10.8.0.10", 40001)
+B = DnatRule(Proto.TCP, 40002, "10.8.0.11", 40002)
+
+
+def test_script_redefines_the_table_and_our_accept_rules() -> None:
+    d = InnerDnat("eth0", forward_chain="inet filter forward", nft="nft")
+    script = d.script([A, B, A], stale_handles=[7])
+    assert script.startswith("table ip igdtrigger_front {}\ndelete table ip igdtrigger_front\n")
+    assert script.count("dnat to") == 2
+    assert 'iifname "eth0" fib daddr type local udp dport 40000 dnat to 10.8.0.10:40001' in script
+    assert "delete rule inet filter forward handle 7" in script
+    assert ('add rule inet filter forward iifname "eth0" ip daddr 10.8.0.11 tcp dport 40002 '
+            f'ct status dnat accept comment "{COMMENT}"') in script
+    assert "ct status dnat ip daddr 10.8.0.11 tcp dport 40002 counter" in script
+    assert "ip saddr 10.8.0.10 udp sport 40001 counter" in script
+    assert "add rule" not in InnerDnat("eth0", nft="nft").script([A])  # no accept rules
+
+
+@pytest.mark.parametrize("bad", ["filter forward", "inet filter", "foo filter forward",
+                                 "inet filter forward;flush", "inet a b c"])
+def test_bad_forward_chain_is_named(bad: str) -> None:
+    with pytest.raises(ConfigError, match="forward_chain"):
+        parse_chain(bad)
+
+
+def test_bad_rules_and_interfaces_are_refused() -> None:
+    with pytest.raises(ValueError, match="IPv4"):
+        DnatRule(Proto.UDP, 1, "::1", 1)
+    with pytest.raises(ValueError, match="external port"):
+        DnatRule(Proto.UDP, 0, "10.0.0.1", 1)
+    with pytest.raises(ConfigError, match="interface"):
+        InnerDnat('eth0"; flush ruleset')
+
+
+def test_failed_transaction_raises_with_nft_s_reason_and_keeps_state() -> None:
+    calls: list[Sequence[str]] = []
+
+    def runner(argv: Sequence[str], script: str) -> NftResult:
+        calls.append(argv)
+        return NftResult(1, "", "Error: Could not process rule: Operation not permitted")
+
+    d = InnerDnat("eth0", nft="nft", runner=runner)
+    with pytest.raises(OSError, match="CAP_NET_ADMIN"):
+        d.add(A)
+    assert d.rules == frozenset() and not d.installed
+    no_nft = InnerDnat("eth0", nft="nft", runner=runner)
+    no_nft.nft = None
+    with pytest.raises(OSError, match="install nftables"):
+        no_nft.add(A)
+    assert len(calls) == 1
+
+
+def _ruleset(policy: str, rules: list[dict[str, object]]) -> str:
+    items: list[dict[str, object]] = [
+        {"chain": {"family": "inet", "table": "filter", "name": "forward", "hook": "forward",
+                   "type": "filter", "prio": 0, "policy": policy}},
+        {"chain": {"family": "inet", "table": "filter", "name": "input", "hook": "input",
+                   "type": "filter", "prio": 0, "policy": "drop"}},
+    ]
+    items += [{"rule": {"family": "inet", "table": "filter", "chain": "forward", **r}}
+              for r in rules]
+    return json.dumps({"nftables": items})
+
+
+CT_STATUS = {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+UDP_1 = {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                   "right": 1}}
+CT_DNAT: dict[str, object] = {"expr": [CT_STATUS, {"accept": None}]}
+NARROW: dict[str, object] = {"expr": [UDP_1, CT_STATUS, {"accept": None}]}
+
+
+def test_forward_check_names_the_dropping_chain() -> None:
+    drops = forward_check(_ruleset("drop", []))
+    assert [d.chain for d in drops] == ["inet filter forward"]  # the input chain is not ours
+    assert "ct status dnat accept" in drops[0].text and "forward_chain" in drops[0].text
+    assert forward_check(_ruleset("drop", [CT_DNAT])) == []
+    assert forward_check(_ruleset("accept", [])) == []
+    assert len(forward_check(_ruleset("drop", [NARROW]))) == 1  # one port is not every flow
+    assert forward_check(_ruleset("drop", []), forward_chain="inet filter forward") == []
+    assert forward_check("not json") == []
+
+
+# --- the real nft, in a namespace of our own ----------------------------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None:
+        if os.environ.get("IGDTRIGGER_REQUIRE_LAB") == "1":
+            pytest.fail("root, ip and nft are needed (IGDTRIGGER_REQUIRE_LAB=1)")
+        pytest.skip("needs root, ip and nft")
+    name = f"igdt-dnat-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "sh", "-ec",
+                        "ip link add eth0 type veth peer name eth1; ip link set eth0 up; "
+                        "nft add table inet filter; nft 'add chain inet filter forward "
+                        "{ type filter hook forward priority 0; policy drop; }'"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _in(ns: str) -> Runner:
+    def runner(argv: Sequence[str], script: str) -> NftResult:
+        p = subprocess.run(["ip", "netns", "exec", ns, *argv], input=script,
+                           capture_output=True, text=True, timeout=10, check=False)
+        return NftResult(p.returncode, p.stdout, p.stderr)
+    return runner
+
+
+def test_real_nft_add_remove_sweep_and_clear(netns: str) -> None:
+    runner = _in(netns)
+    d = InnerDnat("eth0", forward_chain="inet filter forward", runner=runner)
+    assert [x.chain for x in read_forward_drops(runner=runner) or []] == ["inet filter forward"]
+    d.add(A)
+    d.add(B)
+    assert d.loaded() == sorted([A, B])
+    assert len(d.our_accept_handles()) == 2
+    d.remove(A)
+    assert d.loaded() == [B] and len(d.our_accept_handles()) == 1
+    # a crashed run's table and accept rules: the next instance's first apply sweeps them
+    fresh = InnerDnat("eth0", forward_chain="inet filter forward", runner=runner)
+    fresh.apply([A])
+    assert fresh.loaded() == [A] and len(fresh.our_accept_handles()) == 1
+    fresh.clear()
+    assert fresh.loaded() == [] and fresh.our_accept_handles() == []
+    listing = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "ruleset"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "igdtrigger" not in listing and "chain forward" in listing  # theirs untouched
+
+
+def test_topology_status_and_doctor_lines() -> None:
+    host = topology_status(None, None)
+    assert host["kind"] == "host" and "secure mode off" in host["router"]
+    assert topology_checks(host)[0][:2] == ("ok", "front topology")
+    fwd = DnatForwarder(InnerDnat("eth0", nft="nft"), "127.0.0.1")
+    drops = forward_check(_ruleset("drop", []))
+    gw = topology_status(fwd, drops)
+    assert gw["kind"] == "gateway" and gw["upstream_interface"] == "eth0"
+    levels = [(c[0], c[1]) for c in topology_checks(gw)]
+    assert ("FAIL", "front forwarding") in levels
+    assert ("warn", "front forwarding") in [(c[0], c[1]) for c in
+                                            topology_checks(topology_status(fwd, None))]
+    assert [c[0] for c in topology_checks(topology_status(fwd, []))] == ["ok"]
+    assert topology_checks({}) == []
+
+
+async def test_forwarder_follows_the_mappings(netns: str) -> None:
+    from igdtrigger.front.manager import (
+        ClientRequest,
+        FrontMapping,
+        FrontProtocol,
+        Grant,
+    )
+
+    def mapping(port: int, client: str) -> FrontMapping:
+        req = ClientRequest(FrontProtocol.NATPMP, client, client, port, port, Proto.UDP, 60.0)
+        return FrontMapping(req, Grant(port, 60.0, ""), 0.0, 0.0, 60.0)
+
+    fwd = DnatForwarder(InnerDnat("eth0", runner=_in(netns)), "127.0.0.1")
+    await fwd.restore([mapping(40000, "10.8.0.10")])  # a crashed run's table: swept to this
+    await fwd.add(Proto.UDP, 40001, "10.8.0.11", 40001)
+    assert [r.external_port for r in fwd.dnat.loaded()] == [40000, 40001]
+    await fwd.remove(Proto.UDP, 40000)
+    await fwd.sync([mapping(40001, "10.8.0.11"), mapping(40002, "10.8.0.12")])
+    assert [r.external_port for r in fwd.dnat.loaded()] == [40001, 40002]
+    await fwd.close()
+    assert fwd.dnat.loaded() == []
+
+
+def test_packets_counted_per_client_port_both_directions() -> None:
+    def rule(field: str, addr: str, port_field: str, port: int, packets: int) -> dict[str, object]:
+        return {"rule": {"family": "ip", "table": "igdtrigger_front", "chain": "used", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+                       "right": addr}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp",
+                                                        "field": port_field}}, "right": port}},
+            {"counter": {"packets": packets, "bytes": packets * 30}}]}}
+
+    listing = json.dumps({"nftables": [rule("daddr", "10.8.0.10", "dport", 40001, 3),
+                                       rule("saddr", "10.8.0.10", "sport", 40001, 4),
+                                       rule("saddr", "10.8.0.11", "sport", 40002, 0)]})
+
+    def runner(argv: Sequence[str], script: str) -> NftResult:
+        assert list(argv[-3:]) == ["ip", "igdtrigger_front", "used"]
+        return NftResult(0, listing)
+
+    counts = InnerDnat("eth0", nft="nft", runner=runner).packets()
+    assert counts == {(Proto.UDP, "10.8.0.10", 40001): 7, (Proto.UDP, "10.8.0.11", 40002): 0}
