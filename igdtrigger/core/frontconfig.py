@@ -21,7 +21,7 @@ from typing import Any
 
 from igdtrigger.core.acl import DEFAULT_ACL, Acl, parse_acl
 from igdtrigger.core.errors import ConfigError
-from igdtrigger.core.model import parse_duration
+from igdtrigger.core.ports import parse_duration
 
 __all__ = ["FRONT_KEYS", "MAX_LEASE_LIMIT", "FrontConfig", "parse_front"]
 
