@@ -549,13 +549,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"  rule {r.name}: open {compress_ports(str(p) for p in r.open)}; trigger "
               f"{trig}{proc}; idle {format_duration(r.idle_timeout)}")
     if front.enabled:
-        allowing = any(line.allow for line in front.acl.lines)
-        print(f"  front: UPnP IGD, NAT-PMP, PCP on "
-              f"{', '.join(front.interfaces) or 'every private interface but the upstream one'}"
-              f"; {len(front.acl.lines)} allow/deny line(s)"
-              f"{'' if allowing else ', none allows: every client request is refused'}; "
-              f"lease up to {format_duration(front.max_lease)}, idle "
-              f"{format_duration(front.idle_timeout)}")
+        print(f"  front: {front.summary()}")
     if not config.rules:
         print("  no rules: only the front's clients can open ports" if front.enabled
               else "  no rules: nothing can be opened until you add [[rules]]")
