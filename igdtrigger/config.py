@@ -21,8 +21,8 @@ from typing import Any, NoReturn, TypeVar
 from igdtrigger.configfields import Section, show
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.frontconfig import FRONT_KEYS, parse_front  # front: [front]
-from igdtrigger.core.model import format_duration
 from igdtrigger.core.policy import hides_privileged
+from igdtrigger.core.ports import format_duration
 from igdtrigger.core.rules import DEFAULT_IDLE, EXTERNAL_MODES, SHARE_MODES, External, Rule, Share
 from igdtrigger.core.settings import (
     BACKENDS,

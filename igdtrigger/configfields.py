@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from igdtrigger.core.errors import ConfigError
-from igdtrigger.core.model import PortRange, parse_duration, parse_port_spec
+from igdtrigger.core.ports import PortRange, parse_duration, parse_port_spec
 
 __all__ = ["Section", "show"]
 

@@ -349,3 +349,75 @@ async def test_the_same_client_may_retarget_its_port_and_a_foreign_nonce_may_not
     gone = await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"b" * 12)
     assert isinstance(gone, Refusal) and gone.kind is RefusalKind.NOT_AUTHORIZED
     assert await front.delete(FrontProtocol.PCP, A, 40002, Proto.UDP, nonce=b"a" * 12) is None
+
+
+@pytest.mark.parametrize("protocol", [FrontProtocol.NATPMP, FrontProtocol.PCP])
+async def test_an_alternative_allowed_request_for_another_internal_port_never_ends_a_mapping(
+        front: FrontManager, gw: FakeGateway, protocol: FrontProtocol) -> None:
+    """NAT-PMP/PCP suggesting the external port of the same host's mapping of another internal
+    port get another port (as miniupnpd's natpmp.c moves on to the next port); it used to end
+    the UPnP mapping ("replaced by its client") and, picked as an alternative, orphan it."""
+    assert isinstance(await front.add(req(port=40000, iport=40000)), Grant)
+    assert isinstance(await front.add(req(port=40001, iport=40001)), Grant)
+    ask = replace(req(port=40000, iport=5000, alt=True, protocol=protocol),
+                  nonce=b"n" * 12 if protocol is FrontProtocol.PCP else None)
+    got = await front.add(ask)
+    assert isinstance(got, Grant) and got.external_port not in (40000, 40001)
+    assert gw.table[MappingKey(Proto.UDP, 40000)][0].internal_port == 40000
+    assert gw.table[MappingKey(Proto.UDP, 40001)][0].internal_port == 40001
+    assert gw.table[MappingKey(Proto.UDP, got.external_port)][0].internal_port == 5000
+    assert sorted(m.grant.external_port for m in front.mappings()) == \
+        sorted([40000, 40001, got.external_port])
+    assert len(front.service.pipeline.engine.activations) == 3
+
+
+@pytest.mark.parametrize("protocol", [FrontProtocol.NATPMP, FrontProtocol.PCP])
+async def test_a_natpmp_or_pcp_client_renewing_at_half_its_lifetime_outlives_idle_timeout(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock, protocol: FrontProtocol) -> None:
+    """No traffic, only renewals at half the lifetime we answered (RFC 6886 §3.3): a live
+    client keeps its mapping. The lifetime answered was max_lease (1h) while idle_timeout (5m)
+    removed the mapping long before the client's first renewal at 30m."""
+    svc = make(tmp_path, gw, clock, max_lease="1h", idle_timeout="5m")
+    await svc.start()
+    try:
+        mgr = FrontManager(svc, svc.config.front)
+        ask = replace(req(port=40000, lease=3600, alt=True, protocol=protocol),
+                      nonce=b"n" * 12 if protocol is FrontProtocol.PCP else None)
+        got = await mgr.add(ask)
+        assert isinstance(got, Grant) and got.lease <= 300
+        for _ in range(8):  # 8 renewals at half the lifetime told: past idle_timeout many times
+            clock.advance(got.lease / 2)
+            svc.wake()
+            await svc._wait_applied(svc.pipeline.engine.generation, 1)
+            assert mgr.lookup(40000, Proto.UDP) is not None, f"gone at {clock.now}"
+            got = await mgr.add(ask)
+            assert isinstance(got, Grant) and got.external_port == 40000
+        assert gw.ports() == {"udp/40000": A}
+        clock.advance(got.lease + 1)  # the client stops renewing: gone within its lifetime
+        svc.wake()
+        await svc._wait_applied(svc.pipeline.engine.generation, 1)
+        assert mgr.lookup(40000, Proto.UDP) is None and gw.ports() == {}
+    finally:
+        await svc.stop()
+
+
+async def test_mappings_the_engine_ended_do_not_count_against_max_per_client(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    """A client whose mappings went idle (ended by the engine, nobody listed them since) may
+    map again: they counted against max_per_client until something looked them up."""
+    svc = make(tmp_path, gw, clock, max_per_client=2, idle_timeout="5m")
+    await svc.start()
+    try:
+        mgr = FrontManager(svc, svc.config.front)
+        for port in (40000, 40001):
+            assert isinstance(await mgr.add(req(port=port)), Grant)
+        full = await mgr.add(req(port=40002))
+        assert isinstance(full, Refusal) and full.kind is RefusalKind.NO_RESOURCES
+        clock.advance(301)
+        svc.wake()
+        await svc._wait_applied(svc.pipeline.engine.generation, 1)
+        assert not svc.pipeline.engine.activations and gw.ports() == {}
+        again = await mgr.add(req(port=40002))
+        assert isinstance(again, Grant), again
+    finally:
+        await svc.stop()

@@ -92,3 +92,28 @@ def test_environment_overrides_reach_front(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("IGDTRIGGER_FRONT__ALLOW")
     front = load_config(None).front
     assert front.enabled and front.interfaces == ("br-lan",)
+
+
+@pytest.mark.parametrize(("allow", "refused"), [
+    ([], True),
+    (["deny 0-65535 0.0.0.0/0 0-65535"], True),
+    (["allow 1024-65535 10.8.0.0/24 1024-65535"], False),
+])
+def test_check_config_says_the_front_can_open_ports_and_when_no_line_allows(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], allow: list[str],
+        refused: bool) -> None:
+    """With only a [front] it said "no rules: nothing can be opened", which is false (LAN apps
+    open ports through it), and nothing at all about the front or an allow list that lets
+    nothing through."""
+    from igdtrigger.cli.main import main
+
+    lines = ", ".join(f'"{line}"' for line in allow)
+    path = tmp_path / "front.toml"
+    path.write_text(f'[front]\nenabled = true\ninterfaces = ["br-lan"]\nallow = [{lines}]\n')
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing can be opened" not in out
+    assert "front: UPnP IGD, NAT-PMP, PCP on br-lan" in out, out
+    assert ("every client request is refused" in out) is refused, out
+    assert main(["check-config", "--json", str(path)]) == 0
+    assert '"front"' in capsys.readouterr().out

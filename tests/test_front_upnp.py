@@ -216,6 +216,54 @@ async def test_hostile_bodies_are_402(env: Env, body: bytes) -> None:
     assert status == 500 and fault.code == 402
 
 
+def _with(args: list[tuple[str, str]], name: str, value: str) -> list[tuple[str, str]]:
+    return [(k, value if k == name else v) for k, v in args]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("NewExternalPort", "4" * 5000),  # int() of over 4300 digits raises: was a bare 500
+    ("NewInternalPort", "4" * 5000),
+    ("NewLeaseDuration", "9" * 5000),
+    ("NewExternalPort", "\uff14\uff10\uff10\uff10\uff10"),  # fullwidth "40000": isdecimal()
+])
+async def test_numbers_of_thousands_of_digits_or_other_scripts_are_402(
+        env: Env, name: str, value: str) -> None:
+    status, fault = await env.soap("AddPortMapping", _with(mapping(40000), name, value))
+    assert status == 500 and fault.code == 402
+    assert env.gw.ports() == {} and not env.svc.pipeline.engine.activations
+
+
+@pytest.mark.parametrize(("index", "code"), [
+    ("9" * 5000, 713), ("4294967296", 713), ("1", 713), ("-1", 402), ("x", 402),
+    ("\uff10", 402), ("", 402)])
+async def test_a_generic_entry_index_past_the_end_is_713_and_garbage_402(
+        env: Env, index: str, code: int) -> None:
+    await env.soap("AddPortMapping", mapping(40000))
+    status, fault = await env.soap("GetGenericPortMappingEntry",
+                                   [("NewPortMappingIndex", index)])
+    assert status == 500 and fault.code == code
+    status, entry = await env.soap("GetGenericPortMappingEntry", [("NewPortMappingIndex", "0")])
+    assert status == 200 and entry["NewExternalPort"] == "40000"
+
+
+async def test_a_bare_ampersand_as_libminiupnpc_sends_it_is_text(env: Env) -> None:
+    """``upnpc -e "Tom & Jerry"`` writes the description unescaped (strace of Debian's
+    miniupnpc 2.2.4: ``<NewPortMappingDescription>Tom & Jerry<``); miniupnpd takes it as
+    text, and so must we (it was 402). An undeclared entity stays 402."""
+    built = build_soap(V2, "AddPortMapping", _with(mapping(40000), "NewPortMappingDescription",
+                                                   "Tom & Jerry"))
+    raw = built.replace(b"Tom &amp; Jerry", b"Tom & Jerry &amp; &#38; co")
+    assert b"Tom & Jerry" in raw
+    status, _ = await env.soap("AddPortMapping", body=raw)
+    assert status == 200 and env.gw.ports() == {"udp/40000": "127.0.0.1"}
+    (m,) = env.front.manager.mappings()
+    assert m.request.description == "Tom & Jerry & & co"
+    bad = raw.replace(b"Tom & Jerry", b"Tom &jerry; x")
+    assert bad != raw
+    status, fault = await env.soap("AddPortMapping", body=bad)
+    assert status == 500 and fault.code == 402
+
+
 async def test_an_unknown_action_is_401(env: Env) -> None:
     status, fault = await env.soap("SetConnectionType", [("NewConnectionType", "IP_Routed")])
     assert status == 500 and fault.code == 401
@@ -395,6 +443,12 @@ async def test_gena_subscription_gets_the_initial_event_and_each_change(env: Env
             async with http.request("SUBSCRIBE", evt, headers={
                     "CALLBACK": "<http://192.0.2.50:80/steal>", "NT": "upnp:event"}) as resp:
                 assert resp.status == 412  # a callback elsewhere than the subscriber: refused
+            for forged in (f"<http://127.0.0.1:{cb.port}@127.0.0.2:80/steal>",
+                           "<http://127.0.0.1:80@127.0.0.2/steal>",
+                           "<http://127.0.0.1@127.0.0.2/steal>"):
+                async with http.request("SUBSCRIBE", evt, headers={
+                        "CALLBACK": forged, "NT": "upnp:event"}) as resp:
+                    assert resp.status == 412, forged  # the NOTIFY would go to 127.0.0.2
             async with http.request("UNSUBSCRIBE", evt, headers={"SID": sid}) as resp:
                 assert resp.status == 200
             assert env.front.events.subs == {}

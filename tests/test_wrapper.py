@@ -104,7 +104,7 @@ def test_signals_sent_to_wrapper_reach_the_child(config: Path, tmp_path: Path,
 def test_signals_reach_the_child_without_sigtimedwait(config: Path, tmp_path: Path,
                                                       sig: signal.Signals) -> None:
     """macOS has no sigtimedwait: plain handlers forward what was sent to the wrapper."""
-    as_on_macos = ("import sys, igdtrigger.cli.run as w; w._SIGTIMEDWAIT = False; "
+    as_on_macos = ("import sys, igdtrigger.cli.child as c; c.SIGTIMEDWAIT = False; "
                    "from igdtrigger.cli.main import main; sys.exit(main(sys.argv[1:]))")
     signal_reaches_child([sys.executable, "-c", as_on_macos, "run", "--config", str(config),
                           "--rule", "demo", "--"], tmp_path, sig)

@@ -1,11 +1,13 @@
 """A small blocking client for the service's HTTP API (stdlib only: it loads fast).
 
-Used by the CLI and the launcher wrapper, where start-up time matters more than features.
+Used by the CLI and the launcher wrapper, where start-up time matters more than features: one
+HTTP/1.1 request per connection written on a plain socket (``http.client`` would load
+``email`` and ``ssl``, ~20 ms of a launcher hook's start-up, issue 17), the answer read to a
+bound (``MAX_ANSWER`` bytes of body).
 """
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
 import json
 import os
@@ -31,6 +33,7 @@ __all__ = [
     "AUTO",
     "DEFAULT_SERVER",
     "LOCAL_PROBE_TIMEOUT",
+    "MAX_ANSWER",
     "Client",
     "Resolved",
     "connected_peer_uid",
@@ -254,20 +257,103 @@ def local_access(where: Resolved, state_dir: Path | None) -> tuple[Path | None, 
     return sock, token_owner(state_dir)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
+MAX_ANSWER = 4 * 1024 * 1024  # bytes of an answer's body read at most (more: not our JSON)
+_MAX_HEAD = 64 * 1024  # bytes of status line and headers
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+
+class _BadAnswer(Exception):
+    """What came back is not an HTTP answer (or it was cut short)."""
+
+
+def _unix_socket(path: Path, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _host_header(host: str, port: int) -> str:
+    """The ``Host`` header's value: IPv6 literals in brackets, IDNA for other scripts."""
+    try:
+        name = host.encode("ascii").decode()
+    except UnicodeError:
+        name = host.encode("idna").decode()
+    if ":" in name:
+        name = f"[{name}]"
+    return name if port == 80 else f"{name}:{port}"
+
+
+def _request_bytes(method: str, path: str, host: str, headers: dict[str, str],
+                   payload: bytes | None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    if payload is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(payload or b'')}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b"")
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """``(status, body)`` of one HTTP/1.1 answer on ``sock`` (``Connection: close`` was
+    asked: the body ends at its ``Content-Length``, its last chunk or the end of the stream;
+    at most ``MAX_ANSWER`` bytes of it are kept). Raises ``_BadAnswer``, ``OSError``
+    (``TimeoutError`` when the service goes quiet)."""
+    buf = bytearray()
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        if len(buf) > _MAX_HEAD:
+            raise _BadAnswer("an answer whose headers never end")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise _BadAnswer("the connection closed before an answer" if not buf
+                             else "the answer was cut short")
+        buf += chunk
+    head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    body = buf[end + 4:]
+    version, _, rest = head[0].partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise _BadAnswer(f"not an HTTP answer: {head[0][:60]!r}")
+    fields = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+    length = fields.get("content-length")
+    want = MAX_ANSWER + 1
+    if length is not None and not chunked:
+        if not length.isdigit():
+            raise _BadAnswer(f"a Content-Length of {length[:20]!r}")
+        want = min(int(length), MAX_ANSWER)
+    while len(body) < want:
+        chunk = sock.recv(65536)
+        if not chunk:
+            if length is not None and not chunked:
+                raise _BadAnswer(f"the answer was cut short ({len(body)} of {length} bytes)")
+            break
+        body += chunk
+    return int(code), _dechunked(bytes(body)) if chunked else bytes(body[:MAX_ANSWER])
+
+
+def _dechunked(raw: bytes) -> bytes:
+    """The body of a ``Transfer-Encoding: chunked`` answer (at most ``MAX_ANSWER`` bytes).
+    Raises ``_BadAnswer`` for a malformed or unfinished one."""
+    out = bytearray()
+    pos = 0
+    while True:
+        eol = raw.find(b"\r\n", pos)
         try:
-            sock.connect(str(self.path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+            size = int(raw[pos:eol].split(b";")[0], 16) if eol >= 0 else -1
+        except ValueError:
+            size = -1
+        if size < 0 or (size and eol + 2 + size > len(raw)):
+            raise _BadAnswer("a chunked answer cut short or malformed")
+        if size == 0 or len(out) >= MAX_ANSWER:
+            return bytes(out[:MAX_ANSWER])
+        out += raw[eol + 2:eol + 2 + size]
+        pos = eol + 4 + size
 
 
 def pick_token(explicit: str | None, state_dir: Path | None, trusted: bool,
@@ -344,23 +430,22 @@ class Client:
         self.admin_socket = admin_socket
         self.token_uid = token_uid
 
-    def _connection(self, wait: float) -> http.client.HTTPConnection:
+    def _connect(self, wait: float) -> socket.socket:
+        """A connection to the service: its admin socket, else TCP. Raises ``OSError``."""
         if self.admin_socket is not None:
-            return _UnixConnection(self.admin_socket, wait)
-        return http.client.HTTPConnection(self.host, self.port, timeout=wait)
+            return _unix_socket(self.admin_socket, wait)
+        return socket.create_connection((self.host, self.port), timeout=wait)
 
-    def _check_token_recipient(self, conn: http.client.HTTPConnection) -> None:
-        """Connect ``conn`` and drop the token (with a warning) when the process at the other
-        end is not the service's user: checked on this very connection (see
-        ``connected_peer_uid``), so another address of the name or a process that took the
-        port a moment ago never receives it."""
+    def _check_token_recipient(self, sock: socket.socket) -> None:
+        """Drop the token (with a warning) when the process at the other end of ``sock`` is
+        not the service's user: checked on this very connection (see ``connected_peer_uid``),
+        so another address of the name or a process that took the port a moment ago never
+        receives it."""
         if not self.token or self.token_uid is None or not is_loopback_url(self.url):
             return
-        conn.connect()
-        assert conn.sock is not None
-        uid = connected_peer_uid(conn.sock)
+        uid = connected_peer_uid(sock)
         if uid is not None and uid != self.token_uid:
-            peer = conn.sock.getpeername()
+            peer = sock.getpeername()
             print(f"igdtrigger: the process listening on {peer[0]}:{peer[1]} runs as uid "
                   f"{uid}, not as the service's user (uid {self.token_uid}, the owner of its "
                   "token file): the admin token is not sent to it", file=sys.stderr)
@@ -400,20 +485,24 @@ class Client:
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
                  *, timeout: float | None = None) -> Any:
         wait = timeout or self.timeout
-        conn = self._connection(wait)
         headers = {"Accept": "application/json", "Connection": "close"}
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        sock = None
         try:
+            sock = self._connect(wait)
+            host = "localhost"
             if self.admin_socket is None:
-                self._check_token_recipient(conn)
+                host = _host_header(self.host, self.port)
+                self._check_token_recipient(sock)
                 if self.token:
                     headers["Authorization"] = f"Bearer {self.token}"
-            conn.request(method, path, body=payload, headers=headers)
+            sock.sendall(_request_bytes(method, path, host, headers, payload))
         except OSError as exc:
-            conn.close()
+            if sock is not None:
+                sock.close()
             if self.admin_socket is not None:  # stale socket file (a killed service): TCP
                 self.admin_socket = None
                 return self._request(method, path, body, timeout=timeout)
@@ -422,30 +511,29 @@ class Client:
                 "or pass --server"
             ) from None
         try:
-            resp = conn.getresponse()
-            raw = resp.read(4 * 1024 * 1024)
+            status, raw = _read_answer(sock)
         except TimeoutError:
             raise ServiceBusy(
                 f"the igdtrigger service at {self.url} took the request but did not answer "
                 f"within {wait:g}s (busy, or waiting on a slow router)"
             ) from None
-        except (ConnectionError, OSError, http.client.HTTPException) as exc:
+        except (OSError, _BadAnswer) as exc:
             raise ServiceUnavailable(
                 f"no igdtrigger service at {self.url} ({exc}); start it with `igdtrigger serve` "
                 "or pass --server"
             ) from None
         finally:
-            conn.close()
+            sock.close()
         try:
             data = json.loads(raw) if raw else None
         except ValueError:
             raise ServiceUnavailable(
-                f"{self.url} answered {resp.status} with something that is not igdtrigger's "
+                f"{self.url} answered {status} with something that is not igdtrigger's "
                 "JSON; is --server right?"
             ) from None
-        if resp.status >= 400:
-            msg = f"HTTP {resp.status}"
+        if status >= 400:
+            msg = f"HTTP {status}"
             if isinstance(data, dict) and isinstance(data.get("error"), dict):
                 msg = str(data["error"].get("message", msg))
-            raise ApiError(resp.status, msg)
+            raise ApiError(status, msg)
         return data

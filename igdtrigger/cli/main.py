@@ -22,9 +22,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_config_paths, load_config, parse_listen
-from igdtrigger.core.activation import MAX_TTL
 from igdtrigger.core.errors import ConfigError, IgdTriggerError, UsageError
-from igdtrigger.core.model import compress_ports, format_duration, parse_duration, parse_port_spec
+from igdtrigger.core.ports import (
+    MAX_TTL,
+    compress_ports,
+    format_duration,
+    parse_duration,
+    parse_port_spec,
+)
 from igdtrigger.core.rules import Rule
 from igdtrigger.core.settings import SIMULATE
 from igdtrigger.core.version import __version__
@@ -86,8 +91,10 @@ _CLIENT_TIMEOUT = _within(0.1, 3600.0)
 _TTL = _within(1.0, 7 * 86400.0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``igdtrigger`` argument parser, every subcommand included."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``igdtrigger`` argument parser, every subcommand included; ``only``: that
+    subcommand alone (``main`` builds just the one named on the command line: all nine took
+    ~10 ms of a launcher hook's start-up, issue 17)."""
     p = _Parser(prog="igdtrigger", description="Router-grade port triggering: timed port "
                 "mappings on your router (UPnP IGD, NAT-PMP, PCP) while a game needs them.",
                 epilog="Try it without a router: igdtrigger serve --simulate, then, in another "
@@ -96,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"igdtrigger {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    def want(name: str) -> bool:
+        return only is None or name == only
 
     def common(sp: argparse.ArgumentParser, *, server: bool = True) -> None:
         sp.add_argument("--config", metavar="PATH", help="config file (TOML)")
@@ -108,101 +118,112 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=_CLIENT_TIMEOUT, metavar="DURATION",
                             help="give up on the service after this long (default 10s)")
 
-    s = sub.add_parser(
-        "serve", help="run the service",
-        description="Run the service: a rule's ports open when its trigger traffic (or process) "
-        "is seen, and close idle_timeout after the trigger traffic and the inbound traffic "
-        "stop; a live connection holds them however silent it is. SIGTERM, SIGINT (Ctrl-C), "
-        "SIGHUP (a closed terminal; not a reload), SIGQUIT and any other signal that would end "
-        "it all stop it cleanly: every mapping is deleted and the activations end (the next "
-        "start restores nothing). Only a crash (kill -9, power loss) restores the activations "
-        "still within their time.")
-    common(s, server=False)
-    s.add_argument("--simulate", action="store_true",
-                   help="use a built-in simulated router on loopback (try it without a router); "
-                   "its state is kept apart from the real service's")
-    s.add_argument("--listen", metavar="HOST:PORT", help="API address (overrides [api] listen)")
-    s.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
-    s.add_argument("--log-format", default="text", choices=["text", "json"])
-    s.add_argument("--ready-file", help=argparse.SUPPRESS)
+    if want("serve"):
+        s = sub.add_parser(
+            "serve", help="run the service",
+            description="Run the service: a rule's ports open when its trigger traffic (or "
+            "process) is seen, and close idle_timeout after the trigger traffic and the "
+            "inbound traffic stop; a live connection holds them however silent it is. "
+            "SIGTERM, SIGINT (Ctrl-C), SIGHUP (a closed terminal; not a reload), SIGQUIT and "
+            "any other signal that would end it all stop it cleanly: every mapping is deleted "
+            "and the activations end (the next start restores nothing). Only a crash (kill -9, "
+            "power loss) restores the activations still within their time.")
+        common(s, server=False)
+        s.add_argument("--simulate", action="store_true",
+                       help="use a built-in simulated router on loopback (try it without a "
+                       "router); its state is kept apart from the real service's")
+        s.add_argument("--listen", metavar="HOST:PORT",
+                       help="API address (overrides [api] listen)")
+        s.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+        s.add_argument("--log-format", default="text", choices=["text", "json"])
+        s.add_argument("--ready-file", help=argparse.SUPPRESS)
 
-    r = sub.add_parser("run", help="run a command with a rule's ports open while it runs")
-    common(r)
-    which = r.add_mutually_exclusive_group(required=True)
-    which.add_argument("--rule", type=_rule_name, help="rule to activate")
-    which.add_argument("--infer", choices=["steam", "lutris", "heroic"],
-                       help="name the rule from the launcher's environment (SteamAppId, "
-                       "GAME_NAME, HEROIC_APP_NAME) via [launchers] or a rule of that name")
-    r.add_argument("--ttl", type=_TTL, default=30.0,
-                   help="heartbeat ttl: ports lapse this long after a killed wrapper (30s)")
-    r.add_argument("--wait-process", action="append", default=[], metavar="NAME",
-                   help="after COMMAND exits, keep the ports while a process NAME runs (a "
-                   "launcher stub that starts the game and exits); repeatable")
-    r.add_argument("--wait-start", type=_within(0.0, 86400.0), default=60.0,
-                   metavar="DURATION",
-                   help="how long that process may take to appear (60s)")
-    r.add_argument("--quiet", "-q", action="store_true",
-                   help="do not say which ports opened (warnings still go to stderr)")
-    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    if want("run"):
+        r = sub.add_parser("run", help="run a command with a rule's ports open while it runs")
+        common(r)
+        which = r.add_mutually_exclusive_group(required=True)
+        which.add_argument("--rule", type=_rule_name, help="rule to activate")
+        which.add_argument("--infer", choices=["steam", "lutris", "heroic"],
+                           help="name the rule from the launcher's environment (SteamAppId, "
+                           "GAME_NAME, HEROIC_APP_NAME) via [launchers] or a rule of that name")
+        r.add_argument("--ttl", type=_TTL, default=30.0,
+                       help="heartbeat ttl: ports lapse this long after a killed wrapper (30s)")
+        r.add_argument("--wait-process", action="append", default=[], metavar="NAME",
+                       help="after COMMAND exits, keep the ports while a process NAME runs (a "
+                       "launcher stub that starts the game and exits); repeatable")
+        r.add_argument("--wait-start", type=_within(0.0, 86400.0), default=60.0,
+                       metavar="DURATION",
+                       help="how long that process may take to appear (60s)")
+        r.add_argument("--quiet", "-q", action="store_true",
+                       help="do not say which ports opened (warnings still go to stderr)")
+        r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
-    a = sub.add_parser("activate", help="open a rule's ports now")
-    common(a)
-    a.add_argument("rule", nargs="?", type=_rule_name)
-    a.add_argument("--open", action="append", metavar="PROTO/PORT[-PORT]",
-                   help="ad-hoc ports instead of a rule (the service must set [api] "
-                   "allow_adhoc); repeatable")
-    a.add_argument("--for", dest="ttl", type=_TTL, metavar="DURATION",
-                   help="how long (e.g. 30m, 2h; default: the rule's idle_timeout)")
-    a.add_argument("--host", help="LAN host to open the ports for (admin token; default: this "
-                   "host)")
-    a.add_argument("--json", action="store_true")
+    if want("activate"):
+        a = sub.add_parser("activate", help="open a rule's ports now")
+        common(a)
+        a.add_argument("rule", nargs="?", type=_rule_name)
+        a.add_argument("--open", action="append", metavar="PROTO/PORT[-PORT]",
+                       help="ad-hoc ports instead of a rule (the service must set [api] "
+                       "allow_adhoc); repeatable")
+        a.add_argument("--for", dest="ttl", type=_TTL, metavar="DURATION",
+                       help="how long (e.g. 30m, 2h; default: the rule's idle_timeout)")
+        a.add_argument("--host", help="LAN host to open the ports for (admin token; default: this "
+                       "host)")
+        a.add_argument("--json", action="store_true")
 
-    d = sub.add_parser("deactivate", help="close a rule's ports now")
-    common(d)
-    d.add_argument("rule", type=_rule_name)
-    d.add_argument("--host", help="only this host's activations")
-    d.add_argument("--json", action="store_true")
+    if want("deactivate"):
+        d = sub.add_parser("deactivate", help="close a rule's ports now")
+        common(d)
+        d.add_argument("rule", type=_rule_name)
+        d.add_argument("--host", help="only this host's activations")
+        d.add_argument("--json", action="store_true")
 
-    st = sub.add_parser("status", help="show gateway, activations and mappings")
-    common(st)
-    st.add_argument("--json", action="store_true")
+    if want("status"):
+        st = sub.add_parser("status", help="show gateway, activations and mappings")
+        common(st)
+        st.add_argument("--json", action="store_true")
 
-    g = sub.add_parser("gateway", help="probe the router: protocols, external address, quirks")
-    common(g, server=False)
-    g.add_argument("--simulate", action="store_true",
-                   help="probe the built-in simulated router (as serve --simulate)")
-    g.add_argument("--json", action="store_true")
-    g.add_argument("--timeout", type=_within(0.1, 600.0), default=3.0,
-                   help="per-protocol probe bound")
-    g.add_argument("--test", action="store_true",
-                   help="map one random high port to this host for a moment to test leases")
-    g.add_argument("--list", action="store_true",
-                   help="list the router's whole mapping table, igdtrigger's entries marked, "
-                   "and the IPv6 pinholes journaled on this machine (routers cannot list those)")
-    g.add_argument("--clean", action="store_true",
-                   help="remove igdtrigger's leftover mappings that no running igdtrigger "
-                   "holds (a lost state directory, a killed run), and close the IPv6 pinholes "
-                   "this machine's journals hold for nothing running; never another program's")
-    g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
-    hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
-                        "else 1 (Docker HEALTHCHECK)")
-    hc.add_argument("--config", metavar="PATH", help="config file (TOML)")
-    hc.add_argument("--server", metavar="URL", help="service URL (default: the config's "
-                    "[api] listen on this host)")
-    hc.add_argument("--ready", action="store_true",
-                    help="also require the router to answer (/readyz)")
-    hc.add_argument("--timeout", type=_CLIENT_TIMEOUT, default=3.0, metavar="DURATION")
+    if want("gateway"):
+        g = sub.add_parser("gateway", help="probe the router: protocols, external address, quirks")
+        common(g, server=False)
+        g.add_argument("--simulate", action="store_true",
+                       help="probe the built-in simulated router (as serve --simulate)")
+        g.add_argument("--json", action="store_true")
+        g.add_argument("--timeout", type=_within(0.1, 600.0), default=3.0,
+                       help="per-protocol probe bound")
+        g.add_argument("--test", action="store_true",
+                       help="map one random high port to this host for a moment to test leases")
+        g.add_argument("--list", action="store_true",
+                       help="list the router's whole mapping table, igdtrigger's entries "
+                       "marked, and the IPv6 pinholes journaled on this machine (routers cannot "
+                       "list those)")
+        g.add_argument("--clean", action="store_true",
+                       help="remove igdtrigger's leftover mappings that no running igdtrigger "
+                       "holds (a lost state directory, a killed run), and close the IPv6 pinholes "
+                       "this machine's journals hold for nothing running; never another program's")
+        g.add_argument("--dry-run", action="store_true", help="with --clean: only say what goes")
+    if want("healthcheck"):
+        hc = sub.add_parser("healthcheck", help="exit 0 if the local service answers /healthz, "
+                            "else 1 (Docker HEALTHCHECK)")
+        hc.add_argument("--config", metavar="PATH", help="config file (TOML)")
+        hc.add_argument("--server", metavar="URL", help="service URL (default: the config's "
+                        "[api] listen on this host)")
+        hc.add_argument("--ready", action="store_true",
+                        help="also require the router to answer (/readyz)")
+        hc.add_argument("--timeout", type=_CLIENT_TIMEOUT, default=3.0, metavar="DURATION")
 
-    cc = sub.add_parser("check-config", help="validate a config file (no network) and say "
-                        "what it sets up")
-    cc.add_argument("path", nargs="?", metavar="PATH",
-                    help="the file (default: the one serve would read)")
-    cc.add_argument("--json", action="store_true")
+    if want("check-config"):
+        cc = sub.add_parser("check-config", help="validate a config file (no network) and say "
+                            "what it sets up")
+        cc.add_argument("path", nargs="?", metavar="PATH",
+                        help="the file (default: the one serve would read)")
+        cc.add_argument("--json", action="store_true")
 
-    dr = sub.add_parser("doctor", help="check privileges, detectors, the router, the external "
-                        "address and the API; say what to fix")
-    common(dr)
+    if want("doctor"):
+        dr = sub.add_parser("doctor", help="check privileges, detectors, the router, the external "
+                            "address and the API; say what to fix")
+        common(dr)
     return p
 
 
@@ -508,6 +529,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "detect": list(config.detect.methods),
         "state_dir": str(config.state_dir or "default"),
     }
+    front = config.front
+    if front.enabled:
+        summary["front"] = front.to_json()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -524,8 +548,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         proc = f"; process {', '.join(r.process)}" if r.process else ""
         print(f"  rule {r.name}: open {compress_ports(str(p) for p in r.open)}; trigger "
               f"{trig}{proc}; idle {format_duration(r.idle_timeout)}")
+    if front.enabled:
+        print(f"  front: {front.summary()}")
     if not config.rules:
-        print("  no rules: nothing can be opened until you add [[rules]]")
+        print("  no rules: only the front's clients can open ports" if front.enabled
+              else "  no rules: nothing can be opened until you add [[rules]]")
     return 0
 
 
@@ -550,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The console entry point: run one subcommand, return its exit status (see the module's
     exit codes); errors are one line on stderr."""
     args_in = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    parser = build_parser(args_in[0] if args_in and args_in[0] in COMMANDS else None)
     if not args_in:
         parser.print_help()
         return 2

@@ -13,12 +13,9 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,15 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from igdtrigger.cli.child import (
-    FORWARDED,
-    SIGTIMEDWAIT,
-    ProcessWaiter,
-    become_subreaper,
-    exit_status,
-    pauser,
-    wait_forwarding,
-)
 from igdtrigger.cli.client import Client
 from igdtrigger.config import Config, default_state_dir
 from igdtrigger.core.errors import (
@@ -46,13 +34,14 @@ from igdtrigger.core.errors import (
     ServiceUnavailable,
     UsageError,
 )
-from igdtrigger.core.model import compress_ports, format_duration, parse_port_spec
+from igdtrigger.core.ports import compress_ports, format_duration, parse_port_spec
 from igdtrigger.core.rules import Rule
 
 if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a service starts faster
     import asyncio
 
-    from igdtrigger.core.model import PortRange
+    from igdtrigger.cli.child import ProcessWaiter
+    from igdtrigger.core.ports import PortRange
 
 __all__ = [
     "HEARTBEAT_TTL",
@@ -69,8 +58,6 @@ __all__ = [
     "run",
     "slug",
 ]
-
-log = logging.getLogger("igdtrigger.run")
 
 HEARTBEAT_TTL = 30.0
 STOP_TIMEOUT = 4.0  # s: the standalone wrapper's wait for the router to delete at the end
@@ -498,6 +485,10 @@ def run(
             _warn(f"{exc}; no rule {rule!r} in this machine's config either: starting without "
                   "open ports, they open if the service comes back")
             holder = sh
+    # the child's modules (subprocess & co.) once the activation is asked for: off the way
+    # from exec to the open port (issue 17)
+    from igdtrigger.cli.child import ProcessWaiter
+
     waiter = (ProcessWaiter(wait_process, wait_start) if wait_process and holder is not None
               else None)
     return _launch(command, env, holder, waiter)
@@ -506,6 +497,20 @@ def run(
 def _launch(command: Sequence[str], env: dict[str, str], holder: Holder | None,
             waiter: ProcessWaiter | None = None) -> int:
     """Run the child with signals forwarded; ``holder`` keeps the ports open meanwhile."""
+    # see run(): the child's modules load after the activation was asked for
+    import signal
+    import subprocess
+
+    # see run(): the child's modules load after the activation was asked for
+    from igdtrigger.cli.child import (
+        FORWARDED,
+        SIGTIMEDWAIT,
+        become_subreaper,
+        exit_status,
+        pauser,
+        wait_forwarding,
+    )
+
     sigs = {getattr(signal, n) for n in FORWARDED if hasattr(signal, n)}
     blocking = SIGTIMEDWAIT
     if blocking:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from igdtrigger.core.errors import UsageError
-from igdtrigger.core.model import Flow, PortRange, format_duration, parse_port_spec
+from igdtrigger.core.model import MAX_TTL, Flow, PortRange, format_duration, parse_port_spec
 from igdtrigger.core.rules import ADHOC_PREFIX, Rule
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
-MAX_TTL = 7 * 86400.0
 MIN_TTL = 1.0  # a mapping asked for less than a second is over before the router answers
 PROCESS_RUNNING_WITHIN = 5.0  # s: a process seen this recently is reported as running
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from igdtrigger.core.acl import DEFAULT_ACL, Acl, parse_acl
 from igdtrigger.core.errors import ConfigError
-from igdtrigger.core.model import parse_duration
+from igdtrigger.core.ports import format_duration, parse_duration
 
 __all__ = ["FRONT_KEYS", "MAX_LEASE_LIMIT", "FrontConfig", "parse_front"]
 
@@ -50,6 +50,17 @@ class FrontConfig:
                 "max_lease": self.max_lease, "idle_timeout": self.idle_timeout,
                 "max_per_client": self.max_per_client, "http_port": self.http_port,
                 "forward_chain": self.forward_chain, "igd_version": self.igd_version}
+
+    def summary(self) -> str:
+        """One line for ``check-config``: where it serves, the allow lines (saying when none
+        allows anything: every request would be refused), the lease and idle bounds."""
+        allowing = any(line.allow for line in self.acl.lines)
+        return (f"UPnP IGD, NAT-PMP, PCP on "
+                f"{', '.join(self.interfaces) or 'every private interface but the upstream one'}"
+                f"; {len(self.acl.lines)} allow/deny line(s)"
+                f"{'' if allowing else ', none allows: every client request is refused'}; "
+                f"lease up to {format_duration(self.max_lease)}, idle "
+                f"{format_duration(self.idle_timeout)}")
 
 
 FRONT_KEYS = ("enabled", "interfaces", "allow", "secure_mode", "max_lease", "idle_timeout",

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from igdtrigger.core.errors import AdhocRefused, UsageError
-from igdtrigger.core.model import PortRange, parse_port_spec
+from igdtrigger.core.ports import PortRange, parse_port_spec
 
 __all__ = [
     "PRIVILEGED_BELOW",

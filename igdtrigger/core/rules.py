@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from igdtrigger.core.model import PortRange
+from igdtrigger.core.ports import PortRange
 
 __all__ = [
     "ADHOC_PREFIX",

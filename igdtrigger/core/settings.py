@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from igdtrigger.core.frontconfig import FrontConfig  # front:
-from igdtrigger.core.model import PortRange, Proto
 from igdtrigger.core.policy import permits
+from igdtrigger.core.ports import PortRange, Proto
 from igdtrigger.core.rules import Rule
 
 __all__ = [

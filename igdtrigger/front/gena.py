@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 
 __all__ = ["GenaError", "Subscriptions", "propertyset"]
 
@@ -158,7 +159,16 @@ class Subscriptions:
 
 
 def _host_of(url: str) -> str:
-    """The literal host of ``http://host[:port]/...`` ("" when not a literal IPv4 address)."""
-    hostport = url[len("http://"):].split("/", 1)[0]
-    host = hostport.rsplit(":", 1)[0] if ":" in hostport else hostport
+    """The literal host of ``http://host[:port]/...`` as the HTTP client will connect to it
+    ("" when not a literal IPv4 address, or with user info: ``http://<subscriber>:80@<any
+    host>/`` named the subscriber to a split at the last colon while the NOTIFY went to the
+    other host)."""
+    try:
+        parsed = yarl.URL(url)
+    except ValueError:
+        return ""
+    host = parsed.host or ""
+    if parsed.scheme != "http" or parsed.user is not None or parsed.password is not None \
+            or "@" in parsed.raw_authority:
+        return ""
     return host if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", host) else ""

@@ -30,6 +30,7 @@ __all__ = [
     "WANIP_SERVICE",
     "SoapError",
     "SoapRequest",
+    "decimal",
     "device_description",
     "fault_body",
     "notify",
@@ -169,9 +170,26 @@ _SERVICE_RE = re.compile(r"^urn:schemas-upnp-org:service:(WANIPConnection|WANCom
                          r":([12])$")
 
 
+# an "&" that starts no character or entity reference: libminiupnpc (upnpc -e "Tom & Jerry",
+# every app on it) sends argument values unescaped, and miniupnpd's parser takes them as text
+_BARE_AMP = re.compile(rb"&(?!#[0-9]{1,8};|#x[0-9A-Fa-f]{1,8};|[A-Za-z][A-Za-z0-9]{0,30};)")
+
+
+def decimal(text: str, limit: int) -> int | None:
+    """``text`` (surrounding blanks ignored) as a number of ASCII digits in 0-``limit``, else
+    None: never another script's digits, and never ``int()`` of thousands of digits (over 4300
+    it raises ``ValueError``, a hostile client's 500)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(limit)) + 8:
+        return None
+    value = int(text)
+    return value if value <= limit else None
+
+
 def parse_soap_request(body: bytes, soapaction: str) -> SoapRequest:
     """The action a client asks for (the ``SOAPACTION`` header and the body must agree) and
-    its arguments (text of each child, by local name). Raises :class:`SoapError`: 402 for a body
+    its arguments (text of each child, by local name; a bare ``&`` is text, as miniupnpd reads
+    what libminiupnpc sends unescaped). Raises :class:`SoapError`: 402 for a body
     that is too large, not XML, or uses DTDs/entities; 401 for an unknown service or action."""
     if len(body) > MAX_REQUEST:
         raise SoapError(402, f"request larger than {MAX_REQUEST} bytes")
@@ -179,6 +197,7 @@ def parse_soap_request(body: bytes, soapaction: str) -> SoapRequest:
     service_type, sep, action = header.rpartition("#")
     if not sep or not _SERVICE_RE.match(service_type):
         raise SoapError(401, f"unknown SOAPACTION {soapaction[:120]!r}")
+    body = _BARE_AMP.sub(b"&amp;", body)
     try:
         root: Element = DET.fromstring(body, forbid_dtd=True, forbid_entities=True,
                                        forbid_external=True)

@@ -32,16 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("igdtrigger.front")
 
-__all__ = [
-    "ClientRequest",
-    "Forwarder",
-    "FrontManager",
-    "FrontMapping",
-    "FrontProtocol",
-    "Grant",
-    "Refusal",
-    "RefusalKind",
-]
+__all__ = ["ClientRequest", "Forwarder", "FrontManager", "FrontMapping", "FrontProtocol",
+           "Grant", "Refusal", "RefusalKind"]
 
 
 class FrontProtocol(enum.StrEnum):
@@ -78,7 +70,7 @@ class ClientRequest:
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What was granted: the external port (may differ from the one asked when alternatives
-    were allowed), the lease in seconds, the upstream router's external address ("" unknown)."""
+    were allowed), the lease told in seconds, the upstream router's external address ("")."""
 
     external_port: int
     lease: float
@@ -385,9 +377,10 @@ class FrontManager:
         """Who else holds ``key`` now: another client's front mapping, or a rule's activation."""
         m = self.lookup(key.external_port, key.proto)
         if m is not None:
-            if m.request.internal_client == req.internal_client:
+            if m.request.internal_client == req.internal_client and (
+                    m.request.internal_port == req.internal_port or not req.allow_alternative):
                 return None
-            return f"mapped for {m.request.internal_client}"
+            return f"mapped for {m.request.internal_client}:{m.request.internal_port}"
         spec = self.service.desired().get(key)
         if spec is not None:
             return f"held by igdtrigger for {spec.internal_client} ({spec.description})"
@@ -408,13 +401,20 @@ class FrontManager:
             if port in seen or not 1 <= port <= 65535:
                 continue
             seen.add(port)
-            if (self._policy(req, port) is None
+            if (self._policy(req, port) is None and self.lookup(port, req.proto) is None
                     and self._taken(MappingKey(req.proto, port), req) is None):
                 yield port
 
     def _grant_lease(self, lease: float) -> float:
         return self.settings.max_lease if lease == 0 else min(max(lease, 1.0),
                                                               self.settings.max_lease)
+
+    def _told(self, lease: float, protocol: FrontProtocol) -> float:
+        """The lifetime told for a mapping held ``lease`` s: for NAT-PMP/PCP at most
+        ``idle_timeout`` (a client renews at half of it, RFC 6886 §3.3, RFC 6887 §11.2.1; told
+        more, a live silent client renewed only after idle removal). UPnP: the lease."""
+        return lease if protocol is FrontProtocol.UPNP else min(lease,
+                                                                self.settings.idle_timeout)
 
     async def _add(self, req: ClientRequest) -> Grant | Refusal:
         if (bad := self._check(req)) is not None:
@@ -427,7 +427,9 @@ class FrontManager:
                 return Refusal(RefusalKind.NOT_AUTHORIZED, "the mapping nonce does not match")
             if own.request.internal_port == req.internal_port:
                 return self._renew(own, req)
-            await self._end(own, "replaced by its client")  # same client, another target
+            if not req.allow_alternative:  # UPnP AddPortMapping: same client, another target
+                await self._end(own, "replaced by its client")  # (else another port, as
+                # miniupnpd's natpmp.c moves on to the next one: never end the other mapping)
         refusal: Refusal | None = None
         port: int | None = None
         if req.external_port:
@@ -439,7 +441,7 @@ class FrontManager:
                 port = req.external_port
             elif not req.allow_alternative:
                 return refusal
-        live = sum(1 for m in self._by_key.values()
+        live = sum(1 for m in self.mappings()  # live only: the engine ends idle ones
                    if m.request.internal_client == req.internal_client)
         if live >= self.settings.max_per_client:
             return Refusal(RefusalKind.NO_RESOURCES, f"{req.internal_client} already holds "
@@ -494,7 +496,7 @@ class FrontManager:
             kind = (RefusalKind.CONFLICT if applied is not None
                     and applied.state is MapState.CONFLICT else RefusalKind.UPSTREAM)
             return Refusal(kind, f"the upstream router did not map {key} ({state})")
-        grant = Grant(external_port=key.external_port, lease=lease,
+        grant = Grant(external_port=key.external_port, lease=self._told(lease, req.protocol),
                       external_address=await self.external_address() or "")
         m = FrontMapping(request=replace(req, external_port=key.external_port), grant=grant,
                          created=now, last_use=now,
@@ -515,7 +517,7 @@ class FrontManager:
         now = self.clock()
         m.request = replace(req, external_port=m.grant.external_port)
         m.lease_end = now + lease if req.lease else math.inf
-        m.grant = replace(m.grant, lease=lease)
+        m.grant = replace(m.grant, lease=self._told(lease, req.protocol))
         act = self.service.pipeline.engine.activations.get(m.activation_id)
         if act is not None:
             act.meta[M_LEASE] = f"{req.lease:g}"
@@ -592,7 +594,6 @@ class FrontManager:
         now = self.clock()
         lease_end = (now + lease_end_wall - self.wall() if math.isfinite(lease_end_wall)
                      else math.inf)
-        grant = Grant(external_port=rng.first, lease=self._grant_lease(asked),
-                      external_address="")
+        grant = Grant(rng.first, self._told(self._grant_lease(asked), req.protocol), "")
         return FrontMapping(request=req, grant=grant, created=act.created, last_use=now,
                             lease_end=lease_end, activation_id=act.id)

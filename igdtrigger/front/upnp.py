@@ -120,9 +120,10 @@ def _udn(tag: str) -> str:
 
 def _port(args: Mapping[str, str], name: str, *, zero: bool = False) -> int:
     text = args.get(name, "").strip()
-    if not text.isdecimal() or not (0 if zero else 1) <= int(text) <= 65535:
+    value = X.decimal(text, 65535)
+    if value is None or value < (0 if zero else 1):
         raise X.SoapError(402, f"{name} {text[:20]!r} is not a port")
-    return int(text)
+    return value
 
 
 def _proto(args: Mapping[str, str]) -> Proto:
@@ -428,13 +429,14 @@ class UpnpFront:
                     raise X.SoapError(714)
                 return self._entry(found)[3:]
             case "GetGenericPortMappingEntry":
-                index = a.get("NewPortMappingIndex", "").strip()
-                if not index.isdecimal():
+                text = a.get("NewPortMappingIndex", "")
+                if not (text.strip().isascii() and text.strip().isdigit()):
                     raise X.SoapError(402, "NewPortMappingIndex is not a number")
+                index = X.decimal(text, MAX_LISTING * 1000)  # None: past any end there is
                 listed = m.mappings()
-                if int(index) >= len(listed):
+                if index is None or index >= len(listed):
                     raise X.SoapError(713)
-                return self._entry(listed[int(index)])
+                return self._entry(listed[index])
             case "GetListOfPortMappings":
                 listed = self._in_range(a, client)[:self._count(a)]
                 return [("NewPortListing", X.port_listing(
@@ -481,12 +483,13 @@ class UpnpFront:
         if a.get("NewEnabled", "1").strip().lower() not in ("1", "true", "yes"):
             raise X.SoapError(402, "disabled port mappings are not supported")
         lease_s = a.get("NewLeaseDuration", "0").strip() or "0"
-        if not lease_s.isdecimal() or int(lease_s) > 604800:
+        lease = X.decimal(lease_s, 604800)
+        if lease is None:
             raise X.SoapError(402, f"NewLeaseDuration {lease_s[:20]!r} is not 0-604800")
         result = await self.manager.add(ClientRequest(
             protocol=FrontProtocol.UPNP, client=client, internal_client=target,
             internal_port=internal, external_port=external, proto=proto,
-            lease=float(lease_s), description=a.get("NewPortMappingDescription", ""),
+            lease=float(lease), description=a.get("NewPortMappingDescription", ""),
             allow_alternative=anyport))
         if isinstance(result, Refusal):
             raise X.SoapError(FAULT_FOR[result.kind], result.reason)
@@ -530,9 +533,8 @@ class UpnpFront:
 
     @staticmethod
     def _count(a: Mapping[str, str]) -> int:
-        count = a.get("NewNumberOfPorts", "0").strip()
-        return int(count) if count.isdecimal() and 0 < int(count) <= MAX_LISTING \
-            else MAX_LISTING
+        count = X.decimal(a.get("NewNumberOfPorts", "0"), MAX_LISTING)
+        return count if count else MAX_LISTING
 
 
 class _SsdpProtocol(asyncio.DatagramProtocol):

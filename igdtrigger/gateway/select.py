@@ -26,7 +26,6 @@ from igdtrigger.gateway.base import (
     Granted,
     QuickLookup,
 )
-from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway  # the C binding loads on connect
 from igdtrigger.gateway.upnp.soap import SoapGateway
 from igdtrigger.netutil import default_gateway
@@ -246,6 +245,9 @@ def build_gateway(url: str | None, *, backend: str = "auto", protocol: str = "up
             raise ConfigError("cannot tell the router's address for NAT-PMP/PCP: no default "
                               "route; set [gateway] url (its host is used)", field="gateway.url")
         return upnp()
+    # NAT-PMP/PCP only when asked for: a standalone `run` on the default UPnP loads less
+    from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
+
     pcp = PcpGateway(router, on_call=on_call, listen_announcements=True)
     pmp = NatPmpGateway(router, on_call=on_call, listen_announcements=True)
     if protocol == "pcp":

@@ -140,7 +140,7 @@ def test_run_without_a_service_opens_ipv6_too_while_the_game_runs(lab6: Lab,
     p = lab6.popen(lab6.lan, igdt_argv("run", "--config", str(cfg), "--rule", "game", "--",
                                        "sh", "-c", f"touch {marker}; sleep 3; exit 5"),
                    env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(marker.exists, 10, "wrapped child to start")
+    wait_for(marker.exists, 30, "wrapped child to start")
     wait_for(lambda: len(lab6.nft_pinholes()) == 4, 5, "standalone pinholes")
     got = reachable6(lab6)
     assert all(got.values()), f"not reachable over IPv6 while the game runs: {got}"

@@ -211,7 +211,7 @@ def test_run_holds_ports_while_child_runs_and_passes_exit_code(
     p = lab.popen(lab.lan, igdt_argv("run", "--config", str(s.config), "--rule", "game", "--",
                                      "sh", "-c", f"touch {marker}; sleep 2; exit 3"),
                   env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(marker.exists, 10, "wrapped child to start")
+    wait_for(marker.exists, 30, "wrapped child to start")
     assert all_open(lab)
     assert p.wait(20) == 3
     wait_for(lambda: not ours(lab), 5, "mappings removed after the child exited")
@@ -233,7 +233,7 @@ def test_run_without_a_service_maps_ports_itself(lab: Lab, tmp_path: Path) -> No
     p = lab.popen(lab.lan, igdt_argv("run", "--config", str(cfg), "--rule", "game", "--",
                                      "sh", "-c", f"touch {marker}; sleep 2; exit 7"),
                   env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(marker.exists, 10, "wrapped child to start")
+    wait_for(marker.exists, 30, "wrapped child to start")
     wait_for(lambda: len(ours(lab)) == 4, 5, "standalone mappings")
     assert all_open(lab)
     assert p.wait(20) == 7
