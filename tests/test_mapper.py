@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from igdtrigger.core.activation import description_for
-from igdtrigger.core.model import MappingKey, MappingSpec, Proto
+from igdtrigger.core.errors import ActionFailed
+from igdtrigger.core.model import MappingKey, MappingSpec, Proto, RouterMapping
+from igdtrigger.gateway.base import Granted
 from igdtrigger.runtime.mapper import Mapper, MapState
 
 from .fakes import FakeClock, FakeGateway
@@ -239,3 +241,33 @@ async def test_a_mapping_left_open_says_until_when_on_the_injected_wall_clock(
     [left] = m.left_open
     assert left.lease_remaining == 600
     assert left.until_wall == 1_000_600.0
+
+
+class _OverwritingRouter(FakeGateway):
+    """A router that answers an add for another host's port by overwriting it (no 718), and
+    whose next lookup fails once: only the check before the add stands between us and
+    clobbering that host's mapping."""
+
+    fail_next_get = False
+
+    async def _add_once(self, spec: MappingSpec, lease: int) -> Granted:
+        self.table.pop(spec.key, None)
+        return await super()._add_once(spec, lease)
+
+    async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
+        if self.fail_next_get:
+            self.fail_next_get = False
+            raise ActionFailed("GetSpecificPortMappingEntry", 501, "ActionFailed")
+        return await super().get(proto, external_port)
+
+
+async def test_a_failed_check_before_an_add_never_lets_the_add_clobber_another_host(
+        clock: FakeClock) -> None:
+    gw = _OverwritingRouter(clock)
+    m = mapper(gw, clock)
+    await m.reconcile(want(spec(40001)))  # the router's lookups have worked once
+    assert m.traits.reports_mappings
+    gw.foreign(Proto.UDP, 40000, "192.168.1.99", "Xbox")
+    gw.fail_next_get = True
+    await m.reconcile(want(spec(40001), spec(40000)))
+    assert gw.ports()["udp/40000"] == "192.168.1.99"

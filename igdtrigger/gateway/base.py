@@ -212,19 +212,6 @@ class AdoptsLeftovers(Protocol):
         ...
 
 
-@runtime_checkable
-class QuickLookup(Protocol):
-    """A backend with a faster one-port lookup than ``get`` that cannot tell "no such entry"
-    from a failed request (miniupnpc's binding answers ``None`` for both). Used for the check
-    before an add only, and only on a router that has shown its lookups work: a ``None`` lets
-    the add go ahead, whose own answer (718 for another host's port, unreachable) still
-    guards it; verification keeps ``get``."""
-
-    async def get_quick(self, proto: Proto, external_port: int) -> RouterMapping | None:
-        """The router's entry for the port, or ``None`` (none, or the request failed)."""
-        ...
-
-
 _NOT_PUBLIC = [
     ipaddress.ip_network(n)
     for n in (

@@ -24,7 +24,6 @@ from igdtrigger.gateway.base import (
     Gateway,
     GatewayInfo,
     Granted,
-    QuickLookup,
 )
 from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway  # the C binding loads on connect
 from igdtrigger.gateway.upnp.soap import SoapGateway
@@ -159,12 +158,6 @@ class FallbackGateway:
     async def list(self) -> list[RouterMapping]:
         """``Gateway.list`` on the chosen backend."""
         return await self._on_current(lambda gw: gw.list())
-
-    async def get_quick(self, proto: Proto, external_port: int) -> RouterMapping | None:
-        """``base.QuickLookup`` where the chosen backend has it, else ``get``."""
-        return await self._on_current(
-            lambda gw: gw.get_quick(proto, external_port) if isinstance(gw, QuickLookup)
-            else gw.get(proto, external_port))
 
     # -- base.AdoptsLeftovers, for the candidates that have it ---------------------------------
 

@@ -17,7 +17,7 @@ from typing import TypeGuard
 from igdtrigger.core.activation import owned_by
 from igdtrigger.core.errors import GatewayError, GatewayUnreachable, UnsupportedAction
 from igdtrigger.core.model import MappingKey, MappingSpec, RouterMapping
-from igdtrigger.gateway.base import Granted, QuickLookup
+from igdtrigger.gateway.base import Granted
 from igdtrigger.runtime.mapbase import Applied, MapperBase, MapState
 
 __all__ = ["LIST_MIN_BATCH", "MIN_CUT", "RouterTruth"]
@@ -253,11 +253,7 @@ class RouterTruth(MapperBase):
         else:
             gw = self.gateway
             try:
-                # a router whose lookups have worked: the backend's quick lookup where it has
-                # one (a failure reads as "free" there; the add's own answer still guards)
-                existing = (await gw.get_quick(wire.proto, wire.external_port)
-                            if self.traits.reports_mappings and isinstance(gw, QuickLookup)
-                            else await gw.get(wire.proto, wire.external_port))
+                existing = await gw.get(wire.proto, wire.external_port)
             except UnsupportedAction as exc:
                 self._cannot_look_up(exc)
                 return None

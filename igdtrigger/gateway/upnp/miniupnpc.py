@@ -340,22 +340,6 @@ class MiniupnpcGateway(ChosenServiceState):
 
         await self._call("DeletePortMapping", call)
 
-    async def get_quick(self, proto: Proto, external_port: int) -> RouterMapping | None:
-        """``base.QuickLookup``: miniupnpc's GetSpecificPortMappingEntry on the worker
-        thread (a third of our SOAP client's time on a busy host); ``None`` for no entry and
-        for a failure alike."""
-        u = await self._ready()
-
-        def call() -> RouterMapping | None:
-            found = u.getspecificportmapping(external_port, proto.value)
-            if found is None:
-                return None
-            client, iport, desc, enabled, lease = found
-            return RouterMapping(proto, external_port, str(client), int(iport), str(desc),
-                                 bool(enabled), int(lease))
-
-        return await self._call("GetSpecificPortMappingEntry", call)
-
     async def get(self, proto: Proto, external_port: int) -> RouterMapping | None:
         """Read with our SOAP codec on the same service: miniupnpc's binding answers ``None``
         for "no such entry" and for "router down" alike, which would take an unreachable
