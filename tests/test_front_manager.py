@@ -421,3 +421,21 @@ async def test_mappings_the_engine_ended_do_not_count_against_max_per_client(
         assert isinstance(again, Grant), again
     finally:
         await svc.stop()
+
+
+async def test_traffic_on_an_internal_port_mapped_twice_keeps_both_mappings_in_use(
+        front: FrontManager, gw: FakeGateway, clock: FakeClock) -> None:
+    """A host may map one internal port on two external ports (UPnP, then NAT-PMP): its
+    traffic is use of both, so neither lapses at idle_timeout while the traffic goes on."""
+    assert isinstance(await front.add(req(port=40000, iport=40000)), Grant)
+    assert isinstance(await front.add(req(port=40001, iport=40000,
+                                          protocol=FrontProtocol.NATPMP)), Grant)
+    out = Flow(Proto.UDP, ipaddress.ip_address(A), ipaddress.ip_address("198.51.100.9"),
+               40000, 6881)  # from the mapped internal port
+    for _ in range(4):
+        clock.advance(300)
+        front.service.observe(FlowLive(out, connected=False, idle=0.5))
+        front.service.wake()
+        await front.service._wait_applied(front.service.pipeline.engine.generation, 1)
+    assert {m.grant.external_port for m in front.mappings()} == {40000, 40001}
+    assert gw.ports() == {"udp/40000": A, "udp/40001": A}

@@ -196,7 +196,7 @@ class FrontManager:
         self.wall = wall
         self._started = self.clock()
         self._by_key: dict[MappingKey, FrontMapping] = {}
-        self._by_internal: dict[tuple[Proto, str, int], MappingKey] = {}
+        self._by_internal: dict[tuple[Proto, str, int], set[MappingKey]] = {}
         self._lock = asyncio.Lock()
         self.refused: collections.Counter[str] = collections.Counter()  # kind -> count
         self.granted = 0
@@ -314,24 +314,20 @@ class FrontManager:
                 return
             ago = max(0.0, obs.idle or 0.0)
             obs = obs.flow
-        if isinstance(obs, Flow) and (m := self._matching(obs)) is not None:
+        for m in self._matching(obs) if isinstance(obs, Flow) else ():
             self._used(m, at=self.clock() - ago)
 
     def follows(self, flow: Flow) -> bool:
         """Detectors keep looking at a flow that is use of a live mapping (its later packets
         keep the mapping in use)."""
-        return self._matching(flow) is not None
+        return bool(self._matching(flow))
 
-    def _matching(self, flow: Flow) -> FrontMapping | None:
-        if not self._by_key:
-            return None
-        for key in (self._by_internal.get((flow.proto, str(flow.src), flow.sport)),
-                    self._by_internal.get((flow.proto, str(flow.dst), flow.dport)),
-                    MappingKey(flow.proto, flow.dport)):
-            m = self._by_key.get(key) if key is not None else None
-            if m is not None and self._live(m):
-                return m
-        return None
+    def _matching(self, flow: Flow) -> list[FrontMapping]:
+        """Every live mapping the flow uses: one host may map one internal port several times."""
+        keys = {MappingKey(flow.proto, flow.dport), *self._by_internal.get(
+            (flow.proto, str(flow.src), flow.sport), ()), *self._by_internal.get(
+            (flow.proto, str(flow.dst), flow.dport), ())} if self._by_key else set()
+        return [m for k in keys if (m := self._by_key.get(k)) is not None and self._live(m)]
 
     async def stop(self) -> None:
         """The service's stop ends the activations (and upstream mappings); forwards go here."""
@@ -562,16 +558,18 @@ class FrontManager:
     def _index(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
         self._by_key[key] = m
-        self._by_internal[(m.request.proto, m.request.internal_client,
-                           m.request.internal_port)] = key
+        self._by_internal.setdefault((m.request.proto, m.request.internal_client,
+                                      m.request.internal_port), set()).add(key)
 
     def _unindex(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
         if self._by_key.get(key) is m:
             del self._by_key[key]
         ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
-        if self._by_internal.get(ik) == key:
-            del self._by_internal[ik]
+        keys = self._by_internal.get(ik, set())
+        keys.discard(key)
+        if not keys:
+            self._by_internal.pop(ik, None)
 
     def _from_activation(self, act: Activation) -> FrontMapping | None:
         """A journaled activation back as a front mapping (None: not one we wrote)."""
