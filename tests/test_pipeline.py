@@ -54,12 +54,12 @@ async def test_a_failing_round_is_logged_and_the_scheduler_goes_on(
     real = svc.pipeline.mapper.reconcile
     calls = 0
 
-    async def flaky(desired: Any) -> None:
+    async def flaky(desired: Any, answered: Any = None) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in one round")
-        await real(desired)
+        await real(desired, answered)
 
     svc.pipeline.mapper.reconcile = flaky  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="igdtrigger.scheduler"):
@@ -87,7 +87,7 @@ async def test_healthz_names_a_stuck_scheduler(svc: Service, clock: FakeClock,
                                                client: ApiClient) -> None:
     hang = asyncio.Event()
 
-    async def stuck(desired: Any) -> None:
+    async def stuck(desired: Any, answered: Any = None) -> None:
         await hang.wait()
 
     svc.pipeline.mapper.reconcile = stuck  # type: ignore[method-assign]

@@ -86,10 +86,14 @@ class Mapper(Orphans):
     Built as ``MapperBase`` (state) -> ``RouterTruth`` (read-backs) -> ``Orphans`` (deletes)
     -> this (the apply loop: adds, renewals, verification)."""
 
-    async def reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
-        """Bring the router in line with ``desired``; never raises for router trouble."""
+    async def reconcile(self, desired: dict[MappingKey, MappingSpec],
+                        answered: Callable[[], None] | None = None) -> None:
+        """Bring the router in line with ``desired``; never raises for router trouble.
+        ``answered()`` is called once the deletes and the new mappings' adds were answered
+        and journaled (what a caller waiting for this change needs), before renewals,
+        retries of older mappings and verification."""
         async with self._lock:
-            await self._reconcile(desired)
+            await self._reconcile(desired, answered)
 
     async def remove_all(self) -> int:
         """Delete every mapping we hold (shutdown). Returns how many the router confirmed gone
@@ -156,7 +160,8 @@ class Mapper(Orphans):
                                           f"({self.gateway_error or 'not found yet'})")
         return out
 
-    async def _reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
+    async def _reconcile(self, desired: dict[MappingKey, MappingSpec],
+                         answered: Callable[[], None] | None) -> None:
         if not self.gateway_up and (self.clock() < self._gateway_retry_at
                                     or not await self._connect(desired)):
             self._mark_pending(desired)
@@ -195,6 +200,10 @@ class Mapper(Orphans):
             if not self.gateway_up or self._abandoned():
                 break
             await self._add(app, check=self.check_before_add, known=known)
+        await self._journal_settled()  # what the adds journaled beside them: written
+        self._journal_requested([])  # nothing was asked (router down, abandoned): now
+        if answered is not None:
+            answered()
         for app in list(self.applied.values()):
             if not self.gateway_up or self._abandoned():
                 break
@@ -204,7 +213,7 @@ class Mapper(Orphans):
             elif app.state is not MapState.ACTIVE and app.attempts > 0 and now >= app.retry_at:
                 await self._add(app, check=True)
         await self._journal_settled()  # what the pass journaled beside its requests: written
-        self._journal_requested([])  # nothing was asked (router down, abandoned): now
+        self._journal_requested([])
 
         if self.gateway_up and self.clock() >= self._next_canary:
             await self._canary()

@@ -135,7 +135,7 @@ class Pipeline:
         self._wake = asyncio.Event()
         self._pinhole_wake = asyncio.Event()
         self._applied_generation = -1
-        self._applied_cond = asyncio.Condition()
+        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
         self._journal_flushed = 0.0
         self._journal_checked = 0.0
@@ -143,6 +143,7 @@ class Pipeline:
         # (the mappings themselves are journaled before they are requested): no fsync of its
         # own on the way from a trigger to an open port.
         self._unjournaled: dict[str, Activation] = {}
+        self.mapper.journal_riders = self._journal_riders
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = False
         # the guard: what health() reports
@@ -173,16 +174,36 @@ class Pipeline:
         self.wake()
 
     async def wait_applied(self, generation: int, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) until a round for engine ``generation`` finished."""
+        """Wait (at most ``timeout`` s) until a round for engine ``generation`` has applied it:
+        its deletes and new mappings' adds answered by the router, and the activations and
+        mappings journaled (``Mapper.reconcile``'s ``answered``). What follows in that round
+        (renewals and retries of older mappings, verification) is not waited for."""
         self.wake()
-        if timeout <= 0:
+        if timeout <= 0 or self._applied_generation >= generation:
             return
-        async with self._applied_cond:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applied_waiters.append((generation, fut))
+        try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._applied_cond.wait_for(lambda: self._applied_generation >= generation),
-                    timeout,
-                )
+                async with asyncio.timeout(timeout):
+                    await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._applied_waiters.remove((generation, fut))
+
+    def _applied(self, generation: int) -> None:
+        """Engine ``generation`` is applied: tell those waiting for it (``wait_applied``)."""
+        if generation <= self._applied_generation:
+            return
+        self._applied_generation = generation
+        waiting, self._applied_waiters = self._applied_waiters, []
+        for gen, fut in waiting:
+            if gen > generation:
+                self._applied_waiters.append((gen, fut))
+            elif not fut.done():
+                fut.set_result(None)
 
     # --- what is wanted -----------------------------------------------------------------------
 
@@ -272,6 +293,7 @@ class Pipeline:
         if ev.kind is EventKind.ACTIVATED:
             self._unjournaled[act.id] = act
         elif self._unjournaled.pop(act.id, None) is None:  # else it never reached the journal
+            self.mapper.settle_journal()  # after its row, if that is still being written
             self.journal.activation_gone(act.id)
         if self.on_event is not None:
             self.on_event(ev)
@@ -311,9 +333,14 @@ class Pipeline:
 
     def _journal_new(self) -> None:
         if self._unjournaled:
-            acts = list(self._unjournaled.values())
-            self._unjournaled.clear()
-            self.journal.activations_put([self.journal_record(a) for a in acts])
+            self.journal.activations_put(self._journal_riders())
+
+    def _journal_riders(self) -> list[JournalActivation]:
+        """The new activations' rows, taken to be written (with their mappings' rows, in one
+        transaction: ``Mapper.journal_riders``; else by ``_journal_new``)."""
+        acts = list(self._unjournaled.values())
+        self._unjournaled.clear()
+        return [self.journal_record(a) for a in acts]
 
     # --- scheduler ----------------------------------------------------------------------------
 
@@ -333,16 +360,19 @@ class Pipeline:
             trace.stamp("round")
         self.engine.expire()
         gen = self.engine.generation
-        await self.mapper.reconcile(self.desired())
+
+        def answered() -> None:  # the round's changes are on the router and journaled
+            self._journal_new()  # activations whose mappings wrote no row (held already)
+            self._applied(gen)
+
+        await self.mapper.reconcile(self.desired(), answered)
         self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
         if self.after_round is not None:
             self.after_round()
         self._journal_check()
         self._journal_new()
         self._journal_activations()
-        async with self._applied_cond:
-            self._applied_generation = gen
-            self._applied_cond.notify_all()
+        self._applied(gen)  # (a router not answering: the pass ended early)
         return gen
 
     async def _scheduler(self) -> None:
