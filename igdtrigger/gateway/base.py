@@ -200,8 +200,12 @@ async def add_if_free(gateway: Gateway, spec: MappingSpec, lease: int) -> Checke
     A backend that can do both faster (``AddsIfFree``: the miniupnpc backend runs both back to
     back on its worker thread) does; elsewhere ``get`` then ``add``, back to back in this
     coroutine."""
-    if isinstance(gateway, AddsIfFree):
-        return await gateway.add_if_free(spec, lease)
+    # getattr, not isinstance(gateway, AddsIfFree): a runtime protocol check costs ~10 us on
+    # the way from a trigger to the router call
+    own: Callable[[MappingSpec, int], Awaitable[CheckedAdd]] | None = getattr(
+        gateway, "add_if_free", None)
+    if own is not None:
+        return await own(spec, lease)
     try:
         found: RouterMapping | UnsupportedAction | None = await gateway.get(
             spec.proto, spec.external_port)
