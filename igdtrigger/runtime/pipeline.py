@@ -124,12 +124,14 @@ class Pipeline:
         self.mapper = Mapper(
             gateway, clock=clock, tag=tag, lease=settings.lease,
             verify_interval=settings.verify_interval, canary_interval=settings.canary_interval,
-            check_before_add=settings.check_before_add, on_change=on_mapping_change,
+            check_before_add=settings.check_before_add,
+            on_change=self._after_events(on_mapping_change),
             journal=journal, abandon=self._abandon_pass, reclaim=dead_run_tag)
         self.pinholes: PinholeKeeper | None = None
         if settings.ipv6_pinholes and pinhole_client is not None:
             self.pinholes = PinholeKeeper(pinhole_client, clock=clock, lease=settings.lease,
-                                          journal=journal, on_change=on_pinhole_change)
+                                          journal=journal,
+                                          on_change=self._after_events(on_pinhole_change))
         self._ipv6_lookup = ipv6_addresses
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
         self._wake = asyncio.Event()
@@ -144,6 +146,7 @@ class Pipeline:
         # own on the way from a trigger to an open port.
         self._unjournaled: dict[str, Activation] = {}
         self.mapper.journal_riders = self._journal_riders
+        self._events: list[Event] = []  # engine events for on_event, held back a moment
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = False
         # the guard: what health() reports
@@ -295,8 +298,38 @@ class Pipeline:
         elif self._unjournaled.pop(act.id, None) is None:  # else it never reached the journal
             self.mapper.settle_journal()  # after its row, if that is still being written
             self.journal.activation_gone(act.id)
+        if self.on_event is None:
+            return
+        if not self._events:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a synchronous caller): at once
+                self.on_event(ev)
+                return
+            # two loop turns later: after the scheduler round this change wakes (in the next
+            # turn) has queued its router call; the log line and the event stream's message
+            # are not on the way from a trigger to the router (issue 17)
+            loop.call_soon(loop.call_soon, self.flush_events)
+        self._events.append(ev)
+
+    def _after_events(self, report: Callable[..., None] | None) -> Callable[..., None] | None:
+        """``report`` (a mapping's or pinhole's change), after the engine events held back:
+        an activation is reported before the mappings it brought."""
+        if report is None:
+            return None
+
+        def after(*args: Any) -> None:
+            self.flush_events()
+            report(*args)
+
+        return after
+
+    def flush_events(self) -> None:
+        """Hand the engine events held back (``_on_engine_event``) to ``on_event``, in order."""
+        events, self._events = self._events, []
         if self.on_event is not None:
-            self.on_event(ev)
+            for ev in events:
+                self.on_event(ev)
 
     def _journal_activations(self) -> None:
         """Write refreshed expiries to the journal, at most once a second."""
@@ -448,6 +481,7 @@ class Pipeline:
     async def stop_tasks(self) -> None:
         """Cancel the scheduler and the pinhole loop."""
         self.stopping = True
+        self.flush_events()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
