@@ -18,7 +18,7 @@ import pytest
 from igdtrigger.core.activation import description_for
 from igdtrigger.core.errors import GatewayError, GatewayUnreachable, MalformedReply
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto
-from igdtrigger.gateway.base import add_if_free
+from igdtrigger.gateway.base import Gateway, add_if_free
 from igdtrigger.gateway.natpmp.backend import NatPmpGateway, PcpGateway
 from igdtrigger.gateway.upnp.codec import UpnpFault
 from igdtrigger.runtime.mapper import Mapper, MapState
@@ -38,6 +38,15 @@ CONSOLE = "192.168.1.99"
 async def sim() -> AsyncIterator[SimulatedIgdServer]:
     async with SimulatedIgdServer(SimulatedRouter()) as server:
         yield server
+
+
+@pytest.fixture(params=BACKENDS)
+async def gw(request: pytest.FixtureRequest, sim: SimulatedIgdServer) -> AsyncIterator[Gateway]:
+    """Each UPnP backend, connected to the simulated router."""
+    gateway = backend(str(request.param), sim.url)
+    await gateway.connect()
+    yield gateway
+    await gateway.close()
 
 
 def spec(port: int, client: str = HOST) -> MappingSpec:
@@ -63,30 +72,24 @@ def record_actions(router: SimulatedRouter, fault_for: Mapping[str, UpnpFault] |
     return seen
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
 async def test_a_free_port_is_added_and_a_held_one_comes_back_untouched(
-        sim: SimulatedIgdServer, kind: str) -> None:
-    gw = backend(kind, sim.url)
-    try:
-        await gw.connect()
-        free = await add_if_free(gw, spec(40000), 600)
-        assert free.granted is not None and free.granted.external_port == 40000
-        assert free.held is None and free.unchecked is None
-        assert holder(sim.router, 40000) == HOST
+        sim: SimulatedIgdServer, gw: Gateway) -> None:
+    free = await add_if_free(gw, spec(40000), 600)
+    assert free.granted is not None and free.granted.external_port == 40000
+    assert free.held is None and free.unchecked is None
+    assert holder(sim.router, 40000) == HOST
 
-        other_host_holds(sim.router, 40001, CONSOLE)
-        seen = record_actions(sim.router)
-        taken = await add_if_free(gw, spec(40001), 600)
-        assert taken.granted is None
-        assert taken.held is not None and taken.held.internal_client == CONSOLE
-        assert "AddPortMapping" not in seen
-        assert holder(sim.router, 40001) == CONSOLE
+    other_host_holds(sim.router, 40001, CONSOLE)
+    seen = record_actions(sim.router)
+    taken = await add_if_free(gw, spec(40001), 600)
+    assert taken.granted is None
+    assert taken.held is not None and taken.held.internal_client == CONSOLE
+    assert "AddPortMapping" not in seen
+    assert holder(sim.router, 40001) == CONSOLE
 
-        mine = await add_if_free(gw, spec(40000), 600)  # our own entry: the caller judges it
-        assert mine.granted is None
-        assert mine.held is not None and mine.held.internal_client == HOST
-    finally:
-        await gw.close()
+    mine = await add_if_free(gw, spec(40000), 600)  # our own entry: the caller judges it
+    assert mine.granted is None
+    assert mine.held is not None and mine.held.internal_client == HOST
 
 
 FAILED_LOOKUPS: dict[str, Any] = {
@@ -97,61 +100,43 @@ FAILED_LOOKUPS: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("failure", list(FAILED_LOOKUPS))
 async def test_a_failed_check_raises_and_nothing_is_added_on_every_backend(
-        sim: SimulatedIgdServer, kind: str, failure: str) -> None:
-    gw = backend(kind, sim.url)
-    try:
-        await gw.connect()
-        how = FAILED_LOOKUPS[failure]
-        if isinstance(how, UpnpFault):
-            seen = record_actions(sim.router, {"GetSpecificPortMappingEntry": how})
-        else:
-            seen = record_actions(sim.router)
-            sim.router.http_hook = (
-                lambda action: how if action == "GetSpecificPortMappingEntry" else None)
-        with pytest.raises(GatewayError) as raised:
-            await add_if_free(gw, spec(40002), 600)
-        assert "AddPortMapping" not in seen
-        assert holder(sim.router, 40002) is None
-        if failure == "garbage":
-            assert isinstance(raised.value, MalformedReply)
-        if failure == "control-url-gone":
-            assert isinstance(raised.value, GatewayUnreachable)
-    finally:
-        await gw.close()
+        sim: SimulatedIgdServer, gw: Gateway, failure: str) -> None:
+    how = FAILED_LOOKUPS[failure]
+    if isinstance(how, UpnpFault):
+        seen = record_actions(sim.router, {"GetSpecificPortMappingEntry": how})
+    else:
+        seen = record_actions(sim.router)
+        sim.router.http_hook = (
+            lambda action: how if action == "GetSpecificPortMappingEntry" else None)
+    with pytest.raises(GatewayError) as raised:
+        await add_if_free(gw, spec(40002), 600)
+    assert "AddPortMapping" not in seen
+    assert holder(sim.router, 40002) is None
+    if failure == "garbage":
+        assert isinstance(raised.value, MalformedReply)
+    if failure == "control-url-gone":
+        assert isinstance(raised.value, GatewayUnreachable)
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("code", [401, 602])
 async def test_a_router_that_cannot_look_up_says_so_and_nothing_is_added(
-        sim: SimulatedIgdServer, kind: str, code: int) -> None:
-    gw = backend(kind, sim.url)
-    try:
-        await gw.connect()
-        seen = record_actions(sim.router, {"GetSpecificPortMappingEntry": UpnpFault.of(code)})
-        out = await add_if_free(gw, spec(40003), 600)
-        assert out.unchecked is not None and out.unchecked.code == code
-        assert out.granted is None and out.held is None
-        assert "AddPortMapping" not in seen
-    finally:
-        await gw.close()
+        sim: SimulatedIgdServer, gw: Gateway, code: int) -> None:
+    seen = record_actions(sim.router, {"GetSpecificPortMappingEntry": UpnpFault.of(code)})
+    out = await add_if_free(gw, spec(40003), 600)
+    assert out.unchecked is not None and out.unchecked.code == code
+    assert out.granted is None and out.held is None
+    assert "AddPortMapping" not in seen
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
 async def test_a_refused_timed_lease_after_the_check_is_added_with_lease_0(
-        sim: SimulatedIgdServer, kind: str) -> None:
-    gw = backend(kind, sim.url)
-    try:
-        await gw.connect()
-        sim.router.lease_mode = "permanent_only_725"
-        out = await add_if_free(gw, spec(40004), 600)
-        assert out.granted is not None and out.granted.lease == 0
-        assert out.granted.timed_lease_refused is not None
-        assert holder(sim.router, 40004) == HOST
-    finally:
-        await gw.close()
+        sim: SimulatedIgdServer, gw: Gateway) -> None:
+    sim.router.lease_mode = "permanent_only_725"
+    out = await add_if_free(gw, spec(40004), 600)
+    assert out.granted is not None and out.granted.lease == 0
+    assert out.granted.timed_lease_refused is not None
+    assert holder(sim.router, 40004) == HOST
 
 
 @pytest.mark.parametrize("cls", [NatPmpGateway, PcpGateway], ids=["nat-pmp", "pcp"])
