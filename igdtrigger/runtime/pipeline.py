@@ -137,7 +137,9 @@ class Pipeline:
         self._wake = asyncio.Event()
         self._pinhole_wake = asyncio.Event()
         self._applied_generation = -1
-        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._rounds = 0  # rounds started
+        # (generation, the first round that counts, the waiter): wait_applied
+        self._applied_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
         self._journal_flushed = 0.0
         self._journal_checked = 0.0
@@ -180,12 +182,15 @@ class Pipeline:
         """Wait (at most ``timeout`` s) until a round for engine ``generation`` has applied it:
         its deletes and new mappings' adds answered by the router, and the activations and
         mappings journaled (``Mapper.reconcile``'s ``answered``). What follows in that round
-        (renewals and retries of older mappings, verification) is not waited for."""
+        (renewals and retries of older mappings, verification) is not waited for. A
+        generation applied already: until the round this call wakes has got as far."""
         self.wake()
-        if timeout <= 0 or self._applied_generation >= generation:
+        if timeout <= 0:
             return
+        first = self._rounds + 1 if self._applied_generation >= generation else 0
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._applied_waiters.append((generation, fut))
+        waiter = (generation, first, fut)
+        self._applied_waiters.append(waiter)
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -194,17 +199,15 @@ class Pipeline:
             if not fut.done():
                 fut.cancel()
                 with contextlib.suppress(ValueError):
-                    self._applied_waiters.remove((generation, fut))
+                    self._applied_waiters.remove(waiter)
 
     def _applied(self, generation: int) -> None:
-        """Engine ``generation`` is applied: tell those waiting for it (``wait_applied``)."""
-        if generation <= self._applied_generation:
-            return
-        self._applied_generation = generation
+        """The running round has applied engine ``generation``: tell those waiting for it."""
+        self._applied_generation = max(self._applied_generation, generation)
         waiting, self._applied_waiters = self._applied_waiters, []
-        for gen, fut in waiting:
-            if gen > generation:
-                self._applied_waiters.append((gen, fut))
+        for gen, first, fut in waiting:
+            if gen > generation or self._rounds < first:
+                self._applied_waiters.append((gen, first, fut))
             elif not fut.done():
                 fut.set_result(None)
 
@@ -391,6 +394,7 @@ class Pipeline:
         engine generation the round applied."""
         if trace.ON:
             trace.stamp("round")
+        self._rounds += 1
         self.engine.expire()
         gen = self.engine.generation
 
