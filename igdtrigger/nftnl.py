@@ -16,6 +16,7 @@ CAP_NET_ADMIN. Errors: :class:`~igdtrigger.core.errors.NetlinkError` with the ke
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -116,7 +117,7 @@ def _data(kind: int, value: bytes) -> bytes:
     return nest(kind, [attr(NFTA_DATA_VALUE, value)])
 
 
-# --- expressions (one NFTA_LIST_ELEM each) --------------------------------------------------------
+# --- expressions (one NFTA_LIST_ELEM each; cached: a rule is mostly the same few expressions) -----
 
 def _expr(name: str, parts: Sequence[bytes] = ()) -> bytes:
     body = [str_attr(NFTA_EXPR_NAME, name)]
@@ -125,17 +126,20 @@ def _expr(name: str, parts: Sequence[bytes] = ()) -> bytes:
     return nest(NFTA_LIST_ELEM, body)
 
 
+@functools.lru_cache(maxsize=1024)
 def meta(key: int, dreg: int = NFT_REG_1) -> bytes:
     """``meta load <key> => reg``."""
     return _expr("meta", [u32_attr(NFTA_META_DREG, dreg), u32_attr(NFTA_META_KEY, key)])
 
 
+@functools.lru_cache(maxsize=1024)
 def cmp(value: bytes, *, op: int = NFT_CMP_EQ, sreg: int = NFT_REG_1) -> bytes:
     """``cmp <op> reg <value>`` (``value``: the bytes as the register holds them)."""
     return _expr("cmp", [u32_attr(NFTA_CMP_SREG, sreg), u32_attr(NFTA_CMP_OP, op),
                          _data(NFTA_CMP_DATA, value)])
 
 
+@functools.lru_cache(maxsize=1024)
 def payload(base: int, offset: int, length: int, dreg: int = NFT_REG_1) -> bytes:
     """``payload load <length>b @ <base> header + <offset> => reg``."""
     return _expr("payload", [u32_attr(NFTA_PAYLOAD_DREG, dreg), u32_attr(NFTA_PAYLOAD_BASE, base),
@@ -143,17 +147,20 @@ def payload(base: int, offset: int, length: int, dreg: int = NFT_REG_1) -> bytes
                              u32_attr(NFTA_PAYLOAD_LEN, length)])
 
 
+@functools.lru_cache(maxsize=1024)
 def fib(flags: int, result: int, dreg: int = NFT_REG_1) -> bytes:
     """``fib <flags> <result> => reg`` (``fib daddr type``: F_DADDR, RESULT_ADDRTYPE)."""
     return _expr("fib", [u32_attr(NFTA_FIB_DREG, dreg), u32_attr(NFTA_FIB_RESULT, result),
                          u32_attr(NFTA_FIB_FLAGS, flags)])
 
 
+@functools.lru_cache(maxsize=1024)
 def ct(key: int, dreg: int = NFT_REG_1) -> bytes:
     """``ct load <key> => reg``."""
     return _expr("ct", [u32_attr(NFTA_CT_DREG, dreg), u32_attr(NFTA_CT_KEY, key)])
 
 
+@functools.lru_cache(maxsize=1024)
 def bitwise(mask: bytes, xor: bytes, *, reg: int = NFT_REG_1) -> bytes:
     """``bitwise reg = (reg & mask) ^ xor``."""
     return _expr("bitwise", [u32_attr(NFTA_BITWISE_SREG, reg), u32_attr(NFTA_BITWISE_DREG, reg),
@@ -161,12 +168,14 @@ def bitwise(mask: bytes, xor: bytes, *, reg: int = NFT_REG_1) -> bytes:
                              _data(NFTA_BITWISE_MASK, mask), _data(NFTA_BITWISE_XOR, xor)])
 
 
+@functools.lru_cache(maxsize=1024)
 def immediate(value: bytes, dreg: int) -> bytes:
     """``immediate reg <dreg> <value>``."""
     return _expr("immediate", [u32_attr(NFTA_IMMEDIATE_DREG, dreg),
                                _data(NFTA_IMMEDIATE_DATA, value)])
 
 
+@functools.lru_cache(maxsize=1024)
 def nat(kind: int, family: int, *, reg_addr: int, reg_proto: int) -> bytes:
     """``nat <kind> <family> addr_min reg <reg_addr> proto_min reg <reg_proto>``."""
     return _expr("nat", [u32_attr(NFTA_NAT_TYPE, kind), u32_attr(NFTA_NAT_FAMILY, family),
@@ -174,6 +183,7 @@ def nat(kind: int, family: int, *, reg_addr: int, reg_proto: int) -> bytes:
                          u32_attr(NFTA_NAT_REG_PROTO_MIN, reg_proto)])
 
 
+@functools.lru_cache(maxsize=1024)
 def counter() -> bytes:
     """``counter`` (from zero)."""
     return _expr("counter")

@@ -9,15 +9,21 @@ I/O; re-exported by ``front.manager``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import json
 import math
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from igdtrigger.core.model import Proto
 
-__all__ = ["ClientRequest", "Forwarder", "FrontMapping", "FrontProtocol", "Grant", "Refusal",
-           "RefusalKind"]
+__all__ = ["TRACE_ENV", "ClientRequest", "Forwarder", "FrontMapping", "FrontProtocol",
+           "FrontTrace", "Grant", "Refusal", "RefusalKind"]
+
+TRACE_ENV = "IGDTRIGGER_TRACE"  # the file runtime/mapper.py writes its traced adds to
 
 
 class FrontProtocol(enum.StrEnum):
@@ -134,3 +140,29 @@ class Forwarder(Protocol):
 
     async def remove(self, proto: Proto, external_port: int) -> None:
         """Forward ``external_port`` no more."""
+
+
+@dataclass
+class FrontTrace:
+    """The front's own steps of one granted add, when ``IGDTRIGGER_TRACE`` is on (a debug aid:
+    the mapper's line for the same add runs from the request's arrival to the router's answer;
+    this one from the manager's start, ``front``, to ``activated`` (the service answered:
+    mapped upstream) and ``granted``)."""
+
+    steps: list[tuple[str, int]] = field(
+        default_factory=lambda: [("front", time.perf_counter_ns())])
+
+    def stamp(self, what: str) -> None:
+        """Mark a step now."""
+        self.steps.append((what, time.perf_counter_ns()))
+
+    def write(self) -> None:
+        """Append ``{"front": [[step, ms after the first], ...]}`` to the trace file."""
+        self.stamp("granted")
+        path = os.environ.get(TRACE_ENV)
+        if not path:
+            return
+        t0 = self.steps[0][1]
+        line = {"front": [[what, round((ns - t0) / 1e6, 4)] for what, ns in self.steps]}
+        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(line) + "\n")

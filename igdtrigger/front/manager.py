@@ -16,10 +16,11 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from igdtrigger.core import trace
 from igdtrigger.core.activation import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
 from igdtrigger.core.errors import ActivationLimit, UsageError
 from igdtrigger.core.frontconfig import FrontConfig
@@ -29,6 +30,7 @@ from igdtrigger.front.contract import (
     Forwarder,
     FrontMapping,
     FrontProtocol,
+    FrontTrace,
     Grant,
     Refusal,
     RefusalKind,
@@ -352,6 +354,9 @@ class FrontManager:
 
     async def _map(self, req: ClientRequest, key: MappingKey) -> Grant | Refusal:
         """Make the activation and wait for the upstream router's answer."""
+        stamps = FrontTrace() if trace.ON else None
+        if trace.ON:
+            trace.begin("front")  # the mapper's line for this add runs from the request
         lease = self._grant_lease(req.lease)
         now = self.clock()
         if self.forwarder is not None:
@@ -359,6 +364,8 @@ class FrontManager:
             if upstream is None:
                 return Refusal(RefusalKind.UPSTREAM, "our own upstream address is unknown")
             target = f"{upstream} {key.external_port}"
+            if trace.ON:
+                trace.stamp("upstream_address")
         else:
             target = f"{req.internal_client} {req.internal_port}"
         meta = {FRONT_TARGET: target, M_CLIENT: req.client,
@@ -369,13 +376,23 @@ class FrontManager:
         if req.lease:
             meta[M_LEASE_END] = f"{self.wall() + lease:.3f}"
         ttl = min(lease, self.settings.idle_timeout)
+        # topology 1: the inner DNAT goes in BEFORE the upstream mapping exists (over netlink,
+        # ~0.2 ms): a rule for a port nothing maps upstream yet forwards nothing, but a WAN
+        # packet reaching us before the rule would get a conntrack entry to this host, and that
+        # flow would never be forwarded while it lasts. Removed at once on a refusal.
+        if self.forwarder is not None and (failed := await self._forward(req, key)):
+            return Refusal(RefusalKind.UPSTREAM, failed)
         try:
             act, applied = await self.service.front_activate(
                 PortRange(key.proto, key.external_port, key.external_port), req.internal_client,
                 ttl=max(ttl, MIN_TTL), source=_SOURCE[req.protocol], meta=meta)
         except (ActivationLimit, UsageError) as exc:
+            await self._unforward(key)
             return Refusal(RefusalKind.NO_RESOURCES, str(exc))
+        if stamps is not None:
+            stamps.stamp("activated")
         if applied is None or applied.state is not MapState.ACTIVE:
+            await self._unforward(key)
             state = "no answer yet" if applied is None else (
                 f"{applied.state.value}: {applied.error}" if applied.error
                 else applied.state.value)
@@ -390,15 +407,41 @@ class FrontManager:
                          created=now, last_use=now,
                          lease_end=now + lease if req.lease else math.inf,
                          activation_id=act.id)
-        if self.forwarder is not None:
-            await self.forwarder.add(req.proto, key.external_port, req.internal_client,
-                                     req.internal_port)
         self._index(m)
         self.granted += 1
+        if stamps is not None:
+            stamps.write()
         log.info("front: %s %s mapped %s -> %s:%d for %s (%s)", req.protocol, req.client, key,
                  req.internal_client, req.internal_port, format_duration(lease),
                  meta[M_DESC] or "no description")
         return grant
+
+    async def _forward(self, req: ClientRequest, key: MappingKey) -> str | None:
+        """Add the inner DNAT for ``key``; why it failed, or None."""
+        assert self.forwarder is not None
+        try:
+            await self.forwarder.add(req.proto, key.external_port, req.internal_client,
+                                     req.internal_port)
+            if trace.ON:
+                trace.stamp("dnat")
+        except (OSError, ValueError) as exc:
+            log.warning("front: inner DNAT for %s not added: %s", key, exc)
+            return f"the inner DNAT was not added (nothing was mapped upstream): {exc}"
+        return None
+
+    async def _unforward(self, key: MappingKey) -> None:
+        """Take back the inner DNAT of a mapping that was not made."""
+        if self.forwarder is not None:
+            with contextlib.suppress(OSError):  # the reconciler's sync retries it
+                await self.forwarder.remove(key.proto, key.external_port)
+
+    @contextlib.asynccontextmanager
+    async def settled(self) -> AsyncIterator[None]:
+        """Hold the front still (no add or delete deciding meanwhile): the reconciler compares
+        the inner DNAT with :meth:`mappings` inside this, so a rule added while its upstream
+        mapping is being asked for is not swept as unwanted."""
+        async with self._lock:
+            yield
 
     def _renew(self, m: FrontMapping, req: ClientRequest) -> Grant:
         lease = self._grant_lease(req.lease)

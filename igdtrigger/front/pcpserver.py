@@ -40,6 +40,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Protocol, cast
 
 from igdtrigger.api.ratelimit import RateLimiter
+from igdtrigger.core import trace
 from igdtrigger.core.model import Proto
 from igdtrigger.front.manager import (
     ClientRequest,
@@ -390,6 +391,8 @@ class PcpServer:
         self.announcements += 1
 
     def _received(self, endpoint: _Endpoint, data: bytes, addr: tuple[str | object, ...]) -> None:
+        if trace.ON:
+            trace.mark("pmp", first=True)
         source = str(addr[0])
         if not self.service.admit(data, source):
             return

@@ -124,8 +124,9 @@ class FrontRunner:
         while True:
             await asyncio.sleep(1.0)
             try:
-                mappings = self.manager.mappings()
-                await self.forwarder.sync(mappings)
+                async with self.manager.settled():  # not while an add is deciding: its
+                    mappings = self.manager.mappings()  # rule is in, its mapping not yet
+                    await self.forwarder.sync(mappings)
                 for m in await self.forwarder.used(mappings):  # kernel-counted traffic is use
                     self.manager.observe(Flow(m.request.proto, ip_address(
                         m.request.internal_client), ip_address(m.request.internal_client),
