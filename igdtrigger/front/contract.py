@@ -144,10 +144,14 @@ class Forwarder(Protocol):
 
 @dataclass
 class FrontTrace:
-    """The front's own steps of one granted add, when ``IGDTRIGGER_TRACE`` is on (a debug aid:
-    the mapper's line for the same add runs from the request's arrival to the router's answer;
-    this one from the manager's start, ``front``, to ``activated`` (the service answered:
-    mapped upstream) and ``granted``)."""
+    """The front's own steps of one granted add, when ``IGDTRIGGER_TRACE`` is on (a debug aid).
+
+    The mapper's line for the same add (core/trace.py) runs from the request's arrival
+    (``pmp``: a NAT-PMP/PCP datagram read; ``soap``: a UPnP control request entered) through
+    ``front`` (the manager began the mapping), ``upstream_address`` (topology 1's own address
+    known), ``dnat`` (the inner DNAT rule in) to the router's answer; this line runs from
+    ``front`` to ``activated`` (the service answered: its scheduler round is over) and
+    ``granted``."""
 
     steps: list[tuple[str, int]] = field(
         default_factory=lambda: [("front", time.perf_counter_ns())])
