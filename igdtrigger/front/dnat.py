@@ -490,26 +490,33 @@ class DnatForwarder:
 
     async def used(self, mappings: Iterable[FrontMapping]) -> list[FrontMapping]:
         """The mappings whose traffic the kernel counted since the last call (either
-        direction, every packet: a single long flow keeps counting)."""
-        async with self._lock:
-            counts = await asyncio.to_thread(self.dnat.packets)
-            if counts is None:
-                if self.dnat.installed:  # a firewall reload took it: put it back at once
+        direction, every packet: a single long flow keeps counting). The counters are read
+        (an ``nft`` listing, a few ms) without holding up a client's add; only a repair (our
+        table or accept rules found gone) takes the lock, after looking again under it."""
+        counts = await asyncio.to_thread(self.dnat.packets)
+        if counts is None:
+            async with self._lock:
+                counts = await asyncio.to_thread(self.dnat.packets)
+                if counts is None and self.dnat.installed:  # a firewall reload took it
                     log.warning("nftables table %s was removed by someone else (a firewall "
                                 "reload?); loading it again with %d rule(s)", TABLE,
                                 len(self.dnat.rules))
                     await asyncio.to_thread(self.dnat.apply, self.dnat.rules)
                     self.reloads += 1
+            if counts is None:
                 self._counted.clear()
                 return []
-            self._ticks += 1
-            if self.dnat.forward_chain is not None and self._ticks % ACCEPT_CHECK_EVERY == 0:
-                have = await asyncio.to_thread(self.dnat.our_accept_handles)
-                if len(have) != len(self.dnat.rules):  # the user's firewall was reloaded
-                    log.warning("our accept rules in %s are gone (a firewall reload?); adding "
-                                "them again", " ".join(self.dnat.forward_chain))
-                    await asyncio.to_thread(self.dnat.apply, self.dnat.rules)
-                    self.reloads += 1
+        self._ticks += 1
+        if self.dnat.forward_chain is not None and self._ticks % ACCEPT_CHECK_EVERY == 0:
+            have = await asyncio.to_thread(self.dnat.our_accept_handles)
+            if len(have) != len(self.dnat.rules):
+                async with self._lock:
+                    have = await asyncio.to_thread(self.dnat.our_accept_handles)
+                    if len(have) != len(self.dnat.rules):  # the user's firewall was reloaded
+                        log.warning("our accept rules in %s are gone (a firewall reload?); "
+                                    "adding them again", " ".join(self.dnat.forward_chain))
+                        await asyncio.to_thread(self.dnat.apply, self.dnat.rules)
+                        self.reloads += 1
         out = []
         for m in mappings:
             key = (m.request.proto, m.request.internal_client, m.request.internal_port)
