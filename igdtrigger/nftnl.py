@@ -28,7 +28,7 @@ from igdtrigger.core.errors import NetlinkError
 
 __all__ = ["Op", "Opener", "Reply", "batch", "bitwise", "cmp", "counter", "ct", "fib", "host32",
            "ifname", "immediate", "ipv4", "meta", "nat", "nest", "open_socket", "payload", "port",
-           "rule_body", "rule_handle", "str_attr", "table_exists", "u32_attr"]
+           "rule_body", "rule_handle", "str_attr", "table_exists", "u32_attr", "verdict"]
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x4, 0x8
@@ -51,16 +51,20 @@ NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY = 1, 3, 4,
 NFTA_CHAIN_TYPE = 7
 NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS = 1, 2, 3, 4
+NFTA_RULE_USERDATA = 7
+NFTNL_UDATA_RULE_COMMENT = 0  # libnftnl's TLV type in a rule's userdata (nft's "comment")
 NFTA_LIST_ELEM = 1
 NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
-NFTA_DATA_VALUE = 1
+NFTA_DATA_VALUE, NFTA_DATA_VERDICT = 1, 2
+NFTA_VERDICT_CODE = 1
+NFT_REG_VERDICT = 0
 NF_ACCEPT = 1
 NF_INET_PRE_ROUTING, NF_INET_FORWARD, NF_INET_LOCAL_OUT = 0, 2, 3
 NFT_REG_1, NFT_REG_2 = 1, 2
 
 # expressions' attributes and keys
 NFTA_META_DREG, NFTA_META_KEY = 1, 2
-NFT_META_IIFNAME, NFT_META_L4PROTO = 6, 16
+NFT_META_IIFNAME, NFT_META_NFPROTO, NFT_META_L4PROTO = 6, 15, 16
 NFTA_CMP_SREG, NFTA_CMP_OP, NFTA_CMP_DATA = 1, 2, 3
 NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
 NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_LEN = 1, 2, 3, 4
@@ -184,6 +188,13 @@ def nat(kind: int, family: int, *, reg_addr: int, reg_proto: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
+def verdict(code: int) -> bytes:
+    """``immediate reg 0 <verdict>`` (``accept``: NF_ACCEPT)."""
+    return _expr("immediate", [u32_attr(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT), nest(
+        NFTA_IMMEDIATE_DATA, [nest(NFTA_DATA_VERDICT, [u32_attr(NFTA_VERDICT_CODE, code)])])])
+
+
+@functools.lru_cache(maxsize=1024)
 def counter() -> bytes:
     """``counter`` (from zero)."""
     return _expr("counter")
@@ -227,10 +238,15 @@ class Op:
     echo: bool = False
 
 
-def rule_body(table: str, chain: str, exprs: Iterable[bytes]) -> bytes:
-    """A NEWRULE's attributes: ``exprs`` appended to ``table``/``chain``."""
-    return b"".join([str_attr(NFTA_RULE_TABLE, table), str_attr(NFTA_RULE_CHAIN, chain),
-                     nest(NFTA_RULE_EXPRESSIONS, exprs)])
+def rule_body(table: str, chain: str, exprs: Iterable[bytes], *, comment: str = "") -> bytes:
+    """A NEWRULE's attributes: ``exprs`` for ``table``/``chain``; ``comment`` as nft keeps
+    it (a TLV in the rule's userdata, libnftnl's NFTNL_UDATA_RULE_COMMENT)."""
+    parts = [str_attr(NFTA_RULE_TABLE, table), str_attr(NFTA_RULE_CHAIN, chain),
+             nest(NFTA_RULE_EXPRESSIONS, exprs)]
+    if comment:
+        text = comment.encode()[:254] + b"\0"
+        parts.append(attr(NFTA_RULE_USERDATA, bytes([NFTNL_UDATA_RULE_COMMENT, len(text)]) + text))
+    return b"".join(parts)
 
 
 def rule_handle(table: str, chain: str, handle: int) -> bytes:

@@ -279,17 +279,41 @@ def test_netlink_writes_the_rules_nft_writes_and_deletes_them_by_handle(netns: s
     nl.clear()
 
 
+def _forward_rules(ns: str) -> list[dict[str, Any]]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "chain", "inet",
+                          "filter", "forward"], capture_output=True, text=True, check=True).stdout
+    return [{k: v for k, v in item["rule"].items() if k != "handle"}
+            for item in json.loads(out)["nftables"] if "rule" in item]
+
+
+def test_the_accept_rules_in_the_users_forward_chain_go_by_netlink_too(netns: str) -> None:
+    by_nft = InnerDnat("eth0", forward_chain="inet filter forward", runner=_in(netns),
+                       opener=None)
+    by_nft.apply([A])
+    want = _forward_rules(netns)
+    assert len(want) == 1 and want[0]["comment"] == COMMENT
+    by_nft.clear()
+    nl = InnerDnat("eth0", forward_chain="inet filter forward", runner=_in(netns),
+                   opener=_opener(netns))
+    nl.apply([])
+    assert nl.add_fast(A) and nl.netlink_changes == 1
+    assert _forward_rules(netns) == want  # same matches, same accept, same comment
+    assert len(nl.our_accept_handles()) == 1  # found as ours by its comment
+    assert nl.remove_fast(A)
+    assert _forward_rules(netns) == [] and nl.loaded() == []
+    nl.clear()
+
+
 def test_netlink_is_not_used_where_it_cannot_do_the_change(netns: str) -> None:
-    fwd = InnerDnat("eth0", forward_chain="inet filter forward", runner=_in(netns),
-                    opener=_opener(netns))
-    fwd.apply([])
-    assert not fwd.add_fast(A)  # the accept rule in the user's chain goes with nft
     fresh = InnerDnat("eth0", runner=_in(netns), opener=_opener(netns))
     assert not fresh.add_fast(A)  # no table yet: the whole table, with nft
     fresh.apply([A])
     assert not fresh.add_fast(DnatRule(Proto.UDP, 40000, "10.8.0.99", 1))  # retarget: rewrite
     fresh.clear()
-    fwd.clear()
+    bridge = InnerDnat("eth0", forward_chain="bridge filter forward", runner=_in(netns),
+                       opener=_opener(netns))
+    bridge.installed = True  # (as after an apply) a bridge-family chain: nft writes it
+    assert not bridge.add_fast(A) and bridge.netlink_changes == 0
 
 
 async def test_a_netlink_failure_falls_back_to_nft_and_says_why(

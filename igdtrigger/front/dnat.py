@@ -28,8 +28,8 @@ nothing. One mapping's change is one small nf_tables netlink batch (:mod:`igdtri
 add its three rules, NEWRULE echoing each handle, or delete them by handle), atomic as a batch
 and well under a millisecond, where an ``nft`` process costs several; the netlink rules are the
 ones ``nft`` would write (same expressions, so ``nft list`` shows them alike). The ``nft`` path
-stays for what netlink does not do here (the accept rules in the user's ``forward_chain`` are
-added with ``nft``) and as the fallback when netlink fails (the reason is logged once).
+stays for what netlink does not do here (an accept rule in a ``forward_chain`` of a family other
+than ip or inet) and as the fallback when netlink fails (the reason is logged once).
 The ``nft`` calls block (a subprocess each): run them in a thread from async code. An added
 rule's netlink batch returns in ~0.2 ms, so the event loop makes it; a deletion waits for the
 kernel's commit (10-20 ms: the old rules' RCU grace period), so it goes to a thread too.
@@ -52,7 +52,15 @@ from igdtrigger import nftnl
 from igdtrigger.core.errors import ConfigError, NetlinkError
 from igdtrigger.core.model import Proto
 from igdtrigger.front.contract import FrontMapping
-from igdtrigger.front.dnatrules import DnatRule, counted, dnat_exprs, items, rule_of, use_exprs
+from igdtrigger.front.dnatrules import (
+    DnatRule,
+    accept_exprs,
+    counted,
+    dnat_exprs,
+    items,
+    rule_of,
+    use_exprs,
+)
 from igdtrigger.netutil import source_address_for
 from igdtrigger.nftcmd import NftResult, Runner, find_nft, nft_why, run_nft
 
@@ -225,30 +233,37 @@ class InnerDnat:
         return handles
 
     def add_fast(self, rule: DnatRule) -> bool:
-        """Add one rule in one netlink batch when that can be done alone (the table is in
-        place, no forward_chain accept rule, no other target on the port). False: use
+        """Add one rule (its DNAT, counting and, with a ``forward_chain`` of family ip or
+        inet, accept rules) in one netlink batch when that can be done alone (the table is in
+        place, no other target on the port). False: use
         :meth:`add` (``nft``). Quick enough for the event loop (~0.2 ms); raises ``OSError``
         only from the rewrite when the rules went in but their handles did not come back."""
         if rule in self.rules:
             return True
-        if not self.installed or self.forward_chain is not None or any(
-                (r.proto, r.external_port) == (rule.proto, rule.external_port)
-                for r in self.rules):
+        if not self.installed or any((r.proto, r.external_port) == (rule.proto,
+                                                                   rule.external_port)
+                                     for r in self.rules):
             return False
-        table = TABLE.split()[1]
-        bodies = [("prerouting", dnat_exprs(self.wan_interface, rule)),
-                  *(("used", exprs) for exprs in use_exprs(rule))]
-        handles = self._netlink([nftnl.Op(nftnl.NFT_MSG_NEWRULE, nftnl.NFPROTO_IPV4,
-                                          nftnl.rule_body(table, chain, exprs),
+        family, table = TABLE.split()
+        bodies = [((family, table, "prerouting"), dnat_exprs(self.wan_interface, rule), ""),
+                  *(((family, table, "used"), exprs, "") for exprs in use_exprs(rule))]
+        if self.forward_chain is not None:
+            accept = accept_exprs(self.wan_interface, rule, self.forward_chain[0])
+            if accept is None:
+                return False
+            bodies.append((self.forward_chain, accept, COMMENT))
+        handles = self._netlink([nftnl.Op(nftnl.NFT_MSG_NEWRULE, nftnl.FAMILIES[chain[0]],
+                                          nftnl.rule_body(chain[1], chain[2], exprs,
+                                                          comment=comment),
                                           nftnl.NLM_F_CREATE | nftnl.NLM_F_APPEND, echo=True)
-                                 for chain, exprs in bodies])
+                                 for chain, exprs, comment in bodies])
         if handles is None or not all(handles):
             if handles is not None:  # added, but the handles did not come back: rewrite
                 self.apply(self.rules | {rule})
                 return True
             return False
         self.rules = self.rules | {rule}
-        self._handles[rule] = [(f"{TABLE} {chain}", h) for (chain, _), h in zip(bodies, handles,
+        self._handles[rule] = [(" ".join(chain), h) for (chain, _, _), h in zip(bodies, handles,
                                                                                 strict=True)]
         return True
 

@@ -15,7 +15,7 @@ from typing import Any
 from igdtrigger import nftnl
 from igdtrigger.core.model import Proto
 
-__all__ = ["DnatRule", "counted", "dnat_exprs", "items", "rule_of", "use_exprs"]
+__all__ = ["DnatRule", "accept_exprs", "counted", "dnat_exprs", "items", "rule_of", "use_exprs"]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -56,14 +56,33 @@ def dnat_exprs(wan_interface: str, rule: DnatRule) -> list[bytes]:
 def use_exprs(rule: DnatRule) -> list[list[bytes]]:
     """The ``used`` chain's two counting rules (``front.dnat.InnerDnat._use_lines``), encoded."""
     addr = nftnl.ipv4(rule.client)
-    into = [nftnl.ct(nftnl.NFT_CT_STATUS),
-            nftnl.bitwise(nftnl.host32(nftnl.IPS_DST_NAT), nftnl.host32(0)),
-            nftnl.cmp(nftnl.host32(0), op=nftnl.NFT_CMP_NEQ),
-            nftnl.payload(nftnl.NFT_PAYLOAD_NETWORK_HEADER, 16, 4), nftnl.cmp(addr),
-            *_port_match(rule.proto, 2, rule.internal_port), nftnl.counter()]
+    into = [*_dnat_status(), nftnl.payload(nftnl.NFT_PAYLOAD_NETWORK_HEADER, 16, 4),
+            nftnl.cmp(addr), *_port_match(rule.proto, 2, rule.internal_port), nftnl.counter()]
     out = [nftnl.payload(nftnl.NFT_PAYLOAD_NETWORK_HEADER, 12, 4), nftnl.cmp(addr),
            *_port_match(rule.proto, 0, rule.internal_port), nftnl.counter()]
     return [into, out]
+
+
+def accept_exprs(wan_interface: str, rule: DnatRule, family: str) -> list[bytes] | None:
+    """The accept rule in the user's ``forward_chain`` (``iifname "<wan>" ip daddr <client>
+    <proto> dport <int> ct status dnat accept``) for a chain of ``family`` ``ip`` or
+    ``inet`` (where nft puts ``meta nfproto ipv4`` before ``ip daddr``); ``None`` for other
+    families (the ``nft`` path writes those)."""
+    if family not in ("ip", "inet"):
+        return None
+    nfproto = [nftnl.meta(nftnl.NFT_META_NFPROTO), nftnl.cmp(bytes([nftnl.NFPROTO_IPV4]))] \
+        if family == "inet" else []
+    return [nftnl.meta(nftnl.NFT_META_IIFNAME), nftnl.cmp(nftnl.ifname(wan_interface)), *nfproto,
+            nftnl.payload(nftnl.NFT_PAYLOAD_NETWORK_HEADER, 16, 4),
+            nftnl.cmp(nftnl.ipv4(rule.client)), *_port_match(rule.proto, 2, rule.internal_port),
+            *_dnat_status(), nftnl.verdict(nftnl.NF_ACCEPT)]
+
+
+def _dnat_status() -> list[bytes]:
+    """``ct status dnat``."""
+    return [nftnl.ct(nftnl.NFT_CT_STATUS),
+            nftnl.bitwise(nftnl.host32(nftnl.IPS_DST_NAT), nftnl.host32(0)),
+            nftnl.cmp(nftnl.host32(0), op=nftnl.NFT_CMP_NEQ)]
 
 
 def _port_match(proto: Proto, offset: int, number: int) -> list[bytes]:
