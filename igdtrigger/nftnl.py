@@ -28,7 +28,8 @@ from igdtrigger.core.errors import NetlinkError
 
 __all__ = ["Op", "Opener", "Reply", "batch", "bitwise", "cmp", "counter", "ct", "fib", "host32",
            "ifname", "immediate", "ipv4", "meta", "nat", "nest", "open_socket", "payload", "port",
-           "rule_body", "rule_handle", "str_attr", "table_exists", "u32_attr", "verdict"]
+           "rule_body", "rule_counters", "rule_handle", "str_attr", "table_exists", "u32_attr",
+           "verdict"]
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x4, 0x8
@@ -41,7 +42,8 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_DELTABLE = 0, 1, 2
 NFT_MSG_NEWCHAIN = 3
-NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE, NFT_MSG_DELRULE = 6, 7, 8
+NLM_F_DUMP = 0x300
 NFPROTO_INET, NFPROTO_IPV4 = 1, 2
 FAMILIES = {"inet": NFPROTO_INET, "ip": NFPROTO_IPV4, "arp": 3, "netdev": 5, "bridge": 7,
             "ip6": 10}
@@ -79,6 +81,7 @@ IPS_DST_NAT = 1 << 5
 NFTA_BITWISE_SREG, NFTA_BITWISE_DREG, NFTA_BITWISE_LEN = 1, 2, 3
 NFTA_BITWISE_MASK, NFTA_BITWISE_XOR = 4, 5
 NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
+NFTA_COUNTER_PACKETS = 2
 NFTA_NAT_TYPE, NFTA_NAT_FAMILY, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN = 1, 2, 3, 5
 NFT_NAT_DNAT = 1
 IFNAMSIZ = 16
@@ -354,6 +357,66 @@ def batch(ops: Sequence[Op], *, opener: Opener = open_socket) -> list[int]:
                 if not waiting:
                     break
     return handles
+
+
+def _attrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """``(type, start, end)`` of each attribute's payload in ``data[off:end]``."""
+    while off + _ATTR.size <= end:
+        alen, kind = _ATTR.unpack_from(data, off)
+        if alen < _ATTR.size or off + alen > end:
+            return
+        yield kind & NLA_TYPE_MASK, off + _ATTR.size, off + alen
+        off += (alen + 3) & ~3
+
+
+def _rule_counts(data: bytes, off: int, end: int) -> tuple[int, int]:
+    """A dumped rule's handle and the packets of its ``counter`` (0 without one)."""
+    handle, packets = 0, 0
+    for kind, start, stop in _attrs(data, off + _NFGEN.size, end):
+        if kind == NFTA_RULE_HANDLE and stop - start >= 8:
+            handle = int(_BE64.unpack_from(data, start)[0])
+        elif kind == NFTA_RULE_EXPRESSIONS:
+            for _elem, e0, e1 in _attrs(data, start, stop):
+                fields = {k: (a, b) for k, a, b in _attrs(data, e0, e1)}
+                name = fields.get(NFTA_EXPR_NAME)
+                body = fields.get(NFTA_EXPR_DATA)
+                if name is None or body is None or data[name[0]:name[1]].rstrip(b"\0") != \
+                        b"counter":
+                    continue
+                for k, a, b in _attrs(data, body[0], body[1]):
+                    if k == NFTA_COUNTER_PACKETS and b - a >= 8:
+                        packets += int(_BE64.unpack_from(data, a)[0])
+    return handle, packets
+
+
+def rule_counters(family: int, table: str, chain: str, *,
+                  opener: Opener = open_socket) -> dict[int, int]:
+    """Every rule of ``table``/``chain``: its handle -> the packets its counters counted (a
+    GETRULE dump). Raises ``NetlinkError``: ENOENT when the table or chain is missing."""
+    seq = _seq_base()
+    body = str_attr(NFTA_RULE_TABLE, table) + str_attr(NFTA_RULE_CHAIN, chain)
+    out: dict[int, int] = {}
+    with opener() as sock:
+        sock.send(_msg(_nft(NFT_MSG_GETRULE), NLM_F_REQUEST | NLM_F_DUMP, seq, family, body))
+        while True:
+            data = sock.recv(1 << 17)
+            off = 0
+            while off + _HDR.size <= len(data):
+                mlen, mtype, _flags, mseq, _pid = _HDR.unpack_from(data, off)
+                if mlen < _HDR.size or off + mlen > len(data):
+                    break
+                if mseq == seq:
+                    if mtype == NLMSG_DONE:
+                        return out
+                    if mtype == NLMSG_ERROR and mlen >= _HDR.size + 4:
+                        code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
+                        if code:
+                            raise NetlinkError(code, os.strerror(code))
+                        return out
+                    if mtype == _nft(NFT_MSG_NEWRULE):
+                        handle, packets = _rule_counts(data, off + _HDR.size, off + mlen)
+                        out[handle] = packets
+                off += (mlen + 3) & ~3
 
 
 def table_exists(family: int, name: str, *, opener: Opener = open_socket) -> bool:

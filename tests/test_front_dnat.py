@@ -219,7 +219,7 @@ def test_packets_counted_per_client_port_both_directions() -> None:
         assert list(argv[-3:]) == ["ip", "igdtrigger_front", "used"]
         return NftResult(0, listing)
 
-    counts = InnerDnat("eth0", nft="nft", runner=runner).packets()
+    counts = InnerDnat("eth0", nft="nft", runner=runner, opener=None).packets()
     assert counts == {(Proto.UDP, "10.8.0.10", 40001): 7, (Proto.UDP, "10.8.0.11", 40002): 0}
 
 
@@ -263,12 +263,23 @@ def test_netlink_writes_the_rules_nft_writes_and_deletes_them_by_handle(netns: s
     want = _chains(netns)
     assert len(want["prerouting"]) == 2 and len(want["used"]) == 4
     by_nft.clear()
-    nl = InnerDnat("eth0", runner=_in(netns), opener=_opener(netns))
+    listed: list[Sequence[str]] = []
+
+    def runner(argv: Sequence[str], script: str) -> NftResult:
+        listed.append(argv)
+        return _in(netns)(argv, script)
+
+    nl = InnerDnat("eth0", runner=runner, opener=_opener(netns))
     nl.apply([])  # start: the table, whole (nft)
     assert nl.add_fast(A) and nl.add_fast(B)
     assert nl.netlink_changes == 2 and nl.netlink_failed == ""
     assert _chains(netns) == want  # same match, same dnat target, same counting rules
     assert nl.loaded() == sorted([A, B]) and nl.rules == {A, B}
+    listed.clear()
+    counts = nl.packets()  # over netlink: a rule dump matched by the handles we hold
+    assert listed == []  # no nft listing
+    assert counts == by_nft.packets() == {(Proto.UDP, "10.8.0.10", 40001): 0,
+                                          (Proto.TCP, "10.8.0.11", 40002): 0}
     assert nl.remove_fast(A)  # by the handles NEWRULE echoed
     assert nl.loaded() == [B] and len(_chains(netns)["used"]) == 2
     nl.remove(B)  # the nft path deletes a netlink-added rule by the same handles
@@ -276,6 +287,8 @@ def test_netlink_writes_the_rules_nft_writes_and_deletes_them_by_handle(netns: s
     assert nl.add_fast(A) and nl.loaded() == [A]
     nl.apply([A, B])  # a rewrite (start, repair) still makes exactly the set
     assert nl.loaded() == sorted([A, B])
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "flush", "ruleset"], check=True)
+    assert nl.packets() is None  # our table gone (a firewall reload): said, for the repair
     nl.clear()
 
 
@@ -330,3 +343,12 @@ async def test_a_netlink_failure_falls_back_to_nft_and_says_why(
     await fwd.remove(Proto.UDP, 40000)
     assert fwd.dnat.loaded() == []
     await fwd.close()
+
+
+def test_a_rule_dump_reads_each_rules_counter(netns: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], check=True, text=True,
+                   input="table ip t {\nchain c {\ncounter packets 7 bytes 70\n"
+                         "ip daddr 10.0.0.1 counter packets 2 bytes 9\nip daddr 10.0.0.2\n}\n}\n")
+    counts = nftnl.rule_counters(nftnl.NFPROTO_IPV4, "t", "c", opener=_opener(netns))
+    assert sorted(counts.values()) == [0, 2, 7] and all(h > 0 for h in counts)
+    assert nftnl.rule_counters(nftnl.NFPROTO_IPV4, "t", "nochain", opener=_opener(netns)) == {}

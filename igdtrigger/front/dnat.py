@@ -27,9 +27,10 @@ the journal's mappings recreated by the first ``apply`` after start; ``clear()``
 nothing. One mapping's change is one small nf_tables netlink batch (:mod:`igdtrigger.nftnl`:
 add its three rules, NEWRULE echoing each handle, or delete them by handle), atomic as a batch
 and well under a millisecond, where an ``nft`` process costs several; the netlink rules are the
-ones ``nft`` would write (same expressions, so ``nft list`` shows them alike). The ``nft`` path
-stays for what netlink does not do here (an accept rule in a ``forward_chain`` of a family other
-than ip or inet) and as the fallback when netlink fails (the reason is logged once).
+ones ``nft`` would write (same expressions, so ``nft list`` shows them alike). The counters read
+every second are a netlink rule dump too (no ``nft`` process a second on a small router). The
+``nft`` path stays for what netlink does not do here (an accept rule in a ``forward_chain`` of a
+family other than ip or inet) and as the fallback when netlink fails (the reason is logged once).
 The ``nft`` calls block (a subprocess each): run them in a thread from async code. An added
 rule's netlink batch returns in ~0.2 ms, so the event loop makes it; a deletion waits for the
 kernel's commit (10-20 ms: the old rules' RCU grace period), so it goes to a thread too.
@@ -340,9 +341,29 @@ class InnerDnat:
     def packets(self) -> dict[tuple[Proto, str, int], int] | None:
         """Packets the ``used`` chain counted per (protocol, client, internal port), both
         directions together: what :class:`DnatForwarder` turns into "in use". ``None`` when
-        the chain is not there (someone removed our table: ``nft flush ruleset``)."""
-        result = self._run(["-j", "list", "chain", *TABLE.split(), "used"])
+        the chain is not there (someone removed our table: ``nft flush ruleset``). Read over
+        netlink (a rule dump, matched to our rules by the handles we hold) when every rule's
+        handles are known, else from an ``nft -j`` listing."""
         out: dict[tuple[Proto, str, int], int] = {}
+        owner = {h: r for r, pairs in self._handles.items() for c, h in pairs if c == _USED}
+        if self.opener is not None and len(owner) == 2 * len(self.rules):
+            try:
+                counts = nftnl.rule_counters(nftnl.NFPROTO_IPV4, TABLE.split()[1], "used",
+                                             opener=self.opener)
+                # a dump names no missing table: our rules' absence (or the table's) says it
+                gone = not owner.keys() <= counts.keys() if owner else not nftnl.table_exists(
+                    nftnl.NFPROTO_IPV4, TABLE.split()[1], opener=self.opener)
+                if gone:
+                    return None
+            except (NetlinkError, OSError):
+                pass  # the nft listing below
+            else:
+                for handle, packets in counts.items():
+                    if (mine := owner.get(handle)) is not None:
+                        at = (mine.proto, mine.client, mine.internal_port)
+                        out[at] = out.get(at, 0) + packets
+                return out
+        result = self._run(["-j", "list", "chain", *TABLE.split(), "used"])
         if result.returncode != 0:
             return None
         for rule in items(result.stdout, "rule"):
