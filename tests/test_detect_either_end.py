@@ -7,20 +7,26 @@ table) must keep those too, not only flows to a port of interest."""
 from __future__ import annotations
 
 import ipaddress
+import json
+from collections.abc import Callable
 from pathlib import Path
 
+from igdtrigger.config import parse_config
 from igdtrigger.core.model import Flow, PortRange, Proto
 from igdtrigger.detect.base import EitherEnd, source_filter
 from igdtrigger.detect.ctfilter import build_filter
 from igdtrigger.detect.ctnetlink import ConntrackParser
 from igdtrigger.detect.ctquery import decode_entries
+from igdtrigger.detect.nfttrack import KernelTracking, _count, ruleset
 from igdtrigger.detect.sockets import SocketTableDetector
 from igdtrigger.front.serving import build_front
+from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
 from .test_conntrack import IPv4, IPv6, encode_flow
 from .test_conntrack_follow import entry_msg, run_bpf
 from .test_front_manager import A, make, req
+from .test_nfttrack import FakeDetector, FakeNft
 
 MAPPED = 40007  # a client's mapped internal port
 PEER = IPv4("203.0.113.9")
@@ -95,8 +101,8 @@ def test_the_socket_table_keeps_a_connected_socket_on_a_mapped_local_port() -> N
 
 class _Detector:
     def __init__(self) -> None:
-        self.wanted = lambda proto, port: port == 27015
-        self.follows = lambda flow: False
+        self.wanted: Callable[[Proto, int], bool] = lambda proto, port: port == 27015
+        self.follows: Callable[[Flow], bool] = lambda flow: False
 
 
 async def test_the_front_wires_its_mapped_internal_ports_as_source_ports(
@@ -127,3 +133,47 @@ async def test_the_front_wires_its_mapped_internal_ports_as_source_ports(
     finally:
         await runner.stop()
         await svc.stop()
+
+
+
+async def _tracking_run(tmp_path: Path, cfg: dict[str, object]) -> tuple[FakeNft, bool, bool]:
+    """(nft calls, table loaded while running, conntrack reported active) for ``cfg``."""
+    clock = FakeClock()
+    nft = FakeNft()
+    tracking = KernelTracking(nft="/usr/sbin/nft", runner=nft, probe=lambda t, w: False,
+                              netlink=False)
+    svc = Service(parse_config(cfg), FakeGateway(clock), clock=clock, state_dir=tmp_path,
+                  detectors=[FakeDetector("conntrack")], tracking=tracking)
+    await svc.start()
+    try:
+        (st,) = [d for d in svc.status()["detectors"] if d["name"] == "conntrack"]
+        loaded = nft.table
+    finally:
+        await svc.stop()
+    assert not nft.table  # removed at stop either way
+    return nft, loaded, st["active"]
+
+
+async def test_with_the_front_and_no_rule_the_kernel_is_made_to_track(tmp_path: Path) -> None:
+    """A plain desktop (no firewall rule: the kernel tracks nothing) running only the front:
+    its clients' ports are not known in advance, so igdtrigger's own table makes the kernel
+    track every flow; without the front and with no trigger port it loads no table."""
+    nft, loaded, active = await _tracking_run(tmp_path, {"front": {"enabled": True}})
+    assert loaded and active
+    assert "chain all_flows" in nft.calls[0][1]
+    nft, loaded, active = await _tracking_run(tmp_path / "b", {})
+    assert not loaded and not active
+    assert "all_flows" not in "".join(s for _a, s in nft.calls)
+
+
+def test_the_all_flows_chain_is_not_counted_as_trigger_flows() -> None:
+    trigger = [PortRange(Proto.UDP, 27015, 27015)]
+    text = ruleset(trigger, [], track_all=True)
+    assert text.count("ct state new counter") == 3  # out, forward, and all_flows
+    assert ruleset(trigger, []) == text.replace(
+        "    chain all_flows {\n        type filter hook output priority 0; policy accept;\n"
+        "        ct state new counter\n    }\n", "")
+    listing = {"nftables": [
+        {"rule": {"chain": "trigger_out", "expr": [{"counter": {"packets": 3}}]}},
+        {"rule": {"chain": "all_flows", "expr": [{"counter": {"packets": 900}}]}}]}
+    assert _count(json.dumps(listing)) == 3  # every flow of the host is no trigger flow

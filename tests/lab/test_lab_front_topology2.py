@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +57,13 @@ enabled = true
 interfaces = ["{HOST_IF}"]
 idle_timeout = "6s"
 """
+
+
+@pytest.fixture(params=["ct", "none"])
+def lab(request: pytest.FixtureRequest, make_lab: Callable[..., Lab]) -> Lab:
+    """The LAN host with a stateful firewall (the kernel tracks), or a plain desktop with no
+    rule at all (the kernel tracks nothing until igdtrigger's own table asks it to)."""
+    return make_lab(lan_firewall=request.param)
 
 
 @pytest.fixture
