@@ -2,19 +2,19 @@
 mapping pointing at the client directly (here the host's own app, which a secure-mode router
 accepts). "In use" is a flow to OR from the mapped internal port: an app that only sends out
 from its mapped port (a game server, a torrent client talking first) keeps its lease-0 mapping
-past ``idle_timeout``; one nobody uses is removed.
+past ``idle_timeout``; one nobody uses is removed, and so is the first once its app stops.
 
     WAN host 11.22.33.2 ── ISP router (miniupnpd, secure mode) ── LAN host 192.168.77.10
                            AddPortMapping(40007 → 192.168.77.10)   igdtrigger serve [front]
                                                                    + the app (upnpc, sender)
+
+Run twice: on a LAN host whose own firewall makes the kernel track flows, and on a plain
+desktop with no rule at all (igdtrigger's own table then makes the kernel track).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.doublenat import ROOT, wait_until
-from tests.lab.netlab import HOST_IF, Lab, LabError, lab_required
+from tests.lab.doublenat import DoubleNat, FrontServe, wait_until
+from tests.lab.netlab import HOST_IF, Lab, lab_required
 
 pytestmark = pytest.mark.lab
 
 USED, IDLE = 40007, 40006
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "IGDTRIGGER_TOKEN": ""}
 
 SENDER = """
 import socket, sys, time
@@ -40,25 +39,6 @@ while True:
 """
 
 
-def config(lab: Lab, state: Path) -> str:
-    return f"""
-[gateway]
-url = "{lab.igd_url}"
-lease = "1h"
-
-[api]
-listen = "127.0.0.1:8731"
-
-[service]
-state_dir = "{state}"
-
-[front]
-enabled = true
-interfaces = ["{HOST_IF}"]
-idle_timeout = "6s"
-"""
-
-
 @pytest.fixture(params=["ct", "none"])
 def lab(request: pytest.FixtureRequest, make_lab: Callable[..., Lab]) -> Lab:
     """The LAN host with a stateful firewall (the kernel tracks), or a plain desktop with no
@@ -67,46 +47,23 @@ def lab(request: pytest.FixtureRequest, make_lab: Callable[..., Lab]) -> Lab:
 
 
 @pytest.fixture
-def serve(lab: Lab, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def serve(lab: Lab, tmp_path: Path) -> Iterator[FrontServe]:
     if shutil.which("upnpc") is None:
         why = "Debian package missing: miniupnpc (upnpc)"
         if lab_required():
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
-    cfg = tmp_path / "front.toml"
-    cfg.write_text(config(lab, tmp_path / "state"))
-    ready, log = tmp_path / "ready", tmp_path / "serve.log"
-    with log.open("wb") as logf:
-        proc = lab.popen(lab.lan, [sys.executable, "-m", "igdtrigger", "serve", "--config",
-                                   str(cfg), "--ready-file", str(ready)],
-                         env=ENV,
-                         stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+    # never built: no client LAN, no forwarding; its "home" is the lab's LAN host itself
+    s = FrontServe(DoubleNat(lab), tmp_path, interface=HOST_IF, idle="6s").start()
     try:
-        wait_until(lambda: ready.exists() or proc.poll() is not None, 30,
-                   "igdtrigger serve to start", lambda: log.read_text(errors="replace"))
-        if proc.poll() is not None:
-            raise LabError(f"igdtrigger serve exited: {log.read_text(errors='replace')[-3000:]}")
-        yield proc, log
+        yield s
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-
-def status(lab: Lab) -> dict[str, object]:
-    p = lab.run(lab.lan, [sys.executable, "-m", "igdtrigger", "status", "--json", "--server",
-                          "http://127.0.0.1:8731"],
-                env=ENV, cwd=ROOT, timeout=60)
-    assert p.returncode == 0, p.stdout + p.stderr
-    data: dict[str, object] = json.loads(p.stdout)
-    return data
+        s.close()
 
 
 def test_an_app_sending_only_from_its_mapped_port_keeps_its_lease_0_mapping(
-        lab: Lab, serve: tuple[subprocess.Popen[bytes], Path]) -> None:
-    _proc, log = serve
-    front = status(lab)["front"]
-    assert isinstance(front, dict)
+        lab: Lab, serve: FrontServe) -> None:
+    front = serve.status()["front"]
     assert front["topology"]["kind"] == "host"  # no forwarding here: topology 2
     (url,) = [u for u in front["upnp"] if lab.lan_ip in u]
     for port in (IDLE, USED):  # lease 0: "permanent", kept only while in use
@@ -122,7 +79,7 @@ def test_an_app_sending_only_from_its_mapped_port_keeps_its_lease_0_mapping(
         return {eport for _p, eport, _c, _i in lab.nft_mappings()}
 
     def detail() -> str:
-        return f"{lab.nft_mappings()} {log.read_text(errors='replace')[-3000:]}"
+        return f"{lab.nft_mappings()} {serve.logtext()[-3000:]}"
 
     try:
         wait_until(lambda: IDLE not in ports(), 40, "the unused mapping to be removed", detail,
