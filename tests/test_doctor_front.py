@@ -97,7 +97,11 @@ def test_conntrack_with_only_the_front_tracks_its_clients_flows() -> None:
     cfg = parse_config({"front": FRONT})
     t = KernelTracking(nft="/usr/sbin/nft", probe=lambda timeout, wanted: False)
     ok = check_tracking(cfg, object(), t)
-    assert ok.level == "ok" and "IGD front's clients' flows" in ok.detail
+    assert ok.level == "ok" and "tracks the IGD front's clients' flows" in ok.detail
+    assert "trigger flows" not in ok.detail  # there is no trigger port
+    both = check_tracking(parse_config({"front": FRONT, "rules": [
+        {"name": "game", "trigger": ["udp/27015"], "open": ["udp/40000"]}]}), object(), t)
+    assert "tracks the trigger flows and the IGD front's clients' flows" in both.detail
     blind = check_tracking(cfg, object(), KernelTracking(
         enabled=False, nft=None, probe=lambda timeout, wanted: False))
     assert blind.level == "warn" and "IGD front's clients' flows would not be seen" in \

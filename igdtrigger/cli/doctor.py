@@ -164,9 +164,11 @@ def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
     name = "detector conntrack"
     wanted = getattr(det, "wanted", None)
     front = config.front.enabled  # its clients' flows are use of their mappings
-    if not any(r.trigger for r in config.rules) and not front:
+    triggers = any(r.trigger for r in config.rules)
+    if not triggers and not front:
         return Check("ok", name, "can run (no rule has a trigger port)")
-    what = "the trigger flows" + (" and the IGD front's clients' flows" if front else "")
+    what = " and ".join(w for w, on in (("the trigger flows", triggers),
+                                        ("the IGD front's clients' flows", front)) if on)
     if t.enabled and t.available:
         how = t.nft or "over netlink: no nft command"
         return Check("ok", name, f"can run; the service loads nftables table {table} so the "
