@@ -244,7 +244,9 @@ class KernelTracking:
         if self.enabled:
             if self.install(trigger, opened, track_all=track_all):
                 how = "" if self.via == "nft" else " over netlink (no nft command)"
-                return Visibility(True, f"the kernel tracks trigger flows (nftables table "
+                what = ("trigger flows" if not track_all else "every flow, for the IGD front"
+                        if not trigger else "trigger flows and every flow, for the IGD front")
+                return Visibility(True, f"the kernel tracks {what} (nftables table "
                                         f"{TABLE}, loaded by igdtrigger{how})")
             why = self.reason
         else:
