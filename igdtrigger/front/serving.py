@@ -19,6 +19,7 @@ from typing import Any
 from igdtrigger.core.activation import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, Proto
+from igdtrigger.detect.base import EitherEnd
 from igdtrigger.front.dnat import ForwardDrop, read_forward_drops
 from igdtrigger.front.manager import FrontManager
 from igdtrigger.front.pcpserver import PcpServer, PortMapService
@@ -64,7 +65,7 @@ class FrontRunner:
         def either(proto: Proto, port: int) -> bool:
             return wanted(proto, port) or front.wants(proto, port)
 
-        return either
+        return EitherEnd(either, front.wants)  # s14d: a mapped port as the source port too
 
     def wrap_follows(self, follows: Callable[[Flow], bool]) -> Callable[[Flow], bool]:
         """The flows a detector keeps looking at: the service's, and the front's (use)."""
