@@ -123,8 +123,10 @@ async def test_the_front_wires_its_mapped_internal_ports_as_source_ports(
         flow = Flow(Proto.UDP, ipaddress.ip_address(A), PEER, MAPPED, 9)
         assert source(Proto.UDP, MAPPED) and not det.wanted(Proto.UDP, 9)
         assert ConntrackParser(det.wanted).feed(encode_flow(flow)) == [flow]
+        svc.observe(flow)  # reported, then asked about (conntrack.py's on_readable)
         assert det.follows(flow)  # its later packets are looked at (ctquery follow-up)
         other = Flow(Proto.UDP, ipaddress.ip_address("192.168.1.99"), PEER, MAPPED, 9)
+        svc.observe(other)
         assert not det.follows(other)  # another host's flow from that port is not use
         (m,) = runner.manager.mappings()
         clock.advance(300)

@@ -240,7 +240,9 @@ async def test_detectors_pass_and_follow_the_front_flows(
         assert not det.wanted(Proto.UDP, 40000) and not det.follows(inbound)
         assert det.wanted(Proto.TCP, 27015)  # the rules' own prefilter still holds
         await runner.manager.add(req())
-        assert det.wanted(Proto.UDP, 40000) and det.follows(inbound)
+        assert det.wanted(Proto.UDP, 40000)
+        svc.observe(inbound)  # a detector reports a flow, then asks whether to follow it
+        assert det.follows(inbound)
         assert svc.status()["front"]["mappings"][0]["external_port"] == 40000
         (line, warn) = front_checks(svc.status()["front"])[:2]
         assert line[0] == "FAIL"  # mapped, but the UPnP server was never started here

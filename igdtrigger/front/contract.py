@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import ipaddress
 import json
 import math
 import os
@@ -55,6 +56,22 @@ class ClientRequest:
     description: str = ""
     allow_alternative: bool = False
     nonce: bytes | None = None
+
+    def problem(self) -> str | None:
+        """What is wrong with the request's fields (None: nothing): addresses that are not IP
+        addresses, a port or a lease out of range."""
+        for text in (self.client, self.internal_client):
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(text)
+                continue
+            return f"{text!r} is not an IP address"
+        if not 1 <= self.internal_port <= 65535:
+            return f"internal port {self.internal_port} is outside 1-65535"
+        if not 0 <= self.external_port <= 65535:
+            return f"external port {self.external_port} is outside 0-65535"
+        if not (math.isfinite(self.lease) and self.lease >= 0):
+            return f"lease {self.lease!r} is not a number of seconds"
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,15 @@ from igdtrigger.core import trace
 from igdtrigger.core.activation import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
 from igdtrigger.core.errors import ActivationLimit, UsageError
 from igdtrigger.core.frontconfig import FrontConfig
-from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto, format_duration
+from igdtrigger.core.model import (
+    Flow,
+    FlowEnded,
+    FlowLive,
+    MappingKey,
+    PortRange,
+    Proto,
+    format_duration,
+)
 from igdtrigger.front.contract import (
     ClientRequest,
     Forwarder,
@@ -34,6 +41,18 @@ from igdtrigger.front.contract import (
     Grant,
     Refusal,
     RefusalKind,
+)
+from igdtrigger.front.holds import FlowHolds, decrement
+from igdtrigger.front.journaled import (
+    M_CLIENT,
+    M_DESC,
+    M_INTERNAL,
+    M_LEASE,
+    M_LEASE_END,
+    M_NONCE,
+    from_activation,
+    granted_lease,
+    told_lease,
 )
 from igdtrigger.runtime.mapper import MapState
 
@@ -47,16 +66,15 @@ __all__ = ["ClientRequest", "Forwarder", "FrontManager", "FrontMapping", "FrontP
 
 
 _SOURCE = {p: Source(p.value) for p in FrontProtocol}
-# activation meta keys (kept in the journal: a restart rebuilds the front's table from them)
-M_CLIENT = "front_client"
-M_INTERNAL = "front_internal"  # "<internal client> <internal port>" (the target is ours: DNAT)
-M_DESC = "front_description"
-M_LEASE = "front_lease"  # lease asked (s, "0" = permanent)
-M_NONCE = "front_nonce"  # PCP nonce, hex
-M_LEASE_END = "front_lease_end"  # wall-clock end of a timed lease
 MAX_DESCRIPTION = 128  # characters of a client's description kept
 ALTERNATIVE_TRIES = 64  # free ports looked at for an alternative
 UPSTREAM_TRIES = 3  # alternatives tried when the upstream router refuses a port as taken
+HOLD_AHEAD = 10.0  # a held mapping's activation runs at least this far ahead of now (s): the
+# runner's 1 s tick extends it well before it could lapse, even with a 1 s idle_timeout
+
+
+def _key(m: FrontMapping) -> MappingKey:
+    return MappingKey(m.request.proto, m.grant.external_port)
 
 
 def clean_description(text: str) -> str:
@@ -77,7 +95,13 @@ class FrontManager:
     Lifetime: a lease ``L`` > 0 is granted as ``min(L, max_lease)``; lease 0 as ``max_lease``,
     renewed while in use. The activation ends at ``min(lease end, last use + idle_timeout)``;
     "use" is the client renewing or a flow to/from the mapped internal port of the client (or
-    arriving on the external port) reported by a detector (:meth:`observe`).
+    arriving on the external port) reported by a detector (:meth:`observe`). A live
+    *connection* (``FlowLive(connected=True)``: TCP established in conntrack, a connected socket)
+    holds the mapping however silent it is, as it holds a rule's activation in the engine: the
+    front follows such flows until the detector reports them ended (``FlowEnded``) or no longer
+    connected, and :meth:`tick` (every second) counts the mappings they hold as in use; the idle
+    timer starts when the last one ends (its close is its last packet). Followed flows are
+    bounded: ``MAX_FLOWS_PER_MAPPING`` per mapping, ``MAX_FLOWS`` in all.
     """
 
     def __init__(self, service: Service, settings: FrontConfig, *,
@@ -91,6 +115,10 @@ class FrontManager:
         self._started = self.clock()
         self._by_key: dict[MappingKey, FrontMapping] = {}
         self._by_internal: dict[tuple[Proto, str, int], set[MappingKey]] = {}
+        # (proto, internal port) -> how many (client, port) entries of _by_internal use it:
+        # the detectors' prefilter (:meth:`wants`) in one lookup
+        self._internal_ports: collections.Counter[tuple[Proto, int]] = collections.Counter()
+        self.holds = FlowHolds()  # live flows followed, the mappings connections hold
         self._lock = asyncio.Lock()
         self.refused: collections.Counter[str] = collections.Counter()  # kind -> count
         self.granted = 0
@@ -170,7 +198,8 @@ class FrontManager:
             "external_address": (info.external_address.strip() or None) if info else None,
             "double_nat": self.double_nat(),
             "mappings": [m.to_json(now) for m in self.mappings()],
-            "granted": self.granted, "refused": dict(self.refused)}
+            "granted": self.granted, "refused": dict(self.refused),
+            "flows": self.holds.counts()}
 
     def attach(self) -> int:
         """After the service restored its journal: take back the front's activations (listed
@@ -192,36 +221,96 @@ class FrontManager:
         return back
 
     def wants(self, proto: Proto, port: int) -> bool:
-        """Detector prefilter: a flow to ``port`` is use of a mapping (its external port, or an
-        internal port of one)."""
-        if MappingKey(proto, port) in self._by_key:
-            return True
-        return any(p is proto and ip == port for p, _c, ip in self._by_internal)
+        """Detector prefilter: a flow to (or from) ``port`` is use of a mapping (its external
+        port, or an internal port of one). Two dict lookups, whatever the number of mappings."""
+        return MappingKey(proto, port) in self._by_key or (proto, port) in self._internal_ports
 
     def observe(self, obs: object) -> None:
-        """A detector's observation (the service passes every one): a new flow, or a later look
+        """A detector's observation (the service passes every one). A new flow, or a later look
         that saw packets, to or from a mapped internal port of its client, or arriving on a
-        mapped external port, is use."""
-        ago = 0.0  # a later look dates its last packet (``idle`` seconds ago)
-        if isinstance(obs, FlowLive):
-            if obs.idle is None and not obs.connected:
-                return
-            ago = max(0.0, obs.idle or 0.0)
-            obs = obs.flow
-        for m in self._matching(obs) if isinstance(obs, Flow) else ():
-            self._used(m, at=self.clock() - ago)
+        mapped external port, is use; such a flow is followed (bounded) until it ends. A
+        connection holds its mappings while it lives (:meth:`tick`); when it ends or stops
+        being one, that is their last use."""
+        if isinstance(obs, FlowEnded):
+            self._ended(obs.flow, closed=obs.closed)
+        elif isinstance(obs, FlowLive):
+            self._looked(obs)
+        elif isinstance(obs, Flow):
+            matching = self._matching(obs)
+            for m in matching:
+                self._used(m)
+            if matching:
+                self.holds.follow(obs, map(_key, matching))
 
     def follows(self, flow: Flow) -> bool:
-        """Detectors keep looking at a flow that is use of a live mapping (its later packets
-        keep the mapping in use)."""
-        return bool(self._matching(flow))
+        """Detectors keep looking at a flow the front follows (its later packets, its end)."""
+        return flow in self.holds
+
+    def tick(self) -> int:
+        """Every second (the runner): each mapping a live connection holds is in use now; its
+        activation is kept at least ``max(idle_timeout, HOLD_AHEAD)`` ahead, extended (one
+        journal write) once less than half of that is left. Returns how many are held."""
+        ahead = max(self.settings.idle_timeout, HOLD_AHEAD)
+        held = self._mappings_of(self.holds.held())
+        for m in held:
+            self._used(m, ahead=ahead, slack=ahead / 2)
+        return len(held)
+
+    def release_flows(self) -> int:
+        """Forget every followed flow (their detector stopped: nobody will say when they end);
+        the mappings they held start their idle timers now. Returns how many."""
+        flows = self.holds.flows()
+        for flow in flows:
+            self._ended(flow)
+        return len(flows)
+
+    def _looked(self, obs: FlowLive) -> None:
+        """A detector's later look (``Engine.on_flow_live``'s semantics): an unknown flow (one
+        that began before the mapping's detector looked) is taken as new; packets are use at
+        their time; a change to or from connected takes or drops the hold."""
+        now = self.clock()
+        keys = self.holds.keys_of(obs.flow)
+        if keys is None:
+            if obs.idle is None and not obs.connected:
+                return
+            matching = self._matching(obs.flow)
+            for m in matching:
+                self._used(m, at=now - max(0.0, obs.idle or 0.0))
+            if matching and self.holds.follow(obs.flow, map(_key, matching)) and obs.connected:
+                self._connect(obs.flow, True)
+            return
+        if obs.idle is not None:
+            for m in self._mappings_of(keys):
+                self._used(m, at=now - max(0.0, obs.idle))
+        self._connect(obs.flow, obs.connected)
+
+    def _connect(self, flow: Flow, connected: bool) -> None:
+        """``flow`` became a connection (holds its mappings) or stopped being one: either way
+        its mappings are used now; one no other connection holds starts its idle timer now
+        (exactly ``idle_timeout`` from now: the hold's run-ahead is taken back)."""
+        for m in self._mappings_of(self.holds.connect(flow, connected)):
+            self._used(m, force=not connected and not self.holds.holds(_key(m)))
+
+    def _ended(self, flow: Flow, *, closed: bool = False) -> None:
+        """A followed flow is gone: ``closed`` (its ends closed it now) or a connection's end
+        is its mappings' last use now; the last connection holding a mapping starts its idle
+        timer."""
+        gone = self.holds.end(flow)
+        if gone is None or not (closed or gone.connected):
+            return
+        for m in self._mappings_of(gone.keys):
+            self._used(m, force=gone.connected and not self.holds.holds(_key(m)))
+
+    def _mappings_of(self, keys: Iterable[MappingKey]) -> list[FrontMapping]:
+        """The live mappings of ``keys`` (a copy is walked: an ended one is unindexed)."""
+        return [m for k in list(keys) if (m := self._by_key.get(k)) is not None and self._live(m)]
 
     def _matching(self, flow: Flow) -> list[FrontMapping]:
         """Every live mapping the flow uses: one host may map one internal port several times."""
         keys = {MappingKey(flow.proto, flow.dport), *self._by_internal.get(
             (flow.proto, str(flow.src), flow.sport), ()), *self._by_internal.get(
             (flow.proto, str(flow.dst), flow.dport), ())} if self._by_key else set()
-        return [m for k in keys if (m := self._by_key.get(k)) is not None and self._live(m)]
+        return self._mappings_of(keys)
 
     async def stop(self) -> None:
         """The service's stop ends the activations (and upstream mappings); forwards go here."""
@@ -230,22 +319,10 @@ class FrontManager:
                 await self.forwarder.remove(m.request.proto, m.grant.external_port)
         self._by_key.clear()
         self._by_internal.clear()
+        self._internal_ports.clear()
+        self.holds.clear()
 
     # --- internals -----------------------------------------------------------------------------
-
-    def _check(self, req: ClientRequest) -> str | None:
-        for text in (req.client, req.internal_client):
-            with contextlib.suppress(ValueError):
-                ipaddress.ip_address(text)
-                continue
-            return f"{text!r} is not an IP address"
-        if not 1 <= req.internal_port <= 65535:
-            return f"internal port {req.internal_port} is outside 1-65535"
-        if not 0 <= req.external_port <= 65535:
-            return f"external port {req.external_port} is outside 0-65535"
-        if not (math.isfinite(req.lease) and req.lease >= 0):
-            return f"lease {req.lease!r} is not a number of seconds"
-        return None
 
     def _policy(self, req: ClientRequest, external_port: int | None = None) -> Refusal | None:
         """Secure mode then the allow/deny lines, for ``external_port`` (default the asked one)."""
@@ -296,18 +373,13 @@ class FrontManager:
                 yield port
 
     def _grant_lease(self, lease: float) -> float:
-        return self.settings.max_lease if lease == 0 else min(max(lease, 1.0),
-                                                              self.settings.max_lease)
+        return granted_lease(self.settings, lease)
 
     def _told(self, lease: float, protocol: FrontProtocol) -> float:
-        """The lifetime told for a mapping held ``lease`` s: for NAT-PMP/PCP at most
-        ``idle_timeout`` (a client renews at half of it, RFC 6886 §3.3, RFC 6887 §11.2.1; told
-        more, a live silent client renewed only after idle removal). UPnP: the lease."""
-        return lease if protocol is FrontProtocol.UPNP else min(lease,
-                                                                self.settings.idle_timeout)
+        return told_lease(self.settings, lease, protocol)
 
     async def _add(self, req: ClientRequest) -> Grant | Refusal:
-        if (bad := self._check(req)) is not None:
+        if (bad := req.problem()) is not None:
             return Refusal(RefusalKind.NOT_AUTHORIZED, bad)
         if self.settings.secure_mode and req.internal_client != req.client:
             return self._policy(req) or Refusal(RefusalKind.OTHER_CLIENT, "secure mode")
@@ -460,18 +532,22 @@ class FrontManager:
         self._used(m, force=True)
         return m.grant
 
-    def _used(self, m: FrontMapping, *, at: float | None = None, force: bool = False) -> None:
+    def _used(self, m: FrontMapping, *, at: float | None = None, force: bool = False,
+              ahead: float | None = None, slack: float = 1.0) -> None:
         """In use at ``at`` (default now): the activation's end moves to min(lease end,
-        at + idle_timeout), never earlier."""
+        at + ``ahead``), never earlier (``ahead`` defaults to idle_timeout; a move by less than
+        ``slack`` seconds is not worth a journal write). ``force``: set it even if earlier (a
+        renewal; a hold's end takes back the hold's run-ahead)."""
         now = self.clock()
         at = now if at is None else min(at, now)
         if at <= m.last_use and not force:
             return
         m.last_use = max(m.last_use, at)
-        end = min(m.lease_end, m.last_use + self.settings.idle_timeout)
+        end = min(m.lease_end, m.last_use + (self.settings.idle_timeout if ahead is None
+                                             else ahead))
         act = self.service.pipeline.engine.activations.get(m.activation_id)
-        if act is None or (not force and end - act.expires < 1.0):
-            return  # moves by under a second: not worth a journal write
+        if act is None or (not force and end - act.expires < slack):
+            return
         with contextlib.suppress(UsageError, KeyError):
             self.service.pipeline.engine.heartbeat(act.id, max(MIN_TTL, end - now))
             self.service.wake()
@@ -493,40 +569,26 @@ class FrontManager:
     def _index(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
         self._by_key[key] = m
-        self._by_internal.setdefault((m.request.proto, m.request.internal_client,
-                                      m.request.internal_port), set()).add(key)
+        ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
+        if ik not in self._by_internal:
+            self._by_internal[ik] = set()
+            self._internal_ports[(ik[0], ik[2])] += 1
+        self._by_internal[ik].add(key)
 
     def _unindex(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
         if self._by_key.get(key) is m:
             del self._by_key[key]
+            self.holds.drop(key)  # its flows are followed for it no more
         ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
-        keys = self._by_internal.get(ik, set())
+        keys = self._by_internal.get(ik)
+        if keys is None:
+            return
         keys.discard(key)
         if not keys:
-            self._by_internal.pop(ik, None)
+            del self._by_internal[ik]
+            decrement(self._internal_ports, [(ik[0], ik[2])])
 
     def _from_activation(self, act: Activation) -> FrontMapping | None:
         """A journaled activation back as a front mapping (None: not one we wrote)."""
-        meta = act.meta
-        internal_client, _, iport_s = meta.get(M_INTERNAL, "").partition(" ")
-        if (len(act.rule.open) != 1 or not iport_s.isdecimal() or M_CLIENT not in meta
-                or internal_client != act.host or not 1 <= int(iport_s) <= 65535):
-            return None
-        rng = act.rule.open[0]
-        try:
-            asked = float(meta.get(M_LEASE, "0"))
-            nonce = bytes.fromhex(meta[M_NONCE]) if M_NONCE in meta else None
-            lease_end_wall = float(meta[M_LEASE_END]) if M_LEASE_END in meta else math.inf
-        except ValueError:
-            return None
-        req = ClientRequest(protocol=FrontProtocol(act.source.value), client=meta[M_CLIENT],
-                            internal_client=internal_client, internal_port=int(iport_s),
-                            external_port=rng.first, proto=rng.proto, lease=asked,
-                            description=meta.get(M_DESC, ""), nonce=nonce)
-        now = self.clock()
-        lease_end = (now + lease_end_wall - self.wall() if math.isfinite(lease_end_wall)
-                     else math.inf)
-        grant = Grant(rng.first, self._told(self._grant_lease(asked), req.protocol), "")
-        return FrontMapping(request=req, grant=grant, created=act.created, last_use=now,
-                            lease_end=lease_end, activation_id=act.id)
+        return from_activation(act, self.settings, now=self.clock(), wall=self.wall())

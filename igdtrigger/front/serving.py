@@ -56,6 +56,8 @@ class FrontRunner:
         service.front_observer = self.manager.observe
         service.front_serving = False
         service.front_status = self.status
+        # a flow detector that stops can no longer say when the connections it reported end
+        service.supervisor.on_release.append(self.manager.release_flows)
         self.manager.attach()
 
     def wrap_prefilter(self, wanted: Callable[[Proto, int], bool]) -> Callable[[Proto, int], bool]:
@@ -96,7 +98,7 @@ class FrontRunner:
                 read_forward_drops, forward_chain=self.settings.forward_chain)
             for drop in self.forward_drops or []:
                 log.warning("front: %s", drop.text)
-            self._reconciler = asyncio.create_task(self._reconcile(), name="front-dnat")
+        self._reconciler = asyncio.create_task(self._reconcile(), name="front-reconcile")
         self.portmap = PcpServer(PortMapService(self.manager), [a.address for a in addresses])
         try:
             await self.portmap.start()
@@ -116,14 +118,18 @@ class FrontRunner:
         self.service.front_serving = True
 
     async def _reconcile(self) -> None:
-        """Every second the inner DNAT follows the live mappings (one the engine ended by lease
-        or idle loses its inner rule here), and packets the kernel counted to or from a
-        mapping's internal port are use of it (either direction, every packet: the detectors'
-        prefilter sees only a new flow's destination port, not its source port)."""
-        assert self.forwarder is not None
+        """Every second: the mappings a live connection holds (a silent established TCP flow,
+        a connected socket) are in use (:meth:`FrontManager.tick`); in topology 1 the inner
+        DNAT follows the live mappings (one the engine ended by lease or idle loses its inner
+        rule here), and packets the kernel counted to or from a mapping's internal port are use
+        of it (either direction, every packet, also of flows the detectors saw only once or
+        not at all: one past the followed-flow caps, one that began before the mapping)."""
         said = ""
         while True:
             await asyncio.sleep(1.0)
+            self.manager.tick()
+            if self.forwarder is None:
+                continue
             try:
                 async with self.manager.settled():  # not while an add is deciding: its
                     mappings = self.manager.mappings()  # rule is in, its mapping not yet

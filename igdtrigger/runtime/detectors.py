@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,9 @@ class Detectors:
         self.tasks = tasks
         self._events_at_start = 0  # conntrack events_seen when its visibility was established
         self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
+        # others following the flows detectors report (the IGD front): told to let go of them
+        # when a flow-holding detector stops; each returns how many it let go
+        self.on_release: list[Callable[[], int]] = []
 
     async def start(self) -> None:
         """Start every detector that can run here (or stand by), and the tracking watch."""
@@ -195,7 +199,8 @@ class Detectors:
                 st.active = False
                 st.reason = st.reason or "stopped (see log)"
         engine = self.svc.pipeline.engine
-        if getattr(det, "holds_flows", False) and (released := engine.release_flows()):
+        if getattr(det, "holds_flows", False) and (released := engine.release_flows() + sum(
+                release() for release in self.on_release)):
             log.warning("detector %s stopped: %d live flow(s) no longer hold their activations; "
                         "they close after their idle timeout unless seen again", det.name,
                         released)
