@@ -5,6 +5,7 @@ after the connection ends; the flows followed are bounded; the detectors' prefil
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import random
 from collections.abc import AsyncIterator
@@ -241,7 +242,7 @@ def test_the_prefilter_index_agrees_with_a_scan_of_the_mappings() -> None:
     mgr = FrontManager.__new__(FrontManager)
     mgr._by_key = {}
     mgr._by_internal = {}
-    mgr._internal_ports = __import__("collections").Counter()
+    mgr._ports = collections.Counter()
     mgr.holds = FlowHolds()
     rnd = random.Random(14)
     live: list[FrontMapping] = []
@@ -271,4 +272,4 @@ def test_the_prefilter_index_agrees_with_a_scan_of_the_mappings() -> None:
                 assert mgr.wants(proto, port) == scan(proto, port), (proto, port)
     for m in live:
         mgr._unindex(m)
-    assert not mgr._internal_ports and not mgr._by_internal and not mgr._by_key
+    assert not mgr._ports and not mgr._by_internal and not mgr._by_key

@@ -115,9 +115,10 @@ class FrontManager:
         self._started = self.clock()
         self._by_key: dict[MappingKey, FrontMapping] = {}
         self._by_internal: dict[tuple[Proto, str, int], set[MappingKey]] = {}
-        # (proto, internal port) -> how many (client, port) entries of _by_internal use it:
-        # the detectors' prefilter (:meth:`wants`) in one lookup
-        self._internal_ports: collections.Counter[tuple[Proto, int]] = collections.Counter()
+        # (proto, port) -> how many _by_key entries (external ports) and _by_internal entries
+        # ((client, internal port)) name it: the detectors' prefilter (:meth:`wants`) in one
+        # lookup of a plain tuple, whatever the number of mappings
+        self._ports: collections.Counter[tuple[Proto, int]] = collections.Counter()
         self.holds = FlowHolds()  # live flows followed, the mappings connections hold
         self._lock = asyncio.Lock()
         self.refused: collections.Counter[str] = collections.Counter()  # kind -> count
@@ -222,8 +223,8 @@ class FrontManager:
 
     def wants(self, proto: Proto, port: int) -> bool:
         """Detector prefilter: a flow to (or from) ``port`` is use of a mapping (its external
-        port, or an internal port of one). Two dict lookups, whatever the number of mappings."""
-        return MappingKey(proto, port) in self._by_key or (proto, port) in self._internal_ports
+        port, or an internal port of one). One dict lookup, whatever the number of mappings."""
+        return (proto, port) in self._ports
 
     def observe(self, obs: object) -> None:
         """A detector's observation (the service passes every one). A new flow, or a later look
@@ -319,7 +320,7 @@ class FrontManager:
                 await self.forwarder.remove(m.request.proto, m.grant.external_port)
         self._by_key.clear()
         self._by_internal.clear()
-        self._internal_ports.clear()
+        self._ports.clear()
         self.holds.clear()
 
     # --- internals -----------------------------------------------------------------------------
@@ -568,17 +569,20 @@ class FrontManager:
 
     def _index(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
+        if key not in self._by_key:
+            self._ports[(key.proto, key.external_port)] += 1
         self._by_key[key] = m
         ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
         if ik not in self._by_internal:
             self._by_internal[ik] = set()
-            self._internal_ports[(ik[0], ik[2])] += 1
+            self._ports[(ik[0], ik[2])] += 1
         self._by_internal[ik].add(key)
 
     def _unindex(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
         if self._by_key.get(key) is m:
             del self._by_key[key]
+            decrement(self._ports, [(key.proto, key.external_port)])
             self.holds.drop(key)  # its flows are followed for it no more
         ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
         keys = self._by_internal.get(ik)
@@ -587,7 +591,7 @@ class FrontManager:
         keys.discard(key)
         if not keys:
             del self._by_internal[ik]
-            decrement(self._internal_ports, [(ik[0], ik[2])])
+            decrement(self._ports, [(ik[0], ik[2])])
 
     def _from_activation(self, act: Activation) -> FrontMapping | None:
         """A journaled activation back as a front mapping (None: not one we wrote)."""
