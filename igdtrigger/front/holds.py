@@ -22,11 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from igdtrigger.core.model import Flow, MappingKey
+from igdtrigger.front.contract import FrontMapping
 
-__all__ = ["MAX_FLOWS", "MAX_FLOWS_PER_MAPPING", "FlowHolds", "Followed", "decrement"]
+__all__ = ["MAX_FLOWS", "MAX_FLOWS_PER_MAPPING", "FlowHolds", "Followed", "decrement", "key_of"]
 
 MAX_FLOWS_PER_MAPPING = 64  # live flows followed per mapping
 MAX_FLOWS = 4096  # ... and in all (the engine's own bound on the flows it follows)
+
+
+def key_of(m: FrontMapping) -> MappingKey:
+    """The mapping's key on the upstream router: its protocol and external port."""
+    return MappingKey(m.request.proto, m.grant.external_port)
 
 
 def decrement(counter: collections.Counter[Any], keys: Iterable[Any]) -> None:

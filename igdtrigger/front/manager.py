@@ -42,7 +42,7 @@ from igdtrigger.front.contract import (
     Refusal,
     RefusalKind,
 )
-from igdtrigger.front.holds import FlowHolds, decrement
+from igdtrigger.front.holds import FlowHolds, decrement, key_of
 from igdtrigger.front.journaled import (
     M_CLIENT,
     M_DESC,
@@ -71,10 +71,6 @@ ALTERNATIVE_TRIES = 64  # free ports looked at for an alternative
 UPSTREAM_TRIES = 3  # alternatives tried when the upstream router refuses a port as taken
 HOLD_AHEAD = 10.0  # a held mapping's activation runs at least this far ahead of now (s): the
 # runner's 1 s tick extends it well before it could lapse, even with a 1 s idle_timeout
-
-
-def _key(m: FrontMapping) -> MappingKey:
-    return MappingKey(m.request.proto, m.grant.external_port)
 
 
 def clean_description(text: str) -> str:
@@ -241,7 +237,12 @@ class FrontManager:
             for m in matching:
                 self._used(m)
             if matching:
-                self.holds.follow(obs, map(_key, matching))
+                self.holds.follow(obs, map(key_of, matching))
+
+    def counted(self, m: FrontMapping) -> None:
+        """The kernel counted packets to or from ``m``'s internal port (topology 1's inner
+        DNAT table, read every second): in use now."""
+        self._used(m)
 
     def follows(self, flow: Flow) -> bool:
         """Detectors keep looking at a flow the front follows (its later packets, its end)."""
@@ -277,7 +278,7 @@ class FrontManager:
             matching = self._matching(obs.flow)
             for m in matching:
                 self._used(m, at=now - max(0.0, obs.idle or 0.0))
-            if matching and self.holds.follow(obs.flow, map(_key, matching)) and obs.connected:
+            if matching and self.holds.follow(obs.flow, map(key_of, matching)) and obs.connected:
                 self._connect(obs.flow, True)
             return
         if obs.idle is not None:
@@ -290,7 +291,7 @@ class FrontManager:
         its mappings are used now; one no other connection holds starts its idle timer now
         (exactly ``idle_timeout`` from now: the hold's run-ahead is taken back)."""
         for m in self._mappings_of(self.holds.connect(flow, connected)):
-            self._used(m, force=not connected and not self.holds.holds(_key(m)))
+            self._used(m, force=not connected and not self.holds.holds(key_of(m)))
 
     def _ended(self, flow: Flow, *, closed: bool = False) -> None:
         """A followed flow is gone: ``closed`` (its ends closed it now) or a connection's end
@@ -300,7 +301,7 @@ class FrontManager:
         if gone is None or not (closed or gone.connected):
             return
         for m in self._mappings_of(gone.keys):
-            self._used(m, force=gone.connected and not self.holds.holds(_key(m)))
+            self._used(m, force=gone.connected and not self.holds.holds(key_of(m)))
 
     def _mappings_of(self, keys: Iterable[MappingKey]) -> list[FrontMapping]:
         """The live mappings of ``keys`` (a copy is walked: an ended one is unindexed)."""

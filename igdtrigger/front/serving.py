@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from ipaddress import ip_address
 from typing import Any
 
 from igdtrigger.core.activation import FRONT_SOURCES
@@ -135,9 +134,7 @@ class FrontRunner:
                     mappings = self.manager.mappings()  # rule is in, its mapping not yet
                     await self.forwarder.sync(mappings)
                 for m in await self.forwarder.used(mappings):  # kernel-counted traffic is use
-                    self.manager.observe(Flow(m.request.proto, ip_address(
-                        m.request.internal_client), ip_address(m.request.internal_client),
-                        m.request.internal_port, m.request.internal_port))
+                    self.manager.counted(m)
                 said = ""
             except OSError as exc:
                 if str(exc) != said:  # once per distinct failure, not every second
