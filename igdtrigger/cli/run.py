@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a servic
     import asyncio
 
     from igdtrigger.cli.child import ProcessWaiter
+    from igdtrigger.cli.entry import Presend
     from igdtrigger.core.ports import PortRange
 
 __all__ = [
@@ -114,9 +115,11 @@ class ServiceHolder(Holder):
         self._kick.clear()
         return self.done.is_set()
 
-    def activate(self) -> dict[str, Any]:
-        """Ask the service for the activation; its JSON answer. Raises ``ApiError`` when refused."""
-        data = self.client.request(
+    def activate(self, sent: socket.socket | None = None) -> dict[str, Any]:
+        """Ask the service for the activation; its JSON answer. ``sent``: the request was
+        already written on this connection (the console entry point's quick way), read its
+        answer. Raises ``ApiError`` when refused."""
+        data = self.client.answer(sent) if sent is not None else self.client.request(
             "POST", "/api/v1/activations",
             {"rule": self.rule, "ttl": self.ttl, "source": "run",
              "meta": {"pid": str(os.getpid())}},
@@ -423,11 +426,13 @@ def run(
     token_guessed: bool = False,
     admin_socket: Path | None = None,
     token_uid: int | None = None,
+    presend: Presend | None = None,
 ) -> int:
     """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error.
     ``wait_process``: after the command exits, keep the ports while a process of one of these
     names runs (a launcher stub that starts the game and exits at once); it must appear within
-    ``wait_start`` seconds."""
+    ``wait_start`` seconds. ``presend``: the activation request the console entry point
+    already wrote to the service's admin socket (its answer is read here)."""
     if not command:
         raise UsageError("no command to run: write igdtrigger run --rule NAME -- COMMAND [ARGS...]")
     if rule is None:
@@ -439,7 +444,7 @@ def run(
     announce = None if quiet else _info
     try:
         sh = ServiceHolder(client, rule, ttl, announce=announce)
-        data = sh.activate()
+        data = sh.activate(socket.socket(fileno=presend.sock.detach()) if presend else None)
         holder = sh
         env["IGDTRIGGER_PORTS"] = ports_env(data)
         env["IGDTRIGGER_ACTIVATION"] = str(data.get("id", ""))

@@ -1,0 +1,204 @@
+"""The ``igdtrigger`` console entry point (and ``python -m igdtrigger``): ``run``'s quick way
+to a running service, then the full command line (:mod:`igdtrigger.cli.main`).
+
+``igdtrigger run --rule NAME -- CMD`` is a game launcher's hook: the time from exec to the
+open port is the game's wait (issue 17). When the service of this machine is reachable through
+its admin socket, the activation request is written to it before anything else is loaded: this
+module needs ``os`` and ``_socket`` only, reads just ``[api] listen`` and ``[service]
+state_dir`` from the config (:func:`igdtrigger.paths.service_location`) and knows the rule by
+its NAME (the service holds the rule and the validated config). Then the full command line
+runs as always with that connection handed over: the config is validated (an error is one line
+on stderr naming the file, the field and the value; the game still starts, the service
+already has the request), the answer is read and reported, the child launched, the heartbeat
+kept. Anything this quick way does not handle (other options, ``$IGDTRIGGER_SERVER``, a listen
+address off this machine, no admin socket, an unreadable or odd config) takes the full way from
+the start, unchanged.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import sys
+
+from igdtrigger.paths import admin_socket, config_paths, service_location
+
+__all__ = ["RULE_CHARS", "Presend", "activation_body", "main", "presend", "request_bytes"]
+
+TYPE_CHECKING = False  # typing is not imported here: ~3 ms of a launcher hook's start-up
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+RULE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_DEFAULT_LISTEN = ("127.0.0.1:8731", "8731")  # core.settings.DEFAULT_LISTEN, bare port form
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_TTL = 30.0  # run's --ttl default (cli.main), what the quick way asks for
+_MAX_CONFIG = 1 << 20  # config.MAX_CONFIG_BYTES: larger is refused by the full way
+
+
+class Presend:
+    """An activation request already written to the service's admin socket ``path``: the
+    connection (its answer not read yet), the ``rule`` and ``ttl`` asked for."""
+
+    def __init__(self, sock: _socket.socket, path: str, rule: str, ttl: float) -> None:
+        self.sock = sock
+        self.path = path
+        self.rule = rule
+        self.ttl = ttl
+
+    def matches(self, rule: str | None, ttl: float) -> bool:
+        """Is this the request the parsed command line would make?"""
+        return rule == self.rule and ttl == self.ttl
+
+    def close(self) -> None:
+        """Drop the connection (the service ends an activation nobody heartbeats)."""
+        self.sock.close()
+
+
+def request_bytes(method: str, path: str, host: str, headers: dict[str, str],
+                  payload: bytes | None) -> bytes:
+    """One HTTP/1.1 request: request line, ``Host``, ``headers``, ``Content-Length`` (always
+    for POST/PUT/PATCH), the body."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    if payload is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(payload or b'')}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (payload or b"")
+
+
+def activation_body(rule: str, ttl: float, pid: int) -> bytes:
+    """``run``'s activation request body, as ``json.dumps`` writes it (``rule`` is a rule name:
+    letters, digits, ``_.-``, nothing to escape)."""
+    return (f'{{"rule": "{rule}", "ttl": {ttl!r}, "source": "run", '
+            f'"meta": {{"pid": "{pid}"}}}}').encode()
+
+
+def _parse(argv: Sequence[str]) -> tuple[str | None, str] | None:
+    """``(config, rule)`` of ``run [--config P] --rule NAME [-q] -- CMD...``, or None for
+    any other command line (the full parser handles it)."""
+    config, rule = None, None
+    args = list(argv[1:])
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            return (config, rule) if rule is not None and args else None
+        name, eq, value = arg.partition("=")
+        if name not in ("--config", "--rule"):
+            if arg in ("-q", "--quiet"):
+                continue
+            return None
+        if not eq:
+            if not args:
+                return None
+            value = args.pop(0)
+        if name == "--config":
+            config = value
+        else:
+            rule = value
+    return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        import stat  # os loaded it already: free here, not at the top (typing-free module)
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, _MAX_CONFIG + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8") if len(raw) <= _MAX_CONFIG else None
+    except UnicodeDecodeError:
+        return None
+
+
+def _location(config: str | None) -> tuple[str, str | None] | None:
+    """``(listen, state_dir)`` the config names (the defaults without a file, the
+    ``IGDTRIGGER_API__LISTEN``/``IGDTRIGGER_SERVICE__STATE_DIR`` overrides over it), or None
+    when the full way should decide."""
+    if config is None:
+        config = next((p for p in config_paths() if os.path.exists(p)), None)
+    listen, state = None, None
+    if config is not None:
+        text = _read(config)
+        if text is None:
+            return None
+        found = service_location(text)
+        if found is None:  # unusual TOML: parse it for real (still before the request)
+            import tomllib  # only for a config the quick reading is unsure of
+
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError:
+                return None
+            api, svc = data.get("api", {}), data.get("service", {})
+            listen = api.get("listen") if isinstance(api, dict) else None
+            state = svc.get("state_dir") if isinstance(svc, dict) else None
+        else:
+            listen, state = found
+    for name in ("IGDTRIGGER_API__LISTEN", "IGDTRIGGER_SERVICE__STATE_DIR"):
+        env = os.environ.get(name)
+        if env is not None:
+            if not env or env.strip()[:1] in ("'", '"', "[", "{") or env.strip() != env:
+                return None
+            if name.startswith("IGDTRIGGER_API"):
+                listen = env
+            else:
+                state = env
+    if (listen is not None and not isinstance(listen, str)) or (
+            state is not None and not isinstance(state, str)):
+        return None
+    return listen or _DEFAULT_LISTEN[0], state or None
+
+
+def presend(argv: Sequence[str]) -> Presend | None:
+    """Write ``run``'s activation request to this machine's service, when the quick way can
+    (see the module note); the connection, or None (nothing sent). Never raises."""
+    parsed = _parse(argv)
+    if parsed is None or os.environ.get("IGDTRIGGER_SERVER", "").strip():
+        return None
+    config, rule = parsed
+    if not (0 < len(rule) <= 40 and set(rule) <= RULE_CHARS and rule[0].isalnum()):
+        return None
+    try:
+        where = _location(config)
+    except (OSError, ValueError):
+        return None
+    if where is None:
+        return None
+    listen, state = where
+    if listen not in _DEFAULT_LISTEN and listen.rpartition(":")[0] not in _LOOPBACK_HOSTS:
+        return None  # a service listening off this machine: the full way (token, zeroconf)
+    path = admin_socket(state)
+    if path is None:
+        return None
+    payload = activation_body(rule, _TTL, os.getpid())
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)  # run's Client timeout
+        sock.connect(path)
+        sock.sendall(request_bytes(
+            "POST", "/api/v1/activations", "localhost",
+            {"Accept": "application/json", "Connection": "close",
+             "Content-Type": "application/json"}, payload))
+    except OSError:
+        sock.close()
+        return None
+    return Presend(sock, path, rule, _TTL)
+
+
+def main() -> int:
+    """The console entry point: ``run``'s quick request, then the full command line."""
+    argv = sys.argv[1:]
+    sent = presend(argv) if argv[:1] == ["run"] else None
+    # the full command line: loaded after the request went out
+    from igdtrigger.cli.main import main as full_main
+
+    return full_main(argv, presend=sent, program=True)
