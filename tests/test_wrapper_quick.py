@@ -1,0 +1,224 @@
+"""`igdtrigger run`'s quick way to a running service (issue 17): the activation request goes to
+the service's admin socket before the config is validated; what a user sees is unchanged
+(the child's status, the ports in its environment, an unknown rule stops before launching) and
+a broken config is still one clear line while the game starts with the service's rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from igdtrigger import paths
+from igdtrigger.cli import entry
+from tests.fakes import free_port, wait_ready
+from tests.test_wrapper import SERVICE_CONFIG, SHOW_ACTIVATION, api_get, igdt
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+@pytest.fixture
+def admin_service(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """`igdtrigger serve` (simulated router) with its state, and so its admin socket, in
+    ``tmp_path/state``; yields (URL, its config, its state directory)."""
+    port = free_port()
+    state = tmp_path / "state"
+    cfg = tmp_path / "service.toml"
+    cfg.write_text(SERVICE_CONFIG.format(port=port) + f'\n[service]\nstate_dir = "{state}"\n')
+    ready = tmp_path / "ready"
+    p = igdt("serve", "--config", str(cfg), "--ready-file", str(ready), state=state)
+    wait_ready(p, ready, why=p.communicate)
+    try:
+        assert (state / paths.ADMIN_SOCKET).exists()
+        yield f"http://127.0.0.1:{port}", cfg, state
+    finally:
+        p.send_signal(15)
+        p.communicate(timeout=20)
+
+
+def test_a_broken_config_still_asks_the_service_by_rule_name(
+        admin_service: tuple[str, Path, Path], tmp_path: Path) -> None:
+    url, _, state = admin_service
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f'[service]\nstate_dir = "{state}"\n\n'
+                      '[[rules]]\nname = "demo"\nopen = ["udp/70000"]\n')
+    p = igdt("run", "--config", str(broken), "--rule", "demo", "--", sys.executable, "-c",
+             SHOW_ACTIVATION)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 7, err  # the game ran; its status passes through
+    assert "Traceback" not in err
+    assert f"{broken}: rules[0].open[0]" in err and "70000" in err  # what is wrong, named
+    act_id, ports = out.split()
+    assert ports == "udp/40000,udp/40001"  # the service's rule, asked for by its name
+    events = api_get(f"{url}/api/v1/status")["events"]
+    mine = [e for e in events if e.get("activation") == act_id]
+    assert [e["event"] for e in mine] == ["activated", "deactivated"]
+    assert mine[0]["source"] == "run"
+    assert api_get(f"{url}/api/v1/activations")["activations"] == []
+
+
+def test_the_quick_way_keeps_status_and_the_unknown_rule_stop(
+        admin_service: tuple[str, Path, Path], tmp_path: Path) -> None:
+    url, cfg, _ = admin_service
+    p = igdt("run", "--config", str(cfg), "--rule", "demo", "--", sys.executable, "-c",
+             SHOW_ACTIVATION)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 7, err
+    assert out.split()[1] == "udp/40000,udp/40001"
+    assert "udp/40000-40001 open" in err
+    marker = tmp_path / "ran"
+    p = igdt("run", "--config", str(cfg), "--rule", "nope", "--", "touch", str(marker))
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2
+    assert "nope" in err and "Traceback" not in err
+    assert not marker.exists()
+    assert api_get(f"{url}/api/v1/activations")["activations"] == []
+
+
+class _FakeSocket:
+    """A Unix socket in ``directory`` (owned by us) that keeps what one client writes."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(exist_ok=True)
+        self.path = directory / paths.ADMIN_SOCKET
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        self.server.listen(1)
+        self.got = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+        except OSError:  # closed: nobody connected
+            return
+        with conn:
+            while b"\r\n\r\n" not in self.got or len(self.got.partition(b"\r\n\r\n")[2]) < int(
+                    self.got.split(b"Content-Length: ")[1].split(b"\r\n")[0]):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                self.got += chunk
+            body = b'{"id": "x"}'
+            conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_the_quick_request_is_the_clients_request(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[api]\nlisten = "127.0.0.1:9"\n')
+    fake = _FakeSocket(tmp_path / "state")
+    try:
+        sent = entry.presend(["run", "--config", str(cfg), "--rule", "cs2.x", "--", "game"])
+        assert sent is not None
+        fake.thread.join(10)
+        sent.close()
+    finally:
+        fake.close()
+    body = {"rule": "cs2.x", "ttl": 30.0, "source": "run", "meta": {"pid": str(os.getpid())}}
+    # byte for byte what the API client writes for the same activation (cli/client.py)
+    assert fake.got == entry.request_bytes(
+        "POST", "/api/v1/activations", "localhost",
+        {"Accept": "application/json", "Connection": "close",
+         "Content-Type": "application/json"}, json.dumps(body).encode())
+    assert sent.path == str(fake.path)
+
+
+@pytest.mark.parametrize(("argv", "env", "config"), [
+    (["--server", "http://127.0.0.1:9"], {}, ""),
+    (["--ttl", "60"], {}, ""),
+    (["--token", "t"], {}, ""),
+    ([], {"IGDTRIGGER_SERVER": "http://127.0.0.1:9"}, ""),
+    ([], {}, '[api]\nlisten = "0.0.0.0:8731"\n'),  # a service for the LAN: token, zeroconf
+    ([], {"IGDTRIGGER_API__LISTEN": "192.168.1.2:8731"}, ""),
+    ([], {}, "<missing>"),  # the full way says which file is missing
+    ([], {}, "<directory>"),
+])
+def test_the_quick_way_leaves_the_rest_to_the_full_command_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str],
+        config: str) -> None:
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = tmp_path / "c.toml"
+    if config == "<directory>":
+        cfg.mkdir()
+    elif config != "<missing>":
+        cfg.write_text(config)
+    fake = _FakeSocket(tmp_path / "state")
+    try:
+        assert entry.presend(["run", "--config", str(cfg), *argv, "--rule", "demo", "--",
+                              "game"]) is None
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--rule", "demo"],  # no command
+    ["run", "--rule", "de mo", "--", "g"],  # not a rule name
+    ["run", "--rule", "x" * 41, "--", "g"],
+    ["run", "--infer", "steam", "--", "g"],
+    ["run", "--rule", "demo", "--wait-process", "x", "--", "g"],
+])
+def test_the_quick_way_declines_what_it_does_not_parse(argv: list[str]) -> None:
+    assert entry.presend(argv) is None
+
+
+TOMLS = [
+    "",
+    '[api]\nlisten = "127.0.0.1:9"\n',
+    '[api]\nlisten="127.0.0.1:9" # here\n[service]\nstate_dir = \'/srv/x\'\n',
+    'api.listen = "127.0.0.1:1"\n',
+    'api = { listen = "127.0.0.1:1" }\n',
+    '[api]\nallow = [\n  "192.168.1.0/24",\n]\nlisten = "127.0.0.1:2"\n',
+    '[[rules]]\nname = "x"\nopen = [\n "udp/1",\n]\n[api]\nlisten = "127.0.0.1:3"\n',
+    '[api]\nlisten = "127.0.0.1:\\u0034"\n',
+    '[ api ]\nlisten = "127.0.0.1:5"\n',
+    '["api"]\nlisten = "127.0.0.1:6"\n',
+    '[api.x]\ny = 1\n[api]\nlisten = "127.0.0.1:7"\n',
+    '[gateway]\nurl = "http://r/x.xml"\n[service]\nstate_dir = "/s"\n',
+    '[api]\nx = [[1],\n[2]]\nlisten = "127.0.0.1:8"\n',
+    '[api]\nlisten = 5\n',
+    '[rules]\ntext = """\n[api]\nlisten = "no"\n"""\n',
+    '[api]\nzeroconf = true\nrate_limit = 5\nlisten = \'127.0.0.1:9\'\n[detect]\nmethods = []\n',
+    '[api]\nallowed_hosts = ["a", "b"]\nlisten = "127.0.0.1:10"\n',
+    '[api]\n"listen" = "127.0.0.1:11"\n',
+    '[service]\nstate_dir = "/a"\n[api]\nlisten = "127.0.0.1:12"\n[service.x]\n',
+]
+
+
+@pytest.mark.parametrize("text", TOMLS)
+def test_the_quick_config_reading_agrees_with_tomllib_or_abstains(text: str) -> None:
+    found = paths.service_location(text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return  # invalid TOML: the full way reports it, whatever was read here
+    want = (data.get("api", {}).get("listen"), data.get("service", {}).get("state_dir"))
+    assert found is None or found == want
+
+
+def test_isolation_switch_keeps_the_system_state_dir_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """IGDTRIGGER_STATE_DIR (tests set it): a root service's /var/lib/igdtrigger socket and
+    token are not looked at (a running `serve --simulate` made test_wrapper.py fail)."""
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", "/nonexistent")
+    assert paths.state_dirs("/cfg") == ["/cfg", "/nonexistent"]
+    monkeypatch.delenv("IGDTRIGGER_STATE_DIR")
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert paths.state_dirs(None)[-1] == paths.SYSTEM_STATE_DIR
