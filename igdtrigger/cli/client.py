@@ -357,12 +357,25 @@ def _token_checked(token: str, source: str) -> str:
     return token
 
 
+_HEX = frozenset("0123456789abcdefABCDEF:.")
+
+
+def _ip_literal(host: str) -> bool:
+    """A dotted-quad IPv4 address (``127.0.0.1``) or an IPv6 literal's characters."""
+    parts = host.split(".")
+    if len(parts) == 4 and all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
+        return True
+    return ":" in host and set(host) <= _HEX
+
+
 def _bad_host(host: str) -> str:
     """Why ``host`` (from a URL) cannot be connected to, or "": blanks and control characters
     (http.client refuses them), a name IDNA cannot encode (a label over 63 characters, a name
     over 253)."""
     if not host.strip() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in host):
         return "the host name has blanks or control characters"
+    if _ip_literal(host):  # nothing for IDNA to refuse (its codec costs ~1 ms to load)
+        return ""
     try:
         encoded = host.encode("idna")
     except UnicodeError as exc:

@@ -234,15 +234,23 @@ class StandaloneHolder(Holder):
         # held until the process ends: says "alive" to any igdtrigger sharing this network
         # namespace, whatever its pid namespace (leftovers.py)
         self.beacon = hold_beacon()
+        state_dir = self.config.state_dir or default_state_dir()
+        # the router the last standalone run discovered: asked first, SSDP at once if it is
+        # not there (discovery waits for answers: 100 ms at least, issue 17)
+        discovering = self.config.gateway.url is None
+        known = compose.remembered_router(state_dir) if discovering else None
+        if known is not None:
+            compose.prime_location(gateway, known)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
             return
+        if discovering and info.protocol == "upnp-igd":
+            compose.remember_router(state_dir, info.location)
         # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
         # that only takes permanent leases would leave it forever); what dead wrappers left is
         # taken over and removed: the service's pipeline, with the standalone lease.
-        state_dir = self.config.state_dir or default_state_dir()
         run_dir = own_run_dir(state_dir)
         upnp = info.protocol == "upnp-igd"
         pipeline = Pipeline(

@@ -31,7 +31,7 @@ from igdtrigger.netutil import default_gateway
 
 __all__ = [
     "FallbackGateway", "OnCall", "build_gateway", "forget_connection", "miniupnpc_available",
-    "set_lost_state_handler",
+    "prime_location", "set_lost_state_handler",
 ]
 
 log = logging.getLogger("igdtrigger.gateway")
@@ -265,5 +265,16 @@ def forget_connection(gateway: Gateway, location: str | None = None) -> None:
     if isinstance(gateway, FallbackGateway):
         if gateway.current is not None:
             forget_connection(gateway.current, location)
+    elif hasattr(gateway, "forget"):
+        gateway.forget(location)
+
+
+def prime_location(gateway: Gateway, location: str) -> None:
+    """Have every UPnP backend (however wrapped) try the description URL ``location`` first at
+    its next ``connect``, discovering at once when the router is not usable there (the way a
+    router's SSDP NOTIFY is used; ignored where ``gateway.url`` pins one)."""
+    if isinstance(gateway, FallbackGateway):
+        for _, gw in gateway.candidates:
+            prime_location(gw, location)
     elif hasattr(gateway, "forget"):
         gateway.forget(location)
