@@ -222,3 +222,32 @@ def test_isolation_switch_keeps_the_system_state_dir_out(
     monkeypatch.delenv("IGDTRIGGER_STATE_DIR")
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     assert paths.state_dirs(None)[-1] == paths.SYSTEM_STATE_DIR
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--rule", "demo", "--", "game"],
+    ["run", "--config", "/x.toml", "--rule", "demo", "--", "game", "--fullscreen", "-w"],
+    ["run", "--config=/x.toml", "--rule=cs2", "-q", "--", "g"],
+    ["run", "--quiet", "--rule", "a", "--rule", "b", "--config", "", "--", "g", "--"],
+    ["run", "--rule", "demo", "--", "--rule"],
+])
+def test_the_entry_points_reading_is_the_parsers(argv: list[str]) -> None:
+    from igdtrigger.cli.main import build_parser, quick_args
+
+    quick = entry.parse_run(argv)
+    assert quick is not None
+    assert vars(quick_args(quick)) == vars(build_parser("run").parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--rule", "demo"],
+    ["run", "--rule", "", "--", "g"],
+    ["run", "--rule", "--", "g"],
+    ["run", "--config", "--rule", "x", "--", "g"],
+    ["run", "--conf", "x", "--rule", "demo", "--", "g"],
+    ["run", "--rule", "demo", "--ttl", "5", "--", "g"],
+    ["run", "--rule", "demo", "game"],
+    ["status"],
+])
+def test_the_entry_point_leaves_other_command_lines_to_the_parser(argv: list[str]) -> None:
+    assert entry.parse_run(argv) is None

@@ -23,7 +23,10 @@ import sys
 
 from igdtrigger.paths import admin_socket, config_paths, service_location
 
-__all__ = ["RULE_CHARS", "Presend", "activation_body", "main", "presend", "request_bytes"]
+__all__ = [
+    "RULE_CHARS", "Presend", "QuickRun", "activation_body", "main", "parse_run", "presend",
+    "request_bytes",
+]
 
 TYPE_CHECKING = False  # typing is not imported here: ~3 ms of a launcher hook's start-up
 if TYPE_CHECKING:
@@ -73,22 +76,36 @@ def activation_body(rule: str, ttl: float, pid: int) -> bytes:
             f'"meta": {{"pid": "{pid}"}}}}').encode()
 
 
-def _parse(argv: Sequence[str]) -> tuple[str | None, str] | None:
-    """``(config, rule)`` of ``run [--config P] --rule NAME [-q] -- CMD...``, or None for
-    any other command line (the full parser handles it)."""
-    config, rule = None, None
-    args = list(argv[1:])
+class QuickRun:
+    """``run [--config P] --rule NAME [-q] -- CMD...`` as the full parser would read it: the
+    config path (None: the usual places), the rule, ``--quiet``, the command (after ``--``)."""
+
+    def __init__(self, config: str | None, rule: str, quiet: bool, command: list[str]) -> None:
+        self.config = config
+        self.rule = rule
+        self.quiet = quiet
+        self.command = command
+
+
+def parse_run(argv: Sequence[str]) -> QuickRun | None:
+    """``argv`` (``run`` first) read as a :class:`QuickRun`, or None for any other command line
+    (the full parser handles it; ``tests/test_wrapper_quick.py`` holds the two equal)."""
+    config, rule, quiet = None, None, False
+    args = list(argv[1:]) if argv[:1] == ["run"] else []
     while args:
         arg = args.pop(0)
         if arg == "--":
-            return (config, rule) if rule is not None and args else None
+            if rule is None or not args or not rule.strip():
+                return None
+            return QuickRun(config, rule, quiet, args)
         name, eq, value = arg.partition("=")
         if name not in ("--config", "--rule"):
             if arg in ("-q", "--quiet"):
+                quiet = True
                 continue
             return None
         if not eq:
-            if not args:
+            if not args or args[0].startswith("-"):
                 return None
             value = args.pop(0)
         if name == "--config":
@@ -161,10 +178,10 @@ def _location(config: str | None) -> tuple[str, str | None] | None:
 def presend(argv: Sequence[str]) -> Presend | None:
     """Write ``run``'s activation request to this machine's service, when the quick way can
     (see the module note); the connection, or None (nothing sent). Never raises."""
-    parsed = _parse(argv)
+    parsed = parse_run(argv)
     if parsed is None or os.environ.get("IGDTRIGGER_SERVER", "").strip():
         return None
-    config, rule = parsed
+    config, rule = parsed.config, parsed.rule
     if not (0 < len(rule) <= 40 and set(rule) <= RULE_CHARS and rule[0].isalnum()):
         return None
     try:
@@ -197,8 +214,9 @@ def presend(argv: Sequence[str]) -> Presend | None:
 def main() -> int:
     """The console entry point: ``run``'s quick request, then the full command line."""
     argv = sys.argv[1:]
-    sent = presend(argv) if argv[:1] == ["run"] else None
+    quick = parse_run(argv)
+    sent = presend(argv) if quick is not None else None
     # the full command line: loaded after the request went out
     from igdtrigger.cli.main import main as full_main
 
-    return full_main(argv, presend=sent, program=True)
+    return full_main(argv, presend=sent, quick=quick, program=True)

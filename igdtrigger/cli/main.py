@@ -37,7 +37,7 @@ from igdtrigger.core.version import __version__
 
 if TYPE_CHECKING:
     from igdtrigger.cli.client import Client
-    from igdtrigger.cli.entry import Presend
+    from igdtrigger.cli.entry import Presend, QuickRun
 
 # Each subcommand imports its own module inside its cmd_ function (the in-function imports
 # below, and only those): `igdtrigger run`, a game launcher's hook, then loads neither the
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMANDS", "DEMO_RULE", "build_parser", "cmd_activate", "cmd_check_config", "cmd_deactivate",
     "cmd_doctor", "cmd_gateway", "cmd_healthcheck", "cmd_run", "cmd_serve", "cmd_status", "main",
+    "quick_args",
 ]
 
 
@@ -483,19 +484,33 @@ COMMANDS = {
 }
 
 
+def quick_args(quick: QuickRun) -> argparse.Namespace:
+    """``run``'s arguments for a command line :func:`igdtrigger.cli.entry.parse_run` read,
+    as ``build_parser("run")`` gives them (its defaults; ~4 ms of a launcher hook's start-up
+    saved: ``tests/test_wrapper_quick.py`` holds the two equal)."""
+    return argparse.Namespace(
+        cmd="run", config=quick.config, server=None, token=None, timeout=None,
+        rule=quick.rule, infer=None, ttl=30.0, wait_process=[], wait_start=60.0,
+        quiet=quick.quiet, command=["--", *quick.command])
+
+
 def main(argv: Sequence[str] | None = None, *, presend: Presend | None = None,
-         program: bool = False) -> int:
+         quick: QuickRun | None = None, program: bool = False) -> int:
     """Run one subcommand, return its exit status (see the module's exit codes); errors are
     one line on stderr. ``presend``: ``run``'s activation request already written by the
-    console entry point (:mod:`igdtrigger.cli.entry`); ``program``: called as the program
-    itself (the console script, ``python -m``), as when ``argv`` is None."""
+    console entry point (:mod:`igdtrigger.cli.entry`), ``quick``: ``argv`` as it read it;
+    ``program``: called as the program itself (the console script, ``python -m``), as when
+    ``argv`` is None."""
     args_in = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(args_in[0] if args_in and args_in[0] in COMMANDS else None)
     if not args_in:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     try:
-        args = parser.parse_args(args_in)
+        if quick is not None:  # the entry point read it (cli/entry.py): no parser to build
+            args = quick_args(quick)
+        else:
+            args = build_parser(args_in[0] if args_in[0] in COMMANDS else None).parse_args(
+                args_in)
         args.fast_exit = argv is None or program  # the program itself (console script, -m)
         args.presend, presend = presend, None  # handed to cmd_run, which owns it from here
         return COMMANDS[args.cmd](args)
