@@ -88,13 +88,19 @@ class FallbackGateway:
         raise GatewayNotFound("; ".join(errors))
 
     async def _probe_parallel(self) -> GatewayInfo:
+        """Probe every candidate at once; the first in order among those that answer is chosen
+        as soon as it is known (every candidate before it failed): the rest are not waited for
+        (a router that drops NAT-PMP/PCP silently held an answered UPnP for ``probe_timeout``,
+        3 s by default, before anything could be mapped; issue 17)."""
         async def attempt(gw: Gateway) -> GatewayInfo:
             async with asyncio.timeout(self.probe_timeout):
                 return await gw.connect()
 
         tasks = [asyncio.create_task(attempt(gw)) for _, gw in self.candidates]
+        pending = set(tasks)
         try:
-            await asyncio.wait(tasks)
+            while pending and not _decided(tasks):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             # a stop while the router is still being looked for: end every probe and take
             # their outcomes (unretrieved, each was logged as a traceback at exit)
@@ -102,8 +108,15 @@ class FallbackGateway:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        for task in pending:  # a preferred candidate answered: these are not needed
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         best: tuple[str, Gateway, GatewayInfo] | None = None
         for (name, gw), task in zip(self.candidates, tasks, strict=True):
+            if task.cancelled():
+                self.probe_results[name] = (f"not waited for ({best[0]} answered first)"
+                                            if best is not None else "cancelled")
+                continue
             exc = task.exception()
             if exc is None:
                 self.probe_results[name] = "ok"
@@ -184,6 +197,17 @@ class FallbackGateway:
         for _, gw in self.candidates:
             with contextlib.suppress(Exception):
                 await gw.close()
+
+
+def _decided(tasks: Sequence[asyncio.Task[GatewayInfo]]) -> bool:
+    """Is the choice among parallel probes (in order of preference) known: some probe
+    answered and every one before it failed, or all are done?"""
+    for task in tasks:
+        if not task.done():
+            return False
+        if not task.cancelled() and task.exception() is None:
+            return True
+    return True
 
 
 def miniupnpc_available() -> bool:
