@@ -19,7 +19,7 @@ import pytest
 from igdtrigger import paths
 from igdtrigger.cli import entry
 from tests.fakes import free_port, wait_ready
-from tests.test_wrapper import SERVICE_CONFIG, SHOW_ACTIVATION, api_get, igdt
+from tests.test_wrapper import DEAD_ROUTER, SERVICE_CONFIG, SHOW_ACTIVATION, api_get, igdt
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -251,3 +251,18 @@ def test_the_entry_points_reading_is_the_parsers(argv: list[str]) -> None:
 ])
 def test_the_entry_point_leaves_other_command_lines_to_the_parser(argv: list[str]) -> None:
     assert entry.parse_run(argv) is None
+
+
+def test_a_standalone_run_that_finds_no_router_leaves_no_journal(tmp_path: Path) -> None:
+    """The journal opens while the router is asked (issue 17): when none answers, nothing of
+    it stays behind, and the game's status passes through."""
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(DEAD_ROUTER + f'\n[service]\nstate_dir = "{state}"\n')
+    p = igdt("run", "--config", str(cfg), "--rule", "demo", "--", sys.executable, "-c",
+             "import sys; sys.exit(9)", state=state)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 9, err
+    assert "router unavailable" in err
+    assert not [p for p in state.rglob("*") if p.is_file()]

@@ -241,20 +241,28 @@ class StandaloneHolder(Holder):
         known = compose.remembered_router(state_dir) if discovering else None
         if known is not None:
             compose.prime_location(gateway, known)
+        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
+        # that only takes permanent leases would leave it forever); what dead wrappers left is
+        # taken over and removed: the service's pipeline, with the standalone lease. The
+        # journal (sqlite: ~6 ms of disk) opens on a worker thread while the router is asked,
+        # and is open before anything is mapped (issue 17); in a state directory that exists
+        # already: a run that finds no router creates none.
+        run_dir = own_run_dir(state_dir)
+        opening = (self.loop.run_in_executor(None, Journal.open, run_dir)
+                   if state_dir.is_dir() else None)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
+            if opening is not None:
+                with contextlib.suppress(IgdTriggerError, OSError):  # nothing was mapped
+                    remove_run_dir(await opening, run_dir)
             return
         if discovering and info.protocol == "upnp-igd":
             compose.remember_router(state_dir, info.location)
-        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
-        # that only takes permanent leases would leave it forever); what dead wrappers left is
-        # taken over and removed: the service's pipeline, with the standalone lease.
-        run_dir = own_run_dir(state_dir)
         upnp = info.protocol == "upnp-igd"
         pipeline = Pipeline(
-            [self.rule], gateway, Journal.open(run_dir),
+            [self.rule], gateway, await opening if opening else Journal.open(run_dir),
             settings=Settings.from_config(self.config.gateway, standalone=True),
             clock=self.loop.time, wall=time.time, boot=no_boot_clock, tag=f"run{os.getpid()}",
             pinhole_client=compose.firewall_client(lambda: info.location) if upnp else None,
