@@ -25,6 +25,7 @@ __all__ = [
     "default_state_dir",
     "service_location",
     "state_dirs",
+    "token_readable",
 ]
 
 ADMIN_SOCKET = "api.sock"  # the service's local admin socket, in its state directory
@@ -89,6 +90,12 @@ def admin_socket(configured: str | None) -> str | None:
             continue
         return path
     return None
+
+
+def token_readable(configured: str | None) -> bool:
+    """Could this user read the service's admin token (``<state_dir>/api-token``, any of
+    :func:`state_dirs`)?"""
+    return any(os.access(os.path.join(d, "api-token"), os.R_OK) for d in state_dirs(configured))
 
 
 _BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")

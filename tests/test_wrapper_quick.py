@@ -19,7 +19,14 @@ import pytest
 from igdtrigger import paths
 from igdtrigger.cli import entry
 from tests.fakes import free_port, wait_ready
-from tests.test_wrapper import DEAD_ROUTER, SERVICE_CONFIG, SHOW_ACTIVATION, api_get, igdt
+from tests.test_wrapper import (  # noqa: F401 - service: a fixture
+    DEAD_ROUTER,
+    SERVICE_CONFIG,
+    SHOW_ACTIVATION,
+    api_get,
+    igdt,
+    service,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -266,3 +273,81 @@ def test_a_standalone_run_that_finds_no_router_leaves_no_journal(tmp_path: Path)
     assert p.returncode == 9, err
     assert "router unavailable" in err
     assert not [p for p in state.rglob("*") if p.is_file()]
+
+
+class _FakeTcp(_FakeSocket):
+    """The same on a loopback TCP port."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(1)
+        self.port = self.server.getsockname()[1]
+        self.got = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+
+def test_a_loopback_service_is_asked_without_a_token(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service runs as another user (its admin socket and token are not this user's): the
+    request goes to its loopback address as the API client would write it, no token."""
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
+    monkeypatch.delenv("IGDTRIGGER_TOKEN", raising=False)
+    fake = _FakeTcp()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{fake.port}"\n')
+    try:
+        sent = entry.presend(["run", "--config", str(cfg), "--rule", "demo", "--", "game"])
+        assert sent is not None
+        fake.thread.join(10)
+        sent.close()
+    finally:
+        fake.close()
+    body = {"rule": "demo", "ttl": 30.0, "source": "run", "meta": {"pid": str(os.getpid())}}
+    assert fake.got == entry.request_bytes(
+        "POST", "/api/v1/activations", f"127.0.0.1:{fake.port}",
+        {"Accept": "application/json", "Connection": "close",
+         "Content-Type": "application/json"}, json.dumps(body).encode())
+    assert b"Authorization" not in fake.got
+    assert (sent.path, sent.url) == (None, f"http://127.0.0.1:{fake.port}")
+
+
+@pytest.mark.parametrize("token_from", ["file", "environment"])
+def test_a_token_holder_takes_the_full_way_over_tcp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token_from: str) -> None:
+    """A token is sent only after the full way checked who listens: the quick way never
+    writes to TCP for a user holding one."""
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(state))
+    monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
+    monkeypatch.delenv("IGDTRIGGER_TOKEN", raising=False)
+    if token_from == "file":
+        (state / "api-token").write_text("secret\n")
+    else:
+        monkeypatch.setenv("IGDTRIGGER_TOKEN", "secret")
+    fake = _FakeTcp()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{fake.port}"\n')
+    try:
+        assert entry.presend(["run", "--config", str(cfg), "--rule", "demo", "--", "g"]) is None
+    finally:
+        fake.close()
+
+
+def test_the_quick_way_over_tcp_keeps_what_a_user_sees(
+        service: tuple[str, Path]) -> None:  # noqa: F811 - the fixture, imported above
+    """Against a real service (simulated router) reached on loopback without a token: the
+    game's status and its ports pass through; the activation ends with the game."""
+    url, cfg = service
+    p = igdt("run", "--config", str(cfg), "--rule", "demo", "--", sys.executable, "-c",
+             SHOW_ACTIVATION)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 7, err
+    act_id, ports = out.split()
+    assert ports == "udp/40000,udp/40001"
+    events = [e for e in api_get(f"{url}/api/v1/status")["events"]
+              if e.get("activation") == act_id]
+    assert [e["event"] for e in events] == ["activated", "deactivated"]

@@ -2,17 +2,20 @@
 to a running service, then the full command line (:mod:`igdtrigger.cli.main`).
 
 ``igdtrigger run --rule NAME -- CMD`` is a game launcher's hook: the time from exec to the
-open port is the game's wait (issue 17). When the service of this machine is reachable through
-its admin socket, the activation request is written to it before anything else is loaded: this
-module needs ``os`` and ``_socket`` only, reads just ``[api] listen`` and ``[service]
-state_dir`` from the config (:func:`igdtrigger.paths.service_location`) and knows the rule by
-its NAME (the service holds the rule and the validated config). Then the full command line
-runs as always with that connection handed over: the config is validated (an error is one line
-on stderr naming the file, the field and the value; the game still starts, the service
-already has the request), the answer is read and reported, the child launched, the heartbeat
-kept. Anything this quick way does not handle (other options, ``$IGDTRIGGER_SERVER``, a listen
-address off this machine, no admin socket, an unreadable or odd config) takes the full way from
-the start, unchanged.
+open port is the game's wait (issue 17). When this machine's service listens on loopback, the
+activation request is written to it before anything else is loaded: through its admin socket
+when this user may use it, else to its loopback address when this user holds no admin token
+(the own-address rule lets any local client act for this host; a token is only ever sent by
+the full way, after it checked who listens). This module needs ``os`` and ``_socket`` only,
+reads just ``[api] listen`` and ``[service] state_dir`` from the config
+(:func:`igdtrigger.paths.service_location`) and knows the rule by its NAME (the service holds
+the rule and the validated config). Then the full command line runs as always with that
+connection handed over: the config is validated (an error is one line on stderr naming the
+file, the field and the value; the game still starts, the service already has the request),
+the answer is read and reported, the child launched, the heartbeat kept. Anything this quick
+way does not handle (other options, ``$IGDTRIGGER_SERVER``, a listen address beyond loopback,
+a readable token without the admin socket, nothing answering, an unreadable or odd config)
+takes the full way from the start, unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import _socket
 import os
 import sys
 
-from igdtrigger.paths import admin_socket, config_paths, service_location
+from igdtrigger.paths import admin_socket, config_paths, service_location, token_readable
 
 __all__ = [
     "RULE_CHARS", "Presend", "QuickRun", "activation_body", "main", "parse_run", "presend",
@@ -33,19 +36,21 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 RULE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
-_DEFAULT_LISTEN = ("127.0.0.1:8731", "8731")  # core.settings.DEFAULT_LISTEN, bare port form
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_DEFAULT_LISTEN = "127.0.0.1:8731"  # core.settings.DEFAULT_LISTEN
 _TTL = 30.0  # run's --ttl default (cli.main), what the quick way asks for
 _MAX_CONFIG = 1 << 20  # config.MAX_CONFIG_BYTES: larger is refused by the full way
 
 
 class Presend:
-    """An activation request already written to the service's admin socket ``path``: the
-    connection (its answer not read yet), the ``rule`` and ``ttl`` asked for."""
+    """An activation request already written to the service, through its admin socket
+    ``path`` or to its loopback ``url`` (no token): the connection (its answer not read yet),
+    the ``rule`` and ``ttl`` asked for."""
 
-    def __init__(self, sock: _socket.socket, path: str, rule: str, ttl: float) -> None:
+    def __init__(self, sock: _socket.socket, path: str | None, url: str | None, rule: str,
+                 ttl: float) -> None:
         self.sock = sock
         self.path = path
+        self.url = url
         self.rule = rule
         self.ttl = ttl
 
@@ -172,7 +177,7 @@ def _location(config: str | None) -> tuple[str, str | None] | None:
     if (listen is not None and not isinstance(listen, str)) or (
             state is not None and not isinstance(state, str)):
         return None
-    return listen or _DEFAULT_LISTEN[0], state or None
+    return listen or _DEFAULT_LISTEN, state or None
 
 
 def presend(argv: Sequence[str]) -> Presend | None:
@@ -185,7 +190,7 @@ def presend(argv: Sequence[str]) -> Presend | None:
     if not (0 < len(rule) <= 40 and set(rule) <= RULE_CHARS and rule[0].isalnum()):
         return None
     if not hasattr(_socket, "AF_UNIX"):
-        return None  # no admin socket on this platform
+        return None  # not a POSIX system: the full way
     try:
         where = _location(config)
     except Exception:  # anything unusual: the full way reads the config and says what is wrong
@@ -193,24 +198,58 @@ def presend(argv: Sequence[str]) -> Presend | None:
     if where is None:
         return None
     listen, state = where
-    if listen not in _DEFAULT_LISTEN and listen.rpartition(":")[0] not in _LOOPBACK_HOSTS:
-        return None  # a service listening off this machine: the full way (token, zeroconf)
+    target = _loopback(listen)
+    if target is None:
+        return None  # a service listening beyond this machine: the full way (token, zeroconf)
     path = admin_socket(state)
-    if path is None:
-        return None
+    if path is not None:  # the admin socket: no token needed, none can leak
+        family: int = _socket.AF_UNIX
+        address: str | tuple[str, int] = path
+        host = "localhost"
+    else:
+        # a loopback API without a token (a desktop user's game, the service running as
+        # another user: the own-address rule lets it act for this host); with a token the
+        # full way checks who listens before sending it
+        if os.environ.get("IGDTRIGGER_TOKEN") or token_readable(state):
+            return None
+        family, address, host = target
     payload = activation_body(rule, _TTL, os.getpid())
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
     try:
         sock.settimeout(2.0)  # run's Client timeout
-        sock.connect(path)
+        sock.connect(address)
         sock.sendall(request_bytes(
-            "POST", "/api/v1/activations", "localhost",
+            "POST", "/api/v1/activations", host,
             {"Accept": "application/json", "Connection": "close",
              "Content-Type": "application/json"}, payload))
     except OSError:
         sock.close()
         return None
-    return Presend(sock, path, rule, _TTL)
+    return Presend(sock, path, f"http://{host}" if path is None else None, rule, _TTL)
+
+
+def _loopback(listen: str) -> tuple[int, tuple[str, int], str] | None:
+    """``(family, address, Host header)`` of an ``[api] listen`` on a loopback IP literal
+    (``127.0.0.1:8731``, ``[::1]:8731``, a bare port), or None (the full way resolves it)."""
+    if listen.isdecimal():
+        host, port = "127.0.0.1", listen
+    elif listen.startswith("["):
+        host, sep, port = listen[1:].partition("]:")
+        if not sep:
+            return None
+    else:
+        host, _, port = listen.rpartition(":")
+    if not (port.isascii() and port.isdecimal() and 0 < int(port) < 65536):
+        return None
+    parts = host.split(".")
+    if host == "::1":
+        family, shown = _socket.AF_INET6, "[::1]"
+    elif (len(parts) == 4 and parts[0] == "127"
+          and all(p.isascii() and p.isdecimal() and int(p) < 256 for p in parts)):
+        family, shown = _socket.AF_INET, host
+    else:
+        return None
+    return family, (host, int(port)), shown if port == "80" else f"{shown}:{port}"
 
 
 def main() -> int:

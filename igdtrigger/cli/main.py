@@ -331,12 +331,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
     if sent is not None:
-        # the admin socket of this machine's service (entry.presend): as local_access gives it
-        where = Resolved(config.api.url, "config")
+        # this machine's service, asked through its admin socket or its loopback address
+        # (entry.presend): as resolve_server and local_access would have found it
+        where = Resolved(sent.url or config.api.url, "config")
         token, guessed = pick_token(None, config.state_dir, True)
         return run(command, rule=args.rule, config=config, server=where.url, token=token,
                    ttl=args.ttl, wait_process=args.wait_process, wait_start=args.wait_start,
-                   quiet=args.quiet, token_guessed=guessed, admin_socket=Path(sent.path),
+                   quiet=args.quiet, token_guessed=guessed,
+                   admin_socket=Path(sent.path) if sent.path else None,
                    token_uid=local_access(where, config.state_dir)[1], presend=sent)
 
     rule = args.rule
