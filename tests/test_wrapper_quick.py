@@ -351,3 +351,29 @@ def test_the_quick_way_over_tcp_keeps_what_a_user_sees(
     events = [e for e in api_get(f"{url}/api/v1/status")["events"]
               if e.get("activation") == act_id]
     assert [e["event"] for e in events] == ["activated", "deactivated"]
+
+
+def test_a_stale_admin_socket_falls_back_to_loopback(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed service's socket file is left behind: the request goes to the loopback API of
+    the service running now, as the full way's client would fall back."""
+    state = tmp_path / "state"
+    state.mkdir()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(state / paths.ADMIN_SOCKET))
+    stale.close()
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(state))
+    monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
+    monkeypatch.delenv("IGDTRIGGER_TOKEN", raising=False)
+    fake = _FakeTcp()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{fake.port}"\n')
+    try:
+        sent = entry.presend(["run", "--config", str(cfg), "--rule", "demo", "--", "game"])
+        assert sent is not None
+        fake.thread.join(10)
+        sent.close()
+    finally:
+        fake.close()
+    assert fake.got.startswith(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert sent.url == f"http://127.0.0.1:{fake.port}"

@@ -201,19 +201,25 @@ def presend(argv: Sequence[str]) -> Presend | None:
     target = _loopback(listen)
     if target is None:
         return None  # a service listening beyond this machine: the full way (token, zeroconf)
+    payload = activation_body(rule, _TTL, os.getpid())
     path = admin_socket(state)
     if path is not None:  # the admin socket: no token needed, none can leak
-        family: int = _socket.AF_UNIX
-        address: str | tuple[str, int] = path
-        host = "localhost"
-    else:
-        # a loopback API without a token (a desktop user's game, the service running as
-        # another user: the own-address rule lets it act for this host); with a token the
-        # full way checks who listens before sending it
-        if os.environ.get("IGDTRIGGER_TOKEN") or token_readable(state):
-            return None
-        family, address, host = target
-    payload = activation_body(rule, _TTL, os.getpid())
+        sock = _send(_socket.AF_UNIX, path, "localhost", payload)
+        if sock is not None:
+            return Presend(sock, path, None, rule, _TTL)
+    # a loopback API without a token (a desktop user's game, the service running as another
+    # user: the own-address rule lets it act for this host); with a token the full way checks
+    # who listens before sending it. A stale admin socket (a killed service) lands here too.
+    if os.environ.get("IGDTRIGGER_TOKEN") or token_readable(state):
+        return None
+    family, address, host = target
+    sock = _send(family, address, host, payload)
+    return Presend(sock, None, f"http://{host}", rule, _TTL) if sock is not None else None
+
+
+def _send(family: int, address: str | tuple[str, int], host: str,
+          payload: bytes) -> _socket.socket | None:
+    """A connection with the activation request written on it, or None (nothing sent)."""
     sock = _socket.socket(family, _socket.SOCK_STREAM)
     try:
         sock.settimeout(2.0)  # run's Client timeout
@@ -225,7 +231,7 @@ def presend(argv: Sequence[str]) -> Presend | None:
     except OSError:
         sock.close()
         return None
-    return Presend(sock, path, f"http://{host}" if path is None else None, rule, _TTL)
+    return sock
 
 
 def _loopback(listen: str) -> tuple[int, tuple[str, int], str] | None:
