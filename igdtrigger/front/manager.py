@@ -11,20 +11,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import ipaddress
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+from igdtrigger.core import trace
 from igdtrigger.core.activation import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
 from igdtrigger.core.errors import ActivationLimit, UsageError
 from igdtrigger.core.frontconfig import FrontConfig
 from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto, format_duration
+from igdtrigger.front.contract import (
+    ClientRequest,
+    Forwarder,
+    FrontMapping,
+    FrontProtocol,
+    FrontTrace,
+    Grant,
+    Refusal,
+    RefusalKind,
+)
 from igdtrigger.runtime.mapper import MapState
 
 if TYPE_CHECKING:
@@ -34,122 +44,6 @@ log = logging.getLogger("igdtrigger.front")
 
 __all__ = ["ClientRequest", "Forwarder", "FrontManager", "FrontMapping", "FrontProtocol",
            "Grant", "Refusal", "RefusalKind"]
-
-
-class FrontProtocol(enum.StrEnum):
-    """The protocol a client asked in (it names the activation's source)."""
-    UPNP = "upnp"
-    NATPMP = "natpmp"
-    PCP = "pcp"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientRequest:
-    """One client's request for a mapping.
-
-    ``client``: the requesting host's address (the packet's source). ``internal_client``: the
-    address asked for (UPnP NewInternalClient; = client for NAT-PMP/PCP). ``external_port`` 0 =
-    any. ``lease``: seconds; 0 = "permanent" -> ``max_lease``, renewed while in use.
-    ``allow_alternative``: another external port may be granted (AddAnyPortMapping, PCP without
-    PREFER_FAILURE, NAT-PMP). ``nonce``: the PCP mapping nonce (a different nonce may not touch
-    the mapping).
-    """
-
-    protocol: FrontProtocol
-    client: str
-    internal_client: str
-    internal_port: int
-    external_port: int
-    proto: Proto
-    lease: float
-    description: str = ""
-    allow_alternative: bool = False
-    nonce: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What was granted: the external port (may differ from the one asked when alternatives
-    were allowed), the lease told in seconds, the upstream router's external address ("")."""
-
-    external_port: int
-    lease: float
-    external_address: str
-
-
-class RefusalKind(enum.StrEnum):
-    """Why a request was refused; each protocol maps it onto its own codes:
-
-    ============== ======= ======= =========================
-    kind           UPnP    NAT-PMP PCP
-    ============== ======= ======= =========================
-    NOT_AUTHORIZED 606     2       NOT_AUTHORIZED
-    OTHER_CLIENT   718     2       NOT_AUTHORIZED
-    CONFLICT       718     4       CANNOT_PROVIDE_EXTERNAL
-    NO_RESOURCES   728     4       NO_RESOURCES
-    UPSTREAM       501     3       NETWORK_FAILURE
-    NO_SUCH        714     (ok)    (ok)
-    ============== ======= ======= =========================
-
-    OTHER_CLIENT answers 718 as miniupnpd does in secure mode (miniupnpd/upnpsoap.c).
-    """
-
-    NOT_AUTHORIZED = "not_authorized"
-    OTHER_CLIENT = "other_client"
-    CONFLICT = "conflict"
-    NO_RESOURCES = "no_resources"
-    UPSTREAM = "upstream"
-    NO_SUCH = "no_such"
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why not (``kind``: the protocols' codes; ``reason``: for a person and the log)."""
-    kind: RefusalKind
-    reason: str
-
-
-@dataclass(slots=True)
-class FrontMapping:
-    """A mapping the front holds: the request that made it (its last renewal, with the
-    external port granted), the grant, when it was created and last in use and when its lease
-    ends (service clock, seconds; ``inf`` for lease 0: renewed while in use), and the id of the
-    activation carrying it."""
-
-    request: ClientRequest
-    grant: Grant
-    created: float
-    last_use: float
-    lease_end: float = math.inf
-    activation_id: str = ""
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        """For status (``idle``/``lease_left``: seconds at ``now``)."""
-        r = self.request
-        return {"protocol": r.protocol.value, "client": r.client,
-                "internal_client": r.internal_client, "internal_port": r.internal_port,
-                "external_port": self.grant.external_port, "proto": r.proto.value,
-                "lease_asked": r.lease, "lease": self.grant.lease,
-                "lease_left": None if math.isinf(self.lease_end)
-                else round(max(0.0, self.lease_end - now), 3),
-                "idle": round(max(0.0, now - self.last_use), 3),
-                "description": r.description, "activation": self.activation_id}
-
-
-class Forwarder(Protocol):
-    """Topology 1 (igdtrigger is the LAN's gateway): the inner DNAT from our own upstream address
-    to the client (``front/dnat.py``). The upstream mapping then points at
-    :meth:`upstream_address`, which a secure-mode ISP router accepts."""
-
-    def upstream_address(self) -> str | None:
-        """Our own address towards the upstream router (None: not known yet)."""
-
-    async def add(self, proto: Proto, external_port: int, client: str,
-                  internal_port: int) -> None:
-        """Forward ``external_port`` to ``client:internal_port``."""
-
-    async def remove(self, proto: Proto, external_port: int) -> None:
-        """Forward ``external_port`` no more."""
 
 
 _SOURCE = {p: Source(p.value) for p in FrontProtocol}
@@ -460,6 +354,9 @@ class FrontManager:
 
     async def _map(self, req: ClientRequest, key: MappingKey) -> Grant | Refusal:
         """Make the activation and wait for the upstream router's answer."""
+        stamps = FrontTrace() if trace.ON else None
+        if trace.ON:
+            trace.begin("front")  # the mapper's line for this add runs from the request
         lease = self._grant_lease(req.lease)
         now = self.clock()
         if self.forwarder is not None:
@@ -467,6 +364,8 @@ class FrontManager:
             if upstream is None:
                 return Refusal(RefusalKind.UPSTREAM, "our own upstream address is unknown")
             target = f"{upstream} {key.external_port}"
+            if trace.ON:
+                trace.stamp("upstream_address")
         else:
             target = f"{req.internal_client} {req.internal_port}"
         meta = {FRONT_TARGET: target, M_CLIENT: req.client,
@@ -477,13 +376,23 @@ class FrontManager:
         if req.lease:
             meta[M_LEASE_END] = f"{self.wall() + lease:.3f}"
         ttl = min(lease, self.settings.idle_timeout)
+        # topology 1: the inner DNAT goes in BEFORE the upstream mapping exists (over netlink,
+        # ~0.2 ms): a rule for a port nothing maps upstream yet forwards nothing, but a WAN
+        # packet reaching us before the rule would get a conntrack entry to this host, and that
+        # flow would never be forwarded while it lasts. Removed at once on a refusal.
+        if self.forwarder is not None and (failed := await self._forward(req, key)):
+            return Refusal(RefusalKind.UPSTREAM, failed)
         try:
             act, applied = await self.service.front_activate(
                 PortRange(key.proto, key.external_port, key.external_port), req.internal_client,
                 ttl=max(ttl, MIN_TTL), source=_SOURCE[req.protocol], meta=meta)
         except (ActivationLimit, UsageError) as exc:
+            await self._unforward(key)
             return Refusal(RefusalKind.NO_RESOURCES, str(exc))
+        if stamps is not None:
+            stamps.stamp("activated")
         if applied is None or applied.state is not MapState.ACTIVE:
+            await self._unforward(key)
             state = "no answer yet" if applied is None else (
                 f"{applied.state.value}: {applied.error}" if applied.error
                 else applied.state.value)
@@ -498,15 +407,41 @@ class FrontManager:
                          created=now, last_use=now,
                          lease_end=now + lease if req.lease else math.inf,
                          activation_id=act.id)
-        if self.forwarder is not None:
-            await self.forwarder.add(req.proto, key.external_port, req.internal_client,
-                                     req.internal_port)
         self._index(m)
         self.granted += 1
+        if stamps is not None:
+            stamps.write()
         log.info("front: %s %s mapped %s -> %s:%d for %s (%s)", req.protocol, req.client, key,
                  req.internal_client, req.internal_port, format_duration(lease),
                  meta[M_DESC] or "no description")
         return grant
+
+    async def _forward(self, req: ClientRequest, key: MappingKey) -> str | None:
+        """Add the inner DNAT for ``key``; why it failed, or None."""
+        assert self.forwarder is not None
+        try:
+            await self.forwarder.add(req.proto, key.external_port, req.internal_client,
+                                     req.internal_port)
+            if trace.ON:
+                trace.stamp("dnat")
+        except (OSError, ValueError) as exc:
+            log.warning("front: inner DNAT for %s not added: %s", key, exc)
+            return f"the inner DNAT was not added (nothing was mapped upstream): {exc}"
+        return None
+
+    async def _unforward(self, key: MappingKey) -> None:
+        """Take back the inner DNAT of a mapping that was not made."""
+        if self.forwarder is not None:
+            with contextlib.suppress(OSError):  # the reconciler's sync retries it
+                await self.forwarder.remove(key.proto, key.external_port)
+
+    @contextlib.asynccontextmanager
+    async def settled(self) -> AsyncIterator[None]:
+        """Hold the front still (no add or delete deciding meanwhile): the reconciler compares
+        the inner DNAT with :meth:`mappings` inside this, so a rule added while its upstream
+        mapping is being asked for is not swept as unwanted."""
+        async with self._lock:
+            yield
 
     def _renew(self, m: FrontMapping, req: ClientRequest) -> Grant:
         lease = self._grant_lease(req.lease)

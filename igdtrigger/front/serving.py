@@ -19,6 +19,7 @@ from typing import Any
 from igdtrigger.core.activation import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, Proto
+from igdtrigger.detect.base import EitherEnd
 from igdtrigger.front.dnat import ForwardDrop, read_forward_drops
 from igdtrigger.front.manager import FrontManager
 from igdtrigger.front.pcpserver import PcpServer, PortMapService
@@ -64,7 +65,7 @@ class FrontRunner:
         def either(proto: Proto, port: int) -> bool:
             return wanted(proto, port) or front.wants(proto, port)
 
-        return either
+        return EitherEnd(either, front.wants)  # s14d: a mapped port as the source port too
 
     def wrap_follows(self, follows: Callable[[Flow], bool]) -> Callable[[Flow], bool]:
         """The flows a detector keeps looking at: the service's, and the front's (use)."""
@@ -124,8 +125,9 @@ class FrontRunner:
         while True:
             await asyncio.sleep(1.0)
             try:
-                mappings = self.manager.mappings()
-                await self.forwarder.sync(mappings)
+                async with self.manager.settled():  # not while an add is deciding: its
+                    mappings = self.manager.mappings()  # rule is in, its mapping not yet
+                    await self.forwarder.sync(mappings)
                 for m in await self.forwarder.used(mappings):  # kernel-counted traffic is use
                     self.manager.observe(Flow(m.request.proto, ip_address(
                         m.request.internal_client), ip_address(m.request.internal_client),

@@ -95,6 +95,12 @@ class Detectors:
             self.tasks.append(asyncio.create_task(self._run_detector(det), name=det.name))
         if self._tracking_watched:
             self.tasks.append(asyncio.create_task(self._watch_tracking(), name="tracking"))
+    def _front_tracks(self) -> bool:
+        """The IGD front runs: its clients' flows to and from their mapped ports are use, and
+        those ports are not known in advance, so the kernel must track every flow (issue 14:
+        on a plain desktop nothing else makes it track)."""
+        return self.svc.config.front.enabled
+
     def _tracked_ports(self) -> tuple[list[PortRange], list[PortRange]]:
         rules = self.svc.config.rules
         return ([r for rule in rules for r in rule.trigger],
@@ -105,14 +111,17 @@ class Detectors:
         is reported active only on that ground."""
         assert self.tracking is not None
         trigger, opened = self._tracked_ports()
+        front = self._front_tracks()
         vis = await asyncio.to_thread(
             self.tracking.establish, trigger, opened,
-            lambda proto, port: bool(self.svc.pipeline.engine.index.match(proto, port)))
+            lambda proto, port: bool(self.svc.pipeline.engine.index.match(proto, port)),
+            track_all=front)
         self._events_at_start = getattr(det, "events_seen", 0)
         self._tracking_watched = True
         if vis.seen:
             return DetectorStatus(det.name, True, detail=vis.text)
-        if not trigger:  # nothing to watch for: not a fault (rules for run/activate/API only)
+        if not trigger and not front:  # nothing to watch for: not a fault (rules for
+            # run/activate/API only)
             log.info("detector conntrack idle: no rule has a trigger port")
         else:
             log.warning("detector conntrack: %s; the socket table stands in", vis.text)
@@ -121,7 +130,8 @@ class Detectors:
     async def retrack(self) -> None:
         """The rules changed: load the nftables table again for their trigger ports."""
         if self.tracking is not None and self.tracking.enabled:
-            await asyncio.to_thread(self.tracking.install, *self._tracked_ports())
+            await asyncio.to_thread(self.tracking.install, *self._tracked_ports(),
+                                    track_all=self._front_tracks())
 
     async def _watch_tracking(self) -> None:
         """Keep our nftables table in place, count what it saw, and report conntrack active
