@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a servic
     from igdtrigger.cli.child import ProcessWaiter
     from igdtrigger.cli.entry import Presend
     from igdtrigger.core.ports import PortRange
-    from igdtrigger.runtime.journal import Journal
 
 __all__ = [
     "HEARTBEAT_TTL",
@@ -219,8 +218,12 @@ class StandaloneHolder(Holder):
         # in-function imports: only a standalone `run` (no service) pays for the pipeline
         import asyncio
 
-        # the backends' factory, for a standalone `run` only (see above)
+        # the pipeline and the backends, for a standalone `run` only (see above)
         from igdtrigger.runtime import compose
+        from igdtrigger.runtime.journal import Journal, no_boot_clock
+        from igdtrigger.runtime.leftovers import dead_runs, hold_beacon, own_run_dir, remove_run_dir
+        from igdtrigger.runtime.mapper import MapState
+        from igdtrigger.runtime.pipeline import Pipeline, Settings
 
         self.loop = asyncio.get_running_loop()
         self._stop_async = asyncio.Event()
@@ -228,6 +231,9 @@ class StandaloneHolder(Holder):
             _warn("gateway.url = \"simulate\" needs a running service; not opening ports")
             return
         gateway = compose.gateway_from_config(self.config)
+        # held until the process ends: says "alive" to any igdtrigger sharing this network
+        # namespace, whatever its pid namespace (leftovers.py)
+        self.beacon = hold_beacon()
         state_dir = self.config.state_dir or default_state_dir()
         # the router the last standalone run discovered: asked first, SSDP at once if it is
         # not there (discovery waits for answers: 100 ms at least, issue 17)
@@ -235,36 +241,28 @@ class StandaloneHolder(Holder):
         known = compose.remembered_router(state_dir) if discovering else None
         if known is not None:
             compose.prime_location(gateway, known)
-        # The pipeline's modules (~30 ms of imports) load, and this run's journal opens (sqlite:
-        # ~6 ms of disk), on a worker thread while the router answers (issue 17); both are in
-        # place before anything is mapped.
-        loading = self.loop.run_in_executor(None, _load_pipeline, state_dir)
+        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
+        # that only takes permanent leases would leave it forever); what dead wrappers left is
+        # taken over and removed: the service's pipeline, with the standalone lease. The
+        # journal (sqlite: ~6 ms of disk) opens on a worker thread while the router is asked,
+        # and is open before anything is mapped (issue 17); in a state directory that exists
+        # already: a run that finds no router creates none.
+        run_dir = own_run_dir(state_dir)
+        opening = (self.loop.run_in_executor(None, Journal.open, run_dir)
+                   if state_dir.is_dir() else None)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
-            with contextlib.suppress(IgdTriggerError, OSError):  # nothing was mapped
-                _drop(await loading)
+            if opening is not None:
+                with contextlib.suppress(IgdTriggerError, OSError):  # nothing was mapped
+                    remove_run_dir(await opening, run_dir)
             return
-        opened_journal = await loading
         if discovering and info.protocol == "upnp-igd":
             compose.remember_router(state_dir, info.location)
-        # loaded by _load_pipeline already: binding the names costs nothing
-        from igdtrigger.runtime.journal import Journal, no_boot_clock
-        from igdtrigger.runtime.leftovers import dead_runs, hold_beacon, own_run_dir, remove_run_dir
-        from igdtrigger.runtime.mapper import MapState
-        from igdtrigger.runtime.pipeline import Pipeline, Settings
-
-        # held until the process ends: says "alive" to any igdtrigger sharing this network
-        # namespace, whatever its pid namespace (leftovers.py)
-        self.beacon = hold_beacon()
-        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
-        # that only takes permanent leases would leave it forever); what dead wrappers left is
-        # taken over and removed: the service's pipeline, with the standalone lease.
-        run_dir = own_run_dir(state_dir)
         upnp = info.protocol == "upnp-igd"
         pipeline = Pipeline(
-            [self.rule], gateway, opened_journal or Journal.open(run_dir),
+            [self.rule], gateway, await opening if opening else Journal.open(run_dir),
             settings=Settings.from_config(self.config.gateway, standalone=True),
             clock=self.loop.time, wall=time.time, boot=no_boot_clock, tag=f"run{os.getpid()}",
             pinhole_client=compose.firewall_client(lambda: info.location) if upnp else None,
@@ -312,28 +310,6 @@ class StandaloneHolder(Holder):
                 loop.call_soon_threadsafe(ev.set)
         if self.thread is not None:
             self.thread.join(timeout)
-
-
-def _load_pipeline(state_dir: Path) -> Journal | None:
-    """Load the standalone pipeline's modules (on a worker thread, while the router answers:
-    :class:`StandaloneHolder`) and open this run's journal in ``state_dir`` when that directory
-    exists already (None otherwise: a run that finds no router creates nothing; the journal
-    is opened once it answered)."""
-    # the pipeline's modules, for a standalone `run` only; the holder binds their names
-    from igdtrigger.runtime import mapper, pipeline  # noqa: F401 - loaded for _amain
-    from igdtrigger.runtime.journal import Journal
-    from igdtrigger.runtime.leftovers import own_run_dir
-
-    return Journal.open(own_run_dir(state_dir)) if state_dir.is_dir() else None
-
-
-def _drop(journal: Journal | None) -> None:
-    """Close a journal ``_load_pipeline`` opened for nothing (no router), its directory gone."""
-    if journal is not None:
-        # loaded by _load_pipeline already
-        from igdtrigger.runtime.leftovers import remove_run_dir
-
-        remove_run_dir(journal, journal.path.parent)
 
 
 def _opened(ports: Sequence[str], external: str) -> str:
