@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import tomllib
@@ -21,6 +22,7 @@ from igdtrigger.cli import entry
 from tests.fakes import free_port, wait_ready
 from tests.test_wrapper import (  # noqa: F401 - service: a fixture
     DEAD_ROUTER,
+    ROOT,
     SERVICE_CONFIG,
     SHOW_ACTIVATION,
     api_get,
@@ -377,3 +379,29 @@ def test_a_stale_admin_socket_falls_back_to_loopback(tmp_path: Path,
         fake.close()
     assert fake.got.startswith(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1:")
     assert sent.url == f"http://127.0.0.1:{fake.port}"
+
+
+def test_the_quick_request_leaves_before_the_heavy_modules_load(tmp_path: Path) -> None:
+    """What the request waits for is the interpreter, the entry module, its config reading and
+    a socket: no dataclasses, typing, tomllib, argparse, json, config or core module (those
+    were ~35 ms of a launcher hook's start-up; issue 17)."""
+    fake = _FakeSocket(tmp_path / "state")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[api]\nlisten = "127.0.0.1:9"\n[[rules]]\nname = "demo"\nopen = ["udp/1"]\n')
+    heavy = ("dataclasses", "typing", "tomllib", "argparse", "json", "socket", "re", "enum",
+             "igdtrigger.config", "igdtrigger.core", "igdtrigger.cli.main",
+             "igdtrigger.cli.client")
+    code = ("import sys\nfrom igdtrigger.cli import entry\n"
+            f"sent = entry.presend(['run', '--config', {str(cfg)!r}, '--rule', 'demo', '--', "
+            "'game'])\n"
+            f"print(sent is not None, sorted(m for m in {heavy!r} if m in sys.modules))\n")
+    try:
+        p = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                           timeout=60, cwd=str(ROOT), env={
+                               **os.environ, "PYTHONPATH": str(ROOT),
+                               "IGDTRIGGER_STATE_DIR": str(tmp_path / "state")})
+        fake.thread.join(10)
+    finally:
+        fake.close()
+    assert p.stdout.split(maxsplit=1) == ["True", "[]\n"], p.stdout + p.stderr
+    assert fake.got.startswith(b"POST /api/v1/activations HTTP/1.1\r\n")
