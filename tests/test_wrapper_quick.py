@@ -405,3 +405,17 @@ def test_the_quick_request_leaves_before_the_heavy_modules_load(tmp_path: Path) 
         fake.close()
     assert p.stdout.split(maxsplit=1) == ["True", "[]\n"], p.stdout + p.stderr
     assert fake.got.startswith(b"POST /api/v1/activations HTTP/1.1\r\n")
+
+
+def test_the_entry_points_defaults_are_the_configs() -> None:
+    from igdtrigger.cli.main import build_parser
+    from igdtrigger.config import MAX_CONFIG_BYTES
+    from igdtrigger.core.settings import DEFAULT_LISTEN
+
+    assert entry._DEFAULT_LISTEN == DEFAULT_LISTEN
+    assert entry._MAX_CONFIG == MAX_CONFIG_BYTES
+    assert build_parser("run").parse_args(["run", "--rule", "x", "--", "g"]).ttl == entry._TTL
+    assert entry._loopback("127.0.0.1:0080") == (socket.AF_INET, ("127.0.0.1", 80), "127.0.0.1")
+    assert entry._loopback("[::1]:8731") == (socket.AF_INET6, ("::1", 8731), "[::1]:8731")
+    assert entry._loopback("0.0.0.0:8731") is None
+    assert entry._loopback("localhost:8731") is None  # resolved by the full way

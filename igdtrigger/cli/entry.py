@@ -255,7 +255,8 @@ def _loopback(listen: str) -> tuple[int, tuple[str, int], str] | None:
         family, shown = _socket.AF_INET, host
     else:
         return None
-    return family, (host, int(port)), shown if port == "80" else f"{shown}:{port}"
+    number = int(port)
+    return family, (host, number), shown if number == 80 else f"{shown}:{number}"
 
 
 def main() -> int:
