@@ -2,8 +2,9 @@
 
 ``FallbackGateway`` tries its candidates in order on ``connect`` and delegates to the first that
 works; when that one stops answering it forgets the choice, so the next ``connect`` probes again
-(a router restart can change what works). ``ProbingGateway`` does the same but probes all
-candidates in parallel, bounded in time, and prefers by rank among those that answered.
+(a router restart can change what works). With ``parallel=True`` it probes all candidates at
+once, each bounded in time, and takes the first in rank that answered as soon as every one
+ranked above it failed (the rest are not waited for).
 """
 
 from __future__ import annotations
