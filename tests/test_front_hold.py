@@ -8,10 +8,7 @@ import asyncio
 import collections
 import ipaddress
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from igdtrigger.config import parse_config
 from igdtrigger.core.errors import DetectionUnavailable
@@ -23,8 +20,11 @@ from igdtrigger.front.manager import FrontManager, FrontProtocol
 from igdtrigger.front.serving import build_front
 from igdtrigger.runtime.service import Service
 
+from . import test_front_manager as shared
 from .fakes import FakeClock, FakeGateway
-from .test_front_manager import FRONT, A, make, req
+from .test_front_manager import FRONT, A, req
+
+clock, gw, front = shared.clock, shared.gw, shared.front  # the manager tests' fixtures
 
 PEER = ipaddress.ip_address("198.51.100.9")
 IDLE = 600.0  # the fixture's idle_timeout (10m)
@@ -34,28 +34,6 @@ def inbound(port: int = 40000, sport: int = 5555, proto: Proto = Proto.TCP) -> F
     """A WAN peer's connection to the mapped port, as the client's conntrack (or socket table,
     turned around) reads it."""
     return Flow(proto, PEER, ipaddress.ip_address(A), sport, port)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def gw(clock: FakeClock) -> FakeGateway:
-    return FakeGateway(clock, local_address="192.168.1.10", external_address="100.64.0.7")
-
-
-@pytest.fixture
-async def front(tmp_path: Path, gw: FakeGateway, clock: FakeClock,
-                ) -> AsyncIterator[FrontManager]:
-    svc = make(tmp_path, gw, clock)
-    await svc.start()
-    mgr = FrontManager(svc, svc.config.front, wall=lambda: clock.now + 1.7e9)
-    svc.front_observer = mgr.observe
-    mgr.attach()
-    yield mgr
-    await svc.stop()
 
 
 def connect(front: FrontManager, flow: Flow) -> None:
