@@ -97,7 +97,7 @@ class FrontManager:
     front follows such flows until the detector reports them ended (``FlowEnded``) or no longer
     connected, and :meth:`tick` (every second) counts the mappings they hold as in use; the idle
     timer starts when the last one ends (its close is its last packet). Followed flows are
-    bounded: ``MAX_FLOWS_PER_MAPPING`` per mapping, ``MAX_FLOWS`` in all.
+    bounded (per mapping and in all: front/holds.py).
     """
 
     def __init__(self, service: Service, settings: FrontConfig, *,
