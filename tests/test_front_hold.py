@@ -61,7 +61,8 @@ async def test_a_silent_live_connection_holds_the_mapping_past_idle_timeout(
     wait(front, clock, 3 * IDLE)  # no packet reported for 30 minutes: the connection is quiet
     (m,) = front.mappings()
     assert m.last_use == clock.now  # status: in use now, not idle
-    assert front.status()["flows"] == {"followed": 1, "holding": 1, "refused": 0}
+    assert front.status()["flows"] == {"followed": 1, "holding": 1, "refused": 0,
+                                       "evicted": 0}
     front.service.wake()
     await front.service._wait_applied(front.service.pipeline.engine.generation, 1)
     assert gw.ports() == {"tcp/40000": A}  # still mapped upstream
@@ -138,7 +139,8 @@ async def test_a_mapping_that_ends_stops_following_its_flows(
     connect(front, flow)
     assert await front.delete(FrontProtocol.UPNP, A, 40000, Proto.TCP) is None
     assert not front.follows(flow)  # the detectors stop looking at it
-    assert front.status()["flows"] == {"followed": 0, "holding": 0, "refused": 0}
+    assert front.status()["flows"] == {"followed": 0, "holding": 0, "refused": 0,
+                                       "evicted": 0}
     assert isinstance(await front.add(req(proto=Proto.TCP)), Grant)  # mapped again
     wait(front, clock, IDLE + 10, step=10)  # the old connection is not a hold of the new one
     assert front.lookup(40000, Proto.TCP) is None
@@ -192,26 +194,37 @@ async def test_when_the_detector_stops_its_holds_are_released(
 
 async def test_followed_flows_are_capped_per_mapping_and_in_all(
         front: FrontManager, clock: FakeClock) -> None:
-    """Past a cap a flow is not followed (counted): it is use when seen, but neither its
-    silence nor its end is watched, so it does not hold the mapping."""
+    """At a mapping's cap a new flow takes the place of the oldest one that is not a
+    connection (churn never displaces a hold); when all are connections, or the total cap is
+    reached, it is not followed (counted): it is use when seen, but its silence holds nothing."""
     front.holds = FlowHolds(max_per_mapping=2, max_flows=3)
     assert isinstance(await front.add(req(port=40000, proto=Proto.TCP)), Grant)
     assert isinstance(await front.add(req(port=40001, proto=Proto.TCP)), Grant)
-    a1, a2, a3 = (inbound(40000, sport) for sport in (1, 2, 3))
-    for flow in (a1, a2, a3):
+    a1, a2, a3, a4, a5 = (inbound(40000, sport) for sport in (1, 2, 3, 4, 5))
+    connect(front, a1)  # a connection: holds 40000
+    for flow in (a2, a3):  # a peer's churn: a3 takes a2's place, never a1's
         front.service.observe(flow)
-    assert front.follows(a1) and front.follows(a2) and not front.follows(a3)  # per mapping
+    assert front.follows(a1) and front.follows(a3) and not front.follows(a2)
+    connect(front, a4)  # takes a3's place, and holds too
+    assert not front.follows(a3)
+    front.service.observe(a5)  # both followed flows are connections: no room
+    assert not front.follows(a5)
     b1, b2 = inbound(40001, 1), inbound(40001, 2)
     front.service.observe(b1)
     front.service.observe(b2)
-    assert front.follows(b1) and not front.follows(b2)  # in all
-    assert front.status()["flows"] == {"followed": 3, "holding": 0, "refused": 2}
+    assert front.follows(b1) and not front.follows(b2)  # 3 in all
+    assert front.status()["flows"] == {"followed": 3, "holding": 2, "refused": 2,
+                                       "evicted": 2}
     front.service.observe(FlowLive(b2, connected=True))  # use once, no hold
-    front.service.observe(FlowLive(a3, connected=True))
-    front.service.observe(FlowLive(a1, connected=True))  # a followed one holds 40000
     wait(front, clock, IDLE + 10, step=10)
-    assert front.lookup(40000, Proto.TCP) is not None
+    assert front.lookup(40000, Proto.TCP) is not None  # a1 and a4 hold it
     assert front.lookup(40001, Proto.TCP) is None  # b2 was never followed: no hold
+    front.service.observe(FlowEnded(a1, closed=True))
+    wait(front, clock, IDLE + 10, step=10)
+    assert front.lookup(40000, Proto.TCP) is not None  # a4 still holds it
+    front.service.observe(FlowEnded(a4, closed=True))
+    wait(front, clock, IDLE + 10, step=10)
+    assert front.lookup(40000, Proto.TCP) is None
 
 
 def test_the_prefilter_index_agrees_with_a_scan_of_the_mappings() -> None:

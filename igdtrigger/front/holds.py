@@ -8,10 +8,13 @@ conntrack, a connected socket: ``FlowLive(connected=True)``) that holds them how
 is, until the detector reports it ended (``FlowEnded``) or no longer connected.
 
 Bounded, as every table a LAN host (or anyone beyond the WAN connecting to a mapped port) can
-grow: at most ``MAX_FLOWS_PER_MAPPING`` flows followed per mapping and ``MAX_FLOWS`` in all.
-Past a cap a flow is not followed (counted in ``refused``): it still counts as use each time a
-detector reports it, but its silence does not hold the mapping and its end is not watched. The
-mapping stays held as long as one of its followed connections lives.
+grow: at most ``MAX_FLOWS_PER_MAPPING`` flows followed per mapping and ``MAX_FLOWS`` in all. At
+a mapping's cap a new flow takes the place of the oldest followed one that is not a connection
+(``evicted``), so churn (a peer opening flow after flow to the mapped port) never displaces a
+connection that holds the mapping; when all are connections, or ``MAX_FLOWS`` are followed, the
+new flow is not followed (``refused``): it still counts as use each time a detector reports it,
+but its silence does not hold the mapping and its end is not watched. The mapping stays held as
+long as one of its followed connections lives.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ class FlowHolds:
         self.max_per_mapping = max_per_mapping
         self.max_flows = max_flows
         self._flows: dict[Flow, Followed] = {}
-        self._per_key: collections.Counter[MappingKey] = collections.Counter()  # flows each
+        self._by_key: dict[MappingKey, dict[Flow, None]] = {}  # each mapping's, oldest first
         self._holding: collections.Counter[MappingKey] = collections.Counter()  # connections
         self.refused = 0  # flows not followed because a cap was hit
+        self.evicted = 0  # flows forgotten to make room at a mapping's cap (none a connection)
 
     def __contains__(self, flow: object) -> bool:
         return flow in self._flows
@@ -82,17 +86,35 @@ class FlowHolds:
         return None if followed is None else followed.keys
 
     def follow(self, flow: Flow, keys: Iterable[MappingKey]) -> bool:
-        """Follow ``flow`` for those of ``keys`` with room; False (counted in ``refused``) when
-        none has, or ``max_flows`` are followed. A followed flow stays as it is."""
+        """Follow ``flow`` for ``keys``. At a mapping's cap the oldest of its followed flows
+        that is not a connection is forgotten to make room (``evicted``: churn never displaces
+        a hold); a mapping whose followed flows are all connections gets no more. False
+        (counted in ``refused``) when no mapping has room or ``max_flows`` are followed. A
+        followed flow stays as it is."""
         if flow in self._flows:
             return True
-        room = {k for k in keys if self._per_key[k] < self.max_per_mapping}
-        if not room or len(self._flows) >= self.max_flows:
+        room: set[MappingKey] = set()
+        if len(self._flows) < self.max_flows:
+            for key in keys:
+                flows = self._by_key.get(key)
+                if flows is None or len(flows) < self.max_per_mapping or self._evict(flows):
+                    room.add(key)
+        if not room:
             self.refused += 1
             return False
-        self._per_key.update(room)
+        for key in room:
+            self._by_key.setdefault(key, {})[flow] = None
         self._flows[flow] = Followed(room)
         return True
+
+    def _evict(self, flows: dict[Flow, None]) -> bool:
+        """Forget the oldest of ``flows`` that is not a connection; False: all are."""
+        for old in flows:
+            if not self._flows[old].connected:
+                self.end(old)
+                self.evicted += 1
+                return True
+        return False
 
     def connect(self, flow: Flow, connected: bool) -> set[MappingKey]:
         """``flow`` is (or no longer is) a connection: the mappings whose hold it took or
@@ -110,23 +132,30 @@ class FlowHolds:
     def end(self, flow: Flow) -> Followed | None:
         """``flow`` is gone: what was followed of it (None: it was not), its holds dropped."""
         followed = self._flows.pop(flow, None)
-        if followed is not None:
-            decrement(self._per_key, followed.keys)
-            if followed.connected:
-                decrement(self._holding, followed.keys)
+        if followed is None:
+            return None
+        for key in followed.keys:
+            flows = self._by_key.get(key)
+            if flows is not None:
+                flows.pop(flow, None)
+                if not flows:
+                    del self._by_key[key]
+        if followed.connected:
+            decrement(self._holding, followed.keys)
         return followed
 
     def drop(self, key: MappingKey) -> None:
         """Mapping ``key`` ended: no flow is followed for it any more (a flow that was use of
         nothing else is forgotten: the detectors stop looking at it)."""
-        if not self._per_key.pop(key, 0):
+        flows = self._by_key.pop(key, None)
+        if flows is None:
             return
         self._holding.pop(key, None)
-        for flow, followed in list(self._flows.items()):
-            if key in followed.keys:
-                followed.keys.discard(key)
-                if not followed.keys:
-                    del self._flows[flow]
+        for flow in flows:
+            followed = self._flows[flow]
+            followed.keys.discard(key)
+            if not followed.keys:
+                del self._flows[flow]
 
     def holds(self, key: MappingKey) -> bool:
         """Does a live connection hold mapping ``key``?"""
@@ -139,11 +168,12 @@ class FlowHolds:
     def clear(self) -> None:
         """Forget everything (the front stopped)."""
         self._flows.clear()
-        self._per_key.clear()
+        self._by_key.clear()
         self._holding.clear()
 
     def counts(self) -> dict[str, int]:
-        """For status: flows ``followed``, the ``holding`` ones (connections), ``refused``."""
+        """For status: flows ``followed``, the ``holding`` ones (connections), ``refused`` and
+        ``evicted`` at a cap."""
         return {"followed": len(self._flows),
                 "holding": sum(1 for f in self._flows.values() if f.connected),
-                "refused": self.refused}
+                "refused": self.refused, "evicted": self.evicted}
