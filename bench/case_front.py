@@ -5,9 +5,10 @@ The double-NAT lab (tests/lab/doublenat.py): WAN host - ISP router (miniupnpd) -
 running ``igdtrigger serve`` with ``[front]`` - client. Interleaved round by round:
 
 * front: the client sends a NAT-PMP MAP request to the home router (10.8.0.1:5351); igdtrigger
-  checks its policy, maps the port on the ISP router (pointing at its own upstream address) and
-  adds the inner DNAT rule; measured from the request to the first WAN packet received by the
-  client's socket on that port;
+  checks its policy, adds the inner DNAT rule (one nf_tables netlink batch) and maps the port on
+  the ISP router (pointing at its own upstream address; the lookup before the add, then the
+  add); measured from the request to the first WAN packet received by the client's socket on
+  that port;
 * floor: the home router itself sends the same NAT-PMP MAP request to the ISP router
   (192.168.77.1:5351), measured to the first WAN packet received on the home router.
 
@@ -15,15 +16,19 @@ The WAN host sends one UDP datagram every ~0.2 ms, each from a fresh socket (a f
 conntrack pins a flow's NAT decision at its first packet). Every socket is opened inside its
 namespace from this process (``setns`` on the creating thread), so one clock times both ends.
 Each mapping is deleted (lifetime 0) after its round. Ratio = front median / floor median;
-target: front <= floor + 2 ms.
+target: front <= floor + 2 ms. With ``IGDTRIGGER_TRACE=<file>`` the serve process writes its
+traces there and the result gains ``trace``: each step's median ms after the request arrived
+(the warm-up rounds left out), printed too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import socket
+import statistics
 import struct
 import threading
 import time
@@ -135,9 +140,34 @@ def _round(net: Any, mode: str, port: int, upnp: Any) -> float | None:
         listener.close()
 
 
+def trace_medians(path: str, skip: int) -> dict[str, float]:
+    """Each traced step's median ms after the request (the mapper's lines, after the first
+    ``skip``); the front's own ``activated``/``granted`` shifted by its ``front`` step."""
+    steps: dict[str, list[float]] = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    adds = [ln["steps"] for ln in lines if "steps" in ln][skip:]
+    fronts = [ln["front"] for ln in lines if "front" in ln][skip:]
+    for add, own in zip(adds, fronts, strict=False):
+        at = dict(add)
+        for what, ms in add:
+            steps.setdefault(what, []).append(ms)
+        for what, ms in own[1:]:
+            steps.setdefault(what, []).append(at.get("front", 0.0) + ms)
+    return {what: round(statistics.median(v), 3) for what, v in steps.items()}
+
+
 def run(b: Bench) -> dict[str, Any]:
     assert b.lab is not None
     from tests.lab.doublenat import DoubleNat, FrontServe
+
+    trace_file = os.environ.get("IGDTRIGGER_TRACE")
+    if trace_file:
+        with contextlib.suppress(OSError):
+            os.unlink(trace_file)  # this run's adds only
 
     net = DoubleNat(b.lab, clients=1).build()
     b.workdir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +182,8 @@ def run(b: Bench) -> dict[str, Any]:
     modes = ["front", "floor", "floor_upnp"]
     samples: dict[str, list[float]] = {m: [] for m in modes}
     missed = dict.fromkeys(modes, 0)
+    warmup = 2
     try:
-        warmup = 2
         for i in range(trials + warmup):
             k = i % len(modes)
             for mode in modes[k:] + modes[:k]:
@@ -175,6 +205,10 @@ def run(b: Bench) -> dict[str, Any]:
     up_ratio = (front["median"] / floor_upnp["median"]) if front.get("n") and \
         floor_upnp.get("n") else None
     note = ", ".join(f"{m} missed {missed[m]}" for m in modes if missed[m])
+    traced = trace_medians(trace_file, warmup) if trace_file else {}
+    if traced:
+        print("[bench] front trace (median ms after the request): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in traced.items()), flush=True)
     print(f"[bench] front: median {front.get('median', float('nan')):.2f} ms; floor NAT-PMP "
           f"{floor.get('median', float('nan')):.2f} ms (ratio {ratio or float('nan'):.2f}); "
           f"floor UPnP {floor_upnp.get('median', float('nan')):.2f} ms "
@@ -189,4 +223,4 @@ def run(b: Bench) -> dict[str, Any]:
             floor_upnp, "ms", ratio=up_ratio, note="ratio: front / this floor"),
     ]
     return {"rows": rows, "ms": {m: stats(samples[m]) for m in modes}, "ratio": ratio,
-            "ratio_upnp_floor": up_ratio, "missed": missed, "pid": os.getpid()}
+            "ratio_upnp_floor": up_ratio, "missed": missed, "pid": os.getpid(), "trace": traced}

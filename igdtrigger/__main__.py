@@ -1,7 +1,8 @@
-"""``python -m igdtrigger``: the command line (``igdtrigger.cli.main``); the exit code is its."""
+"""``python -m igdtrigger``: the command line (``igdtrigger.cli.entry``, then
+``igdtrigger.cli.main``); the exit code is its."""
 
 import sys
 
-from igdtrigger.cli.main import main
+from igdtrigger.cli.entry import main
 
 sys.exit(main())

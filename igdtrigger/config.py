@@ -41,6 +41,8 @@ from igdtrigger.core.settings import (
     DetectConfig,
     GatewayConfig,
 )
+from igdtrigger.paths import config_paths
+from igdtrigger.paths import default_state_dir as _default_state_dir
 
 __all__ = [
     "ENV_PREFIX",
@@ -65,16 +67,8 @@ _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 
 
 def default_config_paths() -> list[Path]:
-    """The places searched when no ``--config`` is given, in order."""
-    paths: list[Path] = []
-    if env := os.environ.get("IGDTRIGGER_CONFIG"):
-        paths.append(Path(env))
-    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    paths.append(Path(xdg) / "igdtrigger" / "config.toml")
-    if cdir := os.environ.get("CONFIGURATION_DIRECTORY"):  # systemd ConfigurationDirectory=
-        paths.append(Path(cdir.split(":")[0]) / "config.toml")
-    paths.append(Path("/etc/igdtrigger/config.toml"))
-    return paths
+    """The places searched when no ``--config`` is given, in order (``paths.config_paths``)."""
+    return [Path(p) for p in config_paths()]
 
 
 def find_config() -> Path | None:
@@ -587,12 +581,6 @@ def _launchers(raw: object, source: str, rule_names: set[str]) -> tuple[tuple[st
 
 
 def default_state_dir() -> Path:
-    """``$STATE_DIRECTORY`` (systemd), else ``/var/lib/igdtrigger`` as root, else XDG state."""
-    if env := os.environ.get("IGDTRIGGER_STATE_DIR"):
-        return Path(env)
-    if env := os.environ.get("STATE_DIRECTORY"):
-        return Path(env.split(":")[0])
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return Path("/var/lib/igdtrigger")
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "igdtrigger"
+    """``$IGDTRIGGER_STATE_DIR``, else ``$STATE_DIRECTORY`` (systemd), else
+    ``/var/lib/igdtrigger`` as root, else XDG state (``paths.default_state_dir``)."""
+    return Path(_default_state_dir())

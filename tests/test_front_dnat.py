@@ -3,16 +3,21 @@ chain check; against the real nft in a network namespace of the test's own when 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
-from igdtrigger.core.errors import ConfigError
+from igdtrigger import nftnl
+from igdtrigger.core.errors import ConfigError, NetlinkError
 from igdtrigger.core.model import Proto
 from igdtrigger.front.dnat import (
     COMMENT,
@@ -214,5 +219,136 @@ def test_packets_counted_per_client_port_both_directions() -> None:
         assert list(argv[-3:]) == ["ip", "igdtrigger_front", "used"]
         return NftResult(0, listing)
 
-    counts = InnerDnat("eth0", nft="nft", runner=runner).packets()
+    counts = InnerDnat("eth0", nft="nft", runner=runner, opener=None).packets()
     assert counts == {(Proto.UDP, "10.8.0.10", 40001): 7, (Proto.UDP, "10.8.0.11", 40002): 0}
+
+
+# --- one change over nf_tables netlink: the same rules nft writes --------------------------------
+
+CLONE_NEWNET = 0x40000000
+
+
+def _opener(ns: str) -> nftnl.Opener:
+    """Open the netlink socket inside namespace ``ns`` (a socket keeps the namespace it was
+    made in; this thread steps in and back out)."""
+    def open_in() -> socket.socket:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{ns}") as target:
+            assert libc.setns(target.fileno(), CLONE_NEWNET) == 0
+            try:
+                return nftnl.open_socket()
+            finally:
+                assert libc.setns(home.fileno(), CLONE_NEWNET) == 0
+    return open_in
+
+
+def _chains(ns: str) -> dict[str, list[list[Any]]]:
+    """Our table's rules per chain, as ``nft -j`` lists them (handles and counts left out)."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "ip",
+                          "igdtrigger_front"], capture_output=True, text=True, check=True).stdout
+    chains: dict[str, list[list[Any]]] = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule is not None:
+            exprs = [{"counter": None} if "counter" in e else e for e in rule["expr"]]
+            chains.setdefault(rule["chain"], []).append(exprs)
+    return chains
+
+
+def test_netlink_writes_the_rules_nft_writes_and_deletes_them_by_handle(netns: str) -> None:
+    by_nft = InnerDnat("eth0", runner=_in(netns), opener=None)
+    by_nft.apply([])
+    by_nft.add(A)
+    by_nft.add(B)
+    want = _chains(netns)
+    assert len(want["prerouting"]) == 2 and len(want["used"]) == 4
+    by_nft.clear()
+    listed: list[Sequence[str]] = []
+
+    def runner(argv: Sequence[str], script: str) -> NftResult:
+        listed.append(argv)
+        return _in(netns)(argv, script)
+
+    nl = InnerDnat("eth0", runner=runner, opener=_opener(netns))
+    nl.apply([])  # start: the table, whole (nft)
+    assert nl.add_fast(A) and nl.add_fast(B)
+    assert nl.netlink_changes == 2 and nl.netlink_failed == ""
+    assert _chains(netns) == want  # same match, same dnat target, same counting rules
+    assert nl.loaded() == sorted([A, B]) and nl.rules == {A, B}
+    listed.clear()
+    counts = nl.packets()  # over netlink: a rule dump matched by the handles we hold
+    assert listed == []  # no nft listing
+    assert counts == by_nft.packets() == {(Proto.UDP, "10.8.0.10", 40001): 0,
+                                          (Proto.TCP, "10.8.0.11", 40002): 0}
+    assert nl.remove_fast(A)  # by the handles NEWRULE echoed
+    assert nl.loaded() == [B] and len(_chains(netns)["used"]) == 2
+    nl.remove(B)  # the nft path deletes a netlink-added rule by the same handles
+    assert nl.loaded() == [] and _chains(netns) == {}
+    assert nl.add_fast(A) and nl.loaded() == [A]
+    nl.apply([A, B])  # a rewrite (start, repair) still makes exactly the set
+    assert nl.loaded() == sorted([A, B])
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "flush", "ruleset"], check=True)
+    assert nl.packets() is None  # our table gone (a firewall reload): said, for the repair
+    nl.clear()
+
+
+def _forward_rules(ns: str) -> list[dict[str, Any]]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", "list", "chain", "inet",
+                          "filter", "forward"], capture_output=True, text=True, check=True).stdout
+    return [{k: v for k, v in item["rule"].items() if k != "handle"}
+            for item in json.loads(out)["nftables"] if "rule" in item]
+
+
+def test_the_accept_rules_in_the_users_forward_chain_go_by_netlink_too(netns: str) -> None:
+    by_nft = InnerDnat("eth0", forward_chain="inet filter forward", runner=_in(netns),
+                       opener=None)
+    by_nft.apply([A])
+    want = _forward_rules(netns)
+    assert len(want) == 1 and want[0]["comment"] == COMMENT
+    by_nft.clear()
+    nl = InnerDnat("eth0", forward_chain="inet filter forward", runner=_in(netns),
+                   opener=_opener(netns))
+    nl.apply([])
+    assert nl.add_fast(A) and nl.netlink_changes == 1
+    assert _forward_rules(netns) == want  # same matches, same accept, same comment
+    assert len(nl.our_accept_handles()) == 1  # found as ours by its comment
+    assert nl.remove_fast(A)
+    assert _forward_rules(netns) == [] and nl.loaded() == []
+    nl.clear()
+
+
+def test_netlink_is_not_used_where_it_cannot_do_the_change(netns: str) -> None:
+    fresh = InnerDnat("eth0", runner=_in(netns), opener=_opener(netns))
+    assert not fresh.add_fast(A)  # no table yet: the whole table, with nft
+    fresh.apply([A])
+    assert not fresh.add_fast(DnatRule(Proto.UDP, 40000, "10.8.0.99", 1))  # retarget: rewrite
+    fresh.clear()
+    bridge = InnerDnat("eth0", forward_chain="bridge filter forward", runner=_in(netns),
+                       opener=_opener(netns))
+    bridge.installed = True  # (as after an apply) a bridge-family chain: nft writes it
+    assert not bridge.add_fast(A) and bridge.netlink_changes == 0
+
+
+async def test_a_netlink_failure_falls_back_to_nft_and_says_why(
+        netns: str, caplog: pytest.LogCaptureFixture) -> None:
+    def refused() -> socket.socket:
+        raise NetlinkError(errno.EPERM, "Operation not permitted")
+
+    fwd = DnatForwarder(InnerDnat("eth0", runner=_in(netns), opener=refused), "127.0.0.1")
+    await fwd.restore([])
+    await fwd.add(Proto.UDP, 40000, "10.8.0.10", 40001)
+    assert fwd.dnat.loaded() == [A] and fwd.dnat.netlink_changes == 0
+    assert "Operation not permitted" in fwd.dnat.netlink_failed
+    assert "using the nft command" in caplog.text
+    await fwd.remove(Proto.UDP, 40000)
+    assert fwd.dnat.loaded() == []
+    await fwd.close()
+
+
+def test_a_rule_dump_reads_each_rules_counter(netns: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], check=True, text=True,
+                   input="table ip t {\nchain c {\ncounter packets 7 bytes 70\n"
+                         "ip daddr 10.0.0.1 counter packets 2 bytes 9\nip daddr 10.0.0.2\n}\n}\n")
+    counts = nftnl.rule_counters(nftnl.NFPROTO_IPV4, "t", "c", opener=_opener(netns))
+    assert sorted(counts.values()) == [0, 2, 7] and all(h > 0 for h in counts)
+    assert nftnl.rule_counters(nftnl.NFPROTO_IPV4, "t", "nochain", opener=_opener(netns)) == {}

@@ -240,7 +240,9 @@ async def test_detectors_pass_and_follow_the_front_flows(
         assert not det.wanted(Proto.UDP, 40000) and not det.follows(inbound)
         assert det.wanted(Proto.TCP, 27015)  # the rules' own prefilter still holds
         await runner.manager.add(req())
-        assert det.wanted(Proto.UDP, 40000) and det.follows(inbound)
+        assert det.wanted(Proto.UDP, 40000)
+        svc.observe(inbound)  # a detector reports a flow, then asks whether to follow it
+        assert det.follows(inbound)
         assert svc.status()["front"]["mappings"][0]["external_port"] == 40000
         (line, warn) = front_checks(svc.status()["front"])[:2]
         assert line[0] == "FAIL"  # mapped, but the UPnP server was never started here
@@ -439,3 +441,66 @@ async def test_traffic_on_an_internal_port_mapped_twice_keeps_both_mappings_in_u
         await front.service._wait_applied(front.service.pipeline.engine.generation, 1)
     assert {m.grant.external_port for m in front.mappings()} == {40000, 40001}
     assert gw.ports() == {"udp/40000": A, "udp/40001": A}
+
+
+class _Forwarder:
+    """Topology 1's inner DNAT, in memory: notes whether the upstream router held the port
+    when the rule went in."""
+
+    def __init__(self, gw: FakeGateway, *, fail: bool = False) -> None:
+        self.gw = gw
+        self.fail = fail
+        self.rules: dict[tuple[Proto, int], tuple[str, int]] = {}
+        self.upstream_held_at_add: list[bool] = []
+
+    def upstream_address(self) -> str | None:
+        return "192.168.1.10"
+
+    async def add(self, proto: Proto, external_port: int, client: str,
+                  internal_port: int) -> None:
+        self.upstream_held_at_add.append(str(MappingKey(proto, external_port)) in self.gw.ports())
+        if self.fail:
+            raise OSError("inner DNAT not loaded: nft failed: Error: no such table")
+        self.rules[(proto, external_port)] = (client, internal_port)
+
+    async def remove(self, proto: Proto, external_port: int) -> None:
+        self.rules.pop((proto, external_port), None)
+
+
+async def _gateway_front(tmp_path: Path, gw: FakeGateway, clock: FakeClock,
+                         fwd: _Forwarder) -> FrontManager:
+    svc = make(tmp_path, gw, clock)
+    await svc.start()
+    mgr = FrontManager(svc, svc.config.front, forwarder=fwd, wall=lambda: clock.now + 1.7e9)
+    mgr.attach()
+    return mgr
+
+
+async def test_the_inner_dnat_goes_in_before_the_upstream_mapping_and_out_on_a_refusal(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    fwd = _Forwarder(gw)
+    front = await _gateway_front(tmp_path, gw, clock, fwd)
+    try:
+        got = await front.add(req())
+        assert isinstance(got, Grant) and fwd.rules == {(Proto.UDP, 40000): (A, 40000)}
+        assert fwd.upstream_held_at_add == [False]  # in before the upstream mapping exists
+        assert gw.ports()[str(MappingKey(Proto.UDP, 40000))] == "192.168.1.10"
+        gw.foreign(Proto.UDP, 40001, "192.168.1.99")  # the upstream router refuses this one
+        refused = await front.add(req(port=40001))
+        assert isinstance(refused, Refusal) and (Proto.UDP, 40001) not in fwd.rules
+        assert list(fwd.rules) == [(Proto.UDP, 40000)]  # the granted one keeps its rule
+    finally:
+        await front.service.stop()
+
+
+async def test_a_failed_inner_dnat_refuses_and_maps_nothing_upstream(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    front = await _gateway_front(tmp_path, gw, clock, _Forwarder(gw, fail=True))
+    try:
+        got = await front.add(req())
+        assert isinstance(got, Refusal) and got.kind is RefusalKind.UPSTREAM
+        assert "inner DNAT was not added" in got.reason and "no such table" in got.reason
+        assert front.mappings() == [] and not front.service.pipeline.engine.activations
+        assert gw.ports() == {}  # never left open upstream
+    finally:
+        await front.service.stop()

@@ -39,7 +39,7 @@ COMPOSE = "runtime.compose"
 # The top-level modules below the backends: the config loader (and what it splits into) and
 # the shared low-level network helpers. A new top-level module must be placed here (or in a
 # layer's folder): test_the_parser_sees_the_tree names it until it is.
-SHARED = ("config", "configfields", "netutil", "nftcmd")
+SHARED = ("config", "configfields", "netutil", "nftcmd", "nftnl", "paths")
 # What runtime/ may import besides itself.
 RUNTIME_ALLOWED = ("core", *SHARED, "gateway.base", "detect.base")
 # Layer ranks: an import may go to the same rank or lower, never higher.

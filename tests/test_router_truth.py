@@ -14,7 +14,7 @@ import pytest
 
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.cli.gatewaycmd import _lease_test
-from igdtrigger.cli.main import _lease_text
+from igdtrigger.cli.statuscmd import lease_text as _lease_text
 from igdtrigger.config import parse_config
 from igdtrigger.core.activation import Source
 from igdtrigger.core.model import MappingKey, MappingSpec, Proto

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from igdtrigger.api.app import make_app
-from igdtrigger.cli.main import _print_activation
+from igdtrigger.cli.statuscmd import print_activation as _print_activation
 from igdtrigger.config import parse_config
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, Proto

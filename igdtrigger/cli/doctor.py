@@ -23,7 +23,9 @@ __all__ = [
     "CAP_NET_RAW",
     "Check",
     "check_api",
+    "check_config",
     "check_detectors",
+    "check_front",
     "check_gateway",
     "check_privileges",
     "check_state_dir",
@@ -62,6 +64,39 @@ def effective_capabilities(status_path: str = "/proc/self/status") -> int | None
     except (OSError, ValueError):
         return None
     return None
+
+
+def check_config(config: Config) -> Check:
+    """What can open ports: the rules, the IGD front (its clients' requests), or nothing."""
+    front = ("the IGD front ([front]): LAN apps' UPnP IGD, NAT-PMP and PCP requests"
+             if config.front.enabled else "")
+    if config.rules:
+        return Check("ok", "config", f"{config.source}: {len(config.rules)} rule(s)"
+                     + (f", and {front}" if front else ""))
+    if front:
+        return Check("ok", "config", f"{config.source}: no rules; activations come from {front}")
+    return Check("warn", "config", f"{config.source}: no rules, nothing can be opened",
+                 "add [[rules]] (see examples/rules/), or enable the IGD front ([front])")
+
+
+def check_front(config: Config, caps: int | None) -> list[Check]:
+    """The IGD front as this host is now (no service needed): the topology ``serve`` would
+    detect, what the upstream router must allow, the forward chains that would drop the
+    forwarded packets (topology 1), and the privilege the inner DNAT needs."""
+    if not config.front.enabled:
+        return []
+    # the front's modules: only with [front] (healthcheck loads this module too)
+    from igdtrigger.front.topology import local_topology, topology_checks
+
+    f = config.front
+    topo = local_topology(f.interfaces, config.gateway.url, forward_chain=f.forward_chain)
+    out = [Check(*c) for c in topology_checks(topo)]
+    if topo["kind"] == "gateway" and caps is not None and not caps >> CAP_NET_ADMIN & 1:
+        out.append(Check("FAIL", "front forwarding", "this host routes the LAN (topology 1), "
+                         "so the front adds inner DNAT rules with nftables: that needs "
+                         "CAP_NET_ADMIN", "run the service as root or with "
+                         "AmbientCapabilities=CAP_NET_ADMIN"))
+    return out
 
 
 def check_privileges(config: Config, caps: int | None) -> Check:
@@ -128,19 +163,23 @@ def check_tracking(config: Config, det: object, tracking: Any = None) -> Check:
     table = compose.tracking_table()
     name = "detector conntrack"
     wanted = getattr(det, "wanted", None)
-    if not any(r.trigger for r in config.rules):
+    front = config.front.enabled  # its clients' flows are use of their mappings
+    triggers = any(r.trigger for r in config.rules)
+    if not triggers and not front:
         return Check("ok", name, "can run (no rule has a trigger port)")
+    what = " and ".join(w for w, on in (("the trigger flows", triggers),
+                                        ("the IGD front's clients' flows", front)) if on)
     if t.enabled and t.available:
         how = t.nft or "over netlink: no nft command"
         return Check("ok", name, f"can run; the service loads nftables table {table} so the "
-                     f"kernel tracks the trigger flows ({how})")
+                     f"kernel tracks {what} ({how})")
     why = ("[detect] track_flows = false" if not t.enabled
            else "the nft command is missing")
     if t.probe(1.0, wanted):
         return Check("ok", name, f"can run; conntrack events verified by a loopback probe "
                      f"(this machine's own rules make the kernel track flows; {why})")
     return Check("warn", name, f"can subscribe, but the kernel does not track connections here "
-                 f"and {why}: trigger traffic would not be seen; the socket table stands in",
+                 f"and {why}: {what} would not be seen; the socket table stands in",
                  "install nftables (the service then loads its own table)" if t.enabled
                  else "set [detect] track_flows = true, or add a `ct` rule of your own")
 
@@ -189,9 +228,12 @@ def check_gateway(config: Config) -> list[Check]:
     elif info.external_reachable:
         out.append(Check("ok", "external address", f"{info.external_address} is public"))
     else:
+        told = (f"; the IGD front tells its apps {info.external_address} anyway (it is the "
+                "upstream's answer), so they see the double NAT too"
+                if config.front.enabled else "")
         out.append(Check("warn", "external address",
                          f"{info.external_address} is not public (double NAT or CGNAT): ports "
-                         "opened here are not reachable from the internet",
+                         f"opened here are not reachable from the internet{told}",
                          "put the upstream router in bridge mode, forward the ports there too, "
                          "or ask the ISP for a public address"))
     if config.gateway.ipv6_pinholes and info.protocol == "upnp-igd":
@@ -294,12 +336,10 @@ def doctor(config_path: str | None, server: str | None, token: str | None,
     except ConfigError as exc:
         emit(Check("FAIL", "config", str(exc), "fix it (see examples/config.toml)"))
         return 1
-    if config.rules:
-        emit(Check("ok", "config", f"{config.source}: {len(config.rules)} rule(s)"))
-    else:
-        emit(Check("warn", "config", f"{config.source}: no rules, nothing can be opened",
-                   "add [[rules]] (see examples/rules/)"))
-    emit(check_privileges(config, effective_capabilities()))
+    emit(check_config(config))
+    caps = effective_capabilities()
+    emit(check_privileges(config, caps))
+    emit(*check_front(config, caps))
     emit(*check_detectors(config))
     emit(*check_gateway(config))
     emit(check_state_dir(config))

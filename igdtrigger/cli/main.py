@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igdtrigger.config import Config, default_config_paths, load_config, parse_listen
@@ -36,6 +37,7 @@ from igdtrigger.core.version import __version__
 
 if TYPE_CHECKING:
     from igdtrigger.cli.client import Client
+    from igdtrigger.cli.entry import Presend, QuickRun
 
 # Each subcommand imports its own module inside its cmd_ function (the in-function imports
 # below, and only those): `igdtrigger run`, a game launcher's hook, then loads neither the
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMANDS", "DEMO_RULE", "build_parser", "cmd_activate", "cmd_check_config", "cmd_deactivate",
     "cmd_doctor", "cmd_gateway", "cmd_healthcheck", "cmd_run", "cmd_serve", "cmd_status", "main",
+    "quick_args",
 ]
 
 
@@ -306,19 +309,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``igdtrigger run --rule NAME -- CMD``: hold the rule while CMD runs (through the service,
     else standalone); CMD's own exit status."""
     # the launcher hook's modules only for `run` (see the note at the top)
-    from igdtrigger.cli.client import local_access, pick_token, resolve_server
+    from igdtrigger.cli.client import Resolved, local_access, pick_token, resolve_server
     from igdtrigger.cli.run import infer_rule, run
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    sent: Presend | None = args.presend  # the request the entry point already wrote (or None)
+    if sent is not None and (args.infer or args.server or args.token
+                             or not sent.matches(args.rule, args.ttl)):
+        sent.close()  # not what this command line asks (cannot happen: entry.presend's subset)
+        sent = None
     try:
         config = _config(args)
     except ConfigError as exc:
         if args.server:
             raise
+        # a config that fails validation: said (file, field, value), and the game still
+        # starts; a service reached through its admin socket was already asked for the rule
+        # by its NAME (it holds the rule and its own validated config)
         print(f"igdtrigger: {exc}", file=sys.stderr)
         config = Config()
+    if sent is not None:
+        # this machine's service, asked through its admin socket or its loopback address
+        # (entry.presend): as resolve_server and local_access would have found it
+        where = Resolved(sent.url or config.api.url, "config")
+        token, guessed = pick_token(None, config.state_dir, True)
+        return run(command, rule=args.rule, config=config, server=where.url, token=token,
+                   ttl=args.ttl, wait_process=args.wait_process, wait_start=args.wait_start,
+                   quiet=args.quiet, token_guessed=guessed,
+                   admin_socket=Path(sent.path) if sent.path else None,
+                   token_uid=local_access(where, config.state_dir)[1], presend=sent)
 
     rule = args.rule
     if args.infer:
@@ -333,56 +354,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                ttl=args.ttl, strict_rule=not args.infer, wait_process=args.wait_process,
                wait_start=args.wait_start, quiet=args.quiet, token_guessed=guessed,
                admin_socket=sock if not args.token else None, token_uid=uid)
-
-
-def _port_groups(ports: list[dict[str, Any]],
-                 mappings: dict[tuple[str, str], dict[str, Any]], host: str,
-                 ) -> list[tuple[str, list[str]]]:
-    """An activation's ports as lines: ports with the same state and message together (an
-    error shown once for all the ports it hit)."""
-    groups: dict[str, list[str]] = {}
-    for p in ports:
-        port = str(p.get("port", "?"))
-        m = mappings.get((port, host), {})
-        state = str(p.get("state", "?"))
-        ext = p.get("external_port")
-        moved = ext is not None and str(ext) != port.rpartition("/")[2]
-        extra = p.get("error") or (f"held by {p['held_by']}" if p.get("held_by") else "")
-        if state == "active" and m:
-            extra = _lease_text(m).strip()  # "lease 1h00m (asked 2h00m)", "unverified ..."
-        key = state + (f" (external port {ext})" if moved else "") + (
-            f" - {extra}" if extra else "")
-        groups.setdefault(key, []).append(port)
-    return [(key, names) for key, names in groups.items()]
-
-
-def _print_activation(data: dict[str, Any],
-                      mappings: dict[tuple[str, str], dict[str, Any]] | None = None,
-                      indent: str = "") -> None:
-    ports = data.get("ports", [])
-    opened = [p["port"] for p in ports if p.get("state") == "active"]
-    state = data.get("state")
-    expires = data.get("expires_in")
-    hold = data.get("hold")
-    if expires is None and hold:  # a live connection holds it
-        when = (f"held by {hold}, closes {format_duration(float(data.get('ttl', 0)))} after "
-                "they end")
-    else:
-        when = f"closes in {format_duration(float(expires or 0))}" + (f" ({hold})" if hold
-                                                                         else "")
-    if state == "self":
-        line = (f"{data.get('rule')} for {data.get('host')}: mapped by that PC itself "
-                f"({len(ports)} port(s)), {when} (id {data.get('id')})")
-    else:
-        line = (f"{data.get('rule')} for {data.get('host')}: {state}, "
-                f"{len(opened)}/{len(ports)} port(s) open, {when} (id {data.get('id')})")
-    print(indent + line)
-    if data.get("message"):
-        print(f"{indent}  {data['message']}")
-    if state == "self":
-        return
-    for key, names in _port_groups(ports, mappings or {}, str(data.get("host"))):
-        print(f"{indent}  {compress_ports(names)}: {key}")
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
@@ -401,7 +372,10 @@ def cmd_activate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        _print_activation(data)
+        # the activation's rendering lives with `status` (cli/statuscmd.py)
+        from igdtrigger.cli.statuscmd import print_activation
+
+        print_activation(data)
     return 0 if data.get("state") in ("open", "pending") else 1
 
 
@@ -430,71 +404,10 @@ def cmd_deactivate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``igdtrigger status``: the service's status, as text or ``--json``."""
-    config = _config(args) if args.config else None
-    data = _client(args, config).request("GET", "/api/v1/status")
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    gw = data["gateway"]
-    state = "up" if gw["up"] else f"DOWN ({gw.get('error')})"
-    print(f"igdtrigger {data['version']}  instance {data['instance']}  "
-          f"up {format_duration(data['uptime'])}")
-    print(f"gateway {state}: {gw.get('protocol') or '-'} at {gw.get('location') or '-'}; "
-          f"external {gw.get('external_address') or 'unknown'}; we are "
-          f"{gw.get('local_address') or 'unknown'}")
-    for d in data["detectors"]:
-        if d["active"]:
-            detail = f" - {d['detail']}" if d.get("detail") else ""
-            print(f"detector {d['name']}: active{detail}")
-        else:
-            print(f"detector {d['name']}: inactive - {d.get('reason') or 'stopped'}")
-    for w in data["warnings"]:
-        print(f"warning: {w}")
-    holes = data.get("pinholes") or {}
-    print(f"rules: {len(data['rules'])}   activations: {len(data['activations'])}   "
-          f"mappings: {data['counts']['mappings_active']}"
-          + (f"   ipv6 pinholes: {data['counts'].get('pinholes_active', 0)}"
-             if holes.get("entries") else ""))
-    by_port: dict[tuple[str, str], dict[str, Any]] = {}
-    for m in data["mappings"]:
-        by_port[(f"{m['protocol'].lower()}/{m['internal_port']}", m["internal_client"])] = m
-    claimed: set[tuple[str, str]] = set()
-    for a in data["activations"]:  # each with its ports, grouped, and its countdown
-        _print_activation(a, by_port, indent="  ")
-        claimed.update((str(p.get("port")), str(a.get("host"))) for p in a.get("ports", []))
-    rest = [m for key, m in by_port.items() if key not in claimed]
-    if rest:  # being removed, or left by an earlier run
-        print("  mappings of no live activation:")
-        for m in rest:
-            print(f"    {m['protocol'].lower()}/{m['external_port']} -> {m['internal_client']}:"
-                  f"{m['internal_port']}  {m['state']}" + _lease_text(m)
-                  + (f"  {m['error']}" if "error" in m else ""))
-    errors: dict[str, list[str]] = {}
-    for h in holes.get("entries", []):
-        name = f"ipv6 {h['proto'].lower()}/{h['port']} -> [{h['address']}]"
-        errors.setdefault(f"{h['state']}" + (f"  {h['error']}" if "error" in h else ""),
-                          []).append(name)
-    for key, names in errors.items():
-        print(f"  {', '.join(names)}  {key}")
-    return 0
+    # the status rendering: its own module (cli/statuscmd.py)
+    from igdtrigger.cli.statuscmd import cmd_status as status
 
-
-def _lease_text(m: dict[str, Any]) -> str:
-    """``  lease 1d (asked 1m)``: what the router granted, and what was asked when it differs;
-    ``unverified`` for a mapping the router cannot show."""
-    if m.get("state") != "active":
-        return ""
-
-    def lease(sec: int) -> str:
-        return format_duration(sec) if sec else "permanent"
-
-    out = f"  lease {lease(int(m.get('lease', 0)))}"
-    asked = m.get("lease_asked")
-    if asked is not None and asked != m.get("lease"):
-        out += f" (asked {lease(int(asked))})"
-    if m.get("verified") is False:
-        out += "  unverified (the router cannot show it)"
-    return out
+    return status(args, lambda: _client(args, _config(args) if args.config else None))
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -573,17 +486,35 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The console entry point: run one subcommand, return its exit status (see the module's
-    exit codes); errors are one line on stderr."""
+def quick_args(quick: QuickRun) -> argparse.Namespace:
+    """``run``'s arguments for a command line :func:`igdtrigger.cli.entry.parse_run` read,
+    as ``build_parser("run")`` gives them (its defaults; ~4 ms of a launcher hook's start-up
+    saved: ``tests/test_wrapper_quick.py`` holds the two equal)."""
+    return argparse.Namespace(
+        cmd="run", config=quick.config, server=None, token=None, timeout=None,
+        rule=quick.rule, infer=None, ttl=30.0, wait_process=[], wait_start=60.0,
+        quiet=quick.quiet, command=["--", *quick.command])
+
+
+def main(argv: Sequence[str] | None = None, *, presend: Presend | None = None,
+         quick: QuickRun | None = None, program: bool = False) -> int:
+    """Run one subcommand, return its exit status (see the module's exit codes); errors are
+    one line on stderr. ``presend``: ``run``'s activation request already written by the
+    console entry point (:mod:`igdtrigger.cli.entry`), ``quick``: ``argv`` as it read it;
+    ``program``: called as the program itself (the console script, ``python -m``), as when
+    ``argv`` is None."""
     args_in = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(args_in[0] if args_in and args_in[0] in COMMANDS else None)
     if not args_in:
-        parser.print_help()
+        build_parser().print_help()
         return 2
     try:
-        args = parser.parse_args(args_in)
-        args.fast_exit = argv is None  # the program itself (console script, python -m)
+        if quick is not None:  # the entry point read it (cli/entry.py): no parser to build
+            args = quick_args(quick)
+        else:
+            args = build_parser(args_in[0] if args_in[0] in COMMANDS else None).parse_args(
+                args_in)
+        args.fast_exit = argv is None or program  # the program itself (console script, -m)
+        args.presend, presend = presend, None  # handed to cmd_run, which owns it from here
         return COMMANDS[args.cmd](args)
     except IgdTriggerError as exc:
         print(f"igdtrigger: {exc}", file=sys.stderr)
@@ -594,6 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if presend is not None:  # never handed over (a usage error): the service lets it lapse
+            presend.close()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # asyncio only for the standalone holder: `run` with a servic
     import asyncio
 
     from igdtrigger.cli.child import ProcessWaiter
+    from igdtrigger.cli.entry import Presend
     from igdtrigger.core.ports import PortRange
 
 __all__ = [
@@ -114,9 +115,11 @@ class ServiceHolder(Holder):
         self._kick.clear()
         return self.done.is_set()
 
-    def activate(self) -> dict[str, Any]:
-        """Ask the service for the activation; its JSON answer. Raises ``ApiError`` when refused."""
-        data = self.client.request(
+    def activate(self, sent: socket.socket | None = None) -> dict[str, Any]:
+        """Ask the service for the activation; its JSON answer. ``sent``: the request was
+        already written on this connection (the console entry point's quick way), read its
+        answer. Raises ``ApiError`` when refused."""
+        data = self.client.answer(sent) if sent is not None else self.client.request(
             "POST", "/api/v1/activations",
             {"rule": self.rule, "ttl": self.ttl, "source": "run",
              "meta": {"pid": str(os.getpid())}},
@@ -231,19 +234,35 @@ class StandaloneHolder(Holder):
         # held until the process ends: says "alive" to any igdtrigger sharing this network
         # namespace, whatever its pid namespace (leftovers.py)
         self.beacon = hold_beacon()
+        state_dir = self.config.state_dir or default_state_dir()
+        # the router the last standalone run discovered: asked first, SSDP at once if it is
+        # not there (discovery waits for answers: 100 ms at least, issue 17)
+        discovering = self.config.gateway.url is None
+        known = compose.remembered_router(state_dir) if discovering else None
+        if known is not None:
+            compose.prime_location(gateway, known)
+        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
+        # that only takes permanent leases would leave it forever); what dead wrappers left is
+        # taken over and removed: the service's pipeline, with the standalone lease. The
+        # journal (sqlite: ~6 ms of disk) opens on a worker thread while the router is asked,
+        # and is open before anything is mapped (issue 17); in a state directory that exists
+        # already: a run that finds no router creates none.
+        run_dir = own_run_dir(state_dir)
+        opening = (self.loop.run_in_executor(None, Journal.open, run_dir)
+                   if state_dir.is_dir() else None)
         try:
             info = await gateway.connect()
         except IgdTriggerError as exc:
             _warn(f"router unavailable, running without open ports: {exc}")
+            if opening is not None:
+                with contextlib.suppress(IgdTriggerError, OSError):  # nothing was mapped
+                    remove_run_dir(await opening, run_dir)
             return
-        # What this wrapper maps is journaled in its own run directory (a kill -9 on a router
-        # that only takes permanent leases would leave it forever); what dead wrappers left is
-        # taken over and removed: the service's pipeline, with the standalone lease.
-        state_dir = self.config.state_dir or default_state_dir()
-        run_dir = own_run_dir(state_dir)
+        if discovering and info.protocol == "upnp-igd":
+            compose.remember_router(state_dir, info.location)
         upnp = info.protocol == "upnp-igd"
         pipeline = Pipeline(
-            [self.rule], gateway, Journal.open(run_dir),
+            [self.rule], gateway, await opening if opening else Journal.open(run_dir),
             settings=Settings.from_config(self.config.gateway, standalone=True),
             clock=self.loop.time, wall=time.time, boot=no_boot_clock, tag=f"run{os.getpid()}",
             pinhole_client=compose.firewall_client(lambda: info.location) if upnp else None,
@@ -423,11 +442,13 @@ def run(
     token_guessed: bool = False,
     admin_socket: Path | None = None,
     token_uid: int | None = None,
+    presend: Presend | None = None,
 ) -> int:
     """``strict_rule=False`` (``--infer``): an unknown rule is a warning, not a usage error.
     ``wait_process``: after the command exits, keep the ports while a process of one of these
     names runs (a launcher stub that starts the game and exits at once); it must appear within
-    ``wait_start`` seconds."""
+    ``wait_start`` seconds. ``presend``: the activation request the console entry point
+    already wrote to the service's admin socket (its answer is read here)."""
     if not command:
         raise UsageError("no command to run: write igdtrigger run --rule NAME -- COMMAND [ARGS...]")
     if rule is None:
@@ -439,7 +460,7 @@ def run(
     announce = None if quiet else _info
     try:
         sh = ServiceHolder(client, rule, ttl, announce=announce)
-        data = sh.activate()
+        data = sh.activate(socket.socket(fileno=presend.sock.detach()) if presend else None)
         holder = sh
         env["IGDTRIGGER_PORTS"] = ports_env(data)
         env["IGDTRIGGER_ACTIVATION"] = str(data.get("id", ""))

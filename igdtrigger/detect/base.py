@@ -16,11 +16,41 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, ProcessSeen
+from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, ProcessSeen, Proto
 
 __all__ = [
-    "Detector", "FlowSink", "Observation",
+    "Detector", "EitherEnd", "FlowSink", "Observation", "PortWanted", "source_filter",
 ]
+
+PortWanted = Callable[[Proto, int], bool]
+"""A prefilter on one port: ``wanted(proto, port)`` is False for flows nobody cares about."""
+
+
+class EitherEnd:
+    """A detector prefilter on both ends of a flow (issue 14's topology 2).
+
+    Called as every prefilter is, ``wanted(proto, dport)``: the flow's destination port (a
+    trigger port, a port a rule opened, a mapped port a flow arrives on). ``source(proto,
+    sport)``: a flow refused on its destination port is still kept when its *source* port is
+    one of interest: an IGD front client's mapped internal port, from which an app (a game
+    server, a torrent client) starts flows of its own. Detectors read it with
+    :func:`source_filter`; one on its destination port only keeps working with either.
+    """
+
+    __slots__ = ("dest", "source")
+
+    def __init__(self, dest: PortWanted, source: PortWanted) -> None:
+        self.dest = dest
+        self.source = source
+
+    def __call__(self, proto: Proto, port: int) -> bool:
+        """The destination-port half: ``dest(proto, port)``."""
+        return self.dest(proto, port)
+
+
+def source_filter(wanted: PortWanted | None) -> PortWanted | None:
+    """The source-port half of ``wanted`` (:class:`EitherEnd`), else ``None``."""
+    return wanted.source if isinstance(wanted, EitherEnd) else None
 
 Observation = Flow | FlowLive | FlowEnded | FlowsListed | ProcessSeen
 FlowSink = Callable[[Observation], None]

@@ -3,8 +3,9 @@
 With ``ports`` set (the rules' trigger and opened ports), the event socket carries a filter
 (``SO_ATTACH_FILTER``, as libnetfilter_conntrack's ``nfct_filter`` does) that drops a NEW event
 whose canonical original tuple (the layout :mod:`igdtrigger.detect.ctnetlink` decodes on its
-fast path) names a TCP/UDP destination port outside them, and events of other protocols, before
-it is queued to us. Anything the filter cannot read with certainty is let through to the parser.
+fast path) names a TCP/UDP destination port outside them (and a source port outside
+``sources``, when given), and events of other protocols, before it is queued to us. Anything
+the filter cannot read with certainty is let through to the parser.
 :func:`build_filter` is pure; :func:`attach_filter` does the one ``setsockopt``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+from collections.abc import Sequence
 
 from igdtrigger.core.model import PortRange, Proto
 from igdtrigger.detect.ctnetlink import (
@@ -63,12 +65,16 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def build_filter(ports: list[PortRange]) -> list[tuple[int, int, int, int]] | None:
+def build_filter(ports: Sequence[PortRange], sources: Sequence[PortRange] = (),
+                 ) -> list[tuple[int, int, int, int]] | None:
     """A classic BPF program (``(code, jt, jf, k)`` instructions) for the NEW-event socket:
     accept a message unless it is a CT_NEW in the kernel's canonical layout (the parser's fast
-    path) whose protocol is not TCP/UDP or whose destination port is outside ``ports``.
-    ``None`` when the ports need more instructions than a filter may have."""
+    path) whose protocol is not TCP/UDP, or whose destination port is outside ``ports`` and
+    whose source port is outside ``sources`` (the IGD front's mapped internal ports: an app
+    starting flows from its mapped port, issue 14). ``None`` when the ports need more
+    instructions than a filter may have."""
     by_proto = {p: _merge([(r.first, r.last) for r in ports if r.proto is p]) for p in Proto}
+    by_source = {p: _merge([(r.first, r.last) for r in sources if r.proto is p]) for p in Proto}
     prog: list[tuple[int, int, int, int]] = []
 
     def accept_unless_eq(k: int) -> None:  # if A != k: accept
@@ -83,6 +89,15 @@ def build_filter(ports: list[PortRange]) -> list[tuple[int, int, int, int]] | No
         prog.append((_ST, 0, 0, 1))
         prog.append((_LD_H, 0, 0, dport_at))
         prog.append((_ST, 0, 0, 0))
+        if sources:  # the source port's value sits 8 bytes before the destination port's
+            prog.append((_LD_H, 0, 0, dport_at - 8))
+            prog.append((_ST, 0, 0, 2))
+
+    def accept_in(ranges: list[tuple[int, int]]) -> None:  # A in a range: accept
+        for first, last in ranges:
+            prog.append((_JGE, 0, 2, first))  # below: try the next range
+            prog.append((_JGT, 1, 0, last))  # above: try the next range
+            prog.append((_RET, 0, 0, _ACCEPT))
 
     prog.append((_LD_H, 0, 0, 4))  # nlmsg_type
     accept_unless_eq(_be16_of_host(CT_NEW))
@@ -109,10 +124,10 @@ def build_filter(ports: list[PortRange]) -> list[tuple[int, int, int, int]] | No
         prog.append((_JEQ, 1, 0, proto.number))
         prog.append((_JA, 0, 0, 0))  # not this protocol: to the next section (patched)
         prog.append((_LD_MEM, 0, 0, 0))
-        for first, last in by_proto[proto]:
-            prog.append((_JGE, 0, 2, first))  # below: try the next range
-            prog.append((_JGT, 1, 0, last))  # above: try the next range
-            prog.append((_RET, 0, 0, _ACCEPT))
+        accept_in(by_proto[proto])
+        if by_source[proto]:
+            prog.append((_LD_MEM, 0, 0, 2))
+            accept_in(by_source[proto])
         prog.append((_RET, 0, 0, _DROP))
         prog[skip_at + 1] = (_JA, 0, 0, len(prog) - skip_at - 2)
     prog.append((_RET, 0, 0, _DROP))  # neither TCP nor UDP

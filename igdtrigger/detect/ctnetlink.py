@@ -9,7 +9,8 @@ The parser (:class:`ConntrackParser`, :func:`parse_messages`) takes the bytes of
 returns flows, never raises on bad input (it counts malformed messages instead), and has a
 fast path that decodes the whole canonical original tuple with one ``struct.unpack_from``. An
 optional ``wanted(proto, dport)`` prefilter drops uninteresting flows before any address object
-or :class:`Flow` is built. Whole entries and requests are
+or :class:`Flow` is built (one with a ``source(proto, sport)`` half, ``detect.base.EitherEnd``,
+also keeps flows by their source port). Whole entries and requests are
 :mod:`igdtrigger.detect.ctquery`; the detector (:mod:`igdtrigger.detect.conntrack`) owns the
 sockets.
 """
@@ -284,6 +285,8 @@ class ConntrackParser:
         if size is not None and 0 <= size < end:
             end = size
         wanted = self.wanted
+        # front: a flow refused on its dport is kept on its sport too (detect/base.EitherEnd)
+        source: Wanted | None = getattr(wanted, "source", None)
         hdr = _NLMSGHDR.unpack_from
         fast4 = _FAST4.unpack_from
         fast6 = _FAST6.unpack_from
@@ -321,7 +324,8 @@ class ConntrackParser:
                     proto = protos.get(num)
                     if proto is None:
                         ignored += 1
-                    elif wanted is not None and not wanted(proto, dport):
+                    elif wanted is not None and not wanted(proto, dport) and (
+                            source is None or not source(proto, sport)):  # front: sport
                         filtered += 1
                     else:
                         flows.append(Flow(proto, ip(src), ip(dst), sport, dport))
@@ -334,7 +338,8 @@ class ConntrackParser:
                     else:
                         proto = protos[num]
                         tfam, src, dst, sport, dport = tup
-                        if wanted is not None and not wanted(proto, dport):
+                        if wanted is not None and not wanted(proto, dport) and (
+                                source is None or not source(proto, sport)):  # front: sport
                             filtered += 1
                         elif tfam == AF_INET:
                             flows.append(Flow(proto, _IPv4(src), _IPv4(dst), sport, dport))

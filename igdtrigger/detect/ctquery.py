@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from igdtrigger.core.model import Flow, Proto
+from igdtrigger.detect.base import source_filter
 from igdtrigger.detect.ctnetlink import (
     _BE16,
     _BE32,
@@ -126,7 +127,9 @@ def decode_entries(data: ReadableBuffer, wanted: Wanted | None = None) -> list[C
     """The TCP/UDP entries in one datagram of ctnetlink messages (``CT_NEW`` as GET replies,
     dumps and NEW events carry them, ``CT_DELETE`` as DESTROY events do), skipping those
     ``wanted`` refuses. Never raises: what cannot be decoded is skipped (the slow, generic walk;
-    only used for followed flows and the start-up dump, never per new flow)."""
+    only used for followed flows and the start-up dump, never per new flow). A ``wanted`` with
+    a source-port half (``detect.base.EitherEnd``) keeps an entry by either port."""
+    source = source_filter(wanted)
     out: list[CtEntry] = []
     end = len(data)
     off = 0
@@ -141,7 +144,8 @@ def decode_entries(data: ReadableBuffer, wanted: Wanted | None = None) -> list[C
             if status == 0 and tup is not None:
                 proto = _IPPROTO[num]
                 fam, src, dst, sport, dport = tup
-                if wanted is None or wanted(proto, dport):
+                if wanted is None or wanted(proto, dport) or (
+                        source is not None and source(proto, sport)):
                     ip = _IPv4 if fam == AF_INET else _IPv6
                     timeout: int | None = None
                     bits = 0

@@ -110,13 +110,17 @@ def remove_script() -> str:
     return f"table {TABLE} {{}}\ndelete table {TABLE}\n"
 
 
-def ruleset(trigger: Iterable[PortRange], opened: Iterable[PortRange]) -> str:
+def ruleset(trigger: Iterable[PortRange], opened: Iterable[PortRange], *,
+            track_all: bool = False) -> str:
     """The ``nft -f`` script that (re)defines ``table inet igdtrigger`` atomically.
 
     ``trigger``: outbound destination ports whose new flows must be tracked (hooks ``output``
     and ``forward``); ``opened``: inbound destination ports (hook ``prerouting``). Each rule is
     ``<proto> dport { ports } ct state new counter``: the ``ct`` expression is what turns
-    tracking on, the counter tells how many such flows the kernel saw.
+    tracking on, the counter tells how many such flows the kernel saw. ``track_all`` (the IGD
+    front: its clients' ports are not known in advance) adds chain ``all_flows`` with one
+    ``ct state new counter`` rule, so the kernel tracks even with no trigger port; its counter
+    is not a trigger count.
     """
     ports = {True: merge_ranges(trigger), False: merge_ranges(opened)}
     lines = [remove_script().rstrip("\n"), f"table {TABLE} {{"]
@@ -126,6 +130,9 @@ def ruleset(trigger: Iterable[PortRange], opened: Iterable[PortRange]) -> str:
         for proto, pairs in ports[is_trigger].items():
             lines.append(f"        {proto.value.lower()} dport {_set(pairs)} ct state new counter")
         lines.append("    }")
+    if track_all:
+        lines += ["    chain all_flows {", "        type filter hook output priority 0; "
+                  "policy accept;", "        ct state new counter", "    }"]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -206,17 +213,18 @@ class KernelTracking:
             return _netlink_why(exc)
         return ""
 
-    def install(self, trigger: Sequence[PortRange], opened: Sequence[PortRange]) -> bool:
+    def install(self, trigger: Sequence[PortRange], opened: Sequence[PortRange], *,
+                track_all: bool = False) -> bool:
         """Load (or replace) the table for these ports. True when it is in place; else
-        ``reason`` says why. With no trigger port there is nothing to track: the table is
-        removed (one a crashed run left) and False returned."""
-        if not trigger:
+        ``reason`` says why. With no trigger port and no ``track_all`` (the IGD front) there is
+        nothing to track: the table is removed (one a crashed run left) and False returned."""
+        if not trigger and not track_all:
             if self.available:
                 self._delete()
             self.installed = False
             self.reason = "no rule has a trigger port"
             return False
-        script = ruleset(trigger, opened)
+        script = ruleset(trigger, opened, track_all=track_all)
         why = self._load(script)
         if why:
             self.installed = False
@@ -224,18 +232,21 @@ class KernelTracking:
             log.warning("cannot load nftables table %s: %s", TABLE, why)
             return False
         self.installed, self.reason, self.script = True, "", script
-        log.info("nftables table %s loaded (%s): the kernel tracks flows to the trigger ports",
-                 TABLE, self.via)
+        log.info("nftables table %s loaded (%s): the kernel tracks flows to the trigger ports%s",
+                 TABLE, self.via, ", and every flow for the IGD front" if track_all else "")
         return True
 
     def establish(self, trigger: Sequence[PortRange], opened: Sequence[PortRange],
-                  wanted: Wanted | None = None, probe_timeout: float = 1.0) -> Visibility:
+                  wanted: Wanted | None = None, probe_timeout: float = 1.0, *,
+                  track_all: bool = False) -> Visibility:
         """Load the table (when enabled), else find out whether the kernel tracks anyway (a
         loopback probe): what the service reports for the conntrack detector."""
         if self.enabled:
-            if self.install(trigger, opened):
+            if self.install(trigger, opened, track_all=track_all):
                 how = "" if self.via == "nft" else " over netlink (no nft command)"
-                return Visibility(True, f"the kernel tracks trigger flows (nftables table "
+                what = ("trigger flows" if not track_all else "every flow, for the IGD front"
+                        if not trigger else "trigger flows and every flow, for the IGD front")
+                return Visibility(True, f"the kernel tracks {what} (nftables table "
                                         f"{TABLE}, loaded by igdtrigger{how})")
             why = self.reason
         else:

@@ -38,7 +38,7 @@ from typing import Any
 
 from igdtrigger.core.errors import DetectionUnavailable
 from igdtrigger.core.model import Flow, FlowEnded, FlowLive, FlowsListed, Proto
-from igdtrigger.detect.base import FlowSink, Observation
+from igdtrigger.detect.base import FlowSink, Observation, source_filter
 
 __all__ = [
     "Conn", "SocketTableDetector", "Wanted", "default_reader", "parse_proc_net", "read_proc_net",
@@ -204,8 +204,10 @@ class SocketTableDetector:
 
     def _flows(self, conns: Iterable[Conn]) -> Iterable[Flow]:
         wanted = self.wanted
+        source = source_filter(wanted)  # the front's mapped ports as the local (source) port
         for proto, laddr, lport, raddr, rport in conns:
-            if wanted is not None and not wanted(proto, rport):
+            if wanted is not None and not wanted(proto, rport) and (
+                    source is None or not source(proto, lport)):
                 continue
             with contextlib.suppress(ValueError):
                 yield Flow(proto, ipaddress.ip_address(laddr), ipaddress.ip_address(raddr),

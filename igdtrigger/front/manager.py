@@ -11,20 +11,49 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
-import ipaddress
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+from igdtrigger.core import trace
 from igdtrigger.core.activation import FRONT_SOURCES, FRONT_TARGET, MIN_TTL, Activation, Source
 from igdtrigger.core.errors import ActivationLimit, UsageError
 from igdtrigger.core.frontconfig import FrontConfig
-from igdtrigger.core.model import Flow, FlowLive, MappingKey, PortRange, Proto, format_duration
+from igdtrigger.core.model import (
+    Flow,
+    FlowEnded,
+    FlowLive,
+    MappingKey,
+    PortRange,
+    Proto,
+    format_duration,
+)
+from igdtrigger.front.contract import (
+    ClientRequest,
+    Forwarder,
+    FrontMapping,
+    FrontProtocol,
+    FrontTrace,
+    Grant,
+    Refusal,
+    RefusalKind,
+)
+from igdtrigger.front.holds import FlowHolds, decrement, key_of
+from igdtrigger.front.journaled import (
+    M_CLIENT,
+    M_DESC,
+    M_INTERNAL,
+    M_LEASE,
+    M_LEASE_END,
+    M_NONCE,
+    from_activation,
+    granted_lease,
+    told_lease,
+)
 from igdtrigger.runtime.mapper import MapState
 
 if TYPE_CHECKING:
@@ -36,133 +65,12 @@ __all__ = ["ClientRequest", "Forwarder", "FrontManager", "FrontMapping", "FrontP
            "Grant", "Refusal", "RefusalKind"]
 
 
-class FrontProtocol(enum.StrEnum):
-    """The protocol a client asked in (it names the activation's source)."""
-    UPNP = "upnp"
-    NATPMP = "natpmp"
-    PCP = "pcp"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientRequest:
-    """One client's request for a mapping.
-
-    ``client``: the requesting host's address (the packet's source). ``internal_client``: the
-    address asked for (UPnP NewInternalClient; = client for NAT-PMP/PCP). ``external_port`` 0 =
-    any. ``lease``: seconds; 0 = "permanent" -> ``max_lease``, renewed while in use.
-    ``allow_alternative``: another external port may be granted (AddAnyPortMapping, PCP without
-    PREFER_FAILURE, NAT-PMP). ``nonce``: the PCP mapping nonce (a different nonce may not touch
-    the mapping).
-    """
-
-    protocol: FrontProtocol
-    client: str
-    internal_client: str
-    internal_port: int
-    external_port: int
-    proto: Proto
-    lease: float
-    description: str = ""
-    allow_alternative: bool = False
-    nonce: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What was granted: the external port (may differ from the one asked when alternatives
-    were allowed), the lease told in seconds, the upstream router's external address ("")."""
-
-    external_port: int
-    lease: float
-    external_address: str
-
-
-class RefusalKind(enum.StrEnum):
-    """Why a request was refused; each protocol maps it onto its own codes:
-
-    ============== ======= ======= =========================
-    kind           UPnP    NAT-PMP PCP
-    ============== ======= ======= =========================
-    NOT_AUTHORIZED 606     2       NOT_AUTHORIZED
-    OTHER_CLIENT   718     2       NOT_AUTHORIZED
-    CONFLICT       718     4       CANNOT_PROVIDE_EXTERNAL
-    NO_RESOURCES   728     4       NO_RESOURCES
-    UPSTREAM       501     3       NETWORK_FAILURE
-    NO_SUCH        714     (ok)    (ok)
-    ============== ======= ======= =========================
-
-    OTHER_CLIENT answers 718 as miniupnpd does in secure mode (miniupnpd/upnpsoap.c).
-    """
-
-    NOT_AUTHORIZED = "not_authorized"
-    OTHER_CLIENT = "other_client"
-    CONFLICT = "conflict"
-    NO_RESOURCES = "no_resources"
-    UPSTREAM = "upstream"
-    NO_SUCH = "no_such"
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why not (``kind``: the protocols' codes; ``reason``: for a person and the log)."""
-    kind: RefusalKind
-    reason: str
-
-
-@dataclass(slots=True)
-class FrontMapping:
-    """A mapping the front holds: the request that made it (its last renewal, with the
-    external port granted), the grant, when it was created and last in use and when its lease
-    ends (service clock, seconds; ``inf`` for lease 0: renewed while in use), and the id of the
-    activation carrying it."""
-
-    request: ClientRequest
-    grant: Grant
-    created: float
-    last_use: float
-    lease_end: float = math.inf
-    activation_id: str = ""
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        """For status (``idle``/``lease_left``: seconds at ``now``)."""
-        r = self.request
-        return {"protocol": r.protocol.value, "client": r.client,
-                "internal_client": r.internal_client, "internal_port": r.internal_port,
-                "external_port": self.grant.external_port, "proto": r.proto.value,
-                "lease_asked": r.lease, "lease": self.grant.lease,
-                "lease_left": None if math.isinf(self.lease_end)
-                else round(max(0.0, self.lease_end - now), 3),
-                "idle": round(max(0.0, now - self.last_use), 3),
-                "description": r.description, "activation": self.activation_id}
-
-
-class Forwarder(Protocol):
-    """Topology 1 (igdtrigger is the LAN's gateway): the inner DNAT from our own upstream address
-    to the client (``front/dnat.py``). The upstream mapping then points at
-    :meth:`upstream_address`, which a secure-mode ISP router accepts."""
-
-    def upstream_address(self) -> str | None:
-        """Our own address towards the upstream router (None: not known yet)."""
-
-    async def add(self, proto: Proto, external_port: int, client: str,
-                  internal_port: int) -> None:
-        """Forward ``external_port`` to ``client:internal_port``."""
-
-    async def remove(self, proto: Proto, external_port: int) -> None:
-        """Forward ``external_port`` no more."""
-
-
 _SOURCE = {p: Source(p.value) for p in FrontProtocol}
-# activation meta keys (kept in the journal: a restart rebuilds the front's table from them)
-M_CLIENT = "front_client"
-M_INTERNAL = "front_internal"  # "<internal client> <internal port>" (the target is ours: DNAT)
-M_DESC = "front_description"
-M_LEASE = "front_lease"  # lease asked (s, "0" = permanent)
-M_NONCE = "front_nonce"  # PCP nonce, hex
-M_LEASE_END = "front_lease_end"  # wall-clock end of a timed lease
 MAX_DESCRIPTION = 128  # characters of a client's description kept
 ALTERNATIVE_TRIES = 64  # free ports looked at for an alternative
 UPSTREAM_TRIES = 3  # alternatives tried when the upstream router refuses a port as taken
+HOLD_AHEAD = 10.0  # a held mapping's activation runs at least this far ahead of now (s): the
+# runner's 1 s tick extends it well before it could lapse, even with a 1 s idle_timeout
 
 
 def clean_description(text: str) -> str:
@@ -183,7 +91,13 @@ class FrontManager:
     Lifetime: a lease ``L`` > 0 is granted as ``min(L, max_lease)``; lease 0 as ``max_lease``,
     renewed while in use. The activation ends at ``min(lease end, last use + idle_timeout)``;
     "use" is the client renewing or a flow to/from the mapped internal port of the client (or
-    arriving on the external port) reported by a detector (:meth:`observe`).
+    arriving on the external port) reported by a detector (:meth:`observe`). A live
+    *connection* (``FlowLive(connected=True)``: TCP established in conntrack, a connected socket)
+    holds the mapping however silent it is, as it holds a rule's activation in the engine: the
+    front follows such flows until the detector reports them ended (``FlowEnded``) or no longer
+    connected, and :meth:`tick` (every second) counts the mappings they hold as in use; the idle
+    timer starts when the last one ends (its close is its last packet). Followed flows are
+    bounded (per mapping and in all: front/holds.py).
     """
 
     def __init__(self, service: Service, settings: FrontConfig, *,
@@ -197,6 +111,11 @@ class FrontManager:
         self._started = self.clock()
         self._by_key: dict[MappingKey, FrontMapping] = {}
         self._by_internal: dict[tuple[Proto, str, int], set[MappingKey]] = {}
+        # (proto, port) -> how many _by_key entries (external ports) and _by_internal entries
+        # ((client, internal port)) name it: the detectors' prefilter (:meth:`wants`) in one
+        # lookup of a plain tuple, whatever the number of mappings
+        self._ports: collections.Counter[tuple[Proto, int]] = collections.Counter()
+        self.holds = FlowHolds()  # live flows followed, the mappings connections hold
         self._lock = asyncio.Lock()
         self.refused: collections.Counter[str] = collections.Counter()  # kind -> count
         self.granted = 0
@@ -276,7 +195,8 @@ class FrontManager:
             "external_address": (info.external_address.strip() or None) if info else None,
             "double_nat": self.double_nat(),
             "mappings": [m.to_json(now) for m in self.mappings()],
-            "granted": self.granted, "refused": dict(self.refused)}
+            "granted": self.granted, "refused": dict(self.refused),
+            "flows": self.holds.counts()}
 
     def attach(self) -> int:
         """After the service restored its journal: take back the front's activations (listed
@@ -298,36 +218,101 @@ class FrontManager:
         return back
 
     def wants(self, proto: Proto, port: int) -> bool:
-        """Detector prefilter: a flow to ``port`` is use of a mapping (its external port, or an
-        internal port of one)."""
-        if MappingKey(proto, port) in self._by_key:
-            return True
-        return any(p is proto and ip == port for p, _c, ip in self._by_internal)
+        """Detector prefilter: a flow to (or from) ``port`` is use of a mapping (its external
+        port, or an internal port of one). One dict lookup, whatever the number of mappings."""
+        return (proto, port) in self._ports
 
     def observe(self, obs: object) -> None:
-        """A detector's observation (the service passes every one): a new flow, or a later look
+        """A detector's observation (the service passes every one). A new flow, or a later look
         that saw packets, to or from a mapped internal port of its client, or arriving on a
-        mapped external port, is use."""
-        ago = 0.0  # a later look dates its last packet (``idle`` seconds ago)
-        if isinstance(obs, FlowLive):
-            if obs.idle is None and not obs.connected:
-                return
-            ago = max(0.0, obs.idle or 0.0)
-            obs = obs.flow
-        for m in self._matching(obs) if isinstance(obs, Flow) else ():
-            self._used(m, at=self.clock() - ago)
+        mapped external port, is use; such a flow is followed (bounded) until it ends. A
+        connection holds its mappings while it lives (:meth:`tick`); when it ends or stops
+        being one, that is their last use."""
+        if isinstance(obs, FlowEnded):
+            self._ended(obs.flow, closed=obs.closed)
+        elif isinstance(obs, FlowLive):
+            self._looked(obs)
+        elif isinstance(obs, Flow):
+            matching = self._matching(obs)
+            for m in matching:
+                self._used(m)
+            if matching:
+                self.holds.follow(obs, map(key_of, matching))
+
+    def counted(self, m: FrontMapping) -> None:
+        """The kernel counted packets to or from ``m``'s internal port (topology 1's inner
+        DNAT table, read every second): in use now."""
+        self._used(m)
 
     def follows(self, flow: Flow) -> bool:
-        """Detectors keep looking at a flow that is use of a live mapping (its later packets
-        keep the mapping in use)."""
-        return bool(self._matching(flow))
+        """Detectors keep looking at a flow the front follows (its later packets, its end)."""
+        return flow in self.holds
+
+    def tick(self) -> int:
+        """Every second (the runner): each mapping a live connection holds is in use now; its
+        activation is kept at least ``max(idle_timeout, HOLD_AHEAD)`` ahead, extended (one
+        journal write) once less than half of that is left. Returns how many are held."""
+        ahead = max(self.settings.idle_timeout, HOLD_AHEAD)
+        held = self._mappings_of(self.holds.held())
+        for m in held:
+            self._used(m, ahead=ahead, slack=ahead / 2)
+        return len(held)
+
+    def release_flows(self) -> int:
+        """Forget every followed flow (their detector stopped: nobody will say when they end);
+        the mappings they held start their idle timers now. Returns how many."""
+        flows = self.holds.flows()
+        for flow in flows:
+            self._ended(flow)
+        return len(flows)
+
+    def _looked(self, obs: FlowLive) -> None:
+        """A detector's later look (``Engine.on_flow_live``'s semantics): an unknown flow (one
+        that began before the mapping's detector looked) is taken as new; packets are use at
+        their time; a change to or from connected takes or drops the hold."""
+        now = self.clock()
+        keys = self.holds.keys_of(obs.flow)
+        if keys is None:
+            if obs.idle is None and not obs.connected:
+                return
+            matching = self._matching(obs.flow)
+            for m in matching:
+                self._used(m, at=now - max(0.0, obs.idle or 0.0))
+            if matching and self.holds.follow(obs.flow, map(key_of, matching)) and obs.connected:
+                self._connect(obs.flow, True)
+            return
+        if obs.idle is not None:
+            for m in self._mappings_of(keys):
+                self._used(m, at=now - max(0.0, obs.idle))
+        self._connect(obs.flow, obs.connected)
+
+    def _connect(self, flow: Flow, connected: bool) -> None:
+        """``flow`` became a connection (holds its mappings) or stopped being one: either way
+        its mappings are used now; one no other connection holds starts its idle timer now
+        (exactly ``idle_timeout`` from now: the hold's run-ahead is taken back)."""
+        for m in self._mappings_of(self.holds.connect(flow, connected)):
+            self._used(m, force=not connected and not self.holds.holds(key_of(m)))
+
+    def _ended(self, flow: Flow, *, closed: bool = False) -> None:
+        """A followed flow is gone: ``closed`` (its ends closed it now) or a connection's end
+        is its mappings' last use now; the last connection holding a mapping starts its idle
+        timer."""
+        gone = self.holds.end(flow)
+        if gone is None or not (closed or gone.connected):
+            return
+        for m in self._mappings_of(gone.keys):
+            self._used(m, force=gone.connected and not self.holds.holds(key_of(m)))
+
+    def _mappings_of(self, keys: Iterable[MappingKey]) -> list[FrontMapping]:
+        """The live mappings of ``keys`` (a copy is walked: an ended one is unindexed)."""
+        return [m for k in list(keys) if (m := self._by_key.get(k)) is not None and self._live(m)]
 
     def _matching(self, flow: Flow) -> list[FrontMapping]:
         """Every live mapping the flow uses: one host may map one internal port several times."""
         keys = {MappingKey(flow.proto, flow.dport), *self._by_internal.get(
             (flow.proto, str(flow.src), flow.sport), ()), *self._by_internal.get(
             (flow.proto, str(flow.dst), flow.dport), ())} if self._by_key else set()
-        return [m for k in keys if (m := self._by_key.get(k)) is not None and self._live(m)]
+        return self._mappings_of(keys)
 
     async def stop(self) -> None:
         """The service's stop ends the activations (and upstream mappings); forwards go here."""
@@ -336,22 +321,10 @@ class FrontManager:
                 await self.forwarder.remove(m.request.proto, m.grant.external_port)
         self._by_key.clear()
         self._by_internal.clear()
+        self._ports.clear()
+        self.holds.clear()
 
     # --- internals -----------------------------------------------------------------------------
-
-    def _check(self, req: ClientRequest) -> str | None:
-        for text in (req.client, req.internal_client):
-            with contextlib.suppress(ValueError):
-                ipaddress.ip_address(text)
-                continue
-            return f"{text!r} is not an IP address"
-        if not 1 <= req.internal_port <= 65535:
-            return f"internal port {req.internal_port} is outside 1-65535"
-        if not 0 <= req.external_port <= 65535:
-            return f"external port {req.external_port} is outside 0-65535"
-        if not (math.isfinite(req.lease) and req.lease >= 0):
-            return f"lease {req.lease!r} is not a number of seconds"
-        return None
 
     def _policy(self, req: ClientRequest, external_port: int | None = None) -> Refusal | None:
         """Secure mode then the allow/deny lines, for ``external_port`` (default the asked one)."""
@@ -402,18 +375,13 @@ class FrontManager:
                 yield port
 
     def _grant_lease(self, lease: float) -> float:
-        return self.settings.max_lease if lease == 0 else min(max(lease, 1.0),
-                                                              self.settings.max_lease)
+        return granted_lease(self.settings, lease)
 
     def _told(self, lease: float, protocol: FrontProtocol) -> float:
-        """The lifetime told for a mapping held ``lease`` s: for NAT-PMP/PCP at most
-        ``idle_timeout`` (a client renews at half of it, RFC 6886 §3.3, RFC 6887 §11.2.1; told
-        more, a live silent client renewed only after idle removal). UPnP: the lease."""
-        return lease if protocol is FrontProtocol.UPNP else min(lease,
-                                                                self.settings.idle_timeout)
+        return told_lease(self.settings, lease, protocol)
 
     async def _add(self, req: ClientRequest) -> Grant | Refusal:
-        if (bad := self._check(req)) is not None:
+        if (bad := req.problem()) is not None:
             return Refusal(RefusalKind.NOT_AUTHORIZED, bad)
         if self.settings.secure_mode and req.internal_client != req.client:
             return self._policy(req) or Refusal(RefusalKind.OTHER_CLIENT, "secure mode")
@@ -460,6 +428,9 @@ class FrontManager:
 
     async def _map(self, req: ClientRequest, key: MappingKey) -> Grant | Refusal:
         """Make the activation and wait for the upstream router's answer."""
+        stamps = FrontTrace() if trace.ON else None
+        if trace.ON:
+            trace.begin("front")  # the mapper's line for this add runs from the request
         lease = self._grant_lease(req.lease)
         now = self.clock()
         if self.forwarder is not None:
@@ -467,6 +438,8 @@ class FrontManager:
             if upstream is None:
                 return Refusal(RefusalKind.UPSTREAM, "our own upstream address is unknown")
             target = f"{upstream} {key.external_port}"
+            if trace.ON:
+                trace.stamp("upstream_address")
         else:
             target = f"{req.internal_client} {req.internal_port}"
         meta = {FRONT_TARGET: target, M_CLIENT: req.client,
@@ -477,13 +450,23 @@ class FrontManager:
         if req.lease:
             meta[M_LEASE_END] = f"{self.wall() + lease:.3f}"
         ttl = min(lease, self.settings.idle_timeout)
+        # topology 1: the inner DNAT goes in BEFORE the upstream mapping exists (over netlink,
+        # ~0.2 ms): a rule for a port nothing maps upstream yet forwards nothing, but a WAN
+        # packet reaching us before the rule would get a conntrack entry to this host, and that
+        # flow would never be forwarded while it lasts. Removed at once on a refusal.
+        if self.forwarder is not None and (failed := await self._forward(req, key)):
+            return Refusal(RefusalKind.UPSTREAM, failed)
         try:
             act, applied = await self.service.front_activate(
                 PortRange(key.proto, key.external_port, key.external_port), req.internal_client,
                 ttl=max(ttl, MIN_TTL), source=_SOURCE[req.protocol], meta=meta)
         except (ActivationLimit, UsageError) as exc:
+            await self._unforward(key)
             return Refusal(RefusalKind.NO_RESOURCES, str(exc))
+        if stamps is not None:
+            stamps.stamp("activated")
         if applied is None or applied.state is not MapState.ACTIVE:
+            await self._unforward(key)
             state = "no answer yet" if applied is None else (
                 f"{applied.state.value}: {applied.error}" if applied.error
                 else applied.state.value)
@@ -498,15 +481,41 @@ class FrontManager:
                          created=now, last_use=now,
                          lease_end=now + lease if req.lease else math.inf,
                          activation_id=act.id)
-        if self.forwarder is not None:
-            await self.forwarder.add(req.proto, key.external_port, req.internal_client,
-                                     req.internal_port)
         self._index(m)
         self.granted += 1
+        if stamps is not None:
+            stamps.write()
         log.info("front: %s %s mapped %s -> %s:%d for %s (%s)", req.protocol, req.client, key,
                  req.internal_client, req.internal_port, format_duration(lease),
                  meta[M_DESC] or "no description")
         return grant
+
+    async def _forward(self, req: ClientRequest, key: MappingKey) -> str | None:
+        """Add the inner DNAT for ``key``; why it failed, or None."""
+        assert self.forwarder is not None
+        try:
+            await self.forwarder.add(req.proto, key.external_port, req.internal_client,
+                                     req.internal_port)
+            if trace.ON:
+                trace.stamp("dnat")
+        except (OSError, ValueError) as exc:
+            log.warning("front: inner DNAT for %s not added: %s", key, exc)
+            return f"the inner DNAT was not added (nothing was mapped upstream): {exc}"
+        return None
+
+    async def _unforward(self, key: MappingKey) -> None:
+        """Take back the inner DNAT of a mapping that was not made."""
+        if self.forwarder is not None:
+            with contextlib.suppress(OSError):  # the reconciler's sync retries it
+                await self.forwarder.remove(key.proto, key.external_port)
+
+    @contextlib.asynccontextmanager
+    async def settled(self) -> AsyncIterator[None]:
+        """Hold the front still (no add or delete deciding meanwhile): the reconciler compares
+        the inner DNAT with :meth:`mappings` inside this, so a rule added while its upstream
+        mapping is being asked for is not swept as unwanted."""
+        async with self._lock:
+            yield
 
     def _renew(self, m: FrontMapping, req: ClientRequest) -> Grant:
         lease = self._grant_lease(req.lease)
@@ -525,18 +534,22 @@ class FrontManager:
         self._used(m, force=True)
         return m.grant
 
-    def _used(self, m: FrontMapping, *, at: float | None = None, force: bool = False) -> None:
+    def _used(self, m: FrontMapping, *, at: float | None = None, force: bool = False,
+              ahead: float | None = None, slack: float = 1.0) -> None:
         """In use at ``at`` (default now): the activation's end moves to min(lease end,
-        at + idle_timeout), never earlier."""
+        at + ``ahead``), never earlier (``ahead`` defaults to idle_timeout; a move by less than
+        ``slack`` seconds is not worth a journal write). ``force``: set it even if earlier (a
+        renewal; a hold's end takes back the hold's run-ahead)."""
         now = self.clock()
         at = now if at is None else min(at, now)
         if at <= m.last_use and not force:
             return
         m.last_use = max(m.last_use, at)
-        end = min(m.lease_end, m.last_use + self.settings.idle_timeout)
+        end = min(m.lease_end, m.last_use + (self.settings.idle_timeout if ahead is None
+                                             else ahead))
         act = self.service.pipeline.engine.activations.get(m.activation_id)
-        if act is None or (not force and end - act.expires < 1.0):
-            return  # moves by under a second: not worth a journal write
+        if act is None or (not force and end - act.expires < slack):
+            return
         with contextlib.suppress(UsageError, KeyError):
             self.service.pipeline.engine.heartbeat(act.id, max(MIN_TTL, end - now))
             self.service.wake()
@@ -557,41 +570,30 @@ class FrontManager:
 
     def _index(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
+        if key not in self._by_key:
+            self._ports[(key.proto, key.external_port)] += 1
         self._by_key[key] = m
-        self._by_internal.setdefault((m.request.proto, m.request.internal_client,
-                                      m.request.internal_port), set()).add(key)
+        ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
+        if ik not in self._by_internal:
+            self._by_internal[ik] = set()
+            self._ports[(ik[0], ik[2])] += 1
+        self._by_internal[ik].add(key)
 
     def _unindex(self, m: FrontMapping) -> None:
         key = MappingKey(m.request.proto, m.grant.external_port)
         if self._by_key.get(key) is m:
             del self._by_key[key]
+            decrement(self._ports, [(key.proto, key.external_port)])
+            self.holds.drop(key)  # its flows are followed for it no more
         ik = (m.request.proto, m.request.internal_client, m.request.internal_port)
-        keys = self._by_internal.get(ik, set())
+        keys = self._by_internal.get(ik)
+        if keys is None:
+            return
         keys.discard(key)
         if not keys:
-            self._by_internal.pop(ik, None)
+            del self._by_internal[ik]
+            decrement(self._ports, [(ik[0], ik[2])])
 
     def _from_activation(self, act: Activation) -> FrontMapping | None:
         """A journaled activation back as a front mapping (None: not one we wrote)."""
-        meta = act.meta
-        internal_client, _, iport_s = meta.get(M_INTERNAL, "").partition(" ")
-        if (len(act.rule.open) != 1 or not iport_s.isdecimal() or M_CLIENT not in meta
-                or internal_client != act.host or not 1 <= int(iport_s) <= 65535):
-            return None
-        rng = act.rule.open[0]
-        try:
-            asked = float(meta.get(M_LEASE, "0"))
-            nonce = bytes.fromhex(meta[M_NONCE]) if M_NONCE in meta else None
-            lease_end_wall = float(meta[M_LEASE_END]) if M_LEASE_END in meta else math.inf
-        except ValueError:
-            return None
-        req = ClientRequest(protocol=FrontProtocol(act.source.value), client=meta[M_CLIENT],
-                            internal_client=internal_client, internal_port=int(iport_s),
-                            external_port=rng.first, proto=rng.proto, lease=asked,
-                            description=meta.get(M_DESC, ""), nonce=nonce)
-        now = self.clock()
-        lease_end = (now + lease_end_wall - self.wall() if math.isfinite(lease_end_wall)
-                     else math.inf)
-        grant = Grant(rng.first, self._told(self._grant_lease(asked), req.protocol), "")
-        return FrontMapping(request=req, grant=grant, created=act.created, last_use=now,
-                            lease_end=lease_end, activation_id=act.id)
+        return from_activation(act, self.settings, now=self.clock(), wall=self.wall())

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from igdtrigger.core.model import Proto
@@ -63,6 +65,7 @@ __all__ = [
     "build_pmp_address_response",
     "build_pmp_map_response",
     "error_lifetime",
+    "map_conflict",
     "parse_request",
 ]
 
@@ -366,23 +369,57 @@ def build_pcp_announce_response(epoch: int) -> bytes:
 
 
 def build_pcp_map_response(req: PcpMapRequest, epoch: int, result: PcpResult, *,
-                           lifetime: int = 0, external_port: int | None = None,
+                           lifetime: int | None = None, external_port: int | None = None,
                            external_ip: str = "") -> bytes:
-    """MAP response. Success: the assigned port, address and lifetime. Error: the request's
-    suggestion echoed and the error lifetime (§7.4). Options processed (THIRD_PARTY,
-    PREFER_FAILURE) are included, as §7.3 asks."""
+    """MAP response. Success: the assigned port, address and lifetime (default 0). Error: the
+    request's suggestion echoed and ``lifetime`` when given (how long the error will last, as
+    :func:`map_conflict` tells), else the error class's lifetime (§7.4). Options processed
+    (THIRD_PARTY, PREFER_FAILURE) are included, as §7.3 asks."""
     if result is not PcpResult.SUCCESS:
-        lifetime, external_port = error_lifetime(result), req.external_port
-        external_ip = req.external_ip
+        lifetime = error_lifetime(result) if lifetime is None else lifetime
+        external_port, external_ip = req.external_port, req.external_ip
     port = req.external_port if external_port is None else external_port
     try:
         ext16 = encode_ip16(external_ip) if external_ip else b"\x00" * 16
     except ValueError:
         ext16 = b"\x00" * 16
-    out = _pcp_header(PcpOp.MAP, result, lifetime, epoch)
+    out = _pcp_header(PcpOp.MAP, result, max(0, min(lifetime or 0, 0xFFFFFFFF)), epoch)
     out += req.nonce + struct.pack("!B3xHH", req.protocol, req.internal_port, port) + ext16
     if req.third_party is not None:
         out += struct.pack("!BBH", PcpOption.THIRD_PARTY, 0, 16) + encode_ip16(req.third_party)
     if req.prefer_failure:
         out += struct.pack("!BBH", PcpOption.PREFER_FAILURE, 0, 0)
     return out
+
+
+def map_conflict(req: PcpMapRequest, existing: Iterable[tuple[bytes | None, float]],
+                 ) -> int | None:
+    """RFC 6887 §11.3 (the Simple Threat Model of §18.1, a home router's): "if the internal
+    port, protocol, and internal address match an existing explicit dynamic mapping, but the
+    mapping nonce does not match, the request MUST be rejected with a NOT_AUTHORIZED error
+    with the lifetime of the error indicating duration of that existing mapping".
+
+    ``existing``: ``(nonce, lifetime s)`` of every live mapping of ``req``'s internal address,
+    protocol and internal port, whatever made it: a UPnP IGD or NAT-PMP mapping has no nonce
+    (``None``), so it matches no PCP nonce. Returns the NOT_AUTHORIZED error's lifetime (the
+    longest such mapping's, whole seconds, at least 1), or ``None`` when ``req`` may go on: a
+    new mapping, or one of them has the request's nonce (a renewal or delete of its own; one
+    another app made since, on another external port, stays apart). A delete of every mapping
+    (internal port 0) is never refused here: it removes the ones with the request's nonce.
+
+    So a PCP client never takes over (renews, re-points or deletes) a mapping that an app
+    made over UPnP or NAT-PMP, or another PCP client with its own nonce; it may retry once the
+    error's lifetime has passed. (miniupnpd instead replaces a rule that forwards to the same
+    internal address and port, whoever made it, ``pcpserver.c`` ``CreatePCPMap_NAT``: with one
+    table and no owner per rule it cannot tell; this front knows each mapping's owner.)
+    """
+    if req.internal_port == 0:
+        return None
+    mappings = list(existing)
+    if any(nonce == req.nonce for nonce, _life in mappings):
+        return None  # its own mapping (another app's on another external port stays apart)
+    others = [life for _nonce, life in mappings]
+    if not others:
+        return None
+    longest = max(others)  # the error lasts until the last of them is gone
+    return max(1, int(min(longest, 0xFFFFFFFF))) if math.isfinite(longest) else 0xFFFFFFFF

@@ -40,6 +40,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Protocol, cast
 
 from igdtrigger.api.ratelimit import RateLimiter
+from igdtrigger.core import trace
 from igdtrigger.core.model import Proto
 from igdtrigger.front.manager import (
     ClientRequest,
@@ -61,6 +62,7 @@ from igdtrigger.front.pcp import (
     build_pcp_map_response,
     build_pmp_address_response,
     build_pmp_map_response,
+    map_conflict,
     parse_request,
 )
 from igdtrigger.gateway.natpmp.codec import ANNOUNCE_GROUP, ANNOUNCE_PORT, SERVER_PORT
@@ -190,12 +192,13 @@ class PortMapService:
             return build_pcp_announce_response(self.epoch())
         return await self._pcp_map(req, source)
 
-    def _held(self, protocol: FrontProtocol, internal_client: str, proto: Proto | None,
+    def _held(self, protocol: FrontProtocol | None, internal_client: str, proto: Proto | None,
               internal_port: int) -> list[FrontMapping]:
-        """The front's mappings of ``protocol`` for this internal client (and port, unless 0,
-        and protocol, unless ``None``)."""
+        """The front's mappings of ``protocol`` (``None``: any) for this internal client (and
+        port, unless 0, and protocol, unless ``None``)."""
         return [m for m in self.front.mappings()
-                if m.request.protocol is protocol and m.request.internal_client == internal_client
+                if protocol in (None, m.request.protocol)
+                and m.request.internal_client == internal_client
                 and (proto is None or m.request.proto is proto)
                 and (internal_port == 0 or m.request.internal_port == internal_port)]
 
@@ -236,11 +239,15 @@ class PortMapService:
         held = self._held(FrontProtocol.PCP, req.internal_client, req.proto, req.internal_port)
         what = (f"PCP MAP {req.proto.value if req.proto else 'all'} "
                 f"{req.internal_client}:{req.internal_port}")
-        foreign = [m for m in held if m.request.nonce != req.nonce]
-        if foreign:
+        # s14d: RFC 6887 §11.3: never take over a mapping of this internal address, protocol
+        # and port made with another nonce, or over UPnP/NAT-PMP (no nonce): front/pcp.py
+        if (left := map_conflict(req, [(m.request.nonce, m.grant.lease) for m in self._held(
+                None, req.internal_client, req.proto, req.internal_port)])) is not None:
             self.counters["refused"] += 1
-            log.info("%s from %s refused: the mapping belongs to another nonce", what, source)
-            return build_pcp_map_response(req, self.epoch(), PcpResult.NOT_AUTHORIZED)
+            log.info("%s from %s refused: the mapping belongs to another nonce or protocol",
+                     what, source)
+            return build_pcp_map_response(req, self.epoch(), PcpResult.NOT_AUTHORIZED,
+                                          lifetime=left)
         if req.lifetime == 0:
             return await self._pcp_delete(req, source, held, what)
         assert req.proto is not None  # parse_request: protocol 0 only with lifetime 0
@@ -390,6 +397,8 @@ class PcpServer:
         self.announcements += 1
 
     def _received(self, endpoint: _Endpoint, data: bytes, addr: tuple[str | object, ...]) -> None:
+        if trace.ON:
+            trace.mark("pmp", first=True)
         source = str(addr[0])
         if not self.service.admit(data, source):
             return

@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from ipaddress import ip_address
 from typing import Any
 
 from igdtrigger.core.activation import FRONT_SOURCES
 from igdtrigger.core.errors import ConfigError
 from igdtrigger.core.model import Flow, Proto
+from igdtrigger.detect.base import EitherEnd
 from igdtrigger.front.dnat import ForwardDrop, read_forward_drops
 from igdtrigger.front.manager import FrontManager
 from igdtrigger.front.pcpserver import PcpServer, PortMapService
@@ -55,6 +55,8 @@ class FrontRunner:
         service.front_observer = self.manager.observe
         service.front_serving = False
         service.front_status = self.status
+        # a flow detector that stops can no longer say when the connections it reported end
+        service.supervisor.on_release.append(self.manager.release_flows)
         self.manager.attach()
 
     def wrap_prefilter(self, wanted: Callable[[Proto, int], bool]) -> Callable[[Proto, int], bool]:
@@ -64,7 +66,7 @@ class FrontRunner:
         def either(proto: Proto, port: int) -> bool:
             return wanted(proto, port) or front.wants(proto, port)
 
-        return either
+        return EitherEnd(either, front.wants)  # s14d: a mapped port as the source port too
 
     def wrap_follows(self, follows: Callable[[Flow], bool]) -> Callable[[Flow], bool]:
         """The flows a detector keeps looking at: the service's, and the front's (use)."""
@@ -95,7 +97,7 @@ class FrontRunner:
                 read_forward_drops, forward_chain=self.settings.forward_chain)
             for drop in self.forward_drops or []:
                 log.warning("front: %s", drop.text)
-            self._reconciler = asyncio.create_task(self._reconcile(), name="front-dnat")
+        self._reconciler = asyncio.create_task(self._reconcile(), name="front-reconcile")
         self.portmap = PcpServer(PortMapService(self.manager), [a.address for a in addresses])
         try:
             await self.portmap.start()
@@ -115,21 +117,24 @@ class FrontRunner:
         self.service.front_serving = True
 
     async def _reconcile(self) -> None:
-        """Every second the inner DNAT follows the live mappings (one the engine ended by lease
-        or idle loses its inner rule here), and packets the kernel counted to or from a
-        mapping's internal port are use of it (either direction, every packet: the detectors'
-        prefilter sees only a new flow's destination port, not its source port)."""
-        assert self.forwarder is not None
+        """Every second: the mappings a live connection holds (a silent established TCP flow,
+        a connected socket) are in use (:meth:`FrontManager.tick`); in topology 1 the inner
+        DNAT follows the live mappings (one the engine ended by lease or idle loses its inner
+        rule here), and packets the kernel counted to or from a mapping's internal port are use
+        of it (either direction, every packet, also of flows the detectors saw only once or
+        not at all: one past the followed-flow caps, one that began before the mapping)."""
         said = ""
         while True:
             await asyncio.sleep(1.0)
+            self.manager.tick()
+            if self.forwarder is None:
+                continue
             try:
-                mappings = self.manager.mappings()
-                await self.forwarder.sync(mappings)
+                async with self.manager.settled():  # not while an add is deciding: its
+                    mappings = self.manager.mappings()  # rule is in, its mapping not yet
+                    await self.forwarder.sync(mappings)
                 for m in await self.forwarder.used(mappings):  # kernel-counted traffic is use
-                    self.manager.observe(Flow(m.request.proto, ip_address(
-                        m.request.internal_client), ip_address(m.request.internal_client),
-                        m.request.internal_port, m.request.internal_port))
+                    self.manager.counted(m)
                 said = ""
             except OSError as exc:
                 if str(exc) != said:  # once per distinct failure, not every second

@@ -15,11 +15,18 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-from igdtrigger.front.dnat import TABLE, DnatForwarder, ForwardDrop, InnerDnat, interface_of
+from igdtrigger.front.dnat import (
+    TABLE,
+    DnatForwarder,
+    ForwardDrop,
+    InnerDnat,
+    interface_of,
+    read_forward_drops,
+)
 from igdtrigger.netutil import default_gateway, source_address_for
 
-__all__ = ["Topology", "detect_topology", "make_forwarder", "topology_checks",
-           "topology_status", "upstream_host"]
+__all__ = ["Topology", "detect_topology", "local_topology", "make_forwarder",
+           "topology_checks", "topology_status", "upstream_host"]
 
 log = logging.getLogger("igdtrigger.front")
 
@@ -76,6 +83,23 @@ def make_forwarder(interfaces: Sequence[str], upstream_host: str | None, *,
     return DnatForwarder(InnerDnat(wan, forward_chain=forward_chain), upstream_host)
 
 
+_HOST_ROUTER = ("upstream mappings point at each client directly: the upstream router must let "
+                "a host map ports for another address (UPnP secure mode off; miniupnpd "
+                "secure_mode=no, PCP THIRD_PARTY), unless the clients are this host's own apps; "
+                "other hosts' traffic does not pass here, so their mappings stay only while "
+                "they renew them")
+_GATEWAY_ROUTER = ("upstream mappings point at this host's own upstream address (a secure-mode "
+                   "router accepts them); the inner DNAT forwards to clients")
+
+
+def _gateway_status(wan: str, address: str | None, forward_chain: str | None,
+                    drops: list[ForwardDrop] | None) -> dict[str, Any]:
+    return {"kind": Topology.GATEWAY.value, "upstream_interface": wan,
+            "upstream_address": address, "forward_chain": forward_chain,
+            "forward_drops": None if drops is None else [d.text for d in drops],
+            "router": _GATEWAY_ROUTER}
+
+
 def topology_status(forwarder: DnatForwarder | None,
                     drops: list[ForwardDrop] | None) -> dict[str, Any]:
     """The front's topology for ``status`` and ``doctor``: ``kind`` (``gateway``/``host``), the
@@ -83,16 +107,31 @@ def topology_status(forwarder: DnatForwarder | None,
     the forwarded packets (``forward_drops``: ``None`` = could not be read), and ``router``:
     what the upstream router must allow."""
     if forwarder is None:
-        return {"kind": Topology.HOST.value, "router": (
-            "upstream mappings point at each client directly: the upstream router must let a "
-            "host map ports for another address (UPnP secure mode off), unless the clients "
-            "are this host's own apps")}
-    return {"kind": Topology.GATEWAY.value, "upstream_interface": forwarder.dnat.wan_interface,
-            "upstream_address": forwarder.upstream_address(),
-            "forward_chain": " ".join(forwarder.dnat.forward_chain or ()) or None,
-            "forward_drops": None if drops is None else [d.text for d in drops],
-            "router": ("upstream mappings point at this host's own upstream address (a "
-                       "secure-mode router accepts them); the inner DNAT forwards to clients")}
+        return {"kind": Topology.HOST.value, "router": _HOST_ROUTER}
+    return _gateway_status(forwarder.dnat.wan_interface, forwarder.upstream_address(),
+                           " ".join(forwarder.dnat.forward_chain or ()) or None, drops)
+
+
+def local_topology(interfaces: Sequence[str], gateway_url: str | None, *,
+                   forward_chain: str | None = None) -> dict[str, Any]:
+    """What ``serve`` would find on this host now (``doctor``, with or without a running
+    service): :func:`topology_status`'s shape, read without touching anything (the route, the
+    forwarding switch, ``nft -j list ruleset``), plus ``note`` when the two readings may
+    surprise (this host forwards but no LAN interface is named; the upstream is unknown)."""
+    host = upstream_host(gateway_url)
+    if not host:
+        return {"kind": Topology.HOST.value, "router": _HOST_ROUTER,
+                "note": "no default route and no [gateway] url: the upstream router is unknown"}
+    topology, wan = detect_topology(interfaces, host)
+    if topology is Topology.GATEWAY and wan is not None:
+        return _gateway_status(wan, source_address_for(host), forward_chain,
+                               read_forward_drops(forward_chain=forward_chain))
+    out: dict[str, Any] = {"kind": Topology.HOST.value, "router": _HOST_ROUTER}
+    if _forwarding() and not interfaces:
+        out["note"] = (f"this host forwards IPv4, but [front] interfaces names no LAN "
+                       f"interface, so it is served as a LAN host; if it routes the LAN, name "
+                       f"the LAN interfaces (not {wan or 'the upstream one'}) for topology 1")
+    return out
 
 
 def topology_checks(topology: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -101,8 +140,11 @@ def topology_checks(topology: dict[str, Any]) -> list[tuple[str, str, str, str]]
         return []
     kind = topology.get("kind")
     if kind != Topology.GATEWAY.value:
-        return [("ok", "front topology", "LAN host or home server (topology 2)",
-                 str(topology.get("router", "")))]
+        out_host = [("ok", "front topology", "LAN host or home server (topology 2)",
+                     str(topology.get("router", "")))]
+        if topology.get("note"):
+            out_host.append(("warn", "front topology", str(topology["note"]), ""))
+        return out_host
     out = [("ok", "front topology",
             f"home gateway (topology 1): upstream via {topology.get('upstream_interface')} "
             f"({topology.get('upstream_address') or 'address unknown'}), inner DNAT in table "

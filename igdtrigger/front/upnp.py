@@ -41,6 +41,7 @@ from igdtrigger.api.httpguard import (
     listen_socket,
     start_servers,
 )
+from igdtrigger.core import trace
 from igdtrigger.core.model import Proto
 from igdtrigger.core.version import __version__
 from igdtrigger.front import igdxml as X
@@ -347,6 +348,8 @@ class UpnpFront:
                             charset="utf-8")
 
     async def _control(self, request: web.Request) -> web.Response:
+        if trace.ON:
+            trace.mark("soap", first=True)
         client = request.remote or ""
         if self._served_for(client) is None:  # routed in from elsewhere (the WAN side)
             return self._fault(606, f"{client} is not on a served network")

@@ -2,8 +2,9 @@
 
 ``FallbackGateway`` tries its candidates in order on ``connect`` and delegates to the first that
 works; when that one stops answering it forgets the choice, so the next ``connect`` probes again
-(a router restart can change what works). ``ProbingGateway`` does the same but probes all
-candidates in parallel, bounded in time, and prefers by rank among those that answered.
+(a router restart can change what works). With ``parallel=True`` it probes all candidates at
+once, each bounded in time, and takes the first in rank that answered as soon as every one
+ranked above it failed (the rest are not waited for).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from igdtrigger.netutil import default_gateway
 
 __all__ = [
     "FallbackGateway", "OnCall", "build_gateway", "forget_connection", "miniupnpc_available",
-    "set_lost_state_handler",
+    "prime_location", "set_lost_state_handler",
 ]
 
 log = logging.getLogger("igdtrigger.gateway")
@@ -90,13 +91,19 @@ class FallbackGateway:
         raise GatewayNotFound("; ".join(errors))
 
     async def _probe_parallel(self) -> GatewayInfo:
+        """Probe every candidate at once; the first in order among those that answer is chosen
+        as soon as it is known (every candidate before it failed): the rest are not waited for
+        (a router that drops NAT-PMP/PCP silently held an answered UPnP for ``probe_timeout``,
+        3 s by default, before anything could be mapped; issue 17)."""
         async def attempt(gw: Gateway) -> GatewayInfo:
             async with asyncio.timeout(self.probe_timeout):
                 return await gw.connect()
 
         tasks = [asyncio.create_task(attempt(gw)) for _, gw in self.candidates]
+        pending = set(tasks)
         try:
-            await asyncio.wait(tasks)
+            while pending and not _decided(tasks):
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             # a stop while the router is still being looked for: end every probe and take
             # their outcomes (unretrieved, each was logged as a traceback at exit)
@@ -104,8 +111,15 @@ class FallbackGateway:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        for task in pending:  # a preferred candidate answered: these are not needed
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         best: tuple[str, Gateway, GatewayInfo] | None = None
         for (name, gw), task in zip(self.candidates, tasks, strict=True):
+            if task.cancelled():
+                self.probe_results[name] = (f"not waited for ({best[0]} answered first)"
+                                            if best is not None else "cancelled")
+                continue
             exc = task.exception()
             if exc is None:
                 self.probe_results[name] = "ok"
@@ -193,6 +207,17 @@ class FallbackGateway:
                 await gw.close()
 
 
+def _decided(tasks: Sequence[asyncio.Task[GatewayInfo]]) -> bool:
+    """Is the choice among parallel probes (in order of preference) known: some probe
+    answered and every one before it failed, or all are done?"""
+    for task in tasks:
+        if not task.done():
+            return False
+        if not task.cancelled() and task.exception() is None:
+            return True
+    return True
+
+
 def miniupnpc_available() -> bool:
     """Is the miniupnpc binding importable? (It is optional in practice: a platform without a
     binary wheel and without a compiler installs igdtrigger without it.)"""
@@ -272,5 +297,16 @@ def forget_connection(gateway: Gateway, location: str | None = None) -> None:
     if isinstance(gateway, FallbackGateway):
         if gateway.current is not None:
             forget_connection(gateway.current, location)
+    elif hasattr(gateway, "forget"):
+        gateway.forget(location)
+
+
+def prime_location(gateway: Gateway, location: str) -> None:
+    """Have every UPnP backend (however wrapped) try the description URL ``location`` first at
+    its next ``connect``, discovering at once when the router is not usable there (the way a
+    router's SSDP NOTIFY is used; ignored where ``gateway.url`` pins one)."""
+    if isinstance(gateway, FallbackGateway):
+        for _, gw in gateway.candidates:
+            prime_location(gw, location)
     elif hasattr(gateway, "forget"):
         gateway.forget(location)

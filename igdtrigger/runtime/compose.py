@@ -9,13 +9,18 @@ the standalone holder) and pays only for what it uses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from igdtrigger.config import Config
 from igdtrigger.detect.base import Detector
 from igdtrigger.gateway.base import Gateway, RouterChange
+from igdtrigger.netutil import default_gateway
 
 if TYPE_CHECKING:
     from igdtrigger.detect.hostmap import HostMap as HostMap
@@ -42,7 +47,10 @@ __all__ = [
     "kernel_tracking",
     "nat_pmp_candidates",
     "notify_watcher",
+    "prime_location",
     "process_scan",
+    "remember_router",
+    "remembered_router",
     "set_lost_state_handler",
     "simulated_router",
     "start_simulator",
@@ -112,6 +120,54 @@ def gateway_from_config(config: Config, *, on_call: OnCall | None = None,
     return build_gateway(None if gw.simulate else gw.url, backend=gw.backend,
                          protocol=protocol or gw.protocol, discover_timeout=gw.discover_timeout,
                          on_call=on_call)
+
+
+ROUTER_FILE = "router-location"  # in the state directory: the last router a standalone run used
+_MAX_URL = 2048
+
+
+def remembered_router(state_dir: Path) -> str | None:
+    """The router's description URL a standalone ``run`` found last (``<state_dir>/
+    router-location``), when it still stands: an ``http://`` URL on this machine's default
+    gateway now (the rule a discovered location is held to, so another network's router, or a
+    LAN host, is never asked); else None: discover."""
+    try:
+        text = (state_dir / ROUTER_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError):
+        return None
+    if not text.startswith("http://") or len(text) > _MAX_URL or any(c.isspace() for c in text):
+        return None
+    try:
+        host = urllib.parse.urlsplit(text).hostname
+    except ValueError:
+        return None
+    return text if host is not None and host == default_gateway() else None
+
+
+def remember_router(state_dir: Path, location: str) -> None:
+    """Keep ``location`` (a discovered UPnP description URL) for the next standalone ``run``
+    (:func:`remembered_router`); best effort, written whole (rename) or not at all."""
+    path = state_dir / ROUTER_FILE
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8").strip() == location:
+            return
+    tmp = path.with_name(f".{ROUTER_FILE}.{os.getpid()}")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(location + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def prime_location(gateway: Gateway, location: str) -> None:
+    """The UPnP backends of ``gateway`` try ``location`` first at their next ``connect`` and
+    discover at once when it is not usable (``gateway.select.prime_location``)."""
+    # concrete: imported on use, `run` loads compose (see the module docstring)
+    from igdtrigger.gateway.select import prime_location as select
+
+    select(gateway, location)
 
 
 def simulated_router() -> SimulatedIgdServer:

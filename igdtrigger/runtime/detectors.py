@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,9 @@ class Detectors:
         self.tasks = tasks
         self._events_at_start = 0  # conntrack events_seen when its visibility was established
         self._tracking_watched = False  # conntrack runs with a KernelTracking: check it
+        # others following the flows detectors report (the IGD front): told to let go of them
+        # when a flow-holding detector stops; each returns how many it let go
+        self.on_release: list[Callable[[], int]] = []
 
     async def start(self) -> None:
         """Start every detector that can run here (or stand by), and the tracking watch."""
@@ -95,6 +99,12 @@ class Detectors:
             self.tasks.append(asyncio.create_task(self._run_detector(det), name=det.name))
         if self._tracking_watched:
             self.tasks.append(asyncio.create_task(self._watch_tracking(), name="tracking"))
+    def _front_tracks(self) -> bool:
+        """The IGD front runs: its clients' flows to and from their mapped ports are use, and
+        those ports are not known in advance, so the kernel must track every flow (issue 14:
+        on a plain desktop nothing else makes it track)."""
+        return self.svc.config.front.enabled
+
     def _tracked_ports(self) -> tuple[list[PortRange], list[PortRange]]:
         rules = self.svc.config.rules
         return ([r for rule in rules for r in rule.trigger],
@@ -105,14 +115,17 @@ class Detectors:
         is reported active only on that ground."""
         assert self.tracking is not None
         trigger, opened = self._tracked_ports()
+        front = self._front_tracks()
         vis = await asyncio.to_thread(
             self.tracking.establish, trigger, opened,
-            lambda proto, port: bool(self.svc.pipeline.engine.index.match(proto, port)))
+            lambda proto, port: bool(self.svc.pipeline.engine.index.match(proto, port)),
+            track_all=front)
         self._events_at_start = getattr(det, "events_seen", 0)
         self._tracking_watched = True
         if vis.seen:
             return DetectorStatus(det.name, True, detail=vis.text)
-        if not trigger:  # nothing to watch for: not a fault (rules for run/activate/API only)
+        if not trigger and not front:  # nothing to watch for: not a fault (rules for
+            # run/activate/API only)
             log.info("detector conntrack idle: no rule has a trigger port")
         else:
             log.warning("detector conntrack: %s; the socket table stands in", vis.text)
@@ -121,7 +134,8 @@ class Detectors:
     async def retrack(self) -> None:
         """The rules changed: load the nftables table again for their trigger ports."""
         if self.tracking is not None and self.tracking.enabled:
-            await asyncio.to_thread(self.tracking.install, *self._tracked_ports())
+            await asyncio.to_thread(self.tracking.install, *self._tracked_ports(),
+                                    track_all=self._front_tracks())
 
     async def _watch_tracking(self) -> None:
         """Keep our nftables table in place, count what it saw, and report conntrack active
@@ -185,7 +199,8 @@ class Detectors:
                 st.active = False
                 st.reason = st.reason or "stopped (see log)"
         engine = self.svc.pipeline.engine
-        if getattr(det, "holds_flows", False) and (released := engine.release_flows()):
+        if getattr(det, "holds_flows", False) and (released := engine.release_flows() + sum(
+                release() for release in self.on_release)):
             log.warning("detector %s stopped: %d live flow(s) no longer hold their activations; "
                         "they close after their idle timeout unless seen again", det.name,
                         released)

@@ -173,7 +173,9 @@ def missing_tools() -> list[str]:
 
 def front_config(net: DoubleNat, state: Path, *, allow: Sequence[str] = (),
                  idle: str = "10m", max_lease: str = "1h", forward_chain: str | None = None,
-                 extra: str = "") -> str:
+                 extra: str = "", interface: str = HOME_LAN_IF) -> str:
+    """``serve``'s config on ``net.home``; ``interface``: the one served (topology 2 on the
+    lab's LAN host, a ``DoubleNat`` never built: its ``eth0``)."""
     lines = ", ".join(json.dumps(a) for a in allow)
     chain = f'forward_chain = "{forward_chain}"\n' if forward_chain else ""
     allow_line = f"allow = [{lines}]\n" if allow else ""
@@ -190,7 +192,7 @@ state_dir = "{state}"
 
 [front]
 enabled = true
-interfaces = ["{HOME_LAN_IF}"]
+interfaces = ["{interface}"]
 max_lease = "{max_lease}"
 idle_timeout = "{idle}"
 {allow_line}{chain}{extra}
