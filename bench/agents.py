@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any
 
+from igdtrigger.cli.entry import request_bytes
+
 PROBE_INTERVAL = 0.0001  # seconds between probe packets while blasting
 MAX_BLAST = 10.0  # a blast ends by itself after this long even if nobody says stop
 MAX_LOAD = 30.0  # the loader never runs longer than this
@@ -121,16 +123,41 @@ class Driver:
         return self._upnp
 
     # -- HTTP API ---------------------------------------------------------------------------------
+    @classmethod
+    def api(cls, port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One API request, answered (``api_send`` then ``api_answer``)."""
+        return cls.api_answer(cls.api_send(port, method, path, body), method, path)
+
     @staticmethod
-    def api(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    def api_send(port: int, method: str, path: str,
+                 body: dict[str, Any] | None = None) -> socket.socket:
+        """Connect and send one request as our own client (``igdtrigger.cli.client``) writes
+        it: request line, headers and body in one ``sendall`` (one TCP segment for a small
+        body, as curl and browsers send it too; ``http.client`` would send the body as a second
+        segment). The connected socket, for ``api_answer``."""
+        headers = {"Accept": "application/json", "Connection": "close"}
+        payload = None if body is None else json.dumps(body).encode()
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
-        finally:
-            conn.close()
+            sock.sendall(request_bytes(method, path, f"127.0.0.1:{port}", headers, payload))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
+    def api_answer(sock: socket.socket, method: str, path: str) -> Any:
+        """The JSON answer to the request ``api_send`` sent on ``sock`` (closed after);
+        RuntimeError for an HTTP error."""
+        with sock:
+            resp = http.client.HTTPResponse(sock, method=method)
+            try:
+                resp.begin()
+                data = resp.read()
+            finally:
+                resp.close()
         out = json.loads(data) if data else None
         if resp.status >= 400:
             raise RuntimeError(f"{method} {path}: HTTP {resp.status} {out}")
@@ -167,17 +194,12 @@ class Driver:
                     t0 = time.monotonic()
                     s.sendto(b"trigger", (self.wan_ip, int(cmd.get("trigger_port", 27015))))
             elif mode == "api":
-                # the call answers once the router did; the packet may come through before
-                done: list[float] = []
-
-                def call_api() -> None:
-                    self.api(int(cmd["api_port"]), "POST", "/api/v1/activations",
-                             {"rule": cmd.get("rule", "bench"), "ttl": 600})
-                    done.append(time.monotonic())
-
-                post = threading.Thread(target=call_api)
+                # the call answers once the router did; the packet may come through before:
+                # send the request, wait for the packet, then read the answer (a client's own
+                # steps; no thread start inside the measured time)
                 t0 = time.monotonic()
-                post.start()
+                post = self.api_send(int(cmd["api_port"]), "POST", "/api/v1/activations",
+                                     {"rule": cmd.get("rule", "bench"), "ttl": 600})
             elif mode == "floor":
                 u = self.upnp
                 t0 = time.monotonic()
@@ -204,8 +226,8 @@ class Driver:
                 raise ValueError(mode)
             t1 = _first_packet(lst, float(cmd.get("timeout", 5.0)))
             if mode == "api":
-                post.join(10)
-                call = done[0] - t0 if done else 0.0
+                self.api_answer(post, "POST", "/api/v1/activations")
+                call = time.monotonic() - t0
         finally:
             lst.close()
         return {"open": None if t1 is None else t1 - t0, "call": call}

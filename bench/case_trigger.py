@@ -5,7 +5,10 @@ Paths, interleaved round by round (the order rotates every round):
 
 * floor: one bare miniupnpc AddPortMapping from the LAN host (call start to first packet);
 * conntrack: an outbound UDP packet to the rule's trigger port; the service sees the NEW event;
-* API: POST /api/v1/activations (the call returns once the router answered);
+* API: POST /api/v1/activations (the call returns once the router answered), sent as our own
+  client (``igdtrigger.cli.client``) sends it: headers and body in one write, so one TCP
+  segment (curl and browsers send a small body with the headers too; ``http.client`` does not),
+  from the driver's main thread (connect + send, wait for the packet, then read the answer);
 * wrapper: ``igdtrigger run --rule bench -- sleep 60`` from exec (Python start-up included),
   with the service running (it activates through the API) and standalone (no service: it maps
   the ports itself);

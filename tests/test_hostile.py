@@ -454,6 +454,52 @@ async def test_a_body_that_never_comes_is_408(client: ApiClient,
         writer.close()
 
 
+async def _post_in_one_write(port: int, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send a POST /api/v1/activations with ``head`` (extra header lines) and ``body`` in one
+    write, as our client and curl do; its (status, rest of the answer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n" + head +
+                     b"\r\n" + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest
+
+
+async def test_a_body_sent_with_its_headers_is_read_whole(client: ApiClient) -> None:
+    # already all there when the handler starts: read at once (the fast path), plain or chunked
+    port = client.server.port
+    assert port is not None
+    body = b'{"rule": "demo", "ttl": 60}'
+    status, rest = await _post_in_one_write(
+        port, b"Content-Length: " + str(len(body)).encode() + b"\r\n", body)
+    assert status == 201, rest
+    chunked = hex(len(body))[2:].encode() + b"\r\n" + body + b"\r\n0\r\n\r\n"
+    status, rest = await _post_in_one_write(port, b"Transfer-Encoding: chunked\r\n", chunked)
+    assert status == 201, rest
+
+
+async def test_an_oversized_chunked_body_sent_at_once_is_refused(client: ApiClient) -> None:
+    port = client.server.port
+    assert port is not None
+    body = b'{"rule": "demo", "pad": "' + b"x" * (access_mod.MAX_BODY + 10) + b'"}'
+    chunked = hex(len(body))[2:].encode() + b"\r\n" + body + b"\r\n0\r\n\r\n"
+    status, rest = await _post_in_one_write(port, b"Transfer-Encoding: chunked\r\n", chunked)
+    assert status in (400, 413), rest
+    assert b"larger than" in rest or status == 413
+
+
+async def test_an_empty_body_sent_at_once_is_a_clear_400(client: ApiClient) -> None:
+    port = client.server.port
+    assert port is not None
+    status, rest = await _post_in_one_write(port, b"Content-Length: 0\r\n", b"")
+    assert status == 400 and b"rule" in rest, rest
+
+
 async def test_a_body_in_two_pieces_is_read_whole(client: ApiClient) -> None:
     port = client.server.port
     assert port is not None

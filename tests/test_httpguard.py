@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import socket
@@ -28,6 +29,8 @@ from igdtrigger.api.httpguard import (
     Acceptor,
     ConnectionGuard,
     ConnectionLimits,
+    _GuardedProtocol,
+    accepted_ns,
     admin_socket,
     listen_socket,
     raise_fd_limit,
@@ -35,13 +38,16 @@ from igdtrigger.api.httpguard import (
 )
 from igdtrigger.cli import client as client_mod
 from igdtrigger.config import parse_config
+from igdtrigger.core import trace
 from igdtrigger.core.activation import Source
 from igdtrigger.core.errors import GatewayUnreachable, LocalResourceError, socket_fault
 from igdtrigger.core.model import MappingSpec
 from igdtrigger.runtime.logthrottle import PerKindThrottle
+from igdtrigger.runtime.mapper import TRACE_ENV
 from igdtrigger.runtime.service import Service
 
 from .fakes import FakeClock, FakeGateway
+from .test_conntrack import wait_until
 
 
 def test_admit_caps_per_client_and_total_and_keeps_local_apart() -> None:
@@ -437,3 +443,44 @@ def test_fd_limit_is_left_to_the_unit_under_a_seccomp_filter(tmp_path: Path) -> 
     status.write_text("Name:\tpython\nSeccomp:\t0\n")
     assert not _seccomp_filtered(status)
     assert not _seccomp_filtered(tmp_path / "missing")
+
+
+async def test_a_traced_api_activation_starts_at_the_connections_accept(
+        svc: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # IGDTRIGGER_TRACE: the API path's trace begins when our acceptor took the connection
+    # (issue 17: the time before the handler is part of the path), once per connection
+    out = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(trace, "ON", True)
+    monkeypatch.setenv(TRACE_ENV, str(out))
+    sock = listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    runner, servers = await _serve(svc, ConnectionGuard(), [sock])
+    try:
+        body = b'{"rule": "demo", "ttl": 60}'
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: " +
+                     str(len(body)).encode() + b"\r\n\r\n" + body)
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        assert status_line.split()[1] == b"201"
+        await wait_until(lambda: out.exists() and out.read_text().strip() != "", 10)
+    finally:
+        await _stop(runner, servers)
+    steps = json.loads(out.read_text().splitlines()[0])["steps"]
+    assert [s[0] for s in steps[:3]] == ["accept", "api", "engine"]
+    assert steps[0][1] == 0.0 and steps[1][1] >= 0.0
+
+
+def test_the_accept_time_is_given_to_the_first_request_only() -> None:
+    guard = ConnectionGuard()
+    assert guard.admit("127.0.0.1", True) is None
+    proto = _GuardedProtocol(guard, asyncio.Protocol, "127.0.0.1", True, 12345)
+
+    class Transport(asyncio.Transport):
+        def get_protocol(self) -> asyncio.BaseProtocol:
+            return proto
+
+    assert accepted_ns(Transport()) == 12345
+    assert accepted_ns(Transport()) == 0  # a later request on the same connection
+    assert accepted_ns(None) == 0

@@ -70,7 +70,7 @@ from igdtrigger.api.access import (
     origin_matches,
     refused_log,
 )
-from igdtrigger.api.httpguard import ConnectionGuard, describe
+from igdtrigger.api.httpguard import ConnectionGuard, accepted_ns, describe
 from igdtrigger.api.metrics import Metrics
 from igdtrigger.api.openapi import API_PREFIX, build_openapi
 from igdtrigger.api.ratelimit import RateLimiter
@@ -227,10 +227,15 @@ def _client_host(request: web.Request) -> str:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise UsageError(f"request body larger than {MAX_BODY} bytes")
-    try:  # the whole body (read(n) would return what has arrived so far). wait_for, not
+    try:  # the whole body (read(n) would return what has arrived so far). Already all here
+        # (it came with the headers, as our client, curl and browsers send a small body): read
+        # it at once, with no timer task (wait_for's costs two loop turns). Else wait_for, not
         # asyncio.timeout: a client hanging up mid-body then raises ConnectionResetError here
         # (one "went away" line) instead of a silent cancel of the handler
-        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+        if request.content.is_eof():
+            raw = await request.read()
+        else:
+            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {BODY_TIMEOUT:g}s") from None
     except web.HTTPRequestEntityTooLarge:
@@ -342,7 +347,11 @@ async def post_activation(request: web.Request) -> web.Response:
     client may act only for its own address (403), ad-hoc ports may need the token
     (``adhoc_admin_only``); 404 for an unknown rule, 400 for a malformed body."""
     if trace.ON:
-        trace.mark("api", first=True)
+        if at := accepted_ns(request.transport):  # the connection's first request
+            trace.mark("accept", first=True, at=at)
+            trace.mark("api")
+        else:
+            trace.mark("api", first=True)
     svc = request.app[SERVICE]
     req = parse_activation(await _json_body(request))
     caller = caller_of(request)

@@ -33,17 +33,19 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from igdtrigger.core import trace
 from igdtrigger.netutil import host_key
 
 __all__ = [
     "ACCEPT_BATCH", "BACKLOG", "FD_RESERVE", "PAUSE_ON_EMFILE", "Acceptor", "ConnectionGuard",
-    "ConnectionLimits", "admin_socket", "describe", "listen_socket", "raise_fd_limit",
-    "start_servers",
+    "ConnectionLimits", "accepted_ns", "admin_socket", "describe", "listen_socket",
+    "raise_fd_limit", "start_servers",
 ]
 
 log = logging.getLogger("igdtrigger.api.app")
@@ -176,15 +178,17 @@ class ConnectionGuard:
 class _GuardedProtocol(asyncio.Protocol):
     """aiohttp's protocol for an admitted connection; gives its place back when it ends."""
 
-    __slots__ = ("_client", "_guard", "_inner", "_local", "_make")
+    __slots__ = ("_client", "_guard", "_inner", "_local", "_make", "accepted_ns")
 
     def __init__(self, guard: ConnectionGuard, make: Callable[[], asyncio.Protocol],
-                 client: str, local: bool) -> None:
+                 client: str, local: bool, accepted_ns: int = 0) -> None:
         self._guard = guard
         self._make = make
         self._inner: asyncio.Protocol | None = None
         self._client = client
         self._local = local
+        # when accepted (perf_counter_ns) while tracing, until the first request takes it
+        self.accepted_ns = accepted_ns
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._inner = self._make()
@@ -307,14 +311,15 @@ class Acceptor:
                 conn.close()
                 continue
             conn.setblocking(False)
-            task = self.loop.create_task(self._serve(conn, client, local))
+            accepted = time.perf_counter_ns() if trace.ON else 0
+            task = self.loop.create_task(self._serve(conn, client, local, accepted))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, conn: socket.socket, client: str, local: bool) -> None:
+    async def _serve(self, conn: socket.socket, client: str, local: bool, accepted: int) -> None:
         try:
             await self.loop.connect_accepted_socket(
-                lambda: _GuardedProtocol(self.guard, self.inner, client, local), conn)
+                lambda: _GuardedProtocol(self.guard, self.inner, client, local, accepted), conn)
         except OSError:
             self.guard.release(client, local)
             conn.close()
@@ -336,6 +341,16 @@ async def start_servers(inner: Callable[[], asyncio.Protocol], guard: Connection
                         socks: list[socket.socket]) -> list[Acceptor]:
     """Serve ``inner`` (aiohttp's ``Server``) on each socket through ``guard``."""
     return [Acceptor(sock, guard, inner) for sock in socks]
+
+
+def accepted_ns(transport: asyncio.BaseTransport | None) -> int:
+    """When the connection of ``transport`` was accepted (``perf_counter_ns``), once: 0 on its
+    later requests, when not tracing (``core.trace``) or for a connection not ours."""
+    proto = transport.get_protocol() if transport is not None else None
+    if not isinstance(proto, _GuardedProtocol):
+        return 0
+    at, proto.accepted_ns = proto.accepted_ns, 0
+    return at
 
 
 def describe(guard: ConnectionGuard) -> dict[str, Any]:

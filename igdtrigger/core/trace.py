@@ -8,7 +8,8 @@ came in (a conntrack datagram read, an API request) before anyone knows whether 
 marks a step (from any thread: ``list.append`` is atomic); ``end()`` hands back the steps as
 ``(what, perf_counter_ns)`` pairs, which the mapper writes as one JSON line per traced add.
 
-Steps, in order: ``recv`` (datagram read) or ``api`` (request handler entered), ``parsed``
+Steps, in order: ``recv`` (datagram read) or ``accept`` (the API connection accepted, on its
+first request) and ``api`` (request handler entered), ``parsed``
 (netlink decoded), ``engine`` (activation made, scheduler woken), ``round`` (the scheduler's
 round began), then per miniupnpc job ``queued`` (handed to its worker thread), per router
 request in it ``call`` (the worker began it) and ``reply`` (the router answered, on the
@@ -39,11 +40,12 @@ def enable() -> None:
     ON = True
 
 
-def mark(what: str, *, first: bool = False) -> None:
-    """Note a step of an event that may start a trace; ``first``: the event's first step."""
+def mark(what: str, *, first: bool = False, at: int | None = None) -> None:
+    """Note a step of an event that may start a trace; ``first``: the event's first step;
+    ``at``: when it happened (``perf_counter_ns``, noted earlier), else now."""
     if first:
         _marks.clear()
-    _marks.append((what, time.perf_counter_ns()))
+    _marks.append((what, time.perf_counter_ns() if at is None else at))
 
 
 def marked(what: str, value: T) -> T:
