@@ -262,9 +262,14 @@ def _loopback(listen: str) -> tuple[int, tuple[str, int], str] | None:
 def main() -> int:
     """The console entry point: ``run``'s quick request, then the full command line."""
     argv = sys.argv[1:]
-    quick = parse_run(argv)
-    sent = presend(argv) if quick is not None else None
-    # the full command line: loaded after the request went out
-    from igdtrigger.cli.main import main as full_main
-
+    sent = None
+    try:
+        quick = parse_run(argv)
+        sent = presend(argv) if quick is not None else None
+        # the full command line: loaded after the request went out
+        from igdtrigger.cli.main import main as full_main
+    except KeyboardInterrupt:  # Ctrl-C before the full command line took over: no traceback
+        if sent is not None:
+            sent.close()  # the service lets the activation lapse (nobody heartbeats it)
+        return 130
     return full_main(argv, presend=sent, quick=quick, program=True)
