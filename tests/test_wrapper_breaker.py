@@ -5,10 +5,13 @@ without its fix."""
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
 
 import pytest
 
+from igdtrigger.cli import client as client_mod
 from igdtrigger.cli import entry
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX sockets")
@@ -26,3 +29,42 @@ def test_ctrl_c_before_the_full_command_line_is_exit_130_without_a_traceback(
     monkeypatch.setattr(sys, "argv", ["igdtrigger", "run", "--rule", "demo", "--", "true"])
     assert entry.main() == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_trickled_answer_is_bounded_by_the_timeout_as_a_whole() -> None:
+    """A loopback listener (anything that took 127.0.0.1:8731, or a wedged service) sending a
+    header line every 0.3 s never let a 2 s read time out: `run` waited 32 s before the game
+    started (it would wait hours on a slower trickle). The timeout bounds the whole answer."""
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        theirs.sendall(b"HTTP/1.1 201 Created\r\n")
+        for _ in range(20):
+            if stop.wait(0.3):
+                break
+            theirs.sendall(b"X-Slow: y\r\n")
+        body = b'{"id": "a1"}'
+        theirs.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        ours.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            client_mod._read_answer(ours)
+    finally:
+        stop.set()
+        t.join(10)
+        ours.close()
+        theirs.close()
+
+
+def test_an_answer_in_time_is_read_whole() -> None:
+    ours, theirs = socket.socketpair()
+    body = b'{"id": "a1"}'
+    theirs.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    ours.settimeout(5.0)
+    assert client_mod._read_answer(ours) == (201, body)
+    ours.close()
+    theirs.close()
