@@ -68,3 +68,24 @@ def test_an_answer_in_time_is_read_whole() -> None:
     assert client_mod._read_answer(ours) == (201, body)
     ours.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("name", ["IGDTRIGGER_api__listen", "IGDTRIGGER_Api__Listen"])
+def test_an_override_in_another_case_moves_the_quick_way_too(
+        name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The config takes ``IGDTRIGGER_<section>__<key>`` in any case of section and key; the
+    quick way read only the upper-case spelling and asked the service at the default address
+    while the full way (no error said) would have used the override's."""
+    from igdtrigger.config import load_config
+
+    for var in ("IGDTRIGGER_CONFIG", "IGDTRIGGER_API__LISTEN", "IGDTRIGGER_SERVER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "none"))
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv(name, "127.0.0.1:9999")
+    config = load_config()
+    assert (config.api.host, config.api.port) == ("127.0.0.1", 9999)
+    where = entry._location(None)
+    assert where is None or where[0] == "127.0.0.1:9999"
+    monkeypatch.setenv("IGDTRIGGER_API__LISTEN", "127.0.0.1:9998")  # two spellings: abstain
+    assert entry._location(None) is None

@@ -165,15 +165,23 @@ def _location(config: str | None) -> tuple[str, str | None] | None:
             state = svc.get("state_dir") if isinstance(svc, dict) else None
         else:
             listen, state = found
-    for name in ("IGDTRIGGER_API__LISTEN", "IGDTRIGGER_SERVICE__STATE_DIR"):
-        env = os.environ.get(name)
-        if env is not None:
-            if not env or env.strip()[:1] in ("'", '"', "[", "{") or env.strip() != env:
-                return None
-            if name.startswith("IGDTRIGGER_API"):
-                listen = env
-            else:
-                state = env
+    # the overrides as config.env_overrides reads them: section and key in any case
+    seen: set[str] = set()
+    for name, env in os.environ.items():
+        if not name.startswith("IGDTRIGGER_") or "__" not in name:
+            continue
+        which = name[11:].upper()
+        if which not in ("API__LISTEN", "SERVICE__STATE_DIR"):
+            continue
+        if which in seen:
+            return None  # given twice (two spellings): the full way says which counts
+        seen.add(which)
+        if not env or env.strip()[:1] in ("'", '"', "[", "{") or env.strip() != env:
+            return None
+        if which == "API__LISTEN":
+            listen = env
+        else:
+            state = env
     if (listen is not None and not isinstance(listen, str)) or (
             state is not None and not isinstance(state, str)):
         return None
