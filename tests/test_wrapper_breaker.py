@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
