@@ -90,3 +90,28 @@ def test_an_override_in_another_case_moves_the_quick_way_too(
     assert where is None or where[0] == "127.0.0.1:9999"
     monkeypatch.setenv("IGDTRIGGER_API__LISTEN", "127.0.0.1:9998")  # two spellings: abstain
     assert entry._location(None) is None
+
+
+def test_a_config_place_that_cannot_be_looked_at_is_not_passed_over(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$IGDTRIGGER_CONFIG naming a place the full way cannot look at (a name too long here;
+    a directory this user may not enter alike) is refused by name there, and the full way uses
+    the defaults; the quick way passed it over as absent and asked the service the next config
+    file names (~/.config/igdtrigger/config.toml's listen): another service than the full
+    way's."""
+    from igdtrigger.config import ConfigError, load_config
+
+    for var in ("IGDTRIGGER_API__LISTEN", "IGDTRIGGER_SERVER", "CONFIGURATION_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    xdg = tmp_path / "xdg"
+    (xdg / "igdtrigger").mkdir(parents=True)
+    (xdg / "igdtrigger" / "config.toml").write_text('[api]\nlisten = "127.0.0.1:9999"\n')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("IGDTRIGGER_CONFIG", str(tmp_path / ("c" * 5000)))
+    with pytest.raises(ConfigError):
+        load_config()
+    assert entry._location(None) is None  # the full way decides (and says what is wrong)
+    monkeypatch.setenv("IGDTRIGGER_CONFIG", str(tmp_path / "absent.toml"))  # absent: next
+    assert entry._location(None) == ("127.0.0.1:9999", None)
+    assert load_config().api.port == 9999

@@ -146,7 +146,17 @@ def _location(config: str | None) -> tuple[str, str | None] | None:
     ``IGDTRIGGER_API__LISTEN``/``IGDTRIGGER_SERVICE__STATE_DIR`` overrides over it), or None
     when the full way should decide."""
     if config is None:
-        config = next((p for p in config_paths() if os.path.exists(p)), None)
+        for place in config_paths():  # as config.find_config looks: a place that cannot
+            try:  # even be looked at is that config, refused by name by the full way
+                os.stat(place)
+            except OSError as exc:
+                import errno  # built in: free here
+
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):
+                    continue  # what pathlib's exists() passes over
+                return None
+            config = place
+            break
     listen, state = None, None
     if config is not None:
         text = _read(config)
