@@ -17,6 +17,7 @@ The WAN host sends probes every 0.1 ms from fresh source ports, so "open" has ~0
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .common import Bench, ServiceUnderTest, row, rule_toml, stats
@@ -32,6 +33,7 @@ TRIGGER_PORT = 27015
 # interpreter's own start-up (`python -c pass`) for the wrapper's; the conntrack p99 too
 TARGET_MS = {"conntrack": 0.8, "api": 1.0, "wrapper": 15.0, "wrapper_standalone": 40.0}
 TARGET_P99_MS = {"conntrack": 2.0}
+MODES = ("floor", "conntrack", "api", "wrapper", "wrapper_standalone", "python", "upnpc")
 
 
 def run(b: Bench) -> dict[str, Any]:
@@ -50,11 +52,13 @@ def run(b: Bench) -> dict[str, Any]:
     blaster, driver = b.agent("blaster"), b.agent("driver")
     trials = 8 if b.quick else b.trials
     n_upnpc = 2 if b.quick else min(10, trials)
-    modes = ["floor", "conntrack", "api", "wrapper", "wrapper_standalone", "python", "upnpc"]
+    # BENCH_TRIGGER_MODES=floor,conntrack,api: only those paths (iterating on one of them)
+    only = os.environ.get("BENCH_TRIGGER_MODES")
+    modes = [m for m in MODES if not only or m in only.split(",")]
     port_of = {"floor": FLOOR_PORT, "upnpc": UPNPC_PORT}
-    samples: dict[str, list[float]] = {m: [] for m in modes}
+    samples: dict[str, list[float]] = {m: [] for m in MODES}
     calls: dict[str, list[float]] = {"floor": [], "api": []}
-    missed = {m: 0 for m in modes}
+    missed = {m: 0 for m in samples}
     try:
         imports = driver.ask(op="importtime", config=str(svc.config))
         driver.ask(op="reset", mode="api", port=OPEN_PORT, api_port=API_PORT)

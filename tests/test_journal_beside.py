@@ -102,3 +102,46 @@ async def test_a_router_that_cannot_show_its_mappings_gets_the_journal_row_first
     assert seen and seen[0] == []  # journaled before the add reached the router
     assert [m.external_port for m in svc.pipeline.journal.mappings()] == [40000]
     await svc.stop()
+
+
+@pytest.mark.parametrize("backend", ["miniupnpc", "soap"])
+async def test_an_activation_answered_open_is_journaled_with_its_mappings_in_one_write(
+        sim: tuple[SimulatedIgdServer, FakeClock], tmp_path: Path, backend: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API answers once the router accepted the add and the activation is durable: one
+    transaction holds the activation and its mapping (one fsync), and a crash right after
+    the answer restores the activation at the next start."""
+    server, clock = sim
+    s1 = service(server, clock, tmp_path, backend)
+    await s1.start()
+    await s1._wait_applied(s1.pipeline.engine.generation, 5)
+    writes: list[tuple[list[int], list[str]]] = []
+    write = Journal.mappings_requested
+
+    def record(self: Journal, specs: list[MappingSpec], *a: Any, **k: Any) -> None:
+        writes.append(([s.external_port for s in specs],
+                       [act.rule for act in k.get("activations") or []]))
+        write(self, specs, *a, **k)
+
+    monkeypatch.setattr(Journal, "mappings_requested", record)
+    put: list[Any] = []
+    monkeypatch.setattr(Journal, "activations_put", lambda self, acts: put.append(acts))
+    view = await s1.activate("game", HOST, ttl=3600, source=Source.API)
+    assert view["state"] == "open" and ours(server) == [40000]
+    assert writes == [([40000], ["game"])]  # together, before the answer
+    assert put == []  # no second write for the activation
+    monkeypatch.undo()
+    for t in s1._tasks:  # crash right after the answer
+        t.cancel()
+    s1.pipeline.journal.close()
+    await s1.gateway.close()
+    if s1._notify_watcher is not None:
+        s1._notify_watcher.close()
+
+    s2 = service(server, clock, tmp_path, backend)
+    await s2.start()
+    await s2._wait_applied(s2.pipeline.engine.generation, 5)
+    assert [a.rule.name for a in s2.pipeline.engine.activations.values()] == ["game"]
+    assert ours(server) == [40000]  # restored, still open
+    await s2.stop()
+    assert ours(server) == []

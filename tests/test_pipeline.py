@@ -54,12 +54,12 @@ async def test_a_failing_round_is_logged_and_the_scheduler_goes_on(
     real = svc.pipeline.mapper.reconcile
     calls = 0
 
-    async def flaky(desired: Any) -> None:
+    async def flaky(desired: Any, answered: Any = None) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in one round")
-        await real(desired)
+        await real(desired, answered)
 
     svc.pipeline.mapper.reconcile = flaky  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="igdtrigger.scheduler"):
@@ -87,7 +87,7 @@ async def test_healthz_names_a_stuck_scheduler(svc: Service, clock: FakeClock,
                                                client: ApiClient) -> None:
     hang = asyncio.Event()
 
-    async def stuck(desired: Any) -> None:
+    async def stuck(desired: Any, answered: Any = None) -> None:
         await hang.wait()
 
     svc.pipeline.mapper.reconcile = stuck  # type: ignore[method-assign]
@@ -123,3 +123,23 @@ def test_run_without_a_service_maps_through_the_pipeline_without_aiohttp_or_zero
         assert descriptions(sim) == []
     finally:
         sim.stop()
+
+
+async def test_the_activated_event_follows_the_router_call_and_precedes_mapped(
+        svc: Service) -> None:
+    """The log line and event of a new activation are not on the way to the router: the
+    router is asked first; the stream still says "activated" before "mapped"."""
+    published_at_add: list[list[str]] = []
+    gw = svc.gateway
+    add = gw.add
+
+    async def watching(spec: Any, lease: int) -> Any:
+        published_at_add.append([str(e["event"]) for e in svc.hub.history])
+        return await add(spec, lease)
+
+    gw.add = watching  # type: ignore[method-assign]
+    before = svc.hub.seq
+    await svc.activate("demo", "192.168.1.10", ttl=60, source=Source.API, wait=5.0)
+    assert published_at_add and "activated" not in published_at_add[0]
+    events = [str(e["event"]) for e in svc.hub.since(before)]
+    assert events[0] == "activated" and "mapped" in events[1:]

@@ -227,7 +227,9 @@ def _client_host(request: web.Request) -> str:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise UsageError(f"request body larger than {MAX_BODY} bytes")
-    try:  # the whole body (read(n) would return what has arrived so far)
+    try:  # the whole body (read(n) would return what has arrived so far). wait_for, not
+        # asyncio.timeout: a client hanging up mid-body then raises ConnectionResetError here
+        # (one "went away" line) instead of a silent cancel of the handler
         raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {BODY_TIMEOUT:g}s") from None

@@ -10,10 +10,12 @@ marks a step (from any thread: ``list.append`` is atomic); ``end()`` hands back 
 
 Steps, in order: ``recv`` (datagram read) or ``api`` (request handler entered), ``parsed``
 (netlink decoded), ``engine`` (activation made, scheduler woken), ``round`` (the scheduler's
-round began), then per miniupnpc request ``queued`` (handed to its worker thread), ``call``
-(the worker began it), ``reply`` (the router answered, on the worker), ``resumed`` (the event
-loop has the answer); ``checked`` (the pre-add check decided), ``journal`` (a row written on
-the journal thread, where it trails the add).
+round began), then per miniupnpc job ``queued`` (handed to its worker thread), per router
+request in it ``call`` (the worker began it) and ``reply`` (the router answered, on the
+worker), ``resumed`` (the event loop has the answer); ``checked`` (the pre-add check's lookup
+decided: between the lookup's ``reply`` and the add's ``call`` when both are one job,
+``gateway.base.add_if_free``), ``journal`` (a row written on the journal thread, where it
+trails the add).
 Pure: no I/O, a perf counter only.
 """
 

@@ -15,13 +15,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
+from igdtrigger.core import trace
 from igdtrigger.core.errors import ActionFailed, InvalidArgs, LeaseRefused, UnsupportedAction
 from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
 
 __all__ = [
-    "AdoptsLeftovers", "Capability", "Gateway", "GatewayInfo", "Granted",
-    "OnCall", "RouterChange", "RouterChangeKind", "add_with_lease_fallback", "counts_as_public",
-    "is_public_address", "metered", "unsupported",
+    "AddsIfFree", "AdoptsLeftovers", "Capability", "CheckedAdd", "Gateway", "GatewayInfo",
+    "Granted", "OnCall", "RouterChange", "RouterChangeKind", "add_checked", "add_if_free",
+    "add_with_lease_fallback", "counts_as_public", "is_public_address", "looked_up",
+    "metered", "unsupported",
 ]
 
 log = logging.getLogger("igdtrigger.gateway")
@@ -143,6 +145,85 @@ async def add_with_lease_fallback(add_once: Callable[[int], Awaitable[Granted]],
     return granted
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedAdd:
+    """The outcome of ``add_if_free`` (the check before an add, then the add): exactly one of
+
+    ``granted``: the router had no entry for the port, and the add was made;
+    ``held``: the router's entry for the port (nothing was added: the caller judges whose it
+    is, and adds itself if it is its own);
+    ``unchecked``: the router cannot look mappings up (401/602; nothing was added, nothing is
+    known: the caller decides whether to add without a check).
+    A failed lookup is none of these: it raises, and nothing was added."""
+
+    granted: Granted | None = None
+    held: RouterMapping | None = None
+    unchecked: UnsupportedAction | None = None
+
+
+class _Held(Exception):  # not an error: carries the entry out of the lease fallback
+    def __init__(self, outcome: CheckedAdd) -> None:
+        super().__init__("held")
+        self.outcome = outcome
+
+
+async def add_checked(job: Callable[[int], Awaitable[CheckedAdd]],
+                      add_once: Callable[[int], Awaitable[Granted]], lease: int) -> CheckedAdd:
+    """``add_if_free`` for a backend that runs the check and the add as one ``job(lease)``,
+    through the one lease fallback (``add_with_lease_fallback``): the first try is ``job``; a
+    timed lease refused is retried with ``add_once(0)`` alone (the check found the port free
+    a moment before)."""
+    tried = False
+
+    async def once(asked: int) -> Granted:
+        nonlocal tried
+        if tried:
+            return await add_once(asked)
+        tried = True
+        outcome = await job(asked)
+        if outcome.granted is None:
+            raise _Held(outcome)
+        return outcome.granted
+
+    try:
+        return CheckedAdd(granted=await add_with_lease_fallback(once, lease))
+    except _Held as held:
+        return held.outcome
+
+
+async def add_if_free(gateway: Gateway, spec: MappingSpec, lease: int) -> CheckedAdd:
+    """The check before an add and the add, as one job: the router's entry for ``spec``'s port
+    is looked up (``Gateway.get``, the one lookup: "no such entry" told from a failed request)
+    and only when there is none is ``spec`` added (``Gateway.add``, its lease fallback
+    included). A lookup that fails raises its ``GatewayError`` and nothing is added.
+
+    A backend that can do both faster (``AddsIfFree``: the miniupnpc backend runs both back to
+    back on its worker thread) does; elsewhere ``get`` then ``add``, back to back in this
+    coroutine."""
+    # getattr, not isinstance(gateway, AddsIfFree): a runtime protocol check costs ~10 us on
+    # the way from a trigger to the router call
+    own: Callable[[MappingSpec, int], Awaitable[CheckedAdd]] | None = getattr(
+        gateway, "add_if_free", None)
+    if own is not None:
+        return await own(spec, lease)
+    try:
+        found: RouterMapping | UnsupportedAction | None = await gateway.get(
+            spec.proto, spec.external_port)
+    except UnsupportedAction as exc:
+        found = exc
+    return looked_up(found) or CheckedAdd(granted=await gateway.add(spec, lease))
+
+
+def looked_up(found: RouterMapping | UnsupportedAction | None) -> CheckedAdd | None:
+    """What the check before an add found (the router's entry, None: no such entry, or the
+    router cannot look up): the outcome when nothing may be added, None when the add goes."""
+    if trace.ON:
+        trace.stamp("checked")
+    if isinstance(found, UnsupportedAction):
+        return CheckedAdd(unchecked=found)
+    return None if found is None else CheckedAdd(held=found)
+
+
 @runtime_checkable
 class Gateway(Protocol):
     """A router that can hold port mappings."""
@@ -189,6 +270,16 @@ class Gateway(Protocol):
 
     async def close(self) -> None:
         """Release sockets and threads. The mappings stay; the mapper deletes them first."""
+        ...
+
+
+@runtime_checkable
+class AddsIfFree(Protocol):
+    """A backend with its own, faster ``add_if_free`` (the function of that name is the one
+    behaviour: every backend's must match it, ``tests/test_backend_contract.py``)."""
+
+    async def add_if_free(self, spec: MappingSpec, lease: int) -> CheckedAdd:
+        """The module function ``add_if_free``, on this backend."""
         ...
 
 

@@ -22,9 +22,11 @@ from igdtrigger.core.model import MappingSpec, Proto, RouterMapping
 from igdtrigger.gateway.base import (
     AdoptsLeftovers,
     Capability,
+    CheckedAdd,
     Gateway,
     GatewayInfo,
     Granted,
+    add_if_free,
 )
 from igdtrigger.gateway.upnp.miniupnpc import MiniupnpcGateway  # the C binding loads on connect
 from igdtrigger.gateway.upnp.soap import SoapGateway
@@ -160,6 +162,11 @@ class FallbackGateway:
     async def add_any(self, spec: MappingSpec, lease: int) -> Granted:
         """``Gateway.add_any`` on the chosen backend."""
         return await self._on_current(lambda gw: gw.add_any(spec, lease))
+
+    # s17a (issue 17) hook: the check and the add as one job on the chosen backend
+    async def add_if_free(self, spec: MappingSpec, lease: int) -> CheckedAdd:
+        """``base.add_if_free`` on the chosen backend (its own, faster one where it has it)."""
+        return await self._on_current(lambda gw: add_if_free(gw, spec, lease))
 
     async def delete(self, proto: Proto, external_port: int) -> None:
         """``Gateway.delete`` on the chosen backend."""

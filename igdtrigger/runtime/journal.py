@@ -306,14 +306,18 @@ class Journal:
         with self._lock:
             self._write_locked(sql, rows)
 
-    def _write_locked(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+    def _write_locked(self, sql: str, rows: list[tuple[object, ...]],
+                      *more: tuple[str, list[tuple[object, ...]]]) -> None:
+        """``sql`` for ``rows`` (and each of ``more``) in one fsync'd transaction."""
         db = self._db
-        if db is None or not rows or self._readonly:
+        statements = [(q, r) for q, r in ((sql, rows), *more) if r]
+        if db is None or not statements or self._readonly:
             return
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(sql, rows)
+                for q, r in statements:
+                    db.executemany(q, r)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -331,29 +335,36 @@ class Journal:
 
     def mappings_requested(self, specs: list[MappingSpec],
                            nonces: Mapping[MappingKey, bytes] | None = None,
-                           protocol: str = "") -> None:
+                           protocol: str = "", *,
+                           activations: list[JournalActivation] | None = None) -> None:
         """Record mappings about to be requested, in one fsync'd transaction. ``nonces``: the
         PCP mapping nonce each is requested with; ``protocol``: the gateway's protocol
-        (``GatewayInfo.protocol``), which decides how a leftover can be deleted."""
+        (``GatewayInfo.protocol``), which decides how a leftover can be deleted;
+        ``activations``: the activations they are for, recorded in the same transaction (one
+        fsync for both, as ``activations_put``)."""
         nonces = nonces or {}
-        self._put_mappings([(s, nonces.get(s.key, b""), protocol) for s in specs])
+        self._put_mappings([(s, nonces.get(s.key, b""), protocol) for s in specs],
+                           activations or [])
 
     def mappings_copy(self, rows: list[JournalMapping]) -> None:
         """Record another journal's mappings as they are (nonce and protocol kept): what a dead
         ``igdtrigger run`` left, taken over (``leftovers.take_over``)."""
         self._put_mappings([(m.spec, m.nonce, m.protocol) for m in rows])
 
-    def _put_mappings(self, rows: list[tuple[MappingSpec, bytes, str]]) -> None:
+    def _put_mappings(self, rows: list[tuple[MappingSpec, bytes, str]],
+                      acts: list[JournalActivation] | None = None) -> None:
         now = self.wall()
-        self._write(
-            "INSERT INTO mappings (proto, external_port, internal_client, internal_port, "
-            "description, state, updated, nonce, protocol) VALUES (?,?,?,?,?,'requested',?,?,?) "
-            "ON CONFLICT(proto, external_port) DO UPDATE SET "
-            "internal_client=excluded.internal_client, internal_port=excluded.internal_port, "
-            "description=excluded.description, updated=excluded.updated, nonce=excluded.nonce, "
-            "protocol=excluded.protocol",
-            [(s.proto.value, s.external_port, s.internal_client, s.internal_port,
-              s.description, now, nonce.hex(), protocol) for s, nonce, protocol in rows])
+        sql = ("INSERT INTO mappings (proto, external_port, internal_client, internal_port, "
+               "description, state, updated, nonce, protocol) VALUES (?,?,?,?,?,'requested',?,?,?) "
+               "ON CONFLICT(proto, external_port) DO UPDATE SET "
+               "internal_client=excluded.internal_client, internal_port=excluded.internal_port, "
+               "description=excluded.description, updated=excluded.updated, nonce=excluded.nonce, "
+               "protocol=excluded.protocol")
+        with self._lock:
+            self._write_locked(sql, [(s.proto.value, s.external_port, s.internal_client,
+                                      s.internal_port, s.description, now, nonce.hex(), protocol)
+                                     for s, nonce, protocol in rows],
+                               _activation_rows(acts or []))
 
     def mappings_gone(self, keys: list[tuple[Proto, int]]) -> None:
         """Forget mappings confirmed gone from the router, in one fsync'd transaction."""
@@ -467,11 +478,7 @@ class Journal:
 
     def activations_put(self, acts: list[JournalActivation]) -> None:
         """Record (or replace) activations, so a restart can restore them."""
-        self._write("INSERT OR REPLACE INTO activations (id, rule, host, source, created_wall, "
-                    "expires_wall, ttl, meta, boot_id, expires_boot) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
-                      json.dumps(a.meta), a.boot_id,
-                      a.expires_boot if math.isfinite(a.expires_boot) else 0.0) for a in acts])
+        self._write(*_activation_rows(acts))
 
     def activations_clear(self) -> None:
         """A clean stop: what this run held has ended; nothing is restored at the next start."""
@@ -524,3 +531,12 @@ class Journal:
         if self._copy is not None:
             self._copy.cleanup()
             self._copy = None
+
+
+def _activation_rows(acts: list[JournalActivation]) -> tuple[str, list[tuple[object, ...]]]:
+    """The statement and rows recording (or replacing) ``acts``."""
+    return ("INSERT OR REPLACE INTO activations (id, rule, host, source, created_wall, "
+            "expires_wall, ttl, meta, boot_id, expires_boot) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(a.id, a.rule, a.host, a.source, a.created_wall, a.expires_wall, a.ttl,
+              json.dumps(a.meta), a.boot_id,
+              a.expires_boot if math.isfinite(a.expires_boot) else 0.0) for a in acts])

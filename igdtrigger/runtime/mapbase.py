@@ -29,7 +29,7 @@ from igdtrigger.gateway.base import AdoptsLeftovers, Gateway, GatewayInfo
 T = TypeVar("T")
 
 if TYPE_CHECKING:  # sqlite3 stays out of `igdtrigger run` (standalone) start-up
-    from igdtrigger.runtime.journal import Journal
+    from igdtrigger.runtime.journal import Journal, JournalActivation
 
 __all__ = ["RETRY_FIRST", "RETRY_MAX", "Applied", "LeftOpen", "MapState", "MapperBase",
            "OrphanMeta", "backoff"]
@@ -231,6 +231,9 @@ class MapperBase:
         self._swept = False
         # mappings to journal at the next router request, beside it (_beside), on a thread
         self._deferred: list[MappingSpec] = []
+        # rows of new activations to record in the same transaction as the next mapping rows
+        # (the pipeline's: one fsync for an activation and its mappings)
+        self.journal_riders: Callable[[], list[JournalActivation]] | None = None
         self._journal_thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._journal_pending: concurrent.futures.Future[None] | None = None
         self._foreign_hint: int | None = None  # router entries not ours, at the last listing
@@ -340,13 +343,21 @@ class MapperBase:
             self._deferred = []
         self._journal_put(specs)
 
-    def _journal_put(self, specs: list[MappingSpec]) -> None:
+    def _journal_put(self, specs: list[MappingSpec],
+                     acts: list[JournalActivation] | None = None) -> None:
+        """Record ``specs`` (with ``acts``, or the riders'), in one transaction."""
         if self.journal is not None and specs:
+            if acts is None:
+                acts = self._riders()
             gw = self.gateway
             nonces = {s.key: n for s in specs if isinstance(gw, AdoptsLeftovers)
                       and (n := gw.mapping_nonce(s))}
             self.journal.mappings_requested(specs, nonces,
-                                            gw.info.protocol if gw.info is not None else "")
+                                            gw.info.protocol if gw.info is not None else "",
+                                            activations=acts)
+
+    def _riders(self) -> list[JournalActivation]:
+        return self.journal_riders() if self.journal_riders is not None else []
 
     def _journal_soon(self, specs: list[MappingSpec]) -> None:
         """Journal ``specs`` at the next router request (``_beside``) rather than before the
@@ -396,17 +407,25 @@ class MapperBase:
             await self._journal_settled()
 
     def _journal_later(self) -> None:
-        """Write what is deferred on the journal thread (waited for by ``_journal_settle``)."""
+        """Write what is deferred on the journal thread (waited for by ``_journal_settle``),
+        the riders' activation rows with it."""
         specs, self._deferred = self._deferred, []
         if self._journal_thread is None:
             self._journal_thread = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="journal")
-        self._journal_pending = self._journal_thread.submit(self._journal_write, specs)
+        self._journal_pending = self._journal_thread.submit(
+            self._journal_write, specs, self._riders() if specs else [])
 
-    def _journal_write(self, specs: list[MappingSpec]) -> None:  # on the journal thread
-        self._journal_put(specs)
+    def _journal_write(self, specs: list[MappingSpec],
+                       acts: list[JournalActivation]) -> None:  # on the journal thread
+        self._journal_put(specs, acts)
         if trace.ON:
             trace.stamp("journal")
+
+    def settle_journal(self) -> None:
+        """Wait for a journal write still on the journal thread: before a write of the
+        caller's own that must follow it (``_journal_settle``)."""
+        self._journal_settle()
 
     def _journal_settle(self) -> None:
         """Wait for a journal write still on the journal thread (before the next one)."""

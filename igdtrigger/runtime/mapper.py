@@ -34,8 +34,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from igdtrigger.core import trace
 from igdtrigger.core.errors import (
@@ -49,13 +49,14 @@ from igdtrigger.core.errors import (
     NotAuthorized,
 )
 from igdtrigger.core.model import MappingKey, MappingSpec, RouterMapping
-from igdtrigger.gateway.base import Capability, GatewayInfo, Granted
+from igdtrigger.gateway.base import Capability, GatewayInfo, Granted, add_if_free
 from igdtrigger.runtime.mapbase import RETRY_FIRST, Applied, MapState, backoff
 from igdtrigger.runtime.orphans import Orphans
 
 __all__ = ["TRACE_ENV", "Applied", "MapState", "Mapper", "write_trace"]
 
 log = logging.getLogger("igdtrigger.runtime.mapper")  # one logger for the whole mapper
+T = TypeVar("T")
 
 LOCAL_RETRY = 5.0  # seconds before retrying after this machine ran out of descriptors
 CONFLICT_RECHECK = 30.0
@@ -85,10 +86,14 @@ class Mapper(Orphans):
     Built as ``MapperBase`` (state) -> ``RouterTruth`` (read-backs) -> ``Orphans`` (deletes)
     -> this (the apply loop: adds, renewals, verification)."""
 
-    async def reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
-        """Bring the router in line with ``desired``; never raises for router trouble."""
+    async def reconcile(self, desired: dict[MappingKey, MappingSpec],
+                        answered: Callable[[], None] | None = None) -> None:
+        """Bring the router in line with ``desired``; never raises for router trouble.
+        ``answered()`` is called once the deletes and the new mappings' adds were answered
+        and journaled (what a caller waiting for this change needs), before renewals,
+        retries of older mappings and verification."""
         async with self._lock:
-            await self._reconcile(desired)
+            await self._reconcile(desired, answered)
 
     async def remove_all(self) -> int:
         """Delete every mapping we hold (shutdown). Returns how many the router confirmed gone
@@ -155,7 +160,8 @@ class Mapper(Orphans):
                                           f"({self.gateway_error or 'not found yet'})")
         return out
 
-    async def _reconcile(self, desired: dict[MappingKey, MappingSpec]) -> None:
+    async def _reconcile(self, desired: dict[MappingKey, MappingSpec],
+                         answered: Callable[[], None] | None) -> None:
         if not self.gateway_up and (self.clock() < self._gateway_retry_at
                                     or not await self._connect(desired)):
             self._mark_pending(desired)
@@ -194,6 +200,10 @@ class Mapper(Orphans):
             if not self.gateway_up or self._abandoned():
                 break
             await self._add(app, check=self.check_before_add, known=known)
+        await self._journal_settled()  # what the adds journaled beside them: written
+        self._journal_requested([])  # nothing was asked (router down, abandoned): now
+        if answered is not None:
+            answered()
         for app in list(self.applied.values()):
             if not self.gateway_up or self._abandoned():
                 break
@@ -203,7 +213,7 @@ class Mapper(Orphans):
             elif app.state is not MapState.ACTIVE and app.attempts > 0 and now >= app.retry_at:
                 await self._add(app, check=True)
         await self._journal_settled()  # what the pass journaled beside its requests: written
-        self._journal_requested([])  # nothing was asked (router down, abandoned): now
+        self._journal_requested([])
 
         if self.gateway_up and self.clock() >= self._next_canary:
             await self._canary()
@@ -257,18 +267,27 @@ class Mapper(Orphans):
         with lease 0 there, and only when that succeeds (``Granted.timed_lease_refused``) is
         the router "permanent only" (a 402 for a full table, miniupnp/miniupnp#92, fails both
         and teaches nothing). ``any_port``: ``add_any`` (the router may pick the port)."""
+        gw = self.gateway
+        granted = await self._leased(wire, app, gw.add_any if any_port else gw.add)
+        self._lease_answer(granted, app)
+        return granted
+
+    async def _leased(self, wire: MappingSpec, app: Applied | None,
+                      request: Callable[[MappingSpec, int], Awaitable[T]]) -> T:
+        """``request(wire, lease)`` with the lease learned for this router, the deferred
+        journal write beside it (``_beside``)."""
         lease = self.lease if self.traits.timed_leases else 0
         if app is not None:
             app.asked = lease
         try:
-            if any_port:
-                granted = await self._beside(self.gateway.add_any(wire, lease), wire)
-            else:
-                granted = await self._beside(self.gateway.add(wire, lease), wire)
+            return await self._beside(request(wire, lease), wire)
         except asyncio.CancelledError:
             if app is not None:  # a stop cancelled it unanswered: it may be on the router
                 app.maybe_applied = True
             raise
+
+    def _lease_answer(self, granted: Granted, app: Applied | None) -> None:
+        """Learn from an add's answer: a timed lease refused, lease 0 accepted."""
         refused = granted.timed_lease_refused
         if refused is not None:
             if app is not None:
@@ -278,7 +297,30 @@ class Mapper(Orphans):
                 f"router refuses timed leases ({refused.code} {refused.description}; lease 0 "
                 "accepted): using permanent mappings that igdtrigger deletes itself when the "
                 "trigger lapses"))
-        return granted
+
+    def _one_job(self, known: dict[MappingKey, RouterMapping] | None) -> bool:
+        """Whether the check before an add and the add go to the gateway as one job
+        (``base.add_if_free``): a lookup is due (no listing already shows the port, the router
+        can look mappings up) and no journal row must be durable before the add (else the
+        lookup and the journal write overlap, then the add: ``_beside``)."""
+        return (known is None and self.traits.reports_mappings is not False
+                and all(self._may_trail(s) for s in self._deferred))
+
+    async def _check_and_add(self, app: Applied) -> tuple[Granted | None, str | None]:
+        """The check and the add as one job: (granted, None) when the port was free and the
+        add made; (None, why) when someone else holds it; (None, None) when our own entry
+        holds it or the router cannot look it up (the caller adds, as after a check)."""
+        wire = app.wire
+        checked = await self._leased(wire, app, lambda w, lease: add_if_free(
+            self.gateway, w, lease))
+        if checked.unchecked is not None:
+            self._cannot_look_up(checked.unchecked)
+            return None, None
+        self.ops["verify"] += 1
+        if checked.granted is not None:
+            self._lease_answer(checked.granted, app)
+            return checked.granted, None
+        return None, self._whose(checked.held, wire)
 
     async def _add_elsewhere(self, app: Applied) -> Granted | None:
         """``external = "any"``: our port is taken, so take another one (never someone's)."""
@@ -308,9 +350,12 @@ class Mapper(Orphans):
         try:
             granted: Granted | None = None
             if check:
-                why = await self._beside(self._foreign(app.wire, known))
-                if trace.ON:
-                    trace.stamp("checked")
+                if self._one_job(known):
+                    granted, why = await self._check_and_add(app)
+                else:
+                    why = await self._beside(self._foreign(app.wire, known))
+                    if trace.ON:
+                        trace.stamp("checked")
                 if why is not None:
                     if spec.external_any and not renewal:
                         granted = await self._add_elsewhere(app)

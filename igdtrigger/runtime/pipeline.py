@@ -124,18 +124,22 @@ class Pipeline:
         self.mapper = Mapper(
             gateway, clock=clock, tag=tag, lease=settings.lease,
             verify_interval=settings.verify_interval, canary_interval=settings.canary_interval,
-            check_before_add=settings.check_before_add, on_change=on_mapping_change,
+            check_before_add=settings.check_before_add,
+            on_change=self._after_events(on_mapping_change),
             journal=journal, abandon=self._abandon_pass, reclaim=dead_run_tag)
         self.pinholes: PinholeKeeper | None = None
         if settings.ipv6_pinholes and pinhole_client is not None:
             self.pinholes = PinholeKeeper(pinhole_client, clock=clock, lease=settings.lease,
-                                          journal=journal, on_change=on_pinhole_change)
+                                          journal=journal,
+                                          on_change=self._after_events(on_pinhole_change))
         self._ipv6_lookup = ipv6_addresses
         self._v6_addresses: tuple[float, list[str]] = (-math.inf, [])
         self._wake = asyncio.Event()
         self._pinhole_wake = asyncio.Event()
         self._applied_generation = -1
-        self._applied_cond = asyncio.Condition()
+        self._rounds = 0  # rounds started
+        # (generation, the first round that counts, the waiter): wait_applied
+        self._applied_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._desired_cache: tuple[int, dict[MappingKey, Any]] = (-1, {})
         self._journal_flushed = 0.0
         self._journal_checked = 0.0
@@ -143,6 +147,8 @@ class Pipeline:
         # (the mappings themselves are journaled before they are requested): no fsync of its
         # own on the way from a trigger to an open port.
         self._unjournaled: dict[str, Activation] = {}
+        self.mapper.journal_riders = self._journal_riders
+        self._events: list[Event] = []  # engine events for on_event, held back a moment
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = False
         # the guard: what health() reports
@@ -173,16 +179,37 @@ class Pipeline:
         self.wake()
 
     async def wait_applied(self, generation: int, timeout: float) -> None:
-        """Wait (at most ``timeout`` s) until a round for engine ``generation`` finished."""
+        """Wait (at most ``timeout`` s) until a round for engine ``generation`` has applied it:
+        its deletes and new mappings' adds answered by the router, and the activations and
+        mappings journaled (``Mapper.reconcile``'s ``answered``). What follows in that round
+        (renewals and retries of older mappings, verification) is not waited for. A
+        generation applied already: until the round this call wakes has got as far."""
         self.wake()
         if timeout <= 0:
             return
-        async with self._applied_cond:
+        first = self._rounds + 1 if self._applied_generation >= generation else 0
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = (generation, first, fut)
+        self._applied_waiters.append(waiter)
+        try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._applied_cond.wait_for(lambda: self._applied_generation >= generation),
-                    timeout,
-                )
+                async with asyncio.timeout(timeout):
+                    await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._applied_waiters.remove(waiter)
+
+    def _applied(self, generation: int) -> None:
+        """The running round has applied engine ``generation``: tell those waiting for it."""
+        self._applied_generation = max(self._applied_generation, generation)
+        waiting, self._applied_waiters = self._applied_waiters, []
+        for gen, first, fut in waiting:
+            if gen > generation or self._rounds < first:
+                self._applied_waiters.append((gen, first, fut))
+            elif not fut.done():
+                fut.set_result(None)
 
     # --- what is wanted -----------------------------------------------------------------------
 
@@ -272,9 +299,40 @@ class Pipeline:
         if ev.kind is EventKind.ACTIVATED:
             self._unjournaled[act.id] = act
         elif self._unjournaled.pop(act.id, None) is None:  # else it never reached the journal
+            self.mapper.settle_journal()  # after its row, if that is still being written
             self.journal.activation_gone(act.id)
+        if self.on_event is None:
+            return
+        if not self._events:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a synchronous caller): at once
+                self.on_event(ev)
+                return
+            # two loop turns later: after the scheduler round this change wakes (in the next
+            # turn) has queued its router call; the log line and the event stream's message
+            # are not on the way from a trigger to the router (issue 17)
+            loop.call_soon(loop.call_soon, self.flush_events)
+        self._events.append(ev)
+
+    def _after_events(self, report: Callable[..., None] | None) -> Callable[..., None] | None:
+        """``report`` (a mapping's or pinhole's change), after the engine events held back:
+        an activation is reported before the mappings it brought."""
+        if report is None:
+            return None
+
+        def after(*args: Any) -> None:
+            self.flush_events()
+            report(*args)
+
+        return after
+
+    def flush_events(self) -> None:
+        """Hand the engine events held back (``_on_engine_event``) to ``on_event``, in order."""
+        events, self._events = self._events, []
         if self.on_event is not None:
-            self.on_event(ev)
+            for ev in events:
+                self.on_event(ev)
 
     def _journal_activations(self) -> None:
         """Write refreshed expiries to the journal, at most once a second."""
@@ -311,9 +369,14 @@ class Pipeline:
 
     def _journal_new(self) -> None:
         if self._unjournaled:
-            acts = list(self._unjournaled.values())
-            self._unjournaled.clear()
-            self.journal.activations_put([self.journal_record(a) for a in acts])
+            self.journal.activations_put(self._journal_riders())
+
+    def _journal_riders(self) -> list[JournalActivation]:
+        """The new activations' rows, taken to be written (with their mappings' rows, in one
+        transaction: ``Mapper.journal_riders``; else by ``_journal_new``)."""
+        acts = list(self._unjournaled.values())
+        self._unjournaled.clear()
+        return [self.journal_record(a) for a in acts]
 
     # --- scheduler ----------------------------------------------------------------------------
 
@@ -331,18 +394,22 @@ class Pipeline:
         engine generation the round applied."""
         if trace.ON:
             trace.stamp("round")
+        self._rounds += 1
         self.engine.expire()
         gen = self.engine.generation
-        await self.mapper.reconcile(self.desired())
+
+        def answered() -> None:  # the round's changes are on the router and journaled
+            self._journal_new()  # activations whose mappings wrote no row (held already)
+            self._applied(gen)
+
+        await self.mapper.reconcile(self.desired(), answered)
         self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
         if self.after_round is not None:
             self.after_round()
         self._journal_check()
         self._journal_new()
         self._journal_activations()
-        async with self._applied_cond:
-            self._applied_generation = gen
-            self._applied_cond.notify_all()
+        self._applied(gen)  # (a router not answering: the pass ended early)
         return gen
 
     async def _scheduler(self) -> None:
@@ -418,6 +485,7 @@ class Pipeline:
     async def stop_tasks(self) -> None:
         """Cancel the scheduler and the pinhole loop."""
         self.stopping = True
+        self.flush_events()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -258,6 +258,11 @@ class RouterTruth(MapperBase):
                 self._cannot_look_up(exc)
                 return None
             self.ops["verify"] += 1
+        return self._whose(existing, wire)
+
+    def _whose(self, existing: RouterMapping | None, wire: MappingSpec) -> str | None:
+        """Why the router's entry ``existing`` (None: it has none) for ``wire``'s port is
+        someone else's, or None if free/ours."""
         if existing is None or self._is_ours(existing, wire):
             return None
         if (existing.internal_client, existing.internal_port) == (

@@ -37,6 +37,7 @@ from igdtrigger.gateway.upnp.codec import (
     IgdService,
     ServiceProbe,
     UpnpFault,
+    build_soap,
     choose_service,
     fault_error,
     mapping_args,
@@ -49,6 +50,8 @@ from igdtrigger.gateway.upnp.http import (
     DEFAULT_REQUESTER,
     HttpReply,
     Requester,
+    http_exchange,
+    soap_headers,
     soap_request,
 )
 from igdtrigger.gateway.upnp.ssdp import (
@@ -61,9 +64,10 @@ from igdtrigger.gateway.upnp.ssdp import (
 from igdtrigger.netutil import default_gateway
 
 __all__ = [
-    "ChosenService", "ChosenServiceState",
+    "GET_SPECIFIC", "ChosenService", "ChosenServiceState",
     "SoapCall", "SoapGateway", "capabilities_of", "discover", "find_wan_service",
-    "location_allowed", "probe_service", "read_mapping", "read_table", "soap_call",
+    "location_allowed", "probe_service", "read_mapping", "read_mapping_blocking", "read_table",
+    "soap_call", "soap_call_blocking",
 ]
 
 log = logging.getLogger("igdtrigger.gateway.upnp.soap")
@@ -145,6 +149,20 @@ async def soap_call(svc: IgdService, action: str, args: list[tuple[str, str]], *
     ``ActionFailed`` without a code."""
     reply = await soap_request(requester, svc.control_url, svc.service_type, action, args,
                                timeout=timeout)
+    return _soap_result(svc, action, reply, lease=lease, for_self=for_self)
+
+
+def soap_call_blocking(svc: IgdService, action: str, args: list[tuple[str, str]], *,
+                       timeout: float) -> dict[str, str]:
+    """``soap_call`` on a blocking socket (``http.http_exchange``), for a worker thread."""
+    reply = http_exchange(svc.control_url, "POST",
+                          body=build_soap(svc.service_type, action, args),
+                          headers=soap_headers(svc.service_type, action), timeout=timeout)
+    return _soap_result(svc, action, reply)
+
+
+def _soap_result(svc: IgdService, action: str, reply: HttpReply, *, lease: int | None = None,
+                 for_self: bool | None = None) -> dict[str, str]:
     if reply.status in (404, 405) and not reply.body.strip():
         raise GatewayUnreachable(
             f"control URL {svc.control_url} answered HTTP {reply.status}: the router "
@@ -414,12 +432,31 @@ async def read_mapping(svc: IgdService, proto: Proto, external_port: int, *, tim
     both UPnP backends. ``call``: how to send (a backend's serialised, metered one)."""
     send = call or (lambda s, a, args: soap_call(s, a, args, timeout=timeout))
     try:
-        out = await send(svc, "GetSpecificPortMappingEntry", [
-            ("NewRemoteHost", ""), ("NewExternalPort", str(external_port)),
-            ("NewProtocol", proto.value)])
+        out = await send(svc, GET_SPECIFIC, _lookup_args(proto, external_port))
     except NoSuchMapping:
         return None
     return _mapping(proto, external_port, out)
+
+
+def read_mapping_blocking(svc: IgdService, proto: Proto, external_port: int, *,
+                          timeout: float) -> RouterMapping | None:
+    """``read_mapping`` on a blocking socket, for a worker thread: the entry, ``None`` for "no
+    such entry" (714 and kin, ``NoSuchMapping``); any other failure raises its
+    ``GatewayError`` (a failed lookup is never taken for a free port)."""
+    try:
+        out = soap_call_blocking(svc, GET_SPECIFIC, _lookup_args(proto, external_port),
+                                 timeout=timeout)
+    except NoSuchMapping:
+        return None
+    return _mapping(proto, external_port, out)
+
+
+GET_SPECIFIC = "GetSpecificPortMappingEntry"
+
+
+def _lookup_args(proto: Proto, external_port: int) -> list[tuple[str, str]]:
+    return [("NewRemoteHost", ""), ("NewExternalPort", str(external_port)),
+            ("NewProtocol", proto.value)]
 
 
 async def read_table(svc: IgdService, limit: int, *, timeout: float,
