@@ -99,7 +99,8 @@ def test_a_config_place_that_cannot_be_looked_at_is_not_passed_over(
     the defaults; the quick way passed it over as absent and asked the service the next config
     file names (~/.config/igdtrigger/config.toml's listen): another service than the full
     way's."""
-    from igdtrigger.config import ConfigError, load_config
+    from igdtrigger.config import load_config
+    from igdtrigger.core.errors import ConfigError
 
     for var in ("IGDTRIGGER_API__LISTEN", "IGDTRIGGER_SERVER", "CONFIGURATION_DIRECTORY"):
         monkeypatch.delenv(var, raising=False)
