@@ -6,50 +6,33 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.lab.doublenat import DoubleNat, FrontServe, wait_until
-from tests.lab.netlab import Lab
-from tests.lab.test_lab_front import natpmp_map, need_tools, upnp_add
+from tests.lab.test_lab_front import (  # noqa: F401 - net, front: the fixtures
+    front,
+    natpmp_map,
+    net,
+    upnp_add,
+)
 
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def net(lab: Lab) -> DoubleNat:
-    need_tools()
-    return DoubleNat(lab).build()
-
-
-@pytest.fixture
-def front(net: DoubleNat, tmp_path: Path) -> Iterator[Callable[..., FrontServe]]:
-    started: list[FrontServe] = []
-
-    def factory(**cfg: Any) -> FrontServe:
-        s = FrontServe(net, tmp_path, **cfg).start()
-        started.append(s)
-        return s
-
-    yield factory
-    for s in started:
-        s.close()
-
-
-def _cycles(net: DoubleNat, client: int, ports: range, errors: list[str]) -> None:
+def _cycles(lan: DoubleNat, client: int, ports: range, errors: list[str]) -> None:
     """Map and unmap each port at once, NAT-PMP and UPnP in turn."""
     for i, port in enumerate(ports):
         if i % 2:
-            granted = natpmp_map(net, client, port)
-            p = net.natpmpc(client, "-a", str(port), str(port), "udp", "0")
+            granted = natpmp_map(lan, client, port)
+            p = lan.natpmpc(client, "-a", str(port), str(port), "udp", "0")
             if p.returncode != 0:
                 errors.append(f"natpmpc delete {port}: {p.stdout}{p.stderr}")
         else:
-            granted, out = upnp_add(net, client, port, lease=0)
-            p = net.upnpc(client, "-d", str(granted or port), "UDP")
+            granted, out = upnp_add(lan, client, port, lease=0)
+            p = lan.upnpc(client, "-d", str(granted or port), "UDP")
             if granted is None:
                 errors.append(f"upnpc add {port}: {out}")
         if granted is None:
@@ -57,7 +40,7 @@ def _cycles(net: DoubleNat, client: int, ports: range, errors: list[str]) -> Non
 
 
 def test_quick_add_delete_cycles_from_two_clients_leave_no_rule(
-        net: DoubleNat, front: Callable[..., FrontServe]) -> None:
+        net: DoubleNat, front: Callable[..., FrontServe]) -> None:  # noqa: F811
     s = front()
     errors: list[str] = []
     threads = [threading.Thread(target=_cycles, args=(net, c, range(41000 + 100 * c,
@@ -76,7 +59,8 @@ def test_quick_add_delete_cycles_from_two_clients_leave_no_rule(
 
 
 def test_kill_9_mid_cycles_then_restart_and_stop_leave_nothing(
-        net: DoubleNat, front: Callable[..., FrontServe], tmp_path: Path) -> None:
+        net: DoubleNat, front: Callable[..., FrontServe],  # noqa: F811
+        tmp_path: Path) -> None:
     s = front()
     errors: list[str] = []
     t = threading.Thread(target=_cycles, args=(net, 0, range(42000, 42020), errors))
