@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import igdtrigger.nftcmd as nftcmd
+import igdtrigger.cli.doctor as doctor
 from igdtrigger.cli.doctor import CAP_NET_ADMIN, check_front
 from igdtrigger.config import parse_config
 from igdtrigger.front.topology import Topology
@@ -18,7 +18,7 @@ def test_topology_1_without_the_nft_command_fails_as_serve_would(
     one warn, "could not read the forward chains (nft) -> run as root / with CAP_NET_ADMIN"
     (as root). Now a FAIL that names the missing command and how to get it."""
     here(monkeypatch, Topology.GATEWAY, forwarding=True, drops=None)
-    monkeypatch.setattr(nftcmd, "find_nft", lambda: None)
+    monkeypatch.setattr(doctor, "find_nft", lambda: None)
     lines = check_front(parse_config({"front": FRONT}), 1 << CAP_NET_ADMIN)
     assert [(c.level, c.name) for c in lines] == [("ok", "front topology"),
                                                   ("FAIL", "front forwarding")]
