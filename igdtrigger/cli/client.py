@@ -26,6 +26,8 @@ from igdtrigger.core.settings import DEFAULT_PORT, ApiConfig
 from igdtrigger.paths import ADMIN_SOCKET, admin_socket, state_dirs
 
 if TYPE_CHECKING:  # the shapes only: `run`'s start-up imports no more than it did
+    from collections.abc import Callable
+
     from igdtrigger.config import Config
     from igdtrigger.runtime.views import ActivationView, HealthView, StatusView
 
@@ -274,16 +276,36 @@ def _host_header(host: str, port: int) -> str:
     return name if port == 80 else f"{name}:{port}"
 
 
+def _deadline_recv(sock: socket.socket) -> Callable[[], bytes]:
+    """``sock.recv`` bounded, all calls together, by ``sock``'s timeout at the first call
+    (seconds; none set: unbounded). Raises ``TimeoutError`` once that time is spent."""
+    limit = sock.gettimeout()
+    if limit is None:
+        return lambda: sock.recv(65536)
+    end = time.monotonic() + limit
+
+    def recv() -> bytes:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(left)
+        return sock.recv(65536)
+
+    return recv
+
+
 def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
     """``(status, body)`` of one HTTP/1.1 answer on ``sock`` (``Connection: close`` was
     asked: the body ends at its ``Content-Length``, its last chunk or the end of the stream;
-    at most ``MAX_ANSWER`` bytes of it are kept). Raises ``_BadAnswer``, ``OSError``
-    (``TimeoutError`` when the service goes quiet)."""
+    at most ``MAX_ANSWER`` bytes of it are kept). The socket's timeout bounds the whole answer,
+    not each read: a listener trickling a byte at a time cannot hold a game's start. Raises
+    ``_BadAnswer``, ``OSError`` (``TimeoutError`` when the service goes quiet or is too slow)."""
+    recv = _deadline_recv(sock)
     buf = bytearray()
     while (end := buf.find(b"\r\n\r\n")) < 0:
         if len(buf) > _MAX_HEAD:
             raise _BadAnswer("an answer whose headers never end")
-        chunk = sock.recv(65536)
+        chunk = recv()
         if not chunk:
             raise _BadAnswer("the connection closed before an answer" if not buf
                              else "the answer was cut short")
@@ -306,7 +328,7 @@ def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
             raise _BadAnswer(f"a Content-Length of {length[:20]!r}")
         want = min(int(length), MAX_ANSWER)
     while len(body) < want:
-        chunk = sock.recv(65536)
+        chunk = recv()
         if not chunk:
             if length is not None and not chunked:
                 raise _BadAnswer(f"the answer was cut short ({len(body)} of {length} bytes)")

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from igdtrigger.cli.client import Client, local_access, pick_token, resolve_server
 from igdtrigger.config import Config, default_state_dir, load_config
 from igdtrigger.core.errors import ApiError, ConfigError, IgdTriggerError
+from igdtrigger.nftcmd import find_nft
 
 __all__ = [
     "CAP_NET_ADMIN",
@@ -91,6 +92,14 @@ def check_front(config: Config, caps: int | None) -> list[Check]:
     f = config.front
     topo = local_topology(f.interfaces, config.gateway.url, forward_chain=f.forward_chain)
     out = [Check(*c) for c in topology_checks(topo)]
+    if topo["kind"] == "gateway" and find_nft() is None:
+        # serve refuses to start then (front/dnat.py InnerDnat._run); the forward chains
+        # could not be read for that reason, not for a privilege
+        out = [c for c in out if not (c.name == "front forwarding" and c.level == "warn")]
+        out.append(Check("FAIL", "front forwarding", "this host routes the LAN (topology "
+                         "1), so the front loads its inner DNAT table with the nft "
+                         "command, and it is missing: `igdtrigger serve` would not start",
+                         "install nftables (Debian/Ubuntu: apt install nftables)"))
     if topo["kind"] == "gateway" and caps is not None and not caps >> CAP_NET_ADMIN & 1:
         out.append(Check("FAIL", "front forwarding", "this host routes the LAN (topology 1), "
                          "so the front adds inner DNAT rules with nftables: that needs "

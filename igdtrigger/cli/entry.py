@@ -146,7 +146,17 @@ def _location(config: str | None) -> tuple[str, str | None] | None:
     ``IGDTRIGGER_API__LISTEN``/``IGDTRIGGER_SERVICE__STATE_DIR`` overrides over it), or None
     when the full way should decide."""
     if config is None:
-        config = next((p for p in config_paths() if os.path.exists(p)), None)
+        for place in config_paths():  # as config.find_config looks: a place that cannot
+            try:  # even be looked at is that config, refused by name by the full way
+                os.stat(place)
+            except OSError as exc:
+                import errno  # built in: free here
+
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):
+                    continue  # what pathlib's exists() passes over
+                return None
+            config = place
+            break
     listen, state = None, None
     if config is not None:
         text = _read(config)
@@ -165,15 +175,23 @@ def _location(config: str | None) -> tuple[str, str | None] | None:
             state = svc.get("state_dir") if isinstance(svc, dict) else None
         else:
             listen, state = found
-    for name in ("IGDTRIGGER_API__LISTEN", "IGDTRIGGER_SERVICE__STATE_DIR"):
-        env = os.environ.get(name)
-        if env is not None:
-            if not env or env.strip()[:1] in ("'", '"', "[", "{") or env.strip() != env:
-                return None
-            if name.startswith("IGDTRIGGER_API"):
-                listen = env
-            else:
-                state = env
+    # the overrides as config.env_overrides reads them: section and key in any case
+    seen: set[str] = set()
+    for name, env in os.environ.items():
+        if not name.startswith("IGDTRIGGER_") or "__" not in name:
+            continue
+        which = name[11:].upper()
+        if which not in ("API__LISTEN", "SERVICE__STATE_DIR"):
+            continue
+        if which in seen:
+            return None  # given twice (two spellings): the full way says which counts
+        seen.add(which)
+        if not env or env.strip()[:1] in ("'", '"', "[", "{") or env.strip() != env:
+            return None
+        if which == "API__LISTEN":
+            listen = env
+        else:
+            state = env
     if (listen is not None and not isinstance(listen, str)) or (
             state is not None and not isinstance(state, str)):
         return None
@@ -262,9 +280,14 @@ def _loopback(listen: str) -> tuple[int, tuple[str, int], str] | None:
 def main() -> int:
     """The console entry point: ``run``'s quick request, then the full command line."""
     argv = sys.argv[1:]
-    quick = parse_run(argv)
-    sent = presend(argv) if quick is not None else None
-    # the full command line: loaded after the request went out
-    from igdtrigger.cli.main import main as full_main
-
+    sent = None
+    try:
+        quick = parse_run(argv)
+        sent = presend(argv) if quick is not None else None
+        # the full command line: loaded after the request went out
+        from igdtrigger.cli.main import main as full_main
+    except KeyboardInterrupt:  # Ctrl-C before the full command line took over: no traceback
+        if sent is not None:
+            sent.close()  # the service lets the activation lapse (nobody heartbeats it)
+        return 130
     return full_main(argv, presend=sent, quick=quick, program=True)
