@@ -583,3 +583,26 @@ async def test_gateway_clean_says_why_a_pinhole_was_not_closed(
     assert holes[0].error and not holes[0].removed
     assert [h.spec.port for h in journaled_pinholes(tmp_path, service_live=False,
                                                     tag="abc")] == [4020]  # still journaled
+
+
+async def test_closing_many_pinholes_forgets_them_in_one_journal_write(
+        fw: FakeFirewall, clock: FakeClock, tmp_path: Path) -> None:
+    """A 200-port rule's pinholes closing cost one fsync each on the event loop (the
+    IPv4 + IPv6 range bench: 0.84x the bare loops); now one write per round, and a crash
+    in between only leaves rows for pinholes already closed (closed again, harmlessly)."""
+    j = Journal.open(tmp_path)
+    k = PinholeKeeper(fw, clock=clock, lease=600, journal=j)
+    await k.reconcile({ph(p) for p in range(40000, 40050)})
+    writes: list[int] = []
+    real = j.pinholes_gone
+
+    def counted(specs: list[PinholeSpec]) -> None:
+        writes.append(len(specs))
+        real(specs)
+
+    j.pinholes_gone = counted  # type: ignore[method-assign]
+    await k.reconcile({ph(40000)})
+    assert writes == [49] and j.pinholes() == [ph(40000)] and fw.open_specs() == {ph(40000)}
+    await k.remove_all()
+    assert writes == [49, 1] and j.pinholes() == [] and fw.holes == {}
+    j.close()

@@ -452,10 +452,10 @@ class Journal:
         self._write("INSERT OR REPLACE INTO pinholes VALUES (?,?,?,?)",
                     [(s.address, s.proto.value, s.port, now) for s in specs])
 
-    def pinhole_gone(self, spec: PinholeSpec) -> None:
-        """Forget a pinhole confirmed closed."""
+    def pinholes_gone(self, specs: list[PinholeSpec]) -> None:
+        """Forget pinholes confirmed closed (one transaction for all of them)."""
         self._write("DELETE FROM pinholes WHERE address=? AND proto=? AND port=?",
-                    [(spec.address, spec.proto.value, spec.port)])
+                    [(s.address, s.proto.value, s.port) for s in specs])
 
     def pinholes(self) -> list[PinholeSpec]:
         """Every journaled pinhole (readable rows only)."""

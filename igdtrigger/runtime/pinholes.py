@@ -55,8 +55,8 @@ class PinholeJournal(Protocol):
 
     def pinholes_requested(self, specs: list[PinholeSpec]) -> None:
         """Record pinholes about to be requested."""
-    def pinhole_gone(self, spec: PinholeSpec) -> None:
-        """Forget a pinhole confirmed closed."""
+    def pinholes_gone(self, specs: list[PinholeSpec]) -> None:
+        """Forget pinholes confirmed closed."""
     def pinholes(self) -> list[PinholeSpec]:
         """Every pinhole that may still be open on the router."""
 
@@ -108,6 +108,7 @@ class PinholeKeeper:
         self.on_change = on_change
         self.held: dict[PinholeSpec, Pinhole] = {}
         self.stale: set[PinholeSpec] = set(journal.pinholes()) if journal else set()
+        self._gone: list[PinholeSpec] = []  # closed, not yet forgotten by the journal
         self.reason = ""  # why pinholes cannot be opened now ("" when they can, or unknown)
         self._connected = False
         self._connect_at = 0.0
@@ -130,12 +131,15 @@ class PinholeKeeper:
             return
         if not await self._ensure_connected(now):
             return
-        for spec in [s for s in self.held if s not in desired]:
-            if not await self._remove(self.held[spec]) and self._router_gone(now):
-                return
-        for spec in [s for s in self.stale if s not in desired]:
-            if not await self._close_stale(spec) and self._router_gone(now):
-                return
+        try:
+            for spec in [s for s in self.held if s not in desired]:
+                if not await self._remove(self.held[spec]) and self._router_gone(now):
+                    return
+            for spec in [s for s in self.stale if s not in desired]:
+                if not await self._close_stale(spec) and self._router_gone(now):
+                    return
+        finally:
+            self._forget_gone()
         todo = [s for s in sorted(desired) if s not in self.held
                 or (self.held[s].state is not PinholeState.ACTIVE and self.held[s].retry_at <= now)
                 or (self.held[s].state is PinholeState.ACTIVE and self.held[s].renew_at <= now)]
@@ -253,8 +257,7 @@ class PinholeKeeper:
                             "ends it anyway", ph.spec, exc, self.lease)
                 self.stale.add(ph.spec)  # tried again next round, and after a restart
                 return False
-        if self.journal is not None:
-            self.journal.pinhole_gone(ph.spec)
+        self._gone.append(ph.spec)
         self._changed(ph.spec, "closed", "")
         return True
 
@@ -272,8 +275,7 @@ class PinholeKeeper:
             log.info("left-over pinhole %s not closed now (%s); it is tried again", spec, exc)
             return False
         self.stale.discard(spec)
-        if self.journal is not None:
-            self.journal.pinhole_gone(spec)
+        self._gone.append(spec)
         log.info("closed left-over pinhole %s", spec)
         return True
 
@@ -307,17 +309,28 @@ class PinholeKeeper:
                 return 0
         removed = 0
         now = self.clock()
-        for ph in list(self.held.values()):
-            ok = await self._remove(ph)
-            removed += ok
-            if not ok and self._router_gone(now):
-                log.warning("router stopped answering: the other pinholes' leases (%ds) end "
-                            "them", self.lease)
-                return removed
-        for spec in list(self.stale):
-            if not await self._close_stale(spec) and self._router_gone(now):
-                break
-        return removed
+        try:
+            for ph in list(self.held.values()):
+                ok = await self._remove(ph)
+                removed += ok
+                if not ok and self._router_gone(now):
+                    log.warning("router stopped answering: the other pinholes' leases (%ds) "
+                                "end them", self.lease)
+                    return removed
+            for spec in list(self.stale):
+                if not await self._close_stale(spec) and self._router_gone(now):
+                    break
+            return removed
+        finally:
+            self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        """Journal the pinholes closed since the last call, in one write: a crash before it
+        only leaves rows for pinholes already closed, which the next start closes again
+        (a harmless add-with-1s-lease and delete), never an open pinhole without a row."""
+        gone, self._gone = self._gone, []
+        if gone and self.journal is not None:
+            self.journal.pinholes_gone(gone)
 
     # --- reporting -----------------------------------------------------------------------------
 
