@@ -402,8 +402,12 @@ class Pipeline:
             self._journal_new()  # activations whose mappings wrote no row (held already)
             self._applied(gen)
 
+        if self.mapper.gateway.info is not None:
+            # the router is known: IPv6 goes beside IPv4 in its own task (the router answers
+            # both in turn, and each side's own work fills the other's wait for the router)
+            self._pinhole_wake.set()
         await self.mapper.reconcile(self.desired(), answered)
-        self._pinhole_wake.set()  # IPv6 follows in its own task: IPv4 never waits for it
+        self._pinhole_wake.set()  # IPv6 in its own task: IPv4 never waits for it
         if self.after_round is not None:
             self.after_round()
         self._journal_check()
@@ -448,13 +452,17 @@ class Pipeline:
         from the scheduler so a slow or silent IPv6 side never delays an IPv4 mapping."""
         deadline: float | None = None
         while True:
+            if self.stopping:  # as in _scheduler: a cancel must end this loop (gh-86296)
+                return
             # The first round waits for the scheduler's (which finds the router: the IGD's
             # address is what the IPv6 side is asked at; asking before would only back off).
             delay = math.inf if deadline is None else max(0.0, deadline - self.clock())
             if delay > 0:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that
+                # meets a wake (gh-86296), and stop() then waited for the next deadline
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._pinhole_wake.wait(),
-                                           None if delay == math.inf else delay)
+                    async with asyncio.timeout(None if delay == math.inf else delay):
+                        await self._pinhole_wake.wait()
             self._pinhole_wake.clear()
             try:
                 await keeper.reconcile(self.desired_pinholes())
