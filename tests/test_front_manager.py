@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -504,3 +506,30 @@ async def test_a_failed_inner_dnat_refuses_and_maps_nothing_upstream(
         assert gw.ports() == {}  # never left open upstream
     finally:
         await front.service.stop()
+
+
+def test_serve_with_the_front_off_ends_a_crashs_client_mappings_and_loads_no_front(
+        tmp_path: Path, gw: FakeGateway, clock: FakeClock) -> None:
+    """``[front]`` off: a client mapping restored from the journal is ended; with none, the
+    front's modules are not even loaded (an idle service's RSS, issue 17)."""
+    from igdtrigger.cli.serve import front_for  # the edge under test, imported here only
+
+    svc = make(tmp_path, gw, clock)
+    svc.pipeline.engine.activate_adhoc((PortRange(Proto.UDP, 40000, 40000),), A, ttl=60,
+                                       source=Source.PCP, meta={})
+    off = replace(svc.config, front=replace(svc.config.front, enabled=False))
+    assert front_for(off, svc, []) is None
+    assert svc.sorted_activations() == []
+    svc.pipeline.journal.close()
+    code = ("import sys\nfrom pathlib import Path\nfrom igdtrigger.cli.serve import front_for\n"
+            "from igdtrigger.config import parse_config\n"
+            "from igdtrigger.runtime.service import Service\n"
+            "from tests.fakes import FakeClock, FakeGateway\n"
+            "c = FakeClock()\n"
+            "svc = Service(parse_config({}), FakeGateway(c), clock=c, "
+            f"state_dir=Path({str(tmp_path / 'b')!r}))\n"
+            "assert front_for(svc.config, svc, []) is None\n"
+            "print(sorted(m for m in sys.modules if m.startswith('igdtrigger.front')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -31,6 +31,7 @@ from igdtrigger.api.metrics import Metrics
 from igdtrigger.cli.discovery import Advertiser  # light: zeroconf loads only when it starts
 from igdtrigger.cli.sdnotify import Notifier
 from igdtrigger.config import Config, check_state_dir, default_state_dir
+from igdtrigger.core.activation import FRONT_SOURCES
 from igdtrigger.core.errors import IgdTriggerError
 from igdtrigger.core.version import __version__
 from igdtrigger.runtime import compose
@@ -119,6 +120,19 @@ def _stop_on(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
+def front_for(config: Config, service: Service, detectors: Iterable[Any]) -> Any:
+    """The IGD front's runner (``front.serving``) when ``[front]`` is on, else ``None``: then
+    the client mappings a crash left in the journal are ended. The front's modules load only
+    when one of the two is needed (about 2 MB of an idle service's RSS otherwise)."""
+    if config.front.enabled:
+        from igdtrigger.front.serving import build_front  # only with [front] on (RSS)
+        return build_front(service, detectors)
+    if any(a.source in FRONT_SOURCES for a in service.sorted_activations()):
+        from igdtrigger.front.serving import drop_front  # only for a crash's leftovers (RSS)
+        drop_front(service)
+    return None
+
+
 async def serve(config: Config, *, ready_file: str | None = None) -> int:
     """Run the service (API, detectors, pipeline; the simulator with ``gateway.url =
     "simulate"``) until a stop signal; the exit status. ``ready_file`` is written once the
@@ -138,11 +152,9 @@ async def serve(config: Config, *, ready_file: str | None = None) -> int:
     service = Service(config, gateway, detectors=detectors, journal_dir=journal_dir,
                       on_router_call=metrics.on_router_call, tracking=tracking)
     service.wire_detectors()  # drop flows no rule cares about before they cost anything
-    # front: the IGD front (issue 14), when [front] enabled
-    from igdtrigger.front.serving import build_front, drop_front
-    front = build_front(service, detectors) if config.front.enabled else None
-    if front is None:
-        drop_front(service)
+    # front: the IGD front (issue 14), when [front] enabled; loaded only when it is on or a
+    # crash left client mappings to end (it is ~2 MB of an idle service's RSS otherwise)
+    front = front_for(config, service, detectors)
     advertise = config.api.zeroconf == "on" or (
         config.api.zeroconf == "auto" and not config.api.loopback_only)
     guard = ConnectionGuard(ConnectionLimits().within_fd_limit(raise_fd_limit()))
