@@ -425,16 +425,23 @@ async def settle() -> None:
 SERVICE_CONFIG = {"rules": [{"name": "demo", "open": ["udp/40000-40001", "tcp/40005"]}]}
 
 
-async def test_service_opens_pinholes_for_its_own_machine_only_and_closes_them(
-        tmp_path: Path) -> None:
-
+def pinhole_service(tmp_path: Path, addresses: list[str]
+                    ) -> tuple[Service, FakeGateway, FakeFirewall]:
+    """A service (SERVICE_CONFIG) whose pinholes go to a FakeFirewall, for ``addresses``."""
     clock = FakeClock()
     gw = FakeGateway(clock)
     svc = Service(parse_config(SERVICE_CONFIG), gw, clock=clock, state_dir=tmp_path)
     fw = FakeFirewall(clock)
     assert svc.pipeline.pinholes is not None
     svc.pipeline.pinholes.client = fw
-    svc.pipeline.ipv6_addresses = lambda: [ADDR, ADDR2]  # type: ignore[method-assign]
+    svc.pipeline.ipv6_addresses = lambda: addresses  # type: ignore[method-assign]
+    return svc, gw, fw
+
+
+async def test_service_opens_pinholes_for_its_own_machine_only_and_closes_them(
+        tmp_path: Path) -> None:
+
+    svc, gw, fw = pinhole_service(tmp_path, [ADDR, ADDR2])
     await svc.start()
     try:
         other = await svc.activate("demo", "192.168.1.99", ttl=60, source=Source.API)
@@ -614,13 +621,7 @@ async def test_pinholes_go_beside_the_ipv4_mappings_once_the_router_is_known(
     """A rule with IPv4 mappings and IPv6 pinholes: once the router is known, its pinholes are
     asked for while the IPv4 adds are still on their way (the router answers both in turn),
     not after the last of them (the 200 + 200 range bench: 0.87x the bare loops, then 0.99x)."""
-    clock = FakeClock()
-    gw = FakeGateway(clock)
-    svc = Service(parse_config(SERVICE_CONFIG), gw, clock=clock, state_dir=tmp_path)
-    fw = FakeFirewall(clock)
-    assert svc.pipeline.pinholes is not None
-    svc.pipeline.pinholes.client = fw
-    svc.pipeline.ipv6_addresses = lambda: [ADDR]  # type: ignore[method-assign]
+    svc, gw, fw = pinhole_service(tmp_path, [ADDR])
     await svc.start()
     release = asyncio.Event()
     real_add = gw.add

@@ -289,14 +289,16 @@ class _FakeTcp(_FakeSocket):
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-
-def test_a_loopback_service_is_asked_without_a_token(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The service runs as another user (its admin socket and token are not this user's): the
-    request goes to its loopback address as the API client would write it, no token."""
-    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(tmp_path / "state"))
+def _no_token(monkeypatch: pytest.MonkeyPatch, state: Path) -> None:
+    """This user's state dir is ``state``; no server or token from the environment."""
+    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(state))
     monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
     monkeypatch.delenv("IGDTRIGGER_TOKEN", raising=False)
+
+
+def _presend_over_tcp(tmp_path: Path) -> tuple[_FakeTcp, entry.Presend]:
+    """A config naming a fake loopback service; the quick request it got (``got``) and what
+    ``presend`` answered (asserted not None: the quick way was taken)."""
     fake = _FakeTcp()
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[api]\nlisten = "127.0.0.1:{fake.port}"\n')
@@ -307,6 +309,15 @@ def test_a_loopback_service_is_asked_without_a_token(tmp_path: Path,
         sent.close()
     finally:
         fake.close()
+    return fake, sent
+
+
+def test_a_loopback_service_is_asked_without_a_token(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service runs as another user (its admin socket and token are not this user's): the
+    request goes to its loopback address as the API client would write it, no token."""
+    _no_token(monkeypatch, tmp_path / "state")
+    fake, sent = _presend_over_tcp(tmp_path)
     body = {"rule": "demo", "ttl": 30.0, "source": "run", "meta": {"pid": str(os.getpid())}}
     assert fake.got == entry.request_bytes(
         "POST", "/api/v1/activations", f"127.0.0.1:{fake.port}",
@@ -323,9 +334,7 @@ def test_a_token_holder_takes_the_full_way_over_tcp(
     writes to TCP for a user holding one."""
     state = tmp_path / "state"
     state.mkdir()
-    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(state))
-    monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
-    monkeypatch.delenv("IGDTRIGGER_TOKEN", raising=False)
+    _no_token(monkeypatch, state)
     if token_from == "file":
         (state / "api-token").write_text("secret\n")
     else:
@@ -364,19 +373,8 @@ def test_a_stale_admin_socket_falls_back_to_loopback(tmp_path: Path,
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(state / paths.ADMIN_SOCKET))
     stale.close()
-    monkeypatch.setenv("IGDTRIGGER_STATE_DIR", str(state))
-    monkeypatch.delenv("IGDTRIGGER_SERVER", raising=False)
-    monkeypatch.delenv("IGDTRIGGER_TOKEN", raising=False)
-    fake = _FakeTcp()
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[api]\nlisten = "127.0.0.1:{fake.port}"\n')
-    try:
-        sent = entry.presend(["run", "--config", str(cfg), "--rule", "demo", "--", "game"])
-        assert sent is not None
-        fake.thread.join(10)
-        sent.close()
-    finally:
-        fake.close()
+    _no_token(monkeypatch, state)
+    fake, sent = _presend_over_tcp(tmp_path)
     assert fake.got.startswith(b"POST /api/v1/activations HTTP/1.1\r\nHost: 127.0.0.1:")
     assert sent.url == f"http://127.0.0.1:{fake.port}"
 
